@@ -1,0 +1,1 @@
+"""The pattern language: grammar, parser, name resolution, prelude, errors."""

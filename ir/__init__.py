@@ -1,0 +1,1 @@
+"""The IR: node types, canonicalising constructors, printer, and the analyses over it."""

@@ -1,0 +1,254 @@
+"""IR node types.
+
+Frozen, slotted dataclasses with structural equality and hashing. Nodes are
+*data*: a pattern is a tree of these, never a closure. Build them only through
+the canonicalising constructors of :mod:`spattn.ir.build`, so that equal
+patterns are equal trees (and hash equal) however they were written.
+
+Types: every node is either ``int`` or ``bool`` (:attr:`Node.type`).
+
+Canonical invariants (kept by ``ir.build``):
+
+* ``Sum`` has at least one term, no zero coefficient, terms sorted by
+  :func:`sort_key`, and is never a lone atom with coefficient 1 and const 0.
+* ``Range(x, lo, hi)`` means ``lo <= x <= hi`` (``None`` = unbounded); ``x`` has
+  no constant part, its first coefficient is positive and its coefficients are
+  coprime; at least one bound is set; a constant ``x`` is folded away.
+* ``And``/``Or`` are flat, deduplicated, sorted, have >= 2 operands and merge
+  ``Range`` atoms over the same ``x``.
+* bool ``if``-``then``-``else`` is desugared into ``&``/``|``; ``Select`` is int.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+INT = "int"
+BOOL = "bool"
+
+#: Built-in variables, in their canonical order.
+VARIABLES = ("q", "k", "h", "b", "Lq", "Lk", "H")
+
+
+class Node:
+    """Base of every IR node."""
+
+    __slots__ = ()
+    type: str = INT
+
+    def children(self) -> tuple["Node", ...]:
+        return ()
+
+    def __str__(self) -> str:  # pragma: no cover - convenience
+        from .printer import to_source
+        return to_source(self)
+
+
+# ---------------------------------------------------------------- int nodes
+
+@dataclass(frozen=True, slots=True)
+class Const(Node):
+    """An integer literal."""
+    value: int
+    type = INT
+
+
+@dataclass(frozen=True, slots=True)
+class Var(Node):
+    """A built-in variable: one of :data:`VARIABLES`."""
+    name: str
+    type = INT
+
+
+@dataclass(frozen=True, slots=True)
+class Sum(Node):
+    """``const + sum(coeff * atom)``: an affine combination of atoms."""
+    terms: tuple[tuple[Node, int], ...]
+    const: int = 0
+    type = INT
+
+    def children(self):
+        return tuple(t for t, _ in self.terms)
+
+
+@dataclass(frozen=True, slots=True)
+class Prod(Node):
+    """Product of two or more non-constant atoms (sorted)."""
+    factors: tuple[Node, ...]
+    type = INT
+
+    def children(self):
+        return self.factors
+
+
+@dataclass(frozen=True, slots=True)
+class FloorDiv(Node):
+    """``a // b`` with Python floor semantics; ``b`` never depends on q, k or inputs."""
+    a: Node
+    b: Node
+    type = INT
+
+    def children(self):
+        return (self.a, self.b)
+
+
+@dataclass(frozen=True, slots=True)
+class Mod(Node):
+    """``a % b`` with Python semantics (sign of ``b``); ``b`` never depends on q, k or inputs."""
+    a: Node
+    b: Node
+    type = INT
+
+    def children(self):
+        return (self.a, self.b)
+
+
+@dataclass(frozen=True, slots=True)
+class Abs(Node):
+    a: Node
+    type = INT
+
+    def children(self):
+        return (self.a,)
+
+
+@dataclass(frozen=True, slots=True)
+class Min(Node):
+    args: tuple[Node, ...]
+    type = INT
+
+    def children(self):
+        return self.args
+
+
+@dataclass(frozen=True, slots=True)
+class Max(Node):
+    args: tuple[Node, ...]
+    type = INT
+
+    def children(self):
+        return self.args
+
+
+@dataclass(frozen=True, slots=True)
+class Select(Node):
+    """Integer ``if cond then a else b``."""
+    cond: Node
+    a: Node
+    b: Node
+    type = INT
+
+    def children(self):
+        return (self.cond, self.a, self.b)
+
+
+@dataclass(frozen=True, slots=True)
+class Table(Node):
+    """A constant list (a list param) indexed by an int expression: ``[8, 16][h]``."""
+    values: tuple[int, ...]
+    index: Node
+    type = INT
+
+    def children(self):
+        return (self.index,)
+
+
+@dataclass(frozen=True, slots=True)
+class Load(Node):
+    """An element of a runtime input tensor: ``doc[q]``, ``blocks[q // 64, k // 64]``."""
+    name: str
+    index: tuple[Node, ...]
+    type = INT
+
+    def children(self):
+        return self.index
+
+
+# --------------------------------------------------------------- bool nodes
+
+@dataclass(frozen=True, slots=True)
+class BoolConst(Node):
+    value: bool
+    type = BOOL
+
+
+@dataclass(frozen=True, slots=True)
+class Range(Node):
+    """``lo <= x <= hi`` (either bound may be ``None``): every comparison becomes one."""
+    x: Node
+    lo: Optional[int]
+    hi: Optional[int]
+    type = BOOL
+
+    def children(self):
+        return (self.x,)
+
+
+@dataclass(frozen=True, slots=True)
+class IsPow2(Node):
+    """``x > 0`` and ``x`` is a power of two."""
+    a: Node
+    type = BOOL
+
+    def children(self):
+        return (self.a,)
+
+
+@dataclass(frozen=True, slots=True)
+class Not(Node):
+    a: Node
+    type = BOOL
+
+    def children(self):
+        return (self.a,)
+
+
+@dataclass(frozen=True, slots=True)
+class And(Node):
+    args: tuple[Node, ...]
+    type = BOOL
+
+    def children(self):
+        return self.args
+
+
+@dataclass(frozen=True, slots=True)
+class Or(Node):
+    args: tuple[Node, ...]
+    type = BOOL
+
+    def children(self):
+        return self.args
+
+
+ATOM_TYPES = (Var, Prod, FloorDiv, Mod, Abs, Min, Max, Select, Table, Load)
+
+
+def sort_key(node: Node) -> tuple:
+    """Total order used by canonicalisation: variables in :data:`VARIABLES` order first."""
+    if isinstance(node, Var):
+        return (0, VARIABLES.index(node.name) if node.name in VARIABLES else 99, node.name)
+    return (1, type(node).__name__, repr(node))
+
+
+def walk(node: Node):
+    """Every node of the tree, parents before children (duplicates included)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(reversed(n.children()))
+
+
+def free_vars(node: Node) -> frozenset[str]:
+    """Names of the built-in variables the expression mentions."""
+    return frozenset(n.name for n in walk(node) if isinstance(n, Var))
+
+
+def loads(node: Node) -> tuple[Load, ...]:
+    """The distinct runtime-input loads in the expression, in first-seen order."""
+    seen: dict[Load, None] = {}
+    for n in walk(node):
+        if isinstance(n, Load):
+            seen.setdefault(n, None)
+    return tuple(seen)

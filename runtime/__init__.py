@@ -1,0 +1,1 @@
+"""Compile cache, kernel launch, autograd, torch backend."""
