@@ -1,0 +1,35 @@
+"""Test configuration shared by the whole suite.
+
+The generated Triton kernels run on the CPU through Triton's interpreter, which
+must be switched on before any kernel is JIT-decorated: hence here, first.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=60, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "dev", max_examples=25, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("SPATTN_HYPOTHESIS", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Generated kernels go to a per-session temporary cache, never the user's."""
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "spattn-cache"))
