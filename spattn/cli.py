@@ -1,0 +1,321 @@
+"""The ``spattn`` command line: check, show, explain, codegen, run.
+
+Every command takes a pattern file or ``-e EXPR`` and ``-p NAME=VALUE`` params;
+it calls the library and holds no logic of its own. Exit codes: 0 success,
+1 a pattern error (printed with line, column and caret), 2 a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from .dsl.errors import SpattnError
+
+SYMBOLS = {0: ".", 1: "+", 2: "#"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 2, as argparse does, with our prefix
+        self.print_usage(sys.stderr)
+        self.exit(2, f"spattn: error: {message}\n")
+
+
+def _param(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    name, value = text.split("=", 1)
+    value = value.strip()
+    try:
+        if value.startswith("["):
+            inner = value.strip("[]").strip()
+            parsed = [int(v) for v in inner.split(",")] if inner else []
+        elif "," in value:
+            parsed = [int(v) for v in value.split(",")]
+        else:
+            parsed = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"param {name!r}: expected an integer or a list like 1,2,3, got {value!r}") from None
+    return name.strip(), parsed
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", help="a .spattn pattern file")
+    p.add_argument("-e", "--expr", help="an inline pattern expression, e.g. 'causal & window(64)'")
+    p.add_argument("-p", "--param", action="append", type=_param, default=[], metavar="NAME=VALUE",
+                   help="bind a param (repeatable); lists as 1,2,3")
+    p.add_argument("--pattern", help="which pattern of a file with several")
+
+
+def _sizes(p, *, lq_required=True):
+    p.add_argument("--lq", type=_positive, required=lq_required, help="query length")
+    p.add_argument("--lk", type=_positive, help="key length (default: --lq)")
+    p.add_argument("--heads", type=_positive, default=1, help="number of heads")
+    p.add_argument("--q-offset", type=int, default=None, help="position of query row 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spattn", description="A compiler for attention sparsity patterns.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("check", help="parse and type-check; print the canonical form")
+    _common(p)
+
+    p = sub.add_parser("show", help="the mask and tile classes as text, and optionally a PNG")
+    _common(p)
+    _sizes(p)
+    p.add_argument("--block-m", type=_positive, default=None, help="query tile size")
+    p.add_argument("--block-n", type=_positive, default=None, help="key tile size")
+    p.add_argument("--png", help="write a picture of the mask and tile classes here")
+
+    p = sub.add_parser("explain", help="the analysis report: density, tiles, efficiency, strategy")
+    _common(p)
+    _sizes(p)
+    p.add_argument("--block-m", type=_positive, default=128)
+    p.add_argument("--block-n", type=_positive, default=64)
+
+    p = sub.add_parser("codegen", help="print the generated Triton source")
+    _common(p)
+    p.add_argument("--kind", choices=("fwd", "bwd"), default="fwd")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+
+    p = sub.add_parser("run", help="run on random inputs, check against the reference, time it")
+    _common(p)
+    _sizes(p)
+    p.add_argument("--dim", type=_positive, default=64, help="head dimension")
+    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    p.add_argument("--repeat", type=_positive, default=3, help="timed repetitions")
+    return parser
+
+
+def _compile(args):
+    import spattn
+    if (args.file is None) == (args.expr is None):
+        raise _Usage("give a pattern file or -e EXPR (exactly one)")
+    params = dict(args.param)
+    backend = getattr(args, "backend", "auto")
+    if args.expr is not None:
+        return spattn.compile(args.expr, pattern=args.pattern, backend=backend, **params)
+    return spattn.load(args.file, pattern=args.pattern, backend=backend, **params)
+
+
+class _Usage(Exception):
+    pass
+
+
+def demo_inputs(pat, Lq, Lk, *, num_heads=1, batch=1, q_offset=None, seed=0, device=None):
+    """Synthetic runtime inputs for a pattern, sized from the index ranges it uses.
+
+    1-D inputs become sorted segment ids (packed documents); n-D inputs random
+    0/1 tables (random blocks). Returns ``(inputs, notes)``.
+    """
+    from .ir.intervals import index_hull
+    if not pat.inputs:
+        return {}, []
+    gen = torch.Generator().manual_seed(seed)
+    hull = index_hull(pat.ir, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset)
+    sizes: dict[str, list[int]] = {}
+    for load, dims in hull.items():
+        cur = sizes.setdefault(load.name, [1] * len(dims))
+        for i, (lo, hi) in enumerate(dims):
+            cur[i] = max(cur[i], int(hi) + 1)
+    out, notes = {}, []
+    for name, nd in pat.inputs.items():
+        shape = sizes.get(name, [max(Lq, Lk)] * nd)
+        if nd == 1:
+            n = shape[0]
+            cuts = torch.sort(torch.randint(0, n, (max(1, n // 64),), generator=gen)).values
+            t = torch.bucketize(torch.arange(n), cuts, right=True)
+            notes.append(f"input {name}: synthetic sorted segment ids, shape {tuple(t.shape)}, "
+                         f"{int(t.max()) + 1} segments (seed {seed})")
+        else:
+            t = (torch.rand(*shape, generator=gen) < 0.3).to(torch.int64)
+            notes.append(f"input {name}: synthetic random 0/1 table, shape {tuple(t.shape)}, "
+                         f"density 0.3 (seed {seed})")
+        out[name] = t.to(device) if device is not None else t
+    return out, notes
+
+
+def _cmd_check(args, pat, out):
+    print(pat.source, file=out)
+    if pat.params:
+        print("params: " + ", ".join(f"{k}={v}" for k, v in pat.params.items()), file=out)
+    if pat.inputs:
+        print("inputs: " + ", ".join(f"{k} ({n}-D)" for k, n in pat.inputs.items()), file=out)
+
+
+def _cmd_show(args, pat, out):
+    Lq = args.lq
+    Lk = args.lk or Lq
+    inputs, notes = demo_inputs(pat, Lq, Lk, num_heads=args.heads, q_offset=args.q_offset)
+    for n in notes:
+        print(n, file=out)
+    small = Lq <= 64 and Lk <= 96
+    bm = args.block_m or (8 if small else max(16, _pow2_at_least(Lq // 48)))
+    bn = args.block_n or (8 if small else max(16, _pow2_at_least(Lk // 96)))
+    tiles = pat.tiles(Lq, Lk, bm, bn, num_heads=args.heads, q_offset=args.q_offset, **inputs)
+    m = pat.mask(Lq, Lk, num_heads=args.heads, q_offset=args.q_offset, **inputs) if small else None
+    for h in range(args.heads):
+        if args.heads > 1:
+            print(f"head {h}:", file=out)
+        if m is not None:
+            print(f"mask [{Lq} x {Lk}] ('#' allowed, '.' masked):", file=out)
+            for row in m[0, h]:
+                print("  " + "".join("#" if x else "." for x in row.tolist()), file=out)
+        t = tiles[0, h]
+        print(f"tiles [{t.shape[0]} x {t.shape[1]}] of {bm} x {bn} "
+              "('#' FULL, '+' PARTIAL, '.' EMPTY):", file=out)
+        for row in t:
+            print("  " + "".join(SYMBOLS[int(x)] for x in row.tolist()), file=out)
+    counts = [int((tiles == c).sum()) for c in (0, 1, 2)]
+    print(f"tiles: {counts[2]} full, {counts[1]} partial, {counts[0]} empty", file=out)
+    if args.png:
+        from .plot import plot_pattern
+        plot_pattern(pat, Lq, Lk, bm, bn, args.png, head=0, q_offset=args.q_offset, inputs=inputs)
+        print(f"wrote {args.png}", file=out)
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _cmd_explain(args, pat, out):
+    Lq = args.lq
+    Lk = args.lk or Lq
+    inputs, notes = demo_inputs(pat, Lq, Lk, num_heads=args.heads, q_offset=args.q_offset)
+    for n in notes:
+        print(n, file=out)
+    report = pat.explain(Lq, Lk, num_heads=args.heads, block_m=args.block_m,
+                         block_n=args.block_n, **inputs)
+    print(str(report), file=out)
+
+
+def _cmd_codegen(args, pat, out):
+    text = pat.kernel_source(args.kind)
+    if args.output:
+        from pathlib import Path
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=out)
+    else:
+        out.write(text)
+
+
+def _cmd_run(args, pat, out):
+    from .runtime.reference import attention_reference
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpattnError("--device cuda: no CUDA device is available here")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    Lq = args.lq
+    Lk = args.lk or Lq
+    B, H, D = args.batch, args.heads, args.dim
+    inputs, notes = demo_inputs(pat, Lq, Lk, num_heads=H, batch=B, q_offset=args.q_offset,
+                                device=device)
+    for n in notes:
+        print(n, file=out)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
+               for L in (Lq, Lk, Lk))
+    with _progress(f"running {pat.name} (first call compiles)"):
+        t0 = time.perf_counter()
+        o = pat(q, k, v, q_offset=args.q_offset, **inputs)
+        _sync(device)
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            pat(q, k, v, q_offset=args.q_offset, **inputs)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    print(f"shape: B={B} H={H} Lq={Lq} Lk={Lk} D={D} {str(dtype).replace('torch.', '')} on {device}",
+          file=out)
+    print(f"first call: {first * 1e3:.1f} ms; median of {len(times)}: "
+          f"{times[len(times) // 2] * 1e3:.2f} ms", file=out)
+    if B * H * Lq * Lk <= 2 ** 26:
+        m = pat.mask(Lq, Lk, num_heads=H, batch=B, q_offset=args.q_offset, **inputs)
+        ref, _ = attention_reference(q.double(), k.double(), v.double(), m)
+        err = float((o.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+        tol = 1e-3 if dtype == torch.float32 else 2e-2
+        status = "ok" if err < tol and torch.isfinite(o).all() else "MISMATCH"
+        print(f"check against float64 reference: rel. error {err:.2e} ({status})", file=out)
+        if status != "ok":
+            raise SpattnError(f"output differs from the reference (rel. error {err:.2e})")
+    else:
+        print("check against reference: skipped (too large for a dense reference)", file=out)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class _progress:
+    """A spinner on stderr while long work runs (rich when it is installed and a terminal)."""
+
+    def __init__(self, text):
+        self.text = text
+        self._status = None
+
+    def __enter__(self):
+        try:
+            from rich.console import Console
+            console = Console(stderr=True)
+            if console.is_terminal:
+                self._status = console.status(self.text)
+                self._status.__enter__()
+                return self
+        except ImportError:
+            pass
+        print(self.text + " ...", file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc):
+        if self._status is not None:
+            self._status.__exit__(*exc)
+        return False
+
+
+COMMANDS = {"check": _cmd_check, "show": _cmd_show, "explain": _cmd_explain,
+            "codegen": _cmd_codegen, "run": _cmd_run}
+
+
+def main(argv=None, out=None) -> int:
+    out = out or sys.stdout
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        pat = _compile(args)
+        COMMANDS[args.command](args, pat, out)
+    except _Usage as e:
+        parser.print_usage(sys.stderr)
+        print(f"spattn: error: {e}", file=sys.stderr)
+        return 2
+    except SpattnError as e:
+        print(f"spattn: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
