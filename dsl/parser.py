@@ -1,0 +1,305 @@
+"""Source text -> syntax tree (:mod:`spattn.dsl.ast`).
+
+``parse_program`` reads a file of statements, ``parse_expression`` a bare
+pattern; ``parse_source`` tells them apart (a source is a program when one of
+the statement keywords ``param input def pattern`` appears in it outside
+comments). Every syntax error becomes a :class:`SpattnSyntaxError` with the
+line, the column, the source line, a caret and the tokens that were expected;
+no lark exception ever escapes.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Union
+
+from lark import Lark, Token, Tree
+from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, \
+    UnexpectedToken
+
+from . import ast as A
+from .errors import SpattnError, SpattnSyntaxError
+
+GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
+
+#: Statement keywords; a source containing one of them is a program.
+STATEMENT_KEYWORDS = ("param", "input", "def", "pattern")
+#: Every reserved word of the language.
+KEYWORDS = frozenset(STATEMENT_KEYWORDS + ("if", "then", "else", "true", "false",
+                                           "and", "or", "not"))
+
+# Readable names of the terminals, for "expected one of: ..." messages.
+_TOKEN_NAMES = {
+    "NAME": "a name", "INT": "an integer", "$END": "end of input",
+    "IF": "'if'", "THEN": "'then'", "ELSE": "'else'", "TRUE": "'true'", "FALSE": "'false'",
+    "OR": "'or'", "AND": "'and'", "NOT": "'not'", "VBAR": "'|'", "AMP": "'&'", "TILDE": "'~'",
+    "LT": "'<'", "LE": "'<='", "GT": "'>'", "GE": "'>='", "EQ": "'=='", "NE": "'!='",
+    "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "DSLASH": "'//'", "PERCENT": "'%'",
+    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "EQUAL": "'='",
+    "PARAM": "'param'", "INPUT": "'input'", "DEF": "'def'", "PATTERN": "'pattern'",
+}
+# Tokens that can start an expression, and binary operators: collapsed in messages.
+_EXPR_START = {"NAME", "INT", "LPAR", "LSQB", "MINUS", "TILDE", "NOT", "IF", "TRUE", "FALSE"}
+_OPERATORS = {"OR", "AND", "VBAR", "AMP", "LT", "LE", "GT", "GE", "EQ", "NE", "PLUS", "MINUS",
+              "STAR", "DSLASH", "PERCENT", "LSQB"}
+_ORDER = ["RPAR", "RSQB", "COMMA", "THEN", "ELSE", "EQUAL", "LPAR", "NAME", "INT"]
+
+
+@lru_cache(maxsize=1)
+def _lark() -> Lark:
+    return Lark(GRAMMAR_PATH.read_text(), parser="lalr", start=["program", "expression"],
+                propagate_positions=True, maybe_placeholders=True)
+
+
+# ------------------------------------------------------------------ public
+
+def parse_program(src: str, filename: Optional[str] = None) -> A.Program:
+    """Parse a file of statements (``param``, ``input``, ``def``, ``pattern``)."""
+    tree = _parse(src, "program", filename)
+    try:
+        stmts = tuple(_stmt(t) for t in tree.children)
+    except RecursionError:
+        raise _too_deep(src, filename) from None
+    return A.Program(stmts, source=src, filename=filename)
+
+
+def parse_expression(src: str, filename: Optional[str] = None) -> A.Expr:
+    """Parse a bare expression such as ``"causal & window(1024)"``."""
+    if _blank(src):
+        raise SpattnSyntaxError("empty pattern: expected an expression", source=src, line=1,
+                                column=1, filename=filename)
+    tree = _parse(src, "expression", filename)
+    try:
+        return _expr(tree.children[0])
+    except RecursionError:
+        raise _too_deep(src, filename) from None
+
+
+def is_program(src: str) -> bool:
+    """True if ``src`` contains statements (a statement keyword outside comments)."""
+    code = re.sub(r"#[^\n]*", "", src)
+    return re.search(r"(?<![A-Za-z0-9_])(param|input|def|pattern)(?![A-Za-z0-9_])", code) \
+        is not None
+
+
+def parse_source(src: str, filename: Optional[str] = None) -> Union[A.Program, A.Expr]:
+    """A :class:`~spattn.dsl.ast.Program` if ``src`` has statements, else an expression."""
+    if not isinstance(src, str):
+        raise SpattnSyntaxError(f"a pattern must be given as a str, got {type(src).__name__}")
+    if is_program(src):
+        return parse_program(src, filename)
+    return parse_expression(src, filename)
+
+
+# ---------------------------------------------------------------- internals
+
+def _blank(src: str) -> bool:
+    return not re.sub(r"#[^\n]*", "", src).strip()
+
+
+def _parse(src: str, start: str, filename: Optional[str]) -> Tree:
+    try:
+        return _lark().parse(src, start=start)
+    except UnexpectedInput as e:
+        raise _syntax_error(e, src, filename, start) from None
+    except LarkError as e:  # pragma: no cover - defensive: never let lark escape
+        raise SpattnSyntaxError(f"cannot parse: {e}", source=src, line=1, column=1,
+                                filename=filename) from None
+    except RecursionError:
+        raise _too_deep(src, filename) from None
+
+
+def _too_deep(src: str, filename) -> SpattnSyntaxError:
+    return SpattnSyntaxError("expression nested too deeply", source=src, line=1, column=1,
+                             filename=filename)
+
+
+def _expected_text(names) -> str:
+    names = {n for n in names if not n.startswith("__") or n in _TOKEN_NAMES}
+    parts: list[str] = []
+    if {"NAME", "INT", "LPAR"} <= names:
+        names = names - _EXPR_START
+        parts.append("an expression")
+    if len(names & _OPERATORS) >= 4:
+        names = names - _OPERATORS
+        parts.append("an operator")
+    order = {n: i for i, n in enumerate(_ORDER)}
+    rest = sorted(names, key=lambda n: (order.get(n, len(order)), n == "$END",
+                                        _TOKEN_NAMES.get(n, n)))
+    parts = [_TOKEN_NAMES.get(n, n.lower()) for n in rest if n != "$END"] + parts
+    if "$END" in names:
+        parts.append("end of input")
+    if not parts:
+        return ""
+    if len(parts) == 1:
+        return f"; expected {parts[0]}"
+    return "; expected one of: " + ", ".join(parts)
+
+
+def _end_position(src: str) -> tuple[int, int]:
+    """(line, column) just after the last non-blank character outside comments."""
+    code = re.sub(r"#[^\n]*", lambda m: " " * len(m.group()), src).rstrip()
+    if not code:
+        return 1, 1
+    lines = code.split("\n")
+    return len(lines), len(lines[-1]) + 1
+
+
+def _accepts_at(src: str, pos: int, start: str):
+    """Terminals the parser accepts after ``src[:pos]`` (None if unknown)."""
+    try:
+        ip = _lark().parse_interactive(src[:pos], start=start)
+        ip.exhaust_lexer()
+        return ip.accepts()
+    except Exception:  # noqa: BLE001 - best effort, only for the message
+        return None
+
+
+def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnSyntaxError:
+    hint = ""
+    if isinstance(e, UnexpectedCharacters):
+        ch = src[e.pos_in_stream] if 0 <= e.pos_in_stream < len(src) else e.char
+        what = f"unexpected character {ch!r}"
+        accepts = _accepts_at(src, e.pos_in_stream, start)
+        expected = _expected_text(accepts if accepts is not None else (e.allowed or ()))
+        line, column = e.line, e.column
+        if ch == "/":
+            hint = " (integer division is written //)"
+        elif ch == "!":
+            hint = " (not-equal is written !=; negation is ~ or not)"
+        elif ch == "^":
+            hint = " (there is no xor or power operator)"
+    elif isinstance(e, UnexpectedToken):
+        tok = e.token
+        if tok.type == "$END":
+            what = "unexpected end of input"
+            line, column = _end_position(src)
+        else:
+            what = f"unexpected {_describe(tok)}"
+            line, column = tok.line, tok.column
+            if tok.type == "EQUAL":
+                hint = " (comparison is written ==)"
+            elif tok.type in ("PARAM", "INPUT", "DEF", "PATTERN"):
+                hint = f" ('{tok}' starts a statement and is a reserved word)"
+        try:
+            accepts = e.accepts
+        except Exception:  # noqa: BLE001 - best effort, only for the message
+            accepts = None
+        expected = _expected_text(accepts if accepts else (e.expected or ()))
+    elif isinstance(e, UnexpectedEOF):  # pragma: no cover - Earley only
+        what = "unexpected end of input"
+        line, column = _end_position(src)
+        expected = _expected_text(e.expected or ())
+    else:  # pragma: no cover
+        what = "syntax error"
+        line, column = getattr(e, "line", 1), getattr(e, "column", 1)
+        expected = ""
+    if not isinstance(line, int) or line < 1:
+        line, column = _end_position(src)
+    return SpattnSyntaxError(what + expected + hint, source=src, line=line, column=column,
+                             filename=filename)
+
+
+def _describe(tok: Token) -> str:
+    if tok.type == "NAME":
+        return f"name {str(tok)!r}"
+    if tok.type == "INT":
+        return f"integer {str(tok)}"
+    return f"{str(tok)!r}"
+
+
+# ------------------------------------------------------- tree -> syntax tree
+
+def _pos(node) -> dict:
+    if isinstance(node, Token):
+        return {"line": node.line, "column": node.column}
+    meta = node.meta
+    return {"line": getattr(meta, "line", 0), "column": getattr(meta, "column", 0)}
+
+
+def _int(tok: Token) -> int:
+    return int(str(tok).replace("_", ""))
+
+
+def _signed(tree: Tree) -> int:
+    minus, value = tree.children
+    return -_int(value) if minus is not None else _int(value)
+
+
+def _stmt(t: Tree) -> A.Stmt:
+    kind = t.data
+    if kind == "param_stmt":
+        name, value = t.children
+        default = None
+        if value is not None:
+            if value.data == "int_list":
+                default = tuple(_signed(c) for c in value.children if c is not None)
+            else:
+                default = _signed(value)
+        return A.ParamDecl(str(name), default, **_pos(name))
+    if kind == "input_stmt":
+        (name,) = t.children
+        return A.InputDecl(str(name), **_pos(name))
+    if kind == "def_stmt":
+        name, params, body = t.children
+        names: tuple[str, ...] = ()
+        if params is not None:
+            names = tuple(str(c) for c in params.children if c is not None)
+        return A.Def(str(name), names, _expr(body), **_pos(name))
+    if kind == "pattern_stmt":
+        name, body = t.children
+        return A.PatternDef(str(name), _expr(body), **_pos(name))
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def _args(t: Optional[Tree]) -> tuple[A.Expr, ...]:
+    if t is None:
+        return ()
+    return tuple(_expr(c) for c in t.children)
+
+
+_OPNAME = {"and": "&", "or": "|", "not": "~"}
+
+
+def _expr(t) -> A.Expr:
+    if isinstance(t, Token):  # pragma: no cover - every token is wrapped by a rule
+        raise AssertionError(t)
+    d = t.data
+    c = t.children
+    p = _pos(t)
+    if d == "int_":
+        return A.Int(_int(c[0]), **p)
+    if d == "true_":
+        return A.Bool(True, **p)
+    if d == "false_":
+        return A.Bool(False, **p)
+    if d == "name":
+        return A.Name(str(c[0]), **p)
+    if d == "paren":
+        return _expr(c[1])
+    if d == "list_":
+        return A.ListLit(_args(c[1]), **p)
+    if d == "index":
+        return A.Index(_expr(c[0]), _args(c[2]), **p)
+    if d == "call":
+        return A.Call(str(c[0]), _args(c[2]), **p)
+    if d == "neg":
+        return A.Unary("-", _expr(c[1]), **p)
+    if d == "not_":
+        return A.Unary("~", _expr(c[1]), **p)
+    if d in ("binop", "and_", "or_"):
+        left, op, right = c
+        opname = _OPNAME.get(str(op), str(op))
+        return A.Binary(opname, _expr(left), _expr(right), op_line=op.line,
+                        op_column=op.column, **p)
+    if d == "compare":
+        operands = tuple(_expr(x) for x in c[0::2])
+        ops = tuple(str(x) for x in c[1::2])
+        return A.Compare(ops, operands, **p)
+    if d == "if_":
+        return A.If(_expr(c[1]), _expr(c[3]), _expr(c[5]), **p)
+    if d == "expression":
+        return _expr(c[0])
+    raise AssertionError(d)  # pragma: no cover
+
