@@ -1,0 +1,100 @@
+"""The command line on every example pattern: exit codes, outputs, PNGs."""
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import spattn
+from spattn.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples" / "patterns").glob("*.spattn"))
+IDS = [p.stem for p in EXAMPLES]
+
+
+def run(*argv):
+    out = io.StringIO()
+    code = main(list(map(str, argv)), out=out)
+    return code, out.getvalue()
+
+
+def test_examples_exist():
+    assert len(EXAMPLES) >= 15
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
+def test_check(path):
+    code, text = run("check", path)
+    assert code == 0
+    assert text.splitlines()[0] == spattn.load(path).source
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
+def test_show_text_and_png(path, tmp_path):
+    png = tmp_path / f"{path.stem}.png"
+    code, text = run("show", path, "--lq", 40, "--lk", 48, "--png", png)
+    assert code == 0
+    assert "tiles [" in text and "mask [40 x 48]" in text
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
+def test_explain(path):
+    code, text = run("explain", path, "--lq", 512, "--heads", 2)
+    assert code == 0
+    assert "density" in text.lower() and "strategy" in text.lower()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
+def test_codegen(path, tmp_path):
+    out = tmp_path / "kernel.py"
+    code, _ = run("codegen", path, "-o", out)
+    assert code == 0
+    src = out.read_text()
+    assert "@triton.jit" in src and spattn.load(path).source in src
+    compile(src, str(out), "exec")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
+def test_run_torch_backend(path):
+    code, text = run("run", path, "--lq", 48, "--heads", 2, "--dim", 16, "--backend", "torch",
+                     "--repeat", 1)
+    assert code == 0, text
+    assert "(ok)" in text
+
+
+def test_inline_expression_and_params():
+    code, text = run("check", "-e", "causal & window(W)", "-p", "W=8")
+    assert code == 0 and text.strip() == spattn.compile("window(8)").source
+    code, text = run("check", "-e", "causal & q - k < spans[h]", "-p", "spans=2,4")
+    assert code == 0 and "[2, 4][h]" in text
+
+
+def test_pattern_error_exit_1(capsys):
+    code, _ = run("check", "-e", "causal & windw(8)")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "line 1, column 10" in err and "^" in err and "window" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["check"],                                   # neither file nor -e
+    ["check", "-e", "causal", "x.spattn"],       # both
+    ["show", "-e", "causal"],                    # --lq missing
+    ["show", "-e", "causal", "--lq", "-3"],      # bad size
+    ["check", "-e", "causal", "-p", "W"],        # bad param syntax
+    ["frobnicate"],                              # unknown command
+], ids=["no-source", "two-sources", "no-lq", "negative-lq", "bad-param", "unknown-command"])
+def test_usage_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as e:
+        code, _ = run(*argv)
+        raise SystemExit(code)
+    assert e.value.code == 2
+
+
+def test_console_script_help():
+    r = subprocess.run([sys.executable, "-m", "spattn.cli", "explain", "--help"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "--lq" in r.stdout
