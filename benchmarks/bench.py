@@ -1,0 +1,258 @@
+"""GPU benchmark: spattn against FlexAttention and SDPA.
+
+For each pattern x N x D (bf16, B=1, H=16): spattn forward and forward+backward
+(median of ``triton.testing.do_bench``), effective TF/s (only allowed pairs
+count: fwd FLOPs = 4·D·pairs, fwd+bwd = 3.5x that), setup time (what a new shape
+costs: analysis and tables), first-call compile time; in the same process
+FlexAttention (``torch.compile(flex_attention)``, block mask built once outside
+the timed region, its build timed separately) and SDPA for full and causal.
+Every configuration is checked against FlexAttention (or SDPA) before timing.
+
+    python benchmarks/bench.py --quick          # a small subset
+    python benchmarks/bench.py --json out.json  # everything
+
+Prints a markdown table at the end; progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+import spattn
+
+H_DEFAULT = 16
+
+
+def _flex():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    return create_block_mask, torch.compile(flex_attention, dynamic=False)
+
+
+# name -> (spattn source, params, flex mask_mod factory(N, H, inputs), inputs factory(N, dev))
+def _doc_ids(N, dev, ndocs=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randperm(N - 1, generator=g)[: ndocs - 1] + 1).values
+    return torch.bucketize(torch.arange(N), cuts, right=True).to(dev)
+
+
+def _bigbird_blocks(N, dev, bs=64, seed=0, r=3):
+    g = torch.Generator().manual_seed(seed)
+    nb = N // bs
+    t = torch.zeros(nb, nb, dtype=torch.int64)
+    idx = torch.randint(0, nb, (nb, r), generator=g)
+    t.scatter_(1, idx, 1)
+    return t.to(dev)
+
+
+PATTERNS = {
+    "full": ("full", {}, lambda N, H, I: (lambda b, h, q, k: q >= 0), None),
+    "causal": ("causal", {}, lambda N, H, I: (lambda b, h, q, k: q >= k), None),
+    "window(1024)": ("window(1024)", {},
+                     lambda N, H, I: (lambda b, h, q, k: (q >= k) & (q - k < 1024)), None),
+    "streaming": ("causal & (window(1024) | sink(64))", {},
+                  lambda N, H, I: (lambda b, h, q, k: (q >= k) & ((q - k < 1024) | (k < 64))), None),
+    "documents": ("causal & same(doc)", {},
+                  lambda N, H, I: (lambda b, h, q, k: (q >= k) & (I["doc"][q] == I["doc"][k])),
+                  lambda N, dev: {"doc": _doc_ids(N, dev)}),
+    "prefix_lm(2048)": ("prefix_lm(2048)", {},
+                        lambda N, H, I: (lambda b, h, q, k: (q >= k) | (k < 2048)), None),
+    "chunked(4096)&causal": ("chunked(4096) & causal", {},
+                             lambda N, H, I: (lambda b, h, q, k: (q >= k) & (q // 4096 == k // 4096)),
+                             None),
+    "longformer": ("global_tokens(16) | local(256, 256)", {},
+                   lambda N, H, I: (lambda b, h, q, k: (q < 16) | (k < 16) | ((q - k).abs() <= 256)),
+                   None),
+    "bigbird": ("global_tokens(64) | local(192, 192) | blocks[q // 64, k // 64]", {},
+                lambda N, H, I: (lambda b, h, q, k: (q < 64) | (k < 64) | ((q - k).abs() <= 192)
+                                 | (I["blocks"][q // 64, k // 64] != 0)),
+                lambda N, dev: {"blocks": _bigbird_blocks(N, dev)}),
+    "neighborhood2d(13x13)": ("abs(q // 128 - k // 128) <= 6 & abs(q % 128 - k % 128) <= 6", {},
+                              lambda N, H, I: (lambda b, h, q, k: ((q // 128 - k // 128).abs() <= 6)
+                                               & ((q % 128 - k % 128).abs() <= 6)), None),
+    "dilated(512,4)": ("dilated(512, 4)", {},
+                       lambda N, H, I: (lambda b, h, q, k: (q >= k) & (q - k < 2048)
+                                        & ((q - k) % 4 == 0)), None),
+    "strided(128)": ("strided(128)", {},
+                     lambda N, H, I: (lambda b, h, q, k: (q >= k) & ((q - k < 128)
+                                                                     | ((q - k) % 128 == 0))), None),
+    "power2(256)": ("power2(256)", {},
+                    lambda N, H, I: (lambda b, h, q, k: (q >= k) & ((q - k < 256)
+                                                                    | (((q - k) & (q - k - 1)) == 0))),
+                    None),
+    "per-head": ("causal & (q - k < 1024 | k % H == h)", {},
+                 lambda N, H, I: (lambda b, h, q, k: (q >= k) & ((q - k < 1024) | (k % H == h))), None),
+}
+QUICK = ["causal", "window(1024)", "streaming", "documents", "longformer", "dilated(512,4)"]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def bench_ms(fn, rep=100):
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def allowed_pairs(pat, N, H, inputs):
+    """Exact allowed pairs summed over heads (for effective TF/s)."""
+    rep = pat.explain(N, N, num_heads=H, **inputs).to_dict()
+    return rep["allowed_pairs"]
+
+
+def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=torch.bfloat16):
+    src, params, mm_factory, in_factory = PATTERNS[name]
+    inputs = in_factory(N, dev) if in_factory else {}
+    row = {"pattern": name, "N": N, "D": D, "H": H}
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
+    do = torch.randn_like(q)
+    pat = spattn.compile(src, **params)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    o = pat(q, k, v, **inputs)
+    torch.cuda.synchronize()
+    row["first_call_s"] = time.perf_counter() - t0
+    row["strategy"] = pat.explain(N, N, num_heads=H, **inputs).to_dict().get("strategy")
+    # setup: analysis + tables for a new shape (kernel already compiled)
+    t0 = time.perf_counter()
+    pat.tile_table(N, N, 128, 64, num_heads=H, device=dev, **inputs)
+    torch.cuda.synchronize()
+    row["setup_ms"] = (time.perf_counter() - t0) * 1e3
+    pairs = allowed_pairs(pat, N, H, inputs)
+    row["density"] = pairs / (H * N * N)
+    flops_f = 4 * D * pairs
+    # correctness before timing
+    ref = None
+    if flex:
+        create_block_mask, flex_attention = _flex()
+        mm = mm_factory(N, H, inputs)
+        hh = H if name == "per-head" else None
+        t0 = time.perf_counter()
+        bm = create_block_mask(mm, 1, hh, N, N, device=dev)
+        torch.cuda.synchronize()
+        row["flex_mask_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        bm = create_block_mask(mm, 1, hh, N, N, device=dev)
+        torch.cuda.synchronize()
+        row["flex_mask_ms"] = min(row["flex_mask_ms"], (time.perf_counter() - t0) * 1e3)
+        ref = flex_attention(q, k, v, block_mask=bm)
+        err = float((o.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+        row["rel_err_vs_flex"] = err
+        if not err < 2e-2:
+            row["error"] = f"mismatch vs flex: {err:.3e}"
+            return row
+        row["flex_fwd_ms"] = bench_ms(lambda: flex_attention(q, k, v, block_mask=bm))
+        if bwd:
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+            def fb_flex():
+                flex_attention(qg, kg, vg, block_mask=bm).backward(do)
+            row["flex_fwdbwd_ms"] = bench_ms(fb_flex)
+    row["fwd_ms"] = bench_ms(lambda: pat(q, k, v, **inputs))
+    if bwd:
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+        def fb():
+            pat(qg, kg, vg, **inputs).backward(do)
+        if flex:
+            og = pat(qg, kg, vg, **inputs)
+            og.backward(do)
+            qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
+            flex_attention(qf, kf, vf, block_mask=bm).backward(do)
+            gerr = max(float((a.grad.float() - b.grad.float()).norm() / b.grad.float().norm())
+                       for a, b in ((qg, qf), (kg, kf), (vg, vf)))
+            row["grad_rel_err_vs_flex"] = gerr
+            qg.grad = kg.grad = vg.grad = None
+        row["fwdbwd_ms"] = bench_ms(fb)
+    if name in ("full", "causal"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch.nn.functional as F
+        for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    row[f"sdpa_{label}_fwd_ms"] = bench_ms(
+                        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=name == "causal"))
+            except RuntimeError as e:  # backend not available for this shape
+                row[f"sdpa_{label}_fwd_ms"] = None
+                log(f"  sdpa {label}: {e}")
+    for key in ("fwd_ms", "flex_fwd_ms", "sdpa_cudnn_fwd_ms", "sdpa_flash_fwd_ms"):
+        if row.get(key):
+            row[key.replace("_ms", "_tflops")] = flops_f / (row[key] * 1e-3) / 1e12
+    for key in ("fwdbwd_ms", "flex_fwdbwd_ms"):
+        if row.get(key):
+            row[key.replace("_ms", "_tflops")] = 3.5 * flops_f / (row[key] * 1e-3) / 1e12
+    return row
+
+
+def table(rows):
+    head = ("| pattern | N | D | dens. | strategy | spattn fwd TF/s | Flex fwd TF/s | x | "
+            "spattn f+b TF/s | Flex f+b TF/s | x | setup ms | Flex mask ms | first call s |")
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['pattern']} | {r['N']} | {r['D']} | ERROR: {r['error']} |")
+            continue
+
+        def f(key, fmt="{:.0f}"):
+            v = r.get(key)
+            return fmt.format(v) if isinstance(v, (int, float)) and v is not None else "-"
+
+        def ratio(a, b):
+            va, vb = r.get(a), r.get(b)
+            return f"{va / vb:.2f}" if va and vb else "-"
+        lines.append(
+            f"| {r['pattern']} | {r['N']} | {r['D']} | {r['density']:.3f} | {r.get('strategy', '-')} | "
+            f"{f('fwd_tflops')} | {f('flex_fwd_tflops')} | {ratio('fwd_tflops', 'flex_fwd_tflops')} | "
+            f"{f('fwdbwd_tflops')} | {f('flex_fwdbwd_tflops')} | "
+            f"{ratio('fwdbwd_tflops', 'flex_fwdbwd_tflops')} | {f('setup_ms', '{:.2f}')} | "
+            f"{f('flex_mask_ms', '{:.1f}')} | {f('first_call_s', '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--patterns", nargs="*", default=None)
+    ap.add_argument("--n", nargs="*", type=int, default=None)
+    ap.add_argument("--d", nargs="*", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=H_DEFAULT)
+    ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    names = args.patterns or (QUICK if args.quick else list(PATTERNS))
+    ns = args.n or ([16384] if args.quick else [4096, 16384, 65536])
+    ds = args.d or ([128] if args.quick else [64, 128])
+    rows = []
+    total = len(names) * len(ns) * len(ds)
+    i = 0
+    for N in ns:
+        for D in ds:
+            for name in names:
+                i += 1
+                if name.startswith("neighborhood2d") and N != 16384:
+                    continue
+                log(f"[{i}/{total}] {name} N={N} D={D}")
+                try:
+                    row = run_one(name, N, D, H=args.heads, bwd=not args.no_bwd, flex=not args.no_flex)
+                except Exception as e:  # keep going: one failure must not lose the run
+                    row = {"pattern": name, "N": N, "D": D, "error": f"{type(e).__name__}: {e}"[:300]}
+                log("   ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+                rows.append(row)
+                torch.cuda.empty_cache()
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "rows": rows}, f, indent=1)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
