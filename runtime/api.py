@@ -1,0 +1,243 @@
+"""The call path: validate arguments, choose a backend, run through autograd.
+
+``Pattern.__call__`` lands in :func:`call`; ``spattn.attention`` in
+:func:`functional_attention`.
+
+Argument rules (each violation is a :class:`SpattnInputError` that names the
+argument and its shape, or a :class:`SpattnValueError` for scalars):
+
+* q, k, v are 4-D tensors ``[B, H, L, D]`` (the layout of
+  ``scaled_dot_product_attention``); any strides, no copies are made for the
+  Triton backend.
+* the same B for all three; k and v have the same H and L; ``Hq % Hk == 0``
+  (grouped-query / multi-query attention: query head h reads key head
+  ``h // (Hq // Hk)``).
+* q, k and v have the same head dim D, with ``16 <= D <= 256`` (v's head dim
+  must equal q's: the kernels assume one D).
+* the same device and the same dtype, one of float16, bfloat16, float32.
+* ``Lq >= 1`` and ``Lk >= 1``, ``B >= 1``, ``H >= 1``.
+* ``scale``: a positive finite number (default ``1 / sqrt(D)``).
+* ``q_offset``: an int (default ``Lk - Lq``, bottom-right alignment).
+* runtime inputs: exactly the pattern's inputs, integer or bool tensors with
+  the declared index dims (optionally leading ``[B]`` or ``[B, H]``), long
+  enough for every index the pattern uses at these lengths.
+
+Backend choice (``Pattern.backend``): ``"torch"`` always runs the block-sparse
+torch backend; ``"triton"`` runs the generated kernels on CUDA tensors, or on
+CPU tensors when ``TRITON_INTERPRET=1`` (otherwise :class:`SpattnBackendError`);
+``"auto"`` picks triton for CUDA tensors and torch for CPU tensors (triton on
+the CPU under ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+
+import torch
+
+from ..dsl.errors import SpattnBackendError, SpattnInputError, SpattnParamError, SpattnValueError
+from ..ir.evaluate import query_offset as _query_offset, validate_inputs
+from . import autograd as _ag
+
+__all__ = ["call", "functional_attention", "choose_backend", "validate"]
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+_COMPILE_CACHE_SIZE = 128
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape))
+
+
+def validate(q, k, v) -> None:
+    """Check q, k, v (rank, batch, heads, head dim, device, dtype); raise SpattnInputError."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise SpattnInputError(f"{name} must be a torch.Tensor [B, H, L, D], "
+                                   f"got {type(t).__name__}")
+        if t.dim() != 4:
+            raise SpattnInputError(f"{name} must be a 4-D tensor [B, H, L, D], got shape "
+                                   f"{_shape(t)} ({t.dim()}-D)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[0] < 1 or t.shape[1] < 1 or t.shape[2] < 1:
+            raise SpattnInputError(f"{name} has shape {_shape(t)}: B, H and L must be >= 1")
+    B, Hq, Lq, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != B:
+            raise SpattnInputError(f"{name} has batch size {t.shape[0]} (shape {_shape(t)}) but "
+                                   f"q has {B} (shape {_shape(q)})")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise SpattnInputError(f"k and v must have the same number of heads and length: k has "
+                               f"shape {_shape(k)}, v has shape {_shape(v)}")
+    Hk = k.shape[1]
+    if Hq % Hk != 0:
+        raise SpattnInputError(f"the number of query heads must be a multiple of the number of "
+                               f"key/value heads: q has {Hq} heads (shape {_shape(q)}), k has "
+                               f"{Hk} (shape {_shape(k)})")
+    if k.shape[3] != D:
+        raise SpattnInputError(f"q and k must have the same head dim: q has shape {_shape(q)}, "
+                               f"k has shape {_shape(k)}")
+    if v.shape[3] != D:
+        raise SpattnInputError(f"v must have the same head dim as q (the kernels assume one D): "
+                               f"q has shape {_shape(q)}, v has shape {_shape(v)}")
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise SpattnInputError(f"head dim D must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {D} "
+                               f"(q has shape {_shape(q)})")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise SpattnInputError(f"{name} (shape {_shape(t)}) is on {t.device} but q "
+                                   f"(shape {_shape(q)}) is on {q.device}")
+    if q.dtype not in DTYPES:
+        raise SpattnInputError(f"q (shape {_shape(q)}) has dtype {q.dtype}; supported dtypes are "
+                               "float16, bfloat16 and float32")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise SpattnInputError(f"{name} (shape {_shape(t)}) has dtype {t.dtype} but q "
+                                   f"(shape {_shape(q)}) has {q.dtype}; all three must match")
+
+
+def _check_scale(scale, D) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not torch.compiler.is_compiling():
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise SpattnValueError(f"scale must be a positive finite number, got "
+                               f"{type(scale).__name__} {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise SpattnValueError(f"scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def _check_q_offset(q_offset, Lq, Lk):
+    if q_offset is None:
+        return _query_offset(Lq, Lk, None)
+    if isinstance(q_offset, bool) or not isinstance(q_offset, (int, torch.SymInt)):
+        if hasattr(q_offset, "__index__") and not isinstance(q_offset, torch.Tensor):
+            return int(q_offset)   # numpy integers
+        raise SpattnValueError(f"q_offset must be an int (the position of query row 0), got "
+                               f"{type(q_offset).__name__} {q_offset!r}")
+    return q_offset
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_backend(requested: str, device_type: str) -> str:
+    """``"torch"`` or ``"triton"`` for tensors on ``device_type`` (raises SpattnBackendError)."""
+    if requested == "torch":
+        return "torch"
+    if requested == "auto":
+        return "triton" if device_type == "cuda" or _interpret() else "torch"
+    if requested == "triton":
+        if device_type == "cuda" or _interpret():
+            return "triton"
+        raise SpattnBackendError(
+            f"backend 'triton' needs CUDA tensors, but the tensors are on {device_type!r}; "
+            "set TRITON_INTERPRET=1 to run the generated kernels on the CPU through Triton's "
+            "interpreter (slow), or compile with backend='torch' (or 'auto')")
+    raise SpattnBackendError(f"unknown backend {requested!r}: expected 'auto', 'triton' or 'torch'")
+
+
+@torch.compiler.assume_constant_result
+def _backend_for(requested: str, device_type: str) -> str:
+    return choose_backend(requested, device_type)
+
+
+def _registered_key(pattern) -> str:
+    # Under torch.compile the key is computed once at trace time (hashlib is not traceable)
+    # and baked into the graph as a constant.
+    return _ag.register(pattern)
+
+
+_registered_key_const = torch.compiler.assume_constant_result(_registered_key)
+
+
+def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None):
+    """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32)."""
+    validate(q, k, v)
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = _check_scale(scale, D)
+    q_offset = _check_q_offset(q_offset, Lq, Lk)
+    ins = validate_inputs(pattern.inputs, dict(inputs or {}), batch=B, num_heads=Hq,
+                          device=q.device)
+    if torch.compiler.is_compiling():
+        backend = _backend_for(pattern.backend, q.device.type)
+        key = _registered_key_const(pattern)
+        o, lse = _ag.attention_op(q, k, v, [ins[n] for n in sorted(ins)], key, scale, q_offset,
+                                  backend)
+    else:
+        backend = choose_backend(pattern.backend, q.device.type)
+        _ag.register(pattern)
+        o, lse = _ag.AttentionFunction.apply(pattern, backend, scale, q_offset, ins, q, k, v)
+    return (o, lse) if return_lse else o
+
+
+# ------------------------------------------------------------ functional form
+
+_compiled: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def _freeze(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(x) for x in value)
+    return value
+
+
+def compile_cached(src: str, backend: str = "auto", **params):
+    """``spattn.compile(src, backend=backend, **params)`` through an LRU cache."""
+    from spattn import compile as _compile
+    try:
+        key = (src, backend, tuple(sorted((n, _freeze(v)) for n, v in params.items())))
+        hash(key)
+    except TypeError:
+        return _compile(src, backend=backend, **params)
+    hit = _compiled.get(key)
+    if hit is not None:
+        _compiled.move_to_end(key)
+        return hit
+    pat = _compile(src, backend=backend, **params)
+    _compiled[key] = pat
+    if len(_compiled) > _COMPILE_CACHE_SIZE:
+        _compiled.popitem(last=False)
+    return pat
+
+
+def _resolve(pattern, kwargs):
+    from spattn.pattern import Pattern
+    backend = kwargs.pop("backend", None)
+    inputs = {n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}
+    params = {n: x for n, x in kwargs.items() if not isinstance(x, torch.Tensor)}
+    if isinstance(pattern, Pattern):
+        if params:
+            raise SpattnParamError(
+                f"params {', '.join(map(repr, sorted(params)))} cannot be bound on an already "
+                "compiled Pattern: pass the pattern source as a str, or bind them in "
+                "spattn.compile()")
+        if backend is not None and backend != pattern.backend:
+            pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
+                              inputs=pattern.inputs, backend=backend)
+        return pattern, inputs
+    if not isinstance(pattern, str):
+        raise SpattnParamError(f"pattern must be a str or a spattn.Pattern, got "
+                               f"{type(pattern).__name__}")
+    return compile_cached(pattern, backend or "auto", **params), inputs
+
+
+_resolve_const = torch.compiler.assume_constant_result(_resolve)
+
+
+def functional_attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None,
+                         **kwargs):
+    """``spattn.attention``: compile (cached) and call.
+
+    Keyword arguments whose value is a ``torch.Tensor`` are runtime inputs; the
+    others bind params (``backend=`` picks the backend).
+    """
+    pat, inputs = _resolve(pattern, dict(kwargs))
+    return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
+                inputs=inputs)

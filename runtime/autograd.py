@@ -1,0 +1,185 @@
+"""Autograd and ``torch.compile`` integration.
+
+Two thin layers over one pair of dispatchers, :func:`_fwd` and :func:`_bwd`
+(which pick the Triton launchers or the torch backend):
+
+* :class:`AttentionFunction`, a ``torch.autograd.Function`` used in eager mode;
+* the custom ops ``spattn::attention`` and ``spattn::attention_bwd``
+  (``torch.library.custom_op``) with fake (meta) implementations and a
+  registered autograd formula, used under ``torch.compile`` so that a model
+  calling spattn traces with ``fullgraph=True``, forward and backward. The
+  kernels are opaque inside the op.
+
+A custom op takes only tensors and simple values, so the pattern travels as its
+key (``Pattern.key``, a hash of the canonical source) and is looked up in
+:data:`_REGISTRY`, filled when a pattern is first called. Runtime inputs travel
+as a list of tensors in sorted input-name order.
+
+Gradients flow to q, k and v only (runtime inputs are integer tensors). The
+gradient of the returned lse (``return_lse=True``) is supported: the torch
+backend takes it directly; with the Triton backend a non-zero lse gradient
+falls back to the torch backend's backward for that call (with a warning).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from ..dsl.errors import SpattnError
+
+__all__ = ["AttentionFunction", "register", "lookup", "attention_op", "attention_bwd_op"]
+
+#: Pattern.key -> Pattern, for the custom op (which only carries the key).
+_REGISTRY: dict = {}
+
+
+def register(pattern) -> str:
+    """Record ``pattern`` so the custom op can find it by key; returns the key."""
+    key = pattern.key
+    _REGISTRY.setdefault(key, pattern)
+    return key
+
+
+def lookup(key: str):
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise SpattnError(f"no pattern with key {key!r} is registered in this process; "
+                          "call the pattern once (or build its SparseAttention) before "
+                          "using the op directly") from None
+
+
+# ------------------------------------------------------------ dispatchers
+
+def _check_bounds(pattern, inputs, q, k, q_offset) -> None:
+    """Data-dependent input checks (indices in range), run where tensors are real."""
+    if not inputs:
+        return
+    try:
+        from ..ir.intervals import check_input_bounds
+    except ModuleNotFoundError as e:
+        if "intervals" not in str(e):
+            raise
+        return   # without the analysis, the evaluator's bounds-checked gather still guards
+    B, Hq, Lq, _ = q.shape
+    check_input_bounds(pattern, inputs, Lq, k.shape[2], Hq, B, q_offset)
+
+
+def _fwd(pattern, backend: str, q, k, v, *, scale: float, q_offset: int, inputs):
+    """``(o, lse)`` from the chosen backend ("torch" or "triton")."""
+    _check_bounds(pattern, inputs, q, k, q_offset)
+    if backend == "torch":
+        from . import torch_backend
+        return torch_backend.fwd(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs)
+    from . import triton_backend
+    return triton_backend.fwd(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs)
+
+
+def _bwd(pattern, backend: str, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs,
+         dlse=None):
+    """``(dq, dk, dv)``; ``dlse`` is the gradient of the lse output (None if unused)."""
+    if do is None:
+        do = torch.zeros_like(o)
+    if backend == "torch":
+        from . import torch_backend
+        return torch_backend.bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
+                                 inputs=inputs, dlse=dlse)
+    if dlse is not None and bool((dlse != 0).any()):
+        warnings.warn("spattn: the Triton backward does not take a gradient of lse; this call's "
+                      "backward runs on the torch backend", stacklevel=3)
+        from . import torch_backend
+        return torch_backend.bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
+                                 inputs=inputs, dlse=dlse)
+    from . import triton_backend
+    return triton_backend.bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
+                              inputs=inputs)
+
+
+def _inputs_dict(pattern, tensors) -> dict:
+    return dict(zip(sorted(pattern.inputs), tensors))
+
+
+# ------------------------------------------------------------ eager autograd
+
+class AttentionFunction(torch.autograd.Function):
+    """``apply(pattern, backend, scale, q_offset, inputs, q, k, v) -> (o, lse)``."""
+
+    @staticmethod
+    def forward(ctx, pattern, backend, scale, q_offset, inputs, q, k, v):
+        o, lse = _fwd(pattern, backend, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.spattn = (pattern, backend, scale, q_offset, inputs)
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        pattern, backend, scale, q_offset, inputs = ctx.spattn
+        if do is None and dlse is None:
+            return (None,) * 8
+        dq, dk, dv = _bwd(pattern, backend, q, k, v, o, lse, do, scale=scale,
+                          q_offset=q_offset, inputs=inputs, dlse=dlse)
+        return None, None, None, None, None, dq, dk, dv
+
+
+# ------------------------------------------------------------ custom ops
+
+@torch.library.custom_op("spattn::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor],
+                 key: str, scale: float, q_offset: int, backend: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    pattern = lookup(key)
+    o, lse = _fwd(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                  inputs=_inputs_dict(pattern, inputs))
+    return o, lse
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, inputs, key, scale, q_offset, backend):
+    B, Hq, Lq, _ = q.shape
+    o = q.new_empty((B, Hq, Lq, v.shape[-1]))
+    lse = q.new_empty((B, Hq, Lq), dtype=_lse_dtype(q))
+    return o, lse
+
+
+@torch.library.custom_op("spattn::attention_bwd", mutates_args=())
+def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                     lse: torch.Tensor, do: torch.Tensor, dlse: Optional[torch.Tensor],
+                     inputs: list[torch.Tensor], key: str, scale: float, q_offset: int,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pattern = lookup(key)
+    return _bwd(pattern, backend, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
+                inputs=_inputs_dict(pattern, inputs), dlse=dlse)
+
+
+@attention_bwd_op.register_fake
+def _attention_bwd_fake(q, k, v, o, lse, do, dlse, inputs, key, scale, q_offset, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ins, key, scale, q_offset, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, *ins)
+    ctx.n_inputs = len(ins)
+    ctx.spattn = (key, scale, q_offset, backend)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, *ins = ctx.saved_tensors
+    key, scale, q_offset, backend = ctx.spattn
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do, dlse, list(ins), key, scale, q_offset,
+                                  backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("spattn::attention", _backward, setup_context=_setup_context)

@@ -1,0 +1,71 @@
+"""The float64 dense reference: the number every kernel is checked against.
+
+``attention_reference`` computes masked softmax attention densely, in float64,
+from an explicit bool mask (``Pattern.mask(...)``). It is the library's
+definition of the right answer, used by the tests and by ``spattn run``.
+It materialises the full ``[B, H, Lq, Lk]`` scores: use it on small inputs only.
+
+Conventions (the same as the kernels'):
+
+* q ``[B, Hq, Lq, D]``, k ``[B, Hk, Lk, D]``, v ``[B, Hk, Lk, Dv]``; grouped-query
+  attention when ``Hk < Hq``: query head ``h`` reads key head ``h // (Hq // Hk)``.
+* ``scale`` defaults to ``1 / sqrt(D)``.
+* A fully masked row gives output 0 and log-sum-exp ``-inf``, never NaN, and
+  zero gradients.
+* lse is the natural-log log-sum-exp of the scaled scores over allowed keys.
+
+It is differentiable: ``torch.autograd`` through it gives the reference
+gradients (float64).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention_reference"]
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        *, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense masked attention in float64.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hk, Lk, D]``; v: ``[B, Hk, Lk, Dv]``; ``Hq % Hk == 0``.
+        mask: bool, broadcastable as ``[B or 1, Hq or 1, Lq, Lk]``; True = allowed.
+        scale: multiplies the scores; default ``1 / sqrt(D)``.
+
+    Returns:
+        ``(out, lse)``: out ``[B, Hq, Lq, Dv]`` float64 and lse ``[B, Hq, Lq]`` float64.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, L, D]; got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, Lq, D = q.shape
+    Hk = k.shape[1]
+    if Hq % Hk != 0 or v.shape[1] != Hk:
+        raise ValueError(f"bad head counts: q has {Hq}, k {Hk}, v {v.shape[1]}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    q64, k64, v64 = q.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
+    group = Hq // Hk
+    if group > 1:
+        k64 = k64.repeat_interleave(group, dim=1)
+        v64 = v64.repeat_interleave(group, dim=1)
+    mask = torch.as_tensor(mask, device=q.device).to(torch.bool)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    s = torch.matmul(q64, k64.transpose(-1, -2)) * float(scale)
+    s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+    # The row max is a constant shift (softmax is invariant to it): detached, so no gradient
+    # flows through amax's tie-breaking; rows with no allowed key shift by 0.
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)                       # exp(-inf) = 0 at masked pairs
+    l = p.sum(dim=-1, keepdim=True)
+    has = l > 0
+    l_safe = torch.where(has, l, torch.ones_like(l))
+    out = torch.matmul(p / l_safe, v64)        # a row with l == 0 has p == 0: out 0
+    lse = torch.where(has, m + torch.log(l_safe),
+                      torch.full((), float("-inf"), dtype=l.dtype, device=l.device))
+    return out, lse.squeeze(-1)
