@@ -1,0 +1,223 @@
+"""Type checking and lowering: resolved syntax tree -> canonical IR.
+
+The entry point is :func:`compile_source` (source text + keyword params ->
+:class:`Lowered`). Types are int and bool. Where a bool is expected, an element
+of a runtime input (``blocks[q // 64, k // 64]``) means ``!= 0``; any other int
+there is a type error (``q - k`` is not a pattern). Every IR node is built
+through :mod:`spattn.ir.build`; its errors (division by zero, a divisor that
+depends on q or k, an index out of range) are located at the offending node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..dsl import ast as A
+from ..dsl.errors import SpattnError, SpattnParamError, SpattnTypeError, SpattnValueError
+from ..dsl.parser import parse_expression, parse_source
+from ..dsl.resolve import Resolved, resolve_expression, resolve_program, suggest
+from . import build
+from .nodes import BOOL, INT, Const, Node
+
+
+@dataclass(frozen=True)
+class Lowered:
+    ir: Node                 # canonical bool IR
+    name: str                # pattern name ('pattern' for a bare expression)
+    params: dict             # every bound param: name -> int | tuple[int, ...]
+    inputs: dict             # runtime input name -> number of index dims (int)
+
+
+def _tname(t: str) -> str:
+    return "an int" if t == INT else "a bool"
+
+
+class _Lowerer:
+    def __init__(self, source: str, filename: Optional[str]):
+        self.source = source
+        self.filename = filename
+
+    def err(self, cls, msg: str, node: A.Expr, line=None, column=None) -> SpattnError:
+        return cls(msg, source=self.source, line=(line or node.line) or None,
+                   column=(column or node.column) or None, filename=self.filename)
+
+    def build(self, fn, *args, at: A.Expr, line=None, column=None):
+        """``fn(*args)``, its errors located at ``at`` (or at line/column)."""
+        try:
+            return fn(*args)
+        except SpattnError as e:
+            raise e.with_position(self.source, (line or at.line) or None,
+                                  (column or at.column) or None, self.filename) from None
+
+    # ------------------------------------------------------------- typing
+    def int_(self, node: A.Expr, what: str) -> Node:
+        ir = self.lower(node)
+        if ir.type != INT:
+            raise self.err(SpattnTypeError, f"{what} must be an int, got a bool", node)
+        return ir
+
+    @staticmethod
+    def is_load(node: A.Expr) -> bool:
+        return isinstance(node, A.Index) and isinstance(node.base, (A.InputRef, A.Free))
+
+    def bool_(self, node: A.Expr, what: str, ir: Optional[Node] = None) -> Node:
+        ir = self.lower(node) if ir is None else ir
+        if ir.type == BOOL:
+            return ir
+        if self.is_load(node):
+            return build.truthy(ir)
+        raise self.err(SpattnTypeError, f"{what} must be a bool, got an int", node)
+
+    # ------------------------------------------------------------ lowering
+    def lower(self, node: A.Expr) -> Node:
+        if isinstance(node, A.Int):
+            return build.const(node.value)
+        if isinstance(node, A.Bool):
+            return build.boolean(node.value)
+        if isinstance(node, A.VarRef):
+            return build.var(node.name)
+        if isinstance(node, A.Unary):
+            if node.op == "-":
+                return self.build(build.neg, self.int_(node.operand, "the operand of unary -"),
+                                  at=node)
+            return self.build(build.not_, self.bool_(node.operand, "the operand of ~ (not)"),
+                              at=node)
+        if isinstance(node, A.Binary):
+            return self.binary(node)
+        if isinstance(node, A.Compare):
+            vals = [self.int_(x, f"an operand of {node.ops[min(i, len(node.ops) - 1)]}")
+                    for i, x in enumerate(node.operands)]
+            parts = [self.build(build.cmp, op, vals[i], vals[i + 1], at=node.operands[i])
+                     for i, op in enumerate(node.ops)]
+            return self.build(build.and_, *parts, at=node) if len(parts) > 1 else parts[0]
+        if isinstance(node, A.If):
+            cond = self.bool_(node.cond, "the condition of if")
+            a, b = self.lower(node.then), self.lower(node.else_)
+            if a.type != b.type:
+                if a.type == INT and self.is_load(node.then):
+                    a = build.truthy(a)
+                elif b.type == INT and self.is_load(node.else_):
+                    b = build.truthy(b)
+                else:
+                    raise self.err(SpattnTypeError, "the branches of if-then-else must have "
+                                   f"the same type: then is {_tname(a.type)}, else is "
+                                   f"{_tname(b.type)}", node)
+            return self.build(build.select, cond, a, b, at=node)
+        if isinstance(node, A.Index):
+            return self.index(node)
+        if isinstance(node, A.Builtin):
+            what = f"an argument of {node.func}"
+            args = [self.int_(x, what) for x in node.args]
+            fn = {"abs": build.abs_, "min": build.min_, "max": build.max_,
+                  "clamp": build.clamp, "is_pow2": build.is_pow2}[node.func]
+            return self.build(fn, *args, at=node)
+        if isinstance(node, (A.InputRef, A.Free)):
+            raise self.err(SpattnTypeError, f"runtime input {node.name!r} must be indexed, "
+                           f"e.g. {node.name}[q]", node)
+        if isinstance(node, (A.ListValue, A.ListLit)):
+            raise self.err(SpattnTypeError, "a list must be indexed, e.g. spans[h]", node)
+        raise self.err(SpattnTypeError, f"cannot lower {type(node).__name__}", node)
+
+    def binary(self, node: A.Binary) -> Node:
+        op = node.op
+        if op in ("&", "|"):
+            what = f"an operand of {op}"
+            a = self.bool_(node.left, what)
+            b = self.bool_(node.right, what)
+            return self.build(build.and_ if op == "&" else build.or_, a, b, at=node)
+        what = f"an operand of {op}"
+        a = self.int_(node.left, what)
+        b = self.int_(node.right, what)
+        if op in ("//", "%"):
+            fn = build.floordiv if op == "//" else build.mod
+            return self.build(fn, a, b, at=node.right)
+        fn = {"+": build.add, "-": build.sub, "*": build.mul}[op]
+        return self.build(fn, a, b, at=node, line=node.op_line, column=node.op_column)
+
+    def index(self, node: A.Index) -> Node:
+        base = node.base
+        if isinstance(base, (A.InputRef, A.Free)):
+            idx = [self.int_(i, f"an index of input {base.name!r}") for i in node.indices]
+            return self.build(build.load, base.name, idx, at=node)
+        if isinstance(base, A.ListValue):
+            values, name = base.values, base.name
+        elif isinstance(base, A.ListLit):
+            values = []
+            for item in base.items:
+                v = self.int_(item, "a list element")
+                if not isinstance(v, Const):
+                    raise self.err(SpattnTypeError, "list elements must be constant integers",
+                                   item)
+                values.append(v.value)
+            name = "the list"
+        else:  # pragma: no cover - resolution rejects these
+            raise self.err(SpattnTypeError, "only runtime inputs and lists can be indexed", node)
+        if len(node.indices) != 1:
+            raise self.err(SpattnTypeError, f"{name} takes exactly one index, got "
+                           f"{len(node.indices)}", node)
+        i = self.int_(node.indices[0], f"the index of {name}")
+        return self.build(build.table, values, i, name, at=node.indices[0])
+
+    def pattern(self, node: A.Expr) -> Node:
+        ir = self.lower(node)
+        return self.bool_(node, "a pattern", ir)
+
+
+def _too_deep(src: str, filename) -> SpattnValueError:
+    return SpattnValueError("pattern nested too deeply", source=src, line=1, column=1,
+                            filename=filename)
+
+
+def compile_source(src: str, params: dict | None = None, *, pattern: str | None = None,
+                   filename: str | None = None) -> Lowered:
+    """Parse, resolve, type-check and lower ``src`` (a bare expression or a program).
+
+    Keyword ``params`` bind ``param`` declarations of a program, or the free
+    names of a bare expression. In a program every pattern is checked; the one
+    named ``pattern`` (or the only one) is returned.
+    """
+    try:
+        tree = parse_source(src, filename)
+        if isinstance(tree, A.Program):
+            if pattern is not None and not isinstance(pattern, str):
+                raise SpattnParamError(f"pattern= must be a pattern name (str), got "
+                                       f"{type(pattern).__name__}")
+            names = [s.name for s in tree.statements if isinstance(s, A.PatternDef)]
+            if not names:
+                raise SpattnValueError("the program defines no pattern (add a "
+                                       "`pattern NAME = ...` statement)", source=src, line=1,
+                                       column=1, filename=filename)
+            if pattern is not None and pattern not in names:
+                raise SpattnParamError(f"no pattern named {pattern!r}{suggest(pattern, names)}; "
+                                       f"the program defines {', '.join(map(repr, names))}")
+            if pattern is None and len(names) > 1:
+                raise SpattnParamError("the program defines several patterns ("
+                                       + ", ".join(map(repr, names))
+                                       + "); pick one with pattern=\"...\"")
+            res = resolve_program(tree, params)
+            chosen = pattern or names[0]
+        else:
+            if pattern is not None:
+                raise SpattnParamError(f"pattern={pattern!r} was given, but the source is a "
+                                       "single expression, not a program")
+            res = resolve_expression(tree, src, params, filename=filename)
+            chosen = "pattern"
+        lo = _Lowerer(src, filename)
+        irs = {n: lo.pattern(t) for n, t in res.patterns.items()}
+    except RecursionError:
+        raise _too_deep(src, filename) from None
+    return Lowered(irs[chosen], chosen, dict(res.params), dict(res.inputs[chosen]))
+
+
+def parse_ir(text: str) -> Node:
+    """Parse canonical IR text (``to_source`` output) back into IR.
+
+    A bare expression with no params; every indexed name is a runtime input.
+    The result may be an int or a bool.
+    """
+    try:
+        tree = parse_expression(text)
+        res = resolve_expression(tree, text, None, inputs_first=True)
+        return _Lowerer(text, None).lower(res.patterns["pattern"])
+    except RecursionError:
+        raise _too_deep(text, None) from None
