@@ -132,12 +132,14 @@ class _Resolver:
 
     # -------------------------------------------------------------- errors
     def err(self, cls, msg: str, node, origin=None) -> SpattnError:
-        line, column = origin if origin else (node.line, node.column)
+        line, column = origin[:2] if origin else (node.line, node.column)
+        if origin and len(origin) > 2:
+            msg += f" (inside the prelude's {origin[2]})"
         return cls(msg, source=self.source, line=line or None, column=column or None,
                    filename=self.filename)
 
     def pos(self, node, origin) -> dict:
-        line, column = origin if origin else (node.line, node.column)
+        line, column = origin[:2] if origin else (node.line, node.column)
         return {"line": line, "column": column}
 
     # ---------------------------------------------------------- expressions
@@ -162,7 +164,7 @@ class _Resolver:
         if isinstance(node, A.Unary):
             return A.Unary(node.op, self.expr(node.operand, env, origin, scope), **p)
         if isinstance(node, A.Binary):
-            oline, ocol = origin if origin else (node.op_line, node.op_column)
+            oline, ocol = origin[:2] if origin else (node.op_line, node.op_column)
             return A.Binary(node.op, self.expr(node.left, env, origin, scope),
                             self.expr(node.right, env, origin, scope), op_line=oline,
                             op_column=ocol, **p)
@@ -298,7 +300,7 @@ class _Resolver:
         new_env = dict(zip(defn.params, values))
         if is_prelude:
             body_scope = _PRELUDE_SCOPE
-            body_origin = origin or (node.line, node.column)
+            body_origin = origin or (node.line, node.column, defn.name)
         else:
             body_scope = scope
             body_origin = origin
@@ -499,10 +501,14 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
     known = scope.names()
     for n, d in macros.items():
         edges = []
+        bases = {id(x.base) for x in A.walk(d.body) if isinstance(x, A.Index)}
         for ref in _def_refs(d.body, d.params):
             rn = ref.id if isinstance(ref, A.Name) else ref.func
             if rn not in known:
-                raise r.unknown(ref, rn, scope, None, env=d.params)
+                hint = ""
+                if id(ref) in bases and not suggest(rn, known | set(d.params)):
+                    hint = f" (declare a runtime input with `input {rn}`)"
+                raise r.unknown(ref, rn, scope, None, env=d.params, extra=hint)
             if rn in macros:
                 edges.append((rn, ref))
         graph[n] = edges

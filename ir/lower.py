@@ -183,18 +183,20 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
                 raise SpattnParamError(f"pattern= must be a pattern name (str), got "
                                        f"{type(pattern).__name__}")
             names = [s.name for s in tree.statements if isinstance(s, A.PatternDef)]
+            res = resolve_program(tree, params)
             if not names:
                 raise SpattnValueError("the program defines no pattern (add a "
                                        "`pattern NAME = ...` statement)", source=src, line=1,
                                        column=1, filename=filename)
             if pattern is not None and pattern not in names:
-                raise SpattnParamError(f"no pattern named {pattern!r}{suggest(pattern, names)}; "
-                                       f"the program defines {', '.join(map(repr, names))}")
+                hint = suggest(pattern, names).lstrip("; ")
+                raise SpattnParamError(f"no pattern named {pattern!r}"
+                                       + (f" ({hint})" if hint else "")
+                                       + f"; the program defines {', '.join(map(repr, names))}")
             if pattern is None and len(names) > 1:
                 raise SpattnParamError("the program defines several patterns ("
                                        + ", ".join(map(repr, names))
                                        + "); pick one with pattern=\"...\"")
-            res = resolve_program(tree, params)
             chosen = pattern or names[0]
         else:
             if pattern is not None:
