@@ -1,0 +1,580 @@
+"""Sound interval arithmetic over the IR, vectorised with torch.
+
+Every int node gets an interval ``(lo, hi)`` of int64 tensors and every bool
+node a three-valued pair ``(can_be_true, can_be_false)`` of bool tensors, all
+broadcastable to ``[B, H, nq, nk]`` (one entry per tile and head). The
+variables are bound by an environment:
+
+* ``q``, ``k``: intervals (a tile's first and last position), typically
+  shaped ``[1, 1, nq, 1]`` and ``[1, 1, 1, nk]``;
+* ``h``, ``b``: points (one head / batch entry per element), ``[1, H, 1, 1]``
+  and ``[B, 1, 1, 1]``;
+* ``Lq``, ``Lk``, ``H``: Python ints.
+
+Soundness: the true value of a node at every point of the box lies in its
+interval; a bool node that is true somewhere has ``can_be_true`` set, false
+somewhere ``can_be_false``. Precision: a ``Sum`` is exact for independent
+atoms (q and k are independent over a tile box, so ``q - k`` is exact); the
+comparison of a single exact affine form is exact; ``&``/``|`` of several atoms
+are exact only per atom (the refinement in :mod:`spattn.ir.tiles` makes the
+combination exact for affine patterns).
+
+Runtime inputs enter through per-tile summaries computed on the device: a 1-D
+input through a sparse table (range min/max in O(1) per query after an
+O(n log n) build); an n-D input by gathering the covered entries when every
+tile's index box is small (at most 256 entries), otherwise the min/max of the
+whole input (per batch/head slice).
+
+Also here: :func:`index_hull` / :func:`check_input_bounds` (no kernel ever
+reads an input out of bounds) and :func:`lift` (pushes ``abs``/``min``/``max``/
+``if`` out of comparisons, so that every comparison is over a plain affine
+form; used by the exact refinement and by the closed-form key ranges).
+"""
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+from typing import Mapping
+
+import torch
+
+from ..dsl.errors import SpattnInputError, SpattnValueError
+from . import build as B
+from .evaluate import query_offset
+from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
+                    Not, Or, Prod, Range, Select, Sum, Table, Var, walk)
+
+#: n-D inputs are summarised by gathering the covered entries when every tile covers at most
+#: this many of them; above it the whole input's min/max is used.
+NARROW_GATHER = 256
+
+I64 = torch.int64
+
+
+def _t(v, device) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, bool):
+        return torch.tensor(v, dtype=torch.bool, device=device)
+    return torch.tensor(int(v), dtype=I64, device=device)
+
+
+def _floordiv(a, d):
+    return torch.div(a, d, rounding_mode="floor")
+
+
+# ------------------------------------------------------------ range min/max
+
+class RangeMinMax:
+    """Sparse tables over the last dim of a ``[B', H', n]`` tensor: min/max over ``[lo, hi]``."""
+
+    def __init__(self, t: torch.Tensor):
+        n = t.shape[-1]
+        self.n = n
+        levels_min = [t]
+        levels_max = [t]
+        j = 1
+        while (1 << j) <= n:
+            half = 1 << (j - 1)
+            pm, px = levels_min[-1], levels_max[-1]
+            m = torch.minimum(pm[..., :-half], pm[..., half:])
+            x = torch.maximum(px[..., :-half], px[..., half:])
+            pad = n - m.shape[-1]
+            levels_min.append(torch.nn.functional.pad(m, (0, pad), value=0))
+            levels_max.append(torch.nn.functional.pad(x, (0, pad), value=0))
+            # keep levels the same length (padding is never read)
+            levels_min[-1] = levels_min[-1][..., :n]
+            levels_max[-1] = levels_max[-1][..., :n]
+            j += 1
+        self.mins = torch.stack(levels_min)   # [levels, B', H', n]
+        self.maxs = torch.stack(levels_max)
+        # floor(log2(len)) for len in 0..n
+        lg = torch.zeros(n + 1, dtype=I64, device=t.device)
+        if n >= 2:
+            ar = torch.arange(2, n + 1, device=t.device)
+            lg[2:] = torch.floor(torch.log2(ar.to(torch.float64))).to(I64)
+            # correct float rounding
+            lg[2:] -= ((1 << lg[2:]) > ar).to(I64)
+            lg[2:] += ((1 << (lg[2:] + 1)) <= ar).to(I64)
+        self.log = lg
+
+    def query(self, lo, hi, bi, hi_):
+        lo = lo.clamp(0, self.n - 1)
+        hi = torch.maximum(hi.clamp(0, self.n - 1), lo)
+        j = self.log[hi - lo + 1]
+        other = hi - (1 << j) + 1
+        mn = torch.minimum(self.mins[j, bi, hi_, lo], self.mins[j, bi, hi_, other])
+        mx = torch.maximum(self.maxs[j, bi, hi_, lo], self.maxs[j, bi, hi_, other])
+        return mn, mx
+
+
+def _as_full(t: torch.Tensor, nd: int) -> torch.Tensor:
+    while t.dim() < nd + 2:
+        t = t.unsqueeze(0)
+    return t
+
+
+# ------------------------------------------------------------ the evaluator
+
+class IntervalEval:
+    """Interval / three-valued evaluation of IR nodes over a box environment.
+
+    ``env``: ``q``, ``k`` -> ``(lo, hi)`` tensors; ``h``, ``b`` -> point tensors;
+    ``Lq``, ``Lk``, ``H`` -> ints. ``inputs``: validated int64 tensors.
+    ``on_load(load, index_intervals, tensor)`` is called before each load is summarised
+    (used to check bounds). ``summaries`` caches sparse tables between evaluators.
+    """
+
+    def __init__(self, env: Mapping[str, object], inputs: Mapping[str, torch.Tensor] | None = None,
+                 *, device=None, on_load=None, summaries: dict | None = None):
+        self.env = env
+        self.inputs = inputs or {}
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.on_load = on_load
+        self.summaries = {} if summaries is None else summaries
+        self.memo: dict = {}
+
+    # -- public -----------------------------------------------------------
+    def int_(self, n: Node):
+        key = ("i", n)
+        if key not in self.memo:
+            self.memo[key] = self._int(n)
+        return self.memo[key]
+
+    def bool_(self, n: Node):
+        key = ("b", n)
+        if key not in self.memo:
+            self.memo[key] = self._bool(n)
+        return self.memo[key]
+
+    def point(self, n: Node) -> torch.Tensor:
+        """Exact value of a uniform node (no q, k, inputs)."""
+        lo, hi = self.int_(n)
+        return lo
+
+    # -- int ---------------------------------------------------------------
+    def _int(self, n: Node):
+        dev = self.device
+        if isinstance(n, Const):
+            v = _t(n.value, dev)
+            return v, v
+        if isinstance(n, Var):
+            v = self.env[n.name]
+            if isinstance(v, tuple):
+                return _t(v[0], dev), _t(v[1], dev)
+            v = _t(v, dev)
+            return v, v
+        if isinstance(n, Sum):
+            lo = hi = None
+            for a, c in n.terms:
+                alo, ahi = self.int_(a)
+                if alo is ahi:
+                    tl = th = alo * c
+                elif c > 0:
+                    tl, th = alo * c, ahi * c
+                else:
+                    tl, th = ahi * c, alo * c
+                if lo is None:
+                    lo, hi = tl, th
+                elif lo is hi and tl is th:
+                    lo = hi = lo + tl
+                else:
+                    lo, hi = lo + tl, hi + th
+            if n.const:
+                if lo is hi:
+                    lo = hi = lo + n.const
+                else:
+                    lo, hi = lo + n.const, hi + n.const
+            return lo, hi
+        if isinstance(n, Prod):
+            lo, hi = self.int_(n.factors[0])
+            for f in n.factors[1:]:
+                flo, fhi = self.int_(f)
+                c = (lo * flo, lo * fhi, hi * flo, hi * fhi)
+                lo = torch.minimum(torch.minimum(c[0], c[1]), torch.minimum(c[2], c[3]))
+                hi = torch.maximum(torch.maximum(c[0], c[1]), torch.maximum(c[2], c[3]))
+            return lo, hi
+        if isinstance(n, (FloorDiv, Mod)):
+            alo, ahi = self.int_(n.a)
+            dlo, dhi = self.int_(n.b)
+            if bool((dlo != dhi).any()):   # cannot happen: divisors are uniform
+                raise SpattnValueError(f"the divisor {n.b} is not uniform")
+            d = dlo
+            if bool((d == 0).any()):
+                raise SpattnValueError(f"the divisor {n.b} evaluates to 0")
+            qlo, qhi = _floordiv(alo, d), _floordiv(ahi, d)
+            if isinstance(n, FloorDiv):
+                pos = d > 0
+                return torch.where(pos, qlo, qhi), torch.where(pos, qhi, qlo)
+            same = qlo == qhi
+            mlo, mhi = torch.remainder(alo, d), torch.remainder(ahi, d)
+            glo = torch.minimum(d + 1, torch.zeros_like(d))
+            ghi = torch.maximum(d - 1, torch.zeros_like(d))
+            return torch.where(same, mlo, glo), torch.where(same, mhi, ghi)
+        if isinstance(n, Abs):
+            lo, hi = self.int_(n.a)
+            if lo is hi:
+                v = lo.abs()
+                return v, v
+            alo = torch.where(lo >= 0, lo, torch.where(hi <= 0, -hi, torch.zeros_like(lo)))
+            ahi = torch.maximum(lo.abs(), hi.abs())
+            return alo, ahi
+        if isinstance(n, (Min, Max)):
+            f = torch.minimum if isinstance(n, Min) else torch.maximum
+            lo, hi = self.int_(n.args[0])
+            for a in n.args[1:]:
+                alo, ahi = self.int_(a)
+                lo, hi = f(lo, alo), f(hi, ahi)
+            return lo, hi
+        if isinstance(n, Select):
+            ct, cf = self.bool_(n.cond)
+            alo, ahi = self.int_(n.a)
+            blo, bhi = self.int_(n.b)
+            both = ct & cf
+            lo = torch.where(both, torch.minimum(alo, blo), torch.where(ct, alo, blo))
+            hi = torch.where(both, torch.maximum(ahi, bhi), torch.where(ct, ahi, bhi))
+            return lo, hi
+        if isinstance(n, Table):
+            ilo, ihi = self.int_(n.index)
+            nvals = len(n.values)
+            if bool((ihi < 0).any()) or bool((ilo >= nvals).any()):
+                raise SpattnValueError(
+                    f"list {list(n.values)} has {nvals} entries but is indexed with {n.index} "
+                    f"taking values out of 0..{nvals - 1}")
+            key = ("table", n.values)
+            if key not in self.summaries:
+                vals = torch.tensor(n.values, dtype=I64, device=self.device).view(1, 1, -1)
+                self.summaries[key] = RangeMinMax(vals)
+            z = torch.zeros((), dtype=I64, device=self.device)
+            return self.summaries[key].query(ilo, ihi, z, z)
+        if isinstance(n, Load):
+            return self._load(n)
+        raise TypeError(f"no interval rule for {type(n).__name__}")
+
+    def _load(self, n: Load):
+        idx = [self.int_(i) for i in n.index]
+        t = self.inputs.get(n.name)
+        if t is None:
+            raise SpattnInputError(f"missing runtime input {n.name!r}")
+        if self.on_load is not None:
+            self.on_load(n, idx, t)
+        nd = len(n.index)
+        full = _as_full(t, nd)
+        dev = full.device
+        zero = torch.zeros((), dtype=I64, device=dev)
+        bi = _t(self.env.get("b", 0), dev) if full.shape[0] > 1 else zero
+        hi_ = _t(self.env.get("h", 0), dev) if full.shape[1] > 1 else zero
+        sizes = full.shape[2:]
+        idx = [(lo.clamp(0, s - 1), torch.maximum(hi.clamp(0, s - 1), lo.clamp(0, s - 1)))
+               for (lo, hi), s in zip(idx, sizes)]
+        if nd == 1:
+            key = ("load", n.name, id(t))
+            if key not in self.summaries:
+                self.summaries[key] = RangeMinMax(full)
+            lo, hi = idx[0]
+            return self.summaries[key].query(lo, hi, bi, hi_)
+        widths = [int((hi - lo).max()) + 1 for lo, hi in idx]
+        total = 1
+        for w in widths:
+            total *= w
+        if total <= NARROW_GATHER:
+            mn = mx = None
+            for offs in itertools.product(*(range(w) for w in widths)):
+                ix = [torch.minimum(lo + o, hi) for (lo, hi), o in zip(idx, offs)]
+                v = full[(bi, hi_, *ix)]
+                mn = v if mn is None else torch.minimum(mn, v)
+                mx = v if mx is None else torch.maximum(mx, v)
+            return mn, mx
+        flat = full.reshape(full.shape[0], full.shape[1], -1)
+        mn = flat.min(dim=-1).values[bi, hi_]
+        mx = flat.max(dim=-1).values[bi, hi_]
+        return mn, mx
+
+    # -- bool --------------------------------------------------------------
+    def _bool(self, n: Node):
+        dev = self.device
+        if isinstance(n, BoolConst):
+            return _t(n.value, dev), _t(not n.value, dev)
+        if isinstance(n, Range):
+            lo, hi = self.int_(n.x)
+            ct = cf = None
+            if n.lo is not None:
+                ct = hi >= n.lo
+                cf = lo < n.lo
+            if n.hi is not None:
+                a, b = lo <= n.hi, hi > n.hi
+                ct = a if ct is None else ct & a
+                cf = b if cf is None else cf | b
+            return ct, cf
+        if isinstance(n, IsPow2):
+            lo, hi = self.int_(n.a)
+            m = lo.clamp(min=1)
+            hp = _highest_pow2_le(hi.clamp(min=1))
+            ct = (hi >= 1) & (hp >= m)
+            point_pow2 = (lo == hi) & (lo > 0) & ((lo & (lo - 1)) == 0)
+            cf = ~(point_pow2 | ((lo == 1) & (hi == 2)))
+            return ct, cf
+        if isinstance(n, Not):
+            ct, cf = self.bool_(n.a)
+            return cf, ct
+        if isinstance(n, (And, Or)):
+            vals = [self.bool_(a) for a in n.args]
+            ct, cf = vals[0]
+            for a_ct, a_cf in vals[1:]:
+                if isinstance(n, And):
+                    ct, cf = ct & a_ct, cf | a_cf
+                else:
+                    ct, cf = ct | a_ct, cf & a_cf
+            return ct, cf
+        raise TypeError(f"no three-valued rule for {type(n).__name__}")
+
+
+def _highest_pow2_le(x: torch.Tensor) -> torch.Tensor:
+    """2**floor(log2(x)) for x >= 1 (exact for int64)."""
+    e = torch.floor(torch.log2(x.to(torch.float64))).to(I64).clamp(0, 62)
+    e = e - ((torch.ones_like(e) << e) > x).to(I64)
+    e = e + (((torch.ones_like(e) << (e + 1)) <= x) & (e < 62)).to(I64)
+    return torch.ones_like(e) << e
+
+
+def three_valued(node: Node, env, inputs=None, *, device=None):
+    """``(can_be_true, can_be_false)`` of a bool node over the box ``env``."""
+    return IntervalEval(env, inputs, device=device).bool_(node)
+
+
+def interval(node: Node, env, inputs=None, *, device=None):
+    """``(lo, hi)`` of an int node over the box ``env``."""
+    return IntervalEval(env, inputs, device=device).int_(node)
+
+
+# ------------------------------------------------------------ index bounds
+
+def domain_env(Lq: int, Lk: int, *, num_heads: int, batch: int, q_offset, device=None) -> dict:
+    """The whole valid domain as one box per (b, h): shapes [B, H, 1, 1]."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    off = query_offset(Lq, Lk, q_offset)
+    return {
+        "q": (torch.tensor(off, dtype=I64, device=dev), torch.tensor(off + Lq - 1, dtype=I64, device=dev)),
+        "k": (torch.tensor(0, dtype=I64, device=dev), torch.tensor(Lk - 1, dtype=I64, device=dev)),
+        "h": torch.arange(num_heads, dtype=I64, device=dev).view(1, num_heads, 1, 1),
+        "b": torch.arange(batch, dtype=I64, device=dev).view(batch, 1, 1, 1),
+        "Lq": Lq, "Lk": Lk, "H": num_heads,
+    }
+
+
+def index_hull(ir: Node, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
+               q_offset=None, inputs=None, device=None) -> dict:
+    """``{Load: [(lo, hi) per index dim]}``: a sound hull of every index over the valid domain.
+
+    Exact for affine indices (``doc[q]``, ``blocks[q // 32, k // 32]``). Loads nested in the
+    index of another load need ``inputs``.
+    """
+    hull: dict = {}
+
+    def on_load(load, idx, t):
+        hull[load] = [(int(lo.min()), int(hi.max())) for lo, hi in idx]
+
+    env = domain_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset, device=device)
+    ev = IntervalEval(env, _dummy_inputs(ir, inputs, device), device=device, on_load=on_load)
+    for ld in _loads_postorder(ir):
+        ev.int_(ld)
+    return hull
+
+
+def _dummy_inputs(ir, inputs, device):
+    out = dict(inputs or {})
+    for ld in _loads_postorder(ir):
+        if ld.name not in out:
+            out[ld.name] = torch.zeros((1,) * len(ld.index), dtype=I64,
+                                       device=device or "cpu")
+    return out
+
+
+def _loads_postorder(ir: Node) -> list:
+    seen: dict = {}
+
+    def rec(n):
+        for c in n.children():
+            rec(c)
+        if isinstance(n, Load):
+            seen.setdefault(n, None)
+    rec(ir)
+    return list(seen)
+
+
+def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk: int, *,
+                       num_heads: int = 1, batch: int = 1, q_offset=None) -> None:
+    """Raise :class:`SpattnInputError` when an input is too short for the positions it is indexed with.
+
+    ``inputs`` are validated tensors (``evaluate.validate_inputs``). The index ranges are the
+    interval hull of each index over the valid domain (exact for affine indices).
+    """
+    ir = pattern.ir if hasattr(pattern, "ir") else pattern
+    off = query_offset(Lq, Lk, q_offset)
+
+    def on_load(load, idx, t):
+        nd = len(load.index)
+        sizes = tuple(t.shape[t.dim() - nd:])
+        for axis, ((lo, hi), size) in enumerate(zip(idx, sizes)):
+            lo_v, hi_v = int(lo.min()), int(hi.max())
+            if lo_v < 0 or hi_v >= size:
+                from .printer import to_source
+                need = (f"needs indices {lo_v}..{hi_v}" if lo_v < 0 else
+                        f"needs size >= {hi_v + 1}")
+                raise SpattnInputError(
+                    f"runtime input {load.name!r} (shape {tuple(t.shape)}) is too short: "
+                    f"index dimension {axis} ({to_source(load.index[axis])}) takes values "
+                    f"{lo_v}..{hi_v} for Lq={Lq}, Lk={Lk}, q_offset={off}, but has size {size}; "
+                    f"it {need}")
+
+    dev = None
+    for t in inputs.values():
+        dev = t.device
+        break
+    env = domain_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset, device=dev)
+    ev = IntervalEval(env, inputs, device=dev, on_load=on_load)
+    for ld in _loads_postorder(ir):
+        ev.int_(ld)
+
+
+# ------------------------------------------------------------------ lifting
+
+_SPLIT = (Abs, Min, Max, Select)
+
+
+def rebuild(n: Node, kids: list) -> Node:
+    """``n`` with its children replaced by ``kids``, through the canonicalising constructors."""
+    if isinstance(n, Sum):
+        return B.add(*(B.scale(c, v) for c, (_, v) in zip(kids, n.terms)), B.const(n.const))
+    if isinstance(n, Prod):
+        acc = kids[0]
+        for f in kids[1:]:
+            acc = B.mul(acc, f)
+        return acc
+    if isinstance(n, FloorDiv):
+        return B.floordiv(*kids)
+    if isinstance(n, Mod):
+        return B.mod(*kids)
+    if isinstance(n, Abs):
+        return B.abs_(kids[0])
+    if isinstance(n, Min):
+        return B.min_(*kids)
+    if isinstance(n, Max):
+        return B.max_(*kids)
+    if isinstance(n, Select):
+        return B.select(*kids)
+    if isinstance(n, Table):
+        return B.table(n.values, kids[0])
+    if isinstance(n, Load):
+        return B.load(n.name, kids)
+    if isinstance(n, Range):
+        return B.range_(kids[0], n.lo, n.hi)
+    if isinstance(n, IsPow2):
+        return B.is_pow2(kids[0])
+    if isinstance(n, Not):
+        return B.not_(kids[0])
+    if isinstance(n, And):
+        return B.and_(*kids)
+    if isinstance(n, Or):
+        return B.or_(*kids)
+    return n
+
+
+def replace(n: Node, old: Node, new: Node) -> Node:
+    if n == old:
+        return new
+    kids = n.children()
+    if not kids:
+        return n
+    new_kids = [replace(c, old, new) for c in kids]
+    if all(a is b for a, b in zip(new_kids, kids)):
+        return n
+    return rebuild(n, new_kids)
+
+
+def _find_split(x: Node):
+    for m in walk(x):
+        if isinstance(m, _SPLIT) and not B.is_uniform(m):
+            return m
+    return None
+
+
+class _TooBig(Exception):
+    pass
+
+
+@lru_cache(maxsize=256)
+def lift(node: Node, max_atoms: int = 64):
+    """An equivalent bool formula whose comparisons contain no non-uniform abs/min/max/if.
+
+    ``Range(.. abs(a) ..)`` becomes ``(a >= 0 & Range(.. a ..)) | (a < 0 & Range(.. -a ..))``
+    and likewise for ``min``, ``max`` and ``if``. Returns None when the result would have
+    more than ``max_atoms`` atoms.
+    """
+    count = [0]
+
+    def rec(n: Node) -> Node:
+        if isinstance(n, (And, Or)):
+            return rebuild(n, [rec(a) for a in n.args])
+        if isinstance(n, Not):
+            return B.not_(rec(n.a))
+        if isinstance(n, (Range, IsPow2)):
+            s = _find_split(n)
+            if s is None:
+                count[0] += 1
+                if count[0] > max_atoms:
+                    raise _TooBig
+                return n
+            if isinstance(s, Abs):
+                cond, a, b = B.range_(s.a, 0, None), s.a, B.neg(s.a)
+            elif isinstance(s, Min):
+                rest = B.min_(*s.args[1:])
+                cond, a, b = B.cmp("<=", s.args[0], rest), s.args[0], rest
+            elif isinstance(s, Max):
+                rest = B.max_(*s.args[1:])
+                cond, a, b = B.cmp(">=", s.args[0], rest), s.args[0], rest
+            else:
+                cond, a, b = s.cond, s.a, s.b
+            ta, tb = replace(n, s, a), replace(n, s, b)
+            return B.or_(B.and_(rec(cond), rec(ta)), B.and_(rec(B.not_(cond)), rec(tb)))
+        return n
+
+    try:
+        return rec(node)
+    except _TooBig:
+        return None
+
+
+def bool_atoms(node: Node) -> list:
+    """The leaves of the ``& | ~`` structure of a bool formula, deduplicated, in order."""
+    out: dict = {}
+
+    def rec(n):
+        if isinstance(n, (And, Or)):
+            for a in n.args:
+                rec(a)
+        elif isinstance(n, Not):
+            rec(n.a)
+        elif not isinstance(n, BoolConst):
+            out.setdefault(n, None)
+    rec(node)
+    return list(out)
+
+
+def combine(node: Node, leaf_values: Mapping[Node, tuple]):
+    """Three-valued value of the ``& | ~`` structure given ``(ct, cf)`` of each leaf."""
+    if isinstance(node, BoolConst):
+        return node.value, not node.value
+    if isinstance(node, Not):
+        ct, cf = combine(node.a, leaf_values)
+        return cf, ct
+    if isinstance(node, (And, Or)):
+        vals = [combine(a, leaf_values) for a in node.args]
+        ct, cf = vals[0]
+        for a_ct, a_cf in vals[1:]:
+            if isinstance(node, And):
+                ct, cf = ct & a_ct, cf | a_cf
+            else:
+                ct, cf = ct | a_ct, cf & a_cf
+        return ct, cf
+    return leaf_values[node]

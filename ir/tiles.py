@@ -1,0 +1,356 @@
+"""Tile classification: EMPTY (0), PARTIAL (1) or FULL (2) for every tile of the attention matrix.
+
+``classify(pattern, Lq, Lk, block_m, block_n, ...)`` returns ``int8 [B, H, nq, nk]``.
+A tile ``(i, j)`` holds the query rows ``i*BM .. min((i+1)*BM, Lq) - 1`` (positions shifted by
+the query offset) and the keys ``j*BN .. min((j+1)*BN, Lk) - 1``: ragged last tiles only hold
+in-range pairs, and FULL means "every in-range pair allowed".
+
+Two passes, both vectorised over tiles (O(tiles) time and memory, never O(Lq*Lk)):
+
+1. **Intervals** (:mod:`spattn.ir.intervals`): each tile is a box of q and k; every node gets
+   a sound interval, every bool a three-valued pair (can be true, can be false). Sound for
+   every expression of the language (``//``, ``%``, ``abs``, ``min``/``max``, ``if``, lists,
+   runtime inputs); exact for any single comparison of an affine form whose atoms are
+   independent over the box (``q - k < W``, ``q // c == k // c``, ``doc[q] == doc[k]``
+   whenever the per-tile min/max summary decides it).
+
+2. **Exact refinement** of the tiles pass 1 leaves PARTIAL (only those, gathered). The formula
+   is first *lifted* (``abs``/``min``/``max``/``if`` inside comparisons become case splits, so
+   each comparison is over a plain affine form). A comparison is *cellable* when its form is
+   uniform (depends on h, b, lengths, params, lists indexed by uniform values) plus one of
+
+   * ``a*u`` with a single direction ``u`` in ``q``, ``k`` or ``q - k``: it flips at (at most)
+     two thresholds along ``u``, computed per (b, h);
+   * a sum of ``c_i * ((a_i*u_i + e_i) // m_i)`` (chunk indices of a direction, ``a_i > 0``,
+     ``m_i > 0`` uniform): it can only change where a chunk index changes; at most
+     :data:`MAX_FLOOR_CUTS` cuts per term and tile, else the atom is not exact in that tile.
+
+   The thresholds cut the tile into cells (q-segment x k-segment x (q-k)-segment) on which
+   every cellable atom is constant. Each feasible cell is tested at one representative point
+   with the reference :func:`spattn.ir.evaluate.evaluate`; the atoms that are not cellable
+   keep their pass-1 three-valued value over the tile. The tile is FULL iff every feasible
+   cell is surely true, EMPTY iff every feasible cell is surely false. When every atom is
+   cellable this is exact.
+
+Precision limits (all sound, the tile is then PARTIAL where it might be FULL/EMPTY):
+
+* comparisons over other directions (``q + k``, ``2*q - k``), products of q and k, ``%`` of
+  a non-uniform value (``(q - k) % d == 0``), ``is_pow2`` of a non-uniform value, list
+  params indexed by q or k: the tile-level interval value is used for that atom, which is
+  exact alone but not in every combination with other atoms;
+* runtime inputs: per-tile min/max summaries; exact for ``same(doc)`` with sorted ids and for
+  0/1 block tables indexed by tile-aligned expressions (``blocks[q // 32, k // 32]`` with
+  32 | BM, BN); for n-D inputs whose tile index boxes exceed
+  :data:`spattn.ir.intervals.NARROW_GATHER` entries the whole input's min/max is used;
+* very large formulas: lifting gives up above 64 atoms, the refinement above
+  :data:`MAX_CELLS` cells per tile.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Mapping, Optional
+
+import torch
+
+from ..dsl.errors import SpattnValueError
+from . import build as B
+from .evaluate import check_lengths, evaluate, query_offset, validate_inputs
+from .intervals import IntervalEval, bool_atoms, check_input_bounds, combine, lift
+from .nodes import FloorDiv, Node, Range, Var
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+MAX_FLOOR_CUTS = 4
+MAX_CELLS = 4096
+I64 = torch.int64
+_BIG = 1 << 60
+
+
+# ------------------------------------------------------------------ validation
+
+def _check_int(name: str, v, *, positive=True) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or (positive and v <= 0):
+        raise SpattnValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def validate_args(pattern, Lq, Lk, block_m, block_n, *, num_heads, batch, q_offset, device,
+                  inputs) -> tuple[dict, torch.device]:
+    """Check the arguments of :func:`classify`; returns (validated inputs, device)."""
+    check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
+    _check_int("block_m", block_m)
+    _check_int("block_n", block_n)
+    if q_offset is not None and (isinstance(q_offset, bool) or not isinstance(q_offset, int)):
+        raise SpattnValueError(f"q_offset must be an integer or None, got {q_offset!r}")
+    declared = getattr(pattern, "inputs", {}) or {}
+    ins = validate_inputs(declared, dict(inputs or {}), batch=batch, num_heads=num_heads,
+                          device=device)
+    if device is None:
+        dev = next((t.device for t in ins.values()), torch.device("cpu"))
+    else:
+        dev = torch.device(device)
+    ins = {k: v.to(dev) for k, v in ins.items()}
+    if ins:
+        check_input_bounds(pattern, ins, Lq, Lk, num_heads=num_heads, batch=batch,
+                           q_offset=q_offset)
+    return ins, dev
+
+
+# ------------------------------------------------------------------ tile boxes
+
+def tile_bounds(L: int, block: int, offset: int, device, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    n = -(-L // block)
+    start = torch.arange(n, dtype=I64, device=device) * block
+    lo = start + offset
+    hi = torch.clamp(start + block, max=L) - 1 + offset
+    return lo.view(shape), hi.view(shape)
+
+
+def grid_env(Lq, Lk, block_m, block_n, *, num_heads, batch, q_offset, device) -> dict:
+    off = query_offset(Lq, Lk, q_offset)
+    nq, nk = -(-Lq // block_m), -(-Lk // block_n)
+    return {
+        "q": tile_bounds(Lq, block_m, off, device, (1, 1, nq, 1)),
+        "k": tile_bounds(Lk, block_n, 0, device, (1, 1, 1, nk)),
+        "h": torch.arange(num_heads, dtype=I64, device=device).view(1, num_heads, 1, 1),
+        "b": torch.arange(batch, dtype=I64, device=device).view(batch, 1, 1, 1),
+        "Lq": Lq, "Lk": Lk, "H": num_heads,
+    }
+
+
+# ------------------------------------------------------------------ classify
+
+def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads: int = 1,
+             batch: int = 1, q_offset: Optional[int] = None, device=None,
+             inputs: Optional[Mapping[str, torch.Tensor]] = None, refine: bool = True) -> torch.Tensor:
+    """Tile classes ``int8 [batch, num_heads, ceil(Lq/block_m), ceil(Lk/block_n)]``.
+
+    0 = EMPTY, 1 = PARTIAL, 2 = FULL. ``pattern`` is a :class:`spattn.Pattern` (or an IR node
+    for patterns without inputs). ``refine=False`` skips the exact refinement (pass 1 only).
+    """
+    ir = pattern.ir if hasattr(pattern, "ir") else pattern
+    ins, dev = validate_args(pattern, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
+                             q_offset=q_offset, device=device, inputs=inputs)
+    env = grid_env(Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
+                   q_offset=q_offset, device=dev)
+    nq, nk = env["q"][0].shape[2], env["k"][0].shape[3]
+    summaries: dict = {}
+    ev = IntervalEval(env, ins, device=dev, summaries=summaries)
+    ct, cf = ev.bool_(ir)
+    ct = torch.as_tensor(ct, device=dev)
+    cf = torch.as_tensor(cf, device=dev)
+    shape = (batch, num_heads, nq, nk)
+    # EMPTY: ct=0 -> 0; FULL: ct=1, cf=0 -> 2; PARTIAL -> 1 (ct=0 and cf=0 cannot happen: 1)
+    # (ct=0, cf=0 cannot happen on a non-empty tile; it gives 1, which is safe)
+    cls = (ct.to(torch.int8) + (~cf).to(torch.int8)).expand(shape).contiguous()
+    if refine:
+        refine_partial(ir, cls, env, ins, summaries, dev)
+    return cls
+
+
+# ------------------------------------------------------------------ refinement
+
+@dataclass(frozen=True)
+class _Atom:
+    node: Node
+    kind: str                     # "const" | "lin" | "floor" | "opaque"
+    direction: str = ""           # lin: q | k | d
+    coeff: int = 0                # lin: coefficient of the direction
+    uniform: Node = None          # lin: uniform part
+    floors: tuple = ()            # floor: ((direction, a, e_node, m_node), ...)
+
+
+def _direction(terms: dict) -> Optional[tuple[str, int]]:
+    aq = terms.get(Var("q"), 0)
+    ak = terms.get(Var("k"), 0)
+    if aq and not ak:
+        return "q", aq
+    if ak and not aq:
+        return "k", ak
+    if aq and aq == -ak:
+        return "d", aq
+    return None
+
+
+def _analyse_atom(atom: Node) -> _Atom:
+    if B.is_uniform(atom):
+        return _Atom(atom, "const")
+    if not isinstance(atom, Range):
+        return _Atom(atom, "opaque")
+    terms, c = B.linear(atom.x)
+    qk = {v: terms[v] for v in (Var("q"), Var("k")) if v in terms}
+    rest = {a: v for a, v in terms.items() if a not in qk}
+    uni = {a: v for a, v in rest.items() if B.is_uniform(a)}
+    nonuni = {a: v for a, v in rest.items() if a not in uni}
+    if qk and not nonuni:
+        d = _direction(qk)
+        if d is None:
+            return _Atom(atom, "opaque")
+        return _Atom(atom, "lin", d[0], d[1], B.from_linear(uni, c))
+    if not qk and nonuni:
+        floors = []
+        for a in nonuni:
+            if not isinstance(a, FloorDiv):
+                return _Atom(atom, "opaque")
+            it, ic = B.linear(a.a)
+            iqk = {v: it[v] for v in (Var("q"), Var("k")) if v in it}
+            irest = {x: v for x, v in it.items() if x not in iqk}
+            if not all(B.is_uniform(x) for x in irest):
+                return _Atom(atom, "opaque")
+            d = _direction(iqk)
+            if d is None or d[1] <= 0:
+                return _Atom(atom, "opaque")
+            floors.append((d[0], d[1], B.from_linear(irest, ic), a.b))
+        return _Atom(atom, "floor", floors=tuple(floors))
+    return _Atom(atom, "opaque")
+
+
+@lru_cache(maxsize=256)
+def refinement_plan(ir: Node):
+    """(formula, atoms) used by the refinement, or None when no atom is cellable."""
+    lifted = lift(ir)
+    formula = ir if lifted is None else lifted
+    atoms = [_analyse_atom(a) for a in bool_atoms(formula)]
+    if not any(a.kind in ("lin", "floor") for a in atoms):
+        return None
+    return formula, tuple(atoms)
+
+
+def _fdiv(a, b):
+    return torch.div(a, b, rounding_mode="floor")
+
+
+def _cdiv(a, b):
+    return -torch.div(-a, b, rounding_mode="floor")
+
+
+def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summaries: dict,
+                   device, chunk_elems: int = 1 << 22) -> None:
+    """Exact refinement of the PARTIAL tiles of ``cls`` (in place). See the module docstring."""
+    plan = refinement_plan(ir)
+    if plan is None:
+        return
+    idx = (cls == PARTIAL).nonzero()
+    if idx.numel() == 0:
+        return
+    formula, atoms = plan
+    qlo_all, qhi_all = env["q"][0].reshape(-1), env["q"][1].reshape(-1)
+    klo_all, khi_all = env["k"][0].reshape(-1), env["k"][1].reshape(-1)
+    # number of cuts per direction
+    ncut = {"q": 0, "k": 0, "d": 0}
+    for a in atoms:
+        if a.kind == "lin":
+            ncut[a.direction] += 2
+        elif a.kind == "floor":
+            for f in a.floors:
+                ncut[f[0]] += MAX_FLOOR_CUTS
+    ncells = (ncut["q"] + 1) * (ncut["k"] + 1) * (ncut["d"] + 1)
+    if ncells > MAX_CELLS:
+        return
+    step = max(1, chunk_elems // ncells)
+    for s in range(0, idx.shape[0], step):
+        part = idx[s:s + step]
+        bi, hi_, qi, ki = part.unbind(1)
+        qlo, qhi = qlo_all[qi].unsqueeze(1), qhi_all[qi].unsqueeze(1)
+        klo, khi = klo_all[ki].unsqueeze(1), khi_all[ki].unsqueeze(1)
+        b_t, h_t = bi.unsqueeze(1), hi_.unsqueeze(1)
+        new = _refine_chunk(formula, atoms, qlo, qhi, klo, khi, b_t, h_t, env, inputs, summaries,
+                            device)
+        cls[bi, hi_, qi, ki] = new
+
+
+def _refine_chunk(formula, atoms, qlo, qhi, klo, khi, b_t, h_t, env, inputs, summaries, device):
+    P = qlo.shape[0]
+    dlo, dhi = qlo - khi, qhi - klo
+    ranges = {"q": (qlo, qhi), "k": (klo, khi), "d": (dlo, dhi)}
+    point_env = {"h": h_t, "b": b_t, "Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"]}
+    box_env = dict(point_env, q=(qlo, qhi), k=(klo, khi))
+    tile_ev = IntervalEval(box_env, inputs, device=device, summaries=summaries)
+    cuts = {"q": [], "k": [], "d": []}
+    exact = {}
+    for a in atoms:
+        if a.kind == "lin":
+            U = torch.as_tensor(evaluate(a.uniform, point_env), device=device).expand(P, 1)
+            coef = a.coeff
+            r = a.node
+            lo_c = hi_c = None
+            if coef > 0:
+                if r.lo is not None:
+                    lo_c = _cdiv(r.lo - U, coef)
+                if r.hi is not None:
+                    hi_c = _fdiv(r.hi - U, coef) + 1
+            else:
+                if r.hi is not None:
+                    lo_c = _cdiv(r.hi - U, coef)
+                if r.lo is not None:
+                    hi_c = _fdiv(r.lo - U, coef) + 1
+            cuts[a.direction].extend(c for c in (lo_c, hi_c) if c is not None)
+        elif a.kind == "floor":
+            ok = torch.ones((P, 1), dtype=torch.bool, device=device)
+            for (u, coef, e_node, m_node) in a.floors:
+                e = torch.as_tensor(evaluate(e_node, point_env), device=device).expand(P, 1)
+                m = torch.as_tensor(evaluate(m_node, point_env), device=device).expand(P, 1)
+                ulo, uhi = ranges[u]
+                good = m > 0
+                msafe = torch.where(good, m, torch.ones_like(m))
+                f0 = _fdiv(coef * ulo + e, msafe)
+                f1 = _fdiv(coef * uhi + e, msafe)
+                count = f1 - f0
+                good = good & (count <= MAX_FLOOR_CUTS)
+                ok = ok & good
+                for j in range(1, MAX_FLOOR_CUTS + 1):
+                    c = _cdiv((f0 + j) * msafe - e, coef)
+                    c = torch.where(good & (j <= count), c, ulo)
+                    cuts[u].append(c)
+            exact[a.node] = ok
+    # segments per direction: [P, S]
+    segs = {}
+    for u in ("q", "k", "d"):
+        ulo, uhi = ranges[u]
+        if cuts[u]:
+            cs = torch.cat([c.expand(P, 1) for c in cuts[u]], dim=1)
+            cs = torch.minimum(torch.maximum(cs, ulo), uhi + 1)
+            cs = torch.sort(cs, dim=1).values
+            starts = torch.cat([ulo, cs], dim=1)
+            ends = torch.cat([cs - 1, uhi], dim=1)
+        else:
+            starts, ends = ulo, uhi
+        segs[u] = (starts, ends)
+    Sq, Sk, Sd = segs["q"][0].shape[1], segs["k"][0].shape[1], segs["d"][0].shape[1]
+    Qlo = segs["q"][0].view(P, Sq, 1, 1)
+    Qhi = segs["q"][1].view(P, Sq, 1, 1)
+    Klo = segs["k"][0].view(P, 1, Sk, 1)
+    Khi = segs["k"][1].view(P, 1, Sk, 1)
+    Dlo = segs["d"][0].view(P, 1, 1, Sd)
+    Dhi = segs["d"][1].view(P, 1, 1, Sd)
+    lo = torch.maximum(Dlo, Qlo - Khi)
+    hi = torch.minimum(Dhi, Qhi - Klo)
+    feas = (Qlo <= Qhi) & (Klo <= Khi) & (Dlo <= Dhi) & (lo <= hi)
+    dstar = lo
+    qstar = torch.maximum(Qlo, dstar + Klo)
+    kstar = qstar - dstar
+    feas = feas.reshape(P, -1)
+    qstar = torch.where(feas, qstar.expand(P, Sq, Sk, Sd).reshape(P, -1), qlo)
+    kstar = torch.where(feas, kstar.expand(P, Sq, Sk, Sd).reshape(P, -1), klo)
+    cell_env = dict(point_env, q=qstar, k=kstar)
+    leaf = {}
+    memo: dict = {}
+    for a in atoms:
+        if a.kind == "opaque":
+            leaf[a.node] = tile_ev.bool_(a.node)
+            continue
+        v = torch.as_tensor(evaluate(a.node, cell_env, inputs, memo), device=device)
+        if a.node in exact:
+            ct, cf = tile_ev.bool_(a.node)
+            ok = exact[a.node]
+            leaf[a.node] = (torch.where(ok, v, ct), torch.where(ok, ~v, cf))
+        else:
+            leaf[a.node] = (v, ~v)
+    ct, cf = combine(formula, leaf)
+    ct = torch.as_tensor(ct, device=device)
+    cf = torch.as_tensor(cf, device=device)
+    any_t = (feas & ct).any(dim=1)
+    any_f = (feas & cf).any(dim=1)
+    out = torch.full((P,), PARTIAL, dtype=torch.int8, device=device)
+    out[~any_t] = EMPTY
+    out[~any_f & any_t] = FULL
+    return out
