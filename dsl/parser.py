@@ -9,6 +9,7 @@ no lark exception ever escapes.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -276,8 +277,8 @@ def _expr(t) -> A.Expr:
         return A.Bool(False, **p)
     if d == "name":
         return A.Name(str(c[0]), **p)
-    if d == "paren":
-        return _expr(c[1])
+    if d == "paren":  # a parenthesised expression is located at its '('
+        return dataclasses.replace(_expr(c[1]), **p)
     if d == "list_":
         return A.ListLit(_args(c[1]), **p)
     if d == "index":
