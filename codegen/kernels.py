@@ -1,0 +1,833 @@
+"""Kernel templates and rendering: a pattern -> the text of a Triton module.
+
+``render(pattern, kind, config, closed_form=None) -> str`` produces a complete,
+importable Python file, readable like hand-written code:
+
+* a module docstring with the pattern's canonical source, the strategy, the
+  tile sizes and the codegen version;
+* ``kind="fwd"``: ``attn_fwd_<name>_<key6>`` (online softmax, output + lse);
+* ``kind="bwd"``: ``attn_bwd_preprocess_<name>_<key6>`` (delta = rowsum(dO * O)),
+  ``attn_bwd_dkdv_<name>_<key6>`` (one program per key tile and key head, looping
+  over the query heads of its GQA group: deterministic, no atomics) and
+  ``attn_bwd_dq_<name>_<key6>`` (one program per query tile, like the forward).
+
+Each tile loop lives in a small ``@triton.jit`` function (``_fwd_range`` ...)
+called once per sub-range with ``MASKED`` as a constexpr: FULL tiles
+(``MASKED=False``) never evaluate the predicate nor any bounds mask; PARTIAL
+tiles evaluate the predicate emitted by :mod:`spattn.codegen.emit`.
+
+Strategies (``config.strategy``):
+
+``ranges``
+    loop bounds come from the closed form of :func:`spattn.ir.ranges.closed_form`,
+    computed in the kernel from the tile index (no metadata in memory).  Every
+    interval ``[lo, hi]`` of keys becomes a span of key tiles, minus the spans of
+    the earlier intervals (no tile is visited twice), split by its FULL part
+    ``[flo, fhi]`` into masked / unmasked / masked sub-ranges.
+``table``
+    CSR lists (int32 row pointers + column indices) of the PARTIAL and of the
+    FULL tiles of each query tile (the transposed lists for dK/dV), built by the
+    vectorised analysis at call time: two loops.
+
+Kernel arguments are runtime values wherever they can be: lengths, batch, heads,
+``q_offset`` and strides never regenerate a file.
+"""
+from __future__ import annotations
+
+import re
+import textwrap
+from dataclasses import dataclass
+
+from ..ir import build as B
+from ..ir.nodes import BoolConst, Node, Var
+from .emit import HELPERS, NONNEG_VARS, emit
+
+CODEGEN_VERSION = "1"
+
+
+# ------------------------------------------------------------------ helpers
+
+def ident(name: str) -> str:
+    """A safe Python identifier fragment from a pattern name."""
+    s = re.sub(r"\W+", "_", name).strip("_") or "pattern"
+    if s[0].isdigit():
+        s = "p_" + s
+    return s.lower()
+
+
+def _ind(text: str, n: int) -> str:
+    return textwrap.indent(text, " " * n) if text.strip() else ""
+
+
+def _fill(template: str, **kw) -> str:
+    out = template
+    for k, v in kw.items():
+        out = out.replace(f"@@{k}@@", str(v))
+    left = re.findall(r"@@\w+@@", out)
+    if left:
+        raise KeyError(f"unfilled template markers: {left}")
+    return out
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Local stand-in with the fields of ``ir.ranges.Interval`` (lo, hi, flo, fhi)."""
+    lo: Node | None
+    hi: Node | None
+    flo: Node | None = None
+    fhi: Node | None = None
+
+
+def _names(pattern, key6: str) -> dict:
+    base = f"{ident(pattern.name)}_{key6}"
+    return {
+        "fwd": f"attn_fwd_{base}",
+        "pre": f"attn_bwd_preprocess_{base}",
+        "dkdv": f"attn_bwd_dkdv_{base}",
+        "dq": f"attn_bwd_dq_{base}",
+        "fwd_range": f"_fwd_range_{key6}",
+        "dkdv_range": f"_dkdv_range_{key6}",
+        "dq_range": f"_dq_range_{key6}",
+    }
+
+
+# --------------------------------------------------------- input arguments
+
+def _input_params(inputs: dict[str, int]) -> list[str]:
+    """Kernel parameters of the runtime inputs: pointer, batch/head strides, index strides, sizes."""
+    out = []
+    for name, nd in inputs.items():
+        out.append(f"{name.upper()}_ptr")
+        out.append(f"stride_{name}_b")
+        out.append(f"stride_{name}_h")
+        out += [f"stride_{name}_{d}" for d in range(nd)]
+        out += [f"size_{name}_{d}" for d in range(nd)]
+    return out
+
+
+def _input_inner_args(inputs: dict[str, int]) -> list[str]:
+    """What an inner function needs of the inputs: the offset base pointer, strides, sizes."""
+    out = []
+    for name, nd in inputs.items():
+        out.append(f"p_{name}")
+        out += [f"stride_{name}_{d}" for d in range(nd)]
+        out += [f"size_{name}_{d}" for d in range(nd)]
+    return out
+
+
+def _input_bases(inputs: dict[str, int], b: str, h: str) -> str:
+    lines = []
+    for name in inputs:
+        lines.append(f"p_{name} = {name.upper()}_ptr + {b}.to(tl.int64) * stride_{name}_b"
+                     f" + {h}.to(tl.int64) * stride_{name}_h")
+    return "\n".join(lines)
+
+
+ENV = {"q": "o_q", "k": "o_k", "h": "i_h", "b": "i_b", "Lq": "Lq", "Lk": "Lk", "H": "H"}
+
+
+def _predicate(pattern, loop_var: str):
+    """Emitted predicate code, split into hoisted (outer) and per-tile (inner) parts."""
+    ir = pattern.ir
+    if isinstance(ir, BoolConst):
+        if ir.value:
+            return None
+        # never allowed: a predicate of False (kept for completeness)
+    em = emit([ir], ENV, loop_vars=[loop_var], result_names=["m_pattern"])
+    return em
+
+
+def _closed_form_code(intervals, env: dict, prefix: str, tag: str, nonneg_extra=()):
+    """Emit lo/hi/flo/fhi of every interval as scalar code; returns (lines, names, helpers)."""
+    roots, names = [], []
+    for c, iv in enumerate(intervals):
+        for field in ("lo", "hi", "flo", "fhi"):
+            node = getattr(iv, field, None)
+            if node is None:
+                continue
+            roots.append(node)
+            names.append(f"{prefix}{c}_{field}")
+    em = emit(roots, env, loop_vars=(), result_names=names,
+              nonneg_vars=NONNEG_VARS | frozenset(nonneg_extra))
+    lines = list(em.outer)
+    for r, nm in zip(em.results, names):
+        if r != nm:
+            lines.append(f"{nm} = {r}")
+    return lines, set(names), em.uses_helpers
+
+
+def _range_schedule(intervals, *, prefix: str, length: str, block: str, shift: str,
+                    call: str, comment_unit: str) -> str:
+    """Code visiting the tiles of a union of intervals, each tile once.
+
+    ``shift`` converts positions to row indices (``q_offset`` for queries, ``0`` for keys).
+    ``call`` is a template with ``{start}``, ``{end}``, ``{masked}``.
+    """
+    lines = []
+    spans = []
+    sub = "" if shift == "0" else f" - {shift}"
+    for c, iv in enumerate(intervals):
+        lo = f"{prefix}{c}_lo{sub}" if iv.lo is not None else "0"
+        hi = f"{prefix}{c}_hi{sub}" if iv.hi is not None else f"{length} - 1"
+        lines.append(f"# interval {c}: {comment_unit} [lo, hi] -> tiles [s{c}, e{c})")
+        lines.append(f"s{c}, e{c} = _tile_span({lo}, {hi}, {length}, {block})")
+        if iv.flo is not None and iv.fhi is not None:
+            lines.append(f"f{c}, g{c} = _full_span({prefix}{c}_flo{sub}, {prefix}{c}_fhi{sub}, "
+                         f"{length}, {block})")
+        else:
+            lines.append(f"f{c}, g{c} = e{c}, e{c}  # no FULL part")
+        pieces = [(f"s{c}", f"e{c}")]
+        for e, (se, ee) in enumerate(spans):
+            nxt = []
+            for a, z in pieces:
+                nxt.append((a, f"tl.minimum({z}, {se})"))
+                nxt.append((f"tl.maximum({a}, {ee})", z))
+            pieces = nxt
+        if len(pieces) > 1:
+            lines.append(f"# minus the tiles of interval{'s' if c > 1 else ''} "
+                         f"{', '.join(str(x) for x in range(c))}: {len(pieces)} pieces")
+        for p, (a, z) in enumerate(pieces):
+            tag = f"{c}{chr(ord('a') + p)}" if len(pieces) > 1 else f"{c}"
+            if len(pieces) > 1:
+                lines.append(f"ps, pe = {a}, {z}")
+                a, z = "ps", "pe"
+            lines.append(f"m0, m1 = _split({a}, {z}, f{c}, g{c})")
+            lines.append(call.format(start=a, end="m0", masked="True") + f"  # {tag}: PARTIAL edge")
+            lines.append(call.format(start="m0", end="m1", masked="False") + f"  # {tag}: FULL")
+            lines.append(call.format(start="m1", end=z, masked="True") + f"  # {tag}: PARTIAL edge")
+        spans.append((f"s{c}", f"e{c}"))
+    return "\n".join(lines)
+
+
+RANGE_HELPERS = '''
+@triton.jit
+def _tile_span(lo, hi, L, BLOCK: tl.constexpr):
+    """Tiles [first, end) covering the positions [lo, hi] clamped to [0, L - 1]."""
+    lo = tl.maximum(lo, 0)
+    hi = tl.minimum(hi, L - 1)
+    first = lo // BLOCK
+    end = tl.where(hi >= lo, hi // BLOCK + 1, first)
+    return first, end
+
+
+@triton.jit
+def _full_span(lo, hi, L, BLOCK: tl.constexpr):
+    """Tiles [first, end) lying entirely inside [lo, hi] and [0, L - 1] (no bounds mask needed)."""
+    lo = tl.maximum(lo, 0)
+    hi = tl.minimum(hi, L - 1)
+    first = (lo + BLOCK - 1) // BLOCK
+    end = tl.where(hi >= lo, (hi + 1) // BLOCK, first)
+    return first, tl.maximum(end, first)
+
+
+@triton.jit
+def _split(start, end, full_start, full_end):
+    """Cut [start, end) into [start, m0) PARTIAL, [m0, m1) FULL, [m1, end) PARTIAL."""
+    m0 = tl.minimum(tl.maximum(full_start, start), end)
+    m1 = tl.minimum(tl.maximum(full_end, m0), end)
+    return m0, m1
+'''
+
+
+def _header(pattern, kind: str, config, key: str, names: dict, strategy_doc: str) -> str:
+    src = "\n".join("    " + line for line in pattern.source.splitlines())
+    kernels = [names["fwd"]] if kind == "fwd" else [names["pre"], names["dkdv"], names["dq"]]
+    inputs = ", ".join(f"{n} ({d}-D index)" for n, d in pattern.inputs.items()) or "none"
+    return f'''"""spattn generated {"forward" if kind == "fwd" else "backward"} attention kernel{"s" if kind != "fwd" else ""} for pattern `{pattern.name}`.
+
+Pattern (canonical source):
+{src}
+
+Runtime inputs: {inputs}
+Strategy: {config.strategy} ({strategy_doc})
+Tiles: BLOCK_M={config.block_m} (queries), BLOCK_N={config.block_n} (keys), BLOCK_D={config.block_d}
+Launch: num_warps={config.num_warps}, num_stages={config.num_stages}, dtype={config.dtype}
+Kernels: {", ".join(kernels)}
+Codegen version: {CODEGEN_VERSION}; cache key {key}
+
+Generated by spattn.codegen.kernels: edit the pattern, not this file (the cache
+regenerates it when it does not match its key).
+"""
+import triton
+import triton.language as tl
+
+STRATEGY = {config.strategy!r}
+BLOCK_M = {config.block_m}
+BLOCK_N = {config.block_n}
+BLOCK_D = {config.block_d}
+NUM_WARPS = {config.num_warps}
+NUM_STAGES = {config.num_stages}
+INPUTS = {dict(pattern.inputs)!r}
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+'''
+
+
+STRATEGY_DOC = {
+    "ranges": "closed-form key ranges computed in the kernel from the tile index",
+    "table": "CSR lists of PARTIAL and FULL tiles built by the analysis at call time",
+}
+
+
+# ------------------------------------------------------------------ forward
+
+FWD_RANGE = '''
+@triton.jit
+def @@FN@@(
+    acc, l_i, m_i, b_q, o_q,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+    sm_scale_log2, i_b, i_h, Lq, Lk, H,@@EXTRA@@
+    COLS, start, end,
+    MASKED: tl.constexpr, TABLE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Key tiles [start, end) (tile indices, or CSR slots when TABLE) of one query tile."""
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    for idx in range(start, end):
+        if TABLE:
+            i_n = tl.load(COLS + idx)
+        else:
+            i_n = idx
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        p_kt = K + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
+        p_v = V + o_n[:, None] * stride_vn + o_d[None, :] * stride_vd
+        # -- scores --
+        if MASKED:
+            b_kt = tl.load(p_kt, mask=m_d[:, None] & (o_n[None, :] < Lk), other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            b_kt = tl.load(p_kt)
+        else:
+            b_kt = tl.load(p_kt, mask=m_d[:, None], other=0.0)
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PREC) * sm_scale_log2
+        if MASKED:
+            # -- predicate (PARTIAL tile) --
+            o_k = o_n[None, :]
+@@PRED@@
+            b_s = tl.where(m_pattern & (o_k < Lk), b_s, float("-inf"))
+        # -- online softmax --
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        if MASKED:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # fully masked so far: no NaN
+        else:
+            m_use = m_new
+        alpha = tl.math.exp2(m_i - m_use)
+        b_p = tl.math.exp2(b_s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            b_v = tl.load(p_v, mask=(o_n[:, None] < Lk) & m_d[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            b_v = tl.load(p_v)
+        else:
+            b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+'''
+
+FWD_KERNEL = '''
+@triton.jit
+def @@FN@@(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
+    ORDER, stride_order_b, stride_order_h,
+    sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Forward attention for one query tile of one (batch, query head).
+
+    Grid: (B * H, number of query tiles); program axis 1 is a rank in the
+    heavy-first ORDER of the query tiles.  Output O [B, H, Lq, D] and the natural
+    log-sum-exp LSE [B, H, Lq] (fp32, contiguous); a fully masked row gives O = 0 and
+    LSE = -inf.
+    """
+    tl.static_assert(BLOCK_M % 16 == 0)
+    tl.static_assert(BLOCK_N % 16 == 0)
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_kh = i_h // GROUP
+    i_m = tl.load(ORDER + i_b * stride_order_b + i_h * stride_order_h + tl.program_id(1))
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < Lq
+    m_d = o_d < HEAD_DIM
+    o_q = (o_m + q_offset)[:, None]          # query positions [BLOCK_M, 1]
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh \\
+        + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
+@@INPUT_BASES@@
+@@HOIST@@
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+@@SCHEDULE@@
+
+    # epilogue
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh \\
+        + o_m[:, None] * stride_om + o_d[None, :] * stride_od
+    tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
+'''
+
+TABLE_PARAMS = """
+    ROWS_P, COLS_P, ROWS_F, COLS_F, stride_tab_b, stride_tab_h,"""
+
+
+def _extra_args(em, inputs) -> tuple[str, str]:
+    """(parameter text, argument text) of an inner function: inputs and hoisted names."""
+    names = _input_inner_args(inputs) + (list(em.outer_names) if em is not None else [])
+    if not names:
+        return "", ""
+    text = "\n    " + ", ".join(names) + ","
+    return text, ", ".join(names) + ", "
+
+
+def render_fwd(pattern, config, key: str, closed_form=None) -> str:
+    names = _names(pattern, key[:6])
+    inputs = dict(pattern.inputs)
+    em = _predicate(pattern, "k")
+    pred_code = _ind("\n".join(em.inner), 12) if em is not None else ""
+    if em is None:
+        pred_code = " " * 12 + "m_pattern = True"
+    extra_params, extra_args = _extra_args(em, inputs)
+    helpers = bool(em is not None and em.uses_helpers)
+
+    call = (f"acc, l_i, m_i = {names['fwd_range']}(acc, l_i, m_i, b_q, o_q, p_k, p_v, "
+            f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, "
+            f"{extra_args}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, TABLE=@@TABLE@@, "
+            f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
+    if config.strategy == "ranges":
+        rows = closed_form.rows
+        env = dict(ENV, qs="qs", qe="qe")
+        cf_lines, _, h2 = _closed_form_code(rows, env, "r", "rows")
+        helpers = helpers or h2
+        sched = ["# -- key-tile ranges (closed form over this tile's first/last query position) --",
+                 "qs = i_m * BLOCK_M + q_offset",
+                 "qe = tl.minimum(i_m * BLOCK_M + BLOCK_M, Lq) - 1 + q_offset"]
+        sched += cf_lines
+        c = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
+        sched.append(_range_schedule(rows, prefix="r", length="Lk", block="BLOCK_N", shift="0",
+                                     call=c, comment_unit="keys"))
+        schedule = _ind("\n".join(sched), 4)
+        table_params = ""
+    else:
+        sched = ["# -- tile table: PARTIAL key tiles (predicate), then FULL key tiles (none) --",
+                 "i_row = i_b * stride_tab_b + i_h * stride_tab_h + i_m",
+                 "p_start = tl.load(ROWS_P + i_row)",
+                 "p_end = tl.load(ROWS_P + i_row + 1)",
+                 call.replace("@@COLS@@", "COLS_P").replace("@@TABLE@@", "True")
+                 .format(start="p_start", end="p_end", masked="True"),
+                 "f_start = tl.load(ROWS_F + i_row)",
+                 "f_end = tl.load(ROWS_F + i_row + 1)",
+                 call.replace("@@COLS@@", "COLS_F").replace("@@TABLE@@", "True")
+                 .format(start="f_start", end="f_end", masked="False")]
+        schedule = _ind("\n".join(sched), 4)
+        table_params = TABLE_PARAMS
+
+    inner_fn = _fill(FWD_RANGE, FN=names["fwd_range"], EXTRA=extra_params, PRED=pred_code)
+    hoist = ""
+    if em is not None and em.outer:
+        hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
+                     + "\n".join(em.outer), 4)
+    ip = _input_params(inputs)
+    kernel = _fill(FWD_KERNEL, FN=names["fwd"],
+                   INPUT_PARAMS=("\n    " + ", ".join(ip) + ",") if ip else "",
+                   TABLE_PARAMS=table_params,
+                   INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4),
+                   HOIST=hoist, SCHEDULE=schedule)
+    parts = [_header(pattern, "fwd", config, key, names, STRATEGY_DOC[config.strategy])]
+    if helpers:
+        parts.append(HELPERS)
+    if config.strategy == "ranges":
+        parts.append(RANGE_HELPERS)
+    parts.append(inner_fn)
+    parts.append(kernel)
+    parts.append(f"\nKERNEL = {names['fwd']}\n")
+    return _tidy("\n".join(parts))
+
+
+def _tidy(text: str) -> str:
+    lines = [line.rstrip() for line in text.splitlines()]
+    out = []
+    for line in lines:
+        if line == "" and len(out) >= 2 and out[-1] == "" and out[-2] == "":
+            continue
+        out.append(line)
+    return "\n".join(out).strip("\n") + "\n"
+
+
+# ----------------------------------------------------------------- backward
+
+PRE_KERNEL = '''
+@triton.jit
+def @@FN@@(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Lq,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """delta = rowsum(dO * O) in fp32, [B, H, Lq] contiguous.  Grid: (B * H, query tiles)."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m = (o_m[:, None] < Lq) & (o_d[None, :] < HEAD_DIM)
+    b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+                  + o_m[:, None] * stride_om + o_d[None, :] * stride_od, mask=m, other=0.0)
+    b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+                   + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod, mask=m, other=0.0)
+    delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
+    tl.store(DELTA + i_bh.to(tl.int64) * Lq + o_m, delta, mask=o_m < Lq)
+'''
+
+DKDV_RANGE = '''
+@triton.jit
+def @@FN@@(
+    b_dk, b_dv, b_kt, b_vt, o_k,
+    Q, DO, LSE2, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
+    sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset,@@EXTRA@@
+    COLS, start, end,
+    MASKED: tl.constexpr, TABLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Query tiles [start, end) (tile indices, or CSR slots when TABLE) of one key tile."""
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    for idx in range(start, end):
+        if TABLE:
+            i_m = tl.load(COLS + idx)
+        else:
+            i_m = idx
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        p_q = Q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
+        p_do = DO + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod
+        if MASKED:
+            m_qd = (o_m[:, None] < Lq) & m_d[None, :]
+            b_q = tl.load(p_q, mask=m_qd, other=0.0)
+            b_do = tl.load(p_do, mask=m_qd, other=0.0)
+            # rows beyond Lq and fully masked rows: lse = +inf -> p = 0
+            b_lse = tl.load(LSE2 + o_m, mask=o_m < Lq, other=float("inf"))
+            b_delta = tl.load(DELTA + o_m, mask=o_m < Lq, other=0.0)
+        else:
+            if HEAD_DIM == BLOCK_D:
+                b_q = tl.load(p_q)
+                b_do = tl.load(p_do)
+            else:
+                b_q = tl.load(p_q, mask=m_d[None, :], other=0.0)
+                b_do = tl.load(p_do, mask=m_d[None, :], other=0.0)
+            b_lse = tl.load(LSE2 + o_m)
+            b_delta = tl.load(DELTA + o_m)
+        b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+        # -- scores --
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PREC) * sm_scale_log2
+        b_p = tl.math.exp2(b_s - b_lse[:, None])
+        if MASKED:
+            # -- predicate (PARTIAL tile) --
+            o_q = (o_m + q_offset)[:, None]
+@@PRED@@
+            b_p = tl.where(m_pattern & (o_k < Lk), b_p, 0.0)
+        # -- gradients --
+        b_dv = tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
+        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk = tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)
+    return b_dk, b_dv
+'''
+
+DKDV_KERNEL = '''
+@triton.jit
+def @@FN@@(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
+    ORDER, stride_order_b, stride_order_h,
+    sm_scale, sm_scale_log2, H, HK, GROUP, Lq, Lk, q_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dK, dV of one key tile of one (batch, key head).
+
+    Grid: (B * HK, key tiles).  The program loops over the GROUP query heads that
+    share this key head (GQA) and, for each, over the query tiles that see this key
+    tile: gradients are summed in registers and stored once (deterministic).
+    LSE and DELTA are [B, H, Lq] fp32 (LSE natural log).
+    """
+    tl.static_assert(BLOCK_M % 16 == 0)
+    tl.static_assert(BLOCK_N % 16 == 0)
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    i_bkh = tl.program_id(0)
+    i_b = i_bkh // HK
+    i_kh = i_bkh % HK
+    i_n = tl.load(ORDER + i_b * stride_order_b + i_kh * stride_order_h + tl.program_id(1))
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < Lk
+    m_d = o_d < HEAD_DIM
+    o_k = o_n[None, :]                         # key positions [1, BLOCK_N]
+    m_kd = m_d[:, None] & m_n[None, :]
+    b_kt = tl.load(K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
+                   + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd, mask=m_kd, other=0.0)
+    b_vt = tl.load(V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
+                   + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd, mask=m_kd, other=0.0)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+@@KS@@
+    for g in range(0, GROUP):
+        i_h = i_kh * GROUP + g
+        p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+        p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+        p_lse2 = LSE + (i_b * H + i_h).to(tl.int64) * Lq
+        p_delta = DELTA + (i_b * H + i_h).to(tl.int64) * Lq
+@@INPUT_BASES@@
+@@HOIST@@
+@@SCHEDULE@@
+
+    # epilogue
+    b_dk = b_dk * sm_scale
+    m_nd = m_n[:, None] & m_d[None, :]
+    tl.store(DK + i_b.to(tl.int64) * stride_dkb + i_kh.to(tl.int64) * stride_dkh
+             + o_n[:, None] * stride_dkn + o_d[None, :] * stride_dkd,
+             b_dk.to(DK.dtype.element_ty), mask=m_nd)
+    tl.store(DV + i_b.to(tl.int64) * stride_dvb + i_kh.to(tl.int64) * stride_dvh
+             + o_n[:, None] * stride_dvn + o_d[None, :] * stride_dvd,
+             b_dv.to(DV.dtype.element_ty), mask=m_nd)
+'''
+
+DQ_RANGE = '''
+@triton.jit
+def @@FN@@(
+    b_dq, b_q, b_do, b_lse, b_delta, o_q,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+    sm_scale_log2, i_b, i_h, Lq, Lk, H,@@EXTRA@@
+    COLS, start, end,
+    MASKED: tl.constexpr, TABLE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Key tiles [start, end) (tile indices, or CSR slots when TABLE) of one query tile."""
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    for idx in range(start, end):
+        if TABLE:
+            i_n = tl.load(COLS + idx)
+        else:
+            i_n = idx
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        p_k = K + o_n[:, None] * stride_kn + o_d[None, :] * stride_kd
+        p_vt = V + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd
+        if MASKED:
+            b_k = tl.load(p_k, mask=(o_n[:, None] < Lk) & m_d[None, :], other=0.0)
+            b_vt = tl.load(p_vt, mask=m_d[:, None] & (o_n[None, :] < Lk), other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            b_k = tl.load(p_k)
+            b_vt = tl.load(p_vt)
+        else:
+            b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
+            b_vt = tl.load(p_vt, mask=m_d[:, None], other=0.0)
+        # -- scores --
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * sm_scale_log2
+        b_p = tl.math.exp2(b_s - b_lse[:, None])
+        if MASKED:
+            # -- predicate (PARTIAL tile) --
+            o_k = o_n[None, :]
+@@PRED@@
+            b_p = tl.where(m_pattern & (o_k < Lk), b_p, 0.0)
+        # -- gradients --
+        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PREC)
+    return b_dq
+'''
+
+DQ_KERNEL = '''
+@triton.jit
+def @@FN@@(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
+    ORDER, stride_order_b, stride_order_h,
+    sm_scale, sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dQ of one query tile of one (batch, query head); the same key tiles as the forward.
+
+    Grid: (B * H, query tiles), heavy-first ORDER.
+    """
+    tl.static_assert(BLOCK_M % 16 == 0)
+    tl.static_assert(BLOCK_N % 16 == 0)
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_kh = i_h // GROUP
+    i_m = tl.load(ORDER + i_b * stride_order_b + i_h * stride_order_h + tl.program_id(1))
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < Lq
+    m_d = o_d < HEAD_DIM
+    m_md = m_m[:, None] & m_d[None, :]
+    o_q = (o_m + q_offset)[:, None]          # query positions [BLOCK_M, 1]
+    b_q = tl.load(Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+                  + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_md, other=0.0)
+    b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+                   + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod, mask=m_md, other=0.0)
+    b_lse = tl.load(LSE + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=float("inf"))
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)   # fully masked row: p = 0
+    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.0)
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
+@@INPUT_BASES@@
+@@HOIST@@
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+@@SCHEDULE@@
+
+    # epilogue
+    b_dq = b_dq * sm_scale
+    tl.store(DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+             + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd,
+             b_dq.to(DQ.dtype.element_ty), mask=m_md)
+'''
+
+
+def render_bwd(pattern, config, key: str, closed_form=None) -> str:
+    """The backward module: preprocess, dK/dV (transposed schedule) and dQ kernels.
+
+    The LSE passed to dK/dV and dQ is in log2 units (``lse * log2(e)``), computed by the
+    launcher from the forward's natural-log LSE.
+    """
+    names = _names(pattern, key[:6])
+    inputs = dict(pattern.inputs)
+    ip = _input_params(inputs)
+    input_params = ("\n    " + ", ".join(ip) + ",") if ip else ""
+    table_params = TABLE_PARAMS if config.strategy == "table" else ""
+    helpers = False
+
+    # ---- dK/dV: loop variable q
+    em_t = _predicate(pattern, "q")
+    helpers |= bool(em_t is not None and em_t.uses_helpers)
+    pred_t = _ind("\n".join(em_t.inner), 12) if em_t is not None else " " * 12 + "m_pattern = True"
+    extra_p, extra_a = _extra_args(em_t, inputs)
+    call = (f"b_dk, b_dv = {names['dkdv_range']}(b_dk, b_dv, b_kt, b_vt, o_k, p_q, p_do, p_lse2, "
+            f"p_delta, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, "
+            f"Lq, Lk, H, q_offset, {extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, "
+            f"TABLE=@@TABLE@@, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, "
+            f"DOT_PREC=DOT_PREC)")
+    ks = ""
+    if config.strategy == "ranges":
+        cols = closed_form.cols
+        env = dict(ENV, ks="ks", ke="ke")
+        cf_lines, _, h2 = _closed_form_code(cols, env, "c", "cols")
+        helpers |= h2
+        ks = _ind("ks = i_n * BLOCK_N\nke = tl.minimum(i_n * BLOCK_N + BLOCK_N, Lk) - 1", 4)
+        sched = ["# -- query-tile ranges (closed form over this key tile's first/last key) --"]
+        sched += cf_lines
+        c = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
+        sched.append(_range_schedule(cols, prefix="c", length="Lq", block="BLOCK_M",
+                                     shift="q_offset", call=c, comment_unit="query positions"))
+    else:
+        sched = ["# -- transposed tile table: PARTIAL query tiles, then FULL query tiles --",
+                 "i_row = i_b * stride_tab_b + i_h * stride_tab_h + i_n",
+                 "p_start = tl.load(ROWS_P + i_row)",
+                 "p_end = tl.load(ROWS_P + i_row + 1)",
+                 call.replace("@@COLS@@", "COLS_P").replace("@@TABLE@@", "True")
+                 .format(start="p_start", end="p_end", masked="True"),
+                 "f_start = tl.load(ROWS_F + i_row)",
+                 "f_end = tl.load(ROWS_F + i_row + 1)",
+                 call.replace("@@COLS@@", "COLS_F").replace("@@TABLE@@", "True")
+                 .format(start="f_start", end="f_end", masked="False")]
+    hoist_t = ""
+    if em_t is not None and em_t.outer:
+        hoist_t = _ind("# -- predicate terms that do not depend on q: once per (program, head) --\n"
+                       + "\n".join(em_t.outer), 8)
+    dkdv_inner = _fill(DKDV_RANGE, FN=names["dkdv_range"], EXTRA=extra_p, PRED=pred_t)
+    dkdv = _fill(DKDV_KERNEL, FN=names["dkdv"], INPUT_PARAMS=input_params,
+                 TABLE_PARAMS=table_params, KS=ks,
+                 INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 8),
+                 HOIST=hoist_t, SCHEDULE=_ind("\n".join(sched), 8))
+
+    # ---- dQ: loop variable k
+    em = _predicate(pattern, "k")
+    helpers |= bool(em is not None and em.uses_helpers)
+    pred = _ind("\n".join(em.inner), 12) if em is not None else " " * 12 + "m_pattern = True"
+    extra_p, extra_a = _extra_args(em, inputs)
+    call = (f"b_dq = {names['dq_range']}(b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, "
+            f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, "
+            f"{extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, TABLE=@@TABLE@@, "
+            f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
+    if config.strategy == "ranges":
+        rows = closed_form.rows
+        env = dict(ENV, qs="qs", qe="qe")
+        cf_lines, _, h2 = _closed_form_code(rows, env, "r", "rows")
+        helpers |= h2
+        sched = ["# -- key-tile ranges (closed form over this tile's first/last query position) --",
+                 "qs = i_m * BLOCK_M + q_offset",
+                 "qe = tl.minimum(i_m * BLOCK_M + BLOCK_M, Lq) - 1 + q_offset"]
+        sched += cf_lines
+        c = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
+        sched.append(_range_schedule(rows, prefix="r", length="Lk", block="BLOCK_N", shift="0",
+                                     call=c, comment_unit="keys"))
+    else:
+        sched = ["# -- tile table: PARTIAL key tiles (predicate), then FULL key tiles (none) --",
+                 "i_row = i_b * stride_tab_b + i_h * stride_tab_h + i_m",
+                 "p_start = tl.load(ROWS_P + i_row)",
+                 "p_end = tl.load(ROWS_P + i_row + 1)",
+                 call.replace("@@COLS@@", "COLS_P").replace("@@TABLE@@", "True")
+                 .format(start="p_start", end="p_end", masked="True"),
+                 "f_start = tl.load(ROWS_F + i_row)",
+                 "f_end = tl.load(ROWS_F + i_row + 1)",
+                 call.replace("@@COLS@@", "COLS_F").replace("@@TABLE@@", "True")
+                 .format(start="f_start", end="f_end", masked="False")]
+    hoist = ""
+    if em is not None and em.outer:
+        hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
+                     + "\n".join(em.outer), 4)
+    dq_inner = _fill(DQ_RANGE, FN=names["dq_range"], EXTRA=extra_p, PRED=pred)
+    dq = _fill(DQ_KERNEL, FN=names["dq"], INPUT_PARAMS=input_params, TABLE_PARAMS=table_params,
+               INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4), HOIST=hoist,
+               SCHEDULE=_ind("\n".join(sched), 4))
+
+    parts = [_header(pattern, "bwd", config, key, names, STRATEGY_DOC[config.strategy])]
+    if helpers:
+        parts.append(HELPERS)
+    if config.strategy == "ranges":
+        parts.append(RANGE_HELPERS)
+    parts += [_fill(PRE_KERNEL, FN=names["pre"]), dkdv_inner, dkdv, dq_inner, dq]
+    parts.append(f"\nPREPROCESS = {names['pre']}\nDKDV = {names['dkdv']}\nDQ = {names['dq']}\n")
+    return _tidy("\n".join(parts))
+
+
+def render(pattern, kind: str, config, key: str, closed_form=None) -> str:
+    """Source text of the ``kind`` ("fwd" or "bwd") module of ``pattern``."""
+    if config.strategy == "ranges" and closed_form is None:
+        raise ValueError("the ranges strategy needs the pattern's closed form")
+    if kind == "fwd":
+        return render_fwd(pattern, config, key, closed_form)
+    if kind == "bwd":
+        return render_bwd(pattern, config, key, closed_form)
+    raise ValueError(f"unknown kernel kind {kind!r} (expected 'fwd' or 'bwd')")

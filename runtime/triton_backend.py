@@ -1,0 +1,281 @@
+"""Launchers of the generated Triton kernels (forward and backward).
+
+The runtime front (``runtime/api.py``, ``runtime/autograd.py``) validates tensors
+and calls exactly these::
+
+    fwd(pattern, q, k, v, *, scale, q_offset, inputs) -> (o, lse)
+    bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs) -> (dq, dk, dv)
+
+q ``[B, Hq, Lq, D]``, k, v ``[B, Hk, Lk, D]`` with any strides (no copies), o in
+q's dtype, lse fp32 ``[B, Hq, Lq]`` (natural log; ``-inf`` for a fully masked
+row).  ``inputs`` are the pattern's runtime inputs, already validated (int
+tensors of ``n`` index dims, optionally with leading ``[B]`` or ``[B, H]``).
+
+Options for tests and tuning (keyword only, all optional): ``strategy``
+("ranges" | "table"; also ``$SPATTN_STRATEGY``), ``block_m``, ``block_n``,
+``num_warps``, ``num_stages``, ``closed_form``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import cache as _cache
+
+LOG2E = 1.4426950408889634
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+_OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form")
+
+
+def _opts(options: dict) -> dict:
+    bad = set(options) - set(_OPTION_NAMES)
+    if bad:
+        raise TypeError(f"unknown option(s) {sorted(bad)}; expected {_OPTION_NAMES}")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _dot_prec(dtype) -> str:
+    # fp32 inputs: exact fp32 products ("ieee"), the precision the float64 tests need
+    # (1e-3); tf32 would be faster on the GPU but loses ~3 decimal digits.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------- inputs
+
+def _input_args(pattern, inputs: dict | None, device) -> list:
+    """Kernel arguments of the runtime inputs, in the order of ``pattern.inputs``."""
+    args = []
+    inputs = inputs or {}
+    for name, nd in pattern.inputs.items():
+        t = inputs[name]
+        if t.device != device:
+            t = t.to(device)
+        if t.dtype != torch.int32:
+            t = t.to(torch.int32)     # positions and ids fit in int32; int32 loads are cheaper
+        lead = t.dim() - nd
+        sb = t.stride(0) if lead >= 1 and t.shape[0] > 1 else 0
+        sh = t.stride(1) if lead >= 2 and t.shape[1] > 1 else 0
+        args += [t, sb, sh]
+        args += [t.stride(lead + d) for d in range(nd)]
+        args += [t.shape[lead + d] for d in range(nd)]
+    return args
+
+
+# ------------------------------------------------------------ tile tables
+
+def _classify(pattern, Lq, Lk, bm, bn, *, H, B, q_offset, device, inputs) -> torch.Tensor:
+    """Tile classes int8 ``[B', H', nq, nk]`` from the analysis (B', H' may be 1)."""
+    try:
+        from ..ir.tiles import classify
+    except ImportError:
+        classify = None
+    if classify is not None:
+        t = classify(pattern, Lq, Lk, bm, bn, num_heads=H, batch=B, q_offset=q_offset,
+                     device=device, inputs=inputs or {})
+    else:   # development fallback: exact classes from the dense mask (small inputs only)
+        from ..ir.evaluate import mask
+        m = mask(pattern.ir, Lq, Lk, num_heads=H, batch=B, q_offset=q_offset,
+                 inputs=inputs or {}, device=device)
+        nq, nk = -(-Lq // bm), -(-Lk // bn)
+        pad = torch.zeros(B, H, nq * bm, nk * bn, dtype=torch.bool, device=device)
+        valid = torch.zeros_like(pad)
+        pad[:, :, :Lq, :Lk] = m
+        valid[:, :, :Lq, :Lk] = True
+        cnt = pad.view(B, H, nq, bm, nk, bn).sum((3, 5))
+        tot = valid.view(B, H, nq, bm, nk, bn).sum((3, 5))
+        t = torch.where(cnt == 0, EMPTY, torch.where(cnt == tot, FULL, PARTIAL)).to(torch.int8)
+    t = t.to(device)
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def _csr(cls: torch.Tensor, value: int):
+    """Row pointers and column indices (int32) of the entries equal to ``value`` per row."""
+    rows = (cls == value).reshape(-1, cls.shape[-1])
+    counts = rows.sum(-1, dtype=torch.int64)
+    ptr = torch.zeros(rows.shape[0] + 1, dtype=torch.int64, device=cls.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    cols = rows.nonzero()[:, 1]
+    if cols.numel() == 0:
+        cols = torch.zeros(1, dtype=torch.int64, device=cls.device)
+    return ptr.to(torch.int32), cols.to(torch.int32).contiguous(), counts
+
+
+def _table(cls: torch.Tensor, n_rows: int):
+    """CSR (PARTIAL and FULL) of ``cls [B', H', n_rows, n_cols]`` + row strides + heavy-first order."""
+    Bp, Hp = cls.shape[0], cls.shape[1]
+    rp, cp, np_ = _csr(cls, PARTIAL)
+    rf, cf, nf = _csr(cls, FULL)
+    work = (2 * np_ + nf).view(Bp, Hp, n_rows)     # PARTIAL tiles cost more (predicate)
+    order = torch.argsort(-work, dim=-1, stable=True).to(torch.int32).contiguous()
+    sb = Hp * n_rows if Bp > 1 else 0
+    sh = n_rows if Hp > 1 else 0
+    osb = order.stride(0) if Bp > 1 else 0
+    osh = order.stride(1) if Hp > 1 else 0
+    return [rp, cp, rf, cf, sb, sh], (order, osb, osh)
+
+
+def _demote_ragged(cls: torch.Tensor, L: int, block: int, axis: int) -> torch.Tensor:
+    """FULL tiles on a ragged edge still need a bounds mask: count them as PARTIAL."""
+    if L % block == 0:
+        return cls
+    cls = cls.clone()
+    edge = cls.select(axis, cls.shape[axis] - 1)
+    edge[edge == FULL] = PARTIAL
+    return cls
+
+
+# ----------------------------------------------------------- ranges order
+
+_order_cache: dict = {}
+
+
+def _ranges_order(intervals, *, n_tiles, block, other_len, other_block, length, shift, query,
+                  device, H):
+    """Heavy-first order of the programs for the ranges strategy (host heuristic, cached).
+
+    Counts the tiles each interval spans at head 0 and sorts descending: for causal
+    patterns the last query tiles (longest rows) start first.
+    """
+    from ..ir.evaluate import evaluate
+    from ..ir.printer import to_source
+    key = (tuple((None if getattr(i, f) is None else to_source(getattr(i, f)))
+                 for i in intervals for f in ("lo", "hi")),
+           n_tiles, block, other_len, other_block, length, shift, query, str(device), H)
+    hit = _order_cache.get(key)
+    if hit is not None:
+        return hit
+    try:
+        start = torch.arange(n_tiles, dtype=torch.int64) * block
+        end = torch.clamp(start + block, max=length) - 1
+        if query:
+            env = {"qs": start + shift, "qe": end + shift}
+        else:
+            env = {"ks": start, "ke": end}
+        env.update({"h": 0, "b": 0, "Lq": length if query else other_len,
+                    "Lk": other_len if query else length, "H": H})
+        work = torch.zeros(n_tiles, dtype=torch.int64)
+        for iv in intervals:
+            lo = 0 if iv.lo is None else torch.as_tensor(evaluate(iv.lo, env))
+            hi = other_len - 1 if iv.hi is None else torch.as_tensor(evaluate(iv.hi, env))
+            osh = 0 if query else shift
+            lo = torch.clamp(torch.as_tensor(lo) - osh, min=0)
+            hi = torch.clamp(torch.as_tensor(hi) - osh, max=other_len - 1)
+            work += torch.clamp(hi // other_block - lo // other_block + 1, min=0) * (hi >= lo)
+        order = torch.argsort(-work, stable=True)
+    except Exception:   # heuristic only: natural order if the closed form cannot be evaluated
+        order = torch.arange(n_tiles)
+    order = order.to(torch.int32).to(device).view(1, 1, n_tiles)
+    if len(_order_cache) > 256:
+        _order_cache.clear()
+    _order_cache[key] = order
+    return order
+
+
+# ---------------------------------------------------------------- forward
+
+def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict | None = None,
+        **options):
+    """Forward attention: ``(o [B, Hq, Lq, D] in q.dtype, lse fp32 [B, Hq, Lq])``."""
+    opts = _opts(options)
+    B, H, Lq, D = q.shape
+    HK, Lk = k.shape[1], k.shape[2]
+    mod, cfg = _cache.load(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device, **opts)
+    bm, bn = cfg.block_m, cfg.block_n
+    nq = -(-Lq // bm)
+    o = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    in_args = _input_args(pattern, inputs, q.device)
+    if cfg.strategy == "table":
+        cls = _classify(pattern, Lq, Lk, bm, bn, H=H, B=B, q_offset=q_offset, device=q.device,
+                        inputs=inputs)
+        cls = _demote_ragged(cls, Lk, bn, 3)
+        tab, (order, osb, osh) = _table(cls, nq)
+    else:
+        _, cf, _ = _cache.resolve(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device,
+                                  **opts)
+        tab = []
+        order = _ranges_order(cf.rows, n_tiles=nq, block=bm, other_len=Lk, other_block=bn,
+                              length=Lq, shift=q_offset, query=True, device=q.device, H=H)
+        osb = osh = 0
+    grid = (B * H, nq)
+    mod.KERNEL[grid](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        *in_args, *tab,
+        order, osb, osh,
+        scale * LOG2E, H, H // HK, Lq, Lk, q_offset,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.block_d, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse
+
+
+# --------------------------------------------------------------- backward
+
+def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: dict | None = None,
+        **options):
+    """Gradients ``(dq, dk, dv)`` (dk, dv summed over the query heads of each key head)."""
+    opts = _opts(options)
+    B, H, Lq, D = q.shape
+    HK, Lk = k.shape[1], k.shape[2]
+    G = H // HK
+    mod, cfg = _cache.load(pattern, "bwd", head_dim=D, dtype=q.dtype, device=q.device, **opts)
+    bm, bn = cfg.block_m, cfg.block_n
+    nq, nk = -(-Lq // bm), -(-Lk // bn)
+    dev = q.device
+    prec = _dot_prec(q.dtype)
+    kw = dict(BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
+    mod.PREPROCESS[(B * H, nq)](o, do, delta, *o.stride(), *do.stride(), H, Lq,
+                                BLOCK_M=bm, **kw)
+    lse2 = (lse.to(torch.float32) * LOG2E).contiguous()
+    in_args = _input_args(pattern, inputs, dev)
+    if cfg.strategy == "table":
+        cls = _classify(pattern, Lq, Lk, bm, bn, H=H, B=B, q_offset=q_offset, device=dev,
+                        inputs=inputs)
+        tab_q, (order_q, oqb, oqh) = _table(_demote_ragged(cls, Lk, bn, 3), nq)
+        cls_t = _demote_ragged(cls, Lq, bm, 2).transpose(2, 3)
+        tab_k, (order_k, _, _) = _table(cls_t, nk)
+        # dK/dV programs are per key head: one order shared by all (b, key head)
+        work = torch.zeros(nk, dtype=torch.int64, device=dev)
+        work[order_k[0, 0].long()] = torch.arange(nk, 0, -1, device=dev)
+        order_k = order_k[0, 0].contiguous().view(1, 1, nk)
+        okb = okh = 0
+    else:
+        _, cf, _ = _cache.resolve(pattern, "bwd", head_dim=D, dtype=q.dtype, device=dev, **opts)
+        tab_q = tab_k = []
+        order_q = _ranges_order(cf.rows, n_tiles=nq, block=bm, other_len=Lk, other_block=bn,
+                                length=Lq, shift=q_offset, query=True, device=dev, H=H)
+        order_k = _ranges_order(cf.cols, n_tiles=nk, block=bn, other_len=Lq, other_block=bm,
+                                length=Lk, shift=q_offset, query=False, device=dev, H=H)
+        oqb = oqh = okb = okh = 0
+
+    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, HK, Lk, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, HK, Lk, D), dtype=v.dtype, device=dev)
+    mod.DKDV[(B * HK, nk)](
+        q, k, v, do, lse2, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *in_args, *tab_k,
+        order_k, okb, okh,
+        scale, scale * LOG2E, H, HK, G, Lq, Lk, q_offset,
+        BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, **kw,
+    )
+    mod.DQ[(B * H, nq)](
+        q, k, v, do, lse2, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *in_args, *tab_q,
+        order_q, oqb, oqh,
+        scale, scale * LOG2E, H, G, Lq, Lk, q_offset,
+        BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, **kw,
+    )
+    return dq, dk, dv
+
+
+def default_scale(D: int) -> float:
+    return 1.0 / math.sqrt(D)
