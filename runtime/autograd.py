@@ -64,7 +64,8 @@ def _check_bounds(pattern, inputs, q, k, q_offset) -> None:
             raise
         return   # without the analysis, the evaluator's bounds-checked gather still guards
     B, Hq, Lq, _ = q.shape
-    check_input_bounds(pattern, inputs, Lq, k.shape[2], Hq, B, q_offset)
+    check_input_bounds(pattern, inputs, Lq, k.shape[2], num_heads=Hq, batch=B,
+                       q_offset=q_offset)
 
 
 def _fwd(pattern, backend: str, q, k, v, *, scale: float, q_offset: int, inputs):
@@ -134,7 +135,8 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list
     pattern = lookup(key)
     o, lse = _fwd(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
                   inputs=_inputs_dict(pattern, inputs))
-    return o, lse
+    # The fake gives contiguous outputs; a backend's outputs are made to agree.
+    return o.contiguous(), lse.contiguous()
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -155,13 +157,14 @@ def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
                      inputs: list[torch.Tensor], key: str, scale: float, q_offset: int,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pattern = lookup(key)
-    return _bwd(pattern, backend, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
-                inputs=_inputs_dict(pattern, inputs), dlse=dlse)
+    dq, dk, dv = _bwd(pattern, backend, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
+                      inputs=_inputs_dict(pattern, inputs), dlse=dlse)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_bwd_op.register_fake
 def _attention_bwd_fake(q, k, v, o, lse, do, dlse, inputs, key, scale, q_offset, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -179,7 +182,7 @@ def _backward(ctx, do, dlse):
         do = torch.zeros_like(o)
     dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do, dlse, list(ins), key, scale, q_offset,
                                   backend)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, [None] * ctx.n_inputs, None, None, None, None
 
 
 torch.library.register_autograd("spattn::attention", _backward, setup_context=_setup_context)

@@ -1,0 +1,226 @@
+"""The block-sparse torch backend: outputs and gradients against the float64 reference.
+
+Every case runs ``pattern(q, k, v)`` with ``backend="torch"`` on fresh random
+float32 tensors, backpropagates a random upstream gradient, and compares o, lse,
+dq, dk and dv element by element with float64 autograd through
+``attention_reference`` on the pattern's dense mask (relative error < 1e-3).
+"""
+import pytest
+import torch
+
+import spattn
+from spattn.runtime import torch_backend
+from spattn.runtime.reference import attention_reference
+
+RTOL = 1e-3
+
+
+def _close(name, got, want, rtol=RTOL):
+    got = got.detach().to(torch.float64)
+    want = want.detach().to(torch.float64)
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any(), f"{name} has NaN"
+    inf_w = torch.isinf(want)
+    assert torch.equal(torch.isinf(got), inf_w), f"{name}: -inf in different places"
+    assert torch.equal(got[inf_w], want[inf_w]), f"{name}: infinities differ"
+    g, w = got[~inf_w], want[~inf_w]
+    if w.numel() == 0:
+        return
+    scale = max(float(w.abs().max()), 1e-2)   # floor: exact zeros computed as ~1e-7
+    torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def make_inputs(kind, B, H, Lq, Lk, g):
+    if kind is None:
+        return {}
+    if kind == "doc":
+        # documents of random lengths, different per batch: doc[b, position]
+        n = max(Lq, Lk)
+        cuts = torch.rand(B, n, generator=g) < 0.04
+        return {"doc": cuts.cumsum(-1)}
+    if kind == "blocks":
+        nb = (max(Lq, Lk) + 31) // 32 + 1
+        return {"blocks": (torch.rand(nb, nb, generator=g) < 0.4).to(torch.int32)}
+    if kind == "blocks-bh":
+        nb = (max(Lq, Lk) + 31) // 32 + 1
+        return {"blocks": (torch.rand(B, H, nb, nb, generator=g) < 0.5)}
+    raise ValueError(kind)
+
+
+def check(pattern, *, B=2, Hq=4, Hk=None, Lq=100, Lk=None, D=32, dtype=torch.float32,
+          q_offset=None, inputs=None, seed=0, scale=None, rtol=RTOL, grads=True,
+          layout="contiguous"):
+    Hk = Hq if Hk is None else Hk
+    Lk = Lq if Lk is None else Lk
+    g = torch.Generator().manual_seed(seed)
+    ins = make_inputs(inputs, B, Hq, Lq, Lk, g)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    if layout == "transposed":      # [B, L, H, D] storage seen as [B, H, L, D]
+        q = rnd(B, Lq, Hq, D).transpose(1, 2)
+        k = rnd(B, Lk, Hk, D).transpose(1, 2)
+        v = rnd(B, Lk, Hk, D).transpose(1, 2)
+    else:
+        q, k, v = rnd(B, Hq, Lq, D), rnd(B, Hk, Lk, D), rnd(B, Hk, Lk, D)
+    q.requires_grad_(grads)
+    k.requires_grad_(grads)
+    v.requires_grad_(grads)
+    o, lse = pattern(q, k, v, return_lse=True, q_offset=q_offset, scale=scale, **ins)
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    mask = pattern.mask(Lq, Lk, num_heads=Hq, batch=B, q_offset=q_offset, **ins)
+    q64, k64, v64 = (t.detach().to(torch.float64).requires_grad_(grads) for t in (q, k, v))
+    ro, rl = attention_reference(q64, k64, v64, mask, scale=scale)
+    _close("o", o, ro, rtol)
+    _close("lse", lse, rl, rtol)
+    if grads:
+        do = torch.randn(o.shape, generator=g).to(dtype)
+        (o * do).sum().backward()
+        (ro * do.to(torch.float64)).sum().backward()
+        for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+            _close(name, a.grad, b.grad, rtol)
+    return mask
+
+
+# (id, source, params, inputs kind)
+PATTERNS = [
+    ("full", "full", {}, None),
+    ("causal", "causal", {}, None),
+    ("window", "window(W)", {"W": 16}, None),
+    ("local", "local(12, 5)", {}, None),
+    ("sink", "sink(3)", {}, None),
+    ("global", "global_tokens(5)", {}, None),
+    ("prefix_lm", "prefix_lm(20)", {}, None),
+    ("dilated", "dilated(8, 3)", {}, None),
+    ("strided", "strided(16)", {}, None),
+    ("fixed", "fixed(16, 4)", {}, None),
+    ("chunked", "chunked(24)", {}, None),
+    ("power2", "power2(8)", {}, None),
+    ("streaming", "causal & (window(16) | sink(2))", {}, None),
+    ("longformer", "local(10, 10) | global_tokens(4)", {}, None),
+    ("documents", "causal & same(doc)", {}, "doc"),
+    ("blocks", "blocks[q // 32, k // 32]", {}, "blocks"),
+    ("blocks-per-bh", "causal & blocks[q // 32, k // 32]", {}, "blocks-bh"),
+    ("per-head", "causal & q - k < W[h]", {"W": [4, 16, 40, 200]}, None),
+    ("per-head-strided", "causal & (q - k) % S[h] == 0", {"S": [1, 2, 3, 7]}, None),
+]
+
+
+@pytest.mark.parametrize("src,params,inputs", [p[1:] for p in PATTERNS],
+                         ids=[f"B2-H4-L150-D32-fp32-{p[0]}" for p in PATTERNS])
+def test_prelude_patterns_fwd_bwd(src, params, inputs):
+    pat = spattn.compile(src, backend="torch", **params)
+    check(pat, B=2, Hq=4, Lq=150, D=32, inputs=inputs, seed=hash(src) % 1000)
+
+
+SHAPES = [
+    # id, pattern, kwargs for check
+    ("B1-Hq4-Hk1-L130-D32-fp32-mqa-window", "window(20)", dict(B=1, Hq=4, Hk=1, Lq=130)),
+    ("B2-Hq4-Hk2-L100-D16-fp32-gqa-causal", "causal", dict(B=2, Hq=4, Hk=2, Lq=100, D=16)),
+    ("B1-H2-Lq70-Lk150-D32-fp32-causal", "causal", dict(B=1, Hq=2, Lq=70, Lk=150)),
+    ("B1-H2-Lq150-Lk70-D32-fp32-causal-masked-rows", "causal", dict(B=1, Hq=2, Lq=150, Lk=70)),
+    ("B1-H2-Lq1-Lk90-D32-fp32-decode-window", "window(30)", dict(B=1, Hq=2, Lq=1, Lk=90)),
+    ("B1-H2-L100-D32-fp32-qoffset30-window", "window(40)",
+     dict(B=1, Hq=2, Lq=100, Lk=100, q_offset=30)),
+    ("B1-H2-Lq60-Lk100-D32-fp32-qoffset-neg-causal", "causal",
+     dict(B=1, Hq=2, Lq=60, Lk=100, q_offset=-25)),
+    ("B2-H2-L127-D32-fp32-odd-streaming", "causal & (window(9) | sink(3))", dict(B=2, Hq=2, Lq=127)),
+    ("B1-H3-L65-Lk63-D32-fp32-odd-local", "local(7, 2)", dict(B=1, Hq=3, Lq=65, Lk=63)),
+    ("B1-H1-L1-D32-fp32-single", "causal", dict(B=1, Hq=1, Lq=1)),
+    ("B1-H2-L96-D80-fp32-d80-causal", "causal", dict(B=1, Hq=2, Lq=96, D=80)),
+    ("B1-H2-L70-D32-fp32-scale", "window(10)", dict(B=1, Hq=2, Lq=70, scale=0.05)),
+    ("B2-Hq4-Hk2-L90-D32-fp32-transposed-layout", "causal & window(33)",
+     dict(B=2, Hq=4, Hk=2, Lq=90, layout="transposed")),
+    ("B1-Hq4-Hk2-Lq80-Lk120-D32-fp32-gqa-docs", "causal & same(doc)",
+     dict(B=1, Hq=4, Hk=2, Lq=80, Lk=120, inputs="doc")),
+]
+
+
+@pytest.mark.parametrize("src,kw", [s[1:] for s in SHAPES], ids=[s[0] for s in SHAPES])
+def test_shapes_fwd_bwd(src, kw):
+    pat = spattn.compile(src, backend="torch")
+    check(pat, **kw)
+
+
+def test_fully_masked_rows_zero_output_lse_minus_inf_zero_grads():
+    # causal with q_offset=-20: query rows 0..19 sit before every key
+    pat = spattn.compile("causal", backend="torch")
+    mask = check(pat, B=1, Hq=2, Lq=80, Lk=80, q_offset=-20)
+    assert not mask[0, 0, :20].any() and mask[0, 0, 20:].any(-1).all()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 80, 32, generator=g, requires_grad=True) for _ in range(3))
+    o, lse = pat(q, k, v, return_lse=True, q_offset=-20)
+    assert torch.equal(o[:, :, :20], torch.zeros_like(o[:, :, :20]))
+    assert torch.isneginf(lse[:, :, :20]).all() and torch.isfinite(lse[:, :, 20:]).all()
+    (o * torch.randn(o.shape, generator=g)).sum().backward()
+    assert torch.equal(q.grad[:, :, :20], torch.zeros_like(q.grad[:, :, :20]))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_pattern_that_masks_everything():
+    pat = spattn.compile("causal & k >= 200", backend="torch")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 70, 16, generator=g, requires_grad=True) for _ in range(3))
+    o, lse = pat(q, k, v, return_lse=True)
+    assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
+    o.sum().backward()
+    for t in (q, k, v):
+        assert torch.equal(t.grad, torch.zeros_like(t.grad))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)],
+                         ids=["fp16", "bf16"])
+def test_half_precision(dtype, rtol):
+    pat = spattn.compile("causal & (window(24) | sink(2))", backend="torch")
+    check(pat, B=1, Hq=2, Lq=100, D=32, dtype=dtype, rtol=rtol)
+
+
+@pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16), (128, 64)], ids=lambda x: str(x))
+def test_block_sizes(bm, bn):
+    """The walk is correct for any tile sizes (odd lengths, runtime inputs, GQA)."""
+    pat = spattn.compile("causal & same(doc) & q - k < 50", backend="torch")
+    g = torch.Generator().manual_seed(bm + bn)
+    B, Hq, Hk, L, D = 2, 4, 2, 111, 16
+    q = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float64)
+    doc = {"doc": (torch.rand(B, L, generator=g) < 0.05).cumsum(-1)}
+    scale = D ** -0.5
+    o, lse = torch_backend.fwd(pat, q, k, v, scale=scale, q_offset=None, inputs=doc,
+                               block_m=bm, block_n=bn)
+    mask = pat.mask(L, L, num_heads=Hq, batch=B, **doc)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ro, rl = attention_reference(qr, kr, vr, mask, scale=scale)
+    torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, rl.detach(), rtol=1e-10, atol=1e-10)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    (ro * do).sum().backward()
+    dq, dk, dv = torch_backend.bwd(pat, q, k, v, o, lse, do, scale=scale, q_offset=None,
+                                   inputs=doc, block_m=bm, block_n=bn)
+    for a, b in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_scores_never_span_all_keys_for_a_window(monkeypatch):
+    """With the analysis, a window pattern computes O(BLOCK_M x window) scores per step."""
+    pytest.importorskip("spattn.ir.tiles")
+    seen = []
+    orig = torch_backend._Plan.scores
+
+    def spy(self, qt, kt, scale):
+        s = orig(self, qt, kt, scale)
+        seen.append(tuple(s.shape))
+        return s
+
+    monkeypatch.setattr(torch_backend._Plan, "scores", spy)
+    pat = spattn.compile("window(32)", backend="torch")
+    L = 2048
+    q, k, v = (torch.randn(1, 1, L, 16) for _ in range(3))
+    q.requires_grad_()
+    o = pat(q, k, v)
+    o.sum().backward()
+    assert seen
+    assert max(s[-1] for s in seen) <= 3 * torch_backend.BLOCK_N
+    assert max(s[-2] for s in seen) <= torch_backend.BLOCK_M
