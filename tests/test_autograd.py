@@ -1,0 +1,136 @@
+"""Autograd plumbing: the autograd.Function, the custom ops, lse gradients."""
+import pytest
+import torch
+
+import spattn
+from spattn.runtime import autograd as ag
+from spattn.runtime.reference import attention_reference
+
+
+def _rand(g, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+def _ref(pat, q, k, v, q_offset=None, **inputs):
+    B, Hq, Lq, _ = q.shape
+    mask = pat.mask(Lq, k.shape[2], num_heads=Hq, batch=B, q_offset=q_offset, **inputs)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o, lse = attention_reference(q64, k64, v64, mask)
+    return (q64, k64, v64), o, lse
+
+
+def _finite(x):
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def test_gradient_of_lse_and_output():
+    pat = spattn.compile("causal & window(20)", backend="torch")
+    g = torch.Generator().manual_seed(1)
+    q = _rand(g, 1, 2, 70, 16).requires_grad_()
+    k = _rand(g, 1, 2, 90, 16).requires_grad_()
+    v = _rand(g, 1, 2, 90, 16).requires_grad_()
+    o, lse = pat(q, k, v, return_lse=True, q_offset=-5)   # rows 0..4 fully masked
+    assert torch.isneginf(lse[:, :, :5]).all()
+    do, dl = _rand(g, *o.shape), _rand(g, *lse.shape)
+    ((o * do).sum() + (_finite(lse) * dl).sum()).backward()
+    (q64, k64, v64), ro, rl = _ref(pat, q, k, v, q_offset=-5)
+    ((ro * do.double()).sum() + (_finite(rl) * dl.double()).sum()).backward()
+    for a, b in ((q, q64), (k, k64), (v, v64)):
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-3,
+                                   atol=1e-3 * float(b.grad.abs().max()))
+
+
+def test_gradient_of_lse_only():
+    pat = spattn.compile("local(8, 8)", backend="torch")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (_rand(g, 1, 2, 50, 16).requires_grad_() for _ in range(3))
+    _, lse = pat(q, k, v, return_lse=True)
+    lse.sum().backward()
+    (q64, k64, v64), _, rl = _ref(pat, q, k, v)
+    rl.sum().backward()
+    torch.testing.assert_close(q.grad.double(), q64.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(k.grad.double(), k64.grad, rtol=1e-3, atol=1e-5)
+    assert torch.equal(v.grad, torch.zeros_like(v.grad))
+
+
+def test_grad_only_for_some_arguments():
+    pat = spattn.compile("causal", backend="torch")
+    g = torch.Generator().manual_seed(3)
+    q = _rand(g, 1, 2, 40, 16).requires_grad_()
+    k, v = _rand(g, 1, 2, 40, 16), _rand(g, 1, 2, 40, 16)
+    pat(q, k, v).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert k.grad is None and v.grad is None
+
+
+def test_no_grad_mode_and_integer_inputs_get_no_grad():
+    pat = spattn.compile("causal & same(doc)", backend="torch")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (_rand(g, 1, 2, 40, 16).requires_grad_() for _ in range(3))
+    doc = torch.arange(40) // 13
+    with torch.no_grad():
+        o = pat(q, k, v, doc=doc)
+    assert not o.requires_grad
+    o = pat(q, k, v, doc=doc)
+    assert o.requires_grad and o.grad_fn is not None
+    o.sum().backward()
+    assert doc.grad is None
+
+
+def test_registry_lookup():
+    pat = spattn.compile("causal & window(7)", backend="torch")
+    key = ag.register(pat)
+    assert ag.lookup(key) is pat or ag.lookup(key) == pat
+    with pytest.raises(spattn.SpattnError, match="no pattern with key"):
+        ag.lookup("0" * 16)
+
+
+def test_custom_op_eager_matches_function_path():
+    pat = spattn.compile("causal & (window(9) | sink(2)) & same(doc)", backend="torch")
+    key = ag.register(pat)
+    g = torch.Generator().manual_seed(5)
+    B, H, L, D = 2, 2, 70, 16
+    q, k, v = (_rand(g, B, H, L, D).requires_grad_() for _ in range(3))
+    doc = (torch.rand(L, generator=g) < 0.1).cumsum(0)
+    o1, l1 = pat(q, k, v, return_lse=True, doc=doc)
+    do = _rand(g, *o1.shape)
+    g1 = torch.autograd.grad((o1 * do).sum(), (q, k, v))
+    o2, l2 = torch.ops.spattn.attention(q, k, v, [doc], key, D ** -0.5, 0, "torch")
+    g2 = torch.autograd.grad((o2 * do).sum(), (q, k, v))
+    torch.testing.assert_close(o1, o2)
+    torch.testing.assert_close(l1, l2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_custom_op_opcheck():
+    pat = spattn.compile("causal & same(doc)", backend="torch")
+    key = ag.register(pat)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (_rand(g, 1, 2, 33, 16).requires_grad_() for _ in range(3))
+    doc = torch.arange(33) // 10
+    torch.library.opcheck(torch.ops.spattn.attention.default,
+                          (q, k, v, [doc], key, 0.25, 0, "torch"))
+    o, lse = torch.ops.spattn.attention(q, k, v, [doc], key, 0.25, 0, "torch")
+    do = _rand(g, *o.shape)
+    torch.library.opcheck(torch.ops.spattn.attention_bwd.default,
+                          (q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), do, None,
+                           [doc], key, 0.25, 0, "torch"))
+
+
+def test_triton_lse_gradient_falls_back_to_torch(monkeypatch):
+    """A non-zero lse gradient is not something the Triton backward takes: torch runs it."""
+    pat = spattn.compile("causal", backend="torch")
+    from spattn.runtime import torch_backend
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (_rand(g, 1, 1, 20, 16) for _ in range(3))
+    o, lse = torch_backend.fwd(pat, q, k, v, scale=0.25, q_offset=0, inputs={})
+    do, dl = _rand(g, *o.shape), _rand(g, *lse.shape)
+    want = torch_backend.bwd(pat, q, k, v, o, lse, do, scale=0.25, q_offset=0, inputs={},
+                             dlse=dl)
+    with pytest.warns(UserWarning, match="torch backend"):
+        got = ag._bwd(pat, "triton", q, k, v, o, lse, do, scale=0.25, q_offset=0, inputs={},
+                      dlse=dl)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
