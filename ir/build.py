@@ -187,10 +187,10 @@ def abs_(a: Node) -> Node:
     _need(a, INT, "the argument of abs")
     if isinstance(a, Const):
         return Const(abs(a.value))
-    if isinstance(a, Abs):
-        return a
     if _first_coeff_negative(a):
         a = neg(a)
+    if isinstance(a, Abs):
+        return a
     return Abs(a)
 
 

@@ -86,8 +86,10 @@ def _dims(n: int) -> str:
 
 def _as_full(t: torch.Tensor, nd: int) -> torch.Tensor:
     """View an input as ``[B', H', *index dims]`` with B', H' in {1, B, H}."""
-    while t.dim() < nd + 2:
-        t = t.unsqueeze(0)
+    if t.dim() == nd + 1:       # [B, ...]: heads broadcast
+        return t.unsqueeze(1)
+    if t.dim() == nd:           # shared by the batch and heads
+        return t.reshape(1, 1, *t.shape)
     return t
 
 
