@@ -115,7 +115,8 @@ def _check_q_offset(q_offset, Lq, Lk):
     if q_offset is None:
         return _query_offset(Lq, Lk, None)
     if isinstance(q_offset, bool) or not isinstance(q_offset, (int, torch.SymInt)):
-        if hasattr(q_offset, "__index__") and not isinstance(q_offset, torch.Tensor):
+        if (hasattr(q_offset, "__index__") and not isinstance(q_offset, (bool, torch.Tensor))
+                and type(q_offset).__name__ != "bool_"):
             return int(q_offset)   # numpy integers
         raise SpattnValueError(f"q_offset must be an int (the position of query row 0), got "
                                f"{type(q_offset).__name__} {q_offset!r}")
@@ -226,9 +227,6 @@ def _resolve(pattern, kwargs):
         raise SpattnParamError(f"pattern must be a str or a spattn.Pattern, got "
                                f"{type(pattern).__name__}")
     return compile_cached(pattern, backend or "auto", **params), inputs
-
-
-_resolve_const = torch.compiler.assume_constant_result(_resolve)
 
 
 def functional_attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None,

@@ -1,0 +1,245 @@
+"""Argument validation, backend selection, the functional form and the module."""
+import re
+
+import pytest
+import torch
+
+import spattn
+from spattn.dsl.errors import (SpattnBackendError, SpattnInputError, SpattnParamError,
+                               SpattnValueError)
+from spattn.nn import SparseAttention
+from spattn.runtime import api
+from spattn.runtime.reference import attention_reference
+
+PAT = spattn.compile("causal & window(16)", backend="torch")
+
+
+def t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def good():
+    return t(2, 4, 10, 16), t(2, 2, 12, 16), t(2, 2, 12, 16)
+
+
+q0, k0, v0 = good()
+BAD = [
+    ("q-3d", "q", (2, 4, 10), (t(2, 4, 10), k0, v0)),
+    ("k-5d", "k", (2, 2, 12, 16, 1), (q0, t(2, 2, 12, 16, 1), v0)),
+    ("v-2d", "v", (12, 16), (q0, k0, t(12, 16))),
+    ("k-batch", "k", (3, 2, 12, 16), (q0, t(3, 2, 12, 16), t(3, 2, 12, 16))),
+    ("v-batch", "v", (1, 2, 12, 16), (q0, k0, t(1, 2, 12, 16))),
+    ("kv-heads", "v", (2, 1, 12, 16), (q0, k0, t(2, 1, 12, 16))),
+    ("kv-length", "v", (2, 2, 11, 16), (q0, k0, t(2, 2, 11, 16))),
+    ("gqa-not-multiple", "k", (2, 3, 12, 16), (q0, t(2, 3, 12, 16), t(2, 3, 12, 16))),
+    ("k-headdim", "k", (2, 2, 12, 32), (q0, t(2, 2, 12, 32), v0)),
+    ("v-headdim", "v", (2, 2, 12, 32), (q0, k0, t(2, 2, 12, 32))),
+    ("headdim-small", "q", (2, 4, 10, 8), (t(2, 4, 10, 8), t(2, 2, 12, 8), t(2, 2, 12, 8))),
+    ("headdim-large", "q", (1, 1, 4, 512), (t(1, 1, 4, 512), t(1, 1, 4, 512), t(1, 1, 4, 512))),
+    ("q-empty-length", "q", (2, 4, 0, 16), (t(2, 4, 0, 16), k0, v0)),
+    ("k-empty-length", "k", (2, 2, 0, 16), (q0, t(2, 2, 0, 16), t(2, 2, 0, 16))),
+    ("q-dtype-fp64", "q", (2, 4, 10, 16),
+     (t(2, 4, 10, 16, dtype=torch.float64), t(2, 2, 12, 16, dtype=torch.float64),
+      t(2, 2, 12, 16, dtype=torch.float64))),
+    ("k-dtype-mismatch", "k", (2, 2, 12, 16), (q0, t(2, 2, 12, 16, dtype=torch.float16), v0)),
+    ("v-dtype-mismatch", "v", (2, 2, 12, 16), (q0, k0, t(2, 2, 12, 16, dtype=torch.bfloat16))),
+    ("q-int", "q", (2, 4, 10, 16), (torch.zeros(2, 4, 10, 16, dtype=torch.int32), k0, v0)),
+    ("k-meta-device", "k", (2, 2, 12, 16), (q0, torch.empty(2, 2, 12, 16, device="meta"), v0)),
+]
+
+
+@pytest.mark.parametrize("arg,shape,qkv", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_tensor_names_argument_and_shape(arg, shape, qkv):
+    with pytest.raises(SpattnInputError) as ei:
+        PAT(*qkv)
+    msg = str(ei.value)
+    assert re.search(rf"\b{arg}\b", msg), msg
+    assert str(shape) in msg, msg
+
+
+def test_not_a_tensor():
+    with pytest.raises(SpattnInputError, match=r"\bk\b.*torch.Tensor.*list"):
+        PAT(q0, [1, 2], v0)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan"), "0.5", True],
+                         ids=["zero", "negative", "inf", "nan", "str", "bool"])
+def test_bad_scale(scale):
+    with pytest.raises(SpattnValueError, match="scale"):
+        PAT(q0, k0, v0, scale=scale)
+
+
+@pytest.mark.parametrize("q_offset", [1.5, "3", True], ids=["float", "str", "bool"])
+def test_bad_q_offset(q_offset):
+    with pytest.raises(SpattnValueError, match="q_offset"):
+        PAT(q0, k0, v0, q_offset=q_offset)
+
+
+def test_scale_and_q_offset_accept_plain_numbers():
+    import numpy as np
+    o1 = PAT(q0, k0, v0, scale=1, q_offset=np.int64(2))
+    o2 = PAT(q0, k0, v0, scale=1.0, q_offset=2)
+    torch.testing.assert_close(o1, o2)
+
+
+DOC = spattn.compile("causal & same(doc)", backend="torch")
+
+
+def test_runtime_input_missing():
+    with pytest.raises(SpattnInputError, match="missing runtime input 'doc'"):
+        DOC(q0, k0, v0)
+
+
+def test_runtime_input_extra():
+    with pytest.raises(SpattnInputError, match="unexpected runtime input 'seg'"):
+        DOC(q0, k0, v0, doc=torch.zeros(12, dtype=torch.long), seg=torch.zeros(12))
+
+
+def test_runtime_input_wrong_dtype():
+    with pytest.raises(SpattnInputError, match=r"'doc'.*float32.*\(12,\)"):
+        DOC(q0, k0, v0, doc=torch.zeros(12))
+
+
+def test_runtime_input_wrong_rank():
+    with pytest.raises(SpattnInputError, match=r"'doc' has shape \(1, 1, 1, 12\)"):
+        DOC(q0, k0, v0, doc=torch.zeros(1, 1, 1, 12, dtype=torch.long))
+
+
+def test_runtime_input_wrong_batch():
+    with pytest.raises(SpattnInputError, match=r"'doc' has shape \(3, 12\)"):
+        DOC(q0, k0, v0, doc=torch.zeros(3, 12, dtype=torch.long))
+
+
+def test_runtime_input_too_short():
+    with pytest.raises(SpattnInputError, match=r"'doc' \(shape \(7,\)\)"):
+        DOC(q0, k0, v0, doc=torch.zeros(7, dtype=torch.long))
+
+
+def test_runtime_input_not_a_tensor():
+    with pytest.raises(SpattnInputError, match="'doc' must be a torch.Tensor"):
+        DOC(q0, k0, v0, doc=[0] * 12)
+
+
+# ------------------------------------------------------------ backends
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert api.choose_backend("auto", "cpu") == "torch"
+    assert api.choose_backend("auto", "cuda") == "triton"
+    assert api.choose_backend("torch", "cpu") == "torch"
+    assert api.choose_backend("torch", "cuda") == "torch"
+    assert api.choose_backend("triton", "cuda") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert api.choose_backend("auto", "cpu") == "triton"
+    assert api.choose_backend("triton", "cpu") == "triton"
+    assert api.choose_backend("torch", "cpu") == "torch"
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pat = spattn.compile("causal", backend="triton")
+    with pytest.raises(SpattnBackendError, match=r"TRITON_INTERPRET=1.*backend='torch'"):
+        pat(q0, k0, v0)
+
+
+def _spy(monkeypatch, module_name):
+    import importlib
+    mod = importlib.import_module(f"spattn.runtime.{module_name}")
+    calls = []
+    orig = mod.fwd
+
+    def fwd(*a, **kw):
+        calls.append(module_name)
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(mod, "fwd", fwd)
+    return calls
+
+
+def test_auto_runs_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = _spy(monkeypatch, "torch_backend")
+    spattn.compile("causal & window(5)")(q0, k0, v0)
+    assert calls == ["torch_backend"]
+
+
+def test_auto_runs_triton_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    import spattn.runtime.autograd as ag
+    orig = ag._fwd
+
+    def fake_fwd(pattern, backend, q, k, v, **kw):
+        calls.append(backend)
+        return orig(pattern, "torch", q, k, v, **kw)
+
+    monkeypatch.setattr(ag, "_fwd", fake_fwd)
+    spattn.compile("causal & window(6)")(q0, k0, v0)
+    assert calls == ["triton"]
+
+
+# ------------------------------------------------------------ functional form
+
+def test_functional_attention_matches_pattern_call():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 30, 16, generator=g) for _ in range(3))
+    doc = torch.arange(30) // 7
+    o = spattn.attention(q, k, v, pattern="causal & window(W) & same(doc)", W=9, doc=doc,
+                         backend="torch")
+    pat = spattn.compile("causal & window(9) & same(doc)", backend="torch")
+    torch.testing.assert_close(o, pat(q, k, v, doc=doc))
+    mask = pat.mask(30, 30, num_heads=2, doc=doc)
+    ro, _ = attention_reference(q, k, v, mask)
+    torch.testing.assert_close(o.double(), ro, rtol=1e-4, atol=1e-5)
+
+
+def test_functional_attention_caches_compiled_patterns():
+    api._compiled.clear()
+    a = api.compile_cached("causal & window(W)", "torch", W=5)
+    b = api.compile_cached("causal & window(W)", "torch", W=5)
+    c = api.compile_cached("causal & window(W)", "torch", W=6)
+    assert a is b and a is not c
+    d = api.compile_cached("q - k < S[h]", "torch", S=[1, 2])
+    e = api.compile_cached("q - k < S[h]", "torch", S=(1, 2))
+    assert d is e
+
+
+def test_functional_attention_with_pattern_object():
+    o1 = spattn.attention(q0, k0, v0, pattern=PAT)
+    torch.testing.assert_close(o1, PAT(q0, k0, v0))
+    with pytest.raises(SpattnParamError, match="'W'"):
+        spattn.attention(q0, k0, v0, pattern=PAT, W=3)
+    with pytest.raises(SpattnParamError, match="str or a spattn.Pattern"):
+        spattn.attention(q0, k0, v0, pattern=42)
+
+
+def test_functional_attention_return_lse_and_q_offset():
+    o, lse = spattn.attention(q0, k0, v0, pattern="causal", backend="torch", return_lse=True,
+                              q_offset=-3)
+    assert lse.shape == (2, 4, 10) and lse.dtype == torch.float32
+    assert torch.isneginf(lse[:, :, :3]).all()
+    assert torch.equal(o[:, :, :3], torch.zeros_like(o[:, :, :3]))
+
+
+# ------------------------------------------------------------ module
+
+def test_sparse_attention_module():
+    m = SparseAttention("causal & (window(W) | sink(2))", W=8, backend="torch")
+    assert m.pattern.source in repr(m) and "backend='torch'" in repr(m)
+    assert list(m.parameters()) == []
+    torch.testing.assert_close(m(q0, k0, v0),
+                               spattn.compile("causal & (window(8) | sink(2))",
+                                              backend="torch")(q0, k0, v0))
+
+
+def test_sparse_attention_module_inputs_and_errors():
+    m = SparseAttention(DOC, backend="torch", scale=0.3)
+    doc = torch.arange(12) // 5
+    torch.testing.assert_close(m(q0, k0, v0, doc=doc), DOC(q0, k0, v0, doc=doc, scale=0.3))
+    assert "scale=0.3" in repr(m) and "inputs=['doc']" in repr(m)
+    with pytest.raises(SpattnParamError):
+        SparseAttention(DOC, W=3)
+    with pytest.raises(SpattnParamError):
+        SparseAttention(3)
+    with pytest.raises(SpattnInputError, match="missing runtime input"):
+        m(q0, k0, v0)
