@@ -220,6 +220,9 @@ def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[s
             need_name.add(n.a)
         if isinstance(n, Table) and not _is_leaf(n.index):
             need_name.add(n.index)
+        if isinstance(n, Range) and n.lo is not None and n.hi is not None and n.lo != n.hi \
+                and not _is_leaf(n.x):
+            need_name.add(n.x)        # both bounds read x: compute it once
     for r in roots:
         if not _is_leaf(r):
             need_name.add(r)

@@ -147,7 +147,7 @@ def _closed_form_code(intervals, env: dict, prefix: str, tag: str, nonneg_extra=
                 continue
             roots.append(node)
             names.append(f"{prefix}{c}_{field}")
-    em = emit(roots, env, loop_vars=(), result_names=names,
+    em = emit(roots, env, loop_vars=(), result_names=names, prefix=f"{prefix}_",
               nonneg_vars=NONNEG_VARS | frozenset(nonneg_extra))
     lines = list(em.outer)
     for r, nm in zip(em.results, names):
@@ -192,9 +192,10 @@ def _range_schedule(intervals, *, prefix: str, length: str, block: str, shift: s
                 lines.append(f"ps, pe = {a}, {z}")
                 a, z = "ps", "pe"
             lines.append(f"m0, m1 = _split({a}, {z}, f{c}, g{c})")
-            lines.append(call.format(start=a, end="m0", masked="True") + f"  # {tag}: PARTIAL edge")
-            lines.append(call.format(start="m0", end="m1", masked="False") + f"  # {tag}: FULL")
-            lines.append(call.format(start="m1", end=z, masked="True") + f"  # {tag}: PARTIAL edge")
+            lines.append(f"# {tag}: PARTIAL tiles [{a}, m0), FULL tiles [m0, m1), PARTIAL [m1, {z})")
+            lines.append(call.format(start=a, end="m0", masked="True"))
+            lines.append(call.format(start="m0", end="m1", masked="False"))
+            lines.append(call.format(start="m1", end=z, masked="True"))
         spans.append((f"s{c}", f"e{c}"))
     return "\n".join(lines)
 
@@ -460,8 +461,40 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
     return _tidy("\n".join(parts))
 
 
+def _wrap_call(line: str, width: int = 100) -> list[str]:
+    """Break a long ``lhs = f(a, b, ...)`` line after commas, aligned under the paren."""
+    if len(line) <= width or "(" not in line or not line.rstrip().endswith(")"):
+        return [line]
+    indent = len(line) - len(line.lstrip())
+    open_at = line.index("(")
+    head, args = line[:open_at + 1], line[open_at + 1:-1]
+    parts, depth, cur = [], 0, ""
+    for ch in args:
+        if ch == "," and depth == 0:
+            parts.append(cur.strip() + ",")
+            cur = ""
+            continue
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    pad = " " * (indent + 4)
+    out, cur = [head], pad
+    for p in parts:
+        if len(cur) + len(p) + 1 > width and cur.strip():
+            out.append(cur.rstrip())
+            cur = pad
+        cur += p + " "
+    out.append(cur.rstrip())
+    out[-1] += ")"
+    return out
+
+
 def _tidy(text: str) -> str:
-    lines = [line.rstrip() for line in text.splitlines()]
+    lines = []
+    for line in text.splitlines():
+        lines += _wrap_call(line.rstrip())
     out = []
     for line in lines:
         if line == "" and len(out) >= 2 and out[-1] == "" and out[-2] == "":

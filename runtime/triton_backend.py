@@ -67,6 +67,17 @@ def _input_args(pattern, inputs: dict | None, device) -> list:
 
 def _classify(pattern, Lq, Lk, bm, bn, *, H, B, q_offset, device, inputs) -> torch.Tensor:
     """Tile classes int8 ``[B', H', nq, nk]`` from the analysis (B', H' may be 1)."""
+    # Tiles shared by every head / batch are classified once and broadcast (stride 0).
+    from ..ir.nodes import free_vars
+    fv = free_vars(pattern.ir)
+    nd = dict(pattern.inputs)
+    lead = [t.dim() - nd[n] for n, t in (inputs or {}).items() if n in nd]
+    sizes = [t.shape for n, t in (inputs or {}).items() if n in nd]
+    per_b = "b" in fv or any(l >= 1 and s[0] > 1 for l, s in zip(lead, sizes))
+    per_h = bool({"h", "H"} & fv) or any(l >= 2 and s[1] > 1 for l, s in zip(lead, sizes))
+    B, H = (B if per_b else 1), (H if per_h else 1)
+    if inputs and (not per_b or not per_h):
+        inputs = {n: _squeeze_lead(t, nd[n], per_b, per_h) for n, t in inputs.items()}
     try:
         from ..ir.tiles import classify
     except ImportError:
@@ -89,6 +100,17 @@ def _classify(pattern, Lq, Lk, bm, bn, *, H, B, q_offset, device, inputs) -> tor
     t = t.to(device)
     while t.dim() < 4:
         t = t.unsqueeze(0)
+    return t
+
+
+def _squeeze_lead(t: torch.Tensor, nd: int, per_b: bool, per_h: bool) -> torch.Tensor:
+    """Drop size-1 leading batch/head dims of an input when the tiles are shared."""
+    lead = t.dim() - nd
+    if lead == 2 and not per_h:
+        t = t[:, 0]
+        lead = 1
+    if lead == 1 and not per_b and not (t.dim() - nd == 2):
+        t = t[0]
     return t
 
 
