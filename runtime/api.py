@@ -159,22 +159,32 @@ _registered_key_const = torch.compiler.assume_constant_result(_registered_key)
 
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None):
     """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32)."""
+    if torch.compiler.is_compiling():
+        key = _registered_key_const(pattern)
+        return _call_op(key, pattern.inputs, pattern.backend, q, k, v, scale=scale,
+                        return_lse=return_lse, q_offset=q_offset, inputs=inputs)
     validate(q, k, v)
     B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
     scale = _check_scale(scale, D)
-    q_offset = _check_q_offset(q_offset, Lq, Lk)
+    q_offset = _check_q_offset(q_offset, Lq, k.shape[2])
     ins = validate_inputs(pattern.inputs, dict(inputs or {}), batch=B, num_heads=Hq,
                           device=q.device)
-    if torch.compiler.is_compiling():
-        backend = _backend_for(pattern.backend, q.device.type)
-        key = _registered_key_const(pattern)
-        o, lse = _ag.attention_op(q, k, v, [ins[n] for n in sorted(ins)], key, scale, q_offset,
-                                  backend)
-    else:
-        backend = choose_backend(pattern.backend, q.device.type)
-        _ag.register(pattern)
-        o, lse = _ag.AttentionFunction.apply(pattern, backend, scale, q_offset, ins, q, k, v)
+    backend = choose_backend(pattern.backend, q.device.type)
+    _ag.register(pattern)
+    o, lse = _ag.AttentionFunction.apply(pattern, backend, scale, q_offset, ins, q, k, v)
+    return (o, lse) if return_lse else o
+
+
+def _call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_offset, inputs):
+    """The traced path (under ``torch.compile``): the same checks, then the custom op."""
+    validate(q, k, v)
+    B, Hq, Lq, D = q.shape
+    scale = _check_scale(scale, D)
+    q_offset = _check_q_offset(q_offset, Lq, k.shape[2])
+    ins = validate_inputs(declared, dict(inputs or {}), batch=B, num_heads=Hq, device=q.device)
+    backend = _backend_for(requested_backend, q.device.type)
+    o, lse = _ag.attention_op(q, k, v, [ins[n] for n in sorted(ins)], key, scale, q_offset,
+                              backend)
     return (o, lse) if return_lse else o
 
 
@@ -229,6 +239,15 @@ def _resolve(pattern, kwargs):
     return compile_cached(pattern, backend or "auto", **params), inputs
 
 
+def _functional_meta(src: str, backend: str, params: tuple) -> tuple:
+    """Compile (cached) and register; ``(key, ((input, ndims), ...), backend)``: constants."""
+    pat = compile_cached(src, backend, **dict(params))
+    return _ag.register(pat), tuple(sorted(pat.inputs.items())), pat.backend
+
+
+_functional_meta_const = torch.compiler.assume_constant_result(_functional_meta)
+
+
 def functional_attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None,
                          **kwargs):
     """``spattn.attention``: compile (cached) and call.
@@ -236,6 +255,15 @@ def functional_attention(q, k, v, *, pattern, scale=None, return_lse=False, q_of
     Keyword arguments whose value is a ``torch.Tensor`` are runtime inputs; the
     others bind params (``backend=`` picks the backend).
     """
+    if torch.compiler.is_compiling() and isinstance(pattern, str):
+        # Parsing is not traceable: the compiled pattern enters the graph as constants.
+        backend = kwargs.pop("backend", None) or "auto"
+        inputs = {n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}
+        params = tuple(sorted((n, _freeze(x)) for n, x in kwargs.items()
+                              if not isinstance(x, torch.Tensor)))
+        key, declared, requested = _functional_meta_const(pattern, backend, params)
+        return _call_op(key, dict(declared), requested, q, k, v, scale=scale,
+                        return_lse=return_lse, q_offset=q_offset, inputs=inputs)
     pat, inputs = _resolve(pattern, dict(kwargs))
     return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
                 inputs=inputs)

@@ -1,5 +1,4 @@
 """``torch.compile(fullgraph=True)`` of a model using spattn: no graph breaks, same numbers."""
-import pytest
 import torch
 from torch import nn
 
@@ -47,3 +46,28 @@ def test_compile_fullgraph_forward_backward_matches_eager():
     explanation = torch._dynamo.explain(model)(x, doc)
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+def test_compile_functional_attention_without_graph_breaks():
+    """``spattn.attention(pattern="...")`` inside a compiled function: parsing stays out of
+    the graph (the compiled pattern enters as constants)."""
+    torch._dynamo.reset()
+
+    def f(q, k, v, doc):
+        o = spattn.attention(q, k, v, pattern="causal & window(W) & same(doc)", W=8,
+                             backend="torch", doc=doc)
+        return (o * o).sum()
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g, requires_grad=True) for _ in range(3))
+    doc = torch.arange(20) // 6
+    explanation = torch._dynamo.explain(f)(q, k, v, doc)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a = compiled(q, k, v, doc)
+    ga = torch.autograd.grad(a, (q, k, v))
+    b = f(q, k, v, doc)
+    gb = torch.autograd.grad(b, (q, k, v))
+    torch.testing.assert_close(a, b)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
