@@ -110,6 +110,13 @@ def _compile(args):
     if (args.file is None) == (args.expr is None):
         raise _Usage("give a pattern file or -e EXPR (exactly one)")
     params = dict(args.param)
+    if args.file is not None and args.pattern is None:
+        names = spattn.pattern_names(args.file)
+        if len(names) > 1:
+            if args.command == "check":
+                return [spattn.load(args.file, pattern=n, **params) for n in names]
+            raise _Usage(f"{args.file} defines several patterns ({', '.join(names)}): "
+                         "pick one with --pattern NAME")
     backend = getattr(args, "backend", "auto")
     if args.expr is not None:
         return spattn.compile(args.expr, pattern=args.pattern, backend=backend, **params)
@@ -154,7 +161,12 @@ def demo_inputs(pat, Lq, Lk, *, num_heads=1, batch=1, q_offset=None, seed=0, dev
 
 
 def _cmd_check(args, pat, out):
-    print(pat.source, file=out)
+    if isinstance(pat, list):
+        for p in pat:
+            print(f"{p.name}: {p.source}", file=out)
+        pat = pat[0]
+    else:
+        print(pat.source, file=out)
     if pat.params:
         print("params: " + ", ".join(f"{k}={v}" for k, v in pat.params.items()), file=out)
     if pat.inputs:

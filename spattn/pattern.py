@@ -143,13 +143,26 @@ def compile(src: str, *, backend: str = "auto", pattern: str | None = None, **pa
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend)
 
 
+def pattern_names(path) -> list[str]:
+    """Names of the patterns a ``.spattn`` file defines, in order."""
+    from .dsl import ast
+    from .dsl.parser import parse_program
+    text = _read(path)
+    program = parse_program(text, filename=os.fspath(path))
+    return [s.name for s in program.statements if isinstance(s, ast.PatternDef)]
+
+
+def _read(path) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise SpattnError(f"cannot read pattern file {os.fspath(path)!r}: {e.strerror}") from None
+
+
 def load(path, *, pattern: str | None = None, backend: str = "auto", **params: Any) -> Pattern:
     """Compile the pattern of a ``.spattn`` file."""
     from .ir.lower import compile_source
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise SpattnError(f"cannot read pattern file {os.fspath(path)!r}: {e.strerror}") from None
+    text = _read(path)
     low = compile_source(text, params, pattern=pattern, filename=os.fspath(path))
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend)

@@ -11,7 +11,8 @@ from spattn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples" / "patterns").glob("*.spattn"))
-IDS = [p.stem for p in EXAMPLES]
+# every pattern of every file: (path, pattern name)
+PATTERNS = [pytest.param(p, n, id=f"{p.stem}:{n}") for p in EXAMPLES for n in spattn.pattern_names(p)]
 
 
 def run(*argv):
@@ -24,42 +25,54 @@ def test_examples_exist():
     assert len(EXAMPLES) >= 15
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
-def test_check(path):
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_check_whole_file(path):
     code, text = run("check", path)
     assert code == 0
-    assert text.splitlines()[0] == spattn.load(path).source
+    names = spattn.pattern_names(path)
+    lines = text.splitlines()
+    if len(names) == 1:
+        assert lines[0] == spattn.load(path).source
+    else:
+        for name, line in zip(names, lines):
+            assert line == f"{name}: {spattn.load(path, pattern=name).source}"
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
-def test_show_text_and_png(path, tmp_path):
-    png = tmp_path / f"{path.stem}.png"
-    code, text = run("show", path, "--lq", 40, "--lk", 48, "--png", png)
+def test_several_patterns_need_a_pick_exit_2(capsys):
+    path = next(p for p in EXAMPLES if len(spattn.pattern_names(p)) > 1)
+    code, _ = run("show", path, "--lq", 8)
+    assert code == 2 and "--pattern" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path,name", PATTERNS)
+def test_show_text_and_png(path, name, tmp_path):
+    png = tmp_path / f"{name}.png"
+    code, text = run("show", path, "--pattern", name, "--lq", 40, "--lk", 48, "--png", png)
     assert code == 0
     assert "tiles [" in text and "mask [40 x 48]" in text
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
-def test_explain(path):
-    code, text = run("explain", path, "--lq", 512, "--heads", 2)
+@pytest.mark.parametrize("path,name", PATTERNS)
+def test_explain(path, name):
+    code, text = run("explain", path, "--pattern", name, "--lq", 512, "--heads", 2)
     assert code == 0
     assert "density" in text.lower() and "strategy" in text.lower()
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
-def test_codegen(path, tmp_path):
+@pytest.mark.parametrize("path,name", PATTERNS)
+def test_codegen(path, name, tmp_path):
     out = tmp_path / "kernel.py"
-    code, _ = run("codegen", path, "-o", out)
+    code, _ = run("codegen", path, "--pattern", name, "-o", out)
     assert code == 0
     src = out.read_text()
-    assert "@triton.jit" in src and spattn.load(path).source in src
+    assert "@triton.jit" in src and spattn.load(path, pattern=name).source in src
     compile(src, str(out), "exec")
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
-def test_run_torch_backend(path):
-    code, text = run("run", path, "--lq", 48, "--heads", 2, "--dim", 16, "--backend", "torch",
+@pytest.mark.parametrize("path,name", PATTERNS)
+def test_run_torch_backend(path, name):
+    code, text = run("run", path, "--pattern", name, "--lq", 48, "--heads", 2, "--dim", 16, "--backend", "torch",
                      "--repeat", 1)
     assert code == 0, text
     assert "(ok)" in text
@@ -67,7 +80,7 @@ def test_run_torch_backend(path):
 
 def test_inline_expression_and_params():
     code, text = run("check", "-e", "causal & window(W)", "-p", "W=8")
-    assert code == 0 and text.strip() == spattn.compile("window(8)").source
+    assert code == 0 and text.splitlines() == [spattn.compile("window(8)").source, "params: W=8"]
     code, text = run("check", "-e", "causal & q - k < spans[h]", "-p", "spans=2,4")
     assert code == 0 and "[2, 4][h]" in text
 
