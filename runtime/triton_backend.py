@@ -263,9 +263,7 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
         tab_q, (order_q, oqb, oqh) = _table(_demote_ragged(cls, Lk, bn, 3), nq)
         cls_t = _demote_ragged(cls, Lq, bm, 2).transpose(2, 3)
         tab_k, (order_k, _, _) = _table(cls_t, nk)
-        # dK/dV programs are per key head: one order shared by all (b, key head)
-        work = torch.zeros(nk, dtype=torch.int64, device=dev)
-        work[order_k[0, 0].long()] = torch.arange(nk, 0, -1, device=dev)
+        # dK/dV programs are per key head: one order (of the first (b, h)) shared by all
         order_k = order_k[0, 0].contiguous().view(1, 1, nk)
         okb = okh = 0
     else:

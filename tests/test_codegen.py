@@ -1,0 +1,241 @@
+"""Code generation: the expression emitter, rendered kernel files and the kernel file cache.
+
+Emitter semantics are checked by running emitted code under the Triton
+interpreter on a grid of positions (negative query positions included) against
+the reference evaluator; structure (CSE, hoisting, floor helpers only where
+needed) by reading the emitted code.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import spattn  # noqa: E402
+from spattn.codegen import strategy as st  # noqa: E402
+from spattn.codegen.emit import HELPERS, emit, nonneg  # noqa: E402
+from spattn.codegen.kernels import CODEGEN_VERSION  # noqa: E402
+from spattn.ir import build as B  # noqa: E402
+from spattn.ir.evaluate import evaluate  # noqa: E402
+from spattn.runtime import cache  # noqa: E402
+from spattn.runtime import triton_backend as tb  # noqa: E402
+
+from ._triton_helpers import rand_qkv, window_cf  # noqa: E402
+
+ENV = {"q": "o_q", "k": "o_k", "h": "i_h", "b": "i_b", "Lq": "Lq", "Lk": "Lk", "H": "H"}
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path / "kernels"))
+    cache.clear_memory()
+    yield tmp_path / "kernels"
+    cache.clear_memory()
+
+
+# ----------------------------------------------------------------- emitter
+
+def test_cse_computes_shared_subexpression_once():
+    ir = spattn.compile("causal & window(8) | (q - k) % 3 == 0").ir
+    em = emit([ir], ENV, loop_vars=["k"], result_names=["m_pattern"])
+    code = "\n".join(em.inner)
+    assert code.count("o_q - o_k") == 1, code
+
+
+def test_hoisting_by_loop_variable():
+    ir = spattn.compile("causal & same(doc)").ir
+    fwd = emit([ir], ENV, loop_vars=["k"], result_names=["m_pattern"])
+    assert any("tl.load" in line and "o_q" in line for line in fwd.outer)   # doc[q] once
+    assert any("tl.load" in line and "o_k" in line for line in fwd.inner)   # doc[k] per tile
+    assert all("o_k" not in line for line in fwd.outer)
+    bwd = emit([ir], ENV, loop_vars=["q"], result_names=["m_pattern"])      # dK/dV orientation
+    assert any("tl.load" in line and "o_k" in line for line in bwd.outer)
+    assert set(fwd.outer_names) and all(n in "\n".join(fwd.inner + ["m_pattern"]) or True
+                                        for n in fwd.outer_names)
+
+
+def test_loads_are_masked():
+    ir = spattn.compile("blocks[q // 16, k // 16]").ir
+    em = emit([ir], ENV, loop_vars=["k"])
+    text = "\n".join(em.outer + em.inner)
+    for line in text.splitlines():
+        if "tl.load" in line:
+            assert "mask=" in line and "other=0" in line
+
+
+@pytest.mark.parametrize("src,helper", [
+    ("k // 4 == 1", False), ("k % 8 >= 6", False), ("h % 2 == 0", False),
+    ("q // 4 == 1", True), ("(q - k) % 3 == 0", True), ("(k - 3) // 4 == 0", True),
+    ("(k + 3) // 4 == 1", False),
+])
+def test_floor_helpers_only_where_needed(src, helper):
+    em = emit([spattn.compile(src).ir], ENV, loop_vars=["k"])
+    assert em.uses_helpers is helper
+
+
+def test_sign_analysis():
+    k, q, h = B.var("k"), B.var("q"), B.var("h")
+    assert nonneg(B.add(k, B.const(3)))
+    assert not nonneg(B.sub(k, B.const(3)))
+    assert not nonneg(q)
+    assert nonneg(B.mod(q, B.const(5)))
+    assert nonneg(B.table([1, 2], h))
+
+
+EXPRS = [
+    "(q - k) % 3 == 0 | q // 4 == k // 4",
+    "q % 5 == 2 & (q - 2 * k) // 3 != -4",
+    "abs(q - k) <= max(2, min(k // 4, 6))",
+    "(if q < 0 then k < 3 else k > 10) | is_pow2(q - k)",
+    "q - k < [3, 9][h] & ~(k % 4 == 1)",
+    "(q - k) // -3 == 2 | (q + 7) % -4 == -1",
+]
+
+
+def _run_predicate(tmp_path, src, qlo, h):
+    """Evaluate the emitted predicate of ``src`` under the interpreter on a q x k grid."""
+    ir = spattn.compile(src).ir
+    em = emit([ir], ENV, loop_vars=["k"], result_names=["m_pattern"])
+    body = "\n".join("    " + line for line in em.outer + em.inner)
+    text = (f"import triton\nimport triton.language as tl\n{HELPERS}\n\n"
+            "@triton.jit\n"
+            "def pred_kernel(OUT, QLO, i_h, BQ: tl.constexpr, BK: tl.constexpr):\n"
+            "    i_b = 0\n    Lq = BQ\n    Lk = BK\n    H = 2\n"
+            "    o_q = (QLO + tl.arange(0, BQ))[:, None]\n"
+            "    o_k = tl.arange(0, BK)[None, :]\n"
+            f"{body}\n"
+            f"    m = ({em.results[0]}) & (o_q == o_q) & (o_k == o_k)\n"
+            "    tl.store(OUT + (o_q - QLO) * BK + o_k, m.to(tl.int32))\n")
+    path = tmp_path / f"pred_{abs(hash(src))}_{h}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod
+    spec.loader.exec_module(mod)
+    out = torch.zeros(32, 32, dtype=torch.int32)
+    mod.pred_kernel[(1,)](out, qlo, h, BQ=32, BK=32)
+    env = {"q": torch.arange(qlo, qlo + 32).view(32, 1), "k": torch.arange(32).view(1, 32),
+           "h": h, "b": 0, "Lq": 32, "Lk": 32, "H": 2}
+    want = torch.as_tensor(evaluate(ir, env)).expand(32, 32)
+    return out.bool(), want
+
+
+@pytest.mark.parametrize("src", EXPRS, ids=[f"expr{i}" for i in range(len(EXPRS))])
+def test_emitted_semantics_match_reference(tmp_path, src):
+    for qlo, h in ((-17, 0), (5, 1)):
+        got, want = _run_predicate(tmp_path, src, qlo, h)
+        assert torch.equal(got, want), f"{src} at q >= {qlo}, h={h}"
+
+
+# --------------------------------------------------------- rendered files
+
+def test_rendered_forward_file(fresh_cache):
+    p = spattn.compile("causal & (window(8) | sink(4))")
+    path = cache.kernel_file(p, "fwd", head_dim=64, dtype="bf16", strategy="ranges",
+                             closed_form=window_cf(8))
+    text = path.read_text()
+    assert re.fullmatch(r"attn_fwd_pattern_[0-9a-f]{6}\.py", path.name)
+    assert text.startswith("# spattn-kernel key=")
+    assert p.source in text and "Strategy: ranges" in text and f"Codegen version: {CODEGEN_VERSION}" in text
+    key6 = path.stem[-6:]
+    assert f"def attn_fwd_pattern_{key6}(" in text
+    for marker in ("# -- scores --", "# -- online softmax --", "# epilogue", "tl.static_assert",
+                   "MASKED=False", "MASKED=True"):
+        assert marker in text, marker
+    compile(text, str(path), "exec")
+
+
+def test_rendered_backward_file(fresh_cache):
+    p = spattn.compile("causal & same(doc)")
+    text = cache.kernel_file(p, "bwd", head_dim=128, dtype="fp16", strategy="table").read_text()
+    key6 = re.search(r"def attn_bwd_dq_pattern_([0-9a-f]{6})\(", text).group(1)
+    for name in ("attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"):
+        assert f"def {name}_pattern_{key6}(" in text
+    assert "for g in range(0, GROUP)" in text and "atomic" not in text
+    compile(text, "bwd.py", "exec")
+
+
+def test_kernel_source_and_path(fresh_cache):
+    p = spattn.compile("causal & window(8)")
+    path = p.kernel_path
+    assert path.parent == fresh_cache and path.exists()
+    assert p.kernel_source("bwd", head_dim=64, dtype=torch.float16).count("@triton.jit") >= 4
+
+
+# ------------------------------------------------------------------ cache
+
+def test_lengths_do_not_regenerate(fresh_cache):
+    p = spattn.compile("causal & window(9)")
+    for L, Hq, Bn in ((40, 2, 1), (23, 4, 2)):
+        q, k, v = rand_qkv(Bn, Hq, Hq, L, L, 32, seed=L)
+        tb.fwd(p, q, k, v, scale=0.2, q_offset=3, inputs={}, strategy="table", block_m=16,
+               block_n=16)
+    assert len(list(fresh_cache.glob("attn_fwd_*.py"))) == 1
+
+
+def test_options_change_the_file(fresh_cache):
+    p = spattn.compile("causal")
+    a = cache.kernel_file(p, "fwd", head_dim=64, dtype="fp16", strategy="table")
+    b = cache.kernel_file(p, "fwd", head_dim=64, dtype="fp16", strategy="table", block_m=64)
+    c = cache.kernel_file(p, "fwd", head_dim=256, dtype="fp16", strategy="table")
+    d = cache.kernel_file(p, "fwd", head_dim=64, dtype="fp32", strategy="table")
+    assert len({a, b, c, d}) == 4
+    assert a == cache.kernel_file(p, "fwd", head_dim=64, dtype=torch.float16, strategy="table")
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "foreign", "truncated", "no-header"])
+def test_bad_file_is_regenerated(fresh_cache, damage):
+    p = spattn.compile("causal & window(5)")
+    path = cache.kernel_file(p, "fwd", head_dim=32, dtype="fp32", strategy="table")
+    good = path.read_text()
+    first, body = good.split("\n", 1)
+    bad = {"corrupt": first + "\n" + body.replace("tl.maximum", "tl.minimum", 1),
+           "foreign": first.replace("key=", "key=0") + "\n" + body,
+           "truncated": good[: len(good) // 2],
+           "no-header": body}[damage]
+    path.write_text(bad)
+    cache.clear_memory()
+    with pytest.warns(RuntimeWarning, match="regenerating"):
+        again = cache.kernel_file(p, "fwd", head_dim=32, dtype="fp32", strategy="table")
+    assert again == path and path.read_text() == good
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.kernel_file(p, "fwd", head_dim=32, dtype="fp32", strategy="table")
+
+
+def test_atomic_write_leaves_no_temporaries(fresh_cache):
+    p = spattn.compile("chunked(8)")
+    cache.kernel_file(p, "fwd", strategy="table")
+    cache.kernel_file(p, "bwd", strategy="table")
+    names = sorted(f.name for f in fresh_cache.iterdir())
+    assert all(n.endswith(".py") for n in names) and len(names) == 2
+
+
+def test_module_is_importable_and_kept_in_memory(fresh_cache):
+    p = spattn.compile("causal")
+    mod, cfg = cache.load(p, "fwd", head_dim=32, dtype="fp32", strategy="table")
+    mod2, _ = cache.load(p, "fwd", head_dim=32, dtype="fp32", strategy="table")
+    assert mod is mod2 and mod.STRATEGY == "table" and cfg.block_d == 32
+    assert mod.__file__ == str(cache.kernel_file(p, "fwd", head_dim=32, dtype="fp32",
+                                                 strategy="table"))
+
+
+# --------------------------------------------------------------- strategy
+
+def test_strategy_override_and_defaults(monkeypatch):
+    p = spattn.compile("causal & same(doc)")
+    monkeypatch.setenv("SPATTN_STRATEGY", "table")
+    assert st.pick(p, head_dim=64).strategy == "table"
+    monkeypatch.delenv("SPATTN_STRATEGY")
+    assert st.pick(p, head_dim=64).strategy == "table"   # runtime inputs: no closed form
+    cfg = st.pick(p, head_dim=80, dtype="bf16", interpret=False)
+    assert (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_stages) == (128, 64, 128, 3)
+    assert st.pick(p, head_dim=256, dtype="fp16", interpret=False).block_m == 64
+    with pytest.raises(ValueError):
+        st.pick(p, strategy="remap")
