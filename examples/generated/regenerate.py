@@ -1,0 +1,74 @@
+"""Regenerate the committed examples of generated kernels (``examples/generated/*.py``).
+
+    python examples/generated/regenerate.py
+
+Writes the forward kernels of three patterns and the backward kernels of the
+first, exactly as the kernel cache would (GPU defaults: bf16, head dim 128),
+into this folder.  The "ranges" example uses ``ir.ranges.closed_form`` when the
+analysis provides one, else the closed form written out below.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+from types import SimpleNamespace
+
+HERE = pathlib.Path(__file__).resolve().parent
+os.environ.pop("TRITON_INTERPRET", None)          # GPU tile defaults, not the interpreter's
+
+import spattn  # noqa: E402
+from spattn.codegen.kernels import Interval  # noqa: E402
+from spattn.codegen.strategy import get_closed_form, ranges_ok  # noqa: E402
+from spattn.ir import build as B  # noqa: E402
+from spattn.runtime import cache  # noqa: E402
+
+
+def streaming_cf(W: int, S: int):
+    """causal & (window(W) | sink(S)): per query tile [qs, qe] the keys
+    [qs-W+1, qe] (all allowed in [qe-W+1, qs]) and [0, min(S-1, qe)]; transposed likewise."""
+    V, C = B.var, B.const
+    qs, qe, ks, ke = V("qs"), V("qe"), V("ks"), V("ke")
+    big = C(1 << 30)
+    return SimpleNamespace(
+        rows=(Interval(B.add(qs, C(1 - W)), qe, B.add(qe, C(1 - W)), qs),
+              Interval(C(0), B.min_(C(S - 1), qe), C(0), B.min_(C(S - 1), qs))),
+        cols=(Interval(ks, B.add(ke, C(W - 1)), ke, B.add(ks, C(W - 1))),
+              Interval(ks, B.select(B.cmp("<=", ks, C(S - 1)), big, B.add(ks, C(-1))),
+                       ke, B.select(B.cmp("<=", ke, C(S - 1)), big, B.add(ke, C(-1))))))
+
+
+EXAMPLES = [
+    # (pattern, strategy, hand-written closed form, kinds)
+    (spattn.compile("pattern streaming = causal & (q - k < 1024 | k < 4)"), "ranges",
+     streaming_cf(1024, 4), ("fwd", "bwd")),
+    (spattn.compile("input doc\npattern documents = causal & same(doc)"), "table", None, ("fwd",)),
+    (spattn.compile("pattern per_head_window = causal & q - k < [256, 512, 1024, 2048][h]"),
+     "table", None, ("fwd",)),
+]
+
+
+def main() -> int:
+    tmp = tempfile.mkdtemp(prefix="spattn-examples-")
+    os.environ["SPATTN_CACHE_DIR"] = tmp
+    for old in HERE.glob("attn_*.py"):
+        old.unlink()
+    try:
+        for pattern, strategy, cf, kinds in EXAMPLES:
+            if strategy == "ranges":
+                auto = get_closed_form(pattern)
+                cf = auto if auto is not None and ranges_ok(auto) else cf
+            for kind in kinds:
+                path = cache.kernel_file(pattern, kind, head_dim=128, dtype="bf16",
+                                         strategy=strategy, closed_form=cf)
+                shutil.copy(path, HERE / path.name)
+                print(f"{kind:3s} {pattern.name:16s} {strategy:6s} -> {path.name}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
