@@ -108,10 +108,7 @@ class RangeMinMax:
         return mn, mx
 
 
-def _as_full(t: torch.Tensor, nd: int) -> torch.Tensor:
-    while t.dim() < nd + 2:
-        t = t.unsqueeze(0)
-    return t
+from .evaluate import _as_full  # noqa: E402  (one definition of the [B', H', ...] view)
 
 
 # ------------------------------------------------------------ the evaluator
@@ -507,13 +504,36 @@ class _TooBig(Exception):
 def lift(node: Node, max_atoms: int = 64):
     """An equivalent bool formula whose comparisons contain no non-uniform abs/min/max/if.
 
-    ``Range(.. abs(a) ..)`` becomes ``(a >= 0 & Range(.. a ..)) | (a < 0 & Range(.. -a ..))``
-    and likewise for ``min``, ``max`` and ``if``. Returns None when the result would have
-    more than ``max_atoms`` atoms.
+    ``Range(.. abs(a) ..)`` becomes ``(a >= 0 & Range(.. a ..)) | (a < 0 & Range(.. -a ..))``;
+    ``min``/``max`` of n values split n ways (``min(a, b) <= c`` directly into
+    ``a <= c | b <= c``); ``if`` splits on its condition. Returns None when the result would
+    have more than ``max_atoms`` distinct atoms.
     """
-    count = [0]
+    atoms: set = set()
+    memo: dict = {}
+
+    def cases(n: Node, s: Node):
+        """[(condition, replacement)] covering every point exactly once."""
+        if isinstance(s, Abs):
+            return [(B.range_(s.a, 0, None), s.a), (B.range_(s.a, None, -1), B.neg(s.a))]
+        if isinstance(s, (Min, Max)):
+            op_lt, op_le = ("<", "<=") if isinstance(s, Min) else (">", ">=")
+            out = []
+            for i, a in enumerate(s.args):
+                conds = [B.cmp(op_lt if j < i else op_le, a, b)
+                         for j, b in enumerate(s.args) if j != i]
+                out.append((B.and_(*conds), a))
+            return out
+        return [(s.cond, s.a), (B.not_(s.cond), s.b)]
 
     def rec(n: Node) -> Node:
+        if n in memo:
+            return memo[n]
+        out = _rec(n)
+        memo[n] = out
+        return out
+
+    def _rec(n: Node) -> Node:
         if isinstance(n, (And, Or)):
             return rebuild(n, [rec(a) for a in n.args])
         if isinstance(n, Not):
@@ -521,22 +541,21 @@ def lift(node: Node, max_atoms: int = 64):
         if isinstance(n, (Range, IsPow2)):
             s = _find_split(n)
             if s is None:
-                count[0] += 1
-                if count[0] > max_atoms:
+                atoms.add(n)
+                if len(atoms) > max_atoms:
                     raise _TooBig
                 return n
-            if isinstance(s, Abs):
-                cond, a, b = B.range_(s.a, 0, None), s.a, B.neg(s.a)
-            elif isinstance(s, Min):
-                rest = B.min_(*s.args[1:])
-                cond, a, b = B.cmp("<=", s.args[0], rest), s.args[0], rest
-            elif isinstance(s, Max):
-                rest = B.max_(*s.args[1:])
-                cond, a, b = B.cmp(">=", s.args[0], rest), s.args[0], rest
-            else:
-                cond, a, b = s.cond, s.a, s.b
-            ta, tb = replace(n, s, a), replace(n, s, b)
-            return B.or_(B.and_(rec(cond), rec(ta)), B.and_(rec(B.not_(cond)), rec(tb)))
+            if isinstance(n, Range) and n.x == s and isinstance(s, (Min, Max)):
+                # min(..) >= lo: all; min(..) <= hi: any (and dually for max)
+                parts = []
+                for bound, lo, hi in ((n.lo, n.lo, None), (n.hi, None, n.hi)):
+                    if bound is None:
+                        continue
+                    each = [B.range_(a, lo, hi) for a in s.args]
+                    every = (lo is not None) == isinstance(s, Min)
+                    parts.append(B.and_(*each) if every else B.or_(*each))
+                return rec(B.and_(*parts))
+            return B.or_(*(B.and_(rec(c), rec(replace(n, s, r))) for c, r in cases(n, s)))
         return n
 
     try:
@@ -561,15 +580,24 @@ def bool_atoms(node: Node) -> list:
     return list(out)
 
 
-def combine(node: Node, leaf_values: Mapping[Node, tuple]):
+def combine(node: Node, leaf_values: Mapping[Node, tuple], memo: dict | None = None):
     """Three-valued value of the ``& | ~`` structure given ``(ct, cf)`` of each leaf."""
+    memo = {} if memo is None else memo
+    if node in memo:
+        return memo[node]
+    out = _combine(node, leaf_values, memo)
+    memo[node] = out
+    return out
+
+
+def _combine(node, leaf_values, memo):
     if isinstance(node, BoolConst):
         return node.value, not node.value
     if isinstance(node, Not):
-        ct, cf = combine(node.a, leaf_values)
+        ct, cf = combine(node.a, leaf_values, memo)
         return cf, ct
     if isinstance(node, (And, Or)):
-        vals = [combine(a, leaf_values) for a in node.args]
+        vals = [combine(a, leaf_values, memo) for a in node.args]
         ct, cf = vals[0]
         for a_ct, a_cf in vals[1:]:
             if isinstance(node, And):

@@ -23,7 +23,8 @@ Two passes, both vectorised over tiles (O(tiles) time and memory, never O(Lq*Lk)
      two thresholds along ``u``, computed per (b, h);
    * a sum of ``c_i * ((a_i*u_i + e_i) // m_i)`` (chunk indices of a direction, ``a_i > 0``,
      ``m_i > 0`` uniform): it can only change where a chunk index changes; at most
-     :data:`MAX_FLOOR_CUTS` cuts per term and tile, else the atom is not exact in that tile.
+     :data:`MAX_FLOOR_CUTS` cuts per term and tile (as many as the partial tiles need), else
+     the atom is not exact in that tile.
 
    The thresholds cut the tile into cells (q-segment x k-segment x (q-k)-segment) on which
    every cellable atom is constant. Each feasible cell is tested at one representative point
@@ -57,11 +58,11 @@ from ..dsl.errors import SpattnValueError
 from . import build as B
 from .evaluate import check_lengths, evaluate, query_offset, validate_inputs
 from .intervals import IntervalEval, bool_atoms, check_input_bounds, combine, lift
-from .nodes import FloorDiv, Node, Range, Var
+from .nodes import BoolConst, FloorDiv, Node, Range, Var
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-MAX_FLOOR_CUTS = 4
-MAX_CELLS = 4096
+MAX_FLOOR_CUTS = 64
+MAX_CELLS = 8192
 I64 = torch.int64
 _BIG = 1 << 60
 
@@ -210,6 +211,8 @@ def refinement_plan(ir: Node):
     lifted = lift(ir)
     formula = ir if lifted is None else lifted
     atoms = [_analyse_atom(a) for a in bool_atoms(formula)]
+    if isinstance(formula, BoolConst):
+        return formula, ()
     if not any(a.kind in ("lin", "floor") for a in atoms):
         return None
     return formula, tuple(atoms)
@@ -233,32 +236,55 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
     if idx.numel() == 0:
         return
     formula, atoms = plan
+    if isinstance(formula, BoolConst):    # lifting proved the pattern constant
+        cls[cls == PARTIAL] = FULL if formula.value else EMPTY
+        return
     qlo_all, qhi_all = env["q"][0].reshape(-1), env["q"][1].reshape(-1)
     klo_all, khi_all = env["k"][0].reshape(-1), env["k"][1].reshape(-1)
-    # number of cuts per direction
+
+    def boxes(part):
+        bi, hi_, qi, ki = part.unbind(1)
+        return (qlo_all[qi].unsqueeze(1), qhi_all[qi].unsqueeze(1), klo_all[ki].unsqueeze(1),
+                khi_all[ki].unsqueeze(1), bi.unsqueeze(1), hi_.unsqueeze(1))
+
+    # cuts per floor term: as many as the partial tiles need, within MAX_FLOOR_CUTS
+    point_env_all = {"Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"]}
+    qlo, qhi, klo, khi, b_t, h_t = boxes(idx)
+    ranges = {"q": (qlo, qhi), "k": (klo, khi), "d": (qlo - khi, qhi - klo)}
+    penv = dict(point_env_all, h=h_t, b=b_t)
     ncut = {"q": 0, "k": 0, "d": 0}
-    for a in atoms:
+    kcuts = {}
+    for ai, a in enumerate(atoms):
         if a.kind == "lin":
             ncut[a.direction] += 2
         elif a.kind == "floor":
-            for f in a.floors:
-                ncut[f[0]] += MAX_FLOOR_CUTS
+            for term in a.floors:
+                u, coef, e_node, m_node = term
+                if term in kcuts:
+                    continue
+                e = torch.as_tensor(evaluate(e_node, penv), device=device)
+                m = torch.as_tensor(evaluate(m_node, penv), device=device)
+                m = torch.where(m > 0, m, torch.ones_like(m))
+                ulo, uhi = ranges[u]
+                count = int((_fdiv(coef * uhi + e, m) - _fdiv(coef * ulo + e, m)).max())
+                kcuts[term] = max(0, min(count, MAX_FLOOR_CUTS))
+                ncut[u] += kcuts[term]
     ncells = (ncut["q"] + 1) * (ncut["k"] + 1) * (ncut["d"] + 1)
+    if ncells > MAX_CELLS and kcuts:   # too many cells: fewer floor cuts (those atoms go inexact)
+        for key in kcuts:
+            ncut[key[0]] -= kcuts[key] - min(kcuts[key], 4)
+            kcuts[key] = min(kcuts[key], 4)
+        ncells = (ncut["q"] + 1) * (ncut["k"] + 1) * (ncut["d"] + 1)
     if ncells > MAX_CELLS:
         return
     step = max(1, chunk_elems // ncells)
     for s in range(0, idx.shape[0], step):
         part = idx[s:s + step]
-        bi, hi_, qi, ki = part.unbind(1)
-        qlo, qhi = qlo_all[qi].unsqueeze(1), qhi_all[qi].unsqueeze(1)
-        klo, khi = klo_all[ki].unsqueeze(1), khi_all[ki].unsqueeze(1)
-        b_t, h_t = bi.unsqueeze(1), hi_.unsqueeze(1)
-        new = _refine_chunk(formula, atoms, qlo, qhi, klo, khi, b_t, h_t, env, inputs, summaries,
-                            device)
-        cls[bi, hi_, qi, ki] = new
+        new = _refine_chunk(formula, atoms, kcuts, *boxes(part), env, inputs, summaries, device)
+        cls[part[:, 0], part[:, 1], part[:, 2], part[:, 3]] = new
 
 
-def _refine_chunk(formula, atoms, qlo, qhi, klo, khi, b_t, h_t, env, inputs, summaries, device):
+def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inputs, summaries, device):
     P = qlo.shape[0]
     dlo, dhi = qlo - khi, qhi - klo
     ranges = {"q": (qlo, qhi), "k": (klo, khi), "d": (dlo, dhi)}
@@ -267,7 +293,8 @@ def _refine_chunk(formula, atoms, qlo, qhi, klo, khi, b_t, h_t, env, inputs, sum
     tile_ev = IntervalEval(box_env, inputs, device=device, summaries=summaries)
     cuts = {"q": [], "k": [], "d": []}
     exact = {}
-    for a in atoms:
+    done: set = set()
+    for ai, a in enumerate(atoms):
         if a.kind == "lin":
             U = torch.as_tensor(evaluate(a.uniform, point_env), device=device).expand(P, 1)
             coef = a.coeff
@@ -286,7 +313,10 @@ def _refine_chunk(formula, atoms, qlo, qhi, klo, khi, b_t, h_t, env, inputs, sum
             cuts[a.direction].extend(c for c in (lo_c, hi_c) if c is not None)
         elif a.kind == "floor":
             ok = torch.ones((P, 1), dtype=torch.bool, device=device)
-            for (u, coef, e_node, m_node) in a.floors:
+            for term in a.floors:
+                u, coef, e_node, m_node = term
+                K = kcuts[term]
+                first = term not in done
                 e = torch.as_tensor(evaluate(e_node, point_env), device=device).expand(P, 1)
                 m = torch.as_tensor(evaluate(m_node, point_env), device=device).expand(P, 1)
                 ulo, uhi = ranges[u]
@@ -295,12 +325,14 @@ def _refine_chunk(formula, atoms, qlo, qhi, klo, khi, b_t, h_t, env, inputs, sum
                 f0 = _fdiv(coef * ulo + e, msafe)
                 f1 = _fdiv(coef * uhi + e, msafe)
                 count = f1 - f0
-                good = good & (count <= MAX_FLOOR_CUTS)
+                good = good & (count <= K)
                 ok = ok & good
-                for j in range(1, MAX_FLOOR_CUTS + 1):
-                    c = _cdiv((f0 + j) * msafe - e, coef)
-                    c = torch.where(good & (j <= count), c, ulo)
-                    cuts[u].append(c)
+                if first:
+                    done.add(term)
+                    for j in range(1, K + 1):
+                        c = _cdiv((f0 + j) * msafe - e, coef)
+                        c = torch.where(good & (j <= count), c, ulo)
+                        cuts[u].append(c)
             exact[a.node] = ok
     # segments per direction: [P, S]
     segs = {}

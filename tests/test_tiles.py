@@ -1,0 +1,237 @@
+"""Tile classification: soundness (property test vs the dense mask), exactness, inputs, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spattn.dsl.errors import SpattnError, SpattnInputError, SpattnValueError
+from spattn.ir import build as B
+from spattn.ir.evaluate import mask
+from spattn.ir.tiles import classify
+from spattn.pattern import Pattern
+
+from .ir_strategies import affine_bool_exprs, bool_exprs
+
+q, k, h = B.var("q"), B.var("k"), B.var("h")
+
+
+def c(v):
+    return B.const(v)
+
+
+def truth_tiles(ir, Lq, Lk, bm, bn, *, H=1, batch=1, q_offset=None, inputs=None):
+    """Tile classes from the dense mask (the test oracle)."""
+    m = mask(ir, Lq, Lk, num_heads=H, batch=batch, q_offset=q_offset, inputs=inputs)
+    nq, nk = -(-Lq // bm), -(-Lk // bn)
+    pad = torch.zeros(batch, H, nq * bm, nk * bn, dtype=torch.int32)
+    valid = torch.zeros_like(pad)
+    pad[..., :Lq, :Lk] = m.to(torch.int32)
+    valid[..., :Lq, :Lk] = 1
+    t = pad.view(batch, H, nq, bm, nk, bn).sum((3, 5))
+    v = valid.view(batch, H, nq, bm, nk, bn).sum((3, 5))
+    return torch.where(t == 0, 0, torch.where(t == v, 2, 1)).to(torch.int8)
+
+
+def unsound(got, want):
+    return int(((got != want) & (got != 1)).sum())
+
+
+# ---- prelude (as IR) -------------------------------------------------------
+causal = B.cmp("<=", k, q)
+
+
+def window(w):
+    return B.and_(B.cmp("<=", c(0), B.sub(q, k)), B.cmp("<", B.sub(q, k), c(w)))
+
+
+def local(left, right):
+    return B.and_(B.cmp("<=", c(-right), B.sub(q, k)), B.cmp("<=", B.sub(q, k), c(left)))
+
+
+def sink(n):
+    return B.cmp("<", k, c(n))
+
+
+def global_tokens(n):
+    return B.or_(B.cmp("<", q, c(n)), B.cmp("<", k, c(n)))
+
+
+def prefix_lm(n):
+    return B.or_(B.cmp("<=", k, q), B.cmp("<", k, c(n)))
+
+
+def chunked(n):
+    return B.cmp("==", B.floordiv(q, c(n)), B.floordiv(k, c(n)))
+
+
+AFFINE = {
+    "causal": causal,
+    "window": window(13),
+    "local": local(5, 9),
+    "sink": sink(7),
+    "global_tokens": global_tokens(6),
+    "prefix_lm": prefix_lm(11),
+    "chunked": chunked(10),
+    "causal&chunked": B.and_(causal, chunked(12)),
+    "causal&(window|sink)": B.and_(causal, B.or_(window(9), sink(4))),
+    "abs": B.cmp("<=", B.abs_(B.sub(q, k)), c(6)),
+    "clamp": B.cmp("==", B.clamp(B.sub(q, k), c(0), c(8)), B.sub(q, k)),
+    "min": B.cmp("<=", B.min_(q, B.add(k, c(3))), c(20)),
+    "if": B.cmp("<=", B.select(B.cmp("<", q, c(30)), B.sub(q, k), B.sub(k, q)), c(4)),
+    "per-head window": B.and_(causal, B.cmp("<", B.sub(q, k), B.table([4, 8, 16], h))),
+    "lengths": B.and_(causal, B.cmp(">=", k, B.sub(B.var("Lk"), c(20)))),
+    "not": B.not_(B.and_(window(9), B.cmp(">", q, c(12)))),
+}
+
+SHAPES = [(37, 50, 4, 6, None), (20, 20, 3, 5, -3), (64, 64, 16, 16, None), (50, 31, 7, 8, 5),
+          (1, 40, 1, 9, None), (33, 17, 40, 40, None)]
+
+
+@pytest.mark.parametrize("name", list(AFFINE))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_affine_exact(name, shape):
+    Lq, Lk, bm, bn, off = shape
+    ir = AFFINE[name]
+    got = classify(ir, Lq, Lk, bm, bn, num_heads=3, q_offset=off)
+    want = truth_tiles(ir, Lq, Lk, bm, bn, H=3, q_offset=off)
+    assert got.shape == want.shape and got.dtype == torch.int8
+    assert torch.equal(got, want), name
+
+
+def test_interval_pass_alone_is_sound():
+    for name, ir in AFFINE.items():
+        got = classify(ir, 45, 60, 8, 6, num_heads=3, refine=False)
+        assert unsound(got, truth_tiles(ir, 45, 60, 8, 6, H=3)) == 0, name
+
+
+# ---- property tests ---------------------------------------------------------
+dims = st.tuples(st.integers(1, 120), st.integers(1, 120), st.integers(1, 40),
+                 st.integers(1, 40), st.integers(-20, 20) | st.none(), st.integers(1, 3))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+@given(bool_exprs(), dims)
+def test_random_expressions_sound(ir, d):
+    Lq, Lk, bm, bn, off, H = d
+    want = truth_tiles(ir, Lq, Lk, bm, bn, H=H, q_offset=off)
+    got = classify(ir, Lq, Lk, bm, bn, num_heads=H, q_offset=off)
+    assert unsound(got, want) == 0, str(ir)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(affine_bool_exprs(), dims)
+def test_random_affine_exact(ir, d):
+    Lq, Lk, bm, bn, off, H = d
+    want = truth_tiles(ir, Lq, Lk, bm, bn, H=H, q_offset=off)
+    got = classify(ir, Lq, Lk, bm, bn, num_heads=H, q_offset=off)
+    assert torch.equal(got, want), str(ir)
+
+
+# ---- runtime inputs ---------------------------------------------------------
+def same(name):
+    return B.cmp("==", B.load(name, [q]), B.load(name, [k]))
+
+
+@pytest.mark.parametrize("bm,bn", [(16, 16), (8, 32), (7, 5)])
+def test_documents_exact(bm, bn):
+    g = torch.Generator().manual_seed(0)
+    L = 150
+    doc = torch.sort(torch.randint(0, 6, (2, L), generator=g)).values
+    for ir in (same("doc"), B.and_(causal, same("doc"))):
+        p = Pattern(ir, inputs={"doc": 1})
+        got = p.tiles(L, L, bm, bn, batch=2, doc=doc)
+        want = truth_tiles(ir, L, L, bm, bn, batch=2, inputs={"doc": doc})
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tile", [16, 32])
+def test_block_table_exact(tile):
+    g = torch.Generator().manual_seed(1)
+    L = 160
+    nb = L // 16
+    blocks = torch.rand(2, 3, nb, nb, generator=g) < 0.3
+    ir = B.truthy(B.load("blocks", [B.floordiv(q, c(16)), B.floordiv(k, c(16))]))
+    p = Pattern(ir, inputs={"blocks": 2})
+    got = p.tiles(L, L, tile, tile, batch=2, num_heads=3, blocks=blocks)
+    want = truth_tiles(ir, L, L, tile, tile, H=3, batch=2, inputs={"blocks": blocks.long()})
+    assert torch.equal(got, want)
+    # with an affine part and ragged tiles: sound
+    ir2 = B.or_(ir, window(20))
+    p2 = Pattern(ir2, inputs={"blocks": 2})
+    got = p2.tiles(L - 3, L, tile, 24, batch=2, num_heads=3, blocks=blocks)
+    want = truth_tiles(ir2, L - 3, L, tile, 24, H=3, batch=2, inputs={"blocks": blocks.long()})
+    assert unsound(got, want) == 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(bool_exprs(depth=2), dims, st.integers(0, 2**31))
+def test_random_inputs_sound(ir, d, seed):
+    Lq, Lk, bm, bn, off, H = d
+    g = torch.Generator().manual_seed(seed)
+    n = 300
+    x = torch.randint(-4, 5, (H, n), generator=g)
+    y = torch.randint(0, 3, (16, 16), generator=g)
+    idx = B.add(B.mod(q, c(7)), k, c(20))     # in [20, 20 + 6 + 119]
+    ir = B.or_(B.and_(ir, B.cmp("<=", B.load("x", [idx]), B.load("x", [B.add(k, c(30))]))),
+               B.truthy(B.load("y", [B.floordiv(B.add(q, c(40)), c(16)),
+                                     B.floordiv(B.abs_(B.sub(q, k)), c(16))])))
+    p = Pattern(ir, inputs={"x": 1, "y": 2})
+    xx = x.view(1, H, n)
+    got = p.tiles(Lq, Lk, bm, bn, num_heads=H, q_offset=abs(off or 0), x=xx, y=y)
+    want = truth_tiles(ir, Lq, Lk, bm, bn, H=H, q_offset=abs(off or 0), inputs={"x": xx, "y": y})
+    assert unsound(got, want) == 0
+
+
+# ---- errors -----------------------------------------------------------------
+def test_bad_arguments():
+    p = Pattern(causal)
+    for bad in (dict(block_m=0), dict(block_n=-3), dict(block_m=2.5), dict(block_n=True)):
+        kw = dict(block_m=16, block_n=16)
+        kw.update(bad)
+        with pytest.raises(SpattnValueError, match=list(bad)[0]):
+            p.tiles(64, 64, kw["block_m"], kw["block_n"])
+    with pytest.raises(SpattnValueError, match="Lq"):
+        p.tiles(0, 64, 16, 16)
+    with pytest.raises(SpattnValueError, match="Lk"):
+        p.tiles(64, -1, 16, 16)
+    with pytest.raises(SpattnValueError, match="num_heads"):
+        p.tiles(64, 64, 16, 16, num_heads=0)
+    with pytest.raises(SpattnValueError, match="q_offset"):
+        p.tiles(64, 64, 16, 16, q_offset=1.5)
+
+
+def test_input_errors():
+    p = Pattern(same("doc"), inputs={"doc": 1})
+    with pytest.raises(SpattnInputError, match="doc"):
+        p.tiles(64, 64, 16, 16)
+    with pytest.raises(SpattnInputError, match=r"doc.*\(50,\).*too short.*64"):
+        p.tiles(64, 64, 16, 16, doc=torch.zeros(50, dtype=torch.long))
+    with pytest.raises(SpattnInputError, match="float"):
+        p.tiles(64, 64, 16, 16, doc=torch.zeros(64))
+    with pytest.raises(SpattnInputError, match="q_offset=-3"):
+        p.tiles(64, 64, 16, 16, q_offset=-3, doc=torch.zeros(64, dtype=torch.long))
+    # q_offset > 0 with Lq = Lk reads doc[q] beyond Lk
+    with pytest.raises(SpattnInputError, match="needs size >= 68"):
+        p.tiles(64, 64, 16, 16, q_offset=4, doc=torch.zeros(64, dtype=torch.long))
+    pb = Pattern(B.truthy(B.load("blocks", [B.floordiv(q, c(16)), B.floordiv(k, c(16))])),
+                 inputs={"blocks": 2})
+    with pytest.raises(SpattnInputError, match="blocks.*dimension 1"):
+        pb.tiles(64, 64, 16, 16, blocks=torch.ones(4, 3, dtype=torch.bool))
+    assert isinstance(SpattnInputError("x"), SpattnError)
+
+
+def test_divisor_zero():
+    ir = B.cmp("==", B.mod(q, h), c(0))
+    with pytest.raises(SpattnValueError, match="0"):
+        classify(ir, 8, 8, 4, 4, num_heads=2)
+
+
+def test_per_head_large_memory_ok():
+    # per-head pattern, 16 heads: O(tiles) memory (1024 x 1024 tiles here: 16M tiles)
+    ir = B.and_(causal, B.or_(B.cmp("<", B.sub(q, k), c(1024)),
+                              B.cmp("==", B.mod(k, B.var("H")), h)))
+    got = classify(ir, 32768, 32768, 32, 32, num_heads=16)
+    assert got.shape == (1, 16, 1024, 1024)
+    assert int((got == 0).sum()) > 0
