@@ -199,9 +199,20 @@ def _ranges_order(intervals, *, n_tiles, block, other_len, other_block, length, 
 
 # ---------------------------------------------------------------- forward
 
+def _interpreter_bf16(*ts) -> bool:
+    """Triton 3.6's interpreter feeds bf16 bits to numpy's matmul unconverted (wrong
+    products): under TRITON_INTERPRET=1 bf16 runs are computed in fp32 and cast back."""
+    from ..codegen.strategy import interpret_mode
+    return interpret_mode() and any(t.dtype == torch.bfloat16 for t in ts)
+
+
 def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict | None = None,
         **options):
     """Forward attention: ``(o [B, Hq, Lq, D] in q.dtype, lse fp32 [B, Hq, Lq])``."""
+    if _interpreter_bf16(q, k, v):
+        o, lse = fwd(pattern, q.float(), k.float(), v.float(), scale=scale, q_offset=q_offset,
+                     inputs=inputs, **options)
+        return o.to(q.dtype), lse
     opts = _opts(options)
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
@@ -241,6 +252,10 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict | None = 
 def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: dict | None = None,
         **options):
     """Gradients ``(dq, dk, dv)`` (dk, dv summed over the query heads of each key head)."""
+    if _interpreter_bf16(q, k, v, o, do):
+        grads = bwd(pattern, q.float(), k.float(), v.float(), o.float(), lse, do.float(),
+                    scale=scale, q_offset=q_offset, inputs=inputs, **options)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
     opts = _opts(options)
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
