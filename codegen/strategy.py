@@ -110,9 +110,13 @@ def analysis_strategy(pattern, closed_form=None) -> str:
     """The analysis's choice, downgraded to "table" when the closed form is unusable."""
     try:
         from ..ir.strategy import pick_strategy
-        choice = pick_strategy(pattern.ir)
     except ImportError:
         choice = "ranges" if not pattern.inputs else "table"
+    else:
+        try:
+            choice = pick_strategy(pattern.ir)
+        except TypeError:      # a signature taking the Pattern
+            choice = pick_strategy(pattern)
     if choice == "ranges":
         cf = closed_form if closed_form is not None else get_closed_form(pattern)
         if cf is None or not ranges_ok(cf):
@@ -131,6 +135,12 @@ def get_closed_form(pattern):
     except ImportError:
         return None
     try:
-        return closed_form(pattern.ir)
-    except TypeError:   # an older signature taking the tile sizes
-        return closed_form(pattern.ir, 64, 64)
+        try:
+            return closed_form(pattern.ir)
+        except TypeError:   # an older signature taking the tile sizes
+            return closed_form(pattern.ir, 64, 64)
+    except Exception as e:  # the analysis failing must not stop the table strategy
+        import warnings
+        warnings.warn(f"spattn: closed_form failed for {pattern.source!r} ({e!r}); "
+                      "using the tile table", RuntimeWarning, stacklevel=3)
+        return None
