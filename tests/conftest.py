@@ -1,14 +1,17 @@
 """Test configuration shared by the whole suite.
 
-The generated Triton kernels run on the CPU through Triton's interpreter, which
-must be switched on before any kernel is JIT-decorated: hence here, first.
+Without a GPU the generated Triton kernels run on the CPU through Triton's
+interpreter, which must be switched on before any kernel is JIT-decorated:
+hence here, first. On a CUDA machine the kernels are compiled for the device.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
