@@ -1,0 +1,318 @@
+"""Closed-form key ranges of affine patterns: the kernel's own loop bounds, no metadata.
+
+For a pattern whose comparisons are affine in q and k (after lifting ``abs``/``min``/``max``/
+``if`` into case splits, :func:`spattn.ir.intervals.lift`), the formula is put in disjunctive
+normal form over its comparisons; each conjunct (at most :data:`MAX_INTERVALS`) gives one
+:class:`Interval` per query tile: an int IR expression of the tile's first and last query
+position ``qs``, ``qe`` and the uniform variables (h, b, Lq, Lk, H, params, lists[h]).
+
+Each comparison ``lo <= a*q + c*k + u <= hi`` of a conjunct is solved for the other axis
+with sympy (``k`` for rows, ``q`` for columns):
+
+* ``c = +-1``: a bound on k, linear in q (slope ``-a/c``); over a tile its minimum is at
+  ``qs`` or ``qe`` depending on the slope's sign;
+* ``c = 0``: a constraint on q alone: it narrows the tile's effective query range
+  ``[max(qs, ..), min(qe, ..)]`` (floor/ceil of the division by ``a``); an empty effective
+  range makes the interval empty; a tile not entirely inside makes the FULL range empty;
+* ``a = 0``: a bound on k alone (floor/ceil by ``c``, any ``c``);
+* ``|c| > 1`` with ``a != 0``: not handled (None), nor are loads, ``%``, ``//``, ``is_pow2``.
+
+``lo``/``hi`` of a conjunct: the max over its lower bounds of their minimum over the tile's
+effective rows, the min over its upper bounds of their maximum: a sound superset of the
+keys the rows see, exact when the conjunct has at most one lower and one upper bound of
+different shape (every prelude pattern). ``flo``/``fhi``: the keys allowed for every row of
+the tile (max of the lower bounds' maxima, min of the upper bounds' minima).
+
+Intervals of different conjuncts may overlap (``prefix_lm``: ``k <= q`` and ``k < n``): a
+kernel iterating over several must skip the tiles it has already visited. Unbounded ends are
+``0`` / ``Lk - 1`` for keys and ``-2**30`` / ``2**30`` for queries (clamped by
+:func:`tile_ranges`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import sympy
+import torch
+
+from . import build as B
+from .evaluate import check_lengths, evaluate, query_offset
+from .intervals import lift
+from .nodes import And, BoolConst, Node, Not, Or, Range, Var
+
+MAX_INTERVALS = 4
+Q_UNBOUNDED = 1 << 30
+
+
+@dataclass(frozen=True)
+class Interval:
+    lo: Node
+    hi: Node     # int IR: allowed positions of the OTHER axis lie in [lo, hi] (unclamped)
+    flo: Node
+    fhi: Node    # every position in [flo, fhi] is allowed for EVERY position of this tile's axis
+
+
+@dataclass(frozen=True)
+class ClosedForm:
+    rows: tuple   # per query tile: Interval over qs, qe (+ uniform vars)
+    cols: tuple   # per key tile: Interval over ks, ke, giving query positions
+
+    def __str__(self):
+        from .printer import to_source
+        out = []
+        for name, ivs in (("rows (keys of query tile [qs, qe])", self.rows),
+                          ("cols (queries of key tile [ks, ke])", self.cols)):
+            out.append(name + ":")
+            for iv in ivs:
+                out.append(f"  [{to_source(iv.lo)}, {to_source(iv.hi)}]  "
+                           f"full [{to_source(iv.flo)}, {to_source(iv.fhi)}]")
+        return "\n".join(out)
+
+
+class _NotAffine(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ DNF
+
+def _nnf_dnf(n: Node, neg: bool = False) -> list:
+    """DNF as a list of conjuncts (lists of Range atoms)."""
+    if isinstance(n, BoolConst):
+        return [[]] if (n.value != neg) else []
+    if isinstance(n, Not):
+        return _nnf_dnf(n.a, not neg)
+    if isinstance(n, Range):
+        if not neg:
+            return [[n]]
+        out = []
+        if n.lo is not None:
+            out.append([B.range_(n.x, None, n.lo - 1)])
+        if n.hi is not None:
+            out.append([B.range_(n.x, n.hi + 1, None)])
+        return out
+    if isinstance(n, (And, Or)):
+        conj = isinstance(n, And) != neg
+        parts = [_nnf_dnf(a, neg) for a in n.args]
+        if not conj:
+            out = [c for p in parts for c in p]
+            if len(out) > 256:
+                raise _NotAffine
+            return out
+        acc = [[]]
+        for p in parts:
+            acc = [a + b for a in acc for b in p]
+            if len(acc) > 256:
+                raise _NotAffine
+        return acc
+    raise _NotAffine
+
+
+def _simplify(conjuncts: list) -> list:
+    out = []
+    seen = set()
+    for c in conjuncts:
+        node = B.and_(*[r for r in c if not isinstance(r, BoolConst)]) if c else B.TRUE
+        if node == B.FALSE or node in seen:
+            continue
+        seen.add(node)
+        out.append(node)
+    if B.TRUE in seen:
+        return [B.TRUE]
+    return out
+
+
+# ------------------------------------------------------------------ solving (sympy)
+
+class _Sym:
+    """IR <-> sympy for linear forms over q, k and uniform atoms."""
+
+    def __init__(self):
+        self.to_sym: dict = {}
+        self.from_sym: dict = {}
+
+    def sym(self, atom: Node):
+        if atom not in self.to_sym:
+            s = sympy.Symbol(atom.name if isinstance(atom, Var) else f"u{len(self.to_sym)}",
+                             integer=True)
+            self.to_sym[atom] = s
+            self.from_sym[s] = atom
+        return self.to_sym[atom]
+
+    def expr(self, terms: dict, c: int = 0):
+        return sympy.Integer(c) + sum((v * self.sym(a) for a, v in terms.items()), sympy.Integer(0))
+
+    def ir(self, e, rounding: str) -> Node:
+        """IR of a sympy linear expression with rational coefficients, rounded floor/ceil."""
+        e = sympy.together(sympy.expand(e))
+        num, den = sympy.fraction(e)
+        num = sympy.expand(num)
+        den = int(den)
+        if den < 0:
+            num, den = -num, -den
+        terms: dict = {}
+        c = 0
+        for mono, coeff in num.as_coefficients_dict().items():
+            if mono == 1:
+                c += int(coeff)
+            else:
+                terms[self.from_sym[mono]] = terms.get(self.from_sym[mono], 0) + int(coeff)
+        node = B.from_linear(terms, c)
+        if den == 1:
+            return node
+        if rounding == "floor":
+            return B.floordiv(node, B.const(den))
+        return B.neg(B.floordiv(B.neg(node), B.const(den)))
+
+
+def _bounds(r: Range, axis: str, other: str, S: _Sym):
+    """Bounds of one comparison: ('guard', r) | ('axis', lo_node, hi_node) |
+    ('other', [(slope, base_sym_expr, 'lo'|'hi')])."""
+    terms, c = B.linear(r.x)
+    va, vo = Var(axis), Var(other)
+    ca, co = terms.get(va, 0), terms.get(vo, 0)
+    rest = {a: v for a, v in terms.items() if a not in (va, vo)}
+    if not all(B.is_uniform(a) for a in rest):
+        raise _NotAffine
+    if not ca and not co:
+        return ("guard", r)
+    asym, osym = S.sym(va), S.sym(vo)
+    form = S.expr(terms, c)
+    out = []
+    for bound, side in ((r.lo, "lo"), (r.hi, "hi")):
+        if bound is None:
+            continue
+        target = osym if co else asym
+        coeff = co if co else ca
+        sol = sympy.solve(sympy.Eq(form, bound), target)[0]   # target = sol at the boundary
+        # side of the solution: form >= lo means target >= sol iff coeff > 0
+        is_lower = (side == "lo") == (coeff > 0)
+        out.append((sol, "lo" if is_lower else "hi"))
+    if not co:
+        lo = [S.ir(s, "ceil") for s, k in out if k == "lo"]
+        hi = [S.ir(s, "floor") for s, k in out if k == "hi"]
+        return ("axis", lo, hi)
+    if abs(co) != 1 and ca:
+        raise _NotAffine
+    res = []
+    for sol, kind in out:
+        slope = sol.coeff(asym) if ca else 0
+        base = sympy.expand(sol - slope * asym)
+        res.append((int(slope) if ca else 0, base, kind, "ceil" if kind == "lo" else "floor"))
+    return ("other", res)
+
+
+def _interval(conj: Node, axis: str, other: str, s_name: str, e_name: str,
+              dom_lo: Node, dom_hi: Node) -> Interval:
+    S = _Sym()
+    ranges = list(conj.args) if isinstance(conj, And) else ([] if conj == B.TRUE else [conj])
+    s, e = Var(s_name), Var(e_name)
+    guards, a_lo, a_hi, lows, highs = [], [], [], [], []
+    for r in ranges:
+        if not isinstance(r, Range):
+            raise _NotAffine
+        kind = _bounds(r, axis, other, S)
+        if kind[0] == "guard":
+            guards.append(kind[1])
+        elif kind[0] == "axis":
+            a_lo += kind[1]
+            a_hi += kind[2]
+        else:
+            for slope, base, side, rounding in kind[1]:
+                base_ir = S.ir(base, rounding)
+                (lows if side == "lo" else highs).append((slope, base_ir))
+    eff_s = B.max_(s, *a_lo) if a_lo else s
+    eff_e = B.min_(e, *a_hi) if a_hi else e
+
+    def at(slope, base, pos):
+        return B.add(B.scale(pos, slope), base)
+
+    lo = B.max_(*[at(m, b, eff_s if m >= 0 else eff_e) for m, b in lows]) if lows else dom_lo
+    hi = B.min_(*[at(m, b, eff_e if m >= 0 else eff_s) for m, b in highs]) if highs else dom_hi
+    flo = B.max_(*[at(m, b, e if m >= 0 else s) for m, b in lows]) if lows else dom_lo
+    fhi = B.min_(*[at(m, b, s if m >= 0 else e) for m, b in highs]) if highs else dom_hi
+    nonempty = B.and_(*([B.cmp("<=", eff_s, eff_e)] if (a_lo or a_hi) else []), *guards)
+    every = B.and_(*[B.cmp(">=", s, x) for x in a_lo], *[B.cmp("<=", e, x) for x in a_hi], *guards)
+    one, zero = B.const(1), B.const(0)
+    return Interval(B.select(nonempty, lo, one), B.select(nonempty, hi, zero),
+                    B.select(every, flo, one), B.select(every, fhi, zero))
+
+
+@lru_cache(maxsize=256)
+def _closed_form(ir: Node) -> Optional[ClosedForm]:
+    lifted = lift(ir)
+    if lifted is None:
+        return None
+    try:
+        conj = _simplify(_nnf_dnf(lifted))
+        if len(conj) > MAX_INTERVALS:
+            return None
+        big = B.const(Q_UNBOUNDED)
+        rows = tuple(_interval(c, "q", "k", "qs", "qe", B.const(0), B.sub(Var("Lk"), B.const(1)))
+                     for c in conj)
+        cols = tuple(_interval(c, "k", "q", "ks", "ke", B.neg(big), big) for c in conj)
+    except _NotAffine:
+        return None
+    return ClosedForm(rows, cols)
+
+
+def closed_form(ir, block_m=None, block_n=None) -> Optional[ClosedForm]:
+    """The closed-form key ranges of ``ir`` (a Pattern or IR), or None when not affine.
+
+    ``block_m``/``block_n`` are accepted for ``Pattern.key_ranges`` and not needed: the
+    expressions are in positions (``qs``, ``qe``), valid for every tile size.
+    """
+    ir = ir.ir if hasattr(ir, "ir") else ir
+    return _closed_form(ir)
+
+
+# ------------------------------------------------------------------ evaluation per tile
+
+def tile_ranges(cf: ClosedForm, Lq: int, Lk: int, block_m: int, block_n: int, *,
+                num_heads: int = 1, batch: int = 1, q_offset=None, transpose: bool = False,
+                device=None) -> list:
+    """Per interval: ``(lo_tile, hi_tile, flo_tile, fhi_tile)`` int64 ``[B, H, n_tiles]``.
+
+    Rows (default): per query tile, the key tiles ``lo_tile..hi_tile`` that may hold allowed
+    pairs and the key tiles ``flo_tile..fhi_tile`` that are FULL. ``transpose=True``: per key
+    tile, the query tiles. Empty ranges are ``(0, -1)``. Clamped to the domain.
+    """
+    check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    off = query_offset(Lq, Lk, q_offset)
+    if not transpose:
+        L_axis, b_axis, a_off, L_oth, b_oth, o_off, names, ivs = \
+            Lq, block_m, off, Lk, block_n, 0, ("qs", "qe"), cf.rows
+    else:
+        L_axis, b_axis, a_off, L_oth, b_oth, o_off, names, ivs = \
+            Lk, block_n, 0, Lq, block_m, off, ("ks", "ke"), cf.cols
+    nt = -(-L_axis // b_axis)
+    n_oth = -(-L_oth // b_oth)
+    start = torch.arange(nt, dtype=torch.int64, device=dev) * b_axis
+    env = {
+        names[0]: (start + a_off).view(1, 1, nt),
+        names[1]: (torch.clamp(start + b_axis, max=L_axis) - 1 + a_off).view(1, 1, nt),
+        "h": torch.arange(num_heads, dtype=torch.int64, device=dev).view(1, num_heads, 1),
+        "b": torch.arange(batch, dtype=torch.int64, device=dev).view(batch, 1, 1),
+        "Lq": Lq, "Lk": Lk, "H": num_heads,
+    }
+    shape = (batch, num_heads, nt)
+    out = []
+    for iv in ivs:
+        vals = [torch.as_tensor(evaluate(x, env), dtype=torch.int64, device=dev).expand(shape)
+                for x in (iv.lo, iv.hi, iv.flo, iv.fhi)]
+        lo, hi, flo, fhi = [v - o_off for v in vals]
+        lo, hi = lo.clamp(min=0), hi.clamp(max=L_oth - 1)
+        empty = lo > hi
+        lo_t = torch.where(empty, 0, lo.clamp(max=L_oth - 1) // b_oth)
+        hi_t = torch.where(empty, -1, hi.clamp(min=0) // b_oth)
+        flo, fhi = flo.clamp(min=0), fhi.clamp(max=L_oth - 1)
+        fempty = flo > fhi
+        flo_t = -torch.div(-flo, b_oth, rounding_mode="floor")
+        fhi_t = torch.where(fhi >= L_oth - 1, n_oth - 1, (fhi + 1) // b_oth - 1)
+        fempty = fempty | (flo_t > fhi_t)
+        flo_t = torch.where(fempty, 0, flo_t)
+        fhi_t = torch.where(fempty, -1, fhi_t)
+        out.append((lo_t.contiguous(), hi_t.contiguous(), flo_t.contiguous(), fhi_t.contiguous()))
+    return out
