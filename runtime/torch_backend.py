@@ -75,8 +75,10 @@ class _Plan:
         self.tiles = tile_classes(pattern, Lq, Lk, block_m, block_n, num_heads=Hq, batch=B,
                                   q_offset=self.off, device=q.device, inputs=self.inputs)
         self.nq = self.tiles.shape[2]
-        # Key tiles that are non-empty for at least one (batch, head), per query tile.
-        self.any_nonempty = (self.tiles != EMPTY).flatten(0, 1).any(0)      # [nq, nk]
+        # Index bookkeeping happens on the CPU (the class grid is small): no device syncs
+        # per tile on CUDA. Key tiles non-empty for at least one (batch, head), per query tile:
+        self.tiles_cpu = self.tiles.cpu()
+        self.any_nonempty = (self.tiles_cpu != EMPTY).flatten(0, 1).any(0)  # [nq, nk]
         self.env_static = {
             "h": torch.arange(Hq, device=q.device, dtype=torch.int64).view(1, Hq, 1, 1),
             "b": torch.arange(B, device=q.device, dtype=torch.int64).view(B, 1, 1, 1),
@@ -100,29 +102,31 @@ class _Plan:
         if J.numel() == 0:
             return None, None, None
         bn = self.bn
-        ar = torch.arange(bn, device=self.device, dtype=torch.int64)
-        cols = (J.view(-1, 1) * bn + ar.view(1, -1)).flatten()
+        cols = (J.view(-1, 1) * bn + torch.arange(bn, dtype=torch.int64).view(1, -1)).flatten()
         valid = cols < self.Lk
         cols = cols[valid]
-        cls = self.tiles[:, :, i, :].index_select(-1, J)                     # [B', H', nJ]
+        cls = self.tiles_cpu[:, :, i, :].index_select(-1, J)                 # [B', H', nJ]
         colcls = cls.unsqueeze(-1).expand(*cls.shape, bn).flatten(-2)[..., valid]  # [B', H', nc]
         sl = None
         first, last = int(cols[0]), int(cols[-1])
         if last - first + 1 == cols.numel():
             sl = slice(first, last + 1)
-        allowed = (colcls == FULL).unsqueeze(-2)                             # [B', H', 1, nc]
-        part = (colcls == PARTIAL)
+        part = colcls == PARTIAL
         pcols = part.flatten(0, -2).any(0).nonzero().flatten()               # gathered indices
+        dev = self.device
+        allowed = (colcls == FULL).unsqueeze(-2).to(dev)                     # [B', H', 1, nc]
+        cols = cols.to(dev)
         if pcols.numel():
             r0 = i * self.bm
             r1 = min(r0 + self.bm, self.Lq)
+            part = part.index_select(-1, pcols).unsqueeze(-2).to(dev)
+            pcols = pcols.to(dev)
             env = dict(self.env_static)
-            env["q"] = (torch.arange(r0, r1, device=self.device, dtype=torch.int64)
+            env["q"] = (torch.arange(r0, r1, device=dev, dtype=torch.int64)
                         + self.off).view(1, 1, -1, 1)
             env["k"] = cols.index_select(0, pcols).view(1, 1, 1, -1)
             pred = evaluate(self.pattern.ir, env, self.inputs)
-            pred = torch.as_tensor(pred, device=self.device).to(torch.bool)
-            pred = pred & part.index_select(-1, pcols).unsqueeze(-2)         # only PARTIAL tiles
+            pred = torch.as_tensor(pred, device=dev).to(torch.bool) & part   # only PARTIAL tiles
             B, H = self.B, self.Hq
             allowed = allowed.expand(B, H, r1 - r0, cols.numel()).clone()
             allowed[..., pcols] |= pred.expand(B, H, r1 - r0, pcols.numel())
