@@ -1,0 +1,182 @@
+"""``explain()``: what a pattern costs at a given size, for a person and for programs.
+
+Exact density without N^2 work for affine patterns: each query row's allowed keys are the
+union of at most 4 intervals given by the closed form (:mod:`spattn.ir.ranges`) evaluated
+at ``qs = qe = q`` (exact per row), so counting is O(Lq * intervals * B * H). Other patterns:
+the FULL tiles count their size and only the PARTIAL tiles are evaluated with the reference
+semantics, in chunks (memory bounded by ``chunk_elems``).
+
+FLOPs: attention costs ``4 * D`` FLOPs per (query, key) pair (QK^T and PV, 2 each); the kernel
+computes every pair of its FULL and PARTIAL tiles (nominal tile size), the useful work is the
+allowed pairs. The predicted speedup comes from the (uncalibrated) cost model of
+:mod:`spattn.ir.strategy`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from .evaluate import evaluate, query_offset
+from .ranges import closed_form
+from .strategy import COST, pick_strategy, predicted_speedup, tile_counts
+from .tiles import FULL, PARTIAL, classify
+
+
+@dataclass
+class Report:
+    pattern: str
+    Lq: int
+    Lk: int
+    num_heads: int
+    batch: int
+    block_m: int
+    block_n: int
+    head_dim: int
+    allowed_pairs: int
+    total_pairs: int
+    density: float
+    tiles: dict
+    tile_density: float
+    flops_computed: int
+    flops_useful: int
+    flops_dense: int
+    efficiency: float
+    predicted_speedup: float
+    strategy: str
+    density_method: str
+    cost_model: dict = field(default_factory=lambda: dict(COST))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        t = self.tiles
+        total = max(t["total"], 1)
+
+        def pct(x):
+            return f"{100 * x:.2f}%"
+
+        def tf(x):
+            return f"{x / 1e12:.3f} TFLOP" if x >= 1e11 else f"{x / 1e9:.3f} GFLOP"
+        lines = [
+            f"pattern   {self.pattern}",
+            f"shape     B={self.batch} H={self.num_heads} Lq={self.Lq} Lk={self.Lk} D={self.head_dim}"
+            f"  tiles {self.block_m}x{self.block_n}",
+            f"density   {pct(self.density)} of pairs allowed "
+            f"({self.allowed_pairs:,} / {self.total_pairs:,}; {self.density_method})",
+            f"tiles     {t['total']:,}: {t['full']:,} full ({pct(t['full'] / total)}), "
+            f"{t['partial']:,} partial ({pct(t['partial'] / total)}), "
+            f"{t['empty']:,} empty ({pct(t['empty'] / total)})",
+            f"flops     computed {tf(self.flops_computed)}, useful {tf(self.flops_useful)}, "
+            f"dense {tf(self.flops_dense)}; efficiency {pct(self.efficiency)}",
+            f"speedup   {self.predicted_speedup:.2f}x over dense (cost model, uncalibrated)",
+            f"strategy  {self.strategy}"
+            + (" (closed-form loop bounds, no metadata)" if self.strategy == "ranges"
+               else " (CSR tile table built at call time)"),
+        ]
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p, cycle):  # pragma: no cover - IPython
+        p.text(str(self))
+
+
+def _count_closed_form(cf, Lq, Lk, *, num_heads, batch, q_offset, device, chunk=1 << 16) -> int:
+    """Allowed pairs, counted per query row from the closed form (exact)."""
+    off = query_offset(Lq, Lk, q_offset)
+    total = 0
+    for s in range(0, Lq, chunk):
+        n = min(chunk, Lq - s)
+        qpos = (torch.arange(s, s + n, dtype=torch.int64, device=device) + off).view(1, 1, n)
+        env = {"qs": qpos, "qe": qpos,
+               "h": torch.arange(num_heads, dtype=torch.int64, device=device).view(1, num_heads, 1),
+               "b": torch.arange(batch, dtype=torch.int64, device=device).view(batch, 1, 1),
+               "Lq": Lq, "Lk": Lk, "H": num_heads}
+        shape = (batch, num_heads, n)
+        los, his = [], []
+        for iv in cf.rows:
+            lo = torch.as_tensor(evaluate(iv.lo, env), dtype=torch.int64, device=device).expand(shape)
+            hi = torch.as_tensor(evaluate(iv.hi, env), dtype=torch.int64, device=device).expand(shape)
+            los.append(lo.clamp(min=0))
+            his.append(hi.clamp(max=Lk - 1))
+        if not los:
+            continue
+        lo = torch.stack(los, -1)
+        hi = torch.stack(his, -1)
+        order = torch.argsort(lo, dim=-1)
+        lo, hi = torch.gather(lo, -1, order), torch.gather(hi, -1, order)
+        cur = torch.full(shape, -1, dtype=torch.int64, device=device)   # last covered key
+        cnt = torch.zeros(shape, dtype=torch.int64, device=device)
+        for j in range(lo.shape[-1]):
+            start = torch.maximum(lo[..., j], cur + 1)
+            cnt += (hi[..., j] - start + 1).clamp(min=0)
+            cur = torch.maximum(cur, hi[..., j])
+        total += int(cnt.sum())
+    return total
+
+
+def _count_tiles(ir, tiles, Lq, Lk, bm, bn, *, q_offset, inputs, device, chunk_elems=1 << 22) -> int:
+    """Allowed pairs: FULL tiles by size, PARTIAL tiles evaluated (memory bounded)."""
+    off = query_offset(Lq, Lk, q_offset)
+    Bn, Hn, nq, nk = tiles.shape
+    rows = torch.clamp(Lq - torch.arange(nq, device=device) * bm, max=bm)
+    cols = torch.clamp(Lk - torch.arange(nk, device=device) * bn, max=bn)
+    size = rows.view(nq, 1) * cols.view(1, nk)
+    total = int((size.expand_as(tiles) * (tiles == FULL)).sum())
+    idx = (tiles == PARTIAL).nonzero()
+    step = max(1, chunk_elems // (bm * bn))
+    ar_m = torch.arange(bm, device=device)
+    ar_n = torch.arange(bn, device=device)
+    for s in range(0, idx.shape[0], step):
+        bi, hi_, qi, ki = idx[s:s + step].unbind(1)
+        qrow = qi.view(-1, 1, 1) * bm + ar_m.view(1, bm, 1)
+        kcol = ki.view(-1, 1, 1) * bn + ar_n.view(1, 1, bn)
+        valid = (qrow < Lq) & (kcol < Lk)
+        env = {"q": qrow.clamp(max=Lq - 1) + off, "k": kcol.clamp(max=Lk - 1),
+               "h": hi_.view(-1, 1, 1), "b": bi.view(-1, 1, 1), "Lq": Lq, "Lk": Lk,
+               "H": Hn}
+        m = torch.as_tensor(evaluate(ir, env, inputs), device=device)
+        total += int((m & valid).sum())
+    return total
+
+
+def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, block_m: int = 128,
+            block_n: int = 64, inputs: Optional[dict] = None, batch: int = 1,
+            q_offset: Optional[int] = None, head_dim: int = 128, device=None) -> Report:
+    """A :class:`Report` on ``pattern`` at the given size (see the module docstring)."""
+    Lk = Lq if Lk is None else Lk
+    ir = pattern.ir if hasattr(pattern, "ir") else pattern
+    inputs = dict(inputs or {})
+    tiles = classify(pattern, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
+                     q_offset=q_offset, device=device, inputs=inputs)
+    dev = tiles.device
+    counts = tile_counts(tiles)
+    cf = closed_form(ir)
+    if cf is not None:
+        allowed = _count_closed_form(cf, Lq, Lk, num_heads=num_heads, batch=batch,
+                                     q_offset=q_offset, device=dev)
+        method = "exact, per-row closed form"
+    else:
+        from .evaluate import validate_inputs
+        ins = validate_inputs(getattr(pattern, "inputs", {}) or {}, inputs, batch=batch,
+                              num_heads=num_heads, device=dev)
+        allowed = _count_tiles(ir, tiles, Lq, Lk, block_m, block_n, q_offset=q_offset,
+                               inputs=ins, device=dev)
+        method = "exact, full tiles + partial tiles evaluated"
+    total_pairs = batch * num_heads * Lq * Lk
+    ntiles = counts["empty"] + counts["partial"] + counts["full"]
+    per_pair = 4 * head_dim
+    computed = (counts["full"] + counts["partial"]) * block_m * block_n * per_pair
+    useful = allowed * per_pair
+    strategy = pick_strategy(ir)
+    return Report(
+        pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
+        batch=batch, block_m=block_m, block_n=block_n, head_dim=head_dim,
+        allowed_pairs=allowed, total_pairs=total_pairs, density=allowed / total_pairs,
+        tiles=dict(counts, total=ntiles),
+        tile_density=(counts["full"] + counts["partial"]) / max(ntiles, 1),
+        flops_computed=computed, flops_useful=useful, flops_dense=total_pairs * per_pair,
+        efficiency=useful / computed if computed else 1.0,
+        predicted_speedup=predicted_speedup(counts, strategy), strategy=strategy,
+        density_method=method)
