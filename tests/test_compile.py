@@ -1,4 +1,5 @@
 """``torch.compile(fullgraph=True)`` of a model using spattn: no graph breaks, same numbers."""
+import pytest
 import torch
 from torch import nn
 
@@ -71,3 +72,25 @@ def test_compile_functional_attention_without_graph_breaks():
     torch.testing.assert_close(a, b)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compile_fullgraph_on_cuda(backend):
+    """On CUDA: the Triton kernels (or the torch backend) inside a fullgraph-compiled model."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyBlock(dim=128, heads=4, kv_heads=2).cuda()
+    model.attn = SparseAttention("causal & (window(W) | sink(2)) & same(doc)", W=100,
+                                 backend=backend)
+    x = torch.randn(2, 512, 128, device="cuda")
+    doc = (torch.rand(2, 512, device="cuda") < 0.01).cumsum(-1)
+    y_eager = model(x, doc)
+    y_eager.square().mean().backward()
+    g_eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    y = torch.compile(model, fullgraph=True)(x, doc)
+    y.square().mean().backward()
+    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g_eager[n], rtol=1e-3, atol=1e-5, msg=n)

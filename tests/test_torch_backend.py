@@ -224,3 +224,46 @@ def test_scores_never_span_all_keys_for_a_window(monkeypatch):
     assert seen
     assert max(s[-1] for s in seen) <= 3 * torch_backend.BLOCK_N
     assert max(s[-2] for s in seen) <= torch_backend.BLOCK_M
+
+
+# ------------------------------------------------------------ on the GPU
+
+GPU_CASES = [
+    ("window", "causal & window(256)", None),
+    ("documents", "causal & same(doc)", "doc"),
+    ("per-head", "causal & q - k < W[h]", {"W": [64, 512]}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name,src,extra", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_torch_backend_on_cuda(name, src, extra, dtype):
+    """The torch backend on CUDA tensors (N=4096, GQA 2:1): fwd and grads vs float64."""
+    N, Hq, Hk, D = 4096, 2, 1, 64
+    params = extra if isinstance(extra, dict) else {}
+    pat = spattn.compile(src, backend="torch", **params)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, Hq, N, D, device="cuda", generator=g).to(dtype).requires_grad_()
+    k = torch.randn(1, Hk, N, D, device="cuda", generator=g).to(dtype).requires_grad_()
+    v = torch.randn(1, Hk, N, D, device="cuda", generator=g).to(dtype).requires_grad_()
+    ins = {}
+    if extra == "doc":
+        ins = {"doc": torch.sort(torch.randint(0, 9, (N,), device="cuda", generator=g)).values}
+    o, lse = pat(q, k, v, return_lse=True, **ins)
+    assert o.device.type == "cuda" and o.dtype == dtype
+    do = torch.randn(o.shape, device="cuda", generator=g).to(dtype)
+    (o * do).sum().backward()
+    mask = pat.mask(N, N, num_heads=Hq, device="cuda", **ins)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = attention_reference(q64, k64, v64, mask)
+    (ro * do.double()).sum().backward()
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    for what, a, b in (("o", o, ro), ("lse", lse, rl), ("dq", q.grad, q64.grad),
+                       ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        a, b = a.detach().double(), b.detach()
+        assert torch.isfinite(a).all(), what
+        err = float((a - b).norm() / b.norm())
+        assert err < tol, f"{what}: rel. error {err:.2e}"
+        if dtype == torch.float32:
+            _close(what, a, b)
