@@ -26,6 +26,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..dsl.errors import SpattnError
 
@@ -116,6 +117,7 @@ class AttentionFunction(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         pattern, backend, scale, q_offset, inputs = ctx.spattn
