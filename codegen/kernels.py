@@ -42,7 +42,7 @@ from ..ir import build as B
 from ..ir.nodes import BoolConst, Node, Var
 from .emit import HELPERS, NONNEG_VARS, emit
 
-CODEGEN_VERSION = "1"
+CODEGEN_VERSION = "2"
 
 
 # ------------------------------------------------------------------ helpers
@@ -259,8 +259,8 @@ BLOCK_D = {config.block_d}
 NUM_WARPS = {config.num_warps}
 NUM_STAGES = {config.num_stages}
 INPUTS = {dict(pattern.inputs)!r}
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 '''
 
 
