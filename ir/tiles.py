@@ -63,6 +63,8 @@ from .nodes import BoolConst, FloorDiv, Node, Range, Var
 EMPTY, PARTIAL, FULL = 0, 1, 2
 MAX_FLOOR_CUTS = 64
 MAX_CELLS = 8192
+#: tiles per slab of the vectorised pass (bounds the peak memory: O(slab), not O(grid))
+SLAB_TILES = 1 << 21
 I64 = torch.int64
 _BIG = 1 << 60
 
@@ -135,16 +137,21 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
                    q_offset=q_offset, device=dev)
     nq, nk = env["q"][0].shape[2], env["k"][0].shape[3]
     summaries: dict = {}
-    ev = IntervalEval(env, ins, device=dev, summaries=summaries)
-    ct, cf = ev.bool_(ir)
-    ct = torch.as_tensor(ct, device=dev)
-    cf = torch.as_tensor(cf, device=dev)
-    shape = (batch, num_heads, nq, nk)
-    # EMPTY: ct=0 -> 0; FULL: ct=1, cf=0 -> 2; PARTIAL -> 1 (ct=0 and cf=0 cannot happen: 1)
-    # (ct=0, cf=0 cannot happen on a non-empty tile; it gives 1, which is safe)
-    cls = (ct.to(torch.int8) + (~cf).to(torch.int8)).expand(shape).contiguous()
-    if refine:
-        refine_partial(ir, cls, env, ins, summaries, dev)
+    cls = torch.empty((batch, num_heads, nq, nk), dtype=torch.int8, device=dev)
+    # slabs of query tiles bound the intermediate tensors to ~SLAB_TILES tiles each
+    rows = max(1, SLAB_TILES // (batch * num_heads * nk))
+    for s in range(0, nq, rows):
+        e = min(nq, s + rows)
+        senv = dict(env, q=(env["q"][0][:, :, s:e], env["q"][1][:, :, s:e]))
+        ev = IntervalEval(senv, ins, device=dev, summaries=summaries)
+        ct, cf = ev.bool_(ir)
+        ct = torch.as_tensor(ct, device=dev)
+        cf = torch.as_tensor(cf, device=dev)
+        # EMPTY: ct=0 -> 0; FULL: ct=1, cf=0 -> 2; PARTIAL -> 1 (ct=0, cf=0 cannot happen: 1)
+        out = cls[:, :, s:e]
+        out.copy_((ct.to(torch.int8) + (~cf).to(torch.int8)).expand(out.shape))
+        if refine:
+            refine_partial(ir, out, senv, ins, summaries, dev)
     return cls
 
 
@@ -247,9 +254,34 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
         return (qlo_all[qi].unsqueeze(1), qhi_all[qi].unsqueeze(1), klo_all[ki].unsqueeze(1),
                 khi_all[ki].unsqueeze(1), bi.unsqueeze(1), hi_.unsqueeze(1))
 
-    # cuts per floor term: as many as the partial tiles need, within MAX_FLOOR_CUTS
+    # only tiles where some cellable atom is undecided can change
     point_env_all = {"Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"]}
     qlo, qhi, klo, khi, b_t, h_t = boxes(idx)
+    tev = IntervalEval(dict(point_env_all, h=h_t, b=b_t, q=(qlo, qhi), k=(klo, khi)), inputs,
+                       device=device, summaries=summaries)
+    undecided = torch.zeros_like(qlo, dtype=torch.bool)
+    leaf = {}
+    for a in atoms:
+        leaf[a.node] = tev.bool_(a.node)
+        if a.kind in ("lin", "floor"):
+            ct, cf = leaf[a.node]
+            undecided = undecided | (ct & cf)
+    # the lifted formula at tile level may already decide (it has no min/max/abs/if)
+    ct, cf = combine(formula, leaf)
+    ct = torch.as_tensor(ct, device=device).expand_as(qlo).reshape(-1)
+    cf = torch.as_tensor(cf, device=device).expand_as(qlo).reshape(-1)
+    if bool((~ct | ~cf).any()):
+        dec = torch.where(~ct, EMPTY, FULL).to(torch.int8)
+        sel = ~ct | ~cf
+        d_idx = idx[sel]
+        cls[d_idx[:, 0], d_idx[:, 1], d_idx[:, 2], d_idx[:, 3]] = dec[sel]
+    undecided = undecided.view(-1) & ct & cf
+    if not bool(undecided.all()):
+        idx = idx[undecided]
+        if idx.numel() == 0:
+            return
+        qlo, qhi, klo, khi, b_t, h_t = boxes(idx)
+    # cuts per floor term: as many as the partial tiles need, within MAX_FLOOR_CUTS
     ranges = {"q": (qlo, qhi), "k": (klo, khi), "d": (qlo - khi, qhi - klo)}
     penv = dict(point_env_all, h=h_t, b=b_t)
     ncut = {"q": 0, "k": 0, "d": 0}
