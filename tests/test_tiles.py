@@ -111,7 +111,7 @@ dims = st.tuples(st.integers(1, 120), st.integers(1, 120), st.integers(1, 40),
                  st.integers(1, 40), st.integers(-20, 20) | st.none(), st.integers(1, 3))
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 @given(bool_exprs(), dims)
 def test_random_expressions_sound(ir, d):
     Lq, Lk, bm, bn, off, H = d
@@ -120,7 +120,7 @@ def test_random_expressions_sound(ir, d):
     assert unsound(got, want) == 0, str(ir)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(affine_bool_exprs(), dims)
 def test_random_affine_exact(ir, d):
     Lq, Lk, bm, bn, off, H = d
@@ -235,3 +235,28 @@ def test_per_head_large_memory_ok():
     got = classify(ir, 32768, 32768, 32, 32, num_heads=16)
     assert got.shape == (1, 16, 1024, 1024)
     assert int((got == 0).sum()) > 0
+
+
+# ---- through the parser -------------------------------------------------------
+EXACT_SOURCES = ["causal", "window(17)", "local(3, 9)", "sink(5)", "global_tokens(7)",
+                 "prefix_lm(12)", "chunked(16)", "causal & chunked(10)",
+                 "causal & (window(9) | sink(4))", "abs(q - k) <= 6 | k < 3",
+                 "clamp(q - k, 0, 20) == q - k", "k <= q & q - k < [4, 9, 30][h]",
+                 "causal & k >= Lk - 25", "if q < 40 then k <= q else k < 10"]
+SOUND_SOURCES = ["dilated(4, 3)", "strided(8)", "fixed(8, 2)", "power2(4)",
+                 "causal & (q - k < 16 | k % H == h)", "(q * k) % 7 < 3", "q + k < 50",
+                 "dilated(3, [1, 2, 3][h])"]
+
+
+@pytest.mark.parametrize("src", EXACT_SOURCES + SOUND_SOURCES)
+@pytest.mark.parametrize("shape", [(70, 90, 16, 8, None), (45, 45, 7, 11, -6)])
+def test_compiled_prelude(src, shape):
+    import spattn
+    Lq, Lk, bm, bn, off = shape
+    p = spattn.compile(src)
+    got = p.tiles(Lq, Lk, bm, bn, num_heads=3, q_offset=off)
+    want = truth_tiles(p.ir, Lq, Lk, bm, bn, H=3, q_offset=off)
+    if src in EXACT_SOURCES:
+        assert torch.equal(got, want), src
+    else:
+        assert unsound(got, want) == 0, src
