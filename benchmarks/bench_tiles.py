@@ -2,6 +2,7 @@
 
     python benchmarks/bench_tiles.py            # every case, markdown table on stdout
     python benchmarks/bench_tiles.py --case window
+    python benchmarks/bench_tiles.py --device cuda --L 65536   # GPU (target: window <= 1 ms)
 
 Each case runs in its own subprocess so that its peak memory (max RSS) is its own.
 Timings: best of ``--repeat`` runs after one warm-up (the caches of compiled IR are warm,
@@ -45,23 +46,31 @@ def build_inputs(kind, L):
     return {}
 
 
-def run_case(name, repeat):
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_case(name, repeat, device="cpu"):
     import spattn
     from spattn.ir.ranges import closed_form, tile_ranges
     from spattn.ir.tables import tile_table
     src, Lx, blk, H, kind = CASES[name]
     p = spattn.compile(src)
-    ins = build_inputs(kind, Lx)
-    p.tiles(Lx, Lx, blk, blk, num_heads=H, **ins)        # warm-up
+    ins = {k: v.to(device) for k, v in build_inputs(kind, Lx).items()}
+    p.tiles(Lx, Lx, blk, blk, num_heads=H, device=device, **ins)        # warm-up
     best = float("inf")
     for _ in range(repeat):
+        _sync(device)
         t0 = time.perf_counter()
-        t = p.tiles(Lx, Lx, blk, blk, num_heads=H, **ins)
+        t = p.tiles(Lx, Lx, blk, blk, num_heads=H, device=device, **ins)
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     tt_best = float("inf")
     for _ in range(max(1, repeat // 2)):
         t0 = time.perf_counter()
         tile_table(t)
+        _sync(device)
         tt_best = min(tt_best, time.perf_counter() - t0)
     cf = closed_form(p.ir)
     r_best = None
@@ -69,7 +78,8 @@ def run_case(name, repeat):
         r_best = float("inf")
         for _ in range(max(1, repeat // 2)):
             t0 = time.perf_counter()
-            tile_ranges(cf, Lx, Lx, blk, blk, num_heads=H)
+            tile_ranges(cf, Lx, Lx, blk, blk, num_heads=H, device=device)
+            _sync(device)
             r_best = min(r_best, time.perf_counter() - t0)
     n = torch.bincount(t.view(-1).long(), minlength=3).tolist()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -84,19 +94,27 @@ def main():
     ap.add_argument("--case")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--json")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--L", type=int, default=L, help="sequence length (default 131072)")
     a = ap.parse_args()
     if a.case:
-        print(json.dumps(run_case(a.case, a.repeat)))
+        if a.L != L:
+            for k_, v_ in CASES.items():
+                CASES[k_] = (v_[0], a.L) + v_[2:]
+        print(json.dumps(run_case(a.case, a.repeat, a.device)))
         return
     rows = []
     for name in CASES:
-        out = subprocess.run([sys.executable, __file__, "--case", name, "--repeat", str(a.repeat)],
+        out = subprocess.run([sys.executable, __file__, "--case", name, "--repeat", str(a.repeat),
+                              "--device", a.device, "--L", str(a.L)],
                              capture_output=True, text=True, env=dict(os.environ))
         if out.returncode:
             print(out.stderr, file=sys.stderr)
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{name}: {rows[-1]['tiles_ms']:.1f} ms", file=sys.stderr)
+    if a.device != "cpu":
+        print(f"device: {torch.cuda.get_device_name()}")
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                platform.processor())
     print(f"CPU: {cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
