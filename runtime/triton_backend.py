@@ -150,6 +150,40 @@ def _demote_ragged(cls: torch.Tensor, L: int, block: int, axis: int) -> torch.Te
     return cls
 
 
+# ------------------------------------------------------------ table memo
+
+_TABLE_MEMO: "OrderedDict" = None
+TABLE_MEMO_SIZE = 32
+
+
+def _memo_key(pattern, kind, Lq, Lk, bm, bn, B, H, q_offset, device, inputs):
+    """Key of a tile table: shapes, offset, and each input's identity and version.
+
+    The memo holds a reference to every input tensor it keys on, so an ``id`` cannot
+    be reused by another tensor while its entry lives; ``_version`` changes on any
+    in-place write, so a modified input is re-analysed.
+    """
+    ins = tuple(sorted((n, id(t), t._version, tuple(t.shape), t.stride(), t.data_ptr())
+                       for n, t in (inputs or {}).items()))
+    return (pattern.key, kind, Lq, Lk, bm, bn, B, H, q_offset, str(device), ins)
+
+
+def _memo(key, inputs, build):
+    global _TABLE_MEMO
+    from collections import OrderedDict
+    if _TABLE_MEMO is None:
+        _TABLE_MEMO = OrderedDict()
+    hit = _TABLE_MEMO.get(key)
+    if hit is not None:
+        _TABLE_MEMO.move_to_end(key)
+        return hit[0]
+    value = build()
+    _TABLE_MEMO[key] = (value, tuple((inputs or {}).values()))
+    while len(_TABLE_MEMO) > TABLE_MEMO_SIZE:
+        _TABLE_MEMO.popitem(last=False)
+    return value
+
+
 # ----------------------------------------------------------- ranges order
 
 _order_cache: dict = {}
@@ -223,10 +257,12 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict | None = 
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     in_args = _input_args(pattern, inputs, q.device)
     if cfg.strategy == "table":
-        cls = _classify(pattern, Lq, Lk, bm, bn, H=H, B=B, q_offset=q_offset, device=q.device,
-                        inputs=inputs)
-        cls = _demote_ragged(cls, Lk, bn, 3)
-        tab, (order, osb, osh) = _table(cls, nq)
+        def build():
+            cls = _classify(pattern, Lq, Lk, bm, bn, H=H, B=B, q_offset=q_offset,
+                            device=q.device, inputs=inputs)
+            return _table(_demote_ragged(cls, Lk, bn, 3), nq)
+        key = _memo_key(pattern, "fwd", Lq, Lk, bm, bn, B, H, q_offset, q.device, inputs)
+        tab, (order, osb, osh) = _memo(key, inputs, build)
     else:
         _, cf, _ = _cache.resolve(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device,
                                   **opts)
@@ -273,13 +309,16 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
     lse2 = (lse.to(torch.float32) * LOG2E).contiguous()
     in_args = _input_args(pattern, inputs, dev)
     if cfg.strategy == "table":
-        cls = _classify(pattern, Lq, Lk, bm, bn, H=H, B=B, q_offset=q_offset, device=dev,
-                        inputs=inputs)
-        tab_q, (order_q, oqb, oqh) = _table(_demote_ragged(cls, Lk, bn, 3), nq)
-        cls_t = _demote_ragged(cls, Lq, bm, 2).transpose(2, 3)
-        tab_k, (order_k, _, _) = _table(cls_t, nk)
-        # dK/dV programs are per key head: one order (of the first (b, h)) shared by all
-        order_k = order_k[0, 0].contiguous().view(1, 1, nk)
+        def build():
+            cls = _classify(pattern, Lq, Lk, bm, bn, H=H, B=B, q_offset=q_offset, device=dev,
+                            inputs=inputs)
+            tab_q, order_q = _table(_demote_ragged(cls, Lk, bn, 3), nq)
+            cls_t = _demote_ragged(cls, Lq, bm, 2).transpose(2, 3)
+            tab_k, (order_k, _, _) = _table(cls_t, nk)
+            # dK/dV programs are per key head: one order (of the first (b, h)) shared by all
+            return tab_q, order_q, tab_k, order_k[0, 0].contiguous().view(1, 1, nk)
+        key = _memo_key(pattern, "bwd", Lq, Lk, bm, bn, B, H, q_offset, dev, inputs)
+        tab_q, (order_q, oqb, oqh), tab_k, order_k = _memo(key, inputs, build)
         okb = okh = 0
     else:
         _, cf, _ = _cache.resolve(pattern, "bwd", head_dim=D, dtype=q.dtype, device=dev, **opts)
