@@ -148,20 +148,11 @@ def _backend_for(requested: str, device_type: str) -> str:
     return choose_backend(requested, device_type)
 
 
-def _registered_key(pattern) -> str:
-    # Under torch.compile the key is computed once at trace time (hashlib is not traceable)
-    # and baked into the graph as a constant.
-    return _ag.register(pattern)
-
-
-_registered_key_const = torch.compiler.assume_constant_result(_registered_key)
-
-
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None):
     """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32)."""
     if torch.compiler.is_compiling():
-        key = _registered_key_const(pattern)
-        return _call_op(key, pattern.inputs, pattern.backend, q, k, v, scale=scale,
+        # The op carries the canonical source (a str attribute: a constant while tracing).
+        return _call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                         return_lse=return_lse, q_offset=q_offset, inputs=inputs)
     validate(q, k, v)
     B, Hq, Lq, D = q.shape

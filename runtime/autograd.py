@@ -11,9 +11,11 @@ Two thin layers over one pair of dispatchers, :func:`_fwd` and :func:`_bwd`
   kernels are opaque inside the op.
 
 A custom op takes only tensors and simple values, so the pattern travels as its
-key (``Pattern.key``, a hash of the canonical source) and is looked up in
-:data:`_REGISTRY`, filled when a pattern is first called. Runtime inputs travel
-as a list of tensors in sorted input-name order.
+canonical source (``Pattern.source``, a plain str attribute, so tracing needs no
+hashing) and is looked up in :data:`_REGISTRY`, filled when a pattern is first
+called; a source not in the registry (a graph saved and run in another process)
+is compiled again from the source, which round-trips to the same IR. Runtime
+inputs travel as a list of tensors in sorted input-name order.
 
 Gradients flow to q, k and v only (runtime inputs are integer tensors). The
 gradient of the returned lse (``return_lse=True``) is supported: the torch
@@ -32,24 +34,29 @@ from ..dsl.errors import SpattnError
 
 __all__ = ["AttentionFunction", "register", "lookup", "attention_op", "attention_bwd_op"]
 
-#: Pattern.key -> Pattern, for the custom op (which only carries the key).
+#: canonical source -> Pattern, for the custom op (which only carries the source).
 _REGISTRY: dict = {}
 
 
 def register(pattern) -> str:
-    """Record ``pattern`` so the custom op can find it by key; returns the key."""
-    key = pattern.key
+    """Record ``pattern`` so the custom op can find it; returns its key (the canonical source)."""
+    key = pattern.source
     _REGISTRY.setdefault(key, pattern)
     return key
 
 
 def lookup(key: str):
-    try:
-        return _REGISTRY[key]
-    except KeyError:
-        raise SpattnError(f"no pattern with key {key!r} is registered in this process; "
-                          "call the pattern once (or build its SparseAttention) before "
-                          "using the op directly") from None
+    """The pattern registered under ``key``, or compiled again from it (a canonical source)."""
+    pat = _REGISTRY.get(key)
+    if pat is None:
+        from spattn.pattern import compile as _compile
+        try:
+            pat = _compile(key)
+        except SpattnError as e:
+            raise SpattnError(f"no pattern is registered under {key!r} and it does not compile "
+                              f"as a pattern source: {e.message}") from None
+        _REGISTRY[key] = pat
+    return pat
 
 
 # ------------------------------------------------------------ dispatchers

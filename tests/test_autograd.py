@@ -81,9 +81,13 @@ def test_no_grad_mode_and_integer_inputs_get_no_grad():
 def test_registry_lookup():
     pat = spattn.compile("causal & window(7)", backend="torch")
     key = ag.register(pat)
-    assert ag.lookup(key) is pat or ag.lookup(key) == pat
-    with pytest.raises(spattn.SpattnError, match="no pattern with key"):
-        ag.lookup("0" * 16)
+    assert key == pat.source and ag.lookup(key) == pat
+    # a canonical source never seen in this process (a saved graph) compiles again
+    other = spattn.compile("chunked(5) & k >= 3")
+    ag._REGISTRY.pop(other.source, None)
+    assert ag.lookup(other.source) == other
+    with pytest.raises(spattn.SpattnError, match="no pattern is registered"):
+        ag.lookup("this is ] not a pattern")
 
 
 def test_custom_op_eager_matches_function_path():
