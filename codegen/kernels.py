@@ -8,8 +8,10 @@ importable Python file, readable like hand-written code:
 * ``kind="fwd"``: ``attn_fwd_<name>_<key6>`` (online softmax, output + lse);
 * ``kind="bwd"``: ``attn_bwd_preprocess_<name>_<key6>`` (delta = rowsum(dO * O)),
   ``attn_bwd_dkdv_<name>_<key6>`` (one program per key tile and key head, looping
-  over the query heads of its GQA group: deterministic, no atomics) and
-  ``attn_bwd_dq_<name>_<key6>`` (one program per query tile, like the forward).
+  over the query heads of its GQA group: deterministic, no atomics; scores in the
+  transposed orientation, Q^T loaded through strides) and
+  ``attn_bwd_dq_<name>_<key6>`` (one program per query tile, like the forward), each
+  with its own tile shape (``BLOCK_M1 x BLOCK_N1`` and ``BLOCK_M2 x BLOCK_N2``).
 
 Each tile loop lives in a small ``@triton.jit`` function (``_fwd_range`` ...)
 called once per sub-range with ``MASKED`` as a constexpr: FULL tiles
@@ -42,7 +44,7 @@ from ..ir import build as B
 from ..ir.nodes import BoolConst, Node, Var
 from .emit import HELPERS, NONNEG_VARS, emit
 
-CODEGEN_VERSION = "2"
+CODEGEN_VERSION = "3"
 
 
 # ------------------------------------------------------------------ helpers
@@ -230,6 +232,22 @@ def _split(start, end, full_start, full_end):
 '''
 
 
+def _tiles_doc(kind: str, config) -> str:
+    if kind == "fwd":
+        return (f"Tiles: BLOCK_M={config.block_m} (queries), BLOCK_N={config.block_n} (keys), "
+                f"BLOCK_D={config.block_d}")
+    return (f"Tiles: dK/dV BLOCK_N1={config.block_n} keys per program x BLOCK_M1={config.block_m} "
+            f"queries per step;\n       dQ BLOCK_M2={config.block_m2} queries per program x "
+            f"BLOCK_N2={config.block_n2} keys per step; BLOCK_D={config.block_d}")
+
+
+def _tiles_consts(kind: str, config) -> str:
+    if kind == "fwd":
+        return f"BLOCK_M = {config.block_m}\nBLOCK_N = {config.block_n}"
+    return (f"BLOCK_M1 = {config.block_m}\nBLOCK_N1 = {config.block_n}\n"
+            f"BLOCK_M2 = {config.block_m2}\nBLOCK_N2 = {config.block_n2}")
+
+
 def _header(pattern, kind: str, config, key: str, names: dict, strategy_doc: str) -> str:
     src = "\n".join("    " + line for line in pattern.source.splitlines())
     kernels = [names["fwd"]] if kind == "fwd" else [names["pre"], names["dkdv"], names["dq"]]
@@ -241,7 +259,7 @@ Pattern (canonical source):
 
 Runtime inputs: {inputs}
 Strategy: {config.strategy} ({strategy_doc})
-Tiles: BLOCK_M={config.block_m} (queries), BLOCK_N={config.block_n} (keys), BLOCK_D={config.block_d}
+{_tiles_doc(kind, config)}
 Launch: num_warps={config.num_warps}, num_stages={config.num_stages}, dtype={config.dtype}
 Kernels: {", ".join(kernels)}
 Codegen version: {CODEGEN_VERSION}; cache key {key}
@@ -253,8 +271,7 @@ import triton
 import triton.language as tl
 
 STRATEGY = {config.strategy!r}
-BLOCK_M = {config.block_m}
-BLOCK_N = {config.block_n}
+{_tiles_consts(kind, config)}
 BLOCK_D = {config.block_d}
 NUM_WARPS = {config.num_warps}
 NUM_STAGES = {config.num_stages}
@@ -532,14 +549,19 @@ def @@FN@@(
 DKDV_RANGE = '''
 @triton.jit
 def @@FN@@(
-    b_dk, b_dv, b_kt, b_vt, o_k,
+    b_dk, b_dv, b_k, b_v, o_k,
     Q, DO, LSE2, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
     sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset,@@EXTRA@@
     COLS, start, end,
     MASKED: tl.constexpr, TABLE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Query tiles [start, end) (tile indices, or CSR slots when TABLE) of one key tile."""
+    """Query tiles [start, end) (tile indices, or CSR slots when TABLE) of one key tile.
+
+    Transposed orientation (FlashAttention-2): scores are [BLOCK_N1 keys, BLOCK_M1
+    queries], so dV += P^T dO and dK += dS^T Q need no transpose of a computed tile;
+    Q^T is loaded transposed through its strides.
+    """
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
     for idx in range(start, end):
@@ -547,39 +569,38 @@ def @@FN@@(
             i_m = tl.load(COLS + idx)
         else:
             i_m = idx
-        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        p_q = Q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
-        p_do = DO + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod
+        o_m = i_m * BLOCK_M1 + tl.arange(0, BLOCK_M1)
+        p_qt = Q + o_m[None, :] * stride_qm + o_d[:, None] * stride_qd       # [BLOCK_D, BLOCK_M1]
+        p_do = DO + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod     # [BLOCK_M1, BLOCK_D]
         if MASKED:
-            m_qd = (o_m[:, None] < Lq) & m_d[None, :]
-            b_q = tl.load(p_q, mask=m_qd, other=0.0)
-            b_do = tl.load(p_do, mask=m_qd, other=0.0)
-            # rows beyond Lq and fully masked rows: lse = +inf -> p = 0
-            b_lse = tl.load(LSE2 + o_m, mask=o_m < Lq, other=float("inf"))
-            b_delta = tl.load(DELTA + o_m, mask=o_m < Lq, other=0.0)
+            m_m = o_m < Lq
+            b_qt = tl.load(p_qt, mask=m_d[:, None] & m_m[None, :], other=0.0)
+            b_do = tl.load(p_do, mask=m_m[:, None] & m_d[None, :], other=0.0)
+            # rows beyond Lq: lse = +inf -> p = 0 (fully masked rows arrive as +inf too)
+            b_lse = tl.load(LSE2 + o_m, mask=m_m, other=float("inf"))
+            b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
         else:
             if HEAD_DIM == BLOCK_D:
-                b_q = tl.load(p_q)
+                b_qt = tl.load(p_qt)
                 b_do = tl.load(p_do)
             else:
-                b_q = tl.load(p_q, mask=m_d[None, :], other=0.0)
+                b_qt = tl.load(p_qt, mask=m_d[:, None], other=0.0)
                 b_do = tl.load(p_do, mask=m_d[None, :], other=0.0)
             b_lse = tl.load(LSE2 + o_m)
             b_delta = tl.load(DELTA + o_m)
-        b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
-        # -- scores --
-        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PREC) * sm_scale_log2
-        b_p = tl.math.exp2(b_s - b_lse[:, None])
+        # -- scores (transposed: keys x queries) --
+        b_qkt = tl.dot(b_k, b_qt, input_precision=DOT_PREC)
+        b_pt = tl.math.exp2(b_qkt * sm_scale_log2 - b_lse[None, :])
         if MASKED:
             # -- predicate (PARTIAL tile) --
-            o_q = (o_m + q_offset)[:, None]
+            o_q = (o_m + q_offset)[None, :]      # query positions [1, BLOCK_M1]
 @@PRED@@
-            b_p = tl.where(m_pattern & (o_k < Lk), b_p, 0.0)
+            b_pt = tl.where(m_pattern & (o_k < Lk), b_pt, 0.0)
         # -- gradients --
-        b_dv = tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
-        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dk = tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)
+        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk, input_precision=DOT_PREC)
     return b_dk, b_dv
 '''
 
@@ -595,36 +616,39 @@ def @@FN@@(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
     ORDER, stride_order_b, stride_order_h,
     sm_scale, sm_scale_log2, H, HK, GROUP, Lq, Lk, q_offset,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dK, dV of one key tile of one (batch, key head).
+    """dK, dV of one key tile (BLOCK_N1 keys) of one (batch, key head).
 
-    Grid: (B * HK, key tiles).  The program loops over the GROUP query heads that
-    share this key head (GQA) and, for each, over the query tiles that see this key
-    tile: gradients are summed in registers and stored once (deterministic).
-    LSE and DELTA are [B, H, Lq] fp32 (LSE natural log).
+    Grid: (B * HK, key tiles), heavy-first ORDER.  K and V of the tile stay in
+    registers; the program loops over the GROUP query heads that share this key head
+    (GQA) and, for each, over the query tiles (BLOCK_M1 queries) that see this key
+    tile: gradients are summed in registers and stored once (deterministic: each
+    element of dK, dV is written by exactly one program).
+    LSE is [B, H, Lq] fp32 in log2 units with fully masked rows at +inf; DELTA is
+    [B, H, Lq] fp32.
     """
-    tl.static_assert(BLOCK_M % 16 == 0)
-    tl.static_assert(BLOCK_N % 16 == 0)
+    tl.static_assert(BLOCK_M1 % 16 == 0)
+    tl.static_assert(BLOCK_N1 % 16 == 0)
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     i_bkh = tl.program_id(0)
     i_b = i_bkh // HK
     i_kh = i_bkh % HK
     i_n = tl.load(ORDER + i_b * stride_order_b + i_kh * stride_order_h + tl.program_id(1))
 
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_n = i_n * BLOCK_N1 + tl.arange(0, BLOCK_N1)
     o_d = tl.arange(0, BLOCK_D)
     m_n = o_n < Lk
     m_d = o_d < HEAD_DIM
-    o_k = o_n[None, :]                         # key positions [1, BLOCK_N]
-    m_kd = m_d[:, None] & m_n[None, :]
-    b_kt = tl.load(K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
-                   + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd, mask=m_kd, other=0.0)
-    b_vt = tl.load(V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
-                   + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd, mask=m_kd, other=0.0)
-    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    o_k = o_n[:, None]                         # key positions [BLOCK_N1, 1]
+    m_nd = m_n[:, None] & m_d[None, :]
+    b_k = tl.load(K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
+                  + o_n[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=m_nd, other=0.0)
+    b_v = tl.load(V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
+                  + o_n[:, None] * stride_vn + o_d[None, :] * stride_vd, mask=m_nd, other=0.0)
+    b_dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
 @@KS@@
     for g in range(0, GROUP):
         i_h = i_kh * GROUP + g
@@ -638,7 +662,6 @@ def @@FN@@(
 
     # epilogue
     b_dk = b_dk * sm_scale
-    m_nd = m_n[:, None] & m_d[None, :]
     tl.store(DK + i_b.to(tl.int64) * stride_dkb + i_kh.to(tl.int64) * stride_dkh
              + o_n[:, None] * stride_dkn + o_d[None, :] * stride_dkd,
              b_dk.to(DK.dtype.element_ty), mask=m_nd)
@@ -655,9 +678,12 @@ def @@FN@@(
     sm_scale_log2, i_b, i_h, Lq, Lk, H,@@EXTRA@@
     COLS, start, end,
     MASKED: tl.constexpr, TABLE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Key tiles [start, end) (tile indices, or CSR slots when TABLE) of one query tile."""
+    """Key tiles [start, end) (tile indices, or CSR slots when TABLE) of one query tile.
+
+    K^T and V^T are loaded transposed through their strides ([BLOCK_D, BLOCK_N2]).
+    """
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
     for idx in range(start, end):
@@ -665,30 +691,31 @@ def @@FN@@(
             i_n = tl.load(COLS + idx)
         else:
             i_n = idx
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        p_k = K + o_n[:, None] * stride_kn + o_d[None, :] * stride_kd
+        o_n = i_n * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+        p_kt = K + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
         p_vt = V + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd
         if MASKED:
-            b_k = tl.load(p_k, mask=(o_n[:, None] < Lk) & m_d[None, :], other=0.0)
-            b_vt = tl.load(p_vt, mask=m_d[:, None] & (o_n[None, :] < Lk), other=0.0)
+            m_dn = m_d[:, None] & (o_n[None, :] < Lk)
+            b_kt = tl.load(p_kt, mask=m_dn, other=0.0)
+            b_vt = tl.load(p_vt, mask=m_dn, other=0.0)
         elif HEAD_DIM == BLOCK_D:
-            b_k = tl.load(p_k)
+            b_kt = tl.load(p_kt)
             b_vt = tl.load(p_vt)
         else:
-            b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
+            b_kt = tl.load(p_kt, mask=m_d[:, None], other=0.0)
             b_vt = tl.load(p_vt, mask=m_d[:, None], other=0.0)
         # -- scores --
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * sm_scale_log2
-        b_p = tl.math.exp2(b_s - b_lse[:, None])
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PREC)
+        b_p = tl.math.exp2(b_s * sm_scale_log2 - b_lse[:, None])
         if MASKED:
             # -- predicate (PARTIAL tile) --
-            o_k = o_n[None, :]
+            o_k = o_n[None, :]                   # key positions [1, BLOCK_N2]
 @@PRED@@
             b_p = tl.where(m_pattern & (o_k < Lk), b_p, 0.0)
         # -- gradients --
         b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PREC)
+        b_dq = tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq, input_precision=DOT_PREC)
     return b_dq
 '''
 
@@ -703,15 +730,16 @@ def @@FN@@(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
     ORDER, stride_order_b, stride_order_h,
     sm_scale, sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dQ of one query tile of one (batch, query head); the same key tiles as the forward.
+    """dQ of one query tile (BLOCK_M2 queries) of one (batch, query head).
 
-    Grid: (B * H, query tiles), heavy-first ORDER.
+    Grid: (B * H, query tiles), heavy-first ORDER; the key tiles (BLOCK_N2 keys) are
+    those of the forward's schedule at this tile shape.
     """
-    tl.static_assert(BLOCK_M % 16 == 0)
-    tl.static_assert(BLOCK_N % 16 == 0)
+    tl.static_assert(BLOCK_M2 % 16 == 0)
+    tl.static_assert(BLOCK_N2 % 16 == 0)
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     i_bh = tl.program_id(0)
     i_b = i_bh // H
@@ -719,24 +747,24 @@ def @@FN@@(
     i_kh = i_h // GROUP
     i_m = tl.load(ORDER + i_b * stride_order_b + i_h * stride_order_h + tl.program_id(1))
 
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_m = i_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
     o_d = tl.arange(0, BLOCK_D)
     m_m = o_m < Lq
     m_d = o_d < HEAD_DIM
     m_md = m_m[:, None] & m_d[None, :]
-    o_q = (o_m + q_offset)[:, None]          # query positions [BLOCK_M, 1]
+    o_q = (o_m + q_offset)[:, None]          # query positions [BLOCK_M2, 1]
     b_q = tl.load(Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
                   + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_md, other=0.0)
     b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
                    + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod, mask=m_md, other=0.0)
+    # log2-unit lse; fully masked rows (+inf from the launcher) and rows beyond Lq: p = 0
     b_lse = tl.load(LSE + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=float("inf"))
-    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)   # fully masked row: p = 0
     b_delta = tl.load(DELTA + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.0)
     p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
     p_v = V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
 @@INPUT_BASES@@
 @@HOIST@@
-    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
 
 @@SCHEDULE@@
 
@@ -751,8 +779,11 @@ def @@FN@@(
 def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     """The backward module: preprocess, dK/dV (transposed schedule) and dQ kernels.
 
-    The LSE passed to dK/dV and dQ is in log2 units (``lse * log2(e)``), computed by the
-    launcher from the forward's natural-log LSE.
+    The LSE passed to dK/dV and dQ is in log2 units (``lse * log2(e)``, fully masked rows
+    ``+inf`` so that ``p = 0``), computed by the launcher from the forward's natural-log
+    LSE.  dK/dV is rendered with its own tile shape (``BLOCK_M1`` queries per step,
+    ``BLOCK_N1`` keys per program) and dQ with its own (``BLOCK_M2``, ``BLOCK_N2``): the
+    ranges schedules use each kernel's constants, the tables are built per shape.
     """
     names = _names(pattern, key[:6])
     inputs = dict(pattern.inputs)
@@ -766,10 +797,10 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     helpers |= bool(em_t is not None and em_t.uses_helpers)
     pred_t = _ind("\n".join(em_t.inner), 12) if em_t is not None else " " * 12 + "m_pattern = True"
     extra_p, extra_a = _extra_args(em_t, inputs)
-    call = (f"b_dk, b_dv = {names['dkdv_range']}(b_dk, b_dv, b_kt, b_vt, o_k, p_q, p_do, p_lse2, "
+    call = (f"b_dk, b_dv = {names['dkdv_range']}(b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, "
             f"p_delta, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, "
             f"Lq, Lk, H, q_offset, {extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, "
-            f"TABLE=@@TABLE@@, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, "
+            f"TABLE=@@TABLE@@, BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, "
             f"DOT_PREC=DOT_PREC)")
     ks = ""
     if config.strategy == "ranges":
@@ -777,11 +808,11 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
         env = dict(ENV, ks="ks", ke="ke")
         cf_lines, _, h2 = _closed_form_code(cols, env, "c", "cols")
         helpers |= h2
-        ks = _ind("ks = i_n * BLOCK_N\nke = tl.minimum(i_n * BLOCK_N + BLOCK_N, Lk) - 1", 4)
+        ks = _ind("ks = i_n * BLOCK_N1\nke = tl.minimum(i_n * BLOCK_N1 + BLOCK_N1, Lk) - 1", 4)
         sched = ["# -- query-tile ranges (closed form over this key tile's first/last key) --"]
         sched += cf_lines
         c = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
-        sched.append(_range_schedule(cols, prefix="c", length="Lq", block="BLOCK_M",
+        sched.append(_range_schedule(cols, prefix="c", length="Lq", block="BLOCK_M1",
                                      shift="q_offset", call=c, comment_unit="query positions"))
     else:
         sched = ["# -- transposed tile table: PARTIAL query tiles, then FULL query tiles --",
@@ -812,18 +843,18 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     call = (f"b_dq = {names['dq_range']}(b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, "
             f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, "
             f"{extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, TABLE=@@TABLE@@, "
-            f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
+            f"BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     if config.strategy == "ranges":
         rows = closed_form.rows
         env = dict(ENV, qs="qs", qe="qe")
         cf_lines, _, h2 = _closed_form_code(rows, env, "r", "rows")
         helpers |= h2
         sched = ["# -- key-tile ranges (closed form over this tile's first/last query position) --",
-                 "qs = i_m * BLOCK_M + q_offset",
-                 "qe = tl.minimum(i_m * BLOCK_M + BLOCK_M, Lq) - 1 + q_offset"]
+                 "qs = i_m * BLOCK_M2 + q_offset",
+                 "qe = tl.minimum(i_m * BLOCK_M2 + BLOCK_M2, Lq) - 1 + q_offset"]
         sched += cf_lines
         c = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
-        sched.append(_range_schedule(rows, prefix="r", length="Lk", block="BLOCK_N", shift="0",
+        sched.append(_range_schedule(rows, prefix="r", length="Lk", block="BLOCK_N2", shift="0",
                                      call=c, comment_unit="keys"))
     else:
         sched = ["# -- tile table: PARTIAL key tiles (predicate), then FULL key tiles (none) --",

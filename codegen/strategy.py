@@ -5,10 +5,28 @@ Thin on purpose: *which* strategy a pattern gets is decided by the analysis
 template and picks tile sizes, warps and pipeline stages per head dim, dtype and
 device.  Everything in a :class:`KernelConfig` is part of the kernel cache key.
 
+The backward has two tile shapes: the dK/dV kernel works on ``BLOCK_N1`` keys
+(held in registers) against ``BLOCK_M1`` queries per step, the dQ kernel on
+``BLOCK_M2`` queries against ``BLOCK_N2`` keys per step (FlashAttention-2's
+32 x 128 / 128 x 32).  In a backward :class:`KernelConfig`, ``block_m``/``block_n``
+are (M1, N1) and ``block_m2``/``block_n2`` are (M2, N2); a forward config has
+``block_m2 = block_n2 = 0``.
+
 Overrides, in order: explicit arguments (``kernel_file(..., strategy="table",
-block_m=32)``), then the environment (``SPATTN_STRATEGY=ranges|table``,
-``SPATTN_BLOCK_M``, ``SPATTN_BLOCK_N``, ``SPATTN_NUM_WARPS``, ``SPATTN_NUM_STAGES``),
-then the defaults below.
+block_m=32)``; for the backward ``block_m1``, ``block_n1``, ``block_m2``,
+``block_n2`` per kernel, or ``block_m``/``block_n`` for both), then the
+environment, then the defaults below.  Environment (all optional):
+
+=====================  ==========================================================
+``SPATTN_STRATEGY``    ``ranges`` or ``table``
+``SPATTN_BLOCK_M/N``   forward tile (queries / keys)
+``SPATTN_FWD_WARPS``   forward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
+``SPATTN_FWD_STAGES``  forward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
+``SPATTN_BWD_BLOCK_M1`` / ``_N1``   dK/dV tile: queries per step / keys per program
+``SPATTN_BWD_BLOCK_M2`` / ``_N2``   dQ tile: queries per program / keys per step
+``SPATTN_BWD_WARPS``   backward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
+``SPATTN_BWD_STAGES``  backward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
+=====================  ==========================================================
 """
 from __future__ import annotations
 
@@ -31,6 +49,8 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     dtype: str          # "fp16" | "bf16" | "fp32"
+    block_m2: int = 0   # backward only: dQ tile (queries per program)
+    block_n2: int = 0   # backward only: dQ tile (keys per step)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,20 +76,20 @@ def interpret_mode() -> bool:
 
 
 def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bool = False):
-    """(block_m, block_n, num_warps, num_stages) defaults.
+    """Forward ``(block_m, block_n, num_warps, num_stages)`` defaults
+    (``kind="bwd"``: see :func:`default_bwd_tiles`).
 
     GPU (Hopper) defaults follow the FlashAttention-2 Triton kernels: 128x64 tiles for
     D <= 128 in 16-bit, 8 warps for D = 128 (4 for D <= 64), 3 pipeline stages; smaller
-    tiles for D > 128 (shared memory) and for fp32 (twice the bytes).  The backward uses
-    64x64 (it holds dK, dV and K, V of one key tile in registers).  Under the interpreter
-    (CPU tests) tiles are small: the interpreter's cost is per program and per element.
+    tiles for D > 128 (shared memory) and for fp32 (twice the bytes).  Under the
+    interpreter (CPU tests) tiles are small: the interpreter's cost is per program and
+    per element.
     """
+    if kind == "bwd":
+        m1, n1, _, _, nw, ns = default_bwd_tiles(head_dim, dtype, interpret=interpret)
+        return m1, n1, nw, ns
     if interpret:
         return 32, 32, 4, 1
-    if kind == "bwd":
-        if dtype == "fp32" or head_dim > 128:
-            return 32, 32, 4, 1
-        return 64, 64, (4 if head_dim <= 64 else 8), 2
     if dtype == "fp32":
         return (64, 32, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
     if head_dim <= 64:
@@ -79,15 +99,62 @@ def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bo
     return 64, 32, 8, 2
 
 
+def default_bwd_tiles(head_dim: int, dtype: str, *, interpret: bool = False):
+    """Backward ``(block_m1, block_n1, block_m2, block_n2, num_warps, num_stages)``.
+
+    dK/dV keeps ``BLOCK_N1`` keys (K, V, dK, dV) in registers and streams ``BLOCK_M1``
+    queries per step; dQ keeps ``BLOCK_M2`` queries (Q, dO, dQ) and streams ``BLOCK_N2``
+    keys: the Triton tutorial's Hopper choice 32 x 128 / 128 x 32, 4 warps, deep
+    pipelines for 16-bit D <= 128 (a starting point: ``benchmarks/sweep.py`` measures
+    the alternatives).  fp32 and D > 128 keep small square tiles (registers, shared
+    memory).  The interpreter uses small, deliberately different shapes for the two
+    kernels so the CPU tests exercise distinct dK/dV and dQ tiles.
+    """
+    if interpret:
+        return 16, 32, 32, 16, 4, 1
+    if dtype == "fp32" or head_dim > 128:
+        return 32, 32, 32, 32, 4, 1
+    if head_dim <= 64:
+        return 32, 128, 128, 32, 4, 5
+    return 32, 128, 128, 32, 4, 4
+
+
 def _env_int(name: str):
     v = os.environ.get(name)
     return int(v) if v else None
 
 
+#: Environment overrides read by :func:`pick`, per kernel kind (launchers fold their
+#: current values into the config memo key: see :func:`env_overrides`).
+ENV_VARS = {
+    "fwd": ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES",
+            "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_STRATEGY"),
+    "bwd": ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
+            "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES",
+            "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_STRATEGY"),
+}
+
+
+def env_overrides(kind: str = "fwd") -> tuple:
+    """The set ``SPATTN_*`` launch overrides of ``kind`` as a hashable tuple."""
+    return tuple((n, os.environ[n]) for n in ENV_VARS[kind] if os.environ.get(n))
+
+
+def _pow2_check(**blocks):
+    for name, v in blocks.items():
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+
+
 def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strategy=None,
          block_m=None, block_n=None, num_warps=None, num_stages=None, closed_form=None,
-         interpret=None, **_ignored) -> KernelConfig:
-    """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype."""
+         interpret=None, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
+         **_ignored) -> KernelConfig:
+    """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype.
+
+    Backward: ``block_m1``/``block_n1`` (dK/dV) and ``block_m2``/``block_n2`` (dQ);
+    ``block_m``/``block_n`` set both kernels' tiles at once.
+    """
     dt = dtype_name(dtype)
     interpret = interpret_mode() if interpret is None else interpret
     strategy = strategy or os.environ.get("SPATTN_STRATEGY") or None
@@ -95,14 +162,24 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
         strategy = analysis_strategy(pattern, closed_form)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: expected one of {STRATEGIES}")
+    if kind == "bwd":
+        m1, n1, m2, n2, nw, ns = default_bwd_tiles(head_dim, dt, interpret=interpret)
+        m1 = block_m1 or block_m or _env_int("SPATTN_BWD_BLOCK_M1") or m1
+        n1 = block_n1 or block_n or _env_int("SPATTN_BWD_BLOCK_N1") or n1
+        m2 = block_m2 or block_m or _env_int("SPATTN_BWD_BLOCK_M2") or m2
+        n2 = block_n2 or block_n or _env_int("SPATTN_BWD_BLOCK_N2") or n2
+        nw = (num_warps or _env_int("SPATTN_BWD_WARPS") or _env_int("SPATTN_NUM_WARPS") or nw)
+        ns = (num_stages or _env_int("SPATTN_BWD_STAGES") or _env_int("SPATTN_NUM_STAGES")
+              or ns)
+        _pow2_check(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
+        return KernelConfig(strategy, int(m1), int(n1), next_pow2(head_dim), int(nw), int(ns),
+                            dt, int(m2), int(n2))
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret)
     bm = block_m or _env_int("SPATTN_BLOCK_M") or bm
     bn = block_n or _env_int("SPATTN_BLOCK_N") or bn
-    nw = num_warps or _env_int("SPATTN_NUM_WARPS") or nw
-    ns = num_stages or _env_int("SPATTN_NUM_STAGES") or ns
-    for name, v in (("block_m", bm), ("block_n", bn)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    nw = num_warps or _env_int("SPATTN_FWD_WARPS") or _env_int("SPATTN_NUM_WARPS") or nw
+    ns = num_stages or _env_int("SPATTN_FWD_STAGES") or _env_int("SPATTN_NUM_STAGES") or ns
+    _pow2_check(block_m=bm, block_n=bn)
     return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt)
 
 

@@ -13,7 +13,11 @@ tensors of ``n`` index dims, optionally with leading ``[B]`` or ``[B, H]``).
 
 Options for tests and tuning (keyword only, all optional): ``strategy``
 ("ranges" | "table"; also ``$SPATTN_STRATEGY``), ``block_m``, ``block_n``,
-``num_warps``, ``num_stages``, ``closed_form``.
+``num_warps``, ``num_stages``, ``closed_form``; backward only: ``block_m1``,
+``block_n1`` (dK/dV tile), ``block_m2``, ``block_n2`` (dQ tile) -- ``block_m``/``block_n``
+set both backward tiles.  The ``SPATTN_*`` environment overrides (see
+``codegen/strategy.py``) in force at call time are part of the per-process config
+memo, so changing them between calls picks the new configuration.
 """
 from __future__ import annotations
 
@@ -26,14 +30,22 @@ from . import cache as _cache
 LOG2E = 1.4426950408889634
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
-_OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form")
+_OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
+                 "block_m1", "block_n1", "block_m2", "block_n2")
 
 
-def _opts(options: dict) -> dict:
+def _opts(options: dict, kind: str) -> dict:
+    from ..codegen.strategy import env_overrides
     bad = set(options) - set(_OPTION_NAMES)
     if bad:
         raise TypeError(f"unknown option(s) {sorted(bad)}; expected {_OPTION_NAMES}")
-    return {k: v for k, v in options.items() if v is not None}
+    out = {k: v for k, v in options.items() if v is not None}
+    # Not a kernel option (``strategy.pick`` ignores it): the overrides in force, so that
+    # ``cache.resolve``'s per-process memo sees a changed environment.
+    env = env_overrides(kind)
+    if env:
+        out["_env"] = env
+    return out
 
 
 def _dot_prec(dtype) -> str:
@@ -156,8 +168,9 @@ _TABLE_MEMO: "OrderedDict" = None
 TABLE_MEMO_SIZE = 32
 
 
-def _memo_key(pattern, kind, Lq, Lk, bm, bn, B, H, q_offset, device, inputs):
-    """Key of a tile table: shapes, offset, and each input's identity and version.
+def _memo_key(pattern, kind, Lq, Lk, tiles, B, H, q_offset, device, inputs):
+    """Key of a tile table: shapes (``tiles``: every tile shape it was built for),
+    offset, and each input's identity and version.
 
     The memo holds a reference to every input tensor it keys on, so an ``id`` cannot
     be reused by another tensor while its entry lives; ``_version`` changes on any
@@ -165,7 +178,7 @@ def _memo_key(pattern, kind, Lq, Lk, bm, bn, B, H, q_offset, device, inputs):
     """
     ins = tuple(sorted((n, id(t), t._version, tuple(t.shape), t.stride(), t.data_ptr())
                        for n, t in (inputs or {}).items()))
-    return (pattern.key, kind, Lq, Lk, bm, bn, B, H, q_offset, str(device), ins)
+    return (pattern.key, kind, Lq, Lk, tuple(tiles), B, H, q_offset, str(device), ins)
 
 
 def _memo(key, inputs, build):
@@ -247,7 +260,7 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict | None = 
         o, lse = fwd(pattern, q.float(), k.float(), v.float(), scale=scale, q_offset=q_offset,
                      inputs=inputs, **options)
         return o.to(q.dtype), lse
-    opts = _opts(options)
+    opts = _opts(options, "fwd")
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
     mod, cfg = _cache.load(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device, **opts)
@@ -261,7 +274,7 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict | None = 
             cls = _classify(pattern, Lq, Lk, bm, bn, H=H, B=B, q_offset=q_offset,
                             device=q.device, inputs=inputs)
             return _table(_demote_ragged(cls, Lk, bn, 3), nq)
-        key = _memo_key(pattern, "fwd", Lq, Lk, bm, bn, B, H, q_offset, q.device, inputs)
+        key = _memo_key(pattern, "fwd", Lq, Lk, (bm, bn), B, H, q_offset, q.device, inputs)
         tab, (order, osb, osh) = _memo(key, inputs, build)
     else:
         _, cf, _ = _cache.resolve(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device,
@@ -292,61 +305,68 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
         grads = bwd(pattern, q.float(), k.float(), v.float(), o.float(), lse, do.float(),
                     scale=scale, q_offset=q_offset, inputs=inputs, **options)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
-    opts = _opts(options)
+    opts = _opts(options, "bwd")
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
     G = H // HK
     mod, cfg = _cache.load(pattern, "bwd", head_dim=D, dtype=q.dtype, device=q.device, **opts)
-    bm, bn = cfg.block_m, cfg.block_n
-    nq, nk = -(-Lq // bm), -(-Lk // bn)
+    m1, n1 = cfg.block_m, cfg.block_n          # dK/dV: BLOCK_M1 queries per step, BLOCK_N1 keys
+    m2, n2 = cfg.block_m2, cfg.block_n2        # dQ: BLOCK_M2 queries, BLOCK_N2 keys per step
+    nq2, nk1 = -(-Lq // m2), -(-Lk // n1)
     dev = q.device
     prec = _dot_prec(q.dtype)
     kw = dict(BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
-    mod.PREPROCESS[(B * H, nq)](o, do, delta, *o.stride(), *do.stride(), H, Lq,
-                                BLOCK_M=bm, **kw)
-    lse2 = (lse.to(torch.float32) * LOG2E).contiguous()
+    mod.PREPROCESS[(B * H, nq2)](o, do, delta, *o.stride(), *do.stride(), H, Lq,
+                                 BLOCK_M=m2, BLOCK_D=cfg.block_d, HEAD_DIM=D)
+    # log2 units; a fully masked row's -inf becomes +inf so that p = exp2(s - lse) = 0
+    lse2 = lse.to(torch.float32) * LOG2E
+    lse2 = torch.where(lse2 == float("-inf"), float("inf"), lse2).contiguous()
     in_args = _input_args(pattern, inputs, dev)
     if cfg.strategy == "table":
         def build():
-            cls = _classify(pattern, Lq, Lk, bm, bn, H=H, B=B, q_offset=q_offset, device=dev,
-                            inputs=inputs)
-            tab_q, order_q = _table(_demote_ragged(cls, Lk, bn, 3), nq)
-            cls_t = _demote_ragged(cls, Lq, bm, 2).transpose(2, 3)
-            tab_k, (order_k, _, _) = _table(cls_t, nk)
+            # dQ: rows = query tiles of BLOCK_M2, columns = key tiles of BLOCK_N2
+            cls2 = _classify(pattern, Lq, Lk, m2, n2, H=H, B=B, q_offset=q_offset, device=dev,
+                             inputs=inputs)
+            tab_q, order_q = _table(_demote_ragged(cls2, Lk, n2, 3), nq2)
+            # dK/dV: the transpose of the (BLOCK_M1, BLOCK_N1) classes
+            cls1 = cls2 if (m1, n1) == (m2, n2) else _classify(
+                pattern, Lq, Lk, m1, n1, H=H, B=B, q_offset=q_offset, device=dev, inputs=inputs)
+            cls_t = _demote_ragged(cls1, Lq, m1, 2).transpose(2, 3)
+            tab_k, (order_k, _, _) = _table(cls_t, nk1)
             # dK/dV programs are per key head: one order (of the first (b, h)) shared by all
-            return tab_q, order_q, tab_k, order_k[0, 0].contiguous().view(1, 1, nk)
-        key = _memo_key(pattern, "bwd", Lq, Lk, bm, bn, B, H, q_offset, dev, inputs)
+            return tab_q, order_q, tab_k, order_k[0, 0].contiguous().view(1, 1, nk1)
+        key = _memo_key(pattern, "bwd", Lq, Lk, (m1, n1, m2, n2), B, H, q_offset, dev, inputs)
         tab_q, (order_q, oqb, oqh), tab_k, order_k = _memo(key, inputs, build)
         okb = okh = 0
     else:
         _, cf, _ = _cache.resolve(pattern, "bwd", head_dim=D, dtype=q.dtype, device=dev, **opts)
         tab_q = tab_k = []
-        order_q = _ranges_order(cf.rows, n_tiles=nq, block=bm, other_len=Lk, other_block=bn,
+        order_q = _ranges_order(cf.rows, n_tiles=nq2, block=m2, other_len=Lk, other_block=n2,
                                 length=Lq, shift=q_offset, query=True, device=dev, H=H)
-        order_k = _ranges_order(cf.cols, n_tiles=nk, block=bn, other_len=Lq, other_block=bm,
+        order_k = _ranges_order(cf.cols, n_tiles=nk1, block=n1, other_len=Lq, other_block=m1,
                                 length=Lk, shift=q_offset, query=False, device=dev, H=H)
         oqb = oqh = okb = okh = 0
 
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=dev)
     dk = torch.empty((B, HK, Lk, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HK, Lk, D), dtype=v.dtype, device=dev)
-    mod.DKDV[(B * HK, nk)](
+    mod.DKDV[(B * HK, nk1)](
         q, k, v, do, lse2, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *in_args, *tab_k,
         order_k, okb, okh,
         scale, scale * LOG2E, H, HK, G, Lq, Lk, q_offset,
-        BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, **kw,
+        BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, **kw,
     )
-    mod.DQ[(B * H, nq)](
+    mod.DQ[(B * H, nq2)](
         q, k, v, do, lse2, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *in_args, *tab_q,
         order_q, oqb, oqh,
         scale, scale * LOG2E, H, G, Lq, Lk, q_offset,
-        BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, **kw,
+        BLOCK_M2=m2, BLOCK_N2=n2, DOT_PREC=prec, **kw,
     )
     return dq, dk, dv
 

@@ -153,11 +153,17 @@ def test_rendered_forward_file(fresh_cache):
 
 def test_rendered_backward_file(fresh_cache):
     p = spattn.compile("causal & same(doc)")
-    text = cache.kernel_file(p, "bwd", head_dim=128, dtype="fp16", strategy="table").read_text()
+    text = cache.kernel_file(p, "bwd", head_dim=128, dtype="fp16", strategy="table",
+                             block_m1=32, block_n1=128, block_m2=128, block_n2=32).read_text()
     key6 = re.search(r"def attn_bwd_dq_pattern_([0-9a-f]{6})\(", text).group(1)
     for name in ("attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"):
         assert f"def {name}_pattern_{key6}(" in text
     assert "for g in range(0, GROUP)" in text and "atomic" not in text
+    # FlashAttention-2 orientation: no transpose of a computed tile (p, ds), only of loads
+    assert "tl.trans(b_p" not in text and "tl.trans(b_ds" not in text
+    assert "tl.dot(b_k, b_qt" in text and "tl.trans(b_qt)" in text and "tl.trans(b_kt)" in text
+    for const in ("BLOCK_M1 = 32", "BLOCK_N1 = 128", "BLOCK_M2 = 128", "BLOCK_N2 = 32"):
+        assert const in text, const
     compile(text, "bwd.py", "exec")
 
 
@@ -239,3 +245,33 @@ def test_strategy_override_and_defaults(monkeypatch):
     assert st.pick(p, head_dim=256, dtype="fp16", interpret=False).block_m == 64
     with pytest.raises(ValueError):
         st.pick(p, strategy="remap")
+
+
+def test_backward_tile_defaults_and_overrides(monkeypatch):
+    p = spattn.compile("causal")
+    for var in ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
+                "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES",
+                "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_BLOCK_M", "SPATTN_BLOCK_N"):
+        monkeypatch.delenv(var, raising=False)
+
+    def tiles(c):
+        return (c.block_m, c.block_n, c.block_m2, c.block_n2, c.num_warps, c.num_stages)
+    gpu = dict(interpret=False, strategy="table")
+    assert tiles(st.pick(p, "bwd", head_dim=128, dtype="bf16", **gpu)) == (32, 128, 128, 32, 4, 4)
+    assert tiles(st.pick(p, "bwd", head_dim=64, dtype="fp16", **gpu))[:4] == (32, 128, 128, 32)
+    assert tiles(st.pick(p, "bwd", head_dim=256, dtype="bf16", **gpu))[:4] == (32, 32, 32, 32)
+    assert st.pick(p, "fwd", head_dim=128, **gpu).block_m2 == 0
+    monkeypatch.setenv("SPATTN_BWD_BLOCK_M1", "64")
+    monkeypatch.setenv("SPATTN_BWD_BLOCK_N2", "64")
+    monkeypatch.setenv("SPATTN_BWD_WARPS", "8")
+    monkeypatch.setenv("SPATTN_BWD_STAGES", "3")
+    monkeypatch.setenv("SPATTN_BLOCK_M", "64")          # forward only
+    monkeypatch.setenv("SPATTN_FWD_WARPS", "4")
+    assert tiles(st.pick(p, "bwd", head_dim=128, **gpu)) == (64, 128, 128, 64, 8, 3)
+    f = st.pick(p, "fwd", head_dim=128, **gpu)
+    assert (f.block_m, f.block_n, f.num_warps, f.num_stages) == (64, 64, 4, 3)
+    # explicit arguments win: per kernel, then block_m / block_n for both kernels
+    assert tiles(st.pick(p, "bwd", head_dim=128, block_m=16, block_n2=32, **gpu))[:4] == \
+        (16, 128, 16, 32)
+    with pytest.raises(ValueError):
+        st.pick(p, "bwd", head_dim=128, block_m1=24, **gpu)

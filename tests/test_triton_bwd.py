@@ -5,6 +5,8 @@ mask; the kernels get the forward's own o and lse.  Both strategies, runtime
 inputs, per-head params, GQA (dk/dv summed over the group inside one program),
 Lq != Lk, fully masked rows (zero gradients, no NaN), ragged lengths, D = 80,
 non-contiguous q/k/v/dO.  Relative error < 1e-3 in fp32, every element.
+dK/dV and dQ have their own tile shapes (BLOCK_M1 x BLOCK_N1, BLOCK_M2 x BLOCK_N2):
+distinct shapes are tested through explicit options and the SPATTN_BWD_* environment.
 """
 import os
 
@@ -24,7 +26,8 @@ STRATEGIES = ("ranges", "table")
 
 
 def run_bwd(src, *, strategy, Bn=1, Hq=2, Hk=None, Lq=45, Lk=None, D=32, bm=16, bn=32,
-            inputs_fn=None, cf_factory=None, q_offset=None, seed=0, layout="bhld", tol=TOL):
+            inputs_fn=None, cf_factory=None, q_offset=None, seed=0, layout="bhld", tol=TOL,
+            bwd_opts=None):
     Hk = Hk or Hq
     Lk = Lk or Lq
     pattern = compile_pattern(src)
@@ -41,7 +44,7 @@ def run_bwd(src, *, strategy, Bn=1, Hq=2, Hk=None, Lq=45, Lk=None, D=32, bm=16, 
     do = torch.randn(Bn, Lq, Hq, D, generator=gen).transpose(1, 2) if layout == "blhd" \
         else torch.randn(Bn, Hq, Lq, D, generator=gen)
     dq, dk, dv = tb.bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=off, inputs=inputs,
-                        **opts)
+                        **dict(opts, **(bwd_opts or {})))
     ref_o, _, (qd, kd, vd), m = reference(pattern, q, k, v, scale=scale, q_offset=off,
                                           inputs=inputs, grad=True)
     ref_o.backward(do.double())
@@ -115,3 +118,74 @@ def test_deterministic():
                strategy="table", block_m=16, block_n=16)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+# ------------------------------------------------ distinct dK/dV and dQ tile shapes
+
+SHAPE_CASES = [
+    # (id, source, inputs, closed form, kwargs): ragged lengths everywhere
+    ("window_sink", "causal & (window(13) | sink(4))", None, lambda: window_sink_cf(13, 4), {}),
+    ("Lq30-Lk55", "causal & (window(13) | sink(4))", None, lambda: window_sink_cf(13, 4),
+     dict(Lq=30, Lk=55)),
+    ("Lq55-Lk30-off-7", "causal & window(13)", None, lambda: window_cf(13),
+     dict(Lq=55, Lk=30, q_offset=-7)),
+    ("gqa-documents", "causal & same(doc)", lambda g, *a: {"doc": doc_ids(45, 4, g)}, None,
+     dict(Bn=2, Hq=4, Hk=2)),
+    ("global_local-D80", "global_tokens(4) | local(3, 5)", None, lambda: global_local_cf(4, 3, 5),
+     dict(D=80, Lq=41)),
+    ("masked-rows", "causal & k >= 20", None, None, dict(Lq=50)),
+]
+
+ENV_SHAPE = {"SPATTN_BWD_BLOCK_M1": "16", "SPATTN_BWD_BLOCK_N1": "32",
+             "SPATTN_BWD_BLOCK_M2": "32", "SPATTN_BWD_BLOCK_N2": "16"}
+
+
+def _spy_configs(monkeypatch):
+    """Record the KernelConfig of every kernel module the launchers load."""
+    seen = []
+    load = tb._cache.load
+
+    def spy(pattern, kind="fwd", **options):
+        mod, cfg = load(pattern, kind, **options)
+        seen.append((kind, cfg))
+        return mod, cfg
+    monkeypatch.setattr(tb._cache, "load", spy)
+    return seen
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name,src,inputs_fn,cf_factory,kw", SHAPE_CASES,
+                         ids=[c[0] for c in SHAPE_CASES])
+def test_distinct_tile_shapes_env(monkeypatch, name, src, inputs_fn, cf_factory, kw, strategy):
+    """SPATTN_BWD_BLOCK_M1=16, N1=32, M2=32, N2=16: tables / ranges per kernel shape."""
+    for var, val in ENV_SHAPE.items():
+        monkeypatch.setenv(var, val)
+    seen = _spy_configs(monkeypatch)
+    run_bwd(src, strategy=strategy, bm=None, bn=None, inputs_fn=inputs_fn, cf_factory=cf_factory,
+            seed=sum(map(ord, name)) + 5, **kw)
+    cfg = [c for kind, c in seen if kind == "bwd"][-1]
+    assert (cfg.block_m, cfg.block_n, cfg.block_m2, cfg.block_n2) == (16, 32, 32, 16)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("tiles", [(32, 16, 16, 64), (16, 64, 64, 32)], ids=str)
+def test_distinct_tile_shapes_options(monkeypatch, tiles, strategy):
+    """Explicit block_m1/n1/m2/n2 beat the environment; Lq != Lk, ragged, GQA."""
+    for var, val in ENV_SHAPE.items():
+        monkeypatch.setenv(var, val)
+    seen = _spy_configs(monkeypatch)
+    m1, n1, m2, n2 = tiles
+    run_bwd("causal & (window(13) | sink(4))", strategy=strategy, Bn=1, Hq=4, Hk=2, Lq=37, Lk=70,
+            bm=None, bn=None, cf_factory=lambda: window_sink_cf(13, 4), seed=11,
+            bwd_opts=dict(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2))
+    cfg = [c for kind, c in seen if kind == "bwd"][-1]
+    assert (cfg.block_m, cfg.block_n, cfg.block_m2, cfg.block_n2) == tiles
+
+
+def test_env_change_picks_new_config(monkeypatch):
+    """The per-process config memo sees a changed SPATTN_BWD_* environment."""
+    seen = _spy_configs(monkeypatch)
+    for m1 in ("16", "32"):
+        monkeypatch.setenv("SPATTN_BWD_BLOCK_M1", m1)
+        run_bwd("causal & window(9)", strategy="table", Lq=40, bm=None, bn=None, seed=2)
+        assert [c for kind, c in seen if kind == "bwd"][-1].block_m == int(m1)
