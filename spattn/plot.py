@@ -36,7 +36,7 @@ def plot_pattern(pat, Lq: int, Lk: int, block_m: int, block_n: int, path, *, hea
         m = pat.mask(Lq, Lk, num_heads=nh, q_offset=q_offset, **inputs)[0, head].numpy()
         overlay = np.ma.masked_where(~m, np.ones_like(m, dtype=float))
         ax.imshow(overlay, cmap=ListedColormap(["#1f3b73"]), extent=(0, Lk, Lq, 0),
-                  interpolation="nearest", alpha=0.85, aspect="auto")
+                  interpolation="nearest", alpha=0.55, aspect="auto", zorder=2)
     ax.set_xlim(0, Lk)
     ax.set_ylim(Lq, 0)
     ax.set_xlabel("key position")
