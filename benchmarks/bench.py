@@ -28,9 +28,24 @@ import spattn
 H_DEFAULT = 16
 
 
+_FLEX = None
+
+
 def _flex():
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    return create_block_mask, torch.compile(flex_attention, dynamic=False)
+    """FlexAttention compiled once; every pattern's mask_mod recompiles it, so the dynamo
+    recompile limits are raised (past them torch falls back to eager flex, ~100x slower)."""
+    global _FLEX
+    if _FLEX is None:
+        import torch._dynamo.config as dc
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dc, name):
+                setattr(dc, name, 1024)
+        for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(dc, name):
+                setattr(dc, name, 1 << 16)
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        _FLEX = create_block_mask, torch.compile(flex_attention, dynamic=False)
+    return _FLEX
 
 
 # name -> (spattn source, params, flex mask_mod factory(N, H, inputs), inputs factory(N, dev))
