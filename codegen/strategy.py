@@ -15,7 +15,10 @@ are (M1, N1) and ``block_m2``/``block_n2`` are (M2, N2); a forward config has
 Overrides, in order: explicit arguments (``kernel_file(..., strategy="table",
 block_m=32)``; for the backward ``block_m1``, ``block_n1``, ``block_m2``,
 ``block_n2`` per kernel, or ``block_m``/``block_n`` for both), then the
-environment, then the defaults below.  Environment (all optional):
+environment, then the defaults below.  On CUDA, when neither arguments nor the
+environment set a tile, warps or stages, the launchers autotune and pass the chosen
+configuration as explicit arguments (``runtime/tune.py``; ``SPATTN_AUTOTUNE=0`` turns
+it off).  Environment (all optional):
 
 =====================  ==========================================================
 ``SPATTN_STRATEGY``    ``ranges`` or ``table``
@@ -80,7 +83,9 @@ def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bo
     (``kind="bwd"``: see :func:`default_bwd_tiles`).
 
     GPU (Hopper) defaults follow the FlashAttention-2 Triton kernels: 128x64 tiles for
-    D <= 128 in 16-bit, 8 warps for D = 128 (4 for D <= 64), 3 pipeline stages; smaller
+    D <= 128 in 16-bit, 8 warps for D = 128 (4 for D <= 64), 3 pipeline stages (measured
+    on an H200, bf16, D = 128: the best or within 2% of it for causal; window-like
+    patterns prefer 64x64 with 4 warps, which autotuning finds: ``runtime/tune.py``); smaller
     tiles for D > 128 (shared memory) and for fp32 (twice the bytes).  Under the
     interpreter (CPU tests) tiles are small: the interpreter's cost is per program and
     per element.
@@ -104,19 +109,22 @@ def default_bwd_tiles(head_dim: int, dtype: str, *, interpret: bool = False):
 
     dK/dV keeps ``BLOCK_N1`` keys (K, V, dK, dV) in registers and streams ``BLOCK_M1``
     queries per step; dQ keeps ``BLOCK_M2`` queries (Q, dO, dQ) and streams ``BLOCK_N2``
-    keys: the Triton tutorial's Hopper choice 32 x 128 / 128 x 32, 4 warps, deep
-    pipelines for 16-bit D <= 128 (a starting point: ``benchmarks/sweep.py`` measures
-    the alternatives).  fp32 and D > 128 keep small square tiles (registers, shared
-    memory).  The interpreter uses small, deliberately different shapes for the two
-    kernels so the CPU tests exercise distinct dK/dV and dQ tiles.
+    keys.  16-bit D <= 128: 64 x 128 / 128 x 64, 8 warps, 3 stages -- the best of
+    ``benchmarks/sweep.py`` on an H200 (bf16, D = 128, N = 16384: 413 / 296 / 259 TF/s
+    fwd+bwd for causal / window / streaming, against 159 / 123 / 105 for the Triton
+    tutorial's 32 x 128 / 128 x 32 with 4 warps and 4 stages, which spills registers).
+    16-bit D > 128: 32 x 64 / 64 x 32, 4 warps, 2 stages (sized for shared memory;
+    unmeasured).  fp32 keeps small square tiles (registers, shared memory).  The
+    interpreter uses small, deliberately different shapes for the two kernels so the
+    CPU tests exercise distinct dK/dV and dQ tiles.
     """
     if interpret:
         return 16, 32, 32, 16, 4, 1
-    if dtype == "fp32" or head_dim > 128:
+    if dtype == "fp32":
         return 32, 32, 32, 32, 4, 1
-    if head_dim <= 64:
-        return 32, 128, 128, 32, 4, 5
-    return 32, 128, 128, 32, 4, 4
+    if head_dim > 128:
+        return 32, 64, 64, 32, 4, 2
+    return 64, 128, 128, 64, 8, 3
 
 
 def _env_int(name: str):

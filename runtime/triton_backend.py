@@ -18,6 +18,12 @@ Options for tests and tuning (keyword only, all optional): ``strategy``
 set both backward tiles.  The ``SPATTN_*`` environment overrides (see
 ``codegen/strategy.py``) in force at call time are part of the per-process config
 memo, so changing them between calls picks the new configuration.
+
+On CUDA, a call that sets no tile, warps or stages (neither as an option nor through
+the environment) is autotuned once per (pattern, kind, head-dim block, dtype, device,
+strategy, power-of-two length bucket), and the choice is persisted in the cache
+(``runtime/tune.py``; ``SPATTN_AUTOTUNE=0`` turns it off): the chosen tile options are
+then passed exactly like explicit ones.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import math
 import torch
 
 from . import cache as _cache
+from . import tune as _tune
 
 LOG2E = 1.4426950408889634
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -261,6 +268,15 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict | None = 
                      inputs=inputs, **options)
         return o.to(q.dtype), lse
     opts = _opts(options, "fwd")
+    opts = _tune.tuned_options(
+        pattern, "fwd", head_dim=q.shape[-1], dtype=q.dtype, device=q.device, Lq=q.shape[2],
+        Lk=k.shape[2], options=opts,
+        run=lambda t: _fwd(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
+                           opts=t))
+    return _fwd(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs, opts=opts)
+
+
+def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts):
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
     mod, cfg = _cache.load(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device, **opts)
@@ -306,6 +322,16 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
                     scale=scale, q_offset=q_offset, inputs=inputs, **options)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
     opts = _opts(options, "bwd")
+    opts = _tune.tuned_options(
+        pattern, "bwd", head_dim=q.shape[-1], dtype=q.dtype, device=q.device, Lq=q.shape[2],
+        Lk=k.shape[2], options=opts,
+        run=lambda t: _bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
+                           inputs=inputs, opts=t))
+    return _bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset, inputs=inputs,
+                opts=opts)
+
+
+def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts):
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
     G = H // HK

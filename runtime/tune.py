@@ -1,0 +1,354 @@
+"""Persisted autotuning of the launch configuration (tiles, warps, stages) on CUDA.
+
+The launchers (``runtime/triton_backend.py``) call :func:`tuned_options` before every
+launch.  It returns the options to launch with: unchanged when autotuning does not
+apply, else with the tuned tile options added (forward ``block_m``, ``block_n``,
+``num_warps``, ``num_stages``; backward ``block_m1``, ``block_n1``, ``block_m2``,
+``block_n2``, ``num_warps``, ``num_stages``), passed on exactly like explicit options.
+
+Autotuning applies when all of these hold:
+
+* the call's tensors are on a CUDA device, ``TRITON_INTERPRET`` is off and
+  ``$SPATTN_AUTOTUNE`` is not ``0`` / ``false`` / ``off`` / ``no`` (default on);
+* the call sets no tile option (none of the names above, nor ``block_m``/``block_n``
+  for the backward) and the environment sets no tile override of that kind
+  (``SPATTN_BLOCK_M``, ``SPATTN_BWD_WARPS``, ``SPATTN_NUM_STAGES``, ...: every name of
+  :data:`spattn.codegen.strategy.ENV_VARS` but ``SPATTN_STRATEGY``).
+
+The choice is keyed by (pattern source and input declarations, kind, head-dim block,
+dtype class, device capability, strategy, next power of two of Lq and of Lk, codegen
+version, Triton version, :data:`TUNE_VERSION`; plus the closed form when one is passed
+explicitly).  It is looked up in memory, then in ``$SPATTN_CACHE_DIR/tune/<key>.json``;
+on a miss, each candidate of :func:`candidates` is run once with the call's real
+arguments (compilation and warm-up; a candidate that raises -- compile error, out of
+resources, out of memory -- is skipped) and timed with ``triton.testing.do_bench``
+(median, ``rep`` :data:`REP_MS` ms, ``warmup`` :data:`WARMUP_MS` ms); the fastest is
+kept in memory and written atomically as JSON.  A file that is not valid JSON or does
+not hold a valid choice for its key gives a ``RuntimeWarning`` and is re-tuned.  If
+every candidate fails, the defaults are used (remembered in memory only).  While a
+CUDA graph is being captured nothing is timed: a stored choice is used, else the
+defaults.
+
+Tuning never changes results: it only picks the options; the launcher then runs the
+call with them, exactly as later calls will.  The runs it times are the launcher's
+own (the forward; for the backward the backward launcher only), which write fresh
+outputs and never modify their inputs.
+
+``run`` (the launcher with given options) and ``timer`` (``timer(fn) -> ms``) are
+arguments, so the tests drive all of this with fakes and no GPU.  Progress and the
+result are logged on the ``"spattn"`` logger at INFO:
+``autotuned fwd for causal: block_m=128 block_n=64 num_warps=8 num_stages=3 (0.512 ms)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import threading
+import warnings
+
+from ..codegen import strategy as _strategy
+from . import cache as _cache
+
+log = logging.getLogger("spattn")
+
+#: Bumped when the candidate lists or the file format change (part of the key).
+TUNE_VERSION = 1
+REP_MS = 25
+WARMUP_MS = 5
+
+FIELDS = {
+    "fwd": ("block_m", "block_n", "num_warps", "num_stages"),
+    "bwd": ("block_m1", "block_n1", "block_m2", "block_n2", "num_warps", "num_stages"),
+}
+#: Options that, passed explicitly, switch autotuning off for the call.
+TILE_OPTIONS = frozenset(FIELDS["fwd"] + FIELDS["bwd"])
+
+# (BLOCK_M, BLOCK_N, warps, stages)
+_FWD_16 = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
+_FWD_16_BIG_D = [(64, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
+_FWD_32 = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+_FWD_32_BIG_D = [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 1)]
+# (M1, N1, M2, N2, warps, stages)
+_BWD_16 = [(64, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 3), (64, 128, 128, 32, 8, 2),
+           (32, 64, 64, 32, 4, 3)]
+_BWD_16_BIG_D = [(32, 64, 64, 32, 4, 2), (32, 64, 64, 32, 4, 3), (32, 32, 32, 32, 4, 2)]
+_BWD_32 = [(32, 32, 32, 32, 4, 1), (32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 8, 2)]
+_BWD_32_BIG_D = [(32, 32, 32, 32, 4, 1), (32, 32, 32, 32, 4, 2)]
+
+_OFF = ("0", "false", "off", "no")
+
+_lock = threading.RLock()
+_memory: dict[str, dict] = {}     # tune key -> chosen tile options ({} = defaults)
+_fast: dict[tuple, str] = {}      # raw call description -> tune key
+
+
+# ------------------------------------------------------------------ policy
+
+def enabled(device) -> bool:
+    """Autotuning switched on for calls on ``device`` (CUDA, not interpreted, not disabled)."""
+    if _strategy.interpret_mode():
+        return False
+    if (os.environ.get("SPATTN_AUTOTUNE") or "1").strip().lower() in _OFF:
+        return False
+    return getattr(device, "type", str(device).split(":")[0]) == "cuda"
+
+
+def explicit(kind: str, options: dict) -> bool:
+    """True when the call or the environment fixes a tile, warps or stages itself."""
+    if any(options.get(n) is not None for n in TILE_OPTIONS):
+        return True
+    return any(os.environ.get(n) for n in _strategy.ENV_VARS[kind] if n != "SPATTN_STRATEGY")
+
+
+def candidates(kind: str, head_dim: int, dtype) -> list[dict]:
+    """The configurations timed for ``kind`` at a head dim and dtype (the default first)."""
+    dt = _strategy.dtype_name(dtype)
+    big = head_dim > 128
+    if kind == "fwd":
+        default = _strategy.default_tiles(head_dim, dt, "fwd", interpret=False)
+        if dt == "fp32":
+            lst = _FWD_32_BIG_D if big else _FWD_32
+        else:
+            lst = _FWD_16_BIG_D if big else _FWD_16
+    elif kind == "bwd":
+        default = _strategy.default_bwd_tiles(head_dim, dt, interpret=False)
+        if dt == "fp32":
+            lst = _BWD_32_BIG_D if big else _BWD_32
+        else:
+            lst = _BWD_16_BIG_D if big else _BWD_16
+    else:
+        raise ValueError(f"unknown kernel kind {kind!r} (expected 'fwd' or 'bwd')")
+    out = []
+    for c in [tuple(default)] + [tuple(c) for c in lst]:
+        if c not in out:
+            out.append(c)
+    return [dict(zip(FIELDS[kind], c)) for c in out]
+
+
+def label(pattern) -> str:
+    """The pattern's name for messages (its source when it has no name of its own)."""
+    name = getattr(pattern, "name", None)
+    return pattern.source if name in (None, "", "pattern") else name
+
+
+def describe(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items())
+
+
+# ------------------------------------------------------------------ timing
+
+def default_timer(fn) -> float:
+    """Median milliseconds of ``fn`` (``triton.testing.do_bench``)."""
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
+
+
+def _capturing() -> bool:
+    try:
+        import torch
+        return bool(torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    except Exception:  # pragma: no cover
+        return False
+
+
+# --------------------------------------------------------------------- key
+
+def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
+               strategy: str, closed_form=None) -> dict:
+    """Everything a tuning choice depends on (its file is named after their hash)."""
+    from ..codegen.kernels import CODEGEN_VERSION
+    return {
+        "source": pattern.source,
+        "inputs": sorted([n, int(d)] for n, d in pattern.inputs.items()),
+        "kind": kind,
+        "block_d": _strategy.next_pow2(head_dim),
+        "dtype": _strategy.dtype_name(dtype),
+        "device": _cache.device_tag(device),
+        "strategy": strategy,
+        "lq_bucket": _strategy.next_pow2(Lq),
+        "lk_bucket": _strategy.next_pow2(Lk),
+        "closed_form": None if closed_form is None else _cache._cf_text(closed_form),
+        "codegen": CODEGEN_VERSION,
+        "triton": _cache._triton_version(),
+        "tune_version": TUNE_VERSION,
+    }
+
+
+def tune_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def tune_dir() -> pathlib.Path:
+    return _cache.cache_dir() / "tune"
+
+
+def tune_path(key: str) -> pathlib.Path:
+    return tune_dir() / f"{key}.json"
+
+
+# ----------------------------------------------------------------- storage
+
+def _valid_config(kind: str, cfg) -> dict:
+    if not isinstance(cfg, dict) or set(cfg) != set(FIELDS[kind]):
+        raise ValueError(f"config must have exactly the fields {FIELDS[kind]}")
+    out = {}
+    for n in FIELDS[kind]:
+        v = cfg[n]
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{n} is not an integer: {v!r}")
+        if n.startswith("block_") and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{n} must be a power of two >= 16, got {v}")
+        if n == "num_warps" and (v < 1 or v > 32 or v & (v - 1)):
+            raise ValueError(f"num_warps must be a power of two <= 32, got {v}")
+        if n == "num_stages" and not 1 <= v <= 8:
+            raise ValueError(f"num_stages must be in 1..8, got {v}")
+        out[n] = v
+    return out
+
+
+def read(key: str, kind: str):
+    """The stored choice for ``key`` (a dict of tile options), or None.
+
+    A missing file gives None silently; an unreadable or invalid one a
+    ``RuntimeWarning`` and None (the caller re-tunes and overwrites it).
+    """
+    path = tune_path(key)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = f"unreadable ({e})"
+    else:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            if data.get("key") != key:
+                raise ValueError(f"key {data.get('key')!r}, expected {key!r}")
+            if data.get("kind") != kind:
+                raise ValueError(f"kind {data.get('kind')!r}, expected {kind!r}")
+            return _valid_config(kind, data.get("config"))
+        except ValueError as e:      # json.JSONDecodeError is a ValueError
+            reason = str(e)
+    warnings.warn(f"spattn: autotune file {path} is invalid ({reason}); re-tuning",
+                  RuntimeWarning, stacklevel=4)
+    return None
+
+
+def write(key: str, record: dict) -> None:
+    """Write ``record`` as ``tune/<key>.json`` atomically (temporary file + ``os.replace``).
+
+    A failure (read-only cache, full disk) is a ``RuntimeWarning``: the choice is then
+    kept in memory only.
+    """
+    path = tune_path(key)
+    try:
+        _cache._write_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    except OSError as e:
+        warnings.warn(f"spattn: could not write autotune file {path} ({e}); the choice is "
+                      "kept for this process only", RuntimeWarning, stacklevel=4)
+
+
+# ------------------------------------------------------------------ tuning
+
+def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=None,
+         fields: dict | None = None):
+    """Time every candidate with ``run(options)``; ``(best tile options, timings)``.
+
+    ``best`` is None when every candidate failed.  ``timings`` lists, per candidate,
+    ``{"config": ..., "ms": ...}`` or ``{"config": ..., "error": "..."}``.
+    """
+    timer = timer or default_timer
+    cands = candidates(kind, head_dim, dtype)
+    where = ""
+    if fields:
+        where = (f" ({fields['dtype']}, D<={fields['block_d']}, {fields['device']}, "
+                 f"{fields['strategy']}, Lq<={fields['lq_bucket']}, Lk<={fields['lk_bucket']})")
+    log.info("autotuning %s for %s%s: %d candidates", kind, label(pattern), where, len(cands))
+    timings, best, best_ms = [], None, math.inf
+    for cand in cands:
+        opts = {**options, **cand}
+        try:
+            run(opts)                               # compile, build tables, warm up
+            ms = float(timer(lambda: run(opts)))
+        except Exception as e:                      # compile error, out of resources, OOM
+            msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            log.debug("  %s: skipped (%s)", describe(cand), msg)
+            timings.append({"config": cand, "error": msg})
+            continue
+        if not math.isfinite(ms) or ms < 0:
+            log.debug("  %s: skipped (time %r)", describe(cand), ms)
+            timings.append({"config": cand, "error": f"bad time {ms!r}"})
+            continue
+        log.debug("  %s: %.4f ms", describe(cand), ms)
+        timings.append({"config": cand, "ms": ms})
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    if best is None:
+        log.warning("autotuning %s for %s: every candidate failed; using the defaults",
+                    kind, label(pattern))
+    else:
+        log.info("autotuned %s for %s: %s (%.4f ms)", kind, label(pattern), describe(best),
+                 best_ms)
+    return best, timings
+
+
+def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
+                  options: dict, run, timer=None) -> dict:
+    """The options to launch ``kind`` with: ``options`` plus the tuned tile options when
+    autotuning applies (see the module docstring), else ``options`` unchanged."""
+    if not enabled(device) or explicit(kind, options):
+        return options
+    raw = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, int(head_dim),
+           str(dtype), str(device), _strategy.next_pow2(Lq), _strategy.next_pow2(Lk),
+           tuple(sorted((k, str(v)) for k, v in options.items())),
+           os.environ.get("SPATTN_STRATEGY"))
+    with _lock:
+        key = _fast.get(raw)
+        hit = None if key is None else _memory.get(key)
+    if hit is not None:
+        return {**options, **hit}
+
+    def fields_of():
+        config, _, _ = _cache.resolve(pattern, kind, head_dim=head_dim, dtype=dtype,
+                                      device=device, **options)
+        return key_fields(pattern, kind, head_dim=head_dim, dtype=dtype, device=device,
+                          Lq=Lq, Lk=Lk, strategy=config.strategy,
+                          closed_form=options.get("closed_form"))
+
+    with _lock:
+        fields = None
+        if key is None:
+            fields = fields_of()
+            key = tune_key(fields)
+        hit = _memory.get(key)
+        if hit is None:
+            hit = read(key, kind)
+            if hit is None and not _capturing():
+                fields = fields or fields_of()
+                best, timings = tune(pattern, kind, head_dim=head_dim, dtype=dtype,
+                                     options=options, run=run, timer=timer, fields=fields)
+                hit = {} if best is None else dict(best)
+                if best is not None:
+                    ms = min(t["ms"] for t in timings if "ms" in t)
+                    write(key, {"key": key, "kind": kind, "pattern": label(pattern),
+                                **{k: v for k, v in fields.items() if k != "kind"},
+                                "config": hit, "ms": ms, "timings": timings})
+            if hit is not None:
+                _memory[key] = hit
+        if len(_fast) > 4096:
+            _fast.clear()
+        _fast[raw] = key
+    return {**options, **hit} if hit else options
+
+
+def clear_memory() -> None:
+    """Forget the in-memory choices (the files stay; the next call reads them again)."""
+    with _lock:
+        _memory.clear()
+        _fast.clear()

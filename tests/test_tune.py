@@ -1,0 +1,323 @@
+"""Persisted autotuning (runtime/tune.py), driven on the CPU by a fake timer and launcher."""
+import json
+import logging
+import os
+
+import pytest
+import torch
+import triton.language  # noqa: F401  (imported here, under conftest's TRITON_INTERPRET)
+
+
+import spattn
+from spattn.codegen import strategy as st
+from spattn.runtime import tune, triton_backend
+
+CUDA = torch.device("cuda", 0)     # only its type is looked at: no GPU needed
+# Triton's language helpers are interpreted only if imported under TRITON_INTERPRET=1.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("SPATTN_AUTOTUNE", raising=False)
+    for kind in ("fwd", "bwd"):
+        for var in st.ENV_VARS[kind]:
+            monkeypatch.delenv(var, raising=False)
+    tune.clear_memory()
+    yield
+    tune.clear_memory()
+
+
+class Fake:
+    """A launcher recording the options it runs with, and a timer reading a table."""
+
+    def __init__(self, kind, times=None, fail=()):
+        self.kind = kind
+        self.times = times or {}
+        self.fail = set(fail)
+        self.runs = []
+        self.last = None
+
+    def cfg(self, opts):
+        return tuple(opts[n] for n in tune.FIELDS[self.kind])
+
+    def run(self, opts):
+        c = self.cfg(opts)
+        self.runs.append(c)
+        if c in self.fail:
+            raise RuntimeError(f"out of resources: shared memory for {c}")
+        self.last = c
+        return "result"
+
+    def timer(self, fn):
+        fn()
+        return self.times.get(self.last, 10.0)
+
+
+def call(fake, pat=None, *, kind="fwd", D=128, dtype=torch.bfloat16, Lq=4096, Lk=4096,
+         device=CUDA, options=None):
+    pat = pat or spattn.compile("causal")
+    return tune.tuned_options(pat, kind, head_dim=D, dtype=dtype, device=device, Lq=Lq, Lk=Lk,
+                              options=dict(options or {}), run=fake.run, timer=fake.timer)
+
+
+def chosen(opts, kind="fwd"):
+    return tuple(opts[n] for n in tune.FIELDS[kind])
+
+
+def tune_files():
+    d = tune.tune_dir()
+    return sorted(os.listdir(d)) if d.exists() else []
+
+
+def test_candidates_default_first_and_fit_head_dim():
+    f = tune.candidates("fwd", 128, "bf16")
+    assert chosen(f[0]) == (128, 64, 8, 3) == st.default_tiles(128, "bf16", interpret=False)
+    assert {chosen(c) for c in f} == {(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                                      (64, 128, 4, 3)}
+    b = tune.candidates("bwd", 128, "fp16")
+    assert chosen(b[0], "bwd") == (64, 128, 128, 64, 8, 3)
+    assert len(b) == 4 and len({chosen(c, "bwd") for c in b}) == 4
+    for kind in ("fwd", "bwd"):     # D > 128: small tiles only
+        for c in tune.candidates(kind, 256, "bf16"):
+            assert all(v <= 64 for n, v in c.items() if n.startswith("block_")), c
+    assert chosen(tune.candidates("fwd", 64, "bf16")[0]) == (128, 64, 4, 3)
+
+
+def test_new_backward_defaults():
+    p = spattn.compile("causal")
+    gpu = dict(interpret=False, strategy="table")
+    c = st.pick(p, "bwd", head_dim=128, dtype="bf16", **gpu)
+    assert (c.block_m, c.block_n, c.block_m2, c.block_n2, c.num_warps, c.num_stages) == \
+        (64, 128, 128, 64, 8, 3)
+    c = st.pick(p, "bwd", head_dim=256, dtype="bf16", **gpu)
+    assert (c.block_m, c.block_n, c.block_m2, c.block_n2, c.num_warps, c.num_stages) == \
+        (32, 64, 64, 32, 4, 2)
+    c = st.pick(p, "bwd", head_dim=128, dtype="fp32", **gpu)
+    assert (c.block_m, c.block_n, c.block_m2, c.block_n2) == (32, 32, 32, 32)
+    f = st.pick(p, "fwd", head_dim=128, dtype="bf16", **gpu)
+    assert (f.block_m, f.block_n, f.num_warps, f.num_stages) == (128, 64, 8, 3)
+
+
+def test_picks_fastest_and_logs(caplog):
+    fake = Fake("fwd", {(128, 64, 8, 3): 0.50, (128, 128, 8, 3): 0.48, (64, 64, 4, 3): 0.31,
+                        (64, 128, 4, 3): 0.40})
+    with caplog.at_level(logging.INFO, logger="spattn"):
+        opts = call(fake, options={"strategy": "table"})
+    assert chosen(opts) == (64, 64, 4, 3)
+    assert opts["strategy"] == "table"          # the call's own options are kept
+    assert sorted(set(fake.runs)) == sorted(chosen(c) for c in tune.candidates("fwd", 128, "bf16"))
+    msg = (f"autotuned fwd for {tune.label(spattn.compile('causal'))}: "
+           "block_m=64 block_n=64 num_warps=4 num_stages=3 (0.3100 ms)")
+    assert any(msg == r.getMessage() for r in caplog.records)
+    # the same call again: memory, no timing
+    n = len(fake.runs)
+    assert chosen(call(fake, options={"strategy": "table"})) == (64, 64, 4, 3)
+    assert len(fake.runs) == n
+
+
+def test_backward_tuning():
+    fake = Fake("bwd", {(64, 128, 128, 64, 8, 3): 2.0, (64, 128, 128, 32, 8, 2): 1.5})
+    opts = call(fake, kind="bwd")
+    assert chosen(opts, "bwd") == (64, 128, 128, 32, 8, 2)
+    assert set(opts) == set(tune.FIELDS["bwd"])
+
+
+def test_failing_candidates_are_skipped():
+    fake = Fake("fwd", {(128, 64, 8, 3): 0.5, (128, 128, 8, 3): 0.1, (64, 64, 4, 3): 0.3,
+                        (64, 128, 4, 3): 0.4}, fail={(128, 128, 8, 3)})
+    opts = call(fake)
+    assert chosen(opts) == (64, 64, 4, 3)
+    (name,) = tune_files()
+    data = json.loads((tune.tune_dir() / name).read_text())
+    errs = [t for t in data["timings"] if "error" in t]
+    assert len(errs) == 1 and "out of resources" in errs[0]["error"]
+    assert data["config"] == dict(zip(tune.FIELDS["fwd"], (64, 64, 4, 3)))
+
+
+def test_all_candidates_failing_uses_defaults():
+    every = {chosen(c) for c in tune.candidates("fwd", 128, "bf16")}
+    fake = Fake("fwd", fail=every)
+    opts = call(fake, options={"strategy": "table"})
+    assert opts == {"strategy": "table"}
+    assert tune_files() == []                    # nothing persisted
+    n = len(fake.runs)
+    call(fake, options={"strategy": "table"})    # remembered for the process
+    assert len(fake.runs) == n
+
+
+def test_persisted_across_processes():
+    fake = Fake("fwd", {(64, 128, 4, 3): 0.2})
+    assert chosen(call(fake)) == (64, 128, 4, 3)
+    files = tune_files()
+    assert len(files) == 1 and files[0].endswith(".json")
+    data = json.loads((tune.tune_dir() / files[0]).read_text())
+    assert data["pattern"] == "q >= k" and data["kind"] == "fwd"
+    assert data["source"] == "q >= k"
+    assert data["dtype"] == "bf16" and data["block_d"] == 128
+    assert data["lq_bucket"] == data["lk_bucket"] == 4096
+    assert files[0] == data["key"] + ".json"
+    tune.clear_memory()                          # a new process
+    again = Fake("fwd")
+    assert chosen(call(again)) == (64, 128, 4, 3)
+    assert again.runs == []                      # read from disk, not re-tuned
+
+
+def test_key_buckets_and_fields():
+    fake = Fake("fwd")
+    call(fake, Lq=3000, Lk=4096)
+    n = len(fake.runs)
+    call(fake, Lq=4096, Lk=2049)                 # same buckets (4096, 4096)
+    assert len(fake.runs) == n
+    for kw in (dict(Lq=4097), dict(Lk=1024), dict(D=64), dict(dtype=torch.float16),
+               dict(kind="bwd"), dict(pat=spattn.compile("window(128)")),
+               dict(options={"strategy": "table"})):
+        k = kw.get("kind", "fwd")
+        f = Fake(k)
+        call(f, **kw)
+        assert f.runs, kw                         # a new key: tuned
+    assert len(tune_files()) == 8
+
+
+@pytest.mark.parametrize("garbage", ["{not json", "[]", '{"key": "x"}',
+                                     "VALID_BAD_CONFIG"])
+def test_corrupt_file_is_retuned_with_warning(garbage):
+    fake = Fake("fwd", {(64, 64, 4, 3): 0.1})
+    call(fake)
+    (name,) = tune_files()
+    path = tune.tune_dir() / name
+    if garbage == "VALID_BAD_CONFIG":
+        data = json.loads(path.read_text())
+        data["config"]["block_m"] = 33
+        garbage = json.dumps(data)
+    path.write_text(garbage)
+    tune.clear_memory()
+    again = Fake("fwd", {(128, 128, 8, 3): 0.1})
+    with pytest.warns(RuntimeWarning, match="autotune file .* is invalid"):
+        opts = call(again)
+    assert again.runs and chosen(opts) == (128, 128, 8, 3)
+    assert json.loads(path.read_text())["config"]["block_m"] == 128   # rewritten
+
+
+def test_disabled_by_environment(monkeypatch):
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("SPATTN_AUTOTUNE", off)
+        fake = Fake("fwd")
+        assert call(fake, options={"strategy": "ranges"}) == {"strategy": "ranges"}
+        assert fake.runs == []
+    assert tune_files() == []
+    monkeypatch.setenv("SPATTN_AUTOTUNE", "1")
+    fake = Fake("fwd")
+    call(fake)
+    assert fake.runs
+
+
+def test_never_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SPATTN_AUTOTUNE", "1")
+    fake = Fake("fwd")
+    assert call(fake) == {}
+    assert fake.runs == [] and tune_files() == []
+    assert not tune.enabled(CUDA)
+
+
+def test_only_on_cuda():
+    fake = Fake("fwd")
+    assert call(fake, device=torch.device("cpu")) == {}
+    assert fake.runs == []
+
+
+@pytest.mark.parametrize("explicit", [{"block_m": 64}, {"num_warps": 4}, {"num_stages": 2},
+                                      {"block_n1": 64}])
+def test_explicit_options_are_not_tuned(explicit):
+    for kind in ("fwd", "bwd"):
+        fake = Fake(kind)
+        assert call(fake, kind=kind, options=explicit) == explicit
+        assert fake.runs == []
+
+
+@pytest.mark.parametrize("var,kind", [("SPATTN_BLOCK_M", "fwd"), ("SPATTN_FWD_WARPS", "fwd"),
+                                      ("SPATTN_BWD_BLOCK_N2", "bwd"),
+                                      ("SPATTN_NUM_STAGES", "bwd")])
+def test_environment_overrides_are_not_tuned(monkeypatch, var, kind):
+    monkeypatch.setenv(var, "2" if "STAGES" in var else "64")
+    fake = Fake(kind)
+    assert call(fake, kind=kind) == {}
+    assert fake.runs == []
+
+
+def test_atomic_write_leaves_no_temporary(monkeypatch):
+    replaced = []
+    real = os.replace
+
+    def spy(src, dst):
+        assert not os.path.exists(dst)          # the final name appears only here
+        assert os.path.dirname(str(src)) == os.path.dirname(str(dst))
+        replaced.append((str(src), str(dst)))
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", spy)
+    call(Fake("fwd"))
+    assert len(replaced) == 1
+    assert tune_files() == [os.path.basename(replaced[0][1])]
+    assert not any(n.endswith(".tmp") for n in tune_files())
+
+
+def test_failed_write_warns_and_keeps_choice_in_memory(monkeypatch):
+    def boom(src, dst):
+        raise OSError("read-only file system")
+    monkeypatch.setattr(os, "replace", boom)
+    fake = Fake("fwd", {(64, 64, 4, 3): 0.1})
+    with pytest.warns(RuntimeWarning, match="could not write autotune file"):
+        opts = call(fake)
+    assert chosen(opts) == (64, 64, 4, 3)
+    assert tune_files() == []                    # the temporary file was removed
+    n = len(fake.runs)
+    assert chosen(call(fake)) == (64, 64, 4, 3)
+    assert len(fake.runs) == n
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs Triton's interpreter (CPU run)")
+def test_launchers_run_with_the_tuned_choice(monkeypatch):
+    """End to end through triton_backend under the interpreter (tuning forced on): every
+    candidate runs for real, the last one is 'fastest', and the result is right."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tune, "enabled", lambda device: True)
+    seen = []
+    real_fwd, real_bwd = triton_backend._fwd, triton_backend._bwd
+
+    def spy_fwd(*a, opts, **kw):
+        seen.append(("fwd", {n: opts.get(n) for n in tune.FIELDS["fwd"]}))
+        return real_fwd(*a, opts=opts, **kw)
+
+    def spy_bwd(*a, opts, **kw):
+        seen.append(("bwd", {n: opts.get(n) for n in tune.FIELDS["bwd"]}))
+        return real_bwd(*a, opts=opts, **kw)
+    monkeypatch.setattr(triton_backend, "_fwd", spy_fwd)
+    monkeypatch.setattr(triton_backend, "_bwd", spy_bwd)
+    clock = iter(range(100, 0, -1))              # each timing faster than the one before
+    monkeypatch.setattr(tune, "default_timer", lambda fn: (fn(), float(next(clock)))[1])
+    monkeypatch.setattr(tune, "candidates", lambda kind, D, dt: [
+        dict(zip(tune.FIELDS[kind], c)) for c in
+        ([(32, 32, 4, 1), (16, 32, 4, 1)] if kind == "fwd"
+         else [(16, 16, 16, 16, 4, 1), (32, 16, 16, 32, 4, 1)])])
+    pat = spattn.compile("causal & (window(20) | sink(4))", backend="triton")
+    g = torch.Generator().manual_seed(0)
+    L, D = 45, 16
+    q, k, v = (torch.randn(1, 2, L, D, generator=g, dtype=torch.float64).float()
+               .requires_grad_() for _ in range(3))
+    out = pat(q, k, v)
+    last = [s for s in seen if s[0] == "fwd"][-1][1]
+    assert (last["block_m"], last["block_n"]) == (16, 32)     # the call ran with the choice
+    out.sum().backward()
+    lastb = [s for s in seen if s[0] == "bwd"][-1][1]
+    assert (lastb["block_m1"], lastb["block_n1"]) == (32, 16)
+    from spattn.runtime.reference import attention_reference
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_reference(qd, kd, vd, pat.mask(L, L, num_heads=2))
+    ref.sum().backward()
+    assert torch.allclose(out.double(), ref, atol=1e-4)
+    for t, r in zip((q, k, v), (qd, kd, vd)):
+        assert torch.allclose(t.grad.double(), r.grad, atol=1e-4)
+    assert len(tune_files()) == 2
