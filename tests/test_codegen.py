@@ -257,17 +257,17 @@ def test_backward_tile_defaults_and_overrides(monkeypatch):
     def tiles(c):
         return (c.block_m, c.block_n, c.block_m2, c.block_n2, c.num_warps, c.num_stages)
     gpu = dict(interpret=False, strategy="table")
-    assert tiles(st.pick(p, "bwd", head_dim=128, dtype="bf16", **gpu)) == (32, 128, 128, 32, 4, 4)
-    assert tiles(st.pick(p, "bwd", head_dim=64, dtype="fp16", **gpu))[:4] == (32, 128, 128, 32)
-    assert tiles(st.pick(p, "bwd", head_dim=256, dtype="bf16", **gpu))[:4] == (32, 32, 32, 32)
+    assert tiles(st.pick(p, "bwd", head_dim=128, dtype="bf16", **gpu)) == (64, 128, 128, 64, 8, 3)
+    assert tiles(st.pick(p, "bwd", head_dim=64, dtype="fp16", **gpu))[:4] == (64, 128, 128, 64)
+    assert tiles(st.pick(p, "bwd", head_dim=256, dtype="bf16", **gpu))[:4] == (32, 64, 64, 32)
     assert st.pick(p, "fwd", head_dim=128, **gpu).block_m2 == 0
-    monkeypatch.setenv("SPATTN_BWD_BLOCK_M1", "64")
-    monkeypatch.setenv("SPATTN_BWD_BLOCK_N2", "64")
-    monkeypatch.setenv("SPATTN_BWD_WARPS", "8")
-    monkeypatch.setenv("SPATTN_BWD_STAGES", "3")
+    monkeypatch.setenv("SPATTN_BWD_BLOCK_M1", "32")
+    monkeypatch.setenv("SPATTN_BWD_BLOCK_N2", "32")
+    monkeypatch.setenv("SPATTN_BWD_WARPS", "4")
+    monkeypatch.setenv("SPATTN_BWD_STAGES", "2")
     monkeypatch.setenv("SPATTN_BLOCK_M", "64")          # forward only
     monkeypatch.setenv("SPATTN_FWD_WARPS", "4")
-    assert tiles(st.pick(p, "bwd", head_dim=128, **gpu)) == (64, 128, 128, 64, 8, 3)
+    assert tiles(st.pick(p, "bwd", head_dim=128, **gpu)) == (32, 128, 128, 32, 4, 2)
     f = st.pick(p, "fwd", head_dim=128, **gpu)
     assert (f.block_m, f.block_n, f.num_warps, f.num_stages) == (64, 64, 4, 3)
     # explicit arguments win: per kernel, then block_m / block_n for both kernels
@@ -275,3 +275,37 @@ def test_backward_tile_defaults_and_overrides(monkeypatch):
         (16, 128, 16, 32)
     with pytest.raises(ValueError):
         st.pick(p, "bwd", head_dim=128, block_m1=24, **gpu)
+
+
+def test_forward_loop_variants(fresh_cache, monkeypatch):
+    """SPATTN_FWD_LOOP=fused: one _fwd_fused call per interval piece, the predicate under a
+    per-tile `if partial:`; the default (split) file is unchanged; versions differ."""
+    from spattn.codegen import kernels
+    p = spattn.compile("causal & (window(8) | sink(4))")
+    opts = dict(head_dim=64, dtype="bf16", strategy="ranges", closed_form=window_cf(8))
+    split = cache.kernel_file(p, "fwd", **opts).read_text()
+    assert "_fwd_fused" not in split and "Forward loop" not in split
+    assert kernels.codegen_version("split") == CODEGEN_VERSION == "3"
+    monkeypatch.setenv("SPATTN_FWD_LOOP", "fused")
+    monkeypatch.setattr(kernels, "FWD_LOOP", "fused")
+    monkeypatch.setattr(cache, "CODEGEN_VERSION", kernels.codegen_version())
+    monkeypatch.setattr(kernels, "CODEGEN_VERSION", kernels.codegen_version())
+    cache.clear_memory()
+    path = cache.kernel_file(p, "fwd", **opts)
+    fused = path.read_text()
+    assert "Codegen version: 3-fused" in fused and "Forward loop: fused" in fused
+    key6 = path.stem[-6:]
+    n_pieces = fused.count("in one loop, FULL where in")
+    assert n_pieces == 1 and fused.count(f"= _fwd_fused_{key6}(") == n_pieces
+    assert "_fwd_range_" not in fused and "m0, m1 = _split(" not in fused
+    body = fused.split(f"def _fwd_fused_{key6}(")[1].split("@triton.jit")[0]
+    assert "partial = (i_n < full_start) | (i_n >= full_end)" in body
+    assert body.index("if partial:") < body.index("m_pattern") < body.index("# -- online")
+    assert body.index("tl.dot(b_q") < body.index("if partial:")   # loads, dot outside
+    # table strategy: unaffected by the variant
+    tab = cache.kernel_file(p, "fwd", head_dim=64, dtype="bf16", strategy="table").read_text()
+    assert "_fwd_fused" not in tab and "MASKED=False" in tab
+    compile(fused, str(path), "exec")
+    monkeypatch.setenv("SPATTN_FWD_LOOP", "bogus")
+    with pytest.raises(ValueError, match="SPATTN_FWD_LOOP"):
+        kernels.fwd_loop()
