@@ -175,3 +175,82 @@ def test_default_pick_runs():
     ref_o, ref_lse, _ = reference(pattern, q, k, v, scale=0.2, q_offset=0, inputs={})
     check_close("o", o, ref_o, TOL)
     check_lse(lse, ref_lse)
+
+
+# ------------------------------------------- fused forward loop (SPATTN_FWD_LOOP=fused)
+
+@pytest.fixture
+def fused_loop(monkeypatch):
+    """The "fused" forward loop variant, as a process started with SPATTN_FWD_LOOP=fused has.
+
+    The variant and the codegen version are read at import (runtime/cache.py keys files on
+    its imported CODEGEN_VERSION), so the test patches both modules' constants.
+    """
+    from spattn.codegen import kernels
+    from spattn.runtime import cache
+    monkeypatch.setenv("SPATTN_FWD_LOOP", "fused")
+    version = kernels.codegen_version("fused")
+    monkeypatch.setattr(kernels, "FWD_LOOP", "fused")
+    monkeypatch.setattr(kernels, "CODEGEN_VERSION", version)
+    monkeypatch.setattr(cache, "CODEGEN_VERSION", version)
+    cache.clear_memory()
+    yield cache
+    cache.clear_memory()
+
+
+def _assert_fused(cache):
+    mods = list(cache._modules.values())
+    assert mods and all(any(n.startswith("_fwd_fused_") for n in vars(m)) for m in mods)
+    assert not any(any(n.startswith("_fwd_range_") for n in vars(m)) for m in mods)
+
+
+FUSED_PATTERNS = [p for p in PATTERNS if p[0] in ("causal", "window", "window_sink", "prefix_lm",
+                                                  "local", "global_local")]
+
+
+@pytest.mark.parametrize("name,src,inputs_fn,cf_factory,q_offset", FUSED_PATTERNS,
+                         ids=[f"fused-{p[0]}" for p in FUSED_PATTERNS])
+def test_fused_patterns(fused_loop, name, src, inputs_fn, cf_factory, q_offset):
+    run_fwd(src, strategy="ranges", inputs_fn=inputs_fn, cf_factory=cf_factory,
+            q_offset=q_offset, seed=hash(name) % 1000)
+    _assert_fused(fused_loop)
+
+
+def test_fused_fully_masked_rows(fused_loop):
+    # a dead row's first tiles are FULL-free; a live row's later tiles mix: guard every tile
+    o, lse, m = run_fwd("causal & k >= 20", strategy="ranges", Lq=50, seed=7)
+    dead = ~m.any(-1)
+    assert dead.any()
+    assert torch.equal(o[dead.expand_as(o[..., 0])], torch.zeros_like(o[dead.expand_as(
+        o[..., 0])]))
+    assert torch.isneginf(lse[dead.expand_as(lse)]).all()
+    assert not torch.isnan(o).any()
+    run_fwd("causal", strategy="ranges", Lq=60, Lk=30, q_offset=-40,
+            cf_factory=lambda: window_cf(10 ** 5), seed=11)
+    _assert_fused(fused_loop)
+
+
+@pytest.mark.parametrize("Lq,Lk,q_offset", [(37, 70, None), (37, 70, -5), (70, 37, 10),
+                                            (21, 45, 30)],
+                         ids=["Lq37-Lk70-bottomright", "Lq37-Lk70-off-5", "Lq70-Lk37-off10",
+                              "Lq21-Lk45-off30"])
+def test_fused_ragged_lengths_and_offsets(fused_loop, Lq, Lk, q_offset):
+    # Lk = 37, 45, 70 with BLOCK_N = 16: a ragged last key tile (bounds mask on a FULL-range tile)
+    run_fwd("causal & (window(13) | sink(4))", strategy="ranges", Lq=Lq, Lk=Lk,
+            q_offset=q_offset, cf_factory=lambda: window_sink_cf(13, 4), seed=Lq + Lk)
+    run_fwd("full", strategy="ranges", Lq=Lq, Lk=Lk, q_offset=q_offset, cf_factory=trivial_cf,
+            seed=Lq)
+    _assert_fused(fused_loop)
+
+
+@pytest.mark.parametrize("Hk", [2, 1], ids=["gqa-Hk2", "mqa-Hk1"])
+def test_fused_gqa(fused_loop, Hk):
+    run_fwd("causal & (window(13) | sink(4))", strategy="ranges", Bn=2, Hq=4, Hk=Hk, Lq=40,
+            cf_factory=lambda: window_sink_cf(13, 4), seed=3)
+    _assert_fused(fused_loop)
+
+
+def test_fused_head_dim_80(fused_loop):
+    run_fwd("causal & window(13)", strategy="ranges", D=80, Lq=33,
+            cf_factory=lambda: window_cf(13), seed=80)
+    _assert_fused(fused_loop)
