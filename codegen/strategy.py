@@ -54,6 +54,7 @@ class KernelConfig:
     dtype: str          # "fp16" | "bf16" | "fp32"
     block_m2: int = 0   # backward only: dQ tile (queries per program)
     block_n2: int = 0   # backward only: dQ tile (keys per step)
+    loop: str = "split"  # forward "ranges" only: "split" (masked/full/masked loops) or "fused"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,7 +137,7 @@ def _env_int(name: str):
 #: current values into the config memo key: see :func:`env_overrides`).
 ENV_VARS = {
     "fwd": ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES",
-            "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_STRATEGY"),
+            "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_FWD_LOOP", "SPATTN_STRATEGY"),
     "bwd": ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
             "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES",
             "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_STRATEGY"),
@@ -157,7 +158,7 @@ def _pow2_check(**blocks):
 def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strategy=None,
          block_m=None, block_n=None, num_warps=None, num_stages=None, closed_form=None,
          interpret=None, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
-         **_ignored) -> KernelConfig:
+         loop=None, **_ignored) -> KernelConfig:
     """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype.
 
     Backward: ``block_m1``/``block_n1`` (dK/dV) and ``block_m2``/``block_n2`` (dQ);
@@ -188,7 +189,20 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     nw = num_warps or _env_int("SPATTN_FWD_WARPS") or _env_int("SPATTN_NUM_WARPS") or nw
     ns = num_stages or _env_int("SPATTN_FWD_STAGES") or _env_int("SPATTN_NUM_STAGES") or ns
     _pow2_check(block_m=bm, block_n=bn)
-    return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt)
+    loop = (loop or os.environ.get("SPATTN_FWD_LOOP") or "split").strip().lower()
+    if loop not in FWD_LOOPS:
+        raise ValueError(f"loop / SPATTN_FWD_LOOP={loop!r}: expected one of {FWD_LOOPS}")
+    if strategy != "ranges":
+        loop = "split"      # the table strategy has one loop per tile list anyway
+    return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt,
+                        loop=loop)
+
+
+#: Forward tile-loop variants of the "ranges" strategy: "split" runs each interval piece
+#: as three loops (masked, unmasked, masked: each software-pipelined on its own); "fused"
+#: runs one loop with a uniform per-tile branch around the predicate (one pipeline fill;
+#: faster on short rows, slower on long causal rows: measured in docs/codegen.md).
+FWD_LOOPS = ("split", "fused")
 
 
 def analysis_strategy(pattern, closed_form=None) -> str:

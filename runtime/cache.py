@@ -89,8 +89,9 @@ def resolve(pattern, kind: str = "fwd", **options):
         raise ValueError(f"unknown kernel kind {kind!r} (expected 'fwd' or 'bwd')")
     cf = options.pop("closed_form", None)
     device = options.pop("device", None)
+    # every environment override strategy.pick reads is part of the memo key
     memo_key = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, device_tag(device),
-                os.environ.get("SPATTN_STRATEGY"),
+                _strategy.env_overrides(kind),
                 tuple(sorted((k, str(v)) for k, v in options.items())),
                 None if cf is None else _cf_text(cf))
     with _lock:

@@ -38,7 +38,7 @@ LOG2E = 1.4426950408889634
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 _OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
-                 "block_m1", "block_n1", "block_m2", "block_n2")
+                 "block_m1", "block_n1", "block_m2", "block_n2", "loop")
 
 
 def _opts(options: dict, kind: str) -> dict:

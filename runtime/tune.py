@@ -56,19 +56,21 @@ from . import cache as _cache
 log = logging.getLogger("spattn")
 
 #: Bumped when the candidate lists or the file format change (part of the key).
-TUNE_VERSION = 1
+TUNE_VERSION = 2
 REP_MS = 25
 WARMUP_MS = 5
 
 FIELDS = {
-    "fwd": ("block_m", "block_n", "num_warps", "num_stages"),
+    "fwd": ("block_m", "block_n", "num_warps", "num_stages", "loop"),
     "bwd": ("block_m1", "block_n1", "block_m2", "block_n2", "num_warps", "num_stages"),
 }
 #: Options that, passed explicitly, switch autotuning off for the call.
 TILE_OPTIONS = frozenset(FIELDS["fwd"] + FIELDS["bwd"])
 
-# (BLOCK_M, BLOCK_N, warps, stages)
+# (BLOCK_M, BLOCK_N, warps, stages); the "ranges" strategy also tries the fused loop
+# (one pipelined loop per interval piece) on the configurations of _FWD_FUSED.
 _FWD_16 = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
+_FWD_FUSED = {(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)}
 _FWD_16_BIG_D = [(64, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
 _FWD_32 = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
 _FWD_32_BIG_D = [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 1)]
@@ -104,7 +106,7 @@ def explicit(kind: str, options: dict) -> bool:
     return any(os.environ.get(n) for n in _strategy.ENV_VARS[kind] if n != "SPATTN_STRATEGY")
 
 
-def candidates(kind: str, head_dim: int, dtype) -> list[dict]:
+def candidates(kind: str, head_dim: int, dtype, strategy: str = "table") -> list[dict]:
     """The configurations timed for ``kind`` at a head dim and dtype (the default first)."""
     dt = _strategy.dtype_name(dtype)
     big = head_dim > 128
@@ -124,8 +126,15 @@ def candidates(kind: str, head_dim: int, dtype) -> list[dict]:
         raise ValueError(f"unknown kernel kind {kind!r} (expected 'fwd' or 'bwd')")
     out = []
     for c in [tuple(default)] + [tuple(c) for c in lst]:
-        if c not in out:
-            out.append(c)
+        if kind == "fwd":
+            variants = [c + ("split",)]
+            if strategy == "ranges" and c in _FWD_FUSED:
+                variants.append(c + ("fused",))
+        else:
+            variants = [c]
+        for v in variants:
+            if v not in out:
+                out.append(v)
     return [dict(zip(FIELDS[kind], c)) for c in out]
 
 
@@ -198,6 +207,11 @@ def _valid_config(kind: str, cfg) -> dict:
     out = {}
     for n in FIELDS[kind]:
         v = cfg[n]
+        if n == "loop":
+            if v not in _strategy.FWD_LOOPS:
+                raise ValueError(f"loop must be one of {_strategy.FWD_LOOPS}, got {v!r}")
+            out[n] = v
+            continue
         if not isinstance(v, int) or isinstance(v, bool):
             raise ValueError(f"{n} is not an integer: {v!r}")
         if n.startswith("block_") and (v < 16 or v & (v - 1)):
@@ -264,7 +278,7 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
     ``{"config": ..., "ms": ...}`` or ``{"config": ..., "error": "..."}``.
     """
     timer = timer or default_timer
-    cands = candidates(kind, head_dim, dtype)
+    cands = candidates(kind, head_dim, dtype, strategy=(fields or {}).get("strategy", "table"))
     where = ""
     if fields:
         where = (f" ({fields['dtype']}, D<={fields['block_d']}, {fields['device']}, "

@@ -278,22 +278,19 @@ def test_backward_tile_defaults_and_overrides(monkeypatch):
 
 
 def test_forward_loop_variants(fresh_cache, monkeypatch):
-    """SPATTN_FWD_LOOP=fused: one _fwd_fused call per interval piece, the predicate under a
-    per-tile `if partial:`; the default (split) file is unchanged; versions differ."""
-    from spattn.codegen import kernels
+    """loop="fused": one _fwd_fused call per interval piece, the predicate under a per-tile
+    `if partial:`; the split file is a different cache entry; the env var selects it too."""
     p = spattn.compile("causal & (window(8) | sink(4))")
     opts = dict(head_dim=64, dtype="bf16", strategy="ranges", closed_form=window_cf(8))
-    split = cache.kernel_file(p, "fwd", **opts).read_text()
+    split_path = cache.kernel_file(p, "fwd", **opts)
+    split = split_path.read_text()
     assert "_fwd_fused" not in split and "Forward loop" not in split
-    assert kernels.codegen_version("split") == CODEGEN_VERSION == "3"
+    path = cache.kernel_file(p, "fwd", loop="fused", **opts)
+    assert path != split_path
     monkeypatch.setenv("SPATTN_FWD_LOOP", "fused")
-    monkeypatch.setattr(kernels, "FWD_LOOP", "fused")
-    monkeypatch.setattr(cache, "CODEGEN_VERSION", kernels.codegen_version())
-    monkeypatch.setattr(kernels, "CODEGEN_VERSION", kernels.codegen_version())
-    cache.clear_memory()
-    path = cache.kernel_file(p, "fwd", **opts)
+    assert cache.kernel_file(p, "fwd", **opts) == path
     fused = path.read_text()
-    assert "Codegen version: 3-fused" in fused and "Forward loop: fused" in fused
+    assert f"Codegen version: {CODEGEN_VERSION}" in fused and "Forward loop: fused" in fused
     key6 = path.stem[-6:]
     n_pieces = fused.count("in one loop, FULL where in")
     assert n_pieces == 1 and fused.count(f"= _fwd_fused_{key6}(") == n_pieces
@@ -308,4 +305,4 @@ def test_forward_loop_variants(fresh_cache, monkeypatch):
     compile(fused, str(path), "exec")
     monkeypatch.setenv("SPATTN_FWD_LOOP", "bogus")
     with pytest.raises(ValueError, match="SPATTN_FWD_LOOP"):
-        kernels.fwd_loop()
+        cache.kernel_file(p, "fwd", **opts)

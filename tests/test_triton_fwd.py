@@ -181,18 +181,10 @@ def test_default_pick_runs():
 
 @pytest.fixture
 def fused_loop(monkeypatch):
-    """The "fused" forward loop variant, as a process started with SPATTN_FWD_LOOP=fused has.
-
-    The variant and the codegen version are read at import (runtime/cache.py keys files on
-    its imported CODEGEN_VERSION), so the test patches both modules' constants.
-    """
-    from spattn.codegen import kernels
+    """The "fused" forward loop variant (``loop`` of the kernel config; here through its
+    environment override, which the config memo and the cache key both see)."""
     from spattn.runtime import cache
     monkeypatch.setenv("SPATTN_FWD_LOOP", "fused")
-    version = kernels.codegen_version("fused")
-    monkeypatch.setattr(kernels, "FWD_LOOP", "fused")
-    monkeypatch.setattr(kernels, "CODEGEN_VERSION", version)
-    monkeypatch.setattr(cache, "CODEGEN_VERSION", version)
     cache.clear_memory()
     yield cache
     cache.clear_memory()

@@ -30,6 +30,11 @@ def _fresh(tmp_path, monkeypatch):
     tune.clear_memory()
 
 
+def tile_fields(kind):
+    """The numeric tile options (the fused/split loop choice is tested separately)."""
+    return tuple(n for n in tune.FIELDS[kind] if n != "loop")
+
+
 class Fake:
     """A launcher recording the options it runs with, and a timer reading a table."""
 
@@ -41,7 +46,7 @@ class Fake:
         self.last = None
 
     def cfg(self, opts):
-        return tuple(opts[n] for n in tune.FIELDS[self.kind])
+        return tuple(opts[n] for n in tile_fields(self.kind))
 
     def run(self, opts):
         c = self.cfg(opts)
@@ -63,8 +68,8 @@ def call(fake, pat=None, *, kind="fwd", D=128, dtype=torch.bfloat16, Lq=4096, Lk
                               options=dict(options or {}), run=fake.run, timer=fake.timer)
 
 
-def chosen(opts, kind="fwd"):
-    return tuple(opts[n] for n in tune.FIELDS[kind])
+def chosen(opts, kind="fwd", fields=None):
+    return tuple(opts[n] for n in (fields or tile_fields(kind)))
 
 
 def tune_files():
@@ -74,9 +79,15 @@ def tune_files():
 
 def test_candidates_default_first_and_fit_head_dim():
     f = tune.candidates("fwd", 128, "bf16")
+    full = tune.FIELDS["fwd"]
     assert chosen(f[0]) == (128, 64, 8, 3) == st.default_tiles(128, "bf16", interpret=False)
-    assert {chosen(c) for c in f} == {(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                      (64, 128, 4, 3)}
+    assert {chosen(c, fields=full) for c in f} == {
+        (128, 64, 8, 3, "split"), (128, 128, 8, 3, "split"), (64, 64, 4, 3, "split"),
+        (64, 128, 4, 3, "split")}
+    # the ranges strategy also times the fused loop on three of them
+    r = tune.candidates("fwd", 128, "bf16", strategy="ranges")
+    assert {chosen(c, fields=full) for c in r} - {chosen(c, fields=full) for c in f} == {
+        (128, 64, 8, 3, "fused"), (128, 128, 8, 3, "fused"), (64, 64, 4, 3, "fused")}
     b = tune.candidates("bwd", 128, "fp16")
     assert chosen(b[0], "bwd") == (64, 128, 128, 64, 8, 3)
     assert len(b) == 4 and len({chosen(c, "bwd") for c in b}) == 4
@@ -110,7 +121,7 @@ def test_picks_fastest_and_logs(caplog):
     assert opts["strategy"] == "table"          # the call's own options are kept
     assert sorted(set(fake.runs)) == sorted(chosen(c) for c in tune.candidates("fwd", 128, "bf16"))
     msg = (f"autotuned fwd for {tune.label(spattn.compile('causal'))}: "
-           "block_m=64 block_n=64 num_warps=4 num_stages=3 (0.3100 ms)")
+           "block_m=64 block_n=64 num_warps=4 num_stages=3 loop=split (0.3100 ms)")
     assert any(msg == r.getMessage() for r in caplog.records)
     # the same call again: memory, no timing
     n = len(fake.runs)
@@ -128,13 +139,13 @@ def test_backward_tuning():
 def test_failing_candidates_are_skipped():
     fake = Fake("fwd", {(128, 64, 8, 3): 0.5, (128, 128, 8, 3): 0.1, (64, 64, 4, 3): 0.3,
                         (64, 128, 4, 3): 0.4}, fail={(128, 128, 8, 3)})
-    opts = call(fake)
+    opts = call(fake, options={"strategy": "table"})
     assert chosen(opts) == (64, 64, 4, 3)
     (name,) = tune_files()
     data = json.loads((tune.tune_dir() / name).read_text())
     errs = [t for t in data["timings"] if "error" in t]
     assert len(errs) == 1 and "out of resources" in errs[0]["error"]
-    assert data["config"] == dict(zip(tune.FIELDS["fwd"], (64, 64, 4, 3)))
+    assert data["config"] == dict(zip(tune.FIELDS["fwd"], (64, 64, 4, 3, "split")))
 
 
 def test_all_candidates_failing_uses_defaults():
@@ -298,8 +309,8 @@ def test_launchers_run_with_the_tuned_choice(monkeypatch):
     monkeypatch.setattr(triton_backend, "_bwd", spy_bwd)
     clock = iter(range(100, 0, -1))              # each timing faster than the one before
     monkeypatch.setattr(tune, "default_timer", lambda fn: (fn(), float(next(clock)))[1])
-    monkeypatch.setattr(tune, "candidates", lambda kind, D, dt: [
-        dict(zip(tune.FIELDS[kind], c)) for c in
+    monkeypatch.setattr(tune, "candidates", lambda kind, D, dt, **kw: [
+        dict(zip(tune.FIELDS[kind], c + (("split",) if kind == "fwd" else ()))) for c in
         ([(32, 32, 4, 1), (16, 32, 4, 1)] if kind == "fwd"
          else [(16, 16, 16, 16, 4, 1), (32, 16, 16, 32, 4, 1)])])
     pat = spattn.compile("causal & (window(20) | sink(4))", backend="triton")
