@@ -5,18 +5,16 @@ Patterns, runtime-input factories, hand-written closed forms (until and besides
 """
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from types import SimpleNamespace  # noqa: E402
+from types import SimpleNamespace
 
-import torch  # noqa: E402
+import torch
 
-import spattn  # noqa: E402
-from spattn.codegen.kernels import Interval  # noqa: E402
-from spattn.ir import build as B  # noqa: E402
-from spattn.runtime.reference import attention_reference  # noqa: E402
+import spattn
+from spattn.codegen.kernels import Interval
+from spattn.ir import build as B
+from spattn.runtime.reference import attention_reference
 
 BIG = 10 ** 6
 V = B.var

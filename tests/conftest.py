@@ -23,13 +23,21 @@ settings.register_profile(
 settings.load_profile(os.environ.get("SPATTN_HYPOTHESIS", "ci"))
 
 
+INTERPRETER_MODULES = ("test_codegen", "test_triton_fwd", "test_triton_bwd", "test_table_memo",
+                       "test_tune")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """``gpu`` tests need CUDA; the interpreter tests (CPU tensors through the generated
+    kernels) need ``TRITON_INTERPRET=1``, which this file sets only where there is no GPU."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    no_interp = pytest.mark.skip(reason="runs the kernels on the CPU: needs TRITON_INTERPRET=1")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        elif item.module.__name__.rsplit(".", 1)[-1] in INTERPRETER_MODULES and not interpreted:
+            item.add_marker(no_interp)
 
 
 @pytest.fixture(autouse=True)

@@ -5,28 +5,25 @@ interpreter on a grid of positions (negative query positions included) against
 the reference evaluator; structure (CSE, hoisting, floor helpers only where
 needed) by reading the emitted code.
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import importlib.util
+import re
+import sys
+import warnings
 
-import importlib.util  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import warnings  # noqa: E402
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import spattn
+from spattn.codegen import strategy as st
+from spattn.codegen.emit import HELPERS, emit, nonneg
+from spattn.codegen.kernels import CODEGEN_VERSION
+from spattn.ir import build as B
+from spattn.ir.evaluate import evaluate
+from spattn.runtime import cache
+from spattn.runtime import triton_backend as tb
 
-import spattn  # noqa: E402
-from spattn.codegen import strategy as st  # noqa: E402
-from spattn.codegen.emit import HELPERS, emit, nonneg  # noqa: E402
-from spattn.codegen.kernels import CODEGEN_VERSION  # noqa: E402
-from spattn.ir import build as B  # noqa: E402
-from spattn.ir.evaluate import evaluate  # noqa: E402
-from spattn.runtime import cache  # noqa: E402
-from spattn.runtime import triton_backend as tb  # noqa: E402
-
-from ._triton_helpers import rand_qkv, window_cf  # noqa: E402
+from ._triton_helpers import rand_qkv, window_cf
 
 ENV = {"q": "o_q", "k": "o_k", "h": "i_h", "b": "i_b", "Lq": "Lq", "Lk": "Lk", "H": "H"}
 

@@ -8,16 +8,13 @@ non-contiguous q/k/v/dO.  Relative error < 1e-3 in fp32, every element.
 dK/dV and dQ have their own tile shapes (BLOCK_M1 x BLOCK_N1, BLOCK_M2 x BLOCK_N2):
 distinct shapes are tested through explicit options and the SPATTN_BWD_* environment.
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from spattn.runtime import triton_backend as tb
 
-from spattn.runtime import triton_backend as tb  # noqa: E402
-
-from ._triton_helpers import (analysis_cf, chunked_cf, check_close, compile_pattern,  # noqa: E402
+from ._triton_helpers import (analysis_cf, chunked_cf, check_close, compile_pattern,
                               doc_ids, global_local_cf, rand_qkv, reference, trivial_cf,
                               window_cf, window_sink_cf)
 

@@ -6,16 +6,13 @@ q_offset, fully masked rows, both strategies ("ranges" with closed forms, "table
 with CSR tile lists), ragged lengths, D = 80, non-contiguous inputs, fp16.
 Every element of o and lse is checked (relative error < 1e-3 in fp32).
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from spattn.runtime import triton_backend as tb
 
-from spattn.runtime import triton_backend as tb  # noqa: E402
-
-from ._triton_helpers import (analysis_cf, block_table, chunked_cf, check_close,  # noqa: E402
+from ._triton_helpers import (analysis_cf, block_table, chunked_cf, check_close,
                               check_lse, compile_pattern, doc_ids, global_local_cf, rand_qkv,
                               reference, trivial_cf, window_cf, window_sink_cf)
 
