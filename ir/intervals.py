@@ -99,12 +99,23 @@ class RangeMinMax:
         self.log = lg
 
     def query(self, lo, hi, bi, hi_):
+        """min/max over ``[lo, hi]`` (clamped); ``bi``/``hi_``: index tensors or Python ints.
+
+        Python ints select a view first: a 0-dim tensor used as an index is read on the host
+        (a device synchronisation), so callers pass ints for broadcast (size-1) dims.
+        """
         lo = lo.clamp(0, self.n - 1)
         hi = torch.maximum(hi.clamp(0, self.n - 1), lo)
         j = self.log[hi - lo + 1]
         other = hi - (1 << j) + 1
-        mn = torch.minimum(self.mins[j, bi, hi_, lo], self.mins[j, bi, hi_, other])
-        mx = torch.maximum(self.maxs[j, bi, hi_, lo], self.maxs[j, bi, hi_, other])
+        mins, maxs = self.mins, self.maxs
+        if isinstance(bi, int) and isinstance(hi_, int):
+            mins, maxs = mins[:, bi, hi_], maxs[:, bi, hi_]
+            ix, ox = (j, lo), (j, other)
+        else:
+            ix, ox = (j, bi, hi_, lo), (j, bi, hi_, other)
+        mn = torch.minimum(mins[ix], mins[ox])
+        mx = torch.maximum(maxs[ix], maxs[ox])
         return mn, mx
 
 
@@ -163,9 +174,15 @@ class IntervalEval:
             return v, v
         if isinstance(n, Sum):
             lo = hi = None
+            neg = []     # coefficient -1 terms are subtracted (no negation, no product)
             for a, c in n.terms:
                 alo, ahi = self.int_(a)
-                if alo is ahi:
+                if c == -1 and lo is not None:
+                    neg.append((alo, ahi))
+                    continue
+                if c == 1:
+                    tl, th = alo, ahi
+                elif alo is ahi:
                     tl = th = alo * c
                 elif c > 0:
                     tl, th = alo * c, ahi * c
@@ -177,6 +194,11 @@ class IntervalEval:
                     lo = hi = lo + tl
                 else:
                     lo, hi = lo + tl, hi + th
+            for alo, ahi in neg:
+                if lo is hi and alo is ahi:
+                    lo = hi = lo - alo
+                else:
+                    lo, hi = lo - ahi, hi - alo
             if n.const:
                 if lo is hi:
                     lo = hi = lo + n.const
@@ -193,6 +215,19 @@ class IntervalEval:
             return lo, hi
         if isinstance(n, (FloorDiv, Mod)):
             alo, ahi = self.int_(n.a)
+            if isinstance(n.b, Const):      # the common case: no device check, no sync
+                d = n.b.value
+                if d == 0:
+                    raise SpattnValueError(f"the divisor {n.b} evaluates to 0")
+                if alo is ahi and isinstance(n, FloorDiv):
+                    v = _floordiv(alo, d)
+                    return v, v
+                qlo, qhi = _floordiv(alo, d), _floordiv(ahi, d)
+                if isinstance(n, FloorDiv):
+                    return (qlo, qhi) if d > 0 else (qhi, qlo)
+                same = qlo == qhi
+                mlo, mhi = torch.remainder(alo, d), torch.remainder(ahi, d)
+                return torch.where(same, mlo, min(d + 1, 0)), torch.where(same, mhi, max(d - 1, 0))
             dlo, dhi = self.int_(n.b)
             if bool((dlo != dhi).any()):   # cannot happen: divisors are uniform
                 raise SpattnValueError(f"the divisor {n.b} is not uniform")
@@ -242,8 +277,7 @@ class IntervalEval:
             if key not in self.summaries:
                 vals = torch.tensor(n.values, dtype=I64, device=self.device).view(1, 1, -1)
                 self.summaries[key] = RangeMinMax(vals)
-            z = torch.zeros((), dtype=I64, device=self.device)
-            return self.summaries[key].query(ilo, ihi, z, z)
+            return self.summaries[key].query(ilo, ihi, 0, 0)
         if isinstance(n, Load):
             return self._load(n)
         raise TypeError(f"no interval rule for {type(n).__name__}")
@@ -258,9 +292,9 @@ class IntervalEval:
         nd = len(n.index)
         full = _as_full(t, nd)
         dev = full.device
-        zero = torch.zeros((), dtype=I64, device=dev)
-        bi = _t(self.env.get("b", 0), dev) if full.shape[0] > 1 else zero
-        hi_ = _t(self.env.get("h", 0), dev) if full.shape[1] > 1 else zero
+        # Python 0 (not a 0-dim tensor: indexing with one reads it on the host) for size-1 dims
+        bi = _t(self.env.get("b", 0), dev) if full.shape[0] > 1 else 0
+        hi_ = _t(self.env.get("h", 0), dev) if full.shape[1] > 1 else 0
         sizes = full.shape[2:]
         idx = [(lo.clamp(0, s - 1), torch.maximum(hi.clamp(0, s - 1), lo.clamp(0, s - 1)))
                for (lo, hi), s in zip(idx, sizes)]
@@ -606,3 +640,80 @@ def _combine(node, leaf_values, memo):
                 ct, cf = ct | a_ct, cf & a_cf
         return ct, cf
     return leaf_values[node]
+
+
+# ------------------------------------------------------------ static exactness of pass 1
+
+_QK = frozenset(("q", "k"))
+
+
+def _consecutive(n: Node):
+    """The set of q/k variables ``n`` depends on when its interval over any tile box is exact
+    *and* every integer of it is attained (for each b, h); None when that is not provable.
+
+    Uniform nodes are points (frozenset()). ``q``, ``k``; ``Sum`` of such terms with
+    coefficients +-1 over pairwise disjoint variable sets (independent over a box: the box is
+    a product of a q-range and a k-range), plus uniform terms with any coefficient;
+    ``x // m`` and ``abs(x)`` of such an ``x`` (unit steps stay unit steps).
+    """
+    if B.is_uniform(n):
+        return frozenset()
+    if isinstance(n, Var):
+        return frozenset((n.name,)) if n.name in _QK else None
+    if isinstance(n, Sum):
+        used: frozenset = frozenset()
+        for a, c in n.terms:
+            va = _consecutive(a)
+            if va is None:
+                return None
+            if va and (abs(c) != 1 or va & used):
+                return None
+            used |= va
+        return used
+    if isinstance(n, FloorDiv):
+        return _consecutive(n.a) if B.is_uniform(n.b) else None
+    if isinstance(n, Abs):
+        return _consecutive(n.a)
+    return None
+
+
+@lru_cache(maxsize=512)
+def interval_exact(node: Node) -> bool:
+    """True when the three-valued interval evaluation of the bool formula ``node`` is exact
+    over every tile box: ``can_be_true`` iff some point of the box satisfies it, and
+    ``can_be_false`` likewise. Decided statically from the IR (cached per node).
+
+    Sufficient conditions: every leaf of the ``& | ~`` structure is uniform (a point per
+    (b, h), hence decided) or a comparison ``Range`` of a value for which
+    :func:`_consecutive` holds (its interval is exactly the set of values it takes, so the
+    comparison's pair is exact); the non-uniform leaves occur once each (read-once) and
+    depend on pairwise disjoint sets of ``q``/``k`` (a q-only and a k-only leaf, or a single
+    leaf): over a box their joint values are the product of their individual values, and
+    Kleene evaluation of a read-once formula over independent leaves is exact. So
+    ``causal``, ``window``, ``sink``, ``chunked``, ``abs(q - k) <= w``, ``q < n | k < n`` are
+    exact; ``causal & window``-style combinations of two ``q - k`` leaves, or of a ``q - k``
+    and a ``q`` leaf, are not claimed.
+    """
+    counts: dict = {}
+
+    def rec(n) -> bool:
+        if isinstance(n, (And, Or)):
+            return all(rec(a) for a in n.args)
+        if isinstance(n, Not):
+            return rec(n.a)
+        if isinstance(n, BoolConst) or B.is_uniform(n):
+            return True
+        if not isinstance(n, Range):
+            return False
+        counts[n] = counts.get(n, 0) + 1
+        return True
+
+    if not rec(node):
+        return False
+    used: frozenset = frozenset()
+    for leaf, c in counts.items():
+        v = _consecutive(leaf.x)
+        if c != 1 or v is None or v & used:
+            return False
+        used |= v
+    return True

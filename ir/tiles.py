@@ -57,8 +57,8 @@ import torch
 from ..dsl.errors import SpattnValueError
 from . import build as B
 from .evaluate import check_lengths, evaluate, query_offset, validate_inputs
-from .intervals import IntervalEval, bool_atoms, check_input_bounds, combine, lift
-from .nodes import BoolConst, FloorDiv, Node, Range, Var
+from .intervals import IntervalEval, bool_atoms, check_input_bounds, combine, interval_exact, lift
+from .nodes import BoolConst, Const, FloorDiv, Load, Node, Range, Var, walk
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 MAX_FLOOR_CUTS = 64
@@ -102,22 +102,46 @@ def validate_args(pattern, Lq, Lk, block_m, block_n, *, num_heads, batch, q_offs
 
 def tile_bounds(L: int, block: int, offset: int, device, shape) -> tuple[torch.Tensor, torch.Tensor]:
     n = -(-L // block)
-    start = torch.arange(n, dtype=I64, device=device) * block
-    lo = start + offset
-    hi = torch.clamp(start + block, max=L) - 1 + offset
+    lo = torch.arange(offset, offset + n * block, block, dtype=I64, device=device)
+    hi = torch.arange(offset + block - 1, offset + (n + 1) * block - 1, block, dtype=I64,
+                      device=device)
+    if L % block:                        # ragged last tile (else hi is already <= L - 1)
+        hi = hi.clamp_(max=L - 1 + offset)
     return lo.view(shape), hi.view(shape)
 
 
-def grid_env(Lq, Lk, block_m, block_n, *, num_heads, batch, q_offset, device) -> dict:
+@lru_cache(maxsize=512)
+def _free_vars(ir: Node) -> frozenset:
+    """Variables the interval pass reads (loads read ``b`` and ``h`` for per-batch/head inputs)."""
+    names = {n.name for n in walk(ir) if isinstance(n, Var)}
+    if any(isinstance(n, Load) for n in walk(ir)):
+        names |= {"b", "h"}
+    return frozenset(names)
+
+
+def grid_env(Lq, Lk, block_m, block_n, *, num_heads, batch, q_offset, device, names=None) -> dict:
+    """The tile boxes: ``q``/``k`` intervals, ``h``/``b`` points (only those in ``names``)."""
     off = query_offset(Lq, Lk, q_offset)
     nq, nk = -(-Lq // block_m), -(-Lk // block_n)
-    return {
+    env = {
         "q": tile_bounds(Lq, block_m, off, device, (1, 1, nq, 1)),
         "k": tile_bounds(Lk, block_n, 0, device, (1, 1, 1, nk)),
-        "h": torch.arange(num_heads, dtype=I64, device=device).view(1, num_heads, 1, 1),
-        "b": torch.arange(batch, dtype=I64, device=device).view(batch, 1, 1, 1),
         "Lq": Lq, "Lk": Lk, "H": num_heads,
     }
+    if names is None or "h" in names:
+        env["h"] = torch.arange(num_heads, dtype=I64, device=device).view(1, num_heads, 1, 1)
+    if names is None or "b" in names:
+        env["b"] = torch.arange(batch, dtype=I64, device=device).view(batch, 1, 1, 1)
+    return env
+
+
+def _classes(ct, cf, device) -> torch.Tensor:
+    """int8 classes ``ct + !cf`` from the three-valued pair: EMPTY (0) where it cannot be
+    true, FULL (2) where it cannot be false, PARTIAL (1) otherwise (also for the impossible
+    "neither", which stays safe). Three device ops."""
+    ct = torch.as_tensor(ct, device=device)
+    cf = torch.as_tensor(cf, device=device)
+    return torch.add(ct.to(torch.int8), ~cf)
 
 
 # ------------------------------------------------------------------ classify
@@ -129,29 +153,37 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
 
     0 = EMPTY, 1 = PARTIAL, 2 = FULL. ``pattern`` is a :class:`spattn.Pattern` (or an IR node
     for patterns without inputs). ``refine=False`` skips the exact refinement (pass 1 only).
+    The refinement is also skipped when pass 1 is provably exact for the formula
+    (:func:`spattn.ir.intervals.interval_exact`): then the whole call launches a handful of
+    device ops and never synchronises (no input checks without inputs, no gathers).
     """
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     ins, dev = validate_args(pattern, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
                              q_offset=q_offset, device=device, inputs=inputs)
     env = grid_env(Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
-                   q_offset=q_offset, device=dev)
+                   q_offset=q_offset, device=dev, names=_free_vars(ir))
     nq, nk = env["q"][0].shape[2], env["k"][0].shape[3]
+    refine = refine and not interval_exact(ir)
     summaries: dict = {}
-    cls = torch.empty((batch, num_heads, nq, nk), dtype=torch.int8, device=dev)
+    shape = (batch, num_heads, nq, nk)
     # slabs of query tiles bound the intermediate tensors to ~SLAB_TILES tiles each
     rows = max(1, SLAB_TILES // (batch * num_heads * nk))
+    cls = None
     for s in range(0, nq, rows):
         e = min(nq, s + rows)
-        senv = dict(env, q=(env["q"][0][:, :, s:e], env["q"][1][:, :, s:e]))
+        senv = env if (s, e) == (0, nq) else \
+            dict(env, q=(env["q"][0][:, :, s:e], env["q"][1][:, :, s:e]))
         ev = IntervalEval(senv, ins, device=dev, summaries=summaries)
-        ct, cf = ev.bool_(ir)
-        ct = torch.as_tensor(ct, device=dev)
-        cf = torch.as_tensor(cf, device=dev)
-        # EMPTY: ct=0 -> 0; FULL: ct=1, cf=0 -> 2; PARTIAL -> 1 (ct=0, cf=0 cannot happen: 1)
-        out = cls[:, :, s:e]
-        out.copy_((ct.to(torch.int8) + (~cf).to(torch.int8)).expand(out.shape))
+        c = _classes(*ev.bool_(ir), dev)
+        if (s, e) == (0, nq) and tuple(c.shape) == shape:
+            cls = out = c                       # one slab, already full size: no copy
+        else:
+            if cls is None:
+                cls = torch.empty(shape, dtype=torch.int8, device=dev)
+            out = cls[:, :, s:e]
+            out.copy_(c.expand(out.shape))
         if refine:
-            refine_partial(ir, out, senv, ins, summaries, dev)
+            refine_partial(ir, out, senv, ins, summaries, dev, blocks=(block_m, block_n))
     return cls
 
 
@@ -234,17 +266,23 @@ def _cdiv(a, b):
 
 
 def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summaries: dict,
-                   device, chunk_elems: int = 1 << 22) -> None:
-    """Exact refinement of the PARTIAL tiles of ``cls`` (in place). See the module docstring."""
+                   device, chunk_elems: int = 1 << 22, blocks=None) -> None:
+    """Exact refinement of the PARTIAL tiles of ``cls`` (in place). See the module docstring.
+
+    ``blocks=(block_m, block_n)`` gives static bounds on the chunk cuts per tile (no device
+    read); without it they are read from the device.
+    Device synchronisations: the gather of the PARTIAL tiles (``nonzero``), the selection of
+    the undecided ones, and one per floor term whose divisor is not a constant.
+    """
     plan = refinement_plan(ir)
     if plan is None:
         return
-    idx = (cls == PARTIAL).nonzero()
-    if idx.numel() == 0:
-        return
     formula, atoms = plan
     if isinstance(formula, BoolConst):    # lifting proved the pattern constant
-        cls[cls == PARTIAL] = FULL if formula.value else EMPTY
+        cls.copy_(torch.where(cls == PARTIAL, FULL if formula.value else EMPTY, cls))
+        return
+    idx = (cls == PARTIAL).nonzero()
+    if idx.numel() == 0:
         return
     qlo_all, qhi_all = env["q"][0].reshape(-1), env["q"][1].reshape(-1)
     klo_all, khi_all = env["k"][0].reshape(-1), env["k"][1].reshape(-1)
@@ -270,17 +308,14 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
     ct, cf = combine(formula, leaf)
     ct = torch.as_tensor(ct, device=device).expand_as(qlo).reshape(-1)
     cf = torch.as_tensor(cf, device=device).expand_as(qlo).reshape(-1)
-    if bool((~ct | ~cf).any()):
-        dec = torch.where(~ct, EMPTY, FULL).to(torch.int8)
-        sel = ~ct | ~cf
-        d_idx = idx[sel]
-        cls[d_idx[:, 0], d_idx[:, 1], d_idx[:, 2], d_idx[:, 3]] = dec[sel]
+    # write the tile-level decision of every gathered tile (PARTIAL where undecided): an
+    # index_put with integer indices, no device read
+    cls[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = _classes(ct, cf, device)
     undecided = undecided.view(-1) & ct & cf
-    if not bool(undecided.all()):
-        idx = idx[undecided]
-        if idx.numel() == 0:
-            return
-        qlo, qhi, klo, khi, b_t, h_t = boxes(idx)
+    idx = idx[undecided]                  # one synchronisation (the count of survivors)
+    if idx.numel() == 0:
+        return
+    qlo, qhi, klo, khi, b_t, h_t = boxes(idx)
     # cuts per floor term: as many as the partial tiles need, within MAX_FLOOR_CUTS
     ranges = {"q": (qlo, qhi), "k": (klo, khi), "d": (qlo - khi, qhi - klo)}
     penv = dict(point_env_all, h=h_t, b=b_t)
@@ -298,7 +333,13 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
                 m = torch.as_tensor(evaluate(m_node, penv), device=device)
                 m = torch.where(m > 0, m, torch.ones_like(m))
                 ulo, uhi = ranges[u]
-                count = int((_fdiv(coef * uhi + e, m) - _fdiv(coef * ulo + e, m)).max())
+                if blocks is not None and isinstance(m_node, Const) and m_node.value > 0:
+                    # static bound: u spans at most `ext` values in a tile, so the chunk
+                    # index coef*u+e // m changes at most coef*(ext-1)//m + 1 times
+                    ext = {"q": blocks[0], "k": blocks[1], "d": blocks[0] + blocks[1] - 1}[u]
+                    count = coef * (ext - 1) // m_node.value + 1
+                else:
+                    count = int((_fdiv(coef * uhi + e, m) - _fdiv(coef * ulo + e, m)).max())
                 kcuts[term] = max(0, min(count, MAX_FLOOR_CUTS))
                 ncut[u] += kcuts[term]
     ncells = (ncut["q"] + 1) * (ncut["k"] + 1) * (ncut["d"] + 1)
@@ -414,7 +455,5 @@ def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inpu
     cf = torch.as_tensor(cf, device=device)
     any_t = (feas & ct).any(dim=1)
     any_f = (feas & cf).any(dim=1)
-    out = torch.full((P,), PARTIAL, dtype=torch.int8, device=device)
-    out[~any_t] = EMPTY
-    out[~any_f & any_t] = FULL
-    return out
+    # EMPTY where no feasible cell can be true, else FULL where none can be false
+    return torch.where(any_t, torch.where(any_f, PARTIAL, FULL), EMPTY).to(torch.int8)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from spattn.dsl.errors import SpattnError, SpattnInputError, SpattnValueError
 from spattn.ir import build as B
 from spattn.ir.evaluate import mask
+from spattn.ir.intervals import interval_exact
 from spattn.ir.tiles import classify
 from spattn.pattern import Pattern
 
@@ -127,6 +128,52 @@ def test_random_affine_exact(ir, d):
     want = truth_tiles(ir, Lq, Lk, bm, bn, H=H, q_offset=off)
     got = classify(ir, Lq, Lk, bm, bn, num_heads=H, q_offset=off)
     assert torch.equal(got, want), str(ir)
+
+
+
+# ---- pass 1 proved exact: the refinement (and its device syncs) is skipped --------------
+EXACT_STATIC = {
+    "causal": True, "window": True, "local": True, "sink": True, "global_tokens": True,
+    "chunked": True, "abs": True, "prefix_lm": False, "causal&chunked": False,
+    "causal&(window|sink)": False, "clamp": False, "min": False, "if": False,
+    "not": False,
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT_STATIC))
+def test_interval_exact_static_claims(name):
+    assert interval_exact(AFFINE[name]) is EXACT_STATIC[name]
+    # a q - k range and a q range together are not exact in general
+    assert not interval_exact(B.and_(causal, B.cmp("<", q, c(5))))
+    two_q = B.or_(B.and_(sink(3), B.cmp("<", q, c(5))),               # q twice, k twice
+                  B.and_(B.not_(sink(3)), B.cmp("<", q, c(7))))
+    assert not interval_exact(two_q)
+    assert not interval_exact(B.cmp("<=", B.sub(B.mul(c(2), q), k), c(3)))   # step 2 in q
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck))
+@given(bool_exprs() | affine_bool_exprs(), dims)
+def test_interval_exact_claim_holds(ir, d):
+    """Wherever interval_exact() claims it, pass 1 alone equals the truth tile for tile."""
+    if not interval_exact(ir):
+        return
+    Lq, Lk, bm, bn, off, H = d
+    want = truth_tiles(ir, Lq, Lk, bm, bn, H=H, q_offset=off)
+    got = classify(ir, Lq, Lk, bm, bn, num_heads=H, q_offset=off, refine=False)
+    assert torch.equal(got, want), str(ir)
+
+
+@pytest.mark.parametrize("src", ["window(1024)", "causal", "sink(4)", "chunked(256)"])
+def test_exact_patterns_never_refine(src, monkeypatch):
+    import spattn
+    import spattn.ir.tiles as T
+
+    def boom(*a, **kw):
+        raise AssertionError("refine_partial called")
+    monkeypatch.setattr(T, "refine_partial", boom)
+    p = spattn.compile(src)
+    got = p.tiles(4096, 4096, 128, 64)
+    assert got.shape == (1, 1, 32, 64)
 
 
 # ---- runtime inputs ---------------------------------------------------------
