@@ -104,6 +104,9 @@ class RangeMinMax:
         Python ints select a view first: a 0-dim tensor used as an index is read on the host
         (a device synchronisation), so callers pass ints for broadcast (size-1) dims.
         """
+        scalar = lo.dim() == 0 and hi.dim() == 0
+        if scalar:          # a 0-dim index tensor would be read on the host: index with (1,)
+            lo, hi = lo.reshape(1), hi.reshape(1)
         lo = lo.clamp(0, self.n - 1)
         hi = torch.maximum(hi.clamp(0, self.n - 1), lo)
         j = self.log[hi - lo + 1]
@@ -116,6 +119,8 @@ class RangeMinMax:
             ix, ox = (j, bi, hi_, lo), (j, bi, hi_, other)
         mn = torch.minimum(mins[ix], mins[ox])
         mx = torch.maximum(maxs[ix], maxs[ox])
+        if scalar and mn.dim() == 1:
+            mn, mx = mn.reshape(()), mx.reshape(())
         return mn, mx
 
 
@@ -443,20 +448,13 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     off = query_offset(Lq, Lk, q_offset)
 
+    pending = []     # (load, axis, size, shape, lo tensor, hi tensor): read at once, one sync
+
     def on_load(load, idx, t):
         nd = len(load.index)
         sizes = tuple(t.shape[t.dim() - nd:])
         for axis, ((lo, hi), size) in enumerate(zip(idx, sizes)):
-            lo_v, hi_v = int(lo.min()), int(hi.max())
-            if lo_v < 0 or hi_v >= size:
-                from .printer import to_source
-                need = (f"needs indices {lo_v}..{hi_v}" if lo_v < 0 else
-                        f"needs size >= {hi_v + 1}")
-                raise SpattnInputError(
-                    f"runtime input {load.name!r} (shape {tuple(t.shape)}) is too short: "
-                    f"index dimension {axis} ({to_source(load.index[axis])}) takes values "
-                    f"{lo_v}..{hi_v} for Lq={Lq}, Lk={Lk}, q_offset={off}, but has size {size}; "
-                    f"it {need}")
+            pending.append((load, axis, size, tuple(t.shape), lo.min(), hi.max()))
 
     dev = None
     for t in inputs.values():
@@ -466,6 +464,20 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
     ev = IntervalEval(env, inputs, device=dev, on_load=on_load)
     for ld in _loads_postorder(ir):
         ev.int_(ld)
+    if not pending:
+        return
+    values = torch.stack([v for p in pending for v in p[4:]]).tolist()
+    for i, (load, axis, size, shape, _, _) in enumerate(pending):
+        lo_v, hi_v = values[2 * i], values[2 * i + 1]
+        if lo_v < 0 or hi_v >= size:
+            from .printer import to_source
+            need = (f"needs indices {lo_v}..{hi_v}" if lo_v < 0 else
+                    f"needs size >= {hi_v + 1}")
+            raise SpattnInputError(
+                f"runtime input {load.name!r} (shape {shape}) is too short: "
+                f"index dimension {axis} ({to_source(load.index[axis])}) takes values "
+                f"{lo_v}..{hi_v} for Lq={Lq}, Lk={Lk}, q_offset={off}, but has size {size}; "
+                f"it {need}")
 
 
 # ------------------------------------------------------------------ lifting
