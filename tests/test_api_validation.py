@@ -243,3 +243,29 @@ def test_sparse_attention_module_inputs_and_errors():
         SparseAttention(3)
     with pytest.raises(SpattnInputError, match="missing runtime input"):
         m(q0, k0, v0)
+
+
+def test_bounds_checked_once_per_shape_and_still_enforced(monkeypatch):
+    """The call-site input-bounds check is cached per shape; a shorter input is still refused."""
+    from spattn.ir import intervals
+    from spattn.runtime import autograd
+    calls = []
+    real = intervals.check_input_bounds
+    monkeypatch.setattr(intervals, "check_input_bounds",
+                        lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    pat = spattn.compile("causal & same(doc)", backend="torch")
+    q = torch.randn(1, 2, 40, 16)
+    for i in range(3):
+        autograd._check_bounds(pat, {"doc": torch.arange(40) // (7 + i)}, q, q, 0)
+    assert len(calls) == 1
+    with pytest.raises(SpattnInputError, match="doc"):
+        autograd._check_bounds(pat, {"doc": torch.arange(30)}, q, q, 0)
+    nested = spattn.compile("doc[doc[q]] == doc[k]", backend="torch")
+    calls.clear()
+    for _ in range(2):
+        autograd._check_bounds(nested, {"doc": torch.zeros(40, dtype=torch.int64)}, q, q, 0)
+    assert len(calls) == 2                      # an index reads the input: checked every call
+    with pytest.raises(SpattnInputError, match="doc"):
+        autograd._check_bounds(nested, {"doc": torch.full((40,), 45)}, q, q, 0)
+    with pytest.raises(SpattnInputError, match="doc"):
+        pat(q, q, q, doc=torch.arange(30))      # end to end through a call
