@@ -14,7 +14,8 @@ Two passes, both vectorised over tiles (O(tiles) time and memory, never O(Lq*Lk)
    independent over the box (``q - k < W``, ``q // c == k // c``, ``doc[q] == doc[k]``
    whenever the per-tile min/max summary decides it).
 
-2. **Exact refinement** of the tiles pass 1 leaves PARTIAL (only those, gathered). The formula
+2. **Exact refinement** of the tiles pass 1 leaves PARTIAL (only those, gathered); skipped
+   when :func:`spattn.ir.intervals.interval_exact` proves pass 1 exact for the formula. The formula
    is first *lifted* (``abs``/``min``/``max``/``if`` inside comparisons become case splits, so
    each comparison is over a plain affine form). A comparison is *cellable* when its form is
    uniform (depends on h, b, lengths, params, lists indexed by uniform values) plus one of
