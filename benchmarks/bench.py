@@ -162,8 +162,8 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     if flex:
         try:
             _flex_part(row, name, src, mm_factory, inputs, q, k, v, do, o, pat, H, N, dev, bwd)
-        except torch.OutOfMemoryError as e:
-            row["flex_error"] = f"out of memory: {str(e).splitlines()[0][:120]}"
+        except Exception as e:  # out of memory, or Flex's own kernel failing to compile
+            row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             torch.cuda.empty_cache()
             flex = False
         if "error" in row:
@@ -278,6 +278,8 @@ def table(rows):
         def ratio(a, b):
             va, vb = r.get(a), r.get(b)
             return f"{va / vb:.2f}" if va and vb else "-"
+        if r.get("flex_error"):
+            r = dict(r, strategy=f"{r.get('strategy', '-')} (Flex failed: {r['flex_error'][:60]})")
         lines.append(
             f"| {r['pattern']} | {r['N']} | {r['D']} | {r['density']:.3f} | {r.get('strategy', '-')} | "
             f"{f('fwd_tflops')} | {f('flex_fwd_tflops')} | {ratio('fwd_tflops', 'flex_fwd_tflops')} | "
