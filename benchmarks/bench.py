@@ -114,8 +114,14 @@ def bench_ms(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
-def allowed_pairs(pat, N, H, inputs, chunk=2048):
+def _rows_per_chunk(N, H, budget=2 ** 28):
+    """Rows per chunk so that an int64 [H, rows, N] intermediate stays near 2 GiB."""
+    return max(16, min(2048, budget // (N * H)))
+
+
+def allowed_pairs(pat, N, H, inputs, chunk=None):
     """Exact allowed pairs summed over heads (for effective TF/s), counted in row chunks."""
+    chunk = chunk or _rows_per_chunk(N, H)
     total = 0
     for s in range(0, N, chunk):
         n = min(chunk, N - s)
@@ -178,9 +184,10 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     return row
 
 
-def chunked_check(pat, q, k, v, o, inputs, chunk=1024):
+def chunked_check(pat, q, k, v, o, inputs, chunk=None):
     """Relative error of ``o`` against float32 attention over the pattern's mask, by row chunks."""
     B, H, N, D = q.shape
+    chunk = chunk or _rows_per_chunk(N, H)
     num = den = 0.0
     for s in range(0, N, chunk):
         n = min(chunk, N - s)
