@@ -476,6 +476,20 @@ TABLE_PARAMS = """
     ROWS_P, COLS_P, ROWS_F, COLS_F, stride_tab_b, stride_tab_h,"""
 
 
+def _table_schedule(call: str, tile: str, what: str, *, transposed: bool = False) -> list[str]:
+    """Lines that read one tile's CSR row and run its PARTIAL, then its FULL tiles."""
+    return [f"# -- {'transposed ' if transposed else ''}tile table: {what} --",
+            f"i_row = i_b * stride_tab_b + i_h * stride_tab_h + {tile}",
+            "p_start = tl.load(ROWS_P + i_row)",
+            "p_end = tl.load(ROWS_P + i_row + 1)",
+            call.replace("@@COLS@@", "COLS_P").replace("@@TABLE@@", "True")
+            .format(start="p_start", end="p_end", masked="True"),
+            "f_start = tl.load(ROWS_F + i_row)",
+            "f_end = tl.load(ROWS_F + i_row + 1)",
+            call.replace("@@COLS@@", "COLS_F").replace("@@TABLE@@", "True")
+            .format(start="f_start", end="f_end", masked="False")]
+
+
 def _extra_args(em, inputs) -> tuple[str, str]:
     """(parameter text, argument text) of an inner function: inputs and hoisted names."""
     names = _input_inner_args(inputs) + (list(em.outer_names) if em is not None else [])
@@ -521,16 +535,8 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
         schedule = _ind("\n".join(sched), 4)
         table_params = ""
     else:
-        sched = ["# -- tile table: PARTIAL key tiles (predicate), then FULL key tiles (none) --",
-                 "i_row = i_b * stride_tab_b + i_h * stride_tab_h + i_m",
-                 "p_start = tl.load(ROWS_P + i_row)",
-                 "p_end = tl.load(ROWS_P + i_row + 1)",
-                 call.replace("@@COLS@@", "COLS_P").replace("@@TABLE@@", "True")
-                 .format(start="p_start", end="p_end", masked="True"),
-                 "f_start = tl.load(ROWS_F + i_row)",
-                 "f_end = tl.load(ROWS_F + i_row + 1)",
-                 call.replace("@@COLS@@", "COLS_F").replace("@@TABLE@@", "True")
-                 .format(start="f_start", end="f_end", masked="False")]
+        sched = _table_schedule(call, "i_m", "PARTIAL key tiles (predicate), then FULL key "
+                                "tiles (none)")
         schedule = _ind("\n".join(sched), 4)
         table_params = TABLE_PARAMS
 
@@ -896,16 +902,8 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
         sched.append(_range_schedule(cols, prefix="c", length="Lq", block="BLOCK_M1",
                                      shift="q_offset", call=c, comment_unit="query positions"))
     else:
-        sched = ["# -- transposed tile table: PARTIAL query tiles, then FULL query tiles --",
-                 "i_row = i_b * stride_tab_b + i_h * stride_tab_h + i_n",
-                 "p_start = tl.load(ROWS_P + i_row)",
-                 "p_end = tl.load(ROWS_P + i_row + 1)",
-                 call.replace("@@COLS@@", "COLS_P").replace("@@TABLE@@", "True")
-                 .format(start="p_start", end="p_end", masked="True"),
-                 "f_start = tl.load(ROWS_F + i_row)",
-                 "f_end = tl.load(ROWS_F + i_row + 1)",
-                 call.replace("@@COLS@@", "COLS_F").replace("@@TABLE@@", "True")
-                 .format(start="f_start", end="f_end", masked="False")]
+        sched = _table_schedule(call, "i_n", "PARTIAL query tiles, then FULL query tiles",
+                                transposed=True)
     hoist_t = ""
     if em_t is not None and em_t.outer:
         hoist_t = _ind("# -- predicate terms that do not depend on q: once per (program, head) --\n"
@@ -938,16 +936,8 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
         sched.append(_range_schedule(rows, prefix="r", length="Lk", block="BLOCK_N2", shift="0",
                                      call=c, comment_unit="keys"))
     else:
-        sched = ["# -- tile table: PARTIAL key tiles (predicate), then FULL key tiles (none) --",
-                 "i_row = i_b * stride_tab_b + i_h * stride_tab_h + i_m",
-                 "p_start = tl.load(ROWS_P + i_row)",
-                 "p_end = tl.load(ROWS_P + i_row + 1)",
-                 call.replace("@@COLS@@", "COLS_P").replace("@@TABLE@@", "True")
-                 .format(start="p_start", end="p_end", masked="True"),
-                 "f_start = tl.load(ROWS_F + i_row)",
-                 "f_end = tl.load(ROWS_F + i_row + 1)",
-                 call.replace("@@COLS@@", "COLS_F").replace("@@TABLE@@", "True")
-                 .format(start="f_start", end="f_end", masked="False")]
+        sched = _table_schedule(call, "i_m", "PARTIAL key tiles (predicate), then FULL key "
+                                "tiles (none)")
     hoist = ""
     if em is not None and em.outer:
         hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
