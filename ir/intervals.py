@@ -129,6 +129,14 @@ from .evaluate import _as_full  # noqa: E402  (one definition of the [B', H', ..
 
 # ------------------------------------------------------------ the evaluator
 
+def junction3(conj: bool, vals):
+    """Three-valued ``&`` (``conj``) or ``|`` of ``(can_be_true, can_be_false)`` pairs."""
+    ct, cf = vals[0]
+    for a_ct, a_cf in vals[1:]:
+        ct, cf = (ct & a_ct, cf | a_cf) if conj else (ct | a_ct, cf & a_cf)
+    return ct, cf
+
+
 class IntervalEval:
     """Interval / three-valued evaluation of IR nodes over a box environment.
 
@@ -354,14 +362,7 @@ class IntervalEval:
             ct, cf = self.bool_(n.a)
             return cf, ct
         if isinstance(n, (And, Or)):
-            vals = [self.bool_(a) for a in n.args]
-            ct, cf = vals[0]
-            for a_ct, a_cf in vals[1:]:
-                if isinstance(n, And):
-                    ct, cf = ct & a_ct, cf | a_cf
-                else:
-                    ct, cf = ct | a_ct, cf & a_cf
-            return ct, cf
+            return junction3(isinstance(n, And), [self.bool_(a) for a in n.args])
         raise TypeError(f"no three-valued rule for {type(n).__name__}")
 
 
@@ -643,14 +644,7 @@ def _combine(node, leaf_values, memo):
         ct, cf = combine(node.a, leaf_values, memo)
         return cf, ct
     if isinstance(node, (And, Or)):
-        vals = [combine(a, leaf_values, memo) for a in node.args]
-        ct, cf = vals[0]
-        for a_ct, a_cf in vals[1:]:
-            if isinstance(node, And):
-                ct, cf = ct & a_ct, cf | a_cf
-            else:
-                ct, cf = ct | a_ct, cf & a_cf
-        return ct, cf
+        return junction3(isinstance(node, And), [combine(a, leaf_values, memo) for a in node.args])
     return leaf_values[node]
 
 
