@@ -15,13 +15,31 @@ with sympy (``k`` for rows, ``q`` for columns):
   ``[max(qs, ..), min(qe, ..)]`` (floor/ceil of the division by ``a``); an empty effective
   range makes the interval empty; a tile not entirely inside makes the FULL range empty;
 * ``a = 0``: a bound on k alone (floor/ceil by ``c``, any ``c``);
-* ``|c| > 1`` with ``a != 0``: not handled (None), nor are loads, ``%``, ``//``, ``is_pow2``.
+* ``|c| > 1`` with ``a != 0``: not handled (None), nor are loads, ``%``, ``is_pow2``.
+
+Chunks (:func:`_chunk_bounds`, comparisons with a ``//`` of q or k): the form must be
+``s*T + G(q) + u`` with ``T = (k + e) // c`` (or ``T = k``), ``c > 0`` a constant, ``e`` and
+``u`` uniform, and ``G(q) = l*q + sum_i v_i*((a_i*q + e_i) // m_i)`` (``m_i > 0`` constants)
+monotone: every term non-decreasing, or every term non-increasing. Then
+``lo <= s*T + G(q) <= hi`` is ``T`` in the integer interval
+``[ceil((lo - G(q))/s), floor((hi - G(q))/s)]`` (for ``s > 0``; bounds swapped for
+``s < 0``), i.e. ``k`` in ``[c*A(q) - e, c*B(q) + c - 1 - e]``: an exact lower and upper
+bound on k for each q, monotone in q (opposite to G for ``s > 0``), emitted as IR
+(``//``, ``*``, ``min``/``max``). A comparison of q alone must be a single ``v*((q + e)//m)``
+term (it narrows the effective range like a linear one). Columns: the same with q and k
+swapped. Anything else (``(q - k) // c``, two chunk terms of the solved axis, ``2*k // c``,
+non-constant or negative divisors, ``q - q // c``) gives None.
 
 ``lo``/``hi`` of a conjunct: the max over its lower bounds of their minimum over the tile's
-effective rows, the min over its upper bounds of their maximum: a sound superset of the
-keys the rows see, exact when the conjunct has at most one lower and one upper bound of
-different shape (every prelude pattern). ``flo``/``fhi``: the keys allowed for every row of
-the tile (max of the lower bounds' maxima, min of the upper bounds' minima).
+effective rows (each bound is monotone in the row, so at ``qs`` or ``qe``), the min over
+its upper bounds of their maximum: a sound superset of the keys the rows see, exact when
+the conjunct has at most one lower and one upper bound of different shape (every prelude
+pattern) and the rows' key sets join up (``chunked``, ``chunked & causal``,
+``chunked & window``; not when some rows inside the tile see no key, as for
+``(q + 7) // 20 == k // 20 & causal``). ``flo``/``fhi``: the keys allowed for every row
+of the tile (max of the lower bounds' maxima, min of the upper bounds' minima): exact for
+the rows that pass the tile-axis constraints, empty for a tile spanning two chunks of
+``q // c == k // c``.
 
 Intervals of different conjuncts may overlap (``prefix_lm``: ``k <= q`` and ``k < n``): a
 kernel iterating over several must skip the tiles it has already visited. Unbounded ends are
@@ -40,7 +58,7 @@ import torch
 from . import build as B
 from .evaluate import check_lengths, evaluate, query_offset
 from .intervals import lift
-from .nodes import And, BoolConst, Node, Not, Or, Range, Var
+from .nodes import And, BoolConst, Const, FloorDiv, Node, Not, Or, Range, Var
 
 MAX_INTERVALS = 4
 Q_UNBOUNDED = 1 << 30
@@ -203,6 +221,112 @@ def _bounds(r: Range, axis: str, other: str, S: _Sym):
     return ("other", res)
 
 
+def _has_floor(r: Range) -> bool:
+    """True when the compared form has a non-uniform ``//`` term (the chunk path)."""
+    terms, _ = B.linear(r.x)
+    return any(isinstance(a, FloorDiv) and not B.is_uniform(a) for a in terms)
+
+
+def _ceil_div(x: Node, d: int) -> Node:
+    return B.neg(B.floordiv(B.neg(x), B.const(d)))
+
+
+def _chunk_bounds(r: Range, axis: str, other: str):
+    """Bounds of a comparison with chunk terms (see the module docstring, "chunks").
+
+    ``r.x = s*((o + e_o) // c) + G(a) + u`` where ``o`` is the other axis (or ``s*o``:
+    ``c = 1``), ``G(a) = l*a + sum_i v_i*((t_i*a + e_i) // m_i)`` with every term monotone in
+    the same direction, ``u``/``e`` uniform, ``c, m_i > 0`` constants. Returns
+    ``('axis', lo_nodes, hi_nodes)`` (no other-axis term: a single ``(a + e) // m`` term) or
+    ``('other', [(direction, fn, 'lo'|'hi')])`` where ``fn(pos)`` is the bound on the other
+    axis for the axis position ``pos`` and ``direction`` its monotonicity in ``pos``.
+    """
+    terms, const = B.linear(r.x)
+    va, vo = Var(axis), Var(other)
+    uni: dict = {}
+    lin = 0
+    floors = []          # (coeff, t, e_node, m): coeff * ((t*a + e) // m)
+    T = None             # (s, e_node, c): s * ((o + e) // c)
+    for atom, v in terms.items():
+        if B.is_uniform(atom):
+            uni[atom] = v
+        elif atom == va:
+            lin += v
+        elif atom == vo:
+            if T is not None:
+                raise _NotAffine
+            T = (v, B.const(0), 1)
+        elif isinstance(atom, FloorDiv) and isinstance(atom.b, Const) and atom.b.value > 0:
+            m = atom.b.value
+            t, e = B.linear(atom.a)
+            ta, to = t.get(va, 0), t.get(vo, 0)
+            rest = {x: w for x, w in t.items() if x not in (va, vo)}
+            if not all(B.is_uniform(x) for x in rest):
+                raise _NotAffine
+            e_node = B.from_linear(rest, e)
+            if to == 1 and not ta and T is None:
+                T = (v, e_node, m)
+            elif ta and not to:
+                floors.append((v, ta, e_node, m))
+            else:
+                raise _NotAffine
+        else:
+            raise _NotAffine
+    dirs = {(lin > 0) - (lin < 0)} | {(v * t > 0) - (v * t < 0) for v, t, _, _ in floors}
+    dirs.discard(0)
+    if len(dirs) > 1:
+        raise _NotAffine          # not monotone (terms of both directions)
+    g_dir = dirs.pop() if dirs else 0
+    u = B.from_linear(uni, const)
+
+    def G(pos):
+        parts = [B.scale(pos, lin), u]
+        parts += [B.scale(B.floordiv(B.add(B.scale(pos, t), e), B.const(m)), v)
+                  for v, t, e, m in floors]
+        return B.add(*parts)
+
+    if T is None:
+        # the tile axis alone: v * ((a + e) // m) + u in [lo, hi]
+        if lin or len(floors) != 1 or floors[0][1] != 1:
+            raise _NotAffine
+        v, _, e, m = floors[0]
+        lo_n, hi_n = [], []
+        for bound, side in ((r.lo, "lo"), (r.hi, "hi")):
+            if bound is None:
+                continue
+            x = B.sub(B.const(bound), u)
+            if (side == "lo") == (v > 0):      # chunk index >= ceil(x / v)
+                A = _ceil_div(x if v > 0 else B.neg(x), abs(v))
+                lo_n.append(B.sub(B.scale(A, m), e))
+            else:                              # chunk index <= floor(x / v)
+                Z = B.floordiv(x if v > 0 else B.neg(x), B.const(abs(v)))
+                hi_n.append(B.sub(B.add(B.scale(Z, m), B.const(m - 1)), e))
+        return ("axis", lo_n, hi_n)
+
+    s, e_o, c = T
+    sp = abs(s)
+    out = []
+    for bound, side in ((r.lo, "lo"), (r.hi, "hi")):
+        if bound is None:
+            continue
+        if s > 0:
+            # s*T >= lo - G  ->  T >= ceil((lo - G) / s) ; s*T <= hi - G -> T <= floor(..)
+            x = (lambda pos, b=bound: B.sub(B.const(b), G(pos)))
+            d = -g_dir
+        else:
+            # -sp*T >= lo - G  ->  T <= floor((G - lo) / sp) ; <= hi - G -> T >= ceil(..)
+            x = (lambda pos, b=bound: B.sub(G(pos), B.const(b)))
+            d = g_dir
+        is_lower = (side == "lo") == (s > 0)
+        if is_lower:     # (o + e) // c >= A  <->  o >= c*A - e
+            fn = (lambda pos, x=x: B.sub(B.scale(_ceil_div(x(pos), sp), c), e_o))
+        else:            # (o + e) // c <= Z  <->  o <= c*Z + c - 1 - e
+            fn = (lambda pos, x=x: B.sub(B.add(B.scale(B.floordiv(x(pos), B.const(sp)), c),
+                                               B.const(c - 1)), e_o))
+        out.append((d, fn, "lo" if is_lower else "hi"))
+    return ("other", out)
+
+
 def _interval(conj: Node, axis: str, other: str, s_name: str, e_name: str,
               dom_lo: Node, dom_hi: Node) -> Interval:
     S = _Sym()
@@ -212,26 +336,32 @@ def _interval(conj: Node, axis: str, other: str, s_name: str, e_name: str,
     for r in ranges:
         if not isinstance(r, Range):
             raise _NotAffine
-        kind = _bounds(r, axis, other, S)
+        if _has_floor(r):
+            kind = _chunk_bounds(r, axis, other)
+        else:
+            kind = _bounds(r, axis, other, S)
         if kind[0] == "guard":
             guards.append(kind[1])
         elif kind[0] == "axis":
             a_lo += kind[1]
             a_hi += kind[2]
+        elif _has_floor(r):
+            for d, fn, side in kind[1]:
+                (lows if side == "lo" else highs).append((d, fn))
         else:
             for slope, base, side, rounding in kind[1]:
                 base_ir = S.ir(base, rounding)
-                (lows if side == "lo" else highs).append((slope, base_ir))
+                fn = (lambda pos, m=slope, b=base_ir: B.add(B.scale(pos, m), b))
+                (lows if side == "lo" else highs).append(((slope > 0) - (slope < 0), fn))
     eff_s = B.max_(s, *a_lo) if a_lo else s
     eff_e = B.min_(e, *a_hi) if a_hi else e
 
-    def at(slope, base, pos):
-        return B.add(B.scale(pos, slope), base)
-
-    lo = B.max_(*[at(m, b, eff_s if m >= 0 else eff_e) for m, b in lows]) if lows else dom_lo
-    hi = B.min_(*[at(m, b, eff_e if m >= 0 else eff_s) for m, b in highs]) if highs else dom_hi
-    flo = B.max_(*[at(m, b, e if m >= 0 else s) for m, b in lows]) if lows else dom_lo
-    fhi = B.min_(*[at(m, b, s if m >= 0 else e) for m, b in highs]) if highs else dom_hi
+    # each bound is monotone in the tile position (direction d): its minimum over [x, y] is
+    # at x when d >= 0, else at y (and the maximum at the other end)
+    lo = B.max_(*[f(eff_s if d >= 0 else eff_e) for d, f in lows]) if lows else dom_lo
+    hi = B.min_(*[f(eff_e if d >= 0 else eff_s) for d, f in highs]) if highs else dom_hi
+    flo = B.max_(*[f(e if d >= 0 else s) for d, f in lows]) if lows else dom_lo
+    fhi = B.min_(*[f(s if d >= 0 else e) for d, f in highs]) if highs else dom_hi
     nonempty = B.and_(*([B.cmp("<=", eff_s, eff_e)] if (a_lo or a_hi) else []), *guards)
     every = B.and_(*[B.cmp(">=", s, x) for x in a_lo], *[B.cmp("<=", e, x) for x in a_hi], *guards)
     one, zero = B.const(1), B.const(0)
