@@ -173,12 +173,19 @@ def _cmd_check(args, pat, out):
         print("inputs: " + ", ".join(f"{k} ({n}-D)" for k, n in pat.inputs.items()), file=out)
 
 
-def _cmd_show(args, pat, out):
+def _shape_and_inputs(args, pat, out, *, batch=1, device=None):
+    """(Lq, Lk, synthetic runtime inputs) of a command, saying which inputs were made up."""
     Lq = args.lq
     Lk = args.lk or Lq
-    inputs, notes = demo_inputs(pat, Lq, Lk, num_heads=args.heads, q_offset=args.q_offset)
+    inputs, notes = demo_inputs(pat, Lq, Lk, num_heads=args.heads, batch=batch,
+                                q_offset=args.q_offset, device=device)
     for n in notes:
         print(n, file=out)
+    return Lq, Lk, inputs
+
+
+def _cmd_show(args, pat, out):
+    Lq, Lk, inputs = _shape_and_inputs(args, pat, out)
     small = Lq <= 64 and Lk <= 96
     bm = args.block_m or (8 if small else max(16, _pow2_at_least(Lq // 48)))
     bn = args.block_n or (8 if small else max(16, _pow2_at_least(Lk // 96)))
@@ -212,11 +219,7 @@ def _pow2_at_least(n: int) -> int:
 
 
 def _cmd_explain(args, pat, out):
-    Lq = args.lq
-    Lk = args.lk or Lq
-    inputs, notes = demo_inputs(pat, Lq, Lk, num_heads=args.heads, q_offset=args.q_offset)
-    for n in notes:
-        print(n, file=out)
+    Lq, Lk, inputs = _shape_and_inputs(args, pat, out)
     report = pat.explain(Lq, Lk, num_heads=args.heads, block_m=args.block_m,
                          block_n=args.block_n, **inputs)
     print(str(report), file=out)
@@ -238,13 +241,8 @@ def _cmd_run(args, pat, out):
     if device == "cuda" and not torch.cuda.is_available():
         raise SpattnError("--device cuda: no CUDA device is available here")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    Lq = args.lq
-    Lk = args.lk or Lq
     B, H, D = args.batch, args.heads, args.dim
-    inputs, notes = demo_inputs(pat, Lq, Lk, num_heads=H, batch=B, q_offset=args.q_offset,
-                                device=device)
-    for n in notes:
-        print(n, file=out)
+    Lq, Lk, inputs = _shape_and_inputs(args, pat, out, batch=B, device=device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
                for L in (Lq, Lk, Lk))
