@@ -207,15 +207,8 @@ FWD_LOOPS = ("split", "fused")
 
 def analysis_strategy(pattern, closed_form=None) -> str:
     """The analysis's choice, downgraded to "table" when the closed form is unusable."""
-    try:
-        from ..ir.strategy import pick_strategy
-    except ImportError:
-        choice = "ranges" if not pattern.inputs else "table"
-    else:
-        try:
-            choice = pick_strategy(pattern.ir)
-        except TypeError:      # a signature taking the Pattern
-            choice = pick_strategy(pattern)
+    from ..ir.strategy import pick_strategy
+    choice = pick_strategy(pattern.ir)
     if choice == "ranges":
         cf = closed_form if closed_form is not None else get_closed_form(pattern)
         if cf is None or not ranges_ok(cf):
@@ -228,16 +221,10 @@ def ranges_ok(cf) -> bool:
 
 
 def get_closed_form(pattern):
-    """``ir.ranges.closed_form`` of the pattern (None if not affine or not available)."""
+    """``ir.ranges.closed_form`` of the pattern (None if it has none)."""
+    from ..ir.ranges import closed_form
     try:
-        from ..ir.ranges import closed_form
-    except ImportError:
-        return None
-    try:
-        try:
-            return closed_form(pattern.ir)
-        except TypeError:   # an older signature taking the tile sizes
-            return closed_form(pattern.ir, 64, 64)
+        return closed_form(pattern.ir)
     except Exception as e:  # the analysis failing must not stop the table strategy
         import warnings
         warnings.warn(f"spattn: closed_form failed for {pattern.source!r} ({e!r}); "

@@ -59,13 +59,7 @@ def main() -> int:
 
     # 2. what the analysis proves, without touching the L x L pairs
     L = 512
-    try:
-        print(pattern.explain(L, num_heads=4))
-    except ModuleNotFoundError:            # the explain() report is optional here
-        tiles = pattern.tiles(L, L, 64, 64)
-        counts = torch.bincount(tiles.flatten().long(), minlength=3).tolist()
-        print(f"tiles of 64x64 at L={L}: EMPTY {counts[0]}, PARTIAL {counts[1]}, "
-              f"FULL {counts[2]}")
+    print(pattern.explain(L, num_heads=4))
 
     # 3-4. run it on the CPU and check it, forward and backward
     B, H, D = 1, 4, 64

@@ -25,33 +25,19 @@ from __future__ import annotations
 import torch
 
 from ..ir.evaluate import evaluate, query_offset
+from ..ir.tiles import EMPTY, FULL, PARTIAL
 
 __all__ = ["fwd", "bwd", "BLOCK_M", "BLOCK_N", "tile_classes"]
 
 BLOCK_M = 64
 BLOCK_N = 64
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
-
 
 def tile_classes(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads: int,
                  batch: int, q_offset: int, device, inputs) -> torch.Tensor:
-    """Tile classes ``int8 [B or 1, H or 1, nq, nk]`` from the analysis.
-
-    If the analysis module is not available, every tile is PARTIAL (always sound).
-    """
-    try:
-        tiles = pattern.tiles(Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
-                              q_offset=q_offset, device=device, **inputs)
-    except ModuleNotFoundError as e:  # the analysis has not landed: sound fallback
-        if "tiles" not in str(e):
-            raise
-        nq, nk = -(-Lq // block_m), -(-Lk // block_n)
-        return torch.full((1, 1, nq, nk), PARTIAL, dtype=torch.int8, device=device)
-    tiles = torch.as_tensor(tiles)
-    while tiles.dim() < 4:
-        tiles = tiles.unsqueeze(0)
-    return tiles.to(device)
+    """Tile classes ``int8 [B or 1, H or 1, nq, nk]`` from the analysis."""
+    return pattern.tiles(Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
+                         q_offset=q_offset, device=device, **inputs).to(device)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -31,11 +31,11 @@ import math
 
 import torch
 
+from ..ir.tiles import FULL, PARTIAL
 from . import cache as _cache
 from . import tune as _tune
 
 LOG2E = 1.4426950408889634
-EMPTY, PARTIAL, FULL = 0, 1, 2
 
 _OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
                  "block_m1", "block_n1", "block_m2", "block_n2", "loop")
@@ -97,26 +97,9 @@ def _classify(pattern, Lq, Lk, bm, bn, *, H, B, q_offset, device, inputs) -> tor
     B, H = (B if per_b else 1), (H if per_h else 1)
     if inputs and (not per_b or not per_h):
         inputs = {n: _squeeze_lead(t, nd[n], per_b, per_h) for n, t in inputs.items()}
-    try:
-        from ..ir.tiles import classify
-    except ImportError:
-        classify = None
-    if classify is not None:
-        t = classify(pattern, Lq, Lk, bm, bn, num_heads=H, batch=B, q_offset=q_offset,
-                     device=device, inputs=inputs or {})
-    else:   # development fallback: exact classes from the dense mask (small inputs only)
-        from ..ir.evaluate import mask
-        m = mask(pattern.ir, Lq, Lk, num_heads=H, batch=B, q_offset=q_offset,
-                 inputs=inputs or {}, device=device)
-        nq, nk = -(-Lq // bm), -(-Lk // bn)
-        pad = torch.zeros(B, H, nq * bm, nk * bn, dtype=torch.bool, device=device)
-        valid = torch.zeros_like(pad)
-        pad[:, :, :Lq, :Lk] = m
-        valid[:, :, :Lq, :Lk] = True
-        cnt = pad.view(B, H, nq, bm, nk, bn).sum((3, 5))
-        tot = valid.view(B, H, nq, bm, nk, bn).sum((3, 5))
-        t = torch.where(cnt == 0, EMPTY, torch.where(cnt == tot, FULL, PARTIAL)).to(torch.int8)
-    t = t.to(device)
+    from ..ir.tiles import classify
+    t = classify(pattern, Lq, Lk, bm, bn, num_heads=H, batch=B, q_offset=q_offset,
+                 device=device, inputs=inputs or {}).to(device)
     while t.dim() < 4:
         t = t.unsqueeze(0)
     return t
@@ -133,27 +116,27 @@ def _squeeze_lead(t: torch.Tensor, nd: int, per_b: bool, per_h: bool) -> torch.T
     return t
 
 
-def _csr(cls: torch.Tensor, value: int):
-    """Row pointers and column indices (int32) of the entries equal to ``value`` per row."""
-    rows = (cls == value).reshape(-1, cls.shape[-1])
-    counts = rows.sum(-1, dtype=torch.int64)
-    ptr = torch.zeros(rows.shape[0] + 1, dtype=torch.int64, device=cls.device)
-    ptr[1:] = torch.cumsum(counts, 0)
-    cols = rows.nonzero()[:, 1]
-    if cols.numel() == 0:
-        cols = torch.zeros(1, dtype=torch.int64, device=cls.device)
-    return ptr.to(torch.int32), cols.to(torch.int32).contiguous(), counts
+def _csr(sel: torch.Tensor):
+    """``ir.tables.csr`` of a bool ``[B', H', n, m]`` as kernel arguments: the flat row
+    pointers (``n + 1`` per (b, h)), the column indices (never empty: a kernel argument
+    needs storage) and the entries per row."""
+    from ..ir.tables import csr
+    ptr, idx = csr(sel)
+    if idx.numel() == 0:
+        idx = torch.zeros(1, dtype=torch.int32, device=sel.device)
+    return ptr.reshape(-1), idx, sel.sum(-1, dtype=torch.int64)
 
 
 def _table(cls: torch.Tensor, n_rows: int):
     """CSR (PARTIAL and FULL) of ``cls [B', H', n_rows, n_cols]`` + row strides + heavy-first order."""
     Bp, Hp = cls.shape[0], cls.shape[1]
-    rp, cp, np_ = _csr(cls, PARTIAL)
-    rf, cf, nf = _csr(cls, FULL)
-    work = (2 * np_ + nf).view(Bp, Hp, n_rows)     # PARTIAL tiles cost more (predicate)
+    rp, cp, np_ = _csr(cls == PARTIAL)
+    rf, cf, nf = _csr(cls == FULL)
+    work = 2 * np_ + nf                            # PARTIAL tiles cost more (predicate)
     order = torch.argsort(-work, dim=-1, stable=True).to(torch.int32).contiguous()
-    sb = Hp * n_rows if Bp > 1 else 0
-    sh = n_rows if Hp > 1 else 0
+    # the kernel reads row (b, h, i) at b * sb + h * sh + i of the flat pointers
+    sb = Hp * (n_rows + 1) if Bp > 1 else 0
+    sh = n_rows + 1 if Hp > 1 else 0
     osb = order.stride(0) if Bp > 1 else 0
     osh = order.stride(1) if Hp > 1 else 0
     return [rp, cp, rf, cf, sb, sh], (order, osb, osh)

@@ -81,11 +81,8 @@ def chunked_cf(c):
 
 
 def analysis_cf(pattern):
-    """``ir.ranges.closed_form`` if the analysis has landed and gives one, else None."""
-    try:
-        from spattn.codegen.strategy import get_closed_form, ranges_ok
-    except ImportError:  # pragma: no cover
-        return None
+    """The analysis's closed form (``ir.ranges.closed_form``) if usable by the kernels, else None."""
+    from spattn.codegen.strategy import get_closed_form, ranges_ok
     cf = get_closed_form(pattern)
     return cf if cf is not None and ranges_ok(cf) else None
 
