@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .codegen.strategy import next_pow2
 from .dsl.errors import SpattnError
 
 SYMBOLS = {0: ".", 1: "+", 2: "#"}
@@ -187,8 +188,8 @@ def _shape_and_inputs(args, pat, out, *, batch=1, device=None):
 def _cmd_show(args, pat, out):
     Lq, Lk, inputs = _shape_and_inputs(args, pat, out)
     small = Lq <= 64 and Lk <= 96
-    bm = args.block_m or (8 if small else max(16, _pow2_at_least(Lq // 48)))
-    bn = args.block_n or (8 if small else max(16, _pow2_at_least(Lk // 96)))
+    bm = args.block_m or (8 if small else next_pow2(Lq // 48))
+    bn = args.block_n or (8 if small else next_pow2(Lk // 96))
     tiles = pat.tiles(Lq, Lk, bm, bn, num_heads=args.heads, q_offset=args.q_offset, **inputs)
     m = pat.mask(Lq, Lk, num_heads=args.heads, q_offset=args.q_offset, **inputs) if small else None
     for h in range(args.heads):
@@ -209,13 +210,6 @@ def _cmd_show(args, pat, out):
         from .plot import plot_pattern
         plot_pattern(pat, Lq, Lk, bm, bn, args.png, head=0, q_offset=args.q_offset, inputs=inputs)
         print(f"wrote {args.png}", file=out)
-
-
-def _pow2_at_least(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
 
 
 def _cmd_explain(args, pat, out):
