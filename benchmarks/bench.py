@@ -24,6 +24,7 @@ import time
 import torch
 
 import spattn
+from spattn.runtime.reference import attention_reference_chunked, rows_per_chunk
 
 H_DEFAULT = 16
 
@@ -114,14 +115,9 @@ def bench_ms(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
-def _rows_per_chunk(N, H, budget=2 ** 28):
-    """Rows per chunk so that an int64 [H, rows, N] intermediate stays near 2 GiB."""
-    return max(16, min(2048, budget // (N * H)))
-
-
 def allowed_pairs(pat, N, H, inputs, chunk=None):
     """Exact allowed pairs summed over heads (for effective TF/s), counted in row chunks."""
-    chunk = chunk or _rows_per_chunk(N, H)
+    chunk = chunk or rows_per_chunk(1, H, N)
     total = 0
     for s in range(0, N, chunk):
         n = min(chunk, N - s)
@@ -164,7 +160,7 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     row["density"] = pairs / (H * N * N)
     flops_f = 4 * D * pairs
     # correctness before timing: against FlexAttention, or (where Flex cannot run, e.g. out
-    # of memory) against a float32 reference computed in row chunks from the pattern's mask
+    # of memory) against the float64 reference computed in row chunks from the pattern's mask
     if flex:
         try:
             _flex_part(row, name, src, mm_factory, inputs, q, k, v, do, o, pat, H, N, dev, bwd)
@@ -184,20 +180,10 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     return row
 
 
-def chunked_check(pat, q, k, v, o, inputs, chunk=None):
-    """Relative error of ``o`` against float32 attention over the pattern's mask, by row chunks."""
-    B, H, N, D = q.shape
-    chunk = chunk or _rows_per_chunk(N, H)
-    num = den = 0.0
-    for s in range(0, N, chunk):
-        n = min(chunk, N - s)
-        m = pat.mask(n, N, num_heads=H, q_offset=s, device=q.device, **inputs)
-        sc = torch.einsum("bhqd,bhkd->bhqk", q[:, :, s:s + n].float(), k.float()) * D ** -0.5
-        p = torch.softmax(sc.masked_fill(~m, float("-inf")), -1).nan_to_num(0.0)
-        r = torch.einsum("bhqk,bhkd->bhqd", p, v.float())
-        num += float((o[:, :, s:s + n].float() - r).norm() ** 2)
-        den += float(r.norm() ** 2)
-    return (num / max(den, 1e-30)) ** 0.5
+def chunked_check(pat, q, k, v, o, inputs):
+    """Relative error of ``o`` against the float64 reference, computed by row chunks."""
+    ref = attention_reference_chunked(pat, q, k, v, **inputs)
+    return float((o.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _flex_part(row, name, src, mm_factory, inputs, q, k, v, do, o, pat, H, N, dev, bwd):

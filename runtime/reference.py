@@ -16,6 +16,10 @@ Conventions (the same as the kernels'):
 
 It is differentiable: ``torch.autograd`` through it gives the reference
 gradients (float64).
+
+``attention_reference_chunked`` computes the same output for a ``Pattern`` row chunk by
+row chunk, each with its own slice of the mask, to check kernels at lengths where the
+dense ``[B, H, Lq, Lk]`` mask and scores do not fit.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import math
 
 import torch
 
-__all__ = ["attention_reference"]
+__all__ = ["attention_reference", "attention_reference_chunked", "rows_per_chunk"]
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -69,3 +73,32 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     lse = torch.where(has, m + torch.log(l_safe),
                       torch.full((), float("-inf"), dtype=l.dtype, device=l.device))
     return out, lse.squeeze(-1)
+
+
+def rows_per_chunk(batch: int, heads: int, Lk: int, budget: int = 2 ** 28) -> int:
+    """Query rows per chunk so that one ``[B, H, rows, Lk]`` intermediate has about
+    ``budget`` elements (16 to 2048 rows)."""
+    return max(16, min(2048, budget // (batch * heads * Lk)))
+
+
+def attention_reference_chunked(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                scale: float | None = None, q_offset: int | None = None,
+                                chunk: int | None = None, **inputs) -> torch.Tensor:
+    """``attention_reference`` of ``pattern`` by row chunks: out ``[B, Hq, Lq, Dv]`` float64.
+
+    Each chunk of query rows gets its own slice of ``pattern.mask`` (positions continue
+    from the chunk's first row), so memory is O(chunk x Lk) per (batch, head) instead of
+    O(Lq x Lk). ``inputs`` are the pattern's runtime inputs.
+    """
+    from ..ir.evaluate import query_offset
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    off = query_offset(Lq, Lk, q_offset)
+    chunk = chunk or rows_per_chunk(B, Hq, Lk)
+    outs = []
+    for s in range(0, Lq, chunk):
+        n = min(chunk, Lq - s)
+        m = pattern.mask(n, Lk, num_heads=Hq, batch=B, q_offset=off + s, device=q.device,
+                         **inputs)
+        outs.append(attention_reference(q[:, :, s:s + n], k, v, m, scale=scale)[0])
+    return torch.cat(outs, dim=2)

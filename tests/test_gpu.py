@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import spattn
+from spattn.runtime.reference import attention_reference_chunked
 
 pytestmark = pytest.mark.gpu
 
@@ -23,20 +24,6 @@ CASES = [  # name, source, inputs factory
 ]
 
 
-def reference_fwd(q, k, v, mask, scale, chunk=1024):
-    """float64 attention computed in row chunks (memory O(chunk x N) per head)."""
-    B, H, L, D = q.shape
-    out = torch.empty(B, H, L, v.shape[-1], dtype=torch.float64, device=q.device)
-    for s in range(0, L, chunk):
-        qs = q[:, :, s:s + chunk].double()
-        sc = torch.einsum("bhqd,bhkd->bhqk", qs, k.double()) * scale
-        m = mask[:, :, s:s + chunk]
-        sc = sc.masked_fill(~m, float("-inf"))
-        p = torch.softmax(sc, dim=-1).nan_to_num(0.0)
-        out[:, :, s:s + chunk] = torch.einsum("bhqk,bhkd->bhqd", p, v.double())
-    return out
-
-
 @pytest.mark.parametrize("N", [4096, 16384], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("name,src,mk", CASES, ids=[c[0] for c in CASES])
 def test_forward_bf16(name, src, mk, N):
@@ -47,8 +34,7 @@ def test_forward_bf16(name, src, mk, N):
     inputs = mk(N, g) if mk else {}
     pat = spattn.compile(src)
     o = pat(q, k, v, **inputs)
-    mask = pat.mask(N, N, num_heads=H, device="cuda", **inputs)
-    ref = reference_fwd(q, k, v, mask, D ** -0.5)
+    ref = attention_reference_chunked(pat, q, k, v, **inputs)
     err = float((o.double() - ref).norm() / ref.norm())
     assert torch.isfinite(o).all()
     assert err < 1e-2, f"{name}: rel. error {err:.2e}"
