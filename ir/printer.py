@@ -38,17 +38,14 @@ def _sum_text(terms, const: int) -> str:
         parts.append(("-" if const < 0 else "+", str(abs(const))))
     if not parts:
         return "0"
-    first_sign, first = parts[0]
-    text = first
+    first_sign, text = parts[0]
     if first_sign == "-":
-        text = "-" + (first if first[:1].isdigit() else _p_neg_operand(first))
+        # unary minus binds tighter than * // %: a lone negated atom is printed at that level
+        lone_atom = bool(terms) and abs(terms[0][1]) == 1
+        text = "-" + (_p(terms[0][0], NEG + 1) if lone_atom else text)
     for sign, t in parts[1:]:
         text += f" {sign} {t}"
     return text
-
-
-def _p_neg_operand(text: str) -> str:
-    return text if text.startswith("(") or text.isidentifier() else f"({text})"
 
 
 def _range_text(r: Range, negate: bool = False) -> str:

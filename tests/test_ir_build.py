@@ -68,3 +68,13 @@ def test_select_bool_desugars_and_uniform_divisor_allowed():
     s = B.select(B.cmp("<", q, c(8)), B.cmp("<=", k, q), B.cmp("<", B.sub(q, k), c(3)))
     assert s.type == "bool" and "if" not in to_source(s)
     assert B.mod(k, B.var("H")).type == "int"
+
+
+@pytest.mark.parametrize("src", ["-((-q) // -3)", "-(q * k) + 1", "-(q % 3) // 2",
+                                 "-(if q < 1 then q else k)", "-abs(q) - k"],
+                         ids=["neg-floordiv", "neg-prod", "neg-mod-div", "neg-if", "neg-call"])
+def test_negated_first_term_round_trips(src):
+    """A lone negated atom is printed at unary-minus precedence (found by hypothesis)."""
+    from spattn.ir.lower import parse_ir
+    ir = parse_ir(src)
+    assert parse_ir(to_source(ir)) == ir
