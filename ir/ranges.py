@@ -387,11 +387,11 @@ def _closed_form(ir: Node) -> Optional[ClosedForm]:
     return ClosedForm(rows, cols)
 
 
-def closed_form(ir, block_m=None, block_n=None) -> Optional[ClosedForm]:
+def closed_form(ir) -> Optional[ClosedForm]:
     """The closed-form key ranges of ``ir`` (a Pattern or IR), or None when not affine.
 
-    ``block_m``/``block_n`` are accepted for ``Pattern.key_ranges`` and not needed: the
-    expressions are in positions (``qs``, ``qe``), valid for every tile size.
+    The expressions are in positions (``qs``, ``qe``; ``ks``, ``ke``), valid for every tile
+    size; :func:`tile_ranges` evaluates them for given tile sizes.
     """
     ir = ir.ir if hasattr(ir, "ir") else ir
     return _closed_form(ir)

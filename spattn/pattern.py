@@ -88,10 +88,14 @@ class Pattern:
         from .ir.tables import tile_table
         return tile_table(self.tiles(Lq, Lk, block_m, block_n, **kwargs))
 
-    def key_ranges(self, block_m: int, block_n: int):
-        """Closed-form key ranges per query tile (and the transpose), or None if not affine."""
+    def key_ranges(self):
+        """Closed-form key ranges per query tile (and the transpose), or None if not affine.
+
+        An ``ir.ranges.ClosedForm``: bounds as IR over a tile's first and last position,
+        valid for every tile size (``ir.ranges.tile_ranges`` evaluates them per tile).
+        """
         from .ir.ranges import closed_form
-        return closed_form(self.ir, block_m, block_n)
+        return closed_form(self.ir)
 
     def explain(self, Lq: int, Lk: int | None = None, *, num_heads: int = 1, block_m: int = 128,
                 block_n: int = 64, **inputs):

@@ -92,7 +92,7 @@ def test_format():
             names |= {n.name for n in walk(x) if isinstance(n, Var)}
     assert names <= {"qs", "qe", "h", "b", "Lq", "Lk", "H"}
     assert "qs" in str(cf)
-    assert Pattern(causal).key_ranges(64, 64) == closed_form(causal)
+    assert Pattern(causal).key_ranges() == closed_form(causal)
 
 
 def test_false_and_true():
@@ -300,3 +300,10 @@ def test_tile_table_csr():
     p = Pattern(causal)
     tt = p.tile_table(100, 100, 16, 16)
     assert tt.num_full + tt.num_partial == int((p.tiles(100, 100, 16, 16) != 0).sum())
+
+
+def test_pattern_key_ranges_is_the_closed_form():
+    import spattn
+    p = spattn.compile("causal & (window(8) | sink(2))")
+    assert p.key_ranges() == closed_form(p.ir) and len(p.key_ranges().rows) >= 1
+    assert spattn.compile("causal & same(doc)").key_ranges() is None
