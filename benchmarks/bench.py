@@ -141,21 +141,31 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     row["first_call_s"] = time.perf_counter() - t0
     from spattn.codegen.strategy import pick
     row["strategy"] = pick(pat, "fwd", head_dim=D, dtype=dtype).strategy
-    # setup: what a new shape costs on the host (kernel already compiled): tile classes and
-    # CSR lists for the table strategy; for closed-form ranges only the per-tile bounds used
-    # to order the grid (the kernel computes its own loop bounds)
-    def setup():
+    # setup: what a new shape costs (kernel already compiled), timed through the launchers'
+    # own builders: for the table strategy the tile classes (shared by the heads unless the
+    # pattern is per head, as the launcher does) and CSR lists of the forward ("setup_ms"),
+    # plus those of the backward ("setup_train_ms": what a training step pays; Flex's
+    # create_block_mask also builds both directions); for closed-form ranges the per-tile
+    # bounds used to order the grid (the kernel computes its own loop bounds)
+    from spattn.runtime import triton_backend as tb
+    from spattn.codegen.strategy import default_bwd_tiles
+
+    def setup(train):
         if row["strategy"] == "table":
-            pat.tile_table(N, N, 128, 64, num_heads=H, device=dev, **inputs)
+            kw = dict(B=1, H=H, q_offset=0, device=q.device, inputs=inputs)
+            tb.fwd_tables(pat, N, N, 128, 64, **kw)
+            if train:
+                tb.bwd_tables(pat, N, N, default_bwd_tiles(D, "bf16")[:4], **kw)
         else:
             from spattn.ir.ranges import closed_form, tile_ranges
             tile_ranges(closed_form(pat.ir), N, N, 128, 64, num_heads=1, device=dev)
         torch.cuda.synchronize()
-    setup()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        setup()
-    row["setup_ms"] = (time.perf_counter() - t0) * 1e3 / 5
+    for train, field in ((False, "setup_ms"), (True, "setup_train_ms")):
+        setup(train)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            setup(train)
+        row[field] = (time.perf_counter() - t0) * 1e3 / 5
     pairs = allowed_pairs(pat, N, H, inputs)
     row["density"] = pairs / (H * N * N)
     flops_f = 4 * D * pairs
@@ -257,7 +267,8 @@ def _time_spattn(row, name, pat, q, k, v, do, inputs, bwd, flops_f):
 
 def table(rows):
     head = ("| pattern | N | D | dens. | strategy | spattn fwd TF/s | Flex fwd TF/s | x | "
-            "spattn f+b TF/s | Flex f+b TF/s | x | setup ms | Flex mask ms | first call s |")
+            "spattn f+b TF/s | Flex f+b TF/s | x | setup ms (fwd / train) | Flex mask ms | "
+            "first call s |")
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         if "error" in r:
@@ -277,7 +288,7 @@ def table(rows):
             f"| {r['pattern']} | {r['N']} | {r['D']} | {r['density']:.3f} | {r.get('strategy', '-')} | "
             f"{f('fwd_tflops')} | {f('flex_fwd_tflops')} | {ratio('fwd_tflops', 'flex_fwd_tflops')} | "
             f"{f('fwdbwd_tflops')} | {f('flex_fwdbwd_tflops')} | "
-            f"{ratio('fwdbwd_tflops', 'flex_fwdbwd_tflops')} | {f('setup_ms', '{:.2f}')} | "
+            f"{ratio('fwdbwd_tflops', 'flex_fwdbwd_tflops')} | {f('setup_ms', '{:.2f}')} / {f('setup_train_ms', '{:.2f}')} | "
             f"{f('flex_mask_ms', '{:.1f}')} | {f('first_call_s', '{:.1f}')} |")
     return "\n".join(lines)
 
@@ -293,6 +304,9 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    import logging
+    logging.basicConfig(stream=sys.stderr, format="  %(message)s")
+    logging.getLogger("spattn").setLevel(logging.INFO)    # autotuning progress and choices
     names = args.patterns or (QUICK if args.quick else list(PATTERNS))
     ns = args.n or ([16384] if args.quick else [4096, 16384, 65536])
     ds = args.d or ([128] if args.quick else [64, 128])

@@ -4,8 +4,9 @@ For each pattern (default: causal, window(1024), causal & (window(1024) | sink(6
 N=16384, D=128, bf16, B=1, H=16, every configuration is a set of ``SPATTN_*``
 environment overrides (see ``codegen/strategy.py`` and ``docs/codegen.md``):
 
-* forward configs ``(BM, BN, warps, stages)`` -> ``SPATTN_BLOCK_M``, ``SPATTN_BLOCK_N``,
-  ``SPATTN_FWD_WARPS``, ``SPATTN_FWD_STAGES`` (the backward stays at its default);
+* forward configs ``(BM, BN, warps, stages[, loop])`` -> ``SPATTN_BLOCK_M``,
+  ``SPATTN_BLOCK_N``, ``SPATTN_FWD_WARPS``, ``SPATTN_FWD_STAGES`` (, ``SPATTN_FWD_LOOP``:
+  ``split``, ``fused`` or ``persistent``) (the backward stays at its default);
 * backward configs ``(M1, N1, M2, N2, warps, stages)`` -> ``SPATTN_BWD_BLOCK_M1``,
   ``SPATTN_BWD_BLOCK_N1``, ``SPATTN_BWD_BLOCK_M2``, ``SPATTN_BWD_BLOCK_N2``,
   ``SPATTN_BWD_WARPS``, ``SPATTN_BWD_STAGES`` (the forward stays at its default).
@@ -42,7 +43,8 @@ FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3
                (128, 128, 8, 2)]
 BWD_CONFIGS = [(32, 128, 128, 32, 4, 4), (64, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 3),
                (32, 128, 128, 32, 4, 5), (64, 128, 128, 32, 8, 2)]
-FWD_VARS = ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES")
+FWD_VARS = ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES",
+            "SPATTN_FWD_LOOP")
 BWD_VARS = ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
             "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES")
 #: every launch override the sweep controls (cleared for the default config)
@@ -80,14 +82,18 @@ def apply_env(env: dict) -> None:
     cache.clear_memory()
 
 
-def parse_configs(text: str, width: int):
+def parse_configs(text: str, width: int, loop: bool = False):
+    """``"a,b,c,d;..."`` -> tuples of ``width`` integers (``loop``: optionally followed by
+    a forward loop name, ``split``, ``fused`` or ``persistent``)."""
     out = []
     for part in text.split(";"):
         if part.strip():
-            c = tuple(int(x) for x in part.split(","))
-            if len(c) != width:
-                raise SystemExit(f"config {part!r}: expected {width} integers")
-            out.append(c)
+            xs = [x.strip() for x in part.split(",")]
+            tail = xs[width:] if loop else []
+            if len(xs) - len(tail) != width or len(tail) > 1:
+                raise SystemExit(f"config {part!r}: expected {width} integers"
+                                 + (" and an optional loop name" if loop else ""))
+            out.append(tuple(int(x) for x in xs[:width]) + tuple(tail))
     return out
 
 
@@ -157,7 +163,7 @@ def run_config(pat, q, k, v, do, ref, flops_f, *, rep, label, env):
         cf = pick(pat, "fwd", head_dim=D, dtype=q.dtype)
         cb = pick(pat, "bwd", head_dim=D, dtype=q.dtype)
         row["strategy"] = cf.strategy
-        row["fwd_cfg"] = [cf.block_m, cf.block_n, cf.num_warps, cf.num_stages]
+        row["fwd_cfg"] = [cf.block_m, cf.block_n, cf.num_warps, cf.num_stages, cf.loop]
         row["bwd_cfg"] = [cb.block_m, cb.block_n, cb.block_m2, cb.block_n2, cb.num_warps,
                           cb.num_stages]
         o = pat(qg, kg, vg)
@@ -254,7 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--only", choices=("fwd", "bwd"), default=None)
     ap.add_argument("--fwd-configs", default=None,
-                    help='"BM,BN,warps,stages;..." (default: the five of the module)')
+                    help='"BM,BN,warps,stages[,loop];..." (default: the five of the module)')
     ap.add_argument("--bwd-configs", default=None,
                     help='"M1,N1,M2,N2,warps,stages;..." (default: the five of the module)')
     ap.add_argument("--strategy", choices=("ranges", "table"), default=None,
@@ -277,7 +283,7 @@ def main(argv=None) -> int:
 
     import spattn
 
-    fwd_cfgs = parse_configs(args.fwd_configs, 4) if args.fwd_configs else FWD_CONFIGS
+    fwd_cfgs = parse_configs(args.fwd_configs, 4, loop=True) if args.fwd_configs else FWD_CONFIGS
     bwd_cfgs = parse_configs(args.bwd_configs, 6) if args.bwd_configs else BWD_CONFIGS
     configs = [("default", {})]
     if args.only != "bwd":

@@ -47,7 +47,7 @@ from ..ir.nodes import BoolConst, Node, Var
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "4"
+CODEGEN_VERSION = "5"
 
 
 # ------------------------------------------------------------------ helpers
@@ -265,9 +265,13 @@ def _header(pattern, kind: str, config, key: str, names: dict, strategy_doc: str
     kernels = [names["fwd"]] if kind == "fwd" else [names["pre"], names["dkdv"], names["dq"]]
     inputs = ", ".join(f"{n} ({d}-D index)" for n, d in pattern.inputs.items()) or "none"
     loop_doc = ""
-    if kind == "fwd" and config.loop != "split":
-        loop_doc = (f"\nForward loop: {config.loop} (one loop per interval piece, "
+    if kind == "fwd" and config.loop == "fused":
+        loop_doc = ("\nForward loop: fused (one loop per interval piece, "
                     "predicate only on PARTIAL tiles)")
+    elif kind == "fwd" and config.loop == "persistent":
+        loop_doc = ("\nForward loop: persistent (each program loops over query tiles"
+                    + (", one fused key loop per interval piece)" if config.strategy == "ranges"
+                       else ")"))
     return f'''"""spattn generated {"forward" if kind == "fwd" else "backward"} attention kernel{"s" if kind != "fwd" else ""} for pattern `{pattern.name}`.
 
 Pattern (canonical source):
@@ -333,20 +337,21 @@ def @@FN@@(
             b_kt = tl.load(p_kt)
         else:
             b_kt = tl.load(p_kt, mask=m_d[:, None], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PREC) * sm_scale_log2
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PREC)      # unscaled: see below
         if MASKED:
             # -- predicate (PARTIAL tile) --
             o_k = o_n[None, :]
 @@PRED@@
             b_s = tl.where(m_pattern & (o_k < Lk), b_s, float("-inf"))
         # -- online softmax --
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        # log2 units; the scale (> 0) is applied to the row max and in one FMA per score
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * sm_scale_log2)
         if MASKED:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # fully masked so far: no NaN
         else:
             m_use = m_new
         alpha = tl.math.exp2(m_i - m_use)
-        b_p = tl.math.exp2(b_s - m_use[:, None])
+        b_p = tl.math.exp2(b_s * sm_scale_log2 - m_use[:, None])
         l_i = l_i * alpha + tl.sum(b_p, 1)
         acc = acc * alpha[:, None]
         if MASKED:
@@ -391,7 +396,7 @@ def @@FN@@(
             b_kt = tl.load(p_kt, mask=m_n[None, :], other=0.0)
         else:
             b_kt = tl.load(p_kt, mask=m_d[:, None] & m_n[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PREC) * sm_scale_log2
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PREC)      # unscaled: see below
         partial = (i_n < full_start) | (i_n >= full_end)
         if partial:
             # -- predicate (PARTIAL tile) --
@@ -399,11 +404,12 @@ def @@FN@@(
 @@PRED@@
             b_s = tl.where(m_pattern & (o_k < Lk), b_s, float("-inf"))
         # -- online softmax --
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        # log2 units; the scale (> 0) is applied to the row max and in one FMA per score
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * sm_scale_log2)
         # always guarded (any tile may be PARTIAL): a row masked so far keeps m = -inf, no NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
-        b_p = tl.math.exp2(b_s - m_use[:, None])
+        b_p = tl.math.exp2(b_s * sm_scale_log2 - m_use[:, None])
         l_i = l_i * alpha + tl.sum(b_p, 1)
         acc = acc * alpha[:, None]
         if HEAD_DIM == BLOCK_D:
@@ -424,27 +430,21 @@ def @@FN@@(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
     ORDER, stride_order_b, stride_order_h,
-    sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
+    sm_scale_log2, H, GROUP, Lq, Lk, q_offset,@@PERSIST_PARAMS@@
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Forward attention for one query tile of one (batch, query head).
-
-    Grid: (B * H, number of query tiles); program axis 1 is a rank in the
-    heavy-first ORDER of the query tiles.  Output O [B, H, Lq, D] and the natural
-    log-sum-exp LSE [B, H, Lq] (fp32, contiguous); a fully masked row gives O = 0 and
-    LSE = -inf.
+    """@@DOC@@
+    Output O [B, H, Lq, D] and the natural log-sum-exp LSE [B, H, Lq] (fp32,
+    contiguous); a fully masked row gives O = 0 and LSE = -inf.
     """
     tl.static_assert(BLOCK_M % 16 == 0)
     tl.static_assert(BLOCK_N % 16 == 0)
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    i_bh = tl.program_id(0)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_kh = i_h // GROUP
-    i_m = tl.load(ORDER + i_b * stride_order_b + i_h * stride_order_h + tl.program_id(1))
+@@BODY@@
+'''
 
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+FWD_BODY = '''    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_m = o_m < Lq
     m_d = o_d < HEAD_DIM
@@ -470,6 +470,37 @@ def @@FN@@(
         + o_m[:, None] * stride_om + o_d[None, :] * stride_od
     tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
+'''
+
+FWD_DOC = """Forward attention for one query tile of one (batch, query head).
+
+    Grid: (B * H, number of query tiles); program axis 1 is a rank in the
+    heavy-first ORDER of the query tiles."""
+
+FWD_PROLOGUE = '''    i_bh = tl.program_id(0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_kh = i_h // GROUP
+    i_m = tl.load(ORDER + i_b * stride_order_b + i_h * stride_order_h + tl.program_id(1))
+
+'''
+
+FWD_PERSISTENT_DOC = """Persistent forward attention: each program loops over query tiles.
+
+    Grid: (P,) with P <= N_WORK = B * H * (number of query tiles), about as many
+    programs as fit on the device at once.  Work item i_w is the query tile of rank
+    i_w // BH in the heavy-first ORDER of (batch, head) i_w % BH (BH = B * H), so the
+    heaviest tiles of every head go first.  The work-item loop is flattened with the
+    key loop: the pipeliner can load the next item's first keys during this item's
+    epilogue."""
+
+FWD_PERSISTENT_PROLOGUE = '''    for i_w in tl.range(tl.program_id(0), N_WORK, tl.num_programs(0), flatten=True):
+        i_bh = i_w % BH
+        i_b = i_bh // H
+        i_h = i_bh % H
+        i_kh = i_h // GROUP
+        i_m = tl.load(ORDER + i_b * stride_order_b + i_h * stride_order_h + i_w // BH)
+
 '''
 
 TABLE_PARAMS = """
@@ -513,7 +544,8 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
             f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, "
             f"{extra_args}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, TABLE=@@TABLE@@, "
             f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
-    fused = config.strategy == "ranges" and config.loop == "fused"
+    persistent = config.loop == "persistent"
+    fused = config.strategy == "ranges" and config.loop in ("fused", "persistent")
     if config.strategy == "ranges":
         rows = closed_form.rows
         env = dict(ENV, qs="qs", qe="qe")
@@ -549,11 +581,18 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
         hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
                      + "\n".join(em.outer), 4)
     ip = _input_params(inputs)
+    body = _fill(FWD_BODY, INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4),
+                 HOIST=hoist, SCHEDULE=schedule)
+    if persistent:
+        body = FWD_PERSISTENT_PROLOGUE + _ind(body, 4)
+        doc, persist_params = FWD_PERSISTENT_DOC, "\n    BH, N_WORK,"
+    else:
+        body = FWD_PROLOGUE + body
+        doc, persist_params = FWD_DOC, ""
     kernel = _fill(FWD_KERNEL, FN=names["fwd"],
                    INPUT_PARAMS=("\n    " + ", ".join(ip) + ",") if ip else "",
-                   TABLE_PARAMS=table_params,
-                   INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4),
-                   HOIST=hoist, SCHEDULE=schedule)
+                   TABLE_PARAMS=table_params, PERSIST_PARAMS=persist_params, DOC=doc,
+                   BODY=body)
     parts = [_header(pattern, "fwd", config, key, names, STRATEGY_DOC[config.strategy])]
     if helpers:
         parts.append(HELPERS)
@@ -600,9 +639,12 @@ def _tidy(text: str) -> str:
     for line in text.splitlines():
         lines += _wrap_call(line.rstrip())
     out = []
-    for line in lines:
-        if line == "" and len(out) >= 2 and out[-1] == "" and out[-2] == "":
-            continue
+    for i, line in enumerate(lines):
+        if line == "" and out and out[-1] == "":
+            nxt = next((x for x in lines[i:] if x), "")
+            # two blank lines between top-level definitions, one inside a function
+            if nxt[:1] in (" ", ")") or (len(out) >= 2 and out[-2] == ""):
+                continue
         out.append(line)
     return "\n".join(out).strip("\n") + "\n"
 

@@ -192,7 +192,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     loop = (loop or os.environ.get("SPATTN_FWD_LOOP") or "split").strip().lower()
     if loop not in FWD_LOOPS:
         raise ValueError(f"loop / SPATTN_FWD_LOOP={loop!r}: expected one of {FWD_LOOPS}")
-    if strategy != "ranges":
+    if strategy != "ranges" and loop == "fused":
         loop = "split"      # the table strategy has one loop per tile list anyway
     return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt,
                         loop=loop)
@@ -201,8 +201,11 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
 #: Forward tile-loop variants of the "ranges" strategy: "split" runs each interval piece
 #: as three loops (masked, unmasked, masked: each software-pipelined on its own); "fused"
 #: runs one loop with a uniform per-tile branch around the predicate (one pipeline fill;
-#: faster on short rows, slower on long causal rows: measured in docs/codegen.md).
-FWD_LOOPS = ("split", "fused")
+#: faster on short rows, slower on long causal rows: measured in docs/codegen.md);
+#: "persistent" launches about one program per resident slot of the device and loops each
+#: over query tiles (the fused key loop of "ranges", the two lists of "table"), the work-item
+#: loop flattened with the key loop so the pipeline stays full across query tiles.
+FWD_LOOPS = ("split", "fused", "persistent")
 
 
 def analysis_strategy(pattern, closed_form=None) -> str:

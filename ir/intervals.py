@@ -47,6 +47,32 @@ from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min
 #: n-D inputs are summarised by gathering the covered entries when every tile covers at most
 #: this many of them; above it the whole input's min/max is used.
 NARROW_GATHER = 256
+#: A 1-D input whose index provably spans at most this many positions per box (``env``'s
+#: ``widths``: the tile sizes) is summarised by gathering those positions: a few device ops,
+#: where a sparse table costs ~6 per level of log2(length) (the setup of a new shape).
+GATHER_WIDTH = 512
+#: ... as long as the gather holds at most this many elements.
+GATHER_ELEMS = 1 << 24
+
+
+def static_width(n: Node, widths) -> int | None:
+    """A bound on ``hi - lo + 1`` of ``n``'s interval over any box of the environment whose
+    variables span at most ``widths[name]`` values (points: 1); None when not affine in them."""
+    if widths is None:
+        return None
+    if isinstance(n, Const):
+        return 1
+    if isinstance(n, Var):
+        return widths.get(n.name)
+    if isinstance(n, Sum):
+        total = 1
+        for t, c in n.terms:
+            w = static_width(t, widths)
+            if w is None:
+                return None
+            total += abs(c) * (w - 1)
+        return total
+    return None
 
 I64 = torch.int64
 
@@ -141,7 +167,9 @@ class IntervalEval:
     """Interval / three-valued evaluation of IR nodes over a box environment.
 
     ``env``: ``q``, ``k`` -> ``(lo, hi)`` tensors; ``h``, ``b`` -> point tensors;
-    ``Lq``, ``Lk``, ``H`` -> ints. ``inputs``: validated int64 tensors.
+    ``Lq``, ``Lk``, ``H`` -> ints; optionally ``widths``: ``{name: most values a box spans}``
+    (the tile sizes; lets narrow 1-D loads gather instead of building a sparse table).
+    ``inputs``: validated int64 tensors.
     ``on_load(load, index_intervals, tensor)`` is called before each load is summarised
     (used to check bounds). ``summaries`` caches sparse tables between evaluators.
     """
@@ -312,6 +340,18 @@ class IntervalEval:
         idx = [(lo.clamp(0, s - 1), torch.maximum(hi.clamp(0, s - 1), lo.clamp(0, s - 1)))
                for (lo, hi), s in zip(idx, sizes)]
         if nd == 1:
+            w = static_width(n.index[0], self.env.get("widths"))
+            lo, hi = idx[0]
+            if w is not None and w <= GATHER_WIDTH and lo.numel() * w <= GATHER_ELEMS:
+                pos = torch.minimum(lo.unsqueeze(-1) + torch.arange(w, dtype=I64, device=dev),
+                                    hi.unsqueeze(-1))
+                if isinstance(bi, int) and isinstance(hi_, int):
+                    v = full[bi, hi_][pos]
+                else:
+                    bix = bi.unsqueeze(-1) if isinstance(bi, torch.Tensor) else bi
+                    hix = hi_.unsqueeze(-1) if isinstance(hi_, torch.Tensor) else hi_
+                    v = full[bix, hix, pos]
+                return v.amin(-1), v.amax(-1)
             key = ("load", n.name, id(t))
             if key not in self.summaries:
                 self.summaries[key] = RangeMinMax(full)
@@ -462,9 +502,11 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
         dev = t.device
         break
     env = domain_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset, device=dev)
-    ev = IntervalEval(env, inputs, device=dev, on_load=on_load)
+    # only the index intervals are checked: a load is summarised (a sparse table) only when
+    # it sits inside another load's index
+    ev = IntervalEval(env, inputs, device=dev)
     for ld in _loads_postorder(ir):
-        ev.int_(ld)
+        on_load(ld, [ev.int_(i) for i in ld.index], inputs[ld.name])
     if not pending:
         return
     values = torch.stack([v for p in pending for v in p[4:]]).tolist()

@@ -128,6 +128,7 @@ def grid_env(Lq, Lk, block_m, block_n, *, num_heads, batch, q_offset, device, na
         "q": tile_bounds(Lq, block_m, off, device, (1, 1, nq, 1)),
         "k": tile_bounds(Lk, block_n, 0, device, (1, 1, 1, nk)),
         "Lq": Lq, "Lk": Lk, "H": num_heads,
+        "widths": {"q": block_m, "k": block_n, "h": 1, "b": 1},
     }
     if names is None or "h" in names:
         env["h"] = torch.arange(num_heads, dtype=I64, device=device).view(1, num_heads, 1, 1)
@@ -294,7 +295,7 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
                 khi_all[ki].unsqueeze(1), bi.unsqueeze(1), hi_.unsqueeze(1))
 
     # only tiles where some cellable atom is undecided can change
-    point_env_all = {"Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"]}
+    point_env_all = {"Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"], "widths": env.get("widths")}
     qlo, qhi, klo, khi, b_t, h_t = boxes(idx)
     tev = IntervalEval(dict(point_env_all, h=h_t, b=b_t, q=(qlo, qhi), k=(klo, khi)), inputs,
                        device=device, summaries=summaries)
@@ -363,7 +364,7 @@ def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inpu
     dlo, dhi = qlo - khi, qhi - klo
     ranges = {"q": (qlo, qhi), "k": (klo, khi), "d": (dlo, dhi)}
     point_env = {"h": h_t, "b": b_t, "Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"]}
-    box_env = dict(point_env, q=(qlo, qhi), k=(klo, khi))
+    box_env = dict(point_env, q=(qlo, qhi), k=(klo, khi), widths=env.get("widths"))
     tile_ev = IntervalEval(box_env, inputs, device=device, summaries=summaries)
     cuts = {"q": [], "k": [], "d": []}
     exact = {}

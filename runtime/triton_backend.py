@@ -152,6 +152,34 @@ def _demote_ragged(cls: torch.Tensor, L: int, block: int, axis: int) -> torch.Te
     return cls
 
 
+def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inputs):
+    """What the forward launcher of the table strategy builds for a new shape (then
+    memoises): the tile classes (shared by the heads and batches that share them), CSR
+    lists of PARTIAL and FULL key tiles per query tile, and the heavy-first order.
+    ``benchmarks/bench.py`` times exactly this as the setup cost of a shape."""
+    cls = _classify(pattern, Lq, Lk, block_m, block_n, H=H, B=B, q_offset=q_offset,
+                    device=device, inputs=inputs)
+    return _table(_demote_ragged(cls, Lk, block_n, 3), -(-Lq // block_m))
+
+
+def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs):
+    """What the backward launcher of the table strategy builds for a new shape: the dQ
+    tables over (BLOCK_M2, BLOCK_N2) tiles and the transposed dK/dV tables over
+    (BLOCK_M1, BLOCK_N1) tiles (``blocks = (m1, n1, m2, n2)``)."""
+    m1, n1, m2, n2 = blocks
+    # dQ: rows = query tiles of BLOCK_M2, columns = key tiles of BLOCK_N2
+    cls2 = _classify(pattern, Lq, Lk, m2, n2, H=H, B=B, q_offset=q_offset, device=device,
+                     inputs=inputs)
+    tab_q, order_q = _table(_demote_ragged(cls2, Lk, n2, 3), -(-Lq // m2))
+    # dK/dV: the transpose of the (BLOCK_M1, BLOCK_N1) classes
+    cls1 = cls2 if (m1, n1) == (m2, n2) else _classify(
+        pattern, Lq, Lk, m1, n1, H=H, B=B, q_offset=q_offset, device=device, inputs=inputs)
+    nk1 = -(-Lk // n1)
+    tab_k, (order_k, _, _) = _table(_demote_ragged(cls1, Lq, m1, 2).transpose(2, 3), nk1)
+    # dK/dV programs are per key head: one order (of the first (b, h)) shared by all
+    return tab_q, order_q, tab_k, order_k[0, 0].contiguous().view(1, 1, nk1)
+
+
 # ------------------------------------------------------------ table memo
 
 _TABLE_MEMO: "OrderedDict" = None
@@ -255,11 +283,21 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict | None = 
         pattern, "fwd", head_dim=q.shape[-1], dtype=q.dtype, device=q.device, Lq=q.shape[2],
         Lk=k.shape[2], options=opts,
         run=lambda t: _fwd(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
-                           opts=t))
+                           opts=t),
+        compile_only=lambda t: _fwd(pattern, q, k, v, scale=scale, q_offset=q_offset,
+                                    inputs=inputs, opts=t, warmup=True))
     return _fwd(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs, opts=opts)
 
 
-def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts):
+def _launch(kernel, grid, warmup, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, or with ``warmup`` only its compilation
+    (Triton's ``warmup``: nothing runs, no output is written)."""
+    if warmup:
+        return kernel.warmup(*args, grid=grid, **kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
+def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts, warmup=False):
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
     mod, cfg = _cache.load(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device, **opts)
@@ -270,9 +308,8 @@ def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts):
     in_args = _input_args(pattern, inputs, q.device)
     if cfg.strategy == "table":
         def build():
-            cls = _classify(pattern, Lq, Lk, bm, bn, H=H, B=B, q_offset=q_offset,
-                            device=q.device, inputs=inputs)
-            return _table(_demote_ragged(cls, Lk, bn, 3), nq)
+            return fwd_tables(pattern, Lq, Lk, bm, bn, B=B, H=H, q_offset=q_offset,
+                              device=q.device, inputs=inputs)
         key = _memo_key(pattern, "fwd", Lq, Lk, (bm, bn), B, H, q_offset, q.device, inputs)
         tab, (order, osb, osh) = _memo(key, inputs, build)
     else:
@@ -282,17 +319,65 @@ def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts):
         order = _ranges_order(cf.rows, n_tiles=nq, block=bm, other_len=Lk, other_block=bn,
                               length=Lq, shift=q_offset, query=True, device=q.device, H=H)
         osb = osh = 0
-    grid = (B * H, nq)
-    mod.KERNEL[grid](
-        q, k, v, o, lse,
+    persistent = cfg.loop == "persistent"
+    if persistent:
+        n_work = B * H * nq
+        grid = (_persistent_programs(mod, cfg, q.device, n_work),)
+        extra = (B * H, n_work)
+    else:
+        grid, extra = (B * H, nq), ()
+    compiled = _launch(
+        mod.KERNEL, grid, warmup, q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *in_args, *tab,
         order, osb, osh,
-        scale * LOG2E, H, H // HK, Lq, Lk, q_offset,
+        scale * LOG2E, H, H // HK, Lq, Lk, q_offset, *extra,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.block_d, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if persistent and not warmup:
+        _note_occupancy(mod, cfg, q.device, compiled)
     return o, lse
+
+
+# ------------------------------------------------------- persistent grid
+
+#: Programs of a persistent kernel under the interpreter: fewer than the work items of
+#: any but the smallest test shapes, so every test exercises the work-item loop.
+INTERPRET_PROGRAMS = 3
+_OCCUPANCY: dict = {}     # (kernel name, config, device) -> resident programs per SM
+
+
+def _persistent_programs(mod, cfg, device, n_work: int) -> int:
+    """Programs to launch for ``n_work`` work items: one per resident slot of the device
+    (SMs x programs per SM, learnt from the compiled kernel's registers and shared memory
+    after its first launch; 1 per SM until then), never more than the work."""
+    from ..codegen.strategy import interpret_mode
+    if interpret_mode() or device.type != "cuda":
+        return max(1, min(n_work, INTERPRET_PROGRAMS))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    per_sm = _OCCUPANCY.get((mod.KERNEL.__name__, cfg, str(device)), 1)
+    return max(1, min(n_work, sms * per_sm))
+
+
+def _note_occupancy(mod, cfg, device, compiled) -> None:
+    """Record how many programs of ``compiled`` fit on one SM (registers, shared memory,
+    threads), as the CUDA occupancy calculator counts them."""
+    key = (mod.KERNEL.__name__, cfg, str(device))
+    if key in _OCCUPANCY or device.type != "cuda":
+        return
+    per_sm = 1
+    try:
+        import triton
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+        threads = 32 * cfg.num_warps
+        regs = max(1, int(compiled.n_regs)) * threads
+        smem = max(1, int(compiled.metadata.shared))
+        per_sm = max(1, min(props["max_num_regs"] // regs, props["max_shared_mem"] // smem,
+                            2048 // threads))
+    except Exception:   # no compiled-kernel metadata (other Triton versions): one per SM
+        pass
+    _OCCUPANCY[key] = per_sm
 
 
 # --------------------------------------------------------------- backward
@@ -309,12 +394,14 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
         pattern, "bwd", head_dim=q.shape[-1], dtype=q.dtype, device=q.device, Lq=q.shape[2],
         Lk=k.shape[2], options=opts,
         run=lambda t: _bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
-                           inputs=inputs, opts=t))
+                           inputs=inputs, opts=t),
+        compile_only=lambda t: _bwd(pattern, q, k, v, o, lse, do, scale=scale,
+                                    q_offset=q_offset, inputs=inputs, opts=t, warmup=True))
     return _bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset, inputs=inputs,
                 opts=opts)
 
 
-def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts):
+def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=False):
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
     G = H // HK
@@ -327,25 +414,16 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts):
     kw = dict(BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
-    mod.PREPROCESS[(B * H, nq2)](o, do, delta, *o.stride(), *do.stride(), H, Lq,
-                                 BLOCK_M=m2, BLOCK_D=cfg.block_d, HEAD_DIM=D)
+    _launch(mod.PREPROCESS, (B * H, nq2), warmup, o, do, delta, *o.stride(), *do.stride(), H,
+            Lq, BLOCK_M=m2, BLOCK_D=cfg.block_d, HEAD_DIM=D)
     # log2 units; a fully masked row's -inf becomes +inf so that p = exp2(s - lse) = 0
     lse2 = lse.to(torch.float32) * LOG2E
     lse2 = torch.where(lse2 == float("-inf"), float("inf"), lse2).contiguous()
     in_args = _input_args(pattern, inputs, dev)
     if cfg.strategy == "table":
         def build():
-            # dQ: rows = query tiles of BLOCK_M2, columns = key tiles of BLOCK_N2
-            cls2 = _classify(pattern, Lq, Lk, m2, n2, H=H, B=B, q_offset=q_offset, device=dev,
-                             inputs=inputs)
-            tab_q, order_q = _table(_demote_ragged(cls2, Lk, n2, 3), nq2)
-            # dK/dV: the transpose of the (BLOCK_M1, BLOCK_N1) classes
-            cls1 = cls2 if (m1, n1) == (m2, n2) else _classify(
-                pattern, Lq, Lk, m1, n1, H=H, B=B, q_offset=q_offset, device=dev, inputs=inputs)
-            cls_t = _demote_ragged(cls1, Lq, m1, 2).transpose(2, 3)
-            tab_k, (order_k, _, _) = _table(cls_t, nk1)
-            # dK/dV programs are per key head: one order (of the first (b, h)) shared by all
-            return tab_q, order_q, tab_k, order_k[0, 0].contiguous().view(1, 1, nk1)
+            return bwd_tables(pattern, Lq, Lk, (m1, n1, m2, n2), B=B, H=H, q_offset=q_offset,
+                              device=dev, inputs=inputs)
         key = _memo_key(pattern, "bwd", Lq, Lk, (m1, n1, m2, n2), B, H, q_offset, dev, inputs)
         tab_q, (order_q, oqb, oqh), tab_k, order_k = _memo(key, inputs, build)
         okb = okh = 0
@@ -361,16 +439,16 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts):
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=dev)
     dk = torch.empty((B, HK, Lk, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HK, Lk, D), dtype=v.dtype, device=dev)
-    mod.DKDV[(B * HK, nk1)](
-        q, k, v, do, lse2, delta, dk, dv,
+    _launch(
+        mod.DKDV, (B * HK, nk1), warmup, q, k, v, do, lse2, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *in_args, *tab_k,
         order_k, okb, okh,
         scale, scale * LOG2E, H, HK, G, Lq, Lk, q_offset,
         BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, **kw,
     )
-    mod.DQ[(B * H, nq2)](
-        q, k, v, do, lse2, delta, dq,
+    _launch(
+        mod.DQ, (B * H, nq2), warmup, q, k, v, do, lse2, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *in_args, *tab_q,
         order_q, oqb, oqh,

@@ -19,9 +19,9 @@ The choice is keyed by (pattern source and input declarations, kind, head-dim bl
 dtype class, device capability, strategy, next power of two of Lq and of Lk, codegen
 version, Triton version, :data:`TUNE_VERSION`; plus the closed form when one is passed
 explicitly).  It is looked up in memory, then in ``$SPATTN_CACHE_DIR/tune/<key>.json``;
-on a miss, each candidate of :func:`candidates` is run once with the call's real
-arguments (compilation and warm-up; a candidate that raises -- compile error, out of
-resources, out of memory -- is skipped) and timed with ``triton.testing.do_bench``
+on a miss, the candidates of :func:`candidates` are first compiled in parallel threads
+(:func:`precompile`), then each is run once with the call's real arguments (warm-up; a
+candidate that raises -- compile error, out of resources, out of memory -- is skipped) and timed with ``triton.testing.do_bench``
 (median, ``rep`` :data:`REP_MS` ms, ``warmup`` :data:`WARMUP_MS` ms); the fastest is
 kept in memory and written atomically as JSON.  A file that is not valid JSON or does
 not hold a valid choice for its key gives a ``RuntimeWarning`` and is re-tuned.  If
@@ -56,7 +56,7 @@ from . import cache as _cache
 log = logging.getLogger("spattn")
 
 #: Bumped when the candidate lists or the file format change (part of the key).
-TUNE_VERSION = 2
+TUNE_VERSION = 3
 REP_MS = 25
 WARMUP_MS = 5
 
@@ -71,6 +71,8 @@ TILE_OPTIONS = frozenset(FIELDS["fwd"] + FIELDS["bwd"])
 # (one pipelined loop per interval piece) on the configurations of _FWD_FUSED.
 _FWD_16 = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
 _FWD_FUSED = {(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)}
+# ... and every strategy the persistent kernel (programs loop over query tiles) on these:
+_FWD_PERSISTENT = {(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)}
 _FWD_16_BIG_D = [(64, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
 _FWD_32 = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
 _FWD_32_BIG_D = [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 1)]
@@ -130,6 +132,8 @@ def candidates(kind: str, head_dim: int, dtype, strategy: str = "table") -> list
             variants = [c + ("split",)]
             if strategy == "ranges" and c in _FWD_FUSED:
                 variants.append(c + ("fused",))
+            if c in _FWD_PERSISTENT:
+                variants.append(c + ("persistent",))
         else:
             variants = [c]
         for v in variants:
@@ -270,10 +274,41 @@ def write(key: str, record: dict) -> None:
 
 # ------------------------------------------------------------------ tuning
 
+def precompile(cands: list[dict], options: dict, compile_only, workers: int | None = None) -> None:
+    """Compile the candidates' kernels in parallel threads before they are timed.
+
+    ``compile_only(options)`` does what the launcher does up to the launch and compiles
+    the kernels without running them (Triton's ``warmup``); inside Triton's
+    ``AsyncCompileMode`` each compilation is submitted to a thread pool (Triton releases
+    the GIL while it compiles: ~1.6x on 2 cores, more on the GPU hosts' 16).  Errors are
+    ignored here: the candidate's timed run compiles again and reports them.  Without
+    that Triton API (other versions) nothing is done and the candidates compile in turn.
+    """
+    if compile_only is None or len(cands) < 2:
+        return
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+    workers = workers or min(len(cands), os.cpu_count() or 1, 16)
+    if workers < 2:
+        return
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        with AsyncCompileMode(ex, ignore_errors=True):
+            for cand in cands:
+                try:
+                    compile_only({**options, **cand})
+                except Exception as e:      # bad candidate: its timed run reports it
+                    log.debug("  %s: precompile failed (%s)", describe(cand), e)
+
+
 def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=None,
-         fields: dict | None = None):
+         fields: dict | None = None, compile_only=None):
     """Time every candidate with ``run(options)``; ``(best tile options, timings)``.
 
+    ``compile_only(options)``, when given, compiles a candidate without running it: all
+    candidates are then compiled in parallel first (:func:`precompile`).
     ``best`` is None when every candidate failed.  ``timings`` lists, per candidate,
     ``{"config": ..., "ms": ...}`` or ``{"config": ..., "error": "..."}``.
     """
@@ -284,6 +319,7 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
         where = (f" ({fields['dtype']}, D<={fields['block_d']}, {fields['device']}, "
                  f"{fields['strategy']}, Lq<={fields['lq_bucket']}, Lk<={fields['lk_bucket']})")
     log.info("autotuning %s for %s%s: %d candidates", kind, label(pattern), where, len(cands))
+    precompile(cands, options, compile_only)
     timings, best, best_ms = [], None, math.inf
     for cand in cands:
         opts = {**options, **cand}
@@ -313,9 +349,10 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
 
 
 def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
-                  options: dict, run, timer=None) -> dict:
+                  options: dict, run, timer=None, compile_only=None) -> dict:
     """The options to launch ``kind`` with: ``options`` plus the tuned tile options when
-    autotuning applies (see the module docstring), else ``options`` unchanged."""
+    autotuning applies (see the module docstring), else ``options`` unchanged.
+    ``compile_only``: see :func:`tune`."""
     if not enabled(device) or explicit(kind, options):
         return options
     raw = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, int(head_dim),
@@ -346,7 +383,8 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
             if hit is None and not _capturing():
                 fields = fields or fields_of()
                 best, timings = tune(pattern, kind, head_dim=head_dim, dtype=dtype,
-                                     options=options, run=run, timer=timer, fields=fields)
+                                     options=options, run=run, timer=timer, fields=fields,
+                                     compile_only=compile_only)
                 hit = {} if best is None else dict(best)
                 if best is not None:
                     ms = min(t["ms"] for t in timings if "ms" in t)

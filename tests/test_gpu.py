@@ -61,3 +61,42 @@ def test_backward_bf16(name, src, mk, N):
         err = float((a.grad.double() - b.grad).norm() / b.grad.norm())
         assert torch.isfinite(a.grad).all()
         assert err < 2e-2, f"{name} {nm}: rel. error {err:.2e}"
+
+
+@pytest.mark.parametrize("loop", ["split", "fused", "persistent"])
+@pytest.mark.parametrize("name,src,mk", [CASES[1], CASES[3]], ids=["window", "documents"])
+def test_forward_loops_bf16(name, src, mk, loop):
+    """Every forward loop variant, on both strategies (the persistent kernel launches one
+    program per resident slot and loops; its occupancy is learnt after the first launch)."""
+    from spattn.runtime import triton_backend as tb
+    N, H, D = 8192, 4, 128
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+               for _ in range(3))
+    inputs = mk(N, g) if mk else {}
+    pat = spattn.compile(src)
+    ref = attention_reference_chunked(pat, q, k, v, **inputs)
+    for _ in range(2):      # the second call runs with the learnt persistent grid
+        o, _ = tb.fwd(pat, q, k, v, scale=D ** -0.5, q_offset=0, inputs=inputs, loop=loop,
+                      block_m=128, block_n=64, num_warps=8, num_stages=3)
+        err = float((o.double() - ref).norm() / ref.norm())
+        assert err < 1e-2, f"{name} {loop}: rel. error {err:.2e}"
+
+
+def test_warmup_compiles_without_running():
+    """The autotuner's precompile path: ``_fwd(..., warmup=True)`` compiles the kernel
+    (one new entry in Triton's kernel cache) and writes nothing; the real launch then
+    finds it compiled."""
+    from spattn.runtime import cache, triton_backend as tb
+    pat = spattn.compile("window(333)")
+    q, k, v = (torch.randn(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    opts = dict(block_m=64, block_n=32, num_warps=4, num_stages=2, loop="fused")
+    mod, _ = cache.load(pat, "fwd", head_dim=64, dtype=q.dtype, device=q.device, **opts)
+    kc = mod.KERNEL.device_caches[torch.cuda.current_device()][0]
+    n0 = len(kc)
+    tb._fwd(pat, q, k, v, scale=0.125, q_offset=0, inputs={}, opts=opts, warmup=True)
+    assert len(kc) == n0 + 1
+    o, _ = tb._fwd(pat, q, k, v, scale=0.125, q_offset=0, inputs={}, opts=opts)
+    assert len(kc) == n0 + 1
+    ref = attention_reference_chunked(pat, q, k, v, scale=0.125)
+    assert float((o.double() - ref).norm() / ref.norm()) < 1e-2

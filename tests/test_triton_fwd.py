@@ -243,3 +243,56 @@ def test_fused_head_dim_80(fused_loop):
     run_fwd("causal & window(13)", strategy="ranges", D=80, Lq=33,
             cf_factory=lambda: window_cf(13), seed=80)
     _assert_fused(fused_loop)
+
+
+# -------------------------------- persistent forward kernel (SPATTN_FWD_LOOP=persistent)
+
+@pytest.fixture
+def persistent_loop(monkeypatch):
+    """The "persistent" forward kernel: under the interpreter it launches
+    ``tb.INTERPRET_PROGRAMS`` (3) programs, each looping over many query tiles."""
+    from spattn.runtime import cache
+    monkeypatch.setenv("SPATTN_FWD_LOOP", "persistent")
+    cache.clear_memory()
+    yield cache
+    cache.clear_memory()
+
+
+def _assert_persistent(cache):
+    import pathlib
+    srcs = [pathlib.Path(p).read_text() for p in cache._modules]
+    assert srcs and all("for i_w in tl.range(tl.program_id(0), N_WORK, tl.num_programs(0)"
+                        in s and "Forward loop: persistent" in s for s in srcs)
+
+
+PERSISTENT_PATTERNS = [p for p in PATTERNS if p[0] in ("full", "causal", "window", "window_sink",
+                                                       "prefix_lm", "documents", "blocks",
+                                                       "per_head", "floor_neg_q")]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name,src,inputs_fn,cf_factory,q_offset", PERSISTENT_PATTERNS,
+                         ids=[f"persistent-{p[0]}" for p in PERSISTENT_PATTERNS])
+def test_persistent_patterns(persistent_loop, name, src, inputs_fn, cf_factory, q_offset,
+                             strategy):
+    # B2 x H2 x 4 query tiles = 16 work items over 3 programs; Lk != Lq where no input
+    # is indexed by both
+    run_fwd(src, strategy=strategy, Bn=2, Lq=100, Lk=100 if inputs_fn else 90, bm=32,
+            inputs_fn=inputs_fn,
+            cf_factory=cf_factory, q_offset=q_offset, seed=hash(name) % 1000 + 5)
+    _assert_persistent(persistent_loop)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_persistent_gqa_offsets_and_masked_rows(persistent_loop, strategy):
+    run_fwd("causal & (window(13) | sink(4))", strategy=strategy, Bn=2, Hq=4, Hk=1, Lq=37,
+            Lk=70, q_offset=-5, cf_factory=lambda: window_sink_cf(13, 4), seed=9)
+    # rows that allow no key: o = 0, lse = -inf, never NaN
+    o, lse, m = run_fwd("causal & k >= 20", strategy=strategy, Lq=50, seed=7)
+    dead = ~m.any(-1)
+    assert dead.any() and not torch.isnan(o).any()
+    assert torch.isneginf(lse[dead.expand_as(lse)]).all()
+    _assert_persistent(persistent_loop)
+    # one work item fewer than the programs: the loop runs zero times for some programs
+    run_fwd("window(13)", strategy=strategy, Bn=1, Hq=1, Lq=20, bm=32, seed=4,
+            cf_factory=(lambda: window_cf(13)) if strategy == "ranges" else None)

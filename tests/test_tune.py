@@ -81,9 +81,11 @@ def test_candidates_default_first_and_fit_head_dim():
     f = tune.candidates("fwd", 128, "bf16")
     full = tune.FIELDS["fwd"]
     assert chosen(f[0]) == (128, 64, 8, 3) == st.default_tiles(128, "bf16", interpret=False)
+    persistent = {(128, 64, 8, 3, "persistent"), (128, 128, 8, 3, "persistent"),
+                  (64, 64, 4, 3, "persistent")}
     assert {chosen(c, fields=full) for c in f} == {
         (128, 64, 8, 3, "split"), (128, 128, 8, 3, "split"), (64, 64, 4, 3, "split"),
-        (64, 128, 4, 3, "split")}
+        (64, 128, 4, 3, "split")} | persistent
     # the ranges strategy also times the fused loop on three of them
     r = tune.candidates("fwd", 128, "bf16", strategy="ranges")
     assert {chosen(c, fields=full) for c in r} - {chosen(c, fields=full) for c in f} == {
@@ -119,7 +121,7 @@ def test_picks_fastest_and_logs(caplog):
         opts = call(fake, options={"strategy": "table"})
     assert chosen(opts) == (64, 64, 4, 3)
     assert opts["strategy"] == "table"          # the call's own options are kept
-    assert sorted(set(fake.runs)) == sorted(chosen(c) for c in tune.candidates("fwd", 128, "bf16"))
+    assert sorted(set(fake.runs)) == sorted({chosen(c) for c in tune.candidates("fwd", 128, "bf16")})
     msg = (f"autotuned fwd for {tune.label(spattn.compile('causal'))}: "
            "block_m=64 block_n=64 num_warps=4 num_stages=3 loop=split (0.3100 ms)")
     assert any(msg == r.getMessage() for r in caplog.records)
@@ -144,7 +146,8 @@ def test_failing_candidates_are_skipped():
     (name,) = tune_files()
     data = json.loads((tune.tune_dir() / name).read_text())
     errs = [t for t in data["timings"] if "error" in t]
-    assert len(errs) == 1 and "out of resources" in errs[0]["error"]
+    # (128, 128, 8, 3) is timed twice, as the split and the persistent kernel
+    assert len(errs) == 2 and all("out of resources" in e["error"] for e in errs)
     assert data["config"] == dict(zip(tune.FIELDS["fwd"], (64, 64, 4, 3, "split")))
 
 
@@ -332,3 +335,30 @@ def test_launchers_run_with_the_tuned_choice(monkeypatch):
     for t, r in zip((q, k, v), (qd, kd, vd)):
         assert torch.allclose(t.grad.double(), r.grad, atol=1e-4)
     assert len(tune_files()) == 2
+
+
+def test_precompile_submits_every_candidate_in_async_mode():
+    """The candidates are compiled up front inside Triton's AsyncCompileMode (so Triton's
+    compilations go to a thread pool); a candidate failing there is left to its timed run."""
+    from triton.runtime import _async_compile
+    seen, modes = [], []
+
+    def compile_only(opts):
+        modes.append(_async_compile.active_mode.get())
+        seen.append(chosen(opts))
+        if chosen(opts) == (128, 128, 8, 3):
+            raise RuntimeError("out of resources")
+
+    cands = tune.candidates("fwd", 128, "bf16", strategy="ranges")
+    tune.precompile(cands, {"strategy": "ranges"}, compile_only, workers=2)
+    assert seen == [chosen(c) for c in cands]
+    assert all(m is not None for m in modes) and _async_compile.active_mode.get() is None
+    # tune() precompiles, then runs and times every candidate as before
+    fake = Fake("fwd", {(64, 64, 4, 3): 0.2})
+    compiled = []
+    best, timings = tune.tune(spattn.compile("causal"), "fwd", head_dim=128, dtype="bf16",
+                              options={}, run=fake.run, timer=fake.timer,
+                              compile_only=lambda o: compiled.append(chosen(o)))
+    assert chosen(best) == (64, 64, 4, 3)
+    assert compiled == [chosen(c) for c in tune.candidates("fwd", 128, "bf16")]
+    assert len(timings) == len(compiled)
