@@ -108,9 +108,9 @@ def test_lengths_and_offsets(Lq, Lk, q_offset, strategy):
             q_offset=q_offset, cf_factory=lambda: window_sink_cf(13, 4), seed=Lq + Lk)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_fully_masked_rows(strategy):
-    # rows with q < 20 see no key (k <= q < 20 contradicts k >= 20); rows q >= 20 see some
+def check_dead_rows(strategy):
+    """Rows with q < 20 see no key (k <= q < 20 contradicts k >= 20), rows q >= 20 see some:
+    a dead row gives o = 0 and lse = -inf, never NaN."""
     o, lse, m = run_fwd("causal & k >= 20", strategy=strategy, Lq=50, seed=7)
     dead = ~m.any(-1)
     assert dead.any()
@@ -118,6 +118,11 @@ def test_fully_masked_rows(strategy):
         o[..., 0])]))
     assert torch.isneginf(lse[dead.expand_as(lse)]).all()
     assert not torch.isnan(o).any()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fully_masked_rows(strategy):
+    check_dead_rows(strategy)
 
 
 def test_negative_positions_all_masked_tile():
@@ -207,13 +212,7 @@ def test_fused_patterns(fused_loop, name, src, inputs_fn, cf_factory, q_offset):
 
 def test_fused_fully_masked_rows(fused_loop):
     # a dead row's first tiles are FULL-free; a live row's later tiles mix: guard every tile
-    o, lse, m = run_fwd("causal & k >= 20", strategy="ranges", Lq=50, seed=7)
-    dead = ~m.any(-1)
-    assert dead.any()
-    assert torch.equal(o[dead.expand_as(o[..., 0])], torch.zeros_like(o[dead.expand_as(
-        o[..., 0])]))
-    assert torch.isneginf(lse[dead.expand_as(lse)]).all()
-    assert not torch.isnan(o).any()
+    check_dead_rows("ranges")
     run_fwd("causal", strategy="ranges", Lq=60, Lk=30, q_offset=-40,
             cf_factory=lambda: window_cf(10 ** 5), seed=11)
     _assert_fused(fused_loop)
@@ -287,11 +286,7 @@ def test_persistent_patterns(persistent_loop, name, src, inputs_fn, cf_factory, 
 def test_persistent_gqa_offsets_and_masked_rows(persistent_loop, strategy):
     run_fwd("causal & (window(13) | sink(4))", strategy=strategy, Bn=2, Hq=4, Hk=1, Lq=37,
             Lk=70, q_offset=-5, cf_factory=lambda: window_sink_cf(13, 4), seed=9)
-    # rows that allow no key: o = 0, lse = -inf, never NaN
-    o, lse, m = run_fwd("causal & k >= 20", strategy=strategy, Lq=50, seed=7)
-    dead = ~m.any(-1)
-    assert dead.any() and not torch.isnan(o).any()
-    assert torch.isneginf(lse[dead.expand_as(lse)]).all()
+    check_dead_rows(strategy)
     _assert_persistent(persistent_loop)
     # one work item fewer than the programs: the loop runs zero times for some programs
     run_fwd("window(13)", strategy=strategy, Bn=1, Hq=1, Lq=20, bm=32, seed=4,
