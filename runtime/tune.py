@@ -67,12 +67,11 @@ FIELDS = {
 #: Options that, passed explicitly, switch autotuning off for the call.
 TILE_OPTIONS = frozenset(FIELDS["fwd"] + FIELDS["bwd"])
 
-# (BLOCK_M, BLOCK_N, warps, stages); the "ranges" strategy also tries the fused loop
-# (one pipelined loop per interval piece) on the configurations of _FWD_FUSED.
+# (BLOCK_M, BLOCK_N, warps, stages); on the configurations of _FWD_LOOPS the "ranges"
+# strategy also tries the fused loop (one pipelined loop per interval piece), and every
+# strategy the persistent kernel (programs loop over query tiles).
 _FWD_16 = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
-_FWD_FUSED = {(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)}
-# ... and every strategy the persistent kernel (programs loop over query tiles) on these:
-_FWD_PERSISTENT = {(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)}
+_FWD_LOOPS = {(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)}
 _FWD_16_BIG_D = [(64, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
 _FWD_32 = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
 _FWD_32_BIG_D = [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 1)]
@@ -130,9 +129,9 @@ def candidates(kind: str, head_dim: int, dtype, strategy: str = "table") -> list
     for c in [tuple(default)] + [tuple(c) for c in lst]:
         if kind == "fwd":
             variants = [c + ("split",)]
-            if strategy == "ranges" and c in _FWD_FUSED:
-                variants.append(c + ("fused",))
-            if c in _FWD_PERSISTENT:
+            if c in _FWD_LOOPS:
+                if strategy == "ranges":
+                    variants.append(c + ("fused",))
                 variants.append(c + ("persistent",))
         else:
             variants = [c]
