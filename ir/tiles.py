@@ -15,7 +15,11 @@ Two passes, both vectorised over tiles (O(tiles) time and memory, never O(Lq*Lk)
    whenever the per-tile min/max summary decides it).
 
 2. **Exact refinement** of the tiles pass 1 leaves PARTIAL (only those, gathered); skipped
-   when :func:`spattn.ir.intervals.interval_exact` proves pass 1 exact for the formula. The formula
+   when :func:`spattn.ir.intervals.interval_exact` proves pass 1 exact for the formula, and
+   when :func:`refinement_cannot_change` proves the refinement a no-op: the formula needs no
+   lifting, reads no n-D input and is read-once in its only cellable atom, which compares a
+   consecutive value (``causal & same(doc)``, ``dilated(s, n)``, ``chunked(c) & same(doc)``);
+   then a cell split cannot decide more than the tile-level value (see its docstring). The formula
    is first *lifted* (``abs``/``min``/``max``/``if`` inside comparisons become case splits, so
    each comparison is over a plain affine form). A comparison is *cellable* when its form is
    uniform (depends on h, b, lengths, params, lists indexed by uniform values) plus one of
@@ -58,8 +62,9 @@ import torch
 from ..dsl.errors import SpattnValueError
 from . import build as B
 from .evaluate import check_lengths, evaluate, query_offset, validate_inputs
-from .intervals import IntervalEval, bool_atoms, check_input_bounds, combine, interval_exact, lift
-from .nodes import BoolConst, Const, FloorDiv, Load, Node, Range, Var, walk
+from .intervals import (IntervalEval, _consecutive, bool_atoms, check_input_bounds, combine,
+                        interval_exact, lift)
+from .nodes import And, BoolConst, Const, FloorDiv, Load, Node, Not, Or, Range, Var, walk
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 MAX_FLOOR_CUTS = 64
@@ -157,7 +162,10 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
     for patterns without inputs). ``refine=False`` skips the exact refinement (pass 1 only).
     The refinement is also skipped when pass 1 is provably exact for the formula
     (:func:`spattn.ir.intervals.interval_exact`): then the whole call launches a handful of
-    device ops and never synchronises (no input checks without inputs, no gathers).
+    device ops and never synchronises (no input checks without inputs, no gathers); and when
+    it provably cannot change a tile (:func:`refinement_cannot_change`: e.g.
+    ``causal & same(doc)``, where ``doc`` is only seen through its tile-level summary; the
+    refinement was ~2 ms of the ~3.3 ms table setup at N = 65536 on an H200).
     """
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     ins, dev = validate_args(pattern, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
@@ -165,7 +173,7 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
     env = grid_env(Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
                    q_offset=q_offset, device=dev, names=_free_vars(ir))
     nq, nk = env["q"][0].shape[2], env["k"][0].shape[3]
-    refine = refine and not interval_exact(ir)
+    refine = refine and not interval_exact(ir) and not refinement_cannot_change(ir)
     summaries: dict = {}
     shape = (batch, num_heads, nq, nk)
     # slabs of query tiles bound the intermediate tensors to ~SLAB_TILES tiles each
@@ -257,6 +265,81 @@ def refinement_plan(ir: Node):
     if not any(a.kind in ("lin", "floor") for a in atoms):
         return None
     return formula, tuple(atoms)
+
+
+@lru_cache(maxsize=256)
+def refinement_cannot_change(ir: Node) -> bool:
+    """True when :func:`refine_partial` provably leaves every tile as pass 1 classified it
+    (then :func:`classify` skips it: for ``causal & same(doc)`` at N = 65536 it was ~2 ms of
+    the ~3.3 ms table setup on an H200). Decided statically from the IR, cached per node.
+    Sufficient conditions:
+
+    (a) lifting leaves the formula unchanged (``refinement_plan(ir)`` uses ``ir`` itself), so
+        the refinement's tile-level three-valued value of every tile is pass 1's;
+    (b) no runtime input indexed by two or more dimensions occurs: their per-tile summaries
+        depend on the widest index box among the tiles evaluated together (gather at most
+        :data:`spattn.ir.intervals.NARROW_GATHER` entries, else the whole input's min/max),
+        and the refinement re-evaluates only the PARTIAL tiles, so it may gather where pass 1
+        did not and decide a tile from the tile-level value alone (1-D inputs and lists are
+        summarised exactly per tile either way);
+    (c) exactly one cellable atom occurrence (kind ``lin`` or ``floor``), counted *with
+        multiplicity* in the formula tree (the formula is read-once in that atom ``x``);
+    (d) ``x`` compares a consecutive value (:func:`spattn.ir.intervals._consecutive`: its
+        interval over a tile box is exact and every integer of it is attained), so ``x``'s
+        pass-1 pair is exact: if it can be true and can be false over a tile, some point of
+        the tile makes it true and some point makes it false. This covers ``lin`` atoms with
+        coefficient +-1 (``q - k <= w``, ``k < n``) and ``floor`` atoms such as
+        ``q // c == k // c`` or ``(q - k) // c <= 1``.
+
+    Proof. Take a tile pass 1 left PARTIAL. Where ``x`` is decided over the tile, the
+    refinement only writes the tile-level value, which is pass 1's by (a) and (b). Where it is
+    undecided, the feasible cells partition the tile and ``x`` is constant on each cell (a
+    ``floor`` atom whose chunk index changes more than the allowed cuts keeps its tile-level
+    pair in every cell, which gives pass 1's value in every cell); by (d) some cell has ``x``
+    true and some has it false. Every other atom keeps its tile-level pair in every cell:
+    ``opaque`` atoms by construction, ``const`` atoms because they are points (decided, the
+    same in every cell). For a formula read-once in ``x``, strong-Kleene evaluation with
+    ``x`` = {true, false} is the union of the evaluations at ``x`` = true and ``x`` = false
+    (induction: ``~`` swaps the pair; ``&``/``|`` of ``x``'s subtree with an operand free of
+    ``x`` distribute over the union, componentwise ``and``/``or`` of the pairs). So the union
+    over the cells is pass 1's pair: the tile stays PARTIAL. Without cellable atoms the
+    refinement does nothing (``refinement_plan`` is None): True as well.
+
+    Not claimed (the refinement can decide tiles there, see tests/test_refine_skip.py):
+    ``causal & (window(w) | sink(n)) & same(doc)`` (two cellable atoms); a cellable atom that
+    occurs twice (``(w | a) & (~w | a)`` is ``a``: the cells decide it where ``a`` is decided,
+    Kleene with ``w`` unknown does not); ``2*k + h == 3`` (not consecutive: the interval of
+    ``2*k`` has holes); lifted formulas (``abs``, ``min``, ``max``, ``if`` around q/k); 2-D
+    inputs such as ``blocks[q // c, k // c]``.
+    """
+    plan = refinement_plan(ir)
+    if plan is None:
+        return True
+    formula, atoms = plan
+    if formula != ir:
+        return False
+    if any(isinstance(n, Load) and len(n.index) > 1 for n in walk(formula)):
+        return False
+    cellable = {a.node for a in atoms if a.kind in ("lin", "floor")}
+    memo: dict = {}
+
+    def occurrences(n) -> int:
+        """Occurrences of cellable atoms in the tree below ``n`` (capped at 2)."""
+        if n in memo:
+            return memo[n]
+        if isinstance(n, (And, Or)):
+            out = min(2, sum(occurrences(a) for a in n.args))
+        elif isinstance(n, Not):
+            out = occurrences(n.a)
+        else:
+            out = 1 if n in cellable else 0
+        memo[n] = out
+        return out
+
+    if len(cellable) != 1 or occurrences(formula) != 1:
+        return False
+    (x,) = cellable
+    return _consecutive(x.x) is not None
 
 
 def _fdiv(a, b):

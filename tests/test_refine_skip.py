@@ -1,0 +1,205 @@
+"""The exact refinement is skipped where it provably cannot change a tile
+(:func:`spattn.ir.tiles.refinement_cannot_change`): the static claims, the cases it must not
+claim (each shown to be changed by the refinement), and a property test that the refinement,
+forced on, is a no-op wherever the predicate holds (random lengths, blocks, offsets, heads,
+batches and *unsorted* document ids)."""
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import spattn
+import spattn.ir.tiles as T
+from spattn.ir import build as B
+from spattn.ir.evaluate import query_offset
+from spattn.ir.tiles import classify, refinement_cannot_change
+from spattn.pattern import Pattern
+
+from .test_tiles import truth_tiles, unsound
+
+q, k, h = B.var("q"), B.var("k"), B.var("h")
+
+
+def c(v):
+    return B.const(v)
+
+
+def same(name="doc"):
+    return B.cmp("==", B.load(name, [q]), B.load(name, [k]))
+
+
+causal = B.cmp("<=", k, q)
+window9 = B.and_(B.cmp("<=", c(0), B.sub(q, k)), B.cmp("<", B.sub(q, k), c(9)))
+opaque_qk = B.cmp("<", B.add(q, k), c(50))          # q + k: not a cellable direction
+
+# IR-built formulas (name -> (ir, uses doc))
+SKIPPED_IR = {
+    "causal&same": (B.and_(causal, same()), True),
+    "causal&k%3": (B.and_(causal, B.cmp("==", B.mod(k, c(3)), c(0))), False),
+    "chunked(8)&same": (B.and_(B.cmp("==", B.floordiv(q, c(8)), B.floordiv(k, c(8))), same()),
+                        True),
+    "(q-k)//8<=1|q+k<50": (B.or_(B.cmp("<=", B.floordiv(B.sub(q, k), c(8)), c(1)), opaque_qk),
+                           False),
+    "~window&k%4": (B.and_(B.not_(window9), B.cmp("==", B.mod(k, c(4)), c(0))), False),
+    "per-head window|same": (B.or_(B.cmp("<", B.sub(q, k), B.table([4, 9, 30], h)), same()),
+                             True),
+    # the opaque atom occurs twice, the cellable one once
+    "(causal|same)&(k%3|same)": (B.and_(B.or_(causal, same()),
+                                        B.or_(B.cmp("==", B.mod(k, c(3)), c(0)), same())), True),
+    "sink|same": (B.or_(B.cmp("<", k, B.sub(B.var("Lk"), c(20))), same()), True),
+    "h-offset causal&same": (B.and_(B.cmp("<=", B.add(k, h), q), same()), True),
+}
+
+SKIPPED_SOURCES = ["causal & same(doc)", "causal & (k % 3 == 0)", "chunked(64) & same(doc)",
+                   "dilated(4, 3)", "causal & window(8) & same(doc)", "same(doc)",
+                   "causal & (q - k) % 5 == 0 & same(doc)", "k > q | same(doc)"]
+NOT_SKIPPED_SOURCES = [
+    "causal & (window(9) | sink(4)) & same(doc)",      # two cellable atoms
+    "causal & q < 50",                                  # two cellable atoms
+    "causal & chunked(64) & same(doc)",                 # a lin and a floor atom
+    "causal & (q - k < 16 | k % H == h)",               # q - k <= 15 and q - k >= 0
+    "abs(q - k) <= 6 & same(doc)",                      # lifted
+    "min(q, k + 3) <= 20 & same(doc)",                  # lifted
+    "if q < 40 then k <= q else k < 10",                # lifted
+    "(q - k < 16 | k % 5 == 0) & (q - k < 16 | same(doc))",   # the lin atom twice
+]
+
+
+@pytest.mark.parametrize("src", SKIPPED_SOURCES)
+def test_predicate_true(src):
+    assert refinement_cannot_change(spattn.compile(src).ir) is True
+
+
+@pytest.mark.parametrize("src", NOT_SKIPPED_SOURCES)
+def test_predicate_false(src):
+    assert refinement_cannot_change(spattn.compile(src).ir) is False
+
+
+def test_predicate_ir():
+    for name, (ir, _) in SKIPPED_IR.items():
+        assert refinement_cannot_change(ir), name
+    assert not refinement_cannot_change(B.and_(causal, B.cmp("<", q, c(5))))
+
+
+# ---- the conditions are needed: where one fails, the refinement does change tiles ------
+def _both(p, Lq, Lk, bm, bn, **kw):
+    """(classes with the refinement as classify decides, classes with it forced on)."""
+    skip = classify(p, Lq, Lk, bm, bn, **kw)
+    with mock.patch.object(T, "refinement_cannot_change", lambda ir: False):
+        forced = classify(p, Lq, Lk, bm, bn, **kw)
+    return skip, forced
+
+
+def test_repeated_atom_not_claimed():
+    # (w | a) & (~w | a) is a: on a diagonal tile where a is false the cells see EMPTY, the
+    # tile-level Kleene value (w undecided, twice) is PARTIAL
+    ir = B.and_(B.or_(window9, opaque_qk), B.or_(B.not_(window9), opaque_qk))
+    assert not refinement_cannot_change(ir)
+    _, forced = _both(ir, 64, 64, 16, 16)
+    pass1 = classify(ir, 64, 64, 16, 16, refine=False)
+    assert int(pass1[0, 0, 3, 3]) == T.PARTIAL and int(forced[0, 0, 3, 3]) == T.EMPTY
+    assert torch.equal(forced, truth_tiles(ir, 64, 64, 16, 16))
+
+
+def test_non_consecutive_atom_not_claimed():
+    # 2k + h == 3 never holds for h = 0, but its tile interval [0, 30] contains 3
+    x = B.cmp("==", B.add(B.scale(k, 2), h), c(3))
+    ir = B.or_(x, opaque_qk)
+    assert not refinement_cannot_change(ir)
+    pass1 = classify(ir, 80, 80, 16, 16, refine=False)
+    _, forced = _both(ir, 80, 80, 16, 16)
+    assert int(pass1[0, 0, 4, 0]) == T.PARTIAL and int(forced[0, 0, 4, 0]) == T.EMPTY
+    assert torch.equal(forced, truth_tiles(ir, 80, 80, 16, 16))
+
+
+def test_nd_input_not_claimed():
+    # one consecutive lin atom, read once, but a 2-D input: pass 1 summarises blocks over all
+    # tiles (17 x 17 > NARROW_GATHER entries for the widest: whole-input min/max), the
+    # refinement only over the PARTIAL ragged row of tiles (8 x 17: gathered, decided)
+    blocks_at = B.load("blocks", [B.floordiv(q, c(4)), B.floordiv(B.add(k, c(2)), c(4))])
+    ir = B.and_(B.cmp(">=", q, c(150)), B.truthy(blocks_at))
+    assert not refinement_cannot_change(ir)
+    p = Pattern(ir, inputs={"blocks": 2})
+    blocks = torch.ones(40, 41, dtype=torch.long)
+    blocks[32:] = 0
+    pass1 = classify(p, 160, 160, 64, 64, inputs={"blocks": blocks}, refine=False)
+    _, forced = _both(p, 160, 160, 64, 64, inputs={"blocks": blocks})
+    assert int(pass1[0, 0, 2, 0]) == T.PARTIAL and int(forced[0, 0, 2, 0]) == T.EMPTY
+
+
+# ---- where it is claimed, the forced refinement changes nothing ------------------------
+def _random_doc(g, batch, n, ndocs, sort):
+    doc = torch.randint(0, ndocs, (batch, n), generator=g)
+    return torch.sort(doc).values if sort else doc
+
+
+def _check_no_op(name, Lq, Lk, bm, bn, off, H, batch, seed, ndocs, sort):
+    ir, uses_doc = SKIPPED_IR[name]
+    assert refinement_cannot_change(ir)
+    kw = dict(num_heads=H, batch=batch)
+    inputs = {}
+    if uses_doc:
+        off = abs(query_offset(Lq, Lk, off))      # doc[q] must stay in bounds
+        g = torch.Generator().manual_seed(seed)
+        inputs["doc"] = _random_doc(g, batch, max(Lk, off + Lq), ndocs, sort)
+        p = Pattern(ir, inputs={"doc": 1})
+        kw["inputs"] = inputs
+    else:
+        p = ir
+    kw["q_offset"] = off
+    calls = []
+    real = T.refine_partial
+
+    def spy(*a, **kw_):
+        calls.append(1)
+        return real(*a, **kw_)
+    with mock.patch.object(T, "refine_partial", spy):
+        skip = classify(p, Lq, Lk, bm, bn, **kw)
+    assert not calls                               # the skip happened
+    with mock.patch.object(T, "refinement_cannot_change", lambda ir: False):
+        forced = classify(p, Lq, Lk, bm, bn, **kw)
+    assert torch.equal(skip, forced), name
+    want = truth_tiles(ir, Lq, Lk, bm, bn, H=H, batch=batch, q_offset=off, inputs=inputs)
+    assert unsound(skip, want) == 0, name
+    return skip, want
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(sorted(SKIPPED_IR)), st.integers(1, 120), st.integers(1, 120),
+       st.integers(1, 40), st.integers(1, 40), st.integers(-20, 20) | st.none(),
+       st.integers(1, 3), st.integers(1, 2), st.integers(0, 2**31), st.integers(1, 12),
+       st.booleans())
+def test_forced_refinement_is_a_no_op(name, Lq, Lk, bm, bn, off, H, batch, seed, ndocs, sort):
+    _check_no_op(name, Lq, Lk, bm, bn, off, H, batch, seed, ndocs, sort)
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPED_IR))
+def test_forced_refinement_reaches_the_cells(name):
+    """Not vacuous: the forced refinement does evaluate cells (undecided tiles with an
+    undecided cellable atom), and still changes nothing."""
+    cells = []
+    real = T._refine_chunk
+
+    def spy(*a, **kw):
+        cells.append(a[3].shape[0])               # tiles refined cell by cell
+        return real(*a, **kw)
+    with mock.patch.object(T, "_refine_chunk", spy):
+        for seed, sort in ((0, False), (1, True)):
+            _check_no_op(name, 150, 150, 16, 8, None, 2, 2, seed, 5, sort)
+    assert sum(cells) > 0, name
+
+
+def test_documents_unchanged_at_scale():
+    """causal & same(doc), sorted ids of 12 documents (benchmarks' documents input shape)."""
+    N = 4096
+    g = torch.Generator().manual_seed(0)
+    cuts = torch.sort(torch.randperm(N - 1, generator=g)[:11] + 1).values
+    doc = torch.bucketize(torch.arange(N), cuts, right=True)
+    p = spattn.compile("causal & same(doc)")
+    skip, forced = _both(p, N, N, 128, 64, inputs={"doc": doc})
+    assert torch.equal(skip, forced)
+    assert torch.equal(skip, truth_tiles(p.ir, N, N, 128, 64, inputs={"doc": doc}))
