@@ -27,9 +27,13 @@ Strategies (``config.strategy``):
     the earlier intervals (no tile is visited twice), split by its FULL part
     ``[flo, fhi]`` into masked / unmasked / masked sub-ranges.
 ``table``
-    CSR lists (int32 row pointers + column indices) of the PARTIAL and of the
-    FULL tiles of each query tile (the transposed lists for dK/dV), built by the
-    vectorised analysis at call time: two loops.
+    tables built by the vectorised analysis at call time (per query tile; the
+    transposed ones for dK/dV), in one of two forms chosen at launch by the
+    constexpr ``SPANS``: CSR lists (int32 row pointers + column indices) of the
+    PARTIAL and of the FULL tiles, run as two loops with one index load per tile;
+    or, where every row's tiles are one contiguous span with one contiguous FULL
+    run (``causal & same(doc)`` with sorted ids), the span and its FULL run
+    (4 int32 per row), run like a ranges interval piece.
 
 Kernel arguments are runtime values wherever they can be: lengths, batch, heads,
 ``q_offset`` and strides never regenerate a file.
@@ -47,7 +51,7 @@ from ..ir.nodes import BoolConst, Node, Var
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "5"
+CODEGEN_VERSION = "6"
 
 
 # ------------------------------------------------------------------ helpers
@@ -93,7 +97,9 @@ def _names(pattern, key6: str) -> dict:
         "fwd_range": f"_fwd_range_{key6}",
         "fwd_fused": f"_fwd_fused_{key6}",
         "dkdv_range": f"_dkdv_range_{key6}",
+        "dkdv_fused": f"_dkdv_fused_{key6}",
         "dq_range": f"_dq_range_{key6}",
+        "dq_fused": f"_dq_fused_{key6}",
     }
 
 
@@ -265,13 +271,16 @@ def _header(pattern, kind: str, config, key: str, names: dict, strategy_doc: str
     kernels = [names["fwd"]] if kind == "fwd" else [names["pre"], names["dkdv"], names["dq"]]
     inputs = ", ".join(f"{n} ({d}-D index)" for n, d in pattern.inputs.items()) or "none"
     loop_doc = ""
+    piece = "interval piece" if config.strategy == "ranges" else "span"
     if kind == "fwd" and config.loop == "fused":
-        loop_doc = ("\nForward loop: fused (one loop per interval piece, "
+        loop_doc = (f"\nForward loop: fused (one loop per {piece}, "
+                    "predicate only on PARTIAL tiles)")
+    elif kind == "bwd" and config.loop == "fused":
+        loop_doc = (f"\nBackward loops: fused (dK/dV and dQ: one loop per {piece}, "
                     "predicate only on PARTIAL tiles)")
     elif kind == "fwd" and config.loop == "persistent":
-        loop_doc = ("\nForward loop: persistent (each program loops over query tiles"
-                    + (", one fused key loop per interval piece)" if config.strategy == "ranges"
-                       else ")"))
+        loop_doc = ("\nForward loop: persistent (each program loops over query tiles, "
+                    f"one fused key loop per {piece})")
     return f'''"""spattn generated {"forward" if kind == "fwd" else "backward"} attention kernel{"s" if kind != "fwd" else ""} for pattern `{pattern.name}`.
 
 Pattern (canonical source):
@@ -303,7 +312,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 STRATEGY_DOC = {
     "ranges": "closed-form key ranges computed in the kernel from the tile index",
-    "table": "CSR lists of PARTIAL and FULL tiles built by the analysis at call time",
+    "table": "tile spans or CSR lists of PARTIAL and FULL tiles, built by the analysis "
+             "at call time",
 }
 
 
@@ -432,7 +442,7 @@ def @@FN@@(
     ORDER, stride_order_b, stride_order_h,
     sm_scale_log2, H, GROUP, Lq, Lk, q_offset,@@PERSIST_PARAMS@@
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,@@TABLE_CONSTS@@
 ):
     """@@DOC@@
     Output O [B, H, Lq, D] and the natural log-sum-exp LSE [B, H, Lq] (fp32,
@@ -504,21 +514,46 @@ FWD_PERSISTENT_PROLOGUE = '''    for i_w in tl.range(tl.program_id(0), N_WORK, t
 '''
 
 TABLE_PARAMS = """
-    ROWS_P, COLS_P, ROWS_F, COLS_F, stride_tab_b, stride_tab_h,"""
+    ROWS_P, COLS_P, ROWS_F, COLS_F, SPAN, stride_tab_b, stride_tab_h,"""
+TABLE_CONSTS = """
+    SPANS: tl.constexpr,"""
 
 
-def _table_schedule(call: str, tile: str, what: str, *, transposed: bool = False) -> list[str]:
-    """Lines that read one tile's CSR row and run its PARTIAL, then its FULL tiles."""
-    return [f"# -- {'transposed ' if transposed else ''}tile table: {what} --",
-            f"i_row = i_b * stride_tab_b + i_h * stride_tab_h + {tile}",
-            "p_start = tl.load(ROWS_P + i_row)",
-            "p_end = tl.load(ROWS_P + i_row + 1)",
-            call.replace("@@COLS@@", "COLS_P").replace("@@TABLE@@", "True")
-            .format(start="p_start", end="p_end", masked="True"),
-            "f_start = tl.load(ROWS_F + i_row)",
-            "f_end = tl.load(ROWS_F + i_row + 1)",
-            call.replace("@@COLS@@", "COLS_F").replace("@@TABLE@@", "True")
-            .format(start="f_start", end="f_end", masked="False")]
+def _table_schedule(call: str, tile: str, what: str, *, transposed: bool = False,
+                    fused_call: str | None = None) -> list[str]:
+    """Lines that find one tile's row of the table and run its tiles.
+
+    ``SPANS`` (a launch constexpr): the row is a span ``[lo, hi)`` of tiles with its FULL
+    run ``[flo, fhi)``, visited by tile index like the ranges strategy (one ``fused_call``
+    or three calls); else its CSR lists: the PARTIAL tiles, then the FULL tiles."""
+    unit = "query" if transposed else "key"
+    direct = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
+    listed = call.replace("@@TABLE@@", "True")
+    lines = [f"# -- {'transposed ' if transposed else ''}tile table: {what} --",
+             f"i_row = i_b * stride_tab_b + i_h * stride_tab_h + {tile}",
+             "if SPANS:",
+             f"    # {unit} tiles [i_lo, i_hi) in order, FULL in [i_flo, i_fhi): no index loads",
+             "    i_lo = tl.load(SPAN + 4 * i_row)",
+             "    i_hi = tl.load(SPAN + 4 * i_row + 1)",
+             "    i_flo = tl.load(SPAN + 4 * i_row + 2)",
+             "    i_fhi = tl.load(SPAN + 4 * i_row + 3)"]
+    if fused_call is not None:
+        lines.append("    " + fused_call.format(start="i_lo", end="i_hi", full_start="i_flo",
+                                                full_end="i_fhi"))
+    else:
+        lines += ["    " + direct.format(start="i_lo", end="i_flo", masked="True"),
+                  "    " + direct.format(start="i_flo", end="i_fhi", masked="False"),
+                  "    " + direct.format(start="i_fhi", end="i_hi", masked="True")]
+    lines += ["else:",
+              "    p_start = tl.load(ROWS_P + i_row)",
+              "    p_end = tl.load(ROWS_P + i_row + 1)",
+              "    " + listed.replace("@@COLS@@", "COLS_P")
+              .format(start="p_start", end="p_end", masked="True"),
+              "    f_start = tl.load(ROWS_F + i_row)",
+              "    f_end = tl.load(ROWS_F + i_row + 1)",
+              "    " + listed.replace("@@COLS@@", "COLS_F")
+              .format(start="f_start", end="f_end", masked="False")]
+    return lines
 
 
 def _extra_args(em, inputs) -> tuple[str, str]:
@@ -545,7 +580,13 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
             f"{extra_args}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, TABLE=@@TABLE@@, "
             f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     persistent = config.loop == "persistent"
-    fused = config.strategy == "ranges" and config.loop in ("fused", "persistent")
+    fused = config.loop in ("fused", "persistent")
+    fc = None
+    if fused:
+        fc = (f"acc, l_i, m_i = {names['fwd_fused']}(acc, l_i, m_i, b_q, o_q, p_k, p_v, "
+              f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, "
+              f"H, {extra_args}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
+              f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     if config.strategy == "ranges":
         rows = closed_form.rows
         env = dict(ENV, qs="qs", qe="qe")
@@ -556,26 +597,23 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
                  "qe = tl.minimum(i_m * BLOCK_M + BLOCK_M, Lq) - 1 + q_offset"]
         sched += cf_lines
         c = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
-        fc = None
-        if fused:
-            fc = (f"acc, l_i, m_i = {names['fwd_fused']}(acc, l_i, m_i, b_q, o_q, p_k, p_v, "
-                  f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, "
-                  f"H, {extra_args}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
-                  f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
         sched.append(_range_schedule(rows, prefix="r", length="Lk", block="BLOCK_N", shift="0",
                                      call=c, comment_unit="keys", fused_call=fc))
         schedule = _ind("\n".join(sched), 4)
         table_params = ""
     else:
         sched = _table_schedule(call, "i_m", "PARTIAL key tiles (predicate), then FULL key "
-                                "tiles (none)")
+                                "tiles (none)", fused_call=fc)
         schedule = _ind("\n".join(sched), 4)
         table_params = TABLE_PARAMS
 
+    inner_fns = []
     if fused:
-        inner_fn = _fill(FWD_FUSED, FN=names["fwd_fused"], EXTRA=extra_params, PRED=pred_code)
-    else:
-        inner_fn = _fill(FWD_RANGE, FN=names["fwd_range"], EXTRA=extra_params, PRED=pred_code)
+        inner_fns.append(_fill(FWD_FUSED, FN=names["fwd_fused"], EXTRA=extra_params,
+                               PRED=pred_code))
+    if not fused or config.strategy == "table":     # the table's CSR lists
+        inner_fns.append(_fill(FWD_RANGE, FN=names["fwd_range"], EXTRA=extra_params,
+                               PRED=pred_code))
     hoist = ""
     if em is not None and em.outer:
         hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
@@ -592,13 +630,13 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
     kernel = _fill(FWD_KERNEL, FN=names["fwd"],
                    INPUT_PARAMS=("\n    " + ", ".join(ip) + ",") if ip else "",
                    TABLE_PARAMS=table_params, PERSIST_PARAMS=persist_params, DOC=doc,
-                   BODY=body)
+                   TABLE_CONSTS=TABLE_CONSTS if config.strategy == "table" else "", BODY=body)
     parts = [_header(pattern, "fwd", config, key, names, STRATEGY_DOC[config.strategy])]
     if helpers:
         parts.append(HELPERS)
     if config.strategy == "ranges":
         parts.append(RANGE_HELPERS)
-    parts.append(inner_fn)
+    parts += inner_fns
     parts.append(kernel)
     parts.append(f"\nKERNEL = {names['fwd']}\n")
     return _tidy("\n".join(parts))
@@ -733,6 +771,49 @@ def @@FN@@(
     return b_dk, b_dv
 '''
 
+DKDV_FUSED = '''
+@triton.jit
+def @@FN@@(
+    b_dk, b_dv, b_k, b_v, o_k,
+    Q, DO, LSE2, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
+    sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset,@@EXTRA@@
+    start, end, full_start, full_end,
+    BLOCK_M1: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Query tiles [start, end) of one key tile in one loop (one pipeline fill).
+
+    Tiles in [full_start, full_end) are FULL: the uniform flag `partial` skips the
+    predicate for them.  Loads stay outside the branch and are always bounds-masked
+    (rows beyond Lq: lse = +inf, so p = 0).
+    """
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    for i_m in range(start, end):
+        o_m = i_m * BLOCK_M1 + tl.arange(0, BLOCK_M1)
+        m_m = o_m < Lq
+        p_qt = Q + o_m[None, :] * stride_qm + o_d[:, None] * stride_qd       # [BLOCK_D, BLOCK_M1]
+        p_do = DO + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod     # [BLOCK_M1, BLOCK_D]
+        b_qt = tl.load(p_qt, mask=m_d[:, None] & m_m[None, :], other=0.0)
+        b_do = tl.load(p_do, mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_lse = tl.load(LSE2 + o_m, mask=m_m, other=float("inf"))
+        b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
+        # -- scores (transposed: keys x queries) --
+        b_qkt = tl.dot(b_k, b_qt, input_precision=DOT_PREC)
+        b_pt = tl.math.exp2(b_qkt * sm_scale_log2 - b_lse[None, :])
+        partial = (i_m < full_start) | (i_m >= full_end)
+        if partial:
+            # -- predicate (PARTIAL tile) --
+            o_q = (o_m + q_offset)[None, :]      # query positions [1, BLOCK_M1]
+@@PRED@@
+            b_pt = tl.where(m_pattern & (o_k < Lk), b_pt, 0.0)
+        # -- gradients --
+        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk, input_precision=DOT_PREC)
+    return b_dk, b_dv
+'''
+
 DKDV_KERNEL = '''
 @triton.jit
 def @@FN@@(
@@ -746,7 +827,7 @@ def @@FN@@(
     ORDER, stride_order_b, stride_order_h,
     sm_scale, sm_scale_log2, H, HK, GROUP, Lq, Lk, q_offset,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,@@TABLE_CONSTS@@
 ):
     """dK, dV of one key tile (BLOCK_N1 keys) of one (batch, key head).
 
@@ -848,6 +929,45 @@ def @@FN@@(
     return b_dq
 '''
 
+DQ_FUSED = '''
+@triton.jit
+def @@FN@@(
+    b_dq, b_q, b_do, b_lse, b_delta, o_q,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+    sm_scale_log2, i_b, i_h, Lq, Lk, H,@@EXTRA@@
+    start, end, full_start, full_end,
+    BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Key tiles [start, end) of one query tile in one loop (one pipeline fill).
+
+    Tiles in [full_start, full_end) are FULL: the uniform flag `partial` skips the
+    predicate for them.  Loads stay outside the branch and are always bounds-masked.
+    """
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    for i_n in range(start, end):
+        o_n = i_n * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+        m_dn = m_d[:, None] & (o_n[None, :] < Lk)
+        p_kt = K + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
+        p_vt = V + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd
+        b_kt = tl.load(p_kt, mask=m_dn, other=0.0)
+        b_vt = tl.load(p_vt, mask=m_dn, other=0.0)
+        # -- scores --
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PREC)
+        b_p = tl.math.exp2(b_s * sm_scale_log2 - b_lse[:, None])
+        partial = (i_n < full_start) | (i_n >= full_end)
+        if partial:
+            # -- predicate (PARTIAL tile) --
+            o_k = o_n[None, :]                   # key positions [1, BLOCK_N2]
+@@PRED@@
+            b_p = tl.where(m_pattern & (o_k < Lk), b_p, 0.0)
+        # -- gradients --
+        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq = tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq, input_precision=DOT_PREC)
+    return b_dq
+'''
+
 DQ_KERNEL = '''
 @triton.jit
 def @@FN@@(
@@ -860,7 +980,7 @@ def @@FN@@(
     ORDER, stride_order_b, stride_order_h,
     sm_scale, sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,@@TABLE_CONSTS@@
 ):
     """dQ of one query tile (BLOCK_M2 queries) of one (batch, query head).
 
@@ -905,6 +1025,18 @@ def @@FN@@(
 '''
 
 
+def _inner_fns(fused_tpl: str, range_tpl: str, fused_name: str, range_name: str, config,
+               extra: str, pred: str) -> str:
+    """The tile-loop function(s) a backward kernel calls: the fused loop (``loop="fused"``)
+    and/or the per-sub-range loop (split schedules and the table's CSR lists)."""
+    out = []
+    if config.loop == "fused":
+        out.append(_fill(fused_tpl, FN=fused_name, EXTRA=extra, PRED=pred))
+    if config.loop != "fused" or config.strategy == "table":
+        out.append(_fill(range_tpl, FN=range_name, EXTRA=extra, PRED=pred))
+    return "\n".join(out)
+
+
 def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     """The backward module: preprocess, dK/dV (transposed schedule) and dQ kernels.
 
@@ -931,6 +1063,13 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
             f"Lq, Lk, H, q_offset, {extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, "
             f"TABLE=@@TABLE@@, BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, "
             f"DOT_PREC=DOT_PREC)")
+    fused = config.loop == "fused"
+    fc = None
+    if fused:
+        fc = (f"b_dk, b_dv = {names['dkdv_fused']}(b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, "
+              f"p_delta, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, "
+              f"Lq, Lk, H, q_offset, {extra_a}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
+              f"BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     ks = ""
     if config.strategy == "ranges":
         cols = closed_form.cols
@@ -942,17 +1081,20 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
         sched += cf_lines
         c = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
         sched.append(_range_schedule(cols, prefix="c", length="Lq", block="BLOCK_M1",
-                                     shift="q_offset", call=c, comment_unit="query positions"))
+                                     shift="q_offset", call=c, comment_unit="query positions",
+                                     fused_call=fc))
     else:
         sched = _table_schedule(call, "i_n", "PARTIAL query tiles, then FULL query tiles",
-                                transposed=True)
+                                transposed=True, fused_call=fc)
     hoist_t = ""
     if em_t is not None and em_t.outer:
         hoist_t = _ind("# -- predicate terms that do not depend on q: once per (program, head) --\n"
                        + "\n".join(em_t.outer), 8)
-    dkdv_inner = _fill(DKDV_RANGE, FN=names["dkdv_range"], EXTRA=extra_p, PRED=pred_t)
+    dkdv_inner = _inner_fns(DKDV_FUSED, DKDV_RANGE, names["dkdv_fused"], names["dkdv_range"],
+                            config, extra_p, pred_t)
+    table_consts = TABLE_CONSTS if config.strategy == "table" else ""
     dkdv = _fill(DKDV_KERNEL, FN=names["dkdv"], INPUT_PARAMS=input_params,
-                 TABLE_PARAMS=table_params, KS=ks,
+                 TABLE_PARAMS=table_params, TABLE_CONSTS=table_consts, KS=ks,
                  INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 8),
                  HOIST=hoist_t, SCHEDULE=_ind("\n".join(sched), 8))
 
@@ -965,6 +1107,12 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
             f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, "
             f"{extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, TABLE=@@TABLE@@, "
             f"BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
+    fc = None
+    if fused:
+        fc = (f"b_dq = {names['dq_fused']}(b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, "
+              f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, "
+              f"{extra_a}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
+              f"BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     if config.strategy == "ranges":
         rows = closed_form.rows
         env = dict(ENV, qs="qs", qe="qe")
@@ -976,16 +1124,18 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
         sched += cf_lines
         c = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
         sched.append(_range_schedule(rows, prefix="r", length="Lk", block="BLOCK_N2", shift="0",
-                                     call=c, comment_unit="keys"))
+                                     call=c, comment_unit="keys", fused_call=fc))
     else:
         sched = _table_schedule(call, "i_m", "PARTIAL key tiles (predicate), then FULL key "
-                                "tiles (none)")
+                                "tiles (none)", fused_call=fc)
     hoist = ""
     if em is not None and em.outer:
         hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
                      + "\n".join(em.outer), 4)
-    dq_inner = _fill(DQ_RANGE, FN=names["dq_range"], EXTRA=extra_p, PRED=pred)
+    dq_inner = _inner_fns(DQ_FUSED, DQ_RANGE, names["dq_fused"], names["dq_range"], config,
+                          extra_p, pred)
     dq = _fill(DQ_KERNEL, FN=names["dq"], INPUT_PARAMS=input_params, TABLE_PARAMS=table_params,
+               TABLE_CONSTS=table_consts,
                INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4), HOIST=hoist,
                SCHEDULE=_ind("\n".join(sched), 4))
 

@@ -29,6 +29,8 @@ it off).  Environment (all optional):
 ``SPATTN_BWD_BLOCK_M2`` / ``_N2``   dQ tile: queries per program / keys per step
 ``SPATTN_BWD_WARPS``   backward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
 ``SPATTN_BWD_STAGES``  backward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
+``SPATTN_FWD_LOOP``    forward loop: ``split``, ``fused`` or ``persistent``
+``SPATTN_BWD_LOOP``    backward loops: ``split`` or ``fused``
 =====================  ==========================================================
 """
 from __future__ import annotations
@@ -54,7 +56,7 @@ class KernelConfig:
     dtype: str          # "fp16" | "bf16" | "fp32"
     block_m2: int = 0   # backward only: dQ tile (queries per program)
     block_n2: int = 0   # backward only: dQ tile (keys per step)
-    loop: str = "split"  # forward "ranges" only: "split" (masked/full/masked loops) or "fused"
+    loop: str = "split"  # "split", "fused" or (forward) "persistent": FWD_LOOPS, BWD_LOOPS
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -140,7 +142,7 @@ ENV_VARS = {
             "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_FWD_LOOP", "SPATTN_STRATEGY"),
     "bwd": ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
             "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES",
-            "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_STRATEGY"),
+            "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_BWD_LOOP", "SPATTN_STRATEGY"),
 }
 
 
@@ -181,8 +183,11 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
         ns = (num_stages or _env_int("SPATTN_BWD_STAGES") or _env_int("SPATTN_NUM_STAGES")
               or ns)
         _pow2_check(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
+        loop = (loop or os.environ.get("SPATTN_BWD_LOOP") or "split").strip().lower()
+        if loop not in BWD_LOOPS:
+            raise ValueError(f"loop / SPATTN_BWD_LOOP={loop!r}: expected one of {BWD_LOOPS}")
         return KernelConfig(strategy, int(m1), int(n1), next_pow2(head_dim), int(nw), int(ns),
-                            dt, int(m2), int(n2))
+                            dt, int(m2), int(n2), loop=loop)
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret)
     bm = block_m or _env_int("SPATTN_BLOCK_M") or bm
     bn = block_n or _env_int("SPATTN_BLOCK_N") or bn
@@ -192,20 +197,21 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     loop = (loop or os.environ.get("SPATTN_FWD_LOOP") or "split").strip().lower()
     if loop not in FWD_LOOPS:
         raise ValueError(f"loop / SPATTN_FWD_LOOP={loop!r}: expected one of {FWD_LOOPS}")
-    if strategy != "ranges" and loop == "fused":
-        loop = "split"      # the table strategy has one loop per tile list anyway
     return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt,
                         loop=loop)
 
 
-#: Forward tile-loop variants of the "ranges" strategy: "split" runs each interval piece
+#: Forward tile-loop variants: "split" runs each interval piece (ranges) or span (table)
 #: as three loops (masked, unmasked, masked: each software-pipelined on its own); "fused"
 #: runs one loop with a uniform per-tile branch around the predicate (one pipeline fill;
 #: faster on short rows, slower on long causal rows: measured in docs/codegen.md);
 #: "persistent" launches about one program per resident slot of the device and loops each
-#: over query tiles (the fused key loop of "ranges", the two lists of "table"), the work-item
-#: loop flattened with the key loop so the pipeline stays full across query tiles.
+#: over query tiles (with the fused key loop), the work-item loop flattened with the key
+#: loop so the pipeline stays full across query tiles.  The table strategy's CSR lists
+#: are always two loops (PARTIAL, FULL); the variants apply to its spans.
 FWD_LOOPS = ("split", "fused", "persistent")
+#: Backward tile-loop variants (dK/dV and dQ alike): "split" or "fused", as above.
+BWD_LOOPS = ("split", "fused")
 
 
 def analysis_strategy(pattern, closed_form=None) -> str:

@@ -31,14 +31,14 @@ import math
 
 import torch
 
-from ..ir.tiles import FULL, PARTIAL
+from ..ir.tiles import EMPTY, FULL, PARTIAL
 from . import cache as _cache
 from . import tune as _tune
 
 LOG2E = 1.4426950408889634
 
 _OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
-                 "block_m1", "block_n1", "block_m2", "block_n2", "loop")
+                 "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables")
 
 
 def _opts(options: dict, kind: str) -> dict:
@@ -127,19 +127,77 @@ def _csr(sel: torch.Tensor):
     return ptr.reshape(-1), idx, sel.sum(-1, dtype=torch.int64)
 
 
-def _table(cls: torch.Tensor, n_rows: int):
-    """CSR (PARTIAL and FULL) of ``cls [B', H', n_rows, n_cols]`` + row strides + heavy-first order."""
+def _spans(cls: torch.Tensor):
+    """Per row of ``cls [B', H', n, m]``: ``[lo, hi, flo, fhi]`` int32 ``[B', H', n, 4]`` --
+    the span ``[lo, hi)`` from the first to the last non-EMPTY tile and, inside it, the
+    longest run ``[flo, fhi)`` of FULL tiles (``flo = fhi = hi`` without one) -- and the
+    *waste* of visiting every tile of ``[lo, hi)`` with only ``[flo, fhi)`` unmasked: the
+    EMPTY tiles inside the span plus the FULL tiles outside the run, summed over all rows.
+
+    A kernel that runs ``[lo, flo)`` and ``[fhi, hi)`` with the predicate and ``[flo, fhi)``
+    without is correct for any classes (an EMPTY tile under the predicate contributes
+    nothing); with zero waste it visits exactly the tiles of the CSR lists, with the same
+    masking, and addresses them from the loop counter instead of an index load."""
+    m = cls.shape[-1]
+    j = torch.arange(m, device=cls.device, dtype=torch.int32)
+    ne = cls != EMPTY
+    full = cls == FULL
+    hi = torch.where(ne, j + 1, 0).amax(-1)
+    lo = torch.minimum(torch.where(ne, j, m).amin(-1), hi)
+    # length of the FULL run ending at j: j + 1 - (first index after the last non-FULL <= j)
+    run_start = torch.where(full, -1, j).cummax(-1).values + 1
+    run = torch.where(full, j + 1 - run_start, 0)
+    best, at = run.max(-1)
+    fhi = torch.where(best > 0, at + 1, hi)
+    flo = fhi - best
+    count = ne.sum(-1, dtype=torch.int32)
+    waste = (hi - lo - count) + (full.sum(-1, dtype=torch.int32) - best)
+    spans = torch.stack([lo, hi, flo, fhi], dim=-1).to(torch.int32)
+    return spans, waste.sum()
+
+
+#: ``tables`` launcher option / ``$SPATTN_TABLES``: how the table strategy's kernels find
+#: their tiles.  "auto": spans where they visit exactly the CSR lists' tiles (zero waste,
+#: e.g. ``causal & same(doc)`` with sorted ids), else the CSR lists; "csr" / "spans": always.
+TABLE_MODES = ("auto", "csr", "spans")
+
+
+def _table_mode(opts: dict) -> str:
+    import os
+    mode = (opts.get("tables") or os.environ.get("SPATTN_TABLES") or "auto").strip().lower()
+    if mode not in TABLE_MODES:
+        raise ValueError(f"tables / SPATTN_TABLES={mode!r}: expected one of {TABLE_MODES}")
+    return mode
+
+
+def _table(cls: torch.Tensor, n_rows: int, mode: str = "auto"):
+    """Kernel arguments of the tiles ``cls [B', H', n_rows, n_cols]``: (the table arguments,
+    the heavy-first order, whether the kernel runs spans).
+
+    Table arguments ``[ROWS_P, COLS_P, ROWS_F, COLS_F, SPAN, stride_b, stride_h]``: the CSR
+    of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]``, all indexed by
+    row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a stand-in."""
     Bp, Hp = cls.shape[0], cls.shape[1]
-    rp, cp, np_ = _csr(cls == PARTIAL)
-    rf, cf, nf = _csr(cls == FULL)
-    work = 2 * np_ + nf                            # PARTIAL tiles cost more (predicate)
+    spans, waste = _spans(cls)
+    use_spans = mode == "spans" or (mode == "auto" and int(waste) == 0)   # one device read
+    spans = torch.nn.functional.pad(spans, (0, 0, 0, 1)).contiguous()    # row n: padding
+    if use_spans:
+        count = (cls != EMPTY).sum(-1, dtype=torch.int64)
+        nf = (cls == FULL).sum(-1, dtype=torch.int64)
+        work = 2 * count - nf                      # PARTIAL tiles cost more (predicate)
+        csr = [spans] * 4
+    else:
+        rp, cp, np_ = _csr(cls == PARTIAL)
+        rf, cf, nf = _csr(cls == FULL)
+        work = 2 * np_ + nf
+        csr = [rp, cp, rf, cf]
     order = torch.argsort(-work, dim=-1, stable=True).to(torch.int32).contiguous()
     # the kernel reads row (b, h, i) at b * sb + h * sh + i of the flat pointers
     sb = Hp * (n_rows + 1) if Bp > 1 else 0
     sh = n_rows + 1 if Hp > 1 else 0
     osb = order.stride(0) if Bp > 1 else 0
     osh = order.stride(1) if Hp > 1 else 0
-    return [rp, cp, rf, cf, sb, sh], (order, osb, osh)
+    return [*csr, spans, sb, sh], (order, osb, osh), use_spans
 
 
 def _demote_ragged(cls: torch.Tensor, L: int, block: int, axis: int) -> torch.Tensor:
@@ -152,32 +210,36 @@ def _demote_ragged(cls: torch.Tensor, L: int, block: int, axis: int) -> torch.Te
     return cls
 
 
-def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inputs):
+def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inputs,
+               tables="auto"):
     """What the forward launcher of the table strategy builds for a new shape (then
-    memoises): the tile classes (shared by the heads and batches that share them), CSR
-    lists of PARTIAL and FULL key tiles per query tile, and the heavy-first order.
-    ``benchmarks/bench.py`` times exactly this as the setup cost of a shape."""
+    memoises): the tile classes (shared by the heads and batches that share them), the
+    spans or CSR lists of key tiles per query tile (``tables``: see :data:`TABLE_MODES`),
+    the heavy-first order and whether spans are used.  ``benchmarks/bench.py`` times
+    exactly this as the setup cost of a shape."""
     cls = _classify(pattern, Lq, Lk, block_m, block_n, H=H, B=B, q_offset=q_offset,
                     device=device, inputs=inputs)
-    return _table(_demote_ragged(cls, Lk, block_n, 3), -(-Lq // block_m))
+    return _table(_demote_ragged(cls, Lk, block_n, 3), -(-Lq // block_m), tables)
 
 
-def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs):
+def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs, tables="auto"):
     """What the backward launcher of the table strategy builds for a new shape: the dQ
     tables over (BLOCK_M2, BLOCK_N2) tiles and the transposed dK/dV tables over
-    (BLOCK_M1, BLOCK_N1) tiles (``blocks = (m1, n1, m2, n2)``)."""
+    (BLOCK_M1, BLOCK_N1) tiles (``blocks = (m1, n1, m2, n2)``), each as :func:`_table`
+    returns them (spans or CSR chosen per kernel)."""
     m1, n1, m2, n2 = blocks
     # dQ: rows = query tiles of BLOCK_M2, columns = key tiles of BLOCK_N2
     cls2 = _classify(pattern, Lq, Lk, m2, n2, H=H, B=B, q_offset=q_offset, device=device,
                      inputs=inputs)
-    tab_q, order_q = _table(_demote_ragged(cls2, Lk, n2, 3), -(-Lq // m2))
+    tq = _table(_demote_ragged(cls2, Lk, n2, 3), -(-Lq // m2), tables)
     # dK/dV: the transpose of the (BLOCK_M1, BLOCK_N1) classes
     cls1 = cls2 if (m1, n1) == (m2, n2) else _classify(
         pattern, Lq, Lk, m1, n1, H=H, B=B, q_offset=q_offset, device=device, inputs=inputs)
     nk1 = -(-Lk // n1)
-    tab_k, (order_k, _, _) = _table(_demote_ragged(cls1, Lq, m1, 2).transpose(2, 3), nk1)
+    tab_k, (order_k, _, _), spans_k = _table(_demote_ragged(cls1, Lq, m1, 2).transpose(2, 3),
+                                             nk1, tables)
     # dK/dV programs are per key head: one order (of the first (b, h)) shared by all
-    return tab_q, order_q, tab_k, order_k[0, 0].contiguous().view(1, 1, nk1)
+    return tq, (tab_k, order_k[0, 0].contiguous().view(1, 1, nk1), spans_k)
 
 
 # ------------------------------------------------------------ table memo
@@ -307,15 +369,19 @@ def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts, warmup=False):
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     in_args = _input_args(pattern, inputs, q.device)
     if cfg.strategy == "table":
+        mode = _table_mode(opts)
+
         def build():
             return fwd_tables(pattern, Lq, Lk, bm, bn, B=B, H=H, q_offset=q_offset,
-                              device=q.device, inputs=inputs)
-        key = _memo_key(pattern, "fwd", Lq, Lk, (bm, bn), B, H, q_offset, q.device, inputs)
-        tab, (order, osb, osh) = _memo(key, inputs, build)
+                              device=q.device, inputs=inputs, tables=mode)
+        key = _memo_key(pattern, "fwd", Lq, Lk, (bm, bn, mode), B, H, q_offset, q.device,
+                        inputs)
+        tab, (order, osb, osh), spans = _memo(key, inputs, build)
+        table_kw = {"SPANS": spans}
     else:
         _, cf, _ = _cache.resolve(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device,
                                   **opts)
-        tab = []
+        tab, table_kw = [], {}
         order = _ranges_order(cf.rows, n_tiles=nq, block=bm, other_len=Lk, other_block=bn,
                               length=Lq, shift=q_offset, query=True, device=q.device, H=H)
         osb = osh = 0
@@ -333,7 +399,7 @@ def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts, warmup=False):
         order, osb, osh,
         scale * LOG2E, H, H // HK, Lq, Lk, q_offset, *extra,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.block_d, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **table_kw,
     )
     if persistent and not warmup:
         _note_occupancy(mod, cfg, q.device, compiled)
@@ -421,15 +487,21 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
     lse2 = torch.where(lse2 == float("-inf"), float("inf"), lse2).contiguous()
     in_args = _input_args(pattern, inputs, dev)
     if cfg.strategy == "table":
+        mode = _table_mode(opts)
+
         def build():
             return bwd_tables(pattern, Lq, Lk, (m1, n1, m2, n2), B=B, H=H, q_offset=q_offset,
-                              device=dev, inputs=inputs)
-        key = _memo_key(pattern, "bwd", Lq, Lk, (m1, n1, m2, n2), B, H, q_offset, dev, inputs)
-        tab_q, (order_q, oqb, oqh), tab_k, order_k = _memo(key, inputs, build)
+                              device=dev, inputs=inputs, tables=mode)
+        key = _memo_key(pattern, "bwd", Lq, Lk, (m1, n1, m2, n2, mode), B, H, q_offset, dev,
+                        inputs)
+        (tab_q, (order_q, oqb, oqh), spans_q), (tab_k, order_k, spans_k) = \
+            _memo(key, inputs, build)
         okb = okh = 0
+        kw_k, kw_q = {"SPANS": spans_k}, {"SPANS": spans_q}
     else:
         _, cf, _ = _cache.resolve(pattern, "bwd", head_dim=D, dtype=q.dtype, device=dev, **opts)
         tab_q = tab_k = []
+        kw_k = kw_q = {}
         order_q = _ranges_order(cf.rows, n_tiles=nq2, block=m2, other_len=Lk, other_block=n2,
                                 length=Lq, shift=q_offset, query=True, device=dev, H=H)
         order_k = _ranges_order(cf.cols, n_tiles=nk1, block=n1, other_len=Lq, other_block=m1,
@@ -445,7 +517,7 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
         *in_args, *tab_k,
         order_k, okb, okh,
         scale, scale * LOG2E, H, HK, G, Lq, Lk, q_offset,
-        BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, **kw,
+        BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, **kw, **kw_k,
     )
     _launch(
         mod.DQ, (B * H, nq2), warmup, q, k, v, do, lse2, delta, dq,
@@ -453,7 +525,7 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
         *in_args, *tab_q,
         order_q, oqb, oqh,
         scale, scale * LOG2E, H, G, Lq, Lk, q_offset,
-        BLOCK_M2=m2, BLOCK_N2=n2, DOT_PREC=prec, **kw,
+        BLOCK_M2=m2, BLOCK_N2=n2, DOT_PREC=prec, **kw, **kw_q,
     )
     return dq, dk, dv
 
