@@ -7,9 +7,10 @@ environment overrides (see ``codegen/strategy.py`` and ``docs/codegen.md``):
 * forward configs ``(BM, BN, warps, stages[, loop])`` -> ``SPATTN_BLOCK_M``,
   ``SPATTN_BLOCK_N``, ``SPATTN_FWD_WARPS``, ``SPATTN_FWD_STAGES`` (, ``SPATTN_FWD_LOOP``:
   ``split``, ``fused`` or ``persistent``) (the backward stays at its default);
-* backward configs ``(M1, N1, M2, N2, warps, stages)`` -> ``SPATTN_BWD_BLOCK_M1``,
+* backward configs ``(M1, N1, M2, N2, warps, stages[, loop])`` -> ``SPATTN_BWD_BLOCK_M1``,
   ``SPATTN_BWD_BLOCK_N1``, ``SPATTN_BWD_BLOCK_M2``, ``SPATTN_BWD_BLOCK_N2``,
-  ``SPATTN_BWD_WARPS``, ``SPATTN_BWD_STAGES`` (the forward stays at its default).
+  ``SPATTN_BWD_WARPS``, ``SPATTN_BWD_STAGES`` (, ``SPATTN_BWD_LOOP``: ``split`` or
+  ``fused``) (the forward stays at its default).
 
 Each configuration gets fresh kernels (environment set, ``runtime.cache.clear_memory()``),
 is checked against a reference computed once per pattern (``o``, ``dq``, ``dk``, ``dv``
@@ -46,7 +47,7 @@ BWD_CONFIGS = [(32, 128, 128, 32, 4, 4), (64, 128, 128, 64, 8, 3), (64, 64, 64, 
 FWD_VARS = ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES",
             "SPATTN_FWD_LOOP")
 BWD_VARS = ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
-            "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES")
+            "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES", "SPATTN_BWD_LOOP")
 #: every launch override the sweep controls (cleared for the default config)
 ALL_VARS = FWD_VARS + BWD_VARS + ("SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES")
 TOL = 2e-2
@@ -84,7 +85,7 @@ def apply_env(env: dict) -> None:
 
 def parse_configs(text: str, width: int, loop: bool = False):
     """``"a,b,c,d;..."`` -> tuples of ``width`` integers (``loop``: optionally followed by
-    a forward loop name, ``split``, ``fused`` or ``persistent``)."""
+    a loop name: ``split``, ``fused`` or, forward only, ``persistent``)."""
     out = []
     for part in text.split(";"):
         if part.strip():
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fwd-configs", default=None,
                     help='"BM,BN,warps,stages[,loop];..." (default: the five of the module)')
     ap.add_argument("--bwd-configs", default=None,
-                    help='"M1,N1,M2,N2,warps,stages;..." (default: the five of the module)')
+                    help='"M1,N1,M2,N2,warps,stages[,loop];..." (default: the five of the module)')
     ap.add_argument("--strategy", choices=("ranges", "table"), default=None,
                     help="force SPATTN_STRATEGY (default: the analysis's choice)")
     ap.add_argument("--rep", type=int, default=50, help="do_bench rep (ms) of the forward; "
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
     import spattn
 
     fwd_cfgs = parse_configs(args.fwd_configs, 4, loop=True) if args.fwd_configs else FWD_CONFIGS
-    bwd_cfgs = parse_configs(args.bwd_configs, 6) if args.bwd_configs else BWD_CONFIGS
+    bwd_cfgs = parse_configs(args.bwd_configs, 6, loop=True) if args.bwd_configs else BWD_CONFIGS
     configs = [("default", {})]
     if args.only != "bwd":
         configs += [("fwd " + ",".join(map(str, c)), config_env("fwd", c)) for c in fwd_cfgs]

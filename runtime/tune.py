@@ -3,8 +3,9 @@
 The launchers (``runtime/triton_backend.py``) call :func:`tuned_options` before every
 launch.  It returns the options to launch with: unchanged when autotuning does not
 apply, else with the tuned tile options added (forward ``block_m``, ``block_n``,
-``num_warps``, ``num_stages``; backward ``block_m1``, ``block_n1``, ``block_m2``,
-``block_n2``, ``num_warps``, ``num_stages``), passed on exactly like explicit options.
+``num_warps``, ``num_stages``, ``loop``; backward ``block_m1``, ``block_n1``, ``block_m2``,
+``block_n2``, ``num_warps``, ``num_stages``, ``loop``), passed on exactly like explicit
+options.
 
 Autotuning applies when all of these hold:
 
@@ -56,20 +57,20 @@ from . import cache as _cache
 log = logging.getLogger("spattn")
 
 #: Bumped when the candidate lists or the file format change (part of the key).
-TUNE_VERSION = 3
+TUNE_VERSION = 4
 REP_MS = 25
 WARMUP_MS = 5
 
 FIELDS = {
     "fwd": ("block_m", "block_n", "num_warps", "num_stages", "loop"),
-    "bwd": ("block_m1", "block_n1", "block_m2", "block_n2", "num_warps", "num_stages"),
+    "bwd": ("block_m1", "block_n1", "block_m2", "block_n2", "num_warps", "num_stages", "loop"),
 }
 #: Options that, passed explicitly, switch autotuning off for the call.
 TILE_OPTIONS = frozenset(FIELDS["fwd"] + FIELDS["bwd"])
 
-# (BLOCK_M, BLOCK_N, warps, stages); on the configurations of _FWD_LOOPS the "ranges"
-# strategy also tries the fused loop (one pipelined loop per interval piece), and every
-# strategy the persistent kernel (programs loop over query tiles).
+# (BLOCK_M, BLOCK_N, warps, stages); on the configurations of _FWD_LOOPS also the fused
+# loop (one pipelined loop per interval piece or span) and the persistent kernel (programs
+# loop over query tiles).  For the table strategy's CSR lists "fused" runs like "split".
 _FWD_16 = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
 _FWD_LOOPS = {(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)}
 _FWD_16_BIG_D = [(64, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
@@ -107,7 +108,7 @@ def explicit(kind: str, options: dict) -> bool:
     return any(os.environ.get(n) for n in _strategy.ENV_VARS[kind] if n != "SPATTN_STRATEGY")
 
 
-def candidates(kind: str, head_dim: int, dtype, strategy: str = "table") -> list[dict]:
+def candidates(kind: str, head_dim: int, dtype) -> list[dict]:
     """The configurations timed for ``kind`` at a head dim and dtype (the default first)."""
     dt = _strategy.dtype_name(dtype)
     big = head_dim > 128
@@ -130,11 +131,9 @@ def candidates(kind: str, head_dim: int, dtype, strategy: str = "table") -> list
         if kind == "fwd":
             variants = [c + ("split",)]
             if c in _FWD_LOOPS:
-                if strategy == "ranges":
-                    variants.append(c + ("fused",))
-                variants.append(c + ("persistent",))
+                variants += [c + ("fused",), c + ("persistent",)]
         else:
-            variants = [c]
+            variants = [c + ("split",), c + ("fused",)]
         for v in variants:
             if v not in out:
                 out.append(v)
@@ -211,8 +210,9 @@ def _valid_config(kind: str, cfg) -> dict:
     for n in FIELDS[kind]:
         v = cfg[n]
         if n == "loop":
-            if v not in _strategy.FWD_LOOPS:
-                raise ValueError(f"loop must be one of {_strategy.FWD_LOOPS}, got {v!r}")
+            loops = _strategy.FWD_LOOPS if kind == "fwd" else _strategy.BWD_LOOPS
+            if v not in loops:
+                raise ValueError(f"loop must be one of {loops}, got {v!r}")
             out[n] = v
             continue
         if not isinstance(v, int) or isinstance(v, bool):
@@ -312,7 +312,7 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
     ``{"config": ..., "ms": ...}`` or ``{"config": ..., "error": "..."}``.
     """
     timer = timer or default_timer
-    cands = candidates(kind, head_dim, dtype, strategy=(fields or {}).get("strategy", "table"))
+    cands = candidates(kind, head_dim, dtype)
     where = ""
     if fields:
         where = (f" ({fields['dtype']}, D<={fields['block_d']}, {fields['device']}, "

@@ -186,3 +186,26 @@ def test_env_change_picks_new_config(monkeypatch):
         monkeypatch.setenv("SPATTN_BWD_BLOCK_M1", m1)
         run_bwd("causal & window(9)", strategy="table", Lq=40, bm=None, bn=None, seed=2)
         assert [c for kind, c in seen if kind == "bwd"][-1].block_m == int(m1)
+
+
+# ------------------------------------------ fused backward loops (SPATTN_BWD_LOOP=fused)
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name,src,inputs_fn,cf_factory,kw", CASES, ids=[_id(c) for c in CASES])
+def test_gradients_fused(monkeypatch, name, src, inputs_fn, cf_factory, kw, strategy):
+    """dK/dV and dQ each run an interval piece (ranges) or a span (table) as one loop with a
+    per-tile branch around the predicate; the table's CSR lists keep their two loops."""
+    import pathlib
+    from spattn.runtime import cache
+    monkeypatch.setenv("SPATTN_BWD_LOOP", "fused")
+    monkeypatch.setattr(tb, "_TABLE_MEMO", None)
+    cache.clear_memory()
+    seen = _spy_configs(monkeypatch)
+    try:
+        run_bwd(src, strategy=strategy, inputs_fn=inputs_fn, cf_factory=cf_factory,
+                seed=sum(map(ord, name)) + 9, **kw)
+        bwd = [pathlib.Path(p).read_text() for p in cache._modules if "attn_bwd" in p]
+    finally:
+        cache.clear_memory()
+    assert [c.loop for kind, c in seen if kind == "bwd"] == ["fused"]
+    assert bwd and all("= _dkdv_fused_" in s and "= _dq_fused_" in s for s in bwd)

@@ -81,18 +81,15 @@ def test_candidates_default_first_and_fit_head_dim():
     f = tune.candidates("fwd", 128, "bf16")
     full = tune.FIELDS["fwd"]
     assert chosen(f[0]) == (128, 64, 8, 3) == st.default_tiles(128, "bf16", interpret=False)
-    persistent = {(128, 64, 8, 3, "persistent"), (128, 128, 8, 3, "persistent"),
-                  (64, 64, 4, 3, "persistent")}
+    loops = {(*c, loop) for c in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+             for loop in ("fused", "persistent")}
     assert {chosen(c, fields=full) for c in f} == {
         (128, 64, 8, 3, "split"), (128, 128, 8, 3, "split"), (64, 64, 4, 3, "split"),
-        (64, 128, 4, 3, "split")} | persistent
-    # the ranges strategy also times the fused loop on three of them
-    r = tune.candidates("fwd", 128, "bf16", strategy="ranges")
-    assert {chosen(c, fields=full) for c in r} - {chosen(c, fields=full) for c in f} == {
-        (128, 64, 8, 3, "fused"), (128, 128, 8, 3, "fused"), (64, 64, 4, 3, "fused")}
+        (64, 128, 4, 3, "split")} | loops
     b = tune.candidates("bwd", 128, "fp16")
     assert chosen(b[0], "bwd") == (64, 128, 128, 64, 8, 3)
-    assert len(b) == 4 and len({chosen(c, "bwd") for c in b}) == 4
+    assert len(b) == 8 and len({chosen(c, "bwd") for c in b}) == 4
+    assert {c["loop"] for c in b} == {"split", "fused"}     # every tile config, both loops
     for kind in ("fwd", "bwd"):     # D > 128: small tiles only
         for c in tune.candidates(kind, 256, "bf16"):
             assert all(v <= 64 for n, v in c.items() if n.startswith("block_")), c
@@ -146,8 +143,8 @@ def test_failing_candidates_are_skipped():
     (name,) = tune_files()
     data = json.loads((tune.tune_dir() / name).read_text())
     errs = [t for t in data["timings"] if "error" in t]
-    # (128, 128, 8, 3) is timed twice, as the split and the persistent kernel
-    assert len(errs) == 2 and all("out of resources" in e["error"] for e in errs)
+    # (128, 128, 8, 3) is timed three times, as the split, fused and persistent kernel
+    assert len(errs) == 3 and all("out of resources" in e["error"] for e in errs)
     assert data["config"] == dict(zip(tune.FIELDS["fwd"], (64, 64, 4, 3, "split")))
 
 
@@ -349,7 +346,7 @@ def test_precompile_submits_every_candidate_in_async_mode():
         if chosen(opts) == (128, 128, 8, 3):
             raise RuntimeError("out of resources")
 
-    cands = tune.candidates("fwd", 128, "bf16", strategy="ranges")
+    cands = tune.candidates("fwd", 128, "bf16")
     tune.precompile(cands, {"strategy": "ranges"}, compile_only, workers=2)
     assert seen == [chosen(c) for c in cands]
     assert all(m is not None for m in modes) and _async_compile.active_mode.get() is None
