@@ -14,7 +14,7 @@ environment overrides (see ``codegen/strategy.py`` and ``docs/codegen.md``):
 
 Each configuration gets fresh kernels (environment set, ``runtime.cache.clear_memory()``),
 is checked against a reference computed once per pattern (``o``, ``dq``, ``dk``, ``dv``
-within 2e-2 relative error: torch SDPA in fp32 for ``causal``, a dense masked fp32
+within 2e-2 relative error: torch SDPA in fp32 for ``causal`` and ``full``, a dense masked fp32
 reference on the GPU for the others) and only then timed: median of
 ``triton.testing.do_bench`` (forward, and forward+backward through autograd).  A config
 that fails to compile (e.g. out of shared memory) or to match is reported and skipped.
@@ -135,11 +135,12 @@ def dense_reference(pat, q, k, v, do, scale):
 
 
 def reference(src, pat, q, k, v, do, scale):
-    if src.strip() == "causal":
+    if src.strip() in ("causal", "full"):
         try:
             import torch.nn.functional as F
             qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=src.strip() == "causal",
+                                               scale=scale)
             o.backward(do.float())
             return o.detach(), qf.grad, kf.grad, vf.grad
         except RuntimeError as e:   # no fp32 SDPA backend: the dense reference instead
@@ -166,7 +167,7 @@ def run_config(pat, q, k, v, do, ref, flops_f, *, rep, label, env):
         row["strategy"] = cf.strategy
         row["fwd_cfg"] = [cf.block_m, cf.block_n, cf.num_warps, cf.num_stages, cf.loop]
         row["bwd_cfg"] = [cb.block_m, cb.block_n, cb.block_m2, cb.block_n2, cb.num_warps,
-                          cb.num_stages]
+                          cb.num_stages, cb.loop]
         o = pat(qg, kg, vg)
         o.backward(do)
         sync()

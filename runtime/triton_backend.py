@@ -210,6 +210,60 @@ def _demote_ragged(cls: torch.Tensor, L: int, block: int, axis: int) -> torch.Te
     return cls
 
 
+def _pool(cls: torch.Tensor, fine: tuple, tile: tuple, Lq: int, Lk: int) -> torch.Tensor:
+    """Classes of ``tile = (bm, bn)`` tiles from classes ``cls`` of finer ``fine = (fm, fn)``
+    tiles (``fm | bm``, ``fn | bn``): a tile is EMPTY iff all its sub-tiles are, FULL iff all
+    are (sub-tiles beyond the lengths count as both).  As exact as the fine classes: each
+    class is a statement about every in-range pair of the tile."""
+    (fm, fn), (bm, bn) = fine, tile
+    if (fm, fn) == (bm, bn):
+        return cls
+    rm, rn = bm // fm, bn // fn
+    nq, nk = -(-Lq // bm), -(-Lk // bn)
+    pad = (0, nk * rn - cls.shape[3], 0, nq * rm - cls.shape[2])
+    nonempty = torch.nn.functional.pad(cls != EMPTY, pad, value=False)
+    full = torch.nn.functional.pad(cls == FULL, pad, value=True)
+    shape = (cls.shape[0], cls.shape[1], nq, rm, nk, rn)
+    nonempty = nonempty.view(shape).any(5).any(3)
+    full = full.view(shape).all(5).all(3)
+    return torch.where(full, FULL, nonempty.to(torch.int8)).to(torch.int8)
+
+
+_CLASS_MEMO: "OrderedDict" = None
+CLASS_MEMO_SIZE = 8
+
+
+def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> list:
+    """Tile classes for each ``(bm, bn)`` of ``tiles``, sharing one classification where
+    they can: a shape whose tiles are unions of tiles already classified for the same
+    call (pattern, lengths, offset, inputs by identity and version: the forward's, say) is
+    pooled from them (:func:`_pool`); the others are pooled from one classification at
+    their common divisor tile.  The backward needs two tile shapes (dQ, dK/dV), the
+    forward one: a training step classifies once or twice instead of three times."""
+    import math
+    from collections import OrderedDict
+    global _CLASS_MEMO
+    if _CLASS_MEMO is None:
+        _CLASS_MEMO = OrderedDict()
+    key = _memo_key(pattern, "classes", Lq, Lk, (), B, H, q_offset, device, inputs)
+    have = _CLASS_MEMO.get(key, (None, {}))[1]
+
+    def known(t):
+        return next((f for f in have if t[0] % f[0] == 0 and t[1] % f[1] == 0), None)
+
+    missing = [t for t in tiles if known(t) is None]
+    if missing:
+        g = (math.gcd(*(t[0] for t in missing)), math.gcd(*(t[1] for t in missing)))
+        have = dict(have)
+        have[g] = _classify(pattern, Lq, Lk, g[0], g[1], H=H, B=B, q_offset=q_offset,
+                            device=device, inputs=inputs)
+        _CLASS_MEMO[key] = (tuple((inputs or {}).values()), have)
+        while len(_CLASS_MEMO) > CLASS_MEMO_SIZE:
+            _CLASS_MEMO.popitem(last=False)
+    _CLASS_MEMO.move_to_end(key)
+    return [_pool(have[known(t)], known(t), t, Lq, Lk) for t in tiles]
+
+
 def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inputs,
                tables="auto"):
     """What the forward launcher of the table strategy builds for a new shape (then
@@ -217,8 +271,8 @@ def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inp
     spans or CSR lists of key tiles per query tile (``tables``: see :data:`TABLE_MODES`),
     the heavy-first order and whether spans are used.  ``benchmarks/bench.py`` times
     exactly this as the setup cost of a shape."""
-    cls = _classify(pattern, Lq, Lk, block_m, block_n, H=H, B=B, q_offset=q_offset,
-                    device=device, inputs=inputs)
+    (cls,) = _classes(pattern, Lq, Lk, [(block_m, block_n)], B=B, H=H, q_offset=q_offset,
+                      device=device, inputs=inputs)
     return _table(_demote_ragged(cls, Lk, block_n, 3), -(-Lq // block_m), tables)
 
 
@@ -226,15 +280,14 @@ def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs, table
     """What the backward launcher of the table strategy builds for a new shape: the dQ
     tables over (BLOCK_M2, BLOCK_N2) tiles and the transposed dK/dV tables over
     (BLOCK_M1, BLOCK_N1) tiles (``blocks = (m1, n1, m2, n2)``), each as :func:`_table`
-    returns them (spans or CSR chosen per kernel)."""
+    returns them (spans or CSR chosen per kernel).  The classes come from
+    :func:`_classes`: after the forward of the same call, often without classifying."""
     m1, n1, m2, n2 = blocks
+    cls2, cls1 = _classes(pattern, Lq, Lk, [(m2, n2), (m1, n1)], B=B, H=H, q_offset=q_offset,
+                          device=device, inputs=inputs)
     # dQ: rows = query tiles of BLOCK_M2, columns = key tiles of BLOCK_N2
-    cls2 = _classify(pattern, Lq, Lk, m2, n2, H=H, B=B, q_offset=q_offset, device=device,
-                     inputs=inputs)
     tq = _table(_demote_ragged(cls2, Lk, n2, 3), -(-Lq // m2), tables)
     # dK/dV: the transpose of the (BLOCK_M1, BLOCK_N1) classes
-    cls1 = cls2 if (m1, n1) == (m2, n2) else _classify(
-        pattern, Lq, Lk, m1, n1, H=H, B=B, q_offset=q_offset, device=device, inputs=inputs)
     nk1 = -(-Lk // n1)
     tab_k, (order_k, _, _), spans_k = _table(_demote_ragged(cls1, Lq, m1, 2).transpose(2, 3),
                                              nk1, tables)

@@ -1,0 +1,122 @@
+"""Tile classes shared between tile shapes (``runtime/triton_backend.py``: ``_pool``,
+``_classes``): coarse classes pooled from a finer classification are sound against the
+dense mask and at least as precise as classifying the coarse tiles directly; a training
+step classifies once per tile shape that no earlier classification divides.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spattn.ir.tiles import EMPTY, FULL, PARTIAL
+from spattn.runtime import triton_backend as tb
+
+from ._triton_helpers import block_table, compile_pattern, doc_ids
+
+PATTERNS = [
+    ("causal", "causal", None),
+    ("window_sink", "causal & (window(13) | sink(4))", None),
+    ("dilated", "dilated(5, 3)", None),
+    ("documents", "causal & same(doc)", lambda g, L: {"doc": doc_ids(L, 4, g)}),
+    ("unsorted", "causal & same(doc)", lambda g, L: {"doc": torch.randint(0, 3, (L,), generator=g)}),
+    ("blocks", "blocks[q // 8, k // 8]",
+     lambda g, L: {"blocks": block_table(-(-L // 8), -(-L // 8), g, density=0.3)}),
+    ("per_head", "causal & q - k < [6, 20][h]", None),
+]
+
+
+def truth(pat, Lq, Lk, bm, bn, H, q_offset, inputs):
+    """Tile classes from the dense mask (the oracle)."""
+    m = pat.mask(Lq, Lk, num_heads=H, q_offset=q_offset, **inputs).expand(1, H, Lq, Lk)
+    nq, nk = -(-Lq // bm), -(-Lk // bn)
+    got = torch.zeros(1, H, nq * bm, nk * bn, dtype=torch.int32)
+    valid = torch.zeros_like(got)
+    got[..., :Lq, :Lk] = m.to(torch.int32)
+    valid[..., :Lq, :Lk] = 1
+    t = got.view(1, H, nq, bm, nk, bn).sum((3, 5))
+    v = valid.view(1, H, nq, bm, nk, bn).sum((3, 5))
+    return torch.where(t == 0, EMPTY, torch.where(t == v, FULL, PARTIAL)).to(torch.int8)
+
+
+@given(st.sampled_from(PATTERNS), st.integers(1, 120), st.integers(1, 120),
+       st.sampled_from([8, 16]), st.sampled_from([8, 16]), st.sampled_from([1, 2, 4]),
+       st.sampled_from([1, 2, 4]), st.one_of(st.none(), st.integers(-40, 40)),
+       st.integers(0, 2 ** 31 - 1))
+def test_pooled_classes_sound_and_precise(case, Lq, Lk, fm, fn, rm, rn, q_offset, seed):
+    name, src, mk = case
+    pat = compile_pattern(src)
+    gen = torch.Generator().manual_seed(seed)
+    off = Lk - Lq if q_offset is None else q_offset
+    if mk:      # inputs indexed by q and k: positions must be >= 0 and within the input
+        off = max(off, 0)
+    inputs = mk(gen, max(Lq + off, Lk)) if mk else {}
+    kw = dict(H=2, B=1, q_offset=off, device="cpu", inputs=inputs)
+    fine = tb._classify(pat, Lq, Lk, fm, fn, **kw)
+    bm, bn = fm * rm, fn * rn
+    pooled = tb._pool(fine, (fm, fn), (bm, bn), Lq, Lk).expand(1, 2, -1, -1)
+    direct = tb._classify(pat, Lq, Lk, bm, bn, **kw).expand(1, 2, -1, -1)
+    want = truth(pat, Lq, Lk, bm, bn, 2, off, inputs)
+    assert pooled.shape == want.shape and pooled.dtype == torch.int8
+    decided = pooled != PARTIAL
+    assert torch.equal(pooled[decided], want[decided]), f"{name}: pooled class unsound"
+    surely = direct != PARTIAL
+    assert torch.equal(pooled[surely], direct[surely]), f"{name}: pooled less precise"
+
+
+def test_pool_is_exact_for_exact_fine_classes():
+    """Pooling exact fine classes gives the exact coarse classes (ragged edges included)."""
+    pat = compile_pattern("causal & (window(13) | sink(4))")
+    for Lq, Lk in ((100, 100), (37, 90), (90, 37)):
+        off = Lk - Lq
+        fine = truth(pat, Lq, Lk, 8, 8, 1, off, {})
+        for bm, bn in ((16, 8), (8, 32), (32, 32)):
+            assert torch.equal(tb._pool(fine, (8, 8), (bm, bn), Lq, Lk),
+                               truth(pat, Lq, Lk, bm, bn, 1, off, {}))
+
+
+@pytest.fixture
+def count_classify(monkeypatch):
+    calls = []
+    classify = tb._classify
+
+    def spy(pattern, Lq, Lk, bm, bn, **kw):
+        calls.append((bm, bn))
+        return classify(pattern, Lq, Lk, bm, bn, **kw)
+    monkeypatch.setattr(tb, "_classify", spy)
+    monkeypatch.setattr(tb, "_CLASS_MEMO", None)
+    return calls
+
+
+def test_training_step_shares_classifications(count_classify):
+    pat = compile_pattern("causal & same(doc)")
+    doc = {"doc": doc_ids(300, 5, torch.Generator().manual_seed(1))}
+    kw = dict(B=1, H=2, q_offset=0, device="cpu", inputs=doc)
+    tb.fwd_tables(pat, 300, 300, 32, 16, **kw)
+    tb.bwd_tables(pat, 300, 300, (16, 32, 32, 16), **kw)     # dQ tiles are the forward's
+    assert count_classify == [(32, 16), (16, 32)]
+    count_classify.clear()
+    tb.bwd_tables(pat, 300, 300, (16, 64, 64, 16), **kw)     # both pooled from those
+    assert count_classify == []
+    # a new input tensor (even with equal values) is classified again
+    doc2 = {"doc": doc["doc"].clone()}
+    tb.bwd_tables(pat, 300, 300, (16, 32, 64, 16), **dict(kw, inputs=doc2))
+    assert count_classify == [(16, 16)]                      # one call at the common divisor
+
+
+def test_shared_classes_equal_direct(count_classify):
+    """Tables built from shared classes equal those of a fresh classification."""
+    pat = compile_pattern("causal & same(doc)")
+    doc = {"doc": doc_ids(300, 5, torch.Generator().manual_seed(2))}
+    kw = dict(B=1, H=2, q_offset=7, device="cpu", inputs=doc)
+    a = tb.bwd_tables(pat, 293, 300, (16, 64, 64, 16), **kw)
+    tb._CLASS_MEMO = None
+    b = tb.bwd_tables(pat, 293, 300, (16, 64, 64, 16), **dict(kw, tables="csr"))
+    tb._CLASS_MEMO = None
+    c = tb.bwd_tables(pat, 293, 300, (64, 64, 64, 64), **dict(kw, tables="csr"))
+    assert len(count_classify) == 3
+    spans_a = a[0][0][4]
+    spans_direct = tb._spans(tb._demote_ragged(
+        tb._classify(pat, 293, 300, 64, 16, **kw), 300, 16, 3))[0]
+    assert torch.equal(spans_a[..., :-1, :], spans_direct)
+    assert b[1][2] is False and c[1][2] is False
