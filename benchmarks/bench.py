@@ -143,8 +143,9 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     row["strategy"] = pick(pat, "fwd", head_dim=D, dtype=dtype).strategy
     # setup: what a new shape costs (kernel already compiled), timed through the launchers'
     # own builders: for the table strategy the tile classes (shared by the heads unless the
-    # pattern is per head, as the launcher does) and CSR lists of the forward ("setup_ms"),
-    # plus those of the backward ("setup_train_ms": what a training step pays; Flex's
+    # pattern is per head, as the launcher does) and spans or CSR lists of the forward
+    # ("setup_ms"), plus those of the backward, which share the forward's classification where
+    # its tiles divide theirs ("setup_train_ms": what a training step pays; Flex's
     # create_block_mask also builds both directions); for closed-form ranges the per-tile
     # bounds used to order the grid (the kernel computes its own loop bounds)
     from spattn.runtime import triton_backend as tb
@@ -152,6 +153,7 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
 
     def setup(train):
         if row["strategy"] == "table":
+            tb._CLASS_MEMO = None           # a new shape or input: nothing classified yet
             kw = dict(B=1, H=H, q_offset=0, device=q.device, inputs=inputs)
             tb.fwd_tables(pat, N, N, 128, 64, **kw)
             if train:
