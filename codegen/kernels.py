@@ -51,7 +51,7 @@ from ..ir.nodes import BoolConst, Node, Var
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "7"
+CODEGEN_VERSION = "6"
 
 
 # ------------------------------------------------------------------ helpers
@@ -718,12 +718,10 @@ DKDV_RANGE = '''
 def @@FN@@(
     b_dk, b_dv, b_k, b_v, o_k,
     Q, DO, LSE2, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
-    DQA, stride_dqa_m, sm_scale,
     sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset,@@EXTRA@@
     COLS, start, end,
     MASKED: tl.constexpr, TABLE: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     """Query tiles [start, end) (tile indices, or CSR slots when TABLE) of one key tile.
 
@@ -770,11 +768,6 @@ def @@FN@@(
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk, input_precision=DOT_PREC)
-        if ATOMIC_DQ:
-            # dQ += scale * dS K for these queries, summed over key tiles in fp32 atomics
-            b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=DOT_PREC)
-            tl.atomic_add(DQA + o_m[:, None] * stride_dqa_m + o_d[None, :], b_dq * sm_scale,
-                          mask=(o_m[:, None] < Lq) & m_d[None, :], sem="relaxed")
     return b_dk, b_dv
 '''
 
@@ -783,11 +776,9 @@ DKDV_FUSED = '''
 def @@FN@@(
     b_dk, b_dv, b_k, b_v, o_k,
     Q, DO, LSE2, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
-    DQA, stride_dqa_m, sm_scale,
     sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset,@@EXTRA@@
     start, end, full_start, full_end,
     BLOCK_M1: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     """Query tiles [start, end) of one key tile in one loop (one pipeline fill).
 
@@ -820,11 +811,6 @@ def @@FN@@(
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk, input_precision=DOT_PREC)
-        if ATOMIC_DQ:
-            # dQ += scale * dS K for these queries, summed over key tiles in fp32 atomics
-            b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=DOT_PREC)
-            tl.atomic_add(DQA + o_m[:, None] * stride_dqa_m + o_d[None, :], b_dq * sm_scale,
-                          mask=(o_m[:, None] < Lq) & m_d[None, :], sem="relaxed")
     return b_dk, b_dv
 '''
 
@@ -837,12 +823,11 @@ def @@FN@@(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    DQA, stride_dqa_bh, stride_dqa_m,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
     ORDER, stride_order_b, stride_order_h,
     sm_scale, sm_scale_log2, H, HK, GROUP, Lq, Lk, q_offset,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,@@TABLE_CONSTS@@
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,@@TABLE_CONSTS@@
 ):
     """dK, dV of one key tile (BLOCK_N1 keys) of one (batch, key head).
 
@@ -852,9 +837,7 @@ def @@FN@@(
     tile: gradients are summed in registers and stored once (deterministic: each
     element of dK, dV is written by exactly one program).
     LSE is [B, H, Lq] fp32 in log2 units with fully masked rows at +inf; DELTA is
-    [B, H, Lq] fp32.  ATOMIC_DQ: the program also adds scale * dS K into the fp32 dQ
-    accumulator DQA [B * H, Lq, D] (atomics: the summation order varies between runs),
-    and the dQ kernel is not launched.
+    [B, H, Lq] fp32.
     """
     tl.static_assert(BLOCK_M1 % 16 == 0)
     tl.static_assert(BLOCK_N1 % 16 == 0)
@@ -883,7 +866,6 @@ def @@FN@@(
         p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
         p_lse2 = LSE + (i_b * H + i_h).to(tl.int64) * Lq
         p_delta = DELTA + (i_b * H + i_h).to(tl.int64) * Lq
-        p_dqa = DQA + (i_b * H + i_h).to(tl.int64) * stride_dqa_bh
 @@INPUT_BASES@@
 @@HOIST@@
 @@SCHEDULE@@
@@ -1077,20 +1059,17 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     pred_t = _ind("\n".join(em_t.inner), 12) if em_t is not None else " " * 12 + "m_pattern = True"
     extra_p, extra_a = _extra_args(em_t, inputs)
     call = (f"b_dk, b_dv = {names['dkdv_range']}(b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, "
-            f"p_delta, stride_qm, stride_qd, stride_dom, stride_dod, p_dqa, stride_dqa_m, "
-            f"sm_scale, sm_scale_log2, i_b, i_h, "
+            f"p_delta, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, "
             f"Lq, Lk, H, q_offset, {extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, "
             f"TABLE=@@TABLE@@, BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, "
-            f"DOT_PREC=DOT_PREC, ATOMIC_DQ=ATOMIC_DQ)")
+            f"DOT_PREC=DOT_PREC)")
     fused = config.loop == "fused"
     fc = None
     if fused:
         fc = (f"b_dk, b_dv = {names['dkdv_fused']}(b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, "
-              f"p_delta, stride_qm, stride_qd, stride_dom, stride_dod, p_dqa, stride_dqa_m, "
-              f"sm_scale, sm_scale_log2, i_b, i_h, "
+              f"p_delta, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, "
               f"Lq, Lk, H, q_offset, {extra_a}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
-              f"BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, "
-              f"ATOMIC_DQ=ATOMIC_DQ)")
+              f"BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     ks = ""
     if config.strategy == "ranges":
         cols = closed_form.cols

@@ -38,7 +38,7 @@ from . import tune as _tune
 LOG2E = 1.4426950408889634
 
 _OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
-                 "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables", "dq")
+                 "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables")
 
 
 def _opts(options: dict, kind: str) -> dict:
@@ -167,22 +167,6 @@ def _table_mode(opts: dict) -> str:
     mode = (opts.get("tables") or os.environ.get("SPATTN_TABLES") or "auto").strip().lower()
     if mode not in TABLE_MODES:
         raise ValueError(f"tables / SPATTN_TABLES={mode!r}: expected one of {TABLE_MODES}")
-    return mode
-
-
-#: ``dq`` launcher option / ``$SPATTN_BWD_DQ``: how the backward computes dQ.  "separate"
-#: (default): its own kernel, recomputing the scores and dP per (query tile, key tile):
-#: deterministic, 7 matrix products per tile pair.  "atomic": the dK/dV kernel adds
-#: scale * dS K into an fp32 accumulator with atomics (FlashAttention-2): 5 products, but the
-#: summation order, hence the last bits of dQ, vary between runs.
-DQ_MODES = ("separate", "atomic")
-
-
-def _dq_mode(opts: dict) -> str:
-    import os
-    mode = (opts.get("dq") or os.environ.get("SPATTN_BWD_DQ") or "separate").strip().lower()
-    if mode not in DQ_MODES:
-        raise ValueError(f"dq / SPATTN_BWD_DQ={mode!r}: expected one of {DQ_MODES}")
     return mode
 
 
@@ -577,26 +561,17 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
                                 length=Lk, shift=q_offset, query=False, device=dev, H=H)
         oqb = oqh = okb = okh = 0
 
-    atomic = _dq_mode(opts) == "atomic"
+    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=dev)
     dk = torch.empty((B, HK, Lk, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HK, Lk, D), dtype=v.dtype, device=dev)
-    if atomic:      # fp32 accumulator of the dK/dV kernel's atomic adds
-        dqa = torch.zeros((B * H, Lq, D), dtype=torch.float32, device=dev)
-        dqa_strides = (dqa.stride(0), dqa.stride(1))
-    else:
-        dqa, dqa_strides = delta, (0, 0)
     _launch(
         mod.DKDV, (B * HK, nk1), warmup, q, k, v, do, lse2, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        dqa, *dqa_strides,
         *in_args, *tab_k,
         order_k, okb, okh,
         scale, scale * LOG2E, H, HK, G, Lq, Lk, q_offset,
-        BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, ATOMIC_DQ=atomic, **kw, **kw_k,
+        BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, **kw, **kw_k,
     )
-    if atomic:
-        return dqa.view(B, H, Lq, D).to(q.dtype), dk, dv
-    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=dev)
     _launch(
         mod.DQ, (B * H, nq2), warmup, q, k, v, do, lse2, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),

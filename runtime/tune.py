@@ -169,12 +169,10 @@ def _capturing() -> bool:
 # --------------------------------------------------------------------- key
 
 def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
-               strategy: str, closed_form=None, dq: str = "separate") -> dict:
-    """Everything a tuning choice depends on (its file is named after their hash);
-    ``dq``: the backward's dQ mode (``SPATTN_BWD_DQ``), a different kernel mix to tune."""
+               strategy: str, closed_form=None) -> dict:
+    """Everything a tuning choice depends on (its file is named after their hash)."""
     from ..codegen.kernels import CODEGEN_VERSION
-    extra = {"dq": dq} if kind == "bwd" and dq != "separate" else {}
-    return {**extra,
+    return {
         "source": pattern.source,
         "inputs": sorted([n, int(d)] for n, d in pattern.inputs.items()),
         "kind": kind,
@@ -356,11 +354,10 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
     ``compile_only``: see :func:`tune`."""
     if not enabled(device) or explicit(kind, options):
         return options
-    dq = (options.get("dq") or os.environ.get("SPATTN_BWD_DQ") or "separate").strip().lower()
     raw = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, int(head_dim),
            str(dtype), str(device), _strategy.next_pow2(Lq), _strategy.next_pow2(Lk),
            tuple(sorted((k, str(v)) for k, v in options.items())),
-           os.environ.get("SPATTN_STRATEGY"), dq)
+           os.environ.get("SPATTN_STRATEGY"))
     with _lock:
         key = _fast.get(raw)
         hit = None if key is None else _memory.get(key)
@@ -372,7 +369,7 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
                                       device=device, **options)
         return key_fields(pattern, kind, head_dim=head_dim, dtype=dtype, device=device,
                           Lq=Lq, Lk=Lk, strategy=config.strategy,
-                          closed_form=options.get("closed_form"), dq=dq)
+                          closed_form=options.get("closed_form"))
 
     with _lock:
         fields = None

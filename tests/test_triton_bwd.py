@@ -209,38 +209,3 @@ def test_gradients_fused(monkeypatch, name, src, inputs_fn, cf_factory, kw, stra
         cache.clear_memory()
     assert [c.loop for kind, c in seen if kind == "bwd"] == ["fused"]
     assert bwd and all("= _dkdv_fused_" in s and "= _dq_fused_" in s for s in bwd)
-
-
-# ------------------------------------- dQ by atomics in the dK/dV kernel (SPATTN_BWD_DQ)
-
-@pytest.mark.parametrize("loop", ["split", "fused"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("name,src,inputs_fn,cf_factory,kw", CASES, ids=[_id(c) for c in CASES])
-def test_gradients_atomic_dq(monkeypatch, name, src, inputs_fn, cf_factory, kw, strategy, loop):
-    """dQ accumulated by the dK/dV kernel (fp32 atomics, GQA heads included); the dQ kernel
-    is not launched."""
-    from spattn.runtime import cache
-    monkeypatch.setenv("SPATTN_BWD_DQ", "atomic")
-    monkeypatch.setenv("SPATTN_BWD_LOOP", loop)
-    cache.clear_memory()
-    launched = []
-    launch = tb._launch
-
-    def spy(kernel, grid, warmup, *a, **k):
-        launched.append(kernel.__name__)
-        return launch(kernel, grid, warmup, *a, **k)
-    monkeypatch.setattr(tb, "_launch", spy)
-    try:
-        run_bwd(src, strategy=strategy, inputs_fn=inputs_fn, cf_factory=cf_factory,
-                seed=sum(map(ord, name)) + 17, **kw)
-    finally:
-        cache.clear_memory()
-    bwd = [n for n in launched if n.startswith("attn_bwd")]
-    assert any(n.startswith("attn_bwd_dkdv") for n in bwd)
-    assert not any(n.startswith("attn_bwd_dq") for n in bwd)
-
-
-def test_atomic_dq_mode_checked(monkeypatch):
-    monkeypatch.setenv("SPATTN_BWD_DQ", "atomics")
-    with pytest.raises(ValueError, match="SPATTN_BWD_DQ"):
-        run_bwd("causal", strategy="table", Lq=20, seed=1)

@@ -359,18 +359,3 @@ def test_precompile_submits_every_candidate_in_async_mode():
     assert chosen(best) == (64, 64, 4, 3)
     assert compiled == [chosen(c) for c in tune.candidates("fwd", 128, "bf16")]
     assert len(timings) == len(compiled)
-
-
-def test_atomic_dq_tuned_separately(monkeypatch):
-    """SPATTN_BWD_DQ=atomic runs a different kernel mix: its own choice and file."""
-    fake = Fake("bwd", {(64, 128, 128, 64, 8, 3): 2.0, (64, 128, 128, 32, 8, 2): 1.5})
-    assert chosen(call(fake, kind="bwd"), "bwd") == (64, 128, 128, 32, 8, 2)
-    assert len(tune_files()) == 1
-    fake_atomic = Fake("bwd", {(64, 64, 64, 64, 4, 3): 1.0})
-    monkeypatch.setenv("SPATTN_BWD_DQ", "atomic")
-    assert chosen(call(fake_atomic, kind="bwd"), "bwd") == (64, 64, 64, 64, 4, 3)
-    assert len(tune_files()) == 2 and fake_atomic.runs
-    monkeypatch.delenv("SPATTN_BWD_DQ")
-    n = len(fake.runs)
-    assert chosen(call(fake, kind="bwd"), "bwd") == (64, 128, 128, 32, 8, 2)
-    assert len(fake.runs) == n                       # the separate choice is remembered
