@@ -260,7 +260,8 @@ def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> list:
         _CLASS_MEMO[key] = (tuple((inputs or {}).values()), have)
         while len(_CLASS_MEMO) > CLASS_MEMO_SIZE:
             _CLASS_MEMO.popitem(last=False)
-    _CLASS_MEMO.move_to_end(key)
+    if key in _CLASS_MEMO:
+        _CLASS_MEMO.move_to_end(key)
     return [_pool(have[known(t)], known(t), t, Lq, Lk) for t in tiles]
 
 
