@@ -565,6 +565,18 @@ def _extra_args(em, inputs) -> tuple[str, str]:
     return text, ", ".join(names) + ", "
 
 
+def _inner_fns(fused_tpl: str, range_tpl: str, fused_name: str, range_name: str, config,
+               extra: str, pred: str, *, fused: bool) -> str:
+    """The tile-loop function(s) a kernel calls: the fused loop (``fused``) and/or the
+    per-sub-range loop (split schedules and the table's CSR lists)."""
+    out = []
+    if fused:
+        out.append(_fill(fused_tpl, FN=fused_name, EXTRA=extra, PRED=pred))
+    if not fused or config.strategy == "table":
+        out.append(_fill(range_tpl, FN=range_name, EXTRA=extra, PRED=pred))
+    return "\n".join(out)
+
+
 def render_fwd(pattern, config, key: str, closed_form=None) -> str:
     names = _names(pattern, key[:6])
     inputs = dict(pattern.inputs)
@@ -607,13 +619,8 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
         schedule = _ind("\n".join(sched), 4)
         table_params = TABLE_PARAMS
 
-    inner_fns = []
-    if fused:
-        inner_fns.append(_fill(FWD_FUSED, FN=names["fwd_fused"], EXTRA=extra_params,
-                               PRED=pred_code))
-    if not fused or config.strategy == "table":     # the table's CSR lists
-        inner_fns.append(_fill(FWD_RANGE, FN=names["fwd_range"], EXTRA=extra_params,
-                               PRED=pred_code))
+    inner_fn = _inner_fns(FWD_FUSED, FWD_RANGE, names["fwd_fused"], names["fwd_range"],
+                          config, extra_params, pred_code, fused=fused)
     hoist = ""
     if em is not None and em.outer:
         hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
@@ -636,7 +643,7 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
         parts.append(HELPERS)
     if config.strategy == "ranges":
         parts.append(RANGE_HELPERS)
-    parts += inner_fns
+    parts.append(inner_fn)
     parts.append(kernel)
     parts.append(f"\nKERNEL = {names['fwd']}\n")
     return _tidy("\n".join(parts))
@@ -1025,18 +1032,6 @@ def @@FN@@(
 '''
 
 
-def _inner_fns(fused_tpl: str, range_tpl: str, fused_name: str, range_name: str, config,
-               extra: str, pred: str) -> str:
-    """The tile-loop function(s) a backward kernel calls: the fused loop (``loop="fused"``)
-    and/or the per-sub-range loop (split schedules and the table's CSR lists)."""
-    out = []
-    if config.loop == "fused":
-        out.append(_fill(fused_tpl, FN=fused_name, EXTRA=extra, PRED=pred))
-    if config.loop != "fused" or config.strategy == "table":
-        out.append(_fill(range_tpl, FN=range_name, EXTRA=extra, PRED=pred))
-    return "\n".join(out)
-
-
 def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     """The backward module: preprocess, dK/dV (transposed schedule) and dQ kernels.
 
@@ -1091,7 +1086,7 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
         hoist_t = _ind("# -- predicate terms that do not depend on q: once per (program, head) --\n"
                        + "\n".join(em_t.outer), 8)
     dkdv_inner = _inner_fns(DKDV_FUSED, DKDV_RANGE, names["dkdv_fused"], names["dkdv_range"],
-                            config, extra_p, pred_t)
+                            config, extra_p, pred_t, fused=fused)
     table_consts = TABLE_CONSTS if config.strategy == "table" else ""
     dkdv = _fill(DKDV_KERNEL, FN=names["dkdv"], INPUT_PARAMS=input_params,
                  TABLE_PARAMS=table_params, TABLE_CONSTS=table_consts, KS=ks,
@@ -1133,7 +1128,7 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
         hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
                      + "\n".join(em.outer), 4)
     dq_inner = _inner_fns(DQ_FUSED, DQ_RANGE, names["dq_fused"], names["dq_range"], config,
-                          extra_p, pred)
+                          extra_p, pred, fused=fused)
     dq = _fill(DQ_KERNEL, FN=names["dq"], INPUT_PARAMS=input_params, TABLE_PARAMS=table_params,
                TABLE_CONSTS=table_consts,
                INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4), HOIST=hoist,
