@@ -118,21 +118,23 @@ def _squeeze_lead(t: torch.Tensor, nd: int, per_b: bool, per_h: bool) -> torch.T
 
 def _csr(sel: torch.Tensor):
     """``ir.tables.csr`` of a bool ``[B', H', n, m]`` as kernel arguments: the flat row
-    pointers (``n + 1`` per (b, h)), the column indices (never empty: a kernel argument
-    needs storage) and the entries per row."""
+    pointers (``n + 1`` per (b, h)) and the column indices (never empty: a kernel argument
+    needs storage)."""
     from ..ir.tables import csr
     ptr, idx = csr(sel)
     if idx.numel() == 0:
         idx = torch.zeros(1, dtype=torch.int32, device=sel.device)
-    return ptr.reshape(-1), idx, sel.sum(-1, dtype=torch.int64)
+    return ptr.reshape(-1), idx
 
 
 def _spans(cls: torch.Tensor):
     """Per row of ``cls [B', H', n, m]``: ``[lo, hi, flo, fhi]`` int32 ``[B', H', n, 4]`` --
     the span ``[lo, hi)`` from the first to the last non-EMPTY tile and, inside it, the
-    longest run ``[flo, fhi)`` of FULL tiles (``flo = fhi = hi`` without one) -- and the
-    *waste* of visiting every tile of ``[lo, hi)`` with only ``[flo, fhi)`` unmasked: the
-    EMPTY tiles inside the span plus the FULL tiles outside the run, summed over all rows.
+    longest run ``[flo, fhi)`` of FULL tiles (``flo = fhi = hi`` without one) --, the
+    *waste* of visiting every tile of ``[lo, hi)`` with only ``[flo, fhi)`` unmasked (the
+    EMPTY tiles inside the span plus the FULL tiles outside the run, summed over all rows),
+    and each row's work ``[B', H', n]`` for the heavy-first order: its non-EMPTY tiles,
+    PARTIAL ones counted twice (they evaluate the predicate).
 
     A kernel that runs ``[lo, flo)`` and ``[fhi, hi)`` with the predicate and ``[flo, fhi)``
     without is correct for any classes (an EMPTY tile under the predicate contributes
@@ -151,9 +153,10 @@ def _spans(cls: torch.Tensor):
     fhi = torch.where(best > 0, at + 1, hi)
     flo = fhi - best
     count = ne.sum(-1, dtype=torch.int32)
-    waste = (hi - lo - count) + (full.sum(-1, dtype=torch.int32) - best)
+    n_full = full.sum(-1, dtype=torch.int32)
+    waste = (hi - lo - count) + (n_full - best)
     spans = torch.stack([lo, hi, flo, fhi], dim=-1).to(torch.int32)
-    return spans, waste.sum()
+    return spans, waste.sum(), 2 * count - n_full
 
 
 #: ``tables`` launcher option / ``$SPATTN_TABLES``: how the table strategy's kernels find
@@ -178,19 +181,10 @@ def _table(cls: torch.Tensor, n_rows: int, mode: str = "auto"):
     of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]``, all indexed by
     row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a stand-in."""
     Bp, Hp = cls.shape[0], cls.shape[1]
-    spans, waste = _spans(cls)
+    spans, waste, work = _spans(cls)
     use_spans = mode == "spans" or (mode == "auto" and int(waste) == 0)   # one device read
     spans = torch.nn.functional.pad(spans, (0, 0, 0, 1)).contiguous()    # row n: padding
-    if use_spans:
-        count = (cls != EMPTY).sum(-1, dtype=torch.int64)
-        nf = (cls == FULL).sum(-1, dtype=torch.int64)
-        work = 2 * count - nf                      # PARTIAL tiles cost more (predicate)
-        csr = [spans] * 4
-    else:
-        rp, cp, np_ = _csr(cls == PARTIAL)
-        rf, cf, nf = _csr(cls == FULL)
-        work = 2 * np_ + nf
-        csr = [rp, cp, rf, cf]
+    csr = [spans] * 4 if use_spans else [*_csr(cls == PARTIAL), *_csr(cls == FULL)]
     order = torch.argsort(-work, dim=-1, stable=True).to(torch.int32).contiguous()
     # the kernel reads row (b, h, i) at b * sb + h * sh + i of the flat pointers
     sb = Hp * (n_rows + 1) if Bp > 1 else 0

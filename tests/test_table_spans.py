@@ -44,14 +44,17 @@ def _brute(row):
 def test_spans_match_definition(Bn, H, n, m, seed):
     gen = torch.Generator().manual_seed(seed)
     cls = torch.randint(0, 3, (Bn, H, n, m), generator=gen).to(torch.int8)
-    spans, waste = tb._spans(cls)
+    spans, waste, work = tb._spans(cls)
     assert spans.shape == (Bn, H, n, 4) and spans.dtype == torch.int32
+    assert work.shape == (Bn, H, n)
     total = 0
     for b in range(Bn):
         for h in range(H):
             for i in range(n):
-                lo, hi, flo, fhi, w = _brute(cls[b, h, i].tolist())
+                row = cls[b, h, i].tolist()
+                lo, hi, flo, fhi, w = _brute(row)
                 assert spans[b, h, i].tolist() == [lo, hi, flo, fhi]
+                assert int(work[b, h, i]) == 2 * row.count(PARTIAL) + row.count(FULL)
                 assert lo <= flo <= fhi <= hi
                 total += w
     assert int(waste) == total
@@ -67,7 +70,7 @@ def test_zero_waste_spans_visit_the_csr_tiles(n, m, seed):
         a, b, c, d = sorted(torch.randint(0, m + 1, (4,), generator=gen).tolist())
         cls[0, 0, i, a:d] = PARTIAL
         cls[0, 0, i, b:c] = FULL
-    spans, waste = tb._spans(cls)
+    spans, waste, _ = tb._spans(cls)
     assert int(waste) == 0
     for i in range(n):
         lo, hi, flo, fhi = spans[0, 0, i].tolist()
