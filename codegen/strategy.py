@@ -151,6 +151,14 @@ def env_overrides(kind: str = "fwd") -> tuple:
     return tuple((n, os.environ[n]) for n in ENV_VARS[kind] if os.environ.get(n))
 
 
+def choice(value, name: str, env: str, allowed: tuple) -> str:
+    """A named option from its argument, else ``$env``, else ``allowed[0]``; checked."""
+    v = (value or os.environ.get(env) or allowed[0]).strip().lower()
+    if v not in allowed:
+        raise ValueError(f"{name} / {env}={v!r}: expected one of {allowed}")
+    return v
+
+
 def _pow2_check(**blocks):
     for name, v in blocks.items():
         if v < 16 or v & (v - 1):
@@ -183,9 +191,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
         ns = (num_stages or _env_int("SPATTN_BWD_STAGES") or _env_int("SPATTN_NUM_STAGES")
               or ns)
         _pow2_check(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
-        loop = (loop or os.environ.get("SPATTN_BWD_LOOP") or "split").strip().lower()
-        if loop not in BWD_LOOPS:
-            raise ValueError(f"loop / SPATTN_BWD_LOOP={loop!r}: expected one of {BWD_LOOPS}")
+        loop = choice(loop, "loop", "SPATTN_BWD_LOOP", BWD_LOOPS)
         return KernelConfig(strategy, int(m1), int(n1), next_pow2(head_dim), int(nw), int(ns),
                             dt, int(m2), int(n2), loop=loop)
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret)
@@ -194,9 +200,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     nw = num_warps or _env_int("SPATTN_FWD_WARPS") or _env_int("SPATTN_NUM_WARPS") or nw
     ns = num_stages or _env_int("SPATTN_FWD_STAGES") or _env_int("SPATTN_NUM_STAGES") or ns
     _pow2_check(block_m=bm, block_n=bn)
-    loop = (loop or os.environ.get("SPATTN_FWD_LOOP") or "split").strip().lower()
-    if loop not in FWD_LOOPS:
-        raise ValueError(f"loop / SPATTN_FWD_LOOP={loop!r}: expected one of {FWD_LOOPS}")
+    loop = choice(loop, "loop", "SPATTN_FWD_LOOP", FWD_LOOPS)
     return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt,
                         loop=loop)
 

@@ -166,11 +166,8 @@ TABLE_MODES = ("auto", "csr", "spans")
 
 
 def _table_mode(opts: dict) -> str:
-    import os
-    mode = (opts.get("tables") or os.environ.get("SPATTN_TABLES") or "auto").strip().lower()
-    if mode not in TABLE_MODES:
-        raise ValueError(f"tables / SPATTN_TABLES={mode!r}: expected one of {TABLE_MODES}")
-    return mode
+    from ..codegen.strategy import choice
+    return choice(opts.get("tables"), "tables", "SPATTN_TABLES", TABLE_MODES)
 
 
 def _table(cls: torch.Tensor, n_rows: int, mode: str = "auto"):
