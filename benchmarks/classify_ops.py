@@ -9,7 +9,8 @@ and every host synchronisation drains the queue. This script counts both on the 
 
 Counted as device ops: the top-level aten ops of the call (those with no aten parent: an op's
 own sub-ops run in the same launch sequence and are not recounted) except the view and
-metadata ops of :data:`NO_LAUNCH`, and except ``aten::to`` calls that copy nothing; plus
+metadata ops of :data:`NO_LAUNCH` unless they copy (``reshape`` of a non-viewable tensor,
+``aten::to`` that converts); plus
 one upload per tensor built from Python data (``torch.tensor``/``torch.as_tensor`` of a
 Python scalar or list, seen as ``aten::lift_fresh``): on a GPU each is a host-to-device copy.
 Counted as host syncs: ``nonzero`` (also inside boolean-mask indexing), ``masked_select``,
@@ -74,6 +75,14 @@ def _top_level(events):
             yield e
 
 
+def _launches(e) -> bool:
+    """Whether an aten op launches device work: not a view/metadata op, or one that copies
+    (``reshape`` of a non-viewable tensor clones, ``to`` converts)."""
+    if e.name not in NO_LAUNCH and e.name != "aten::to":
+        return True
+    return any(_launches(c) for c in e.cpu_children)
+
+
 def count(fn) -> tuple[int, int, Counter]:
     """(device ops, host syncs, Counter of device-op names) of one call of ``fn``."""
     calls = {"tolist": 0}
@@ -94,9 +103,7 @@ def count(fn) -> tuple[int, int, Counter]:
     for e in _top_level(events):
         if e.name == "aten::lift_fresh":
             names["upload (lift_fresh)"] += 1
-        elif e.name == "aten::to" and not e.cpu_children:
-            continue
-        elif e.name.startswith("aten::") and e.name not in NO_LAUNCH:
+        elif e.name.startswith("aten::") and _launches(e):
             names[e.name] += 1
     syncs = sum(1 for e in events if e.name in SYNC_OPS) + calls["tolist"]
     return sum(names.values()), syncs, names
