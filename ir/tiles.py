@@ -18,8 +18,10 @@ Two passes, both vectorised over tiles (O(tiles) time and memory, never O(Lq*Lk)
    when :func:`spattn.ir.intervals.interval_exact` proves pass 1 exact for the formula, and
    when :func:`refinement_cannot_change` proves the refinement a no-op: the formula needs no
    lifting, reads no n-D input and is read-once in its only cellable atom, which compares a
-   consecutive value (``causal & same(doc)``, ``dilated(s, n)``, ``chunked(c) & same(doc)``);
-   then a cell split cannot decide more than the tile-level value (see its docstring). The formula
+   consecutive value (``causal & same(doc)``, ``dilated(s, n)``, ``chunked(c) & same(doc)``),
+   or its cellable atoms all cut one direction at fixed thresholds and an enumeration of the
+   segment runs shows no run can change (``strided(s)``, ``power2(w)``); then a cell split
+   cannot decide more than the tile-level value (see its docstring). The formula
    is first *lifted* (``abs``/``min``/``max``/``if`` inside comparisons become case splits, so
    each comparison is over a plain affine form). A comparison is *cellable* when its form is
    uniform (depends on h, b, lengths, params, lists indexed by uniform values) plus one of
@@ -53,6 +55,7 @@ Precision limits (all sound, the tile is then PARTIAL where it might be FULL/EMP
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping, Optional
@@ -289,9 +292,13 @@ def refinement_cannot_change(ir: Node) -> bool:
         pass-1 pair is exact: if it can be true and can be false over a tile, some point of
         the tile makes it true and some point makes it false. This covers ``lin`` atoms with
         coefficient +-1 (``q - k <= w``, ``k < n``) and ``floor`` atoms such as
-        ``q // c == k // c`` or ``(q - k) // c <= 1``.
+        ``q // c == k // c`` or ``(q - k) // c <= 1``;
 
-    Proof. Take a tile pass 1 left PARTIAL. Where ``x`` is decided over the tile, the
+    or (a), (b) and (e) :func:`_segment_runs_agree` (several cellable atoms, all of one
+    direction with fixed thresholds: ``strided(s)``, ``power2(w)``, the per-head
+    ``causal & (q - k < w | k % H == h)``; its docstring has the proof).
+
+    Proof of (c), (d). Take a tile pass 1 left PARTIAL. Where ``x`` is decided over the tile, the
     refinement only writes the tile-level value, which is pass 1's by (a) and (b). Where it is
     undecided, the feasible cells partition the tile and ``x`` is constant on each cell (a
     ``floor`` atom whose chunk index changes more than the allowed cuts keeps its tile-level
@@ -306,7 +313,7 @@ def refinement_cannot_change(ir: Node) -> bool:
     refinement does nothing (``refinement_plan`` is None): True as well.
 
     Not claimed (the refinement can decide tiles there, see tests/test_refine_skip.py):
-    ``causal & (window(w) | sink(n)) & same(doc)`` (two cellable atoms); a cellable atom that
+    ``causal & (window(w) | sink(n)) & same(doc)`` (cellable atoms of two directions); a cellable atom that
     occurs twice (``(w | a) & (~w | a)`` is ``a``: the cells decide it where ``a`` is decided,
     Kleene with ``w`` unknown does not); ``2*k + h == 3`` (not consecutive: the interval of
     ``2*k`` has holes); lifted formulas (``abs``, ``min``, ``max``, ``if`` around q/k); 2-D
@@ -336,10 +343,85 @@ def refinement_cannot_change(ir: Node) -> bool:
         memo[n] = out
         return out
 
-    if len(cellable) != 1 or occurrences(formula) != 1:
+    if len(cellable) == 1 and occurrences(formula) == 1:
+        (x,) = cellable
+        if _consecutive(x.x) is not None:
+            return True
+    return _segment_runs_agree(formula, atoms)
+
+
+#: most (segment run x opaque/const assignment) cases :func:`_segment_runs_agree` enumerates
+MAX_RUN_CASES = 1 << 14
+_PAIRS = ((True, False), (False, True), (True, True), (False, False))
+
+
+def _class(ct: bool, cf: bool) -> int:
+    return int(ct) + int(not cf)
+
+
+def _segment_runs_agree(formula: Node, atoms: tuple) -> bool:
+    """Condition (e) of :func:`refinement_cannot_change`, given (a) and (b): every cellable
+    atom is a ``lin`` atom of one direction ``u`` with coefficient +-1 and a constant uniform
+    part, whose compared value is consecutive, and an exhaustive enumeration shows that no
+    tile can change. Such an atom is true on one interval of ``u`` fixed by the program, so
+    its thresholds cut the integers into the same segments for every tile and (b, h), with
+    every cellable atom constant on each. A tile's ``u``-range is an integer interval, all of
+    whose values occur in the tile: it meets a contiguous run of segments, the refinement's
+    cells are finer than those segments, and so the refinement's value is the union over the
+    run's segments of the formula evaluated with the segment's atom values and the tile-level
+    pairs of the other atoms; pass 1's is Kleene's with each cellable atom's exact pair over
+    the run (true on some segment of it, false on some). Both are computed here for every run
+    and every pair of the other atoms (``const``: decided; ``opaque``: any of the four pairs):
+    True when, in every case where the refinement would refine the tile (pass 1 PARTIAL with
+    both flags, some cellable atom undecided), the union also classifies it PARTIAL.
+    E.g. ``strided(s)``, ``power2(w)``, ``causal & (q - k < w | k % H == h)``: the cell below
+    the diagonal is false and the band's cell true wherever the Kleene value is undecided.
+    """
+    cellable = [a for a in atoms if a.kind in ("lin", "floor")]
+    if not cellable or any(a.kind != "lin" or abs(a.coeff) != 1 or not isinstance(a.uniform, Const)
+                           or _consecutive(a.node.x) is None for a in cellable):
         return False
-    (x,) = cellable
-    return _consecutive(x.x) is not None
+    if len({a.direction for a in cellable}) != 1:
+        return False
+    spans = {}                    # atom -> (first, last) value of u where it is true (None: open)
+    for a in cellable:
+        r, U = a.node, a.uniform.value
+        lo = None if r.lo is None else r.lo - U
+        hi = None if r.hi is None else r.hi - U
+        if a.coeff < 0:
+            lo, hi = (None if hi is None else -hi), (None if lo is None else -lo)
+        spans[a.node] = (lo, hi)
+    cuts = sorted({c for lo, hi in spans.values() for c in
+                   ((lo,) if lo is not None else ()) + ((hi + 1,) if hi is not None else ())})
+    points = [cuts[0] - 1] + cuts          # one value of u in each segment
+    seg_vals = [{x: (lo is None or u >= lo) and (hi is None or u <= hi)
+                 for x, (lo, hi) in spans.items()} for u in points]
+    others = [a for a in atoms if a.kind not in ("lin", "floor")]
+    choices = [_PAIRS[:2] if a.kind == "const" else _PAIRS for a in others]
+    S = len(points)
+    ncases = S * (S + 1) // 2
+    for c in choices:
+        ncases *= len(c)
+    if ncases > MAX_RUN_CASES:
+        return False
+    for i in range(S):
+        for j in range(i, S):
+            run = seg_vals[i:j + 1]
+            kleene = {x: (any(v[x] for v in run), not all(v[x] for v in run)) for x in spans}
+            if not any(ct and cf for ct, cf in kleene.values()):
+                continue                   # no cellable atom undecided: not refined
+            for pairs in itertools.product(*choices):
+                leaf = dict(zip((a.node for a in others), pairs))
+                ct, cf = combine(formula, {**leaf, **kleene})
+                if not (ct and cf):
+                    continue               # pass 1 decided (or "neither"): not refined
+                any_t = any_f = False
+                for v in run:
+                    st, sf = combine(formula, {**leaf, **{x: (b, not b) for x, b in v.items()}})
+                    any_t, any_f = any_t or st, any_f or sf
+                if not (any_t and any_f):
+                    return False
+    return True
 
 
 def _fdiv(a, b):

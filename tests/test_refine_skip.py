@@ -52,20 +52,38 @@ SKIPPED_IR = {
                                         B.or_(B.cmp("==", B.mod(k, c(3)), c(0)), same())), True),
     "sink|same": (B.or_(B.cmp("<", k, B.sub(B.var("Lk"), c(20))), same()), True),
     "h-offset causal&same": (B.and_(B.cmp("<=", B.add(k, h), q), same()), True),
+    # (e): several cellable atoms, one direction, fixed thresholds (segment runs enumerated)
+    "strided(5)": (B.and_(B.cmp("<=", k, q), B.or_(B.cmp("<", B.sub(q, k), c(5)),
+                                                   B.cmp("==", B.mod(B.sub(q, k), c(5)), c(0)))),
+                   False),
+    "power2(6)": (B.and_(B.cmp("<=", k, q), B.or_(B.cmp("<", B.sub(q, k), c(6)),
+                                                  B.is_pow2(B.sub(q, k)))), False),
+    "per-head causal&(q-k<7|k%H==h)": (
+        B.and_(causal, B.or_(B.cmp("<", B.sub(q, k), c(7)),
+                             B.cmp("==", B.mod(k, B.var("H")), h))), False),
+    "local(3,4)|(q-k)%7": (B.or_(B.and_(B.cmp("<=", c(-4), B.sub(q, k)), B.cmp("<=", B.sub(q, k), c(3))),
+                                 B.cmp("==", B.mod(B.sub(q, k), c(7)), c(0))), False),
+    "(w|k%5)&(w|same)": (B.and_(B.or_(window9, B.cmp("==", B.mod(k, c(5)), c(0))),
+                                B.or_(window9, same())), True),
+    "~window&(k-q)%3&same": (B.and_(B.not_(window9), B.cmp("==", B.mod(B.sub(k, q), c(3)), c(0)),
+                                    same()), True),
 }
 
 SKIPPED_SOURCES = ["causal & same(doc)", "causal & (k % 3 == 0)", "chunked(64) & same(doc)",
                    "dilated(4, 3)", "causal & window(8) & same(doc)", "same(doc)",
-                   "causal & (q - k) % 5 == 0 & same(doc)", "k > q | same(doc)"]
+                   "causal & (q - k) % 5 == 0 & same(doc)", "k > q | same(doc)",
+                   "strided(16)", "power2(8)", "causal & (q - k < 16 | k % H == h)",
+                   "causal & window(8) & (q - k) % 3 == 0",
+                   "(q - k < 16 | k % 5 == 0) & (q - k < 16 | same(doc))"]   # (e): atom twice
 NOT_SKIPPED_SOURCES = [
     "causal & (window(9) | sink(4)) & same(doc)",      # two cellable atoms
     "causal & q < 50",                                  # two cellable atoms
     "causal & chunked(64) & same(doc)",                 # a lin and a floor atom
-    "causal & (q - k < 16 | k % H == h)",               # q - k <= 15 and q - k >= 0
+    "window(9) & ~window(3)",                           # one direction, a run changes
+    "causal & (q - k < 16 | k % 5 == 0) & q < 90",      # two directions
     "abs(q - k) <= 6 & same(doc)",                      # lifted
     "min(q, k + 3) <= 20 & same(doc)",                  # lifted
     "if q < 40 then k <= q else k < 10",                # lifted
-    "(q - k < 16 | k % 5 == 0) & (q - k < 16 | same(doc))",   # the lin atom twice
 ]
 
 
@@ -103,6 +121,18 @@ def test_repeated_atom_not_claimed():
     pass1 = classify(ir, 64, 64, 16, 16, refine=False)
     assert int(pass1[0, 0, 3, 3]) == T.PARTIAL and int(forced[0, 0, 3, 3]) == T.EMPTY
     assert torch.equal(forced, truth_tiles(ir, 64, 64, 16, 16))
+
+
+def test_one_direction_run_that_changes_not_claimed():
+    # 3 <= q - k <= 8 as window(9) & ~window(3): on a tile whose q - k spans -2..2 both atoms
+    # are undecided (Kleene: PARTIAL), but no cell is true (EMPTY)
+    ir = B.and_(window9, B.not_(B.and_(B.cmp("<=", c(0), B.sub(q, k)),
+                                       B.cmp("<", B.sub(q, k), c(3)))))
+    assert not refinement_cannot_change(ir)
+    pass1 = classify(ir, 30, 30, 3, 3, refine=False)
+    _, forced = _both(ir, 30, 30, 3, 3)
+    assert int(pass1[0, 0, 2, 2]) == T.PARTIAL and int(forced[0, 0, 2, 2]) == T.EMPTY
+    assert torch.equal(forced, truth_tiles(ir, 30, 30, 3, 3))
 
 
 def test_non_consecutive_atom_not_claimed():
@@ -168,7 +198,7 @@ def _check_no_op(name, Lq, Lk, bm, bn, off, H, batch, seed, ndocs, sort):
     return skip, want
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(sorted(SKIPPED_IR)), st.integers(1, 120), st.integers(1, 120),
        st.integers(1, 40), st.integers(1, 40), st.integers(-20, 20) | st.none(),
        st.integers(1, 3), st.integers(1, 2), st.integers(0, 2**31), st.integers(1, 12),
@@ -203,3 +233,53 @@ def test_documents_unchanged_at_scale():
     skip, forced = _both(p, N, N, 128, 64, inputs={"doc": doc})
     assert torch.equal(skip, forced)
     assert torch.equal(skip, truth_tiles(p.ir, N, N, 128, 64, inputs={"doc": doc}))
+
+
+# ---- (e) on random formulas of one direction ---------------------------------------------
+@st.composite
+def one_direction_formulas(draw, depth=3):
+    """``& | ~`` trees over q - k comparisons with constant bounds (coefficient +-1), opaque
+    atoms (``%``, ``q + k``, ``is_pow2``) and a head test: the fragment of condition (e)."""
+    if depth == 0 or draw(st.integers(0, 3)) == 0:
+        kind = draw(st.sampled_from(["lin", "lin", "lin", "mod", "qk", "pow2", "head"]))
+        d = B.sub(q, k) if draw(st.booleans()) else B.sub(k, q)
+        if kind == "lin":
+            lo = draw(st.none() | st.integers(-12, 12))
+            hi = draw(st.none() | st.integers(-12, 12)) if lo is not None else draw(st.integers(-12, 12))
+            return B.range_(d, lo, hi)
+        if kind == "mod":
+            return B.cmp("==", B.mod(d, c(draw(st.integers(2, 7)))), c(0))
+        if kind == "qk":
+            return B.cmp("<", B.add(q, k), c(draw(st.integers(0, 60))))
+        if kind == "pow2":
+            return B.is_pow2(d)
+        return B.cmp("==", h, c(0))
+    op = draw(st.sampled_from(["and", "or", "not"]))
+    if op == "not":
+        return B.not_(draw(one_direction_formulas(depth - 1)))
+    a, b = draw(one_direction_formulas(depth - 1)), draw(one_direction_formulas(depth - 1))
+    return B.and_(a, b) if op == "and" else B.or_(a, b)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(one_direction_formulas(), st.integers(1, 60), st.integers(1, 60), st.integers(1, 12),
+       st.integers(1, 12), st.integers(-15, 15) | st.none(), st.integers(1, 2))
+def test_segment_runs_claim_holds(ir, Lq, Lk, bm, bn, off, H):
+    """Wherever the predicate holds, the forced refinement changes no tile."""
+    if not refinement_cannot_change(ir):
+        return
+    kw = dict(num_heads=H, q_offset=off)
+    skip = classify(ir, Lq, Lk, bm, bn, **kw)
+    with mock.patch.object(T, "refinement_cannot_change", lambda ir: False):
+        forced = classify(ir, Lq, Lk, bm, bn, **kw)
+    assert torch.equal(skip, forced)
+
+
+def test_segment_runs_claims_are_not_vacuous():
+    """The random fragment above does reach (e): claims beyond (c)/(d), and refusals."""
+    from hypothesis import find
+    find(one_direction_formulas(), lambda ir: T._segment_runs_agree(*T.refinement_plan(ir))
+         if T.refinement_plan(ir) and T.refinement_plan(ir)[0] == ir
+         and len([a for a in T.refinement_plan(ir)[1] if a.kind == "lin"]) >= 2 else False)
+    find(one_direction_formulas(), lambda ir: T.refinement_plan(ir) is not None
+         and T.refinement_plan(ir)[0] == ir and not refinement_cannot_change(ir))
