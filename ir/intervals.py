@@ -182,6 +182,9 @@ class IntervalEval:
         self.on_load = on_load
         self.summaries = {} if summaries is None else summaries
         self.memo: dict = {}
+        #: set when an n-D input was summarised by its whole-input min/max (the one summary
+        #: that depends on the other boxes evaluated together, not on a box alone)
+        self.coarse = False
 
     # -- public -----------------------------------------------------------
     def int_(self, n: Node):
@@ -369,6 +372,7 @@ class IntervalEval:
                 mn = v if mn is None else torch.minimum(mn, v)
                 mx = v if mx is None else torch.maximum(mx, v)
             return mn, mx
+        self.coarse = True
         flat = full.reshape(full.shape[0], full.shape[1], -1)
         mn = flat.min(dim=-1).values[bi, hi_]
         mx = flat.max(dim=-1).values[bi, hi_]

@@ -196,7 +196,8 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
             out = cls[:, :, s:e]
             out.copy_(c.expand(out.shape))
         if refine:
-            refine_partial(ir, out, senv, ins, summaries, dev, blocks=(block_m, block_n))
+            refine_partial(ir, out, senv, ins, summaries, dev, blocks=(block_m, block_n),
+                           grid=ev)
     return cls
 
 
@@ -433,13 +434,17 @@ def _cdiv(a, b):
 
 
 def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summaries: dict,
-                   device, chunk_elems: int = 1 << 22, blocks=None) -> None:
+                   device, chunk_elems: int = 1 << 22, blocks=None, grid=None) -> None:
     """Exact refinement of the PARTIAL tiles of ``cls`` (in place). See the module docstring.
 
     ``blocks=(block_m, block_n)`` gives static bounds on the chunk cuts per tile (no device
-    read); without it they are read from the device.
-    Device synchronisations: the gather of the PARTIAL tiles (``nonzero``), the selection of
-    the undecided ones, and one per floor term whose divisor is not a constant.
+    read); without it they are read from the device. ``grid``: pass 1's evaluator over
+    ``env`` (the tiles of ``cls``); when the formula needs no lifting and no n-D input was
+    summarised by its whole-input min/max, every tile-level value is read from its memo
+    (:func:`_select_from_grid`), else the PARTIAL tiles are gathered and re-evaluated
+    (:func:`_select_gathered`).
+    Device synchronisations: the selection of the tiles to refine (``nonzero``; two in the
+    gathered way), and one per floor term whose cuts are not bounded statically.
     """
     plan = refinement_plan(ir)
     if plan is None:
@@ -448,47 +453,17 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
     if isinstance(formula, BoolConst):    # lifting proved the pattern constant
         cls.copy_(torch.where(cls == PARTIAL, FULL if formula.value else EMPTY, cls))
         return
-    idx = (cls == PARTIAL).nonzero()
-    if idx.numel() == 0:
+    if grid is not None and formula == ir and not grid.coarse:
+        idx, tile = _select_from_grid(formula, atoms, cls, grid, device)
+    else:
+        idx, tile = _select_gathered(formula, atoms, cls, env, inputs, summaries, device)
+    if idx is None:
         return
-    qlo_all, qhi_all = env["q"][0].reshape(-1), env["q"][1].reshape(-1)
-    klo_all, khi_all = env["k"][0].reshape(-1), env["k"][1].reshape(-1)
-
-    def boxes(part):
-        bi, hi_, qi, ki = part.unbind(1)
-        return (qlo_all[qi].unsqueeze(1), qhi_all[qi].unsqueeze(1), klo_all[ki].unsqueeze(1),
-                khi_all[ki].unsqueeze(1), bi.unsqueeze(1), hi_.unsqueeze(1))
-
-    # only tiles where some cellable atom is undecided can change
-    point_env_all = {"Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"], "widths": env.get("widths")}
-    qlo, qhi, klo, khi, b_t, h_t = boxes(idx)
-    tev = IntervalEval(dict(point_env_all, h=h_t, b=b_t, q=(qlo, qhi), k=(klo, khi)), inputs,
-                       device=device, summaries=summaries)
-    undecided = torch.zeros_like(qlo, dtype=torch.bool)
-    leaf = {}
-    for a in atoms:
-        leaf[a.node] = tev.bool_(a.node)
-        if a.kind in ("lin", "floor"):
-            ct, cf = leaf[a.node]
-            undecided = undecided | (ct & cf)
-    # the lifted formula at tile level may already decide (it has no min/max/abs/if)
-    ct, cf = combine(formula, leaf)
-    ct = torch.as_tensor(ct, device=device).expand_as(qlo).reshape(-1)
-    cf = torch.as_tensor(cf, device=device).expand_as(qlo).reshape(-1)
-    # write the tile-level decision of every gathered tile (PARTIAL where undecided): an
-    # index_put with integer indices, no device read
-    cls[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = _classes(ct, cf, device)
-    undecided = undecided.view(-1) & ct & cf
-    idx = idx[undecided]                  # one synchronisation (the count of survivors)
-    if idx.numel() == 0:
-        return
-    qlo, qhi, klo, khi, b_t, h_t = boxes(idx)
     # cuts per floor term: as many as the partial tiles need, within MAX_FLOOR_CUTS
-    ranges = {"q": (qlo, qhi), "k": (klo, khi), "d": (qlo - khi, qhi - klo)}
-    penv = dict(point_env_all, h=h_t, b=b_t)
     ncut = {"q": 0, "k": 0, "d": 0}
     kcuts = {}
-    for ai, a in enumerate(atoms):
+    penv = ranges = None
+    for a in atoms:
         if a.kind == "lin":
             ncut[a.direction] += 2
         elif a.kind == "floor":
@@ -496,16 +471,21 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
                 u, coef, e_node, m_node = term
                 if term in kcuts:
                     continue
-                e = torch.as_tensor(evaluate(e_node, penv), device=device)
-                m = torch.as_tensor(evaluate(m_node, penv), device=device)
-                m = torch.where(m > 0, m, torch.ones_like(m))
-                ulo, uhi = ranges[u]
                 if blocks is not None and isinstance(m_node, Const) and m_node.value > 0:
                     # static bound: u spans at most `ext` values in a tile, so the chunk
                     # index coef*u+e // m changes at most coef*(ext-1)//m + 1 times
                     ext = {"q": blocks[0], "k": blocks[1], "d": blocks[0] + blocks[1] - 1}[u]
                     count = coef * (ext - 1) // m_node.value + 1
                 else:
+                    if ranges is None:
+                        qlo, qhi, klo, khi, b_t, h_t = _boxes(env, idx)
+                        ranges = {"q": (qlo, qhi), "k": (klo, khi), "d": (qlo - khi, qhi - klo)}
+                        penv = {"Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"], "h": h_t,
+                                "b": b_t}
+                    e = torch.as_tensor(evaluate(e_node, penv), device=device)
+                    m = torch.as_tensor(evaluate(m_node, penv), device=device)
+                    m = torch.where(m > 0, m, torch.ones_like(m))
+                    ulo, uhi = ranges[u]
                     count = int((_fdiv(coef * uhi + e, m) - _fdiv(coef * ulo + e, m)).max())
                 kcuts[term] = max(0, min(count, MAX_FLOOR_CUTS))
                 ncut[u] += kcuts[term]
@@ -520,68 +500,147 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
     step = max(1, chunk_elems // ncells)
     for s in range(0, idx.shape[0], step):
         part = idx[s:s + step]
-        new = _refine_chunk(formula, atoms, kcuts, *boxes(part), env, inputs, summaries, device)
+        new = _refine_chunk(formula, atoms, kcuts, *_boxes(env, part), env, inputs, device,
+                            tile(part))
         cls[part[:, 0], part[:, 1], part[:, 2], part[:, 3]] = new
 
 
-def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inputs, summaries, device):
+def _boxes(env: dict, part: torch.Tensor):
+    """The q and k boxes and the b, h points (``[P, 1]`` each) of the tiles ``part``
+    (rows ``(b, h, i, j)``)."""
+    bi, hi_, qi, ki = part.unbind(1)
+    qlo, qhi = env["q"][0].reshape(-1), env["q"][1].reshape(-1)
+    klo, khi = env["k"][0].reshape(-1), env["k"][1].reshape(-1)
+    return (qlo[qi].unsqueeze(1), qhi[qi].unsqueeze(1), klo[ki].unsqueeze(1),
+            khi[ki].unsqueeze(1), bi.unsqueeze(1), hi_.unsqueeze(1))
+
+
+def _tile_nodes(atoms) -> list:
+    """The atoms whose tile-level pair the cells read (opaque ones; floor ones where a term
+    has too many cuts)."""
+    return [a.node for a in atoms if a.kind in ("opaque", "floor")]
+
+
+def _select_from_grid(formula, atoms, cls, grid, device):
+    """The tiles to refine, from pass 1's values: some cellable atom and the formula are
+    undecided (pass 1's class is then PARTIAL). One synchronisation, no re-evaluation.
+
+    Returns ``(idx [P, 4], tile)`` with ``tile(part)`` giving the tile-level pairs of
+    :func:`_tile_nodes` for the rows ``part`` of ``idx`` (gathered from the grid), or
+    ``(None, None)``. Identical to :func:`_select_gathered` for unlifted formulas: each
+    tile's interval values depend on its own box only, except for n-D inputs summarised by
+    their whole-input min/max, which the caller excludes (``grid.coarse``)."""
+    shape = cls.shape
+    ct, cf = grid.bool_(formula)
+    sel = None
+    for a in atoms:
+        if a.kind in ("lin", "floor"):
+            act, acf = grid.bool_(a.node)
+            u = act & acf
+            sel = u if sel is None else sel | u
+    sel = sel & ct & cf
+    idx = torch.as_tensor(sel, device=device).expand(shape).nonzero()
+    if idx.numel() == 0:
+        return None, None
+    nodes = _tile_nodes(atoms)
+
+    def tile(part):
+        if not nodes:
+            return {}
+        flat = [t for n in nodes for t in grid.bool_(n)]
+        b, h, i, j = part.unbind(1)
+        if len(flat) == 2:
+            got = [torch.as_tensor(t, device=device).expand(shape)[b, h, i, j] for t in flat]
+        else:
+            got = torch.stack([torch.as_tensor(t, device=device).expand(shape) for t in flat])
+            got = got[:, b, h, i, j].unbind(0)
+        return {n: (got[2 * x].unsqueeze(1), got[2 * x + 1].unsqueeze(1))
+                for x, n in enumerate(nodes)}
+    return idx, tile
+
+
+def _select_gathered(formula, atoms, cls, env, inputs, summaries, device):
+    """The tiles to refine, by gathering the PARTIAL tiles and evaluating the (lifted)
+    formula's atoms over them: tiles where no cellable atom is undecided get the tile-level
+    value of the formula (which may decide a lifted one). Two synchronisations.
+    Returns ``(idx, tile)`` as :func:`_select_from_grid`, ``tile`` evaluating the rows."""
+    idx = (cls == PARTIAL).nonzero()
+    if idx.numel() == 0:
+        return None, None
+    point_env = {"Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"], "widths": env.get("widths")}
+
+    def evaluator(rows):
+        qlo, qhi, klo, khi, b_t, h_t = _boxes(env, rows)
+        return IntervalEval(dict(point_env, h=h_t, b=b_t, q=(qlo, qhi), k=(klo, khi)), inputs,
+                            device=device, summaries=summaries)
+
+    tev = evaluator(idx)
+    undecided = None
+    leaf = {}
+    for a in atoms:
+        leaf[a.node] = tev.bool_(a.node)
+        if a.kind in ("lin", "floor"):
+            ct, cf = leaf[a.node]
+            undecided = (ct & cf) if undecided is None else undecided | (ct & cf)
+    # the lifted formula at tile level may already decide (it has no min/max/abs/if)
+    ct, cf = combine(formula, leaf)
+    ct = torch.as_tensor(ct, device=device).expand(idx.shape[0], 1).reshape(-1)
+    cf = torch.as_tensor(cf, device=device).expand(idx.shape[0], 1).reshape(-1)
+    # write the tile-level decision of every gathered tile (PARTIAL where undecided): an
+    # index_put with integer indices, no device read
+    cls[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = _classes(ct, cf, device)
+    undecided = undecided.expand(idx.shape[0], 1).reshape(-1) & ct & cf
+    idx = idx[undecided]                  # one synchronisation (the count of survivors)
+    if idx.numel() == 0:
+        return None, None
+    nodes = _tile_nodes(atoms)
+
+    def tile(part):
+        ev = evaluator(part)
+        return {n: ev.bool_(n) for n in nodes}
+    return idx, tile
+
+
+def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inputs, device,
+                  tile_pairs):
+    """Classes of the tiles (boxes ``[P, 1]``) from their cells; ``tile_pairs``: the
+    tile-level pair of each atom of :func:`_tile_nodes`."""
     P = qlo.shape[0]
-    dlo, dhi = qlo - khi, qhi - klo
-    ranges = {"q": (qlo, qhi), "k": (klo, khi), "d": (dlo, dhi)}
+    ranges = {"q": (qlo, qhi), "k": (klo, khi), "d": (qlo - khi, qhi - klo)}
     point_env = {"h": h_t, "b": b_t, "Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"]}
-    box_env = dict(point_env, q=(qlo, qhi), k=(klo, khi), widths=env.get("widths"))
-    tile_ev = IntervalEval(box_env, inputs, device=device, summaries=summaries)
-    cuts = {"q": [], "k": [], "d": []}
+    cuts = {"q": [], "k": [], "d": []}        # tensors [P or 1, c]
+    fixed = {"q": [], "k": [], "d": []}       # the same for every tile: Python ints
     exact = {}
     done: set = set()
-    for ai, a in enumerate(atoms):
+    for a in atoms:
         if a.kind == "lin":
-            U = torch.as_tensor(evaluate(a.uniform, point_env), device=device).expand(P, 1)
-            coef = a.coeff
-            r = a.node
-            lo_c = hi_c = None
-            if coef > 0:
-                if r.lo is not None:
-                    lo_c = _cdiv(r.lo - U, coef)
-                if r.hi is not None:
-                    hi_c = _fdiv(r.hi - U, coef) + 1
-            else:
-                if r.hi is not None:
-                    lo_c = _cdiv(r.hi - U, coef)
-                if r.lo is not None:
-                    hi_c = _fdiv(r.lo - U, coef) + 1
-            cuts[a.direction].extend(c for c in (lo_c, hi_c) if c is not None)
+            _lin_cuts(a, evaluate(a.uniform, point_env), P, device,
+                      fixed[a.direction], cuts[a.direction])
         elif a.kind == "floor":
-            ok = torch.ones((P, 1), dtype=torch.bool, device=device)
+            ok = True
             for term in a.floors:
                 u, coef, e_node, m_node = term
-                K = kcuts[term]
                 first = term not in done
-                e = torch.as_tensor(evaluate(e_node, point_env), device=device).expand(P, 1)
-                m = torch.as_tensor(evaluate(m_node, point_env), device=device).expand(P, 1)
-                ulo, uhi = ranges[u]
-                good = m > 0
-                msafe = torch.where(good, m, torch.ones_like(m))
-                f0 = _fdiv(coef * ulo + e, msafe)
-                f1 = _fdiv(coef * uhi + e, msafe)
-                count = f1 - f0
-                good = good & (count <= K)
+                done.add(term)
+                good, c = _floor_cuts(term, kcuts[term], evaluate(e_node, point_env),
+                                      evaluate(m_node, point_env), ranges[u], P, device, first)
                 ok = ok & good
-                if first:
-                    done.add(term)
-                    for j in range(1, K + 1):
-                        c = _cdiv((f0 + j) * msafe - e, coef)
-                        c = torch.where(good & (j <= count), c, ulo)
-                        cuts[u].append(c)
+                if c is not None:
+                    cuts[u].append(c)
             exact[a.node] = ok
     # segments per direction: [P, S]
     segs = {}
     for u in ("q", "k", "d"):
         ulo, uhi = ranges[u]
-        if cuts[u]:
-            cs = torch.cat([c.expand(P, 1) for c in cuts[u]], dim=1)
-            cs = torch.minimum(torch.maximum(cs, ulo), uhi + 1)
-            cs = torch.sort(cs, dim=1).values
+        parts = [c.expand(P, c.shape[1]) for c in cuts[u]]
+        if fixed[u]:
+            parts.append(torch.tensor(sorted(fixed[u]), dtype=I64, device=device)
+                         .expand(P, len(fixed[u])))
+        if parts:
+            cs = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            cs = torch.clamp(cs, ulo, uhi + 1)
+            if cuts[u] and cs.shape[1] > 1:   # Python cuts alone are sorted, and stay so
+                cs = torch.sort(cs, dim=1).values
             starts = torch.cat([ulo, cs], dim=1)
             ends = torch.cat([cs - 1, uhi], dim=1)
         else:
@@ -596,25 +655,37 @@ def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inpu
     Dhi = segs["d"][1].view(P, 1, 1, Sd)
     lo = torch.maximum(Dlo, Qlo - Khi)
     hi = torch.minimum(Dhi, Qhi - Klo)
-    feas = (Qlo <= Qhi) & (Klo <= Khi) & (Dlo <= Dhi) & (lo <= hi)
+    # a cell is its q- and k-segments with q - k in [lo, hi] (which implies Dlo <= Dhi);
+    # without cuts a direction's one segment is the tile's range, never empty
+    feas = lo <= hi
+    if Sq > 1:
+        feas = feas & (Qlo <= Qhi)
+    if Sk > 1:
+        feas = feas & (Klo <= Khi)
     dstar = lo
     qstar = torch.maximum(Qlo, dstar + Klo)
     kstar = qstar - dstar
-    feas = feas.reshape(P, -1)
-    qstar = torch.where(feas, qstar.expand(P, Sq, Sk, Sd).reshape(P, -1), qlo)
-    kstar = torch.where(feas, kstar.expand(P, Sq, Sk, Sd).reshape(P, -1), klo)
-    cell_env = dict(point_env, q=qstar, k=kstar)
+    feas = feas.expand(P, Sq, Sk, Sd).reshape(P, -1)
+    # infeasible cells get some point too: the cellable atoms are arithmetic in q and k
+    # (no input or list reads them), and every result below is masked by feas
+    cell_env = dict(point_env, q=qstar.expand(P, Sq, Sk, Sd).reshape(P, -1),
+                    k=kstar.expand(P, Sq, Sk, Sd).reshape(P, -1))
     leaf = {}
     memo: dict = {}
     for a in atoms:
         if a.kind == "opaque":
-            leaf[a.node] = tile_ev.bool_(a.node)
+            leaf[a.node] = tile_pairs[a.node]
             continue
-        v = torch.as_tensor(evaluate(a.node, cell_env, inputs, memo), device=device)
-        if a.node in exact:
-            ct, cf = tile_ev.bool_(a.node)
+        v = evaluate(a.node, cell_env, inputs, memo)
+        if not isinstance(v, torch.Tensor):       # a uniform atom of Python values
+            leaf[a.node] = (bool(v), not v)
+        elif a.node in exact and exact[a.node] is not True:
+            ct, cf = tile_pairs[a.node]
             ok = exact[a.node]
-            leaf[a.node] = (torch.where(ok, v, ct), torch.where(ok, ~v, cf))
+            if ok is False:
+                leaf[a.node] = (ct, cf)
+            else:
+                leaf[a.node] = (torch.where(ok, v, ct), torch.where(ok, ~v, cf))
         else:
             leaf[a.node] = (v, ~v)
     ct, cf = combine(formula, leaf)
@@ -624,3 +695,50 @@ def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inpu
     any_f = (feas & cf).any(dim=1)
     # EMPTY where no feasible cell can be true, else FULL where none can be false
     return torch.where(any_t, torch.where(any_f, PARTIAL, FULL), EMPTY).to(torch.int8)
+
+
+def _lin_cuts(a: _Atom, U, P: int, device, fixed: list, cuts: list) -> None:
+    """The (at most two) values of ``a.direction`` where the atom ``lo <= coeff*u + U <= hi``
+    starts and stops holding: Python ints when ``U`` is one, else ``[P, 1]`` tensors."""
+    coef, r = a.coeff, a.node
+    if coef > 0:
+        lo_b, hi_b = r.lo, r.hi
+    else:
+        lo_b, hi_b = r.hi, r.lo
+    if not isinstance(U, torch.Tensor):
+        if lo_b is not None:
+            fixed.append(-((U - lo_b) // coef))
+        if hi_b is not None:
+            fixed.append((hi_b - U) // coef + 1)
+        return
+    U = U.expand(P, 1)
+    if lo_b is not None:
+        cuts.append(_cdiv(lo_b - U, coef))
+    if hi_b is not None:
+        cuts.append(_fdiv(hi_b - U, coef) + 1)
+
+
+def _floor_cuts(term, K: int, e, m, rng, P: int, device, want_cuts: bool = True):
+    """``(good, cuts)`` of a floor term ``(coef*u + e) // m``: ``good`` (bool or ``[P, 1]``)
+    where ``m > 0`` and the chunk index changes at most ``K`` times in the tile; ``cuts``
+    ``[P, K]`` (None for ``K = 0`` or without ``want_cuts``): the values of ``u`` where it changes (``ulo``, an
+    empty cut, past the changes and where not good)."""
+    u, coef, _, _ = term
+    ulo, uhi = rng
+    if isinstance(m, torch.Tensor):
+        m = m.expand(P, 1)
+        good = m > 0
+        msafe = torch.where(good, m, torch.ones_like(m))
+    else:
+        good = m > 0
+        msafe = m if good else 1
+    f0 = _fdiv(coef * ulo + e, msafe)
+    count = _fdiv(coef * uhi + e, msafe) - f0
+    good = good & (count <= K)
+    if K == 0 or not want_cuts:
+        return good, None
+    j = torch.arange(1, K + 1, dtype=I64, device=device).view(1, K)
+    c = (f0 + j) * msafe - e
+    if coef != 1:
+        c = _cdiv(c, coef)
+    return good, torch.where(good & (j <= count), c, ulo)

@@ -176,6 +176,37 @@ def test_exact_patterns_never_refine(src, monkeypatch):
     assert got.shape == (1, 1, 32, 64)
 
 
+# ---- the refinement reads pass 1's values: the same classes as re-evaluating ----------
+def _gathered_instead(formula, atoms, cls, grid, device):
+    import spattn.ir.tiles as T
+    return T._select_gathered(formula, atoms, cls, grid.env, grid.inputs, grid.summaries,
+                              device)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(bool_exprs(), dims, st.integers(1, 2), st.booleans())
+def test_grid_selection_matches_gathered(ir, d, batch, forced):
+    """Selecting the tiles to refine from pass 1's memo (one sync, no re-evaluation) gives
+    the classes of gathering the PARTIAL tiles and re-evaluating their atoms (also with the
+    static skip off, so that the cells are reached)."""
+    from unittest import mock
+
+    import spattn.ir.tiles as T
+    Lq, Lk, bm, bn, off, H = d
+    kw = dict(num_heads=H, batch=batch, q_offset=off)
+    patches = [mock.patch.object(T, "refinement_cannot_change", lambda ir: False)] if forced else []
+    for p in patches:
+        p.start()
+    try:
+        got = classify(ir, Lq, Lk, bm, bn, **kw)
+        with mock.patch.object(T, "_select_from_grid", _gathered_instead):
+            want = classify(ir, Lq, Lk, bm, bn, **kw)
+    finally:
+        for p in patches:
+            p.stop()
+    assert torch.equal(got, want), str(ir)
+
+
 # ---- runtime inputs ---------------------------------------------------------
 def same(name):
     return B.cmp("==", B.load(name, [q]), B.load(name, [k]))
