@@ -136,11 +136,15 @@ def evaluate(node: Node, env: Mapping[str, object], inputs: Mapping[str, torch.T
             return n.value
         if isinstance(n, Var):
             return env[n.name]
-        if isinstance(n, Sum):
-            acc = n.const
+        if isinstance(n, Sum):              # no products by 1 or -1 (device ops on tensors)
+            acc = None
             for a, c in n.terms:
-                acc = acc + c * ev(a)
-            return acc
+                v = ev(a)
+                if acc is None:
+                    acc = v if c == 1 else -v if c == -1 else c * v
+                else:
+                    acc = acc + v if c == 1 else acc - v if c == -1 else acc + c * v
+            return acc + n.const if n.const else acc
         if isinstance(n, Prod):
             acc = 1
             for f in n.factors:

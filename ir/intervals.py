@@ -40,7 +40,7 @@ import torch
 
 from ..dsl.errors import SpattnInputError, SpattnValueError
 from . import build as B
-from .evaluate import query_offset
+from .evaluate import evaluate, query_offset
 from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                     Not, Or, Prod, Range, Select, Sum, Table, Var, walk)
 
@@ -199,6 +199,17 @@ class IntervalEval:
             self.memo[key] = self._bool(n)
         return self.memo[key]
 
+    def _static_int(self, n: Node):
+        """``n``'s value as a Python int when it is one for the whole environment: a constant,
+        or arithmetic of ``Lq``, ``Lk``, ``H`` bound to ints (``k % H``); else None."""
+        if isinstance(n, Const):
+            return n.value
+        names = _static_names(n)
+        if names is None or not all(type(self.env.get(x)) is int for x in names):
+            return None
+        v = evaluate(n, {x: self.env[x] for x in names})
+        return v if type(v) is int else None
+
     def point(self, n: Node) -> torch.Tensor:
         """Exact value of a uniform node (no q, k, inputs)."""
         lo, hi = self.int_(n)
@@ -259,8 +270,8 @@ class IntervalEval:
             return lo, hi
         if isinstance(n, (FloorDiv, Mod)):
             alo, ahi = self.int_(n.a)
-            if isinstance(n.b, Const):      # the common case: no device check, no sync
-                d = n.b.value
+            d = self._static_int(n.b)
+            if d is not None:               # the common case: no device check, no sync
                 if d == 0:
                     raise SpattnValueError(f"the divisor {n.b} evaluates to 0")
                 if alo is ahi and isinstance(n, FloorDiv):
@@ -408,6 +419,24 @@ class IntervalEval:
         if isinstance(n, (And, Or)):
             return junction3(isinstance(n, And), [self.bool_(a) for a in n.args])
         raise TypeError(f"no three-valued rule for {type(n).__name__}")
+
+
+_STATIC_NODES = (Const, Var, Sum, Prod, FloorDiv, Mod, Abs, Min, Max)
+
+
+@lru_cache(maxsize=512)
+def _static_names(n: Node):
+    """The length variables of an int node built from them and constants by arithmetic
+    (no q, k, h, b, list or input), or None."""
+    names = set()
+    for m in walk(n):
+        if not isinstance(m, _STATIC_NODES):
+            return None
+        if isinstance(m, Var):
+            if m.name not in ("Lq", "Lk", "H"):
+                return None
+            names.add(m.name)
+    return frozenset(names)
 
 
 def _highest_pow2_le(x: torch.Tensor) -> torch.Tensor:

@@ -306,6 +306,21 @@ def test_divisor_zero():
         classify(ir, 8, 8, 4, 4, num_heads=2)
 
 
+def test_length_divisors_are_static():
+    """``k % H``, ``q // (Lk - 2)``: divisors of lengths are Python ints, checked on the host
+    (no device read), with the same error for 0."""
+    from torch.profiler import ProfilerActivity, profile
+    H_ = B.var("H")
+    ir = B.and_(B.cmp("==", B.mod(k, H_), h), B.cmp("<=", B.floordiv(q, B.sub(B.var("Lk"), c(2))), c(1)))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = classify(ir, 40, 30, 4, 4, num_heads=3, refine=False)
+    syncs = [e.name for e in prof.events() if e.name in ("aten::_local_scalar_dense", "aten::nonzero")]
+    assert not syncs
+    assert unsound(got, truth_tiles(ir, 40, 30, 4, 4, H=3)) == 0
+    with pytest.raises(SpattnValueError, match="H - 3 evaluates to 0"):
+        classify(B.cmp("==", B.mod(k, B.sub(H_, c(3))), c(0)), 8, 8, 4, 4, num_heads=3)
+
+
 def test_per_head_large_memory_ok():
     # per-head pattern, 16 heads: O(tiles) memory (1024 x 1024 tiles here: 16M tiles)
     ir = B.and_(causal, B.or_(B.cmp("<", B.sub(q, k), c(1024)),
