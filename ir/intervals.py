@@ -512,6 +512,34 @@ def _loads_postorder(ir: Node) -> list:
     return list(seen)
 
 
+def static_interval(n: Node, box: Mapping[str, object]):
+    """``n``'s interval as Python ints over ``box`` (``q``, ``k`` -> ``(lo, hi)``; ``Lq``,
+    ``Lk``, ``H`` -> ints), by the rules of :class:`IntervalEval`, for constants, those
+    variables, sums and ``//`` by a constant; None for anything else."""
+    if isinstance(n, Const):
+        return n.value, n.value
+    if isinstance(n, Var):
+        v = box.get(n.name)
+        if v is None:
+            return None
+        return v if isinstance(v, tuple) else (v, v)
+    if isinstance(n, Sum):
+        lo = hi = n.const
+        for a, c in n.terms:
+            iv = static_interval(a, box)
+            if iv is None:
+                return None
+            lo, hi = (lo + iv[0] * c, hi + iv[1] * c) if c > 0 else (lo + iv[1] * c, hi + iv[0] * c)
+        return lo, hi
+    if isinstance(n, FloorDiv) and isinstance(n.b, Const) and n.b.value != 0:
+        iv = static_interval(n.a, box)
+        if iv is None:
+            return None
+        d = n.b.value
+        return (iv[0] // d, iv[1] // d) if d > 0 else (iv[1] // d, iv[0] // d)
+    return None
+
+
 def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk: int, *,
                        num_heads: int = 1, batch: int = 1, q_offset=None) -> None:
     """Raise :class:`SpattnInputError` when an input is too short for the positions it is indexed with.
@@ -522,29 +550,30 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     off = query_offset(Lq, Lk, q_offset)
 
-    pending = []     # (load, axis, size, shape, lo tensor, hi tensor): read at once, one sync
-
-    def on_load(load, idx, t):
-        nd = len(load.index)
-        sizes = tuple(t.shape[t.dim() - nd:])
-        for axis, ((lo, hi), size) in enumerate(zip(idx, sizes)):
-            pending.append((load, axis, size, tuple(t.shape), lo.min(), hi.max()))
-
-    dev = None
-    for t in inputs.values():
-        dev = t.device
-        break
-    env = domain_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset, device=dev)
-    # only the index intervals are checked: a load is summarised (a sparse table) only when
-    # it sits inside another load's index
-    ev = IntervalEval(env, inputs, device=dev)
+    # (load, axis, size, shape, index, [lo, hi]): affine indices of q and k are bounded on the
+    # host (no device op); the others by the interval pass, read at once (one sync)
+    box = {"q": (off, off + Lq - 1), "k": (0, Lk - 1), "Lq": Lq, "Lk": Lk, "H": num_heads}
+    pending = []
     for ld in _loads_postorder(ir):
-        on_load(ld, [ev.int_(i) for i in ld.index], inputs[ld.name])
-    if not pending:
-        return
-    values = torch.stack([v for p in pending for v in p[4:]]).tolist()
-    for i, (load, axis, size, shape, _, _) in enumerate(pending):
-        lo_v, hi_v = values[2 * i], values[2 * i + 1]
+        t = inputs[ld.name]
+        sizes = tuple(t.shape[t.dim() - len(ld.index):])
+        for axis, (ix, size) in enumerate(zip(ld.index, sizes)):
+            pending.append((ld, axis, size, tuple(t.shape), ix, static_interval(ix, box)))
+    if any(p[5] is None for p in pending):
+        dev = None
+        for t in inputs.values():
+            dev = t.device
+            break
+        env = domain_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset, device=dev)
+        # only the index intervals are checked: a load is summarised (a sparse table) only
+        # when it sits inside another load's index
+        ev = IntervalEval(env, inputs, device=dev)
+        hulls = [(lambda lo, hi: (lo.min(), hi.max()))(*ev.int_(p[4]))
+                 for p in pending if p[5] is None]
+        read = iter(torch.stack([v for h in hulls for v in h]).tolist())
+        pending = [p if p[5] is not None else p[:5] + ((next(read), next(read)),)
+                   for p in pending]
+    for load, axis, size, shape, _, (lo_v, hi_v) in pending:
         if lo_v < 0 or hi_v >= size:
             from .printer import to_source
             need = (f"needs indices {lo_v}..{hi_v}" if lo_v < 0 else

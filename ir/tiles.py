@@ -630,22 +630,26 @@ def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inpu
             exact[a.node] = ok
     # segments per direction: [P, S]
     segs = {}
-    for u in ("q", "k", "d"):
+    allfixed = [sorted(fixed[u]) for u in ("q", "k", "d")]
+    if any(allfixed):                         # one upload for the Python cuts
+        flat = torch.tensor([c for f in allfixed for c in f], dtype=I64, device=device)
+    at = 0
+    for u, fx in zip(("q", "k", "d"), allfixed):
         ulo, uhi = ranges[u]
         parts = [c.expand(P, c.shape[1]) for c in cuts[u]]
-        if fixed[u]:
-            parts.append(torch.tensor(sorted(fixed[u]), dtype=I64, device=device)
-                         .expand(P, len(fixed[u])))
+        if fx:
+            parts.append(flat[at:at + len(fx)].expand(P, len(fx)))
+            at += len(fx)
         if parts:
             cs = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            cs = torch.clamp(cs, ulo, uhi + 1)
+            end = uhi + 1
+            cs = torch.clamp(cs, ulo, end)
             if cuts[u] and cs.shape[1] > 1:   # Python cuts alone are sorted, and stay so
                 cs = torch.sort(cs, dim=1).values
-            starts = torch.cat([ulo, cs], dim=1)
-            ends = torch.cat([cs - 1, uhi], dim=1)
+            bounds = torch.cat([ulo, cs, end], dim=1)   # segment s is bounds[s] .. bounds[s+1]-1
+            segs[u] = (bounds[:, :-1], bounds[:, 1:] - 1)
         else:
-            starts, ends = ulo, uhi
-        segs[u] = (starts, ends)
+            segs[u] = (ulo, uhi)
     Sq, Sk, Sd = segs["q"][0].shape[1], segs["k"][0].shape[1], segs["d"][0].shape[1]
     Qlo = segs["q"][0].view(P, Sq, 1, 1)
     Qhi = segs["q"][1].view(P, Sq, 1, 1)

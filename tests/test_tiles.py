@@ -13,7 +13,7 @@ from spattn.ir.intervals import interval_exact
 from spattn.ir.tiles import classify
 from spattn.pattern import Pattern
 
-from .ir_strategies import affine_bool_exprs, bool_exprs
+from .ir_strategies import affine_bool_exprs, bool_exprs, int_exprs
 
 q, k, h = B.var("q"), B.var("k"), B.var("h")
 
@@ -260,6 +260,20 @@ def test_random_inputs_sound(ir, d, seed):
     got = p.tiles(Lq, Lk, bm, bn, num_heads=H, q_offset=abs(off or 0), x=xx, y=y)
     want = truth_tiles(ir, Lq, Lk, bm, bn, H=H, q_offset=abs(off or 0), inputs={"x": xx, "y": y})
     assert unsound(got, want) == 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(int_exprs(), st.integers(1, 90), st.integers(1, 90), st.integers(-20, 20) | st.none())
+def test_static_interval_is_the_interval_pass(ix, Lq, Lk, off):
+    """The host bounds of affine indices (check_input_bounds) equal the interval pass's hull."""
+    from spattn.ir.evaluate import query_offset
+    from spattn.ir.intervals import IntervalEval, domain_env, static_interval
+    o = query_offset(Lq, Lk, off)
+    got = static_interval(ix, {"q": (o, o + Lq - 1), "k": (0, Lk - 1), "Lq": Lq, "Lk": Lk, "H": 2})
+    if got is None:
+        return
+    lo, hi = IntervalEval(domain_env(Lq, Lk, num_heads=2, batch=1, q_offset=off)).int_(ix)
+    assert got == (int(lo.min()), int(hi.max()))
 
 
 # ---- errors -----------------------------------------------------------------
