@@ -33,6 +33,7 @@ form; used by the exact refinement and by the closed-form key ranges).
 from __future__ import annotations
 
 import itertools
+import math
 from functools import lru_cache
 from typing import Mapping
 
@@ -55,9 +56,12 @@ GATHER_WIDTH = 512
 GATHER_ELEMS = 1 << 24
 
 
-def static_width(n: Node, widths) -> int | None:
+def static_width(n: Node, widths, origins=None) -> int | None:
     """A bound on ``hi - lo + 1`` of ``n``'s interval over any box of the environment whose
-    variables span at most ``widths[name]`` values (points: 1); None when not affine in them."""
+    variables span at most ``widths[name]`` values (points: 1); None when not affine in them
+    (or ``//`` of such by a positive constant). ``origins``: ``{name: o}`` when every box of
+    that variable starts at ``o`` plus a multiple of its width (the tile grid), which makes
+    ``q // m`` exact: a tile of ``W`` rows covers ``W // m`` chunks when ``m | W``."""
     if widths is None:
         return None
     if isinstance(n, Const):
@@ -67,11 +71,24 @@ def static_width(n: Node, widths) -> int | None:
     if isinstance(n, Sum):
         total = 1
         for t, c in n.terms:
-            w = static_width(t, widths)
+            w = static_width(t, widths, origins)
             if w is None:
                 return None
             total += abs(c) * (w - 1)
         return total
+    if isinstance(n, FloorDiv) and isinstance(n.b, Const) and n.b.value > 0:
+        m = n.b.value
+        terms, c = B.linear(n.a)
+        if origins and len(terms) == 1:
+            ((v, coef),) = terms.items()
+            W = widths.get(v.name) if isinstance(v, Var) else None
+            if coef == 1 and W and v.name in origins:
+                # x = v + c starts at phase p = (origin + c + i*W) % m, p = r mod gcd(W, m):
+                # at most (p + W - 1) // m + 1 chunks, the largest p being m - g + r
+                g = math.gcd(W, m)
+                return (m - g + (origins[v.name] + c) % g + W - 1) // m + 1
+        w = static_width(n.a, widths, origins)
+        return None if w is None else (w + m - 2) // m + 1
     return None
 
 I64 = torch.int64
@@ -353,8 +370,9 @@ class IntervalEval:
         sizes = full.shape[2:]
         idx = [(lo.clamp(0, s - 1), torch.maximum(hi.clamp(0, s - 1), lo.clamp(0, s - 1)))
                for (lo, hi), s in zip(idx, sizes)]
+        origins = self.env.get("origins")
         if nd == 1:
-            w = static_width(n.index[0], self.env.get("widths"))
+            w = static_width(n.index[0], self.env.get("widths"), origins)
             lo, hi = idx[0]
             if w is not None and w <= GATHER_WIDTH and lo.numel() * w <= GATHER_ELEMS:
                 pos = torch.minimum(lo.unsqueeze(-1) + torch.arange(w, dtype=I64, device=dev),
@@ -371,15 +389,17 @@ class IntervalEval:
                 self.summaries[key] = RangeMinMax(full)
             lo, hi = idx[0]
             return self.summaries[key].query(lo, hi, bi, hi_)
-        widths = [int((hi - lo).max()) + 1 for lo, hi in idx]
-        total = 1
-        for w in widths:
-            total *= w
-        if total <= NARROW_GATHER:
+        # static widths (no device read) when they keep the box summaries gathered: more
+        # offsets than a box needs repeat its last entry, the same min/max
+        widths = [static_width(i, self.env.get("widths"), origins) for i in n.index]
+        if None in widths or math.prod(widths) > NARROW_GATHER:
+            widths = [int((hi - lo).max()) + 1 for lo, hi in idx]
+        if math.prod(widths) <= NARROW_GATHER:
             mn = mx = None
+            at = [[lo] + [torch.minimum(lo + o, hi) for o in range(1, w)]   # lo <= hi
+                  for (lo, hi), w in zip(idx, widths)]
             for offs in itertools.product(*(range(w) for w in widths)):
-                ix = [torch.minimum(lo + o, hi) for (lo, hi), o in zip(idx, offs)]
-                v = full[(bi, hi_, *ix)]
+                v = full[(bi, hi_, *(a[o] for a, o in zip(at, offs)))]
                 mn = v if mn is None else torch.minimum(mn, v)
                 mx = v if mx is None else torch.maximum(mx, v)
             return mn, mx

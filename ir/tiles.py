@@ -137,6 +137,7 @@ def grid_env(Lq, Lk, block_m, block_n, *, num_heads, batch, q_offset, device, na
         "k": tile_bounds(Lk, block_n, 0, device, (1, 1, 1, nk)),
         "Lq": Lq, "Lk": Lk, "H": num_heads,
         "widths": {"q": block_m, "k": block_n, "h": 1, "b": 1},
+        "origins": {"q": off, "k": 0},
     }
     if names is None or "h" in names:
         env["h"] = torch.arange(num_heads, dtype=I64, device=device).view(1, num_heads, 1, 1)
@@ -567,7 +568,8 @@ def _select_gathered(formula, atoms, cls, env, inputs, summaries, device):
     idx = (cls == PARTIAL).nonzero()
     if idx.numel() == 0:
         return None, None
-    point_env = {"Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"], "widths": env.get("widths")}
+    point_env = {"Lq": env["Lq"], "Lk": env["Lk"], "H": env["H"], "widths": env.get("widths"),
+                 "origins": env.get("origins")}
 
     def evaluator(rows):
         qlo, qhi, klo, khi, b_t, h_t = _boxes(env, rows)

@@ -276,6 +276,36 @@ def test_static_interval_is_the_interval_pass(ix, Lq, Lk, off):
     assert got == (int(lo.min()), int(hi.max()))
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(["q", "k"]), st.integers(-30, 30), st.integers(1, 70), st.integers(1, 200),
+       st.integers(1, 200), st.integers(1, 40), st.integers(1, 40), st.integers(0, 30) | st.none())
+def test_static_width_bounds_tile_intervals(v, c_, m, Lq, Lk, bm, bn, off):
+    """``(v + c) // m`` over the tile grid: the static width (with the grid's origins) bounds
+    every tile's interval, and is reached by some tile when m divides the tile size."""
+    from spattn.ir.intervals import IntervalEval, static_width
+    from spattn.ir.tiles import grid_env
+    ix = B.floordiv(B.add(B.var(v), c(c_)), c(m))
+    env = grid_env(Lq, Lk, bm, bn, num_heads=1, batch=1, q_offset=off, device="cpu")
+    lo, hi = IntervalEval(env).int_(ix)
+    w = static_width(ix, env["widths"], env["origins"])
+    assert int((hi - lo).max()) + 1 <= w
+    W, n = (bm, -(-Lq // bm)) if v == "q" else (bn, -(-Lk // bn))
+    if W % m == 0 and n > 1:
+        assert int((hi - lo).max()) + 1 == w
+
+
+def test_block_table_summaries_need_no_sync():
+    """bigbird's blocks[q // 64, k // 64]: the gather's widths are static on the tile grid."""
+    from torch.profiler import ProfilerActivity, profile
+    ir = B.truthy(B.load("blocks", [B.floordiv(q, c(64)), B.floordiv(k, c(64))]))
+    p = Pattern(ir, inputs={"blocks": 2})
+    blocks = torch.rand(16, 16, generator=torch.Generator().manual_seed(0)) < 0.3
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = classify(p, 1024, 1024, 128, 64, inputs={"blocks": blocks}, refine=False)
+    assert not [e for e in prof.events() if e.name in ("aten::_local_scalar_dense", "aten::nonzero")]
+    assert torch.equal(got, truth_tiles(ir, 1024, 1024, 128, 64, inputs={"blocks": blocks.long()}))
+
+
 # ---- errors -----------------------------------------------------------------
 def test_bad_arguments():
     p = Pattern(causal)
