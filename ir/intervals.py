@@ -368,8 +368,11 @@ class IntervalEval:
         bi = _t(self.env.get("b", 0), dev) if full.shape[0] > 1 else 0
         hi_ = _t(self.env.get("h", 0), dev) if full.shape[1] > 1 else 0
         sizes = full.shape[2:]
-        idx = [(lo.clamp(0, s - 1), torch.maximum(hi.clamp(0, s - 1), lo.clamp(0, s - 1)))
-               for (lo, hi), s in zip(idx, sizes)]
+        clamped = []
+        for (lo, hi), s in zip(idx, sizes):
+            lo = lo.clamp(0, s - 1)
+            clamped.append((lo, torch.maximum(hi.clamp(0, s - 1), lo)))
+        idx = clamped
         origins = self.env.get("origins")
         if nd == 1:
             w = static_width(n.index[0], self.env.get("widths"), origins)
