@@ -51,7 +51,7 @@ from ..ir.nodes import BoolConst, Node, Var
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "6"
+CODEGEN_VERSION = "7"
 
 
 # ------------------------------------------------------------------ helpers
@@ -439,7 +439,7 @@ def @@FN@@(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
-    ORDER, stride_order_b, stride_order_h,
+    ORDER,
     sm_scale_log2, H, GROUP, Lq, Lk, q_offset,@@PERSIST_PARAMS@@
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,@@TABLE_CONSTS@@
@@ -484,32 +484,37 @@ FWD_BODY = '''    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
 FWD_DOC = """Forward attention for one query tile of one (batch, query head).
 
-    Grid: (B * H, number of query tiles); program axis 1 is a rank in the
-    heavy-first ORDER of the query tiles."""
+    Grid: (B * H * n_m,) for n_m query tiles; program i runs work item ORDER[i] =
+    (batch * H + head) * n_m + query tile.  ORDER is heavy-first across the grid
+    and, among tiles of about the same work, head by head: the programs resident
+    together are mostly neighbouring tiles of one head, which read the same keys."""
 
-FWD_PROLOGUE = '''    i_bh = tl.program_id(0)
+FWD_PROLOGUE = '''    n_m = tl.cdiv(Lq, BLOCK_M)
+    i_w = tl.load(ORDER + tl.program_id(0))
+    i_bh = i_w // n_m
     i_b = i_bh // H
     i_h = i_bh % H
     i_kh = i_h // GROUP
-    i_m = tl.load(ORDER + i_b * stride_order_b + i_h * stride_order_h + tl.program_id(1))
+    i_m = i_w % n_m
 
 '''
 
 FWD_PERSISTENT_DOC = """Persistent forward attention: each program loops over query tiles.
 
     Grid: (P,) with P <= N_WORK = B * H * (number of query tiles), about as many
-    programs as fit on the device at once.  Work item i_w is the query tile of rank
-    i_w // BH in the heavy-first ORDER of (batch, head) i_w % BH (BH = B * H), so the
-    heaviest tiles of every head go first.  The work-item loop is flattened with the
+    programs as fit on the device at once.  Program p runs the work items
+    ORDER[p], ORDER[p + P], ... (the ORDER of the non-persistent grid, with
+    N_WORK = BH * n_m items, BH = B * H).  The work-item loop is flattened with the
     key loop: the pipeliner can load the next item's first keys during this item's
     epilogue."""
 
-FWD_PERSISTENT_PROLOGUE = '''    for i_w in tl.range(tl.program_id(0), N_WORK, tl.num_programs(0), flatten=True):
-        i_bh = i_w % BH
+FWD_PERSISTENT_PROLOGUE = '''    for i_p in tl.range(tl.program_id(0), N_WORK, tl.num_programs(0), flatten=True):
+        i_w = tl.load(ORDER + i_p)
+        i_bh = i_w // (N_WORK // BH)
         i_b = i_bh // H
         i_h = i_bh % H
         i_kh = i_h // GROUP
-        i_m = tl.load(ORDER + i_b * stride_order_b + i_h * stride_order_h + i_w // BH)
+        i_m = i_w % (N_WORK // BH)
 
 '''
 
@@ -705,11 +710,12 @@ def @@FN@@(
     H, Lq,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) in fp32, [B, H, Lq] contiguous.  Grid: (B * H, query tiles)."""
-    i_bh = tl.program_id(0)
+    """delta = rowsum(dO * O) in fp32, [B, H, Lq] contiguous.  Grid: (query tiles * B * H,)."""
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    i_bh = tl.program_id(0) // n_m
     i_b = i_bh // H
     i_h = i_bh % H
-    o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_m = (tl.program_id(0) % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m = (o_m[:, None] < Lq) & (o_d[None, :] < HEAD_DIM)
     b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
@@ -831,14 +837,15 @@ def @@FN@@(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
-    ORDER, stride_order_b, stride_order_h,
+    ORDER,
     sm_scale, sm_scale_log2, H, HK, GROUP, Lq, Lk, q_offset,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,@@TABLE_CONSTS@@
 ):
     """dK, dV of one key tile (BLOCK_N1 keys) of one (batch, key head).
 
-    Grid: (B * HK, key tiles), heavy-first ORDER.  K and V of the tile stay in
+    Grid: (B * HK * n_n,) for n_n key tiles; program i runs work item ORDER[i] =
+    (batch * HK + key head) * n_n + key tile, heavy-first as in the forward.  K and V of the tile stay in
     registers; the program loops over the GROUP query heads that share this key head
     (GQA) and, for each, over the query tiles (BLOCK_M1 queries) that see this key
     tile: gradients are summed in registers and stored once (deterministic: each
@@ -849,10 +856,12 @@ def @@FN@@(
     tl.static_assert(BLOCK_M1 % 16 == 0)
     tl.static_assert(BLOCK_N1 % 16 == 0)
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    i_bkh = tl.program_id(0)
+    n_n = tl.cdiv(Lk, BLOCK_N1)
+    i_w = tl.load(ORDER + tl.program_id(0))
+    i_bkh = i_w // n_n
     i_b = i_bkh // HK
     i_kh = i_bkh % HK
-    i_n = tl.load(ORDER + i_b * stride_order_b + i_kh * stride_order_h + tl.program_id(1))
+    i_n = i_w % n_n
 
     o_n = i_n * BLOCK_N1 + tl.arange(0, BLOCK_N1)
     o_d = tl.arange(0, BLOCK_D)
@@ -984,24 +993,27 @@ def @@FN@@(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
-    ORDER, stride_order_b, stride_order_h,
+    ORDER,
     sm_scale, sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,@@TABLE_CONSTS@@
 ):
     """dQ of one query tile (BLOCK_M2 queries) of one (batch, query head).
 
-    Grid: (B * H, query tiles), heavy-first ORDER; the key tiles (BLOCK_N2 keys) are
+    Grid: (B * H * n_m,), work items (batch * H + head) * n_m + query tile in the
+    heavy-first ORDER, as in the forward; the key tiles (BLOCK_N2 keys) are
     those of the forward's schedule at this tile shape.
     """
     tl.static_assert(BLOCK_M2 % 16 == 0)
     tl.static_assert(BLOCK_N2 % 16 == 0)
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    i_bh = tl.program_id(0)
+    n_m = tl.cdiv(Lq, BLOCK_M2)
+    i_w = tl.load(ORDER + tl.program_id(0))
+    i_bh = i_w // n_m
     i_b = i_bh // H
     i_h = i_bh % H
     i_kh = i_h // GROUP
-    i_m = tl.load(ORDER + i_b * stride_order_b + i_h * stride_order_h + tl.program_id(1))
+    i_m = i_w % n_m
 
     o_m = i_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
     o_d = tl.arange(0, BLOCK_D)

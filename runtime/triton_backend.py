@@ -172,7 +172,8 @@ def _table_mode(opts: dict) -> str:
 
 def _table(cls: torch.Tensor, n_rows: int, mode: str = "auto"):
     """Kernel arguments of the tiles ``cls [B', H', n_rows, n_cols]``: (the table arguments,
-    the heavy-first order, whether the kernel runs spans).
+    each row's work ``[B', H', n_rows]`` for :func:`_grid_order`, whether the kernel runs
+    spans).
 
     Table arguments ``[ROWS_P, COLS_P, ROWS_F, COLS_F, SPAN, stride_b, stride_h]``: the CSR
     of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]``, all indexed by
@@ -182,13 +183,32 @@ def _table(cls: torch.Tensor, n_rows: int, mode: str = "auto"):
     use_spans = mode == "spans" or (mode == "auto" and int(waste) == 0)   # one device read
     spans = torch.nn.functional.pad(spans, (0, 0, 0, 1)).contiguous()    # row n: padding
     csr = [spans] * 4 if use_spans else [*_csr(cls == PARTIAL), *_csr(cls == FULL)]
-    order = torch.argsort(-work, dim=-1, stable=True).to(torch.int32).contiguous()
     # the kernel reads row (b, h, i) at b * sb + h * sh + i of the flat pointers
     sb = Hp * (n_rows + 1) if Bp > 1 else 0
     sh = n_rows + 1 if Hp > 1 else 0
-    osb = order.stride(0) if Bp > 1 else 0
-    osh = order.stride(1) if Hp > 1 else 0
-    return [*csr, spans, sb, sh], (order, osb, osh), use_spans
+    return [*csr, spans, sb, sh], work, use_spans
+
+
+def _grid_order(work: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    """The programs' work items, int32 ``[B * H * n]``: item ``(b * H + h) * n + i`` is
+    tile ``i`` of (batch, head) ``(b, h)``, with ``work [B', H', n]`` (``B'``, ``H'`` 1 or
+    ``B``, ``H``) each tile's cost.
+
+    Heavy first across the whole grid (a heavy tile started last is the tail of the
+    launch: the sink key tile of ``causal & (window | sink)`` has ~16x the work of the
+    others), but only as finely as work classes of a factor of two: within a class the
+    items stay head by head, tiles of a head in decreasing work.  CUDA starts programs
+    in index order, so the programs resident together are then mostly neighbouring
+    tiles of one head, which read the same keys and values through L2 (an order
+    interleaving the heads lost ~12% on ``causal & same(doc)`` and ``chunked & causal``
+    at N = 65536 on an H200: benchmarks/NOTES.md)."""
+    n = work.shape[-1]
+    work = work.to(torch.int64).expand(B, H, n)
+    rank = torch.argsort(-work, dim=-1, stable=True)
+    item = torch.arange(B * H, device=work.device).view(B, H, 1) * n + rank
+    klass = torch.gather(work, -1, rank).clamp(min=1).to(torch.float64).log2().floor()
+    perm = torch.argsort(-klass.reshape(-1), stable=True)
+    return item.reshape(-1)[perm].to(torch.int32).contiguous()
 
 
 def _demote_ragged(cls: torch.Tensor, L: int, block: int, axis: int) -> torch.Tensor:
@@ -265,26 +285,33 @@ def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inp
     exactly this as the setup cost of a shape."""
     (cls,) = _classes(pattern, Lq, Lk, [(block_m, block_n)], B=B, H=H, q_offset=q_offset,
                       device=device, inputs=inputs)
-    return _table(_demote_ragged(cls, Lk, block_n, 3), -(-Lq // block_m), tables)
+    tab, work, spans = _table(_demote_ragged(cls, Lk, block_n, 3), -(-Lq // block_m), tables)
+    return tab, _grid_order(work, B, H), spans
 
 
-def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs, tables="auto"):
+def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs, tables="auto",
+               HK=None):
     """What the backward launcher of the table strategy builds for a new shape: the dQ
     tables over (BLOCK_M2, BLOCK_N2) tiles and the transposed dK/dV tables over
     (BLOCK_M1, BLOCK_N1) tiles (``blocks = (m1, n1, m2, n2)``), each as :func:`_table`
     returns them (spans or CSR chosen per kernel).  The classes come from
-    :func:`_classes`: after the forward of the same call, often without classifying."""
+    :func:`_classes`: after the forward of the same call, often without classifying.
+    ``HK`` key heads (default ``H``): a dK/dV program serves the ``H // HK`` query heads
+    of its key head, its work is theirs summed."""
+    HK = H if HK is None else HK
     m1, n1, m2, n2 = blocks
     cls2, cls1 = _classes(pattern, Lq, Lk, [(m2, n2), (m1, n1)], B=B, H=H, q_offset=q_offset,
                           device=device, inputs=inputs)
     # dQ: rows = query tiles of BLOCK_M2, columns = key tiles of BLOCK_N2
-    tq = _table(_demote_ragged(cls2, Lk, n2, 3), -(-Lq // m2), tables)
+    tab_q, work_q, spans_q = _table(_demote_ragged(cls2, Lk, n2, 3), -(-Lq // m2), tables)
     # dK/dV: the transpose of the (BLOCK_M1, BLOCK_N1) classes
     nk1 = -(-Lk // n1)
-    tab_k, (order_k, _, _), spans_k = _table(_demote_ragged(cls1, Lq, m1, 2).transpose(2, 3),
-                                             nk1, tables)
-    # dK/dV programs are per key head: one order (of the first (b, h)) shared by all
-    return tq, (tab_k, order_k[0, 0].contiguous().view(1, 1, nk1), spans_k)
+    tab_k, work_k, spans_k = _table(_demote_ragged(cls1, Lq, m1, 2).transpose(2, 3), nk1,
+                                    tables)
+    if work_k.shape[1] > 1:             # per-head tiles: a key head sums its query heads
+        work_k = work_k.view(work_k.shape[0], HK, H // HK, nk1).sum(2)
+    return ((tab_q, _grid_order(work_q, B, H), spans_q),
+            (tab_k, _grid_order(work_k, B, HK), spans_k))
 
 
 # ------------------------------------------------------------ table memo
@@ -328,17 +355,18 @@ _order_cache: dict = {}
 
 
 def _ranges_order(intervals, *, n_tiles, block, other_len, other_block, length, shift, query,
-                  device, H):
-    """Heavy-first order of the programs for the ranges strategy (host heuristic, cached).
+                  device, H, B=1):
+    """The programs' work items for the ranges strategy (:func:`_grid_order`; host
+    heuristic, cached).
 
-    Counts the tiles each interval spans at head 0 and sorts descending: for causal
+    Counts the tiles each interval spans at head 0 as every head's work: for causal
     patterns the last query tiles (longest rows) start first.
     """
     from ..ir.evaluate import evaluate
     from ..ir.printer import to_source
     key = (tuple((None if getattr(i, f) is None else to_source(getattr(i, f)))
                  for i in intervals for f in ("lo", "hi")),
-           n_tiles, block, other_len, other_block, length, shift, query, str(device), H)
+           n_tiles, block, other_len, other_block, length, shift, query, str(device), H, B)
     hit = _order_cache.get(key)
     if hit is not None:
         return hit
@@ -359,10 +387,9 @@ def _ranges_order(intervals, *, n_tiles, block, other_len, other_block, length, 
             lo = torch.clamp(torch.as_tensor(lo) - osh, min=0)
             hi = torch.clamp(torch.as_tensor(hi) - osh, max=other_len - 1)
             work += torch.clamp(hi // other_block - lo // other_block + 1, min=0) * (hi >= lo)
-        order = torch.argsort(-work, stable=True)
     except Exception:   # heuristic only: natural order if the closed form cannot be evaluated
-        order = torch.arange(n_tiles)
-    order = order.to(torch.int32).to(device).view(1, 1, n_tiles)
+        work = torch.zeros(n_tiles, dtype=torch.int64)
+    order = _grid_order(work.view(1, 1, n_tiles), B, H).to(device)
     if len(_order_cache) > 256:
         _order_cache.clear()
     _order_cache[key] = order
@@ -421,27 +448,27 @@ def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts, warmup=False):
                               device=q.device, inputs=inputs, tables=mode)
         key = _memo_key(pattern, "fwd", Lq, Lk, (bm, bn, mode), B, H, q_offset, q.device,
                         inputs)
-        tab, (order, osb, osh), spans = _memo(key, inputs, build)
+        tab, order, spans = _memo(key, inputs, build)
         table_kw = {"SPANS": spans}
     else:
         _, cf, _ = _cache.resolve(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device,
                                   **opts)
         tab, table_kw = [], {}
         order = _ranges_order(cf.rows, n_tiles=nq, block=bm, other_len=Lk, other_block=bn,
-                              length=Lq, shift=q_offset, query=True, device=q.device, H=H)
-        osb = osh = 0
+                              length=Lq, shift=q_offset, query=True, device=q.device, H=H,
+                              B=B)
     persistent = cfg.loop == "persistent"
     if persistent:
         n_work = B * H * nq
         grid = (_persistent_programs(mod, cfg, q.device, n_work),)
         extra = (B * H, n_work)
     else:
-        grid, extra = (B * H, nq), ()
+        grid, extra = (nq * B * H,), ()
     compiled = _launch(
         mod.KERNEL, grid, warmup, q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *in_args, *tab,
-        order, osb, osh,
+        order,
         scale * LOG2E, H, H // HK, Lq, Lk, q_offset, *extra,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.block_d, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **table_kw,
@@ -525,7 +552,7 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
     kw = dict(BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
-    _launch(mod.PREPROCESS, (B * H, nq2), warmup, o, do, delta, *o.stride(), *do.stride(), H,
+    _launch(mod.PREPROCESS, (nq2 * B * H,), warmup, o, do, delta, *o.stride(), *do.stride(), H,
             Lq, BLOCK_M=m2, BLOCK_D=cfg.block_d, HEAD_DIM=D)
     # log2 units; a fully masked row's -inf becomes +inf so that p = exp2(s - lse) = 0
     lse2 = lse.to(torch.float32) * LOG2E
@@ -536,39 +563,36 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
 
         def build():
             return bwd_tables(pattern, Lq, Lk, (m1, n1, m2, n2), B=B, H=H, q_offset=q_offset,
-                              device=dev, inputs=inputs, tables=mode)
-        key = _memo_key(pattern, "bwd", Lq, Lk, (m1, n1, m2, n2, mode), B, H, q_offset, dev,
-                        inputs)
-        (tab_q, (order_q, oqb, oqh), spans_q), (tab_k, order_k, spans_k) = \
-            _memo(key, inputs, build)
-        okb = okh = 0
+                              device=dev, inputs=inputs, tables=mode, HK=HK)
+        key = _memo_key(pattern, "bwd", Lq, Lk, (m1, n1, m2, n2, mode, HK), B, H, q_offset,
+                        dev, inputs)
+        (tab_q, order_q, spans_q), (tab_k, order_k, spans_k) = _memo(key, inputs, build)
         kw_k, kw_q = {"SPANS": spans_k}, {"SPANS": spans_q}
     else:
         _, cf, _ = _cache.resolve(pattern, "bwd", head_dim=D, dtype=q.dtype, device=dev, **opts)
         tab_q = tab_k = []
         kw_k = kw_q = {}
         order_q = _ranges_order(cf.rows, n_tiles=nq2, block=m2, other_len=Lk, other_block=n2,
-                                length=Lq, shift=q_offset, query=True, device=dev, H=H)
+                                length=Lq, shift=q_offset, query=True, device=dev, H=H, B=B)
         order_k = _ranges_order(cf.cols, n_tiles=nk1, block=n1, other_len=Lq, other_block=m1,
-                                length=Lk, shift=q_offset, query=False, device=dev, H=H)
-        oqb = oqh = okb = okh = 0
+                                length=Lk, shift=q_offset, query=False, device=dev, H=HK, B=B)
 
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=dev)
     dk = torch.empty((B, HK, Lk, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HK, Lk, D), dtype=v.dtype, device=dev)
     _launch(
-        mod.DKDV, (B * HK, nk1), warmup, q, k, v, do, lse2, delta, dk, dv,
+        mod.DKDV, (nk1 * B * HK,), warmup, q, k, v, do, lse2, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *in_args, *tab_k,
-        order_k, okb, okh,
+        order_k,
         scale, scale * LOG2E, H, HK, G, Lq, Lk, q_offset,
         BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, **kw, **kw_k,
     )
     _launch(
-        mod.DQ, (B * H, nq2), warmup, q, k, v, do, lse2, delta, dq,
+        mod.DQ, (nq2 * B * H,), warmup, q, k, v, do, lse2, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *in_args, *tab_q,
-        order_q, oqb, oqh,
+        order_q,
         scale, scale * LOG2E, H, G, Lq, Lk, q_offset,
         BLOCK_M2=m2, BLOCK_N2=n2, DOT_PREC=prec, **kw, **kw_q,
     )

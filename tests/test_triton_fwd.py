@@ -260,7 +260,7 @@ def persistent_loop(monkeypatch):
 def _assert_persistent(cache):
     import pathlib
     srcs = [pathlib.Path(p).read_text() for p in cache._modules]
-    assert srcs and all("for i_w in tl.range(tl.program_id(0), N_WORK, tl.num_programs(0)"
+    assert srcs and all("for i_p in tl.range(tl.program_id(0), N_WORK, tl.num_programs(0)"
                         in s and "Forward loop: persistent" in s for s in srcs)
 
 
