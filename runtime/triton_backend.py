@@ -178,15 +178,27 @@ def _table(cls: torch.Tensor, n_rows: int, mode: str = "auto"):
     Table arguments ``[ROWS_P, COLS_P, ROWS_F, COLS_F, SPAN, stride_b, stride_h]``: the CSR
     of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]``, all indexed by
     row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a stand-in."""
-    Bp, Hp = cls.shape[0], cls.shape[1]
-    spans, waste, work = _spans(cls)
-    use_spans = mode == "spans" or (mode == "auto" and int(waste) == 0)   # one device read
-    spans = torch.nn.functional.pad(spans, (0, 0, 0, 1)).contiguous()    # row n: padding
-    csr = [spans] * 4 if use_spans else [*_csr(cls == PARTIAL), *_csr(cls == FULL)]
-    # the kernel reads row (b, h, i) at b * sb + h * sh + i of the flat pointers
-    sb = Hp * (n_rows + 1) if Bp > 1 else 0
-    sh = n_rows + 1 if Hp > 1 else 0
-    return [*csr, spans, sb, sh], work, use_spans
+    return _table_many([(cls, n_rows)], mode)[0]
+
+
+def _table_many(items: list, mode: str = "auto") -> list:
+    """:func:`_table` of each ``(cls, n_rows)`` of ``items``, with one device read for all
+    (the spans' waste decides the form in ``auto`` mode)."""
+    parts = [_spans(cls) for cls, _ in items]
+    if mode == "auto":
+        use = [w == 0 for w in torch.stack([w for _, w, _ in parts]).tolist()]
+    else:
+        use = [mode == "spans"] * len(items)
+    out = []
+    for (cls, n_rows), (spans, _, work), use_spans in zip(items, parts, use):
+        Bp, Hp = cls.shape[0], cls.shape[1]
+        spans = torch.nn.functional.pad(spans, (0, 0, 0, 1)).contiguous()    # row n: padding
+        csr = [spans] * 4 if use_spans else [*_csr(cls == PARTIAL), *_csr(cls == FULL)]
+        # the kernel reads row (b, h, i) at b * sb + h * sh + i of the flat pointers
+        sb = Hp * (n_rows + 1) if Bp > 1 else 0
+        sh = n_rows + 1 if Hp > 1 else 0
+        out.append(([*csr, spans, sb, sh], work, use_spans))
+    return out
 
 
 def _grid_order(work: torch.Tensor, B: int, H: int) -> torch.Tensor:
@@ -257,7 +269,7 @@ def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> list:
     if _CLASS_MEMO is None:
         _CLASS_MEMO = OrderedDict()
     key = _memo_key(pattern, "classes", Lq, Lk, (), B, H, q_offset, device, inputs)
-    have = _CLASS_MEMO.get(key, (None, {}))[1]
+    _, have, tabs = _CLASS_MEMO.get(key, (None, {}, {}))
 
     def known(t):
         return next((f for f in have if t[0] % f[0] == 0 and t[1] % f[1] == 0), None)
@@ -268,12 +280,35 @@ def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> list:
         have = dict(have)
         have[g] = _classify(pattern, Lq, Lk, g[0], g[1], H=H, B=B, q_offset=q_offset,
                             device=device, inputs=inputs)
-        _CLASS_MEMO[key] = (tuple((inputs or {}).values()), have)
+        _CLASS_MEMO[key] = (tuple((inputs or {}).values()), have, tabs)
         while len(_CLASS_MEMO) > CLASS_MEMO_SIZE:
             _CLASS_MEMO.popitem(last=False)
     if key in _CLASS_MEMO:
         _CLASS_MEMO.move_to_end(key)
     return [_pool(have[known(t)], known(t), t, Lq, Lk) for t in tiles]
+
+
+def _tables(pattern, Lq, Lk, specs, *, B, H, q_offset, device, inputs, mode) -> list:
+    """:func:`_table` for each ``(tile, transposed)`` of ``specs`` (``transposed``: rows are
+    key tiles, as dK/dV reads them), built once per classification: they are kept with the
+    classes in their memo entry, so the dQ kernel reuses the forward's table when their
+    tile shapes agree (the autotuner's usual choice, 128x64 for both), and the tables
+    built together share one device read."""
+    cls_all = _classes(pattern, Lq, Lk, [t for t, _ in specs], B=B, H=H, q_offset=q_offset,
+                       device=device, inputs=inputs)
+    key = _memo_key(pattern, "classes", Lq, Lk, (), B, H, q_offset, device, inputs)
+    tabs = _CLASS_MEMO[key][2]
+    todo = {}
+    for ((bm, bn), transposed), cls in zip(specs, cls_all):
+        if ((bm, bn), transposed, mode) in tabs or ((bm, bn), transposed, mode) in todo:
+            continue
+        if transposed:
+            todo[((bm, bn), transposed, mode)] = (
+                _demote_ragged(cls, Lq, bm, 2).transpose(2, 3), -(-Lk // bn))
+        else:
+            todo[((bm, bn), transposed, mode)] = (_demote_ragged(cls, Lk, bn, 3), -(-Lq // bm))
+    tabs.update(zip(todo, _table_many(list(todo.values()), mode)))
+    return [tabs[(t, tr, mode)] for t, tr in specs]
 
 
 def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inputs,
@@ -283,9 +318,9 @@ def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inp
     spans or CSR lists of key tiles per query tile (``tables``: see :data:`TABLE_MODES`),
     the heavy-first order and whether spans are used.  ``benchmarks/bench.py`` times
     exactly this as the setup cost of a shape."""
-    (cls,) = _classes(pattern, Lq, Lk, [(block_m, block_n)], B=B, H=H, q_offset=q_offset,
-                      device=device, inputs=inputs)
-    tab, work, spans = _table(_demote_ragged(cls, Lk, block_n, 3), -(-Lq // block_m), tables)
+    ((tab, work, spans),) = _tables(pattern, Lq, Lk, [((block_m, block_n), False)], B=B, H=H,
+                                    q_offset=q_offset, device=device, inputs=inputs,
+                                    mode=tables)
     return tab, _grid_order(work, B, H), spans
 
 
@@ -300,14 +335,12 @@ def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs, table
     of its key head, its work is theirs summed."""
     HK = H if HK is None else HK
     m1, n1, m2, n2 = blocks
-    cls2, cls1 = _classes(pattern, Lq, Lk, [(m2, n2), (m1, n1)], B=B, H=H, q_offset=q_offset,
-                          device=device, inputs=inputs)
-    # dQ: rows = query tiles of BLOCK_M2, columns = key tiles of BLOCK_N2
-    tab_q, work_q, spans_q = _table(_demote_ragged(cls2, Lk, n2, 3), -(-Lq // m2), tables)
-    # dK/dV: the transpose of the (BLOCK_M1, BLOCK_N1) classes
+    # dQ: rows = query tiles of BLOCK_M2; dK/dV: the transpose of the (BLOCK_M1, BLOCK_N1)
+    # classes, rows = key tiles of BLOCK_N1
+    (tab_q, work_q, spans_q), (tab_k, work_k, spans_k) = _tables(
+        pattern, Lq, Lk, [((m2, n2), False), ((m1, n1), True)], B=B, H=H, q_offset=q_offset,
+        device=device, inputs=inputs, mode=tables)
     nk1 = -(-Lk // n1)
-    tab_k, work_k, spans_k = _table(_demote_ragged(cls1, Lq, m1, 2).transpose(2, 3), nk1,
-                                    tables)
     if work_k.shape[1] > 1:             # per-head tiles: a key head sums its query heads
         work_k = work_k.view(work_k.shape[0], HK, H // HK, nk1).sum(2)
     return ((tab_q, _grid_order(work_q, B, H), spans_q),

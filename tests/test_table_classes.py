@@ -120,3 +120,28 @@ def test_shared_classes_equal_direct(count_classify):
         tb._classify(pat, 293, 300, 64, 16, **kw), 300, 16, 3))[0]
     assert torch.equal(spans_a[..., :-1, :], spans_direct)
     assert b[1][2] is False and c[1][2] is False
+
+
+def test_training_step_shares_tables(count_classify, monkeypatch):
+    """The dQ table is the forward's when the tile shapes agree; the two backward tables
+    are built together (one device read for both spans' waste)."""
+    built = []
+    table_many = tb._table_many
+
+    def spy(items, mode="auto"):
+        built.append(len(items))
+        return table_many(items, mode)
+    monkeypatch.setattr(tb, "_table_many", spy)
+    pat = compile_pattern("causal & same(doc)")
+    doc = {"doc": doc_ids(300, 5, torch.Generator().manual_seed(3))}
+    kw = dict(B=1, H=2, q_offset=0, device="cpu", inputs=doc)
+    fwd = tb.fwd_tables(pat, 300, 300, 32, 16, **kw)
+    (tq, order_q, sq), _ = tb.bwd_tables(pat, 300, 300, (16, 32, 32, 16), **kw)
+    assert built == [1, 1], "the dK/dV table only"
+    assert all(a is b for a, b in zip(fwd[0], tq)) and torch.equal(fwd[1], order_q)
+    built.clear()
+    tb.bwd_tables(pat, 300, 300, (16, 64, 64, 16), **kw)
+    assert built == [2]
+    built.clear()
+    tb.bwd_tables(pat, 300, 300, (16, 64, 64, 16), **dict(kw, tables="csr"))
+    assert built == [2], "another form is another table"
