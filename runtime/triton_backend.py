@@ -288,12 +288,14 @@ def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> list:
     return [_pool(have[known(t)], known(t), t, Lq, Lk) for t in tiles]
 
 
-def _tables(pattern, Lq, Lk, specs, *, B, H, q_offset, device, inputs, mode) -> list:
-    """:func:`_table` for each ``(tile, transposed)`` of ``specs`` (``transposed``: rows are
-    key tiles, as dK/dV reads them), built once per classification: they are kept with the
-    classes in their memo entry, so the dQ kernel reuses the forward's table when their
-    tile shapes agree (the autotuner's usual choice, 128x64 for both), and the tables
-    built together share one device read."""
+def _tables(pattern, Lq, Lk, specs, *, B, H, q_offset, device, inputs, mode, HK=None) -> list:
+    """``(table arguments, grid order, spans?)`` for each ``(tile, transposed)`` of ``specs``
+    (``transposed``: rows are key tiles, as dK/dV reads them, over ``HK`` key heads whose
+    work sums that of their query heads), built once per classification: they are kept
+    with the classes in their memo entry, so the dQ kernel reuses the forward's table and
+    order when their tile shapes agree (the autotuner's usual choice, 128x64 for both), and
+    the tables built together share one device read."""
+    HK = H if HK is None else HK
     cls_all = _classes(pattern, Lq, Lk, [t for t, _ in specs], B=B, H=H, q_offset=q_offset,
                        device=device, inputs=inputs)
     key = _memo_key(pattern, "classes", Lq, Lk, (), B, H, q_offset, device, inputs)
@@ -308,7 +310,16 @@ def _tables(pattern, Lq, Lk, specs, *, B, H, q_offset, device, inputs, mode) -> 
         else:
             todo[((bm, bn), transposed, mode)] = (_demote_ragged(cls, Lk, bn, 3), -(-Lq // bm))
     tabs.update(zip(todo, _table_many(list(todo.values()), mode)))
-    return [tabs[(t, tr, mode)] for t, tr in specs]
+    out = []
+    for t, tr in specs:
+        args, work, spans = tabs[(t, tr, mode)]
+        okey = ("order", t, tr, mode, B, HK if tr else H)
+        if okey not in tabs:
+            if tr and work.shape[1] > 1:      # per-head tiles: a key head sums its query heads
+                work = work.view(work.shape[0], HK, H // HK, work.shape[2]).sum(2)
+            tabs[okey] = _grid_order(work, B, HK if tr else H)
+        out.append((args, tabs[okey], spans))
+    return out
 
 
 def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inputs,
@@ -318,33 +329,25 @@ def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inp
     spans or CSR lists of key tiles per query tile (``tables``: see :data:`TABLE_MODES`),
     the heavy-first order and whether spans are used.  ``benchmarks/bench.py`` times
     exactly this as the setup cost of a shape."""
-    ((tab, work, spans),) = _tables(pattern, Lq, Lk, [((block_m, block_n), False)], B=B, H=H,
-                                    q_offset=q_offset, device=device, inputs=inputs,
-                                    mode=tables)
-    return tab, _grid_order(work, B, H), spans
+    (out,) = _tables(pattern, Lq, Lk, [((block_m, block_n), False)], B=B, H=H,
+                     q_offset=q_offset, device=device, inputs=inputs, mode=tables)
+    return out
 
 
 def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs, tables="auto",
                HK=None):
     """What the backward launcher of the table strategy builds for a new shape: the dQ
     tables over (BLOCK_M2, BLOCK_N2) tiles and the transposed dK/dV tables over
-    (BLOCK_M1, BLOCK_N1) tiles (``blocks = (m1, n1, m2, n2)``), each as :func:`_table`
-    returns them (spans or CSR chosen per kernel).  The classes come from
+    (BLOCK_M1, BLOCK_N1) tiles (``blocks = (m1, n1, m2, n2)``), each as (table arguments,
+    grid order, spans?) (spans or CSR chosen per kernel).  The classes come from
     :func:`_classes`: after the forward of the same call, often without classifying.
     ``HK`` key heads (default ``H``): a dK/dV program serves the ``H // HK`` query heads
     of its key head, its work is theirs summed."""
-    HK = H if HK is None else HK
     m1, n1, m2, n2 = blocks
     # dQ: rows = query tiles of BLOCK_M2; dK/dV: the transpose of the (BLOCK_M1, BLOCK_N1)
     # classes, rows = key tiles of BLOCK_N1
-    (tab_q, work_q, spans_q), (tab_k, work_k, spans_k) = _tables(
-        pattern, Lq, Lk, [((m2, n2), False), ((m1, n1), True)], B=B, H=H, q_offset=q_offset,
-        device=device, inputs=inputs, mode=tables)
-    nk1 = -(-Lk // n1)
-    if work_k.shape[1] > 1:             # per-head tiles: a key head sums its query heads
-        work_k = work_k.view(work_k.shape[0], HK, H // HK, nk1).sum(2)
-    return ((tab_q, _grid_order(work_q, B, H), spans_q),
-            (tab_k, _grid_order(work_k, B, HK), spans_k))
+    return tuple(_tables(pattern, Lq, Lk, [((m2, n2), False), ((m1, n1), True)], B=B, H=H,
+                         q_offset=q_offset, device=device, inputs=inputs, mode=tables, HK=HK))
 
 
 # ------------------------------------------------------------ table memo
