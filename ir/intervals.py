@@ -20,10 +20,14 @@ are exact only per atom (the refinement in :mod:`spattn.ir.tiles` makes the
 combination exact for affine patterns).
 
 Runtime inputs enter through per-tile summaries computed on the device: a 1-D
-input through a sparse table (range min/max in O(1) per query after an
+input by gathering the entries each tile covers when their count has a static
+bound of at most ``GATHER_WIDTH`` (``doc[q]`` over a tile: the tile's width),
+else through a sparse table (range min/max in O(1) per query after an
 O(n log n) build); an n-D input by gathering the covered entries when every
-tile's index box is small (at most 256 entries), otherwise the min/max of the
-whole input (per batch/head slice).
+tile's index box is small (at most ``NARROW_GATHER`` entries; widths bounded
+statically where :func:`static_width` can, else read from the device),
+otherwise the min/max of the whole input (per batch/head slice; this marks the
+evaluator ``coarse``).
 
 Also here: :func:`index_hull` / :func:`check_input_bounds` (no kernel ever
 reads an input out of bounds) and :func:`lift` (pushes ``abs``/``min``/``max``/
