@@ -179,6 +179,15 @@ def test_distinct_tile_shapes_options(monkeypatch, tiles, strategy):
     assert (cfg.block_m, cfg.block_n, cfg.block_m2, cfg.block_n2) == tiles
 
 
+@pytest.mark.parametrize("loop", ["split", "fused"])
+def test_per_head_tables_gqa(monkeypatch, loop):
+    """Per-head tile classes with GQA: the dK/dV tables are per query head and a key head's
+    work (its grid order) sums that of its query heads."""
+    monkeypatch.setenv("SPATTN_BWD_LOOP", loop)
+    run_bwd("causal & (q - k < 7 | k % H == h)", strategy="table", Bn=2, Hq=4, Hk=2, Lq=45,
+            seed=21)
+
+
 def test_env_change_picks_new_config(monkeypatch):
     """The per-process config memo sees a changed SPATTN_BWD_* environment."""
     seen = _spy_configs(monkeypatch)
