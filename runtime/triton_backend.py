@@ -183,8 +183,14 @@ def _table(cls: torch.Tensor, n_rows: int, mode: str = "auto"):
 
 def _table_many(items: list, mode: str = "auto") -> list:
     """:func:`_table` of each ``(cls, n_rows)`` of ``items``, with one device read for all
-    (the spans' waste decides the form in ``auto`` mode)."""
-    parts = [_spans(cls) for cls, _ in items]
+    (the spans' waste decides the form in ``auto`` mode).  On CUDA in ``auto`` mode the
+    spans come from one kernel launch per table (:func:`spattn.runtime.spans_kernel.row_spans`:
+    the same spans wherever the waste is zero, the only place they are read)."""
+    if mode == "auto" and items and items[0][0].is_cuda:
+        from .spans_kernel import row_spans      # one launch per table instead of ~30 ops
+        parts = [row_spans(cls) for cls, _ in items]
+    else:
+        parts = [_spans(cls) for cls, _ in items]
     if mode == "auto":
         use = [w == 0 for w in torch.stack([w for _, w, _ in parts]).tolist()]
     else:
@@ -254,6 +260,10 @@ def _pool(cls: torch.Tensor, fine: tuple, tile: tuple, Lq: int, Lk: int) -> torc
 
 _CLASS_MEMO: "OrderedDict" = None
 CLASS_MEMO_SIZE = 8
+#: tiles are classified at most this coarse (per side), and coarser shapes pooled: the
+#: forward's 128x64 and the backward's 64x128 (dK/dV) then share one classification at
+#: 64x64 (a classification is ~40 device launches on the GPU, a pooling ~10)
+CLASS_TILE = 64
 
 
 def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> list:
@@ -261,8 +271,9 @@ def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> list:
     they can: a shape whose tiles are unions of tiles already classified for the same
     call (pattern, lengths, offset, inputs by identity and version: the forward's, say) is
     pooled from them (:func:`_pool`); the others are pooled from one classification at
-    their common divisor tile.  The backward needs two tile shapes (dQ, dK/dV), the
-    forward one: a training step classifies once or twice instead of three times."""
+    their common divisor tile, at most :data:`CLASS_TILE` per side.  The backward needs two
+    tile shapes (dQ, dK/dV), the forward one: a training step classifies once instead of
+    three times."""
     import math
     from collections import OrderedDict
     global _CLASS_MEMO
@@ -276,7 +287,8 @@ def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> list:
 
     missing = [t for t in tiles if known(t) is None]
     if missing:
-        g = (math.gcd(*(t[0] for t in missing)), math.gcd(*(t[1] for t in missing)))
+        g = (math.gcd(CLASS_TILE, *(t[0] for t in missing)),
+             math.gcd(CLASS_TILE, *(t[1] for t in missing)))
         have = dict(have)
         have[g] = _classify(pattern, Lq, Lk, g[0], g[1], H=H, B=B, q_offset=q_offset,
                             device=device, inputs=inputs)

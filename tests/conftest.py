@@ -25,7 +25,7 @@ settings.load_profile(os.environ.get("SPATTN_HYPOTHESIS", "ci"))
 
 INTERPRETER_MODULES = ("test_codegen", "test_triton_fwd", "test_triton_bwd", "test_table_memo",
                        "test_triton_chunked",
-                       "test_tune", "test_table_spans")
+                       "test_tune", "test_table_spans", "test_spans_kernel")
 
 
 def pytest_collection_modifyitems(config, items):

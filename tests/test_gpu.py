@@ -133,3 +133,24 @@ def test_table_forms_bf16(monkeypatch, name, src, mk, tables):
     for nm, a, b in zip(("dq", "dk", "dv"), grads, (qr, kr, vr)):
         err = float((a.double() - b.grad).norm() / b.grad.norm())
         assert err < 2e-2, f"{name} {tables} {nm}: rel. error {err:.2e}"
+
+
+def test_row_spans_cuda():
+    """The one-launch span summary on the device agrees with the torch ``_spans``."""
+    from spattn.runtime import triton_backend as tb
+    from spattn.runtime.spans_kernel import row_spans
+    g = torch.Generator().manual_seed(3)
+    cls = torch.randint(0, 3, (2, 3, 40, 700), generator=g, dtype=torch.int8)
+    docs = torch.zeros(1, 1, 64, 2000, dtype=torch.int8)       # documents-like: tight rows
+    for i in range(64):
+        lo, hi = i // 8 * 250, min(2000, i * 31 + 40)
+        docs[0, 0, i, lo:hi] = 1
+        docs[0, 0, i, lo + 1:max(lo + 1, hi - 1)] = 2
+    for c in (cls, docs, cls.transpose(2, 3)):
+        c = c.cuda()
+        spans, waste, work = row_spans(c)
+        ref_spans, ref_waste, ref_work = tb._spans(c)
+        assert (int(waste) == 0) == (int(ref_waste) == 0)
+        assert torch.equal(work, ref_work.to(torch.int32))
+        if int(ref_waste) == 0:
+            assert torch.equal(spans, ref_spans)

@@ -145,3 +145,16 @@ def test_training_step_shares_tables(count_classify, monkeypatch):
     built.clear()
     tb.bwd_tables(pat, 300, 300, (16, 64, 64, 16), **dict(kw, tables="csr"))
     assert built == [2], "another form is another table"
+
+
+def test_classified_at_most_class_tile(count_classify):
+    """Coarse tiles are pooled from CLASS_TILE-sided classes: the forward's 128x64 and the
+    backward's 64x128 share one classification, and the pooled classes equal direct ones."""
+    pat = compile_pattern("causal & same(doc)")
+    doc = {"doc": doc_ids(703, 5, torch.Generator().manual_seed(4))}
+    kw = dict(B=1, H=2, q_offset=3, device="cpu", inputs=doc)
+    fwd = tb.fwd_tables(pat, 700, 650, 128, 64, **kw)
+    tb.bwd_tables(pat, 700, 650, (64, 128, 128, 64), **kw)
+    assert count_classify == [(tb.CLASS_TILE, tb.CLASS_TILE)] == [(64, 64)]
+    direct = tb._demote_ragged(tb._classify(pat, 700, 650, 128, 64, **kw), 650, 64, 3)
+    assert torch.equal(fwd[0][4][..., :-1, :], tb._spans(direct)[0])
