@@ -170,22 +170,17 @@ def _table_mode(opts: dict) -> str:
     return choice(opts.get("tables"), "tables", "SPATTN_TABLES", TABLE_MODES)
 
 
-def _table(cls: torch.Tensor, n_rows: int, mode: str = "auto"):
-    """Kernel arguments of the tiles ``cls [B', H', n_rows, n_cols]``: (the table arguments,
-    each row's work ``[B', H', n_rows]`` for :func:`_grid_order`, whether the kernel runs
-    spans).
+def _table_many(items: list, mode: str = "auto") -> list:
+    """For each ``(cls, n_rows)`` of ``items`` (tile classes ``[B', H', n_rows, n_cols]``):
+    (the table arguments, each row's work ``[B', H', n_rows]`` for :func:`_grid_order`,
+    whether the kernel runs spans), with one device read for all (the spans' waste decides
+    the form in ``auto`` mode).  On CUDA in ``auto`` mode the spans come from one kernel
+    launch per table (:func:`spattn.runtime.spans_kernel.row_spans`: the same spans
+    wherever the waste is zero, the only place they are read).
 
     Table arguments ``[ROWS_P, COLS_P, ROWS_F, COLS_F, SPAN, stride_b, stride_h]``: the CSR
     of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]``, all indexed by
     row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a stand-in."""
-    return _table_many([(cls, n_rows)], mode)[0]
-
-
-def _table_many(items: list, mode: str = "auto") -> list:
-    """:func:`_table` of each ``(cls, n_rows)`` of ``items``, with one device read for all
-    (the spans' waste decides the form in ``auto`` mode).  On CUDA in ``auto`` mode the
-    spans come from one kernel launch per table (:func:`spattn.runtime.spans_kernel.row_spans`:
-    the same spans wherever the waste is zero, the only place they are read)."""
     if mode == "auto" and items and items[0][0].is_cuda:
         from .spans_kernel import row_spans      # one launch per table instead of ~30 ops
         parts = [row_spans(cls) for cls, _ in items]
@@ -266,10 +261,11 @@ CLASS_MEMO_SIZE = 8
 CLASS_TILE = 64
 
 
-def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> list:
-    """Tile classes for each ``(bm, bn)`` of ``tiles``, sharing one classification where
-    they can: a shape whose tiles are unions of tiles already classified for the same
-    call (pattern, lengths, offset, inputs by identity and version: the forward's, say) is
+def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> tuple:
+    """``(classes, tables)``: the tile classes for each ``(bm, bn)`` of ``tiles``, and the
+    dict in which :func:`_tables` keeps what it builds from this classification.  The
+    shapes share one classification where they can: a shape whose tiles are unions of
+    tiles already classified for the same call (pattern, lengths, offset, inputs by identity and version: the forward's, say) is
     pooled from them (:func:`_pool`); the others are pooled from one classification at
     their common divisor tile, at most :data:`CLASS_TILE` per side.  The backward needs two
     tile shapes (dQ, dK/dV), the forward one: a training step classifies once instead of
@@ -297,7 +293,7 @@ def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> list:
             _CLASS_MEMO.popitem(last=False)
     if key in _CLASS_MEMO:
         _CLASS_MEMO.move_to_end(key)
-    return [_pool(have[known(t)], known(t), t, Lq, Lk) for t in tiles]
+    return [_pool(have[known(t)], known(t), t, Lq, Lk) for t in tiles], tabs
 
 
 def _tables(pattern, Lq, Lk, specs, *, B, H, q_offset, device, inputs, mode, HK=None) -> list:
@@ -308,19 +304,17 @@ def _tables(pattern, Lq, Lk, specs, *, B, H, q_offset, device, inputs, mode, HK=
     order when their tile shapes agree (the autotuner's usual choice, 128x64 for both), and
     the tables built together share one device read."""
     HK = H if HK is None else HK
-    cls_all = _classes(pattern, Lq, Lk, [t for t, _ in specs], B=B, H=H, q_offset=q_offset,
-                       device=device, inputs=inputs)
-    key = _memo_key(pattern, "classes", Lq, Lk, (), B, H, q_offset, device, inputs)
-    tabs = _CLASS_MEMO[key][2]
+    cls_all, tabs = _classes(pattern, Lq, Lk, [t for t, _ in specs], B=B, H=H,
+                             q_offset=q_offset, device=device, inputs=inputs)
     todo = {}
     for ((bm, bn), transposed), cls in zip(specs, cls_all):
-        if ((bm, bn), transposed, mode) in tabs or ((bm, bn), transposed, mode) in todo:
+        tkey = ((bm, bn), transposed, mode)
+        if tkey in tabs or tkey in todo:
             continue
         if transposed:
-            todo[((bm, bn), transposed, mode)] = (
-                _demote_ragged(cls, Lq, bm, 2).transpose(2, 3), -(-Lk // bn))
+            todo[tkey] = (_demote_ragged(cls, Lq, bm, 2).transpose(2, 3), -(-Lk // bn))
         else:
-            todo[((bm, bn), transposed, mode)] = (_demote_ragged(cls, Lk, bn, 3), -(-Lq // bm))
+            todo[tkey] = (_demote_ragged(cls, Lk, bn, 3), -(-Lq // bm))
     tabs.update(zip(todo, _table_many(list(todo.values()), mode)))
     out = []
     for t, tr in specs:
