@@ -181,7 +181,9 @@ def _table_many(items: list, mode: str = "auto") -> list:
     Table arguments ``[ROWS_P, COLS_P, ROWS_F, COLS_F, SPAN, stride_b, stride_h]``: the CSR
     of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]``, all indexed by
     row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a stand-in."""
-    if mode == "auto" and items and items[0][0].is_cuda:
+    if not items:
+        return []
+    if mode == "auto" and items[0][0].is_cuda:
         from .spans_kernel import row_spans      # one launch per table instead of ~30 ops
         parts = [row_spans(cls) for cls, _ in items]
     else:

@@ -158,3 +158,14 @@ def test_classified_at_most_class_tile(count_classify):
     assert count_classify == [(tb.CLASS_TILE, tb.CLASS_TILE)] == [(64, 64)]
     direct = tb._demote_ragged(tb._classify(pat, 700, 650, 128, 64, **kw), 650, 64, 3)
     assert torch.equal(fwd[0][4][..., :-1, :], tb._spans(direct)[0])
+
+
+def test_tables_already_built():
+    """Every requested table already kept with its classification (the launcher's table
+    memo evicted it, the classification memo did not): nothing is rebuilt, no error."""
+    pat = compile_pattern("causal & window(9)")
+    kw = dict(B=1, H=2, q_offset=0, device="cpu", inputs={})
+    tb._CLASS_MEMO = None
+    a = tb.fwd_tables(pat, 100, 100, 16, 16, **kw)
+    b = tb.fwd_tables(pat, 100, 100, 16, 16, **kw)
+    assert all(x is y for x, y in zip(a[0], b[0])) and a[1] is b[1] and a[2] == b[2]
