@@ -291,3 +291,56 @@ def test_persistent_gqa_offsets_and_masked_rows(persistent_loop, strategy):
     # one work item fewer than the programs: the loop runs zero times for some programs
     run_fwd("window(13)", strategy=strategy, Bn=1, Hq=1, Lq=20, bm=32, seed=4,
             cf_factory=(lambda: window_cf(13)) if strategy == "ranges" else None)
+
+
+# ----------------------- the online rescale: row maxima that jump after the first tile
+
+def _growing_qkv(Bn, H, L, D, seed, dtype=torch.float32):
+    """Keys whose norm grows along the sequence: a row's max grows by more than a
+    factor 2**16 from one key tile to the next (the test asserts it), so acc and l_i
+    are rescaled by large factors after the first tile, in PARTIAL and FULL tiles
+    alike; random normal scores move it by a few units, where a wrong rescale hides."""
+    q, k, v = rand_qkv(Bn, H, H, L, L, D, seed=seed)
+    growth = 1.0 + torch.arange(L, dtype=torch.float32) / 3.0
+    return q.to(dtype), (k * growth[:, None]).to(dtype), v.to(dtype)
+
+
+def _max_jump_log2(q, k, scale, bn, allowed):
+    """The largest increase of a row's running max (log2 units) after its first key tile."""
+    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale / torch.log(
+        torch.tensor(2.0, dtype=torch.float64))
+    s = s.masked_fill(~allowed, float("-inf"))
+    tiles = s.split(bn, dim=-1)
+    run = tiles[0].amax(-1)
+    jump = torch.tensor(0.0, dtype=torch.float64)
+    for t in tiles[1:]:
+        new = torch.maximum(run, t.amax(-1))
+        live = torch.isfinite(run)
+        if live.any():
+            jump = torch.maximum(jump, (new - run)[live].max())
+        run = new
+    return float(jump)
+
+
+@pytest.mark.parametrize("loop", ["split", "fused", "persistent"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("src", ["causal & (window(40) | sink(4))", "full"],
+                         ids=["window_sink", "full"])
+def test_online_rescale_growing_scores(monkeypatch, loop, strategy, src):
+    from spattn.runtime import cache
+    monkeypatch.setenv("SPATTN_FWD_LOOP", loop)
+    cache.clear_memory()
+    try:
+        pattern = compile_pattern(src)
+        Bn, H, L, D, bn = 1, 2, 100, 32, 16
+        q, k, v = _growing_qkv(Bn, H, L, D, seed=31)
+        scale = D ** -0.5
+        cf = (analysis_cf(pattern) or trivial_cf()) if strategy == "ranges" else None
+        o, lse = tb.fwd(pattern, q, k, v, scale=scale, q_offset=0, inputs={},
+                        strategy=strategy, block_m=32, block_n=bn, closed_form=cf)
+        ref_o, ref_lse, m = reference(pattern, q, k, v, scale=scale, q_offset=0, inputs={})
+        assert _max_jump_log2(q, k, scale, bn, m) > 16
+        check_close("o", o, ref_o, TOL)
+        check_lse(lse, ref_lse, TOL)
+    finally:
+        cache.clear_memory()
