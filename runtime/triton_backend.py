@@ -170,36 +170,84 @@ def _table_mode(opts: dict) -> str:
     return choice(opts.get("tables"), "tables", "SPATTN_TABLES", TABLE_MODES)
 
 
+class _Job:
+    """One table to build: its tile ``(bm, bn)``, orientation (``transposed``: rows are key
+    tiles, as dK/dV reads them) and the fine classes ``fine [B', H', nfq, nfk]`` of
+    ``fine_tile`` tiles it is pooled from (:func:`_classes`)."""
+
+    def __init__(self, fine, fine_tile, tile, transposed, Lq, Lk):
+        self.fine, self.fine_tile, self.tile, self.transposed = fine, fine_tile, tile, transposed
+        self.Lq, self.Lk = Lq, Lk
+        bm, bn = tile
+        self.n_rows = -(-Lk // bn) if transposed else -(-Lq // bm)
+        self.n_cols = -(-Lq // bm) if transposed else -(-Lk // bn)
+        self.ragged = (Lq % bm if transposed else Lk % bn) != 0
+
+    def classes(self) -> torch.Tensor:
+        """The table's classes ``[B', H', n_rows, n_cols]``: pooled, the ragged last column
+        demoted (FULL tiles there need a bounds mask), transposed for dK/dV."""
+        (bm, bn), Lq, Lk = self.tile, self.Lq, self.Lk
+        cls = _pool(self.fine, self.fine_tile, self.tile, Lq, Lk)
+        if self.transposed:
+            return _demote_ragged(cls, Lq, bm, 2).transpose(2, 3)
+        return _demote_ragged(cls, Lk, bn, 3)
+
+
+def _device_tables(device) -> bool:
+    """Whether ``auto``-mode tables come from the one-launch kernels of
+    :mod:`spattn.runtime.spans_kernel` (on CUDA; the tests also run them on the CPU under
+    the interpreter)."""
+    return torch.device(device).type == "cuda"
+
+
 def _table_many(items: list, mode: str = "auto") -> list:
-    """For each ``(cls, n_rows)`` of ``items`` (tile classes ``[B', H', n_rows, n_cols]``):
-    (the table arguments, each row's work ``[B', H', n_rows]`` for :func:`_grid_order`,
-    whether the kernel runs spans), with one device read for all (the spans' waste decides
-    the form in ``auto`` mode).  On CUDA in ``auto`` mode the spans come from one kernel
-    launch per table (:func:`spattn.runtime.spans_kernel.row_spans`: the same spans
-    wherever the waste is zero, the only place they are read).
+    """For each :class:`_Job` of ``items``: (the table arguments, each row's work
+    ``[B', H', n_rows]`` for :func:`_grid_order`, whether the kernel runs spans), with one
+    device read for all (the spans' waste decides the form in ``auto`` mode).  On CUDA in
+    ``auto`` mode a table is one kernel launch from the fine classes
+    (:func:`spattn.runtime.spans_kernel.table_rows`: pooling, demotion, transposition and
+    the row summary; the same spans wherever the waste is zero, the only place they are
+    read); its classes are pooled in torch only where CSR lists are built.
 
     Table arguments ``[ROWS_P, COLS_P, ROWS_F, COLS_F, SPAN, stride_b, stride_h]``: the CSR
     of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]``, all indexed by
     row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a stand-in."""
     if not items:
         return []
-    if mode == "auto" and items[0][0].is_cuda:
-        from .spans_kernel import row_spans      # one launch per table instead of ~30 ops
-        parts = [row_spans(cls) for cls, _ in items]
+    classes = [None] * len(items)
+    if mode == "auto" and _device_tables(items[0].fine.device):
+        from .spans_kernel import table_rows      # one launch per table instead of ~45 ops
+        waste = torch.zeros(len(items), dtype=torch.int32, device=items[0].fine.device)
+        parts = []
+        for t, job in enumerate(items):
+            fm, fn = job.fine_tile
+            bm, bn = job.tile
+            parts.append(table_rows(job.fine, (bm // fm, bn // fn), job.n_rows, job.n_cols,
+                                    transposed=job.transposed, ragged=job.ragged,
+                                    waste=waste[t:t + 1]))
+        use = [w == 0 for w in waste.tolist()]
     else:
-        parts = [_spans(cls) for cls, _ in items]
-    if mode == "auto":
-        use = [w == 0 for w in torch.stack([w for _, w, _ in parts]).tolist()]
-    else:
-        use = [mode == "spans"] * len(items)
+        classes = [job.classes() for job in items]
+        parts = []
+        for cls in classes:
+            spans, waste, work = _spans(cls)
+            spans = torch.nn.functional.pad(spans, (0, 0, 0, 1)).contiguous()  # padding row
+            parts.append((spans, work, waste))
+        if mode == "auto":
+            use = [w == 0 for w in torch.stack([w for _, _, w in parts]).tolist()]
+        else:
+            use = [mode == "spans"] * len(items)
     out = []
-    for (cls, n_rows), (spans, _, work), use_spans in zip(items, parts, use):
-        Bp, Hp = cls.shape[0], cls.shape[1]
-        spans = torch.nn.functional.pad(spans, (0, 0, 0, 1)).contiguous()    # row n: padding
-        csr = [spans] * 4 if use_spans else [*_csr(cls == PARTIAL), *_csr(cls == FULL)]
+    for job, cls, (spans, work, *_), use_spans in zip(items, classes, parts, use):
+        Bp, Hp = job.fine.shape[0], job.fine.shape[1]
+        if use_spans:
+            csr = [spans] * 4
+        else:
+            cls = job.classes() if cls is None else cls
+            csr = [*_csr(cls == PARTIAL), *_csr(cls == FULL)]
         # the kernel reads row (b, h, i) at b * sb + h * sh + i of the flat pointers
-        sb = Hp * (n_rows + 1) if Bp > 1 else 0
-        sh = n_rows + 1 if Hp > 1 else 0
+        sb = Hp * (job.n_rows + 1) if Bp > 1 else 0
+        sh = job.n_rows + 1 if Hp > 1 else 0
         out.append(([*csr, spans, sb, sh], work, use_spans))
     return out
 
@@ -221,7 +269,9 @@ def _grid_order(work: torch.Tensor, B: int, H: int) -> torch.Tensor:
     work = work.to(torch.int64).expand(B, H, n)
     rank = torch.argsort(-work, dim=-1, stable=True)
     item = torch.arange(B * H, device=work.device).view(B, H, 1) * n + rank
-    klass = torch.gather(work, -1, rank).clamp(min=1).to(torch.float64).log2().floor()
+    # the class floor(log2(work)) + 1, exactly (frexp: w = m * 2**e, m in [0.5, 1));
+    # CUDA's log2 of 8.0 is 2.999..., which moved such tiles a class down
+    klass = torch.frexp(torch.gather(work, -1, rank).clamp(min=1).to(torch.float64)).exponent
     perm = torch.argsort(-klass.reshape(-1), stable=True)
     return item.reshape(-1)[perm].to(torch.int32).contiguous()
 
@@ -264,14 +314,15 @@ CLASS_TILE = 64
 
 
 def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> tuple:
-    """``(classes, tables)``: the tile classes for each ``(bm, bn)`` of ``tiles``, and the
-    dict in which :func:`_tables` keeps what it builds from this classification.  The
-    shapes share one classification where they can: a shape whose tiles are unions of
-    tiles already classified for the same call (pattern, lengths, offset, inputs by identity and version: the forward's, say) is
-    pooled from them (:func:`_pool`); the others are pooled from one classification at
-    their common divisor tile, at most :data:`CLASS_TILE` per side.  The backward needs two
-    tile shapes (dQ, dK/dV), the forward one: a training step classifies once instead of
-    three times."""
+    """``(fine, tables)``: for each ``(bm, bn)`` of ``tiles`` the classified tile shape
+    and classes ``(fine_tile, classes)`` it is pooled from (:func:`_pool`, or the table
+    kernel on CUDA), and the dict in which :func:`_tables` keeps what it builds from this
+    classification.  The shapes share one classification where they can: a shape whose
+    tiles are unions of tiles already classified for the same call (pattern, lengths,
+    offset, inputs by identity and version: the forward's, say) is pooled from them; the
+    others from one classification at their common divisor tile, at most
+    :data:`CLASS_TILE` per side.  The backward needs two tile shapes (dQ, dK/dV), the
+    forward one: a training step classifies once instead of three times."""
     import math
     from collections import OrderedDict
     global _CLASS_MEMO
@@ -295,7 +346,7 @@ def _classes(pattern, Lq, Lk, tiles, *, B, H, q_offset, device, inputs) -> tuple
             _CLASS_MEMO.popitem(last=False)
     if key in _CLASS_MEMO:
         _CLASS_MEMO.move_to_end(key)
-    return [_pool(have[known(t)], known(t), t, Lq, Lk) for t in tiles], tabs
+    return [(known(t), have[known(t)]) for t in tiles], tabs
 
 
 def _tables(pattern, Lq, Lk, specs, *, B, H, q_offset, device, inputs, mode, HK=None) -> list:
@@ -306,28 +357,39 @@ def _tables(pattern, Lq, Lk, specs, *, B, H, q_offset, device, inputs, mode, HK=
     order when their tile shapes agree (the autotuner's usual choice, 128x64 for both), and
     the tables built together share one device read."""
     HK = H if HK is None else HK
-    cls_all, tabs = _classes(pattern, Lq, Lk, [t for t, _ in specs], B=B, H=H,
-                             q_offset=q_offset, device=device, inputs=inputs)
+    fine_all, tabs = _classes(pattern, Lq, Lk, [t for t, _ in specs], B=B, H=H,
+                              q_offset=q_offset, device=device, inputs=inputs)
     todo = {}
-    for ((bm, bn), transposed), cls in zip(specs, cls_all):
-        tkey = ((bm, bn), transposed, mode)
-        if tkey in tabs or tkey in todo:
-            continue
-        if transposed:
-            todo[tkey] = (_demote_ragged(cls, Lq, bm, 2).transpose(2, 3), -(-Lk // bn))
-        else:
-            todo[tkey] = (_demote_ragged(cls, Lk, bn, 3), -(-Lq // bm))
+    for (tile, transposed), (fine_tile, fine) in zip(specs, fine_all):
+        tkey = (tile, transposed, mode)
+        if tkey not in tabs and tkey not in todo:
+            todo[tkey] = _Job(fine, fine_tile, tile, transposed, Lq, Lk)
     tabs.update(zip(todo, _table_many(list(todo.values()), mode)))
     out = []
     for t, tr in specs:
         args, work, spans = tabs[(t, tr, mode)]
         okey = ("order", t, tr, mode, B, HK if tr else H)
         if okey not in tabs:
-            if tr and work.shape[1] > 1:      # per-head tiles: a key head sums its query heads
-                work = work.view(work.shape[0], HK, H // HK, work.shape[2]).sum(2)
-            tabs[okey] = _grid_order(work, B, HK if tr else H)
+            tabs[okey] = _order(work, B, HK if tr else H, t, tr, Lq, Lk)
         out.append((args, tabs[okey], spans))
     return out
+
+
+def _order(work, B, HO, tile, transposed, Lq, Lk) -> torch.Tensor:
+    """:func:`_grid_order` of a table's rows over ``HO`` heads (for dK/dV the key heads,
+    whose work sums that of their query heads when the tiles are per head): one key
+    kernel and a sort on CUDA (:func:`spattn.runtime.spans_kernel.grid_order`)."""
+    Hp = work.shape[1]
+    group = work.shape[1] // HO if transposed and Hp > 1 else 1
+    if _device_tables(work.device):
+        from .spans_kernel import grid_order
+        n_cols = -(-Lq // tile[0]) if transposed else -(-Lk // tile[1])
+        order = grid_order(work, B, HO, group, w_max=2 * n_cols * group)
+        if order is not None:
+            return order
+    if group > 1:
+        work = work.view(work.shape[0], HO, group, work.shape[2]).sum(2)
+    return _grid_order(work, B, HO)
 
 
 def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inputs,

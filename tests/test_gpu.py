@@ -135,22 +135,27 @@ def test_table_forms_bf16(monkeypatch, name, src, mk, tables):
         assert err < 2e-2, f"{name} {tables} {nm}: rel. error {err:.2e}"
 
 
-def test_row_spans_cuda():
-    """The one-launch span summary on the device agrees with the torch ``_spans``."""
+@pytest.mark.parametrize("name,src,mk", [c for c in CASES if c[0] in
+                                          ("documents", "per-head", "streaming", "dilated")],
+                         ids=["streaming", "documents", "dilated", "per-head"])
+def test_table_kernels_cuda(monkeypatch, name, src, mk):
+    """The one-launch table and order kernels on the device (``runtime/spans_kernel.py``)
+    build the torch path's tables: the same forms, orders, spans and CSR lists, for a
+    training step with GQA (8 query heads, 2 key heads) at a ragged length."""
     from spattn.runtime import triton_backend as tb
-    from spattn.runtime.spans_kernel import row_spans
-    g = torch.Generator().manual_seed(3)
-    cls = torch.randint(0, 3, (2, 3, 40, 700), generator=g, dtype=torch.int8)
-    docs = torch.zeros(1, 1, 64, 2000, dtype=torch.int8)       # documents-like: tight rows
-    for i in range(64):
-        lo, hi = i // 8 * 250, min(2000, i * 31 + 40)
-        docs[0, 0, i, lo:hi] = 1
-        docs[0, 0, i, lo + 1:max(lo + 1, hi - 1)] = 2
-    for c in (cls, docs, cls.transpose(2, 3)):
-        c = c.cuda()
-        spans, waste, work = row_spans(c)
-        ref_spans, ref_waste, ref_work = tb._spans(c)
-        assert (int(waste) == 0) == (int(ref_waste) == 0)
-        assert torch.equal(work, ref_work.to(torch.int32))
-        if int(ref_waste) == 0:
-            assert torch.equal(spans, ref_spans)
+    N = 8000
+    g = torch.Generator(device="cuda").manual_seed(5)
+    pat = spattn.compile(src)
+    kw = dict(B=1, H=8, q_offset=0, device=torch.device("cuda"), inputs=mk(N, g) if mk else {})
+    got, want = [], []
+    for dev, out in ((True, got), (False, want)):
+        monkeypatch.setattr(tb, "_device_tables", lambda d, dev=dev: dev)
+        monkeypatch.setattr(tb, "_CLASS_MEMO", None)
+        out.append(tb.fwd_tables(pat, N, N, 128, 64, **kw))
+        out.extend(tb.bwd_tables(pat, N, N, (64, 128, 128, 64), HK=2, **kw))
+    for (ga, go, gs), (wa, wo, ws) in zip(got, want):
+        assert gs == ws and torch.equal(go, wo)
+        if gs:
+            assert torch.equal(ga[4], wa[4])
+        else:
+            assert all(torch.equal(x, y) for x, y in zip(ga[:4], wa[:4]))
