@@ -63,6 +63,8 @@ CASES = [
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_table_rows_agree(Bp, Hp, fine_tile, tile, Lq, Lk, transposed, layout):
+    if transposed:      # lengths swapped: the rows (key tiles) keep the case's row lengths
+        Lq, Lk = Lk, Lq
     gen = torch.Generator().manual_seed(Bp * 100 + Hp * 10 + Lq + Lk)
     nfq, nfk = -(-Lq // fine_tile[0]), -(-Lk // fine_tile[1])
     if layout == "strided":
