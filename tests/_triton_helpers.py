@@ -155,3 +155,26 @@ def rand_qkv(Bn, Hq, Hk, Lq, Lk, D, dtype=torch.float32, seed=0, layout="bhld"):
             return torch.randn(Bn, L, H, D, generator=gen).to(dtype).transpose(1, 2)
         return torch.randn(Bn, H, L, D, generator=gen).to(dtype)
     return make(Hq, Lq), make(Hk, Lk), make(Hk, Lk)
+
+
+def check_table_paths(monkeypatch, build):
+    """``build()`` (a list of ``(table arguments, grid order, spans?)`` from
+    ``fwd_tables`` / ``bwd_tables``) through the table and order kernels of
+    ``runtime/spans_kernel.py`` and through the torch path, each from a fresh
+    classification: the same forms and orders, the same spans where spans are used, the
+    same CSR lists elsewhere, the same row strides."""
+    from spattn.runtime import triton_backend as tb
+    got, want = [], []
+    for dev, out in ((True, got), (False, want)):
+        monkeypatch.setattr(tb, "_device_tables", lambda d, dev=dev: dev)
+        monkeypatch.setattr(tb, "_CLASS_MEMO", None)
+        out.extend(build())
+    assert len(got) == len(want)
+    for (ga, go, gs), (wa, wo, ws) in zip(got, want):
+        assert gs == ws
+        assert torch.equal(go, wo)
+        if gs:
+            assert torch.equal(ga[4], wa[4])
+        else:
+            assert all(torch.equal(x, y) for x, y in zip(ga[:4], wa[:4]))
+        assert ga[5:] == wa[5:]

@@ -9,6 +9,8 @@ import torch
 import spattn
 from spattn.runtime.reference import attention_reference_chunked
 
+from ._triton_helpers import check_table_paths
+
 pytestmark = pytest.mark.gpu
 
 CASES = [  # name, source, inputs factory
@@ -147,15 +149,6 @@ def test_table_kernels_cuda(monkeypatch, name, src, mk):
     g = torch.Generator(device="cuda").manual_seed(5)
     pat = spattn.compile(src)
     kw = dict(B=1, H=8, q_offset=0, device=torch.device("cuda"), inputs=mk(N, g) if mk else {})
-    got, want = [], []
-    for dev, out in ((True, got), (False, want)):
-        monkeypatch.setattr(tb, "_device_tables", lambda d, dev=dev: dev)
-        monkeypatch.setattr(tb, "_CLASS_MEMO", None)
-        out.append(tb.fwd_tables(pat, N, N, 128, 64, **kw))
-        out.extend(tb.bwd_tables(pat, N, N, (64, 128, 128, 64), HK=2, **kw))
-    for (ga, go, gs), (wa, wo, ws) in zip(got, want):
-        assert gs == ws and torch.equal(go, wo)
-        if gs:
-            assert torch.equal(ga[4], wa[4])
-        else:
-            assert all(torch.equal(x, y) for x, y in zip(ga[:4], wa[:4]))
+    check_table_paths(monkeypatch, lambda: [
+        tb.fwd_tables(pat, N, N, 128, 64, **kw),
+        *tb.bwd_tables(pat, N, N, (64, 128, 128, 64), HK=2, **kw)])

@@ -10,7 +10,7 @@ from spattn.ir.tiles import EMPTY, FULL, PARTIAL
 from spattn.runtime import triton_backend as tb
 from spattn.runtime.spans_kernel import grid_order, table_rows
 
-from ._triton_helpers import block_table, compile_pattern, doc_ids
+from ._triton_helpers import block_table, check_table_paths, compile_pattern, doc_ids
 
 
 def _rows(gen, Bp, Hp, n, m):
@@ -170,19 +170,7 @@ def test_training_tables_equal_torch_path(monkeypatch, name, src, inputs_fn, Lq,
     pat = compile_pattern(src)
     inputs = inputs_fn(torch.Generator().manual_seed(len(name))) if inputs_fn else {}
     kw = dict(B=2, H=4, q_offset=Lk - Lq, device="cpu", inputs=inputs)
-    blocks = (16, 32, 32, 16)
-    got, want = [], []
-    for dev, out in ((True, got), (False, want)):
-        monkeypatch.setattr(tb, "_device_tables", lambda d, dev=dev: dev)
-        monkeypatch.setattr(tb, "_CLASS_MEMO", None)
-        out.append(tb.fwd_tables(pat, Lq, Lk, 32, 16, **kw))
-        out.extend(tb.bwd_tables(pat, Lq, Lk, blocks, HK=2, **kw))
-        out.extend(tb.bwd_tables(pat, Lq, Lk, (32, 16, 16, 32), HK=2, **kw))
-    for (ga, go, gs), (wa, wo, ws) in zip(got, want):
-        assert gs == ws
-        assert torch.equal(go, wo)
-        if gs:
-            assert torch.equal(ga[4], wa[4])
-        else:
-            assert all(torch.equal(x, y) for x, y in zip(ga[:4], wa[:4]))
-        assert ga[5:] == wa[5:]
+    check_table_paths(monkeypatch, lambda: [
+        tb.fwd_tables(pat, Lq, Lk, 32, 16, **kw),
+        *tb.bwd_tables(pat, Lq, Lk, (16, 32, 32, 16), HK=2, **kw),
+        *tb.bwd_tables(pat, Lq, Lk, (32, 16, 16, 32), HK=2, **kw)])
