@@ -170,6 +170,13 @@ def _table_mode(opts: dict) -> str:
     return choice(opts.get("tables"), "tables", "SPATTN_TABLES", TABLE_MODES)
 
 
+def _table_dims(tile, transposed, Lq, Lk) -> tuple:
+    """(rows, columns) of a table of ``tile = (bm, bn)`` tiles: query tiles by key tiles,
+    or key tiles by query tiles when ``transposed`` (dK/dV)."""
+    nq, nk = -(-Lq // tile[0]), -(-Lk // tile[1])
+    return (nk, nq) if transposed else (nq, nk)
+
+
 class _Job:
     """One table to build: its tile ``(bm, bn)``, orientation (``transposed``: rows are key
     tiles, as dK/dV reads them) and the fine classes ``fine [B', H', nfq, nfk]`` of
@@ -178,9 +185,9 @@ class _Job:
     def __init__(self, fine, fine_tile, tile, transposed, Lq, Lk):
         self.fine, self.fine_tile, self.tile, self.transposed = fine, fine_tile, tile, transposed
         self.Lq, self.Lk = Lq, Lk
-        bm, bn = tile
-        self.n_rows = -(-Lk // bn) if transposed else -(-Lq // bm)
-        self.n_cols = -(-Lq // bm) if transposed else -(-Lk // bn)
+        (bm, bn), (fm, fn) = tile, fine_tile
+        self.factors = (bm // fm, bn // fn)
+        self.n_rows, self.n_cols = _table_dims(tile, transposed, Lq, Lk)
         self.ragged = (Lq % bm if transposed else Lk % bn) != 0
 
     def classes(self) -> torch.Tensor:
@@ -220,9 +227,7 @@ def _table_many(items: list, mode: str = "auto") -> list:
         waste = torch.zeros(len(items), dtype=torch.int32, device=items[0].fine.device)
         parts = []
         for t, job in enumerate(items):
-            fm, fn = job.fine_tile
-            bm, bn = job.tile
-            parts.append(table_rows(job.fine, (bm // fm, bn // fn), job.n_rows, job.n_cols,
+            parts.append(table_rows(job.fine, job.factors, job.n_rows, job.n_cols,
                                     transposed=job.transposed, ragged=job.ragged,
                                     waste=waste[t:t + 1]))
         use = [w == 0 for w in waste.tolist()]
@@ -383,7 +388,7 @@ def _order(work, B, HO, tile, transposed, Lq, Lk) -> torch.Tensor:
     group = work.shape[1] // HO if transposed and Hp > 1 else 1
     if _device_tables(work.device):
         from .spans_kernel import grid_order
-        n_cols = -(-Lq // tile[0]) if transposed else -(-Lk // tile[1])
+        _, n_cols = _table_dims(tile, transposed, Lq, Lk)
         order = grid_order(work, B, HO, group, w_max=2 * n_cols * group)
         if order is not None:
             return order
