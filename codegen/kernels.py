@@ -51,7 +51,7 @@ from ..ir.nodes import BoolConst, Node, Var
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "7"
+CODEGEN_VERSION = "8"
 
 
 # ------------------------------------------------------------------ helpers
@@ -281,6 +281,10 @@ def _header(pattern, kind: str, config, key: str, names: dict, strategy_doc: str
     elif kind == "fwd" and config.loop == "persistent":
         loop_doc = ("\nForward loop: persistent (each program loops over query tiles, "
                     f"one fused key loop per {piece})")
+    if config.tma:
+        which = "Q, K, V, O" if kind == "fwd" else "Q, K, V, dO, dK, dV, dQ"
+        loop_doc += (f"\nLoads: TMA tensor descriptors for {which} (block [1, 1, rows, BLOCK_D]; "
+                     "the stride\n       arguments are unused)")
     return f'''"""spattn generated {"forward" if kind == "fwd" else "backward"} attention kernel{"s" if kind != "fwd" else ""} for pattern `{pattern.name}`.
 
 Pattern (canonical source):
@@ -592,17 +596,17 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
     extra_params, extra_args = _extra_args(em, inputs)
     helpers = bool(em is not None and em.uses_helpers)
 
-    call = (f"acc, l_i, m_i = {names['fwd_range']}(acc, l_i, m_i, b_q, o_q, p_k, p_v, "
-            f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, "
+    kv = "K, V, i_kh, " if config.tma else _PTR_KV_ARGS
+    call = (f"acc, l_i, m_i = {names['fwd_range']}(acc, l_i, m_i, b_q, o_q, {kv}"
+            f"sm_scale_log2, i_b, i_h, Lq, Lk, H, "
             f"{extra_args}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, TABLE=@@TABLE@@, "
             f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     persistent = config.loop == "persistent"
     fused = config.loop in ("fused", "persistent")
     fc = None
     if fused:
-        fc = (f"acc, l_i, m_i = {names['fwd_fused']}(acc, l_i, m_i, b_q, o_q, p_k, p_v, "
-              f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, "
-              f"H, {extra_args}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
+        fc = (f"acc, l_i, m_i = {names['fwd_fused']}(acc, l_i, m_i, b_q, o_q, {kv}"
+              f"sm_scale_log2, i_b, i_h, Lq, Lk, H, {extra_args}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
               f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     if config.strategy == "ranges":
         rows = closed_form.rows
@@ -624,14 +628,16 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
         schedule = _ind("\n".join(sched), 4)
         table_params = TABLE_PARAMS
 
-    inner_fn = _inner_fns(FWD_FUSED, FWD_RANGE, names["fwd_fused"], names["fwd_range"],
+    tma = config.tma
+    inner_fn = _inner_fns(FWD_FUSED_TMA if tma else FWD_FUSED, FWD_RANGE_TMA if tma else FWD_RANGE,
+                          names["fwd_fused"], names["fwd_range"],
                           config, extra_params, pred_code, fused=fused)
     hoist = ""
     if em is not None and em.outer:
         hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
                      + "\n".join(em.outer), 4)
     ip = _input_params(inputs)
-    body = _fill(FWD_BODY, INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4),
+    body = _fill(FWD_BODY_TMA if tma else FWD_BODY, INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4),
                  HOIST=hoist, SCHEDULE=schedule)
     if persistent:
         body = FWD_PERSISTENT_PROLOGUE + _ind(body, 4)
@@ -1044,6 +1050,205 @@ def @@FN@@(
 '''
 
 
+# ------------------------------------------------------------ TMA variants
+#
+# On Hopper (and under the interpreter, for the tests) the block loads and stores of
+# Q, K, V, dO and the outputs can go through tensor descriptors (TMA): one
+# asynchronous bulk copy per tile into shared memory, zero-filled beyond each
+# dimension's extent and clipped on store, instead of per-thread pointer arithmetic
+# and bounds masks.  ``config.tma`` selects them; the launcher passes
+# ``triton.tools.tensor_descriptor.TensorDescriptor`` objects over the 4-D
+# [B, heads, L, D] tensors (block [1, 1, rows, BLOCK_D]) in place of the tensors, and
+# the stride arguments stay in the signature, unused.  The variants are the pointer
+# templates with these exact blocks swapped (checked at import: a template edit that
+# breaks one fails loudly).
+
+def _swap(text: str, *pairs: tuple[str, str]) -> str:
+    for old, new in pairs:
+        if text.count(old) != 1:
+            raise AssertionError(f"TMA edit matches {text.count(old)} times: {old[:60]!r}")
+        text = text.replace(old, new)
+    return text
+
+
+_D_OFFSETS = "    o_d = tl.arange(0, BLOCK_D)\n    m_d = o_d < HEAD_DIM\n    for "
+_KV_TMA = ("    K, V, stride_kn, stride_kd, stride_vn, stride_vd,\n", "    K, V, i_kh,\n")
+_KT_TMA = "        b_kt = tl.trans(K.load([i_b, i_kh, i_n * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D))\n"
+_V_TMA = "        b_v = V.load([i_b, i_kh, i_n * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)\n"
+_KV_PTRS = """        p_kt = K + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
+        p_v = V + o_n[:, None] * stride_vn + o_d[None, :] * stride_vd
+"""
+
+FWD_RANGE_TMA = _swap(
+    FWD_RANGE, _KV_TMA, (_D_OFFSETS, "    for "), (_KV_PTRS, ""),
+    ("""        if MASKED:
+            b_kt = tl.load(p_kt, mask=m_d[:, None] & (o_n[None, :] < Lk), other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            b_kt = tl.load(p_kt)
+        else:
+            b_kt = tl.load(p_kt, mask=m_d[:, None], other=0.0)
+""", _KT_TMA),
+    ("""        if MASKED:
+            b_v = tl.load(p_v, mask=(o_n[:, None] < Lk) & m_d[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            b_v = tl.load(p_v)
+        else:
+            b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+""", _V_TMA))
+
+FWD_FUSED_TMA = _swap(
+    FWD_FUSED, _KV_TMA, (_D_OFFSETS, "    for "), (_KV_PTRS, ""),
+    ("  Loads are always bounds-masked (every lane true but on the ragged last tile,\n"
+     "    which _full_span never counts FULL, so its scores also get k < Lk in the branch).\n"
+     "    (Tried on an H200: unmasked body loop + a masked call for the ragged tile was slower,\n"
+     "    the extra call per piece costing more than the masks.)\n",
+     "  K and V come through TMA, zero-filled beyond Lk (the\n"
+     "    ragged last tile is never FULL, so its scores also get k < Lk in the branch).\n"),
+    ("        m_n = o_n < Lk\n", ""),
+    ("""        if HEAD_DIM == BLOCK_D:
+            b_kt = tl.load(p_kt, mask=m_n[None, :], other=0.0)
+        else:
+            b_kt = tl.load(p_kt, mask=m_d[:, None] & m_n[None, :], other=0.0)
+""", _KT_TMA),
+    ("""        if HEAD_DIM == BLOCK_D:
+            b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)
+        else:
+            b_v = tl.load(p_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
+""", _V_TMA))
+
+FWD_BODY_TMA = _swap(
+    FWD_BODY,
+    ("""    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh \\
+        + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
+""", "    b_q = Q.load([i_b, i_h, i_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)\n"),
+    ("""    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh \\
+        + o_m[:, None] * stride_om + o_d[None, :] * stride_od
+    tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+""", "    O.store([i_b, i_h, i_m * BLOCK_M, 0], acc.to(O.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))\n"),
+    ("    o_d = tl.arange(0, BLOCK_D)\n", ""), ("    m_d = o_d < HEAD_DIM\n", ""))
+
+_QDO_TMA = ("""        b_qt = tl.trans(Q.load([i_b, i_h, i_m * BLOCK_M1, 0]).reshape(BLOCK_M1, BLOCK_D))
+        b_do = DO.load([i_b, i_h, i_m * BLOCK_M1, 0]).reshape(BLOCK_M1, BLOCK_D)
+""")
+_QDO_PTRS = """        p_qt = Q + o_m[None, :] * stride_qm + o_d[:, None] * stride_qd       # [BLOCK_D, BLOCK_M1]
+        p_do = DO + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod     # [BLOCK_M1, BLOCK_D]
+"""
+_QDO_SIG = ("    Q, DO, LSE2, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,\n",
+            "    Q, DO, LSE2, DELTA,\n")
+
+DKDV_RANGE_TMA = _swap(
+    DKDV_RANGE, _QDO_SIG, (_D_OFFSETS, "    for "),
+    ("    Q^T is loaded transposed through its strides.\n",
+     "    Q and dO come through TMA (zero-filled beyond Lq), Q^T is a transposed view.\n"),
+    (_QDO_PTRS + """        if MASKED:
+            m_m = o_m < Lq
+            b_qt = tl.load(p_qt, mask=m_d[:, None] & m_m[None, :], other=0.0)
+            b_do = tl.load(p_do, mask=m_m[:, None] & m_d[None, :], other=0.0)
+""", _QDO_TMA + "        if MASKED:\n            m_m = o_m < Lq\n"),
+    ("""            if HEAD_DIM == BLOCK_D:
+                b_qt = tl.load(p_qt)
+                b_do = tl.load(p_do)
+            else:
+                b_qt = tl.load(p_qt, mask=m_d[:, None], other=0.0)
+                b_do = tl.load(p_do, mask=m_d[None, :], other=0.0)
+""", ""))
+
+DKDV_FUSED_TMA = _swap(
+    DKDV_FUSED, _QDO_SIG, (_D_OFFSETS, "    for "),
+    (_QDO_PTRS + """        b_qt = tl.load(p_qt, mask=m_d[:, None] & m_m[None, :], other=0.0)
+        b_do = tl.load(p_do, mask=m_m[:, None] & m_d[None, :], other=0.0)
+""", _QDO_TMA))
+
+DKDV_KERNEL_TMA = _swap(
+    DKDV_KERNEL,
+    ("""    b_k = tl.load(K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
+                  + o_n[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=m_nd, other=0.0)
+    b_v = tl.load(V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
+                  + o_n[:, None] * stride_vn + o_d[None, :] * stride_vd, mask=m_nd, other=0.0)
+""", """    b_k = K.load([i_b, i_kh, i_n * BLOCK_N1, 0]).reshape(BLOCK_N1, BLOCK_D)
+    b_v = V.load([i_b, i_kh, i_n * BLOCK_N1, 0]).reshape(BLOCK_N1, BLOCK_D)
+"""),
+    ("""        p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+        p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+""", ""),
+    ("""    tl.store(DK + i_b.to(tl.int64) * stride_dkb + i_kh.to(tl.int64) * stride_dkh
+             + o_n[:, None] * stride_dkn + o_d[None, :] * stride_dkd,
+             b_dk.to(DK.dtype.element_ty), mask=m_nd)
+    tl.store(DV + i_b.to(tl.int64) * stride_dvb + i_kh.to(tl.int64) * stride_dvh
+             + o_n[:, None] * stride_dvn + o_d[None, :] * stride_dvd,
+             b_dv.to(DV.dtype.element_ty), mask=m_nd)
+""", """    DK.store([i_b, i_kh, i_n * BLOCK_N1, 0], b_dk.to(DK.dtype).reshape(1, 1, BLOCK_N1, BLOCK_D))
+    DV.store([i_b, i_kh, i_n * BLOCK_N1, 0], b_dv.to(DV.dtype).reshape(1, 1, BLOCK_N1, BLOCK_D))
+"""),
+    ("""    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < Lk
+    m_d = o_d < HEAD_DIM
+    o_k = o_n[:, None]                         # key positions [BLOCK_N1, 1]
+    m_nd = m_n[:, None] & m_d[None, :]
+""", """    o_k = o_n[:, None]                         # key positions [BLOCK_N1, 1]
+"""))
+
+_KTVT_TMA = """        b_kt = tl.trans(K.load([i_b, i_kh, i_n * BLOCK_N2, 0]).reshape(BLOCK_N2, BLOCK_D))
+        b_vt = tl.trans(V.load([i_b, i_kh, i_n * BLOCK_N2, 0]).reshape(BLOCK_N2, BLOCK_D))
+"""
+_KTVT_PTRS = """        p_kt = K + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
+        p_vt = V + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd
+"""
+
+DQ_RANGE_TMA = _swap(
+    DQ_RANGE, _KV_TMA, (_D_OFFSETS, "    for "),
+    ("    K^T and V^T are loaded transposed through their strides ([BLOCK_D, BLOCK_N2]).\n",
+     "    K and V come through TMA (zero-filled beyond Lk); K^T, V^T are transposed views.\n"),
+    (_KTVT_PTRS + """        if MASKED:
+            m_dn = m_d[:, None] & (o_n[None, :] < Lk)
+            b_kt = tl.load(p_kt, mask=m_dn, other=0.0)
+            b_vt = tl.load(p_vt, mask=m_dn, other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            b_kt = tl.load(p_kt)
+            b_vt = tl.load(p_vt)
+        else:
+            b_kt = tl.load(p_kt, mask=m_d[:, None], other=0.0)
+            b_vt = tl.load(p_vt, mask=m_d[:, None], other=0.0)
+""", _KTVT_TMA))
+
+DQ_FUSED_TMA = _swap(
+    DQ_FUSED, _KV_TMA, (_D_OFFSETS, "    for "),
+    ("        m_dn = m_d[:, None] & (o_n[None, :] < Lk)\n" + _KTVT_PTRS
+     + """        b_kt = tl.load(p_kt, mask=m_dn, other=0.0)
+        b_vt = tl.load(p_vt, mask=m_dn, other=0.0)
+""", _KTVT_TMA))
+
+DQ_KERNEL_TMA = _swap(
+    DQ_KERNEL,
+    ("""    b_q = tl.load(Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+                  + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_md, other=0.0)
+    b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+                   + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod, mask=m_md, other=0.0)
+""", """    b_q = Q.load([i_b, i_h, i_m * BLOCK_M2, 0]).reshape(BLOCK_M2, BLOCK_D)
+    b_do = DO.load([i_b, i_h, i_m * BLOCK_M2, 0]).reshape(BLOCK_M2, BLOCK_D)
+"""),
+    ("""    p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
+""", ""),
+    ("""    tl.store(DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+             + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd,
+             b_dq.to(DQ.dtype.element_ty), mask=m_md)
+""", """    DQ.store([i_b, i_h, i_m * BLOCK_M2, 0], b_dq.to(DQ.dtype).reshape(1, 1, BLOCK_M2, BLOCK_D))
+"""),
+    ("""    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < Lq
+    m_d = o_d < HEAD_DIM
+    m_md = m_m[:, None] & m_d[None, :]
+""", "    m_m = o_m < Lq\n"))
+
+#: Kernel arguments of the tile-loop functions that differ between pointer and TMA loads.
+_PTR_KV_ARGS = "p_k, p_v, stride_kn, stride_kd, stride_vn, stride_vd, "
+_PTR_QDO_ARGS = "p_q, p_do, p_lse2, p_delta, stride_qm, stride_qd, stride_dom, stride_dod, "
+
+
 def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     """The backward module: preprocess, dK/dV (transposed schedule) and dQ kernels.
 
@@ -1065,17 +1270,17 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     helpers |= bool(em_t is not None and em_t.uses_helpers)
     pred_t = _ind("\n".join(em_t.inner), 12) if em_t is not None else " " * 12 + "m_pattern = True"
     extra_p, extra_a = _extra_args(em_t, inputs)
-    call = (f"b_dk, b_dv = {names['dkdv_range']}(b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, "
-            f"p_delta, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, "
-            f"Lq, Lk, H, q_offset, {extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, "
+    tma = config.tma
+    qdo = "Q, DO, p_lse2, p_delta, " if tma else _PTR_QDO_ARGS
+    call = (f"b_dk, b_dv = {names['dkdv_range']}(b_dk, b_dv, b_k, b_v, o_k, {qdo}"
+            f"sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, {extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, "
             f"TABLE=@@TABLE@@, BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, "
             f"DOT_PREC=DOT_PREC)")
     fused = config.loop == "fused"
     fc = None
     if fused:
-        fc = (f"b_dk, b_dv = {names['dkdv_fused']}(b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, "
-              f"p_delta, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, "
-              f"Lq, Lk, H, q_offset, {extra_a}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
+        fc = (f"b_dk, b_dv = {names['dkdv_fused']}(b_dk, b_dv, b_k, b_v, o_k, {qdo}"
+              f"sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, {extra_a}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
               f"BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     ks = ""
     if config.strategy == "ranges":
@@ -1097,10 +1302,11 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     if em_t is not None and em_t.outer:
         hoist_t = _ind("# -- predicate terms that do not depend on q: once per (program, head) --\n"
                        + "\n".join(em_t.outer), 8)
-    dkdv_inner = _inner_fns(DKDV_FUSED, DKDV_RANGE, names["dkdv_fused"], names["dkdv_range"],
-                            config, extra_p, pred_t, fused=fused)
+    dkdv_inner = _inner_fns(DKDV_FUSED_TMA if tma else DKDV_FUSED,
+                            DKDV_RANGE_TMA if tma else DKDV_RANGE, names["dkdv_fused"],
+                            names["dkdv_range"], config, extra_p, pred_t, fused=fused)
     table_consts = TABLE_CONSTS if config.strategy == "table" else ""
-    dkdv = _fill(DKDV_KERNEL, FN=names["dkdv"], INPUT_PARAMS=input_params,
+    dkdv = _fill(DKDV_KERNEL_TMA if tma else DKDV_KERNEL, FN=names["dkdv"], INPUT_PARAMS=input_params,
                  TABLE_PARAMS=table_params, TABLE_CONSTS=table_consts, KS=ks,
                  INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 8),
                  HOIST=hoist_t, SCHEDULE=_ind("\n".join(sched), 8))
@@ -1110,14 +1316,15 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     helpers |= bool(em is not None and em.uses_helpers)
     pred = _ind("\n".join(em.inner), 12) if em is not None else " " * 12 + "m_pattern = True"
     extra_p, extra_a = _extra_args(em, inputs)
-    call = (f"b_dq = {names['dq_range']}(b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, "
-            f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, "
+    kv = "K, V, i_kh, " if tma else _PTR_KV_ARGS
+    call = (f"b_dq = {names['dq_range']}(b_dq, b_q, b_do, b_lse, b_delta, o_q, {kv}"
+            f"sm_scale_log2, i_b, i_h, Lq, Lk, H, "
             f"{extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, TABLE=@@TABLE@@, "
             f"BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     fc = None
     if fused:
-        fc = (f"b_dq = {names['dq_fused']}(b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, "
-              f"stride_kn, stride_kd, stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, "
+        fc = (f"b_dq = {names['dq_fused']}(b_dq, b_q, b_do, b_lse, b_delta, o_q, {kv}"
+              f"sm_scale_log2, i_b, i_h, Lq, Lk, H, "
               f"{extra_a}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
               f"BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     if config.strategy == "ranges":
@@ -1139,9 +1346,9 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     if em is not None and em.outer:
         hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
                      + "\n".join(em.outer), 4)
-    dq_inner = _inner_fns(DQ_FUSED, DQ_RANGE, names["dq_fused"], names["dq_range"], config,
-                          extra_p, pred, fused=fused)
-    dq = _fill(DQ_KERNEL, FN=names["dq"], INPUT_PARAMS=input_params, TABLE_PARAMS=table_params,
+    dq_inner = _inner_fns(DQ_FUSED_TMA if tma else DQ_FUSED, DQ_RANGE_TMA if tma else DQ_RANGE,
+                          names["dq_fused"], names["dq_range"], config, extra_p, pred, fused=fused)
+    dq = _fill(DQ_KERNEL_TMA if tma else DQ_KERNEL, FN=names["dq"], INPUT_PARAMS=input_params, TABLE_PARAMS=table_params,
                TABLE_CONSTS=table_consts,
                INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4), HOIST=hoist,
                SCHEDULE=_ind("\n".join(sched), 4))

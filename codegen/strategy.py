@@ -57,6 +57,7 @@ class KernelConfig:
     block_m2: int = 0   # backward only: dQ tile (queries per program)
     block_n2: int = 0   # backward only: dQ tile (keys per step)
     loop: str = "split"  # "split", "fused" or (forward) "persistent": FWD_LOOPS, BWD_LOOPS
+    tma: bool = False    # block loads/stores through TMA tensor descriptors (launcher decides)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -168,7 +169,7 @@ def _pow2_check(**blocks):
 def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strategy=None,
          block_m=None, block_n=None, num_warps=None, num_stages=None, closed_form=None,
          interpret=None, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
-         loop=None, **_ignored) -> KernelConfig:
+         loop=None, tma=None, **_ignored) -> KernelConfig:
     """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype.
 
     Backward: ``block_m1``/``block_n1`` (dK/dV) and ``block_m2``/``block_n2`` (dQ);
@@ -193,7 +194,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
         _pow2_check(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
         loop = choice(loop, "loop", "SPATTN_BWD_LOOP", BWD_LOOPS)
         return KernelConfig(strategy, int(m1), int(n1), next_pow2(head_dim), int(nw), int(ns),
-                            dt, int(m2), int(n2), loop=loop)
+                            dt, int(m2), int(n2), loop=loop, tma=bool(tma))
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret)
     bm = block_m or _env_int("SPATTN_BLOCK_M") or bm
     bn = block_n or _env_int("SPATTN_BLOCK_N") or bn
@@ -201,8 +202,11 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     ns = num_stages or _env_int("SPATTN_FWD_STAGES") or _env_int("SPATTN_NUM_STAGES") or ns
     _pow2_check(block_m=bm, block_n=bn)
     loop = choice(loop, "loop", "SPATTN_FWD_LOOP", FWD_LOOPS)
+    # The persistent kernel keeps pointer loads: Triton 3.6 fails to compile TMA loads in
+    # its flattened loop nest on Hopper (TritonNvidiaGPUTMALoweringPass: an scf.if yields
+    # a mutable and an immutable shared-memory descriptor).
     return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt,
-                        loop=loop)
+                        loop=loop, tma=bool(tma) and loop != "persistent")
 
 
 #: Forward tile-loop variants: "split" runs each interval piece (ranges) or span (table)
@@ -213,7 +217,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
 #: over query tiles (with the fused key loop), the work-item loop flattened with the key
 #: loop so the pipeline stays full across query tiles.  The table strategy's CSR lists
 #: are always two loops (PARTIAL, FULL); the variants apply to its spans.
-FWD_LOOPS = ("split", "fused", "persistent")
+FWD_LOOPS = ("split", "fused", "persistent", "tma", "tmakv")
 #: Backward tile-loop variants (dK/dV and dQ alike): "split" or "fused", as above.
 BWD_LOOPS = ("split", "fused")
 

@@ -19,15 +19,25 @@ set both backward tiles.  The ``SPATTN_*`` environment overrides (see
 ``codegen/strategy.py``) in force at call time are part of the per-process config
 memo, so changing them between calls picks the new configuration.
 
+``tma`` (bool) picks the block loads and stores of Q, K, V, O (and dO, dQ, dK, dV)
+through TMA tensor descriptors.  By default (``None``, or ``$SPATTN_TMA`` unset or
+``auto``) it is on for CUDA devices, where it measured faster (``benchmarks/NOTES.md``
+row 36); ``$SPATTN_TMA`` = ``1`` / ``0`` turns it on (also under the interpreter, which
+emulates descriptors: how the CPU tests cover these kernels) or off, and the option
+overrides the environment.  It is used only where TMA exists (CUDA compute capability
+9 or more, or the interpreter) and every tensor of the launch meets its layout rules
+(:func:`tma_ok`); otherwise the pointer kernels run.
+
 On CUDA, a call that sets no tile, warps or stages (neither as an option nor through
 the environment) is autotuned once per (pattern, kind, head-dim block, dtype, device,
-strategy, power-of-two length bucket), and the choice is persisted in the cache
+strategy, power-of-two buckets of the lengths and of batch x heads, TMA), and the choice is persisted in the cache
 (``runtime/tune.py``; ``SPATTN_AUTOTUNE=0`` turns it off): the chosen tile options are
 then passed exactly like explicit ones.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -38,7 +48,57 @@ from . import tune as _tune
 LOG2E = 1.4426950408889634
 
 _OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
-                 "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables")
+                 "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables", "tma")
+
+
+_ON = ("1", "true", "on", "yes")
+_OFF = ("0", "false", "off", "no")
+
+
+def tma_ok(*tensors) -> bool:
+    """Every tensor can be read through a TMA descriptor over its 4-D [B, heads, L, D]
+    layout: contiguous last dim, other strides positive multiples of 16 bytes, base
+    16-byte aligned (``cuTensorMapEncodeTiled``'s rules)."""
+    for t in tensors:
+        if t.dim() != 4 or t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(s <= 0 or (s * t.element_size()) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+#: TMA by default (``SPATTN_TMA`` unset or ``auto``) on CUDA, per kernel kind.
+TMA_AUTO = {"fwd": True, "bwd": False}
+
+
+def _tma(opts: dict, kind: str, device, *tensors) -> dict:
+    """``opts`` with ``tma`` resolved to a bool (see the module docstring)."""
+    want = opts.get("tma")
+    if want is None:
+        env = (os.environ.get("SPATTN_TMA") or "").strip().lower()
+        if env in _ON:
+            want = True
+        elif env in _OFF:
+            want = False
+        elif env not in ("", "auto"):
+            raise ValueError(f"SPATTN_TMA={env!r}: expected 1, 0 or auto")
+        else:
+            want = device.type == "cuda" and TMA_AUTO[kind]
+    return {**opts, "tma": bool(want) and _tma_device(device) and tma_ok(*tensors)}
+
+
+def _tma_device(device) -> bool:
+    """TMA exists: the interpreter (which emulates descriptors) or CUDA capability >= 9."""
+    from ..codegen.strategy import interpret_mode
+    if interpret_mode():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _desc(t, rows: int, block_d: int):
+    """A TMA descriptor over ``t`` [B, heads, L, D] with block [1, 1, rows, block_d]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
 
 
 def _opts(options: dict, kind: str) -> dict:
@@ -523,10 +583,10 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict | None = 
         o, lse = fwd(pattern, q.float(), k.float(), v.float(), scale=scale, q_offset=q_offset,
                      inputs=inputs, **options)
         return o.to(q.dtype), lse
-    opts = _opts(options, "fwd")
+    opts = _tma(_opts(options, "fwd"), "fwd", q.device, q, k, v)
     opts = _tune.tuned_options(
         pattern, "fwd", head_dim=q.shape[-1], dtype=q.dtype, device=q.device, Lq=q.shape[2],
-        Lk=k.shape[2], options=opts,
+        Lk=k.shape[2], BH=q.shape[0] * q.shape[1], options=opts,
         run=lambda t: _fwd(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
                            opts=t),
         compile_only=lambda t: _fwd(pattern, q, k, v, scale=scale, q_offset=q_offset,
@@ -575,8 +635,12 @@ def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts, warmup=False):
         extra = (B * H, n_work)
     else:
         grid, extra = (nq * B * H,), ()
+    qa, ka, va, oa = q, k, v, o
+    if cfg.tma:
+        qa, oa = _desc(q, bm, cfg.block_d), _desc(o, bm, cfg.block_d)
+        ka, va = _desc(k, bn, cfg.block_d), _desc(v, bn, cfg.block_d)
     compiled = _launch(
-        mod.KERNEL, grid, warmup, q, k, v, o, lse,
+        mod.KERNEL, grid, warmup, qa, ka, va, oa, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *in_args, *tab,
         order,
@@ -638,10 +702,10 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
         grads = bwd(pattern, q.float(), k.float(), v.float(), o.float(), lse, do.float(),
                     scale=scale, q_offset=q_offset, inputs=inputs, **options)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
-    opts = _opts(options, "bwd")
+    opts = _tma(_opts(options, "bwd"), "bwd", q.device, q, k, v, do)
     opts = _tune.tuned_options(
         pattern, "bwd", head_dim=q.shape[-1], dtype=q.dtype, device=q.device, Lq=q.shape[2],
-        Lk=k.shape[2], options=opts,
+        Lk=k.shape[2], BH=q.shape[0] * q.shape[1], options=opts,
         run=lambda t: _bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
                            inputs=inputs, opts=t),
         compile_only=lambda t: _bwd(pattern, q, k, v, o, lse, do, scale=scale,
@@ -691,8 +755,17 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=dev)
     dk = torch.empty((B, HK, Lk, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HK, Lk, D), dtype=v.dtype, device=dev)
+    bd = cfg.block_d
+    if cfg.tma:   # per kernel: the descriptors' blocks are that kernel's tiles
+        args_k = (_desc(q, m1, bd), _desc(k, n1, bd), _desc(v, n1, bd), _desc(do, m1, bd),
+                  lse2, delta, _desc(dk, n1, bd), _desc(dv, n1, bd))
+        args_q = (_desc(q, m2, bd), _desc(k, n2, bd), _desc(v, n2, bd), _desc(do, m2, bd),
+                  lse2, delta, _desc(dq, m2, bd))
+    else:
+        args_k = (q, k, v, do, lse2, delta, dk, dv)
+        args_q = (q, k, v, do, lse2, delta, dq)
     _launch(
-        mod.DKDV, (nk1 * B * HK,), warmup, q, k, v, do, lse2, delta, dk, dv,
+        mod.DKDV, (nk1 * B * HK,), warmup, *args_k,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *in_args, *tab_k,
         order_k,
@@ -700,7 +773,7 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
         BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, **kw, **kw_k,
     )
     _launch(
-        mod.DQ, (nq2 * B * H,), warmup, q, k, v, do, lse2, delta, dq,
+        mod.DQ, (nq2 * B * H,), warmup, *args_q,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *in_args, *tab_q,
         order_q,

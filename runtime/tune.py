@@ -17,7 +17,8 @@ Autotuning applies when all of these hold:
   :data:`spattn.codegen.strategy.ENV_VARS` but ``SPATTN_STRATEGY``).
 
 The choice is keyed by (pattern source and input declarations, kind, head-dim block,
-dtype class, device capability, strategy, next power of two of Lq and of Lk, codegen
+dtype class, device capability, strategy, next power of two of Lq, of Lk and of
+batch x heads, TMA loads or not, codegen
 version, Triton version, :data:`TUNE_VERSION`; plus the closed form when one is passed
 explicitly).  It is looked up in memory, then in ``$SPATTN_CACHE_DIR/tune/<key>.json``;
 on a miss, the candidates of :func:`candidates` are first compiled in parallel threads
@@ -57,7 +58,7 @@ from . import cache as _cache
 log = logging.getLogger("spattn")
 
 #: Bumped when the candidate lists or the file format change (part of the key).
-TUNE_VERSION = 4
+TUNE_VERSION = 5
 REP_MS = 25
 WARMUP_MS = 5
 
@@ -169,7 +170,7 @@ def _capturing() -> bool:
 # --------------------------------------------------------------------- key
 
 def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
-               strategy: str, closed_form=None) -> dict:
+               strategy: str, closed_form=None, tma: bool = False, BH: int = 1) -> dict:
     """Everything a tuning choice depends on (its file is named after their hash)."""
     from ..codegen.kernels import CODEGEN_VERSION
     return {
@@ -180,8 +181,10 @@ def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk:
         "dtype": _strategy.dtype_name(dtype),
         "device": _cache.device_tag(device),
         "strategy": strategy,
+        "tma": bool(tma),
         "lq_bucket": _strategy.next_pow2(Lq),
         "lk_bucket": _strategy.next_pow2(Lk),
+        "bh_bucket": 1 << max(0, int(BH) - 1).bit_length(),
         "closed_form": None if closed_form is None else _cache._cf_text(closed_form),
         "codegen": CODEGEN_VERSION,
         "triton": _cache._triton_version(),
@@ -348,14 +351,16 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
 
 
 def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
-                  options: dict, run, timer=None, compile_only=None) -> dict:
+                  options: dict, run, timer=None, compile_only=None, BH: int = 1) -> dict:
     """The options to launch ``kind`` with: ``options`` plus the tuned tile options when
     autotuning applies (see the module docstring), else ``options`` unchanged.
+    ``BH``: batch x query heads (the grid's size beside the tiles: a choice timed on a
+    few heads, where small tiles fill the device, is not the one for many).
     ``compile_only``: see :func:`tune`."""
     if not enabled(device) or explicit(kind, options):
         return options
     raw = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, int(head_dim),
-           str(dtype), str(device), _strategy.next_pow2(Lq), _strategy.next_pow2(Lk),
+           str(dtype), str(device), _strategy.next_pow2(Lq), _strategy.next_pow2(Lk), int(BH),
            tuple(sorted((k, str(v)) for k, v in options.items())),
            os.environ.get("SPATTN_STRATEGY"))
     with _lock:
@@ -369,7 +374,7 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
                                       device=device, **options)
         return key_fields(pattern, kind, head_dim=head_dim, dtype=dtype, device=device,
                           Lq=Lq, Lk=Lk, strategy=config.strategy,
-                          closed_form=options.get("closed_form"))
+                          closed_form=options.get("closed_form"), tma=config.tma, BH=BH)
 
     with _lock:
         fields = None

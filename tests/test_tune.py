@@ -62,10 +62,11 @@ class Fake:
 
 
 def call(fake, pat=None, *, kind="fwd", D=128, dtype=torch.bfloat16, Lq=4096, Lk=4096,
-         device=CUDA, options=None):
+         device=CUDA, options=None, BH=16):
     pat = pat or spattn.compile("causal")
     return tune.tuned_options(pat, kind, head_dim=D, dtype=dtype, device=device, Lq=Lq, Lk=Lk,
-                              options=dict(options or {}), run=fake.run, timer=fake.timer)
+                              options=dict(options or {}), run=fake.run, timer=fake.timer,
+                              BH=BH)
 
 
 def chosen(opts, kind="fwd", fields=None):
@@ -169,6 +170,7 @@ def test_persisted_across_processes():
     assert data["source"] == "q >= k"
     assert data["dtype"] == "bf16" and data["block_d"] == 128
     assert data["lq_bucket"] == data["lk_bucket"] == 4096
+    assert data["bh_bucket"] == 16 and data["tma"] is False
     assert files[0] == data["key"] + ".json"
     tune.clear_memory()                          # a new process
     again = Fake("fwd")
@@ -181,15 +183,17 @@ def test_key_buckets_and_fields():
     call(fake, Lq=3000, Lk=4096)
     n = len(fake.runs)
     call(fake, Lq=4096, Lk=2049)                 # same buckets (4096, 4096)
+    call(fake, BH=9)                             # same batch x heads bucket (16)
     assert len(fake.runs) == n
     for kw in (dict(Lq=4097), dict(Lk=1024), dict(D=64), dict(dtype=torch.float16),
                dict(kind="bwd"), dict(pat=spattn.compile("window(128)")),
-               dict(options={"strategy": "table"})):
+               dict(options={"strategy": "table"}), dict(BH=17), dict(BH=2),
+               dict(options={"tma": True})):
         k = kw.get("kind", "fwd")
         f = Fake(k)
         call(f, **kw)
         assert f.runs, kw                         # a new key: tuned
-    assert len(tune_files()) == 8
+    assert len(tune_files()) == 11
 
 
 @pytest.mark.parametrize("garbage", ["{not json", "[]", '{"key": "x"}',

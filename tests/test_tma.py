@@ -1,0 +1,154 @@
+"""TMA tensor-descriptor kernels (``config.tma``) under the interpreter.
+
+On Hopper the launchers pass TMA descriptors for Q, K, V, O (and dO, dQ, dK, dV) by
+default; here ``SPATTN_TMA=1`` forces them under the interpreter, whose descriptor
+loads zero-fill out-of-bounds rows and head-dim columns and whose stores clip, as the
+hardware does.  Every case checks every output element against the float64
+reference and that the descriptors were really built (or, for tensors TMA cannot
+address, that the pointer kernels ran instead).
+"""
+import pytest
+import torch
+
+from spattn.runtime import cache
+from spattn.runtime import triton_backend as tb
+
+from ._triton_helpers import doc_ids, window_cf, window_sink_cf
+from .test_triton_bwd import run_bwd
+from .test_triton_fwd import run_fwd
+
+STRATEGIES = ("ranges", "table")
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """Force TMA on; yields the list of (rows, block_d) of every descriptor built."""
+    built = []
+    real = tb._desc
+
+    def spy(t, rows, block_d):
+        built.append((rows, block_d))
+        return real(t, rows, block_d)
+    monkeypatch.setenv("SPATTN_TMA", "1")
+    monkeypatch.setattr(tb, "_desc", spy)
+    cache.clear_memory()
+    yield built
+    cache.clear_memory()
+
+
+FWD_CASES = [
+    # (id, source, inputs, closed form, kwargs)
+    ("window_sink", "causal & (window(13) | sink(4))", None, lambda: window_sink_cf(13, 4), {}),
+    ("documents", "causal & same(doc)", lambda g, B, H, Lq, Lk: {"doc": doc_ids(Lk, 4, g)},
+     None, {}),
+    ("gqa", "causal & (window(13) | sink(4))", None, lambda: window_sink_cf(13, 4),
+     dict(Bn=2, Hq=4, Hk=2, Lq=40)),
+    ("Lq37-Lk70-off-5", "causal & window(13)", None, lambda: window_cf(13),
+     dict(Lq=37, Lk=70, q_offset=-5)),
+    ("D24", "causal & window(13)", None, lambda: window_cf(13), dict(D=24, Lq=45)),
+    ("strided-layout", "causal & window(13)", None, lambda: window_cf(13),
+     dict(Bn=2, layout="blhd")),
+]
+
+
+def _fid(c):
+    kw = c[4]
+    return (f"B{kw.get('Bn', 1)}-H{kw.get('Hq', 2)}-L{kw.get('Lq', 50)}-D{kw.get('D', 32)}"
+            f"-fp32-{c[0]}")
+
+
+@pytest.mark.parametrize("loop", ["split", "fused", "persistent"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name,src,inputs_fn,cf_factory,kw", FWD_CASES,
+                         ids=[_fid(c) for c in FWD_CASES])
+def test_forward(tma, monkeypatch, name, src, inputs_fn, cf_factory, kw, strategy, loop):
+    monkeypatch.setenv("SPATTN_FWD_LOOP", loop)
+    kw = dict(kw)
+    run_fwd(src, strategy=strategy, inputs_fn=inputs_fn, cf_factory=cf_factory,
+            q_offset=kw.pop("q_offset", None), seed=sum(map(ord, name)), **kw)
+    D = kw.get("D", 32)
+    block_d = max(16, 1 << (D - 1).bit_length())
+    if loop == "persistent":    # pointer loads (Triton 3.6 cannot compile TMA there)
+        assert tma == []
+    else:
+        assert sorted(tma) == sorted([(32, block_d)] * 2 + [(16, block_d)] * 2)
+
+
+BWD_CASES = [
+    ("window_sink", "causal & (window(13) | sink(4))", None, lambda: window_sink_cf(13, 4), {}),
+    ("documents", "causal & same(doc)", lambda g, *a: {"doc": doc_ids(45, 4, g)}, None, {}),
+    ("gqa", "causal & (window(13) | sink(4))", None, lambda: window_sink_cf(13, 4),
+     dict(Bn=2, Hq=4, Hk=2)),
+    ("Lq55-Lk30-off-7", "causal & window(13)", None, lambda: window_cf(13),
+     dict(Lq=55, Lk=30, q_offset=-7)),
+    ("D80", "causal & window(13)", None, lambda: window_cf(13), dict(D=80, Lq=33)),
+    ("strided-layout", "causal & window(13)", None, lambda: window_cf(13),
+     dict(Bn=2, layout="blhd")),
+]
+
+
+@pytest.mark.parametrize("loop", ["split", "fused"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name,src,inputs_fn,cf_factory,kw", BWD_CASES,
+                         ids=[_fid(c).replace("-L50-", "-L45-") for c in BWD_CASES])
+def test_backward(tma, monkeypatch, name, src, inputs_fn, cf_factory, kw, strategy, loop):
+    monkeypatch.setenv("SPATTN_BWD_LOOP", loop)
+    run_bwd(src, strategy=strategy, inputs_fn=inputs_fn, cf_factory=cf_factory,
+            seed=sum(map(ord, name)) + 1, **kw)
+    # forward 4 descriptors, dK/dV 6 (q, k, v, dO, dK, dV), dQ 5 (q, k, v, dO, dQ)
+    assert len(tma) == 4 + 6 + 5
+
+
+def test_fully_masked_rows(tma):
+    """Rows that see no key: O = 0, LSE = -inf, zero gradients, through TMA stores."""
+    dq, dk, dv, m = run_bwd("causal & k >= 20", strategy="table", Lq=50, seed=17)
+    dead = ~m.any(-1)
+    assert dead.any()
+    assert torch.count_nonzero(dq[dead.expand(dq.shape[:3])]) == 0
+    assert tma
+
+
+def test_unaligned_falls_back_to_pointers(tma):
+    """D = 36 in fp16: rows of 72 bytes break TMA's 16-byte stride rule, so the
+    pointer kernels run (correctly) even with TMA forced on."""
+    run_fwd("causal & window(13)", strategy="ranges", D=36, dtype=torch.float16,
+            cf_factory=lambda: window_cf(13), tol=2e-2)
+    assert tma == []
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+@pytest.mark.parametrize("t,ok", [
+    (_t(1, 2, 64, 128, dtype=torch.bfloat16), True),
+    (_t(2, 64, 3, 32).transpose(1, 2), True),               # [B, L, H, D] view
+    (_t(1, 2, 64, 36, dtype=torch.float16), False),          # 72-byte rows
+    (_t(1, 2, 64, 32).transpose(2, 3), False),               # D not contiguous
+    (_t(1, 2, 64, 33)[..., :32], False),                     # 132-byte rows
+    (_t(1, 2, 65, 32).flatten()[4:4 + 2 * 64 * 32].view(1, 2, 64, 32), True),  # base + 16 B
+    (_t(1, 2, 65, 32).flatten()[1:1 + 2 * 64 * 32].view(1, 2, 64, 32), False),  # base + 4 B
+    (_t(2, 64, 32), False),                                  # not 4-D
+], ids=["bf16-contiguous", "blhd-view", "fp16-D36", "D-strided", "D32-of-33", "base+16B",
+        "base+4B", "3-D"])
+def test_tma_ok(t, ok):
+    assert tb.tma_ok(t) is ok
+
+
+def test_tma_option_resolution(monkeypatch):
+    q = _t(1, 2, 64, 32)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")   # no CUDA needed: not touched
+    monkeypatch.delenv("SPATTN_TMA", raising=False)
+    assert tb._tma({}, "fwd", cpu, q)["tma"] is False            # auto: CUDA only
+    assert tb._tma({}, "fwd", cuda, q)["tma"] is True            # (the interpreter has TMA)
+    assert tb._tma({}, "bwd", cuda, q)["tma"] is False           # auto: forward only
+    assert tb._tma({"tma": True}, "bwd", cpu, q)["tma"] is True
+    monkeypatch.setenv("SPATTN_TMA", "1")
+    assert tb._tma({}, "bwd", cpu, q)["tma"] is True
+    assert tb._tma({"tma": False}, "fwd", cpu, q)["tma"] is False     # the option wins
+    assert tb._tma({}, "fwd", cpu, q.transpose(2, 3))["tma"] is False  # layout rules win
+    monkeypatch.setenv("SPATTN_TMA", "0")
+    assert tb._tma({}, "fwd", cuda, q)["tma"] is False
+    monkeypatch.setenv("SPATTN_TMA", "maybe")
+    with pytest.raises(ValueError, match="SPATTN_TMA"):
+        tb._tma({}, "fwd", cpu, q)
