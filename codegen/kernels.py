@@ -1102,8 +1102,8 @@ FWD_FUSED_TMA = _swap(
      "    which _full_span never counts FULL, so its scores also get k < Lk in the branch).\n"
      "    (Tried on an H200: unmasked body loop + a masked call for the ragged tile was slower,\n"
      "    the extra call per piece costing more than the masks.)\n",
-     "  K and V come through TMA, zero-filled beyond Lk (the\n"
-     "    ragged last tile is never FULL, so its scores also get k < Lk in the branch).\n"),
+     "  K and V come through TMA, zero-filled beyond Lk (the ragged last tile is\n"
+     "    never FULL, so its scores also get k < Lk in the branch).\n"),
     ("        m_n = o_n < Lk\n", ""),
     ("""        if HEAD_DIM == BLOCK_D:
             b_kt = tl.load(p_kt, mask=m_n[None, :], other=0.0)

@@ -152,3 +152,29 @@ def test_tma_option_resolution(monkeypatch):
     monkeypatch.setenv("SPATTN_TMA", "maybe")
     with pytest.raises(ValueError, match="SPATTN_TMA"):
         tb._tma({}, "fwd", cpu, q)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_rendered_tma_kernels_have_no_pointer_tiles(kind, strategy):
+    """The TMA variants load and store every [rows, D] tile through descriptors: no
+    pointer tiles or head-dim masks are left, only the 1-D LSE / delta vectors."""
+    from spattn.codegen.kernels import render
+    from spattn.codegen.strategy import analysis_strategy, get_closed_form, pick
+    from ._triton_helpers import compile_pattern
+    pat = compile_pattern("causal & (window(13) | sink(4))")
+    cf = get_closed_form(pat) if strategy == "ranges" else None
+    for loop in ("split", "fused"):
+        cfg = pick(pat, kind, head_dim=64, dtype="bf16", strategy=strategy, loop=loop,
+                   closed_form=cf, tma=True)
+        assert cfg.tma and analysis_strategy(pat, cf) == "ranges"
+        text = render(pat, kind, cfg, "0" * 32, closed_form=cf)
+        assert "Loads: TMA tensor descriptors" in text
+        text = text[text.index("@triton.jit\ndef _" + ("fwd" if kind == "fwd" else "dkdv")):]
+        for ptr in ("p_kt", "p_v ", "p_qt", "p_q ", "p_do ", "p_o ", "m_d", "o_d", "p_k, p_v"):
+            assert ptr not in text, (loop, ptr)
+        inner = 2 if strategy == "table" and loop == "fused" else 1   # + the CSR lists' loop
+        if kind == "fwd":   # Q once; K, V per tile in each loop function; O stored once
+            assert (text.count(".load(["), text.count(".store([")) == (1 + 2 * inner, 1)
+        else:               # K, V / Q, dO once; Q, dO / K, V per step; dK, dV, dQ stored
+            assert (text.count(".load(["), text.count(".store([")) == (4 + 4 * inner, 3)
