@@ -606,7 +606,8 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
     fc = None
     if fused:
         fc = (f"acc, l_i, m_i = {names['fwd_fused']}(acc, l_i, m_i, b_q, o_q, {kv}"
-              f"sm_scale_log2, i_b, i_h, Lq, Lk, H, {extra_args}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
+              f"sm_scale_log2, i_b, i_h, Lq, Lk, H, {extra_args}{{start}}, {{end}}, "
+              f"{{full_start}}, {{full_end}}, "
               f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     if config.strategy == "ranges":
         rows = closed_form.rows
@@ -629,15 +630,16 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
         table_params = TABLE_PARAMS
 
     tma = config.tma
-    inner_fn = _inner_fns(FWD_FUSED_TMA if tma else FWD_FUSED, FWD_RANGE_TMA if tma else FWD_RANGE,
-                          names["fwd_fused"], names["fwd_range"],
+    inner_fn = _inner_fns(FWD_FUSED_TMA if tma else FWD_FUSED,
+                          FWD_RANGE_TMA if tma else FWD_RANGE, names["fwd_fused"], names["fwd_range"],
                           config, extra_params, pred_code, fused=fused)
     hoist = ""
     if em is not None and em.outer:
         hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"
                      + "\n".join(em.outer), 4)
     ip = _input_params(inputs)
-    body = _fill(FWD_BODY_TMA if tma else FWD_BODY, INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4),
+    body = _fill(FWD_BODY_TMA if tma else FWD_BODY,
+                 INPUT_BASES=_ind(_input_bases(inputs, "i_b", "i_h"), 4),
                  HOIST=hoist, SCHEDULE=schedule)
     if persistent:
         body = FWD_PERSISTENT_PROLOGUE + _ind(body, 4)
@@ -1273,14 +1275,15 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     tma = config.tma
     qdo = "Q, DO, p_lse2, p_delta, " if tma else _PTR_QDO_ARGS
     call = (f"b_dk, b_dv = {names['dkdv_range']}(b_dk, b_dv, b_k, b_v, o_k, {qdo}"
-            f"sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, {extra_a}@@COLS@@, {{start}}, {{end}}, MASKED={{masked}}, "
-            f"TABLE=@@TABLE@@, BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, "
+            f"sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, {extra_a}@@COLS@@, {{start}}, "
+            f"{{end}}, MASKED={{masked}}, TABLE=@@TABLE@@, BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, "
             f"DOT_PREC=DOT_PREC)")
     fused = config.loop == "fused"
     fc = None
     if fused:
         fc = (f"b_dk, b_dv = {names['dkdv_fused']}(b_dk, b_dv, b_k, b_v, o_k, {qdo}"
-              f"sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, {extra_a}{{start}}, {{end}}, {{full_start}}, {{full_end}}, "
+              f"sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, {extra_a}{{start}}, {{end}}, "
+              f"{{full_start}}, {{full_end}}, "
               f"BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     ks = ""
     if config.strategy == "ranges":

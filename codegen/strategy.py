@@ -217,7 +217,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
 #: over query tiles (with the fused key loop), the work-item loop flattened with the key
 #: loop so the pipeline stays full across query tiles.  The table strategy's CSR lists
 #: are always two loops (PARTIAL, FULL); the variants apply to its spans.
-FWD_LOOPS = ("split", "fused", "persistent", "tma", "tmakv")
+FWD_LOOPS = ("split", "fused", "persistent")
 #: Backward tile-loop variants (dK/dV and dQ alike): "split" or "fused", as above.
 BWD_LOOPS = ("split", "fused")
 

@@ -21,17 +21,18 @@ memo, so changing them between calls picks the new configuration.
 
 ``tma`` (bool) picks the block loads and stores of Q, K, V, O (and dO, dQ, dK, dV)
 through TMA tensor descriptors.  By default (``None``, or ``$SPATTN_TMA`` unset or
-``auto``) it is on for CUDA devices, where it measured faster (``benchmarks/NOTES.md``
-row 36); ``$SPATTN_TMA`` = ``1`` / ``0`` turns it on (also under the interpreter, which
-emulates descriptors: how the CPU tests cover these kernels) or off, and the option
-overrides the environment.  It is used only where TMA exists (CUDA compute capability
+``auto``) it is on for the forward on CUDA, where it measured faster, and off for the
+backward, whose 11 descriptors per call cost more host time than its kernels gain
+(``benchmarks/NOTES.md`` rows 36-37; :data:`TMA_AUTO`); ``$SPATTN_TMA`` = ``1`` / ``0``
+turns it on for both (also under the interpreter, which emulates descriptors: how the
+CPU tests cover these kernels) or off, and the option overrides the environment.  It is used only where TMA exists (CUDA compute capability
 9 or more, or the interpreter) and every tensor of the launch meets its layout rules
 (:func:`tma_ok`); otherwise the pointer kernels run.
 
 On CUDA, a call that sets no tile, warps or stages (neither as an option nor through
 the environment) is autotuned once per (pattern, kind, head-dim block, dtype, device,
-strategy, power-of-two buckets of the lengths and of batch x heads, TMA), and the choice is persisted in the cache
-(``runtime/tune.py``; ``SPATTN_AUTOTUNE=0`` turns it off): the chosen tile options are
+strategy, power-of-two buckets of the lengths and of batch x heads, TMA or not), and the
+choice is persisted in the cache (``runtime/tune.py``; ``SPATTN_AUTOTUNE=0`` turns it off): the chosen tile options are
 then passed exactly like explicit ones.
 """
 from __future__ import annotations
