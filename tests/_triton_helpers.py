@@ -178,3 +178,16 @@ def check_table_paths(monkeypatch, build):
         else:
             assert all(torch.equal(x, y) for x, y in zip(ga[:4], wa[:4]))
         assert ga[5:] == wa[5:]
+
+
+def record_descriptors(monkeypatch) -> list:
+    """Record ``(rows, block_d)`` of every TMA descriptor the launchers build (they
+    still build it: ``triton_backend._desc`` is wrapped, not replaced)."""
+    from spattn.runtime import triton_backend as tb
+    built, real = [], tb._desc
+
+    def spy(t, rows, block_d):
+        built.append((rows, block_d))
+        return real(t, rows, block_d)
+    monkeypatch.setattr(tb, "_desc", spy)
+    return built

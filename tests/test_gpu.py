@@ -9,7 +9,7 @@ import torch
 import spattn
 from spattn.runtime.reference import attention_reference_chunked
 
-from ._triton_helpers import check_table_paths
+from ._triton_helpers import check_table_paths, record_descriptors
 
 pytestmark = pytest.mark.gpu
 
@@ -163,9 +163,7 @@ def test_tma_and_pointers_bf16(monkeypatch, name, src, mk, tma):
     checked against float64; the descriptors counted."""
     from spattn.runtime import triton_backend as tb
     from spattn.runtime.reference import attention_reference
-    built = []
-    real = tb._desc
-    monkeypatch.setattr(tb, "_desc", lambda t, r, d: built.append(r) or real(t, r, d))
+    built = record_descriptors(monkeypatch)
     monkeypatch.setenv("SPATTN_AUTOTUNE", "0")
     B, H, HK, N, D = 2, 4, 2, 3000, 96
     g = torch.Generator(device="cuda").manual_seed(7)

@@ -13,7 +13,7 @@ import torch
 from spattn.runtime import cache
 from spattn.runtime import triton_backend as tb
 
-from ._triton_helpers import doc_ids, window_cf, window_sink_cf
+from ._triton_helpers import doc_ids, record_descriptors, window_cf, window_sink_cf
 from .test_triton_bwd import run_bwd
 from .test_triton_fwd import run_fwd
 
@@ -23,14 +23,8 @@ STRATEGIES = ("ranges", "table")
 @pytest.fixture
 def tma(monkeypatch):
     """Force TMA on; yields the list of (rows, block_d) of every descriptor built."""
-    built = []
-    real = tb._desc
-
-    def spy(t, rows, block_d):
-        built.append((rows, block_d))
-        return real(t, rows, block_d)
+    built = record_descriptors(monkeypatch)
     monkeypatch.setenv("SPATTN_TMA", "1")
-    monkeypatch.setattr(tb, "_desc", spy)
     cache.clear_memory()
     yield built
     cache.clear_memory()
