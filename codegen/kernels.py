@@ -6,12 +6,12 @@ importable Python file, readable like hand-written code:
 * a module docstring with the pattern's canonical source, the strategy, the
   tile sizes and the codegen version;
 * ``kind="fwd"``: ``attn_fwd_<name>_<key6>`` (online softmax, output + lse);
-* ``kind="bwd"``: ``attn_bwd_preprocess_<name>_<key6>`` (delta = rowsum(dO * O)),
-  ``attn_bwd_dkdv_<name>_<key6>`` (one program per key tile and key head, looping
-  over the query heads of its GQA group: deterministic, no atomics; scores in the
-  transposed orientation, Q^T loaded through strides) and
-  ``attn_bwd_dq_<name>_<key6>`` (one program per query tile, like the forward), each
-  with its own tile shape (``BLOCK_M1 x BLOCK_N1`` and ``BLOCK_M2 x BLOCK_N2``).
+* ``kind="bwd"``: ``attn_bwd_dq_<name>_<key6>`` (one program per query tile, like
+  the forward; it also writes each row's delta = rowsum(dO * O) and log2-unit lse),
+  launched first, then ``attn_bwd_dkdv_<name>_<key6>`` (one program per key tile
+  and key head, looping over the query heads of its GQA group: deterministic, no
+  atomics; scores in the transposed orientation, Q^T loaded through strides), each
+  with its own tile shape (``BLOCK_M2 x BLOCK_N2`` and ``BLOCK_M1 x BLOCK_N1``).
 
 Each tile loop lives in a small ``@triton.jit`` function (``_fwd_range`` ...)
 called once per sub-range with ``MASKED`` as a constexpr: FULL tiles
@@ -51,7 +51,7 @@ from ..ir.nodes import BoolConst, Node, Var
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "8"
+CODEGEN_VERSION = "9"
 
 
 # ------------------------------------------------------------------ helpers
@@ -91,7 +91,6 @@ def _names(pattern, key6: str) -> dict:
     base = f"{ident(pattern.name)}_{key6}"
     return {
         "fwd": f"attn_fwd_{base}",
-        "pre": f"attn_bwd_preprocess_{base}",
         "dkdv": f"attn_bwd_dkdv_{base}",
         "dq": f"attn_bwd_dq_{base}",
         "fwd_range": f"_fwd_range_{key6}",
@@ -268,7 +267,7 @@ def _tiles_consts(kind: str, config) -> str:
 
 def _header(pattern, kind: str, config, key: str, names: dict, strategy_doc: str) -> str:
     src = "\n".join("    " + line for line in pattern.source.splitlines())
-    kernels = [names["fwd"]] if kind == "fwd" else [names["pre"], names["dkdv"], names["dq"]]
+    kernels = [names["fwd"]] if kind == "fwd" else [names["dkdv"], names["dq"]]
     inputs = ", ".join(f"{n} ({d}-D index)" for n, d in pattern.inputs.items()) or "none"
     loop_doc = ""
     piece = "interval piece" if config.strategy == "ranges" else "span"
@@ -709,31 +708,6 @@ def _tidy(text: str) -> str:
 
 # ----------------------------------------------------------------- backward
 
-PRE_KERNEL = '''
-@triton.jit
-def @@FN@@(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    H, Lq,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-):
-    """delta = rowsum(dO * O) in fp32, [B, H, Lq] contiguous.  Grid: (query tiles * B * H,)."""
-    n_m = tl.cdiv(Lq, BLOCK_M)
-    i_bh = tl.program_id(0) // n_m
-    i_b = i_bh // H
-    i_h = i_bh % H
-    o_m = (tl.program_id(0) % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m = (o_m[:, None] < Lq) & (o_d[None, :] < HEAD_DIM)
-    b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-                  + o_m[:, None] * stride_om + o_d[None, :] * stride_od, mask=m, other=0.0)
-    b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-                   + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod, mask=m, other=0.0)
-    delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
-    tl.store(DELTA + i_bh.to(tl.int64) * Lq + o_m, delta, mask=o_m < Lq)
-'''
-
 DKDV_RANGE = '''
 @triton.jit
 def @@FN@@(
@@ -995,11 +969,12 @@ def @@FN@@(
 DQ_KERNEL = '''
 @triton.jit
 def @@FN@@(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, O, LSE, LSE2, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,@@INPUT_PARAMS@@@@TABLE_PARAMS@@
     ORDER,
     sm_scale, sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
@@ -1010,7 +985,9 @@ def @@FN@@(
 
     Grid: (B * H * n_m,), work items (batch * H + head) * n_m + query tile in the
     heavy-first ORDER, as in the forward; the key tiles (BLOCK_N2 keys) are
-    those of the forward's schedule at this tile shape.
+    those of the forward's schedule at this tile shape.  Every query row belongs to
+    exactly one program, which also writes the row's DELTA = rowsum(dO * O) and LSE2
+    (the forward's LSE in log2 units) for the dK/dV kernel launched after it.
     """
     tl.static_assert(BLOCK_M2 % 16 == 0)
     tl.static_assert(BLOCK_N2 % 16 == 0)
@@ -1033,9 +1010,17 @@ def @@FN@@(
                   + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_md, other=0.0)
     b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
                    + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod, mask=m_md, other=0.0)
-    # log2-unit lse; fully masked rows (+inf from the launcher) and rows beyond Lq: p = 0
-    b_lse = tl.load(LSE + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=float("inf"))
-    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.0)
+    b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+                  + o_m[:, None] * stride_om + o_d[None, :] * stride_od, mask=m_md, other=0.0)
+
+    # -- row statistics: delta = rowsum(dO * O); lse in log2 units, a fully masked row's
+    #    -inf (and rows beyond Lq) as +inf so that p = exp2(s - lse) = 0 --
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
+    b_lse = tl.load(LSE + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=float("-inf"))
+    b_lse = b_lse.to(tl.float32) * 1.4426950408889634
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+    tl.store(DELTA + i_bh.to(tl.int64) * Lq + o_m, b_delta, mask=m_m)
+    tl.store(LSE2 + i_bh.to(tl.int64) * Lq + o_m, b_lse, mask=m_m)
     p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
     p_v = V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
 @@INPUT_BASES@@
@@ -1229,8 +1214,11 @@ DQ_KERNEL_TMA = _swap(
                   + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_md, other=0.0)
     b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
                    + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod, mask=m_md, other=0.0)
+    b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+                  + o_m[:, None] * stride_om + o_d[None, :] * stride_od, mask=m_md, other=0.0)
 """, """    b_q = Q.load([i_b, i_h, i_m * BLOCK_M2, 0]).reshape(BLOCK_M2, BLOCK_D)
     b_do = DO.load([i_b, i_h, i_m * BLOCK_M2, 0]).reshape(BLOCK_M2, BLOCK_D)
+    b_o = O.load([i_b, i_h, i_m * BLOCK_M2, 0]).reshape(BLOCK_M2, BLOCK_D)
 """),
     ("""    p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
     p_v = V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
@@ -1252,13 +1240,14 @@ _PTR_QDO_ARGS = "p_q, p_do, p_lse2, p_delta, stride_qm, stride_qd, stride_dom, s
 
 
 def render_bwd(pattern, config, key: str, closed_form=None) -> str:
-    """The backward module: preprocess, dK/dV (transposed schedule) and dQ kernels.
+    """The backward module: the dQ kernel, then the dK/dV kernel (transposed schedule).
 
-    The LSE passed to dK/dV and dQ is in log2 units (``lse * log2(e)``, fully masked rows
-    ``+inf`` so that ``p = 0``), computed by the launcher from the forward's natural-log
-    LSE.  dK/dV is rendered with its own tile shape (``BLOCK_M1`` queries per step,
-    ``BLOCK_N1`` keys per program) and dQ with its own (``BLOCK_M2``, ``BLOCK_N2``): the
-    ranges schedules use each kernel's constants, the tables are built per shape.
+    dQ reads the forward's natural-log LSE and writes, per query row, the LSE in log2
+    units (``lse * log2(e)``, fully masked rows ``+inf`` so that ``p = 0``) and
+    ``delta = rowsum(dO * O)``, which dK/dV reads: no pre-pass launch.  dK/dV is
+    rendered with its own tile shape (``BLOCK_M1`` queries per step, ``BLOCK_N1`` keys
+    per program) and dQ with its own (``BLOCK_M2``, ``BLOCK_N2``): the ranges schedules
+    use each kernel's constants, the tables are built per shape.
     """
     names = _names(pattern, key[:6])
     inputs = dict(pattern.inputs)
@@ -1361,8 +1350,8 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
         parts.append(HELPERS)
     if config.strategy == "ranges":
         parts.append(RANGE_HELPERS)
-    parts += [_fill(PRE_KERNEL, FN=names["pre"]), dkdv_inner, dkdv, dq_inner, dq]
-    parts.append(f"\nPREPROCESS = {names['pre']}\nDKDV = {names['dkdv']}\nDQ = {names['dq']}\n")
+    parts += [dkdv_inner, dkdv, dq_inner, dq]
+    parts.append(f"\nDKDV = {names['dkdv']}\nDQ = {names['dq']}\n")
     return _tidy("\n".join(parts))
 
 

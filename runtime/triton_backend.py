@@ -22,7 +22,7 @@ memo, so changing them between calls picks the new configuration.
 ``tma`` (bool) picks the block loads and stores of Q, K, V, O (and dO, dQ, dK, dV)
 through TMA tensor descriptors.  By default (``None``, or ``$SPATTN_TMA`` unset or
 ``auto``) it is on for the forward on CUDA, where it measured faster, and off for the
-backward, whose 11 descriptors per call cost more host time than its kernels gain
+backward, whose 12 descriptors per call cost more host time than its kernels gain
 (``benchmarks/NOTES.md`` rows 36-37; :data:`TMA_AUTO`); ``$SPATTN_TMA`` = ``1`` / ``0``
 turns it on for both (also under the interpreter, which emulates descriptors: how the
 CPU tests cover these kernels) or off, and the option overrides the environment.  It is used only where TMA exists (CUDA compute capability
@@ -703,7 +703,7 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
         grads = bwd(pattern, q.float(), k.float(), v.float(), o.float(), lse, do.float(),
                     scale=scale, q_offset=q_offset, inputs=inputs, **options)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
-    opts = _tma(_opts(options, "bwd"), "bwd", q.device, q, k, v, do)
+    opts = _tma(_opts(options, "bwd"), "bwd", q.device, q, k, v, do, o)
     opts = _tune.tuned_options(
         pattern, "bwd", head_dim=q.shape[-1], dtype=q.dtype, device=q.device, Lq=q.shape[2],
         Lk=k.shape[2], BH=q.shape[0] * q.shape[1], options=opts,
@@ -727,12 +727,10 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
     prec = _dot_prec(q.dtype)
     kw = dict(BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    # written by the dQ kernel for the dK/dV kernel: delta = rowsum(dO * O), lse in log2 units
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
-    _launch(mod.PREPROCESS, (nq2 * B * H,), warmup, o, do, delta, *o.stride(), *do.stride(), H,
-            Lq, BLOCK_M=m2, BLOCK_D=cfg.block_d, HEAD_DIM=D)
-    # log2 units; a fully masked row's -inf becomes +inf so that p = exp2(s - lse) = 0
-    lse2 = lse.to(torch.float32) * LOG2E
-    lse2 = torch.where(lse2 == float("-inf"), float("inf"), lse2).contiguous()
+    lse2 = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
+    lse = lse.contiguous()
     in_args = _input_args(pattern, inputs, dev)
     if cfg.strategy == "table":
         mode = _table_mode(opts)
@@ -761,10 +759,18 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
         args_k = (_desc(q, m1, bd), _desc(k, n1, bd), _desc(v, n1, bd), _desc(do, m1, bd),
                   lse2, delta, _desc(dk, n1, bd), _desc(dv, n1, bd))
         args_q = (_desc(q, m2, bd), _desc(k, n2, bd), _desc(v, n2, bd), _desc(do, m2, bd),
-                  lse2, delta, _desc(dq, m2, bd))
+                  _desc(o, m2, bd), lse, lse2, delta, _desc(dq, m2, bd))
     else:
         args_k = (q, k, v, do, lse2, delta, dk, dv)
-        args_q = (q, k, v, do, lse2, delta, dq)
+        args_q = (q, k, v, do, o, lse, lse2, delta, dq)
+    _launch(
+        mod.DQ, (nq2 * B * H,), warmup, *args_q,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *dq.stride(),
+        *in_args, *tab_q,
+        order_q,
+        scale, scale * LOG2E, H, G, Lq, Lk, q_offset,
+        BLOCK_M2=m2, BLOCK_N2=n2, DOT_PREC=prec, **kw, **kw_q,
+    )
     _launch(
         mod.DKDV, (nk1 * B * HK,), warmup, *args_k,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
@@ -772,14 +778,6 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
         order_k,
         scale, scale * LOG2E, H, HK, G, Lq, Lk, q_offset,
         BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, **kw, **kw_k,
-    )
-    _launch(
-        mod.DQ, (nq2 * B * H,), warmup, *args_q,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *in_args, *tab_q,
-        order_q,
-        scale, scale * LOG2E, H, G, Lq, Lk, q_offset,
-        BLOCK_M2=m2, BLOCK_N2=n2, DOT_PREC=prec, **kw, **kw_q,
     )
     return dq, dk, dv
 

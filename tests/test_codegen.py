@@ -153,8 +153,11 @@ def test_rendered_backward_file(fresh_cache):
     text = cache.kernel_file(p, "bwd", head_dim=128, dtype="fp16", strategy="table",
                              block_m1=32, block_n1=128, block_m2=128, block_n2=32).read_text()
     key6 = re.search(r"def attn_bwd_dq_pattern_([0-9a-f]{6})\(", text).group(1)
-    for name in ("attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"):
+    for name in ("attn_bwd_dkdv", "attn_bwd_dq"):
         assert f"def {name}_pattern_{key6}(" in text
+    # no pre-pass kernel: the dQ kernel writes delta and the log2-unit lse
+    assert "preprocess" not in text and "PREPROCESS" not in text
+    assert "tl.store(DELTA" in text and "tl.store(LSE2" in text
     assert "for g in range(0, GROUP)" in text and "atomic" not in text
     # FlashAttention-2 orientation: no transpose of a computed tile (p, ds), only of loads
     assert "tl.trans(b_p" not in text and "tl.trans(b_ds" not in text

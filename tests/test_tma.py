@@ -89,8 +89,8 @@ def test_backward(tma, monkeypatch, name, src, inputs_fn, cf_factory, kw, strate
     monkeypatch.setenv("SPATTN_BWD_LOOP", loop)
     run_bwd(src, strategy=strategy, inputs_fn=inputs_fn, cf_factory=cf_factory,
             seed=sum(map(ord, name)) + 1, **kw)
-    # forward 4 descriptors, dK/dV 6 (q, k, v, dO, dK, dV), dQ 5 (q, k, v, dO, dQ)
-    assert len(tma) == 4 + 6 + 5
+    # forward 4 descriptors, dQ 6 (q, k, v, dO, O, dQ), dK/dV 6 (q, k, v, dO, dK, dV)
+    assert len(tma) == 4 + 6 + 6
 
 
 def test_fully_masked_rows(tma):
@@ -170,5 +170,5 @@ def test_rendered_tma_kernels_have_no_pointer_tiles(kind, strategy):
         inner = 2 if strategy == "table" and loop == "fused" else 1   # + the CSR lists' loop
         if kind == "fwd":   # Q once; K, V per tile in each loop function; O stored once
             assert (text.count(".load(["), text.count(".store([")) == (1 + 2 * inner, 1)
-        else:               # K, V / Q, dO once; Q, dO / K, V per step; dK, dV, dQ stored
-            assert (text.count(".load(["), text.count(".store([")) == (4 + 4 * inner, 3)
+        else:   # K, V / Q, dO, O once; Q, dO / K, V per step; dK, dV, dQ stored
+            assert (text.count(".load(["), text.count(".store([")) == (5 + 4 * inner, 3)

@@ -1,4 +1,4 @@
-# spattn-kernel key=63c9199c722e54dcecb3d62a21e7da82 sha256=727206448561e2f9bbdd3675cc3283779236ce0ff914af2259b522bbf59fea02
+# spattn-kernel key=ba514fea3628858d32d3aa088f356c23 sha256=c27d2df15cdec9946648c0474d2e88d717b9aff49f69044536f555ff24521bfc
 """spattn generated forward attention kernel for pattern `streaming`.
 
 Pattern (canonical source):
@@ -8,8 +8,8 @@ Runtime inputs: none
 Strategy: ranges (closed-form key ranges computed in the kernel from the tile index)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_streaming_63c919
-Codegen version: 8; cache key 63c9199c722e54dcecb3d62a21e7da82
+Kernels: attn_fwd_streaming_ba514f
+Codegen version: 9; cache key ba514fea3628858d32d3aa088f356c23
 Forward loop: fused (one loop per interval piece, predicate only on PARTIAL tiles)
 Loads: TMA tensor descriptors for Q, K, V, O (block [1, 1, rows, BLOCK_D]; the stride
        arguments are unused)
@@ -60,7 +60,7 @@ def _split(start, end, full_start, full_end):
 
 
 @triton.jit
-def _fwd_fused_63c919(
+def _fwd_fused_ba514f(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_kh,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -103,7 +103,7 @@ def _fwd_fused_63c919(
 
 
 @triton.jit
-def attn_fwd_streaming_63c919(
+def attn_fwd_streaming_ba514f(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -158,7 +158,7 @@ def attn_fwd_streaming_63c919(
     s0, e0 = _tile_span(r0_lo, r0_hi, Lk, BLOCK_N)
     f0, g0 = _full_span(r0_flo, r0_fhi, Lk, BLOCK_N)
     # 0: tiles [s0, e0) in one loop, FULL where in [f0, g0)
-    acc, l_i, m_i = _fwd_fused_63c919(
+    acc, l_i, m_i = _fwd_fused_ba514f(
         acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, s0, e0, f0, g0,
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
     # interval 1: keys [lo, hi] -> tiles [s1, e1)
@@ -167,12 +167,12 @@ def attn_fwd_streaming_63c919(
     # minus the tiles of interval 0: 2 pieces
     ps, pe = s1, tl.minimum(e1, s0)
     # 1a: tiles [ps, pe) in one loop, FULL where in [f1, g1)
-    acc, l_i, m_i = _fwd_fused_63c919(
+    acc, l_i, m_i = _fwd_fused_ba514f(
         acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, ps, pe, f1, g1,
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
     ps, pe = tl.maximum(s1, e0), e1
     # 1b: tiles [ps, pe) in one loop, FULL where in [f1, g1)
-    acc, l_i, m_i = _fwd_fused_63c919(
+    acc, l_i, m_i = _fwd_fused_ba514f(
         acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, ps, pe, f1, g1,
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
 
@@ -184,4 +184,4 @@ def attn_fwd_streaming_63c919(
     tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
 
 
-KERNEL = attn_fwd_streaming_63c919
+KERNEL = attn_fwd_streaming_ba514f
