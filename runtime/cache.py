@@ -41,6 +41,8 @@ _lock = threading.RLock()
 _modules: dict[str, object] = {}         # path -> imported module
 _configs: dict[tuple, tuple] = {}        # (pattern source, inputs, kind, options) -> (config, cf, key)
 _checked: dict[str, str] = {}            # path -> key already verified in this process
+_paths: dict[tuple, str] = {}            # ($SPATTN_CACHE_DIR, kind, key, name) -> path
+_tags: dict[str, str] = {}               # "cuda:<index>" -> device_tag
 
 
 def cache_dir() -> pathlib.Path:
@@ -53,6 +55,16 @@ def device_tag(device=None) -> str:
     """"interpret" under TRITON_INTERPRET=1, else "cuda-sm<major><minor>" (or "cpu")."""
     if _strategy.interpret_mode():
         return "interpret"
+    if getattr(device, "index", None) is None:   # the current device: may change
+        return _device_tag(device)
+    memo = str(device)
+    tag = _tags.get(memo)
+    if tag is None:
+        tag = _tags[memo] = _device_tag(device)
+    return tag
+
+
+def _device_tag(device) -> str:
     try:
         import torch
         if torch.cuda.is_available():
@@ -89,9 +101,10 @@ def resolve(pattern, kind: str = "fwd", **options):
         raise ValueError(f"unknown kernel kind {kind!r} (expected 'fwd' or 'bwd')")
     cf = options.pop("closed_form", None)
     device = options.pop("device", None)
-    # every environment override strategy.pick reads is part of the memo key
+    # every environment override strategy.pick reads is part of the memo key (the launchers
+    # pass the overrides they read as ``_env``, part of the options)
     memo_key = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, device_tag(device),
-                _strategy.env_overrides(kind),
+                _strategy.env_overrides(kind) if "_env" not in options else (),
                 tuple(sorted((k, str(v)) for k, v in options.items())),
                 None if cf is None else _cf_text(cf))
     with _lock:
@@ -186,12 +199,27 @@ def kernel_file(pattern, kind: str = "fwd", **options) -> pathlib.Path:
 
 def load(pattern, kind: str = "fwd", **options):
     """``(module, config)``: the imported generated module (kept in memory) and its config."""
+    mod, config, _ = load_with_form(pattern, kind, **options)
+    return mod, config
+
+
+def load_with_form(pattern, kind: str = "fwd", **options):
+    """``(module, config, closed_form)``: :func:`load` plus the closed form the module was
+    rendered with (None for the table strategy), from one :func:`resolve`."""
     config, cf, key = resolve(pattern, kind, **dict(options))
+    # per-call fast path: the module by (cache directory setting, key), no path building
+    fast = (os.environ.get("SPATTN_CACHE_DIR"), kind, key, pattern.name)
+    with _lock:
+        spath = _paths.get(fast)
+        mod = None if spath is None else _modules.get(spath)
+        if mod is not None:
+            return mod, config, cf
     spath = str(cache_dir() / file_name(pattern, kind, key))
     with _lock:
         mod = _modules.get(spath)
         if mod is not None:
-            return mod, config
+            _paths[fast] = spath
+            return mod, config, cf
     path = kernel_file(pattern, kind, **options)
     with _lock:
         name = f"spattn_kernels.{path.stem}"
@@ -204,7 +232,8 @@ def load(pattern, kind: str = "fwd", **options):
             sys.modules.pop(name, None)
             raise
         _modules[spath] = mod
-    return mod, config
+        _paths[fast] = spath
+    return mod, config, cf
 
 
 def clear_memory() -> None:
@@ -213,3 +242,4 @@ def clear_memory() -> None:
         _modules.clear()
         _configs.clear()
         _checked.clear()
+        _paths.clear()

@@ -108,11 +108,9 @@ def _opts(options: dict, kind: str) -> dict:
     if bad:
         raise TypeError(f"unknown option(s) {sorted(bad)}; expected {_OPTION_NAMES}")
     out = {k: v for k, v in options.items() if v is not None}
-    # Not a kernel option (``strategy.pick`` ignores it): the overrides in force, so that
-    # ``cache.resolve``'s per-process memo sees a changed environment.
-    env = env_overrides(kind)
-    if env:
-        out["_env"] = env
+    # Not a kernel option (``strategy.pick`` ignores it): the overrides in force, read once
+    # per call, so that ``cache.resolve``'s memo and the autotuner see a changed environment.
+    out["_env"] = env_overrides(kind)
     return out
 
 
@@ -502,7 +500,7 @@ def _memo_key(pattern, kind, Lq, Lk, tiles, B, H, q_offset, device, inputs):
     """
     ins = tuple(sorted((n, id(t), t._version, tuple(t.shape), t.stride(), t.data_ptr())
                        for n, t in (inputs or {}).items()))
-    return (pattern.key, kind, Lq, Lk, tuple(tiles), B, H, q_offset, str(device), ins)
+    return (pattern.source, kind, Lq, Lk, tuple(tiles), B, H, q_offset, str(device), ins)
 
 
 def _memo(key, inputs, build):
@@ -535,13 +533,13 @@ def _ranges_order(intervals, *, n_tiles, block, other_len, other_block, length, 
     patterns the last query tiles (longest rows) start first.
     """
     from ..ir.evaluate import evaluate
-    from ..ir.printer import to_source
-    key = (tuple((None if getattr(i, f) is None else to_source(getattr(i, f)))
-                 for i in intervals for f in ("lo", "hi")),
-           n_tiles, block, other_len, other_block, length, shift, query, str(device), H, B)
+    # keyed by the intervals' identity (the config memo keeps one closed form per pattern):
+    # hashing or printing the expression trees on every call costs more than the launch
+    key = (id(intervals), n_tiles, block, other_len, other_block, length, shift, query,
+           str(device), H, B)
     hit = _order_cache.get(key)
-    if hit is not None:
-        return hit
+    if hit is not None and hit[0] is intervals:
+        return hit[1]
     try:
         start = torch.arange(n_tiles, dtype=torch.int64) * block
         end = torch.clamp(start + block, max=length) - 1
@@ -564,7 +562,7 @@ def _ranges_order(intervals, *, n_tiles, block, other_len, other_block, length, 
     order = _grid_order(work.view(1, 1, n_tiles), B, H).to(device)
     if len(_order_cache) > 256:
         _order_cache.clear()
-    _order_cache[key] = order
+    _order_cache[key] = (intervals, order)
     return order
 
 
@@ -606,7 +604,8 @@ def _launch(kernel, grid, warmup, *args, **kwargs):
 def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts, warmup=False):
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
-    mod, cfg = _cache.load(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device, **opts)
+    mod, cfg, cf = _cache.load_with_form(pattern, "fwd", head_dim=D, dtype=q.dtype,
+                                         device=q.device, **opts)
     bm, bn = cfg.block_m, cfg.block_n
     nq = -(-Lq // bm)
     o = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
@@ -623,8 +622,6 @@ def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts, warmup=False):
         tab, order, spans = _memo(key, inputs, build)
         table_kw = {"SPANS": spans}
     else:
-        _, cf, _ = _cache.resolve(pattern, "fwd", head_dim=D, dtype=q.dtype, device=q.device,
-                                  **opts)
         tab, table_kw = [], {}
         order = _ranges_order(cf.rows, n_tiles=nq, block=bm, other_len=Lk, other_block=bn,
                               length=Lq, shift=q_offset, query=True, device=q.device, H=H,
@@ -719,7 +716,8 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
     G = H // HK
-    mod, cfg = _cache.load(pattern, "bwd", head_dim=D, dtype=q.dtype, device=q.device, **opts)
+    mod, cfg, cf = _cache.load_with_form(pattern, "bwd", head_dim=D, dtype=q.dtype,
+                                         device=q.device, **opts)
     m1, n1 = cfg.block_m, cfg.block_n          # dK/dV: BLOCK_M1 queries per step, BLOCK_N1 keys
     m2, n2 = cfg.block_m2, cfg.block_n2        # dQ: BLOCK_M2 queries, BLOCK_N2 keys per step
     nq2, nk1 = -(-Lq // m2), -(-Lk // n1)
@@ -743,7 +741,6 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
         (tab_q, order_q, spans_q), (tab_k, order_k, spans_k) = _memo(key, inputs, build)
         kw_k, kw_q = {"SPANS": spans_k}, {"SPANS": spans_q}
     else:
-        _, cf, _ = _cache.resolve(pattern, "bwd", head_dim=D, dtype=q.dtype, device=dev, **opts)
         tab_q = tab_k = []
         kw_k = kw_q = {}
         order_q = _ranges_order(cf.rows, n_tiles=nq2, block=m2, other_len=Lk, other_block=n2,

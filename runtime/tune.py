@@ -106,7 +106,10 @@ def explicit(kind: str, options: dict) -> bool:
     """True when the call or the environment fixes a tile, warps or stages itself."""
     if any(options.get(n) is not None for n in TILE_OPTIONS):
         return True
-    return any(os.environ.get(n) for n in _strategy.ENV_VARS[kind] if n != "SPATTN_STRATEGY")
+    env = options.get("_env")    # the overrides the launcher read for this call
+    if env is None:
+        env = _strategy.env_overrides(kind)
+    return any(n != "SPATTN_STRATEGY" for n, _ in env)
 
 
 def candidates(kind: str, head_dim: int, dtype) -> list[dict]:

@@ -140,13 +140,13 @@ ENV_SHAPE = {"SPATTN_BWD_BLOCK_M1": "16", "SPATTN_BWD_BLOCK_N1": "32",
 def _spy_configs(monkeypatch):
     """Record the KernelConfig of every kernel module the launchers load."""
     seen = []
-    load = tb._cache.load
+    load = tb._cache.load_with_form
 
     def spy(pattern, kind="fwd", **options):
-        mod, cfg = load(pattern, kind, **options)
+        mod, cfg, cf = load(pattern, kind, **options)
         seen.append((kind, cfg))
-        return mod, cfg
-    monkeypatch.setattr(tb._cache, "load", spy)
+        return mod, cfg, cf
+    monkeypatch.setattr(tb._cache, "load_with_form", spy)
     return seen
 
 
