@@ -24,6 +24,31 @@ from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
 
 
+#: (id, version, data pointer, device, dtype) of a source tensor -> (source, converted).
+_CONVERTED: dict = {}
+_CONVERTED_SIZE = 8
+
+
+def converted(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(device).to(dtype)``, the same tensor object on every call while ``t`` is
+    unchanged (same object, no in-place write since): the launchers key their tile
+    tables on the inputs' identity, so a fresh copy per call would rebuild them."""
+    if t.dtype == dtype and (device is None or t.device == torch.device(device)):
+        return t
+    if torch.compiler.is_compiling():    # traced: fake tensors have no data pointer
+        return (t.to(device) if device is not None else t).to(dtype)
+    key = (id(t), t._version, t.data_ptr(), str(device), dtype)
+    hit = _CONVERTED.get(key)
+    if hit is not None and hit[0] is t:
+        return hit[1]
+    out = t.to(device) if device is not None else t
+    out = out.to(dtype)
+    if len(_CONVERTED) >= _CONVERTED_SIZE:
+        _CONVERTED.pop(next(iter(_CONVERTED)))
+    _CONVERTED[key] = (t, out)      # holds ``t``: its id cannot be reused while cached
+    return out
+
+
 def query_offset(Lq: int, Lk: int, q_offset: int | None) -> int:
     """Position of query row 0: bottom-right aligned (``Lk - Lq``) unless given."""
     return Lk - Lq if q_offset is None else int(q_offset)
@@ -74,9 +99,7 @@ def validate_inputs(declared: Mapping[str, int], given: Mapping[str, object], *,
                                        f"its {what} dimension ({axis}) is {size}, expected {want} or 1")
         if any(s == 0 for s in t.shape):
             raise SpattnInputError(f"runtime input {name!r} is empty (shape {tuple(t.shape)})")
-        if device is not None and t.device != torch.device(device):
-            t = t.to(device)
-        out[name] = t.to(torch.int64)
+        out[name] = converted(t, device, torch.int64)
     return out
 
 

@@ -42,6 +42,7 @@ import os
 
 import torch
 
+from ..ir.evaluate import converted
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from . import cache as _cache
 from . import tune as _tune
@@ -127,11 +128,8 @@ def _input_args(pattern, inputs: dict | None, device) -> list:
     args = []
     inputs = inputs or {}
     for name, nd in pattern.inputs.items():
-        t = inputs[name]
-        if t.device != device:
-            t = t.to(device)
-        if t.dtype != torch.int32:
-            t = t.to(torch.int32)     # positions and ids fit in int32; int32 loads are cheaper
+        # positions and ids fit in int32; int32 loads are cheaper (one copy per input, cached)
+        t = converted(inputs[name], device, torch.int32)
         lead = t.dim() - nd
         sb = t.stride(0) if lead >= 1 and t.shape[0] > 1 else 0
         sh = t.stride(1) if lead >= 2 and t.shape[1] > 1 else 0

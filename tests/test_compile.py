@@ -24,12 +24,13 @@ class TinyBlock(nn.Module):
         return self.out(o.transpose(1, 2).reshape(B, L, -1))
 
 
-def test_compile_fullgraph_forward_backward_matches_eager():
+@pytest.mark.parametrize("doc_dtype", [torch.int64, torch.int32], ids=["doc-int64", "doc-int32"])
+def test_compile_fullgraph_forward_backward_matches_eager(doc_dtype):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = TinyBlock()
     x = torch.randn(2, 40, 32)
-    doc = (torch.rand(2, 40) < 0.1).cumsum(-1)
+    doc = (torch.rand(2, 40) < 0.1).cumsum(-1).to(doc_dtype)    # int32: converted while traced
 
     y_eager = model(x, doc)
     y_eager.square().mean().backward()
