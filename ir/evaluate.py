@@ -44,7 +44,7 @@ def converted(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     out = t.to(device) if device is not None else t
     out = out.to(dtype)
     if len(_CONVERTED) >= _CONVERTED_SIZE:
-        _CONVERTED.pop(next(iter(_CONVERTED)))
+        _CONVERTED.pop(next(iter(_CONVERTED), None), None)   # oldest (another thread may race)
     _CONVERTED[key] = (t, out)      # holds ``t``: its id cannot be reused while cached
     return out
 
