@@ -42,7 +42,7 @@ _modules: dict[str, object] = {}         # path -> imported module
 _configs: dict[tuple, tuple] = {}        # (pattern source, inputs, kind, options) -> (config, cf, key)
 _checked: dict[str, str] = {}            # path -> key already verified in this process
 _paths: dict[tuple, str] = {}            # ($SPATTN_CACHE_DIR, kind, key, name) -> path
-_tags: dict[str, str] = {}               # "cuda:<index>" -> device_tag
+_caps: dict[str, tuple] = {}             # "cuda:<index>" -> (major, minor) or None
 
 
 def cache_dir() -> pathlib.Path:
@@ -55,25 +55,30 @@ def device_tag(device=None) -> str:
     """"interpret" under TRITON_INTERPRET=1, else "cuda-sm<major><minor>" (or "cpu")."""
     if _strategy.interpret_mode():
         return "interpret"
+    cap = capability(device)
+    return "cpu" if cap is None else f"cuda-sm{cap[0]}{cap[1]}"
+
+
+def capability(device=None):
+    """``(major, minor)`` of the CUDA device ``device`` (the current one when it has no
+    index), None without CUDA; memoised per indexed device (the launchers ask per call)."""
     if getattr(device, "index", None) is None:   # the current device: may change
-        return _device_tag(device)
+        return _capability(device)
     memo = str(device)
-    tag = _tags.get(memo)
-    if tag is None:
-        tag = _tags[memo] = _device_tag(device)
-    return tag
+    if memo not in _caps:
+        _caps[memo] = _capability(device)
+    return _caps[memo]
 
 
-def _device_tag(device) -> str:
+def _capability(device):
     try:
         import torch
         if torch.cuda.is_available():
             idx = None if device is None else getattr(device, "index", None)
-            major, minor = torch.cuda.get_device_capability(idx)
-            return f"cuda-sm{major}{minor}"
+            return tuple(torch.cuda.get_device_capability(idx))
     except Exception:  # pragma: no cover - no torch/cuda
         pass
-    return "cpu"
+    return None
 
 
 def _triton_version() -> str:

@@ -94,7 +94,7 @@ def _tma_device(device) -> bool:
     from ..codegen.strategy import interpret_mode
     if interpret_mode():
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and (_cache.capability(device) or (0,))[0] >= 9
 
 
 def _desc(t, rows: int, block_d: int):
