@@ -1,6 +1,6 @@
 """GPU benchmark: spattn against FlexAttention and SDPA.
 
-For each pattern x N x D (bf16, B=1, H=16): spattn forward and forward+backward
+For each pattern x N x D (bf16 unless ``--dtype fp16``, B=1, H=16): spattn forward and forward+backward
 (median of ``triton.testing.do_bench``), effective TF/s (only allowed pairs
 count: fwd FLOPs = 4·D·pairs, fwd+bwd = 3.5x that), setup time (what a new shape
 costs: analysis and tables), first-call compile time; in the same process
@@ -27,6 +27,7 @@ import spattn
 from spattn.runtime.reference import attention_reference_chunked, rows_per_chunk
 
 H_DEFAULT = 16
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 _FLEX = None
@@ -133,7 +134,8 @@ def allowed_pairs(pat, N, H, inputs, chunk=None):
 def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=torch.bfloat16):
     src, params, mm_factory, in_factory = PATTERNS[name]
     inputs = in_factory(N, dev) if in_factory else {}
-    row = {"pattern": name, "N": N, "D": D, "H": H}
+    row = {"pattern": name, "N": N, "D": D, "H": H,
+           "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))}
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
     do = torch.randn_like(q)
@@ -153,7 +155,7 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     # create_block_mask also builds both directions); for closed-form ranges the per-tile
     # bounds used to order the grid (the kernel computes its own loop bounds)
     from spattn.runtime import triton_backend as tb
-    from spattn.codegen.strategy import default_bwd_tiles
+    from spattn.codegen.strategy import default_bwd_tiles, dtype_name
 
     def setup(train):
         if row["strategy"] == "table":
@@ -161,7 +163,7 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
             kw = dict(B=1, H=H, q_offset=0, device=q.device, inputs=inputs)
             tb.fwd_tables(pat, N, N, 128, 64, **kw)
             if train:
-                tb.bwd_tables(pat, N, N, default_bwd_tiles(D, "bf16")[:4], **kw)
+                tb.bwd_tables(pat, N, N, default_bwd_tiles(D, dtype_name(dtype))[:4], **kw)
         else:
             from spattn.ir.ranges import closed_form, tile_ranges
             tile_ranges(closed_form(pat.ir), N, N, 128, 64, num_heads=1, device=dev)
@@ -271,6 +273,12 @@ def _time_spattn(row, name, pat, q, k, v, do, inputs, bwd, flops_f):
     return row
 
 
+def _d(row) -> str:
+    """The D column: the head dim, with the dtype when it is not bf16."""
+    dt = row.get("dtype", "bf16")
+    return f"{row['D']}" if dt == "bf16" else f"{row['D']} {dt}"
+
+
 def table(rows):
     head = ("| pattern | N | D | dens. | strategy | spattn fwd TF/s | Flex fwd TF/s | x | "
             "spattn f+b TF/s | Flex f+b TF/s | x | setup ms (fwd / train) | Flex mask ms | "
@@ -278,7 +286,7 @@ def table(rows):
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['pattern']} | {r['N']} | {r['D']} | ERROR: {r['error']} |")
+            lines.append(f"| {r['pattern']} | {r['N']} | {_d(r)} | ERROR: {r['error']} |")
             continue
 
         def f(key, fmt="{:.0f}"):
@@ -291,7 +299,7 @@ def table(rows):
         if r.get("flex_error"):
             r = dict(r, strategy=f"{r.get('strategy', '-')} (Flex failed: {r['flex_error'][:60]})")
         lines.append(
-            f"| {r['pattern']} | {r['N']} | {r['D']} | {r['density']:.3f} | {r.get('strategy', '-')} | "
+            f"| {r['pattern']} | {r['N']} | {_d(r)} | {r['density']:.3f} | {r.get('strategy', '-')} | "
             f"{f('fwd_tflops')} | {f('flex_fwd_tflops')} | {ratio('fwd_tflops', 'flex_fwd_tflops')} | "
             f"{f('fwdbwd_tflops')} | {f('flex_fwdbwd_tflops')} | "
             f"{ratio('fwdbwd_tflops', 'flex_fwdbwd_tflops')} | {f('setup_ms', '{:.2f}')} / {f('setup_train_ms', '{:.2f}')} | "
@@ -306,6 +314,7 @@ def main(argv=None):
     ap.add_argument("--n", nargs="*", type=int, default=None)
     ap.add_argument("--d", nargs="*", type=int, default=None)
     ap.add_argument("--heads", type=int, default=H_DEFAULT)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--json", default=None)
@@ -325,11 +334,13 @@ def main(argv=None):
                 i += 1
                 if name.startswith("neighborhood2d") and N != 16384:
                     continue
-                log(f"[{i}/{total}] {name} N={N} D={D}")
+                log(f"[{i}/{total}] {name} N={N} D={D} {args.dtype}")
                 try:
-                    row = run_one(name, N, D, H=args.heads, bwd=not args.no_bwd, flex=not args.no_flex)
+                    row = run_one(name, N, D, H=args.heads, bwd=not args.no_bwd, flex=not args.no_flex,
+                                  dtype=DTYPES[args.dtype])
                 except Exception as e:  # keep going: one failure must not lose the run
-                    row = {"pattern": name, "N": N, "D": D, "error": f"{type(e).__name__}: {e}"[:300]}
+                    row = {"pattern": name, "N": N, "D": D, "dtype": args.dtype,
+                           "error": f"{type(e).__name__}: {e}"[:300]}
                 log("   ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
                 rows.append(row)
                 torch.cuda.empty_cache()
