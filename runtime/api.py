@@ -31,11 +31,11 @@ the CPU under ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 
 import torch
 
+from ..codegen.strategy import getenv
 from ..dsl.errors import SpattnBackendError, SpattnInputError, SpattnParamError, SpattnValueError
 from ..ir.evaluate import query_offset as _query_offset, validate_inputs
 from . import autograd as _ag
@@ -124,7 +124,7 @@ def _check_q_offset(q_offset, Lq, Lk):
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return getenv("TRITON_INTERPRET") == "1"
 
 
 def choose_backend(requested: str, device_type: str) -> str:

@@ -46,7 +46,7 @@ _caps: dict[str, tuple] = {}             # "cuda:<index>" -> (major, minor) or N
 
 
 def cache_dir() -> pathlib.Path:
-    d = os.environ.get("SPATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+    d = _strategy.getenv("SPATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
                                                             "spattn")
     return pathlib.Path(d)
 
@@ -213,7 +213,7 @@ def load_with_form(pattern, kind: str = "fwd", **options):
     rendered with (None for the table strategy), from one :func:`resolve`."""
     config, cf, key = resolve(pattern, kind, **dict(options))
     # per-call fast path: the module by (cache directory setting, key), no path building
-    fast = (os.environ.get("SPATTN_CACHE_DIR"), kind, key, pattern.name)
+    fast = (_strategy.getenv("SPATTN_CACHE_DIR"), kind, key, pattern.name)
     with _lock:
         spath = _paths.get(fast)
         mod = None if spath is None else _modules.get(spath)

@@ -38,10 +38,10 @@ then passed exactly like explicit ones.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from ..codegen.strategy import getenv
 from ..ir.evaluate import converted
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from . import cache as _cache
@@ -77,7 +77,7 @@ def _tma(opts: dict, kind: str, device, *tensors) -> dict:
     """``opts`` with ``tma`` resolved to a bool (see the module docstring)."""
     want = opts.get("tma")
     if want is None:
-        env = (os.environ.get("SPATTN_TMA") or "").strip().lower()
+        env = (getenv("SPATTN_TMA") or "").strip().lower()
         if env in _ON:
             want = True
         elif env in _OFF:
@@ -534,7 +534,7 @@ def _ranges_order(intervals, *, n_tiles, block, other_len, other_block, length, 
     # keyed by the intervals' identity (the config memo keeps one closed form per pattern):
     # hashing or printing the expression trees on every call costs more than the launch
     key = (id(intervals), n_tiles, block, other_len, other_block, length, shift, query,
-           str(device), H, B)
+           device, H, B)
     hit = _order_cache.get(key)
     if hit is not None and hit[0] is intervals:
         return hit[1]
@@ -724,8 +724,7 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
     kw = dict(BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     # written by the dQ kernel for the dK/dV kernel: delta = rowsum(dO * O), lse in log2 units
-    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
-    lse2 = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
+    delta, lse2 = torch.empty((2, B, H, Lq), dtype=torch.float32, device=dev).unbind(0)
     lse = lse.contiguous()
     in_args = _input_args(pattern, inputs, dev)
     if cfg.strategy == "table":

@@ -97,7 +97,7 @@ def enabled(device) -> bool:
     """Autotuning switched on for calls on ``device`` (CUDA, not interpreted, not disabled)."""
     if _strategy.interpret_mode():
         return False
-    if (os.environ.get("SPATTN_AUTOTUNE") or "1").strip().lower() in _OFF:
+    if (_strategy.getenv("SPATTN_AUTOTUNE") or "1").strip().lower() in _OFF:
         return False
     return getattr(device, "type", str(device).split(":")[0]) == "cuda"
 
@@ -365,7 +365,7 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
     raw = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, int(head_dim),
            str(dtype), str(device), _strategy.next_pow2(Lq), _strategy.next_pow2(Lk), int(BH),
            tuple(sorted((k, str(v)) for k, v in options.items())),
-           os.environ.get("SPATTN_STRATEGY"))
+           _strategy.getenv("SPATTN_STRATEGY"))
     with _lock:
         key = _fast.get(raw)
         hit = None if key is None else _memory.get(key)
