@@ -1,7 +1,7 @@
 """GPU benchmark: spattn against FlexAttention and SDPA.
 
-For each pattern x N x D (bf16 unless ``--dtype fp16``, B=1, H=16): spattn forward and forward+backward
-(median of ``triton.testing.do_bench``), effective TF/s (only allowed pairs
+For each pattern x N x D (bf16 unless ``--dtype fp16``, B=1, H=16): spattn forward and
+forward+backward (median of ``triton.testing.do_bench``), effective TF/s (only allowed pairs
 count: fwd FLOPs = 4·D·pairs, fwd+bwd = 3.5x that), setup time (what a new shape
 costs: analysis and tables), first-call compile time; in the same process
 FlexAttention (``torch.compile(flex_attention)``, block mask built once outside
