@@ -34,6 +34,10 @@ the environment) is autotuned once per (pattern, kind, head-dim block, dtype, de
 strategy, power-of-two buckets of the lengths and of batch x heads, TMA or not), and the
 choice is persisted in the cache (``runtime/tune.py``; ``SPATTN_AUTOTUNE=0`` turns it off): the chosen tile options are
 then passed exactly like explicit ones.
+
+A call without options resolves these (environment, TMA, tuned choice) once per call
+signature and remembers the answer (:func:`_planned`); a changed environment, layout or
+tuner state is a new signature.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ import math
 
 import torch
 
-from ..codegen.strategy import getenv
+from ..codegen.strategy import ENV_VARS, getenv
 from ..ir.evaluate import converted
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from . import cache as _cache
@@ -68,6 +72,10 @@ def tma_ok(*tensors) -> bool:
             return False
     return True
 
+
+#: Environment settings the resolved options depend on, per kind (:func:`_planned`).
+_PLAN_ENV = {kind: ENV_VARS[kind] + ("SPATTN_TMA", "SPATTN_AUTOTUNE", "SPATTN_CACHE_DIR",
+                                     "TRITON_INTERPRET") for kind in ("fwd", "bwd")}
 
 #: TMA by default (``SPATTN_TMA`` unset or ``auto``) on CUDA, per kernel kind.
 TMA_AUTO = {"fwd": True, "bwd": False}
@@ -113,6 +121,52 @@ def _opts(options: dict, kind: str) -> dict:
     # per call, so that ``cache.resolve``'s memo and the autotuner see a changed environment.
     out["_env"] = env_overrides(kind)
     return out
+
+
+#: Resolved launch options per call signature (:func:`_planned`): signature -> (pattern, opts).
+_PLANS: dict = {}
+PLANS_SIZE = 256
+
+
+def _planned(pattern, kind: str, options: dict, tensors: tuple, run, compile_only) -> dict:
+    """The options a ``kind`` launch runs with: :func:`_opts`, :func:`_tma` and the
+    autotuner's choice (``tune.tuned_options``), resolved once per call signature.
+
+    Those three steps read a dozen environment settings, check every tensor's layout for
+    TMA and build the tuner's lookup key: a third of a short call's host time. Their
+    result depends only on what the signature holds: the pattern (by identity), the
+    tensors' shapes, strides, dtype, device and 16-byte alignment, every environment
+    setting they read (the overrides of ``kind``, ``SPATTN_TMA``, ``SPATTN_AUTOTUNE``,
+    ``SPATTN_CACHE_DIR``, ``TRITON_INTERPRET``) and the tuner's in-memory generation (a
+    new choice or ``tune.clear_memory()`` resolves again). Calls with explicit options
+    (tests, the tuner's own runs) resolve every time; nothing is remembered while a CUDA
+    graph is being captured (the tuner does not tune then). The returned dict is shared:
+    callers read it, never modify it.
+    """
+    def resolve():
+        q, k = tensors[0], tensors[1]
+        opts = _tma(_opts(options, kind), kind, q.device, *tensors)
+        return _tune.tuned_options(
+            pattern, kind, head_dim=q.shape[-1], dtype=q.dtype, device=q.device,
+            Lq=q.shape[2], Lk=k.shape[2], BH=q.shape[0] * q.shape[1], options=opts, run=run,
+            compile_only=compile_only)
+    if options:
+        return resolve()
+    aligned = True
+    for t in tensors:
+        aligned = aligned and t.data_ptr() % 16 == 0
+    sig = (kind, id(pattern), tuple((t.shape, t.stride()) for t in tensors), tensors[0].dtype,
+           tensors[0].device, aligned, tuple(getenv(n) for n in _PLAN_ENV[kind]))
+    hit = _PLANS.get(sig + (_tune.generation(),))
+    if hit is not None and hit[0] is pattern:
+        return hit[1]
+    opts = resolve()
+    if not _tune._capturing():
+        if len(_PLANS) >= PLANS_SIZE:
+            _PLANS.clear()
+        # the generation after resolving: a first call's own tuning is part of its answer
+        _PLANS[sig + (_tune.generation(),)] = (pattern, opts)
+    return opts
 
 
 def _dot_prec(dtype) -> str:
@@ -580,10 +634,8 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict | None = 
         o, lse = fwd(pattern, q.float(), k.float(), v.float(), scale=scale, q_offset=q_offset,
                      inputs=inputs, **options)
         return o.to(q.dtype), lse
-    opts = _tma(_opts(options, "fwd"), "fwd", q.device, q, k, v)
-    opts = _tune.tuned_options(
-        pattern, "fwd", head_dim=q.shape[-1], dtype=q.dtype, device=q.device, Lq=q.shape[2],
-        Lk=k.shape[2], BH=q.shape[0] * q.shape[1], options=opts,
+    opts = _planned(
+        pattern, "fwd", options, (q, k, v),
         run=lambda t: _fwd(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
                            opts=t),
         compile_only=lambda t: _fwd(pattern, q, k, v, scale=scale, q_offset=q_offset,
@@ -698,10 +750,8 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
         grads = bwd(pattern, q.float(), k.float(), v.float(), o.float(), lse, do.float(),
                     scale=scale, q_offset=q_offset, inputs=inputs, **options)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
-    opts = _tma(_opts(options, "bwd"), "bwd", q.device, q, k, v, do, o)
-    opts = _tune.tuned_options(
-        pattern, "bwd", head_dim=q.shape[-1], dtype=q.dtype, device=q.device, Lq=q.shape[2],
-        Lk=k.shape[2], BH=q.shape[0] * q.shape[1], options=opts,
+    opts = _planned(
+        pattern, "bwd", options, (q, k, v, do, o),
         run=lambda t: _bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
                            inputs=inputs, opts=t),
         compile_only=lambda t: _bwd(pattern, q, k, v, o, lse, do, scale=scale,

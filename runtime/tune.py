@@ -89,6 +89,7 @@ _OFF = ("0", "false", "off", "no")
 _lock = threading.RLock()
 _memory: dict[str, dict] = {}     # tune key -> chosen tile options ({} = defaults)
 _fast: dict[tuple, str] = {}      # raw call description -> tune key
+_generation = 0                   # see generation()
 
 
 # ------------------------------------------------------------------ policy
@@ -400,6 +401,7 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
                                 "config": hit, "ms": ms, "timings": timings})
             if hit is not None:
                 _memory[key] = hit
+                _bump()
         if len(_fast) > 4096:
             _fast.clear()
         _fast[raw] = key
@@ -411,3 +413,16 @@ def clear_memory() -> None:
     with _lock:
         _memory.clear()
         _fast.clear()
+        _bump()
+
+
+def generation() -> int:
+    """A counter that changes whenever the in-memory choices do (a new choice, or
+    :func:`clear_memory`): what the launchers' per-signature memo of resolved options
+    keys on (``triton_backend._planned``)."""
+    return _generation
+
+
+def _bump() -> None:
+    global _generation
+    _generation += 1
