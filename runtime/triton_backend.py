@@ -133,7 +133,8 @@ def _planned(pattern, kind: str, options: dict, tensors: tuple, run, compile_onl
     autotuner's choice (``tune.tuned_options``), resolved once per call signature.
 
     Those three steps read a dozen environment settings, check every tensor's layout for
-    TMA and build the tuner's lookup key: a third of a short call's host time. Their
+    TMA and build the tuner's lookup key (~4 of the ~30 us of Python a forward runs on
+    the CPU, more on a GPU host; ``benchmarks/NOTES.md`` row 51). Their
     result depends only on what the signature holds: the pattern (by identity), the
     tensors' shapes, strides, dtype, device and 16-byte alignment, every environment
     setting they read (the overrides of ``kind``, ``SPATTN_TMA``, ``SPATTN_AUTOTUNE``,
