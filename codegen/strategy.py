@@ -105,6 +105,12 @@ def getenv(name: str, default=None):
     return default if v is None else os.fsdecode(v)
 
 
+#: Spellings of a switched-on / switched-off environment flag (``SPATTN_TMA``,
+#: ``SPATTN_AUTOTUNE``).
+FLAG_ON = ("1", "true", "on", "yes")
+FLAG_OFF = ("0", "false", "off", "no")
+
+
 def interpret_mode() -> bool:
     return getenv("TRITON_INTERPRET", "0") not in ("", "0")
 

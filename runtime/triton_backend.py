@@ -45,7 +45,8 @@ import math
 
 import torch
 
-from ..codegen.strategy import ENV_VARS, getenv
+from ..codegen.strategy import (ENV_VARS, FLAG_OFF, FLAG_ON, choice, env_overrides, getenv,
+                                interpret_mode)
 from ..ir.evaluate import converted
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from . import cache as _cache
@@ -55,10 +56,6 @@ LOG2E = 1.4426950408889634
 
 _OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
                  "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables", "tma")
-
-
-_ON = ("1", "true", "on", "yes")
-_OFF = ("0", "false", "off", "no")
 
 
 def tma_ok(*tensors) -> bool:
@@ -86,9 +83,9 @@ def _tma(opts: dict, kind: str, device, *tensors) -> dict:
     want = opts.get("tma")
     if want is None:
         env = (getenv("SPATTN_TMA") or "").strip().lower()
-        if env in _ON:
+        if env in FLAG_ON:
             want = True
-        elif env in _OFF:
+        elif env in FLAG_OFF:
             want = False
         elif env not in ("", "auto"):
             raise ValueError(f"SPATTN_TMA={env!r}: expected 1, 0 or auto")
@@ -99,7 +96,6 @@ def _tma(opts: dict, kind: str, device, *tensors) -> dict:
 
 def _tma_device(device) -> bool:
     """TMA exists: the interpreter (which emulates descriptors) or CUDA capability >= 9."""
-    from ..codegen.strategy import interpret_mode
     if interpret_mode():
         return True
     return device.type == "cuda" and (_cache.capability(device) or (0,))[0] >= 9
@@ -112,7 +108,6 @@ def _desc(t, rows: int, block_d: int):
 
 
 def _opts(options: dict, kind: str) -> dict:
-    from ..codegen.strategy import env_overrides
     bad = set(options) - set(_OPTION_NAMES)
     if bad:
         raise TypeError(f"unknown option(s) {sorted(bad)}; expected {_OPTION_NAMES}")
@@ -278,7 +273,6 @@ TABLE_MODES = ("auto", "csr", "spans")
 
 
 def _table_mode(opts: dict) -> str:
-    from ..codegen.strategy import choice
     return choice(opts.get("tables"), "tables", "SPATTN_TABLES", TABLE_MODES)
 
 
@@ -624,7 +618,6 @@ def _ranges_order(intervals, *, n_tiles, block, other_len, other_block, length, 
 def _interpreter_bf16(*ts) -> bool:
     """Triton 3.6's interpreter feeds bf16 bits to numpy's matmul unconverted (wrong
     products): under TRITON_INTERPRET=1 bf16 runs are computed in fp32 and cast back."""
-    from ..codegen.strategy import interpret_mode
     return interpret_mode() and any(t.dtype == torch.bfloat16 for t in ts)
 
 
@@ -714,7 +707,6 @@ def _persistent_programs(mod, cfg, device, n_work: int) -> int:
     """Programs to launch for ``n_work`` work items: one per resident slot of the device
     (SMs x programs per SM, learnt from the compiled kernel's registers and shared memory
     after its first launch; 1 per SM until then), never more than the work."""
-    from ..codegen.strategy import interpret_mode
     if interpret_mode() or device.type != "cuda":
         return max(1, min(n_work, INTERPRET_PROGRAMS))
     sms = torch.cuda.get_device_properties(device).multi_processor_count

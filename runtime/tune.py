@@ -84,7 +84,6 @@ _BWD_16_BIG_D = [(32, 64, 64, 32, 4, 2), (32, 64, 64, 32, 4, 3), (32, 32, 32, 32
 _BWD_32 = [(32, 32, 32, 32, 4, 1), (32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 8, 2)]
 _BWD_32_BIG_D = [(32, 32, 32, 32, 4, 1), (32, 32, 32, 32, 4, 2)]
 
-_OFF = ("0", "false", "off", "no")
 
 _lock = threading.RLock()
 _memory: dict[str, dict] = {}     # tune key -> chosen tile options ({} = defaults)
@@ -98,7 +97,7 @@ def enabled(device) -> bool:
     """Autotuning switched on for calls on ``device`` (CUDA, not interpreted, not disabled)."""
     if _strategy.interpret_mode():
         return False
-    if (_strategy.getenv("SPATTN_AUTOTUNE") or "1").strip().lower() in _OFF:
+    if (_strategy.getenv("SPATTN_AUTOTUNE") or "1").strip().lower() in _strategy.FLAG_OFF:
         return False
     return getattr(device, "type", str(device).split(":")[0]) == "cuda"
 
