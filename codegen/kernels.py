@@ -51,7 +51,7 @@ from ..ir.nodes import BoolConst, Node, Var
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "9"
+CODEGEN_VERSION = "10"
 
 
 # ------------------------------------------------------------------ helpers
@@ -167,18 +167,37 @@ def _closed_form_code(intervals, env: dict, prefix: str, tag: str, nonneg_extra=
     return lines, set(names), em.uses_helpers
 
 
+def merged_pieces(intervals) -> int:
+    """Pieces a ranges schedule visits in one merged loop (:func:`_range_schedule`'s
+    ``merged_call``): interval ``c`` minus the ``c`` before it is ``2**c`` pieces; 0 where
+    the schedule keeps one loop per piece (a single interval, or more than
+    :data:`MERGE_INTERVALS`)."""
+    n = len(intervals)
+    return 2 ** n - 1 if 1 < n <= MERGE_INTERVALS else 0
+
+
+#: Unions of up to this many intervals run their pieces in one forward loop (fused): the
+#: piece of each step is picked by a chain of 2**n - 2 scalar selects.
+MERGE_INTERVALS = 3
+
+
 def _range_schedule(intervals, *, prefix: str, length: str, block: str, shift: str,
-                    call: str, comment_unit: str, fused_call: str | None = None) -> str:
+                    call: str, comment_unit: str, fused_call: str | None = None,
+                    merged_call: str | None = None) -> str:
     """Code visiting the tiles of a union of intervals, each tile once.
 
     ``shift`` converts positions to row indices (``q_offset`` for queries, ``0`` for keys).
     ``call`` is a template with ``{start}``, ``{end}``, ``{masked}``: three calls per piece
     (PARTIAL, FULL, PARTIAL sub-ranges from ``_split``).  With ``fused_call`` (a template
     with ``{start}``, ``{end}``, ``{full_start}``, ``{full_end}``) each piece is one call
-    over its whole span, the FULL tiles being ``[f<c>, g<c>)``.
+    over its whole span, the FULL tiles being ``[f<c>, g<c>)``.  With ``merged_call`` too
+    (a template with ``{pieces}``), a union of :func:`merged_pieces` pieces is one call
+    over all of them: one software pipeline instead of one per piece.
     """
     lines = []
     spans = []
+    merge = fused_call is not None and merged_call is not None and merged_pieces(intervals) > 0
+    merged = []
     sub = "" if shift == "0" else f" - {shift}"
     for c, iv in enumerate(intervals):
         lo = f"{prefix}{c}_lo{sub}" if iv.lo is not None else "0"
@@ -205,6 +224,12 @@ def _range_schedule(intervals, *, prefix: str, length: str, block: str, shift: s
             if len(pieces) > 1:
                 lines.append(f"ps, pe = {a}, {z}")
                 a, z = "ps", "pe"
+            if merge:
+                n = len(merged)
+                lines.append(f"# {tag}: tiles [{a}, {z}), FULL where in [f{c}, g{c})")
+                lines.append(f"pa{n}, pz{n}, pf{n}, pg{n} = {a}, {z}, f{c}, g{c}")
+                merged.append(f"pa{n}, pz{n}, pf{n}, pg{n}")
+                continue
             if fused_call is not None:
                 lines.append(f"# {tag}: tiles [{a}, {z}) in one loop, FULL where in [f{c}, g{c})")
                 lines.append(fused_call.format(start=a, end=z, full_start=f"f{c}",
@@ -216,7 +241,34 @@ def _range_schedule(intervals, *, prefix: str, length: str, block: str, shift: s
             lines.append(call.format(start="m0", end="m1", masked="False"))
             lines.append(call.format(start="m1", end=z, masked="True"))
         spans.append((f"s{c}", f"e{c}"))
+    if merge:
+        lines.append(f"# the {len(merged)} pieces in one loop")
+        lines.append(merged_call.format(pieces=", ".join(merged)))
     return "\n".join(lines)
+
+
+def _merged_loop(fused_fn: str, n: int) -> str:
+    """The fused tile loop (text of ``FWD_FUSED`` or its TMA form) over ``n`` pieces: step
+    ``idx`` of ``[0, n<n-1>)`` runs tile ``pa<p> + idx - n<p-1>`` of the piece ``p`` it falls
+    in (``n<p>``: tiles of pieces 0..p) with that piece's FULL range; empty pieces take no
+    steps."""
+    sig = "    start, end, full_start, full_end,\n"
+    loop = "    for i_n in range(start, end):\n"
+    if fused_fn.count(sig) != 1 or fused_fn.count(loop) != 1:
+        raise AssertionError("merged loop: the fused template changed")
+    params = "".join(f"    pa{p}, pz{p}, pf{p}, pg{p},\n" for p in range(n))
+    head = [f"    n{p} = {'' if p == 0 else f'n{p - 1} + '}tl.maximum(pz{p} - pa{p}, 0)"
+            for p in range(n)]
+    body = head + [f"    for idx in range(0, n{n - 1}):",
+                   "        i_n, full_start, full_end = pa0 + idx, pf0, pg0"]
+    for p in range(1, n):
+        body += [f"        past = idx >= n{p - 1}",
+                 f"        i_n = tl.where(past, pa{p} + (idx - n{p - 1}), i_n)",
+                 f"        full_start = tl.where(past, pf{p}, full_start)",
+                 f"        full_end = tl.where(past, pg{p}, full_end)"]
+    text = fused_fn.replace(sig, params).replace(loop, "\n".join(body) + "\n")
+    return text.replace('"""Key tiles [start, end) of one query tile in one loop (one pipeline fill).',
+                        f'"""Key tiles of {n} pieces [pa, pz) of one query tile in one loop (one pipeline fill).')
 
 
 RANGE_HELPERS = '''
@@ -602,7 +654,7 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
             f"BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)")
     persistent = config.loop == "persistent"
     fused = config.loop in ("fused", "persistent")
-    fc = None
+    fc, n_merged = None, 0
     if fused:
         fc = (f"acc, l_i, m_i = {names['fwd_fused']}(acc, l_i, m_i, b_q, o_q, {kv}"
               f"sm_scale_log2, i_b, i_h, Lq, Lk, H, {extra_args}{{start}}, {{end}}, "
@@ -618,8 +670,13 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
                  "qe = tl.minimum(i_m * BLOCK_M + BLOCK_M, Lq) - 1 + q_offset"]
         sched += cf_lines
         c = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
+        mc = None
+        if fused:
+            n_merged = merged_pieces(rows)
+            mc = fc.replace("{start}, {end}, {full_start}, {full_end}", "{pieces}")
         sched.append(_range_schedule(rows, prefix="r", length="Lk", block="BLOCK_N", shift="0",
-                                     call=c, comment_unit="keys", fused_call=fc))
+                                     call=c, comment_unit="keys", fused_call=fc,
+                                     merged_call=mc))
         schedule = _ind("\n".join(sched), 4)
         table_params = ""
     else:
@@ -629,9 +686,11 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
         table_params = TABLE_PARAMS
 
     tma = config.tma
-    inner_fn = _inner_fns(FWD_FUSED_TMA if tma else FWD_FUSED,
-                          FWD_RANGE_TMA if tma else FWD_RANGE, names["fwd_fused"], names["fwd_range"],
-                          config, extra_params, pred_code, fused=fused)
+    fused_tpl = FWD_FUSED_TMA if tma else FWD_FUSED
+    if n_merged:
+        fused_tpl = _merged_loop(fused_tpl, n_merged)
+    inner_fn = _inner_fns(fused_tpl, FWD_RANGE_TMA if tma else FWD_RANGE, names["fwd_fused"],
+                          names["fwd_range"], config, extra_params, pred_code, fused=fused)
     hoist = ""
     if em is not None and em.outer:
         hoist = _ind("# -- predicate terms that do not depend on k: once per program --\n"

@@ -23,7 +23,7 @@ from spattn.ir.evaluate import evaluate
 from spattn.runtime import cache
 from spattn.runtime import triton_backend as tb
 
-from ._triton_helpers import rand_qkv, window_cf
+from ._triton_helpers import global_local_cf, rand_qkv, window_cf, window_sink_cf
 
 ENV = {"q": "o_q", "k": "o_k", "h": "i_h", "b": "i_b", "Lq": "Lq", "Lk": "Lk", "H": "H"}
 
@@ -275,6 +275,39 @@ def test_backward_tile_defaults_and_overrides(monkeypatch):
         (16, 128, 16, 32)
     with pytest.raises(ValueError):
         st.pick(p, "bwd", head_dim=128, block_m1=24, **gpu)
+
+
+@pytest.mark.parametrize("cf_name,n_pieces", [("window", 0), ("window_sink", 3),
+                                              ("global_local", 7), ("four", 0)],
+                         ids=["1-interval", "2-intervals", "3-intervals", "4-intervals"])
+@pytest.mark.parametrize("tma", [False, True], ids=["ptr", "tma"])
+def test_fused_forward_merges_pieces(fresh_cache, cf_name, n_pieces, tma):
+    """The fused forward runs the pieces of a union of up to MERGE_INTERVALS intervals in one
+    loop (one pipeline fill; NOTES row 53): one call of the loop function, which picks each
+    step's tile and FULL range by piece.  One interval, or more than three, keep one call
+    per piece."""
+    from spattn.codegen import kernels as K
+    cfs = {"window": window_cf(8), "window_sink": window_sink_cf(8, 4),
+           "global_local": global_local_cf(4, 8, 8)}
+    cfs["four"] = type(cfs["window"])(rows=cfs["global_local"].rows + cfs["window"].rows)
+    cf = cfs[cf_name]
+    assert K.merged_pieces(cf.rows) == n_pieces
+    p = spattn.compile("causal & (window(8) | sink(4))")
+    cfg = st.pick(p, "fwd", head_dim=64, dtype="bf16", strategy="ranges", loop="fused",
+                  tma=tma, closed_form=cf, interpret=False)
+    text = K.render_fwd(p, cfg, "k" * 32, cf)
+    calls = text.count("= _fwd_fused_kkkkkk(")
+    if n_pieces:
+        assert calls == 1 and f"# the {n_pieces} pieces in one loop" in text
+        fn = text.split("def _fwd_fused_kkkkkk(")[1].split("@triton.jit")[0]
+        assert f"pa{n_pieces - 1}, pz{n_pieces - 1}, pf{n_pieces - 1}, pg{n_pieces - 1}," in fn
+        assert f"pa{n_pieces}," not in fn
+        assert f"for idx in range(0, n{n_pieces - 1}):" in fn and "range(start, end)" not in fn
+        assert fn.count("tl.where(past, ") == 3 * (n_pieces - 1)
+    else:
+        assert calls == 2 ** len(cf.rows) - 1 and "pieces in one loop" not in text
+        assert "for i_n in range(start, end):" in text
+    compile(text, "<fused>", "exec")
 
 
 def test_forward_loop_variants(fresh_cache, monkeypatch):
