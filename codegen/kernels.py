@@ -317,21 +317,25 @@ def _tiles_consts(kind: str, config) -> str:
             f"BLOCK_M2 = {config.block_m2}\nBLOCK_N2 = {config.block_n2}")
 
 
-def _header(pattern, kind: str, config, key: str, names: dict, strategy_doc: str) -> str:
+def _header(pattern, kind: str, config, key: str, names: dict, strategy_doc: str,
+            merged: int = 0) -> str:
     src = "\n".join("    " + line for line in pattern.source.splitlines())
     kernels = [names["fwd"]] if kind == "fwd" else [names["dkdv"], names["dq"]]
     inputs = ", ".join(f"{n} ({d}-D index)" for n, d in pattern.inputs.items()) or "none"
     loop_doc = ""
     piece = "interval piece" if config.strategy == "ranges" else "span"
+    one_loop = f"one loop per {piece}"
+    if merged:
+        one_loop = f"one loop over all {merged} interval pieces"
     if kind == "fwd" and config.loop == "fused":
-        loop_doc = (f"\nForward loop: fused (one loop per {piece}, "
+        loop_doc = (f"\nForward loop: fused ({one_loop}, "
                     "predicate only on PARTIAL tiles)")
     elif kind == "bwd" and config.loop == "fused":
         loop_doc = (f"\nBackward loops: fused (dK/dV and dQ: one loop per {piece}, "
                     "predicate only on PARTIAL tiles)")
     elif kind == "fwd" and config.loop == "persistent":
         loop_doc = ("\nForward loop: persistent (each program loops over query tiles, "
-                    f"one fused key loop per {piece})")
+                    f"fused key loops: {one_loop})")
     if config.tma:
         which = "Q, K, V, O" if kind == "fwd" else "Q, K, V, dO, dK, dV, dQ"
         loop_doc += (f"\nLoads: TMA tensor descriptors for {which} (block [1, 1, rows, BLOCK_D]; "
@@ -709,7 +713,8 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
                    INPUT_PARAMS=("\n    " + ", ".join(ip) + ",") if ip else "",
                    TABLE_PARAMS=table_params, PERSIST_PARAMS=persist_params, DOC=doc,
                    TABLE_CONSTS=TABLE_CONSTS if config.strategy == "table" else "", BODY=body)
-    parts = [_header(pattern, "fwd", config, key, names, STRATEGY_DOC[config.strategy])]
+    parts = [_header(pattern, "fwd", config, key, names, STRATEGY_DOC[config.strategy],
+                     merged=n_merged)]
     if helpers:
         parts.append(HELPERS)
     if config.strategy == "ranges":

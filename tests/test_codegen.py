@@ -304,9 +304,11 @@ def test_fused_forward_merges_pieces(fresh_cache, cf_name, n_pieces, tma):
         assert f"pa{n_pieces}," not in fn
         assert f"for idx in range(0, n{n_pieces - 1}):" in fn and "range(start, end)" not in fn
         assert fn.count("tl.where(past, ") == 3 * (n_pieces - 1)
+        assert f"Forward loop: fused (one loop over all {n_pieces} interval pieces" in text
     else:
         assert calls == 2 ** len(cf.rows) - 1 and "pieces in one loop" not in text
         assert "for i_n in range(start, end):" in text
+        assert "Forward loop: fused (one loop per interval piece" in text
     compile(text, "<fused>", "exec")
 
 

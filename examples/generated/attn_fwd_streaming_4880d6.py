@@ -1,4 +1,4 @@
-# spattn-kernel key=ba514fea3628858d32d3aa088f356c23 sha256=c27d2df15cdec9946648c0474d2e88d717b9aff49f69044536f555ff24521bfc
+# spattn-kernel key=4880d6af5ec5b5c5763b5678621eb82f sha256=adfc15a25b77983214e192bf5728c19b68990480b829a840fe95891a554b1f0e
 """spattn generated forward attention kernel for pattern `streaming`.
 
 Pattern (canonical source):
@@ -8,9 +8,9 @@ Runtime inputs: none
 Strategy: ranges (closed-form key ranges computed in the kernel from the tile index)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_streaming_ba514f
-Codegen version: 9; cache key ba514fea3628858d32d3aa088f356c23
-Forward loop: fused (one loop per interval piece, predicate only on PARTIAL tiles)
+Kernels: attn_fwd_streaming_4880d6
+Codegen version: 10; cache key 4880d6af5ec5b5c5763b5678621eb82f
+Forward loop: fused (one loop over all 3 interval pieces, predicate only on PARTIAL tiles)
 Loads: TMA tensor descriptors for Q, K, V, O (block [1, 1, rows, BLOCK_D]; the stride
        arguments are unused)
 
@@ -60,14 +60,16 @@ def _split(start, end, full_start, full_end):
 
 
 @triton.jit
-def _fwd_fused_ba514f(
+def _fwd_fused_4880d6(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_kh,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
-    start, end, full_start, full_end,
+    pa0, pz0, pf0, pg0,
+    pa1, pz1, pf1, pg1,
+    pa2, pz2, pf2, pg2,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Key tiles [start, end) of one query tile in one loop (one pipeline fill).
+    """Key tiles of 3 pieces [pa, pz) of one query tile in one loop (one pipeline fill).
 
     Tiles in [full_start, full_end) are FULL: the uniform flag `partial` skips the
     predicate for them; the others evaluate the predicate and k < Lk.  Loads and dots
@@ -75,7 +77,19 @@ def _fwd_fused_ba514f(
     alike.  K and V come through TMA, zero-filled beyond Lk (the ragged last tile is
     never FULL, so its scores also get k < Lk in the branch).
     """
-    for i_n in range(start, end):
+    n0 = tl.maximum(pz0 - pa0, 0)
+    n1 = n0 + tl.maximum(pz1 - pa1, 0)
+    n2 = n1 + tl.maximum(pz2 - pa2, 0)
+    for idx in range(0, n2):
+        i_n, full_start, full_end = pa0 + idx, pf0, pg0
+        past = idx >= n0
+        i_n = tl.where(past, pa1 + (idx - n0), i_n)
+        full_start = tl.where(past, pf1, full_start)
+        full_end = tl.where(past, pg1, full_end)
+        past = idx >= n1
+        i_n = tl.where(past, pa2 + (idx - n1), i_n)
+        full_start = tl.where(past, pf2, full_start)
+        full_end = tl.where(past, pg2, full_end)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # -- scores --
         b_kt = tl.trans(K.load([i_b, i_kh, i_n * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D))
@@ -103,7 +117,7 @@ def _fwd_fused_ba514f(
 
 
 @triton.jit
-def attn_fwd_streaming_ba514f(
+def attn_fwd_streaming_4880d6(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -157,24 +171,23 @@ def attn_fwd_streaming_ba514f(
     # interval 0: keys [lo, hi] -> tiles [s0, e0)
     s0, e0 = _tile_span(r0_lo, r0_hi, Lk, BLOCK_N)
     f0, g0 = _full_span(r0_flo, r0_fhi, Lk, BLOCK_N)
-    # 0: tiles [s0, e0) in one loop, FULL where in [f0, g0)
-    acc, l_i, m_i = _fwd_fused_ba514f(
-        acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, s0, e0, f0, g0,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
+    # 0: tiles [s0, e0), FULL where in [f0, g0)
+    pa0, pz0, pf0, pg0 = s0, e0, f0, g0
     # interval 1: keys [lo, hi] -> tiles [s1, e1)
     s1, e1 = _tile_span(r1_lo, r1_hi, Lk, BLOCK_N)
     f1, g1 = _full_span(r1_flo, r1_fhi, Lk, BLOCK_N)
     # minus the tiles of interval 0: 2 pieces
     ps, pe = s1, tl.minimum(e1, s0)
-    # 1a: tiles [ps, pe) in one loop, FULL where in [f1, g1)
-    acc, l_i, m_i = _fwd_fused_ba514f(
-        acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, ps, pe, f1, g1,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
+    # 1a: tiles [ps, pe), FULL where in [f1, g1)
+    pa1, pz1, pf1, pg1 = ps, pe, f1, g1
     ps, pe = tl.maximum(s1, e0), e1
-    # 1b: tiles [ps, pe) in one loop, FULL where in [f1, g1)
-    acc, l_i, m_i = _fwd_fused_ba514f(
-        acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, ps, pe, f1, g1,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
+    # 1b: tiles [ps, pe), FULL where in [f1, g1)
+    pa2, pz2, pf2, pg2 = ps, pe, f1, g1
+    # the 3 pieces in one loop
+    acc, l_i, m_i = _fwd_fused_4880d6(
+        acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, pa0, pz0, pf0,
+        pg0, pa1, pz1, pf1, pg1, pa2, pz2, pf2, pg2, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
 
     # epilogue
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -184,4 +197,4 @@ def attn_fwd_streaming_ba514f(
     tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
 
 
-KERNEL = attn_fwd_streaming_ba514f
+KERNEL = attn_fwd_streaming_4880d6
