@@ -176,8 +176,8 @@ def merged_pieces(intervals) -> int:
     return 2 ** n - 1 if 1 < n <= MERGE_INTERVALS else 0
 
 
-#: Unions of up to this many intervals run their pieces in one forward loop (fused): the
-#: piece of each step is picked by a chain of 2**n - 2 scalar selects.
+#: Unions of up to this many intervals run their pieces in one forward loop (fused): each
+#: step picks its piece's tile and FULL range with three scalar selects per further piece.
 MERGE_INTERVALS = 3
 
 
@@ -267,8 +267,9 @@ def _merged_loop(fused_fn: str, n: int) -> str:
                  f"        full_start = tl.where(past, pf{p}, full_start)",
                  f"        full_end = tl.where(past, pg{p}, full_end)"]
     text = fused_fn.replace(sig, params).replace(loop, "\n".join(body) + "\n")
-    return text.replace('"""Key tiles [start, end) of one query tile in one loop (one pipeline fill).',
-                        f'"""Key tiles of {n} pieces [pa, pz) of one query tile in one loop (one pipeline fill).')
+    first = "Key tiles [start, end) of one query tile in one loop (one pipeline fill)."
+    return text.replace(first, f"Key tiles of {n} pieces [pa, pz) of one query tile in one loop "
+                               "(one pipeline fill).")
 
 
 RANGE_HELPERS = '''
