@@ -190,13 +190,14 @@ def _range_schedule(intervals, *, prefix: str, length: str, block: str, shift: s
     ``call`` is a template with ``{start}``, ``{end}``, ``{masked}``: three calls per piece
     (PARTIAL, FULL, PARTIAL sub-ranges from ``_split``).  With ``fused_call`` (a template
     with ``{start}``, ``{end}``, ``{full_start}``, ``{full_end}``) each piece is one call
-    over its whole span, the FULL tiles being ``[f<c>, g<c>)``.  With ``merged_call`` too
-    (a template with ``{pieces}``), a union of :func:`merged_pieces` pieces is one call
-    over all of them: one software pipeline instead of one per piece.
+    over its whole span, the FULL tiles being ``[f<c>, g<c>)``.  With ``merged_call``
+    instead (a template with ``{pieces}``; the caller passes it where
+    :func:`merged_pieces` is non-zero) all pieces are one call: one software pipeline
+    instead of one per piece.
     """
     lines = []
     spans = []
-    merge = fused_call is not None and merged_call is not None and merged_pieces(intervals) > 0
+    merge = merged_call is not None
     merged = []
     sub = "" if shift == "0" else f" - {shift}"
     for c, iv in enumerate(intervals):
@@ -254,7 +255,8 @@ def _merged_loop(fused_fn: str, n: int) -> str:
     steps."""
     sig = "    start, end, full_start, full_end,\n"
     loop = "    for i_n in range(start, end):\n"
-    if fused_fn.count(sig) != 1 or fused_fn.count(loop) != 1:
+    first = "Key tiles [start, end) of one query tile in one loop (one pipeline fill)."
+    if any(fused_fn.count(t) != 1 for t in (sig, loop, first)):
         raise AssertionError("merged loop: the fused template changed")
     params = "".join(f"    pa{p}, pz{p}, pf{p}, pg{p},\n" for p in range(n))
     head = [f"    n{p} = {'' if p == 0 else f'n{p - 1} + '}tl.maximum(pz{p} - pa{p}, 0)"
@@ -267,7 +269,6 @@ def _merged_loop(fused_fn: str, n: int) -> str:
                  f"        full_start = tl.where(past, pf{p}, full_start)",
                  f"        full_end = tl.where(past, pg{p}, full_end)"]
     text = fused_fn.replace(sig, params).replace(loop, "\n".join(body) + "\n")
-    first = "Key tiles [start, end) of one query tile in one loop (one pipeline fill)."
     return text.replace(first, f"Key tiles of {n} pieces [pa, pz) of one query tile in one loop "
                                "(one pipeline fill).")
 
@@ -675,10 +676,8 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
                  "qe = tl.minimum(i_m * BLOCK_M + BLOCK_M, Lq) - 1 + q_offset"]
         sched += cf_lines
         c = call.replace("@@COLS@@", "ORDER").replace("@@TABLE@@", "False")
-        mc = None
-        if fused:
-            n_merged = merged_pieces(rows)
-            mc = fc.replace("{start}, {end}, {full_start}, {full_end}", "{pieces}")
+        n_merged = merged_pieces(rows) if fused else 0
+        mc = fc.replace("{start}, {end}, {full_start}, {full_end}", "{pieces}") if n_merged else None
         sched.append(_range_schedule(rows, prefix="r", length="Lk", block="BLOCK_N", shift="0",
                                      call=c, comment_unit="keys", fused_call=fc,
                                      merged_call=mc))
