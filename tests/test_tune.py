@@ -363,3 +363,68 @@ def test_precompile_submits_every_candidate_in_async_mode():
     assert chosen(best) == (64, 64, 4, 3)
     assert compiled == [chosen(c) for c in tune.candidates("fwd", 128, "bf16")]
     assert len(timings) == len(compiled)
+
+
+class Sequenced:
+    """A launcher and timer where each full configuration (loop included) reads its own
+    sequence of times, one per timing, the last repeated; ``"fail"`` raises."""
+
+    def __init__(self, times):
+        self.times = {k: list(v) for k, v in times.items()}
+        self.timed = []
+        self.last = None
+
+    def run(self, opts):
+        self.last = tuple(opts[n] for n in tune.FIELDS["fwd"])
+        return "result"
+
+    def timer(self, fn):
+        fn()
+        self.timed.append(self.last)
+        seq = self.times.get(self.last, [10.0])
+        t = seq.pop(0) if len(seq) > 1 else seq[0]
+        if t == "fail":
+            raise RuntimeError("out of memory")
+        return t
+
+
+A, B, C = (128, 64, 8, 3, "split"), (128, 64, 8, 3, "fused"), (64, 64, 4, 3, "fused")
+
+
+@pytest.mark.parametrize("times, winner", [
+    # B's first timing was lucky: re-timed, its median is 12% slower
+    ({A: [0.500], B: [0.495, 0.56]}, A),
+    # a real 2% lead survives the re-timing
+    ({A: [0.500], B: [0.490]}, B),
+    # within TIE the earlier candidate wins, whatever the noise's order
+    ({A: [0.500], B: [0.497]}, A),
+    ({A: [0.497], B: [0.500]}, A),
+    # a failure while re-timing counts as an infinite time
+    ({A: [0.500], B: [0.490, "fail", "fail", 0.49]}, A),
+    # three-way: C is best once re-timed
+    ({A: [0.500], B: [0.490, 0.52], C: [0.503, 0.47]}, C),
+], ids=["lucky-first", "real-lead", "tie-earlier", "tie-earlier-reversed", "fail-on-retime",
+        "three-way"])
+def test_runoff_retimes_near_ties(times, winner):
+    fake = Sequenced(times)
+    opts = call(fake, options={"strategy": "ranges"})
+    assert chosen(opts, fields=tune.FIELDS["fwd"]) == winner
+    close = [c for c in times if times[c][0] <= min(t[0] for t in times.values()) * 1.03]
+    for c in tune.candidates("fwd", 128, "bf16"):
+        c = tuple(c.values())
+        assert fake.timed.count(c) == (1 + tune.RUNOFF_ROUNDS if c in close else 1), c
+    (name,) = tune_files()
+    data = json.loads((tune.tune_dir() / name).read_text())
+    rec = {tuple(t["config"][n] for n in tune.FIELDS["fwd"]): t for t in data["timings"]}
+    assert all(("runoff" in rec[c]) == (c in close) for c in rec)
+    assert data["ms"] == rec[winner]["median"]
+
+
+def test_no_runoff_without_near_ties():
+    fake = Sequenced({A: [0.50], C: [0.30]})
+    opts = call(fake, options={"strategy": "ranges"})
+    assert chosen(opts, fields=tune.FIELDS["fwd"]) == C
+    assert len(fake.timed) == len(tune.candidates("fwd", 128, "bf16"))
+    (name,) = tune_files()
+    data = json.loads((tune.tune_dir() / name).read_text())
+    assert data["ms"] == 0.30 and not any("runoff" in t for t in data["timings"])
