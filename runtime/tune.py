@@ -70,7 +70,7 @@ WARMUP_MS = 5
 RUNOFF = 0.03
 RUNOFF_ROUNDS = 3
 #: Medians within this fraction of the best are a tie, won by the earlier candidate.
-TIE = 0.01
+TIE = 0.005
 
 FIELDS = {
     "fwd": ("block_m", "block_n", "num_warps", "num_stages", "loop"),

@@ -397,13 +397,16 @@ A, B, C = (128, 64, 8, 3, "split"), (128, 64, 8, 3, "fused"), (64, 64, 4, 3, "fu
     # a real 2% lead survives the re-timing
     ({A: [0.500], B: [0.490]}, B),
     # within TIE the earlier candidate wins, whatever the noise's order
-    ({A: [0.500], B: [0.497]}, A),
-    ({A: [0.497], B: [0.500]}, A),
+    ({A: [0.500], B: [0.498]}, A),
+    ({A: [0.498], B: [0.500]}, A),
+    # a consistent 0.8% is not a tie
+    ({A: [0.500], B: [0.496]}, B),
     # a failure while re-timing counts as an infinite time
     ({A: [0.500], B: [0.490, "fail", "fail", 0.49]}, A),
     # three-way: C is best once re-timed
     ({A: [0.500], B: [0.490, 0.52], C: [0.503, 0.47]}, C),
-], ids=["lucky-first", "real-lead", "tie-earlier", "tie-earlier-reversed", "fail-on-retime",
+], ids=["lucky-first", "real-lead", "tie-earlier", "tie-earlier-reversed", "small-lead",
+                        "fail-on-retime",
         "three-way"])
 def test_runoff_retimes_near_ties(times, winner):
     fake = Sequenced(times)
