@@ -1,7 +1,8 @@
 """GPU benchmark: spattn against FlexAttention and SDPA.
 
 For each pattern x N x D (bf16 unless ``--dtype fp16``, B=1, H=16): spattn forward and
-forward+backward (median of ``triton.testing.do_bench``), effective TF/s (only allowed pairs
+forward+backward (median of ``triton.testing.do_bench``, in rounds that alternate with
+FlexAttention's: see :func:`time_rounds`), effective TF/s (only allowed pairs
 count: fwd FLOPs = 4·D·pairs, fwd+bwd = 3.5x that), setup time (what a new shape
 costs: analysis and tables), first-call compile time; in the same process
 FlexAttention (``torch.compile(flex_attention)``, block mask built once outside
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 
@@ -27,6 +29,7 @@ import spattn
 from spattn.runtime.reference import attention_reference_chunked, rows_per_chunk
 
 H_DEFAULT = 16
+ROUNDS = 3          # alternating timing rounds per measurement (time_rounds)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -131,7 +134,8 @@ def allowed_pairs(pat, N, H, inputs, chunk=None):
     return total
 
 
-def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=torch.bfloat16):
+def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=torch.bfloat16,
+            rounds=ROUNDS):
     src, params, mm_factory, in_factory = PATTERNS[name]
     inputs = in_factory(N, dev) if in_factory else {}
     row = {"pattern": name, "N": N, "D": D, "H": H,
@@ -179,11 +183,15 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     flops_f = 4 * D * pairs
     # correctness before timing: against FlexAttention, or (where Flex cannot run, e.g. out
     # of memory) against the float64 reference computed in row chunks from the pattern's mask
+    timed = {}          # what time_rounds times: name -> (fn, grad_to_none)
     if flex:
         try:
-            _flex_part(row, name, src, mm_factory, inputs, q, k, v, do, o, pat, H, N, dev, bwd)
+            _flex_part(row, name, src, mm_factory, inputs, q, k, v, do, o, pat, H, N, dev, bwd,
+                       timed)
         except Exception as e:  # out of memory, or Flex's own kernel failing to compile
             row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            for key in [t for t in timed if t.startswith("flex_")]:
+                del timed[key]
             torch.cuda.empty_cache()
             flex = False
         if "error" in row:
@@ -194,7 +202,10 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
         if not err < 2e-2:
             row["error"] = f"mismatch vs reference: {err:.3e}"
             return row
-    _time_spattn(row, name, pat, q, k, v, do, inputs, bwd, flops_f)
+    _spattn_part(row, pat, q, k, v, do, inputs, bwd, timed)
+    time_rounds(row, timed, rounds)
+    _time_sdpa(row, name, q, k, v)
+    _rates(row, flops_f)
     return row
 
 
@@ -204,7 +215,7 @@ def chunked_check(pat, q, k, v, o, inputs):
     return float((o.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def _flex_part(row, name, src, mm_factory, inputs, q, k, v, do, o, pat, H, N, dev, bwd):
+def _flex_part(row, name, src, mm_factory, inputs, q, k, v, do, o, pat, H, N, dev, bwd, timed):
     create_block_mask, flex_attention = _flex()
     mm = mm_factory(N, H, inputs)
     hh = H if name == "per-head" else None
@@ -222,7 +233,7 @@ def _flex_part(row, name, src, mm_factory, inputs, q, k, v, do, o, pat, H, N, de
     if not err < 2e-2:
         row["error"] = f"mismatch vs flex: {err:.3e}"
         return
-    row["flex_fwd_ms"] = bench_ms(lambda: flex_attention(q, k, v, block_mask=bm))
+    timed["flex_fwd"] = (lambda: flex_attention(q, k, v, block_mask=bm)), None
     if bwd:
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         og = pat(qg, kg, vg, **inputs)
@@ -238,11 +249,11 @@ def _flex_part(row, name, src, mm_factory, inputs, q, k, v, do, o, pat, H, N, de
 
         def fb_flex():
             flex_attention(qf, kf, vf, block_mask=bm).backward(do)
-        row["flex_fwdbwd_ms"] = bench_ms(fb_flex, grad_to_none=[qf, kf, vf])
+        timed["flex_fwdbwd"] = fb_flex, [qf, kf, vf]
 
 
-def _time_spattn(row, name, pat, q, k, v, do, inputs, bwd, flops_f):
-    row["fwd_ms"] = bench_ms(lambda: pat(q, k, v, **inputs))
+def _spattn_part(row, pat, q, k, v, do, inputs, bwd, timed):
+    timed["fwd"] = (lambda: pat(q, k, v, **inputs)), None
     if bwd:
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
 
@@ -252,7 +263,46 @@ def _time_spattn(row, name, pat, q, k, v, do, inputs, bwd, flops_f):
         fb()                                   # the backward's first call (autotuning)
         torch.cuda.synchronize()
         row["first_bwd_s"] = time.perf_counter() - t0
-        row["fwdbwd_ms"] = bench_ms(fb, grad_to_none=[qg, kg, vg])
+        timed["fwdbwd"] = fb, [qg, kg, vg]
+
+
+def time_rounds(row, timed, rounds, bench=None):
+    """Time spattn and FlexAttention in ``rounds`` alternating rounds; ``row[name + "_ms"]``
+    is the median of a name's rounds, ``row[name + "_ms_rounds"]`` the rounds themselves.
+
+    Forwards first, then forward+backward passes; within each, the libraries alternate and
+    the order flips every round (A B, B A, A B). An H200 running dense attention drifts
+    by several per cent within seconds (clocks under the power limit: NOTES row 55);
+    timed one after the other, whichever library came after the heavier work read slower
+    (spattn's forward used to follow Flex's forward+backward). Alternating gives the two
+    the same conditions. A Flex timing that raises (out of memory) drops Flex from the row
+    with ``flex_error``; spattn's own errors propagate.
+    """
+    bench = bench or bench_ms
+    for group in (("fwd", "flex_fwd"), ("fwdbwd", "flex_fwdbwd")):
+        names = [n for n in group if n in timed]
+        times = {n: [] for n in names}
+        for r in range(rounds):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                if n not in timed:
+                    continue
+                fn, grads = timed[n]
+                try:
+                    times[n].append(bench(fn, grad_to_none=grads))
+                except Exception as e:
+                    if not n.startswith("flex_"):
+                        raise
+                    row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    for key in [t for t in timed if t.startswith("flex_")]:
+                        del timed[key]
+                    torch.cuda.empty_cache()
+        for n, ts in times.items():
+            if n in timed and ts:
+                row[n + "_ms"] = statistics.median(ts)
+                row[n + "_ms_rounds"] = ts
+
+
+def _time_sdpa(row, name, q, k, v):
     if name in ("full", "causal"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         import torch.nn.functional as F
@@ -264,6 +314,9 @@ def _time_spattn(row, name, pat, q, k, v, do, inputs, bwd, flops_f):
             except RuntimeError as e:  # backend not available for this shape
                 row[f"sdpa_{label}_fwd_ms"] = None
                 log(f"  sdpa {label}: {e}")
+
+
+def _rates(row, flops_f):
     for key in ("fwd_ms", "flex_fwd_ms", "sdpa_cudnn_fwd_ms", "sdpa_flash_fwd_ms"):
         if row.get(key):
             row[key.replace("_ms", "_tflops")] = flops_f / (row[key] * 1e-3) / 1e12
@@ -317,6 +370,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--rounds", type=int, default=ROUNDS,
+                    help="alternating timing rounds of spattn and Flex (median of the rounds)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import logging
@@ -337,7 +392,7 @@ def main(argv=None):
                 log(f"[{i}/{total}] {name} N={N} D={D} {args.dtype}")
                 try:
                     row = run_one(name, N, D, H=args.heads, bwd=not args.no_bwd, flex=not args.no_flex,
-                                  dtype=DTYPES[args.dtype])
+                                  dtype=DTYPES[args.dtype], rounds=max(1, args.rounds))
                 except Exception as e:  # keep going: one failure must not lose the run
                     row = {"pattern": name, "N": N, "D": D, "dtype": args.dtype,
                            "error": f"{type(e).__name__}: {e}"[:300]}

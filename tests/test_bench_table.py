@@ -40,3 +40,55 @@ def test_dtype_option_choices(bench):
     assert bench.DTYPES == {"bf16": bench.torch.bfloat16, "fp16": bench.torch.float16}
     with pytest.raises(SystemExit):
         bench.main(["--dtype", "fp32"])      # not a choice: argparse exits before any work
+
+
+class _Clock:
+    """A fake ``bench_ms``: records the order of the calls, reads each name's times."""
+
+    def __init__(self, times, fail=()):
+        self.times = {n: list(t) for n, t in times.items()}
+        self.fail = set(fail)
+        self.order = []
+
+    def timed(self):
+        return {n: ((lambda n=n: n), None) for n in self.times}
+
+    def __call__(self, fn, grad_to_none=None):
+        n = fn()
+        self.order.append(n)
+        if n in self.fail:
+            raise RuntimeError("CUDA out of memory")
+        return self.times[n].pop(0)
+
+
+def test_time_rounds_alternate_and_take_medians(bench):
+    clock = _Clock({"fwd": [1.0, 1.2, 1.1], "flex_fwd": [2.0, 2.6, 2.2],
+                    "fwdbwd": [3.0, 3.3, 3.1], "flex_fwdbwd": [4.0, 4.1, 4.4]})
+    row = {}
+    bench.time_rounds(row, clock.timed(), 3, bench=clock)
+    # forwards first; the order flips every round
+    assert clock.order == ["fwd", "flex_fwd", "flex_fwd", "fwd", "fwd", "flex_fwd",
+                           "fwdbwd", "flex_fwdbwd", "flex_fwdbwd", "fwdbwd", "fwdbwd",
+                           "flex_fwdbwd"]
+    assert (row["fwd_ms"], row["flex_fwd_ms"], row["fwdbwd_ms"], row["flex_fwdbwd_ms"]) == \
+        (1.1, 2.2, 3.1, 4.1)
+    assert row["flex_fwd_ms_rounds"] == [2.0, 2.6, 2.2]
+    bench._rates(row, flops_f=1e12)
+    assert row["fwd_tflops"] == pytest.approx(1e12 / 1.1e-3 / 1e12)
+    assert row["fwdbwd_tflops"] == pytest.approx(3.5e12 / 3.1e-3 / 1e12)
+
+
+def test_time_rounds_drop_flex_when_it_fails(bench):
+    clock = _Clock({"fwd": [1.0, 1.0, 1.0], "flex_fwd": [2.0, 2.0, 2.0],
+                    "fwdbwd": [3.0, 3.0, 3.0], "flex_fwdbwd": [0.0]}, fail={"flex_fwdbwd"})
+    row = {}
+    bench.time_rounds(row, clock.timed(), 3, bench=clock)
+    assert "out of memory" in row["flex_error"]
+    assert "flex_fwdbwd_ms" not in row and row["fwdbwd_ms"] == 3.0
+    assert clock.order.count("flex_fwdbwd") == 1 and clock.order.count("fwdbwd") == 3
+
+
+def test_time_rounds_spattn_errors_propagate(bench):
+    clock = _Clock({"fwd": [1.0], "flex_fwd": [2.0]}, fail={"fwd"})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bench.time_rounds({}, clock.timed(), 3, bench=clock)
