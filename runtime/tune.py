@@ -62,7 +62,8 @@ from . import cache as _cache
 
 log = logging.getLogger("spattn")
 
-#: Bumped when the candidate lists or the file format change (part of the key).
+#: Bumped when the candidate lists, the file format or the way the winner is picked change
+#: (part of the key).
 TUNE_VERSION = 6
 REP_MS = 25
 WARMUP_MS = 5
@@ -356,7 +357,10 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
         log.warning("autotuning %s for %s: every candidate failed; using the defaults",
                     kind, label(pattern))
         return None, timings
-    i, best_ms = runoff(timings, lambda c: timer(lambda: run({**options, **c})))
+    def time_again(cand):
+        opts = {**options, **cand}
+        return timer(lambda: run(opts))
+    i, best_ms = runoff(timings, time_again)
     best = cands[i]
     log.info("autotuned %s for %s: %s (%.4f ms)", kind, label(pattern), describe(best),
              best_ms)
