@@ -321,11 +321,12 @@ def precompile(cands: list[dict], options: dict, compile_only, workers: int | No
 
 def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=None,
          fields: dict | None = None, compile_only=None):
-    """Time every candidate with ``run(options)``; ``(best tile options, timings)``.
+    """Time every candidate with ``run(options)``; ``(best tile options, timings, ms)``,
+    ``ms`` the time the winner was judged by (:func:`runoff`).
 
     ``compile_only(options)``, when given, compiles a candidate without running it: all
     candidates are then compiled in parallel first (:func:`precompile`).
-    ``best`` is None when every candidate failed.  ``timings`` lists, per candidate,
+    ``best`` and ``ms`` are None when every candidate failed.  ``timings`` lists, per candidate,
     ``{"config": ..., "ms": ...}`` or ``{"config": ..., "error": "..."}``.
     """
     timer = timer or default_timer
@@ -356,7 +357,8 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
     if not any("ms" in t for t in timings):
         log.warning("autotuning %s for %s: every candidate failed; using the defaults",
                     kind, label(pattern))
-        return None, timings
+        return None, timings, None
+
     def time_again(cand):
         opts = {**options, **cand}
         return timer(lambda: run(opts))
@@ -364,7 +366,7 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
     best = cands[i]
     log.info("autotuned %s for %s: %s (%.4f ms)", kind, label(pattern), describe(best),
              best_ms)
-    return best, timings
+    return best, timings, best_ms
 
 
 def runoff(timings: list[dict], time) -> tuple[int, float]:
@@ -397,7 +399,7 @@ def runoff(timings: list[dict], time) -> tuple[int, float]:
             timings[i]["median"] = statistics.median(times[i])
             log.debug("  %s: re-timed %s", describe(timings[i]["config"]),
                       " ".join(f"{t:.4f}" for t in times[i][1:]))
-    med = {i: statistics.median(times[i]) for i in close}
+    med = {i: timings[i].get("median", timings[i]["ms"]) for i in close}
     best = min(med.values())
     winner = next(i for i in close if med[i] <= best * (1 + TIE))
     return winner, med[winner]
@@ -439,13 +441,11 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
             hit = read(key, kind)
             if hit is None and not _capturing():
                 fields = fields or fields_of()
-                best, timings = tune(pattern, kind, head_dim=head_dim, dtype=dtype,
+                best, timings, ms = tune(pattern, kind, head_dim=head_dim, dtype=dtype,
                                      options=options, run=run, timer=timer, fields=fields,
                                      compile_only=compile_only)
                 hit = {} if best is None else dict(best)
                 if best is not None:
-                    ms = next(t.get("median", t["ms"]) for t in timings
-                              if t["config"] == best)
                     write(key, {"key": key, "kind": kind, "pattern": label(pattern),
                                 **{k: v for k, v in fields.items() if k != "kind"},
                                 "config": hit, "ms": ms, "timings": timings})

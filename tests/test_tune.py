@@ -357,7 +357,7 @@ def test_precompile_submits_every_candidate_in_async_mode():
     # tune() precompiles, then runs and times every candidate as before
     fake = Fake("fwd", {(64, 64, 4, 3): 0.2})
     compiled = []
-    best, timings = tune.tune(spattn.compile("causal"), "fwd", head_dim=128, dtype="bf16",
+    best, timings, _ = tune.tune(spattn.compile("causal"), "fwd", head_dim=128, dtype="bf16",
                               options={}, run=fake.run, timer=fake.timer,
                               compile_only=lambda o: compiled.append(chosen(o)))
     assert chosen(best) == (64, 64, 4, 3)
