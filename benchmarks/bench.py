@@ -189,10 +189,7 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
             _flex_part(row, name, src, mm_factory, inputs, q, k, v, do, o, pat, H, N, dev, bwd,
                        timed)
         except Exception as e:  # out of memory, or Flex's own kernel failing to compile
-            row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            for key in [t for t in timed if t.startswith("flex_")]:
-                del timed[key]
-            torch.cuda.empty_cache()
+            _drop_flex(row, timed, e)
             flex = False
         if "error" in row:
             return row
@@ -292,14 +289,19 @@ def time_rounds(row, timed, rounds, bench=None):
                 except Exception as e:
                     if not n.startswith("flex_"):
                         raise
-                    row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                    for key in [t for t in timed if t.startswith("flex_")]:
-                        del timed[key]
-                    torch.cuda.empty_cache()
+                    _drop_flex(row, timed, e)
         for n, ts in times.items():
             if n in timed and ts:
                 row[n + "_ms"] = statistics.median(ts)
                 row[n + "_ms_rounds"] = ts
+
+
+def _drop_flex(row, timed, e):
+    """Flex failed (out of memory, its kernel not compiling): note why, time it no more."""
+    row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    for key in [t for t in timed if t.startswith("flex_")]:
+        del timed[key]
+    torch.cuda.empty_cache()
 
 
 def _time_sdpa(row, name, q, k, v):
