@@ -1,8 +1,10 @@
 """Test configuration shared by the whole suite.
 
-Without a GPU the generated Triton kernels run on the CPU through Triton's
-interpreter, which must be switched on before any kernel is JIT-decorated:
-hence here, first. On a CUDA machine the kernels are compiled for the device.
+Tests are grouped by stage (``dsl``, ``ir``, ``codegen``, ``runtime``, ``api``) and selected
+by markers: ``gpu`` tests need a CUDA device, ``interpreter`` tests run the generated Triton
+kernels on CPU tensors and need ``TRITON_INTERPRET=1``, which this file sets where there is
+no GPU (before any kernel is JIT-decorated: hence here, first). On a CUDA machine the
+kernels are compiled for the device.
 """
 import os
 
@@ -23,21 +25,15 @@ settings.register_profile(
 settings.load_profile(os.environ.get("SPATTN_HYPOTHESIS", "ci"))
 
 
-INTERPRETER_MODULES = ("test_codegen", "test_triton_fwd", "test_triton_bwd", "test_table_memo",
-                       "test_triton_chunked",
-                       "test_tune", "test_table_spans", "test_spans_kernel")
-
-
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests need CUDA; the interpreter tests (CPU tensors through the generated
-    kernels) need ``TRITON_INTERPRET=1``, which this file sets only where there is no GPU."""
+    """Skip ``gpu`` tests without CUDA and ``interpreter`` tests without the interpreter."""
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     no_gpu = pytest.mark.skip(reason="needs a CUDA device")
     no_interp = pytest.mark.skip(reason="runs the kernels on the CPU: needs TRITON_INTERPRET=1")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
-        elif item.module.__name__.rsplit(".", 1)[-1] in INTERPRETER_MODULES and not interpreted:
+        elif "interpreter" in item.keywords and not interpreted:
             item.add_marker(no_interp)
 
 

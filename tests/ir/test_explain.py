@@ -11,7 +11,7 @@ from spattn.ir.evaluate import mask
 from spattn.ir.explain import Report, explain
 from spattn.pattern import Pattern
 
-from .test_tiles import AFFINE, causal, q, k, c
+from tests.ir.test_tiles import AFFINE, causal, q, k, c
 
 
 @pytest.mark.parametrize("name", list(AFFINE))

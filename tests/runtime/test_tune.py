@@ -12,6 +12,8 @@ import spattn
 from spattn.codegen import strategy as st
 from spattn.runtime import tune, triton_backend
 
+pytestmark = pytest.mark.interpreter
+
 CUDA = torch.device("cuda", 0)     # only its type is looked at: no GPU needed
 # Triton's language helpers are interpreted only if imported under TRITON_INTERPRET=1.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

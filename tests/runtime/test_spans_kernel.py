@@ -10,7 +10,9 @@ from spattn.ir.tiles import EMPTY, FULL, PARTIAL
 from spattn.runtime import triton_backend as tb
 from spattn.runtime.spans_kernel import grid_order, table_rows
 
-from ._triton_helpers import block_table, check_table_paths, compile_pattern, doc_ids
+from tests.helpers.kernels import block_table, check_table_paths, compile_pattern, doc_ids
+
+pytestmark = pytest.mark.interpreter
 
 
 def _rows(gen, Bp, Hp, n, m):

@@ -13,7 +13,7 @@ from spattn.ir.intervals import interval_exact
 from spattn.ir.tiles import classify
 from spattn.pattern import Pattern
 
-from .ir_strategies import affine_bool_exprs, bool_exprs, int_exprs
+from tests.helpers.ir_exprs import affine_bool_exprs, bool_exprs, int_exprs
 
 q, k, h = B.var("q"), B.var("k"), B.var("h")
 

@@ -9,7 +9,7 @@ any number of heads). Every drawn text compiles without error; sizes are kept
 small. ``int_exprs()`` draws the int sub-language; ``programs()`` draws whole
 ``.spattn`` programs (param, input, def, pattern statements).
 
-    from tests.strategies import bool_exprs
+    from tests.helpers.sources import bool_exprs
 """
 from __future__ import annotations
 

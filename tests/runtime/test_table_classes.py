@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from spattn.ir.tiles import EMPTY, FULL, PARTIAL
 from spattn.runtime import triton_backend as tb
 
-from ._triton_helpers import block_table, compile_pattern, doc_ids
+from tests.helpers.kernels import block_table, compile_pattern, doc_ids
 
 PATTERNS = [
     ("causal", "causal", None),

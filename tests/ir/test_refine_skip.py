@@ -19,7 +19,7 @@ from spattn.ir.evaluate import query_offset
 from spattn.ir.tiles import classify, refinement_cannot_change
 from spattn.pattern import Pattern
 
-from .test_tiles import truth_tiles, unsound
+from tests.ir.test_tiles import truth_tiles, unsound
 
 q, k, h = B.var("q"), B.var("k"), B.var("h")
 

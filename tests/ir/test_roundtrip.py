@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings
 
 from spattn.ir.lower import compile_source, parse_ir
 from spattn.ir.printer import to_source
-from tests.strategies import bool_exprs, int_exprs
+from tests.helpers.sources import bool_exprs, int_exprs
 
 _SETTINGS = settings(deadline=None, max_examples=150,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

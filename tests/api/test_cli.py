@@ -9,7 +9,7 @@ import pytest
 import spattn
 from spattn.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples" / "patterns").glob("*.spattn"))
 # every pattern of every file: (path, pattern name)
 PATTERNS = [pytest.param(p, n, id=f"{p.stem}:{n}") for p in EXAMPLES for n in spattn.pattern_names(p)]

@@ -9,7 +9,7 @@ import torch
 import spattn
 from spattn.runtime.reference import attention_reference_chunked
 
-from ._triton_helpers import check_table_paths, record_descriptors
+from tests.helpers.kernels import check_table_paths, record_descriptors
 
 pytestmark = pytest.mark.gpu
 

@@ -13,9 +13,9 @@ import torch
 from spattn.runtime import cache
 from spattn.runtime import triton_backend as tb
 
-from ._triton_helpers import doc_ids, record_descriptors, window_cf, window_sink_cf
-from .test_triton_bwd import run_bwd
-from .test_triton_fwd import run_fwd
+from tests.helpers.kernels import doc_ids, record_descriptors, window_cf, window_sink_cf
+from tests.codegen.test_triton_bwd import run_bwd
+from tests.codegen.test_triton_fwd import run_fwd
 
 STRATEGIES = ("ranges", "table")
 
@@ -155,7 +155,7 @@ def test_rendered_tma_kernels_have_no_pointer_tiles(kind, strategy):
     pointer tiles or head-dim masks are left, only the 1-D LSE / delta vectors."""
     from spattn.codegen.kernels import render
     from spattn.codegen.strategy import analysis_strategy, get_closed_form, pick
-    from ._triton_helpers import compile_pattern
+    from tests.helpers.kernels import compile_pattern
     pat = compile_pattern("causal & (window(13) | sink(4))")
     cf = get_closed_form(pat) if strategy == "ranges" else None
     for loop in ("split", "fused"):

@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from spattn.ir.tiles import EMPTY, FULL, PARTIAL
 from spattn.runtime import triton_backend as tb
 
-from ._triton_helpers import block_table, compile_pattern, doc_ids
-from .test_triton_bwd import run_bwd
-from .test_triton_fwd import run_fwd
+from tests.helpers.kernels import block_table, compile_pattern, doc_ids
+from tests.codegen.test_triton_bwd import run_bwd
+from tests.codegen.test_triton_fwd import run_fwd
+
+pytestmark = pytest.mark.interpreter
 
 
 # ------------------------------------------------------------------ _spans

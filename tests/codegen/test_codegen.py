@@ -23,7 +23,9 @@ from spattn.ir.evaluate import evaluate
 from spattn.runtime import cache
 from spattn.runtime import triton_backend as tb
 
-from ._triton_helpers import global_local_cf, rand_qkv, window_cf, window_sink_cf
+from tests.helpers.kernels import global_local_cf, rand_qkv, window_cf, window_sink_cf
+
+pytestmark = pytest.mark.interpreter
 
 ENV = {"q": "o_q", "k": "o_k", "h": "i_h", "b": "i_b", "Lq": "Lq", "Lk": "Lk", "H": "H"}
 

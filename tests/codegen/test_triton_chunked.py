@@ -6,6 +6,8 @@ import spattn
 from spattn.codegen.strategy import analysis_strategy
 from spattn.runtime.reference import attention_reference
 
+pytestmark = pytest.mark.interpreter
+
 CASES = [
     ("chunked-causal", "chunked(12) & causal", 50, 50, None),
     ("chunked-window", "chunked(20) & window(7)", 45, 45, None),

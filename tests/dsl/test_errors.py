@@ -7,7 +7,7 @@ from spattn.dsl.errors import (SpattnError, SpattnNameError, SpattnParamError,
                                SpattnSyntaxError, SpattnTypeError, SpattnValueError)
 from spattn.dsl.parser import parse_source
 from spattn.ir.lower import compile_source, parse_ir
-from tests.strategies import bool_exprs, programs
+from tests.helpers.sources import bool_exprs, programs
 
 # (source, keyword params, pattern pick, error class, (line, column), text in message)
 LOCATED = [

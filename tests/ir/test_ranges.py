@@ -13,8 +13,8 @@ from spattn.ir.tables import tile_table
 from spattn.ir.tiles import classify
 from spattn.pattern import Pattern
 
-from .ir_strategies import affine_bool_exprs, bool_exprs
-from .test_tiles import (AFFINE, SHAPES, causal, chunked, q, k, c, h, sink, truth_tiles,
+from tests.helpers.ir_exprs import affine_bool_exprs, bool_exprs
+from tests.ir.test_tiles import (AFFINE, SHAPES, causal, chunked, q, k, c, h, sink, truth_tiles,
                          window)
 
 

@@ -10,7 +10,7 @@ from spattn.ir import build as B
 from spattn.ir.receptive import receptive_field
 from spattn.pattern import Pattern
 
-from .test_tiles import causal, q, k, c, window
+from tests.ir.test_tiles import causal, q, k, c, window
 
 
 def test_causal_one_layer():

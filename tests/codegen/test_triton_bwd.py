@@ -14,9 +14,11 @@ import torch
 
 from spattn.runtime import triton_backend as tb
 
-from ._triton_helpers import (analysis_cf, chunked_cf, check_close, compile_pattern,
+from tests.helpers.kernels import (analysis_cf, chunked_cf, check_close, compile_pattern,
                               doc_ids, global_local_cf, rand_qkv, reference, trivial_cf,
                               window_cf, window_sink_cf)
+
+pytestmark = pytest.mark.interpreter
 
 TOL = 1e-3
 STRATEGIES = ("ranges", "table")

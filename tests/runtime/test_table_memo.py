@@ -1,9 +1,12 @@
 """Tile tables are memoised per shape and input identity; in-place edits of an input invalidate."""
+import pytest
 import torch
 
 import spattn
 from spattn.runtime import triton_backend
 from spattn.runtime.reference import attention_reference
+
+pytestmark = pytest.mark.interpreter
 
 
 def test_inplace_input_edit_is_seen(monkeypatch):
