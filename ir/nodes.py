@@ -221,7 +221,10 @@ class Or(Node):
         return self.args
 
 
-ATOM_TYPES = (Var, Prod, FloorDiv, Mod, Abs, Min, Max, Select, Table, Load)
+#: Every IR node type, ints then bools (passes that must handle all of them are checked
+#: against this tuple: :mod:`spattn.ir.visitor`).
+NODE_TYPES = (Const, Var, Sum, Prod, FloorDiv, Mod, Abs, Min, Max, Select, Table, Load,
+              BoolConst, Range, IsPow2, Not, And, Or)
 
 
 def sort_key(node: Node) -> tuple:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                     Not, Or, Prod, Range, Select, Sum, Table, Var)
+from .visitor import Visitor, rule
 
 # Precedence levels of DESIGN.md §3 (higher binds tighter).
 IF, OR, AND, NOT, CMP, ADD, MUL, NEG, ATOM = range(1, 10)
@@ -69,45 +70,78 @@ def _range_text(r: Range, negate: bool = False) -> str:
     return f"{xs} <= {r.hi}"
 
 
-def _p(node: Node, need: int) -> str:
-    if isinstance(node, Const):
-        return _wrap(str(node.value), NEG if node.value < 0 else ATOM, need)
-    if isinstance(node, BoolConst):
-        return "true" if node.value else "false"
-    if isinstance(node, Var):
-        return node.name
-    if isinstance(node, Sum):
-        return _wrap(_sum_text(node.terms, node.const), ADD, need)
-    if isinstance(node, Prod):
-        return _wrap(" * ".join(_p(f, MUL + 1) for f in node.factors), MUL, need)
-    if isinstance(node, FloorDiv):
-        return _wrap(f"{_p(node.a, MUL)} // {_p(node.b, MUL + 1)}", MUL, need)
-    if isinstance(node, Mod):
-        return _wrap(f"{_p(node.a, MUL)} % {_p(node.b, MUL + 1)}", MUL, need)
-    if isinstance(node, Abs):
-        return f"abs({_p(node.a, 0)})"
-    if isinstance(node, Min):
-        return "min(" + ", ".join(_p(a, 0) for a in node.args) + ")"
-    if isinstance(node, Max):
-        return "max(" + ", ".join(_p(a, 0) for a in node.args) + ")"
-    if isinstance(node, Select):
-        text = f"if {_p(node.cond, OR)} then {_p(node.a, OR)} else {_p(node.b, IF)}"
+class _Printer(Visitor):
+    """Source text of a node at a context precedence ``need`` (parenthesised below it)."""
+
+    complete = True
+
+    @rule(Const)
+    def const(self, n, need):
+        return _wrap(str(n.value), NEG if n.value < 0 else ATOM, need)
+
+    @rule(BoolConst)
+    def bool_const(self, n, need):
+        return "true" if n.value else "false"
+
+    @rule(Var)
+    def var(self, n, need):
+        return n.name
+
+    @rule(Sum)
+    def sum(self, n, need):
+        return _wrap(_sum_text(n.terms, n.const), ADD, need)
+
+    @rule(Prod)
+    def prod(self, n, need):
+        return _wrap(" * ".join(self(f, MUL + 1) for f in n.factors), MUL, need)
+
+    @rule(FloorDiv, Mod)
+    def division(self, n, need):
+        op = "//" if isinstance(n, FloorDiv) else "%"
+        return _wrap(f"{self(n.a, MUL)} {op} {self(n.b, MUL + 1)}", MUL, need)
+
+    @rule(Abs)
+    def abs(self, n, need):
+        return f"abs({self(n.a, 0)})"
+
+    @rule(Min, Max)
+    def minmax(self, n, need):
+        name = "min" if isinstance(n, Min) else "max"
+        return f"{name}(" + ", ".join(self(a, 0) for a in n.args) + ")"
+
+    @rule(Select)
+    def select(self, n, need):
+        text = f"if {self(n.cond, OR)} then {self(n.a, OR)} else {self(n.b, IF)}"
         return _wrap(text, IF, need)
-    if isinstance(node, Table):
-        return "[" + ", ".join(str(v) for v in node.values) + f"][{_p(node.index, 0)}]"
-    if isinstance(node, Load):
-        return f"{node.name}[" + ", ".join(_p(i, 0) for i in node.index) + "]"
-    if isinstance(node, Range):
-        return _wrap(_range_text(node), CMP, need)
-    if isinstance(node, IsPow2):
-        return f"is_pow2({_p(node.a, 0)})"
-    if isinstance(node, Not):
-        inner = node.a
+
+    @rule(Table)
+    def table(self, n, need):
+        return "[" + ", ".join(str(v) for v in n.values) + f"][{self(n.index, 0)}]"
+
+    @rule(Load)
+    def load(self, n, need):
+        return f"{n.name}[" + ", ".join(self(i, 0) for i in n.index) + "]"
+
+    @rule(Range)
+    def range(self, n, need):
+        return _wrap(_range_text(n), CMP, need)
+
+    @rule(IsPow2)
+    def is_pow2(self, n, need):
+        return f"is_pow2({self(n.a, 0)})"
+
+    @rule(Not)
+    def not_(self, n, need):
+        inner = n.a
         if isinstance(inner, Range) and inner.lo is not None and inner.lo == inner.hi:
             return _wrap(_range_text(inner, negate=True), CMP, need)
-        return _wrap(f"~{_p(inner, NOT)}", NOT, need)
-    if isinstance(node, And):
-        return _wrap(" & ".join(_p(a, AND + 1) for a in node.args), AND, need)
-    if isinstance(node, Or):
-        return _wrap(" | ".join(_p(a, OR + 1) for a in node.args), OR, need)
-    raise TypeError(f"cannot print {node!r}")
+        return _wrap(f"~{self(inner, NOT)}", NOT, need)
+
+    @rule(And, Or)
+    def junction(self, n, need):
+        if isinstance(n, And):
+            return _wrap(" & ".join(self(a, AND + 1) for a in n.args), AND, need)
+        return _wrap(" | ".join(self(a, OR + 1) for a in n.args), OR, need)
+
+
+_p = _Printer()
