@@ -45,8 +45,7 @@ class Visitor:
     #: When True, every node type of :data:`NODE_TYPES` must have a rule (checked at class
     #: creation).
     complete = False
-    _rules: dict = {}
-    _default = None
+    _rules: dict = {}      # node type -> rule function; None -> the default rule, if any
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -61,8 +60,9 @@ class Visitor:
                     rules[t] = fn
                 if fn._rule_default:
                     default = fn
+        if default is not None:
+            rules[None] = default
         cls._rules = rules
-        cls._default = default
         if cls.complete and default is None:
             missing = [t.__name__ for t in NODE_TYPES if t not in rules]
             if missing:
@@ -71,7 +71,7 @@ class Visitor:
     def __call__(self, node, *args, **kwargs):
         fn = self._rules.get(type(node))
         if fn is None:
-            fn = self._default
+            fn = self._rules.get(None)
             if fn is None:
                 raise TypeError(f"IR pass {type(self).__name__} has no rule for "
                                 f"{type(node).__name__}")
