@@ -1,0 +1,677 @@
+"""spattn as a Hugging Face transformers attention implementation.
+
+    import spattn.integrations.transformers as spattn_hf     # registers "spattn"
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="spattn")
+    print(spattn_hf.describe(model))                          # the pattern of every layer
+
+Importing this module registers two functions with transformers under the name
+``"spattn"``: :func:`spattn_attention_forward` in its ``AttentionInterface`` (what
+every attention layer calls) and :func:`spattn_mask` in its ``AttentionMaskInterface``
+(what the model calls once per forward to build the mask of each layer type).
+
+The mask function builds no dense mask. It returns a :class:`SpattnMask`: the query and
+key positions of the call (transformers' cache indices), the padding of each row and the
+packed-sequence ids, read from what transformers hands its mask functions. The attention
+function then runs the layer's pattern, derived from the model's config
+(:func:`layer_pattern`) or chosen by the user (:func:`set_patterns`), conjoined with
+``keep[k]`` when some key is padding and ``same(seg)`` for packed sequences; all of these
+enter as runtime inputs of the pattern, so a pattern compiles once however the padding,
+the lengths or the cache offsets change.
+
+Positions: inside a pattern ``k`` is the index of the key in the key tensor transformers
+passes for that layer (its KV-cache slot) and ``q`` the slot of the query's own key; a
+runtime input ``pos`` (supplied by the adapter to patterns that index it) holds each
+slot's position in its sequence, i.e. transformers' cache index less the row's left
+padding (for packed sequences: the position id).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError as e:                      # the optional extra is not installed
+    raise ImportError("spattn.integrations.transformers needs transformers >= 5.0: "
+                      "pip install 'spattn[hf]'") from e
+
+from ..dsl.errors import SpattnError, SpattnInputError, SpattnParamError
+from ..pattern import BACKENDS, Pattern, compile as _compile
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"spattn.integrations.transformers needs transformers >= 5.0, found "
+                      f"{transformers.__version__}: pip install 'spattn[hf]'")
+
+__all__ = ["NAME", "LayerPattern", "SpattnMask", "spattn_attention_forward", "spattn_mask",
+           "layer_pattern", "layer_patterns", "set_patterns", "describe", "plan_call"]
+
+#: The ``attn_implementation`` name this module registers.
+NAME = "spattn"
+
+#: Runtime inputs the adapter supplies to a pattern that indexes them (name -> index dims).
+SUPPLIED_INPUTS = {"pos": 1}
+
+#: Keyword arguments of transformers' attention call that change the attention itself and
+#: that spattn cannot honour: passing one (not None) is an error rather than ignored.
+_UNSUPPORTED_KWARGS = {
+    "position_bias": "an additive position bias (T5-style relative attention)",
+    "s_aux": "attention sinks as extra logits (s_aux)",
+    "sinks": "attention sinks as extra logits",
+    "head_mask": "a head mask",
+    "block_indices": "block-sparse indices of another attention backend",
+    "indices": "sparse indices of another attention backend",
+}
+
+# Canonical "what the mask allows" kinds, shared by the config side and the mask side.
+_KIND_TEXT = {
+    "causal": lambda: "causal",
+    "full": lambda: "full (bidirectional)",
+    "sliding": lambda w: f"a causal sliding window of {w} keys",
+    "local": lambda w: f"a bidirectional window of {w} keys on each side",
+    "chunked": lambda c: f"causal chunks of {c} positions",
+}
+
+
+def _kind_text(kind) -> str:
+    return "unreadable" if kind is None else _KIND_TEXT[kind[0]](*kind[1:])
+
+
+def _kind_source(kind) -> str:
+    """The spattn pattern of a mask kind, with transformers' exact bounds.
+
+    transformers' sliding window keeps ``q - W < k <= q`` (``sliding_window_overlay`` and
+    ``causal_mask_function``): ``window(W)``, which holds W keys, the query's own included.
+    Its bidirectional window keeps ``abs(q - k) <= W``: ``local(W, W)``. Its chunks are
+    ``(k - left_padding) // C == (q - left_padding) // C`` (``chunked_overlay``), that is
+    ``pos[q] // C == pos[k] // C`` with ``pos`` the position less the row's left padding.
+    """
+    name = kind[0]
+    if name == "causal":
+        return "causal"
+    if name == "full":
+        return "full"
+    if name == "sliding":
+        return f"causal & window({kind[1]})"
+    if name == "local":
+        return f"local({kind[1]}, {kind[1]})"
+    return f"causal & pos[q] // {kind[1]} == pos[k] // {kind[1]}"     # chunked
+
+
+# ------------------------------------------------------------------ patterns per layer
+
+@dataclass(frozen=True)
+class LayerPattern:
+    """The pattern one attention layer runs, before padding and packing are conjoined.
+
+    Attributes:
+        layer_idx: the layer's index (``module.layer_idx``).
+        layer_type: the config's ``layer_types`` entry (``"full_attention"``,
+            ``"sliding_attention"``, ``"chunked_attention"``), or what transformers infers
+            without one (``sliding_window`` set: sliding; ``attention_chunk_size``: chunked).
+        pattern: the compiled pattern (``q``, ``k`` are KV-cache slots; ``pos`` positions).
+        origin: ``"config"`` (derived from the config) or ``"override"`` (:func:`set_patterns`).
+        detail: the config fields a derived pattern comes from (``"sliding_window=4096"``).
+        mask_kind: the mask transformers must build for this layer, ``("causal",)``,
+            ``("sliding", W)``, ``("chunked", C)``, ``("full",)`` or ``("local", W)``;
+            checked at every call. None for an override, which decides on its own.
+    """
+    layer_idx: int
+    layer_type: str
+    pattern: Pattern
+    origin: str
+    detail: str = ""
+    mask_kind: tuple | None = None
+
+
+#: (source, backend) -> Pattern: every base pattern and padding/packing variant, compiled
+#: once per process (the kernels themselves are cached on disk by canonical source).
+_PATTERNS: dict[tuple[str, str], Pattern] = {}
+
+
+def _pattern(source: str, backend: str) -> Pattern:
+    key = (source, backend)
+    pat = _PATTERNS.get(key)
+    if pat is None:
+        pat = _PATTERNS[key] = _compile(source, backend=backend)
+    return pat
+
+
+def _score_expression(softcap) -> str | None:
+    """The score modification for transformers' logit softcapping, None without one.
+
+    Every softcap the adapter sees (the config's ``attn_logit_softcapping``, the ``softcap``
+    a layer passes at call time) goes through here. transformers applies
+    ``softcap * tanh(s / softcap)`` to the scaled scores before the mask; spattn has no
+    score modifications yet (issue #22), so a softcap is an error instead of being dropped.
+    """
+    if softcap is None:
+        return None
+    raise SpattnError(
+        f"attention logit softcapping (softcap={softcap}: scores become "
+        f"{softcap} * tanh(s / {softcap}), Gemma 2's attn_logit_softcapping) needs score "
+        "modifications, which spattn does not support yet (issue #22). Run this model with "
+        "attn_implementation='eager', or set config.attn_logit_softcapping = None, which "
+        "changes the model's outputs")
+
+
+def _layer_type(config, layer_idx: int) -> str:
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        if not 0 <= layer_idx < len(types):
+            raise SpattnError(f"layer {layer_idx} has no entry in config.layer_types "
+                              f"({len(types)} entries)")
+        return types[layer_idx]
+    if getattr(config, "sliding_window", None) is not None:
+        return "sliding_attention"
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return "chunked_attention"
+    return "full_attention"
+
+
+def _size(config, field: str, layer_idx: int, layer_type: str) -> int:
+    value = getattr(config, field, None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpattnError(f"layer {layer_idx} is a {layer_type} layer, but config.{field} is "
+                          f"{value!r}: expected a positive int")
+    return value
+
+
+def _config_kind(config, layer_idx: int, layer_type: str) -> tuple[tuple, str]:
+    """The mask kind transformers builds for a layer of this type, and the fields it reads."""
+    causal = getattr(config, "is_causal", True)
+    if layer_type == "full_attention":
+        return (("causal",) if causal else ("full",)), ""
+    if layer_type == "sliding_attention":
+        w = _size(config, "sliding_window", layer_idx, layer_type)
+        return (("sliding", w) if causal else ("local", w)), f"sliding_window={w}"
+    if layer_type == "chunked_attention":
+        c = _size(config, "attention_chunk_size", layer_idx, layer_type)
+        return ("chunked", c), f"attention_chunk_size={c}"
+    raise SpattnError(
+        f"layer {layer_idx} has layer type {layer_type!r}, which spattn does not map to a "
+        "pattern (it maps full_attention, sliding_attention and chunked_attention); give the "
+        f"layer a pattern with set_patterns(model, {{{layer_idx}: ...}})")
+
+
+def layer_pattern(module) -> LayerPattern:
+    """The :class:`LayerPattern` of one transformers attention module.
+
+    Derived from ``module.config`` and ``module.layer_idx`` unless :func:`set_patterns`
+    gave the layer an override. Raises :class:`SpattnError` for what spattn cannot run
+    (an unknown layer type, logit softcapping).
+    """
+    config, idx = module.config, module.layer_idx
+    backend = getattr(module, "_spattn_backend", None) or "auto"
+    layer_type = _layer_type(config, idx)
+    _score_expression(getattr(config, "attn_logit_softcapping", None))
+    override = getattr(module, "_spattn_override", None)
+    if override is not None:
+        return LayerPattern(idx, layer_type, _pattern(override.source, backend), "override")
+    kind, detail = _config_kind(config, idx, layer_type)
+    return LayerPattern(idx, layer_type, _pattern(_kind_source(kind), backend), "config",
+                        detail, kind)
+
+
+def _attention_modules(model) -> list:
+    """The attention modules of a transformers model, by layer index."""
+    mods = [m for m in model.modules()
+            if type(m).__name__.endswith("Attention") and hasattr(m, "config")
+            and isinstance(getattr(m, "layer_idx", None), int)]
+    if not mods:
+        raise SpattnError(f"found no attention module in {type(model).__name__}: spattn looks "
+                          "for modules named '...Attention' with a layer_idx and a config, as "
+                          "transformers' decoder models have")
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def layer_patterns(model) -> list[LayerPattern]:
+    """The :class:`LayerPattern` of every attention layer of ``model``, by layer index."""
+    return [layer_pattern(m) for m in _attention_modules(model)]
+
+
+def _override(key, value) -> Pattern:
+    if isinstance(value, str):
+        pat = _compile(value)
+    elif isinstance(value, Pattern):
+        pat = value
+    else:
+        raise SpattnParamError(f"the pattern for layer {key!r} must be a pattern source (str) "
+                               f"or a spattn.Pattern, got {type(value).__name__}")
+    extra = sorted(set(pat.inputs) - set(SUPPLIED_INPUTS))
+    if extra:
+        raise SpattnParamError(
+            f"the pattern for layer {key!r} ({pat.source}) has runtime input"
+            f"{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))}, which the "
+            f"transformers adapter cannot supply; it supplies "
+            f"{', '.join(map(repr, SUPPLIED_INPUTS))} (the position of each key slot in its "
+            "sequence)")
+    for name, nd in pat.inputs.items():
+        if nd != SUPPLIED_INPUTS[name]:
+            raise SpattnParamError(f"the pattern for layer {key!r} indexes {name!r} with {nd} "
+                                   f"indices; it is 1-D ({name}[q], {name}[k])")
+    return pat
+
+
+def set_patterns(model, patterns: Mapping | None = None, *,
+                 backend: str | None = None) -> list[LayerPattern]:
+    """Choose the pattern of some layers; the others keep the pattern of their config.
+
+    Args:
+        model: a transformers model (its attention modules are configured in place).
+        patterns: ``{layer index or layer type: pattern source or spattn.Pattern}``;
+            an index wins over a type (``{"sliding_attention": "causal & window(512)",
+            0: "causal"}``). The patterns may index the runtime input ``pos`` (the position
+            of a slot in its sequence) and no other; padding and packing are still added.
+            ``None`` or ``{}`` returns every layer to its config's pattern.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for every layer (default: an
+            override's own backend, else ``"auto"``).
+
+    Returns the resulting :func:`layer_patterns`. Raises :class:`SpattnParamError` for an
+    unknown layer index or type, or a pattern with inputs the adapter cannot supply; a
+    source that does not compile raises its own :class:`SpattnError` (line, column, caret).
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise SpattnParamError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                               f"got {backend!r}")
+    mods = _attention_modules(model)
+    types = {m.layer_idx: _layer_type(m.config, m.layer_idx) for m in mods}
+    chosen = {}
+    for key, value in dict(patterns or {}).items():
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            raise SpattnParamError(f"set_patterns keys are layer indices (int) or layer types "
+                                   f"(str), got {type(key).__name__} {key!r}")
+        if isinstance(key, int) and key not in types:
+            raise SpattnParamError(f"{type(model).__name__} has no attention layer {key}; its "
+                                   f"layers are {min(types)}..{max(types)}")
+        if isinstance(key, str) and key not in types.values():
+            known = ", ".join(map(repr, sorted(set(types.values()))))
+            raise SpattnParamError(f"{type(model).__name__} has no layer of type {key!r}; its "
+                                   f"layer types are {known}")
+        chosen[key] = _override(key, value)
+    for m in mods:
+        override = chosen.get(m.layer_idx, chosen.get(types[m.layer_idx]))
+        m._spattn_override = override
+        m._spattn_backend = backend or (override.backend if override is not None else None)
+    return layer_patterns(model)
+
+
+def describe(model) -> str:
+    """A table of the pattern every attention layer of ``model`` runs, for a person."""
+    layers = layer_patterns(model)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    rows = [("layer", "type", "from", "pattern")]
+    for lp in layers:
+        origin = lp.origin + (f" ({lp.detail})" if lp.detail else "")
+        rows.append((str(lp.layer_idx), lp.layer_type, origin, lp.pattern.source))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{type(model).__name__}: {len(layers)} attention layers, "
+             f"attn_implementation={impl!r}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    lines.append("q, k: key slots of the layer's KV cache; pos: a slot's position in its "
+                 "sequence. Each call adds '& keep[k] != 0' when a key is padding and "
+                 "'& seg[k] == seg[q]' for packed sequences.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ the mask side
+
+def _closure(fn) -> dict:
+    """The variables a function closes over, by name (empty cells left out)."""
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    out = {}
+    for name, cell in zip(code.co_freevars if code is not None else (), cells):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:
+            pass
+    return out
+
+
+#: transformers' mask building blocks (``transformers.masking_utils``) that spattn reads:
+#: qualified name -> (role, the closure variable that holds its argument).
+_MASK_FUNCTIONS = {
+    "and_masks.<locals>.and_mask": ("and", "mask_functions"),
+    "causal_mask_function": ("causal", None),
+    "bidirectional_mask_function": ("full", None),
+    "sliding_window_overlay.<locals>.inner_mask": ("window", "sliding_window"),
+    "sliding_window_bidirectional_overlay.<locals>.inner_mask": ("local", "sliding_window"),
+    "chunked_overlay.<locals>.inner_mask": ("chunk", "chunk_size"),
+    "packed_sequence_mask_function.<locals>.inner_mask": ("packed", "packed_sequence_mask"),
+    "remap_positions_for_packed_sequence.<locals>.inner_mask": ("remap", "position_ids"),
+}
+
+
+def _function_name(f) -> str:
+    module = getattr(f, "__module__", None) or "?"
+    name = getattr(f, "__qualname__", type(f).__name__).split(".<locals>")[0]
+    if module != "transformers.masking_utils":
+        name = f"{module}.{name}"
+    inner = _closure(f).get("mask_functions")
+    if isinstance(inner, tuple):                  # and_masks / or_masks of other functions
+        name += "(" + ", ".join(_function_name(g) for g in inner) + ")"
+    return name
+
+
+def _read_mask_function(fn) -> tuple[tuple | None, torch.Tensor | None, torch.Tensor | None,
+                                     tuple[str, ...]]:
+    """What a transformers mask function means: ``(kind, seg, position_ids, unreadable)``.
+
+    transformers builds a mask function as an ``and_masks`` of building blocks from
+    ``masking_utils`` (causal, sliding window, chunks, packed sequences, whose positions
+    may be remapped to the position ids). The blocks are read from the closures; any other
+    function (an ``or_mask_function`` or ``and_mask_function`` a model adds, an ``or_masks``,
+    a block of another version) is listed in ``unreadable`` and the call is refused.
+    """
+    terms: dict[str, object] = {}
+    unreadable: list[str] = []
+
+    def walk(f):
+        role = arg = None
+        if getattr(f, "__module__", None) == "transformers.masking_utils":
+            role, arg = _MASK_FUNCTIONS.get(getattr(f, "__qualname__", ""), (None, None))
+        cells = _closure(f)
+        if (role is None or (arg is not None and arg not in cells) or role in terms
+                or (role == "remap" and "mask_function" not in cells)):
+            unreadable.append(_function_name(f))
+        elif role == "and":
+            for g in cells[arg]:
+                walk(g)
+        else:
+            terms[role] = cells[arg] if arg is not None else True
+            if role == "remap":
+                walk(cells["mask_function"])
+
+    walk(fn)
+    base = {name for name in terms if name in ("causal", "full", "window", "local", "chunk")}
+    kind = None
+    if base == {"causal"}:
+        kind = ("causal",)
+    elif base == {"full"}:
+        kind = ("full",)
+    elif base == {"causal", "window"}:
+        kind = ("sliding", int(terms["window"]))
+    elif base == {"full", "local"}:
+        kind = ("local", int(terms["local"]))
+    elif base == {"causal", "chunk"}:
+        kind = ("chunked", int(terms["chunk"]))
+    elif not unreadable:
+        unreadable.append("a combination spattn does not know: "
+                          + (" & ".join(sorted(base)) or "none"))
+    return kind, terms.get("packed"), terms.get("remap"), tuple(unreadable)
+
+
+class SpattnMask:
+    """What transformers' mask builder knows about one forward call, for spattn.
+
+    :func:`spattn_mask` returns one per layer type and forward call, in place of a dense
+    mask; every layer of that type reads it. Positions are transformers' cache indices:
+    query row ``i`` is at ``q_offset + i``, key slot ``j`` at ``kv_offset + j``.
+
+    Attributes:
+        batch_size, q_length, kv_length, q_offset, kv_offset: ints.
+        kind: the mask transformers asked for (see :class:`LayerPattern`), None if unread.
+        keep: bool ``[B, kv_length]``, False for a padding key; None when no key is padding.
+        seg: int ``[B, kv_length]`` packed-sequence ids (equal ids: one sequence), or None.
+        unreadable: the mask functions spattn could not read (the call is refused).
+    """
+
+    __slots__ = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "kind", "keep",
+                 "seg", "unreadable", "_position_ids", "_left_padding", "_padding", "_device",
+                 "_pos")
+
+    #: transformers tells a prepared mask from a 2-D padding mask by ``ndim``: ``generate``
+    #: with a static cache builds the masks before the forward, which passes them back to
+    #: the mask builder (and so to :func:`spattn_mask`, which returns them unchanged).
+    ndim = 4
+
+    def __init__(self, *, batch_size, q_length, kv_length, q_offset, kv_offset, kind, keep,
+                 seg, unreadable, position_ids=None, left_padding=None, padding=None,
+                 device=None):
+        self.batch_size, self.q_length, self.kv_length = batch_size, q_length, kv_length
+        self.q_offset, self.kv_offset = q_offset, kv_offset
+        self.kind, self.keep, self.seg, self.unreadable = kind, keep, seg, unreadable
+        self._position_ids, self._left_padding, self._device = position_ids, left_padding, device
+        self._padding = padding
+        self._pos = None
+
+    def positions(self) -> torch.Tensor:
+        """int64 ``[B, kv_length]``: each key slot's position in its sequence.
+
+        The cache index less the row's left padding (transformers' chunk positions), or the
+        position ids for packed sequences whose positions transformers remaps.
+        """
+        if self._pos is None:
+            if self._position_ids is not None:
+                self._pos = self._position_ids.to(torch.int64).expand(self.batch_size, -1)
+            else:
+                self._pos = self._positions(self.kv_offset, self.kv_length)
+        return self._pos
+
+    def _positions(self, first: int, length: int) -> torch.Tensor:
+        pos = torch.arange(first, first + length, device=self._device).expand(self.batch_size, -1)
+        if self._left_padding is not None:
+            pos = pos - self._left_padding.to(pos.device)[:, None]
+        return pos
+
+    def __repr__(self):
+        return (f"SpattnMask({_kind_text(self.kind)}, B={self.batch_size}, Lq={self.q_length}, "
+                f"Lk={self.kv_length}, q_offset={self.q_offset}, kv_offset={self.kv_offset}, "
+                f"padding={self.keep is not None}, packed={self.seg is not None})")
+
+
+def spattn_mask(batch_size: int, q_length: int | None = None, kv_length: int | None = None,
+                q_offset=0, kv_offset: int = 0, mask_function=None, attention_mask=None,
+                cache_position=None, device=None, **kwargs) -> SpattnMask:
+    """transformers' mask function for ``"spattn"``: a :class:`SpattnMask`, no dense mask.
+
+    Called by ``create_causal_mask`` and its siblings with the query and key lengths and
+    offsets of a layer type, its mask function and the 2-D padding mask
+    ``attention_mask [B, past + Lq]`` (True: a real token). transformers versions that
+    give the query positions as ``cache_position [Lq]`` instead of ``q_length`` and
+    ``q_offset`` are read too.
+    """
+    if isinstance(attention_mask, SpattnMask):
+        return _prepared(attention_mask, mask_function)
+    if q_length is None:
+        q_length = int(cache_position.shape[0])
+        q_offset = int(cache_position[0]) if q_length else 0
+        device = device if device is not None else cache_position.device
+    q_offset = int(q_offset)                  # a 0-dim tensor with static caches
+    kind, seg, position_ids, unreadable = _read_mask_function(mask_function)
+    keep = left_padding = None
+    if attention_mask is not None:
+        am = attention_mask.to(torch.bool)
+        device = am.device if device is None else device
+        short = kv_offset + kv_length - am.shape[-1]
+        # as transformers' prepare_padding_mask: keys past the 2-D mask are padding
+        padded = F.pad(am, (0, short)) if short > 0 else am
+        keep = padded[:, kv_offset: kv_offset + kv_length]
+        if bool(keep.all()):
+            keep = None
+        left_padding = (am.cumsum(-1) == 0).sum(-1)      # as create_chunked_causal_mask
+    return SpattnMask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                      q_offset=q_offset, kv_offset=int(kv_offset), kind=kind, keep=keep,
+                      seg=seg, unreadable=unreadable, position_ids=position_ids,
+                      left_padding=left_padding, padding=padded if keep is not None else None,
+                      device=device)
+
+
+def _prepared(mask: SpattnMask, mask_function) -> SpattnMask:
+    """A mask ``generate`` built ahead of the forward, checked against the forward's own kind."""
+    kind = _read_mask_function(mask_function)[0]
+    if kind != mask.kind:
+        raise SpattnError(
+            f"the mask prepared before this forward is {_kind_text(mask.kind)}, but the model "
+            f"asks for {_kind_text(kind)}: pass "
+            "the 2-D padding mask instead of a prepared mask")
+    return mask
+
+
+# ------------------------------------------------------------------- the attention side
+
+def _check_mask(mask, module) -> SpattnMask:
+    where = f"layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
+    if isinstance(mask, SpattnMask):
+        if mask.unreadable:
+            raise SpattnError(
+                f"{where}: transformers built this layer's mask from functions spattn cannot "
+                f"read: {'; '.join(mask.unreadable)}. spattn reads causal, sliding-window, "
+                "chunked, padding and packed-sequence masks; masks a model adds of its own "
+                "(bidirectional image tokens, or_mask_function / and_mask_function) need "
+                "another attn_implementation")
+        return mask
+    if mask is None:
+        raise SpattnError(
+            f"{where} received no attention mask: transformers did not call spattn's mask "
+            "function for this forward (a paged cache, or an attention module called on its "
+            "own). spattn needs it for the query and key positions; call the model itself")
+    if isinstance(mask, torch.Tensor):
+        raise SpattnInputError(
+            f"{where} received a prepared mask tensor of shape {tuple(mask.shape)}: spattn "
+            "cannot read a dense mask as a pattern. Pass the 2-D padding mask attention_mask "
+            "[B, L] (1: a token, 0: padding), and give other patterns with set_patterns()")
+    raise SpattnInputError(f"{where} received an attention mask of type "
+                           f"{type(mask).__name__}, not one built by spattn's mask function")
+
+
+def _packed_from_cu_seqlens(cu_q, cu_k, mask: SpattnMask, Lq: int, Lk: int):
+    """``seg``, ``pos [1, L]`` from the flash-attention style ``cu_seq_lens`` of one flat row."""
+    cu_k = cu_k.to(torch.int64).flatten()
+    ok = (mask.batch_size == 1 and Lq == Lk and mask.q_offset == mask.kv_offset
+          and cu_k.numel() >= 2 and int(cu_k[0]) == 0 and int(cu_k[-1]) == Lk
+          and bool((cu_k[1:] >= cu_k[:-1]).all())
+          and (cu_q is None or torch.equal(cu_q.to(torch.int64).flatten().cpu(), cu_k.cpu())))
+    if not ok:
+        raise SpattnInputError(
+            f"cu_seq_lens_k {cu_k.tolist()} does not describe this call (batch "
+            f"{mask.batch_size}, Lq={Lq}, Lk={Lk}, cache offset {mask.q_offset}): spattn takes "
+            "cu_seq_lens for one flattened row without a cache, starting at 0 and ending at "
+            "the length, with cu_seq_lens_q equal to cu_seq_lens_k")
+    j = torch.arange(Lk, device=cu_k.device)
+    seg = torch.searchsorted(cu_k[1:], j, right=True)
+    return seg[None], (j - cu_k[seg])[None]
+
+
+def _check_reach(pattern: Pattern, mask: SpattnMask, num_heads: int) -> None:
+    """Refuse a pattern that needs keys the layer's cache no longer holds.
+
+    A sliding-window cache keeps the last ``sliding_window - 1`` keys (``kv_offset > 0``:
+    the keys before position ``kv_offset`` are gone). A config's pattern never reaches them
+    (transformers sizes the cache for it); an override might (a sink, a wider window), and
+    would then run on the keys that are left. The dropped keys are evaluated as if present:
+    tile classes first (EMPTY is a proof), the exact mask where a tile may be non-empty.
+    """
+    dropped = mask.kv_offset
+    if dropped == 0:
+        return
+    B, Lq = mask.batch_size, mask.q_length
+    inputs = {}
+    if "pos" in pattern.inputs:
+        inputs["pos"] = mask._positions(0, dropped + mask.kv_length)
+    classes = pattern.tiles(Lq, dropped, Lq, dropped, num_heads=num_heads, batch=B,
+                            q_offset=mask.q_offset, **inputs)
+    if not bool(classes.any()):
+        return
+    reach = pattern.mask(Lq, dropped, num_heads=num_heads, batch=B, q_offset=mask.q_offset,
+                         **inputs)
+    if mask._padding is not None:
+        reach = reach & mask._padding[:, None, None, :dropped].to(reach.device)
+    if bool(reach.any()):
+        raise SpattnError(
+            f"the pattern {pattern.source} reaches keys this layer's cache has dropped: the "
+            f"cache keeps {mask.kv_length - Lq} keys before the new ones, those before position "
+            f"{dropped} are gone (a sliding-window cache holds sliding_window - 1 keys). Use a "
+            "pattern within the layer's window, or a config whose window covers the pattern")
+
+
+def _with_conjuncts(base: Pattern, keep: bool, seg: bool) -> Pattern:
+    if not (keep or seg):
+        return base
+    src = f"({base.source})" + (" & keep[k]" if keep else "") + (" & same(seg)" if seg else "")
+    return _pattern(src, base.backend)
+
+
+def plan_call(base: Pattern, mask: SpattnMask, Lq: int, Lk: int, *, cu_seq_lens_q=None,
+              cu_seq_lens_k=None) -> tuple[Pattern, dict, int]:
+    """What one attention call runs: ``(pattern, runtime inputs, q_offset)``.
+
+    ``base`` is the layer's pattern; padding adds ``keep[k]`` (``keep [B, Lk]``), packed
+    sequences add ``same(seg)`` (``seg [B, Lk]``; from the mask transformers built, else
+    from flash-attention style ``cu_seq_lens``), and ``pos [B, Lk]`` is supplied when the
+    pattern indexes it. ``q_offset`` places query row 0 on its own key slot,
+    ``q_offset - kv_offset`` in transformers' terms: with a static cache the keys run past
+    the queries, and with a sliding-window cache slot 0 is not position 0.
+    """
+    if (Lq, Lk) != (mask.q_length, mask.kv_length):
+        raise SpattnInputError(
+            f"queries ({Lq}) and keys ({Lk}) do not match the mask transformers sized for "
+            f"Lq={mask.q_length}, Lk={mask.kv_length} (the cache returned more or fewer keys "
+            "than it announced)")
+    seg, pos = mask.seg, None
+    if seg is None and cu_seq_lens_k is not None:
+        seg, pos = _packed_from_cu_seqlens(cu_seq_lens_q, cu_seq_lens_k, mask, Lq, Lk)
+    pat = _with_conjuncts(base, mask.keep is not None, seg is not None)
+    inputs = {}
+    if mask.keep is not None:
+        inputs["keep"] = mask.keep
+    if seg is not None:
+        inputs["seg"] = seg
+    if "pos" in pat.inputs:
+        inputs["pos"] = pos if pos is not None else mask.positions()
+    return pat, inputs, mask.q_offset - mask.kv_offset
+
+
+def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, softcap: float | None = None,
+                             **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention function for ``attn_implementation="spattn"``.
+
+    ``query [B, Hq, Lq, D]``, ``key`` and ``value [B, Hk, Lk, D]`` (``Hq % Hk == 0``:
+    grouped-query attention runs without repeating k and v), ``attention_mask`` the
+    :class:`SpattnMask` of the layer's type. Returns ``(attn_output [B, Lq, Hq, D], None)``
+    as transformers' attention functions do (no attention weights are formed).
+    """
+    if dropout:
+        raise SpattnError(
+            f"attention dropout {dropout} (layer {getattr(module, 'layer_idx', '?')}): spattn "
+            "has no dropout; call model.eval(), or set config.attention_dropout = 0.0 to train")
+    _score_expression(softcap)
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise SpattnError(f"layer {getattr(module, 'layer_idx', '?')} passes {name}= "
+                              f"({what}), which spattn does not support")
+    if kwargs.get("output_attentions"):
+        warnings.warn("attn_implementation='spattn' forms no attention weights, so "
+                      "output_attentions returns none; attn_implementation='eager' returns "
+                      "them", stacklevel=2)
+    mask = _check_mask(attention_mask, module)
+    layer = layer_pattern(module)
+    if layer.mask_kind is not None and layer.mask_kind != mask.kind:
+        raise SpattnError(
+            f"layer {layer.layer_idx} ({layer.layer_type}): transformers masks this layer as "
+            f"{_kind_text(mask.kind)}, but its pattern from the config "
+            f"({layer.detail or layer.layer_type}) is {layer.pattern.source}: the model does "
+            "not build its masks from the config as spattn expects. Give the layer its "
+            f"pattern with set_patterns(model, {{{layer.layer_idx}: ...}})")
+    try:
+        if layer.mask_kind is None:
+            _check_reach(layer.pattern, mask, query.shape[1])
+        pat, inputs, q_offset = plan_call(layer.pattern, mask, query.shape[2], key.shape[2],
+                                          cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
+                                          cu_seq_lens_k=kwargs.get("cu_seq_lens_k"))
+    except SpattnError as e:
+        raise type(e)(f"layer {layer.layer_idx}: {e}") from None
+    out = pat(query, key, value, scale=scaling, q_offset=q_offset, **inputs)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, spattn_attention_forward)
+AttentionMaskInterface.register(NAME, spattn_mask)

@@ -1,0 +1,485 @@
+"""spattn inside Hugging Face transformers: ``attn_implementation="spattn"``.
+
+Tiny randomly initialised models (``from_config``, fp32, CPU, no downloads) run once with
+transformers' eager attention and once with spattn, on batches with left padding; the
+logits must agree at every real token and greedy generation must produce the same tokens.
+The masks themselves are compared with transformers' own ``sdpa_mask`` element by element.
+The models run spattn's torch backend (the Triton kernels have their own tests); one test
+runs the generated kernels under the interpreter.
+"""
+import inspect
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+transformers = pytest.importorskip("transformers")
+
+import spattn  # noqa: E402
+from spattn.dsl.errors import SpattnInputError, SpattnParamError, SpattnSyntaxError  # noqa: E402
+from spattn.integrations import transformers as sphf  # noqa: E402
+from transformers import masking_utils as mu  # noqa: E402
+
+VOCAB = 100
+TOL = 1e-4            # max |spattn - eager| / max |eager| over the real tokens
+# transformers releases differ in how they describe the queries to a mask function (since
+# 5.x a length and an offset, before a cache_position tensor) and in whether packed
+# sequences get their own positions (remap_positions_for_packed_sequence); spattn reads both.
+QUERY_AS_LENGTH = "q_length" in inspect.signature(mu.sdpa_mask).parameters
+REMAPS_PACKED = hasattr(mu, "remap_positions_for_packed_sequence")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on tiny models a second one only waits (and much longer on busy
+    cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(config_class: str, **overrides):
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0)
+    kw.update(overrides)
+    return getattr(transformers, config_class)(**kw)
+
+
+CONFIGS = {
+    "llama": lambda: tiny("LlamaConfig"),
+    "mistral-w4": lambda: tiny("MistralConfig", sliding_window=4),
+    # sliding, full, sliding; softcapping of the scores off (#22), of the logits as configured
+    "gemma2-w4-alternating": lambda: tiny("Gemma2Config", num_hidden_layers=3, sliding_window=4,
+                                          query_pre_attn_scalar=16, attn_logit_softcapping=None),
+    "gemma3-w4-alternating": lambda: tiny(
+        "Gemma3TextConfig", num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # full, sliding
+    "qwen2-w4": lambda: tiny("Qwen2Config", use_sliding_window=True, sliding_window=4,
+                             max_window_layers=1),
+    # chunked, full
+    "llama4-chunk4": lambda: tiny("Llama4TextConfig", intermediate_size_mlp=128,
+                                  attention_chunk_size=4, no_rope_layer_interval=2,
+                                  num_local_experts=2, num_experts_per_tok=1, moe_layers=[]),
+}
+
+
+def model_of(config, seed=0):
+    """A model with eager attention; ``use_spattn`` switches it in place (same weights)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                          dtype=torch.float32)
+    return model.eval()
+
+
+def use_spattn(model, patterns=None):
+    model.set_attn_implementation(sphf.NAME)
+    sphf.set_patterns(model, patterns, backend="torch")
+    return model
+
+
+def use_eager(model):
+    model.set_attn_implementation("eager")
+    return model
+
+
+def left_padded(lengths, L, seed=1):
+    """``input_ids, attention_mask [B, L]``: ``L - lengths[b]`` padding tokens left of row b."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), L), generator=g)
+    am = torch.zeros(len(lengths), L, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        am[b, L - n:] = 1
+        ids[b, : L - n] = 0
+    return ids, am
+
+
+def rel_err(out, ref, sel):
+    return float((out - ref)[sel].abs().max() / ref[sel].abs().max())
+
+
+@torch.no_grad()
+def logits(model, ids, **kw):
+    return model(input_ids=ids, **kw).logits
+
+
+# ------------------------------------------------------------------- the masks themselves
+
+KINDS = {            # kind -> transformers' mask function for a window or chunk of n
+    "causal": lambda n: mu.causal_mask_function,
+    "sliding": lambda n: mu.sliding_window_causal_mask_function(n),
+    "full": lambda n: mu.bidirectional_mask_function,
+    "chunked": None,
+}
+if hasattr(mu, "sliding_window_bidirectional_mask_function"):
+    KINDS["local"] = lambda n: mu.sliding_window_bidirectional_mask_function(n)
+
+
+def queries(Lq, q_offset):
+    """transformers' way of naming the query positions to a mask function."""
+    if QUERY_AS_LENGTH:
+        return dict(q_length=Lq, q_offset=q_offset)
+    return dict(cache_position=torch.arange(q_offset, q_offset + Lq))
+
+
+def spattn_dense(base, mask, Lq, Lk):
+    pat, inputs, q_offset = sphf.plan_call(base, mask, Lq, Lk)
+    return pat.mask(Lq, Lk, batch=mask.batch_size, q_offset=q_offset, **inputs)[:, 0]
+
+
+@settings(max_examples=80)
+@given(kind=st.sampled_from(sorted(KINDS)), n=st.integers(1, 5), B=st.integers(1, 3),
+       Lq=st.integers(1, 6), extra=st.integers(0, 6), kv_offset=st.integers(0, 5),
+       shift=st.integers(0, 6), short=st.integers(0, 2), data=st.data())
+def test_masks_equal_transformers_sdpa_mask(kind, n, B, Lq, extra, kv_offset, shift, short, data):
+    """Every element of spattn's mask equals transformers' for the same call: window and chunk
+    bounds, left padding, keys past the padding mask, cache offsets (dynamic, sliding-window
+    and static caches: the query row 0 need not sit at ``Lk - Lq``)."""
+    Lk = Lq + extra
+    q_offset = kv_offset + data.draw(st.integers(0, extra), label="q_offset - kv_offset")
+    total = max(q_offset + Lq, kv_offset + Lk - short)     # the padding mask covers the queries
+    am = torch.ones(B, total, dtype=torch.bool)
+    for b in range(B):
+        pad = data.draw(st.integers(0, min(shift, total)), label=f"left padding of row {b}")
+        am[b, :pad] = False
+        if data.draw(st.booleans(), label=f"a hole in row {b}") and total > pad + 1:
+            am[b, data.draw(st.integers(pad, total - 1), label="hole")] = False
+    if kind == "chunked":
+        left = (am.long().cumsum(-1) == 0).sum(-1)
+        fn = mu.chunked_causal_mask_function(n, left)
+    else:
+        fn = KINDS[kind](n)
+    want = mu.sdpa_mask(batch_size=B, **queries(Lq, q_offset), kv_length=Lk,
+                        kv_offset=kv_offset, mask_function=fn, attention_mask=am,
+                        allow_is_causal_skip=False)[:, 0]
+    mask = sphf.spattn_mask(batch_size=B, **queries(Lq, q_offset), kv_length=Lk,
+                            kv_offset=kv_offset, mask_function=fn, attention_mask=am)
+    expect_kind = (kind,) if kind in ("causal", "full") else (kind, n)
+    assert mask.kind == expect_kind and not mask.unreadable
+    base = spattn.compile(sphf._kind_source(mask.kind), backend="torch")
+    assert torch.equal(spattn_dense(base, mask, Lq, Lk), want)
+
+
+@settings(max_examples=30)
+@given(kind=st.sampled_from(["causal", "sliding", "chunked"]), n=st.integers(1, 4),
+       lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4), B=st.integers(1, 2),
+       start=st.integers(0, 3))
+def test_packed_masks_equal_transformers(kind, n, lengths, B, start):
+    """Packed sequences (position ids restarting per sequence): transformers ands the
+    sequence ids and remaps the positions of its mask function to the position ids."""
+    L = sum(lengths)
+    position_ids = torch.cat([torch.arange(start, start + m) if i == 0 else torch.arange(m)
+                              for i, m in enumerate(lengths)])[None].expand(B, -1)
+    seq = mu.find_packed_sequence_indices(position_ids)
+    if kind == "chunked":
+        base_fn = mu.chunked_causal_mask_function(n, torch.zeros(B, dtype=torch.long))
+    elif kind == "sliding":
+        base_fn = mu.sliding_window_causal_mask_function(n)
+    else:
+        base_fn = mu.causal_mask_function
+    fn = base_fn
+    if seq is not None:
+        if REMAPS_PACKED:
+            fn = mu.remap_positions_for_packed_sequence(base_fn, position_ids)
+        fn = mu.and_masks(fn, mu.packed_sequence_mask_function(seq))
+    want = mu.sdpa_mask(batch_size=B, **queries(L, 0), kv_length=L, mask_function=fn,
+                        allow_is_causal_skip=False)[:, 0]
+    mask = sphf.spattn_mask(batch_size=B, **queries(L, 0), kv_length=L, mask_function=fn)
+    assert (mask.seg is not None) == (seq is not None)
+    base = spattn.compile(sphf._kind_source(mask.kind), backend="torch")
+    assert torch.equal(spattn_dense(base, mask, L, L), want)
+
+
+def test_unreadable_mask_functions_are_named():
+    custom = mu.or_masks(mu.causal_mask_function, lambda b, h, q, k: k < 2)
+    mask = sphf.spattn_mask(batch_size=1, **queries(4, 0), kv_length=4, mask_function=custom)
+    assert mask.kind is None and "or_masks(causal_mask_function" in mask.unreadable[0]
+
+
+# ------------------------------------------------------------------------- whole models
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_eager_with_left_padding(name):
+    model = model_of(CONFIGS[name]())
+    ids, am = left_padded([10, 7, 4], 10)
+    ref = logits(model, ids, attention_mask=am)
+    out = logits(use_spattn(model), ids, attention_mask=am)
+    assert rel_err(out, ref, am.bool()) <= TOL
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_generate_matches_eager(name):
+    """Greedy decoding with a KV cache: prompts longer than the window or chunk (4), so the
+    sliding-window caches drop keys and the cache offsets move."""
+    model = model_of(CONFIGS[name]())
+    ids, am = left_padded([9, 6, 3], 9)
+    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        out = use_spattn(model).generate(ids, **kw)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral-w4"])
+def test_generate_with_a_static_cache(name):
+    """A static cache hands every layer all its slots: the queries are not bottom-right."""
+    model = model_of(CONFIGS[name]())
+    ids, am = left_padded([7, 5], 7)
+    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        out = use_spattn(model).generate(ids, **kw)
+    assert torch.equal(out, ref)
+
+
+def packed_batch(lengths):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, VOCAB, (1, sum(lengths)), generator=g)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    return ids, position_ids, cu
+
+
+def one_by_one(model, ids, cu):
+    return torch.cat([logits(model, ids[:, a:b]) for a, b in zip(cu[:-1], cu[1:])], dim=1)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral-w4", "llama4-chunk4"])
+def test_packed_sequences(name):
+    """Position ids that restart (no cache, no padding mask): each sequence sees only itself,
+    as with eager and as when the sequences run one by one (chunks restart with each
+    sequence where transformers remaps packed positions)."""
+    model = model_of(CONFIGS[name]())
+    ids, position_ids, cu = packed_batch([4, 7, 5])
+    ref = logits(model, ids, position_ids=position_ids, use_cache=False)
+    alone = one_by_one(model, ids, cu)
+    out = logits(use_spattn(model), ids, position_ids=position_ids, use_cache=False)
+    every = torch.ones(out.shape[:2], dtype=torch.bool)
+    assert rel_err(out, ref, every) <= TOL
+    if REMAPS_PACKED or name != "llama4-chunk4":
+        assert rel_err(out, alone, every) <= TOL
+
+
+def loss_and_grads(model, ids, **kw):
+    model.zero_grad()
+    out = model(input_ids=ids, use_cache=False, **kw)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}
+
+
+def test_training_gradients_match_eager():
+    """Backward through spattn (packed sequences; left padding with a loss that reads only
+    the logits of real tokens): the loss and every parameter's gradient as with eager."""
+    model = model_of(CONFIGS["mistral-w4"]()).train()
+    ids, position_ids, _ = packed_batch([4, 7, 5])
+    padded, am = left_padded([8, 5], 8)
+    labels = padded.masked_fill(am == 0, -100)
+    labels[1, 8 - 5] = -100               # predicted by a padding position: not a real logit
+    batches = [dict(ids=ids, position_ids=position_ids, labels=ids),
+               dict(ids=padded, attention_mask=am, labels=labels)]
+    want = [loss_and_grads(model, **b) for b in batches]
+    use_spattn(model)
+    for b, (loss_ref, grads_ref) in zip(batches, want):
+        loss, grads = loss_and_grads(model, **b)
+        assert abs(float(loss - loss_ref)) <= TOL * abs(float(loss_ref))
+        assert grads.keys() == grads_ref.keys()
+        for name, g in grads_ref.items():
+            assert float((grads[name] - g).abs().max()) <= TOL * float(g.abs().max()), name
+
+
+def test_packed_sequences_from_cu_seq_lens():
+    """Flash-attention style ``cu_seq_lens_q/k`` mark the sequences when the mask does not."""
+    model = model_of(CONFIGS["mistral-w4"]())
+    ids, position_ids, cu = packed_batch([3, 8, 5])
+    alone = one_by_one(model, ids, cu)
+    use_spattn(model)
+    out = logits(model, ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                 max_length_q=8, max_length_k=8)
+    assert rel_err(out, alone, torch.ones(out.shape[:2], dtype=torch.bool)) <= TOL
+    bad = torch.tensor([0, 3, 9], dtype=torch.int32)           # ends before the 16 tokens
+    with pytest.raises(SpattnInputError, match="cu_seq_lens_k"):
+        logits(model, ids, position_ids=position_ids, cu_seq_lens_q=bad, cu_seq_lens_k=bad)
+
+
+def test_bidirectional_config():
+    """``config.is_causal = False``: transformers builds full masks with padding."""
+    model = model_of(tiny("LlamaConfig", is_causal=False))
+    ids, am = left_padded([8, 5], 8)
+    ref = logits(model, ids, attention_mask=am)
+    if torch.equal(ref, logits(model_of(tiny("LlamaConfig")), ids, attention_mask=am)):
+        pytest.skip(f"transformers {transformers.__version__} ignores config.is_causal")
+    out = logits(use_spattn(model), ids, attention_mask=am)
+    assert sphf.layer_patterns(model)[0].pattern.source == "true"
+    assert rel_err(out, ref, am.bool()) <= TOL
+
+
+@pytest.mark.interpreter
+def test_generated_kernels_in_a_model():
+    """The generated Triton kernels (backend ``auto``, the interpreter on CPU tensors)."""
+    model = model_of(CONFIGS["mistral-w4"]())
+    ids, am = left_padded([8, 5], 8)
+    ref = logits(model, ids, attention_mask=am)
+    model.set_attn_implementation(sphf.NAME)
+    sphf.set_patterns(model)
+    assert {lp.pattern.backend for lp in sphf.layer_patterns(model)} == {"auto"}
+    assert rel_err(logits(model, ids, attention_mask=am), ref, am.bool()) <= TOL
+
+
+# --------------------------------------------------------------- inspection and overrides
+
+def test_describe_prints_the_pattern_of_every_layer():
+    model = model_of(CONFIGS["gemma2-w4-alternating"]())
+    text = sphf.describe(use_spattn(model))
+    rows = [line.split() for line in text.splitlines()[2:5]]
+    assert [r[:3] for r in rows] == [["0", "sliding_attention", "config"],
+                                     ["1", "full_attention", "config"],
+                                     ["2", "sliding_attention", "config"]]
+    assert text.splitlines()[2].endswith("config (sliding_window=4)  0 <= q - k <= 3")
+    assert text.splitlines()[3].endswith("q >= k")
+    chunked = sphf.layer_patterns(model_of(CONFIGS["llama4-chunk4"]()))
+    assert [lp.pattern.source for lp in chunked] == ["pos[k] // 4 == pos[q] // 4 & q >= k",
+                                                     "q >= k"]
+    assert chunked[0].detail == "attention_chunk_size=4" and chunked[0].mask_kind == ("chunked", 4)
+
+
+def test_overrides_by_type_and_by_index():
+    """Mistral (window 4) with its sliding layers given window 2 equals eager Mistral with
+    window 2; Qwen2 with every layer sliding and layer 0 given ``causal`` equals eager Qwen2
+    whose layer 0 is a full-attention layer."""
+    ids, am = left_padded([9, 6], 9)
+    ref = logits(model_of(tiny("MistralConfig", sliding_window=2)), ids, attention_mask=am)
+    model = use_spattn(model_of(tiny("MistralConfig", sliding_window=4)))
+    before = logits(model, ids, attention_mask=am)
+    window2 = spattn.compile("causal & window(W)", W=2)
+    layers = sphf.set_patterns(model, {"sliding_attention": window2}, backend="torch")
+    assert [(lp.origin, lp.pattern.source) for lp in layers] == \
+        [("override", "0 <= q - k <= 1")] * 2
+    assert "override" in sphf.describe(model)
+    assert rel_err(before, ref, am.bool()) > 1e-2           # the override changes the output
+    assert rel_err(logits(model, ids, attention_mask=am), ref, am.bool()) <= TOL
+
+    mixed = tiny("Qwen2Config", use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    ref = logits(model_of(mixed), ids, attention_mask=am)
+    all_sliding = tiny("Qwen2Config", use_sliding_window=True, sliding_window=3,
+                       max_window_layers=0)
+    model = use_spattn(model_of(all_sliding),
+                       {0: "causal", "sliding_attention": "causal & window(3)"})
+    assert [lp.origin for lp in sphf.layer_patterns(model)] == ["override", "override"]
+    assert rel_err(logits(model, ids, attention_mask=am), ref, am.bool()) <= TOL
+    sphf.set_patterns(model)                                # back to the config's patterns
+    assert [lp.origin for lp in sphf.layer_patterns(model)] == ["config", "config"]
+
+
+def test_override_with_positions():
+    """An override may index ``pos``, the position of a key in its sequence (left padding
+    excluded): ``pos[k] < 2`` keeps each row's first two real tokens visible."""
+    model = use_spattn(model_of(CONFIGS["mistral-w4"]()),
+                       {"sliding_attention": "causal & (window(2) | pos[k] < 2)"})
+    ids, am = left_padded([9, 6], 9)
+    batch = logits(model, ids, attention_mask=am)
+    for b, n in enumerate([9, 6]):                  # each row alone, without padding
+        alone = logits(model, ids[b:b + 1, 9 - n:])
+        assert rel_err(batch[b:b + 1, 9 - n:], alone, torch.ones(1, n, dtype=torch.bool)) <= TOL
+
+
+@pytest.mark.parametrize("patterns, match", [
+    ({"sliding_attention": "causal & same(doc)"}, "runtime input 'doc'"),
+    ({"nonexistent_attention": "causal"}, "no layer of type 'nonexistent_attention'"),
+    ({7: "causal"}, "no attention layer 7"),
+    ({0: 3}, "must be a pattern source"),
+    ({"sliding_attention": "causal & pos[q, k] > 0"}, "indexes 'pos' with 2 indices"),
+], ids=["unknown-input", "unknown-type", "unknown-index", "not-a-pattern", "pos-2d"])
+def test_bad_overrides(patterns, match):
+    model = model_of(CONFIGS["mistral-w4"]())
+    with pytest.raises(SpattnParamError, match=match):
+        sphf.set_patterns(model, patterns)
+
+
+def test_override_source_errors_point_at_the_source():
+    with pytest.raises(SpattnSyntaxError, match="column"):
+        sphf.set_patterns(model_of(CONFIGS["llama"]()), {0: "causal & window(4"})
+
+
+# ------------------------------------------------------------------ what spattn refuses
+
+def test_softcapping_is_refused():
+    """Gemma 2's default config softcaps the scores: a clear error, at inspection and at the
+    forward, instead of a silently different model."""
+    model = model_of(tiny("Gemma2Config", sliding_window=4, query_pre_attn_scalar=16))
+    assert model.config.attn_logit_softcapping == 50.0
+    with pytest.raises(spattn.SpattnError, match=r"softcap.*#22"):
+        sphf.describe(model)
+    model.set_attn_implementation(sphf.NAME)
+    ids, am = left_padded([5, 3], 5)
+    with pytest.raises(spattn.SpattnError, match=r"score modifications.*#22"):
+        logits(model, ids, attention_mask=am)
+
+
+@pytest.mark.skip(reason="needs score modifications (#22)")
+def test_gemma2_softcapping_matches_eager():
+    """Gemma 2 as configured (attn_logit_softcapping=50): to be wired when #22 lands."""
+    model = model_of(tiny("Gemma2Config", num_hidden_layers=3, sliding_window=4,
+                          query_pre_attn_scalar=16, attn_logit_softcapping=50.0))
+    ids, am = left_padded([9, 6, 3], 9)
+    ref = logits(model, ids, attention_mask=am)
+    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        gen_ref = model.generate(ids, **kw)
+        use_spattn(model)
+        gen = model.generate(ids, **kw)
+    assert rel_err(logits(model, ids, attention_mask=am), ref, am.bool()) <= TOL
+    assert torch.equal(gen, gen_ref)
+
+
+def test_config_that_disagrees_with_the_mask():
+    """Mistral builds every mask from ``sliding_window``; a ``layer_types`` saying otherwise
+    would give spattn a pattern eager does not run: refused, naming the layer."""
+    model = model_of(tiny("MistralConfig", sliding_window=4,
+                          layer_types=["full_attention", "sliding_attention"]))
+    model.set_attn_implementation(sphf.NAME)
+    ids, am = left_padded([5, 3], 5)
+    with pytest.raises(spattn.SpattnError,
+                       match=r"layer 0 \(full_attention\).*sliding window of 4"):
+        logits(model, ids, attention_mask=am)
+
+
+def test_masks_a_model_adds_are_refused():
+    """Gemma 3 with bidirectional attention ors its own window function into the mask."""
+    model = model_of(tiny("Gemma3TextConfig", sliding_window=4, query_pre_attn_scalar=16,
+                          use_bidirectional_attention=True))
+    model.set_attn_implementation(sphf.NAME)
+    ids, am = left_padded([5, 3], 5)
+    with pytest.raises(spattn.SpattnError, match=r"cannot read: or_masks\(.*_bidirectional_window"):
+        logits(model, ids, attention_mask=am)
+
+
+def test_dropout_and_prepared_masks_are_refused():
+    model = model_of(tiny("LlamaConfig", attention_dropout=0.1))
+    model.set_attn_implementation(sphf.NAME)
+    ids, am = left_padded([5, 3], 5)
+    model.train()
+    with pytest.raises(spattn.SpattnError, match="dropout 0.1"):
+        logits(model, ids, attention_mask=am)
+    model.eval()
+    dense = torch.zeros(2, 1, 5, 5)
+    with pytest.raises(SpattnInputError, match=r"prepared mask tensor of shape \(2, 1, 5, 5\)"):
+        logits(model, ids, attention_mask=dense)
+
+
+def test_override_that_needs_dropped_keys_is_refused():
+    """A sliding-window cache keeps only the last keys: an override with a sink runs in the
+    prompt, where every key is present, and is refused once the cache has dropped the
+    sink; a narrower window than the cache's is fine throughout."""
+    model = model_of(CONFIGS["mistral-w4"]())
+    ids, am = left_padded([8, 6], 8)
+    kw = dict(attention_mask=am, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    use_spattn(model, {"sliding_attention": "causal & window(3)"})
+    with torch.no_grad():
+        model.generate(ids, **kw)
+        use_spattn(model, {"sliding_attention": "causal & (window(4) | pos[k] < 1)"})
+        logits(model, ids, attention_mask=am)                  # no cache: every key present
+        with pytest.raises(spattn.SpattnError, match="reaches keys this layer's cache has dropped"):
+            model.generate(ids, **kw)
