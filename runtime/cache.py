@@ -73,7 +73,12 @@ def configured_dir() -> pathlib.Path | None:
     default under."""
     setting = _strategy.getenv("SPATTN_CACHE_DIR")
     if setting:
-        return pathlib.Path(os.path.abspath(os.path.expanduser(setting)))
+        path = os.path.expanduser(setting)
+        try:
+            path = os.path.abspath(path)
+        except OSError:           # a relative setting and a working directory that is gone
+            pass
+        return pathlib.Path(path)
     home = os.path.expanduser("~")
     if home.startswith("~"):      # no $HOME and no password-database entry
         return None

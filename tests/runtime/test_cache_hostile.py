@@ -32,7 +32,7 @@ from spattn.dsl.errors import SpattnCacheError
 from spattn.runtime import cache, tune
 from spattn.runtime.reference import attention_reference
 
-pytestmark = pytest.mark.interpreter
+interpreter = pytest.mark.interpreter    # the tests that run the generated kernel
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SRC = "causal & window(9)"
@@ -94,6 +94,7 @@ def kernel_name(pattern=None):
 
 # ----------------------------------------------------------- unusable directories
 
+@interpreter
 @pytest.mark.parametrize("where", ["regular-file", "under-a-file"])
 def test_cache_dir_that_is_not_a_directory_falls_back(env, monkeypatch, where):
     blocker = env / "blocker"
@@ -109,6 +110,7 @@ def test_cache_dir_that_is_not_a_directory_falls_back(env, monkeypatch, where):
     assert oct(fallback(env).stat().st_mode & 0o777) == "0o700"
 
 
+@interpreter
 def test_home_not_writable_without_setting_falls_back(env, monkeypatch):
     blocker = env / "blocker"
     blocker.write_text("x")
@@ -119,6 +121,7 @@ def test_home_not_writable_without_setting_falls_back(env, monkeypatch):
     assert (fallback(env) / kernel_name()).is_file()
 
 
+@interpreter
 def test_nothing_writable_keeps_kernels_in_memory(env, monkeypatch):
     blocker = env / "blocker"
     blocker.write_text("x")
@@ -134,6 +137,7 @@ def test_nothing_writable_keeps_kernels_in_memory(env, monkeypatch):
         cache.cache_dir()
 
 
+@interpreter
 @pytest.mark.parametrize("unsafe", ["world-writable", "symlink"])
 def test_untrusted_fallback_directory_is_not_used(env, monkeypatch, unsafe):
     """The fallback's modules are executed: one others may write (or a link) is refused."""
@@ -160,70 +164,68 @@ import json, os, sys, warnings
 import torch
 import spattn
 from spattn.runtime import cache
-warnings.simplefilter("always")
-p = spattn.compile("causal & window(9)", backend="triton")
+from spattn.runtime.reference import attention_reference
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
-with warnings.catch_warnings(record=True) as rec:
-    warnings.simplefilter("always")
-    o = p(q, k, v)
-m = p.mask(40, 40, num_heads=2)
-from spattn.runtime.reference import attention_reference
-ref, _ = attention_reference(q.double(), k.double(), v.double(), m)
-print(json.dumps({"err": float((o.double() - ref).abs().max()),
-                  "warnings": [str(w.message) for w in rec],
-                  "file": cache._paths and sorted(cache._paths.values())[0]}))
+out = {}
+for d in sys.argv[1:]:
+    os.environ["SPATTN_CACHE_DIR"] = d
+    cache.clear_memory()
+    p = spattn.compile("causal & window(9)", backend="triton")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        o = p(q, k, v)
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), p.mask(40, 40, num_heads=2))
+    out[d] = {"err": float((o.double() - ref).abs().max()),
+              "warnings": [str(w.message) for w in rec if "spattn" in str(w.message)],
+              "file": sorted(cache._paths.values())[0]}
+print(json.dumps(out))
 """
 
 
 def _read_only_runner():
-    """How to run a check in a directory this process cannot write, or None."""
+    """The command prefix that runs a child unable to write a directory of mode 0555 (empty
+    when not root), or None when there is none."""
     if os.geteuid() != 0:
         return []
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         return None
-    probe = subprocess.run([setpriv, "--bounding-set", "-dac_override,-dac_read_search",
-                            "true"], capture_output=True)
-    return None if probe.returncode else [setpriv, "--bounding-set",
-                                          "-dac_override,-dac_read_search"]
+    prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
+    return None if subprocess.run(prefix + ["true"], capture_output=True).returncode else prefix
 
 
-def _run_read_only_child(prefix, cache_dir, systmp):
-    env = {**os.environ, "SPATTN_CACHE_DIR": str(cache_dir), "TMPDIR": str(systmp),
-           "TRITON_INTERPRET": "1"}
-    r = subprocess.run(prefix + [sys.executable, "-c", READ_ONLY_CHILD], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize("prebuilt", [False, True], ids=["empty", "prebuilt"])
-def test_read_only_cache_dir(env, monkeypatch, prebuilt):
-    """An empty read-only directory falls back; a read-only one holding the kernel is used."""
+@interpreter
+def test_read_only_cache_dir(env, monkeypatch):
+    """An empty read-only directory falls back; a read-only one holding the kernel is used
+    as it is (a prebuilt cache), without a warning."""
     prefix = _read_only_runner()
     if prefix is None:
         pytest.skip("running as root without setpriv: permission bits do not stop writes")
-    ro = env / "ro"
-    ro.mkdir()
-    if prebuilt:
-        monkeypatch.setenv("SPATTN_CACHE_DIR", str(ro))
-        run_checked()
-    before = sorted(p.name for p in ro.iterdir())
-    ro.chmod(0o555)
+    empty, prebuilt = env / "ro-empty", env / "ro-prebuilt"
+    empty.mkdir()
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(prebuilt))
+    run_checked()
+    before = {d: sorted(p.name for p in d.iterdir()) for d in (empty, prebuilt)}
+    for d in before:
+        d.chmod(0o555)
     try:
-        out = _run_read_only_child(prefix, ro, env / "systmp")
+        child_env = {**os.environ, "TMPDIR": str(env / "systmp"), "TRITON_INTERPRET": "1"}
+        r = subprocess.run(prefix + [sys.executable, "-c", READ_ONLY_CHILD, str(empty),
+                                     str(prebuilt)], env=child_env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
     finally:
-        ro.chmod(0o755)
-    assert out["err"] < 1e-4
-    assert sorted(p.name for p in ro.iterdir()) == before
-    spattn_warnings = [w for w in out["warnings"] if "spattn" in w]
-    if prebuilt:
-        assert spattn_warnings == [] and out["file"].startswith(str(ro))
-    else:
-        assert any("cannot write to the kernel cache" in w and "Permission denied" in w
-                   for w in spattn_warnings), spattn_warnings
-        assert out["file"].startswith(str(fallback(env)))
+        for d in before:
+            d.chmod(0o755)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {d: sorted(p.name for p in d.iterdir()) for d in before} == before
+    assert out[str(empty)]["err"] < 1e-4 and out[str(prebuilt)]["err"] < 1e-4
+    assert out[str(prebuilt)]["warnings"] == []
+    assert out[str(prebuilt)]["file"].startswith(str(prebuilt))
+    assert any("cannot write to the kernel cache" in w and "Permission denied" in w
+               for w in out[str(empty)]["warnings"]), out[str(empty)]["warnings"]
+    assert out[str(empty)]["file"].startswith(str(fallback(env)))
 
 
 # ------------------------------------------------------------ damaged entries
@@ -243,9 +245,17 @@ def _flip(text):
     return text[:i] + "tl.minimum" + text[i + len("tl.maximum"):]
 
 
+def _flip_bit(data: bytes, at: int) -> bytes:
+    b = bytearray(data)
+    b[at] ^= 0x01
+    return bytes(b)
+
+
 DAMAGE = {
     "truncated": lambda p, good: p.write_text(good[: len(good) // 3]),
-    "flipped-byte": lambda p, good: p.write_text(_flip(good)),
+    "edited": lambda p, good: p.write_text(_flip(good)),
+    "flipped-bit": lambda p, good: p.write_bytes(_flip_bit(good.encode(), len(good) // 2)),
+    "flipped-header-bit": lambda p, good: p.write_bytes(_flip_bit(good.encode(), 20)),
     "foreign-header": lambda p, good: p.write_text(good.replace("key=", "key=f00", 1)),
     "no-header": lambda p, good: p.write_text(good.split("\n", 1)[1]),
     "empty": lambda p, good: p.write_text(""),
@@ -259,6 +269,7 @@ def _alarm(signum, frame):
     raise TimeoutError("blocked reading the kernel cache")
 
 
+@interpreter
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_entry_is_regenerated(env, monkeypatch, damage):
     path, good = _populate(env, monkeypatch)
@@ -277,6 +288,7 @@ def test_damaged_entry_is_regenerated(env, monkeypatch, damage):
         run_checked()
 
 
+@interpreter
 def test_directory_in_the_way_is_routed_around(env, monkeypatch):
     """A non-empty directory at the kernel's path is left alone; the kernel is written to the
     fallback, and later processes (here: fresh memory) find it there."""
@@ -308,6 +320,7 @@ def _pyc_header(path: pathlib.Path) -> bytes:
             + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little"))
 
 
+@interpreter
 @pytest.mark.parametrize("body", ["bad-marshal", "truncated"])
 def test_corrupt_bytecode_is_never_read(env, monkeypatch, body):
     """Modules are compiled from the verified text: a corrupt ``__pycache__`` entry that
