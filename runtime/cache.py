@@ -470,15 +470,13 @@ def resolve(pattern, kind: str = "fwd", **options):
         cf = _strategy.get_closed_form(pattern)
     config = _strategy.pick(pattern, kind, closed_form=cf, **options)
     if config.strategy == "ranges":
-        if cf is None or not _strategy.ranges_ok(cf):
-            why = ("has no closed form (its key ranges are not affine in the positions)"
-                   if cf is None else f"has a closed form of more than "
-                   f"{_strategy.MAX_INTERVALS} intervals")
+        if cf is None:
             where = ("strategy='ranges'" if options.get("strategy")
                      else "SPATTN_STRATEGY=ranges")
-            raise SpattnConfigError(f"pattern {pattern.source!r} {why}, so the ranges strategy "
-                                    f"({where}) cannot run it: use strategy 'table' (or leave "
-                                    "the strategy unset and the analysis picks)")
+            raise SpattnConfigError(f"pattern {pattern.source!r} has no closed form (its key "
+                                    "ranges are not affine in the positions), so the ranges "
+                                    f"strategy ({where}) cannot run it: use strategy 'table' "
+                                    "(or leave the strategy unset and the analysis picks)")
     else:
         cf = None
     parts = [pattern.source, repr(sorted(pattern.inputs.items())), kind, CODEGEN_VERSION,
