@@ -77,13 +77,13 @@ def validate(q, k, v) -> None:
         if not isinstance(t, torch.Tensor):
             raise SpattnInputError(f"{name} must be a torch.Tensor [B, H, L, D], "
                                    f"got {type(t).__name__}")
-        if t.layout != torch.strided or t.is_nested:
+        if t.layout is not torch.strided or t.is_nested:
             raise SpattnInputError(f"{name} must be a dense (strided) tensor, got "
                                    f"{_layout(t)} (convert it with .to_dense())")
         if t.dim() != 4:
             raise SpattnInputError(f"{name} must be a 4-D tensor [B, H, L, D], got shape "
                                    f"{_shape(t)} ({t.dim()}-D)")
-        if t.device.type == "meta":
+        if t.is_meta:
             raise SpattnInputError(f"{name} (shape {_shape(t)}) is a meta tensor, which has no "
                                    "data: spattn computes attention on real tensors (move q, k "
                                    "and v to 'cpu' or 'cuda')")
@@ -171,10 +171,10 @@ def check_runtime_tensors(inputs: dict) -> None:
     for name, t in inputs.items():
         if not isinstance(t, torch.Tensor):
             continue
-        if t.layout != torch.strided or t.is_nested:
+        if t.layout is not torch.strided or t.is_nested:
             raise SpattnInputError(f"runtime input {name!r} must be a dense (strided) tensor, "
                                    f"got {_layout(t)} (convert it with .to_dense())")
-        if t.device.type == "meta":
+        if t.is_meta:
             raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) is a meta "
                                    "tensor, which has no data: pass it on 'cpu' or 'cuda'")
         if t.dtype in _UNSIGNED:
