@@ -18,7 +18,9 @@ argument and its shape, or a :class:`SpattnValueError` for scalars):
 * ``Lq >= 1`` and ``Lk >= 1``, ``B >= 1``, ``H >= 1``.
 * strided (dense) tensors with data: a meta tensor (``device="meta"``), a sparse, nested
   or otherwise non-strided layout is refused.
-* ``scale``: a positive finite number (default ``1 / sqrt(D)``).
+* ``scale``: a positive finite number of at most ``1e38`` (default ``1 / sqrt(D)``; the
+  kernels scale scores in float32, so ``scale * q·k`` must also stay below float32's
+  largest value, ~3.4e38, or the row is NaN).
 * ``q_offset``: an int with ``|q_offset| <= 2**62`` (default ``Lk - Lq``,
   bottom-right alignment): positions ``q_offset + i`` and their differences with key
   positions stay within signed 64 bits.
@@ -46,6 +48,7 @@ the CPU under ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 
 import torch
@@ -125,17 +128,26 @@ def validate(q, k, v) -> None:
                                    f"(shape {_shape(q)}) has {q.dtype}; all three must match")
 
 
+#: Largest scale: the kernels multiply scores by ``scale * log2(e)`` in float32.
+MAX_SCALE = 1e38
+
+
 def _check_scale(scale, D) -> float:
     if scale is None:
         return 1.0 / math.sqrt(D)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not torch.compiler.is_compiling():
         scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
         raise SpattnValueError(f"scale must be a positive finite number, got "
-                               f"{type(scale).__name__} {scale!r}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise SpattnValueError(f"scale must be a positive finite number, got {scale!r}")
-    return float(scale)
+                               f"{type(scale).__name__} {short_repr(scale)}")
+    try:
+        value = float(scale)
+    except OverflowError:       # an int beyond float's range
+        value = math.inf
+    if not (math.isfinite(value) and 0 < value <= MAX_SCALE):
+        raise SpattnValueError(f"scale must be a positive finite number of at most 1e38 (the "
+                               f"kernels scale scores in float32), got {short_repr(scale)}")
+    return value
 
 
 def check_q_offset(q_offset, Lq, Lk):

@@ -62,6 +62,26 @@ def test_q_offset_at_the_limit_is_exact(backend, q_offset):
     assert m.any()
 
 
+# ------------------------------------------------------------------------ scale
+
+@pytest.mark.parametrize("scale", [1e39, 10 ** 5000, torch.tensor([1.0, 2.0]), 1 + 1j],
+                         ids=["1e39", "5000-digits", "tensor-of-two", "complex"])
+def test_scale_out_of_range_is_a_value_error(scale):
+    with pytest.raises(SpattnValueError, match="scale must be a positive finite number"):
+        spattn.compile("causal", backend="torch")(*qkv(), scale=scale)
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.25), np.int64(1), torch.tensor(0.25), 1e-30],
+                         ids=["numpy-float32", "numpy-int64", "tensor", "tiny"])
+def test_scale_of_any_real_type(scale):
+    pat = spattn.compile("causal & window(9)", backend="torch")
+    q, k, v = qkv()
+    o = pat(q, k, v, scale=scale)
+    ref, _ = attention_reference(q.double(), k.double(), v.double(),
+                                 pat.mask(40, 40, num_heads=2), scale=float(scale))
+    torch.testing.assert_close(o.double(), ref, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------- pattern files
 
 def test_file_that_is_not_utf8_is_a_located_syntax_error(tmp_path):
