@@ -38,6 +38,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from ..dsl.errors import SpattnConfigError
+
 STRATEGIES = ("ranges", "table")
 
 #: Most intervals a closed form may have for the ranges template: interval ``c`` is
@@ -165,8 +167,24 @@ def default_bwd_tiles(head_dim: int, dtype: str, *, interpret: bool = False):
 
 
 def _env_int(name: str):
+    """The integer value of ``$name`` (None when unset or empty), checked: a positive int;
+    ``*_WARPS`` a power of two up to 32 (Triton's rule), ``*_STAGES`` 1..8."""
     v = getenv(name)
-    return int(v) if v else None
+    if not v:
+        return None
+    try:
+        n = int(v.strip())
+    except ValueError:
+        n = None
+    if name.endswith("_WARPS"):
+        ok, want = n is not None and 1 <= n <= 32 and not n & (n - 1), "1, 2, 4, 8, 16 or 32"
+    elif name.endswith("_STAGES"):
+        ok, want = n is not None and 1 <= n <= 8, "an integer in 1..8"
+    else:
+        ok, want = n is not None and n >= 1, "a positive integer"
+    if not ok:
+        raise SpattnConfigError(f"{name}={v!r}: expected {want} (or unset it for the default)")
+    return n
 
 
 #: Environment overrides read by :func:`pick`, per kernel kind (launchers fold their
@@ -186,17 +204,29 @@ def env_overrides(kind: str = "fwd") -> tuple:
 
 
 def choice(value, name: str, env: str, allowed: tuple) -> str:
-    """A named option from its argument, else ``$env``, else ``allowed[0]``; checked."""
-    v = (value or getenv(env) or allowed[0]).strip().lower()
+    """A named option from its argument, else ``$env``, else ``allowed[0]``; checked
+    (a :class:`SpattnConfigError` names the argument or the variable the value came from)."""
+    given = value or getenv(env)
+    v = str(given or allowed[0]).strip().lower()
     if v not in allowed:
-        raise ValueError(f"{name} / {env}={v!r}: expected one of {allowed}")
+        where = f"{name}={given!r}" if value else f"{env}={given!r}"
+        raise SpattnConfigError(f"{where}: expected one of {', '.join(map(repr, allowed))} "
+                                f"(the option {name}= or the environment variable {env})")
     return v
+
+
+#: The environment variable behind each tile option (for messages).
+_BLOCK_ENV = {"block_m": "SPATTN_BLOCK_M", "block_n": "SPATTN_BLOCK_N",
+              "block_m1": "SPATTN_BWD_BLOCK_M1", "block_n1": "SPATTN_BWD_BLOCK_N1",
+              "block_m2": "SPATTN_BWD_BLOCK_M2", "block_n2": "SPATTN_BWD_BLOCK_N2"}
 
 
 def _pow2_check(**blocks):
     for name, v in blocks.items():
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise SpattnConfigError(
+                f"{name} must be a power of two >= 16 (16, 32, 64, 128, ...), got {v!r} "
+                f"(set by the option {name}= or the environment variable {_BLOCK_ENV[name]})")
 
 
 def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strategy=None,
@@ -214,7 +244,9 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     if strategy is None:
         strategy = analysis_strategy(pattern, closed_form)
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}: expected one of {STRATEGIES}")
+        raise SpattnConfigError(f"unknown strategy {strategy!r} (the option strategy= or the "
+                                "environment variable SPATTN_STRATEGY): expected one of "
+                                f"{', '.join(map(repr, STRATEGIES))}")
     if kind == "bwd":
         m1, n1, m2, n2, nw, ns = default_bwd_tiles(head_dim, dt, interpret=interpret)
         m1 = block_m1 or block_m or _env_int("SPATTN_BWD_BLOCK_M1") or m1

@@ -6,6 +6,9 @@ the source line and a caret, so the message alone is enough to find the fault.
 """
 from __future__ import annotations
 
+#: Widest source line shown under a message; longer lines are cut to a window around the caret.
+_LINE_WIDTH = 120
+
 
 class SpattnError(Exception):
     """Base class of every error spattn reports to a user."""
@@ -41,7 +44,14 @@ class SpattnError(Exception):
         if not 1 <= self.line <= len(lines):
             return head
         text = lines[self.line - 1].expandtabs(1)
-        caret = " " * (max(self.column, 1) - 1) + "^"
+        col = max(self.column, 1) - 1
+        if len(text) > _LINE_WIDTH:   # a window of a long line around the caret
+            start = min(max(0, col - _LINE_WIDTH // 2), len(text) - _LINE_WIDTH)
+            end = start + _LINE_WIDTH
+            head_dots = "..." if start > 0 else ""
+            text = head_dots + text[start:end] + ("..." if end < len(text) else "")
+            col = col - start + len(head_dots)
+        caret = " " * col + "^"
         return f"{head}\n    {text}\n    {caret}"
 
 
@@ -71,3 +81,35 @@ class SpattnInputError(SpattnError):
 
 class SpattnBackendError(SpattnError):
     """The requested backend cannot run here (no CUDA, no TRITON_INTERPRET)."""
+
+
+class SpattnConfigError(SpattnError, ValueError):
+    """A launch setting outside its allowed values: a ``SPATTN_*`` environment variable or
+    the option it overrides (``strategy=``, ``block_m=``, ``loop=``, ...).
+
+    The message names the variable or option and the values it accepts. Also a
+    :class:`ValueError` (a value outside its allowed set), so ``except ValueError`` catches it.
+    """
+
+
+class SpattnCacheError(SpattnError):
+    """The kernel cache cannot hold a file where one is needed (no usable directory)."""
+
+
+#: Largest magnitude of an integer a user gives spattn: literals, params, ``q_offset``.
+#: Positions, offsets and their differences are signed 64-bit integers in the kernels and in
+#: the reference; 2**62 leaves room for ``q - k`` and for a position plus a length.
+MAX_INT = 2 ** 62
+
+
+def short_repr(value) -> str:
+    """``repr(value)`` for a message, abbreviated when it is very long (an int of thousands
+    of digits cannot even be printed in full: Python limits int-to-str conversion)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        digits = int(value.bit_length() * 0.30103) + 1
+        return f"{'-' if value < 0 else ''}<an integer of about {digits} digits>"
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a hostile __repr__ must not hide the real error
+        return f"<{type(value).__name__} object>"
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -20,7 +20,7 @@ from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, Unex
     UnexpectedToken
 
 from . import ast as A
-from .errors import SpattnError, SpattnSyntaxError
+from .errors import MAX_INT, SpattnSyntaxError, SpattnValueError
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 
@@ -62,6 +62,8 @@ def parse_program(src: str, filename: Optional[str] = None) -> A.Program:
         stmts = tuple(_stmt(t) for t in tree.children)
     except RecursionError:
         raise _too_deep(src, filename) from None
+    except _LiteralError as e:
+        raise e.located(src, filename) from None
     return A.Program(stmts, source=src, filename=filename)
 
 
@@ -75,6 +77,8 @@ def parse_expression(src: str, filename: Optional[str] = None) -> A.Expr:
         return _expr(tree.children[0])
     except RecursionError:
         raise _too_deep(src, filename) from None
+    except _LiteralError as e:
+        raise e.located(src, filename) from None
 
 
 def is_program(src: str) -> bool:
@@ -219,8 +223,29 @@ def _pos(node) -> dict:
     return {"line": getattr(meta, "line", 0), "column": getattr(meta, "column", 0)}
 
 
+class _LiteralError(Exception):
+    """An integer literal out of range, raised while the tree is converted (where the
+    source text is not at hand) and reported located by the ``parse_*`` functions."""
+
+    def __init__(self, tok: Token, digits: str):
+        super().__init__(digits)
+        self.tok, self.digits = tok, digits
+
+    def located(self, src: str, filename) -> SpattnValueError:
+        d = self.digits
+        shown = d if len(d) <= 24 else f"{d[:10]}...{d[-10:]} ({len(d)} digits)"
+        return SpattnValueError(
+            f"integer literal {shown} is too large: integers must be at most 2**62 = {MAX_INT} "
+            "in magnitude (positions and their differences are 64-bit integers)",
+            source=src, line=self.tok.line, column=self.tok.column, filename=filename)
+
+
 def _int(tok: Token) -> int:
-    return int(str(tok).replace("_", ""))
+    digits = str(tok).replace("_", "").lstrip("0") or "0"
+    # checked by length first: Python refuses to convert strings of over 4300 digits
+    if len(digits) > len(str(MAX_INT)) or int(digits) > MAX_INT:
+        raise _LiteralError(tok, digits)
+    return int(digits)
 
 
 def _signed(tree: Tree) -> int:

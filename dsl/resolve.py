@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import ast as A
-from .errors import SpattnError, SpattnNameError, SpattnParamError, SpattnTypeError, \
-    SpattnValueError
+from .errors import MAX_INT, SpattnError, SpattnNameError, SpattnParamError, SpattnTypeError, \
+    SpattnValueError, short_repr
 from .prelude import BUILTINS, prelude
 
 #: Built-in variables (the same as ``spattn.ir.nodes.VARIABLES``).
@@ -72,10 +72,15 @@ def bind_value(name: str, value) -> ParamValue:
         if isinstance(v, bool) or (hasattr(v, "dtype") and "bool" in str(getattr(v, "dtype"))):
             raise SpattnParamError(f"param {name!r} must be an int or a list of ints, got a bool")
         try:
-            return operator.index(v)
+            i = operator.index(v)
         except TypeError:
             raise SpattnParamError(f"param {name!r} must be an int or a list of ints, "
-                                   f"got {type(v).__name__} {v!r}") from None
+                                   f"got {type(v).__name__} {short_repr(v)}") from None
+        if abs(i) > MAX_INT:
+            raise SpattnParamError(f"param {name!r} is {short_repr(i)}: integers must be at "
+                                   f"most 2**62 = {MAX_INT} in magnitude (positions and their "
+                                   "differences are 64-bit integers)")
+        return i
     if isinstance(value, (list, tuple)):
         vals = tuple(one(v) for v in value)
         if not vals:

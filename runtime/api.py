@@ -16,11 +16,28 @@ argument and its shape, or a :class:`SpattnValueError` for scalars):
   must equal q's: the kernels assume one D).
 * the same device and the same dtype, one of float16, bfloat16, float32.
 * ``Lq >= 1`` and ``Lk >= 1``, ``B >= 1``, ``H >= 1``.
-* ``scale``: a positive finite number (default ``1 / sqrt(D)``).
-* ``q_offset``: an int (default ``Lk - Lq``, bottom-right alignment).
+* strided (dense) tensors with data: a meta tensor (``device="meta"``), a sparse, nested
+  or otherwise non-strided layout is refused.
+* ``scale``: a positive finite number of at most ``1e38`` (default ``1 / sqrt(D)``; the
+  kernels scale scores in float32, so ``scale * q·k`` must also stay below float32's
+  largest value, ~3.4e38, or the row is NaN).
+* ``q_offset``: an int with ``|q_offset| <= 2**62`` (default ``Lk - Lq``,
+  bottom-right alignment): positions ``q_offset + i`` and their differences with key
+  positions stay within signed 64 bits.
 * runtime inputs: exactly the pattern's inputs, integer or bool tensors with
   the declared index dims (optionally leading ``[B]`` or ``[B, H]``), long
-  enough for every index the pattern uses at these lengths.
+  enough for every index the pattern uses at these lengths; strided, not on the meta
+  device, and not of the unsigned dtypes uint16, uint32, uint64 (torch supports few
+  operations on them: convert with ``.to(torch.int64)``).
+
+Values are not inspected: a NaN or an infinity in q, k or v propagates.  A non-finite
+query row gives a non-finite output row (that row only); a non-finite key or value
+reaches every row that reads its tile, including rows for which the pattern masks
+that key but not the whole tile (``0 * inf`` is NaN), and no row whose tiles skip it.
+
+The ``SPATTN_*`` environment overrides are checked where they are read
+(``codegen/strategy.py``); a value outside its allowed set is a
+:class:`SpattnConfigError` that names the variable and the values it takes.
 
 Backend choice (``Pattern.backend``): ``"torch"`` always runs the block-sparse
 torch backend; ``"triton"`` runs the generated kernels on CUDA tensors, or on
@@ -31,12 +48,14 @@ the CPU under ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 
 import torch
 
-from ..codegen.strategy import getenv
-from ..dsl.errors import SpattnBackendError, SpattnInputError, SpattnParamError, SpattnValueError
+from ..codegen.strategy import FLAG_OFF, FLAG_ON, getenv
+from ..dsl.errors import (MAX_INT, SpattnBackendError, SpattnConfigError, SpattnError,
+                          SpattnInputError, SpattnParamError, SpattnValueError, short_repr)
 from ..ir.evaluate import query_offset as _query_offset, validate_inputs
 from . import autograd as _ag
 
@@ -51,15 +70,26 @@ def _shape(t) -> str:
     return str(tuple(t.shape))
 
 
+def _layout(t) -> str:
+    return "a nested tensor" if t.is_nested else f"layout {t.layout}"
+
+
 def validate(q, k, v) -> None:
     """Check q, k, v (rank, batch, heads, head dim, device, dtype); raise SpattnInputError."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise SpattnInputError(f"{name} must be a torch.Tensor [B, H, L, D], "
                                    f"got {type(t).__name__}")
+        if t.layout is not torch.strided or t.is_nested:
+            raise SpattnInputError(f"{name} must be a dense (strided) tensor, got "
+                                   f"{_layout(t)} (convert it with .to_dense())")
         if t.dim() != 4:
             raise SpattnInputError(f"{name} must be a 4-D tensor [B, H, L, D], got shape "
                                    f"{_shape(t)} ({t.dim()}-D)")
+        if t.is_meta:
+            raise SpattnInputError(f"{name} (shape {_shape(t)}) is a meta tensor, which has no "
+                                   "data: spattn computes attention on real tensors (move q, k "
+                                   "and v to 'cpu' or 'cuda')")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape[0] < 1 or t.shape[1] < 1 or t.shape[2] < 1:
             raise SpattnInputError(f"{name} has shape {_shape(t)}: B, H and L must be >= 1")
@@ -98,29 +128,99 @@ def validate(q, k, v) -> None:
                                    f"(shape {_shape(q)}) has {q.dtype}; all three must match")
 
 
+#: Largest scale: the kernels multiply scores by ``scale * log2(e)`` in float32.
+MAX_SCALE = 1e38
+
+
 def _check_scale(scale, D) -> float:
     if scale is None:
         return 1.0 / math.sqrt(D)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not torch.compiler.is_compiling():
         scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
         raise SpattnValueError(f"scale must be a positive finite number, got "
-                               f"{type(scale).__name__} {scale!r}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise SpattnValueError(f"scale must be a positive finite number, got {scale!r}")
-    return float(scale)
+                               f"{type(scale).__name__} {short_repr(scale)}")
+    try:
+        value = float(scale)
+    except OverflowError:       # an int beyond float's range
+        value = math.inf
+    if not (math.isfinite(value) and 0 < value <= MAX_SCALE):
+        raise SpattnValueError(f"scale must be a positive finite number of at most 1e38 (the "
+                               f"kernels scale scores in float32), got {short_repr(scale)}")
+    return value
 
 
-def _check_q_offset(q_offset, Lq, Lk):
+def check_q_offset(q_offset, Lq, Lk):
+    """``q_offset`` as an int (``Lk - Lq`` when None); SpattnValueError unless it is an integer
+    with ``|q_offset| <= 2**62`` (a SymInt while tracing is passed through)."""
     if q_offset is None:
         return _query_offset(Lq, Lk, None)
-    if isinstance(q_offset, bool) or not isinstance(q_offset, (int, torch.SymInt)):
+    if isinstance(q_offset, torch.SymInt):
+        return q_offset
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int):
         if (hasattr(q_offset, "__index__") and not isinstance(q_offset, (bool, torch.Tensor))
                 and type(q_offset).__name__ != "bool_"):
-            return int(q_offset)   # numpy integers
-        raise SpattnValueError(f"q_offset must be an int (the position of query row 0), got "
-                               f"{type(q_offset).__name__} {q_offset!r}")
+            q_offset = int(q_offset.__index__())   # numpy integers
+        else:
+            raise SpattnValueError(f"q_offset must be an int (the position of query row 0), "
+                                   f"got {type(q_offset).__name__} {short_repr(q_offset)}")
+    if abs(q_offset) > MAX_INT:
+        raise SpattnValueError(f"q_offset is {short_repr(q_offset)}: it must be an integer with "
+                               f"|q_offset| <= 2**62 = {MAX_INT} (positions are 64-bit "
+                               "integers)")
     return q_offset
+
+
+#: Unsigned dtypes torch has few operations for (uint8 is fully supported).
+_UNSIGNED = tuple(d for d in (getattr(torch, n, None) for n in ("uint16", "uint32", "uint64"))
+                  if d is not None)
+
+
+def check_runtime_tensors(inputs: dict) -> None:
+    """What :func:`~spattn.ir.evaluate.validate_inputs` cannot say clearly about runtime
+    input tensors: sparse or nested layouts, meta tensors (no data) and unsigned 16/32/64-bit
+    dtypes."""
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.layout is not torch.strided or t.is_nested:
+            raise SpattnInputError(f"runtime input {name!r} must be a dense (strided) tensor, "
+                                   f"got {_layout(t)} (convert it with .to_dense())")
+        if t.is_meta:
+            raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) is a meta "
+                                   "tensor, which has no data: pass it on 'cpu' or 'cuda'")
+        if t.dtype in _UNSIGNED:
+            raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) has dtype "
+                                   f"{t.dtype}, an unsigned type torch has few operations for: "
+                                   f"convert it with {name}.to(torch.int64) (or int32)")
+
+
+#: ``SPATTN_*`` settings checked outside ``codegen.strategy``: the values they take, in words.
+_ENV_VALUES = {"SPATTN_TMA": (FLAG_ON + FLAG_OFF + ("auto",),
+                              "1, 0 or auto (or true/false, on/off, yes/no)")}
+
+
+def environment_error() -> SpattnConfigError | None:
+    """A :class:`SpattnConfigError` for a ``SPATTN_*`` setting of :data:`_ENV_VALUES`
+    outside its allowed values (None if there is none); consulted only when a call fails
+    with a ValueError, so the per-call path pays nothing for it."""
+    for name, (allowed, words) in _ENV_VALUES.items():
+        v = getenv(name)
+        if v and v.strip().lower() not in allowed:
+            return SpattnConfigError(f"{name}={v!r}: expected {words}, or unset it")
+    return None
+
+
+def _run(pattern, backend, scale, q_offset, ins, q, k, v):
+    try:
+        return _ag.AttentionFunction.apply(pattern, backend, scale, q_offset, ins, q, k, v)
+    except ValueError as e:
+        if isinstance(e, SpattnError):
+            raise
+        bad = environment_error()
+        if bad is None:
+            raise
+        raise bad from None
 
 
 def _interpret() -> bool:
@@ -157,12 +257,13 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     validate(q, k, v)
     B, Hq, Lq, D = q.shape
     scale = _check_scale(scale, D)
-    q_offset = _check_q_offset(q_offset, Lq, k.shape[2])
-    ins = validate_inputs(pattern.inputs, dict(inputs or {}), batch=B, num_heads=Hq,
-                          device=q.device)
+    q_offset = check_q_offset(q_offset, Lq, k.shape[2])
+    inputs = dict(inputs or {})
+    check_runtime_tensors(inputs)
+    ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device)
     backend = choose_backend(pattern.backend, q.device.type)
     _ag.register(pattern)
-    o, lse = _ag.AttentionFunction.apply(pattern, backend, scale, q_offset, ins, q, k, v)
+    o, lse = _run(pattern, backend, scale, q_offset, ins, q, k, v)
     return (o, lse) if return_lse else o
 
 
@@ -171,8 +272,10 @@ def _call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_
     validate(q, k, v)
     B, Hq, Lq, D = q.shape
     scale = _check_scale(scale, D)
-    q_offset = _check_q_offset(q_offset, Lq, k.shape[2])
-    ins = validate_inputs(declared, dict(inputs or {}), batch=B, num_heads=Hq, device=q.device)
+    q_offset = check_q_offset(q_offset, Lq, k.shape[2])
+    inputs = dict(inputs or {})
+    check_runtime_tensors(inputs)
+    ins = validate_inputs(declared, inputs, batch=B, num_heads=Hq, device=q.device)
     backend = _backend_for(requested_backend, q.device.type)
     o, lse = _ag.attention_op(q, k, v, [ins[n] for n in sorted(ins)], key, scale, q_offset,
                               backend)

@@ -211,7 +211,14 @@ def tune_key(fields: dict) -> str:
 
 
 def tune_dir() -> pathlib.Path:
+    """The directory new tuning files are written to: ``tune/`` in the kernel cache's
+    (``cache.cache_dir()``: the configured directory, or its fallback)."""
     return _cache.cache_dir() / "tune"
+
+
+def entry_name(key: str) -> str:
+    """The cache entry of a tuning choice: ``tune/<key>.json``."""
+    return f"tune/{key}.json"
 
 
 def tune_path(key: str) -> pathlib.Path:
@@ -247,17 +254,15 @@ def _valid_config(kind: str, cfg) -> dict:
 def read(key: str, kind: str):
     """The stored choice for ``key`` (a dict of tile options), or None.
 
-    A missing file gives None silently; an unreadable or invalid one a
-    ``RuntimeWarning`` and None (the caller re-tunes and overwrites it).
+    A missing file gives None silently; an unreadable or invalid one (not JSON, another key
+    or kind, an invalid config, a directory or other non-file in its place) a
+    ``RuntimeWarning`` and None (the caller re-tunes and overwrites it).  Files are read
+    through the kernel cache's store (``cache.read_entry``): the configured directory, or
+    its fallback when that cannot be written.
     """
-    path = tune_path(key)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        reason = f"unreadable ({e})"
-    else:
+    chosen = {}
+
+    def check(text):
         try:
             data = json.loads(text)
             if not isinstance(data, dict):
@@ -266,26 +271,30 @@ def read(key: str, kind: str):
                 raise ValueError(f"key {data.get('key')!r}, expected {key!r}")
             if data.get("kind") != kind:
                 raise ValueError(f"kind {data.get('kind')!r}, expected {kind!r}")
-            return _valid_config(kind, data.get("config"))
+            chosen["config"] = _valid_config(kind, data.get("config"))
         except ValueError as e:      # json.JSONDecodeError is a ValueError
-            reason = str(e)
-    warnings.warn(f"spattn: autotune file {path} is invalid ({reason}); re-tuning",
-                  RuntimeWarning, stacklevel=4)
-    return None
+            return str(e)
+        except RecursionError:       # JSON nested thousands deep
+            return "nested too deeply"
+        return None
+
+    def invalid(path, reason, instead):
+        warnings.warn(f"spattn: autotune file {path} is invalid ({reason}); "
+                      + (f"using {instead}" if instead else "re-tuning"), RuntimeWarning,
+                      stacklevel=6)
+
+    found = _cache.read_entry(entry_name(key), check, invalid)
+    return None if found is None else chosen["config"]
 
 
 def write(key: str, record: dict) -> None:
-    """Write ``record`` as ``tune/<key>.json`` atomically (temporary file + ``os.replace``).
-
-    A failure (read-only cache, full disk) is a ``RuntimeWarning``: the choice is then
-    kept in memory only.
+    """Write ``record`` as ``tune/<key>.json`` atomically (temporary file + ``os.replace``)
+    through the kernel cache's store (``cache.write_entry``): where the configured
+    directory cannot take it, the fallback does (or process memory), with a
+    ``RuntimeWarning``.
     """
-    path = tune_path(key)
-    try:
-        _cache._write_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
-    except OSError as e:
-        warnings.warn(f"spattn: could not write autotune file {path} ({e}); the choice is "
-                      "kept for this process only", RuntimeWarning, stacklevel=4)
+    _cache.write_entry(entry_name(key), json.dumps(record, indent=1, sort_keys=True) + "\n",
+                       "autotune file")
 
 
 # ------------------------------------------------------------------ tuning

@@ -3,8 +3,11 @@
 Write which query may see which key (``"causal & window(1024)"``); spattn proves
 which tiles of the attention matrix are empty, full or partial and runs a
 Triton kernel specialised for the pattern.
+
+Every error spattn reports is a :class:`SpattnError`; its subclasses say what kind.
 """
-from spattn.dsl.errors import (SpattnBackendError, SpattnError, SpattnInputError,  # noqa: F401
+from spattn.dsl.errors import (SpattnBackendError, SpattnCacheError,  # noqa: F401
+                               SpattnConfigError, SpattnError, SpattnInputError,
                                SpattnNameError, SpattnParamError, SpattnSyntaxError,
                                SpattnTypeError, SpattnValueError)
 from spattn.pattern import Pattern, compile, load, pattern_names  # noqa: F401
@@ -12,7 +15,9 @@ from spattn.pattern import Pattern, compile, load, pattern_names  # noqa: F401
 __version__ = "0.1.0"
 
 __all__ = ["Pattern", "SpattnError", "SpattnSyntaxError", "SpattnNameError", "SpattnTypeError",
-           "SpattnValueError", "SpattnParamError", "SpattnInputError", "SpattnBackendError", "compile", "load", "pattern_names", "attention", "__version__"]
+           "SpattnValueError", "SpattnParamError", "SpattnInputError", "SpattnBackendError",
+           "SpattnConfigError", "SpattnCacheError", "compile", "load", "pattern_names",
+           "attention", "__version__"]
 
 
 def attention(q, k, v, *, pattern: str, scale=None, return_lse=False, q_offset=None, **kwargs):

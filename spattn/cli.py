@@ -2,7 +2,10 @@
 
 Every command takes a pattern file or ``-e EXPR`` and ``-p NAME=VALUE`` params;
 it calls the library and holds no logic of its own. Exit codes: 0 success,
-1 a pattern error (printed with line, column and caret), 2 a usage error.
+1 an error spattn reports (a pattern error is printed with line, column and caret;
+a file that cannot be written, a size that does not fit in memory), 2 a usage
+error. ``spattn --version`` prints the versions of spattn, its code generator,
+torch and Triton.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import time
 import torch
 
 from .codegen.strategy import next_pow2
-from .dsl.errors import SpattnError
+from .dsl.errors import SpattnError, short_repr
 
 SYMBOLS = {0: ".", 1: "+", 2: "#"}
 
@@ -39,7 +42,8 @@ def _param(text: str):
             parsed = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"param {name!r}: expected an integer or a list like 1,2,3, got {value!r}") from None
+            f"param {name!r}: expected an integer or a list like 1,2,3, got {short_repr(value)}"
+        ) from None
     return name.strip(), parsed
 
 
@@ -70,6 +74,7 @@ def _sizes(p, *, lq_required=True):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spattn", description="A compiler for attention sparsity patterns.")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -104,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
     p.add_argument("--repeat", type=_positive, default=3, help="timed repetitions")
     return parser
+
+
+def version_text() -> str:
+    """``spattn 0.1.0 (codegen 10, torch 2.x, triton 3.x)``: what a bug report needs."""
+    from importlib import metadata
+
+    from . import __version__
+    from .codegen.kernels import CODEGEN_VERSION
+    parts = [f"codegen {CODEGEN_VERSION}", f"torch {torch.__version__}"]
+    try:
+        parts.append(f"triton {metadata.version('triton')}")
+    except metadata.PackageNotFoundError:
+        parts.append("triton not installed")
+    return f"spattn {__version__} ({', '.join(parts)})"
 
 
 def _compile(args):
@@ -208,7 +227,11 @@ def _cmd_show(args, pat, out):
     print(f"tiles: {counts[2]} full, {counts[1]} partial, {counts[0]} empty", file=out)
     if args.png:
         from .plot import plot_pattern
-        plot_pattern(pat, Lq, Lk, bm, bn, args.png, head=0, q_offset=args.q_offset, inputs=inputs)
+        try:
+            plot_pattern(pat, Lq, Lk, bm, bn, args.png, head=0, q_offset=args.q_offset,
+                         inputs=inputs)
+        except OSError as e:
+            raise SpattnError(f"cannot write {args.png}: {e.strerror or e}") from None
         print(f"wrote {args.png}", file=out)
 
 
@@ -223,7 +246,10 @@ def _cmd_codegen(args, pat, out):
     text = pat.kernel_source(args.kind)
     if args.output:
         from pathlib import Path
-        Path(args.output).write_text(text)
+        try:
+            Path(args.output).write_text(text)
+        except OSError as e:
+            raise SpattnError(f"cannot write {args.output}: {e.strerror or e}") from None
         print(f"wrote {args.output}", file=out)
     else:
         out.write(text)
@@ -238,8 +264,10 @@ def _cmd_run(args, pat, out):
     B, H, D = args.batch, args.heads, args.dim
     Lq, Lk, inputs = _shape_and_inputs(args, pat, out, batch=B, device=device)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
-               for L in (Lq, Lk, Lk))
+    from .pattern import _fits
+    with _fits(f"random q, k, v of {B} x {H} x {max(Lq, Lk)} x {D}"):
+        q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
+                   for L in (Lq, Lk, Lk))
     with _progress(f"running {pat.name} (first call compiles)"):
         t0 = time.perf_counter()
         o = pat(q, k, v, q_offset=args.q_offset, **inputs)

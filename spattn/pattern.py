@@ -6,17 +6,23 @@ method delegates to one stage module; this file holds no analysis or codegen.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import stat
 from typing import Any
 
 import torch
 
-from .dsl.errors import SpattnError, SpattnParamError
+from .dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, SpattnValueError,
+                         short_repr)
 from .ir.evaluate import check_lengths, mask as _mask, validate_inputs
 from .ir.printer import to_source
 
 BACKENDS = ("auto", "triton", "torch")
+#: The options :meth:`Pattern.kernel_source` takes.
+KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
+                  "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma")
 
 
 class Pattern:
@@ -67,9 +73,11 @@ class Pattern:
              q_offset: int | None = None, device=None, **inputs) -> torch.Tensor:
         """Dense bool mask ``[batch, num_heads, Lq, Lk]``: the exact meaning of the pattern."""
         check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
+        q_offset, device = _checked(self, Lq, Lk, q_offset, device, inputs)
         ins = validate_inputs(self.inputs, inputs, batch=batch, num_heads=num_heads, device=device)
-        return _mask(self.ir, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
-                     inputs=ins, device=device)
+        with _fits(f"the dense mask [{batch}, {num_heads}, {Lq}, {Lk}]"):
+            return _mask(self.ir, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
+                         inputs=ins, device=device)
 
     # -- analysis ---------------------------------------------------------
     def tiles(self, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads: int = 1,
@@ -80,8 +88,10 @@ class Pattern:
         O(tiles) time and memory; never evaluates the Lq x Lk pairs.
         """
         from .ir.tiles import classify
-        return classify(self, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
-                        q_offset=q_offset, device=device, inputs=inputs)
+        q_offset, device = _checked(self, Lq, Lk, q_offset, device, inputs)
+        with _fits("the tile grid"):
+            return classify(self, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
+                            q_offset=q_offset, device=device, inputs=inputs)
 
     def tile_table(self, Lq: int, Lk: int, block_m: int, block_n: int, **kwargs):
         """CSR lists of PARTIAL and FULL key tiles per query tile, and the transpose."""
@@ -101,13 +111,18 @@ class Pattern:
                 block_n: int = 64, **inputs):
         """A report of what the pattern costs: density, tiles by class, efficiency, strategy."""
         from .ir.explain import explain
-        return explain(self, Lq, Lq if Lk is None else Lk, num_heads=num_heads, block_m=block_m,
-                       block_n=block_n, inputs=inputs)
+        Lk = Lq if Lk is None else Lk
+        _checked(self, Lq, Lk, None, None, inputs)
+        with _fits("the analysis"):
+            return explain(self, Lq, Lk, num_heads=num_heads, block_m=block_m,
+                           block_n=block_n, inputs=inputs)
 
     def receptive_field(self, L: int, layers: int, **kwargs):
         """How much of the past each position reaches when the pattern is stacked ``layers`` deep."""
         from .ir.receptive import receptive_field
-        return receptive_field(self, L, layers, **kwargs)
+        _checked(self, 1, 1, None, None, kwargs)
+        with _fits("the attention graph"):
+            return receptive_field(self, L, layers, **kwargs)
 
     # -- kernels ----------------------------------------------------------
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False,
@@ -121,14 +136,26 @@ class Pattern:
         return call(self, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
                     inputs=inputs)
 
-    def kernel_source(self, kind: str = "fwd", **shape_info) -> str:
-        """The generated Triton source of one kernel (``kind`` in fwd, bwd)."""
-        from .runtime.cache import kernel_file
-        return kernel_file(self, kind, **shape_info).read_text()
+    def kernel_source(self, kind: str = "fwd", **options) -> str:
+        """The generated Triton source of one kernel (``kind`` in fwd, bwd).
+
+        ``options`` (all optional): ``head_dim`` (16..256, default 128), ``dtype`` (default
+        bf16), ``strategy``, ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, the
+        backward's ``block_m1``, ``block_n1``, ``block_m2``, ``block_n2``, ``loop``, ``tma``.
+        """
+        from .runtime.cache import kernel_text
+        unknown = sorted(set(options) - set(KERNEL_OPTIONS))
+        if unknown:
+            raise SpattnParamError(f"unknown kernel option{'s' if len(unknown) > 1 else ''} "
+                                   f"{', '.join(map(repr, unknown))}: expected "
+                                   f"{', '.join(KERNEL_OPTIONS)}")
+        return kernel_text(self, kind, **options)
 
     @property
     def kernel_path(self) -> "os.PathLike":
-        """Path of the generated forward kernel file in the cache directory."""
+        """Path of the generated forward kernel file in the cache directory (a
+        :class:`SpattnCacheError` when no directory can be written and kernels are kept in
+        memory)."""
         from .runtime.cache import kernel_file
         return kernel_file(self, "fwd")
 
@@ -157,11 +184,67 @@ def pattern_names(path) -> list[str]:
 
 
 def _read(path) -> str:
+    """The text of a pattern file: a regular UTF-8 file (a FIFO or a device is never read)."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise SpattnParamError(f"a pattern file is given by its path (a str or os.PathLike), "
+                               f"got {type(path).__name__} {short_repr(path)}")
+    name = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise SpattnError(f"cannot read pattern file {os.fspath(path)!r}: {e.strerror}") from None
+        if not stat.S_ISREG(os.stat(name).st_mode):
+            raise SpattnError(f"cannot read pattern file {name!r}: it is not a regular file")
+        with open(name, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as e:   # ValueError: a NUL byte in the path
+        why = getattr(e, "strerror", None) or str(e)
+        raise SpattnError(f"cannot read pattern file {name!r}: {why}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[:e.start]
+        line = before.count(b"\n") + 1
+        column = e.start - (before.rfind(b"\n") + 1) + 1
+        raise SpattnSyntaxError(f"the file is not UTF-8 text (byte 0x{data[e.start]:02x}): "
+                                "save it as UTF-8", line=line, column=column,
+                                filename=name) from None
+
+
+def _checked(pattern, Lq, Lk, q_offset, device, inputs):
+    """``(q_offset, device)`` of an analysis method, checked like a call's; runtime inputs that
+    the evaluation cannot take (meta, unsigned) are refused with a message saying so."""
+    from .runtime.api import check_q_offset, check_runtime_tensors
+    check_runtime_tensors(inputs)
+    if q_offset is not None:
+        q_offset = check_q_offset(q_offset, Lq, Lk)
+    if device is not None:
+        given = device
+        try:
+            device = torch.device(device)
+            torch.empty(0, device=device)
+        except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+            raise SpattnValueError(f"device={short_repr(given)} cannot be used here "
+                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__}):"
+                                   " pass 'cpu', or 'cuda' where CUDA is available") from None
+    return q_offset, device
+
+
+#: How torch's allocators say that a tensor cannot be made (it raises a plain RuntimeError).
+_ALLOC_FAILURES = ("can't allocate memory", "Storage size calculation overflowed",
+                   "out of memory")
+
+
+@contextlib.contextmanager
+def _fits(what: str):
+    """Allocation failures of an analysis asked for at a huge size, as a SpattnValueError."""
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError):
+        raise SpattnValueError(f"{what} does not fit in memory: use smaller sizes") from None
+    except RuntimeError as e:
+        text = str(e)
+        if not any(m in text for m in _ALLOC_FAILURES):
+            raise
+        raise SpattnValueError(f"{what} does not fit in memory ({text.splitlines()[0][:200]}): "
+                               "use smaller sizes") from None
 
 
 def load(path, *, pattern: str | None = None, backend: str = "auto", **params: Any) -> Pattern:

@@ -7,6 +7,7 @@ no GPU (before any kernel is JIT-decorated: hence here, first). On a CUDA machin
 kernels are compiled for the device.
 """
 import os
+import tempfile
 
 import torch
 
@@ -39,5 +40,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Generated kernels go to a per-session temporary cache, never the user's."""
-    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "spattn-cache"))
+    """Generated kernels go to a per-session temporary cache, never the user's; so does the
+    cache's fallback (``spattn-<uid>`` under the system temporary directory)."""
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(base / "spattn-cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(base))

@@ -51,6 +51,13 @@ LOCATED = [
     ("[1, 2][2] < k", {}, None, SpattnValueError, (1, 8), "out of range"),
     ("param W = 3", {}, None, SpattnValueError, (1, 1), "no pattern"),
     ("param W\npattern p = window(W)", {}, None, SpattnParamError, (1, 7), "no default"),
+    ("q < 4611686018427387905", {}, None, SpattnValueError, (1, 5), "at most 2**62"),
+    ("q - k < 1_000_000_000_000_000_000_000", {}, None, SpattnValueError, (1, 9),
+     "integer literal 1000000000000000000000 is too large"),
+    ("param W = -99999999999999999999\npattern p = k < W", {}, None, SpattnValueError,
+     (1, 12), "too large"),
+    ("pattern p = window(W)\nparam W = 00000000000000000000000000000004611686018427387905", {},
+     None, SpattnValueError, (2, 11), "too large"),
 ]
 
 
@@ -70,6 +77,46 @@ def test_located_error(src, kw, pick, cls, pos, text):
     assert rendered[1] == "    " + src.splitlines()[pos[0] - 1]
     assert rendered[2].strip() == "^"
     assert rendered[2].index("^") - 4 == pos[1] - 1
+
+
+def test_literals_up_to_2_to_the_62_are_accepted():
+    assert compile_source("q - k < 4611686018427387904").ir is not None
+    assert compile_source("k < -4_611_686_018_427_387_904 + q").ir is not None
+    assert compile_source("window(W)", {"W": -2 ** 62}).params == {"W": -2 ** 62}
+
+
+def test_literal_of_thousands_of_digits_is_located_and_abbreviated():
+    """Python refuses to convert strings of over 4300 digits to int: the parser checks the
+    length first, and neither the message nor the source line it shows prints them all."""
+    src = "causal & (q < " + "9" * 5000 + ")"
+    with pytest.raises(SpattnValueError) as info:
+        compile_source(src)
+    err = info.value
+    assert (err.line, err.column) == (1, 15)
+    assert "9999999999...9999999999 (5000 digits)" in err.message
+    head, line, caret = str(err).splitlines()
+    assert len(line) <= 4 + 3 + 120 + 3 and line.endswith("...")
+    col = caret.index("^")
+    assert line[col - 2:col + 1] == "< 9"
+
+
+@pytest.mark.parametrize("value", [2 ** 62 + 1, -2 ** 63, 10 ** 5000, [1, 2 ** 64]],
+                         ids=["2**62+1", "-2**63", "5000-digits", "in-a-list"])
+def test_param_beyond_2_to_the_62(value):
+    with pytest.raises(SpattnParamError, match=r"param 'W' is .*at most 2\*\*62") as info:
+        compile_source("k < W[h] & causal" if isinstance(value, list) else "window(W)",
+                       {"W": value})
+    assert len(str(info.value)) < 300
+
+
+def test_long_source_line_is_shown_around_the_caret():
+    src = "causal & " * 40 + "windw(8)"
+    with pytest.raises(SpattnNameError) as info:
+        compile_source(src)
+    _, line, caret = str(info.value).splitlines()
+    assert line.startswith("    ...") and "windw(8)" in line and len(line) <= 4 + 3 + 120 + 3
+    col = caret.index("^")
+    assert line[col:col + 5] == "windw"
 
 
 def test_filename_in_message():
@@ -138,7 +185,7 @@ def test_non_string_source():
 _ALPHABET = "qkhWdoc0123456789 ()[],+-*/%<>=!&|~#\n_abcdefinoprstuvw"
 _SNIPPETS = ["if", "then", "else", "param", "input", "def", "pattern", "true", "false", "and",
              "or", "not", "//", "<=", "==", "!=", "same(", "window(", "doc[", "spans[", "-",
-             "0", "[", "]"]
+             "0", "[", "]", "4611686018427387904", "99999999999999999999", "9" * 4400]
 
 
 @st.composite
