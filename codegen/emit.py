@@ -249,7 +249,8 @@ def _par(code: str) -> str:
 def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[str] = (),
          load_ref: Callable[[str, int], tuple[str, str, str]] | None = None,
          nonneg_vars=NONNEG_VARS, positive_vars=POSITIVE_VARS,
-         prefix: str = "", result_names: Iterable[str] | None = None) -> Emitted:
+         prefix: str = "", result_names: Iterable[str] | None = None,
+         int64: bool = False) -> Emitted:
     """Emit Triton code computing ``roots``.
 
     ``env`` maps IR variable names to code (``{"q": "o_q", "k": "o_k", "h": "i_h"}``).
@@ -258,13 +259,15 @@ def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[s
     ``load_ref(name, dim) -> (base_pointer, stride, size)`` names the kernel arguments of a
     runtime input (its base pointer already offset to the program's batch and head).
     ``result_names``: optional names to bind each root to (``None`` entries: no name).
+    ``int64``: the variables are 64-bit in the kernel; a value built from literals only
+    (a list ``[8, 16][h]``, ``if c then 3 else 5``) is widened to 64 bits too.
     """
     roots = list(roots)
     names = list(result_names) if result_names is not None else [None] * len(roots)
     em = _Emitter(roots, names, env, loop_vars=frozenset(loop_vars),
                   load_ref=load_ref or _default_load_ref,
                   signs=_signs(frozenset(nonneg_vars), frozenset(positive_vars)),
-                  prefix=prefix)
+                  prefix=prefix, int64=int64)
     return em.run()
 
 
@@ -355,9 +358,9 @@ class _Emitter(Visitor):
 
     complete = True
 
-    def __init__(self, roots, result_names, env, *, loop_vars, load_ref, signs, prefix):
+    def __init__(self, roots, result_names, env, *, loop_vars, load_ref, signs, prefix, int64):
         self.roots, self.env, self.load_ref = roots, env, load_ref
-        self.signs, self.prefix = signs, prefix
+        self.signs, self.prefix, self.int64 = signs, prefix, int64
         self.graph = _graph(roots)
         self.order = _stable_postorder(roots)
         self.inner = _levels(self.order, self.graph, loop_vars)
@@ -398,6 +401,10 @@ class _Emitter(Visitor):
         kind = "t" if self.inner[n] else "u"
         self.counter[kind] += 1
         return f"{self.prefix}{kind}_{self.counter[kind]}"
+
+    def _wide(self, code: str) -> str:
+        """A value made of literals only: 64-bit in an int64 kernel."""
+        return f"{code}.to(tl.int64)" if self.int64 else code
 
     # -- int nodes
 
@@ -453,7 +460,8 @@ class _Emitter(Visitor):
 
     @rule(Select)
     def select(self, n, c):
-        return f"tl.where({c[0]}, {c[1]}, {c[2]})"
+        text = f"tl.where({c[0]}, {c[1]}, {c[2]})"
+        return self._wide(text) if isinstance(n.a, Const) and isinstance(n.b, Const) else text
 
     @rule(Table)
     def table(self, n, c):
@@ -462,7 +470,7 @@ class _Emitter(Visitor):
         acc = str(vals[-1])
         for i in range(len(vals) - 2, -1, -1):
             acc = f"tl.where({idx} == {i}, {vals[i]}, {acc})"
-        return acc
+        return self._wide(acc)
 
     @rule(Load)
     def load(self, n, c):
