@@ -199,8 +199,8 @@ class Emitted:
     ``outer``: lines computed once per program (before the tile loop);
     ``inner``: lines computed per tile; ``results``: one expression per root
     (a temporary name or a literal); ``outer_names``: temporaries defined in
-    ``outer`` that ``inner`` or the inner roots' ``results`` use (to pass to an inner
-    function);
+    ``outer`` that ``inner`` or ``results`` use (to pass to an inner function: a
+    root that does not depend on the loop variables is one of them);
     ``uses_helpers``: whether ``_floordiv``/``_mod`` are referenced.
     """
     outer: list[str] = field(default_factory=list)
@@ -384,8 +384,7 @@ class _Emitter(Visitor):
                 code[n] = text
         out = self.out
         out.results = [code[r] for r in self.roots]
-        used = "\n".join(out.inner + [c for c, r in zip(out.results, self.roots)
-                                       if self.inner[r]])
+        used = "\n".join(out.inner + out.results)
         defined = [line.split(" = ", 1)[0] for line in out.outer]
         out.outer_names = [nm for nm in defined if _mentions(used, nm)]
         return out
