@@ -5,8 +5,8 @@ expressions of a closed-form key range) into straight-line Triton code:
 
 * the IR is a DAG of sub-expressions (``networkx.DiGraph``); every node used
   more than once, every runtime-input load and every root gets a named
-  temporary, computed once, in topological order; nodes used once are inlined
-  into their parent;
+  temporary, computed once, children before parents in first-use order; nodes
+  used once are inlined into their parent;
 * nodes are split in two *levels*: ``outer`` nodes do not depend on the
   variables that change inside the kernel's tile loop (``loop_vars``; e.g. the
   key position ``k`` in the forward kernel) and are computed once per program
@@ -21,18 +21,25 @@ expressions of a closed-form key range) into straight-line Triton code:
   non-negative; ``q`` may be negative: positions can start below 0 with
   ``q_offset``).
 
+The sign analysis (:func:`nonneg`, :func:`positive`) and the code of each node
+(:class:`_Emitter`) are passes on :mod:`spattn.ir.visitor`: one rule per node
+type, every type handled.
+
 Naming follows the fla convention: ``i_`` ids, ``o_`` offsets, ``m_`` masks,
 ``p_`` pointers, ``b_`` tiles; temporaries are ``t_<n>`` (outer: ``u_<n>``).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterable, Mapping
 
 import networkx as nx
 
 from ..ir.nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                         Not, Or, Prod, Range, Select, Sum, Table, Var)
+from ..ir.visitor import Visitor, rule
 
 #: Floor-semantics integer helpers, emitted once per kernel file.  They are correct
 #: whether the backend's ``//`` truncates (LLVM) or floors: the remainder is
@@ -60,53 +67,127 @@ POSITIVE_VARS = frozenset({"Lq", "Lk", "H"})
 
 # ------------------------------------------------------------ sign analysis
 
+class _NonNeg(Visitor):
+    """True if a node is provably ``>= 0`` for every value of the variables."""
+
+    complete = True
+
+    def __init__(self, signs: "_Signs"):
+        self.signs = signs
+
+    @rule(Const)
+    def const(self, n):
+        return n.value >= 0
+
+    @rule(Var)
+    def var(self, n):
+        return n.name in self.signs.nonneg_vars or n.name in self.signs.positive_vars
+
+    @rule(Sum)
+    def sum(self, n):
+        return n.const >= 0 and all(c > 0 and self(a) for a, c in n.terms)
+
+    @rule(Prod)
+    def prod(self, n):
+        return all(self(f) for f in n.factors)
+
+    @rule(Mod)
+    def mod(self, n):
+        return self.signs.positive(n.b)
+
+    @rule(FloorDiv)
+    def floordiv(self, n):
+        return self(n.a) and self.signs.positive(n.b)
+
+    @rule(Abs)
+    def abs(self, n):
+        return True
+
+    @rule(Min)
+    def min(self, n):
+        return all(self(a) for a in n.args)
+
+    @rule(Max)
+    def max(self, n):
+        return any(self(a) for a in n.args)
+
+    @rule(Select)
+    def select(self, n):
+        return self(n.a) and self(n.b)
+
+    @rule(Table)
+    def table(self, n):
+        return min(n.values) >= 0
+
+    @rule(Load, BoolConst, Range, IsPow2, Not, And, Or)
+    def unknown(self, n):
+        return False     # input elements can be anything; bools are not ints
+
+
+class _Positive(Visitor):
+    """True if a node is provably ``> 0``."""
+
+    complete = True
+
+    def __init__(self, signs: "_Signs"):
+        self.signs = signs
+
+    @rule(Const)
+    def const(self, n):
+        return n.value > 0
+
+    @rule(Var)
+    def var(self, n):
+        return n.name in self.signs.positive_vars
+
+    @rule(Table)
+    def table(self, n):
+        return min(n.values) > 0
+
+    @rule(Sum)
+    def sum(self, n):
+        return (n.const > 0 and self.signs.nonneg(n)) or (
+            n.const >= 0 and all(c > 0 and self(a) for a, c in n.terms))
+
+    @rule(Prod)
+    def prod(self, n):
+        return all(self(f) for f in n.factors)
+
+    @rule(Min)
+    def min(self, n):
+        return all(self(a) for a in n.args)
+
+    @rule(Max)
+    def max(self, n):
+        return any(self(a) for a in n.args)
+
+    @rule(FloorDiv, Mod, Abs, Select, Load, BoolConst, Range, IsPow2, Not, And, Or)
+    def unknown(self, n):
+        return False
+
+
+class _Signs:
+    """The two sign passes over one set of variable facts."""
+
+    def __init__(self, nonneg_vars: frozenset, positive_vars: frozenset):
+        self.nonneg_vars, self.positive_vars = nonneg_vars, positive_vars
+        self.nonneg = _NonNeg(self)
+        self.positive = _Positive(self)
+
+
+@lru_cache(maxsize=64)
+def _signs(nonneg_vars: frozenset, positive_vars: frozenset) -> _Signs:
+    return _Signs(frozenset(nonneg_vars), frozenset(positive_vars))
+
+
 def nonneg(n: Node, nonneg_vars=NONNEG_VARS, positive_vars=POSITIVE_VARS) -> bool:
     """True if ``n`` is provably ``>= 0`` for every value of the variables."""
-    rec = lambda x: nonneg(x, nonneg_vars, positive_vars)  # noqa: E731
-    if isinstance(n, Const):
-        return n.value >= 0
-    if isinstance(n, Var):
-        return n.name in nonneg_vars or n.name in positive_vars
-    if isinstance(n, Sum):
-        return n.const >= 0 and all(c > 0 and rec(a) for a, c in n.terms)
-    if isinstance(n, Prod):
-        return all(rec(f) for f in n.factors)
-    if isinstance(n, Mod):
-        return positive(n.b, nonneg_vars, positive_vars)
-    if isinstance(n, FloorDiv):
-        return rec(n.a) and positive(n.b, nonneg_vars, positive_vars)
-    if isinstance(n, Abs):
-        return True
-    if isinstance(n, Min):
-        return all(rec(a) for a in n.args)
-    if isinstance(n, Max):
-        return any(rec(a) for a in n.args)
-    if isinstance(n, Select):
-        return rec(n.a) and rec(n.b)
-    if isinstance(n, Table):
-        return min(n.values) >= 0
-    return False
+    return _signs(frozenset(nonneg_vars), frozenset(positive_vars)).nonneg(n)
 
 
 def positive(n: Node, nonneg_vars=NONNEG_VARS, positive_vars=POSITIVE_VARS) -> bool:
     """True if ``n`` is provably ``> 0``."""
-    if isinstance(n, Const):
-        return n.value > 0
-    if isinstance(n, Var):
-        return n.name in positive_vars
-    if isinstance(n, Table):
-        return min(n.values) > 0
-    if isinstance(n, Sum):
-        return (n.const > 0 and nonneg(n, nonneg_vars, positive_vars)) or (
-            n.const >= 0 and all(c > 0 and positive(a, nonneg_vars, positive_vars)
-                                 for a, c in n.terms))
-    if isinstance(n, Prod):
-        return all(positive(f, nonneg_vars, positive_vars) for f in n.factors)
-    if isinstance(n, (Min,)):
-        return all(positive(a, nonneg_vars, positive_vars) for a in n.args)
-    if isinstance(n, (Max,)):
-        return any(positive(a, nonneg_vars, positive_vars) for a in n.args)
-    return False
+    return _signs(frozenset(nonneg_vars), frozenset(positive_vars)).positive(n)
 
 
 # ----------------------------------------------------------------- emitter
@@ -118,7 +199,8 @@ class Emitted:
     ``outer``: lines computed once per program (before the tile loop);
     ``inner``: lines computed per tile; ``results``: one expression per root
     (a temporary name or a literal); ``outer_names``: temporaries defined in
-    ``outer`` that ``inner`` or ``results`` use (to pass to an inner function);
+    ``outer`` that ``inner`` or ``results`` use (to pass to an inner function: a
+    root that does not depend on the loop variables is one of them);
     ``uses_helpers``: whether ``_floordiv``/``_mod`` are referenced.
     """
     outer: list[str] = field(default_factory=list)
@@ -126,10 +208,6 @@ class Emitted:
     results: list[str] = field(default_factory=list)
     outer_names: list[str] = field(default_factory=list)
     uses_helpers: bool = False
-
-
-def _children(n: Node) -> tuple[Node, ...]:
-    return n.children()
 
 
 def _is_leaf(n: Node) -> bool:
@@ -171,7 +249,8 @@ def _par(code: str) -> str:
 def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[str] = (),
          load_ref: Callable[[str, int], tuple[str, str, str]] | None = None,
          nonneg_vars=NONNEG_VARS, positive_vars=POSITIVE_VARS,
-         prefix: str = "", result_names: Iterable[str] | None = None) -> Emitted:
+         prefix: str = "", result_names: Iterable[str] | None = None,
+         int64: bool = False) -> Emitted:
     """Emit Triton code computing ``roots``.
 
     ``env`` maps IR variable names to code (``{"q": "o_q", "k": "o_k", "h": "i_h"}``).
@@ -180,12 +259,24 @@ def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[s
     ``load_ref(name, dim) -> (base_pointer, stride, size)`` names the kernel arguments of a
     runtime input (its base pointer already offset to the program's batch and head).
     ``result_names``: optional names to bind each root to (``None`` entries: no name).
+    ``int64``: the variables are 64-bit in the kernel; a value built from literals only
+    (a list ``[8, 16][h]``, ``if c then 3 else 5``) is widened to 64 bits too.
     """
     roots = list(roots)
-    loop_vars = frozenset(loop_vars)
-    load_ref = load_ref or (lambda name, d: (f"p_{name}", f"stride_{name}_{d}", f"size_{name}_{d}"))
-    res_names = list(result_names) if result_names is not None else [None] * len(roots)
+    names = list(result_names) if result_names is not None else [None] * len(roots)
+    em = _Emitter(roots, names, env, loop_vars=frozenset(loop_vars),
+                  load_ref=load_ref or _default_load_ref,
+                  signs=_signs(frozenset(nonneg_vars), frozenset(positive_vars)),
+                  prefix=prefix, int64=int64)
+    return em.run()
 
+
+def _default_load_ref(name: str, d: int) -> tuple[str, str, str]:
+    return f"p_{name}", f"stride_{name}_{d}", f"size_{name}_{d}"
+
+
+def _graph(roots: list[Node]) -> nx.DiGraph:
+    """The sub-expression DAG: an edge from every node to each of its children."""
     g = nx.DiGraph()
     stack = list(roots)
     seen = set()
@@ -195,167 +286,10 @@ def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[s
             continue
         seen.add(n)
         g.add_node(n)
-        for c in _children(n):
+        for c in n.children():
             g.add_edge(n, c)
             stack.append(c)
-
-    # level: does the node vary inside the loop?
-    inner: dict[Node, bool] = {}
-    for n in reversed(list(nx.topological_sort(g))):  # children first
-        if isinstance(n, Var):
-            inner[n] = n.name in loop_vars
-        else:
-            inner[n] = any(inner[c] for c in g.successors(n))
-
-    uses = {n: g.in_degree(n) for n in g.nodes}
-    need_name: set[Node] = set()
-    for n in g.nodes:
-        if _is_leaf(n):
-            continue
-        if uses[n] > 1 or isinstance(n, Load):
-            need_name.add(n)
-        if not inner[n] and any(inner[p] for p in g.predecessors(n)):
-            need_name.add(n)          # hoisted out of the tile loop
-        if isinstance(n, IsPow2) and not _is_leaf(n.a):
-            need_name.add(n.a)
-        if isinstance(n, Table) and not _is_leaf(n.index):
-            need_name.add(n.index)
-        if isinstance(n, Range) and n.lo is not None and n.hi is not None and n.lo != n.hi \
-                and not _is_leaf(n.x):
-            need_name.add(n.x)        # both bounds read x: compute it once
-    for r in roots:
-        if not _is_leaf(r):
-            need_name.add(r)
-
-    out = Emitted()
-    code: dict[Node, str] = {}
-    counter = {"u": 0, "t": 0, "load": 0}
-    named_root = {}
-    for r, nm in zip(roots, res_names):
-        if nm is not None and r not in named_root and not _is_leaf(r):
-            named_root[r] = nm
-
-    def fresh(n: Node) -> str:
-        if n in named_root:
-            return named_root[n]
-        kind = "t" if inner[n] else "u"
-        counter[kind] += 1
-        return f"{prefix}{kind}_{counter[kind]}"
-
-    def expr(n: Node) -> str:
-        c = [code[x] for x in _children(n)]
-        if isinstance(n, Const):
-            return str(n.value)
-        if isinstance(n, BoolConst):
-            return "True" if n.value else "False"
-        if isinstance(n, Var):
-            return env[n.name]
-        if isinstance(n, Sum):
-            parts = []
-            for (a, coeff), ca in zip(n.terms, c):
-                mag = abs(coeff)
-                t = ca if mag == 1 else f"{mag} * {_par(ca)}"
-                if mag == 1 and not _atomic(ca) and parts:
-                    t = _par(ca)
-                parts.append(("-" if coeff < 0 else "+", t))
-            if n.const:
-                parts.append(("-" if n.const < 0 else "+", str(abs(n.const))))
-            s0, t0 = parts[0]
-            text = (f"-{_par(t0)}" if s0 == "-" else t0)
-            for s, t in parts[1:]:
-                text += f" {s} {_par(t) if s == '-' and not _atomic(t) else t}"
-            return text
-        if isinstance(n, Prod):
-            return " * ".join(_par(x) for x in c)
-        if isinstance(n, (FloorDiv, Mod)):
-            simple = nonneg(n.a, nonneg_vars, positive_vars) and positive(n.b, nonneg_vars,
-                                                                           positive_vars)
-            if simple:
-                op = "//" if isinstance(n, FloorDiv) else "%"
-                return f"{_par(c[0])} {op} {_par(c[1])}"
-            out.uses_helpers = True
-            fn = "_floordiv" if isinstance(n, FloorDiv) else "_mod"
-            return f"{fn}({c[0]}, {c[1]})"
-        if isinstance(n, Abs):
-            return f"tl.abs({c[0]})"
-        if isinstance(n, (Min, Max)):
-            fn = "tl.minimum" if isinstance(n, Min) else "tl.maximum"
-            acc = c[0]
-            for x in c[1:]:
-                acc = f"{fn}({acc}, {x})"
-            return acc
-        if isinstance(n, Select):
-            return f"tl.where({c[0]}, {c[1]}, {c[2]})"
-        if isinstance(n, Table):
-            idx = _par(c[0])
-            vals = list(n.values)
-            acc = str(vals[-1])
-            for i in range(len(vals) - 2, -1, -1):
-                acc = f"tl.where({idx} == {i}, {vals[i]}, {acc})"
-            return acc
-        if isinstance(n, Range):
-            x = _par(c[0])
-            if n.lo is not None and n.hi is not None and n.lo == n.hi:
-                return f"{x} == {n.lo}"
-            parts = []
-            if n.lo is not None:
-                parts.append(f"{x} >= {n.lo}")
-            if n.hi is not None:
-                parts.append(f"{x} <= {n.hi}")
-            return parts[0] if len(parts) == 1 else f"({parts[0]}) & ({parts[1]})"
-        if isinstance(n, IsPow2):
-            x = _par(c[0])
-            return f"({x} > 0) & (({x} & ({x} - 1)) == 0)"
-        if isinstance(n, Not):
-            return f"~{_par(c[0])}"
-        if isinstance(n, (And, Or)):
-            op = " & " if isinstance(n, And) else " | "
-            return op.join(_par(x) for x in c)
-        raise TypeError(f"cannot emit {n!r}")
-
-    order = list(reversed(list(nx.topological_sort(g))))
-    # deterministic order among independent nodes: stable topological sort by first use
-    order = _stable_postorder(roots)
-    for n in order:
-        if isinstance(n, Load):
-            lines = out.inner if inner[n] else out.outer
-            counter["load"] += 1
-            nm = named_root.get(n) or f"{prefix}b_{n.name}_{counter['load']}"
-            idx = [code[i] for i in n.index]
-            ptr_terms, masks = [], []
-            for d, ic in enumerate(idx):
-                base, stride, size = load_ref(n.name, d)
-                ptr_terms.append(f"{_par(ic)} * {stride}")
-                masks.append(f"({_par(ic)} >= 0) & ({_par(ic)} < {size})")
-            base = load_ref(n.name, 0)[0]
-            mname = f"{prefix}m_{n.name}_{counter['load']}"
-            lines.append(f"{mname} = " + " & ".join(masks))
-            lines.append(f"{nm} = tl.load({base} + " + " + ".join(ptr_terms)
-                         + f", mask={mname}, other=0)")
-            code[n] = nm
-            continue
-        text = expr(n)
-        if n in need_name:
-            nm = fresh(n)
-            (out.inner if inner[n] else out.outer).append(f"{nm} = {text}")
-            code[n] = nm
-        else:
-            code[n] = text
-
-    out.results = [code[r] for r in roots]
-    inner_text = "\n".join(out.inner) + "\n" + "\n".join(
-        r for r, root in zip(out.results, roots) if inner.get(root, False))
-    defined_outer = []
-    for line in out.outer:
-        nm = line.split(" = ", 1)[0]
-        defined_outer.append(nm)
-    out.outer_names = [nm for nm in defined_outer if _mentions(inner_text, nm)]
-    return out
-
-
-def _mentions(text: str, name: str) -> bool:
-    import re
-    return re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", text) is not None
+    return g
 
 
 def _stable_postorder(roots: list[Node]) -> list[Node]:
@@ -382,3 +316,208 @@ def _stable_postorder(roots: list[Node]) -> list[Node]:
     for r in roots:
         visit(r)
     return out
+
+
+def _levels(order: list[Node], g: nx.DiGraph, loop_vars: frozenset) -> dict[Node, bool]:
+    """Per node: does it vary inside the tile loop (``inner``)?  ``order``: children first."""
+    inner: dict[Node, bool] = {}
+    for n in order:
+        if isinstance(n, Var):
+            inner[n] = n.name in loop_vars
+        else:
+            inner[n] = any(inner[c] for c in g.successors(n))
+    return inner
+
+
+def _needs_name(g: nx.DiGraph, inner: dict[Node, bool], roots: list[Node]) -> set[Node]:
+    """The nodes computed once into a temporary: shared ones, loads, hoisted ones, roots,
+    and the operands an emitted form reads twice (``is_pow2``, list index, two-sided
+    ranges)."""
+    need: set[Node] = set()
+    for n in g.nodes:
+        if _is_leaf(n):
+            continue
+        if g.in_degree(n) > 1 or isinstance(n, Load):
+            need.add(n)
+        if not inner[n] and any(inner[p] for p in g.predecessors(n)):
+            need.add(n)          # hoisted out of the tile loop
+        if isinstance(n, IsPow2) and not _is_leaf(n.a):
+            need.add(n.a)
+        if isinstance(n, Table) and not _is_leaf(n.index):
+            need.add(n.index)
+        if isinstance(n, Range) and n.lo is not None and n.hi is not None and n.lo != n.hi \
+                and not _is_leaf(n.x):
+            need.add(n.x)        # both bounds read x: compute it once
+    need.update(r for r in roots if not _is_leaf(r))
+    return need
+
+
+class _Emitter(Visitor):
+    """One emission: the code of each node from its children's code (a rule per node type)
+    and the lines that name the temporaries, split into outer and inner levels."""
+
+    complete = True
+
+    def __init__(self, roots, result_names, env, *, loop_vars, load_ref, signs, prefix, int64):
+        self.roots, self.env, self.load_ref = roots, env, load_ref
+        self.signs, self.prefix, self.int64 = signs, prefix, int64
+        self.graph = _graph(roots)
+        self.order = _stable_postorder(roots)
+        self.inner = _levels(self.order, self.graph, loop_vars)
+        self.need_name = _needs_name(self.graph, self.inner, roots)
+        self.named_root: dict[Node, str] = {}
+        for r, nm in zip(roots, result_names):
+            if nm is not None and r not in self.named_root and not _is_leaf(r):
+                self.named_root[r] = nm
+        self.counter = {"u": 0, "t": 0, "load": 0}
+        self.out = Emitted()
+
+    def run(self) -> Emitted:
+        code: dict[Node, str] = {}
+        for n in self.order:
+            text = self(n, [code[x] for x in n.children()])
+            if n in self.need_name:
+                nm = self._name(n)
+                self._lines(n).append(f"{nm} = {text}")
+                code[n] = nm
+            else:
+                code[n] = text
+        out = self.out
+        out.results = [code[r] for r in self.roots]
+        used = "\n".join(out.inner + out.results)
+        defined = [line.split(" = ", 1)[0] for line in out.outer]
+        out.outer_names = [nm for nm in defined if _mentions(used, nm)]
+        return out
+
+    def _lines(self, n: Node) -> list[str]:
+        return self.out.inner if self.inner[n] else self.out.outer
+
+    def _name(self, n: Node) -> str:
+        if n in self.named_root:
+            return self.named_root[n]
+        if isinstance(n, Load):
+            return f"{self.prefix}b_{n.name}_{self.counter['load']}"
+        kind = "t" if self.inner[n] else "u"
+        self.counter[kind] += 1
+        return f"{self.prefix}{kind}_{self.counter[kind]}"
+
+    def _wide(self, code: str) -> str:
+        """A value made of literals only: 64-bit in an int64 kernel."""
+        return f"{code}.to(tl.int64)" if self.int64 else code
+
+    # -- int nodes
+
+    @rule(Const)
+    def const(self, n, c):
+        return str(n.value)
+
+    @rule(Var)
+    def var(self, n, c):
+        return self.env[n.name]
+
+    @rule(Sum)
+    def sum(self, n, c):
+        parts = []
+        for (a, coeff), ca in zip(n.terms, c):
+            mag = abs(coeff)
+            t = ca if mag == 1 else f"{mag} * {_par(ca)}"
+            if mag == 1 and not _atomic(ca) and parts:
+                t = _par(ca)
+            parts.append(("-" if coeff < 0 else "+", t))
+        if n.const:
+            parts.append(("-" if n.const < 0 else "+", str(abs(n.const))))
+        s0, t0 = parts[0]
+        text = (f"-{_par(t0)}" if s0 == "-" else t0)
+        for s, t in parts[1:]:
+            text += f" {s} {_par(t) if s == '-' and not _atomic(t) else t}"
+        return text
+
+    @rule(Prod)
+    def prod(self, n, c):
+        return " * ".join(_par(x) for x in c)
+
+    @rule(FloorDiv, Mod)
+    def division(self, n, c):
+        if self.signs.nonneg(n.a) and self.signs.positive(n.b):
+            op = "//" if isinstance(n, FloorDiv) else "%"
+            return f"{_par(c[0])} {op} {_par(c[1])}"
+        self.out.uses_helpers = True
+        fn = "_floordiv" if isinstance(n, FloorDiv) else "_mod"
+        return f"{fn}({c[0]}, {c[1]})"
+
+    @rule(Abs)
+    def abs(self, n, c):
+        return f"tl.abs({c[0]})"
+
+    @rule(Min, Max)
+    def minmax(self, n, c):
+        fn = "tl.minimum" if isinstance(n, Min) else "tl.maximum"
+        acc = c[0]
+        for x in c[1:]:
+            acc = f"{fn}({acc}, {x})"
+        return acc
+
+    @rule(Select)
+    def select(self, n, c):
+        text = f"tl.where({c[0]}, {c[1]}, {c[2]})"
+        return self._wide(text) if isinstance(n.a, Const) and isinstance(n.b, Const) else text
+
+    @rule(Table)
+    def table(self, n, c):
+        idx = _par(c[0])
+        vals = list(n.values)
+        acc = str(vals[-1])
+        for i in range(len(vals) - 2, -1, -1):
+            acc = f"tl.where({idx} == {i}, {vals[i]}, {acc})"
+        return self._wide(acc)
+
+    @rule(Load)
+    def load(self, n, c):
+        """A masked load of an input element (out-of-range indices read 0); its mask is
+        a line of its own."""
+        self.counter["load"] += 1
+        ptr_terms, masks = [], []
+        for d, ic in enumerate(c):
+            _, stride, size = self.load_ref(n.name, d)
+            ptr_terms.append(f"{_par(ic)} * {stride}")
+            masks.append(f"({_par(ic)} >= 0) & ({_par(ic)} < {size})")
+        base = self.load_ref(n.name, 0)[0]
+        mname = f"{self.prefix}m_{n.name}_{self.counter['load']}"
+        self._lines(n).append(f"{mname} = " + " & ".join(masks))
+        return f"tl.load({base} + " + " + ".join(ptr_terms) + f", mask={mname}, other=0)"
+
+    # -- bool nodes
+
+    @rule(BoolConst)
+    def bool_const(self, n, c):
+        return "True" if n.value else "False"
+
+    @rule(Range)
+    def range(self, n, c):
+        x = _par(c[0])
+        if n.lo is not None and n.hi is not None and n.lo == n.hi:
+            return f"{x} == {n.lo}"
+        parts = []
+        if n.lo is not None:
+            parts.append(f"{x} >= {n.lo}")
+        if n.hi is not None:
+            parts.append(f"{x} <= {n.hi}")
+        return parts[0] if len(parts) == 1 else f"({parts[0]}) & ({parts[1]})"
+
+    @rule(IsPow2)
+    def is_pow2(self, n, c):
+        x = _par(c[0])
+        return f"({x} > 0) & (({x} & ({x} - 1)) == 0)"
+
+    @rule(Not)
+    def not_(self, n, c):
+        return f"~{_par(c[0])}"
+
+    @rule(And, Or)
+    def junction(self, n, c):
+        op = " & " if isinstance(n, And) else " | "
+        return op.join(_par(x) for x in c)
+
+
+def _mentions(text: str, name: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", text) is not None

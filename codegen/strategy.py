@@ -60,6 +60,7 @@ class KernelConfig:
     block_n2: int = 0   # backward only: dQ tile (keys per step)
     loop: str = "split"  # "split", "fused" or (forward) "persistent": FWD_LOOPS, BWD_LOOPS
     tma: bool = False    # block loads/stores through TMA tensor descriptors (launcher decides)
+    int64: bool = False  # 64-bit integer arithmetic (positions, ids, inputs, bounds, offsets)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -232,11 +233,12 @@ def _pow2_check(**blocks):
 def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strategy=None,
          block_m=None, block_n=None, num_warps=None, num_stages=None, closed_form=None,
          interpret=None, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
-         loop=None, tma=None, **_ignored) -> KernelConfig:
+         loop=None, tma=None, int64=None, **_ignored) -> KernelConfig:
     """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype.
 
     Backward: ``block_m1``/``block_n1`` (dK/dV) and ``block_m2``/``block_n2`` (dQ);
-    ``block_m``/``block_n`` set both kernels' tiles at once.
+    ``block_m``/``block_n`` set both kernels' tiles at once.  ``int64``: 64-bit integer
+    arithmetic in the kernel (for positions, input values or bounds beyond int32).
     """
     dt = dtype_name(dtype)
     interpret = interpret_mode() if interpret is None else interpret
@@ -259,7 +261,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
         _pow2_check(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
         loop = choice(loop, "loop", "SPATTN_BWD_LOOP", BWD_LOOPS)
         return KernelConfig(strategy, int(m1), int(n1), next_pow2(head_dim), int(nw), int(ns),
-                            dt, int(m2), int(n2), loop=loop, tma=bool(tma))
+                            dt, int(m2), int(n2), loop=loop, tma=bool(tma), int64=bool(int64))
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret)
     bm = block_m or _env_int("SPATTN_BLOCK_M") or bm
     bn = block_n or _env_int("SPATTN_BLOCK_N") or bn
@@ -271,7 +273,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     # its flattened loop nest on Hopper (TritonNvidiaGPUTMALoweringPass: an scf.if yields
     # a mutable and an immutable shared-memory descriptor).
     return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt,
-                        loop=loop, tma=bool(tma) and loop != "persistent")
+                        loop=loop, tma=bool(tma) and loop != "persistent", int64=bool(int64))
 
 
 #: Forward tile-loop variants: "split" runs each interval piece (ranges) or span (table)

@@ -29,6 +29,12 @@ CPU tests cover these kernels) or off, and the option overrides the environment.
 9 or more, or the interpreter) and every tensor of the launch meets its layout rules
 (:func:`tma_ok`); otherwise the pointer kernels run.
 
+``int64`` (bool, default False) selects kernels whose integer arithmetic is 64-bit:
+positions (``q_offset`` near 2**31), lengths, head and batch ids, runtime-input values
+(passed as int64 tensors instead of int32 ones, which would truncate values beyond
+int32), closed-form bounds and the in-head element offsets (``(L - 1) * stride`` beyond
+2**31).  It is a field of the kernel config, so an int64 kernel is a file of its own.
+
 On CUDA, a call that sets no tile, warps or stages (neither as an option nor through
 the environment) is autotuned once per (pattern, kind, head-dim block, dtype, device,
 strategy, power-of-two buckets of the lengths and of batch x heads, TMA or not), and the
@@ -53,9 +59,12 @@ from . import cache as _cache
 from . import tune as _tune
 
 LOG2E = 1.4426950408889634
+#: The smallest normal fp32 number (2**-126).
+FP32_TINY = 2.0 ** -126
 
 _OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
-                 "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables", "tma")
+                 "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables", "tma",
+                 "int64")
 
 
 def tma_ok(*tensors) -> bool:
@@ -165,6 +174,20 @@ def _planned(pattern, kind: str, options: dict, tensors: tuple, run, compile_onl
     return opts
 
 
+def _scale_log2(scale: float) -> float:
+    """The kernels' ``sm_scale_log2`` (fp32): ``scale * log2(e)``, at least
+    :data:`FP32_TINY`.
+
+    A smaller positive value would reach the kernel as 0 (fp32 underflow: ``scale=1e-300``)
+    or as a subnormal that the GPU flushes to 0, and the masked scores' ``-inf * 0`` are
+    NaN.  The floor changes nothing else: below it every ``|s| * scale * log2(e)`` of a
+    finite fp32 score ``|s| < 2**100`` is under ``2**-26``, so each softmax weight is 1
+    to fp32 precision (``exp2(x) = 1 + 0.69 x``) with the true scale and with the floor
+    alike, and the lse is the log of the allowed keys' count either way.
+    """
+    return max(scale * LOG2E, FP32_TINY)
+
+
 def _dot_prec(dtype) -> str:
     # fp32 inputs: exact fp32 products ("ieee"), the precision the float64 tests need
     # (1e-3); tf32 would be faster on the GPU but loses ~3 decimal digits.
@@ -173,13 +196,14 @@ def _dot_prec(dtype) -> str:
 
 # ----------------------------------------------------------------- inputs
 
-def _input_args(pattern, inputs: dict | None, device) -> list:
-    """Kernel arguments of the runtime inputs, in the order of ``pattern.inputs``."""
+def _input_args(pattern, inputs: dict | None, device, int64: bool = False) -> list:
+    """Kernel arguments of the runtime inputs, in the order of ``pattern.inputs``: int32
+    tensors (cheaper loads; values must fit), int64 tensors for an ``int64`` kernel."""
     args = []
     inputs = inputs or {}
     for name, nd in pattern.inputs.items():
-        # positions and ids fit in int32; int32 loads are cheaper (one copy per input, cached)
-        t = converted(inputs[name], device, torch.int32)
+        # one converted copy per input, cached while the input is unchanged
+        t = converted(inputs[name], device, torch.int64 if int64 else torch.int32)
         lead = t.dim() - nd
         sb = t.stride(0) if lead >= 1 and t.shape[0] > 1 else 0
         sh = t.stride(1) if lead >= 2 and t.shape[1] > 1 else 0
@@ -654,7 +678,7 @@ def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts, warmup=False):
     nq = -(-Lq // bm)
     o = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    in_args = _input_args(pattern, inputs, q.device)
+    in_args = _input_args(pattern, inputs, q.device, cfg.int64)
     if cfg.strategy == "table":
         mode = _table_mode(opts)
 
@@ -686,7 +710,7 @@ def _fwd(pattern, q, k, v, *, scale, q_offset, inputs, opts, warmup=False):
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *in_args, *tab,
         order,
-        scale * LOG2E, H, H // HK, Lq, Lk, q_offset, *extra,
+        _scale_log2(scale), H, H // HK, Lq, Lk, q_offset, *extra,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.block_d, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **table_kw,
     )
@@ -769,7 +793,7 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
     # written by the dQ kernel for the dK/dV kernel: delta = rowsum(dO * O), lse in log2 units
     delta, lse2 = torch.empty((2, B, H, Lq), dtype=torch.float32, device=dev).unbind(0)
     lse = lse.contiguous()
-    in_args = _input_args(pattern, inputs, dev)
+    in_args = _input_args(pattern, inputs, dev, cfg.int64)
     if cfg.strategy == "table":
         mode = _table_mode(opts)
 
@@ -805,7 +829,7 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *dq.stride(),
         *in_args, *tab_q,
         order_q,
-        scale, scale * LOG2E, H, G, Lq, Lk, q_offset,
+        scale, _scale_log2(scale), H, G, Lq, Lk, q_offset,
         BLOCK_M2=m2, BLOCK_N2=n2, DOT_PREC=prec, **kw, **kw_q,
     )
     _launch(
@@ -813,7 +837,7 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *in_args, *tab_k,
         order_k,
-        scale, scale * LOG2E, H, HK, G, Lq, Lk, q_offset,
+        scale, _scale_log2(scale), H, HK, G, Lq, Lk, q_offset,
         BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, **kw, **kw_k,
     )
     return dq, dk, dv

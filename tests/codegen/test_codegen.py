@@ -350,3 +350,28 @@ def test_forward_loop_variants(fresh_cache, monkeypatch):
     monkeypatch.setenv("SPATTN_FWD_LOOP", "bogus")
     with pytest.raises(ValueError, match="SPATTN_FWD_LOOP"):
         cache.kernel_file(p, "fwd", **opts)
+
+
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("tma", [False, True], ids=["ptr", "tma"])
+@pytest.mark.parametrize("src,strategy", [
+    ("causal & (window(8) | sink(4))", "ranges"), ("causal & same(doc)", "table"),
+    ("q >= 3", "ranges")], ids=["streaming-ranges", "documents-table", "only-q-ranges"])
+def test_every_variant_renders(src, strategy, tma, int64):
+    """Each kernel template renders valid Python for every loop variant under these flags,
+    with the stage comments and the invariants, and only the int64 files widen."""
+    from spattn.codegen.kernels import render
+    p = spattn.compile(src)
+    cf = st.get_closed_form(p) if strategy == "ranges" else None
+    for kind, loops in (("fwd", st.FWD_LOOPS), ("bwd", st.BWD_LOOPS)):
+        for loop in loops:
+            cfg = st.pick(p, kind, head_dim=64, dtype="bf16", strategy=strategy, loop=loop,
+                          tma=tma, int64=int64, interpret=False)
+            text = render(p, kind, cfg, "f" * 32, closed_form=cf)
+            compile(text, f"<{kind}-{loop}>", "exec")
+            assert "{{" not in text and "{%" not in text
+            for marker in ("# -- scores", "# -- predicate (PARTIAL tile) --", "# epilogue",
+                           "tl.static_assert(BLOCK_D >= HEAD_DIM)"):
+                assert marker in text, (kind, loop, marker)
+            assert ("tl.cast(Lq, tl.int64)" in text) is int64
+            assert (".load([" in text) is cfg.tma

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 
 import spattn
-from spattn.codegen.kernels import Interval
+from spattn.ir.ranges import Interval
 from spattn.ir import build as B
 from spattn.runtime.reference import attention_reference
 
