@@ -18,93 +18,9 @@ from typing import Mapping
 import torch
 
 from ..dsl.errors import SpattnInputError, SpattnValueError
+from .inputs import check_lengths, query_offset
 from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                     Not, Or, Prod, Range, Select, Sum, Table, Var)
-
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
-
-
-#: (id, version, data pointer, device, dtype) of a source tensor -> (source, converted).
-_CONVERTED: dict = {}
-_CONVERTED_SIZE = 8
-
-
-def converted(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(device).to(dtype)``, the same tensor object on every call while ``t`` is
-    unchanged (same object, no in-place write since): the launchers key their tile
-    tables on the inputs' identity, so a fresh copy per call would rebuild them."""
-    if t.dtype == dtype and (device is None or t.device == torch.device(device)):
-        return t
-    if torch.compiler.is_compiling():    # traced: fake tensors have no data pointer
-        return (t.to(device) if device is not None else t).to(dtype)
-    key = (id(t), t._version, t.data_ptr(), str(device), dtype)
-    hit = _CONVERTED.get(key)
-    if hit is not None and hit[0] is t:
-        return hit[1]
-    out = t.to(device) if device is not None else t
-    out = out.to(dtype)
-    if len(_CONVERTED) >= _CONVERTED_SIZE:
-        _CONVERTED.pop(next(iter(_CONVERTED), None), None)   # oldest (another thread may race)
-    _CONVERTED[key] = (t, out)      # holds ``t``: its id cannot be reused while cached
-    return out
-
-
-def query_offset(Lq: int, Lk: int, q_offset: int | None) -> int:
-    """Position of query row 0: bottom-right aligned (``Lk - Lq``) unless given."""
-    return Lk - Lq if q_offset is None else int(q_offset)
-
-
-def check_lengths(Lq, Lk, *, num_heads=1, batch=1) -> None:
-    for name, v in (("Lq", Lq), ("Lk", Lk), ("num_heads", num_heads), ("batch", batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise SpattnValueError(f"{name} must be a positive integer, got {v!r}")
-
-
-def validate_inputs(declared: Mapping[str, int], given: Mapping[str, object], *,
-                    batch: int, num_heads: int, device=None) -> dict[str, torch.Tensor]:
-    """Check runtime inputs against the pattern's declaration; returns int64 tensors.
-
-    ``declared`` maps each input name to its number of index dimensions.
-    Raises :class:`SpattnInputError` naming the argument and its shape.
-    """
-    missing = [n for n in declared if n not in given]
-    if missing:
-        raise SpattnInputError(
-            "missing runtime input" + ("s " if len(missing) > 1 else " ")
-            + ", ".join(repr(n) for n in missing)
-            + f": the pattern indexes {', '.join(f'{n}[{_dims(declared[n])}]' for n in missing)}")
-    extra = [n for n in given if n not in declared]
-    if extra:
-        known = ", ".join(repr(n) for n in declared) or "none"
-        raise SpattnInputError(f"unexpected runtime input {', '.join(repr(n) for n in extra)}: "
-                               f"the pattern's inputs are {known}")
-    out = {}
-    for name, nd in declared.items():
-        t = given[name]
-        if not isinstance(t, torch.Tensor):
-            raise SpattnInputError(f"runtime input {name!r} must be a torch.Tensor, "
-                                   f"got {type(t).__name__}")
-        if t.dtype not in _INT_DTYPES:
-            raise SpattnInputError(f"runtime input {name!r} must have an integer or bool dtype, "
-                                   f"got {t.dtype} (shape {tuple(t.shape)})")
-        if t.dim() not in (nd, nd + 1, nd + 2):
-            raise SpattnInputError(
-                f"runtime input {name!r} has shape {tuple(t.shape)}, but the pattern indexes it "
-                f"with {nd} index dimension{'s' if nd != 1 else ''}: expected {nd} dims, "
-                f"[B, ...] ({nd + 1} dims) or [B, H, ...] ({nd + 2} dims)")
-        lead = t.shape[: t.dim() - nd]
-        for axis, (size, want, what) in enumerate(zip(lead, (batch, num_heads), ("batch", "heads"))):
-            if size not in (1, want):
-                raise SpattnInputError(f"runtime input {name!r} has shape {tuple(t.shape)}: "
-                                       f"its {what} dimension ({axis}) is {size}, expected {want} or 1")
-        if any(s == 0 for s in t.shape):
-            raise SpattnInputError(f"runtime input {name!r} is empty (shape {tuple(t.shape)})")
-        out[name] = converted(t, device, torch.int64)
-    return out
-
-
-def _dims(n: int) -> str:
-    return ", ".join("·" for _ in range(n))
 
 
 def _as_full(t: torch.Tensor, nd: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from .evaluate import evaluate, query_offset
+from .evaluate import evaluate
+from .inputs import query_offset
 from .ranges import closed_form
 from .strategy import COST, pick_strategy, predicted_speedup, tile_counts
 from .tiles import FULL, PARTIAL, classify
@@ -158,7 +159,7 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, b
                                      q_offset=q_offset, device=dev)
         method = "exact, per-row closed form"
     else:
-        from .evaluate import validate_inputs
+        from .inputs import validate_inputs
         ins = validate_inputs(getattr(pattern, "inputs", {}) or {}, inputs, batch=batch,
                               num_heads=num_heads, device=dev)
         allowed = _count_tiles(ir, tiles, Lq, Lk, block_m, block_n, q_offset=q_offset,

@@ -45,7 +45,8 @@ import torch
 
 from ..dsl.errors import SpattnInputError, SpattnValueError
 from . import build as B
-from .evaluate import evaluate, query_offset
+from .evaluate import evaluate
+from .inputs import query_offset
 from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                     Not, Or, Prod, Range, Select, Sum, Table, Var, walk)
 

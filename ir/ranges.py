@@ -56,7 +56,8 @@ import sympy
 import torch
 
 from . import build as B
-from .evaluate import check_lengths, evaluate, query_offset
+from .evaluate import evaluate
+from .inputs import check_lengths, query_offset
 from .intervals import lift
 from .nodes import And, BoolConst, Const, FloorDiv, Node, Not, Or, Range, Var
 

@@ -64,7 +64,8 @@ import torch
 
 from ..dsl.errors import SpattnValueError
 from . import build as B
-from .evaluate import check_lengths, evaluate, query_offset, validate_inputs
+from .evaluate import evaluate
+from .inputs import check_lengths, query_offset, validate_inputs
 from .intervals import (IntervalEval, _consecutive, bool_atoms, check_input_bounds, combine,
                         interval_exact, lift)
 from .nodes import And, BoolConst, Const, FloorDiv, Load, Node, Not, Or, Range, Var, walk

@@ -37,8 +37,9 @@ import torch
 
 from ..codegen.strategy import getenv
 from ..dsl.errors import SpattnBackendError, SpattnInputError, SpattnParamError, SpattnValueError
-from ..ir.evaluate import query_offset as _query_offset, validate_inputs
+from ..ir.evaluate import query_offset as _query_offset
 from . import autograd as _ag
+from .inputs import validate_inputs
 
 __all__ = ["call", "functional_attention", "choose_backend", "validate"]
 

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from .dsl.errors import SpattnError, SpattnParamError
-from .ir.evaluate import check_lengths, mask as _mask, validate_inputs
+from .ir.evaluate import mask as _mask
+from .ir.inputs import check_lengths, validate_inputs
 from .ir.printer import to_source
 
 BACKENDS = ("auto", "triton", "torch")

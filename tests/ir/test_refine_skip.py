@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import spattn
 import spattn.ir.tiles as T
 from spattn.ir import build as B
-from spattn.ir.evaluate import query_offset
+from spattn.ir.inputs import query_offset
 from spattn.ir.tiles import classify, refinement_cannot_change
 from spattn.pattern import Pattern
 
