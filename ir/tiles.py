@@ -64,6 +64,7 @@ import torch
 
 from ..dsl.errors import SpattnValueError
 from . import build as B
+from .bounds import Checked, Domain, analyse, bounds_of, check_call
 from .evaluate import evaluate
 from .inputs import check_lengths, query_offset, validate_inputs
 from .intervals import (IntervalEval, _consecutive, bool_atoms, check_input_bounds, combine,
@@ -76,7 +77,6 @@ MAX_CELLS = 8192
 #: tiles per slab of the vectorised pass (bounds the peak memory: O(slab), not O(grid))
 SLAB_TILES = 1 << 21
 I64 = torch.int64
-_BIG = 1 << 60
 
 
 # ------------------------------------------------------------------ validation
@@ -87,8 +87,10 @@ def _check_int(name: str, v, *, positive=True) -> None:
 
 
 def validate_args(pattern, Lq, Lk, block_m, block_n, *, num_heads, batch, q_offset, device,
-                  inputs) -> tuple[dict, torch.device]:
-    """Check the arguments of :func:`classify`; returns (validated inputs, device)."""
+                  inputs) -> tuple[dict, torch.device, Checked]:
+    """Check the arguments of :func:`classify`; returns (validated inputs, device, the call's
+    integer check :func:`spattn.ir.bounds.check_call`, which raises where a value the
+    pattern needs exactly is beyond int64)."""
     check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
     _check_int("block_m", block_m)
     _check_int("block_n", block_n)
@@ -102,10 +104,12 @@ def validate_args(pattern, Lq, Lk, block_m, block_n, *, num_heads, batch, q_offs
     else:
         dev = torch.device(device)
     ins = {k: v.to(dev) for k, v in ins.items()}
+    checked = check_call(pattern, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
+                         inputs=ins)
     if ins:
         check_input_bounds(pattern, ins, Lq, Lk, num_heads=num_heads, batch=batch,
-                           q_offset=q_offset)
-    return ins, dev
+                           q_offset=q_offset, checked=checked)
+    return ins, dev, checked
 
 
 # ------------------------------------------------------------------ tile boxes
@@ -173,8 +177,9 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
     refinement was ~2 ms of the ~3.3 ms table setup at N = 65536 on an H200).
     """
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
-    ins, dev = validate_args(pattern, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
-                             q_offset=q_offset, device=device, inputs=inputs)
+    ins, dev, checked = validate_args(pattern, Lq, Lk, block_m, block_n, num_heads=num_heads,
+                                      batch=batch, q_offset=q_offset, device=device,
+                                      inputs=inputs)
     env = grid_env(Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
                    q_offset=q_offset, device=dev, names=_free_vars(ir))
     nq, nk = env["q"][0].shape[2], env["k"][0].shape[3]
@@ -188,7 +193,7 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
         e = min(nq, s + rows)
         senv = env if (s, e) == (0, nq) else \
             dict(env, q=(env["q"][0][:, :, s:e], env["q"][1][:, :, s:e]))
-        ev = IntervalEval(senv, ins, device=dev, summaries=summaries)
+        ev = IntervalEval(senv, ins, device=dev, summaries=summaries, wrapped=checked.wrapped)
         c = _classes(*ev.bool_(ir), dev)
         if (s, e) == (0, nq) and tuple(c.shape) == shape:
             cls = out = c                       # one slab, already full size: no copy
@@ -199,7 +204,7 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
             out.copy_(c.expand(out.shape))
         if refine:
             refine_partial(ir, out, senv, ins, summaries, dev, blocks=(block_m, block_n),
-                           grid=ev)
+                           grid=ev, checked=checked)
     return cls
 
 
@@ -358,10 +363,6 @@ MAX_RUN_CASES = 1 << 14
 _PAIRS = ((True, False), (False, True), (True, True), (False, False))
 
 
-def _class(ct: bool, cf: bool) -> int:
-    return int(ct) + int(not cf)
-
-
 def _segment_runs_agree(formula: Node, atoms: tuple) -> bool:
     """Condition (e) of :func:`refinement_cannot_change`, given (a) and (b): every cellable
     atom is a ``lin`` atom of one direction ``u`` with coefficient +-1 and a constant uniform
@@ -427,6 +428,44 @@ def _segment_runs_agree(formula: Node, atoms: tuple) -> bool:
     return True
 
 
+#: the refinement computes cuts and cell corners in int64 from positions, thresholds, chunk
+#: offsets and divisors; it takes atoms whose such values stay within +-SAFE_CUTS
+SAFE_CUTS = 1 << 62
+
+
+def _safe_atoms(atoms: tuple, domain: Domain) -> tuple | None:
+    """``atoms`` with each cellable one whose cut arithmetic could leave ``+-SAFE_CUTS`` over
+    the call made opaque (it keeps its tile-level pair: sound); None when no cellable atom
+    is left, or positions and their differences themselves could leave it (then the
+    refinement does nothing)."""
+    def safe(lo, hi):
+        return -SAFE_CUTS < lo and hi < SAFE_CUTS
+
+    var = {n: (lo, hi) for n, lo, hi in domain.variables}
+    (qlo, qhi), (klo, khi) = var["q"], var["k"]
+    pos = {"q": (qlo, qhi), "k": (klo, khi), "d": (qlo - khi, qhi - klo)}
+    if not all(safe(*r) for r in pos.values()):
+        return None
+    of = bounds_of(domain)
+    out = []
+    for a in atoms:
+        ok = True
+        if a.kind == "lin":
+            ulo, uhi = of(a.uniform)
+            for bound in (a.node.lo, a.node.hi):
+                ok = ok and safe(ulo, uhi) and (bound is None or safe(bound - uhi, bound - ulo))
+        elif a.kind == "floor":
+            for u, coef, e_node, m_node in a.floors:
+                (elo, ehi), (mlo, mhi) = of(e_node), of(m_node)
+                slo, shi = coef * pos[u][0], coef * pos[u][1]
+                ok = (ok and safe(elo, ehi) and safe(slo, shi) and safe(slo + elo, shi + ehi)
+                      and safe(66 * mlo, 66 * mhi))
+        out.append(a if ok else _Atom(a.node, "opaque"))
+    if not any(a.kind in ("lin", "floor") for a in out):
+        return None
+    return tuple(out)
+
+
 def _fdiv(a, b):
     return torch.div(a, b, rounding_mode="floor")
 
@@ -436,7 +475,8 @@ def _cdiv(a, b):
 
 
 def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summaries: dict,
-                   device, chunk_elems: int = 1 << 22, blocks=None, grid=None) -> None:
+                   device, chunk_elems: int = 1 << 22, blocks=None, grid=None,
+                   checked: Optional[Checked] = None) -> None:
     """Exact refinement of the PARTIAL tiles of ``cls`` (in place). See the module docstring.
 
     ``blocks=(block_m, block_n)`` gives static bounds on the chunk cuts per tile (no device
@@ -444,7 +484,11 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
     ``env`` (the tiles of ``cls``); when the formula needs no lifting and no n-D input was
     summarised by its whole-input min/max, every tile-level value is read from its memo
     (:func:`_select_from_grid`), else the PARTIAL tiles are gathered and re-evaluated
-    (:func:`_select_gathered`).
+    (:func:`_select_gathered`). ``checked``: the call's :func:`spattn.ir.bounds.check_call`
+    result. A lifted formula is checked over the same domain (lifting compares operands of
+    ``min``/``max`` with each other, new sums that may leave int64: then nothing is refined),
+    and cellable atoms whose cut arithmetic could leave int64 keep their tile-level pair
+    (:func:`_safe_atoms`).
     Device synchronisations: the selection of the tiles to refine (``nonzero``; two in the
     gathered way), and one per floor term whose cuts are not bounded statically.
     """
@@ -455,10 +499,23 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
     if isinstance(formula, BoolConst):    # lifting proved the pattern constant
         cls.copy_(torch.where(cls == PARTIAL, FULL if formula.value else EMPTY, cls))
         return
+    wrapped = frozenset()
+    if checked is not None:
+        if formula != ir:
+            lifted = analyse(formula, checked.domain)
+            if lifted.problems:
+                return
+            wrapped = lifted.wrapped
+        else:
+            wrapped = checked.wrapped
+        atoms = _safe_atoms(atoms, checked.domain)
+        if atoms is None:
+            return
     if grid is not None and formula == ir and not grid.coarse:
         idx, tile = _select_from_grid(formula, atoms, cls, grid, device)
     else:
-        idx, tile = _select_gathered(formula, atoms, cls, env, inputs, summaries, device)
+        idx, tile = _select_gathered(formula, atoms, cls, env, inputs, summaries, device,
+                                     wrapped)
     if idx is None:
         return
     # cuts per floor term: as many as the partial tiles need, within MAX_FLOOR_CUTS
@@ -561,7 +618,8 @@ def _select_from_grid(formula, atoms, cls, grid, device):
     return idx, tile
 
 
-def _select_gathered(formula, atoms, cls, env, inputs, summaries, device):
+def _select_gathered(formula, atoms, cls, env, inputs, summaries, device,
+                     wrapped: frozenset = frozenset()):
     """The tiles to refine, by gathering the PARTIAL tiles and evaluating the (lifted)
     formula's atoms over them: tiles where no cellable atom is undecided get the tile-level
     value of the formula (which may decide a lifted one). Two synchronisations.
@@ -575,7 +633,7 @@ def _select_gathered(formula, atoms, cls, env, inputs, summaries, device):
     def evaluator(rows):
         qlo, qhi, klo, khi, b_t, h_t = _boxes(env, rows)
         return IntervalEval(dict(point_env, h=h_t, b=b_t, q=(qlo, qhi), k=(klo, khi)), inputs,
-                            device=device, summaries=summaries)
+                            device=device, summaries=summaries, wrapped=wrapped)
 
     tev = evaluator(idx)
     undecided = None

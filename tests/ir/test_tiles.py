@@ -180,7 +180,7 @@ def test_exact_patterns_never_refine(src, monkeypatch):
 def _gathered_instead(formula, atoms, cls, grid, device):
     import spattn.ir.tiles as T
     return T._select_gathered(formula, atoms, cls, grid.env, grid.inputs, grid.summaries,
-                              device)
+                              device, grid.wrapped)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
