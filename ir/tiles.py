@@ -358,28 +358,37 @@ def refinement_cannot_change(ir: Node) -> bool:
     return _segment_runs_agree(formula, atoms)
 
 
-#: most (segment run x opaque/const assignment) cases :func:`_segment_runs_agree` enumerates
-MAX_RUN_CASES = 1 << 14
+#: most work :func:`_segment_runs_agree` does: (assignments of the other atoms) x (segments +
+#: 2) x (formula nodes); above it the refinement is not skipped (it stays correct, only slower)
+MAX_RUN_WORK = 1 << 18
 _PAIRS = ((True, False), (False, True), (True, True), (False, False))
 
 
 def _segment_runs_agree(formula: Node, atoms: tuple) -> bool:
     """Condition (e) of :func:`refinement_cannot_change`, given (a) and (b): every cellable
     atom is a ``lin`` atom of one direction ``u`` with coefficient +-1 and a constant uniform
-    part, whose compared value is consecutive, and an exhaustive enumeration shows that no
-    tile can change. Such an atom is true on one interval of ``u`` fixed by the program, so
-    its thresholds cut the integers into the same segments for every tile and (b, h), with
-    every cellable atom constant on each. A tile's ``u``-range is an integer interval, all of
-    whose values occur in the tile: it meets a contiguous run of segments, the refinement's
-    cells are finer than those segments, and so the refinement's value is the union over the
-    run's segments of the formula evaluated with the segment's atom values and the tile-level
-    pairs of the other atoms; pass 1's is Kleene's with each cellable atom's exact pair over
-    the run (true on some segment of it, false on some). Both are computed here for every run
-    and every pair of the other atoms (``const``: decided; ``opaque``: any of the four pairs):
-    True when, in every case where the refinement would refine the tile (pass 1 PARTIAL with
-    both flags, some cellable atom undecided), the union also classifies it PARTIAL.
-    E.g. ``strided(s)``, ``power2(w)``, ``causal & (q - k < w | k % H == h)``: the cell below
-    the diagonal is false and the band's cell true wherever the Kleene value is undecided.
+    part, whose compared value is consecutive, and no tile can change. Such an atom is true
+    on one interval of ``u`` fixed by the program, so its thresholds cut the integers into
+    the same segments for every tile and (b, h), with every cellable atom constant on each. A
+    tile's ``u``-range is an integer interval, all of whose values occur in the tile: it meets
+    a contiguous run of segments, the refinement's cells are finer than those segments, and so
+    the refinement's value is the union over the run's segments of the formula evaluated with
+    the segment's atom values and the tile-level pairs of the other atoms; pass 1's is
+    Kleene's with each cellable atom's exact pair over the run (true on some segment of it,
+    false on some). The refinement changes a tile iff pass 1 leaves it PARTIAL (both flags,
+    some cellable atom undecided) while the union is not (no segment of the run can be true,
+    or none can be false).
+
+    Checked for every pair of the other atoms (``const``: decided; ``opaque``: any of the
+    four pairs) without enumerating the runs: a changing run lies inside a maximal block of
+    consecutive segments that cannot be true (or cannot be false), and Kleene evaluation is
+    monotone in the run (a longer run makes each atom's pair only less decided), so the block
+    itself changes too. Hence it suffices to evaluate the formula on every segment at once (a
+    bit per segment: Python ints as bit sets) and Kleene's value on each maximal block:
+    O(segments x formula) per assignment, at most :data:`MAX_RUN_WORK` in all (beyond, False:
+    the refinement runs). E.g. ``strided(s)``, ``power2(w)``,
+    ``causal & (q - k < w | k % H == h)``: the cell below the diagonal is false and the
+    band's cell true wherever the Kleene value is undecided.
     """
     cellable = [a for a in atoms if a.kind in ("lin", "floor")]
     if not cellable or any(a.kind != "lin" or abs(a.coeff) != 1 or not isinstance(a.uniform, Const)
@@ -398,34 +407,60 @@ def _segment_runs_agree(formula: Node, atoms: tuple) -> bool:
     cuts = sorted({c for lo, hi in spans.values() for c in
                    ((lo,) if lo is not None else ()) + ((hi + 1,) if hi is not None else ())})
     points = [cuts[0] - 1] + cuts          # one value of u in each segment
-    seg_vals = [{x: (lo is None or u >= lo) and (hi is None or u <= hi)
-                 for x, (lo, hi) in spans.items()} for u in points]
+    S = len(points)
+    full = (1 << S) - 1
+    masks = {x: sum(1 << s for s, u in enumerate(points)
+                    if (lo is None or u >= lo) and (hi is None or u <= hi))
+             for x, (lo, hi) in spans.items()}
     others = [a for a in atoms if a.kind not in ("lin", "floor")]
     choices = [_PAIRS[:2] if a.kind == "const" else _PAIRS for a in others]
-    S = len(points)
-    ncases = S * (S + 1) // 2
+    work = (S + 2) * _junction_size(formula)
     for c in choices:
-        ncases *= len(c)
-    if ncases > MAX_RUN_CASES:
+        work *= len(c)
+    if work > MAX_RUN_WORK:
         return False
-    for i in range(S):
-        for j in range(i, S):
-            run = seg_vals[i:j + 1]
-            kleene = {x: (any(v[x] for v in run), not all(v[x] for v in run)) for x in spans}
-            if not any(ct and cf for ct, cf in kleene.values()):
-                continue                   # no cellable atom undecided: not refined
-            for pairs in itertools.product(*choices):
-                leaf = dict(zip((a.node for a in others), pairs))
-                ct, cf = combine(formula, {**leaf, **kleene})
-                if not (ct and cf):
-                    continue               # pass 1 decided (or "neither"): not refined
-                any_t = any_f = False
-                for v in run:
-                    st, sf = combine(formula, {**leaf, **{x: (b, not b) for x, b in v.items()}})
-                    any_t, any_f = any_t or st, any_f or sf
-                if not (any_t and any_f):
-                    return False
+    seg_leaf = {x: (m, full ^ m) for x, m in masks.items()}
+    for pairs in itertools.product(*choices):
+        leaf = {a.node: (full if ct else 0, full if cf else 0) for a, (ct, cf) in zip(others, pairs)}
+        st, sf = combine(formula, {**leaf, **seg_leaf})      # bit s: segment s can be true/false
+        point = dict(zip((a.node for a in others), pairs))
+        for can in (st, sf):
+            for block in _zero_runs(can, S):
+                kleene = {x: (m & block != 0, m & block != block) for x, m in masks.items()}
+                if not any(ct and cf for ct, cf in kleene.values()):
+                    continue               # no cellable atom undecided: not refined
+                ct, cf = combine(formula, {**point, **kleene})
+                if ct and cf:
+                    return False           # pass 1 PARTIAL, the cells decide the block
     return True
+
+
+def _junction_size(formula: Node) -> int:
+    """Distinct nodes of the ``& | ~`` structure of ``formula`` (its leaves included)."""
+    seen: set = set()
+    stack = [formula]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n, (And, Or, Not)):
+            stack.extend(n.children())
+    return len(seen)
+
+
+def _zero_runs(bits: int, n: int):
+    """The maximal runs of 0 bits among the low ``n`` bits of ``bits``, as bit masks."""
+    s = 0
+    while s < n:
+        if bits >> s & 1:
+            s += 1
+            continue
+        e = s
+        while e + 1 < n and not bits >> (e + 1) & 1:
+            e += 1
+        yield ((1 << (e - s + 1)) - 1) << s
+        s = e + 1
 
 
 #: the refinement computes cuts and cell corners in int64 from positions, thresholds, chunk
@@ -691,7 +726,7 @@ def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inpu
             exact[a.node] = ok
     # segments per direction: [P, S]
     segs = {}
-    allfixed = [sorted(fixed[u]) for u in ("q", "k", "d")]
+    allfixed = [sorted(set(fixed[u])) for u in ("q", "k", "d")]
     if any(allfixed):                         # one upload for the Python cuts
         flat = torch.tensor([c for f in allfixed for c in f], dtype=I64, device=device)
     at = 0
