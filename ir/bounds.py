@@ -31,7 +31,9 @@ evaluator, 32 for a kernel that wants 32-bit arithmetic; ``N = 2**bits``):
   representable, so the bound folds (``q - k > 2**63 - 1`` is false everywhere);
 * a divisor that is a constant (or arithmetic of ``Lq``, ``Lk``, ``H``: a Python int) may be
   anything nonzero: with a representable dividend ``a``, ``a // d`` is ``0`` or ``-1`` when
-  ``|d|`` exceeds every representable value, and ``a % d`` follows.
+  ``|d|`` exceeds every representable value, and ``a % d`` follows;
+* a constant argument of ``min``/``max`` may be anything: saturated to the representable
+  range it gives the same result whenever that result is representable.
 
 Constants, list entries, coefficients and offsets of sums that are not representable are
 wrapped modulo ``N`` before they meet a tensor (:func:`wrap`): exact for the ring
@@ -102,7 +104,8 @@ class Domain:
 
     def describe(self) -> str:
         return (f"Lq={self.Lq}, Lk={self.Lk}, q_offset={self.q_offset}"
-                + (f", H={self.H}" if self.H != 1 else "") + (f", B={self.B}" if self.B != 1 else ""))
+                + (f", H={self.H}" if self.H != 1 else "")
+                + (f", B={self.B}" if self.B != 1 else ""))
 
 
 def call_domain(Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1, q_offset=None,
@@ -318,62 +321,104 @@ def _postorder(ir: Node) -> list:
     return list(out)
 
 
+class _Requirements(Visitor):
+    """Collects, for one node at a time, the values that must be representable in ``bits``
+    (the rules of the module docstring), and the equalities decided modulo ``2**bits``."""
+
+    complete = True
+
+    def __init__(self, b: _Bounds, bits: int):
+        self.bounds = b.memo
+        self.partial = b.partial
+        self.bits = bits
+        self.problems: list = []
+        self.wrapped: set = set()
+
+    def ok(self, lo_hi) -> bool:
+        return representable(lo_hi[0], lo_hi[1], self.bits)
+
+    def need(self, node: Node, what: str, bnd=None) -> None:
+        bnd = self.bounds[node] if bnd is None else bnd
+        if not self.ok(bnd):
+            self.problems.append(Problem(node, bnd, what))
+
+    @rule(Sum, Const, BoolConst, Not, And, Or)
+    def free(self, n):
+        """Exact modulo 2**bits (sums, constants), or no integer at all."""
+
+    @rule(Var)
+    def var(self, n):
+        self.need(n, "value")
+
+    @rule(Prod)
+    def prod(self, n):
+        self.need(n, "product", self.partial.get(n, self.bounds[n]))
+
+    @rule(FloorDiv, Mod)
+    def division(self, n):
+        self.need(n, "value")
+        self.need(n.a, "dividend")
+        if static_names(n.b) is None:       # a Python int may be anything nonzero
+            self.need(n.b, "divisor")
+
+    @rule(Abs)
+    def abs(self, n):
+        self.need(n, "value")
+        self.need(n.a, "argument")
+
+    @rule(Min, Max)
+    def minmax(self, n):
+        self.need(n, "value")
+        for a in n.args:
+            if not isinstance(a, Const):    # a constant saturates: exact in min/max
+                self.need(a, "argument")
+
+    @rule(Select)
+    def select(self, n):
+        self.need(n, "value")
+        self.need(n.a, "branch")
+        self.need(n.b, "branch")
+
+    @rule(Table)
+    def table(self, n):
+        self.need(n, "value")
+        self.need(n.index, "index")
+
+    @rule(Load)
+    def load(self, n):
+        self.need(n, "input value")
+        for i in n.index:
+            self.need(i, "index")
+
+    @rule(Range)
+    def range(self, n):
+        if n.lo is not None and n.lo == n.hi and isinstance(n.x, Sum) \
+                and not self.ok(self.bounds[n.x]):
+            lo, hi = self.bounds[n.x]
+            c, N = n.lo, 1 << self.bits
+            if self.ok((c, c)) and c - N < lo and c + N > hi:
+                self.wrapped.add(n)
+                return
+        self.need(n.x, "compared value")
+
+    @rule(IsPow2)
+    def is_pow2(self, n):
+        self.need(n.a, "argument of is_pow2")
+
+
 @lru_cache(maxsize=256)
 def analyse(ir: Node, domain: Domain, bits: int = 64) -> Checked:
     """Which nodes of ``ir`` the ``bits``-bit tensor computation over ``domain`` cannot get
     exactly (see the module docstring for the rules); cached per (ir, domain, bits)."""
     b = _Bounds(domain)
     b.of(ir)
-    bounds = b.memo
-    ok = lambda lo_hi: representable(lo_hi[0], lo_hi[1], bits)   # noqa: E731
-    problems: list = []
-    wrapped: set = set()
-
-    def need(node: Node, what: str, bnd=None) -> None:
-        bnd = bounds[node] if bnd is None else bnd
-        if not ok(bnd):
-            problems.append(Problem(node, bnd, what))
-
+    req = _Requirements(b, bits)
     for n in _postorder(ir):
-        if isinstance(n, (Sum, Const, BoolConst, Not, And, Or)):
-            continue
-        if isinstance(n, Range):
-            if n.lo is not None and n.lo == n.hi and isinstance(n.x, Sum) and not ok(bounds[n.x]):
-                lo, hi = bounds[n.x]
-                c, N = n.lo, 1 << bits
-                if ok((c, c)) and c - N < lo and c + N > hi:
-                    wrapped.add(n)
-                    continue
-            need(n.x, "compared value")
-            continue
-        if isinstance(n, IsPow2):
-            need(n.a, "argument of is_pow2")
-            continue
-        if isinstance(n, Prod):
-            need(n, "product", b.partial.get(n, bounds[n]))
-            continue
-        if isinstance(n, Load):
-            need(n, "input value")
-            for i in n.index:
-                need(i, "index")
-            continue
-        need(n, "value")
-        if isinstance(n, (FloorDiv, Mod)):
-            need(n.a, "dividend")
-            if static_names(n.b) is None:
-                need(n.b, "divisor")
-        elif isinstance(n, Table):
-            need(n.index, "index")
-        elif isinstance(n, (Abs, Min, Max)):
-            for a in n.children():
-                need(a, "argument")
-        elif isinstance(n, Select):
-            need(n.a, "branch")
-            need(n.b, "branch")
+        req(n)
     if ir.type == INT:              # an int root (a closed-form bound) is read exactly
-        need(ir, "value")
-    problems = tuple(dict.fromkeys(problems))
-    return Checked(domain, bits, bounds, frozenset(wrapped), problems)
+        req.need(ir, "value")
+    problems = tuple(dict.fromkeys(req.problems))
+    return Checked(domain, bits, b.memo, frozenset(req.wrapped), problems)
 
 
 # ------------------------------------------------------------------ inputs
