@@ -64,7 +64,7 @@ import torch
 
 from ..dsl.errors import SpattnValueError
 from . import build as B
-from .bounds import Checked, Domain, analyse, bounds_of, check_call
+from .bounds import INT64, Checked, Domain, analyse, bounds_of, check_call
 from .evaluate import evaluate
 from .inputs import check_lengths, query_offset, validate_inputs
 from .intervals import (IntervalEval, _consecutive, bool_atoms, check_input_bounds, combine,
@@ -115,12 +115,18 @@ def validate_args(pattern, Lq, Lk, block_m, block_n, *, num_heads, batch, q_offs
 # ------------------------------------------------------------------ tile boxes
 
 def tile_bounds(L: int, block: int, offset: int, device, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last position of each tile of ``block`` along ``L`` positions from ``offset``
+    (the positions are in int64: ``bounds.check_call``)."""
     n = -(-L // block)
-    lo = torch.arange(offset, offset + n * block, block, dtype=I64, device=device)
-    hi = torch.arange(offset + block - 1, offset + (n + 1) * block - 1, block, dtype=I64,
-                      device=device)
-    if L % block:                        # ragged last tile (else hi is already <= L - 1)
-        hi = hi.clamp_(max=L - 1 + offset)
+    if offset + (n + 1) * block <= INT64[1]:
+        lo = torch.arange(offset, offset + n * block, block, dtype=I64, device=device)
+        hi = torch.arange(offset + block - 1, offset + (n + 1) * block - 1, block, dtype=I64,
+                          device=device)
+        if L % block:                    # ragged last tile (else hi is already <= L - 1)
+            hi = hi.clamp_(max=L - 1 + offset)
+    else:                                # the padded grid would pass int64: rows, then shift
+        rows = torch.arange(0, n * block, block, dtype=I64, device=device)
+        lo, hi = rows + offset, (rows + (block - 1)).clamp_(max=L - 1) + offset
     return lo.view(shape), hi.view(shape)
 
 

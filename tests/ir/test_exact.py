@@ -135,6 +135,11 @@ def test_positions_beyond_int64_or_closed_form_range_refused():
     with pytest.raises(SpattnValueError, match="q_offset="):
         p.tiles(4, 4, 2, 2, q_offset=-2**63 - 1)
     assert p.mask(4, 4, q_offset=2**63 - 4).all()  # the last representable positions
+    for src in ("causal", "causal & (q - k) % 3 == 0", "q > 9223372036854775805"):
+        for block in (2, 3, 128):                   # padded tiles would pass 2**63 - 1
+            ir = spattn.compile(src).ir
+            got = classify(ir, 5, 4, block, block, q_offset=2**63 - 5)
+            assert unsound(got, scalar_tiles(ir, 5, 4, block, block, q_offset=2**63 - 5)) == 0
     with pytest.raises(SpattnValueError, match="closed-form column ranges"):
         tile_ranges(closed_form(p.ir), 4, 4, 2, 2, q_offset=2**62 + 1, transpose=True)
 
