@@ -64,6 +64,7 @@ from .evaluate import evaluate
 from .inputs import check_lengths, query_offset
 from .intervals import lift
 from .nodes import And, BoolConst, Const, FloorDiv, Node, Not, Or, Range, Var
+from .visitor import Visitor, rule
 
 MAX_INTERVALS = 4
 Q_UNBOUNDED = 1 << 30
@@ -102,13 +103,24 @@ class _NotAffine(Exception):
 
 # ------------------------------------------------------------------ DNF
 
-def _nnf_dnf(n: Node, neg: bool = False) -> list:
-    """DNF as a list of conjuncts (lists of Range atoms)."""
-    if isinstance(n, BoolConst):
+class _DNF(Visitor):
+    """DNF of a bool formula (negated when ``neg``) as a list of conjuncts (lists of Range
+    atoms); :class:`_NotAffine` for any other leaf or more than 256 conjuncts."""
+
+    @rule(default=True)
+    def other(self, n, neg):
+        raise _NotAffine
+
+    @rule(BoolConst)
+    def const(self, n, neg):
         return [[]] if (n.value != neg) else []
-    if isinstance(n, Not):
-        return _nnf_dnf(n.a, not neg)
-    if isinstance(n, Range):
+
+    @rule(Not)
+    def not_(self, n, neg):
+        return self(n.a, not neg)
+
+    @rule(Range)
+    def range(self, n, neg):
         if not neg:
             return [[n]]
         out = []
@@ -117,9 +129,11 @@ def _nnf_dnf(n: Node, neg: bool = False) -> list:
         if n.hi is not None:
             out.append([B.range_(n.x, n.hi + 1, None)])
         return out
-    if isinstance(n, (And, Or)):
+
+    @rule(And, Or)
+    def junction(self, n, neg):
         conj = isinstance(n, And) != neg
-        parts = [_nnf_dnf(a, neg) for a in n.args]
+        parts = [self(a, neg) for a in n.args]
         if not conj:
             out = [c for p in parts for c in p]
             if len(out) > 256:
@@ -131,7 +145,14 @@ def _nnf_dnf(n: Node, neg: bool = False) -> list:
             if len(acc) > 256:
                 raise _NotAffine
         return acc
-    raise _NotAffine
+
+
+_dnf = _DNF()
+
+
+def _nnf_dnf(n: Node, neg: bool = False) -> list:
+    """DNF as a list of conjuncts (lists of Range atoms)."""
+    return _dnf(n, neg)
 
 
 def _simplify(conjuncts: list) -> list:
