@@ -283,17 +283,17 @@ def test_evaluate_python_ints_stay_exact():
 # ---- kernels: 32 or 64 bits ----------------------------------------------------------------
 
 @pytest.mark.parametrize("src, kw, want", [
-    ("causal", {}, False),
-    ("causal & window(1024)", {"q_offset": -2**29}, False),
-    ("causal", {"q_offset": 2**31}, True),
-    ("q - k < %d" % 2**40, {}, True),                 # the closed form's bounds leave int32
-    ("q * k < 100", {}, False),
-    ("q * k < 100", {"Lq": 2**16, "Lk": 2**16}, True),
-    ("causal & same(doc)", {"doc": "small"}, False),  # int64 ids measured: they fit
-    ("causal & same(doc)", {"doc": "hash"}, True),
-    ("blocks[q // 64, k // 64]", {"blocks": "bool"}, False),
-    ("blocks[q // 64, k // 64]", {"blocks": "big"}, True),
-], ids=lambda v: v if isinstance(v, str) else None)
+    pytest.param("causal", {}, False, id="causal"),
+    pytest.param("causal & window(1024)", {"q_offset": -2**29}, False, id="window-off-2**29"),
+    pytest.param("causal", {"q_offset": 2**31}, True, id="causal-off-2**31"),
+    pytest.param("q - k < %d" % 2**40, {}, True, id="closed-form-beyond-int32"),
+    pytest.param("q * k < 100", {}, False, id="product-L4096"),
+    pytest.param("q * k < 100", {"Lq": 2**16, "Lk": 2**16}, True, id="product-L65536"),
+    pytest.param("causal & same(doc)", {"doc": "small"}, False, id="same-small-int64-ids"),
+    pytest.param("causal & same(doc)", {"doc": "hash"}, True, id="same-hash-ids"),
+    pytest.param("blocks[q // 64, k // 64]", {"blocks": "bool"}, False, id="blocks-bool"),
+    pytest.param("blocks[q // 64, k // 64]", {"blocks": "big"}, True, id="blocks-2**40"),
+])
 def test_kernel_int64(src, kw, want):
     g = torch.Generator().manual_seed(0)
     make = {"small": lambda: torch.arange(4096) // 100,
