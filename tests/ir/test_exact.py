@@ -367,3 +367,12 @@ def test_random_wide_patterns_are_mostly_exact(data):
         ir, off = data.draw(st.tuples(wide_patterns, big_offsets))
         seen[_agree_or_refuse(ir, 5, 6, 2, 3, q_offset=off)] += 1
     assert seen["exact"] > 2 * seen["refused"] and seen["refused"] > 0, seen
+
+
+def test_explain_counts_tiles_when_a_closed_form_bound_leaves_int64():
+    from spattn.ir.explain import explain
+    p = spattn.compile("k >= q - %d & k <= q + 3" % (3 * 2**61))
+    for off, method in ((-2**62, "partial tiles evaluated"), (0, "per-row closed form")):
+        r = explain(p, 16, 16, q_offset=off, block_m=4, block_n=4)
+        assert method in r.density_method
+        assert r.allowed_pairs == int(scalar_mask(p.ir, 16, 16, q_offset=off).sum())
