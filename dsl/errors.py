@@ -96,10 +96,15 @@ class SpattnCacheError(SpattnError):
     """The kernel cache cannot hold a file where one is needed (no usable directory)."""
 
 
-#: Largest magnitude of an integer a user gives spattn: literals, params, ``q_offset``.
-#: Positions, offsets and their differences are signed 64-bit integers in the kernels and in
-#: the reference; 2**62 leaves room for ``q - k`` and for a position plus a length.
+#: Largest magnitude of a position offset a user gives spattn (``q_offset``). Positions and
+#: their differences are signed 64-bit integers in the kernels; 2**62 leaves room for
+#: ``q - k`` and for a position plus a length.
 MAX_INT = 2 ** 62
+#: Largest magnitude of an integer literal or param. Arithmetic is exact (Python integers:
+#: ``ir/bounds.py`` proves what a 64-bit computation gets right, folds comparisons with
+#: bounds beyond it, and names what cannot be represented); the limit only keeps numbers
+#: printable and cheap.
+MAX_LITERAL = 2 ** 256
 
 
 def short_repr(value) -> str:

@@ -20,7 +20,7 @@ from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, Unex
     UnexpectedToken
 
 from . import ast as A
-from .errors import MAX_INT, SpattnSyntaxError, SpattnValueError
+from .errors import MAX_LITERAL, SpattnSyntaxError, SpattnValueError
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 
@@ -235,15 +235,15 @@ class _LiteralError(Exception):
         d = self.digits
         shown = d if len(d) <= 24 else f"{d[:10]}...{d[-10:]} ({len(d)} digits)"
         return SpattnValueError(
-            f"integer literal {shown} is too large: integers must be at most 2**62 = {MAX_INT} "
-            "in magnitude (positions and their differences are 64-bit integers)",
+            f"integer literal {shown} is too large: integer literals must be at most 2**256 "
+            "in magnitude",
             source=src, line=self.tok.line, column=self.tok.column, filename=filename)
 
 
 def _int(tok: Token) -> int:
     digits = str(tok).replace("_", "").lstrip("0") or "0"
     # checked by length first: Python refuses to convert strings of over 4300 digits
-    if len(digits) > len(str(MAX_INT)) or int(digits) > MAX_INT:
+    if len(digits) > len(str(MAX_LITERAL)) or int(digits) > MAX_LITERAL:
         raise _LiteralError(tok, digits)
     return int(digits)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import ast as A
-from .errors import MAX_INT, SpattnError, SpattnNameError, SpattnParamError, SpattnTypeError, \
+from .errors import MAX_LITERAL, SpattnError, SpattnNameError, SpattnParamError, SpattnTypeError, \
     SpattnValueError, short_repr
 from .prelude import BUILTINS, prelude
 
@@ -76,10 +76,9 @@ def bind_value(name: str, value) -> ParamValue:
         except TypeError:
             raise SpattnParamError(f"param {name!r} must be an int or a list of ints, "
                                    f"got {type(v).__name__} {short_repr(v)}") from None
-        if abs(i) > MAX_INT:
-            raise SpattnParamError(f"param {name!r} is {short_repr(i)}: integers must be at "
-                                   f"most 2**62 = {MAX_INT} in magnitude (positions and their "
-                                   "differences are 64-bit integers)")
+        if abs(i) > MAX_LITERAL:
+            raise SpattnParamError(f"param {name!r} is {short_repr(i)}: integer params must be "
+                                   "at most 2**256 in magnitude")
         return i
     if isinstance(value, (list, tuple)):
         vals = tuple(one(v) for v in value)

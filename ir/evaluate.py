@@ -6,6 +6,16 @@ same code computes the dense mask ``[B, H, Lq, Lk]`` and the predicate at
 chosen points (the exact refinement of tile classes evaluates it at one
 representative point per cell).
 
+Integers are exact (Python integers). Values that are Python ints (constants,
+lengths, arithmetic of them) are computed exactly on the host; tensors hold
+int64, on which this module computes exactly what the language means wherever
+:func:`spattn.ir.bounds.check_call` accepts the call (``mask`` calls it; the
+other entry points of the analysis do too): sums and products wrap modulo
+``2**64`` (constants beyond int64 are wrapped first: exact modulo ``2**64``), an
+equality of a sum is exact under that wrap, a comparison bound beyond int64
+folds (the compared value is in int64), a constant divisor beyond int64 gives
+quotient 0 or -1, and a constant beyond int64 inside ``min``/``max`` saturates.
+
 Runtime inputs: an input used with ``n`` index dimensions is given as a tensor
 of ``n`` dimensions (shared by the batch and heads), ``n + 1`` (``[B, ...]``)
 or ``n + 2`` (``[B, H, ...]``) dimensions; a size-1 batch or head dimension
@@ -18,93 +28,13 @@ from typing import Mapping
 import torch
 
 from ..dsl.errors import SpattnInputError, SpattnValueError
+from .bounds import INT64, check_call, wrap
+from .inputs import check_lengths, query_offset
 from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                     Not, Or, Prod, Range, Select, Sum, Table, Var)
+from .visitor import Visitor, rule
 
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
-
-
-#: (id, version, data pointer, device, dtype) of a source tensor -> (source, converted).
-_CONVERTED: dict = {}
-_CONVERTED_SIZE = 8
-
-
-def converted(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(device).to(dtype)``, the same tensor object on every call while ``t`` is
-    unchanged (same object, no in-place write since): the launchers key their tile
-    tables on the inputs' identity, so a fresh copy per call would rebuild them."""
-    if t.dtype == dtype and (device is None or t.device == torch.device(device)):
-        return t
-    if torch.compiler.is_compiling():    # traced: fake tensors have no data pointer
-        return (t.to(device) if device is not None else t).to(dtype)
-    key = (id(t), t._version, t.data_ptr(), str(device), dtype)
-    hit = _CONVERTED.get(key)
-    if hit is not None and hit[0] is t:
-        return hit[1]
-    out = t.to(device) if device is not None else t
-    out = out.to(dtype)
-    if len(_CONVERTED) >= _CONVERTED_SIZE:
-        _CONVERTED.pop(next(iter(_CONVERTED), None), None)   # oldest (another thread may race)
-    _CONVERTED[key] = (t, out)      # holds ``t``: its id cannot be reused while cached
-    return out
-
-
-def query_offset(Lq: int, Lk: int, q_offset: int | None) -> int:
-    """Position of query row 0: bottom-right aligned (``Lk - Lq``) unless given."""
-    return Lk - Lq if q_offset is None else int(q_offset)
-
-
-def check_lengths(Lq, Lk, *, num_heads=1, batch=1) -> None:
-    for name, v in (("Lq", Lq), ("Lk", Lk), ("num_heads", num_heads), ("batch", batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise SpattnValueError(f"{name} must be a positive integer, got {v!r}")
-
-
-def validate_inputs(declared: Mapping[str, int], given: Mapping[str, object], *,
-                    batch: int, num_heads: int, device=None) -> dict[str, torch.Tensor]:
-    """Check runtime inputs against the pattern's declaration; returns int64 tensors.
-
-    ``declared`` maps each input name to its number of index dimensions.
-    Raises :class:`SpattnInputError` naming the argument and its shape.
-    """
-    missing = [n for n in declared if n not in given]
-    if missing:
-        raise SpattnInputError(
-            "missing runtime input" + ("s " if len(missing) > 1 else " ")
-            + ", ".join(repr(n) for n in missing)
-            + f": the pattern indexes {', '.join(f'{n}[{_dims(declared[n])}]' for n in missing)}")
-    extra = [n for n in given if n not in declared]
-    if extra:
-        known = ", ".join(repr(n) for n in declared) or "none"
-        raise SpattnInputError(f"unexpected runtime input {', '.join(repr(n) for n in extra)}: "
-                               f"the pattern's inputs are {known}")
-    out = {}
-    for name, nd in declared.items():
-        t = given[name]
-        if not isinstance(t, torch.Tensor):
-            raise SpattnInputError(f"runtime input {name!r} must be a torch.Tensor, "
-                                   f"got {type(t).__name__}")
-        if t.dtype not in _INT_DTYPES:
-            raise SpattnInputError(f"runtime input {name!r} must have an integer or bool dtype, "
-                                   f"got {t.dtype} (shape {tuple(t.shape)})")
-        if t.dim() not in (nd, nd + 1, nd + 2):
-            raise SpattnInputError(
-                f"runtime input {name!r} has shape {tuple(t.shape)}, but the pattern indexes it "
-                f"with {nd} index dimension{'s' if nd != 1 else ''}: expected {nd} dims, "
-                f"[B, ...] ({nd + 1} dims) or [B, H, ...] ({nd + 2} dims)")
-        lead = t.shape[: t.dim() - nd]
-        for axis, (size, want, what) in enumerate(zip(lead, (batch, num_heads), ("batch", "heads"))):
-            if size not in (1, want):
-                raise SpattnInputError(f"runtime input {name!r} has shape {tuple(t.shape)}: "
-                                       f"its {what} dimension ({axis}) is {size}, expected {want} or 1")
-        if any(s == 0 for s in t.shape):
-            raise SpattnInputError(f"runtime input {name!r} is empty (shape {tuple(t.shape)})")
-        out[name] = converted(t, device, torch.int64)
-    return out
-
-
-def _dims(n: int) -> str:
-    return ", ".join("·" for _ in range(n))
+_LO, _HI = INT64
 
 
 def _as_full(t: torch.Tensor, nd: int) -> torch.Tensor:
@@ -142,108 +72,200 @@ def evaluate(node: Node, env: Mapping[str, object], inputs: Mapping[str, torch.T
     Bool nodes give bool tensors (or Python bools when nothing is a tensor).
     Common sub-expressions are computed once (``memo``).
     """
-    memo = {} if memo is None else memo
-    inputs = inputs or {}
+    return _Evaluator(env, inputs or {}, {} if memo is None else memo).ev(node)
 
-    def ev(n: Node):
+
+def _fit(v: int) -> int:
+    """A Python int as the int64 a tensor holds: wrapped modulo ``2**64`` (exact for + - *)."""
+    return v if _LO <= v <= _HI else wrap(v)
+
+
+def _sat(v: int) -> int:
+    """A Python int saturated to int64: exact for ``min``/``max`` with an int64 tensor."""
+    return _LO if v < _LO else _HI if v > _HI else v
+
+
+class _Evaluator(Visitor):
+    """The rules of :func:`evaluate`: Python values stay exact Python ints and bools, tensor
+    values are int64 / bool tensors (see the module docstring for what is exact)."""
+
+    complete = True
+
+    def __init__(self, env, inputs, memo):
+        self.env = env
+        self.inputs = inputs
+        self.memo = memo
+
+    def ev(self, n: Node):
+        memo = self.memo
         if n in memo:
             return memo[n]
-        v = _ev(n)
-        memo[n] = v
+        v = memo[n] = self(n)
         return v
 
-    def _ev(n: Node):
-        if isinstance(n, Const):
-            return n.value
-        if isinstance(n, BoolConst):
-            return n.value
-        if isinstance(n, Var):
-            return env[n.name]
-        if isinstance(n, Sum):              # no products by 1 or -1 (device ops on tensors)
-            acc = None
-            for a, c in n.terms:
-                v = ev(a)
-                if acc is None:
-                    acc = v if c == 1 else -v if c == -1 else c * v
-                else:
-                    acc = acc + v if c == 1 else acc - v if c == -1 else acc + c * v
-            return acc + n.const if n.const else acc
-        if isinstance(n, Prod):
-            acc = 1
-            for f in n.factors:
-                acc = acc * ev(f)
-            return acc
-        if isinstance(n, (FloorDiv, Mod)):
-            a, d = ev(n.a), ev(n.b)
-            if _any_zero(d):
-                raise SpattnValueError(f"the divisor {n.b} evaluates to 0")
-            if isinstance(n, FloorDiv):
-                return torch.div(a, d, rounding_mode="floor") if _is_t(a, d) else a // d
-            return torch.remainder(a, d) if _is_t(a, d) else a % d
-        if isinstance(n, Abs):
-            a = ev(n.a)
-            return a.abs() if isinstance(a, torch.Tensor) else abs(a)
-        if isinstance(n, (Min, Max)):
-            vals = [ev(a) for a in n.args]
-            acc = vals[0]
-            for v in vals[1:]:
-                if _is_t(acc, v):
-                    acc = (torch.minimum if isinstance(n, Min) else torch.maximum)(
-                        torch.as_tensor(acc), torch.as_tensor(v))
-                else:
-                    acc = min(acc, v) if isinstance(n, Min) else max(acc, v)
-            return acc
-        if isinstance(n, Select):
-            c, a, b = ev(n.cond), ev(n.a), ev(n.b)
-            if _is_t(c, a, b):
-                return torch.where(torch.as_tensor(c), torch.as_tensor(a), torch.as_tensor(b))
-            return a if c else b
-        if isinstance(n, Table):
-            i = ev(n.index)
-            vals = torch.tensor(n.values, dtype=torch.int64)
-            lo, hi = (int(i.min()), int(i.max())) if isinstance(i, torch.Tensor) else (i, i)
-            if lo < 0 or hi >= len(n.values):
-                raise SpattnValueError(
-                    f"list {list(n.values)} has {len(n.values)} entries but is indexed with "
-                    f"{n.index} taking values {lo}..{hi}")
-            if isinstance(i, torch.Tensor):
-                return vals.to(i.device)[i]
-            return n.values[i]
-        if isinstance(n, Load):
-            if n.name not in inputs:
-                raise SpattnInputError(f"missing runtime input {n.name!r}")
-            idx = [torch.as_tensor(ev(i), dtype=torch.int64) for i in n.index]
-            return gather(n.name, inputs[n.name], idx, env.get("b", 0), env.get("h", 0))
-        if isinstance(n, Range):
-            x = ev(n.x)
-            out = True
-            if n.lo is not None:
-                out = x >= n.lo
-            if n.hi is not None:
-                out = (x <= n.hi) if out is True else (out & (x <= n.hi))
-            return out
-        if isinstance(n, IsPow2):
-            x = ev(n.a)
-            if isinstance(x, torch.Tensor):
-                return (x > 0) & ((x & (x - 1)) == 0)
-            return x > 0 and x & (x - 1) == 0
-        if isinstance(n, Not):
-            a = ev(n.a)
-            return ~a if isinstance(a, torch.Tensor) else not a
-        if isinstance(n, (And, Or)):
-            acc = None
-            for a in n.args:
-                v = ev(a)
-                if acc is None:
-                    acc = v
-                elif isinstance(n, And):
-                    acc = acc & v
-                else:
-                    acc = acc | v
-            return acc
-        raise TypeError(f"cannot evaluate {n!r}")
+    @rule(Const, BoolConst)
+    def const(self, n):
+        return n.value
 
-    return ev(node)
+    @rule(Var)
+    def var(self, n):
+        return self.env[n.name]
+
+    @rule(Sum)
+    def sum(self, n):
+        py = n.const                       # the Python-valued terms, exactly
+        acc = None                         # no products by 1 or -1 (device ops on tensors)
+        for a, c in n.terms:
+            v = self.ev(a)
+            if not isinstance(v, torch.Tensor):
+                py += c * v
+                continue
+            if not _LO <= c <= _HI:
+                c = wrap(c)
+            if acc is None:
+                acc = v if c == 1 else -v if c == -1 else c * v
+            else:
+                acc = acc + v if c == 1 else acc - v if c == -1 else acc + c * v
+        if acc is None:
+            return py
+        return acc + _fit(py) if py else acc
+
+    @rule(Prod)
+    def prod(self, n):
+        py, acc = 1, None
+        for f in n.factors:
+            v = self.ev(f)
+            if isinstance(v, torch.Tensor):
+                acc = v if acc is None else acc * v
+            else:
+                py *= v
+        if acc is None:
+            return py
+        return acc if py == 1 else acc * _fit(py)
+
+    @rule(FloorDiv, Mod)
+    def division(self, n):
+        a, d = self.ev(n.a), self.ev(n.b)
+        if _any_zero(d):
+            raise SpattnValueError(f"the divisor {n.b} evaluates to 0")
+        floor = isinstance(n, FloorDiv)
+        if not _is_t(a, d):
+            return a // d if floor else a % d
+        if not isinstance(d, torch.Tensor) and not _LO <= d <= _HI:
+            # |d| exceeds every int64 value a takes: the quotient is 0 or -1
+            neg = (a < 0) if d > 0 else (a > 0)
+            if floor:
+                return -neg.to(torch.int64)
+            return torch.where(neg, a + wrap(d), a)
+        if not isinstance(a, torch.Tensor):
+            a = _fit(a)
+        return torch.div(a, d, rounding_mode="floor") if floor else torch.remainder(a, d)
+
+    @rule(Abs)
+    def abs(self, n):
+        a = self.ev(n.a)
+        return a.abs() if isinstance(a, torch.Tensor) else abs(a)
+
+    @rule(Min, Max)
+    def minmax(self, n):
+        is_min = isinstance(n, Min)
+        vals = [self.ev(a) for a in n.args]
+        acc = vals[0]
+        for v in vals[1:]:
+            if _is_t(acc, v):
+                acc = (torch.minimum if is_min else torch.maximum)(
+                    _tensor(acc, _sat), _tensor(v, _sat))
+            else:
+                acc = min(acc, v) if is_min else max(acc, v)
+        return acc
+
+    @rule(Select)
+    def select(self, n):
+        c, a, b = self.ev(n.cond), self.ev(n.a), self.ev(n.b)
+        if _is_t(c, a, b):
+            return torch.where(torch.as_tensor(c), _tensor(a, _fit), _tensor(b, _fit))
+        return a if c else b
+
+    @rule(Table)
+    def table(self, n):
+        i = self.ev(n.index)
+        lo, hi = (int(i.min()), int(i.max())) if isinstance(i, torch.Tensor) else (i, i)
+        if lo < 0 or hi >= len(n.values):
+            raise SpattnValueError(
+                f"list {list(n.values)} has {len(n.values)} entries but is indexed with "
+                f"{n.index} taking values {lo}..{hi}")
+        if isinstance(i, torch.Tensor):
+            vals = torch.tensor([_fit(v) for v in n.values], dtype=torch.int64)
+            return vals.to(i.device)[i]
+        return n.values[i]
+
+    @rule(Load)
+    def load(self, n):
+        if n.name not in self.inputs:
+            raise SpattnInputError(f"missing runtime input {n.name!r}")
+        t = self.inputs[n.name]
+        idx = []
+        for axis, i in enumerate(n.index):
+            v = self.ev(i)
+            if not isinstance(v, torch.Tensor):
+                size = t.shape[t.dim() - len(n.index) + axis]
+                if not 0 <= v < size:           # before it meets a tensor (it may be huge)
+                    raise SpattnInputError(
+                        f"runtime input {n.name!r} (shape {tuple(t.shape)}) is indexed out of "
+                        f"range: index dimension {axis} takes the value {v} but has size {size}")
+            idx.append(torch.as_tensor(v, dtype=torch.int64))
+        return gather(n.name, t, idx, self.env.get("b", 0), self.env.get("h", 0))
+
+    @rule(Range)
+    def range(self, n):
+        x = self.ev(n.x)
+        lo, hi = n.lo, n.hi
+        if isinstance(x, torch.Tensor):
+            # x is in int64 (bounds.check_call): a bound beyond it folds, never wraps
+            if (lo is not None and lo > _HI) or (hi is not None and hi < _LO):
+                return torch.zeros_like(x, dtype=torch.bool)
+            lo = None if lo is not None and lo <= _LO else lo
+            hi = None if hi is not None and hi >= _HI else hi
+            if lo is None and hi is None:
+                return torch.ones_like(x, dtype=torch.bool)
+        if lo is not None and lo == hi:
+            return x == lo
+        out = True
+        if lo is not None:
+            out = x >= lo
+        if hi is not None:
+            out = (x <= hi) if out is True else (out & (x <= hi))
+        return out
+
+    @rule(IsPow2)
+    def is_pow2(self, n):
+        x = self.ev(n.a)
+        if isinstance(x, torch.Tensor):
+            return (x > 0) & ((x & (x - 1)) == 0)
+        return x > 0 and x & (x - 1) == 0
+
+    @rule(Not)
+    def not_(self, n):
+        a = self.ev(n.a)
+        return ~a if isinstance(a, torch.Tensor) else not a
+
+    @rule(And, Or)
+    def junction(self, n):
+        conj = isinstance(n, And)
+        acc = None
+        for a in n.args:
+            v = self.ev(a)
+            if acc is None:
+                acc = v
+            elif conj:
+                acc = acc & v
+            else:
+                acc = acc | v
+        return acc
+
+
+def _tensor(v, fit) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.as_tensor(fit(v) if type(v) is int else v)
 
 
 def _is_t(*xs) -> bool:
@@ -259,9 +281,14 @@ def _any_zero(d) -> bool:
 def mask(node: Node, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
          q_offset: int | None = None, inputs: Mapping[str, torch.Tensor] | None = None,
          device=None) -> torch.Tensor:
-    """Dense mask ``[batch, num_heads, Lq, Lk]``: True where query row i may see key j."""
+    """Dense mask ``[batch, num_heads, Lq, Lk]``: True where query row i may see key j.
+
+    Exact for every call :func:`spattn.ir.bounds.check_call` accepts; the others raise its
+    :class:`SpattnValueError` (a value the pattern needs exactly is beyond int64).
+    """
     check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
     off = query_offset(Lq, Lk, q_offset)
+    check_call(node, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=off, inputs=inputs)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     env = {
         "q": (torch.arange(Lq, device=dev, dtype=torch.int64) + off).view(1, 1, Lq, 1),

@@ -18,8 +18,10 @@ from typing import Optional
 
 import torch
 
-from .evaluate import evaluate, query_offset
-from .ranges import closed_form
+from ..dsl.errors import SpattnValueError
+from .evaluate import evaluate
+from .inputs import query_offset
+from .ranges import closed_form, exact_intervals
 from .strategy import COST, pick_strategy, predicted_speedup, tile_counts
 from .tiles import FULL, PARTIAL, classify
 
@@ -82,8 +84,9 @@ class Report:
         p.text(str(self))
 
 
-def _count_closed_form(cf, Lq, Lk, *, num_heads, batch, q_offset, device, chunk=1 << 16) -> int:
-    """Allowed pairs, counted per query row from the closed form (exact)."""
+def _count_closed_form(rows, Lq, Lk, *, num_heads, batch, q_offset, device,
+                       chunk=1 << 16) -> int:
+    """Allowed pairs, counted per query row from the closed form's ``rows`` (exact)."""
     off = query_offset(Lq, Lk, q_offset)
     total = 0
     for s in range(0, Lq, chunk):
@@ -95,7 +98,7 @@ def _count_closed_form(cf, Lq, Lk, *, num_heads, batch, q_offset, device, chunk=
                "Lq": Lq, "Lk": Lk, "H": num_heads}
         shape = (batch, num_heads, n)
         los, his = [], []
-        for iv in cf.rows:
+        for iv in rows:
             lo = torch.as_tensor(evaluate(iv.lo, env), dtype=torch.int64, device=device).expand(shape)
             hi = torch.as_tensor(evaluate(iv.hi, env), dtype=torch.int64, device=device).expand(shape)
             los.append(lo.clamp(min=0))
@@ -153,12 +156,19 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, b
     dev = tiles.device
     counts = tile_counts(tiles)
     cf = closed_form(ir)
+    rows = None
     if cf is not None:
-        allowed = _count_closed_form(cf, Lq, Lk, num_heads=num_heads, batch=batch,
+        try:
+            rows = exact_intervals(cf, Lq, Lk, num_heads=num_heads, batch=batch,
+                                   q_offset=q_offset)
+        except SpattnValueError:    # a bound beyond int64 at this size: count the tiles
+            rows = None
+    if rows is not None:
+        allowed = _count_closed_form(rows, Lq, Lk, num_heads=num_heads, batch=batch,
                                      q_offset=q_offset, device=dev)
         method = "exact, per-row closed form"
     else:
-        from .evaluate import validate_inputs
+        from .inputs import validate_inputs
         ins = validate_inputs(getattr(pattern, "inputs", {}) or {}, inputs, batch=batch,
                               num_heads=num_heads, device=dev)
         allowed = _count_tiles(ir, tiles, Lq, Lk, block_m, block_n, q_offset=q_offset,

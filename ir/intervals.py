@@ -19,6 +19,16 @@ comparison of a single exact affine form is exact; ``&``/``|`` of several atoms
 are exact only per atom (the refinement in :mod:`spattn.ir.tiles` makes the
 combination exact for affine patterns).
 
+Integers: the tensors hold int64 and the rules are exact for every call that
+:func:`spattn.ir.bounds.check_call` accepts (its bounds over the whole call
+contain every interval computed here): sums wrap modulo ``2**64`` (exact: their
+values are in int64, or they feed only equalities), comparison bounds beyond
+int64 fold, a constant divisor beyond int64 gives quotient 0 or -1, and the
+equalities the check lists as ``wrapped`` (a sum beyond int64, such as
+``doc[q] - doc[k]`` with 64-bit ids) are tested modulo ``2**64``
+(:meth:`IntervalEval._wrapped_equality`). Without ``wrapped`` entries there is
+no extra device work.
+
 Runtime inputs enter through per-tile summaries computed on the device: a 1-D
 input by gathering the entries each tile covers when their count has a static
 bound of at most ``GATHER_WIDTH`` (``doc[q]`` over a tile: the tile's width),
@@ -45,9 +55,12 @@ import torch
 
 from ..dsl.errors import SpattnInputError, SpattnValueError
 from . import build as B
-from .evaluate import evaluate, query_offset
+from .bounds import INT64, check_call, static_names, wrap
+from .evaluate import _as_full, evaluate
+from .inputs import query_offset
 from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                     Not, Or, Prod, Range, Select, Sum, Table, Var, walk)
+from .visitor import Visitor, rule
 
 #: n-D inputs are summarised by gathering the covered entries when every tile covers at most
 #: this many of them; above it the whole input's min/max is used.
@@ -59,28 +72,41 @@ GATHER_WIDTH = 512
 #: ... as long as the gather holds at most this many elements.
 GATHER_ELEMS = 1 << 24
 
+I64 = torch.int64
+_LO, _HI = INT64
 
-def static_width(n: Node, widths, origins=None) -> int | None:
-    """A bound on ``hi - lo + 1`` of ``n``'s interval over any box of the environment whose
-    variables span at most ``widths[name]`` values (points: 1); None when not affine in them
-    (or ``//`` of such by a positive constant). ``origins``: ``{name: o}`` when every box of
-    that variable starts at ``o`` plus a multiple of its width (the tile grid), which makes
-    ``q // m`` exact: a tile of ``W`` rows covers ``W // m`` chunks when ``m | W``."""
-    if widths is None:
+
+# ------------------------------------------------------------ static widths and intervals
+
+class _Width(Visitor):
+    """:func:`static_width`'s rules (None for any node type without one)."""
+
+    @rule(default=True)
+    def other(self, n, widths, origins):
         return None
-    if isinstance(n, Const):
+
+    @rule(Const)
+    def const(self, n, widths, origins):
         return 1
-    if isinstance(n, Var):
+
+    @rule(Var)
+    def var(self, n, widths, origins):
         return widths.get(n.name)
-    if isinstance(n, Sum):
+
+    @rule(Sum)
+    def sum(self, n, widths, origins):
         total = 1
         for t, c in n.terms:
-            w = static_width(t, widths, origins)
+            w = self(t, widths, origins)
             if w is None:
                 return None
             total += abs(c) * (w - 1)
         return total
-    if isinstance(n, FloorDiv) and isinstance(n.b, Const) and n.b.value > 0:
+
+    @rule(FloorDiv)
+    def floordiv(self, n, widths, origins):
+        if not (isinstance(n.b, Const) and n.b.value > 0):
+            return None
         m = n.b.value
         terms, c = B.linear(n.a)
         if origins and len(terms) == 1:
@@ -91,11 +117,71 @@ def static_width(n: Node, widths, origins=None) -> int | None:
                 # at most (p + W - 1) // m + 1 chunks, the largest p being m - g + r
                 g = math.gcd(W, m)
                 return (m - g + (origins[v.name] + c) % g + W - 1) // m + 1
-        w = static_width(n.a, widths, origins)
+        w = self(n.a, widths, origins)
         return None if w is None else (w + m - 2) // m + 1
-    return None
 
-I64 = torch.int64
+
+_width = _Width()
+
+
+def static_width(n: Node, widths, origins=None) -> int | None:
+    """A bound on ``hi - lo + 1`` of ``n``'s interval over any box of the environment whose
+    variables span at most ``widths[name]`` values (points: 1); None when not affine in them
+    (or ``//`` of such by a positive constant). ``origins``: ``{name: o}`` when every box of
+    that variable starts at ``o`` plus a multiple of its width (the tile grid), which makes
+    ``q // m`` exact: a tile of ``W`` rows covers ``W // m`` chunks when ``m | W``."""
+    if widths is None:
+        return None
+    return _width(n, widths, origins)
+
+
+class _StaticInterval(Visitor):
+    """:func:`static_interval`'s rules (None for any node type without one)."""
+
+    @rule(default=True)
+    def other(self, n, box):
+        return None
+
+    @rule(Const)
+    def const(self, n, box):
+        return n.value, n.value
+
+    @rule(Var)
+    def var(self, n, box):
+        v = box.get(n.name)
+        if v is None:
+            return None
+        return v if isinstance(v, tuple) else (v, v)
+
+    @rule(Sum)
+    def sum(self, n, box):
+        lo = hi = n.const
+        for a, c in n.terms:
+            iv = self(a, box)
+            if iv is None:
+                return None
+            lo, hi = (lo + iv[0] * c, hi + iv[1] * c) if c > 0 else (lo + iv[1] * c, hi + iv[0] * c)
+        return lo, hi
+
+    @rule(FloorDiv)
+    def floordiv(self, n, box):
+        if not (isinstance(n.b, Const) and n.b.value != 0):
+            return None
+        iv = self(n.a, box)
+        if iv is None:
+            return None
+        d = n.b.value
+        return (iv[0] // d, iv[1] // d) if d > 0 else (iv[1] // d, iv[0] // d)
+
+
+_static_interval = _StaticInterval()
+
+
+def static_interval(n: Node, box: Mapping[str, object]):
+    """``n``'s interval as Python ints over ``box`` (``q``, ``k`` -> ``(lo, hi)``; ``Lq``,
+    ``Lk``, ``H`` -> ints), by the rules of :class:`IntervalEval`, for constants, those
+    variables, sums and ``//`` by a constant; None for anything else."""
+    return _static_interval(n, box)
 
 
 def _t(v, device) -> torch.Tensor:
@@ -108,6 +194,11 @@ def _t(v, device) -> torch.Tensor:
 
 def _floordiv(a, d):
     return torch.div(a, d, rounding_mode="floor")
+
+
+def _ule(a, b):
+    """``a <= b`` for int64 tensors read as unsigned 64-bit integers."""
+    return torch.bitwise_xor(a, _LO) <= torch.bitwise_xor(b, _LO)
 
 
 # ------------------------------------------------------------ range min/max
@@ -171,8 +262,6 @@ class RangeMinMax:
         return mn, mx
 
 
-from .evaluate import _as_full  # noqa: E402  (one definition of the [B', H', ...] view)
-
 
 # ------------------------------------------------------------ the evaluator
 
@@ -184,7 +273,10 @@ def junction3(conj: bool, vals):
     return ct, cf
 
 
-class IntervalEval:
+_MISSING = object()
+
+
+class IntervalEval(Visitor):
     """Interval / three-valued evaluation of IR nodes over a box environment.
 
     ``env``: ``q``, ``k`` -> ``(lo, hi)`` tensors; ``h``, ``b`` -> point tensors;
@@ -193,15 +285,21 @@ class IntervalEval:
     ``inputs``: validated int64 tensors.
     ``on_load(load, index_intervals, tensor)`` is called before each load is summarised
     (used to check bounds). ``summaries`` caches sparse tables between evaluators.
+    ``wrapped``: the equality ranges to test modulo ``2**64``
+    (:attr:`spattn.ir.bounds.Checked.wrapped` of the call).
     """
 
+    complete = True
+
     def __init__(self, env: Mapping[str, object], inputs: Mapping[str, torch.Tensor] | None = None,
-                 *, device=None, on_load=None, summaries: dict | None = None):
+                 *, device=None, on_load=None, summaries: dict | None = None,
+                 wrapped: frozenset = frozenset()):
         self.env = env
         self.inputs = inputs or {}
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.on_load = on_load
         self.summaries = {} if summaries is None else summaries
+        self.wrapped = wrapped
         self.memo: dict = {}
         #: set when an n-D input was summarised by its whole-input min/max (the one summary
         #: that depends on the other boxes evaluated together, not on a box alone)
@@ -209,156 +307,170 @@ class IntervalEval:
 
     # -- public -----------------------------------------------------------
     def int_(self, n: Node):
-        key = ("i", n)
-        if key not in self.memo:
-            self.memo[key] = self._int(n)
-        return self.memo[key]
+        """``(lo, hi)`` of an int node."""
+        v = self.memo.get(n, _MISSING)
+        if v is _MISSING:
+            v = self.memo[n] = self(n)
+        return v
 
-    def bool_(self, n: Node):
-        key = ("b", n)
-        if key not in self.memo:
-            self.memo[key] = self._bool(n)
-        return self.memo[key]
+    #: ``(can_be_true, can_be_false)`` of a bool node (one memo for both kinds of node)
+    bool_ = int_
 
     def _static_int(self, n: Node):
         """``n``'s value as a Python int when it is one for the whole environment: a constant,
         or arithmetic of ``Lq``, ``Lk``, ``H`` bound to ints (``k % H``); else None."""
         if isinstance(n, Const):
             return n.value
-        names = _static_names(n)
+        names = static_names(n)
         if names is None or not all(type(self.env.get(x)) is int for x in names):
             return None
         v = evaluate(n, {x: self.env[x] for x in names})
         return v if type(v) is int else None
 
-    def point(self, n: Node) -> torch.Tensor:
-        """Exact value of a uniform node (no q, k, inputs)."""
-        lo, hi = self.int_(n)
-        return lo
-
     # -- int ---------------------------------------------------------------
-    def _int(self, n: Node):
-        dev = self.device
-        if isinstance(n, Const):
-            v = _t(n.value, dev)
-            return v, v
-        if isinstance(n, Var):
-            v = self.env[n.name]
-            if isinstance(v, tuple):
-                return _t(v[0], dev), _t(v[1], dev)
-            v = _t(v, dev)
-            return v, v
-        if isinstance(n, Sum):
-            lo = hi = None
-            neg = []     # coefficient -1 terms are subtracted (no negation, no product)
-            for a, c in n.terms:
-                alo, ahi = self.int_(a)
-                if c == -1 and lo is not None:
-                    neg.append((alo, ahi))
-                    continue
-                if c == 1:
-                    tl, th = alo, ahi
-                elif alo is ahi:
-                    tl = th = alo * c
-                elif c > 0:
-                    tl, th = alo * c, ahi * c
-                else:
-                    tl, th = ahi * c, alo * c
-                if lo is None:
-                    lo, hi = tl, th
-                elif lo is hi and tl is th:
-                    lo = hi = lo + tl
-                else:
-                    lo, hi = lo + tl, hi + th
-            for alo, ahi in neg:
-                if lo is hi and alo is ahi:
-                    lo = hi = lo - alo
-                else:
-                    lo, hi = lo - ahi, hi - alo
-            if n.const:
-                if lo is hi:
-                    lo = hi = lo + n.const
-                else:
-                    lo, hi = lo + n.const, hi + n.const
-            return lo, hi
-        if isinstance(n, Prod):
-            lo, hi = self.int_(n.factors[0])
-            for f in n.factors[1:]:
-                flo, fhi = self.int_(f)
-                c = (lo * flo, lo * fhi, hi * flo, hi * fhi)
-                lo = torch.minimum(torch.minimum(c[0], c[1]), torch.minimum(c[2], c[3]))
-                hi = torch.maximum(torch.maximum(c[0], c[1]), torch.maximum(c[2], c[3]))
-            return lo, hi
-        if isinstance(n, (FloorDiv, Mod)):
-            alo, ahi = self.int_(n.a)
-            d = self._static_int(n.b)
-            if d is not None:               # the common case: no device check, no sync
-                if d == 0:
-                    raise SpattnValueError(f"the divisor {n.b} evaluates to 0")
-                if alo is ahi and isinstance(n, FloorDiv):
-                    v = _floordiv(alo, d)
-                    return v, v
-                qlo, qhi = _floordiv(alo, d), _floordiv(ahi, d)
-                if isinstance(n, FloorDiv):
-                    return (qlo, qhi) if d > 0 else (qhi, qlo)
-                same = qlo == qhi
-                mlo, mhi = torch.remainder(alo, d), torch.remainder(ahi, d)
-                return torch.where(same, mlo, min(d + 1, 0)), torch.where(same, mhi, max(d - 1, 0))
-            dlo, dhi = self.int_(n.b)
-            if bool((dlo != dhi).any()):   # cannot happen: divisors are uniform
-                raise SpattnValueError(f"the divisor {n.b} is not uniform")
-            d = dlo
-            if bool((d == 0).any()):
+    @rule(Const)
+    def const(self, n):
+        # a constant node is read by min/max, where saturating is exact, or must be in int64
+        v = _t(min(max(n.value, _LO), _HI), self.device)
+        return v, v
+
+    @rule(Var)
+    def var(self, n):
+        v = self.env[n.name]
+        if isinstance(v, tuple):
+            return _t(v[0], self.device), _t(v[1], self.device)
+        v = _t(v, self.device)
+        return v, v
+
+    @rule(Sum)
+    def sum(self, n):
+        lo = hi = None
+        neg = []     # coefficient -1 terms are subtracted (no negation, no product)
+        for a, c in n.terms:
+            alo, ahi = self.int_(a)
+            if c == -1 and lo is not None:
+                neg.append((alo, ahi))
+                continue
+            if not _LO <= c <= _HI:       # exact modulo 2**64 (the endpoints keep their order)
+                tl, th = (alo * wrap(c), ahi * wrap(c)) if c > 0 else (ahi * wrap(c), alo * wrap(c))
+            elif c == 1:
+                tl, th = alo, ahi
+            elif alo is ahi:
+                tl = th = alo * c
+            elif c > 0:
+                tl, th = alo * c, ahi * c
+            else:
+                tl, th = ahi * c, alo * c
+            if lo is None:
+                lo, hi = tl, th
+            elif lo is hi and tl is th:
+                lo = hi = lo + tl
+            else:
+                lo, hi = lo + tl, hi + th
+        for alo, ahi in neg:
+            if lo is hi and alo is ahi:
+                lo = hi = lo - alo
+            else:
+                lo, hi = lo - ahi, hi - alo
+        const = n.const if _LO <= n.const <= _HI else wrap(n.const)
+        if const:
+            if lo is hi:
+                lo = hi = lo + const
+            else:
+                lo, hi = lo + const, hi + const
+        return lo, hi
+
+    @rule(Prod)
+    def prod(self, n):
+        lo, hi = self.int_(n.factors[0])
+        for f in n.factors[1:]:
+            flo, fhi = self.int_(f)
+            c = (lo * flo, lo * fhi, hi * flo, hi * fhi)
+            lo = torch.minimum(torch.minimum(c[0], c[1]), torch.minimum(c[2], c[3]))
+            hi = torch.maximum(torch.maximum(c[0], c[1]), torch.maximum(c[2], c[3]))
+        return lo, hi
+
+    @rule(FloorDiv, Mod)
+    def division(self, n):
+        alo, ahi = self.int_(n.a)
+        floor = isinstance(n, FloorDiv)
+        d = self._static_int(n.b)
+        if d is not None:               # the common case: no device check, no sync
+            if d == 0:
                 raise SpattnValueError(f"the divisor {n.b} evaluates to 0")
+            if not _LO <= d <= _HI:
+                return _huge_division(alo, ahi, d, floor)
+            if alo is ahi and floor:
+                v = _floordiv(alo, d)
+                return v, v
             qlo, qhi = _floordiv(alo, d), _floordiv(ahi, d)
-            if isinstance(n, FloorDiv):
-                pos = d > 0
-                return torch.where(pos, qlo, qhi), torch.where(pos, qhi, qlo)
+            if floor:
+                return (qlo, qhi) if d > 0 else (qhi, qlo)
             same = qlo == qhi
             mlo, mhi = torch.remainder(alo, d), torch.remainder(ahi, d)
-            glo = torch.minimum(d + 1, torch.zeros_like(d))
-            ghi = torch.maximum(d - 1, torch.zeros_like(d))
-            return torch.where(same, mlo, glo), torch.where(same, mhi, ghi)
-        if isinstance(n, Abs):
-            lo, hi = self.int_(n.a)
-            if lo is hi:
-                v = lo.abs()
-                return v, v
-            alo = torch.where(lo >= 0, lo, torch.where(hi <= 0, -hi, torch.zeros_like(lo)))
-            ahi = torch.maximum(lo.abs(), hi.abs())
-            return alo, ahi
-        if isinstance(n, (Min, Max)):
-            f = torch.minimum if isinstance(n, Min) else torch.maximum
-            lo, hi = self.int_(n.args[0])
-            for a in n.args[1:]:
-                alo, ahi = self.int_(a)
-                lo, hi = f(lo, alo), f(hi, ahi)
-            return lo, hi
-        if isinstance(n, Select):
-            ct, cf = self.bool_(n.cond)
-            alo, ahi = self.int_(n.a)
-            blo, bhi = self.int_(n.b)
-            both = ct & cf
-            lo = torch.where(both, torch.minimum(alo, blo), torch.where(ct, alo, blo))
-            hi = torch.where(both, torch.maximum(ahi, bhi), torch.where(ct, ahi, bhi))
-            return lo, hi
-        if isinstance(n, Table):
-            ilo, ihi = self.int_(n.index)
-            nvals = len(n.values)
-            if bool((ihi < 0).any()) or bool((ilo >= nvals).any()):
-                raise SpattnValueError(
-                    f"list {list(n.values)} has {nvals} entries but is indexed with {n.index} "
-                    f"taking values out of 0..{nvals - 1}")
-            key = ("table", n.values)
-            if key not in self.summaries:
-                vals = torch.tensor(n.values, dtype=I64, device=self.device).view(1, 1, -1)
-                self.summaries[key] = RangeMinMax(vals)
-            return self.summaries[key].query(ilo, ihi, 0, 0)
-        if isinstance(n, Load):
-            return self._load(n)
-        raise TypeError(f"no interval rule for {type(n).__name__}")
+            return torch.where(same, mlo, min(d + 1, 0)), torch.where(same, mhi, max(d - 1, 0))
+        dlo, dhi = self.int_(n.b)
+        if bool((dlo != dhi).any()):   # cannot happen: divisors are uniform
+            raise SpattnValueError(f"the divisor {n.b} is not uniform")
+        d = dlo
+        if bool((d == 0).any()):
+            raise SpattnValueError(f"the divisor {n.b} evaluates to 0")
+        qlo, qhi = _floordiv(alo, d), _floordiv(ahi, d)
+        if floor:
+            pos = d > 0
+            return torch.where(pos, qlo, qhi), torch.where(pos, qhi, qlo)
+        same = qlo == qhi
+        mlo, mhi = torch.remainder(alo, d), torch.remainder(ahi, d)
+        glo = torch.minimum(d + 1, torch.zeros_like(d))
+        ghi = torch.maximum(d - 1, torch.zeros_like(d))
+        return torch.where(same, mlo, glo), torch.where(same, mhi, ghi)
 
-    def _load(self, n: Load):
+    @rule(Abs)
+    def abs(self, n):
+        lo, hi = self.int_(n.a)
+        if lo is hi:
+            v = lo.abs()
+            return v, v
+        alo = torch.where(lo >= 0, lo, torch.where(hi <= 0, -hi, torch.zeros_like(lo)))
+        ahi = torch.maximum(lo.abs(), hi.abs())
+        return alo, ahi
+
+    @rule(Min, Max)
+    def minmax(self, n):
+        f = torch.minimum if isinstance(n, Min) else torch.maximum
+        lo, hi = self.int_(n.args[0])
+        for a in n.args[1:]:
+            alo, ahi = self.int_(a)
+            lo, hi = f(lo, alo), f(hi, ahi)
+        return lo, hi
+
+    @rule(Select)
+    def select(self, n):
+        ct, cf = self.bool_(n.cond)
+        alo, ahi = self.int_(n.a)
+        blo, bhi = self.int_(n.b)
+        both = ct & cf
+        lo = torch.where(both, torch.minimum(alo, blo), torch.where(ct, alo, blo))
+        hi = torch.where(both, torch.maximum(ahi, bhi), torch.where(ct, ahi, bhi))
+        return lo, hi
+
+    @rule(Table)
+    def table(self, n):
+        ilo, ihi = self.int_(n.index)
+        nvals = len(n.values)
+        if bool((ihi < 0).any()) or bool((ilo >= nvals).any()):
+            raise SpattnValueError(
+                f"list {list(n.values)} has {nvals} entries but is indexed with {n.index} "
+                f"taking values out of 0..{nvals - 1}")
+        key = ("table", n.values)
+        if key not in self.summaries:
+            vals = torch.tensor([v if _LO <= v <= _HI else wrap(v) for v in n.values],
+                                dtype=I64, device=self.device).view(1, 1, -1)
+            self.summaries[key] = RangeMinMax(vals)
+        return self.summaries[key].query(ilo, ihi, 0, 0)
+
+    @rule(Load)
+    def load(self, n: Load):
         idx = [self.int_(i) for i in n.index]
         t = self.inputs.get(n.name)
         if t is None:
@@ -417,53 +529,114 @@ class IntervalEval:
         return mn, mx
 
     # -- bool --------------------------------------------------------------
-    def _bool(self, n: Node):
-        dev = self.device
-        if isinstance(n, BoolConst):
-            return _t(n.value, dev), _t(not n.value, dev)
-        if isinstance(n, Range):
-            lo, hi = self.int_(n.x)
-            ct = cf = None
-            if n.lo is not None:
-                ct = hi >= n.lo
-                cf = lo < n.lo
-            if n.hi is not None:
-                a, b = lo <= n.hi, hi > n.hi
-                ct = a if ct is None else ct & a
-                cf = b if cf is None else cf | b
+    @rule(BoolConst)
+    def bool_const(self, n):
+        return _t(n.value, self.device), _t(not n.value, self.device)
+
+    @rule(Range)
+    def range(self, n):
+        if n in self.wrapped:
+            return self._wrapped_equality(n)
+        lo, hi = self.int_(n.x)
+        blo, bhi = n.lo, n.hi
+        # x is in int64 (bounds.check_call): a bound beyond it folds, never wraps
+        if (blo is not None and blo > _HI) or (bhi is not None and bhi < _LO):
+            return torch.zeros_like(lo, dtype=torch.bool), torch.ones_like(lo, dtype=torch.bool)
+        blo = None if blo is not None and blo <= _LO else blo
+        bhi = None if bhi is not None and bhi >= _HI else bhi
+        if blo is None and bhi is None:
+            return torch.ones_like(lo, dtype=torch.bool), torch.zeros_like(lo, dtype=torch.bool)
+        ct = cf = None
+        if blo is not None:
+            ct = hi >= blo
+            cf = lo < blo
+        if bhi is not None:
+            a, b = lo <= bhi, hi > bhi
+            ct = a if ct is None else ct & a
+            cf = b if cf is None else cf | b
+        return ct, cf
+
+    def _wrapped_equality(self, n: Range):
+        """``x == c`` for a sum ``x`` whose values may leave int64, exactly: its interval
+        ``[lo, lo + W]`` is computed modulo ``2**64`` (``lo`` wrapped, ``W`` as an unsigned
+        64-bit width with per-element overflow). With ``W < 2**64``, some value of the
+        interval is congruent to ``c`` iff ``(c - lo) mod 2**64 <= W``, and by the check
+        (no other value congruent to ``c`` in ``x``'s bounds, which contain the interval)
+        that value is ``c``; a width overflow leaves the tile undecided. ``a - b == 0``
+        (``same(doc)``) needs no arithmetic at all: ``a``'s and ``b``'s ranges meet."""
+        x, c = n.x, n.lo
+        if len(x.terms) == 2 and x.const == c and {t[1] for t in x.terms} == {1, -1}:
+            # a - b == 0 (same(doc)): some a equals some b iff the ranges meet; no arithmetic
+            (a, _), (b, _) = x.terms
+            alo, ahi = self.int_(a)
+            blo, bhi = self.int_(b)
+            ct = (alo <= bhi) & (blo <= ahi)
+            cf = (alo != ahi) | (blo != bhi) | (alo != blo)
             return ct, cf
-        if isinstance(n, IsPow2):
-            lo, hi = self.int_(n.a)
-            m = lo.clamp(min=1)
-            hp = _highest_pow2_le(hi.clamp(min=1))
-            ct = (hi >= 1) & (hp >= m)
-            point_pow2 = (lo == hi) & (lo > 0) & ((lo & (lo - 1)) == 0)
-            cf = ~(point_pow2 | ((lo == 1) & (hi == 2)))
-            return ct, cf
-        if isinstance(n, Not):
-            ct, cf = self.bool_(n.a)
-            return cf, ct
-        if isinstance(n, (And, Or)):
-            return junction3(isinstance(n, And), [self.bool_(a) for a in n.args])
-        raise TypeError(f"no three-valued rule for {type(n).__name__}")
+        lo, _ = self.int_(x)
+        width = over = None
+        for a, coef in x.terms:
+            alo, ahi = self.int_(a)
+            if alo is ahi:
+                continue
+            w = ahi - alo                  # the atom is in int64: its width fits unsigned
+            m = abs(coef)
+            if m != 1:
+                limit = ((1 << 64) - 1) // m
+                ov = ~_ule(w, _t(wrap(limit), self.device)) if limit else w != 0
+                over = ov if over is None else over | ov
+                w = w * wrap(m)
+            if width is None:
+                width = w
+            else:
+                s = width + w
+                ov = ~_ule(width, s)           # unsigned carry
+                over = ov if over is None else over | ov
+                width = s
+        if width is None:                  # a point
+            ct = lo == c
+            return ct, ~ct
+        ct = _ule(c - lo, width)
+        cf = (width != 0) | (lo != c)
+        if over is not None:
+            ct, cf = ct | over, cf | over
+        return ct, cf
+
+    @rule(IsPow2)
+    def is_pow2(self, n):
+        lo, hi = self.int_(n.a)
+        m = lo.clamp(min=1)
+        hp = _highest_pow2_le(hi.clamp(min=1))
+        ct = (hi >= 1) & (hp >= m)
+        point_pow2 = (lo == hi) & (lo > 0) & ((lo & (lo - 1)) == 0)
+        cf = ~(point_pow2 | ((lo == 1) & (hi == 2)))
+        return ct, cf
+
+    @rule(Not)
+    def not_(self, n):
+        ct, cf = self.bool_(n.a)
+        return cf, ct
+
+    @rule(And, Or)
+    def junction(self, n):
+        return junction3(isinstance(n, And), [self.bool_(a) for a in n.args])
 
 
-_STATIC_NODES = (Const, Var, Sum, Prod, FloorDiv, Mod, Abs, Min, Max)
-
-
-@lru_cache(maxsize=512)
-def _static_names(n: Node):
-    """The length variables of an int node built from them and constants by arithmetic
-    (no q, k, h, b, list or input), or None."""
-    names = set()
-    for m in walk(n):
-        if not isinstance(m, _STATIC_NODES):
-            return None
-        if isinstance(m, Var):
-            if m.name not in ("Lq", "Lk", "H"):
-                return None
-            names.add(m.name)
-    return frozenset(names)
+def _huge_division(alo, ahi, d: int, floor: bool):
+    """``[alo, ahi] // d`` or ``% d`` for a constant ``|d|`` beyond int64: every int64 value
+    ``a`` has ``a // d`` in ``{0, -1}`` (``-1`` for ``a < 0`` when ``d > 0``, for ``a > 0``
+    when ``d < 0``), and ``a % d = a - d * (a // d)``."""
+    def quotient(a):
+        return -((a < 0) if d > 0 else (a > 0)).to(I64)
+    qlo, qhi = quotient(alo), quotient(ahi)
+    if floor:
+        return (qlo, qhi) if d > 0 else (qhi, qlo)
+    dw = wrap(d)
+    same = qlo == qhi
+    rlo = torch.where(qlo < 0, alo + dw, alo)
+    rhi = torch.where(qhi < 0, ahi + dw, ahi)
+    return (torch.where(same, rlo, _LO if d < 0 else 0),
+            torch.where(same, rhi, 0 if d < 0 else _HI))
 
 
 def _highest_pow2_le(x: torch.Tensor) -> torch.Tensor:
@@ -472,16 +645,6 @@ def _highest_pow2_le(x: torch.Tensor) -> torch.Tensor:
     e = e - ((torch.ones_like(e) << e) > x).to(I64)
     e = e + (((torch.ones_like(e) << (e + 1)) <= x) & (e < 62)).to(I64)
     return torch.ones_like(e) << e
-
-
-def three_valued(node: Node, env, inputs=None, *, device=None):
-    """``(can_be_true, can_be_false)`` of a bool node over the box ``env``."""
-    return IntervalEval(env, inputs, device=device).bool_(node)
-
-
-def interval(node: Node, env, inputs=None, *, device=None):
-    """``(lo, hi)`` of an int node over the box ``env``."""
-    return IntervalEval(env, inputs, device=device).int_(node)
 
 
 # ------------------------------------------------------------ index bounds
@@ -504,15 +667,19 @@ def index_hull(ir: Node, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1
     """``{Load: [(lo, hi) per index dim]}``: a sound hull of every index over the valid domain.
 
     Exact for affine indices (``doc[q]``, ``blocks[q // 32, k // 32]``). Loads nested in the
-    index of another load need ``inputs``.
+    index of another load need ``inputs``. Raises :class:`SpattnValueError` where an index
+    cannot be computed exactly (:func:`spattn.ir.bounds.check_call`).
     """
     hull: dict = {}
 
     def on_load(load, idx, t):
         hull[load] = [(int(lo.min()), int(hi.max())) for lo, hi in idx]
 
+    ins = _dummy_inputs(ir, inputs, device)
+    checked = check_call(ir, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
+                         inputs=ins)
     env = domain_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset, device=device)
-    ev = IntervalEval(env, _dummy_inputs(ir, inputs, device), device=device, on_load=on_load)
+    ev = IntervalEval(env, ins, device=device, on_load=on_load, wrapped=checked.wrapped)
     for ld in _loads_postorder(ir):
         ev.int_(ld)
     return hull
@@ -539,40 +706,14 @@ def _loads_postorder(ir: Node) -> list:
     return list(seen)
 
 
-def static_interval(n: Node, box: Mapping[str, object]):
-    """``n``'s interval as Python ints over ``box`` (``q``, ``k`` -> ``(lo, hi)``; ``Lq``,
-    ``Lk``, ``H`` -> ints), by the rules of :class:`IntervalEval`, for constants, those
-    variables, sums and ``//`` by a constant; None for anything else."""
-    if isinstance(n, Const):
-        return n.value, n.value
-    if isinstance(n, Var):
-        v = box.get(n.name)
-        if v is None:
-            return None
-        return v if isinstance(v, tuple) else (v, v)
-    if isinstance(n, Sum):
-        lo = hi = n.const
-        for a, c in n.terms:
-            iv = static_interval(a, box)
-            if iv is None:
-                return None
-            lo, hi = (lo + iv[0] * c, hi + iv[1] * c) if c > 0 else (lo + iv[1] * c, hi + iv[0] * c)
-        return lo, hi
-    if isinstance(n, FloorDiv) and isinstance(n.b, Const) and n.b.value != 0:
-        iv = static_interval(n.a, box)
-        if iv is None:
-            return None
-        d = n.b.value
-        return (iv[0] // d, iv[1] // d) if d > 0 else (iv[1] // d, iv[0] // d)
-    return None
-
-
 def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk: int, *,
-                       num_heads: int = 1, batch: int = 1, q_offset=None) -> None:
+                       num_heads: int = 1, batch: int = 1, q_offset=None, checked=None) -> None:
     """Raise :class:`SpattnInputError` when an input is too short for the positions it is indexed with.
 
-    ``inputs`` are validated tensors (``evaluate.validate_inputs``). The index ranges are the
-    interval hull of each index over the valid domain (exact for affine indices).
+    ``inputs`` are validated tensors (``ir.inputs.validate_inputs``). The index ranges are the
+    interval hull of each index over the valid domain (exact for affine indices), in exact
+    integers. ``checked``: the call's :func:`spattn.ir.bounds.check_call` result (computed
+    here when not given; it raises :class:`SpattnValueError` for an index beyond int64).
     """
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     off = query_offset(Lq, Lk, q_offset)
@@ -587,6 +728,9 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
         for axis, (ix, size) in enumerate(zip(ld.index, sizes)):
             pending.append((ld, axis, size, tuple(t.shape), ix, static_interval(ix, box)))
     if any(p[5] is None for p in pending):
+        if checked is None:
+            checked = check_call(ir, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=off,
+                                 inputs=inputs)
         dev = None
         for t in inputs.values():
             dev = t.device
@@ -594,7 +738,7 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
         env = domain_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset, device=dev)
         # only the index intervals are checked: a load is summarised (a sparse table) only
         # when it sits inside another load's index
-        ev = IntervalEval(env, inputs, device=dev)
+        ev = IntervalEval(env, inputs, device=dev, wrapped=checked.wrapped)
         hulls = [(lambda lo, hi: (lo.min(), hi.max()))(*ev.int_(p[4]))
                  for p in pending if p[5] is None]
         read = iter(torch.stack([v for h in hulls for v in h]).tolist())
@@ -617,42 +761,85 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
 _SPLIT = (Abs, Min, Max, Select)
 
 
-def rebuild(n: Node, kids: list) -> Node:
-    """``n`` with its children replaced by ``kids``, through the canonicalising constructors."""
-    if isinstance(n, Sum):
+class _Rebuild(Visitor):
+    """:func:`rebuild`'s rules: each node type through its canonicalising constructor."""
+
+    complete = True
+
+    @rule(Const, Var, BoolConst)
+    def leaf(self, n, kids):
+        return n
+
+    @rule(Sum)
+    def sum(self, n, kids):
         return B.add(*(B.scale(c, v) for c, (_, v) in zip(kids, n.terms)), B.const(n.const))
-    if isinstance(n, Prod):
+
+    @rule(Prod)
+    def prod(self, n, kids):
         acc = kids[0]
         for f in kids[1:]:
             acc = B.mul(acc, f)
         return acc
-    if isinstance(n, FloorDiv):
+
+    @rule(FloorDiv)
+    def floordiv(self, n, kids):
         return B.floordiv(*kids)
-    if isinstance(n, Mod):
+
+    @rule(Mod)
+    def mod(self, n, kids):
         return B.mod(*kids)
-    if isinstance(n, Abs):
+
+    @rule(Abs)
+    def abs(self, n, kids):
         return B.abs_(kids[0])
-    if isinstance(n, Min):
+
+    @rule(Min)
+    def min(self, n, kids):
         return B.min_(*kids)
-    if isinstance(n, Max):
+
+    @rule(Max)
+    def max(self, n, kids):
         return B.max_(*kids)
-    if isinstance(n, Select):
+
+    @rule(Select)
+    def select(self, n, kids):
         return B.select(*kids)
-    if isinstance(n, Table):
+
+    @rule(Table)
+    def table(self, n, kids):
         return B.table(n.values, kids[0])
-    if isinstance(n, Load):
+
+    @rule(Load)
+    def load(self, n, kids):
         return B.load(n.name, kids)
-    if isinstance(n, Range):
+
+    @rule(Range)
+    def range(self, n, kids):
         return B.range_(kids[0], n.lo, n.hi)
-    if isinstance(n, IsPow2):
+
+    @rule(IsPow2)
+    def is_pow2(self, n, kids):
         return B.is_pow2(kids[0])
-    if isinstance(n, Not):
+
+    @rule(Not)
+    def not_(self, n, kids):
         return B.not_(kids[0])
-    if isinstance(n, And):
+
+    @rule(And)
+    def and_(self, n, kids):
         return B.and_(*kids)
-    if isinstance(n, Or):
+
+    @rule(Or)
+    def or_(self, n, kids):
         return B.or_(*kids)
-    return n
+
+
+_rebuild = _Rebuild()
+
+
+def rebuild(n: Node, kids: list) -> Node:
+    """``n`` with its children replaced by ``kids``, through the canonicalising constructors."""
+    return _rebuild(n, kids)
 
 
 def replace(n: Node, old: Node, new: Node) -> Node:
@@ -678,6 +865,78 @@ class _TooBig(Exception):
     pass
 
 
+class _Cases(Visitor):
+    """``[(condition, replacement)]`` of a split node, covering every point exactly once."""
+
+    @rule(Abs)
+    def abs(self, s):
+        return [(B.range_(s.a, 0, None), s.a), (B.range_(s.a, None, -1), B.neg(s.a))]
+
+    @rule(Min, Max)
+    def minmax(self, s):
+        op_lt, op_le = ("<", "<=") if isinstance(s, Min) else (">", ">=")
+        out = []
+        for i, a in enumerate(s.args):
+            conds = [B.cmp(op_lt if j < i else op_le, a, b)
+                     for j, b in enumerate(s.args) if j != i]
+            out.append((B.and_(*conds), a))
+        return out
+
+    @rule(Select)
+    def select(self, s):
+        return [(s.cond, s.a), (B.not_(s.cond), s.b)]
+
+
+_cases = _Cases()
+
+
+class _Lift(Visitor):
+    """:func:`lift`'s rules (memoised per node; other nodes are kept)."""
+
+    def __init__(self, max_atoms: int):
+        self.max_atoms = max_atoms
+        self.atoms: set = set()
+        self.memo: dict = {}
+
+    def rec(self, n: Node) -> Node:
+        out = self.memo.get(n)
+        if out is None:
+            out = self.memo[n] = self(n)
+        return out
+
+    @rule(default=True)
+    def keep(self, n):
+        return n
+
+    @rule(And, Or)
+    def junction(self, n):
+        return rebuild(n, [self.rec(a) for a in n.args])
+
+    @rule(Not)
+    def not_(self, n):
+        return B.not_(self.rec(n.a))
+
+    @rule(Range, IsPow2)
+    def atom(self, n):
+        s = _find_split(n)
+        if s is None:
+            self.atoms.add(n)
+            if len(self.atoms) > self.max_atoms:
+                raise _TooBig
+            return n
+        if isinstance(n, Range) and n.x == s and isinstance(s, (Min, Max)):
+            # min(..) >= lo: all; min(..) <= hi: any (and dually for max)
+            parts = []
+            for bound, lo, hi in ((n.lo, n.lo, None), (n.hi, None, n.hi)):
+                if bound is None:
+                    continue
+                each = [B.range_(a, lo, hi) for a in s.args]
+                every = (lo is not None) == isinstance(s, Min)
+                parts.append(B.and_(*each) if every else B.or_(*each))
+            return self.rec(B.and_(*parts))
+        return B.or_(*(B.and_(self.rec(c), self.rec(replace(n, s, r))) for c, r in _cases(s)))
+
+
 @lru_cache(maxsize=256)
 def lift(node: Node, max_atoms: int = 64):
     """An equivalent bool formula whose comparisons contain no non-uniform abs/min/max/if.
@@ -687,101 +946,122 @@ def lift(node: Node, max_atoms: int = 64):
     ``a <= c | b <= c``); ``if`` splits on its condition. Returns None when the result would
     have more than ``max_atoms`` distinct atoms.
     """
-    atoms: set = set()
-    memo: dict = {}
-
-    def cases(n: Node, s: Node):
-        """[(condition, replacement)] covering every point exactly once."""
-        if isinstance(s, Abs):
-            return [(B.range_(s.a, 0, None), s.a), (B.range_(s.a, None, -1), B.neg(s.a))]
-        if isinstance(s, (Min, Max)):
-            op_lt, op_le = ("<", "<=") if isinstance(s, Min) else (">", ">=")
-            out = []
-            for i, a in enumerate(s.args):
-                conds = [B.cmp(op_lt if j < i else op_le, a, b)
-                         for j, b in enumerate(s.args) if j != i]
-                out.append((B.and_(*conds), a))
-            return out
-        return [(s.cond, s.a), (B.not_(s.cond), s.b)]
-
-    def rec(n: Node) -> Node:
-        if n in memo:
-            return memo[n]
-        out = _rec(n)
-        memo[n] = out
-        return out
-
-    def _rec(n: Node) -> Node:
-        if isinstance(n, (And, Or)):
-            return rebuild(n, [rec(a) for a in n.args])
-        if isinstance(n, Not):
-            return B.not_(rec(n.a))
-        if isinstance(n, (Range, IsPow2)):
-            s = _find_split(n)
-            if s is None:
-                atoms.add(n)
-                if len(atoms) > max_atoms:
-                    raise _TooBig
-                return n
-            if isinstance(n, Range) and n.x == s and isinstance(s, (Min, Max)):
-                # min(..) >= lo: all; min(..) <= hi: any (and dually for max)
-                parts = []
-                for bound, lo, hi in ((n.lo, n.lo, None), (n.hi, None, n.hi)):
-                    if bound is None:
-                        continue
-                    each = [B.range_(a, lo, hi) for a in s.args]
-                    every = (lo is not None) == isinstance(s, Min)
-                    parts.append(B.and_(*each) if every else B.or_(*each))
-                return rec(B.and_(*parts))
-            return B.or_(*(B.and_(rec(c), rec(replace(n, s, r))) for c, r in cases(n, s)))
-        return n
-
     try:
-        return rec(node)
+        return _Lift(max_atoms).rec(node)
     except _TooBig:
         return None
 
 
+class _BoolAtoms(Visitor):
+    """Collects the leaves of the ``& | ~`` structure into ``out``."""
+
+    def __init__(self):
+        self.out: dict = {}
+
+    @rule(And, Or)
+    def junction(self, n):
+        for a in n.args:
+            self(a)
+
+    @rule(Not)
+    def not_(self, n):
+        self(n.a)
+
+    @rule(BoolConst)
+    def const(self, n):
+        pass
+
+    @rule(default=True)
+    def leaf(self, n):
+        self.out.setdefault(n, None)
+
+
 def bool_atoms(node: Node) -> list:
     """The leaves of the ``& | ~`` structure of a bool formula, deduplicated, in order."""
-    out: dict = {}
+    v = _BoolAtoms()
+    v(node)
+    return list(v.out)
 
-    def rec(n):
-        if isinstance(n, (And, Or)):
-            for a in n.args:
-                rec(a)
-        elif isinstance(n, Not):
-            rec(n.a)
-        elif not isinstance(n, BoolConst):
-            out.setdefault(n, None)
-    rec(node)
-    return list(out)
+
+class _Combine(Visitor):
+    """:func:`combine`'s rules (memoised per node; leaves looked up)."""
+
+    def __init__(self, leaf_values, memo):
+        self.leaf_values = leaf_values
+        self.memo = memo
+
+    def rec(self, n):
+        out = self.memo.get(n)
+        if out is None:
+            out = self.memo[n] = self(n)
+        return out
+
+    @rule(BoolConst)
+    def const(self, n):
+        return n.value, not n.value
+
+    @rule(Not)
+    def not_(self, n):
+        ct, cf = self.rec(n.a)
+        return cf, ct
+
+    @rule(And, Or)
+    def junction(self, n):
+        return junction3(isinstance(n, And), [self.rec(a) for a in n.args])
+
+    @rule(default=True)
+    def leaf(self, n):
+        return self.leaf_values[n]
 
 
 def combine(node: Node, leaf_values: Mapping[Node, tuple], memo: dict | None = None):
     """Three-valued value of the ``& | ~`` structure given ``(ct, cf)`` of each leaf."""
-    memo = {} if memo is None else memo
-    if node in memo:
-        return memo[node]
-    out = _combine(node, leaf_values, memo)
-    memo[node] = out
-    return out
-
-
-def _combine(node, leaf_values, memo):
-    if isinstance(node, BoolConst):
-        return node.value, not node.value
-    if isinstance(node, Not):
-        ct, cf = combine(node.a, leaf_values, memo)
-        return cf, ct
-    if isinstance(node, (And, Or)):
-        return junction3(isinstance(node, And), [combine(a, leaf_values, memo) for a in node.args])
-    return leaf_values[node]
+    return _Combine(leaf_values, {} if memo is None else memo).rec(node)
 
 
 # ------------------------------------------------------------ static exactness of pass 1
 
 _QK = frozenset(("q", "k"))
+
+
+class _Consecutive(Visitor):
+    """:func:`_consecutive`'s rules for non-uniform nodes (None where not provable)."""
+
+    def __call__(self, n):
+        if B.is_uniform(n):
+            return frozenset()
+        return super().__call__(n)
+
+    @rule(default=True)
+    def other(self, n):
+        return None
+
+    @rule(Var)
+    def var(self, n):
+        return frozenset((n.name,)) if n.name in _QK else None
+
+    @rule(Sum)
+    def sum(self, n):
+        used: frozenset = frozenset()
+        for a, c in n.terms:
+            va = self(a)
+            if va is None:
+                return None
+            if va and (abs(c) != 1 or va & used):
+                return None
+            used |= va
+        return used
+
+    @rule(FloorDiv)
+    def floordiv(self, n):
+        return self(n.a) if B.is_uniform(n.b) else None
+
+    @rule(Abs)
+    def abs(self, n):
+        return self(n.a)
+
+
+_consecutive_rules = _Consecutive()
 
 
 def _consecutive(n: Node):
@@ -793,25 +1073,37 @@ def _consecutive(n: Node):
     a product of a q-range and a k-range), plus uniform terms with any coefficient;
     ``x // m`` and ``abs(x)`` of such an ``x`` (unit steps stay unit steps).
     """
-    if B.is_uniform(n):
-        return frozenset()
-    if isinstance(n, Var):
-        return frozenset((n.name,)) if n.name in _QK else None
-    if isinstance(n, Sum):
-        used: frozenset = frozenset()
-        for a, c in n.terms:
-            va = _consecutive(a)
-            if va is None:
-                return None
-            if va and (abs(c) != 1 or va & used):
-                return None
-            used |= va
-        return used
-    if isinstance(n, FloorDiv):
-        return _consecutive(n.a) if B.is_uniform(n.b) else None
-    if isinstance(n, Abs):
-        return _consecutive(n.a)
-    return None
+    return _consecutive_rules(n)
+
+
+class _Leaves(Visitor):
+    """:func:`interval_exact`'s walk: False at a leaf that is neither uniform nor a
+    ``Range``; counts the ``Range`` leaves."""
+
+    def __init__(self):
+        self.counts: dict = {}
+
+    def __call__(self, n):
+        if isinstance(n, BoolConst) or B.is_uniform(n):
+            return True
+        return super().__call__(n)
+
+    @rule(And, Or)
+    def junction(self, n):
+        return all(self(a) for a in n.args)
+
+    @rule(Not)
+    def not_(self, n):
+        return self(n.a)
+
+    @rule(Range)
+    def range(self, n):
+        self.counts[n] = self.counts.get(n, 0) + 1
+        return True
+
+    @rule(default=True)
+    def other(self, n):
+        return False
 
 
 @lru_cache(maxsize=512)
@@ -831,24 +1123,11 @@ def interval_exact(node: Node) -> bool:
     exact; ``causal & window``-style combinations of two ``q - k`` leaves, or of a ``q - k``
     and a ``q`` leaf, are not claimed.
     """
-    counts: dict = {}
-
-    def rec(n) -> bool:
-        if isinstance(n, (And, Or)):
-            return all(rec(a) for a in n.args)
-        if isinstance(n, Not):
-            return rec(n.a)
-        if isinstance(n, BoolConst) or B.is_uniform(n):
-            return True
-        if not isinstance(n, Range):
-            return False
-        counts[n] = counts.get(n, 0) + 1
-        return True
-
-    if not rec(node):
+    leaves = _Leaves()
+    if not leaves(node):
         return False
     used: frozenset = frozenset()
-    for leaf, c in counts.items():
+    for leaf, c in leaves.counts.items():
         v = _consecutive(leaf.x)
         if c != 1 or v is None or v & used:
             return False

@@ -43,22 +43,28 @@ the rows that pass the tile-axis constraints, empty for a tile spanning two chun
 
 Intervals of different conjuncts may overlap (``prefix_lm``: ``k <= q`` and ``k < n``): a
 kernel iterating over several must skip the tiles it has already visited. Unbounded ends are
-``0`` / ``Lk - 1`` for keys and ``-2**30`` / ``2**30`` for queries (clamped by
-:func:`tile_ranges`).
+``0`` / ``Lk - 1`` for keys and ``-Q`` / ``Q`` for queries, ``Q = Q_UNBOUNDED = 2**30`` in
+:func:`closed_form` (valid while every query position is within ``+-2**30``);
+:func:`exact_intervals` rebuilds the columns with a ``Q`` beyond the call's positions (the least
+power of two, up to ``2**62``) and checks that every bound is computed exactly in int64.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
 
 import sympy
 import torch
 
+from ..dsl.errors import SpattnValueError
 from . import build as B
-from .evaluate import check_lengths, evaluate, query_offset
+from .bounds import analyse, call_domain, require
+from .evaluate import evaluate
+from .inputs import check_lengths, query_offset
 from .intervals import lift
 from .nodes import And, BoolConst, Const, FloorDiv, Node, Not, Or, Range, Var
+from .visitor import Visitor, rule
 
 MAX_INTERVALS = 4
 Q_UNBOUNDED = 1 << 30
@@ -76,6 +82,8 @@ class Interval:
 class ClosedForm:
     rows: tuple   # per query tile: Interval over qs, qe (+ uniform vars)
     cols: tuple   # per key tile: Interval over ks, ke, giving query positions
+    #: the pattern it was derived from (rebuilds the columns for far query positions)
+    ir: Optional[Node] = field(default=None, compare=False, repr=False)
 
     def __str__(self):
         from .printer import to_source
@@ -95,13 +103,24 @@ class _NotAffine(Exception):
 
 # ------------------------------------------------------------------ DNF
 
-def _nnf_dnf(n: Node, neg: bool = False) -> list:
-    """DNF as a list of conjuncts (lists of Range atoms)."""
-    if isinstance(n, BoolConst):
+class _DNF(Visitor):
+    """DNF of a bool formula (negated when ``neg``) as a list of conjuncts (lists of Range
+    atoms); :class:`_NotAffine` for any other leaf or more than 256 conjuncts."""
+
+    @rule(default=True)
+    def other(self, n, neg):
+        raise _NotAffine
+
+    @rule(BoolConst)
+    def const(self, n, neg):
         return [[]] if (n.value != neg) else []
-    if isinstance(n, Not):
-        return _nnf_dnf(n.a, not neg)
-    if isinstance(n, Range):
+
+    @rule(Not)
+    def not_(self, n, neg):
+        return self(n.a, not neg)
+
+    @rule(Range)
+    def range(self, n, neg):
         if not neg:
             return [[n]]
         out = []
@@ -110,9 +129,11 @@ def _nnf_dnf(n: Node, neg: bool = False) -> list:
         if n.hi is not None:
             out.append([B.range_(n.x, n.hi + 1, None)])
         return out
-    if isinstance(n, (And, Or)):
+
+    @rule(And, Or)
+    def junction(self, n, neg):
         conj = isinstance(n, And) != neg
-        parts = [_nnf_dnf(a, neg) for a in n.args]
+        parts = [self(a, neg) for a in n.args]
         if not conj:
             out = [c for p in parts for c in p]
             if len(out) > 256:
@@ -124,7 +145,14 @@ def _nnf_dnf(n: Node, neg: bool = False) -> list:
             if len(acc) > 256:
                 raise _NotAffine
         return acc
-    raise _NotAffine
+
+
+_dnf = _DNF()
+
+
+def _nnf_dnf(n: Node, neg: bool = False) -> list:
+    """DNF as a list of conjuncts (lists of Range atoms)."""
+    return _dnf(n, neg)
 
 
 def _simplify(conjuncts: list) -> list:
@@ -370,7 +398,7 @@ def _interval(conj: Node, axis: str, other: str, s_name: str, e_name: str,
 
 
 @lru_cache(maxsize=256)
-def _closed_form(ir: Node) -> Optional[ClosedForm]:
+def _closed_form(ir: Node, unbounded: int = Q_UNBOUNDED) -> Optional[ClosedForm]:
     lifted = lift(ir)
     if lifted is None:
         return None
@@ -378,13 +406,13 @@ def _closed_form(ir: Node) -> Optional[ClosedForm]:
         conj = _simplify(_nnf_dnf(lifted))
         if len(conj) > MAX_INTERVALS:
             return None
-        big = B.const(Q_UNBOUNDED)
+        big = B.const(unbounded)
         rows = tuple(_interval(c, "q", "k", "qs", "qe", B.const(0), B.sub(Var("Lk"), B.const(1)))
                      for c in conj)
         cols = tuple(_interval(c, "k", "q", "ks", "ke", B.neg(big), big) for c in conj)
     except _NotAffine:
         return None
-    return ClosedForm(rows, cols)
+    return ClosedForm(rows, cols, ir)
 
 
 def closed_form(ir) -> Optional[ClosedForm]:
@@ -399,6 +427,34 @@ def closed_form(ir) -> Optional[ClosedForm]:
 
 # ------------------------------------------------------------------ evaluation per tile
 
+def exact_intervals(cf: ClosedForm, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
+                    q_offset=None, transpose: bool = False) -> tuple:
+    """The intervals of ``cf`` to evaluate for a call (``cf.rows``, or ``cf.cols`` with
+    unbounded ends beyond every query position of the call), after checking that each bound
+    is computed exactly in int64 over the call's tiles (:func:`spattn.ir.bounds.analyse`);
+    raises :class:`SpattnValueError` otherwise."""
+    off = query_offset(Lq, Lk, q_offset)
+    if not transpose:
+        ivs, names, ends = cf.rows, ("qs", "qe"), (off, off + Lq - 1)
+    else:
+        far = max(abs(off), abs(off + Lq - 1))
+        ivs = cf.cols
+        if far > Q_UNBOUNDED:
+            if far > 1 << 62 or cf.ir is None:
+                raise SpattnValueError(
+                    f"query positions {off}..{off + Lq - 1} (Lq={Lq}, q_offset={off}) are "
+                    f"beyond +-{Q_UNBOUNDED if cf.ir is None else 1 << 62}, the query "
+                    f"positions the closed-form column ranges cover")
+            ivs = _closed_form(cf.ir, 1 << (far - 1).bit_length()).cols
+        names, ends = ("ks", "ke"), (0, Lk - 1)
+    dom = call_domain(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=off,
+                      extra={names[0]: ends, names[1]: ends})
+    for iv in ivs:
+        for root in (iv.lo, iv.hi, iv.flo, iv.fhi):
+            require(analyse(root, dom))
+    return ivs
+
+
 def tile_ranges(cf: ClosedForm, Lq: int, Lk: int, block_m: int, block_n: int, *,
                 num_heads: int = 1, batch: int = 1, q_offset=None, transpose: bool = False,
                 device=None) -> list:
@@ -406,17 +462,21 @@ def tile_ranges(cf: ClosedForm, Lq: int, Lk: int, block_m: int, block_n: int, *,
 
     Rows (default): per query tile, the key tiles ``lo_tile..hi_tile`` that may hold allowed
     pairs and the key tiles ``flo_tile..fhi_tile`` that are FULL. ``transpose=True``: per key
-    tile, the query tiles. Empty ranges are ``(0, -1)``. Clamped to the domain.
+    tile, the query tiles. Empty ranges are ``(0, -1)``. Clamped to the domain. Raises
+    :class:`SpattnValueError` where a bound cannot be computed exactly
+    (:func:`exact_intervals`).
     """
     check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     off = query_offset(Lq, Lk, q_offset)
+    ivs = exact_intervals(cf, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=off,
+                          transpose=transpose)
     if not transpose:
-        L_axis, b_axis, a_off, L_oth, b_oth, o_off, names, ivs = \
-            Lq, block_m, off, Lk, block_n, 0, ("qs", "qe"), cf.rows
+        L_axis, b_axis, a_off, L_oth, b_oth, o_off, names = \
+            Lq, block_m, off, Lk, block_n, 0, ("qs", "qe")
     else:
-        L_axis, b_axis, a_off, L_oth, b_oth, o_off, names, ivs = \
-            Lk, block_n, 0, Lq, block_m, off, ("ks", "ke"), cf.cols
+        L_axis, b_axis, a_off, L_oth, b_oth, o_off, names = \
+            Lk, block_n, 0, Lq, block_m, off, ("ks", "ke")
     nt = -(-L_axis // b_axis)
     n_oth = -(-L_oth // b_oth)
     start = torch.arange(nt, dtype=torch.int64, device=dev) * b_axis
@@ -432,7 +492,10 @@ def tile_ranges(cf: ClosedForm, Lq: int, Lk: int, block_m: int, block_n: int, *,
     for iv in ivs:
         vals = [torch.as_tensor(evaluate(x, env), dtype=torch.int64, device=dev).expand(shape)
                 for x in (iv.lo, iv.hi, iv.flo, iv.fhi)]
-        lo, hi, flo, fhi = [v - o_off for v in vals]
+        # clamped into the other axis's positions (+-1) before the shift: no overflow, and
+        # an empty interval stays empty
+        lo, flo = [v.clamp(o_off, o_off + L_oth) - o_off for v in vals[::2]]
+        hi, fhi = [v.clamp(o_off - 1, o_off + L_oth - 1) - o_off for v in vals[1::2]]
         lo, hi = lo.clamp(min=0), hi.clamp(max=L_oth - 1)
         empty = lo > hi
         lo_t = torch.where(empty, 0, lo.clamp(max=L_oth - 1) // b_oth)

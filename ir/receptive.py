@@ -21,7 +21,8 @@ import networkx as nx
 import torch
 
 from ..dsl.errors import SpattnValueError
-from .evaluate import mask, validate_inputs
+from .evaluate import mask
+from .inputs import validate_inputs
 
 
 @dataclass

@@ -64,7 +64,9 @@ import torch
 
 from ..dsl.errors import SpattnValueError
 from . import build as B
-from .evaluate import check_lengths, evaluate, query_offset, validate_inputs
+from .bounds import INT64, Checked, Domain, analyse, bounds_of, check_call
+from .evaluate import evaluate
+from .inputs import check_lengths, query_offset, validate_inputs
 from .intervals import (IntervalEval, _consecutive, bool_atoms, check_input_bounds, combine,
                         interval_exact, lift)
 from .nodes import And, BoolConst, Const, FloorDiv, Load, Node, Not, Or, Range, Var, walk
@@ -75,7 +77,6 @@ MAX_CELLS = 8192
 #: tiles per slab of the vectorised pass (bounds the peak memory: O(slab), not O(grid))
 SLAB_TILES = 1 << 21
 I64 = torch.int64
-_BIG = 1 << 60
 
 
 # ------------------------------------------------------------------ validation
@@ -86,8 +87,10 @@ def _check_int(name: str, v, *, positive=True) -> None:
 
 
 def validate_args(pattern, Lq, Lk, block_m, block_n, *, num_heads, batch, q_offset, device,
-                  inputs) -> tuple[dict, torch.device]:
-    """Check the arguments of :func:`classify`; returns (validated inputs, device)."""
+                  inputs) -> tuple[dict, torch.device, Checked]:
+    """Check the arguments of :func:`classify`; returns (validated inputs, device, the call's
+    integer check :func:`spattn.ir.bounds.check_call`, which raises where a value the
+    pattern needs exactly is beyond int64)."""
     check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
     _check_int("block_m", block_m)
     _check_int("block_n", block_n)
@@ -101,21 +104,29 @@ def validate_args(pattern, Lq, Lk, block_m, block_n, *, num_heads, batch, q_offs
     else:
         dev = torch.device(device)
     ins = {k: v.to(dev) for k, v in ins.items()}
+    checked = check_call(pattern, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
+                         inputs=ins)
     if ins:
         check_input_bounds(pattern, ins, Lq, Lk, num_heads=num_heads, batch=batch,
-                           q_offset=q_offset)
-    return ins, dev
+                           q_offset=q_offset, checked=checked)
+    return ins, dev, checked
 
 
 # ------------------------------------------------------------------ tile boxes
 
 def tile_bounds(L: int, block: int, offset: int, device, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last position of each tile of ``block`` along ``L`` positions from ``offset``
+    (the positions are in int64: ``bounds.check_call``)."""
     n = -(-L // block)
-    lo = torch.arange(offset, offset + n * block, block, dtype=I64, device=device)
-    hi = torch.arange(offset + block - 1, offset + (n + 1) * block - 1, block, dtype=I64,
-                      device=device)
-    if L % block:                        # ragged last tile (else hi is already <= L - 1)
-        hi = hi.clamp_(max=L - 1 + offset)
+    if offset + (n + 1) * block <= INT64[1]:
+        lo = torch.arange(offset, offset + n * block, block, dtype=I64, device=device)
+        hi = torch.arange(offset + block - 1, offset + (n + 1) * block - 1, block, dtype=I64,
+                          device=device)
+        if L % block:                    # ragged last tile (else hi is already <= L - 1)
+            hi = hi.clamp_(max=L - 1 + offset)
+    else:                                # the padded grid would pass int64: rows, then shift
+        rows = torch.arange(0, n * block, block, dtype=I64, device=device)
+        lo, hi = rows + offset, (rows + (block - 1)).clamp_(max=L - 1) + offset
     return lo.view(shape), hi.view(shape)
 
 
@@ -172,8 +183,9 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
     refinement was ~2 ms of the ~3.3 ms table setup at N = 65536 on an H200).
     """
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
-    ins, dev = validate_args(pattern, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
-                             q_offset=q_offset, device=device, inputs=inputs)
+    ins, dev, checked = validate_args(pattern, Lq, Lk, block_m, block_n, num_heads=num_heads,
+                                      batch=batch, q_offset=q_offset, device=device,
+                                      inputs=inputs)
     env = grid_env(Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
                    q_offset=q_offset, device=dev, names=_free_vars(ir))
     nq, nk = env["q"][0].shape[2], env["k"][0].shape[3]
@@ -187,7 +199,7 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
         e = min(nq, s + rows)
         senv = env if (s, e) == (0, nq) else \
             dict(env, q=(env["q"][0][:, :, s:e], env["q"][1][:, :, s:e]))
-        ev = IntervalEval(senv, ins, device=dev, summaries=summaries)
+        ev = IntervalEval(senv, ins, device=dev, summaries=summaries, wrapped=checked.wrapped)
         c = _classes(*ev.bool_(ir), dev)
         if (s, e) == (0, nq) and tuple(c.shape) == shape:
             cls = out = c                       # one slab, already full size: no copy
@@ -198,7 +210,7 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
             out.copy_(c.expand(out.shape))
         if refine:
             refine_partial(ir, out, senv, ins, summaries, dev, blocks=(block_m, block_n),
-                           grid=ev)
+                           grid=ev, checked=checked)
     return cls
 
 
@@ -352,32 +364,37 @@ def refinement_cannot_change(ir: Node) -> bool:
     return _segment_runs_agree(formula, atoms)
 
 
-#: most (segment run x opaque/const assignment) cases :func:`_segment_runs_agree` enumerates
-MAX_RUN_CASES = 1 << 14
+#: most work :func:`_segment_runs_agree` does: (assignments of the other atoms) x (segments +
+#: 2) x (formula nodes); above it the refinement is not skipped (it stays correct, only slower)
+MAX_RUN_WORK = 1 << 18
 _PAIRS = ((True, False), (False, True), (True, True), (False, False))
-
-
-def _class(ct: bool, cf: bool) -> int:
-    return int(ct) + int(not cf)
 
 
 def _segment_runs_agree(formula: Node, atoms: tuple) -> bool:
     """Condition (e) of :func:`refinement_cannot_change`, given (a) and (b): every cellable
     atom is a ``lin`` atom of one direction ``u`` with coefficient +-1 and a constant uniform
-    part, whose compared value is consecutive, and an exhaustive enumeration shows that no
-    tile can change. Such an atom is true on one interval of ``u`` fixed by the program, so
-    its thresholds cut the integers into the same segments for every tile and (b, h), with
-    every cellable atom constant on each. A tile's ``u``-range is an integer interval, all of
-    whose values occur in the tile: it meets a contiguous run of segments, the refinement's
-    cells are finer than those segments, and so the refinement's value is the union over the
-    run's segments of the formula evaluated with the segment's atom values and the tile-level
-    pairs of the other atoms; pass 1's is Kleene's with each cellable atom's exact pair over
-    the run (true on some segment of it, false on some). Both are computed here for every run
-    and every pair of the other atoms (``const``: decided; ``opaque``: any of the four pairs):
-    True when, in every case where the refinement would refine the tile (pass 1 PARTIAL with
-    both flags, some cellable atom undecided), the union also classifies it PARTIAL.
-    E.g. ``strided(s)``, ``power2(w)``, ``causal & (q - k < w | k % H == h)``: the cell below
-    the diagonal is false and the band's cell true wherever the Kleene value is undecided.
+    part, whose compared value is consecutive, and no tile can change. Such an atom is true
+    on one interval of ``u`` fixed by the program, so its thresholds cut the integers into
+    the same segments for every tile and (b, h), with every cellable atom constant on each. A
+    tile's ``u``-range is an integer interval, all of whose values occur in the tile: it meets
+    a contiguous run of segments, the refinement's cells are finer than those segments, and so
+    the refinement's value is the union over the run's segments of the formula evaluated with
+    the segment's atom values and the tile-level pairs of the other atoms; pass 1's is
+    Kleene's with each cellable atom's exact pair over the run (true on some segment of it,
+    false on some). The refinement changes a tile iff pass 1 leaves it PARTIAL (both flags,
+    some cellable atom undecided) while the union is not (no segment of the run can be true,
+    or none can be false).
+
+    Checked for every pair of the other atoms (``const``: decided; ``opaque``: any of the
+    four pairs) without enumerating the runs: a changing run lies inside a maximal block of
+    consecutive segments that cannot be true (or cannot be false), and Kleene evaluation is
+    monotone in the run (a longer run makes each atom's pair only less decided), so the block
+    itself changes too. Hence it suffices to evaluate the formula on every segment at once (a
+    bit per segment: Python ints as bit sets) and Kleene's value on each maximal block:
+    O(segments x formula) per assignment, at most :data:`MAX_RUN_WORK` in all (beyond, False:
+    the refinement runs). E.g. ``strided(s)``, ``power2(w)``,
+    ``causal & (q - k < w | k % H == h)``: the cell below the diagonal is false and the
+    band's cell true wherever the Kleene value is undecided.
     """
     cellable = [a for a in atoms if a.kind in ("lin", "floor")]
     if not cellable or any(a.kind != "lin" or abs(a.coeff) != 1 or not isinstance(a.uniform, Const)
@@ -396,34 +413,98 @@ def _segment_runs_agree(formula: Node, atoms: tuple) -> bool:
     cuts = sorted({c for lo, hi in spans.values() for c in
                    ((lo,) if lo is not None else ()) + ((hi + 1,) if hi is not None else ())})
     points = [cuts[0] - 1] + cuts          # one value of u in each segment
-    seg_vals = [{x: (lo is None or u >= lo) and (hi is None or u <= hi)
-                 for x, (lo, hi) in spans.items()} for u in points]
+    S = len(points)
+    full = (1 << S) - 1
+    masks = {x: sum(1 << s for s, u in enumerate(points)
+                    if (lo is None or u >= lo) and (hi is None or u <= hi))
+             for x, (lo, hi) in spans.items()}
     others = [a for a in atoms if a.kind not in ("lin", "floor")]
     choices = [_PAIRS[:2] if a.kind == "const" else _PAIRS for a in others]
-    S = len(points)
-    ncases = S * (S + 1) // 2
+    work = (S + 2) * _junction_size(formula)
     for c in choices:
-        ncases *= len(c)
-    if ncases > MAX_RUN_CASES:
+        work *= len(c)
+    if work > MAX_RUN_WORK:
         return False
-    for i in range(S):
-        for j in range(i, S):
-            run = seg_vals[i:j + 1]
-            kleene = {x: (any(v[x] for v in run), not all(v[x] for v in run)) for x in spans}
-            if not any(ct and cf for ct, cf in kleene.values()):
-                continue                   # no cellable atom undecided: not refined
-            for pairs in itertools.product(*choices):
-                leaf = dict(zip((a.node for a in others), pairs))
-                ct, cf = combine(formula, {**leaf, **kleene})
-                if not (ct and cf):
-                    continue               # pass 1 decided (or "neither"): not refined
-                any_t = any_f = False
-                for v in run:
-                    st, sf = combine(formula, {**leaf, **{x: (b, not b) for x, b in v.items()}})
-                    any_t, any_f = any_t or st, any_f or sf
-                if not (any_t and any_f):
-                    return False
+    seg_leaf = {x: (m, full ^ m) for x, m in masks.items()}
+    for pairs in itertools.product(*choices):
+        leaf = {a.node: (full if ct else 0, full if cf else 0) for a, (ct, cf) in zip(others, pairs)}
+        st, sf = combine(formula, {**leaf, **seg_leaf})      # bit s: segment s can be true/false
+        point = dict(zip((a.node for a in others), pairs))
+        for can in (st, sf):
+            for block in _zero_runs(can, S):
+                kleene = {x: (m & block != 0, m & block != block) for x, m in masks.items()}
+                if not any(ct and cf for ct, cf in kleene.values()):
+                    continue               # no cellable atom undecided: not refined
+                ct, cf = combine(formula, {**point, **kleene})
+                if ct and cf:
+                    return False           # pass 1 PARTIAL, the cells decide the block
     return True
+
+
+def _junction_size(formula: Node) -> int:
+    """Distinct nodes of the ``& | ~`` structure of ``formula`` (its leaves included)."""
+    seen: set = set()
+    stack = [formula]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n, (And, Or, Not)):
+            stack.extend(n.children())
+    return len(seen)
+
+
+def _zero_runs(bits: int, n: int):
+    """The maximal runs of 0 bits among the low ``n`` bits of ``bits``, as bit masks."""
+    s = 0
+    while s < n:
+        if bits >> s & 1:
+            s += 1
+            continue
+        e = s
+        while e + 1 < n and not bits >> (e + 1) & 1:
+            e += 1
+        yield ((1 << (e - s + 1)) - 1) << s
+        s = e + 1
+
+
+#: the refinement computes cuts and cell corners in int64 from positions, thresholds, chunk
+#: offsets and divisors; it takes atoms whose such values stay within +-SAFE_CUTS
+SAFE_CUTS = 1 << 62
+
+
+def _safe_atoms(atoms: tuple, domain: Domain) -> tuple | None:
+    """``atoms`` with each cellable one whose cut arithmetic could leave ``+-SAFE_CUTS`` over
+    the call made opaque (it keeps its tile-level pair: sound); None when no cellable atom
+    is left, or positions and their differences themselves could leave it (then the
+    refinement does nothing)."""
+    def safe(lo, hi):
+        return -SAFE_CUTS < lo and hi < SAFE_CUTS
+
+    var = {n: (lo, hi) for n, lo, hi in domain.variables}
+    (qlo, qhi), (klo, khi) = var["q"], var["k"]
+    pos = {"q": (qlo, qhi), "k": (klo, khi), "d": (qlo - khi, qhi - klo)}
+    if not all(safe(*r) for r in pos.values()):
+        return None
+    of = bounds_of(domain)
+    out = []
+    for a in atoms:
+        ok = True
+        if a.kind == "lin":
+            ulo, uhi = of(a.uniform)
+            for bound in (a.node.lo, a.node.hi):
+                ok = ok and safe(ulo, uhi) and (bound is None or safe(bound - uhi, bound - ulo))
+        elif a.kind == "floor":
+            for u, coef, e_node, m_node in a.floors:
+                (elo, ehi), (mlo, mhi) = of(e_node), of(m_node)
+                slo, shi = coef * pos[u][0], coef * pos[u][1]
+                ok = (ok and safe(elo, ehi) and safe(slo, shi) and safe(slo + elo, shi + ehi)
+                      and safe(66 * mlo, 66 * mhi))
+        out.append(a if ok else _Atom(a.node, "opaque"))
+    if not any(a.kind in ("lin", "floor") for a in out):
+        return None
+    return tuple(out)
 
 
 def _fdiv(a, b):
@@ -435,7 +516,8 @@ def _cdiv(a, b):
 
 
 def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summaries: dict,
-                   device, chunk_elems: int = 1 << 22, blocks=None, grid=None) -> None:
+                   device, chunk_elems: int = 1 << 22, blocks=None, grid=None,
+                   checked: Optional[Checked] = None) -> None:
     """Exact refinement of the PARTIAL tiles of ``cls`` (in place). See the module docstring.
 
     ``blocks=(block_m, block_n)`` gives static bounds on the chunk cuts per tile (no device
@@ -443,7 +525,11 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
     ``env`` (the tiles of ``cls``); when the formula needs no lifting and no n-D input was
     summarised by its whole-input min/max, every tile-level value is read from its memo
     (:func:`_select_from_grid`), else the PARTIAL tiles are gathered and re-evaluated
-    (:func:`_select_gathered`).
+    (:func:`_select_gathered`). ``checked``: the call's :func:`spattn.ir.bounds.check_call`
+    result. A lifted formula is checked over the same domain (lifting compares operands of
+    ``min``/``max`` with each other, new sums that may leave int64: then nothing is refined),
+    and cellable atoms whose cut arithmetic could leave int64 keep their tile-level pair
+    (:func:`_safe_atoms`).
     Device synchronisations: the selection of the tiles to refine (``nonzero``; two in the
     gathered way), and one per floor term whose cuts are not bounded statically.
     """
@@ -454,10 +540,23 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
     if isinstance(formula, BoolConst):    # lifting proved the pattern constant
         cls.copy_(torch.where(cls == PARTIAL, FULL if formula.value else EMPTY, cls))
         return
+    wrapped = frozenset()
+    if checked is not None:
+        if formula != ir:
+            lifted = analyse(formula, checked.domain)
+            if lifted.problems:
+                return
+            wrapped = lifted.wrapped
+        else:
+            wrapped = checked.wrapped
+        atoms = _safe_atoms(atoms, checked.domain)
+        if atoms is None:
+            return
     if grid is not None and formula == ir and not grid.coarse:
         idx, tile = _select_from_grid(formula, atoms, cls, grid, device)
     else:
-        idx, tile = _select_gathered(formula, atoms, cls, env, inputs, summaries, device)
+        idx, tile = _select_gathered(formula, atoms, cls, env, inputs, summaries, device,
+                                     wrapped)
     if idx is None:
         return
     # cuts per floor term: as many as the partial tiles need, within MAX_FLOOR_CUTS
@@ -560,7 +659,8 @@ def _select_from_grid(formula, atoms, cls, grid, device):
     return idx, tile
 
 
-def _select_gathered(formula, atoms, cls, env, inputs, summaries, device):
+def _select_gathered(formula, atoms, cls, env, inputs, summaries, device,
+                     wrapped: frozenset = frozenset()):
     """The tiles to refine, by gathering the PARTIAL tiles and evaluating the (lifted)
     formula's atoms over them: tiles where no cellable atom is undecided get the tile-level
     value of the formula (which may decide a lifted one). Two synchronisations.
@@ -574,7 +674,7 @@ def _select_gathered(formula, atoms, cls, env, inputs, summaries, device):
     def evaluator(rows):
         qlo, qhi, klo, khi, b_t, h_t = _boxes(env, rows)
         return IntervalEval(dict(point_env, h=h_t, b=b_t, q=(qlo, qhi), k=(klo, khi)), inputs,
-                            device=device, summaries=summaries)
+                            device=device, summaries=summaries, wrapped=wrapped)
 
     tev = evaluator(idx)
     undecided = None
@@ -632,7 +732,7 @@ def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inpu
             exact[a.node] = ok
     # segments per direction: [P, S]
     segs = {}
-    allfixed = [sorted(fixed[u]) for u in ("q", "k", "d")]
+    allfixed = [sorted(set(fixed[u])) for u in ("q", "k", "d")]
     if any(allfixed):                         # one upload for the Python cuts
         flat = torch.tensor([c for f in allfixed for c in f], dtype=I64, device=device)
     at = 0

@@ -56,8 +56,9 @@ import torch
 from ..codegen.strategy import FLAG_OFF, FLAG_ON, getenv
 from ..dsl.errors import (MAX_INT, SpattnBackendError, SpattnConfigError, SpattnError,
                           SpattnInputError, SpattnParamError, SpattnValueError, short_repr)
-from ..ir.evaluate import query_offset as _query_offset, validate_inputs
+from ..ir.evaluate import query_offset as _query_offset
 from . import autograd as _ag
+from .inputs import validate_inputs
 
 __all__ = ["call", "functional_attention", "choose_backend", "validate"]
 

@@ -53,7 +53,7 @@ import torch
 
 from ..codegen.strategy import (ENV_VARS, FLAG_OFF, FLAG_ON, choice, env_overrides, getenv,
                                 interpret_mode)
-from ..ir.evaluate import converted
+from .inputs import converted
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from . import cache as _cache
 from . import tune as _tune

@@ -16,7 +16,8 @@ import torch
 
 from .dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, SpattnValueError,
                          short_repr)
-from .ir.evaluate import check_lengths, mask as _mask, validate_inputs
+from .ir.evaluate import mask as _mask
+from .ir.inputs import check_lengths, validate_inputs
 from .ir.printer import to_source
 
 BACKENDS = ("auto", "triton", "torch")

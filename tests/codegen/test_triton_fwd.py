@@ -200,7 +200,7 @@ def test_narrow_int_inputs_tables_built_once(monkeypatch, dtype):
 
 
 def _validated(pat, doc):
-    from spattn.ir.evaluate import validate_inputs
+    from spattn.runtime.inputs import validate_inputs
     return validate_inputs(pat.inputs, {"doc": doc}, batch=1, num_heads=2)
 
 

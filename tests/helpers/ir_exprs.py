@@ -6,6 +6,10 @@
 comparisons, ``is_pow2``, ``& | ~``. Every generated expression evaluates without error for
 any q, k, h < 3, b, so the reference mask is always defined. ``affine_bool_exprs()`` stays
 inside the fragment for which tile classes are exact.
+
+``consts=`` draws the constants (leaves, scale factors, list entries, constant divisors):
+``small`` (-12..12) by default; :data:`wide` mixes in values up to ``+-2**62`` and some
+beyond int64, for the exact-integer tests.
 """
 from __future__ import annotations
 
@@ -17,15 +21,21 @@ Q, K, Hv, Bv = B.var("q"), B.var("k"), B.var("h"), B.var("b")
 LQ, LK, HH = B.var("Lq"), B.var("Lk"), B.var("H")
 
 small = st.integers(-12, 12)
+#: constants of the exact-integer tests: mostly small, often up to +-2**62, some beyond int64
+wide = st.one_of(small, st.integers(2**31, 2**62), st.integers(-2**62, -2**31),
+                 st.sampled_from([2**62, -2**62, 2**63 - 1, -2**63, 2**63, -2**63 - 1,
+                                  2**64 + 1, -2**64, 10**30]))
 
 
 @st.composite
-def divisors(draw):
+def divisors(draw, consts=small):
     kind = draw(st.sampled_from(["const", "const", "neg", "h1", "table", "Lk"]))
     if kind == "const":
-        return B.const(draw(st.integers(1, 9)))
+        return B.const(draw(st.integers(1, 9) if consts is small else
+                            consts.filter(lambda v: v > 0)))
     if kind == "neg":
-        return B.const(draw(st.integers(-6, -1)))
+        return B.const(draw(st.integers(-6, -1) if consts is small else
+                            consts.filter(lambda v: v < 0)))
     if kind == "h1":
         return B.add(Hv, B.const(draw(st.integers(1, 4))))
     if kind == "table":
@@ -35,33 +45,33 @@ def divisors(draw):
 
 
 @st.composite
-def leaves(draw):
+def leaves(draw, consts=small):
     kind = draw(st.sampled_from(["q", "q", "k", "k", "h", "b", "Lq", "Lk", "H", "c"]))
     return {"q": Q, "k": K, "h": Hv, "b": Bv, "Lq": LQ, "Lk": LK, "H": HH}.get(
-        kind) or B.const(draw(small))
+        kind) or B.const(draw(consts))
 
 
 @st.composite
-def int_exprs(draw, depth=3):
+def int_exprs(draw, depth=3, consts=small):
     if depth <= 0:
-        return draw(leaves())
-    sub = int_exprs(depth=depth - 1)
+        return draw(leaves(consts))
+    sub = int_exprs(depth=depth - 1, consts=consts)
     kind = draw(st.sampled_from(["leaf", "add", "add", "sub", "scale", "mul", "div", "mod",
                                  "abs", "min", "max", "select", "table", "table_mod"]))
     if kind == "leaf":
-        return draw(leaves())
+        return draw(leaves(consts))
     if kind == "add":
         return B.add(draw(sub), draw(sub))
     if kind == "sub":
         return B.sub(draw(sub), draw(sub))
     if kind == "scale":
-        return B.mul(B.const(draw(st.integers(-3, 3))), draw(sub))
+        return B.mul(B.const(draw(st.integers(-3, 3) if consts is small else consts)), draw(sub))
     if kind == "mul":
-        return B.mul(draw(int_exprs(depth=0)), draw(int_exprs(depth=0)))
+        return B.mul(draw(int_exprs(depth=0, consts=consts)), draw(int_exprs(depth=0, consts=consts)))
     if kind == "div":
-        return B.floordiv(draw(sub), draw(divisors()))
+        return B.floordiv(draw(sub), draw(divisors(consts)))
     if kind == "mod":
-        return B.mod(draw(sub), draw(divisors()))
+        return B.mod(draw(sub), draw(divisors(consts)))
     if kind == "abs":
         return B.abs_(draw(sub))
     if kind == "min":
@@ -69,12 +79,12 @@ def int_exprs(draw, depth=3):
     if kind == "max":
         return B.max_(draw(sub), draw(sub))
     if kind == "select":
-        return B.select(draw(bool_exprs(depth=depth - 1)), draw(sub), draw(sub))
+        return B.select(draw(bool_exprs(depth=depth - 1, consts=consts)), draw(sub), draw(sub))
     if kind == "table":
-        vals = draw(st.lists(small, min_size=3, max_size=3))
+        vals = draw(st.lists(consts, min_size=3, max_size=3))
         return B.table(vals, Hv)
     n = draw(st.integers(2, 5))
-    vals = draw(st.lists(small, min_size=n, max_size=n))
+    vals = draw(st.lists(consts, min_size=n, max_size=n))
     return B.table(vals, B.mod(draw(sub), B.const(n)))
 
 
@@ -82,17 +92,18 @@ _OPS = ["<", "<=", ">", ">=", "==", "!="]
 
 
 @st.composite
-def bool_exprs(draw, depth=3):
+def bool_exprs(draw, depth=3, consts=small):
     kind = draw(st.sampled_from(["cmp", "cmp", "cmp", "and", "or", "not", "pow2", "const"]
                                 if depth > 0 else ["cmp", "cmp", "const"]))
     if kind == "cmp":
-        return B.cmp(draw(st.sampled_from(_OPS)), draw(int_exprs(depth=max(depth - 1, 1))),
-                     draw(int_exprs(depth=max(depth - 1, 0))))
+        return B.cmp(draw(st.sampled_from(_OPS)),
+                     draw(int_exprs(depth=max(depth - 1, 1), consts=consts)),
+                     draw(int_exprs(depth=max(depth - 1, 0), consts=consts)))
     if kind == "const":
         return B.boolean(draw(st.booleans()))
     if kind == "pow2":
-        return B.is_pow2(draw(int_exprs(depth=depth - 1)))
-    sub = bool_exprs(depth=depth - 1)
+        return B.is_pow2(draw(int_exprs(depth=depth - 1, consts=consts)))
+    sub = bool_exprs(depth=depth - 1, consts=consts)
     if kind == "not":
         return B.not_(draw(sub))
     if kind == "and":

@@ -7,7 +7,9 @@ exercise floor semantics), ``abs min max clamp``, comparisons (chained too),
 positive arguments, and list literals indexed by ``h % n`` (always in range for
 any number of heads). Every drawn text compiles without error; sizes are kept
 small. ``int_exprs()`` draws the int sub-language; ``programs()`` draws whole
-``.spattn`` programs (param, input, def, pattern statements).
+``.spattn`` programs (param, input, def, pattern statements). ``consts=`` (for
+``bool_exprs``/``int_exprs``) draws the literals and list entries instead, e.g.
+:data:`WIDE` (values up to ``+-2**62`` and beyond int64).
 
     from tests.helpers.sources import bool_exprs
 """
@@ -17,33 +19,42 @@ from hypothesis import strategies as st
 
 VARS = ("q", "k", "h")
 DIVISORS = (-3, -2, -1, 1, 2, 3, 4, 5, 8)
+#: literals of the exact-integer tests: mostly small, often up to +-2**62, some beyond int64
+WIDE = st.one_of(st.integers(-9, 20), st.integers(2**31, 2**62), st.integers(-2**62, -2**31),
+                 st.sampled_from([2**63 - 1, -2**63, 2**63, 2**64 + 1, -2**64, 10**30]))
 
 
 def _paren(s: str) -> str:
     return f"({s})"
 
 
+def _lit(v: int) -> str:
+    return str(v) if v >= 0 else f"({v})"
+
+
 @st.composite
-def _list_index(draw, index_expr: str = "h") -> str:
+def _list_index(draw, index_expr: str = "h", consts=None) -> str:
     n = draw(st.integers(1, 4))
-    vals = draw(st.lists(st.integers(-8, 16), min_size=n, max_size=n))
+    vals = draw(st.lists(st.integers(-8, 16) if consts is None else consts, min_size=n,
+                         max_size=n))
     return "[" + ", ".join(map(str, vals)) + f"][{index_expr} % {n}]"
 
 
-def _int_leaf():
+def _int_leaf(consts=None):
     return st.one_of(
         st.sampled_from(VARS),
         st.sampled_from(VARS),          # variables more often than constants
-        st.integers(-9, 20).map(lambda v: str(v) if v >= 0 else f"({v})"),
-        _list_index(),
+        (st.integers(-9, 20) if consts is None else consts).map(_lit),
+        _list_index(consts=consts),
     )
 
 
-def _int_node(children):
+def _int_node(children, consts=None):
     c = children
     binop = st.tuples(c, st.sampled_from(["+", "-"]), c).map(
         lambda t: _paren(f"{t[0]} {t[1]} {t[2]}"))
-    scaled = st.tuples(st.integers(-4, 4), c).map(lambda t: _paren(f"{t[0]} * {t[1]}"))
+    scaled = st.tuples(st.integers(-4, 4) if consts is None else consts, c).map(
+        lambda t: _paren(f"{_lit(t[0])} * {t[1]}"))
     product = st.tuples(c, c).map(lambda t: _paren(f"{t[0]} * {t[1]}"))
     divmod_ = st.tuples(c, st.sampled_from(["//", "%"]), st.sampled_from(DIVISORS)).map(
         lambda t: _paren(f"{t[0]} {t[1]} {t[2] if t[2] > 0 else _paren(str(t[2]))}"))
@@ -58,9 +69,9 @@ def _int_node(children):
     return st.one_of(binop, binop, scaled, divmod_, neg, fn1, fnn, clamp, select, product)
 
 
-def int_exprs(max_leaves: int = 6):
+def int_exprs(max_leaves: int = 6, consts=None):
     """Random int expressions over q, k, h (source text, fully parenthesised)."""
-    return st.recursive(_int_leaf(), _int_node, max_leaves=max_leaves)
+    return st.recursive(_int_leaf(consts), lambda c: _int_node(c, consts), max_leaves=max_leaves)
 
 
 _CMP = ("<", "<=", ">", ">=", "==", "!=")
@@ -95,9 +106,9 @@ def _prelude_call():
     )
 
 
-def _bool_leaf():
-    return st.one_of(_cmp_of(int_exprs(4)), _cmp_of(int_exprs(4)), _prelude_call(),
-                     st.sampled_from(["true", "false"]))
+def _bool_leaf(consts=None):
+    return st.one_of(_cmp_of(int_exprs(4, consts)), _cmp_of(int_exprs(4, consts)),
+                     _prelude_call(), st.sampled_from(["true", "false"]))
 
 
 def _bool_node(children):
@@ -111,9 +122,9 @@ def _bool_node(children):
     return st.one_of(and_, and_, or_, or_, not_, if_)
 
 
-def bool_exprs(max_leaves: int = 5):
+def bool_exprs(max_leaves: int = 5, consts=None):
     """Random bool pattern expressions over q, k, h (source text that always compiles)."""
-    return st.recursive(_bool_leaf(), _bool_node, max_leaves=max_leaves)
+    return st.recursive(_bool_leaf(consts), _bool_node, max_leaves=max_leaves)
 
 
 @st.composite

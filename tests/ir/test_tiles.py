@@ -180,7 +180,7 @@ def test_exact_patterns_never_refine(src, monkeypatch):
 def _gathered_instead(formula, atoms, cls, grid, device):
     import spattn.ir.tiles as T
     return T._select_gathered(formula, atoms, cls, grid.env, grid.inputs, grid.summaries,
-                              device)
+                              device, grid.wrapped)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -266,7 +266,7 @@ def test_random_inputs_sound(ir, d, seed):
 @given(int_exprs(), st.integers(1, 90), st.integers(1, 90), st.integers(-20, 20) | st.none())
 def test_static_interval_is_the_interval_pass(ix, Lq, Lk, off):
     """The host bounds of affine indices (check_input_bounds) equal the interval pass's hull."""
-    from spattn.ir.evaluate import query_offset
+    from spattn.ir.inputs import query_offset
     from spattn.ir.intervals import IntervalEval, domain_env, static_interval
     o = query_offset(Lq, Lk, off)
     got = static_interval(ix, {"q": (o, o + Lq - 1), "k": (0, Lk - 1), "Lq": Lq, "Lk": Lk, "H": 2})

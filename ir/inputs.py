@@ -1,0 +1,86 @@
+"""The arguments of a call, as the IR sees them: lengths, the query offset, runtime inputs.
+
+``validate_inputs`` checks runtime input tensors against a pattern's declaration (names, index
+dimensions, optional leading ``[B]`` / ``[B, H]`` dimensions, dtype) and returns int64 tensors,
+the form every pass of ``ir`` computes with. It copies by default; the runtime passes its own
+``convert`` (:func:`spattn.runtime.inputs.converted`), which returns the same converted tensor
+on every call while the source is unchanged, because its launchers key their tile tables on
+the inputs' identity.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from ..dsl.errors import SpattnInputError, SpattnValueError
+
+#: dtypes a runtime input may have (elements are integers; bool means 0/1)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+
+
+def query_offset(Lq: int, Lk: int, q_offset: int | None) -> int:
+    """Position of query row 0: bottom-right aligned (``Lk - Lq``) unless given."""
+    return Lk - Lq if q_offset is None else int(q_offset)
+
+
+def check_lengths(Lq, Lk, *, num_heads=1, batch=1) -> None:
+    """Raise :class:`SpattnValueError` unless every length is a positive int."""
+    for name, v in (("Lq", Lq), ("Lk", Lk), ("num_heads", num_heads), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise SpattnValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _copy(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    return (t.to(device) if device is not None else t).to(dtype)
+
+
+def validate_inputs(declared: Mapping[str, int], given: Mapping[str, object], *,
+                    batch: int, num_heads: int, device=None,
+                    convert: Callable[[torch.Tensor, object, torch.dtype], torch.Tensor] = _copy
+                    ) -> dict[str, torch.Tensor]:
+    """Check runtime inputs against the pattern's declaration; returns int64 tensors.
+
+    ``declared`` maps each input name to its number of index dimensions. ``convert(t,
+    device, dtype)`` makes the int64 copy on ``device`` (by default ``.to``, which returns a
+    tensor that already is one as it is).
+    Raises :class:`SpattnInputError` naming the argument and its shape.
+    """
+    missing = [n for n in declared if n not in given]
+    if missing:
+        raise SpattnInputError(
+            "missing runtime input" + ("s " if len(missing) > 1 else " ")
+            + ", ".join(repr(n) for n in missing)
+            + f": the pattern indexes {', '.join(f'{n}[{_dims(declared[n])}]' for n in missing)}")
+    extra = [n for n in given if n not in declared]
+    if extra:
+        known = ", ".join(repr(n) for n in declared) or "none"
+        raise SpattnInputError(f"unexpected runtime input {', '.join(repr(n) for n in extra)}: "
+                               f"the pattern's inputs are {known}")
+    out = {}
+    for name, nd in declared.items():
+        t = given[name]
+        if not isinstance(t, torch.Tensor):
+            raise SpattnInputError(f"runtime input {name!r} must be a torch.Tensor, "
+                                   f"got {type(t).__name__}")
+        if t.dtype not in INT_DTYPES:
+            raise SpattnInputError(f"runtime input {name!r} must have an integer or bool dtype, "
+                                   f"got {t.dtype} (shape {tuple(t.shape)})")
+        if t.dim() not in (nd, nd + 1, nd + 2):
+            raise SpattnInputError(
+                f"runtime input {name!r} has shape {tuple(t.shape)}, but the pattern indexes it "
+                f"with {nd} index dimension{'s' if nd != 1 else ''}: expected {nd} dims, "
+                f"[B, ...] ({nd + 1} dims) or [B, H, ...] ({nd + 2} dims)")
+        lead = t.shape[: t.dim() - nd]
+        for axis, (size, want, what) in enumerate(zip(lead, (batch, num_heads), ("batch", "heads"))):
+            if size not in (1, want):
+                raise SpattnInputError(f"runtime input {name!r} has shape {tuple(t.shape)}: "
+                                       f"its {what} dimension ({axis}) is {size}, expected {want} or 1")
+        if any(s == 0 for s in t.shape):
+            raise SpattnInputError(f"runtime input {name!r} is empty (shape {tuple(t.shape)})")
+        out[name] = convert(t, device, torch.int64)
+    return out
+
+
+def _dims(n: int) -> str:
+    return ", ".join("·" for _ in range(n))
