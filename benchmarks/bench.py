@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -149,7 +148,7 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     o = pat(q, k, v, **inputs)
     torch.cuda.synchronize()
     row["first_call_s"] = time.perf_counter() - t0
-    from spattn.codegen.strategy import pick
+    from spattn.codegen.config import pick
     row["strategy"] = pick(pat, "fwd", head_dim=D, dtype=dtype).strategy
     # setup: what a new shape costs (kernel already compiled), timed through the launchers'
     # own builders: for the table strategy the tile classes (shared by the heads unless the
@@ -159,7 +158,7 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     # create_block_mask also builds both directions); for closed-form ranges the per-tile
     # bounds used to order the grid (the kernel computes its own loop bounds)
     from spattn.runtime import triton_backend as tb
-    from spattn.codegen.strategy import default_bwd_tiles, dtype_name
+    from spattn.codegen.config import default_bwd_tiles, dtype_name
 
     def setup(train):
         if row["strategy"] == "table":

@@ -2,7 +2,7 @@
 
 For each pattern (default: causal, window(1024), causal & (window(1024) | sink(64))) at
 N=16384, D=128, bf16, B=1, H=16, every configuration is a set of ``SPATTN_*``
-environment overrides (see ``codegen/strategy.py`` and ``docs/codegen.md``):
+environment overrides (see ``codegen/config.py`` and ``docs/codegen.md``):
 
 * forward configs ``(BM, BN, warps, stages[, loop])`` -> ``SPATTN_BLOCK_M``,
   ``SPATTN_BLOCK_N``, ``SPATTN_FWD_WARPS``, ``SPATTN_FWD_STAGES`` (, ``SPATTN_FWD_LOOP``:
@@ -155,7 +155,7 @@ def rel_err(x, ref) -> float:
 # ---------------------------------------------------------------- one row
 
 def run_config(pat, q, k, v, do, ref, flops_f, *, rep, label, env):
-    from spattn.codegen.strategy import pick
+    from spattn.codegen.config import pick
     row = {"config": label, "env": env}
     apply_env(env)
     D = q.shape[-1]

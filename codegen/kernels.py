@@ -16,7 +16,7 @@ importable Python file, readable like hand-written code:
 Each kernel has one template in ``codegen/templates/`` (``fwd.py.j2``, ``bwd_dkdv.py.j2``,
 ``bwd_dq.py.j2``; ``bwd.py.j2`` puts the backward pair in one module, ``_head.j2`` is the
 module top, ``_blocks.j2`` the macros the kernels share: schedules, input bases, hoisted
-terms).  Variants are flags of the :class:`~spattn.codegen.strategy.KernelConfig`
+terms).  Variants are flags of the :class:`~spattn.codegen.config.KernelConfig`
 (``loop``, ``strategy``, ``tma``, ``int64``) read by the templates; the per-tile block
 (scores, predicate, online softmax or gradients) is one macro per kernel, used by every
 loop variant.  This module computes only what the templates cannot: the emitted

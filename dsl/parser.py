@@ -24,12 +24,6 @@ from .errors import MAX_LITERAL, SpattnSyntaxError, SpattnValueError
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 
-#: Statement keywords; a source containing one of them is a program.
-STATEMENT_KEYWORDS = ("param", "input", "def", "pattern")
-#: Every reserved word of the language.
-KEYWORDS = frozenset(STATEMENT_KEYWORDS + ("if", "then", "else", "true", "false",
-                                           "and", "or", "not"))
-
 # Readable names of the terminals, for "expected one of: ..." messages.
 _TOKEN_NAMES = {
     "NAME": "a name", "INT": "an integer", "$END": "end of input",

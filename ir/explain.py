@@ -9,7 +9,7 @@ semantics, in chunks (memory bounded by ``chunk_elems``).
 FLOPs: attention costs ``4 * D`` FLOPs per (query, key) pair (QK^T and PV, 2 each); the kernel
 computes every pair of its FULL and PARTIAL tiles (nominal tile size), the useful work is the
 allowed pairs. The predicted speedup comes from the (uncalibrated) cost model of
-:mod:`spattn.ir.strategy`.
+:mod:`spattn.ir.cost`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ..dsl.errors import SpattnValueError
 from .evaluate import evaluate
 from .inputs import query_offset
 from .ranges import closed_form, exact_intervals
-from .strategy import COST, pick_strategy, predicted_speedup, tile_counts
+from .cost import COST, pick_strategy, predicted_speedup, tile_counts
 from .tiles import FULL, PARTIAL, classify
 
 

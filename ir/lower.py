@@ -15,7 +15,7 @@ from typing import Optional
 from ..dsl import ast as A
 from ..dsl.errors import SpattnError, SpattnParamError, SpattnTypeError, SpattnValueError
 from ..dsl.parser import parse_expression, parse_source
-from ..dsl.resolve import Resolved, resolve_expression, resolve_program, suggest
+from ..dsl.resolve import resolve_expression, resolve_program, suggest
 from . import build
 from .nodes import BOOL, INT, Const, Node
 

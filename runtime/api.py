@@ -36,7 +36,7 @@ reaches every row that reads its tile, including rows for which the pattern mask
 that key but not the whole tile (``0 * inf`` is NaN), and no row whose tiles skip it.
 
 The ``SPATTN_*`` environment overrides are checked where they are read
-(``codegen/strategy.py``); a value outside its allowed set is a
+(``codegen/config.py``); a value outside its allowed set is a
 :class:`SpattnConfigError` that names the variable and the values it takes.
 
 Backend choice (``Pattern.backend``): ``"torch"`` always runs the block-sparse
@@ -53,7 +53,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..codegen.strategy import FLAG_OFF, FLAG_ON, getenv
+from ..codegen.config import FLAG_OFF, FLAG_ON, getenv
 from ..dsl.errors import (MAX_INT, SpattnBackendError, SpattnConfigError, SpattnError,
                           SpattnInputError, SpattnParamError, SpattnValueError, short_repr)
 from ..ir.evaluate import query_offset as _query_offset
@@ -196,7 +196,7 @@ def check_runtime_tensors(inputs: dict) -> None:
                                    f"convert it with {name}.to(torch.int64) (or int32)")
 
 
-#: ``SPATTN_*`` settings checked outside ``codegen.strategy``: the values they take, in words.
+#: ``SPATTN_*`` settings checked outside ``codegen.config``: the values they take, in words.
 _ENV_VALUES = {"SPATTN_TMA": (FLAG_ON + FLAG_OFF + ("auto",),
                               "1, 0 or auto (or true/false, on/off, yes/no)")}
 

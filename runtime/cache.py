@@ -6,7 +6,7 @@ needed.  Files live in ``$SPATTN_CACHE_DIR`` (default ``~/.cache/spattn``) and a
 named after the pattern: ``attn_fwd_<name>_<hash6>.py``.
 
 Key = sha256 of (canonical source, input declarations, kind, codegen version,
-:class:`~spattn.codegen.strategy.KernelConfig` (strategy, tile sizes, head-dim
+:class:`~spattn.codegen.config.KernelConfig` (strategy, tile sizes, head-dim
 block, dtype, warps, stages), the closed form used by the "ranges" strategy,
 the Triton version, and the device: CUDA capability, or "interpret" under
 ``TRITON_INTERPRET=1``).  Lengths, batch, heads and ``q_offset`` are kernel
@@ -48,7 +48,7 @@ import tempfile
 import threading
 import warnings
 
-from ..codegen import strategy as _strategy
+from ..codegen import config as _config
 from ..codegen.kernels import CODEGEN_VERSION, ident, render
 from ..dsl.errors import SpattnCacheError, SpattnConfigError, SpattnValueError
 
@@ -71,7 +71,7 @@ def configured_dir() -> pathlib.Path | None:
     """The directory the settings name: ``$SPATTN_CACHE_DIR`` (``~`` expanded, made
     absolute), else ``~/.cache/spattn``; None when there is no home directory to put the
     default under."""
-    setting = _strategy.getenv("SPATTN_CACHE_DIR")
+    setting = _config.getenv("SPATTN_CACHE_DIR")
     if setting:
         path = os.path.expanduser(setting)
         try:
@@ -99,7 +99,7 @@ def cache_dir() -> pathlib.Path:
 
 def device_tag(device=None) -> str:
     """"interpret" under TRITON_INTERPRET=1, else "cuda-sm<major><minor>" (or "cpu")."""
-    if _strategy.interpret_mode():
+    if _config.interpret_mode():
         return "interpret"
     cap = capability(device)
     return "cpu" if cap is None else f"cuda-sm{cap[0]}{cap[1]}"
@@ -375,7 +375,7 @@ class _Store:
 
 
 def _store() -> _Store:
-    setting = _strategy.getenv("SPATTN_CACHE_DIR")
+    setting = _config.getenv("SPATTN_CACHE_DIR")
     store = _stores.get(setting)
     if store is None:
         store = _stores[setting] = _Store()
@@ -458,7 +458,7 @@ def resolve(pattern, kind: str = "fwd", **options):
     # every environment override strategy.pick reads is part of the memo key (the launchers
     # pass the overrides they read as ``_env``, part of the options)
     memo_key = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, device_tag(device),
-                _strategy.env_overrides(kind) if "_env" not in options else (),
+                _config.env_overrides(kind) if "_env" not in options else (),
                 tuple(sorted((k, str(v)) for k, v in options.items())),
                 None if cf is None else _cf_text(cf))
     with _lock:
@@ -467,8 +467,8 @@ def resolve(pattern, kind: str = "fwd", **options):
         return hit
     _check_options(options)
     if cf is None and options.get("strategy") in (None, "ranges"):
-        cf = _strategy.get_closed_form(pattern)
-    config = _strategy.pick(pattern, kind, closed_form=cf, **options)
+        cf = _config.get_closed_form(pattern)
+    config = _config.pick(pattern, kind, closed_form=cf, **options)
     if config.strategy == "ranges":
         if cf is None:
             where = ("strategy='ranges'" if options.get("strategy")
@@ -496,7 +496,7 @@ def _check_options(options) -> None:
     if isinstance(hd, bool) or not isinstance(hd, int) or not 16 <= hd <= 256:
         raise SpattnValueError(f"head_dim must be an integer in 16..256, got {hd!r}")
     try:
-        _strategy.dtype_name(options.get("dtype", "bf16"))
+        _config.dtype_name(options.get("dtype", "bf16"))
     except ValueError:
         raise SpattnValueError(f"dtype must be float16, bfloat16 or float32 (a torch dtype or "
                                f"its name), got {options.get('dtype')!r}") from None
@@ -622,7 +622,7 @@ def load_with_form(pattern, kind: str = "fwd", **options):
     rendered with (None for the table strategy), from one :func:`resolve`."""
     config, cf, key = resolve(pattern, kind, **dict(options))
     # per-call fast path: the module by (cache directory setting, key), no path building
-    fast = (_strategy.getenv("SPATTN_CACHE_DIR"), kind, key, pattern.name)
+    fast = (_config.getenv("SPATTN_CACHE_DIR"), kind, key, pattern.name)
     with _lock:
         spath = _paths.get(fast)
         mod = None if spath is None else _modules.get(spath)

@@ -16,7 +16,7 @@ Options for tests and tuning (keyword only, all optional): ``strategy``
 ``num_warps``, ``num_stages``, ``closed_form``; backward only: ``block_m1``,
 ``block_n1`` (dK/dV tile), ``block_m2``, ``block_n2`` (dQ tile) -- ``block_m``/``block_n``
 set both backward tiles.  The ``SPATTN_*`` environment overrides (see
-``codegen/strategy.py``) in force at call time are part of the per-process config
+``codegen/config.py``) in force at call time are part of the per-process config
 memo, so changing them between calls picks the new configuration.
 
 ``tma`` (bool) picks the block loads and stores of Q, K, V, O (and dO, dQ, dK, dV)
@@ -51,7 +51,7 @@ import math
 
 import torch
 
-from ..codegen.strategy import (ENV_VARS, FLAG_OFF, FLAG_ON, choice, env_overrides, getenv,
+from ..codegen.config import (ENV_VARS, FLAG_OFF, FLAG_ON, choice, env_overrides, getenv,
                                 interpret_mode)
 from .inputs import converted
 from ..ir.tiles import EMPTY, FULL, PARTIAL
@@ -841,7 +841,3 @@ def _bwd(pattern, q, k, v, o, lse, do, *, scale, q_offset, inputs, opts, warmup=
         BLOCK_M1=m1, BLOCK_N1=n1, DOT_PREC=prec, **kw, **kw_k,
     )
     return dq, dk, dv
-
-
-def default_scale(D: int) -> float:
-    return 1.0 / math.sqrt(D)

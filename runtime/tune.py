@@ -14,7 +14,7 @@ Autotuning applies when all of these hold:
 * the call sets no tile option (none of the names above, nor ``block_m``/``block_n``
   for the backward) and the environment sets no tile override of that kind
   (``SPATTN_BLOCK_M``, ``SPATTN_BWD_WARPS``, ``SPATTN_NUM_STAGES``, ...: every name of
-  :data:`spattn.codegen.strategy.ENV_VARS` but ``SPATTN_STRATEGY``).
+  :data:`spattn.codegen.config.ENV_VARS` but ``SPATTN_STRATEGY``).
 
 The choice is keyed by (pattern source and input declarations, kind, head-dim block,
 dtype class, device capability, strategy, next power of two of Lq, of Lk and of
@@ -57,7 +57,7 @@ import statistics
 import threading
 import warnings
 
-from ..codegen import strategy as _strategy
+from ..codegen import config as _config
 from . import cache as _cache
 
 log = logging.getLogger("spattn")
@@ -106,9 +106,9 @@ _generation = 0                   # see generation()
 
 def enabled(device) -> bool:
     """Autotuning switched on for calls on ``device`` (CUDA, not interpreted, not disabled)."""
-    if _strategy.interpret_mode():
+    if _config.interpret_mode():
         return False
-    if (_strategy.getenv("SPATTN_AUTOTUNE") or "1").strip().lower() in _strategy.FLAG_OFF:
+    if (_config.getenv("SPATTN_AUTOTUNE") or "1").strip().lower() in _config.FLAG_OFF:
         return False
     return getattr(device, "type", str(device).split(":")[0]) == "cuda"
 
@@ -119,22 +119,22 @@ def explicit(kind: str, options: dict) -> bool:
         return True
     env = options.get("_env")    # the overrides the launcher read for this call
     if env is None:
-        env = _strategy.env_overrides(kind)
+        env = _config.env_overrides(kind)
     return any(n != "SPATTN_STRATEGY" for n, _ in env)
 
 
 def candidates(kind: str, head_dim: int, dtype) -> list[dict]:
     """The configurations timed for ``kind`` at a head dim and dtype (the default first)."""
-    dt = _strategy.dtype_name(dtype)
+    dt = _config.dtype_name(dtype)
     big = head_dim > 128
     if kind == "fwd":
-        default = _strategy.default_tiles(head_dim, dt, "fwd", interpret=False)
+        default = _config.default_tiles(head_dim, dt, "fwd", interpret=False)
         if dt == "fp32":
             lst = _FWD_32_BIG_D if big else _FWD_32
         else:
             lst = _FWD_16_BIG_D if big else _FWD_16
     elif kind == "bwd":
-        default = _strategy.default_bwd_tiles(head_dim, dt, interpret=False)
+        default = _config.default_bwd_tiles(head_dim, dt, interpret=False)
         if dt == "fp32":
             lst = _BWD_32_BIG_D if big else _BWD_32
         else:
@@ -191,13 +191,13 @@ def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk:
         "source": pattern.source,
         "inputs": sorted([n, int(d)] for n, d in pattern.inputs.items()),
         "kind": kind,
-        "block_d": _strategy.next_pow2(head_dim),
-        "dtype": _strategy.dtype_name(dtype),
+        "block_d": _config.next_pow2(head_dim),
+        "dtype": _config.dtype_name(dtype),
         "device": _cache.device_tag(device),
         "strategy": strategy,
         "tma": bool(tma),
-        "lq_bucket": _strategy.next_pow2(Lq),
-        "lk_bucket": _strategy.next_pow2(Lk),
+        "lq_bucket": _config.next_pow2(Lq),
+        "lk_bucket": _config.next_pow2(Lk),
         "bh_bucket": 1 << max(0, int(BH) - 1).bit_length(),
         "closed_form": None if closed_form is None else _cache._cf_text(closed_form),
         "codegen": CODEGEN_VERSION,
@@ -234,7 +234,7 @@ def _valid_config(kind: str, cfg) -> dict:
     for n in FIELDS[kind]:
         v = cfg[n]
         if n == "loop":
-            loops = _strategy.FWD_LOOPS if kind == "fwd" else _strategy.BWD_LOOPS
+            loops = _config.FWD_LOOPS if kind == "fwd" else _config.BWD_LOOPS
             if v not in loops:
                 raise ValueError(f"loop must be one of {loops}, got {v!r}")
             out[n] = v
@@ -424,9 +424,9 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
     if not enabled(device) or explicit(kind, options):
         return options
     raw = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, int(head_dim),
-           str(dtype), str(device), _strategy.next_pow2(Lq), _strategy.next_pow2(Lk), int(BH),
+           str(dtype), str(device), _config.next_pow2(Lq), _config.next_pow2(Lk), int(BH),
            tuple(sorted((k, str(v)) for k, v in options.items())),
-           _strategy.getenv("SPATTN_STRATEGY"))
+           _config.getenv("SPATTN_STRATEGY"))
     with _lock:
         key = _fast.get(raw)
         hit = None if key is None else _memory.get(key)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .codegen.strategy import next_pow2
+from .codegen.config import next_pow2
 from .dsl.errors import SpattnError, short_repr
 
 SYMBOLS = {0: ".", 1: "+", 2: "#"}

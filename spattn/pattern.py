@@ -38,7 +38,7 @@ class Pattern:
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
     """
 
-    __slots__ = ("ir", "name", "params", "inputs", "source", "backend", "_cache")
+    __slots__ = ("ir", "name", "params", "inputs", "source", "backend")
 
     def __init__(self, ir, *, name: str = "pattern", params: dict | None = None,
                  inputs: dict | None = None, backend: str = "auto"):
@@ -51,7 +51,6 @@ class Pattern:
         self.inputs = dict(inputs or {})
         self.source = to_source(ir)
         self.backend = backend
-        self._cache: dict = {}
 
     # -- identity ---------------------------------------------------------
     @property

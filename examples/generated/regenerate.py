@@ -22,7 +22,7 @@ os.environ.pop("TRITON_INTERPRET", None)          # GPU tile defaults, not the i
 
 import spattn  # noqa: E402
 from spattn.ir.ranges import Interval  # noqa: E402
-from spattn.codegen.strategy import get_closed_form, ranges_ok  # noqa: E402
+from spattn.codegen.config import get_closed_form, ranges_ok  # noqa: E402
 from spattn.ir import build as B  # noqa: E402
 from spattn.runtime import cache  # noqa: E402
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import spattn
-from spattn.codegen import strategy as st
+from spattn.codegen import config as st
 from spattn.codegen.emit import HELPERS, emit, nonneg
 from spattn.codegen.kernels import CODEGEN_VERSION
 from spattn.ir import build as B

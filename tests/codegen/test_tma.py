@@ -154,7 +154,7 @@ def test_rendered_tma_kernels_have_no_pointer_tiles(kind, strategy):
     """The TMA variants load and store every [rows, D] tile through descriptors: no
     pointer tiles or head-dim masks are left, only the 1-D LSE / delta vectors."""
     from spattn.codegen.kernels import render
-    from spattn.codegen.strategy import analysis_strategy, get_closed_form, pick
+    from spattn.codegen.config import analysis_strategy, get_closed_form, pick
     from tests.helpers.kernels import compile_pattern
     pat = compile_pattern("causal & (window(13) | sink(4))")
     cf = get_closed_form(pat) if strategy == "ranges" else None

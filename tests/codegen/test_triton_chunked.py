@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import spattn
-from spattn.codegen.strategy import analysis_strategy
+from spattn.codegen.config import analysis_strategy
 from spattn.runtime.reference import attention_reference
 
 pytestmark = pytest.mark.interpreter

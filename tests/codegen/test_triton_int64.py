@@ -11,7 +11,7 @@ must still give finite, correct results.
 import pytest
 import torch
 
-from spattn.codegen import strategy as st
+from spattn.codegen import config as st
 from spattn.codegen.kernels import render
 from spattn.runtime import triton_backend as tb
 

@@ -90,7 +90,7 @@ def test_uniform_masks(i, name, src, Bn):
 
 def test_hoisted_predicate_is_passed_to_the_tile_loop():
     """The forward's tile loop of ``q >= 3`` receives ``m_pattern`` computed before it."""
-    from spattn.codegen import strategy as st
+    from spattn.codegen import config as st
     from spattn.codegen.kernels import render
     p = compile_pattern("q >= 3")
     for loop in ("split", "fused"):

@@ -82,7 +82,7 @@ def chunked_cf(c):
 
 def analysis_cf(pattern):
     """The analysis's closed form (``ir.ranges.closed_form``) if usable by the kernels, else None."""
-    from spattn.codegen.strategy import get_closed_form, ranges_ok
+    from spattn.codegen.config import get_closed_form, ranges_ok
     cf = get_closed_form(pattern)
     return cf if cf is not None and ranges_ok(cf) else None
 

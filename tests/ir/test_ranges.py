@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from spattn.ir import build as B
 from spattn.ir.ranges import ClosedForm, Interval, closed_form, tile_ranges
-from spattn.ir.strategy import pick_strategy
+from spattn.ir.cost import pick_strategy
 from spattn.ir.tables import tile_table
 from spattn.ir.tiles import classify
 from spattn.pattern import Pattern
@@ -166,7 +166,7 @@ def test_chunks_exact(name, shape):
 
 def test_chunked_causal_strategy():
     import spattn
-    from spattn.codegen.strategy import analysis_strategy
+    from spattn.codegen.config import analysis_strategy
     p = spattn.compile("chunked(64) & causal")
     assert analysis_strategy(p) == "ranges"
     assert analysis_strategy(spattn.compile("chunked(48) & window(100)")) == "ranges"
@@ -180,7 +180,7 @@ def test_chunked_causal_strategy():
 
 def test_llama4_chunked():
     import spattn
-    from spattn.codegen.strategy import analysis_strategy
+    from spattn.codegen.config import analysis_strategy
     src = open(__file__.rsplit("/tests/", 1)[0] + "/examples/patterns/chunked_llama4.spattn").read()
     p = spattn.compile(src, C=512)
     assert analysis_strategy(p) == "ranges"

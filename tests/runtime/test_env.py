@@ -1,9 +1,9 @@
-"""``codegen.strategy.getenv``: the per-call environment read agrees with ``os.environ``."""
+"""``codegen.config.getenv``: the per-call environment read agrees with ``os.environ``."""
 import os
 
 import pytest
 
-from spattn.codegen import strategy
+from spattn.codegen import config as strategy
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["posix-dict", "os-environ"])

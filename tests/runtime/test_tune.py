@@ -9,7 +9,7 @@ import triton.language  # noqa: F401  (imported here, under conftest's TRITON_IN
 
 
 import spattn
-from spattn.codegen import strategy as st
+from spattn.codegen import config as st
 from spattn.runtime import tune, triton_backend
 
 pytestmark = pytest.mark.interpreter

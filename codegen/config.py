@@ -1,7 +1,7 @@
 """Strategy and launch configuration of a generated kernel.
 
 Thin on purpose: *which* strategy a pattern gets is decided by the analysis
-(:func:`spattn.ir.strategy.pick_strategy`); this module maps that choice to a
+(:func:`spattn.ir.cost.pick_strategy`); this module maps that choice to a
 template and picks tile sizes, warps and pipeline stages per head dim, dtype and
 device.  Everything in a :class:`KernelConfig` is part of the kernel cache key.
 
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 
 from ..dsl.errors import SpattnConfigError
 
-STRATEGIES = ("ranges", "table")
+from ..ir.cost import STRATEGIES
 
 #: Most intervals a closed form may have for the ranges template: interval ``c`` is
 #: emitted as ``2**c`` pieces (minus the earlier intervals), each split in three loops.
@@ -291,7 +291,7 @@ BWD_LOOPS = ("split", "fused")
 
 def analysis_strategy(pattern, closed_form=None) -> str:
     """The analysis's choice, downgraded to "table" when the closed form is unusable."""
-    from ..ir.strategy import pick_strategy
+    from ..ir.cost import pick_strategy
     choice = pick_strategy(pattern.ir)
     if choice == "ranges":
         cf = closed_form if closed_form is not None else get_closed_form(pattern)
