@@ -57,6 +57,7 @@ import torch
 from ..ir.evaluate import evaluate, query_offset
 from ..ir.nodes import Var, walk
 from ..ir.tiles import EMPTY, FULL, PARTIAL
+from . import cpu_ops
 
 __all__ = ["BLOCK", "LEVELS", "BAND_ROWS", "Call", "CpuPlan", "build_plan", "plan_for",
            "clear_plans", "PLAN_MEMO_SIZE"]
@@ -765,34 +766,49 @@ def _mask(ctx, tiles, units, rows, cols):
     ``tiles`` ``[n, Hc, rt, w]``: the class of each of an item's tiles (EMPTY where the
     item does not own the tile); ``rows`` ``[n, R]`` query rows; ``cols`` ``[n, W]`` key
     positions, in whole tiles of ``BLOCK``. FULL and EMPTY tiles are filled from their
-    class, the predicate is evaluated on PARTIAL tiles only.
+    class, the predicate is evaluated on PARTIAL tiles only. Every operation on the mask is
+    a piece below the parallel grain (:mod:`spattn.runtime.cpu_ops`).
     """
-    n, Hc, rtt, w = tiles.shape
+    n, Hc, rt, w = tiles.shape
     R, W = rows.shape[1], cols.shape[1]
-    base = torch.where(tiles == FULL, 0.0, NINF)                                # [n, Hc, rt, w]
-    mask = base.view(n, Hc, rtt, 1, w, 1).expand(n, Hc, rtt, BLOCK, w, BLOCK)
-    mask = mask.reshape(n, Hc, rtt * BLOCK, w * BLOCK)[:, :, :R, :W].contiguous()
+    G = ctx.G
+    gm = G if Hc == 1 else 1                      # GQA copies of a head-independent mask
+    dt = ctx.dtype
+    mask = torch.empty((n, Hc, gm, rt * BLOCK, w * BLOCK), dtype=dt, device=ctx.device)
+    base = torch.where(tiles == FULL, 0.0, NINF).to(dt)                        # [n, Hc, rt, w]
+    blocks = mask.view(n, Hc, gm, rt, BLOCK, w, BLOCK)
+    cpu_ops.copy_(blocks, base.view(n, Hc, 1, rt, 1, w, 1).to(ctx.device))
+    in_range = (cols >= 0) & (cols < ctx.Lk)                                    # [n, W]
+    row_any = (tiles == FULL).any(-1)                                           # [n, Hc, rt]
+    row_any = row_any.unsqueeze(-1).expand(n, Hc, rt, BLOCK).reshape(n, Hc, rt * BLOCK)
     pn, pv, pi, pj = (tiles == PARTIAL).nonzero(as_tuple=True)
     if pn.numel():
         r = pi.view(-1, 1, 1) * BLOCK + torch.arange(BLOCK).view(1, -1, 1)      # local rows
         c = pj.view(-1, 1, 1) * BLOCK + torch.arange(BLOCK).view(1, 1, -1)      # local keys
-        r = r.clamp(max=R - 1)
-        c = c.clamp(max=W - 1)
-        qrow = rows[pn.view(-1, 1, 1), r].clamp(max=ctx.Lq - 1)
-        key = cols[pn.view(-1, 1, 1), c].clamp(0, ctx.Lk - 1)
-        allowed = _predicate(ctx, qrow, key, units[pn].view(-1, 1, 1), pv.view(-1, 1, 1))
-        vals = torch.where(allowed.expand(pn.numel(), BLOCK, BLOCK), 0.0, NINF)
-        mask.view(n, Hc, R, W)[pn.view(-1, 1, 1), pv.view(-1, 1, 1), r, c] = vals
-    out_of_range = (cols < 0) | (cols >= ctx.Lk)
-    if bool(out_of_range.any()):
-        mask.masked_fill_(out_of_range.view(n, 1, 1, W), NINF)
-    G = ctx.G
-    if Hc == 1 and G > 1:
-        mask = mask.unsqueeze(2).expand(n, 1, G, R, W)
-    mask = mask.reshape(n, -1, G * R, W)
-    any_key = mask.isfinite().any(-1)
-    row_any = None if bool(any_key.all()) else any_key.to(ctx.device)
-    return mask.to(ctx.dtype).to(ctx.device), row_any
+        qrow = rows[pn.view(-1, 1, 1), r.clamp(max=R - 1)].clamp(max=ctx.Lq - 1)
+        key = cols[pn.view(-1, 1, 1), c.clamp(max=W - 1)]
+        ok = in_range[pn.view(-1, 1, 1), c.clamp(max=W - 1)] & (c < W)
+        allowed = _predicate(ctx, qrow, key.clamp(0, ctx.Lk - 1), units[pn].view(-1, 1, 1),
+                             pv.view(-1, 1, 1)) & ok                            # [P, 64, 64]
+        vals = torch.where(allowed, 0.0, NINF).to(dt).to(ctx.device)
+        for t, (a, b, i, j) in enumerate(zip(pn.tolist(), pv.tolist(), pi.tolist(),
+                                             pj.tolist())):
+            blocks[a, b, :, i, :, j, :].copy_(vals[t].unsqueeze(0).expand(gm, BLOCK, BLOCK))
+        part_any = torch.zeros(n * Hc * rt, BLOCK, dtype=torch.bool)
+        flat = (pn * Hc + pv) * rt + pi
+        part_any.index_put_((flat,), allowed.any(-1), accumulate=True)
+        row_any = row_any | part_any.view(n, Hc, rt * BLOCK)
+    mask = mask[..., :R, :W]
+    ragged = ~in_range & (cols >= 0)                    # keys past Lk inside a kept tile
+    for i in ragged.any(1).nonzero().flatten().tolist():
+        idx = ragged[i].nonzero().flatten().to(ctx.device)
+        mask[i].index_fill_(-1, idx, NINF)
+    # [n, Hc, gm, R, W] -> [n, 1 or Hk, G * R, W]: a head-dependent mask's heads are
+    # (key head, group) pairs, the group folded into the rows as the queries are
+    row_any = row_any[..., :R].unsqueeze(2).expand(n, Hc, gm, R).reshape(n, -1, G * R)
+    mask = mask.reshape(n, -1, G * R, W) if R == rt * BLOCK and W == w * BLOCK else \
+        cpu_ops.contiguous(mask).view(n, -1, G * R, W)
+    return mask, (None if bool(row_any.all()) else row_any.to(ctx.device))
 
 
 # ------------------------------------------------------------------ memo

@@ -28,10 +28,10 @@ The gradient of the returned lse (``dlse``) enters as ``delta - dlse`` in
 ``dS = P (dP - delta)``: the kernel computes ``delta = rowsum(dO * O)`` itself, so the
 head dim is extended by one column carrying ``-dlse`` in O and 1 in dO (0 in q, k, v).
 
-Bookkeeping (copies, scatters, merges) runs in pieces smaller than ATen's parallel grain
-(:data:`GRAIN` elements), on the calling thread: on a machine whose cores are busy, a
-parallel operation waits for its slowest thread, often a scheduler slice, and a backend of
-many such operations would be slow where one kernel call is not.
+Bookkeeping (copies, scatters, merges) runs in pieces smaller than ATen's parallel grain,
+on the calling thread (:mod:`spattn.runtime.cpu_ops`): on a machine whose cores are busy,
+a parallel operation waits for its slowest thread, often a scheduler slice, and a backend
+of many such operations would be slow where one kernel call is not.
 
 Fully masked rows give output 0, lse ``-inf`` and zero gradients, never NaN. Inputs may
 have any strides. Outputs are dense but not always contiguous: where the kernel's own
@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import torch
 
+from .cpu_ops import GRAIN, add_ as _add_, contiguous as _contiguous, copy_ as _copy_
+from .cpu_ops import fill as _fill
 from .cpu_plan import BLOCK, CpuPlan, build_plan, plan_for
 
 __all__ = ["fwd", "bwd", "fwd_planned", "bwd_planned", "make_plan", "BLOCK", "GRAIN"]
@@ -50,8 +52,6 @@ _FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward",
                      None)
 
-#: ATen runs an operation of fewer elements than this on the calling thread.
-GRAIN = 32768
 #: Score elements per chunk of the generic (non-CPU) primitive: bounds its memory.
 _CHUNK_SCORES = 1 << 25
 
@@ -128,64 +128,6 @@ def _attend_bwd(do, q, k, v, o, lse, mask, scale, is_causal):
         dq[:, :, r:r + step] = torch.matmul(ds, kt) * scale
         dk += torch.matmul(ds.transpose(-1, -2), qc) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-# ------------------------------------------------------------------ small operations
-
-def _pieces(t: torch.Tensor):
-    """Index tuples splitting ``t`` (by its leading dims) into pieces of < GRAIN elements."""
-    def rec(dim, prefix):
-        if dim == t.dim():
-            yield prefix
-            return
-        inner = 1
-        for s in t.shape[dim + 1:]:
-            inner *= s
-        n = t.shape[dim]
-        if n * inner < GRAIN or dim == t.dim() - 1:
-            yield prefix + (slice(None),)
-            return
-        step = max(1, (GRAIN - 1) // max(1, inner))
-        for s in range(0, n, step):
-            sl = prefix + (slice(s, s + step),)
-            if step == 1 and inner >= GRAIN:
-                yield from rec(dim + 1, prefix + (s,))
-            else:
-                yield sl
-    yield from rec(0, ())
-
-
-def _copy_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst.copy_(src)`` (same shapes) in pieces that stay on the calling thread."""
-    if dst.numel() < GRAIN:
-        return dst.copy_(src)
-    for ix in _pieces(dst):
-        dst[ix].copy_(src[ix])
-    return dst
-
-
-def _add_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst += src`` (same shapes) in pieces."""
-    if dst.numel() < GRAIN:
-        return dst.add_(src)
-    for ix in _pieces(dst):
-        dst[ix].add_(src[ix])
-    return dst
-
-
-def _fill(shape, value, dtype, device) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if t.numel() < GRAIN:
-        return t.fill_(value)
-    for ix in _pieces(t):
-        t[ix].fill_(value)
-    return t
-
-
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    if t.is_contiguous():
-        return t
-    return _copy_(torch.empty(t.shape, dtype=t.dtype, device=t.device), t)
 
 
 # ------------------------------------------------------------------ layouts
@@ -279,12 +221,41 @@ def _view(plan: CpuPlan, t: torch.Tensor, start: int, step: int, n: int, R: int,
     return t.as_strided(size, stride, t.storage_offset() + start * st[2])
 
 
-def _rows_in(plan: CpuPlan, c, t: torch.Tensor) -> torch.Tensor:
-    """Query-side rows of ``c`` from ``t [B, Hq, L, *rest]``: ``[n, lanes, G * R, *rest]``."""
-    if c.row_step is not None:
-        v = _view(plan, t, int(c.rows[0, 0]), c.row_step, c.n, c.R, plan.G)
-        if v is not None:
-            return v
+def _batched(plan: CpuPlan, c) -> bool:
+    """Whether ``c`` runs with batch elements as the kernel's batch dim (``[B, Hk, M, *]``)
+    instead of lanes (``[1, B * Hk, M, *]``): one item shared by several batch elements,
+    so that tensors whose batch and head strides do not merge need no copy."""
+    return c.n == 1 and plan.shared and plan.B > 1
+
+
+def _bview(plan: CpuPlan, t: torch.Tensor, start: int, R: int, G: int):
+    """``t [B, Hk * G, L, *rest]`` rows ``start .. start + R`` as ``[B, Hk, G * R, *rest]``
+    without a copy, or None."""
+    st = t.stride()
+    if start < 0 or start + R > t.shape[2] or (t.dim() > 3 and st[3] != 1):
+        return None
+    if G > 1 and st[1] != R * st[2]:
+        return None
+    size = (plan.B, plan.Hk, G * R) + tuple(t.shape[3:])
+    return t.as_strided(size, (st[0], G * st[1], st[2]) + tuple(st[3:]),
+                        t.storage_offset() + start * st[2])
+
+
+def _unbatch(plan: CpuPlan, c, x: torch.Tensor) -> torch.Tensor:
+    """A call's result in the lanes layout ``[n, lanes, ...]`` (a view, or a copy in pieces
+    when it is in the batched layout with unmergeable strides)."""
+    if not _batched(plan, c):
+        return x
+    if x.stride(0) == plan.Hk * x.stride(1):
+        return x.unsqueeze(0).flatten(1, 2)
+    out = torch.empty((1, plan.lanes) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
+    _copy_(out.view(x.shape), x)
+    return out
+
+
+def _gather_rows(plan: CpuPlan, c, t: torch.Tensor) -> torch.Tensor:
+    """Query-side rows of ``c`` gathered from ``t [B, Hq, L, *rest]``: ``[n, lanes, G * R, *rest]``
+    (rows past ``L`` read row ``L - 1``)."""
     rest = tuple(t.shape[3:])
     G = plan.G
     x = _gather(_tm(plan, t), _tm_rows(plan, c, c.rows, t.shape[2]))
@@ -299,6 +270,7 @@ def _rows_in(plan: CpuPlan, c, t: torch.Tensor) -> torch.Tensor:
 def _put_rows(plan: CpuPlan, c, dst: torch.Tensor, src: torch.Tensor, add: bool = False):
     """Write (or add) ``src [n, lanes, G * R, *rest]`` to the rows of ``c`` in
     ``dst [B, Hq, L, *rest]`` (token-major storage, or any strides on the view path)."""
+    src = _unbatch(plan, c, src)
     if c.row_step is not None:
         v = _view(plan, dst, int(c.rows[0, 0]), c.row_step, c.n, c.R, plan.G)
         if v is not None:
@@ -319,15 +291,47 @@ def _put_rows(plan: CpuPlan, c, dst: torch.Tensor, src: torch.Tensor, add: bool 
     return dst
 
 
-class _Keys:
-    """Key-side tensors of one forward or backward: views, padded copies (made once per
-    tensor and shared by the calls) or gathers."""
+class _Inputs:
+    """The tensors of one forward or backward as the calls' items: strided views of the
+    caller's tensors where their strides allow; else views of one token-major copy
+    (padded with zeros where items reach past the ends), made once per tensor and shared
+    by the calls; else (items that are not arithmetic) gathered copies."""
 
     def __init__(self, plan: CpuPlan):
         self.plan = plan
         self.cache = {}
 
-    def get(self, c, t: torch.Tensor) -> torch.Tensor:
+    def rows(self, c, t: torch.Tensor) -> torch.Tensor:
+        """Query-side items ``[n, lanes, G * R, *rest]`` of ``t [B, Hq, L, *rest]`` (batched
+        calls: ``[B, Hk, G * R, *rest]``)."""
+        if _batched(self.plan, c):
+            v = _bview(self.plan, t, int(c.rows[0, 0]), c.R, self.plan.G)
+            return v if v is not None else self._rows(c, t)[0].unflatten(0, (self.plan.B, -1))
+        return self._rows(c, t)
+
+    def keys(self, c, t: torch.Tensor) -> torch.Tensor:
+        """Key-side items ``[n, lanes, W, *rest]`` of ``t [B, Hk, Lk, *rest]`` (batched calls:
+        ``[B, Hk, W, *rest]``)."""
+        if _batched(self.plan, c):
+            start = int(c.cols[0, 0])
+            v = _bview(self.plan, t, start, c.W, 1) if c.col_step is not None else None
+            return v if v is not None else self._keys(c, t)[0].unflatten(0, (self.plan.B, -1))
+        return self._keys(c, t)
+
+    def _rows(self, c, t: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if c.row_step is not None:
+            start = int(c.rows[0, 0])
+            v = _view(plan, t, start, c.row_step, c.n, c.R, plan.G)
+            if v is None and plan.G == 1:
+                hi = max(t.shape[2], int(c.rows[-1, -1]) + 1)
+                buf = self.cached(("rows", id(t), hi), lambda: self.copy(t, 0, hi))
+                v = _view(plan, buf, start, c.row_step, c.n, c.R, 1)
+            if v is not None:
+                return v
+        return _gather_rows(plan, c, t)
+
+    def _keys(self, c, t: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         if c.col_step is not None:
             start = int(c.cols[0, 0])
@@ -335,7 +339,7 @@ class _Keys:
             if v is not None:
                 return v
             lo, hi = self.span()
-            buf = self.cached(("pad", id(t)), lambda: self.pad(t, lo, hi))
+            buf = self.cached(("keys", id(t)), lambda: self.copy(t, lo, hi))
             return _view(plan, buf, start - lo, c.col_step, c.n, c.W, 1)
         tm = self.cached(("tm", id(t)), lambda: _tm(plan, t))
         x = _gather(tm, _tm_rows(plan, c, c.cols, plan.Lk))
@@ -348,7 +352,7 @@ class _Keys:
         return hit
 
     def span(self) -> tuple[int, int]:
-        """Positions ``[lo, hi)`` a padded buffer must hold for every arithmetic call."""
+        """Key positions ``[lo, hi)`` a padded copy must hold for every arithmetic call."""
         lo, hi = 0, self.plan.Lk
         for d in self.plan.calls:
             if d.col_step is not None:
@@ -356,16 +360,16 @@ class _Keys:
                 hi = max(hi, int(d.cols[-1, -1]) + 1)
         return lo, hi
 
-    def pad(self, t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """``t [B, Hk, Lk, *rest]`` as ``[B, Hk, hi - lo, *rest]`` (token-major storage),
-        zeros outside ``[0, Lk)``."""
-        B, Hk, Lk = t.shape[:3]
+    def copy(self, t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``t [B, H, L, *rest]`` as ``[B, H, hi - lo, *rest]`` in token-major storage
+        (position p at ``p - lo``), zeros outside ``[0, L)``."""
+        B, H, L = t.shape[:3]
         rest = tuple(t.shape[3:])
-        buf = _alloc(self.plan, Hk, hi - lo, rest, t.dtype, t.device)
-        for part in (buf[:, :, : -lo], buf[:, :, Lk - lo:]):
+        buf = _alloc(self.plan, H, hi - lo, rest, t.dtype, t.device)
+        for part in (buf[:, :, : -lo], buf[:, :, L - lo:]):
             if part.numel():
                 _copy_(part, torch.zeros((), dtype=t.dtype, device=t.device).expand_as(part))
-        _copy_(buf[:, :, -lo: Lk - lo], t)
+        _copy_(buf[:, :, -lo: L - lo], t)
         return buf
 
 
@@ -373,6 +377,7 @@ def _add_keys(plan: CpuPlan, c, dst: torch.Tensor, lo: int, src: torch.Tensor):
     """Add key gradients ``src [n, lanes, W, D]`` of ``c`` into ``dst [B, Hk, P, D]``
     (token-major storage; position p at ``p - lo``): in phases of non-overlapping items
     when the items are arithmetic, else item by item; deterministic either way."""
+    src = _unbatch(plan, c, src)
     if c.col_step is not None:
         start = int(c.cols[0, 0]) - lo
         phases = c.n if c.col_step == 0 else min(c.n, -(-c.W // c.col_step))
@@ -408,11 +413,11 @@ def fwd_planned(plan: CpuPlan, q, k, v, *, scale: float):
     Hq, Lq = plan.Hq, plan.Lq
     D = v.shape[-1]
     acc = _accum_dtype(q.dtype)
-    keys = _Keys(plan)
+    ins = _Inputs(plan)
     if plan.covers:
         c = plan.calls[0]
-        qin = _rows_in(plan, c, q)
-        oc, lc = _attend(qin, keys.get(c, k), keys.get(c, v), c.mask, scale, c.is_causal)
+        qin = ins.rows(c, q)
+        oc, lc = _attend(qin, ins.keys(c, k), ins.keys(c, v), c.mask, scale, c.is_causal)
         if c.row_any is not None:
             lc = lc.masked_fill(~c.row_any, NINF)
         return _out_rows(plan, c, oc, qin, q), _out_rows(plan, c, lc.to(acc), None, None)
@@ -423,7 +428,7 @@ def fwd_planned(plan: CpuPlan, q, k, v, *, scale: float):
     obuf = [_alloc(plan, Hq, Lp, (D,), odt, q.device, fill[0]) for _ in range(S)]
     lbuf = [_alloc(plan, Hq, Lp, (), acc, q.device, fill[1]) for _ in range(S)]
     for c in plan.calls:
-        oc, lc = _attend(_rows_in(plan, c, q), keys.get(c, k), keys.get(c, v), c.mask, scale,
+        oc, lc = _attend(ins.rows(c, q), ins.keys(c, k), ins.keys(c, v), c.mask, scale,
                          c.is_causal)
         if c.row_any is not None:
             lc = lc.masked_fill(~c.row_any, NINF)
@@ -453,6 +458,9 @@ def _out_rows(plan: CpuPlan, c, x: torch.Tensor, xin, like) -> torch.Tensor:
             and xin.untyped_storage().data_ptr() == like.untyped_storage().data_ptr():
         # ``xin`` is a view of ``like`` covering it: the output mirrors ``like``'s layout
         return x.as_strided(like.shape, like.stride(), x.storage_offset())
+    if _batched(plan, c) and G == 1:
+        return x                                  # [B, Hk, R, *rest] is [B, Hq, Lq, *rest]
+    x = _unbatch(plan, c, x)
     st = x.stride()
     if G == 1 and (c.n == 1 or st[0] == c.R * st[2]):
         lane = st[1]
@@ -517,17 +525,17 @@ def bwd_planned(plan: CpuPlan, q, k, v, o, lse, do, *, scale: float, dlse=None):
     lse = lse if lse.dtype == acc else lse.to(acc)
     if any(c.row_any is not None for c in plan.calls) or not plan.calls:
         lse = lse.masked_fill(torch.isneginf(lse), INF)        # no allowed key: P = 0
-    keys = _Keys(plan)
+    ins = _Inputs(plan)
     if plan.covers:
         c = plan.calls[0]
-        qin = _rows_in(plan, c, q)
-        dqc, dkc, dvc = _attend_bwd(_rows_in(plan, c, do), qin, keys.get(c, k), keys.get(c, v),
-                                    _rows_in(plan, c, o), _rows_in(plan, c, lse), c.mask,
+        qin = ins.rows(c, q)
+        dqc, dkc, dvc = _attend_bwd(ins.rows(c, do), qin, ins.keys(c, k), ins.keys(c, v),
+                                    ins.rows(c, o), ins.rows(c, lse), c.mask,
                                     scale, c.is_causal)
         dq = _cast(_out_rows(plan, c, dqc, None, None), q.dtype)
         if c.n == 1 and int(c.cols[0, 0]) == 0 and c.W == Lk:
             return dq, _cast(_keys_out(plan, dkc), k.dtype), _cast(_keys_out(plan, dvc), v.dtype)
-        lo, hi = keys.span() if c.col_step is not None else (0, Lk)
+        lo, hi = ins.span() if c.col_step is not None else (0, Lk)
         dk = _alloc(plan, Hk, hi - lo, (D,), acc, q.device, 0.0)
         dv = _alloc(plan, Hk, hi - lo, (v.shape[-1],), acc, q.device, 0.0)
         _add_keys(plan, c, dk, lo, dkc)
@@ -539,18 +547,18 @@ def bwd_planned(plan: CpuPlan, q, k, v, o, lse, do, *, scale: float, dlse=None):
     if Lp > Lq:
         lse_p = _alloc(plan, Hq, Lp, (), acc, q.device, INF)
         _copy_(lse_p[:, :, :Lq], lse)
-    lo, hi = keys.span()
+    lo, hi = ins.span()
     zero = None if plan.partition else 0.0                  # partition: each row written once
     dq = _alloc(plan, Hq, Lp, (D,), acc, q.device, zero)
     dk = _alloc(plan, Hk, hi - lo, (D,), acc, q.device, zero)
     dv = _alloc(plan, Hk, hi - lo, (v.shape[-1],), acc, q.device, zero)
     for c in plan.calls:
-        lc = _rows_in(plan, c, lse_p)
+        lc = ins.rows(c, lse_p)
         if c.row_valid is not None and c.mask is None:      # rows of another item: P = 0
             own = c.row_valid.view(c.n, 1, 1, c.R).expand(c.n, 1, plan.G, c.R)
             lc = lc.masked_fill(~own.reshape(c.n, 1, -1), INF)
-        dqc, dkc, dvc = _attend_bwd(_rows_in(plan, c, do), _rows_in(plan, c, q),
-                                    keys.get(c, k), keys.get(c, v), _rows_in(plan, c, o),
+        dqc, dkc, dvc = _attend_bwd(ins.rows(c, do), ins.rows(c, q),
+                                    ins.keys(c, k), ins.keys(c, v), ins.rows(c, o),
                                     lc, c.mask, scale, c.is_causal)
         _put_rows(plan, c, dq, dqc if dqc.dtype == acc else dqc.to(acc),
                   add=not plan.partition)
@@ -562,6 +570,8 @@ def bwd_planned(plan: CpuPlan, q, k, v, o, lse, do, *, scale: float, dlse=None):
 
 def _keys_out(plan: CpuPlan, x: torch.Tensor) -> torch.Tensor:
     """Key gradients ``[1, lanes, Lk, D]`` of a one-item call as ``[B, Hk, Lk, D]`` (a view)."""
+    if x.shape[0] == plan.B and plan.B > 1:
+        return x                                  # batched layout already
     st = x.stride()
     return x.as_strided((plan.B, plan.Hk, plan.Lk, x.shape[-1]),
                         (plan.Hk * st[1], st[1], st[2], st[3]), x.storage_offset())

@@ -186,6 +186,10 @@ STRATEGY_CASES = [
     ("B2-Hq2-Hk1-L200-D16-f64-sink-window", "causal & (window(20) | sink(3))", None,
      dict(B=2, Hq=2, Hk=1, L=200)),
     ("B1-Hq2-Hk2-L333-D16-f64-docs", "causal & same(doc)", "doc", dict(B=1, Hq=2, Hk=2, L=333)),
+    ("B1-Hq4-Hk2-L200-D16-f64-per-head-gqa", "causal & q - k < W[h]", None,
+     dict(B=1, Hq=4, Hk=2, L=200, W=[5, 30, 90, 150])),
+    ("B2-Hq4-Hk2-L150-D16-f64-per-head-docs", "causal & same(doc) & q - k < W[h]", "doc",
+     dict(B=2, Hq=4, Hk=2, L=150, W=[5, 30, 90, 150])),
 ]
 
 
@@ -195,7 +199,7 @@ STRATEGY_CASES = [
 def test_every_strategy_matches_the_reference_in_float64(src, inputs, kw, strategy):
     """Each way of covering the tiles gives the same o, lse and gradients (lse gradient
     included) as the dense float64 reference, to 1e-10."""
-    pat = spattn.compile(src, backend="torch")
+    pat = spattn.compile(src, backend="torch", **({"W": kw["W"]} if "W" in kw else {}))
     g = torch.Generator().manual_seed(len(src) + len(strategy))
     B, Hq, Hk, L, D = kw["B"], kw["Hq"], kw["Hk"], kw["L"], 16
     q = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
