@@ -170,7 +170,8 @@ def environment() -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git("rev-parse", "HEAD"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
-            "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "loadavg": os.getloadavg()}
 
 
 def main(argv=None) -> int:
@@ -212,6 +213,8 @@ def main(argv=None) -> int:
         for p in busy:
             p.kill()
             p.wait()
+    env["loadavg_end"] = os.getloadavg()
+    print(json.dumps({"loadavg_end": env["loadavg_end"]}))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)

@@ -600,6 +600,7 @@ def _segments_option(ctx: _Ctx):
     seg = starts.cumsum(1) - 1                                                   # [Bu, L]
     if not _segments_hold(ctx, seg):
         return None
+    exact = ctx.G == 1 and _segments_causal(ctx, seg)
     units, begin, length = [], [], []
     for u in range(Bu):
         b = starts[u].nonzero().flatten()
@@ -616,14 +617,14 @@ def _segments_option(ctx: _Ctx):
         specs.append((units[pick], begin[pick], length[pick], Lb))
         est_calls.append((pick.numel(), Lb, Lb, G == 1, Lb))
         copies += pick.numel() * lanes * Lb * (3 * G + 3) * ctx.D
-    mask_elems = sum(s[0].numel() * (ctx.Hq if ctx.grid.head_dep else G) * s[3] * s[3]
-                     for s in specs)
+    mask_elems = 0 if exact else \
+        sum(s[0].numel() * (ctx.Hq if ctx.grid.head_dep else G) * s[3] * s[3] for s in specs)
     if mask_elems > MASK_BUDGET:
         return None
     est = cost(est_calls, lanes, G, copies)
 
     def make():
-        return [_segment_call(ctx, *s) for s in specs]
+        return [_segment_call(ctx, *s, exact=exact) for s in specs]
     return ("segments", est, make)
 
 
@@ -673,6 +674,45 @@ def _segments_hold(ctx, seg: torch.Tensor) -> bool:
     return True
 
 
+def _segments_causal(ctx, seg: torch.Tensor) -> bool:
+    """Whether the pattern is exactly causal within segments: a pair of one segment is
+    allowed if and only if its key is at or before its query. From the tile classes, with
+    the predicate evaluated on PARTIAL tiles only (pairs of different segments are already
+    known to be disallowed)."""
+    g = ctx.grid
+    nq, L = ctx.nq, ctx.Lq
+    pad = nq * BLOCK - L
+    sp = torch.cat([seg, seg[:, -1:].expand(-1, pad)], 1) if pad else seg
+    lo = sp.view(-1, nq, BLOCK).amin(-1)
+    hi = sp.view(-1, nq, BLOCK).amax(-1)
+    shared = (lo.unsqueeze(2) <= hi.unsqueeze(1)) & (lo.unsqueeze(1) <= hi.unsqueeze(2))
+    i = torch.arange(nq).view(-1, 1)
+    j = torch.arange(nq).view(1, -1)
+    below, above = j < i, j > i                        # whole tiles (the same length on both)
+    full, empty = (g.cls == FULL).all(1), (g.cls == EMPTY).all(1)
+    # Settled by the class: FULL tiles below the diagonal, EMPTY ones above; the others
+    # holding pairs of one segment are checked pair by pair.
+    check = shared & ~(below & full) & ~(above & empty)
+    u, ti, tj = check.nonzero(as_tuple=True)
+    for h in range(g.cls.shape[1]):
+        cls_h = g.cls[u, h, ti, tj]
+        for s in range(0, u.numel(), 256):
+            uu, ii, jj, ch = u[s:s + 256], ti[s:s + 256], tj[s:s + 256], cls_h[s:s + 256]
+            r = (ii * BLOCK).view(-1, 1, 1) + torch.arange(BLOCK).view(1, -1, 1)
+            c = (jj * BLOCK).view(-1, 1, 1) + torch.arange(BLOCK).view(1, 1, -1)
+            valid = (r < L) & (c < L)
+            r, c = r.clamp(max=L - 1), c.clamp(max=L - 1)
+            same = seg[uu.view(-1, 1, 1), r] == seg[uu.view(-1, 1, 1), c]
+            allowed = (ch == FULL).view(-1, 1, 1).expand(-1, BLOCK, BLOCK).clone()
+            p = (ch == PARTIAL).nonzero().flatten()
+            if p.numel():
+                allowed[p] = _predicate(ctx, r[p], c[p], uu[p].view(-1, 1, 1),
+                                        torch.full((1, 1, 1), h, dtype=I64))
+            if bool((valid & same & (allowed != (c <= r))).any()):
+                return False
+    return True
+
+
 def _length_buckets(lengths: list, unit: float) -> list:
     """Segment lengths grouped into ranges ``(lo, hi, padded length)`` minimising
     ``unit * items * padded length**2 + CALL_COST`` per range."""
@@ -698,15 +738,22 @@ def _length_buckets(lengths: list, unit: float) -> list:
     return out[::-1]
 
 
-def _segment_call(ctx, units, begin, length, Lb) -> Call:
+def _segment_call(ctx, units, begin, length, Lb, *, exact: bool) -> Call:
     """The call of segments ``[begin, begin + length)`` (of batch units ``units``), each as an
-    item of ``Lb`` rows and keys."""
+    item of ``Lb`` rows and keys; ``exact``: the pattern is exactly causal within segments
+    (the kernel's causal flag, no mask)."""
     n = units.numel()
     L = ctx.Lq
     local = torch.arange(Lb)
     rows = begin.view(-1, 1) + local.view(1, -1)                                  # [n, Lb]
     own = local.view(1, -1) < length.view(-1, 1)
     cols = torch.where(own, rows, -1)                                             # keys it owns
+    bidx, hidx = ctx.lane_index(units)
+    dev = ctx.device
+    if exact:
+        return Call(slot=0, bidx=bidx.to(dev), hidx=hidx.to(dev), rows=rows.to(dev),
+                    cols=cols.to(dev), row_step=None, col_step=None, mask=None, row_any=None,
+                    is_causal=True, row_valid=own.to(dev), col_valid=own.to(dev))
     qt = rows.clamp(max=L - 1) // BLOCK
     tiles = ctx.grid.cls[units.view(-1, 1, 1), :, qt.unsqueeze(-1),
                          (cols.clamp(min=0) // BLOCK).unsqueeze(1)]               # [n, Lb, Lb, Hc]
@@ -718,7 +765,6 @@ def _segment_call(ctx, units, begin, length, Lb) -> Call:
         vals = _predicate(ctx, rows[pn, pr], cols[pn, pc], units[pn], pv)
         allowed[pn, pv, pr, pc] = vals
     below = (local.view(-1, 1) >= local.view(1, -1)) & pair_own                   # j <= i
-    bidx, hidx = ctx.lane_index(units)
     G = ctx.G
     is_causal = G == 1 and not bool((allowed & ~below).any())
     mask = row_any = None
@@ -731,7 +777,6 @@ def _segment_call(ctx, units, begin, length, Lb) -> Call:
         own_rows = own.view(n, 1, 1, Lb).expand(n, 1, G, Lb).reshape(n, 1, G * Lb)
         row_any = None if bool((any_key | ~own_rows).all()) else any_key.to(ctx.device)
         mask = m.to(ctx.dtype).to(ctx.device)
-    dev = ctx.device
     return Call(slot=0, bidx=bidx.to(dev), hidx=hidx.to(dev), rows=rows.to(dev),
                 cols=cols.to(dev), row_step=None, col_step=None, mask=mask, row_any=row_any,
                 is_causal=is_causal, row_valid=own.to(dev), col_valid=own.to(dev))
