@@ -373,10 +373,21 @@ class _Inputs:
         return buf
 
 
-def _add_keys(plan: CpuPlan, c, dst: torch.Tensor, lo: int, src: torch.Tensor):
+def _tiles_buffer(c, lo: int, hi: int) -> bool:
+    """Whether the items of arithmetic ``c`` taken every ``ceil(W / step)``-th (its first
+    phase) cover ``[lo, hi)`` exactly, so that copying them fills a key buffer."""
+    if c.col_step is None or c.col_step <= 0 or c.W % c.col_step:
+        return False
+    start = int(c.cols[0, 0])
+    return start == lo and start + (c.n - 1) * c.col_step + c.W == hi
+
+
+def _add_keys(plan: CpuPlan, c, dst: torch.Tensor, lo: int, src: torch.Tensor,
+              first: bool = False):
     """Add key gradients ``src [n, lanes, W, D]`` of ``c`` into ``dst [B, Hk, P, D]``
     (token-major storage; position p at ``p - lo``): in phases of non-overlapping items
-    when the items are arithmetic, else item by item; deterministic either way."""
+    when the items are arithmetic, else item by item; deterministic either way.
+    ``first``: ``dst`` is uninitialised and the first phase fills it (``_tiles_buffer``)."""
     src = _unbatch(plan, c, src)
     if c.col_step is not None:
         start = int(c.cols[0, 0]) - lo
@@ -385,8 +396,13 @@ def _add_keys(plan: CpuPlan, c, dst: torch.Tensor, lo: int, src: torch.Tensor):
                         src[p::phases].shape[0], c.W, 1), src[p::phases])
                  for p in range(phases)]
         if all(v is not None for v, _ in parts):
-            for v, items in parts:
-                _add_(v, items)
+            if first:                     # phase 0 fills [start, end); zero what follows
+                end = start + ((c.n - 1) // phases) * phases * c.col_step + c.W
+                tail = dst[:, :, end:]
+                if tail.numel():
+                    _copy_(tail, torch.zeros((), dtype=dst.dtype, device=dst.device))
+            for p, (v, items) in enumerate(parts):
+                (_copy_ if first and p == 0 else _add_)(v, items)
             return
     tm = _tm(plan, dst)
     P = dst.shape[2]
@@ -536,10 +552,12 @@ def bwd_planned(plan: CpuPlan, q, k, v, o, lse, do, *, scale: float, dlse=None):
         if c.n == 1 and int(c.cols[0, 0]) == 0 and c.W == Lk:
             return dq, _cast(_keys_out(plan, dkc), k.dtype), _cast(_keys_out(plan, dvc), v.dtype)
         lo, hi = ins.span() if c.col_step is not None else (0, Lk)
-        dk = _alloc(plan, Hk, hi - lo, (D,), acc, q.device, 0.0)
-        dv = _alloc(plan, Hk, hi - lo, (v.shape[-1],), acc, q.device, 0.0)
-        _add_keys(plan, c, dk, lo, dkc)
-        _add_keys(plan, c, dv, lo, dvc)
+        first = _tiles_buffer(c, lo, hi)             # no zero fill: the first phase covers it
+        zero = None if first else 0.0
+        dk = _alloc(plan, Hk, hi - lo, (D,), acc, q.device, zero)
+        dv = _alloc(plan, Hk, hi - lo, (v.shape[-1],), acc, q.device, zero)
+        _add_keys(plan, c, dk, lo, dkc, first)
+        _add_keys(plan, c, dv, lo, dvc, first)
         return (dq, _cast(dk[:, :, -lo: Lk - lo], k.dtype),
                 _cast(dv[:, :, -lo: Lk - lo], v.dtype))
     Lp = plan.Lq_pad
