@@ -11,7 +11,15 @@ back for that, so the loss falls from ~ln(VOCAB) towards the unpredictable first
 period's share. Every attention call goes through spattn's block-sparse torch
 backend, forward and backward.
 
-    python examples/train_tiny.py            # about half a minute on a laptop CPU
+    python examples/train_tiny.py            # 10-20 s on a 2-core CPU
+    python examples/train_tiny.py --threads 0   # torch's default thread count
+
+The model is tiny (each operation is a few hundred microseconds of work), so it runs on
+one thread by default: with several, every operation ends by waiting for all threads,
+and on a machine whose cores are busy with other work a waiting thread can lose a
+whole scheduler slice per operation (measured on 2 cores with two busy processes: about
+2 s per step with torch's 2 threads, whichever attention it uses, against 0.1-0.3 s
+with one).
 
 Exits with status 1 if the final loss is not clearly below the initial one.
 """
@@ -75,12 +83,16 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0: torch's default); 1 suits a model this small")
     args = ap.parse_args(argv)
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     model = TinyLM()
-    print(f"pattern: {model.blocks[0].attn}")
+    print(f"pattern: {model.blocks[0].attn}  (threads: {torch.get_num_threads()})")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     loss_fn = nn.CrossEntropyLoss()
     eval_data = batch(256, torch.Generator().manual_seed(12345))

@@ -3,7 +3,8 @@
 Every case runs ``pattern(q, k, v)`` with ``backend="torch"`` on fresh random
 float32 tensors, backpropagates a random upstream gradient, and compares o, lse,
 dq, dk and dv element by element with float64 autograd through
-``attention_reference`` on the pattern's dense mask (relative error < 1e-3).
+``attention_reference`` on the pattern's dense mask (relative error < 1e-3); each of
+the plan's strategies is also checked in float64 (to 1e-10).
 """
 import pytest
 import torch
@@ -177,53 +178,73 @@ def test_half_precision(dtype, rtol):
     check(pat, B=1, Hq=2, Lq=100, D=32, dtype=dtype, rtol=rtol)
 
 
-@pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16), (128, 64)], ids=lambda x: str(x))
-def test_block_sizes(bm, bn):
-    """The walk is correct for any tile sizes (odd lengths, runtime inputs, GQA)."""
-    pat = spattn.compile("causal & same(doc) & q - k < 50", backend="torch")
-    g = torch.Generator().manual_seed(bm + bn)
-    B, Hq, Hk, L, D = 2, 4, 2, 111, 16
+STRATEGY_CASES = [
+    # id, source, inputs kind, kwargs for the tensors
+    ("B2-Hq4-Hk2-L111-D16-f64-docs-window", "causal & same(doc) & q - k < 50", "doc",
+     dict(B=2, Hq=4, Hk=2, L=111)),
+    ("B1-Hq4-Hk4-L300-D16-f64-window", "causal & window(70)", None, dict(B=1, Hq=4, Hk=4, L=300)),
+    ("B2-Hq2-Hk1-L200-D16-f64-sink-window", "causal & (window(20) | sink(3))", None,
+     dict(B=2, Hq=2, Hk=1, L=200)),
+    ("B1-Hq2-Hk2-L333-D16-f64-docs", "causal & same(doc)", "doc", dict(B=1, Hq=2, Hk=2, L=333)),
+    ("B1-Hq4-Hk2-L200-D16-f64-per-head-gqa", "causal & q - k < W[h]", None,
+     dict(B=1, Hq=4, Hk=2, L=200, W=[5, 30, 90, 150])),
+    ("B2-Hq4-Hk2-L150-D16-f64-per-head-docs", "causal & same(doc) & q - k < W[h]", "doc",
+     dict(B=2, Hq=4, Hk=2, L=150, W=[5, 30, 90, 150])),
+]
+
+
+@pytest.mark.parametrize("strategy", ["band", "dense", "segments", "tiles"])
+@pytest.mark.parametrize("src,inputs,kw", [c[1:] for c in STRATEGY_CASES],
+                         ids=[c[0] for c in STRATEGY_CASES])
+def test_every_strategy_matches_the_reference_in_float64(src, inputs, kw, strategy):
+    """Each way of covering the tiles gives the same o, lse and gradients (lse gradient
+    included) as the dense float64 reference, to 1e-10."""
+    pat = spattn.compile(src, backend="torch", **({"W": kw["W"]} if "W" in kw else {}))
+    g = torch.Generator().manual_seed(len(src) + len(strategy))
+    B, Hq, Hk, L, D = kw["B"], kw["Hq"], kw["Hk"], kw["L"], 16
     q = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
     k = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float64)
     v = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float64)
-    doc = {"doc": (torch.rand(B, L, generator=g) < 0.05).cumsum(-1)}
+    ins = make_inputs(inputs, B, Hq, L, L, g)
+    try:
+        plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy=strategy)
+    except ValueError:
+        assert strategy == "segments" and inputs is None       # no documents: no segments
+        return
+    assert plan.strategy == strategy or (strategy == "band" and plan.strategy == "dense")
     scale = D ** -0.5
-    o, lse = torch_backend.fwd(pat, q, k, v, scale=scale, q_offset=None, inputs=doc,
-                               block_m=bm, block_n=bn)
-    mask = pat.mask(L, L, num_heads=Hq, batch=B, **doc)
+    o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=scale)
+    mask = pat.mask(L, L, num_heads=Hq, batch=B, **ins)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ro, rl = attention_reference(qr, kr, vr, mask, scale=scale)
     torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, rl.detach(), rtol=1e-10, atol=1e-10)
     do = torch.randn(o.shape, generator=g, dtype=torch.float64)
-    (ro * do).sum().backward()
-    dq, dk, dv = torch_backend.bwd(pat, q, k, v, o, lse, do, scale=scale, q_offset=None,
-                                   inputs=doc, block_m=bm, block_n=bn)
-    for a, b in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    dl = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    ((ro * do).sum() + (torch.where(torch.isfinite(rl), rl, 0) * dl).sum()).backward()
+    grads = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=scale, dlse=dl)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, (qr.grad, kr.grad, vr.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-def test_scores_never_span_all_keys_for_a_window(monkeypatch):
-    """With the analysis, a window pattern computes O(BLOCK_M x window) scores per step."""
-    pytest.importorskip("spattn.ir.tiles")
+def test_work_follows_the_pattern(monkeypatch):
+    """A window pattern computes O(L x window) scores, in one kernel call, not O(L^2)."""
     seen = []
-    orig = torch_backend._Plan.scores
+    orig = torch_backend._attend
 
-    def spy(self, qt, kt, scale):
-        s = orig(self, qt, kt, scale)
-        seen.append(tuple(s.shape))
-        return s
+    def spy(q, k, v, mask, scale, is_causal):
+        seen.append((q.shape[0] * q.shape[2], k.shape[2]))
+        return orig(q, k, v, mask, scale, is_causal)
 
-    monkeypatch.setattr(torch_backend._Plan, "scores", spy)
+    monkeypatch.setattr(torch_backend, "_attend", spy)
     pat = spattn.compile("window(32)", backend="torch")
     L = 2048
     q, k, v = (torch.randn(1, 1, L, 16) for _ in range(3))
     q.requires_grad_()
-    o = pat(q, k, v)
-    o.sum().backward()
-    assert seen
-    assert max(s[-1] for s in seen) <= 3 * torch_backend.BLOCK_N
-    assert max(s[-2] for s in seen) <= torch_backend.BLOCK_M
+    pat(q, k, v).sum().backward()
+    assert len(seen) == 1
+    rows, keys = seen[0]
+    assert rows == L and keys <= 3 * torch_backend.BLOCK
 
 
 # ------------------------------------------------------------ on the GPU

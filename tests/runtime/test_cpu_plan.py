@@ -1,0 +1,234 @@
+"""The CPU backend's plans: which calls cover a pattern, and the properties the backend relies on.
+
+Strategy choices are checked on the patterns the plan module documents (causal: one dense
+call with the kernel's causal flag and no mask; windows: one band call over strided views;
+documents: segments; sinks with windows: gathered tiles). Every numeric check compares
+with the float64 dense reference on fresh random inputs.
+"""
+import threading
+
+import pytest
+import torch
+
+import spattn
+from spattn.runtime import cpu_ops, cpu_plan, torch_backend
+from spattn.runtime.reference import attention_reference
+
+
+def _docs(L, n, g):
+    cuts = torch.randperm(L - 1, generator=g)[: n - 1] + 1
+    ids = torch.zeros(L, dtype=torch.int64)
+    ids[cuts] = 1
+    return ids.cumsum(0)
+
+
+def _plan(src, L=1024, H=8, Hk=None, Lq=None, **ins):
+    pat = spattn.compile(src, backend="torch")
+    q = torch.empty(1, H, Lq or L, 64)
+    k = torch.empty(1, Hk or H, L, 64)
+    return torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins)
+
+
+# ------------------------------------------------------------ strategies
+
+def test_causal_is_one_unmasked_causal_call():
+    plan = _plan("causal")
+    assert plan.strategy == "dense" and len(plan.calls) == 1 and plan.covers
+    c = plan.calls[0]
+    assert c.is_causal and c.mask is None
+
+
+def test_window_is_one_band_call_over_views():
+    plan = _plan("causal & window(256)")
+    assert plan.strategy == "band" and len(plan.calls) == 1
+    c = plan.calls[0]
+    assert c.row_step is not None and c.col_step is not None      # strided views, no gathers
+    assert c.W <= 256 + 2 * cpu_plan.BLOCK
+    assert plan.pairs() < 0.4 * 8 * 1024 * 1024
+
+
+def test_documents_are_segments_with_the_causal_flag():
+    g = torch.Generator().manual_seed(0)
+    plan = _plan("causal & same(doc)", L=2048, doc=_docs(2048, 10, g))
+    assert plan.strategy == "segments" and plan.partition
+    assert all(c.is_causal and c.mask is None for c in plan.calls)
+    assert len(plan.calls) <= 8
+    assert plan.pairs() < 0.3 * 8 * 2048 * 2048
+
+
+def test_sink_and_window_gathers_tiles():
+    plan = _plan("causal & (window(128) | sink(4))", L=4096)
+    assert plan.strategy == "tiles"
+    assert plan.pairs() < 0.15 * 8 * 4096 * 4096
+
+
+def test_decode_reads_only_its_key_range():
+    plan = _plan("causal & window(256)", L=8192, Lq=16, H=32, Hk=8)
+    assert len(plan.calls) == 1 and plan.covers
+    c = plan.calls[0]
+    assert c.W <= 256 + 2 * cpu_plan.BLOCK and c.R == 16
+    assert c.mask.shape[2] == 4 * 16                               # GQA heads folded into rows
+
+
+def test_predicate_is_evaluated_on_partial_tiles_only(monkeypatch):
+    """Masks and the planner's checks evaluate the pattern on PARTIAL tiles' pairs only."""
+    L, B = 1024, cpu_plan.BLOCK
+    pat = spattn.compile("causal & window(200)", backend="torch")
+    cls = pat.tiles(L, L, B, B)[0, 0]
+    partial = int((cls == 1).sum())
+    evaluated = []
+    real = cpu_plan.evaluate
+
+    def spy(ir, env, inputs):
+        evaluated.append(torch.broadcast_shapes(env["q"].shape, env["k"].shape).numel())
+        return real(ir, env, inputs)
+
+    monkeypatch.setattr(cpu_plan, "evaluate", spy)
+    q = torch.empty(1, 2, L, 32)
+    for strategy in ("band", "dense", "tiles"):
+        evaluated.clear()
+        torch_backend.make_plan(pat, q, q, q_offset=None, inputs={}, strategy=strategy)
+        assert sum(evaluated) <= 2 * partial * B * B, strategy
+
+
+# ------------------------------------------------------------ properties
+
+@pytest.mark.parametrize("src,strategy", [("causal & same(doc)", "segments"),
+                                          ("causal & (window(40) | sink(3))", "tiles"),
+                                          ("causal & window(70)", "band")],
+                         ids=["segments", "tiles", "band"])
+def test_backward_is_deterministic(src, strategy):
+    g = torch.Generator().manual_seed(1)
+    pat = spattn.compile(src, backend="torch")
+    B, H, L, D = 2, 4, 300, 32
+    q, k, v, do = (torch.randn(B, H, L, D, generator=g) for _ in range(4))
+    ins = {"doc": _docs(L, 6, g)} if "doc" in src else {}
+    plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy=strategy)
+    o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=0.2)
+    a = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.2)
+    b = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.2)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_plan_memo_reuses_and_stays_bounded():
+    cpu_plan.clear_plans()
+    pat = spattn.compile("causal & window(40)", backend="torch")
+    q = torch.randn(1, 2, 100, 16)
+    a = cpu_plan.plan_for(pat, q, q, q_offset=None, inputs={})
+    assert cpu_plan.plan_for(pat, q, q, q_offset=None, inputs={}) is a
+    assert cpu_plan.plan_for(pat, q, q, q_offset=3, inputs={}) is not a
+    for L in range(40, 40 + 2 * cpu_plan.PLAN_MEMO_SIZE):
+        cpu_plan.plan_for(pat, torch.randn(1, 2, L, 16), q, q_offset=None, inputs={})
+    assert len(cpu_plan._PLANS) == cpu_plan.PLAN_MEMO_SIZE
+    doc = torch.arange(100) // 30
+    d = spattn.compile("causal & same(doc)", backend="torch")
+    p1 = cpu_plan.plan_for(d, q, q, q_offset=None, inputs={"doc": doc})
+    doc[50:] += 1                                                  # in place: a new version
+    assert cpu_plan.plan_for(d, q, q, q_offset=None, inputs={"doc": doc}) is not p1
+    cpu_plan.clear_plans()
+
+
+def test_plan_memo_is_thread_safe():
+    cpu_plan.clear_plans()
+    pat = spattn.compile("causal & window(24)", backend="torch")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 130, 16, generator=g) for _ in range(3))
+    want = torch_backend.fwd(pat, q, k, v, scale=0.25, q_offset=None, inputs={})[0]
+    errors = []
+
+    def work(i):
+        try:
+            for L in (130, 97 + i, 130):
+                o = torch_backend.fwd(pat, q[:, :, :L], k[:, :, :L], v[:, :, :L], scale=0.25,
+                                      q_offset=None, inputs={})[0]
+                if L == 130:
+                    assert torch.equal(o, want)
+        except Exception as e:                   # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    cpu_plan.clear_plans()
+
+
+def test_generic_primitive_matches_the_kernel(monkeypatch):
+    """The matmul-softmax primitive (used off the CPU) gives the reference's results."""
+    monkeypatch.setattr(torch_backend, "_use_flash", lambda x: False)
+    g = torch.Generator().manual_seed(3)
+    pat = spattn.compile("causal & same(doc) & q - k < 60", backend="torch")
+    B, Hq, Hk, L, D = 2, 4, 2, 200, 16
+    q = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hk, L, D, generator=g, dtype=torch.float64) for _ in range(2))
+    ins = {"doc": _docs(L, 4, g)}
+    mask = pat.mask(L, L, num_heads=Hq, batch=B, **ins)
+    for strategy in ("band", "dense", "segments", "tiles"):
+        plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy=strategy)
+        o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=0.25)
+        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+        ro, rl = attention_reference(qr, kr, vr, mask, scale=0.25)
+        torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(lse, rl.detach(), rtol=1e-10, atol=1e-10)
+        do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+        (ro * do).sum().backward()
+        got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.25)
+        for a, b in zip(got, (qr.grad, kr.grad, vr.grad)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("Lq", [1, 5, 16])
+@pytest.mark.parametrize("src", ["causal", "causal & window(100)"], ids=["causal", "window"])
+def test_decode_gqa_against_the_reference(src, Lq):
+    """Bottom-right aligned decode steps with grouped-query heads, fwd and bwd, fp32."""
+    g = torch.Generator().manual_seed(Lq)
+    pat = spattn.compile(src, backend="torch")
+    Hq, Hk, Lk, D = 8, 2, 700, 32
+    q = torch.randn(1, Hq, Lq, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, Hk, Lk, D, generator=g, requires_grad=True) for _ in range(2))
+    o, lse = pat(q, k, v, return_lse=True)
+    mask = pat.mask(Lq, Lk, num_heads=Hq)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = attention_reference(q64, k64, v64, mask)
+    torch.testing.assert_close(o.double(), ro, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse.double(), rl, rtol=1e-4, atol=1e-5)
+    do = torch.randn(o.shape, generator=g)
+    (o * do).sum().backward()
+    (ro * do.double()).sum().backward()
+    for a, b in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_bookkeeping_pieces_stay_below_the_grain():
+    t = torch.empty(3, 70, 129, 40)
+    seen = torch.zeros(t.shape, dtype=torch.int32)
+    for ix in cpu_ops.pieces(t):
+        assert t[ix].numel() < cpu_ops.GRAIN
+        seen[ix] += 1
+    assert bool((seen == 1).all())
+    src = torch.randn(5, 9, 1000, 8).transpose(1, 2)
+    dst = torch.empty(src.shape)
+    assert torch.equal(cpu_ops.copy_(dst, src), src)
+
+
+@pytest.mark.parametrize("L,w", [(832, 200), (896, 100), (1024, 128)],
+                         ids=["L832-W200", "L896-W100", "L1024-W128"])
+def test_band_key_gradients_of_overlapping_items(L, w):
+    """Band items overlap: key gradients are added in phases, the first filling the buffer
+    (with what it does not reach zeroed); exact in float64."""
+    g = torch.Generator().manual_seed(L)
+    pat = spattn.compile(f"causal & window({w})", backend="torch")
+    q, k, v = (torch.randn(1, 2, L, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs={}, strategy="band")
+    assert plan.calls[0].n > 1
+    o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=0.25)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ro, _ = attention_reference(qr, kr, vr, pat.mask(L, L), scale=0.25)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    (ro * do).sum().backward()
+    got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.25)
+    for a, b in zip(got, (qr.grad, kr.grad, vr.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
