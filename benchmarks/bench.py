@@ -157,16 +157,17 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     # its tiles divide theirs ("setup_train_ms": what a training step pays; Flex's
     # create_block_mask also builds both directions); for closed-form ranges the per-tile
     # bounds used to order the grid (the kernel computes its own loop bounds)
-    from spattn.runtime import triton_backend as tb
+    from spattn.runtime import tables as tb
     from spattn.codegen.config import default_bwd_tiles, dtype_name
 
     def setup(train):
         if row["strategy"] == "table":
-            tb._CLASS_MEMO = None           # a new shape or input: nothing classified yet
             kw = dict(B=1, H=H, q_offset=0, device=q.device, inputs=inputs)
-            tb.fwd_tables(pat, N, N, 128, 64, **kw)
+            an = tb.Analysis(pat, N, N, **kw)      # a new shape or input: nothing classified
+            tb.fwd_tables(pat, N, N, 128, 64, analysis=an, **kw)
             if train:
-                tb.bwd_tables(pat, N, N, default_bwd_tiles(D, dtype_name(dtype))[:4], **kw)
+                tb.bwd_tables(pat, N, N, default_bwd_tiles(D, dtype_name(dtype))[:4],
+                              analysis=an, **kw)
         else:
             from spattn.ir.ranges import closed_form, tile_ranges
             tile_ranges(closed_form(pat.ir), N, N, 128, 64, num_heads=1, device=dev)
@@ -177,6 +178,14 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
         for _ in range(5):
             setup(train)
         row[field] = (time.perf_counter() - t0) * 1e3 / 5
+    # a whole plan (kernels compiled and tuned already): what pat.plan(q, k, v) costs
+    pat.plan(q, k, v, **inputs)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        pat.plan(q, k, v, **inputs)
+    torch.cuda.synchronize()
+    row["plan_ms"] = (time.perf_counter() - t0) * 1e3 / 5
     pairs = allowed_pairs(pat, N, H, inputs)
     row["density"] = pairs / (H * N * N)
     flops_f = 4 * D * pairs

@@ -13,29 +13,16 @@ are (M1, N1) and ``block_m2``/``block_n2`` are (M2, N2); a forward config has
 ``block_m2 = block_n2 = 0``.
 
 Overrides, in order: explicit arguments (``kernel_file(..., strategy="table",
-block_m=32)``; for the backward ``block_m1``, ``block_n1``, ``block_m2``,
-``block_n2`` per kernel, or ``block_m``/``block_n`` for both), then the
-environment, then the defaults below.  On CUDA, when neither arguments nor the
-environment set a tile, warps or stages, the launchers autotune and pass the chosen
-configuration as explicit arguments (``runtime/tune.py``; ``SPATTN_AUTOTUNE=0`` turns
-it off).  Environment (all optional):
-
-=====================  ==========================================================
-``SPATTN_STRATEGY``    ``ranges`` or ``table``
-``SPATTN_BLOCK_M/N``   forward tile (queries / keys)
-``SPATTN_FWD_WARPS``   forward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
-``SPATTN_FWD_STAGES``  forward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
-``SPATTN_BWD_BLOCK_M1`` / ``_N1``   dK/dV tile: queries per step / keys per program
-``SPATTN_BWD_BLOCK_M2`` / ``_N2``   dQ tile: queries per program / keys per step
-``SPATTN_BWD_WARPS``   backward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
-``SPATTN_BWD_STAGES``  backward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
-``SPATTN_FWD_LOOP``    forward loop: ``split``, ``fused`` or ``persistent``
-``SPATTN_BWD_LOOP``    backward loops: ``split`` or ``fused``
-=====================  ==========================================================
+block_m=32)``; for the backward ``block_m1``, ``block_n1``, ``block_m2``, ``block_n2``
+per kernel, or ``block_m``/``block_n`` for both), then ``overrides`` (the runtime passes
+the ``SPATTN_*`` environment's, read and checked by :mod:`spattn.runtime.settings`), then
+the defaults below. This module reads no environment: everything it depends on is an
+argument. On CUDA, when neither arguments nor the environment set a tile, warps or
+stages, the launchers autotune and pass the chosen configuration as explicit arguments
+(``runtime/tune.py``).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 from ..dsl.errors import SpattnConfigError
@@ -79,43 +66,6 @@ def dtype_name(dtype) -> str:
 
 def next_pow2(n: int) -> int:
     return 1 << max(4, (int(n) - 1).bit_length())
-
-
-#: ``os.environ``'s own dict (bytes names and values) where it has one: POSIX CPython, whose
-#: ``os.environ[...] = ...``, ``del`` and ``putenv`` through the mapping all update it.
-_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
-if not (isinstance(_ENV_DATA, dict) and all(type(k) is bytes for k in list(_ENV_DATA)[:1])):
-    _ENV_DATA = None
-_ENV_KEYS: dict = {}
-
-
-def getenv(name: str, default=None):
-    """``os.environ.get(name, default)``, read the way the per-call path can afford.
-
-    A launch reads a dozen ``SPATTN_*`` settings (and ``TRITON_INTERPRET``) on every call,
-    so that a changed environment takes effect at the next call; most are unset, and
-    ``os.environ.get`` of an unset name costs ~0.5 us (the name is encoded, a ``KeyError``
-    raised and caught). On POSIX CPython this reads the mapping's underlying dict instead
-    (~15 ns), which holds exactly what ``os.environ`` holds; elsewhere it is
-    ``os.environ.get``.
-    """
-    if _ENV_DATA is None:
-        return os.environ.get(name, default)
-    key = _ENV_KEYS.get(name)
-    if key is None:
-        key = _ENV_KEYS[name] = os.fsencode(name)
-    v = _ENV_DATA.get(key)
-    return default if v is None else os.fsdecode(v)
-
-
-#: Spellings of a switched-on / switched-off environment flag (``SPATTN_TMA``,
-#: ``SPATTN_AUTOTUNE``).
-FLAG_ON = ("1", "true", "on", "yes")
-FLAG_OFF = ("0", "false", "off", "no")
-
-
-def interpret_mode() -> bool:
-    return getenv("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bool = False):
@@ -167,82 +117,38 @@ def default_bwd_tiles(head_dim: int, dtype: str, *, interpret: bool = False):
     return 64, 128, 128, 64, 8, 3
 
 
-def _env_int(name: str):
-    """The integer value of ``$name`` (None when unset or empty), checked: a positive int;
-    ``*_WARPS`` a power of two up to 32 (Triton's rule), ``*_STAGES`` 1..8."""
-    v = getenv(name)
-    if not v:
-        return None
-    try:
-        n = int(v.strip())
-    except ValueError:
-        n = None
-    if name.endswith("_WARPS"):
-        ok, want = n is not None and 1 <= n <= 32 and not n & (n - 1), "1, 2, 4, 8, 16 or 32"
-    elif name.endswith("_STAGES"):
-        ok, want = n is not None and 1 <= n <= 8, "an integer in 1..8"
-    else:
-        ok, want = n is not None and n >= 1, "a positive integer"
-    if not ok:
-        raise SpattnConfigError(f"{name}={v!r}: expected {want} (or unset it for the default)")
-    return n
-
-
-#: Environment overrides read by :func:`pick`, per kernel kind (launchers fold their
-#: current values into the config memo key: see :func:`env_overrides`).
-ENV_VARS = {
-    "fwd": ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES",
-            "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_FWD_LOOP", "SPATTN_STRATEGY"),
-    "bwd": ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
-            "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES",
-            "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES", "SPATTN_BWD_LOOP", "SPATTN_STRATEGY"),
-}
-
-
-def env_overrides(kind: str = "fwd") -> tuple:
-    """The set ``SPATTN_*`` launch overrides of ``kind`` as a hashable tuple."""
-    return tuple((n, v) for n in ENV_VARS[kind] if (v := getenv(n)))
-
-
-def choice(value, name: str, env: str, allowed: tuple) -> str:
-    """A named option from its argument, else ``$env``, else ``allowed[0]``; checked
-    (a :class:`SpattnConfigError` names the argument or the variable the value came from)."""
-    given = value or getenv(env)
-    v = str(given or allowed[0]).strip().lower()
+def choice(value, name: str, allowed: tuple, *, default=None) -> str:
+    """A named option (``value``, else ``default``, else ``allowed[0]``), checked."""
+    v = str(value or default or allowed[0]).strip().lower()
     if v not in allowed:
-        where = f"{name}={given!r}" if value else f"{env}={given!r}"
-        raise SpattnConfigError(f"{where}: expected one of {', '.join(map(repr, allowed))} "
-                                f"(the option {name}= or the environment variable {env})")
+        raise SpattnConfigError(f"{name}={value!r}: expected one of "
+                                f"{', '.join(map(repr, allowed))}")
     return v
-
-
-#: The environment variable behind each tile option (for messages).
-_BLOCK_ENV = {"block_m": "SPATTN_BLOCK_M", "block_n": "SPATTN_BLOCK_N",
-              "block_m1": "SPATTN_BWD_BLOCK_M1", "block_n1": "SPATTN_BWD_BLOCK_N1",
-              "block_m2": "SPATTN_BWD_BLOCK_M2", "block_n2": "SPATTN_BWD_BLOCK_N2"}
 
 
 def _pow2_check(**blocks):
     for name, v in blocks.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
             raise SpattnConfigError(
-                f"{name} must be a power of two >= 16 (16, 32, 64, 128, ...), got {v!r} "
-                f"(set by the option {name}= or the environment variable {_BLOCK_ENV[name]})")
+                f"{name} must be a power of two >= 16 (16, 32, 64, 128, ...), got {v!r}")
 
 
 def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strategy=None,
          block_m=None, block_n=None, num_warps=None, num_stages=None, closed_form=None,
-         interpret=None, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
-         loop=None, tma=None, int64=None, **_ignored) -> KernelConfig:
+         interpret=False, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
+         loop=None, tma=None, int64=None, overrides=None, **_ignored) -> KernelConfig:
     """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype.
 
     Backward: ``block_m1``/``block_n1`` (dK/dV) and ``block_m2``/``block_n2`` (dQ);
     ``block_m``/``block_n`` set both kernels' tiles at once.  ``int64``: 64-bit integer
     arithmetic in the kernel (for positions, input values or bounds beyond int32).
+    ``interpret``: the tile defaults of Triton's CPU interpreter.  ``overrides``: the
+    environment's options of this kind (:meth:`spattn.runtime.settings.Settings.overrides`),
+    below the explicit arguments.
     """
+    env = overrides or {}
     dt = dtype_name(dtype)
-    interpret = interpret_mode() if interpret is None else interpret
-    strategy = strategy or getenv("SPATTN_STRATEGY") or None
+    strategy = strategy or env.get("strategy")
     if strategy is None:
         strategy = analysis_strategy(pattern, closed_form)
     if strategy not in STRATEGIES:
@@ -251,24 +157,23 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
                                 f"{', '.join(map(repr, STRATEGIES))}")
     if kind == "bwd":
         m1, n1, m2, n2, nw, ns = default_bwd_tiles(head_dim, dt, interpret=interpret)
-        m1 = block_m1 or block_m or _env_int("SPATTN_BWD_BLOCK_M1") or m1
-        n1 = block_n1 or block_n or _env_int("SPATTN_BWD_BLOCK_N1") or n1
-        m2 = block_m2 or block_m or _env_int("SPATTN_BWD_BLOCK_M2") or m2
-        n2 = block_n2 or block_n or _env_int("SPATTN_BWD_BLOCK_N2") or n2
-        nw = (num_warps or _env_int("SPATTN_BWD_WARPS") or _env_int("SPATTN_NUM_WARPS") or nw)
-        ns = (num_stages or _env_int("SPATTN_BWD_STAGES") or _env_int("SPATTN_NUM_STAGES")
-              or ns)
+        m1 = block_m1 or block_m or env.get("block_m1") or m1
+        n1 = block_n1 or block_n or env.get("block_n1") or n1
+        m2 = block_m2 or block_m or env.get("block_m2") or m2
+        n2 = block_n2 or block_n or env.get("block_n2") or n2
+        nw = num_warps or env.get("num_warps") or nw
+        ns = num_stages or env.get("num_stages") or ns
         _pow2_check(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
-        loop = choice(loop, "loop", "SPATTN_BWD_LOOP", BWD_LOOPS)
+        loop = choice(loop, "loop", BWD_LOOPS, default=env.get("loop"))
         return KernelConfig(strategy, int(m1), int(n1), next_pow2(head_dim), int(nw), int(ns),
                             dt, int(m2), int(n2), loop=loop, tma=bool(tma), int64=bool(int64))
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret)
-    bm = block_m or _env_int("SPATTN_BLOCK_M") or bm
-    bn = block_n or _env_int("SPATTN_BLOCK_N") or bn
-    nw = num_warps or _env_int("SPATTN_FWD_WARPS") or _env_int("SPATTN_NUM_WARPS") or nw
-    ns = num_stages or _env_int("SPATTN_FWD_STAGES") or _env_int("SPATTN_NUM_STAGES") or ns
+    bm = block_m or env.get("block_m") or bm
+    bn = block_n or env.get("block_n") or bn
+    nw = num_warps or env.get("num_warps") or nw
+    ns = num_stages or env.get("num_stages") or ns
     _pow2_check(block_m=bm, block_n=bn)
-    loop = choice(loop, "loop", "SPATTN_FWD_LOOP", FWD_LOOPS)
+    loop = choice(loop, "loop", FWD_LOOPS, default=env.get("loop"))
     # The persistent kernel keeps pointer loads: Triton 3.6 fails to compile TMA loads in
     # its flattened loop nest on Hopper (TritonNvidiaGPUTMALoweringPass: an scf.if yields
     # a mutable and an immutable shared-memory descriptor).

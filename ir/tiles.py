@@ -170,8 +170,12 @@ def _classes(ct, cf, device) -> torch.Tensor:
 
 def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads: int = 1,
              batch: int = 1, q_offset: Optional[int] = None, device=None,
-             inputs: Optional[Mapping[str, torch.Tensor]] = None, refine: bool = True) -> torch.Tensor:
+             inputs: Optional[Mapping[str, torch.Tensor]] = None, refine: bool = True,
+             positions=None) -> torch.Tensor:
     """Tile classes ``int8 [batch, num_heads, ceil(Lq/block_m), ceil(Lk/block_n)]``.
+
+    ``positions`` (a :class:`spattn.ir.positions.Positions`) or ``q_offset`` say where the
+    rows sit (default: bottom-right aligned).
 
     0 = EMPTY, 1 = PARTIAL, 2 = FULL. ``pattern`` is a :class:`spattn.Pattern` (or an IR node
     for patterns without inputs). ``refine=False`` skips the exact refinement (pass 1 only).
@@ -182,6 +186,8 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
     ``causal & same(doc)``, where ``doc`` is only seen through its tile-level summary; the
     refinement was ~2 ms of the ~3.3 ms table setup at N = 65536 on an H200).
     """
+    if positions is not None:
+        q_offset = positions.q_offset
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     ins, dev, checked = validate_args(pattern, Lq, Lk, block_m, block_n, num_heads=num_heads,
                                       batch=batch, q_offset=q_offset, device=device,

@@ -1,7 +1,10 @@
-"""The call path: validate arguments, choose a backend, run through autograd.
+"""The call path: validate arguments, choose a backend, find or build the plan, run it
+through autograd.
 
-``Pattern.__call__`` lands in :func:`call`; ``spattn.attention`` in
-:func:`functional_attention`.
+``Pattern.__call__`` lands in :func:`call`, ``Pattern.plan`` in :func:`make_plan`;
+``spattn.attention`` (``spattn/functional.py``) in :func:`call` or, under
+``torch.compile``, :func:`call_op`. A call with ``plan=`` skips the validation: it only
+checks that the tensors are laid out as the plan's (:meth:`~spattn.runtime.plan.Plan.check`).
 
 Argument rules (each violation is a :class:`SpattnInputError` that names the
 argument and its shape, or a :class:`SpattnValueError` for scalars):
@@ -32,11 +35,13 @@ argument and its shape, or a :class:`SpattnValueError` for scalars):
 
 Values are not inspected: a NaN or an infinity in q, k or v propagates.  A non-finite
 query row gives a non-finite output row (that row only); a non-finite key or value
-reaches every row that reads its tile, including rows for which the pattern masks
-that key but not the whole tile (``0 * inf`` is NaN), and no row whose tiles skip it.
+reaches every row that computes with it, including rows for which the pattern masks
+that key (``0 * inf`` is NaN): on Triton the rows whose tiles hold the key, on the torch
+backend the rows of the band that holds it; never a row whose tiles skip it, nor another
+head.
 
-The ``SPATTN_*`` environment overrides are checked where they are read
-(``codegen/config.py``); a value outside its allowed set is a
+The ``SPATTN_*`` environment settings are read and checked in one place
+(``runtime/settings.py``); a value outside its allowed set is a
 :class:`SpattnConfigError` that names the variable and the values it takes.
 
 Backend choice (``Pattern.backend``): ``"torch"`` always runs the block-sparse
@@ -49,22 +54,21 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import OrderedDict
 
 import torch
 
-from ..codegen.config import FLAG_OFF, FLAG_ON, getenv
-from ..dsl.errors import (MAX_INT, SpattnBackendError, SpattnConfigError, SpattnError,
-                          SpattnInputError, SpattnParamError, SpattnValueError, short_repr)
+from ..dsl.errors import (MAX_INT, SpattnBackendError, SpattnInputError, SpattnParamError,
+                          SpattnValueError, short_repr)
 from ..ir.evaluate import query_offset as _query_offset
 from . import autograd as _ag
-from .inputs import validate_inputs
+from .plan import PLANS, Plan, build_plan
+from .settings import getenv
+from ..ir.inputs import validate_inputs
 
-__all__ = ["call", "functional_attention", "choose_backend", "validate"]
+__all__ = ["call", "call_op", "make_plan", "choose_backend", "validate"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-_COMPILE_CACHE_SIZE = 128
 
 
 def _shape(t) -> str:
@@ -196,36 +200,8 @@ def check_runtime_tensors(inputs: dict) -> None:
                                    f"convert it with {name}.to(torch.int64) (or int32)")
 
 
-#: ``SPATTN_*`` settings checked outside ``codegen.config``: the values they take, in words.
-_ENV_VALUES = {"SPATTN_TMA": (FLAG_ON + FLAG_OFF + ("auto",),
-                              "1, 0 or auto (or true/false, on/off, yes/no)")}
-
-
-def environment_error() -> SpattnConfigError | None:
-    """A :class:`SpattnConfigError` for a ``SPATTN_*`` setting of :data:`_ENV_VALUES`
-    outside its allowed values (None if there is none); consulted only when a call fails
-    with a ValueError, so the per-call path pays nothing for it."""
-    for name, (allowed, words) in _ENV_VALUES.items():
-        v = getenv(name)
-        if v and v.strip().lower() not in allowed:
-            return SpattnConfigError(f"{name}={v!r}: expected {words}, or unset it")
-    return None
-
-
-def _run(pattern, backend, scale, q_offset, ins, q, k, v):
-    try:
-        return _ag.AttentionFunction.apply(pattern, backend, scale, q_offset, ins, q, k, v)
-    except ValueError as e:
-        if isinstance(e, SpattnError):
-            raise
-        bad = environment_error()
-        if bad is None:
-            raise
-        raise bad from None
-
-
 def _interpret() -> bool:
-    return getenv("TRITON_INTERPRET") == "1"
+    return getenv("TRITON_INTERPRET") not in (None, "", "0")
 
 
 def choose_backend(requested: str, device_type: str) -> str:
@@ -249,26 +225,86 @@ def _backend_for(requested: str, device_type: str) -> str:
     return choose_backend(requested, device_type)
 
 
-def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None):
-    """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32)."""
-    if torch.compiler.is_compiling():
-        # The op carries the canonical source (a str attribute: a constant while tracing).
-        return _call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
-                        return_lse=return_lse, q_offset=q_offset, inputs=inputs)
+def _arguments(pattern, q, k, v, scale, q_offset, inputs):
+    """The checked ``(scale, q_offset, inputs)`` of a call (inputs as given: the plan
+    converts them once)."""
     validate(q, k, v)
     B, Hq, Lq, D = q.shape
     scale = _check_scale(scale, D)
     q_offset = check_q_offset(q_offset, Lq, k.shape[2])
     inputs = dict(inputs or {})
     check_runtime_tensors(inputs)
-    ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device)
+    ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device,
+                          convert=_as_given)
+    return scale, q_offset, ins
+
+
+def _as_given(t, device, dtype):
+    return t
+
+
+def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backward=None,
+              **options):
+    """``Pattern.plan``: a new :class:`~spattn.runtime.plan.Plan` for these tensors.
+
+    ``backward``: build the backward's stage now (True), not until the first backward
+    (False), or when q, k or v requires grad (None, the default). ``options``: the
+    launcher options of :mod:`spattn.runtime.triton_backend` (tests, tuning experiments).
+    """
+    scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
     backend = choose_backend(pattern.backend, q.device.type)
-    _ag.register(pattern)
-    o, lse = _run(pattern, backend, scale, q_offset, ins, q, k, v)
+    plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset, inputs=ins,
+                      options=options)
+    if backward or (backward is None and any(t.requires_grad for t in (q, k, v))):
+        plan.prepare_backward(q, k, v)
+    return plan
+
+
+def _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs) -> None:
+    if not isinstance(plan, Plan):
+        raise SpattnParamError(f"plan= takes a plan made by pat.plan(q, k, v, ...), got "
+                               f"{type(plan).__name__}")
+    if plan.pattern.source != pattern.source:
+        raise SpattnParamError(f"the plan is for the pattern {plan.pattern.source!r}, not "
+                               f"{pattern.source!r}")
+    if inputs:
+        held = plan.call.inputs
+        raise SpattnParamError(f"runtime inputs {', '.join(map(repr, sorted(inputs)))} were "
+                               f"given with plan=: the plan holds its inputs "
+                               f"({', '.join(map(repr, sorted(held))) or 'none'}); build a new "
+                               "plan for new inputs")
+    if scale is not None and float(scale) != plan.call.scale:
+        raise SpattnParamError(f"scale={scale!r} differs from the plan's "
+                               f"({plan.call.scale!r}): build a plan with this scale")
+    if q_offset is not None and q_offset != plan.call.positions.q_offset:
+        raise SpattnParamError(f"q_offset={q_offset!r} differs from the plan's "
+                               f"({plan.call.positions.q_offset}): build a plan with it")
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        validate(q, k, v)
+    plan.check(q, k, v)
+
+
+def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
+         plan=None):
+    """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32)."""
+    if torch.compiler.is_compiling():
+        # The op carries the canonical source (a str attribute: a constant while tracing).
+        return call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
+                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
+    if plan is not None:
+        _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
+    else:
+        scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+        backend = choose_backend(pattern.backend, q.device.type)
+        _ag.register(pattern)
+        plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                         inputs=ins)
+    o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
     return (o, lse) if return_lse else o
 
 
-def _call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_offset, inputs):
+def call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_offset,
+            inputs):
     """The traced path (under ``torch.compile``): the same checks, then the custom op."""
     validate(q, k, v)
     B, Hq, Lq, D = q.shape
@@ -281,84 +317,3 @@ def _call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_
     o, lse = _ag.attention_op(q, k, v, [ins[n] for n in sorted(ins)], key, scale, q_offset,
                               backend)
     return (o, lse) if return_lse else o
-
-
-# ------------------------------------------------------------ functional form
-
-_compiled: "OrderedDict[tuple, object]" = OrderedDict()
-
-
-def _freeze(value):
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(x) for x in value)
-    return value
-
-
-def compile_cached(src: str, backend: str = "auto", **params):
-    """``spattn.compile(src, backend=backend, **params)`` through an LRU cache."""
-    from spattn import compile as _compile
-    try:
-        key = (src, backend, tuple(sorted((n, _freeze(v)) for n, v in params.items())))
-        hash(key)
-    except TypeError:
-        return _compile(src, backend=backend, **params)
-    hit = _compiled.get(key)
-    if hit is not None:
-        _compiled.move_to_end(key)
-        return hit
-    pat = _compile(src, backend=backend, **params)
-    _compiled[key] = pat
-    if len(_compiled) > _COMPILE_CACHE_SIZE:
-        _compiled.popitem(last=False)
-    return pat
-
-
-def _resolve(pattern, kwargs):
-    from spattn.pattern import Pattern
-    backend = kwargs.pop("backend", None)
-    inputs = {n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}
-    params = {n: x for n, x in kwargs.items() if not isinstance(x, torch.Tensor)}
-    if isinstance(pattern, Pattern):
-        if params:
-            raise SpattnParamError(
-                f"params {', '.join(map(repr, sorted(params)))} cannot be bound on an already "
-                "compiled Pattern: pass the pattern source as a str, or bind them in "
-                "spattn.compile()")
-        if backend is not None and backend != pattern.backend:
-            pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
-                              inputs=pattern.inputs, backend=backend)
-        return pattern, inputs
-    if not isinstance(pattern, str):
-        raise SpattnParamError(f"pattern must be a str or a spattn.Pattern, got "
-                               f"{type(pattern).__name__}")
-    return compile_cached(pattern, backend or "auto", **params), inputs
-
-
-def _functional_meta(src: str, backend: str, params: tuple) -> tuple:
-    """Compile (cached) and register; ``(key, ((input, ndims), ...), backend)``: constants."""
-    pat = compile_cached(src, backend, **dict(params))
-    return _ag.register(pat), tuple(sorted(pat.inputs.items())), pat.backend
-
-
-_functional_meta_const = torch.compiler.assume_constant_result(_functional_meta)
-
-
-def functional_attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None,
-                         **kwargs):
-    """``spattn.attention``: compile (cached) and call.
-
-    Keyword arguments whose value is a ``torch.Tensor`` are runtime inputs; the
-    others bind params (``backend=`` picks the backend).
-    """
-    if torch.compiler.is_compiling() and isinstance(pattern, str):
-        # Parsing is not traceable: the compiled pattern enters the graph as constants.
-        backend = kwargs.pop("backend", None) or "auto"
-        inputs = {n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}
-        params = tuple(sorted((n, _freeze(x)) for n, x in kwargs.items()
-                              if not isinstance(x, torch.Tensor)))
-        key, declared, requested = _functional_meta_const(pattern, backend, params)
-        return _call_op(key, dict(declared), requested, q, k, v, scale=scale,
-                        return_lse=return_lse, q_offset=q_offset, inputs=inputs)
-    pat, inputs = _resolve(pattern, dict(kwargs))
-    return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                inputs=inputs)

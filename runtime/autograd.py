@@ -1,14 +1,16 @@
 """Autograd and ``torch.compile`` integration.
 
-Two thin layers over one pair of dispatchers, :func:`_fwd` and :func:`_bwd`
-(which pick the Triton launchers or the torch backend):
+Two thin layers over a :class:`~spattn.runtime.plan.Plan` (whose forward and backward run
+the Triton stages or the torch backend):
 
-* :class:`AttentionFunction`, a ``torch.autograd.Function`` used in eager mode;
+* :class:`AttentionFunction`, a ``torch.autograd.Function`` used in eager mode: it runs
+  the plan it is given, forward and backward;
 * the custom ops ``spattn::attention`` and ``spattn::attention_bwd``
   (``torch.library.custom_op``) with fake (meta) implementations and a
   registered autograd formula, used under ``torch.compile`` so that a model
   calling spattn traces with ``fullgraph=True``, forward and backward. The
-  kernels are opaque inside the op.
+  kernels are opaque inside the op, which takes its plan from the plan cache
+  (:data:`spattn.runtime.plan.PLANS`).
 
 A custom op takes only tensors and simple values, so the pattern travels as its
 canonical source (``Pattern.source``, a plain str attribute, so tracing needs no
@@ -24,13 +26,13 @@ falls back to the torch backend's backward for that call (with a warning).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..dsl.errors import SpattnError
+from .plan import PLANS
 
 __all__ = ["AttentionFunction", "register", "lookup", "attention_op", "attention_bwd_op"]
 
@@ -49,80 +51,14 @@ def lookup(key: str):
     """The pattern registered under ``key``, or compiled again from it (a canonical source)."""
     pat = _REGISTRY.get(key)
     if pat is None:
-        from spattn.pattern import compile as _compile
+        from ..ir.pattern import CompiledPattern
         try:
-            pat = _compile(key)
+            pat = CompiledPattern.from_source(key)
         except SpattnError as e:
             raise SpattnError(f"no pattern is registered under {key!r} and it does not compile "
                               f"as a pattern source: {e.message}") from None
         _REGISTRY[key] = pat
     return pat
-
-
-# ------------------------------------------------------------ dispatchers
-
-#: Shapes whose input bounds were checked (bounded FIFO): when no index contains a load,
-#: the index ranges depend on the shapes alone, so a shape checked once stays valid.
-_BOUNDS_CHECKED: "dict[tuple, None]" = {}
-_BOUNDS_CHECKED_SIZE = 256
-
-
-def _indices_read_inputs(ir) -> bool:
-    from ..ir.nodes import Load, loads, walk
-    return any(isinstance(n, Load) for ld in loads(ir) for i in ld.index for n in walk(i))
-
-
-def _check_bounds(pattern, inputs, q, k, q_offset) -> None:
-    """Input index bounds (``ir.intervals.check_input_bounds``), run where tensors are real.
-
-    The check evaluates index intervals over the whole domain (with range summaries of the
-    inputs on their device): milliseconds on a GPU. Unless an index reads an input itself
-    (``doc[doc[q]]``), its result depends only on the shapes, so it runs once per shape.
-    """
-    if not inputs:
-        return
-    from ..ir.intervals import check_input_bounds
-    B, Hq, Lq, _ = q.shape
-    key = (pattern.source, B, Hq, Lq, k.shape[2], q_offset,
-           tuple(sorted((n, tuple(t.shape)) for n, t in inputs.items())))
-    if key in _BOUNDS_CHECKED:
-        return
-    check_input_bounds(pattern, inputs, Lq, k.shape[2], num_heads=Hq, batch=B,
-                       q_offset=q_offset)
-    if not _indices_read_inputs(pattern.ir):
-        _BOUNDS_CHECKED[key] = None
-        if len(_BOUNDS_CHECKED) > _BOUNDS_CHECKED_SIZE:
-            _BOUNDS_CHECKED.pop(next(iter(_BOUNDS_CHECKED)))
-
-
-def _fwd(pattern, backend: str, q, k, v, *, scale: float, q_offset: int, inputs):
-    """``(o, lse)`` from the chosen backend ("torch" or "triton")."""
-    _check_bounds(pattern, inputs, q, k, q_offset)
-    if backend == "torch":
-        from . import torch_backend
-        return torch_backend.fwd(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs)
-    from . import triton_backend
-    return triton_backend.fwd(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs)
-
-
-def _bwd(pattern, backend: str, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs,
-         dlse=None):
-    """``(dq, dk, dv)``; ``dlse`` is the gradient of the lse output (None if unused)."""
-    if do is None:
-        do = torch.zeros_like(o)
-    if backend == "torch":
-        from . import torch_backend
-        return torch_backend.bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
-                                 inputs=inputs, dlse=dlse)
-    if dlse is not None and bool((dlse != 0).any()):
-        warnings.warn("spattn: the Triton backward does not take a gradient of lse; this call's "
-                      "backward runs on the torch backend", stacklevel=3)
-        from . import torch_backend
-        return torch_backend.bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
-                                 inputs=inputs, dlse=dlse)
-    from . import triton_backend
-    return triton_backend.bwd(pattern, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
-                              inputs=inputs)
 
 
 def _inputs_dict(pattern, tensors) -> dict:
@@ -132,13 +68,13 @@ def _inputs_dict(pattern, tensors) -> dict:
 # ------------------------------------------------------------ eager autograd
 
 class AttentionFunction(torch.autograd.Function):
-    """``apply(pattern, backend, scale, q_offset, inputs, q, k, v) -> (o, lse)``."""
+    """``apply(plan, q, k, v) -> (o, lse)``: the plan's forward, and its backward."""
 
     @staticmethod
-    def forward(ctx, pattern, backend, scale, q_offset, inputs, q, k, v):
-        o, lse = _fwd(pattern, backend, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs)
+    def forward(ctx, plan, q, k, v):
+        o, lse = plan.forward(q, k, v)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.spattn = (pattern, backend, scale, q_offset, inputs)
+        ctx.plan = plan
         ctx.set_materialize_grads(False)
         return o, lse
 
@@ -146,12 +82,12 @@ class AttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        pattern, backend, scale, q_offset, inputs = ctx.spattn
         if do is None and dlse is None:
-            return (None,) * 8
-        dq, dk, dv = _bwd(pattern, backend, q, k, v, o, lse, do, scale=scale,
-                          q_offset=q_offset, inputs=inputs, dlse=dlse)
-        return None, None, None, None, None, dq, dk, dv
+            return None, None, None, None
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do, dlse)
+        return None, dq, dk, dv
 
 
 # ------------------------------------------------------------ custom ops
@@ -161,8 +97,9 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list
                  key: str, scale: float, q_offset: int, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     pattern = lookup(key)
-    o, lse = _fwd(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                  inputs=_inputs_dict(pattern, inputs))
+    plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                     inputs=_inputs_dict(pattern, inputs))
+    o, lse = plan.forward(q, k, v)
     # The fake gives contiguous outputs; a backend's outputs are made to agree.
     return o.contiguous(), lse.contiguous()
 
@@ -185,8 +122,9 @@ def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
                      inputs: list[torch.Tensor], key: str, scale: float, q_offset: int,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pattern = lookup(key)
-    dq, dk, dv = _bwd(pattern, backend, q, k, v, o, lse, do, scale=scale, q_offset=q_offset,
-                      inputs=_inputs_dict(pattern, inputs), dlse=dlse)
+    plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                     inputs=_inputs_dict(pattern, inputs))
+    dq, dk, dv = plan.backward(q, k, v, o, lse, do, dlse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

@@ -49,6 +49,7 @@ import threading
 import warnings
 
 from ..codegen import config as _config
+from . import settings as _settings
 from ..codegen.kernels import CODEGEN_VERSION, ident, render
 from ..dsl.errors import SpattnCacheError, SpattnConfigError, SpattnValueError
 
@@ -71,7 +72,7 @@ def configured_dir() -> pathlib.Path | None:
     """The directory the settings name: ``$SPATTN_CACHE_DIR`` (``~`` expanded, made
     absolute), else ``~/.cache/spattn``; None when there is no home directory to put the
     default under."""
-    setting = _config.getenv("SPATTN_CACHE_DIR")
+    setting = _settings.getenv("SPATTN_CACHE_DIR")
     if setting:
         path = os.path.expanduser(setting)
         try:
@@ -99,7 +100,7 @@ def cache_dir() -> pathlib.Path:
 
 def device_tag(device=None) -> str:
     """"interpret" under TRITON_INTERPRET=1, else "cuda-sm<major><minor>" (or "cpu")."""
-    if _config.interpret_mode():
+    if _settings.getenv("TRITON_INTERPRET") not in (None, "", "0"):
         return "interpret"
     cap = capability(device)
     return "cpu" if cap is None else f"cuda-sm{cap[0]}{cap[1]}"
@@ -375,7 +376,7 @@ class _Store:
 
 
 def _store() -> _Store:
-    setting = _config.getenv("SPATTN_CACHE_DIR")
+    setting = _settings.getenv("SPATTN_CACHE_DIR")
     store = _stores.get(setting)
     if store is None:
         store = _stores[setting] = _Store()
@@ -455,20 +456,21 @@ def resolve(pattern, kind: str = "fwd", **options):
                                "'bwd' (backward)")
     cf = options.pop("closed_form", None)
     device = options.pop("device", None)
-    # every environment override strategy.pick reads is part of the memo key (the launchers
-    # pass the overrides they read as ``_env``, part of the options)
+    settings = options.pop("settings", None) or _settings.current()
+    # the environment's overrides are part of the memo key (through the settings' raw strings)
     memo_key = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, device_tag(device),
-                _config.env_overrides(kind) if "_env" not in options else (),
-                tuple(sorted((k, str(v)) for k, v in options.items())),
+                settings.raw, tuple(sorted((k, str(v)) for k, v in options.items())),
                 None if cf is None else _cf_text(cf))
     with _lock:
         hit = _configs.get(memo_key)
     if hit is not None:
         return hit
     _check_options(options)
-    if cf is None and options.get("strategy") in (None, "ranges"):
+    env = settings.overrides(kind)
+    if cf is None and options.get("strategy", env.get("strategy")) in (None, "ranges"):
         cf = _config.get_closed_form(pattern)
-    config = _config.pick(pattern, kind, closed_form=cf, **options)
+    config = _config.pick(pattern, kind, closed_form=cf, interpret=settings.interpret,
+                          overrides=env, **options)
     if config.strategy == "ranges":
         if cf is None:
             where = ("strategy='ranges'" if options.get("strategy")
@@ -622,7 +624,7 @@ def load_with_form(pattern, kind: str = "fwd", **options):
     rendered with (None for the table strategy), from one :func:`resolve`."""
     config, cf, key = resolve(pattern, kind, **dict(options))
     # per-call fast path: the module by (cache directory setting, key), no path building
-    fast = (_config.getenv("SPATTN_CACHE_DIR"), kind, key, pattern.name)
+    fast = (_settings.getenv("SPATTN_CACHE_DIR"), kind, key, pattern.name)
     with _lock:
         spath = _paths.get(fast)
         mod = None if spath is None else _modules.get(spath)

@@ -13,8 +13,8 @@ Autotuning applies when all of these hold:
   ``$SPATTN_AUTOTUNE`` is not ``0`` / ``false`` / ``off`` / ``no`` (default on);
 * the call sets no tile option (none of the names above, nor ``block_m``/``block_n``
   for the backward) and the environment sets no tile override of that kind
-  (``SPATTN_BLOCK_M``, ``SPATTN_BWD_WARPS``, ``SPATTN_NUM_STAGES``, ...: every name of
-  :data:`spattn.codegen.config.ENV_VARS` but ``SPATTN_STRATEGY``).
+  (``SPATTN_BLOCK_M``, ``SPATTN_BWD_WARPS``, ``SPATTN_NUM_STAGES``, ``SPATTN_FWD_LOOP``...:
+  :meth:`spattn.runtime.settings.Settings.tiles_set`).
 
 The choice is keyed by (pattern source and input declarations, kind, head-dim block,
 dtype class, device capability, strategy, next power of two of Lq, of Lk and of
@@ -59,6 +59,7 @@ import warnings
 
 from ..codegen import config as _config
 from . import cache as _cache
+from . import settings as _settings
 
 log = logging.getLogger("spattn")
 
@@ -104,23 +105,19 @@ _generation = 0                   # see generation()
 
 # ------------------------------------------------------------------ policy
 
-def enabled(device) -> bool:
+def enabled(device, settings=None) -> bool:
     """Autotuning switched on for calls on ``device`` (CUDA, not interpreted, not disabled)."""
-    if _config.interpret_mode():
-        return False
-    if (_config.getenv("SPATTN_AUTOTUNE") or "1").strip().lower() in _config.FLAG_OFF:
+    settings = settings or _settings.current()
+    if settings.interpret or not settings.autotune:
         return False
     return getattr(device, "type", str(device).split(":")[0]) == "cuda"
 
 
-def explicit(kind: str, options: dict) -> bool:
-    """True when the call or the environment fixes a tile, warps or stages itself."""
+def explicit(kind: str, options: dict, settings=None) -> bool:
+    """True when the call or the environment fixes a tile, warps, stages or loop itself."""
     if any(options.get(n) is not None for n in TILE_OPTIONS):
         return True
-    env = options.get("_env")    # the overrides the launcher read for this call
-    if env is None:
-        env = _config.env_overrides(kind)
-    return any(n != "SPATTN_STRATEGY" for n, _ in env)
+    return (settings or _settings.current()).tiles_set(kind)
 
 
 def candidates(kind: str, head_dim: int, dtype) -> list[dict]:
@@ -184,7 +181,8 @@ def _capturing() -> bool:
 # --------------------------------------------------------------------- key
 
 def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
-               strategy: str, closed_form=None, tma: bool = False, BH: int = 1) -> dict:
+               strategy: str, closed_form=None, tma: bool = False, BH: int = 1,
+               int64: bool = False) -> dict:
     """Everything a tuning choice depends on (its file is named after their hash)."""
     from ..codegen.kernels import CODEGEN_VERSION
     return {
@@ -196,6 +194,7 @@ def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk:
         "device": _cache.device_tag(device),
         "strategy": strategy,
         "tma": bool(tma),
+        "int64": bool(int64),
         "lq_bucket": _config.next_pow2(Lq),
         "lk_bucket": _config.next_pow2(Lk),
         "bh_bucket": 1 << max(0, int(BH) - 1).bit_length(),
@@ -415,18 +414,20 @@ def runoff(timings: list[dict], time) -> tuple[int, float]:
 
 
 def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
-                  options: dict, run, timer=None, compile_only=None, BH: int = 1) -> dict:
+                  options: dict, run, timer=None, compile_only=None, BH: int = 1,
+                  settings=None) -> dict:
     """The options to launch ``kind`` with: ``options`` plus the tuned tile options when
     autotuning applies (see the module docstring), else ``options`` unchanged.
     ``BH``: batch x query heads (the grid's size beside the tiles: a choice timed on a
     few heads, where small tiles fill the device, is not the one for many).
-    ``compile_only``: see :func:`tune`."""
-    if not enabled(device) or explicit(kind, options):
+    ``compile_only``: see :func:`tune`. ``settings``: the environment's
+    (:func:`spattn.runtime.settings.current` when None)."""
+    settings = settings or _settings.current()
+    if not enabled(device, settings) or explicit(kind, options, settings):
         return options
     raw = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, int(head_dim),
            str(dtype), str(device), _config.next_pow2(Lq), _config.next_pow2(Lk), int(BH),
-           tuple(sorted((k, str(v)) for k, v in options.items())),
-           _config.getenv("SPATTN_STRATEGY"))
+           tuple(sorted((k, str(v)) for k, v in options.items())), settings.strategy)
     with _lock:
         key = _fast.get(raw)
         hit = None if key is None else _memory.get(key)
@@ -435,10 +436,11 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
 
     def fields_of():
         config, _, _ = _cache.resolve(pattern, kind, head_dim=head_dim, dtype=dtype,
-                                      device=device, **options)
+                                      device=device, settings=settings, **options)
         return key_fields(pattern, kind, head_dim=head_dim, dtype=dtype, device=device,
                           Lq=Lq, Lk=Lk, strategy=config.strategy,
-                          closed_form=options.get("closed_form"), tma=config.tma, BH=BH)
+                          closed_form=options.get("closed_form"), tma=config.tma, BH=BH,
+                          int64=config.int64)
 
     with _lock:
         fields = None

@@ -7,7 +7,6 @@ method delegates to one stage module; this file holds no analysis or codegen.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
 from typing import Any
@@ -18,15 +17,13 @@ from .dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, Spatt
                          short_repr)
 from .ir.evaluate import mask as _mask
 from .ir.inputs import check_lengths, validate_inputs
-from .ir.printer import to_source
-
-BACKENDS = ("auto", "triton", "torch")
+from .ir.pattern import BACKENDS, CompiledPattern  # noqa: F401  (BACKENDS: public)
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
                   "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma")
 
 
-class Pattern:
+class Pattern(CompiledPattern):
     """A compiled attention pattern.
 
     Attributes:
@@ -38,31 +35,7 @@ class Pattern:
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
     """
 
-    __slots__ = ("ir", "name", "params", "inputs", "source", "backend")
-
-    def __init__(self, ir, *, name: str = "pattern", params: dict | None = None,
-                 inputs: dict | None = None, backend: str = "auto"):
-        if backend not in BACKENDS:
-            raise SpattnParamError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
-                                   f"got {backend!r}")
-        self.ir = ir
-        self.name = name
-        self.params = dict(params or {})
-        self.inputs = dict(inputs or {})
-        self.source = to_source(ir)
-        self.backend = backend
-
-    # -- identity ---------------------------------------------------------
-    @property
-    def key(self) -> str:
-        """Hex digest of the canonical source: identifies the pattern across processes."""
-        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
-
-    def __eq__(self, other):
-        return isinstance(other, Pattern) and self.ir == other.ir
-
-    def __hash__(self):
-        return hash(self.ir)
+    __slots__ = ()
 
     def __repr__(self):
         inputs = f", inputs={sorted(self.inputs)}" if self.inputs else ""
@@ -126,15 +99,32 @@ class Pattern:
 
     # -- kernels ----------------------------------------------------------
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False,
-                 q_offset: int | None = None, **inputs):
+                 q_offset: int | None = None, plan=None, **inputs):
         """Attention with this pattern; q ``[B, Hq, Lq, D]``, k, v ``[B, Hk, Lk, D]``.
 
         Returns the output ``[B, Hq, Lq, D]`` (and the log-sum-exp ``[B, Hq, Lq]``, fp32,
-        natural log, when ``return_lse``).
+        natural log, when ``return_lse``). ``plan``: a plan made by :meth:`plan` for
+        tensors laid out like these (it holds the runtime inputs, scale and offset).
         """
         from .runtime.api import call
         return call(self, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                    inputs=inputs)
+                    inputs=inputs, plan=plan)
+
+    def plan(self, q, k, v, *, scale: float | None = None, q_offset: int | None = None,
+             backward: bool | None = None, **inputs):
+        """Everything a call with these tensors needs, resolved once: a
+        :class:`spattn.runtime.plan.Plan` (shapes, positions, inputs, tables, configuration,
+        compiled kernels). ``pat(q, k, v, plan=plan)`` then runs with no other host work.
+
+        The plan is for tensors laid out like q ``[B, Hq, Lq, D]`` and k, v
+        ``[B, Hk, Lk, D]`` (shapes, strides, dtype, device) and holds the runtime
+        ``inputs``; ``backward`` builds the backward's stage now (True), at the first
+        backward (False), or now if q, k or v requires grad (None). ``repr(plan)`` says
+        what it holds.
+        """
+        from .runtime.api import make_plan
+        return make_plan(self, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
+                         backward=backward)
 
     def kernel_source(self, kind: str = "fwd", **options) -> str:
         """The generated Triton source of one kernel (``kind`` in fwd, bwd).

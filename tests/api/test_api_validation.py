@@ -8,6 +8,7 @@ import spattn
 from spattn.dsl.errors import (SpattnBackendError, SpattnInputError, SpattnParamError,
                                SpattnValueError)
 from spattn.nn import SparseAttention
+from spattn import functional
 from spattn.runtime import api
 from spattn.runtime.reference import attention_reference
 
@@ -142,40 +143,17 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         pat(q0, k0, v0)
 
 
-def _spy(monkeypatch, module_name):
-    import importlib
-    mod = importlib.import_module(f"spattn.runtime.{module_name}")
-    calls = []
-    orig = mod.fwd
-
-    def fwd(*a, **kw):
-        calls.append(module_name)
-        return orig(*a, **kw)
-
-    monkeypatch.setattr(mod, "fwd", fwd)
-    return calls
-
-
 def test_auto_runs_torch_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    calls = _spy(monkeypatch, "torch_backend")
-    spattn.compile("causal & window(5)")(q0, k0, v0)
-    assert calls == ["torch_backend"]
+    pat = spattn.compile("causal & window(5)")
+    assert pat.plan(q0, k0, v0).backend == "torch"
 
 
 def test_auto_runs_triton_under_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    calls = []
-    import spattn.runtime.autograd as ag
-    orig = ag._fwd
-
-    def fake_fwd(pattern, backend, q, k, v, **kw):
-        calls.append(backend)
-        return orig(pattern, "torch", q, k, v, **kw)
-
-    monkeypatch.setattr(ag, "_fwd", fake_fwd)
-    spattn.compile("causal & window(6)")(q0, k0, v0)
-    assert calls == ["triton"]
+    pat = spattn.compile("causal & window(6)")
+    plan = pat.plan(q0, k0, v0)
+    assert plan.backend == "triton" and "attn_fwd" in repr(plan)
 
 
 # ------------------------------------------------------------ functional form
@@ -194,13 +172,13 @@ def test_functional_attention_matches_pattern_call():
 
 
 def test_functional_attention_caches_compiled_patterns():
-    api._compiled.clear()
-    a = api.compile_cached("causal & window(W)", "torch", W=5)
-    b = api.compile_cached("causal & window(W)", "torch", W=5)
-    c = api.compile_cached("causal & window(W)", "torch", W=6)
+    functional._compiled.clear()
+    a = functional.compile_cached("causal & window(W)", "torch", W=5)
+    b = functional.compile_cached("causal & window(W)", "torch", W=5)
+    c = functional.compile_cached("causal & window(W)", "torch", W=6)
     assert a is b and a is not c
-    d = api.compile_cached("q - k < S[h]", "torch", S=[1, 2])
-    e = api.compile_cached("q - k < S[h]", "torch", S=(1, 2))
+    d = functional.compile_cached("q - k < S[h]", "torch", S=[1, 2])
+    e = functional.compile_cached("q - k < S[h]", "torch", S=(1, 2))
     assert d is e
 
 
@@ -245,27 +223,24 @@ def test_sparse_attention_module_inputs_and_errors():
         m(q0, k0, v0)
 
 
-def test_bounds_checked_once_per_shape_and_still_enforced(monkeypatch):
-    """The call-site input-bounds check is cached per shape; a shorter input is still refused."""
+def test_bounds_checked_once_per_plan_and_still_enforced(monkeypatch):
+    """The input-bounds check runs when a plan is built: a call reusing the plan (the same
+    input tensor, cached) checks nothing; a new input is checked, a short one refused."""
     from spattn.ir import intervals
-    from spattn.runtime import autograd
     calls = []
     real = intervals.check_input_bounds
     monkeypatch.setattr(intervals, "check_input_bounds",
                         lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     pat = spattn.compile("causal & same(doc)", backend="torch")
     q = torch.randn(1, 2, 40, 16)
-    for i in range(3):
-        autograd._check_bounds(pat, {"doc": torch.arange(40) // (7 + i)}, q, q, 0)
+    doc = torch.arange(40) // 7
+    for _ in range(3):
+        pat(q, q, q, doc=doc)
     assert len(calls) == 1
+    pat(q, q, q, doc=torch.arange(40) // 9)
+    assert len(calls) == 2
     with pytest.raises(SpattnInputError, match="doc"):
-        autograd._check_bounds(pat, {"doc": torch.arange(30)}, q, q, 0)
+        pat(q, q, q, doc=torch.arange(30))
     nested = spattn.compile("doc[doc[q]] == doc[k]", backend="torch")
-    calls.clear()
-    for _ in range(2):
-        autograd._check_bounds(nested, {"doc": torch.zeros(40, dtype=torch.int64)}, q, q, 0)
-    assert len(calls) == 2                      # an index reads the input: checked every call
     with pytest.raises(SpattnInputError, match="doc"):
-        autograd._check_bounds(nested, {"doc": torch.full((40,), 45)}, q, q, 0)
-    with pytest.raises(SpattnInputError, match="doc"):
-        pat(q, q, q, doc=torch.arange(30))      # end to end through a call
+        nested(q, q, q, doc=torch.full((40,), 45))

@@ -161,7 +161,7 @@ def test_uint8_runtime_inputs_still_work():
     (dict(kind="xyz"), SpattnValueError, "unknown kernel kind 'xyz'"),
     (dict(head_dim=8), SpattnValueError, "head_dim must be an integer in 16..256"),
     (dict(dtype="float64"), SpattnValueError, "float16, bfloat16 or float32"),
-    (dict(block_m=17), SpattnConfigError, "power of two >= 16.*SPATTN_BLOCK_M"),
+    (dict(block_m=17), SpattnConfigError, "block_m must be a power of two >= 16"),
     (dict(num_warps=3), SpattnConfigError, "num_warps must be 1, 2, 4"),
     (dict(num_stages=0), SpattnConfigError, "num_stages must be an integer in 1..8"),
     (dict(strategy="remap"), SpattnConfigError, "'ranges', 'table'"),
@@ -179,13 +179,13 @@ ENV = [
     ("SPATTN_STRATEGY", "ranges", "same(doc)", "no closed form.*SPATTN_STRATEGY=ranges.*'table'"),
     ("SPATTN_STRATEGY", "remap", "causal", "SPATTN_STRATEGY.*'ranges', 'table'"),
     ("SPATTN_FWD_LOOP", "bogus", "causal", "SPATTN_FWD_LOOP='bogus'.*'split', 'fused', 'persistent'"),
-    ("SPATTN_BLOCK_M", "17", "causal", "power of two >= 16.*got 17.*SPATTN_BLOCK_M"),
-    ("SPATTN_BLOCK_N", "abc", "causal", "SPATTN_BLOCK_N='abc': expected a positive integer"),
-    ("SPATTN_BLOCK_N", "0", "causal", "SPATTN_BLOCK_N='0': expected a positive integer"),
+    ("SPATTN_BLOCK_M", "17", "causal", "SPATTN_BLOCK_M='17': expected a power of two >= 16"),
+    ("SPATTN_BLOCK_N", "abc", "causal", "SPATTN_BLOCK_N='abc': expected a power of two"),
+    ("SPATTN_BLOCK_N", "0", "causal", "SPATTN_BLOCK_N='0': expected a power of two"),
     ("SPATTN_FWD_WARPS", "3", "causal", "SPATTN_FWD_WARPS='3': expected 1, 2, 4, 8, 16 or 32"),
     ("SPATTN_NUM_WARPS", "many", "causal", "SPATTN_NUM_WARPS='many'"),
     ("SPATTN_FWD_STAGES", "-1", "causal", "SPATTN_FWD_STAGES='-1': expected an integer in 1..8"),
-    ("SPATTN_TMA", "bogus", "causal", "SPATTN_TMA='bogus': expected 1, 0 or auto"),
+    ("SPATTN_TMA", "bogus", "causal", "SPATTN_TMA='bogus': expected one of 1, .*0, .*auto"),
     ("SPATTN_TABLES", "dense", "same(doc)", "SPATTN_TABLES='dense'.*'auto', 'csr', 'spans'"),
 ]
 
@@ -204,15 +204,16 @@ def test_bad_environment_override_is_a_config_error(monkeypatch, var, value, src
 @interpreter
 @pytest.mark.parametrize("var,value,text", [
     ("SPATTN_BWD_LOOP", "bogus", "SPATTN_BWD_LOOP='bogus'.*'split', 'fused'"),
-    ("SPATTN_BWD_BLOCK_M1", "24", "block_m1 .*power of two.*SPATTN_BWD_BLOCK_M1"),
+    ("SPATTN_BWD_BLOCK_M1", "24", "SPATTN_BWD_BLOCK_M1='24': expected a power of two"),
     ("SPATTN_BWD_STAGES", "nine", "SPATTN_BWD_STAGES='nine'"),
 ])
 def test_bad_backward_override_is_a_config_error(monkeypatch, var, value, text):
+    """Every setting is checked when the environment is read, at the call: a bad backward
+    override fails before a forward whose backward would fail."""
     monkeypatch.setenv(var, value)
     q, k, v = (t.requires_grad_() for t in qkv(L=24))
-    o = spattn.compile("causal & window(7)", backend="triton")(q, k, v)
     with pytest.raises(SpattnConfigError, match=text):
-        o.sum().backward()
+        spattn.compile("causal & window(7)", backend="triton")(q, k, v)
 
 
 # -------------------------------------------------------------- non-finite values
@@ -236,14 +237,17 @@ def test_nan_in_a_query_row_stays_in_that_row(backend):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
 def test_nan_in_a_value_reaches_rows_that_read_its_tile(backend):
-    """A NaN value of key 5 reaches the rows allowed to see it (5..13), possibly rows whose
-    tiles hold key 5 masked (0 * NaN), and no row whose tiles skip it."""
+    """A NaN value of key 5 reaches the rows allowed to see it (5..13), possibly rows that
+    compute key 5 masked (0 * NaN: on Triton rows whose tiles hold it, on the torch backend
+    rows of the same band), and never another head."""
     pat = spattn.compile("causal & window(9)", backend=backend)
     q, k, v = qkv(L=160)
     v[0, 0, 5, 3] = float("nan")
     o = pat(q, k, v)
     rows = (~torch.isfinite(o)).any(-1)[0, 0]
-    assert rows[5:14].all() and not rows[128:].any()       # tiles of up to 64 keys
+    assert rows[5:14].all()
+    if backend == "triton":
+        assert not rows[128:].any()                        # tiles of up to 64 keys
     assert torch.isfinite(o[0, 1]).all()                   # the other head
 
 
@@ -286,21 +290,18 @@ def test_cli_errors_exit_1(argv, text):
                for line in err.getvalue().splitlines()), err.getvalue()
 
 
-# ------------------------------------------------- known faults outside this layer
+# ------------------------------------------------------- 64-bit values in the kernels
 
 @interpreter
-@pytest.mark.xfail(strict=True, reason="codegen/emit.py emits a constant beyond int32 into an "
-                                       "int32 expression when q_offset fits in int32")
 def test_literal_beyond_int32_in_the_triton_kernel():
     pat = spattn.compile("q - k < 1099511627776 & causal", backend="triton")
     check_against_reference(pat, *qkv(L=24))
 
 
 @interpreter
-@pytest.mark.xfail(strict=True, reason="runtime/triton_backend.py narrows runtime inputs to "
-                                       "int32: ids beyond it alias (a silently wrong answer)")
 def test_runtime_input_values_beyond_int32_on_triton():
     pat = spattn.compile("same(doc)", backend="triton")
     doc = torch.zeros(48, dtype=torch.long)
     doc[24:] = 2 ** 32                    # int32 would make it document 0 again
     check_against_reference(pat, *qkv(L=48), doc=doc)
+    assert pat.plan(*qkv(L=48), doc=doc).call.int64

@@ -238,9 +238,7 @@ def test_module_is_importable_and_kept_in_memory(fresh_cache):
 
 def test_strategy_override_and_defaults(monkeypatch):
     p = spattn.compile("causal & same(doc)")
-    monkeypatch.setenv("SPATTN_STRATEGY", "table")
-    assert st.pick(p, head_dim=64).strategy == "table"
-    monkeypatch.delenv("SPATTN_STRATEGY")
+    assert st.pick(p, head_dim=64, overrides={"strategy": "table"}).strategy == "table"
     assert st.pick(p, head_dim=64).strategy == "table"   # runtime inputs: no closed form
     cfg = st.pick(p, head_dim=80, dtype="bf16", interpret=False)
     assert (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_stages) == (128, 64, 128, 3)
@@ -269,11 +267,14 @@ def test_backward_tile_defaults_and_overrides(monkeypatch):
     monkeypatch.setenv("SPATTN_BWD_STAGES", "2")
     monkeypatch.setenv("SPATTN_BLOCK_M", "64")          # forward only
     monkeypatch.setenv("SPATTN_FWD_WARPS", "4")
-    assert tiles(st.pick(p, "bwd", head_dim=128, **gpu)) == (32, 128, 128, 32, 4, 2)
-    f = st.pick(p, "fwd", head_dim=128, **gpu)
+    from spattn.runtime.settings import current
+    env = current()
+    bwd, fwd = dict(gpu, overrides=env.overrides("bwd")), dict(gpu, overrides=env.overrides("fwd"))
+    assert tiles(st.pick(p, "bwd", head_dim=128, **bwd)) == (32, 128, 128, 32, 4, 2)
+    f = st.pick(p, "fwd", head_dim=128, **fwd)
     assert (f.block_m, f.block_n, f.num_warps, f.num_stages) == (64, 64, 4, 3)
     # explicit arguments win: per kernel, then block_m / block_n for both kernels
-    assert tiles(st.pick(p, "bwd", head_dim=128, block_m=16, block_n2=32, **gpu))[:4] == \
+    assert tiles(st.pick(p, "bwd", head_dim=128, block_m=16, block_n2=32, **bwd))[:4] == \
         (16, 128, 16, 32)
     with pytest.raises(ValueError):
         st.pick(p, "bwd", head_dim=128, block_m1=24, **gpu)

@@ -130,22 +130,26 @@ def test_tma_ok(t, ok):
 
 
 def test_tma_option_resolution(monkeypatch):
+    from spattn.runtime.settings import current
     q = _t(1, 2, 64, 32)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")   # no CUDA needed: not touched
     monkeypatch.delenv("SPATTN_TMA", raising=False)
-    assert tb._tma({}, "fwd", cpu, q)["tma"] is False            # auto: CUDA only
-    assert tb._tma({}, "fwd", cuda, q)["tma"] is True            # (the interpreter has TMA)
-    assert tb._tma({}, "bwd", cuda, q)["tma"] is False           # auto: forward only
-    assert tb._tma({"tma": True}, "bwd", cpu, q)["tma"] is True
+
+    def tma(want, kind, dev, t=q):
+        return tb.tma_choice(want, kind, dev, current(), t)
+    assert tma(None, "fwd", cpu) is False            # auto: CUDA only
+    assert tma(None, "fwd", cuda) is True            # (the interpreter has TMA)
+    assert tma(None, "bwd", cuda) is False           # auto: forward only
+    assert tma(True, "bwd", cpu) is True
     monkeypatch.setenv("SPATTN_TMA", "1")
-    assert tb._tma({}, "bwd", cpu, q)["tma"] is True
-    assert tb._tma({"tma": False}, "fwd", cpu, q)["tma"] is False     # the option wins
-    assert tb._tma({}, "fwd", cpu, q.transpose(2, 3))["tma"] is False  # layout rules win
+    assert tma(None, "bwd", cpu) is True
+    assert tma(False, "fwd", cpu) is False           # the option wins
+    assert tma(None, "fwd", cpu, q.transpose(2, 3)) is False   # layout rules win
     monkeypatch.setenv("SPATTN_TMA", "0")
-    assert tb._tma({}, "fwd", cuda, q)["tma"] is False
+    assert tma(None, "fwd", cuda) is False
     monkeypatch.setenv("SPATTN_TMA", "maybe")
     with pytest.raises(ValueError, match="SPATTN_TMA"):
-        tb._tma({}, "fwd", cpu, q)
+        current()
 
 
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])

@@ -10,6 +10,8 @@ distinct shapes are tested through explicit options and the SPATTN_BWD_* environ
 """
 
 import pytest
+
+from spattn.runtime.plan import PLANS
 import torch
 
 from spattn.runtime import triton_backend as tb
@@ -209,7 +211,7 @@ def test_gradients_fused(monkeypatch, name, src, inputs_fn, cf_factory, kw, stra
     import pathlib
     from spattn.runtime import cache
     monkeypatch.setenv("SPATTN_BWD_LOOP", "fused")
-    monkeypatch.setattr(tb, "_TABLE_MEMO", None)
+    PLANS.clear()
     cache.clear_memory()
     seen = _spy_configs(monkeypatch)
     try:

@@ -10,6 +10,7 @@ Every element of o and lse is checked (relative error < 1e-3 in fp32).
 import pytest
 import torch
 
+import spattn
 from spattn.runtime import triton_backend as tb
 
 from tests.helpers.kernels import (analysis_cf, block_table, chunked_cf, check_close,
@@ -173,35 +174,31 @@ def test_inputs_per_batch_and_head(strategy):
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.bool], ids=str)
 def test_narrow_int_inputs_tables_built_once(monkeypatch, dtype):
-    """Runtime inputs of another integer dtype are converted once per tensor, not per call:
-    the table memo keys on the converted tensor, so the tables are built once while the
-    input is unchanged, and again after an in-place write (with the new result)."""
+    """Runtime inputs of another integer dtype: the plan (cached per input tensor and
+    version) builds the tables once while the input is unchanged, and again after an
+    in-place write (with the new result)."""
     builds = []
     real = tb.fwd_tables
     monkeypatch.setattr(tb, "fwd_tables", lambda *a, **k: builds.append(1) or real(*a, **k))
+    for var, val in (("SPATTN_STRATEGY", "table"), ("SPATTN_BLOCK_M", "16"),
+                     ("SPATTN_BLOCK_N", "16")):
+        monkeypatch.setenv(var, val)
     gen = torch.Generator().manual_seed(21)
     L = 40
-    pat = compile_pattern("causal & same(doc)")
+    pat = spattn.compile("causal & same(doc)", backend="triton")
     q, k, v = rand_qkv(1, 2, 2, L, L, 32, seed=22)
     doc = doc_ids(L, 3, gen).to(dtype) if dtype != torch.bool else torch.arange(L) >= 17
     scale = 32 ** -0.5
     for _ in range(3):
-        o, lse = tb.fwd(pat, q, k, v, scale=scale, q_offset=0,
-                        inputs=_validated(pat, doc), strategy="table", block_m=16, block_n=16)
+        o = pat(q, k, v, scale=scale, doc=doc)
     assert len(builds) == 1
     want, want_lse, _ = reference(pat, q, k, v, scale=scale, q_offset=0, inputs={"doc": doc})
     check_close("o", o, want, TOL)
     doc[: L // 2] = 0 if dtype != torch.bool else True      # in place: tables rebuilt
-    o, _ = tb.fwd(pat, q, k, v, scale=scale, q_offset=0, inputs=_validated(pat, doc),
-                  strategy="table", block_m=16, block_n=16)
+    o = pat(q, k, v, scale=scale, doc=doc)
     assert len(builds) == 2
     want, _, _ = reference(pat, q, k, v, scale=scale, q_offset=0, inputs={"doc": doc})
     check_close("o after the in-place write", o, want, TOL)
-
-
-def _validated(pat, doc):
-    from spattn.runtime.inputs import validate_inputs
-    return validate_inputs(pat.inputs, {"doc": doc}, batch=1, num_heads=2)
 
 
 def test_default_pick_runs():

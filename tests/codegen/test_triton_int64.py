@@ -119,8 +119,8 @@ def test_int64_inputs_are_passed_as_int64():
     truncate 2**32 to 0), to int32 otherwise."""
     p = compile_pattern("causal & same(doc)")
     doc = torch.tensor([0, 2 ** 32, 5])
-    assert tb._input_args(p, {"doc": doc}, None, int64=True)[0].dtype == torch.int64
-    assert tb._input_args(p, {"doc": doc}, None)[0].dtype == torch.int32
+    assert tb._input_args(p, {"doc": doc}, int64=True)[0].dtype == torch.int64
+    assert tb._input_args(p, {"doc": doc}, int64=False)[0].dtype == torch.int32
 
 
 @pytest.mark.parametrize("strategy", ["ranges", "table"])

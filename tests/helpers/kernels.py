@@ -163,11 +163,10 @@ def check_table_paths(monkeypatch, build):
     ``runtime/spans_kernel.py`` and through the torch path, each from a fresh
     classification: the same forms and orders, the same spans where spans are used, the
     same CSR lists elsewhere, the same row strides."""
-    from spattn.runtime import triton_backend as tb
+    from spattn.runtime import tables as tb
     got, want = [], []
     for dev, out in ((True, got), (False, want)):
         monkeypatch.setattr(tb, "_device_tables", lambda d, dev=dev: dev)
-        monkeypatch.setattr(tb, "_CLASS_MEMO", None)
         out.extend(build())
     assert len(got) == len(want)
     for (ga, go, gs), (wa, wo, ws) in zip(got, want):

@@ -123,6 +123,7 @@ def test_custom_op_opcheck():
                            [doc], key, 0.25, 0, "torch"))
 
 
+@pytest.mark.interpreter
 def test_triton_lse_gradient_falls_back_to_torch(monkeypatch):
     """A non-zero lse gradient is not something the Triton backward takes: torch runs it."""
     pat = spattn.compile("causal", backend="torch")
@@ -133,8 +134,9 @@ def test_triton_lse_gradient_falls_back_to_torch(monkeypatch):
     do, dl = _rand(g, *o.shape), _rand(g, *lse.shape)
     want = torch_backend.bwd(pat, q, k, v, o, lse, do, scale=0.25, q_offset=0, inputs={},
                              dlse=dl)
+    from spattn.runtime.plan import build_plan
+    plan = build_plan(pat, "triton", q, k, v, scale=0.25, q_offset=0, inputs={})
     with pytest.warns(UserWarning, match="torch backend"):
-        got = ag._bwd(pat, "triton", q, k, v, o, lse, do, scale=0.25, q_offset=0, inputs={},
-                      dlse=dl)
+        got = plan.backward(q, k, v, o, lse, do, dl)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)

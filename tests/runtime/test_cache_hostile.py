@@ -30,6 +30,7 @@ import torch
 import spattn
 from spattn.dsl.errors import SpattnCacheError
 from spattn.runtime import cache, tune
+from spattn.runtime.plan import PLANS
 from spattn.runtime.reference import attention_reference
 
 interpreter = pytest.mark.interpreter    # the tests that run the generated kernel
@@ -39,6 +40,13 @@ SRC = "causal & window(9)"
 SHAPE = dict(B=1, H=2, L=40, D=16)
 
 
+def forget():
+    """Forget every kernel, tuning choice and plan held in memory (what a new process has)."""
+    cache.clear_memory()
+    tune.clear_memory()
+    PLANS.clear()
+
+
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """A clean cache state; the fallback directory's parent (the 'system temporary
@@ -46,10 +54,10 @@ def env(tmp_path, monkeypatch):
     systmp = tmp_path / "systmp"
     systmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(systmp))
-    cache.clear_memory()
+    forget()
     tune.clear_memory()
     yield tmp_path
-    cache.clear_memory()
+    forget()
     tune.clear_memory()
 
 
@@ -164,6 +172,7 @@ import json, os, sys, warnings
 import torch
 import spattn
 from spattn.runtime import cache
+from spattn.runtime.plan import PLANS
 from spattn.runtime.reference import attention_reference
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
@@ -171,6 +180,7 @@ out = {}
 for d in sys.argv[1:]:
     os.environ["SPATTN_CACHE_DIR"] = d
     cache.clear_memory()
+    PLANS.clear()
     p = spattn.compile("causal & window(9)", backend="triton")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -236,7 +246,7 @@ def _populate(env, monkeypatch):
     run_checked()
     path = d / kernel_name()
     good = path.read_text()
-    cache.clear_memory()
+    forget()
     return path, good
 
 
@@ -283,7 +293,7 @@ def test_damaged_entry_is_regenerated(env, monkeypatch, damage):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert path.is_file() and path.read_text() == good
-    cache.clear_memory()
+    forget()
     with no_spattn_warnings():
         run_checked()
 
@@ -301,11 +311,11 @@ def test_directory_in_the_way_is_routed_around(env, monkeypatch):
     routed = fallback(env) / path.name
     assert routed.read_text() == good and (path / "keep").is_dir()
     for _ in range(2):
-        cache.clear_memory()
+        forget()
         with pytest.warns(RuntimeWarning, match=f"is invalid .*using {routed}"):
             run_checked()
     shutil.rmtree(path)            # the obstacle gone: the configured directory again
-    cache.clear_memory()
+    forget()
     with no_spattn_warnings():
         run_checked()
     assert path.read_text() == good
@@ -389,7 +399,7 @@ def test_tune_files_survive_hostile_directories(env, monkeypatch, hostile):
 
 def _worker(cache_dir, barrier, queue):
     os.environ["SPATTN_CACHE_DIR"] = cache_dir
-    cache.clear_memory()
+    forget()
     out = {}
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -427,7 +437,7 @@ def test_eight_processes_share_one_directory(env, monkeypatch):
     for name, digest in digests[0].items():
         if name != "tune":
             src, kind = name.rsplit(":", 1)
-            cache.clear_memory()
+            forget()
             monkeypatch.setenv("SPATTN_CACHE_DIR", str(d))
             with no_spattn_warnings():
                 text = cache.kernel_text(spattn.compile(src), kind, head_dim=32, dtype="fp16")

@@ -1,13 +1,15 @@
 """On the GPU: the generated kernels in bf16 at N = 4096..16384 against a float64 reference.
 
 Skipped without CUDA (marker ``gpu``). Run on the device with
-``python -m pytest -m gpu tests/test_gpu.py``.
+``python -m pytest -m gpu tests/runtime/test_gpu.py``.
 """
 import pytest
 import torch
 
 import spattn
 from spattn.runtime.reference import attention_reference_chunked
+
+from spattn.runtime.plan import PLANS
 
 from tests.helpers.kernels import check_table_paths, record_descriptors
 
@@ -86,19 +88,22 @@ def test_forward_loops_bf16(name, src, mk, loop):
 
 
 def test_warmup_compiles_without_running():
-    """The autotuner's precompile path: ``_fwd(..., warmup=True)`` compiles the kernel
-    (one new entry in Triton's kernel cache) and writes nothing; the real launch then
-    finds it compiled."""
+    """The autotuner's precompile path: ``_build_fwd(..., warmup=True)`` compiles the
+    kernel (one new entry in Triton's kernel cache) and writes nothing; the real launch
+    then finds it compiled."""
     from spattn.runtime import cache, triton_backend as tb
+    from spattn.runtime.plan import Call
     pat = spattn.compile("window(333)")
     q, k, v = (torch.randn(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     opts = dict(block_m=64, block_n=32, num_warps=4, num_stages=2, loop="fused")
     mod, _ = cache.load(pat, "fwd", head_dim=64, dtype=q.dtype, device=q.device, **opts)
     kc = mod.KERNEL.device_caches[torch.cuda.current_device()][0]
     n0 = len(kc)
-    tb._fwd(pat, q, k, v, scale=0.125, q_offset=0, inputs={}, opts=opts, warmup=True)
+    call = Call.of(pat, q, k, scale=0.125, q_offset=0, inputs={})
+    tb._build_fwd(call, q, k, v, dict(opts, tma=False, int64=False), warmup=True)
     assert len(kc) == n0 + 1
-    o, _ = tb._fwd(pat, q, k, v, scale=0.125, q_offset=0, inputs={}, opts=opts)
+    o, _ = tb.run_fwd(tb._build_fwd(call, q, k, v, dict(opts, tma=False, int64=False)),
+                      q, k, v)
     assert len(kc) == n0 + 1
     ref = attention_reference_chunked(pat, q, k, v, scale=0.125)
     assert float((o.double() - ref).norm() / ref.norm()) < 1e-2
@@ -113,7 +118,7 @@ def test_table_forms_bf16(monkeypatch, name, src, mk, tables):
     from spattn.runtime import triton_backend as tb
     from spattn.runtime.reference import attention_reference
     monkeypatch.setenv("SPATTN_TABLES", tables)
-    monkeypatch.setattr(tb, "_TABLE_MEMO", None)
+    PLANS.clear()
     N, H, D = 4096, 2, 128
     g = torch.Generator(device="cuda").manual_seed(5)
     q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -190,3 +195,44 @@ def test_tma_and_pointers_bf16(monkeypatch, name, src, mk, tma):
         bad = (a - b).abs() > tol * b.abs().max() + tol * b.abs()
         assert not bad.any(), f"{name} {nm}: {int(bad.sum())} elements off, max err " \
             f"{float((a - b).abs().max()):.3e} (scale {float(b.abs().max()):.3e})"
+
+
+@pytest.mark.parametrize("src,mk", [("causal & window(256)", None),
+                                    ("causal & same(doc)", lambda N, g: {"doc": torch.sort(
+                                        torch.randint(0, 5, (N,), generator=g,
+                                                      device="cuda")).values})],
+                         ids=["window", "documents"])
+def test_cuda_graph_training_step_with_a_plan(src, mk):
+    """A training step (forward and backward) that reuses a plan is captured in one CUDA
+    graph; replays on new values match the eager step."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    B, H, N, D = 2, 4, 2048, 64
+    inputs = mk(N, g) if mk else {}
+    pat = spattn.compile(src)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+               .requires_grad_() for _ in range(3))
+    w = torch.randn(B, H, N, D, device="cuda", dtype=torch.float32, generator=g)
+    plan = pat.plan(q, k, v, **inputs)              # requires grad: the backward is built too
+
+    def step():
+        o = pat(q, k, v, plan=plan)
+        return (o, *torch.autograd.grad((o.float() * w).sum(), (q, k, v)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for seed in (1, 2):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        with torch.no_grad():
+            for t in (q, k, v):
+                t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
+        graph.replay()
+        eager = step()
+        for a, b in zip(static, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

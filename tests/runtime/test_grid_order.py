@@ -3,7 +3,7 @@ work items, heavy first by classes of a factor of two, head by head within a cla
 import pytest
 import torch
 
-from spattn.runtime.triton_backend import _grid_order
+from spattn.runtime.tables import _grid_order
 
 
 def _check(order, work, B, H):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spattn.ir.tiles import EMPTY, FULL, PARTIAL
-from spattn.runtime import triton_backend as tb
+from spattn.runtime import tables as tb
 from spattn.runtime.spans_kernel import grid_order, table_rows
 
 from tests.helpers.kernels import block_table, check_table_paths, compile_pattern, doc_ids

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spattn.ir.tiles import EMPTY, FULL, PARTIAL
-from spattn.runtime import triton_backend as tb
+from spattn.runtime import tables as tb
 
 from tests.helpers.kernels import block_table, compile_pattern, doc_ids
 
@@ -84,7 +84,6 @@ def count_classify(monkeypatch):
         calls.append((bm, bn))
         return classify(pattern, Lq, Lk, bm, bn, **kw)
     monkeypatch.setattr(tb, "_classify", spy)
-    monkeypatch.setattr(tb, "_CLASS_MEMO", None)
     return calls
 
 
@@ -92,16 +91,16 @@ def test_training_step_shares_classifications(count_classify):
     pat = compile_pattern("causal & same(doc)")
     doc = {"doc": doc_ids(300, 5, torch.Generator().manual_seed(1))}
     kw = dict(B=1, H=2, q_offset=0, device="cpu", inputs=doc)
-    tb.fwd_tables(pat, 300, 300, 32, 16, **kw)
-    tb.bwd_tables(pat, 300, 300, (16, 32, 32, 16), **kw)     # dQ tiles are the forward's
+    an = tb.Analysis(pat, 300, 300, **kw)                    # what one plan holds
+    tb.fwd_tables(pat, 300, 300, 32, 16, analysis=an, **kw)
+    tb.bwd_tables(pat, 300, 300, (16, 32, 32, 16), analysis=an, **kw)   # dQ: the forward's tiles
     assert count_classify == [(32, 16), (16, 32)]
     count_classify.clear()
-    tb.bwd_tables(pat, 300, 300, (16, 64, 64, 16), **kw)     # both pooled from those
+    tb.bwd_tables(pat, 300, 300, (16, 64, 64, 16), analysis=an, **kw)   # both pooled
     assert count_classify == []
-    # a new input tensor (even with equal values) is classified again
-    doc2 = {"doc": doc["doc"].clone()}
-    tb.bwd_tables(pat, 300, 300, (16, 32, 64, 16), **dict(kw, inputs=doc2))
-    assert count_classify == [(16, 16)]                      # one call at the common divisor
+    # another plan (another input) classifies again, once, at the common divisor
+    tb.bwd_tables(pat, 300, 300, (16, 32, 64, 16), **kw)
+    assert count_classify == [(16, 16)]
 
 
 def test_shared_classes_equal_direct(count_classify):
@@ -110,9 +109,7 @@ def test_shared_classes_equal_direct(count_classify):
     doc = {"doc": doc_ids(300, 5, torch.Generator().manual_seed(2))}
     kw = dict(B=1, H=2, q_offset=7, device="cpu", inputs=doc)
     a = tb.bwd_tables(pat, 293, 300, (16, 64, 64, 16), **kw)
-    tb._CLASS_MEMO = None
     b = tb.bwd_tables(pat, 293, 300, (16, 64, 64, 16), **dict(kw, tables="csr"))
-    tb._CLASS_MEMO = None
     c = tb.bwd_tables(pat, 293, 300, (64, 64, 64, 64), **dict(kw, tables="csr"))
     assert len(count_classify) == 3
     spans_a = a[0][0][4]
@@ -135,15 +132,16 @@ def test_training_step_shares_tables(count_classify, monkeypatch):
     pat = compile_pattern("causal & same(doc)")
     doc = {"doc": doc_ids(300, 5, torch.Generator().manual_seed(3))}
     kw = dict(B=1, H=2, q_offset=0, device="cpu", inputs=doc)
-    fwd = tb.fwd_tables(pat, 300, 300, 32, 16, **kw)
-    (tq, order_q, sq), _ = tb.bwd_tables(pat, 300, 300, (16, 32, 32, 16), **kw)
+    an = tb.Analysis(pat, 300, 300, **kw)
+    fwd = tb.fwd_tables(pat, 300, 300, 32, 16, analysis=an, **kw)
+    (tq, order_q, sq), _ = tb.bwd_tables(pat, 300, 300, (16, 32, 32, 16), analysis=an, **kw)
     assert built == [1, 1], "the dK/dV table only"
     assert all(a is b for a, b in zip(fwd[0], tq)) and torch.equal(fwd[1], order_q)
     built.clear()
-    tb.bwd_tables(pat, 300, 300, (16, 64, 64, 16), **kw)
+    tb.bwd_tables(pat, 300, 300, (16, 64, 64, 16), analysis=an, **kw)
     assert built == [2]
     built.clear()
-    tb.bwd_tables(pat, 300, 300, (16, 64, 64, 16), **dict(kw, tables="csr"))
+    tb.bwd_tables(pat, 300, 300, (16, 64, 64, 16), analysis=an, **dict(kw, tables="csr"))
     assert built == [2], "another form is another table"
 
 
@@ -153,19 +151,19 @@ def test_classified_at_most_class_tile(count_classify):
     pat = compile_pattern("causal & same(doc)")
     doc = {"doc": doc_ids(703, 5, torch.Generator().manual_seed(4))}
     kw = dict(B=1, H=2, q_offset=3, device="cpu", inputs=doc)
-    fwd = tb.fwd_tables(pat, 700, 650, 128, 64, **kw)
-    tb.bwd_tables(pat, 700, 650, (64, 128, 128, 64), **kw)
+    an = tb.Analysis(pat, 700, 650, **kw)
+    fwd = tb.fwd_tables(pat, 700, 650, 128, 64, analysis=an, **kw)
+    tb.bwd_tables(pat, 700, 650, (64, 128, 128, 64), analysis=an, **kw)
     assert count_classify == [(tb.CLASS_TILE, tb.CLASS_TILE)] == [(64, 64)]
     direct = tb._demote_ragged(tb._classify(pat, 700, 650, 128, 64, **kw), 650, 64, 3)
     assert torch.equal(fwd[0][4][..., :-1, :], tb._spans(direct)[0])
 
 
 def test_tables_already_built():
-    """Every requested table already kept with its classification (the launcher's table
-    memo evicted it, the classification memo did not): nothing is rebuilt, no error."""
+    """Every requested table already built by the analysis: nothing is rebuilt."""
     pat = compile_pattern("causal & window(9)")
     kw = dict(B=1, H=2, q_offset=0, device="cpu", inputs={})
-    tb._CLASS_MEMO = None
-    a = tb.fwd_tables(pat, 100, 100, 16, 16, **kw)
-    b = tb.fwd_tables(pat, 100, 100, 16, 16, **kw)
+    an = tb.Analysis(pat, 100, 100, **kw)
+    a = tb.fwd_tables(pat, 100, 100, 16, 16, analysis=an, **kw)
+    b = tb.fwd_tables(pat, 100, 100, 16, 16, analysis=an, **kw)
     assert all(x is y for x, y in zip(a[0], b[0])) and a[1] is b[1] and a[2] == b[2]

@@ -9,14 +9,18 @@ loops) and the backward.  Every element is checked against the float64 reference
 """
 
 import pytest
+
+from spattn.runtime.plan import PLANS
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from spattn.ir.tiles import EMPTY, FULL, PARTIAL
-from spattn.runtime import triton_backend as tb
+from spattn import SpattnConfigError
+from spattn.runtime import tables as tb
+from spattn.runtime import triton_backend
 
-from tests.helpers.kernels import block_table, compile_pattern, doc_ids
+from tests.helpers.kernels import block_table, compile_pattern, doc_ids, rand_qkv
 from tests.codegen.test_triton_bwd import run_bwd
 from tests.codegen.test_triton_fwd import run_fwd
 
@@ -97,8 +101,9 @@ def test_auto_form():
     tab = {"blocks": block_table(13, 13, gen, density=0.3)}
     assert tb.fwd_tables(blocks, 200, 200, 16, 16, inputs=tab, **kw)[2] is False
     assert tb.fwd_tables(blocks, 200, 200, 16, 16, inputs=tab, tables="spans", **kw)[2] is True
-    with pytest.raises(ValueError, match="SPATTN_TABLES"):
-        tb._table_mode({"tables": "dense"})
+    with pytest.raises(SpattnConfigError, match="tables='dense'"):
+        triton_backend.fwd(docs, *rand_qkv(1, 1, 1, 40, 40, 16), scale=0.25, q_offset=0,
+                           inputs={"doc": torch.arange(40) // 9}, tables="dense")
 
 
 # ------------------------------------------------- kernels with each form forced
@@ -132,8 +137,7 @@ def spy_forms(monkeypatch):
     """The forms the launchers built (True = spans), in call order."""
     seen = []
     table_many = tb._table_many
-    monkeypatch.setattr(tb, "_TABLE_MEMO", None)     # no tables memoised by earlier tests
-    monkeypatch.setattr(tb, "_CLASS_MEMO", None)
+    PLANS.clear()                                    # no plans kept by earlier tests
 
     def spy(*a, **k):
         out = table_many(*a, **k)
@@ -183,4 +187,6 @@ def test_auto_mixes_forms_per_kernel(spy_forms):
     """auto decides per table: sorted documents run spans in every kernel."""
     run_bwd("causal & same(doc)", strategy="table", Lq=64, bm=16, bn=32,
             inputs_fn=_docs, seed=5)
-    assert spy_forms == [True, True]       # forward (reused by dQ: same tiles), dK/dV
+    # the forward, then the backward's dQ and dK/dV (built together: the helper runs the
+    # backward as a call of its own; within one plan dQ reuses the forward's table)
+    assert spy_forms == [True, True, True]

@@ -10,7 +10,7 @@ import triton.language  # noqa: F401  (imported here, under conftest's TRITON_IN
 
 import spattn
 from spattn.codegen import config as st
-from spattn.runtime import tune, triton_backend
+from spattn.runtime import settings, tune, triton_backend
 
 pytestmark = pytest.mark.interpreter
 
@@ -24,8 +24,8 @@ def _fresh(tmp_path, monkeypatch):
     monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("SPATTN_AUTOTUNE", raising=False)
-    for kind in ("fwd", "bwd"):
-        for var in st.ENV_VARS[kind]:
+    for var in settings.VARIABLES:
+        if var != "SPATTN_CACHE_DIR":
             monkeypatch.delenv(var, raising=False)
     tune.clear_memory()
     yield
@@ -259,7 +259,7 @@ def test_explicit_options_are_not_tuned(explicit):
                                       ("SPATTN_BWD_BLOCK_N2", "bwd"),
                                       ("SPATTN_NUM_STAGES", "bwd")])
 def test_environment_overrides_are_not_tuned(monkeypatch, var, kind):
-    monkeypatch.setenv(var, "2" if "STAGES" in var else "64")
+    monkeypatch.setenv(var, "2" if "STAGES" in var else "8" if "WARPS" in var else "64")
     fake = Fake(kind)
     assert call(fake, kind=kind) == {}
     assert fake.runs == []
@@ -300,19 +300,19 @@ def test_launchers_run_with_the_tuned_choice(monkeypatch):
     """End to end through triton_backend under the interpreter (tuning forced on): every
     candidate runs for real, the last one is 'fastest', and the result is right."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(tune, "enabled", lambda device: True)
+    monkeypatch.setattr(tune, "enabled", lambda device, settings=None: True)
     seen = []
-    real_fwd, real_bwd = triton_backend._fwd, triton_backend._bwd
+    real_fwd, real_bwd = triton_backend._build_fwd, triton_backend._build_bwd
 
-    def spy_fwd(*a, opts, **kw):
+    def spy_fwd(call, q, k, v, opts, **kw):
         seen.append(("fwd", {n: opts.get(n) for n in tune.FIELDS["fwd"]}))
-        return real_fwd(*a, opts=opts, **kw)
+        return real_fwd(call, q, k, v, opts, **kw)
 
-    def spy_bwd(*a, opts, **kw):
+    def spy_bwd(call, q, k, v, o, do, opts, **kw):
         seen.append(("bwd", {n: opts.get(n) for n in tune.FIELDS["bwd"]}))
-        return real_bwd(*a, opts=opts, **kw)
-    monkeypatch.setattr(triton_backend, "_fwd", spy_fwd)
-    monkeypatch.setattr(triton_backend, "_bwd", spy_bwd)
+        return real_bwd(call, q, k, v, o, do, opts, **kw)
+    monkeypatch.setattr(triton_backend, "_build_fwd", spy_fwd)
+    monkeypatch.setattr(triton_backend, "_build_bwd", spy_bwd)
     clock = iter(range(100, 0, -1))              # each timing faster than the one before
     monkeypatch.setattr(tune, "default_timer", lambda fn: (fn(), float(next(clock)))[1])
     monkeypatch.setattr(tune, "candidates", lambda kind, D, dt, **kw: [

@@ -1,0 +1,60 @@
+"""A compiled pattern as data: what every later stage needs of it.
+
+:class:`CompiledPattern` holds the canonical IR, the pattern's name, its bound params, its
+runtime-input declarations, the canonical source (printed once: the identity used by the
+caches and by the custom op) and the backend it asks for. The public
+:class:`spattn.Pattern` adds the methods a user calls; the code generator and the runtime
+take any :class:`CompiledPattern`, so that a later stage never imports the public face.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from ..dsl.errors import SpattnParamError
+from .printer import to_source
+
+#: The backends a pattern may ask for.
+BACKENDS = ("auto", "triton", "torch")
+
+
+class CompiledPattern:
+    """A canonical IR with its name, params, runtime inputs and backend (see the module
+    docstring). Equal (and hash equal) when the canonical IR is, however it was written."""
+
+    __slots__ = ("ir", "name", "params", "inputs", "source", "backend")
+
+    def __init__(self, ir, *, name: str = "pattern", params: dict | None = None,
+                 inputs: dict | None = None, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise SpattnParamError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                                   f"got {backend!r}")
+        self.ir = ir
+        self.name = name
+        self.params = dict(params or {})
+        self.inputs = dict(inputs or {})
+        self.source = to_source(ir)
+        self.backend = backend
+
+    @classmethod
+    def from_source(cls, src: str, *, backend: str = "auto", pattern: str | None = None,
+                    filename: str | None = None, **params):
+        """Compile ``src`` (a bare expression or a program) into an instance of ``cls``."""
+        from .lower import compile_source
+        low = compile_source(src, params, pattern=pattern, filename=filename)
+        return cls(low.ir, name=low.name, params=low.params, inputs=low.inputs,
+                   backend=backend)
+
+    @property
+    def key(self) -> str:
+        """Hex digest of the canonical source: identifies the pattern across processes."""
+        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+    def __eq__(self, other):
+        return isinstance(other, CompiledPattern) and self.ir == other.ir
+
+    def __hash__(self):
+        return hash(self.ir)
+
+    def __repr__(self):
+        inputs = f", inputs={sorted(self.inputs)}" if self.inputs else ""
+        return f"{type(self).__name__}({self.name!r}: {self.source}{inputs})"

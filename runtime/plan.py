@@ -1,0 +1,286 @@
+"""Plans: everything one attention call needs, built once, reusable and inspectable.
+
+``pat.plan(q, k, v, **inputs)`` returns a :class:`Plan` (the role of FlexAttention's
+``BlockMask``, built in microseconds to milliseconds): the backend, the positions, the
+runtime inputs (converted for the device), the settings it was built under, the analysis
+(tile classes and tables where the pattern needs them) and the resolved stages (compiled
+kernels, configurations, grids, work orders, scalar arguments). ``pat(q, k, v, plan=plan)``
+checks that the tensors are laid out as the plan's and launches: no analysis, no
+environment read, no lookup, no device synchronisation. A training loop that reuses a plan
+can capture forward and backward in one CUDA graph once a first step has built the
+backward's stage (or ``pat.plan(..., backward=True)`` built it).
+
+A call without a plan goes through :data:`PLANS`, one bounded, thread-safe LRU cache of
+plans keyed by what a plan depends on: the pattern, the tensors' shapes, strides, dtype,
+device and 16-byte alignment, the scale, the positions, the runtime inputs by identity and
+version (an in-place write to an input is a new key), the settings' raw strings and the
+autotuner's generation. It holds :data:`PLANS_SIZE` plans.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..dsl.errors import SpattnInputError
+from ..ir.positions import Positions
+from . import settings as _settings
+from .tables import Analysis
+
+__all__ = ["Call", "Plan", "build_plan", "PlanCache", "PLANS", "PLANS_SIZE"]
+
+#: Plans kept for calls without one (:data:`PLANS`).
+PLANS_SIZE = 64
+#: Offsets and lengths past which closed-form kernels are not used: their column ranges
+#: treat query positions beyond +-2**30 as unbounded (``ir.ranges.Q_UNBOUNDED``).
+RANGES_LIMIT = 1 << 30
+#: The largest element offset the kernels compute in 32-bit arithmetic.
+INT32_OFFSET = (1 << 31) - 1
+
+
+@dataclass
+class Call:
+    """What the stages of a plan are built for (shared by its forward and backward)."""
+
+    pattern: object
+    B: int
+    H: int
+    HK: int
+    Lq: int
+    Lk: int
+    D: int
+    dtype: torch.dtype
+    device: torch.device
+    scale: float
+    positions: Positions
+    inputs: dict                      # validated runtime inputs, int64 on the device
+    settings: object                  # runtime.settings.Settings
+    analysis: Analysis = None
+    int64: bool = False
+    ranges_ok: bool = True
+
+    @classmethod
+    def of(cls, pattern, q, k, *, scale: float, q_offset, inputs, settings=None,
+           backend: str = "triton") -> "Call":
+        """The call of ``pattern`` on tensors shaped like ``q`` ``[B, Hq, Lq, D]`` and ``k``
+        ``[B, Hk, Lk, D]``: inputs converted, their index bounds checked, the integer
+        arithmetic proven exact (64-bit; the kernels' 32- or 64-bit choice)."""
+        from ..ir import bounds
+        from ..ir.intervals import check_input_bounds
+        B, H, Lq, D = q.shape
+        Lk = k.shape[2]
+        positions = Positions.of(Lq, Lk, q_offset)
+        # a copy: a plan answers for the inputs it was built with, whatever happens to them
+        ins = {n: t.to(device=q.device, dtype=torch.int64, copy=True)
+               for n, t in (inputs or {}).items()}
+        if ins:
+            check_input_bounds(pattern, ins, Lq, Lk, num_heads=H, batch=B,
+                               q_offset=positions.q_offset)
+        bounds.check_call(pattern, Lq, Lk, num_heads=H, batch=B, q_offset=positions.q_offset,
+                          inputs=ins)
+        call = cls(pattern, B, H, k.shape[1], Lq, Lk, D, q.dtype, q.device, float(scale),
+                   positions, ins, settings or _settings.current())
+        call.analysis = Analysis(pattern, Lq, Lk, B=B, H=H, positions=positions,
+                                 device=q.device, inputs=ins)
+        lo, hi = positions.queries(Lq)
+        call.ranges_ok = max(abs(lo), abs(hi)) < RANGES_LIMIT and Lk < RANGES_LIMIT
+        if backend == "triton":
+            from ..codegen.config import get_closed_form
+            cf = get_closed_form(pattern) if call.ranges_ok else None
+            widest = max(_extent(t) for t in (q, k))
+            call.int64 = widest > INT32_OFFSET or bounds.kernel_int64(
+                pattern, Lq, Lk, num_heads=H, batch=B, q_offset=positions.q_offset,
+                inputs=ins, closed_form=cf, block_m=256, block_n=256)
+        return call
+
+
+def _extent(t: torch.Tensor) -> int:
+    """The largest element offset within one (batch, head) slice of ``t`` [B, H, L, D]
+    (what the kernels compute from row and column indices)."""
+    return (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3))
+
+
+def _layout(*tensors) -> tuple:
+    return tuple((tuple(t.shape), t.stride()) for t in tensors)
+
+
+def _aligned(*tensors) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+class Plan:
+    """One attention call's resolved work, for tensors laid out like the ones it was built
+    with. Build it with :meth:`spattn.Pattern.plan`; run it with ``pat(q, k, v, plan=plan)``.
+
+    Attributes: ``pattern``, ``backend`` ("triton" or "torch"), ``call`` (the shapes,
+    positions, scale, inputs and settings: :class:`Call`), ``forward_stage`` and the
+    backward stages built so far (the Triton backend's :class:`~spattn.runtime.
+    triton_backend.FwdStage` / ``BwdStage``, or the torch backend's plan).
+    """
+
+    def __init__(self, pattern, backend: str, call: Call, q, k, v, options=None):
+        self.pattern = pattern
+        self.backend = backend
+        self.call = call
+        self.options = dict(options or {})
+        self.layout = _layout(q, k, v)
+        self.dtype, self.device = q.dtype, q.device
+        self.aligned = _aligned(q, k, v)
+        self._lock = threading.Lock()
+        self._bwd: dict = {}
+        if backend == "torch":
+            from . import torch_backend
+            self.forward_stage = torch_backend.make_plan(
+                pattern, q, k, q_offset=call.positions.q_offset, inputs=call.inputs)
+        else:
+            from . import triton_backend
+            self.forward_stage = triton_backend.build_fwd(call, q, k, v, self.options)
+
+    # -- use ------------------------------------------------------------------------
+    def check(self, q, k, v) -> None:
+        """Raise :class:`SpattnInputError` unless q, k, v are laid out as this plan's."""
+        if (q.dtype is not self.dtype or q.device != self.device
+                or _layout(q, k, v) != self.layout or k.dtype is not self.dtype
+                or v.dtype is not self.dtype):
+            got = ", ".join(f"{n} {tuple(t.shape)} strides {t.stride()} {t.dtype} {t.device}"
+                            for n, t in (("q", q), ("k", k), ("v", v)))
+            want = ", ".join(f"{n} {s} strides {st}" for n, (s, st) in zip("qkv", self.layout))
+            raise SpattnInputError(f"the plan was built for {want} ({self.dtype} on "
+                                   f"{self.device}); this call has {got}: build a plan for "
+                                   "these tensors (pat.plan(q, k, v, ...)) or call without one")
+        if self.backend == "triton" and not self.aligned and _aligned(q, k, v):
+            return
+        if self.backend == "triton" and self.aligned and not _aligned(q, k, v):
+            raise SpattnInputError("the plan was built for 16-byte aligned q, k, v (TMA "
+                                   "loads); this call's are not: build a plan for them")
+
+    def forward(self, q, k, v):
+        """``(o, lse)``: the forward of this plan."""
+        if self.backend == "torch":
+            from . import torch_backend
+            c = self.call
+            return torch_backend.fwd(self.pattern, q, k, v, scale=c.scale,
+                                     q_offset=c.positions.q_offset, inputs=c.inputs,
+                                     plan=self.forward_stage)
+        from . import triton_backend
+        return triton_backend.run_fwd(self.forward_stage, q, k, v)
+
+    def backward_stage(self, q, k, v, o, do):
+        """The backward stage for gradients laid out like ``do`` (and outputs like ``o``),
+        built on first use and kept."""
+        key = (do.stride(), o.stride(), _aligned(do, o))
+        stage = self._bwd.get(key)
+        if stage is None:
+            with self._lock:
+                stage = self._bwd.get(key)
+                if stage is None:
+                    from . import triton_backend
+                    stage = triton_backend.build_bwd(self.call, q, k, v, o, do, self.options)
+                    self._bwd[key] = stage
+        return stage
+
+    def prepare_backward(self, q, k, v) -> None:
+        """Build the backward stage now, for outputs and gradients laid out contiguously
+        (what a loss's gradient usually is): nothing is then built inside the backward,
+        which a CUDA graph capture needs."""
+        if self.backend == "triton":
+            o = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+            self.backward_stage(q, k, v, o, torch.empty_like(o))
+
+    def backward(self, q, k, v, o, lse, do, dlse=None):
+        """``(dq, dk, dv)``; ``dlse``: the gradient of the lse output, or None."""
+        c = self.call
+        if self.backend == "torch" or (dlse is not None and bool((dlse != 0).any())):
+            if self.backend == "triton":
+                import warnings
+                warnings.warn("spattn: the Triton backward does not take a gradient of lse; "
+                              "this call's backward runs on the torch backend", stacklevel=4)
+            from . import torch_backend
+            stage = self.forward_stage if self.backend == "torch" else None
+            return torch_backend.bwd(self.pattern, q, k, v, o, lse, do, scale=c.scale,
+                                     q_offset=c.positions.q_offset, inputs=c.inputs,
+                                     dlse=dlse, plan=stage)
+        from . import triton_backend
+        return triton_backend.run_bwd(self.backward_stage(q, k, v, o, do), q, k, v, o, lse, do)
+
+    def __repr__(self) -> str:
+        c = self.call
+        lines = [f"Plan for {self.pattern.name!r}: {self.pattern.source}",
+                 f"  backend {self.backend}; q [B={c.B}, H={c.H}, Lq={c.Lq}, D={c.D}], "
+                 f"k, v [Hk={c.HK}, Lk={c.Lk}]; {self.dtype} on {self.device}",
+                 f"  positions: {c.positions}; scale {c.scale:.6g}"
+                 + ("; 64-bit integers" if c.int64 else "")]
+        if c.inputs:
+            lines.append("  inputs: " + ", ".join(f"{n} {tuple(t.shape)}"
+                                                   for n, t in c.inputs.items()))
+        lines.append(f"  forward: {self.forward_stage!r}")
+        for stage in self._bwd.values():
+            lines.append(f"  backward: {stage!r}")
+        if self.backend == "triton" and not self._bwd:
+            lines.append("  backward: built at the first backward (or prepare_backward())")
+        if c.analysis is not None and c.analysis.fine:
+            lines.append(f"  analysis: {c.analysis!r}")
+        return "\n".join(lines)
+
+
+def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
+               settings=None, options=None) -> Plan:
+    """A new :class:`Plan` (arguments already validated: ``api.validate``)."""
+    call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
+                   settings=settings, backend=backend)
+    return Plan(pattern, backend, call, q, k, v, options)
+
+
+# ------------------------------------------------------------------ the cache
+
+class PlanCache:
+    """A bounded, thread-safe LRU cache of plans for calls without one (module docstring)."""
+
+    def __init__(self, size: int = PLANS_SIZE):
+        self.size = size
+        self._lock = threading.Lock()
+        self._plans: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def key(pattern, backend, q, k, v, scale, q_offset, inputs, settings) -> tuple:
+        from . import tune
+        ins = tuple((n, id(t), t._version, t.data_ptr(), tuple(t.shape), t.stride(),
+                     t.dtype, str(t.device)) for n, t in sorted((inputs or {}).items()))
+        return (pattern.source, tuple(sorted(pattern.inputs.items())), backend, _layout(q, k, v),
+                q.dtype, k.dtype, str(q.device), _aligned(q, k, v), scale, q_offset, ins,
+                settings.raw, tune.generation())
+
+    def get(self, pattern, backend, q, k, v, *, scale, q_offset, inputs) -> Plan:
+        """The cached plan of this call, built on a miss."""
+        settings = _settings.current()
+        key = self.key(pattern, backend, q, k, v, scale, q_offset, inputs, settings)
+        with self._lock:
+            entry = self._plans.get(key)
+            if entry is not None:
+                self._plans.move_to_end(key)
+                return entry[0]
+        plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                          inputs=inputs, settings=settings)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return plan
+        from . import tune
+        key = key[:-1] + (tune.generation(),)      # a first call's own tuning is its answer
+        with self._lock:
+            # the entry holds the input tensors: their ids stay theirs while it lives
+            self._plans[key] = (plan, tuple((inputs or {}).values()))
+            while len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+#: The plans of calls without one.
+PLANS = PlanCache()

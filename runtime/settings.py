@@ -1,0 +1,214 @@
+"""The ``SPATTN_*`` environment settings, read and checked in one place.
+
+Every setting a call depends on comes from :func:`current`, which reads the environment
+(and ``TRITON_INTERPRET``) and returns a frozen :class:`Settings`. The raw strings are
+read on every call without a plan (a changed environment takes effect at the next call;
+the read costs ~15 ns per variable, :func:`getenv`); they are parsed and checked only
+when they differ from the last ones seen, and a bad value is a
+:class:`~spattn.SpattnConfigError` naming the variable and what it accepts. A call with a
+plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built under.
+
+==========================  ============================================================
+``SPATTN_STRATEGY``         ``ranges`` or ``table``
+``SPATTN_BLOCK_M`` / ``_N`` forward tile (queries / keys), powers of two >= 16
+``SPATTN_FWD_WARPS``        forward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
+``SPATTN_FWD_STAGES``       forward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
+``SPATTN_FWD_LOOP``         forward loop: ``split``, ``fused`` or ``persistent``
+``SPATTN_BWD_BLOCK_M1``...  dK/dV tile (``_M1``, ``_N1``) and dQ tile (``_M2``, ``_N2``)
+``SPATTN_BWD_WARPS``        backward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
+``SPATTN_BWD_STAGES``       backward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
+``SPATTN_BWD_LOOP``         backward loops: ``split`` or ``fused``
+``SPATTN_TMA``              ``1`` / ``0`` / ``auto``: TMA descriptor loads (Hopper)
+``SPATTN_TABLES``           ``auto``, ``csr`` or ``spans``: the table strategy's form
+``SPATTN_AUTOTUNE``         ``1`` / ``0``: autotune launch configurations on CUDA
+``SPATTN_CACHE_DIR``        the kernel cache directory (default ``~/.cache/spattn``)
+``TRITON_INTERPRET``        ``1``: run the Triton kernels on the CPU (Triton's variable)
+==========================  ============================================================
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..dsl.errors import SpattnConfigError
+
+__all__ = ["Settings", "current", "getenv", "VARIABLES", "FLAG_ON", "FLAG_OFF"]
+
+#: Spellings of a switched-on / switched-off flag.
+FLAG_ON = ("1", "true", "on", "yes")
+FLAG_OFF = ("0", "false", "off", "no")
+
+#: Every variable :func:`current` reads, in a fixed order (the raw tuple follows it).
+VARIABLES = (
+    "SPATTN_STRATEGY",
+    "SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES",
+    "SPATTN_FWD_LOOP",
+    "SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2", "SPATTN_BWD_BLOCK_N2",
+    "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES", "SPATTN_BWD_LOOP",
+    "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES",
+    "SPATTN_TMA", "SPATTN_TABLES", "SPATTN_AUTOTUNE", "SPATTN_CACHE_DIR",
+    "TRITON_INTERPRET",
+)
+
+_STRATEGIES = ("ranges", "table")
+_FWD_LOOPS = ("split", "fused", "persistent")
+_BWD_LOOPS = ("split", "fused")
+_TABLES = ("auto", "csr", "spans")
+
+#: ``os.environ``'s own dict (bytes names and values) where it has one: POSIX CPython, whose
+#: ``os.environ[...] = ...``, ``del`` and ``putenv`` through the mapping all update it.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not (isinstance(_ENV_DATA, dict) and all(type(k) is bytes for k in list(_ENV_DATA)[:1])):
+    _ENV_DATA = None
+_ENV_KEYS = {name: os.fsencode(name) for name in VARIABLES}
+
+
+def getenv(name: str, default=None):
+    """``os.environ.get(name, default)``, read the way the per-call path can afford: on
+    POSIX CPython the mapping's underlying dict (~15 ns instead of ~0.5 us for an unset
+    name, which ``os.environ.get`` encodes and looks up through a raised ``KeyError``)."""
+    if _ENV_DATA is None:
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    v = _ENV_DATA.get(key)
+    return default if v is None else os.fsdecode(v)
+
+
+def _raw() -> tuple:
+    return tuple(getenv(n) for n in VARIABLES)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The checked ``SPATTN_*`` settings (``None``: unset, the default applies).
+
+    ``fwd`` and ``bwd`` are the launch overrides of each kernel kind as keyword options of
+    :func:`spattn.codegen.config.pick` (only those set); ``raw`` the variables' strings in
+    :data:`VARIABLES` order (what keys depend on)."""
+
+    raw: tuple
+    strategy: str | None = None
+    fwd: dict = field(default_factory=dict)
+    bwd: dict = field(default_factory=dict)
+    tma: bool | None = None
+    tables: str = "auto"
+    autotune: bool = True
+    cache_dir: str | None = None
+    interpret: bool = False
+
+    def __hash__(self):
+        return hash(self.raw)
+
+    def __eq__(self, other):
+        return isinstance(other, Settings) and self.raw == other.raw
+
+    def overrides(self, kind: str) -> dict:
+        """The launch overrides of ``kind`` ("fwd" or "bwd"), strategy included."""
+        out = dict(self.fwd if kind == "fwd" else self.bwd)
+        if self.strategy is not None:
+            out["strategy"] = self.strategy
+        return out
+
+    def tiles_set(self, kind: str) -> bool:
+        """True when the environment fixes a tile, warps, stages or loop of ``kind``
+        (autotuning then leaves the kind alone)."""
+        return bool(self.fwd if kind == "fwd" else self.bwd)
+
+
+def _choice(name: str, v: str | None, allowed: tuple):
+    if v is None or v == "":
+        return None
+    s = v.strip().lower()
+    if s not in allowed:
+        raise SpattnConfigError(f"{name}={v!r}: expected one of {', '.join(map(repr, allowed))} "
+                                "(or unset it for the default)")
+    return s
+
+
+def _flag(name: str, v: str | None, *, auto: bool):
+    if v is None or v.strip() == "":
+        return None
+    s = v.strip().lower()
+    if s in FLAG_ON:
+        return True
+    if s in FLAG_OFF:
+        return False
+    if auto and s == "auto":
+        return None
+    want = ", ".join(FLAG_ON + FLAG_OFF + (("auto",) if auto else ()))
+    raise SpattnConfigError(f"{name}={v!r}: expected one of {want} (or unset it)")
+
+
+def _int(name: str, v: str | None):
+    if v is None or v.strip() == "":
+        return None
+    try:
+        n = int(v.strip())
+    except ValueError:
+        n = None
+    if name.endswith("_WARPS"):
+        ok, want = n is not None and 1 <= n <= 32 and not n & (n - 1), "1, 2, 4, 8, 16 or 32"
+    elif name.endswith("_STAGES"):
+        ok, want = n is not None and 1 <= n <= 8, "an integer in 1..8"
+    else:
+        ok = n is not None and n >= 16 and not n & (n - 1)
+        want = "a power of two >= 16 (16, 32, 64, 128, ...)"
+    if not ok:
+        raise SpattnConfigError(f"{name}={v!r}: expected {want} (or unset it for the default)")
+    return n
+
+
+def parse(raw: tuple) -> Settings:
+    """:class:`Settings` of the raw strings ``raw`` (in :data:`VARIABLES` order)."""
+    env = dict(zip(VARIABLES, raw))
+
+    def pick(pairs):
+        return {opt: val for opt, val in pairs if val is not None}
+
+    nw, ns = _int("SPATTN_NUM_WARPS", env["SPATTN_NUM_WARPS"]), \
+        _int("SPATTN_NUM_STAGES", env["SPATTN_NUM_STAGES"])
+    fwd_w, fwd_s = _int("SPATTN_FWD_WARPS", env["SPATTN_FWD_WARPS"]), \
+        _int("SPATTN_FWD_STAGES", env["SPATTN_FWD_STAGES"])
+    bwd_w, bwd_s = _int("SPATTN_BWD_WARPS", env["SPATTN_BWD_WARPS"]), \
+        _int("SPATTN_BWD_STAGES", env["SPATTN_BWD_STAGES"])
+    fwd = pick((("block_m", _int("SPATTN_BLOCK_M", env["SPATTN_BLOCK_M"])),
+                ("block_n", _int("SPATTN_BLOCK_N", env["SPATTN_BLOCK_N"])),
+                ("num_warps", fwd_w or nw), ("num_stages", fwd_s or ns),
+                ("loop", _choice("SPATTN_FWD_LOOP", env["SPATTN_FWD_LOOP"], _FWD_LOOPS))))
+    bwd = pick((("block_m1", _int("SPATTN_BWD_BLOCK_M1", env["SPATTN_BWD_BLOCK_M1"])),
+                ("block_n1", _int("SPATTN_BWD_BLOCK_N1", env["SPATTN_BWD_BLOCK_N1"])),
+                ("block_m2", _int("SPATTN_BWD_BLOCK_M2", env["SPATTN_BWD_BLOCK_M2"])),
+                ("block_n2", _int("SPATTN_BWD_BLOCK_N2", env["SPATTN_BWD_BLOCK_N2"])),
+                ("num_warps", bwd_w or nw), ("num_stages", bwd_s or ns),
+                ("loop", _choice("SPATTN_BWD_LOOP", env["SPATTN_BWD_LOOP"], _BWD_LOOPS))))
+    autotune = _flag("SPATTN_AUTOTUNE", env["SPATTN_AUTOTUNE"], auto=False)
+    interp = env["TRITON_INTERPRET"]
+    return Settings(
+        raw=tuple(raw),
+        strategy=_choice("SPATTN_STRATEGY", env["SPATTN_STRATEGY"], _STRATEGIES),
+        fwd=fwd, bwd=bwd,
+        tma=_flag("SPATTN_TMA", env["SPATTN_TMA"], auto=True),
+        tables=_choice("SPATTN_TABLES", env["SPATTN_TABLES"], _TABLES) or "auto",
+        autotune=True if autotune is None else autotune,
+        cache_dir=env["SPATTN_CACHE_DIR"] or None,
+        interpret=interp not in (None, "", "0"),
+    )
+
+
+#: The last distinct environment and its settings (one tuple: replaced whole, so a reader
+#: in another thread sees a consistent pair).
+_LAST: tuple = (None, None)
+
+
+def current() -> Settings:
+    """The settings of the environment now (parsed once per distinct environment)."""
+    global _LAST
+    raw = _raw()
+    last = _LAST
+    if last[0] == raw:
+        return last[1]
+    s = parse(raw)
+    _LAST = (raw, s)
+    return s

@@ -1,0 +1,92 @@
+"""``spattn.attention``: the functional form, a pattern source compiled (cached) and called.
+
+Keyword arguments whose value is a ``torch.Tensor`` are runtime inputs; the others bind
+params (``backend=`` picks the backend). Compiled patterns are kept in a bounded LRU cache
+(:data:`COMPILE_CACHE_SIZE` entries) keyed by the source, the backend and the params.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .dsl.errors import SpattnParamError
+from .pattern import Pattern, compile as _compile
+from .runtime import autograd as _ag
+from .runtime.api import call, call_op
+
+COMPILE_CACHE_SIZE = 128
+_compiled: "OrderedDict[tuple, Pattern]" = OrderedDict()
+
+
+def _freeze(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(x) for x in value)
+    return value
+
+
+def compile_cached(src: str, backend: str = "auto", **params) -> Pattern:
+    """``spattn.compile(src, backend=backend, **params)`` through an LRU cache."""
+    try:
+        key = (src, backend, tuple(sorted((n, _freeze(v)) for n, v in params.items())))
+        hash(key)
+    except TypeError:
+        return _compile(src, backend=backend, **params)
+    hit = _compiled.get(key)
+    if hit is not None:
+        _compiled.move_to_end(key)
+        return hit
+    pat = _compile(src, backend=backend, **params)
+    _compiled[key] = pat
+    if len(_compiled) > COMPILE_CACHE_SIZE:
+        _compiled.popitem(last=False)
+    return pat
+
+
+def _resolve(pattern, kwargs):
+    backend = kwargs.pop("backend", None)
+    inputs = {n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}
+    params = {n: x for n, x in kwargs.items() if not isinstance(x, torch.Tensor)}
+    if isinstance(pattern, Pattern):
+        if params:
+            raise SpattnParamError(
+                f"params {', '.join(map(repr, sorted(params)))} cannot be bound on an already "
+                "compiled Pattern: pass the pattern source as a str, or bind them in "
+                "spattn.compile()")
+        if backend is not None and backend != pattern.backend:
+            pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
+                              inputs=pattern.inputs, backend=backend)
+        return pattern, inputs
+    if not isinstance(pattern, str):
+        raise SpattnParamError(f"pattern must be a str or a spattn.Pattern, got "
+                               f"{type(pattern).__name__}")
+    return compile_cached(pattern, backend or "auto", **params), inputs
+
+
+def _functional_meta(src: str, backend: str, params: tuple) -> tuple:
+    """Compile (cached) and register; ``(key, ((input, ndims), ...), backend)``: constants."""
+    pat = compile_cached(src, backend, **dict(params))
+    return _ag.register(pat), tuple(sorted(pat.inputs.items())), pat.backend
+
+
+_functional_meta_const = torch.compiler.assume_constant_result(_functional_meta)
+
+
+def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, **kwargs):
+    """Functional form: ``attention(q, k, v, pattern="causal & window(W)", W=1024, doc=doc)``.
+
+    Keyword arguments that name runtime inputs of the pattern are passed at call
+    time; the others bind params. Compiled patterns are cached.
+    """
+    if torch.compiler.is_compiling() and isinstance(pattern, str):
+        # Parsing is not traceable: the compiled pattern enters the graph as constants.
+        backend = kwargs.pop("backend", None) or "auto"
+        inputs = {n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}
+        params = tuple(sorted((n, _freeze(x)) for n, x in kwargs.items()
+                              if not isinstance(x, torch.Tensor)))
+        key, declared, requested = _functional_meta_const(pattern, backend, params)
+        return call_op(key, dict(declared), requested, q, k, v, scale=scale,
+                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
+    pat, inputs = _resolve(pattern, dict(kwargs))
+    return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
+                inputs=inputs)

@@ -1,0 +1,60 @@
+"""``runtime.settings``: the SPATTN_* environment, read in one place, checked, parsed once per
+distinct environment."""
+import os
+
+import pytest
+
+from spattn import SpattnConfigError
+from spattn.runtime import settings
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["posix-dict", "os-environ"])
+def test_getenv_follows_os_environ(monkeypatch, fast):
+    if not fast:
+        monkeypatch.setattr(settings, "_ENV_DATA", None)
+    name = "SPATTN_TEST_GETENV_VALUE"
+    monkeypatch.delenv(name, raising=False)
+    assert settings.getenv(name) is None
+    assert settings.getenv(name, "dflt") == "dflt"
+    monkeypatch.setenv(name, "64")
+    assert settings.getenv(name) == os.environ[name] == "64"
+    os.environ[name] = "héllo wörld"                # non-ASCII round trip
+    assert settings.getenv(name) == "héllo wörld"
+    del os.environ[name]
+    assert settings.getenv(name, "gone") == "gone"
+
+
+def test_current_sees_a_changed_environment(monkeypatch):
+    for var in settings.VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    base = settings.current()
+    assert base.overrides("fwd") == {} and not base.tiles_set("fwd") and base.autotune
+    assert settings.current() is base                # parsed once per distinct environment
+    monkeypatch.setenv("SPATTN_BLOCK_M", "32")
+    monkeypatch.setenv("SPATTN_NUM_WARPS", "4")
+    monkeypatch.setenv("SPATTN_BWD_WARPS", "8")
+    s = settings.current()
+    assert s.overrides("fwd") == {"block_m": 32, "num_warps": 4}
+    assert s.overrides("bwd") == {"num_warps": 8} and s.tiles_set("bwd")
+    monkeypatch.setenv("SPATTN_STRATEGY", "Table")
+    monkeypatch.setenv("SPATTN_TMA", "auto")
+    monkeypatch.setenv("SPATTN_AUTOTUNE", "off")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    s = settings.current()
+    assert s.strategy == "table" and s.tma is None and not s.autotune and s.interpret
+    assert s.overrides("fwd")["strategy"] == "table"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not settings.current().interpret
+
+
+@pytest.mark.parametrize("var,value,text", [
+    ("SPATTN_AUTOTUNE", "of", "SPATTN_AUTOTUNE='of'"),
+    ("SPATTN_BLOCK_N", "48", "power of two"),
+    ("SPATTN_BWD_STAGES", "0", "1..8"),
+    ("SPATTN_FWD_LOOP", "unrolled", "'split', 'fused', 'persistent'"),
+    ("SPATTN_TABLES", "dense", "'auto', 'csr', 'spans'"),
+])
+def test_bad_values_name_the_variable(monkeypatch, var, value, text):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SpattnConfigError, match=text):
+        settings.current()
