@@ -90,7 +90,8 @@ class Call:
 
     ``row_step`` (rows of item i = rows of item 0 + i * row_step) and ``col_step`` (the
     same for keys, which are then consecutive) are set when the items are arithmetic, so
-    that the backend can pass views. ``mask``: ``[n, 1 or lanes, G * R, W]`` additive
+    that the backend can pass views; ``row0``/``row_end`` and ``col0``/``col_end`` are the
+    first and one past the last row and key of the items. ``mask``: ``[n, 1 or lanes, G * R, W]`` additive
     (0 / -inf) in the compute dtype, or None. ``row_any`` ``[n, 1 or lanes, G * R]``:
     whether a row has an allowed key (None when all have one; the kernel reports lse 0 for
     a row without one). ``is_causal``: the kernel masks key j > row i itself (and skips
@@ -111,6 +112,13 @@ class Call:
     is_causal: bool = False
     row_valid: Optional[torch.Tensor] = None
     col_valid: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        # first and last row and key of the items, as ints (no tensor reads per call)
+        object.__setattr__(self, "row0", int(self.rows[0, 0]))
+        object.__setattr__(self, "row_end", int(self.rows[-1, -1]) + 1)
+        object.__setattr__(self, "col0", int(self.cols[0, 0]))
+        object.__setattr__(self, "col_end", int(self.cols[-1, -1]) + 1)
 
     @property
     def n(self) -> int:
@@ -159,7 +167,7 @@ class CpuPlan:
 
     @property
     def Lq_pad(self) -> int:
-        return max([self.Lq] + [int(c.rows[-1, -1]) + 1 for c in self.calls])
+        return max([self.Lq] + [c.row_end for c in self.calls])
 
     def pairs(self) -> int:
         """(query row, key) pairs the kernel calls compute over all heads and batches."""
@@ -233,19 +241,24 @@ def _eff(rows: int) -> float:
 
 
 #: Cost units: one (row, key) pair of one head at full kernel speed. A call costs about a
-#: scheduler slice's worth of pairs (what a parallel region waits on a busy machine), a
-#: copied element a tenth of a pair.
+#: scheduler slice's worth of pairs (what a parallel region waits on a busy machine); an
+#: element the backend copies (counted once for the forward: the backward moves about
+#: twice as many) costs about a pair; reading a mask adds a fraction of a pair. Fitted
+#: to forward + backward times on 2 cores (documents, windows, causal at L = 1024..4096).
 CALL_COST = 5e5
-COPY_COST = 0.3
+COPY_COST = 1.2
+MASK_COST = 0.15
 
 
 def cost(calls, lanes: int, G: int, copies: int = 0) -> float:
-    """Estimated cost of ``calls`` (plus ``copies`` elements moved per head dim)."""
+    """Estimated cost of ``calls`` ``(n, R, W, is_causal, masked)`` (plus ``copies``
+    elements moved)."""
     total = 0.0
-    for n, R, W, is_causal, Lk in calls:
+    for n, R, W, is_causal, masked in calls:
         rows = G * R
         pairs = _causal_pairs(rows, W) if is_causal else rows * W
-        total += n * lanes * pairs / _eff(rows) + CALL_COST
+        total += n * lanes * pairs * (1 / _eff(rows) + (MASK_COST if masked else 0.0))
+        total += CALL_COST
     return total + COPY_COST * copies
 
 
@@ -286,7 +299,7 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
     name, est, make = min(options, key=lambda o: o[1])
     calls = make()
     covers = (len(calls) == 1 and (calls[0].n == 1 or calls[0].row_step == calls[0].R)
-              and int(calls[0].rows[0, 0]) == 0 and calls[0].n * calls[0].R == Lq
+              and calls[0].row0 == 0 and calls[0].n * calls[0].R == Lq
               and (grid.shared or B == 1))
     return CpuPlan(B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, q_offset=off, dtype=dtype, device=device,
                    shared=grid.shared, lanes=grid.lanes,
@@ -356,7 +369,8 @@ def _band_options(ctx: _Ctx, dense_only: bool = False) -> list:
         copies = 0 if inside else 2 * ctx.B * ctx.Hk * (last - first) * ctx.D
         if not g.shared and ctx.B > 1:
             copies += (2 * n_items * ctx.Hk * W + ctx.Hq * R * n_items) * ctx.D
-        est = cost([(n_items, R, W, bool(causal), ctx.Lk)], g.lanes if g.shared else ctx.Hk,
+        masked = not unmasked and not (causal and causal[1])
+        est = cost([(n_items, R, W, bool(causal), masked)], g.lanes if g.shared else ctx.Hk,
                    ctx.G, copies)
         name = "dense" if ng == 1 and W == ctx.Lk and first == 0 else "band"
 
@@ -478,7 +492,7 @@ def _tiles_option(ctx: _Ctx):
             m = masked or bool((cols_t < 0).any())
             specs.append((slot, rt, m, su, sb, cols_t))
             n = su.numel()
-            est_calls.append((n, R, w * BLOCK, False, ctx.Lk))
+            est_calls.append((n, R, w * BLOCK, False, m))
             copies += n * lanes * (2 * w * BLOCK + 2 * G * R) * ctx.D
             if m:
                 mask_elems += n * (ctx.Hq if g.head_dep else G) * R * w * BLOCK
@@ -615,7 +629,7 @@ def _segments_option(ctx: _Ctx):
     for lo, hi, Lb in _length_buckets(length.tolist(), lanes * G):
         pick = ((length >= lo) & (length <= hi)).nonzero().flatten()
         specs.append((units[pick], begin[pick], length[pick], Lb))
-        est_calls.append((pick.numel(), Lb, Lb, G == 1, Lb))
+        est_calls.append((pick.numel(), Lb, Lb, G == 1, not exact))
         copies += pick.numel() * lanes * Lb * (3 * G + 3) * ctx.D
     mask_elems = 0 if exact else \
         sum(s[0].numel() * (ctx.Hq if ctx.grid.head_dep else G) * s[3] * s[3] for s in specs)
