@@ -288,7 +288,8 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
     ctx = _Ctx(pattern, grid, B, Hq, Hk, Lq, Lk, off, inputs, dtype, device)
     options = []
     if strategy in (None, "band", "dense"):
-        options += _band_options(ctx, dense_only=strategy == "dense")
+        options += [o for o in _band_options(ctx, dense_only=strategy == "dense")
+                    if strategy != "band" or o[0] == "band" or ctx.nq == 1]
     if strategy in (None, "segments"):
         options.append(_segments_option(ctx))
     if strategy in (None, "tiles"):
