@@ -23,16 +23,21 @@ Strategies (the cheapest by :func:`cost` wins):
 * ``band`` (R = 64 .. 1024 rows): item i covers query rows ``[i R, (i + 1) R)`` and keys
   ``[s0 + i R, s0 + i R + W)``, the smallest window (in whole tiles) holding every non-EMPTY
   tile of every block. The windows are arithmetic, so q, k and v enter the kernel as
-  strided views, without copies (k and v are copied once into a padded buffer when a
-  window leaves ``[0, Lk)``). Sliding windows, documents, decode steps (one item: its own
-  key range) are bands. With one item covering every key, a band is dense attention; the
-  kernel's own causal skipping (``is_causal``) replaces the mask when the pattern allows
-  nothing above the diagonal, and the mask disappears when the pattern *is* causal there.
+  strided views, without copies (k and v are copied once into a padded token-major buffer
+  when a window leaves ``[0, Lk)`` or their strides allow no view). Sliding windows, local
+  bands, small documents, decode steps (one item: its own key range) are bands.
+* ``dense``: one item over every row and key. The kernel's own causal skipping
+  (``is_causal``) replaces the mask when the pattern allows nothing above the diagonal,
+  and the mask disappears when the pattern *is* causal there.
+* ``segments``: documents and chunks. Runs of positions whose queries see keys of their
+  own run only (proposed where a position may not see its predecessor, proven from the
+  tile classes) become one item each, bucketed by length; with the causal flag and no
+  mask when the pattern is exactly causal within runs. Rows and keys are gathered once.
 * ``tiles``: for patterns that are no band (strided, dilated, sinks with windows, block
   tables). Coarse levels (:data:`LEVELS` rows) take key tiles FULL for every row tile of
   a block as unmasked items; the remaining non-EMPTY tiles of each row tile become one
-  masked item at the finest level; items of a level with the same width form one call.
-  Keys are gathered.
+  masked item at the finest level; item widths are bucketed (padded, masked) to keep the
+  calls few. Keys are gathered.
 
 Heads. Grouped-query heads are folded into the rows of an item (query head ``hk * G + g``
 reads key head ``hk``), so a key block is read once for its G query heads. When the
@@ -283,7 +288,6 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
     """
     device = torch.device(device)
     off = query_offset(Lq, Lk, q_offset)
-    G = Hq // Hk
     grid = _grid(pattern, B, Hq, Hk, Lq, Lk, off, inputs, device)
     ctx = _Ctx(pattern, grid, B, Hq, Hk, Lq, Lk, off, inputs, dtype, device)
     options = []
@@ -437,7 +441,8 @@ def _causal_ok(ctx, first: int):
 
 
 def _band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked) -> Call:
-    n = units.numel()
+    """The call of band items (batch units ``units``, row blocks ``blocks`` of ``rt`` tiles,
+    key tiles from ``kt0 + block * rt``, ``w`` of them)."""
     rows = (blocks * rt * BLOCK).view(-1, 1) + torch.arange(R).view(1, -1)
     cols = _band_keys(ctx, blocks, kt0, rt, w)[:, :W]
     bidx, hidx = ctx.lane_index(units)

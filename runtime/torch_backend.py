@@ -276,7 +276,6 @@ def _put_rows(plan: CpuPlan, c, dst: torch.Tensor, src: torch.Tensor, add: bool 
         if v is not None:
             (_add_ if add else _copy_)(v, src)
             return dst
-    rest = tuple(src.shape[3:])
     G = plan.G
     x = src.unflatten(2, (G, c.R))                                    # [n, lanes, G, R, *]
     x = x.permute((0, 3, 1, 2) + tuple(range(4, x.dim())))          # [n, R, lanes, G, *]
