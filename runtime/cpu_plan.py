@@ -102,7 +102,9 @@ class Call:
     a row without one). ``is_causal``: the kernel masks key j > row i itself (and skips
     those blocks). ``row_valid`` / ``col_valid`` (``[n, R]`` / ``[n, W]`` bool, or None: all):
     the rows and keys an item owns; the others belong to another item (padding of a
-    segment) and are neither written back nor allowed to contribute.
+    segment) and are neither written back nor allowed to contribute. ``build_mask``: builds
+    ``(mask, row_any)`` when called, for plans whose masks are too big to keep (use
+    :meth:`masks`).
     """
 
     slot: int
@@ -117,6 +119,18 @@ class Call:
     is_causal: bool = False
     row_valid: Optional[torch.Tensor] = None
     col_valid: Optional[torch.Tensor] = None
+    build_mask: Optional[object] = None
+
+    def masks(self):
+        """``(mask, row_any)``: kept, or built now (``build_mask``: a plan whose masks are
+        too big to keep)."""
+        if self.build_mask is not None:
+            return self.build_mask()
+        return self.mask, self.row_any
+
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None or self.build_mask is not None
 
     def __post_init__(self):
         # first and last row and key of the items, as ints (no tensor reads per call)
@@ -184,7 +198,7 @@ class CpuPlan:
         lines = [f"{self.strategy}: {len(self.calls)} call(s), lanes={self.lanes}, "
                  f"G={self.G}, pairs={self.pairs()}"]
         for c in self.calls:
-            what = "causal" if c.is_causal else "masked" if c.mask is not None else "unmasked"
+            what = "causal" if c.is_causal else "masked" if c.masked else "unmasked"
             view = " strided" if c.row_step is not None and c.col_step is not None else ""
             lines.append(f"  slot {c.slot}: {c.n} x [{c.R} rows x {c.W} keys] {what}{view}")
         return "\n".join(lines)
@@ -462,7 +476,8 @@ def _band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked) -> Ca
 # ---- tiles
 
 def _tiles_option(ctx: _Ctx):
-    """(name, cost, make) of the ``tiles`` strategy (or None when its masks are too big)."""
+    """(name, cost, make) of the ``tiles`` strategy: always possible (it is the fallback;
+    masks too big to keep in the plan are built by each call when it runs)."""
     g = ctx.grid
     nq, nk, Bu = ctx.nq, ctx.nk, ctx.Bu
     remaining = g.nonempty.clone()
@@ -503,12 +518,25 @@ def _tiles_option(ctx: _Ctx):
             if m:
                 mask_elems += n * (ctx.Hq if g.head_dep else G) * R * w * BLOCK
         slot += 1
-    if mask_elems > MASK_BUDGET:
-        return None
+    lazy = mask_elems > MASK_BUDGET
+    if lazy:
+        # Masks too big to keep: each call builds its own when it runs, a chunk of items
+        # at a time (about MASK_BUDGET / 8 mask elements per call).
+        chunked, est_calls = [], []
+        for slot_, rt, m, su, sb, cols_t in specs:
+            R = rt * BLOCK if nq > 1 else ctx.Lq
+            per_item = (ctx.Hq if g.head_dep else G) * R * cols_t.shape[1] * BLOCK
+            step = max(1, (MASK_BUDGET // 8) // per_item) if m else su.numel()
+            for i in range(0, su.numel(), step):
+                chunked.append((slot_, rt, m, su[i:i + step], sb[i:i + step],
+                                cols_t[i:i + step]))
+                est_calls.append((su[i:i + step].numel(), R, cols_t.shape[1] * BLOCK, False, m))
+        specs = chunked
+        copies += 2 * mask_elems                  # built again in every forward and backward
     est = cost(est_calls, lanes, G, copies)
 
     def make():
-        return [_tiles_call(ctx, *s) for s in specs]
+        return [_tiles_call(ctx, *s, lazy=lazy) for s in specs]
     return ("tiles", est, make)
 
 
@@ -569,7 +597,7 @@ def _item_tiles(ctx, units, qt, kt) -> torch.Tensor:
     return torch.where(ok, t, torch.tensor(EMPTY, dtype=t.dtype))
 
 
-def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t) -> Call:
+def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t, *, lazy=False) -> Call:
     n, w = cols_t.shape
     R = rt * BLOCK if ctx.nq > 1 else ctx.Lq
     rows = (blocks * rt * BLOCK).view(n, 1) + torch.arange(R).view(1, R)
@@ -580,8 +608,13 @@ def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t) -> Call:
             bool(ctx.grid.full[units.view(n, 1), blocks.view(n, 1), cols_t].all()):
         masked = False                            # every tile FULL for every head: no mask
     bidx, hidx = ctx.lane_index(units)
-    mask = row_any = None
-    if masked:
+    mask = row_any = build = None
+    if masked and lazy:
+        tiles = _item_tiles(ctx, units, qt, cols_t)
+
+        def build(ctx=ctx, tiles=tiles, units=units, rows=rows, cols=cols):
+            return _mask(ctx, tiles, units, rows, cols)
+    elif masked:
         mask, row_any = _mask(ctx, _item_tiles(ctx, units, qt, cols_t), units, rows, cols)
     starts = cols[:, 0]
     contiguous = bool(((cols[:, -1] - cols[:, 0]) == cols.shape[1] - 1).all()) and \
@@ -593,7 +626,7 @@ def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t) -> Call:
     row_step = int(rsteps[0]) if same_b and rsteps.numel() == 1 else None
     return Call(slot=slot, bidx=bidx.to(ctx.device), hidx=hidx.to(ctx.device),
                 rows=rows.to(ctx.device), cols=cols.to(ctx.device), row_step=row_step,
-                col_step=col_step, mask=mask, row_any=row_any)
+                col_step=col_step, mask=mask, row_any=row_any, build_mask=build)
 
 
 # ---- segments

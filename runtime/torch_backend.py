@@ -432,9 +432,10 @@ def fwd_planned(plan: CpuPlan, q, k, v, *, scale: float):
     if plan.covers:
         c = plan.calls[0]
         qin = ins.rows(c, q)
-        oc, lc = _attend(qin, ins.keys(c, k), ins.keys(c, v), c.mask, scale, c.is_causal)
-        if c.row_any is not None:
-            lc = lc.masked_fill(~c.row_any, NINF)
+        mask, row_any = c.masks()
+        oc, lc = _attend(qin, ins.keys(c, k), ins.keys(c, v), mask, scale, c.is_causal)
+        if row_any is not None:
+            lc = lc.masked_fill(~row_any, NINF)
         return _out_rows(plan, c, oc, qin, q), _out_rows(plan, c, lc.to(acc), None, None)
     Lp = plan.Lq_pad
     S = max(1, plan.slots)
@@ -443,10 +444,11 @@ def fwd_planned(plan: CpuPlan, q, k, v, *, scale: float):
     obuf = [_alloc(plan, Hq, Lp, (D,), odt, q.device, fill[0]) for _ in range(S)]
     lbuf = [_alloc(plan, Hq, Lp, (), acc, q.device, fill[1]) for _ in range(S)]
     for c in plan.calls:
-        oc, lc = _attend(ins.rows(c, q), ins.keys(c, k), ins.keys(c, v), c.mask, scale,
+        mask, row_any = c.masks()
+        oc, lc = _attend(ins.rows(c, q), ins.keys(c, k), ins.keys(c, v), mask, scale,
                          c.is_causal)
-        if c.row_any is not None:
-            lc = lc.masked_fill(~c.row_any, NINF)
+        if row_any is not None:
+            lc = lc.masked_fill(~row_any, NINF)
         _put_rows(plan, c, obuf[c.slot], oc if oc.dtype == odt else oc.to(odt))
         _put_rows(plan, c, lbuf[c.slot], lc.to(acc))
     if S > 1:
@@ -540,14 +542,15 @@ def bwd_planned(plan: CpuPlan, q, k, v, o, lse, do, *, scale: float, dlse=None):
     do = do if do.dtype == q.dtype else _cast(do, q.dtype)
     o = o if o.dtype == q.dtype else _cast(o, q.dtype)
     lse = lse if lse.dtype == acc else lse.to(acc)
-    if any(c.row_any is not None for c in plan.calls) or not plan.calls:
+    if any(c.row_any is not None or c.build_mask is not None for c in plan.calls) \
+            or not plan.calls:
         lse = lse.masked_fill(torch.isneginf(lse), INF)        # no allowed key: P = 0
     ins = _Inputs(plan)
     if plan.covers:
         c = plan.calls[0]
         qin = ins.rows(c, q)
         dqc, dkc, dvc = _attend_bwd(ins.rows(c, do), qin, ins.keys(c, k), ins.keys(c, v),
-                                    ins.rows(c, o), ins.rows(c, lse), c.mask,
+                                    ins.rows(c, o), ins.rows(c, lse), c.masks()[0],
                                     scale, c.is_causal)
         dq = _cast(_out_rows(plan, c, dqc, None, None), q.dtype)
         if c.n == 1 and c.col0 == 0 and c.W == Lk:
@@ -573,12 +576,13 @@ def bwd_planned(plan: CpuPlan, q, k, v, o, lse, do, *, scale: float, dlse=None):
     dv = _alloc(plan, Hk, hi - lo, (v.shape[-1],), acc, q.device, zero)
     for c in plan.calls:
         lc = ins.rows(c, lse_p)
-        if c.row_valid is not None and c.mask is None:      # rows of another item: P = 0
+        mask = c.masks()[0]
+        if c.row_valid is not None and mask is None:        # rows of another item: P = 0
             own = c.row_valid.view(c.n, 1, 1, c.R).expand(c.n, 1, plan.G, c.R)
             lc = lc.masked_fill(~own.reshape(c.n, 1, -1), INF)
         dqc, dkc, dvc = _attend_bwd(ins.rows(c, do), ins.rows(c, q),
                                     ins.keys(c, k), ins.keys(c, v), ins.rows(c, o),
-                                    lc, c.mask, scale, c.is_causal)
+                                    lc, mask, scale, c.is_causal)
         _put_rows(plan, c, dq, dqc if dqc.dtype == acc else dqc.to(acc),
                   add=not plan.partition)
         _add_keys(plan, c, dk, lo, dkc)
