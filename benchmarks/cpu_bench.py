@@ -174,6 +174,40 @@ def environment() -> dict:
             "loadavg": os.getloadavg()}
 
 
+def table(paths: list) -> str:
+    """A markdown table of the speedups (SDPA time / spattn time) of recorded runs, one
+    column per file (``--json`` output), rows matched by case, shape and mode."""
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs.append(json.load(f))
+    head = ["case", "shape", "mode", "density"]
+    for r in runs:
+        env = r["environment"]
+        head.append(f"x ({'busy %d' % env['busy'] if env['busy'] else 'no busy loop'})")
+    keys = []
+    for r in runs:
+        for row in r["rows"]:
+            k = (row["case"], row["shape"], row["mode"].split(" (")[0])
+            if k not in keys:
+                keys.append(k)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        cells = list(k)
+        dens = None
+        for r in runs:
+            row = next((x for x in r["rows"]
+                        if (x["case"], x["shape"], x["mode"].split(" (")[0]) == k), None)
+            if row is None:
+                cells.append("")
+                continue
+            dens = row["density"]
+            cells.append(f"{row['speedup']:.2f} ({row['spattn_ms']:.0f} / {row['sdpa_ms']:.0f} ms)")
+        cells.insert(3, f"{dens:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None, choices=sorted(CASES),
@@ -186,7 +220,12 @@ def main(argv=None) -> int:
     ap.add_argument("--busy", type=int, default=0,
                     help="start this many busy-loop processes for the measurement")
     ap.add_argument("--json", default=None, help="write the rows and environment here")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                    help="print a markdown table of recorded runs (no measurement)")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
 
     env = environment()
     env["busy"] = args.busy

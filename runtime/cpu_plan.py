@@ -23,16 +23,21 @@ Strategies (the cheapest by :func:`cost` wins):
 * ``band`` (R = 64 .. 1024 rows): item i covers query rows ``[i R, (i + 1) R)`` and keys
   ``[s0 + i R, s0 + i R + W)``, the smallest window (in whole tiles) holding every non-EMPTY
   tile of every block. The windows are arithmetic, so q, k and v enter the kernel as
-  strided views, without copies (k and v are copied once into a padded buffer when a
-  window leaves ``[0, Lk)``). Sliding windows, documents, decode steps (one item: its own
-  key range) are bands. With one item covering every key, a band is dense attention; the
-  kernel's own causal skipping (``is_causal``) replaces the mask when the pattern allows
-  nothing above the diagonal, and the mask disappears when the pattern *is* causal there.
+  strided views, without copies (k and v are copied once into a padded token-major buffer
+  when a window leaves ``[0, Lk)`` or their strides allow no view). Sliding windows, local
+  bands, small documents, decode steps (one item: its own key range) are bands.
+* ``dense``: one item over every row and key. The kernel's own causal skipping
+  (``is_causal``) replaces the mask when the pattern allows nothing above the diagonal,
+  and the mask disappears when the pattern *is* causal there.
+* ``segments``: documents and chunks. Runs of positions whose queries see keys of their
+  own run only (proposed where a position may not see its predecessor, proven from the
+  tile classes) become one item each, bucketed by length; with the causal flag and no
+  mask when the pattern is exactly causal within runs. Rows and keys are gathered once.
 * ``tiles``: for patterns that are no band (strided, dilated, sinks with windows, block
   tables). Coarse levels (:data:`LEVELS` rows) take key tiles FULL for every row tile of
   a block as unmasked items; the remaining non-EMPTY tiles of each row tile become one
-  masked item at the finest level; items of a level with the same width form one call.
-  Keys are gathered.
+  masked item at the finest level; item widths are bucketed (padded, masked) to keep the
+  calls few. Keys are gathered.
 
 Heads. Grouped-query heads are folded into the rows of an item (query head ``hk * G + g``
 reads key head ``hk``), so a key block is read once for its G query heads. When the
@@ -90,13 +95,16 @@ class Call:
 
     ``row_step`` (rows of item i = rows of item 0 + i * row_step) and ``col_step`` (the
     same for keys, which are then consecutive) are set when the items are arithmetic, so
-    that the backend can pass views. ``mask``: ``[n, 1 or lanes, G * R, W]`` additive
+    that the backend can pass views; ``row0``/``row_end`` and ``col0``/``col_end`` are the
+    first and one past the last row and key of the items. ``mask``: ``[n, 1 or lanes, G * R, W]`` additive
     (0 / -inf) in the compute dtype, or None. ``row_any`` ``[n, 1 or lanes, G * R]``:
     whether a row has an allowed key (None when all have one; the kernel reports lse 0 for
     a row without one). ``is_causal``: the kernel masks key j > row i itself (and skips
     those blocks). ``row_valid`` / ``col_valid`` (``[n, R]`` / ``[n, W]`` bool, or None: all):
     the rows and keys an item owns; the others belong to another item (padding of a
-    segment) and are neither written back nor allowed to contribute.
+    segment) and are neither written back nor allowed to contribute. ``build_mask``: builds
+    ``(mask, row_any)`` when called, for plans whose masks are too big to keep (use
+    :meth:`masks`).
     """
 
     slot: int
@@ -111,6 +119,25 @@ class Call:
     is_causal: bool = False
     row_valid: Optional[torch.Tensor] = None
     col_valid: Optional[torch.Tensor] = None
+    build_mask: Optional[object] = None
+
+    def masks(self):
+        """``(mask, row_any)``: kept, or built now (``build_mask``: a plan whose masks are
+        too big to keep)."""
+        if self.build_mask is not None:
+            return self.build_mask()
+        return self.mask, self.row_any
+
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None or self.build_mask is not None
+
+    def __post_init__(self):
+        # first and last row and key of the items, as ints (no tensor reads per call)
+        object.__setattr__(self, "row0", int(self.rows[0, 0]))
+        object.__setattr__(self, "row_end", int(self.rows[-1, -1]) + 1)
+        object.__setattr__(self, "col0", int(self.cols[0, 0]))
+        object.__setattr__(self, "col_end", int(self.cols[-1, -1]) + 1)
 
     @property
     def n(self) -> int:
@@ -159,7 +186,7 @@ class CpuPlan:
 
     @property
     def Lq_pad(self) -> int:
-        return max([self.Lq] + [int(c.rows[-1, -1]) + 1 for c in self.calls])
+        return max([self.Lq] + [c.row_end for c in self.calls])
 
     def pairs(self) -> int:
         """(query row, key) pairs the kernel calls compute over all heads and batches."""
@@ -171,7 +198,7 @@ class CpuPlan:
         lines = [f"{self.strategy}: {len(self.calls)} call(s), lanes={self.lanes}, "
                  f"G={self.G}, pairs={self.pairs()}"]
         for c in self.calls:
-            what = "causal" if c.is_causal else "masked" if c.mask is not None else "unmasked"
+            what = "causal" if c.is_causal else "masked" if c.masked else "unmasked"
             view = " strided" if c.row_step is not None and c.col_step is not None else ""
             lines.append(f"  slot {c.slot}: {c.n} x [{c.R} rows x {c.W} keys] {what}{view}")
         return "\n".join(lines)
@@ -233,19 +260,24 @@ def _eff(rows: int) -> float:
 
 
 #: Cost units: one (row, key) pair of one head at full kernel speed. A call costs about a
-#: scheduler slice's worth of pairs (what a parallel region waits on a busy machine), a
-#: copied element a tenth of a pair.
+#: scheduler slice's worth of pairs (what a parallel region waits on a busy machine); an
+#: element the backend copies (counted once for the forward: the backward moves about
+#: twice as many) costs about a pair; reading a mask adds a fraction of a pair. Fitted
+#: to forward + backward times on 2 cores (documents, windows, causal at L = 1024..4096).
 CALL_COST = 5e5
-COPY_COST = 0.3
+COPY_COST = 1.2
+MASK_COST = 0.15
 
 
 def cost(calls, lanes: int, G: int, copies: int = 0) -> float:
-    """Estimated cost of ``calls`` (plus ``copies`` elements moved per head dim)."""
+    """Estimated cost of ``calls`` ``(n, R, W, is_causal, masked)`` (plus ``copies``
+    elements moved)."""
     total = 0.0
-    for n, R, W, is_causal, Lk in calls:
+    for n, R, W, is_causal, masked in calls:
         rows = G * R
         pairs = _causal_pairs(rows, W) if is_causal else rows * W
-        total += n * lanes * pairs / _eff(rows) + CALL_COST
+        total += n * lanes * pairs * (1 / _eff(rows) + (MASK_COST if masked else 0.0))
+        total += CALL_COST
     return total + COPY_COST * copies
 
 
@@ -270,12 +302,12 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
     """
     device = torch.device(device)
     off = query_offset(Lq, Lk, q_offset)
-    G = Hq // Hk
     grid = _grid(pattern, B, Hq, Hk, Lq, Lk, off, inputs, device)
     ctx = _Ctx(pattern, grid, B, Hq, Hk, Lq, Lk, off, inputs, dtype, device)
     options = []
     if strategy in (None, "band", "dense"):
-        options += _band_options(ctx, dense_only=strategy == "dense")
+        options += [o for o in _band_options(ctx, dense_only=strategy == "dense")
+                    if strategy != "band" or o[0] == "band" or ctx.nq == 1]
     if strategy in (None, "segments"):
         options.append(_segments_option(ctx))
     if strategy in (None, "tiles"):
@@ -286,7 +318,7 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
     name, est, make = min(options, key=lambda o: o[1])
     calls = make()
     covers = (len(calls) == 1 and (calls[0].n == 1 or calls[0].row_step == calls[0].R)
-              and int(calls[0].rows[0, 0]) == 0 and calls[0].n * calls[0].R == Lq
+              and calls[0].row0 == 0 and calls[0].n * calls[0].R == Lq
               and (grid.shared or B == 1))
     return CpuPlan(B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, q_offset=off, dtype=dtype, device=device,
                    shared=grid.shared, lanes=grid.lanes,
@@ -356,7 +388,8 @@ def _band_options(ctx: _Ctx, dense_only: bool = False) -> list:
         copies = 0 if inside else 2 * ctx.B * ctx.Hk * (last - first) * ctx.D
         if not g.shared and ctx.B > 1:
             copies += (2 * n_items * ctx.Hk * W + ctx.Hq * R * n_items) * ctx.D
-        est = cost([(n_items, R, W, bool(causal), ctx.Lk)], g.lanes if g.shared else ctx.Hk,
+        masked = not unmasked and not (causal and causal[1])
+        est = cost([(n_items, R, W, bool(causal), masked)], g.lanes if g.shared else ctx.Hk,
                    ctx.G, copies)
         name = "dense" if ng == 1 and W == ctx.Lk and first == 0 else "band"
 
@@ -422,7 +455,8 @@ def _causal_ok(ctx, first: int):
 
 
 def _band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked) -> Call:
-    n = units.numel()
+    """The call of band items (batch units ``units``, row blocks ``blocks`` of ``rt`` tiles,
+    key tiles from ``kt0 + block * rt``, ``w`` of them)."""
     rows = (blocks * rt * BLOCK).view(-1, 1) + torch.arange(R).view(1, -1)
     cols = _band_keys(ctx, blocks, kt0, rt, w)[:, :W]
     bidx, hidx = ctx.lane_index(units)
@@ -442,7 +476,8 @@ def _band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked) -> Ca
 # ---- tiles
 
 def _tiles_option(ctx: _Ctx):
-    """(name, cost, make) of the ``tiles`` strategy (or None when its masks are too big)."""
+    """(name, cost, make) of the ``tiles`` strategy: always possible (it is the fallback;
+    masks too big to keep in the plan are built by each call when it runs)."""
     g = ctx.grid
     nq, nk, Bu = ctx.nq, ctx.nk, ctx.Bu
     remaining = g.nonempty.clone()
@@ -478,17 +513,30 @@ def _tiles_option(ctx: _Ctx):
             m = masked or bool((cols_t < 0).any())
             specs.append((slot, rt, m, su, sb, cols_t))
             n = su.numel()
-            est_calls.append((n, R, w * BLOCK, False, ctx.Lk))
+            est_calls.append((n, R, w * BLOCK, False, m))
             copies += n * lanes * (2 * w * BLOCK + 2 * G * R) * ctx.D
             if m:
                 mask_elems += n * (ctx.Hq if g.head_dep else G) * R * w * BLOCK
         slot += 1
-    if mask_elems > MASK_BUDGET:
-        return None
+    lazy = mask_elems > MASK_BUDGET
+    if lazy:
+        # Masks too big to keep: each call builds its own when it runs, a chunk of items
+        # at a time (about MASK_BUDGET / 8 mask elements per call).
+        chunked, est_calls = [], []
+        for slot_, rt, m, su, sb, cols_t in specs:
+            R = rt * BLOCK if nq > 1 else ctx.Lq
+            per_item = (ctx.Hq if g.head_dep else G) * R * cols_t.shape[1] * BLOCK
+            step = max(1, (MASK_BUDGET // 8) // per_item) if m else su.numel()
+            for i in range(0, su.numel(), step):
+                chunked.append((slot_, rt, m, su[i:i + step], sb[i:i + step],
+                                cols_t[i:i + step]))
+                est_calls.append((su[i:i + step].numel(), R, cols_t.shape[1] * BLOCK, False, m))
+        specs = chunked
+        copies += 2 * mask_elems                  # built again in every forward and backward
     est = cost(est_calls, lanes, G, copies)
 
     def make():
-        return [_tiles_call(ctx, *s) for s in specs]
+        return [_tiles_call(ctx, *s, lazy=lazy) for s in specs]
     return ("tiles", est, make)
 
 
@@ -549,7 +597,7 @@ def _item_tiles(ctx, units, qt, kt) -> torch.Tensor:
     return torch.where(ok, t, torch.tensor(EMPTY, dtype=t.dtype))
 
 
-def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t) -> Call:
+def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t, *, lazy=False) -> Call:
     n, w = cols_t.shape
     R = rt * BLOCK if ctx.nq > 1 else ctx.Lq
     rows = (blocks * rt * BLOCK).view(n, 1) + torch.arange(R).view(1, R)
@@ -560,8 +608,13 @@ def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t) -> Call:
             bool(ctx.grid.full[units.view(n, 1), blocks.view(n, 1), cols_t].all()):
         masked = False                            # every tile FULL for every head: no mask
     bidx, hidx = ctx.lane_index(units)
-    mask = row_any = None
-    if masked:
+    mask = row_any = build = None
+    if masked and lazy:
+        tiles = _item_tiles(ctx, units, qt, cols_t)
+
+        def build(ctx=ctx, tiles=tiles, units=units, rows=rows, cols=cols):
+            return _mask(ctx, tiles, units, rows, cols)
+    elif masked:
         mask, row_any = _mask(ctx, _item_tiles(ctx, units, qt, cols_t), units, rows, cols)
     starts = cols[:, 0]
     contiguous = bool(((cols[:, -1] - cols[:, 0]) == cols.shape[1] - 1).all()) and \
@@ -573,7 +626,7 @@ def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t) -> Call:
     row_step = int(rsteps[0]) if same_b and rsteps.numel() == 1 else None
     return Call(slot=slot, bidx=bidx.to(ctx.device), hidx=hidx.to(ctx.device),
                 rows=rows.to(ctx.device), cols=cols.to(ctx.device), row_step=row_step,
-                col_step=col_step, mask=mask, row_any=row_any)
+                col_step=col_step, mask=mask, row_any=row_any, build_mask=build)
 
 
 # ---- segments
@@ -615,7 +668,7 @@ def _segments_option(ctx: _Ctx):
     for lo, hi, Lb in _length_buckets(length.tolist(), lanes * G):
         pick = ((length >= lo) & (length <= hi)).nonzero().flatten()
         specs.append((units[pick], begin[pick], length[pick], Lb))
-        est_calls.append((pick.numel(), Lb, Lb, G == 1, Lb))
+        est_calls.append((pick.numel(), Lb, Lb, G == 1, not exact))
         copies += pick.numel() * lanes * Lb * (3 * G + 3) * ctx.D
     mask_elems = 0 if exact else \
         sum(s[0].numel() * (ctx.Hq if ctx.grid.head_dep else G) * s[3] * s[3] for s in specs)

@@ -272,11 +272,10 @@ def _put_rows(plan: CpuPlan, c, dst: torch.Tensor, src: torch.Tensor, add: bool 
     ``dst [B, Hq, L, *rest]`` (token-major storage, or any strides on the view path)."""
     src = _unbatch(plan, c, src)
     if c.row_step is not None:
-        v = _view(plan, dst, int(c.rows[0, 0]), c.row_step, c.n, c.R, plan.G)
+        v = _view(plan, dst, c.row0, c.row_step, c.n, c.R, plan.G)
         if v is not None:
             (_add_ if add else _copy_)(v, src)
             return dst
-    rest = tuple(src.shape[3:])
     G = plan.G
     x = src.unflatten(2, (G, c.R))                                    # [n, lanes, G, R, *]
     x = x.permute((0, 3, 1, 2) + tuple(range(4, x.dim())))          # [n, R, lanes, G, *]
@@ -305,7 +304,7 @@ class _Inputs:
         """Query-side items ``[n, lanes, G * R, *rest]`` of ``t [B, Hq, L, *rest]`` (batched
         calls: ``[B, Hk, G * R, *rest]``)."""
         if _batched(self.plan, c):
-            v = _bview(self.plan, t, int(c.rows[0, 0]), c.R, self.plan.G)
+            v = _bview(self.plan, t, c.row0, c.R, self.plan.G)
             return v if v is not None else self._rows(c, t)[0].unflatten(0, (self.plan.B, -1))
         return self._rows(c, t)
 
@@ -313,7 +312,7 @@ class _Inputs:
         """Key-side items ``[n, lanes, W, *rest]`` of ``t [B, Hk, Lk, *rest]`` (batched calls:
         ``[B, Hk, W, *rest]``)."""
         if _batched(self.plan, c):
-            start = int(c.cols[0, 0])
+            start = c.col0
             v = _bview(self.plan, t, start, c.W, 1) if c.col_step is not None else None
             return v if v is not None else self._keys(c, t)[0].unflatten(0, (self.plan.B, -1))
         return self._keys(c, t)
@@ -321,10 +320,10 @@ class _Inputs:
     def _rows(self, c, t: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         if c.row_step is not None:
-            start = int(c.rows[0, 0])
+            start = c.row0
             v = _view(plan, t, start, c.row_step, c.n, c.R, plan.G)
             if v is None and plan.G == 1:
-                hi = max(t.shape[2], int(c.rows[-1, -1]) + 1)
+                hi = max(t.shape[2], c.row_end)
                 buf = self.cached(("rows", id(t), hi), lambda: self.copy(t, 0, hi))
                 v = _view(plan, buf, start, c.row_step, c.n, c.R, 1)
             if v is not None:
@@ -334,7 +333,7 @@ class _Inputs:
     def _keys(self, c, t: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         if c.col_step is not None:
-            start = int(c.cols[0, 0])
+            start = c.col0
             v = _view(plan, t, start, c.col_step, c.n, c.W, 1)
             if v is not None:
                 return v
@@ -356,8 +355,8 @@ class _Inputs:
         lo, hi = 0, self.plan.Lk
         for d in self.plan.calls:
             if d.col_step is not None:
-                lo = min(lo, int(d.cols[0, 0]))
-                hi = max(hi, int(d.cols[-1, -1]) + 1)
+                lo = min(lo, d.col0)
+                hi = max(hi, d.col_end)
         return lo, hi
 
     def copy(self, t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -378,7 +377,7 @@ def _tiles_buffer(c, lo: int, hi: int) -> bool:
     phase) cover ``[lo, hi)`` exactly, so that copying them fills a key buffer."""
     if c.col_step is None or c.col_step <= 0 or c.W % c.col_step:
         return False
-    start = int(c.cols[0, 0])
+    start = c.col0
     return start == lo and start + (c.n - 1) * c.col_step + c.W == hi
 
 
@@ -390,7 +389,7 @@ def _add_keys(plan: CpuPlan, c, dst: torch.Tensor, lo: int, src: torch.Tensor,
     ``first``: ``dst`` is uninitialised and the first phase fills it (``_tiles_buffer``)."""
     src = _unbatch(plan, c, src)
     if c.col_step is not None:
-        start = int(c.cols[0, 0]) - lo
+        start = c.col0 - lo
         phases = c.n if c.col_step == 0 else min(c.n, -(-c.W // c.col_step))
         parts = [(_view(plan, dst, start + p * c.col_step, phases * c.col_step,
                         src[p::phases].shape[0], c.W, 1), src[p::phases])
@@ -433,9 +432,10 @@ def fwd_planned(plan: CpuPlan, q, k, v, *, scale: float):
     if plan.covers:
         c = plan.calls[0]
         qin = ins.rows(c, q)
-        oc, lc = _attend(qin, ins.keys(c, k), ins.keys(c, v), c.mask, scale, c.is_causal)
-        if c.row_any is not None:
-            lc = lc.masked_fill(~c.row_any, NINF)
+        mask, row_any = c.masks()
+        oc, lc = _attend(qin, ins.keys(c, k), ins.keys(c, v), mask, scale, c.is_causal)
+        if row_any is not None:
+            lc = lc.masked_fill(~row_any, NINF)
         return _out_rows(plan, c, oc, qin, q), _out_rows(plan, c, lc.to(acc), None, None)
     Lp = plan.Lq_pad
     S = max(1, plan.slots)
@@ -444,10 +444,11 @@ def fwd_planned(plan: CpuPlan, q, k, v, *, scale: float):
     obuf = [_alloc(plan, Hq, Lp, (D,), odt, q.device, fill[0]) for _ in range(S)]
     lbuf = [_alloc(plan, Hq, Lp, (), acc, q.device, fill[1]) for _ in range(S)]
     for c in plan.calls:
-        oc, lc = _attend(ins.rows(c, q), ins.keys(c, k), ins.keys(c, v), c.mask, scale,
+        mask, row_any = c.masks()
+        oc, lc = _attend(ins.rows(c, q), ins.keys(c, k), ins.keys(c, v), mask, scale,
                          c.is_causal)
-        if c.row_any is not None:
-            lc = lc.masked_fill(~c.row_any, NINF)
+        if row_any is not None:
+            lc = lc.masked_fill(~row_any, NINF)
         _put_rows(plan, c, obuf[c.slot], oc if oc.dtype == odt else oc.to(odt))
         _put_rows(plan, c, lbuf[c.slot], lc.to(acc))
     if S > 1:
@@ -476,6 +477,8 @@ def _out_rows(plan: CpuPlan, c, x: torch.Tensor, xin, like) -> torch.Tensor:
         return x.as_strided(like.shape, like.stride(), x.storage_offset())
     if _batched(plan, c) and G == 1:
         return x                                  # [B, Hk, R, *rest] is [B, Hq, Lq, *rest]
+    if c.n == 1 and x.numel() < GRAIN:            # small (a decode step's lse): reshape
+        return x.reshape((B, Hk, G, c.R) + rest).reshape((B, Hq, Lq) + rest)
     x = _unbatch(plan, c, x)
     st = x.stride()
     if G == 1 and (c.n == 1 or st[0] == c.R * st[2]):
@@ -539,17 +542,18 @@ def bwd_planned(plan: CpuPlan, q, k, v, o, lse, do, *, scale: float, dlse=None):
     do = do if do.dtype == q.dtype else _cast(do, q.dtype)
     o = o if o.dtype == q.dtype else _cast(o, q.dtype)
     lse = lse if lse.dtype == acc else lse.to(acc)
-    if any(c.row_any is not None for c in plan.calls) or not plan.calls:
+    if any(c.row_any is not None or c.build_mask is not None for c in plan.calls) \
+            or not plan.calls:
         lse = lse.masked_fill(torch.isneginf(lse), INF)        # no allowed key: P = 0
     ins = _Inputs(plan)
     if plan.covers:
         c = plan.calls[0]
         qin = ins.rows(c, q)
         dqc, dkc, dvc = _attend_bwd(ins.rows(c, do), qin, ins.keys(c, k), ins.keys(c, v),
-                                    ins.rows(c, o), ins.rows(c, lse), c.mask,
+                                    ins.rows(c, o), ins.rows(c, lse), c.masks()[0],
                                     scale, c.is_causal)
         dq = _cast(_out_rows(plan, c, dqc, None, None), q.dtype)
-        if c.n == 1 and int(c.cols[0, 0]) == 0 and c.W == Lk:
+        if c.n == 1 and c.col0 == 0 and c.W == Lk:
             return dq, _cast(_keys_out(plan, dkc), k.dtype), _cast(_keys_out(plan, dvc), v.dtype)
         lo, hi = ins.span() if c.col_step is not None else (0, Lk)
         first = _tiles_buffer(c, lo, hi)             # no zero fill: the first phase covers it
@@ -572,12 +576,13 @@ def bwd_planned(plan: CpuPlan, q, k, v, o, lse, do, *, scale: float, dlse=None):
     dv = _alloc(plan, Hk, hi - lo, (v.shape[-1],), acc, q.device, zero)
     for c in plan.calls:
         lc = ins.rows(c, lse_p)
-        if c.row_valid is not None and c.mask is None:      # rows of another item: P = 0
+        mask = c.masks()[0]
+        if c.row_valid is not None and mask is None:        # rows of another item: P = 0
             own = c.row_valid.view(c.n, 1, 1, c.R).expand(c.n, 1, plan.G, c.R)
             lc = lc.masked_fill(~own.reshape(c.n, 1, -1), INF)
         dqc, dkc, dvc = _attend_bwd(ins.rows(c, do), ins.rows(c, q),
                                     ins.keys(c, k), ins.keys(c, v), ins.rows(c, o),
-                                    lc, c.mask, scale, c.is_causal)
+                                    lc, mask, scale, c.is_causal)
         _put_rows(plan, c, dq, dqc if dqc.dtype == acc else dqc.to(acc),
                   add=not plan.partition)
         _add_keys(plan, c, dk, lo, dkc)

@@ -232,3 +232,27 @@ def test_band_key_gradients_of_overlapping_items(L, w):
     got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.25)
     for a, b in zip(got, (qr.grad, kr.grad, vr.grad)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_masks_too_big_to_keep_are_built_per_call(monkeypatch):
+    """When every strategy's masks exceed the budget, the tiles strategy remains: its calls,
+    split into chunks, build their masks as they run. Exact in float64, backward included."""
+    monkeypatch.setattr(cpu_plan, "MASK_BUDGET", 1 << 14)
+    g = torch.Generator().manual_seed(5)
+    pat = spattn.compile("strided(16) & ~(q - k == 3)", backend="torch")
+    B, H, L, D = 1, 2, 300, 16
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for _ in range(3))
+    plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs={})
+    assert plan.strategy == "tiles" and len(plan.calls) > 2
+    assert any(c.build_mask is not None for c in plan.calls)
+    assert all(c.mask is None for c in plan.calls)
+    o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=0.25)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ro, rl = attention_reference(qr, kr, vr, pat.mask(L, L, num_heads=H), scale=0.25)
+    torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, rl.detach(), rtol=1e-10, atol=1e-10)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    (ro * do).sum().backward()
+    got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.25)
+    for a, b in zip(got, (qr.grad, kr.grad, vr.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
