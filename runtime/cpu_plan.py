@@ -52,8 +52,6 @@ operations would not.
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,8 +62,7 @@ from ..ir.nodes import Var, walk
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from . import cpu_ops
 
-__all__ = ["BLOCK", "LEVELS", "BAND_ROWS", "Call", "CpuPlan", "build_plan", "plan_for",
-           "clear_plans", "PLAN_MEMO_SIZE"]
+__all__ = ["BLOCK", "LEVELS", "BAND_ROWS", "Call", "CpuPlan", "build_plan"]
 
 #: Tile size of the analysis (query rows and keys) and of the finest items.
 BLOCK = 64
@@ -910,48 +907,3 @@ def _mask(ctx, tiles, units, rows, cols):
 
 
 # ------------------------------------------------------------------ memo
-
-_PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_PLANS_LOCK = threading.Lock()
-#: Plans the per-process memo keeps (least recently used dropped first).
-PLAN_MEMO_SIZE = 16
-
-
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return (id(t), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.device))
-
-
-def plan_for(pattern, q: torch.Tensor, k: torch.Tensor, *, q_offset, inputs) -> CpuPlan:
-    """The plan for these tensors' shapes, from a small per-process memo.
-
-    The memo (:data:`PLAN_MEMO_SIZE` entries, least recently used dropped, guarded by a
-    lock) lets a forward and its backward, and the steps of a loop, share one plan when
-    the caller holds none. Keys: the pattern's canonical source, the shapes, the query
-    offset, dtype, device, and the identity and version of each runtime input (an entry
-    holds its inputs, so an id cannot be reused while it lives).
-    """
-    B, Hq, Lq, _ = q.shape
-    Hk, Lk = k.shape[1], k.shape[2]
-    off = query_offset(Lq, Lk, q_offset)
-    inputs = dict(inputs or {})
-    key = (pattern.source, B, Hq, Hk, Lq, Lk, off, q.dtype, str(q.device),
-           tuple(sorted((n, _tensor_key(t)) for n, t in inputs.items())))
-    with _PLANS_LOCK:
-        hit = _PLANS.get(key)
-        if hit is not None:
-            _PLANS.move_to_end(key)
-            return hit[0]
-    plan = build_plan(pattern, B, Hq, Hk, Lq, Lk, q_offset=off, inputs=inputs, dtype=q.dtype,
-                      device=q.device)
-    with _PLANS_LOCK:
-        _PLANS[key] = (plan, inputs)
-        _PLANS.move_to_end(key)
-        while len(_PLANS) > PLAN_MEMO_SIZE:
-            _PLANS.popitem(last=False)
-    return plan
-
-
-def clear_plans() -> None:
-    """Empty the plan memo."""
-    with _PLANS_LOCK:
-        _PLANS.clear()

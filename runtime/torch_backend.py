@@ -7,8 +7,8 @@ Same contract as the Triton launchers (:mod:`spattn.runtime.triton_backend`):
 
 and the same taking a :class:`~spattn.runtime.cpu_plan.CpuPlan` built once per shape
 (``make_plan``): ``fwd_planned(plan, q, k, v, *, scale)`` and ``bwd_planned(plan, q, k, v,
-o, lse, do, *, scale, dlse=None)``. ``fwd``/``bwd`` without ``plan=`` take theirs from a
-small per-process memo (:func:`~spattn.runtime.cpu_plan.plan_for`).
+o, lse, do, *, scale, dlse=None)``. The runtime's :class:`~spattn.runtime.plan.Plan` holds
+one; ``fwd``/``bwd`` without ``plan=`` build one for the call.
 
 How it works. A plan (:mod:`spattn.runtime.cpu_plan`) covers the non-EMPTY tiles of the
 attention matrix with a few *calls*, each a batch of equal-shaped items (R query rows of
@@ -44,7 +44,7 @@ import torch
 
 from .cpu_ops import GRAIN, add_ as _add_, contiguous as _contiguous, copy_ as _copy_
 from .cpu_ops import fill as _fill
-from .cpu_plan import BLOCK, CpuPlan, build_plan, plan_for
+from .cpu_plan import BLOCK, CpuPlan, build_plan
 
 __all__ = ["fwd", "bwd", "fwd_planned", "bwd_planned", "make_plan", "BLOCK", "GRAIN"]
 
@@ -620,7 +620,7 @@ def _bwd_with_dlse(plan, q, k, v, o, lse, do, dlse, *, scale):
 def fwd(pattern, q, k, v, *, scale: float, q_offset: int | None, inputs, plan=None):
     """Forward: ``o [B, Hq, Lq, D]`` (q's dtype) and ``lse [B, Hq, Lq]`` (float32;
     float64 for float64 inputs)."""
-    plan = plan or plan_for(pattern, q, k, q_offset=q_offset, inputs=inputs)
+    plan = plan or make_plan(pattern, q, k, q_offset=q_offset, inputs=inputs)
     return fwd_planned(plan, q, k, v, scale=scale)
 
 
@@ -631,7 +631,7 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int | None, inp
     ``dlse`` (optional, ``[B, Hq, Lq]``) is the gradient flowing into the lse output;
     it adds ``p * dlse`` to the score gradients.
     """
-    plan = plan or plan_for(pattern, q, k, q_offset=q_offset, inputs=inputs)
+    plan = plan or make_plan(pattern, q, k, q_offset=q_offset, inputs=inputs)
     return bwd_planned(plan, q, k, v, o, lse, do, scale=scale, dlse=dlse)
 
 
