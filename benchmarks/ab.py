@@ -121,7 +121,8 @@ def run_pattern(name, N, D, H, base, rounds, flex=True):
     for kind in ("fwd", "fwdbwd"):
         row[f"new_{kind}_ms"] = row.pop(f"{kind}_ms")
         row[f"base_{kind}_ms"] = row.pop(f"flex_{kind}_ms")
-        row.pop(f"{kind}_ms_rounds", None), row.pop(f"flex_{kind}_ms_rounds", None)
+        row[f"new_{kind}_ms_rounds"] = row.pop(f"{kind}_ms_rounds", None)
+        row[f"base_{kind}_ms_rounds"] = row.pop(f"flex_{kind}_ms_rounds", None)
         row[f"{kind}_new_over_base"] = row[f"base_{kind}_ms"] / row[f"new_{kind}_ms"]
     return row
 

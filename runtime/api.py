@@ -264,7 +264,7 @@ def _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs) -> None:
     if not isinstance(plan, Plan):
         raise SpattnParamError(f"plan= takes a plan made by pat.plan(q, k, v, ...), got "
                                f"{type(plan).__name__}")
-    if plan.pattern.source != pattern.source:
+    if plan.pattern is not pattern and plan.pattern.source != pattern.source:
         raise SpattnParamError(f"the plan is for the pattern {plan.pattern.source!r}, not "
                                f"{pattern.source!r}")
     if inputs:
@@ -299,7 +299,10 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         _ag.register(pattern)
         plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
                          inputs=ins)
-    o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
+    else:                   # nothing to differentiate: the plan alone (no autograd node)
+        o, lse = plan.forward(q, k, v)
     return (o, lse) if return_lse else o
 
 

@@ -150,11 +150,10 @@ class Plan:
             raise SpattnInputError(f"the plan was built for {want} ({self.dtype} on "
                                    f"{self.device}); this call has {got}: build a plan for "
                                    "these tensors (pat.plan(q, k, v, ...)) or call without one")
-        if self.backend == "triton" and not self.aligned and _aligned(q, k, v):
-            return
-        if self.backend == "triton" and self.aligned and not _aligned(q, k, v):
+        if self.aligned and self.backend == "triton" and not _aligned(q, k, v):
             raise SpattnInputError("the plan was built for 16-byte aligned q, k, v (TMA "
-                                   "loads); this call's are not: build a plan for them")
+                                   "loads, specialised kernels); this call's are not: build a "
+                                   "plan for them")
 
     def forward(self, q, k, v):
         """``(o, lse)``: the forward of this plan."""
