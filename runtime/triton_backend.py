@@ -208,15 +208,20 @@ class BoundLaunch:
         when the current device is not the one the kernel was launched on."""
         from triton import knobs
         from triton.runtime import driver
-        if driver.active.get_current_device() != self.device:
+        active = driver.active
+        if active.get_current_device() != self.device:
             return False
         c = self.compiled
-        stream = driver.active.get_current_stream(self.device)
+        stream = active.get_current_stream(self.device)
         args = head + self.values[len(head):]
         g = self.grid
-        c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata,
-              c.launch_metadata(g, stream, *args), knobs.runtime.launch_enter_hook,
-              knobs.runtime.launch_exit_hook, *args)
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        if enter.calls or leave.calls:         # a profiler listens: what Triton's launch passes
+            c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata,
+                  c.launch_metadata(g, stream, *args), enter, leave, *args)
+        else:
+            c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, None, None, None,
+                  *args)
         return True
 
 
