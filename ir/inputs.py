@@ -2,10 +2,9 @@
 
 ``validate_inputs`` checks runtime input tensors against a pattern's declaration (names, index
 dimensions, optional leading ``[B]`` / ``[B, H]`` dimensions, dtype) and returns int64 tensors,
-the form every pass of ``ir`` computes with. It copies by default; the runtime passes its own
-``convert`` (:func:`spattn.runtime.inputs.converted`), which returns the same converted tensor
-on every call while the source is unchanged, because its launchers key their tile tables on
-the inputs' identity.
+the form every pass of ``ir`` computes with. It copies by default; the runtime's call path
+passes a ``convert`` that returns the tensors as given (its plan cache keys on the caller's
+tensors, and a plan converts them once).
 """
 from __future__ import annotations
 

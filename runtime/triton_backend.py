@@ -160,6 +160,15 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
     """The options a ``kind`` stage is built with: the explicit ``options``, the TMA
     decision, the 64-bit decision and the autotuner's choice."""
     opts = _check_options(options)
+    if not call.ranges_ok and opts.get("closed_form") is None:    # (a given one is trusted)
+        wanted = opts.get("strategy") or call.settings.strategy
+        if wanted == "ranges":
+            raise SpattnConfigError(
+                "the ranges strategy cannot run this call: its closed forms treat query "
+                f"positions beyond +-2**30 as unbounded, and this call's reach "
+                f"{call.positions.q_offset} (q_offset); use the strategy 'table' (or leave "
+                "it unset: the table strategy is then picked)")
+        opts["strategy"] = "table"
     opts["tma"] = tma_choice(opts.get("tma"), kind, call.device, call.settings, *tensors)
     opts.setdefault("int64", call.int64)
     opts["tables"] = choice(opts.get("tables"), "tables", TABLE_MODES,

@@ -479,8 +479,8 @@ def clear_memory() -> None:
 
 def generation() -> int:
     """A counter that changes whenever the in-memory choices do (a new choice, or
-    :func:`clear_memory`): what the launchers' per-signature memo of resolved options
-    keys on (``triton_backend._planned``)."""
+    :func:`clear_memory`): part of the key of the plan cache (``runtime.plan.PlanCache``), so
+    that a plan built before a choice changed is not reused after."""
     return _generation
 
 
