@@ -311,7 +311,7 @@ def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
     if persistent:
         stage.grid = (_persistent_programs(call, n_work, None),)
     if warmup:
-        qa, ka, va, oa, lse = _fwd_tensors(stage, q, k, v)
+        qa, ka, va, oa, lse, _ = _fwd_tensors(stage, q, k, v)
         stage.kernel.warmup(qa, ka, va, oa, lse, *static, grid=stage.grid, **meta)
     return stage
 
