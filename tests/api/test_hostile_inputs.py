@@ -98,7 +98,8 @@ def calls(draw):
         qkv = {n: t.to("meta") for n, t in qkv.items()}
     if "sparse" in muts and qkv[who].device.type != "meta":
         qkv[who] = qkv[who].to_sparse()
-    if "nested" in muts and qkv[who].dim() >= 2 and qkv[who].layout == torch.strided:
+    if "nested" in muts and qkv[who].dim() >= 2 and qkv[who].layout == torch.strided \
+            and qkv[who].device.type != "meta":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # nested tensors are a prototype
             qkv[who] = torch.nested.nested_tensor(list(qkv[who].unbind(0)))
