@@ -279,7 +279,7 @@ def time_rounds(row, timed, rounds, bench=None):
     the order flips every round (A B, B A, A B). An H200 running dense attention drifts
     by several per cent within seconds (clocks under the power limit: NOTES row 55);
     timed one after the other, whichever library came after the heavier work read slower
-    (spattn's forward used to follow Flex's forward+backward). Alternating gives the two
+    (a forward timed right after the other's forward+backward reads slower). Alternating gives the two
     the same conditions. A Flex timing that raises (out of memory) drops Flex from the row
     with ``flex_error``; spattn's own errors propagate.
     """

@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Generated kernels go to a per-session temporary cache, never the user's; so does the
+    """Generated kernels go to a temporary cache of the test run, never the user's; so does the
     cache's fallback (``spattn-<uid>`` under the system temporary directory)."""
     base = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("SPATTN_CACHE_DIR", str(base / "spattn-cache"))
