@@ -4,18 +4,35 @@
 form of :mod:`spattn.ir.ranges`, no metadata) when the pattern has a closed form, else
 ``"table"`` (CSR tile lists of :mod:`spattn.ir.tables`, built at call time).
 
-Cost model, in units of one dense tile: a FULL tile costs ``full_tile``, a PARTIAL tile
-``partial_tile`` (the predicate is evaluated on the tile), each query tile ``per_row_tile``
-(prologue/epilogue: loading Q, writing O and the lse), and the dense baseline
-``dense_tile`` per tile plus the same per-row overhead. THE CONSTANTS ARE PLACEHOLDERS, to be
-calibrated on the GPU (see benchmarks/); the table strategy adds a small per-tile cost for
-reading its column list (``table_tile``).
+Cost model, in units of one FULL tile of the target's kernel: a FULL tile costs
+``full_tile`` (1), a PARTIAL tile ``partial_tile`` (the predicate is evaluated on it), each
+query tile ``per_row_tile`` (prologue and epilogue: loading Q, writing O and the lse), each
+visited tile of the table strategy ``table_tile`` (reading its column list), and each call
+``per_call`` (launch and host work). The dense baseline is, on ``cuda``, the same kernel
+over every tile (``dense_tile`` each); on ``cpu``, dense SDPA with a boolean mask:
+``sdpa_pair`` per (query, key) pair plus ``sdpa_call``.
+
+``COSTS`` holds one model per target, fitted by ``benchmarks/calibrate.py`` to measured
+forward times (recorded with their date, commit and device in ``benchmarks/RESULTS.md``,
+"Cost model"). A model predicts the forward's speed from tile counts only: it does not know
+the tuner's tile sizes, memory-bound short calls or a busy CPU.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
-COST = dict(full_tile=1.0, partial_tile=1.35, per_row_tile=0.5, dense_tile=1.0, table_tile=0.02)
+COSTS = {
+    # benchmarks/calibrate.py on the H200 forwards of commit 3b014d0 (2026-11-22)
+    "cuda": dict(full_tile=1.0, partial_tile=0.6976, per_row_tile=6.658, table_tile=0.237,
+                 per_call=3850.0, dense_tile=1.0),
+    # benchmarks/calibrate.py on the 2-core CPU forwards of commit 278091c (2026-12-02)
+    "cpu": dict(full_tile=1.0, partial_tile=2.289, per_row_tile=0.0, table_tile=0.0,
+                per_call=104.8, dense_tile=0.0, sdpa_pair=0.0002444, sdpa_call=87.45),
+}
+#: The tile shape each model was fitted on: the forward's default on the GPU, the CPU plan's.
+TILES = {"cuda": (128, 64), "cpu": (64, 64)}
+TARGETS = tuple(COSTS)
+COST = COSTS["cuda"]
 
 STRATEGIES = ("ranges", "table")
 
@@ -34,21 +51,29 @@ def predicted_cost(counts: Mapping[str, int], strategy: str, cost: Mapping[str, 
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     tiles = counts["full"] + counts["partial"]
     c = (counts["full"] * cost["full_tile"] + counts["partial"] * cost["partial_tile"]
-         + counts["rows"] * cost["per_row_tile"])
+         + counts["rows"] * cost["per_row_tile"] + cost.get("per_call", 0.0))
     if strategy == "table":
         c += tiles * cost["table_tile"]
     return c
 
 
-def dense_cost(counts: Mapping[str, int], cost: Mapping[str, float] = COST) -> float:
-    """Cost of dense attention over the same grid: every tile, no mask."""
+def dense_cost(counts: Mapping[str, int], cost: Mapping[str, float] = COST, *,
+               pairs: int | None = None) -> float:
+    """Cost of dense attention: the kernel over every tile of the grid, no mask
+    (``dense_tile``), or SDPA over ``pairs`` (query, key) pairs (``sdpa_pair``, the CPU)."""
+    if cost.get("sdpa_pair"):
+        if pairs is None:
+            raise ValueError("this cost model's dense baseline needs the number of pairs")
+        return pairs * cost["sdpa_pair"] + cost.get("sdpa_call", 0.0)
     total = counts["full"] + counts["partial"] + counts["empty"]
-    return total * cost["dense_tile"] + counts["rows"] * cost["per_row_tile"]
+    return (total * cost["dense_tile"] + counts["rows"] * cost["per_row_tile"]
+            + cost.get("per_call", 0.0))
 
 
-def predicted_speedup(counts: Mapping[str, int], strategy: str, cost: Mapping[str, float] = COST) -> float:
-    """Predicted speedup of the sparse kernel over dense attention (same tile grid)."""
-    return dense_cost(counts, cost) / max(predicted_cost(counts, strategy, cost), 1e-9)
+def predicted_speedup(counts: Mapping[str, int], strategy: str, cost: Mapping[str, float] = COST,
+                      *, pairs: int | None = None) -> float:
+    """Predicted speedup of the sparse kernel over dense attention."""
+    return dense_cost(counts, cost, pairs=pairs) / max(predicted_cost(counts, strategy, cost), 1e-9)
 
 
 def tile_counts(tiles) -> dict:

@@ -8,8 +8,10 @@ semantics, in chunks (memory bounded by ``chunk_elems``).
 
 FLOPs: attention costs ``4 * D`` FLOPs per (query, key) pair (QK^T and PV, 2 each); the kernel
 computes every pair of its FULL and PARTIAL tiles (nominal tile size), the useful work is the
-allowed pairs. The predicted speedup comes from the (uncalibrated) cost model of
-:mod:`spattn.ir.cost`.
+allowed pairs. The predicted speedup of the forward comes from the cost model of
+:mod:`spattn.ir.cost` for the ``target`` (``"cuda"``: over the same kernel run dense;
+``"cpu"``: over dense SDPA with a boolean mask), fitted to measured times and evaluated on
+the tile shape it was fitted on.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from ..dsl.errors import SpattnValueError
 from .evaluate import evaluate
 from .inputs import query_offset
 from .ranges import closed_form, exact_intervals
-from .cost import COST, pick_strategy, predicted_speedup, tile_counts
+from .cost import COSTS, TARGETS, TILES, pick_strategy, predicted_speedup, tile_counts
 from .tiles import FULL, PARTIAL, classify
 
 
@@ -48,7 +50,8 @@ class Report:
     predicted_speedup: float
     strategy: str
     density_method: str
-    cost_model: dict = field(default_factory=lambda: dict(COST))
+    target: str = "cuda"
+    cost_model: dict = field(default_factory=lambda: dict(COSTS["cuda"]))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +76,10 @@ class Report:
             f"{t['empty']:,} empty ({pct(t['empty'] / total)})",
             f"flops     computed {tf(self.flops_computed)}, useful {tf(self.flops_useful)}, "
             f"dense {tf(self.flops_dense)}; efficiency {pct(self.efficiency)}",
-            f"speedup   {self.predicted_speedup:.2f}x over dense (cost model, uncalibrated)",
+            f"speedup   {self.predicted_speedup:.2f}x over dense "
+            + ("attention on the GPU (forward; cost model fitted to H200 times)"
+               if self.target == "cuda" else
+               "SDPA with a mask on the CPU (forward; cost model fitted to 2-core times)"),
             f"strategy  {self.strategy}"
             + (" (closed-form loop bounds, no metadata)" if self.strategy == "ranges"
                else " (CSR tile table built at call time)"),
@@ -144,10 +150,18 @@ def _count_tiles(ir, tiles, Lq, Lk, bm, bn, *, q_offset, inputs, device, chunk_e
     return total
 
 
-def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, block_m: int = 128,
-            block_n: int = 64, inputs: Optional[dict] = None, batch: int = 1,
-            q_offset: Optional[int] = None, head_dim: int = 128, device=None) -> Report:
-    """A :class:`Report` on ``pattern`` at the given size (see the module docstring)."""
+def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
+            block_m: Optional[int] = None, block_n: Optional[int] = None,
+            inputs: Optional[dict] = None, batch: int = 1, q_offset: Optional[int] = None,
+            head_dim: int = 128, device=None, target: str = "cuda") -> Report:
+    """A :class:`Report` on ``pattern`` at the given size (see the module docstring).
+
+    ``target``: ``"cuda"`` or ``"cpu"``, whose cost model predicts the speedup; the tiles
+    default to that target's forward tiles (``ir.cost.TILES``)."""
+    if target not in TARGETS:
+        raise SpattnValueError(f"target={target!r}: expected one of {', '.join(map(repr, TARGETS))}")
+    block_m = block_m or TILES[target][0]
+    block_n = block_n or TILES[target][1]
     Lk = Lq if Lk is None else Lk
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     inputs = dict(inputs or {})
@@ -180,6 +194,12 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, b
     computed = (counts["full"] + counts["partial"]) * block_m * block_n * per_pair
     useful = allowed * per_pair
     strategy = pick_strategy(ir)
+    model_counts = counts
+    if (block_m, block_n) != TILES[target]:
+        model_counts = tile_counts(classify(pattern, Lq, Lk, *TILES[target], num_heads=num_heads,
+                                            batch=batch, q_offset=q_offset, device=device,
+                                            inputs=inputs))
+    speedup = predicted_speedup(model_counts, strategy, COSTS[target], pairs=total_pairs)
     return Report(
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
         batch=batch, block_m=block_m, block_n=block_n, head_dim=head_dim,
@@ -188,5 +208,5 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, b
         tile_density=(counts["full"] + counts["partial"]) / max(ntiles, 1),
         flops_computed=computed, flops_useful=useful, flops_dense=total_pairs * per_pair,
         efficiency=useful / computed if computed else 1.0,
-        predicted_speedup=predicted_speedup(counts, strategy), strategy=strategy,
-        density_method=method)
+        predicted_speedup=speedup, strategy=strategy, density_method=method, target=target,
+        cost_model=dict(COSTS[target]))

@@ -91,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="the analysis report: density, tiles, efficiency, strategy")
     _common(p)
     _sizes(p)
-    p.add_argument("--block-m", type=_positive, default=128)
-    p.add_argument("--block-n", type=_positive, default=64)
+    p.add_argument("--block-m", type=_positive, default=None,
+                   help="query tile size (default: the target's forward tiles)")
+    p.add_argument("--block-n", type=_positive, default=None, help="key tile size")
+    p.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
+                   help="whose cost model predicts the speedup (default cuda)")
 
     p = sub.add_parser("codegen", help="print the generated Triton source")
     _common(p)
@@ -238,7 +241,7 @@ def _cmd_show(args, pat, out):
 def _cmd_explain(args, pat, out):
     Lq, Lk, inputs = _shape_and_inputs(args, pat, out)
     report = pat.explain(Lq, Lk, num_heads=args.heads, block_m=args.block_m,
-                         block_n=args.block_n, **inputs)
+                         block_n=args.block_n, target=args.target, **inputs)
     print(str(report), file=out)
 
 

@@ -80,15 +80,18 @@ class Pattern(CompiledPattern):
         from .ir.ranges import closed_form
         return closed_form(self.ir)
 
-    def explain(self, Lq: int, Lk: int | None = None, *, num_heads: int = 1, block_m: int = 128,
-                block_n: int = 64, **inputs):
-        """A report of what the pattern costs: density, tiles by class, efficiency, strategy."""
+    def explain(self, Lq: int, Lk: int | None = None, *, num_heads: int = 1,
+                block_m: int | None = None, block_n: int | None = None, target: str = "cuda",
+                **inputs):
+        """A report of what the pattern costs: density, tiles by class, efficiency, strategy,
+        and the forward's speedup over dense attention predicted for ``target`` (``"cuda"``
+        or ``"cpu"``; tiles default to that target's)."""
         from .ir.explain import explain
         Lk = Lq if Lk is None else Lk
         _checked(self, Lq, Lk, None, None, inputs)
         with _fits("the analysis"):
             return explain(self, Lq, Lk, num_heads=num_heads, block_m=block_m,
-                           block_n=block_n, inputs=inputs)
+                           block_n=block_n, inputs=inputs, target=target)
 
     def receptive_field(self, L: int, layers: int, **kwargs):
         """How much of the past each position reaches when the pattern is stacked ``layers`` deep."""

@@ -60,3 +60,24 @@ def test_head_dim_and_defaults():
     assert r.Lk == 100 and r.block_m == 128 and r.block_n == 64
     assert r.flops_dense == 100 * 100 * 4 * 64
     assert r.allowed_pairs == 100 * 101 // 2
+
+
+def test_cost_model_targets():
+    """The prediction is the target's model on the target's tiles, whatever tiles the report
+    counts; a dense pattern predicts 1x on the GPU (the baseline is the same kernel), and a
+    sparser pattern predicts more on both targets."""
+    from spattn.dsl.errors import SpattnValueError
+    from spattn.ir.cost import COSTS, TILES
+    full = B.cmp(">=", q, c(0))
+    window = B.and_(causal, B.cmp("<", B.sub(q, k), c(256)))
+    assert explain(full, 4096, num_heads=8).predicted_speedup == pytest.approx(1.0)
+    for target in ("cuda", "cpu"):
+        r = explain(causal, 4096, num_heads=8, target=target)
+        assert (r.block_m, r.block_n) == TILES[target] and r.cost_model == COSTS[target]
+        other = explain(causal, 4096, num_heads=8, target=target, block_m=32, block_n=32)
+        assert other.predicted_speedup == r.predicted_speedup
+        assert explain(window, 4096, num_heads=8, target=target).predicted_speedup \
+            > r.predicted_speedup > 1
+        assert target in str(r).replace("GPU", "cuda").replace("CPU", "cpu")
+    with pytest.raises(SpattnValueError, match="target"):
+        explain(causal, 64, target="tpu")
