@@ -39,7 +39,16 @@ import networkx as nx
 
 from ..ir.nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                         Not, Or, Prod, Range, Select, Sum, Table, Var)
+from ..ir.bounds import wrap
 from ..ir.visitor import Visitor, rule
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _fit(v: int) -> int:
+    """A literal as the int64 a kernel holds: wrapped modulo ``2**64`` beyond int64, exact
+    for the ring operations (``ir.bounds`` refuses a call whose other values leave int64)."""
+    return v if INT64_MIN <= v <= INT64_MAX else wrap(v)
 
 #: Floor-semantics integer helpers, emitted once per kernel file.  They are correct
 #: whether the backend's ``//`` truncates (LLVM) or floors: the remainder is
@@ -409,7 +418,7 @@ class _Emitter(Visitor):
 
     @rule(Const)
     def const(self, n, c):
-        return str(n.value)
+        return str(_fit(n.value))
 
     @rule(Var)
     def var(self, n, c):
@@ -419,13 +428,15 @@ class _Emitter(Visitor):
     def sum(self, n, c):
         parts = []
         for (a, coeff), ca in zip(n.terms, c):
+            coeff = _fit(coeff)
             mag = abs(coeff)
             t = ca if mag == 1 else f"{mag} * {_par(ca)}"
             if mag == 1 and not _atomic(ca) and parts:
                 t = _par(ca)
             parts.append(("-" if coeff < 0 else "+", t))
-        if n.const:
-            parts.append(("-" if n.const < 0 else "+", str(abs(n.const))))
+        const = _fit(n.const)
+        if const:
+            parts.append(("-" if const < 0 else "+", str(abs(const))))
         s0, t0 = parts[0]
         text = (f"-{_par(t0)}" if s0 == "-" else t0)
         for s, t in parts[1:]:
@@ -438,6 +449,13 @@ class _Emitter(Visitor):
 
     @rule(FloorDiv, Mod)
     def division(self, n, c):
+        if isinstance(n.b, Const) and _fit(n.b.value) != n.b.value:
+            # |d| exceeds every int64 value of the dividend: the quotient is 0 or -1
+            a, d = _par(c[0]), n.b.value
+            neg = f"({a} < 0)" if d > 0 else f"({a} > 0)"
+            if isinstance(n, FloorDiv):
+                return f"tl.where({neg}, -1, 0)"
+            return f"tl.where({neg}, {a} + {_fit(d)}, {a})"
         if self.signs.nonneg(n.a) and self.signs.positive(n.b):
             op = "//" if isinstance(n, FloorDiv) else "%"
             return f"{_par(c[0])} {op} {_par(c[1])}"
@@ -452,6 +470,8 @@ class _Emitter(Visitor):
     @rule(Min, Max)
     def minmax(self, n, c):
         fn = "tl.minimum" if isinstance(n, Min) else "tl.maximum"
+        c = [str(min(max(a.value, INT64_MIN), INT64_MAX)) if isinstance(a, Const) else x
+             for a, x in zip(n.args, c)]
         acc = c[0]
         for x in c[1:]:
             acc = f"{fn}({acc}, {x})"
@@ -495,13 +515,22 @@ class _Emitter(Visitor):
     @rule(Range)
     def range(self, n, c):
         x = _par(c[0])
-        if n.lo is not None and n.hi is not None and n.lo == n.hi:
-            return f"{x} == {n.lo}"
+        lo, hi = n.lo, n.hi
+        # x is a kernel integer, 64-bit at most (ir.bounds refuses a call where it is not
+        # exact): a bound beyond int64 is always met or never, and no literal may hold it.
+        if (lo is not None and lo > INT64_MAX) or (hi is not None and hi < INT64_MIN):
+            return f"{x} != {x}"
+        lo = None if lo is not None and lo <= INT64_MIN else lo
+        hi = None if hi is not None and hi >= INT64_MAX else hi
+        if lo is None and hi is None:
+            return f"{x} == {x}"
+        if lo is not None and hi is not None and lo == hi:
+            return f"{x} == {lo}"
         parts = []
-        if n.lo is not None:
-            parts.append(f"{x} >= {n.lo}")
-        if n.hi is not None:
-            parts.append(f"{x} <= {n.hi}")
+        if lo is not None:
+            parts.append(f"{x} >= {lo}")
+        if hi is not None:
+            parts.append(f"{x} <= {hi}")
         return parts[0] if len(parts) == 1 else f"({parts[0]}) & ({parts[1]})"
 
     @rule(IsPow2)

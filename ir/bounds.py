@@ -59,7 +59,7 @@ from .nodes import (INT, Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max
 from .visitor import Visitor, rule
 
 __all__ = ["Domain", "Checked", "call_domain", "node_bounds", "bounds_of", "analyse",
-           "check_call", "require", "kernel_int64", "input_ranges", "static_names", "wrap",
+           "check_call", "require", "kernel_int64", "closed_form_exact", "input_ranges", "static_names", "wrap",
            "representable", "INT64", "INT32"]
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -532,6 +532,17 @@ def kernel_int64(pattern, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 
         return True
     if closed_form is None:
         return False
+    return not closed_form_exact(closed_form, Lq, Lk, num_heads=num_heads, batch=batch,
+                                 q_offset=q_offset, input_ranges=ranges, bits=32)
+
+
+def closed_form_exact(closed_form, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
+                      q_offset=None, input_ranges=None, bits: int = 64) -> bool:
+    """True when every bound of ``closed_form`` (:class:`spattn.ir.ranges.ClosedForm`), over
+    the call's first and last tile positions, and those bounds shifted by the query offset,
+    is computed exactly in ``bits``-bit integers (a kernel computing it would not wrap)."""
+    dom = call_domain(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
+                      input_ranges=input_ranges)
     off = dom.q_offset
     q_ends = (off, off + Lq - 1)
     k_ends = (0, Lk - 1)
@@ -539,13 +550,13 @@ def kernel_int64(pattern, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 
                                     (closed_form.cols, ("ks", "ke"), k_ends, off)):
         extra = {names[0]: ends, names[1]: ends}
         cdom = call_domain(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
-                           input_ranges=ranges, extra=extra)
+                           input_ranges=input_ranges, extra=extra)
         for iv in ivs:
             for root in (iv.lo, iv.hi, iv.flo, iv.fhi):
                 if root is None:
                     continue
-                res = analyse(root, cdom, 32)
+                res = analyse(root, cdom, bits)
                 lo, hi = res.bounds[root]
-                if res.problems or not representable(lo - shift, hi - shift, 32):
-                    return True
-    return False
+                if res.problems or not representable(lo - shift, hi - shift, bits):
+                    return False
+    return True

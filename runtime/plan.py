@@ -89,6 +89,9 @@ class Call:
         if backend == "triton":
             from ..codegen.config import get_closed_form
             cf = get_closed_form(pattern) if call.ranges_ok else None
+            if cf is not None and not bounds.closed_form_exact(
+                    cf, Lq, Lk, num_heads=H, batch=B, q_offset=positions.q_offset):
+                call.ranges_ok, cf = False, None    # its bounds leave int64: the table strategy
             widest = max(_extent(t) for t in (q, k))
             call.int64 = widest > INT32_OFFSET or bounds.kernel_int64(
                 pattern, Lq, Lk, num_heads=H, batch=B, q_offset=positions.q_offset,

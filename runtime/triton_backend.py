@@ -50,7 +50,8 @@ from dataclasses import dataclass
 import torch
 
 from ..codegen.config import choice
-from ..dsl.errors import SpattnConfigError
+from ..dsl.errors import SpattnConfigError, SpattnValueError
+from ..ir import bounds as _bounds
 from . import cache as _cache
 from . import tune as _tune
 from .tables import TABLE_MODES, bwd_tables, fwd_tables, ranges_order
@@ -165,10 +166,19 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
         if wanted == "ranges":
             raise SpattnConfigError(
                 "the ranges strategy cannot run this call: its closed forms treat query "
-                f"positions beyond +-2**30 as unbounded, and this call's reach "
-                f"{call.positions.q_offset} (q_offset); use the strategy 'table' (or leave "
+                "positions beyond +-2**30 as unbounded, or their bounds leave the 64-bit "
+                f"integers here (q_offset {call.positions.q_offset}, Lq {call.Lq}, Lk "
+                f"{call.Lk}); use the strategy 'table' (or leave "
                 "it unset: the table strategy is then picked)")
         opts["strategy"] = "table"
+    given = opts.get("closed_form")
+    if given is not None and not _bounds.closed_form_exact(
+            given, call.Lq, call.Lk, num_heads=call.H, batch=call.B,
+            q_offset=call.positions.q_offset):
+        raise SpattnValueError(
+            "the given closed_form has key-range bounds beyond the 64-bit integers for "
+            f"Lq={call.Lq}, Lk={call.Lk}, q_offset={call.positions.q_offset}: a kernel cannot "
+            "compute them exactly; leave closed_form unset (the table strategy is then used)")
     opts["tma"] = tma_choice(opts.get("tma"), kind, call.device, call.settings, *tensors)
     opts.setdefault("int64", call.int64)
     opts["tables"] = choice(opts.get("tables"), "tables", TABLE_MODES,

@@ -131,3 +131,39 @@ def test_tiny_scales(scale, strategy):
     score's ``-inf * 0`` NaN): every row averages the values it sees."""
     run("causal & window(9)", strategy, scale=scale, int64=False,
         cf=window_cf(9) if strategy == "ranges" else None)
+
+
+BIG = 2 ** 70
+BEYOND_INT64 = {
+    "range-below": "q < -9223372036854775808",
+    "range-above": "q - k > 9223372036854775808 | k <= 9223372036854775809 & q >= 2",
+    "min-const": f"min(q, {BIG}) >= 3",
+    "max-const": f"max(q - k, -{BIG}) >= 0",
+    "floordiv-const": f"q // {BIG} == k // {BIG} & (q - k) // -{BIG} == -1",
+    "mod-const": f"q % {BIG} >= 3",
+    "sum-wraps": f"q - k + {2 ** 64} > {2 ** 64}",
+}
+
+
+@pytest.mark.parametrize("src", list(BEYOND_INT64.values()), ids=list(BEYOND_INT64))
+@pytest.mark.parametrize("strategy", ["table", "ranges"])
+def test_constants_beyond_int64(src, strategy):
+    """Literals beyond int64 never reach a kernel: comparison bounds fold, min/max constants
+    saturate, huge divisors give quotient 0 or -1, sums wrap exactly; through the public
+    call (its own strategy: a closed form whose bounds leave int64 runs as a table) and
+    through each strategy."""
+    from spattn.runtime.reference import attention_reference
+    import spattn
+    p = spattn.compile(src)
+    q, k, v = rand_qkv(1, 1, 1, 24, 24, 16, seed=len(src))
+    o = p(q, k, v, q_offset=3)
+    want = attention_reference(q, k, v, p.mask(24, 24, q_offset=3))[0]
+    check_close("o", o, want, TOL)
+    cf = analysis_cf(compile_pattern(src)) if strategy == "ranges" else None
+    if strategy == "ranges" and cf is None:
+        pytest.skip("no closed form")
+    try:
+        run(src, strategy, cf=cf, L=24, q_offset=3)
+    except Exception as e:      # a given closed form whose bounds leave int64 is refused
+        from spattn import SpattnError
+        assert isinstance(e, SpattnError), repr(e)
