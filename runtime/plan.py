@@ -229,7 +229,10 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
     """A new :class:`Plan` (arguments already validated: ``api.validate``)."""
     call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
                    settings=settings, backend=backend)
-    return Plan(pattern, backend, call, q, k, v, options)
+    plan = Plan(pattern, backend, call, q, k, v, options)
+    from .usage import warn_if_empty
+    warn_if_empty(call)
+    return plan
 
 
 # ------------------------------------------------------------------ the cache

@@ -18,6 +18,7 @@ from .dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, Spatt
 from .ir.evaluate import mask as _mask
 from .ir.inputs import check_lengths, validate_inputs
 from .ir.pattern import BACKENDS, CompiledPattern  # noqa: F401  (BACKENDS: public)
+from .runtime.usage import warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
                   "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma")
@@ -99,32 +100,37 @@ class Pattern(CompiledPattern):
 
     # -- kernels ----------------------------------------------------------
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False,
-                 q_offset: int | None = None, plan=None, **inputs):
+                 q_offset: int | None = None, plan=None, layout: str | None = None, **inputs):
         """Attention with this pattern; q ``[B, Hq, Lq, D]``, k, v ``[B, Hk, Lk, D]``.
 
         Returns the output ``[B, Hq, Lq, D]`` (and the log-sum-exp ``[B, Hq, Lq]``, fp32,
         natural log, when ``return_lse``). ``plan``: a plan made by :meth:`plan` for
         tensors laid out like these (it holds the runtime inputs, scale and offset).
+        ``layout``: ``"bhsd"`` (the default) or ``"bshd"``: q ``[B, Lq, Hq, D]``, k, v
+        ``[B, Lk, Hk, D]`` and the output ``[B, Lq, Hq, D]`` (a transposed view; lse stays
+        ``[B, Hq, Lq]``). Without ``layout=`` a q or k that reads as more than 256 heads,
+        and more heads than positions, gives a :class:`SpattnLayoutWarning`.
         """
         from .runtime.api import call
         return call(self, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                    inputs=inputs, plan=plan)
+                    inputs=inputs, plan=plan, layout=layout)
 
     def plan(self, q, k, v, *, scale: float | None = None, q_offset: int | None = None,
-             backward: bool | None = None, **inputs):
+             backward: bool | None = None, layout: str | None = None, **inputs):
         """Everything a call with these tensors needs, resolved once: a
         :class:`spattn.runtime.plan.Plan` (shapes, positions, inputs, tables, configuration,
         compiled kernels). ``pat(q, k, v, plan=plan)`` then runs with no other host work.
 
         The plan is for tensors laid out like q ``[B, Hq, Lq, D]`` and k, v
-        ``[B, Hk, Lk, D]`` (shapes, strides, dtype, device) and holds the runtime
-        ``inputs``; ``backward`` builds the backward's stage now (True), at the first
-        backward (False), or now if q, k or v requires grad (None). ``repr(plan)`` says
-        what it holds.
+        ``[B, Hk, Lk, D]`` (shapes, strides, dtype, device; ``layout="bshd"``: q
+        ``[B, Lq, Hq, D]``, k, v ``[B, Lk, Hk, D]``, which the plan remembers) and holds the
+        runtime ``inputs``; ``backward`` builds the backward's stage now (True), at the
+        first backward (False), or now if q, k or v requires grad (None). ``repr(plan)``
+        says what it holds.
         """
         from .runtime.api import make_plan
         return make_plan(self, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
-                         backward=backward)
+                         backward=backward, layout=layout)
 
     def kernel_source(self, kind: str = "fwd", **options) -> str:
         """The generated Triton source of one kernel (``kind`` in fwd, bwd).
@@ -161,6 +167,7 @@ def compile(src: str, *, backend: str = "auto", pattern: str | None = None, **pa
     if not isinstance(src, str):
         raise SpattnError(f"compile() takes the pattern source as a str, got {type(src).__name__}")
     low = compile_source(src, params, pattern=pattern)
+    warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend)
 
 
@@ -242,4 +249,5 @@ def load(path, *, pattern: str | None = None, backend: str = "auto", **params: A
     from .ir.lower import compile_source
     text = _read(path)
     low = compile_source(text, params, pattern=pattern, filename=os.fspath(path))
+    warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend)

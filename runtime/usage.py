@@ -1,0 +1,159 @@
+"""How a call is written: the tensor layout, keywords of other attention APIs, and the
+warnings about calls that run but are likely not what was meant.
+
+* ``layout``: ``"bhsd"`` (q ``[B, H, L, D]``, the layout of
+  ``scaled_dot_product_attention`` and the default) or ``"bshd"`` (q ``[B, L, H, D]``, the
+  layout of Hugging Face projections before their transpose and of FlashAttention).
+  ``bshd`` tensors are transposed as views (no copy) into ``[B, H, L, D]`` and the output
+  transposed back, so forward, backward and both backends are the ``bhsd`` path.
+* A call without ``layout=`` whose q or k reads as more than :data:`MAX_HEADS` heads, and
+  more heads than positions, is almost surely ``[B, L, H, D]``: a
+  :class:`~spattn.dsl.errors.SpattnLayoutWarning` (passing ``layout="bhsd"`` says it is
+  meant and silences it).
+* Keywords of ``scaled_dot_product_attention`` (and of FlexAttention / ``nn.
+  MultiheadAttention``) that spattn expresses differently are a
+  :class:`~spattn.dsl.errors.SpattnParamError` saying what to write instead, unless the
+  pattern declares a runtime input of that name.
+* A pattern that allows no pair gives an all-zero output: a
+  :class:`~spattn.dsl.errors.SpattnEmptyPatternWarning` at compile time where that holds
+  for every shape (the canonical IR is ``false``), else when a plan is built for a call
+  whose analysis proves every tile EMPTY (:func:`warn_if_empty`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..dsl.errors import (SpattnEmptyPatternWarning, SpattnInputError, SpattnLayoutWarning,
+                          SpattnParamError, SpattnValueError, short_repr)
+
+__all__ = ["LAYOUTS", "MAX_HEADS", "SDPA_KEYWORDS", "check_layout", "to_bhsd", "from_bhsd",
+           "check_keywords", "warn_if_empty", "warn_if_false"]
+
+#: The layouts q, k, v and the output may have.
+LAYOUTS = ("bhsd", "bshd")
+#: More heads than any released model has (DeepSeek-V3: 128): a "head" count above it, and
+#: above the "length", reads as a sequence length in the heads' place.
+MAX_HEADS = 256
+
+#: Keywords of other attention APIs -> what to write in spattn instead.
+SDPA_KEYWORDS = {
+    "is_causal": "spattn takes no is_causal: the pattern says which keys a query sees; write "
+                 "causality into it, e.g. spattn.compile(\"causal & window(W)\") or "
+                 "spattn.attention(q, k, v, pattern=\"causal\")",
+    "attn_mask": "spattn takes no dense attn_mask: write the mask as a pattern; a mask that "
+                 "comes with the data enters as a runtime input (e.g. \"causal & same(doc)\" "
+                 "called with doc=segment_ids, or \"causal & keep[k]\" with keep=padding "
+                 "mask); in Hugging Face models use attn_implementation=\"spattn\" "
+                 "(spattn.integrations.transformers), which builds them from the padding",
+    "enable_gqa": "spattn takes no enable_gqa: grouped-query attention is automatic when q "
+                  "has a multiple of k's heads (query head h reads key head h // (Hq // Hk)); "
+                  "drop the keyword",
+    "dropout_p": "spattn has no attention dropout: drop dropout_p (with dropout_p=0.0 the "
+                 "call is the same without it; for dropout apply it outside attention)",
+    "key_padding_mask": "spattn takes no key_padding_mask: pass the mask as a runtime input "
+                        "of the pattern, e.g. \"causal & keep[k]\" with keep=mask (1 = a "
+                        "real key)",
+    "need_weights": "spattn forms no attention weights (its kernels never materialise "
+                    "them): drop need_weights; pattern.mask(Lq, Lk) gives the dense mask",
+    "block_mask": "spattn takes no block_mask: it derives the block structure from the "
+                  "pattern; the reusable object is a plan, plan = pat.plan(q, k, v), "
+                  "then pat(q, k, v, plan=plan)",
+}
+
+
+def check_layout(layout) -> str | None:
+    """``layout`` checked: None, ``"bhsd"`` or ``"bshd"``; SpattnValueError otherwise."""
+    if layout is None or (isinstance(layout, str) and layout in LAYOUTS):
+        return layout
+    raise SpattnValueError(f"layout must be 'bhsd' (q [B, H, L, D], the default) or 'bshd' "
+                           f"(q [B, L, H, D]), got {short_repr(layout)}")
+
+
+def to_bhsd(layout, q, k, v):
+    """q, k, v as ``[B, H, L, D]`` views; a layout warning for suspicious unspecified ones."""
+    layout = check_layout(layout)
+    if layout == "bshd":
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if isinstance(t, torch.Tensor) and t.dim() != 4:
+                raise SpattnInputError(f"{name} must be a 4-D tensor [B, L, H, D] "
+                                       f"(layout='bshd'), got shape {tuple(t.shape)} "
+                                       f"({t.dim()}-D)")
+        return tuple(t.transpose(1, 2) if isinstance(t, torch.Tensor) else t
+                     for t in (q, k, v))
+    if layout is None and not torch.compiler.is_compiling():
+        _warn_if_transposed(q, k)
+    return q, k, v
+
+
+def from_bhsd(layout, o):
+    """The output ``[B, H, L, D]`` in the call's layout (a view for ``bshd``)."""
+    return o.transpose(1, 2) if layout == "bshd" else o
+
+
+def _warn_if_transposed(q, k) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if (isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] > MAX_HEADS
+                and t.shape[1] > t.shape[2]):
+            warnings.warn(
+                f"spattn: {name} has shape {tuple(t.shape)}, read as [B, H, L, D]: "
+                f"{t.shape[1]} heads of length {t.shape[2]}. If it is [B, L, H, D] (e.g. a "
+                "Hugging Face projection before its transpose), pass layout='bshd'; if it "
+                "is meant, pass layout='bhsd' to silence this warning",
+                SpattnLayoutWarning, stacklevel=5)
+            return
+
+
+def check_keywords(declared, given) -> None:
+    """SpattnParamError for a keyword of another attention API in ``given`` (a call's
+    keyword arguments) that is not a runtime input the pattern ``declared``."""
+    for name in given:
+        if name in SDPA_KEYWORDS and name not in declared:
+            value = given[name]
+            shown = (f"<a tensor of shape {tuple(value.shape)}>"
+                     if isinstance(value, torch.Tensor) else short_repr(value))
+            raise SpattnParamError(f"{name}={shown}: {SDPA_KEYWORDS[name]}")
+
+
+def warn_if_false(ir, name: str) -> None:
+    """The compile-time warning: the canonical IR is ``false`` (e.g. ``window(0)``)."""
+    from ..ir.nodes import BoolConst
+    if isinstance(ir, BoolConst) and not ir.value:
+        warnings.warn(f"spattn: pattern {name!r} allows no (query, key) pair at any shape "
+                      "(it simplifies to 'false'): every output row will be 0",
+                      SpattnEmptyPatternWarning, stacklevel=3)
+
+
+def warn_if_empty(call) -> None:
+    """The first-call warning: every tile of this call is EMPTY.
+
+    Without runtime inputs the analysis classifies the whole ``Lq x Lk`` matrix as one tile
+    per (batch, head) on the CPU (a few scalar interval evaluations, no device work); with
+    inputs it reads the tile classes the plan built (the table strategy), if any. Only a
+    proof warns: a tile called EMPTY has no allowed pair."""
+    from ..ir.nodes import BoolConst
+    from ..ir.tiles import EMPTY, classify
+    pattern = call.pattern
+    if isinstance(pattern.ir, BoolConst):
+        return                          # warned at compile time (false) or trivially not
+    if pattern.inputs:
+        analysis = call.analysis
+        fine = next(iter(analysis.fine.values()), None) if analysis is not None else None
+        if fine is None or bool((fine != EMPTY).any()):
+            return
+    else:
+        cls = classify(pattern, call.Lq, call.Lk, call.Lq, call.Lk, positions=call.positions,
+                       refine=False, device="cpu",
+                       num_heads=call.H if _per(pattern, "h", "H") else 1,
+                       batch=call.B if _per(pattern, "b") else 1)
+        if bool((cls != EMPTY).any()):
+            return
+    warnings.warn(f"spattn: pattern {pattern.name!r} ({pattern.source}) allows no (query, key) "
+                  f"pair at Lq={call.Lq}, Lk={call.Lk}, {call.positions}: every output row is 0",
+                  SpattnEmptyPatternWarning, stacklevel=6)
+
+
+def _per(pattern, *names) -> bool:
+    from ..ir.nodes import free_vars
+    return bool(set(names) & free_vars(pattern.ir))
