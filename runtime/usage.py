@@ -157,3 +157,34 @@ def warn_if_empty(call) -> None:
 def _per(pattern, *names) -> bool:
     from ..ir.nodes import free_vars
     return bool(set(names) & free_vars(pattern.ir))
+
+
+def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offset=None,
+                      layout=None, **inputs) -> str:
+    """The text of the generated module that a call with these tensors runs (``kind``
+    ``"fwd"`` or ``"bwd"``): a plan is built for them, so the dtype, the head dim, the
+    settings and what :func:`spattn.codegen.config.pick` (and on CUDA the autotuner) chose
+    are the call's. Tensors that run on the torch backend run no generated kernel: a
+    :class:`~spattn.dsl.errors.SpattnBackendError` says so."""
+    import sys
+
+    from ..dsl.errors import SpattnBackendError
+    from .api import make_plan
+    if kind not in ("fwd", "bwd"):
+        raise SpattnValueError(f"unknown kernel kind {short_repr(kind)}: expected 'fwd' "
+                               "(forward) or 'bwd' (backward)")
+    plan = make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
+                     backward=kind == "bwd", layout=layout)
+    if plan.backend != "triton":
+        raise SpattnBackendError(
+            f"tensors on {plan.device} run spattn's torch backend, which runs no generated "
+            "kernel: pass CUDA tensors (or set TRITON_INTERPRET=1, or compile with "
+            "backend='triton'), or ask for a configuration with "
+            "pat.kernel_source(kind, head_dim=..., dtype=...)")
+    if kind == "fwd":
+        kernel = plan.forward_stage.kernel
+    else:
+        kernel = next(iter(plan._bwd.values())).dq_kernel
+    fn = getattr(kernel, "fn", kernel)
+    module = sys.modules[fn.__module__]
+    return module.__loader__.get_source(module.__name__)

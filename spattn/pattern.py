@@ -132,13 +132,31 @@ class Pattern(CompiledPattern):
         return make_plan(self, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
                          backward=backward, layout=layout)
 
-    def kernel_source(self, kind: str = "fwd", **options) -> str:
-        """The generated Triton source of one kernel (``kind`` in fwd, bwd).
+    def kernel_source(self, *args, **options) -> str:
+        """The generated Triton source of a kernel, in one of two forms.
 
-        ``options`` (all optional): ``head_dim`` (16..256, default 128), ``dtype`` (default
-        bf16), ``strategy``, ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, the
-        backward's ``block_m1``, ``block_n1``, ``block_m2``, ``block_n2``, ``loop``, ``tma``.
+        ``kernel_source(q, k, v, kind="fwd", **call)``: the module that a call with these
+        tensors runs (``kind`` ``"fwd"`` or ``"bwd"``; ``call``: ``scale``, ``q_offset``,
+        ``layout`` and runtime inputs, as for a call): a plan is built for them, so the
+        dtype, head dim, strategy, tiles, warps, loop, TMA and 64-bit choice are the
+        call's. CPU tensors that run the torch backend run no kernel (SpattnBackendError).
+
+        ``kernel_source(kind="fwd", **options)``: the kernel of a configuration (``kind`` in
+        fwd, bwd). ``options`` (all optional): ``head_dim`` (16..256, default 128),
+        ``dtype`` (default bf16), ``strategy``, ``block_m``, ``block_n``, ``num_warps``,
+        ``num_stages``, the backward's ``block_m1``, ``block_n1``, ``block_m2``,
+        ``block_n2``, ``loop``, ``tma``.
         """
+        if args and isinstance(args[0], torch.Tensor):
+            if len(args) != 3:
+                raise SpattnParamError(f"kernel_source(q, k, v, ...) takes three tensors, got "
+                                       f"{len(args)} positional arguments")
+            from .runtime.usage import kernel_source_for
+            return kernel_source_for(self, *args, **options)
+        if len(args) > 1:
+            raise SpattnParamError("kernel_source takes the kind ('fwd' or 'bwd') and keyword "
+                                   "options, or the tensors q, k, v")
+        kind = args[0] if args else options.pop("kind", "fwd")
         from .runtime.cache import kernel_text
         unknown = sorted(set(options) - set(KERNEL_OPTIONS))
         if unknown:

@@ -220,3 +220,38 @@ def test_patterns_that_allow_something_do_not_warn(src):
     with warnings.catch_warnings():
         warnings.simplefilter("error", SpattnEmptyPatternWarning)
         pat(q, q, q)
+
+
+# ------------------------------------------------------------------ kernel_source(q, k, v)
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind, D, dtype", [("fwd", 32, torch.float32), ("bwd", 16, torch.float16)],
+                         ids=["fwd-D32-fp32", "bwd-D16-fp16"])
+def test_kernel_source_of_tensors_is_the_kernel_they_run(kind, D, dtype):
+    pat = spattn.compile("causal & window(9)", backend="triton")
+    q = torch.randn(1, 2, 40, D, dtype=dtype)
+    text = pat.kernel_source(q, q, q, kind=kind)
+    plan = pat.plan(q, q, q, backward=kind == "bwd")
+    if kind == "fwd":
+        stage, kernel = plan.forward_stage, plan.forward_stage.kernel
+    else:
+        stage = next(iter(plan._bwd.values()))
+        kernel = stage.dq_kernel
+    c = stage.config
+    assert f"def {kernel.fn.__name__}(" in text
+    assert f"BLOCK_D = {D}\n" in text and f"dtype={c.dtype}" in text
+    assert text == pat.kernel_source(kind, head_dim=D, dtype=dtype, strategy=c.strategy,
+                                     block_m=c.block_m, block_n=c.block_n,
+                                     num_warps=c.num_warps, num_stages=c.num_stages,
+                                     loop=c.loop, tma=c.tma, **(
+                                         {"block_m2": c.block_m2, "block_n2": c.block_n2}
+                                         if kind == "bwd" else {}))
+    assert text != pat.kernel_source(kind)          # not the default bf16 D=128 kernel
+
+
+def test_kernel_source_of_tensors_on_the_torch_backend_says_so():
+    q = torch.randn(1, 2, 16, 16)
+    with pytest.raises(spattn.SpattnBackendError, match="torch backend.*head_dim"):
+        spattn.compile("causal", backend="torch").kernel_source(q, q, q)
+    with pytest.raises(SpattnParamError, match="three tensors"):
+        spattn.compile("causal").kernel_source(q, q)
