@@ -302,7 +302,8 @@ def _cmd_run(args, pat, out):
     with _fits(f"random q, k, v of {B} x {H} x {max(Lq, Lk)} x {D}"):
         q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
                    for L in (Lq, Lk, Lk))
-    with _progress(f"running {pat.name} (first call compiles)"):
+    from .runtime.progress import progress
+    with progress(f"running {pat.name} (the first call builds its plan)"):
         t0 = time.perf_counter()
         o = pat(q, k, v, q_offset=args.q_offset, **inputs)
         _sync(device)
@@ -334,32 +335,6 @@ def _cmd_run(args, pat, out):
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-class _progress:
-    """A spinner on stderr while long work runs (rich when it is installed and a terminal)."""
-
-    def __init__(self, text):
-        self.text = text
-        self._status = None
-
-    def __enter__(self):
-        try:
-            from rich.console import Console
-            console = Console(stderr=True)
-            if console.is_terminal:
-                self._status = console.status(self.text)
-                self._status.__enter__()
-                return self
-        except ImportError:
-            pass
-        print(self.text + " ...", file=sys.stderr)
-        return self
-
-    def __exit__(self, *exc):
-        if self._status is not None:
-            self._status.__exit__(*exc)
-        return False
 
 
 COMMANDS = {"check": _cmd_check, "show": _cmd_show, "explain": _cmd_explain,

@@ -85,9 +85,10 @@ class Pattern(CompiledPattern):
                 block_n: int = 64, **inputs):
         """A report of what the pattern costs: density, tiles by class, efficiency, strategy."""
         from .ir.explain import explain
+        from .runtime.progress import progress
         Lk = Lq if Lk is None else Lk
         _checked(self, Lq, Lk, None, None, inputs)
-        with _fits("the analysis"):
+        with _fits("the analysis"), progress(f"explaining {self.name!r} at Lq={Lq}, Lk={Lk}"):
             return explain(self, Lq, Lk, num_heads=num_heads, block_m=block_m,
                            block_n=block_n, inputs=inputs)
 
