@@ -258,7 +258,10 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     """
     _usage.check_keywords(pattern.inputs, inputs or {})
     q, k, v = _usage.to_bhsd(layout, q, k, v)
-    scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+    try:
+        scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+    except SpattnInputError as e:
+        raise _usage.with_layout_hint(e, layout, q, k, v) from None
     backend = choose_backend(pattern.backend, q.device.type)
     plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset, inputs=ins,
                       options=options)
@@ -309,7 +312,10 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
-        scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+        try:
+            scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+        except SpattnInputError as e:
+            raise _usage.with_layout_hint(e, layout, q, k, v) from None
         backend = choose_backend(pattern.backend, q.device.type)
         _ag.register(pattern)
         plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,

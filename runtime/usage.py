@@ -188,3 +188,24 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
     fn = getattr(kernel, "fn", kernel)
     module = sys.modules[fn.__module__]
     return module.__loader__.get_source(module.__name__)
+
+
+def with_layout_hint(err, layout, q, k, v):
+    """``err`` (a SpattnInputError about q, k, v) with what the layout has to do with it:
+    tensors that would be valid read as ``[B, L, H, D]`` (no ``layout=`` given) get a hint
+    to pass ``layout="bshd"``; with ``layout="bshd"`` the shapes in the message are the
+    transposed ones, and it says so."""
+    from .api import validate
+    if layout == "bshd":
+        note = " (shapes shown as [B, H, L, D]: layout='bshd' transposed q, k, v)"
+    elif layout is None and all(isinstance(t, torch.Tensor) and t.dim() == 4
+                                for t in (q, k, v)):
+        try:
+            validate(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        except SpattnInputError:
+            return err
+        note = (" (read as [B, L, H, D] the tensors would be valid: if that is their "
+                "layout, pass layout='bshd')")
+    else:
+        return err
+    return type(err)(err.message + note)

@@ -255,3 +255,18 @@ def test_kernel_source_of_tensors_on_the_torch_backend_says_so():
         spattn.compile("causal", backend="torch").kernel_source(q, q, q)
     with pytest.raises(SpattnParamError, match="three tensors"):
         spattn.compile("causal").kernel_source(q, q)
+
+
+def test_invalid_tensors_that_would_be_valid_as_bshd_get_a_hint():
+    """Decoding with [B, L, H, D] tensors: one query, 8 cached keys, 4 query and 2 key heads
+    read as 1 query head and 8 key heads."""
+    q, k = torch.randn(1, 1, 4, 16), torch.randn(1, 8, 2, 16)
+    pat = spattn.compile("causal", backend="torch")
+    with pytest.raises(SpattnInputError, match=r"multiple.*pass layout='bshd'\)$"):
+        pat(q, k, k)
+    assert pat(q, k, k, layout="bshd").shape == (1, 1, 4, 16)
+    with pytest.raises(SpattnInputError, match=r"same head dim.*layout='bshd' transposed"):
+        pat(q, torch.randn(1, 8, 2, 32), k, layout="bshd")
+    with pytest.raises(SpattnInputError) as e:        # invalid either way: no hint
+        pat(q, torch.randn(1, 8, 3, 16), k)
+    assert "layout" not in str(e.value)
