@@ -228,11 +228,14 @@ def _backend_for(requested: str, device_type: str) -> str:
     return choose_backend(requested, device_type)
 
 
-def _arguments(pattern, q, k, v, scale, q_offset, inputs):
+def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
     """The checked ``(scale, q_offset, inputs)`` of a call (inputs as given: the plan
-    converts them once)."""
+    converts them once); tensors given without ``layout`` that read as more heads than
+    any model has warn (:func:`~spattn.runtime.usage.warn_if_transposed`)."""
     validate(q, k, v)
     B, Hq, Lq, D = q.shape
+    if layout is None and Hq > _usage.MAX_HEADS:
+        _usage.warn_if_transposed(q)
     scale = _check_scale(scale, D)
     q_offset = check_q_offset(q_offset, Lq, k.shape[2])
     inputs = dict(inputs or {})
@@ -256,10 +259,11 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     ``layout``: of q, k, v (:mod:`spattn.runtime.usage`); the plan keeps it as
     ``plan.tensor_layout`` and calls with it take tensors in that layout.
     """
-    _usage.check_keywords(pattern.inputs, inputs or {})
+    if inputs:
+        _usage.check_keywords(pattern.inputs, inputs)
     q, k, v = _usage.to_bhsd(layout, q, k, v)
     try:
-        scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+        scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs, layout)
     except SpattnInputError as e:
         raise _usage.with_layout_hint(e, layout, q, k, v) from None
     backend = choose_backend(pattern.backend, q.device.type)
@@ -299,10 +303,12 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
          plan=None, layout=None):
     """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32);
     with ``layout="bshd"`` q, k, v and o are ``[B, L, H, D]`` (lse stays ``[B, Hq, Lq]``)."""
-    _usage.check_keywords(pattern.inputs, inputs or {})
+    if inputs:
+        _usage.check_keywords(pattern.inputs, inputs)
     if plan is not None and layout is None:
         layout = getattr(plan, "tensor_layout", None)
-    q, k, v = _usage.to_bhsd(layout if plan is None else layout or "bhsd", q, k, v)
+    if layout is not None:
+        q, k, v = _usage.to_bhsd(layout, q, k, v)
     if torch.compiler.is_compiling():
         # The op carries the canonical source (a str attribute: a constant while tracing).
         out = call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
@@ -313,7 +319,8 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
         try:
-            scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+            scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs,
+                                              layout)
         except SpattnInputError as e:
             raise _usage.with_layout_hint(e, layout, q, k, v) from None
         backend = choose_backend(pattern.backend, q.device.type)
@@ -324,7 +331,8 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
     else:                   # nothing to differentiate: the plan alone (no autograd node)
         o, lse = plan.forward(q, k, v)
-    o = _usage.from_bhsd(layout, o)
+    if layout == "bshd":
+        o = o.transpose(1, 2)
     return (o, lse) if return_lse else o
 
 

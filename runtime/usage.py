@@ -6,7 +6,7 @@ warnings about calls that run but are likely not what was meant.
   layout of Hugging Face projections before their transpose and of FlashAttention).
   ``bshd`` tensors are transposed as views (no copy) into ``[B, H, L, D]`` and the output
   transposed back, so forward, backward and both backends are the ``bhsd`` path.
-* A call without ``layout=`` whose q or k reads as more than :data:`MAX_HEADS` heads, and
+* A call without ``layout=`` whose q reads as more than :data:`MAX_HEADS` heads, and
   more heads than positions, is almost surely ``[B, L, H, D]``: a
   :class:`~spattn.dsl.errors.SpattnLayoutWarning` (passing ``layout="bhsd"`` says it is
   meant and silences it).
@@ -29,7 +29,8 @@ from ..dsl.errors import (SpattnEmptyPatternWarning, SpattnInputError, SpattnLay
                           SpattnParamError, SpattnValueError, short_repr)
 
 __all__ = ["LAYOUTS", "MAX_HEADS", "SDPA_KEYWORDS", "check_layout", "to_bhsd", "from_bhsd",
-           "check_keywords", "warn_if_empty", "warn_if_false"]
+           "warn_if_transposed", "with_layout_hint", "check_keywords", "warn_if_empty",
+           "warn_if_false", "kernel_source_for"]
 
 #: The layouts q, k, v and the output may have.
 LAYOUTS = ("bhsd", "bshd")
@@ -72,7 +73,7 @@ def check_layout(layout) -> str | None:
 
 
 def to_bhsd(layout, q, k, v):
-    """q, k, v as ``[B, H, L, D]`` views; a layout warning for suspicious unspecified ones."""
+    """q, k, v as ``[B, H, L, D]`` views (``layout`` checked)."""
     layout = check_layout(layout)
     if layout == "bshd":
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -82,8 +83,6 @@ def to_bhsd(layout, q, k, v):
                                        f"({t.dim()}-D)")
         return tuple(t.transpose(1, 2) if isinstance(t, torch.Tensor) else t
                      for t in (q, k, v))
-    if layout is None and not torch.compiler.is_compiling():
-        _warn_if_transposed(q, k)
     return q, k, v
 
 
@@ -92,17 +91,20 @@ def from_bhsd(layout, o):
     return o.transpose(1, 2) if layout == "bshd" else o
 
 
-def _warn_if_transposed(q, k) -> None:
-    for name, t in (("q", q), ("k", k)):
-        if (isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] > MAX_HEADS
-                and t.shape[1] > t.shape[2]):
-            warnings.warn(
-                f"spattn: {name} has shape {tuple(t.shape)}, read as [B, H, L, D]: "
-                f"{t.shape[1]} heads of length {t.shape[2]}. If it is [B, L, H, D] (e.g. a "
-                "Hugging Face projection before its transpose), pass layout='bshd'; if it "
-                "is meant, pass layout='bhsd' to silence this warning",
-                SpattnLayoutWarning, stacklevel=5)
-            return
+def warn_if_transposed(q) -> None:
+    """The layout warning for a validated q ``[B, H, L, D]`` given without ``layout=``
+    that reads as more than :data:`MAX_HEADS` heads, and more heads than positions.
+
+    Only q is read (the call path already holds its shape): a bshd prefill has q's
+    length in the heads' place; a bshd decode (one query, many keys) fails the head
+    check instead, whose error says ``layout='bshd'`` (:func:`with_layout_hint`)."""
+    if q.shape[1] > MAX_HEADS and q.shape[1] > q.shape[2]:
+        warnings.warn(
+            f"spattn: q has shape {tuple(q.shape)}, read as [B, H, L, D]: {q.shape[1]} "
+            f"heads of length {q.shape[2]}. If it is [B, L, H, D] (e.g. a Hugging Face "
+            "projection before its transpose), pass layout='bshd'; if it is meant, pass "
+            "layout='bhsd' to silence this warning",
+            SpattnLayoutWarning, stacklevel=5)
 
 
 def check_keywords(declared, given) -> None:

@@ -109,7 +109,7 @@ class Pattern(CompiledPattern):
         tensors laid out like these (it holds the runtime inputs, scale and offset).
         ``layout``: ``"bhsd"`` (the default) or ``"bshd"``: q ``[B, Lq, Hq, D]``, k, v
         ``[B, Lk, Hk, D]`` and the output ``[B, Lq, Hq, D]`` (a transposed view; lse stays
-        ``[B, Hq, Lq]``). Without ``layout=`` a q or k that reads as more than 256 heads,
+        ``[B, Hq, Lq]``). Without ``layout=`` a q that reads as more than 256 heads,
         and more heads than positions, gives a :class:`SpattnLayoutWarning`.
         """
         from .runtime.api import call
