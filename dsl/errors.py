@@ -118,3 +118,17 @@ def short_repr(value) -> str:
     except Exception:  # noqa: BLE001 - a hostile __repr__ must not hide the real error
         return f"<{type(value).__name__} object>"
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class SpattnWarning(UserWarning):
+    """Base class of the warnings spattn gives about a call that runs but is likely not what
+    was meant (filter them with ``warnings.filterwarnings("ignore", category=...)``)."""
+
+
+class SpattnLayoutWarning(SpattnWarning):
+    """q, k, v given without ``layout=`` look like ``[B, L, H, D]`` tensors read as
+    ``[B, H, L, D]`` (pass ``layout="bshd"``, or ``layout="bhsd"`` to say they are not)."""
+
+
+class SpattnEmptyPatternWarning(SpattnWarning):
+    """The pattern allows no (query, key) pair: every output row is 0."""

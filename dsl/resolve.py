@@ -57,6 +57,19 @@ class Resolved:
 
 # ------------------------------------------------------------------ helpers
 
+
+#: Keywords every call takes, so no runtime input can be passed under these names.
+CALL_KEYWORDS = {
+    "scale": "the softmax scale",
+    "return_lse": "whether the log-sum-exp is returned",
+    "q_offset": "the position of query row 0",
+    "plan": "a plan made by pat.plan",
+    "layout": "the layout of q, k, v",
+    "pattern": "the pattern of spattn.attention",
+    "backend": "the backend of spattn.attention",
+}
+
+
 def suggest(name: str, candidates) -> str:
     """``"; did you mean 'x'?"`` for the closest candidate, or ``""``."""
     cands = sorted(set(c for c in candidates if c != name))
@@ -461,6 +474,10 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
         if isinstance(s, A.ParamDecl):
             decls[n] = s
         elif isinstance(s, A.InputDecl):
+            if n in CALL_KEYWORDS:
+                raise err(SpattnNameError, f"an input named {n!r} could not be passed: "
+                          f"{n}= is a keyword of every call ({CALL_KEYWORDS[n]}); rename the "
+                          "input", s)
             inputs[n] = s
         elif isinstance(s, A.Def):
             ps: set[str] = set()

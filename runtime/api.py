@@ -11,7 +11,9 @@ argument and its shape, or a :class:`SpattnValueError` for scalars):
 
 * q, k, v are 4-D tensors ``[B, H, L, D]`` (the layout of
   ``scaled_dot_product_attention``); any strides, no copies are made for the
-  Triton backend.
+  Triton backend. ``layout="bshd"`` takes ``[B, L, H, D]`` tensors (transposed views) and
+  returns the output likewise; keywords of other attention APIs (``is_causal``,
+  ``attn_mask``, ...) are errors that say what to write instead (``runtime/usage.py``).
 * the same B for all three; k and v have the same H and L; ``Hq % Hk == 0``
   (grouped-query / multi-query attention: query head h reads key head
   ``h // (Hq // Hk)``).
@@ -61,6 +63,7 @@ from ..dsl.errors import (MAX_INT, SpattnBackendError, SpattnInputError, SpattnP
                           SpattnValueError, short_repr)
 from ..ir.evaluate import query_offset as _query_offset
 from . import autograd as _ag
+from . import usage as _usage
 from .plan import PLANS, Plan, build_plan
 from .settings import getenv
 from ..ir.inputs import validate_inputs
@@ -225,11 +228,14 @@ def _backend_for(requested: str, device_type: str) -> str:
     return choose_backend(requested, device_type)
 
 
-def _arguments(pattern, q, k, v, scale, q_offset, inputs):
+def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
     """The checked ``(scale, q_offset, inputs)`` of a call (inputs as given: the plan
-    converts them once)."""
+    converts them once); tensors given without ``layout`` that read as more heads than
+    any model has warn (:func:`~spattn.runtime.usage.warn_if_transposed`)."""
     validate(q, k, v)
     B, Hq, Lq, D = q.shape
+    if layout is None and Hq > _usage.MAX_HEADS:
+        _usage.warn_if_transposed(q)
     scale = _check_scale(scale, D)
     q_offset = check_q_offset(q_offset, Lq, k.shape[2])
     inputs = dict(inputs or {})
@@ -244,19 +250,28 @@ def _as_given(t, device, dtype):
 
 
 def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backward=None,
-              **options):
+              layout=None, **options):
     """``Pattern.plan``: a new :class:`~spattn.runtime.plan.Plan` for these tensors.
 
     ``backward``: build the backward's stage now (True), not until the first backward
     (False), or when q, k or v requires grad (None, the default). ``options``: the
     launcher options of :mod:`spattn.runtime.triton_backend` (tests, tuning experiments).
+    ``layout``: of q, k, v (:mod:`spattn.runtime.usage`); the plan keeps it as
+    ``plan.tensor_layout`` and calls with it take tensors in that layout.
     """
-    scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+    if inputs:
+        _usage.check_keywords(pattern.inputs, inputs)
+    q, k, v = _usage.to_bhsd(layout, q, k, v)
+    try:
+        scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs, layout)
+    except SpattnInputError as e:
+        raise _usage.with_layout_hint(e, layout, q, k, v) from None
     backend = choose_backend(pattern.backend, q.device.type)
     plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset, inputs=ins,
                       options=options)
     if backward or (backward is None and any(t.requires_grad for t in (q, k, v))):
         plan.prepare_backward(q, k, v)
+    plan.tensor_layout = layout
     return plan
 
 
@@ -285,16 +300,29 @@ def _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs) -> None:
 
 
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
-         plan=None):
-    """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32)."""
+         plan=None, layout=None):
+    """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32);
+    with ``layout="bshd"`` q, k, v and o are ``[B, L, H, D]`` (lse stays ``[B, Hq, Lq]``)."""
+    if inputs:
+        _usage.check_keywords(pattern.inputs, inputs)
+    if plan is not None and layout is None:
+        layout = getattr(plan, "tensor_layout", None)
+    if layout is not None:
+        q, k, v = _usage.to_bhsd(layout, q, k, v)
     if torch.compiler.is_compiling():
         # The op carries the canonical source (a str attribute: a constant while tracing).
-        return call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
-                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
+        out = call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
+                      return_lse=return_lse, q_offset=q_offset, inputs=inputs)
+        return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
+            _usage.from_bhsd(layout, out)
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
-        scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+        try:
+            scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs,
+                                              layout)
+        except SpattnInputError as e:
+            raise _usage.with_layout_hint(e, layout, q, k, v) from None
         backend = choose_backend(pattern.backend, q.device.type)
         _ag.register(pattern)
         plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
@@ -303,6 +331,8 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
     else:                   # nothing to differentiate: the plan alone (no autograd node)
         o, lse = plan.forward(q, k, v)
+    if layout == "bshd":
+        o = o.transpose(1, 2)
     return (o, lse) if return_lse else o
 
 

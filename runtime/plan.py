@@ -230,9 +230,15 @@ class Plan:
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
                settings=None, options=None) -> Plan:
     """A new :class:`Plan` (arguments already validated: ``api.validate``)."""
-    call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
-                   settings=settings, backend=backend)
-    return Plan(pattern, backend, call, q, k, v, options)
+    from .progress import progress
+    with progress(f"building the {backend} plan of {pattern.name!r} for q "
+                  f"{list(q.shape)} {str(q.dtype).replace('torch.', '')} (kernels, tables)"):
+        call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
+                       settings=settings, backend=backend)
+        plan = Plan(pattern, backend, call, q, k, v, options)
+    from .usage import warn_if_empty
+    warn_if_empty(call)
+    return plan
 
 
 # ------------------------------------------------------------------ the cache

@@ -22,6 +22,8 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 ``SPATTN_TABLES``           ``auto``, ``csr`` or ``spans``: the table strategy's form
 ``SPATTN_AUTOTUNE``         ``1`` / ``0``: autotune launch configurations on CUDA
 ``SPATTN_CACHE_DIR``        the kernel cache directory (default ``~/.cache/spattn``)
+``SPATTN_PROGRESS``         ``auto`` / ``1`` / ``0``: show long plan builds and explain()
+                            runs (:func:`progress`; not part of :class:`Settings`)
 ``TRITON_INTERPRET``        ``1``: run the Triton kernels on the CPU (Triton's variable)
 ==========================  ============================================================
 """
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 
 from ..dsl.errors import SpattnConfigError
 
-__all__ = ["Settings", "current", "getenv", "VARIABLES", "FLAG_ON", "FLAG_OFF"]
+__all__ = ["Settings", "current", "getenv", "progress", "VARIABLES", "FLAG_ON", "FLAG_OFF"]
 
 #: Spellings of a switched-on / switched-off flag.
 FLAG_ON = ("1", "true", "on", "yes")
@@ -212,3 +214,10 @@ def current() -> Settings:
     s = parse(raw)
     _LAST = (raw, s)
     return s
+
+
+def progress() -> bool | None:
+    """``SPATTN_PROGRESS``: True (always show the progress of long work), False (never) or
+    None (``auto``, the default: when stderr is a terminal). A display setting, so not part
+    of :class:`Settings` (which keys plans and kernels): changing it rebuilds nothing."""
+    return _flag("SPATTN_PROGRESS", getenv("SPATTN_PROGRESS"), auto=True)

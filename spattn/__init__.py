@@ -9,7 +9,8 @@ Every error spattn reports is a :class:`SpattnError`; its subclasses say what ki
 from spattn.dsl.errors import (SpattnBackendError, SpattnCacheError,  # noqa: F401
                                SpattnConfigError, SpattnError, SpattnInputError,
                                SpattnNameError, SpattnParamError, SpattnSyntaxError,
-                               SpattnTypeError, SpattnValueError)
+                               SpattnTypeError, SpattnValueError, SpattnWarning,
+                               SpattnLayoutWarning, SpattnEmptyPatternWarning)
 from spattn.functional import attention  # noqa: F401
 from spattn.pattern import Pattern, compile, load, pattern_names  # noqa: F401
 
@@ -17,5 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = ["Pattern", "SpattnError", "SpattnSyntaxError", "SpattnNameError", "SpattnTypeError",
            "SpattnValueError", "SpattnParamError", "SpattnInputError", "SpattnBackendError",
-           "SpattnConfigError", "SpattnCacheError", "compile", "load", "pattern_names",
+           "SpattnConfigError", "SpattnCacheError", "SpattnWarning", "SpattnLayoutWarning",
+           "SpattnEmptyPatternWarning", "compile", "load", "pattern_names",
            "attention", "__version__"]

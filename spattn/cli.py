@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("codegen", help="print the generated Triton source")
     _common(p)
     p.add_argument("--kind", choices=("fwd", "bwd"), default="fwd")
+    p.add_argument("--dim", type=_positive, default=128, help="head dimension (16..256)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="bfloat16")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
 
     p = sub.add_parser("run", help="run on random inputs, check against the reference, time it")
@@ -153,8 +155,10 @@ class _Usage(Exception):
 def demo_inputs(pat, Lq, Lk, *, num_heads=1, batch=1, q_offset=None, seed=0, device=None):
     """Synthetic runtime inputs for a pattern, sized from the index ranges it uses.
 
-    1-D inputs become sorted segment ids (packed documents); n-D inputs random
-    0/1 tables (random blocks). Returns ``(inputs, notes)``.
+    1-D inputs the pattern only compares with constants (``is_global[k]``, ``vertical[k]``:
+    :func:`marker_inputs`) become 0/1 markers, one position in 16 set; other 1-D inputs
+    sorted segment ids (packed documents); n-D inputs random 0/1 tables (random blocks).
+    Returns ``(inputs, notes)``.
     """
     from .ir.intervals import index_hull
     if not pat.inputs:
@@ -167,9 +171,16 @@ def demo_inputs(pat, Lq, Lk, *, num_heads=1, batch=1, q_offset=None, seed=0, dev
         for i, (lo, hi) in enumerate(dims):
             cur[i] = max(cur[i], int(hi) + 1)
     out, notes = {}, []
+    markers = marker_inputs(pat)
     for name, nd in pat.inputs.items():
         shape = sizes.get(name, [max(Lq, Lk)] * nd)
-        if nd == 1:
+        if nd == 1 and name in markers:
+            n = shape[0]
+            t = torch.zeros(n, dtype=torch.int64)
+            t[torch.randperm(n, generator=gen)[: max(1, n // 16)]] = 1
+            notes.append(f"input {name}: synthetic 0/1 markers, shape {tuple(t.shape)}, "
+                         f"{int(t.sum())} set (seed {seed})")
+        elif nd == 1:
             n = shape[0]
             cuts = torch.sort(torch.randint(0, n, (max(1, n // 64),), generator=gen)).values
             t = torch.bucketize(torch.arange(n), cuts, right=True)
@@ -183,17 +194,40 @@ def demo_inputs(pat, Lq, Lk, *, num_heads=1, batch=1, q_offset=None, seed=0, dev
     return out, notes
 
 
+def marker_inputs(pat) -> set[str]:
+    """The 1-D inputs of ``pat`` that it only compares with constants (every load of them
+    is the operand of a range test: ``is_global[k]``, i.e. ``is_global[k] != 0``), as
+    opposed to ids compared with each other (``doc[q] == doc[k]``)."""
+    from .ir.nodes import Load, Range, walk
+    loads, tested = {}, {}
+    for n in walk(pat.ir):
+        if isinstance(n, Load):
+            loads[n.name] = loads.get(n.name, 0) + 1
+        elif isinstance(n, Range) and isinstance(n.x, Load):
+            tested[n.x.name] = tested.get(n.x.name, 0) + 1
+    return {name for name, nd in pat.inputs.items()
+            if nd == 1 and loads.get(name) and tested.get(name) == loads[name]}
+
+
 def _cmd_check(args, pat, out):
-    if isinstance(pat, list):
-        for p in pat:
-            print(f"{p.name}: {p.source}", file=out)
-        pat = pat[0]
-    else:
+    """One pattern: its canonical source, then its params and inputs. A file of several:
+    ``name: source`` for each, its params and inputs indented below it."""
+    if not isinstance(pat, list):
         print(pat.source, file=out)
+        _params_and_inputs(pat, out, "")
+        return
+    for p in pat:
+        print(f"{p.name}: {p.source}", file=out)
+        _params_and_inputs(p, out, "  ")
+
+
+def _params_and_inputs(pat, out, indent):
     if pat.params:
-        print("params: " + ", ".join(f"{k}={v}" for k, v in pat.params.items()), file=out)
+        print(indent + "params: " + ", ".join(f"{k}={v}" for k, v in pat.params.items()),
+              file=out)
     if pat.inputs:
-        print("inputs: " + ", ".join(f"{k} ({n}-D)" for k, n in pat.inputs.items()), file=out)
+        print(indent + "inputs: " + ", ".join(f"{k} ({n}-D)" for k, n in pat.inputs.items()),
+              file=out)
 
 
 def _shape_and_inputs(args, pat, out, *, batch=1, device=None):
@@ -246,7 +280,7 @@ def _cmd_explain(args, pat, out):
 
 
 def _cmd_codegen(args, pat, out):
-    text = pat.kernel_source(args.kind)
+    text = pat.kernel_source(args.kind, head_dim=args.dim, dtype=getattr(torch, args.dtype))
     if args.output:
         from pathlib import Path
         try:
@@ -271,7 +305,8 @@ def _cmd_run(args, pat, out):
     with _fits(f"random q, k, v of {B} x {H} x {max(Lq, Lk)} x {D}"):
         q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
                    for L in (Lq, Lk, Lk))
-    with _progress(f"running {pat.name} (first call compiles)"):
+    from .runtime.progress import progress
+    with progress(f"running {pat.name} (the first call builds its plan)"):
         t0 = time.perf_counter()
         o = pat(q, k, v, q_offset=args.q_offset, **inputs)
         _sync(device)
@@ -303,32 +338,6 @@ def _cmd_run(args, pat, out):
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-class _progress:
-    """A spinner on stderr while long work runs (rich when it is installed and a terminal)."""
-
-    def __init__(self, text):
-        self.text = text
-        self._status = None
-
-    def __enter__(self):
-        try:
-            from rich.console import Console
-            console = Console(stderr=True)
-            if console.is_terminal:
-                self._status = console.status(self.text)
-                self._status.__enter__()
-                return self
-        except ImportError:
-            pass
-        print(self.text + " ...", file=sys.stderr)
-        return self
-
-    def __exit__(self, *exc):
-        if self._status is not None:
-            self._status.__exit__(*exc)
-        return False
 
 
 COMMANDS = {"check": _cmd_check, "show": _cmd_show, "explain": _cmd_explain,

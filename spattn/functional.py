@@ -10,10 +10,11 @@ from collections import OrderedDict
 
 import torch
 
-from .dsl.errors import SpattnParamError
+from .dsl.errors import SpattnError, SpattnParamError
 from .pattern import Pattern, compile as _compile
 from .runtime import autograd as _ag
 from .runtime.api import call, call_op
+from .runtime.usage import check_keywords, from_bhsd, to_bhsd
 
 COMPILE_CACHE_SIZE = 128
 _compiled: "OrderedDict[tuple, Pattern]" = OrderedDict()
@@ -48,6 +49,7 @@ def _resolve(pattern, kwargs):
     inputs = {n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}
     params = {n: x for n, x in kwargs.items() if not isinstance(x, torch.Tensor)}
     if isinstance(pattern, Pattern):
+        check_keywords(pattern.inputs, kwargs)
         if params:
             raise SpattnParamError(
                 f"params {', '.join(map(repr, sorted(params)))} cannot be bound on an already "
@@ -60,7 +62,14 @@ def _resolve(pattern, kwargs):
     if not isinstance(pattern, str):
         raise SpattnParamError(f"pattern must be a str or a spattn.Pattern, got "
                                f"{type(pattern).__name__}")
-    return compile_cached(pattern, backend or "auto", **params), inputs
+    try:
+        pat = compile_cached(pattern, backend or "auto", **params)
+    except SpattnError:
+        # a keyword of another attention API: say what to write, unless the pattern has it
+        check_keywords({}, {n: x for n, x in params.items()})
+        raise
+    check_keywords(pat.inputs, inputs)
+    return pat, inputs
 
 
 def _functional_meta(src: str, backend: str, params: tuple) -> tuple:
@@ -72,11 +81,15 @@ def _functional_meta(src: str, backend: str, params: tuple) -> tuple:
 _functional_meta_const = torch.compiler.assume_constant_result(_functional_meta)
 
 
-def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, **kwargs):
+def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, layout=None,
+              **kwargs):
     """Functional form: ``attention(q, k, v, pattern="causal & window(W)", W=1024, doc=doc)``.
 
     Keyword arguments that name runtime inputs of the pattern are passed at call
-    time; the others bind params. Compiled patterns are cached.
+    time; the others bind params. Compiled patterns are cached. ``layout``: ``"bhsd"``
+    (q ``[B, H, L, D]``, the default) or ``"bshd"`` (q ``[B, L, H, D]``, output likewise).
+    Keywords of ``scaled_dot_product_attention`` (``is_causal``, ``attn_mask``,
+    ``enable_gqa``, ``dropout_p``) are errors that say what to write instead.
     """
     if torch.compiler.is_compiling() and isinstance(pattern, str):
         # Parsing is not traceable: the compiled pattern enters the graph as constants.
@@ -85,8 +98,11 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
         params = tuple(sorted((n, _freeze(x)) for n, x in kwargs.items()
                               if not isinstance(x, torch.Tensor)))
         key, declared, requested = _functional_meta_const(pattern, backend, params)
-        return call_op(key, dict(declared), requested, q, k, v, scale=scale,
-                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
+        check_keywords(dict(declared), inputs)
+        q, k, v = to_bhsd(layout, q, k, v)
+        out = call_op(key, dict(declared), requested, q, k, v, scale=scale,
+                      return_lse=return_lse, q_offset=q_offset, inputs=inputs)
+        return (from_bhsd(layout, out[0]), out[1]) if return_lse else from_bhsd(layout, out)
     pat, inputs = _resolve(pattern, dict(kwargs))
     return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                inputs=inputs)
+                inputs=inputs, layout=layout)

@@ -24,14 +24,18 @@ class SparseAttention(nn.Module):
         pattern: pattern source (``"causal & window(W)"``) or a compiled :class:`Pattern`.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`spattn.compile`).
         scale: softmax scale; default ``1 / sqrt(D)``.
+        layout: ``"bhsd"`` (q ``[B, H, L, D]``, the default) or ``"bshd"`` (q
+            ``[B, L, H, D]``; the output likewise).
         **params: compile-time params of the pattern (only with a source string).
     """
 
     def __init__(self, pattern: "str | Pattern", *, backend: str = "auto",
-                 scale: float | None = None, **params):
+                 scale: float | None = None, layout: str | None = None, **params):
         super().__init__()
         from .dsl.errors import SpattnParamError
         from .runtime import autograd as _ag
+        from .runtime.usage import check_layout
+        self.layout = check_layout(layout)
         if isinstance(pattern, Pattern):
             if params:
                 raise SpattnParamError(
@@ -53,7 +57,7 @@ class SparseAttention(nn.Module):
     def forward(self, q, k, v, q_offset: int | None = None, **inputs):
         from .runtime.api import call
         return call(self.pattern, q, k, v, scale=self.scale, return_lse=False,
-                    q_offset=q_offset, inputs=inputs)
+                    q_offset=q_offset, inputs=inputs, layout=self.layout)
 
     def extra_repr(self) -> str:
         parts = [repr(self.pattern.source)]
@@ -63,4 +67,6 @@ class SparseAttention(nn.Module):
             parts.append(f"backend={self.pattern.backend!r}")
         if self.scale is not None:
             parts.append(f"scale={self.scale}")
+        if self.layout is not None:
+            parts.append(f"layout={self.layout!r}")
         return ", ".join(parts)

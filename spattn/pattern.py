@@ -18,6 +18,7 @@ from .dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, Spatt
 from .ir.evaluate import mask as _mask
 from .ir.inputs import check_lengths, validate_inputs
 from .ir.pattern import BACKENDS, CompiledPattern  # noqa: F401  (BACKENDS: public)
+from .runtime.usage import warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
                   "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma")
@@ -87,9 +88,10 @@ class Pattern(CompiledPattern):
         and the forward's speedup over dense attention predicted for ``target`` (``"cuda"``
         or ``"cpu"``; tiles default to that target's)."""
         from .ir.explain import explain
+        from .runtime.progress import progress
         Lk = Lq if Lk is None else Lk
         _checked(self, Lq, Lk, None, None, inputs)
-        with _fits("the analysis"):
+        with _fits("the analysis"), progress(f"explaining {self.name!r} at Lq={Lq}, Lk={Lk}"):
             return explain(self, Lq, Lk, num_heads=num_heads, block_m=block_m,
                            block_n=block_n, inputs=inputs, target=target)
 
@@ -102,40 +104,63 @@ class Pattern(CompiledPattern):
 
     # -- kernels ----------------------------------------------------------
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False,
-                 q_offset: int | None = None, plan=None, **inputs):
+                 q_offset: int | None = None, plan=None, layout: str | None = None, **inputs):
         """Attention with this pattern; q ``[B, Hq, Lq, D]``, k, v ``[B, Hk, Lk, D]``.
 
         Returns the output ``[B, Hq, Lq, D]`` (and the log-sum-exp ``[B, Hq, Lq]``, fp32,
         natural log, when ``return_lse``). ``plan``: a plan made by :meth:`plan` for
         tensors laid out like these (it holds the runtime inputs, scale and offset).
+        ``layout``: ``"bhsd"`` (the default) or ``"bshd"``: q ``[B, Lq, Hq, D]``, k, v
+        ``[B, Lk, Hk, D]`` and the output ``[B, Lq, Hq, D]`` (a transposed view; lse stays
+        ``[B, Hq, Lq]``). Without ``layout=`` a q that reads as more than 256 heads,
+        and more heads than positions, gives a :class:`SpattnLayoutWarning`.
         """
         from .runtime.api import call
         return call(self, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                    inputs=inputs, plan=plan)
+                    inputs=inputs, plan=plan, layout=layout)
 
     def plan(self, q, k, v, *, scale: float | None = None, q_offset: int | None = None,
-             backward: bool | None = None, **inputs):
+             backward: bool | None = None, layout: str | None = None, **inputs):
         """Everything a call with these tensors needs, resolved once: a
         :class:`spattn.runtime.plan.Plan` (shapes, positions, inputs, tables, configuration,
         compiled kernels). ``pat(q, k, v, plan=plan)`` then runs with no other host work.
 
         The plan is for tensors laid out like q ``[B, Hq, Lq, D]`` and k, v
-        ``[B, Hk, Lk, D]`` (shapes, strides, dtype, device) and holds the runtime
-        ``inputs``; ``backward`` builds the backward's stage now (True), at the first
-        backward (False), or now if q, k or v requires grad (None). ``repr(plan)`` says
-        what it holds.
+        ``[B, Hk, Lk, D]`` (shapes, strides, dtype, device; ``layout="bshd"``: q
+        ``[B, Lq, Hq, D]``, k, v ``[B, Lk, Hk, D]``, which the plan remembers) and holds the
+        runtime ``inputs``; ``backward`` builds the backward's stage now (True), at the
+        first backward (False), or now if q, k or v requires grad (None). ``repr(plan)``
+        says what it holds.
         """
         from .runtime.api import make_plan
         return make_plan(self, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
-                         backward=backward)
+                         backward=backward, layout=layout)
 
-    def kernel_source(self, kind: str = "fwd", **options) -> str:
-        """The generated Triton source of one kernel (``kind`` in fwd, bwd).
+    def kernel_source(self, *args, **options) -> str:
+        """The generated Triton source of a kernel, in one of two forms.
 
-        ``options`` (all optional): ``head_dim`` (16..256, default 128), ``dtype`` (default
-        bf16), ``strategy``, ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, the
-        backward's ``block_m1``, ``block_n1``, ``block_m2``, ``block_n2``, ``loop``, ``tma``.
+        ``kernel_source(q, k, v, kind="fwd", **call)``: the module that a call with these
+        tensors runs (``kind`` ``"fwd"`` or ``"bwd"``; ``call``: ``scale``, ``q_offset``,
+        ``layout`` and runtime inputs, as for a call): a plan is built for them, so the
+        dtype, head dim, strategy, tiles, warps, loop, TMA and 64-bit choice are the
+        call's. CPU tensors that run the torch backend run no kernel (SpattnBackendError).
+
+        ``kernel_source(kind="fwd", **options)``: the kernel of a configuration (``kind`` in
+        fwd, bwd). ``options`` (all optional): ``head_dim`` (16..256, default 128),
+        ``dtype`` (default bf16), ``strategy``, ``block_m``, ``block_n``, ``num_warps``,
+        ``num_stages``, the backward's ``block_m1``, ``block_n1``, ``block_m2``,
+        ``block_n2``, ``loop``, ``tma``.
         """
+        if args and isinstance(args[0], torch.Tensor):
+            if len(args) != 3:
+                raise SpattnParamError(f"kernel_source(q, k, v, ...) takes three tensors, got "
+                                       f"{len(args)} positional arguments")
+            from .runtime.usage import kernel_source_for
+            return kernel_source_for(self, *args, **options)
+        if len(args) > 1:
+            raise SpattnParamError("kernel_source takes the kind ('fwd' or 'bwd') and keyword "
+                                   "options, or the tensors q, k, v")
+        kind = args[0] if args else options.pop("kind", "fwd")
         from .runtime.cache import kernel_text
         unknown = sorted(set(options) - set(KERNEL_OPTIONS))
         if unknown:
@@ -164,6 +189,7 @@ def compile(src: str, *, backend: str = "auto", pattern: str | None = None, **pa
     if not isinstance(src, str):
         raise SpattnError(f"compile() takes the pattern source as a str, got {type(src).__name__}")
     low = compile_source(src, params, pattern=pattern)
+    warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend)
 
 
@@ -245,4 +271,5 @@ def load(path, *, pattern: str | None = None, backend: str = "auto", **params: A
     from .ir.lower import compile_source
     text = _read(path)
     low = compile_source(text, params, pattern=pattern, filename=os.fspath(path))
+    warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend)

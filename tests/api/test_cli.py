@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import spattn
 from spattn.cli import main
@@ -34,7 +35,9 @@ def test_check_whole_file(path):
     if len(names) == 1:
         assert lines[0] == spattn.load(path).source
     else:
-        for name, line in zip(names, lines):
+        heads = [line for line in lines if not line.startswith("  ")]
+        assert len(heads) == len(names)
+        for name, line in zip(names, heads):
             assert line == f"{name}: {spattn.load(path, pattern=name).source}"
 
 
@@ -111,3 +114,61 @@ def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "spattn.cli", "explain", "--help"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--lq" in r.stdout
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"spattn {spattn.__version__} (codegen ")
+    assert f"torch {torch.__version__}" in text
+
+
+def test_check_lists_the_inputs_of_every_pattern():
+    """A file of several patterns: each one's params and inputs below its line."""
+    code, text = run("check", ROOT / "examples" / "patterns" / "minference_a_shape.spattn")
+    assert code == 0
+    assert text.splitlines() == [
+        f"a_shape: {spattn.load(ROOT / 'examples/patterns/minference_a_shape.spattn', pattern='a_shape').source}",
+        "  params: n_init=128, n_local=3968",
+        f"vertical_slash: {spattn.load(ROOT / 'examples/patterns/minference_a_shape.spattn', pattern='vertical_slash').source}",
+        "  params: n_init=128, n_local=3968",
+        "  inputs: vertical (1-D), slash (1-D)"]
+
+
+@pytest.mark.parametrize("dim, dtype, block_d, name", [
+    (64, "float16", 64, "fp16"), (32, "float32", 32, "fp32"), (128, "bfloat16", 128, "bf16")],
+    ids=["D64-fp16", "D32-fp32", "D128-bf16"])
+def test_codegen_dim_and_dtype(dim, dtype, block_d, name):
+    code, text = run("codegen", "-e", "causal & window(8)", "--dim", dim, "--dtype", dtype)
+    assert code == 0
+    assert f"BLOCK_D = {block_d}\n" in text and f"dtype={name}" in text
+    assert text == spattn.compile("causal & window(8)").kernel_source(
+        "fwd", head_dim=dim, dtype=getattr(torch, dtype))
+
+
+def test_codegen_bad_dim_exit_1(capsys):
+    code, _ = run("codegen", "-e", "causal", "--dim", 300)
+    assert code == 1 and "head_dim must be an integer in 16..256" in capsys.readouterr().err
+
+
+def test_show_draws_markers_as_markers():
+    """``is_global[q] | is_global[k]`` marks whole rows and columns: a few, not every one
+    (segment ids, which made the picture a solid square)."""
+    path = ROOT / "examples" / "patterns" / "longformer.spattn"
+    code, text = run("show", path, "--pattern", "longformer_marked", "-p", "W=4", "--lq", 32)
+    assert code == 0 and "input is_global: synthetic 0/1 markers, shape (32,), 2 set" in text
+    rows = [line.strip() for line in text.splitlines() if set(line.strip()) <= {"#", "."}
+            and len(line.strip()) == 32]
+    assert len(rows) == 32
+    full_rows = [r for r in rows if r == "#" * 32]
+    assert len(full_rows) == 2                # the two global rows, and nothing else full
+    assert sum(r.count("#") for r in rows) < 32 * 32 // 2
+
+
+def test_marker_inputs_are_the_inputs_compared_with_constants():
+    from spattn.cli import marker_inputs
+    pat = spattn.compile("input g\ninput doc\ninput blocks\npattern p = causal & (g[k] | "
+                         "same(doc) | blocks[q // 8, k // 8] | doc[q] == 3)")
+    assert marker_inputs(pat) == {"g"}

@@ -251,3 +251,13 @@ def test_random_text_raises_only_spattn_errors(src):
 def test_generated_programs_compile(src):
     for pick in ("main", "other"):
         assert compile_source(src, pattern=pick).ir.type == "bool"
+
+
+@pytest.mark.parametrize("name", ["scale", "q_offset", "plan", "layout", "return_lse",
+                                  "pattern", "backend"])
+def test_input_named_like_a_call_keyword_is_refused(name):
+    """Such an input could never be passed: the call takes the keyword itself."""
+    with pytest.raises(SpattnNameError, match=rf"input named '{name}' could not be "
+                       rf"passed.*rename the input") as e:
+        compile_source(f"input {name}\npattern p = {name}[k] != 0", {})
+    assert e.value.line == 1 and e.value.column == 7

@@ -95,3 +95,30 @@ def test_compile_fullgraph_on_cuda(backend):
     torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, g_eager[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("form", ["module", "functional"])
+def test_compile_fullgraph_bshd_layout(form):
+    """``layout="bshd"`` inside ``torch.compile(fullgraph=True)``: the transposes are traced
+    around the op, no graph break, the eager numbers."""
+    torch._dynamo.reset()
+    attn = SparseAttention("causal & window(W)", W=6, backend="torch", layout="bshd")
+
+    def f(q, k, v):
+        if form == "module":
+            o = attn(q, k, v)
+        else:
+            o = spattn.attention(q, k, v, pattern="causal & window(W)", W=6, backend="torch",
+                                 layout="bshd")
+        return (o * o).sum()
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 18, 2, 16, generator=g, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a = compiled(q, k, v)
+    ga = torch.autograd.grad(a, (q, k, v))
+    b = f(q, k, v)
+    gb = torch.autograd.grad(b, (q, k, v))
+    torch.testing.assert_close(a, b)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)

@@ -1,0 +1,213 @@
+"""How a call is written: the tensor layout, keywords of other attention APIs, and the
+warnings about calls that run but are likely not what was meant.
+
+* ``layout``: ``"bhsd"`` (q ``[B, H, L, D]``, the layout of
+  ``scaled_dot_product_attention`` and the default) or ``"bshd"`` (q ``[B, L, H, D]``, the
+  layout of Hugging Face projections before their transpose and of FlashAttention).
+  ``bshd`` tensors are transposed as views (no copy) into ``[B, H, L, D]`` and the output
+  transposed back, so forward, backward and both backends are the ``bhsd`` path.
+* A call without ``layout=`` whose q reads as more than :data:`MAX_HEADS` heads, and
+  more heads than positions, is almost surely ``[B, L, H, D]``: a
+  :class:`~spattn.dsl.errors.SpattnLayoutWarning` (passing ``layout="bhsd"`` says it is
+  meant and silences it).
+* Keywords of ``scaled_dot_product_attention`` (and of FlexAttention / ``nn.
+  MultiheadAttention``) that spattn expresses differently are a
+  :class:`~spattn.dsl.errors.SpattnParamError` saying what to write instead, unless the
+  pattern declares a runtime input of that name.
+* A pattern that allows no pair gives an all-zero output: a
+  :class:`~spattn.dsl.errors.SpattnEmptyPatternWarning` at compile time where that holds
+  for every shape (the canonical IR is ``false``), else when a plan is built for a call
+  whose analysis proves every tile EMPTY (:func:`warn_if_empty`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..dsl.errors import (SpattnEmptyPatternWarning, SpattnInputError, SpattnLayoutWarning,
+                          SpattnParamError, SpattnValueError, short_repr)
+
+__all__ = ["LAYOUTS", "MAX_HEADS", "SDPA_KEYWORDS", "check_layout", "to_bhsd", "from_bhsd",
+           "warn_if_transposed", "with_layout_hint", "check_keywords", "warn_if_empty",
+           "warn_if_false", "kernel_source_for"]
+
+#: The layouts q, k, v and the output may have.
+LAYOUTS = ("bhsd", "bshd")
+#: More heads than any released model has (DeepSeek-V3: 128): a "head" count above it, and
+#: above the "length", reads as a sequence length in the heads' place.
+MAX_HEADS = 256
+
+#: Keywords of other attention APIs -> what to write in spattn instead.
+SDPA_KEYWORDS = {
+    "is_causal": "spattn takes no is_causal: the pattern says which keys a query sees; write "
+                 "causality into it, e.g. spattn.compile(\"causal & window(W)\") or "
+                 "spattn.attention(q, k, v, pattern=\"causal\")",
+    "attn_mask": "spattn takes no dense attn_mask: write the mask as a pattern; a mask that "
+                 "comes with the data enters as a runtime input (e.g. \"causal & same(doc)\" "
+                 "called with doc=segment_ids, or \"causal & keep[k]\" with keep=padding "
+                 "mask); in Hugging Face models use attn_implementation=\"spattn\" "
+                 "(spattn.integrations.transformers), which builds them from the padding",
+    "enable_gqa": "spattn takes no enable_gqa: grouped-query attention is automatic when q "
+                  "has a multiple of k's heads (query head h reads key head h // (Hq // Hk)); "
+                  "drop the keyword",
+    "dropout_p": "spattn has no attention dropout: drop dropout_p (with dropout_p=0.0 the "
+                 "call is the same without it; for dropout apply it outside attention)",
+    "key_padding_mask": "spattn takes no key_padding_mask: pass the mask as a runtime input "
+                        "of the pattern, e.g. \"causal & keep[k]\" with keep=mask (1 = a "
+                        "real key)",
+    "need_weights": "spattn forms no attention weights (its kernels never materialise "
+                    "them): drop need_weights; pattern.mask(Lq, Lk) gives the dense mask",
+    "block_mask": "spattn takes no block_mask: it derives the block structure from the "
+                  "pattern; the reusable object is a plan, plan = pat.plan(q, k, v), "
+                  "then pat(q, k, v, plan=plan)",
+}
+
+
+def check_layout(layout) -> str | None:
+    """``layout`` checked: None, ``"bhsd"`` or ``"bshd"``; SpattnValueError otherwise."""
+    if layout is None or (isinstance(layout, str) and layout in LAYOUTS):
+        return layout
+    raise SpattnValueError(f"layout must be 'bhsd' (q [B, H, L, D], the default) or 'bshd' "
+                           f"(q [B, L, H, D]), got {short_repr(layout)}")
+
+
+def to_bhsd(layout, q, k, v):
+    """q, k, v as ``[B, H, L, D]`` views (``layout`` checked)."""
+    layout = check_layout(layout)
+    if layout == "bshd":
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if isinstance(t, torch.Tensor) and t.dim() != 4:
+                raise SpattnInputError(f"{name} must be a 4-D tensor [B, L, H, D] "
+                                       f"(layout='bshd'), got shape {tuple(t.shape)} "
+                                       f"({t.dim()}-D)")
+        return tuple(t.transpose(1, 2) if isinstance(t, torch.Tensor) else t
+                     for t in (q, k, v))
+    return q, k, v
+
+
+def from_bhsd(layout, o):
+    """The output ``[B, H, L, D]`` in the call's layout (a view for ``bshd``)."""
+    return o.transpose(1, 2) if layout == "bshd" else o
+
+
+def warn_if_transposed(q) -> None:
+    """The layout warning for a validated q ``[B, H, L, D]`` given without ``layout=``
+    that reads as more than :data:`MAX_HEADS` heads, and more heads than positions.
+
+    Only q is read (the call path already holds its shape): a bshd prefill has q's
+    length in the heads' place; a bshd decode (one query, many keys) fails the head
+    check instead, whose error says ``layout='bshd'`` (:func:`with_layout_hint`)."""
+    if q.shape[1] > MAX_HEADS and q.shape[1] > q.shape[2]:
+        warnings.warn(
+            f"spattn: q has shape {tuple(q.shape)}, read as [B, H, L, D]: {q.shape[1]} "
+            f"heads of length {q.shape[2]}. If it is [B, L, H, D] (e.g. a Hugging Face "
+            "projection before its transpose), pass layout='bshd'; if it is meant, pass "
+            "layout='bhsd' to silence this warning",
+            SpattnLayoutWarning, stacklevel=5)
+
+
+def check_keywords(declared, given) -> None:
+    """SpattnParamError for a keyword of another attention API in ``given`` (a call's
+    keyword arguments) that is not a runtime input the pattern ``declared``."""
+    for name in given:
+        if name in SDPA_KEYWORDS and name not in declared:
+            value = given[name]
+            shown = (f"<a tensor of shape {tuple(value.shape)}>"
+                     if isinstance(value, torch.Tensor) else short_repr(value))
+            raise SpattnParamError(f"{name}={shown}: {SDPA_KEYWORDS[name]}")
+
+
+def warn_if_false(ir, name: str) -> None:
+    """The compile-time warning: the canonical IR is ``false`` (e.g. ``window(0)``)."""
+    from ..ir.nodes import BoolConst
+    if isinstance(ir, BoolConst) and not ir.value:
+        warnings.warn(f"spattn: pattern {name!r} allows no (query, key) pair at any shape "
+                      "(it simplifies to 'false'): every output row will be 0",
+                      SpattnEmptyPatternWarning, stacklevel=3)
+
+
+def warn_if_empty(call) -> None:
+    """The first-call warning: every tile of this call is EMPTY.
+
+    Without runtime inputs the analysis classifies the whole ``Lq x Lk`` matrix as one tile
+    per (batch, head) on the CPU (a few scalar interval evaluations, no device work); with
+    inputs it reads the tile classes the plan built (the table strategy), if any. Only a
+    proof warns: a tile called EMPTY has no allowed pair."""
+    from ..ir.nodes import BoolConst
+    from ..ir.tiles import EMPTY, classify
+    pattern = call.pattern
+    if isinstance(pattern.ir, BoolConst):
+        return                          # warned at compile time (false) or trivially not
+    if pattern.inputs:
+        analysis = call.analysis
+        fine = next(iter(analysis.fine.values()), None) if analysis is not None else None
+        if fine is None or bool((fine != EMPTY).any()):
+            return
+    else:
+        cls = classify(pattern, call.Lq, call.Lk, call.Lq, call.Lk, positions=call.positions,
+                       refine=False, device="cpu",
+                       num_heads=call.H if _per(pattern, "h", "H") else 1,
+                       batch=call.B if _per(pattern, "b") else 1)
+        if bool((cls != EMPTY).any()):
+            return
+    warnings.warn(f"spattn: pattern {pattern.name!r} ({pattern.source}) allows no (query, key) "
+                  f"pair at Lq={call.Lq}, Lk={call.Lk}, {call.positions}: every output row is 0",
+                  SpattnEmptyPatternWarning, stacklevel=6)
+
+
+def _per(pattern, *names) -> bool:
+    from ..ir.nodes import free_vars
+    return bool(set(names) & free_vars(pattern.ir))
+
+
+def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offset=None,
+                      layout=None, **inputs) -> str:
+    """The text of the generated module that a call with these tensors runs (``kind``
+    ``"fwd"`` or ``"bwd"``): a plan is built for them, so the dtype, the head dim, the
+    settings and what :func:`spattn.codegen.config.pick` (and on CUDA the autotuner) chose
+    are the call's. Tensors that run on the torch backend run no generated kernel: a
+    :class:`~spattn.dsl.errors.SpattnBackendError` says so."""
+    import sys
+
+    from ..dsl.errors import SpattnBackendError
+    from .api import make_plan
+    if kind not in ("fwd", "bwd"):
+        raise SpattnValueError(f"unknown kernel kind {short_repr(kind)}: expected 'fwd' "
+                               "(forward) or 'bwd' (backward)")
+    plan = make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
+                     backward=kind == "bwd", layout=layout)
+    if plan.backend != "triton":
+        raise SpattnBackendError(
+            f"tensors on {plan.device} run spattn's torch backend, which runs no generated "
+            "kernel: pass CUDA tensors (or set TRITON_INTERPRET=1, or compile with "
+            "backend='triton'), or ask for a configuration with "
+            "pat.kernel_source(kind, head_dim=..., dtype=...)")
+    if kind == "fwd":
+        kernel = plan.forward_stage.kernel
+    else:
+        kernel = next(iter(plan._bwd.values())).dq_kernel
+    fn = getattr(kernel, "fn", kernel)
+    module = sys.modules[fn.__module__]
+    return module.__loader__.get_source(module.__name__)
+
+
+def with_layout_hint(err, layout, q, k, v):
+    """``err`` (a SpattnInputError about q, k, v) with what the layout has to do with it:
+    tensors that would be valid read as ``[B, L, H, D]`` (no ``layout=`` given) get a hint
+    to pass ``layout="bshd"``; with ``layout="bshd"`` the shapes in the message are the
+    transposed ones, and it says so."""
+    from .api import validate
+    if layout == "bshd":
+        note = " (shapes shown as [B, H, L, D]: layout='bshd' transposed q, k, v)"
+    elif layout is None and all(isinstance(t, torch.Tensor) and t.dim() == 4
+                                for t in (q, k, v)):
+        try:
+            validate(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        except SpattnInputError:
+            return err
+        note = (" (read as [B, L, H, D] the tensors would be valid: if that is their "
+                "layout, pass layout='bshd')")
+    else:
+        return err
+    return type(err)(err.message + note)
