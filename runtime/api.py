@@ -225,10 +225,25 @@ def _backend_for(requested: str, device_type: str) -> str:
     return choose_backend(requested, device_type)
 
 
+def check_grid(pattern, Lq: int, Lk: int, what: str = "q and k") -> None:
+    """SpattnInputError unless ``Lq`` and ``Lk`` are the cell count of the pattern's grid
+    (patterns declared on a grid: ``spattn.neighborhood``)."""
+    grid = getattr(pattern, "grid", None)
+    if grid is None:
+        return
+    n = math.prod(grid)
+    if Lq != n or Lk != n:
+        raise SpattnInputError(f"the pattern is defined on the grid {tuple(grid)} of {n} "
+                               f"tokens, but {what} have lengths Lq={Lq}, Lk={Lk}: the grid's "
+                               "product must equal the sequence length")
+
+
 def _arguments(pattern, q, k, v, scale, q_offset, inputs):
     """The checked ``(scale, q_offset, inputs)`` of a call (inputs as given: the plan
     converts them once)."""
     validate(q, k, v)
+    check_grid(pattern, q.shape[2], k.shape[2], f"q (shape {_shape(q)}) and k (shape "
+                                                 f"{_shape(k)})")
     B, Hq, Lq, D = q.shape
     scale = _check_scale(scale, D)
     q_offset = check_q_offset(q_offset, Lq, k.shape[2])

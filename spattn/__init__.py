@@ -12,10 +12,11 @@ from spattn.dsl.errors import (SpattnBackendError, SpattnCacheError,  # noqa: F4
                                SpattnTypeError, SpattnValueError)
 from spattn.functional import attention  # noqa: F401
 from spattn.pattern import Pattern, compile, load, pattern_names  # noqa: F401
+from spattn.neighborhood import neighborhood  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = ["Pattern", "SpattnError", "SpattnSyntaxError", "SpattnNameError", "SpattnTypeError",
            "SpattnValueError", "SpattnParamError", "SpattnInputError", "SpattnBackendError",
            "SpattnConfigError", "SpattnCacheError", "compile", "load", "pattern_names",
-           "attention", "__version__"]
+           "attention", "neighborhood", "__version__"]

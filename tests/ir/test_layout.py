@@ -1,0 +1,178 @@
+"""``spattn.neighborhood`` against an independent numpy definition of NATTEN's semantics,
+and the token layouts of ``ir.layout``: a remapped pattern, read through the permutation,
+is the original pattern; its tile classes are sound; discovery finds the grids of
+flattened expressions; bad arguments name themselves."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spattn
+from spattn.ir import layout as LY
+from spattn.ir.evaluate import mask
+from spattn.ir.tiles import EMPTY, FULL
+from tests.helpers.natten_ref import neighborhood_mask
+
+# id, (shape, kernel_size, stride, dilation, is_causal)
+NATTEN = [
+    ("1d-odd", ((13,), 5, 1, 1, False)),
+    ("1d-even", ((13,), 4, 1, 1, False)),
+    ("1d-stride3", ((17,), 5, 3, 1, False)),
+    ("1d-stride-even", ((16,), 6, 4, 1, False)),
+    ("1d-dilation3-ragged", ((17,), 4, 1, 3, False)),
+    ("1d-causal", ((12,), 4, 1, 1, True)),
+    ("1d-causal-stride-dilation", ((19,), 4, 3, 2, True)),
+    ("2d-odd", ((7, 9), 3, 1, 1, False)),
+    ("2d-even-mixed", ((8, 9), (4, 3), (2, 3), (1, 2), (False, True))),
+    ("2d-whole-axis", ((5, 6), (5, 6), 1, 1, False)),
+    ("3d", ((4, 5, 6), (3, 2, 4), (1, 2, 3), (1, 2, 1), False)),
+    ("3d-causal-time", ((5, 4, 6), (2, 3, 3), (2, 1, 3), 1, (True, False, False))),
+    ("4d", ((3, 4, 3, 4), 2, (1, 2, 1, 1), (1, 1, 1, 2), (False, True, False, False))),
+]
+
+
+@pytest.mark.parametrize("args", [c[1] for c in NATTEN], ids=[c[0] for c in NATTEN])
+def test_neighborhood_matches_natten_reference(args):
+    pat = spattn.neighborhood(*args)
+    N = math.prod(args[0])
+    got = pat.mask(N, N)[0, 0].numpy()
+    assert np.array_equal(got, neighborhood_mask(*args))
+
+
+@st.composite
+def _natten_args(draw):
+    d = draw(st.integers(1, 3))
+    shape, ks, ss, ds, cs = [], [], [], [], []
+    for _ in range(d):
+        n = draw(st.integers(2, 9 if d > 1 else 30))
+        dil = draw(st.integers(1, max(1, n // 2)))
+        K = draw(st.integers(1, n // dil))
+        shape.append(n)
+        ks.append(K)
+        ss.append(draw(st.integers(1, K)))
+        ds.append(dil)
+        cs.append(draw(st.booleans()))
+    return tuple(shape), tuple(ks), tuple(ss), tuple(ds), tuple(cs)
+
+
+@settings(max_examples=40)
+@given(_natten_args())
+def test_neighborhood_property(args):
+    pat = spattn.neighborhood(*args)
+    N = math.prod(args[0])
+    assert np.array_equal(pat.mask(N, N)[0, 0].numpy(), neighborhood_mask(*args))
+
+
+def _check_remap(ir, layout, N, bm, bn):
+    """The remapped mask read through the permutation is the original; its tile classes
+    are sound against the remapped mask."""
+    rir = LY.remap(ir, layout)
+    Np = layout.padded_size
+    order, inverse = layout.permutation()
+    assert order.numel() == Np and inverse.numel() == N
+    assert torch.equal(torch.sort(inverse).values.unique(), torch.sort(inverse).values)
+    m0 = mask(ir, N, N)[0, 0]
+    m1 = mask(rir, Np, Np)[0, 0]
+    assert torch.equal(m1[inverse][:, inverse], m0)
+    assert int(m1.sum()) == int(m0.sum())          # padding cells see nothing
+    cls = spattn.Pattern(rir).tiles(Np, Np, bm, bn)[0, 0]
+    pad = torch.zeros(-(-Np // bm) * bm, -(-Np // bn) * bn, dtype=torch.bool)
+    pad[:Np, :Np] = m1
+    blocks = pad.reshape(cls.shape[0], bm, cls.shape[1], bn)
+    anyt, allt = blocks.any(3).any(1), blocks.all(3).all(1)
+    assert not (anyt & (cls == EMPTY)).any()
+    # FULL: every in-range pair allowed (padding rows of a ragged last tile excluded)
+    for i, j in (cls == FULL).nonzero().tolist():
+        assert m1[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].all()
+    return rir
+
+
+@pytest.mark.parametrize("args", [c[1] for c in NATTEN[7:]], ids=[c[0] for c in NATTEN[7:]])
+def test_remap_every_box(args):
+    pat = spattn.neighborhood(*args)
+    N = math.prod(args[0])
+    grids = LY.discover(pat.ir, N)
+    assert grids, "the grid of a neighborhood is discovered"
+    for grid in grids:
+        for box in LY.candidate_boxes(grid, 16)[:4]:
+            _check_remap(pat.ir, LY.Layout(grid, box), N, 16, 8)
+
+
+@settings(max_examples=15)
+@given(_natten_args(), st.integers(2, 4))
+def test_remap_property(args, e):
+    pat = spattn.neighborhood(*args)
+    N = math.prod(args[0])
+    for grid in LY.discover(pat.ir, N):
+        boxes = LY.candidate_boxes(grid, 1 << e)
+        if boxes:
+            _check_remap(pat.ir, LY.Layout(grid, boxes[0]), N, 1 << e, 1 << max(e - 1, 0))
+
+
+@pytest.mark.parametrize("src,params,N,shape", [
+    ("abs(q // W - k // W) <= 3 & abs(q % W - k % W) <= 3", {"W": 32}, 1024, (32, 32)),
+    ("abs(q // 64 - k // 64) <= 1 & abs(q // 8 % 8 - k // 8 % 8) <= 2 & abs(q % 8 - k % 8) <= 2",
+     {}, 256, (4, 8, 8)),
+    ("dilated(8, 4)", {}, 512, (128, 4)),
+])
+def test_discovery_of_flattened_patterns(src, params, N, shape):
+    pat = spattn.compile(src, **params)
+    grids = LY.discover(pat.ir, N)
+    assert grids and grids[-1].shape == shape
+    _check_remap(pat.ir, LY.Layout(grids[-1], LY.candidate_boxes(grids[-1], 16)[0]), N, 16, 8)
+
+
+def test_flux_window_box_tiles_beat_sequence_order():
+    """A 2-D neighbourhood: box tiles compute fewer pairs, and every box tile pair of a
+    strided neighbourhood whose groups hold the box is FULL or EMPTY."""
+    pat = spattn.neighborhood((64, 64), (16, 16))
+    r = LY.choose(pat.ir, 4096, 4096, 0)
+    assert r is not None and r.computed_layout < 0.6 * r.computed_sequence
+    assert r.useful == int(pat.mask(4096, 4096).sum())
+    strided = spattn.neighborhood((64, 64), (16, 16), stride=(16, 16))
+    r = LY.choose(strided.ir, 4096, 4096, 0)
+    assert r.fraction_layout == 1.0
+
+
+def test_no_layout_for_plain_sequence_patterns():
+    for src in ("causal", "window(64)", "causal & same(doc)"):
+        assert LY.discover(spattn.compile(src).ir, 4096) == []
+    assert LY.choose(spattn.compile("window(64)").ir, 4096, 4096, 0) is None
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(shape=(8, 8), kernel_size=9), ["kernel_size[0]", "exceeds axis 0"]),
+    (dict(shape=(8, 8), kernel_size=3, dilation=(1, 3)), ["dilation[1]", "axis 1"]),
+    (dict(shape=(8, 8), kernel_size=3, stride=4), ["stride[0]", "1..kernel_size[0]"]),
+    (dict(shape=(8, 8), kernel_size=(3, 3, 3)), ["kernel_size", "2 axes"]),
+    (dict(shape=(8, 8, 8, 8, 8), kernel_size=3), ["shape"]),
+    (dict(shape=(8, 0), kernel_size=1), ["shape"]),
+    (dict(shape=(8, 8), kernel_size=3, is_causal=1), ["is_causal"]),
+    (dict(shape=(8, 8), kernel_size=2.5), ["kernel_size"]),
+    (dict(shape=(8, 8), kernel_size=0), ["kernel_size[0]"]),
+])
+def test_neighborhood_argument_errors(kwargs, words):
+    with pytest.raises(spattn.SpattnError) as e:
+        spattn.neighborhood(**kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_grid_length_mismatch_is_an_input_error():
+    pat = spattn.neighborhood((4, 6), 3, backend="torch")
+    q = torch.randn(1, 1, 25, 16)
+    with pytest.raises(spattn.SpattnInputError, match=r"grid \(4, 6\) of 24 tokens"):
+        pat(q, q, q)
+    with pytest.raises(spattn.SpattnInputError, match="Lq=20"):
+        pat.mask(20, 24)
+
+
+def test_composes_through_its_source():
+    nb = spattn.neighborhood((8, 8), 3)
+    both = spattn.compile(f"({nb.source}) & k <= q")
+    want = nb.mask(64, 64) & spattn.compile("causal").mask(64, 64)
+    assert torch.equal(both.mask(64, 64), want)
+    assert LY.discover(both.ir, 64)[-1].shape == (8, 8)
