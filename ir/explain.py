@@ -49,6 +49,7 @@ class Report:
     strategy: str
     density_method: str
     cost_model: dict = field(default_factory=lambda: dict(COST))
+    layout: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +79,13 @@ class Report:
             + (" (closed-form loop bounds, no metadata)" if self.strategy == "ranges"
                else " (CSR tile table built at call time)"),
         ]
+        if self.layout is not None:
+            lay = self.layout
+            lines.append(
+                f"layout    {lay['layout']}: useful pairs {pct(lay['fraction_layout'])} of "
+                f"computed (sequence order {pct(lay['fraction_sequence'])}); "
+                + ("used (SPATTN_LAYOUT=auto)" if lay["used"] else
+                   "not used (does not pay by the margin; SPATTN_LAYOUT=on forces it)"))
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle):  # pragma: no cover - IPython
@@ -180,6 +188,8 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, b
     computed = (counts["full"] + counts["partial"]) * block_m * block_n * per_pair
     useful = allowed * per_pair
     strategy = pick_strategy(ir)
+    layout = None if inputs else _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed,
+                                         block_m, block_n)
     return Report(
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
         batch=batch, block_m=block_m, block_n=block_n, head_dim=head_dim,
@@ -189,4 +199,23 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, b
         flops_computed=computed, flops_useful=useful, flops_dense=total_pairs * per_pair,
         efficiency=useful / computed if computed else 1.0,
         predicted_speedup=predicted_speedup(counts, strategy), strategy=strategy,
-        density_method=method)
+        density_method=method, layout=layout)
+
+
+def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n):
+    """The token layout a call would consider (``ir.layout.choose``, forced), as a dict:
+    the layout, its box per grid axis, the computed pairs and the useful fraction in
+    sequence order and in the layout, and whether ``SPATTN_LAYOUT=auto`` uses it."""
+    from . import layout as LY
+    r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
+                  block_m=block_m, block_n=block_n, force=True)
+    if r is None:
+        return None
+    useful = r.useful if r.useful is not None else allowed // (batch * num_heads)
+    return {"layout": str(r.layout), "grid": list(r.layout.grid.shape),
+            "splits": list(r.layout.grid.splits), "box": list(r.layout.box_by_axis()),
+            "padded_tokens": r.layout.padded_size,
+            "computed_sequence": r.computed_sequence, "computed_layout": r.computed_layout,
+            "fraction_sequence": useful / max(r.computed_sequence, 1),
+            "fraction_layout": useful / max(r.computed_layout, 1),
+            "used": r.computed_layout <= LY.MARGIN * r.computed_sequence}

@@ -51,7 +51,10 @@ MARGIN = 0.8
 #: boxes tried per grid at most (the squarest first), and when a pattern is not a product
 #: of per-axis conditions (each is then a classification at the call's size).
 MAX_CANDIDATES = 64
-FULL_CANDIDATES = 4
+FULL_CANDIDATES = 12
+#: query-tile rows classified per candidate box of a pattern that is not a product (spread
+#: evenly over the grid; the counts scaled up): the choice's estimate.
+SAMPLED_ROWS = 16
 #: the smallest box tried when a grid is too small for boxes of a whole tile.
 MIN_TOKENS = 16
 
@@ -230,6 +233,8 @@ def _divmod(a: Node, m: int, known: dict) -> Optional[tuple[Node, Node]]:
     rest = B.from_linear({x: v for x, v in terms.items() if v % m}, c)
     r = _known_range(rest, known)
     if r is None or r[0] // m != r[1] // m:
+        if whole:       # (m * a + rest) % m == rest % m, whatever rest's range
+            return B.floordiv(a, B.const(m)), B.mod(rest, B.const(m))
         return None
     k = r[0] // m
     return B.add(B.from_linear(whole, 0), B.const(k)), B.sub(rest, B.const(k * m))
@@ -409,6 +414,22 @@ class Remap:
         return None if self.useful is None else self.useful / max(self.computed_layout, 1)
 
 
+def sampled_pairs(ir: Node, L: int, block_m: int, block_n: int) -> int:
+    """:func:`computed_pairs` estimated from :data:`SAMPLED_ROWS` query-tile rows spread
+    over the ``L`` queries (exact when there are no more rows than that)."""
+    nq = -(-L // block_m)
+    if nq <= SAMPLED_ROWS:
+        return computed_pairs(ir, L, block_m, block_n, pad=True)
+    from .pattern import CompiledPattern
+    from .tiles import EMPTY, classify
+    pat, live = CompiledPattern(ir), 0
+    for i in range(SAMPLED_ROWS):
+        row = (2 * i + 1) * nq // (2 * SAMPLED_ROWS)
+        t = classify(pat, block_m, L, block_m, block_n, q_offset=row * block_m)
+        live += int((t != EMPTY).sum())
+    return live * block_m * block_n * nq // SAMPLED_ROWS
+
+
 def computed_pairs(ir: Node, L: int, block_m: int, block_n: int, *, num_heads: int = 1,
                    q_offset: int = 0, pad: bool = False) -> int:
     """Pairs the kernel computes: the in-range pairs of every non-EMPTY tile (``pad``:
@@ -484,7 +505,8 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
     """The best layout of ``ir`` for a self-attention call of ``Lq = Lk`` tokens (module
     docstring), or None (no grid, or none pays by :data:`MARGIN`; ``force``: the best
     whatever the margin). Product patterns (a conjunction of per-axis conditions) are
-    costed per axis; others by classifying the remapped pattern at the call's size."""
+    costed per axis; others by classifying sampled query-tile rows of the remapped pattern
+    (:func:`sampled_pairs`), and the chosen one at the call's size."""
     if Lq != Lk or q_offset != 0 or ("h" in free_vars(ir) and num_heads > 1):
         return None
     grids = discover(ir, Lq) if grids is None else grids
@@ -506,17 +528,20 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
                 if groups is not None:
                     cost = _product_pairs(groups, layout, bm, bn)
                 else:
-                    cost = computed_pairs(remap(ir, layout), layout.padded_size, bm, bn)
+                    cost = sampled_pairs(remap(ir, layout), layout.padded_size, bm, bn)
                 if best is None or cost < best[0]:
-                    best = (cost, layout)
+                    best = (cost, layout, groups)
         tokens //= 2
     if best is None:
         return None
     seq = computed_pairs(ir, Lq, min(block_m, 2 * tokens), min(block_n, 2 * tokens))
     if not force and best[0] > MARGIN * seq:
         return None
-    cost, layout = best
-    groups = _axis_groups(coordinate_form(ir, layout.grid), layout.grid)
+    cost, layout, groups = best
+    if groups is None:
+        cost = computed_pairs(remap(ir, layout), layout.padded_size, bm, bn)
+        if not force and cost > MARGIN * seq:
+            return None
     useful = _product_allowed(groups, layout.grid) if groups is not None else None
     return Remap(layout, remap(ir, layout), useful, seq, cost)
 

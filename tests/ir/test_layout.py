@@ -176,3 +176,13 @@ def test_composes_through_its_source():
     want = nb.mask(64, 64) & spattn.compile("causal").mask(64, 64)
     assert torch.equal(both.mask(64, 64), want)
     assert LY.discover(both.ir, 64)[-1].shape == (8, 8)
+
+
+def test_explain_reports_the_layout():
+    rep = spattn.neighborhood((32, 32), (7, 7)).explain(1024)
+    lay = rep.layout
+    assert lay is not None and lay["grid"] == [32, 32] and math.prod(lay["box"]) == 128
+    assert lay["fraction_layout"] > lay["fraction_sequence"]
+    assert abs(lay["fraction_sequence"] - rep.efficiency) < 1e-9   # same tiles, same count
+    assert "layout    grid 32 x 32" in str(rep)
+    assert spattn.compile("causal").explain(1024).layout is None
