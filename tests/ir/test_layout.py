@@ -179,10 +179,10 @@ def test_composes_through_its_source():
 
 
 def test_explain_reports_the_layout():
-    rep = spattn.neighborhood((32, 32), (7, 7)).explain(1024)
+    rep = spattn.neighborhood((64, 64), (9, 9)).explain(4096)
     lay = rep.layout
-    assert lay is not None and lay["grid"] == [32, 32] and math.prod(lay["box"]) == 128
+    assert lay is not None and lay["grid"] == [64, 64] and math.prod(lay["box"]) == 128
     assert lay["fraction_layout"] > lay["fraction_sequence"]
     assert abs(lay["fraction_sequence"] - rep.efficiency) < 1e-9   # same tiles, same count
-    assert "layout    grid 32 x 32" in str(rep)
+    assert "layout    grid 64 x 64" in str(rep)
     assert spattn.compile("causal").explain(1024).layout is None
