@@ -225,14 +225,15 @@ def _backend_for(requested: str, device_type: str) -> str:
     return choose_backend(requested, device_type)
 
 
-def check_grid(pattern, Lq: int, Lk: int, what: str = "q and k") -> None:
+def check_grid(pattern, Lq, Lk: int, what: str = "q and k") -> None:
     """SpattnInputError unless ``Lq`` and ``Lk`` are the cell count of the pattern's grid
-    (patterns declared on a grid: ``spattn.neighborhood``)."""
+    (patterns declared on a grid: ``spattn.neighborhood``); ``Lq=None``: the keys only (an
+    analysis of some query rows, placed by ``q_offset``)."""
     grid = getattr(pattern, "grid", None)
     if grid is None:
         return
     n = math.prod(grid)
-    if Lq != n or Lk != n:
+    if (Lq is not None and Lq != n) or Lk != n:
         raise SpattnInputError(f"the pattern is defined on the grid {tuple(grid)} of {n} "
                                f"tokens, but {what} have lengths Lq={Lq}, Lk={Lk}: the grid's "
                                "product must equal the sequence length")

@@ -166,8 +166,9 @@ def test_grid_length_mismatch_is_an_input_error():
     q = torch.randn(1, 1, 25, 16)
     with pytest.raises(spattn.SpattnInputError, match=r"grid \(4, 6\) of 24 tokens"):
         pat(q, q, q)
-    with pytest.raises(spattn.SpattnInputError, match="Lq=20"):
-        pat.mask(20, 24)
+    with pytest.raises(spattn.SpattnInputError, match="Lk=20"):
+        pat.mask(24, 20)
+    assert pat.mask(4, 24, q_offset=8).shape == (1, 1, 4, 24)      # some query rows
 
 
 def test_composes_through_its_source():
