@@ -189,7 +189,7 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, b
     useful = allowed * per_pair
     strategy = pick_strategy(ir)
     layout = None if inputs else _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed,
-                                         block_m, block_n)
+                                         block_m, block_n, computed // per_pair)
     return Report(
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
         batch=batch, block_m=block_m, block_n=block_n, head_dim=head_dim,
@@ -202,13 +202,14 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, b
         density_method=method, layout=layout)
 
 
-def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n):
+def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, computed):
     """The token layout a call would consider (``ir.layout.choose``, forced), as a dict:
     the layout, its box per grid axis, the computed pairs and the useful fraction in
     sequence order and in the layout, and whether ``SPATTN_LAYOUT=auto`` uses it."""
     from . import layout as LY
     r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
-                  block_m=block_m, block_n=block_n, force=True)
+                  block_m=block_m, block_n=block_n, force=True,
+                  sequence=computed // (batch * num_heads))
     if r is None:
         return None
     useful = r.useful if r.useful is not None else allowed // (batch * num_heads)

@@ -414,12 +414,12 @@ class Remap:
         return None if self.useful is None else self.useful / max(self.computed_layout, 1)
 
 
-def sampled_pairs(ir: Node, L: int, block_m: int, block_n: int) -> int:
+def sampled_pairs(ir: Node, L: int, block_m: int, block_n: int, pad: bool = True) -> int:
     """:func:`computed_pairs` estimated from :data:`SAMPLED_ROWS` query-tile rows spread
     over the ``L`` queries (exact when there are no more rows than that)."""
     nq = -(-L // block_m)
     if nq <= SAMPLED_ROWS:
-        return computed_pairs(ir, L, block_m, block_n, pad=True)
+        return computed_pairs(ir, L, block_m, block_n, pad=pad)
     from .pattern import CompiledPattern
     from .tiles import EMPTY, classify
     pat, live = CompiledPattern(ir), 0
@@ -501,10 +501,11 @@ def _product_pairs(groups: list[Node], layout: Layout, block_m: int, block_n: in
 
 def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
            block_m: int = 128, block_n: int = 64, grids: Optional[list] = None,
-           force: bool = False) -> Optional[Remap]:
+           force: bool = False, sequence: Optional[int] = None) -> Optional[Remap]:
     """The best layout of ``ir`` for a self-attention call of ``Lq = Lk`` tokens (module
     docstring), or None (no grid, or none pays by :data:`MARGIN`; ``force``: the best
-    whatever the margin). Product patterns (a conjunction of per-axis conditions) are
+    whatever the margin; ``sequence``: the sequence order's computed pairs when known, else
+    estimated by :func:`sampled_pairs`). Product patterns (a conjunction of per-axis conditions) are
     costed per axis; others by classifying sampled query-tile rows of the remapped pattern
     (:func:`sampled_pairs`), and the chosen one at the call's size."""
     if Lq != Lk or q_offset != 0 or ("h" in free_vars(ir) and num_heads > 1):
@@ -534,7 +535,8 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
         tokens //= 2
     if best is None:
         return None
-    seq = computed_pairs(ir, Lq, min(block_m, 2 * tokens), min(block_n, 2 * tokens))
+    seq = sequence if sequence is not None else sampled_pairs(
+        ir, Lq, min(block_m, 2 * tokens), min(block_n, 2 * tokens))
     if not force and best[0] > MARGIN * seq:
         return None
     cost, layout, groups = best

@@ -80,3 +80,24 @@ def test_layout_off_runs_in_sequence_order(monkeypatch):
     pat = spattn.neighborhood((8, 8), 3, backend="torch")
     plan = _run(pat, N=64, grads=False)
     assert not isinstance(plan, RemappedPlan)
+
+
+def test_auto_uses_a_layout_only_when_it_pays(monkeypatch):
+    monkeypatch.setenv("SPATTN_LAYOUT", "auto")
+    plan = _run(spattn.compile("dilated(64, 4)", backend="torch"), N=2048, Hq=1, grads=False)
+    assert isinstance(plan, RemappedPlan)
+    assert plan.remap.layout.box == (128, 1) or plan.remap.layout.box_by_axis()[-1] == 1
+    assert plan.remap.computed_layout <= 0.8 * plan.remap.computed_sequence
+    assert "layout: grid" in repr(plan)
+    plain = spattn.compile("chunked(128)", backend="torch")     # a grid, nothing to gain
+    assert not isinstance(_run(plain, N=1024, Hq=1, grads=False), RemappedPlan)
+
+
+def test_q_offset_and_cross_attention_run_in_sequence_order(monkeypatch):
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = spattn.compile("dilated(8, 4)", backend="torch")
+    q = torch.randn(1, 1, 64, 16)
+    kv = torch.randn(1, 1, 96, 16)
+    assert not isinstance(pat.plan(q, kv, kv), RemappedPlan)
+    assert not isinstance(pat.plan(kv, kv, kv, q_offset=3), RemappedPlan)
+    assert isinstance(pat.plan(kv, kv, kv), RemappedPlan)
