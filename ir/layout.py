@@ -138,14 +138,15 @@ class Layout:
     def virtual_coords(self, x: Node) -> list[Node]:
         """IR of the virtual coordinates of permuted index ``x``."""
         T = self.tokens
-        tile, off = B.floordiv(x, B.const(T)), B.mod(x, B.const(T))
         out = []
         tiles = self.tiles
-        for j, ((_, _, _), b) in enumerate(zip(self.virtual, self.box)):
-            tstride = math.prod(tiles[j + 1:])
-            bstride = math.prod(self.box[j + 1:])
-            tc = B.mod(B.floordiv(tile, B.const(tstride)), B.const(tiles[j]))
-            bc = B.mod(B.floordiv(off, B.const(bstride)), B.const(b))
+        for j, b in enumerate(self.box):
+            # tile coordinate: (x // (T * tiles after j)) % tiles[j]; box coordinate:
+            # (x // boxes after j) % b (the box strides divide T, so no x % T is needed)
+            tc = B.floordiv(x, B.const(T * math.prod(tiles[j + 1:])))
+            if j > 0:
+                tc = B.mod(tc, B.const(tiles[j]))
+            bc = B.mod(B.floordiv(x, B.const(math.prod(self.box[j + 1:]))), B.const(b))
             out.append(B.add(B.scale(tc, b), bc))
         return out
 
