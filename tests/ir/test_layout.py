@@ -187,3 +187,24 @@ def test_explain_reports_the_layout():
     assert abs(lay["fraction_sequence"] - rep.efficiency) < 1e-9   # same tiles, same count
     assert "layout    grid 64 x 64" in str(rep)
     assert spattn.compile("causal").explain(1024).layout is None
+
+
+@pytest.mark.parametrize("src,N", [
+    ("dilated(5, 3)", 96),
+    ("strided(8)", 64),
+    ("fixed(8, 2)", 64),
+    ("chunked(6) & causal", 72),
+    ("abs(q // 9 - k // 9) <= 1 & k % 9 <= q % 9 | k < 3", 81),
+    ("(q // 16) % 4 == (k // 16) % 4 & abs(q % 16 - k % 16) <= 2 & h == 0", 128),
+    ("abs(q // 12 - k // 12) + abs(q % 12 - k % 12) <= 3 & (q - k) % 2 == 0", 96),
+], ids=["dilated", "strided", "fixed", "chunked-causal", "2d-or-sink", "3d-head",
+        "diamond-parity"])
+def test_remap_of_flattened_patterns_is_exact(src, N):
+    """Any pattern whose divisors suggest a grid: the remapped mask read through the
+    permutation is the original and its tile classes are sound, for several boxes."""
+    ir = spattn.compile(src).ir
+    grids = LY.discover(ir, N)
+    assert grids
+    for grid in grids:
+        for box in LY.candidate_boxes(grid, 16)[:3]:
+            _check_remap(ir, LY.Layout(grid, box), N, 16, 8)
