@@ -57,6 +57,9 @@ FULL_CANDIDATES = 12
 SAMPLED_ROWS = 16
 #: the smallest box tried when a grid is too small for boxes of a whole tile.
 MIN_TOKENS = 16
+#: calls shorter than this run in sequence order under ``SPATTN_LAYOUT=auto`` (a few tiles:
+#: the gathers and the choice cost more than the tiles they could save).
+AUTO_MIN_TOKENS = 1024
 
 
 def _placeholder(side: str, axis: int) -> Var:

@@ -279,12 +279,14 @@ class RemappedPlan(Plan):
 
 def choose_layout(pattern, q, k, q_offset, inputs, settings):
     """The :class:`~spattn.ir.layout.Remap` a call of ``pattern`` runs in, or None (the
-    ``SPATTN_LAYOUT`` setting: ``auto`` when it pays, ``on`` whenever a grid is found,
-    ``off`` never; patterns with runtime inputs run in sequence order)."""
-    if settings.layout == "off" or inputs:
-        return None
-    from ..ir.layout import choose
+    ``SPATTN_LAYOUT`` setting: ``auto`` when it pays and the call has at least
+    ``ir.layout.AUTO_MIN_TOKENS`` tokens, ``on`` whenever a grid is found, ``off`` never;
+    patterns with runtime inputs run in sequence order)."""
+    from ..ir.layout import AUTO_MIN_TOKENS, choose
     Lq, Lk = q.shape[2], k.shape[2]
+    if settings.layout == "off" or inputs or (settings.layout == "auto"
+                                              and Lq < AUTO_MIN_TOKENS):
+        return None
     return choose(pattern.ir, Lq, Lk, Positions.of(Lq, Lk, q_offset).q_offset,
                   num_heads=q.shape[1], force=settings.layout == "on")
 
