@@ -244,6 +244,37 @@ def _divmod(a: Node, m: int, known: dict) -> Optional[tuple[Node, Node]]:
     return B.add(B.from_linear(whole, 0), B.const(k)), B.sub(rest, B.const(k * m))
 
 
+def _range_on_blocks(x: Node, lo, hi, known: dict) -> Optional[Node]:
+    """``lo <= x <= hi`` as a range of the block index when ``x = m * w + rest`` with
+    ``rest`` in less than one block and each bound deciding every cell of a block alike
+    (``64 * row + col <= 511`` is ``row <= 7``: the first rows of a grid, text tokens
+    before an image); else None."""
+    terms, c = B.linear(x)
+    big = [abs(v) for v in terms.values() if abs(v) > 1]
+    if not big:
+        return None
+    m = math.gcd(*big)
+    if m < 2:
+        return None
+    whole = B.from_linear({a: v // m for a, v in terms.items() if v % m == 0}, 0)
+    rest = B.from_linear({a: v for a, v in terms.items() if v % m}, c)
+    r = _known_range(rest, known)
+    if r is None or r[1] - r[0] >= m or isinstance(whole, Const):
+        return None
+    parts = []
+    if hi is not None:
+        top, bottom = (hi - r[1]) // m, (hi - r[0]) // m
+        if top != bottom:
+            return None
+        parts.append(B.range_(whole, None, bottom))
+    if lo is not None:
+        a, b = -((r[0] - lo) // m), -((r[1] - lo) // m)    # ceil((lo - r) / m)
+        if a != b:
+            return None
+        parts.append(B.range_(whole, a, None))
+    return B.and_(*parts)
+
+
 def _simplify(n: Node, known: dict, sub: dict) -> Node:
     """``n`` with ``sub``'s variables replaced, ``//`` and ``%`` by constants read through
     the ranges of ``known`` (see :func:`_divmod`), rebuilt through ``ir.build``."""
@@ -267,6 +298,10 @@ def _simplify(n: Node, known: dict, sub: dict) -> Node:
         if got is not None:
             return got[0] if isinstance(n, FloorDiv) else got[1]
         return B.floordiv(a, B.const(m)) if isinstance(n, FloorDiv) else B.mod(a, B.const(m))
+    if isinstance(n, Range) and known:
+        got = _range_on_blocks(new[0], n.lo, n.hi, known)
+        if got is not None:
+            return got
     if all(a is b for a, b in zip(new, kids)):
         return n
     return rebuild(n, new)
@@ -577,5 +612,3 @@ def check_positions(layout: Layout, Lq: int, Lk: int) -> None:
         raise SpattnValueError(f"the layout's grid has {layout.grid.size} tokens but the call "
                                f"has Lq={Lq}, Lk={Lk}")
 
-
-_ = Range  # the remapped forms are ranges of these coordinates (docs/layouts.md)

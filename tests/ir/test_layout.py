@@ -197,8 +197,11 @@ def test_explain_reports_the_layout():
     ("abs(q // 9 - k // 9) <= 1 & k % 9 <= q % 9 | k < 3", 81),
     ("(q // 16) % 4 == (k // 16) % 4 & abs(q % 16 - k % 16) <= 2 & h == 0", 128),
     ("abs(q // 12 - k // 12) + abs(q % 12 - k % 12) <= 3 & (q - k) % 2 == 0", 96),
+    ("k < 24 | q < 24 | abs((q - 24) // 8 - (k - 24) // 8) <= 1 & "
+     "abs((q - 24) % 8 - (k - 24) % 8) <= 2", 24 + 64),
+    ("k < 20 | abs((q - 20) // 8 - (k - 20) // 8) <= 1", 80),
 ], ids=["dilated", "strided", "fixed", "chunked-causal", "2d-or-sink", "3d-head",
-        "diamond-parity"])
+        "diamond-parity", "text-rows-beside-image", "text-not-whole-rows"])
 def test_remap_of_flattened_patterns_is_exact(src, N):
     """Any pattern whose divisors suggest a grid: the remapped mask read through the
     permutation is the original and its tile classes are sound, for several boxes."""
@@ -208,3 +211,13 @@ def test_remap_of_flattened_patterns_is_exact(src, N):
     for grid in grids:
         for box in LY.candidate_boxes(grid, 16)[:3]:
             _check_remap(ir, LY.Layout(grid, box), N, 16, 8)
+
+
+def test_text_tokens_on_whole_rows_read_as_rows():
+    """Keys before an image that fill whole rows of its grid (``k < 512`` with rows of 64)
+    become a condition on the row alone, which box tiles decide exactly."""
+    from spattn.ir.printer import to_source
+    ir = spattn.compile("k < 512 | abs((q - 512) // 64 - (k - 512) // 64) <= 2").ir
+    grid = LY.discover(ir, 512 + 64 * 64)[0]
+    form = to_source(LY.coordinate_form(ir, grid))
+    assert "k#0 <= 7" in form and "k#1" not in form
