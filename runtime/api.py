@@ -304,6 +304,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
          plan=None):
     """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32)."""
     if torch.compiler.is_compiling():
+        _register_const(pattern)
         # The op carries the canonical source (a str attribute: a constant while tracing).
         return call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                        return_lse=return_lse, q_offset=q_offset, inputs=inputs)
@@ -320,6 +321,14 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     else:                   # nothing to differentiate: the plan alone (no autograd node)
         o, lse = plan.forward(q, k, v)
     return (o, lse) if return_lse else o
+
+
+@torch.compiler.assume_constant_result
+def _register_const(pattern) -> str:
+    """:func:`~spattn.runtime.autograd.register` while tracing (run once, outside the graph):
+    the custom op then finds this pattern object (its grid, its class), not one compiled
+    again from its source."""
+    return _ag.register(pattern)
 
 
 def call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_offset,

@@ -295,6 +295,9 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
                settings=None, options=None, layouts: bool = True) -> Plan:
     """A new :class:`Plan` (arguments already validated: ``api.validate``); a
     :class:`RemappedPlan` when the pattern runs in a token layout (``layouts``)."""
+    from .api import check_grid
+    check_grid(pattern, q.shape[2], k.shape[2], f"q (shape {tuple(q.shape)}) and k (shape "
+                                                 f"{tuple(k.shape)})")
     settings = settings or _settings.current()
     remap = choose_layout(pattern, q, k, q_offset, inputs, settings) if layouts else None
     if remap is not None:
