@@ -36,12 +36,12 @@ from typing import Optional
 
 import torch
 
-from ..dsl.errors import SpattnValueError
 from . import build as B
-from .nodes import (Const, FloorDiv, Load, Mod, Node, Range, Sum, Var, free_vars, walk)
+from .nodes import Const, FloorDiv, Load, Mod, Node, Range, Sum, Var, free_vars, walk
 
 __all__ = ["Grid", "Layout", "Remap", "coordinate_form", "remap", "discover", "choose",
-           "candidate_boxes", "MARGIN", "TILE_TOKENS"]
+           "candidate_boxes", "computed_pairs", "sampled_pairs", "MARGIN", "TILE_TOKENS",
+           "AUTO_MIN_TOKENS"]
 
 #: tokens per box (the largest kernel tile of a side).
 TILE_TOKENS = 128
@@ -62,12 +62,9 @@ MIN_TOKENS = 16
 AUTO_MIN_TOKENS = 1024
 
 
-def _placeholder(side: str, axis: int) -> Var:
-    """The coordinate of ``side`` (q or k) on grid axis ``axis`` during the rewriting."""
-    return Var(f"{side}@{axis}")
-
-
 def _vplaceholder(side: str, j: int) -> Var:
+    """The coordinate of ``side`` (q or k) on virtual axis ``j`` during the rewriting (a
+    variable that never leaves this module)."""
     return Var(f"{side}#{j}")
 
 
@@ -519,7 +516,6 @@ def _product_pairs(groups: list[Node], layout: Layout, block_m: int, block_n: in
     """Computed pairs of a product pattern: per axis, its conjuncts remapped onto that
     axis's part of the box and classified alone; the counts multiply (a box tile pair is
     EMPTY iff one of its axes is)."""
-    from .intervals import rebuild  # noqa: F401
     virt = layout.virtual
     qbox, kbox = sub_box(layout.box, block_m), sub_box(layout.box, block_n)
     total = 1
@@ -598,17 +594,3 @@ def _product_allowed(groups: list[Node], grid: Grid) -> int:
         rir = B.and_(_simplify(g, {}, names), sub.valid(Var("q")), sub.valid(Var("k")))
         total *= int(mask(rir, sub.padded_size, sub.padded_size).sum())
     return total
-
-
-def allowed_pairs(ir: Node, L: int) -> int:
-    """Allowed pairs of a self-attention call of ``L`` tokens (explain's exact count)."""
-    from .explain import explain
-    from .pattern import CompiledPattern
-    return explain(CompiledPattern(ir), L, L).allowed_pairs
-
-
-def check_positions(layout: Layout, Lq: int, Lk: int) -> None:
-    if Lq != layout.grid.size or Lk != layout.grid.size:
-        raise SpattnValueError(f"the layout's grid has {layout.grid.size} tokens but the call "
-                               f"has Lq={Lq}, Lk={Lk}")
-
