@@ -85,7 +85,8 @@ class Report:
                 f"layout    {lay['layout']}: useful pairs {pct(lay['fraction_layout'])} of "
                 f"computed (sequence order {pct(lay['fraction_sequence'])}); "
                 + ("used (SPATTN_LAYOUT=auto)" if lay["used"] else
-                   "not used (does not pay by the margin; SPATTN_LAYOUT=on forces it)"))
+                   "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on "
+                   "forces it)"))
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle):  # pragma: no cover - IPython
@@ -205,7 +206,8 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, b
 def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, computed):
     """The token layout a call would consider (``ir.layout.choose``, forced), as a dict:
     the layout, its box per grid axis, the computed pairs and the useful fraction in
-    sequence order and in the layout, and whether ``SPATTN_LAYOUT=auto`` uses it."""
+    sequence order and in the layout, and whether ``SPATTN_LAYOUT=auto`` uses it (it pays
+    by ``ir.layout.MARGIN`` and the call has at least ``AUTO_MIN_TOKENS`` tokens)."""
     from . import layout as LY
     r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
                   block_m=block_m, block_n=block_n, force=True,
@@ -219,4 +221,5 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
             "computed_sequence": r.computed_sequence, "computed_layout": r.computed_layout,
             "fraction_sequence": useful / max(r.computed_sequence, 1),
             "fraction_layout": useful / max(r.computed_layout, 1),
-            "used": r.computed_layout <= LY.MARGIN * r.computed_sequence}
+            "used": (r.computed_layout <= LY.MARGIN * r.computed_sequence
+                     and Lq >= LY.AUTO_MIN_TOKENS)}
