@@ -67,11 +67,11 @@ def test_triton_remapped(args, monkeypatch):
 @pytest.mark.parametrize("src,params,N", [
     ("abs(q // W - k // W) <= 2 & abs(q % W - k % W) <= 1", {"W": 12}, 120),
     ("dilated(6, 4)", {}, 96),
-], ids=["B1-Hq2-Hk1-L120-D16-fp32-flat2d", "B1-Hq2-Hk1-L96-D16-fp32-dilated"])
+], ids=["B2-Hq2-Hk1-L120-D16-fp32-flat2d", "B2-Hq2-Hk1-L96-D16-fp32-dilated"])
 def test_flattened_patterns_remapped(src, params, N, monkeypatch):
     monkeypatch.setenv("SPATTN_LAYOUT", "on")
     pat = spattn.compile(src, backend="torch", **params)
-    plan = _run(pat, N=N)
+    plan = _run(pat, B=2, N=N)
     assert isinstance(plan, RemappedPlan)
 
 
