@@ -221,3 +221,45 @@ def test_text_tokens_on_whole_rows_read_as_rows():
     grid = LY.discover(ir, 512 + 64 * 64)[0]
     form = to_source(LY.coordinate_form(ir, grid))
     assert "k#0 <= 7" in form and "k#1" not in form
+
+
+@st.composite
+def _grid_source(draw):
+    """A random pattern over a 2-D or 3-D grid flattened row-major: comparisons of
+    coordinates (``q // S % n``), flattened positions and offsets, under & and |."""
+    shape = tuple(draw(st.lists(st.integers(2, 6), min_size=2, max_size=3)))
+    strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]
+
+    def coord(x, a):
+        c = f"({x} // {strides[a]})" if strides[a] > 1 else x
+        return c if a == 0 else f"({c} % {shape[a]})"
+
+    def atom():
+        a = draw(st.integers(0, len(shape) - 1))
+        kind = draw(st.sampled_from(["abs", "le", "eq", "flat", "mod"]))
+        r = draw(st.integers(0, 3))
+        if kind == "abs":
+            return f"abs({coord('q', a)} - {coord('k', a)}) <= {r}"
+        if kind == "le":
+            return f"{coord('k', a)} + {r} <= {coord('q', a)} + {draw(st.integers(0, 2))}"
+        if kind == "eq":
+            return f"{coord('q', a)} % 2 == {coord('k', a)} % 2"
+        if kind == "flat":
+            return f"k < {draw(st.integers(0, math.prod(shape)))}"
+        return f"(q - k) % {draw(st.integers(2, 4))} == 0"
+    parts = [atom() for _ in range(draw(st.integers(1, 4)))]
+    src = parts[0]
+    for p in parts[1:]:
+        src = f"({src}) {draw(st.sampled_from(['&', '|']))} ({p})"
+    return src, math.prod(shape)
+
+
+@settings(max_examples=30)
+@given(_grid_source(), st.integers(2, 4))
+def test_remap_property_of_random_grid_patterns(case, e):
+    src, N = case
+    ir = spattn.compile(src).ir
+    for grid in LY.discover(ir, N):
+        boxes = LY.candidate_boxes(grid, 1 << e)
+        for box in boxes[:2]:
+            _check_remap(ir, LY.Layout(grid, box), N, 1 << e, 1 << max(e - 1, 0))
