@@ -16,6 +16,7 @@ on sampled query rows before timing. ``--full`` adds the 16K patterns of
     python benchmarks/layouts.py --out OUT --full   # and the 16K Flex comparisons
     python benchmarks/layouts.py --out OUT --cpu    # tiny shapes on the CPU (logic check,
                                                     # layouts forced: SPATTN_LAYOUT=on)
+    python benchmarks/layouts.py --out OUT --analysis   # the computed pairs, on the CPU
 
 Writes ``OUT/layouts.json``; prints a markdown table last.
 """
@@ -180,6 +181,46 @@ def run_flex(names, H, rounds):
     return rows
 
 
+#: the 16K patterns of --full, as sources (benchmarks/bench.py's PATTERNS)
+FLEX_SOURCES = {"dilated(512,4)": "dilated(512, 4)", "strided(128)": "strided(128)",
+                "neighborhood2d(13x13)":
+                    "abs(q // 128 - k // 128) <= 6 & abs(q % 128 - k % 128) <= 6"}
+
+
+def analysis_rows():
+    """The analysis of every problem on the CPU (no kernels): the layout chosen, and the
+    pairs 128x64 tiles compute in sequence order (exact classification) and in the layout,
+    with the useful fraction of each."""
+    from spattn.ir import layout as LY
+    cases = [(name, *make_pattern(kind, args)) for name, (kind, args, _) in PROBLEMS.items()]
+    cases += [(name, spattn.compile(src), 16384) for name, src in FLEX_SOURCES.items()]
+    rows = []
+    for name, pat, N in cases:
+        log(f"analysis: {name}")
+        t0 = time.perf_counter()
+        r = LY.choose(pat.ir, N, N, 0, force=True)
+        choose_s = time.perf_counter() - t0
+        seq = LY.computed_pairs(pat.ir, N, 128, 64, pad=True)
+        useful = r.useful if r.useful is not None else int(pat.mask(N, N).sum())
+        rows.append({"problem": name, "N": N, "layout": str(r.layout),
+                     "padded_tokens": r.layout.padded_size, "useful_pairs": useful,
+                     "computed_sequence": seq, "computed_layout": r.computed_layout,
+                     "fraction_sequence": useful / seq, "fraction_layout":
+                     useful / r.computed_layout, "dense_over_layout": N * N / r.computed_layout,
+                     "choose_s": choose_s})
+    return rows
+
+
+def analysis_table(rows):
+    out = ["| problem | N | layout | useful pairs / computed, sequence -> layout | "
+           "dense pairs / layout's | choice s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['problem']} | {r['N']} | {r['layout']} | "
+                   f"{100 * r['fraction_sequence']:.1f}% -> {100 * r['fraction_layout']:.1f}% | "
+                   f"{r['dense_over_layout']:.2f}x | {r['choose_s']:.2f} |")
+    return "\n".join(out)
+
+
 def table(rows, flex_rows):
     out = ["| problem | layout | useful seq -> layout | spattn fwd ms | cuDNN dense ms | "
            "speedup | target |", "|---|---|---|---|---|---|---|"]
@@ -218,7 +259,16 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=None, help="heads (default 24; --cpu 2)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="problem names")
+    ap.add_argument("--analysis", action="store_true",
+                    help="the layouts' computed pairs on the CPU (no kernels, no timing)")
     a = ap.parse_args(argv)
+    if a.analysis:
+        rows = analysis_rows()
+        out = pathlib.Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "layouts_analysis.json").write_text(json.dumps(rows, indent=1))
+        print(analysis_table(rows))
+        return 0
     cpu = a.cpu or not torch.cuda.is_available()
     if cpu:     # tiny grids: box tiles do not pay there, but the logic is what is checked
         os.environ["SPATTN_LAYOUT"] = "on"
