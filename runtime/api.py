@@ -234,9 +234,10 @@ def check_grid(pattern, Lq, Lk: int, what: str = "q and k") -> None:
         return
     n = math.prod(grid)
     if (Lq is not None and Lq != n) or Lk != n:
+        lengths = f"Lk={Lk}" if Lq is None else f"lengths Lq={Lq}, Lk={Lk}"
         raise SpattnInputError(f"the pattern is defined on the grid {tuple(grid)} of {n} "
-                               f"tokens, but {what} have lengths Lq={Lq}, Lk={Lk}: the grid's "
-                               "product must equal the sequence length")
+                               f"tokens, but {what} have {lengths}: the grid's product must "
+                               "equal the sequence length")
 
 
 def _arguments(pattern, q, k, v, scale, q_offset, inputs):

@@ -264,6 +264,11 @@ class RemappedPlan(Plan):
     def prepare_backward(self, q, k, v) -> None:
         self.inner.prepare_backward(*(self._stand_in(t) for t in (q, k, v)))
 
+    def backward_stage(self, q, k, v, o, do):
+        """The inner plan's backward stage for gathered tensors shaped like these."""
+        q, k, v, o, do = (self._stand_in(t) for t in (q, k, v, o, do))
+        return self.inner.backward_stage(q, k, v, o, do)
+
     def backward(self, q, k, v, o, lse, do, dlse=None):
         g = [self._gather(t, self.order) for t in (q, k, v, o, lse, do, dlse)]
         grads = self.inner.backward(*g)
