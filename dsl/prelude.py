@@ -19,7 +19,14 @@ BUILTINS = {
     "max": (2, None),
     "clamp": (3, 3),
     "is_pow2": (1, 1),
+    # grids (docs/layouts.md): their shape, kernel size, stride, dilation and causal
+    # arguments are constants or constant lists (one entry per axis)
+    "coord": (3, 3),
+    "neighborhood": (2, 5),
 }
+
+#: Builtins whose arguments may be unindexed lists.
+LIST_BUILTINS = ("coord", "neighborhood")
 
 
 @lru_cache(maxsize=1)

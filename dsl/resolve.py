@@ -27,7 +27,7 @@ from typing import Optional, Union
 from . import ast as A
 from .errors import MAX_LITERAL, SpattnError, SpattnNameError, SpattnParamError, SpattnTypeError, \
     SpattnValueError, short_repr
-from .prelude import BUILTINS, prelude
+from .prelude import BUILTINS, LIST_BUILTINS, prelude
 
 #: Built-in variables (the same as ``spattn.ir.nodes.VARIABLES``).
 VARIABLES = ("q", "k", "h", "b", "Lq", "Lk", "H")
@@ -381,6 +381,10 @@ def _check_uses(r: _Resolver, tree: A.Expr, dims: dict) -> dict:
                 what = f"list param {b.name!r}" if isinstance(b, A.ListValue) else "a list"
                 raise r.err(SpattnTypeError, f"{what} takes exactly one index, "
                             f"got {len(n.indices)}", n)
+    for n in A.walk(tree):
+        if isinstance(n, A.Builtin) and n.func in LIST_BUILTINS:
+            indexed_bases.update(id(a) for a in n.args
+                                 if isinstance(a, (A.ListValue, A.ListLit)))
     for n in A.walk(tree):
         if id(n) in indexed_bases:
             continue

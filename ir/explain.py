@@ -52,6 +52,7 @@ class Report:
     density_method: str
     target: str = "cuda"
     cost_model: dict = field(default_factory=lambda: dict(COSTS["cuda"]))
+    layout: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +85,14 @@ class Report:
             + (" (closed-form loop bounds, no metadata)" if self.strategy == "ranges"
                else " (CSR tile table built at call time)"),
         ]
+        if self.layout is not None:
+            lay = self.layout
+            lines.append(
+                f"layout    {lay['layout']}: useful pairs {pct(lay['fraction_layout'])} of "
+                f"computed (sequence order {pct(lay['fraction_sequence'])}); "
+                + ("used (SPATTN_LAYOUT=auto)" if lay["used"] else
+                   "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on "
+                   "forces it)"))
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle):  # pragma: no cover - IPython
@@ -200,6 +209,8 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
                                             batch=batch, q_offset=q_offset, device=device,
                                             inputs=inputs))
     speedup = predicted_speedup(model_counts, strategy, COSTS[target], pairs=total_pairs)
+    layout = None if inputs else _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed,
+                                         block_m, block_n, computed // per_pair)
     return Report(
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
         batch=batch, block_m=block_m, block_n=block_n, head_dim=head_dim,
@@ -209,4 +220,26 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
         flops_computed=computed, flops_useful=useful, flops_dense=total_pairs * per_pair,
         efficiency=useful / computed if computed else 1.0,
         predicted_speedup=speedup, strategy=strategy, density_method=method, target=target,
-        cost_model=dict(COSTS[target]))
+        cost_model=dict(COSTS[target]), layout=layout)
+
+
+def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, computed):
+    """The token layout a call would consider (``ir.layout.choose``, forced), as a dict:
+    the layout, its box per grid axis, the computed pairs and the useful fraction in
+    sequence order and in the layout, and whether ``SPATTN_LAYOUT=auto`` uses it (it pays
+    by ``ir.layout.MARGIN`` and the call has at least ``AUTO_MIN_TOKENS`` tokens)."""
+    from . import layout as LY
+    r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
+                  block_m=block_m, block_n=block_n, force=True,
+                  sequence=computed // (batch * num_heads))
+    if r is None:
+        return None
+    useful = r.useful if r.useful is not None else allowed // (batch * num_heads)
+    return {"layout": str(r.layout), "grid": list(r.layout.grid.shape),
+            "splits": list(r.layout.grid.splits), "box": list(r.layout.box_by_axis()),
+            "padded_tokens": r.layout.padded_size,
+            "computed_sequence": r.computed_sequence, "computed_layout": r.computed_layout,
+            "fraction_sequence": useful / max(r.computed_sequence, 1),
+            "fraction_layout": useful / max(r.computed_layout, 1),
+            "used": (r.computed_layout <= LY.MARGIN * r.computed_sequence
+                     and Lq >= LY.AUTO_MIN_TOKENS)}

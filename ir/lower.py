@@ -17,7 +17,7 @@ from ..dsl.errors import SpattnError, SpattnParamError, SpattnTypeError, SpattnV
 from ..dsl.parser import parse_expression, parse_source
 from ..dsl.resolve import resolve_expression, resolve_program, suggest
 from . import build
-from .nodes import BOOL, INT, Const, Node
+from .nodes import BOOL, INT, BoolConst, Const, Node
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,8 @@ class _Lowerer:
             return self.build(build.select, cond, a, b, at=node)
         if isinstance(node, A.Index):
             return self.index(node)
+        if isinstance(node, A.Builtin) and node.func in ("coord", "neighborhood"):
+            return self.grid_builtin(node)
         if isinstance(node, A.Builtin):
             what = f"an argument of {node.func}"
             args = [self.int_(x, what) for x in node.args]
@@ -133,6 +135,37 @@ class _Lowerer:
             return self.build(fn, a, b, at=node.right)
         fn = {"+": build.add, "-": build.sub, "*": build.mul}[op]
         return self.build(fn, a, b, at=node, line=node.op_line, column=node.op_column)
+
+    def constant(self, node: A.Expr, what: str):
+        """A constant argument of a grid builtin: an int, a bool, or a tuple of them (a list
+        literal or a list param)."""
+        if isinstance(node, A.ListValue):
+            return tuple(node.values)
+        if isinstance(node, A.ListLit):
+            return tuple(self.constant(x, what) for x in node.items)
+        ir = self.lower(node)
+        if isinstance(ir, Const):
+            return ir.value
+        if isinstance(ir, BoolConst):
+            return ir.value
+        raise self.err(SpattnTypeError, f"{what} must be a constant (an int, true / false, or "
+                       "a list of them), not an expression of q, k, h or inputs", node)
+
+    def grid_builtin(self, node: A.Builtin) -> Node:
+        """``coord(x, shape, axis)`` and ``neighborhood(shape, kernel_size[, stride[,
+        dilation[, is_causal]]])`` (:mod:`spattn.ir.neighborhood`)."""
+        from .neighborhood import check_shape, coordinate, neighborhood_ir
+        if node.func == "coord":
+            x = self.int_(node.args[0], "the position of coord")
+            shape = self.constant(node.args[1], "the shape of coord")
+            axis = self.constant(node.args[2], "the axis of coord")
+            return self.build(lambda: coordinate(x, check_shape(shape), axis), at=node)
+        names = ("shape", "kernel_size", "stride", "dilation", "is_causal")
+        args = [self.constant(a, f"{n} of neighborhood") for n, a in zip(names, node.args)]
+        if len(args) == 5:
+            c = args[4]
+            args[4] = tuple(bool(x) for x in c) if isinstance(c, tuple) else bool(c)
+        return self.build(neighborhood_ir, *args, at=node)
 
     def index(self, node: A.Index) -> Node:
         base = node.base

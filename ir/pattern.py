@@ -19,12 +19,15 @@ BACKENDS = ("auto", "triton", "torch")
 
 class CompiledPattern:
     """A canonical IR with its name, params, runtime inputs and backend (see the module
-    docstring). Equal (and hash equal) when the canonical IR is, however it was written."""
+    docstring). Equal (and hash equal) when the canonical IR is, however it was written.
+    ``grid``: the token grid the pattern is defined on (``spattn.neighborhood``), or None;
+    a call's lengths must then be its cell count."""
 
-    __slots__ = ("ir", "name", "params", "inputs", "source", "backend")
+    __slots__ = ("ir", "name", "params", "inputs", "source", "backend", "grid")
 
     def __init__(self, ir, *, name: str = "pattern", params: dict | None = None,
-                 inputs: dict | None = None, backend: str = "auto"):
+                 inputs: dict | None = None, backend: str = "auto",
+                 grid: tuple | None = None):
         if backend not in BACKENDS:
             raise SpattnParamError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                                    f"got {backend!r}")
@@ -34,6 +37,7 @@ class CompiledPattern:
         self.inputs = dict(inputs or {})
         self.source = to_source(ir)
         self.backend = backend
+        self.grid = None if grid is None else tuple(grid)
 
     @classmethod
     def from_source(cls, src: str, *, backend: str = "auto", pattern: str | None = None,

@@ -228,11 +228,28 @@ def _backend_for(requested: str, device_type: str) -> str:
     return choose_backend(requested, device_type)
 
 
+def check_grid(pattern, Lq, Lk: int, what: str = "q and k") -> None:
+    """SpattnInputError unless ``Lq`` and ``Lk`` are the cell count of the pattern's grid
+    (patterns declared on a grid: ``spattn.neighborhood``); ``Lq=None``: the keys only (an
+    analysis of some query rows, placed by ``q_offset``)."""
+    grid = getattr(pattern, "grid", None)
+    if grid is None:
+        return
+    n = math.prod(grid)
+    if (Lq is not None and Lq != n) or Lk != n:
+        lengths = f"Lk={Lk}" if Lq is None else f"lengths Lq={Lq}, Lk={Lk}"
+        raise SpattnInputError(f"the pattern is defined on the grid {tuple(grid)} of {n} "
+                               f"tokens, but {what} have {lengths}: the grid's product must "
+                               "equal the sequence length")
+
+
 def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
     """The checked ``(scale, q_offset, inputs)`` of a call (inputs as given: the plan
     converts them once); tensors given without ``layout`` that read as more heads than
     any model has warn (:func:`~spattn.runtime.usage.warn_if_transposed`)."""
     validate(q, k, v)
+    check_grid(pattern, q.shape[2], k.shape[2], f"q (shape {_shape(q)}) and k (shape "
+                                                 f"{_shape(k)})")
     B, Hq, Lq, D = q.shape
     if layout is None and Hq > _usage.MAX_HEADS:
         _usage.warn_if_transposed(q)
@@ -310,6 +327,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if layout is not None:
         q, k, v = _usage.to_bhsd(layout, q, k, v)
     if torch.compiler.is_compiling():
+        _register_const(pattern)
         # The op carries the canonical source (a str attribute: a constant while tracing).
         out = call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
@@ -334,6 +352,14 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if layout == "bshd":
         o = o.transpose(1, 2)
     return (o, lse) if return_lse else o
+
+
+@torch.compiler.assume_constant_result
+def _register_const(pattern) -> str:
+    """:func:`~spattn.runtime.autograd.register` while tracing (run once, outside the graph):
+    the custom op then finds this pattern object (its grid, its class), not one compiled
+    again from its source."""
+    return _ag.register(pattern)
 
 
 def call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_offset,

@@ -227,16 +227,97 @@ class Plan:
         return "\n".join(lines)
 
 
+class RemappedPlan(Plan):
+    """A plan that runs its pattern in a token layout (docs/layouts.md): q, k and v are
+    gathered into box order (``order``, padding slots read token 0 and are masked out), the
+    remapped pattern runs through an ordinary :class:`Plan` (``inner``) on ``[B, H, Np, D]``
+    tensors, and the outputs (and in the backward the gradients) are gathered back into the
+    caller's order (``inverse``). The gathers' time is part of the call's."""
+
+    def __init__(self, pattern, backend: str, remap, q, k, v, *, scale, settings, options):
+        self.pattern = pattern
+        self.backend = backend
+        self.remap = remap
+        self.options = dict(options or {})
+        self.layout = _layout(q, k, v)
+        self.dtype, self.device = q.dtype, q.device
+        self.aligned = _aligned(q, k, v)
+        self._lock = threading.Lock()
+        self._bwd: dict = {}
+        self.order, self.inverse = remap.layout.permutation(q.device)
+        # the caller's pattern class (the torch backend's plan calls its analysis methods)
+        inner = type(pattern)(remap.ir, name=f"{pattern.name}@layout",
+                              backend=getattr(pattern, "backend", "auto"))
+        qs, ks, vs = (self._stand_in(t) for t in (q, k, v))
+        self.inner = build_plan(inner, backend, qs, ks, vs, scale=scale, q_offset=None,
+                                inputs={}, settings=settings, options=options, layouts=False)
+        self.call = self.inner.call
+        self.forward_stage = self.inner.forward_stage
+
+    def _stand_in(self, t):
+        return t.new_empty(t.shape[:2] + (self.order.numel(), t.shape[3]))
+
+    def _gather(self, t, index):
+        return None if t is None else t.index_select(2, index)
+
+    def forward(self, q, k, v):
+        o, lse = self.inner.forward(*(self._gather(t, self.order) for t in (q, k, v)))
+        return self._gather(o, self.inverse), self._gather(lse, self.inverse)
+
+    def prepare_backward(self, q, k, v) -> None:
+        self.inner.prepare_backward(*(self._stand_in(t) for t in (q, k, v)))
+
+    def backward_stage(self, q, k, v, o, do):
+        """The inner plan's backward stage for gathered tensors shaped like these."""
+        q, k, v, o, do = (self._stand_in(t) for t in (q, k, v, o, do))
+        return self.inner.backward_stage(q, k, v, o, do)
+
+    def backward(self, q, k, v, o, lse, do, dlse=None):
+        g = [self._gather(t, self.order) for t in (q, k, v, o, lse, do, dlse)]
+        grads = self.inner.backward(*g)
+        return tuple(self._gather(t, self.inverse) for t in grads)
+
+    def __repr__(self) -> str:
+        r = self.remap
+        head = [f"Plan for {self.pattern.name!r}: {self.pattern.source}",
+                f"  layout: {r.layout} ({r.layout.padded_size} slots); computed pairs "
+                f"{r.computed_layout:,} (sequence order {r.computed_sequence:,})"]
+        return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
+
+
+def choose_layout(pattern, q, k, q_offset, inputs, settings):
+    """The :class:`~spattn.ir.layout.Remap` a call of ``pattern`` runs in, or None (the
+    ``SPATTN_LAYOUT`` setting: ``auto`` when it pays and the call has at least
+    ``ir.layout.AUTO_MIN_TOKENS`` tokens, ``on`` whenever a grid is found, ``off`` never;
+    patterns with runtime inputs run in sequence order)."""
+    from ..ir.layout import AUTO_MIN_TOKENS, choose
+    Lq, Lk = q.shape[2], k.shape[2]
+    if settings.layout == "off" or inputs or (settings.layout == "auto"
+                                              and Lq < AUTO_MIN_TOKENS):
+        return None
+    return choose(pattern.ir, Lq, Lk, Positions.of(Lq, Lk, q_offset).q_offset,
+                  num_heads=q.shape[1], force=settings.layout == "on")
+
+
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
-               settings=None, options=None) -> Plan:
-    """A new :class:`Plan` (arguments already validated: ``api.validate``)."""
+               settings=None, options=None, layouts: bool = True) -> Plan:
+    """A new :class:`Plan` (arguments already validated: ``api.validate``); a
+    :class:`RemappedPlan` when the pattern runs in a token layout (``layouts``)."""
+    from .api import check_grid
     from .progress import progress
+    from .usage import warn_if_empty
+    check_grid(pattern, q.shape[2], k.shape[2], f"q (shape {tuple(q.shape)}) and k (shape "
+                                                 f"{tuple(k.shape)})")
+    settings = settings or _settings.current()
     with progress(f"building the {backend} plan of {pattern.name!r} for q "
                   f"{list(q.shape)} {str(q.dtype).replace('torch.', '')} (kernels, tables)"):
+        remap = choose_layout(pattern, q, k, q_offset, inputs, settings) if layouts else None
+        if remap is not None:
+            return RemappedPlan(pattern, backend, remap, q, k, v, scale=scale,
+                                settings=settings, options=options)
         call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
                        settings=settings, backend=backend)
         plan = Plan(pattern, backend, call, q, k, v, options)
-    from .usage import warn_if_empty
     warn_if_empty(call)
     return plan
 

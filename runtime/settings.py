@@ -22,6 +22,7 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 ``SPATTN_TABLES``           ``auto``, ``csr`` or ``spans``: the table strategy's form
 ``SPATTN_AUTOTUNE``         ``1`` / ``0``: autotune launch configurations on CUDA
 ``SPATTN_CACHE_DIR``        the kernel cache directory (default ``~/.cache/spattn``)
+``SPATTN_LAYOUT``           ``auto``, ``off`` or ``on``: token layouts (docs/layouts.md)
 ``SPATTN_PROGRESS``         ``auto`` / ``1`` / ``0``: show long plan builds and explain()
                             runs (:func:`progress`; not part of :class:`Settings`)
 ``TRITON_INTERPRET``        ``1``: run the Triton kernels on the CPU (Triton's variable)
@@ -49,13 +50,14 @@ VARIABLES = (
     "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES", "SPATTN_BWD_LOOP",
     "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES",
     "SPATTN_TMA", "SPATTN_TABLES", "SPATTN_AUTOTUNE", "SPATTN_CACHE_DIR",
-    "TRITON_INTERPRET",
+    "SPATTN_LAYOUT", "TRITON_INTERPRET",
 )
 
 _STRATEGIES = ("ranges", "table")
 _FWD_LOOPS = ("split", "fused", "persistent")
 _BWD_LOOPS = ("split", "fused")
 _TABLES = ("auto", "csr", "spans")
+_LAYOUTS = ("auto", "off", "on")
 
 #: ``os.environ``'s own dict (bytes names and values) where it has one: POSIX CPython, whose
 #: ``os.environ[...] = ...``, ``del`` and ``putenv`` through the mapping all update it.
@@ -99,6 +101,7 @@ class Settings:
     autotune: bool = True
     cache_dir: str | None = None
     interpret: bool = False
+    layout: str = "auto"
 
     def __hash__(self):
         return hash(self.raw)
@@ -196,6 +199,7 @@ def parse(raw: tuple) -> Settings:
         autotune=True if autotune is None else autotune,
         cache_dir=env["SPATTN_CACHE_DIR"] or None,
         interpret=interp not in (None, "", "0"),
+        layout=_choice("SPATTN_LAYOUT", env["SPATTN_LAYOUT"], _LAYOUTS) or "auto",
     )
 
 

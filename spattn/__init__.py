@@ -13,6 +13,7 @@ from spattn.dsl.errors import (SpattnBackendError, SpattnCacheError,  # noqa: F4
                                SpattnLayoutWarning, SpattnEmptyPatternWarning)
 from spattn.functional import attention  # noqa: F401
 from spattn.pattern import Pattern, compile, load, pattern_names  # noqa: F401
+from spattn.neighborhood import neighborhood  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,4 @@ __all__ = ["Pattern", "SpattnError", "SpattnSyntaxError", "SpattnNameError", "Sp
            "SpattnValueError", "SpattnParamError", "SpattnInputError", "SpattnBackendError",
            "SpattnConfigError", "SpattnCacheError", "SpattnWarning", "SpattnLayoutWarning",
            "SpattnEmptyPatternWarning", "compile", "load", "pattern_names",
-           "attention", "__version__"]
+           "attention", "neighborhood", "__version__"]

@@ -56,7 +56,7 @@ def _resolve(pattern, kwargs):
                 "compiled Pattern: pass the pattern source as a str, or bind them in "
                 "spattn.compile()")
         if backend is not None and backend != pattern.backend:
-            pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
+            pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params, grid=pattern.grid,
                               inputs=pattern.inputs, backend=backend)
         return pattern, inputs
     if not isinstance(pattern, str):

@@ -42,7 +42,7 @@ class SparseAttention(nn.Module):
                     f"params {', '.join(map(repr, sorted(params)))} cannot be bound on an "
                     "already compiled Pattern: pass the source string instead")
             if backend != pattern.backend:
-                pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
+                pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params, grid=pattern.grid,
                                   inputs=pattern.inputs, backend=backend)
         elif isinstance(pattern, str):
             from . import compile as _compile

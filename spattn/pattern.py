@@ -230,7 +230,8 @@ def _read(path) -> str:
 def _checked(pattern, Lq, Lk, q_offset, device, inputs):
     """``(q_offset, device)`` of an analysis method, checked like a call's; runtime inputs that
     the evaluation cannot take (meta, unsigned) are refused with a message saying so."""
-    from .runtime.api import check_q_offset, check_runtime_tensors
+    from .runtime.api import check_grid, check_q_offset, check_runtime_tensors
+    check_grid(pattern, None, Lk, "the lengths")
     check_runtime_tensors(inputs)
     if q_offset is not None:
         q_offset = check_q_offset(q_offset, Lq, Lk)

@@ -45,6 +45,9 @@ def test_current_sees_a_changed_environment(monkeypatch):
     assert s.overrides("fwd")["strategy"] == "table"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not settings.current().interpret
+    assert settings.current().layout == "auto"
+    monkeypatch.setenv("SPATTN_LAYOUT", "Off")
+    assert settings.current().layout == "off"
 
 
 @pytest.mark.parametrize("var,value,text", [
@@ -53,6 +56,7 @@ def test_current_sees_a_changed_environment(monkeypatch):
     ("SPATTN_BWD_STAGES", "0", "1..8"),
     ("SPATTN_FWD_LOOP", "unrolled", "'split', 'fused', 'persistent'"),
     ("SPATTN_TABLES", "dense", "'auto', 'csr', 'spans'"),
+    ("SPATTN_LAYOUT", "boxes", "'auto', 'off', 'on'"),
 ])
 def test_bad_values_name_the_variable(monkeypatch, var, value, text):
     monkeypatch.setenv(var, value)

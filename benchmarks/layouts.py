@@ -1,0 +1,300 @@
+"""GPU benchmark of token layouts (docs/layouts.md): grid neighbourhoods against cuDNN dense
+attention, and 1-D structured patterns against FlexAttention.
+
+Video / image problems (B=1, 24 heads unless ``--heads``, D=128, bf16, forward; spattn's
+time includes gathering q, k, v into box order and o back): FLUX 256x256 with an 80x80
+window and with stride 16x16, Hunyuan 30x48x80 with an 18x24x24 window and with stride
+(16, 8, 8), each through ``spattn.neighborhood``; the FLUX window also written as a
+flattened expression (``examples/patterns/neighborhood_2d.spattn``), which the runtime
+recognises. Against cuDNN dense (SDPA under ``SDPBackend.CUDNN_ATTENTION``), timed in
+alternating rounds in this process. Every output is checked against the float64 reference
+on sampled query rows before timing. ``--full`` adds the 16K patterns of
+``benchmarks/bench.py`` against FlexAttention (``dilated(512,4)``, ``strided(128)``,
+2-D 13x13), forward and forward+backward, with layouts on (``SPATTN_LAYOUT=auto``) and off.
+
+    python benchmarks/layouts.py --out OUT          # the quick set (< 90 s on an H200)
+    python benchmarks/layouts.py --out OUT --full   # and the 16K Flex comparisons
+    python benchmarks/layouts.py --out OUT --cpu    # tiny shapes on the CPU (logic check,
+                                                    # layouts forced: SPATTN_LAYOUT=on)
+    python benchmarks/layouts.py --out OUT --analysis   # the computed pairs, on the CPU
+
+Writes ``OUT/layouts.json``; prints a markdown table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import spattn  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# name -> (kind, args, target speedup vs cuDNN dense)
+PROBLEMS = {
+    "flux-window-80x80": ("natten", ((256, 256), (80, 80)), 5.2),
+    "flux-stride-16x16": ("natten", ((256, 256), (80, 80), (16, 16)), 9.2),
+    "hunyuan-window-18x24x24": ("natten", ((30, 48, 80), (18, 24, 24)), 3.4),
+    "hunyuan-stride-16x8x8": ("natten", ((30, 48, 80), (18, 24, 24), (16, 8, 8)), 9.7),
+    "flux-window-80x80-flat": ("flat", (256, 80), 5.2),
+}
+QUICK = ["flux-window-80x80", "flux-stride-16x16", "hunyuan-window-18x24x24",
+         "flux-window-80x80-flat"]
+# the same problems scaled down for --cpu
+CPU_PROBLEMS = {
+    "flux-window-80x80": ("natten", ((16, 16), (5, 5)), None),
+    "flux-stride-16x16": ("natten", ((16, 16), (8, 8), (4, 4)), None),
+    "hunyuan-window-18x24x24": ("natten", ((4, 6, 8), (3, 3, 3)), None),
+    "hunyuan-stride-16x8x8": ("natten", ((4, 6, 8), (3, 4, 4), (2, 2, 2)), None),
+    "flux-window-80x80-flat": ("flat", (16, 5), None),
+}
+FLEX_16K = ["dilated(512,4)", "strided(128)", "neighborhood2d(13x13)"]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def make_pattern(kind, args, backend="auto"):
+    if kind == "natten":
+        pat = spattn.neighborhood(*args, backend=backend)
+        return pat, math.prod(args[0])
+    W, size = args
+    pat = spattn.load(ROOT / "examples/patterns/neighborhood_2d.spattn",
+                      pattern="neighborhood_2d_natten", W=W, size=size, backend=backend)
+    return pat, W * W
+
+
+def sampled_error(pat, q, k, v, o, N, rows=256, samples=3, heads=2):
+    """Largest relative error of ``o`` against the float64 reference on ``samples`` slices of
+    ``rows`` query rows (heads 0..heads-1)."""
+    from spattn.runtime.reference import attention_reference
+    worst = 0.0
+    rows = min(rows, N)
+    for i in range(samples):
+        s = (N - rows) * i // max(samples - 1, 1)
+        n = min(rows, N - s)
+        m = pat.mask(n, N, q_offset=s, device=q.device)
+        ref, _ = attention_reference(q[:, :heads, s:s + n], k[:, :heads], v[:, :heads], m)
+        got = o[:, :heads, s:s + n].double()
+        worst = max(worst, float((got - ref).norm() / ref.norm().clamp_min(1e-30)))
+    return worst
+
+
+def timer(cpu):
+    if cpu:
+        def bench(fn):
+            fn()
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(ts)
+        return bench
+    import triton
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    return bench
+
+
+def dense_fn(q, k, v, cpu):
+    import torch.nn.functional as F
+    if cpu:
+        return lambda: F.scaled_dot_product_attention(q, k, v)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+    return run
+
+
+def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu):
+    pat, N = make_pattern(kind, args, backend="torch" if cpu else "auto")
+    row = {"problem": name, "N": N, "H": H, "D": D, "target_vs_dense": target}
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
+    t0 = time.perf_counter()
+    plan = pat.plan(q, k, v)
+    row["plan_s"] = time.perf_counter() - t0
+    remap = getattr(plan, "remap", None)
+    row["layout"] = str(remap.layout) if remap is not None else None
+    if remap is not None:
+        row["useful_fraction_sequence"] = remap.fraction_sequence
+        row["useful_fraction_layout"] = remap.fraction_layout
+    t0 = time.perf_counter()
+    o = pat(q, k, v, plan=plan)
+    if not cpu:
+        torch.cuda.synchronize()
+    row["first_call_s"] = time.perf_counter() - t0
+    row["rel_err_sampled"] = err = sampled_error(pat, q, k, v, o, N)
+    if not err < 2e-2:
+        row["error"] = f"mismatch vs reference: {err:.3e}"
+        return row
+    bench = timer(cpu)
+    dense = dense_fn(q, k, v, cpu)
+    row["dense_backend"] = "math" if cpu else "cudnn"
+    try:
+        dense()
+    except RuntimeError as e:          # cuDNN attention not available here: say so, use flash
+        log(f"  cuDNN attention failed ({str(e).splitlines()[0][:120]}); timing flash")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch.nn.functional as F
+
+        def dense():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v)
+        row["dense_backend"] = "flash"
+    fns = {"spattn": lambda: pat(q, k, v, plan=plan), "dense": dense}
+    times = {n: [] for n in fns}
+    for r in range(rounds):
+        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[n].append(bench(fns[n]))
+    row["fwd_ms"] = statistics.median(times["spattn"])
+    row["dense_fwd_ms"] = statistics.median(times["dense"])
+    row["speedup_vs_dense"] = row["dense_fwd_ms"] / row["fwd_ms"]
+    return row
+
+
+def run_flex(names, H, rounds):
+    """``benchmarks/bench.py``'s rows at 16K, with layouts on and off."""
+    import bench
+    rows = []
+    for layout in ("auto", "off"):
+        os.environ["SPATTN_LAYOUT"] = layout
+        for name in names:
+            log(f"flex: {name} layout={layout}")
+            row = bench.run_one(name, 16384, 128, H=H, rounds=rounds)
+            row["layout_setting"] = layout
+            rows.append(row)
+    os.environ.pop("SPATTN_LAYOUT", None)
+    return rows
+
+
+#: the 16K patterns of --full, as sources (benchmarks/bench.py's PATTERNS)
+FLEX_SOURCES = {"dilated(512,4)": "dilated(512, 4)", "strided(128)": "strided(128)",
+                "neighborhood2d(13x13)":
+                    "abs(q // 128 - k // 128) <= 6 & abs(q % 128 - k % 128) <= 6"}
+
+
+def analysis_rows():
+    """The analysis of every problem on the CPU (no kernels): the layout chosen, and the
+    pairs 128x64 tiles compute in sequence order (exact classification) and in the layout,
+    with the useful fraction of each."""
+    from spattn.ir import layout as LY
+    cases = [(name, *make_pattern(kind, args)) for name, (kind, args, _) in PROBLEMS.items()]
+    cases += [(name, spattn.compile(src), 16384) for name, src in FLEX_SOURCES.items()]
+    rows = []
+    for name, pat, N in cases:
+        log(f"analysis: {name}")
+        t0 = time.perf_counter()
+        r = LY.choose(pat.ir, N, N, 0, force=True)
+        choose_s = time.perf_counter() - t0
+        seq = LY.computed_pairs(pat.ir, N, 128, 64, pad=True)
+        useful = r.useful if r.useful is not None else int(pat.mask(N, N).sum())
+        rows.append({"problem": name, "N": N, "layout": str(r.layout),
+                     "padded_tokens": r.layout.padded_size, "useful_pairs": useful,
+                     "computed_sequence": seq, "computed_layout": r.computed_layout,
+                     "fraction_sequence": useful / seq, "fraction_layout":
+                     useful / r.computed_layout, "dense_over_layout": N * N / r.computed_layout,
+                     "choose_s": choose_s})
+    return rows
+
+
+def analysis_table(rows):
+    out = ["| problem | N | layout | useful pairs / computed, sequence -> layout | "
+           "dense pairs / layout's | choice s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['problem']} | {r['N']} | {r['layout']} | "
+                   f"{100 * r['fraction_sequence']:.1f}% -> {100 * r['fraction_layout']:.1f}% | "
+                   f"{r['dense_over_layout']:.2f}x | {r['choose_s']:.2f} |")
+    return "\n".join(out)
+
+
+def table(rows, flex_rows):
+    out = ["| problem | layout | useful seq -> layout | spattn fwd ms | cuDNN dense ms | "
+           "speedup | target |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['problem']} | ERROR {r['error']} | | | | | |")
+            continue
+        fr = (f"{100 * r['useful_fraction_sequence']:.0f}% -> "
+              f"{100 * r['useful_fraction_layout']:.0f}%"
+              if r.get("useful_fraction_layout") is not None else "")
+        tgt = f"{r['target_vs_dense']}x" if r.get("target_vs_dense") else ""
+        out.append(f"| {r['problem']} | {r['layout'] or 'sequence order'} | {fr} | "
+                   f"{r['fwd_ms']:.3f} | {r['dense_fwd_ms']:.3f} | "
+                   f"{r['speedup_vs_dense']:.2f}x | {tgt} |")
+    if flex_rows:
+        out += ["", "| 16K pattern | layouts | fwd ms | Flex fwd ms | fwd vs Flex | fwd+bwd ms |"
+                " Flex fwd+bwd ms | fwd+bwd vs Flex |", "|---|---|---|---|---|---|---|---|"]
+        for r in flex_rows:
+            if "error" in r or "flex_fwd_ms" not in r:
+                out.append(f"| {r['pattern']} | {r['layout_setting']} | "
+                           f"{r.get('error', r.get('flex_error', '?'))} | | | | | |")
+                continue
+            fb = r.get("fwdbwd_ms"), r.get("flex_fwdbwd_ms")
+            out.append(f"| {r['pattern']} | {r['layout_setting']} | {r['fwd_ms']:.3f} | "
+                       f"{r['flex_fwd_ms']:.3f} | {r['flex_fwd_ms'] / r['fwd_ms']:.2f}x | "
+                       + (f"{fb[0]:.3f} | {fb[1]:.3f} | {fb[1] / fb[0]:.2f}x |"
+                          if all(fb) else "| | |"))
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for layouts.json")
+    ap.add_argument("--full", action="store_true", help="every problem, and the 16K Flex rows")
+    ap.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (logic check)")
+    ap.add_argument("--heads", type=int, default=None, help="heads (default 24; --cpu 2)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="problem names")
+    ap.add_argument("--analysis", action="store_true",
+                    help="the layouts' computed pairs on the CPU (no kernels, no timing)")
+    a = ap.parse_args(argv)
+    if a.analysis:
+        rows = analysis_rows()
+        out = pathlib.Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "layouts_analysis.json").write_text(json.dumps(rows, indent=1))
+        print(analysis_table(rows))
+        return 0
+    cpu = a.cpu or not torch.cuda.is_available()
+    if cpu:     # tiny grids: box tiles do not pay there, but the logic is what is checked
+        os.environ["SPATTN_LAYOUT"] = "on"
+    dev, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.bfloat16)
+    H = a.heads or (2 if cpu else 24)
+    D = 32 if cpu else 128
+    problems = CPU_PROBLEMS if cpu else PROBLEMS
+    names = a.only or (list(problems) if a.full else QUICK)
+    rows = []
+    for name in names:
+        kind, args, target = problems[name]
+        log(f"{name}: {args}")
+        row = run_problem(name, kind, args, target, H=H, D=D, dev=dev, dtype=dtype,
+                          rounds=a.rounds if not cpu else 1, cpu=cpu)
+        log(f"  {row}")
+        rows.append(row)
+    flex_rows = run_flex(FLEX_16K, 16, a.rounds) if a.full and not cpu else []
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": "cpu" if cpu else torch.cuda.get_device_name(), "torch": torch.__version__,
+            "heads": H, "head_dim": D, "dtype": str(dtype)}
+    (out / "layouts.json").write_text(json.dumps({"meta": meta, "rows": rows,
+                                                  "flex_16k": flex_rows}, indent=1))
+    print(table(rows, flex_rows))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,596 @@
+"""Token layouts: a pattern over flattened grid positions, run with box-shaped tiles.
+
+A pattern sees tokens in sequence order. When the tokens are the cells of a grid
+``(n_1, ..., n_d)`` flattened row-major (an image, a video, a residue class of a dilated
+window), no contiguous tile of a 2-D neighbourhood is FULL and most computed pairs are
+masked. Permuting the tokens so that each contiguous run of ``T`` tokens is a *box* of the
+grid (``16 x 8`` cells, ``2 x 8 x 8``, one residue class) makes the tile pairs products of
+per-axis intervals: the interval analysis then proves most of them FULL or EMPTY.
+
+A layout is two pieces of data:
+
+* the **grid**: the axes' sizes (row-major, ``N = prod(shape)`` tokens) and, per axis, an
+  optional *split* ``d`` (the axis coordinate ``c = m * d + r``, ``0 <= r < d``): the
+  residue classes of a dilation. A split that does not divide its axis pads it.
+* the **box**: the tile shape over the *virtual axes* (every residue part first, then the
+  major parts in axis order), ``T = prod(box)`` tokens.
+
+The permuted index ``i`` is tile ``i // T`` (row-major over the tile grid) and offset
+``i % T`` (row-major within the box); the virtual coordinates follow by mixed radix,
+the grid coordinates by ``c = m * d + r`` and the original position by
+``sum(c_a * stride_a)``. Cells past an axis (padding) are masked out of the remapped pattern.
+
+:func:`coordinate_form` rewrites the pattern in grid coordinates (``q // W`` becomes the
+row of q, ``q % W`` its column; any subterm the rewriting cannot read stays as written, and
+is still exact); :func:`remap` substitutes the coordinates of the permuted index and adds
+the padding condition; :func:`discover` infers the grid from the divisors and moduli of a
+pattern; :func:`choose` picks the box whose tiles compute the fewest pairs and keeps the
+layout only when it beats sequence order by :data:`MARGIN`.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import build as B
+from .nodes import Const, FloorDiv, Load, Mod, Node, Range, Sum, Var, free_vars, walk
+
+__all__ = ["Grid", "Layout", "Remap", "coordinate_form", "remap", "discover", "choose",
+           "candidate_boxes", "computed_pairs", "sampled_pairs", "MARGIN", "TILE_TOKENS",
+           "AUTO_MIN_TOKENS"]
+
+#: tokens per box (the largest kernel tile of a side).
+TILE_TOKENS = 128
+#: a layout is used only when its tiles compute at most this fraction of the pairs the
+#: sequence order's tiles compute.
+MARGIN = 0.8
+#: boxes tried per grid at most (the squarest first), and when a pattern is not a product
+#: of per-axis conditions (each is then a classification at the call's size).
+MAX_CANDIDATES = 64
+FULL_CANDIDATES = 12
+#: query-tile rows classified per candidate box of a pattern that is not a product (spread
+#: evenly over the grid; the counts scaled up): the choice's estimate.
+SAMPLED_ROWS = 16
+#: the smallest box tried when a grid is too small for boxes of a whole tile.
+MIN_TOKENS = 16
+#: calls shorter than this run in sequence order under ``SPATTN_LAYOUT=auto`` (a few tiles:
+#: the gathers and the choice cost more than the tiles they could save).
+AUTO_MIN_TOKENS = 1024
+
+
+def _vplaceholder(side: str, j: int) -> Var:
+    """The coordinate of ``side`` (q or k) on virtual axis ``j`` during the rewriting (a
+    variable that never leaves this module)."""
+    return Var(f"{side}#{j}")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Tokens as the cells of ``shape`` flattened row-major; ``splits[a]`` > 1 splits axis a
+    into residue classes (``c = m * splits[a] + r``)."""
+
+    shape: tuple[int, ...]
+    splits: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.splits:
+            object.__setattr__(self, "splits", (1,) * len(self.shape))
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        out, s = [], 1
+        for n in reversed(self.shape):
+            out.append(s)
+            s *= n
+        return tuple(reversed(out))
+
+    def virtual(self) -> list[tuple[int, int, int]]:
+        """The virtual axes ``(axis, weight, size)``: residue parts first, then majors."""
+        res = [(a, 1, d) for a, d in enumerate(self.splits) if d > 1]
+        maj = [(a, d, -(-n // d)) for a, (n, d) in enumerate(zip(self.shape, self.splits))]
+        return res + maj
+
+    def __str__(self) -> str:
+        axes = " x ".join(f"{n}" + (f"/{d}" if d > 1 else "")
+                          for n, d in zip(self.shape, self.splits))
+        return f"grid {axes}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A grid and a box over its virtual axes (module docstring)."""
+
+    grid: Grid
+    box: tuple[int, ...]
+
+    @property
+    def virtual(self):
+        return self.grid.virtual()
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.box)
+
+    @property
+    def tiles(self) -> tuple[int, ...]:
+        """Boxes per virtual axis (the virtual sizes rounded up to whole boxes)."""
+        return tuple(-(-v // b) for (_, _, v), b in zip(self.virtual, self.box))
+
+    @property
+    def padded_size(self) -> int:
+        return math.prod(self.tiles) * self.tokens
+
+    def box_by_axis(self) -> tuple[int, ...]:
+        """Cells of a box along each grid axis (a residue part counts its weight)."""
+        out = [1] * len(self.grid.shape)
+        for (a, _, _), b in zip(self.virtual, self.box):
+            out[a] *= b
+        return tuple(out)
+
+    def virtual_coords(self, x: Node) -> list[Node]:
+        """IR of the virtual coordinates of permuted index ``x``."""
+        T = self.tokens
+        out = []
+        tiles = self.tiles
+        for j, b in enumerate(self.box):
+            # tile coordinate: (x // (T * tiles after j)) % tiles[j]; box coordinate:
+            # (x // boxes after j) % b (the box strides divide T, so no x % T is needed)
+            tc = B.floordiv(x, B.const(T * math.prod(tiles[j + 1:])))
+            if j > 0:
+                tc = B.mod(tc, B.const(tiles[j]))
+            bc = B.mod(B.floordiv(x, B.const(math.prod(self.box[j + 1:]))), B.const(b))
+            out.append(B.add(B.scale(tc, b), bc))
+        return out
+
+    def coords(self, x: Node) -> list[Node]:
+        """IR of the grid coordinates of permuted index ``x`` (valid cells)."""
+        v = self.virtual_coords(x)
+        out = [B.const(0)] * len(self.grid.shape)
+        for (a, w, _), c in zip(self.virtual, v):
+            out[a] = B.add(out[a], B.scale(c, w))
+        return out
+
+    def valid(self, x: Node) -> Node:
+        """IR: ``x`` is a cell of the grid, not padding."""
+        conds = []
+        for (_, _, size), c, nb, b in zip(self.virtual, self.virtual_coords(x), self.tiles,
+                                           self.box):
+            if nb * b != size:
+                conds.append(B.cmp("<", c, B.const(size)))
+        for n, c, d in zip(self.grid.shape, self.coords(x), self.grid.splits):
+            if d > 1 and n % d:
+                conds.append(B.cmp("<", c, B.const(n)))
+        return B.and_(*conds) if conds else B.TRUE
+
+    def permutation(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, inverse)``: int64 ``[padded_size]`` original position of each permuted
+        slot (padding slots: position 0, masked out) and ``[N]`` permuted slot of each
+        original position."""
+        Np, N = self.padded_size, self.grid.size
+        i = torch.arange(Np, dtype=torch.int64)
+        T = self.tokens
+        tile, off = i // T, i % T
+        tiles = self.tiles
+        coords = [torch.zeros(Np, dtype=torch.int64) for _ in self.grid.shape]
+        valid = torch.ones(Np, dtype=torch.bool)
+        for j, ((a, w, size), b) in enumerate(zip(self.virtual, self.box)):
+            tc = (tile // math.prod(tiles[j + 1:])) % tiles[j]
+            bc = (off // math.prod(self.box[j + 1:])) % b
+            c = tc * b + bc
+            valid &= c < size
+            coords[a] += c * w
+        pos = torch.zeros(Np, dtype=torch.int64)
+        for n, s, c in zip(self.grid.shape, self.grid.strides, coords):
+            valid &= c < n
+            pos += c * s
+        order = torch.where(valid, pos, torch.zeros_like(pos))
+        inverse = torch.empty(N, dtype=torch.int64)
+        inverse[pos[valid]] = i[valid]
+        return order.to(device), inverse.to(device)
+
+    def __str__(self) -> str:
+        per_axis = "x".join(map(str, self.box_by_axis()))
+        return f"{self.grid}, tiles of {self.tokens} tokens as boxes {per_axis}"
+
+
+# ------------------------------------------------------------ rewriting
+
+def _known_range(n: Node, known: dict) -> Optional[tuple[int, int]]:
+    """A range of ``n`` over the valid cells, when cheap to tell; else None."""
+    if isinstance(n, Const):
+        return n.value, n.value
+    if isinstance(n, Var):
+        return known.get(n.name)
+    if isinstance(n, Mod) and isinstance(n.b, Const) and n.b.value > 0:
+        return 0, n.b.value - 1
+    if isinstance(n, FloorDiv) and isinstance(n.b, Const) and n.b.value > 0:
+        r = _known_range(n.a, known)
+        return None if r is None else (r[0] // n.b.value, r[1] // n.b.value)
+    if isinstance(n, Sum):
+        lo = hi = n.const
+        for atom, c in n.terms:
+            r = _known_range(atom, known)
+            if r is None:
+                return None
+            lo += min(c * r[0], c * r[1])
+            hi += max(c * r[0], c * r[1])
+        return lo, hi
+    return None
+
+
+def _divmod(a: Node, m: int, known: dict) -> Optional[tuple[Node, Node]]:
+    """``(a // m, a % m)`` rewritten when the terms of ``a`` not divisible by ``m`` stay in
+    one block of ``m`` over the valid cells; else None."""
+    terms, c = B.linear(a)
+    whole = {x: v // m for x, v in terms.items() if v % m == 0}
+    rest = B.from_linear({x: v for x, v in terms.items() if v % m}, c)
+    r = _known_range(rest, known)
+    if r is None or r[0] // m != r[1] // m:
+        if whole:       # (m * a + rest) % m == rest % m, whatever rest's range
+            return B.floordiv(a, B.const(m)), B.mod(rest, B.const(m))
+        return None
+    k = r[0] // m
+    return B.add(B.from_linear(whole, 0), B.const(k)), B.sub(rest, B.const(k * m))
+
+
+def _range_on_blocks(x: Node, lo, hi, known: dict) -> Optional[Node]:
+    """``lo <= x <= hi`` as a range of the block index when ``x = m * w + rest`` with
+    ``rest`` in less than one block and each bound deciding every cell of a block alike
+    (``64 * row + col <= 511`` is ``row <= 7``: the first rows of a grid, text tokens
+    before an image); else None."""
+    terms, c = B.linear(x)
+    big = [abs(v) for v in terms.values() if abs(v) > 1]
+    if not big:
+        return None
+    m = math.gcd(*big)
+    if m < 2:
+        return None
+    whole = B.from_linear({a: v // m for a, v in terms.items() if v % m == 0}, 0)
+    rest = B.from_linear({a: v for a, v in terms.items() if v % m}, c)
+    r = _known_range(rest, known)
+    if r is None or r[1] - r[0] >= m or isinstance(whole, Const):
+        return None
+    parts = []
+    if hi is not None:
+        top, bottom = (hi - r[1]) // m, (hi - r[0]) // m
+        if top != bottom:
+            return None
+        parts.append(B.range_(whole, None, bottom))
+    if lo is not None:
+        a, b = -((r[0] - lo) // m), -((r[1] - lo) // m)    # ceil((lo - r) / m)
+        if a != b:
+            return None
+        parts.append(B.range_(whole, a, None))
+    return B.and_(*parts)
+
+
+def _simplify(n: Node, known: dict, sub: dict) -> Node:
+    """``n`` with ``sub``'s variables replaced, ``//`` and ``%`` by constants read through
+    the ranges of ``known`` (see :func:`_divmod`), rebuilt through ``ir.build``."""
+    from .intervals import rebuild
+    if isinstance(n, Var):
+        return sub.get(n.name, n)
+    kids = n.children()
+    if not kids:
+        return n
+    new = [_simplify(c, known, sub) for c in kids]
+    if isinstance(n, (FloorDiv, Mod)) and isinstance(new[1], Const) and new[1].value > 0:
+        m = new[1].value
+        a = new[0]
+        if isinstance(n, Mod) and isinstance(a, Mod) and isinstance(a.b, Const) \
+                and a.b.value % m == 0:
+            a = a.a
+        if isinstance(n, FloorDiv) and isinstance(a, FloorDiv) and isinstance(a.b, Const) \
+                and a.b.value > 0:
+            a, m = a.a, a.b.value * m
+        got = _divmod(a, m, known)
+        if got is not None:
+            return got[0] if isinstance(n, FloorDiv) else got[1]
+        return B.floordiv(a, B.const(m)) if isinstance(n, FloorDiv) else B.mod(a, B.const(m))
+    if isinstance(n, Range) and known:
+        got = _range_on_blocks(new[0], n.lo, n.hi, known)
+        if got is not None:
+            return got
+    if all(a is b for a, b in zip(new, kids)):
+        return n
+    return rebuild(n, new)
+
+
+def coordinate_form(ir: Node, grid: Grid) -> Node:
+    """``ir`` with q and k replaced by the grid coordinates of the tokens (placeholder
+    variables ``q@a``, ``k@a``; the splits' parts ``q#j`` on the virtual axes), Lq and Lk
+    by the grid size."""
+    virt = grid.virtual()
+    known, sub = {}, {"Lq": B.const(grid.size), "Lk": B.const(grid.size)}
+    for side in ("q", "k"):
+        pos = B.const(0)
+        for a, (n, s) in enumerate(zip(grid.shape, grid.strides)):
+            c = B.const(0)
+            for j, (axis, w, size) in enumerate(virt):
+                if axis == a:
+                    v = _vplaceholder(side, j)
+                    known[v.name] = (0, size - 1)
+                    c = B.add(c, B.scale(v, w))
+            pos = B.add(pos, B.scale(c, s))
+        sub[side] = pos
+    return _simplify(ir, known, sub)
+
+
+def remap(ir: Node, layout: Layout) -> Node:
+    """The pattern over permuted indices: ``ir`` in grid coordinates with the coordinates
+    of the permuted q and k substituted and padding cells masked out."""
+    form = coordinate_form(ir, layout.grid)
+    known, sub = {}, {}
+    for side in ("q", "k"):
+        for j, c in enumerate(layout.virtual_coords(Var(side))):
+            sub[_vplaceholder(side, j).name] = c
+    out = _simplify(form, known, sub)
+    return B.and_(out, layout.valid(Var("q")), layout.valid(Var("k")))
+
+
+# ------------------------------------------------------------ discovery
+
+def _side_linear(x: Node) -> bool:
+    """``x`` is an affine form whose only non-uniform atoms are q and k."""
+    terms, _ = B.linear(x)
+    return bool(terms) and any(isinstance(a, Var) and a.name in ("q", "k") for a in terms) \
+        and all(B.is_uniform(a) or (isinstance(a, Var) and a.name in ("q", "k"))
+                for a in terms)
+
+
+def _chain(x: Node) -> Optional[int]:
+    """The product of the divisors of ``x = ((q // a) // b) ...`` (1 for a bare q, k or affine
+    form of them), or None."""
+    if _side_linear(x):
+        return 1
+    if isinstance(x, FloorDiv) and isinstance(x.b, Const) and x.b.value > 0:
+        inner = _chain(x.a)
+        return None if inner is None else inner * x.b.value
+    return None
+
+
+def _strides(ir: Node) -> set[int]:
+    out = set()
+    for n in walk(ir):
+        if isinstance(n, (FloorDiv, Mod)) and isinstance(n.b, Const) and n.b.value > 1:
+            inner = _chain(n.a)
+            if inner is None or (isinstance(n, FloorDiv) and inner > 1):
+                continue        # ((q // W) // s): a group of a coordinate, not an axis
+            if inner > 1:
+                out.add(inner)
+            out.add(inner * n.b.value)
+    return out
+
+
+def discover(ir: Node, N: int) -> list[Grid]:
+    """Grids the pattern's divisors and moduli suggest for ``N`` tokens (the finest first);
+    empty when none does. Strides dividing ``N`` and each other chain into a row-major grid;
+    a divisor of a coordinate that does not divide its axis becomes a split."""
+    if any(isinstance(n, Load) for n in walk(ir)) or not ({"q", "k"} & free_vars(ir)):
+        return []
+    strides = sorted(s for s in _strides(ir) if 1 < s < N and N % s == 0)
+    chain: list[int] = []
+    for s in strides:
+        if all(s % c == 0 for c in chain):
+            chain.append(s)
+    shape, prev = [], N
+    for s in reversed(chain):
+        shape.append(prev // s)
+        prev = s
+    shape.append(prev)
+    grid = Grid(tuple(shape))
+    splits = _splits(coordinate_form(ir, grid), grid)
+    out = [Grid(grid.shape, splits)] if any(d > 1 for d in splits) else []
+    return out + ([grid] if chain else [])
+
+
+def _splits(form: Node, grid: Grid) -> tuple[int, ...]:
+    """Per axis, the modulus of a coordinate's ``%`` (a residue class; the largest), or 1."""
+    splits = [1] * len(grid.shape)
+    for n in walk(form):
+        if isinstance(n, Mod) and isinstance(n.b, Const) and n.b.value > 1:
+            terms, _ = B.linear(n.a)
+            axes = {int(v.name[2:]) for v in terms if isinstance(v, Var) and "#" in v.name}
+            names = {v.name[0] for v in terms if isinstance(v, Var) and "#" in v.name}
+            if len(axes) == 1 and len(terms) <= 2 and names <= {"q", "k"}:
+                a = next(iter(axes))
+                if n.b.value < grid.shape[a]:
+                    splits[a] = max(splits[a], n.b.value)
+    return tuple(splits)
+
+
+def candidate_boxes(grid: Grid, tokens: int = TILE_TOKENS) -> list[tuple[int, ...]]:
+    """Boxes of ``tokens`` cells (powers of two per axis, one cell along residue axes, none
+    longer than twice its axis), the squarest (by cells per grid axis) first."""
+    virt = grid.virtual()
+    free = [j for j, (_, w, _) in enumerate(virt) if not (w == 1 and grid.splits[virt[j][0]] > 1)]
+    e = int(math.log2(tokens))
+    out = []
+    for exps in itertools.product(range(e + 1), repeat=len(free)):
+        if sum(exps) != e:
+            continue
+        box = [1] * len(virt)
+        for j, x in zip(free, exps):
+            box[j] = 1 << x
+        if any(b > 2 * size and b > 1 for b, (_, _, size) in zip(box, virt)):
+            continue
+        out.append(tuple(box))
+    out.sort(key=lambda b: (max(b) / max(min(x for x in b if x > 1) if any(x > 1 for x in b)
+                                         else 1, 1), b))
+    return out[:MAX_CANDIDATES]
+
+
+# ------------------------------------------------------------ choice
+
+@dataclass(frozen=True)
+class Remap:
+    """The chosen layout of a pattern at one length: the layout, the remapped IR and the
+    computed pairs in sequence order and in the layout (``useful`` = allowed pairs)."""
+
+    layout: Layout
+    ir: Node
+    useful: Optional[int]
+    computed_sequence: int
+    computed_layout: int
+
+    @property
+    def fraction_sequence(self) -> Optional[float]:
+        return None if self.useful is None else self.useful / max(self.computed_sequence, 1)
+
+    @property
+    def fraction_layout(self) -> Optional[float]:
+        return None if self.useful is None else self.useful / max(self.computed_layout, 1)
+
+
+def sampled_pairs(ir: Node, L: int, block_m: int, block_n: int, pad: bool = True) -> int:
+    """:func:`computed_pairs` estimated from :data:`SAMPLED_ROWS` query-tile rows spread
+    over the ``L`` queries (exact when there are no more rows than that)."""
+    nq = -(-L // block_m)
+    if nq <= SAMPLED_ROWS:
+        return computed_pairs(ir, L, block_m, block_n, pad=pad)
+    from .pattern import CompiledPattern
+    from .tiles import EMPTY, classify
+    pat, live = CompiledPattern(ir), 0
+    for i in range(SAMPLED_ROWS):
+        row = (2 * i + 1) * nq // (2 * SAMPLED_ROWS)
+        t = classify(pat, block_m, L, block_m, block_n, q_offset=row * block_m)
+        live += int((t != EMPTY).sum())
+    return live * block_m * block_n * nq // SAMPLED_ROWS
+
+
+def computed_pairs(ir: Node, L: int, block_m: int, block_n: int, *, num_heads: int = 1,
+                   q_offset: int = 0, pad: bool = False) -> int:
+    """Pairs the kernel computes: the in-range pairs of every non-EMPTY tile (``pad``:
+    every tile counted whole)."""
+    from .pattern import CompiledPattern
+    from .tiles import EMPTY, classify
+    t = classify(CompiledPattern(ir), L, L, block_m, block_n, num_heads=num_heads,
+                 q_offset=q_offset)
+    rows = torch.full((t.shape[-2],), block_m, dtype=torch.int64)
+    cols = torch.full((t.shape[-1],), block_n, dtype=torch.int64)
+    if not pad:
+        rows[-1] = L - block_m * (t.shape[-2] - 1)
+        cols[-1] = L - block_n * (t.shape[-1] - 1)
+    live = (t != EMPTY).to(torch.int64)
+    return int((live * rows[:, None] * cols[None, :]).sum())
+
+
+def sub_box(box: tuple[int, ...], tokens: int) -> tuple[int, ...]:
+    """The first ``tokens`` cells of ``box`` (row-major): a box again, the outer axes cut."""
+    ratio = math.prod(box) // tokens
+    out = list(box)
+    for j, b in enumerate(out):
+        f = math.gcd(ratio, b)
+        out[j] //= f
+        ratio //= f
+    return tuple(out)
+
+
+def _axis_groups(form: Node, grid: Grid) -> Optional[list[Node]]:
+    """Per grid axis, the conjunction of the conjuncts of ``form`` over that axis alone;
+    None unless every conjunct reads one axis (no h, b, inputs)."""
+    from .nodes import And
+    virt = grid.virtual()
+    args = form.args if isinstance(form, And) else (form,)
+    groups: list[list[Node]] = [[] for _ in grid.shape]
+    for a in args:
+        names = free_vars(a)
+        if not names <= {f"{s}#{j}" for s in "qk" for j in range(len(virt))}:
+            return None
+        axes = {virt[int(n[2:])][0] for n in names}
+        if len(axes) != 1:
+            return None
+        groups[next(iter(axes))].append(a)
+    return [B.and_(*g) if g else B.TRUE for g in groups]
+
+
+def _product_pairs(groups: list[Node], layout: Layout, block_m: int, block_n: int) -> int:
+    """Computed pairs of a product pattern: per axis, its conjuncts remapped onto that
+    axis's part of the box and classified alone; the counts multiply (a box tile pair is
+    EMPTY iff one of its axes is)."""
+    virt = layout.virtual
+    qbox, kbox = sub_box(layout.box, block_m), sub_box(layout.box, block_n)
+    total = 1
+    for a, g in enumerate(groups):
+        js = [j for j, (axis, _, _) in enumerate(virt) if axis == a]
+        sub = Layout(Grid((layout.grid.shape[a],), (layout.grid.splits[a],)),
+                     tuple(layout.box[j] for j in js))
+        names = {f"{s}#{j}": c for s in "qk" for j, c in
+                 zip(js, sub.virtual_coords(Var(s)))}
+        rir = B.and_(_simplify(g, {}, names), sub.valid(Var("q")), sub.valid(Var("k")))
+        bm = math.prod(qbox[j] for j in js)
+        bn = math.prod(kbox[j] for j in js)
+        total *= computed_pairs(rir, sub.padded_size, bm, bn, pad=True)
+        if total == 0:
+            return 0
+    return total
+
+
+def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
+           block_m: int = 128, block_n: int = 64, grids: Optional[list] = None,
+           force: bool = False, sequence: Optional[int] = None) -> Optional[Remap]:
+    """The best layout of ``ir`` for a self-attention call of ``Lq = Lk`` tokens (module
+    docstring), or None (no grid, or none pays by :data:`MARGIN`; ``force``: the best
+    whatever the margin; ``sequence``: the sequence order's computed pairs when known, else
+    estimated by :func:`sampled_pairs`). Product patterns (a conjunction of per-axis conditions) are
+    costed per axis; others by classifying sampled query-tile rows of the remapped pattern
+    (:func:`sampled_pairs`), and the chosen one at the call's size."""
+    if Lq != Lk or q_offset != 0 or ("h" in free_vars(ir) and num_heads > 1):
+        return None
+    grids = discover(ir, Lq) if grids is None else grids
+    if not grids:
+        return None
+    best = None
+    tokens = block_m
+    while best is None and tokens >= MIN_TOKENS:
+        bm, bn = min(block_m, tokens), min(block_n, tokens)
+        for grid in grids:
+            groups = _axis_groups(coordinate_form(ir, grid), grid)
+            boxes = candidate_boxes(grid, tokens)
+            if groups is None:
+                boxes = boxes[:FULL_CANDIDATES]
+            for box in boxes:
+                layout = Layout(grid, box)
+                if layout.padded_size > 2 * Lq:
+                    continue
+                if groups is not None:
+                    cost = _product_pairs(groups, layout, bm, bn)
+                else:
+                    cost = sampled_pairs(remap(ir, layout), layout.padded_size, bm, bn)
+                if best is None or cost < best[0]:
+                    best = (cost, layout, groups)
+        tokens //= 2
+    if best is None:
+        return None
+    seq = sequence if sequence is not None else sampled_pairs(
+        ir, Lq, min(block_m, 2 * tokens), min(block_n, 2 * tokens))
+    if not force and best[0] > MARGIN * seq:
+        return None
+    cost, layout, groups = best
+    if groups is None:
+        cost = computed_pairs(remap(ir, layout), layout.padded_size, bm, bn)
+        if not force and cost > MARGIN * seq:
+            return None
+    useful = _product_allowed(groups, layout.grid) if groups is not None else None
+    return Remap(layout, remap(ir, layout), useful, seq, cost)
+
+
+def _product_allowed(groups: list[Node], grid: Grid) -> int:
+    """Allowed pairs of a product pattern: the product of each axis's allowed pairs."""
+    from .evaluate import mask
+    total = 1
+    for a, g in enumerate(groups):
+        sub = Layout(Grid((grid.shape[a],), (grid.splits[a],)), (1,) * (1 + (grid.splits[a] > 1)))
+        js = [j for j, (axis, _, _) in enumerate(grid.virtual()) if axis == a]
+        names = {f"{s}#{j}": c for s in "qk" for j, c in zip(js, sub.virtual_coords(Var(s)))}
+        rir = B.and_(_simplify(g, {}, names), sub.valid(Var("q")), sub.valid(Var("k")))
+        total *= int(mask(rir, sub.padded_size, sub.padded_size).sum())
+    return total

@@ -1,0 +1,41 @@
+"""``benchmarks/layouts.py`` on the CPU (``--cpu``: tiny grids, layouts forced): it runs its
+problems through the remapped plans, checks them against the reference and writes its
+JSON and table."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "layouts.py"
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    spec = importlib.util.spec_from_file_location("spattn_layouts_bench", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cpu_run_writes_rows(layouts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPATTN_LAYOUT", "auto")     # restored after the run sets it
+    rc = layouts.main(["--out", str(tmp_path), "--cpu", "--only", "flux-window-80x80",
+                       "hunyuan-stride-16x8x8", "flux-window-80x80-flat"])
+    assert rc == 0
+    data = json.loads((tmp_path / "layouts.json").read_text())
+    rows = data["rows"]
+    assert [r["problem"] for r in rows] == ["flux-window-80x80", "hunyuan-stride-16x8x8",
+                                            "flux-window-80x80-flat"]
+    for r in rows:
+        assert r["layout"] is not None and r["rel_err_sampled"] < 1e-4
+        assert r["fwd_ms"] > 0 and r["dense_fwd_ms"] > 0
+    table = capsys.readouterr().out
+    assert "| flux-window-80x80 | grid 16 x 16" in table
+
+
+def test_problems_are_the_briefs(layouts):
+    assert layouts.PROBLEMS["flux-stride-16x16"][1] == ((256, 256), (80, 80), (16, 16))
+    pat, N = layouts.make_pattern("flat", (16, 5))
+    nb, _ = layouts.make_pattern("natten", ((16, 16), (5, 5)))
+    assert N == 256 and pat.mask(N, N).equal(nb.mask(N, N))    # the flat form is NATTEN's
