@@ -61,6 +61,7 @@ from ..dsl.errors import (MAX_INT, SpattnBackendError, SpattnInputError, SpattnP
                           SpattnValueError, short_repr)
 from ..ir.evaluate import query_offset as _query_offset
 from . import autograd as _ag
+from . import decode as _decode
 from .plan import PLANS, Plan, build_plan
 from .settings import getenv
 from ..ir.inputs import validate_inputs
@@ -291,6 +292,9 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         # The op carries the canonical source (a str attribute: a constant while tracing).
         return call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                        return_lse=return_lse, q_offset=q_offset, inputs=inputs)
+    if plan is None and _decode.routes(q, k, v):     # a few queries, many keys: docs/decode.md
+        return _decode.call_routed(pattern, q, k, v, scale=scale, return_lse=return_lse,
+                                   q_offset=q_offset, inputs=inputs)
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:

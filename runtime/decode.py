@@ -1,0 +1,621 @@
+"""Decode: a few query rows (``Lq <= 16``) against a long, growing, optionally paged KV cache.
+
+``Pattern.decode(q, k_cache, v_cache, seq_lens=..., page_table=...)`` lands in
+:func:`decode`; ``Pattern.__call__`` lands in :func:`call_routed` when :func:`routes` says
+so (``docs/decode.md`` has the rule). Both backends run the same semantics as a call of the
+pattern: query row ``i`` of batch ``b`` sits at position ``len_b - Lq + i`` (bottom-right
+alignment; with a contiguous cache and no ``seq_lens`` a ``q_offset`` may move it), key
+``j < len_b`` at position ``j``, and a row with no allowed key gives 0 (lse ``-inf``).
+
+Caches:
+
+* contiguous: ``k_cache``, ``v_cache`` ``[B, Hk, L, D]`` (any strides); every batch element
+  uses its first ``seq_lens[b]`` keys (``L`` when ``seq_lens`` is None);
+* paged: pools ``[num_pages, page_size, Hk, D]`` and ``page_table`` ``[B, max_pages]``
+  (int32 or int64): key ``j`` of batch ``b`` is slot ``j % page_size`` of page
+  ``page_table[b, j // page_size]``; ``seq_lens`` ``[B]`` is required.
+
+A :class:`DecodePlan` is keyed by a *length bucket* (the next power of two of the cache's
+capacity, at least 256) instead of the length: the lengths are runtime arguments, so a
+growing cache reuses one plan, one kernel file and one compiled kernel per bucket. On the
+Triton backend a step is two launches (the split-K kernel and the combine) on buffers the
+plan holds, with no host synchronisation (``check=False``) and no allocation that depends on
+the length: it can be captured in a CUDA graph (lengths then come from ``seq_lens``, a
+device tensor, since scalar arguments are frozen at capture). On the CPU a step computes
+the allowed key runs of the rows (closed form, or the predicate over the keys: O(Lq * Lk),
+tiny for decode) and runs one fused attention call on those keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..dsl.errors import SpattnInputError, SpattnParamError, SpattnValueError
+from ..ir.evaluate import evaluate
+from ..ir.inputs import validate_inputs
+
+__all__ = ["decode", "routes", "call_routed", "DecodePlan", "DecodeConfig", "DECODE_PLANS",
+           "MAX_DECODE_Q", "ROUTE_MIN_LK", "bucket"]
+
+#: Most query rows the decode path takes.
+MAX_DECODE_Q = 16
+#: ``Pattern.__call__`` routes to the decode path from this many keys on.
+ROUTE_MIN_LK = 256
+#: The smallest length bucket.
+MIN_BUCKET = 256
+#: Capacities past which positions leave the kernels' 32-bit closed forms.
+MAX_CAPACITY = 1 << 30
+#: Plans kept by :data:`DECODE_PLANS`.
+DECODE_PLANS_SIZE = 32
+
+
+def bucket(length: int) -> int:
+    """The length bucket of a cache of ``length`` keys: the next power of two, >= 256."""
+    return max(MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """What the decode module is rendered for (part of its cache key)."""
+
+    strategy: str       # "ranges" (closed form of the decode rows) or "scan"
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    dtype: str
+    int64: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ arguments
+
+def _is_int_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() \
+        and t.dtype != torch.bool
+
+
+def _check_layout(q, k_cache, v_cache, page_table):
+    """``(B, Hq, Hk, Lq, D, capacity, page_size, num_pages)`` of checked arguments."""
+    from .api import DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, validate
+    if page_table is None:
+        validate(q, k_cache, v_cache)
+        B, Hq, Lq, D = q.shape
+        Hk, cap = k_cache.shape[1], k_cache.shape[2]
+        page_size, num_pages = 0, 0
+    else:
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.layout is not torch.strided \
+                    or t.is_nested or t.is_meta:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                want = "[B, Hq, Lq, D]" if name == "q" else "[num_pages, page_size, Hk, D]"
+                raise SpattnInputError(f"{name} must be a dense 4-D tensor {want} with data, "
+                                       f"got {shape}")
+        B, Hq, Lq, D = q.shape
+        if tuple(v_cache.shape) != tuple(k_cache.shape):
+            raise SpattnInputError(f"k_cache and v_cache must have the same shape "
+                                   f"[num_pages, page_size, Hk, D]: k_cache has "
+                                   f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+        num_pages, page_size, Hk, Dk = k_cache.shape
+        if min(B, Hq, Lq, num_pages, page_size, Hk) < 1:
+            raise SpattnInputError(f"empty tensors: q has shape {tuple(q.shape)}, the pools "
+                                   f"{tuple(k_cache.shape)}")
+        if Dk != D:
+            raise SpattnInputError(f"the pools' head dim must be q's: q has shape "
+                                   f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+        if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+            raise SpattnInputError(f"head dim D must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, "
+                                   f"got {D} (q has shape {tuple(q.shape)})")
+        if Hq % Hk:
+            raise SpattnInputError(f"the number of query heads must be a multiple of the number "
+                                   f"of key/value heads: q has {Hq} (shape {tuple(q.shape)}), the "
+                                   f"pools {Hk} (shape {tuple(k_cache.shape)})")
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.device != q.device or t.dtype != q.dtype:
+                raise SpattnInputError(f"{name} ({t.dtype} on {t.device}) must have q's dtype "
+                                       f"and device ({q.dtype} on {q.device})")
+        if q.dtype not in DTYPES:
+            raise SpattnInputError(f"q has dtype {q.dtype}; supported dtypes are float16, "
+                                   "bfloat16 and float32")
+        if not _is_int_tensor(page_table) or page_table.dim() != 2 \
+                or page_table.shape[0] != B or page_table.shape[1] < 1:
+            what = (f"shape {tuple(page_table.shape)}, dtype {page_table.dtype}"
+                    if isinstance(page_table, torch.Tensor) else type(page_table).__name__)
+            raise SpattnInputError(f"page_table must be an integer tensor [B, max_pages] with "
+                                   f"B = {B} (q has shape {tuple(q.shape)}), got {what}")
+        if page_table.device != q.device:
+            raise SpattnInputError(f"page_table is on {page_table.device} but q is on "
+                                   f"{q.device}")
+        cap = page_table.shape[1] * page_size
+    if Lq > MAX_DECODE_Q:
+        raise SpattnInputError(f"decode takes at most {MAX_DECODE_Q} query rows, q has {Lq} "
+                               f"(shape {tuple(q.shape)}): call the pattern (pat(q, k, v)) "
+                               "for longer queries")
+    if cap >= MAX_CAPACITY:
+        raise SpattnValueError(f"the cache holds {cap} positions; decode takes fewer than "
+                               f"2**30")
+    return B, Hq, Hk, Lq, D, cap, page_size, num_pages
+
+
+def _check_seq_lens(seq_lens, B, Lq, cap, device, check: bool):
+    if seq_lens is None:
+        return None
+    if not _is_int_tensor(seq_lens) or tuple(seq_lens.shape) != (B,):
+        what = (f"shape {tuple(seq_lens.shape)}, dtype {seq_lens.dtype}"
+                if isinstance(seq_lens, torch.Tensor) else type(seq_lens).__name__)
+        raise SpattnInputError(f"seq_lens must be an integer tensor [B] with B = {B}, got {what}")
+    if seq_lens.device != device:
+        raise SpattnInputError(f"seq_lens is on {seq_lens.device} but q is on {device}")
+    if check:
+        lo, hi = (int(x) for x in torch.stack([seq_lens.min(), seq_lens.max()]).tolist())
+        if lo < Lq or hi > cap:
+            raise SpattnValueError(f"seq_lens holds values {lo}..{hi}; each must be in "
+                                   f"[Lq, capacity] = [{Lq}, {cap}] (the cache holds the "
+                                   "queries' own keys)")
+    return seq_lens
+
+
+def _check_pages(page_table, seq_lens, page_size, num_pages):
+    """Every page a sequence uses is in [0, num_pages) (one host synchronisation)."""
+    used = torch.arange(page_table.shape[1], device=page_table.device).view(1, -1) \
+        < ((seq_lens.to(torch.int64) + page_size - 1) // page_size).view(-1, 1)
+    if not bool(used.any()):
+        return
+    vals = page_table[used]
+    lo, hi = (int(x) for x in torch.stack([vals.min(), vals.max()]).tolist())
+    if lo < 0 or hi >= num_pages:
+        raise SpattnValueError(f"page_table holds page {lo if lo < 0 else hi} among the pages "
+                               f"the sequences use; the pools have pages 0..{num_pages - 1}")
+
+
+# ------------------------------------------------------------------ plans
+
+class DecodePlan:
+    """A decode step's resolved work for one length bucket: the checks on the pattern's
+    integers and inputs over the bucket, the closed form, the query-head packing, and on the
+    Triton backend the kernel module, the number of splits and the split buffers
+    ``[B * Hq // pack, splits, BLOCK_M, BLOCK_D]`` (fp32) and ``[..., BLOCK_M]``.
+
+    Attributes: ``pattern``, ``backend``, ``bucket`` (the capacity it serves: any length up
+    to it), ``pack`` (query heads per tile), ``splits``, ``config``, ``module``.
+    """
+
+    def __init__(self, pattern, backend, *, B, Hq, Hk, Lq, D, dtype, device, bucket_len,
+                 paged, inputs, num_splits=None):
+        from ..codegen.config import get_closed_form, ranges_ok
+        from ..ir import bounds
+        from ..ir.intervals import check_input_bounds
+        self.pattern, self.backend = pattern, backend
+        self.B, self.Hq, self.Hk, self.Lq, self.D = B, Hq, Hk, Lq, D
+        self.dtype, self.device = dtype, device
+        self.bucket, self.paged = bucket_len, paged
+        # positions of any step in the bucket: queries and keys in [0, bucket)
+        ins64 = {n: t.to(torch.int64) for n, t in inputs.items()}
+        if ins64:
+            check_input_bounds(pattern, ins64, bucket_len, bucket_len, num_heads=Hq, batch=B,
+                               q_offset=0)
+        bounds.check_call(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B, q_offset=0,
+                          inputs=ins64)
+        cf = get_closed_form(pattern)
+        self.closed_form = cf if cf is not None and ranges_ok(cf) else None
+        uses = _variables(pattern.ir)
+        per_head = any(t.dim() - nd >= 2 and t.shape[1] > 1
+                       for (n, nd), t in ((x, inputs[x[0]]) for x in pattern.inputs.items()))
+        G = Hq // Hk
+        self.pack = 1 if ("h" in uses or "H" in uses or per_head) else G
+        self.config = self.module = None
+        self.splits = 1
+        self._lock = threading.Lock()
+        if backend == "triton":
+            self._build_triton(num_splits)
+
+    def __repr__(self):
+        return (f"DecodePlan({self.pattern.source!r}, {self.backend}, B={self.B}, "
+                f"Hq={self.Hq}, Hk={self.Hk}, Lq={self.Lq}, D={self.D}, bucket={self.bucket}, "
+                f"paged={self.paged}, pack={self.pack}, splits={self.splits}, "
+                f"strategy={self.config.strategy if self.config else 'cpu'})")
+
+    # -- Triton --------------------------------------------------------------
+    def _build_triton(self, num_splits):
+        from ..codegen.config import dtype_name
+        from . import settings as _settings
+        interp = _settings.current().interpret
+        block_d = max(16, 1 << (self.D - 1).bit_length())
+        if interp:
+            block_n, warps, stages = 16, 4, 1
+        else:
+            block_n = 64 if block_d <= 128 else 32
+            warps, stages = 4, 3
+        strategy = "ranges" if self.closed_form is not None else "scan"
+        self.config = DecodeConfig(strategy, block_n, block_d, warps, stages,
+                                   dtype_name(self.dtype))
+        self.module = load_module(self.pattern, self.config, self.closed_form, self.device)
+        self.block_m = max(16, 1 << (self.pack * self.Lq - 1).bit_length())
+        groups = self.B * self.Hq // self.pack
+        if num_splits is None:
+            most = max(1, -(-self._tiles_at_bucket() // 2))     # >= 2 tiles per split
+            if self.device.type == "cuda":
+                sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+                want = max(1, -(-2 * sms // groups))
+            else:
+                want = 4
+            num_splits = min(want, most, 128)
+        self.splits = 1 << max(0, int(num_splits) - 1).bit_length()
+        self.groups = groups
+        self.o_part = torch.empty((groups, self.splits, self.block_m, block_d),
+                                  dtype=torch.float32, device=self.device)
+        self.lse_part = torch.empty((groups, self.splits, self.block_m), dtype=torch.float32,
+                                    device=self.device)
+
+    def _tiles_at_bucket(self) -> int:
+        """Key tiles the rows of a step at the bucket's full length visit (for sizing the
+        splits; the kernel computes the real count per step)."""
+        n = -(-self.bucket // self.config.block_n)
+        cf = self.closed_form
+        if cf is None:
+            return n
+        qe = self.bucket - 1
+        env = {"qs": qe - self.Lq + 1, "qe": qe, "Lq": self.Lq, "Lk": self.bucket,
+               "H": self.Hq, "h": 0, "b": 0}
+        total = 0
+        try:
+            for iv in cf.rows:
+                lo = 0 if iv.lo is None else max(0, int(evaluate(iv.lo, env)))
+                hi = self.bucket - 1 if iv.hi is None else min(self.bucket - 1,
+                                                               int(evaluate(iv.hi, env)))
+                if hi >= lo:
+                    total += hi // self.config.block_n - lo // self.config.block_n + 1
+        except Exception:       # a bound the host cannot evaluate alone: size for all tiles
+            return n
+        return max(1, min(n, total))
+
+    def run_triton(self, q, k, v, *, lk: int, q_shift: int, seq_lens, page_table, page_size,
+                   num_pages, scale: float, inputs: dict):
+        from .triton_backend import _dot_prec, _input_args
+        B, Hq, Lq, D = q.shape
+        o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+        if page_table is None:
+            ks = (k.stride(0), k.stride(1), k.stride(2), k.stride(3))
+            vs = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
+            pages, stride_pages = self.lse_part, 0
+        else:   # pools [num_pages, page_size, Hk, D]: page, head, slot, dim
+            ks = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
+            vs = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
+            pages, stride_pages = page_table, page_table.stride(0)
+        seq = seq_lens if seq_lens is not None else self.lse_part
+        cap = self.bucket if page_table is None else page_table.shape[1] * page_size
+        if page_table is None:
+            cap = k.shape[2]
+        args = _input_args(self.pattern, inputs, False)
+        self.module.KERNEL[(self.groups, self.splits)](
+            q, k, v, self.o_part, self.lse_part, *q.stride(), *ks, *vs,
+            pages, stride_pages, max(1, num_pages), seq, *args,
+            scale * 1.4426950408889634, Hq, Hq // self.Hk, Lq, lk, q_shift, cap,
+            PACK=self.pack, NUM_SPLITS=self.splits, PAGE_SIZE=max(1, page_size),
+            PAGED=page_table is not None, HAS_SEQ=seq_lens is not None,
+            BLOCK_M=self.block_m, BLOCK_N=self.config.block_n, BLOCK_D=self.config.block_d,
+            HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype), num_warps=self.config.num_warps,
+            num_stages=self.config.num_stages)
+        self.module.COMBINE[(self.groups, self.pack * Lq)](
+            self.o_part, self.lse_part, o, lse, *o.stride(), Hq, Lq,
+            PACK=self.pack, NUM_SPLITS=self.splits, BLOCK_M=self.block_m,
+            BLOCK_D=self.config.block_d, HEAD_DIM=D, num_warps=4)
+        return o, lse
+
+    # -- CPU -----------------------------------------------------------------
+    def run_torch(self, q, k, v, *, lens: list, q_shift: int, page_table, page_size,
+                  scale: float, inputs: dict):
+        """Per batch element (or once for all when they share everything): the allowed key
+        runs of the rows, the keys gathered (a view for one run of a contiguous cache), one
+        fused attention call with the query heads of a key head folded into its rows."""
+        from .torch_backend import _attend
+        B, Hq, Lq, D = q.shape
+        Hk, G = self.Hk, Hq // self.Hk
+        o = torch.zeros((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+        lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
+        uses = _variables(self.pattern.ir)
+        shared = (page_table is None and len(set(lens)) == 1 and "b" not in uses
+                  and all(t.dim() == nd for (n, nd), t in
+                          ((x, inputs[x[0]]) for x in self.pattern.inputs.items())))
+        groups = [(0, B)] if shared else [(b, b + 1) for b in range(B)]
+        for b0, b1 in groups:
+            L = lens[b0]
+            q_off = L - Lq + q_shift
+            runs, mask = self._keys(L, q_off, b0, inputs)
+            if not runs:
+                continue
+            idx = None
+            if page_table is None:
+                if len(runs) == 1:
+                    kb, vb = k[b0:b1, :, runs[0][0]:runs[0][1]], v[b0:b1, :, runs[0][0]:runs[0][1]]
+                else:
+                    idx = torch.cat([torch.arange(a, z, device=q.device) for a, z in runs])
+                    kb, vb = k[b0:b1].index_select(2, idx), v[b0:b1].index_select(2, idx)
+            else:
+                idx = torch.cat([torch.arange(a, z, device=q.device) for a, z in runs])
+                phys = page_table[b0].to(torch.int64)[idx // page_size]
+                slot = idx % page_size
+                kb = k[phys, slot].permute(1, 0, 2).unsqueeze(0)     # [1, Hk, n, D]
+                vb = v[phys, slot].permute(1, 0, 2).unsqueeze(0)
+            qb = q[b0:b1].reshape(b1 - b0, Hk, G * Lq, D)
+            add = None
+            if mask is not None:            # [1 or Hq, Lq, n] bool
+                mk = mask.expand(Hq, Lq, mask.shape[-1]) if mask.shape[0] == 1 and G > 1 \
+                    else mask
+                mk = mk.reshape(1, mk.shape[0] // G if mk.shape[0] > 1 else 1,
+                                G * Lq if mk.shape[0] > 1 else Lq, -1)
+                if mk.shape[2] != G * Lq:
+                    mk = mk.repeat(1, 1, G, 1)
+                add = torch.zeros(mk.shape, dtype=q.dtype, device=q.device) \
+                    .masked_fill_(~mk, float("-inf"))
+            ob, lb = _attend(qb, kb, vb, add, scale, False)
+            ob = ob.reshape(b1 - b0, Hq, Lq, D)
+            lb = lb.reshape(b1 - b0, Hq, Lq).to(torch.float32)
+            if mask is not None:
+                empty = ~mask.any(-1)               # [1 or Hq, Lq]
+                if bool(empty.any()):
+                    ob = ob.masked_fill(empty.view(1, -1, Lq, 1), 0.0)
+                    lb = lb.masked_fill(empty.view(1, -1, Lq), float("-inf"))
+            o[b0:b1] = ob
+            lse[b0:b1] = lb
+        return o, lse
+
+    def _keys(self, L: int, q_off: int, b: int, inputs: dict):
+        """``(runs, mask)``: the key runs ``[a, z)`` some row may see (sorted, disjoint) and
+        the bool mask ``[1 or Hq, Lq, n]`` over the runs' keys, None where every row sees
+        every key of the runs."""
+        Lq, Hq = self.Lq, self.Hq
+        cf = self.closed_form
+        runs = full = None
+        if cf is not None and "h" not in _variables(self.pattern.ir):
+            env = {"qs": q_off, "qe": q_off + Lq - 1, "Lq": Lq, "Lk": L, "H": Hq, "b": b}
+            try:
+                runs, full = [], []
+                for iv in cf.rows:
+                    lo = 0 if iv.lo is None else max(0, int(evaluate(iv.lo, env)))
+                    hi = L - 1 if iv.hi is None else min(L - 1, int(evaluate(iv.hi, env)))
+                    if hi >= lo:
+                        runs.append((lo, hi + 1))
+                    if iv.flo is not None and iv.fhi is not None:
+                        flo, fhi = max(0, int(evaluate(iv.flo, env))), \
+                            min(L - 1, int(evaluate(iv.fhi, env)))
+                        if fhi >= flo:
+                            full.append((flo, fhi + 1))
+                runs, full = _merge(runs), _merge(full)
+            except (TypeError, ValueError, KeyError):
+                runs = full = None
+        if runs is None:                     # the predicate over all keys: O(Lq * L)
+            m = self._predicate(torch.arange(L, device=self.device), q_off, L, b, inputs)
+            any_k = m.any(0).any(0)
+            runs = _runs(any_k)
+            if not runs:
+                return [], None
+            pos = torch.cat([torch.arange(a, z, device=self.device) for a, z in runs])
+            m = m[..., pos]
+            return runs, (None if bool(m.all()) else m)
+        if not runs:
+            return [], None
+        if all(any(fa <= a and z <= fz for fa, fz in full) for a, z in runs):
+            return runs, None
+        pos = torch.cat([torch.arange(a, z, device=self.device) for a, z in runs])
+        m = self._predicate(pos, q_off, L, b, inputs)
+        return runs, (None if bool(m.all()) else m)
+
+    def _predicate(self, keys, q_off: int, L: int, b: int, inputs: dict):
+        """The pattern at the decode rows and ``keys``: bool ``[1 or Hq, Lq, n]``."""
+        Lq, Hq, dev = self.Lq, self.Hq, self.device
+        env = {"q": (torch.arange(Lq, device=dev) + q_off).view(1, 1, Lq, 1),
+               "k": keys.view(1, 1, 1, -1),
+               "h": torch.arange(Hq, device=dev).view(1, Hq, 1, 1),
+               "b": torch.full((1, 1, 1, 1), b, dtype=torch.int64, device=dev),
+               "Lq": Lq, "Lk": L, "H": Hq}
+        m = torch.as_tensor(evaluate(self.pattern.ir, env, inputs), device=dev).to(torch.bool)
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        hq = Hq if m.shape[1] > 1 else 1
+        return m[0 if m.shape[0] == 1 else 0].expand(hq, Lq, keys.numel())
+
+
+def _merge(runs):
+    out = []
+    for a, z in sorted(runs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], z))
+        else:
+            out.append((a, z))
+    return out
+
+
+def _runs(flags: torch.Tensor):
+    """Runs ``[a, z)`` of True in a 1-D bool tensor."""
+    f = flags.to(torch.int8)
+    d = torch.diff(f, prepend=f.new_zeros(1), append=f.new_zeros(1))
+    starts = torch.nonzero(d == 1).flatten().tolist()
+    ends = torch.nonzero(d == -1).flatten().tolist()
+    return list(zip(starts, ends))
+
+
+_VARS: dict = {}
+
+
+def _variables(ir) -> frozenset:
+    """The variable names an IR mentions."""
+    hit = _VARS.get(ir)
+    if hit is None:
+        from ..ir.nodes import Var
+        seen, stack, names = set(), [ir], set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if isinstance(n, Var):
+                names.add(n.name)
+            for f in getattr(n, "__dataclass_fields__", {}):
+                x = getattr(n, f)
+                for y in (x if isinstance(x, tuple) else (x,)):
+                    if hasattr(y, "__dataclass_fields__"):
+                        stack.append(y)
+        hit = _VARS[ir] = frozenset(names)
+    return hit
+
+
+class DecodePlanCache:
+    """A bounded, thread-safe LRU of decode plans keyed by what a plan depends on: the
+    pattern, the backend, B, Hq, Hk, Lq, D, dtype, device, the length bucket, paged or not,
+    the runtime inputs (identity, version) and the settings' raw strings."""
+
+    def __init__(self, size: int = DECODE_PLANS_SIZE):
+        self.size = size
+        self._plans: OrderedDict = OrderedDict()
+        self._held: dict = {}
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._plans)
+
+    def clear(self):
+        with self._lock:
+            self._plans.clear()
+            self._held.clear()
+
+    def get(self, pattern, backend, q, Hk, bucket_len, paged, inputs, num_splits=None):
+        from . import settings as _settings
+        B, Hq, Lq, D = q.shape
+        key = (pattern.source, tuple(sorted(pattern.inputs.items())), backend, B, Hq, Hk, Lq,
+               D, q.dtype, q.device, bucket_len, paged, _settings.current().raw, num_splits,
+               tuple((n, id(t), t._version, tuple(t.shape)) for n, t in sorted(inputs.items())))
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = DecodePlan(pattern, backend, B=B, Hq=Hq, Hk=Hk, Lq=Lq, D=D, dtype=q.dtype,
+                          device=q.device, bucket_len=bucket_len, paged=paged, inputs=inputs,
+                          num_splits=num_splits)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return plan
+        with self._lock:
+            self._plans[key] = plan
+            self._held[key] = inputs          # the inputs' ids stay valid while the entry lives
+            while len(self._plans) > self.size:
+                old, _ = self._plans.popitem(last=False)
+                self._held.pop(old, None)
+        return plan
+
+
+#: The decode plans of calls (see :class:`DecodePlanCache`).
+DECODE_PLANS = DecodePlanCache()
+
+
+# ------------------------------------------------------------------ kernel files
+
+def load_module(pattern, config: DecodeConfig, closed_form, device):
+    """The decode module of ``pattern`` for ``config`` (rendered, cached on disk like the
+    other kernels: ``attn_decode_<name>_<hash6>.py``, and imported once per process)."""
+    from ..codegen.kernels import CODEGEN_VERSION, ident, render_decode
+    from . import cache
+    parts = [pattern.source, repr(sorted(pattern.inputs.items())), "decode", CODEGEN_VERSION,
+             repr(sorted(config.as_dict().items())), cache._cf_text(closed_form),
+             cache._triton_version(), cache.device_tag(device)]
+    key = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+    name = f"attn_decode_{ident(pattern.name)}_{key[:6]}.py"
+    return cache.load_generated(name, key, lambda: render_decode(pattern, config, key,
+                                                                 closed_form))
+
+
+# ------------------------------------------------------------------ the entry points
+
+def routes(q, k, v, plan=None) -> bool:
+    """Whether ``Pattern.__call__`` takes the decode path: ``Lq <= 16``, ``Lk >= 256`` and
+    ``Lk >= 4 * Lq``, no plan given, nothing requires grad (with grad enabled), not under
+    ``torch.compile``."""
+    if plan is not None or torch.compiler.is_compiling():
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)):
+        return False
+    Lq, Lk = q.shape[2], k.shape[2]
+    if not (Lq <= MAX_DECODE_Q and Lk >= ROUTE_MIN_LK and Lk >= 4 * Lq):
+        return False
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (q, k, v)):
+        return False
+    return Lk < MAX_CAPACITY
+
+
+def call_routed(pattern, q, k, v, *, scale, return_lse, q_offset, inputs):
+    """``Pattern.__call__`` on the decode path (same arguments and results)."""
+    return decode(pattern, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
+                  **(inputs or {}))
+
+
+def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scale=None,
+           q_offset=None, return_lse=False, check=True, num_splits=None, **inputs):
+    """One decode step of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32).
+
+    See the module docstring for the cache layouts. ``check``: read ``seq_lens`` and the
+    used entries of ``page_table`` on the host and refuse values out of range (one device
+    synchronisation); with ``check=False`` (CUDA graphs) the kernel clamps lengths to
+    ``[Lq, capacity]`` and page numbers to the pools instead. ``num_splits``: the splits of
+    the keys (tests; default: enough programs to fill the device).
+    """
+    from .api import _check_scale, check_q_offset, check_runtime_tensors, choose_backend
+    if any(isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+           for t in (q, k_cache, v_cache)):
+        raise SpattnInputError("decode is inference only: q, k_cache and v_cache must not "
+                               "require grad (run under torch.no_grad(), or call the pattern, "
+                               "pat(q, k, v), for gradients)")
+    B, Hq, Hk, Lq, D, cap, page_size, num_pages = _check_layout(q, k_cache, v_cache,
+                                                                page_table)
+    paged = page_table is not None
+    if paged and seq_lens is None:
+        raise SpattnParamError("a paged cache needs seq_lens [B]: the number of keys of each "
+                               "sequence")
+    if seq_lens is not None and q_offset is not None:
+        raise SpattnParamError("q_offset cannot be given with seq_lens: query row i of batch b "
+                               "sits at position seq_lens[b] - Lq + i")
+    if cap < Lq:
+        raise SpattnInputError(f"the cache holds {cap} keys, fewer than the {Lq} query rows")
+    seq_lens = _check_seq_lens(seq_lens, B, Lq, cap, q.device, check)
+    if paged and check:
+        _check_pages(page_table, seq_lens, page_size, num_pages)
+    scale = _check_scale(scale, D)
+    q_shift = 0
+    if q_offset is not None:
+        q_shift = check_q_offset(q_offset, Lq, cap) - (cap - Lq)
+        if abs(q_shift) >= MAX_CAPACITY:
+            raise SpattnValueError(f"q_offset={q_offset} puts the queries beyond +-2**30")
+    check_runtime_tensors(inputs)
+    ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device)
+    if q_shift:             # positions outside the bucket's [0, bucket): checked per call
+        from ..ir import bounds
+        from ..ir.intervals import check_input_bounds
+        ins64 = {n: t.to(torch.int64) for n, t in ins.items()}
+        if ins64:
+            check_input_bounds(pattern, ins64, Lq, cap, num_heads=Hq, batch=B,
+                               q_offset=cap - Lq + q_shift)
+        bounds.check_call(pattern, Lq, cap, num_heads=Hq, batch=B, q_offset=cap - Lq + q_shift,
+                          inputs=ins64)
+    backend = choose_backend(pattern.backend, q.device.type)
+    bucket_len = bucket(cap)
+    plan = DECODE_PLANS.get(pattern, backend, q, Hk, bucket_len, paged, ins, num_splits)
+    if backend == "triton":
+        o, lse = plan.run_triton(q, k_cache, v_cache, lk=cap, q_shift=q_shift,
+                                 seq_lens=seq_lens, page_table=page_table,
+                                 page_size=page_size, num_pages=num_pages, scale=scale,
+                                 inputs=ins)
+    else:
+        lens = [cap] * B if seq_lens is None else [int(x) for x in seq_lens.tolist()]
+        lens = [min(max(x, Lq), cap) for x in lens]
+        o, lse = plan.run_torch(q, k_cache, v_cache, lens=lens, q_shift=q_shift,
+                                page_table=page_table, page_size=page_size, scale=scale,
+                                inputs=ins)
+    return (o, lse) if return_lse else o
