@@ -175,6 +175,21 @@ def _check_pages(page_table, seq_lens, page_size, num_pages):
                                f"the sequences use; the pools have pages 0..{num_pages - 1}")
 
 
+def _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift):
+    """The runtime inputs cover every position of the step (queries and keys in
+    ``[0, cap)``, or the rows at ``q_offset`` when one is given), and the pattern's integers
+    stay exact there (a host-only check for affine input indices)."""
+    from ..ir import bounds
+    from ..ir.intervals import check_input_bounds
+    if ins:
+        check_input_bounds(pattern, ins, cap, cap, num_heads=Hq, batch=B, q_offset=0)
+    if q_shift:
+        off = cap - Lq + q_shift
+        if ins:
+            check_input_bounds(pattern, ins, Lq, cap, num_heads=Hq, batch=B, q_offset=off)
+        bounds.check_call(pattern, Lq, cap, num_heads=Hq, batch=B, q_offset=off, inputs=ins)
+
+
 # ------------------------------------------------------------------ plans
 
 class DecodePlan:
@@ -191,16 +206,12 @@ class DecodePlan:
                  paged, inputs, num_splits=None):
         from ..codegen.config import get_closed_form, ranges_ok
         from ..ir import bounds
-        from ..ir.intervals import check_input_bounds
         self.pattern, self.backend = pattern, backend
         self.B, self.Hq, self.Hk, self.Lq, self.D = B, Hq, Hk, Lq, D
         self.dtype, self.device = dtype, device
         self.bucket, self.paged = bucket_len, paged
         # positions of any step in the bucket: queries and keys in [0, bucket)
         ins64 = {n: t.to(torch.int64) for n, t in inputs.items()}
-        if ins64:
-            check_input_bounds(pattern, ins64, bucket_len, bucket_len, num_heads=Hq, batch=B,
-                               q_offset=0)
         bounds.check_call(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B, q_offset=0,
                           inputs=ins64)
         cf = get_closed_form(pattern)
@@ -443,29 +454,10 @@ def _runs(flags: torch.Tensor):
     return list(zip(starts, ends))
 
 
-_VARS: dict = {}
-
-
 def _variables(ir) -> frozenset:
     """The variable names an IR mentions."""
-    hit = _VARS.get(ir)
-    if hit is None:
-        from ..ir.nodes import Var
-        seen, stack, names = set(), [ir], set()
-        while stack:
-            n = stack.pop()
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            if isinstance(n, Var):
-                names.add(n.name)
-            for f in getattr(n, "__dataclass_fields__", {}):
-                x = getattr(n, f)
-                for y in (x if isinstance(x, tuple) else (x,)):
-                    if hasattr(y, "__dataclass_fields__"):
-                        stack.append(y)
-        hit = _VARS[ir] = frozenset(names)
-    return hit
+    from ..ir.nodes import free_vars
+    return free_vars(ir)
 
 
 class DecodePlanCache:
@@ -595,15 +587,8 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
             raise SpattnValueError(f"q_offset={q_offset} puts the queries beyond +-2**30")
     check_runtime_tensors(inputs)
     ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device)
-    if q_shift:             # positions outside the bucket's [0, bucket): checked per call
-        from ..ir import bounds
-        from ..ir.intervals import check_input_bounds
-        ins64 = {n: t.to(torch.int64) for n, t in ins.items()}
-        if ins64:
-            check_input_bounds(pattern, ins64, Lq, cap, num_heads=Hq, batch=B,
-                               q_offset=cap - Lq + q_shift)
-        bounds.check_call(pattern, Lq, cap, num_heads=Hq, batch=B, q_offset=cap - Lq + q_shift,
-                          inputs=ins64)
+    if ins or q_shift:
+        _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift)
     backend = choose_backend(pattern.backend, q.device.type)
     bucket_len = bucket(cap)
     plan = DECODE_PLANS.get(pattern, backend, q, Hk, bucket_len, paged, ins, num_splits)

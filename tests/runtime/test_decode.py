@@ -1,0 +1,261 @@
+"""The decode path (``runtime/decode.py``): a few query rows against a long KV cache.
+
+Every case draws fresh random q and caches, runs ``Pattern.decode`` (or ``Pattern.__call__``
+where it routes to decode) on the torch backend and on the generated Triton kernels under
+the interpreter (tiny shapes), and compares every output element and log-sum-exp with the
+float64 reference on the pattern's dense mask of each batch element's own length:
+contiguous and paged caches (shuffled page tables), grouped-query heads, per-batch lengths,
+closed-form and scanned patterns, fully masked rows, and the reuse of one plan and one
+kernel across a growing cache.
+"""
+import os
+
+import pytest
+import torch
+
+import spattn
+from spattn.dsl.errors import SpattnError, SpattnInputError, SpattnParamError, SpattnValueError
+from spattn.runtime import cache, decode as dec
+from spattn.runtime.reference import attention_reference
+
+PATTERNS = {
+    "causal": ("causal", {}),
+    "window": ("causal & window(W)", {"W": 37}),
+    "streaming": ("causal & (window(W) | sink(4))", {"W": 24}),
+    "documents": ("input doc\npattern documents = causal & same(doc)", {}),
+    "per-head": ("causal & q - k < [8, 20, 40, 70][h]", {}),
+    "odd-rows-masked": ("causal & q % 2 == 0", {}),
+}
+
+
+def _close(name, got, want, rtol=2e-3):
+    got, want = got.to(torch.float64), want.to(torch.float64)
+    assert got.shape == want.shape, f"{name}: {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any(), f"{name} has NaN"
+    inf = torch.isinf(want)
+    assert torch.equal(torch.isinf(got), inf), f"{name}: -inf in different places"
+    scale = max(float(want[~inf].abs().max()) if (~inf).any() else 1.0, 1e-2)
+    torch.testing.assert_close(got[~inf], want[~inf], rtol=rtol, atol=rtol * scale,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def _inputs(name, B, cap, g):
+    if name != "documents":
+        return {}
+    return {"doc": (torch.rand(B, cap, generator=g) < 0.05).cumsum(-1)}
+
+
+def _reference(pat, q, k, v, lens, ins, scale=None):
+    """Per batch element: attention over its first lens[b] keys, rows bottom-right aligned."""
+    B, Hq, Lq, _ = q.shape
+    outs, lses = [], []
+    for b in range(B):
+        L = lens[b]
+        m = pat.mask(Lq, L, num_heads=Hq, batch=B, **ins)[b:b + 1]
+        o, lse = attention_reference(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L], m,
+                                     scale=scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _paged(k, page_size, g):
+    """A contiguous cache [B, Hk, cap, D] as shuffled pages: (pool, page_table)."""
+    B, Hk, cap, D = k.shape
+    n = cap // page_size
+    perm = torch.randperm(B * n + 3, generator=g)[:B * n]      # spare pages in the pool
+    pool = torch.randn(B * n + 3, page_size, Hk, D, generator=g).to(k.dtype)
+    table = perm.view(B, n)
+    for b in range(B):
+        for p in range(n):
+            pool[table[b, p]] = k[b, :, p * page_size:(p + 1) * page_size].permute(1, 0, 2)
+    return pool, table.to(torch.int32)
+
+
+def _case(name, backend, *, B=2, Hq=4, Hk=2, Lq=1, cap=96, D=16, lens=None, paged=False,
+          seed=0, num_splits=None, via_call=False):
+    src, params = PATTERNS[name]
+    pat = spattn.compile(src, backend=backend, **params)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k = torch.randn(B, Hk, cap, D, generator=g)
+    v = torch.randn(B, Hk, cap, D, generator=g)
+    ins = _inputs(name, B, cap, g)
+    seq = None if lens is None else torch.tensor(lens)
+    if via_call:
+        o, lse = pat(q, k, v, return_lse=True, **ins)
+    elif paged:
+        kp, table = _paged(k, 16, g)
+        vp, _ = _paged(v, 16, torch.Generator().manual_seed(seed))
+        # the same page for k and v: rebuild v's pool on k's table
+        vp = torch.randn_like(kp)
+        for b in range(B):
+            for p in range(cap // 16):
+                vp[table[b, p]] = v[b, :, p * 16:(p + 1) * 16].permute(1, 0, 2)
+        o, lse = pat.decode(q, kp, vp, seq_lens=seq, page_table=table, return_lse=True,
+                            num_splits=num_splits, **ins)
+    else:
+        o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, num_splits=num_splits,
+                            **ins)
+    want_o, want_lse = _reference(pat, q, k, v, lens or [cap] * B, ins)
+    _close(f"{name} o", o, want_o)
+    _close(f"{name} lse", lse, want_lse)
+    return pat, o, lse
+
+
+# ------------------------------------------------------------------ torch backend
+
+@pytest.mark.parametrize("Lq", [1, 5], ids=lambda n: f"Lq{n}")
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_torch_decode(name, Lq):
+    _case(name, "torch", B=2, Hq=4, Hk=2, Lq=Lq, cap=300, D=32, lens=[300, 211])
+
+
+@pytest.mark.parametrize("name", ["causal", "streaming", "documents"])
+def test_torch_decode_paged(name):
+    _case(name, "torch", B=3, Hq=8, Hk=2, Lq=2, cap=160, D=32, lens=[160, 37, 99], paged=True)
+
+
+def test_torch_decode_batched_equal_lengths():
+    """Equal lengths and a batch-uniform pattern: one call for the whole batch."""
+    _case("window", "torch", B=3, Hq=8, Hk=8, Lq=3, cap=400, D=64)
+
+
+@pytest.mark.parametrize("name", ["causal", "streaming"])
+def test_call_routes_to_decode(name):
+    dec.DECODE_PLANS.clear()
+    _case(name, "torch", B=1, Hq=8, Hk=2, Lq=1, cap=dec.ROUTE_MIN_LK + 40, D=32, via_call=True)
+    assert len(dec.DECODE_PLANS) == 1
+
+
+def test_grad_takes_the_normal_path():
+    pat = spattn.compile("causal & window(W)", W=50, backend="torch")
+    q = torch.randn(1, 2, 1, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    dec.DECODE_PLANS.clear()
+    pat(q, k, v).sum().backward()
+    assert len(dec.DECODE_PLANS) == 0 and q.grad is not None
+    want = attention_reference(q.detach(), k, v, pat.mask(1, 300))[0]
+    with torch.no_grad():
+        _close("o", pat(q, k, v), want)
+    assert len(dec.DECODE_PLANS) == 1
+
+
+def test_fully_masked_rows_are_zero():
+    pat = spattn.compile("causal & q - k > 1000", backend="torch")
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    o, lse = pat.decode(q, k, v, return_lse=True)
+    assert torch.equal(o, torch.zeros_like(o)) and bool(torch.isneginf(lse).all())
+
+
+def test_bucket_reuse_torch():
+    """A growing cache: one plan per length bucket."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & (window(W) | sink(4))", W=64, backend="torch")
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 512, 32, generator=g), torch.randn(1, 2, 512, 32, generator=g)
+    for L in (257, 300, 411, 512):
+        q = torch.randn(1, 4, 1, 32, generator=g)
+        o = pat(q, k[:, :, :L], v[:, :, :L])
+        _close(f"L{L}", o, attention_reference(q, k[:, :, :L], v[:, :, :L], pat.mask(1, L))[0])
+    assert len(dec.DECODE_PLANS) == 1
+    assert dec.bucket(257) == dec.bucket(512) == 512
+
+
+# ------------------------------------------------------------------ errors
+
+def _qkv(B=1, Hq=4, Hk=2, Lq=1, L=64, D=16):
+    return torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, L, D), torch.randn(B, Hk, L, D)
+
+
+def test_errors():
+    pat = spattn.compile("causal", backend="torch")
+    q, k, v = _qkv(Lq=17)
+    with pytest.raises(SpattnInputError, match="at most 16 query rows"):
+        pat.decode(q, k, v)
+    q, k, v = _qkv()
+    with pytest.raises(SpattnValueError, match="seq_lens holds values"):
+        pat.decode(q, k, v, seq_lens=torch.tensor([65]))
+    with pytest.raises(SpattnInputError, match=r"seq_lens must be an integer tensor \[B\]"):
+        pat.decode(q, k, v, seq_lens=torch.tensor([3.0]))
+    with pytest.raises(SpattnParamError, match="q_offset cannot be given with seq_lens"):
+        pat.decode(q, k, v, seq_lens=torch.tensor([64]), q_offset=3)
+    pool = torch.randn(6, 16, 2, 16)
+    with pytest.raises(SpattnParamError, match="paged cache needs seq_lens"):
+        pat.decode(q, pool, pool, page_table=torch.zeros(1, 4, dtype=torch.int32))
+    with pytest.raises(SpattnValueError, match="page_table holds page 6"):
+        pat.decode(q, pool, pool, seq_lens=torch.tensor([40]),
+                   page_table=torch.tensor([[0, 1, 6, 9]]))
+    with pytest.raises(SpattnInputError, match=r"page_table must be an integer tensor"):
+        pat.decode(q, pool, pool, seq_lens=torch.tensor([40]), page_table=torch.zeros(2, 4))
+    with pytest.raises(SpattnInputError, match="pools' head dim"):
+        pat.decode(q, torch.randn(6, 16, 2, 32), torch.randn(6, 16, 2, 32),
+                   seq_lens=torch.tensor([40]), page_table=torch.zeros(1, 4, dtype=torch.int32))
+    qg = q.clone().requires_grad_()
+    with pytest.raises(SpattnInputError, match="inference only"):
+        pat.decode(qg, pool, pool, seq_lens=torch.tensor([40]),
+                   page_table=torch.zeros(1, 4, dtype=torch.int32))
+    assert issubclass(SpattnInputError, SpattnError)
+
+
+# ------------------------------------------------------------------ Triton (interpreter)
+
+interp = pytest.mark.interpreter
+
+
+@interp
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_triton_decode(name):
+    _case(name, "triton", B=2, Hq=4, Hk=2, Lq=2, cap=96, D=16, lens=[96, 51], num_splits=4)
+
+
+@interp
+@pytest.mark.parametrize("name", ["causal", "streaming"])
+def test_triton_decode_paged(name):
+    _case(name, "triton", B=2, Hq=4, Hk=1, Lq=1, cap=64, D=16, lens=[64, 29], paged=True,
+          num_splits=2)
+
+
+@interp
+def test_triton_decode_q_offset_and_rows_without_keys():
+    """A contiguous cache with an explicit q_offset moving the rows before the keys."""
+    pat = spattn.compile("causal & window(W)", W=8, backend="triton")
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 3, 16, generator=g)
+    k, v = torch.randn(1, 2, 48, 16, generator=g), torch.randn(1, 2, 48, 16, generator=g)
+    o, lse = pat.decode(q, k, v, q_offset=-1, return_lse=True, num_splits=2)
+    want_o, want_lse = attention_reference(q, k, v, pat.mask(3, 48, q_offset=-1))
+    assert bool(torch.isneginf(lse[:, :, 0]).all())                 # row at position -1
+    assert torch.equal(o[:, :, 0], torch.zeros_like(o[:, :, 0]))
+    _close("o", o, want_o)
+    _close("lse", lse, want_lse)
+
+
+@interp
+def test_triton_bucket_reuse_one_kernel():
+    """A growing cache within one bucket: one plan, one kernel module, one kernel file."""
+    dec.DECODE_PLANS.clear()
+    cache.clear_memory()
+    pat = spattn.compile("causal & (window(W) | sink(4))", W=20, backend="triton")
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(1, 2, 80, 16, generator=g), torch.randn(1, 2, 80, 16, generator=g)
+    seen = set()
+    before = set(os.listdir(cache.cache_dir()))
+    for L in (33, 50, 80):
+        q = torch.randn(1, 4, 1, 16, generator=g)
+        o = pat.decode(q, k, v, seq_lens=torch.tensor([L]), num_splits=2)
+        _close(f"L{L}", o, attention_reference(q, k[:, :, :L], v[:, :, :L], pat.mask(1, L))[0])
+        plan = next(iter(dec.DECODE_PLANS._plans.values()))
+        seen.add(id(plan.module))
+    assert len(dec.DECODE_PLANS) == 1 and len(seen) == 1
+    files = set(os.listdir(cache.cache_dir())) - before
+    assert len(files) == 1 and next(iter(files)).startswith("attn_decode_"), files
+
+
+@interp
+def test_triton_unchecked_lengths_are_clamped():
+    """check=False: a length beyond the cache is clamped to it, never read out of bounds."""
+    pat = spattn.compile("causal", backend="triton")
+    q, k, v = _qkv(L=32)
+    o = pat.decode(q, k, v, seq_lens=torch.tensor([500]), check=False, num_splits=2)
+    _close("o", o, attention_reference(q, k, v, pat.mask(1, 32))[0])
