@@ -292,9 +292,11 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         # The op carries the canonical source (a str attribute: a constant while tracing).
         return call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                        return_lse=return_lse, q_offset=q_offset, inputs=inputs)
-    if plan is None and _decode.routes(q, k, v):     # a few queries, many keys: docs/decode.md
-        return _decode.call_routed(pattern, q, k, v, scale=scale, return_lse=return_lse,
-                                   q_offset=q_offset, inputs=inputs)
+    if plan is None and _decode.routes(q, k, v, q_offset):  # few queries, many keys: docs/decode.md
+        out = _decode.call_routed(pattern, q, k, v, scale=scale, return_lse=return_lse,
+                                  q_offset=q_offset, inputs=inputs)
+        if out is not None:
+            return out
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:

@@ -326,63 +326,70 @@ class DecodePlan:
                   scale: float, inputs: dict):
         """Per batch element (or once for all when they share everything): the allowed key
         runs of the rows, the keys gathered (a view for one run of a contiguous cache), one
-        fused attention call with the query heads of a key head folded into its rows."""
+        fused attention call with the query heads of a key head folded into its rows and an
+        additive mask only where some key of the runs is not allowed to every row.
+
+        Copies and fills run below ATen's parallel grain (``runtime/cpu_ops.py``): a step is
+        one parallel region, the kernel call."""
+        from .cpu_ops import copy_, fill
         from .torch_backend import _attend
         B, Hq, Lq, D = q.shape
-        Hk, G = self.Hk, Hq // self.Hk
-        o = torch.zeros((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
-        lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
+        Hk, G, dev = self.Hk, Hq // self.Hk, q.device
+        o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=dev)
+        lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
         uses = _variables(self.pattern.ir)
         shared = (page_table is None and len(set(lens)) == 1 and "b" not in uses
-                  and all(t.dim() == nd for (n, nd), t in
-                          ((x, inputs[x[0]]) for x in self.pattern.inputs.items())))
+                  and all(inputs[n].dim() == nd for n, nd in self.pattern.inputs.items()))
         groups = [(0, B)] if shared else [(b, b + 1) for b in range(B)]
         for b0, b1 in groups:
-            L = lens[b0]
-            q_off = L - Lq + q_shift
-            runs, mask = self._keys(L, q_off, b0, inputs)
-            if not runs:
+            nb, L = b1 - b0, lens[b0]
+            runs, part, m_part = self._keys(L, L - Lq + q_shift, b0, inputs)
+            n = sum(z - a for a, z in runs)
+            if n == 0:
+                o[b0:b1].zero_()
+                lse[b0:b1].fill_(float("-inf"))
                 continue
-            idx = None
-            if page_table is None:
-                if len(runs) == 1:
-                    kb, vb = k[b0:b1, :, runs[0][0]:runs[0][1]], v[b0:b1, :, runs[0][0]:runs[0][1]]
-                else:
-                    idx = torch.cat([torch.arange(a, z, device=q.device) for a, z in runs])
-                    kb, vb = k[b0:b1].index_select(2, idx), v[b0:b1].index_select(2, idx)
+            if page_table is None and len(runs) == 1:
+                kb, vb = k[b0:b1, :, runs[0][0]:runs[0][1]], v[b0:b1, :, runs[0][0]:runs[0][1]]
+            elif page_table is None:
+                kb = torch.empty((nb, Hk, n, D), dtype=k.dtype, device=dev)
+                vb = torch.empty((nb, Hk, n, D), dtype=v.dtype, device=dev)
+                at = 0
+                for a, z in runs:
+                    copy_(kb[:, :, at:at + z - a], k[b0:b1, :, a:z])
+                    copy_(vb[:, :, at:at + z - a], v[b0:b1, :, a:z])
+                    at += z - a
             else:
-                idx = torch.cat([torch.arange(a, z, device=q.device) for a, z in runs])
+                idx = torch.cat([torch.arange(a, z, device=dev) for a, z in runs])
                 phys = page_table[b0].to(torch.int64)[idx // page_size]
                 slot = idx % page_size
                 kb = k[phys, slot].permute(1, 0, 2).unsqueeze(0)     # [1, Hk, n, D]
                 vb = v[phys, slot].permute(1, 0, 2).unsqueeze(0)
-            qb = q[b0:b1].reshape(b1 - b0, Hk, G * Lq, D)
-            add = None
-            if mask is not None:            # [1 or Hq, Lq, n] bool
-                mk = mask.expand(Hq, Lq, mask.shape[-1]) if mask.shape[0] == 1 and G > 1 \
-                    else mask
-                mk = mk.reshape(1, mk.shape[0] // G if mk.shape[0] > 1 else 1,
-                                G * Lq if mk.shape[0] > 1 else Lq, -1)
-                if mk.shape[2] != G * Lq:
-                    mk = mk.repeat(1, 1, G, 1)
-                add = torch.zeros(mk.shape, dtype=q.dtype, device=q.device) \
-                    .masked_fill_(~mk, float("-inf"))
+            qb = q[b0:b1].reshape(nb, Hk, G * Lq, D)
+            add = empty = None
+            if m_part is not None:          # [1 or Hq, Lq, n_part] over the keys of `part`
+                mk = m_part.reshape(Hk, G * Lq, -1) if m_part.shape[0] > 1 \
+                    else m_part.repeat(1, G, 1)
+                add = fill((1, mk.shape[0], G * Lq, n), 0.0, q.dtype, dev)
+                cols = torch.cat([torch.arange(_column(runs, a), _column(runs, a) + z - a,
+                                               device=dev) for a, z in part])
+                add[0][:, :, cols] = torch.where(mk, 0.0, float("-inf")).to(q.dtype)
+                if not _has_full(runs, part):
+                    empty = ~m_part.any(-1)         # [1 or Hq, Lq]: rows with no key at all
             ob, lb = _attend(qb, kb, vb, add, scale, False)
-            ob = ob.reshape(b1 - b0, Hq, Lq, D)
-            lb = lb.reshape(b1 - b0, Hq, Lq).to(torch.float32)
-            if mask is not None:
-                empty = ~mask.any(-1)               # [1 or Hq, Lq]
-                if bool(empty.any()):
-                    ob = ob.masked_fill(empty.view(1, -1, Lq, 1), 0.0)
-                    lb = lb.masked_fill(empty.view(1, -1, Lq), float("-inf"))
+            ob = ob.view(nb, Hq, Lq, D)
+            lb = lb.reshape(nb, Hq, Lq)
+            if empty is not None and bool(empty.any()):
+                ob = ob.masked_fill(empty.view(1, -1, Lq, 1), 0.0)
+                lb = lb.masked_fill(empty.view(1, -1, Lq), float("-inf"))
             o[b0:b1] = ob
             lse[b0:b1] = lb
         return o, lse
 
     def _keys(self, L: int, q_off: int, b: int, inputs: dict):
-        """``(runs, mask)``: the key runs ``[a, z)`` some row may see (sorted, disjoint) and
-        the bool mask ``[1 or Hq, Lq, n]`` over the runs' keys, None where every row sees
-        every key of the runs."""
+        """``(runs, part, m_part)``: the key runs ``[a, z)`` some row may see (sorted,
+        disjoint), the runs within them where not every row sees every key, and the pattern
+        there as bool ``[1 or Hq, Lq, n_part]`` (None when ``part`` is empty)."""
         Lq, Hq = self.Lq, self.Hq
         cf = self.closed_form
         runs = full = None
@@ -396,8 +403,8 @@ class DecodePlan:
                     if hi >= lo:
                         runs.append((lo, hi + 1))
                     if iv.flo is not None and iv.fhi is not None:
-                        flo, fhi = max(0, int(evaluate(iv.flo, env))), \
-                            min(L - 1, int(evaluate(iv.fhi, env)))
+                        flo = max(0, int(evaluate(iv.flo, env)))
+                        fhi = min(L - 1, int(evaluate(iv.fhi, env)))
                         if fhi >= flo:
                             full.append((flo, fhi + 1))
                 runs, full = _merge(runs), _merge(full)
@@ -405,20 +412,16 @@ class DecodePlan:
                 runs = full = None
         if runs is None:                     # the predicate over all keys: O(Lq * L)
             m = self._predicate(torch.arange(L, device=self.device), q_off, L, b, inputs)
-            any_k = m.any(0).any(0)
-            runs = _runs(any_k)
+            runs = _runs(m.any(0).any(0))
             if not runs:
-                return [], None
-            pos = torch.cat([torch.arange(a, z, device=self.device) for a, z in runs])
-            m = m[..., pos]
-            return runs, (None if bool(m.all()) else m)
-        if not runs:
-            return [], None
-        if all(any(fa <= a and z <= fz for fa, fz in full) for a, z in runs):
-            return runs, None
-        pos = torch.cat([torch.arange(a, z, device=self.device) for a, z in runs])
-        m = self._predicate(pos, q_off, L, b, inputs)
-        return runs, (None if bool(m.all()) else m)
+                return [], [], None
+            m = m[..., _positions(runs, self.device)]
+            return (runs, [], None) if bool(m.all()) else (runs, runs, m)
+        part = _subtract(runs, full)
+        if not part:
+            return runs, [], None
+        m = self._predicate(_positions(part, self.device), q_off, L, b, inputs)
+        return (runs, [], None) if bool(m.all()) else (runs, part, m)
 
     def _predicate(self, keys, q_off: int, L: int, b: int, inputs: dict):
         """The pattern at the decode rows and ``keys``: bool ``[1 or Hq, Lq, n]``."""
@@ -431,8 +434,37 @@ class DecodePlan:
         m = torch.as_tensor(evaluate(self.pattern.ir, env, inputs), device=dev).to(torch.bool)
         while m.dim() < 4:
             m = m.unsqueeze(0)
-        hq = Hq if m.shape[1] > 1 else 1
-        return m[0 if m.shape[0] == 1 else 0].expand(hq, Lq, keys.numel())
+        return m[0].expand(Hq if m.shape[1] > 1 else 1, Lq, keys.numel())
+
+
+def _positions(runs, device) -> torch.Tensor:
+    return torch.cat([torch.arange(a, z, device=device) for a, z in runs])
+
+
+def _column(runs, p: int) -> int:
+    """The column of key position ``p`` among the gathered keys of ``runs``."""
+    at = 0
+    for a, z in runs:
+        if a <= p < z:
+            return at + p - a
+        at += z - a
+    raise AssertionError(p)
+
+
+def _subtract(runs, full):
+    """``runs`` minus the ``full`` runs, as runs."""
+    out = []
+    for a, z in runs:
+        cur = [(a, z)]
+        for fa, fz in full:
+            cur = [x for s, e in cur for x in ((s, min(e, fa)), (max(s, fz), e)) if x[0] < x[1]]
+        out += cur
+    return out
+
+
+def _has_full(runs, part) -> bool:
+    """Whether some key of ``runs`` lies outside ``part`` (a key every row sees)."""
+    return sum(z - a for a, z in runs) > sum(z - a for a, z in part)
 
 
 def _merge(runs):
@@ -526,27 +558,34 @@ def load_module(pattern, config: DecodeConfig, closed_form, device):
 
 # ------------------------------------------------------------------ the entry points
 
-def routes(q, k, v, plan=None) -> bool:
-    """Whether ``Pattern.__call__`` takes the decode path: ``Lq <= 16``, ``Lk >= 256`` and
-    ``Lk >= 4 * Lq``, no plan given, nothing requires grad (with grad enabled), not under
+def routes(q, k, v, q_offset=None) -> bool:
+    """Whether ``Pattern.__call__`` (without a plan) takes the decode path: ``Lq <= 16``,
+    ``Lk >= 256`` and ``Lk >= 4 * Lq``, a ``q_offset`` (if given) within ``2**29`` of the
+    bottom-right one, nothing requires grad (with grad enabled), not under
     ``torch.compile``."""
-    if plan is not None or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return False
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)):
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return False
     Lq, Lk = q.shape[2], k.shape[2]
-    if not (Lq <= MAX_DECODE_Q and Lk >= ROUTE_MIN_LK and Lk >= 4 * Lq):
+    if not (Lq <= MAX_DECODE_Q and ROUTE_MIN_LK <= Lk < MAX_CAPACITY // 2 and Lk >= 4 * Lq):
         return False
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                       for t in (q, k, v)):
+    if q_offset is not None and (not isinstance(q_offset, int) or isinstance(q_offset, bool)
+                                 or abs(q_offset - (Lk - Lq)) >= MAX_CAPACITY // 2):
         return False
-    return Lk < MAX_CAPACITY
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
 
 
 def call_routed(pattern, q, k, v, *, scale, return_lse, q_offset, inputs):
-    """``Pattern.__call__`` on the decode path (same arguments and results)."""
-    return decode(pattern, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                  **(inputs or {}))
+    """``Pattern.__call__`` on the decode path (same arguments and results), or None where
+    the decode path refuses the call (the normal path then runs it, or says what is wrong
+    in its own words)."""
+    from ..dsl.errors import SpattnError
+    try:
+        return decode(pattern, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
+                      **(inputs or {}))
+    except SpattnError:
+        return None
 
 
 def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scale=None,
