@@ -217,8 +217,9 @@ def _cpu_time(fn, reps):
 
 def run_cpu(args):
     import torch.nn.functional as F
-    shapes = [(8, 8, 64), (32, 8, 128), (32, 32, 128)]
-    Ls = (256, 512) if args.tiny else ((1024, 8192) if args.quick else (1024, 4096, 8192))
+    shapes = [(8, 8, 64), (32, 8, 128)] if args.tiny else [(8, 8, 64), (32, 8, 128),
+                                                           (32, 32, 128)]
+    Ls = (256,) if args.tiny else ((1024, 8192) if args.quick else (1024, 4096, 8192))
     pats = {"causal": "causal", "window(1024)": "causal & window(1024)",
             "streaming": "causal & (window(1024) | sink(4))"}
     rows = []

@@ -216,7 +216,7 @@ class DecodePlan:
                           inputs=ins64)
         cf = get_closed_form(pattern)
         self.closed_form = cf if cf is not None and ranges_ok(cf) else None
-        uses = _variables(pattern.ir)
+        self.uses = uses = _variables(pattern.ir)
         per_head = any(t.dim() - nd >= 2 and t.shape[1] > 1
                        for (n, nd), t in ((x, inputs[x[0]]) for x in pattern.inputs.items()))
         G = Hq // Hk
@@ -335,22 +335,25 @@ class DecodePlan:
         from .torch_backend import _attend
         B, Hq, Lq, D = q.shape
         Hk, G, dev = self.Hk, Hq // self.Hk, q.device
-        o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=dev)
-        lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
-        uses = _variables(self.pattern.ir)
-        shared = (page_table is None and len(set(lens)) == 1 and "b" not in uses
+        shared = (page_table is None and len(set(lens)) == 1 and "b" not in self.uses
                   and all(inputs[n].dim() == nd for n, nd in self.pattern.inputs.items()))
         groups = [(0, B)] if shared else [(b, b + 1) for b in range(B)]
+        outs, lses = [], []
         for b0, b1 in groups:
             nb, L = b1 - b0, lens[b0]
             runs, part, m_part = self._keys(L, L - Lq + q_shift, b0, inputs)
             n = sum(z - a for a, z in runs)
             if n == 0:
-                o[b0:b1].zero_()
-                lse[b0:b1].fill_(float("-inf"))
+                outs.append(torch.zeros((nb, Hq, Lq, D), dtype=q.dtype, device=dev))
+                lses.append(torch.full((nb, Hq, Lq), float("-inf"), device=dev))
                 continue
+            whole = b1 - b0 == B
             if page_table is None and len(runs) == 1:
-                kb, vb = k[b0:b1, :, runs[0][0]:runs[0][1]], v[b0:b1, :, runs[0][0]:runs[0][1]]
+                a, z = runs[0]
+                if whole and a == 0 and z == k.shape[2]:
+                    kb, vb = k, v
+                else:
+                    kb, vb = k[b0:b1, :, a:z], v[b0:b1, :, a:z]
             elif page_table is None:
                 kb = torch.empty((nb, Hk, n, D), dtype=k.dtype, device=dev)
                 vb = torch.empty((nb, Hk, n, D), dtype=v.dtype, device=dev)
@@ -365,7 +368,7 @@ class DecodePlan:
                 slot = idx % page_size
                 kb = k[phys, slot].permute(1, 0, 2).unsqueeze(0)     # [1, Hk, n, D]
                 vb = v[phys, slot].permute(1, 0, 2).unsqueeze(0)
-            qb = q[b0:b1].reshape(nb, Hk, G * Lq, D)
+            qb = (q if whole else q[b0:b1]).reshape(nb, Hk, G * Lq, D)
             add = empty = None
             if m_part is not None:          # [1 or Hq, Lq, n_part] over the keys of `part`
                 mk = m_part.reshape(Hk, G * Lq, -1) if m_part.shape[0] > 1 \
@@ -382,9 +385,11 @@ class DecodePlan:
             if empty is not None and bool(empty.any()):
                 ob = ob.masked_fill(empty.view(1, -1, Lq, 1), 0.0)
                 lb = lb.masked_fill(empty.view(1, -1, Lq), float("-inf"))
-            o[b0:b1] = ob
-            lse[b0:b1] = lb
-        return o, lse
+            outs.append(ob)
+            lses.append(lb)
+        if len(outs) == 1:
+            return outs[0], lses[0]
+        return torch.cat(outs), torch.cat(lses)
 
     def _keys(self, L: int, q_off: int, b: int, inputs: dict):
         """``(runs, part, m_part)``: the key runs ``[a, z)`` some row may see (sorted,
@@ -393,7 +398,7 @@ class DecodePlan:
         Lq, Hq = self.Lq, self.Hq
         cf = self.closed_form
         runs = full = None
-        if cf is not None and "h" not in _variables(self.pattern.ir):
+        if cf is not None and "h" not in self.uses:
             env = {"qs": q_off, "qe": q_off + Lq - 1, "Lq": Lq, "Lk": L, "H": Hq, "b": b}
             try:
                 runs, full = [], []
@@ -495,7 +500,7 @@ def _variables(ir) -> frozenset:
 class DecodePlanCache:
     """A bounded, thread-safe LRU of decode plans keyed by what a plan depends on: the
     pattern, the backend, B, Hq, Hk, Lq, D, dtype, device, the length bucket, paged or not,
-    the runtime inputs (identity, version) and the settings' raw strings."""
+    the runtime inputs (identity, version) and whether Triton runs interpreted."""
 
     def __init__(self, size: int = DECODE_PLANS_SIZE):
         self.size = size
@@ -512,10 +517,10 @@ class DecodePlanCache:
             self._held.clear()
 
     def get(self, pattern, backend, q, Hk, bucket_len, paged, inputs, num_splits=None):
-        from . import settings as _settings
+        from .api import _interpret
         B, Hq, Lq, D = q.shape
         key = (pattern.source, tuple(sorted(pattern.inputs.items())), backend, B, Hq, Hk, Lq,
-               D, q.dtype, q.device, bucket_len, paged, _settings.current().raw, num_splits,
+               D, q.dtype, q.device, bucket_len, paged, _interpret(), num_splits,
                tuple((n, id(t), t._version, tuple(t.shape)) for n, t in sorted(inputs.items())))
         with self._lock:
             plan = self._plans.get(key)
