@@ -12,11 +12,15 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import spattn
 from spattn.dsl.errors import SpattnError, SpattnInputError, SpattnParamError, SpattnValueError
 from spattn.runtime import cache, decode as dec
 from spattn.runtime.reference import attention_reference
+
+from tests.helpers.sources import bool_exprs
 
 PATTERNS = {
     "causal": ("causal", {}),
@@ -259,3 +263,51 @@ def test_triton_unchecked_lengths_are_clamped():
     q, k, v = _qkv(L=32)
     o = pat.decode(q, k, v, seq_lens=torch.tensor([500]), check=False, num_splits=2)
     _close("o", o, attention_reference(q, k, v, pat.mask(1, 32))[0])
+
+
+# ------------------------------------------------------------------ random patterns
+
+def _random_case(src, backend, Hk, group, Lq, L, lens, seed, **kw):
+    L = max(L, Lq)
+    lens = [Lq + x % (L - Lq + 1) for x in lens]
+    try:
+        pat = spattn.compile(src, backend=backend)
+    except SpattnError:
+        return
+    g = torch.Generator().manual_seed(seed)
+    H = Hk * group
+    q = torch.randn(len(lens), H, Lq, 16, generator=g)
+    k = torch.randn(len(lens), Hk, L, 16, generator=g)
+    v = torch.randn(len(lens), Hk, L, 16, generator=g)
+    try:
+        o, lse = pat.decode(q, k, v, seq_lens=torch.tensor(lens), return_lse=True, **kw)
+    except SpattnError:
+        event("refused")
+        return
+    plan = next(p for p in dec.DECODE_PLANS._plans.values() if p.pattern == pat)
+    event("closed form" if plan.closed_form is not None else "predicate")
+    want_o, want_lse = _reference(pat, q, k, v, lens, {})
+    _close("o", o, want_o)
+    _close("lse", lse, want_lse)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(src=bool_exprs(), Hk=st.integers(1, 2), group=st.integers(1, 3), Lq=st.integers(1, 16),
+       L=st.integers(16, 300), lens=st.lists(st.integers(0, 300), min_size=2, max_size=2),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_random_patterns_decode_torch(src, Hk, group, Lq, L, lens, seed):
+    """The CPU step's key runs (closed form or predicate) and masks against the reference,
+    with per-batch lengths: no allowed key is dropped, no masked key is used."""
+    _random_case(src, "torch", Hk, group, Lq, L, lens, seed)
+
+
+@interp
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(src=bool_exprs(), group=st.integers(1, 2), Lq=st.integers(1, 4), L=st.integers(8, 48),
+       lens=st.lists(st.integers(0, 48), min_size=1, max_size=2),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_random_patterns_decode_triton(src, group, Lq, L, lens, seed):
+    """The decode kernel's emitted closed form (or scan) on random patterns."""
+    _random_case(src, "triton", 1, group, Lq, L, lens, seed, num_splits=2)
