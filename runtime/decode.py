@@ -235,18 +235,9 @@ class DecodePlan:
 
     # -- Triton --------------------------------------------------------------
     def _build_triton(self, num_splits):
-        from ..codegen.config import dtype_name
-        from . import settings as _settings
-        interp = _settings.current().interpret
-        block_d = max(16, 1 << (self.D - 1).bit_length())
-        if interp:
-            block_n, warps, stages = 16, 4, 1
-        else:
-            block_n = 64 if block_d <= 128 else 32
-            warps, stages = 4, 3
-        strategy = "ranges" if self.closed_form is not None else "scan"
-        self.config = DecodeConfig(strategy, block_n, block_d, warps, stages,
-                                   dtype_name(self.dtype))
+        from .api import _interpret
+        self.config = default_config(self.closed_form, self.D, self.dtype, _interpret())
+        block_d = self.config.block_d
         self.module = load_module(self.pattern, self.config, self.closed_form, self.device)
         self.block_m = max(16, 1 << (self.pack * self.Lq - 1).bit_length())
         groups = self.B * self.Hq // self.pack
@@ -547,9 +538,22 @@ DECODE_PLANS = DecodePlanCache()
 
 # ------------------------------------------------------------------ kernel files
 
-def load_module(pattern, config: DecodeConfig, closed_form, device):
-    """The decode module of ``pattern`` for ``config`` (rendered, cached on disk like the
-    other kernels: ``attn_decode_<name>_<hash6>.py``, and imported once per process)."""
+def default_config(closed_form, head_dim: int, dtype, interpret: bool) -> DecodeConfig:
+    """The decode module's configuration: ``ranges`` with a closed form, else ``scan``;
+    64-key tiles (32 beyond D = 128), 4 warps, 3 stages on the GPU (decode streams K and V:
+    small tiles, many splits); 16-key tiles under the interpreter."""
+    from ..codegen.config import dtype_name
+    block_d = max(16, 1 << (int(head_dim) - 1).bit_length())
+    if interpret:
+        block_n, warps, stages = 16, 4, 1
+    else:
+        block_n, warps, stages = (64 if block_d <= 128 else 32), 4, 3
+    strategy = "ranges" if closed_form is not None else "scan"
+    return DecodeConfig(strategy, block_n, block_d, warps, stages, dtype_name(dtype))
+
+
+def _entry(pattern, config: DecodeConfig, closed_form, device):
+    """``(file name, key, render)`` of the decode module of ``pattern`` for ``config``."""
     from ..codegen.kernels import CODEGEN_VERSION, ident, render_decode
     from . import cache
     parts = [pattern.source, repr(sorted(pattern.inputs.items())), "decode", CODEGEN_VERSION,
@@ -557,8 +561,29 @@ def load_module(pattern, config: DecodeConfig, closed_form, device):
              cache._triton_version(), cache.device_tag(device)]
     key = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
     name = f"attn_decode_{ident(pattern.name)}_{key[:6]}.py"
-    return cache.load_generated(name, key, lambda: render_decode(pattern, config, key,
-                                                                 closed_form))
+    return name, key, lambda: render_decode(pattern, config, key, closed_form)
+
+
+def load_module(pattern, config: DecodeConfig, closed_form, device):
+    """The decode module of ``pattern`` for ``config`` (rendered, cached on disk like the
+    other kernels: ``attn_decode_<name>_<hash6>.py``, and imported once per process)."""
+    from . import cache
+    return cache.load_generated(*_entry(pattern, config, closed_form, device))
+
+
+def kernel_text(pattern, *, head_dim: int = 128, dtype="bf16", device=None,
+                interpret: bool = False) -> tuple[str, str]:
+    """``(file name, text)`` of the decode module of ``pattern`` (header line included), as
+    a decode step on ``device`` would generate it (GPU defaults unless ``interpret``)."""
+    from ..codegen.config import ranges_ok
+    from ..codegen.config import get_closed_form
+    from .cache import HEADER_PREFIX, _digest
+    cf = get_closed_form(pattern)
+    cf = cf if cf is not None and ranges_ok(cf) else None
+    name, key, render = _entry(pattern, default_config(cf, head_dim, dtype, interpret), cf,
+                               device)
+    body = render()
+    return name, f"{HEADER_PREFIX}key={key} sha256={_digest(body)}\n{body}"
 
 
 # ------------------------------------------------------------------ the entry points
