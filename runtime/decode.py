@@ -242,7 +242,7 @@ class DecodePlan:
         self.block_m = max(16, 1 << (self.pack * self.Lq - 1).bit_length())
         groups = self.B * self.Hq // self.pack
         if num_splits is None:
-            most = max(1, -(-self._tiles_at_bucket() // 2))     # >= 2 tiles per split
+            most = max(1, self._tiles_at_bucket() // 4)          # >= 4 tiles per split
             if self.device.type == "cuda":
                 sms = torch.cuda.get_device_properties(self.device).multi_processor_count
                 want = max(1, -(-2 * sms // groups))

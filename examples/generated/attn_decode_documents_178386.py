@@ -1,4 +1,4 @@
-# spattn-kernel key=178386dee48c0d124844dff5f8008a6e sha256=b450dcd32f4cb01b6ba60c55e459efffebe32bbd30a3a2645b28f53bd3b53342
+# spattn-kernel key=178386dee48c0d124844dff5f8008a6e sha256=192d7efd240b99adfa4a0ab59ecd4455ed5aedf7a98c84749343d291f2a89dd2
 """spattn generated decode attention kernels for pattern `documents`.
 
 Pattern (canonical source):
@@ -172,8 +172,8 @@ def attn_decode_documents_178386(
     acc = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
     i_part = (i_g * NUM_SPLITS + i_s).to(tl.int64) * BLOCK_M
-    tl.store(O_PART + (i_part + o_r[:, None]) * BLOCK_D + o_d[None, :], acc)
-    tl.store(LSE_PART + i_part + o_r, lse)
+    tl.store(O_PART + (i_part + o_r[:, None]) * BLOCK_D + o_d[None, :], acc, mask=m_r[:, None])
+    tl.store(LSE_PART + i_part + o_r, lse, mask=m_r)
 
 
 @triton.jit

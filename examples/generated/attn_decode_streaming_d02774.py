@@ -1,4 +1,4 @@
-# spattn-kernel key=d0277450492fdd5ad6f8e95bfa4c37f6 sha256=66a04810d96fc0d615adbdf53771495ce444eaf2b6fdf67e1dcfd62c6661bf06
+# spattn-kernel key=d0277450492fdd5ad6f8e95bfa4c37f6 sha256=ea055a65d3712aa94981af087e83abce571501e3caa74ace285a7492ded20ff6
 """spattn generated decode attention kernels for pattern `streaming`.
 
 Pattern (canonical source):
@@ -194,8 +194,8 @@ def attn_decode_streaming_d02774(
     acc = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
     i_part = (i_g * NUM_SPLITS + i_s).to(tl.int64) * BLOCK_M
-    tl.store(O_PART + (i_part + o_r[:, None]) * BLOCK_D + o_d[None, :], acc)
-    tl.store(LSE_PART + i_part + o_r, lse)
+    tl.store(O_PART + (i_part + o_r[:, None]) * BLOCK_D + o_d[None, :], acc, mask=m_r[:, None])
+    tl.store(LSE_PART + i_part + o_r, lse, mask=m_r)
 
 
 @triton.jit

@@ -63,20 +63,22 @@ def _reference(pat, q, k, v, lens, ins, scale=None):
     return torch.cat(outs), torch.cat(lses)
 
 
-def _paged(k, page_size, g):
-    """A contiguous cache [B, Hk, cap, D] as shuffled pages: (pool, page_table)."""
+def _paged(k, v, page_size, g):
+    """A contiguous cache [B, Hk, cap, D] as pools of shuffled pages, with spare pages of
+    noise: (k_pool, v_pool, page_table)."""
     B, Hk, cap, D = k.shape
     n = cap // page_size
-    perm = torch.randperm(B * n + 3, generator=g)[:B * n]      # spare pages in the pool
-    pool = torch.randn(B * n + 3, page_size, Hk, D, generator=g).to(k.dtype)
-    table = perm.view(B, n)
-    for b in range(B):
-        for p in range(n):
-            pool[table[b, p]] = k[b, :, p * page_size:(p + 1) * page_size].permute(1, 0, 2)
-    return pool, table.to(torch.int32)
+    table = torch.randperm(B * n + 3, generator=g)[:B * n].view(B, n)
+    pools = []
+    for t in (k, v):
+        pool = torch.randn(B * n + 3, page_size, Hk, D, generator=g).to(t.dtype)
+        pool[table.reshape(-1)] = t.view(B, Hk, n, page_size, D).permute(0, 2, 3, 1, 4) \
+            .reshape(B * n, page_size, Hk, D)
+        pools.append(pool)
+    return pools[0], pools[1], table.to(torch.int32)
 
 
-def _case(name, backend, *, B=2, Hq=4, Hk=2, Lq=1, cap=96, D=16, lens=None, paged=False,
+def _case(name, backend, *, B=2, Hq=4, Hk=2, Lq=1, cap=96, D=16, lens=None, paged=0,
           seed=0, num_splits=None, via_call=False):
     src, params = PATTERNS[name]
     pat = spattn.compile(src, backend=backend, **params)
@@ -89,13 +91,7 @@ def _case(name, backend, *, B=2, Hq=4, Hk=2, Lq=1, cap=96, D=16, lens=None, page
     if via_call:
         o, lse = pat(q, k, v, return_lse=True, **ins)
     elif paged:
-        kp, table = _paged(k, 16, g)
-        vp, _ = _paged(v, 16, torch.Generator().manual_seed(seed))
-        # the same page for k and v: rebuild v's pool on k's table
-        vp = torch.randn_like(kp)
-        for b in range(B):
-            for p in range(cap // 16):
-                vp[table[b, p]] = v[b, :, p * 16:(p + 1) * 16].permute(1, 0, 2)
+        kp, vp, table = _paged(k, v, paged, g)
         o, lse = pat.decode(q, kp, vp, seq_lens=seq, page_table=table, return_lse=True,
                             num_splits=num_splits, **ins)
     else:
@@ -117,7 +113,7 @@ def test_torch_decode(name, Lq):
 
 @pytest.mark.parametrize("name", ["causal", "streaming", "documents"])
 def test_torch_decode_paged(name):
-    _case(name, "torch", B=3, Hq=8, Hk=2, Lq=2, cap=160, D=32, lens=[160, 37, 99], paged=True)
+    _case(name, "torch", B=3, Hq=8, Hk=2, Lq=2, cap=160, D=32, lens=[160, 37, 99], paged=16)
 
 
 def test_torch_decode_batched_equal_lengths():
@@ -214,10 +210,21 @@ def test_triton_decode(name):
 
 
 @interp
-@pytest.mark.parametrize("name", ["causal", "streaming"])
-def test_triton_decode_paged(name):
-    _case(name, "triton", B=2, Hq=4, Hk=1, Lq=1, cap=64, D=16, lens=[64, 29], paged=True,
+@pytest.mark.parametrize("name,page", [("causal", 16), ("streaming", 8), ("documents", 32)],
+                         ids=["causal-page16", "streaming-page8", "documents-page32"])
+def test_triton_decode_paged(name, page):
+    _case(name, "triton", B=2, Hq=4, Hk=1, Lq=1, cap=64, D=16, lens=[64, 29], paged=page,
           num_splits=2)
+
+
+@interp
+@pytest.mark.parametrize("Hq,Hk,Lq,splits", [(8, 1, 3, 2), (2, 2, 1, 16), (6, 2, 5, 1)],
+                         ids=["G8-Lq3-rows24", "G1-splits16", "G3-Lq5-one-split"])
+def test_triton_decode_packing_and_splits(Hq, Hk, Lq, splits):
+    """Packed tiles of 24 rows (BLOCK_M 32), more splits than key tiles (empty splits),
+    one split; D = 24 (BLOCK_D 32, masked head dim)."""
+    _case("window", "triton", B=1, Hq=Hq, Hk=Hk, Lq=Lq, cap=80, D=24, lens=[77],
+          num_splits=splits)
 
 
 @interp
