@@ -48,3 +48,57 @@ def test_key_depends_on_config_not_lengths():
     assert a == dec.kernel_text(pat, head_dim=96, dtype="bf16")[0]       # one BLOCK_D
     assert a != dec.kernel_text(pat, head_dim=64, dtype="bf16")[0]
     assert a != dec.kernel_text(pat, head_dim=128, dtype="fp16")[0]
+
+
+_AOT = r"""
+import importlib.util, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def compile_(fn, types, consts):
+    names = fn.arg_names
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 3})
+    assert k.asm.get("cubin"), "no cubin"
+
+
+for path, paged in zip(sys.argv[1::2], sys.argv[2::2]):
+    spec = importlib.util.spec_from_file_location("m", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O_PART": "*fp32", "LSE_PART": "*fp32",
+             "PAGES": "*i32", "SEQ": "*i32", "DOC_ptr": "*i64", "sm_scale_log2": "fp32",
+             "O": "*bf16", "LSE": "*fp32"}
+    compile_(mod.KERNEL, types, dict(
+        PACK=4, NUM_SPLITS=16, PAGE_SIZE=16, PAGED=paged == "1", HAS_SEQ=True, BLOCK_M=16,
+        BLOCK_N=64, BLOCK_D=128, HEAD_DIM=128, DOT_PREC="tf32"))
+    compile_(mod.COMBINE, types, dict(PACK=4, NUM_SPLITS=16, BLOCK_M=16, BLOCK_D=128,
+                                      HEAD_DIM=128))
+    print("compiled", path)
+"""
+
+
+def test_compiles_for_hopper(texts, tmp_path):
+    """Both variants (closed form on a contiguous cache, scan on a paged one) and the combine
+    compile for sm_90 ahead of time (Triton's own ptxas, no GPU): what the interpreter cannot
+    check (types, layouts, the pipeliner). In a subprocess: this one runs the interpreter."""
+    import os
+    import subprocess
+    import sys
+    args = []
+    for name, paged in (("streaming", "0"), ("documents", "1")):
+        fname, text = texts[name]
+        (tmp_path / fname).write_text(text)
+        args += [str(tmp_path / fname), paged]
+    (tmp_path / "aot.py").write_text(_AOT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
+    r = subprocess.run([sys.executable, str(tmp_path / "aot.py"), *args], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("compiled") == 2
