@@ -225,6 +225,14 @@ class DecodePlan:
         self.splits = 1
         self._lock = threading.Lock()
         if backend == "triton":
+            if bounds.kernel_int64(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B,
+                                   q_offset=0, inputs=ins64, closed_form=self.closed_form,
+                                   block_m=16, block_n=256):
+                raise SpattnValueError(
+                    f"pattern {pattern.source!r} needs 64-bit integer arithmetic at the "
+                    f"positions of a cache of up to {bucket_len} keys (its constants or its "
+                    "runtime inputs' values): the decode kernel computes in 32 bits; call the "
+                    "pattern (pat(q, k, v)) or use the torch backend")
             self._build_triton(num_splits)
 
     def __repr__(self):
@@ -293,9 +301,7 @@ class DecodePlan:
             vs = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
             pages, stride_pages = page_table, page_table.stride(0)
         seq = seq_lens if seq_lens is not None else self.lse_part
-        cap = self.bucket if page_table is None else page_table.shape[1] * page_size
-        if page_table is None:
-            cap = k.shape[2]
+        cap = k.shape[2] if page_table is None else page_table.shape[1] * page_size
         args = _input_args(self.pattern, inputs, False)
         self.module.KERNEL[(self.groups, self.splits)](
             q, k, v, self.o_part, self.lse_part, *q.stride(), *ks, *vs,

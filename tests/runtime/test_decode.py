@@ -264,6 +264,19 @@ def test_triton_bucket_reuse_one_kernel():
 
 
 @interp
+def test_triton_refuses_64_bit_patterns_and_routing_falls_back():
+    """A pattern whose integers need 64 bits: decode says so; pat(q, k, v) runs it on the
+    normal path (64-bit kernels) with the reference's result."""
+    pat = spattn.compile("input doc\npattern documents = causal & same(doc)",
+                         backend="triton")
+    q, k, v = _qkv(L=300)
+    doc = (torch.arange(300) // 7) * (1 << 33)          # ids 2**33 apart: 32 bits alias them
+    with pytest.raises(SpattnValueError, match="64-bit integer arithmetic"):
+        pat.decode(q, k, v, num_splits=2, doc=doc)
+    _close("o", pat(q, k, v, doc=doc), attention_reference(q, k, v, pat.mask(1, 300, doc=doc))[0])
+
+
+@interp
 def test_triton_unchecked_lengths_are_clamped():
     """check=False: a length beyond the cache is clamped to it, never read out of bounds."""
     pat = spattn.compile("causal", backend="triton")
