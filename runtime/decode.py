@@ -50,6 +50,9 @@ ROUTE_MIN_LK = 256
 MIN_BUCKET = 256
 #: Capacities past which positions leave the kernels' 32-bit closed forms.
 MAX_CAPACITY = 1 << 30
+#: CPU: a key run of at least this many bytes of K and V gets its own kernel call (a view);
+#: shorter runs are copied together into one.
+VIEW_BYTES = 1 << 18
 #: Plans kept by :data:`DECODE_PLANS`.
 DECODE_PLANS_SIZE = 32
 
@@ -322,14 +325,15 @@ class DecodePlan:
     def run_torch(self, q, k, v, *, lens: list, q_shift: int, page_table, page_size,
                   scale: float, inputs: dict):
         """Per batch element (or once for all when they share everything): the allowed key
-        runs of the rows, the keys gathered (a view for one run of a contiguous cache), one
-        fused attention call with the query heads of a key head folded into its rows and an
-        additive mask only where some key of the runs is not allowed to every row.
+        runs of the rows; one fused attention call per long run of a contiguous cache (a
+        view, no copy) and one for the other runs copied together (or, paged, gathered
+        through the page table), each with the query heads of a key head folded into its
+        rows and an additive mask only where some key is not allowed to every row; the
+        calls' results merged through their log-sum-exps.
 
-        Copies and fills run below ATen's parallel grain (``runtime/cpu_ops.py``): a step is
-        one parallel region, the kernel call."""
-        from .cpu_ops import copy_, fill
-        from .torch_backend import _attend
+        Copies and fills run below ATen's parallel grain (``runtime/cpu_ops.py``): the
+        parallel regions of a step are its kernel calls."""
+        from .cpu_ops import fill
         B, Hq, Lq, D = q.shape
         Hk, G, dev = self.Hk, Hq // self.Hk, q.device
         shared = (page_table is None and len(set(lens)) == 1 and "b" not in self.uses
@@ -339,54 +343,85 @@ class DecodePlan:
         for b0, b1 in groups:
             nb, L = b1 - b0, lens[b0]
             runs, part, m_part = self._keys(L, L - Lq + q_shift, b0, inputs)
-            n = sum(z - a for a, z in runs)
-            if n == 0:
+            if not runs:
                 outs.append(torch.zeros((nb, Hq, Lq, D), dtype=q.dtype, device=dev))
                 lses.append(torch.full((nb, Hq, Lq), float("-inf"), device=dev))
                 continue
-            whole = b1 - b0 == B
-            if page_table is None and len(runs) == 1:
-                a, z = runs[0]
-                if whole and a == 0 and z == k.shape[2]:
-                    kb, vb = k, v
-                else:
-                    kb, vb = k[b0:b1, :, a:z], v[b0:b1, :, a:z]
-            elif page_table is None:
-                kb = torch.empty((nb, Hk, n, D), dtype=k.dtype, device=dev)
-                vb = torch.empty((nb, Hk, n, D), dtype=v.dtype, device=dev)
-                at = 0
-                for a, z in runs:
-                    copy_(kb[:, :, at:at + z - a], k[b0:b1, :, a:z])
-                    copy_(vb[:, :, at:at + z - a], v[b0:b1, :, a:z])
-                    at += z - a
+            whole = nb == B
+            if page_table is None:       # long runs: views; the others: one copied segment
+                per_key = Hk * D * k.element_size() * 2
+                big = [r for r in runs if len(runs) == 1 or (r[1] - r[0]) * per_key >= VIEW_BYTES]
+                small = [r for r in runs if r not in big]
+                segs = [[r] for r in big] + ([small] if small else [])
             else:
-                idx = torch.cat([torch.arange(a, z, device=dev) for a, z in runs])
-                phys = page_table[b0].to(torch.int64)[idx // page_size]
-                slot = idx % page_size
-                kb = k[phys, slot].permute(1, 0, 2).unsqueeze(0)     # [1, Hk, n, D]
-                vb = v[phys, slot].permute(1, 0, 2).unsqueeze(0)
+                segs = [runs]
+            order = [r for seg in segs for r in seg]
+            n = sum(z - a for a, z in order)
             qb = (q if whole else q[b0:b1]).reshape(nb, Hk, G * Lq, D)
-            add = empty = None
+            add = None
             if m_part is not None:          # [1 or Hq, Lq, n_part] over the keys of `part`
                 mk = m_part.reshape(Hk, G * Lq, -1) if m_part.shape[0] > 1 \
                     else m_part.repeat(1, G, 1)
                 add = fill((1, mk.shape[0], G * Lq, n), 0.0, q.dtype, dev)
-                cols = torch.cat([torch.arange(_column(runs, a), _column(runs, a) + z - a,
+                cols = torch.cat([torch.arange(_column(order, a), _column(order, a) + z - a,
                                                device=dev) for a, z in part])
                 add[0][:, :, cols] = torch.where(mk, 0.0, float("-inf")).to(q.dtype)
-                if not _has_full(runs, part):
-                    empty = ~m_part.any(-1)         # [1 or Hq, Lq]: rows with no key at all
-            ob, lb = _attend(qb, kb, vb, add, scale, False)
-            ob = ob.view(nb, Hq, Lq, D)
-            lb = lb.reshape(nb, Hq, Lq)
-            if empty is not None and bool(empty.any()):
-                ob = ob.masked_fill(empty.view(1, -1, Lq, 1), 0.0)
-                lb = lb.masked_fill(empty.view(1, -1, Lq), float("-inf"))
-            outs.append(ob)
-            lses.append(lb)
+            pieces, c0 = [], 0
+            for seg in segs:
+                w = sum(z - a for a, z in seg)
+                kb, vb = self._segment(k, v, seg, b0, b1, whole, page_table, page_size)
+                mseg = None if add is None else add[..., c0:c0 + w]
+                pieces.append(self._attend(qb, kb, vb, mseg, scale,
+                                           full=_overlap(seg, part) < w))
+                c0 += w
+            ob, lb = pieces[0] if len(pieces) == 1 else _merge_pieces(pieces)
+            outs.append(ob.view(nb, Hq, Lq, D))
+            lses.append(lb.reshape(nb, Hq, Lq))
         if len(outs) == 1:
             return outs[0], lses[0]
         return torch.cat(outs), torch.cat(lses)
+
+    @staticmethod
+    def _segment(k, v, seg, b0, b1, whole, page_table, page_size):
+        """K and V of the key runs ``seg`` ``[nb, Hk, n, D]``: a view of one run of a
+        contiguous cache, the runs copied (below the grain), or gathered from the pages."""
+        from .cpu_ops import copy_
+        if page_table is not None:
+            idx = _positions(seg, k.device)
+            phys = page_table[b0].to(torch.int64)[idx // page_size]
+            slot = idx % page_size
+            return (k[phys, slot].permute(1, 0, 2).unsqueeze(0),     # [1, Hk, n, D]
+                    v[phys, slot].permute(1, 0, 2).unsqueeze(0))
+        if len(seg) == 1:
+            a, z = seg[0]
+            if whole and a == 0 and z == k.shape[2]:
+                return k, v
+            return k[b0:b1, :, a:z], v[b0:b1, :, a:z]
+        n = sum(z - a for a, z in seg)
+        shape = (b1 - b0, k.shape[1], n, k.shape[3])
+        kb = torch.empty(shape, dtype=k.dtype, device=k.device)
+        vb = torch.empty(shape, dtype=v.dtype, device=v.device)
+        at = 0
+        for a, z in seg:
+            copy_(kb[:, :, at:at + z - a], k[b0:b1, :, a:z])
+            copy_(vb[:, :, at:at + z - a], v[b0:b1, :, a:z])
+            at += z - a
+        return kb, vb
+
+    @staticmethod
+    def _attend(qb, kb, vb, mask, scale, full: bool):
+        """One kernel call: ``(o [nb, Hk, G * Lq, D], lse [nb, Hk, G * Lq])`` with lse
+        ``-inf`` (and o 0) for rows whose mask allows no key (``full``: some key of the
+        segment is allowed to every row, so none is empty)."""
+        from .torch_backend import _attend
+        ob, lb = _attend(qb, kb, vb, mask, scale, False)
+        lb = lb.to(torch.float32)
+        if mask is not None and not full:
+            empty = torch.isneginf(mask).all(-1)             # [1, Hk or 1, G * Lq]
+            if bool(empty.any()):
+                ob = ob.masked_fill(empty.unsqueeze(-1), 0.0)
+                lb = lb.masked_fill(empty, float("-inf"))
+        return ob, lb
 
     def _keys(self, L: int, q_off: int, b: int, inputs: dict):
         """``(runs, part, m_part)``: the key runs ``[a, z)`` some row may see (sorted,
@@ -464,9 +499,24 @@ def _subtract(runs, full):
     return out
 
 
-def _has_full(runs, part) -> bool:
-    """Whether some key of ``runs`` lies outside ``part`` (a key every row sees)."""
-    return sum(z - a for a, z in runs) > sum(z - a for a, z in part)
+def _overlap(runs, other) -> int:
+    """The number of positions in both ``runs`` and ``other``."""
+    return sum(max(0, min(z, oz) - max(a, oa)) for a, z in runs for oa, oz in other)
+
+
+def _merge_pieces(pieces):
+    """Attention over the union of disjoint key sets from each set's ``(o, lse)``: weights
+    ``exp(lse_i - max)``; a row no set saw a key for stays 0 with lse ``-inf``."""
+    lse = torch.stack([lb for _, lb in pieces])
+    m = lse.amax(0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)
+    tot = w.sum(0)
+    o = sum(wi.unsqueeze(-1) * ob.to(torch.float32) for wi, (ob, _) in zip(w, pieces))
+    o = o / torch.where(tot > 0, tot, torch.ones_like(tot)).unsqueeze(-1)
+    out_lse = torch.where(tot > 0, m + torch.log(torch.where(tot > 0, tot, torch.ones_like(tot))),
+                          torch.full_like(tot, float("-inf")))
+    return o.to(pieces[0][0].dtype), out_lse
 
 
 def _merge(runs):

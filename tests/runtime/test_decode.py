@@ -9,6 +9,7 @@ closed-form and scanned patterns, fully masked rows, and the reuse of one plan a
 kernel across a growing cache.
 """
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -109,6 +110,14 @@ def _case(name, backend, *, B=2, Hq=4, Hk=2, Lq=1, cap=96, D=16, lens=None, page
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_torch_decode(name, Lq):
     _case(name, "torch", B=2, Hq=4, Hk=2, Lq=Lq, cap=300, D=32, lens=[300, 211])
+
+
+@pytest.mark.parametrize("Lq", [1, 7], ids=lambda n: f"Lq{n}")
+@pytest.mark.parametrize("name", ["streaming", "documents", "per-head", "odd-rows-masked"])
+def test_torch_decode_one_call_per_run(monkeypatch, name, Lq):
+    """Every key run its own kernel call (views), merged through the log-sum-exps."""
+    monkeypatch.setattr(dec, "VIEW_BYTES", 0)
+    _case(name, "torch", B=2, Hq=4, Hk=2, Lq=Lq, cap=300, D=32, lens=[300, 163])
 
 
 @pytest.mark.parametrize("name", ["causal", "streaming", "documents"])
@@ -315,11 +324,12 @@ def _random_case(src, backend, Hk, group, Lq, L, lens, seed, **kw):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(src=bool_exprs(), Hk=st.integers(1, 2), group=st.integers(1, 3), Lq=st.integers(1, 16),
        L=st.integers(16, 300), lens=st.lists(st.integers(0, 300), min_size=2, max_size=2),
-       seed=st.integers(0, 2 ** 31 - 1))
-def test_random_patterns_decode_torch(src, Hk, group, Lq, L, lens, seed):
-    """The CPU step's key runs (closed form or predicate) and masks against the reference,
-    with per-batch lengths: no allowed key is dropped, no masked key is used."""
-    _random_case(src, "torch", Hk, group, Lq, L, lens, seed)
+       seed=st.integers(0, 2 ** 31 - 1), views=st.booleans())
+def test_random_patterns_decode_torch(src, Hk, group, Lq, L, lens, seed, views):
+    """The CPU step's key runs (closed form or predicate), masks and merges against the
+    reference, with per-batch lengths: no allowed key is dropped, no masked key is used."""
+    with mock.patch.object(dec, "VIEW_BYTES", 0 if views else dec.VIEW_BYTES):
+        _random_case(src, "torch", Hk, group, Lq, L, lens, seed)
 
 
 @interp
