@@ -54,13 +54,18 @@ def log(*a):
 
 # ------------------------------------------------------------------ GPU
 
-def _flex_mask(name, L, off):
-    """The mask_mod of a pattern for one decode row at position ``off`` (a 0-dim tensor)."""
-    if name == "causal":
-        return lambda b, h, q, k: q + off >= k
-    if name == "window(4096)":
-        return lambda b, h, q, k: (q + off >= k) & (q + off - k < 4096)
-    return lambda b, h, q, k: (q + off >= k) & ((q + off - k < 4096) | (k < 4))
+#: (window, sinks) of each pattern for the one mask_mod all three share (one Flex compile
+#: per shape, not per pattern): causal is a window longer than any cache with no sinks
+FLEX_PARAMS = {"causal": (1 << 30, 0), "window(4096)": (4096, 0), "streaming": (4096, 4)}
+
+
+def _flex_mask(name, off):
+    """The mask_mod of a pattern for one decode row at position ``off`` (0-dim tensors)."""
+    w, s = (torch.tensor(x, device=off.device) for x in FLEX_PARAMS[name])
+
+    def mask_mod(b, h, q, k):
+        return (q + off >= k) & ((q + off - k < w) | (k < s))
+    return mask_mod
 
 
 def _flex():
@@ -144,7 +149,7 @@ def run_gpu(args):
                     plan = next(p for p in reversed(DECODE_PLANS._plans.values())
                                 if p.pattern == pat)
                     row.update(splits=plan.splits, pack=plan.pack, strategy=plan.config.strategy)
-                    bm = create_block_mask(_flex_mask(name, L, off), None, None, 1, L,
+                    bm = create_block_mask(_flex_mask(name, off), None, None, 1, L,
                                            device=dev)
                     fx = lambda: flex(q, k, v, block_mask=bm, enable_gqa=True)  # noqa: E731
                     ref = fx()
@@ -269,7 +274,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--rep", type=int, default=40, help="GPU: ms per do_bench measurement")
     p.add_argument("--reps", type=int, default=20, help="CPU: calls per round")
+    p.add_argument("--threads", type=int, default=0, help="CPU: torch threads (0: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     if args.cpu:
         rows = run_cpu(args)

@@ -35,3 +35,17 @@ def test_cpu_mode_runs_and_writes_json(bench, tmp_path, capsys):
     causal = [r for r in data["rows"] if r["pattern"] == "causal"]
     assert all(r["max_err_vs_sdpa"] < 1e-4 for r in causal)
     assert capsys.readouterr().out.splitlines()[0].startswith("| pattern | L |")
+
+
+@pytest.mark.parametrize("name", ["causal", "window(4096)", "streaming"])
+def test_flex_masks_are_the_patterns(bench, name):
+    """The rival's mask_mod (one for the three patterns) allows exactly the pattern's keys
+    of a decode row."""
+    import torch
+    import spattn
+    L = 9000
+    off = torch.tensor(L - 1)
+    got = bench._flex_mask(name, off)(0, 0, torch.zeros(1, 1, dtype=torch.int64),
+                                      torch.arange(L).view(1, -1))
+    want = spattn.compile(bench.PATTERNS[name]).mask(1, L)[0, 0]
+    assert torch.equal(got, want)
