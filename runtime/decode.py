@@ -28,8 +28,8 @@ tiny for decode) and runs one fused attention call on those keys.
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -226,7 +226,6 @@ class DecodePlan:
         self.pack = 1 if ("h" in uses or "H" in uses or per_head) else G
         self.config = self.module = None
         self.splits = 1
-        self._lock = threading.Lock()
         if backend == "triton":
             if bounds.kernel_int64(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B,
                                    q_offset=0, inputs=ins64, closed_form=self.closed_form,
@@ -388,7 +387,7 @@ class DecodePlan:
         from .cpu_ops import copy_
         if page_table is not None:
             idx = _positions(seg, k.device)
-            phys = page_table[b0].to(torch.int64)[idx // page_size]
+            phys = page_table[b0].to(torch.int64)[idx // page_size].clamp_(0, k.shape[0] - 1)
             slot = idx % page_size
             return (k[phys, slot].permute(1, 0, 2).unsqueeze(0),     # [1, Hk, n, D]
                     v[phys, slot].permute(1, 0, 2).unsqueeze(0))
