@@ -130,10 +130,12 @@ def test_torch_decode_batched_equal_lengths():
     _case("window", "torch", B=3, Hq=8, Hk=8, Lq=3, cap=400, D=64)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("name", ["causal", "streaming"])
-def test_call_routes_to_decode(name):
+def test_call_routes_to_decode(name, backend):
     dec.DECODE_PLANS.clear()
-    _case(name, "torch", B=1, Hq=8, Hk=2, Lq=1, cap=dec.ROUTE_MIN_LK + 40, D=32, via_call=True)
+    _case(name, backend, B=1, Hq=8, Hk=2, Lq=1, cap=dec.ROUTE_MIN_LK + 40, D=16,
+          via_call=True)
     assert len(dec.DECODE_PLANS) == 1
 
 
