@@ -650,8 +650,9 @@ def routes(q, k, v, q_offset=None) -> bool:
     ``torch.compile``."""
     if torch.compiler.is_compiling():
         return False
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
-        return False
+    if not all(isinstance(t, torch.Tensor) and t.layout is torch.strided and not t.is_nested
+               and not t.is_meta and t.dim() == 4 for t in (q, k, v)):
+        return False            # the normal path says what is wrong
     Lq, Lk = q.shape[2], k.shape[2]
     if not (Lq <= MAX_DECODE_Q and ROUTE_MIN_LK <= Lk < MAX_CAPACITY // 2 and Lk >= 4 * Lq):
         return False
