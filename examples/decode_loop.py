@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     dev = "cuda" if "--cuda" in argv else "cpu"
     g = torch.Generator(device=dev).manual_seed(0)
     B, Hq, Hk, D, cap, page = 2, 8, 2, 64, 1024, 64
-    pat = spattn.compile("causal & (window(W) | sink(4))", W=128)
+    pat = spattn.compile("causal & (window(W) | sink(4))", W=128,
+                         backend="triton" if dev == "cuda" else "torch")
     k_cache = torch.zeros(B, Hk, cap, D, device=dev)
     v_cache = torch.zeros(B, Hk, cap, D, device=dev)
     # pools with a shuffled page table: batch b's page p is pool page table[b, p]

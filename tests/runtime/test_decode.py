@@ -343,3 +343,13 @@ def test_random_patterns_decode_torch(src, Hk, group, Lq, L, lens, seed, views):
 def test_random_patterns_decode_triton(src, group, Lq, L, lens, seed):
     """The decode kernel's emitted closed form (or scan) on random patterns."""
     _random_case(src, "triton", 1, group, Lq, L, lens, seed, num_splits=2)
+
+
+def test_example_decode_loop_runs():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "decode_loop.py"
+    spec = importlib.util.spec_from_file_location("decode_loop", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([]) == 0
