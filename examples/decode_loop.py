@@ -1,6 +1,6 @@
 """A decode loop with spattn: a growing KV cache, contiguous and paged, checked as it goes.
 
-    python examples/decode_loop.py
+    python examples/decode_loop.py [--cuda] [--steps N]
 
 1. a StreamingLLM pattern (window plus sinks) decoding 40 steps against a preallocated
    contiguous cache ``[B, Hk, capacity, D]``, each batch element at its own length
@@ -27,6 +27,7 @@ from spattn.runtime.reference import attention_reference
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     dev = "cuda" if "--cuda" in argv else "cpu"
+    steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 40
     g = torch.Generator(device=dev).manual_seed(0)
     B, Hq, Hk, D, cap, page = 2, 8, 2, 64, 1024, 64
     pat = spattn.compile("causal & (window(W) | sink(4))", W=128,
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
         c[table.view(-1).long()] = t.view(B, Hk, n, page, D).permute(0, 2, 3, 1, 4) \
             .reshape(B * n, page, Hk, D)
     worst = 0.0
-    for step in range(40):
+    for step in range(steps):
         # the new token's key and value, appended at each sequence's end
         kn = torch.randn(B, Hk, D, generator=g, device=dev)
         vn = torch.randn(B, Hk, D, generator=g, device=dev)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
                                          pat.mask(1, L, num_heads=Hq, device=dev))
             for got in (o, o_paged):
                 worst = max(worst, float((got[b:b + 1].double() - ref).abs().max()))
-    print(f"40 decode steps, lengths now {lens.tolist()}: largest error {worst:.2e}")
+    print(f"{steps} decode steps, lengths now {lens.tolist()}: largest error {worst:.2e}")
     for plan in DECODE_PLANS._plans.values():
         print(" ", plan)
     ok = worst < 1e-4 if dev == "cpu" else worst < 1e-2

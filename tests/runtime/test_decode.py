@@ -352,4 +352,4 @@ def test_example_decode_loop_runs():
     spec = importlib.util.spec_from_file_location("decode_loop", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main([]) == 0
+    assert mod.main(["--steps", "8"]) == 0
