@@ -365,6 +365,32 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
                    floor_helpers=HELPERS if dkdv.helpers or dq.helpers else "")
 
 
+def render_decode(pattern, config, key: str, closed_form=None) -> str:
+    """The decode module (``codegen/templates/decode.py.j2``): the split-K kernel over the
+    key tiles of a few query rows and the kernel that combines the splits.
+
+    ``config``: a :class:`spattn.runtime.decode.DecodeConfig` (``strategy`` "ranges" with
+    the closed form's row intervals, or "scan"). Every piece of every interval becomes one
+    slot of a single loop (the tiles are numbered across pieces, so a split is a range of
+    that numbering).
+    """
+    plan = None
+    if config.strategy == "ranges":
+        if closed_form is None:
+            raise ValueError("the ranges strategy needs the pattern's closed form")
+        plan = _ranges_plan(closed_form.rows, prefix="r", env=dict(ENV, qs="qs", qe="qe"),
+                            length="Lk", block="BLOCK_N", shift="0", unit="keys", merge=True,
+                            int64=False)
+    data = _kernel_data(pattern, config, "k", plan)
+    pieces = sum(len(iv.pieces) for iv in plan.intervals) if plan else 1
+    key6 = key[:6]
+    names = {"split": f"attn_decode_{ident(pattern.name)}_{key6}",
+             "combine": f"attn_decode_combine_{ident(pattern.name)}_{key6}"}
+    return _render("decode.py.j2", pattern=pattern, config=config, key=key, names=names,
+                   data=data, plan=plan, pieces=pieces,
+                   floor_helpers=HELPERS if data.helpers else "")
+
+
 def render(pattern, kind: str, config, key: str, closed_form=None) -> str:
     """Source text of the ``kind`` ("fwd" or "bwd") module of ``pattern``."""
     if config.strategy == "ranges" and closed_form is None:

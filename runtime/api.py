@@ -63,6 +63,7 @@ from ..dsl.errors import (MAX_INT, SpattnBackendError, SpattnInputError, SpattnP
                           SpattnValueError, short_repr)
 from ..ir.evaluate import query_offset as _query_offset
 from . import autograd as _ag
+from . import decode as _decode
 from . import usage as _usage
 from .plan import PLANS, Plan, build_plan
 from .settings import getenv
@@ -333,6 +334,12 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
         return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
             _usage.from_bhsd(layout, out)
+    if plan is None and _decode.routes(q, k, v, q_offset):  # few queries, many keys: docs/decode.md
+        out = _decode.call_routed(pattern, q, k, v, scale=scale, return_lse=return_lse,
+                                  q_offset=q_offset, inputs=inputs)
+        if out is not None:
+            return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
+                _usage.from_bhsd(layout, out)
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:

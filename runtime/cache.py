@@ -640,6 +640,39 @@ def load_with_form(pattern, kind: str = "fwd", **options):
     return mod, config, cf
 
 
+def load_generated(name: str, key: str, render):
+    """The module of another generated kernel family (``name``: its file name, ``key``: its
+    32-hex key, ``render()``: its text without the header), kept like the attention kernels:
+    verified on disk, rendered and written when missing or invalid, imported once."""
+    fast = (_settings.getenv("SPATTN_CACHE_DIR"), "generated", key, name)
+    with _lock:
+        spath = _paths.get(fast)
+        mod = None if spath is None else _modules.get(spath)
+        if mod is not None:
+            return mod
+
+    def invalid(path, reason, instead):
+        warnings.warn(f"spattn: kernel cache file {path} is invalid ({reason}); "
+                      + (f"using {instead}" if instead else "regenerating it"), RuntimeWarning,
+                      stacklevel=5)
+        _modules.pop(path, None)
+
+    with _lock:
+        found = read_entry(name, lambda text: _check(text, key), invalid)
+        if found is not None:
+            spath, text = found
+        else:
+            body = render()
+            text = f"{HEADER_PREFIX}key={key} sha256={_digest(body)}\n{body}"
+            spath = write_entry(name, text, "kernel cache file")
+        mod = _modules.get(spath)
+        if mod is None:
+            mod = _import(f"spattn_kernels.{pathlib.PurePath(spath).stem}", spath, text)
+            _modules[spath] = mod
+        _paths[fast] = spath
+    return mod
+
+
 def clear_memory() -> None:
     """Forget imported modules, memoised configurations and the cache locations chosen (the
     files stay on disk; the next lookup probes the directories again, and reads ``$HOME``

@@ -119,6 +119,25 @@ class Pattern(CompiledPattern):
         return call(self, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
                     inputs=inputs, plan=plan, layout=layout)
 
+    def decode(self, q, k_cache, v_cache, *, seq_lens=None, page_table=None,
+               scale: float | None = None, q_offset: int | None = None,
+               return_lse: bool = False, check: bool = True, num_splits: int | None = None,
+               **inputs):
+        """One decode step: q ``[B, Hq, Lq, D]`` (``Lq <= 16``) against a KV cache.
+
+        Contiguous cache: k_cache, v_cache ``[B, Hk, L, D]``, batch element ``b`` using its
+        first ``seq_lens[b]`` keys (all ``L`` when None). Paged cache: pools
+        ``[num_pages, page_size, Hk, D]`` and ``page_table`` ``[B, max_pages]``, with
+        ``seq_lens`` required. Query row ``i`` sits at position ``seq_lens[b] - Lq + i``.
+        ``check=False`` skips the host checks of ``seq_lens`` and ``page_table`` (no device
+        synchronisation: CUDA graphs). ``num_splits``: splits of the keys on Triton (default:
+        enough programs to fill the device). Inference only. See ``docs/decode.md``.
+        """
+        from .runtime.decode import decode
+        return decode(self, q, k_cache, v_cache, seq_lens=seq_lens, page_table=page_table,
+                      scale=scale, q_offset=q_offset, return_lse=return_lse, check=check,
+                      num_splits=num_splits, **inputs)
+
     def plan(self, q, k, v, *, scale: float | None = None, q_offset: int | None = None,
              backward: bool | None = None, layout: str | None = None, **inputs):
         """Everything a call with these tensors needs, resolved once: a

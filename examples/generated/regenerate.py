@@ -5,7 +5,9 @@
 Writes the forward kernels of three patterns and the backward kernels of the
 first, exactly as the kernel cache would (GPU defaults: bf16, head dim 128),
 into this folder; and the first one's forward once more as the autotuner picks it on
-an H200 (64 x 64 tiles, fused loop) with the TMA loads that Hopper gets by default.  The "ranges" example uses ``ir.ranges.closed_form`` when the
+an H200 (64 x 64 tiles, fused loop) with the TMA loads that Hopper gets by default; and the
+decode modules (split-K kernel + combine, ``docs/decode.md``) of the first pattern (closed
+form) and of documents (scanned).  The "ranges" example uses ``ir.ranges.closed_form`` when the
 analysis provides one, else the closed form written out below.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import spattn  # noqa: E402
 from spattn.ir.ranges import Interval  # noqa: E402
 from spattn.codegen.config import get_closed_form, ranges_ok  # noqa: E402
 from spattn.ir import build as B  # noqa: E402
-from spattn.runtime import cache  # noqa: E402
+from spattn.runtime import cache, decode  # noqa: E402
 
 
 def streaming_cf(W: int, S: int):
@@ -53,6 +55,9 @@ EXAMPLES = [
      dict(block_m=64, block_n=64, num_warps=4, num_stages=3, loop="fused", tma=True)),
 ]
 
+#: decode modules (split-K kernel + combine): a closed form, and a scanned pattern
+DECODE_EXAMPLES = [STREAMING, spattn.compile("input doc\npattern documents = causal & same(doc)")]
+
 
 def main() -> int:
     tmp = tempfile.mkdtemp(prefix="spattn-examples-")
@@ -69,6 +74,11 @@ def main() -> int:
                                          strategy=strategy, closed_form=cf, **opts)
                 shutil.copy(path, HERE / path.name)
                 print(f"{kind:3s} {pattern.name:16s} {strategy:6s} -> {path.name}")
+        for pattern in DECODE_EXAMPLES:
+            name, text = decode.kernel_text(pattern, head_dim=128, dtype="bf16",
+                                            device="cuda")
+            (HERE / name).write_text(text)
+            print(f"dec {pattern.name:16s} {text.split('Strategy: ')[1].split()[0]:6s} -> {name}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -1,0 +1,731 @@
+"""Decode: a few query rows (``Lq <= 16``) against a long, growing, optionally paged KV cache.
+
+``Pattern.decode(q, k_cache, v_cache, seq_lens=..., page_table=...)`` lands in
+:func:`decode`; ``Pattern.__call__`` lands in :func:`call_routed` when :func:`routes` says
+so (``docs/decode.md`` has the rule). Both backends run the same semantics as a call of the
+pattern: query row ``i`` of batch ``b`` sits at position ``len_b - Lq + i`` (bottom-right
+alignment; with a contiguous cache and no ``seq_lens`` a ``q_offset`` may move it), key
+``j < len_b`` at position ``j``, and a row with no allowed key gives 0 (lse ``-inf``).
+
+Caches:
+
+* contiguous: ``k_cache``, ``v_cache`` ``[B, Hk, L, D]`` (any strides); every batch element
+  uses its first ``seq_lens[b]`` keys (``L`` when ``seq_lens`` is None);
+* paged: pools ``[num_pages, page_size, Hk, D]`` and ``page_table`` ``[B, max_pages]``
+  (int32 or int64): key ``j`` of batch ``b`` is slot ``j % page_size`` of page
+  ``page_table[b, j // page_size]``; ``seq_lens`` ``[B]`` is required.
+
+A :class:`DecodePlan` is keyed by a *length bucket* (the next power of two of the cache's
+capacity, at least 256) instead of the length: the lengths are runtime arguments, so a
+growing cache reuses one plan, one kernel file and one compiled kernel per bucket. On the
+Triton backend a step is two launches (the split-K kernel and the combine) on buffers the
+plan holds, with no host synchronisation (``check=False``) and no allocation that depends on
+the length: it can be captured in a CUDA graph (lengths then come from ``seq_lens``, a
+device tensor, since scalar arguments are frozen at capture). On the CPU a step computes
+the allowed key runs of the rows (closed form, or the predicate over the keys: O(Lq * Lk),
+tiny for decode) and runs one fused attention call on those keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..dsl.errors import SpattnInputError, SpattnParamError, SpattnValueError
+from ..ir.evaluate import evaluate
+from ..ir.inputs import validate_inputs
+
+__all__ = ["decode", "routes", "call_routed", "DecodePlan", "DecodeConfig", "DECODE_PLANS",
+           "MAX_DECODE_Q", "ROUTE_MIN_LK", "bucket"]
+
+#: Most query rows the decode path takes.
+MAX_DECODE_Q = 16
+#: ``Pattern.__call__`` routes to the decode path from this many keys on.
+ROUTE_MIN_LK = 256
+#: The smallest length bucket.
+MIN_BUCKET = 256
+#: Capacities past which positions leave the kernels' 32-bit closed forms.
+MAX_CAPACITY = 1 << 30
+#: CPU: a key run of at least this many bytes of K and V gets its own kernel call (a view);
+#: shorter runs are copied together into one.
+VIEW_BYTES = 1 << 18
+#: Plans kept by :data:`DECODE_PLANS`.
+DECODE_PLANS_SIZE = 32
+
+
+def bucket(length: int) -> int:
+    """The length bucket of a cache of ``length`` keys: the next power of two, >= 256."""
+    return max(MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """What the decode module is rendered for (part of its cache key)."""
+
+    strategy: str       # "ranges" (closed form of the decode rows) or "scan"
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    dtype: str
+    int64: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ arguments
+
+def _is_int_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() \
+        and t.dtype != torch.bool
+
+
+def _check_layout(q, k_cache, v_cache, page_table):
+    """``(B, Hq, Hk, Lq, D, capacity, page_size, num_pages)`` of checked arguments."""
+    from .api import DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, validate
+    if page_table is None:
+        validate(q, k_cache, v_cache)
+        B, Hq, Lq, D = q.shape
+        Hk, cap = k_cache.shape[1], k_cache.shape[2]
+        page_size, num_pages = 0, 0
+    else:
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.layout is not torch.strided \
+                    or t.is_nested or t.is_meta:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                want = "[B, Hq, Lq, D]" if name == "q" else "[num_pages, page_size, Hk, D]"
+                raise SpattnInputError(f"{name} must be a dense 4-D tensor {want} with data, "
+                                       f"got {shape}")
+        B, Hq, Lq, D = q.shape
+        if tuple(v_cache.shape) != tuple(k_cache.shape):
+            raise SpattnInputError(f"k_cache and v_cache must have the same shape "
+                                   f"[num_pages, page_size, Hk, D]: k_cache has "
+                                   f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+        num_pages, page_size, Hk, Dk = k_cache.shape
+        if min(B, Hq, Lq, num_pages, page_size, Hk) < 1:
+            raise SpattnInputError(f"empty tensors: q has shape {tuple(q.shape)}, the pools "
+                                   f"{tuple(k_cache.shape)}")
+        if Dk != D:
+            raise SpattnInputError(f"the pools' head dim must be q's: q has shape "
+                                   f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+        if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+            raise SpattnInputError(f"head dim D must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, "
+                                   f"got {D} (q has shape {tuple(q.shape)})")
+        if Hq % Hk:
+            raise SpattnInputError(f"the number of query heads must be a multiple of the number "
+                                   f"of key/value heads: q has {Hq} (shape {tuple(q.shape)}), the "
+                                   f"pools {Hk} (shape {tuple(k_cache.shape)})")
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.device != q.device or t.dtype != q.dtype:
+                raise SpattnInputError(f"{name} ({t.dtype} on {t.device}) must have q's dtype "
+                                       f"and device ({q.dtype} on {q.device})")
+        if q.dtype not in DTYPES:
+            raise SpattnInputError(f"q has dtype {q.dtype}; supported dtypes are float16, "
+                                   "bfloat16 and float32")
+        if not _is_int_tensor(page_table) or page_table.dim() != 2 \
+                or page_table.shape[0] != B or page_table.shape[1] < 1:
+            what = (f"shape {tuple(page_table.shape)}, dtype {page_table.dtype}"
+                    if isinstance(page_table, torch.Tensor) else type(page_table).__name__)
+            raise SpattnInputError(f"page_table must be an integer tensor [B, max_pages] with "
+                                   f"B = {B} (q has shape {tuple(q.shape)}), got {what}")
+        if page_table.device != q.device:
+            raise SpattnInputError(f"page_table is on {page_table.device} but q is on "
+                                   f"{q.device}")
+        cap = page_table.shape[1] * page_size
+    if Lq > MAX_DECODE_Q:
+        raise SpattnInputError(f"decode takes at most {MAX_DECODE_Q} query rows, q has {Lq} "
+                               f"(shape {tuple(q.shape)}): call the pattern (pat(q, k, v)) "
+                               "for longer queries")
+    if cap >= MAX_CAPACITY:
+        raise SpattnValueError(f"the cache holds {cap} positions; decode takes fewer than "
+                               f"2**30")
+    return B, Hq, Hk, Lq, D, cap, page_size, num_pages
+
+
+def _check_seq_lens(seq_lens, B, Lq, cap, device, check: bool):
+    if seq_lens is None:
+        return None
+    if not _is_int_tensor(seq_lens) or tuple(seq_lens.shape) != (B,):
+        what = (f"shape {tuple(seq_lens.shape)}, dtype {seq_lens.dtype}"
+                if isinstance(seq_lens, torch.Tensor) else type(seq_lens).__name__)
+        raise SpattnInputError(f"seq_lens must be an integer tensor [B] with B = {B}, got {what}")
+    if seq_lens.device != device:
+        raise SpattnInputError(f"seq_lens is on {seq_lens.device} but q is on {device}")
+    if check:
+        lo, hi = (int(x) for x in torch.stack([seq_lens.min(), seq_lens.max()]).tolist())
+        if lo < Lq or hi > cap:
+            raise SpattnValueError(f"seq_lens holds values {lo}..{hi}; each must be in "
+                                   f"[Lq, capacity] = [{Lq}, {cap}] (the cache holds the "
+                                   "queries' own keys)")
+    return seq_lens
+
+
+def _check_pages(page_table, seq_lens, page_size, num_pages):
+    """Every page a sequence uses is in [0, num_pages) (one host synchronisation)."""
+    used = torch.arange(page_table.shape[1], device=page_table.device).view(1, -1) \
+        < ((seq_lens.to(torch.int64) + page_size - 1) // page_size).view(-1, 1)
+    if not bool(used.any()):
+        return
+    vals = page_table[used]
+    lo, hi = (int(x) for x in torch.stack([vals.min(), vals.max()]).tolist())
+    if lo < 0 or hi >= num_pages:
+        raise SpattnValueError(f"page_table holds page {lo if lo < 0 else hi} among the pages "
+                               f"the sequences use; the pools have pages 0..{num_pages - 1}")
+
+
+def _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift):
+    """The runtime inputs cover every position of the step (queries and keys in
+    ``[0, cap)``, or the rows at ``q_offset`` when one is given), and the pattern's integers
+    stay exact there (a host-only check for affine input indices)."""
+    from ..ir import bounds
+    from ..ir.intervals import check_input_bounds
+    if ins:
+        check_input_bounds(pattern, ins, cap, cap, num_heads=Hq, batch=B, q_offset=0)
+    if q_shift:
+        off = cap - Lq + q_shift
+        if ins:
+            check_input_bounds(pattern, ins, Lq, cap, num_heads=Hq, batch=B, q_offset=off)
+        bounds.check_call(pattern, Lq, cap, num_heads=Hq, batch=B, q_offset=off, inputs=ins)
+
+
+# ------------------------------------------------------------------ plans
+
+class DecodePlan:
+    """A decode step's resolved work for one length bucket: the checks on the pattern's
+    integers and inputs over the bucket, the closed form, the query-head packing, and on the
+    Triton backend the kernel module, the number of splits and the split buffers
+    ``[B * Hq // pack, splits, BLOCK_M, BLOCK_D]`` (fp32) and ``[..., BLOCK_M]``.
+
+    Attributes: ``pattern``, ``backend``, ``bucket`` (the capacity it serves: any length up
+    to it), ``pack`` (query heads per tile), ``splits``, ``config``, ``module``.
+    """
+
+    def __init__(self, pattern, backend, *, B, Hq, Hk, Lq, D, dtype, device, bucket_len,
+                 paged, inputs, num_splits=None):
+        from ..codegen.config import get_closed_form, ranges_ok
+        from ..ir import bounds
+        self.pattern, self.backend = pattern, backend
+        self.B, self.Hq, self.Hk, self.Lq, self.D = B, Hq, Hk, Lq, D
+        self.dtype, self.device = dtype, device
+        self.bucket, self.paged = bucket_len, paged
+        # positions of any step in the bucket: queries and keys in [0, bucket)
+        ins64 = {n: t.to(torch.int64) for n, t in inputs.items()}
+        bounds.check_call(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B, q_offset=0,
+                          inputs=ins64)
+        cf = get_closed_form(pattern)
+        self.closed_form = cf if cf is not None and ranges_ok(cf) else None
+        self.uses = uses = _variables(pattern.ir)
+        per_head = any(t.dim() - nd >= 2 and t.shape[1] > 1
+                       for (n, nd), t in ((x, inputs[x[0]]) for x in pattern.inputs.items()))
+        G = Hq // Hk
+        self.pack = 1 if ("h" in uses or "H" in uses or per_head) else G
+        self.config = self.module = None
+        self.splits = 1
+        if backend == "triton":
+            if bounds.kernel_int64(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B,
+                                   q_offset=0, inputs=ins64, closed_form=self.closed_form,
+                                   block_m=16, block_n=256):
+                raise SpattnValueError(
+                    f"pattern {pattern.source!r} needs 64-bit integer arithmetic at the "
+                    f"positions of a cache of up to {bucket_len} keys (its constants or its "
+                    "runtime inputs' values): the decode kernel computes in 32 bits; call the "
+                    "pattern (pat(q, k, v)) or use the torch backend")
+            self._build_triton(num_splits)
+
+    def __repr__(self):
+        return (f"DecodePlan({self.pattern.source!r}, {self.backend}, B={self.B}, "
+                f"Hq={self.Hq}, Hk={self.Hk}, Lq={self.Lq}, D={self.D}, bucket={self.bucket}, "
+                f"paged={self.paged}, pack={self.pack}, splits={self.splits}, "
+                f"strategy={self.config.strategy if self.config else 'cpu'})")
+
+    # -- Triton --------------------------------------------------------------
+    def _build_triton(self, num_splits):
+        from .api import _interpret
+        self.config = default_config(self.closed_form, self.D, self.dtype, _interpret())
+        block_d = self.config.block_d
+        self.module = load_module(self.pattern, self.config, self.closed_form, self.device)
+        self.block_m = max(16, 1 << (self.pack * self.Lq - 1).bit_length())
+        groups = self.B * self.Hq // self.pack
+        if num_splits is None:
+            most = max(1, self._tiles_at_bucket() // 4)          # >= 4 tiles per split
+            if self.device.type == "cuda":
+                sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+                want = max(1, -(-2 * sms // groups))
+            else:
+                want = 4
+            num_splits = min(want, most, 128)
+        self.splits = 1 << max(0, int(num_splits) - 1).bit_length()
+        self.groups = groups
+        self.o_part = torch.empty((groups, self.splits, self.block_m, block_d),
+                                  dtype=torch.float32, device=self.device)
+        self.lse_part = torch.empty((groups, self.splits, self.block_m), dtype=torch.float32,
+                                    device=self.device)
+
+    def _tiles_at_bucket(self) -> int:
+        """Key tiles the rows of a step at the bucket's full length visit (for sizing the
+        splits; the kernel computes the real count per step)."""
+        n = -(-self.bucket // self.config.block_n)
+        cf = self.closed_form
+        if cf is None:
+            return n
+        qe = self.bucket - 1
+        env = {"qs": qe - self.Lq + 1, "qe": qe, "Lq": self.Lq, "Lk": self.bucket,
+               "H": self.Hq, "h": 0, "b": 0}
+        total = 0
+        try:
+            for iv in cf.rows:
+                lo = 0 if iv.lo is None else max(0, int(evaluate(iv.lo, env)))
+                hi = self.bucket - 1 if iv.hi is None else min(self.bucket - 1,
+                                                               int(evaluate(iv.hi, env)))
+                if hi >= lo:
+                    total += hi // self.config.block_n - lo // self.config.block_n + 1
+        except Exception:       # a bound the host cannot evaluate alone: size for all tiles
+            return n
+        return max(1, min(n, total))
+
+    def run_triton(self, q, k, v, *, lk: int, q_shift: int, seq_lens, page_table, page_size,
+                   num_pages, scale: float, inputs: dict):
+        from .triton_backend import _dot_prec, _input_args
+        B, Hq, Lq, D = q.shape
+        o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+        if page_table is None:
+            ks = (k.stride(0), k.stride(1), k.stride(2), k.stride(3))
+            vs = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
+            pages, stride_pages = self.lse_part, 0
+        else:   # pools [num_pages, page_size, Hk, D]: page, head, slot, dim
+            ks = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
+            vs = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
+            pages, stride_pages = page_table, page_table.stride(0)
+        seq = seq_lens if seq_lens is not None else self.lse_part
+        cap = k.shape[2] if page_table is None else page_table.shape[1] * page_size
+        args = _input_args(self.pattern, inputs, False)
+        self.module.KERNEL[(self.groups, self.splits)](
+            q, k, v, self.o_part, self.lse_part, *q.stride(), *ks, *vs,
+            pages, stride_pages, max(1, num_pages), seq, *args,
+            scale * 1.4426950408889634, Hq, Hq // self.Hk, Lq, lk, q_shift, cap,
+            PACK=self.pack, NUM_SPLITS=self.splits, PAGE_SIZE=max(1, page_size),
+            PAGED=page_table is not None, HAS_SEQ=seq_lens is not None,
+            BLOCK_M=self.block_m, BLOCK_N=self.config.block_n, BLOCK_D=self.config.block_d,
+            HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype), num_warps=self.config.num_warps,
+            num_stages=self.config.num_stages)
+        self.module.COMBINE[(self.groups, self.pack * Lq)](
+            self.o_part, self.lse_part, o, lse, *o.stride(), Hq, Lq,
+            PACK=self.pack, NUM_SPLITS=self.splits, BLOCK_M=self.block_m,
+            BLOCK_D=self.config.block_d, HEAD_DIM=D, num_warps=4)
+        return o, lse
+
+    # -- CPU -----------------------------------------------------------------
+    def run_torch(self, q, k, v, *, lens: list, q_shift: int, page_table, page_size,
+                  scale: float, inputs: dict):
+        """Per batch element (or once for all when they share everything): the allowed key
+        runs of the rows; one fused attention call per long run of a contiguous cache (a
+        view, no copy) and one for the other runs copied together (or, paged, gathered
+        through the page table), each with the query heads of a key head folded into its
+        rows and an additive mask only where some key is not allowed to every row; the
+        calls' results merged through their log-sum-exps.
+
+        Copies and fills run below ATen's parallel grain (``runtime/cpu_ops.py``): the
+        parallel regions of a step are its kernel calls."""
+        from .cpu_ops import fill
+        B, Hq, Lq, D = q.shape
+        Hk, G, dev = self.Hk, Hq // self.Hk, q.device
+        shared = (page_table is None and len(set(lens)) == 1 and "b" not in self.uses
+                  and all(inputs[n].dim() == nd for n, nd in self.pattern.inputs.items()))
+        groups = [(0, B)] if shared else [(b, b + 1) for b in range(B)]
+        outs, lses = [], []
+        for b0, b1 in groups:
+            nb, L = b1 - b0, lens[b0]
+            runs, part, m_part = self._keys(L, L - Lq + q_shift, b0, inputs)
+            if not runs:
+                outs.append(torch.zeros((nb, Hq, Lq, D), dtype=q.dtype, device=dev))
+                lses.append(torch.full((nb, Hq, Lq), float("-inf"), device=dev))
+                continue
+            whole = nb == B
+            if page_table is None:       # long runs: views; the others: one copied segment
+                per_key = Hk * D * k.element_size() * 2
+                big = [r for r in runs if len(runs) == 1 or (r[1] - r[0]) * per_key >= VIEW_BYTES]
+                small = [r for r in runs if r not in big]
+                segs = [[r] for r in big] + ([small] if small else [])
+            else:
+                segs = [runs]
+            order = [r for seg in segs for r in seg]
+            n = sum(z - a for a, z in order)
+            qb = (q if whole else q[b0:b1]).reshape(nb, Hk, G * Lq, D)
+            add = None
+            if m_part is not None:          # [1 or Hq, Lq, n_part] over the keys of `part`
+                mk = m_part.reshape(Hk, G * Lq, -1) if m_part.shape[0] > 1 \
+                    else m_part.repeat(1, G, 1)
+                add = fill((1, mk.shape[0], G * Lq, n), 0.0, q.dtype, dev)
+                cols = torch.cat([torch.arange(_column(order, a), _column(order, a) + z - a,
+                                               device=dev) for a, z in part])
+                add[0][:, :, cols] = torch.where(mk, 0.0, float("-inf")).to(q.dtype)
+            pieces, c0 = [], 0
+            for seg in segs:
+                w = sum(z - a for a, z in seg)
+                kb, vb = self._segment(k, v, seg, b0, b1, whole, page_table, page_size)
+                mseg = None if add is None else add[..., c0:c0 + w]
+                pieces.append(self._attend(qb, kb, vb, mseg, scale,
+                                           full=_overlap(seg, part) < w))
+                c0 += w
+            ob, lb = pieces[0] if len(pieces) == 1 else _merge_pieces(pieces)
+            outs.append(ob.view(nb, Hq, Lq, D))
+            lses.append(lb.reshape(nb, Hq, Lq))
+        if len(outs) == 1:
+            return outs[0], lses[0]
+        return torch.cat(outs), torch.cat(lses)
+
+    @staticmethod
+    def _segment(k, v, seg, b0, b1, whole, page_table, page_size):
+        """K and V of the key runs ``seg`` ``[nb, Hk, n, D]``: a view of one run of a
+        contiguous cache, the runs copied (below the grain), or gathered from the pages."""
+        from .cpu_ops import copy_
+        if page_table is not None:
+            idx = _positions(seg, k.device)
+            phys = page_table[b0].to(torch.int64)[idx // page_size].clamp_(0, k.shape[0] - 1)
+            slot = idx % page_size
+            return (k[phys, slot].permute(1, 0, 2).unsqueeze(0),     # [1, Hk, n, D]
+                    v[phys, slot].permute(1, 0, 2).unsqueeze(0))
+        if len(seg) == 1:
+            a, z = seg[0]
+            if whole and a == 0 and z == k.shape[2]:
+                return k, v
+            return k[b0:b1, :, a:z], v[b0:b1, :, a:z]
+        n = sum(z - a for a, z in seg)
+        shape = (b1 - b0, k.shape[1], n, k.shape[3])
+        kb = torch.empty(shape, dtype=k.dtype, device=k.device)
+        vb = torch.empty(shape, dtype=v.dtype, device=v.device)
+        at = 0
+        for a, z in seg:
+            copy_(kb[:, :, at:at + z - a], k[b0:b1, :, a:z])
+            copy_(vb[:, :, at:at + z - a], v[b0:b1, :, a:z])
+            at += z - a
+        return kb, vb
+
+    @staticmethod
+    def _attend(qb, kb, vb, mask, scale, full: bool):
+        """One kernel call: ``(o [nb, Hk, G * Lq, D], lse [nb, Hk, G * Lq])`` with lse
+        ``-inf`` (and o 0) for rows whose mask allows no key (``full``: some key of the
+        segment is allowed to every row, so none is empty)."""
+        from .torch_backend import _attend
+        ob, lb = _attend(qb, kb, vb, mask, scale, False)
+        lb = lb.to(torch.float32)
+        if mask is not None and not full:
+            empty = torch.isneginf(mask).all(-1)             # [1, Hk or 1, G * Lq]
+            if bool(empty.any()):
+                ob = ob.masked_fill(empty.unsqueeze(-1), 0.0)
+                lb = lb.masked_fill(empty, float("-inf"))
+        return ob, lb
+
+    def _keys(self, L: int, q_off: int, b: int, inputs: dict):
+        """``(runs, part, m_part)``: the key runs ``[a, z)`` some row may see (sorted,
+        disjoint), the runs within them where not every row sees every key, and the pattern
+        there as bool ``[1 or Hq, Lq, n_part]`` (None when ``part`` is empty)."""
+        Lq, Hq = self.Lq, self.Hq
+        cf = self.closed_form
+        runs = full = None
+        if cf is not None and "h" not in self.uses:
+            env = {"qs": q_off, "qe": q_off + Lq - 1, "Lq": Lq, "Lk": L, "H": Hq, "b": b}
+            try:
+                runs, full = [], []
+                for iv in cf.rows:
+                    lo = 0 if iv.lo is None else max(0, int(evaluate(iv.lo, env)))
+                    hi = L - 1 if iv.hi is None else min(L - 1, int(evaluate(iv.hi, env)))
+                    if hi >= lo:
+                        runs.append((lo, hi + 1))
+                    if iv.flo is not None and iv.fhi is not None:
+                        flo = max(0, int(evaluate(iv.flo, env)))
+                        fhi = min(L - 1, int(evaluate(iv.fhi, env)))
+                        if fhi >= flo:
+                            full.append((flo, fhi + 1))
+                runs, full = _merge(runs), _merge(full)
+            except (TypeError, ValueError, KeyError):
+                runs = full = None
+        if runs is None:                     # the predicate over all keys: O(Lq * L)
+            m = self._predicate(torch.arange(L, device=self.device), q_off, L, b, inputs)
+            runs = _runs(m.any(0).any(0))
+            if not runs:
+                return [], [], None
+            m = m[..., _positions(runs, self.device)]
+            return (runs, [], None) if bool(m.all()) else (runs, runs, m)
+        part = _subtract(runs, full)
+        if not part:
+            return runs, [], None
+        m = self._predicate(_positions(part, self.device), q_off, L, b, inputs)
+        return (runs, [], None) if bool(m.all()) else (runs, part, m)
+
+    def _predicate(self, keys, q_off: int, L: int, b: int, inputs: dict):
+        """The pattern at the decode rows and ``keys``: bool ``[1 or Hq, Lq, n]``."""
+        Lq, Hq, dev = self.Lq, self.Hq, self.device
+        env = {"q": (torch.arange(Lq, device=dev) + q_off).view(1, 1, Lq, 1),
+               "k": keys.view(1, 1, 1, -1),
+               "h": torch.arange(Hq, device=dev).view(1, Hq, 1, 1),
+               "b": torch.full((1, 1, 1, 1), b, dtype=torch.int64, device=dev),
+               "Lq": Lq, "Lk": L, "H": Hq}
+        m = torch.as_tensor(evaluate(self.pattern.ir, env, inputs), device=dev).to(torch.bool)
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        return m[0].expand(Hq if m.shape[1] > 1 else 1, Lq, keys.numel())
+
+
+def _positions(runs, device) -> torch.Tensor:
+    return torch.cat([torch.arange(a, z, device=device) for a, z in runs])
+
+
+def _column(runs, p: int) -> int:
+    """The column of key position ``p`` among the gathered keys of ``runs``."""
+    at = 0
+    for a, z in runs:
+        if a <= p < z:
+            return at + p - a
+        at += z - a
+    raise AssertionError(p)
+
+
+def _subtract(runs, full):
+    """``runs`` minus the ``full`` runs, as runs."""
+    out = []
+    for a, z in runs:
+        cur = [(a, z)]
+        for fa, fz in full:
+            cur = [x for s, e in cur for x in ((s, min(e, fa)), (max(s, fz), e)) if x[0] < x[1]]
+        out += cur
+    return out
+
+
+def _overlap(runs, other) -> int:
+    """The number of positions in both ``runs`` and ``other``."""
+    return sum(max(0, min(z, oz) - max(a, oa)) for a, z in runs for oa, oz in other)
+
+
+def _merge_pieces(pieces):
+    """Attention over the union of disjoint key sets from each set's ``(o, lse)``: weights
+    ``exp(lse_i - max)``; a row no set saw a key for stays 0 with lse ``-inf``."""
+    lse = torch.stack([lb for _, lb in pieces])
+    m = lse.amax(0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)
+    tot = w.sum(0)
+    o = sum(wi.unsqueeze(-1) * ob.to(torch.float32) for wi, (ob, _) in zip(w, pieces))
+    o = o / torch.where(tot > 0, tot, torch.ones_like(tot)).unsqueeze(-1)
+    out_lse = torch.where(tot > 0, m + torch.log(torch.where(tot > 0, tot, torch.ones_like(tot))),
+                          torch.full_like(tot, float("-inf")))
+    return o.to(pieces[0][0].dtype), out_lse
+
+
+def _merge(runs):
+    out = []
+    for a, z in sorted(runs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], z))
+        else:
+            out.append((a, z))
+    return out
+
+
+def _runs(flags: torch.Tensor):
+    """Runs ``[a, z)`` of True in a 1-D bool tensor."""
+    f = flags.to(torch.int8)
+    d = torch.diff(f, prepend=f.new_zeros(1), append=f.new_zeros(1))
+    starts = torch.nonzero(d == 1).flatten().tolist()
+    ends = torch.nonzero(d == -1).flatten().tolist()
+    return list(zip(starts, ends))
+
+
+def _variables(ir) -> frozenset:
+    """The variable names an IR mentions."""
+    from ..ir.nodes import free_vars
+    return free_vars(ir)
+
+
+class DecodePlanCache:
+    """A bounded, thread-safe LRU of decode plans keyed by what a plan depends on: the
+    pattern, the backend, B, Hq, Hk, Lq, D, dtype, device, the length bucket, paged or not,
+    the runtime inputs (identity, version) and whether Triton runs interpreted."""
+
+    def __init__(self, size: int = DECODE_PLANS_SIZE):
+        self.size = size
+        self._plans: OrderedDict = OrderedDict()
+        self._held: dict = {}
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._plans)
+
+    def clear(self):
+        with self._lock:
+            self._plans.clear()
+            self._held.clear()
+
+    def get(self, pattern, backend, q, Hk, bucket_len, paged, inputs, num_splits=None):
+        from .api import _interpret
+        B, Hq, Lq, D = q.shape
+        key = (pattern.source, tuple(sorted(pattern.inputs.items())), backend, B, Hq, Hk, Lq,
+               D, q.dtype, q.device, bucket_len, paged, _interpret(), num_splits,
+               tuple((n, id(t), t._version, tuple(t.shape)) for n, t in sorted(inputs.items())))
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = DecodePlan(pattern, backend, B=B, Hq=Hq, Hk=Hk, Lq=Lq, D=D, dtype=q.dtype,
+                          device=q.device, bucket_len=bucket_len, paged=paged, inputs=inputs,
+                          num_splits=num_splits)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return plan
+        with self._lock:
+            self._plans[key] = plan
+            self._held[key] = inputs          # the inputs' ids stay valid while the entry lives
+            while len(self._plans) > self.size:
+                old, _ = self._plans.popitem(last=False)
+                self._held.pop(old, None)
+        return plan
+
+
+#: The decode plans of calls (see :class:`DecodePlanCache`).
+DECODE_PLANS = DecodePlanCache()
+
+
+# ------------------------------------------------------------------ kernel files
+
+def default_config(closed_form, head_dim: int, dtype, interpret: bool) -> DecodeConfig:
+    """The decode module's configuration: ``ranges`` with a closed form, else ``scan``;
+    64-key tiles (32 beyond D = 128), 4 warps, 3 stages on the GPU (decode streams K and V:
+    small tiles, many splits); 16-key tiles under the interpreter."""
+    from ..codegen.config import dtype_name
+    block_d = max(16, 1 << (int(head_dim) - 1).bit_length())
+    if interpret:
+        block_n, warps, stages = 16, 4, 1
+    else:
+        block_n, warps, stages = (64 if block_d <= 128 else 32), 4, 3
+    strategy = "ranges" if closed_form is not None else "scan"
+    return DecodeConfig(strategy, block_n, block_d, warps, stages, dtype_name(dtype))
+
+
+def _entry(pattern, config: DecodeConfig, closed_form, device):
+    """``(file name, key, render)`` of the decode module of ``pattern`` for ``config``."""
+    from ..codegen.kernels import CODEGEN_VERSION, ident, render_decode
+    from . import cache
+    parts = [pattern.source, repr(sorted(pattern.inputs.items())), "decode", CODEGEN_VERSION,
+             repr(sorted(config.as_dict().items())), cache._cf_text(closed_form),
+             cache._triton_version(), cache.device_tag(device)]
+    key = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+    name = f"attn_decode_{ident(pattern.name)}_{key[:6]}.py"
+    return name, key, lambda: render_decode(pattern, config, key, closed_form)
+
+
+def load_module(pattern, config: DecodeConfig, closed_form, device):
+    """The decode module of ``pattern`` for ``config`` (rendered, cached on disk like the
+    other kernels: ``attn_decode_<name>_<hash6>.py``, and imported once per process)."""
+    from . import cache
+    return cache.load_generated(*_entry(pattern, config, closed_form, device))
+
+
+def kernel_text(pattern, *, head_dim: int = 128, dtype="bf16", device=None,
+                interpret: bool = False) -> tuple[str, str]:
+    """``(file name, text)`` of the decode module of ``pattern`` (header line included), as
+    a decode step on ``device`` would generate it (GPU defaults unless ``interpret``)."""
+    from ..codegen.config import ranges_ok
+    from ..codegen.config import get_closed_form
+    from .cache import HEADER_PREFIX, _digest
+    cf = get_closed_form(pattern)
+    cf = cf if cf is not None and ranges_ok(cf) else None
+    name, key, render = _entry(pattern, default_config(cf, head_dim, dtype, interpret), cf,
+                               device)
+    body = render()
+    return name, f"{HEADER_PREFIX}key={key} sha256={_digest(body)}\n{body}"
+
+
+# ------------------------------------------------------------------ the entry points
+
+def routes(q, k, v, q_offset=None) -> bool:
+    """Whether ``Pattern.__call__`` (without a plan) takes the decode path: ``Lq <= 16``,
+    ``Lk >= 256`` and ``Lk >= 4 * Lq``, a ``q_offset`` (if given) within ``2**29`` of the
+    bottom-right one, nothing requires grad (with grad enabled), not under
+    ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.layout is torch.strided and not t.is_nested
+               and not t.is_meta and t.dim() == 4 for t in (q, k, v)):
+        return False            # the normal path says what is wrong
+    Lq, Lk = q.shape[2], k.shape[2]
+    if not (Lq <= MAX_DECODE_Q and ROUTE_MIN_LK <= Lk < MAX_CAPACITY // 2 and Lk >= 4 * Lq):
+        return False
+    if q_offset is not None and (not isinstance(q_offset, int) or isinstance(q_offset, bool)
+                                 or abs(q_offset - (Lk - Lq)) >= MAX_CAPACITY // 2):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+
+
+def call_routed(pattern, q, k, v, *, scale, return_lse, q_offset, inputs):
+    """``Pattern.__call__`` on the decode path (same arguments and results), or None where
+    the decode path refuses the call (the normal path then runs it, or says what is wrong
+    in its own words)."""
+    from ..dsl.errors import SpattnError
+    try:
+        return decode(pattern, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
+                      **(inputs or {}))
+    except SpattnError:
+        return None
+
+
+def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scale=None,
+           q_offset=None, return_lse=False, check=True, num_splits=None, **inputs):
+    """One decode step of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32).
+
+    See the module docstring for the cache layouts. ``check``: read ``seq_lens`` and the
+    used entries of ``page_table`` on the host and refuse values out of range (one device
+    synchronisation); with ``check=False`` (CUDA graphs) the kernel clamps lengths to
+    ``[Lq, capacity]`` and page numbers to the pools instead. ``num_splits``: the splits of
+    the keys (tests; default: enough programs to fill the device).
+    """
+    from .api import _check_scale, check_q_offset, check_runtime_tensors, choose_backend
+    if any(isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+           for t in (q, k_cache, v_cache)):
+        raise SpattnInputError("decode is inference only: q, k_cache and v_cache must not "
+                               "require grad (run under torch.no_grad(), or call the pattern, "
+                               "pat(q, k, v), for gradients)")
+    B, Hq, Hk, Lq, D, cap, page_size, num_pages = _check_layout(q, k_cache, v_cache,
+                                                                page_table)
+    paged = page_table is not None
+    if paged and seq_lens is None:
+        raise SpattnParamError("a paged cache needs seq_lens [B]: the number of keys of each "
+                               "sequence")
+    if seq_lens is not None and q_offset is not None:
+        raise SpattnParamError("q_offset cannot be given with seq_lens: query row i of batch b "
+                               "sits at position seq_lens[b] - Lq + i")
+    if cap < Lq:
+        raise SpattnInputError(f"the cache holds {cap} keys, fewer than the {Lq} query rows")
+    seq_lens = _check_seq_lens(seq_lens, B, Lq, cap, q.device, check)
+    if paged and check:
+        _check_pages(page_table, seq_lens, page_size, num_pages)
+    scale = _check_scale(scale, D)
+    q_shift = 0
+    if q_offset is not None:
+        q_shift = check_q_offset(q_offset, Lq, cap) - (cap - Lq)
+        if abs(q_shift) >= MAX_CAPACITY:
+            raise SpattnValueError(f"q_offset={q_offset} puts the queries beyond +-2**30")
+    check_runtime_tensors(inputs)
+    ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device)
+    if ins or q_shift:
+        _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift)
+    backend = choose_backend(pattern.backend, q.device.type)
+    bucket_len = bucket(cap)
+    plan = DECODE_PLANS.get(pattern, backend, q, Hk, bucket_len, paged, ins, num_splits)
+    if backend == "triton":
+        o, lse = plan.run_triton(q, k_cache, v_cache, lk=cap, q_shift=q_shift,
+                                 seq_lens=seq_lens, page_table=page_table,
+                                 page_size=page_size, num_pages=num_pages, scale=scale,
+                                 inputs=ins)
+    else:
+        lens = [cap] * B if seq_lens is None else [int(x) for x in seq_lens.tolist()]
+        lens = [min(max(x, Lq), cap) for x in lens]
+        o, lse = plan.run_torch(q, k_cache, v_cache, lens=lens, q_shift=q_shift,
+                                page_table=page_table, page_size=page_size, scale=scale,
+                                inputs=ins)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,51 @@
+"""The decode benchmark (``benchmarks/decode.py``): its tables and the CPU mode, tiny."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("spattn_bench_decode", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_table_ratios_and_errors(bench):
+    rows = [{"pattern": "causal", "B": 1, "L": 8192, "spattn_ms": 0.02, "flex_ms": 0.03,
+             "sdpa_best_ms": 0.02, "spattn_graph_ms": 0.008, "flex_graph_ms": 0.012,
+             "sdpa_best_graph_ms": 0.0075, "splits": 64},
+            {"pattern": "streaming", "B": 16, "L": 131072, "error": "mismatch vs flex: 0.5"}]
+    lines = bench.table_gpu(rows).splitlines()
+    assert lines[1].count("---") == lines[0].count("|") - 1
+    assert "| 8.0 us | 12.0 us | 7.5 us | 1.50 | 1.07 | 64 |" in lines[2]
+    assert lines[3].startswith("| streaming | 16 | 131072 | ERROR: mismatch vs flex")
+
+
+def test_cpu_mode_runs_and_writes_json(bench, tmp_path, capsys):
+    assert bench.main(["--cpu", "--tiny", "--rounds", "1", "--reps", "1",
+                       "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "decode_cpu.json").read_text())
+    assert len(data["rows"]) == 6
+    causal = [r for r in data["rows"] if r["pattern"] == "causal"]
+    assert all(r["max_err_vs_sdpa"] < 1e-4 for r in causal)
+    assert capsys.readouterr().out.splitlines()[0].startswith("| pattern | L |")
+
+
+@pytest.mark.parametrize("name", ["causal", "window(4096)", "streaming"])
+def test_flex_masks_are_the_patterns(bench, name):
+    """The rival's mask_mod (one for the three patterns) allows exactly the pattern's keys
+    of a decode row."""
+    import torch
+    import spattn
+    L = 9000
+    off = torch.tensor(L - 1)
+    got = bench._flex_mask(name, off)(0, 0, torch.zeros(1, 1, dtype=torch.int64),
+                                      torch.arange(L).view(1, -1))
+    want = spattn.compile(bench.PATTERNS[name]).mask(1, L)[0, 0]
+    assert torch.equal(got, want)

@@ -1,0 +1,355 @@
+"""The decode path (``runtime/decode.py``): a few query rows against a long KV cache.
+
+Every case draws fresh random q and caches, runs ``Pattern.decode`` (or ``Pattern.__call__``
+where it routes to decode) on the torch backend and on the generated Triton kernels under
+the interpreter (tiny shapes), and compares every output element and log-sum-exp with the
+float64 reference on the pattern's dense mask of each batch element's own length:
+contiguous and paged caches (shuffled page tables), grouped-query heads, per-batch lengths,
+closed-form and scanned patterns, fully masked rows, and the reuse of one plan and one
+kernel across a growing cache.
+"""
+import os
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import spattn
+from spattn.dsl.errors import SpattnError, SpattnInputError, SpattnParamError, SpattnValueError
+from spattn.runtime import cache, decode as dec
+from spattn.runtime.reference import attention_reference
+
+from tests.helpers.sources import bool_exprs
+
+PATTERNS = {
+    "causal": ("causal", {}),
+    "window": ("causal & window(W)", {"W": 37}),
+    "streaming": ("causal & (window(W) | sink(4))", {"W": 24}),
+    "documents": ("input doc\npattern documents = causal & same(doc)", {}),
+    "per-head": ("causal & q - k < [8, 20, 40, 70][h]", {}),
+    "odd-rows-masked": ("causal & q % 2 == 0", {}),
+}
+
+
+def _close(name, got, want, rtol=2e-3):
+    got, want = got.to(torch.float64), want.to(torch.float64)
+    assert got.shape == want.shape, f"{name}: {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any(), f"{name} has NaN"
+    inf = torch.isinf(want)
+    assert torch.equal(torch.isinf(got), inf), f"{name}: -inf in different places"
+    scale = max(float(want[~inf].abs().max()) if (~inf).any() else 1.0, 1e-2)
+    torch.testing.assert_close(got[~inf], want[~inf], rtol=rtol, atol=rtol * scale,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def _inputs(name, B, cap, g):
+    if name != "documents":
+        return {}
+    return {"doc": (torch.rand(B, cap, generator=g) < 0.05).cumsum(-1)}
+
+
+def _reference(pat, q, k, v, lens, ins, scale=None):
+    """Per batch element: attention over its first lens[b] keys, rows bottom-right aligned."""
+    B, Hq, Lq, _ = q.shape
+    outs, lses = [], []
+    for b in range(B):
+        L = lens[b]
+        m = pat.mask(Lq, L, num_heads=Hq, batch=B, **ins)[b:b + 1]
+        o, lse = attention_reference(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L], m,
+                                     scale=scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _paged(k, v, page_size, g):
+    """A contiguous cache [B, Hk, cap, D] as pools of shuffled pages, with spare pages of
+    noise: (k_pool, v_pool, page_table)."""
+    B, Hk, cap, D = k.shape
+    n = cap // page_size
+    table = torch.randperm(B * n + 3, generator=g)[:B * n].view(B, n)
+    pools = []
+    for t in (k, v):
+        pool = torch.randn(B * n + 3, page_size, Hk, D, generator=g).to(t.dtype)
+        pool[table.reshape(-1)] = t.view(B, Hk, n, page_size, D).permute(0, 2, 3, 1, 4) \
+            .reshape(B * n, page_size, Hk, D)
+        pools.append(pool)
+    return pools[0], pools[1], table.to(torch.int32)
+
+
+def _case(name, backend, *, B=2, Hq=4, Hk=2, Lq=1, cap=96, D=16, lens=None, paged=0,
+          seed=0, num_splits=None, via_call=False):
+    src, params = PATTERNS[name]
+    pat = spattn.compile(src, backend=backend, **params)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k = torch.randn(B, Hk, cap, D, generator=g)
+    v = torch.randn(B, Hk, cap, D, generator=g)
+    ins = _inputs(name, B, cap, g)
+    seq = None if lens is None else torch.tensor(lens)
+    if via_call:
+        o, lse = pat(q, k, v, return_lse=True, **ins)
+    elif paged:
+        kp, vp, table = _paged(k, v, paged, g)
+        o, lse = pat.decode(q, kp, vp, seq_lens=seq, page_table=table, return_lse=True,
+                            num_splits=num_splits, **ins)
+    else:
+        o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, num_splits=num_splits,
+                            **ins)
+    want_o, want_lse = _reference(pat, q, k, v, lens or [cap] * B, ins)
+    _close(f"{name} o", o, want_o)
+    _close(f"{name} lse", lse, want_lse)
+    return pat, o, lse
+
+
+# ------------------------------------------------------------------ torch backend
+
+@pytest.mark.parametrize("Lq", [1, 5], ids=lambda n: f"Lq{n}")
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_torch_decode(name, Lq):
+    _case(name, "torch", B=2, Hq=4, Hk=2, Lq=Lq, cap=300, D=32, lens=[300, 211])
+
+
+@pytest.mark.parametrize("Lq", [1, 7], ids=lambda n: f"Lq{n}")
+@pytest.mark.parametrize("name", ["streaming", "documents", "per-head", "odd-rows-masked"])
+def test_torch_decode_one_call_per_run(monkeypatch, name, Lq):
+    """Every key run its own kernel call (views), merged through the log-sum-exps."""
+    monkeypatch.setattr(dec, "VIEW_BYTES", 0)
+    _case(name, "torch", B=2, Hq=4, Hk=2, Lq=Lq, cap=300, D=32, lens=[300, 163])
+
+
+@pytest.mark.parametrize("name", ["causal", "streaming", "documents"])
+def test_torch_decode_paged(name):
+    _case(name, "torch", B=3, Hq=8, Hk=2, Lq=2, cap=160, D=32, lens=[160, 37, 99], paged=16)
+
+
+def test_torch_decode_batched_equal_lengths():
+    """Equal lengths and a batch-uniform pattern: one call for the whole batch."""
+    _case("window", "torch", B=3, Hq=8, Hk=8, Lq=3, cap=400, D=64)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("name", ["causal", "streaming"])
+def test_call_routes_to_decode(name, backend):
+    dec.DECODE_PLANS.clear()
+    _case(name, backend, B=1, Hq=8, Hk=2, Lq=1, cap=dec.ROUTE_MIN_LK + 40, D=16,
+          via_call=True)
+    assert len(dec.DECODE_PLANS) == 1
+
+
+def test_grad_takes_the_normal_path():
+    pat = spattn.compile("causal & window(W)", W=50, backend="torch")
+    q = torch.randn(1, 2, 1, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    dec.DECODE_PLANS.clear()
+    pat(q, k, v).sum().backward()
+    assert len(dec.DECODE_PLANS) == 0 and q.grad is not None
+    want = attention_reference(q.detach(), k, v, pat.mask(1, 300))[0]
+    with torch.no_grad():
+        _close("o", pat(q, k, v), want)
+    assert len(dec.DECODE_PLANS) == 1
+
+
+def test_fully_masked_rows_are_zero():
+    pat = spattn.compile("causal & q - k > 1000", backend="torch")
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    o, lse = pat.decode(q, k, v, return_lse=True)
+    assert torch.equal(o, torch.zeros_like(o)) and bool(torch.isneginf(lse).all())
+
+
+def test_bucket_reuse_torch():
+    """A growing cache: one plan per length bucket."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & (window(W) | sink(4))", W=64, backend="torch")
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 512, 32, generator=g), torch.randn(1, 2, 512, 32, generator=g)
+    for L in (257, 300, 411, 512):
+        q = torch.randn(1, 4, 1, 32, generator=g)
+        o = pat(q, k[:, :, :L], v[:, :, :L])
+        _close(f"L{L}", o, attention_reference(q, k[:, :, :L], v[:, :, :L], pat.mask(1, L))[0])
+    assert len(dec.DECODE_PLANS) == 1
+    assert dec.bucket(257) == dec.bucket(512) == 512
+
+
+# ------------------------------------------------------------------ errors
+
+def _qkv(B=1, Hq=4, Hk=2, Lq=1, L=64, D=16):
+    return torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, L, D), torch.randn(B, Hk, L, D)
+
+
+def test_errors():
+    pat = spattn.compile("causal", backend="torch")
+    q, k, v = _qkv(Lq=17)
+    with pytest.raises(SpattnInputError, match="at most 16 query rows"):
+        pat.decode(q, k, v)
+    q, k, v = _qkv()
+    with pytest.raises(SpattnValueError, match="seq_lens holds values"):
+        pat.decode(q, k, v, seq_lens=torch.tensor([65]))
+    with pytest.raises(SpattnInputError, match=r"seq_lens must be an integer tensor \[B\]"):
+        pat.decode(q, k, v, seq_lens=torch.tensor([3.0]))
+    with pytest.raises(SpattnParamError, match="q_offset cannot be given with seq_lens"):
+        pat.decode(q, k, v, seq_lens=torch.tensor([64]), q_offset=3)
+    pool = torch.randn(6, 16, 2, 16)
+    with pytest.raises(SpattnParamError, match="paged cache needs seq_lens"):
+        pat.decode(q, pool, pool, page_table=torch.zeros(1, 4, dtype=torch.int32))
+    with pytest.raises(SpattnValueError, match="page_table holds page 6"):
+        pat.decode(q, pool, pool, seq_lens=torch.tensor([40]),
+                   page_table=torch.tensor([[0, 1, 6, 9]]))
+    with pytest.raises(SpattnInputError, match=r"page_table must be an integer tensor"):
+        pat.decode(q, pool, pool, seq_lens=torch.tensor([40]), page_table=torch.zeros(2, 4))
+    with pytest.raises(SpattnInputError, match="pools' head dim"):
+        pat.decode(q, torch.randn(6, 16, 2, 32), torch.randn(6, 16, 2, 32),
+                   seq_lens=torch.tensor([40]), page_table=torch.zeros(1, 4, dtype=torch.int32))
+    qg = q.clone().requires_grad_()
+    with pytest.raises(SpattnInputError, match="inference only"):
+        pat.decode(qg, pool, pool, seq_lens=torch.tensor([40]),
+                   page_table=torch.zeros(1, 4, dtype=torch.int32))
+    assert issubclass(SpattnInputError, SpattnError)
+
+
+# ------------------------------------------------------------------ Triton (interpreter)
+
+interp = pytest.mark.interpreter
+
+
+@interp
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_triton_decode(name):
+    _case(name, "triton", B=2, Hq=4, Hk=2, Lq=2, cap=96, D=16, lens=[96, 51], num_splits=4)
+
+
+@interp
+@pytest.mark.parametrize("name,page", [("causal", 16), ("streaming", 8), ("documents", 32)],
+                         ids=["causal-page16", "streaming-page8", "documents-page32"])
+def test_triton_decode_paged(name, page):
+    _case(name, "triton", B=2, Hq=4, Hk=1, Lq=1, cap=64, D=16, lens=[64, 29], paged=page,
+          num_splits=2)
+
+
+@interp
+@pytest.mark.parametrize("Hq,Hk,Lq,splits", [(8, 1, 3, 2), (2, 2, 1, 16), (6, 2, 5, 1)],
+                         ids=["G8-Lq3-rows24", "G1-splits16", "G3-Lq5-one-split"])
+def test_triton_decode_packing_and_splits(Hq, Hk, Lq, splits):
+    """Packed tiles of 24 rows (BLOCK_M 32), more splits than key tiles (empty splits),
+    one split; D = 24 (BLOCK_D 32, masked head dim)."""
+    _case("window", "triton", B=1, Hq=Hq, Hk=Hk, Lq=Lq, cap=80, D=24, lens=[77],
+          num_splits=splits)
+
+
+@interp
+def test_triton_decode_q_offset_and_rows_without_keys():
+    """A contiguous cache with an explicit q_offset moving the rows before the keys."""
+    pat = spattn.compile("causal & window(W)", W=8, backend="triton")
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 3, 16, generator=g)
+    k, v = torch.randn(1, 2, 48, 16, generator=g), torch.randn(1, 2, 48, 16, generator=g)
+    o, lse = pat.decode(q, k, v, q_offset=-1, return_lse=True, num_splits=2)
+    want_o, want_lse = attention_reference(q, k, v, pat.mask(3, 48, q_offset=-1))
+    assert bool(torch.isneginf(lse[:, :, 0]).all())                 # row at position -1
+    assert torch.equal(o[:, :, 0], torch.zeros_like(o[:, :, 0]))
+    _close("o", o, want_o)
+    _close("lse", lse, want_lse)
+
+
+@interp
+def test_triton_bucket_reuse_one_kernel():
+    """A growing cache within one bucket: one plan, one kernel module, one kernel file."""
+    dec.DECODE_PLANS.clear()
+    cache.clear_memory()
+    pat = spattn.compile("causal & (window(W) | sink(4))", W=20, backend="triton")
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(1, 2, 80, 16, generator=g), torch.randn(1, 2, 80, 16, generator=g)
+    seen = set()
+    before = set(os.listdir(cache.cache_dir()))
+    for L in (33, 50, 80):
+        q = torch.randn(1, 4, 1, 16, generator=g)
+        o = pat.decode(q, k, v, seq_lens=torch.tensor([L]), num_splits=2)
+        _close(f"L{L}", o, attention_reference(q, k[:, :, :L], v[:, :, :L], pat.mask(1, L))[0])
+        plan = next(iter(dec.DECODE_PLANS._plans.values()))
+        seen.add(id(plan.module))
+    assert len(dec.DECODE_PLANS) == 1 and len(seen) == 1
+    files = set(os.listdir(cache.cache_dir())) - before
+    assert len(files) == 1 and next(iter(files)).startswith("attn_decode_"), files
+
+
+@interp
+def test_triton_refuses_64_bit_patterns_and_routing_falls_back():
+    """A pattern whose integers need 64 bits: decode says so; pat(q, k, v) runs it on the
+    normal path (64-bit kernels) with the reference's result."""
+    pat = spattn.compile("input doc\npattern documents = causal & same(doc)",
+                         backend="triton")
+    q, k, v = _qkv(L=300)
+    doc = (torch.arange(300) // 7) * (1 << 33)          # ids 2**33 apart: 32 bits alias them
+    with pytest.raises(SpattnValueError, match="64-bit integer arithmetic"):
+        pat.decode(q, k, v, num_splits=2, doc=doc)
+    _close("o", pat(q, k, v, doc=doc), attention_reference(q, k, v, pat.mask(1, 300, doc=doc))[0])
+
+
+@interp
+def test_triton_unchecked_lengths_are_clamped():
+    """check=False: a length beyond the cache is clamped to it, never read out of bounds."""
+    pat = spattn.compile("causal", backend="triton")
+    q, k, v = _qkv(L=32)
+    o = pat.decode(q, k, v, seq_lens=torch.tensor([500]), check=False, num_splits=2)
+    _close("o", o, attention_reference(q, k, v, pat.mask(1, 32))[0])
+
+
+# ------------------------------------------------------------------ random patterns
+
+def _random_case(src, backend, Hk, group, Lq, L, lens, seed, **kw):
+    L = max(L, Lq)
+    lens = [Lq + x % (L - Lq + 1) for x in lens]
+    try:
+        pat = spattn.compile(src, backend=backend)
+    except SpattnError:
+        return
+    g = torch.Generator().manual_seed(seed)
+    H = Hk * group
+    q = torch.randn(len(lens), H, Lq, 16, generator=g)
+    k = torch.randn(len(lens), Hk, L, 16, generator=g)
+    v = torch.randn(len(lens), Hk, L, 16, generator=g)
+    try:
+        o, lse = pat.decode(q, k, v, seq_lens=torch.tensor(lens), return_lse=True, **kw)
+    except SpattnError:
+        event("refused")
+        return
+    plan = next(p for p in dec.DECODE_PLANS._plans.values() if p.pattern == pat)
+    event("closed form" if plan.closed_form is not None else "predicate")
+    want_o, want_lse = _reference(pat, q, k, v, lens, {})
+    _close("o", o, want_o)
+    _close("lse", lse, want_lse)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(src=bool_exprs(), Hk=st.integers(1, 2), group=st.integers(1, 3), Lq=st.integers(1, 16),
+       L=st.integers(16, 300), lens=st.lists(st.integers(0, 300), min_size=2, max_size=2),
+       seed=st.integers(0, 2 ** 31 - 1), views=st.booleans())
+def test_random_patterns_decode_torch(src, Hk, group, Lq, L, lens, seed, views):
+    """The CPU step's key runs (closed form or predicate), masks and merges against the
+    reference, with per-batch lengths: no allowed key is dropped, no masked key is used."""
+    with mock.patch.object(dec, "VIEW_BYTES", 0 if views else dec.VIEW_BYTES):
+        _random_case(src, "torch", Hk, group, Lq, L, lens, seed)
+
+
+@interp
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(src=bool_exprs(), group=st.integers(1, 2), Lq=st.integers(1, 4), L=st.integers(8, 48),
+       lens=st.lists(st.integers(0, 48), min_size=1, max_size=2),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_random_patterns_decode_triton(src, group, Lq, L, lens, seed):
+    """The decode kernel's emitted closed form (or scan) on random patterns."""
+    _random_case(src, "triton", 1, group, Lq, L, lens, seed, num_splits=2)
+
+
+def test_example_decode_loop_runs():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "decode_loop.py"
+    spec = importlib.util.spec_from_file_location("decode_loop", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--steps", "8"]) == 0

@@ -1,0 +1,110 @@
+"""On the GPU: the decode kernels in bf16 at 8K..32K keys against the float64 reference,
+replayed from a CUDA graph while the cache grows, and compiled once per bucket.
+
+Skipped without CUDA (marker ``gpu``): ``python -m pytest -m gpu tests/runtime/test_decode_gpu.py``.
+"""
+import pytest
+import torch
+
+import spattn
+from spattn.runtime import decode as dec
+from spattn.runtime.reference import attention_reference
+
+pytestmark = pytest.mark.gpu
+
+CASES = {
+    "causal": "causal",
+    "window": "causal & window(4096)",
+    "streaming": "causal & (window(4096) | sink(4))",
+    "documents": "input doc\npattern documents = causal & same(doc)",
+}
+
+
+def _ref(pat, q, k, v, lens, ins):
+    outs = []
+    for b, L in enumerate(lens):
+        m = pat.mask(q.shape[2], L, num_heads=q.shape[1], batch=q.shape[0], device=q.device,
+                     **ins)[b:b + 1]
+        outs.append(attention_reference(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L],
+                                        m)[0])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_bf16(name, paged):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, Hq, Hk, Lq, cap, D = 3, 32, 8, 2, 12288, 128
+    pat = spattn.compile(CASES[name])
+    q = torch.randn(B, Hq, Lq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    lens = [cap, 9001, 5000]
+    ins = {"doc": torch.sort(torch.randint(0, 9, (B, cap), device="cuda", generator=g),
+                             dim=-1).values} if name == "documents" else {}
+    seq = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    if paged:
+        ps, n = 64, cap // 64
+        perm = torch.randperm(B * n, device="cuda", generator=g)
+        table = perm.view(B, n).to(torch.int32)
+        kp = torch.empty(B * n, ps, Hk, D, device="cuda", dtype=k.dtype)
+        vp = torch.empty_like(kp)
+        kp[table.view(-1).long()] = k.view(B, Hk, n, ps, D).permute(0, 2, 3, 1, 4).reshape(
+            B * n, ps, Hk, D)
+        vp[table.view(-1).long()] = v.view(B, Hk, n, ps, D).permute(0, 2, 3, 1, 4).reshape(
+            B * n, ps, Hk, D)
+        o = pat.decode(q, kp, vp, seq_lens=seq, page_table=table, **ins)
+    else:
+        o = pat.decode(q, k, v, seq_lens=seq, **ins)
+    ref = _ref(pat, q, k, v, lens, ins)
+    err = float((o.double() - ref).norm() / ref.norm())
+    assert err < 1e-2, f"{name}: rel. error {err:.2e}"
+
+
+def test_cuda_graph_replay_while_the_cache_grows():
+    """One capture, replayed at growing lengths (seq_lens updated in place): no recompile,
+    the results of each length."""
+    pat = spattn.compile("causal & (window(1000) | sink(4))")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, Hq, Hk, cap, D = 2, 32, 8, 8192, 128
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    seq = torch.tensor([5000, 4100], device="cuda", dtype=torch.int32)
+    step = lambda: pat.decode(q, k, v, seq_lens=seq, check=False)  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    plan = next(p for p in dec.DECODE_PLANS._plans.values() if p.pattern == pat)
+    kc = plan.module.KERNEL.device_caches[torch.cuda.current_device()][0]
+    n0 = len(kc)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for lens in ([5000, 4100], [5001, 4101], [7777, 8192]):
+        seq.copy_(torch.tensor(lens))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _ref(pat, q, k, v, lens, {})
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert err < 1e-2, f"{lens}: rel. error {err:.2e}"
+    assert len(kc) == n0
+
+
+def test_growing_contiguous_cache_compiles_once():
+    """pat(q, k[:, :, :L], v[:, :, :L]) for growing L (routed to decode): one plan per
+    bucket, one compiled kernel."""
+    pat = spattn.compile("causal & window(512)")
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    dec.DECODE_PLANS.clear()
+    compiled = set()
+    for L in range(2049, 4097, 97):
+        o = pat(q, k[:, :, :L], k[:, :, :L])
+        plan = next(iter(dec.DECODE_PLANS._plans.values()))
+        compiled.add(len(plan.module.KERNEL.device_caches[torch.cuda.current_device()][0]))
+        ref = attention_reference(q, k[:, :, :L], k[:, :, :L], pat.mask(1, L, device="cuda"))[0]
+        assert float((o.double() - ref).norm() / ref.norm()) < 1e-2
+    assert len(dec.DECODE_PLANS) == 1 and len(compiled) == 1
