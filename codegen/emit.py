@@ -40,6 +40,7 @@ import networkx as nx
 from ..ir.nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                         Not, Or, Prod, Range, Select, Sum, Table, Var)
 from ..ir.visitor import Visitor, rule
+from ..ir.nodes import FLOAT_TYPES
 
 #: Floor-semantics integer helpers, emitted once per kernel file.  They are correct
 #: whether the backend's ``//`` truncates (LLVM) or floors: the remainder is
@@ -71,6 +72,11 @@ class _NonNeg(Visitor):
     """True if a node is provably ``>= 0`` for every value of the variables."""
 
     complete = True
+
+    @rule(*FLOAT_TYPES)
+    def float_node(self, n, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
+                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, signs: "_Signs"):
         self.signs = signs
@@ -128,6 +134,11 @@ class _Positive(Visitor):
     """True if a node is provably ``> 0``."""
 
     complete = True
+
+    @rule(*FLOAT_TYPES)
+    def float_node(self, n, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
+                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, signs: "_Signs"):
         self.signs = signs
@@ -357,6 +368,11 @@ class _Emitter(Visitor):
     and the lines that name the temporaries, split into outer and inner levels."""
 
     complete = True
+
+    @rule(*FLOAT_TYPES)
+    def float_node(self, n, *args, **kwargs):
+        raise TypeError(f"the mask emitter got a float node ({type(n).__name__}): scores are "
+                        "not emitted by this pass")
 
     def __init__(self, roots, result_names, env, *, loop_vars, load_ref, signs, prefix, int64):
         self.roots, self.env, self.load_ref = roots, env, load_ref

@@ -19,6 +19,15 @@ BUILTINS = {
     "max": (2, None),
     "clamp": (3, 3),
     "is_pow2": (1, 1),
+    # scores (float functions; docs/language.md §13)
+    "tanh": (1, 1),
+    "exp": (1, 1),
+    "log": (1, 1),
+    "sqrt": (1, 1),
+    "sign": (1, 1),
+    "step": (1, 1),
+    # T5's logarithmic distance bucket (an int): log_bucket(n, exact, max_distance, buckets)
+    "log_bucket": (4, 4),
 }
 
 

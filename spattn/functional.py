@@ -55,7 +55,8 @@ def _resolve(pattern, kwargs):
                 "spattn.compile()")
         if backend is not None and backend != pattern.backend:
             pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
-                              inputs=pattern.inputs, backend=backend)
+                              inputs=pattern.inputs, backend=backend, score=pattern.score,
+                              score_inputs=pattern.score_inputs)
         return pattern, inputs
     if not isinstance(pattern, str):
         raise SpattnParamError(f"pattern must be a str or a spattn.Pattern, got "

@@ -39,7 +39,8 @@ class SparseAttention(nn.Module):
                     "already compiled Pattern: pass the source string instead")
             if backend != pattern.backend:
                 pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
-                                  inputs=pattern.inputs, backend=backend)
+                                  inputs=pattern.inputs, backend=backend, score=pattern.score,
+                              score_inputs=pattern.score_inputs)
         elif isinstance(pattern, str):
             from . import compile as _compile
             pattern = _compile(pattern, backend=backend, **params)

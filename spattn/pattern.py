@@ -150,18 +150,23 @@ class Pattern(CompiledPattern):
         return kernel_file(self, "fwd")
 
 
-def compile(src: str, *, backend: str = "auto", pattern: str | None = None, **params: Any) -> Pattern:
+def compile(src: str, *, score: str | None = None, backend: str = "auto",
+            pattern: str | None = None, **params: Any) -> Pattern:
     """Compile a pattern from a bare expression or a program.
 
     ``compile("causal & window(W)", W=1024)``; keyword params bind ``param``
-    declarations or free names of a bare expression (lists allowed).
-    If a program defines several patterns, ``pattern="name"`` picks one.
+    declarations or free names of a bare expression (lists allowed; float params and
+    lists serve scores). If a program defines several patterns, ``pattern="name"`` picks
+    one. ``score``: a score modification of a bare expression, an expression of ``s``
+    (the scaled score ``q·k * scale``) giving the new score, e.g.
+    ``compile("causal", score="softcap(30.0)")`` (docs/language.md §13).
     """
     from .ir.lower import compile_source
     if not isinstance(src, str):
         raise SpattnError(f"compile() takes the pattern source as a str, got {type(src).__name__}")
-    low = compile_source(src, params, pattern=pattern)
-    return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend)
+    low = compile_source(src, params, pattern=pattern, score=score)
+    return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
+                   score=low.score, score_inputs=low.score_inputs)
 
 
 def pattern_names(path) -> list[str]:
@@ -242,4 +247,5 @@ def load(path, *, pattern: str | None = None, backend: str = "auto", **params: A
     from .ir.lower import compile_source
     text = _read(path)
     low = compile_source(text, params, pattern=pattern, filename=os.fspath(path))
-    return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend)
+    return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
+                   score=low.score, score_inputs=low.score_inputs)
