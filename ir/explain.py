@@ -49,6 +49,7 @@ class Report:
     strategy: str
     density_method: str
     cost_model: dict = field(default_factory=lambda: dict(COST))
+    score: Optional[str] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +79,9 @@ class Report:
             + (" (closed-form loop bounds, no metadata)" if self.strategy == "ranges"
                else " (CSR tile table built at call time)"),
         ]
+        if self.score is not None:
+            lines.append(f"score     {self.score} (applied to every computed pair; it leaves "
+                         "the tile classes as they are)")
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle):  # pragma: no cover - IPython
@@ -181,6 +185,7 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1, b
     useful = allowed * per_pair
     strategy = pick_strategy(ir)
     return Report(
+        score=(None if getattr(pattern, "score", None) is None else str(pattern.score)),
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
         batch=batch, block_m=block_m, block_n=block_n, head_dim=head_dim,
         allowed_pairs=allowed, total_pairs=total_pairs, density=allowed / total_pairs,

@@ -1,0 +1,70 @@
+"""Scores through the public face: compile(score=...), explain(), the command line."""
+import io
+
+import pytest
+import torch
+
+import spattn
+from spattn.cli import main
+
+
+def run(*argv):
+    out = io.StringIO()
+    code = main(list(map(str, argv)), out=out)
+    return code, out.getvalue()
+
+
+def test_cli_check_shows_the_score():
+    code, text = run("check", "-e", "causal & window(W)", "--score",
+                     "softcap(c) + rel[h, clamp(q - k, 0, W - 1)]", "-p", "W=16", "-p", "c=30.0")
+    assert code == 0, text
+    lines = text.splitlines()
+    assert lines[0].endswith("score rel[h, min(max(q - k, 0), 15)] + tanh(s / 30.0) * 30.0")
+    assert "params: W=16, c=30.0" in lines
+    assert "score inputs: rel (2-D float)" in lines
+
+
+def test_cli_run_with_a_score_checks_against_the_reference():
+    code, text = run("run", "-e", "causal & window(16)", "--score",
+                     "alibi(0.25) + rel[h, clamp(q - k, 0, 15)]", "--lq", 64, "--heads", 2,
+                     "--dim", 16, "--backend", "torch", "--repeat", 1)
+    assert code == 0, text
+    assert "synthetic random float table, shape (2, 16)" in text and "(ok)" in text
+
+
+def test_cli_score_needs_an_expression(tmp_path):
+    f = tmp_path / "p.spattn"
+    f.write_text("pattern p = causal score softcap(5.0)\n")
+    code, text = run("check", f)
+    assert code == 0 and "score: tanh(s / 5.0) * 5.0" in text
+    code, _ = run("check", f, "--score", "s")
+    assert code == 2
+
+
+def test_explain_reports_the_score_and_the_same_tiles():
+    plain = spattn.compile("causal & window(64)")
+    scored = spattn.compile("causal & window(64)", score="softcap(30.0)")
+    a, b = plain.explain(512), scored.explain(512)
+    assert a.tiles == b.tiles and a.density == b.density and a.strategy == b.strategy
+    assert b.score == "tanh(s / 30.0) * 30.0" and a.score is None
+    assert "score     tanh(s / 30.0) * 30.0" in str(b)
+    assert torch.equal(plain.tiles(256, 256, 64, 64), scored.tiles(256, 256, 64, 64))
+
+
+def test_module_and_functional_keep_the_score():
+    p = spattn.compile("causal", score="softcap(1.0)")
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    o1 = spattn.attention(q, k, v, pattern=p, backend="torch")
+    o2 = p(q, k, v)
+    o3 = spattn.attention(q, k, v, pattern="causal", score="softcap(1.0)")
+    from spattn.nn import SparseAttention
+    o4 = SparseAttention(p, backend="torch")(q, k, v)
+    assert torch.allclose(o1, o2) and torch.allclose(o3, o2) and torch.allclose(o4, o2)
+    assert not torch.allclose(o1, spattn.compile("causal")(q, k, v))
+
+
+def test_plan_with_a_score_is_refused():
+    p = spattn.compile("causal", score="softcap(1.0)")
+    q = torch.randn(1, 2, 16, 16)
+    with pytest.raises(spattn.SpattnError, match="plan"):
+        p(q, q, q, plan=object())
