@@ -285,12 +285,15 @@ def _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs) -> None:
 
 
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
-         plan=None):
-    """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32)."""
+         plan=None, deterministic=False):
+    """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32).
+    ``deterministic``: a score's learnable tables get their gradients without atomics
+    (everything else is deterministic already)."""
     if getattr(pattern, "score", None) is not None:
         from . import scores
         return scores.call(pattern, q, k, v, scale=scale, return_lse=return_lse,
-                           q_offset=q_offset, inputs=inputs, plan=plan)
+                           q_offset=q_offset, inputs=inputs, plan=plan,
+                           deterministic=deterministic)
     if torch.compiler.is_compiling():
         # The op carries the canonical source (a str attribute: a constant while tracing).
         return call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,

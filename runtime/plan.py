@@ -60,10 +60,11 @@ class Call:
     analysis: Analysis = None
     int64: bool = False
     ranges_ok: bool = True
+    tables: dict = None               # a score's float tables (as given to the first call)
 
     @classmethod
     def of(cls, pattern, q, k, *, scale: float, q_offset, inputs, settings=None,
-           backend: str = "triton") -> "Call":
+           backend: str = "triton", tables: dict | None = None) -> "Call":
         """The call of ``pattern`` on tensors shaped like ``q`` ``[B, Hq, Lq, D]`` and ``k``
         ``[B, Hk, Lk, D]``: inputs converted, their index bounds checked, the integer
         arithmetic proven exact (64-bit; the kernels' 32- or 64-bit choice)."""
@@ -82,6 +83,7 @@ class Call:
                           inputs=ins)
         call = cls(pattern, B, H, k.shape[1], Lq, Lk, D, q.dtype, q.device, float(scale),
                    positions, ins, settings or _settings.current())
+        call.tables = dict(tables or {})
         call.analysis = Analysis(pattern, Lq, Lk, B=B, H=H, positions=positions,
                                  device=q.device, inputs=ins)
         lo, hi = positions.queries(Lq)
@@ -225,10 +227,12 @@ class Plan:
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
-               settings=None, options=None) -> Plan:
-    """A new :class:`Plan` (arguments already validated: ``api.validate``)."""
+               settings=None, options=None, tables=None) -> Plan:
+    """A new :class:`Plan` (arguments already validated: ``api.validate``). ``tables``: a
+    score's float tables, which the stages are built (and tuned) with; each call passes
+    its own (``runtime.scores``)."""
     call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
-                   settings=settings, backend=backend)
+                   settings=settings, backend=backend, tables=tables)
     return Plan(pattern, backend, call, q, k, v, options)
 
 
@@ -251,8 +255,9 @@ class PlanCache:
                 q.dtype, k.dtype, str(q.device), _aligned(q, k, v), scale, q_offset, ins,
                 settings.raw, tune.generation())
 
-    def get(self, pattern, backend, q, k, v, *, scale, q_offset, inputs) -> Plan:
-        """The cached plan of this call, built on a miss."""
+    def get(self, pattern, backend, q, k, v, *, scale, q_offset, inputs, tables=None) -> Plan:
+        """The cached plan of this call, built on a miss (``tables``: a score's float
+        tables, not part of the key: every call passes its own to the stages)."""
         settings = _settings.current()
         key = self.key(pattern, backend, q, k, v, scale, q_offset, inputs, settings)
         with self._lock:
@@ -261,7 +266,7 @@ class PlanCache:
                 self._plans.move_to_end(key)
                 return entry[0]
         plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                          inputs=inputs, settings=settings)
+                          inputs=inputs, settings=settings, tables=tables)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return plan
         from . import tune

@@ -7,8 +7,10 @@ index dims, and every index in range, ``ir.intervals.check_input_bounds``), then
 backend through :class:`ScoreFunction`, whose inputs are q, k, v *and* the float inputs,
 so that a learnable bias table that requires grad gets ``.grad``.
 
-Backends. ``"triton"`` runs the generated kernels (:mod:`spattn.runtime.triton_scores`)
-when they cover the call; the torch backend (:func:`fwd`, :func:`bwd`) computes by query
+Backends. ``"triton"`` runs the generated kernels through the call's plan
+(``runtime.plan.PLANS``; the tables are leading kernel arguments of every launch, not
+part of the plan): the forward applies the score to every computed pair, the dQ kernel
+adds the tables' gradients with ``tl.atomic_add`` into float32 buffers. The torch backend (:func:`fwd`, :func:`bwd`) computes by query
 row chunks: scores ``q·k * scale`` in float32 (float64 for float64 inputs), the score
 applied by :func:`spattn.ir.score.score_values`, the mask evaluated from the IR, then a
 masked softmax. Its backward uses the compiler's derivatives (:func:`spattn.ir.score.grads`):
@@ -215,28 +217,40 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
 # ------------------------------------------------------------------ autograd
 
 class _Ctx:
-    """What a call's forward and backward share (not a tensor: kept off the autograd graph)."""
+    """What a call's forward and backward share (not a tensor: kept off the autograd graph).
+    ``int_inputs``: the mask's inputs as int64 tensors (torch backend); ``plan``: the
+    Triton backend's plan of the call (its mask, tiles and kernels)."""
 
-    def __init__(self, pattern, backend, scale, q_offset, int_inputs, names, options):
+    def __init__(self, pattern, backend, scale, q_offset, int_inputs, names, *,
+                 plan=None, deterministic=False):
         self.pattern, self.backend, self.scale = pattern, backend, scale
         self.q_offset, self.int_inputs, self.names = q_offset, int_inputs, names
-        self.options = options
+        self.plan, self.deterministic = plan, deterministic
+
+
+def _tables(c: _Ctx, ins: dict) -> dict:
+    return {n: ins[n].contiguous() for n in c.names}
 
 
 def _run_fwd(c: _Ctx, q, k, v, ins):
     if c.backend == "triton":
-        from . import triton_scores
-        return triton_scores.fwd(c.pattern, q, k, v, scale=c.scale, q_offset=c.q_offset,
-                                 inputs=ins, **c.options)
+        from . import triton_backend
+        return triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=_tables(c, ins))
     return fwd(c.pattern, q, k, v, scale=c.scale, q_offset=c.q_offset, inputs=ins)
 
 
 def _run_bwd(c: _Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
-    if c.backend == "triton" and (dlse is None or not bool((dlse != 0).any())):
-        from . import triton_scores
-        return triton_scores.bwd(c.pattern, q, k, v, o, lse, do, scale=c.scale,
-                                 q_offset=c.q_offset, inputs=ins, table_grads=table_grads,
-                                 **c.options)
+    triton = c.backend == "triton" and (dlse is None or not bool((dlse != 0).any())) \
+        and not (c.deterministic and table_grads)
+    if triton:
+        from . import triton_backend
+        tables = _tables(c, ins)
+        bufs = {n: torch.zeros(tables[n].shape, dtype=torch.float32, device=q.device)
+                for n in table_grads}
+        stage = c.plan.backward_stage(q, k, v, o, do)
+        dq, dk, dv = triton_backend.run_bwd(stage, q, k, v, o, lse, do, tables=tables,
+                                            table_grads=bufs)
+        return dq, dk, dv, bufs
     return bwd(c.pattern, q, k, v, o, lse, do, scale=c.scale, q_offset=c.q_offset,
                inputs=ins, dlse=dlse, table_grads=table_grads)
 
@@ -271,8 +285,12 @@ class ScoreFunction(torch.autograd.Function):
 
 
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
-         plan=None, **options):
-    """Attention of a pattern with a score: ``o`` (and ``lse`` when ``return_lse``)."""
+         plan=None, deterministic=False):
+    """Attention of a pattern with a score: ``o`` (and ``lse`` when ``return_lse``).
+
+    ``deterministic``: learnable tables get their gradients without atomic adds (the
+    torch backend's backward runs that call's backward); q, k, v gradients are
+    deterministic either way."""
     from .api import _check_scale, check_q_offset, check_runtime_tensors, choose_backend, \
         validate
     if plan is not None:
@@ -295,7 +313,9 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     given_int = {n: t for n, t in inputs.items() if n in pattern.inputs}
     given_float = {n: t for n, t in inputs.items() if n in pattern.score_inputs}
     check_runtime_tensors(given_int)
-    ints = validate_inputs(pattern.inputs, given_int, batch=B, num_heads=H, device=q.device)
+    given = validate_inputs(pattern.inputs, given_int, batch=B, num_heads=H, device=q.device,
+                            convert=lambda t, device, dtype: t)
+    ints = {n: t.to(device=q.device, dtype=torch.int64) for n, t in given.items()}
     floats = validate_score_inputs(pattern.score_inputs, given_float, batch=B, num_heads=H,
                                    device=q.device)
     from ..ir import bounds
@@ -305,11 +325,15 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     bounds.check_call(pattern.ir, Lq, Lk, num_heads=H, batch=B, q_offset=off, inputs=ints)
     check_score_bounds(pattern, ints, floats, Lq, Lk, num_heads=H, batch=B, q_offset=off)
     backend = choose_backend(pattern.backend, q.device.type)
-    if backend == "triton":
-        backend = "torch"      # the kernels do not apply scores yet
-    names = tuple(sorted(floats))
-    c = _Ctx(pattern, backend, scale, off, ints, names, options)
+    names = tuple(pattern.score_inputs)
     tables = [floats[n] for n in names]
+    plan = None
+    if backend == "triton":
+        from .plan import PLANS
+        plan = PLANS.get(pattern, "triton", q, k, v, scale=scale, q_offset=off, inputs=given,
+                         tables={n: t.detach().contiguous() for n, t in floats.items()})
+    c = _Ctx(pattern, backend, scale, off, ints, names, plan=plan,
+             deterministic=bool(deterministic))
     need = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))
                                         or any(t.requires_grad for t in tables))
     if need:

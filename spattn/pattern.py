@@ -99,16 +99,19 @@ class Pattern(CompiledPattern):
 
     # -- kernels ----------------------------------------------------------
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False,
-                 q_offset: int | None = None, plan=None, **inputs):
+                 q_offset: int | None = None, plan=None, deterministic: bool = False,
+                 **inputs):
         """Attention with this pattern; q ``[B, Hq, Lq, D]``, k, v ``[B, Hk, Lk, D]``.
 
         Returns the output ``[B, Hq, Lq, D]`` (and the log-sum-exp ``[B, Hq, Lq]``, fp32,
         natural log, when ``return_lse``). ``plan``: a plan made by :meth:`plan` for
         tensors laid out like these (it holds the runtime inputs, scale and offset).
+        ``deterministic``: the gradients of a score's learnable tables without atomic
+        adds (the torch backend's backward; docs/backends.md).
         """
         from .runtime.api import call
         return call(self, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                    inputs=inputs, plan=plan)
+                    inputs=inputs, plan=plan, deterministic=deterministic)
 
     def plan(self, q, k, v, *, scale: float | None = None, q_offset: int | None = None,
              backward: bool | None = None, **inputs):
