@@ -168,7 +168,7 @@ def table(rows) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write scores.json here")
-    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--n", type=int, default=None, help="sequence length (16384; --dry: 384)")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
@@ -181,12 +181,12 @@ def main(argv=None) -> int:
     if args.no_tune:
         os.environ["SPATTN_AUTOTUNE"] = "0"
     if args.dry:
-        dev, dtype, N, H, D = "cpu", torch.float32, 384, 2, 16
+        dev, dtype, N, H, D = "cpu", torch.float32, args.n or 384, 2, 16
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --dry for the CPU check", file=sys.stderr)
             return 2
-        dev, dtype, N, H, D = "cuda", torch.bfloat16, args.n, args.heads, args.dim
+        dev, dtype, N, H, D = "cuda", torch.bfloat16, args.n or 16384, args.heads, args.dim
         import torch._dynamo.config as dc
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(dc, name):

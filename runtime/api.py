@@ -251,6 +251,10 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     (False), or when q, k or v requires grad (None, the default). ``options``: the
     launcher options of :mod:`spattn.runtime.triton_backend` (tests, tuning experiments).
     """
+    if getattr(pattern, "score", None) is not None:
+        raise SpattnParamError("plans are not available for a pattern with a score yet: call "
+                               "the pattern without plan= (its plan is cached per call "
+                               "signature)")
     scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs)
     backend = choose_backend(pattern.backend, q.device.type)
     plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset, inputs=ins,

@@ -44,7 +44,9 @@ class Pattern(CompiledPattern):
     # -- reference semantics ---------------------------------------------
     def mask(self, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
              q_offset: int | None = None, device=None, **inputs) -> torch.Tensor:
-        """Dense bool mask ``[batch, num_heads, Lq, Lk]``: the exact meaning of the pattern."""
+        """Dense bool mask ``[batch, num_heads, Lq, Lk]``: the exact meaning of the pattern
+        (of its mask: a score's float tables may be passed and are not read)."""
+        inputs = _mask_inputs(self, inputs)
         check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
         q_offset, device = _checked(self, Lq, Lk, q_offset, device, inputs)
         ins = validate_inputs(self.inputs, inputs, batch=batch, num_heads=num_heads, device=device)
@@ -61,6 +63,7 @@ class Pattern(CompiledPattern):
         O(tiles) time and memory; never evaluates the Lq x Lk pairs.
         """
         from .ir.tiles import classify
+        inputs = _mask_inputs(self, inputs)
         q_offset, device = _checked(self, Lq, Lk, q_offset, device, inputs)
         with _fits("the tile grid"):
             return classify(self, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
@@ -84,6 +87,7 @@ class Pattern(CompiledPattern):
                 block_n: int = 64, **inputs):
         """A report of what the pattern costs: density, tiles by class, efficiency, strategy."""
         from .ir.explain import explain
+        inputs = _mask_inputs(self, inputs)
         Lk = Lq if Lk is None else Lk
         _checked(self, Lq, Lk, None, None, inputs)
         with _fits("the analysis"):
@@ -204,6 +208,12 @@ def _read(path) -> str:
         raise SpattnSyntaxError(f"the file is not UTF-8 text (byte 0x{data[e.start]:02x}): "
                                 "save it as UTF-8", line=line, column=column,
                                 filename=name) from None
+
+
+def _mask_inputs(pattern, inputs: dict) -> dict:
+    """The runtime inputs the mask reads: a score's float tables are dropped (the
+    analyses of a pattern are those of its mask)."""
+    return {n: t for n, t in inputs.items() if n not in pattern.score_inputs}
 
 
 def _checked(pattern, Lq, Lk, q_offset, device, inputs):
