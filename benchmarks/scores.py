@@ -80,8 +80,9 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
     from bench import bench_ms, time_rounds
     mask, score, params, make_tables, mask_mod, score_mod_of = spec
     row = {"case": name, "N": N, "H": H, "D": D, "mask": mask, "score": score}
-    pat = spattn.compile(mask, score=score, **params)
-    plain = spattn.compile(mask)
+    backend = "torch" if dry else "auto"
+    pat = spattn.compile(mask, score=score, backend=backend, **params)
+    plain = spattn.compile(mask, backend=backend)
     row["source"] = pat.source
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v, do = (torch.randn(1, H, N, D, generator=g).to(dev, dtype) for _ in range(4))
