@@ -26,6 +26,7 @@ BUILTINS = {
     "sqrt": (1, 1),
     "sign": (1, 1),
     "step": (1, 1),
+    "float": (1, 1),         # an int as a float
     # T5's logarithmic distance bucket (an int): log_bucket(n, exact, max_distance, buckets)
     "log_bucket": (4, 4),
 }

@@ -551,7 +551,7 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
     # static checks of every macro body: unknown names, recursion
     graph: dict[str, list[tuple[str, A.Expr]]] = {}
     r = _Resolver(src, fname, scope)
-    known = scope.names()
+    known = scope.names() | {"s"}          # the score variable (a score's macros use it)
     for n, d in macros.items():
         edges = []
         bases = {id(x.base) for x in A.walk(d.body) if isinstance(x, A.Index)}

@@ -538,6 +538,9 @@ def fcall(fn: str, *xs: Node) -> Node:
             flat.extend(x.args if isinstance(x, FCall) and x.fn == fn else (x,))
         consts = [x.value for x in flat if isinstance(x, FConst)]
         rest = sorted(set(x for x in flat if not isinstance(x, FConst)), key=sort_key)
+        if not consts and all(isinstance(x, ToFloat) for x in rest):
+            # the min/max of ints is an int: exact, converted once
+            return to_float((min_ if fn == "min" else max_)(*(x.a for x in rest)))
         if consts:
             rest.append(fconst((min if fn == "min" else max)(consts)))
         return rest[0] if len(rest) == 1 else FCall(fn, tuple(rest))
@@ -558,6 +561,8 @@ def fcall(fn: str, *xs: Node) -> Node:
         raise SpattnValueError(f"{fn}({v!r}) is not a number")
     if fn == "abs" and isinstance(a, FCall) and a.fn == "abs":
         return a
+    if fn == "abs" and isinstance(a, ToFloat):
+        return to_float(abs_(a.a))
     return FCall(fn, (a,))
 
 
@@ -568,6 +573,8 @@ def fselect(cond: Node, a: Node, b: Node) -> Node:
         return a if cond.value else b
     if a == b:
         return a
+    if isinstance(a, ToFloat) and isinstance(b, ToFloat):
+        return to_float(select(cond, a.a, b.a))        # an int if, converted once
     return FSelect(cond, a, b)
 
 

@@ -133,6 +133,8 @@ class _Lowerer:
         if isinstance(node, A.Builtin):
             what = f"an argument of {node.func}"
             f = node.func
+            if f == "float":
+                return build.to_float(self.int_(node.args[0], what))
             if f in ("is_pow2", "log_bucket"):
                 args = [self.int_(x, what) for x in node.args]
                 fn = build.is_pow2 if f == "is_pow2" else build.log_bucket

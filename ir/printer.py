@@ -157,7 +157,10 @@ class _Printer(Visitor):
 
     @rule(ToFloat)
     def to_float(self, n, need):
-        # an int where a float is expected is promoted again when parsed
+        # an operand of a float operator is promoted again when parsed; alone (a whole
+        # score, a function's argument) the conversion is written out
+        if need == 0:
+            return f"float({self(n.a, 0)})"
         return self(n.a, need)
 
     @rule(FAdd)

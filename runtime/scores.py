@@ -16,8 +16,8 @@ applied by :func:`spattn.ir.score.score_values`, the mask evaluated from the IR,
 masked softmax. Its backward uses the compiler's derivatives (:func:`spattn.ir.score.grads`):
 ``dS' = P * (dP - delta)`` is the gradient of the modified score, ``dS = dS' * f'(s)``
 gives dq and dk, and a table's gradient is ``dS' * d f / d load`` scattered into the table
-with ``index_put_(accumulate=True)`` (deterministic on the CPU; on CUDA under
-``torch.use_deterministic_algorithms(True)``).
+with ``index_put_(accumulate=True)`` (deterministic on the CPU; on CUDA with
+``deterministic=True`` or under ``torch.use_deterministic_algorithms(True)``).
 """
 from __future__ import annotations
 
@@ -149,8 +149,11 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict):
     return o, lse
 
 
-def _scatter(grad: torch.Tensor, load, env, ins, g: torch.Tensor) -> None:
-    """``grad[b, h, *index] += g`` over the pairs (``grad`` shaped like the table)."""
+def _scatter(grad: torch.Tensor, load, env, ins, g: torch.Tensor,
+             deterministic: bool = False) -> None:
+    """``grad[b, h, *index] += g`` over the pairs (``grad`` shaped like the table).
+    ``deterministic``: on CUDA, torch's sorted (deterministic) accumulation is used for
+    this call whatever the global setting (the CPU's is deterministic already)."""
     nd = len(load.index)
     full = grad
     if grad.dim() == nd + 1:
@@ -166,11 +169,19 @@ def _scatter(grad: torch.Tensor, load, env, ins, g: torch.Tensor) -> None:
                                                                        device=g.device)
     hi = env["h"].expand(shape) if full.shape[1] > 1 else torch.zeros(shape, dtype=torch.int64,
                                                                        device=g.device)
+    if deterministic and g.device.type == "cuda" and \
+            not torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(True)
+        try:
+            full.index_put_((bi, hi, *idx), g.to(full.dtype), accumulate=True)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        return
     full.index_put_((bi, hi, *idx), g.to(full.dtype), accumulate=True)
 
 
 def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: dict,
-        dlse=None, table_grads: tuple = ()):
+        dlse=None, table_grads: tuple = (), deterministic: bool = False):
     """``(dq, dk, dv, {table name: grad})``; ``table_grads``: the float inputs to
     differentiate (each gets a gradient shaped like it, float32 or float64)."""
     B, H, Lq, D = q.shape
@@ -207,7 +218,7 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
         for name in table_grads:
             for load, dl in g.of(name):
                 gl = torch.where(m, dsm * score_values(dl, s, env, inputs), zero)
-                _scatter(tg[name], load, env, inputs, gl)
+                _scatter(tg[name], load, env, inputs, gl, deterministic)
     if Hk != H:
         dkk = dkk.view(B, Hk, H // Hk, Lk, D).sum(2)
         dvv = dvv.view(B, Hk, H // Hk, Lk, -1).sum(2)
@@ -252,7 +263,7 @@ def _run_bwd(c: _Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
                                             table_grads=bufs)
         return dq, dk, dv, bufs
     return bwd(c.pattern, q, k, v, o, lse, do, scale=c.scale, q_offset=c.q_offset,
-               inputs=ins, dlse=dlse, table_grads=table_grads)
+               inputs=ins, dlse=dlse, table_grads=table_grads, deterministic=c.deterministic)
 
 
 class ScoreFunction(torch.autograd.Function):

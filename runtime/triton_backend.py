@@ -378,7 +378,9 @@ def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None):
         if stage.persistent and stage.occupancy is None and q.device.type == "cuda":
             stage.occupancy = _occupancy(stage.config, compiled)
             stage.grid = (_persistent_programs(None, stage.n_work, stage.occupancy, q.device),)
-        else:
+        elif stage.pattern is None:
+            # (a score's tables change per call, with their alignment and sizes, which the
+            # JIT specialises on: those launches go through the JIT's dispatch every time)
             stage.launch = BoundLaunch.of(stage.kernel, compiled, stage.grid, args, stage.meta,
                                           q.device)
     return (o.to(dtype) if stage.upcast else o), lse
@@ -557,6 +559,8 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
         aq, ak = (*args_q, *stage.static_q), (*args_k, *stage.static_k)
         cq = stage.dq_kernel[stage.grid_q](*aq, **stage.meta_q)
         ck = stage.dkdv_kernel[stage.grid_k](*ak, **stage.meta_k)
+        if stage.pattern is not None:    # per-call tables: the JIT's dispatch (run_fwd)
+            return tuple(g.to(dt) for g, dt in zip(grads, dtypes)) if stage.upcast else grads
         stage.launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, stage.meta_q,
                                         q.device)
         stage.launch_k = stage.launch_q and BoundLaunch.of(stage.dkdv_kernel, ck, stage.grid_k,

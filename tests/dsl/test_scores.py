@@ -163,3 +163,11 @@ def test_derivative_of_softcap_reuses_the_forward_division():
     p = spattn.compile("causal", score="softcap(30.0)")
     assert to_source(derivative(p.score, Score())) == \
         "-(tanh(s / 30.0) * tanh(s / 30.0)) + 1.0"
+
+
+def test_user_macros_may_use_s():
+    p = spattn.compile("def mycap(c) = c * tanh(s / c)\npattern p = causal score mycap(30.0)")
+    assert p == spattn.compile("causal", score="softcap(30.0)")
+    with pytest.raises(SpattnTypeError, match="score variable s") as info:
+        spattn.compile("def bad = s > 0\npattern p = causal & bad")
+    assert (info.value.line, info.value.column) == (1, 11)
