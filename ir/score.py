@@ -164,15 +164,17 @@ def grads(score: Node) -> ScoreGrads:
 
 
 def score_env(Lq: int, Lk: int, *, num_heads: int, batch: int, q_offset: int | None,
-              device=None, rows: tuple[int, int] | None = None) -> dict:
-    """The variables of a score over ``[batch, heads, rows, Lk]`` (``rows``: a slice of the
-    query rows, default all)."""
+              device=None, rows: tuple[int, int] | None = None,
+              cols: tuple[int, int] | None = None) -> dict:
+    """The variables of a score over ``[batch, heads, rows, cols]`` (``rows``, ``cols``: a
+    slice of the query rows and of the keys, default all)."""
     off = query_offset(Lq, Lk, q_offset)
     r0, r1 = rows or (0, Lq)
+    c0, c1 = cols or (0, Lk)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return {
         "q": (torch.arange(r0, r1, device=dev, dtype=torch.int64) + off).view(1, 1, -1, 1),
-        "k": torch.arange(Lk, device=dev, dtype=torch.int64).view(1, 1, 1, Lk),
+        "k": torch.arange(c0, c1, device=dev, dtype=torch.int64).view(1, 1, 1, -1),
         "h": torch.arange(num_heads, device=dev, dtype=torch.int64).view(1, num_heads, 1, 1),
         "b": torch.arange(batch, device=dev, dtype=torch.int64).view(batch, 1, 1, 1),
         "Lq": Lq, "Lk": Lk, "H": num_heads,

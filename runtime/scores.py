@@ -13,7 +13,7 @@ part of the plan): the forward applies the score to every computed pair, the dQ 
 adds the tables' gradients with ``tl.atomic_add`` into float32 buffers. The torch backend (:func:`fwd`, :func:`bwd`) computes by query
 row chunks: scores ``q·k * scale`` in float32 (float64 for float64 inputs), the score
 applied by :func:`spattn.ir.score.score_values`, the mask evaluated from the IR, then a
-masked softmax. Its backward uses the compiler's derivatives (:func:`spattn.ir.score.grads`):
+masked softmax; each row chunk only meets the keys of its non-EMPTY tiles (:func:`_chunks`). Its backward uses the compiler's derivatives (:func:`spattn.ir.score.grads`):
 ``dS' = P * (dP - delta)`` is the gradient of the modified score, ``dS = dS' * f'(s)``
 gives dq and dk, and a table's gradient is ``dS' * d f / d load`` scattered into the table
 with ``index_put_(accumulate=True)`` (deterministic on the CPU; on CUDA with
@@ -112,10 +112,34 @@ def _expand_kv(t, Hq):
     return t if Hk == Hq else t.repeat_interleave(Hq // Hk, dim=1)
 
 
-def _chunk(pattern, s, r0, r1, Lq, Lk, B, H, off, ins, memo=None):
-    """(mask, modified score) of rows r0..r1 (masked scores -inf)."""
+#: key tile of the torch backend's key spans (the analysis skips EMPTY tiles at this grain)
+SPAN_BLOCK = 64
+
+
+def _chunks(pattern, B, H, Lq, Lk, off, ins, device):
+    """``[(r0, r1, c0, c1)]``: the row chunks and, for each, the keys its rows may see —
+    the span of its non-EMPTY key tiles (tile classes of the mask: EMPTY is a proof)."""
+    from ..ir.tiles import EMPTY, classify
+    step = _rows(B, H, Lk)
+    tiles = classify(pattern, Lq, Lk, step, SPAN_BLOCK, num_heads=H, batch=B, q_offset=off,
+                     device=device, inputs={n: t for n, t in ins.items()
+                                            if n in pattern.inputs})
+    live = (tiles != EMPTY).flatten(0, 1).any(0)            # [row chunks, key tiles]
+    out = []
+    for i, r0 in enumerate(range(0, Lq, step)):
+        cols = torch.nonzero(live[i]).flatten().tolist()
+        if not cols:
+            continue                                          # no key: rows stay 0 / -inf
+        out.append((r0, min(Lq, r0 + step), cols[0] * SPAN_BLOCK,
+                    min(Lk, (cols[-1] + 1) * SPAN_BLOCK)))
+    return out
+
+
+def _chunk(pattern, s, r0, r1, c0, c1, Lq, Lk, B, H, off, ins):
+    """(env, mask, modified score) of rows r0..r1 against keys c0..c1 (masked scores
+    -inf)."""
     env = score_env(Lq, Lk, num_heads=H, batch=B, q_offset=off, device=s.device,
-                    rows=(r0, r1))
+                    rows=(r0, r1), cols=(c0, c1))
     m = evaluate(pattern.ir, env, ins)
     m = torch.as_tensor(m, device=s.device).to(torch.bool).expand(s.shape)
     f = score_values(pattern.score, s, env, ins)
@@ -129,20 +153,18 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict):
     Lk = k.shape[2]
     acc = _acc(q.dtype)
     kk, vv = _expand_kv(k, H).to(acc), _expand_kv(v, H).to(acc)
-    o = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Lq), dtype=acc, device=q.device)
-    step = _rows(B, H, Lk)
-    for r0 in range(0, Lq, step):
-        r1 = min(Lq, r0 + step)
-        s = torch.matmul(q[:, :, r0:r1].to(acc), kk.transpose(-1, -2)) * scale
-        _, _, f = _chunk(pattern, s, r0, r1, Lq, Lk, B, H, q_offset, inputs)
+    o = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, H, Lq), -math.inf, dtype=acc, device=q.device)
+    for r0, r1, c0, c1 in _chunks(pattern, B, H, Lq, Lk, q_offset, inputs, q.device):
+        s = torch.matmul(q[:, :, r0:r1].to(acc), kk[:, :, c0:c1].transpose(-1, -2)) * scale
+        _, _, f = _chunk(pattern, s, r0, r1, c0, c1, Lq, Lk, B, H, q_offset, inputs)
         mx = f.amax(-1, keepdim=True)
         mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
         p = torch.exp(f - mx)
         l = p.sum(-1, keepdim=True)
         has = l > 0
         l1 = torch.where(has, l, torch.ones_like(l))
-        o[:, :, r0:r1] = torch.matmul(p / l1, vv).to(q.dtype)
+        o[:, :, r0:r1] = torch.matmul(p / l1, vv[:, :, c0:c1]).to(q.dtype)
         lse[:, :, r0:r1] = torch.where(has, mx + torch.log(l1),
                                        torch.full((), -math.inf, dtype=acc,
                                                   device=q.device)).squeeze(-1)
@@ -189,32 +211,31 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
     acc = _acc(q.dtype)
     g = grads(pattern.score)
     kk, vv = _expand_kv(k, H).to(acc), _expand_kv(v, H).to(acc)
-    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkk = torch.zeros(kk.shape, dtype=acc, device=q.device)
     dvv = torch.zeros(vv.shape, dtype=acc, device=q.device)
     tg = {n: torch.zeros(inputs[n].shape, dtype=_acc(inputs[n].dtype), device=q.device)
           for n in table_grads}
-    step = _rows(B, H, Lk)
-    for r0 in range(0, Lq, step):
-        r1 = min(Lq, r0 + step)
+    for r0, r1, c0, c1 in _chunks(pattern, B, H, Lq, Lk, q_offset, inputs, q.device):
         qc = q[:, :, r0:r1].to(acc)
-        s = torch.matmul(qc, kk.transpose(-1, -2)) * scale
-        env, m, f = _chunk(pattern, s, r0, r1, Lq, Lk, B, H, q_offset, inputs)
+        kc, vc = kk[:, :, c0:c1], vv[:, :, c0:c1]
+        s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+        env, m, f = _chunk(pattern, s, r0, r1, c0, c1, Lq, Lk, B, H, q_offset, inputs)
         lr = lse[:, :, r0:r1].to(acc).unsqueeze(-1)
         lr = torch.where(torch.isfinite(lr), lr, torch.full((), math.inf, dtype=acc,
                                                              device=q.device))
         p = torch.exp(f - lr)
         doc = do[:, :, r0:r1].to(acc)
-        dp = torch.matmul(doc, vv.transpose(-1, -2))
+        dp = torch.matmul(doc, vc.transpose(-1, -2))
         delta = (doc * o[:, :, r0:r1].to(acc)).sum(-1, keepdim=True)
         if dlse is not None:
             delta = delta - dlse[:, :, r0:r1].to(acc).unsqueeze(-1)
         dsm = p * (dp - delta)                       # gradient of the modified score
         zero = torch.zeros((), dtype=acc, device=q.device)
         d = torch.where(m, dsm * score_values(g.ds, s, env, inputs), zero)
-        dq[:, :, r0:r1] = torch.matmul(d, kk) * scale
-        dkk += torch.matmul(d.transpose(-1, -2), qc) * scale
-        dvv += torch.matmul(p.transpose(-1, -2), doc)
+        dq[:, :, r0:r1] = torch.matmul(d, kc) * scale
+        dkk[:, :, c0:c1] += torch.matmul(d.transpose(-1, -2), qc) * scale
+        dvv[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), doc)
         for name in table_grads:
             for load, dl in g.of(name):
                 gl = torch.where(m, dsm * score_values(dl, s, env, inputs), zero)

@@ -74,6 +74,20 @@ def test_torch_backend_matches_reference(case):
     check(case, "torch")
 
 
+@pytest.mark.parametrize("case", [CASES[i] for i in (4, 5, 6, 7)],
+                         ids=[CASES[i][0] for i in (4, 5, 6, 7)])
+def test_torch_backend_key_spans(case, monkeypatch):
+    """Row chunks of 8 rows meeting only the key tiles (of 8) that are not EMPTY."""
+    monkeypatch.setattr(S, "CHUNK_SCORES", 2 * H * 48 * 8)
+    monkeypatch.setattr(S, "SPAN_BLOCK", 8)
+    spans = S._chunks(spattn.compile(case[1], **case[3]), 2, H, 48, 48, 0,
+                      _inputs(case, 48, 2, torch.float32), "cpu")
+    assert len(spans) == 6
+    if case[0] == "window-rel1d":
+        assert all(c1 - c0 <= 24 for _, _, c0, c1 in spans)
+    check(case, "torch")
+
+
 def test_torch_backend_gqa_and_decode_offset():
     check(CASES[6], "torch", Hk=2, Lq=20, Lk=48)
     check(CASES[0], "torch", Lq=5, Lk=48, q_offset=40)
