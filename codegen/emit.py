@@ -549,7 +549,7 @@ class _Emitter(Visitor):
 
     @rule(ToFloat)
     def to_float(self, n, c):
-        return f"{_par(c[0])}.to(tl.float32)"
+        return f"tl.cast({c[0]}, tl.float32)"     # (a length of 1 arrives as a constexpr)
 
     @rule(FAdd)
     def fadd(self, n, c):
