@@ -77,7 +77,8 @@ def compile_pattern(pat, kind: str, ones=(), **opts) -> list[str]:
 
 CASES = [
     ("input rel\npattern rel_bias = causal & window(256) "
-     "score softcap(30.0) + rel[h, clamp(q - k, 0, 255)]", {"strategy": "ranges"}, ()),
+     "score softcap(30.0) + rel[h, clamp(q - k, 0, 255)]", {"strategy": "ranges"},
+     ("grad_rel", "stride_rel_1", "size_rel_0")),
     ("input rel\npattern rel_bias = causal & window(256) "
      "score softcap(30.0) + rel[h, clamp(q - k, 0, 255)]", {"strategy": "table"}, ()),
     ("input rel\npattern rel_bias = causal & window(256) "
