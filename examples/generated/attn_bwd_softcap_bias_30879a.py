@@ -1,4 +1,4 @@
-# spattn-kernel key=30879acc7e779fb23e79390d9097b6a5 sha256=91f7be4f8d132417f029e012ddb3239e78866f8a48a3dfc590614748d6a74480
+# spattn-kernel key=30879acc7e779fb23e79390d9097b6a5 sha256=92971b3fdd1a0642edb19c34c3a16063d92e2376c79f6323e53bc8076bf40cc9
 """spattn generated backward attention kernels for pattern `softcap_bias`.
 
 Pattern (canonical source):
@@ -294,7 +294,7 @@ def _dq_range_30879a(
             # -- gradient of the table rel: dS' * d score / d entry, added atomically --
             m_g = (i_h >= 0) & (i_h < size_rel_0) & (i_g0_1 >= 0) & (i_g0_1 < size_rel_1)
             p_g = p_drel + i_h * stride_rel_0 + i_g0_1 * stride_rel_1 + 0 * (o_q + o_k)
-            tl.atomic_add(p_g, tl.where(b_p != 0.0, b_ds * 1.0, 0.0), mask=m_g)
+            tl.atomic_add(p_g, b_ds * 1.0, mask=m_g & (b_p != 0.0))   # masked pairs add nothing
         b_ds = tl.where(b_p != 0.0, b_ds * b_fd, 0.0)   # dS = dS' * d score / d s
         b_dq = tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq, input_precision=DOT_PREC)
     return b_dq
