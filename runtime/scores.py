@@ -1,23 +1,26 @@
 """Attention with a score modification: validation, the torch backend, autograd.
 
-A pattern with a score (``Pattern.score``, ``docs/language.md`` §13) runs here instead of
-through a :class:`~spattn.runtime.plan.Plan`: :func:`call` validates the call (the mask's
-int inputs as for every pattern; the score's float inputs: floating dtype, q's device,
-index dims, and every index in range, ``ir.intervals.check_input_bounds``), then runs the
-backend through :class:`ScoreFunction`, whose inputs are q, k, v *and* the float inputs,
-so that a learnable bias table that requires grad gets ``.grad``.
+A pattern with a score (``Pattern.score``, ``docs/language.md`` §13) runs here:
+:func:`call` validates the call (the mask's int inputs as for every pattern; the score's
+float inputs: floating dtype, q's device, index dims, and every index in range,
+``ir.intervals.check_input_bounds``), then runs the backend through
+:class:`ScoreFunction`, whose inputs are q, k, v *and* the float inputs, so that a
+learnable bias table that requires grad gets ``.grad``.
 
 Backends. ``"triton"`` runs the generated kernels through the call's plan
 (``runtime.plan.PLANS``; the tables are leading kernel arguments of every launch, not
 part of the plan): the forward applies the score to every computed pair, the dQ kernel
-adds the tables' gradients with ``tl.atomic_add`` into float32 buffers. The torch backend (:func:`fwd`, :func:`bwd`) computes by query
-row chunks: scores ``q·k * scale`` in float32 (float64 for float64 inputs), the score
-applied by :func:`spattn.ir.score.score_values`, the mask evaluated from the IR, then a
-masked softmax; each row chunk only meets the keys of its non-EMPTY tiles (:func:`_chunks`). Its backward uses the compiler's derivatives (:func:`spattn.ir.score.grads`):
-``dS' = P * (dP - delta)`` is the gradient of the modified score, ``dS = dS' * f'(s)``
-gives dq and dk, and a table's gradient is ``dS' * d f / d load`` scattered into the table
-with ``index_put_(accumulate=True)`` (deterministic on the CPU; on CUDA with
-``deterministic=True`` or under ``torch.use_deterministic_algorithms(True)``).
+adds the tables' gradients with ``tl.atomic_add`` into float32 buffers.
+
+The torch backend (:func:`fwd`, :func:`bwd`) computes by query row chunks, each against
+the keys of its non-EMPTY tiles (:func:`_chunks`): scores ``q·k * scale`` in float32
+(float64 for float64 inputs), the score applied by :func:`spattn.ir.score.score_values`,
+the mask evaluated from the IR, then a masked softmax. Its backward uses the compiler's
+derivatives (:func:`spattn.ir.score.grads`): ``dS' = P * (dP - delta)`` is the gradient
+of the modified score, ``dS = dS' * f'(s)`` gives dq and dk, and a table's gradient is
+``dS' * d f / d load`` scattered into the table with ``index_put_(accumulate=True)``
+(deterministic on the CPU; on CUDA with ``deterministic=True`` or under
+``torch.use_deterministic_algorithms(True)``).
 """
 from __future__ import annotations
 

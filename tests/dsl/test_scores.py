@@ -7,7 +7,7 @@ import torch
 
 import spattn
 from spattn.dsl.errors import SpattnParamError, SpattnSyntaxError, SpattnTypeError
-from spattn.ir.lower import compile_source, parse_score_ir
+from spattn.ir.lower import parse_score_ir
 from spattn.ir.nodes import Score
 from spattn.ir.printer import to_source
 from spattn.ir.score import derivative, grads, score_env, score_values

@@ -188,7 +188,8 @@ def test_kernels_show_the_score():
         assert "sm_scale, H" not in text and "b_x" not in text and "atomic" not in text
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("backend", ["torch",
+                                     pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_lse_and_its_gradient(backend):
     """return_lse: the natural log-sum-exp of the modified scores, and its gradient."""
     p = spattn.compile("causal & window(12)", score="softcap(2.0) + rel[h, clamp(q - k, 0, 11)]",
