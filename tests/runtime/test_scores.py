@@ -206,3 +206,13 @@ def test_lse_and_its_gradient(backend):
     want = torch.autograd.grad(ro.sum() + (rl * w.double()).sum(), leaves)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.interpreter
+def test_triton_far_positions_int64():
+    """Positions near 2**40 (64-bit kernels, the table strategy): the score reads q and k."""
+    case = ("far", "k < 20 | q % 3 == k % 3",
+            "s + rel[h, clamp(q - k - 1099511627776, 0, 7)] - float(q % 7) * 0.25",
+            {}, {"rel": (H, 8)}, False)
+    check(case, "triton", B=1, Lq=24, Lk=24, q_offset=2 ** 40)
+    check(case, "torch", B=1, Lq=24, Lk=24, q_offset=2 ** 40)
