@@ -270,10 +270,24 @@ def _ranges_plan(intervals, *, prefix: str, env: dict, length: str, block: str, 
 @dataclass(frozen=True)
 class TableGrad:
     """The gradient of one load of a learnable table (dQ kernel): the code of each index
-    and of ``d score / d load``."""
+    and of ``d score / d load``; ``reduce``: how the tile's contributions are summed before
+    the atomic add — ``"all"`` (the index depends on neither q nor k: one add per tile),
+    ``"rows"`` (on q only: one per query row), ``"cols"`` (on k only: one per key), or
+    ``""`` (on both: one per pair)."""
     name: str
     index: tuple[str, ...]
     value: str
+    reduce: str = ""
+
+
+def _reduction(load) -> str:
+    """:attr:`TableGrad.reduce` of a load: which of q and k its indices depend on."""
+    from ..ir.nodes import free_vars
+    used = set()
+    for ix in load.index:
+        used |= free_vars(ix) & {"q", "k"}
+    return {frozenset(): "all", frozenset({"q"}): "rows",
+            frozenset({"k"}): "cols"}.get(frozenset(used), "")
 
 
 @dataclass(frozen=True)
@@ -331,7 +345,8 @@ def _score_code(pattern, kind: str, int64: bool) -> ScoreCode | None:
     tg, pos = [], 2
     for i, (load, _) in enumerate(loads):
         nd = len(load.index)
-        tg.append(TableGrad(load.name, tuple(res[pos + 1:pos + 1 + nd]), res[pos]))
+        tg.append(TableGrad(load.name, tuple(res[pos + 1:pos + 1 + nd]), res[pos],
+                            _reduction(load)))
         pos += 1 + nd
     grad_params = tuple(x for n in inputs for x in (f"D{n.upper()}_ptr", f"grad_{n}")) \
         if kind == "dq" else ()

@@ -91,6 +91,8 @@ CASES = [
      {"strategy": "ranges"}, ("H", "Lq")),
     ("input temp\npattern temperature = causal score s * temp[h] + abs(s) * 0.5",
      {"strategy": "ranges"}, ()),
+    ("input qb\ninput kb\npattern qk_biases = causal score s + qb[h, q % 5] * kb[k % 7]",
+     {"strategy": "ranges"}, ()),
 ]
 
 

@@ -28,6 +28,8 @@ CASES = [
      {"rpb": (H, 5, 5)}, False),
     ("learned-temperature", "causal & window(20)", "s * temp[h] + 0.5 * abs(s)", {},
      {"temp": (H,)}, False),
+    ("query-and-key-biases", "causal & window(30)", "s + qb[h, q % 5] * kb[k % 7]", {},
+     {"qb": (H, 5), "kb": (7,)}, False),
 ]
 
 
