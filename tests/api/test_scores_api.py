@@ -93,3 +93,11 @@ def test_benchmark_dry_run(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.splitlines()[0].startswith("| case |") and "nbhd2d+rpb" in out
+
+
+def test_tracing_a_scored_pattern_is_a_clear_error(monkeypatch):
+    p = spattn.compile("causal", score="softcap(1.0)")
+    q = torch.randn(1, 2, 16, 16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(spattn.SpattnError, match="torch.compile"):
+        p(q, q, q)
