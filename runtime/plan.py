@@ -132,6 +132,11 @@ class Plan:
         self.aligned = _aligned(q, k, v)
         self._lock = threading.Lock()
         self._bwd: dict = {}
+        if backend == "torch" and getattr(pattern, "score", None) is not None:
+            # the torch backend's plans are mask-only: a score runs in runtime.scores
+            from ..dsl.errors import SpattnBackendError
+            raise SpattnBackendError("a pattern with a score runs through runtime.scores, "
+                                     "not a torch-backend plan")
         if backend == "torch":
             from . import torch_backend
             self.forward_stage = torch_backend.make_plan(

@@ -101,3 +101,13 @@ def test_tracing_a_scored_pattern_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with pytest.raises(spattn.SpattnError, match="torch.compile"):
         p(q, q, q)
+
+
+def test_the_custom_op_refuses_a_score():
+    """The torch.library op (what torch.compile traces) carries no tables: refused, never a
+    mask-only answer."""
+    from spattn.runtime import autograd as ag
+    p = spattn.compile("causal", score="softcap(1.0)")
+    q = torch.randn(1, 2, 16, 16)
+    with pytest.raises(spattn.SpattnError, match="torch.compile"):
+        ag.attention_op(q, q, q, [], ag.register(p), 0.25, 0, "torch")
