@@ -139,6 +139,10 @@ def derivative(score: Node, wrt: Node) -> Node:
     :class:`FLoad` of the score)."""
     t = _ToSympy(wrt)
     d = sympy.diff(t(score), t.x)
+    # every value is real: where sympy cannot prove a sub-expression real (a division that
+    # might be by 0) it writes re() and im() parts, which are the value and 0
+    d = d.replace(lambda e: isinstance(e, sympy.im), lambda e: sympy.Integer(0))
+    d = d.replace(lambda e: isinstance(e, sympy.re), lambda e: e.args[0])
     return build.to_float(_FromSympy(t)(d))
 
 
