@@ -37,10 +37,12 @@ from typing import Callable, Iterable, Mapping
 
 import networkx as nx
 
-from ..ir.nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
-                        Not, Or, Prod, Range, Select, Sum, Table, Var)
+from ..ir.nodes import (Abs, And, BoolConst, Const, FAdd, FCall, FConst, FDiv, FLoad, FloorDiv,
+                        FMul, FSelect, FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Prod,
+                        Range, Score, Select, Sum, Table, ToFloat, Var)
 from ..ir.bounds import wrap
 from ..ir.visitor import Visitor, rule
+from ..ir.nodes import FLOAT_TYPES
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -80,6 +82,11 @@ class _NonNeg(Visitor):
     """True if a node is provably ``>= 0`` for every value of the variables."""
 
     complete = True
+
+    @rule(*FLOAT_TYPES)
+    def float_node(self, n, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
+                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, signs: "_Signs"):
         self.signs = signs
@@ -137,6 +144,11 @@ class _Positive(Visitor):
     """True if a node is provably ``> 0``."""
 
     complete = True
+
+    @rule(*FLOAT_TYPES)
+    def float_node(self, n, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
+                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, signs: "_Signs"):
         self.signs = signs
@@ -220,7 +232,7 @@ class Emitted:
 
 
 def _is_leaf(n: Node) -> bool:
-    return isinstance(n, (Const, Var, BoolConst))
+    return isinstance(n, (Const, Var, BoolConst, FConst, Score))
 
 
 def _atomic(code: str) -> bool:
@@ -229,6 +241,8 @@ def _atomic(code: str) -> bool:
         return True
     if code.lstrip("-").isdigit():
         return not code.startswith("-")
+    if re.fullmatch(r"[0-9]+\.[0-9]*(e[-+]?[0-9]+)?", code):
+        return True              # a non-negative float literal
     depth = 0
     # a single call like f(a, b) or name.attr(...) is atomic
     if code.endswith(")") and "(" in code and code[0] != "(":
@@ -333,6 +347,8 @@ def _levels(order: list[Node], g: nx.DiGraph, loop_vars: frozenset) -> dict[Node
     for n in order:
         if isinstance(n, Var):
             inner[n] = n.name in loop_vars
+        elif isinstance(n, Score):
+            inner[n] = True          # the score of the pair: per tile
         else:
             inner[n] = any(inner[c] for c in g.successors(n))
     return inner
@@ -346,7 +362,7 @@ def _needs_name(g: nx.DiGraph, inner: dict[Node, bool], roots: list[Node]) -> se
     for n in g.nodes:
         if _is_leaf(n):
             continue
-        if g.in_degree(n) > 1 or isinstance(n, Load):
+        if g.in_degree(n) > 1 or isinstance(n, (Load, FLoad)):
             need.add(n)
         if not inner[n] and any(inner[p] for p in g.predecessors(n)):
             need.add(n)          # hoisted out of the tile loop
@@ -354,6 +370,8 @@ def _needs_name(g: nx.DiGraph, inner: dict[Node, bool], roots: list[Node]) -> se
             need.add(n.a)
         if isinstance(n, Table) and not _is_leaf(n.index):
             need.add(n.index)
+        if isinstance(n, FLoad):     # each index is read by the bounds mask and the pointer
+            need.update(i for i in n.index if not _is_leaf(i))
         if isinstance(n, Range) and n.lo is not None and n.hi is not None and n.lo != n.hi \
                 and not _is_leaf(n.x):
             need.add(n.x)        # both bounds read x: compute it once
@@ -366,6 +384,7 @@ class _Emitter(Visitor):
     and the lines that name the temporaries, split into outer and inner levels."""
 
     complete = True
+
 
     def __init__(self, roots, result_names, env, *, loop_vars, load_ref, signs, prefix, int64):
         self.roots, self.env, self.load_ref = roots, env, load_ref
@@ -404,7 +423,7 @@ class _Emitter(Visitor):
     def _name(self, n: Node) -> str:
         if n in self.named_root:
             return self.named_root[n]
-        if isinstance(n, Load):
+        if isinstance(n, (Load, FLoad)):
             return f"{self.prefix}b_{n.name}_{self.counter['load']}"
         kind = "t" if self.inner[n] else "u"
         self.counter[kind] += 1
@@ -546,6 +565,68 @@ class _Emitter(Visitor):
     def junction(self, n, c):
         op = " & " if isinstance(n, And) else " | "
         return op.join(_par(x) for x in c)
+
+    # -- float nodes (a score and its derivatives; fp32 in the kernel)
+
+    @rule(FConst)
+    def fconst(self, n, c):
+        return repr(float(n.value))
+
+    @rule(Score)
+    def score(self, n, c):
+        return self.env["s"]
+
+    @rule(ToFloat)
+    def to_float(self, n, c):
+        return f"tl.cast({c[0]}, tl.float32)"     # (a length of 1 arrives as a constexpr)
+
+    @rule(FAdd)
+    def fadd(self, n, c):
+        return " + ".join(c)
+
+    @rule(FMul)
+    def fmul(self, n, c):
+        return " * ".join(_par(x) for x in c)
+
+    @rule(FDiv)
+    def fdiv(self, n, c):
+        return f"{_par(c[0])} / {_par(c[1])}"
+
+    @rule(FCall)
+    def fcall(self, n, c):
+        fn = n.fn
+        if fn in ("min", "max"):
+            acc = c[0]
+            for x in c[1:]:
+                acc = f"tl.{fn}imum({acc}, {x})"
+            return acc
+        x = c[0]
+        if fn == "tanh":          # tanh(x) = 2 sigmoid(2x) - 1 (no tl.tanh)
+            return f"(2.0 * tl.sigmoid(2.0 * {_par(x)}) - 1.0)"
+        if fn == "sign":
+            return f"tl.where({_par(x)} > 0, 1.0, tl.where({_par(x)} < 0, -1.0, 0.0))"
+        if fn == "step":
+            return f"tl.where({_par(x)} > 0, 1.0, tl.where({_par(x)} < 0, 0.0, 0.5))"
+        return {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "abs": "tl.abs"}[fn] + \
+            f"({x})"
+
+    @rule(FSelect)
+    def fselect(self, n, c):
+        return f"tl.where({c[0]}, {c[1]}, {c[2]})"
+
+    @rule(FTable)
+    def ftable(self, n, c):
+        idx = _par(c[0])
+        vals = [repr(float(v)) for v in n.values]
+        acc = vals[-1]
+        for i in range(len(vals) - 2, -1, -1):
+            acc = f"tl.where({idx} == {i}, {vals[i]}, {acc})"
+        return acc
+
+    @rule(FLoad)
+    def fload(self, n, c):
+        """A masked load of a float table element, as fp32 (out-of-range indices read 0)."""
+        return self.load(n, c).replace(", other=0)", ", other=0.0).to(tl.float32)")
 
 
 def _mentions(text: str, name: str) -> bool:

@@ -61,7 +61,7 @@ from ..ir.nodes import BoolConst
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "12"
+CODEGEN_VERSION = "13"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -268,19 +268,110 @@ def _ranges_plan(intervals, *, prefix: str, env: dict, length: str, block: str, 
 
 
 @dataclass(frozen=True)
+class TableGrad:
+    """The gradient of one load of a learnable table (dQ kernel): the code of each index
+    and of ``d score / d load``; ``reduce``: how the tile's contributions are summed before
+    the atomic add — ``"all"`` (the index depends on neither q nor k: one add per tile),
+    ``"rows"`` (on q only: one per query row), ``"cols"`` (on k only: one per key), or
+    ``""`` (on both: one per pair)."""
+    name: str
+    index: tuple[str, ...]
+    value: str
+    reduce: str = ""
+
+
+def _reduction(load) -> str:
+    """:attr:`TableGrad.reduce` of a load: which of q and k its indices depend on."""
+    from ..ir.nodes import free_vars
+    used = set()
+    for ix in load.index:
+        used |= free_vars(ix) & {"q", "k"}
+    return {frozenset(): "all", frozenset({"q"}): "rows",
+            frozenset({"k"}): "cols"}.get(frozenset(used), "")
+
+
+@dataclass(frozen=True)
+class ScoreCode:
+    """A pattern's score as code for one kernel: per-tile ``lines`` computing ``value``
+    (the modified score, natural units, from ``b_x = q·k * sm_scale``) and, in the
+    backward kernels, ``deriv`` (``d score / d s``); ``params``: the kernel parameters of
+    the float tables (at the head of the kernel's arguments: they may change every call);
+    ``grads``: the table gradients (dQ kernel), ``grad_params`` their parameters."""
+    lines: tuple[str, ...]
+    value: str
+    deriv: str | None
+    inputs: tuple[str, ...]
+    params: tuple[str, ...]
+    grads: tuple[TableGrad, ...]
+    grad_params: tuple[str, ...]
+    helpers: bool
+
+    @property
+    def unit_deriv(self) -> bool:
+        """``d score / d s`` is 1 (an additive bias): the gradients need no factor."""
+        return self.deriv == "1.0"
+
+    @property
+    def const_deriv(self) -> bool:
+        """``d score / d s`` is a finite constant (no guard against masked pairs)."""
+        return self.deriv is not None and re.fullmatch(r"-?[0-9.e+-]+", self.deriv) is not None
+
+
+def _score_code(pattern, kind: str, int64: bool) -> ScoreCode | None:
+    """The score of ``pattern`` as code for the ``kind`` kernel ("fwd", "dq", "dkdv"): the
+    modified score, its derivative (backward), and in dQ the table gradients, emitted
+    together (common sub-expressions shared) with every variable per tile."""
+    if getattr(pattern, "score", None) is None:
+        return None
+    from ..ir.score import grads as score_grads
+    roots, names = [pattern.score], ["b_f"]
+    g = None
+    if kind != "fwd":
+        g = score_grads(pattern.score)
+        roots.append(g.ds)
+        names.append("b_fd")
+    loads = g.dloads if kind == "dq" else ()
+    for i, (load, d) in enumerate(loads):
+        roots.append(d)
+        names.append(f"b_fg{i}")
+        for j, ix in enumerate(load.index):
+            roots.append(ix)
+            names.append(f"i_g{i}_{j}")
+    em = emit(roots, dict(ENV, s="b_x"), loop_vars=tuple(ENV), result_names=names,
+              prefix="sc_", int64=int64)
+    assert not em.outer, em.outer          # every variable is per tile: nothing hoisted
+    res = list(em.results)
+    inputs = tuple(pattern.score_inputs)
+    tg, pos = [], 2
+    for i, (load, _) in enumerate(loads):
+        nd = len(load.index)
+        tg.append(TableGrad(load.name, tuple(res[pos + 1:pos + 1 + nd]), res[pos],
+                            _reduction(load)))
+        pos += 1 + nd
+    grad_params = tuple(x for n in inputs for x in (f"D{n.upper()}_ptr", f"grad_{n}")) \
+        if kind == "dq" else ()
+    return ScoreCode(tuple(em.inner), res[0], res[1] if g is not None else None, inputs,
+                     tuple(_input_params(dict(pattern.score_inputs))), tuple(tg), grad_params,
+                     em.uses_helpers)
+
+
+@dataclass(frozen=True)
 class KernelData:
     """What one kernel's template reads beside the config: its predicate, its ranges
     plan (None for the table strategy), the runtime inputs' names, the kernel parameters
-    of the inputs, and the extra arguments of its tile loops (inputs, hoisted names)."""
+    of the inputs, the extra arguments of its tile loops (inputs, hoisted names), and the
+    score's code (None for a pattern without a score)."""
     pred: Predicate
     plan: RangesPlan | None
     inputs: tuple[str, ...]
     input_params: tuple[str, ...]
     loop_args: tuple[str, ...]
+    score: ScoreCode | None = None
 
     @property
     def helpers(self) -> bool:
-        return self.pred.helpers or (self.plan is not None and self.plan.helpers)
+        return self.pred.helpers or (self.plan is not None and self.plan.helpers) or \
+            (self.score is not None and self.score.helpers)
 
 
 def _input_params(inputs: dict[str, int]) -> list[str]:
@@ -305,11 +396,20 @@ def _input_loop_args(inputs: dict[str, int]) -> list[str]:
     return out
 
 
-def _kernel_data(pattern, config, loop_var: str, plan: RangesPlan | None) -> KernelData:
+def _kernel_data(pattern, config, loop_var: str, plan: RangesPlan | None,
+                 kind: str = "fwd") -> KernelData:
     inputs = dict(pattern.inputs)
     pred = _predicate(pattern, loop_var, config.int64)
-    return KernelData(pred, plan, tuple(inputs), tuple(_input_params(inputs)),
-                      tuple(_input_loop_args(inputs)) + pred.args)
+    score = _score_code(pattern, kind, config.int64)
+    if score is None:
+        return KernelData(pred, plan, tuple(inputs), tuple(_input_params(inputs)),
+                          tuple(_input_loop_args(inputs)) + pred.args)
+    floats = dict(pattern.score_inputs)
+    extra = tuple(_input_loop_args(floats)) + ("sm_scale",)
+    if kind == "dq":
+        extra += tuple(x for n in floats for x in (f"p_d{n}", f"grad_{n}"))
+    return KernelData(pred, plan, tuple(inputs) + tuple(floats), tuple(_input_params(inputs)),
+                      tuple(_input_loop_args(inputs)) + pred.args + extra, score)
 
 
 def _rows_plan(closed_form, config, block: str, merge: bool) -> RangesPlan | None:
@@ -340,7 +440,8 @@ def _render(template: str, **context) -> str:
 def render_fwd(pattern, config, key: str, closed_form=None) -> str:
     """The forward module (``codegen/templates/fwd.py.j2``)."""
     fused = config.loop in ("fused", "persistent")
-    fwd = _kernel_data(pattern, config, "k", _rows_plan(closed_form, config, "BLOCK_N", fused))
+    fwd = _kernel_data(pattern, config, "k", _rows_plan(closed_form, config, "BLOCK_N", fused),
+                       "fwd")
     return _render("fwd.py.j2", kind="fwd", pattern=pattern, config=config, key=key,
                    names=_names(pattern, key[:6]), fwd=fwd,
                    merged=fwd.plan.merged if fwd.plan else 0,
@@ -358,8 +459,9 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
     per program) and dQ with its own (``BLOCK_M2``, ``BLOCK_N2``): the ranges schedules
     use each kernel's constants, the tables are built per shape.
     """
-    dkdv = _kernel_data(pattern, config, "q", _cols_plan(closed_form, config))
-    dq = _kernel_data(pattern, config, "k", _rows_plan(closed_form, config, "BLOCK_N2", False))
+    dkdv = _kernel_data(pattern, config, "q", _cols_plan(closed_form, config), "dkdv")
+    dq = _kernel_data(pattern, config, "k", _rows_plan(closed_form, config, "BLOCK_N2", False),
+                      "dq")
     return _render("bwd.py.j2", kind="bwd", pattern=pattern, config=config, key=key,
                    names=_names(pattern, key[:6]), dkdv=dkdv, dq=dq, merged=0,
                    floor_helpers=HELPERS if dkdv.helpers or dq.helpers else "")

@@ -37,6 +37,23 @@ class Int(Expr):
 
 
 @dataclass(frozen=True)
+class Float(Expr):
+    """A float literal (scores only)."""
+    value: float
+    line: int = _pos()
+    column: int = _pos()
+
+
+@dataclass(frozen=True)
+class Scored(Expr):
+    """A bare pattern with its score: ``mask score score``."""
+    mask: Expr
+    score: Expr
+    line: int = _pos()
+    column: int = _pos()
+
+
+@dataclass(frozen=True)
 class Bool(Expr):
     value: bool
     line: int = _pos()
@@ -127,9 +144,10 @@ class Stmt:
 
 @dataclass(frozen=True)
 class ParamDecl(Stmt):
-    """``param NAME [= INT | [INT, ...]]``; ``default`` is None when there is none."""
+    """``param NAME [= NUMBER | [NUMBER, ...]]``; ``default`` is None when there is none
+    (numbers are ints, or floats for a score's params)."""
     name: str
-    default: Union[int, tuple[int, ...], None]
+    default: Union[int, float, tuple, None]
     line: int = _pos()
     column: int = _pos()
 
@@ -154,11 +172,12 @@ class Def(Stmt):
 
 @dataclass(frozen=True)
 class PatternDef(Stmt):
-    """``pattern NAME = expr``."""
+    """``pattern NAME = expr [score expr]``."""
     name: str
     expr: Expr
     line: int = _pos()
     column: int = _pos()
+    score: Optional[Expr] = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +225,13 @@ class Builtin(Expr):
 
 
 @dataclass(frozen=True)
+class ScoreRef(Expr):
+    """The score variable ``s`` (meaningful in a score only)."""
+    line: int = _pos()
+    column: int = _pos()
+
+
+@dataclass(frozen=True)
 class Free(Expr):
     """A free name of a bare expression, not yet known to be an input (resolution-internal)."""
     name: str
@@ -229,6 +255,8 @@ def children(node: Expr) -> tuple[Expr, ...]:
         return node.operands
     if isinstance(node, If):
         return (node.cond, node.then, node.else_)
+    if isinstance(node, Scored):
+        return (node.mask, node.score)
     return ()
 
 

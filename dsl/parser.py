@@ -33,11 +33,13 @@ _TOKEN_NAMES = {
     "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "DSLASH": "'//'", "PERCENT": "'%'",
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "EQUAL": "'='",
     "PARAM": "'param'", "INPUT": "'input'", "DEF": "'def'", "PATTERN": "'pattern'",
+    "SCORE": "'score'", "SLASH": "'/'", "FLOAT": "a float",
 }
 # Tokens that can start an expression, and binary operators: collapsed in messages.
-_EXPR_START = {"NAME", "INT", "LPAR", "LSQB", "MINUS", "TILDE", "NOT", "IF", "TRUE", "FALSE"}
+_EXPR_START = {"NAME", "INT", "FLOAT", "LPAR", "LSQB", "MINUS", "TILDE", "NOT", "IF", "TRUE",
+               "FALSE"}
 _OPERATORS = {"OR", "AND", "VBAR", "AMP", "LT", "LE", "GT", "GE", "EQ", "NE", "PLUS", "MINUS",
-              "STAR", "DSLASH", "PERCENT", "LSQB"}
+              "STAR", "DSLASH", "SLASH", "PERCENT", "LSQB", "SCORE"}
 _ORDER = ["RPAR", "RSQB", "COMMA", "THEN", "ELSE", "EQUAL", "LPAR", "NAME", "INT"]
 
 
@@ -68,7 +70,11 @@ def parse_expression(src: str, filename: Optional[str] = None) -> A.Expr:
                                 column=1, filename=filename)
     tree = _parse(src, "expression", filename)
     try:
-        return _expr(tree.children[0])
+        mask, _kw, score = tree.children
+        if score is not None:
+            m = _expr(mask)
+            return A.Scored(m, _expr(score), line=m.line, column=m.column)
+        return _expr(mask)
     except RecursionError:
         raise _too_deep(src, filename) from None
     except _LiteralError as e:
@@ -163,9 +169,7 @@ def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnS
         accepts = _accepts_at(src, e.pos_in_stream, start)
         expected = _expected_text(accepts if accepts is not None else (e.allowed or ()))
         line, column = e.line, e.column
-        if ch == "/":
-            hint = " (integer division is written //)"
-        elif ch == "!":
+        if ch == "!":
             hint = " (not-equal is written !=; negation is ~ or not)"
         elif ch == "^":
             hint = " (there is no xor or power operator)"
@@ -242,9 +246,17 @@ def _int(tok: Token) -> int:
     return int(digits)
 
 
-def _signed(tree: Tree) -> int:
+def _float(tok: Token) -> float:
+    v = float(str(tok).replace("_", ""))
+    if v == float("inf"):
+        raise _LiteralError(tok, str(tok))
+    return v
+
+
+def _signed(tree: Tree):
     minus, value = tree.children
-    return -_int(value) if minus is not None else _int(value)
+    v = _float(value) if value.type == "FLOAT" else _int(value)
+    return -v if minus is not None else v
 
 
 def _stmt(t: Tree) -> A.Stmt:
@@ -268,8 +280,9 @@ def _stmt(t: Tree) -> A.Stmt:
             names = tuple(str(c) for c in params.children if c is not None)
         return A.Def(str(name), names, _expr(body), **_pos(name))
     if kind == "pattern_stmt":
-        name, body = t.children
-        return A.PatternDef(str(name), _expr(body), **_pos(name))
+        name, body, _kw, score = t.children
+        return A.PatternDef(str(name), _expr(body), **_pos(name),
+                            score=None if score is None else _expr(score))
     raise AssertionError(kind)  # pragma: no cover
 
 
@@ -290,6 +303,8 @@ def _expr(t) -> A.Expr:
     p = _pos(t)
     if d == "int_":
         return A.Int(_int(c[0]), **p)
+    if d == "float_":
+        return A.Float(_float(c[0]), **p)
     if d == "true_":
         return A.Bool(True, **p)
     if d == "false_":

@@ -23,6 +23,16 @@ BUILTINS = {
     # arguments are constants or constant lists (one entry per axis)
     "coord": (3, 3),
     "neighborhood": (2, 5),
+    # scores (float functions; docs/language.md §13)
+    "tanh": (1, 1),
+    "exp": (1, 1),
+    "log": (1, 1),
+    "sqrt": (1, 1),
+    "sign": (1, 1),
+    "step": (1, 1),
+    "float": (1, 1),         # an int as a float
+    # T5's logarithmic distance bucket (an int): log_bucket(n, exact, max_distance, buckets)
+    "log_bucket": (4, 4),
 }
 
 #: Builtins whose arguments may be unindexed lists.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -35,7 +36,11 @@ VARIABLES = ("q", "k", "h", "b", "Lq", "Lk", "H")
 #: The most nodes a pattern may have once every macro is inlined.
 MAX_EXPANDED_NODES = 200_000
 
-ParamValue = Union[int, tuple[int, ...]]
+ParamValue = Union[int, float, tuple]
+
+
+def _is_float(v) -> bool:
+    return isinstance(v, float) or (isinstance(v, tuple) and any(isinstance(x, float) for x in v))
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class Resolved:
     source: str = ""
     filename: Optional[str] = None
     positions: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)          # pattern name -> score tree or None
+    float_inputs: dict = field(default_factory=dict)    # pattern name -> {input: dims}
 
 
 # ------------------------------------------------------------------ helpers
@@ -84,6 +91,12 @@ def bind_value(name: str, value) -> ParamValue:
     def one(v):
         if isinstance(v, bool) or (hasattr(v, "dtype") and "bool" in str(getattr(v, "dtype"))):
             raise SpattnParamError(f"param {name!r} must be an int or a list of ints, got a bool")
+        if isinstance(v, float) or (hasattr(v, "dtype") and "float" in str(getattr(v, "dtype"))
+                                    and getattr(v, "ndim", 0) == 0):
+            f = float(v)
+            if not math.isfinite(f):
+                raise SpattnParamError(f"float param {name!r} must be finite, got {f!r}")
+            return f
         try:
             i = operator.index(v)
         except TypeError:
@@ -97,6 +110,8 @@ def bind_value(name: str, value) -> ParamValue:
         vals = tuple(one(v) for v in value)
         if not vals:
             raise SpattnParamError(f"list param {name!r} is empty")
+        if any(isinstance(v, float) for v in vals):
+            vals = tuple(float(v) for v in vals)
         return vals
     if hasattr(value, "tolist") and getattr(value, "ndim", 0) == 1:
         return bind_value(name, value.tolist())
@@ -104,7 +119,7 @@ def bind_value(name: str, value) -> ParamValue:
 
 
 def _kind(v: ParamValue) -> str:
-    return "a list" if isinstance(v, tuple) else "an int"
+    return "a list" if isinstance(v, tuple) else "a float" if isinstance(v, float) else "an int"
 
 
 class _Scope:
@@ -146,6 +161,7 @@ class _Resolver:
         self.scope = scope
         self.stack: list[str] = []
         self.count = 0
+        self.in_mask = True          # resolving a mask (float params refused) or a score
 
     # -------------------------------------------------------------- errors
     def err(self, cls, msg: str, node, origin=None) -> SpattnError:
@@ -168,6 +184,8 @@ class _Resolver:
         p = self.pos(node, origin)
         if isinstance(node, A.Int):
             return A.Int(node.value, **p)
+        if isinstance(node, A.Float):
+            return A.Float(node.value, **p)
         if isinstance(node, A.Bool):
             return A.Bool(node.value, **p)
         if isinstance(node, A.Name):
@@ -213,16 +231,28 @@ class _Resolver:
         if not scope.prelude_scope:
             if n in scope.params:
                 scope.used_params.add(n)
-                v = scope.params[n]
-                return A.ListValue(v, n, **p) if isinstance(v, tuple) else A.Int(v, **p)
+                v = self.param(n, scope, node, origin)
+                if isinstance(v, tuple):
+                    return A.ListValue(v, n, **p)
+                return A.Float(v, **p) if isinstance(v, float) else A.Int(v, **p)
             if n in scope.inputs:
                 return A.InputRef(n, **p)
         found = scope.macro(n)
         if found is not None:
             return self.expand(found, (), node, origin, scope)
+        if n == "s":
+            return A.ScoreRef(**p)
         if scope.bare:
             return A.Free(n, **p)
         raise self.unknown(node, n, scope, origin, env=env)
+
+    def param(self, n: str, scope: _Scope, node, origin):
+        """The value of param ``n``; a float one only in a score."""
+        v = scope.params[n]
+        if self.in_mask and _is_float(v):
+            raise self.err(SpattnParamError, f"param {n!r} is a float ({short_repr(v)}), but "
+                           "a mask takes ints only: float params are for scores", node, origin)
+        return v
 
     def index(self, node: A.Index, env: dict, origin, scope: _Scope) -> A.Expr:
         p = self.pos(node, origin)
@@ -241,7 +271,7 @@ class _Resolver:
                                f"parentheses: {n}(...)", base, origin)
             elif not scope.prelude_scope and n in scope.params:
                 scope.used_params.add(n)
-                v = scope.params[n]
+                v = self.param(n, scope, base, origin)
                 if not isinstance(v, tuple):
                     raise self.err(SpattnTypeError, f"param {n!r} is an int and cannot be "
                                    "indexed", base, origin)
@@ -402,8 +432,12 @@ def _check_uses(r: _Resolver, tree: A.Expr, dims: dict) -> dict:
 # ------------------------------------------------------------------- entry
 
 def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None, *,
-                       filename: Optional[str] = None, inputs_first: bool = False) -> Resolved:
-    """Resolve a bare expression; keyword ``params`` bind its free names.
+                       filename: Optional[str] = None, inputs_first: bool = False,
+                       score_mode: bool = False) -> Resolved:
+    """Resolve a bare expression (with its score, an :class:`~spattn.dsl.ast.Scored`);
+    keyword ``params`` bind its free names.
+
+    ``score_mode``: the expression itself is a score (for parsing printed score IR).
 
     ``inputs_first``: every indexed name that is not a variable or a param is a
     runtime input, even one spelled like a prelude macro (for parsing printed IR).
@@ -416,17 +450,28 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
         bound[name] = bind_value(name, value)
     scope = _Scope(params=bound, bare=True, inputs_first=inputs_first)
     r = _Resolver(source, filename, scope)
+    score_expr = None
+    if isinstance(expr, A.Scored):
+        expr, score_expr = expr.mask, expr.score
+    r.in_mask = not score_mode
     tree = r.expr(expr, {}, None, scope)
-    indexed = {n.base.name for n in A.walk(tree)
+    trees = [tree]
+    if score_expr is not None:
+        r.in_mask = False
+        trees.append(r.expr(score_expr, {}, None, scope))
+    indexed = {n.base.name for t in trees for n in A.walk(t)
                if isinstance(n, A.Index) and isinstance(n.base, A.Free)}
-    for n in A.walk(tree):
-        if isinstance(n, A.Free) and n.name not in indexed:
-            cands = scope.names() | set(bound)
-            hint = suggest(n.name, cands) or \
-                f" (bind it with a keyword param: compile(..., {n.name}=...))"
-            raise r.err(SpattnNameError, f"unknown name {n.name!r}{hint}", n)
-    tree = _rebuild(tree, lambda n: A.InputRef(n.name, line=n.line, column=n.column)
-                    if isinstance(n, A.Free) else n)
+    for t in trees:
+        for n in A.walk(t):
+            if isinstance(n, A.Free) and n.name not in indexed:
+                cands = scope.names() | set(bound)
+                hint = suggest(n.name, cands) or \
+                    f" (bind it with a keyword param: compile(..., {n.name}=...))"
+                raise r.err(SpattnNameError, f"unknown name {n.name!r}{hint}", n)
+    trees = [_rebuild(t, lambda n: A.InputRef(n.name, line=n.line, column=n.column)
+                      if isinstance(n, A.Free) else n) for t in trees]
+    tree = trees[0]
+    score_tree = trees[1] if len(trees) > 1 else None
     unused = sorted(set(bound) - scope.used_params)
     if unused:
         free = {n.id for n in A.walk(expr) if isinstance(n, A.Name)}
@@ -436,8 +481,12 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
             + suggest(unused[0], free - set(VARIABLES)))
     dims: dict = {}
     mine = _check_uses(r, tree, dims)
+    floats = {}
+    if score_tree is not None:
+        floats = {n: nd for n, nd in _check_uses(r, score_tree, dims).items() if n not in mine}
     return Resolved({"pattern": tree}, dict(bound), {"pattern": mine}, source, filename,
-                    {"pattern": (expr.line, expr.column)})
+                    {"pattern": (expr.line, expr.column)}, {"pattern": score_tree},
+                    {"pattern": floats})
 
 
 def _def_refs(body: A.Expr, params: tuple[str, ...]) -> list[A.Expr]:
@@ -523,7 +572,7 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
     # static checks of every macro body: unknown names, recursion
     graph: dict[str, list[tuple[str, A.Expr]]] = {}
     r = _Resolver(src, fname, scope)
-    known = scope.names()
+    known = scope.names() | {"s"}          # the score variable (a score's macros use it)
     for n, d in macros.items():
         edges = []
         bases = {id(x.base) for x in A.walk(d.body) if isinstance(x, A.Index)}
@@ -541,13 +590,26 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
 
     trees: dict[str, A.Expr] = {}
     per: dict[str, dict[str, int]] = {}
+    scores: dict = {}
+    floats: dict = {}
     dims: dict = {}
     for n, s in patterns.items():
+        r.in_mask = True
         tree = r.expr(s.expr, {}, None, scope)
         trees[n] = tree
         per[n] = _check_uses(r, tree, dims)
+    for n, s in patterns.items():
+        scores[n] = None
+        floats[n] = {}
+        if s.score is not None:
+            r.in_mask = False
+            scores[n] = r.expr(s.score, {}, None, scope)
+            used = _check_uses(r, scores[n], dims)
+            masks = set().union(*per.values())
+            floats[n] = {i: nd for i, nd in used.items() if i not in masks}
     return Resolved(trees, bound, per, src, fname,
-                    {n: (s.expr.line, s.expr.column) for n, s in patterns.items()})
+                    {n: (s.expr.line, s.expr.column) for n, s in patterns.items()},
+                    scores, floats)
 
 
 def _check_cycles(graph, macros, err) -> None:

@@ -57,6 +57,7 @@ from .inputs import query_offset
 from .nodes import (INT, Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                     Not, Or, Prod, Range, Select, Sum, Table, Var, walk)
 from .visitor import Visitor, rule
+from .nodes import FLOAT_TYPES
 
 __all__ = ["Domain", "Checked", "call_domain", "node_bounds", "bounds_of", "analyse",
            "check_call", "require", "kernel_int64", "closed_form_exact", "input_ranges", "static_names", "wrap",
@@ -136,6 +137,11 @@ class _Bounds(Visitor):
     partial products, which the interval pass computes too."""
 
     complete = True
+
+    @rule(*FLOAT_TYPES)
+    def float_node(self, n, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
+                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, domain: Domain):
         self.vars = {n: (lo, hi) for n, lo, hi in domain.variables}
@@ -326,6 +332,11 @@ class _Requirements(Visitor):
     (the rules of the module docstring), and the equalities decided modulo ``2**bits``."""
 
     complete = True
+
+    @rule(*FLOAT_TYPES)
+    def float_node(self, n, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
+                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, b: _Bounds, bits: int):
         self.bounds = b.memo

@@ -18,8 +18,10 @@ from typing import Iterable, Optional
 import sympy
 
 from ..dsl.errors import SpattnTypeError, SpattnValueError
-from .nodes import (BOOL, INT, Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min,
-                    Mod, Node, Not, Or, Prod, Range, Select, Sum, Table, Var, sort_key, walk)
+from .nodes import (BOOL, FLOAT, FLOAT_FUNCS, INT, Abs, And, BoolConst, Const, FAdd, FCall,
+                    FConst, FDiv, FLoad, FloorDiv, FMul, FSelect, FTable, IsPow2, Load, Max,
+                    Min, Mod, Node, Not, Or, Prod, Range, Score, Select, Sum, Table, ToFloat,
+                    Var, sort_key, walk)
 
 TRUE = BoolConst(True)
 FALSE = BoolConst(False)
@@ -41,8 +43,8 @@ def var(name: str) -> Var:
 
 def _need(node: Node, ty: str, what: str) -> None:
     if node.type != ty:
-        raise SpattnTypeError(f"{what} must be {'an int' if ty == INT else 'a bool'}, "
-                              f"got {'an int' if node.type == INT else 'a bool'}")
+        names = {INT: "an int", BOOL: "a bool", FLOAT: "a float"}
+        raise SpattnTypeError(f"{what} must be {names[ty]}, got {names[node.type]}")
 
 
 # ------------------------------------------------------------ linear forms
@@ -418,3 +420,232 @@ def and_(*xs: Node) -> Node:
 
 def or_(*xs: Node) -> Node:
     return _junction(Or, xs)
+
+
+# ------------------------------------------------------------------ floats
+# The score language (docs/language.md §13): constructors of the float nodes. Ints are
+# promoted where a float is expected (``to_float``); bools never are.
+
+def _tname(t: str) -> str:
+    return {INT: "an int", BOOL: "a bool", FLOAT: "a float"}[t]
+
+
+def fconst(value: float) -> FConst:
+    v = float(value)
+    if not math.isfinite(v):
+        raise SpattnValueError(f"float constants must be finite, got {value!r}")
+    return FConst(v + 0.0)          # -0.0 -> 0.0: one constant per value
+
+
+SCORE = Score()
+
+
+def to_float(x: Node) -> Node:
+    """``x`` as a float (an int is converted; a float is returned as it is)."""
+    if x.type == FLOAT:
+        return x
+    if x.type != INT:
+        raise SpattnTypeError(f"expected a number (int or float), got {_tname(x.type)}")
+    if isinstance(x, Const):
+        return fconst(x.value)
+    return ToFloat(x)
+
+
+def _fops(xs, what: str) -> list[Node]:
+    return [to_float(x) if x.type == INT else _fneed(x, what) for x in xs]
+
+
+def _fneed(x: Node, what: str) -> Node:
+    if x.type != FLOAT:
+        raise SpattnTypeError(f"{what} must be a number, got {_tname(x.type)}")
+    return x
+
+
+def _fassoc(kind, xs, what: str, fold, neutral: float) -> Node:
+    flat: list[Node] = []
+    for x in _fops(xs, what):
+        flat.extend(x.args if isinstance(x, kind) else (x,))
+    c = neutral
+    rest = []
+    ints = []
+    for x in flat:
+        if isinstance(x, FConst):
+            c = fold(c, x.value)
+        elif isinstance(x, ToFloat):
+            ints.append(x.a)
+        else:
+            rest.append(x)
+    if ints:
+        # int operands combine exactly as ints: one ToFloat per sum or product
+        whole = add(*ints) if kind is FAdd else reduce(mul, ints)
+        if kind is FMul and c != neutral and c == int(c) and abs(c) < 2 ** 53:
+            whole, c = scale(whole, int(c)), neutral
+        rest.append(to_float(whole))
+        if isinstance(rest[-1], FConst):
+            c = fold(c, rest.pop().value)
+    rest.sort(key=sort_key)
+    if c != neutral or not rest:
+        rest.append(fconst(c))
+    if len(rest) == 1:
+        return rest[0]
+    return kind(tuple(rest))
+
+
+def fadd(*xs: Node) -> Node:
+    return _fassoc(FAdd, xs, "an operand of +", lambda a, b: a + b, 0.0)
+
+
+def fmul(*xs: Node) -> Node:
+    return _fassoc(FMul, xs, "an operand of *", lambda a, b: a * b, 1.0)
+
+
+def fneg(x: Node) -> Node:
+    return fmul(x, fconst(-1.0))
+
+
+def fsub(a: Node, b: Node) -> Node:
+    return fadd(a, fneg(to_float(b) if b.type == INT else _fneed(b, "an operand of -")))
+
+
+def fdiv(a: Node, b: Node) -> Node:
+    a, b = _fops((a, b), "an operand of /")
+    if isinstance(b, FConst):
+        if b.value == 0.0:
+            raise SpattnValueError("float division by zero")
+        if b.value == 1.0:
+            return a
+        if isinstance(a, FConst):
+            return fconst(a.value / b.value)
+    return FDiv(a, b)
+
+
+_FOLD = {"tanh": math.tanh, "exp": math.exp, "abs": abs,
+         "sign": lambda v: float((v > 0) - (v < 0)),
+         "step": lambda v: 1.0 if v > 0 else 0.0 if v < 0 else 0.5}
+
+
+def fcall(fn: str, *xs: Node) -> Node:
+    """``fn(*xs)`` for ``fn`` in :data:`~spattn.ir.nodes.FLOAT_FUNCS`."""
+    if fn not in FLOAT_FUNCS:
+        raise SpattnTypeError(f"unknown float function {fn!r}")
+    args = _fops(xs, f"an argument of {fn}")
+    want = FLOAT_FUNCS[fn]
+    if want is None:
+        if len(args) < 2:
+            raise SpattnTypeError(f"{fn} takes at least 2 arguments, got {len(args)}")
+        flat: list[Node] = []
+        for x in args:
+            flat.extend(x.args if isinstance(x, FCall) and x.fn == fn else (x,))
+        consts = [x.value for x in flat if isinstance(x, FConst)]
+        rest = sorted(set(x for x in flat if not isinstance(x, FConst)), key=sort_key)
+        if not consts and all(isinstance(x, ToFloat) for x in rest):
+            # the min/max of ints is an int: exact, converted once
+            return to_float((min_ if fn == "min" else max_)(*(x.a for x in rest)))
+        if consts:
+            rest.append(fconst((min if fn == "min" else max)(consts)))
+        return rest[0] if len(rest) == 1 else FCall(fn, tuple(rest))
+    if len(args) != want:
+        raise SpattnTypeError(f"{fn} takes {want} argument, got {len(args)}")
+    (a,) = args
+    if isinstance(a, FConst):
+        v = a.value
+        if fn in _FOLD:
+            try:
+                return fconst(_FOLD[fn](v))
+            except OverflowError:
+                raise SpattnValueError(f"{fn}({v!r}) overflows a float") from None
+        if fn == "log" and v > 0:
+            return fconst(math.log(v))
+        if fn == "sqrt" and v >= 0:
+            return fconst(math.sqrt(v))
+        raise SpattnValueError(f"{fn}({v!r}) is not a number")
+    if fn == "abs" and isinstance(a, FCall) and a.fn == "abs":
+        return a
+    if fn == "abs" and isinstance(a, ToFloat):
+        return to_float(abs_(a.a))
+    return FCall(fn, (a,))
+
+
+def fselect(cond: Node, a: Node, b: Node) -> Node:
+    _need(cond, BOOL, "the condition of if")
+    a, b = _fops((a, b), "a branch of if-then-else")
+    if isinstance(cond, BoolConst):
+        return a if cond.value else b
+    if a == b:
+        return a
+    if isinstance(a, ToFloat) and isinstance(b, ToFloat):
+        return to_float(select(cond, a.a, b.a))        # an int if, converted once
+    return FSelect(cond, a, b)
+
+
+def ftable(values: Iterable[float], index: Node, name: str = "list") -> Node:
+    vals = tuple(float(v) + 0.0 for v in values)
+    _need(index, INT, f"the index of {name}")
+    if not vals:
+        raise SpattnValueError(f"{name} is empty and cannot be indexed")
+    if not all(math.isfinite(v) for v in vals):
+        raise SpattnValueError(f"{name} holds a value that is not finite")
+    if isinstance(index, Const):
+        if not 0 <= index.value < len(vals):
+            raise SpattnValueError(f"index {index.value} is out of range for {name} "
+                                   f"of {len(vals)} entries")
+        return fconst(vals[index.value])
+    if len(set(vals)) == 1:
+        return fconst(vals[0])
+    return FTable(vals, index)
+
+
+def fload(name: str, index: Iterable[Node]) -> FLoad:
+    idx = tuple(index)
+    for i in idx:
+        _need(i, INT, f"an index of input {name!r}")
+    return FLoad(name, idx)
+
+
+# -------------------------------------------------------- T5 log buckets
+
+def log_bucket_thresholds(exact: int, max_distance: int, buckets: int) -> tuple[int, ...]:
+    """The distances at which :func:`log_bucket` steps up beyond ``exact``.
+
+    T5's bucket of a distance ``n >= exact`` is ``exact + floor(log(n / exact) /
+    log(max_distance / exact) * (buckets - exact))``, at most ``buckets - 1`` (Raffel et
+    al. 2020, as in Mesh TensorFlow and transformers). It is a step function of ``n``:
+    threshold ``j`` is the least ``n`` whose bucket (computed in float64) is
+    ``>= exact + j``, for ``j = 1 .. buckets - exact - 1``. Integers from here on, so the
+    reference and every kernel agree exactly.
+    """
+    span = buckets - exact
+    denom = math.log(max_distance / exact)
+
+    def bucket(n: int) -> int:
+        return exact + int(math.log(n / exact) / denom * span)
+
+    out = []
+    for j in range(1, span):
+        guess = max(exact, math.ceil(exact * (max_distance / exact) ** (j / span)))
+        while guess > exact and bucket(guess - 1) >= exact + j:
+            guess -= 1
+        while bucket(guess) < exact + j:
+            guess += 1
+        out.append(guess)
+    return tuple(out)
+
+
+def log_bucket(n: Node, exact: Node, max_distance: Node, buckets: Node) -> Node:
+    """T5's logarithmic bucket of a distance ``n`` (an int expression) as integer IR:
+    ``min(max(n, 0), exact) + sum(n >= t for t in thresholds)``, the thresholds of
+    :func:`log_bucket_thresholds`. Values ``0 .. buckets - 1``."""
+    _need(n, INT, "the distance of log_bucket")
+    consts = []
+    for x, what in ((exact, "exact"), (max_distance, "max_distance"), (buckets, "buckets")):
+        if not isinstance(x, Const):
+            raise SpattnTypeError(f"the {what} argument of log_bucket must be a constant int")
+        consts.append(x.value)
+    e, md, nb = consts
+    if not (1 <= e < nb and md > e) or nb > 4096:
+        raise SpattnValueError(f"log_bucket(n, exact={e}, max_distance={md}, buckets={nb}) "
+                               "needs 1 <= exact < buckets <= 4096 and max_distance > exact")
+    parts = [min_(max_(n, const(0)), const(e))]
+    for t in log_bucket_thresholds(e, md, nb):
+        parts.append(select(range_(n, t, None), const(1), const(0)))
+    return add(*parts)

@@ -30,8 +30,9 @@ import torch
 from ..dsl.errors import SpattnInputError, SpattnValueError
 from .bounds import INT64, check_call, wrap
 from .inputs import check_lengths, query_offset
-from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
-                    Not, Or, Prod, Range, Select, Sum, Table, Var)
+from .nodes import (Abs, And, BoolConst, Const, FAdd, FCall, FConst, FDiv, FLoad, FloorDiv,
+                    FMul, FSelect, FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Prod,
+                    Range, Score, Select, Sum, Table, ToFloat, Var)
 from .visitor import Visitor, rule
 
 _LO, _HI = INT64
@@ -66,13 +67,15 @@ def gather(name: str, t: torch.Tensor, index: list, b, h) -> torch.Tensor:
 
 
 def evaluate(node: Node, env: Mapping[str, object], inputs: Mapping[str, torch.Tensor] | None = None,
-             memo: dict | None = None):
+             memo: dict | None = None, *, fdtype: torch.dtype = torch.float64):
     """Value of ``node`` with variables bound by ``env`` (ints or broadcastable int64 tensors).
 
     Bool nodes give bool tensors (or Python bools when nothing is a tensor).
-    Common sub-expressions are computed once (``memo``).
+    Common sub-expressions are computed once (``memo``). Float nodes (a score) compute in
+    ``fdtype``; ``env["s"]`` is the scaled score tensor and float runtime inputs are
+    gathered as they are given (so autograd reaches them).
     """
-    return _Evaluator(env, inputs or {}, {} if memo is None else memo).ev(node)
+    return _Evaluator(env, inputs or {}, {} if memo is None else memo, fdtype).ev(node)
 
 
 def _fit(v: int) -> int:
@@ -91,10 +94,11 @@ class _Evaluator(Visitor):
 
     complete = True
 
-    def __init__(self, env, inputs, memo):
+    def __init__(self, env, inputs, memo, fdtype=torch.float64):
         self.env = env
         self.inputs = inputs
         self.memo = memo
+        self.fdtype = fdtype
 
     def ev(self, n: Node):
         memo = self.memo
@@ -262,6 +266,85 @@ class _Evaluator(Visitor):
             else:
                 acc = acc | v
         return acc
+
+    # ---------------------------------------------------------------- floats
+    def _f(self, v):
+        """A float value: a tensor in ``fdtype`` (or a Python float)."""
+        if isinstance(v, torch.Tensor):
+            return v if v.dtype == self.fdtype else v.to(self.fdtype)
+        return float(v)
+
+    @rule(FConst)
+    def fconst(self, n):
+        return n.value
+
+    @rule(Score)
+    def score(self, n):
+        return self._f(self.env["s"])
+
+    @rule(ToFloat)
+    def to_float(self, n):
+        return self._f(self.ev(n.a))
+
+    @rule(FAdd, FMul)
+    def farith(self, n):
+        add = isinstance(n, FAdd)
+        acc = None
+        for a in n.args:
+            v = self._f(self.ev(a))
+            acc = v if acc is None else (acc + v if add else acc * v)
+        return acc
+
+    @rule(FDiv)
+    def fdiv(self, n):
+        return self._f(self.ev(n.a)) / self._f(self.ev(n.b))
+
+    @rule(FCall)
+    def fcall(self, n):
+        vals = [self._f(self.ev(a)) for a in n.args]
+        if not any(isinstance(v, torch.Tensor) for v in vals):
+            vals[0] = torch.tensor(vals[0], dtype=self.fdtype)
+        vals = [v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=self.fdtype)
+                for v in vals]
+        fn = n.fn
+        if fn in ("min", "max"):
+            acc = vals[0]
+            for v in vals[1:]:
+                acc = (torch.minimum if fn == "min" else torch.maximum)(acc, v)
+            return acc
+        x = vals[0]
+        if fn == "step":
+            return torch.where(x > 0, 1.0, torch.where(x < 0, 0.0, 0.5)).to(self.fdtype)
+        return {"tanh": torch.tanh, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
+                "abs": torch.abs, "sign": torch.sign}[fn](x)
+
+    @rule(FSelect)
+    def fselect(self, n):
+        c, a, b = self.ev(n.cond), self._f(self.ev(n.a)), self._f(self.ev(n.b))
+        if not _is_t(c, a, b):
+            return a if c else b
+        return torch.where(torch.as_tensor(c), _ftensor(a, self.fdtype),
+                           _ftensor(b, self.fdtype))
+
+    @rule(FTable)
+    def ftable(self, n):
+        i = self.ev(n.index)
+        lo, hi = (int(i.min()), int(i.max())) if isinstance(i, torch.Tensor) else (i, i)
+        if lo < 0 or hi >= len(n.values):
+            raise SpattnValueError(
+                f"list {list(n.values)} has {len(n.values)} entries but is indexed with "
+                f"{n.index} taking values {lo}..{hi}")
+        if isinstance(i, torch.Tensor):
+            return torch.tensor(n.values, dtype=self.fdtype, device=i.device)[i]
+        return n.values[i]
+
+    @rule(FLoad)
+    def fload(self, n):
+        return self._f(self.load(n))
+
+
+def _ftensor(v, dtype) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dtype)
 
 
 def _tensor(v, fit) -> torch.Tensor:

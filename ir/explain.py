@@ -53,6 +53,7 @@ class Report:
     target: str = "cuda"
     cost_model: dict = field(default_factory=lambda: dict(COSTS["cuda"]))
     layout: Optional[dict] = None
+    score: Optional[str] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +94,9 @@ class Report:
                 + ("used (SPATTN_LAYOUT=auto)" if lay["used"] else
                    "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on "
                    "forces it)"))
+        if self.score is not None:
+            lines.append(f"score     {self.score} (applied to every computed pair; it leaves "
+                         "the tile classes as they are)")
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle):  # pragma: no cover - IPython
@@ -212,6 +216,7 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
     layout = None if inputs else _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed,
                                          block_m, block_n, computed // per_pair)
     return Report(
+        score=(None if getattr(pattern, "score", None) is None else str(pattern.score)),
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
         batch=batch, block_m=block_m, block_n=block_n, head_dim=head_dim,
         allowed_pairs=allowed, total_pairs=total_pairs, density=allowed / total_pairs,

@@ -61,6 +61,7 @@ from .inputs import query_offset
 from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                     Not, Or, Prod, Range, Select, Sum, Table, Var, walk)
 from .visitor import Visitor, rule
+from .nodes import FLOAT_TYPES
 
 #: n-D inputs are summarised by gathering the covered entries when every tile covers at most
 #: this many of them; above it the whole input's min/max is used.
@@ -290,6 +291,11 @@ class IntervalEval(Visitor):
     """
 
     complete = True
+
+    @rule(*FLOAT_TYPES)
+    def float_node(self, n, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
+                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, env: Mapping[str, object], inputs: Mapping[str, torch.Tensor] | None = None,
                  *, device=None, on_load=None, summaries: dict | None = None,
@@ -765,6 +771,11 @@ class _Rebuild(Visitor):
     """:func:`rebuild`'s rules: each node type through its canonicalising constructor."""
 
     complete = True
+
+    @rule(*FLOAT_TYPES)
+    def float_node(self, n, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
+                        f"({type(n).__name__}) belongs to a score")
 
     @rule(Const, Var, BoolConst)
     def leaf(self, n, kids):

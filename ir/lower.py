@@ -13,29 +13,34 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..dsl import ast as A
-from ..dsl.errors import SpattnError, SpattnParamError, SpattnTypeError, SpattnValueError
+from ..dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, SpattnTypeError,
+                          SpattnValueError)
 from ..dsl.parser import parse_expression, parse_source
 from ..dsl.resolve import resolve_expression, resolve_program, suggest
 from . import build
-from .nodes import BOOL, INT, BoolConst, Const, Node
+from .nodes import BOOL, FLOAT, INT, BoolConst, Const, FConst, Node
 
 
 @dataclass(frozen=True)
 class Lowered:
     ir: Node                 # canonical bool IR
     name: str                # pattern name ('pattern' for a bare expression)
-    params: dict             # every bound param: name -> int | tuple[int, ...]
+    params: dict             # every bound param: name -> int | float | tuple
     inputs: dict             # runtime input name -> number of index dims (int)
+    score: Optional[Node] = None      # canonical float IR of the score, or None
+    score_inputs: dict = None         # float runtime input name -> number of index dims
 
 
 def _tname(t: str) -> str:
-    return "an int" if t == INT else "a bool"
+    return {INT: "an int", BOOL: "a bool", FLOAT: "a float"}[t]
 
 
 class _Lowerer:
-    def __init__(self, source: str, filename: Optional[str]):
+    def __init__(self, source: str, filename: Optional[str], float_inputs=()):
         self.source = source
         self.filename = filename
+        self.score_mode = False
+        self.float_inputs = set(float_inputs)
 
     def err(self, cls, msg: str, node: A.Expr, line=None, column=None) -> SpattnError:
         return cls(msg, source=self.source, line=(line or node.line) or None,
@@ -53,7 +58,16 @@ class _Lowerer:
     def int_(self, node: A.Expr, what: str) -> Node:
         ir = self.lower(node)
         if ir.type != INT:
-            raise self.err(SpattnTypeError, f"{what} must be an int, got a bool", node)
+            raise self.err(SpattnTypeError, f"{what} must be an int, got {_tname(ir.type)}",
+                           node)
+        return ir
+
+    def num_(self, node: A.Expr, what: str) -> Node:
+        """An int or a float (a bool is an error)."""
+        ir = self.lower(node)
+        if ir.type == BOOL:
+            want = "a number" if self.score_mode else "an int"
+            raise self.err(SpattnTypeError, f"{what} must be {want}, got a bool", node)
         return ir
 
     @staticmethod
@@ -64,28 +78,37 @@ class _Lowerer:
         ir = self.lower(node) if ir is None else ir
         if ir.type == BOOL:
             return ir
-        if self.is_load(node):
+        if self.is_load(node) and ir.type == INT:
             return build.truthy(ir)
-        raise self.err(SpattnTypeError, f"{what} must be a bool, got an int", node)
+        raise self.err(SpattnTypeError, f"{what} must be a bool, got {_tname(ir.type)}", node)
 
     # ------------------------------------------------------------ lowering
     def lower(self, node: A.Expr) -> Node:
         if isinstance(node, A.Int):
             return build.const(node.value)
+        if isinstance(node, A.Float):
+            return self.build(build.fconst, node.value, at=node)
+        if isinstance(node, A.ScoreRef):
+            if not self.score_mode:
+                raise self.err(SpattnTypeError, "the score variable s can only be used in a "
+                               "score (`MASK score EXPR`, or compile(..., score=...)), not in "
+                               "a mask", node)
+            return build.SCORE
         if isinstance(node, A.Bool):
             return build.boolean(node.value)
         if isinstance(node, A.VarRef):
             return build.var(node.name)
         if isinstance(node, A.Unary):
             if node.op == "-":
-                return self.build(build.neg, self.int_(node.operand, "the operand of unary -"),
-                                  at=node)
+                x = self.num_(node.operand, "the operand of unary -")
+                return self.build(build.fneg if x.type == FLOAT else build.neg, x, at=node)
             return self.build(build.not_, self.bool_(node.operand, "the operand of ~ (not)"),
                               at=node)
         if isinstance(node, A.Binary):
             return self.binary(node)
         if isinstance(node, A.Compare):
-            vals = [self.int_(x, f"an operand of {node.ops[min(i, len(node.ops) - 1)]}")
+            vals = [self.int_(x, f"an operand of {node.ops[min(i, len(node.ops) - 1)]}"
+                              " (comparisons take ints)")
                     for i, x in enumerate(node.operands)]
             parts = [self.build(build.cmp, op, vals[i], vals[i + 1], at=node.operands[i])
                      for i, op in enumerate(node.ops)]
@@ -93,6 +116,8 @@ class _Lowerer:
         if isinstance(node, A.If):
             cond = self.bool_(node.cond, "the condition of if")
             a, b = self.lower(node.then), self.lower(node.else_)
+            if FLOAT in (a.type, b.type) and BOOL not in (a.type, b.type):
+                return self.build(build.fselect, cond, a, b, at=node)
             if a.type != b.type:
                 if a.type == INT and self.is_load(node.then):
                     a = build.truthy(a)
@@ -109,10 +134,22 @@ class _Lowerer:
             return self.grid_builtin(node)
         if isinstance(node, A.Builtin):
             what = f"an argument of {node.func}"
-            args = [self.int_(x, what) for x in node.args]
-            fn = {"abs": build.abs_, "min": build.min_, "max": build.max_,
-                  "clamp": build.clamp, "is_pow2": build.is_pow2}[node.func]
-            return self.build(fn, *args, at=node)
+            f = node.func
+            if f == "float":
+                return build.to_float(self.int_(node.args[0], what))
+            if f in ("is_pow2", "log_bucket"):
+                args = [self.int_(x, what) for x in node.args]
+                fn = build.is_pow2 if f == "is_pow2" else build.log_bucket
+                return self.build(fn, *args, at=node)
+            args = [self.num_(x, what) for x in node.args]
+            if f in ("abs", "min", "max", "clamp") and all(a.type == INT for a in args):
+                fn = {"abs": build.abs_, "min": build.min_, "max": build.max_,
+                      "clamp": build.clamp}[f]
+                return self.build(fn, *args, at=node)
+            if f == "clamp":
+                return self.build(lambda x, lo, hi: build.fcall(
+                    "min", build.fcall("max", x, lo), hi), *args, at=node)
+            return self.build(build.fcall, f, *args, at=node)
         if isinstance(node, (A.InputRef, A.Free)):
             raise self.err(SpattnTypeError, f"runtime input {node.name!r} must be indexed, "
                            f"e.g. {node.name}[q]", node)
@@ -128,8 +165,19 @@ class _Lowerer:
             b = self.bool_(node.right, what)
             return self.build(build.and_ if op == "&" else build.or_, a, b, at=node)
         what = f"an operand of {op}"
-        a = self.int_(node.left, what)
-        b = self.int_(node.right, what)
+        if op == "/" and not self.score_mode:
+            raise self.err(SpattnSyntaxError, "/ is float division, for scores; integer "
+                           "division is written //", node, line=node.op_line,
+                           column=node.op_column)
+        if op in ("+", "-", "*", "/"):
+            a = self.num_(node.left, what)
+            b = self.num_(node.right, what)
+            if FLOAT in (a.type, b.type) or op == "/":
+                fn = {"+": build.fadd, "-": build.fsub, "*": build.fmul, "/": build.fdiv}[op]
+                return self.build(fn, a, b, at=node, line=node.op_line, column=node.op_column)
+        else:
+            a = self.int_(node.left, what)
+            b = self.int_(node.right, what)
         if op in ("//", "%"):
             fn = build.floordiv if op == "//" else build.mod
             return self.build(fn, a, b, at=node.right)
@@ -171,15 +219,17 @@ class _Lowerer:
         base = node.base
         if isinstance(base, (A.InputRef, A.Free)):
             idx = [self.int_(i, f"an index of input {base.name!r}") for i in node.indices]
+            if base.name in self.float_inputs:
+                return self.build(build.fload, base.name, idx, at=node)
             return self.build(build.load, base.name, idx, at=node)
         if isinstance(base, A.ListValue):
             values, name = base.values, base.name
         elif isinstance(base, A.ListLit):
             values = []
             for item in base.items:
-                v = self.int_(item, "a list element")
-                if not isinstance(v, Const):
-                    raise self.err(SpattnTypeError, "list elements must be constant integers",
+                v = self.num_(item, "a list element")
+                if not isinstance(v, (Const, FConst)):
+                    raise self.err(SpattnTypeError, "list elements must be constant numbers",
                                    item)
                 values.append(v.value)
             name = "the list"
@@ -189,11 +239,26 @@ class _Lowerer:
             raise self.err(SpattnTypeError, f"{name} takes exactly one index, got "
                            f"{len(node.indices)}", node)
         i = self.int_(node.indices[0], f"the index of {name}")
+        if any(isinstance(v, float) for v in values):
+            return self.build(build.ftable, values, i, name, at=node.indices[0])
         return self.build(build.table, values, i, name, at=node.indices[0])
 
     def pattern(self, node: A.Expr) -> Node:
+        self.score_mode = False
         ir = self.lower(node)
         return self.bool_(node, "a pattern", ir)
+
+    def score(self, node: A.Expr) -> Node:
+        """A score: a float expression (of ``s``, usually)."""
+        self.score_mode = True
+        try:
+            ir = self.lower(node)
+        finally:
+            self.score_mode = False
+        if ir.type != FLOAT:
+            raise self.err(SpattnTypeError, f"a score must be a float expression of s (the "
+                           f"scaled score), got {_tname(ir.type)}", node)
+        return ir
 
 
 def _too_deep(src: str, filename) -> SpattnValueError:
@@ -202,13 +267,16 @@ def _too_deep(src: str, filename) -> SpattnValueError:
 
 
 def compile_source(src: str, params: dict | None = None, *, pattern: str | None = None,
-                   filename: str | None = None) -> Lowered:
+                   filename: str | None = None, score: str | None = None) -> Lowered:
     """Parse, resolve, type-check and lower ``src`` (a bare expression or a program).
 
     Keyword ``params`` bind ``param`` declarations of a program, or the free
     names of a bare expression. In a program every pattern is checked; the one
-    named ``pattern`` (or the only one) is returned.
+    named ``pattern`` (or the only one) is returned. ``score``: the score of a bare
+    expression, given apart (the same as writing ``src score SCORE``).
     """
+    if score is not None:
+        src = _with_score(src, score)
     try:
         tree = parse_source(src, filename)
         if isinstance(tree, A.Program):
@@ -237,11 +305,34 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
                                        "single expression, not a program")
             res = resolve_expression(tree, src, params, filename=filename)
             chosen = "pattern"
-        lo = _Lowerer(src, filename)
+        floats = set().union(*res.float_inputs.values()) if res.float_inputs else set()
+        lo = _Lowerer(src, filename, floats)
         irs = {n: lo.pattern(t) for n, t in res.patterns.items()}
+        scores = {n: None if t is None else lo.score(t) for n, t in res.scores.items()}
     except RecursionError:
         raise _too_deep(src, filename) from None
-    return Lowered(irs[chosen], chosen, dict(res.params), dict(res.inputs[chosen]))
+    return Lowered(irs[chosen], chosen, dict(res.params), dict(res.inputs[chosen]),
+                   scores.get(chosen), dict(res.float_inputs.get(chosen, {})))
+
+
+def _with_score(src: str, score: str) -> str:
+    """``src`` (a bare expression) with ``score`` as its score clause, on lines of its own
+    (so that an error in the score shows the score's own line)."""
+    from ..dsl import ast as A
+    if not isinstance(score, str):
+        raise SpattnParamError(f"score= takes the score as a str (an expression of s), got "
+                               f"{type(score).__name__}")
+    if not isinstance(src, str):
+        return src
+    tree = parse_source(src)
+    if isinstance(tree, A.Program):
+        raise SpattnParamError("score= is for a bare expression; in a program, write the "
+                               "score beside its pattern: `pattern p = MASK score EXPR`")
+    if isinstance(tree, A.Scored):
+        raise SpattnParamError("the pattern already has a score clause; score= gives it "
+                               "a second one")
+    parse_expression(score)          # its syntax errors located in its own text
+    return f"{src}\nscore\n{score}"
 
 
 def parse_ir(text: str) -> Node:
@@ -254,5 +345,17 @@ def parse_ir(text: str) -> Node:
         tree = parse_expression(text)
         res = resolve_expression(tree, text, None, inputs_first=True)
         return _Lowerer(text, None).lower(res.patterns["pattern"])
+    except RecursionError:
+        raise _too_deep(text, None) from None
+
+
+def parse_score_ir(text: str, float_inputs=()) -> Node:
+    """Parse canonical score text (``to_source`` of a score) back into IR; indexed names
+    are runtime inputs, float ones when named in ``float_inputs``."""
+    try:
+        tree = parse_expression(text)
+        res = resolve_expression(tree, text, None, inputs_first=True, score_mode=True)
+        lo = _Lowerer(text, None, float_inputs)
+        return lo.score(res.patterns["pattern"])
     except RecursionError:
         raise _too_deep(text, None) from None

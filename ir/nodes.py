@@ -5,7 +5,9 @@ Frozen, slotted dataclasses with structural equality and hashing. Nodes are
 the canonicalising constructors of :mod:`spattn.ir.build`, so that equal
 patterns are equal trees (and hash equal) however they were written.
 
-Types: every node is either ``int`` or ``bool`` (:attr:`Node.type`).
+Types: every node is ``int``, ``bool`` or ``float`` (:attr:`Node.type`). Float nodes only
+occur in a pattern's *score* (the score modification, ``docs/language.md`` §13): a mask is
+a bool expression of int nodes, and every analysis pass refuses float nodes.
 
 Canonical invariants (kept by ``ir.build``):
 
@@ -25,6 +27,7 @@ from typing import Optional
 
 INT = "int"
 BOOL = "bool"
+FLOAT = "float"
 
 #: Built-in variables, in their canonical order.
 VARIABLES = ("q", "k", "h", "b", "Lq", "Lk", "H")
@@ -221,10 +224,126 @@ class Or(Node):
         return self.args
 
 
-#: Every IR node type, ints then bools (passes that must handle all of them are checked
-#: against this tuple: :mod:`spattn.ir.visitor`).
+# -------------------------------------------------------------- float nodes
+# The score language (docs/language.md §13). Canonical invariants (kept by ``ir.build``):
+# ``FAdd``/``FMul`` are flat, have >= 2 operands, sorted by :func:`sort_key` with at most
+# one constant, last (never 0.0 in a sum, never 1.0 in a product; constants are folded
+# in float64); ``FCall`` of min/max is flat, deduplicated and sorted; ``x / c`` stays a
+# division (``1 / c`` is not exact); ``FSelect`` has a non-constant condition.
+
+
+@dataclass(frozen=True, slots=True)
+class FConst(Node):
+    """A float literal (or a float param)."""
+    value: float
+    type = FLOAT
+
+
+@dataclass(frozen=True, slots=True)
+class Score(Node):
+    """The score variable ``s``: the scaled score ``q·k * scale`` of the pair."""
+    type = FLOAT
+
+
+@dataclass(frozen=True, slots=True)
+class ToFloat(Node):
+    """An int expression used as a float (``s - 0.5 * (q - k)``)."""
+    a: Node
+    type = FLOAT
+
+    def children(self):
+        return (self.a,)
+
+
+@dataclass(frozen=True, slots=True)
+class FAdd(Node):
+    """Sum of two or more float operands (sorted; a constant last)."""
+    args: tuple[Node, ...]
+    type = FLOAT
+
+    def children(self):
+        return self.args
+
+
+@dataclass(frozen=True, slots=True)
+class FMul(Node):
+    """Product of two or more float operands (sorted; a constant last)."""
+    args: tuple[Node, ...]
+    type = FLOAT
+
+    def children(self):
+        return self.args
+
+
+@dataclass(frozen=True, slots=True)
+class FDiv(Node):
+    """``a / b``."""
+    a: Node
+    b: Node
+    type = FLOAT
+
+    def children(self):
+        return (self.a, self.b)
+
+
+#: Functions of :class:`FCall`: name -> number of arguments (None: two or more).
+FLOAT_FUNCS = {"tanh": 1, "exp": 1, "log": 1, "sqrt": 1, "abs": 1, "sign": 1, "step": 1,
+               "min": None, "max": None}
+
+
+@dataclass(frozen=True, slots=True)
+class FCall(Node):
+    """A float function of :data:`FLOAT_FUNCS`. ``sign`` and ``step`` (0 below 0, 1/2 at
+    0, 1 above) come from derivatives (of ``abs``, ``min``, ``max``)."""
+    fn: str
+    args: tuple[Node, ...]
+    type = FLOAT
+
+    def children(self):
+        return self.args
+
+
+@dataclass(frozen=True, slots=True)
+class FSelect(Node):
+    """Float ``if cond then a else b`` (``cond`` a bool of ints)."""
+    cond: Node
+    a: Node
+    b: Node
+    type = FLOAT
+
+    def children(self):
+        return (self.cond, self.a, self.b)
+
+
+@dataclass(frozen=True, slots=True)
+class FTable(Node):
+    """A constant float list (a float list param) indexed by an int: ``slope[h]``."""
+    values: tuple[float, ...]
+    index: Node
+    type = FLOAT
+
+    def children(self):
+        return (self.index,)
+
+
+@dataclass(frozen=True, slots=True)
+class FLoad(Node):
+    """An element of a float runtime input: ``rel[h, q - k + 255]`` (a learnable bias)."""
+    name: str
+    index: tuple[Node, ...]
+    type = FLOAT
+
+    def children(self):
+        return self.index
+
+
+#: The float node types (scores only).
+FLOAT_TYPES = (FConst, Score, ToFloat, FAdd, FMul, FDiv, FCall, FSelect, FTable, FLoad)
+
+#: Every IR node type, ints, bools, then floats (passes that must handle all of them are
+#: checked against this tuple: :mod:`spattn.ir.visitor`).
 NODE_TYPES = (Const, Var, Sum, Prod, FloorDiv, Mod, Abs, Min, Max, Select, Table, Load,
-              BoolConst, Range, IsPow2, Not, And, Or)
+              BoolConst, Range, IsPow2, Not, And, Or) + FLOAT_TYPES
 
 
 def sort_key(node: Node) -> tuple:
@@ -246,6 +365,15 @@ def walk(node: Node):
 def free_vars(node: Node) -> frozenset[str]:
     """Names of the built-in variables the expression mentions."""
     return frozenset(n.name for n in walk(node) if isinstance(n, Var))
+
+
+def float_loads(node: Node) -> tuple[FLoad, ...]:
+    """The distinct float-input loads of a score, in first-seen order."""
+    seen: dict[FLoad, None] = {}
+    for n in walk(node):
+        if isinstance(n, FLoad):
+            seen.setdefault(n, None)
+    return tuple(seen)
 
 
 def loads(node: Node) -> tuple[Load, ...]:

@@ -23,11 +23,12 @@ class CompiledPattern:
     ``grid``: the token grid the pattern is defined on (``spattn.neighborhood``), or None;
     a call's lengths must then be its cell count."""
 
-    __slots__ = ("ir", "name", "params", "inputs", "source", "backend", "grid")
+    __slots__ = ("ir", "name", "params", "inputs", "source", "backend", "grid", "score",
+                 "score_inputs")
 
     def __init__(self, ir, *, name: str = "pattern", params: dict | None = None,
                  inputs: dict | None = None, backend: str = "auto",
-                 grid: tuple | None = None):
+                 grid: tuple | None = None, score=None, score_inputs: dict | None = None):
         if backend not in BACKENDS:
             raise SpattnParamError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                                    f"got {backend!r}")
@@ -35,29 +36,39 @@ class CompiledPattern:
         self.name = name
         self.params = dict(params or {})
         self.inputs = dict(inputs or {})
-        self.source = to_source(ir)
+        self.score = score
+        self.score_inputs = dict(score_inputs or {})
+        # the canonical source: the mask, then its score clause (a bare expression that
+        # compiles back to the same pattern)
+        self.source = to_source(ir) + ("" if score is None else f" score {to_source(score)}")
         self.backend = backend
         self.grid = None if grid is None else tuple(grid)
 
     @classmethod
     def from_source(cls, src: str, *, backend: str = "auto", pattern: str | None = None,
-                    filename: str | None = None, **params):
+                    filename: str | None = None, score: str | None = None, **params):
         """Compile ``src`` (a bare expression or a program) into an instance of ``cls``."""
         from .lower import compile_source
-        low = compile_source(src, params, pattern=pattern, filename=filename)
+        low = compile_source(src, params, pattern=pattern, filename=filename, score=score)
         return cls(low.ir, name=low.name, params=low.params, inputs=low.inputs,
-                   backend=backend)
+                   backend=backend, score=low.score, score_inputs=low.score_inputs)
 
     @property
     def key(self) -> str:
         """Hex digest of the canonical source: identifies the pattern across processes."""
         return hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
+    @property
+    def all_inputs(self) -> dict:
+        """Every runtime input a call passes: the mask's (int) and the score's (float)."""
+        return {**self.inputs, **self.score_inputs}
+
     def __eq__(self, other):
-        return isinstance(other, CompiledPattern) and self.ir == other.ir
+        return (isinstance(other, CompiledPattern) and self.ir == other.ir
+                and self.score == other.score)
 
     def __hash__(self):
-        return hash(self.ir)
+        return hash((self.ir, self.score))
 
     def __repr__(self):
         inputs = f", inputs={sorted(self.inputs)}" if self.inputs else ""

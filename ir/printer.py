@@ -7,8 +7,9 @@ list literals (``[8, 16][h]``) for bound list params.
 """
 from __future__ import annotations
 
-from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
-                    Not, Or, Prod, Range, Select, Sum, Table, Var)
+from .nodes import (Abs, And, BoolConst, Const, FAdd, FCall, FConst, FDiv, FLoad, FloorDiv,
+                    FMul, FSelect, FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Prod,
+                    Range, Score, Select, Sum, Table, ToFloat, Var)
 from .visitor import Visitor, rule
 
 # Precedence levels of DESIGN.md §3 (higher binds tighter).
@@ -142,6 +143,83 @@ class _Printer(Visitor):
         if isinstance(n, And):
             return _wrap(" & ".join(self(a, AND + 1) for a in n.args), AND, need)
         return _wrap(" | ".join(self(a, OR + 1) for a in n.args), OR, need)
+
+
+
+    # ---------------------------------------------------------------- floats
+    @rule(FConst)
+    def fconst(self, n, need):
+        return _wrap(_float_text(n.value), NEG if n.value < 0 else ATOM, need)
+
+    @rule(Score)
+    def score(self, n, need):
+        return "s"
+
+    @rule(ToFloat)
+    def to_float(self, n, need):
+        # an operand of a float operator is promoted again when parsed; alone (a whole
+        # score, a function's argument) the conversion is written out
+        if need == 0:
+            return f"float({self(n.a, 0)})"
+        return self(n.a, need)
+
+    @rule(FAdd)
+    def fadd(self, n, need):
+        parts = [self(n.args[0], ADD)]
+        for a in n.args[1:]:
+            neg = _negated(a)
+            if isinstance(a, FConst) and a.value < 0:
+                parts.append(f"- {_float_text(-a.value)}")
+            elif neg is not None:
+                parts.append(f"- {self(neg, ADD + 1)}")
+            else:
+                parts.append(f"+ {self(a, ADD + 1)}")
+        return _wrap(" ".join(parts), ADD, need)
+
+    @rule(FMul)
+    def fmul(self, n, need):
+        neg = _negated(n)
+        if neg is not None:
+            return _wrap(f"-{self(neg, NEG)}", NEG, need)
+        return _wrap(" * ".join(self(a, MUL + 1) if i else self(a, MUL)
+                                for i, a in enumerate(n.args)), MUL, need)
+
+    @rule(FDiv)
+    def fdiv(self, n, need):
+        return _wrap(f"{self(n.a, MUL)} / {self(n.b, MUL + 1)}", MUL, need)
+
+    @rule(FCall)
+    def fcall(self, n, need):
+        return f"{n.fn}(" + ", ".join(self(a, 0) for a in n.args) + ")"
+
+    @rule(FSelect)
+    def fselect(self, n, need):
+        text = f"if {self(n.cond, OR)} then {self(n.a, OR)} else {self(n.b, IF)}"
+        return _wrap(text, IF, need)
+
+    @rule(FTable)
+    def ftable(self, n, need):
+        return "[" + ", ".join(_float_text(v) for v in n.values) + f"][{self(n.index, 0)}]"
+
+    @rule(FLoad)
+    def fload(self, n, need):
+        return f"{n.name}[" + ", ".join(self(i, 0) for i in n.index) + "]"
+
+
+def _float_text(v: float) -> str:
+    """A float literal that reads back as the same float (always with a point or exponent)."""
+    text = repr(float(v))
+    if text.startswith("-"):
+        return "-" + _float_text(-v)
+    return text if any(c in text for c in ".e") else text + ".0"
+
+
+def _negated(n: Node):
+    """``x`` when ``n`` is ``x * -1.0`` (printed as ``-x``), else None."""
+    if isinstance(n, FMul) and isinstance(n.args[-1], FConst) and n.args[-1].value == -1.0:
+        rest = n.args[:-1]
+        return rest[0] if len(rest) == 1 else FMul(rest)
+    return None
 
 
 _p = _Printer()

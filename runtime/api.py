@@ -277,6 +277,10 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     ``layout``: of q, k, v (:mod:`spattn.runtime.usage`); the plan keeps it as
     ``plan.tensor_layout`` and calls with it take tensors in that layout.
     """
+    if getattr(pattern, "score", None) is not None:
+        raise SpattnParamError("plans are not available for a pattern with a score yet: call "
+                               "the pattern without plan= (its plan is cached per call "
+                               "signature)")
     if inputs:
         _usage.check_keywords(pattern.inputs, inputs)
     q, k, v = _usage.to_bhsd(layout, q, k, v)
@@ -318,15 +322,25 @@ def _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs) -> None:
 
 
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
-         plan=None, layout=None):
+         plan=None, layout=None, deterministic=False):
     """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32);
-    with ``layout="bshd"`` q, k, v and o are ``[B, L, H, D]`` (lse stays ``[B, Hq, Lq]``)."""
+    with ``layout="bshd"`` q, k, v and o are ``[B, L, H, D]`` (lse stays ``[B, Hq, Lq]``).
+    ``deterministic``: a score's learnable tables get their gradients without atomics
+    (everything else is deterministic already)."""
     if inputs:
-        _usage.check_keywords(pattern.inputs, inputs)
+        _usage.check_keywords({**pattern.inputs, **getattr(pattern, "score_inputs", {})},
+                              inputs)
     if plan is not None and layout is None:
         layout = getattr(plan, "tensor_layout", None)
     if layout is not None:
         q, k, v = _usage.to_bhsd(layout, q, k, v)
+    if getattr(pattern, "score", None) is not None:
+        from . import scores
+        out = scores.call(pattern, q, k, v, scale=scale, return_lse=return_lse,
+                          q_offset=q_offset, inputs=inputs, plan=plan,
+                          deterministic=deterministic)
+        return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
+            _usage.from_bhsd(layout, out)
     if torch.compiler.is_compiling():
         _register_const(pattern)
         # The op carries the canonical source (a str attribute: a constant while tracing).

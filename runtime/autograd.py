@@ -61,6 +61,14 @@ def lookup(key: str):
     return pat
 
 
+def _no_score(pattern) -> None:
+    """The custom ops carry no float tables: a pattern with a score is refused there."""
+    if getattr(pattern, "score", None) is not None:
+        from ..dsl.errors import SpattnBackendError
+        raise SpattnBackendError("a pattern with a score does not run under torch.compile "
+                                 "yet: call it eagerly (outside the compiled region)")
+
+
 def _inputs_dict(pattern, tensors) -> dict:
     return dict(zip(sorted(pattern.inputs), tensors))
 
@@ -97,6 +105,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list
                  key: str, scale: float, q_offset: int, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     pattern = lookup(key)
+    _no_score(pattern)
     plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
                      inputs=_inputs_dict(pattern, inputs))
     o, lse = plan.forward(q, k, v)

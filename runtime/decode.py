@@ -685,6 +685,9 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
     the keys (tests; default: enough programs to fill the device).
     """
     from .api import _check_scale, check_q_offset, check_runtime_tensors, choose_backend
+    if getattr(pattern, "score", None) is not None:
+        raise SpattnParamError("the decode path does not apply scores yet: call the pattern "
+                               "(pat(q, k, v)), which runs a score on its own path")
     if any(isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
            for t in (q, k_cache, v_cache)):
         raise SpattnInputError("decode is inference only: q, k_cache and v_cache must not "

@@ -60,10 +60,11 @@ class Call:
     analysis: Analysis = None
     int64: bool = False
     ranges_ok: bool = True
+    tables: dict = None               # a score's float tables (as given to the first call)
 
     @classmethod
     def of(cls, pattern, q, k, *, scale: float, q_offset, inputs, settings=None,
-           backend: str = "triton") -> "Call":
+           backend: str = "triton", tables: dict | None = None) -> "Call":
         """The call of ``pattern`` on tensors shaped like ``q`` ``[B, Hq, Lq, D]`` and ``k``
         ``[B, Hk, Lk, D]``: inputs converted, their index bounds checked, the integer
         arithmetic proven exact (64-bit; the kernels' 32- or 64-bit choice)."""
@@ -82,6 +83,7 @@ class Call:
                           inputs=ins)
         call = cls(pattern, B, H, k.shape[1], Lq, Lk, D, q.dtype, q.device, float(scale),
                    positions, ins, settings or _settings.current())
+        call.tables = dict(tables or {})
         call.analysis = Analysis(pattern, Lq, Lk, B=B, H=H, positions=positions,
                                  device=q.device, inputs=ins)
         lo, hi = positions.queries(Lq)
@@ -133,6 +135,11 @@ class Plan:
         self.aligned = _aligned(q, k, v)
         self._lock = threading.Lock()
         self._bwd: dict = {}
+        if backend == "torch" and getattr(pattern, "score", None) is not None:
+            # the torch backend's plans are mask-only: a score runs in runtime.scores
+            from ..dsl.errors import SpattnBackendError
+            raise SpattnBackendError("a pattern with a score runs through runtime.scores, "
+                                     "not a torch-backend plan")
         if backend == "torch":
             from . import torch_backend
             self.forward_stage = torch_backend.make_plan(
@@ -300,9 +307,11 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings):
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
-               settings=None, options=None, layouts: bool = True) -> Plan:
+               settings=None, options=None, layouts: bool = True, tables=None) -> Plan:
     """A new :class:`Plan` (arguments already validated: ``api.validate``); a
-    :class:`RemappedPlan` when the pattern runs in a token layout (``layouts``)."""
+    :class:`RemappedPlan` when the pattern runs in a token layout (``layouts``; never for a
+    pattern with a score). ``tables``: a score's float tables, which the stages are built
+    (and tuned) with; each call passes its own (``runtime.scores``)."""
     from .api import check_grid
     from .progress import progress
     from .usage import warn_if_empty
@@ -311,12 +320,14 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
     settings = settings or _settings.current()
     with progress(f"building the {backend} plan of {pattern.name!r} for q "
                   f"{list(q.shape)} {str(q.dtype).replace('torch.', '')} (kernels, tables)"):
-        remap = choose_layout(pattern, q, k, q_offset, inputs, settings) if layouts else None
+        remap = None
+        if layouts and getattr(pattern, "score", None) is None:
+            remap = choose_layout(pattern, q, k, q_offset, inputs, settings)
         if remap is not None:
             return RemappedPlan(pattern, backend, remap, q, k, v, scale=scale,
                                 settings=settings, options=options)
         call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
-                       settings=settings, backend=backend)
+                       settings=settings, backend=backend, tables=tables)
         plan = Plan(pattern, backend, call, q, k, v, options)
     warn_if_empty(call)
     return plan
@@ -341,8 +352,9 @@ class PlanCache:
                 q.dtype, k.dtype, str(q.device), _aligned(q, k, v), scale, q_offset, ins,
                 settings.raw, tune.generation())
 
-    def get(self, pattern, backend, q, k, v, *, scale, q_offset, inputs) -> Plan:
-        """The cached plan of this call, built on a miss."""
+    def get(self, pattern, backend, q, k, v, *, scale, q_offset, inputs, tables=None) -> Plan:
+        """The cached plan of this call, built on a miss (``tables``: a score's float
+        tables, not part of the key: every call passes its own to the stages)."""
         settings = _settings.current()
         key = self.key(pattern, backend, q, k, v, scale, q_offset, inputs, settings)
         with self._lock:
@@ -351,7 +363,7 @@ class PlanCache:
                 self._plans.move_to_end(key)
                 return entry[0]
         plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                          inputs=inputs, settings=settings)
+                          inputs=inputs, settings=settings, tables=tables)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return plan
         from . import tune

@@ -27,17 +27,22 @@ import math
 
 import torch
 
-__all__ = ["attention_reference", "attention_reference_chunked", "rows_per_chunk"]
+__all__ = ["attention_reference", "attention_reference_chunked", "pattern_reference",
+           "rows_per_chunk"]
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                        *, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        *, scale: float | None = None, score=None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense masked attention in float64.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hk, Lk, D]``; v: ``[B, Hk, Lk, Dv]``; ``Hq % Hk == 0``.
         mask: bool, broadcastable as ``[B or 1, Hq or 1, Lq, Lk]``; True = allowed.
         scale: multiplies the scores; default ``1 / sqrt(D)``.
+        score: a score modification, ``s [B, Hq, Lq, Lk] float64 -> s'``, applied to the
+            scaled scores before the mask (:func:`pattern_reference` builds it from a
+            pattern's score).
 
     Returns:
         ``(out, lse)``: out ``[B, Hq, Lq, Dv]`` float64 and lse ``[B, Hq, Lq]`` float64.
@@ -60,6 +65,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     s = torch.matmul(q64, k64.transpose(-1, -2)) * float(scale)
+    if score is not None:
+        s = score(s)
     s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
     # The row max is a constant shift (softmax is invariant to it): detached, so no gradient
     # flows through amax's tie-breaking; rows with no allowed key shift by 0.
@@ -102,3 +109,23 @@ def attention_reference_chunked(pattern, q: torch.Tensor, k: torch.Tensor, v: to
                          **inputs)
         outs.append(attention_reference(q[:, :, s:s + n], k, v, m, scale=scale)[0])
     return torch.cat(outs, dim=2)
+
+
+def pattern_reference(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                      scale: float | None = None, q_offset: int | None = None, **inputs
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_reference`` of ``pattern`` (its mask and, when it has one, its score)
+    in float64: ``(out, lse)``. ``inputs``: the mask's int inputs and the score's float
+    tables; differentiable with respect to q, k, v and the tables."""
+    from ..ir.score import score_env, score_values
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    ints = {n: t for n, t in inputs.items() if n in pattern.inputs}
+    m = pattern.mask(Lq, Lk, num_heads=Hq, batch=B, q_offset=q_offset, device=q.device, **ints)
+    fn = None
+    if pattern.score is not None:
+        from ..ir.evaluate import query_offset
+        env = score_env(Lq, Lk, num_heads=Hq, batch=B, q_offset=query_offset(Lq, Lk, q_offset),
+                        device=q.device)
+        fn = lambda s: score_values(pattern.score, s, env, inputs)   # noqa: E731
+    return attention_reference(q, k, v, m, scale=scale, score=fn)

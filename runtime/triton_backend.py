@@ -149,6 +149,32 @@ def _input_args(pattern, inputs: dict, int64: bool) -> list:
     return args
 
 
+def _score_args(pattern, tables: dict) -> list:
+    """Kernel arguments of a score's float tables, in the order of ``pattern.score_inputs``
+    (leading arguments of every launch: a learnable table changes every step). Tables are
+    contiguous (``runtime.scores`` makes them so) so that their gradients share strides."""
+    args = []
+    for name, nd in pattern.score_inputs.items():
+        t = tables[name]
+        lead = t.dim() - nd
+        sb = t.stride(0) if lead >= 1 and t.shape[0] > 1 else 0
+        sh = t.stride(1) if lead >= 2 and t.shape[1] > 1 else 0
+        args += [t, sb, sh]
+        args += [t.stride(lead + d) for d in range(nd)]
+        args += [t.shape[lead + d] for d in range(nd)]
+    return args
+
+
+def _grad_args(pattern, tables: dict, grads: dict | None) -> list:
+    """The dQ kernel's table-gradient arguments: per table its fp32 gradient buffer (shaped
+    and laid out like the table) and whether to write it."""
+    args = []
+    for name in pattern.score_inputs:
+        g = (grads or {}).get(name)
+        args += [tables[name], 0] if g is None else [g, 1]
+    return args
+
+
 def _check_options(options: dict) -> dict:
     bad = set(options) - set(OPTION_NAMES)
     if bad:
@@ -263,6 +289,8 @@ class FwdStage:
     occupancy: int | None = None
     tables: str = "-"
     launch: object = None      # the compiled kernel with its arguments bound (CUDA)
+    pattern: object = None     # the pattern, where it has a score (its tables lead the args)
+    score_tables: dict = None  # the tables the stage was built with (warm-up, tuning)
 
     def __repr__(self) -> str:
         c = self.config
@@ -310,19 +338,26 @@ def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
     persistent = cfg.loop == "persistent"
     n_work = B * H * nq
     o_stride = (H * Lq * D, Lq * D, D, 1)
+    scored = getattr(call.pattern, "score", None) is not None
+    # with a score the kernel scales q·k by sm_scale itself, then the softmax works on the
+    # modified score in log2 units
+    scales = (LOG2E, call.scale) if scored else (_scale_log2(call.scale),)
     static = (*q.stride(), *k.stride(), *v.stride(), *o_stride, *in_args, *tab, order,
-              _scale_log2(call.scale), H, H // HK, Lq, Lk, q_offset,
+              *scales, H, H // HK, Lq, Lk, q_offset,
               *((B * H, n_work) if persistent else ()))
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.block_d, HEAD_DIM=D,
                 DOT_PREC=_dot_prec(q.dtype), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, **table_kw)
     stage = FwdStage(cfg, mod.KERNEL, (n_work,), static, meta, (B, H, Lq, D), q.dtype,
                      _upcast(call), persistent, n_work, tables=mode)
+    if scored:
+        stage.pattern, stage.score_tables = call.pattern, call.tables
     if persistent:
         stage.grid = (_persistent_programs(call, n_work, None),)
     if warmup:
         qa, ka, va, oa, lse, _ = _fwd_tensors(stage, q, k, v)
-        stage.kernel.warmup(qa, ka, va, oa, lse, *static, grid=stage.grid, **meta)
+        head = _score_args(stage.pattern, stage.score_tables) if scored else []
+        stage.kernel.warmup(qa, ka, va, oa, lse, *head, *static, grid=stage.grid, **meta)
     return stage
 
 
@@ -336,20 +371,26 @@ def _fwd_tensors(stage: FwdStage, q, k, v):
     return q, k, v, o, lse, o
 
 
-def run_fwd(stage: FwdStage, q, k, v):
+def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None):
     """``(o [B, Hq, Lq, D], lse fp32 [B, Hq, Lq])`` of the stage for these tensors (laid out
-    as those it was built for)."""
+    as those it was built for); ``tables``: a score's float tables (default: those the
+    stage was built with)."""
     dtype = q.dtype
     if stage.upcast:
         q, k, v = q.float(), k.float(), v.float()
     qa, ka, va, oa, lse, o = _fwd_tensors(stage, q, k, v)
-    if stage.launch is None or not stage.launch(qa, ka, va, oa, lse):
-        args = (qa, ka, va, oa, lse, *stage.static)
+    head = (qa, ka, va, oa, lse)
+    if stage.pattern is not None:
+        head += tuple(_score_args(stage.pattern, tables or stage.score_tables))
+    if stage.launch is None or not stage.launch(*head):
+        args = (*head, *stage.static)
         compiled = stage.kernel[stage.grid](*args, **stage.meta)
         if stage.persistent and stage.occupancy is None and q.device.type == "cuda":
             stage.occupancy = _occupancy(stage.config, compiled)
             stage.grid = (_persistent_programs(None, stage.n_work, stage.occupancy, q.device),)
-        else:
+        elif stage.pattern is None:
+            # (a score's tables change per call, with their alignment and sizes, which the
+            # JIT specialises on: those launches go through the JIT's dispatch every time)
             stage.launch = BoundLaunch.of(stage.kernel, compiled, stage.grid, args, stage.meta,
                                           q.device)
     return (o.to(dtype) if stage.upcast else o), lse
@@ -403,6 +444,8 @@ class BwdStage:
     tables: tuple = ("-", "-")
     launch_q: object = None    # the compiled kernels with their arguments bound (CUDA)
     launch_k: object = None
+    pattern: object = None     # the pattern, where it has a score (its tables lead the args)
+    score_tables: dict = None  # the tables the stage was built with (warm-up, tuning)
 
     def __repr__(self) -> str:
         c = self.config
@@ -460,22 +503,35 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
                                length=Lk, shift=q_offset, query=False, device=dev, H=HK, B=B)
     dq_stride = (H * Lq * D, Lq * D, D, 1)
     dk_stride = (HK * Lk * D, Lk * D, D, 1)
+    scored = getattr(call.pattern, "score", None) is not None
+    log2 = LOG2E if scored else _scale_log2(call.scale)
     static_q = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *dq_stride,
-                *in_args, *tab_q, order_q, call.scale, _scale_log2(call.scale), H, G, Lq, Lk,
-                q_offset)
+                *in_args, *tab_q, order_q, call.scale, log2, H, G, Lq, Lk, q_offset)
     static_k = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_stride, *dk_stride,
-                *in_args, *tab_k, order_k, call.scale, _scale_log2(call.scale), H, HK, G, Lq,
-                Lk, q_offset)
+                *in_args, *tab_k, order_k, call.scale, log2, H, HK, G, Lq, Lk, q_offset)
     stage = BwdStage(cfg, mod.DQ, mod.DKDV, (nq2 * B * H,), (nk1 * B * HK,), static_q,
                      static_k, dict(BLOCK_M2=m2, BLOCK_N2=n2, **kw, **kw_q),
                      dict(BLOCK_M1=m1, BLOCK_N1=n1, **kw, **kw_k), (B, H, HK, Lq, Lk, D),
                      _upcast(call), forms)
+    if scored:
+        stage.pattern, stage.score_tables = call.pattern, call.tables
     if warmup:
         lse = torch.zeros((B, H, Lq), dtype=torch.float32, device=dev)
         args_q, args_k, _ = _bwd_tensors(stage, q, k, v, o, lse, do)
+        args_q, args_k = _score_heads(stage, args_q, args_k, None, None)
         stage.dq_kernel.warmup(*args_q, *static_q, grid=stage.grid_q, **stage.meta_q)
         stage.dkdv_kernel.warmup(*args_k, *static_k, grid=stage.grid_k, **stage.meta_k)
     return stage
+
+
+def _score_heads(stage, args_q, args_k, tables, grads):
+    """The leading arguments of the dQ and dK/dV launches, with a score's tables (and, in
+    dQ, the table gradients) after the tensors."""
+    if stage.pattern is None:
+        return args_q, args_k
+    tables = tables or stage.score_tables
+    sc = tuple(_score_args(stage.pattern, tables))
+    return (*args_q, *sc, *_grad_args(stage.pattern, tables, grads)), (*args_k, *sc)
 
 
 def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
@@ -499,16 +555,22 @@ def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
     return args_q, args_k, (dq, dk, dv)
 
 
-def run_bwd(stage: BwdStage, q, k, v, o, lse, do):
-    """``(dq, dk, dv)`` of the stage (dk, dv summed over the query heads of each key head)."""
+def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
+            table_grads: dict | None = None):
+    """``(dq, dk, dv)`` of the stage (dk, dv summed over the query heads of each key head).
+    ``tables``: a score's float tables; ``table_grads``: fp32 buffers, shaped like the
+    tables they name, that the dQ kernel adds those tables' gradients to (atomically)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     if stage.upcast:
         q, k, v, o, do = q.float(), k.float(), v.float(), o.float(), do.float()
     args_q, args_k, grads = _bwd_tensors(stage, q, k, v, o, lse.contiguous(), do)
+    args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads)
     if stage.launch_q is None or not (stage.launch_q(*args_q) and stage.launch_k(*args_k)):
         aq, ak = (*args_q, *stage.static_q), (*args_k, *stage.static_k)
         cq = stage.dq_kernel[stage.grid_q](*aq, **stage.meta_q)
         ck = stage.dkdv_kernel[stage.grid_k](*ak, **stage.meta_k)
+        if stage.pattern is not None:    # per-call tables: the JIT's dispatch (run_fwd)
+            return tuple(g.to(dt) for g, dt in zip(grads, dtypes)) if stage.upcast else grads
         stage.launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, stage.meta_q,
                                         q.device)
         stage.launch_k = stage.launch_q and BoundLaunch.of(stage.dkdv_kernel, ck, stage.grid_k,

@@ -61,6 +61,10 @@ SDPA_KEYWORDS = {
     "block_mask": "spattn takes no block_mask: it derives the block structure from the "
                   "pattern; the reusable object is a plan, plan = pat.plan(q, k, v), "
                   "then pat(q, k, v, plan=plan)",
+    "score_mod": "spattn takes no score_mod function: a score is an expression compiled with "
+                 "the pattern, spattn.compile(src, score=\"softcap(30.0)\") or "
+                 "score=\"s + bias[h, q - k]\" (docs/language.md, scores), its tables passed "
+                 "as runtime inputs",
 }
 
 

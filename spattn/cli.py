@@ -35,16 +35,22 @@ def _param(text: str):
     try:
         if value.startswith("["):
             inner = value.strip("[]").strip()
-            parsed = [int(v) for v in inner.split(",")] if inner else []
+            parsed = [_number(v) for v in inner.split(",")] if inner else []
         elif "," in value:
-            parsed = [int(v) for v in value.split(",")]
+            parsed = [_number(v) for v in value.split(",")]
         else:
-            parsed = int(value)
+            parsed = _number(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"param {name!r}: expected an integer or a list like 1,2,3, got {short_repr(value)}"
+            f"param {name!r}: expected a number or a list like 1,2,3, got {short_repr(value)}"
         ) from None
     return name.strip(), parsed
+
+
+def _number(text: str):
+    """An int, or a float when written with a point or an exponent (a score's param)."""
+    text = text.strip()
+    return float(text) if any(c in text for c in ".eE") else int(text)
 
 
 def _positive(text: str) -> int:
@@ -63,6 +69,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--param", action="append", type=_param, default=[], metavar="NAME=VALUE",
                    help="bind a param (repeatable); lists as 1,2,3")
     p.add_argument("--pattern", help="which pattern of a file with several")
+    p.add_argument("--score", help="a score modification of -e EXPR, e.g. 'softcap(30.0)'")
 
 
 def _sizes(p, *, lq_required=True):
@@ -144,7 +151,10 @@ def _compile(args):
                          "pick one with --pattern NAME")
     backend = getattr(args, "backend", "auto")
     if args.expr is not None:
-        return spattn.compile(args.expr, pattern=args.pattern, backend=backend, **params)
+        return spattn.compile(args.expr, pattern=args.pattern, backend=backend,
+                              score=args.score, **params)
+    if args.score is not None:
+        raise _Usage("--score goes with -e EXPR; in a file, write `pattern p = MASK score EXPR`")
     return spattn.load(args.file, pattern=args.pattern, backend=backend, **params)
 
 
@@ -161,16 +171,34 @@ def demo_inputs(pat, Lq, Lk, *, num_heads=1, batch=1, q_offset=None, seed=0, dev
     Returns ``(inputs, notes)``.
     """
     from .ir.intervals import index_hull
-    if not pat.inputs:
+    if not pat.inputs and not pat.score_inputs:
         return {}, []
     gen = torch.Generator().manual_seed(seed)
+    out, notes = {}, []
+    if pat.score_inputs:
+        from .ir import build
+        from .ir.nodes import FLoad, Load, walk
+        probe = build.and_(*(build.range_(Load(n.name, n.index), 0, 0) for n in walk(pat.score)
+                             if isinstance(n, FLoad)))
+        shapes: dict[str, list[int]] = {}
+        for load, dims in index_hull(probe, Lq, Lk, num_heads=num_heads, batch=batch,
+                                     q_offset=q_offset).items():
+            cur = shapes.setdefault(load.name, [1] * len(dims))
+            for i, (lo, hi) in enumerate(dims):
+                cur[i] = max(cur[i], int(hi) + 1)
+        for name, shape in shapes.items():
+            t = torch.randn(*shape, generator=gen)
+            notes.append(f"input {name}: synthetic random float table, shape "
+                         f"{tuple(t.shape)} (seed {seed})")
+            out[name] = t.to(device) if device is not None else t
+        if not pat.inputs:
+            return out, notes
     hull = index_hull(pat.ir, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset)
     sizes: dict[str, list[int]] = {}
     for load, dims in hull.items():
         cur = sizes.setdefault(load.name, [1] * len(dims))
         for i, (lo, hi) in enumerate(dims):
             cur[i] = max(cur[i], int(hi) + 1)
-    out, notes = {}, []
     markers = marker_inputs(pat)
     for name, nd in pat.inputs.items():
         shape = sizes.get(name, [max(Lq, Lk)] * nd)
@@ -227,6 +255,12 @@ def _params_and_inputs(pat, out, indent):
               file=out)
     if pat.inputs:
         print(indent + "inputs: " + ", ".join(f"{k} ({n}-D)" for k, n in pat.inputs.items()),
+              file=out)
+    if pat.score is not None:
+        print(f"{indent}score: {pat.score}", file=out)
+    if pat.score_inputs:
+        print(indent + "score inputs: " + ", ".join(f"{k} ({n}-D float)"
+                                                    for k, n in pat.score_inputs.items()),
               file=out)
 
 
@@ -293,7 +327,6 @@ def _cmd_codegen(args, pat, out):
 
 
 def _cmd_run(args, pat, out):
-    from .runtime.reference import attention_reference
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SpattnError("--device cuda: no CUDA device is available here")
@@ -323,8 +356,11 @@ def _cmd_run(args, pat, out):
     print(f"first call: {first * 1e3:.1f} ms; median of {len(times)}: "
           f"{times[len(times) // 2] * 1e3:.2f} ms", file=out)
     if B * H * Lq * Lk <= 2 ** 26:
-        m = pat.mask(Lq, Lk, num_heads=H, batch=B, q_offset=args.q_offset, **inputs)
-        ref, _ = attention_reference(q.double(), k.double(), v.double(), m)
+        from .runtime.reference import pattern_reference
+        ref, _ = pattern_reference(pat, q.double(), k.double(), v.double(),
+                                   q_offset=args.q_offset,
+                                   **{n: (t.double() if t.is_floating_point() else t)
+                                      for n, t in inputs.items()})
         err = float((o.double() - ref).norm() / ref.norm().clamp_min(1e-30))
         tol = 1e-3 if dtype == torch.float32 else 2e-2
         status = "ok" if err < tol and torch.isfinite(o).all() else "MISMATCH"

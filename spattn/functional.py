@@ -56,8 +56,9 @@ def _resolve(pattern, kwargs):
                 "compiled Pattern: pass the pattern source as a str, or bind them in "
                 "spattn.compile()")
         if backend is not None and backend != pattern.backend:
-            pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params, grid=pattern.grid,
-                              inputs=pattern.inputs, backend=backend)
+            pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
+                              inputs=pattern.inputs, backend=backend, grid=pattern.grid,
+                              score=pattern.score, score_inputs=pattern.score_inputs)
         return pattern, inputs
     if not isinstance(pattern, str):
         raise SpattnParamError(f"pattern must be a str or a spattn.Pattern, got "

@@ -42,8 +42,9 @@ class SparseAttention(nn.Module):
                     f"params {', '.join(map(repr, sorted(params)))} cannot be bound on an "
                     "already compiled Pattern: pass the source string instead")
             if backend != pattern.backend:
-                pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params, grid=pattern.grid,
-                                  inputs=pattern.inputs, backend=backend)
+                pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
+                                  inputs=pattern.inputs, backend=backend, grid=pattern.grid,
+                                  score=pattern.score, score_inputs=pattern.score_inputs)
         elif isinstance(pattern, str):
             from . import compile as _compile
             pattern = _compile(pattern, backend=backend, **params)

@@ -45,7 +45,9 @@ class Pattern(CompiledPattern):
     # -- reference semantics ---------------------------------------------
     def mask(self, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
              q_offset: int | None = None, device=None, **inputs) -> torch.Tensor:
-        """Dense bool mask ``[batch, num_heads, Lq, Lk]``: the exact meaning of the pattern."""
+        """Dense bool mask ``[batch, num_heads, Lq, Lk]``: the exact meaning of the pattern
+        (of its mask: a score's float tables may be passed and are not read)."""
+        inputs = _mask_inputs(self, inputs)
         check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
         q_offset, device = _checked(self, Lq, Lk, q_offset, device, inputs)
         ins = validate_inputs(self.inputs, inputs, batch=batch, num_heads=num_heads, device=device)
@@ -62,6 +64,7 @@ class Pattern(CompiledPattern):
         O(tiles) time and memory; never evaluates the Lq x Lk pairs.
         """
         from .ir.tiles import classify
+        inputs = _mask_inputs(self, inputs)
         q_offset, device = _checked(self, Lq, Lk, q_offset, device, inputs)
         with _fits("the tile grid"):
             return classify(self, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
@@ -89,6 +92,7 @@ class Pattern(CompiledPattern):
         or ``"cpu"``; tiles default to that target's)."""
         from .ir.explain import explain
         from .runtime.progress import progress
+        inputs = _mask_inputs(self, inputs)
         Lk = Lq if Lk is None else Lk
         _checked(self, Lq, Lk, None, None, inputs)
         with _fits("the analysis"), progress(f"explaining {self.name!r} at Lq={Lq}, Lk={Lk}"):
@@ -104,7 +108,8 @@ class Pattern(CompiledPattern):
 
     # -- kernels ----------------------------------------------------------
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False,
-                 q_offset: int | None = None, plan=None, layout: str | None = None, **inputs):
+                 q_offset: int | None = None, plan=None, layout: str | None = None,
+                 deterministic: bool = False, **inputs):
         """Attention with this pattern; q ``[B, Hq, Lq, D]``, k, v ``[B, Hk, Lk, D]``.
 
         Returns the output ``[B, Hq, Lq, D]`` (and the log-sum-exp ``[B, Hq, Lq]``, fp32,
@@ -114,10 +119,12 @@ class Pattern(CompiledPattern):
         ``[B, Lk, Hk, D]`` and the output ``[B, Lq, Hq, D]`` (a transposed view; lse stays
         ``[B, Hq, Lq]``). Without ``layout=`` a q that reads as more than 256 heads,
         and more heads than positions, gives a :class:`SpattnLayoutWarning`.
+        ``deterministic``: the gradients of a score's learnable tables without atomic
+        adds (the torch backend's backward; docs/backends.md).
         """
         from .runtime.api import call
         return call(self, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                    inputs=inputs, plan=plan, layout=layout)
+                    inputs=inputs, plan=plan, layout=layout, deterministic=deterministic)
 
     def decode(self, q, k_cache, v_cache, *, seq_lens=None, page_table=None,
                scale: float | None = None, q_offset: int | None = None,
@@ -131,7 +138,8 @@ class Pattern(CompiledPattern):
         ``seq_lens`` required. Query row ``i`` sits at position ``seq_lens[b] - Lq + i``.
         ``check=False`` skips the host checks of ``seq_lens`` and ``page_table`` (no device
         synchronisation: CUDA graphs). ``num_splits``: splits of the keys on Triton (default:
-        enough programs to fill the device). Inference only. See ``docs/decode.md``.
+        enough programs to fill the device). Inference only; a pattern with a score is
+        refused. See ``docs/decode.md``.
         """
         from .runtime.decode import decode
         return decode(self, q, k_cache, v_cache, seq_lens=seq_lens, page_table=page_table,
@@ -197,19 +205,24 @@ class Pattern(CompiledPattern):
         return kernel_file(self, "fwd")
 
 
-def compile(src: str, *, backend: str = "auto", pattern: str | None = None, **params: Any) -> Pattern:
+def compile(src: str, *, score: str | None = None, backend: str = "auto",
+            pattern: str | None = None, **params: Any) -> Pattern:
     """Compile a pattern from a bare expression or a program.
 
     ``compile("causal & window(W)", W=1024)``; keyword params bind ``param``
-    declarations or free names of a bare expression (lists allowed).
-    If a program defines several patterns, ``pattern="name"`` picks one.
+    declarations or free names of a bare expression (lists allowed; float params and
+    lists serve scores). If a program defines several patterns, ``pattern="name"`` picks
+    one. ``score``: a score modification of a bare expression, an expression of ``s``
+    (the scaled score ``q·k * scale``) giving the new score, e.g.
+    ``compile("causal", score="softcap(30.0)")`` (docs/language.md §13).
     """
     from .ir.lower import compile_source
     if not isinstance(src, str):
         raise SpattnError(f"compile() takes the pattern source as a str, got {type(src).__name__}")
-    low = compile_source(src, params, pattern=pattern)
+    low = compile_source(src, params, pattern=pattern, score=score)
     warn_if_false(low.ir, low.name)
-    return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend)
+    return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
+                   score=low.score, score_inputs=low.score_inputs)
 
 
 def pattern_names(path) -> list[str]:
@@ -244,6 +257,12 @@ def _read(path) -> str:
         raise SpattnSyntaxError(f"the file is not UTF-8 text (byte 0x{data[e.start]:02x}): "
                                 "save it as UTF-8", line=line, column=column,
                                 filename=name) from None
+
+
+def _mask_inputs(pattern, inputs: dict) -> dict:
+    """The runtime inputs the mask reads: a score's float tables are dropped (the
+    analyses of a pattern are those of its mask)."""
+    return {n: t for n, t in inputs.items() if n not in pattern.score_inputs}
 
 
 def _checked(pattern, Lq, Lk, q_offset, device, inputs):
@@ -292,4 +311,5 @@ def load(path, *, pattern: str | None = None, backend: str = "auto", **params: A
     text = _read(path)
     low = compile_source(text, params, pattern=pattern, filename=os.fspath(path))
     warn_if_false(low.ir, low.name)
-    return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend)
+    return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
+                   score=low.score, score_inputs=low.score_inputs)

@@ -129,35 +129,33 @@ class LayerPattern:
     mask_kind: tuple | None = None
 
 
-#: (source, backend) -> Pattern: every base pattern and padding/packing variant, compiled
-#: once per process (the kernels themselves are cached on disk by canonical source).
-_PATTERNS: dict[tuple[str, str], Pattern] = {}
+#: (source, backend, score) -> Pattern: every base pattern and padding/packing variant,
+#: compiled once per process (the kernels themselves are cached on disk by canonical source).
+_PATTERNS: dict[tuple[str, str, str | None], Pattern] = {}
 
 
-def _pattern(source: str, backend: str) -> Pattern:
-    key = (source, backend)
+def _pattern(source: str, backend: str, score: str | None = None) -> Pattern:
+    key = (source, backend, score)
     pat = _PATTERNS.get(key)
     if pat is None:
-        pat = _PATTERNS[key] = _compile(source, backend=backend)
+        pat = _PATTERNS[key] = _compile(source, backend=backend, score=score)
     return pat
 
 
 def _score_expression(softcap) -> str | None:
     """The score modification for transformers' logit softcapping, None without one.
 
-    Every softcap the adapter sees (the config's ``attn_logit_softcapping``, the ``softcap``
-    a layer passes at call time) goes through here. transformers applies
-    ``softcap * tanh(s / softcap)`` to the scaled scores before the mask; spattn has no
-    score modifications yet (issue #22), so a softcap is an error instead of being dropped.
+    The ``softcap`` a layer passes at call time (Gemma 2's ``attn_logit_softcapping``):
+    transformers applies ``softcap * tanh(s / softcap)`` to the scaled scores before the
+    mask, which is the prelude's ``softcap(c)`` score (docs/language.md, scores).
     """
     if softcap is None:
         return None
-    raise SpattnError(
-        f"attention logit softcapping (softcap={softcap}: scores become "
-        f"{softcap} * tanh(s / {softcap}), Gemma 2's attn_logit_softcapping) needs score "
-        "modifications, which spattn does not support yet (issue #22). Run this model with "
-        "attn_implementation='eager', or set config.attn_logit_softcapping = None, which "
-        "changes the model's outputs")
+    c = float(softcap)
+    if not c > 0 or c != c or c == float("inf"):
+        raise SpattnError(f"attention logit softcapping softcap={softcap!r}: expected a "
+                          "positive finite number")
+    return f"softcap({c!r})"
 
 
 def _layer_type(config, layer_idx: int) -> str:
@@ -204,12 +202,12 @@ def layer_pattern(module) -> LayerPattern:
 
     Derived from ``module.config`` and ``module.layer_idx`` unless :func:`set_patterns`
     gave the layer an override. Raises :class:`SpattnError` for what spattn cannot run
-    (an unknown layer type, logit softcapping).
+    (an unknown layer type).
     """
     config, idx = module.config, module.layer_idx
     backend = getattr(module, "_spattn_backend", None) or "auto"
     layer_type = _layer_type(config, idx)
-    _score_expression(getattr(config, "attn_logit_softcapping", None))
+    _score_expression(getattr(config, "attn_logit_softcapping", None))    # checked
     override = getattr(module, "_spattn_override", None)
     if override is not None:
         return LayerPattern(idx, layer_type, _pattern(override.source, backend), "override")
@@ -643,7 +641,7 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
         raise SpattnError(
             f"attention dropout {dropout} (layer {getattr(module, 'layer_idx', '?')}): spattn "
             "has no dropout; call model.eval(), or set config.attention_dropout = 0.0 to train")
-    _score_expression(softcap)
+    score = _score_expression(softcap)
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise SpattnError(f"layer {getattr(module, 'layer_idx', '?')} passes {name}= "
@@ -669,6 +667,8 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
                                           cu_seq_lens_k=kwargs.get("cu_seq_lens_k"))
     except SpattnError as e:
         raise type(e)(f"layer {layer.layer_idx}: {e}") from None
+    if score is not None:
+        pat = _pattern(pat.source, pat.backend, score)
     out = pat(query, key, value, scale=scaling, q_offset=q_offset, **inputs)
     return out.transpose(1, 2).contiguous(), None
 

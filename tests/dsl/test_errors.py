@@ -150,7 +150,7 @@ def test_param_errors(src, kw, pick, text):
 
 
 def test_syntax_messages_use_readable_token_names():
-    for bad in ["causal &", "q / k", "(q < k", "window(3,", "a[q", "param", "def f(1) = q",
+    for bad in ["causal &", "q // / k", "(q < k", "window(3,", "a[q", "param", "def f(1) = q",
                 "q k", ")", "pattern p = if q then k"]:
         with pytest.raises(SpattnSyntaxError) as info:
             parse_source(bad)

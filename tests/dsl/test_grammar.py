@@ -144,7 +144,8 @@ def test_keywords_are_reserved_but_prefixes_are_names():
 def test_prelude_names_exactly():
     assert set(prelude()) == {"full", "causal", "window", "local", "sink", "global_tokens",
                               "prefix_lm", "dilated", "strided", "fixed", "chunked", "same",
-                              "power2"}
+                              "power2", "alibi", "alibi_slope", "softcap", "t5_bucket",
+                              "t5_bucket_causal"}
 
 
 PRELUDE_MEANINGS = [

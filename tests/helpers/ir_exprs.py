@@ -192,3 +192,43 @@ def affine_bool_exprs(draw, depth=3):
         return B.cmp("<=", B.select(draw(sub), draw(directional(d)), draw(directional(d))),
                      B.const(draw(small)))
     return B.or_(draw(sub), draw(sub))
+
+
+@st.composite
+def score_exprs(draw, depth=3):
+    """Random scores (float IR): ``s``, float constants, ints converted, ``+ - * /``,
+    ``tanh exp abs min max``, ``if`` and float list params indexed by ``h``; smooth enough
+    that every value is finite for ``|s| <= 4`` (``/`` divides by ``1 + s*s`` or a
+    constant, ``exp`` takes a tanh)."""
+    s = B.SCORE
+    if depth <= 0:
+        kind = draw(st.sampled_from(["s", "s", "c", "int", "table"]))
+        if kind == "s":
+            return s
+        if kind == "c":
+            return B.fconst(draw(st.sampled_from([0.5, -1.25, 2.0, 3.0, -0.75])))
+        if kind == "int":
+            return B.to_float(B.sub(Q, K) if draw(st.booleans()) else Hv)
+        return B.ftable(draw(st.lists(st.sampled_from([0.5, 0.25, -1.0, 2.0]), min_size=3,
+                                      max_size=3)), Hv)
+    sub = score_exprs(depth=depth - 1)
+    kind = draw(st.sampled_from(["leaf", "add", "sub", "mul", "div", "tanh", "exp", "abs",
+                                 "min", "max", "select", "neg"]))
+    if kind == "leaf":
+        return draw(score_exprs(depth=0))
+    a = draw(sub)
+    if kind in ("add", "sub", "mul", "min", "max"):
+        b = draw(sub)
+        fn = {"add": B.fadd, "sub": B.fsub, "mul": B.fmul}.get(kind)
+        return fn(a, b) if fn else B.fcall(kind, a, b)
+    if kind == "div":
+        return B.fdiv(a, B.fadd(B.fconst(1.0), B.fmul(s, s)))
+    if kind == "tanh":
+        return B.fcall("tanh", a)
+    if kind == "exp":
+        return B.fcall("exp", B.fcall("tanh", a))
+    if kind == "abs":
+        return B.fcall("abs", a)
+    if kind == "neg":
+        return B.fneg(a)
+    return B.fselect(draw(bool_exprs(depth=1)), a, draw(sub))

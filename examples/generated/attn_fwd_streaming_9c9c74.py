@@ -1,4 +1,4 @@
-# spattn-kernel key=8b7c66be46405bdfeda743e2ddc462b6 sha256=efc7702fabb35ccf3ccc084a38fef68282b4b3edf1848803e8ea28a992a669dd
+# spattn-kernel key=9c9c74e8fb845df6a175d86903fa8b78 sha256=22d77f584aa4434c621279e11b859447131805bbc01bec14fd6e0fb5db69a25b
 """spattn generated forward attention kernel for pattern `streaming`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: ranges
     (closed-form key ranges computed in the kernel from the tile index)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_streaming_8b7c66
-Codegen version: 11; cache key 8b7c66be46405bdfeda743e2ddc462b6
+Kernels: attn_fwd_streaming_9c9c74
+Codegen version: 13; cache key 9c9c74e8fb845df6a175d86903fa8b78
 Forward loop: fused (one loop over all 3 interval pieces, predicate only on PARTIAL tiles)
 Loads: TMA tensor descriptors for Q, K, V, O (block [1, 1, rows, BLOCK_D]; the stride
        arguments are unused)
@@ -61,7 +61,7 @@ def _split(start, end, full_start, full_end):
 
 
 @triton.jit
-def _fwd_fused_8b7c66(
+def _fwd_fused_9c9c74(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_kh,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -118,7 +118,7 @@ def _fwd_fused_8b7c66(
 
 
 @triton.jit
-def attn_fwd_streaming_8b7c66(
+def attn_fwd_streaming_9c9c74(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -185,7 +185,7 @@ def attn_fwd_streaming_8b7c66(
     # 1b: tiles [ps, pe), FULL where in [f1, g1)
     pa2, pz2, pf2, pg2 = ps, pe, f1, g1
     # the 3 pieces in one loop
-    acc, l_i, m_i = _fwd_fused_8b7c66(
+    acc, l_i, m_i = _fwd_fused_9c9c74(
         acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, pa0, pz0, pf0,
         pg0, pa1, pz1, pf1, pg1, pa2, pz2, pf2, pg2, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
@@ -198,4 +198,4 @@ def attn_fwd_streaming_8b7c66(
     tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
 
 
-KERNEL = attn_fwd_streaming_8b7c66
+KERNEL = attn_fwd_streaming_9c9c74

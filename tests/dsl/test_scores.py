@@ -1,0 +1,173 @@
+"""The score language: parsing, types, canonical forms, located errors, T5 buckets and
+the compiler's derivatives (docs/language.md §13)."""
+import math
+
+import pytest
+import torch
+
+import spattn
+from spattn.dsl.errors import SpattnParamError, SpattnSyntaxError, SpattnTypeError
+from spattn.ir.lower import parse_score_ir
+from spattn.ir.nodes import Score
+from spattn.ir.printer import to_source
+from spattn.ir.score import derivative, grads, score_env, score_values
+
+SCORES = [
+    ("causal", "30.0 * tanh(s / 30.0)", {}),
+    ("causal", "softcap(50.0)", {}),
+    ("causal", "alibi(slope[h])", {"slope": [0.5, 0.25]}),
+    ("causal", "alibi(alibi_slope)", {}),
+    ("window(8)", "s + rel[h, clamp(q - k, 0, 7)]", {}),
+    ("full", "s + bias[h, t5_bucket(32, 128)]", {}),
+    ("causal", "s + bias[h, t5_bucket_causal(32, 128)]", {}),
+    ("causal & same(doc)", "if doc[q] == doc[k] then s * 2.0 else s - 1.0", {}),
+    ("causal", "-s * 2.0 + q + 0.5 + k", {}),
+    ("causal", "max(s, -5.0) + abs(s) + clamp(s, -1.0, 1.5) + exp(s / 8.0) + "
+               "sqrt(abs(s)) + log(1.0 + abs(s))", {}),
+    ("causal", "s * 1e-3 - 2.5e10 / (s * s + 1.0)", {}),
+    ("causal", "s * [1.5, 0.5][h % 2] - rpb[h, q // 8 - k // 8 + 7, q % 8 - k % 8 + 7]", {}),
+]
+IDS = [f"{m}|{s}" for m, s, _ in SCORES]
+
+
+@pytest.mark.parametrize("mask,score,kw", SCORES, ids=IDS)
+def test_score_round_trips(mask, score, kw):
+    p = spattn.compile(mask, score=score, **kw)
+    back = parse_score_ir(to_source(p.score), p.score_inputs)
+    assert back == p.score
+    again = spattn.compile(p.source)                   # the canonical source compiles back
+    assert again == p and hash(again) == hash(p) and again.source == p.source
+    assert again.score_inputs == p.score_inputs
+
+
+def test_equal_scores_hash_equal_and_scores_are_identity():
+    a = spattn.compile("causal", score="s / 2.0 + 1.0")
+    b = spattn.compile("causal", score="1.0 + s / 2.0")
+    c = spattn.compile("causal", score="s / 2.0 + 2.0")
+    plain = spattn.compile("causal")
+    assert a == b and hash(a) == hash(b) and a.source == b.source and a.key == b.key
+    assert a != c and a.key != c.key
+    assert a != plain and a.key != plain.key and a.ir == plain.ir
+
+
+def test_program_score_clause_matches_compile_score():
+    prog = spattn.compile("param c = 30.0\nparam W = 16\n"
+                          "pattern capped = causal & window(W) score softcap(c)\n"
+                          "pattern plain = causal", pattern="capped")
+    direct = spattn.compile("causal & window(16)", score="softcap(30.0)")
+    assert prog == direct
+    assert spattn.compile("pattern plain = causal\npattern x = full score s",
+                          pattern="plain").score is None
+
+
+def test_float_params_and_lists():
+    p = spattn.compile("causal", score="s * c - m[h] * (q - k)", c=0.5, m=[1, 0.25])
+    assert p.params == {"c": 0.5, "m": (1.0, 0.25)}
+    assert "[1.0, 0.25][h]" in p.source
+
+
+ERRORS = [
+    # (mask, score, kw, error class, (line, column), text)
+    ("causal", "q - k", {}, SpattnTypeError, (3, 1), "a score must be a float"),
+    ("causal", "q < k", {}, SpattnTypeError, (3, 1), "a score must be a float"),
+    ("causal & s > 0", None, {}, SpattnTypeError, (1, 10), "score variable s"),
+    ("q < 0.5", None, {}, SpattnTypeError, (1, 5), "got a float"),
+    ("q / 2 < k", None, {}, SpattnSyntaxError, (1, 3), "//"),
+    ("window(W)", None, {"W": 2.5}, SpattnParamError, (1, 8), "float"),
+    ("causal", "if s > 0.0 then s else 0.0", {}, SpattnTypeError, (3, 4), "comparisons take ints"),
+    ("causal", "s + log_bucket(q - k, W[h], 8, 16) * 1.0", {"W": [1, 2]}, SpattnTypeError, (3, 5),
+     "constant int"),
+    ("causal", "s + tanh(q < k)", {}, SpattnTypeError, (3, 10), "must be a number"),
+    ("causal", "s / 0.0", {}, spattn.SpattnValueError, (3, 3), "division by zero"),
+]
+
+
+@pytest.mark.parametrize("mask,score,kw,cls,pos,text", ERRORS,
+                         ids=[f"{e[0]}|{e[1]}" for e in ERRORS])
+def test_located_errors(mask, score, kw, cls, pos, text):
+    with pytest.raises(cls) as info:
+        spattn.compile(mask, score=score, **kw)
+    err = info.value
+    assert (err.line, err.column) == pos, str(err)
+    assert text in err.message, str(err)
+
+
+def test_score_given_twice_or_for_a_program():
+    with pytest.raises(SpattnParamError, match="already has a score"):
+        spattn.compile("causal score s", score="s")
+    with pytest.raises(SpattnParamError, match="beside its pattern"):
+        spattn.compile("pattern p = causal", score="s")
+
+
+def _t5(rel: int, bidirectional: bool, buckets: int, max_distance: int) -> int:
+    """T5's bucket as transformers computes it (in float64 here)."""
+    ret = 0
+    if bidirectional:
+        buckets //= 2
+        ret += (rel > 0) * buckets
+        n = abs(rel)
+    else:
+        n = -min(rel, 0)
+    exact = buckets // 2
+    if n < exact:
+        return ret + n
+    v = exact + int(math.log(n / exact) / math.log(max_distance / exact) * (buckets - exact))
+    return ret + min(v, buckets - 1)
+
+
+@pytest.mark.parametrize("macro,bidirectional,nb,md", [
+    ("t5_bucket", True, 32, 128), ("t5_bucket_causal", False, 32, 128),
+    ("t5_bucket", True, 16, 40), ("t5_bucket_causal", False, 8, 1000)],
+    ids=["bi-32-128", "causal-32-128", "bi-16-40", "causal-8-1000"])
+def test_t5_buckets_match_the_t5_formula(macro, bidirectional, nb, md):
+    p = spattn.compile("full", score=f"s + bias[{macro}({nb}, {md})]")
+    (load,) = [n for n in __import__("spattn.ir.nodes", fromlist=["walk"]).walk(p.score)
+               if type(n).__name__ == "FLoad"]
+    L = 700
+    from spattn.ir.evaluate import evaluate
+    got = evaluate(load.index[0], {"q": torch.arange(L).view(-1, 1),
+                                   "k": torch.arange(L).view(1, -1)})
+    want = torch.tensor([[_t5(j - i, bidirectional, nb, md) for j in range(L)]
+                         for i in range(L)])
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mask,score,kw", SCORES, ids=IDS)
+def test_derivatives_match_autograd(mask, score, kw):
+    """The sympy derivatives (d/ds and d/d load) against torch autograd of the score."""
+    p = spattn.compile(mask, score=score, **kw)
+    torch.manual_seed(0)
+    B, H, Lq, Lk = 2, 2, 12, 12
+    env = score_env(Lq, Lk, num_heads=H, batch=B, q_offset=0)
+    ins = {"doc": torch.tensor([0] * 5 + [1] * 7)} if "doc" in p.inputs else {}
+    for name, nd in p.score_inputs.items():
+        shape = {"rel": (H, 8), "bias": (H, 32), "rpb": (H, 15, 15)}[name]
+        ins[name] = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    s = (torch.randn(B, H, Lq, Lk, dtype=torch.float64) * 3).requires_grad_(True)
+    f = score_values(p.score, s, env, ins)
+    w = torch.randn_like(f)
+    tables = [ins[n] for n in sorted(p.score_inputs)]
+    auto = torch.autograd.grad((f * w).sum(), [s] + tables)
+    g = grads(p.score)
+    ds = score_values(g.ds, s.detach(), env, ins)
+    assert torch.allclose(ds * w, auto[0], atol=1e-9), to_source(g.ds)
+    for name, table_grad in zip(sorted(p.score_inputs), auto[1:]):
+        mine = torch.zeros_like(table_grad)
+        from spattn.runtime.scores import _scatter
+        for load, d in g.of(name):
+            _scatter(mine, load, env, ins, score_values(d, s.detach(), env, ins) * w)
+        assert torch.allclose(mine, table_grad, atol=1e-9)
+
+
+def test_derivative_of_softcap_reuses_the_forward_division():
+    p = spattn.compile("causal", score="softcap(30.0)")
+    assert to_source(derivative(p.score, Score())) == \
+        "-(tanh(s / 30.0) * tanh(s / 30.0)) + 1.0"
+
+
+def test_user_macros_may_use_s():
+    p = spattn.compile("def mycap(c) = c * tanh(s / c)\npattern p = causal score mycap(30.0)")
+    assert p == spattn.compile("causal", score="softcap(30.0)")
+    with pytest.raises(SpattnTypeError, match="score variable s") as info:
+        spattn.compile("def bad = s > 0\npattern p = causal & bad")
+    assert (info.value.line, info.value.column) == (1, 11)
