@@ -185,6 +185,7 @@ def run_gpu(args):
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 rows.append(row)
+                log(json.dumps({n: x for n, x in row.items() if not n.endswith("_rounds")}))
             del k, v
             torch.cuda.empty_cache()
     return rows

@@ -207,8 +207,8 @@ def main(argv=None) -> int:
         except Exception as e:  # one case failing must not hide the others
             row = {"case": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         row["wall_s"] = time.perf_counter() - t0
-        print(f"{name}: {row.get('error', 'ok')} ({row['wall_s']:.1f} s)", file=sys.stderr,
-              flush=True)
+        print(f"{name}: {row.get('error', 'ok')} ({row['wall_s']:.1f} s) "
+              f"{json.dumps(row, default=str)}", file=sys.stderr, flush=True)
         rows.append(row)
     if args.out:
         out = Path(args.out)

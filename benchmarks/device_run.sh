@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call's GPU work (the device README: batch a session's GPU work): the GPU tests
+# of the warm-up and decode paths, then the layout, score and decode benchmarks, each under
+# a time limit so that the call fits the session's device time. Logs and JSON under $OUT;
+# the tables last. Carry: .whl (lark). Autotuning off: default configurations, so that the
+# figures are of the kernels' defaults and the call does not spend its time tuning.
+source benchmarks/device_setup.sh > "$OUT/setup.log" 2>&1
+export SPATTN_AUTOTUNE=0
+nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt"
+git rev-parse HEAD >> "$OUT/gpu.txt" 2>/dev/null
+timeout "${T_TESTS:-30}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/runtime/test_gpu.py::test_warmup_compiles_without_running \
+    tests/runtime/test_decode_gpu.py > "$OUT/gpu_tests.log" 2>&1
+timeout "${T_LAYOUTS:-85}" python3 benchmarks/layouts.py --out "$OUT" --rounds 2 \
+    --only flux-window-80x80 flux-stride-16x16 hunyuan-window-18x24x24 \
+    hunyuan-stride-16x8x8 flux-window-80x80-flat > "$OUT/layouts.txt" 2> "$OUT/layouts.log"
+timeout "${T_SCORES:-60}" python3 benchmarks/scores.py --out "$OUT" --no-tune --rounds 2 \
+    > "$OUT/scores.txt" 2> "$OUT/scores.log"
+timeout "${T_DECODE:-40}" python3 benchmarks/decode.py --quick --rep 20 --out "$OUT" \
+    > "$OUT/decode.txt" 2> "$OUT/decode.log"
+tail -n 3 "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt"
