@@ -95,8 +95,12 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
     # correctness: outputs and every gradient against Flex
     t0 = time.perf_counter()
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    o = pat(qs, ks, vs, **tables)
-    o.backward(do)
+    try:
+        o = pat(qs, ks, vs, **tables)
+        o.backward(do)
+    except Exception as e:  # named as spattn's, beside a Flex failure below
+        row["error"] = f"spattn: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return row
     mine = {n: t.grad.clone() for n, t in tables.items()}
     for t in tables.values():
         t.grad = None
@@ -107,17 +111,34 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
             row["rel_err_vs_flex"] = _rel(o, flex(q, k, v, score_mod=fixed, block_mask=bm))
     else:
         qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
-        of = flex(qf, kf, vf, score_mod=score_mod, block_mask=bm)
-        of.backward(do)
-        row["rel_err_vs_flex"] = _rel(o, of)
-        row["grad_rel_err_vs_flex"] = max(_rel(a.grad, b.grad) for a, b in
-                                          ((qs, qf), (ks, kf), (vs, vf)))
-        if tables:
-            row["table_grad_rel_err_vs_flex"] = max(_rel(mine[n], t.grad)
-                                                    for n, t in tables.items())
+        try:
+            of = flex(qf, kf, vf, score_mod=score_mod, block_mask=bm)
+            of.backward(do)
+        except Exception as e:  # Flex cannot run it: spattn against the float64 reference
+            row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            of = None
+            for t in tables.values():
+                t.grad = None
+        if of is not None:
+            row["rel_err_vs_flex"] = _rel(o, of)
+            row["grad_rel_err_vs_flex"] = max(_rel(a.grad, b.grad) for a, b in
+                                              ((qs, qf), (ks, kf), (vs, vf)))
+            if tables:
+                row["table_grad_rel_err_vs_flex"] = max(_rel(mine[n], t.grad)
+                                                        for n, t in tables.items())
+        else:
+            from spattn.runtime.reference import pattern_reference
+            n, off = min(512, N), N - min(512, N)      # the last rows of two heads
+            sub = dict(scale=None, q_offset=off)
+            with torch.no_grad():
+                mine_o = pat(q[:, :2, off:], k[:, :2], v[:, :2], **sub, **tables)
+                ref_o, _ = pattern_reference(pat, q[:, :2, off:], k[:, :2], v[:, :2], **sub,
+                                             **{n_: t.detach() for n_, t in tables.items()})
+            row["rel_err_vs_reference"] = _rel(mine_o, ref_o)
     tol = 3e-2 if dtype != torch.float32 else 1e-3
     bad = [key for key in ("rel_err_vs_flex", "grad_rel_err_vs_flex",
-                           "table_grad_rel_err_vs_flex") if row.get(key, 0) > tol]
+                           "table_grad_rel_err_vs_flex", "rel_err_vs_reference")
+           if row.get(key, 0) > tol]
     if bad:
         row["error"] = "mismatch vs flex: " + ", ".join(f"{b}={row[b]:.3e}" for b in bad)
         return row
@@ -132,9 +153,10 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
 
     def fb_flex():
         flex(qf, kf, vf, score_mod=score_mod, block_mask=bm).backward(do)
-    timed = {"fwd": ((lambda: pat(q, k, v, **tables)), None),
-             "flex_fwd": ((lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm)), None),
-             "fwdbwd": (fb, leaves), "flex_fwdbwd": (fb_flex, fleaves)}
+    timed = {"fwd": ((lambda: pat(q, k, v, **tables)), None), "fwdbwd": (fb, leaves)}
+    if "flex_error" not in row:
+        timed.update({"flex_fwd": ((lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm)),
+                                   None), "flex_fwdbwd": (fb_flex, fleaves)})
     time_rounds(row, timed, rounds, bench=lambda fn, grad_to_none=None:
                 bench_ms(fn, rep=40, grad_to_none=grad_to_none))
     plain(q, k, v)
@@ -158,11 +180,14 @@ def table(rows) -> str:
         def f(key, fmt="{:.3f}"):
             return fmt.format(r[key]) if key in r else "-"
         err = max(r.get("rel_err_vs_flex", 0), r.get("grad_rel_err_vs_flex", 0),
-                  r.get("table_grad_rel_err_vs_flex", 0))
+                  r.get("table_grad_rel_err_vs_flex", 0), r.get("rel_err_vs_reference", 0))
         out.append(f"| {r['case']} | {f('fwd_ms')} | {f('flex_fwd_ms')} | "
                    f"{f('speedup_fwd', '{:.2f}')} | {f('fwdbwd_ms')} | {f('flex_fwdbwd_ms')} | "
                    f"{f('speedup_fwdbwd', '{:.2f}')} | {f('fwd_no_score_ms')} | "
                    f"{f('score_cost', '{:+.1%}')} | {err:.1e} |")
+    out += [f"\n{r['case']}: FlexAttention failed ({r['flex_error']}); spattn checked against "
+            "the float64 reference on the last 512 rows of two heads" for r in rows
+            if "flex_error" in r]
     return "\n".join(out)
 
 
