@@ -210,3 +210,18 @@ def test_mask_analysis_ignores_the_score():
         scored = spattn.compile(mask, score="softcap(2.0) + rel[h, clamp(q - k, 0, 3)]")
         assert torch.equal(plain.tiles(70, 70, 16, 16), scored.tiles(70, 70, 16, 16))
         assert torch.equal(plain.mask(30, 30), scored.mask(30, 30))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("score,tables", [
+    ("s + w[0] - w[1] * 2.0", {"w": (2,)}),
+    ("s * exp(w[b, h]) + u[Lk - Lq + 1]", {"w": (2, H), "u": (4,)}),
+    ("s + rel[h, q % 3] * rel[h, k % 3]", {"rel": (H, 3)}),
+], ids=["const-index", "batch-head-lengths", "one-table-twice"])
+def test_table_reads_without_positions(backend, score, tables):
+    """A table read at an index of no position (w[0], u[Lk - Lq + 1]): the kernels' code
+    generation asserted it had nothing to hoist (a raw AssertionError); a table read twice
+    gets both reads' gradients."""
+    p = spattn.compile("causal & window(9)", score=score, backend=backend)
+    got, want, _ = run(p, B=2, Lq=20, Lk=22, Hk=1, tables=tables)
+    assert_matches(got, want, score)
