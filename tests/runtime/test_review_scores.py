@@ -114,7 +114,7 @@ def test_derivatives_through_abs_of_sqrt_and_log():
 
 INTS = ["q", "k", "h", "b", "Lq", "Lk", "H", "(q - k)", "(k // 3)", "(q % 4)",
         "log_bucket(abs(q - k), 2, 20, 6)", "t5_bucket(8, 20)"]
-LEAVES = ["s", "s", "0.5", "c", "m[h]", "w[h]", "rel[h, clamp(q - k, 0, 7)]",
+LEAVES = ["s", "s", "0.5", "c", "m[h]", "w[h]", "w[0]", "rel[h, clamp(q - k, 0, 7)]",
           "bias[q % 3, k % 5]"]
 TABLES = {"w": (H,), "rel": (H, 8), "bias": (3, 5)}
 PARAMS = {"c": 0.75, "m": [0.5, -0.25]}
@@ -225,3 +225,19 @@ def test_table_reads_without_positions(backend, score, tables):
     p = spattn.compile("causal & window(9)", score=score, backend=backend)
     got, want, _ = run(p, B=2, Lq=20, Lk=22, Hk=1, tables=tables)
     assert_matches(got, want, score)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_score_makes_its_row_nan_with_min_and_max(backend):
+    """A NaN score at an allowed pair makes its row NaN on every backend, as in the
+    reference; the kernels' float min/max propagate NaN (tl.minimum does not by default on
+    the GPU)."""
+    for score in ["max(s, sqrt(float(5 - q)))", "clamp(s, -1.0, sqrt(float(5 - q)))"]:
+        p = spattn.compile("causal", score=score, backend=backend)
+        assert "propagate_nan=tl.PropagateNan.ALL" in p.kernel_source("fwd")
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, H, 24, 16, generator=g) for _ in range(3))
+        o = p(q, k, v)
+        ro, _ = pattern_reference(p, q.double(), k.double(), v.double())
+        assert torch.equal(o.isnan(), ro.isnan()) and bool(o.isnan().any())
+        assert torch.isfinite(o[:, :, :6]).all() and o[:, :, 6:].isnan().all()
