@@ -195,11 +195,11 @@ def test_tables_of_each_call_and_deterministic(backend):
         assert_matches(got, want, f"call {seed} {kw}")
 
 
-@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_inputs_gqa_offset_tables(dtype):
+def test_half_inputs_gqa_offset_tables(dtype, backend):
     p = spattn.compile("causal & window(9)", score="softcap(2.0) + rel[h, clamp(q - k, 0, 8)]",
-                       backend="triton")
+                       backend=backend)
     got, want, _ = run(p, Lq=8, Lk=32, Hk=1, q_offset=20, dtype=dtype, tables={"rel": (H, 9)})
     assert_matches(got, want, str(dtype), atol=2e-2)
 
