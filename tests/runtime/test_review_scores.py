@@ -241,3 +241,23 @@ def test_nan_score_makes_its_row_nan_with_min_and_max(backend):
         ro, _ = pattern_reference(p, q.double(), k.double(), v.double())
         assert torch.equal(o.isnan(), ro.isnan()) and bool(o.isnan().any())
         assert torch.isfinite(o[:, :, :6]).all() and o[:, :, 6:].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 4, 4, 8), (2, 1, 4, 8), (2, 4, 8), (2, 4, 4, 8)],
+                         ids=["1-H", "B-1", "B", "B-H"])
+def test_table_leading_dims_with_gqa(backend, shape):
+    """A learnable table's optional [B] / [B, H] leading dims (1 broadcasts: its gradient
+    sums over the batch or heads), four query heads on two key heads."""
+    p = spattn.compile("causal & window(8)", score="s * 0.5 + rel[h, clamp(q - k, 0, 7)]",
+                       backend=backend)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 20, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 20, 16, generator=g, requires_grad=True) for _ in range(2))
+    rel = torch.randn(shape, generator=g, requires_grad=True)
+    o = p(q, k, v, rel=rel)
+    do = torch.randn(o.shape, generator=g)
+    got = [o, *torch.autograd.grad(o, (q, k, v, rel), do)]
+    rl = [x.detach().double().requires_grad_(True) for x in (q, k, v, rel)]
+    ro, _ = pattern_reference(p, *rl[:3], rel=rl[3])
+    assert_matches(got, [ro, *torch.autograd.grad(ro, rl, do.double())], str(shape))
