@@ -596,9 +596,11 @@ class _Emitter(Visitor):
     def fcall(self, n, c):
         fn = n.fn
         if fn in ("min", "max"):
+            # NaN propagates, as in torch (the reference): on the GPU tl.minimum would
+            # otherwise return the other operand
             acc = c[0]
             for x in c[1:]:
-                acc = f"tl.{fn}imum({acc}, {x})"
+                acc = f"tl.{fn}imum({acc}, {x}, propagate_nan=tl.PropagateNan.ALL)"
             return acc
         x = c[0]
         if fn == "tanh":          # tanh(x) = 2 sigmoid(2x) - 1 (no tl.tanh)

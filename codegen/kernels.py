@@ -61,7 +61,7 @@ from ..ir.nodes import BoolConst
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "13"
+CODEGEN_VERSION = "14"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -339,7 +339,9 @@ def _score_code(pattern, kind: str, int64: bool) -> ScoreCode | None:
             names.append(f"i_g{i}_{j}")
     em = emit(roots, dict(ENV, s="b_x"), loop_vars=tuple(ENV), result_names=names,
               prefix="sc_", int64=int64)
-    assert not em.outer, em.outer          # every variable is per tile: nothing hoisted
+    # every variable is per tile; what depends on none (a table read at a constant index,
+    # w[0]) is computed in the tile too, first: its lines only read the loop's arguments
+    lines = tuple(em.outer) + tuple(em.inner)
     res = list(em.results)
     inputs = tuple(pattern.score_inputs)
     tg, pos = [], 2
@@ -350,7 +352,7 @@ def _score_code(pattern, kind: str, int64: bool) -> ScoreCode | None:
         pos += 1 + nd
     grad_params = tuple(x for n in inputs for x in (f"D{n.upper()}_ptr", f"grad_{n}")) \
         if kind == "dq" else ()
-    return ScoreCode(tuple(em.inner), res[0], res[1] if g is not None else None, inputs,
+    return ScoreCode(lines, res[0], res[1] if g is not None else None, inputs,
                      tuple(_input_params(dict(pattern.score_inputs))), tuple(tg), grad_params,
                      em.uses_helpers)
 

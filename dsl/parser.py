@@ -231,6 +231,11 @@ class _LiteralError(Exception):
 
     def located(self, src: str, filename) -> SpattnValueError:
         d = self.digits
+        if self.tok.type == "FLOAT":
+            return SpattnValueError(
+                f"float literal {d} is too large: it overflows a float (at most about "
+                "1.8e308; the kernels compute scores in float32, at most about 3.4e38)",
+                source=src, line=self.tok.line, column=self.tok.column, filename=filename)
         shown = d if len(d) <= 24 else f"{d[:10]}...{d[-10:]} ({len(d)} digits)"
         return SpattnValueError(
             f"integer literal {shown} is too large: integer literals must be at most 2**256 "

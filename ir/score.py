@@ -32,7 +32,26 @@ from .nodes import (FAdd, FCall, FConst, FDiv, FLoad, FMul, FSelect, Node, Score
 
 __all__ = ["ScoreGrads", "derivative", "grads", "score_values", "score_env"]
 
-_UNARY = {"tanh": sympy.tanh, "exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt,
+class _Sqrt(sympy.Function):
+    """The score's ``sqrt``: real (a NaN below 0, never complex), so that sympy does not
+    differentiate ``abs(sqrt(..))`` through complex parts it cannot translate back."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.Rational(1, 2) / self
+
+
+class _Log(sympy.Function):
+    """The score's ``log``: real, as :class:`_Sqrt`."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        return 1 / self.args[0]
+
+
+_UNARY = {"tanh": sympy.tanh, "exp": sympy.exp, "log": _Log, "sqrt": _Sqrt,
           "abs": sympy.Abs, "sign": sympy.sign, "step": sympy.Heaviside}
 
 
@@ -128,7 +147,7 @@ class _FromSympy:
                 out = build.fselect(self.cond[cond.args[0]], self(value), out)
             return out
         for name, fn in _UNARY.items():
-            if name != "sqrt" and isinstance(e, fn):
+            if isinstance(e, fn):
                 return build.fcall(name, self(e.args[0]))
         raise NotImplementedError(f"cannot translate {e!r} ({type(e).__name__}) back to IR")
 

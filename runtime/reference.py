@@ -127,5 +127,21 @@ def pattern_reference(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         from ..ir.evaluate import query_offset
         env = score_env(Lq, Lk, num_heads=Hq, batch=B, q_offset=query_offset(Lq, Lk, q_offset),
                         device=q.device)
-        fn = lambda s: score_values(pattern.score, s, env, inputs)   # noqa: E731
+        allowed = torch.as_tensor(m, device=q.device).to(torch.bool)
+
+        def fn(s):
+            # the score is differentiated only at the pairs it is seen at: allowed by the
+            # mask and not excluded by a score of -inf (elsewhere its derivative may be
+            # infinite or NaN, and 0 * inf would poison the gradients)
+            with torch.no_grad():
+                f0 = score_values(pattern.score, s.detach(), env,
+                                  {n: t.detach() for n, t in inputs.items()})
+            keep = allowed.expand(s.shape) & (f0 != float("-inf"))
+            if not bool(keep.any()):
+                return torch.full_like(s.detach(), float("-inf"))
+            sub = {n: (t.expand(s.shape)[keep] if isinstance(t, torch.Tensor) else t)
+                   for n, t in env.items()}
+            vals = score_values(pattern.score, s[keep], sub, inputs)
+            out = torch.full_like(s.detach(), float("-inf"))
+            return out.index_put(keep.nonzero(as_tuple=True), vals)
     return attention_reference(q, k, v, m, scale=scale, score=fn)

@@ -235,6 +235,9 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
             delta = delta - dlse[:, :, r0:r1].to(acc).unsqueeze(-1)
         dsm = p * (dp - delta)                       # gradient of the modified score
         zero = torch.zeros((), dtype=acc, device=q.device)
+        # only pairs of weight P > 0 contribute (the kernels' rule): a score of -inf excludes
+        # its pair like the mask, even where its derivative is infinite (0 * inf)
+        m = m & (p != 0)
         d = torch.where(m, dsm * score_values(g.ds, s, env, inputs), zero)
         dq[:, :, r0:r1] = torch.matmul(d, kc) * scale
         dkk[:, :, c0:c1] += torch.matmul(d.transpose(-1, -2), qc) * scale

@@ -171,3 +171,14 @@ def test_user_macros_may_use_s():
     with pytest.raises(SpattnTypeError, match="score variable s") as info:
         spattn.compile("def bad = s > 0\npattern p = causal & bad")
     assert (info.value.line, info.value.column) == (1, 11)
+
+
+@pytest.mark.parametrize("src", ["causal score s * 1e400", "causal score s * -1e400",
+                                 "param c = 1e999\npattern p = causal score s * c"],
+                         ids=["literal", "negative", "param"])
+def test_float_literal_overflow_is_named_a_float(src):
+    """An overflowing float literal is a float error (it was called an integer literal)."""
+    from spattn.dsl.errors import SpattnValueError
+    with pytest.raises(SpattnValueError, match=r"float literal 1e\d+ is too large") as info:
+        spattn.compile(src)
+    assert "integer" not in str(info.value) and info.value.column > 1
