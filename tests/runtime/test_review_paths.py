@@ -245,3 +245,24 @@ def test_scored_pattern_refuses_sdpa_keywords_in_bshd():
                         ("attn_mask", torch.ones(3, 300, dtype=torch.bool))):
         with pytest.raises(SpattnError, match=name):
             pat(q, k, v, layout="bshd", **{name: value})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_routed_views_strided_along_d(which, backend):
+    """q, k or v a ``[..., ::2]`` view (stride 2 along D) in a decode-sized call: ATen's CPU
+    flash kernel read D as contiguous (wrong rows, errors ~0.5) before the torch backend
+    copied such views."""
+    pat = spattn.compile("causal & q - k < 60", backend=backend)
+    t = dict(zip("qkv", _qkv(1, 2, 1, 3, 300, D=32, seed=3)))
+    for n in "qkv":
+        t[n] = t[n][..., ::2] if n == which else t[n][..., :16]
+    assert dec.routes(t["q"], t["k"], t["v"])
+    _check(pat, t["q"], t["k"], t["v"])
+
+
+def test_torch_backend_strided_d_gradients():
+    """The normal torch path with views strided along D, forward and backward."""
+    pat = spattn.compile("causal & q - k < 20", backend="torch")
+    q, k, v = (t[..., ::2].detach().requires_grad_(True) for t in _qkv(2, 2, 1, 40, 40, D=32))
+    _check(pat, q, k, v, grads=True)
