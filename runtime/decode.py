@@ -57,6 +57,10 @@ VIEW_BYTES = 1 << 18
 DECODE_PLANS_SIZE = 32
 
 
+#: Most splits of the keys a caller may ask for (the default takes at most 128).
+MAX_SPLITS = 1024
+
+
 def bucket(length: int) -> int:
     """The length bucket of a cache of ``length`` keys: the next power of two, >= 256."""
     return max(MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length())
@@ -705,6 +709,10 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
                                "sits at position seq_lens[b] - Lq + i")
     if cap < Lq:
         raise SpattnInputError(f"the cache holds {cap} keys, fewer than the {Lq} query rows")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
+                                   or not 1 <= num_splits <= MAX_SPLITS):
+        raise SpattnParamError(f"num_splits must be None or an int in 1..{MAX_SPLITS}, got "
+                               f"{num_splits!r}")
     # a pattern on a grid (spattn.neighborhood) means nothing at other lengths: Lq and every
     # sequence's length must be its cell count, as in a call
     check_grid(pattern, Lq, cap, f"q (shape {tuple(q.shape)}) and the cache (capacity {cap})")

@@ -266,3 +266,14 @@ def test_torch_backend_strided_d_gradients():
     pat = spattn.compile("causal & q - k < 20", backend="torch")
     q, k, v = (t[..., ::2].detach().requires_grad_(True) for t in _qkv(2, 2, 1, 40, 40, D=32))
     _check(pat, q, k, v, grads=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [0, -1, "a", 1.5, True, 2048])
+def test_decode_bad_num_splits(bad, backend):
+    """A bad num_splits is a SpattnParamError on both backends (was a raw ValueError for a
+    str on Triton, and silently ignored or used as given otherwise)."""
+    pat = spattn.compile("causal", backend=backend)
+    q, k, v = _qkv(1, 2, 1, 3, 300)
+    with pytest.raises(spattn.SpattnParamError, match="num_splits"):
+        pat.decode(q, k, v, num_splits=bad)
