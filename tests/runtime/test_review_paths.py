@@ -6,13 +6,14 @@ that are not powers of two, paged caches whose page size does not divide the len
 and scored patterns through ``bshd`` and decode-sized calls (the score is applied)."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import spattn
 from spattn.dsl.errors import SpattnError, SpattnInputError
 from spattn.runtime import decode as dec
 from spattn.runtime.reference import pattern_reference
 from tests.helpers.natten_ref import neighborhood_mask
+from tests.helpers.sources import WIDE, bool_exprs
 from tests.runtime.test_torch_backend import _close
 
 interp = pytest.mark.interpreter
@@ -277,3 +278,75 @@ def test_decode_bad_num_splits(bad, backend):
     q, k, v = _qkv(1, 2, 1, 3, 300)
     with pytest.raises(spattn.SpattnParamError, match="num_splits"):
         pat.decode(q, k, v, num_splits=bad)
+
+
+# ------------------------------------------------------------------ random patterns
+
+GRID_BASES = ["abs(q // {W} - k // {W}) <= {r} & abs(q % {W} - k % {W}) <= {s}",
+              "(q // {W} - k // {W}) % {r1} == 0 & abs(q % {W} - k % {W}) <= {s}",
+              "q // {W} == k // {W}", "(q - k) % {W} == 0 & abs(q - k) <= {r} * {W}"]
+FUZZ = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck),
+            phases=[Phase.explicit, Phase.generate, Phase.shrink])
+
+
+def _grid_case(data, backend):
+    W, H = data.draw(st.sampled_from([2, 3, 4, 8])), data.draw(st.integers(2, 8))
+    src = data.draw(st.sampled_from(GRID_BASES)).format(
+        W=W, r=data.draw(st.integers(0, 3)), s=data.draw(st.integers(0, 3)),
+        r1=data.draw(st.integers(1, 3)))
+    src += data.draw(st.one_of(st.just(""), bool_exprs(max_leaves=3).map(
+        lambda e: f" {data.draw(st.sampled_from('&|'))} ({e})")))
+    try:
+        pat = spattn.compile(src, backend=backend)
+    except SpattnError:
+        return
+    if pat.inputs:
+        return
+    Hk = data.draw(st.integers(1, 2))
+    q, k, v = _qkv(data.draw(st.integers(1, 2)), Hk * data.draw(st.sampled_from([1, 3])),
+                   Hk, W * H, W * H, grad=True, seed=W * H)
+    with torch.enable_grad():
+        _check(pat, q, k, v, grads=True)
+
+
+@settings(max_examples=8, **FUZZ)
+@given(data=st.data())
+def test_random_grid_patterns_in_layouts(data):
+    """Flattened grid patterns combined with random terms (``& (...)``, ``| (...)``), layouts
+    forced on (torch backend): forward, lse and gradients equal the reference, remapped or
+    not."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPATTN_LAYOUT", "on")
+        _grid_case(data, "torch")
+
+
+def _routed_case(data, backend):
+    src = data.draw(bool_exprs(consts=data.draw(st.sampled_from([None, WIDE]))))
+    src += data.draw(st.sampled_from(["", " & same(doc)", " | same(doc)", " & causal"]))
+    try:
+        pat = spattn.compile(src, backend=backend)
+    except SpattnError:
+        return
+    if set(pat.inputs) - {"doc"}:
+        return
+    Lq, Lk = data.draw(st.integers(1, 16)), data.draw(st.integers(256, 300))
+    q_offset = data.draw(st.one_of(st.none(), st.integers(-40, 320)))
+    Hk = data.draw(st.integers(1, 2))
+    q, k, v = _qkv(data.draw(st.integers(1, 2)), Hk * data.draw(st.sampled_from([1, 3])),
+                   Hk, Lq, Lk, seed=Lq + Lk)
+    assert dec.routes(q, k, v, q_offset)
+    inputs = {"doc": torch.sort(torch.randint(0, 5, (Lk,)))[0]} if pat.inputs else {}
+    try:
+        pat(q, k, v, q_offset=q_offset, **inputs)
+    except SpattnError:
+        return
+    _check(pat, q, k, v, q_offset=q_offset, **inputs)
+
+
+@settings(max_examples=10, **FUZZ)
+@given(data=st.data())
+def test_random_patterns_routed(data):
+    """Random patterns (with a document input or causal) in decode-sized calls, GQA 1:1 and
+    3:1, random q_offset (torch backend): the routed call equals the reference or is a
+    SpattnError."""
+    _routed_case(data, "torch")
