@@ -57,6 +57,10 @@ VIEW_BYTES = 1 << 18
 DECODE_PLANS_SIZE = 32
 
 
+#: Most splits of the keys a caller may ask for (the default takes at most 128).
+MAX_SPLITS = 1024
+
+
 def bucket(length: int) -> int:
     """The length bucket of a cache of ``length`` keys: the next power of two, >= 256."""
     return max(MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length())
@@ -684,7 +688,8 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
     ``[Lq, capacity]`` and page numbers to the pools instead. ``num_splits``: the splits of
     the keys (tests; default: enough programs to fill the device).
     """
-    from .api import _check_scale, check_q_offset, check_runtime_tensors, choose_backend
+    from .api import (_check_scale, _interpret, check_grid, check_q_offset,
+                      check_runtime_tensors, choose_backend)
     if getattr(pattern, "score", None) is not None:
         raise SpattnParamError("the decode path does not apply scores yet: call the pattern "
                                "(pat(q, k, v)), which runs a score on its own path")
@@ -704,6 +709,13 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
                                "sits at position seq_lens[b] - Lq + i")
     if cap < Lq:
         raise SpattnInputError(f"the cache holds {cap} keys, fewer than the {Lq} query rows")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
+                                   or not 1 <= num_splits <= MAX_SPLITS):
+        raise SpattnParamError(f"num_splits must be None or an int in 1..{MAX_SPLITS}, got "
+                               f"{num_splits!r}")
+    # a pattern on a grid (spattn.neighborhood) means nothing at other lengths: Lq and every
+    # sequence's length must be its cell count, as in a call
+    check_grid(pattern, Lq, cap, f"q (shape {tuple(q.shape)}) and the cache (capacity {cap})")
     seq_lens = _check_seq_lens(seq_lens, B, Lq, cap, q.device, check)
     if paged and check:
         _check_pages(page_table, seq_lens, page_size, num_pages)
@@ -718,6 +730,11 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
     if ins or q_shift:
         _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift)
     backend = choose_backend(pattern.backend, q.device.type)
+    out_dtype = q.dtype
+    if backend == "triton" and q.dtype == torch.bfloat16 and _interpret():
+        # Triton 3.6's interpreter feeds bf16 bits to numpy's matmul unconverted (wrong
+        # products, as triton_backend._upcast says): under it bf16 runs in fp32, cast back
+        q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
     bucket_len = bucket(cap)
     plan = DECODE_PLANS.get(pattern, backend, q, Hk, bucket_len, paged, ins, num_splits)
     if backend == "triton":
@@ -731,4 +748,5 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
         o, lse = plan.run_torch(q, k_cache, v_cache, lens=lens, q_shift=q_shift,
                                 page_table=page_table, page_size=page_size, scale=scale,
                                 inputs=ins)
+    o = o.to(out_dtype)
     return (o, lse) if return_lse else o

@@ -68,6 +68,12 @@ def _use_flash(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _FLASH_FWD is not None and _FLASH_BWD is not None
 
 
+def _unit_last(*ts):
+    """The tensors with unit stride along D (ATen's CPU flash kernels read the last dim as
+    contiguous whatever its stride: a ``[..., ::2]`` view gave wrong rows)."""
+    return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else _contiguous(t) for t in ts)
+
+
 def _attend(q, k, v, mask, scale, is_causal):
     """Dense attention of ``q [n, h, M, D]`` over ``k, v [n, h, N, D]`` with an additive
     ``mask`` (``[n, 1 or h, M, N]`` or None): ``(o [n, h, M, D] q.dtype, lse [n, h, M])``.
@@ -75,6 +81,7 @@ def _attend(q, k, v, mask, scale, is_causal):
     ``is_causal``: key j is masked for row i > ... (j > i). A row with no allowed key gets
     o 0 and lse 0 (the caller sets -inf)."""
     if _use_flash(q):
+        q, k, v = _unit_last(q, k, v)
         return _FLASH_FWD(q, k, v, is_causal=is_causal, attn_mask=mask, scale=scale)
     acc = _accum_dtype(q.dtype)
     M, N = q.shape[2], k.shape[2]
@@ -109,6 +116,7 @@ def _attend_bwd(do, q, k, v, o, lse, mask, scale, is_causal):
     ``lse`` (those of a larger softmax the item is part of); ``lse`` must be finite or
     ``+inf`` (a row with lse +inf contributes nothing)."""
     if _use_flash(q):
+        do, q, k, v, o = _unit_last(do, q, k, v, o)
         return _FLASH_BWD(do, q, k, v, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
     acc = _accum_dtype(q.dtype)
     M, N = q.shape[2], k.shape[2]
