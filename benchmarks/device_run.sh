@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call's GPU work (the device README: batch a session's GPU work): the GPU tests
+# One call's GPU work on a lent GPU machine (batched into one command): the GPU tests
 # of the warm-up and decode paths, then the layout, score and decode benchmarks, each under
-# a time limit so that the call fits the session's device time. Logs and JSON under $OUT;
+# a time limit so that the call fits the device time at hand. Logs and JSON under $OUT;
 # the tables last. Carry: .whl (lark). Autotuning off: default configurations, so that the
 # figures are of the kernels' defaults and the call does not spend its time tuning.
 source benchmarks/device_setup.sh > "$OUT/setup.log" 2>&1
