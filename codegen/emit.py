@@ -41,8 +41,7 @@ from ..ir.nodes import (Abs, And, BoolConst, Const, FAdd, FCall, FConst, FDiv, F
                         FMul, FSelect, FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Prod,
                         Range, Score, Select, Sum, Table, ToFloat, Var)
 from ..ir.bounds import wrap
-from ..ir.visitor import Visitor, rule
-from ..ir.nodes import FLOAT_TYPES
+from ..ir.visitor import MaskPass, Visitor, rule
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -78,15 +77,10 @@ POSITIVE_VARS = frozenset({"Lq", "Lk", "H"})
 
 # ------------------------------------------------------------ sign analysis
 
-class _NonNeg(Visitor):
+class _NonNeg(MaskPass):
     """True if a node is provably ``>= 0`` for every value of the variables."""
 
     complete = True
-
-    @rule(*FLOAT_TYPES)
-    def float_node(self, n, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
-                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, signs: "_Signs"):
         self.signs = signs
@@ -140,15 +134,10 @@ class _NonNeg(Visitor):
         return False     # input elements can be anything; bools are not ints
 
 
-class _Positive(Visitor):
+class _Positive(MaskPass):
     """True if a node is provably ``> 0``."""
 
     complete = True
-
-    @rule(*FLOAT_TYPES)
-    def float_node(self, n, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
-                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, signs: "_Signs"):
         self.signs = signs

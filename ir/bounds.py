@@ -56,8 +56,7 @@ from ..dsl.errors import SpattnValueError
 from .inputs import query_offset
 from .nodes import (INT, Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                     Not, Or, Prod, Range, Select, Sum, Table, Var, walk)
-from .visitor import Visitor, rule
-from .nodes import FLOAT_TYPES
+from .visitor import MaskPass, rule
 
 __all__ = ["Domain", "Checked", "call_domain", "node_bounds", "bounds_of", "analyse",
            "check_call", "require", "kernel_int64", "closed_form_exact", "input_ranges", "static_names", "wrap",
@@ -131,17 +130,12 @@ def call_domain(Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1, q_offse
 _MISSING = object()
 
 
-class _Bounds(Visitor):
+class _Bounds(MaskPass):
     """``[lo, hi]`` of every int node over a :class:`Domain` (bool nodes: None; their
     operands are visited). Memoised per node. ``partial[n]``: the hull of a product's
     partial products, which the interval pass computes too."""
 
     complete = True
-
-    @rule(*FLOAT_TYPES)
-    def float_node(self, n, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
-                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, domain: Domain):
         self.vars = {n: (lo, hi) for n, lo, hi in domain.variables}
@@ -327,16 +321,11 @@ def _postorder(ir: Node) -> list:
     return list(out)
 
 
-class _Requirements(Visitor):
+class _Requirements(MaskPass):
     """Collects, for one node at a time, the values that must be representable in ``bits``
     (the rules of the module docstring), and the equalities decided modulo ``2**bits``."""
 
     complete = True
-
-    @rule(*FLOAT_TYPES)
-    def float_node(self, n, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
-                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, b: _Bounds, bits: int):
         self.bounds = b.memo

@@ -190,14 +190,19 @@ class _Evaluator(Visitor):
             return torch.where(torch.as_tensor(c), _tensor(a, _fit), _tensor(b, _fit))
         return a if c else b
 
-    @rule(Table)
-    def table(self, n):
+    def _list_index(self, n):
+        """The index of a list entry (``Table``, ``FTable``), checked against its length."""
         i = self.ev(n.index)
         lo, hi = (int(i.min()), int(i.max())) if isinstance(i, torch.Tensor) else (i, i)
         if lo < 0 or hi >= len(n.values):
             raise SpattnValueError(
                 f"list {list(n.values)} has {len(n.values)} entries but is indexed with "
                 f"{n.index} taking values {lo}..{hi}")
+        return i
+
+    @rule(Table)
+    def table(self, n):
+        i = self._list_index(n)
         if isinstance(i, torch.Tensor):
             vals = torch.tensor([_fit(v) for v in n.values], dtype=torch.int64)
             return vals.to(i.device)[i]
@@ -328,12 +333,7 @@ class _Evaluator(Visitor):
 
     @rule(FTable)
     def ftable(self, n):
-        i = self.ev(n.index)
-        lo, hi = (int(i.min()), int(i.max())) if isinstance(i, torch.Tensor) else (i, i)
-        if lo < 0 or hi >= len(n.values):
-            raise SpattnValueError(
-                f"list {list(n.values)} has {len(n.values)} entries but is indexed with "
-                f"{n.index} taking values {lo}..{hi}")
+        i = self._list_index(n)
         if isinstance(i, torch.Tensor):
             return torch.tensor(n.values, dtype=self.fdtype, device=i.device)[i]
         return n.values[i]

@@ -34,6 +34,25 @@ def _copy(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     return (t.to(device) if device is not None else t).to(dtype)
 
 
+def check_shape(name: str, t: torch.Tensor, nd: int, *, batch: int, num_heads: int,
+                reader: str = "the pattern") -> None:
+    """SpattnInputError unless runtime input ``name`` has ``nd`` index dims, optionally led by
+    a batch and a head dim (each the call's size or 1), and no empty dim; ``reader``: who
+    indexes it (the pattern, the score)."""
+    if t.dim() not in (nd, nd + 1, nd + 2):
+        raise SpattnInputError(
+            f"runtime input {name!r} has shape {tuple(t.shape)}, but {reader} indexes it "
+            f"with {nd} index dimension{'s' if nd != 1 else ''}: expected {nd} dims, "
+            f"[B, ...] ({nd + 1} dims) or [B, H, ...] ({nd + 2} dims)")
+    lead = t.shape[: t.dim() - nd]
+    for axis, (size, want, what) in enumerate(zip(lead, (batch, num_heads), ("batch", "heads"))):
+        if size not in (1, want):
+            raise SpattnInputError(f"runtime input {name!r} has shape {tuple(t.shape)}: "
+                                   f"its {what} dimension ({axis}) is {size}, expected {want} or 1")
+    if any(s == 0 for s in t.shape):
+        raise SpattnInputError(f"runtime input {name!r} is empty (shape {tuple(t.shape)})")
+
+
 def validate_inputs(declared: Mapping[str, int], given: Mapping[str, object], *,
                     batch: int, num_heads: int, device=None,
                     convert: Callable[[torch.Tensor, object, torch.dtype], torch.Tensor] = _copy
@@ -65,18 +84,7 @@ def validate_inputs(declared: Mapping[str, int], given: Mapping[str, object], *,
         if t.dtype not in INT_DTYPES:
             raise SpattnInputError(f"runtime input {name!r} must have an integer or bool dtype, "
                                    f"got {t.dtype} (shape {tuple(t.shape)})")
-        if t.dim() not in (nd, nd + 1, nd + 2):
-            raise SpattnInputError(
-                f"runtime input {name!r} has shape {tuple(t.shape)}, but the pattern indexes it "
-                f"with {nd} index dimension{'s' if nd != 1 else ''}: expected {nd} dims, "
-                f"[B, ...] ({nd + 1} dims) or [B, H, ...] ({nd + 2} dims)")
-        lead = t.shape[: t.dim() - nd]
-        for axis, (size, want, what) in enumerate(zip(lead, (batch, num_heads), ("batch", "heads"))):
-            if size not in (1, want):
-                raise SpattnInputError(f"runtime input {name!r} has shape {tuple(t.shape)}: "
-                                       f"its {what} dimension ({axis}) is {size}, expected {want} or 1")
-        if any(s == 0 for s in t.shape):
-            raise SpattnInputError(f"runtime input {name!r} is empty (shape {tuple(t.shape)})")
+        check_shape(name, t, nd, batch=batch, num_heads=num_heads)
         out[name] = convert(t, device, torch.int64)
     return out
 

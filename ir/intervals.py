@@ -60,8 +60,7 @@ from .evaluate import _as_full, evaluate
 from .inputs import query_offset
 from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
                     Not, Or, Prod, Range, Select, Sum, Table, Var, walk)
-from .visitor import Visitor, rule
-from .nodes import FLOAT_TYPES
+from .visitor import MaskPass, Visitor, rule
 
 #: n-D inputs are summarised by gathering the covered entries when every tile covers at most
 #: this many of them; above it the whole input's min/max is used.
@@ -277,7 +276,7 @@ def junction3(conj: bool, vals):
 _MISSING = object()
 
 
-class IntervalEval(Visitor):
+class IntervalEval(MaskPass):
     """Interval / three-valued evaluation of IR nodes over a box environment.
 
     ``env``: ``q``, ``k`` -> ``(lo, hi)`` tensors; ``h``, ``b`` -> point tensors;
@@ -291,11 +290,6 @@ class IntervalEval(Visitor):
     """
 
     complete = True
-
-    @rule(*FLOAT_TYPES)
-    def float_node(self, n, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
-                        f"({type(n).__name__}) belongs to a score")
 
     def __init__(self, env: Mapping[str, object], inputs: Mapping[str, torch.Tensor] | None = None,
                  *, device=None, on_load=None, summaries: dict | None = None,
@@ -767,15 +761,10 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
 _SPLIT = (Abs, Min, Max, Select)
 
 
-class _Rebuild(Visitor):
+class _Rebuild(MaskPass):
     """:func:`rebuild`'s rules: each node type through its canonicalising constructor."""
 
     complete = True
-
-    @rule(*FLOAT_TYPES)
-    def float_node(self, n, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
-                        f"({type(n).__name__}) belongs to a score")
 
     @rule(Const, Var, BoolConst)
     def leaf(self, n, kids):

@@ -18,15 +18,16 @@ or add rules for more types). A pass that declares ``complete = True`` must hand
 of :data:`spattn.ir.nodes.NODE_TYPES`: adding a node type then fails at import, naming each
 pass that needs a rule for it, so a new node type is added in one place per pass. Passes
 that only look at some nodes set a ``default`` rule (``@rule(default=True)``) or leave the
-others unhandled (a clear :class:`TypeError` names the pass and the node type).
+others unhandled (a clear :class:`TypeError` names the pass and the node type). A pass over
+masks derives from :class:`MaskPass`, which refuses the float nodes of a score.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from .nodes import NODE_TYPES
+from .nodes import FLOAT_TYPES, NODE_TYPES
 
-__all__ = ["Visitor", "rule"]
+__all__ = ["MaskPass", "Visitor", "rule"]
 
 
 def rule(*types: type, default: bool = False) -> Callable:
@@ -76,3 +77,13 @@ class Visitor:
                 raise TypeError(f"IR pass {type(self).__name__} has no rule for "
                                 f"{type(node).__name__}")
         return fn(self, node, *args, **kwargs)
+
+
+class MaskPass(Visitor):
+    """Base of the passes over masks (bool and int nodes): a float node belongs to a score,
+    which these passes never see, so meeting one is a bug that names the pass."""
+
+    @rule(*FLOAT_TYPES)
+    def float_node(self, n, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is a pass over masks: a float node "
+                        f"({type(n).__name__}) belongs to a score")

@@ -535,21 +535,38 @@ def _entry(pattern, kind: str, options: dict):
     """``(config, closed_form, key, path, text)`` of the kernel: found intact, or rendered
     and written."""
     config, cf, key = resolve(pattern, kind, **options)
-    name = file_name(pattern, kind, key)
+    path, text = _stored(file_name(pattern, kind, key), key,
+                         lambda: render(pattern, kind, config, key, closed_form=cf))
+    return config, cf, key, path, text
 
+
+def _stored(name: str, key: str, render) -> tuple[str, str]:
+    """``(path, text)`` of the kernel file ``name`` of ``key``: found intact, or ``render()``
+    (its text without the header) written with its header."""
     def invalid(path, reason, instead):
         warnings.warn(f"spattn: kernel cache file {path} is invalid ({reason}); "
                       + (f"using {instead}" if instead else "regenerating it"), RuntimeWarning,
-                      stacklevel=5)
+                      stacklevel=6)
         _modules.pop(path, None)
 
     with _lock:
         found = read_entry(name, lambda text: _check(text, key), invalid)
         if found is not None:
-            return config, cf, key, found[0], found[1]
-        body = render(pattern, kind, config, key, closed_form=cf)
+            return found[0], found[1]
+        body = render()
         text = f"{HEADER_PREFIX}key={key} sha256={_digest(body)}\n{body}"
-        return config, cf, key, write_entry(name, text, "kernel cache file"), text
+        return write_entry(name, text, "kernel cache file"), text
+
+
+def _imported(spath: str, text: str, fast: tuple):
+    """The module of the kernel file ``spath`` (imported once), remembered under ``fast``
+    (the caller's per-call key). Called with ``_lock`` held."""
+    mod = _modules.get(spath)
+    if mod is None:
+        mod = _import(f"spattn_kernels.{pathlib.PurePath(spath).stem}", spath, text)
+        _modules[spath] = mod
+    _paths[fast] = spath
+    return mod
 
 
 def kernel_file(pattern, kind: str = "fwd", **options) -> pathlib.Path:
@@ -632,12 +649,7 @@ def load_with_form(pattern, kind: str = "fwd", **options):
             return mod, config, cf
     with _lock:
         _, _, _, spath, text = _entry(pattern, kind, dict(options))
-        mod = _modules.get(spath)
-        if mod is None:
-            mod = _import(f"spattn_kernels.{pathlib.PurePath(spath).stem}", spath, text)
-            _modules[spath] = mod
-        _paths[fast] = spath
-    return mod, config, cf
+        return _imported(spath, text, fast), config, cf
 
 
 def load_generated(name: str, key: str, render):
@@ -651,26 +663,8 @@ def load_generated(name: str, key: str, render):
         if mod is not None:
             return mod
 
-    def invalid(path, reason, instead):
-        warnings.warn(f"spattn: kernel cache file {path} is invalid ({reason}); "
-                      + (f"using {instead}" if instead else "regenerating it"), RuntimeWarning,
-                      stacklevel=5)
-        _modules.pop(path, None)
-
     with _lock:
-        found = read_entry(name, lambda text: _check(text, key), invalid)
-        if found is not None:
-            spath, text = found
-        else:
-            body = render()
-            text = f"{HEADER_PREFIX}key={key} sha256={_digest(body)}\n{body}"
-            spath = write_entry(name, text, "kernel cache file")
-        mod = _modules.get(spath)
-        if mod is None:
-            mod = _import(f"spattn_kernels.{pathlib.PurePath(spath).stem}", spath, text)
-            _modules[spath] = mod
-        _paths[fast] = spath
-    return mod
+        return _imported(*_stored(name, key, render), fast)
 
 
 def clear_memory() -> None:

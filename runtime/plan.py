@@ -126,15 +126,8 @@ class Plan:
     """
 
     def __init__(self, pattern, backend: str, call: Call, q, k, v, options=None):
-        self.pattern = pattern
-        self.backend = backend
+        self._bind(pattern, backend, q, k, v, options)
         self.call = call
-        self.options = dict(options or {})
-        self.layout = _layout(q, k, v)
-        self.dtype, self.device = q.dtype, q.device
-        self.aligned = _aligned(q, k, v)
-        self._lock = threading.Lock()
-        self._bwd: dict = {}
         if backend == "torch" and getattr(pattern, "score", None) is not None:
             # the torch backend's plans are mask-only: a score runs in runtime.scores
             from ..dsl.errors import SpattnBackendError
@@ -147,6 +140,17 @@ class Plan:
         else:
             from . import triton_backend
             self.forward_stage = triton_backend.build_fwd(call, q, k, v, self.options)
+
+    def _bind(self, pattern, backend: str, q, k, v, options) -> None:
+        """What every plan records of its pattern and of the tensors it is made for."""
+        self.pattern = pattern
+        self.backend = backend
+        self.options = dict(options or {})
+        self.layout = _layout(q, k, v)
+        self.dtype, self.device = q.dtype, q.device
+        self.aligned = _aligned(q, k, v)
+        self._lock = threading.Lock()
+        self._bwd: dict = {}
 
     # -- use ------------------------------------------------------------------------
     def check(self, q, k, v) -> None:
@@ -242,15 +246,8 @@ class RemappedPlan(Plan):
     caller's order (``inverse``). The gathers' time is part of the call's."""
 
     def __init__(self, pattern, backend: str, remap, q, k, v, *, scale, settings, options):
-        self.pattern = pattern
-        self.backend = backend
+        self._bind(pattern, backend, q, k, v, options)
         self.remap = remap
-        self.options = dict(options or {})
-        self.layout = _layout(q, k, v)
-        self.dtype, self.device = q.dtype, q.device
-        self.aligned = _aligned(q, k, v)
-        self._lock = threading.Lock()
-        self._bwd: dict = {}
         self.order, self.inverse = remap.layout.permutation(q.device)
         # the caller's pattern class (the torch backend's plan calls its analysis methods)
         inner = type(pattern)(remap.ir, name=f"{pattern.name}@layout",

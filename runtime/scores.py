@@ -31,7 +31,7 @@ import torch
 from ..dsl.errors import SpattnBackendError, SpattnInputError, SpattnParamError
 from ..ir import build
 from ..ir.evaluate import evaluate
-from ..ir.inputs import validate_inputs
+from ..ir.inputs import check_shape, validate_inputs
 from ..ir.score import grads, score_env, score_values
 
 __all__ = ["call", "fwd", "bwd", "ScoreFunction", "validate_score_inputs", "FLOAT_DTYPES"]
@@ -66,20 +66,7 @@ def validate_score_inputs(declared: dict, given: dict, *, batch: int, num_heads:
             raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) is on "
                                    f"{t.device}, but q is on {device}: the score's tables "
                                    "must be on q's device")
-        if t.dim() not in (nd, nd + 1, nd + 2):
-            raise SpattnInputError(
-                f"runtime input {name!r} has shape {tuple(t.shape)}, but the score indexes it "
-                f"with {nd} index dimension{'s' if nd != 1 else ''}: expected {nd} dims, "
-                f"[B, ...] ({nd + 1} dims) or [B, H, ...] ({nd + 2} dims)")
-        lead = t.shape[: t.dim() - nd]
-        for axis, (size, want, what) in enumerate(zip(lead, (batch, num_heads),
-                                                      ("batch", "heads"))):
-            if size not in (1, want):
-                raise SpattnInputError(f"runtime input {name!r} has shape {tuple(t.shape)}: "
-                                       f"its {what} dimension ({axis}) is {size}, expected "
-                                       f"{want} or 1")
-        if any(s == 0 for s in t.shape):
-            raise SpattnInputError(f"runtime input {name!r} is empty (shape {tuple(t.shape)})")
+        check_shape(name, t, nd, batch=batch, num_heads=num_heads, reader="the score")
         out[name] = t
     return out
 

@@ -133,36 +133,31 @@ def _upcast(call) -> bool:
     return call.settings.interpret and call.dtype == torch.bfloat16
 
 
+def _table_args(t: torch.Tensor, nd: int) -> list:
+    """Kernel arguments of one input table ``t`` whose last ``nd`` dims are indexed: the
+    tensor, its batch and head strides (0 where broadcast), then its strides and sizes."""
+    lead = t.dim() - nd
+    sb = t.stride(0) if lead >= 1 and t.shape[0] > 1 else 0
+    sh = t.stride(1) if lead >= 2 and t.shape[1] > 1 else 0
+    return ([t, sb, sh] + [t.stride(lead + d) for d in range(nd)]
+            + [t.shape[lead + d] for d in range(nd)])
+
+
 def _input_args(pattern, inputs: dict, int64: bool) -> list:
     """Kernel arguments of the runtime inputs, in the order of ``pattern.inputs``: int32
     tensors (cheaper loads; the plan proved the values fit), int64 tensors for an
     ``int64`` kernel."""
-    args = []
-    for name, nd in pattern.inputs.items():
-        t = inputs[name].to(torch.int64 if int64 else torch.int32)
-        lead = t.dim() - nd
-        sb = t.stride(0) if lead >= 1 and t.shape[0] > 1 else 0
-        sh = t.stride(1) if lead >= 2 and t.shape[1] > 1 else 0
-        args += [t, sb, sh]
-        args += [t.stride(lead + d) for d in range(nd)]
-        args += [t.shape[lead + d] for d in range(nd)]
-    return args
+    dtype = torch.int64 if int64 else torch.int32
+    return [a for name, nd in pattern.inputs.items()
+            for a in _table_args(inputs[name].to(dtype), nd)]
 
 
 def _score_args(pattern, tables: dict) -> list:
     """Kernel arguments of a score's float tables, in the order of ``pattern.score_inputs``
     (leading arguments of every launch: a learnable table changes every step). Tables are
     contiguous (``runtime.scores`` makes them so) so that their gradients share strides."""
-    args = []
-    for name, nd in pattern.score_inputs.items():
-        t = tables[name]
-        lead = t.dim() - nd
-        sb = t.stride(0) if lead >= 1 and t.shape[0] > 1 else 0
-        sh = t.stride(1) if lead >= 2 and t.shape[1] > 1 else 0
-        args += [t, sb, sh]
-        args += [t.stride(lead + d) for d in range(nd)]
-        args += [t.shape[lead + d] for d in range(nd)]
-    return args
+    return [a for name, nd in pattern.score_inputs.items()
+            for a in _table_args(tables[name], nd)]
 
 
 def _grad_args(pattern, tables: dict, grads: dict | None) -> list:
