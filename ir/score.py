@@ -51,6 +51,28 @@ class _Log(sympy.Function):
         return 1 / self.args[0]
 
 
+class _Min2(sympy.Function):
+    """``min(a, b)`` kept binary: an n-ary ``min`` is ``min(min(a, b), c)``, as both backends
+    evaluate it, so that at ties the derivative splits as torch's does (half to each side)
+    rather than sympy's ``Min`` derivative, whose weights add past 1 at a three-way tie."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return sympy.Heaviside(b - a) if argindex == 1 else sympy.Heaviside(a - b)
+
+
+class _Max2(sympy.Function):
+    """``max(a, b)`` kept binary, as :class:`_Min2`."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return sympy.Heaviside(a - b) if argindex == 1 else sympy.Heaviside(b - a)
+
+
 _UNARY = {"tanh": sympy.tanh, "exp": sympy.exp, "log": _Log, "sqrt": _Sqrt,
           "abs": sympy.Abs, "sign": sympy.sign, "step": sympy.Heaviside}
 
@@ -81,10 +103,11 @@ class _ToSympy:
             return self(n.a) / self(n.b)
         if isinstance(n, FCall):
             args = [self(a) for a in n.args]
-            if n.fn == "min":
-                return sympy.Min(*args)
-            if n.fn == "max":
-                return sympy.Max(*args)
+            if n.fn in ("min", "max"):
+                acc = args[0]
+                for a in args[1:]:
+                    acc = (_Min2 if n.fn == "min" else _Max2)(acc, a)
+                return acc
             return _UNARY[n.fn](*args)
         if isinstance(n, FSelect):
             c = self.conds.get(n.cond)
@@ -133,9 +156,9 @@ class _FromSympy:
             if ex == sympy.Rational(-1, 2):
                 return build.fdiv(build.fconst(1.0), build.fcall("sqrt", b))
             return build.fcall("exp", build.fmul(self(ex), build.fcall("log", b)))
-        if isinstance(e, sympy.Min):
+        if isinstance(e, (sympy.Min, _Min2)):
             return build.fcall("min", *(self(a) for a in e.args))
-        if isinstance(e, sympy.Max):
+        if isinstance(e, (sympy.Max, _Max2)):
             return build.fcall("max", *(self(a) for a in e.args))
         if isinstance(e, sympy.Heaviside):
             return build.fcall("step", self(e.args[0]))
