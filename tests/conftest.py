@@ -17,12 +17,14 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile(
-    "ci", max_examples=60, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile(
-    "dev", max_examples=25, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# "ci" (the default) draws the same examples on every run (derandomized, no example
+# database), so a clean clone tests what was tested before it landed; "explore" searches
+# afresh on every run with many more examples, for hunting bugs; "dev" is quick.
+_common = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=60, derandomize=True, database=None, **_common)
+settings.register_profile("explore", max_examples=600, **_common)
+settings.register_profile("dev", max_examples=25, **_common)
 settings.load_profile(os.environ.get("SPATTN_HYPOTHESIS", "ci"))
 
 
