@@ -277,20 +277,27 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     ``layout``: of q, k, v (:mod:`spattn.runtime.usage`); the plan keeps it as
     ``plan.tensor_layout`` and calls with it take tensors in that layout.
     """
-    if getattr(pattern, "score", None) is not None:
-        raise SpattnParamError("plans are not available for a pattern with a score yet: call "
-                               "the pattern without plan= (its plan is cached per call "
-                               "signature)")
+    scored = getattr(pattern, "score", None) is not None
     if inputs:
-        _usage.check_keywords(pattern.inputs, inputs)
+        _usage.check_keywords({**pattern.inputs, **getattr(pattern, "score_inputs", {})},
+                              inputs)
     q, k, v = _usage.to_bhsd(layout, q, k, v)
-    try:
-        scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs, layout)
-    except SpattnInputError as e:
-        raise _usage.with_layout_hint(e, layout, q, k, v) from None
-    backend = choose_backend(pattern.backend, q.device.type)
-    plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset, inputs=ins,
-                      options=options)
+    if scored:      # the tables' shapes are the plan's; each call passes its tables
+        from . import scores
+        try:
+            plan = scores.make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset,
+                                    inputs=inputs, options=options)
+        except SpattnInputError as e:
+            raise _usage.with_layout_hint(e, layout, q, k, v) from None
+    else:
+        try:
+            scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs,
+                                              layout)
+        except SpattnInputError as e:
+            raise _usage.with_layout_hint(e, layout, q, k, v) from None
+        backend = choose_backend(pattern.backend, q.device.type)
+        plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                          inputs=ins, options=options)
     if backward or (backward is None and any(t.requires_grad for t in (q, k, v))):
         plan.prepare_backward(q, k, v)
     plan.tensor_layout = layout

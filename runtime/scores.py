@@ -137,15 +137,38 @@ def _chunk(pattern, s, r0, r1, c0, c1, Lq, Lk, B, H, off, ins):
     return env, m, f
 
 
-def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict):
-    """``(o [B, Hq, Lq, D] q.dtype, lse [B, Hq, Lq] float32 or float64)``."""
+class TorchScoreStage:
+    """The torch backend's stage of a plan with a score: the row chunks of the call and the
+    key span of each (:func:`_chunks`), found once from the mask's tiles."""
+
+    def __init__(self, chunks: list, Lq: int, Lk: int):
+        self.chunks, self.Lq, self.Lk = chunks, Lq, Lk
+
+    def __repr__(self) -> str:
+        pairs = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in self.chunks)
+        return (f"torch score: {len(self.chunks)} row chunks, {pairs:,} of "
+                f"{self.Lq * self.Lk:,} pairs computed")
+
+
+def torch_stage(call) -> TorchScoreStage:
+    """The :class:`TorchScoreStage` of a plan's :class:`~spattn.runtime.plan.Call`."""
+    return TorchScoreStage(_chunks(call.pattern, call.B, call.H, call.Lq, call.Lk,
+                                   call.positions.q_offset, call.inputs, call.device),
+                           call.Lq, call.Lk)
+
+
+def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict, chunks=None):
+    """``(o [B, Hq, Lq, D] q.dtype, lse [B, Hq, Lq] float32 or float64)``; ``chunks``: a
+    plan's (:class:`TorchScoreStage`), found now when None."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     acc = _acc(q.dtype)
     kk, vv = _expand_kv(k, H).to(acc), _expand_kv(v, H).to(acc)
     o = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.full((B, H, Lq), -math.inf, dtype=acc, device=q.device)
-    for r0, r1, c0, c1 in _chunks(pattern, B, H, Lq, Lk, q_offset, inputs, q.device):
+    if chunks is None:
+        chunks = _chunks(pattern, B, H, Lq, Lk, q_offset, inputs, q.device)
+    for r0, r1, c0, c1 in chunks:
         s = torch.matmul(q[:, :, r0:r1].to(acc), kk[:, :, c0:c1].transpose(-1, -2)) * scale
         _, _, f = _chunk(pattern, s, r0, r1, c0, c1, Lq, Lk, B, H, q_offset, inputs)
         mx = f.amax(-1, keepdim=True)
@@ -193,7 +216,7 @@ def _scatter(grad: torch.Tensor, load, env, ins, g: torch.Tensor,
 
 
 def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: dict,
-        dlse=None, table_grads: tuple = (), deterministic: bool = False):
+        dlse=None, table_grads: tuple = (), deterministic: bool = False, chunks=None):
     """``(dq, dk, dv, {table name: grad})``; ``table_grads``: the float inputs to
     differentiate (each gets a gradient shaped like it, float32 or float64)."""
     B, H, Lq, D = q.shape
@@ -206,7 +229,9 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
     dvv = torch.zeros(vv.shape, dtype=acc, device=q.device)
     tg = {n: torch.zeros(inputs[n].shape, dtype=_acc(inputs[n].dtype), device=q.device)
           for n in table_grads}
-    for r0, r1, c0, c1 in _chunks(pattern, B, H, Lq, Lk, q_offset, inputs, q.device):
+    if chunks is None:
+        chunks = _chunks(pattern, B, H, Lq, Lk, q_offset, inputs, q.device)
+    for r0, r1, c0, c1 in chunks:
         qc = q[:, :, r0:r1].to(acc)
         kc, vc = kk[:, :, c0:c1], vv[:, :, c0:c1]
         s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
@@ -244,7 +269,8 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
 class _Ctx:
     """What a call's forward and backward share (not a tensor: kept off the autograd graph).
     ``int_inputs``: the mask's inputs as int64 tensors (torch backend); ``plan``: the
-    Triton backend's plan of the call (its mask, tiles and kernels)."""
+    plan of the call (Triton: its mask, tiles and kernels; torch: its row chunks), or None
+    (the torch backend finds its chunks per call)."""
 
     def __init__(self, pattern, backend, scale, q_offset, int_inputs, names, *,
                  plan=None, deterministic=False):
@@ -257,11 +283,17 @@ def _tables(c: _Ctx, ins: dict) -> dict:
     return {n: ins[n].contiguous() for n in c.names}
 
 
+def _torch_chunks(c: _Ctx):
+    stage = None if c.plan is None else c.plan.forward_stage
+    return stage.chunks if isinstance(stage, TorchScoreStage) else None
+
+
 def _run_fwd(c: _Ctx, q, k, v, ins):
     if c.backend == "triton":
         from . import triton_backend
         return triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=_tables(c, ins))
-    return fwd(c.pattern, q, k, v, scale=c.scale, q_offset=c.q_offset, inputs=ins)
+    return fwd(c.pattern, q, k, v, scale=c.scale, q_offset=c.q_offset, inputs=ins,
+               chunks=_torch_chunks(c))
 
 
 def _run_bwd(c: _Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
@@ -277,7 +309,8 @@ def _run_bwd(c: _Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
                                             table_grads=bufs)
         return dq, dk, dv, bufs
     return bwd(c.pattern, q, k, v, o, lse, do, scale=c.scale, q_offset=c.q_offset,
-               inputs=ins, dlse=dlse, table_grads=table_grads, deterministic=c.deterministic)
+               inputs=ins, dlse=dlse, table_grads=table_grads, deterministic=c.deterministic,
+               chunks=_torch_chunks(c))
 
 
 class ScoreFunction(torch.autograd.Function):
@@ -309,34 +342,31 @@ class ScoreFunction(torch.autograd.Function):
         return (None, dq, dk, dv) + dt
 
 
-def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
-         plan=None, deterministic=False):
-    """Attention of a pattern with a score: ``o`` (and ``lse`` when ``return_lse``).
-
-    ``deterministic``: learnable tables get their gradients without atomic adds (the
-    torch backend's backward runs that call's backward); q, k, v gradients are
-    deterministic either way."""
-    from .api import _check_scale, check_q_offset, check_runtime_tensors, choose_backend, \
-        validate
-    if plan is not None:
-        raise SpattnParamError("plan= is not available for a pattern with a score: call "
-                               "without it")
-    if torch.compiler.is_compiling():
-        raise SpattnBackendError("a pattern with a score does not run under torch.compile "
-                                 "yet: call it eagerly (outside the compiled region)")
-    validate(q, k, v)
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    scale = _check_scale(scale, D)
-    off = check_q_offset(q_offset, Lq, Lk)
+def _split_inputs(pattern, inputs) -> tuple:
+    """``(mask's int inputs, score's float inputs)`` as given; an unexpected name is a
+    SpattnInputError."""
     inputs = dict(inputs or {})
     extra = [n for n in inputs if n not in pattern.inputs and n not in pattern.score_inputs]
     if extra:
         known = ", ".join(repr(n) for n in pattern.all_inputs) or "none"
         raise SpattnInputError(f"unexpected runtime input {', '.join(map(repr, extra))}: the "
                                f"pattern's inputs are {known}")
-    given_int = {n: t for n, t in inputs.items() if n in pattern.inputs}
-    given_float = {n: t for n, t in inputs.items() if n in pattern.score_inputs}
+    return ({n: t for n, t in inputs.items() if n in pattern.inputs},
+            {n: t for n, t in inputs.items() if n in pattern.score_inputs})
+
+
+def _arguments(pattern, q, k, v, scale, q_offset, inputs) -> tuple:
+    """The checked ``(scale, q_offset, int inputs as given, int64 int inputs, float
+    tables)`` of a call or plan without a plan: every index of the mask's and the score's
+    loads proven in range, the integers exact."""
+    from .api import _check_scale, check_grid, check_q_offset, check_runtime_tensors, validate
+    validate(q, k, v)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    check_grid(pattern, Lq, Lk, f"q (shape {tuple(q.shape)}) and k (shape {tuple(k.shape)})")
+    scale = _check_scale(scale, D)
+    off = check_q_offset(q_offset, Lq, Lk)
+    given_int, given_float = _split_inputs(pattern, inputs)
     check_runtime_tensors(given_int)
     given = validate_inputs(pattern.inputs, given_int, batch=B, num_heads=H, device=q.device,
                             convert=lambda t, device, dtype: t)
@@ -349,14 +379,63 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         check_input_bounds(pattern, ints, Lq, Lk, num_heads=H, batch=B, q_offset=off)
     bounds.check_call(pattern.ir, Lq, Lk, num_heads=H, batch=B, q_offset=off, inputs=ints)
     check_score_bounds(pattern, ints, floats, Lq, Lk, num_heads=H, batch=B, q_offset=off)
+    return scale, off, given, ints, floats
+
+
+def _detached(floats: dict) -> dict:
+    return {n: t.detach().contiguous() for n, t in floats.items()}
+
+
+def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, options=None):
+    """The :class:`~spattn.runtime.plan.Plan` of a pattern with a score for these tensors
+    and tables (``Pattern.plan``): the mask's inputs held, the tables' shapes and dtypes
+    recorded (each call passes its tables: :meth:`~spattn.runtime.plan.Plan.check_tables`),
+    the kernels (Triton) or row chunks (torch) resolved."""
+    from .api import choose_backend
+    from .plan import build_plan
+    scale, off, given, _, floats = _arguments(pattern, q, k, v, scale, q_offset, inputs)
     backend = choose_backend(pattern.backend, q.device.type)
+    return build_plan(pattern, backend, q, k, v, scale=scale, q_offset=off, inputs=given,
+                      options=options, tables=_detached(floats))
+
+
+def _planned(plan, pattern, q, k, v, scale, q_offset, inputs) -> dict:
+    """The float tables of a call with ``plan=``, checked against the plan (which holds
+    the mask's inputs, the scale and the positions)."""
+    from .api import _check_plan
+    given_int, given_float = _split_inputs(pattern, inputs)
+    _check_plan(plan, pattern, q, k, v, scale, q_offset, given_int)
+    floats = validate_score_inputs(pattern.score_inputs, given_float, batch=q.shape[0],
+                                   num_heads=q.shape[1], device=q.device)
+    plan.check_tables(floats)
+    return floats
+
+
+def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
+         plan=None, deterministic=False):
+    """Attention of a pattern with a score: ``o`` (and ``lse`` when ``return_lse``).
+
+    ``plan``: made by :func:`make_plan` for tensors and tables laid out like these (no
+    analysis then: the plan's bounds proofs hold for tables of the plan's shapes).
+    ``deterministic``: learnable tables get their gradients without atomic adds (the
+    torch backend's backward runs that call's backward); q, k, v gradients are
+    deterministic either way."""
+    from .api import choose_backend
+    if torch.compiler.is_compiling():
+        raise SpattnBackendError("a pattern with a score does not run under torch.compile "
+                                 "yet: call it eagerly (outside the compiled region)")
+    if plan is not None:
+        floats = _planned(plan, pattern, q, k, v, scale, q_offset, inputs)
+        backend, scale, off = plan.backend, plan.call.scale, plan.call.positions.q_offset
+        ints = plan.call.inputs
+    else:
+        scale, off, given, ints, floats = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+        backend = choose_backend(pattern.backend, q.device.type)
+        from .plan import PLANS
+        plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=off, inputs=given,
+                         tables=_detached(floats))
     names = tuple(pattern.score_inputs)
     tables = [floats[n] for n in names]
-    plan = None
-    if backend == "triton":
-        from .plan import PLANS
-        plan = PLANS.get(pattern, "triton", q, k, v, scale=scale, q_offset=off, inputs=given,
-                         tables={n: t.detach().contiguous() for n, t in floats.items()})
     c = _Ctx(pattern, backend, scale, off, ints, names, plan=plan,
              deterministic=bool(deterministic))
     need = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))
