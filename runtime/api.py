@@ -343,9 +343,15 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         q, k, v = _usage.to_bhsd(layout, q, k, v)
     if getattr(pattern, "score", None) is not None:
         from . import scores
-        out = scores.call(pattern, q, k, v, scale=scale, return_lse=return_lse,
-                          q_offset=q_offset, inputs=inputs, plan=plan,
-                          deterministic=deterministic)
+        if torch.compiler.is_compiling():
+            _register_const(pattern)
+            out = scores.call_op(pattern.source, pattern.inputs, pattern.score_inputs,
+                                 pattern.backend, q, k, v, scale=scale, return_lse=return_lse,
+                                 q_offset=q_offset, inputs=inputs, deterministic=deterministic)
+        else:
+            out = scores.call(pattern, q, k, v, scale=scale, return_lse=return_lse,
+                              q_offset=q_offset, inputs=inputs, plan=plan,
+                              deterministic=deterministic)
         return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
             _usage.from_bhsd(layout, out)
     if torch.compiler.is_compiling():

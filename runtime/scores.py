@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..dsl.errors import SpattnBackendError, SpattnInputError, SpattnParamError
+from ..dsl.errors import SpattnInputError
 from ..ir import build
 from ..ir.evaluate import evaluate
 from ..ir.inputs import check_shape, validate_inputs
@@ -73,13 +73,33 @@ def validate_score_inputs(declared: dict, given: dict, *, batch: int, num_heads:
 
 def check_score_bounds(pattern, int_inputs: dict, float_inputs: dict, Lq: int, Lk: int, *,
                        num_heads: int, batch: int, q_offset: int) -> None:
-    """Every index of the score's loads in range (as for the mask's inputs)."""
+    """Every index of the score's loads in range (as for the mask's inputs), and of its
+    float lists (a list param indexed by ``h`` needs an entry per head of the call: a
+    SpattnInputError naming the list, its index's values and the call's shapes)."""
     from ..ir.intervals import check_input_bounds
-    from ..ir.nodes import FLoad, Load, walk
-    loads = {}
+    from ..ir.nodes import FLoad, FTable, Load, walk
+    loads, lists = {}, {}
     for n in walk(pattern.score):
         if isinstance(n, (Load, FLoad)):
             loads[Load(n.name, n.index)] = None
+        elif isinstance(n, FTable):
+            lists[n] = None
+    if lists:
+        from ..ir import bounds
+        from ..ir.printer import to_source
+        domain = bounds.call_domain(Lq, Lk, num_heads=num_heads, batch=batch,
+                                    q_offset=q_offset,
+                                    input_ranges=bounds.input_ranges(int_inputs, measure=True))
+        of = bounds.bounds_of(domain)
+        for n in lists:
+            lo, hi = of(n.index)
+            if lo < 0 or hi >= len(n.values):
+                raise SpattnInputError(
+                    f"the score's list {list(n.values)} has {len(n.values)} entries, but its "
+                    f"index {to_source(n.index)} takes values {lo}..{hi} in this call (Lq={Lq}, "
+                    f"Lk={Lk}, q_offset={domain.q_offset}, H={num_heads}, B={batch}): give "
+                    f"a list with an "
+                    f"entry for each (e.g. a slope per head), or guard the index")
     if not loads:
         return
     probe = build.and_(*(build.range_(ld, 0, 0) for ld in loads))
@@ -266,7 +286,7 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
 
 # ------------------------------------------------------------------ autograd
 
-class _Ctx:
+class Ctx:
     """What a call's forward and backward share (not a tensor: kept off the autograd graph).
     ``int_inputs``: the mask's inputs as int64 tensors (torch backend); ``plan``: the
     plan of the call (Triton: its mask, tiles and kernels; torch: its row chunks), or None
@@ -279,16 +299,16 @@ class _Ctx:
         self.plan, self.deterministic = plan, deterministic
 
 
-def _tables(c: _Ctx, ins: dict) -> dict:
+def _tables(c: Ctx, ins: dict) -> dict:
     return {n: ins[n].contiguous() for n in c.names}
 
 
-def _torch_chunks(c: _Ctx):
+def _torch_chunks(c: Ctx):
     stage = None if c.plan is None else c.plan.forward_stage
     return stage.chunks if isinstance(stage, TorchScoreStage) else None
 
 
-def _run_fwd(c: _Ctx, q, k, v, ins):
+def run_fwd(c: Ctx, q, k, v, ins):
     if c.backend == "triton":
         from . import triton_backend
         return triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=_tables(c, ins))
@@ -296,7 +316,7 @@ def _run_fwd(c: _Ctx, q, k, v, ins):
                chunks=_torch_chunks(c))
 
 
-def _run_bwd(c: _Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
+def run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
     triton = c.backend == "triton" and (dlse is None or not bool((dlse != 0).any())) \
         and not (c.deterministic and table_grads)
     if triton:
@@ -318,9 +338,9 @@ class ScoreFunction(torch.autograd.Function):
     tables (in ``ctx.names`` order) that require grad."""
 
     @staticmethod
-    def forward(ctx, c: _Ctx, q, k, v, *tables):
+    def forward(ctx, c: Ctx, q, k, v, *tables):
         ins = {**c.int_inputs, **dict(zip(c.names, tables))}
-        o, lse = _run_fwd(c, q, k, v, ins)
+        o, lse = run_fwd(c, q, k, v, ins)
         ctx.save_for_backward(q, k, v, o, lse, *tables)
         ctx.c = c
         ctx.set_materialize_grads(False)
@@ -337,7 +357,7 @@ class ScoreFunction(torch.autograd.Function):
             do = torch.zeros_like(o)
         want = tuple(n for n, need in zip(c.names, ctx.needs_input_grad[4:]) if need)
         ins = {**c.int_inputs, **dict(zip(c.names, tables))}
-        dq, dk, dv, tg = _run_bwd(c, q, k, v, o, lse, do, ins, dlse, want)
+        dq, dk, dv, tg = run_bwd(c, q, k, v, o, lse, do, ins, dlse, want)
         dt = tuple(tg[n].to(t.dtype) if n in tg else None for n, t in zip(c.names, tables))
         return (None, dq, dk, dv) + dt
 
@@ -382,7 +402,7 @@ def _arguments(pattern, q, k, v, scale, q_offset, inputs) -> tuple:
     return scale, off, given, ints, floats
 
 
-def _detached(floats: dict) -> dict:
+def detached(floats: dict) -> dict:
     return {n: t.detach().contiguous() for n, t in floats.items()}
 
 
@@ -396,7 +416,7 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, optio
     scale, off, given, _, floats = _arguments(pattern, q, k, v, scale, q_offset, inputs)
     backend = choose_backend(pattern.backend, q.device.type)
     return build_plan(pattern, backend, q, k, v, scale=scale, q_offset=off, inputs=given,
-                      options=options, tables=_detached(floats))
+                      options=options, tables=detached(floats))
 
 
 def _planned(plan, pattern, q, k, v, scale, q_offset, inputs) -> dict:
@@ -421,9 +441,6 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     torch backend's backward runs that call's backward); q, k, v gradients are
     deterministic either way."""
     from .api import choose_backend
-    if torch.compiler.is_compiling():
-        raise SpattnBackendError("a pattern with a score does not run under torch.compile "
-                                 "yet: call it eagerly (outside the compiled region)")
     if plan is not None:
         floats = _planned(plan, pattern, q, k, v, scale, q_offset, inputs)
         backend, scale, off = plan.backend, plan.call.scale, plan.call.positions.q_offset
@@ -433,15 +450,42 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         backend = choose_backend(pattern.backend, q.device.type)
         from .plan import PLANS
         plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=off, inputs=given,
-                         tables=_detached(floats))
+                         tables=detached(floats))
     names = tuple(pattern.score_inputs)
     tables = [floats[n] for n in names]
-    c = _Ctx(pattern, backend, scale, off, ints, names, plan=plan,
+    c = Ctx(pattern, backend, scale, off, ints, names, plan=plan,
              deterministic=bool(deterministic))
     need = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))
                                         or any(t.requires_grad for t in tables))
     if need:
         o, lse = ScoreFunction.apply(c, q, k, v, *tables)
     else:
-        o, lse = _run_fwd(c, q, k, v, {**ints, **floats})
+        o, lse = run_fwd(c, q, k, v, {**ints, **floats})
+    return (o, lse) if return_lse else o
+
+
+def call_op(key, declared, score_declared, requested_backend, q, k, v, *, scale, return_lse,
+            q_offset, inputs, deterministic=False):
+    """The traced path of a pattern with a score (under ``torch.compile``): the checks of
+    q, k, v and the mask's inputs, then the custom op ``spattn::score_attention``
+    (``runtime/autograd.py``), whose autograd formula gives q, k, v and the tables that
+    require grad their gradients. Every tensor input that is not the mask's goes to the op
+    as a table, which checks them (names, dtype, device, dims, index bounds) on the real
+    tensors. ``declared``: the mask's inputs (name: index dims); ``score_declared``: the
+    score's (kept for the signature shared with the functional form)."""
+    from .api import _backend_for, _check_scale, check_q_offset, check_runtime_tensors, validate
+    from .autograd import score_attention_op
+    validate(q, k, v)
+    B, H, Lq, D = q.shape
+    scale = _check_scale(scale, D)
+    q_offset = check_q_offset(q_offset, Lq, k.shape[2])
+    inputs = dict(inputs or {})
+    ints = {n: t for n, t in inputs.items() if n in declared}
+    check_runtime_tensors(ints)
+    ins = validate_inputs(declared, ints, batch=B, num_heads=H, device=q.device)
+    names = sorted(n for n in inputs if n not in declared)
+    backend = _backend_for(requested_backend, q.device.type)
+    o, lse = score_attention_op(q, k, v, [ins[n] for n in sorted(ins)],
+                                [inputs[n] for n in names], ",".join(names), key, scale, q_offset,
+                                backend, bool(deterministic))
     return (o, lse) if return_lse else o
