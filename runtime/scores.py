@@ -105,6 +105,48 @@ def check_score_bounds(pattern, int_inputs: dict, float_inputs: dict, Lq: int, L
     probe = build.and_(*(build.range_(ld, 0, 0) for ld in loads))
     check_input_bounds(probe, {**int_inputs, **float_inputs}, Lq, Lk, num_heads=num_heads,
                        batch=batch, q_offset=q_offset)
+    check_score_divisors(pattern, int_inputs, float_inputs, Lq, Lk, num_heads=num_heads,
+                         batch=batch, q_offset=q_offset)
+
+
+def _table_divisors(score) -> tuple:
+    """The divisors of ``score`` that read a float table and vary with no pair (no ``q``,
+    ``k`` or ``s``): ``softcap(cap[h])``'s ``cap[h]``, ``s / temp[h]``'s ``temp[h]``."""
+    from ..ir.nodes import FDiv, FLoad, Score, Var, walk
+    out = {}
+    for n in walk(score):
+        if isinstance(n, FDiv):
+            kids = list(walk(n.b))
+            if any(isinstance(x, FLoad) for x in kids) and not any(
+                    isinstance(x, Score) or (isinstance(x, Var) and x.name in ("q", "k"))
+                    for x in kids):
+                out[n.b] = None
+    return tuple(out)
+
+
+def check_score_divisors(pattern, int_inputs: dict, float_inputs: dict, Lq: int, Lk: int, *,
+                         num_heads: int, batch: int, q_offset: int) -> None:
+    """A SpattnInputError when a divisor of the score read from the call's tables is 0 for
+    some batch element and head (:func:`_table_divisors`; evaluated in float32, the
+    kernels' precision, over ``[B, H]``: one device read). A divisor that varies with the
+    pair is not checked (docs/language.md §13)."""
+    divisors = _table_divisors(pattern.score)
+    if not divisors:
+        return
+    from ..ir.printer import to_source
+    device = next(iter(float_inputs.values())).device
+    env = score_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
+                    device=device, rows=(0, 1), cols=(0, 1))
+    s = torch.zeros((batch, num_heads, 1, 1), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        vals = torch.stack([score_values(d, s, env, {**int_inputs, **float_inputs}) == 0
+                            for d in divisors]).flatten(1).any(1).tolist()
+    for d, zero in zip(divisors, vals):
+        if zero:
+            raise SpattnInputError(
+                f"the score divides by {to_source(d)}, which is 0 for some batch element or "
+                f"head of this call (B={batch}, H={num_heads}): the score would be infinite "
+                "or NaN there (softcap(c) needs c > 0)")
 
 
 # ------------------------------------------------------------------ torch backend
@@ -428,6 +470,9 @@ def _planned(plan, pattern, q, k, v, scale, q_offset, inputs) -> dict:
     floats = validate_score_inputs(pattern.score_inputs, given_float, batch=q.shape[0],
                                    num_heads=q.shape[1], device=q.device)
     plan.check_tables(floats)
+    c = plan.call
+    check_score_divisors(pattern, c.inputs, floats, c.Lq, c.Lk, num_heads=c.H, batch=c.B,
+                         q_offset=c.positions.q_offset)
     return floats
 
 
