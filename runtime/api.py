@@ -272,8 +272,9 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     """``Pattern.plan``: a new :class:`~spattn.runtime.plan.Plan` for these tensors.
 
     ``backward``: build the backward's stage now (True), not until the first backward
-    (False), or when q, k or v requires grad (None, the default). ``options``: the
-    launcher options of :mod:`spattn.runtime.triton_backend` (tests, tuning experiments).
+    (False), or when q, k, v or a score's table requires grad (None, the default).
+    ``options``: the launcher options of :mod:`spattn.runtime.triton_backend` (tests,
+    tuning experiments).
     ``layout``: of q, k, v (:mod:`spattn.runtime.usage`); the plan keeps it as
     ``plan.tensor_layout`` and calls with it take tensors in that layout.
     """
@@ -298,7 +299,10 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
         backend = choose_backend(pattern.backend, q.device.type)
         plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
                           inputs=ins, options=options)
-    if backward or (backward is None and any(t.requires_grad for t in (q, k, v))):
+    learnable = scored and any(isinstance(t, torch.Tensor) and t.requires_grad
+                               for n, t in (inputs or {}).items() if n in pattern.score_inputs)
+    if backward or (backward is None and (learnable or any(t.requires_grad
+                                                          for t in (q, k, v)))):
         plan.prepare_backward(q, k, v)
     plan.tensor_layout = layout
     return plan

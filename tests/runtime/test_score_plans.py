@@ -192,3 +192,17 @@ def test_bound_launches_on_cuda_by_table_specialisation():
             check_call(p, plan, q, k, v, {"rel": rel}, g, atol=1e-3)
     assert 1 <= len(plan.forward_stage.launches) <= 2
     assert 3 <= len(next(iter(plan._bwd.values())).launches) <= 4
+
+
+@pytest.mark.interpreter
+def test_triton_plan_backward_built_for_a_learnable_table():
+    """q, k, v frozen, the table learnable: the plan builds the backward stage at once."""
+    p = spattn.compile("causal & window(8)", score="s + rel[h, clamp(q - k, 0, 7)]",
+                       backend="triton")
+    g = torch.Generator().manual_seed(6)
+    q, k, v = _qkv(1, 16, 16, g, grad=False)
+    rel = torch.randn(H, 8, generator=g, requires_grad=True)
+    plan = p.plan(q, k, v, rel=rel)
+    assert len(plan._bwd) == 1
+    check_call(p, plan, q, k, v, {"rel": rel}, g)
+    assert len(plan._bwd) == 1
