@@ -206,3 +206,18 @@ def test_triton_plan_backward_built_for_a_learnable_table():
     assert len(plan._bwd) == 1
     check_call(p, plan, q, k, v, {"rel": rel}, g)
     assert len(plan._bwd) == 1
+
+
+def test_launch_key_separates_what_triton_specialises_on():
+    """The key of a scored stage's bound launches (computed on CUDA only; its logic here):
+    equal for tables of one layout, dtype and alignment; different for a table at a 4-byte
+    offset, another dtype, a gradient flag of 1 rather than 0, a size of 1, an unaligned q."""
+    from spattn.runtime.triton_backend import _launch_key
+    q = torch.randn(1, 2, 8, 16)
+    a, b = torch.randn(2, 16), torch.randn(2, 16)
+    base = torch.randn(33)
+    odd = base[1:].view(2, 16)
+    key = lambda t, flag=0, size=16, qq=q: _launch_key((t, 0, 16, 1, size, flag), qq, q, q)  # noqa
+    assert key(a) == key(b) and key(a) is not None
+    assert len({key(a), key(odd), key(a.double()), key(a, flag=1), key(a, size=1)}) == 5
+    assert key(a) != key(a, qq=torch.randn(1 * 2 * 8 * 16 + 1)[1:].view(1, 2, 8, 16))
