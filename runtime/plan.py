@@ -139,6 +139,7 @@ class Plan:
         else:
             from . import triton_backend
             self.forward_stage = triton_backend.build_fwd(call, q, k, v, self.options)
+            self.forward_stage.aligned = self.aligned
 
     def _bind(self, pattern, backend: str, q, k, v, options) -> None:
         """What every plan records of its pattern and of the tensors it is made for."""
@@ -206,6 +207,7 @@ class Plan:
                 if stage is None:
                     from . import triton_backend
                     stage = triton_backend.build_bwd(self.call, q, k, v, o, do, self.options)
+                    stage.aligned = self.aligned
                     self._bwd[key] = stage
         return stage
 

@@ -285,6 +285,19 @@ def _launch_key(score_args, *tensors):
             tuple(t.data_ptr() % 16 == 0 for t in tensors))
 
 
+def _bindable(stage, *tensors, same: bool = False) -> bool:
+    """Whether this launch's compiled kernel may serve every later call of the stage: the
+    JIT specialised it on the tensors' 16-byte alignment, so a stage whose calls may be
+    unaligned (``stage.aligned`` False: a plan built with unaligned q, k, v) binds only a
+    launch whose tensors are all unaligned (its kernel assumes nothing of them).
+    ``same``: tensors the stage's key holds as "all aligned or not" (a backward stage's o
+    and do): all aligned binds too."""
+    aligned = [t.data_ptr() % 16 == 0 for t in tensors]
+    if same:
+        return all(aligned) or not any(aligned)
+    return stage.aligned or not any(aligned)
+
+
 def _scored_launch(launches: dict, key):
     return None if key is None else launches.get(key)
 
@@ -318,6 +331,7 @@ class FwdStage:
     pattern: object = None     # the pattern, where it has a score (its tables lead the args)
     score_tables: dict = None  # the tables the stage was built with (warm-up, tuning)
     launches: dict = None      # with a score: bound launches by _launch_key
+    aligned: bool = True       # q, k, v of every call are 16-byte aligned (the plan's check)
 
     def __repr__(self) -> str:
         c = self.config
@@ -421,7 +435,7 @@ def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None):
         if stage.persistent and stage.occupancy is None and q.device.type == "cuda":
             stage.occupancy = _occupancy(stage.config, compiled)
             stage.grid = (_persistent_programs(None, stage.n_work, stage.occupancy, q.device),)
-        elif stage.pattern is None:
+        elif stage.pattern is None and _bindable(stage, q, k, v):
             stage.launch = BoundLaunch.of(stage.kernel, compiled, stage.grid, args, stage.meta,
                                           q.device)
         elif key is not None:
@@ -481,6 +495,7 @@ class BwdStage:
     pattern: object = None     # the pattern, where it has a score (its tables lead the args)
     score_tables: dict = None  # the tables the stage was built with (warm-up, tuning)
     launches: dict = None      # with a score: (dQ, dK/dV) bound launches by _launch_key
+    aligned: bool = True       # q, k, v of every call are 16-byte aligned (the plan's check)
 
     def __repr__(self) -> str:
         c = self.config
@@ -613,7 +628,10 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
         launch_k = launch_q and BoundLaunch.of(stage.dkdv_kernel, ck, stage.grid_k, ak,
                                                stage.meta_k, q.device)
         if stage.pattern is None:
-            stage.launch_q, stage.launch_k = launch_q, launch_k
+            # (o and do: the plan keeps a stage per "both aligned or not", so a mixed pair
+            # binds nothing either)
+            if _bindable(stage, q, k, v) and _bindable(stage, o, do, same=True):
+                stage.launch_q, stage.launch_k = launch_q, launch_k
         elif launch_k is not None:
             _keep(stage.launches, key, (launch_q, launch_k))
     if stage.upcast:
