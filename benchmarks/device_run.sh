@@ -2,8 +2,9 @@
 # One call's GPU work on a lent GPU machine (batched into one command): the GPU tests
 # of the warm-up, decode and score (plans, bound launches, torch.compile) paths, then the
 # layout, score and decode benchmarks, each under a time limit so that the call fits the
-# device time at hand. Logs and JSON under $OUT; the tables last. Carry: .whl (lark). Autotuning off: default configurations, so that the
-# figures are of the kernels' defaults and the call does not spend its time tuning.
+# device time at hand. Logs and JSON under $OUT; the tables last. Carry: .whl (lark).
+# Autotuning off: default configurations, so that the figures are of the kernels' defaults
+# and the call does not spend its time tuning.
 source benchmarks/device_setup.sh > "$OUT/setup.log" 2>&1
 export SPATTN_AUTOTUNE=0
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
