@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call's GPU work on a lent GPU machine (batched into one command): the GPU tests
-# of the warm-up and decode paths, then the layout, score and decode benchmarks, each under
-# a time limit so that the call fits the device time at hand. Logs and JSON under $OUT;
-# the tables last. Carry: .whl (lark). Autotuning off: default configurations, so that the
-# figures are of the kernels' defaults and the call does not spend its time tuning.
+# of the warm-up, decode and score (plans, bound launches, torch.compile) paths, then the
+# layout, score and decode benchmarks, each under a time limit so that the call fits the
+# device time at hand. Logs and JSON under $OUT; the tables last. Carry: .whl (lark).
+# Autotuning off: default configurations, so that the figures are of the kernels' defaults
+# and the call does not spend its time tuning.
 source benchmarks/device_setup.sh > "$OUT/setup.log" 2>&1
 export SPATTN_AUTOTUNE=0
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -12,6 +13,9 @@ git rev-parse HEAD >> "$OUT/gpu.txt" 2>/dev/null
 timeout "${T_TESTS:-30}" python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/runtime/test_gpu.py::test_warmup_compiles_without_running \
     tests/runtime/test_decode_gpu.py > "$OUT/gpu_tests.log" 2>&1
+timeout "${T_SCORE_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/runtime/test_score_plans.py tests/runtime/test_score_compile.py \
+    >> "$OUT/gpu_tests.log" 2>&1
 timeout "${T_LAYOUTS:-85}" python3 benchmarks/layouts.py --out "$OUT" --rounds 2 \
     --only flux-window-80x80 flux-stride-16x16 hunyuan-window-18x24x24 \
     hunyuan-stride-16x8x8 flux-window-80x80-flat > "$OUT/layouts.txt" 2> "$OUT/layouts.log"
@@ -19,4 +23,4 @@ timeout "${T_SCORES:-60}" python3 benchmarks/scores.py --out "$OUT" --no-tune --
     > "$OUT/scores.txt" 2> "$OUT/scores.log"
 timeout "${T_DECODE:-40}" python3 benchmarks/decode.py --quick --rep 20 --out "$OUT" \
     > "$OUT/decode.txt" 2> "$OUT/decode.log"
-tail -n 3 "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt"
+grep -E "passed|failed|error" "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt"

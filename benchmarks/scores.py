@@ -12,7 +12,8 @@ Four cases at N=16K, D=128, H=16, bf16 (docs/language.md §13):
 For each: spattn forward and forward+backward, FlexAttention (``torch.compile``d
 ``flex_attention`` with the same ``score_mod`` and a block mask built once) in alternating
 rounds (``bench.time_rounds``), and spattn's forward of the same mask without the score
-(the score's cost). Every case is checked against Flex (outputs, and q, k, v and table
+(the score's cost), and the forward and forward+backward through an explicit plan
+(``pat.plan``, built once; timed after the rounds). Every case is checked against Flex (outputs, and q, k, v and table
 gradients) before timing. Targets: fwd and fwd+bwd >= 1.2x Flex; score cost <= 10%.
 
     python benchmarks/scores.py --out OUT            # on an H200 (< 90 s with --no-tune)
@@ -105,6 +106,10 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
     for t in tables.values():
         t.grad = None
     row["first_call_s"] = time.perf_counter() - t0
+    # the same call through an explicit plan (built once; each call passes its tables)
+    plan = pat.plan(qs, ks, vs, **tables)
+    with torch.no_grad():
+        row["plan_rel_err"] = _rel(pat(q, k, v, plan=plan, **tables), o)
     if dry:     # Flex has no backward on the CPU: outputs only (the tests check gradients)
         with torch.no_grad():
             fixed = score_mod_of({n: t.detach() for n, t in tables.items()})
@@ -137,7 +142,8 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
             row["rel_err_vs_reference"] = _rel(mine_o, ref_o)
     tol = 3e-2 if dtype != torch.float32 else 1e-3
     bad = [key for key in ("rel_err_vs_flex", "grad_rel_err_vs_flex",
-                           "table_grad_rel_err_vs_flex", "rel_err_vs_reference")
+                           "table_grad_rel_err_vs_flex", "rel_err_vs_reference",
+                           "plan_rel_err")
            if row.get(key, 0) > tol]
     if bad:
         row["error"] = "mismatch vs flex: " + ", ".join(f"{b}={row[b]:.3e}" for b in bad)
@@ -161,6 +167,10 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
                 bench_ms(fn, rep=40, grad_to_none=grad_to_none))
     plain(q, k, v)
     row["fwd_no_score_ms"] = bench_ms(lambda: plain(q, k, v), rep=40)
+    row["fwd_plan_ms"] = bench_ms(lambda: pat(q, k, v, plan=plan, **tables), rep=40)
+    row["fwdbwd_plan_ms"] = bench_ms(
+        lambda: pat(qs, ks, vs, plan=plan, **tables).backward(do), rep=40,
+        grad_to_none=leaves)
     for kind in ("fwd", "fwdbwd"):
         if f"{kind}_ms" in row and f"flex_{kind}_ms" in row:
             row[f"speedup_{kind}"] = row[f"flex_{kind}_ms"] / row[f"{kind}_ms"]
@@ -170,11 +180,11 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
 
 def table(rows) -> str:
     head = ("| case | fwd ms | Flex fwd | x | fwd+bwd ms | Flex fwd+bwd | x | no-score fwd | "
-            "score cost | max rel err |")
-    out = [head, "|" + "---|" * 10]
+            "score cost | plan fwd / fwd+bwd | max rel err |")
+    out = [head, "|" + "---|" * 11]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['case']} | ERROR: {r['error']} |" + " |" * 8)
+            out.append(f"| {r['case']} | ERROR: {r['error']} |" + " |" * 9)
             continue
 
         def f(key, fmt="{:.3f}"):
@@ -184,7 +194,8 @@ def table(rows) -> str:
         out.append(f"| {r['case']} | {f('fwd_ms')} | {f('flex_fwd_ms')} | "
                    f"{f('speedup_fwd', '{:.2f}')} | {f('fwdbwd_ms')} | {f('flex_fwdbwd_ms')} | "
                    f"{f('speedup_fwdbwd', '{:.2f}')} | {f('fwd_no_score_ms')} | "
-                   f"{f('score_cost', '{:+.1%}')} | {err:.1e} |")
+                   f"{f('score_cost', '{:+.1%}')} | {f('fwd_plan_ms')} / "
+                   f"{f('fwdbwd_plan_ms')} | {err:.1e} |")
     out += [f"\n{r['case']}: FlexAttention failed ({r['flex_error']}); spattn checked against "
             "the float64 reference on the last 512 rows of two heads" for r in rows
             if "flex_error" in r]

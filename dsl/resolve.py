@@ -345,6 +345,8 @@ class _Resolver:
                            "(macros are inlined, so recursion is not allowed)", node, origin)
         values = tuple(self.expr(a, env or {}, origin, scope) for a in args)
         new_env = dict(zip(defn.params, values))
+        if is_prelude and defn.name in PRELUDE_DOMAINS:
+            self.check_domain(defn, values, node, origin)
         if is_prelude:
             body_scope = _PRELUDE_SCOPE
             body_origin = origin or (node.line, node.column, defn.name)
@@ -356,6 +358,52 @@ class _Resolver:
             return self.expr(defn.body, new_env, body_origin, body_scope)
         finally:
             self.stack.pop()
+
+
+    def check_domain(self, defn, values, node, origin) -> None:
+        """A located SpattnValueError when the constant arguments of a prelude macro are
+        outside what it is defined for (:data:`PRELUDE_DOMAINS`); arguments that are not
+        constant here are not checked (a table's values: docs/language.md §13)."""
+        consts = [_literal(v) for v in values]
+        need, ok = PRELUDE_DOMAINS[defn.name]
+        if all(c is not None for c in consts) and not ok(*consts):
+            got = ", ".join(map(repr, consts))
+            raise self.err(SpattnValueError, f"{defn.name}({', '.join(defn.params)}) needs "
+                           f"{need}, got {defn.name}({got})", node, origin)
+
+
+#: What the prelude's macros need of their arguments when those are constants: the
+#: requirement in words and its test. (``log_bucket``'s own check says the same in terms of
+#: its arguments; this says it in the macro's.)
+PRELUDE_DOMAINS = {
+    "softcap": ("c > 0 (the bound of the capped scores; c * tanh(s / c) divides by c)",
+                lambda c: c > 0),
+    "t5_bucket": ("4 <= buckets <= 8193 and max_distance > buckets // 4",
+                  lambda b, m: isinstance(b, int) and isinstance(m, int)
+                  and 4 <= b <= 8193 and m > b // 4),
+    "t5_bucket_causal": ("2 <= buckets <= 4096 and max_distance > buckets // 2",
+                         lambda b, m: isinstance(b, int) and isinstance(m, int)
+                         and 2 <= b <= 4096 and m > b // 2),
+}
+
+
+def _literal(node):
+    """The value of a constant argument (a literal, a bound param, or arithmetic of those),
+    else None."""
+    if isinstance(node, (A.Int, A.Float)):
+        return node.value
+    if isinstance(node, A.Unary) and node.op == "-":
+        v = _literal(node.operand)
+        return None if v is None else -v
+    if isinstance(node, A.Binary) and node.op in ("+", "-", "*", "/", "//"):
+        a, b = _literal(node.left), _literal(node.right)
+        if a is None or b is None or (node.op in ("/", "//") and b == 0):
+            return None
+        if node.op == "//" and not (isinstance(a, int) and isinstance(b, int)):
+            return None
+        return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
+                "/": lambda: a / b, "//": lambda: a // b}[node.op]()
+    return None
 
 
 # ------------------------------------------------------------- post-checks

@@ -272,26 +272,37 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     """``Pattern.plan``: a new :class:`~spattn.runtime.plan.Plan` for these tensors.
 
     ``backward``: build the backward's stage now (True), not until the first backward
-    (False), or when q, k or v requires grad (None, the default). ``options``: the
-    launcher options of :mod:`spattn.runtime.triton_backend` (tests, tuning experiments).
+    (False), or when q, k, v or a score's table requires grad (None, the default).
+    ``options``: the launcher options of :mod:`spattn.runtime.triton_backend` (tests,
+    tuning experiments).
     ``layout``: of q, k, v (:mod:`spattn.runtime.usage`); the plan keeps it as
     ``plan.tensor_layout`` and calls with it take tensors in that layout.
     """
-    if getattr(pattern, "score", None) is not None:
-        raise SpattnParamError("plans are not available for a pattern with a score yet: call "
-                               "the pattern without plan= (its plan is cached per call "
-                               "signature)")
+    scored = getattr(pattern, "score", None) is not None
     if inputs:
-        _usage.check_keywords(pattern.inputs, inputs)
+        _usage.check_keywords({**pattern.inputs, **getattr(pattern, "score_inputs", {})},
+                              inputs)
     q, k, v = _usage.to_bhsd(layout, q, k, v)
-    try:
-        scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs, layout)
-    except SpattnInputError as e:
-        raise _usage.with_layout_hint(e, layout, q, k, v) from None
-    backend = choose_backend(pattern.backend, q.device.type)
-    plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset, inputs=ins,
-                      options=options)
-    if backward or (backward is None and any(t.requires_grad for t in (q, k, v))):
+    if scored:      # the tables' shapes are the plan's; each call passes its tables
+        from . import scores
+        try:
+            plan = scores.make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset,
+                                    inputs=inputs, options=options)
+        except SpattnInputError as e:
+            raise _usage.with_layout_hint(e, layout, q, k, v) from None
+    else:
+        try:
+            scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs,
+                                              layout)
+        except SpattnInputError as e:
+            raise _usage.with_layout_hint(e, layout, q, k, v) from None
+        backend = choose_backend(pattern.backend, q.device.type)
+        plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                          inputs=ins, options=options)
+    learnable = scored and any(isinstance(t, torch.Tensor) and t.requires_grad
+                               for n, t in (inputs or {}).items() if n in pattern.score_inputs)
+    if backward or (backward is None and (learnable or any(t.requires_grad
+                                                          for t in (q, k, v)))):
         plan.prepare_backward(q, k, v)
     plan.tensor_layout = layout
     return plan
@@ -336,9 +347,15 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         q, k, v = _usage.to_bhsd(layout, q, k, v)
     if getattr(pattern, "score", None) is not None:
         from . import scores
-        out = scores.call(pattern, q, k, v, scale=scale, return_lse=return_lse,
-                          q_offset=q_offset, inputs=inputs, plan=plan,
-                          deterministic=deterministic)
+        if torch.compiler.is_compiling():
+            _register_const(pattern)
+            out = scores.call_op(pattern.source, pattern.inputs, pattern.score_inputs,
+                                 pattern.backend, q, k, v, scale=scale, return_lse=return_lse,
+                                 q_offset=q_offset, inputs=inputs, deterministic=deterministic)
+        else:
+            out = scores.call(pattern, q, k, v, scale=scale, return_lse=return_lse,
+                              q_offset=q_offset, inputs=inputs, plan=plan,
+                              deterministic=deterministic)
         return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
             _usage.from_bhsd(layout, out)
     if torch.compiler.is_compiling():

@@ -19,7 +19,10 @@ called; a source not in the registry (a graph saved and run in another process)
 is compiled again from the source, which round-trips to the same IR. Runtime
 inputs travel as a list of tensors in sorted input-name order.
 
-Gradients flow to q, k and v only (runtime inputs are integer tensors). The
+Gradients flow to q, k and v only (runtime inputs are integer tensors). A pattern with a
+score traces to ``spattn::score_attention`` / ``spattn::score_attention_bwd`` instead
+(the end of this module): they also take the score's float tables, check them on the
+real tensors, and give the tables that require grad their gradients. The
 gradient of the returned lse (``return_lse=True``) is supported: the torch
 backend takes it directly; with the Triton backend a non-zero lse gradient
 falls back to the torch backend's backward for that call (with a warning).
@@ -34,7 +37,8 @@ from torch.autograd.function import once_differentiable
 from ..dsl.errors import SpattnError
 from .plan import PLANS
 
-__all__ = ["AttentionFunction", "register", "lookup", "attention_op", "attention_bwd_op"]
+__all__ = ["AttentionFunction", "register", "lookup", "attention_op", "attention_bwd_op",
+           "score_attention_op", "score_attention_bwd_op"]
 
 #: canonical source -> Pattern, for the custom op (which only carries the source).
 _REGISTRY: dict = {}
@@ -62,11 +66,12 @@ def lookup(key: str):
 
 
 def _no_score(pattern) -> None:
-    """The custom ops carry no float tables: a pattern with a score is refused there."""
+    """The mask's custom ops carry no float tables: a pattern with a score is refused there
+    (its calls trace to ``spattn::score_attention``)."""
     if getattr(pattern, "score", None) is not None:
         from ..dsl.errors import SpattnBackendError
-        raise SpattnBackendError("a pattern with a score does not run under torch.compile "
-                                 "yet: call it eagerly (outside the compiled region)")
+        raise SpattnBackendError("spattn::attention carries no score tables: a pattern "
+                                 "with a score runs through spattn::score_attention")
 
 
 def _inputs_dict(pattern, tensors) -> dict:
@@ -161,3 +166,108 @@ def _backward(ctx, do, dlse):
 
 
 torch.library.register_autograd("spattn::attention", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------ custom ops of scored patterns
+
+def _names(names: str) -> list:
+    return names.split(",") if names else []
+
+
+def _score_ctx(pattern, q, k, v, inputs, tables, names, scale, q_offset, backend,
+               deterministic):
+    """``(scores.Ctx, {input name: tensor})`` of a traced scored call, from real tensors:
+    the float tables (``names``, as given) checked here, not while tracing (an error raised
+    in traced code cannot be traced), the plan from :data:`PLANS` (which checks the mask's
+    inputs when it is built), the score's indices checked against these tables."""
+    from . import scores
+    given = dict(zip(_names(names), tables))
+    extra = [n for n in given if n not in pattern.score_inputs]
+    if extra:
+        from ..dsl.errors import SpattnInputError
+        known = ", ".join(repr(n) for n in pattern.all_inputs) or "none"
+        raise SpattnInputError(f"unexpected runtime input {', '.join(map(repr, extra))}: the "
+                               f"pattern's inputs are {known}")
+    floats = scores.validate_score_inputs(pattern.score_inputs, given, batch=q.shape[0],
+                                          num_heads=q.shape[1], device=q.device)
+    plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                     inputs=_inputs_dict(pattern, inputs), tables=scores.detached(floats))
+    ints = plan.call.inputs
+    scores.check_score_bounds(pattern, ints, floats, q.shape[2], k.shape[2],
+                              num_heads=q.shape[1], batch=q.shape[0], q_offset=q_offset)
+    c = scores.Ctx(pattern, backend, scale, q_offset, ints, tuple(pattern.score_inputs),
+                   plan=plan, deterministic=deterministic)
+    return c, {**ints, **floats}
+
+
+@torch.library.custom_op("spattn::score_attention", mutates_args=())
+def score_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       inputs: list[torch.Tensor], tables: list[torch.Tensor],
+                       names: str, key: str, scale: float, q_offset: int, backend: str,
+                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)`` of a pattern with a score; ``tables``: the float tables named by
+    ``names`` (comma-separated: a schema takes no list of str; ``deterministic`` is for the
+    backward)."""
+    from . import scores
+    c, ins = _score_ctx(lookup(key), q, k, v, inputs, tables, names, scale, q_offset, backend,
+                        deterministic)
+    o, lse = scores.run_fwd(c, q, k, v, ins)
+    return o.contiguous(), lse.contiguous()
+
+
+@score_attention_op.register_fake
+def _score_attention_fake(q, k, v, inputs, tables, names, key, scale, q_offset, backend,
+                          deterministic):
+    return _attention_fake(q, k, v, inputs, key, scale, q_offset, backend)
+
+
+@torch.library.custom_op("spattn::score_attention_bwd", mutates_args=())
+def score_attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                           lse: torch.Tensor, do: torch.Tensor, dlse: Optional[torch.Tensor],
+                           inputs: list[torch.Tensor], tables: list[torch.Tensor],
+                           names: str, want: list[bool], key: str, scale: float,
+                           q_offset: int, backend: str, deterministic: bool
+                           ) -> list[torch.Tensor]:
+    """``[dq, dk, dv, *table grads]``: a gradient for every table (in ``tables`` order),
+    computed for those ``want`` marks (zeros for the others)."""
+    from . import scores
+    c, ins = _score_ctx(lookup(key), q, k, v, inputs, tables, names, scale, q_offset, backend,
+                        deterministic)
+    names = _names(names)
+    dq, dk, dv, tg = scores.run_bwd(c, q, k, v, o, lse, do, ins, dlse,
+                                    tuple(n for n, w in zip(names, want) if w))
+    dt = [tg[n].to(t.dtype) if n in tg else torch.zeros_like(t) for n, t in zip(names, tables)]
+    return [dq.contiguous(), dk.contiguous(), dv.contiguous(), *dt]
+
+
+@score_attention_bwd_op.register_fake
+def _score_attention_bwd_fake(q, k, v, o, lse, do, dlse, inputs, tables, names, want, key,
+                              scale, q_offset, backend, deterministic):
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            *(t.new_empty(t.shape) for t in tables)]
+
+
+def _score_setup_context(ctx, inputs, output):
+    q, k, v, ins, tables, names, key, scale, q_offset, backend, deterministic = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, *ins, *tables)
+    ctx.n_inputs = len(ins)
+    ctx.want = [t.requires_grad for t in tables]
+    ctx.spattn = (names, key, scale, q_offset, backend, deterministic)
+
+
+def _score_backward(ctx, do, dlse):
+    q, k, v, o, lse, *rest = ctx.saved_tensors
+    ins, tables = rest[:ctx.n_inputs], rest[ctx.n_inputs:]
+    names, key, scale, q_offset, backend, deterministic = ctx.spattn
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv, *dt = score_attention_bwd_op(q, k, v, o, lse, do, dlse, list(ins),
+                                             list(tables), names, list(ctx.want), key, scale,
+                                             q_offset, backend, deterministic)
+    dt = [g if w else None for g, w in zip(dt, ctx.want)]
+    return dq, dk, dv, [None] * ctx.n_inputs, dt, None, None, None, None, None, None
+
+
+torch.library.register_autograd("spattn::score_attention", _score_backward,
+                                setup_context=_score_setup_context)

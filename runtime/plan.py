@@ -128,18 +128,18 @@ class Plan:
     def __init__(self, pattern, backend: str, call: Call, q, k, v, options=None):
         self._bind(pattern, backend, q, k, v, options)
         self.call = call
+        self.table_layout = {n: (tuple(t.shape), t.dtype) for n, t in (call.tables or {}).items()}
         if backend == "torch" and getattr(pattern, "score", None) is not None:
-            # the torch backend's plans are mask-only: a score runs in runtime.scores
-            from ..dsl.errors import SpattnBackendError
-            raise SpattnBackendError("a pattern with a score runs through runtime.scores, "
-                                     "not a torch-backend plan")
-        if backend == "torch":
+            from . import scores
+            self.forward_stage = scores.torch_stage(call)
+        elif backend == "torch":
             from . import torch_backend
             self.forward_stage = torch_backend.make_plan(
                 pattern, q, k, q_offset=call.positions.q_offset, inputs=call.inputs)
         else:
             from . import triton_backend
             self.forward_stage = triton_backend.build_fwd(call, q, k, v, self.options)
+            self.forward_stage.aligned = self.aligned
 
     def _bind(self, pattern, backend: str, q, k, v, options) -> None:
         """What every plan records of its pattern and of the tensors it is made for."""
@@ -151,6 +151,7 @@ class Plan:
         self.aligned = _aligned(q, k, v)
         self._lock = threading.Lock()
         self._bwd: dict = {}
+        self.table_layout: dict = {}
 
     # -- use ------------------------------------------------------------------------
     def check(self, q, k, v) -> None:
@@ -169,8 +170,23 @@ class Plan:
                                    "loads, specialised kernels); this call's are not: build a "
                                    "plan for them")
 
+    def check_tables(self, tables: dict) -> None:
+        """Raise :class:`SpattnInputError` unless a score's float tables are shaped, typed and
+        placed as those this plan was built with (its bounds proofs and kernels are for
+        those): each call passes its own tables (a learnable table changes every step)."""
+        for name, (shape, dtype) in self.table_layout.items():
+            t = tables[name]
+            if tuple(t.shape) != shape or t.dtype != dtype or t.device != self.device:
+                raise SpattnInputError(
+                    f"runtime input {name!r} has shape {tuple(t.shape)}, {t.dtype} on "
+                    f"{t.device}, but the plan was built for {name!r} of shape {shape}, "
+                    f"{dtype} on {self.device}: pass a table like the plan's or build a plan "
+                    f"for this one (pat.plan(q, k, v, {name}=...))")
+
     def forward(self, q, k, v):
-        """``(o, lse)``: the forward of this plan."""
+        """``(o, lse)``: the forward of this plan (a pattern without a score: a score's
+        plan runs through :func:`spattn.runtime.scores.call`, which passes its tables)."""
+        _unscored(self)
         if self.backend == "torch":
             from . import torch_backend
             c = self.call
@@ -191,6 +207,7 @@ class Plan:
                 if stage is None:
                     from . import triton_backend
                     stage = triton_backend.build_bwd(self.call, q, k, v, o, do, self.options)
+                    stage.aligned = self.aligned
                     self._bwd[key] = stage
         return stage
 
@@ -204,6 +221,7 @@ class Plan:
 
     def backward(self, q, k, v, o, lse, do, dlse=None):
         """``(dq, dk, dv)``; ``dlse``: the gradient of the lse output, or None."""
+        _unscored(self)
         c = self.call
         if self.backend == "torch" or (dlse is not None and bool((dlse != 0).any())):
             if self.backend == "triton":
@@ -228,6 +246,10 @@ class Plan:
         if c.inputs:
             lines.append("  inputs: " + ", ".join(f"{n} {tuple(t.shape)}"
                                                    for n, t in c.inputs.items()))
+        if self.table_layout:
+            lines.append("  score tables (passed at each call): " + ", ".join(
+                f"{n} {shape} {str(dt).replace('torch.', '')}"
+                for n, (shape, dt) in self.table_layout.items()))
         lines.append(f"  forward: {self.forward_stage!r}")
         for stage in self._bwd.values():
             lines.append(f"  backward: {stage!r}")
@@ -236,6 +258,13 @@ class Plan:
         if c.analysis is not None and c.analysis.fine:
             lines.append(f"  analysis: {c.analysis!r}")
         return "\n".join(lines)
+
+
+def _unscored(plan) -> None:
+    if getattr(plan.pattern, "score", None) is not None:
+        from ..dsl.errors import SpattnBackendError
+        raise SpattnBackendError("the plan of a pattern with a score runs through "
+                                 "runtime.scores (its forward and backward take the tables)")
 
 
 class RemappedPlan(Plan):

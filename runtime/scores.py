@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..dsl.errors import SpattnBackendError, SpattnInputError, SpattnParamError
+from ..dsl.errors import SpattnInputError
 from ..ir import build
 from ..ir.evaluate import evaluate
 from ..ir.inputs import check_shape, validate_inputs
@@ -73,18 +73,80 @@ def validate_score_inputs(declared: dict, given: dict, *, batch: int, num_heads:
 
 def check_score_bounds(pattern, int_inputs: dict, float_inputs: dict, Lq: int, Lk: int, *,
                        num_heads: int, batch: int, q_offset: int) -> None:
-    """Every index of the score's loads in range (as for the mask's inputs)."""
+    """Every index of the score's loads in range (as for the mask's inputs), and of its
+    float lists (a list param indexed by ``h`` needs an entry per head of the call: a
+    SpattnInputError naming the list, its index's values and the call's shapes)."""
     from ..ir.intervals import check_input_bounds
-    from ..ir.nodes import FLoad, Load, walk
-    loads = {}
+    from ..ir.nodes import FLoad, FTable, Load, walk
+    loads, lists = {}, {}
     for n in walk(pattern.score):
         if isinstance(n, (Load, FLoad)):
             loads[Load(n.name, n.index)] = None
+        elif isinstance(n, FTable):
+            lists[n] = None
+    if lists:
+        from ..ir import bounds
+        from ..ir.printer import to_source
+        domain = bounds.call_domain(Lq, Lk, num_heads=num_heads, batch=batch,
+                                    q_offset=q_offset,
+                                    input_ranges=bounds.input_ranges(int_inputs, measure=True))
+        of = bounds.bounds_of(domain)
+        for n in lists:
+            lo, hi = of(n.index)
+            if lo < 0 or hi >= len(n.values):
+                raise SpattnInputError(
+                    f"the score's list {list(n.values)} has {len(n.values)} entries, but its "
+                    f"index {to_source(n.index)} takes values {lo}..{hi} in this call (Lq={Lq}, "
+                    f"Lk={Lk}, q_offset={domain.q_offset}, H={num_heads}, B={batch}): give "
+                    f"a list with an "
+                    f"entry for each (e.g. a slope per head), or guard the index")
     if not loads:
         return
     probe = build.and_(*(build.range_(ld, 0, 0) for ld in loads))
     check_input_bounds(probe, {**int_inputs, **float_inputs}, Lq, Lk, num_heads=num_heads,
                        batch=batch, q_offset=q_offset)
+    check_score_divisors(pattern, int_inputs, float_inputs, Lq, Lk, num_heads=num_heads,
+                         batch=batch, q_offset=q_offset)
+
+
+def _table_divisors(score) -> tuple:
+    """The divisors of ``score`` that read a float table and vary with no pair (no ``q``,
+    ``k`` or ``s``): ``softcap(cap[h])``'s ``cap[h]``, ``s / temp[h]``'s ``temp[h]``."""
+    from ..ir.nodes import FDiv, FLoad, Score, Var, walk
+    out = {}
+    for n in walk(score):
+        if isinstance(n, FDiv):
+            kids = list(walk(n.b))
+            if any(isinstance(x, FLoad) for x in kids) and not any(
+                    isinstance(x, Score) or (isinstance(x, Var) and x.name in ("q", "k"))
+                    for x in kids):
+                out[n.b] = None
+    return tuple(out)
+
+
+def check_score_divisors(pattern, int_inputs: dict, float_inputs: dict, Lq: int, Lk: int, *,
+                         num_heads: int, batch: int, q_offset: int) -> None:
+    """A SpattnInputError when a divisor of the score read from the call's tables is 0 for
+    some batch element and head (:func:`_table_divisors`; evaluated in float32, the
+    kernels' precision, over ``[B, H]``: one device read). A divisor that varies with the
+    pair is not checked (docs/language.md §13)."""
+    divisors = _table_divisors(pattern.score)
+    if not divisors:
+        return
+    from ..ir.printer import to_source
+    device = next(iter(float_inputs.values())).device
+    env = score_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
+                    device=device, rows=(0, 1), cols=(0, 1))
+    s = torch.zeros((batch, num_heads, 1, 1), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        vals = torch.stack([score_values(d, s, env, {**int_inputs, **float_inputs}) == 0
+                            for d in divisors]).flatten(1).any(1).tolist()
+    for d, zero in zip(divisors, vals):
+        if zero:
+            raise SpattnInputError(
+                f"the score divides by {to_source(d)}, which is 0 for some batch element or "
+                f"head of this call (B={batch}, H={num_heads}): the score would be infinite "
+                "or NaN there (softcap(c) needs c > 0)")
 
 
 # ------------------------------------------------------------------ torch backend
@@ -137,15 +199,38 @@ def _chunk(pattern, s, r0, r1, c0, c1, Lq, Lk, B, H, off, ins):
     return env, m, f
 
 
-def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict):
-    """``(o [B, Hq, Lq, D] q.dtype, lse [B, Hq, Lq] float32 or float64)``."""
+class TorchScoreStage:
+    """The torch backend's stage of a plan with a score: the row chunks of the call and the
+    key span of each (:func:`_chunks`), found once from the mask's tiles."""
+
+    def __init__(self, chunks: list, Lq: int, Lk: int):
+        self.chunks, self.Lq, self.Lk = chunks, Lq, Lk
+
+    def __repr__(self) -> str:
+        pairs = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in self.chunks)
+        return (f"torch score: {len(self.chunks)} row chunks, {pairs:,} of "
+                f"{self.Lq * self.Lk:,} pairs computed")
+
+
+def torch_stage(call) -> TorchScoreStage:
+    """The :class:`TorchScoreStage` of a plan's :class:`~spattn.runtime.plan.Call`."""
+    return TorchScoreStage(_chunks(call.pattern, call.B, call.H, call.Lq, call.Lk,
+                                   call.positions.q_offset, call.inputs, call.device),
+                           call.Lq, call.Lk)
+
+
+def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict, chunks=None):
+    """``(o [B, Hq, Lq, D] q.dtype, lse [B, Hq, Lq] float32 or float64)``; ``chunks``: a
+    plan's (:class:`TorchScoreStage`), found now when None."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     acc = _acc(q.dtype)
     kk, vv = _expand_kv(k, H).to(acc), _expand_kv(v, H).to(acc)
     o = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.full((B, H, Lq), -math.inf, dtype=acc, device=q.device)
-    for r0, r1, c0, c1 in _chunks(pattern, B, H, Lq, Lk, q_offset, inputs, q.device):
+    if chunks is None:
+        chunks = _chunks(pattern, B, H, Lq, Lk, q_offset, inputs, q.device)
+    for r0, r1, c0, c1 in chunks:
         s = torch.matmul(q[:, :, r0:r1].to(acc), kk[:, :, c0:c1].transpose(-1, -2)) * scale
         _, _, f = _chunk(pattern, s, r0, r1, c0, c1, Lq, Lk, B, H, q_offset, inputs)
         mx = f.amax(-1, keepdim=True)
@@ -193,7 +278,7 @@ def _scatter(grad: torch.Tensor, load, env, ins, g: torch.Tensor,
 
 
 def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: dict,
-        dlse=None, table_grads: tuple = (), deterministic: bool = False):
+        dlse=None, table_grads: tuple = (), deterministic: bool = False, chunks=None):
     """``(dq, dk, dv, {table name: grad})``; ``table_grads``: the float inputs to
     differentiate (each gets a gradient shaped like it, float32 or float64)."""
     B, H, Lq, D = q.shape
@@ -206,7 +291,9 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
     dvv = torch.zeros(vv.shape, dtype=acc, device=q.device)
     tg = {n: torch.zeros(inputs[n].shape, dtype=_acc(inputs[n].dtype), device=q.device)
           for n in table_grads}
-    for r0, r1, c0, c1 in _chunks(pattern, B, H, Lq, Lk, q_offset, inputs, q.device):
+    if chunks is None:
+        chunks = _chunks(pattern, B, H, Lq, Lk, q_offset, inputs, q.device)
+    for r0, r1, c0, c1 in chunks:
         qc = q[:, :, r0:r1].to(acc)
         kc, vc = kk[:, :, c0:c1], vv[:, :, c0:c1]
         s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
@@ -241,10 +328,11 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
 
 # ------------------------------------------------------------------ autograd
 
-class _Ctx:
+class Ctx:
     """What a call's forward and backward share (not a tensor: kept off the autograd graph).
     ``int_inputs``: the mask's inputs as int64 tensors (torch backend); ``plan``: the
-    Triton backend's plan of the call (its mask, tiles and kernels)."""
+    plan of the call (Triton: its mask, tiles and kernels; torch: its row chunks), or None
+    (the torch backend finds its chunks per call)."""
 
     def __init__(self, pattern, backend, scale, q_offset, int_inputs, names, *,
                  plan=None, deterministic=False):
@@ -253,18 +341,24 @@ class _Ctx:
         self.plan, self.deterministic = plan, deterministic
 
 
-def _tables(c: _Ctx, ins: dict) -> dict:
+def _tables(c: Ctx, ins: dict) -> dict:
     return {n: ins[n].contiguous() for n in c.names}
 
 
-def _run_fwd(c: _Ctx, q, k, v, ins):
+def _torch_chunks(c: Ctx):
+    stage = None if c.plan is None else c.plan.forward_stage
+    return stage.chunks if isinstance(stage, TorchScoreStage) else None
+
+
+def run_fwd(c: Ctx, q, k, v, ins):
     if c.backend == "triton":
         from . import triton_backend
         return triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=_tables(c, ins))
-    return fwd(c.pattern, q, k, v, scale=c.scale, q_offset=c.q_offset, inputs=ins)
+    return fwd(c.pattern, q, k, v, scale=c.scale, q_offset=c.q_offset, inputs=ins,
+               chunks=_torch_chunks(c))
 
 
-def _run_bwd(c: _Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
+def run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
     triton = c.backend == "triton" and (dlse is None or not bool((dlse != 0).any())) \
         and not (c.deterministic and table_grads)
     if triton:
@@ -277,7 +371,8 @@ def _run_bwd(c: _Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
                                             table_grads=bufs)
         return dq, dk, dv, bufs
     return bwd(c.pattern, q, k, v, o, lse, do, scale=c.scale, q_offset=c.q_offset,
-               inputs=ins, dlse=dlse, table_grads=table_grads, deterministic=c.deterministic)
+               inputs=ins, dlse=dlse, table_grads=table_grads, deterministic=c.deterministic,
+               chunks=_torch_chunks(c))
 
 
 class ScoreFunction(torch.autograd.Function):
@@ -285,9 +380,9 @@ class ScoreFunction(torch.autograd.Function):
     tables (in ``ctx.names`` order) that require grad."""
 
     @staticmethod
-    def forward(ctx, c: _Ctx, q, k, v, *tables):
+    def forward(ctx, c: Ctx, q, k, v, *tables):
         ins = {**c.int_inputs, **dict(zip(c.names, tables))}
-        o, lse = _run_fwd(c, q, k, v, ins)
+        o, lse = run_fwd(c, q, k, v, ins)
         ctx.save_for_backward(q, k, v, o, lse, *tables)
         ctx.c = c
         ctx.set_materialize_grads(False)
@@ -304,39 +399,36 @@ class ScoreFunction(torch.autograd.Function):
             do = torch.zeros_like(o)
         want = tuple(n for n, need in zip(c.names, ctx.needs_input_grad[4:]) if need)
         ins = {**c.int_inputs, **dict(zip(c.names, tables))}
-        dq, dk, dv, tg = _run_bwd(c, q, k, v, o, lse, do, ins, dlse, want)
+        dq, dk, dv, tg = run_bwd(c, q, k, v, o, lse, do, ins, dlse, want)
         dt = tuple(tg[n].to(t.dtype) if n in tg else None for n, t in zip(c.names, tables))
         return (None, dq, dk, dv) + dt
 
 
-def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
-         plan=None, deterministic=False):
-    """Attention of a pattern with a score: ``o`` (and ``lse`` when ``return_lse``).
-
-    ``deterministic``: learnable tables get their gradients without atomic adds (the
-    torch backend's backward runs that call's backward); q, k, v gradients are
-    deterministic either way."""
-    from .api import _check_scale, check_q_offset, check_runtime_tensors, choose_backend, \
-        validate
-    if plan is not None:
-        raise SpattnParamError("plan= is not available for a pattern with a score: call "
-                               "without it")
-    if torch.compiler.is_compiling():
-        raise SpattnBackendError("a pattern with a score does not run under torch.compile "
-                                 "yet: call it eagerly (outside the compiled region)")
-    validate(q, k, v)
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    scale = _check_scale(scale, D)
-    off = check_q_offset(q_offset, Lq, Lk)
+def _split_inputs(pattern, inputs) -> tuple:
+    """``(mask's int inputs, score's float inputs)`` as given; an unexpected name is a
+    SpattnInputError."""
     inputs = dict(inputs or {})
     extra = [n for n in inputs if n not in pattern.inputs and n not in pattern.score_inputs]
     if extra:
         known = ", ".join(repr(n) for n in pattern.all_inputs) or "none"
         raise SpattnInputError(f"unexpected runtime input {', '.join(map(repr, extra))}: the "
                                f"pattern's inputs are {known}")
-    given_int = {n: t for n, t in inputs.items() if n in pattern.inputs}
-    given_float = {n: t for n, t in inputs.items() if n in pattern.score_inputs}
+    return ({n: t for n, t in inputs.items() if n in pattern.inputs},
+            {n: t for n, t in inputs.items() if n in pattern.score_inputs})
+
+
+def _arguments(pattern, q, k, v, scale, q_offset, inputs) -> tuple:
+    """The checked ``(scale, q_offset, int inputs as given, int64 int inputs, float
+    tables)`` of a call or plan without a plan: every index of the mask's and the score's
+    loads proven in range, the integers exact."""
+    from .api import _check_scale, check_grid, check_q_offset, check_runtime_tensors, validate
+    validate(q, k, v)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    check_grid(pattern, Lq, Lk, f"q (shape {tuple(q.shape)}) and k (shape {tuple(k.shape)})")
+    scale = _check_scale(scale, D)
+    off = check_q_offset(q_offset, Lq, Lk)
+    given_int, given_float = _split_inputs(pattern, inputs)
     check_runtime_tensors(given_int)
     given = validate_inputs(pattern.inputs, given_int, batch=B, num_heads=H, device=q.device,
                             convert=lambda t, device, dtype: t)
@@ -349,20 +441,96 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         check_input_bounds(pattern, ints, Lq, Lk, num_heads=H, batch=B, q_offset=off)
     bounds.check_call(pattern.ir, Lq, Lk, num_heads=H, batch=B, q_offset=off, inputs=ints)
     check_score_bounds(pattern, ints, floats, Lq, Lk, num_heads=H, batch=B, q_offset=off)
+    return scale, off, given, ints, floats
+
+
+def detached(floats: dict) -> dict:
+    return {n: t.detach().contiguous() for n, t in floats.items()}
+
+
+def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, options=None):
+    """The :class:`~spattn.runtime.plan.Plan` of a pattern with a score for these tensors
+    and tables (``Pattern.plan``): the mask's inputs held, the tables' shapes and dtypes
+    recorded (each call passes its tables: :meth:`~spattn.runtime.plan.Plan.check_tables`),
+    the kernels (Triton) or row chunks (torch) resolved."""
+    from .api import choose_backend
+    from .plan import build_plan
+    scale, off, given, _, floats = _arguments(pattern, q, k, v, scale, q_offset, inputs)
     backend = choose_backend(pattern.backend, q.device.type)
+    return build_plan(pattern, backend, q, k, v, scale=scale, q_offset=off, inputs=given,
+                      options=options, tables=detached(floats))
+
+
+def _planned(plan, pattern, q, k, v, scale, q_offset, inputs) -> dict:
+    """The float tables of a call with ``plan=``, checked against the plan (which holds
+    the mask's inputs, the scale and the positions)."""
+    from .api import _check_plan
+    given_int, given_float = _split_inputs(pattern, inputs)
+    _check_plan(plan, pattern, q, k, v, scale, q_offset, given_int)
+    floats = validate_score_inputs(pattern.score_inputs, given_float, batch=q.shape[0],
+                                   num_heads=q.shape[1], device=q.device)
+    plan.check_tables(floats)
+    c = plan.call
+    check_score_divisors(pattern, c.inputs, floats, c.Lq, c.Lk, num_heads=c.H, batch=c.B,
+                         q_offset=c.positions.q_offset)
+    return floats
+
+
+def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
+         plan=None, deterministic=False):
+    """Attention of a pattern with a score: ``o`` (and ``lse`` when ``return_lse``).
+
+    ``plan``: made by :func:`make_plan` for tensors and tables laid out like these (no
+    analysis then: the plan's bounds proofs hold for tables of the plan's shapes).
+    ``deterministic``: learnable tables get their gradients without atomic adds (the
+    torch backend's backward runs that call's backward); q, k, v gradients are
+    deterministic either way."""
+    from .api import choose_backend
+    if plan is not None:
+        floats = _planned(plan, pattern, q, k, v, scale, q_offset, inputs)
+        backend, scale, off = plan.backend, plan.call.scale, plan.call.positions.q_offset
+        ints = plan.call.inputs
+    else:
+        scale, off, given, ints, floats = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+        backend = choose_backend(pattern.backend, q.device.type)
+        from .plan import PLANS
+        plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=off, inputs=given,
+                         tables=detached(floats))
     names = tuple(pattern.score_inputs)
     tables = [floats[n] for n in names]
-    plan = None
-    if backend == "triton":
-        from .plan import PLANS
-        plan = PLANS.get(pattern, "triton", q, k, v, scale=scale, q_offset=off, inputs=given,
-                         tables={n: t.detach().contiguous() for n, t in floats.items()})
-    c = _Ctx(pattern, backend, scale, off, ints, names, plan=plan,
+    c = Ctx(pattern, backend, scale, off, ints, names, plan=plan,
              deterministic=bool(deterministic))
     need = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))
                                         or any(t.requires_grad for t in tables))
     if need:
         o, lse = ScoreFunction.apply(c, q, k, v, *tables)
     else:
-        o, lse = _run_fwd(c, q, k, v, {**ints, **floats})
+        o, lse = run_fwd(c, q, k, v, {**ints, **floats})
+    return (o, lse) if return_lse else o
+
+
+def call_op(key, declared, score_declared, requested_backend, q, k, v, *, scale, return_lse,
+            q_offset, inputs, deterministic=False):
+    """The traced path of a pattern with a score (under ``torch.compile``): the checks of
+    q, k, v and the mask's inputs, then the custom op ``spattn::score_attention``
+    (``runtime/autograd.py``), whose autograd formula gives q, k, v and the tables that
+    require grad their gradients. Every tensor input that is not the mask's goes to the op
+    as a table, which checks them (names, dtype, device, dims, index bounds) on the real
+    tensors. ``declared``: the mask's inputs (name: index dims); ``score_declared``: the
+    score's (kept for the signature shared with the functional form)."""
+    from .api import _backend_for, _check_scale, check_q_offset, check_runtime_tensors, validate
+    from .autograd import score_attention_op
+    validate(q, k, v)
+    B, H, Lq, D = q.shape
+    scale = _check_scale(scale, D)
+    q_offset = check_q_offset(q_offset, Lq, k.shape[2])
+    inputs = dict(inputs or {})
+    ints = {n: t for n, t in inputs.items() if n in declared}
+    check_runtime_tensors(ints)
+    ins = validate_inputs(declared, ints, batch=B, num_heads=H, device=q.device)
+    names = sorted(n for n in inputs if n not in declared)
+    backend = _backend_for(requested_backend, q.device.type)
+    o, lse = score_attention_op(q, k, v, [ins[n] for n in sorted(ins)],
+                                [inputs[n] for n in names], ",".join(names), key, scale, q_offset,
+                                backend, bool(deterministic))
     return (o, lse) if return_lse else o

@@ -265,6 +265,50 @@ class BoundLaunch:
         return True
 
 
+#: Bound launches a stage with a score keeps, one per specialisation of its tables.
+SCORED_LAUNCHES = 8
+
+
+def _launch_key(score_args, *tensors):
+    """The specialisation of a scored launch's per-call arguments, as Triton's JIT computes
+    it (a tensor's dtype and 16-byte alignment; an int's width, divisibility by 16 and
+    equality to 1), with the alignment of q, k, v: a bound launch runs only arguments of its
+    key (a table's gradient flag of 1 is a constant of the compiled kernel). None when
+    Triton does not expose it (then the JIT's dispatch runs every launch)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:
+        return None
+    return (tuple(native_specialize_impl(BaseBackend, a, False, True, True)
+                  for a in score_args),
+            tuple(t.data_ptr() % 16 == 0 for t in tensors))
+
+
+def _bindable(stage, *tensors, same: bool = False) -> bool:
+    """Whether this launch's compiled kernel may serve every later call of the stage: the
+    JIT specialised it on the tensors' 16-byte alignment, so a stage whose calls may be
+    unaligned (``stage.aligned`` False: a plan built with unaligned q, k, v) binds only a
+    launch whose tensors are all unaligned (its kernel assumes nothing of them).
+    ``same``: tensors the stage's key holds as "all aligned or not" (a backward stage's o
+    and do): all aligned binds too."""
+    aligned = [t.data_ptr() % 16 == 0 for t in tensors]
+    if same:
+        return all(aligned) or not any(aligned)
+    return stage.aligned or not any(aligned)
+
+
+def _scored_launch(launches: dict, key):
+    return None if key is None else launches.get(key)
+
+
+def _keep(launches: dict, key, bound) -> None:
+    if key is not None and bound is not None:
+        if len(launches) >= SCORED_LAUNCHES:
+            launches.pop(next(iter(launches)))
+        launches[key] = bound
+
+
 # ---------------------------------------------------------------- forward
 
 @dataclass
@@ -286,6 +330,8 @@ class FwdStage:
     launch: object = None      # the compiled kernel with its arguments bound (CUDA)
     pattern: object = None     # the pattern, where it has a score (its tables lead the args)
     score_tables: dict = None  # the tables the stage was built with (warm-up, tuning)
+    launches: dict = None      # with a score: bound launches by _launch_key
+    aligned: bool = True       # q, k, v of every call are 16-byte aligned (the plan's check)
 
     def __repr__(self) -> str:
         c = self.config
@@ -346,7 +392,7 @@ def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
     stage = FwdStage(cfg, mod.KERNEL, (n_work,), static, meta, (B, H, Lq, D), q.dtype,
                      _upcast(call), persistent, n_work, tables=mode)
     if scored:
-        stage.pattern, stage.score_tables = call.pattern, call.tables
+        stage.pattern, stage.score_tables, stage.launches = call.pattern, call.tables, {}
     if persistent:
         stage.grid = (_persistent_programs(call, n_work, None),)
     if warmup:
@@ -375,19 +421,26 @@ def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None):
         q, k, v = q.float(), k.float(), v.float()
     qa, ka, va, oa, lse, o = _fwd_tensors(stage, q, k, v)
     head = (qa, ka, va, oa, lse)
+    launch, key = stage.launch, None
     if stage.pattern is not None:
-        head += tuple(_score_args(stage.pattern, tables or stage.score_tables))
-    if stage.launch is None or not stage.launch(*head):
+        # a score's tables change per call, with their alignment and sizes, which the JIT
+        # specialises on: one bound launch per specialisation
+        sc = tuple(_score_args(stage.pattern, tables or stage.score_tables))
+        head += sc
+        key = _launch_key(sc, q, k, v) if q.device.type == "cuda" else None
+        launch = _scored_launch(stage.launches, key)
+    if launch is None or not launch(*head):
         args = (*head, *stage.static)
         compiled = stage.kernel[stage.grid](*args, **stage.meta)
         if stage.persistent and stage.occupancy is None and q.device.type == "cuda":
             stage.occupancy = _occupancy(stage.config, compiled)
             stage.grid = (_persistent_programs(None, stage.n_work, stage.occupancy, q.device),)
-        elif stage.pattern is None:
-            # (a score's tables change per call, with their alignment and sizes, which the
-            # JIT specialises on: those launches go through the JIT's dispatch every time)
+        elif stage.pattern is None and _bindable(stage, q, k, v):
             stage.launch = BoundLaunch.of(stage.kernel, compiled, stage.grid, args, stage.meta,
                                           q.device)
+        elif key is not None:
+            _keep(stage.launches, key, BoundLaunch.of(stage.kernel, compiled, stage.grid, args,
+                                                      stage.meta, q.device))
     return (o.to(dtype) if stage.upcast else o), lse
 
 
@@ -441,6 +494,8 @@ class BwdStage:
     launch_k: object = None
     pattern: object = None     # the pattern, where it has a score (its tables lead the args)
     score_tables: dict = None  # the tables the stage was built with (warm-up, tuning)
+    launches: dict = None      # with a score: (dQ, dK/dV) bound launches by _launch_key
+    aligned: bool = True       # q, k, v of every call are 16-byte aligned (the plan's check)
 
     def __repr__(self) -> str:
         c = self.config
@@ -509,7 +564,7 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
                      dict(BLOCK_M1=m1, BLOCK_N1=n1, **kw, **kw_k), (B, H, HK, Lq, Lk, D),
                      _upcast(call), forms)
     if scored:
-        stage.pattern, stage.score_tables = call.pattern, call.tables
+        stage.pattern, stage.score_tables, stage.launches = call.pattern, call.tables, {}
     if warmup:
         lse = torch.zeros((B, H, Lq), dtype=torch.float32, device=dev)
         args_q, args_k, _ = _bwd_tensors(stage, q, k, v, o, lse, do)
@@ -559,17 +614,26 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
     if stage.upcast:
         q, k, v, o, do = q.float(), k.float(), v.float(), o.float(), do.float()
     args_q, args_k, grads = _bwd_tensors(stage, q, k, v, o, lse.contiguous(), do)
+    n_q = len(args_q)
     args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads)
-    if stage.launch_q is None or not (stage.launch_q(*args_q) and stage.launch_k(*args_k)):
+    launch_q, launch_k, key = stage.launch_q, stage.launch_k, None
+    if stage.pattern is not None:      # per-call tables: bound launches by key (run_fwd)
+        key = _launch_key(args_q[n_q:], q, k, v) if q.device.type == "cuda" else None
+        launch_q, launch_k = _scored_launch(stage.launches, key) or (None, None)
+    if launch_q is None or not (launch_q(*args_q) and launch_k(*args_k)):
         aq, ak = (*args_q, *stage.static_q), (*args_k, *stage.static_k)
         cq = stage.dq_kernel[stage.grid_q](*aq, **stage.meta_q)
         ck = stage.dkdv_kernel[stage.grid_k](*ak, **stage.meta_k)
-        if stage.pattern is not None:    # per-call tables: the JIT's dispatch (run_fwd)
-            return tuple(g.to(dt) for g, dt in zip(grads, dtypes)) if stage.upcast else grads
-        stage.launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, stage.meta_q,
-                                        q.device)
-        stage.launch_k = stage.launch_q and BoundLaunch.of(stage.dkdv_kernel, ck, stage.grid_k,
-                                                           ak, stage.meta_k, q.device)
+        launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, stage.meta_q, q.device)
+        launch_k = launch_q and BoundLaunch.of(stage.dkdv_kernel, ck, stage.grid_k, ak,
+                                               stage.meta_k, q.device)
+        if stage.pattern is None:
+            # (o and do: the plan keeps a stage per "both aligned or not", so a mixed pair
+            # binds nothing either)
+            if _bindable(stage, q, k, v) and _bindable(stage, o, do, same=True):
+                stage.launch_q, stage.launch_k = launch_q, launch_k
+        elif launch_k is not None:
+            _keep(stage.launches, key, (launch_q, launch_k))
     if stage.upcast:
         return tuple(g.to(dt) for g, dt in zip(grads, dtypes))
     return grads

@@ -74,9 +74,11 @@ def _resolve(pattern, kwargs):
 
 
 def _functional_meta(src: str, backend: str, params: tuple) -> tuple:
-    """Compile (cached) and register; ``(key, ((input, ndims), ...), backend)``: constants."""
+    """Compile (cached) and register; ``(key, ((input, ndims), ...), backend, scored,
+    ((score input, ndims), ...))``: constants."""
     pat = compile_cached(src, backend, **dict(params))
-    return _ag.register(pat), tuple(sorted(pat.inputs.items())), pat.backend
+    return (_ag.register(pat), tuple(sorted(pat.inputs.items())), pat.backend,
+            pat.score is not None, tuple(pat.score_inputs.items()))
 
 
 _functional_meta_const = torch.compiler.assume_constant_result(_functional_meta)
@@ -98,11 +100,18 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
         inputs = {n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}
         params = tuple(sorted((n, _freeze(x)) for n, x in kwargs.items()
                               if not isinstance(x, torch.Tensor)))
-        key, declared, requested = _functional_meta_const(pattern, backend, params)
-        check_keywords(dict(declared), inputs)
+        key, declared, requested, scored, score_declared = _functional_meta_const(
+            pattern, backend, params)
+        check_keywords({**dict(declared), **dict(score_declared)}, inputs)
         q, k, v = to_bhsd(layout, q, k, v)
-        out = call_op(key, dict(declared), requested, q, k, v, scale=scale,
-                      return_lse=return_lse, q_offset=q_offset, inputs=inputs)
+        if scored:
+            from .runtime.scores import call_op as score_call_op
+            out = score_call_op(key, dict(declared), dict(score_declared), requested, q, k, v,
+                                scale=scale, return_lse=return_lse, q_offset=q_offset,
+                                inputs=inputs)
+        else:
+            out = call_op(key, dict(declared), requested, q, k, v, scale=scale,
+                          return_lse=return_lse, q_offset=q_offset, inputs=inputs)
         return (from_bhsd(layout, out[0]), out[1]) if return_lse else from_bhsd(layout, out)
     pat, inputs = _resolve(pattern, dict(kwargs))
     return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,

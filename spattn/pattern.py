@@ -155,9 +155,11 @@ class Pattern(CompiledPattern):
         The plan is for tensors laid out like q ``[B, Hq, Lq, D]`` and k, v
         ``[B, Hk, Lk, D]`` (shapes, strides, dtype, device; ``layout="bshd"``: q
         ``[B, Lq, Hq, D]``, k, v ``[B, Lk, Hk, D]``, which the plan remembers) and holds the
-        runtime ``inputs``; ``backward`` builds the backward's stage now (True), at the
-        first backward (False), or now if q, k or v requires grad (None). ``repr(plan)``
-        says what it holds.
+        runtime ``inputs``; a score's float tables are given too, and the plan records their
+        shapes and dtypes: each call passes its tables, ``pat(q, k, v, plan=plan, rel=rel)``
+        (docs/backends.md, Scores). ``backward`` builds the backward's stage now (True), at
+        the first backward (False), or now if q, k, v or a score's table requires grad
+        (None). ``repr(plan)`` says what it holds.
         """
         from .runtime.api import make_plan
         return make_plan(self, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,

@@ -178,3 +178,21 @@ def test_nothing_is_kept_during_a_capture(monkeypatch):
     q, k, v = qkv()
     cache.get(pat, "triton", q, k, v, scale=0.25, q_offset=0, inputs={})
     assert len(cache) == 0
+
+
+def test_bound_launches_only_where_every_later_call_fits():
+    """A stage binds a launch (CUDA) only when the JIT's alignment assumptions hold for every
+    call its plan accepts: any launch of a plan built with aligned q, k, v (its check refuses
+    others), only an all-unaligned one otherwise; a backward's o and do all or none."""
+    from spattn.runtime.triton_backend import _bindable
+
+    class Stage:
+        aligned = True
+    base = torch.zeros(80)
+    a, u = base[:64], base[1:65]
+    assert _bindable(Stage, a, u, a)
+    Stage.aligned = False
+    assert not _bindable(Stage, a, a, a) and not _bindable(Stage, u, a, u)
+    assert _bindable(Stage, u, u, u)
+    assert _bindable(Stage, a, a, same=True) and _bindable(Stage, u, u, same=True)
+    assert not _bindable(Stage, a, u, same=True)

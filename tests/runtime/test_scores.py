@@ -104,7 +104,7 @@ def test_gradcheck_float64():
     q, k, v = (torch.randn(B, Hh, L, D, generator=g, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
     rel = torch.randn(Hh, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    c = S._Ctx(p, "torch", 0.5, 0, {}, ("rel",))
+    c = S.Ctx(p, "torch", 0.5, 0, {}, ("rel",))
     assert torch.autograd.gradcheck(lambda q, k, v, rel: S.ScoreFunction.apply(c, q, k, v, rel)[0],
                                     (q, k, v, rel))
 
