@@ -3,7 +3,8 @@
 # of the warm-up and decode paths, then the layout, score and decode benchmarks, each under
 # a time limit so that the call fits the device time at hand. Logs and JSON under $OUT;
 # the tables last. Carry: .whl (lark). Autotuning off: default configurations, so that the
-# figures are of the kernels' defaults and the call does not spend its time tuning.
+# figures are of the kernels' defaults and the call does not spend its time tuning
+# (except benchmarks/documents.py, which measures the tuned kernels: --tune shared).
 source benchmarks/device_setup.sh > "$OUT/setup.log" 2>&1
 export SPATTN_AUTOTUNE=0
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -19,4 +20,12 @@ timeout "${T_SCORES:-60}" python3 benchmarks/scores.py --out "$OUT" --no-tune --
     > "$OUT/scores.txt" 2> "$OUT/scores.log"
 timeout "${T_DECODE:-40}" python3 benchmarks/decode.py --quick --rep 20 --out "$OUT" \
     > "$OUT/decode.txt" 2> "$OUT/decode.log"
-tail -n 3 "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt"
+# documents at 1..1000 documents in 3 fresh processes, tuned (its own empty tuning cache:
+# the first process tunes, the others read the choices); T_DOCUMENTS=0 skips it
+touch "$OUT/documents.txt"
+if [ "${T_DOCUMENTS:-300}" != 0 ]; then
+    timeout "${T_DOCUMENTS:-300}" python3 benchmarks/documents.py --out "$OUT/documents" \
+        --cache-root /tmp/spattn-documents --budget "$(( ${T_DOCUMENTS:-300} - 10 ))" > "$OUT/documents.txt" 2> "$OUT/documents.log"
+fi
+tail -n 3 "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt" \
+    "$OUT/documents.txt"
