@@ -107,3 +107,17 @@ def test_key_is_the_same_in_another_process():
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=root, check=True,
                          capture_output=True, text=True, timeout=120).stdout
     assert json.loads(out.strip().splitlines()[-1]) == [rows, tune.tune_key(f)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 20, 1000])
+def test_row_span_on_cuda_matches_the_cpu(n):
+    """The device classification (spans kernels, pooling on CUDA) counts what the CPU's
+    does, so a GPU process keys its choices by the bucket the tests check here."""
+    N = 16384
+    cpu = doc_call(N, n)
+    q = torch.empty(1, 2, N, 16, device="cuda")
+    gpu = Call.of(DOCS, q, q, scale=1.0, q_offset=None,
+                  inputs={"doc": doc_ids(N, n).cuda()})
+    assert gpu.analysis.row_span() == cpu.analysis.row_span()
+    assert triton_backend.rows_bucket(gpu) == triton_backend.rows_bucket(cpu)
