@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import spattn
 from spattn.codegen.config import get_closed_form
@@ -54,6 +55,30 @@ def test_closed_form_and_tile_classes_agree(src, Lq, Lk, q_offset):
     assert not host.fine                             # no classification on the host path
     # every row of these patterns reaches at least one key
     assert rows == (4 if "(h + 1)" in src else 1) * -(-Lq // 64)
+
+
+_TEMPLATES = ["causal & window({a})", "chunked({a}) & causal", "causal & (window({a}) | sink({b}))",
+              "global_tokens({b}) | local({a}, {b})", "q - k >= {b} & q - k < {a} + {b}",
+              "causal & (q - k < {a} * (h + 1))", "dilated({a}, {c})"]
+_COMPILED = {}
+
+
+@given(t=st.sampled_from(_TEMPLATES), a=st.integers(1, 300), b=st.integers(1, 70),
+       c=st.integers(1, 4), Lq=st.integers(1, 400), extra=st.integers(0, 300),
+       offset=st.booleans(), H=st.integers(1, 3))
+def test_closed_form_counts_match_classes_property(t, a, b, c, Lq, extra, offset, H):
+    """Random windows, chunks, unions, lengths and offsets: the host count of the closed
+    form and the count of the classes agree (or the pattern has no closed form)."""
+    src = t.format(a=a, b=b, c=c)
+    pat = _COMPILED.get(src) or _COMPILED.setdefault(src, spattn.compile(src))
+    cf = get_closed_form(pat)
+    if cf is None:
+        return
+    Lk = Lq + extra if offset else max(1, Lq - extra // 2)
+    q_offset = extra if offset else None
+    host = Analysis(pat, Lq, Lk, B=1, H=H, q_offset=q_offset).row_span(cf)
+    dev = Analysis(pat, Lq, Lk, B=1, H=H, q_offset=q_offset).row_span()
+    assert host == dev, (src, Lq, Lk, q_offset, H)
 
 
 @pytest.mark.parametrize("seed", range(3))
