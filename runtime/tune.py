@@ -28,11 +28,11 @@ on a miss, the candidates of :func:`candidates` are first compiled in parallel t
 candidate that raises -- compile error, out of resources, out of memory -- is skipped) and
 timed with ``triton.testing.do_bench`` (median, ``rep`` :data:`REP_MS` ms, ``warmup``
 :data:`WARMUP_MS` ms) in :data:`SCREENS` passes of alternating order, the least of each
-candidate's timings its screening time.  The :data:`FINALISTS` fastest and the default configuration (the
-prior: first in the list) are then timed again in ``$SPATTN_TUNE_REPS`` alternating rounds
-and judged by the lower quartile of their timings (:func:`judged`); another candidate
-replaces the default only when it is faster
-by more than ``$SPATTN_TUNE_MARGIN`` (:func:`select`), so that two processes make the same
+candidate's timings its screening time.  The :data:`FINALISTS` fastest and the default
+configuration (the prior: first in the list) are then timed again in
+``$SPATTN_TUNE_REPS`` alternating rounds and judged by the lower quartile of their timings
+(:func:`judged`); another candidate replaces the default only when it is faster by more
+than ``$SPATTN_TUNE_MARGIN`` (:func:`select`), so that two processes make the same
 choice.  The winner is
 kept in memory and written atomically as JSON.  A file that is not valid JSON or does
 not hold a valid choice for its key gives a ``RuntimeWarning`` and is re-tuned.  If

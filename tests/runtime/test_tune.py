@@ -300,6 +300,7 @@ def test_launchers_run_with_the_tuned_choice(monkeypatch):
     """End to end through triton_backend under the interpreter (tuning forced on): every
     candidate runs for real, the last one is 'fastest', and the result is right."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SPATTN_TUNE_REPS", "1")      # each timing runs the interpreter
     monkeypatch.setattr(tune, "enabled", lambda device, settings=None: True)
     seen = []
     real_fwd, real_bwd = triton_backend._build_fwd, triton_backend._build_bwd
