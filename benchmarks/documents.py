@@ -17,17 +17,19 @@ the autotuner's choices (``SPATTN_CACHE_DIR``):
   others read its choices (what a machine with a persisted cache does); < 5 min;
 * ``fresh``: a cache of its own per process: every process tunes for itself, so the
   spread also measures whether the tuner makes the same choice twice (about twice as
-  long: the tuning of the 65536-token shapes dominates);
+  long: the tuning of the 65536-token shapes dominates; give it ``--budget``);
 * ``off``: ``SPATTN_AUTOTUNE=0``, the default configurations.
 
     python benchmarks/documents.py --out OUT                 # the must-show set
-    python benchmarks/documents.py --out OUT --tune fresh    # every process tunes
+    python benchmarks/documents.py --out OUT --tune fresh --budget 560   # every process tunes
     python benchmarks/documents.py --out OUT --cpu --tiny    # the driver on the CPU
 
 ``--cpu --tiny`` runs the same driver on the CPU with tiny shapes (N = 64 and 256, H = 2,
 D = 16, fp32; Flex's forward runs eagerly there, and as Flex has no CPU backward its
 forward+backward stand-in is SDPA with the same boolean mask): a check of the logic, not
-a measurement. Writes ``OUT/documents.json`` (and each process's ``documents-proc<i>.json``
+a measurement. ``--budget`` (285 s) bounds the whole run: each process gets a share of
+what is left (the first, which tunes, the largest), and a process that runs out is
+stopped with the shapes it finished reported. Writes ``OUT/documents.json`` (and each process's ``documents-proc<i>.json``
 and ``.log``); prints a markdown table last.
 """
 from __future__ import annotations
