@@ -517,32 +517,31 @@ def test_choice_agrees_across_processes(true, winner):
 
 
 def test_row_bucket_separates_calls():
-    """Two calls whose row buckets differ tune separately; equal buckets share a choice;
-    the bucket is computed only when tuning applies."""
+    """Two calls whose row buckets differ tune separately; equal buckets share a choice
+    (in memory and on disk); the bucket is computed only when tuning applies."""
     fake = Fake("fwd")
     asked = []
+    docs = spattn.compile("causal & same(doc)")
 
-    def rows(b):
-        return lambda: asked.append(b) or b
-    tune.tuned_options(spattn.compile("causal"), "fwd", head_dim=128, dtype=torch.bfloat16,
-                       device=torch.device("cpu"), Lq=4096, Lk=4096, options={},
-                       run=fake.run, timer=fake.timer, rows=rows(9))
+    def tuned(rows, device=CUDA, pat=docs):
+        return tune.tuned_options(pat, "fwd", head_dim=128, dtype=torch.bfloat16,
+                                  device=device, Lq=16384, Lk=16384, options={},
+                                  run=fake.run, timer=fake.timer, BH=16,
+                                  rows=lambda: asked.append(rows) or rows)
+    tuned(9, device=torch.device("cpu"))
     assert asked == [] and fake.runs == []         # no tuning on the CPU: not computed
-    call_rows = dict(pat=spattn.compile("causal & same(doc)"))
-    opts = dict(pat=call_rows["pat"], options={"strategy": "table"})
-    tune.tuned_options(opts["pat"], "fwd", head_dim=128, dtype=torch.bfloat16, device=CUDA,
-                       Lq=16384, Lk=16384, options={}, run=fake.run, timer=fake.timer,
-                       BH=16, rows=rows(3))
+    tuned(3)
     n = len(fake.runs)
     assert n and asked == [3]
-    tune.tuned_options(opts["pat"], "fwd", head_dim=128, dtype=torch.bfloat16, device=CUDA,
-                       Lq=16384, Lk=16384, options={}, run=fake.run, timer=fake.timer,
-                       BH=16, rows=rows(3))
+    tuned(3)
     assert len(fake.runs) == n                      # the same bucket: shared
-    tune.tuned_options(opts["pat"], "fwd", head_dim=128, dtype=torch.bfloat16, device=CUDA,
-                       Lq=16384, Lk=16384, options={}, run=fake.run, timer=fake.timer,
-                       BH=16, rows=rows(2))
+    tuned(2)
     assert len(fake.runs) > n                       # another bucket: tuned again
     buckets = sorted(json.loads((tune.tune_dir() / f).read_text())["rows_bucket"]
                      for f in tune_files())
     assert buckets == [2, 3]
+    tune.clear_memory()                             # a new process reads either from disk
+    n = len(fake.runs)
+    tuned(2)
+    tuned(3)
+    assert len(fake.runs) == n
