@@ -30,7 +30,7 @@ timed with ``triton.testing.do_bench`` (median, ``rep`` :data:`REP_MS` ms, ``war
 :data:`WARMUP_MS` ms) in :data:`SCREENS` passes of alternating order, the least of each
 candidate's timings its screening time.  The :data:`FINALISTS` fastest and the default
 configuration (the prior: first in the list) are then timed again in
-``$SPATTN_TUNE_REPS`` alternating rounds and judged by the lower quartile of their timings
+``$SPATTN_TUNE_REPS`` alternating rounds and judged by the median of those re-timings
 (:func:`judged`); another candidate replaces the default only when it is faster by more
 than ``$SPATTN_TUNE_MARGIN`` (:func:`select`), so that two processes make the same
 choice.  The winner is
@@ -58,6 +58,7 @@ import logging
 import math
 import os
 import pathlib
+import statistics
 import threading
 import warnings
 
@@ -416,8 +417,9 @@ def select(timings: list[dict], time, *, prior: int = 0, reps: int = _settings.T
       ``prior`` (the model's choice: the default configuration, first in the list),
       whatever its screening time;
     * they are timed again ``reps`` rounds, alternating (each round in the reverse order
-      of the one before, so that drift hits them alike), and each is judged by
-      :func:`judged` of all its timings (a failure while re-timing disqualifies it);
+      of the one before, so that drift hits them alike), and each is judged by the
+      median of its re-timings (:func:`judged`; a failure while re-timing disqualifies
+      it);
     * the best challenger (the earliest within :data:`TIE` of the best judged time among
       the finalists other than the prior) wins only if the prior's time exceeds its time
       by more than ``margin``; otherwise the prior stays (if the prior failed, the best
@@ -425,8 +427,7 @@ def select(timings: list[dict], time, *, prior: int = 0, reps: int = _settings.T
 
     A candidate truly faster than the prior by more than the margin (plus the noise left
     in a judged time) is then chosen in every process, and one within the margin never is.
-    Each finalist's entry gets ``"runoff": [ms, ...]`` (its re-timings) and ``"judged"``
-    (of its screening time and re-timings).
+    Each finalist's entry gets ``"runoff": [ms, ...]`` (its re-timings) and ``"judged"``.
     """
     timed = [i for i, t in enumerate(timings) if "ms" in t]
     fastest = sorted(timed, key=lambda i: (timings[i]["ms"], i))[:FINALISTS]
@@ -443,10 +444,10 @@ def select(timings: list[dict], time, *, prior: int = 0, reps: int = _settings.T
                 times[i].append(ms if math.isfinite(ms) and ms >= 0 else math.inf)
         for i in finalists:
             timings[i]["runoff"] = times[i][1:]
-            timings[i]["judged"] = judged(times[i])
+            timings[i]["judged"] = judged(times[i][1:] or times[i][:1])
             log.debug("  %s: re-timed %s", describe(timings[i]["config"]),
                       " ".join(f"{t:.4f}" for t in times[i][1:]))
-    med = {i: judged(times[i]) for i in finalists}
+    med = {i: judged(times[i][1:] or times[i][:1]) for i in finalists}
 
     def earliest_best(idx):
         best = min(med[i] for i in idx)
@@ -463,15 +464,18 @@ def select(timings: list[dict], time, *, prior: int = 0, reps: int = _settings.T
 
 
 def judged(times: list) -> float:
-    """The time a finalist is judged by: the lower quartile of its timings (the second
-    fastest of 6). Each timing is already a ``do_bench`` median of many runs; what moves
-    it further is slow (clocks, thermals, another process on the device) and only ever
-    makes it slower, so the median of six is moved by three slow ones, the lower quartile
-    only by five, while no single lucky timing decides. A failed re-timing (infinite)
-    disqualifies the finalist: infinite."""
+    """The time a finalist is judged by: the median of its re-timings (``times``; its
+    screening time alone when there are none), infinite if one failed.
+
+    Not the screening time, nor the least of all: the screens run first, while the clocks
+    rise and before a long tuning has brought the device to its sustained state, where
+    some configurations lose more than others (under an H200's power cap 128x128 tiles
+    fell from 2.10 to 2.40 ms on causal while 64x64 held: ``benchmarks/NOTES.md`` row 55).
+    The re-timings come after every screen, alternating; their median is what later calls
+    see, and one or two slow measurements of five do not move it."""
     if any(math.isinf(t) for t in times):
         return math.inf
-    return sorted(times)[(len(times) - 1) // 4]
+    return statistics.median(times)
 
 
 def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,

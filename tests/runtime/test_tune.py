@@ -419,10 +419,14 @@ FIN = SCR + settings.TUNE_REPS      # timings of a finalist: the screens and the
     ({A: [0.500], B: [0.40, 0.40, 0.40, "fail", 0.40]}, A, {A, B}),
     # slow re-timings of the default (another process on the device) do not unseat it
     ({A: [0.500, 0.500, 0.7, 0.7, 0.5], B: [0.495]}, A, {A, B}),
+    # fast while cold (the screens), slower once the device is busy (the re-timings):
+    # what later calls see decides, so the default stays
+    ({A: [0.500], C: [0.45, 0.45, 0.56]}, A, {A, C}),
     # the default fails: the best challenger wins without a margin
     ({A: ["fail"], B: [0.500], C: [0.495]}, C, {B, C}),
 ], ids=["lucky-first", "lead-beyond-margin", "lead-within-margin", "slow-first-default",
-        "challengers-tie", "fail-on-retime", "slow-retimings", "default-fails"])
+        "challengers-tie", "fail-on-retime", "slow-retimings", "slows-down-when-busy",
+        "default-fails"])
 def test_select_retimes_finalists_and_keeps_the_default(times, winner, finalists):
     fake = Sequenced(times)
     opts = call(fake, options={"strategy": "ranges"})
@@ -467,13 +471,16 @@ def test_no_retiming_of_slow_candidates():
 
 
 class Noisy:
-    """A fake GPU for :func:`tune.tune`: each candidate's true time, times uniform noise of
+    """A fake GPU for :func:`tune.tune`: each candidate's true time (a pair: while the
+    device is cool, during the screens, and once it is busy), times uniform noise of
     +-``noise``, a slow measurement (+25%) one time in ten, and clocks still rising over
     the process's first timings (the earliest look up to 15% slower)."""
 
     def __init__(self, true, seed, noise=0.02):
         import random
-        self.true, self.rng, self.noise, self.n = true, random.Random(seed), noise, 0
+        self.rng, self.noise, self.n = random.Random(seed), noise, 0
+        # (time while the device is cool, time once busy): busy after the screens
+        self.pairs = [t if isinstance(t, tuple) else (t, t) for t in true]
         self.cands = [tuple(c.values()) for c in tune.candidates("fwd", 128, "bf16")]
         self.last = None
 
@@ -483,7 +490,9 @@ class Noisy:
     def timer(self, fn):
         fn()
         self.n += 1
-        t = self.true[self.last] * (1 + self.rng.uniform(-self.noise, self.noise))
+        cool, busy = self.pairs[self.last]
+        t = (cool if self.n <= 2 * len(self.pairs) else busy) \
+            * (1 + self.rng.uniform(-self.noise, self.noise))
         if self.rng.random() < 0.1:
             t *= 1.25
         return t * (1 + 0.15 * 0.7 ** self.n)
@@ -498,14 +507,17 @@ class Noisy:
 # true times of the 10 forward candidates, the default (the prior) first
 BEYOND = [1.00, 1.12, 0.85, 1.05, 0.99, 1.30, 0.97, 1.20, 1.10, 0.98]  # #2: 15% faster
 WITHIN = [1.00, 1.04, 0.995, 1.06, 1.01, 1.30, 0.998, 1.20, 1.10, 0.997]  # none > 0.5%
+# #3 is 12% faster while the device is cool, 8% slower once busy (a power cap)
+BUSY = [1.00, 1.04, 0.995, (0.88, 1.08), 1.01, 1.30, 0.998, 1.20, 1.10, 0.997]
 
 
-@pytest.mark.parametrize("true, winner", [(BEYOND, 2), (WITHIN, 0)],
-                         ids=["gap-beyond-margin", "gap-within-margin"])
+@pytest.mark.parametrize("true, winner", [(BEYOND, 2), (WITHIN, 0), (BUSY, 0)],
+                         ids=["gap-beyond-margin", "gap-within-margin", "slows-when-busy"])
 def test_choice_agrees_across_processes(true, winner):
     """Thirty 'processes' (seeds) of noisy timings with rising clocks make one choice: the
-    truly fastest when it beats the default by more than the margin, else the default;
-    the fastest first timing alone would not agree with itself."""
+    truly fastest when it beats the default by more than the margin, else the default
+    (also against a candidate fast only while the device is cool); the fastest first
+    timing alone would not agree with itself."""
     picks, firsts = set(), set()
     for seed in range(30):
         pick, first = Noisy(true, seed).pick()
