@@ -4,7 +4,9 @@
 # layout, score and decode benchmarks, each under a time limit so that the call fits the
 # device time at hand. Logs and JSON under $OUT; the tables last. Carry: .whl (lark).
 # Autotuning off: default configurations, so that the figures are of the kernels' defaults
-# and the call does not spend its time tuning.
+# and the call does not spend its time tuning (except benchmarks/documents.py, which
+# measures the tuned kernels; it is off unless T_DOCUMENTS is set, since with it the call
+# nears the 10-minute command limit: run it in a call of its own).
 source benchmarks/device_setup.sh > "$OUT/setup.log" 2>&1
 export SPATTN_AUTOTUNE=0
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -23,4 +25,13 @@ timeout "${T_SCORES:-60}" python3 benchmarks/scores.py --out "$OUT" --no-tune --
     > "$OUT/scores.txt" 2> "$OUT/scores.log"
 timeout "${T_DECODE:-40}" python3 benchmarks/decode.py --quick --rep 20 --out "$OUT" \
     > "$OUT/decode.txt" 2> "$OUT/decode.log"
-grep -E "passed|failed|error" "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt"
+# documents at 1..1000 documents in 3 fresh processes, tuned (its own empty tuning cache:
+# the first process tunes, the others read the choices); e.g. T_DOCUMENTS=300
+touch "$OUT/documents.txt"
+if [ "${T_DOCUMENTS:-0}" != 0 ]; then
+    timeout "${T_DOCUMENTS}" python3 benchmarks/documents.py --out "$OUT/documents" \
+        --cache-root /tmp/spattn-documents --budget "$(( T_DOCUMENTS - 10 ))" \
+        > "$OUT/documents.txt" 2> "$OUT/documents.log"
+fi
+grep -E "passed|failed|error" "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt" \
+    "$OUT/documents.txt"

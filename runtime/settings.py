@@ -21,6 +21,9 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 ``SPATTN_TMA``              ``1`` / ``0`` / ``auto``: TMA descriptor loads (Hopper)
 ``SPATTN_TABLES``           ``auto``, ``csr`` or ``spans``: the table strategy's form
 ``SPATTN_AUTOTUNE``         ``1`` / ``0``: autotune launch configurations on CUDA
+``SPATTN_TUNE_REPS``        the autotuner's re-timing rounds of its finalists (default 5)
+``SPATTN_TUNE_MARGIN``      how much faster (a fraction, default 0.03) a candidate must be
+                            than the default configuration to replace it
 ``SPATTN_CACHE_DIR``        the kernel cache directory (default ``~/.cache/spattn``)
 ``SPATTN_LAYOUT``           ``auto``, ``off`` or ``on``: token layouts (docs/layouts.md)
 ``SPATTN_PROGRESS``         ``auto`` / ``1`` / ``0``: show long plan builds and explain()
@@ -49,9 +52,15 @@ VARIABLES = (
     "SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2", "SPATTN_BWD_BLOCK_N2",
     "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES", "SPATTN_BWD_LOOP",
     "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES",
-    "SPATTN_TMA", "SPATTN_TABLES", "SPATTN_AUTOTUNE", "SPATTN_CACHE_DIR",
+    "SPATTN_TMA", "SPATTN_TABLES", "SPATTN_AUTOTUNE", "SPATTN_TUNE_REPS",
+    "SPATTN_TUNE_MARGIN", "SPATTN_CACHE_DIR",
     "SPATTN_LAYOUT", "TRITON_INTERPRET",
 )
+
+#: The autotuner's defaults: re-timing rounds of its finalists, and the fraction by which a
+#: candidate must beat the default configuration to be chosen (``runtime/tune.py``).
+TUNE_REPS = 5
+TUNE_MARGIN = 0.03
 
 _STRATEGIES = ("ranges", "table")
 _FWD_LOOPS = ("split", "fused", "persistent")
@@ -99,6 +108,8 @@ class Settings:
     tma: bool | None = None
     tables: str = "auto"
     autotune: bool = True
+    tune_reps: int = TUNE_REPS
+    tune_margin: float = TUNE_MARGIN
     cache_dir: str | None = None
     interpret: bool = False
     layout: str = "auto"
@@ -165,6 +176,29 @@ def _int(name: str, v: str | None):
     return n
 
 
+def _reps(name: str, v: str | None):
+    if v is None or v.strip() == "":
+        return None
+    s = v.strip()
+    if not s.isdigit() or not 0 <= int(s) <= 100:
+        raise SpattnConfigError(f"{name}={v!r}: expected an integer in 0..100 (or unset it "
+                                "for the default)")
+    return int(s)
+
+
+def _fraction(name: str, v: str | None):
+    if v is None or v.strip() == "":
+        return None
+    try:
+        x = float(v.strip())
+    except ValueError:
+        x = None
+    if x is None or not 0.0 <= x < 1.0:    # (NaN fails the comparison too)
+        raise SpattnConfigError(f"{name}={v!r}: expected a fraction in [0, 1), e.g. 0.03 "
+                                "(or unset it for the default)")
+    return x
+
+
 def parse(raw: tuple) -> Settings:
     """:class:`Settings` of the raw strings ``raw`` (in :data:`VARIABLES` order)."""
     env = dict(zip(VARIABLES, raw))
@@ -190,6 +224,8 @@ def parse(raw: tuple) -> Settings:
                 ("loop", _choice("SPATTN_BWD_LOOP", env["SPATTN_BWD_LOOP"], _BWD_LOOPS))))
     autotune = _flag("SPATTN_AUTOTUNE", env["SPATTN_AUTOTUNE"], auto=False)
     interp = env["TRITON_INTERPRET"]
+    reps = _reps("SPATTN_TUNE_REPS", env["SPATTN_TUNE_REPS"])
+    margin = _fraction("SPATTN_TUNE_MARGIN", env["SPATTN_TUNE_MARGIN"])
     return Settings(
         raw=tuple(raw),
         strategy=_choice("SPATTN_STRATEGY", env["SPATTN_STRATEGY"], _STRATEGIES),
@@ -197,6 +233,8 @@ def parse(raw: tuple) -> Settings:
         tma=_flag("SPATTN_TMA", env["SPATTN_TMA"], auto=True),
         tables=_choice("SPATTN_TABLES", env["SPATTN_TABLES"], _TABLES) or "auto",
         autotune=True if autotune is None else autotune,
+        tune_reps=TUNE_REPS if reps is None else reps,
+        tune_margin=TUNE_MARGIN if margin is None else margin,
         cache_dir=env["SPATTN_CACHE_DIR"] or None,
         interpret=interp not in (None, "", "0"),
         layout=_choice("SPATTN_LAYOUT", env["SPATTN_LAYOUT"], _LAYOUTS) or "auto",

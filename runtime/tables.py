@@ -101,6 +101,19 @@ def _spans(cls: torch.Tensor):
     return spans, waste.sum(), 2 * count - n_full
 
 
+#: The tile side of the row statistic of the tuning key (:meth:`Analysis.row_span`).
+ROW_TILE = CLASS_TILE
+#: Heads whose closed-form rows :meth:`Analysis.row_span` counts, for per-head patterns.
+ROW_HEADS = 16
+
+
+def row_bucket(tiles: int, rows: int) -> int:
+    """``floor(log2(tiles / rows))`` in integers (exact, the same in every process): the
+    tuning key's bucket of the mean number of non-EMPTY tiles in a non-empty query row;
+    -1 when no row has one."""
+    return (tiles // rows).bit_length() - 1 if rows > 0 and tiles >= rows else -1
+
+
 #: ``tables`` launcher option / ``$SPATTN_TABLES``: how the table strategy's kernels find
 #: their tiles.  "auto": spans where they visit exactly the CSR lists' tiles (zero waste,
 #: e.g. ``causal & same(doc)`` with sorted ids), else the CSR lists; "csr" / "spans": always.
@@ -286,6 +299,7 @@ class Analysis:
             dict(inputs or {})
         self.fine: dict = {}        # classified tile -> classes [B', H', nq, nk]
         self.built: dict = {}       # (tile, transposed, mode) -> (args, work, spans); orders
+        self._row_span = None
 
     def __repr__(self) -> str:
         tiles = ", ".join(f"{m}x{n}" for m, n in self.fine) or "none yet"
@@ -305,6 +319,47 @@ class Analysis:
                                      B=self.B, positions=self.positions, device=self.device,
                                      inputs=self.inputs)
         return [(known(t), self.fine[known(t)]) for t in tiles]
+
+    def row_span(self, closed_form=None) -> tuple:
+        """``(tiles, rows)``: the non-EMPTY :data:`ROW_TILE`-square tiles of the call and
+        the query-tile rows holding at least one (over the batches and heads whose tiles
+        differ), the statistic of the tuning key's row bucket (:func:`row_bucket`: 20
+        documents in 16K tokens and 12 want different tiles). Computed once per analysis.
+
+        From the closed form on the host (:func:`ranges_tiles`, no device work; heads
+        ``0 .. ROW_HEADS - 1`` when the pattern reads the head) when one is given and the
+        call has no runtime inputs, else from the tile classes on the device (those the
+        table strategy's tables are then pooled from) with one read of two integers: a plan
+        build's cost, never a launch's."""
+        if self._row_span is None:
+            T = ROW_TILE
+            span = None
+            if closed_form is not None and not self.inputs:
+                try:
+                    span = self._row_span_host(closed_form)
+                except Exception:   # a closed form that cannot be evaluated: the classes
+                    span = None
+            if span is None:
+                ((fine_tile, fine),) = self.classes([(T, T)])
+                n = (_pool(fine, fine_tile, (T, T), self.Lq, self.Lk) != EMPTY).sum(-1)
+                span = torch.stack([n.sum(), (n > 0).sum()]).tolist()
+            tiles, rows = span
+            self._row_span = (int(tiles), int(rows))
+        return self._row_span
+
+    def _row_span_host(self, closed_form) -> tuple:
+        from ..ir.nodes import free_vars
+        T = ROW_TILE
+        per_head = bool({"h", "H"} & free_vars(self.pattern.ir))
+        tiles = rows = 0
+        for h in range(min(self.H, ROW_HEADS) if per_head else 1):
+            w = union_count(*ranges_tiles(
+                closed_form.rows, n_tiles=-(-self.Lq // T), block=T, other_len=self.Lk,
+                other_block=T, length=self.Lq, shift=self.q_offset, query=True, H=self.H,
+                h=h))
+            tiles += int(w.sum())
+            rows += int((w > 0).sum())
+        return tiles, rows
 
     def tables(self, specs, mode: str = "auto", HK: int | None = None) -> list:
         """``(table arguments, grid order, spans?)`` for each ``(tile, transposed)`` of
@@ -356,33 +411,71 @@ def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs, table
     return tuple(analysis.tables([((m2, n2), False), ((m1, n1), True)], tables, HK=HK))
 
 
+def ranges_tiles(intervals, *, n_tiles, block, other_len, other_block, length, shift, query,
+                 H, h=0):
+    """The tile ranges ``(lo, hi)``, int64 ``[len(intervals), n_tiles]`` on the host, of
+    the closed-form ``intervals`` for each of the ``n_tiles`` tiles of ``block`` at head
+    ``h`` (batch 0): the first and last tile of ``other_block`` each interval reaches
+    (query tiles' key tiles when ``query``, else key tiles' query tiles); ``hi < lo``
+    where an interval is empty. Raises what evaluating the closed form raises."""
+    from ..ir.evaluate import evaluate
+    start = torch.arange(n_tiles, dtype=torch.int64) * block
+    end = torch.clamp(start + block, max=length) - 1
+    if query:
+        env = {"qs": start + shift, "qe": end + shift}
+    else:
+        env = {"ks": start, "ke": end}
+    env.update({"h": h, "b": 0, "Lq": length if query else other_len,
+                "Lk": other_len if query else length, "H": H})
+    los, his = [], []
+    for iv in intervals:
+        lo = 0 if iv.lo is None else torch.as_tensor(evaluate(iv.lo, env))
+        hi = other_len - 1 if iv.hi is None else torch.as_tensor(evaluate(iv.hi, env))
+        osh = 0 if query else shift
+        lo = torch.clamp(torch.as_tensor(lo) - osh, min=0)
+        hi = torch.clamp(torch.as_tensor(hi) - osh, max=other_len - 1)
+        lo_t = (lo // other_block).expand(n_tiles)
+        los.append(lo_t)
+        his.append(torch.where(hi >= lo, hi // other_block, lo_t - 1).expand(n_tiles))
+    if not los:
+        return torch.zeros(0, n_tiles, dtype=torch.int64), torch.zeros(0, n_tiles,
+                                                                       dtype=torch.int64)
+    return torch.stack(los), torch.stack(his)
+
+
+def ranges_work(intervals, **kw) -> torch.Tensor:
+    """Per tile, the tiles its closed-form ``intervals`` span, summed over the intervals
+    (a tile two pieces reach is visited twice), int64 ``[n_tiles]`` on the host
+    (:func:`ranges_tiles`'s arguments). A heuristic's input: zeros when the closed form
+    cannot be evaluated."""
+    try:
+        lo, hi = ranges_tiles(intervals, **kw)
+        return torch.clamp(hi - lo + 1, min=0).sum(0)
+    except Exception:   # heuristic only
+        return torch.zeros(kw["n_tiles"], dtype=torch.int64)
+
+
+def union_count(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Per column of the integer ranges ``[lo, hi]`` ``[k, n]`` (empty where ``hi < lo``),
+    the number of integers in their union, ``[n]``."""
+    if lo.shape[0] == 0:
+        return torch.zeros(lo.shape[1], dtype=torch.int64)
+    hi = torch.where(hi >= lo, hi, lo - 1)
+    order = torch.argsort(lo, dim=0, stable=True)
+    lo, hi = lo.gather(0, order), hi.gather(0, order)
+    reach = torch.cat([torch.full_like(hi[:1], -1 << 62), hi[:-1]]).cummax(0).values
+    return torch.clamp(hi - torch.maximum(lo, reach + 1) + 1, min=0).sum(0)
+
+
 def ranges_order(intervals, *, n_tiles, block, other_len, other_block, length, shift, query,
                   device, H, B=1):
     """The programs' work items for the ranges strategy (:func:`_grid_order`; a host
     heuristic, computed once per plan).
 
-    Counts the tiles each interval spans at head 0 as every head's work: for causal
-    patterns the last query tiles (longest rows) start first.
+    Counts the tiles each interval spans at head 0 as every head's work
+    (:func:`ranges_work`): for causal patterns the last query tiles (longest rows) start
+    first; natural order if the closed form cannot be evaluated.
     """
-    from ..ir.evaluate import evaluate
-    try:
-        start = torch.arange(n_tiles, dtype=torch.int64) * block
-        end = torch.clamp(start + block, max=length) - 1
-        if query:
-            env = {"qs": start + shift, "qe": end + shift}
-        else:
-            env = {"ks": start, "ke": end}
-        env.update({"h": 0, "b": 0, "Lq": length if query else other_len,
-                    "Lk": other_len if query else length, "H": H})
-        work = torch.zeros(n_tiles, dtype=torch.int64)
-        for iv in intervals:
-            lo = 0 if iv.lo is None else torch.as_tensor(evaluate(iv.lo, env))
-            hi = other_len - 1 if iv.hi is None else torch.as_tensor(evaluate(iv.hi, env))
-            osh = 0 if query else shift
-            lo = torch.clamp(torch.as_tensor(lo) - osh, min=0)
-            hi = torch.clamp(torch.as_tensor(hi) - osh, max=other_len - 1)
-            work += torch.clamp(hi // other_block - lo // other_block + 1, min=0) * (hi >= lo)
-    except Exception:   # heuristic only: natural order if the closed form cannot be evaluated
-        work = torch.zeros(n_tiles, dtype=torch.int64)
+    work = ranges_work(intervals, n_tiles=n_tiles, block=block, other_len=other_len,
+                       other_block=other_block, length=length, shift=shift, query=query, H=H)
     return _grid_order(work.view(1, 1, n_tiles), B, H).to(device)
-

@@ -40,8 +40,8 @@ kernel config, so an int64 kernel is a file of its own.
 
 On CUDA, a stage that sets no tile, warps or stages (neither as an option nor through the
 environment) is autotuned once per (pattern, kind, head-dim block, dtype, device,
-strategy, power-of-two buckets of the lengths and of batch x heads, TMA, int64), and the
-choice persisted (``runtime/tune.py``).
+strategy, power-of-two buckets of the lengths and of batch x heads, the row bucket of
+:func:`rows_bucket`, TMA, int64), and the choice persisted (``runtime/tune.py``).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ from ..dsl.errors import SpattnConfigError, SpattnValueError
 from ..ir import bounds as _bounds
 from . import cache as _cache
 from . import tune as _tune
-from .tables import TABLE_MODES, bwd_tables, fwd_tables, ranges_order
+from .tables import TABLE_MODES, bwd_tables, fwd_tables, ranges_order, row_bucket
 
 LOG2E = 1.4426950408889634
 #: The smallest normal fp32 number (2**-126).
@@ -208,7 +208,16 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
     return _tune.tuned_options(
         call.pattern, kind, head_dim=q.shape[-1], dtype=q.dtype, device=q.device,
         Lq=q.shape[2], Lk=k.shape[2], BH=q.shape[0] * q.shape[1], options=opts, run=run,
-        compile_only=compile_only, settings=call.settings)
+        compile_only=compile_only, settings=call.settings, rows=lambda: rows_bucket(call))
+
+
+def rows_bucket(call) -> int:
+    """The call's row bucket for the tuning key (:func:`spattn.runtime.tables.row_bucket`
+    of :meth:`~spattn.runtime.tables.Analysis.row_span`, from the closed form where the
+    ranges strategy can run the call)."""
+    from ..codegen.config import get_closed_form
+    cf = get_closed_form(call.pattern) if call.ranges_ok else None
+    return row_bucket(*call.analysis.row_span(cf))
 
 
 def _load(call, kind: str, D: int, dtype, opts: dict):

@@ -18,17 +18,22 @@ Autotuning applies when all of these hold:
 
 The choice is keyed by (pattern source and input declarations, kind, head-dim block,
 dtype class, device capability, strategy, next power of two of Lq, of Lk and of
-batch x heads, TMA loads or not, codegen
+batch x heads, the row bucket -- ``floor(log2)`` of the mean number of non-EMPTY 64x64
+tiles in a non-empty query row, :func:`spattn.runtime.tables.row_bucket`, which separates
+20 documents in 16K tokens from 12 --, TMA loads or not, 64-bit integers or not, codegen
 version, Triton version, :data:`TUNE_VERSION`; plus the closed form when one is passed
 explicitly).  It is looked up in memory, then in ``$SPATTN_CACHE_DIR/tune/<key>.json``;
 on a miss, the candidates of :func:`candidates` are first compiled in parallel threads
 (:func:`precompile`), then each is run once with the call's real arguments (warm-up; a
-candidate that raises -- compile error, out of resources, out of memory -- is skipped) and timed with ``triton.testing.do_bench``
-(median, ``rep`` :data:`REP_MS` ms, ``warmup`` :data:`WARMUP_MS` ms).  The candidates
-within :data:`RUNOFF` of the fastest are then timed again, :data:`RUNOFF_ROUNDS` rounds
-interleaved, and judged by the median of their timings; among those within :data:`TIE` of
-the best median the earliest candidate wins, so that near-equal candidates do not trade
-places from one process to the next on timing noise (:func:`runoff`).  The winner is
+candidate that raises -- compile error, out of resources, out of memory -- is skipped) and
+timed with ``triton.testing.do_bench`` (median, ``rep`` :data:`REP_MS` ms, ``warmup``
+:data:`WARMUP_MS` ms) in :data:`SCREENS` passes of alternating order, the least of each
+candidate's timings its screening time.  The :data:`FINALISTS` fastest and the default
+configuration (the prior: first in the list) are then timed again in
+``$SPATTN_TUNE_REPS`` alternating rounds and judged by the median of those re-timings
+(:func:`judged`); another candidate replaces the default only when it is faster by more
+than ``$SPATTN_TUNE_MARGIN`` (:func:`select`), so that two processes make the same
+choice.  The winner is
 kept in memory and written atomically as JSON.  A file that is not valid JSON or does
 not hold a valid choice for its key gives a ``RuntimeWarning`` and is re-tuned.  If
 every candidate fails, the defaults are used (remembered in memory only).  While a
@@ -65,13 +70,15 @@ log = logging.getLogger("spattn")
 
 #: Bumped when the candidate lists, the file format or the way the winner is picked change
 #: (part of the key).
-TUNE_VERSION = 6
+TUNE_VERSION = 7
 REP_MS = 25
 WARMUP_MS = 5
-#: Candidates within this fraction of the fastest first timing are timed again.
-RUNOFF = 0.03
-RUNOFF_ROUNDS = 3
-#: Medians within this fraction of the best are a tie, won by the earlier candidate.
+#: Screening passes over all candidates (the second in reverse order); a candidate's
+#: screening time is the least of its passes'.
+SCREENS = 2
+#: The fastest candidates by their screening time that go to the run-off (with the prior).
+FINALISTS = 2
+#: Challengers' judged times within this fraction of the best are a tie, won by the earlier one.
 TIE = 0.005
 
 FIELDS = {
@@ -182,8 +189,10 @@ def _capturing() -> bool:
 
 def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
                strategy: str, closed_form=None, tma: bool = False, BH: int = 1,
-               int64: bool = False) -> dict:
-    """Everything a tuning choice depends on (its file is named after their hash)."""
+               int64: bool = False, rows: int | None = None) -> dict:
+    """Everything a tuning choice depends on (its file is named after their hash).
+    ``rows``: the call's row bucket (:func:`spattn.runtime.tables.row_bucket`; None where
+    the caller has no analysis)."""
     from ..codegen.kernels import CODEGEN_VERSION
     return {
         "source": pattern.source,
@@ -198,6 +207,7 @@ def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk:
         "lq_bucket": _config.next_pow2(Lq),
         "lk_bucket": _config.next_pow2(Lk),
         "bh_bucket": 1 << max(0, int(BH) - 1).bit_length(),
+        "rows_bucket": None if rows is None else int(rows),
         "closed_form": None if closed_form is None else _cache._cf_text(closed_form),
         "codegen": CODEGEN_VERSION,
         "triton": _cache._triton_version(),
@@ -328,9 +338,11 @@ def precompile(cands: list[dict], options: dict, compile_only, workers: int | No
 
 
 def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=None,
-         fields: dict | None = None, compile_only=None):
+         fields: dict | None = None, compile_only=None, reps: int | None = None,
+         margin: float | None = None, prior: int = 0):
     """Time every candidate with ``run(options)``; ``(best tile options, timings, ms)``,
-    ``ms`` the time the winner was judged by (:func:`runoff`).
+    ``ms`` the time the winner was judged by (:func:`select`, with ``reps``, ``margin``
+    and ``prior``: default the settings' and the default configuration).
 
     ``compile_only(options)``, when given, compiles a candidate without running it: all
     candidates are then compiled in parallel first (:func:`precompile`).
@@ -338,30 +350,40 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
     ``{"config": ..., "ms": ...}`` or ``{"config": ..., "error": "..."}``.
     """
     timer = timer or default_timer
+    settings = _settings.current()
+    reps = settings.tune_reps if reps is None else reps
+    margin = settings.tune_margin if margin is None else margin
     cands = candidates(kind, head_dim, dtype)
     where = ""
     if fields:
         where = (f" ({fields['dtype']}, D<={fields['block_d']}, {fields['device']}, "
-                 f"{fields['strategy']}, Lq<={fields['lq_bucket']}, Lk<={fields['lk_bucket']})")
+                 f"{fields['strategy']}, Lq<={fields['lq_bucket']}, Lk<={fields['lk_bucket']}, "
+                 f"rows {fields.get('rows_bucket')})")
     log.info("autotuning %s for %s%s: %d candidates", kind, label(pattern), where, len(cands))
     precompile(cands, options, compile_only)
-    timings = []            # one entry per candidate, in the order of cands
-    for cand in cands:
-        opts = {**options, **cand}
-        try:
-            run(opts)                               # compile, build tables, warm up
-            ms = float(timer(lambda: run(opts)))
-        except Exception as e:                      # compile error, out of resources, OOM
-            msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            log.debug("  %s: skipped (%s)", describe(cand), msg)
-            timings.append({"config": cand, "error": msg})
-            continue
-        if not math.isfinite(ms) or ms < 0:
-            log.debug("  %s: skipped (time %r)", describe(cand), ms)
-            timings.append({"config": cand, "error": f"bad time {ms!r}"})
-            continue
-        log.debug("  %s: %.4f ms", describe(cand), ms)
-        timings.append({"config": cand, "ms": ms})
+    timings = [{"config": cand} for cand in cands]      # in the order of cands
+    for p in range(SCREENS):
+        for i in (range(len(cands)) if p % 2 == 0 else range(len(cands) - 1, -1, -1)):
+            if "error" in timings[i]:
+                continue
+            cand = cands[i]
+            opts = {**options, **cand}
+            try:
+                if p == 0:
+                    run(opts)                       # compile, build tables, warm up
+                ms = float(timer(lambda: run(opts)))
+            except Exception as e:                  # compile error, out of resources, OOM
+                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                log.debug("  %s: skipped (%s)", describe(cand), msg)
+                timings[i] = {"config": cand, "error": msg}
+                continue
+            if not math.isfinite(ms) or ms < 0:
+                log.debug("  %s: skipped (time %r)", describe(cand), ms)
+                timings[i] = {"config": cand, "error": f"bad time {ms!r}"}
+                continue
+            log.debug("  %s: %.4f ms", describe(cand), ms)
+            timings[i].setdefault("screens", []).append(ms)
+            timings[i]["ms"] = min(timings[i]["screens"])
     if not any("ms" in t for t in timings):
         log.warning("autotuning %s for %s: every candidate failed; using the defaults",
                     kind, label(pattern))
@@ -370,64 +392,111 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
     def time_again(cand):
         opts = {**options, **cand}
         return timer(lambda: run(opts))
-    i, best_ms = runoff(timings, time_again)
+    i, best_ms = select(timings, time_again, prior=prior, reps=reps, margin=margin)
     best = cands[i]
     log.info("autotuned %s for %s: %s (%.4f ms)", kind, label(pattern), describe(best),
              best_ms)
     return best, timings, best_ms
 
 
-def runoff(timings: list[dict], time) -> tuple[int, float]:
-    """``(index, ms)`` of the winner among ``timings`` (:func:`tune`'s list; ``time(config)
-    -> ms`` times one candidate again).
+def select(timings: list[dict], time, *, prior: int = 0, reps: int = _settings.TUNE_REPS,
+           margin: float = _settings.TUNE_MARGIN) -> tuple[int, float]:
+    """``(index, ms)`` of the winner among ``timings`` (:func:`tune`'s list, with each
+    candidate's screening time ``"ms"``: the least of its :data:`SCREENS` timings;
+    ``time(config) -> ms`` times one candidate again).
 
-    One ``do_bench`` median per candidate leaves near-equal candidates ordered by noise
-    (a few % on a GPU: clocks, the other candidates' cache footprint), so the choice
-    flipped between processes and moved benchmark results by as much.  The candidates
-    within :data:`RUNOFF` of the fastest are re-timed :data:`RUNOFF_ROUNDS` times,
-    round-robin so that drift hits them alike; each is judged by the median of all its
-    timings, and the earliest within :data:`TIE` of the best median wins (the list puts
-    the default first).  Each re-timed entry gets ``"runoff": [ms, ...]`` and
-    ``"median"``; a failure while re-timing counts as an infinite time.
+    One ``do_bench`` median per candidate orders near-equal candidates by noise (a few %
+    on a GPU: clocks still rising while the first candidates run, the other candidates'
+    cache footprint), so a choice made on it flips between processes and moves every
+    later call's time by as much.  So:
+
+    * the screening passes run in alternating order (the list, then reversed), and the
+      least of a candidate's timings is its screening time, so that neither rising clocks
+      nor one slow measurement keep the fastest candidate out of the final;
+    * the finalists are the :data:`FINALISTS` fastest by screening time and the
+      ``prior`` (the model's choice: the default configuration, first in the list),
+      whatever its screening time;
+    * they are timed again ``reps`` rounds, alternating (each round in the reverse order
+      of the one before, so that drift hits them alike), and each is judged by the
+      median of its re-timings (:func:`judged`; a failure while re-timing disqualifies
+      it);
+    * the best challenger (the earliest within :data:`TIE` of the best judged time among
+      the finalists other than the prior) wins only if the prior's time exceeds its time
+      by more than ``margin``; otherwise the prior stays (if the prior failed, the best
+      challenger wins).
+
+    A candidate truly faster than the prior by more than the margin (plus the noise left
+    in a judged time) is then chosen in every process, and one within the margin never is.
+    Each finalist's entry gets ``"runoff": [ms, ...]`` (its re-timings) and ``"judged"``.
     """
-    fastest = min(t["ms"] for t in timings if "ms" in t)
-    close = [i for i, t in enumerate(timings) if "ms" in t and t["ms"] <= fastest * (1 + RUNOFF)]
-    times = {i: [timings[i]["ms"]] for i in close}
-    if len(close) > 1:
-        for _ in range(RUNOFF_ROUNDS):
-            for i in close:
+    timed = [i for i, t in enumerate(timings) if "ms" in t]
+    fastest = sorted(timed, key=lambda i: (timings[i]["ms"], i))[:FINALISTS]
+    finalists = sorted(set(fastest) | ({prior} & set(timed)))
+    times = {i: [timings[i]["ms"]] for i in finalists}
+    if len(finalists) > 1:
+        for r in range(reps):
+            for i in (finalists if r % 2 == 0 else finalists[::-1]):
                 try:
                     ms = float(time(timings[i]["config"]))
                 except Exception as e:      # noqa: BLE001 -- same policy as the first pass
                     log.debug("  %s: failed on re-timing (%s)", describe(timings[i]["config"]), e)
                     ms = math.inf
                 times[i].append(ms if math.isfinite(ms) and ms >= 0 else math.inf)
-        for i in close:
+        for i in finalists:
             timings[i]["runoff"] = times[i][1:]
-            timings[i]["median"] = statistics.median(times[i])
+            timings[i]["judged"] = judged(times[i][1:] or times[i][:1])
             log.debug("  %s: re-timed %s", describe(timings[i]["config"]),
                       " ".join(f"{t:.4f}" for t in times[i][1:]))
-    med = {i: timings[i].get("median", timings[i]["ms"]) for i in close}
-    best = min(med.values())
-    winner = next(i for i in close if med[i] <= best * (1 + TIE))
+    med = {i: judged(times[i][1:] or times[i][:1]) for i in finalists}
+
+    def earliest_best(idx):
+        best = min(med[i] for i in idx)
+        return next(i for i in idx if med[i] <= best * (1 + TIE))
+    others = [i for i in finalists if i != prior]
+    if prior not in med:
+        winner = earliest_best(finalists)
+    elif not others:
+        winner = prior
+    else:
+        challenger = earliest_best(others)
+        winner = challenger if med[challenger] * (1 + margin) < med[prior] else prior
     return winner, med[winner]
+
+
+def judged(times: list) -> float:
+    """The time a finalist is judged by: the median of its re-timings (``times``; its
+    screening time alone when there are none), infinite if one failed.
+
+    Not the screening time, nor the least of all: the screens run first, while the clocks
+    rise and before a long tuning has brought the device to its sustained state, where
+    some configurations lose more than others (under an H200's power cap 128x128 tiles
+    fell from 2.10 to 2.40 ms on causal while 64x64 held: ``benchmarks/NOTES.md`` row 55).
+    The re-timings come after every screen, alternating; their median is what later calls
+    see, and one or two slow measurements of five do not move it."""
+    if any(math.isinf(t) for t in times):
+        return math.inf
+    return statistics.median(times)
 
 
 def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
                   options: dict, run, timer=None, compile_only=None, BH: int = 1,
-                  settings=None) -> dict:
+                  settings=None, rows=None) -> dict:
     """The options to launch ``kind`` with: ``options`` plus the tuned tile options when
     autotuning applies (see the module docstring), else ``options`` unchanged.
     ``BH``: batch x query heads (the grid's size beside the tiles: a choice timed on a
     few heads, where small tiles fill the device, is not the one for many).
+    ``rows``: the call's row bucket (:func:`spattn.runtime.tables.row_bucket`), or a
+    function computing it (called only when autotuning applies), or None.
     ``compile_only``: see :func:`tune`. ``settings``: the environment's
     (:func:`spattn.runtime.settings.current` when None)."""
     settings = settings or _settings.current()
     if not enabled(device, settings) or explicit(kind, options, settings):
         return options
+    if callable(rows):
+        rows = rows()
     raw = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, int(head_dim),
            str(dtype), str(device), _config.next_pow2(Lq), _config.next_pow2(Lk), int(BH),
-           tuple(sorted((k, str(v)) for k, v in options.items())), settings.strategy)
+           tuple(sorted((k, str(v)) for k, v in options.items())), settings.strategy, rows)
     with _lock:
         key = _fast.get(raw)
         hit = None if key is None else _memory.get(key)
@@ -440,7 +509,7 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
         return key_fields(pattern, kind, head_dim=head_dim, dtype=dtype, device=device,
                           Lq=Lq, Lk=Lk, strategy=config.strategy,
                           closed_form=options.get("closed_form"), tma=config.tma, BH=BH,
-                          int64=config.int64)
+                          int64=config.int64, rows=rows)
 
     with _lock:
         fields = None
@@ -453,13 +522,15 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
             if hit is None and not _capturing():
                 fields = fields or fields_of()
                 best, timings, ms = tune(pattern, kind, head_dim=head_dim, dtype=dtype,
-                                     options=options, run=run, timer=timer, fields=fields,
-                                     compile_only=compile_only)
+                                         options=options, run=run, timer=timer, fields=fields,
+                                         compile_only=compile_only, reps=settings.tune_reps,
+                                         margin=settings.tune_margin)
                 hit = {} if best is None else dict(best)
                 if best is not None:
                     write(key, {"key": key, "kind": kind, "pattern": label(pattern),
                                 **{k: v for k, v in fields.items() if k != "kind"},
-                                "config": hit, "ms": ms, "timings": timings})
+                                "config": hit, "ms": ms, "timings": timings,
+                                "reps": settings.tune_reps, "margin": settings.tune_margin})
             if hit is not None:
                 _memory[key] = hit
                 _bump()

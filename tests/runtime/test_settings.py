@@ -57,8 +57,25 @@ def test_current_sees_a_changed_environment(monkeypatch):
     ("SPATTN_FWD_LOOP", "unrolled", "'split', 'fused', 'persistent'"),
     ("SPATTN_TABLES", "dense", "'auto', 'csr', 'spans'"),
     ("SPATTN_LAYOUT", "boxes", "'auto', 'off', 'on'"),
+    ("SPATTN_TUNE_REPS", "-1", "integer in 0..100"),
+    ("SPATTN_TUNE_REPS", "3.5", "integer in 0..100"),
+    ("SPATTN_TUNE_MARGIN", "5%", r"fraction in \[0, 1\)"),
+    ("SPATTN_TUNE_MARGIN", "1.5", r"fraction in \[0, 1\)"),
+    ("SPATTN_TUNE_MARGIN", "nan", r"fraction in \[0, 1\)"),
 ])
 def test_bad_values_name_the_variable(monkeypatch, var, value, text):
     monkeypatch.setenv(var, value)
     with pytest.raises(SpattnConfigError, match=text):
         settings.current()
+
+
+def test_tuning_reps_and_margin(monkeypatch):
+    for var in settings.VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    s = settings.current()
+    assert (s.tune_reps, s.tune_margin) == (settings.TUNE_REPS, settings.TUNE_MARGIN)
+    monkeypatch.setenv("SPATTN_TUNE_REPS", " 8 ")
+    monkeypatch.setenv("SPATTN_TUNE_MARGIN", "0")
+    s = settings.current()
+    assert (s.tune_reps, s.tune_margin) == (8, 0.0)
+    assert not s.tiles_set("fwd")           # tuning settings do not switch tuning off
