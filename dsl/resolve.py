@@ -72,6 +72,7 @@ CALL_KEYWORDS = {
     "q_offset": "the position of query row 0",
     "plan": "a plan made by pat.plan",
     "layout": "the layout of q, k, v",
+    "order": "the token order of a call",
     "pattern": "the pattern of spattn.attention",
     "backend": "the backend of spattn.attention",
 }

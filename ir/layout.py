@@ -39,7 +39,8 @@ import torch
 from . import build as B
 from .nodes import Const, FloorDiv, Load, Mod, Node, Range, Sum, Var, free_vars, walk
 
-__all__ = ["Grid", "Layout", "Remap", "coordinate_form", "remap", "discover", "choose",
+__all__ = ["Grid", "Layout", "Remap", "Ordered", "coordinate_form", "remap", "discover",
+           "choose", "ordered",
            "candidate_boxes", "computed_pairs", "sampled_pairs", "MARGIN", "TILE_TOKENS",
            "AUTO_MIN_TOKENS"]
 
@@ -594,3 +595,49 @@ def _product_allowed(groups: list[Node], grid: Grid) -> int:
         rir = B.and_(_simplify(g, {}, names), sub.valid(Var("q")), sub.valid(Var("k")))
         total *= int(mask(rir, sub.padded_size, sub.padded_size).sum())
     return total
+
+
+# ------------------------------------------------------------ a caller's token order
+
+@dataclass(frozen=True)
+class Ordered:
+    """A pattern read through a caller's token order (a permutation given as data): ``ir``
+    is the pattern over slots, whose q and k are read as the grid coordinates of the token
+    in that slot, loaded from the int inputs ``names`` (one ``[N]`` table per virtual axis
+    of ``grid``: :meth:`tables`)."""
+
+    grid: Grid
+    names: tuple[str, ...]
+    ir: Node
+
+    def tables(self, order: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The coordinate tables of ``order`` (int64 ``[N]``: the original position of each
+        slot): per virtual axis, the coordinate of each slot's token on it."""
+        grid, out = self.grid, {}
+        residues = sum(d > 1 for d in grid.splits)
+        for j, ((a, _, _), name) in enumerate(zip(grid.virtual(), self.names)):
+            c = (order // grid.strides[a]) % grid.shape[a]
+            d = grid.splits[a]
+            out[name] = c % d if j < residues else c // d
+        return out
+
+
+def ordered(ir: Node, N: int, taken=()) -> Ordered:
+    """``ir`` read through a token order of ``N`` tokens: the pattern over slots ``i, j``
+    that allows a pair when ``ir`` allows the tokens ``order[i], order[j]``.
+
+    The pattern is put in coordinate form over the grid it suggests (:func:`discover`; one
+    axis of ``N`` when none) and each coordinate placeholder becomes a load of that
+    coordinate's table at the slot: the tile analysis then bounds each coordinate over a
+    tile by the table's min/max there, which a tile that is a box of the grid makes exact
+    per axis. ``taken``: names the tables must not use (the pattern's own inputs)."""
+    grids = discover(ir, N)
+    grid = grids[0] if grids else Grid((N,))
+    prefix = "order_"
+    while any(t.startswith(prefix) for t in taken):
+        prefix = "_" + prefix
+    names = tuple(f"{prefix}{j}" for j in range(len(grid.virtual())))
+    form = coordinate_form(ir, grid)
+    sub = {_vplaceholder(side, j).name: B.load(name, (B.var(side),))
+           for side in ("q", "k") for j, name in enumerate(names)}
+    return Ordered(grid, names, _simplify(form, {}, sub))

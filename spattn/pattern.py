@@ -109,7 +109,7 @@ class Pattern(CompiledPattern):
     # -- kernels ----------------------------------------------------------
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False,
                  q_offset: int | None = None, plan=None, layout: str | None = None,
-                 deterministic: bool = False, **inputs):
+                 deterministic: bool = False, order=None, **inputs):
         """Attention with this pattern; q ``[B, Hq, Lq, D]``, k, v ``[B, Hk, Lk, D]``.
 
         Returns the output ``[B, Hq, Lq, D]`` (and the log-sum-exp ``[B, Hq, Lq]``, fp32,
@@ -121,10 +121,18 @@ class Pattern(CompiledPattern):
         and more heads than positions, gives a :class:`SpattnLayoutWarning`.
         ``deterministic``: the gradients of a score's learnable tables without atomic
         adds (the torch backend's backward; docs/backends.md).
+        ``order``: a token order to run in, an int tensor ``[L]`` holding a permutation of
+        ``0 .. L-1`` (self-attention, ``Lq = Lk = L``): slot ``i`` holds token ``order[i]``.
+        The mask keeps its meaning over the original positions and q, k, v and the output
+        stay in the caller's order; the kernels run on the tokens gathered into ``order``, so
+        an order whose contiguous tiles the pattern makes FULL or EMPTY runs faster
+        (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
+        would choose.
         """
         from .runtime.api import call
         return call(self, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                    inputs=inputs, plan=plan, layout=layout, deterministic=deterministic)
+                    inputs=inputs, plan=plan, layout=layout, deterministic=deterministic,
+                    order=order)
 
     def decode(self, q, k_cache, v_cache, *, seq_lens=None, page_table=None,
                scale: float | None = None, q_offset: int | None = None,
@@ -147,7 +155,8 @@ class Pattern(CompiledPattern):
                       num_splits=num_splits, **inputs)
 
     def plan(self, q, k, v, *, scale: float | None = None, q_offset: int | None = None,
-             backward: bool | None = None, layout: str | None = None, **inputs):
+             backward: bool | None = None, layout: str | None = None, order=None,
+             **inputs):
         """Everything a call with these tensors needs, resolved once: a
         :class:`spattn.runtime.plan.Plan` (shapes, positions, inputs, tables, configuration,
         compiled kernels). ``pat(q, k, v, plan=plan)`` then runs with no other host work.
@@ -156,12 +165,12 @@ class Pattern(CompiledPattern):
         ``[B, Hk, Lk, D]`` (shapes, strides, dtype, device; ``layout="bshd"``: q
         ``[B, Lq, Hq, D]``, k, v ``[B, Lk, Hk, D]``, which the plan remembers) and holds the
         runtime ``inputs``; ``backward`` builds the backward's stage now (True), at the
-        first backward (False), or now if q, k or v requires grad (None). ``repr(plan)``
-        says what it holds.
+        first backward (False), or now if q, k or v requires grad (None). ``order``: a
+        token order (as for a call), held by the plan. ``repr(plan)`` says what it holds.
         """
         from .runtime.api import make_plan
         return make_plan(self, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
-                         backward=backward, layout=layout)
+                         backward=backward, layout=layout, order=order)
 
     def kernel_source(self, *args, **options) -> str:
         """The generated Triton source of a kernel, in one of two forms.
