@@ -163,3 +163,14 @@ def test_grid_patterns_still_check_their_length():
 def test_an_input_named_order_is_refused_in_a_program():
     with pytest.raises(spattn.SpattnNameError, match="order"):
         spattn.compile("input order\npattern p = order[q] == order[k]")
+
+
+def test_functional_attention_takes_an_order():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = _tensors(1, 2, 2, 30, 16, g, grads=False)
+    order = _perm(30, 4)
+    o = spattn.attention(q, k, v, pattern="abs(q % 5 - k % 5) <= 1 & abs(q // 5 - k // 5) <= 1",
+                         order=order, backend="torch")
+    ref = spattn.attention(q, k, v, pattern="abs(q % 5 - k % 5) <= 1 & abs(q // 5 - k // 5) <= 1",
+                           backend="torch")
+    _close("o", o, ref, rtol=1e-5)
