@@ -20,8 +20,10 @@ BACKENDS = ("auto", "triton", "torch")
 class CompiledPattern:
     """A canonical IR with its name, params, runtime inputs and backend (see the module
     docstring). Equal (and hash equal) when the canonical IR is, however it was written.
-    ``grid``: the token grid the pattern is defined on (``spattn.neighborhood``), or None;
-    a call's lengths must then be its cell count."""
+    ``grid``: the token grid the pattern is defined on (``spattn.neighborhood``, a ``grid``
+    declaration, the language's ``neighborhood(...)``), or None; a call's lengths must then
+    be its cell count. The grid is checked at calls, not part of the pattern's identity:
+    equality, hashing and ``source`` are the mask's (docs/language.md, grids)."""
 
     __slots__ = ("ir", "name", "params", "inputs", "source", "backend", "grid", "score",
                  "score_inputs")
@@ -51,7 +53,8 @@ class CompiledPattern:
         from .lower import compile_source
         low = compile_source(src, params, pattern=pattern, filename=filename, score=score)
         return cls(low.ir, name=low.name, params=low.params, inputs=low.inputs,
-                   backend=backend, score=low.score, score_inputs=low.score_inputs)
+                   backend=backend, score=low.score, score_inputs=low.score_inputs,
+                   grid=low.grid)
 
     @property
     def key(self) -> str:

@@ -10,6 +10,7 @@ torch and Triton.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -250,6 +251,9 @@ def _cmd_check(args, pat, out):
 
 
 def _params_and_inputs(pat, out, indent):
+    if pat.grid is not None:
+        print(indent + "grid: " + " x ".join(map(str, pat.grid)) + f" ({math.prod(pat.grid):,} "
+              "tokens: a call's length)", file=out)
     if pat.params:
         print(indent + "params: " + ", ".join(f"{k}={v}" for k, v in pat.params.items()),
               file=out)

@@ -40,7 +40,8 @@ class Pattern(CompiledPattern):
 
     def __repr__(self):
         inputs = f", inputs={sorted(self.inputs)}" if self.inputs else ""
-        return f"Pattern({self.name!r}: {self.source}{inputs})"
+        grid = f", grid={self.grid}" if self.grid is not None else ""
+        return f"Pattern({self.name!r}: {self.source}{inputs}{grid})"
 
     # -- reference semantics ---------------------------------------------
     def mask(self, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
@@ -231,7 +232,7 @@ def compile(src: str, *, score: str | None = None, backend: str = "auto",
     low = compile_source(src, params, pattern=pattern, score=score)
     warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
-                   score=low.score, score_inputs=low.score_inputs)
+                   score=low.score, score_inputs=low.score_inputs, grid=low.grid)
 
 
 def pattern_names(path) -> list[str]:
@@ -321,4 +322,4 @@ def load(path, *, pattern: str | None = None, backend: str = "auto", **params: A
     low = compile_source(text, params, pattern=pattern, filename=os.fspath(path))
     warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
-                   score=low.score, score_inputs=low.score_inputs)
+                   score=low.score, score_inputs=low.score_inputs, grid=low.grid)
