@@ -198,6 +198,7 @@ class GridDecl(Stmt):
     name: str = "grid"
     line: int = _pos()
     column: int = _pos()
+    extra: Optional[Expr] = None       # ``after T``: tokens before the grid
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ _TOKEN_NAMES = {
     "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "DSLASH": "'//'", "PERCENT": "'%'",
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "EQUAL": "'='",
     "PARAM": "'param'", "INPUT": "'input'", "DEF": "'def'", "PATTERN": "'pattern'",
-    "SCORE": "'score'", "SLASH": "'/'", "FLOAT": "a float", "GRID": "'grid'",
+    "SCORE": "'score'", "SLASH": "'/'", "FLOAT": "a float", "GRID": "'grid'", "AFTER": "'after'",
     "COLON": "':'",
 }
 # Tokens that can start an expression, and binary operators: collapsed in messages.
@@ -289,7 +289,10 @@ def _stmt(t: Tree) -> A.Stmt:
             names = tuple(str(c) for c in params.children if c is not None)
         return A.Def(str(name), names, _expr(body), **_pos(name))
     if kind == "grid_stmt":
-        kw, _lpar, *axes, _rpar = [c for c in t.children if c is not None or False]
+        kw, _lpar, *axes = [c for c in t.children if c is not None]
+        extra = None
+        if isinstance(axes[-1], Tree) and axes[-1].data != "grid_axis":
+            extra = _expr(axes.pop())
         out = []
         for ax in axes:
             if not isinstance(ax, Tree):
@@ -298,7 +301,7 @@ def _stmt(t: Tree) -> A.Stmt:
             e = _expr(size)
             where = _pos(name) if name is not None else {"line": e.line, "column": e.column}
             out.append(A.GridAxis(None if name is None else str(name), e, **where))
-        return A.GridDecl(tuple(out), **_pos(kw))
+        return A.GridDecl(tuple(out), **_pos(kw), extra=extra)
     if kind == "pattern_stmt":
         name, body, _kw, score = t.children
         return A.PatternDef(str(name), _expr(body), **_pos(name),

@@ -66,10 +66,12 @@ class Resolved:
 @dataclass(frozen=True)
 class ResolvedGrid:
     """A grid declaration with its axis sizes resolved (constant expressions, lowered and
-    checked by ``ir.lower``): ``axes`` is ``((name or None, size tree, line, column), ...)``."""
+    checked by ``ir.lower``): ``axes`` is ``((name or None, size tree, line, column), ...)``,
+    ``extra`` the tree of ``after T`` (tokens before the grid) or None."""
     axes: tuple
     line: int
     column: int
+    extra: Optional[A.Expr] = None
 
 
 #: The parameter of an axis's coordinate function (``y(x)`` of ``grid (y: 48, x: 80)``).
@@ -78,14 +80,18 @@ _AXIS_PARAM = "position"
 
 def _axis_macros(decl: A.GridDecl) -> dict:
     """The coordinate function of each named axis of ``decl``: ``y(x)`` is
-    ``coord(x, [sizes], axis)``, located at the axis's name."""
+    ``coord(x, [sizes], axis)`` (``coord(x - T, ...)`` after ``T`` extra tokens), located at
+    the axis's name."""
     sizes = A.ListLit(tuple(a.size for a in decl.axes), line=decl.line, column=decl.column)
     out = {}
     for i, ax in enumerate(decl.axes):
         if ax.name is None:
             continue
         p = {"line": ax.line, "column": ax.column}
-        body = A.Call("coord", (A.Name(_AXIS_PARAM, **p), sizes, A.Int(i, **p)), **p)
+        x = A.Name(_AXIS_PARAM, **p)
+        if decl.extra is not None:
+            x = A.Binary("-", x, decl.extra, op_line=ax.line, op_column=ax.column, **p)
+        body = A.Call("coord", (x, sizes, A.Int(i, **p)), **p)
         out[ax.name] = A.Def(ax.name, (_AXIS_PARAM,), body, **p)
     return out
 
@@ -521,6 +527,8 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
     if decl is not None:
         r.in_mask = True
         sizes = [r.expr(ax.size, {}, None, scope) for ax in decl.axes]
+        if decl.extra is not None:
+            sizes.append(r.expr(decl.extra, {}, None, scope))
         trees += sizes
     indexed = {n.base.name for t in trees for n in A.walk(t)
                if isinstance(n, A.Index) and isinstance(n.base, A.Free)}
@@ -539,7 +547,8 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
     if decl is not None:
         grid = ResolvedGrid(tuple((ax.name, t, ax.line, ax.column)
                                   for ax, t in zip(decl.axes, trees[len(trees) - len(sizes):])),
-                            decl.line, decl.column)
+                            decl.line, decl.column,
+                            sizes[-1] if decl.extra is not None else None)
     unused = sorted(set(bound) - scope.used_params)
     if unused:
         free = {n.id for n in A.walk(expr) if isinstance(n, A.Name)}
@@ -692,7 +701,8 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
     if decl is not None:
         r.in_mask = True
         grid = ResolvedGrid(tuple((ax.name, r.expr(ax.size, {}, None, scope), ax.line,
-                                   ax.column) for ax in decl.axes), decl.line, decl.column)
+                                   ax.column) for ax in decl.axes), decl.line, decl.column,
+                            None if decl.extra is None else r.expr(decl.extra, {}, None, scope))
     return Resolved(trees, bound, per, src, fname,
                     {n: (s.expr.line, s.expr.column) for n, s in patterns.items()},
                     scores, floats, grid)

@@ -30,6 +30,7 @@ class Lowered:
     score: Optional[Node] = None      # canonical float IR of the score, or None
     score_inputs: dict = None         # float runtime input name -> number of index dims
     grid: Optional[tuple] = None      # the token grid a call's lengths must fill, or None
+    grid_offset: int = 0              # extra tokens before the grid (``after T``)
 
 
 def _tname(t: str) -> str:
@@ -239,7 +240,17 @@ class _Lowerer:
             shape.append(v)
         return tuple(shape)
 
-    def pattern_grid(self, declared) -> Optional[tuple]:
+    def grid_offset(self, grid) -> int:
+        """``T`` of ``after T`` (0 without): a constant int >= 0; located errors."""
+        if grid.extra is None:
+            return 0
+        v = self.constant(grid.extra, "the extra tokens of a grid (after T)")
+        if isinstance(v, (bool, tuple)) or v < 0:
+            raise self.err(SpattnValueError, f"the extra tokens of a grid (after T) must be "
+                           f"an int >= 0, got {v!r}", grid.extra)
+        return v
+
+    def pattern_grid(self, declared, offset: int = 0) -> Optional[tuple]:
         """The grid of the pattern just lowered: the declared one, else the shape of its
         ``neighborhood(...)`` builtins; a builtin over another cell count than the grid
         (declared or of an earlier builtin) is a located SpattnValueError."""
@@ -249,12 +260,13 @@ class _Lowerer:
             if grid is None:
                 grid, first = shape, node
                 continue
-            if math.prod(shape) != math.prod(grid):
+            count = math.prod(grid) + (offset if first is None else 0)
+            if math.prod(shape) != count:
                 where = "the program's grid" if first is None else \
                     f"the neighborhood at line {first.line}, column {first.column}"
                 raise self.err(SpattnValueError, f"neighborhood over the grid {shape} "
                                f"({math.prod(shape)} tokens), but {where} has "
-                               f"{math.prod(grid)} tokens {grid}: a call has one length",
+                               f"{count} tokens {grid}: a call has one length",
                                node)
             if declared is None and shape != grid:
                 grid = (math.prod(grid),)
@@ -353,17 +365,18 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
         floats = set().union(*res.float_inputs.values()) if res.float_inputs else set()
         lo = _Lowerer(src, filename, floats)
         declared = None if res.grid is None else lo.grid_shape(res.grid)
+        offset = 0 if res.grid is None else lo.grid_offset(res.grid)
         irs, grids = {}, {}
         for n, t in res.patterns.items():
             lo.shapes = []
             irs[n] = lo.pattern(t)
-            grids[n] = lo.pattern_grid(declared)
+            grids[n] = lo.pattern_grid(declared, offset)
         scores = {n: None if t is None else lo.score(t) for n, t in res.scores.items()}
     except RecursionError:
         raise _too_deep(src, filename) from None
     return Lowered(irs[chosen], chosen, dict(res.params), dict(res.inputs[chosen]),
                    scores.get(chosen), dict(res.float_inputs.get(chosen, {})),
-                   grids[chosen])
+                   grids[chosen], offset if grids[chosen] == declared else 0)
 
 
 def _with_score(src: str, score: str) -> str:

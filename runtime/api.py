@@ -236,12 +236,15 @@ def check_grid(pattern, Lq, Lk: int, what: str = "q and k") -> None:
     grid = getattr(pattern, "grid", None)
     if grid is None:
         return
-    n = math.prod(grid)
+    extra = getattr(pattern, "grid_offset", 0)
+    n = math.prod(grid) + extra
     if (Lq is not None and Lq != n) or Lk != n:
         lengths = f"Lk={Lk}" if Lq is None else f"lengths Lq={Lq}, Lk={Lk}"
-        raise SpattnInputError(f"the pattern is defined on the grid {tuple(grid)} of {n} "
-                               f"tokens, but {what} have {lengths}: the grid's product must "
-                               "equal the sequence length")
+        grid_text = (f"{tuple(grid)} after {extra} extra tokens, {n} tokens in all" if extra
+                     else f"{tuple(grid)} of {n} tokens")
+        must = "the extra tokens and the grid's cells" if extra else "the grid's product"
+        raise SpattnInputError(f"the pattern is defined on the grid {grid_text}, but {what} "
+                               f"have {lengths}: {must} must equal the sequence length")
 
 
 def check_order(order, q, k, q_offset) -> torch.Tensor:

@@ -252,8 +252,10 @@ def _cmd_check(args, pat, out):
 
 def _params_and_inputs(pat, out, indent):
     if pat.grid is not None:
-        print(indent + "grid: " + " x ".join(map(str, pat.grid)) + f" ({math.prod(pat.grid):,} "
-              "tokens: a call's length)", file=out)
+        extra = f" after {pat.grid_offset} tokens" if pat.grid_offset else ""
+        n = math.prod(pat.grid) + pat.grid_offset
+        print(indent + "grid: " + " x ".join(map(str, pat.grid)) + f"{extra} ({n:,} tokens: a "
+              "call's length)", file=out)
     if pat.params:
         print(indent + "params: " + ", ".join(f"{k}={v}" for k, v in pat.params.items()),
               file=out)

@@ -58,6 +58,7 @@ def _resolve(pattern, kwargs):
         if backend is not None and backend != pattern.backend:
             pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
                               inputs=pattern.inputs, backend=backend, grid=pattern.grid,
+                              grid_offset=pattern.grid_offset,
                               score=pattern.score, score_inputs=pattern.score_inputs)
         return pattern, inputs
     if not isinstance(pattern, str):

@@ -41,6 +41,8 @@ class Pattern(CompiledPattern):
     def __repr__(self):
         inputs = f", inputs={sorted(self.inputs)}" if self.inputs else ""
         grid = f", grid={self.grid}" if self.grid is not None else ""
+        if self.grid_offset:
+            grid += f" after {self.grid_offset}"
         return f"Pattern({self.name!r}: {self.source}{inputs}{grid})"
 
     # -- reference semantics ---------------------------------------------
@@ -232,7 +234,8 @@ def compile(src: str, *, score: str | None = None, backend: str = "auto",
     low = compile_source(src, params, pattern=pattern, score=score)
     warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
-                   score=low.score, score_inputs=low.score_inputs, grid=low.grid)
+                   score=low.score, score_inputs=low.score_inputs, grid=low.grid,
+                   grid_offset=low.grid_offset)
 
 
 def pattern_names(path) -> list[str]:
@@ -322,4 +325,5 @@ def load(path, *, pattern: str | None = None, backend: str = "auto", **params: A
     low = compile_source(text, params, pattern=pattern, filename=os.fspath(path))
     warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
-                   score=low.score, score_inputs=low.score_inputs, grid=low.grid)
+                   score=low.score, score_inputs=low.score_inputs, grid=low.grid,
+                   grid_offset=low.grid_offset)

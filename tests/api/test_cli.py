@@ -20,8 +20,8 @@ PATTERNS = [pytest.param(p, n, id=f"{p.stem}:{n}") for p in EXAMPLES for n in sp
 def _length(path, name, default):
     """The call length of a pattern: its grid's cell count when it is declared on one
     (a call of another length is refused), else ``default``."""
-    grid = spattn.load(path, pattern=name).grid
-    return default if grid is None else math.prod(grid)
+    pat = spattn.load(path, pattern=name)
+    return default if pat.grid is None else math.prod(pat.grid) + pat.grid_offset
 
 
 def run(*argv):

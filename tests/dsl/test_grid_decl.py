@@ -123,3 +123,41 @@ def test_example_file_checks_and_runs_on_its_grid():
         pat = spattn.load(path, pattern=name, backend="torch")
         assert pat.grid == (16, 16)
         assert math.prod(pat.grid) == 256
+
+
+TEXT_IMAGE = """param T = 5
+grid (row: 6, col: 8) after T
+pattern p = k < T | (q >= T & k >= T & abs(row(q) - row(k)) <= 1 & abs(col(q) - col(k)) <= 1)
+"""
+
+
+def test_extra_tokens_before_the_grid():
+    pat = spattn.compile(TEXT_IMAGE, backend="torch")
+    assert (pat.grid, pat.grid_offset) == ((6, 8), 5) and "after 5" in repr(pat)
+    assert pat == spattn.compile("k < 5 | (q >= 5 & k >= 5 & abs((q - 5) // 8 - (k - 5) // 8) "
+                                 "<= 1 & abs((q - 5) % 8 - (k - 5) % 8) <= 1)")
+    q = torch.randn(1, 1, 48, 16)
+    with pytest.raises(spattn.SpattnInputError, match=r"\(6, 8\) after 5 extra tokens, 53 "
+                       r"tokens in all.*q \(shape \(1, 1, 48, 16\)\)"):
+        pat(q, q, q)
+    assert spattn.compile("grid (4) after 0 q >= k").grid_offset == 0
+
+
+def test_extra_tokens_run_in_an_offset_layout(monkeypatch):
+    from spattn.runtime.plan import RemappedPlan
+    from tests.runtime.test_layouts import _run
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    plan = _run(spattn.compile(TEXT_IMAGE, backend="torch"), N=53, grads=False)
+    assert isinstance(plan, RemappedPlan) and plan.remap.layout.grid.offset == 5
+
+
+@pytest.mark.parametrize("src,cls,where,words", [
+    ("grid (8) after q q >= k", spattn.SpattnTypeError, (1, 16), "must be a constant"),
+    ("grid (8) after (0 - 2) q >= k", spattn.SpattnValueError, (1, 16), "int >= 0, got -2"),
+    ("grid (8, 8) after 5 neighborhood([8, 8], 3)", spattn.SpattnValueError, (1, 21),
+     "program's grid has 69 tokens"),
+], ids=["not-constant", "negative", "neighborhood-without-the-text"])
+def test_bad_extra_tokens_are_located(src, cls, where, words):
+    with pytest.raises(cls, match=words) as e:
+        spattn.compile(src)
+    assert (e.value.line, e.value.column) == where
