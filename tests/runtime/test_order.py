@@ -174,3 +174,13 @@ def test_functional_attention_takes_an_order():
     ref = spattn.attention(q, k, v, pattern="abs(q % 5 - k % 5) <= 1 & abs(q // 5 - k // 5) <= 1",
                            backend="torch")
     _close("o", o, ref, rtol=1e-5)
+
+
+def test_bshd_tensors_with_an_order():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 30, 2, 16, generator=g) for _ in range(3))
+    pat = spattn.compile("abs(q // 5 - k // 5) <= 1 & abs(q % 5 - k % 5) <= 1", backend="torch")
+    o = pat(q, k, v, layout="bshd", order=_perm(30, 6))
+    ref = pat(q, k, v, layout="bshd")
+    assert o.shape == (1, 30, 2, 16)
+    _close("o", o, ref, rtol=1e-5)
