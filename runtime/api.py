@@ -406,9 +406,9 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
             _usage.from_bhsd(layout, out)
     if torch.compiler.is_compiling():
-        _register_const(pattern)
+        key = _register_const(pattern)
         # The op carries the canonical source (a str attribute: a constant while tracing).
-        out = call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
+        out = call_op(key, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
         return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
             _usage.from_bhsd(layout, out)

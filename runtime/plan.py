@@ -401,7 +401,8 @@ class PlanCache:
                      t.dtype, str(t.device)) for n, t in sorted((inputs or {}).items()))
         if order is not None:       # data, like an input: by identity and version
             ins += (("order()", id(order), order._version, order.data_ptr()),)
-        return (pattern.source, tuple(sorted(pattern.inputs.items())), backend, _layout(q, k, v),
+        return (pattern.source, getattr(pattern, "grid", None), getattr(pattern, "grid_offset", 0),
+                tuple(sorted(pattern.inputs.items())), backend, _layout(q, k, v),
                 q.dtype, k.dtype, str(q.device), _aligned(q, k, v), scale, q_offset, ins,
                 settings.raw, tune.generation())
 

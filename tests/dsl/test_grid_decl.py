@@ -161,3 +161,22 @@ def test_bad_extra_tokens_are_located(src, cls, where, words):
     with pytest.raises(cls, match=words) as e:
         spattn.compile(src)
     assert (e.value.line, e.value.column) == where
+
+
+def test_compiled_calls_tell_a_grid_from_none():
+    """Under ``torch.compile`` the custom op finds each pattern by a key that carries its
+    grid: a mask declared on a grid and the same mask without one are two patterns (the one
+    without runs at any length, the one with is refused at another)."""
+    torch._dynamo.reset()
+    with_grid = spattn.compile("grid (4, 6) q >= k", backend="torch")
+    plain = spattn.compile("q >= k", backend="torch")
+
+    def compiled(p):
+        return torch.compile(lambda q, k, v: p(q, k, v), fullgraph=True)
+    from spattn.runtime import autograd
+    assert autograd.register(with_grid) == "grid (4, 6) q >= k"
+    assert autograd.register(plain) == "q >= k"
+    short = torch.randn(1, 1, 20, 16)
+    torch.testing.assert_close(compiled(plain)(short, short, short), plain(short, short, short))
+    with pytest.raises(spattn.SpattnInputError, match="grid"):
+        compiled(with_grid)(short, short, short)
