@@ -696,7 +696,7 @@ def ordered(ir: Node, N: int, taken=()) -> Ordered:
     coordinate's table at the slot: the tile analysis then bounds each coordinate over a
     tile by the table's min/max there, which a tile that is a box of the grid makes exact
     per axis. ``taken``: names the tables must not use (the pattern's own inputs)."""
-    grids = discover(ir, N)
+    grids = [g for g in discover(ir, N) if not g.offset]    # every token is a cell
     grid = grids[0] if grids else Grid((N,))
     prefix = "order_"
     while any(t.startswith(prefix) for t in taken):

@@ -97,3 +97,14 @@ def test_box_order_decides_every_tile_of_a_strided_neighborhood():
     assert int((cls == FULL).sum()) == 4
     seq = pat.tiles(N, N, 64, 64)[0, 0]
     assert (seq == PARTIAL).any()
+
+
+def test_ordered_text_before_a_grid():
+    """A pattern whose grid starts after text tokens (an offset grid) is read through an
+    order over all its tokens, text included."""
+    T = 5
+    ir = spattn.compile(f"k < {T} | (q >= {T} & k >= {T} & "
+                        f"abs((q - {T}) // 8 - (k - {T}) // 8) <= 1)").ir
+    N = T + 48
+    assert any(g.offset for g in LY.discover(ir, N))
+    _check(ir, N, torch.randperm(N, generator=torch.Generator().manual_seed(3)), 8, 4)
