@@ -9,8 +9,8 @@ flattened expression (``examples/patterns/neighborhood_2d.spattn``), which the r
 recognises, and run in a caller's token order (``order=``: 16 x 8 boxes, the permutation a
 user would give; an ``OrderedPlan``, its gathers timed). ``--full`` adds 77 text tokens
 before the FLUX image with a cut 81 x 81 window (``grid (...) after 77``: a grid after
-extra tokens, docs/layouts.md). Against cuDNN dense (SDPA under ``SDPBackend.CUDNN_ATTENTION``), timed in
-alternating rounds in this process. Every output is checked against the float64 reference
+extra tokens, docs/layouts.md). Against cuDNN dense (SDPA under
+``SDPBackend.CUDNN_ATTENTION``), timed in alternating rounds in this process. Every output is checked against the float64 reference
 on sampled query rows before timing. ``--full`` adds the 16K patterns of
 ``benchmarks/bench.py`` against FlexAttention (``dilated(512,4)``, ``strided(128)``,
 2-D 13x13), forward and forward+backward, with layouts on (``SPATTN_LAYOUT=auto``) and off.

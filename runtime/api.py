@@ -412,7 +412,8 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
         return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
             _usage.from_bhsd(layout, out)
-    if plan is None and order is None and _decode.routes(q, k, v, q_offset):  # few queries, many keys: docs/decode.md
+    # few queries, many keys: docs/decode.md
+    if plan is None and order is None and _decode.routes(q, k, v, q_offset):
         out = _decode.call_routed(pattern, q, k, v, scale=scale, return_lse=return_lse,
                                   q_offset=q_offset, inputs=inputs)
         if out is not None:
