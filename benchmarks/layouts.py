@@ -6,8 +6,11 @@ time includes gathering q, k, v into box order and o back): FLUX 256x256 with an
 window and with stride 16x16, Hunyuan 30x48x80 with an 18x24x24 window and with stride
 (16, 8, 8), each through ``spattn.neighborhood``; the FLUX window also written as a
 flattened expression (``examples/patterns/neighborhood_2d.spattn``), which the runtime
-recognises. Against cuDNN dense (SDPA under ``SDPBackend.CUDNN_ATTENTION``), timed in
-alternating rounds in this process. Every output is checked against the float64 reference
+recognises, and run in a caller's token order (``order=``: 16 x 8 boxes, the permutation a
+user would give; an ``OrderedPlan``, its gathers timed). ``--full`` adds 77 text tokens
+before the FLUX image with a cut 81 x 81 window (``grid (...) after 77``: a grid after
+extra tokens, docs/layouts.md). Against cuDNN dense (SDPA under
+``SDPBackend.CUDNN_ATTENTION``), timed in alternating rounds in this process. Every output is checked against the float64 reference
 on sampled query rows before timing. ``--full`` adds the 16K patterns of
 ``benchmarks/bench.py`` against FlexAttention (``dilated(512,4)``, ``strided(128)``,
 2-D 13x13), forward and forward+backward, with layouts on (``SPATTN_LAYOUT=auto``) and off.
@@ -45,9 +48,11 @@ PROBLEMS = {
     "hunyuan-window-18x24x24": ("natten", ((30, 48, 80), (18, 24, 24)), 3.4),
     "hunyuan-stride-16x8x8": ("natten", ((30, 48, 80), (18, 24, 24), (16, 8, 8)), 9.7),
     "flux-window-80x80-flat": ("flat", (256, 80), 5.2),
+    "flux-window-80x80-order": ("order", ((256, 256), (80, 80), (16, 8)), 5.2),
+    "text77-flux-window-81x81": ("text", (77, 256, 40), None),
 }
 QUICK = ["flux-window-80x80", "flux-stride-16x16", "hunyuan-window-18x24x24",
-         "flux-window-80x80-flat"]
+         "flux-window-80x80-flat", "flux-window-80x80-order"]
 # the same problems scaled down for --cpu
 CPU_PROBLEMS = {
     "flux-window-80x80": ("natten", ((16, 16), (5, 5)), None),
@@ -55,6 +60,8 @@ CPU_PROBLEMS = {
     "hunyuan-window-18x24x24": ("natten", ((4, 6, 8), (3, 3, 3)), None),
     "hunyuan-stride-16x8x8": ("natten", ((4, 6, 8), (3, 4, 4), (2, 2, 2)), None),
     "flux-window-80x80-flat": ("flat", (16, 5), None),
+    "flux-window-80x80-order": ("order", ((16, 16), (5, 5), (4, 4)), None),
+    "text77-flux-window-81x81": ("text", (5, 16, 2), None),
 }
 FLEX_16K = ["dilated(512,4)", "strided(128)", "neighborhood2d(13x13)"]
 
@@ -63,10 +70,23 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
+#: a declared grid after text tokens: every token sees the text, a patch its square window
+TEXT_IMAGE = """param T
+param n
+param r
+grid (row: n, col: n) after T
+pattern text_image = k < T | (q >= T & k >= T & abs(row(q) - row(k)) <= r &
+                              abs(col(q) - col(k)) <= r)
+"""
+
+
 def make_pattern(kind, args, backend="auto"):
-    if kind == "natten":
-        pat = spattn.neighborhood(*args, backend=backend)
+    if kind in ("natten", "order"):
+        pat = spattn.neighborhood(*args[:2 if kind == "order" else None], backend=backend)
         return pat, math.prod(args[0])
+    if kind == "text":
+        T, n, r = args
+        return spattn.compile(TEXT_IMAGE, T=T, n=n, r=r, backend=backend), T + n * n
     W, size = args
     pat = spattn.load(ROOT / "examples/patterns/neighborhood_2d.spattn",
                       pattern="neighborhood_2d_natten", W=W, size=size, backend=backend)
@@ -119,16 +139,28 @@ def dense_fn(q, k, v, cpu):
     return run
 
 
+def box_order(shape, box, device):
+    """The permutation a caller would give for boxes ``box`` of the grid ``shape``: slot
+    ``i`` holds token ``order[i]`` (every box whole: the grid's sides are multiples)."""
+    from spattn.ir import layout as LY
+    layout = LY.Layout(LY.Grid(tuple(shape)), tuple(box))
+    assert layout.padded_size == math.prod(shape), "the boxes must tile the grid"
+    return layout.permutation(device)[0]
+
+
 def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu):
     pat, N = make_pattern(kind, args, backend="torch" if cpu else "auto")
     row = {"problem": name, "N": N, "H": H, "D": D, "target_vs_dense": target}
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
+    order = box_order(args[0], args[2], dev) if kind == "order" else None
     t0 = time.perf_counter()
-    plan = pat.plan(q, k, v)
+    plan = pat.plan(q, k, v, order=order)
     row["plan_s"] = time.perf_counter() - t0
     remap = getattr(plan, "remap", None)
     row["layout"] = str(remap.layout) if remap is not None else None
+    if order is not None:
+        row["layout"] = f"caller's order, boxes {args[2][0]}x{args[2][1]}"
     if remap is not None:
         row["useful_fraction_sequence"] = remap.fraction_sequence
         row["useful_fraction_layout"] = remap.fraction_layout
@@ -192,7 +224,8 @@ def analysis_rows():
     pairs 128x64 tiles compute in sequence order (exact classification) and in the layout,
     with the useful fraction of each."""
     from spattn.ir import layout as LY
-    cases = [(name, *make_pattern(kind, args)) for name, (kind, args, _) in PROBLEMS.items()]
+    cases = [(name, *make_pattern(kind, args)) for name, (kind, args, _) in PROBLEMS.items()
+             if kind in ("natten", "flat")]
     cases += [(name, spattn.compile(src), 16384) for name, src in FLEX_SOURCES.items()]
     rows = []
     for name, pat, N in cases:

@@ -181,6 +181,36 @@ class PatternDef(Stmt):
 
 
 @dataclass(frozen=True)
+class GridAxis:
+    """One axis of a grid declaration: its name (or None) and its size (a constant
+    expression: an int, a param, arithmetic of them)."""
+    name: Optional[str]
+    size: Expr
+    line: int = _pos()
+    column: int = _pos()
+
+
+@dataclass(frozen=True)
+class GridDecl(Stmt):
+    """``grid (y: 48, x: 80)``: the token layout of every pattern of the program (or of a
+    bare pattern), 1-4 axes row-major; each named axis is a coordinate function."""
+    axes: tuple[GridAxis, ...]
+    name: str = "grid"
+    line: int = _pos()
+    column: int = _pos()
+    extra: Optional[Expr] = None       # ``after T``: tokens before the grid
+
+
+@dataclass(frozen=True)
+class Gridded(Expr):
+    """A bare pattern with its grid declaration: ``grid (...) expr``."""
+    grid: GridDecl
+    expr: Expr
+    line: int = _pos()
+    column: int = _pos()
+
+
+@dataclass(frozen=True)
 class Program:
     statements: tuple[Stmt, ...]
     source: str = field(default="", compare=False, repr=False)

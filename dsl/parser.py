@@ -33,7 +33,8 @@ _TOKEN_NAMES = {
     "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "DSLASH": "'//'", "PERCENT": "'%'",
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "EQUAL": "'='",
     "PARAM": "'param'", "INPUT": "'input'", "DEF": "'def'", "PATTERN": "'pattern'",
-    "SCORE": "'score'", "SLASH": "'/'", "FLOAT": "a float",
+    "SCORE": "'score'", "SLASH": "'/'", "FLOAT": "a float", "GRID": "'grid'", "AFTER": "'after'",
+    "COLON": "':'",
 }
 # Tokens that can start an expression, and binary operators: collapsed in messages.
 _EXPR_START = {"NAME", "INT", "FLOAT", "LPAR", "LSQB", "MINUS", "TILDE", "NOT", "IF", "TRUE",
@@ -70,11 +71,14 @@ def parse_expression(src: str, filename: Optional[str] = None) -> A.Expr:
                                 column=1, filename=filename)
     tree = _parse(src, "expression", filename)
     try:
-        mask, _kw, score = tree.children
+        grid, mask, _kw, score = tree.children
+        out = _expr(mask)
         if score is not None:
-            m = _expr(mask)
-            return A.Scored(m, _expr(score), line=m.line, column=m.column)
-        return _expr(mask)
+            out = A.Scored(out, _expr(score), line=out.line, column=out.column)
+        if grid is not None:
+            decl = _stmt(grid)
+            out = A.Gridded(decl, out, line=decl.line, column=decl.column)
+        return out
     except RecursionError:
         raise _too_deep(src, filename) from None
     except _LiteralError as e:
@@ -284,6 +288,20 @@ def _stmt(t: Tree) -> A.Stmt:
         if params is not None:
             names = tuple(str(c) for c in params.children if c is not None)
         return A.Def(str(name), names, _expr(body), **_pos(name))
+    if kind == "grid_stmt":
+        kw, _lpar, *axes = [c for c in t.children if c is not None]
+        extra = None
+        if isinstance(axes[-1], Tree) and axes[-1].data != "grid_axis":
+            extra = _expr(axes.pop())
+        out = []
+        for ax in axes:
+            if not isinstance(ax, Tree):
+                continue
+            name, _colon, size = ax.children
+            e = _expr(size)
+            where = _pos(name) if name is not None else {"line": e.line, "column": e.column}
+            out.append(A.GridAxis(None if name is None else str(name), e, **where))
+        return A.GridDecl(tuple(out), **_pos(kw), extra=extra)
     if kind == "pattern_stmt":
         name, body, _kw, score = t.children
         return A.PatternDef(str(name), _expr(body), **_pos(name),

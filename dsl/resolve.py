@@ -60,6 +60,61 @@ class Resolved:
     positions: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)          # pattern name -> score tree or None
     float_inputs: dict = field(default_factory=dict)    # pattern name -> {input: dims}
+    grid: Optional["ResolvedGrid"] = None               # the grid declaration, if any
+
+
+@dataclass(frozen=True)
+class ResolvedGrid:
+    """A grid declaration with its axis sizes resolved (constant expressions, lowered and
+    checked by ``ir.lower``): ``axes`` is ``((name or None, size tree, line, column), ...)``,
+    ``extra`` the tree of ``after T`` (tokens before the grid) or None."""
+    axes: tuple
+    line: int
+    column: int
+    extra: Optional[A.Expr] = None
+
+
+#: The parameter of an axis's coordinate function (``y(x)`` of ``grid (y: 48, x: 80)``).
+_AXIS_PARAM = "position"
+
+
+def _axis_macros(decl: A.GridDecl) -> dict:
+    """The coordinate function of each named axis of ``decl``: ``y(x)`` is
+    ``coord(x, [sizes], axis)`` (``coord(x - T, ...)`` after ``T`` extra tokens), located at
+    the axis's name."""
+    sizes = A.ListLit(tuple(a.size for a in decl.axes), line=decl.line, column=decl.column)
+    out = {}
+    for i, ax in enumerate(decl.axes):
+        if ax.name is None:
+            continue
+        p = {"line": ax.line, "column": ax.column}
+        x = A.Name(_AXIS_PARAM, **p)
+        if decl.extra is not None:
+            x = A.Binary("-", x, decl.extra, op_line=ax.line, op_column=ax.column, **p)
+        body = A.Call("coord", (x, sizes, A.Int(i, **p)), **p)
+        out[ax.name] = A.Def(ax.name, (_AXIS_PARAM,), body, **p)
+    return out
+
+
+def _check_axis_names(decl: A.GridDecl, err, taken=None) -> None:
+    """SpattnNameError for an axis named like a variable, a builtin, another axis or (in a
+    program) another statement (``taken``: name -> statement)."""
+    seen: dict = {}
+    for ax in decl.axes:
+        n = ax.name
+        if n is None:
+            continue
+        if n in VARIABLES or n in BUILTINS:
+            kind = "variable" if n in VARIABLES else "builtin function"
+            raise err(SpattnNameError, f"grid axis {n!r} would hide the {kind} {n!r}: name "
+                      "the axis otherwise", ax)
+        if n in seen:
+            raise err(SpattnNameError, f"the grid has two axes named {n!r}", ax)
+        if taken and n in taken:
+            first = taken[n]
+            raise err(SpattnNameError, f"grid axis {n!r} is already defined at line "
+                      f"{first.line}, column {first.column}", ax)
+        seen[n] = ax
 
 
 # ------------------------------------------------------------------ helpers
@@ -72,6 +127,7 @@ CALL_KEYWORDS = {
     "q_offset": "the position of query row 0",
     "plan": "a plan made by pat.plan",
     "layout": "the layout of q, k, v",
+    "order": "the token order of a call",
     "pattern": "the pattern of spattn.attention",
     "backend": "the backend of spattn.attention",
 }
@@ -498,6 +554,14 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
         bound[name] = bind_value(name, value)
     scope = _Scope(params=bound, bare=True, inputs_first=inputs_first)
     r = _Resolver(source, filename, scope)
+    decl = None
+    if isinstance(expr, A.Gridded):
+        decl, expr = expr.grid, expr.expr
+
+        def err(cls, msg, node):
+            return r.err(cls, msg, node)
+        _check_axis_names(decl, err)
+        scope.macros = _axis_macros(decl)
     score_expr = None
     if isinstance(expr, A.Scored):
         expr, score_expr = expr.mask, expr.score
@@ -507,6 +571,13 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
     if score_expr is not None:
         r.in_mask = False
         trees.append(r.expr(score_expr, {}, None, scope))
+    sizes = []
+    if decl is not None:
+        r.in_mask = True
+        sizes = [r.expr(ax.size, {}, None, scope) for ax in decl.axes]
+        if decl.extra is not None:
+            sizes.append(r.expr(decl.extra, {}, None, scope))
+        trees += sizes
     indexed = {n.base.name for t in trees for n in A.walk(t)
                if isinstance(n, A.Index) and isinstance(n.base, A.Free)}
     for t in trees:
@@ -519,7 +590,13 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
     trees = [_rebuild(t, lambda n: A.InputRef(n.name, line=n.line, column=n.column)
                       if isinstance(n, A.Free) else n) for t in trees]
     tree = trees[0]
-    score_tree = trees[1] if len(trees) > 1 else None
+    score_tree = trees[1] if score_expr is not None else None
+    grid = None
+    if decl is not None:
+        grid = ResolvedGrid(tuple((ax.name, t, ax.line, ax.column)
+                                  for ax, t in zip(decl.axes, trees[len(trees) - len(sizes):])),
+                            decl.line, decl.column,
+                            sizes[-1] if decl.extra is not None else None)
     unused = sorted(set(bound) - scope.used_params)
     if unused:
         free = {n.id for n in A.walk(expr) if isinstance(n, A.Name)}
@@ -534,7 +611,7 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
         floats = {n: nd for n, nd in _check_uses(r, score_tree, dims).items() if n not in mine}
     return Resolved({"pattern": tree}, dict(bound), {"pattern": mine}, source, filename,
                     {"pattern": (expr.line, expr.column)}, {"pattern": score_tree},
-                    {"pattern": floats})
+                    {"pattern": floats}, grid)
 
 
 def _def_refs(body: A.Expr, params: tuple[str, ...]) -> list[A.Expr]:
@@ -561,7 +638,15 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
     inputs: dict[str, A.InputDecl] = {}
     macros: dict[str, A.Def] = {}
     patterns: dict[str, A.PatternDef] = {}
+    decl: Optional[A.GridDecl] = None
     for s in program.statements:
+        if isinstance(s, A.GridDecl):
+            if decl is not None:
+                raise err(SpattnNameError, f"the program declares a second grid (the first is "
+                          f"at line {decl.line}, column {decl.column}): a program has one "
+                          "token layout", s)
+            decl = s
+            continue
         n = s.name
         if n in VARIABLES:
             raise err(SpattnNameError, f"{n!r} is a built-in variable and cannot be redefined", s)
@@ -593,6 +678,11 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
         else:
             patterns[n] = s
             macros[n] = A.Def(n, (), s.expr, line=s.line, column=s.column)
+
+    if decl is not None:
+        _check_axis_names(decl, err, seen)
+        axis_macros = _axis_macros(decl)
+        macros.update(axis_macros)
 
     # keyword params
     bound: dict[str, ParamValue] = {}
@@ -655,9 +745,15 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
             used = _check_uses(r, scores[n], dims)
             masks = set().union(*per.values())
             floats[n] = {i: nd for i, nd in used.items() if i not in masks}
+    grid = None
+    if decl is not None:
+        r.in_mask = True
+        grid = ResolvedGrid(tuple((ax.name, r.expr(ax.size, {}, None, scope), ax.line,
+                                   ax.column) for ax in decl.axes), decl.line, decl.column,
+                            None if decl.extra is None else r.expr(decl.extra, {}, None, scope))
     return Resolved(trees, bound, per, src, fname,
                     {n: (s.expr.line, s.expr.column) for n, s in patterns.items()},
-                    scores, floats)
+                    scores, floats, grid)
 
 
 def _check_cycles(graph, macros, err) -> None:

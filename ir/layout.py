@@ -39,7 +39,8 @@ import torch
 from . import build as B
 from .nodes import Const, FloorDiv, Load, Mod, Node, Range, Sum, Var, free_vars, walk
 
-__all__ = ["Grid", "Layout", "Remap", "coordinate_form", "remap", "discover", "choose",
+__all__ = ["Grid", "Layout", "Remap", "Ordered", "coordinate_form", "remap", "discover",
+           "choose", "ordered",
            "candidate_boxes", "computed_pairs", "sampled_pairs", "MARGIN", "TILE_TOKENS",
            "AUTO_MIN_TOKENS"]
 
@@ -71,10 +72,13 @@ def _vplaceholder(side: str, j: int) -> Var:
 @dataclass(frozen=True)
 class Grid:
     """Tokens as the cells of ``shape`` flattened row-major; ``splits[a]`` > 1 splits axis a
-    into residue classes (``c = m * splits[a] + r``)."""
+    into residue classes (``c = m * splits[a] + r``). ``offset``: tokens before the grid
+    (text before an image): positions ``0 .. offset - 1`` are extra tokens, the grid's
+    cells are ``offset + sum(c_a * stride_a)``."""
 
     shape: tuple[int, ...]
     splits: tuple[int, ...] = ()
+    offset: int = 0
 
     def __post_init__(self):
         if not self.splits:
@@ -82,7 +86,13 @@ class Grid:
 
     @property
     def size(self) -> int:
+        """The grid's cells."""
         return math.prod(self.shape)
+
+    @property
+    def tokens(self) -> int:
+        """Every token: the extra ones before the grid and the cells."""
+        return self.offset + self.size
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -101,7 +111,7 @@ class Grid:
     def __str__(self) -> str:
         axes = " x ".join(f"{n}" + (f"/{d}" if d > 1 else "")
                           for n, d in zip(self.shape, self.splits))
-        return f"grid {axes}"
+        return f"grid {axes}" + (f" after {self.offset} tokens" if self.offset else "")
 
 
 @dataclass(frozen=True)
@@ -125,8 +135,14 @@ class Layout:
         return tuple(-(-v // b) for (_, _, v), b in zip(self.virtual, self.box))
 
     @property
+    def prefix(self) -> int:
+        """Slots of the extra tokens before the grid: their count rounded up to whole boxes
+        (they keep their sequence order; slots past them are padding)."""
+        return -(-self.grid.offset // self.tokens) * self.tokens
+
+    @property
     def padded_size(self) -> int:
-        return math.prod(self.tiles) * self.tokens
+        return self.prefix + math.prod(self.tiles) * self.tokens
 
     def box_by_axis(self) -> tuple[int, ...]:
         """Cells of a box along each grid axis (a residue part counts its weight)."""
@@ -173,8 +189,10 @@ class Layout:
     def permutation(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(order, inverse)``: int64 ``[padded_size]`` original position of each permuted
         slot (padding slots: position 0, masked out) and ``[N]`` permuted slot of each
-        original position."""
-        Np, N = self.padded_size, self.grid.size
+        original position. The extra tokens before an offset grid take the first slots in
+        sequence order."""
+        P, T0 = self.prefix, self.grid.offset
+        Np, N = self.padded_size - P, self.grid.size
         i = torch.arange(Np, dtype=torch.int64)
         T = self.tokens
         tile, off = i // T, i % T
@@ -191,9 +209,12 @@ class Layout:
         for n, s, c in zip(self.grid.shape, self.grid.strides, coords):
             valid &= c < n
             pos += c * s
-        order = torch.where(valid, pos, torch.zeros_like(pos))
-        inverse = torch.empty(N, dtype=torch.int64)
-        inverse[pos[valid]] = i[valid]
+        order = torch.where(valid, pos + T0, torch.zeros_like(pos))
+        inverse = torch.empty(T0 + N, dtype=torch.int64)
+        inverse[pos[valid] + T0] = i[valid] + P
+        text = torch.arange(P, dtype=torch.int64)
+        order = torch.cat([torch.where(text < T0, text, torch.zeros_like(text)), order])
+        inverse[:T0] = text[:T0]
         return order.to(device), inverse.to(device)
 
     def __str__(self) -> str:
@@ -304,14 +325,14 @@ def _simplify(n: Node, known: dict, sub: dict) -> Node:
     return rebuild(n, new)
 
 
-def coordinate_form(ir: Node, grid: Grid) -> Node:
-    """``ir`` with q and k replaced by the grid coordinates of the tokens (placeholder
-    variables ``q@a``, ``k@a``; the splits' parts ``q#j`` on the virtual axes), Lq and Lk
-    by the grid size."""
+def coordinate_form(ir: Node, grid: Grid, sides=("q", "k")) -> Node:
+    """``ir`` with q and k (``sides``: those of them that are cells of the grid; the others
+    stay positions) replaced by the grid coordinates of the tokens (placeholder variables
+    ``q#j``, ``k#j`` on the virtual axes: the splits' parts), Lq and Lk by the tokens."""
     virt = grid.virtual()
-    known, sub = {}, {"Lq": B.const(grid.size), "Lk": B.const(grid.size)}
-    for side in ("q", "k"):
-        pos = B.const(0)
+    known, sub = {}, {"Lq": B.const(grid.tokens), "Lk": B.const(grid.tokens)}
+    for side in sides:
+        pos = B.const(grid.offset)
         for a, (n, s) in enumerate(zip(grid.shape, grid.strides)):
             c = B.const(0)
             for j, (axis, w, size) in enumerate(virt):
@@ -326,14 +347,37 @@ def coordinate_form(ir: Node, grid: Grid) -> Node:
 
 def remap(ir: Node, layout: Layout) -> Node:
     """The pattern over permuted indices: ``ir`` in grid coordinates with the coordinates
-    of the permuted q and k substituted and padding cells masked out."""
-    form = coordinate_form(ir, layout.grid)
-    known, sub = {}, {}
-    for side in ("q", "k"):
-        for j, c in enumerate(layout.virtual_coords(Var(side))):
+    of the permuted q and k substituted and padding cells masked out. With extra tokens
+    before the grid, each side is an extra token (a slot below ``layout.prefix``: its
+    position) or a cell: the four cases are joined by ``|``, each under the ranges of slots
+    it holds for (a tile within one region decides them)."""
+    if not layout.grid.offset:
+        return B.and_(_remap_cells(ir, layout, ("q", "k"), 0),
+                      layout.valid(Var("q")), layout.valid(Var("k")))
+    P, T0 = layout.prefix, layout.grid.offset
+    parts = []
+    for cells in ((), ("q",), ("k",), ("q", "k")):
+        conds = []
+        for side in ("q", "k"):
+            x = Var(side)
+            if side in cells:
+                conds += [B.range_(x, P, None), layout.valid(B.sub(x, B.const(P)))]
+            else:
+                conds.append(B.range_(x, 0, T0 - 1))
+        parts.append(B.and_(*conds, _remap_cells(ir, layout, cells, P)))
+    return B.or_(*parts)
+
+
+def _remap_cells(ir: Node, layout: Layout, sides, prefix: int) -> Node:
+    """``ir`` with the ``sides`` that are cells read from the permuted slot (``prefix``
+    slots of extra tokens before the boxes); the other sides stay positions (= slots)."""
+    form = coordinate_form(ir, layout.grid, sides)
+    sub = {}
+    for side in sides:
+        x = B.sub(Var(side), B.const(prefix)) if prefix else Var(side)
+        for j, c in enumerate(layout.virtual_coords(x)):
             sub[_vplaceholder(side, j).name] = c
-    out = _simplify(form, known, sub)
-    return B.and_(out, layout.valid(Var("q")), layout.valid(Var("k")))
+    return _simplify(form, {}, sub)
 
 
 # ------------------------------------------------------------ discovery
@@ -370,26 +414,48 @@ def _strides(ir: Node) -> set[int]:
     return out
 
 
+def _offsets(ir: Node) -> set[int]:
+    """Positive ``T`` of every ``(q - T) // m`` and ``(q - T) % m`` (``k`` alike): where a
+    grid after ``T`` extra tokens starts."""
+    out = set()
+    for n in walk(ir):
+        if isinstance(n, (FloorDiv, Mod)) and isinstance(n.b, Const) and n.b.value > 1:
+            terms, c = B.linear(n.a)
+            if len(terms) == 1 and c < 0 and all(
+                    isinstance(a, Var) and a.name in ("q", "k") and v == 1
+                    for a, v in terms.items()):
+                out.add(-c)
+    return out
+
+
 def discover(ir: Node, N: int) -> list[Grid]:
     """Grids the pattern's divisors and moduli suggest for ``N`` tokens (the finest first);
     empty when none does. Strides dividing ``N`` and each other chain into a row-major grid;
-    a divisor of a coordinate that does not divide its axis becomes a split."""
+    a divisor of a coordinate that does not divide its axis becomes a split. The offsets the
+    pattern subtracts before dividing (``(q - 77) // 64``) suggest more: grids of the
+    ``N - T`` tokens after ``T`` extra ones (after the grids of all ``N`` tokens)."""
     if any(isinstance(n, Load) for n in walk(ir)) or not ({"q", "k"} & free_vars(ir)):
         return []
-    strides = sorted(s for s in _strides(ir) if 1 < s < N and N % s == 0)
-    chain: list[int] = []
-    for s in strides:
-        if all(s % c == 0 for c in chain):
-            chain.append(s)
-    shape, prev = [], N
-    for s in reversed(chain):
-        shape.append(prev // s)
-        prev = s
-    shape.append(prev)
-    grid = Grid(tuple(shape))
-    splits = _splits(coordinate_form(ir, grid), grid)
-    out = [Grid(grid.shape, splits)] if any(d > 1 for d in splits) else []
-    return out + ([grid] if chain else [])
+    every, found = _strides(ir), []
+    for T in [0] + sorted(t for t in _offsets(ir) if t < N - 1):
+        M = N - T
+        strides = sorted(s for s in every if 1 < s < M and M % s == 0)
+        chain: list[int] = []
+        for s in strides:
+            if all(s % c == 0 for c in chain):
+                chain.append(s)
+        if T and not chain:
+            continue
+        shape, prev = [], M
+        for s in reversed(chain):
+            shape.append(prev // s)
+            prev = s
+        shape.append(prev)
+        grid = Grid(tuple(shape), offset=T)
+        splits = _splits(coordinate_form(ir, grid), grid)
+        found += [Grid(grid.shape, splits, T)] if any(d > 1 for d in splits) else []
+        found += [grid] if chain else []
+    return found
 
 
 def _splits(form: Node, grid: Grid) -> tuple[int, ...]:
@@ -553,7 +619,7 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
     while best is None and tokens >= MIN_TOKENS:
         bm, bn = min(block_m, tokens), min(block_n, tokens)
         for grid in grids:
-            groups = _axis_groups(coordinate_form(ir, grid), grid)
+            groups = None if grid.offset else _axis_groups(coordinate_form(ir, grid), grid)
             boxes = candidate_boxes(grid, tokens)
             if groups is None:
                 boxes = boxes[:FULL_CANDIDATES]
@@ -594,3 +660,49 @@ def _product_allowed(groups: list[Node], grid: Grid) -> int:
         rir = B.and_(_simplify(g, {}, names), sub.valid(Var("q")), sub.valid(Var("k")))
         total *= int(mask(rir, sub.padded_size, sub.padded_size).sum())
     return total
+
+
+# ------------------------------------------------------------ a caller's token order
+
+@dataclass(frozen=True)
+class Ordered:
+    """A pattern read through a caller's token order (a permutation given as data): ``ir``
+    is the pattern over slots, whose q and k are read as the grid coordinates of the token
+    in that slot, loaded from the int inputs ``names`` (one ``[N]`` table per virtual axis
+    of ``grid``: :meth:`tables`)."""
+
+    grid: Grid
+    names: tuple[str, ...]
+    ir: Node
+
+    def tables(self, order: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The coordinate tables of ``order`` (int64 ``[N]``: the original position of each
+        slot): per virtual axis, the coordinate of each slot's token on it."""
+        grid, out = self.grid, {}
+        residues = sum(d > 1 for d in grid.splits)
+        for j, ((a, _, _), name) in enumerate(zip(grid.virtual(), self.names)):
+            c = (order // grid.strides[a]) % grid.shape[a]
+            d = grid.splits[a]
+            out[name] = c % d if j < residues else c // d
+        return out
+
+
+def ordered(ir: Node, N: int, taken=()) -> Ordered:
+    """``ir`` read through a token order of ``N`` tokens: the pattern over slots ``i, j``
+    that allows a pair when ``ir`` allows the tokens ``order[i], order[j]``.
+
+    The pattern is put in coordinate form over the grid it suggests (:func:`discover`; one
+    axis of ``N`` when none) and each coordinate placeholder becomes a load of that
+    coordinate's table at the slot: the tile analysis then bounds each coordinate over a
+    tile by the table's min/max there, which a tile that is a box of the grid makes exact
+    per axis. ``taken``: names the tables must not use (the pattern's own inputs)."""
+    grids = [g for g in discover(ir, N) if not g.offset]    # every token is a cell
+    grid = grids[0] if grids else Grid((N,))
+    prefix = "order_"
+    while any(t.startswith(prefix) for t in taken):
+        prefix = "_" + prefix
+    names = tuple(f"{prefix}{j}" for j in range(len(grid.virtual())))
+    form = coordinate_form(ir, grid)
+    sub = {_vplaceholder(side, j).name: B.load(name, (B.var(side),))
+           for side in ("q", "k") for j, name in enumerate(names)}
+    return Ordered(grid, names, _simplify(form, {}, sub))

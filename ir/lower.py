@@ -29,6 +29,8 @@ class Lowered:
     inputs: dict             # runtime input name -> number of index dims (int)
     score: Optional[Node] = None      # canonical float IR of the score, or None
     score_inputs: dict = None         # float runtime input name -> number of index dims
+    grid: Optional[tuple] = None      # the token grid a call's lengths must fill, or None
+    grid_offset: int = 0              # extra tokens before the grid (``after T``)
 
 
 def _tname(t: str) -> str:
@@ -41,6 +43,7 @@ class _Lowerer:
         self.filename = filename
         self.score_mode = False
         self.float_inputs = set(float_inputs)
+        self.shapes: list = []        # (shape, node) of each neighborhood(...) lowered
 
     def err(self, cls, msg: str, node: A.Expr, line=None, column=None) -> SpattnError:
         return cls(msg, source=self.source, line=(line or node.line) or None,
@@ -213,7 +216,61 @@ class _Lowerer:
         if len(args) == 5:
             c = args[4]
             args[4] = tuple(bool(x) for x in c) if isinstance(c, tuple) else bool(c)
-        return self.build(neighborhood_ir, *args, at=node)
+        ir = self.build(neighborhood_ir, *args, at=node)
+        self.shapes.append((check_shape(args[0]), node))
+        return ir
+
+    def grid_shape(self, grid) -> tuple:
+        """The shape of a resolved grid declaration (:class:`~spattn.dsl.resolve.
+        ResolvedGrid`): positive constant ints, 1 to 4 axes; located errors."""
+        from .neighborhood import MAX_AXES
+        if len(grid.axes) > MAX_AXES:
+            raise SpattnValueError(f"a grid has 1 to {MAX_AXES} axes, this one has "
+                                   f"{len(grid.axes)}", source=self.source, line=grid.line,
+                                   column=grid.column, filename=self.filename)
+        shape = []
+        for name, tree, line, column in grid.axes:
+            what = f"the size of grid axis {name!r}" if name else \
+                f"the size of grid axis {len(shape)}"
+            v = self.constant(tree, what)
+            if isinstance(v, (bool, tuple)) or v < 1:
+                raise SpattnValueError(f"{what} must be a positive int, got {v!r}",
+                                       source=self.source, line=line, column=column,
+                                       filename=self.filename)
+            shape.append(v)
+        return tuple(shape)
+
+    def grid_offset(self, grid) -> int:
+        """``T`` of ``after T`` (0 without): a constant int >= 0; located errors."""
+        if grid.extra is None:
+            return 0
+        v = self.constant(grid.extra, "the extra tokens of a grid (after T)")
+        if isinstance(v, (bool, tuple)) or v < 0:
+            raise self.err(SpattnValueError, f"the extra tokens of a grid (after T) must be "
+                           f"an int >= 0, got {v!r}", grid.extra)
+        return v
+
+    def pattern_grid(self, declared, offset: int = 0) -> Optional[tuple]:
+        """The grid of the pattern just lowered: the declared one, else the shape of its
+        ``neighborhood(...)`` builtins; a builtin over another cell count than the grid
+        (declared or of an earlier builtin) is a located SpattnValueError."""
+        import math
+        grid, first = declared, None
+        for shape, node in self.shapes:
+            if grid is None:
+                grid, first = shape, node
+                continue
+            count = math.prod(grid) + (offset if first is None else 0)
+            if math.prod(shape) != count:
+                where = "the program's grid" if first is None else \
+                    f"the neighborhood at line {first.line}, column {first.column}"
+                raise self.err(SpattnValueError, f"neighborhood over the grid {shape} "
+                               f"({math.prod(shape)} tokens), but {where} has "
+                               f"{count} tokens {grid}: a call has one length",
+                               node)
+            if declared is None and shape != grid:
+                grid = (math.prod(grid),)
+        return grid
 
     def index(self, node: A.Index) -> Node:
         base = node.base
@@ -307,12 +364,19 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
             chosen = "pattern"
         floats = set().union(*res.float_inputs.values()) if res.float_inputs else set()
         lo = _Lowerer(src, filename, floats)
-        irs = {n: lo.pattern(t) for n, t in res.patterns.items()}
+        declared = None if res.grid is None else lo.grid_shape(res.grid)
+        offset = 0 if res.grid is None else lo.grid_offset(res.grid)
+        irs, grids = {}, {}
+        for n, t in res.patterns.items():
+            lo.shapes = []
+            irs[n] = lo.pattern(t)
+            grids[n] = lo.pattern_grid(declared, offset)
         scores = {n: None if t is None else lo.score(t) for n, t in res.scores.items()}
     except RecursionError:
         raise _too_deep(src, filename) from None
     return Lowered(irs[chosen], chosen, dict(res.params), dict(res.inputs[chosen]),
-                   scores.get(chosen), dict(res.float_inputs.get(chosen, {})))
+                   scores.get(chosen), dict(res.float_inputs.get(chosen, {})),
+                   grids[chosen], offset if grids[chosen] == declared else 0)
 
 
 def _with_score(src: str, score: str) -> str:
@@ -328,6 +392,8 @@ def _with_score(src: str, score: str) -> str:
     if isinstance(tree, A.Program):
         raise SpattnParamError("score= is for a bare expression; in a program, write the "
                                "score beside its pattern: `pattern p = MASK score EXPR`")
+    if isinstance(tree, A.Gridded):
+        tree = tree.expr
     if isinstance(tree, A.Scored):
         raise SpattnParamError("the pattern already has a score clause; score= gives it "
                                "a second one")

@@ -69,7 +69,7 @@ from .plan import PLANS, Plan, build_plan
 from .settings import getenv
 from ..ir.inputs import validate_inputs
 
-__all__ = ["call", "call_op", "make_plan", "choose_backend", "validate"]
+__all__ = ["call", "call_op", "make_plan", "choose_backend", "validate", "check_order"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -236,12 +236,68 @@ def check_grid(pattern, Lq, Lk: int, what: str = "q and k") -> None:
     grid = getattr(pattern, "grid", None)
     if grid is None:
         return
-    n = math.prod(grid)
+    extra = getattr(pattern, "grid_offset", 0)
+    n = math.prod(grid) + extra
     if (Lq is not None and Lq != n) or Lk != n:
         lengths = f"Lk={Lk}" if Lq is None else f"lengths Lq={Lq}, Lk={Lk}"
-        raise SpattnInputError(f"the pattern is defined on the grid {tuple(grid)} of {n} "
-                               f"tokens, but {what} have {lengths}: the grid's product must "
-                               "equal the sequence length")
+        grid_text = (f"{tuple(grid)} after {extra} extra tokens, {n} tokens in all" if extra
+                     else f"{tuple(grid)} of {n} tokens")
+        must = "the extra tokens and the grid's cells" if extra else "the grid's product"
+        raise SpattnInputError(f"the pattern is defined on the grid {grid_text}, but {what} "
+                               f"have {lengths}: {must} must equal the sequence length")
+
+
+def check_order(order, q, k, q_offset) -> torch.Tensor:
+    """A caller's token order (``order=``: slot ``i`` holds token ``order[i]``) as an int64
+    ``[L]`` tensor on q's device; SpattnInputError naming ``order`` unless it is a 1-D
+    integer tensor on q's device that is a permutation of ``0 .. L-1`` for a
+    self-attention call (``Lq = Lk = L``, ``q_offset`` 0)."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    if not isinstance(order, torch.Tensor):
+        raise SpattnInputError(f"order must be a 1-D integer torch.Tensor (a permutation of "
+                               f"0..L-1: the token in each slot), got {type(order).__name__} "
+                               f"{short_repr(order)}")
+    if order.layout is not torch.strided or order.is_nested or order.is_meta:
+        raise SpattnInputError(f"order must be a dense tensor with data, got "
+                               f"{'a meta tensor' if order.is_meta else _layout(order)}")
+    if order.dtype is torch.bool or order.is_floating_point() or order.is_complex() \
+            or order.dtype in _UNSIGNED:
+        raise SpattnInputError(f"order (shape {_shape(order)}) has dtype {order.dtype}: it "
+                               "must be an integer tensor (int64, int32, int16, int8 or "
+                               "uint8)")
+    if order.dim() != 1:
+        raise SpattnInputError(f"order must be 1-D [L] (one order for every batch element "
+                               f"and head), got shape {_shape(order)}")
+    if Lq != Lk:
+        raise SpattnInputError(f"order= is for self-attention: q (shape {_shape(q)}) and k "
+                               f"(shape {_shape(k)}) must have the same length, got Lq={Lq}, "
+                               f"Lk={Lk}")
+    if q_offset is not None and q_offset != 0:
+        raise SpattnInputError(f"order= is for self-attention with q_offset 0 (query slot i "
+                               f"and key slot i hold the same token), got q_offset={q_offset}")
+    if order.numel() != Lq:
+        raise SpattnInputError(f"order has {order.numel()} entries (shape {_shape(order)}) but "
+                               f"q (shape {_shape(q)}) and k have L={Lq} tokens: it must be a "
+                               "permutation of 0..L-1")
+    if order.device != q.device:
+        raise SpattnInputError(f"order (shape {_shape(order)}) is on {order.device} but q "
+                               f"(shape {_shape(q)}) is on {q.device}")
+    o = order.to(torch.int64).contiguous()
+    lo, hi = int(o.min()), int(o.max())
+    if lo < 0 or hi >= Lq:
+        bad = lo if lo < 0 else hi
+        slot = int((o == bad).nonzero()[0, 0])
+        raise SpattnInputError(f"order is not a permutation of 0..{Lq - 1}: order[{slot}] = "
+                               f"{bad} is out of range")
+    counts = torch.bincount(o, minlength=Lq)
+    if int(counts.max()) > 1:
+        dup = int(counts.argmax())
+        slots = (o == dup).nonzero()[:2, 0].tolist()
+        missing = int((counts == 0).nonzero()[0, 0])
+        raise SpattnInputError(f"order is not a permutation of 0..{Lq - 1}: token {dup} is in "
+                               f"slots {slots[0]} and {slots[1]} (and token {missing} in "
+                               "none)")
+    return o
 
 
 def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
@@ -268,7 +324,7 @@ def _as_given(t, device, dtype):
 
 
 def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backward=None,
-              layout=None, **options):
+              layout=None, order=None, **options):
     """``Pattern.plan``: a new :class:`~spattn.runtime.plan.Plan` for these tensors.
 
     ``backward``: build the backward's stage now (True), not until the first backward
@@ -276,7 +332,9 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     ``options``: the launcher options of :mod:`spattn.runtime.triton_backend` (tests,
     tuning experiments).
     ``layout``: of q, k, v (:mod:`spattn.runtime.usage`); the plan keeps it as
-    ``plan.tensor_layout`` and calls with it take tensors in that layout.
+    ``plan.tensor_layout`` and calls with it take tensors in that layout. ``order``: a
+    token order (:func:`check_order`): the plan is an :class:`~spattn.runtime.plan.
+    OrderedPlan` (docs/layouts.md).
     """
     scored = getattr(pattern, "score", None) is not None
     if inputs:
@@ -284,6 +342,8 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
                               inputs)
     q, k, v = _usage.to_bhsd(layout, q, k, v)
     if scored:      # the tables' shapes are the plan's; each call passes its tables
+        if order is not None:
+            _check_order_call(pattern, None)
         from . import scores
         try:
             plan = scores.make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset,
@@ -292,13 +352,16 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
             raise _usage.with_layout_hint(e, layout, q, k, v) from None
     else:
         try:
+            given_offset = q_offset
             scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs,
                                               layout)
+            if order is not None:
+                order = check_order(order, q, k, given_offset)
         except SpattnInputError as e:
             raise _usage.with_layout_hint(e, layout, q, k, v) from None
         backend = choose_backend(pattern.backend, q.device.type)
         plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                          inputs=ins, options=options)
+                          inputs=ins, options=options, order=order)
     learnable = scored and any(isinstance(t, torch.Tensor) and t.requires_grad
                                for n, t in (inputs or {}).items() if n in pattern.score_inputs)
     if backward or (backward is None and (learnable or any(t.requires_grad
@@ -333,11 +396,14 @@ def _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs) -> None:
 
 
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
-         plan=None, layout=None, deterministic=False):
+         plan=None, layout=None, deterministic=False, order=None):
     """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32);
     with ``layout="bshd"`` q, k, v and o are ``[B, L, H, D]`` (lse stays ``[B, Hq, Lq]``).
     ``deterministic``: a score's learnable tables get their gradients without atomics
-    (everything else is deterministic already)."""
+    (everything else is deterministic already). ``order``: run in this token order
+    (:func:`check_order`; q, k, v and o stay in the caller's order)."""
+    if order is not None:
+        _check_order_call(pattern, plan)
     if inputs:
         _usage.check_keywords({**pattern.inputs, **getattr(pattern, "score_inputs", {})},
                               inputs)
@@ -359,13 +425,14 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
             _usage.from_bhsd(layout, out)
     if torch.compiler.is_compiling():
-        _register_const(pattern)
+        key = _register_const(pattern)
         # The op carries the canonical source (a str attribute: a constant while tracing).
-        out = call_op(pattern.source, pattern.inputs, pattern.backend, q, k, v, scale=scale,
+        out = call_op(key, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
         return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
             _usage.from_bhsd(layout, out)
-    if plan is None and _decode.routes(q, k, v, q_offset):  # few queries, many keys: docs/decode.md
+    # few queries, many keys: docs/decode.md
+    if plan is None and order is None and _decode.routes(q, k, v, q_offset):
         out = _decode.call_routed(pattern, q, k, v, scale=scale, return_lse=return_lse,
                                   q_offset=q_offset, inputs=inputs)
         if out is not None:
@@ -375,14 +442,17 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
         try:
+            given_offset = q_offset
             scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs,
                                               layout)
+            if order is not None:
+                order = check_order(order, q, k, given_offset)
         except SpattnInputError as e:
             raise _usage.with_layout_hint(e, layout, q, k, v) from None
         backend = choose_backend(pattern.backend, q.device.type)
         _ag.register(pattern)
         plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                         inputs=ins)
+                         inputs=ins, order=order)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
     else:                   # nothing to differentiate: the plan alone (no autograd node)
@@ -390,6 +460,22 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if layout == "bshd":
         o = o.transpose(1, 2)
     return (o, lse) if return_lse else o
+
+
+def _check_order_call(pattern, plan) -> None:
+    """SpattnParamError where ``order=`` cannot be taken: with ``plan=`` (the plan holds its
+    order), for a pattern with a score, under ``torch.compile``."""
+    if plan is not None:
+        raise SpattnParamError("order= was given with plan=: the plan holds its token order; "
+                               "build the plan with it (pat.plan(q, k, v, order=order)) and "
+                               "call with plan= alone")
+    if getattr(pattern, "score", None) is not None:
+        raise SpattnParamError("order= is not available for a pattern with a score: call it "
+                               "without order= (or gather q, k, v yourself)")
+    if torch.compiler.is_compiling():
+        raise SpattnParamError("order= is not available under torch.compile: call the "
+                               "pattern with order= outside the compiled region "
+                               "(torch.compiler.disable)")
 
 
 @torch.compiler.assume_constant_result

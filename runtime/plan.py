@@ -29,7 +29,8 @@ from ..ir.positions import Positions
 from . import settings as _settings
 from .tables import Analysis
 
-__all__ = ["Call", "Plan", "build_plan", "PlanCache", "PLANS", "PLANS_SIZE"]
+__all__ = ["Call", "Plan", "PermutedPlan", "RemappedPlan", "OrderedPlan", "build_plan",
+           "PlanCache", "PLANS", "PLANS_SIZE"]
 
 #: Plans kept for calls without one (:data:`PLANS`).
 PLANS_SIZE = 64
@@ -267,23 +268,20 @@ def _unscored(plan) -> None:
                                  "runtime.scores (its forward and backward take the tables)")
 
 
-class RemappedPlan(Plan):
-    """A plan that runs its pattern in a token layout (docs/layouts.md): q, k and v are
-    gathered into box order (``order``, padding slots read token 0 and are masked out), the
-    remapped pattern runs through an ordinary :class:`Plan` (``inner``) on ``[B, H, Np, D]``
-    tensors, and the outputs (and in the backward the gradients) are gathered back into the
-    caller's order (``inverse``). The gathers' time is part of the call's."""
+class PermutedPlan(Plan):
+    """A plan that runs its pattern on the tokens in another order: q, k and v are gathered
+    into slot order (``order``: the original token of each slot), an ordinary :class:`Plan`
+    (``inner``) of the pattern over slots runs on ``[B, H, Np, D]`` tensors, and the outputs
+    (and in the backward the gradients) are gathered back into the caller's order
+    (``inverse``: the slot of each token). The gathers' time is part of the call's.
+    :class:`RemappedPlan` (a layout the compiler chose) and :class:`OrderedPlan` (an order
+    the caller gave) differ only in where the order and the pattern over slots come from."""
 
-    def __init__(self, pattern, backend: str, remap, q, k, v, *, scale, settings, options):
-        self._bind(pattern, backend, q, k, v, options)
-        self.remap = remap
-        self.order, self.inverse = remap.layout.permutation(q.device)
-        # the caller's pattern class (the torch backend's plan calls its analysis methods)
-        inner = type(pattern)(remap.ir, name=f"{pattern.name}@layout",
-                              backend=getattr(pattern, "backend", "auto"))
+    def _build_inner(self, inner, backend, q, k, v, *, scale, inputs, settings, options):
         qs, ks, vs = (self._stand_in(t) for t in (q, k, v))
         self.inner = build_plan(inner, backend, qs, ks, vs, scale=scale, q_offset=None,
-                                inputs={}, settings=settings, options=options, layouts=False)
+                                inputs=inputs, settings=settings, options=options,
+                                layouts=False)
         self.call = self.inner.call
         self.forward_stage = self.inner.forward_stage
 
@@ -310,11 +308,61 @@ class RemappedPlan(Plan):
         grads = self.inner.backward(*g)
         return tuple(self._gather(t, self.inverse) for t in grads)
 
+
+class RemappedPlan(PermutedPlan):
+    """A plan that runs its pattern in a token layout (docs/layouts.md): the order is the
+    layout's box order (padding slots read token 0 and are masked out) and the pattern over
+    slots the remapped pattern."""
+
+    def __init__(self, pattern, backend: str, remap, q, k, v, *, scale, settings, options):
+        self._bind(pattern, backend, q, k, v, options)
+        self.remap = remap
+        self.order, self.inverse = remap.layout.permutation(q.device)
+        # the caller's pattern class (the torch backend's plan calls its analysis methods)
+        inner = type(pattern)(remap.ir, name=f"{pattern.name}@layout",
+                              backend=getattr(pattern, "backend", "auto"))
+        self._build_inner(inner, backend, q, k, v, scale=scale, inputs={}, settings=settings,
+                          options=options)
+
     def __repr__(self) -> str:
         r = self.remap
         head = [f"Plan for {self.pattern.name!r}: {self.pattern.source}",
                 f"  layout: {r.layout} ({r.layout.padded_size} slots); computed pairs "
                 f"{r.computed_layout:,} (sequence order {r.computed_sequence:,})"]
+        return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
+
+
+class OrderedPlan(PermutedPlan):
+    """A plan that runs its pattern in the caller's token order (``order=`` of a call or
+    of ``pat.plan``; docs/layouts.md, "A caller's token order"): slot ``i`` holds token
+    ``order[i]``. The mask stays defined over the original positions; the inner pattern
+    reads it through the order (:func:`spattn.ir.layout.ordered`: the grid coordinates of
+    each slot's token are int inputs of the inner plan, so its tiles are classified from
+    them as any runtime input's are). ``inputs``: the pattern's own runtime inputs, already
+    validated (indexed by original positions, as without an order)."""
+
+    def __init__(self, pattern, backend: str, order, q, k, v, *, scale, inputs, settings,
+                 options):
+        from ..ir.layout import ordered
+        self._bind(pattern, backend, q, k, v, options)
+        N = q.shape[2]
+        self.order = order
+        self.inverse = torch.empty_like(order)
+        self.inverse[order] = torch.arange(N, dtype=order.dtype, device=order.device)
+        self.ordered = ordered(pattern.ir, N, taken=pattern.inputs)
+        inner = type(pattern)(self.ordered.ir, name=f"{pattern.name}@order",
+                              inputs={**pattern.inputs,
+                                      **{n: 1 for n in self.ordered.names}},
+                              backend=getattr(pattern, "backend", "auto"))
+        tables = self.ordered.tables(order)
+        self._build_inner(inner, backend, q, k, v, scale=scale,
+                          inputs={**(inputs or {}), **tables}, settings=settings,
+                          options=options)
+
+    def __repr__(self) -> str:
+        head = [f"Plan for {self.pattern.name!r}: {self.pattern.source}",
+                f"  token order: the caller's ({self.order.numel()} slots), the pattern read "
+                f"through it on the {self.ordered.grid}"]
         return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
 
 
@@ -333,10 +381,12 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings):
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
-               settings=None, options=None, layouts: bool = True, tables=None) -> Plan:
-    """A new :class:`Plan` (arguments already validated: ``api.validate``); a
-    :class:`RemappedPlan` when the pattern runs in a token layout (``layouts``; never for a
-    pattern with a score). ``tables``: a score's float tables, which the stages are built
+               settings=None, options=None, layouts: bool = True, tables=None,
+               order=None) -> Plan:
+    """A new :class:`Plan` (arguments already validated: ``api.validate``); an
+    :class:`OrderedPlan` for a caller's token ``order`` (checked: ``api.check_order``), else
+    a :class:`RemappedPlan` when the pattern runs in a token layout (``layouts``; never for
+    a pattern with a score). ``tables``: a score's float tables, which the stages are built
     (and tuned) with; each call passes its own (``runtime.scores``)."""
     from .api import check_grid
     from .progress import progress
@@ -346,6 +396,9 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
     settings = settings or _settings.current()
     with progress(f"building the {backend} plan of {pattern.name!r} for q "
                   f"{list(q.shape)} {str(q.dtype).replace('torch.', '')} (kernels, tables)"):
+        if order is not None:
+            return OrderedPlan(pattern, backend, order, q, k, v, scale=scale, inputs=inputs,
+                               settings=settings, options=options)
         remap = None
         if layouts and getattr(pattern, "score", None) is None:
             remap = choose_layout(pattern, q, k, q_offset, inputs, settings)
@@ -370,33 +423,39 @@ class PlanCache:
         self._plans: OrderedDict = OrderedDict()
 
     @staticmethod
-    def key(pattern, backend, q, k, v, scale, q_offset, inputs, settings) -> tuple:
+    def key(pattern, backend, q, k, v, scale, q_offset, inputs, settings,
+            order=None) -> tuple:
         from . import tune
         ins = tuple((n, id(t), t._version, t.data_ptr(), tuple(t.shape), t.stride(),
                      t.dtype, str(t.device)) for n, t in sorted((inputs or {}).items()))
-        return (pattern.source, tuple(sorted(pattern.inputs.items())), backend, _layout(q, k, v),
+        if order is not None:       # data, like an input: by identity and version
+            ins += (("order()", id(order), order._version, order.data_ptr()),)
+        return (pattern.source, getattr(pattern, "grid", None), getattr(pattern, "grid_offset", 0),
+                tuple(sorted(pattern.inputs.items())), backend, _layout(q, k, v),
                 q.dtype, k.dtype, str(q.device), _aligned(q, k, v), scale, q_offset, ins,
                 settings.raw, tune.generation())
 
-    def get(self, pattern, backend, q, k, v, *, scale, q_offset, inputs, tables=None) -> Plan:
+    def get(self, pattern, backend, q, k, v, *, scale, q_offset, inputs, tables=None,
+            order=None) -> Plan:
         """The cached plan of this call, built on a miss (``tables``: a score's float
-        tables, not part of the key: every call passes its own to the stages)."""
+        tables, not part of the key: every call passes its own to the stages; ``order``: a
+        caller's token order, keyed like a runtime input)."""
         settings = _settings.current()
-        key = self.key(pattern, backend, q, k, v, scale, q_offset, inputs, settings)
+        key = self.key(pattern, backend, q, k, v, scale, q_offset, inputs, settings, order)
         with self._lock:
             entry = self._plans.get(key)
             if entry is not None:
                 self._plans.move_to_end(key)
                 return entry[0]
         plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                          inputs=inputs, settings=settings, tables=tables)
+                          inputs=inputs, settings=settings, tables=tables, order=order)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return plan
         from . import tune
         key = key[:-1] + (tune.generation(),)      # a first call's own tuning is its answer
         with self._lock:
             # the entry holds the input tensors: their ids stay theirs while it lives
-            self._plans[key] = (plan, tuple((inputs or {}).values()))
+            self._plans[key] = (plan, tuple((inputs or {}).values()) + (order,))
             while len(self._plans) > self.size:
                 self._plans.popitem(last=False)
         return plan

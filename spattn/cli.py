@@ -10,6 +10,7 @@ torch and Triton.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -250,6 +251,11 @@ def _cmd_check(args, pat, out):
 
 
 def _params_and_inputs(pat, out, indent):
+    if pat.grid is not None:
+        extra = f" after {pat.grid_offset} tokens" if pat.grid_offset else ""
+        n = math.prod(pat.grid) + pat.grid_offset
+        print(indent + "grid: " + " x ".join(map(str, pat.grid)) + f"{extra} ({n:,} tokens: a "
+              "call's length)", file=out)
     if pat.params:
         print(indent + "params: " + ", ".join(f"{k}={v}" for k, v in pat.params.items()),
               file=out)

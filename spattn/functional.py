@@ -58,6 +58,7 @@ def _resolve(pattern, kwargs):
         if backend is not None and backend != pattern.backend:
             pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
                               inputs=pattern.inputs, backend=backend, grid=pattern.grid,
+                              grid_offset=pattern.grid_offset,
                               score=pattern.score, score_inputs=pattern.score_inputs)
         return pattern, inputs
     if not isinstance(pattern, str):
@@ -85,16 +86,20 @@ _functional_meta_const = torch.compiler.assume_constant_result(_functional_meta)
 
 
 def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, layout=None,
-              **kwargs):
+              order=None, **kwargs):
     """Functional form: ``attention(q, k, v, pattern="causal & window(W)", W=1024, doc=doc)``.
 
     Keyword arguments that name runtime inputs of the pattern are passed at call
     time; the others bind params. Compiled patterns are cached. ``layout``: ``"bhsd"``
     (q ``[B, H, L, D]``, the default) or ``"bshd"`` (q ``[B, L, H, D]``, output likewise).
     Keywords of ``scaled_dot_product_attention`` (``is_causal``, ``attn_mask``,
-    ``enable_gqa``, ``dropout_p``) are errors that say what to write instead.
+    ``enable_gqa``, ``dropout_p``) are errors that say what to write instead. ``order``: a
+    token order to run in (:meth:`spattn.Pattern.__call__`).
     """
     if torch.compiler.is_compiling() and isinstance(pattern, str):
+        if order is not None:
+            raise SpattnParamError("order= is not available under torch.compile: call with "
+                                   "order= outside the compiled region")
         # Parsing is not traceable: the compiled pattern enters the graph as constants.
         backend = kwargs.pop("backend", None) or "auto"
         inputs = {n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}
@@ -115,4 +120,4 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
         return (from_bhsd(layout, out[0]), out[1]) if return_lse else from_bhsd(layout, out)
     pat, inputs = _resolve(pattern, dict(kwargs))
     return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                inputs=inputs, layout=layout)
+                inputs=inputs, layout=layout, order=order)

@@ -40,7 +40,10 @@ class Pattern(CompiledPattern):
 
     def __repr__(self):
         inputs = f", inputs={sorted(self.inputs)}" if self.inputs else ""
-        return f"Pattern({self.name!r}: {self.source}{inputs})"
+        grid = f", grid={self.grid}" if self.grid is not None else ""
+        if self.grid_offset:
+            grid += f" after {self.grid_offset}"
+        return f"Pattern({self.name!r}: {self.source}{inputs}{grid})"
 
     # -- reference semantics ---------------------------------------------
     def mask(self, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
@@ -109,7 +112,7 @@ class Pattern(CompiledPattern):
     # -- kernels ----------------------------------------------------------
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False,
                  q_offset: int | None = None, plan=None, layout: str | None = None,
-                 deterministic: bool = False, **inputs):
+                 deterministic: bool = False, order=None, **inputs):
         """Attention with this pattern; q ``[B, Hq, Lq, D]``, k, v ``[B, Hk, Lk, D]``.
 
         Returns the output ``[B, Hq, Lq, D]`` (and the log-sum-exp ``[B, Hq, Lq]``, fp32,
@@ -121,10 +124,18 @@ class Pattern(CompiledPattern):
         and more heads than positions, gives a :class:`SpattnLayoutWarning`.
         ``deterministic``: the gradients of a score's learnable tables without atomic
         adds (the torch backend's backward; docs/backends.md).
+        ``order``: a token order to run in, an int tensor ``[L]`` holding a permutation of
+        ``0 .. L-1`` (self-attention, ``Lq = Lk = L``): slot ``i`` holds token ``order[i]``.
+        The mask keeps its meaning over the original positions and q, k, v and the output
+        stay in the caller's order; the kernels run on the tokens gathered into ``order``, so
+        an order whose contiguous tiles the pattern makes FULL or EMPTY runs faster
+        (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
+        would choose.
         """
         from .runtime.api import call
         return call(self, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                    inputs=inputs, plan=plan, layout=layout, deterministic=deterministic)
+                    inputs=inputs, plan=plan, layout=layout, deterministic=deterministic,
+                    order=order)
 
     def decode(self, q, k_cache, v_cache, *, seq_lens=None, page_table=None,
                scale: float | None = None, q_offset: int | None = None,
@@ -147,7 +158,8 @@ class Pattern(CompiledPattern):
                       num_splits=num_splits, **inputs)
 
     def plan(self, q, k, v, *, scale: float | None = None, q_offset: int | None = None,
-             backward: bool | None = None, layout: str | None = None, **inputs):
+             backward: bool | None = None, layout: str | None = None, order=None,
+             **inputs):
         """Everything a call with these tensors needs, resolved once: a
         :class:`spattn.runtime.plan.Plan` (shapes, positions, inputs, tables, configuration,
         compiled kernels). ``pat(q, k, v, plan=plan)`` then runs with no other host work.
@@ -159,11 +171,12 @@ class Pattern(CompiledPattern):
         shapes and dtypes: each call passes its tables, ``pat(q, k, v, plan=plan, rel=rel)``
         (docs/backends.md, Scores). ``backward`` builds the backward's stage now (True), at
         the first backward (False), or now if q, k, v or a score's table requires grad
-        (None). ``repr(plan)`` says what it holds.
+        (None). ``order``: a token order (as for a call), held by the plan (not with a
+        score). ``repr(plan)`` says what it holds.
         """
         from .runtime.api import make_plan
         return make_plan(self, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
-                         backward=backward, layout=layout)
+                         backward=backward, layout=layout, order=order)
 
     def kernel_source(self, *args, **options) -> str:
         """The generated Triton source of a kernel, in one of two forms.
@@ -224,7 +237,8 @@ def compile(src: str, *, score: str | None = None, backend: str = "auto",
     low = compile_source(src, params, pattern=pattern, score=score)
     warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
-                   score=low.score, score_inputs=low.score_inputs)
+                   score=low.score, score_inputs=low.score_inputs, grid=low.grid,
+                   grid_offset=low.grid_offset)
 
 
 def pattern_names(path) -> list[str]:
@@ -314,4 +328,5 @@ def load(path, *, pattern: str | None = None, backend: str = "auto", **params: A
     low = compile_source(text, params, pattern=pattern, filename=os.fspath(path))
     warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
-                   score=low.score, score_inputs=low.score_inputs)
+                   score=low.score, score_inputs=low.score_inputs, grid=low.grid,
+                   grid_offset=low.grid_offset)

@@ -39,3 +39,19 @@ def test_problems_are_the_briefs(layouts):
     pat, N = layouts.make_pattern("flat", (16, 5))
     nb, _ = layouts.make_pattern("natten", ((16, 16), (5, 5)))
     assert N == 256 and pat.mask(N, N).equal(nb.mask(N, N))    # the flat form is NATTEN's
+
+
+def test_cpu_run_of_a_callers_order_and_text_before_an_image(layouts, tmp_path, monkeypatch):
+    """The rows of ``order=`` (an OrderedPlan from a box permutation) and of a declared grid
+    after text tokens (a layout whose grid has an offset) run and match the reference."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "auto")
+    rc = layouts.main(["--out", str(tmp_path), "--cpu", "--only", "flux-window-80x80-order",
+                       "text77-flux-window-81x81"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "layouts.json").read_text())["rows"]
+    assert rows[0]["layout"] == "caller's order, boxes 4x4"
+    assert "after 5 tokens" in rows[1]["layout"]
+    assert all(r["rel_err_sampled"] < 1e-4 for r in rows)
+    order = layouts.box_order((8, 8), (4, 2), "cpu")
+    assert sorted(order.tolist()) == list(range(64)) and order[:8].tolist() == [
+        0, 1, 8, 9, 16, 17, 24, 25]

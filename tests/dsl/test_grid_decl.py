@@ -1,0 +1,182 @@
+"""The ``grid`` declaration: named axes are coordinate functions (the same IR as
+``coord``), the grid is the pattern's (``Pattern.grid``) and a call of another length is a
+SpattnInputError naming q and k; the builtin ``neighborhood(...)`` carries its shape the
+same way; bad declarations are located errors; the canonical form is the mask's."""
+import math
+
+import pytest
+import torch
+
+import spattn
+from spattn.runtime.reference import attention_reference
+from tests.runtime.test_torch_backend import _close
+
+PROGRAM = """param r = 1
+param COLS = 6
+grid (y: 4, x: COLS)
+pattern square = abs(y(q) - y(k)) <= r & abs(x(q) - x(k)) <= r
+pattern axial = y(q) == y(k) | x(q) == x(k)
+"""
+
+
+def test_axes_are_coordinate_functions():
+    sq = spattn.compile(PROGRAM, pattern="square")
+    assert sq.grid == (4, 6)
+    assert sq == spattn.compile("abs(q // 6 - k // 6) <= 1 & abs(q % 6 - k % 6) <= 1")
+    assert sq == spattn.compile("abs(coord(q, [4, 6], 0) - coord(k, [4, 6], 0)) <= 1 & "
+                                "abs(coord(q, [4, 6], 1) - coord(k, [4, 6], 1)) <= 1")
+    assert spattn.compile(PROGRAM, pattern="axial", COLS=5).grid == (4, 5)
+
+
+def test_three_axes_and_a_bare_expression_with_params():
+    pat = spattn.compile("grid (t: T, y: 3, x: 2 * X) t(k) <= t(q) & abs(x(q) - x(k)) <= 1",
+                         T=2, X=2)
+    assert pat.grid == (2, 3, 4)
+    assert pat == spattn.compile("k // 12 <= q // 12 & abs(q % 4 - k % 4) <= 1")
+    assert spattn.compile("grid (3, 5) q >= k").grid == (3, 5)
+
+
+def test_canonical_form_is_the_mask():
+    pat = spattn.compile(PROGRAM, pattern="square")
+    again = spattn.compile(pat.source)
+    assert again == pat and hash(again) == hash(pat) and again.key == pat.key
+    assert again.grid is None and "grid=(4, 6)" in repr(pat)
+
+
+@pytest.mark.parametrize("L", [20, 30], ids=["L20", "L30"])
+def test_call_of_another_length_names_q_and_k(L):
+    pat = spattn.compile(PROGRAM, pattern="square", backend="torch")
+    q = torch.randn(1, 1, L, 16)
+    with pytest.raises(spattn.SpattnInputError, match=r"grid \(4, 6\) of 24 tokens.*q \(shape "
+                       rf"\(1, 1, {L}, 16\)\) and k"):
+        pat(q, q, q)
+    with pytest.raises(spattn.SpattnInputError, match="grid"):
+        pat.mask(L, L)
+
+
+def test_call_on_the_grid_matches_the_reference():
+    pat = spattn.compile(PROGRAM, pattern="axial", backend="torch")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 24, 16, generator=g, requires_grad=True) for _ in range(3))
+    o = pat(q, k, v)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, _ = attention_reference(q64, k64, v64, pat.mask(24, 24))
+    _close("o", o, ro)
+    do = torch.randn(o.shape, generator=g)
+    (o * do).sum().backward()
+    (ro * do.double()).sum().backward()
+    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        _close(name, a.grad, b.grad)
+
+
+def test_the_builtin_neighborhood_carries_its_grid():
+    pat = spattn.compile("neighborhood([4, 4], 3) & k <= q", backend="torch")
+    assert pat.grid == (4, 4)
+    assert pat == spattn.compile(f"({spattn.neighborhood((4, 4), 3).source}) & k <= q")
+    q = torch.randn(1, 1, 20, 16)
+    with pytest.raises(spattn.SpattnInputError, match=r"grid \(4, 4\) of 16 tokens"):
+        pat(q, q, q)
+    # two neighbourhoods of one cell count: the pattern's grid is that many tokens
+    both = spattn.compile("neighborhood([4, 4], 3) | neighborhood([16], 5)")
+    assert both.grid == (16,)
+    assert spattn.compile("grid (2, 8) neighborhood([4, 4], 3)").grid == (2, 8)
+
+
+def test_a_param_may_still_be_named_grid():
+    pat = spattn.compile("param grid = [3, 4]\npattern p = neighborhood(grid, 3)")
+    assert pat.grid == (3, 4)
+
+
+@pytest.mark.parametrize("src,cls,where,words", [
+    ("grid (y: 0) q >= k", spattn.SpattnValueError, (1, 7), "positive int, got 0"),
+    ("grid (y: q) q >= k", spattn.SpattnTypeError, (1, 10), "must be a constant"),
+    ("grid (q: 3) q >= k", spattn.SpattnNameError, (1, 7), "hide the variable"),
+    ("grid (abs: 3) q >= k", spattn.SpattnNameError, (1, 7), "hide the builtin"),
+    ("grid (a: 2, a: 3) q >= k", spattn.SpattnNameError, (1, 13), "two axes named 'a'"),
+    ("grid (1, 2, 3, 4, 5) q >= k", spattn.SpattnValueError, (1, 1), "1 to 4 axes"),
+    ("grid (4, 4) neighborhood([3, 3], 3)", spattn.SpattnValueError, (1, 13),
+     "program's grid has 16"),
+    ("neighborhood([4, 4], 3) | neighborhood([3, 3], 3)", spattn.SpattnValueError, (1, 27),
+     "line 1, column 1 has 16"),
+    ("grid (y: 4) y(q, k) == 1", spattn.SpattnTypeError, (1, 13), "y takes 1 argument"),
+    ("grid (y: 4, x: Z) q >= k", spattn.SpattnNameError, (1, 16), "unknown name 'Z'"),
+    ("param y = 2\ngrid (y: 4)\npattern p = q >= k", spattn.SpattnNameError, (2, 7),
+     "already defined at line 1"),
+    ("grid (4)\ngrid (5)\npattern p = q >= k", spattn.SpattnNameError, (2, 1),
+     "second grid"),
+    ("grid (y: 4 q >= k", spattn.SpattnSyntaxError, (1, 12), "expected"),
+    ("grid () q >= k", spattn.SpattnSyntaxError, (1, 7), "expected"),
+], ids=["zero", "not-constant", "variable", "builtin", "twice", "five-axes",
+        "neighborhood-vs-grid", "two-neighborhoods", "arity", "unknown-size", "clash",
+        "second-grid", "unclosed", "empty"])
+def test_bad_declarations_are_located(src, cls, where, words):
+    with pytest.raises(cls, match=words) as e:
+        spattn.compile(src)
+    assert (e.value.line, e.value.column) == where
+    assert "^" in str(e.value)
+
+
+def test_example_file_checks_and_runs_on_its_grid():
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "examples" / "patterns" / "image_grid.spattn"
+    for name in spattn.pattern_names(path):
+        pat = spattn.load(path, pattern=name, backend="torch")
+        assert pat.grid == (16, 16)
+        assert math.prod(pat.grid) == 256
+
+
+TEXT_IMAGE = """param T = 5
+grid (row: 6, col: 8) after T
+pattern p = k < T | (q >= T & k >= T & abs(row(q) - row(k)) <= 1 & abs(col(q) - col(k)) <= 1)
+"""
+
+
+def test_extra_tokens_before_the_grid():
+    pat = spattn.compile(TEXT_IMAGE, backend="torch")
+    assert (pat.grid, pat.grid_offset) == ((6, 8), 5) and "after 5" in repr(pat)
+    assert pat == spattn.compile("k < 5 | (q >= 5 & k >= 5 & abs((q - 5) // 8 - (k - 5) // 8) "
+                                 "<= 1 & abs((q - 5) % 8 - (k - 5) % 8) <= 1)")
+    q = torch.randn(1, 1, 48, 16)
+    with pytest.raises(spattn.SpattnInputError, match=r"\(6, 8\) after 5 extra tokens, 53 "
+                       r"tokens in all.*q \(shape \(1, 1, 48, 16\)\)"):
+        pat(q, q, q)
+    assert spattn.compile("grid (4) after 0 q >= k").grid_offset == 0
+
+
+def test_extra_tokens_run_in_an_offset_layout(monkeypatch):
+    from spattn.runtime.plan import RemappedPlan
+    from tests.runtime.test_layouts import _run
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    plan = _run(spattn.compile(TEXT_IMAGE, backend="torch"), N=53, grads=False)
+    assert isinstance(plan, RemappedPlan) and plan.remap.layout.grid.offset == 5
+
+
+@pytest.mark.parametrize("src,cls,where,words", [
+    ("grid (8) after q q >= k", spattn.SpattnTypeError, (1, 16), "must be a constant"),
+    ("grid (8) after (0 - 2) q >= k", spattn.SpattnValueError, (1, 16), "int >= 0, got -2"),
+    ("grid (8, 8) after 5 neighborhood([8, 8], 3)", spattn.SpattnValueError, (1, 21),
+     "program's grid has 69 tokens"),
+], ids=["not-constant", "negative", "neighborhood-without-the-text"])
+def test_bad_extra_tokens_are_located(src, cls, where, words):
+    with pytest.raises(cls, match=words) as e:
+        spattn.compile(src)
+    assert (e.value.line, e.value.column) == where
+
+
+def test_compiled_calls_tell_a_grid_from_none():
+    """Under ``torch.compile`` the custom op finds each pattern by a key that carries its
+    grid: a mask declared on a grid and the same mask without one are two patterns (the one
+    without runs at any length, the one with is refused at another)."""
+    torch._dynamo.reset()
+    with_grid = spattn.compile("grid (4, 6) q >= k", backend="torch")
+    plain = spattn.compile("q >= k", backend="torch")
+
+    def compiled(p):
+        return torch.compile(lambda q, k, v: p(q, k, v), fullgraph=True)
+    from spattn.runtime import autograd
+    assert autograd.register(with_grid) == "grid (4, 6) q >= k"
+    assert autograd.register(plain) == "q >= k"
+    short = torch.randn(1, 1, 20, 16)
+    torch.testing.assert_close(compiled(plain)(short, short, short), plain(short, short, short))
+    with pytest.raises(spattn.SpattnInputError, match="grid"):
+        compiled(with_grid)(short, short, short)

@@ -1,0 +1,186 @@
+"""Calls in a caller's token order (``order=``): the output and gradients, in the caller's
+order, match the float64 reference of the mask over the original positions, forward and
+backward, GQA, runtime inputs, per-head patterns, both backends; the plan holds the order
+(cached like a runtime input); bad orders are SpattnInputErrors naming ``order``."""
+import pytest
+import torch
+
+import spattn
+from spattn.runtime.plan import PLANS, OrderedPlan, RemappedPlan
+from spattn.runtime.reference import attention_reference
+from tests.runtime.test_torch_backend import _close
+
+
+def _tensors(B, Hq, Hk, N, D, g, grads=True):
+    return (torch.randn(B, Hq, N, D, generator=g).requires_grad_(grads),
+            torch.randn(B, Hk, N, D, generator=g).requires_grad_(grads),
+            torch.randn(B, Hk, N, D, generator=g).requires_grad_(grads))
+
+
+def _run(pat, order, *, B=1, Hq=2, Hk=1, N, D=16, seed=0, inputs=None, use_plan=True):
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(inputs or {})
+    q, k, v = _tensors(B, Hq, Hk, N, D, g)
+    if use_plan:
+        plan = pat.plan(q, k, v, order=order, **inputs)
+        o, lse = pat(q, k, v, plan=plan, return_lse=True)
+    else:
+        plan = None
+        o, lse = pat(q, k, v, order=order, return_lse=True, **inputs)
+    m = pat.mask(N, N, num_heads=Hq, batch=B, **inputs)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = attention_reference(q64, k64, v64, m)
+    _close("o", o, ro)
+    _close("lse", lse, rl)
+    do = torch.randn(o.shape, generator=g)
+    (o * do).sum().backward()
+    (ro * do.double()).sum().backward()
+    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        _close(name, a.grad, b.grad)
+    return plan
+
+
+def _perm(N, seed=0):
+    return torch.randperm(N, generator=torch.Generator().manual_seed(seed))
+
+
+# id, pattern factory, N, B, Hq, Hk, inputs
+CASES = [
+    ("B1-Hq2-Hk1-L48-D16-fp32-nb2d", lambda be: spattn.neighborhood((8, 6), 3, backend=be),
+     48, 1, 2, 1, None),
+    ("B2-Hq2-Hk2-L60-D16-fp32-nb3d-stride",
+     lambda be: spattn.neighborhood((3, 4, 5), (3, 2, 3), stride=(1, 2, 1), backend=be),
+     60, 2, 2, 2, None),
+    ("B1-Hq4-Hk2-L40-D16-fp32-doc",
+     lambda be: spattn.compile("causal & same(doc)", backend=be), 40, 1, 4, 2, "doc"),
+    ("B1-Hq2-Hk1-L36-D16-fp32-perhead",
+     lambda be: spattn.compile("window([3, 7][h]) & (q - k) % 2 == 0", backend=be),
+     36, 1, 2, 1, None),
+]
+
+
+def _inputs(kind, N):
+    if kind == "doc":
+        g = torch.Generator().manual_seed(5)
+        return {"doc": torch.randint(0, 4, (N,), generator=g).sort().values}
+    return {}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_torch_backend_in_a_callers_order(case):
+    _, make, N, B, Hq, Hk, ins = case
+    pat = make("torch")
+    plan = _run(pat, _perm(N), B=B, Hq=Hq, Hk=Hk, N=N, inputs=_inputs(ins, N))
+    assert isinstance(plan, OrderedPlan)
+    assert "token order: the caller's" in repr(plan)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[CASES[0][0], CASES[2][0]])
+def test_triton_in_a_callers_order(case):
+    _, make, N, B, Hq, Hk, ins = case
+    pat = make("triton")
+    assert isinstance(_run(pat, _perm(N, 1), B=B, Hq=Hq, Hk=Hk, N=N, inputs=_inputs(ins, N)),
+                      OrderedPlan)
+
+
+def test_call_without_a_plan_caches_it_like_an_input():
+    """``pat(q, k, v, order=...)``: the plan is cached by the order's identity and version;
+    an in-place change of the order is a new plan, and the answer follows it."""
+    pat = spattn.compile("abs(q // 6 - k // 6) <= 1 & abs(q % 6 - k % 6) <= 1",
+                         backend="torch")
+    PLANS.clear()
+    order = _perm(36, 2)
+    _run(pat, order, N=36, use_plan=False)
+    assert len(PLANS) == 1
+    _run(pat, order, N=36, use_plan=False, seed=1)
+    assert len(PLANS) == 1
+    order.copy_(_perm(36, 3))
+    _run(pat, order, N=36, use_plan=False, seed=2)
+    assert len(PLANS) == 2
+    _run(pat, torch.arange(36), N=36, use_plan=False, seed=3)
+
+
+def test_callers_order_wins_over_a_layout(monkeypatch):
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = spattn.neighborhood((8, 8), 3, backend="torch")
+    q = torch.randn(1, 1, 64, 16)
+    assert isinstance(pat.plan(q, q, q), RemappedPlan)
+    plan = pat.plan(q, q, q, order=_perm(64))
+    assert isinstance(plan, OrderedPlan) and not isinstance(plan.inner, RemappedPlan)
+
+
+def _bad(pat, q, k, order, **kw):
+    with pytest.raises(spattn.SpattnInputError, match=kw.pop("match")) as e:
+        pat.plan(q, k, k, order=order, **kw)
+    assert "order" in str(e.value)
+    with pytest.raises(spattn.SpattnInputError, match="order"):
+        pat(q, k, k, order=order, **kw)
+
+
+@pytest.mark.parametrize("order,match", [
+    ([2, 0, 1, 3, 4, 5, 6, 7], "torch.Tensor"),
+    (torch.arange(8.0), "dtype"),
+    (torch.ones(8, dtype=torch.bool), "dtype"),
+    (torch.arange(8).reshape(2, 4), "1-D"),
+    (torch.arange(7), "7 entries"),
+    (torch.tensor([0, 1, 2, 3, 4, 5, 6, 6]), "token 6 is in slots 6 and 7"),
+    (torch.tensor([0, 1, 2, 3, 4, 5, 6, 8]), r"order\[7\] = 8 is out of range"),
+    (torch.tensor([0, 1, 2, -1, 4, 5, 6, 7]), r"order\[3\] = -1"),
+    (torch.arange(8, device="meta"), "meta"),
+], ids=["list", "float", "bool", "2d", "short", "duplicate", "too-large", "negative", "meta"])
+def test_bad_orders_name_the_argument(order, match):
+    pat = spattn.compile("causal", backend="torch")
+    q = torch.randn(1, 1, 8, 16)
+    _bad(pat, q, q, order, match=match)
+
+
+def test_order_needs_self_attention_at_offset_zero():
+    pat = spattn.compile("causal", backend="torch")
+    q, k = torch.randn(1, 1, 8, 16), torch.randn(1, 1, 12, 16)
+    _bad(pat, q, k, torch.arange(8), match="same length")
+    _bad(pat, q, q, torch.arange(8), q_offset=2, match="q_offset")
+
+
+def test_order_with_a_plan_or_a_score_is_refused():
+    pat = spattn.compile("causal", backend="torch")
+    q = torch.randn(1, 1, 8, 16)
+    plan = pat.plan(q, q, q, order=torch.arange(8))
+    with pytest.raises(spattn.SpattnParamError, match="plan holds its token order"):
+        pat(q, q, q, plan=plan, order=torch.arange(8))
+    scored = spattn.compile("causal", score="softcap(30.0)", backend="torch")
+    with pytest.raises(spattn.SpattnParamError, match="score"):
+        scored(q, q, q, order=torch.arange(8))
+
+
+def test_grid_patterns_still_check_their_length():
+    pat = spattn.neighborhood((4, 4), 3, backend="torch")
+    q = torch.randn(1, 1, 12, 16)
+    with pytest.raises(spattn.SpattnInputError, match="grid"):
+        pat(q, q, q, order=torch.arange(12))
+
+
+def test_an_input_named_order_is_refused_in_a_program():
+    with pytest.raises(spattn.SpattnNameError, match="order"):
+        spattn.compile("input order\npattern p = order[q] == order[k]")
+
+
+def test_functional_attention_takes_an_order():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = _tensors(1, 2, 2, 30, 16, g, grads=False)
+    order = _perm(30, 4)
+    o = spattn.attention(q, k, v, pattern="abs(q % 5 - k % 5) <= 1 & abs(q // 5 - k // 5) <= 1",
+                         order=order, backend="torch")
+    ref = spattn.attention(q, k, v, pattern="abs(q % 5 - k % 5) <= 1 & abs(q // 5 - k // 5) <= 1",
+                           backend="torch")
+    _close("o", o, ref, rtol=1e-5)
+
+
+def test_bshd_tensors_with_an_order():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 30, 2, 16, generator=g) for _ in range(3))
+    pat = spattn.compile("abs(q // 5 - k // 5) <= 1 & abs(q % 5 - k % 5) <= 1", backend="torch")
+    o = pat(q, k, v, layout="bshd", order=_perm(30, 6))
+    ref = pat(q, k, v, layout="bshd")
+    assert o.shape == (1, 30, 2, 16)
+    _close("o", o, ref, rtol=1e-5)
