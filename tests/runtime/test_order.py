@@ -151,6 +151,8 @@ def test_order_with_a_plan_or_a_score_is_refused():
     scored = spattn.compile("causal", score="softcap(30.0)", backend="torch")
     with pytest.raises(spattn.SpattnParamError, match="score"):
         scored(q, q, q, order=torch.arange(8))
+    with pytest.raises(spattn.SpattnParamError, match="score"):
+        scored.plan(q, q, q, order=torch.arange(8))
 
 
 def test_grid_patterns_still_check_their_length():
