@@ -356,7 +356,7 @@ class DecodePlan:
         self._steps: dict = {}
         self._steps_lock = threading.Lock()
 
-    def cpu_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict) -> tuple:
+    def cpu_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict):
         """What a CPU step at the lengths ``lens`` (one per batch element) and ``q_shift``
         runs (:meth:`_build_step`), memoised in the plan: the layers of a model decode at
         the same lengths, so all but the first find it. The plan is keyed by the runtime
@@ -372,11 +372,10 @@ class DecodePlan:
                 self._steps[key] = step
         return step
 
-    def _build_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict) -> tuple:
-        """``((b0, b1, segments or None), ...)``: per group of batch elements (one group
-        for the batch when the lengths are equal, the cache is contiguous and the pattern
-        reads neither ``b`` nor per-batch inputs) the :class:`_Segment` s of its allowed
-        keys, None when no row of it sees a key."""
+    def _build_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict):
+        """The :class:`_Step`: per group of batch elements (one group for the batch when
+        the lengths are equal, the cache is contiguous and the pattern reads neither ``b``
+        nor per-batch inputs) the :class:`_Segment` s of its allowed keys."""
         B, Lq, Hk, G, dev = self.B, self.Lq, self.Hk, self.Hq // self.Hk, self.device
         shared = (not self.paged and len(set(lens)) == 1 and "b" not in self.uses
                   and all(inputs[n].dim() == nd for n, nd in self.pattern.inputs.items()))
@@ -420,7 +419,12 @@ class DecodePlan:
                 pieces.append(_Segment(tuple(seg), w, mask, full, empty, gather))
                 c0 += w
             out.append((b0, b1, tuple(pieces)))
-        return tuple(out)
+        one = None
+        if len(out) == 1 and out[0][2] is not None and len(out[0][2]) == 1:
+            s = out[0][2][0]
+            if s.gather is None and len(s.runs) == 1 and s.empty is None:
+                one = (*s.runs[0], s.mask)
+        return _Step(tuple(out), one)
 
     def run_torch(self, q, k, v, lens: tuple, q_shift: int, page_table, page_size: int,
                   scale: float, inputs: dict, need_lse: bool = True):
@@ -438,7 +442,15 @@ class DecodePlan:
         B, Hq, Lq, D = q.shape
         Hk = self.Hk
         M = Hq // Hk * Lq
-        groups = self.cpu_step(lens, q_shift, page_size, inputs)
+        step = self.cpu_step(lens, q_shift, page_size, inputs)
+        if step.one is not None and not need_lse and q.device.type == "cpu":
+            a, z, mask = step.one               # one call on a view: the kernel SDPA runs
+            if a or z != k.shape[2]:
+                k, v = k[:, :, a:z], v[:, :, a:z]
+            qb = q if M == Lq else q.reshape(B, Hk, M, D)
+            o = _sdpa(*_unit_last(qb, k, v), attn_mask=mask, scale=scale)
+            return (o if M == Lq else o.view(B, Hq, Lq, D)), None
+        groups = step.groups
         outs, lses = [], []
         for b0, b1, segs in groups:
             nb = b1 - b0
@@ -447,13 +459,7 @@ class DecodePlan:
                 lses.append(torch.full((nb, Hq, Lq), float("-inf"), device=q.device))
                 continue
             whole = nb == B
-            qb = q if whole and M == Lq else (q if whole else q[b0:b1]).reshape(nb, Hk, M, D)
-            if len(segs) == 1 and len(groups) == 1 and not need_lse and segs[0].empty is None \
-                    and q.device.type == "cpu":
-                s = segs[0]
-                kb, vb = _segment(k, v, s, b0, b1, whole, page_table)
-                o = _sdpa(*_unit_last(qb, kb, vb), attn_mask=s.mask, scale=scale)
-                return (o if M == Lq else o.view(B, Hq, Lq, D)), None
+            qb = (q if whole else q[b0:b1]).reshape(nb, Hk, M, D)
             pieces = []
             for s in segs:
                 kb, vb = _segment(k, v, s, b0, b1, whole, page_table)
@@ -525,6 +531,17 @@ class DecodePlan:
         while m.dim() < 4:
             m = m.unsqueeze(0)
         return m[0].expand(Hq if m.shape[1] > 1 else 1, Lq, keys.numel())
+
+
+class _Step(NamedTuple):
+    """What a CPU step runs (:meth:`DecodePlan.cpu_step`): ``groups``, one
+    ``(b0, b1, segments)`` per group of batch elements (``segments`` None: no row of the
+    group sees a key), and ``one``, ``(a, z, mask)`` when the step is one kernel call on the
+    keys ``[a, z)`` of every batch element of a contiguous cache and no row is empty (else
+    None)."""
+
+    groups: tuple
+    one: Optional[tuple]
 
 
 class _Segment(NamedTuple):
@@ -697,11 +714,13 @@ class DecodePlanCache:
                backend == "triton" and _api._interpret(), num_splits,
                tuple((n, id(t), t._version, tuple(t.shape)) for n, t in sorted(inputs.items()))
                if inputs else ())
-        with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-                return plan
+        plan = self._plans.get(key)
+        if plan is not None:
+            try:                    # one atomic step under the GIL; a concurrent eviction
+                self._plans.move_to_end(key)        # may have taken the entry meanwhile
+            except KeyError:
+                pass
+            return plan
         plan = DecodePlan(pattern, backend, B=B, Hq=Hq, Hk=Hk, Lq=Lq, D=D, dtype=q.dtype,
                           device=q.device, bucket_len=bucket_len, paged=paged, inputs=inputs,
                           num_splits=num_splits)
@@ -870,13 +889,15 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
         ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device)
     if ins or q_shift:
         _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift)
-    backend = _api.choose_backend(pattern.backend, q.device.type)
+    backend = pattern.backend
+    if backend != "torch":
+        backend = _api.choose_backend(backend, q.device.type)
     out_dtype = q.dtype
     if backend == "triton" and q.dtype == torch.bfloat16 and _api._interpret():
         # Triton 3.6's interpreter feeds bf16 bits to numpy's matmul unconverted (wrong
         # products, as triton_backend._upcast says): under it bf16 runs in fp32, cast back
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
-    bucket_len = bucket(cap)
+    bucket_len = MIN_BUCKET if cap <= MIN_BUCKET else 1 << (cap - 1).bit_length()  # bucket()
     plan = DECODE_PLANS.get(pattern, backend, q, Hk, bucket_len, paged, ins, num_splits)
     if backend == "triton":
         o, lse = plan.run_triton(q, k_cache, v_cache, lk=cap, q_shift=q_shift,
