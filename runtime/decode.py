@@ -642,6 +642,13 @@ def _merge_pieces(pieces, finite: bool = False):
     """Attention over the union of disjoint key sets from each set's ``(o, lse)``: weights
     ``exp(lse_i - max)``; a row no set saw a key for stays 0 with lse ``-inf``. ``finite``:
     every row saw a key of every set (every lse is finite: fewer operations)."""
+    if finite and len(pieces) == 2:     # o = o2 + w (o1 - o2), w = sigmoid(lse1 - lse2)
+        (o1, l1), (o2, l2) = pieces
+        w = torch.sigmoid(l1 - l2).unsqueeze_(-1)
+        lse = torch.logaddexp(l1, l2)
+        if o1.dtype == torch.float32:
+            return torch.lerp(o2, o1, w), lse
+        return torch.lerp(o2.float(), o1.float(), w).to(o1.dtype), lse
     if finite:
         lse = pieces[0][1]
         for _, lb in pieces[1:]:
