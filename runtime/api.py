@@ -98,9 +98,13 @@ def _valid(q, k, v) -> bool:
     if min(B, Hq, Lq, ks[1], ks[2]) < 1 or ks[0] != B or ks[3] != D or Hq % ks[1] \
             or not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         return False
-    dev, dt = q.device, q.dtype
-    return dev.type != "meta" and k.device == dev and v.device == dev and dt in DTYPES \
-        and k.dtype == dt and v.dtype == dt
+    dt = q.dtype
+    if not (dt in DTYPES and k.dtype == dt and v.dtype == dt):
+        return False
+    if q.is_cpu:                # no device objects on the common path (they cost more)
+        return k.is_cpu and v.is_cpu
+    dev = q.device
+    return dev.type != "meta" and k.device == dev and v.device == dev
 
 
 def validate(q, k, v) -> None:

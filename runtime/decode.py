@@ -443,7 +443,7 @@ class DecodePlan:
         Hk = self.Hk
         M = Hq // Hk * Lq
         step = self.cpu_step(lens, q_shift, page_size, inputs)
-        if step.one is not None and not need_lse and q.device.type == "cpu":
+        if step.one is not None and not need_lse and q.is_cpu:
             a, z, mask = step.one               # one call on a view: the kernel SDPA runs
             if a or z != k.shape[2]:
                 k, v = k[:, :, a:z], v[:, :, a:z]
@@ -595,7 +595,7 @@ def _unit_last(q, k, v):
 def _attend(qb, kb, vb, s: _Segment, scale: float):
     """One kernel call: ``(o [nb, Hk, G * Lq, D], lse [nb, Hk, G * Lq])`` (lse float32),
     with o 0 and lse ``-inf`` for the rows that see no key of the segment."""
-    if qb.device.type == "cpu" and _FLASH_CPU is not None:
+    if qb.is_cpu and _FLASH_CPU is not None:
         ob, lb = _FLASH_CPU(*_unit_last(qb, kb, vb), 0.0, False, attn_mask=s.mask,
                             scale=scale)
     else:
@@ -717,7 +717,8 @@ class DecodePlanCache:
     def get(self, pattern, backend, q, Hk, bucket_len, paged, inputs, num_splits=None):
         B, Hq, Lq, D = q.shape
         key = (pattern.source, tuple(sorted(pattern.inputs.items())) if pattern.inputs else (),
-               backend, B, Hq, Hk, Lq, D, q.dtype, q.device, bucket_len, paged,
+               backend, B, Hq, Hk, Lq, D, q.dtype, "cpu" if q.is_cpu else q.device,
+               bucket_len, paged,
                backend == "triton" and _api._interpret(), num_splits,
                tuple((n, id(t), t._version, tuple(t.shape)) for n, t in sorted(inputs.items()))
                if inputs else ())
