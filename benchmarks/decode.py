@@ -247,7 +247,12 @@ def _cpu_grid(args):
         shapes += [(8, 8, 128), (32, 8, 64), (32, 32, 64)]
     Ls = (1024, 8192, 32768) if args.quick else (1024, 2048, 4096, 8192, 16384, 32768)
     Lqs = (1,) if args.quick else (1, 4)
-    return [(t, B, L, lq, s) for t in args.thread_list for B in (1, 16) for L in Ls
+    Bs = (1, 16)
+    pick = lambda given, default: tuple(int(x) for x in given.split(",")) if given \
+        else default  # noqa: E731
+    Ls, Lqs, Bs = (pick(getattr(args, n, None), d) for n, d in
+                   (("lengths", Ls), ("lqs", Lqs), ("batches", Bs)))
+    return [(t, B, L, lq, s) for t in args.thread_list for B in Bs for L in Ls
             for lq in Lqs for s in shapes]
 
 
@@ -391,12 +396,15 @@ def main(argv=None) -> int:
     p.add_argument("--rep", type=int, default=40, help="GPU: ms per do_bench measurement")
     p.add_argument("--reps", type=int, default=0,
                    help="CPU: calls per round (0: about 0.15 s of SDPA per round)")
+    p.add_argument("--lengths", default="", help="CPU: cache lengths, comma-separated")
+    p.add_argument("--lqs", default="", help="CPU: query rows, comma-separated")
+    p.add_argument("--batches", default="", help="CPU: batch sizes, comma-separated")
     p.add_argument("--threads", default="0,1",
                    help="CPU: torch thread counts, comma-separated (0: torch's default)")
     args = p.parse_args(argv)
     default_threads = torch.get_num_threads()
     args.thread_list = [int(t) or default_threads for t in str(args.threads).split(",")]
-    t0 = time.time()
+    t0, commit = time.time(), _commit()      # the code this process imported
     if args.cpu:
         rows = run_cpu(args)
         text = table_cpu(rows)
@@ -408,7 +416,7 @@ def main(argv=None) -> int:
         text = table_gpu(rows)
     meta = {"torch": torch.__version__, "seconds": time.time() - t0,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu
-            else _machine(), "default_threads": default_threads, "commit": _commit(),
+            else _machine(), "default_threads": default_threads, "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "argv": sys.argv[1:] if argv is None else list(argv)}
     torch.set_num_threads(default_threads)

@@ -50,6 +50,10 @@ def test_cpu_grid_skips_what_does_not_fit(bench):
     rows = [{"threads": 1, "B": 16, "L": 32768, "Lq": 1, "Hq": 32, "Hk": 32, "D": 128,
              "pattern": "causal", "skipped": "K and V take 16384 MiB"}]
     assert bench.table_cpu(rows).splitlines()[2].endswith("skipped: K and V take 16384 MiB |")
+    args = argparse.Namespace(tiny=False, quick=False, thread_list=[1], lengths="1024,8192",
+                              lqs="4", batches="1")
+    grid = bench._cpu_grid(args)
+    assert len(grid) == 2 * 6 and {g[3] for g in grid} == {4} and {g[1] for g in grid} == {1}
 
 
 @pytest.mark.parametrize("name", ["causal", "window(4096)", "streaming"])
