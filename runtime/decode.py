@@ -397,8 +397,9 @@ class DecodePlan:
             n = sum(z - a for a, z in order)
             add = None
             if m_part is not None:          # [1 or Hq, Lq, n_part] over the keys of `part`
-                mk = m_part.reshape(Hk, G * Lq, -1) if m_part.shape[0] > 1 \
-                    else m_part.repeat(1, G, 1)
+                n_part = m_part.shape[-1]
+                mk = m_part.reshape(Hk, G * Lq, n_part) if m_part.shape[0] > 1 else \
+                    m_part.unsqueeze(1).expand(1, G, Lq, n_part).reshape(1, G * Lq, n_part)
                 add = _fill((1, mk.shape[0], G * Lq, n), 0.0, self.dtype, dev)
                 cols = torch.cat([torch.arange(_column(order, a), _column(order, a) + z - a,
                                                device=dev) for a, z in part])
