@@ -108,7 +108,8 @@ def test_memo_never_serves_other_runtime_inputs():
 
 # ------------------------------------------------------------------ one SDPA call
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("B,Hq,Hk,Lq", [(1, 8, 8, 1), (2, 8, 2, 1), (2, 4, 4, 3), (1, 8, 2, 4)],
                          ids=lambda x: str(x))
 @pytest.mark.parametrize("src", ["causal", "causal & window(100)"])
@@ -128,6 +129,25 @@ def test_single_view_step_matches_the_lse_path(src, B, Hq, Hk, Lq, dtype):
     tol = 2e-3 if dtype == torch.float32 else 3e-2
     _close("o", o, ref_o, rtol=tol)
     _close("o (lse path)", o2, ref_o, rtol=tol)
+    _close("lse", lse, ref_lse, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("Lq", [1, 3], ids=lambda n: f"Lq{n}")
+def test_two_views_merged(monkeypatch, Lq, dtype):
+    """Streaming past its window: the sinks and the window are two kernel calls on views,
+    merged through their log-sum-exps (one lerp when every row sees a key of both)."""
+    monkeypatch.setattr(dec, "VIEW_BYTES", 0)
+    pat = spattn.compile("causal & (window(W) | sink(4))", W=50, backend="torch")
+    g = torch.Generator().manual_seed(31 + Lq)
+    q, k, v = (_rand(2, 4, Lq, 32, g=g, dtype=dtype), _rand(2, 2, 400, 32, g=g, dtype=dtype),
+               _rand(2, 2, 400, 32, g=g, dtype=dtype))
+    o, lse = pat(q, k, v, return_lse=True)
+    assert len(_plan(pat).cpu_step((400, 400), 0, 0, {}).groups[0][2]) == 2
+    ref_o, ref_lse = attention_reference(q.double(), k.double(), v.double(),
+                                         pat.mask(Lq, 400))
+    tol = 2e-3 if dtype == torch.float32 else 3e-2
+    _close("o", o, ref_o, rtol=tol)
     _close("lse", lse, ref_lse, rtol=tol)
 
 
