@@ -401,9 +401,12 @@ class DecodePlan:
                 mk = m_part.reshape(Hk, G * Lq, n_part) if m_part.shape[0] > 1 else \
                     m_part.unsqueeze(1).expand(1, G, Lq, n_part).reshape(1, G * Lq, n_part)
                 add = _fill((1, mk.shape[0], G * Lq, n), 0.0, self.dtype, dev)
-                cols = torch.cat([torch.arange(_column(order, a), _column(order, a) + z - a,
-                                               device=dev) for a, z in part])
-                add[0][:, :, cols] = torch.where(mk, 0.0, float("-inf")).to(self.dtype)
+                vals = torch.where(mk, 0.0, float("-inf")).to(self.dtype)
+                at = 0
+                for a, z in part:           # the partial columns, run by run (slices)
+                    c = _column(order, a)
+                    add[0, :, :, c:c + z - a] = vals[:, :, at:at + z - a]
+                    at += z - a
             pieces, c0 = [], 0
             for seg in segs:
                 w = sum(z - a for a, z in seg)
