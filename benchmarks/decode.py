@@ -23,7 +23,8 @@ once ("graph", the way serving engines run decode steps; spattn reads its length
 CPU mode (``--cpu``): float32, B in {1, 16}, L = 1024..32768 (``--quick``: 1024, 8192,
 32768), Lq = 1 and 4 (``--quick``: 1), Hq/Hk 8/8, 32/8 and 32/32 with D = 64 and 128
 (``--quick``: 8/8 with 64, the others with 128), each with torch's default number of threads
-and with one (``--threads``), skipping rows whose K and V take more than 2 GiB. Rivals,
+and with one (``--threads``), skipping rows whose K and V take more than 2 GiB (and
+SDPA on expanded K and V where those copies would). Rivals,
 timed in alternating rounds in this process (medians of ``time.perf_counter`` per round):
 
 * spattn, the same step again: ``pat(q, k, v)`` (routed to the decode path) at one length,
@@ -223,7 +224,8 @@ def table_gpu(rows) -> str:
 
 # ------------------------------------------------------------------ CPU
 
-#: CPU rows whose K and V (or SDPA's GQA-expanded K and V) take more bytes are skipped.
+#: CPU rows whose K and V take more bytes are skipped (and SDPA on expanded K and V where
+#: those would).
 CPU_MAX_BYTES = 2 << 30
 
 
@@ -279,7 +281,8 @@ def run_cpu(args):
     rows = []
     for threads, B, L, Lq, (Hq, Hk, D) in _cpu_grid(args):
         G = Hq // Hk
-        kv_bytes = 2 * B * Hk * L * D * 4 * (1 if G == 1 else 1 + G)
+        kv_bytes = 2 * B * Hk * L * D * 4
+        expand = G > 1 and kv_bytes * (1 + G) <= CPU_MAX_BYTES
         base = {"threads": threads, "B": B, "L": L, "Lq": Lq, "Hq": Hq, "Hk": Hk, "D": D}
         if kv_bytes > CPU_MAX_BYTES:
             rows += [dict(base, pattern=n, skipped=f"K and V take {kv_bytes >> 20} MiB")
@@ -298,7 +301,7 @@ def run_cpu(args):
             mask = torch.arange(L).view(1, -1) <= torch.arange(L - Lq, L).view(-1, 1)
         dense = {"sdpa": lambda: F.scaled_dot_product_attention(  # noqa: E731
             q, kL, vL, attn_mask=mask, enable_gqa=G > 1)}
-        if G > 1:            # SDPA on K and V expanded beforehand, where that is faster
+        if expand:           # SDPA on K and V expanded beforehand, where that is faster
             ke, ve = kL.repeat_interleave(G, 1), vL.repeat_interleave(G, 1)
             dense["sdpa_expanded"] = lambda: F.scaled_dot_product_attention(  # noqa: E731
                 q, ke, ve, attn_mask=mask)
