@@ -20,11 +20,24 @@ once ("graph", the way serving engines run decode steps; spattn reads its length
     python benchmarks/decode.py --quick --out DIR   # 32K only
     python benchmarks/decode.py --cpu [--quick]     # the CPU decode step against dense SDPA
 
-CPU mode: B = 1, H = 8 and 32 (and GQA 32/8), D = 64 / 128, L = 1024..8192, float32,
-spattn's decode step (``pat(q, k, v)``, routed to the decode path) against dense SDPA
-(``enable_gqa=True``) in alternating rounds of ``time.perf_counter`` medians.
+CPU mode (``--cpu``): float32, B in {1, 16}, L = 1024..32768 (``--quick``: 1024, 8192,
+32768), Lq = 1 and 4 (``--quick``: 1), Hq/Hk 8/8, 32/8 and 32/32 with D = 64 and 128
+(``--quick``: 8/8 with 64, the others with 128), each with torch's default number of threads
+and with one (``--threads``), skipping rows whose K and V take more than 2 GiB (and
+SDPA on expanded K and V where those copies would). Rivals,
+timed in alternating rounds in this process (medians of ``time.perf_counter`` per round):
 
-Progress goes to stderr; the table is printed last; rows go to ``DIR/decode.json``.
+* spattn, the same step again: ``pat(q, k, v)`` (routed to the decode path) at one length,
+  as the layers of a model run one step (the plan's memo of steps serves all but the
+  first);
+* spattn, a new step every call: the length cycles through five values, so the memo never
+  holds it (a decode loop's first layer);
+* dense SDPA on every key (bottom-right causal rows through a bool mask for Lq > 1), with
+  ``enable_gqa=True`` and, for grouped heads, on K and V expanded beforehand: the faster
+  counts.
+
+Progress goes to stderr; the table is printed last; rows go to ``DIR/decode.json``
+(``DIR/decode_cpu.json`` with ``--cpu``), each with its per-round times.
 """
 from __future__ import annotations
 
@@ -211,7 +224,13 @@ def table_gpu(rows) -> str:
 
 # ------------------------------------------------------------------ CPU
 
+#: CPU rows whose K and V take more bytes are skipped (and SDPA on expanded K and V where
+#: those would).
+CPU_MAX_BYTES = 2 << 30
+
+
 def _cpu_time(fn, reps):
+    """Median of ``reps`` timed calls, in ms (after one untimed call)."""
     fn()
     ts = []
     for _ in range(reps):
@@ -221,49 +240,153 @@ def _cpu_time(fn, reps):
     return statistics.median(ts) * 1e3
 
 
+def _cpu_grid(args):
+    """(threads, B, L, Lq, (Hq, Hk, D)) of the CPU rows."""
+    if args.tiny:
+        return [(t, 1, 300, 1, s) for t in args.thread_list for s in ((8, 8, 64), (32, 8, 128))]
+    shapes = [(8, 8, 64), (32, 8, 128), (32, 32, 128)]
+    if not args.quick:
+        shapes += [(8, 8, 128), (32, 8, 64), (32, 32, 64)]
+    Ls = (1024, 8192, 32768) if args.quick else (1024, 2048, 4096, 8192, 16384, 32768)
+    Lqs = (1,) if args.quick else (1, 4)
+    Bs = (1, 16)
+    pick = lambda given, default: tuple(int(x) for x in given.split(",")) if given \
+        else default  # noqa: E731
+    Ls, Lqs, Bs = (pick(getattr(args, n, None), d) for n, d in
+                   (("lengths", Ls), ("lqs", Lqs), ("batches", Bs)))
+    return [(t, B, L, lq, s) for t in args.thread_list for B in Bs for L in Ls
+            for lq in Lqs for s in shapes]
+
+
+def _rounds(fns: dict, rounds: int, reps: int) -> dict:
+    """``{name: [ms per round]}``: the rivals timed in alternating rounds (the order flips
+    every round)."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            times[n].append(_cpu_time(fns[n], reps))
+    return times
+
+
 def run_cpu(args):
+    """The CPU decode step against dense SDPA (see the module docstring)."""
     import torch.nn.functional as F
-    shapes = [(8, 8, 64), (32, 8, 128)] if args.tiny else [(8, 8, 64), (32, 8, 128),
-                                                           (32, 32, 128)]
-    Ls = (256,) if args.tiny else ((1024, 8192) if args.quick else (1024, 4096, 8192))
     pats = {"causal": "causal", "window(1024)": "causal & window(1024)",
             "streaming": "causal & (window(1024) | sink(4))"}
+    if args.tiny:
+        pats = {"causal": "causal", "window(1024)": "causal & window(100)",
+                "streaming": "causal & (window(100) | sink(4))"}
+    compiled = {n: spattn.compile(src, backend="torch") for n, src in pats.items()}
     rows = []
-    for L in Ls:
-        for Hq, Hk, D in shapes:
-            g = torch.Generator().manual_seed(0)
-            q = torch.randn(1, Hq, 1, D, generator=g)
-            k = torch.randn(1, Hk, L, D, generator=g)
-            v = torch.randn(1, Hk, L, D, generator=g)
-            for name, src in pats.items():
-                pat = spattn.compile(src, backend="torch")
-                row = {"pattern": name, "L": L, "Hq": Hq, "Hk": Hk, "D": D}
-                ours = lambda: pat(q, k, v)  # noqa: E731
-                dense = lambda: F.scaled_dot_product_attention(  # noqa: E731
-                    q, k, v, enable_gqa=Hq != Hk)
-                if name == "causal":
-                    err = float((ours() - dense()).abs().max())
-                    row["max_err_vs_sdpa"] = err
-                a, b = [], []
-                for r in range(args.rounds):
-                    for n in ((0, 1) if r % 2 == 0 else (1, 0)):
-                        (a if n == 0 else b).append(_cpu_time(ours if n == 0 else dense,
-                                                              args.reps))
-                row["spattn_ms"], row["sdpa_ms"] = statistics.median(a), statistics.median(b)
-                row["speedup"] = row["sdpa_ms"] / row["spattn_ms"]
-                log(f"{name} L={L} H={Hq}/{Hk} D={D}: {row['spattn_ms']:.3f} vs "
-                    f"{row['sdpa_ms']:.3f} ms")
-                rows.append(row)
+    for threads, B, L, Lq, (Hq, Hk, D) in _cpu_grid(args):
+        G = Hq // Hk
+        kv_bytes = 2 * B * Hk * L * D * 4
+        expand = G > 1 and kv_bytes * (1 + G) <= CPU_MAX_BYTES
+        base = {"threads": threads, "B": B, "L": L, "Lq": Lq, "Hq": Hq, "Hk": Hk, "D": D}
+        if kv_bytes > CPU_MAX_BYTES:
+            rows += [dict(base, pattern=n, skipped=f"K and V take {kv_bytes >> 20} MiB")
+                     for n in pats]
+            continue
+        torch.set_num_threads(threads)
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, Hq, Lq, D, generator=g)
+        k = torch.randn(B, Hk, L + DISTINCT, D, generator=g)
+        v = torch.randn(B, Hk, L + DISTINCT, D, generator=g)
+        kL, vL = k[:, :, :L], v[:, :, :L]
+        # dense SDPA: every key (one query row sees all of them), bottom-right causal rows
+        # for Lq > 1 (a bool mask built once)
+        mask = None
+        if Lq > 1:
+            mask = torch.arange(L).view(1, -1) <= torch.arange(L - Lq, L).view(-1, 1)
+        dense = {"sdpa": lambda: F.scaled_dot_product_attention(  # noqa: E731
+            q, kL, vL, attn_mask=mask, enable_gqa=G > 1)}
+        if expand:           # SDPA on K and V expanded beforehand, where that is faster
+            ke, ve = kL.repeat_interleave(G, 1), vL.repeat_interleave(G, 1)
+            dense["sdpa_expanded"] = lambda: F.scaled_dot_product_attention(  # noqa: E731
+                q, ke, ve, attn_mask=mask)
+        ref = dense["sdpa"]()
+        reps = args.reps or max(3, min(50, int(0.15 / max(1e-5, _cpu_time(dense["sdpa"], 2)
+                                                          / 1e3))))
+        for name, pat in compiled.items():
+            row = dict(base, pattern=name, reps=reps)
+            # the same step again (the layers of a model at one step: the plan's memo serves
+            # it) and a new length every call (a decode loop's first layer: the memo misses)
+            views = [(k[:, :, :L - j], v[:, :, :L - j]) for j in range(DISTINCT)]
+            cyc = {"i": 0}
+
+            def new_step():
+                cyc["i"] = (cyc["i"] + 1) % DISTINCT
+                kn, vn = views[cyc["i"]]
+                return pat(q, kn, vn)
+            fns = {"spattn": lambda: pat(q, kL, vL), "spattn_new_step": new_step, **dense}
+            if name == "causal":
+                row["max_err_vs_sdpa"] = float((fns["spattn"]() - ref).abs().max())
+            times = _rounds(fns, args.rounds, reps)
+            for n, ts in times.items():
+                row[n + "_ms"] = statistics.median(ts)
+                row[n + "_ms_rounds"] = ts
+            best = min((n for n in dense), key=lambda n: row[n + "_ms"])
+            row["sdpa_best"], row["sdpa_best_ms"] = best, row[best + "_ms"]
+            for n in ("spattn", "spattn_new_step"):
+                per_round = [d / s for d, s in zip(times[best], times[n])]
+                row[n + "_speedup"] = row["sdpa_best_ms"] / row[n + "_ms"]
+                row[n + "_speedup_rounds"] = per_round
+            log(f"threads={threads} B={B} L={L} Lq={Lq} H={Hq}/{Hk} D={D} {name}: "
+                f"{row['spattn_ms']:.3f} / new step {row['spattn_new_step_ms']:.3f} vs "
+                f"{best} {row['sdpa_best_ms']:.3f} ms")
+            rows.append(row)
+        del q, k, v, kL, vL, ref
+        dense.clear()
     return rows
 
 
+#: Distinct lengths the "new step" rival cycles through (more than a plan's memo holds).
+DISTINCT = 5
+
+
 def table_cpu(rows) -> str:
-    out = ["| pattern | L | Hq/Hk | D | spattn ms | dense SDPA ms | SDPA / spattn |",
-           "|---|---|---|---|---|---|---|"]
+    """Ratios SDPA / spattn (above 1: spattn faster), medians over rounds with the range of
+    the per-round ratios."""
+    out = ["| threads | B | L | Lq | Hq/Hk | D | pattern | spattn ms | new step ms | "
+           "SDPA ms | SDPA / spattn | (rounds) | SDPA / new step |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['pattern']} | {r['L']} | {r['Hq']}/{r['Hk']} | {r['D']} | "
-                   f"{r['spattn_ms']:.3f} | {r['sdpa_ms']:.3f} | {r['speedup']:.2f} |")
+        head = (f"| {r['threads']} | {r['B']} | {r['L']} | {r['Lq']} | {r['Hq']}/{r['Hk']} | "
+                f"{r['D']} | {r['pattern']} |")
+        if "skipped" in r:
+            out.append(f"{head} skipped: {r['skipped']} |")
+            continue
+        sr = r["spattn_speedup_rounds"]
+        sdpa = f"{r['sdpa_best_ms']:.3f}" + (" (exp.)" if r["sdpa_best"] != "sdpa" else "")
+        out.append(f"{head} {r['spattn_ms']:.3f} | {r['spattn_new_step_ms']:.3f} | {sdpa} | "
+                   f"{r['spattn_speedup']:.2f} | {min(sr):.2f}-{max(sr):.2f} | "
+                   f"{r['spattn_new_step_speedup']:.2f} |")
     return "\n".join(out)
+
+
+def _machine() -> str:
+    import platform
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical CPUs"
+
+
+def _commit() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def main(argv=None) -> int:
@@ -274,12 +397,17 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU: tiny lengths (tests)")
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--rep", type=int, default=40, help="GPU: ms per do_bench measurement")
-    p.add_argument("--reps", type=int, default=20, help="CPU: calls per round")
-    p.add_argument("--threads", type=int, default=0, help="CPU: torch threads (0: torch's)")
+    p.add_argument("--reps", type=int, default=0,
+                   help="CPU: calls per round (0: about 0.15 s of SDPA per round)")
+    p.add_argument("--lengths", default="", help="CPU: cache lengths, comma-separated")
+    p.add_argument("--lqs", default="", help="CPU: query rows, comma-separated")
+    p.add_argument("--batches", default="", help="CPU: batch sizes, comma-separated")
+    p.add_argument("--threads", default="0,1",
+                   help="CPU: torch thread counts, comma-separated (0: torch's default)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
+    default_threads = torch.get_num_threads()
+    args.thread_list = [int(t) or default_threads for t in str(args.threads).split(",")]
+    t0, commit = time.time(), _commit()      # the code this process imported
     if args.cpu:
         rows = run_cpu(args)
         text = table_cpu(rows)
@@ -291,7 +419,10 @@ def main(argv=None) -> int:
         text = table_gpu(rows)
     meta = {"torch": torch.__version__, "seconds": time.time() - t0,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu
-            else "cpu", "threads": torch.get_num_threads()}
+            else _machine(), "default_threads": default_threads, "commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "argv": sys.argv[1:] if argv is None else list(argv)}
+    torch.set_num_threads(default_threads)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "decode_cpu.json" if args.cpu else "decode.json"),

@@ -83,8 +83,34 @@ def _layout(t) -> str:
     return "a nested tensor" if t.is_nested else f"layout {t.layout}"
 
 
+def _valid(q, k, v) -> bool:
+    """Whether q, k, v pass every check of :func:`validate`: the accepting path of a call
+    (attribute reads and int comparisons, no tensor operation); validate says what is wrong."""
+    T, S = torch.Tensor, torch.strided
+    if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T)) or q.layout is not S \
+            or k.layout is not S or v.layout is not S or q.is_nested or k.is_nested \
+            or v.is_nested:
+        return False
+    qs, ks = q.shape, k.shape
+    if len(qs) != 4 or len(ks) != 4 or ks != v.shape:
+        return False
+    B, Hq, Lq, D = qs
+    if min(B, Hq, Lq, ks[1], ks[2]) < 1 or ks[0] != B or ks[3] != D or Hq % ks[1] \
+            or not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        return False
+    dt = q.dtype
+    if not (dt in DTYPES and k.dtype == dt and v.dtype == dt):
+        return False
+    if q.is_cpu:                # no device objects on the common path (they cost more)
+        return k.is_cpu and v.is_cpu
+    dev = q.device
+    return dev.type != "meta" and k.device == dev and v.device == dev
+
+
 def validate(q, k, v) -> None:
     """Check q, k, v (rank, batch, heads, head dim, device, dtype); raise SpattnInputError."""
+    if _valid(q, k, v):
+        return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise SpattnInputError(f"{name} must be a torch.Tensor [B, H, L, D], "
@@ -414,8 +440,8 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if getattr(pattern, "score", None) is not None:
         from . import scores
         if torch.compiler.is_compiling():
-            _register_const(pattern)
-            out = scores.call_op(pattern.source, pattern.inputs, pattern.score_inputs,
+            key = _register_const(pattern)
+            out = scores.call_op(key, pattern.inputs, pattern.score_inputs,
                                  pattern.backend, q, k, v, scale=scale, return_lse=return_lse,
                                  q_offset=q_offset, inputs=inputs, deterministic=deterministic)
         else:

@@ -32,12 +32,15 @@ import threading
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional
 
 import torch
 
-from ..dsl.errors import SpattnInputError, SpattnParamError, SpattnValueError
+from ..dsl.errors import SpattnError, SpattnInputError, SpattnParamError, SpattnValueError
 from ..ir.evaluate import evaluate
 from ..ir.inputs import validate_inputs
+from . import api as _api
+from .cpu_ops import copy_ as _copy_, fill as _fill
 
 __all__ = ["decode", "routes", "call_routed", "DecodePlan", "DecodeConfig", "DECODE_PLANS",
            "MAX_DECODE_Q", "ROUTE_MIN_LK", "bucket"]
@@ -55,6 +58,14 @@ MAX_CAPACITY = 1 << 30
 VIEW_BYTES = 1 << 18
 #: Plans kept by :data:`DECODE_PLANS`.
 DECODE_PLANS_SIZE = 32
+#: CPU steps a plan remembers (:meth:`DecodePlan.cpu_step`): the layers of a model decode
+#: at the same lengths, one step after the other.
+CPU_STEPS = 4
+
+_sdpa = torch.nn.functional.scaled_dot_product_attention
+#: ATen's CPU flash-attention forward (the kernel dense SDPA runs on the CPU): ``(o, lse)``.
+_FLASH_CPU = getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                             None), "default", None)
 
 
 #: Most splits of the keys a caller may ask for (the default takes at most 128).
@@ -91,9 +102,8 @@ def _is_int_tensor(t) -> bool:
 
 def _check_layout(q, k_cache, v_cache, page_table):
     """``(B, Hq, Hk, Lq, D, capacity, page_size, num_pages)`` of checked arguments."""
-    from .api import DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, validate
     if page_table is None:
-        validate(q, k_cache, v_cache)
+        _api.validate(q, k_cache, v_cache)
         B, Hq, Lq, D = q.shape
         Hk, cap = k_cache.shape[1], k_cache.shape[2]
         page_size, num_pages = 0, 0
@@ -117,8 +127,9 @@ def _check_layout(q, k_cache, v_cache, page_table):
         if Dk != D:
             raise SpattnInputError(f"the pools' head dim must be q's: q has shape "
                                    f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
-        if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
-            raise SpattnInputError(f"head dim D must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, "
+        if not _api.MIN_HEAD_DIM <= D <= _api.MAX_HEAD_DIM:
+            raise SpattnInputError(f"head dim D must be in {_api.MIN_HEAD_DIM}.."
+                                   f"{_api.MAX_HEAD_DIM}, "
                                    f"got {D} (q has shape {tuple(q.shape)})")
         if Hq % Hk:
             raise SpattnInputError(f"the number of query heads must be a multiple of the number "
@@ -128,7 +139,7 @@ def _check_layout(q, k_cache, v_cache, page_table):
             if t.device != q.device or t.dtype != q.dtype:
                 raise SpattnInputError(f"{name} ({t.dtype} on {t.device}) must have q's dtype "
                                        f"and device ({q.dtype} on {q.device})")
-        if q.dtype not in DTYPES:
+        if q.dtype not in _api.DTYPES:
             raise SpattnInputError(f"q has dtype {q.dtype}; supported dtypes are float16, "
                                    "bfloat16 and float32")
         if not _is_int_tensor(page_table) or page_table.dim() != 2 \
@@ -161,7 +172,11 @@ def _check_seq_lens(seq_lens, B, Lq, cap, device, check: bool):
     if seq_lens.device != device:
         raise SpattnInputError(f"seq_lens is on {seq_lens.device} but q is on {device}")
     if check:
-        lo, hi = (int(x) for x in torch.stack([seq_lens.min(), seq_lens.max()]).tolist())
+        if device.type == "cpu":
+            vals = seq_lens.tolist()
+            lo, hi = min(vals), max(vals)
+        else:
+            lo, hi = (int(x) for x in torch.stack([seq_lens.min(), seq_lens.max()]).tolist())
         if lo < Lq or hi > cap:
             raise SpattnValueError(f"seq_lens holds values {lo}..{hi}; each must be in "
                                    f"[Lq, capacity] = [{Lq}, {cap}] (the cache holds the "
@@ -240,6 +255,8 @@ class DecodePlan:
                     "runtime inputs' values): the decode kernel computes in 32 bits; call the "
                     "pattern (pat(q, k, v)) or use the torch backend")
             self._build_triton(num_splits)
+        else:
+            self._init_torch()
 
     def __repr__(self):
         return (f"DecodePlan({self.pattern.source!r}, {self.backend}, B={self.B}, "
@@ -249,8 +266,7 @@ class DecodePlan:
 
     # -- Triton --------------------------------------------------------------
     def _build_triton(self, num_splits):
-        from .api import _interpret
-        self.config = default_config(self.closed_form, self.D, self.dtype, _interpret())
+        self.config = default_config(self.closed_form, self.D, self.dtype, _api._interpret())
         block_d = self.config.block_d
         self.module = load_module(self.pattern, self.config, self.closed_form, self.device)
         self.block_m = max(16, 1 << (self.pack * self.Lq - 1).bit_length())
@@ -325,34 +341,53 @@ class DecodePlan:
         return o, lse
 
     # -- CPU -----------------------------------------------------------------
-    def run_torch(self, q, k, v, *, lens: list, q_shift: int, page_table, page_size,
-                  scale: float, inputs: dict):
-        """Per batch element (or once for all when they share everything): the allowed key
-        runs of the rows; one fused attention call per long run of a contiguous cache (a
-        view, no copy) and one for the other runs copied together (or, paged, gathered
-        through the page table), each with the query heads of a key head folded into its
-        rows and an additive mask only where some key is not allowed to every row; the
-        calls' results merged through their log-sum-exps.
+    def _init_torch(self):
+        """The CPU step's state: the closed form's row intervals as one host function of
+        ``(qs, qe, Lq, Lk, H, b)`` (``ir.hostfn``), and the memo of steps."""
+        from ..ir.hostfn import host_function
+        cf = self.closed_form
+        self._rows_fn = None
+        if cf is not None and "h" not in self.uses:
+            nodes = []
+            for iv in cf.rows:
+                both = iv.flo is not None and iv.fhi is not None
+                nodes += [iv.lo, iv.hi, iv.flo if both else None, iv.fhi if both else None]
+            self._rows_fn = host_function(nodes, ("qs", "qe", "Lq", "Lk", "H", "b"))
+        self._steps: dict = {}
+        self._steps_lock = threading.Lock()
 
-        Copies and fills run below ATen's parallel grain (``runtime/cpu_ops.py``): the
-        parallel regions of a step are its kernel calls."""
-        from .cpu_ops import fill
-        B, Hq, Lq, D = q.shape
-        Hk, G, dev = self.Hk, Hq // self.Hk, q.device
-        shared = (page_table is None and len(set(lens)) == 1 and "b" not in self.uses
+    def cpu_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict):
+        """What a CPU step at the lengths ``lens`` (one per batch element) and ``q_shift``
+        runs (:meth:`_build_step`), memoised in the plan: the layers of a model decode at
+        the same lengths, so all but the first find it. The plan is keyed by the runtime
+        inputs' identity and version, so a memo never outlives the inputs it read; the key
+        holds everything else a step depends on."""
+        key = (lens, q_shift, page_size, VIEW_BYTES)
+        step = self._steps.get(key)
+        if step is None:
+            step = self._build_step(lens, q_shift, page_size, inputs)
+            with self._steps_lock:
+                while len(self._steps) >= CPU_STEPS:
+                    self._steps.pop(next(iter(self._steps)))
+                self._steps[key] = step
+        return step
+
+    def _build_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict):
+        """The :class:`_Step`: per group of batch elements (one group for the batch when
+        the lengths are equal, the cache is contiguous and the pattern reads neither ``b``
+        nor per-batch inputs) the :class:`_Segment` s of its allowed keys."""
+        B, Lq, Hk, G, dev = self.B, self.Lq, self.Hk, self.Hq // self.Hk, self.device
+        shared = (not self.paged and len(set(lens)) == 1 and "b" not in self.uses
                   and all(inputs[n].dim() == nd for n, nd in self.pattern.inputs.items()))
-        groups = [(0, B)] if shared else [(b, b + 1) for b in range(B)]
-        outs, lses = [], []
-        for b0, b1 in groups:
-            nb, L = b1 - b0, lens[b0]
+        out = []
+        for b0, b1 in ([(0, B)] if shared else [(b, b + 1) for b in range(B)]):
+            L = lens[b0]
             runs, part, m_part = self._keys(L, L - Lq + q_shift, b0, inputs)
             if not runs:
-                outs.append(torch.zeros((nb, Hq, Lq, D), dtype=q.dtype, device=dev))
-                lses.append(torch.full((nb, Hq, Lq), float("-inf"), device=dev))
+                out.append((b0, b1, None))
                 continue
-            whole = nb == B
-            if page_table is None:       # long runs: views; the others: one copied segment
-                per_key = Hk * D * k.element_size() * 2
+            if not self.paged:       # long runs: views; the others: one copied segment
+                per_key = Hk * self.D * self.dtype.itemsize * 2
                 big = [r for r in runs if len(runs) == 1 or (r[1] - r[0]) * per_key >= VIEW_BYTES]
                 small = [r for r in runs if r not in big]
                 segs = [[r] for r in big] + ([small] if small else [])
@@ -360,71 +395,86 @@ class DecodePlan:
                 segs = [runs]
             order = [r for seg in segs for r in seg]
             n = sum(z - a for a, z in order)
-            qb = (q if whole else q[b0:b1]).reshape(nb, Hk, G * Lq, D)
             add = None
             if m_part is not None:          # [1 or Hq, Lq, n_part] over the keys of `part`
-                mk = m_part.reshape(Hk, G * Lq, -1) if m_part.shape[0] > 1 \
-                    else m_part.repeat(1, G, 1)
-                add = fill((1, mk.shape[0], G * Lq, n), 0.0, q.dtype, dev)
-                cols = torch.cat([torch.arange(_column(order, a), _column(order, a) + z - a,
-                                               device=dev) for a, z in part])
-                add[0][:, :, cols] = torch.where(mk, 0.0, float("-inf")).to(q.dtype)
+                n_part = m_part.shape[-1]
+                mk = m_part.reshape(Hk, G * Lq, n_part) if m_part.shape[0] > 1 else \
+                    m_part.unsqueeze(1).expand(1, G, Lq, n_part).reshape(1, G * Lq, n_part)
+                add = _fill((1, mk.shape[0], G * Lq, n), 0.0, self.dtype, dev)
+                vals = torch.where(mk, 0.0, float("-inf")).to(self.dtype)
+                at = 0
+                for a, z in part:           # the partial columns, run by run (slices)
+                    c = _column(order, a)
+                    add[0, :, :, c:c + z - a] = vals[:, :, at:at + z - a]
+                    at += z - a
             pieces, c0 = [], 0
             for seg in segs:
                 w = sum(z - a for a, z in seg)
-                kb, vb = self._segment(k, v, seg, b0, b1, whole, page_table, page_size)
-                mseg = None if add is None else add[..., c0:c0 + w]
-                pieces.append(self._attend(qb, kb, vb, mseg, scale,
-                                           full=_overlap(seg, part) < w))
+                mask = None if add is None else add[..., c0:c0 + w]
+                full = _overlap(seg, part) < w
+                empty = None
+                if mask is not None and not full:
+                    e = torch.isneginf(mask).all(-1)             # [1, Hk or 1, G * Lq]
+                    empty = e if bool(e.any()) else None
+                gather = None
+                if self.paged:
+                    idx = _positions(seg, dev)
+                    gather = (idx // page_size, idx % page_size)
+                pieces.append(_Segment(tuple(seg), w, mask, full, empty, gather))
                 c0 += w
-            ob, lb = pieces[0] if len(pieces) == 1 else _merge_pieces(pieces)
+            out.append((b0, b1, tuple(pieces)))
+        one = None
+        if len(out) == 1 and out[0][2] is not None and len(out[0][2]) == 1:
+            s = out[0][2][0]
+            if s.gather is None and len(s.runs) == 1 and s.empty is None:
+                one = (*s.runs[0], s.mask)
+        return _Step(tuple(out), one)
+
+    def run_torch(self, q, k, v, lens: tuple, q_shift: int, page_table, page_size: int,
+                  scale: float, inputs: dict, need_lse: bool = True):
+        """Per group of batch elements (:meth:`cpu_step`): one fused attention call per long
+        key run of a contiguous cache (a view, no copy) and one for the other runs copied
+        together (or, paged, gathered through the page table), each with the query heads
+        of a key head folded into its rows (``[nb, Hk, G * Lq, D]``: K and V are read once
+        per key head) and an additive mask only where some key is not allowed to every
+        row; the calls' results merged through their log-sum-exps. Returns ``(o, lse)``,
+        lse None when not ``need_lse`` and one call of dense SDPA ran the step (the
+        kernel SDPA runs, without its log-sum-exp).
+
+        Copies and fills run below ATen's parallel grain (``runtime/cpu_ops.py``): the
+        parallel regions of a step are its kernel calls."""
+        B, Hq, Lq, D = q.shape
+        Hk = self.Hk
+        M = Hq // Hk * Lq
+        step = self.cpu_step(lens, q_shift, page_size, inputs)
+        if step.one is not None and not need_lse and q.is_cpu:
+            a, z, mask = step.one               # one call on a view: the kernel SDPA runs
+            if a or z != k.shape[2]:
+                k, v = k[:, :, a:z], v[:, :, a:z]
+            qb = q if M == Lq else q.reshape(B, Hk, M, D)
+            o = _sdpa(*_unit_last(qb, k, v), attn_mask=mask, scale=scale)
+            return (o if M == Lq else o.view(B, Hq, Lq, D)), None
+        groups = step.groups
+        outs, lses = [], []
+        for b0, b1, segs in groups:
+            nb = b1 - b0
+            if segs is None:
+                outs.append(torch.zeros((nb, Hq, Lq, D), dtype=q.dtype, device=q.device))
+                lses.append(torch.full((nb, Hq, Lq), float("-inf"), device=q.device))
+                continue
+            whole = nb == B
+            qb = (q if whole else q[b0:b1]).reshape(nb, Hk, M, D)
+            pieces = []
+            for s in segs:
+                kb, vb = _segment(k, v, s, b0, b1, whole, page_table)
+                pieces.append(_attend(qb, kb, vb, s, scale))
+            ob, lb = pieces[0] if len(pieces) == 1 else \
+                _merge_pieces(pieces, finite=all(s.full for s in segs))
             outs.append(ob.view(nb, Hq, Lq, D))
             lses.append(lb.reshape(nb, Hq, Lq))
         if len(outs) == 1:
             return outs[0], lses[0]
         return torch.cat(outs), torch.cat(lses)
-
-    @staticmethod
-    def _segment(k, v, seg, b0, b1, whole, page_table, page_size):
-        """K and V of the key runs ``seg`` ``[nb, Hk, n, D]``: a view of one run of a
-        contiguous cache, the runs copied (below the grain), or gathered from the pages."""
-        from .cpu_ops import copy_
-        if page_table is not None:
-            idx = _positions(seg, k.device)
-            phys = page_table[b0].to(torch.int64)[idx // page_size].clamp_(0, k.shape[0] - 1)
-            slot = idx % page_size
-            return (k[phys, slot].permute(1, 0, 2).unsqueeze(0),     # [1, Hk, n, D]
-                    v[phys, slot].permute(1, 0, 2).unsqueeze(0))
-        if len(seg) == 1:
-            a, z = seg[0]
-            if whole and a == 0 and z == k.shape[2]:
-                return k, v
-            return k[b0:b1, :, a:z], v[b0:b1, :, a:z]
-        n = sum(z - a for a, z in seg)
-        shape = (b1 - b0, k.shape[1], n, k.shape[3])
-        kb = torch.empty(shape, dtype=k.dtype, device=k.device)
-        vb = torch.empty(shape, dtype=v.dtype, device=v.device)
-        at = 0
-        for a, z in seg:
-            copy_(kb[:, :, at:at + z - a], k[b0:b1, :, a:z])
-            copy_(vb[:, :, at:at + z - a], v[b0:b1, :, a:z])
-            at += z - a
-        return kb, vb
-
-    @staticmethod
-    def _attend(qb, kb, vb, mask, scale, full: bool):
-        """One kernel call: ``(o [nb, Hk, G * Lq, D], lse [nb, Hk, G * Lq])`` with lse
-        ``-inf`` (and o 0) for rows whose mask allows no key (``full``: some key of the
-        segment is allowed to every row, so none is empty)."""
-        from .torch_backend import _attend
-        ob, lb = _attend(qb, kb, vb, mask, scale, False)
-        lb = lb.to(torch.float32)
-        if mask is not None and not full:
-            empty = torch.isneginf(mask).all(-1)             # [1, Hk or 1, G * Lq]
-            if bool(empty.any()):
-                ob = ob.masked_fill(empty.unsqueeze(-1), 0.0)
-                lb = lb.masked_fill(empty, float("-inf"))
-        return ob, lb
 
     def _keys(self, L: int, q_off: int, b: int, inputs: dict):
         """``(runs, part, m_part)``: the key runs ``[a, z)`` some row may see (sorted,
@@ -434,17 +484,27 @@ class DecodePlan:
         cf = self.closed_form
         runs = full = None
         if cf is not None and "h" not in self.uses:
-            env = {"qs": q_off, "qe": q_off + Lq - 1, "Lq": Lq, "Lk": L, "H": Hq, "b": b}
             try:
+                if self._rows_fn is not None:
+                    vals = self._rows_fn(q_off, q_off + Lq - 1, Lq, L, Hq, b)
+                else:
+                    env = {"qs": q_off, "qe": q_off + Lq - 1, "Lq": Lq, "Lk": L, "H": Hq,
+                           "b": b}
+                    vals = []
+                    for iv in cf.rows:
+                        both = iv.flo is not None and iv.fhi is not None
+                        vals += [None if x is None else evaluate(x, env) for x in
+                                 (iv.lo, iv.hi, iv.flo if both else None,
+                                  iv.fhi if both else None)]
                 runs, full = [], []
-                for iv in cf.rows:
-                    lo = 0 if iv.lo is None else max(0, int(evaluate(iv.lo, env)))
-                    hi = L - 1 if iv.hi is None else min(L - 1, int(evaluate(iv.hi, env)))
+                for i in range(0, len(vals), 4):
+                    lo, hi, flo, fhi = vals[i:i + 4]
+                    lo = 0 if lo is None else max(0, int(lo))
+                    hi = L - 1 if hi is None else min(L - 1, int(hi))
                     if hi >= lo:
                         runs.append((lo, hi + 1))
-                    if iv.flo is not None and iv.fhi is not None:
-                        flo = max(0, int(evaluate(iv.flo, env)))
-                        fhi = min(L - 1, int(evaluate(iv.fhi, env)))
+                    if flo is not None:
+                        flo, fhi = max(0, int(flo)), min(L - 1, int(fhi))
                         if fhi >= flo:
                             full.append((flo, fhi + 1))
                 runs, full = _merge(runs), _merge(full)
@@ -477,6 +537,81 @@ class DecodePlan:
         return m[0].expand(Hq if m.shape[1] > 1 else 1, Lq, keys.numel())
 
 
+class _Step(NamedTuple):
+    """What a CPU step runs (:meth:`DecodePlan.cpu_step`): ``groups``, one
+    ``(b0, b1, segments)`` per group of batch elements (``segments`` None: no row of the
+    group sees a key), and ``one``, ``(a, z, mask)`` when the step is one kernel call on the
+    keys ``[a, z)`` of every batch element of a contiguous cache and no row is empty (else
+    None)."""
+
+    groups: tuple
+    one: Optional[tuple]
+
+
+class _Segment(NamedTuple):
+    """One kernel call of a CPU step: the key runs it reads, their number ``width``, the
+    additive mask ``[1, Hk or 1, G * Lq, width]`` (None: every row sees every key), whether
+    some key is seen by every row (``full``: no row is empty), the rows that see none
+    (bool ``[1, Hk or 1, G * Lq]``, None when there are none) and, for a paged cache, the
+    page index and slot of each key (``gather``)."""
+
+    runs: tuple
+    width: int
+    mask: Optional[torch.Tensor]
+    full: bool
+    empty: Optional[torch.Tensor]
+    gather: Optional[tuple]
+
+
+def _segment(k, v, s: _Segment, b0: int, b1: int, whole: bool, page_table):
+    """K and V of the segment ``s`` ``[nb, Hk, width, D]``: a view of one run of a
+    contiguous cache, the runs copied (below the grain), or gathered from the pages."""
+    if s.gather is not None:
+        pidx, slot = s.gather
+        phys = page_table[b0].to(torch.int64)[pidx].clamp_(0, k.shape[0] - 1)
+        return (k[phys, slot].permute(1, 0, 2).unsqueeze(0),     # [1, Hk, n, D]
+                v[phys, slot].permute(1, 0, 2).unsqueeze(0))
+    if len(s.runs) == 1:
+        a, z = s.runs[0]
+        if whole and a == 0 and z == k.shape[2]:
+            return k, v
+        return k[b0:b1, :, a:z], v[b0:b1, :, a:z]
+    shape = (b1 - b0, k.shape[1], s.width, k.shape[3])
+    kb = torch.empty(shape, dtype=k.dtype, device=k.device)
+    vb = torch.empty(shape, dtype=v.dtype, device=v.device)
+    at = 0
+    for a, z in s.runs:
+        _copy_(kb[:, :, at:at + z - a], k[b0:b1, :, a:z])
+        _copy_(vb[:, :, at:at + z - a], v[b0:b1, :, a:z])
+        at += z - a
+    return kb, vb
+
+
+def _unit_last(q, k, v):
+    """q, k, v with unit stride along D (ATen's CPU flash kernel reads the last dim as
+    contiguous whatever its stride)."""
+    if q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
+        return q, k, v
+    from .torch_backend import _unit_last as unit_last
+    return unit_last(q, k, v)
+
+
+def _attend(qb, kb, vb, s: _Segment, scale: float):
+    """One kernel call: ``(o [nb, Hk, G * Lq, D], lse [nb, Hk, G * Lq])`` (lse float32),
+    with o 0 and lse ``-inf`` for the rows that see no key of the segment."""
+    if qb.is_cpu and _FLASH_CPU is not None:
+        ob, lb = _FLASH_CPU(*_unit_last(qb, kb, vb), 0.0, False, attn_mask=s.mask,
+                            scale=scale)
+    else:
+        from .torch_backend import _attend as attend
+        ob, lb = attend(qb, kb, vb, s.mask, scale, False)
+        lb = lb.to(torch.float32)
+    if s.empty is not None:
+        ob = ob.masked_fill(s.empty.unsqueeze(-1), 0.0)
+        lb = lb.masked_fill(s.empty, float("-inf"))
+    return ob, lb
+
+
 def _positions(runs, device) -> torch.Tensor:
     return torch.cat([torch.arange(a, z, device=device) for a, z in runs])
 
@@ -507,9 +642,26 @@ def _overlap(runs, other) -> int:
     return sum(max(0, min(z, oz) - max(a, oa)) for a, z in runs for oa, oz in other)
 
 
-def _merge_pieces(pieces):
+def _merge_pieces(pieces, finite: bool = False):
     """Attention over the union of disjoint key sets from each set's ``(o, lse)``: weights
-    ``exp(lse_i - max)``; a row no set saw a key for stays 0 with lse ``-inf``."""
+    ``exp(lse_i - max)``; a row no set saw a key for stays 0 with lse ``-inf``. ``finite``:
+    every row saw a key of every set (every lse is finite: fewer operations)."""
+    if finite and len(pieces) == 2:     # o = o2 + w (o1 - o2), w = sigmoid(lse1 - lse2)
+        (o1, l1), (o2, l2) = pieces
+        w = torch.sigmoid(l1 - l2).unsqueeze_(-1)
+        lse = torch.logaddexp(l1, l2)
+        if o1.dtype == torch.float32:
+            return torch.lerp(o2, o1, w), lse
+        return torch.lerp(o2.float(), o1.float(), w).to(o1.dtype), lse
+    if finite:
+        lse = pieces[0][1]
+        for _, lb in pieces[1:]:
+            lse = torch.logaddexp(lse, lb)
+        o = None
+        for ob, lb in pieces:
+            w = torch.exp(lb - lse).unsqueeze(-1)
+            o = ob * w if o is None else o.addcmul_(ob, w)
+        return o.to(pieces[0][0].dtype), lse
     lse = torch.stack([lb for _, lb in pieces])
     m = lse.amax(0)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -567,16 +719,20 @@ class DecodePlanCache:
             self._held.clear()
 
     def get(self, pattern, backend, q, Hk, bucket_len, paged, inputs, num_splits=None):
-        from .api import _interpret
         B, Hq, Lq, D = q.shape
-        key = (pattern.source, tuple(sorted(pattern.inputs.items())), backend, B, Hq, Hk, Lq,
-               D, q.dtype, q.device, bucket_len, paged, _interpret(), num_splits,
-               tuple((n, id(t), t._version, tuple(t.shape)) for n, t in sorted(inputs.items())))
-        with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-                return plan
+        key = (pattern.source, tuple(sorted(pattern.inputs.items())) if pattern.inputs else (),
+               backend, B, Hq, Hk, Lq, D, q.dtype, "cpu" if q.is_cpu else q.device,
+               bucket_len, paged,
+               backend == "triton" and _api._interpret(), num_splits,
+               tuple((n, id(t), t._version, tuple(t.shape)) for n, t in sorted(inputs.items()))
+               if inputs else ())
+        plan = self._plans.get(key)
+        if plan is not None:
+            try:                    # one atomic step under the GIL; a concurrent eviction
+                self._plans.move_to_end(key)        # may have taken the entry meanwhile
+            except KeyError:
+                pass
+            return plan
         plan = DecodePlan(pattern, backend, B=B, Hq=Hq, Hk=Hk, Lq=Lq, D=D, dtype=q.dtype,
                           device=q.device, bucket_len=bucket_len, paged=paged, inputs=inputs,
                           num_splits=num_splits)
@@ -652,10 +808,7 @@ def routes(q, k, v, q_offset=None) -> bool:
     ``Lk >= 256`` and ``Lk >= 4 * Lq``, a ``q_offset`` (if given) within ``2**29`` of the
     bottom-right one, nothing requires grad (with grad enabled), not under
     ``torch.compile``."""
-    if torch.compiler.is_compiling():
-        return False
-    if not all(isinstance(t, torch.Tensor) and t.layout is torch.strided and not t.is_nested
-               and not t.is_meta and t.dim() == 4 for t in (q, k, v)):
+    if torch.compiler.is_compiling() or not _api._valid(q, k, v):
         return False            # the normal path says what is wrong
     Lq, Lk = q.shape[2], k.shape[2]
     if not (Lq <= MAX_DECODE_Q and ROUTE_MIN_LK <= Lk < MAX_CAPACITY // 2 and Lk >= 4 * Lq):
@@ -663,17 +816,17 @@ def routes(q, k, v, q_offset=None) -> bool:
     if q_offset is not None and (not isinstance(q_offset, int) or isinstance(q_offset, bool)
                                  or abs(q_offset - (Lk - Lq)) >= MAX_CAPACITY // 2):
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                             or v.requires_grad))
 
 
 def call_routed(pattern, q, k, v, *, scale, return_lse, q_offset, inputs):
     """``Pattern.__call__`` on the decode path (same arguments and results), or None where
     the decode path refuses the call (the normal path then runs it, or says what is wrong
     in its own words)."""
-    from ..dsl.errors import SpattnError
     try:
-        return decode(pattern, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                      **(inputs or {}))
+        return _step(pattern, q, k, v, None, None, scale, q_offset, return_lse, True, None,
+                     inputs or {}, True)
     except SpattnError:
         return None
 
@@ -688,18 +841,32 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
     ``[Lq, capacity]`` and page numbers to the pools instead. ``num_splits``: the splits of
     the keys (tests; default: enough programs to fill the device).
     """
-    from .api import (_check_scale, _interpret, check_grid, check_q_offset,
-                      check_runtime_tensors, choose_backend)
+    return _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset,
+                 return_lse, check, num_splits, inputs, False)
+
+
+def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, return_lse,
+          check, num_splits, inputs, routed):
+    """:func:`decode` with its arguments positional (the one hot path of both entries);
+    ``routed``: q, k_cache and v_cache passed :func:`routes` (dense, valid, no grad)."""
     if getattr(pattern, "score", None) is not None:
         raise SpattnParamError("the decode path does not apply scores yet: call the pattern "
                                "(pat(q, k, v)), which runs a score on its own path")
-    if any(isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
-           for t in (q, k_cache, v_cache)):
+    T = torch.Tensor
+    if not routed and torch.is_grad_enabled() and (
+            (isinstance(q, T) and q.requires_grad) or (isinstance(k_cache, T) and
+                                                       k_cache.requires_grad)
+            or (isinstance(v_cache, T) and v_cache.requires_grad)):
         raise SpattnInputError("decode is inference only: q, k_cache and v_cache must not "
                                "require grad (run under torch.no_grad(), or call the pattern, "
                                "pat(q, k, v), for gradients)")
-    B, Hq, Hk, Lq, D, cap, page_size, num_pages = _check_layout(q, k_cache, v_cache,
-                                                                page_table)
+    if routed:
+        B, Hq, Lq, D = q.shape
+        Hk, cap = k_cache.shape[1], k_cache.shape[2]
+        page_size = num_pages = 0
+    else:
+        B, Hq, Hk, Lq, D, cap, page_size, num_pages = _check_layout(q, k_cache, v_cache,
+                                                                    page_table)
     paged = page_table is not None
     if paged and seq_lens is None:
         raise SpattnParamError("a paged cache needs seq_lens [B]: the number of keys of each "
@@ -715,27 +882,34 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
                                f"{num_splits!r}")
     # a pattern on a grid (spattn.neighborhood) means nothing at other lengths: Lq and every
     # sequence's length must be its cell count, as in a call
-    check_grid(pattern, Lq, cap, f"q (shape {tuple(q.shape)}) and the cache (capacity {cap})")
-    seq_lens = _check_seq_lens(seq_lens, B, Lq, cap, q.device, check)
+    if getattr(pattern, "grid", None) is not None:
+        _api.check_grid(pattern, Lq, cap,
+                        f"q (shape {tuple(q.shape)}) and the cache (capacity {cap})")
+    if seq_lens is not None:
+        seq_lens = _check_seq_lens(seq_lens, B, Lq, cap, q.device, check)
     if paged and check:
         _check_pages(page_table, seq_lens, page_size, num_pages)
-    scale = _check_scale(scale, D)
+    scale = 1.0 / math.sqrt(D) if scale is None else _api._check_scale(scale, D)
     q_shift = 0
     if q_offset is not None:
-        q_shift = check_q_offset(q_offset, Lq, cap) - (cap - Lq)
+        q_shift = _api.check_q_offset(q_offset, Lq, cap) - (cap - Lq)
         if abs(q_shift) >= MAX_CAPACITY:
             raise SpattnValueError(f"q_offset={q_offset} puts the queries beyond +-2**30")
-    check_runtime_tensors(inputs)
-    ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device)
+    ins = {}
+    if inputs or pattern.inputs:
+        _api.check_runtime_tensors(inputs)
+        ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device)
     if ins or q_shift:
         _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift)
-    backend = choose_backend(pattern.backend, q.device.type)
+    backend = pattern.backend
+    if backend != "torch":
+        backend = _api.choose_backend(backend, q.device.type)
     out_dtype = q.dtype
-    if backend == "triton" and q.dtype == torch.bfloat16 and _interpret():
+    if backend == "triton" and q.dtype == torch.bfloat16 and _api._interpret():
         # Triton 3.6's interpreter feeds bf16 bits to numpy's matmul unconverted (wrong
         # products, as triton_backend._upcast says): under it bf16 runs in fp32, cast back
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
-    bucket_len = bucket(cap)
+    bucket_len = MIN_BUCKET if cap <= MIN_BUCKET else 1 << (cap - 1).bit_length()  # bucket()
     plan = DECODE_PLANS.get(pattern, backend, q, Hk, bucket_len, paged, ins, num_splits)
     if backend == "triton":
         o, lse = plan.run_triton(q, k_cache, v_cache, lk=cap, q_shift=q_shift,
@@ -743,10 +917,10 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
                                  page_size=page_size, num_pages=num_pages, scale=scale,
                                  inputs=ins)
     else:
-        lens = [cap] * B if seq_lens is None else [int(x) for x in seq_lens.tolist()]
-        lens = [min(max(x, Lq), cap) for x in lens]
-        o, lse = plan.run_torch(q, k_cache, v_cache, lens=lens, q_shift=q_shift,
-                                page_table=page_table, page_size=page_size, scale=scale,
-                                inputs=ins)
-    o = o.to(out_dtype)
+        lens = (cap,) * B if seq_lens is None else \
+            tuple(min(max(int(x), Lq), cap) for x in seq_lens.tolist())
+        o, lse = plan.run_torch(q, k_cache, v_cache, lens, q_shift, page_table, page_size,
+                                scale, ins, return_lse)
+    if o.dtype != out_dtype:
+        o = o.to(out_dtype)
     return (o, lse) if return_lse else o

@@ -18,6 +18,7 @@ from .dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, Spatt
 from .ir.evaluate import mask as _mask
 from .ir.inputs import check_lengths, validate_inputs
 from .ir.pattern import BACKENDS, CompiledPattern  # noqa: F401  (BACKENDS: public)
+from .runtime import api as _runtime_api
 from .runtime.usage import warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
@@ -132,10 +133,9 @@ class Pattern(CompiledPattern):
         (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
         would choose.
         """
-        from .runtime.api import call
-        return call(self, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                    inputs=inputs, plan=plan, layout=layout, deterministic=deterministic,
-                    order=order)
+        return _runtime_api.call(self, q, k, v, scale=scale, return_lse=return_lse,
+                                 q_offset=q_offset, inputs=inputs, plan=plan, layout=layout,
+                                 deterministic=deterministic, order=order)
 
     def decode(self, q, k_cache, v_cache, *, seq_lens=None, page_table=None,
                scale: float | None = None, q_offset: int | None = None,

@@ -28,13 +28,32 @@ def test_gpu_table_ratios_and_errors(bench):
 
 
 def test_cpu_mode_runs_and_writes_json(bench, tmp_path, capsys):
-    assert bench.main(["--cpu", "--tiny", "--rounds", "1", "--reps", "1",
+    assert bench.main(["--cpu", "--tiny", "--rounds", "2", "--reps", "1", "--threads", "1",
                        "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "decode_cpu.json").read_text())
-    assert len(data["rows"]) == 6
+    assert len(data["rows"]) == 6 and data["meta"]["default_threads"] >= 1
     causal = [r for r in data["rows"] if r["pattern"] == "causal"]
     assert all(r["max_err_vs_sdpa"] < 1e-4 for r in causal)
-    assert capsys.readouterr().out.splitlines()[0].startswith("| pattern | L |")
+    gqa = [r for r in data["rows"] if r["Hq"] != r["Hk"]]
+    assert gqa and all(len(r["sdpa_expanded_ms_rounds"]) == 2 for r in gqa)
+    assert all(r["sdpa_best"] in ("sdpa", "sdpa_expanded") for r in data["rows"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| threads | B | L | Lq |") and len(lines) == 8
+
+
+def test_cpu_grid_skips_what_does_not_fit(bench):
+    import argparse
+    args = argparse.Namespace(tiny=False, quick=True, thread_list=[2, 1])
+    grid = bench._cpu_grid(args)
+    assert len(grid) == 2 * 2 * 3 * 3
+    assert (1, 16, 32768, 1, (32, 32, 128)) in grid
+    rows = [{"threads": 1, "B": 16, "L": 32768, "Lq": 1, "Hq": 32, "Hk": 32, "D": 128,
+             "pattern": "causal", "skipped": "K and V take 16384 MiB"}]
+    assert bench.table_cpu(rows).splitlines()[2].endswith("skipped: K and V take 16384 MiB |")
+    args = argparse.Namespace(tiny=False, quick=False, thread_list=[1], lengths="1024,8192",
+                              lqs="4", batches="1")
+    grid = bench._cpu_grid(args)
+    assert len(grid) == 2 * 6 and {g[3] for g in grid} == {4} and {g[1] for g in grid} == {1}
 
 
 @pytest.mark.parametrize("name", ["causal", "window(4096)", "streaming"])

@@ -155,3 +155,15 @@ def test_compiled_scored_module_on_cuda(backend):
     torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, g_eager[n], rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_compiled_scored_grid_pattern_keeps_its_grid():
+    """The op finds the pattern with its grid declaration (not one compiled again from the
+    mask's source): the compiled call matches eager and refuses another length."""
+    pat = spattn.compile("grid (y: 4, x: 4) abs(y(q) - y(k)) <= 1 & abs(x(q) - x(k)) <= 1",
+                         score="softcap(5.0)", backend="torch")
+    f = torch.compile(lambda a: pat(a, a, a), backend="aot_eager", fullgraph=True)
+    q = torch.randn(1, 2, 16, 16)
+    torch.testing.assert_close(f(q), pat(q, q, q))
+    with pytest.raises(SpattnInputError, match="grid"):
+        f(torch.randn(1, 2, 12, 16))

@@ -1,0 +1,208 @@
+"""The CPU decode step's hot path (``runtime/decode.py``, ``DecodePlan.run_torch``): the steps
+a plan memoises per (lengths, positions), the single dense-SDPA call of a one-view step,
+and the accepting path of the argument checks (``runtime.api._valid``).
+
+Every case draws fresh random q and caches and checks every output element (and lse) against
+the float64 reference on the pattern's dense mask of each batch element's own length.
+"""
+import pytest
+import torch
+
+import spattn
+from spattn.dsl.errors import SpattnInputError
+from spattn.runtime import api
+from spattn.runtime import decode as dec
+from spattn.runtime.reference import attention_reference
+
+from tests.runtime.test_decode import _close, _reference
+
+
+def _plan(pat):
+    return next(p for p in reversed(dec.DECODE_PLANS._plans.values()) if p.pattern == pat)
+
+
+def _rand(*shape, g, dtype=torch.float32):
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+# ------------------------------------------------------------------ the memo of steps
+
+def test_memo_serves_only_its_lengths_and_positions():
+    """One plan (one bucket) across lengths, per-batch lengths and q_offset: each call is
+    right, each (lengths, positions) its own memo entry, a repeated one served from it."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & (window(W) | sink(4))", W=40, backend="torch")
+    g = torch.Generator().manual_seed(11)
+    k, v = _rand(2, 2, 500, 32, g=g), _rand(2, 2, 500, 32, g=g)
+    seen = []
+    for lens in ([500, 500], [500, 300], [300, 500], [271, 271]):
+        q = _rand(2, 4, 2, 32, g=g)
+        o, lse = pat.decode(q, k, v, seq_lens=torch.tensor(lens), return_lse=True)
+        want_o, want_lse = _reference(pat, q, k, v, lens, {})
+        _close(f"{lens} o", o, want_o)
+        _close(f"{lens} lse", lse, want_lse)
+        plan = _plan(pat)
+        seen.append(plan)
+    assert all(p is seen[0] for p in seen)
+    assert len(seen[0]._steps) == 4
+    # the same step again: served from the memo (the same object), still right
+    step = seen[0].cpu_step((300, 500), 0, 0, {})
+    assert seen[0].cpu_step((300, 500), 0, 0, {}) is step and len(seen[0]._steps) == 4
+    q = _rand(2, 4, 2, 32, g=g)
+    _close("again", pat.decode(q, k, v, seq_lens=torch.tensor([300, 500])),
+           _reference(pat, q, k, v, [300, 500], {})[0])
+    # q_offset moves the rows: a step of its own
+    q = _rand(1, 4, 1, 32, g=g)
+    for off in (499, 350, 20):
+        o = pat(q, k[:1], v[:1], q_offset=off)
+        _close(f"q_offset {off}", o,
+               attention_reference(q, k[:1], v[:1], pat.mask(1, 500, q_offset=off))[0])
+
+
+def test_memo_is_bounded_and_keyed_by_view_bytes(monkeypatch):
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & (window(W) | sink(4))", W=16, backend="torch")
+    g = torch.Generator().manual_seed(12)
+    k, v = _rand(1, 2, 512, 16, g=g), _rand(1, 2, 512, 16, g=g)
+    for L in range(300, 300 + dec.CPU_STEPS + 3):
+        q = _rand(1, 2, 1, 16, g=g)
+        _close(f"L{L}", pat(q, k[:, :, :L], v[:, :, :L]),
+               attention_reference(q, k[:, :, :L], v[:, :, :L], pat.mask(1, L))[0])
+    plan = _plan(pat)
+    assert len(plan._steps) == dec.CPU_STEPS
+    one = plan.cpu_step((400,), 0, 0, {})
+    assert len(one.groups[0][2]) == 1           # sinks and window copied into one segment
+    monkeypatch.setattr(dec, "VIEW_BYTES", 0)
+    two = plan.cpu_step((400,), 0, 0, {})
+    assert len(two.groups[0][2]) == 2           # every run a view of its own
+    q = _rand(1, 2, 1, 16, g=g)
+    _close("views", pat(q, k[:, :, :400], v[:, :, :400]),
+           attention_reference(q, k[:, :, :400], v[:, :, :400], pat.mask(1, 400))[0])
+
+
+def test_memo_never_serves_other_runtime_inputs():
+    """A plan is keyed by its inputs' identity and version: writing the document ids in place,
+    or passing new ones, gives a step computed from the new ids."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("input doc\npattern documents = causal & same(doc)", backend="torch")
+    g = torch.Generator().manual_seed(13)
+    k, v = _rand(1, 2, 320, 16, g=g), _rand(1, 2, 320, 16, g=g)
+    q = _rand(1, 2, 1, 16, g=g)
+    doc = torch.zeros(1, 320, dtype=torch.int64)
+    doc[:, 200:] = 1
+
+    def check(name, d):
+        o = pat(q, k, v, doc=d)
+        _close(name, o, attention_reference(q, k, v, pat.mask(1, 320, doc=d))[0])
+        return o
+    first = check("two documents", doc)
+    first_plan = _plan(pat)
+    doc[:, 300:] = 2                                # written in place: a new version
+    second = check("three documents", doc)
+    assert _plan(pat) is not first_plan
+    assert not torch.allclose(first, second)
+    other = torch.zeros(1, 320, dtype=torch.int64)  # a new tensor: a new plan
+    check("one document", other)
+    assert len(dec.DECODE_PLANS) == 3
+
+
+# ------------------------------------------------------------------ one SDPA call
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("B,Hq,Hk,Lq", [(1, 8, 8, 1), (2, 8, 2, 1), (2, 4, 4, 3), (1, 8, 2, 4)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("src", ["causal", "causal & window(100)"])
+def test_single_view_step_matches_the_lse_path(src, B, Hq, Hk, Lq, dtype):
+    """Without ``return_lse`` a one-view step is one call of dense SDPA (with the rows of a
+    key head's query heads folded): the same output as the kernel call with its lse."""
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(B * 100 + Hq * 10 + Lq)
+    L = 333
+    q, k, v = (_rand(B, Hq, Lq, 32, g=g, dtype=dtype), _rand(B, Hk, L, 32, g=g, dtype=dtype),
+               _rand(B, Hk, L, 32, g=g, dtype=dtype))
+    o = pat(q, k, v)
+    o2, lse = pat(q, k, v, return_lse=True)
+    assert _plan(pat).cpu_step((L,) * B, 0, 0, {}).one is not None
+    assert o.dtype == dtype and o.shape == (B, Hq, Lq, 32)
+    ref_o, ref_lse = attention_reference(q.double(), k.double(), v.double(), pat.mask(Lq, L))
+    tol = 2e-3 if dtype == torch.float32 else 3e-2
+    _close("o", o, ref_o, rtol=tol)
+    _close("o (lse path)", o2, ref_o, rtol=tol)
+    _close("lse", lse, ref_lse, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("Lq", [1, 3], ids=lambda n: f"Lq{n}")
+def test_two_views_merged(monkeypatch, Lq, dtype):
+    """Streaming past its window: the sinks and the window are two kernel calls on views,
+    merged through their log-sum-exps (one lerp when every row sees a key of both)."""
+    monkeypatch.setattr(dec, "VIEW_BYTES", 0)
+    pat = spattn.compile("causal & (window(W) | sink(4))", W=50, backend="torch")
+    g = torch.Generator().manual_seed(31 + Lq)
+    q, k, v = (_rand(2, 4, Lq, 32, g=g, dtype=dtype), _rand(2, 2, 400, 32, g=g, dtype=dtype),
+               _rand(2, 2, 400, 32, g=g, dtype=dtype))
+    o, lse = pat(q, k, v, return_lse=True)
+    assert len(_plan(pat).cpu_step((400, 400), 0, 0, {}).groups[0][2]) == 2
+    ref_o, ref_lse = attention_reference(q.double(), k.double(), v.double(),
+                                         pat.mask(Lq, 400))
+    tol = 2e-3 if dtype == torch.float32 else 3e-2
+    _close("o", o, ref_o, rtol=tol)
+    _close("lse", lse, ref_lse, rtol=tol)
+
+
+def test_strided_cache_views():
+    """Caches with any strides (a [B, L, H, D] buffer seen as [B, H, L, D], a cache with
+    spare capacity sliced to its length, a D-strided view) give the reference's rows."""
+    pat = spattn.compile("causal & window(64)", backend="torch")
+    g = torch.Generator().manual_seed(21)
+    q = _rand(2, 4, 1, 32, g=g)
+    bshd = _rand(2, 300, 2, 32, g=g)
+    big = _rand(2, 2, 400, 64, g=g)
+    for name, k, v in (("bshd", bshd.transpose(1, 2), bshd.transpose(1, 2).flip(-1)),
+                       ("spare", big[:, :, :300, :32], big[:, :, :300, 32:]),
+                       ("D-strided", big[:, :, :300, ::2], big[:, :, :300, 1::2])):
+        _close(name, pat(q, k, v), attention_reference(q, k, v, pat.mask(1, 300))[0])
+
+
+# ------------------------------------------------------------------ argument checks
+
+def _bad_cases():
+    q, k = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 300, 32)
+    return {
+        "q 3-D": (q[0], k, k),
+        "v shorter": (q, k, k[:, :, :299]),
+        "batch": (q, torch.randn(2, 2, 300, 32), torch.randn(2, 2, 300, 32)),
+        "heads not a multiple": (torch.randn(1, 3, 1, 32), k, k),
+        "D of k": (q, torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)),
+        "D too small": (torch.randn(1, 4, 1, 8), torch.randn(1, 2, 300, 8),
+                        torch.randn(1, 2, 300, 8)),
+        "dtype": (q, k.double(), k.double()),
+        "fp64": (q.double(), k.double(), k.double()),
+        "meta": (q, k.to("meta"), k.to("meta")),
+        "empty heads": (torch.randn(1, 0, 1, 32), k, k),
+        "not a tensor": (q, k.tolist(), k),
+        "sparse": (q, k, k.to_sparse()),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_cases()))
+def test_fast_accept_refuses_what_validate_refuses(name):
+    q, k, v = _bad_cases()[name]
+    assert not api._valid(q, k, v)
+    with pytest.raises(SpattnInputError):
+        api.validate(q, k, v)
+    pat = spattn.compile("causal", backend="torch")
+    with pytest.raises(SpattnInputError):
+        pat(q, k, v)
+    with pytest.raises(SpattnInputError):
+        pat.decode(q, k, v)
+
+
+def test_fast_accept_takes_what_validate_takes():
+    g = torch.Generator().manual_seed(5)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for Hq, Hk, D in ((4, 2, 16), (8, 8, 256), (6, 1, 64)):
+            q, k = _rand(2, Hq, 1, D, g=g, dtype=dt), _rand(2, Hk, 300, D, g=g, dtype=dt)
+            assert api._valid(q, k, k.transpose(2, 3).contiguous().transpose(2, 3))
+            api.validate(q, k, k)
