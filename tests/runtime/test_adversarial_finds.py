@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import spattn
+from spattn.dsl.errors import SpattnValueError
+from spattn.runtime.reference import attention_reference
 
 from tests.runtime.test_review_scores import assert_matches, run
 
@@ -23,3 +25,22 @@ def test_scores_without_s_fill_the_tile(mask, score, tables):
     p = spattn.compile(mask, score=score, backend="triton")
     got, want, _ = run(p, B=2, Lq=20, Lk=24, Hk=1, q_offset=3, tables=tables, seed=11)
     assert_matches(got, want, score)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_decode_refuses_a_list_shorter_than_the_heads(backend):
+    """A list indexed by ``h`` with fewer entries than query heads is a SpattnValueError in
+    a decode step as in a call (the Triton decode kernel selected an entry of the list with
+    no bounds check: eight heads ran against four entries); with one entry per head the step
+    matches the reference."""
+    pat = spattn.compile("causal & q - k < [8, 20, 40, 70][h]", backend=backend)
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(2))
+    with pytest.raises(SpattnValueError, match=r"4 entries but is indexed with h"):
+        pat.decode(torch.randn(1, 8, 2, 16, generator=g), k, v)
+    q = torch.randn(1, 4, 2, 16, generator=g)
+    o, lse = pat.decode(q, k, v, return_lse=True)
+    kx, vx = (t.double().repeat_interleave(2, 1) for t in (k, v))
+    ro, rl = attention_reference(q.double(), kx, vx, pat.mask(2, 40, num_heads=4))
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
+    torch.testing.assert_close(lse.double(), rl, atol=2e-4, rtol=2e-3)
