@@ -197,29 +197,6 @@ def _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift):
         bounds.check_call(pattern, Lq, cap, num_heads=Hq, batch=B, q_offset=off, inputs=ins)
 
 
-def _check_lists(pattern, bucket_len, *, Lq, num_heads, batch):
-    """Every list of the pattern is indexed in range at every position of a cache of up to
-    ``bucket_len`` keys (the Triton decode kernel selects list entries without a bounds
-    check; the torch backend evaluates the mask, which refuses an index out of range)."""
-    from ..ir import bounds
-    from ..ir.nodes import Table, walk
-    tables = [n for n in walk(pattern.ir) if isinstance(n, Table)]
-    if not tables:
-        return
-    dom = bounds.call_domain(bucket_len, bucket_len, num_heads=num_heads, batch=batch,
-                             q_offset=0, extra={"Lq": (Lq, Lq), "Lk": (Lq, bucket_len)})
-    memo = bounds.analyse(pattern.ir, dom).bounds
-    for n in tables:
-        lo, hi = memo[n.index]
-        if lo < 0 or hi >= len(n.values):
-            from ..ir.printer import to_source
-            raise SpattnValueError(
-                f"list {list(n.values)} has {len(n.values)} entries but is indexed with "
-                f"{to_source(n.index)} taking values in {lo}..{hi} at the positions of a "
-                f"cache of up to {bucket_len} keys with {num_heads} query heads (give one "
-                "entry per head)")
-
-
 # ------------------------------------------------------------------ plans
 
 class DecodePlan:
@@ -236,6 +213,7 @@ class DecodePlan:
                  paged, inputs, num_splits=None):
         from ..codegen.config import get_closed_form, ranges_ok
         from ..ir import bounds
+        from ..ir.intervals import check_list_bounds
         self.pattern, self.backend = pattern, backend
         self.B, self.Hq, self.Hk, self.Lq, self.D = B, Hq, Hk, Lq, D
         self.dtype, self.device = dtype, device
@@ -254,7 +232,9 @@ class DecodePlan:
         self.config = self.module = None
         self.splits = 1
         if backend == "triton":
-            _check_lists(pattern, bucket_len, Lq=Lq, num_heads=Hq, batch=B)
+            # the kernel selects list entries unchecked (the torch backend's evaluator checks)
+            check_list_bounds(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B,
+                              q_offset=0, inputs=ins64)
             if bounds.kernel_int64(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B,
                                    q_offset=0, inputs=ins64, closed_form=self.closed_form,
                                    block_m=16, block_n=256):

@@ -85,7 +85,49 @@ def rand_score(r: random.Random, depth: int) -> str:
     return f"({sub()} + {sub()})"
 
 
+def rand_int(r: random.Random, depth: int) -> str:
+    """A random int expression of q, k, h (floor division and modulo by constants of both
+    signs, abs, min, max, clamp, if, lists indexed by h)."""
+    if depth == 0 or r.random() < 0.3:
+        return r.choice(["q", "k", "h", "q", "k", str(r.randint(-5, 40)), "Lk", "Lq"])
+    a = lambda: rand_int(r, depth - 1)  # noqa: E731
+    kind = r.randrange(8)
+    if kind == 0:
+        return f"({a()} {r.choice(['+', '-'])} {a()})"
+    if kind == 1:
+        return f"({r.randint(-3, 4)} * {a()})"
+    if kind == 2:
+        d = r.choice([-3, -2, 2, 3, 4, 5, 8, 16])
+        return f"({a()} {r.choice(['//', '%'])} {d if d > 0 else f'({d})'})"
+    if kind == 3:
+        return f"abs({a()})"
+    if kind == 4:
+        return f"{r.choice(['min', 'max'])}({a()}, {a()})"
+    if kind == 5:
+        lo = r.randint(-5, 10)
+        return f"clamp({a()}, {lo}, {lo + r.randint(0, 20)})"
+    if kind == 6:
+        return f"(if {a()} {r.choice(['<', '<=', '=='])} {a()} then {a()} else {a()})"
+    return f"[{', '.join(str(r.randint(-4, 30)) for _ in range(4))}][h % 4]"
+
+
+def rand_bool(r: random.Random, depth: int) -> str:
+    if depth == 0 or r.random() < 0.35:
+        if r.random() < 0.3:
+            return r.choice(MASKS)
+        return f"{rand_int(r, 2)} {r.choice(['<', '<=', '>', '>=', '==', '!='])} {rand_int(r, 2)}"
+    a = lambda: rand_bool(r, depth - 1)  # noqa: E731
+    kind = r.randrange(3)
+    if kind == 0:
+        return f"({a()} & {a()})"
+    if kind == 1:
+        return f"({a()} | {a()})"
+    return f"~({a()})"
+
+
 def rand_mask(r: random.Random) -> str:
+    if r.random() < 0.4:
+        return rand_bool(r, 3)
     a = r.choice(MASKS)
     if r.random() < 0.3:
         a = f"({a}) {r.choice(['&', '|'])} ({r.choice(MASKS)})"
@@ -232,7 +274,9 @@ def decode_case(seed: int) -> str:
     r = random.Random(seed)
     backend = r.choice(["torch", "triton"])
     W = r.randint(1, 64)
-    src = r.choice(DECODE_MASKS).replace("W", str(W)).replace("Lk - " + str(W), f"Lk - {W}")
+    src = r.choice(DECODE_MASKS).replace("W", str(W))
+    if r.random() < 0.4:
+        src = rand_bool(r, 3)
     Hk = r.choice([1, 2])
     Hq = Hk * r.choice([1, 2, 4])
     B, Lq, D = r.choice([1, 2, 3]), r.randint(1, 16), r.choice([16, 32])

@@ -6,7 +6,7 @@ import torch
 
 import spattn
 from spattn.dsl.errors import SpattnValueError
-from spattn.runtime.reference import attention_reference
+from spattn.runtime.reference import attention_reference, pattern_reference
 
 from tests.runtime.test_review_scores import assert_matches, run
 
@@ -44,3 +44,30 @@ def test_decode_refuses_a_list_shorter_than_the_heads(backend):
     ro, rl = attention_reference(q.double(), kx, vx, pat.mask(2, 40, num_heads=4))
     torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
     torch.testing.assert_close(lse.double(), rl, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("src,score,params,H", [
+    ("causal & k < [100, 100, 0][q // 20]", None, {}, 1),
+    ("causal", "s * m[h]", {"m": [0.5, 0.25]}, 4),
+], ids=["B1-H1-L64-mask-list-by-q", "B1-H4-L64-score-list-by-h"])
+def test_triton_refuses_a_list_indexed_out_of_range(src, score, params, H):
+    """A list whose index leaves it at some positions of the call (``q // 20`` reaches 3 at
+    L = 64; ``h`` reaches 3 with four heads) is refused on Triton as by the evaluator (the
+    torch backend, ``Pattern.mask``): the tile analysis only refused a list index wholly
+    out of range on a tile, so an EMPTY tile hid it, and the kernels select list entries
+    unchecked (a float list of a score was not checked at all)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, H, 64, 16, generator=g) for _ in range(3))
+    for backend in ["torch", "triton"]:
+        pat = spattn.compile(src, score=score, backend=backend, **params)
+        with pytest.raises(SpattnValueError, match=r"3 entries|2 entries"):
+            pat(q, k, v)
+    with pytest.raises(SpattnValueError, match=r"3 entries|2 entries"):
+        pat.mask(64, 64, num_heads=H) if score is None else pattern_reference(
+            pat, q.double(), k.double(), v.double())
+    # in range: 60 positions (q // 20 <= 2), two heads
+    q, k, v = (t[:, :2, :60] for t in (q, k, v))
+    o = pat(q, k, v)
+    ro, _ = pattern_reference(pat, q.double(), k.double(), v.double())
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
