@@ -347,7 +347,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     from ..ir.intervals import check_input_bounds
     if ints:
         check_input_bounds(pattern, ints, Lq, Lk, num_heads=H, batch=B, q_offset=off)
-    bounds.check_call(pattern.ir, Lq, Lk, num_heads=H, batch=B, q_offset=off, inputs=ints)
+    bounds.check_call(pattern, Lq, Lk, num_heads=H, batch=B, q_offset=off, inputs=ints)
     check_score_bounds(pattern, ints, floats, Lq, Lk, num_heads=H, batch=B, q_offset=off)
     backend = choose_backend(pattern.backend, q.device.type)
     names = tuple(pattern.score_inputs)

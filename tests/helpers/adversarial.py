@@ -235,16 +235,22 @@ def layout_case(seed: int) -> str:
     Hk = r.choice([1, 2])
     Hq = Hk * r.choice([1, 2])
     B, D = r.choice([1, 2]), r.choice([16, 32])
-    desc = f"layout:{seed} {backend} {name} N={N} B{B}-Hq{Hq}-Hk{Hk}-D{D}"
+    Lq, q_offset = N, None
+    if getattr(pat, "grid", None) is None and r.random() < 0.4:
+        # a flattened pattern called on part of the grid's rows, or shifted rows
+        Lq = r.randint(1, N)
+        q_offset = r.choice([None, 0, r.randint(0, N - Lq)])
+    desc = (f"layout:{seed} {backend} {name} N={N} B{B}-Hq{Hq}-Hk{Hk}-D{D} Lq={Lq} "
+            f"q_offset={q_offset}")
     LAST["desc"] = desc
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, N, D, generator=g, requires_grad=True)
+    q = torch.randn(B, Hq, Lq, D, generator=g, requires_grad=True)
     k, v = (torch.randn(B, Hk, N, D, generator=g, requires_grad=True) for _ in range(2))
     old = os.environ.get("SPATTN_LAYOUT")
     os.environ["SPATTN_LAYOUT"] = "on"
     try:
-        plan = pat.plan(q, k, v)
-        o, lse = pat(q, k, v, plan=plan, return_lse=True)
+        plan = pat.plan(q, k, v, q_offset=q_offset)
+        o, lse = pat(q, k, v, plan=plan, return_lse=True, q_offset=q_offset)
         do = torch.randn(o.shape, generator=g)
         got = [o, lse, *torch.autograd.grad(o, (q, k, v), do)]
     except SpattnError as e:
@@ -257,7 +263,8 @@ def layout_case(seed: int) -> str:
     desc += f" {type(plan).__name__}"
     rl = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     kx, vx = (t.repeat_interleave(Hq // Hk, 1) for t in rl[1:])
-    ro, rlse = attention_reference(rl[0], kx, vx, pat.mask(N, N, num_heads=Hq))
+    ro, rlse = attention_reference(rl[0], kx, vx,
+                                   pat.mask(Lq, N, num_heads=Hq, q_offset=q_offset))
     want = [ro, rlse, *torch.autograd.grad(ro, rl, do.double())]
     for n, a, b in zip(["o", "lse", "dq", "dk", "dv"], got, want):
         _close(f"{desc} {n}", a, b, atol=5e-4 * (1 if n in ("o", "lse") else 4))

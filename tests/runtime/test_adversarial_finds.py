@@ -71,3 +71,22 @@ def test_triton_refuses_a_list_indexed_out_of_range(src, score, params, H):
     o = pat(q, k, v)
     ro, _ = pattern_reference(pat, q.double(), k.double(), v.double())
     torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_score_integers_are_exact_or_refused(backend):
+    """The ints of a score obey the mask's rule (exact in 64 bits, or a SpattnValueError
+    naming the value): ``k * 2**62`` wrapped silently in the torch backend and the
+    reference alike, and on Triton any constant of 2**31 or more was a raw interpreter
+    error (an int32 literal: the kernels' 64-bit choice looked at the mask only)."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=g) for _ in range(3))
+    bad = spattn.compile("causal", score="s + float(k * 4611686018427387904) * 1e-18",
+                         backend=backend)
+    with pytest.raises(SpattnValueError, match=r"4611686018427387904 \* k"):
+        bad(q, k, v)
+    ok = spattn.compile("causal", score="s + float(k * 1099511627776 + 3000000000) * 1e-12",
+                        backend=backend)
+    o = ok(q, k, v)
+    ro, _ = pattern_reference(ok, q.double(), k.double(), v.double())
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
