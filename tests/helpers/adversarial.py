@@ -43,7 +43,8 @@ from spattn.runtime.reference import attention_reference, pattern_reference  # n
 
 INTS = ["q", "k", "h", "b", "Lq", "Lk", "H", "(q - k)", "(k - q)", "(k // 3)", "(q % 4)",
         "(q // 5 - k // 5)", "log_bucket(abs(q - k), 2, 20, 6)", "t5_bucket(8, 20)",
-        "t5_bucket_causal(8, 16)"]
+        "t5_bucket_causal(8, 16)", "((q + 3000000000) % 7)", "((k * 3000000000) // 2999999999)",
+        "(q * k // 3)"]
 LEAVES = ["s", "s", "s", "0.5", "-2.0", "1e-3", "c", "m[h]", "w[h]", "w[0]",
           "rel[h, clamp(q - k, 0, 7)]", "bias[q % 3, k % 5]", "alibi_slope"]
 PARAMS = {"c": 0.75, "m": [0.5, -0.25, 2.0, 0.125]}
@@ -155,7 +156,10 @@ def score_case(seed: int) -> str:
     B = r.choice([1, 2])
     Lq, Lk = r.randint(1, 40), r.randint(1, 40)
     D = r.choice([16, 32])
-    q_offset = r.choice([None, None, 0, r.randint(-10, 50)])
+    q_offset = r.choice([None, None, 0, r.randint(-10, 50), 2 ** 31 - r.randint(0, 30)])
+    if q_offset is not None and q_offset > 2 ** 30 and re.search(
+            r"\bq\b", score.replace("(q + 3000000000) % 7", "")):
+        q_offset = None     # a score of q ~ 2**31 loses s in float32 (docs/language.md §13)
     dtype = r.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16])
     if backend == "triton" and dtype == torch.float64:
         dtype = torch.float32
