@@ -158,7 +158,7 @@ def score_case(seed: int) -> str:
     D = r.choice([16, 32])
     q_offset = r.choice([None, None, 0, r.randint(-10, 50), 2 ** 31 - r.randint(0, 30)])
     if q_offset is not None and q_offset > 2 ** 30 and re.search(
-            r"\bq\b", score.replace("(q + 3000000000) % 7", "")):
+            r"\bq\b|alibi", score.replace("(q + 3000000000) % 7", "")):
         q_offset = None     # a score of q ~ 2**31 loses s in float32 (docs/language.md §13)
     dtype = r.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16])
     if backend == "triton" and dtype == torch.float64:
