@@ -61,7 +61,7 @@ from ..ir.nodes import BoolConst
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "14"
+CODEGEN_VERSION = "15"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -296,7 +296,11 @@ class ScoreCode:
     (the modified score, natural units, from ``b_x = q·k * sm_scale``) and, in the
     backward kernels, ``deriv`` (``d score / d s``); ``params``: the kernel parameters of
     the float tables (at the head of the kernel's arguments: they may change every call);
-    ``grads``: the table gradients (dQ kernel), ``grad_params`` their parameters."""
+    ``grads``: the table gradients (dQ kernel), ``grad_params`` their parameters;
+    ``tiled``: ``value`` has the tile's shape (it reads ``s``, or both q and k); a score of
+    one position, heads
+    or constants alone is a row, a column or a scalar, broadcast to the tile by the template
+    (the softmax and the dots need the whole tile)."""
     lines: tuple[str, ...]
     value: str
     deriv: str | None
@@ -305,6 +309,7 @@ class ScoreCode:
     grads: tuple[TableGrad, ...]
     grad_params: tuple[str, ...]
     helpers: bool
+    tiled: bool = True
 
     @property
     def unit_deriv(self) -> bool:
@@ -352,9 +357,12 @@ def _score_code(pattern, kind: str, int64: bool) -> ScoreCode | None:
         pos += 1 + nd
     grad_params = tuple(x for n in inputs for x in (f"D{n.upper()}_ptr", f"grad_{n}")) \
         if kind == "dq" else ()
+    from ..ir.nodes import Score, free_vars, walk
+    tiled = any(isinstance(n, Score) for n in walk(pattern.score)) or \
+        {"q", "k"} <= free_vars(pattern.score)
     return ScoreCode(lines, res[0], res[1] if g is not None else None, inputs,
                      tuple(_input_params(dict(pattern.score_inputs))), tuple(tg), grad_params,
-                     em.uses_helpers)
+                     em.uses_helpers, tiled)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from .nodes import (INT, Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max
 from .visitor import MaskPass, rule
 
 __all__ = ["Domain", "Checked", "call_domain", "node_bounds", "bounds_of", "analyse",
-           "check_call", "require", "kernel_int64", "closed_form_exact", "input_ranges", "static_names", "wrap",
+           "check_call", "require", "kernel_int64", "score_int_roots", "closed_form_exact", "input_ranges", "static_names", "wrap",
            "representable", "INT64", "INT32"]
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -456,6 +456,28 @@ def input_ranges(inputs: Mapping[str, torch.Tensor], *, measure: bool) -> dict:
 
 # ------------------------------------------------------------------ entry points
 
+def score_int_roots(score: Node) -> tuple:
+    """The maximal int and bool subexpressions of a score (what ``float(..)`` converts, list
+    and table indices, ``if`` conditions): the integer arithmetic a scored call computes
+    besides its mask's, checked by the same rules."""
+    from .nodes import FLOAT
+    out: dict = {}
+    stack = [score]
+    while stack:
+        n = stack.pop()
+        for c in n.children():
+            if c.type == FLOAT:
+                stack.append(c)
+            else:
+                out.setdefault(c, None)
+    return tuple(out)
+
+
+def _score_roots(pattern) -> tuple:
+    score = getattr(pattern, "score", None)
+    return score_int_roots(score) if score is not None else ()
+
+
 def check_call(pattern, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1, q_offset=None,
                inputs: Optional[Mapping[str, torch.Tensor]] = None) -> Checked:
     """The 64-bit analysis of a call, raising :class:`SpattnValueError` where the tensor
@@ -467,6 +489,8 @@ def check_call(pattern, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     inputs = inputs or {}
     kw = dict(num_heads=num_heads, batch=batch, q_offset=q_offset)
+    for root in _score_roots(pattern):       # a score's integers: exact as the mask's
+        check_call(root, Lq, Lk, inputs=inputs, **kw)
     res = analyse(ir, call_domain(Lq, Lk, input_ranges=input_ranges(inputs, measure=False), **kw))
     if inputs and any(isinstance(m, Load) for p in res.problems for m in walk(p.node)):
         res = analyse(ir, call_domain(Lq, Lk, input_ranges=input_ranges(inputs, measure=True),
@@ -521,14 +545,15 @@ def kernel_int64(pattern, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 
     first and last positions, and those bounds shifted by the query offset, must be
     representable too. Input values are measured (one synchronisation per new tensor):
     an int64 input of small ids then runs in 32 bits. Does not raise for the 64-bit rules
-    (:func:`check_call` does).
+    (:func:`check_call` does). A pattern's score counts: its ints (:func:`score_int_roots`)
+    are computed in the same kernels.
     """
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     ranges = {n: (min(lo, 0), max(hi, 0))
               for n, (lo, hi) in input_ranges(inputs or {}, measure=True).items()}
     dom = call_domain(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
                       input_ranges=ranges, block_m=block_m, block_n=block_n)
-    if analyse(ir, dom, 32).problems:
+    if any(analyse(r, dom, 32).problems for r in (ir, *_score_roots(pattern))):
         return True
     if closed_form is None:
         return False

@@ -756,6 +756,47 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
                 f"it {need}")
 
 
+def check_list_bounds(pattern, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
+                      q_offset=None, inputs: Mapping[str, torch.Tensor] | None = None,
+                      checked=None) -> None:
+    """Raise :class:`SpattnValueError` when a list of the pattern (its mask's int lists, its
+    score's float lists) may be indexed out of range over the call's domain: the interval hull of each list index (exact for affine indices
+    and for indices of ``h`` and ``b`` alone), as :func:`check_input_bounds` bounds input
+    indices. The kernels select list entries without a bounds check; the evaluator
+    (``ir.evaluate``, the torch backend) refuses an index out of range where it reads it.
+    """
+    from .nodes import FTable
+    ir = pattern.ir if hasattr(pattern, "ir") else pattern
+    roots = [ir] + [x for x in [getattr(pattern, "score", None)] if x is not None]
+    lists = list(dict.fromkeys(n for r in roots for n in walk(r)
+                               if isinstance(n, (Table, FTable))))
+    if not lists:
+        return
+    off = query_offset(Lq, Lk, q_offset)
+    box = {"q": (off, off + Lq - 1), "k": (0, Lk - 1), "Lq": Lq, "Lk": Lk, "H": num_heads,
+           "h": (0, num_heads - 1), "b": (0, batch - 1)}
+    hulls = [static_interval(n.index, box) for n in lists]
+    if any(h is None for h in hulls):
+        ins = _dummy_inputs(ir, inputs, None)
+        if checked is None:
+            checked = check_call(ir, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=off,
+                                 inputs=ins)
+        dev = next((t.device for t in ins.values()), None)
+        env = domain_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=off, device=dev)
+        ev = IntervalEval(env, ins, device=dev, wrapped=checked.wrapped)
+        todo = [ev.int_(n.index) for n, h in zip(lists, hulls) if h is None]
+        read = iter(torch.stack([v for lo, hi in todo for v in (lo.min(), hi.max())]).tolist())
+        hulls = [h if h is not None else (next(read), next(read)) for h in hulls]
+    for n, (lo, hi) in zip(lists, hulls):
+        if lo < 0 or hi >= len(n.values):
+            from .printer import to_source
+            raise SpattnValueError(
+                f"list {list(n.values)} has {len(n.values)} entries but is indexed with "
+                f"{to_source(n.index)} taking values in {lo}..{hi} for Lq={Lq}, Lk={Lk}, "
+                f"q_offset={off}, {num_heads} heads (give one entry per head, or guard the "
+                "index)")
+
+
 # ------------------------------------------------------------------ lifting
 
 _SPLIT = (Abs, Min, Max, Select)

@@ -51,6 +51,16 @@ class _Log(sympy.Function):
         return 1 / self.args[0]
 
 
+class _Tanh(sympy.Function):
+    """The score's ``tanh``: real, as :class:`_Sqrt` (sympy rewrote the real part of
+    ``tanh(x / c)`` in ``abs(tanh(x / c) / d)`` through ``sinh`` and ``cos``)."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        return 1 - self ** 2
+
+
 class _Min2(sympy.Function):
     """``min(a, b)`` kept binary: an n-ary ``min`` is ``min(min(a, b), c)``, as both backends
     evaluate it, so that at ties the derivative splits as torch's does (half to each side)
@@ -73,7 +83,7 @@ class _Max2(sympy.Function):
         return sympy.Heaviside(a - b) if argindex == 1 else sympy.Heaviside(b - a)
 
 
-_UNARY = {"tanh": sympy.tanh, "exp": sympy.exp, "log": _Log, "sqrt": _Sqrt,
+_UNARY = {"tanh": _Tanh, "exp": sympy.exp, "log": _Log, "sqrt": _Sqrt,
           "abs": sympy.Abs, "sign": sympy.sign, "step": sympy.Heaviside}
 
 

@@ -228,6 +228,7 @@ class DecodePlan:
                  paged, inputs, num_splits=None):
         from ..codegen.config import get_closed_form, ranges_ok
         from ..ir import bounds
+        from ..ir.intervals import check_list_bounds
         self.pattern, self.backend = pattern, backend
         self.B, self.Hq, self.Hk, self.Lq, self.D = B, Hq, Hk, Lq, D
         self.dtype, self.device = dtype, device
@@ -246,6 +247,9 @@ class DecodePlan:
         self.config = self.module = None
         self.splits = 1
         if backend == "triton":
+            # the kernel selects list entries unchecked (the torch backend's evaluator checks)
+            check_list_bounds(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B,
+                              q_offset=0, inputs=ins64)
             if bounds.kernel_int64(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B,
                                    q_offset=0, inputs=ins64, closed_form=self.closed_form,
                                    block_m=16, block_n=256):

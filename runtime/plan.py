@@ -68,9 +68,10 @@ class Call:
            backend: str = "triton", tables: dict | None = None) -> "Call":
         """The call of ``pattern`` on tensors shaped like ``q`` ``[B, Hq, Lq, D]`` and ``k``
         ``[B, Hk, Lk, D]``: inputs converted, their index bounds checked, the integer
-        arithmetic proven exact (64-bit; the kernels' 32- or 64-bit choice)."""
+        arithmetic proven exact (64-bit; the kernels' 32- or 64-bit choice), on Triton the
+        lists' indices in range (the kernels select list entries unchecked)."""
         from ..ir import bounds
-        from ..ir.intervals import check_input_bounds
+        from ..ir.intervals import check_input_bounds, check_list_bounds
         B, H, Lq, D = q.shape
         Lk = k.shape[2]
         positions = Positions.of(Lq, Lk, q_offset)
@@ -80,8 +81,11 @@ class Call:
         if ins:
             check_input_bounds(pattern, ins, Lq, Lk, num_heads=H, batch=B,
                                q_offset=positions.q_offset)
-        bounds.check_call(pattern, Lq, Lk, num_heads=H, batch=B, q_offset=positions.q_offset,
-                          inputs=ins)
+        checked = bounds.check_call(pattern, Lq, Lk, num_heads=H, batch=B,
+                                    q_offset=positions.q_offset, inputs=ins)
+        if backend == "triton":
+            check_list_bounds(pattern, Lq, Lk, num_heads=H, batch=B,
+                              q_offset=positions.q_offset, inputs=ins, checked=checked)
         call = cls(pattern, B, H, k.shape[1], Lq, Lk, D, q.dtype, q.device, float(scale),
                    positions, ins, settings or _settings.current())
         call.tables = dict(tables or {})

@@ -439,7 +439,7 @@ def _arguments(pattern, q, k, v, scale, q_offset, inputs) -> tuple:
     from ..ir.intervals import check_input_bounds
     if ints:
         check_input_bounds(pattern, ints, Lq, Lk, num_heads=H, batch=B, q_offset=off)
-    bounds.check_call(pattern.ir, Lq, Lk, num_heads=H, batch=B, q_offset=off, inputs=ints)
+    bounds.check_call(pattern, Lq, Lk, num_heads=H, batch=B, q_offset=off, inputs=ints)
     check_score_bounds(pattern, ints, floats, Lq, Lk, num_heads=H, batch=B, q_offset=off)
     return scale, off, given, ints, floats
 

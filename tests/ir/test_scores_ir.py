@@ -32,6 +32,7 @@ def test_sums_and_products_are_canonical(a, b):
 @given(score_exprs(), st.integers(0, 2**16))
 @example(parse_score_ir("min(s + (q - k), s + h, s)"), 0)     # three-way ties on the diagonal
 @example(parse_score_ir("max(2 * s + (q - k), s + h, s)"), 1)
+@example(parse_score_ir("abs(30.0 * tanh(s / 30.0) / float(q + 1))"), 2)   # sinh via re()
 def test_derivative_matches_autograd(f, seed):
     g = torch.Generator().manual_seed(seed)
     env = score_env(6, 7, num_heads=3, batch=1, q_offset=0)

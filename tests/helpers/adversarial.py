@@ -1,0 +1,383 @@
+"""Adversarial random search over the newest code paths, against the float64 reference.
+
+Three kinds of case, each drawn from one integer seed (so a failure is replayed exactly with
+``--case KIND:SEED``):
+
+* ``score``: a random score expression (``s``, positions, heads, lengths, float params and
+  lists, 1-D and 2-D learnable tables, the float functions, ``if``, ``log_bucket``) over a
+  random mask (prelude calls and random comparisons), random ``B, Hq, Hk, Lq, Lk, D``,
+  ``q_offset`` and dtype, on the torch backend or the Triton kernels under the interpreter:
+  output and gradients of q, k, v and the tables against ``pattern_reference``.
+* ``layout``: ``SPATTN_LAYOUT=on`` with a random grid pattern (``spattn.neighborhood`` with
+  random shape, kernel, stride, dilation and causal axes, or a flattened 2-D window written
+  by hand, possibly conjoined with ``causal``) on both backends, forward and backward.
+* ``decode``: ``Pattern.decode`` with random ``Lq <= 16``, cache capacity, per-batch
+  lengths, contiguous or paged cache, GQA, random masks: output and lse against the
+  reference on each batch element's own length.
+
+A case passes when the call raises a ``SpattnError`` (refused with a message) or matches the
+reference; any other exception, a NaN where the reference has none, or a wrong element is a
+failure. Run it as a module from the repository root::
+
+    TRITON_INTERPRET=1 python -m tests.helpers.adversarial --minutes 10 --seed 1
+    TRITON_INTERPRET=1 python -m tests.helpers.adversarial --case score:1234
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import tempfile
+import time
+import traceback
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SPATTN_CACHE_DIR", tempfile.mkdtemp(prefix="spattn-adversarial-"))
+
+import torch  # noqa: E402
+
+import spattn  # noqa: E402
+from spattn.dsl.errors import SpattnError  # noqa: E402
+from spattn.runtime.reference import attention_reference, pattern_reference  # noqa: E402
+
+INTS = ["q", "k", "h", "b", "Lq", "Lk", "H", "(q - k)", "(k - q)", "(k // 3)", "(q % 4)",
+        "(q // 5 - k // 5)", "log_bucket(abs(q - k), 2, 20, 6)", "t5_bucket(8, 20)",
+        "t5_bucket_causal(8, 16)", "((q + 3000000000) % 7)", "((k * 3000000000) // 2999999999)",
+        "(q * k // 3)"]
+LEAVES = ["s", "s", "s", "0.5", "-2.0", "1e-3", "c", "m[h]", "w[h]", "w[0]",
+          "rel[h, clamp(q - k, 0, 7)]", "bias[q % 3, k % 5]", "alibi_slope"]
+PARAMS = {"c": 0.75, "m": [0.5, -0.25, 2.0, 0.125]}
+TABLE_SHAPES = {"w": lambda H: (H,), "rel": lambda H: (H, 8), "bias": lambda H: (3, 5)}
+MASKS = ["causal", "full", "window(5)", "k < q & q >= 4", "causal & window(7)",
+         "sink(3) | window(4)", "q % 2 == 0", "k % 3 != 1 & causal", "chunked(8)",
+         "abs(q - k) <= 2 | k == 0", "q >= k + 5", "false", "k >= Lk - 4"]
+
+
+def rand_score(r: random.Random, depth: int) -> str:
+    leaf = r.choice(LEAVES) if r.random() < 0.7 else f"float({r.choice(INTS)})"
+    if depth == 0 or r.random() < 0.25:
+        return leaf
+    sub = lambda: rand_score(r, depth - 1)  # noqa: E731
+    kind = r.randrange(12)
+    if kind == 0:
+        return f"({sub()} {r.choice(['+', '-', '*'])} {sub()})"
+    if kind == 1:
+        return f"({sub()} / float(abs({r.choice(INTS)}) + 1))"
+    if kind == 2:
+        return f"{r.choice(['tanh', 'abs'])}({sub()})"
+    if kind == 3:
+        return f"exp(tanh({sub()}))"
+    if kind == 4:
+        return f"log(1.5 + tanh({sub()}))"
+    if kind == 5:
+        return f"sqrt(abs({sub()}) + 0.25)"
+    if kind == 6:
+        args = ", ".join(sub() for _ in range(r.randint(2, 3)))
+        return f"{r.choice(['min', 'max'])}({args})"
+    if kind == 7:
+        return f"clamp({sub()}, -1.0, {sub()})"
+    if kind == 8:
+        return f"(if {r.choice(INTS)} > {r.randint(-2, 6)} then {sub()} else {sub()})"
+    if kind == 9:
+        return f"softcap({r.choice(['2.0', '0.5', '30.0'])})"
+    if kind == 10:
+        return f"alibi({r.choice(['m[h]', '0.25', 'alibi_slope'])})"
+    return f"({sub()} + {sub()})"
+
+
+def rand_int(r: random.Random, depth: int) -> str:
+    """A random int expression of q, k, h (floor division and modulo by constants of both
+    signs, abs, min, max, clamp, if, lists indexed by h)."""
+    if depth == 0 or r.random() < 0.3:
+        return r.choice(["q", "k", "h", "q", "k", str(r.randint(-5, 40)), "Lk", "Lq"])
+    a = lambda: rand_int(r, depth - 1)  # noqa: E731
+    kind = r.randrange(8)
+    if kind == 0:
+        return f"({a()} {r.choice(['+', '-'])} {a()})"
+    if kind == 1:
+        return f"({r.randint(-3, 4)} * {a()})"
+    if kind == 2:
+        d = r.choice([-3, -2, 2, 3, 4, 5, 8, 16])
+        return f"({a()} {r.choice(['//', '%'])} {d if d > 0 else f'({d})'})"
+    if kind == 3:
+        return f"abs({a()})"
+    if kind == 4:
+        return f"{r.choice(['min', 'max'])}({a()}, {a()})"
+    if kind == 5:
+        lo = r.randint(-5, 10)
+        return f"clamp({a()}, {lo}, {lo + r.randint(0, 20)})"
+    if kind == 6:
+        return f"(if {a()} {r.choice(['<', '<=', '=='])} {a()} then {a()} else {a()})"
+    return f"[{', '.join(str(r.randint(-4, 30)) for _ in range(4))}][h % 4]"
+
+
+def rand_bool(r: random.Random, depth: int) -> str:
+    if depth == 0 or r.random() < 0.35:
+        if r.random() < 0.3:
+            return r.choice(MASKS)
+        return f"{rand_int(r, 2)} {r.choice(['<', '<=', '>', '>=', '==', '!='])} {rand_int(r, 2)}"
+    a = lambda: rand_bool(r, depth - 1)  # noqa: E731
+    kind = r.randrange(3)
+    if kind == 0:
+        return f"({a()} & {a()})"
+    if kind == 1:
+        return f"({a()} | {a()})"
+    return f"~({a()})"
+
+
+def rand_mask(r: random.Random) -> str:
+    if r.random() < 0.4:
+        return rand_bool(r, 3)
+    a = r.choice(MASKS)
+    if r.random() < 0.3:
+        a = f"({a}) {r.choice(['&', '|'])} ({r.choice(MASKS)})"
+    return a
+
+
+def _close(what, got, want, atol, rtol=2e-3):
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan), f"{what}: NaN at other places than the reference"
+    inf = want.isinf()
+    assert torch.equal(got.isinf() & ~nan, inf), f"{what}: inf at other places"
+    ok = ~(nan | inf)
+    torch.testing.assert_close(got[ok], want[ok], atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def score_case(seed: int) -> str:
+    r = random.Random(seed)
+    backend = r.choice(["torch", "torch", "triton"])
+    mask, score = rand_mask(r), rand_score(r, r.randint(1, 4))
+    Hk = r.choice([1, 2])
+    Hq = Hk * r.choice([1, 2])
+    B = r.choice([1, 2])
+    Lq, Lk = r.randint(1, 40), r.randint(1, 40)
+    D = r.choice([16, 32])
+    q_offset = r.choice([None, None, 0, r.randint(-10, 50), 2 ** 31 - r.randint(0, 30)])
+    if q_offset is not None and q_offset > 2 ** 30 and re.search(
+            r"\bq\b|alibi", score.replace("(q + 3000000000) % 7", "")):
+        q_offset = None     # a score of q ~ 2**31 loses s in float32 (docs/language.md §13)
+    dtype = r.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16])
+    if backend == "triton" and dtype == torch.float64:
+        dtype = torch.float32
+    desc = (f"score:{seed} {backend} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-"
+            f"Lq{Lq}-Lk{Lk}-D{D} q_offset={q_offset} {dtype}")
+    LAST["desc"] = desc
+    params = {n: v[:Hq] if isinstance(v, list) and len(v) > Hq else v
+              for n, v in PARAMS.items() if re.search(rf"\b{n}\b", score)}
+    try:
+        p = spattn.compile(mask, score=score, backend=backend, **params)
+    except SpattnError:
+        return desc + " (refused at compile)"
+    assert spattn.compile(p.source, backend=backend) == p, f"{desc}: source {p.source}"
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g).to(dtype).requires_grad_(True)
+    k, v = (torch.randn(B, Hk, Lk, D, generator=g).to(dtype).requires_grad_(True)
+            for _ in range(2))
+    tabs = {n: torch.randn(TABLE_SHAPES[n](Hq), generator=g).to(dtype).requires_grad_(True)
+            for n in p.score_inputs}
+    try:
+        o = p(q, k, v, q_offset=q_offset, **tabs)
+    except SpattnError as e:
+        return desc + f" (refused at the call: {str(e).splitlines()[0][:80]})"
+    do = torch.randn(o.shape, generator=g).to(dtype)
+    leaves = [q, k, v, *tabs.values()]
+    got = [o, *torch.autograd.grad(o, leaves, do, allow_unused=True)]
+    rl = [x.detach().double().requires_grad_(True) for x in leaves]
+    ro, _ = pattern_reference(p, *rl[:3], q_offset=q_offset, **dict(zip(tabs, rl[3:])))
+    if ro.isnan().any():
+        return desc + " (NaN in the reference: an unguarded score)"
+    want = [ro, *torch.autograd.grad(ro, rl, do.double(), allow_unused=True)]
+    tol = 3e-2 if dtype == torch.bfloat16 else 2e-4
+    names = ["o", "dq", "dk", "dv", *(f"d{n}" for n in tabs)]
+    for n, a, b, leaf in zip(names, got, want, [ro] + rl):
+        a = torch.zeros_like(leaf) if a is None else a
+        b = torch.zeros_like(leaf) if b is None else b
+        scale = max(1.0, float(b.detach().abs().max()) if b.numel() else 1.0)
+        _close(f"{desc} {n}", a, b, atol=tol * scale * (1 if n == "o" else 5))
+    return desc
+
+
+def _layout_pattern(r: random.Random, backend: str):
+    if r.random() < 0.6:
+        nd = r.choice([1, 2, 2, 3])
+        shape = tuple(r.randint(3, 12 if nd < 3 else 6) for _ in range(nd))
+        ks, st, dl, ca = [], [], [], []
+        for n in shape:
+            d = r.choice([1, 1, 2, 3]) if n >= 6 else 1
+            k = r.randint(1, max(1, n // d))
+            ks.append(k)
+            dl.append(d)
+            st.append(r.randint(1, k))
+            ca.append(r.random() < 0.3)
+        args = (shape, tuple(ks), tuple(st), tuple(dl), tuple(ca))
+        return f"neighborhood{args}", spattn.neighborhood(*args, backend=backend)
+    Hg, W = r.randint(2, 10), r.randint(2, 12)
+    ry, rx = r.randint(0, 3), r.randint(0, 3)
+    src = f"abs(q // {W} - k // {W}) <= {ry} & abs(q % {W} - k % {W}) <= {rx}"
+    if r.random() < 0.3:
+        src += " & causal"
+    if r.random() < 0.2:
+        src = f"({src}) | k < {r.randint(1, W)}"
+    p = spattn.compile(src, backend=backend)
+    return f"{src!r} L={Hg * W}", (p, Hg * W)
+
+
+def layout_case(seed: int) -> str:
+    r = random.Random(seed)
+    backend = r.choice(["torch", "triton"])
+    name, pat = _layout_pattern(r, backend)
+    if isinstance(pat, tuple):
+        pat, N = pat
+    else:
+        N = 1
+        for n in pat.grid:
+            N *= n
+    Hk = r.choice([1, 2])
+    Hq = Hk * r.choice([1, 2])
+    B, D = r.choice([1, 2]), r.choice([16, 32])
+    Lq, q_offset = N, None
+    if getattr(pat, "grid", None) is None and r.random() < 0.4:
+        # a flattened pattern called on part of the grid's rows, or shifted rows
+        Lq = r.randint(1, N)
+        q_offset = r.choice([None, 0, r.randint(0, N - Lq)])
+    desc = (f"layout:{seed} {backend} {name} N={N} B{B}-Hq{Hq}-Hk{Hk}-D{D} Lq={Lq} "
+            f"q_offset={q_offset}")
+    LAST["desc"] = desc
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, Hk, N, D, generator=g, requires_grad=True) for _ in range(2))
+    old = os.environ.get("SPATTN_LAYOUT")
+    os.environ["SPATTN_LAYOUT"] = "on"
+    try:
+        plan = pat.plan(q, k, v, q_offset=q_offset)
+        o, lse = pat(q, k, v, plan=plan, return_lse=True, q_offset=q_offset)
+        do = torch.randn(o.shape, generator=g)
+        got = [o, lse, *torch.autograd.grad(o, (q, k, v), do)]
+    except SpattnError as e:
+        return desc + f" (refused: {str(e).splitlines()[0][:80]})"
+    finally:
+        if old is None:
+            os.environ.pop("SPATTN_LAYOUT")
+        else:
+            os.environ["SPATTN_LAYOUT"] = old
+    desc += f" {type(plan).__name__}"
+    rl = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    kx, vx = (t.repeat_interleave(Hq // Hk, 1) for t in rl[1:])
+    ro, rlse = attention_reference(rl[0], kx, vx,
+                                   pat.mask(Lq, N, num_heads=Hq, q_offset=q_offset))
+    want = [ro, rlse, *torch.autograd.grad(ro, rl, do.double())]
+    for n, a, b in zip(["o", "lse", "dq", "dk", "dv"], got, want):
+        _close(f"{desc} {n}", a, b, atol=5e-4 * (1 if n in ("o", "lse") else 4))
+    return desc
+
+
+DECODE_MASKS = ["causal", "causal & window(W)", "causal & (window(W) | sink(4))",
+                "causal & q % 2 == 0", "causal & q - k < [8, 20, 40, 70][h]",
+                "full", "k % 5 != 0 & causal", "chunked(W)", "k >= q - W & k <= q + 3",
+                "causal & k >= Lk - W", "window(W) | k < 2", "q >= 3 & k < W"]
+
+
+def decode_case(seed: int) -> str:
+    r = random.Random(seed)
+    backend = r.choice(["torch", "triton"])
+    W = r.randint(1, 64)
+    src = r.choice(DECODE_MASKS).replace("W", str(W))
+    if r.random() < 0.4:
+        src = rand_bool(r, 3)
+    Hk = r.choice([1, 2])
+    Hq = Hk * r.choice([1, 2, 4])
+    B, Lq, D = r.choice([1, 2, 3]), r.randint(1, 16), r.choice([16, 32])
+    paged = r.choice([0, 0, 16, 32])
+    cap = r.randint(Lq, 300)
+    if paged:
+        cap = -(-cap // paged) * paged
+    lens = [r.randint(Lq, cap) for _ in range(B)] if r.random() < 0.7 else None
+    if paged and lens is None:
+        lens = [cap] * B
+    splits = r.choice([None, None, 1, 3, 8])
+    desc = (f"decode:{seed} {backend} {src!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-cap{cap}-D{D} "
+            f"lens={lens} paged={paged} splits={splits}")
+    LAST["desc"] = desc
+    pat = spattn.compile(src, backend=backend)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k = torch.randn(B, Hk, cap, D, generator=g)
+    v = torch.randn(B, Hk, cap, D, generator=g)
+    seq = None if lens is None else torch.tensor(lens)
+    try:
+        if paged:
+            n = cap // paged
+            table = torch.randperm(B * n + 2, generator=g)[:B * n].view(B, n)
+            pools = []
+            for t in (k, v):
+                pool = torch.randn(B * n + 2, paged, Hk, D, generator=g)
+                pool[table.reshape(-1)] = t.view(B, Hk, n, paged, D).permute(0, 2, 3, 1, 4) \
+                    .reshape(B * n, paged, Hk, D)
+                pools.append(pool)
+            o, lse = pat.decode(q, pools[0], pools[1], seq_lens=seq,
+                                page_table=table.to(torch.int32), return_lse=True,
+                                num_splits=splits)
+        else:
+            o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, num_splits=splits)
+    except SpattnError as e:
+        return desc + f" (refused: {str(e).splitlines()[0][:80]})"
+    outs, lses = [], []
+    for b in range(B):
+        L = cap if lens is None else lens[b]
+        m = pat.mask(Lq, L, num_heads=Hq, batch=B)[b:b + 1]
+        kx, vx = (t[b:b + 1, :, :L].double().repeat_interleave(Hq // Hk, 1) for t in (k, v))
+        ro, rlse = attention_reference(q[b:b + 1].double(), kx, vx, m)
+        outs.append(ro)
+        lses.append(rlse)
+    _close(f"{desc} o", o, torch.cat(outs), atol=5e-4)
+    _close(f"{desc} lse", lse, torch.cat(lses), atol=5e-4)
+    return desc
+
+
+LAST = {"desc": ""}
+KINDS = {"score": score_case, "layout": layout_case, "decode": decode_case}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kinds", default="score,layout,decode")
+    ap.add_argument("--case", help="replay one case, KIND:SEED")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    if args.case:
+        kind, seed = args.case.split(":")
+        try:
+            print(KINDS[kind](int(seed)))
+        finally:
+            print(LAST["desc"])
+        return
+    kinds = args.kinds.split(",")
+    end = time.time() + args.minutes * 60
+    n = fails = 0
+    rng = random.Random(args.seed)
+    while time.time() < end:
+        kind = kinds[n % len(kinds)]
+        seed = rng.randrange(2 ** 31)
+        n += 1
+        LAST["desc"] = ""
+        try:
+            desc = KINDS[kind](seed)
+            if args.verbose:
+                print("ok  ", desc, flush=True)
+        except Exception as e:  # noqa: BLE001 -- every failure is reported, the search goes on
+            fails += 1
+            print(f"FAIL {kind}:{seed}: {type(e).__name__}: {str(e)[:600]}\n     {LAST['desc']}",
+                  flush=True)
+            if not isinstance(e, AssertionError):
+                traceback.print_exc()
+    print(f"{n} cases, {fails} failures")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Bugs the adversarial search (``tests/helpers/adversarial.py``) and the explored property
+tests found, each with its class of inputs, on both backends (the Triton kernels under the
+interpreter) against the float64 reference."""
+import pytest
+import torch
+
+import spattn
+from spattn.dsl.errors import SpattnValueError
+from spattn.runtime.reference import attention_reference, pattern_reference
+
+from tests.runtime.test_review_scores import assert_matches, run
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mask,score,tables", [
+    ("full", "0.75", {}),
+    ("causal", "float(q) * 0.25", {}),
+    ("k < q & q >= 4", "w[h] * log(float(max(k - 5, 0)))", {"w": (2,)}),
+], ids=["B2-H2-Lq20-Lk24-const", "B2-H2-Lq20-Lk24-rows", "B2-H2-Lq20-Lk24-cols-table"])
+def test_scores_without_s_fill_the_tile(mask, score, tables):
+    """A score that reads neither ``s`` nor both positions is a scalar, a row or a column of
+    the tile: the kernels broadcast it to the tile (the dots of the backward and the
+    softmax rows were of the wrong shape: an interpreter AssertionError, a compile error on
+    the GPU)."""
+    p = spattn.compile(mask, score=score, backend="triton")
+    got, want, _ = run(p, B=2, Lq=20, Lk=24, Hk=1, q_offset=3, tables=tables, seed=11)
+    assert_matches(got, want, score)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_decode_refuses_a_list_shorter_than_the_heads(backend):
+    """A list indexed by ``h`` with fewer entries than query heads is a SpattnValueError in
+    a decode step as in a call (the Triton decode kernel selected an entry of the list with
+    no bounds check: eight heads ran against four entries); with one entry per head the step
+    matches the reference."""
+    pat = spattn.compile("causal & q - k < [8, 20, 40, 70][h]", backend=backend)
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(2))
+    with pytest.raises(SpattnValueError, match=r"4 entries but is indexed with h"):
+        pat.decode(torch.randn(1, 8, 2, 16, generator=g), k, v)
+    q = torch.randn(1, 4, 2, 16, generator=g)
+    o, lse = pat.decode(q, k, v, return_lse=True)
+    kx, vx = (t.double().repeat_interleave(2, 1) for t in (k, v))
+    ro, rl = attention_reference(q.double(), kx, vx, pat.mask(2, 40, num_heads=4))
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
+    torch.testing.assert_close(lse.double(), rl, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("src,score,params,H", [
+    ("causal & k < [100, 100, 0][q // 20]", None, {}, 1),
+    ("causal", "s * m[h]", {"m": [0.5, 0.25]}, 4),
+], ids=["B1-H1-L64-mask-list-by-q", "B1-H4-L64-score-list-by-h"])
+def test_triton_refuses_a_list_indexed_out_of_range(src, score, params, H):
+    """A list whose index leaves it at some positions of the call (``q // 20`` reaches 3 at
+    L = 64; ``h`` reaches 3 with four heads) is refused on Triton as by the evaluator (the
+    torch backend, ``Pattern.mask``): the tile analysis only refused a list index wholly
+    out of range on a tile, so an EMPTY tile hid it, and the kernels select list entries
+    unchecked (a float list of a score was not checked at all)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, H, 64, 16, generator=g) for _ in range(3))
+    for backend in ["torch", "triton"]:
+        pat = spattn.compile(src, score=score, backend=backend, **params)
+        with pytest.raises(SpattnValueError, match=r"3 entries|2 entries"):
+            pat(q, k, v)
+    with pytest.raises(SpattnValueError, match=r"3 entries|2 entries"):
+        pat.mask(64, 64, num_heads=H) if score is None else pattern_reference(
+            pat, q.double(), k.double(), v.double())
+    # in range: 60 positions (q // 20 <= 2), two heads
+    q, k, v = (t[:, :2, :60] for t in (q, k, v))
+    o = pat(q, k, v)
+    ro, _ = pattern_reference(pat, q.double(), k.double(), v.double())
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_score_integers_are_exact_or_refused(backend):
+    """The ints of a score obey the mask's rule (exact in 64 bits, or a SpattnValueError
+    naming the value): ``k * 2**62`` wrapped silently in the torch backend and the
+    reference alike, and on Triton any constant of 2**31 or more was a raw interpreter
+    error (an int32 literal: the kernels' 64-bit choice looked at the mask only)."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=g) for _ in range(3))
+    bad = spattn.compile("causal", score="s + float(k * 4611686018427387904) * 1e-18",
+                         backend=backend)
+    with pytest.raises(SpattnValueError, match=r"4611686018427387904 \* k"):
+        bad(q, k, v)
+    ok = spattn.compile("causal", score="s + float(k * 1099511627776 + 3000000000) * 1e-12",
+                        backend=backend)
+    o = ok(q, k, v)
+    ro, _ = pattern_reference(ok, q.double(), k.double(), v.double())
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
