@@ -345,6 +345,18 @@ def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
     return scale, q_offset, ins
 
 
+def _checked(pattern, q, k, v, scale, q_offset, inputs, layout, order):
+    """``(scale, q_offset, inputs, order, backend)`` of an unscored call or plan, checked
+    (:func:`_arguments`, :func:`check_order`); a refusal carries the layout hint."""
+    try:
+        scale, offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs, layout)
+        if order is not None:
+            order = check_order(order, q, k, q_offset)
+    except SpattnInputError as e:
+        raise _usage.with_layout_hint(e, layout, q, k, v) from None
+    return scale, offset, ins, order, choose_backend(pattern.backend, q.device.type)
+
+
 def _as_given(t, device, dtype):
     return t
 
@@ -377,15 +389,8 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
         except SpattnInputError as e:
             raise _usage.with_layout_hint(e, layout, q, k, v) from None
     else:
-        try:
-            given_offset = q_offset
-            scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs,
-                                              layout)
-            if order is not None:
-                order = check_order(order, q, k, given_offset)
-        except SpattnInputError as e:
-            raise _usage.with_layout_hint(e, layout, q, k, v) from None
-        backend = choose_backend(pattern.backend, q.device.type)
+        scale, q_offset, ins, order, backend = _checked(pattern, q, k, v, scale, q_offset,
+                                                        inputs, layout, order)
         plan = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
                           inputs=ins, options=options, order=order)
     learnable = scored and any(isinstance(t, torch.Tensor) and t.requires_grad
@@ -467,15 +472,8 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
-        try:
-            given_offset = q_offset
-            scale, q_offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs,
-                                              layout)
-            if order is not None:
-                order = check_order(order, q, k, given_offset)
-        except SpattnInputError as e:
-            raise _usage.with_layout_hint(e, layout, q, k, v) from None
-        backend = choose_backend(pattern.backend, q.device.type)
+        scale, q_offset, ins, order, backend = _checked(pattern, q, k, v, scale, q_offset,
+                                                        inputs, layout, order)
         _ag.register(pattern)
         plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
                          inputs=ins, order=order)
