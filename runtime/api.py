@@ -472,11 +472,14 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
+        given = order
         scale, q_offset, ins, order, backend = _checked(pattern, q, k, v, scale, q_offset,
                                                         inputs, layout, order)
         _ag.register(pattern)
+        # keyed by the caller's tensor (identity and version), not by its int64 copy: an
+        # int32 order would otherwise be a new key, and a new plan, at every call
         plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                         inputs=ins, order=order)
+                         inputs=ins, order=given)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
     else:                   # nothing to differentiate: the plan alone (no autograd node)

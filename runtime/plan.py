@@ -350,7 +350,9 @@ class OrderedPlan(PermutedPlan):
         from ..ir.layout import ordered
         self._bind(pattern, backend, q, k, v, options)
         N = q.shape[2]
-        self.order = order
+        # the plan's own copy: its inverse and coordinate tables are of this order, so a
+        # later in-place write to the caller's tensor must not reach its gathers
+        self.order = order = order.to(torch.int64, copy=True).contiguous()
         self.inverse = torch.empty_like(order)
         self.inverse[order] = torch.arange(N, dtype=order.dtype, device=order.device)
         self.ordered = ordered(pattern.ir, N, taken=pattern.inputs)

@@ -186,3 +186,31 @@ def test_bshd_tensors_with_an_order():
     ref = pat(q, k, v, layout="bshd")
     assert o.shape == (1, 30, 2, 16)
     _close("o", o, ref, rtol=1e-5)
+
+
+def test_a_plan_keeps_its_own_copy_of_the_order():
+    """An in-place write to the caller's order after ``pat.plan(..., order=)`` does not reach
+    the plan: its gathers, inverse and coordinate tables stay those of the order it was
+    built with (the answer stays the mask's over the original positions)."""
+    pat = spattn.compile("abs(q // 6 - k // 6) <= 1 & abs(q % 6 - k % 6) <= 1",
+                         backend="torch")
+    g = torch.Generator().manual_seed(7)
+    q, k, v = _tensors(1, 2, 1, 36, 16, g, grads=False)
+    order = _perm(36, 7)
+    plan = pat.plan(q, k, v, order=order)
+    order.copy_(_perm(36, 8))
+    o = pat(q, k, v, plan=plan)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), pat.mask(36, 36))
+    _close("o", o, ro)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16], ids=["int32", "int16"])
+def test_a_narrow_order_is_one_cached_plan(dtype):
+    """An order that is not int64 is keyed by the caller's tensor, not by its int64 copy:
+    repeated calls with it share one plan."""
+    pat = spattn.compile("abs(q // 6 - k // 6) <= 1", backend="torch")
+    PLANS.clear()
+    order = _perm(36, 9).to(dtype)
+    for seed in range(3):
+        _run(pat, order, N=36, use_plan=False, seed=seed)
+    assert len(PLANS) == 1
