@@ -214,3 +214,18 @@ def test_a_narrow_order_is_one_cached_plan(dtype):
     for seed in range(3):
         _run(pat, order, N=36, use_plan=False, seed=seed)
     assert len(PLANS) == 1
+
+
+def test_the_module_takes_an_order():
+    """``SparseAttention(...)(q, k, v, order=...)`` runs in the order, as a call does (not
+    read as a runtime input named ``order``)."""
+    from spattn.nn import SparseAttention
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, 30, 2, 16, generator=g) for _ in range(3))
+    src = "abs(q // 5 - k // 5) <= 1 & abs(q % 5 - k % 5) <= 1"
+    mod = SparseAttention(src, backend="torch", layout="bshd")
+    pat = spattn.compile(src, backend="torch")
+    o = mod(q, k, v, order=_perm(30, 10))
+    ro, _ = attention_reference(*(t.transpose(1, 2).double() for t in (q, k, v)),
+                                pat.mask(30, 30))
+    _close("o", o.transpose(1, 2), ro)
