@@ -229,3 +229,20 @@ def test_the_module_takes_an_order():
     ro, _ = attention_reference(*(t.transpose(1, 2).double() for t in (q, k, v)),
                                 pat.mask(30, 30))
     _close("o", o.transpose(1, 2), ro)
+
+
+@pytest.mark.parametrize("order,match,hint", [
+    (torch.arange(36.0), "dtype", False),
+    (torch.arange(36).reshape(36, 1), "1-D", False),
+    (torch.tensor([0] * 2 + list(range(2, 36))), "token 0 is in slots 0 and 1", False),
+    (torch.arange(2), "2 entries", True),
+], ids=["float", "2d", "duplicate", "bshd-length"])
+def test_the_layout_hint_only_where_a_layout_explains_the_error(order, match, hint):
+    """Tensors that would be valid read as ``[B, L, H, D]``: the ``layout='bshd'`` hint is
+    added to an order error only when q's layout could be its cause (the order's length,
+    which a bshd q of 36 tokens read as bhsd has as 2)."""
+    pat = spattn.compile("causal", backend="torch")
+    q = torch.randn(1, 36, 2, 16).transpose(1, 2)        # [B, H, L, D], also valid as bshd
+    with pytest.raises(spattn.SpattnInputError, match=match) as e:
+        pat(q, q, q, order=order)
+    assert ("layout='bshd'" in str(e.value)) == hint
