@@ -696,7 +696,10 @@ def ordered(ir: Node, N: int, taken=()) -> Ordered:
     coordinate's table at the slot: the tile analysis then bounds each coordinate over a
     tile by the table's min/max there, which a tile that is a box of the grid makes exact
     per axis. ``taken``: names the tables must not use (the pattern's own inputs)."""
-    grids = [g for g in discover(ir, N) if not g.offset]    # every token is a cell
+    # every token a cell, and no padding: a ragged residue class would let the tables'
+    # ranges bound a position past N - 1 (a list indexed by q refused as out of range)
+    grids = [g for g in discover(ir, N)
+             if not g.offset and all(n % d == 0 for n, d in zip(g.shape, g.splits))]
     grid = grids[0] if grids else Grid((N,))
     prefix = "order_"
     while any(t.startswith(prefix) for t in taken):

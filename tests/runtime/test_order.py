@@ -246,3 +246,14 @@ def test_the_layout_hint_only_where_a_layout_explains_the_error(order, match, hi
     with pytest.raises(spattn.SpattnInputError, match=match) as e:
         pat(q, q, q, order=order)
     assert ("layout='bshd'" in str(e.value)) == hint
+
+
+@pytest.mark.interpreter
+def test_a_list_indexed_by_position_in_an_order_on_triton():
+    """A list indexed by ``q`` beside a residue class that does not divide L (29 tokens,
+    ``% 6``): the order's tables keep the index within the list (it was refused as reaching
+    29), and the answer matches the reference."""
+    N = 29
+    lst = "[" + ", ".join(str(i * 7 % 5) for i in range(N)) + "]"
+    pat = spattn.compile(f"{lst}[q] >= {lst}[k] & (q - k) % 6 == 0", backend="triton")
+    _run(pat, _perm(N, 11), Hq=1, Hk=1, N=N)
