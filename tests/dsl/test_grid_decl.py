@@ -197,3 +197,15 @@ def test_a_name_used_by_the_sizes_is_not_captured_by_the_axis_functions(src, gri
     pat = spattn.compile(src)
     assert (pat.grid, pat.grid_offset) == (grid, offset)
     assert pat == spattn.compile(same_as)
+
+
+def test_receptive_field_of_a_grid_pattern_at_its_length():
+    """``receptive_field(L, ...)`` checks ``L`` against the grid (it checked a length of 1,
+    so every grid pattern was refused); another length is the grid's SpattnInputError."""
+    pat = spattn.compile("grid (r: 4, c: 4) after 3 abs(r(q) - r(k)) <= 1 & k <= q | k < 3")
+    rf = pat.receptive_field(19, 2)
+    assert rf is not None
+    with pytest.raises(spattn.SpattnInputError, match="Lk=16"):
+        pat.receptive_field(16, 2)
+    with pytest.raises(spattn.SpattnValueError, match="L must be a positive integer"):
+        pat.receptive_field(0, 2)
