@@ -257,3 +257,26 @@ def test_a_list_indexed_by_position_in_an_order_on_triton():
     lst = "[" + ", ".join(str(i * 7 % 5) for i in range(N)) + "]"
     pat = spattn.compile(f"{lst}[q] >= {lst}[k] & (q - k) % 6 == 0", backend="triton")
     _run(pat, _perm(N, 11), Hq=1, Hk=1, N=N)
+
+
+def test_orders_and_inputs_made_under_inference_mode():
+    """Inference tensors have no version counter: an order or a runtime input made under
+    ``torch.inference_mode`` is keyed by its contents (it raised a raw RuntimeError), so a
+    call repeats its plan and an in-place write there is a new plan whose answer follows."""
+    g = torch.Generator().manual_seed(12)
+    PLANS.clear()
+    pat = spattn.compile("same(doc) & abs(q // 6 - k // 6) <= 1", backend="torch")
+    with torch.inference_mode():
+        q, k, v = _tensors(1, 2, 1, 36, 16, g, grads=False)
+        doc, order = torch.zeros(36, dtype=torch.int64), _perm(36, 12)
+        for _ in range(2):
+            pat(q, k, v, order=order, doc=doc)
+        assert len(PLANS) == 1
+        doc[20:] = 1
+        o = pat(q, k, v, order=order, doc=doc)
+        assert len(PLANS) == 2
+        o2 = pat.decode(q[:, :, -1:], k, v, doc=doc)
+    m = pat.mask(36, 36, doc=doc)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), m)
+    _close("o", o, ro)
+    _close("o decode", o2, ro[:, :, -1:])
