@@ -591,6 +591,10 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
                if isinstance(n, A.Index) and isinstance(n.base, A.Free)}
     for t in trees:
         for n in A.walk(t):
+            if isinstance(n, A.Free) and n.name in indexed and n.name in CALL_KEYWORDS:
+                raise r.err(SpattnNameError, f"a runtime input named {n.name!r} could not be "
+                            f"passed: {n.name}= is a keyword of every call "
+                            f"({CALL_KEYWORDS[n.name]}); rename the input", n)
             if isinstance(n, A.Free) and n.name not in indexed:
                 cands = scope.names() | set(bound)
                 hint = suggest(n.name, cands) or \
