@@ -44,7 +44,7 @@ class SparseAttention(nn.Module):
             if backend != pattern.backend:
                 pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
                                   inputs=pattern.inputs, backend=backend, grid=pattern.grid,
-                              grid_offset=pattern.grid_offset,
+                                  grid_offset=pattern.grid_offset,
                                   score=pattern.score, score_inputs=pattern.score_inputs)
         elif isinstance(pattern, str):
             from . import compile as _compile
