@@ -209,3 +209,15 @@ def test_receptive_field_of_a_grid_pattern_at_its_length():
         pat.receptive_field(16, 2)
     with pytest.raises(spattn.SpattnValueError, match="L must be a positive integer"):
         pat.receptive_field(0, 2)
+
+
+@pytest.mark.parametrize("src,words", [
+    ("grid[q] == grid[k]", "parenthesise: (grid[q] == grid[k])"),
+    ("param x = 1\ngrid x\npattern p = causal", "declares the grid: grid (y: 8, x: 8) ...)"),
+], ids=["bare", "program"])
+def test_a_leading_name_grid_says_it_is_the_declaration(src, words):
+    """``grid`` where a statement or a bare pattern starts is the declaration: the syntax
+    error says so (and, in a bare expression, how to use a name ``grid`` there)."""
+    with pytest.raises(spattn.SpattnSyntaxError) as e:
+        spattn.compile(src)
+    assert words in str(e.value)
