@@ -189,6 +189,12 @@ def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnS
                 hint = " (comparison is written ==)"
             elif tok.type in ("PARAM", "INPUT", "DEF", "PATTERN"):
                 hint = f" ('{tok}' starts a statement and is a reserved word)"
+            elif tok.type != "LPAR" and re.search(r"(^|\s)grid\s*$",
+                                                  src[:getattr(tok, "start_pos", 0) or 0]):
+                hint = (" ('grid' where a statement or a bare pattern starts declares the "
+                        "grid: grid (y: 8, x: 8) ..." + ("; for a name grid there, "
+                        "parenthesise: (grid[q] == grid[k]))" if start == "expression"
+                                                         else ")"))
         try:
             accepts = e.accepts
         except Exception:  # noqa: BLE001 - best effort, only for the message

@@ -83,16 +83,25 @@ def _axis_macros(decl: A.GridDecl) -> dict:
     ``coord(x, [sizes], axis)`` (``coord(x - T, ...)`` after ``T`` extra tokens), located at
     the axis's name."""
     sizes = A.ListLit(tuple(a.size for a in decl.axes), line=decl.line, column=decl.column)
+    # the sizes and T sit inside each function's body: its parameter must not capture a
+    # name they use (`param position = 3`, `after position`)
+    used = set()
+    for tree in (sizes,) + (() if decl.extra is None else (decl.extra,)):
+        for n in A.walk(tree):
+            used.add(n.id if isinstance(n, A.Name) else getattr(n, "func", None))
+    param = _AXIS_PARAM
+    while param in used:
+        param += "_"
     out = {}
     for i, ax in enumerate(decl.axes):
         if ax.name is None:
             continue
         p = {"line": ax.line, "column": ax.column}
-        x = A.Name(_AXIS_PARAM, **p)
+        x = A.Name(param, **p)
         if decl.extra is not None:
             x = A.Binary("-", x, decl.extra, op_line=ax.line, op_column=ax.column, **p)
         body = A.Call("coord", (x, sizes, A.Int(i, **p)), **p)
-        out[ax.name] = A.Def(ax.name, (_AXIS_PARAM,), body, **p)
+        out[ax.name] = A.Def(ax.name, (param,), body, **p)
     return out
 
 
@@ -582,6 +591,10 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
                if isinstance(n, A.Index) and isinstance(n.base, A.Free)}
     for t in trees:
         for n in A.walk(t):
+            if isinstance(n, A.Free) and n.name in indexed and n.name in CALL_KEYWORDS:
+                raise r.err(SpattnNameError, f"a runtime input named {n.name!r} could not be "
+                            f"passed: {n.name}= is a keyword of every call "
+                            f"({CALL_KEYWORDS[n.name]}); rename the input", n)
             if isinstance(n, A.Free) and n.name not in indexed:
                 cands = scope.names() | set(bound)
                 hint = suggest(n.name, cands) or \

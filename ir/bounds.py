@@ -438,6 +438,9 @@ def input_ranges(inputs: Mapping[str, torch.Tensor], *, measure: bool) -> dict:
         if not measure or torch.compiler.is_compiling():
             out[name] = DTYPE_RANGES.get(t.dtype, INT64)
             continue
+        if t.is_inference():        # no version counter: measured at every call
+            todo.append((name, t, None))
+            continue
         key = (id(t), t._version, t.data_ptr())
         hit = _MEASURED.get(key)
         if hit is not None and hit[0] is t:
@@ -448,6 +451,8 @@ def input_ranges(inputs: Mapping[str, torch.Tensor], *, measure: bool) -> dict:
         ext = torch.stack([torch.stack([t.min(), t.max()]).to(torch.int64) for _, t, _ in todo])
         for (name, t, key), (lo, hi) in zip(todo, ext.cpu().tolist()):
             out[name] = (lo, hi)
+            if key is None:
+                continue
             if len(_MEASURED) >= _MEASURED_SIZE:
                 _MEASURED.pop(next(iter(_MEASURED), None), None)
             _MEASURED[key] = (t, (lo, hi))

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from . import build as B
-from .nodes import Const, FloorDiv, Load, Mod, Node, Range, Sum, Var, free_vars, walk
+from .nodes import Const, FloorDiv, Load, Mod, Node, Range, Sum, Table, Var, free_vars, walk
 
 __all__ = ["Grid", "Layout", "Remap", "Ordered", "coordinate_form", "remap", "discover",
            "choose", "ordered",
@@ -428,13 +428,21 @@ def _offsets(ir: Node) -> set[int]:
     return out
 
 
+def _position_list(n: Node) -> bool:
+    """A list indexed by a position (``[..][q // 8]``): over a padded layout's slots or
+    around extra tokens the index would leave the list where the mask does not read it,
+    but the kernels' list bounds are proven for every slot."""
+    return isinstance(n, Table) and bool({"q", "k"} & free_vars(n.index))
+
+
 def discover(ir: Node, N: int) -> list[Grid]:
     """Grids the pattern's divisors and moduli suggest for ``N`` tokens (the finest first);
     empty when none does. Strides dividing ``N`` and each other chain into a row-major grid;
     a divisor of a coordinate that does not divide its axis becomes a split. The offsets the
     pattern subtracts before dividing (``(q - 77) // 64``) suggest more: grids of the
     ``N - T`` tokens after ``T`` extra ones (after the grids of all ``N`` tokens)."""
-    if any(isinstance(n, Load) for n in walk(ir)) or not ({"q", "k"} & free_vars(ir)):
+    if any(isinstance(n, Load) or _position_list(n) for n in walk(ir)) \
+            or not ({"q", "k"} & free_vars(ir)):
         return []
     every, found = _strides(ir), []
     for T in [0] + sorted(t for t in _offsets(ir) if t < N - 1):
@@ -696,7 +704,10 @@ def ordered(ir: Node, N: int, taken=()) -> Ordered:
     coordinate's table at the slot: the tile analysis then bounds each coordinate over a
     tile by the table's min/max there, which a tile that is a box of the grid makes exact
     per axis. ``taken``: names the tables must not use (the pattern's own inputs)."""
-    grids = [g for g in discover(ir, N) if not g.offset]    # every token is a cell
+    # every token a cell, and no padding: a ragged residue class would let the tables'
+    # ranges bound a position past N - 1 (a list indexed by q refused as out of range)
+    grids = [g for g in discover(ir, N)
+             if not g.offset and all(n % d == 0 for n, d in zip(g.shape, g.splits))]
     grid = grids[0] if grids else Grid((N,))
     prefix = "order_"
     while any(t.startswith(prefix) for t in taken):

@@ -278,7 +278,13 @@ def check_order(order, q, k, q_offset) -> torch.Tensor:
     ``[L]`` tensor on q's device; SpattnInputError naming ``order`` unless it is a 1-D
     integer tensor on q's device that is a permutation of ``0 .. L-1`` for a
     self-attention call (``Lq = Lk = L``, ``q_offset`` 0)."""
-    Lq, Lk = q.shape[2], k.shape[2]
+    _order_tensor(order)
+    _order_fits(order, q, k, q_offset)
+    return _order_values(order, q.shape[2])
+
+
+def _order_tensor(order) -> None:
+    """What ``order`` must be whatever the call: a dense 1-D integer tensor."""
     if not isinstance(order, torch.Tensor):
         raise SpattnInputError(f"order must be a 1-D integer torch.Tensor (a permutation of "
                                f"0..L-1: the token in each slot), got {type(order).__name__} "
@@ -294,6 +300,12 @@ def check_order(order, q, k, q_offset) -> torch.Tensor:
     if order.dim() != 1:
         raise SpattnInputError(f"order must be 1-D [L] (one order for every batch element "
                                f"and head), got shape {_shape(order)}")
+
+
+def _order_fits(order, q, k, q_offset) -> None:
+    """What ``order`` must be for this call: self-attention at q_offset 0, one slot per
+    token, on q's device (the errors that a transposed q, k, v can cause)."""
+    Lq, Lk = q.shape[2], k.shape[2]
     if Lq != Lk:
         raise SpattnInputError(f"order= is for self-attention: q (shape {_shape(q)}) and k "
                                f"(shape {_shape(k)}) must have the same length, got Lq={Lq}, "
@@ -308,6 +320,10 @@ def check_order(order, q, k, q_offset) -> torch.Tensor:
     if order.device != q.device:
         raise SpattnInputError(f"order (shape {_shape(order)}) is on {order.device} but q "
                                f"(shape {_shape(q)}) is on {q.device}")
+
+
+def _order_values(order, Lq: int) -> torch.Tensor:
+    """``order`` as int64, after checking that it is a permutation of ``0 .. Lq-1``."""
     o = order.to(torch.int64).contiguous()
     lo, hi = int(o.min()), int(o.max())
     if lo < 0 or hi >= Lq:
@@ -348,12 +364,16 @@ def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
 def _checked(pattern, q, k, v, scale, q_offset, inputs, layout, order):
     """``(scale, q_offset, inputs, order, backend)`` of an unscored call or plan, checked
     (:func:`_arguments`, :func:`check_order`); a refusal carries the layout hint."""
+    if order is not None:       # the order's own faults: no layout of q, k, v cures them
+        _order_tensor(order)
     try:
         scale, offset, ins = _arguments(pattern, q, k, v, scale, q_offset, inputs, layout)
         if order is not None:
-            order = check_order(order, q, k, q_offset)
+            _order_fits(order, q, k, q_offset)
     except SpattnInputError as e:
         raise _usage.with_layout_hint(e, layout, q, k, v) from None
+    if order is not None:
+        order = _order_values(order, q.shape[2])
     return scale, offset, ins, order, choose_backend(pattern.backend, q.device.type)
 
 
@@ -472,11 +492,14 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
+        given = order
         scale, q_offset, ins, order, backend = _checked(pattern, q, k, v, scale, q_offset,
                                                         inputs, layout, order)
         _ag.register(pattern)
+        # keyed by the caller's tensor (identity and version), not by its int64 copy: an
+        # int32 order would otherwise be a new key, and a new plan, at every call
         plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                         inputs=ins, order=order)
+                         inputs=ins, order=given)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
     else:                   # nothing to differentiate: the plan alone (no autograd node)

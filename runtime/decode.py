@@ -40,6 +40,7 @@ from ..dsl.errors import SpattnError, SpattnInputError, SpattnParamError, Spattn
 from ..ir.evaluate import evaluate
 from ..ir.inputs import validate_inputs
 from . import api as _api
+from .plan import data_version
 from .cpu_ops import copy_ as _copy_, fill as _fill
 
 __all__ = ["decode", "routes", "call_routed", "DecodePlan", "DecodeConfig", "DECODE_PLANS",
@@ -728,7 +729,8 @@ class DecodePlanCache:
                backend, B, Hq, Hk, Lq, D, q.dtype, "cpu" if q.is_cpu else q.device,
                bucket_len, paged,
                backend == "triton" and _api._interpret(), num_splits,
-               tuple((n, id(t), t._version, tuple(t.shape)) for n, t in sorted(inputs.items()))
+               tuple((n, id(t), data_version(t), tuple(t.shape))
+                     for n, t in sorted(inputs.items()))
                if inputs else ())
         plan = self._plans.get(key)
         if plan is not None:

@@ -350,7 +350,9 @@ class OrderedPlan(PermutedPlan):
         from ..ir.layout import ordered
         self._bind(pattern, backend, q, k, v, options)
         N = q.shape[2]
-        self.order = order
+        # the plan's own copy: its inverse and coordinate tables are of this order, so a
+        # later in-place write to the caller's tensor must not reach its gathers
+        self.order = order = order.to(torch.int64, copy=True).contiguous()
         self.inverse = torch.empty_like(order)
         self.inverse[order] = torch.arange(N, dtype=order.dtype, device=order.device)
         self.ordered = ordered(pattern.ir, N, taken=pattern.inputs)
@@ -418,6 +420,15 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
 
 # ------------------------------------------------------------------ the cache
 
+def data_version(t: torch.Tensor):
+    """What a plan cache keys a data tensor's contents by: its version counter (an in-place
+    write bumps it). An inference tensor (made under ``torch.inference_mode``) has none and
+    may still be written in place there: it is keyed by its contents."""
+    if t.is_inference():
+        return ("contents", t.detach().cpu().contiguous().numpy().tobytes())
+    return t._version
+
+
 class PlanCache:
     """A bounded, thread-safe LRU cache of plans for calls without one (module docstring)."""
 
@@ -430,10 +441,10 @@ class PlanCache:
     def key(pattern, backend, q, k, v, scale, q_offset, inputs, settings,
             order=None) -> tuple:
         from . import tune
-        ins = tuple((n, id(t), t._version, t.data_ptr(), tuple(t.shape), t.stride(),
+        ins = tuple((n, id(t), data_version(t), t.data_ptr(), tuple(t.shape), t.stride(),
                      t.dtype, str(t.device)) for n, t in sorted((inputs or {}).items()))
         if order is not None:       # data, like an input: by identity and version
-            ins += (("order()", id(order), order._version, order.data_ptr()),)
+            ins += (("order()", id(order), data_version(order), order.data_ptr()),)
         return (pattern.source, getattr(pattern, "grid", None), getattr(pattern, "grid_offset", 0),
                 tuple(sorted(pattern.inputs.items())), backend, _layout(q, k, v),
                 q.dtype, k.dtype, str(q.device), _aligned(q, k, v), scale, q_offset, ins,

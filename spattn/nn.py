@@ -44,7 +44,7 @@ class SparseAttention(nn.Module):
             if backend != pattern.backend:
                 pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
                                   inputs=pattern.inputs, backend=backend, grid=pattern.grid,
-                              grid_offset=pattern.grid_offset,
+                                  grid_offset=pattern.grid_offset,
                                   score=pattern.score, score_inputs=pattern.score_inputs)
         elif isinstance(pattern, str):
             from . import compile as _compile
@@ -56,10 +56,12 @@ class SparseAttention(nn.Module):
         self.scale = scale
         _ag.register(pattern)          # so the compiled custom op can find it
 
-    def forward(self, q, k, v, q_offset: int | None = None, **inputs):
+    def forward(self, q, k, v, q_offset: int | None = None, *, order=None, **inputs):
+        """The attention output (in ``layout``); ``inputs``: the pattern's runtime inputs;
+        ``order``: a token order to run in, as for :meth:`spattn.Pattern.__call__`."""
         from .runtime.api import call
         return call(self.pattern, q, k, v, scale=self.scale, return_lse=False,
-                    q_offset=q_offset, inputs=inputs, layout=self.layout)
+                    q_offset=q_offset, inputs=inputs, layout=self.layout, order=order)
 
     def extra_repr(self) -> str:
         parts = [repr(self.pattern.source)]

@@ -106,7 +106,9 @@ class Pattern(CompiledPattern):
     def receptive_field(self, L: int, layers: int, **kwargs):
         """How much of the past each position reaches when the pattern is stacked ``layers`` deep."""
         from .ir.receptive import receptive_field
-        _checked(self, 1, 1, None, None, kwargs)
+        if isinstance(L, bool) or not isinstance(L, int) or L <= 0:
+            return receptive_field(self, L, layers, **kwargs)     # its error names L
+        _checked(self, L, L, None, None, kwargs)                  # a grid's length too
         with _fits("the attention graph"):
             return receptive_field(self, L, layers, **kwargs)
 

@@ -261,3 +261,14 @@ def test_input_named_like_a_call_keyword_is_refused(name):
                        rf"passed.*rename the input") as e:
         compile_source(f"input {name}\npattern p = {name}[k] != 0", {})
     assert e.value.line == 1 and e.value.column == 7
+
+
+@pytest.mark.parametrize("src,col", [("order[q] == order[k]", 1), ("causal & same(order)", 15),
+                                     ("plan[q] >= 0", 1)], ids=["order", "same-order", "plan"])
+def test_a_bare_input_named_like_a_call_keyword_is_refused(src, col):
+    """A bare expression's input named ``order`` (or another call keyword) could never be
+    passed (``order=`` is the token order): refused where it is written, as a program's
+    ``input order`` is."""
+    with pytest.raises(SpattnNameError, match="keyword of every call") as e:
+        compile_source(src, {})
+    assert f"line 1, column {col}:" in str(e.value)

@@ -180,3 +180,44 @@ def test_compiled_calls_tell_a_grid_from_none():
     torch.testing.assert_close(compiled(plain)(short, short, short), plain(short, short, short))
     with pytest.raises(spattn.SpattnInputError, match="grid"):
         compiled(with_grid)(short, short, short)
+
+
+@pytest.mark.parametrize("src,grid,offset,same_as", [
+    ("param position = 3\ngrid (r: 4, c: 4) after position\npattern p = r(q) == r(k)",
+     (4, 4), 3, "(q - 3) // 4 == (k - 3) // 4"),
+    ("param position = 6\ngrid (r: 4, c: position)\npattern p = c(q) == c(k)",
+     (4, 6), 0, "q % 6 == k % 6"),
+    ("def position(x) = x + 1\ngrid (r: 4, c: position(3)) after 2\npattern p = c(q) == c(k)",
+     (4, 4), 2, "(q - 2) % 4 == (k - 2) % 4"),
+], ids=["after-param", "size-param", "size-def"])
+def test_a_name_used_by_the_sizes_is_not_captured_by_the_axis_functions(src, grid, offset,
+                                                                         same_as):
+    """An axis function's parameter is named apart from every name its sizes and ``after T``
+    use: a param called like it still means the param (it once made the pattern ``true``)."""
+    pat = spattn.compile(src)
+    assert (pat.grid, pat.grid_offset) == (grid, offset)
+    assert pat == spattn.compile(same_as)
+
+
+def test_receptive_field_of_a_grid_pattern_at_its_length():
+    """``receptive_field(L, ...)`` checks ``L`` against the grid (it checked a length of 1,
+    so every grid pattern was refused); another length is the grid's SpattnInputError."""
+    pat = spattn.compile("grid (r: 4, c: 4) after 3 abs(r(q) - r(k)) <= 1 & k <= q | k < 3")
+    rf = pat.receptive_field(19, 2)
+    assert rf is not None
+    with pytest.raises(spattn.SpattnInputError, match="Lk=16"):
+        pat.receptive_field(16, 2)
+    with pytest.raises(spattn.SpattnValueError, match="L must be a positive integer"):
+        pat.receptive_field(0, 2)
+
+
+@pytest.mark.parametrize("src,words", [
+    ("grid[q] == grid[k]", "parenthesise: (grid[q] == grid[k])"),
+    ("param x = 1\ngrid x\npattern p = causal", "declares the grid: grid (y: 8, x: 8) ...)"),
+], ids=["bare", "program"])
+def test_a_leading_name_grid_says_it_is_the_declaration(src, words):
+    """``grid`` where a statement or a bare pattern starts is the declaration: the syntax
+    error says so (and, in a bare expression, how to use a name ``grid`` there)."""
+    with pytest.raises(spattn.SpattnSyntaxError) as e:
+        spattn.compile(src)
+    assert words in str(e.value)

@@ -108,3 +108,18 @@ def test_ordered_text_before_a_grid():
     N = T + 48
     assert any(g.offset for g in LY.discover(ir, N))
     _check(ir, N, torch.randperm(N, generator=torch.Generator().manual_seed(3)), 8, 4)
+
+
+def test_the_tables_bound_positions_within_the_sequence():
+    """Over a residue class that does not divide ``N`` (``(q - k) % 6`` at 29 tokens) the
+    order is read on a grid without padding: the positions the coordinate tables bound stay
+    in ``0 .. N-1`` (a list indexed by ``q`` is then in range for every order)."""
+    N = 29
+    ir = spattn.compile("(q - k) % 6 == 0 & q >= k").ir
+    od = LY.ordered(ir, N)
+    assert all(n % d == 0 for n, d in zip(od.grid.shape, od.grid.splits))
+    tables = od.tables(torch.randperm(N, generator=torch.Generator().manual_seed(0)))
+    top = sum(int(t.max()) * w * od.grid.strides[a]
+              for t, (a, w, _) in zip(tables.values(), od.grid.virtual()))
+    assert top <= N - 1
+    _check(ir, N, torch.randperm(N, generator=torch.Generator().manual_seed(1)), 8, 8)

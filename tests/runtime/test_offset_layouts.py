@@ -31,3 +31,18 @@ def test_triton_after_text(monkeypatch):
     pat = spattn.compile(_text_image(5, 8, 1), backend="triton")
     plan = _run(pat, Hq=2, Hk=2, N=5 + 64)
     assert isinstance(plan, RemappedPlan) and plan.remap.layout.grid.offset == 5
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("N,src", [
+    (30, "L[q] >= L[k] & abs(q // 6 - k // 6) <= 1 & abs(q % 6 - k % 6) <= 1"),
+    (27, "L[q] >= L[k] & abs((q - 3) // 6 - (k - 3) // 6) <= 1 | k < 3"),
+], ids=["B1-H1-L30-D16-fp32-grid", "B1-H1-L27-D16-fp32-after-text"])
+def test_a_list_indexed_by_position_runs_in_sequence_order(N, src, monkeypatch):
+    """A list indexed by a position has no layout: padding slots and the slots around the
+    extra tokens would index it out of range, which the Triton call's list check refused
+    (``SPATTN_LAYOUT=on``)."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    lst = "[" + ", ".join(str(i * 7 % 5) for i in range(N)) + "]"
+    pat = spattn.compile(src.replace("L[", lst + "["), backend="triton")
+    assert not isinstance(_run(pat, N=N, Hq=1, grads=False), RemappedPlan)

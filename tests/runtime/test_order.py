@@ -186,3 +186,97 @@ def test_bshd_tensors_with_an_order():
     ref = pat(q, k, v, layout="bshd")
     assert o.shape == (1, 30, 2, 16)
     _close("o", o, ref, rtol=1e-5)
+
+
+def test_a_plan_keeps_its_own_copy_of_the_order():
+    """An in-place write to the caller's order after ``pat.plan(..., order=)`` does not reach
+    the plan: its gathers, inverse and coordinate tables stay those of the order it was
+    built with (the answer stays the mask's over the original positions)."""
+    pat = spattn.compile("abs(q // 6 - k // 6) <= 1 & abs(q % 6 - k % 6) <= 1",
+                         backend="torch")
+    g = torch.Generator().manual_seed(7)
+    q, k, v = _tensors(1, 2, 1, 36, 16, g, grads=False)
+    order = _perm(36, 7)
+    plan = pat.plan(q, k, v, order=order)
+    order.copy_(_perm(36, 8))
+    o = pat(q, k, v, plan=plan)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), pat.mask(36, 36))
+    _close("o", o, ro)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16], ids=["int32", "int16"])
+def test_a_narrow_order_is_one_cached_plan(dtype):
+    """An order that is not int64 is keyed by the caller's tensor, not by its int64 copy:
+    repeated calls with it share one plan."""
+    pat = spattn.compile("abs(q // 6 - k // 6) <= 1", backend="torch")
+    PLANS.clear()
+    order = _perm(36, 9).to(dtype)
+    for seed in range(3):
+        _run(pat, order, N=36, use_plan=False, seed=seed)
+    assert len(PLANS) == 1
+
+
+def test_the_module_takes_an_order():
+    """``SparseAttention(...)(q, k, v, order=...)`` runs in the order, as a call does (not
+    read as a runtime input named ``order``)."""
+    from spattn.nn import SparseAttention
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, 30, 2, 16, generator=g) for _ in range(3))
+    src = "abs(q // 5 - k // 5) <= 1 & abs(q % 5 - k % 5) <= 1"
+    mod = SparseAttention(src, backend="torch", layout="bshd")
+    pat = spattn.compile(src, backend="torch")
+    o = mod(q, k, v, order=_perm(30, 10))
+    ro, _ = attention_reference(*(t.transpose(1, 2).double() for t in (q, k, v)),
+                                pat.mask(30, 30))
+    _close("o", o.transpose(1, 2), ro)
+
+
+@pytest.mark.parametrize("order,match,hint", [
+    (torch.arange(36.0), "dtype", False),
+    (torch.arange(36).reshape(36, 1), "1-D", False),
+    (torch.tensor([0] * 2 + list(range(2, 36))), "token 0 is in slots 0 and 1", False),
+    (torch.arange(2), "2 entries", True),
+], ids=["float", "2d", "duplicate", "bshd-length"])
+def test_the_layout_hint_only_where_a_layout_explains_the_error(order, match, hint):
+    """Tensors that would be valid read as ``[B, L, H, D]``: the ``layout='bshd'`` hint is
+    added to an order error only when q's layout could be its cause (the order's length,
+    which a bshd q of 36 tokens read as bhsd has as 2)."""
+    pat = spattn.compile("causal", backend="torch")
+    q = torch.randn(1, 36, 2, 16).transpose(1, 2)        # [B, H, L, D], also valid as bshd
+    with pytest.raises(spattn.SpattnInputError, match=match) as e:
+        pat(q, q, q, order=order)
+    assert ("layout='bshd'" in str(e.value)) == hint
+
+
+@pytest.mark.interpreter
+def test_a_list_indexed_by_position_in_an_order_on_triton():
+    """A list indexed by ``q`` beside a residue class that does not divide L (29 tokens,
+    ``% 6``): the order's tables keep the index within the list (it was refused as reaching
+    29), and the answer matches the reference."""
+    N = 29
+    lst = "[" + ", ".join(str(i * 7 % 5) for i in range(N)) + "]"
+    pat = spattn.compile(f"{lst}[q] >= {lst}[k] & (q - k) % 6 == 0", backend="triton")
+    _run(pat, _perm(N, 11), Hq=1, Hk=1, N=N)
+
+
+def test_orders_and_inputs_made_under_inference_mode():
+    """Inference tensors have no version counter: an order or a runtime input made under
+    ``torch.inference_mode`` is keyed by its contents (it raised a raw RuntimeError), so a
+    call repeats its plan and an in-place write there is a new plan whose answer follows."""
+    g = torch.Generator().manual_seed(12)
+    PLANS.clear()
+    pat = spattn.compile("same(doc) & abs(q // 6 - k // 6) <= 1", backend="torch")
+    with torch.inference_mode():
+        q, k, v = _tensors(1, 2, 1, 36, 16, g, grads=False)
+        doc, order = torch.zeros(36, dtype=torch.int64), _perm(36, 12)
+        for _ in range(2):
+            pat(q, k, v, order=order, doc=doc)
+        assert len(PLANS) == 1
+        doc[20:] = 1
+        o = pat(q, k, v, order=order, doc=doc)
+        assert len(PLANS) == 2
+        o2 = pat.decode(q[:, :, -1:], k, v, doc=doc)
+    m = pat.mask(36, 36, doc=doc)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), m)
+    _close("o", o, ro)
+    _close("o decode", o2, ro[:, :, -1:])
