@@ -529,6 +529,10 @@ def call_op(key, declared, score_declared, requested_backend, q, k, v, *, scale,
     check_runtime_tensors(ints)
     ins = validate_inputs(declared, ints, batch=B, num_heads=H, device=q.device)
     names = sorted(n for n in inputs if n not in declared)
+    for n in names:         # the op's schema takes tensors: say so before it is traced
+        if not isinstance(inputs[n], torch.Tensor):
+            raise SpattnInputError(f"runtime input {n!r} must be a torch.Tensor, got "
+                                   f"{type(inputs[n]).__name__}")
     backend = _backend_for(requested_backend, q.device.type)
     o, lse = score_attention_op(q, k, v, [ins[n] for n in sorted(ins)],
                                 [inputs[n] for n in names], ",".join(names), key, scale, q_offset,
