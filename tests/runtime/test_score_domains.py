@@ -89,6 +89,24 @@ def test_softcap_of_a_table_checks_its_values(backend):
         torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("score", ["softcap([1.5, 0.0][h])", "s / [2.0, 0.0][h]"],
+                         ids=["softcap", "divide"])
+def test_list_divisor_zero_for_a_head_of_the_call(score):
+    """A float list divisor is checked like a table's at the heads of the call: a 0 entry
+    reached by a head is refused (it made the output NaN or the softcap 0), one that no
+    head reaches is not, and that call matches the reference."""
+    p = spattn.compile("causal & window(8)", score=score, backend="torch")
+    q, k, v = _qkv(H=2, L=20, seed=5)
+    with pytest.raises(SpattnInputError, match=r"divides by \[.*\]\[h\], which is 0"):
+        p(q, k, v)
+    with pytest.raises(SpattnInputError, match=r"which is 0"):
+        p.plan(q, k, v)
+    q, k, v = (t[:, :1] for t in (q, k, v))
+    o = p(q, k, v)
+    ro, _ = pattern_reference(p, *(t.double() for t in (q, k, v)))
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_overflow_is_the_users(backend):
     """The documented semantics (docs/language.md §13): the kernels compute scores in
