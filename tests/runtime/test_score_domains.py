@@ -20,8 +20,9 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
     ("s + bias[h, t5_bucket(2, 128)]", {}, r"4 <= buckets <= 8193.*got t5_bucket\(2, 128\)"),
     ("s + bias[h, t5_bucket(32, 8)]", {}, r"max_distance > buckets // 4.*t5_bucket\(32, 8\)"),
     ("s + bias[t5_bucket_causal(1, 10)]", {}, r"2 <= buckets <= 4096.*t5_bucket_causal\(1, 10\)"),
+    ("s + bias[h, t5_bucket(32.0, 128)]", {}, r"needs integers 4 <= buckets.*t5_bucket\(32.0, 128\)"),
 ], ids=["softcap-0", "softcap-negative", "softcap-param", "softcap-arithmetic",
-        "t5-buckets", "t5-distance", "t5-causal-buckets"])
+        "t5-buckets", "t5-distance", "t5-causal-buckets", "t5-float-buckets"])
 def test_prelude_arguments_out_of_domain_are_located(score, params, need):
     with pytest.raises(SpattnValueError, match=need) as e:
         spattn.compile("causal", score=score, **params)
