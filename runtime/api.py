@@ -353,7 +353,11 @@ def _checked(pattern, q, k, v, scale, q_offset, inputs, layout, order):
         if order is not None:
             order = check_order(order, q, k, q_offset)
     except SpattnInputError as e:
-        raise _usage.with_layout_hint(e, layout, q, k, v) from None
+        def retry(q, k, v):
+            _arguments(pattern, q, k, v, scale, q_offset, inputs, layout)
+            if order is not None:
+                check_order(order, q, k, q_offset)
+        raise _usage.with_layout_hint(e, layout, q, k, v, retry) from None
     return scale, offset, ins, order, choose_backend(pattern.backend, q.device.type)
 
 
@@ -387,7 +391,9 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
             plan = scores.make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset,
                                     inputs=inputs, options=options)
         except SpattnInputError as e:
-            raise _usage.with_layout_hint(e, layout, q, k, v) from None
+            def retry(q, k, v):
+                scores._arguments(pattern, q, k, v, scale, q_offset, inputs)
+            raise _usage.with_layout_hint(e, layout, q, k, v, retry) from None
     else:
         scale, q_offset, ins, order, backend = _checked(pattern, q, k, v, scale, q_offset,
                                                         inputs, layout, order)
