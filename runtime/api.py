@@ -378,6 +378,9 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     token order (:func:`check_order`): the plan is an :class:`~spattn.runtime.plan.
     OrderedPlan` (docs/layouts.md).
     """
+    if backward is not None and not isinstance(backward, bool):
+        raise SpattnParamError(f"backward must be True, False or None, got "
+                               f"{type(backward).__name__} {short_repr(backward)}")
     scored = getattr(pattern, "score", None) is not None
     if inputs:
         _usage.check_keywords({**pattern.inputs, **getattr(pattern, "score_inputs", {})},
