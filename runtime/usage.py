@@ -25,8 +25,8 @@ import warnings
 
 import torch
 
-from ..dsl.errors import (SpattnEmptyPatternWarning, SpattnError, SpattnInputError,
-                          SpattnLayoutWarning, SpattnParamError, SpattnValueError, short_repr)
+from ..dsl.errors import (SpattnEmptyPatternWarning, SpattnInputError, SpattnLayoutWarning,
+                          SpattnParamError, SpattnValueError, short_repr)
 
 __all__ = ["LAYOUTS", "MAX_HEADS", "SDPA_KEYWORDS", "check_layout", "to_bhsd", "from_bhsd",
            "warn_if_transposed", "with_layout_hint", "check_keywords", "warn_if_empty",
@@ -214,7 +214,7 @@ def with_layout_hint(err, layout, q, k, v, retry=None):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     retry(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        except SpattnError:
+        except Exception:       # noqa: BLE001 -- not valid read so either: the error as it is
             return err
         note = (" (read as [B, L, H, D] the tensors would be valid: if that is their "
                 "layout, pass layout='bshd')")
