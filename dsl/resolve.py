@@ -443,10 +443,10 @@ class _Resolver:
 PRELUDE_DOMAINS = {
     "softcap": ("c > 0 (the bound of the capped scores; c * tanh(s / c) divides by c)",
                 lambda c: c > 0),
-    "t5_bucket": ("4 <= buckets <= 8193 and max_distance > buckets // 4",
+    "t5_bucket": ("integers 4 <= buckets <= 8193 and max_distance > buckets // 4",
                   lambda b, m: isinstance(b, int) and isinstance(m, int)
                   and 4 <= b <= 8193 and m > b // 4),
-    "t5_bucket_causal": ("2 <= buckets <= 4096 and max_distance > buckets // 2",
+    "t5_bucket_causal": ("integers 2 <= buckets <= 4096 and max_distance > buckets // 2",
                          lambda b, m: isinstance(b, int) and isinstance(m, int)
                          and 2 <= b <= 4096 and m > b // 2),
 }

@@ -371,7 +371,11 @@ def _checked(pattern, q, k, v, scale, q_offset, inputs, layout, order):
         if order is not None:
             _order_fits(order, q, k, q_offset)
     except SpattnInputError as e:
-        raise _usage.with_layout_hint(e, layout, q, k, v) from None
+        def retry(q, k, v):
+            _arguments(pattern, q, k, v, scale, q_offset, inputs, layout)
+            if order is not None:
+                _order_fits(order, q, k, q_offset)
+        raise _usage.with_layout_hint(e, layout, q, k, v, retry) from None
     if order is not None:
         order = _order_values(order, q.shape[2])
     return scale, offset, ins, order, choose_backend(pattern.backend, q.device.type)
@@ -394,6 +398,9 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     token order (:func:`check_order`): the plan is an :class:`~spattn.runtime.plan.
     OrderedPlan` (docs/layouts.md).
     """
+    if backward is not None and not isinstance(backward, bool):
+        raise SpattnParamError(f"backward must be True, False or None, got "
+                               f"{type(backward).__name__} {short_repr(backward)}")
     scored = getattr(pattern, "score", None) is not None
     if inputs:
         _usage.check_keywords({**pattern.inputs, **getattr(pattern, "score_inputs", {})},
@@ -407,7 +414,9 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
             plan = scores.make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset,
                                     inputs=inputs, options=options)
         except SpattnInputError as e:
-            raise _usage.with_layout_hint(e, layout, q, k, v) from None
+            def retry(q, k, v):
+                scores._arguments(pattern, q, k, v, scale, q_offset, inputs)
+            raise _usage.with_layout_hint(e, layout, q, k, v, retry) from None
     else:
         scale, q_offset, ins, order, backend = _checked(pattern, q, k, v, scale, q_offset,
                                                         inputs, layout, order)

@@ -847,8 +847,24 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
     ``[Lq, capacity]`` and page numbers to the pools instead. ``num_splits``: the splits of
     the keys (tests; default: enough programs to fill the device).
     """
+    if inputs:
+        for name, why in _CALL_ONLY.items():
+            if name in inputs and name not in pattern.inputs:
+                raise SpattnParamError(f"decode takes no {name}= (a keyword of a call, "
+                                       f"pat(q, k, v, {name}=...)): {why}")
     return _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset,
                  return_lse, check, num_splits, inputs, False)
+
+
+#: Keywords of ``pat(q, k, v)`` that :func:`decode` does not take, and why (no runtime input
+#: has these names: ``dsl.resolve.CALL_KEYWORDS``).
+_CALL_ONLY = {
+    "layout": "q is [B, Hq, Lq, D] and a contiguous cache [B, Hk, L, D]; pass [B, L, H, D] "
+              "tensors as t.transpose(1, 2) (a view)",
+    "plan": "decode keeps its own plans, one per length bucket (DECODE_PLANS)",
+    "order": "decode runs on the cache's order of keys",
+    "deterministic": "decode is inference only (no gradients)",
+}
 
 
 def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, return_lse,

@@ -100,24 +100,24 @@ def check_score_bounds(pattern, int_inputs: dict, float_inputs: dict, Lq: int, L
                     f"Lk={Lk}, q_offset={domain.q_offset}, H={num_heads}, B={batch}): give "
                     f"a list with an "
                     f"entry for each (e.g. a slope per head), or guard the index")
-    if not loads:
-        return
-    probe = build.and_(*(build.range_(ld, 0, 0) for ld in loads))
-    check_input_bounds(probe, {**int_inputs, **float_inputs}, Lq, Lk, num_heads=num_heads,
-                       batch=batch, q_offset=q_offset)
+    if loads:
+        probe = build.and_(*(build.range_(ld, 0, 0) for ld in loads))
+        check_input_bounds(probe, {**int_inputs, **float_inputs}, Lq, Lk, num_heads=num_heads,
+                           batch=batch, q_offset=q_offset)
     check_score_divisors(pattern, int_inputs, float_inputs, Lq, Lk, num_heads=num_heads,
                          batch=batch, q_offset=q_offset)
 
 
 def _table_divisors(score) -> tuple:
-    """The divisors of ``score`` that read a float table and vary with no pair (no ``q``,
-    ``k`` or ``s``): ``softcap(cap[h])``'s ``cap[h]``, ``s / temp[h]``'s ``temp[h]``."""
-    from ..ir.nodes import FDiv, FLoad, Score, Var, walk
+    """The divisors of ``score`` that read a float table or a float list and vary with no
+    pair (no ``q``, ``k`` or ``s``): ``softcap(cap[h])``'s ``cap[h]``, ``s / temp[h]``'s
+    ``temp[h]``, ``softcap([30.0, 0.0][h])``'s list."""
+    from ..ir.nodes import FDiv, FLoad, FTable, Score, Var, walk
     out = {}
     for n in walk(score):
         if isinstance(n, FDiv):
             kids = list(walk(n.b))
-            if any(isinstance(x, FLoad) for x in kids) and not any(
+            if any(isinstance(x, (FLoad, FTable)) for x in kids) and not any(
                     isinstance(x, Score) or (isinstance(x, Var) and x.name in ("q", "k"))
                     for x in kids):
                 out[n.b] = None
@@ -134,7 +134,8 @@ def check_score_divisors(pattern, int_inputs: dict, float_inputs: dict, Lq: int,
     if not divisors:
         return
     from ..ir.printer import to_source
-    device = next(iter(float_inputs.values())).device
+    given = [*float_inputs.values(), *int_inputs.values()]
+    device = given[0].device if given else torch.device("cpu")
     env = score_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
                     device=device, rows=(0, 1), cols=(0, 1))
     s = torch.zeros((batch, num_heads, 1, 1), dtype=torch.float32, device=device)
@@ -529,6 +530,10 @@ def call_op(key, declared, score_declared, requested_backend, q, k, v, *, scale,
     check_runtime_tensors(ints)
     ins = validate_inputs(declared, ints, batch=B, num_heads=H, device=q.device)
     names = sorted(n for n in inputs if n not in declared)
+    for n in names:         # the op's schema takes tensors: say so before it is traced
+        if not isinstance(inputs[n], torch.Tensor):
+            raise SpattnInputError(f"runtime input {n!r} must be a torch.Tensor, got "
+                                   f"{type(inputs[n]).__name__}")
     backend = _backend_for(requested_backend, q.device.type)
     o, lse = score_attention_op(q, k, v, [ins[n] for n in sorted(ins)],
                                 [inputs[n] for n in names], ",".join(names), key, scale, q_offset,

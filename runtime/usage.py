@@ -196,11 +196,13 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
     return module.__loader__.get_source(module.__name__)
 
 
-def with_layout_hint(err, layout, q, k, v):
+def with_layout_hint(err, layout, q, k, v, retry=None):
     """``err`` (a SpattnInputError about q, k, v) with what the layout has to do with it:
     tensors that would be valid read as ``[B, L, H, D]`` (no ``layout=`` given) get a hint
     to pass ``layout="bshd"``; with ``layout="bshd"`` the shapes in the message are the
-    transposed ones, and it says so."""
+    transposed ones, and it says so. ``retry(q, k, v)``: the checks that raised ``err``;
+    when given, the hint needs them to pass on the transposed tensors (an error about a
+    missing input or a table's dtype gets none)."""
     from .api import validate
     if layout == "bshd":
         note = " (shapes shown as [B, H, L, D]: layout='bshd' transposed q, k, v)"
@@ -208,7 +210,11 @@ def with_layout_hint(err, layout, q, k, v):
                                 for t in (q, k, v)):
         try:
             validate(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        except SpattnInputError:
+            if retry is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    retry(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        except Exception:       # noqa: BLE001 -- not valid read so either: the error as it is
             return err
         note = (" (read as [B, L, H, D] the tensors would be valid: if that is their "
                 "layout, pass layout='bshd')")

@@ -86,7 +86,7 @@ _functional_meta_const = torch.compiler.assume_constant_result(_functional_meta)
 
 
 def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, layout=None,
-              order=None, **kwargs):
+              order=None, deterministic=False, **kwargs):
     """Functional form: ``attention(q, k, v, pattern="causal & window(W)", W=1024, doc=doc)``.
 
     Keyword arguments that name runtime inputs of the pattern are passed at call
@@ -94,7 +94,8 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
     (q ``[B, H, L, D]``, the default) or ``"bshd"`` (q ``[B, L, H, D]``, output likewise).
     Keywords of ``scaled_dot_product_attention`` (``is_causal``, ``attn_mask``,
     ``enable_gqa``, ``dropout_p``) are errors that say what to write instead. ``order``: a
-    token order to run in (:meth:`spattn.Pattern.__call__`).
+    token order to run in; ``deterministic``: a score's table gradients without atomic adds
+    (both as for :meth:`spattn.Pattern.__call__`).
     """
     if torch.compiler.is_compiling() and isinstance(pattern, str):
         if order is not None:
@@ -113,11 +114,11 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
             from .runtime.scores import call_op as score_call_op
             out = score_call_op(key, dict(declared), dict(score_declared), requested, q, k, v,
                                 scale=scale, return_lse=return_lse, q_offset=q_offset,
-                                inputs=inputs)
+                                inputs=inputs, deterministic=deterministic)
         else:
             out = call_op(key, dict(declared), requested, q, k, v, scale=scale,
                           return_lse=return_lse, q_offset=q_offset, inputs=inputs)
         return (from_bhsd(layout, out[0]), out[1]) if return_lse else from_bhsd(layout, out)
     pat, inputs = _resolve(pattern, dict(kwargs))
     return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                inputs=inputs, layout=layout, order=order)
+                inputs=inputs, layout=layout, order=order, deterministic=deterministic)

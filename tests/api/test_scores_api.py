@@ -103,3 +103,21 @@ def test_the_custom_op_refuses_a_score():
     q = torch.randn(1, 2, 16, 16)
     with pytest.raises(spattn.SpattnError, match="score_attention"):
         ag.attention_op(q, q, q, [], ag.register(p), 0.25, 0, "torch")
+
+
+def test_functional_takes_deterministic_as_a_call_does():
+    """``spattn.attention(..., deterministic=True)`` runs like ``pat(..., deterministic=True)``
+    (it was read as a param to bind): output and the table's gradient against float64."""
+    from spattn.runtime.reference import pattern_reference
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 12, 16, generator=g) for _ in range(3))
+    rel = torch.randn(2, 4, generator=g, requires_grad=True)
+    kw = dict(pattern="causal", score="s + rel[h, clamp(q - k, 0, 3)]", backend="torch")
+    o = spattn.attention(q, k, v, deterministic=True, rel=rel, **kw)
+    (got,) = torch.autograd.grad(o.sum(), rel)
+    r = rel.detach().double().requires_grad_()
+    ro, _ = pattern_reference(spattn.compile("causal", score=kw["score"]), q.double(),
+                              k.double(), v.double(), rel=r)
+    torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got.double(), torch.autograd.grad(ro.sum(), r)[0], atol=1e-4,
+                               rtol=1e-3)

@@ -270,3 +270,23 @@ def test_invalid_tensors_that_would_be_valid_as_bshd_get_a_hint():
     with pytest.raises(SpattnInputError) as e:        # invalid either way: no hint
         pat(q, torch.randn(1, 8, 3, 16), k)
     assert "layout" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["missing-input", "unexpected-input", "scored-plan-table"])
+def test_no_layout_hint_where_bshd_would_fail_too(case):
+    """Tensors that read as valid either way, and an error that reading them as [B, L, H, D]
+    would not cure (an input missing or unexpected, a table's dtype): no layout hint."""
+    q = torch.randn(1, 4, 4, 16)
+    if case == "scored-plan-table":
+        pat = spattn.compile("causal", score="s + rel[h, clamp(q - k, 0, 3)]", backend="torch")
+        call, match = (lambda: pat.plan(q, q, q, rel=torch.ones(4, 4, dtype=torch.int64)),
+                       "float table")
+    elif case == "missing-input":
+        pat = spattn.compile("input doc\npattern p = causal & same(doc)", backend="torch")
+        call, match = (lambda: pat.plan(q, q, q)), "missing runtime input 'doc'"
+    else:
+        pat = spattn.compile("causal", backend="torch")
+        call, match = (lambda: pat(q, q, q, doc=torch.zeros(4))), "unexpected runtime input"
+    with pytest.raises(SpattnInputError, match=match) as e:
+        call()
+    assert "layout" not in str(e.value)

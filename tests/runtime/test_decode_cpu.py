@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spattn
-from spattn.dsl.errors import SpattnInputError
+from spattn.dsl.errors import SpattnInputError, SpattnParamError
 from spattn.runtime import api
 from spattn.runtime import decode as dec
 from spattn.runtime.reference import attention_reference
@@ -206,3 +206,16 @@ def test_fast_accept_takes_what_validate_takes():
             q, k = _rand(2, Hq, 1, D, g=g, dtype=dt), _rand(2, Hk, 300, D, g=g, dtype=dt)
             assert api._valid(q, k, k.transpose(2, 3).contiguous().transpose(2, 3))
             api.validate(q, k, k)
+
+
+@pytest.mark.parametrize("keyword,value,why", [
+    ("layout", "bshd", r"transpose\(1, 2\)"), ("plan", None, "its own plans"),
+    ("order", None, "order of keys"), ("deterministic", True, "inference only")])
+def test_call_keywords_decode_does_not_take(keyword, value, why):
+    """A keyword of pat(q, k, v) given to pat.decode is refused by name (not read as a
+    runtime input, nor met first as a shape error of [B, L, H, D] tensors)."""
+    pat = spattn.compile("causal & window(8)", backend="torch")
+    g = torch.Generator().manual_seed(14)
+    q, k, v = _rand(1, 1, 4, 16, g=g), _rand(1, 40, 2, 16, g=g), _rand(1, 40, 2, 16, g=g)
+    with pytest.raises(SpattnParamError, match=f"decode takes no {keyword}=.*{why}"):
+        pat.decode(q, k, v, **{keyword: value})

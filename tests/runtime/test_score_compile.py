@@ -121,6 +121,17 @@ def test_compiled_call_with_a_bad_table_raises():
         h(q)
 
 
+@pytest.mark.parametrize("table", [1.0, [1.0, 2.0]], ids=["float", "list"])
+def test_compiled_call_with_a_table_that_is_no_tensor_raises(table):
+    """A table that is not a tensor is refused while tracing (the op's schema takes only
+    tensors): the graph breaks and the eager call says what is wrong."""
+    torch._dynamo.reset()
+    pat = spattn.compile("causal", score="s + rel[h, clamp(q - k, 0, 7)]", backend="torch")
+    f = torch.compile(lambda q: pat(q, q, q, rel=table), backend="aot_eager")
+    with pytest.raises(SpattnInputError, match="'rel' must be a torch.Tensor"):
+        f(torch.randn(1, 2, 8, 16))
+
+
 def test_traced_path_without_compiling(monkeypatch):
     """The traced path (``scores.call_op`` and the custom op) run eagerly: the numbers of the
     eager path, gradients to q, k, v and the table."""

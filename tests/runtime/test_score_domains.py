@@ -20,8 +20,9 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
     ("s + bias[h, t5_bucket(2, 128)]", {}, r"4 <= buckets <= 8193.*got t5_bucket\(2, 128\)"),
     ("s + bias[h, t5_bucket(32, 8)]", {}, r"max_distance > buckets // 4.*t5_bucket\(32, 8\)"),
     ("s + bias[t5_bucket_causal(1, 10)]", {}, r"2 <= buckets <= 4096.*t5_bucket_causal\(1, 10\)"),
+    ("s + bias[h, t5_bucket(32.0, 128)]", {}, r"needs integers 4 <= buckets.*t5_bucket\(32.0, 128\)"),
 ], ids=["softcap-0", "softcap-negative", "softcap-param", "softcap-arithmetic",
-        "t5-buckets", "t5-distance", "t5-causal-buckets"])
+        "t5-buckets", "t5-distance", "t5-causal-buckets", "t5-float-buckets"])
 def test_prelude_arguments_out_of_domain_are_located(score, params, need):
     with pytest.raises(SpattnValueError, match=need) as e:
         spattn.compile("causal", score=score, **params)
@@ -87,6 +88,24 @@ def test_softcap_of_a_table_checks_its_values(backend):
     torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=1e-3)
     for a, b in zip(got, torch.autograd.grad(ro, rl, do.double())):
         torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("score", ["softcap([1.5, 0.0][h])", "s / [2.0, 0.0][h]"],
+                         ids=["softcap", "divide"])
+def test_list_divisor_zero_for_a_head_of_the_call(score):
+    """A float list divisor is checked like a table's at the heads of the call: a 0 entry
+    reached by a head is refused (it made the output NaN or the softcap 0), one that no
+    head reaches is not, and that call matches the reference."""
+    p = spattn.compile("causal & window(8)", score=score, backend="torch")
+    q, k, v = _qkv(H=2, L=20, seed=5)
+    with pytest.raises(SpattnInputError, match=r"divides by \[.*\]\[h\], which is 0"):
+        p(q, k, v)
+    with pytest.raises(SpattnInputError, match=r"which is 0"):
+        p.plan(q, k, v)
+    q, k, v = (t[:, :1] for t in (q, k, v))
+    o = p(q, k, v)
+    ro, _ = pattern_reference(p, *(t.double() for t in (q, k, v)))
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

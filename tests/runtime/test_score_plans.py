@@ -221,3 +221,13 @@ def test_launch_key_separates_what_triton_specialises_on():
     assert key(a) == key(b) and key(a) is not None
     assert len({key(a), key(odd), key(a.double()), key(a, flag=1), key(a, size=1)}) == 5
     assert key(a) != key(a, qq=torch.randn(1 * 2 * 8 * 16 + 1)[1:].view(1, 2, 8, 16))
+
+
+@pytest.mark.parametrize("score", [None, "s + rel[h, clamp(q - k, 0, 3)]"],
+                         ids=["mask", "scored"])
+def test_plan_backward_must_be_a_bool_or_none(score):
+    p = spattn.compile("causal", score=score, backend="torch")
+    q = torch.randn(1, 2, 8, 16)
+    tables = {"rel": torch.randn(2, 4)} if score else {}
+    with pytest.raises(SpattnParamError, match="backward must be True, False or None, got str"):
+        p.plan(q, q, q, backward="yes", **tables)
