@@ -65,7 +65,7 @@ from ..ir.evaluate import query_offset as _query_offset
 from . import autograd as _ag
 from . import decode as _decode
 from . import usage as _usage
-from .plan import PLANS, Plan, build_plan
+from .plan import PLANS, Plan, build_plan, permutation
 from .settings import getenv
 from ..ir.inputs import validate_inputs
 
@@ -280,7 +280,7 @@ def check_order(order, q, k, q_offset) -> torch.Tensor:
     self-attention call (``Lq = Lk = L``, ``q_offset`` 0)."""
     _order_tensor(order)
     _order_fits(order, q, k, q_offset)
-    return _order_values(order, q.shape[2])
+    return permutation(order, q.shape[2])
 
 
 def _order_tensor(order) -> None:
@@ -322,26 +322,6 @@ def _order_fits(order, q, k, q_offset) -> None:
                                f"(shape {_shape(q)}) is on {q.device}")
 
 
-def _order_values(order, Lq: int) -> torch.Tensor:
-    """``order`` as int64, after checking that it is a permutation of ``0 .. Lq-1``."""
-    o = order.to(torch.int64).contiguous()
-    lo, hi = int(o.min()), int(o.max())
-    if lo < 0 or hi >= Lq:
-        bad = lo if lo < 0 else hi
-        slot = int((o == bad).nonzero()[0, 0])
-        raise SpattnInputError(f"order is not a permutation of 0..{Lq - 1}: order[{slot}] = "
-                               f"{bad} is out of range")
-    counts = torch.bincount(o, minlength=Lq)
-    if int(counts.max()) > 1:
-        dup = int(counts.argmax())
-        slots = (o == dup).nonzero()[:2, 0].tolist()
-        missing = int((counts == 0).nonzero()[0, 0])
-        raise SpattnInputError(f"order is not a permutation of 0..{Lq - 1}: token {dup} is in "
-                               f"slots {slots[0]} and {slots[1]} (and token {missing} in "
-                               "none)")
-    return o
-
-
 def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
     """The checked ``(scale, q_offset, inputs)`` of a call (inputs as given: the plan
     converts them once); tensors given without ``layout`` that read as more heads than
@@ -363,7 +343,9 @@ def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
 
 def _checked(pattern, q, k, v, scale, q_offset, inputs, layout, order):
     """``(scale, q_offset, inputs, order, backend)`` of an unscored call or plan, checked
-    (:func:`_arguments`, :func:`check_order`); a refusal carries the layout hint."""
+    (:func:`_arguments`; the order as a tensor that fits the call: its values are checked
+    where its plan is built, :func:`~spattn.runtime.plan.permutation`); a refusal that a
+    transposed q, k, v could cause carries the layout hint."""
     if order is not None:       # the order's own faults: no layout of q, k, v cures them
         _order_tensor(order)
     try:
@@ -376,8 +358,6 @@ def _checked(pattern, q, k, v, scale, q_offset, inputs, layout, order):
             if order is not None:
                 _order_fits(order, q, k, q_offset)
         raise _usage.with_layout_hint(e, layout, q, k, v, retry) from None
-    if order is not None:
-        order = _order_values(order, q.shape[2])
     return scale, offset, ins, order, choose_backend(pattern.backend, q.device.type)
 
 
@@ -501,14 +481,13 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
-        given = order
         scale, q_offset, ins, order, backend = _checked(pattern, q, k, v, scale, q_offset,
                                                         inputs, layout, order)
         _ag.register(pattern)
-        # keyed by the caller's tensor (identity and version), not by its int64 copy: an
-        # int32 order would otherwise be a new key, and a new plan, at every call
+        # keyed by the caller's order tensor (identity and version), whatever its int dtype;
+        # its values are checked where the plan is built
         plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                         inputs=ins, order=given)
+                         inputs=ins, order=order)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
     else:                   # nothing to differentiate: the plan alone (no autograd node)

@@ -336,6 +336,29 @@ class RemappedPlan(PermutedPlan):
         return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
 
 
+def permutation(order: torch.Tensor, N: int) -> torch.Tensor:
+    """An int64 copy of ``order`` (a dense 1-D integer tensor of ``N`` entries), after
+    checking that it is a permutation of ``0 .. N-1`` (SpattnInputError naming the slot).
+    Checked where an :class:`OrderedPlan` is built, once per plan: a call that finds its
+    plan (keyed by the order's identity and version) reads no value of it."""
+    o = order.to(torch.int64, copy=True).contiguous()
+    lo, hi = int(o.min()), int(o.max())
+    if lo < 0 or hi >= N:
+        bad = lo if lo < 0 else hi
+        slot = int((o == bad).nonzero()[0, 0])
+        raise SpattnInputError(f"order is not a permutation of 0..{N - 1}: order[{slot}] = "
+                               f"{bad} is out of range")
+    counts = torch.bincount(o, minlength=N)
+    if int(counts.max()) > 1:
+        dup = int(counts.argmax())
+        slots = (o == dup).nonzero()[:2, 0].tolist()
+        missing = int((counts == 0).nonzero()[0, 0])
+        raise SpattnInputError(f"order is not a permutation of 0..{N - 1}: token {dup} is in "
+                               f"slots {slots[0]} and {slots[1]} (and token {missing} in "
+                               "none)")
+    return o
+
+
 class OrderedPlan(PermutedPlan):
     """A plan that runs its pattern in the caller's token order (``order=`` of a call or
     of ``pat.plan``; docs/layouts.md, "A caller's token order"): slot ``i`` holds token
@@ -352,7 +375,7 @@ class OrderedPlan(PermutedPlan):
         N = q.shape[2]
         # the plan's own copy: its inverse and coordinate tables are of this order, so a
         # later in-place write to the caller's tensor must not reach its gathers
-        self.order = order = order.to(torch.int64, copy=True).contiguous()
+        self.order = order = permutation(order, N)
         self.inverse = torch.empty_like(order)
         self.inverse[order] = torch.arange(N, dtype=order.dtype, device=order.device)
         self.ordered = ordered(pattern.ir, N, taken=pattern.inputs)
@@ -390,9 +413,9 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
                settings=None, options=None, layouts: bool = True, tables=None,
                order=None) -> Plan:
     """A new :class:`Plan` (arguments already validated: ``api.validate``); an
-    :class:`OrderedPlan` for a caller's token ``order`` (checked: ``api.check_order``), else
-    a :class:`RemappedPlan` when the pattern runs in a token layout (``layouts``; never for
-    a pattern with a score). ``tables``: a score's float tables, which the stages are built
+    :class:`OrderedPlan` for a caller's token ``order`` (its values checked there:
+    :func:`permutation`), else a :class:`RemappedPlan` when the pattern runs in a token
+    layout (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
     (and tuned) with; each call passes its own (``runtime.scores``)."""
     from .api import check_grid
     from .progress import progress

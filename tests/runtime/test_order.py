@@ -280,3 +280,21 @@ def test_orders_and_inputs_made_under_inference_mode():
     ro, _ = attention_reference(q.double(), k.double(), v.double(), m)
     _close("o", o, ro)
     _close("o decode", o2, ro[:, :, -1:])
+
+
+def test_a_call_that_finds_its_plan_reads_no_value_of_the_order(monkeypatch):
+    """The permutation is checked where its plan is built; a later call with the same,
+    unchanged order tensor finds the plan and reads none of its values (no device sync)."""
+    from spattn.runtime import plan as plan_mod
+    pat = spattn.compile("causal", backend="torch")
+    q = torch.randn(1, 1, 8, 16)
+    perm = torch.randperm(8)
+    o = pat(q, q, q, order=perm)
+
+    def rechecked(*args):
+        raise AssertionError("the order's values were read again")
+    monkeypatch.setattr(plan_mod, "permutation", rechecked)
+    torch.testing.assert_close(pat(q, q, q, order=perm), o)
+    perm[:2] = perm[:2].flip(0)             # written in place: a new plan, checked again
+    with pytest.raises(AssertionError, match="read again"):
+        pat(q, q, q, order=perm)
