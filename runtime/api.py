@@ -462,22 +462,19 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
             out = scores.call(pattern, q, k, v, scale=scale, return_lse=return_lse,
                               q_offset=q_offset, inputs=inputs, plan=plan,
                               deterministic=deterministic)
-        return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
-            _usage.from_bhsd(layout, out)
+        return _usage.output(layout, out, return_lse)
     if torch.compiler.is_compiling():
         key = _register_const(pattern)
         # The op carries the canonical source (a str attribute: a constant while tracing).
         out = call_op(key, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
-        return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
-            _usage.from_bhsd(layout, out)
+        return _usage.output(layout, out, return_lse)
     # few queries, many keys: docs/decode.md
     if plan is None and order is None and _decode.routes(q, k, v, q_offset):
         out = _decode.call_routed(pattern, q, k, v, scale=scale, return_lse=return_lse,
                                   q_offset=q_offset, inputs=inputs)
         if out is not None:
-            return (_usage.from_bhsd(layout, out[0]), out[1]) if return_lse else \
-                _usage.from_bhsd(layout, out)
+            return _usage.output(layout, out, return_lse)
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
@@ -492,9 +489,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
     else:                   # nothing to differentiate: the plan alone (no autograd node)
         o, lse = plan.forward(q, k, v)
-    if layout == "bshd":
-        o = o.transpose(1, 2)
-    return (o, lse) if return_lse else o
+    return _usage.output(layout, (o, lse) if return_lse else o, return_lse)
 
 
 def _check_order_call(pattern, plan) -> None:

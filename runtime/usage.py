@@ -95,6 +95,12 @@ def from_bhsd(layout, o):
     return o.transpose(1, 2) if layout == "bshd" else o
 
 
+def output(layout, out, return_lse: bool):
+    """A call's result in its layout: ``o`` (:func:`from_bhsd`), or ``(o, lse)`` with
+    ``return_lse`` (lse ``[B, H, L]`` stays as it is)."""
+    return (from_bhsd(layout, out[0]), out[1]) if return_lse else from_bhsd(layout, out)
+
+
 def warn_if_transposed(q) -> None:
     """The layout warning for a validated q ``[B, H, L, D]`` given without ``layout=``
     that reads as more than :data:`MAX_HEADS` heads, and more heads than positions.

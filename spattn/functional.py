@@ -14,7 +14,7 @@ from .dsl.errors import SpattnError, SpattnParamError
 from .pattern import Pattern, compile as _compile
 from .runtime import autograd as _ag
 from .runtime.api import call, call_op
-from .runtime.usage import check_keywords, from_bhsd, to_bhsd
+from .runtime.usage import check_keywords, output, to_bhsd
 
 COMPILE_CACHE_SIZE = 128
 _compiled: "OrderedDict[tuple, Pattern]" = OrderedDict()
@@ -118,7 +118,7 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
         else:
             out = call_op(key, dict(declared), requested, q, k, v, scale=scale,
                           return_lse=return_lse, q_offset=q_offset, inputs=inputs)
-        return (from_bhsd(layout, out[0]), out[1]) if return_lse else from_bhsd(layout, out)
+        return output(layout, out, return_lse)
     pat, inputs = _resolve(pattern, dict(kwargs))
     return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
                 inputs=inputs, layout=layout, order=order, deterministic=deterministic)
