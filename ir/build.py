@@ -235,15 +235,20 @@ def select(cond: Node, a: Node, b: Node) -> Node:
     return Select(cond, a, b)
 
 
-def table(values: Iterable[int], index: Node, name: str = "list") -> Node:
-    vals = tuple(int(v) for v in values)
+def _list_index(vals: tuple, index: Node, name: str) -> None:
+    """Check a list literal and its index (an int; a constant index within the list)."""
     _need(index, INT, f"the index of {name}")
     if not vals:
         raise SpattnValueError(f"{name} is empty and cannot be indexed")
+    if isinstance(index, Const) and not 0 <= index.value < len(vals):
+        raise SpattnValueError(f"index {index.value} is out of range for {name} "
+                               f"of {len(vals)} entries")
+
+
+def table(values: Iterable[int], index: Node, name: str = "list") -> Node:
+    vals = tuple(int(v) for v in values)
+    _list_index(vals, index, name)
     if isinstance(index, Const):
-        if not 0 <= index.value < len(vals):
-            raise SpattnValueError(f"index {index.value} is out of range for {name} "
-                                   f"of {len(vals)} entries")
         return Const(vals[index.value])
     if len(set(vals)) == 1:
         return Const(vals[0])
@@ -580,15 +585,10 @@ def fselect(cond: Node, a: Node, b: Node) -> Node:
 
 def ftable(values: Iterable[float], index: Node, name: str = "list") -> Node:
     vals = tuple(float(v) + 0.0 for v in values)
-    _need(index, INT, f"the index of {name}")
-    if not vals:
-        raise SpattnValueError(f"{name} is empty and cannot be indexed")
+    _list_index(vals, index, name)
     if not all(math.isfinite(v) for v in vals):
         raise SpattnValueError(f"{name} holds a value that is not finite")
     if isinstance(index, Const):
-        if not 0 <= index.value < len(vals):
-            raise SpattnValueError(f"index {index.value} is out of range for {name} "
-                                   f"of {len(vals)} entries")
         return fconst(vals[index.value])
     if len(set(vals)) == 1:
         return fconst(vals[0])

@@ -110,7 +110,7 @@ class _Printer(Visitor):
         name = "min" if isinstance(n, Min) else "max"
         return f"{name}(" + ", ".join(self(a, 0) for a in n.args) + ")"
 
-    @rule(Select)
+    @rule(Select, FSelect)
     def select(self, n, need):
         text = f"if {self(n.cond, OR)} then {self(n.a, OR)} else {self(n.b, IF)}"
         return _wrap(text, IF, need)
@@ -119,7 +119,7 @@ class _Printer(Visitor):
     def table(self, n, need):
         return "[" + ", ".join(str(v) for v in n.values) + f"][{self(n.index, 0)}]"
 
-    @rule(Load)
+    @rule(Load, FLoad)
     def load(self, n, need):
         return f"{n.name}[" + ", ".join(self(i, 0) for i in n.index) + "]"
 
@@ -192,18 +192,9 @@ class _Printer(Visitor):
     def fcall(self, n, need):
         return f"{n.fn}(" + ", ".join(self(a, 0) for a in n.args) + ")"
 
-    @rule(FSelect)
-    def fselect(self, n, need):
-        text = f"if {self(n.cond, OR)} then {self(n.a, OR)} else {self(n.b, IF)}"
-        return _wrap(text, IF, need)
-
     @rule(FTable)
     def ftable(self, n, need):
         return "[" + ", ".join(_float_text(v) for v in n.values) + f"][{self(n.index, 0)}]"
-
-    @rule(FLoad)
-    def fload(self, n, need):
-        return f"{n.name}[" + ", ".join(self(i, 0) for i in n.index) + "]"
 
 
 def _float_text(v: float) -> str:
