@@ -9,8 +9,7 @@ import torch
 
 import spattn
 from spattn.runtime.plan import RemappedPlan
-from spattn.runtime.reference import attention_reference
-from tests.runtime.test_torch_backend import _close
+from tests.runtime.test_torch_backend import check_with_reference
 
 
 def _run(pat, *, B=1, Hq=2, Hk=1, N, D=16, seed=0, grads=True):
@@ -20,17 +19,7 @@ def _run(pat, *, B=1, Hq=2, Hk=1, N, D=16, seed=0, grads=True):
     v = torch.randn(B, Hk, N, D, generator=g).requires_grad_(grads)
     plan = pat.plan(q, k, v)
     o, lse = pat(q, k, v, plan=plan, return_lse=True)
-    mask = pat.mask(N, N)
-    q64, k64, v64 = (t.detach().double().requires_grad_(grads) for t in (q, k, v))
-    ro, rl = attention_reference(q64, k64, v64, mask)
-    _close("o", o, ro)
-    _close("lse", lse, rl)
-    if grads:
-        do = torch.randn(o.shape, generator=g)
-        (o * do).sum().backward()
-        (ro * do.double()).sum().backward()
-        for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
-            _close(name, a.grad, b.grad)
+    check_with_reference(o, lse, q, k, v, pat.mask(N, N), g, grads)
     return plan
 
 

@@ -8,7 +8,7 @@ import torch
 import spattn
 from spattn.runtime.plan import PLANS, OrderedPlan, RemappedPlan
 from spattn.runtime.reference import attention_reference
-from tests.runtime.test_torch_backend import _close
+from tests.runtime.test_torch_backend import _close, check_with_reference
 
 
 def _tensors(B, Hq, Hk, N, D, g, grads=True):
@@ -27,16 +27,7 @@ def _run(pat, order, *, B=1, Hq=2, Hk=1, N, D=16, seed=0, inputs=None, use_plan=
     else:
         plan = None
         o, lse = pat(q, k, v, order=order, return_lse=True, **inputs)
-    m = pat.mask(N, N, num_heads=Hq, batch=B, **inputs)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ro, rl = attention_reference(q64, k64, v64, m)
-    _close("o", o, ro)
-    _close("lse", lse, rl)
-    do = torch.randn(o.shape, generator=g)
-    (o * do).sum().backward()
-    (ro * do.double()).sum().backward()
-    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
-        _close(name, a.grad, b.grad)
+    check_with_reference(o, lse, q, k, v, pat.mask(N, N, num_heads=Hq, batch=B, **inputs), g)
     return plan
 
 

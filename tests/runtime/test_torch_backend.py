@@ -31,6 +31,21 @@ def _close(name, got, want, rtol=RTOL):
     torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
 
 
+def check_with_reference(o, lse, q, k, v, mask, g, grads=True):
+    """``o``, ``lse`` of a call on ``q, k, v`` against the float64 reference of ``mask``,
+    and, with ``grads``, dq, dk, dv after a backward of a fresh random dO."""
+    q64, k64, v64 = (t.detach().double().requires_grad_(grads) for t in (q, k, v))
+    ro, rl = attention_reference(q64, k64, v64, mask)
+    _close("o", o, ro)
+    _close("lse", lse, rl)
+    if grads:
+        do = torch.randn(o.shape, generator=g)
+        (o * do).sum().backward()
+        (ro * do.double()).sum().backward()
+        for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+            _close(name, a.grad, b.grad)
+
+
 def make_inputs(kind, B, H, Lq, Lk, g):
     if kind is None:
         return {}
