@@ -516,17 +516,23 @@ def _register_const(pattern) -> str:
     return _ag.register(pattern)
 
 
-def call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_offset,
-            inputs):
-    """The traced path (under ``torch.compile``): the same checks, then the custom op."""
+def traced_arguments(declared, requested_backend, q, k, v, scale, q_offset, ints):
+    """``(scale, q_offset, inputs, backend)`` of a traced call (both custom ops' paths):
+    q, k, v, the scale, the offset and the mask's int inputs ``ints`` checked."""
     validate(q, k, v)
     B, Hq, Lq, D = q.shape
     scale = _check_scale(scale, D)
     q_offset = check_q_offset(q_offset, Lq, k.shape[2])
-    inputs = dict(inputs or {})
-    check_runtime_tensors(inputs)
-    ins = validate_inputs(declared, inputs, batch=B, num_heads=Hq, device=q.device)
-    backend = _backend_for(requested_backend, q.device.type)
+    check_runtime_tensors(ints)
+    ins = validate_inputs(declared, ints, batch=B, num_heads=Hq, device=q.device)
+    return scale, q_offset, ins, _backend_for(requested_backend, q.device.type)
+
+
+def call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_offset,
+            inputs):
+    """The traced path (under ``torch.compile``): the same checks, then the custom op."""
+    scale, q_offset, ins, backend = traced_arguments(declared, requested_backend, q, k, v,
+                                                     scale, q_offset, dict(inputs or {}))
     o, lse = _ag.attention_op(q, k, v, [ins[n] for n in sorted(ins)], key, scale, q_offset,
                               backend)
     return (o, lse) if return_lse else o

@@ -519,22 +519,17 @@ def call_op(key, declared, score_declared, requested_backend, q, k, v, *, scale,
     as a table, which checks them (names, dtype, device, dims, index bounds) on the real
     tensors. ``declared``: the mask's inputs (name: index dims); ``score_declared``: the
     score's (kept for the signature shared with the functional form)."""
-    from .api import _backend_for, _check_scale, check_q_offset, check_runtime_tensors, validate
+    from .api import traced_arguments
     from .autograd import score_attention_op
-    validate(q, k, v)
-    B, H, Lq, D = q.shape
-    scale = _check_scale(scale, D)
-    q_offset = check_q_offset(q_offset, Lq, k.shape[2])
     inputs = dict(inputs or {})
     ints = {n: t for n, t in inputs.items() if n in declared}
-    check_runtime_tensors(ints)
-    ins = validate_inputs(declared, ints, batch=B, num_heads=H, device=q.device)
+    scale, q_offset, ins, backend = traced_arguments(declared, requested_backend, q, k, v,
+                                                     scale, q_offset, ints)
     names = sorted(n for n in inputs if n not in declared)
     for n in names:         # the op's schema takes tensors: say so before it is traced
         if not isinstance(inputs[n], torch.Tensor):
             raise SpattnInputError(f"runtime input {n!r} must be a torch.Tensor, got "
                                    f"{type(inputs[n]).__name__}")
-    backend = _backend_for(requested_backend, q.device.type)
     o, lse = score_attention_op(q, k, v, [ins[n] for n in sorted(ins)],
                                 [inputs[n] for n in names], ",".join(names), key, scale, q_offset,
                                 backend, bool(deterministic))
