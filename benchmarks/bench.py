@@ -134,13 +134,13 @@ def allowed_pairs(pat, N, H, inputs, chunk=None):
 
 
 def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=torch.bfloat16,
-            rounds=ROUNDS):
+            rounds=ROUNDS, B=1):
     src, params, mm_factory, in_factory = PATTERNS[name]
     inputs = in_factory(N, dev) if in_factory else {}
-    row = {"pattern": name, "N": N, "D": D, "H": H,
+    row = {"pattern": name, "N": N, "D": D, "H": H, "B": B,
            "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))}
     g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
     do = torch.randn_like(q)
     pat = spattn.compile(src, **params)
     torch.cuda.synchronize()
@@ -188,7 +188,7 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     row["plan_ms"] = (time.perf_counter() - t0) * 1e3 / 5
     pairs = allowed_pairs(pat, N, H, inputs)
     row["density"] = pairs / (H * N * N)
-    flops_f = 4 * D * pairs
+    flops_f = 4 * D * pairs * B
     # correctness before timing: against FlexAttention, or (where Flex cannot run, e.g. out
     # of memory) against the float64 reference computed in row chunks from the pattern's mask
     timed = {}          # what time_rounds times: name -> (fn, grad_to_none)
@@ -343,13 +343,14 @@ def _d(row) -> str:
 
 
 def table(rows):
-    head = ("| pattern | N | D | dens. | strategy | spattn fwd TF/s | Flex fwd TF/s | x | "
+    head = ("| pattern | B | N | D | dens. | strategy | spattn fwd TF/s | Flex fwd TF/s | x | "
             "spattn f+b TF/s | Flex f+b TF/s | x | setup ms (fwd / train) | Flex mask ms | "
             "first call s |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['pattern']} | {r['N']} | {_d(r)} | ERROR: {r['error']} |")
+            lines.append(f"| {r['pattern']} | {r.get('B', 1)} | {r['N']} | {_d(r)} | "
+                         f"ERROR: {r['error']} |")
             continue
 
         def f(key, fmt="{:.0f}"):
@@ -362,7 +363,7 @@ def table(rows):
         if r.get("flex_error"):
             r = dict(r, strategy=f"{r.get('strategy', '-')} (Flex failed: {r['flex_error'][:60]})")
         lines.append(
-            f"| {r['pattern']} | {r['N']} | {_d(r)} | {r['density']:.3f} | {r.get('strategy', '-')} | "
+            f"| {r['pattern']} | {r.get('B', 1)} | {r['N']} | {_d(r)} | {r['density']:.3f} | {r.get('strategy', '-')} | "
             f"{f('fwd_tflops')} | {f('flex_fwd_tflops')} | {ratio('fwd_tflops', 'flex_fwd_tflops')} | "
             f"{f('fwdbwd_tflops')} | {f('flex_fwdbwd_tflops')} | "
             f"{ratio('fwdbwd_tflops', 'flex_fwdbwd_tflops')} | {f('setup_ms', '{:.2f}')} / {f('setup_train_ms', '{:.2f}')} | "
@@ -377,6 +378,7 @@ def main(argv=None):
     ap.add_argument("--n", nargs="*", type=int, default=None)
     ap.add_argument("--d", nargs="*", type=int, default=None)
     ap.add_argument("--heads", type=int, default=H_DEFAULT)
+    ap.add_argument("--batch", nargs="*", type=int, default=[1], help="batch sizes B")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
@@ -391,28 +393,31 @@ def main(argv=None):
     ns = args.n or ([16384] if args.quick else [4096, 16384, 65536])
     ds = args.d or ([128] if args.quick else [64, 128])
     rows = []
-    total = len(names) * len(ns) * len(ds)
+    total = len(names) * len(ns) * len(ds) * len(args.batch)
     i = 0
-    for N in ns:
-        for D in ds:
-            for name in names:
-                i += 1
-                if name.startswith("neighborhood2d") and N != 16384:
-                    continue
-                log(f"[{i}/{total}] {name} N={N} D={D} {args.dtype}")
-                try:
-                    row = run_one(name, N, D, H=args.heads, bwd=not args.no_bwd, flex=not args.no_flex,
-                                  dtype=DTYPES[args.dtype], rounds=max(1, args.rounds))
-                except Exception as e:  # keep going: one failure must not lose the run
-                    row = {"pattern": name, "N": N, "D": D, "dtype": args.dtype,
-                           "error": f"{type(e).__name__}: {e}"[:300]}
-                log("   ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
-                rows.append(row)
-                torch.cuda.empty_cache()
-                if args.json:
-                    with open(args.json, "w") as f:
-                        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                   "rows": rows}, f, indent=1)
+    for B in args.batch:
+        for N in ns:
+            for D in ds:
+                for name in names:
+                    i += 1
+                    if name.startswith("neighborhood2d") and N != 16384:
+                        continue
+                    log(f"[{i}/{total}] {name} B={B} N={N} D={D} {args.dtype}")
+                    try:
+                        row = run_one(name, N, D, H=args.heads, bwd=not args.no_bwd,
+                                      flex=not args.no_flex, dtype=DTYPES[args.dtype],
+                                      rounds=max(1, args.rounds), B=B)
+                    except Exception as e:  # keep going: one failure must not lose the run
+                        row = {"pattern": name, "N": N, "D": D, "B": B, "dtype": args.dtype,
+                               "error": f"{type(e).__name__}: {e}"[:300]}
+                    log("   ", {k: (round(v, 3) if isinstance(v, float) else v)
+                                for k, v in row.items()})
+                    rows.append(row)
+                    torch.cuda.empty_cache()
+                    if args.json:
+                        with open(args.json, "w") as f:
+                            json.dump({"device": torch.cuda.get_device_name(),
+                                       "torch": torch.__version__, "rows": rows}, f, indent=1)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(table(rows))
 

@@ -6,24 +6,31 @@
 # Autotuning off: default configurations, so that the figures are of the kernels' defaults
 # and the call does not spend its time tuning (except benchmarks/documents.py, which
 # measures the tuned kernels; it is off unless T_DOCUMENTS is set, since with it the call
-# nears the 10-minute command limit: run it in a call of its own).
+# nears the 10-minute command limit: run it in a call of its own). T_* variables set each
+# step's time limit (0 skips it); LAYOUT_ARGS adds options to benchmarks/layouts.py (e.g.
+# '--bwd --flex', or '--configs "128,128,8,3;tuned"'). Every log and JSON file goes into
+# one archive, $OUT/run.tgz (a call brings back at most 8 files).
+FINAL="$OUT"
+OUT=/tmp/run && rm -rf "$OUT" && mkdir -p "$OUT"
 source benchmarks/device_setup.sh > "$OUT/setup.log" 2>&1
 export SPATTN_AUTOTUNE=0
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt"
 git rev-parse HEAD >> "$OUT/gpu.txt" 2>/dev/null
-timeout "${T_TESTS:-30}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+[ "${T_TESTS:-30}" != 0 ] && timeout "${T_TESTS:-30}" python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/runtime/test_gpu.py::test_warmup_compiles_without_running \
     tests/runtime/test_decode_gpu.py > "$OUT/gpu_tests.log" 2>&1
-timeout "${T_SCORE_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+[ "${T_SCORE_TESTS:-120}" != 0 ] && timeout "${T_SCORE_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/runtime/test_score_plans.py tests/runtime/test_score_compile.py \
+    tests/runtime/test_tune_key.py \
     >> "$OUT/gpu_tests.log" 2>&1
-timeout "${T_LAYOUTS:-85}" python3 benchmarks/layouts.py --out "$OUT" --rounds 2 \
-    --only flux-window-80x80 flux-stride-16x16 hunyuan-window-18x24x24 \
-    hunyuan-stride-16x8x8 flux-window-80x80-flat > "$OUT/layouts.txt" 2> "$OUT/layouts.log"
-timeout "${T_SCORES:-60}" python3 benchmarks/scores.py --out "$OUT" --no-tune --rounds 2 \
+[ "${T_LAYOUTS:-85}" != 0 ] && eval timeout "${T_LAYOUTS:-85}" python3 benchmarks/layouts.py \
+    --out "$OUT" --rounds 2 --only ${LAYOUT_ONLY:-flux-window-80x80 flux-stride-16x16 \
+    hunyuan-window-18x24x24 hunyuan-stride-16x8x8 flux-window-80x80-flat} \
+    "${LAYOUT_ARGS:-}" > "$OUT/layouts.txt" 2> "$OUT/layouts.log"
+[ "${T_SCORES:-60}" != 0 ] && timeout "${T_SCORES:-60}" python3 benchmarks/scores.py --out "$OUT" --no-tune --rounds 2 \
     > "$OUT/scores.txt" 2> "$OUT/scores.log"
-timeout "${T_DECODE:-40}" python3 benchmarks/decode.py --quick --rep 20 --out "$OUT" \
+[ "${T_DECODE:-40}" != 0 ] && timeout "${T_DECODE:-40}" python3 benchmarks/decode.py --quick --rep 20 --out "$OUT" \
     > "$OUT/decode.txt" 2> "$OUT/decode.log"
 # documents at 1..1000 documents in 3 fresh processes, tuned (its own empty tuning cache:
 # the first process tunes, the others read the choices); e.g. T_DOCUMENTS=300
@@ -33,5 +40,7 @@ if [ "${T_DOCUMENTS:-0}" != 0 ]; then
         --cache-root /tmp/spattn-documents --budget "$(( T_DOCUMENTS - 10 ))" \
         > "$OUT/documents.txt" 2> "$OUT/documents.log"
 fi
+touch "$OUT/gpu_tests.log" "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt"
+tar czf "$FINAL/run.tgz" -C /tmp run
 grep -E "passed|failed|error" "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt" \
     "$OUT/documents.txt"

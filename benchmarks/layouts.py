@@ -14,9 +14,17 @@ extra tokens, docs/layouts.md). Against cuDNN dense (SDPA under
 on sampled query rows before timing. ``--full`` adds the 16K patterns of
 ``benchmarks/bench.py`` against FlexAttention (``dilated(512,4)``, ``strided(128)``,
 2-D 13x13), forward and forward+backward, with layouts on (``SPATTN_LAYOUT=auto``) and off.
+``--bwd`` adds forward+backward of the neighbourhood problems against cuDNN and, with
+``--flex``, FlexAttention (its block mask from a NATTEN ``mask_mod``, checked against
+spattn; Flex's forward timed too). ``--configs "BM,BN,W,S[,loop];..."`` times the forward
+of each problem under each launch configuration (``SPATTN_BLOCK_M``, ``_N``,
+``SPATTN_FWD_WARPS``, ``_STAGES``, ``_LOOP``; ``tuned``: the autotuner's choice), each
+against cuDNN in alternating rounds.
 
     python benchmarks/layouts.py --out OUT          # the quick set (< 90 s on an H200)
     python benchmarks/layouts.py --out OUT --full   # and the 16K Flex comparisons
+    python benchmarks/layouts.py --out OUT --bwd --flex     # fwd+bwd, and Flex
+    python benchmarks/layouts.py --out OUT --configs "128,64,8,3;128,128,8,3;tuned"
     python benchmarks/layouts.py --out OUT --cpu    # tiny shapes on the CPU (logic check,
                                                     # layouts forced: SPATTN_LAYOUT=on)
     python benchmarks/layouts.py --out OUT --analysis   # the computed pairs, on the CPU
@@ -93,6 +101,25 @@ def make_pattern(kind, args, backend="auto"):
     return pat, W * W
 
 
+def natten_mask_mod(shape, kernel_size, stride=None):
+    """FlexAttention ``mask_mod`` of NATTEN's non-causal, undilated neighbourhood over the
+    grid ``shape`` flattened row-major (docs/layouts.md): per axis, a query's stride group
+    shares the window of its leader, windows shifted at the borders."""
+    stride = stride or (1,) * len(shape)
+    sizes = [math.prod(shape[a + 1:]) for a in range(len(shape))]
+
+    def mask_mod(b, h, q, k):
+        ok = None
+        for n, K, s_, size in zip(shape, kernel_size, stride, sizes):
+            qc, kc = (q // size) % n, (k // size) % n
+            leader = ((qc // s_) * s_ + s_ // 2).clamp(max=n - 1)
+            start = (leader - K // 2).clamp(min=0, max=n - K)
+            cond = (kc >= start) & (kc < start + K)
+            ok = cond if ok is None else ok & cond
+        return ok
+    return mask_mod
+
+
 def sampled_error(pat, q, k, v, o, N, rows=256, samples=3, heads=2):
     """Largest relative error of ``o`` against the float64 reference on ``samples`` slices of
     ``rows`` query rows (heads 0..heads-1)."""
@@ -148,7 +175,8 @@ def box_order(shape, box, device):
     return layout.permutation(device)[0]
 
 
-def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu):
+def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=False,
+                flex=False, configs=None):
     pat, N = make_pattern(kind, args, backend="torch" if cpu else "auto")
     row = {"problem": name, "N": N, "H": H, "D": D, "target_vs_dense": target}
     g = torch.Generator(device=dev).manual_seed(0)
@@ -188,14 +216,118 @@ def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu):
                 return F.scaled_dot_product_attention(q, k, v)
         row["dense_backend"] = "flash"
     fns = {"spattn": lambda: pat(q, k, v, plan=plan), "dense": dense}
+    grads = None
+    if bwd and not cpu:
+        do = torch.randn_like(q)
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        bplan = pat.plan(qg, kg, vg, order=order)
+
+        def fb():
+            qg.grad = kg.grad = vg.grad = None
+            pat(qg, kg, vg, plan=bplan).backward(do)
+        qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+
+        def fb_dense():
+            qd.grad = kd.grad = vd.grad = None
+            dense_fn(qd, kd, vd, cpu)().backward(do)
+        fb()
+        grads = do, [t.grad.clone() for t in (qg, kg, vg)]
+        fb_dense()
+        fns["spattn_fwdbwd"], fns["dense_fwdbwd"] = fb, fb_dense
+    if flex and kind == "natten" and not cpu:
+        flex_setup(row, fns, q, k, v, o, args, grads)
     times = {n: [] for n in fns}
     for r in range(rounds):
         for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             times[n].append(bench(fns[n]))
-    row["fwd_ms"] = statistics.median(times["spattn"])
-    row["dense_fwd_ms"] = statistics.median(times["dense"])
+    for n, ms in times.items():
+        row[{"spattn": "fwd", "dense": "dense_fwd", "flex": "flex_fwd"}.get(n, n) + "_ms"] = \
+            statistics.median(ms)
     row["speedup_vs_dense"] = row["dense_fwd_ms"] / row["fwd_ms"]
+    if "spattn_fwdbwd_ms" in row:
+        row["fwdbwd_speedup_vs_dense"] = row["dense_fwdbwd_ms"] / row["spattn_fwdbwd_ms"]
+    if "flex_fwdbwd_ms" in row:
+        row["fwdbwd_speedup_vs_flex"] = row["flex_fwdbwd_ms"] / row["spattn_fwdbwd_ms"]
+    if "flex_fwd_ms" in row:
+        row["speedup_vs_flex"] = row["flex_fwd_ms"] / row["fwd_ms"]
+    for cfg in configs or ():
+        row.setdefault("configs", []).append(
+            time_config(cfg, pat, q, k, v, order, dense, bench, rounds))
     return row
+
+
+def time_config(cfg, pat, q, k, v, order, dense, bench, rounds):
+    """The forward under one launch configuration (``tuned``: autotuning on), against
+    cuDNN in alternating rounds."""
+    import sweep
+    if cfg == "tuned":
+        sweep.apply_env({"SPATTN_AUTOTUNE": "1"})
+    else:
+        sweep.apply_env(sweep.config_env("fwd", cfg))
+    out = {"config": cfg if cfg == "tuned" else ",".join(map(str, cfg))}
+    try:
+        plan = pat.plan(q, k, v, order=order)
+        o = pat(q, k, v, plan=plan)
+        out["rel_err_sampled"] = err = sampled_error(pat, q, k, v, o, q.shape[2], samples=2)
+        if not err < 2e-2:
+            out["error"] = f"mismatch vs reference: {err:.3e}"
+            return out
+        fns = {"spattn": lambda: pat(q, k, v, plan=plan), "dense": dense}
+        times = {n: [] for n in fns}
+        for r in range(rounds):
+            for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                times[n].append(bench(fns[n]))
+        out["fwd_ms"] = statistics.median(times["spattn"])
+        out["dense_fwd_ms"] = statistics.median(times["dense"])
+        out["speedup_vs_dense"] = out["dense_fwd_ms"] / out["fwd_ms"]
+    except Exception as e:                      # out of shared memory, say: report, go on
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    finally:
+        sweep.apply_env({})
+        os.environ.pop("SPATTN_AUTOTUNE", None) if cfg == "tuned" else None
+    log(f"  config {out}")
+    return out
+
+
+def flex_setup(row, fns, q, k, v, o, args, grads):
+    """FlexAttention on the same problem: its block mask built from
+    :func:`natten_mask_mod`, its output (and, with ``grads = (dO, spattn's [dq, dk, dv])``,
+    its gradients) checked against spattn's, then its forward (and forward+backward) added
+    to ``fns``. A failure is recorded in the row, not raised."""
+    import bench as B
+    try:
+        create_block_mask, flex_attention = B._flex()
+        N = q.shape[2]
+        t0 = time.perf_counter()
+        bm = create_block_mask(natten_mask_mod(*args), None, None, N, N, device=q.device,
+                               _compile=True)
+        torch.cuda.synchronize()
+        row["flex_mask_s"] = time.perf_counter() - t0
+        ref = flex_attention(q, k, v, block_mask=bm)
+        row["rel_err_vs_flex"] = err = float((o.float() - ref.float()).norm()
+                                             / ref.float().norm())
+        if not err < 2e-2:
+            row["flex_error"] = f"mismatch vs flex: {err:.3e}"
+            return
+        fns["flex"] = lambda: flex_attention(q, k, v, block_mask=bm)
+        if grads is not None:
+            do, ours = grads
+            qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
+
+            def fb_flex():
+                qf.grad = kf.grad = vf.grad = None
+                flex_attention(qf, kf, vf, block_mask=bm).backward(do)
+            fb_flex()
+            row["grad_rel_err_vs_flex"] = gerr = max(
+                float((a.float() - b.grad.float()).norm() / b.grad.float().norm())
+                for a, b in zip(ours, (qf, kf, vf)))
+            if not gerr < 2e-2:
+                row["flex_error"] = f"gradient mismatch vs flex: {gerr:.3e}"
+                return
+            fns["flex_fwdbwd"] = fb_flex
+    except Exception as e:
+        row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        log(f"  flex failed: {row['flex_error']}")
 
 
 def run_flex(names, H, rounds):
@@ -268,6 +400,30 @@ def table(rows, flex_rows):
         out.append(f"| {r['problem']} | {r['layout'] or 'sequence order'} | {fr} | "
                    f"{r['fwd_ms']:.3f} | {r['dense_fwd_ms']:.3f} | "
                    f"{r['speedup_vs_dense']:.2f}x | {tgt} |")
+    extra = [r for r in rows if "error" not in r and ("spattn_fwdbwd_ms" in r
+                                                    or "flex_fwd_ms" in r)]
+    if extra:
+        out += ["", "| problem | fwd ms | Flex fwd ms | fwd vs Flex | fwd+bwd ms | "
+                "cuDNN fwd+bwd ms | vs cuDNN | Flex fwd+bwd ms | vs Flex |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in extra:
+            def f(key, fmt="{:.2f}"):
+                return fmt.format(r[key]) if key in r else (r.get("flex_error", "")[:40]
+                                                            if "flex" in key else "")
+            out.append(f"| {r['problem']} | {f('fwd_ms')} | {f('flex_fwd_ms')} | "
+                       f"{f('speedup_vs_flex', '{:.2f}x')} | {f('spattn_fwdbwd_ms')} | "
+                       f"{f('dense_fwdbwd_ms')} | {f('fwdbwd_speedup_vs_dense', '{:.2f}x')} | "
+                       f"{f('flex_fwdbwd_ms')} | {f('fwdbwd_speedup_vs_flex', '{:.2f}x')} |")
+    cfg_rows = [(r["problem"], c) for r in rows for c in r.get("configs", ())]
+    if cfg_rows:
+        out += ["", "| problem | config (BM,BN,W,S) | fwd ms | cuDNN ms | x cuDNN |",
+                "|---|---|---|---|---|"]
+        for name, c in cfg_rows:
+            if "error" in c:
+                out.append(f"| {name} | {c['config']} | {c['error'][:60]} | | |")
+            else:
+                out.append(f"| {name} | {c['config']} | {c['fwd_ms']:.2f} | "
+                           f"{c['dense_fwd_ms']:.2f} | {c['speedup_vs_dense']:.2f}x |")
     if flex_rows:
         out += ["", "| 16K pattern | layouts | fwd ms | Flex fwd ms | fwd vs Flex | fwd+bwd ms |"
                 " Flex fwd+bwd ms | fwd+bwd vs Flex |", "|---|---|---|---|---|---|---|---|"]
@@ -292,6 +448,12 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=None, help="heads (default 24; --cpu 2)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="problem names")
+    ap.add_argument("--bwd", action="store_true",
+                    help="forward+backward of the problems against cuDNN (and Flex)")
+    ap.add_argument("--flex", action="store_true",
+                    help="FlexAttention on the neighbourhood problems (NATTEN mask_mod)")
+    ap.add_argument("--configs", default=None,
+                    help='forward launch configurations "BM,BN,W,S[,loop];...;tuned"')
     ap.add_argument("--analysis", action="store_true",
                     help="the layouts' computed pairs on the CPU (no kernels, no timing)")
     a = ap.parse_args(argv)
@@ -309,13 +471,20 @@ def main(argv=None):
     H = a.heads or (2 if cpu else 24)
     D = 32 if cpu else 128
     problems = CPU_PROBLEMS if cpu else PROBLEMS
+    configs = None
+    if a.configs:
+        import sweep
+        configs = [c if c.strip() == "tuned" else sweep.parse_configs(c, 4, loop=True)[0]
+                   for c in a.configs.split(";") if c.strip()]
+        configs = ["tuned" if isinstance(c, str) else c for c in configs]
     names = a.only or (list(problems) if a.full else QUICK)
     rows = []
     for name in names:
         kind, args, target = problems[name]
         log(f"{name}: {args}")
         row = run_problem(name, kind, args, target, H=H, D=D, dev=dev, dtype=dtype,
-                          rounds=a.rounds if not cpu else 1, cpu=cpu)
+                          rounds=a.rounds if not cpu else 1, cpu=cpu, bwd=a.bwd,
+                          flex=a.flex, configs=configs)
         log(f"  {row}")
         rows.append(row)
     flex_rows = run_flex(FLEX_16K, 16, a.rounds) if a.full and not cpu else []

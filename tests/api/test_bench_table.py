@@ -33,7 +33,7 @@ def test_table_marks_non_default_dtype(bench, dtype, shown):
 def test_table_error_row_keeps_its_dtype(bench):
     line = bench.table([{"pattern": "causal", "N": 4096, "D": 128, "dtype": "fp16",
                          "error": "mismatch vs flex: 1e-1"}]).splitlines()[2]
-    assert line.startswith("| causal | 4096 | 128 fp16 | ERROR: mismatch vs flex")
+    assert line.startswith("| causal | 1 | 4096 | 128 fp16 | ERROR: mismatch vs flex")
 
 
 def test_dtype_option_choices(bench):

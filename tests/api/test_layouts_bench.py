@@ -55,3 +55,20 @@ def test_cpu_run_of_a_callers_order_and_text_before_an_image(layouts, tmp_path, 
     order = layouts.box_order((8, 8), (4, 2), "cpu")
     assert sorted(order.tolist()) == list(range(64)) and order[:8].tolist() == [
         0, 1, 8, 9, 16, 17, 24, 25]
+
+
+@pytest.mark.parametrize("shape, kernel, stride", [
+    ((16, 16), (5, 5), None), ((16, 16), (8, 6), (4, 3)), ((4, 6, 8), (3, 4, 4), (2, 2, 2)),
+    ((9, 7), (4, 7), (3, 7))], ids=["2d-5x5", "2d-even-stride", "3d-stride", "2d-full-axis"])
+def test_flex_mask_mod_is_nattens(layouts, shape, kernel, stride):
+    """The FlexAttention mask_mod the GPU run compares against is NATTEN's neighbourhood
+    (evaluated here on index grids, as Flex's vmap does)."""
+    import math
+
+    import torch
+    from tests.helpers.natten_ref import neighborhood_mask
+    N = math.prod(shape)
+    idx = torch.arange(N)
+    got = layouts.natten_mask_mod(shape, kernel, stride)(0, 0, idx[:, None], idx[None, :])
+    want = neighborhood_mask(shape, kernel, stride or 1)
+    assert got.numpy().tolist() == want.tolist()
