@@ -27,7 +27,7 @@ class CompiledPattern:
     equality, hashing and ``source`` are the mask's (docs/language.md, grids)."""
 
     __slots__ = ("ir", "name", "params", "inputs", "source", "backend", "grid", "grid_offset",
-                 "score", "score_inputs")
+                 "score", "score_inputs", "op_key")
 
     def __init__(self, ir, *, name: str = "pattern", params: dict | None = None,
                  inputs: dict | None = None, backend: str = "auto",
@@ -48,6 +48,12 @@ class CompiledPattern:
         self.backend = backend
         self.grid = None if grid is None else tuple(grid)
         self.grid_offset = int(grid_offset) if grid is not None else 0
+        # what the custom ops carry (a str attribute: a constant while tracing): the
+        # canonical source, preceded by the grid declaration when there is one, so that
+        # one mask with and without a grid are two keys
+        self.op_key = self.source if self.grid is None else (
+            f"grid ({', '.join(map(str, self.grid))})"
+            + (f" after {self.grid_offset}" if self.grid_offset else "") + f" {self.source}")
 
     @classmethod
     def from_source(cls, src: str, *, backend: str = "auto", pattern: str | None = None,

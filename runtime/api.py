@@ -454,8 +454,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if getattr(pattern, "score", None) is not None:
         from . import scores
         if torch.compiler.is_compiling():
-            key = _register_const(pattern)
-            out = scores.call_op(key, pattern.inputs, pattern.score_inputs,
+            out = scores.call_op(pattern.op_key, pattern.inputs, pattern.score_inputs,
                                  pattern.backend, q, k, v, scale=scale, return_lse=return_lse,
                                  q_offset=q_offset, inputs=inputs, deterministic=deterministic)
         else:
@@ -464,9 +463,9 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
                               deterministic=deterministic)
         return _usage.output(layout, out, return_lse)
     if torch.compiler.is_compiling():
-        key = _register_const(pattern)
-        # The op carries the canonical source (a str attribute: a constant while tracing).
-        out = call_op(key, pattern.inputs, pattern.backend, q, k, v, scale=scale,
+        # The op carries the pattern's key (a str attribute: a constant while tracing; the
+        # pattern registered itself when it was made, _ag.register).
+        out = call_op(pattern.op_key, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
         return _usage.output(layout, out, return_lse)
     # few queries, many keys: docs/decode.md
@@ -506,14 +505,6 @@ def _check_order_call(pattern, plan) -> None:
         raise SpattnParamError("order= is not available under torch.compile: call the "
                                "pattern with order= outside the compiled region "
                                "(torch.compiler.disable)")
-
-
-@torch.compiler.assume_constant_result
-def _register_const(pattern) -> str:
-    """:func:`~spattn.runtime.autograd.register` while tracing (run once, outside the graph):
-    the custom op then finds this pattern object (its grid, its class), not one compiled
-    again from its source."""
-    return _ag.register(pattern)
 
 
 def traced_arguments(declared, requested_backend, q, k, v, scale, q_offset, ints):

@@ -45,16 +45,12 @@ _REGISTRY: dict = {}
 
 
 def register(pattern) -> str:
-    """Record ``pattern`` so the custom op can find it; returns its key: the canonical source,
-    preceded by the pattern's grid declaration when it has one (``grid (8, 8) after 5 ...``:
-    a bare expression that compiles to a pattern with that grid, so that two patterns of one
-    mask with and without a grid are two keys)."""
-    key = pattern.source
-    grid = getattr(pattern, "grid", None)
-    if grid is not None:
-        offset = getattr(pattern, "grid_offset", 0)
-        key = (f"grid ({', '.join(map(str, grid))})" + (f" after {offset}" if offset else "")
-               + f" {key}")
+    """Record ``pattern`` so the custom op can find it; returns its key, ``pattern.op_key``:
+    the canonical source, preceded by the pattern's grid declaration when it has one
+    (``grid (8, 8) after 5 ...``: a bare expression that compiles to a pattern with that
+    grid). Every :class:`spattn.Pattern` registers itself when it is made, so that a traced
+    call reads only the key (a str) and the op finds this object (its class, its grid)."""
+    key = pattern.op_key
     _REGISTRY.setdefault(key, pattern)
     return key
 

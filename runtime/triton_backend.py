@@ -363,7 +363,70 @@ def build_fwd(call, q, k, v, options: dict | None = None) -> FwdStage:
     def compile_only(t):
         _build_fwd(call, q, k, v, t, warmup=True)
     opts = resolve_options(call, "fwd", dict(options or {}), (q, k, v), run, compile_only)
-    return _build_fwd(call, q, k, v, opts)
+    return _fitted(call, "fwd", q, opts, explicit=dict(options or {}),
+                   build=lambda o, warmup: _build_fwd(call, q, k, v, o, warmup=warmup))
+
+
+#: Tile options halved, in this order, when a configuration does not fit shared memory at
+#: one pipeline stage (per kind: the key tiles first, they are the ones staged).
+_SHRINK = {"fwd": ("block_n", "block_m"), "bwd": ("block_n2", "block_m1", "block_n1", "block_m2")}
+
+
+def _fitted(call, kind: str, q, opts: dict, *, explicit: dict, build):
+    """The stage ``build(opts, warmup)`` makes, compiled on CUDA before its first launch so
+    that a configuration which does not fit the device's shared memory (a default's three
+    pipeline stages with a score's gradient tiles, say) is replaced, not raised at the
+    call: fewer stages first, then halved tiles (:data:`_SHRINK`), each logged. A
+    configuration the caller fixed (options or ``SPATTN_*`` tiles, warps or stages) is
+    not changed: it is a :class:`SpattnConfigError` naming what to lower."""
+    if call.device.type != "cuda" or call.settings.interpret:
+        return build(opts, False)
+    from triton.runtime.errors import OutOfResources
+    fixed = {k: v for k, v in explicit.items() if k in _TILE_OPTIONS} or (
+        call.settings.overrides(kind) if call.settings.tiles_set(kind) else {})
+    opts = dict(opts)
+    while True:
+        try:
+            return build(opts, True)
+        except OutOfResources as e:
+            cfg = _load(call, kind, q.shape[-1], q.dtype, opts)[1]
+            if fixed:
+                raise SpattnConfigError(
+                    f"the {kind} kernel's configuration does not fit this device "
+                    f"({_describe(kind, cfg)}): {str(e).splitlines()[0]}; lower "
+                    f"num_stages or the tiles ({', '.join(sorted(fixed))} set)") from None
+            smaller = _smaller(kind, cfg)
+            if smaller is None:
+                raise SpattnConfigError(f"no configuration of the {kind} kernel fits this "
+                                        f"device: {str(e).splitlines()[0]}") from None
+            _tune.log.info("spattn: %s kernel %s does not fit shared memory; using %s", kind,
+                      _describe(kind, cfg), smaller)
+            opts.update(smaller)
+
+
+_TILE_OPTIONS = ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2",
+                 "num_warps", "num_stages")
+
+
+def _describe(kind: str, cfg) -> str:
+    tiles = (f"{cfg.block_m}x{cfg.block_n}" if kind == "fwd" else
+             f"{cfg.block_m}x{cfg.block_n} / {cfg.block_m2}x{cfg.block_n2}")
+    return f"tiles {tiles}, {cfg.num_warps} warps, {cfg.num_stages} stages"
+
+
+def _smaller(kind: str, cfg) -> dict | None:
+    """The next configuration to try: one stage fewer, or at one stage the next tile of
+    :data:`_SHRINK` halved (two stages again); None when every tile is at 16."""
+    if cfg.num_stages > 1:
+        return {"num_stages": cfg.num_stages - 1}
+    names = {"block_m": cfg.block_m, "block_n": cfg.block_n}
+    if kind == "bwd":
+        names = {"block_m1": cfg.block_m, "block_n1": cfg.block_n,
+                 "block_m2": cfg.block_m2, "block_n2": cfg.block_n2}
+    for name in _SHRINK[kind]:
+        if names[name] > 16:
+            return {name: names[name] // 2, "num_stages": 2}
+    return None
 
 
 def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
@@ -529,7 +592,8 @@ def build_bwd(call, q, k, v, o, do, options: dict | None = None) -> BwdStage:
         _build_bwd(call, q, k, v, o, do, t, warmup=True)
     opts = resolve_options(call, "bwd", dict(options or {}), (q, k, v, do, o), run,
                            compile_only)
-    return _build_bwd(call, q, k, v, o, do, opts)
+    return _fitted(call, "bwd", q, opts, explicit=dict(options or {}),
+                   build=lambda o_, warmup: _build_bwd(call, q, k, v, o, do, o_, warmup=warmup))
 
 
 def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
@@ -577,7 +641,11 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
     if warmup:
         lse = torch.zeros((B, H, Lq), dtype=torch.float32, device=dev)
         args_q, args_k, _ = _bwd_tensors(stage, q, k, v, o, lse, do)
-        args_q, args_k = _score_heads(stage, args_q, args_k, None, None)
+        # with every table's gradient written: the variant with the most live tiles
+        grads = None if not scored else {
+            n: torch.zeros(t.shape, dtype=torch.float32, device=dev)
+            for n, t in stage.score_tables.items() if n in call.pattern.score_inputs}
+        args_q, args_k = _score_heads(stage, args_q, args_k, None, grads)
         stage.dq_kernel.warmup(*args_q, *static_q, grid=stage.grid_q, **stage.meta_q)
         stage.dkdv_kernel.warmup(*args_k, *static_k, grid=stage.grid_k, **stage.meta_k)
     return stage

@@ -19,6 +19,7 @@ from .ir.evaluate import mask as _mask
 from .ir.inputs import check_lengths, validate_inputs
 from .ir.pattern import BACKENDS, CompiledPattern  # noqa: F401  (BACKENDS: public)
 from .runtime import api as _runtime_api
+from .runtime.autograd import register as _register
 from .runtime.usage import warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
@@ -38,6 +39,10 @@ class Pattern(CompiledPattern):
     """
 
     __slots__ = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _register(self)      # for torch.compile: a traced call carries only op_key
 
     def __repr__(self):
         inputs = f", inputs={sorted(self.inputs)}" if self.inputs else ""

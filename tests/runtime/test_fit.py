@@ -1,0 +1,84 @@
+"""A launch configuration that does not fit the device's shared memory (runtime/triton_backend
+``_fitted``): a default one is replaced (fewer stages, then halved tiles), one the caller
+fixed is a SpattnConfigError. The compile is faked: the CPU has no shared-memory limit."""
+import dataclasses
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+import spattn
+from spattn.dsl.errors import SpattnConfigError
+from spattn.runtime import settings as S
+from spattn.runtime import triton_backend as TB
+
+
+_Q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+
+
+class _Call:
+    """What ``_fitted`` reads of a call: its pattern, device and settings (as on a GPU)."""
+
+    def __init__(self, env=None, monkeypatch=None):
+        self.pattern = spattn.compile("causal & window(64)")
+        self.device = torch.device("cuda")
+        if env:
+            for k, v in env.items():
+                monkeypatch.setenv(k, v)
+        self.settings = dataclasses.replace(S.current(), interpret=False)
+
+
+def _device(limit_stages, limit_n):
+    """A fake compile: fits only at most ``limit_stages`` stages and key tiles <= limit_n."""
+    tried = []
+
+    def build(call, kind):
+        def run(opts, warmup):
+            cfg = TB._load(call, kind, 64, torch.bfloat16, opts)[1]
+            tried.append((cfg.block_m, cfg.block_n, cfg.num_stages))
+            assert warmup, "the fit is checked by compiling before the first launch"
+            if cfg.num_stages > limit_stages or cfg.block_n > limit_n:
+                raise OutOfResources(1 << 18, 232448, "shared memory")
+            return cfg
+        return run
+    return build, tried
+
+
+@pytest.mark.parametrize("limit_stages, limit_n, want", [
+    (3, 128, (128, 64, 3)), (2, 128, (128, 64, 2)), (2, 32, (128, 32, 2)),
+    ], ids=["fits", "one-stage-fewer", "tiles-halved"])
+def test_default_configuration_is_fitted(limit_stages, limit_n, want):
+    call = _Call()
+    build, tried = _device(limit_stages, limit_n)
+    cfg = TB._fitted(call, "fwd", _Q, {}, explicit={},
+                     build=build(call, "fwd"))
+    assert (cfg.block_m, cfg.block_n, cfg.num_stages) == want
+    assert tried[-1] == want and len(tried) == len(set(tried))
+
+
+def test_fixed_configuration_is_a_config_error(monkeypatch):
+    call = _Call({"SPATTN_FWD_STAGES": "3"}, monkeypatch)
+    build, _ = _device(2, 128)
+    with pytest.raises(SpattnConfigError, match=r"does not fit this device .*3 stages.*num_stages"):
+        TB._fitted(call, "fwd", _Q, {}, explicit={}, build=build(call, "fwd"))
+    call = _Call()
+    with pytest.raises(SpattnConfigError, match="block_n set"):
+        TB._fitted(call, "fwd", _Q, {"block_n": 128},
+                   explicit={"block_n": 128}, build=build(call, "fwd"))
+
+
+def test_nothing_fits_is_a_config_error():
+    call = _Call()
+    build, tried = _device(0, 128)
+    with pytest.raises(SpattnConfigError, match="no configuration of the bwd kernel fits"):
+        TB._fitted(call, "bwd", _Q, {}, explicit={},
+                   build=build(call, "bwd"))
+    assert tried[-1][:2] == (16, 16)
+
+
+def test_off_cuda_the_stage_is_built_as_asked():
+    call = _Call()
+    call.device = torch.device("cpu")
+    got = TB._fitted(call, "fwd", _Q, {}, explicit={},
+                     build=lambda opts, warmup: (opts, warmup))
+    assert got == ({}, False)
