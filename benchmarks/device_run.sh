@@ -22,7 +22,7 @@ git rev-parse HEAD >> "$OUT/gpu.txt" 2>/dev/null
     tests/runtime/test_decode_gpu.py > "$OUT/gpu_tests.log" 2>&1
 [ "${T_SCORE_TESTS:-120}" != 0 ] && timeout "${T_SCORE_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/runtime/test_score_plans.py tests/runtime/test_score_compile.py \
-    tests/runtime/test_tune_key.py \
+    tests/runtime/test_tune_key.py tests/runtime/test_compile.py \
     >> "$OUT/gpu_tests.log" 2>&1
 [ "${T_LAYOUTS:-85}" != 0 ] && eval timeout "${T_LAYOUTS:-85}" python3 benchmarks/layouts.py \
     --out "$OUT" --rounds 2 --only ${LAYOUT_ONLY:-flux-window-80x80 flux-stride-16x16 \

@@ -256,15 +256,34 @@ def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=
     return row
 
 
+def parse_config(text: str):
+    """``"BM,BN,W,S[,loop][,tables]"`` -> ``(env, label)``; ``"tuned"``: autotuning on.
+    ``loop``: split, fused or persistent (``SPATTN_FWD_LOOP``); ``tables``: csr or spans
+    (``SPATTN_TABLES``)."""
+    import sweep
+    text = text.strip()
+    if text == "tuned":
+        return {"SPATTN_AUTOTUNE": "1"}, "tuned"
+    xs = [x.strip() for x in text.split(",")]
+    env = sweep.config_env("fwd", tuple(int(x) for x in xs[:4]))
+    for extra in xs[4:]:
+        if extra in ("split", "fused", "persistent"):
+            env["SPATTN_FWD_LOOP"] = extra
+        elif extra in ("csr", "spans"):
+            env["SPATTN_TABLES"] = extra
+        else:
+            raise SystemExit(f"config {text!r}: {extra!r} is not a loop or a table form")
+    return env, text
+
+
 def time_config(cfg, pat, q, k, v, order, dense, bench, rounds):
     """The forward under one launch configuration (``tuned``: autotuning on), against
     cuDNN in alternating rounds."""
     import sweep
-    if cfg == "tuned":
-        sweep.apply_env({"SPATTN_AUTOTUNE": "1"})
-    else:
-        sweep.apply_env(sweep.config_env("fwd", cfg))
-    out = {"config": cfg if cfg == "tuned" else ",".join(map(str, cfg))}
+    env, label = cfg
+    saved = {name: os.environ.get(name) for name in env}
+    sweep.apply_env(env)
+    out = {"config": label}
     try:
         plan = pat.plan(q, k, v, order=order)
         o = pat(q, k, v, plan=plan)
@@ -283,8 +302,12 @@ def time_config(cfg, pat, q, k, v, order, dense, bench, rounds):
     except Exception as e:                      # out of shared memory, say: report, go on
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         sweep.apply_env({})
-        os.environ.pop("SPATTN_AUTOTUNE", None) if cfg == "tuned" else None
     log(f"  config {out}")
     return out
 
@@ -473,10 +496,7 @@ def main(argv=None):
     problems = CPU_PROBLEMS if cpu else PROBLEMS
     configs = None
     if a.configs:
-        import sweep
-        configs = [c if c.strip() == "tuned" else sweep.parse_configs(c, 4, loop=True)[0]
-                   for c in a.configs.split(";") if c.strip()]
-        configs = ["tuned" if isinstance(c, str) else c for c in configs]
+        configs = [parse_config(c) for c in a.configs.split(";") if c.strip()]
     names = a.only or (list(problems) if a.full else QUICK)
     rows = []
     for name in names:
