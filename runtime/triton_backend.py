@@ -404,6 +404,15 @@ def _fitted(call, kind: str, q, opts: dict, *, explicit: dict, build):
             opts.update(smaller)
 
 
+def _loaded(compiled) -> None:
+    """Load a kernel compiled by ``warmup`` onto the device now: Triton checks its shared
+    memory against the device's when it loads it (``OutOfResources``), lazily, at the first
+    launch otherwise. Not under the interpreter (nothing is compiled)."""
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None and not isinstance(compiled, (list, tuple)):
+        init()
+
+
 _TILE_OPTIONS = ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2",
                  "num_warps", "num_stages")
 
@@ -470,7 +479,8 @@ def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
     if warmup:
         qa, ka, va, oa, lse, _ = _fwd_tensors(stage, q, k, v)
         head = _score_args(stage.pattern, stage.score_tables) if scored else []
-        stage.kernel.warmup(qa, ka, va, oa, lse, *head, *static, grid=stage.grid, **meta)
+        _loaded(stage.kernel.warmup(qa, ka, va, oa, lse, *head, *static, grid=stage.grid,
+                                    **meta))
     return stage
 
 
@@ -646,8 +656,8 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
             n: torch.zeros(t.shape, dtype=torch.float32, device=dev)
             for n, t in stage.score_tables.items() if n in call.pattern.score_inputs}
         args_q, args_k = _score_heads(stage, args_q, args_k, None, grads)
-        stage.dq_kernel.warmup(*args_q, *static_q, grid=stage.grid_q, **stage.meta_q)
-        stage.dkdv_kernel.warmup(*args_k, *static_k, grid=stage.grid_k, **stage.meta_k)
+        _loaded(stage.dq_kernel.warmup(*args_q, *static_q, grid=stage.grid_q, **stage.meta_q))
+        _loaded(stage.dkdv_kernel.warmup(*args_k, *static_k, grid=stage.grid_k, **stage.meta_k))
     return stage
 
 
