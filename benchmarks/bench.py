@@ -73,6 +73,8 @@ PATTERNS = {
     "causal": ("causal", {}, lambda N, H, I: (lambda b, h, q, k: q >= k), None),
     "window(1024)": ("window(1024)", {},
                      lambda N, H, I: (lambda b, h, q, k: (q >= k) & (q - k < 1024)), None),
+    "window(256)": ("window(256)", {},
+                    lambda N, H, I: (lambda b, h, q, k: (q >= k) & (q - k < 256)), None),
     "streaming": ("causal & (window(1024) | sink(64))", {},
                   lambda N, H, I: (lambda b, h, q, k: (q >= k) & ((q - k < 1024) | (k < 64))), None),
     "documents": ("causal & same(doc)", {},
