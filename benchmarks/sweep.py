@@ -162,8 +162,10 @@ def run_config(pat, q, k, v, do, ref, flops_f, *, rep, label, env):
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     t0 = time.perf_counter()
     try:
-        cf = pick(pat, "fwd", head_dim=D, dtype=q.dtype)
-        cb = pick(pat, "bwd", head_dim=D, dtype=q.dtype)
+        from spattn.runtime import settings
+        st = settings.current()         # the environment's overrides, as the launchers read them
+        cf = pick(pat, "fwd", head_dim=D, dtype=q.dtype, overrides=st.overrides("fwd"))
+        cb = pick(pat, "bwd", head_dim=D, dtype=q.dtype, overrides=st.overrides("bwd"))
         row["strategy"] = cf.strategy
         row["fwd_cfg"] = [cf.block_m, cf.block_n, cf.num_warps, cf.num_stages, cf.loop]
         row["bwd_cfg"] = [cb.block_m, cb.block_n, cb.block_m2, cb.block_n2, cb.num_warps,
