@@ -137,6 +137,7 @@ CALL_KEYWORDS = {
     "plan": "a plan made by pat.plan",
     "layout": "the layout of q, k, v",
     "order": "the token order of a call",
+    "deterministic": "a score's table gradients without atomic adds",
     "pattern": "the pattern of spattn.attention",
     "backend": "the backend of spattn.attention",
 }

@@ -254,7 +254,7 @@ def test_generated_programs_compile(src):
 
 
 @pytest.mark.parametrize("name", ["scale", "q_offset", "plan", "layout", "return_lse",
-                                  "pattern", "backend"])
+                                  "pattern", "backend", "deterministic"])
 def test_input_named_like_a_call_keyword_is_refused(name):
     """Such an input could never be passed: the call takes the keyword itself."""
     with pytest.raises(SpattnNameError, match=rf"input named '{name}' could not be "
