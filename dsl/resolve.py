@@ -126,6 +126,14 @@ def _check_axis_names(decl: A.GridDecl, err, taken=None) -> None:
         seen[n] = ax
 
 
+def _hides_score(what: str, score_at) -> str:
+    """The message of a name ``s`` that a pattern with a score would read instead of the
+    score variable (``score_at``: the score's node, for its position)."""
+    return (f"{what} named 's' would hide the score variable s in the score at line "
+            f"{score_at.line}, column {score_at.column} (there s is the scaled score q·k * "
+            "scale); rename it")
+
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -575,6 +583,7 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
     score_expr = None
     if isinstance(expr, A.Scored):
         expr, score_expr = expr.mask, expr.score
+        _check_score_name_bare(r, decl, expr, score_expr, bound)
     r.in_mask = not score_mode
     tree = r.expr(expr, {}, None, scope)
     trees = [tree]
@@ -626,6 +635,22 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
     return Resolved({"pattern": tree}, dict(bound), {"pattern": mine}, source, filename,
                     {"pattern": (expr.line, expr.column)}, {"pattern": score_tree},
                     {"pattern": floats}, grid)
+
+
+def _check_score_name_bare(r, decl, mask: A.Expr, score: A.Expr, bound: dict) -> None:
+    """In a bare pattern with a score, ``s`` is the score variable only: a grid axis, a
+    keyword param (at its first use) or a runtime input (``s[...]``) named ``s`` is a
+    SpattnNameError."""
+    if decl is not None:
+        for ax in decl.axes:
+            if ax.name == "s":
+                raise r.err(SpattnNameError, _hides_score("a grid axis", score), ax)
+    uses = [n for t in (mask, score) for n in A.walk(t)]
+    for n in uses:
+        if "s" in bound and isinstance(n, A.Name) and n.id == "s":
+            raise r.err(SpattnNameError, _hides_score("the keyword param", score), n)
+        if isinstance(n, A.Index) and isinstance(n.base, A.Name) and n.base.id == "s":
+            raise r.err(SpattnNameError, _hides_score("a runtime input", score), n.base)
 
 
 def _def_refs(body: A.Expr, params: tuple[str, ...]) -> list[A.Expr]:
@@ -693,6 +718,16 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
             patterns[n] = s
             macros[n] = A.Def(n, (), s.expr, line=s.line, column=s.column)
 
+    scored = next((p.score for p in patterns.values() if p.score is not None), None)
+    if scored is not None:
+        kinds = {A.ParamDecl: "a param", A.InputDecl: "an input", A.Def: "a macro",
+                 A.PatternDef: "a pattern"}
+        if "s" in seen:
+            raise err(SpattnNameError, _hides_score(kinds.get(type(seen["s"]), "a name"),
+                                                    scored), seen["s"])
+        for ax in decl.axes if decl is not None else ():
+            if ax.name == "s":
+                raise err(SpattnNameError, _hides_score("a grid axis", scored), ax)
     if decl is not None:
         _check_axis_names(decl, err, seen)
         axis_macros = _axis_macros(decl)
