@@ -163,6 +163,37 @@ def test_bad_extra_tokens_are_located(src, cls, where, words):
     assert (e.value.line, e.value.column) == where
 
 
+@pytest.mark.parametrize("after,offset", [("max(2, 3)", 3), ("2 * T + 1", 5),
+                                          ("clamp(T - 9, 0, 4)", 0), ("[1, 4][1]", 4)],
+                         ids=["call", "arithmetic", "clamp", "list-index"])
+def test_a_programs_after_takes_any_constant_int_expression(after, offset):
+    """In a program the next statement starts with a keyword, so ``after`` takes any
+    constant int expression of params."""
+    pat = spattn.compile(f"param T = 2\ngrid (r: 4, c: 4) after {after}\n"
+                         "pattern p = k < 1 | r(q) == r(k)")
+    assert (pat.grid, pat.grid_offset) == ((4, 4), offset)
+
+
+@pytest.mark.parametrize("src,where", [
+    ("grid (r: 4, c: 4) after max(2, 3) r(q) == r(k)", (1, 30)),
+    ("grid (r: 4, c: 4) after 2 + 1 r(q) == r(k)", (1, 27)),
+], ids=["call", "sum"])
+def test_a_bare_patterns_after_takes_an_atom_and_says_so(src, where):
+    """A bare pattern's mask follows ``after T`` directly, so T is a number, a param or a
+    parenthesised expression; anything else is a located syntax error that says how to
+    write it, and the parenthesised form compiles."""
+    with pytest.raises(spattn.SpattnSyntaxError, match=r"parenthesised expression: "
+                       r"after \(max\(A, B\)\)") as e:
+        spattn.compile(src)
+    assert (e.value.line, e.value.column) == where and "^" in str(e.value)
+    fixed = src.replace("after max(2, 3)", "after (max(2, 3))").replace("after 2 + 1",
+                                                                        "after (2 + 1)")
+    assert spattn.compile(fixed).grid_offset == 3
+    with pytest.raises(spattn.SpattnSyntaxError) as e:
+        spattn.compile("causal & q - k < 3 +")
+    assert "after" not in e.value.message
+
+
 def test_compiled_calls_tell_a_grid_from_none():
     """Under ``torch.compile`` the custom op finds each pattern by a key that carries its
     grid: a mask declared on a grid and the same mask without one are two patterns (the one
