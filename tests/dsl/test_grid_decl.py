@@ -194,6 +194,38 @@ def test_a_bare_patterns_after_takes_an_atom_and_says_so(src, where):
     assert "after" not in e.value.message
 
 
+BIG = 2 ** 32
+
+
+@pytest.mark.parametrize("src,cls,where,words", [
+    (f"grid (r: {10 ** 23}) q >= k", spattn.SpattnValueError, (1, 7),
+     f"grid \\({10 ** 23},\\): {10 ** 23} tokens"),
+    (f"grid (r: {BIG}, c: {BIG // 2}) q >= k", spattn.SpattnValueError, (1, 7 + len(str(BIG)) + 5),
+     f"{2 ** 63} tokens"),
+    (f"param N = {BIG}\ngrid (r: N, c: N, x: 1)\npattern p = r(q) == r(k)",
+     spattn.SpattnValueError, (2, 13), "grid's first 2 axes"),
+    ("grid (r: 8) after 9223372036854775800 q >= k", spattn.SpattnValueError, (1, 19),
+     "after 9223372036854775800: 9223372036854775808 tokens"),
+    (f"causal & neighborhood([{BIG}, {BIG}], 3)", spattn.SpattnParamError, (1, 10),
+     f"{2 ** 64} cells"),
+], ids=["one-axis", "product", "partial-product", "after", "neighborhood"])
+def test_grids_past_64_bit_positions_are_refused_where_written(src, cls, where, words):
+    """A grid of more than 2**63 - 1 tokens could never be called (lengths and positions
+    are int64): refused at compile time, at the axis (or ``after T``, or the builtin) that
+    takes the count past the cap."""
+    with pytest.raises(cls, match=words) as e:
+        spattn.compile(src)
+    assert (e.value.line, e.value.column) == where and "2**63 - 1" in e.value.message
+    with pytest.raises(spattn.SpattnParamError, match="more than a call can have"):
+        spattn.neighborhood((BIG, BIG), 3)
+
+
+def test_grids_up_to_the_cap_compile():
+    pat = spattn.compile(f"grid (r: {BIG}, c: {BIG // 2 - 1}) after {BIG // 2} q >= k")
+    assert pat.grid == (BIG, BIG // 2 - 1) and pat.grid_offset == BIG // 2
+    assert BIG * (BIG // 2 - 1) + BIG // 2 <= 2 ** 63 - 1
+
+
 def test_compiled_calls_tell_a_grid_from_none():
     """Under ``torch.compile`` the custom op finds each pattern by a key that carries its
     grid: a mask declared on a grid and the same mask without one are two patterns (the one
