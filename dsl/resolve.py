@@ -61,6 +61,9 @@ class Resolved:
     scores: dict = field(default_factory=dict)          # pattern name -> score tree or None
     float_inputs: dict = field(default_factory=dict)    # pattern name -> {input: dims}
     grid: Optional["ResolvedGrid"] = None               # the grid declaration, if any
+    # id(node) -> (node, calls) for nodes written in a user macro's body: the macro calls
+    # that inlined it, ((name, line, column), ...) outermost first (:func:`at_call_site`)
+    inlined: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,22 @@ def _check_axis_names(decl: A.GridDecl, err, taken=None) -> None:
             raise err(SpattnNameError, f"grid axis {n!r} is already defined at line "
                       f"{first.line}, column {first.column}", ax)
         seen[n] = ax
+
+
+def at_call_site(e: SpattnError, calls: tuple) -> SpattnError:
+    """``e``, located in the body of a user macro that ``calls`` inlined (``((name, line,
+    column), ...)``, outermost first), located instead at the outermost call (the place in
+    the pattern whose arguments reach the body), its message naming the macro and the place
+    in its body (and the chain of calls between). ``e`` itself without calls."""
+    if not calls or e.line is None:
+        return e
+    where = f"inside macro {calls[-1][0]!r} at line {e.line}, column {e.column}"
+    for (caller, _, _), (_, line, column) in reversed(list(zip(calls, calls[1:]))):
+        where += f", called by {caller!r} at line {line}, column {column}"
+    out = type(e).__new__(type(e))
+    SpattnError.__init__(out, f"{e.message} ({where})", source=e.source, line=calls[0][1],
+                         column=calls[0][2], filename=e.filename)
+    return out
 
 
 def _hides_score(what: str, score_at) -> str:
@@ -236,6 +255,8 @@ class _Resolver:
         self.stack: list[str] = []
         self.count = 0
         self.in_mask = True          # resolving a mask (float params refused) or a score
+        self.calls: list[tuple[str, int, int]] = []   # user macro calls being inlined
+        self.inlined: dict = {}      # see Resolved.inlined
 
     # -------------------------------------------------------------- errors
     def err(self, cls, msg: str, node, origin=None) -> SpattnError:
@@ -251,6 +272,13 @@ class _Resolver:
 
     # ---------------------------------------------------------- expressions
     def expr(self, node: A.Expr, env: dict, origin, scope: _Scope) -> A.Expr:
+        out = self._expr(node, env, origin, scope)
+        if self.calls and origin is None and not (isinstance(node, A.Name) and node.id in env):
+            # written in a user macro's body (an argument keeps the calls it was written in)
+            self.inlined.setdefault(id(out), (out, tuple(self.calls)))
+        return out
+
+    def _expr(self, node: A.Expr, env: dict, origin, scope: _Scope) -> A.Expr:
         self.count += 1
         if self.count > MAX_EXPANDED_NODES:
             raise self.err(SpattnValueError, "pattern too large once macros are inlined "
@@ -428,10 +456,15 @@ class _Resolver:
             body_scope = scope
             body_origin = origin
         self.stack.append(key)
+        inside = not is_prelude and origin is None
+        if inside:
+            self.calls.append((defn.name, node.line, node.column))
         try:
             return self.expr(defn.body, new_env, body_origin, body_scope)
         finally:
             self.stack.pop()
+            if inside:
+                self.calls.pop()
 
 
     def check_domain(self, defn, values, node, origin) -> None:
@@ -442,8 +475,9 @@ class _Resolver:
         need, ok = PRELUDE_DOMAINS[defn.name]
         if all(c is not None for c in consts) and not ok(*consts):
             got = ", ".join(map(repr, consts))
-            raise self.err(SpattnValueError, f"{defn.name}({', '.join(defn.params)}) needs "
-                           f"{need}, got {defn.name}({got})", node, origin)
+            e = self.err(SpattnValueError, f"{defn.name}({', '.join(defn.params)}) needs "
+                         f"{need}, got {defn.name}({got})", node, origin)
+            raise at_call_site(e, tuple(self.calls)) if origin is None else e
 
 
 #: What the prelude's macros need of their arguments when those are constants: the
@@ -802,7 +836,7 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
                             None if decl.extra is None else r.expr(decl.extra, {}, None, scope))
     return Resolved(trees, bound, per, src, fname,
                     {n: (s.expr.line, s.expr.column) for n, s in patterns.items()},
-                    scores, floats, grid)
+                    scores, floats, grid, r.inlined)
 
 
 def _check_cycles(graph, macros, err) -> None:

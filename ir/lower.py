@@ -17,7 +17,7 @@ from ..dsl import ast as A
 from ..dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, SpattnTypeError,
                           SpattnValueError)
 from ..dsl.parser import parse_expression, parse_source
-from ..dsl.resolve import resolve_expression, resolve_program, suggest
+from ..dsl.resolve import at_call_site, resolve_expression, resolve_program, suggest
 from . import build
 from .neighborhood import MAX_TOKENS
 from .nodes import BOOL, FLOAT, INT, BoolConst, Const, FConst, Node
@@ -46,18 +46,32 @@ class _Lowerer:
         self.score_mode = False
         self.float_inputs = set(float_inputs)
         self.shapes: list = []        # (shape, node) of each neighborhood(...) lowered
+        self.inlined: dict = {}       # dsl.resolve.Resolved.inlined
 
     def err(self, cls, msg: str, node: A.Expr, line=None, column=None) -> SpattnError:
-        return cls(msg, source=self.source, line=(line or node.line) or None,
-                   column=(column or node.column) or None, filename=self.filename)
+        return self.at_call(cls(msg, source=self.source, line=(line or node.line) or None,
+                                column=(column or node.column) or None,
+                                filename=self.filename), node)
 
     def build(self, fn, *args, at: A.Expr, line=None, column=None):
         """``fn(*args)``, its errors located at ``at`` (or at line/column)."""
         try:
             return fn(*args)
         except SpattnError as e:
-            raise e.with_position(self.source, (line or at.line) or None,
-                                  (column or at.column) or None, self.filename) from None
+            raise self.at_call(e.with_position(self.source, (line or at.line) or None,
+                                               (column or at.column) or None, self.filename),
+                               at) from None
+
+    def at_call(self, e: SpattnError, node: A.Expr) -> SpattnError:
+        """A domain error (a value or a param out of what an operation takes) at ``node`` of
+        a user macro's body, located at the macro's call in the pattern instead
+        (:func:`~spattn.dsl.resolve.at_call_site`): the arguments come from there. Other
+        errors (types, names) are about the body as written and stay in it."""
+        entry = self.inlined.get(id(node))
+        if entry is None or entry[0] is not node or \
+                not isinstance(e, (SpattnValueError, SpattnParamError)):
+            return e
+        return at_call_site(e, entry[1])
 
     # ------------------------------------------------------------- typing
     def int_(self, node: A.Expr, what: str) -> Node:
@@ -376,6 +390,7 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
             chosen = "pattern"
         floats = set().union(*res.float_inputs.values()) if res.float_inputs else set()
         lo = _Lowerer(src, filename, floats)
+        lo.inlined = res.inlined
         declared = None if res.grid is None else lo.grid_shape(res.grid)
         offset = 0 if res.grid is None else lo.grid_offset(res.grid, declared)
         irs, grids = {}, {}
