@@ -292,3 +292,14 @@ def test_bounds_checked_once_per_plan_and_still_enforced(monkeypatch):
     nested = spattn.compile("doc[doc[q]] == doc[k]", backend="torch")
     with pytest.raises(SpattnInputError, match="doc"):
         nested(q, q, q, doc=torch.full((40,), 45))
+
+
+def test_import_spattn_gives_the_module_namespace():
+    """``import spattn`` alone makes ``spattn.nn.SparseAttention`` available, as the docs
+    write it (a fresh interpreter: this one imported ``spattn.nn`` already)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import spattn; print(spattn.nn.SparseAttention"
+                          "('causal', backend='torch').pattern.source)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "q >= k", out.stderr
