@@ -195,6 +195,10 @@ def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnS
                         "grid: grid (y: 8, x: 8) ..." + ("; for a name grid there, "
                         "parenthesise: (grid[q] == grid[k]))" if start == "expression"
                                                          else ")"))
+            elif start == "expression" and _in_bare_after(src, getattr(tok, "start_pos", 0)):
+                hint = (" (after a bare pattern's grid, whose mask follows directly, T is a "
+                        "number, a param or a parenthesised expression: after (max(A, B)); a "
+                        "program's grid statement takes any constant int expression)")
         try:
             accepts = e.accepts
         except Exception:  # noqa: BLE001 - best effort, only for the message
@@ -212,6 +216,13 @@ def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnS
         line, column = _end_position(src)
     return SpattnSyntaxError(what + expected + hint, source=src, line=line, column=column,
                              filename=filename)
+
+
+def _in_bare_after(src: str, pos: int) -> bool:
+    """True if ``pos`` of the bare pattern ``src`` follows its grid's ``after``."""
+    code = re.sub(r"#[^\n]*", lambda m: " " * len(m.group()), src[:pos or 0])
+    return re.match(r"\s*grid\s*\(", code) is not None and \
+        re.search(r"\)\s*after\s", code) is not None
 
 
 def _describe(tok: Token) -> str:
@@ -294,7 +305,7 @@ def _stmt(t: Tree) -> A.Stmt:
         if params is not None:
             names = tuple(str(c) for c in params.children if c is not None)
         return A.Def(str(name), names, _expr(body), **_pos(name))
-    if kind == "grid_stmt":
+    if kind in ("grid_stmt", "grid_bare"):
         kw, _lpar, *axes = [c for c in t.children if c is not None]
         extra = None
         if isinstance(axes[-1], Tree) and axes[-1].data != "grid_axis":

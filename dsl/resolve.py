@@ -61,6 +61,9 @@ class Resolved:
     scores: dict = field(default_factory=dict)          # pattern name -> score tree or None
     float_inputs: dict = field(default_factory=dict)    # pattern name -> {input: dims}
     grid: Optional["ResolvedGrid"] = None               # the grid declaration, if any
+    # id(node) -> (node, calls) for nodes written in a user macro's body: the macro calls
+    # that inlined it, ((name, line, column), ...) outermost first (:func:`at_call_site`)
+    inlined: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,30 @@ def _check_axis_names(decl: A.GridDecl, err, taken=None) -> None:
         seen[n] = ax
 
 
+def at_call_site(e: SpattnError, calls: tuple) -> SpattnError:
+    """``e``, located in the body of a user macro that ``calls`` inlined (``((name, line,
+    column), ...)``, outermost first), located instead at the outermost call (the place in
+    the pattern whose arguments reach the body), its message naming the macro and the place
+    in its body (and the chain of calls between). ``e`` itself without calls."""
+    if not calls or e.line is None:
+        return e
+    where = f"inside macro {calls[-1][0]!r} at line {e.line}, column {e.column}"
+    for (caller, _, _), (_, line, column) in reversed(list(zip(calls, calls[1:]))):
+        where += f", called by {caller!r} at line {line}, column {column}"
+    out = type(e).__new__(type(e))
+    SpattnError.__init__(out, f"{e.message} ({where})", source=e.source, line=calls[0][1],
+                         column=calls[0][2], filename=e.filename)
+    return out
+
+
+def _hides_score(what: str, score_at) -> str:
+    """The message of a name ``s`` that a pattern with a score would read instead of the
+    score variable (``score_at``: the score's node, for its position)."""
+    return (f"{what} named 's' would hide the score variable s in the score at line "
+            f"{score_at.line}, column {score_at.column} (there s is the scaled score q·k * "
+            "scale); rename it")
+
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -137,6 +164,7 @@ CALL_KEYWORDS = {
     "plan": "a plan made by pat.plan",
     "layout": "the layout of q, k, v",
     "order": "the token order of a call",
+    "deterministic": "a score's table gradients without atomic adds",
     "pattern": "the pattern of spattn.attention",
     "backend": "the backend of spattn.attention",
 }
@@ -227,6 +255,8 @@ class _Resolver:
         self.stack: list[str] = []
         self.count = 0
         self.in_mask = True          # resolving a mask (float params refused) or a score
+        self.calls: list[tuple[str, int, int]] = []   # user macro calls being inlined
+        self.inlined: dict = {}      # see Resolved.inlined
 
     # -------------------------------------------------------------- errors
     def err(self, cls, msg: str, node, origin=None) -> SpattnError:
@@ -242,6 +272,13 @@ class _Resolver:
 
     # ---------------------------------------------------------- expressions
     def expr(self, node: A.Expr, env: dict, origin, scope: _Scope) -> A.Expr:
+        out = self._expr(node, env, origin, scope)
+        if self.calls and origin is None and not (isinstance(node, A.Name) and node.id in env):
+            # written in a user macro's body (an argument keeps the calls it was written in)
+            self.inlined.setdefault(id(out), (out, tuple(self.calls)))
+        return out
+
+    def _expr(self, node: A.Expr, env: dict, origin, scope: _Scope) -> A.Expr:
         self.count += 1
         if self.count > MAX_EXPANDED_NODES:
             raise self.err(SpattnValueError, "pattern too large once macros are inlined "
@@ -419,10 +456,15 @@ class _Resolver:
             body_scope = scope
             body_origin = origin
         self.stack.append(key)
+        inside = not is_prelude and origin is None
+        if inside:
+            self.calls.append((defn.name, node.line, node.column))
         try:
             return self.expr(defn.body, new_env, body_origin, body_scope)
         finally:
             self.stack.pop()
+            if inside:
+                self.calls.pop()
 
 
     def check_domain(self, defn, values, node, origin) -> None:
@@ -433,8 +475,9 @@ class _Resolver:
         need, ok = PRELUDE_DOMAINS[defn.name]
         if all(c is not None for c in consts) and not ok(*consts):
             got = ", ".join(map(repr, consts))
-            raise self.err(SpattnValueError, f"{defn.name}({', '.join(defn.params)}) needs "
-                           f"{need}, got {defn.name}({got})", node, origin)
+            e = self.err(SpattnValueError, f"{defn.name}({', '.join(defn.params)}) needs "
+                         f"{need}, got {defn.name}({got})", node, origin)
+            raise at_call_site(e, tuple(self.calls)) if origin is None else e
 
 
 #: What the prelude's macros need of their arguments when those are constants: the
@@ -574,6 +617,7 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
     score_expr = None
     if isinstance(expr, A.Scored):
         expr, score_expr = expr.mask, expr.score
+        _check_score_name_bare(r, decl, expr, score_expr, bound)
     r.in_mask = not score_mode
     tree = r.expr(expr, {}, None, scope)
     trees = [tree]
@@ -625,6 +669,22 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
     return Resolved({"pattern": tree}, dict(bound), {"pattern": mine}, source, filename,
                     {"pattern": (expr.line, expr.column)}, {"pattern": score_tree},
                     {"pattern": floats}, grid)
+
+
+def _check_score_name_bare(r, decl, mask: A.Expr, score: A.Expr, bound: dict) -> None:
+    """In a bare pattern with a score, ``s`` is the score variable only: a grid axis, a
+    keyword param (at its first use) or a runtime input (``s[...]``) named ``s`` is a
+    SpattnNameError."""
+    if decl is not None:
+        for ax in decl.axes:
+            if ax.name == "s":
+                raise r.err(SpattnNameError, _hides_score("a grid axis", score), ax)
+    uses = [n for t in (mask, score) for n in A.walk(t)]
+    for n in uses:
+        if "s" in bound and isinstance(n, A.Name) and n.id == "s":
+            raise r.err(SpattnNameError, _hides_score("the keyword param", score), n)
+        if isinstance(n, A.Index) and isinstance(n.base, A.Name) and n.base.id == "s":
+            raise r.err(SpattnNameError, _hides_score("a runtime input", score), n.base)
 
 
 def _def_refs(body: A.Expr, params: tuple[str, ...]) -> list[A.Expr]:
@@ -692,6 +752,16 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
             patterns[n] = s
             macros[n] = A.Def(n, (), s.expr, line=s.line, column=s.column)
 
+    scored = next((p.score for p in patterns.values() if p.score is not None), None)
+    if scored is not None:
+        kinds = {A.ParamDecl: "a param", A.InputDecl: "an input", A.Def: "a macro",
+                 A.PatternDef: "a pattern"}
+        if "s" in seen:
+            raise err(SpattnNameError, _hides_score(kinds.get(type(seen["s"]), "a name"),
+                                                    scored), seen["s"])
+        for ax in decl.axes if decl is not None else ():
+            if ax.name == "s":
+                raise err(SpattnNameError, _hides_score("a grid axis", scored), ax)
     if decl is not None:
         _check_axis_names(decl, err, seen)
         axis_macros = _axis_macros(decl)
@@ -766,7 +836,7 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
                             None if decl.extra is None else r.expr(decl.extra, {}, None, scope))
     return Resolved(trees, bound, per, src, fname,
                     {n: (s.expr.line, s.expr.column) for n, s in patterns.items()},
-                    scores, floats, grid)
+                    scores, floats, grid, r.inlined)
 
 
 def _check_cycles(graph, macros, err) -> None:

@@ -9,6 +9,7 @@ depends on q or k, an index out of range) are located at the offending node.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,8 +17,9 @@ from ..dsl import ast as A
 from ..dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, SpattnTypeError,
                           SpattnValueError)
 from ..dsl.parser import parse_expression, parse_source
-from ..dsl.resolve import resolve_expression, resolve_program, suggest
+from ..dsl.resolve import at_call_site, resolve_expression, resolve_program, suggest
 from . import build
+from .neighborhood import MAX_TOKENS
 from .nodes import BOOL, FLOAT, INT, BoolConst, Const, FConst, Node
 
 
@@ -44,18 +46,32 @@ class _Lowerer:
         self.score_mode = False
         self.float_inputs = set(float_inputs)
         self.shapes: list = []        # (shape, node) of each neighborhood(...) lowered
+        self.inlined: dict = {}       # dsl.resolve.Resolved.inlined
 
     def err(self, cls, msg: str, node: A.Expr, line=None, column=None) -> SpattnError:
-        return cls(msg, source=self.source, line=(line or node.line) or None,
-                   column=(column or node.column) or None, filename=self.filename)
+        return self.at_call(cls(msg, source=self.source, line=(line or node.line) or None,
+                                column=(column or node.column) or None,
+                                filename=self.filename), node)
 
     def build(self, fn, *args, at: A.Expr, line=None, column=None):
         """``fn(*args)``, its errors located at ``at`` (or at line/column)."""
         try:
             return fn(*args)
         except SpattnError as e:
-            raise e.with_position(self.source, (line or at.line) or None,
-                                  (column or at.column) or None, self.filename) from None
+            raise self.at_call(e.with_position(self.source, (line or at.line) or None,
+                                               (column or at.column) or None, self.filename),
+                               at) from None
+
+    def at_call(self, e: SpattnError, node: A.Expr) -> SpattnError:
+        """A domain error (a value or a param out of what an operation takes) at ``node`` of
+        a user macro's body, located at the macro's call in the pattern instead
+        (:func:`~spattn.dsl.resolve.at_call_site`): the arguments come from there. Other
+        errors (types, names) are about the body as written and stay in it."""
+        entry = self.inlined.get(id(node))
+        if entry is None or entry[0] is not node or \
+                not isinstance(e, (SpattnValueError, SpattnParamError)):
+            return e
+        return at_call_site(e, entry[1])
 
     # ------------------------------------------------------------- typing
     def int_(self, node: A.Expr, what: str) -> Node:
@@ -238,23 +254,33 @@ class _Lowerer:
                                        source=self.source, line=line, column=column,
                                        filename=self.filename)
             shape.append(v)
+            if math.prod(shape) > MAX_TOKENS:
+                what = "grid" if len(shape) == len(grid.axes) else \
+                    f"grid's first {len(shape)} axes"
+                raise SpattnValueError(_too_many(what, tuple(shape), math.prod(shape)),
+                                       source=self.source, line=line, column=column,
+                                       filename=self.filename)
         return tuple(shape)
 
-    def grid_offset(self, grid) -> int:
-        """``T`` of ``after T`` (0 without): a constant int >= 0; located errors."""
+    def grid_offset(self, grid, shape: tuple) -> int:
+        """``T`` of ``after T`` (0 without): a constant int >= 0 that leaves the token
+        count (``T`` plus the cells of ``shape``) within :data:`MAX_TOKENS`; located
+        errors."""
         if grid.extra is None:
             return 0
         v = self.constant(grid.extra, "the extra tokens of a grid (after T)")
         if isinstance(v, (bool, tuple)) or v < 0:
             raise self.err(SpattnValueError, f"the extra tokens of a grid (after T) must be "
                            f"an int >= 0, got {v!r}", grid.extra)
+        if math.prod(shape) + v > MAX_TOKENS:
+            raise self.err(SpattnValueError, _too_many("grid", shape, math.prod(shape) + v,
+                                                       after=v), grid.extra)
         return v
 
     def pattern_grid(self, declared, offset: int = 0) -> Optional[tuple]:
         """The grid of the pattern just lowered: the declared one, else the shape of its
         ``neighborhood(...)`` builtins; a builtin over another cell count than the grid
         (declared or of an earlier builtin) is a located SpattnValueError."""
-        import math
         grid, first = declared, None
         for shape, node in self.shapes:
             if grid is None:
@@ -364,8 +390,9 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
             chosen = "pattern"
         floats = set().union(*res.float_inputs.values()) if res.float_inputs else set()
         lo = _Lowerer(src, filename, floats)
+        lo.inlined = res.inlined
         declared = None if res.grid is None else lo.grid_shape(res.grid)
-        offset = 0 if res.grid is None else lo.grid_offset(res.grid)
+        offset = 0 if res.grid is None else lo.grid_offset(res.grid, declared)
         irs, grids = {}, {}
         for n, t in res.patterns.items():
             lo.shapes = []
@@ -377,6 +404,12 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
     return Lowered(irs[chosen], chosen, dict(res.params), dict(res.inputs[chosen]),
                    scores.get(chosen), dict(res.float_inputs.get(chosen, {})),
                    grids[chosen], offset if grids[chosen] == declared else 0)
+
+
+def _too_many(what: str, shape: tuple, count: int, after: int = 0) -> str:
+    extra = f" after {after}" if after else ""
+    return (f"the {what} {shape}{extra}: {count} tokens, more than a call can have "
+            f"({MAX_TOKENS} = 2**63 - 1: lengths and positions are 64-bit integers)")
 
 
 def _with_score(src: str, score: str) -> str:

@@ -28,9 +28,13 @@ from ..dsl.errors import SpattnParamError, SpattnValueError, short_repr
 from . import build as B
 from .nodes import Node
 
-__all__ = ["neighborhood_ir", "coordinate", "check_shape", "MAX_AXES"]
+__all__ = ["neighborhood_ir", "coordinate", "check_shape", "MAX_AXES", "MAX_TOKENS"]
 
 MAX_AXES = 4
+#: The most tokens a grid may have (its cells, plus ``after T`` for a declared grid): a
+#: call's length and its positions ``0 .. L - 1`` are 64-bit integers (torch sizes are
+#: int64), so a larger grid could never be called.
+MAX_TOKENS = 2 ** 63 - 1
 
 
 def _is_int(v) -> bool:
@@ -45,6 +49,11 @@ def check_shape(shape) -> tuple[int, ...]:
             not _is_int(n) or n < 1 for n in shape):
         raise SpattnParamError(f"shape must be 1 to {MAX_AXES} positive ints (the grid, "
                                f"row-major), got {short_repr(shape)}")
+    if math.prod(int(n) for n in shape) > MAX_TOKENS:
+        raise SpattnParamError(f"shape {tuple(int(n) for n in shape)} has "
+                               f"{math.prod(int(n) for n in shape)} cells, more than a call "
+                               f"can have ({MAX_TOKENS} = 2**63 - 1: lengths and positions "
+                               "are 64-bit integers)")
     return tuple(int(n) for n in shape)
 
 

@@ -79,6 +79,15 @@ I64 = torch.int64
 NINF = float("-inf")
 
 
+#: Kernel calls a :class:`CpuPlan`'s ``repr`` lists (the rest are counted).
+MAX_REPR_CALLS = 4
+
+
+def _summary(t: torch.Tensor) -> str:
+    """``int64 [1, 64]``: a tensor's dtype and shape, not its values."""
+    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+
+
 @dataclass(frozen=True, eq=False)
 class Call:
     """One kernel call over ``n`` items of ``R`` query rows and ``W`` keys each.
@@ -136,6 +145,18 @@ class Call:
         object.__setattr__(self, "col0", int(self.cols[0, 0]))
         object.__setattr__(self, "col_end", int(self.cols[-1, -1]) + 1)
 
+    def __repr__(self) -> str:
+        what = "causal" if self.is_causal else "masked" if self.masked else "unmasked"
+        if self.build_mask is not None:
+            what += " (masks built per call)"
+        view = ", strided" if self.row_step is not None and self.col_step is not None else ""
+        tensors = ", ".join(f"{n}={_summary(getattr(self, n))}"
+                            for n in ("bidx", "hidx", "rows", "cols", "mask", "row_any",
+                                      "row_valid", "col_valid")
+                            if getattr(self, n) is not None)
+        return (f"Call(slot={self.slot}, {self.n} x [{self.R} rows x {self.W} keys] "
+                f"{what}{view}; {tensors})")
+
     @property
     def n(self) -> int:
         return self.rows.shape[0]
@@ -189,6 +210,21 @@ class CpuPlan:
         """(query row, key) pairs the kernel calls compute over all heads and batches."""
         per_lane = sum(c.n * c.R * c.W for c in self.calls)
         return per_lane * self.lanes * self.G
+
+    def __repr__(self) -> str:
+        """A summary: the call's shapes, the strategy and each kernel call with its tensors'
+        dtypes and shapes (never their values: a plan's index and mask tensors can hold
+        millions of entries)."""
+        flags = "".join(f", {f}" for f in ("covers", "partition") if getattr(self, f))
+        shown = ", ".join(map(repr, self.calls[:MAX_REPR_CALLS]))
+        more = len(self.calls) - MAX_REPR_CALLS
+        if more > 0:
+            shown += f", ... {more} more"
+        return (f"CpuPlan({self.strategy}: B={self.B}, Hq={self.Hq}, Hk={self.Hk}, "
+                f"Lq={self.Lq}, Lk={self.Lk}, q_offset={self.q_offset}, "
+                f"{str(self.dtype).replace('torch.', '')} on {self.device}; lanes={self.lanes}, "
+                f"slots={self.slots}, pairs={self.pairs():,}{flags}; "
+                f"{len(self.calls)} call(s): {shown})")
 
     def describe(self) -> str:
         """One line per call: slot, items, shape, mask."""

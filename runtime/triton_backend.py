@@ -281,8 +281,9 @@ SCORED_LAUNCHES = 8
 def _launch_key(score_args, *tensors):
     """The specialisation of a scored launch's per-call arguments, as Triton's JIT computes
     it (a tensor's dtype and 16-byte alignment; an int's width, divisibility by 16 and
-    equality to 1), with the alignment of q, k, v: a bound launch runs only arguments of its
-    key (a table's gradient flag of 1 is a constant of the compiled kernel). None when
+    equality to 1), with the alignment of ``tensors`` (q, k, v; the backward adds o, lse and
+    dO): a bound launch runs only arguments of its key (a table's gradient flag of 1 is a
+    constant of the compiled kernel). None when
     Triton does not expose it (then the JIT's dispatch runs every launch)."""
     try:
         from triton._C.libtriton import native_specialize_impl
@@ -292,6 +293,15 @@ def _launch_key(score_args, *tensors):
     return (tuple(native_specialize_impl(BaseBackend, a, False, True, True)
                   for a in score_args),
             tuple(t.data_ptr() % 16 == 0 for t in tensors))
+
+
+def _bwd_launch_key(score_args, q, k, v, o, lse, do):
+    """The key of a scored backward's bound launches: :func:`_launch_key` of the tables'
+    arguments with the alignment of every per-call tensor the two kernels read, q, k, v and
+    also o, lse and dO (the JIT specialises on each pointer's 16-byte alignment: a launch
+    bound for an aligned dO must not serve a dO at an odd offset, as a slice of a larger
+    gradient is)."""
+    return _launch_key(score_args, q, k, v, o, lse, do)
 
 
 def _bindable(stage, *tensors, same: bool = False) -> bool:
@@ -705,7 +715,8 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
     args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads)
     launch_q, launch_k, key = stage.launch_q, stage.launch_k, None
     if stage.pattern is not None:      # per-call tables: bound launches by key (run_fwd)
-        key = _launch_key(args_q[n_q:], q, k, v) if q.device.type == "cuda" else None
+        key = _bwd_launch_key(args_q[n_q:], q, k, v, o, lse, do) \
+            if q.device.type == "cuda" else None
         launch_q, launch_k = _scored_launch(stage.launches, key) or (None, None)
     if launch_q is None or not (launch_q(*args_q) and launch_k(*args_k)):
         aq, ak = (*args_q, *stage.static_q), (*args_k, *stage.static_k)

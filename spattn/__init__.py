@@ -14,6 +14,7 @@ from spattn.dsl.errors import (SpattnBackendError, SpattnCacheError,  # noqa: F4
 from spattn.functional import attention  # noqa: F401
 from spattn.pattern import Pattern, compile, load, pattern_names  # noqa: F401
 from spattn.neighborhood import neighborhood  # noqa: F401
+from spattn import nn  # noqa: F401,E402  (spattn.nn.SparseAttention after `import spattn`)
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,4 @@ __all__ = ["Pattern", "SpattnError", "SpattnSyntaxError", "SpattnNameError", "Sp
            "SpattnValueError", "SpattnParamError", "SpattnInputError", "SpattnBackendError",
            "SpattnConfigError", "SpattnCacheError", "SpattnWarning", "SpattnLayoutWarning",
            "SpattnEmptyPatternWarning", "compile", "load", "pattern_names",
-           "attention", "neighborhood", "__version__"]
+           "attention", "neighborhood", "nn", "__version__"]

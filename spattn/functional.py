@@ -86,7 +86,7 @@ _functional_meta_const = torch.compiler.assume_constant_result(_functional_meta)
 
 
 def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, layout=None,
-              order=None, deterministic=False, **kwargs):
+              order=None, deterministic=False, plan=None, **kwargs):
     """Functional form: ``attention(q, k, v, pattern="causal & window(W)", W=1024, doc=doc)``.
 
     Keyword arguments that name runtime inputs of the pattern are passed at call
@@ -94,8 +94,13 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
     (q ``[B, H, L, D]``, the default) or ``"bshd"`` (q ``[B, L, H, D]``, output likewise).
     Keywords of ``scaled_dot_product_attention`` (``is_causal``, ``attn_mask``,
     ``enable_gqa``, ``dropout_p``) are errors that say what to write instead. ``order``: a
-    token order to run in; ``deterministic``: a score's table gradients without atomic adds
-    (both as for :meth:`spattn.Pattern.__call__`).
+    token order to run in; ``deterministic``: a score's table gradients without atomic adds;
+    ``plan``: a plan made by :meth:`spattn.Pattern.plan` for this pattern and tensors laid
+    out like these, which holds the runtime inputs, scale and offset (all three as for
+    :meth:`spattn.Pattern.__call__`: a plan of another pattern, or of other shapes, strides,
+    dtype or device, is refused). With a source string the params are given as without a
+    plan (the plan's pattern must be the one they compile to); under ``torch.compile`` it
+    is not used (the custom op finds its plan in the cache).
     """
     if torch.compiler.is_compiling() and isinstance(pattern, str):
         if order is not None:
@@ -121,4 +126,5 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
         return output(layout, out, return_lse)
     pat, inputs = _resolve(pattern, dict(kwargs))
     return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
-                inputs=inputs, layout=layout, order=order, deterministic=deterministic)
+                inputs=inputs, plan=plan, layout=layout, order=order,
+                deterministic=deterministic)

@@ -56,12 +56,17 @@ class SparseAttention(nn.Module):
         self.scale = scale
         _ag.register(pattern)          # so the compiled custom op can find it
 
-    def forward(self, q, k, v, q_offset: int | None = None, *, order=None, **inputs):
-        """The attention output (in ``layout``); ``inputs``: the pattern's runtime inputs;
-        ``order``: a token order to run in, as for :meth:`spattn.Pattern.__call__`."""
+    def forward(self, q, k, v, q_offset: int | None = None, *, order=None,
+                return_lse: bool = False, deterministic: bool = False, **inputs):
+        """The attention output ``[B, Hq, Lq, D]`` (in ``layout``), and with ``return_lse``
+        also the log-sum-exp ``[B, Hq, Lq]`` (fp32); ``inputs``: the pattern's runtime
+        inputs; ``order``: a token order to run in; ``deterministic``: a score's learnable
+        tables get their gradients without atomic adds (all three as for
+        :meth:`spattn.Pattern.__call__`)."""
         from .runtime.api import call
-        return call(self.pattern, q, k, v, scale=self.scale, return_lse=False,
-                    q_offset=q_offset, inputs=inputs, layout=self.layout, order=order)
+        return call(self.pattern, q, k, v, scale=self.scale, return_lse=return_lse,
+                    q_offset=q_offset, inputs=inputs, layout=self.layout, order=order,
+                    deterministic=deterministic)
 
     def extra_repr(self) -> str:
         parts = [repr(self.pattern.source)]

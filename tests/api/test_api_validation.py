@@ -199,6 +199,34 @@ def test_functional_attention_return_lse_and_q_offset():
     assert torch.equal(o[:, :, :3], torch.zeros_like(o[:, :, :3]))
 
 
+def test_functional_attention_takes_a_plan():
+    """``spattn.attention(..., plan=)`` runs the plan as ``pat(q, k, v, plan=)`` does, and
+    refuses the same mismatches: another pattern, other shapes, inputs beside the plan."""
+    src = "causal & window(W) & same(doc)"
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 30, 16, generator=g) for _ in range(3))
+    doc = torch.arange(30) // 7
+    pat = spattn.compile(src, W=9, backend="torch")
+    plan = pat.plan(q, k, v, doc=doc)
+    want = pat(q, k, v, doc=doc)
+    for given in (src, pat):
+        params = {"W": 9} if given is src else {}
+        o, lse = spattn.attention(q, k, v, pattern=given, plan=plan, return_lse=True, **params)
+        torch.testing.assert_close(o, want)
+        ro, rlse = attention_reference(q.double(), k.double(), v.double(),
+                                       pat.mask(30, 30, num_heads=2, doc=doc))
+        torch.testing.assert_close(o.double(), ro, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lse.double(), rlse, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SpattnParamError, match="the plan is for the pattern"):
+        spattn.attention(q, k, v, pattern=src, W=5, plan=plan)
+    with pytest.raises(SpattnInputError, match=r"the plan was built for .*\(1, 2, 24, 16\)"):
+        spattn.attention(q[:, :, :24], k[:, :, :24], v[:, :, :24], pattern=pat, plan=plan)
+    with pytest.raises(SpattnParamError, match="plan holds its inputs"):
+        spattn.attention(q, k, v, pattern=pat, plan=plan, doc=doc)
+    with pytest.raises(SpattnParamError, match="plan= takes a plan"):
+        spattn.attention(q, k, v, pattern=pat, plan="plan")
+
+
 # ------------------------------------------------------------ module
 
 def test_sparse_attention_module():
@@ -223,6 +251,26 @@ def test_sparse_attention_module_inputs_and_errors():
         m(q0, k0, v0)
 
 
+def test_sparse_attention_module_return_lse_and_deterministic(monkeypatch):
+    """``forward`` takes ``return_lse`` and ``deterministic`` as the pattern call does."""
+    m = SparseAttention("causal & window(W)", W=4, backend="torch")
+    o, lse = m(q0, k0, v0, return_lse=True)
+    mask = m.pattern.mask(10, 12, num_heads=4)
+    ro, rlse = attention_reference(q0.double(), k0.double(), v0.double(), mask)
+    torch.testing.assert_close(o.double(), ro, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse.double(), rlse, rtol=1e-4, atol=1e-5)
+    assert torch.equal(m(q0, k0, v0), o)
+    seen = []
+    real = api.call
+    monkeypatch.setattr(api, "call", lambda *a, **kw: (seen.append(kw["deterministic"]),
+                                                       real(*a, **kw))[1])
+    scored = SparseAttention("causal score s + bias[q - k + 16]", backend="torch")
+    bias = torch.randn(40, requires_grad=True)
+    q = q0.clone().requires_grad_()
+    scored(q, k0, v0, deterministic=True, bias=bias).sum().backward()
+    assert seen == [True] and bias.grad is not None and q.grad is not None
+
+
 def test_bounds_checked_once_per_plan_and_still_enforced(monkeypatch):
     """The input-bounds check runs when a plan is built: a call reusing the plan (the same
     input tensor, cached) checks nothing; a new input is checked, a short one refused."""
@@ -244,3 +292,14 @@ def test_bounds_checked_once_per_plan_and_still_enforced(monkeypatch):
     nested = spattn.compile("doc[doc[q]] == doc[k]", backend="torch")
     with pytest.raises(SpattnInputError, match="doc"):
         nested(q, q, q, doc=torch.full((40,), 45))
+
+
+def test_import_spattn_gives_the_module_namespace():
+    """``import spattn`` alone makes ``spattn.nn.SparseAttention`` available, as the docs
+    write it (a fresh interpreter: this one imported ``spattn.nn`` already)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import spattn; print(spattn.nn.SparseAttention"
+                          "('causal', backend='torch').pattern.source)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "q >= k", out.stderr

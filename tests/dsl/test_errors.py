@@ -254,7 +254,7 @@ def test_generated_programs_compile(src):
 
 
 @pytest.mark.parametrize("name", ["scale", "q_offset", "plan", "layout", "return_lse",
-                                  "pattern", "backend"])
+                                  "pattern", "backend", "deterministic"])
 def test_input_named_like_a_call_keyword_is_refused(name):
     """Such an input could never be passed: the call takes the keyword itself."""
     with pytest.raises(SpattnNameError, match=rf"input named '{name}' could not be "
@@ -272,3 +272,44 @@ def test_a_bare_input_named_like_a_call_keyword_is_refused(src, col):
     with pytest.raises(SpattnNameError, match="keyword of every call") as e:
         compile_source(src, {})
     assert f"line 1, column {col}:" in str(e.value)
+
+
+# (program, error class, (line, column) of the call in the pattern, the macro and its body)
+IN_MACRO = [
+    ("def cap(c) = softcap(c)\npattern p = causal score cap(0.0)", SpattnValueError, (2, 26),
+     "inside macro 'cap' at line 1, column 14"),
+    ("def g(a) = t5_bucket(a, 128)\npattern p = full score s + bias[h, g(2)]",
+     SpattnValueError, (2, 36), "inside macro 'g' at line 1, column 12"),
+    ("def nb(n) = neighborhood([4, 4], n)\npattern p = nb(9)", SpattnValueError, (2, 13),
+     "inside macro 'nb' at line 1, column 13"),
+    ("def nb(n) = neighborhood([4, 4], n)\ndef outer(m) = causal & nb(m)\n"
+     "pattern p =   outer(9)", SpattnValueError, (3, 15),
+     "inside macro 'nb' at line 1, column 13, called by 'outer' at line 2, column 25"),
+    ("def d(x) = s / x\npattern p = causal score d(0.0)", SpattnValueError, (2, 26),
+     "inside macro 'd' at line 1, column 14"),
+    ("def z = 10 // 0\npattern p = q - k < z", SpattnValueError, (2, 21),
+     "inside macro 'z' at line 1, column 15"),
+]
+
+
+@pytest.mark.parametrize("src,cls,where,words", IN_MACRO,
+                         ids=["prelude-domain", "t5-domain", "builtin", "nested", "float-div",
+                              "constant"])
+def test_a_domain_error_in_a_macro_is_located_at_its_call(src, cls, where, words):
+    """A value out of an operation's domain reached through a user macro is reported at the
+    macro's call in the pattern (whose arguments reach the body), with a caret there, and
+    the message names the macro and the place in its body."""
+    with pytest.raises(cls) as e:
+        compile_source(src, {})
+    assert (e.value.line, e.value.column) == where, str(e.value)
+    assert words in e.value.message and "^" in str(e.value)
+    caret_line = str(e.value).splitlines()[1]
+    assert caret_line.strip().startswith("pattern p")
+
+
+def test_a_type_error_in_a_macro_body_stays_in_the_body():
+    """An error about how a macro's body is written (not about its arguments) is located in
+    the body, whatever the call."""
+    with pytest.raises(SpattnTypeError) as e:
+        compile_source("def bad(x) = s > x\npattern p = causal & bad(3)", {})
+    assert (e.value.line, e.value.column) == (1, 14) and "inside macro" not in e.value.message

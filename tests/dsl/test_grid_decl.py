@@ -163,6 +163,69 @@ def test_bad_extra_tokens_are_located(src, cls, where, words):
     assert (e.value.line, e.value.column) == where
 
 
+@pytest.mark.parametrize("after,offset", [("max(2, 3)", 3), ("2 * T + 1", 5),
+                                          ("clamp(T - 9, 0, 4)", 0), ("[1, 4][1]", 4)],
+                         ids=["call", "arithmetic", "clamp", "list-index"])
+def test_a_programs_after_takes_any_constant_int_expression(after, offset):
+    """In a program the next statement starts with a keyword, so ``after`` takes any
+    constant int expression of params."""
+    pat = spattn.compile(f"param T = 2\ngrid (r: 4, c: 4) after {after}\n"
+                         "pattern p = k < 1 | r(q) == r(k)")
+    assert (pat.grid, pat.grid_offset) == ((4, 4), offset)
+
+
+@pytest.mark.parametrize("src,where", [
+    ("grid (r: 4, c: 4) after max(2, 3) r(q) == r(k)", (1, 30)),
+    ("grid (r: 4, c: 4) after 2 + 1 r(q) == r(k)", (1, 27)),
+], ids=["call", "sum"])
+def test_a_bare_patterns_after_takes_an_atom_and_says_so(src, where):
+    """A bare pattern's mask follows ``after T`` directly, so T is a number, a param or a
+    parenthesised expression; anything else is a located syntax error that says how to
+    write it, and the parenthesised form compiles."""
+    with pytest.raises(spattn.SpattnSyntaxError, match=r"parenthesised expression: "
+                       r"after \(max\(A, B\)\)") as e:
+        spattn.compile(src)
+    assert (e.value.line, e.value.column) == where and "^" in str(e.value)
+    fixed = src.replace("after max(2, 3)", "after (max(2, 3))").replace("after 2 + 1",
+                                                                        "after (2 + 1)")
+    assert spattn.compile(fixed).grid_offset == 3
+    with pytest.raises(spattn.SpattnSyntaxError) as e:
+        spattn.compile("causal & q - k < 3 +")
+    assert "after" not in e.value.message
+
+
+BIG = 2 ** 32
+
+
+@pytest.mark.parametrize("src,cls,where,words", [
+    (f"grid (r: {10 ** 23}) q >= k", spattn.SpattnValueError, (1, 7),
+     f"grid \\({10 ** 23},\\): {10 ** 23} tokens"),
+    (f"grid (r: {BIG}, c: {BIG // 2}) q >= k", spattn.SpattnValueError, (1, 7 + len(str(BIG)) + 5),
+     f"{2 ** 63} tokens"),
+    (f"param N = {BIG}\ngrid (r: N, c: N, x: 1)\npattern p = r(q) == r(k)",
+     spattn.SpattnValueError, (2, 13), "grid's first 2 axes"),
+    ("grid (r: 8) after 9223372036854775800 q >= k", spattn.SpattnValueError, (1, 19),
+     "after 9223372036854775800: 9223372036854775808 tokens"),
+    (f"causal & neighborhood([{BIG}, {BIG}], 3)", spattn.SpattnParamError, (1, 10),
+     f"{2 ** 64} cells"),
+], ids=["one-axis", "product", "partial-product", "after", "neighborhood"])
+def test_grids_past_64_bit_positions_are_refused_where_written(src, cls, where, words):
+    """A grid of more than 2**63 - 1 tokens could never be called (lengths and positions
+    are int64): refused at compile time, at the axis (or ``after T``, or the builtin) that
+    takes the count past the cap."""
+    with pytest.raises(cls, match=words) as e:
+        spattn.compile(src)
+    assert (e.value.line, e.value.column) == where and "2**63 - 1" in e.value.message
+    with pytest.raises(spattn.SpattnParamError, match="more than a call can have"):
+        spattn.neighborhood((BIG, BIG), 3)
+
+
+def test_grids_up_to_the_cap_compile():
+    pat = spattn.compile(f"grid (r: {BIG}, c: {BIG // 2 - 1}) after {BIG // 2} q >= k")
+    assert pat.grid == (BIG, BIG // 2 - 1) and pat.grid_offset == BIG // 2
+    assert BIG * (BIG // 2 - 1) + BIG // 2 <= 2 ** 63 - 1
+
+
 def test_compiled_calls_tell_a_grid_from_none():
     """Under ``torch.compile`` the custom op finds each pattern by a key that carries its
     grid: a mask declared on a grid and the same mask without one are two patterns (the one

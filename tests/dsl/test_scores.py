@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import spattn
-from spattn.dsl.errors import SpattnParamError, SpattnSyntaxError, SpattnTypeError
+from spattn.dsl.errors import (SpattnNameError, SpattnParamError, SpattnSyntaxError,
+                               SpattnTypeError)
 from spattn.ir.lower import parse_score_ir
 from spattn.ir.nodes import Score
 from spattn.ir.printer import to_source
@@ -171,6 +172,44 @@ def test_user_macros_may_use_s():
     with pytest.raises(SpattnTypeError, match="score variable s") as info:
         spattn.compile("def bad = s > 0\npattern p = causal & bad")
     assert (info.value.line, info.value.column) == (1, 11)
+
+
+HIDING_S = [
+    # (source, compile keywords, (line, column) of the name s, what it is)
+    ("param s = 3\npattern p = causal score s * 0.5", {}, (1, 7), "a param"),
+    ("input s\npattern p = causal & s[k] > 0 score s * 0.5", {}, (1, 7), "an input"),
+    ("def s = 2\npattern p = causal score s * 0.5", {}, (1, 5), "a macro"),
+    ("grid (s: 4, x: 4)\npattern p = causal score s * 0.5", {}, (1, 7), "a grid axis"),
+    ("param s = 3\npattern p1 = causal & q - k < s\npattern p2 = causal score softcap(2.0)",
+     {"pattern": "p1"}, (1, 7), "a param"),
+    ("causal & q - k < s", {"score": "s * 0.5", "s": 3}, (1, 18), "the keyword param"),
+    ("causal & s[k] > 0", {"score": "s * 0.5"}, (1, 10), "a runtime input"),
+    ("grid (s: 4, x: 4) causal", {"score": "s * 0.5"}, (1, 7), "a grid axis"),
+]
+
+
+@pytest.mark.parametrize("src,kw,pos,what", HIDING_S,
+                         ids=["param", "input", "def", "axis", "other-pattern", "keyword",
+                              "bare-input", "bare-axis"])
+def test_a_name_s_beside_a_score_is_refused(src, kw, pos, what):
+    """With a score, ``s`` is the score variable: a name ``s`` declared beside it would be
+    read instead (a constant score, silently) and is refused where it is written."""
+    with pytest.raises(SpattnNameError, match="would hide the score variable s") as info:
+        spattn.compile(src, **kw)
+    assert (info.value.line, info.value.column) == pos, str(info.value)
+    assert info.value.message.startswith(what) and "^" in str(info.value)
+
+
+def test_s_stays_a_name_without_a_score_and_a_macro_argument_with_one():
+    """Without a score a param ``s`` is an ordinary name; a macro's argument ``s`` is the
+    argument inside that macro (the prelude's ``strided(s)``), as the score variable is
+    outside it."""
+    p = spattn.compile("param s = 3\npattern p = causal & q - k < s")
+    assert p == spattn.compile("causal & q - k < 3")
+    assert spattn.compile("causal & q - k < s", s=3) == p
+    p = spattn.compile("def twice(s) = s * 2.0\npattern p = causal & strided(4) "
+                       "score twice(s) + softcap(3.0)")
+    assert p.score == spattn.compile("causal", score="s * 2.0 + softcap(3.0)").score
 
 
 @pytest.mark.parametrize("src", ["causal score s * 1e400", "causal score s * -1e400",

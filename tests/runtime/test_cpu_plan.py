@@ -236,3 +236,20 @@ def test_masks_too_big_to_keep_are_built_per_call(monkeypatch):
     got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.25)
     for a, b in zip(got, (qr.grad, kr.grad, vr.grad)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_repr_summarises_tensors_by_dtype_and_shape():
+    """A torch-backend plan's ``repr`` (and the :class:`spattn.runtime.plan.Plan` around it)
+    names each index and mask tensor by dtype and shape, never by its values, and lists a
+    few kernel calls."""
+    import dataclasses
+    pat = spattn.compile("causal & window(8) & same(doc)", backend="torch")
+    q = torch.randn(1, 2, 300, 16)
+    text = repr(pat.plan(q, q, q, doc=torch.arange(300) // 40))
+    assert "tensor(" not in text and "-inf" not in text and len(text) < 1200, text
+    assert "rows=int64 [" in text and "mask=float32 [" in text and "Lq=300" in text
+    plan = _plan("causal & window(100)", L=1000)
+    many = dataclasses.replace(plan, calls=plan.calls * (cpu_plan.MAX_REPR_CALLS + 3))
+    text = repr(many)
+    assert text.count("Call(slot=") == cpu_plan.MAX_REPR_CALLS and "... 3 more" in text
+    assert f"{len(many.calls)} call(s)" in text and "tensor(" not in text

@@ -223,6 +223,32 @@ def test_launch_key_separates_what_triton_specialises_on():
     assert key(a) != key(a, qq=torch.randn(1 * 2 * 8 * 16 + 1)[1:].view(1, 2, 8, 16))
 
 
+def test_backward_launch_key_covers_o_lse_and_do():
+    """The scored backward's bound launches are keyed by the alignment of o, lse and dO as
+    well as q, k, v (computed on CUDA only; its logic here): a launch specialised on an
+    aligned dO is not reused for a dO at a 4-byte offset, nor for such an o or lse."""
+    from spattn.runtime.triton_backend import _bwd_launch_key
+    g = torch.Generator().manual_seed(3)
+
+    def t(*shape, off=0):
+        n = 1
+        for s in shape:
+            n *= s
+        return torch.randn(n + off, generator=g)[off:].view(*shape)
+    q, k, v, o, do = (t(1, 2, 8, 16) for _ in range(5))
+    lse = t(1, 2, 8)
+    tables = (t(2, 16), 0, 16, 1, 16, 0)
+    key = lambda **kw: _bwd_launch_key(tables, **{**dict(q=q, k=k, v=v, o=o, lse=lse,  # noqa
+                                                         do=do), **kw})
+    base = key()
+    assert base is not None
+    assert key(q=t(1, 2, 8, 16), o=t(1, 2, 8, 16), do=t(1, 2, 8, 16)) == base
+    odd = {name: key(**{name: t(*ref.shape, off=1)})
+           for name, ref in dict(q=q, k=k, v=v, o=o, lse=lse, do=do).items()}
+    assert all(other != base for other in odd.values())
+    assert len(set(odd.values())) == len(odd)
+
+
 @pytest.mark.parametrize("score", [None, "s + rel[h, clamp(q - k, 0, 3)]"],
                          ids=["mask", "scored"])
 def test_plan_backward_must_be_a_bool_or_none(score):
