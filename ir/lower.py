@@ -31,6 +31,7 @@ class Lowered:
     score_inputs: dict = None         # float runtime input name -> number of index dims
     grid: Optional[tuple] = None      # the token grid a call's lengths must fill, or None
     grid_offset: int = 0              # extra tokens before the grid (``after T``)
+    grid_suffix: int = 0              # extra tokens after the grid (``before U``)
 
 
 def _tname(t: str) -> str:
@@ -240,14 +241,17 @@ class _Lowerer:
             shape.append(v)
         return tuple(shape)
 
-    def grid_offset(self, grid) -> int:
-        """``T`` of ``after T`` (0 without): a constant int >= 0; located errors."""
-        if grid.extra is None:
+    def grid_offset(self, grid, tail: bool = False) -> int:
+        """``T`` of ``after T`` (``tail``: ``U`` of ``before U``; 0 without): a constant
+        int >= 0; located errors."""
+        tree = grid.tail if tail else grid.extra
+        if tree is None:
             return 0
-        v = self.constant(grid.extra, "the extra tokens of a grid (after T)")
+        what = "the extra tokens after a grid (before U)" if tail else \
+            "the extra tokens of a grid (after T)"
+        v = self.constant(tree, what)
         if isinstance(v, (bool, tuple)) or v < 0:
-            raise self.err(SpattnValueError, f"the extra tokens of a grid (after T) must be "
-                           f"an int >= 0, got {v!r}", grid.extra)
+            raise self.err(SpattnValueError, f"{what} must be an int >= 0, got {v!r}", tree)
         return v
 
     def pattern_grid(self, declared, offset: int = 0) -> Optional[tuple]:
@@ -366,17 +370,19 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
         lo = _Lowerer(src, filename, floats)
         declared = None if res.grid is None else lo.grid_shape(res.grid)
         offset = 0 if res.grid is None else lo.grid_offset(res.grid)
+        suffix = 0 if res.grid is None else lo.grid_offset(res.grid, tail=True)
         irs, grids = {}, {}
         for n, t in res.patterns.items():
             lo.shapes = []
             irs[n] = lo.pattern(t)
-            grids[n] = lo.pattern_grid(declared, offset)
+            grids[n] = lo.pattern_grid(declared, offset + suffix)
         scores = {n: None if t is None else lo.score(t) for n, t in res.scores.items()}
     except RecursionError:
         raise _too_deep(src, filename) from None
     return Lowered(irs[chosen], chosen, dict(res.params), dict(res.inputs[chosen]),
                    scores.get(chosen), dict(res.float_inputs.get(chosen, {})),
-                   grids[chosen], offset if grids[chosen] == declared else 0)
+                   grids[chosen], offset if grids[chosen] == declared else 0,
+                   suffix if grids[chosen] == declared else 0)
 
 
 def _with_score(src: str, score: str) -> str:

@@ -48,13 +48,14 @@ def register(pattern) -> str:
     """Record ``pattern`` so the custom op can find it; returns its key: the canonical source,
     preceded by the pattern's grid declaration when it has one (``grid (8, 8) after 5 ...``:
     a bare expression that compiles to a pattern with that grid, so that two patterns of one
-    mask with and without a grid are two keys)."""
+    mask with and without a grid are two keys; ``before U`` as well)."""
     key = pattern.source
     grid = getattr(pattern, "grid", None)
     if grid is not None:
         offset = getattr(pattern, "grid_offset", 0)
+        suffix = getattr(pattern, "grid_suffix", 0)
         key = (f"grid ({', '.join(map(str, grid))})" + (f" after {offset}" if offset else "")
-               + f" {key}")
+               + (f" before {suffix}" if suffix else "") + f" {key}")
     _REGISTRY.setdefault(key, pattern)
     return key
 

@@ -1,0 +1,103 @@
+"""Grids with extra tokens after them (an image then text; text, an image, then text):
+discovery finds the grid that ends where a range of q or k flips, the remap (extra tokens
+before the grid in the first slots, the boxes, the extra tokens after it in the last slots,
+each in sequence order) is exact, its tiles sound, and the boxes pay where they should."""
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import spattn
+from spattn.ir import layout as LY
+from tests.ir.test_layout import _check_remap, _grid_source
+
+
+def _around_image(T, n, r, U, causal=False):
+    """``T`` text tokens seen by every token, an ``n x n`` image whose patches see a
+    ``(2r+1)^2`` square, then ``U`` text tokens that see every earlier token (and each
+    other causally)."""
+    E = T + n * n
+    img = (f"abs((q - {T}) // {n} - (k - {T}) // {n}) <= {r} & "
+           f"abs((q - {T}) % {n} - (k - {T}) % {n}) <= {r}")
+    src = f"k < {T} | (q >= {E} & k <= q) | (q >= {T} & k >= {T} & k < {E} & {img})"
+    return f"({src}) & k <= q" if causal else src
+
+
+def test_discovery_finds_a_grid_that_ends_before_the_sequence():
+    ir = spattn.compile(_around_image(0, 8, 1, 0)).ir
+    assert LY.Grid((8, 8), suffix=7) in LY.discover(ir, 64 + 7)
+    ir = spattn.compile(_around_image(5, 8, 1, 0)).ir
+    assert LY.Grid((8, 8), offset=5, suffix=3) in LY.discover(ir, 5 + 64 + 3)
+    assert str(LY.Grid((8, 8), offset=5, suffix=3)) == "grid 8 x 8 after 5 tokens before 3 tokens"
+
+
+def test_a_declared_grid_is_a_candidate_when_the_pattern_does_not_show_its_end():
+    """Nothing in ``q % 8 == k % 8`` says where the grid ends: the declared grid is tried."""
+    pat = spattn.compile("grid (c: 8, r: 8) before 5 q % 8 == k % 8")
+    declared = LY.declared(pat)
+    assert declared == LY.Grid((8, 8), suffix=5)
+    assert declared not in LY.discover(pat.ir, 69)
+    assert LY.discover(pat.ir, 69, declared)[-1] == declared
+    assert declared not in LY.discover(pat.ir, 70, declared)      # another length
+    assert LY.discover(spattn.compile("doc[q] == doc[k]").ir, 69, declared) == []
+
+
+CASES = [((0, 8, 1, 7), False), ((5, 8, 1, 3), False), ((3, 6, 2, 20), True),
+         ((17, 4, 1, 9), False)]
+
+
+@pytest.mark.parametrize("args,causal", CASES,
+                         ids=["T0-8x8-r1-U7", "T5-8x8-r1-U3", "T3-6x6-r2-U20-causal",
+                              "T17-4x4-r1-U9"])
+def test_remap_around_a_grid_is_exact(args, causal):
+    T, n, r, U = args
+    ir = spattn.compile(_around_image(*args, causal=causal)).ir
+    N = T + n * n + U
+    grid = next(g for g in LY.discover(ir, N) if (g.offset, g.suffix) == (T, U))
+    for box in LY.candidate_boxes(grid, 16)[:4]:
+        layout = LY.Layout(grid, box)
+        assert layout.padded_size == layout.suffix_start + U
+        assert layout.suffix_start % 16 == 0
+        _check_remap(ir, layout, N, 16, 8)
+
+
+def _shifted(src, T, E, U, seen, sees):
+    """A grid pattern ``src`` over positions ``T .. E - 1``, with ``T`` extra tokens before
+    and ``U`` after it: the extra tokens see the earlier tokens, the cells also the first
+    ``sees`` extra tokens after the grid, and those the cells of the first ``seen`` rows."""
+    shifted = src.replace("q", f"(q - {T})").replace("k", f"(k - {T})")
+    cells = f"q >= {T} & q < {E}"
+    return (f"(q < {T} & k <= q) | (q >= {E} & k <= q & k >= {T} + {seen}) "
+            f"| ({cells} & k >= {E} & k < {E + sees}) "
+            f"| ({cells} & k >= {T} & k < {E} & ({shifted}))")
+
+
+@settings(max_examples=20)
+@given(_grid_source(), st.integers(0, 7), st.integers(1, 9), st.integers(0, 6),
+       st.integers(0, 3), st.integers(2, 4))
+@example(("abs((q // 3) - (k // 3)) <= 1", 9), 0, 4, 2, 1, 2)
+@example(("(q - k) % 2 == 0", 12), 3, 1, 0, 0, 3)
+@example(("(q % 4) + 1 <= (k % 4) + 2", 16), 5, 3, 2, 2, 2)
+def test_remap_around_a_grid_property(case, T, U, seen, sees, e):
+    """A random grid pattern after ``T`` extra tokens and before ``U``: every grid
+    discovered with tokens after it, and the declared one (one axis of the cells when the
+    pattern shows no divisor), remaps exactly, its tile classes sound against the
+    remapped mask."""
+    src, M = case
+    N = T + M + U
+    ir = spattn.compile(_shifted(src, T, T + M, U, seen, min(sees, U))).ir
+    grids = [g for g in LY.discover(ir, N, LY.Grid((M,), offset=T, suffix=U)) if g.suffix]
+    assert any((g.offset, g.suffix) == (T, U) for g in grids)
+    for grid in grids:
+        for box in LY.candidate_boxes(grid, 1 << e)[:2]:
+            _check_remap(ir, LY.Layout(grid, box), N, 1 << e, 1 << max(e - 1, 0))
+
+
+def test_boxes_pay_around_an_image():
+    """Text, a 64 x 64 image with a 17 x 17 window, then 40 text tokens: the layout's
+    tiles compute at most MARGIN of sequence order's pairs, so ``auto`` uses it."""
+    ir = spattn.compile(_around_image(13, 64, 8, 40)).ir
+    N = 13 + 64 * 64 + 40
+    got = LY.choose(ir, N, N, 0)
+    assert got is not None and (got.layout.grid.offset, got.layout.grid.suffix) == (13, 40)
+    assert got.computed_layout <= LY.MARGIN * got.computed_sequence
+    assert got.layout.tokens == LY.TILE_TOKENS
