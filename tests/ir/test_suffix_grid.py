@@ -3,6 +3,7 @@ discovery finds the grid that ends where a range of q or k flips, the remap (ext
 before the grid in the first slots, the boxes, the extra tokens after it in the last slots,
 each in sequence order) is exact, its tiles sound, and the boxes pay where they should."""
 import pytest
+import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -101,3 +102,47 @@ def test_boxes_pay_around_an_image():
     assert got is not None and (got.layout.grid.offset, got.layout.grid.suffix) == (13, 40)
     assert got.computed_layout <= LY.MARGIN * got.computed_sequence
     assert got.layout.tokens == LY.TILE_TOKENS
+
+
+def _extra_mask(shape, args, T, U):
+    """``spattn.neighborhood(..., extra_before=T, extra_after=U)`` written out: the cells'
+    NATTEN mask (tests/helpers/natten_ref.py), every other pair allowed."""
+    import numpy as np
+    from tests.helpers.natten_ref import neighborhood_mask
+    cells = neighborhood_mask(shape, *args)
+    M = cells.shape[0]
+    out = np.ones((T + M + U, T + M + U), dtype=bool)
+    out[T:T + M, T:T + M] = cells
+    return torch.from_numpy(out)
+
+
+NB_EXTRA = [((6, 5), (3, 2, 1, False), 4, 3), ((7,), (4, 2, 1, True), 0, 5),
+            ((6, 4), (3, 1, (2, 1), (False, True)), 9, 0)]
+
+
+@pytest.mark.parametrize("shape,args,T,U", NB_EXTRA,
+                         ids=["2d-6x5-k3-s2-T4-U3", "1d-7-k4-s2-causal-U5",
+                              "2d-6x4-d2x1-causal-cols-T9"])
+def test_neighborhood_with_extra_tokens(shape, args, T, U):
+    """The mask equals its definition; the grid and its extra tokens are discovered and
+    every box of them remaps exactly."""
+    import math
+    pat = spattn.neighborhood(shape, *args, extra_before=T, extra_after=U)
+    N = T + math.prod(shape) + U
+    assert (pat.grid, pat.grid_offset, pat.grid_suffix) == (shape, T, U)
+    assert torch.equal(pat.mask(N, N)[0, 0], _extra_mask(shape, args, T, U))
+    grids = [g for g in LY.discover(pat.ir, N, LY.declared(pat)) if (g.offset, g.suffix) == (T, U)]
+    assert grids
+    for grid in grids:
+        for box in LY.candidate_boxes(grid, 16)[:3]:
+            _check_remap(pat.ir, LY.Layout(grid, box), N, 16, 8)
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"extra_before": -1}, "extra_before takes an int >= 0"),
+    ({"extra_after": 2.0}, "extra_after takes an int >= 0"),
+    ({"extra_after": True}, "extra_after takes an int >= 0"),
+], ids=["negative", "float", "bool"])
+def test_neighborhood_extra_tokens_are_checked(kw, words):
+    with pytest.raises(spattn.SpattnParamError, match=words):
+        spattn.neighborhood((4, 4), 3, **kw)

@@ -82,3 +82,16 @@ def test_explain_shows_the_tokens_around_the_grid():
     assert rep.layout["extra_before"] == 5 and rep.layout["extra_after"] == 7
     assert rep.layout["grid"] == [6, 10]
     assert "grid 6 x 10 after 5 tokens before 7 tokens, tiles of" in str(rep)
+
+
+@pytest.mark.parametrize("T,U", [(3, 6), (0, 11)],
+                         ids=["B1-Hq2-Hk1-L79-D16-fp32-T3-U6", "B1-Hq2-Hk1-L81-D16-fp32-U11"])
+def test_neighborhood_with_extra_tokens_remapped(T, U, monkeypatch):
+    """``spattn.neighborhood(..., extra_before=T, extra_after=U)`` on a 7 x 10 grid (sides
+    the boxes do not divide), strided: runs in its layout, exact forward and backward."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = spattn.neighborhood((7, 10), (3, 5), stride=(1, 2), extra_before=T, extra_after=U,
+                              backend="torch")
+    plan = _run(pat, N=T + 70 + U, seed=T)
+    layout = _check_layout(plan, T, U)
+    assert any(n % b for n, b in zip(layout.grid.shape, layout.box_by_axis()))
