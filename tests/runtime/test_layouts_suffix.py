@@ -95,3 +95,12 @@ def test_neighborhood_with_extra_tokens_remapped(T, U, monkeypatch):
     plan = _run(pat, N=T + 70 + U, seed=T)
     layout = _check_layout(plan, T, U)
     assert any(n % b for n, b in zip(layout.grid.shape, layout.box_by_axis()))
+
+
+def test_example_text_image_text(monkeypatch):
+    """``examples/patterns/text_image_text.spattn`` runs in its layout, exact."""
+    from pathlib import Path
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    path = Path(__file__).resolve().parents[2] / "examples" / "patterns" / "text_image_text.spattn"
+    pat = spattn.load(path, backend="torch")
+    _check_layout(_run(pat, N=60, seed=7), 5, 7)
