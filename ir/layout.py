@@ -372,8 +372,8 @@ def remap(ir: Node, layout: Layout) -> Node:
     of the permuted q and k substituted and padding cells masked out. With extra tokens
     before or after the grid, each side is in one of the regions: an extra token before
     (a slot below ``grid.offset``: its position), a cell (a valid slot of the boxes), an
-    extra token after (a slot from ``layout.suffix_start``: its position less the slots'
-    shift); the cases (4, or 9 with both) are joined by ``|``, each under the ranges of
+    extra token after (a slot from ``layout.suffix_start``: its position is ``slot +
+    grid.end - suffix_start``); the cases (4, or 9 with both) are joined by ``|``, each under the ranges of
     slots it holds for (a tile within one region of each side decides them)."""
     g = layout.grid
     if not g.offset and not g.suffix:
@@ -774,8 +774,8 @@ def ordered(ir: Node, N: int, taken=()) -> Ordered:
     per axis. ``taken``: names the tables must not use (the pattern's own inputs)."""
     # every token a cell, and no padding: a ragged residue class would let the tables'
     # ranges bound a position past N - 1 (a list indexed by q refused as out of range)
-    grids = [g for g in discover(ir, N)
-             if not g.offset and not g.suffix and all(n % d == 0 for n, d in zip(g.shape, g.splits))]
+    grids = [g for g in discover(ir, N) if not g.offset and not g.suffix
+             and all(n % d == 0 for n, d in zip(g.shape, g.splits))]
     grid = grids[0] if grids else Grid((N,))
     prefix = "order_"
     while any(t.startswith(prefix) for t in taken):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import spattn
 from spattn.ir import layout as LY
-from tests.ir.test_layout import _check_remap, _grid_source
+from tests.ir.test_layout import _check_remap, _grid_source, _natten_args
 
 
 def _around_image(T, n, r, U, causal=False):
@@ -146,3 +146,21 @@ def test_neighborhood_with_extra_tokens(shape, args, T, U):
 def test_neighborhood_extra_tokens_are_checked(kw, words):
     with pytest.raises(spattn.SpattnParamError, match=words):
         spattn.neighborhood((4, 4), 3, **kw)
+
+
+@settings(max_examples=10)
+@given(_natten_args(), st.integers(0, 6), st.integers(0, 6), st.integers(2, 4))
+def test_neighborhood_with_extra_tokens_property(args, T, U, e):
+    """Random NATTEN arguments with random extra tokens: the mask equals its definition,
+    and every grid discovered for it (the declared one included) remaps exactly with tile
+    classes sound against the remapped mask (the grids with these extra tokens)."""
+    import math
+    pat = spattn.neighborhood(*args, extra_before=T, extra_after=U)
+    N = T + math.prod(args[0]) + U
+    assert torch.equal(pat.mask(N, N)[0, 0], _extra_mask(args[0], args[1:], T, U))
+    grids = [g for g in LY.discover(pat.ir, N, LY.declared(pat)) if (g.offset, g.suffix) == (T, U)]
+    assert grids
+    for grid in grids:
+        boxes = LY.candidate_boxes(grid, 1 << e)
+        if boxes:
+            _check_remap(pat.ir, LY.Layout(grid, boxes[0]), N, 1 << e, 1 << max(e - 1, 0))
