@@ -236,9 +236,8 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
     by ``ir.layout.MARGIN`` and the call has at least ``AUTO_MIN_TOKENS`` tokens). The
     extra tokens before and after the grid are ``extra_before`` and ``extra_after``."""
     from . import layout as LY
-    grids = LY.discover(ir, Lq, LY.declared(pattern)) if Lq == Lk else None
     r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
-                  block_m=block_m, block_n=block_n, force=True, grids=grids,
+                  block_m=block_m, block_n=block_n, force=True, declared=LY.declared(pattern),
                   sequence=computed // (batch * num_heads))
     if r is None:
         return None

@@ -675,16 +675,18 @@ def _product_pairs(groups: list[Node], layout: Layout, block_m: int, block_n: in
 
 def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
            block_m: int = 128, block_n: int = 64, grids: Optional[list] = None,
-           force: bool = False, sequence: Optional[int] = None) -> Optional[Remap]:
+           force: bool = False, sequence: Optional[int] = None,
+           declared: Optional[Grid] = None) -> Optional[Remap]:
     """The best layout of ``ir`` for a self-attention call of ``Lq = Lk`` tokens (module
     docstring), or None (no grid, or none pays by :data:`MARGIN`; ``force``: the best
     whatever the margin; ``sequence``: the sequence order's computed pairs when known, else
-    estimated by :func:`sampled_pairs`). Product patterns (a conjunction of per-axis conditions) are
+    estimated by :func:`sampled_pairs`; ``declared``: the pattern's declared grid, a
+    candidate of :func:`discover`). Product patterns (a conjunction of per-axis conditions) are
     costed per axis; others by classifying sampled query-tile rows of the remapped pattern
     (:func:`sampled_pairs`), and the chosen one at the call's size."""
     if Lq != Lk or q_offset != 0 or ("h" in free_vars(ir) and num_heads > 1):
         return None
-    grids = discover(ir, Lq) if grids is None else grids
+    grids = discover(ir, Lq, declared) if grids is None else grids
     if not grids:
         return None
     best = None

@@ -400,14 +400,14 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings):
     ``SPATTN_LAYOUT`` setting: ``auto`` when it pays and the call has at least
     ``ir.layout.AUTO_MIN_TOKENS`` tokens, ``on`` whenever a grid is found, ``off`` never;
     patterns with runtime inputs run in sequence order)."""
-    from ..ir.layout import AUTO_MIN_TOKENS, choose, declared, discover
+    from ..ir.layout import AUTO_MIN_TOKENS, choose, declared
     Lq, Lk = q.shape[2], k.shape[2]
     if settings.layout == "off" or inputs or (settings.layout == "auto"
                                               and Lq < AUTO_MIN_TOKENS):
         return None
     return choose(pattern.ir, Lq, Lk, Positions.of(Lq, Lk, q_offset).q_offset,
                   num_heads=q.shape[1], force=settings.layout == "on",
-                  grids=discover(pattern.ir, Lq, declared(pattern)) if Lq == Lk else None)
+                  declared=declared(pattern))
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
