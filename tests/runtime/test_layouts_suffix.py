@@ -105,3 +105,13 @@ def test_example_text_image_text(monkeypatch):
     path = Path(__file__).resolve().parents[2] / "examples" / "patterns" / "text_image_text.spattn"
     pat = spattn.load(path, backend="torch")
     _check_layout(_run(pat, N=60, seed=7), 5, 7)
+
+
+def test_declared_grid_whose_end_the_pattern_does_not_show(monkeypatch):
+    """``before 5`` and a pattern that never compares with the grid's end (the 5 tokens
+    after the 8 x 8 grid read as a ninth row): no grid divides 69 tokens, the declared one
+    is the layout, exact."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = spattn.compile("grid (y: 8, x: 8) before 5 abs(y(q) - y(k)) <= 1 & "
+                         "abs(x(q) - x(k)) <= 2", backend="torch")
+    _check_layout(_run(pat, N=69, seed=11), 0, 5)
