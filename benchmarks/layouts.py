@@ -9,7 +9,8 @@ flattened expression (``examples/patterns/neighborhood_2d.spattn``), which the r
 recognises, and run in a caller's token order (``order=``: 16 x 8 boxes, the permutation a
 user would give; an ``OrderedPlan``, its gathers timed). ``--full`` adds 77 text tokens
 before the FLUX image with a cut 81 x 81 window (``grid (...) after 77``: a grid after
-extra tokens, docs/layouts.md). Against cuDNN dense (SDPA under
+extra tokens, docs/layouts.md), and the same with 20 more text tokens after the image
+(``grid (...) after 77 before 20``: the text after it reads causally). Against cuDNN dense (SDPA under
 ``SDPBackend.CUDNN_ATTENTION``), timed in alternating rounds in this process. Every output is checked against the float64 reference
 on sampled query rows before timing. ``--full`` adds the 16K patterns of
 ``benchmarks/bench.py`` against FlexAttention (``dilated(512,4)``, ``strided(128)``,
@@ -58,6 +59,7 @@ PROBLEMS = {
     "flux-window-80x80-flat": ("flat", (256, 80), 5.2),
     "flux-window-80x80-order": ("order", ((256, 256), (80, 80), (16, 8)), 5.2),
     "text77-flux-window-81x81": ("text", (77, 256, 40), None),
+    "text77-flux-window-81x81-text20": ("around", (77, 256, 40, 20), None),
 }
 QUICK = ["flux-window-80x80", "flux-stride-16x16", "hunyuan-window-18x24x24",
          "flux-window-80x80-flat", "flux-window-80x80-order"]
@@ -70,6 +72,7 @@ CPU_PROBLEMS = {
     "flux-window-80x80-flat": ("flat", (16, 5), None),
     "flux-window-80x80-order": ("order", ((16, 16), (5, 5), (4, 4)), None),
     "text77-flux-window-81x81": ("text", (5, 16, 2), None),
+    "text77-flux-window-81x81-text20": ("around", (5, 16, 2, 7), None),
 }
 FLEX_16K = ["dilated(512,4)", "strided(128)", "neighborhood2d(13x13)"]
 
@@ -88,6 +91,17 @@ pattern text_image = k < T | (q >= T & k >= T & abs(row(q) - row(k)) <= r &
 """
 
 
+#: text, an image, text: the text after the image reads causally (every earlier token)
+TEXT_AROUND = """param T
+param n
+param r
+param U
+grid (row: n, col: n) after T before U
+pattern text_around = k < T | (q >= T + n * n & k <= q) | (q >= T & k >= T & k < T + n * n
+    & abs(row(q) - row(k)) <= r & abs(col(q) - col(k)) <= r)
+"""
+
+
 def make_pattern(kind, args, backend="auto"):
     if kind in ("natten", "order"):
         pat = spattn.neighborhood(*args[:2 if kind == "order" else None], backend=backend)
@@ -95,6 +109,9 @@ def make_pattern(kind, args, backend="auto"):
     if kind == "text":
         T, n, r = args
         return spattn.compile(TEXT_IMAGE, T=T, n=n, r=r, backend=backend), T + n * n
+    if kind == "around":
+        T, n, r, U = args
+        return spattn.compile(TEXT_AROUND, T=T, n=n, r=r, U=U, backend=backend), T + n * n + U
     W, size = args
     pat = spattn.load(ROOT / "examples/patterns/neighborhood_2d.spattn",
                       pattern="neighborhood_2d_natten", W=W, size=size, backend=backend)

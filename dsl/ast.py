@@ -199,6 +199,7 @@ class GridDecl(Stmt):
     line: int = _pos()
     column: int = _pos()
     extra: Optional[Expr] = None       # ``after T``: tokens before the grid
+    tail: Optional[Expr] = None        # ``before U``: tokens after the grid
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, Unex
     UnexpectedToken
 
 from . import ast as A
-from .errors import MAX_LITERAL, SpattnSyntaxError, SpattnValueError
+from .errors import MAX_LITERAL, SpattnError, SpattnSyntaxError, SpattnValueError
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 
@@ -34,6 +34,7 @@ _TOKEN_NAMES = {
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "EQUAL": "'='",
     "PARAM": "'param'", "INPUT": "'input'", "DEF": "'def'", "PATTERN": "'pattern'",
     "SCORE": "'score'", "SLASH": "'/'", "FLOAT": "a float", "GRID": "'grid'", "AFTER": "'after'",
+    "BEFORE": "'before'",
     "COLON": "':'",
 }
 # Tokens that can start an expression, and binary operators: collapsed in messages.
@@ -243,14 +244,18 @@ def _pos(node) -> dict:
 
 
 class _LiteralError(Exception):
-    """An integer literal out of range, raised while the tree is converted (where the
-    source text is not at hand) and reported located by the ``parse_*`` functions."""
+    """An integer literal out of range (or, with ``syntax``, another error of the tree's
+    shape), raised while the tree is converted (where the source text is not at hand) and
+    reported located by the ``parse_*`` functions."""
 
-    def __init__(self, tok: Token, digits: str):
+    def __init__(self, tok: Token, digits: str, syntax: Optional[str] = None):
         super().__init__(digits)
-        self.tok, self.digits = tok, digits
+        self.tok, self.digits, self.syntax = tok, digits, syntax
 
-    def located(self, src: str, filename) -> SpattnValueError:
+    def located(self, src: str, filename) -> SpattnError:
+        if self.syntax is not None:
+            return SpattnSyntaxError(self.syntax, source=src, line=self.tok.line,
+                                     column=self.tok.column, filename=filename)
         d = self.digits
         if self.tok.type == "FLOAT":
             return SpattnValueError(
@@ -307,18 +312,23 @@ def _stmt(t: Tree) -> A.Stmt:
         return A.Def(str(name), names, _expr(body), **_pos(name))
     if kind in ("grid_stmt", "grid_bare"):
         kw, _lpar, *axes = [c for c in t.children if c is not None]
-        extra = None
-        if isinstance(axes[-1], Tree) and axes[-1].data != "grid_axis":
-            extra = _expr(axes.pop())
+        ends = {}
+        for word, value in [e.children for e in axes
+                            if isinstance(e, Tree) and e.data in ("grid_end", "grid_end_bare")]:
+            if word.type in ends:
+                raise _LiteralError(word, str(word), f"the grid's '{word}' count is given "
+                                    "twice (a grid is 'after T', 'before U', or both)")
+            ends[str(word.type)] = _expr(value)
         out = []
         for ax in axes:
-            if not isinstance(ax, Tree):
+            if not isinstance(ax, Tree) or ax.data != "grid_axis":
                 continue
             name, _colon, size = ax.children
             e = _expr(size)
             where = _pos(name) if name is not None else {"line": e.line, "column": e.column}
             out.append(A.GridAxis(None if name is None else str(name), e, **where))
-        return A.GridDecl(tuple(out), **_pos(kw), extra=extra)
+        return A.GridDecl(tuple(out), **_pos(kw), extra=ends.get("AFTER"),
+                          tail=ends.get("BEFORE"))
     if kind == "pattern_stmt":
         name, body, _kw, score = t.children
         return A.PatternDef(str(name), _expr(body), **_pos(name),

@@ -70,11 +70,13 @@ class Resolved:
 class ResolvedGrid:
     """A grid declaration with its axis sizes resolved (constant expressions, lowered and
     checked by ``ir.lower``): ``axes`` is ``((name or None, size tree, line, column), ...)``,
-    ``extra`` the tree of ``after T`` (tokens before the grid) or None."""
+    ``extra`` the tree of ``after T`` (tokens before the grid) or None, ``tail`` the tree
+    of ``before U`` (tokens after the grid) or None."""
     axes: tuple
     line: int
     column: int
     extra: Optional[A.Expr] = None
+    tail: Optional[A.Expr] = None
 
 
 #: The parameter of an axis's coordinate function (``y(x)`` of ``grid (y: 48, x: 80)``).
@@ -628,8 +630,8 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
     if decl is not None:
         r.in_mask = True
         sizes = [r.expr(ax.size, {}, None, scope) for ax in decl.axes]
-        if decl.extra is not None:
-            sizes.append(r.expr(decl.extra, {}, None, scope))
+        ends = [e for e in (decl.extra, decl.tail) if e is not None]
+        sizes += [r.expr(e, {}, None, scope) for e in ends]
         trees += sizes
     indexed = {n.base.name for t in trees for n in A.walk(t)
                if isinstance(n, A.Index) and isinstance(n.base, A.Free)}
@@ -650,10 +652,13 @@ def resolve_expression(expr: A.Expr, source: str, params: Optional[dict] = None,
     score_tree = trees[1] if score_expr is not None else None
     grid = None
     if decl is not None:
+        axes = len(decl.axes)
+        extra = iter(sizes[axes:])
         grid = ResolvedGrid(tuple((ax.name, t, ax.line, ax.column)
-                                  for ax, t in zip(decl.axes, trees[len(trees) - len(sizes):])),
+                                  for ax, t in zip(decl.axes, sizes[:axes])),
                             decl.line, decl.column,
-                            sizes[-1] if decl.extra is not None else None)
+                            None if decl.extra is None else next(extra),
+                            None if decl.tail is None else next(extra))
     unused = sorted(set(bound) - scope.used_params)
     if unused:
         free = {n.id for n in A.walk(expr) if isinstance(n, A.Name)}
@@ -833,7 +838,8 @@ def resolve_program(program: A.Program, params: Optional[dict] = None) -> Resolv
         r.in_mask = True
         grid = ResolvedGrid(tuple((ax.name, r.expr(ax.size, {}, None, scope), ax.line,
                                    ax.column) for ax in decl.axes), decl.line, decl.column,
-                            None if decl.extra is None else r.expr(decl.extra, {}, None, scope))
+                            None if decl.extra is None else r.expr(decl.extra, {}, None, scope),
+                            None if decl.tail is None else r.expr(decl.tail, {}, None, scope))
     return Resolved(trees, bound, per, src, fname,
                     {n: (s.expr.line, s.expr.column) for n, s in patterns.items()},
                     scores, floats, grid, r.inlined)

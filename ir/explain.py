@@ -214,7 +214,7 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
                                             inputs=inputs))
     speedup = predicted_speedup(model_counts, strategy, COSTS[target], pairs=total_pairs)
     layout = None if inputs else _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed,
-                                         block_m, block_n, computed // per_pair)
+                                         block_m, block_n, computed // per_pair, pattern)
     return Report(
         score=(None if getattr(pattern, "score", None) is None else str(pattern.score)),
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
@@ -228,20 +228,23 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
         cost_model=dict(COSTS[target]), layout=layout)
 
 
-def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, computed):
+def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, computed,
+            pattern=None):
     """The token layout a call would consider (``ir.layout.choose``, forced), as a dict:
     the layout, its box per grid axis, the computed pairs and the useful fraction in
     sequence order and in the layout, and whether ``SPATTN_LAYOUT=auto`` uses it (it pays
-    by ``ir.layout.MARGIN`` and the call has at least ``AUTO_MIN_TOKENS`` tokens)."""
+    by ``ir.layout.MARGIN`` and the call has at least ``AUTO_MIN_TOKENS`` tokens). The
+    extra tokens before and after the grid are ``extra_before`` and ``extra_after``."""
     from . import layout as LY
     r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
-                  block_m=block_m, block_n=block_n, force=True,
+                  block_m=block_m, block_n=block_n, force=True, declared=LY.declared(pattern),
                   sequence=computed // (batch * num_heads))
     if r is None:
         return None
     useful = r.useful if r.useful is not None else allowed // (batch * num_heads)
     return {"layout": str(r.layout), "grid": list(r.layout.grid.shape),
             "splits": list(r.layout.grid.splits), "box": list(r.layout.box_by_axis()),
+            "extra_before": r.layout.grid.offset, "extra_after": r.layout.grid.suffix,
             "padded_tokens": r.layout.padded_size,
             "computed_sequence": r.computed_sequence, "computed_layout": r.computed_layout,
             "fraction_sequence": useful / max(r.computed_sequence, 1),

@@ -40,6 +40,7 @@ from . import build as B
 from .nodes import Const, FloorDiv, Load, Mod, Node, Range, Sum, Table, Var, free_vars, walk
 
 __all__ = ["Grid", "Layout", "Remap", "Ordered", "coordinate_form", "remap", "discover",
+           "declared",
            "choose", "ordered",
            "candidate_boxes", "computed_pairs", "sampled_pairs", "MARGIN", "TILE_TOKENS",
            "AUTO_MIN_TOKENS"]
@@ -74,11 +75,13 @@ class Grid:
     """Tokens as the cells of ``shape`` flattened row-major; ``splits[a]`` > 1 splits axis a
     into residue classes (``c = m * splits[a] + r``). ``offset``: tokens before the grid
     (text before an image): positions ``0 .. offset - 1`` are extra tokens, the grid's
-    cells are ``offset + sum(c_a * stride_a)``."""
+    cells are ``offset + sum(c_a * stride_a)``. ``suffix``: tokens after the grid (text
+    after an image): positions ``offset + size .. tokens - 1``."""
 
     shape: tuple[int, ...]
     splits: tuple[int, ...] = ()
     offset: int = 0
+    suffix: int = 0
 
     def __post_init__(self):
         if not self.splits:
@@ -91,7 +94,12 @@ class Grid:
 
     @property
     def tokens(self) -> int:
-        """Every token: the extra ones before the grid and the cells."""
+        """Every token: the extra ones before the grid, the cells, the extra ones after."""
+        return self.offset + self.size + self.suffix
+
+    @property
+    def end(self) -> int:
+        """The position of the first token after the grid."""
         return self.offset + self.size
 
     @property
@@ -111,7 +119,8 @@ class Grid:
     def __str__(self) -> str:
         axes = " x ".join(f"{n}" + (f"/{d}" if d > 1 else "")
                           for n, d in zip(self.shape, self.splits))
-        return f"grid {axes}" + (f" after {self.offset} tokens" if self.offset else "")
+        return (f"grid {axes}" + (f" after {self.offset} tokens" if self.offset else "")
+                + (f" before {self.suffix} tokens" if self.suffix else ""))
 
 
 @dataclass(frozen=True)
@@ -141,8 +150,14 @@ class Layout:
         return -(-self.grid.offset // self.tokens) * self.tokens
 
     @property
-    def padded_size(self) -> int:
+    def suffix_start(self) -> int:
+        """The slot of the first extra token after the grid: past the prefix and the
+        boxes (the extra tokens after the grid keep their sequence order there)."""
         return self.prefix + math.prod(self.tiles) * self.tokens
+
+    @property
+    def padded_size(self) -> int:
+        return self.suffix_start + self.grid.suffix
 
     def box_by_axis(self) -> tuple[int, ...]:
         """Cells of a box along each grid axis (a residue part counts its weight)."""
@@ -190,9 +205,9 @@ class Layout:
         """``(order, inverse)``: int64 ``[padded_size]`` original position of each permuted
         slot (padding slots: position 0, masked out) and ``[N]`` permuted slot of each
         original position. The extra tokens before an offset grid take the first slots in
-        sequence order."""
+        sequence order, those after it the last slots."""
         P, T0 = self.prefix, self.grid.offset
-        Np, N = self.padded_size - P, self.grid.size
+        Np, N = self.suffix_start - P, self.grid.size
         i = torch.arange(Np, dtype=torch.int64)
         T = self.tokens
         tile, off = i // T, i % T
@@ -210,11 +225,15 @@ class Layout:
             valid &= c < n
             pos += c * s
         order = torch.where(valid, pos + T0, torch.zeros_like(pos))
-        inverse = torch.empty(T0 + N, dtype=torch.int64)
+        inverse = torch.empty(self.grid.tokens, dtype=torch.int64)
         inverse[pos[valid] + T0] = i[valid] + P
         text = torch.arange(P, dtype=torch.int64)
         order = torch.cat([torch.where(text < T0, text, torch.zeros_like(text)), order])
         inverse[:T0] = text[:T0]
+        U, S0 = self.grid.suffix, self.suffix_start
+        if U:
+            order = torch.cat([order, torch.arange(U, dtype=torch.int64) + (T0 + N)])
+            inverse[T0 + N:] = torch.arange(U, dtype=torch.int64) + S0
         return order.to(device), inverse.to(device)
 
     def __str__(self) -> str:
@@ -325,12 +344,15 @@ def _simplify(n: Node, known: dict, sub: dict) -> Node:
     return rebuild(n, new)
 
 
-def coordinate_form(ir: Node, grid: Grid, sides=("q", "k")) -> Node:
+def coordinate_form(ir: Node, grid: Grid, sides=("q", "k"), moved=None) -> Node:
     """``ir`` with q and k (``sides``: those of them that are cells of the grid; the others
     stay positions) replaced by the grid coordinates of the tokens (placeholder variables
-    ``q#j``, ``k#j`` on the virtual axes: the splits' parts), Lq and Lk by the tokens."""
+    ``q#j``, ``k#j`` on the virtual axes: the splits' parts), Lq and Lk by the tokens.
+    ``moved``: ``{side: delta}``, sides that are not cells and read ``side + delta``."""
     virt = grid.virtual()
     known, sub = {}, {"Lq": B.const(grid.tokens), "Lk": B.const(grid.tokens)}
+    for side, delta in (moved or {}).items():
+        sub[side] = B.add(Var(side), B.const(delta))
     for side in sides:
         pos = B.const(grid.offset)
         for a, (n, s) in enumerate(zip(grid.shape, grid.strides)):
@@ -348,30 +370,40 @@ def coordinate_form(ir: Node, grid: Grid, sides=("q", "k")) -> Node:
 def remap(ir: Node, layout: Layout) -> Node:
     """The pattern over permuted indices: ``ir`` in grid coordinates with the coordinates
     of the permuted q and k substituted and padding cells masked out. With extra tokens
-    before the grid, each side is an extra token (a slot below ``layout.prefix``: its
-    position) or a cell: the four cases are joined by ``|``, each under the ranges of slots
-    it holds for (a tile within one region decides them)."""
-    if not layout.grid.offset:
+    before or after the grid, each side is in one of the regions: an extra token before
+    (a slot below ``grid.offset``: its position), a cell (a valid slot of the boxes), an
+    extra token after (a slot from ``layout.suffix_start``: its position is ``slot +
+    grid.end - suffix_start``); the cases (4, or 9 with both) are joined by ``|``, each under the ranges of
+    slots it holds for (a tile within one region of each side decides them)."""
+    g = layout.grid
+    if not g.offset and not g.suffix:
         return B.and_(_remap_cells(ir, layout, ("q", "k"), 0),
                       layout.valid(Var("q")), layout.valid(Var("k")))
-    P, T0 = layout.prefix, layout.grid.offset
+    P, T0, S0 = layout.prefix, g.offset, layout.suffix_start
+    regions = ("before",) * bool(T0) + ("cells",) + ("after",) * bool(g.suffix)
     parts = []
-    for cells in ((), ("q",), ("k",), ("q", "k")):
-        conds = []
-        for side in ("q", "k"):
+    for rq, rk in itertools.product(regions, repeat=2):
+        conds, cells, moved = [], [], {}
+        for side, region in (("q", rq), ("k", rk)):
             x = Var(side)
-            if side in cells:
-                conds += [B.range_(x, P, None), layout.valid(B.sub(x, B.const(P)))]
-            else:
+            if region == "cells":
+                cells.append(side)
+                conds += [B.range_(x, P, S0 - 1 if g.suffix else None),
+                          layout.valid(B.sub(x, B.const(P)))]
+            elif region == "before":
                 conds.append(B.range_(x, 0, T0 - 1))
-        parts.append(B.and_(*conds, _remap_cells(ir, layout, cells, P)))
+            else:
+                conds.append(B.range_(x, S0, None))
+                moved[side] = g.end - S0
+        parts.append(B.and_(*conds, _remap_cells(ir, layout, tuple(cells), P, moved)))
     return B.or_(*parts)
 
 
-def _remap_cells(ir: Node, layout: Layout, sides, prefix: int) -> Node:
+def _remap_cells(ir: Node, layout: Layout, sides, prefix: int, moved=None) -> Node:
     """``ir`` with the ``sides`` that are cells read from the permuted slot (``prefix``
-    slots of extra tokens before the boxes); the other sides stay positions (= slots)."""
-    form = coordinate_form(ir, layout.grid, sides)
+    slots of extra tokens before the boxes); the other sides stay positions (= slots), or
+    ``slot + moved[side]`` after the grid."""
+    form = coordinate_form(ir, layout.grid, sides, moved)
     sub = {}
     for side in sides:
         x = B.sub(Var(side), B.const(prefix)) if prefix else Var(side)
@@ -428,6 +460,29 @@ def _offsets(ir: Node) -> set[int]:
     return out
 
 
+def _ends(ir: Node) -> set[int]:
+    """Where a range of q or k alone flips (``q < 4173``: 4173, ``k >= 77``: 77): where a
+    grid followed by extra tokens may end."""
+    out = set()
+    for n in walk(ir):
+        if isinstance(n, Range):
+            terms, c = B.linear(n.x)
+            if len(terms) == 1 and all(isinstance(a, Var) and a.name in ("q", "k") and v == 1
+                                       for a, v in terms.items()):
+                out |= {b - c for b in (n.lo, None if n.hi is None else n.hi + 1)
+                        if b is not None}
+    return out
+
+
+def declared(pattern) -> Optional[Grid]:
+    """The grid a pattern declares (``pattern.grid``, with ``grid_offset`` extra tokens
+    before it and ``grid_suffix`` after it), or None."""
+    shape = getattr(pattern, "grid", None)
+    return None if shape is None else Grid(tuple(shape),
+                                           offset=getattr(pattern, "grid_offset", 0),
+                                           suffix=getattr(pattern, "grid_suffix", 0))
+
+
 def _position_list(n: Node) -> bool:
     """A list indexed by a position (``[..][q // 8]``): over a padded layout's slots or
     around extra tokens the index would leave the list where the mask does not read it,
@@ -435,34 +490,44 @@ def _position_list(n: Node) -> bool:
     return isinstance(n, Table) and bool({"q", "k"} & free_vars(n.index))
 
 
-def discover(ir: Node, N: int) -> list[Grid]:
+def discover(ir: Node, N: int, declared: Optional[Grid] = None) -> list[Grid]:
     """Grids the pattern's divisors and moduli suggest for ``N`` tokens (the finest first);
     empty when none does. Strides dividing ``N`` and each other chain into a row-major grid;
     a divisor of a coordinate that does not divide its axis becomes a split. The offsets the
     pattern subtracts before dividing (``(q - 77) // 64``) suggest more: grids of the
-    ``N - T`` tokens after ``T`` extra ones (after the grids of all ``N`` tokens)."""
+    ``N - T`` tokens after ``T`` extra ones (after the grids of all ``N`` tokens); and the
+    positions where a range of q or k alone flips (``q < 4096``, ``k >= T + 4096``) suggest
+    grids that end there, the tokens after them extra ones (after the grids that end at
+    ``N``). ``declared``: the pattern's declared grid (``grid (...) after T before U``),
+    tried last when no grid found has its shape and extra tokens."""
     if any(isinstance(n, Load) or _position_list(n) for n in walk(ir)) \
             or not ({"q", "k"} & free_vars(ir)):
         return []
     every, found = _strides(ir), []
-    for T in [0] + sorted(t for t in _offsets(ir) if t < N - 1):
-        M = N - T
+    starts = [0] + sorted(t for t in _offsets(ir) if t < N - 1)
+    ends = sorted(e for e in _ends(ir) if e < N)
+    for T, E in [(T, N) for T in starts] + [(T, E) for T in starts for E in ends if E > T + 1]:
+        M = E - T
         strides = sorted(s for s in every if 1 < s < M and M % s == 0)
         chain: list[int] = []
         for s in strides:
             if all(s % c == 0 for c in chain):
                 chain.append(s)
-        if T and not chain:
+        if (T or E < N) and not chain:
             continue
         shape, prev = [], M
         for s in reversed(chain):
             shape.append(prev // s)
             prev = s
         shape.append(prev)
-        grid = Grid(tuple(shape), offset=T)
+        grid = Grid(tuple(shape), offset=T, suffix=N - E)
         splits = _splits(coordinate_form(ir, grid), grid)
-        found += [Grid(grid.shape, splits, T)] if any(d > 1 for d in splits) else []
+        found += [Grid(grid.shape, splits, T, N - E)] if any(d > 1 for d in splits) else []
         found += [grid] if chain else []
+    if declared is not None and declared.tokens == N and not any(
+            (g.shape, g.offset, g.suffix) == (declared.shape, declared.offset, declared.suffix)
+            for g in found):
+        found.append(declared)
     return found
 
 
@@ -610,16 +675,18 @@ def _product_pairs(groups: list[Node], layout: Layout, block_m: int, block_n: in
 
 def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
            block_m: int = 128, block_n: int = 64, grids: Optional[list] = None,
-           force: bool = False, sequence: Optional[int] = None) -> Optional[Remap]:
+           force: bool = False, sequence: Optional[int] = None,
+           declared: Optional[Grid] = None) -> Optional[Remap]:
     """The best layout of ``ir`` for a self-attention call of ``Lq = Lk`` tokens (module
     docstring), or None (no grid, or none pays by :data:`MARGIN`; ``force``: the best
     whatever the margin; ``sequence``: the sequence order's computed pairs when known, else
-    estimated by :func:`sampled_pairs`). Product patterns (a conjunction of per-axis conditions) are
+    estimated by :func:`sampled_pairs`; ``declared``: the pattern's declared grid, a
+    candidate of :func:`discover`). Product patterns (a conjunction of per-axis conditions) are
     costed per axis; others by classifying sampled query-tile rows of the remapped pattern
     (:func:`sampled_pairs`), and the chosen one at the call's size."""
     if Lq != Lk or q_offset != 0 or ("h" in free_vars(ir) and num_heads > 1):
         return None
-    grids = discover(ir, Lq) if grids is None else grids
+    grids = discover(ir, Lq, declared) if grids is None else grids
     if not grids:
         return None
     best = None
@@ -627,7 +694,10 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
     while best is None and tokens >= MIN_TOKENS:
         bm, bn = min(block_m, tokens), min(block_n, tokens)
         for grid in grids:
-            groups = None if grid.offset else _axis_groups(coordinate_form(ir, grid), grid)
+            if grid.tokens != Lq:
+                continue
+            groups = None if grid.offset or grid.suffix else \
+                _axis_groups(coordinate_form(ir, grid), grid)
             boxes = candidate_boxes(grid, tokens)
             if groups is None:
                 boxes = boxes[:FULL_CANDIDATES]
@@ -706,8 +776,8 @@ def ordered(ir: Node, N: int, taken=()) -> Ordered:
     per axis. ``taken``: names the tables must not use (the pattern's own inputs)."""
     # every token a cell, and no padding: a ragged residue class would let the tables'
     # ranges bound a position past N - 1 (a list indexed by q refused as out of range)
-    grids = [g for g in discover(ir, N)
-             if not g.offset and all(n % d == 0 for n, d in zip(g.shape, g.splits))]
+    grids = [g for g in discover(ir, N) if not g.offset and not g.suffix
+             and all(n % d == 0 for n, d in zip(g.shape, g.splits))]
     grid = grids[0] if grids else Grid((N,))
     prefix = "order_"
     while any(t.startswith(prefix) for t in taken):

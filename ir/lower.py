@@ -33,6 +33,7 @@ class Lowered:
     score_inputs: dict = None         # float runtime input name -> number of index dims
     grid: Optional[tuple] = None      # the token grid a call's lengths must fill, or None
     grid_offset: int = 0              # extra tokens before the grid (``after T``)
+    grid_suffix: int = 0              # extra tokens after the grid (``before U``)
 
 
 def _tname(t: str) -> str:
@@ -262,19 +263,23 @@ class _Lowerer:
                                        filename=self.filename)
         return tuple(shape)
 
-    def grid_offset(self, grid, shape: tuple) -> int:
-        """``T`` of ``after T`` (0 without): a constant int >= 0 that leaves the token
-        count (``T`` plus the cells of ``shape``) within :data:`MAX_TOKENS`; located
+    def grid_offset(self, grid, shape: tuple, tail: bool = False, before: int = 0) -> int:
+        """``T`` of ``after T`` (``tail``: ``U`` of ``before U``; 0 without): a constant int
+        >= 0 that leaves the token count (``T`` and ``U`` plus the cells of ``shape``;
+        ``before``: the other count, already read) within :data:`MAX_TOKENS`; located
         errors."""
-        if grid.extra is None:
+        tree = grid.tail if tail else grid.extra
+        if tree is None:
             return 0
-        v = self.constant(grid.extra, "the extra tokens of a grid (after T)")
+        what = "the extra tokens after a grid (before U)" if tail else \
+            "the extra tokens of a grid (after T)"
+        v = self.constant(tree, what)
         if isinstance(v, (bool, tuple)) or v < 0:
-            raise self.err(SpattnValueError, f"the extra tokens of a grid (after T) must be "
-                           f"an int >= 0, got {v!r}", grid.extra)
-        if math.prod(shape) + v > MAX_TOKENS:
-            raise self.err(SpattnValueError, _too_many("grid", shape, math.prod(shape) + v,
-                                                       after=v), grid.extra)
+            raise self.err(SpattnValueError, f"{what} must be an int >= 0, got {v!r}", tree)
+        if math.prod(shape) + v + before > MAX_TOKENS:
+            raise self.err(SpattnValueError, _too_many("grid", shape,
+                                                       math.prod(shape) + v + before,
+                                                       after=before if tail else v), tree)
         return v
 
     def pattern_grid(self, declared, offset: int = 0) -> Optional[tuple]:
@@ -393,17 +398,20 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
         lo.inlined = res.inlined
         declared = None if res.grid is None else lo.grid_shape(res.grid)
         offset = 0 if res.grid is None else lo.grid_offset(res.grid, declared)
+        suffix = 0 if res.grid is None else lo.grid_offset(res.grid, declared, tail=True,
+                                                           before=offset)
         irs, grids = {}, {}
         for n, t in res.patterns.items():
             lo.shapes = []
             irs[n] = lo.pattern(t)
-            grids[n] = lo.pattern_grid(declared, offset)
+            grids[n] = lo.pattern_grid(declared, offset + suffix)
         scores = {n: None if t is None else lo.score(t) for n, t in res.scores.items()}
     except RecursionError:
         raise _too_deep(src, filename) from None
     return Lowered(irs[chosen], chosen, dict(res.params), dict(res.inputs[chosen]),
                    scores.get(chosen), dict(res.float_inputs.get(chosen, {})),
-                   grids[chosen], offset if grids[chosen] == declared else 0)
+                   grids[chosen], offset if grids[chosen] == declared else 0,
+                   suffix if grids[chosen] == declared else 0)
 
 
 def _too_many(what: str, shape: tuple, count: int, after: int = 0) -> str:

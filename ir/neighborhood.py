@@ -28,7 +28,8 @@ from ..dsl.errors import SpattnParamError, SpattnValueError, short_repr
 from . import build as B
 from .nodes import Node
 
-__all__ = ["neighborhood_ir", "coordinate", "check_shape", "MAX_AXES", "MAX_TOKENS"]
+__all__ = ["neighborhood_ir", "coordinate", "check_shape", "check_extra", "MAX_AXES",
+           "MAX_TOKENS"]
 
 MAX_AXES = 4
 #: The most tokens a grid may have (its cells, plus ``after T`` for a declared grid): a
@@ -55,6 +56,15 @@ def check_shape(shape) -> tuple[int, ...]:
                                f"can have ({MAX_TOKENS} = 2**63 - 1: lengths and positions "
                                "are 64-bit integers)")
     return tuple(int(n) for n in shape)
+
+
+def check_extra(name: str, value) -> int:
+    """A count of extra tokens beside the grid: an int >= 0 (SpattnParamError naming
+    ``name``)."""
+    if not _is_int(value) or value < 0:
+        raise SpattnParamError(f"{name} takes an int >= 0 (extra tokens beside the grid), "
+                               f"got {short_repr(value)}")
+    return int(value)
 
 
 def _per_axis(name: str, value, d: int, kind) -> tuple:
@@ -104,10 +114,15 @@ def _axis(q: Node, k: Node, n: int, K: int, s: int, d: int, causal: bool) -> Nod
     return B.and_(*conds)
 
 
-def neighborhood_ir(shape, kernel_size, stride=1, dilation=1, is_causal=False) -> Node:
+def neighborhood_ir(shape, kernel_size, stride=1, dilation=1, is_causal=False, *,
+                    extra_before: int = 0, extra_after: int = 0) -> Node:
     """The pattern (module docstring); each argument one value or one per axis. Raises
     :class:`~spattn.SpattnParamError` / :class:`~spattn.SpattnValueError` naming the
-    argument (and axis) that does not fit."""
+    argument (and axis) that does not fit. ``extra_before`` / ``extra_after``: tokens
+    before and after the grid's cells (text beside an image): every cell also attends to
+    them (NATTEN's additional keys), and they attend to every token."""
+    T = check_extra("extra_before", extra_before)
+    U = check_extra("extra_after", extra_after)
     shape = check_shape(shape)
     d = len(shape)
     ks = _per_axis("kernel_size", kernel_size, d, int)
@@ -127,5 +142,17 @@ def neighborhood_ir(shape, kernel_size, stride=1, dilation=1, is_causal=False) -
             raise SpattnValueError(f"stride[{a}] is {s}: it must be in 1..kernel_size[{a}] "
                                    f"= {K}")
     q, k = B.var("q"), B.var("k")
-    return B.and_(*(_axis(coordinate(q, shape, a), coordinate(k, shape, a), n, K, s, dl, c)
-                    for a, (n, K, s, dl, c) in enumerate(zip(shape, ks, st, di, ca))))
+    if T:
+        q, k = B.sub(q, B.const(T)), B.sub(k, B.const(T))
+    cells = B.and_(*(_axis(coordinate(q, shape, a), coordinate(k, shape, a), n, K, s, dl, c)
+                     for a, (n, K, s, dl, c) in enumerate(zip(shape, ks, st, di, ca))))
+    if not T and not U:
+        return cells
+    end = T + math.prod(shape)
+    extra = []
+    for x in (B.var("q"), B.var("k")):
+        if T:
+            extra.append(B.cmp("<", x, B.const(T)))
+        if U:
+            extra.append(B.cmp(">=", x, B.const(end)))
+    return B.or_(cells, *extra)

@@ -22,17 +22,18 @@ class CompiledPattern:
     docstring). Equal (and hash equal) when the canonical IR is, however it was written.
     ``grid``: the token grid the pattern is defined on (``spattn.neighborhood``, a ``grid``
     declaration, the language's ``neighborhood(...)``), or None; a call's lengths must then
-    be its cell count (plus ``grid_offset`` extra tokens before it: ``after T``). The grid
+    be its cell count (plus ``grid_offset`` extra tokens before it, ``after T``, and
+    ``grid_suffix`` after it, ``before U``). The grid
     is checked at calls, not part of the pattern's identity:
     equality, hashing and ``source`` are the mask's (docs/language.md, grids)."""
 
     __slots__ = ("ir", "name", "params", "inputs", "source", "backend", "grid", "grid_offset",
-                 "score", "score_inputs", "op_key")
+                 "grid_suffix", "score", "score_inputs", "op_key")
 
     def __init__(self, ir, *, name: str = "pattern", params: dict | None = None,
                  inputs: dict | None = None, backend: str = "auto",
                  grid: tuple | None = None, score=None, score_inputs: dict | None = None,
-                 grid_offset: int = 0):
+                 grid_offset: int = 0, grid_suffix: int = 0):
         if backend not in BACKENDS:
             raise SpattnParamError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                                    f"got {backend!r}")
@@ -48,12 +49,14 @@ class CompiledPattern:
         self.backend = backend
         self.grid = None if grid is None else tuple(grid)
         self.grid_offset = int(grid_offset) if grid is not None else 0
+        self.grid_suffix = int(grid_suffix) if grid is not None else 0
         # what the custom ops carry (a str attribute: a constant while tracing): the
         # canonical source, preceded by the grid declaration when there is one, so that
         # one mask with and without a grid are two keys
         self.op_key = self.source if self.grid is None else (
             f"grid ({', '.join(map(str, self.grid))})"
-            + (f" after {self.grid_offset}" if self.grid_offset else "") + f" {self.source}")
+            + (f" after {self.grid_offset}" if self.grid_offset else "")
+            + (f" before {self.grid_suffix}" if self.grid_suffix else "") + f" {self.source}")
 
     @classmethod
     def from_source(cls, src: str, *, backend: str = "auto", pattern: str | None = None,
@@ -63,7 +66,7 @@ class CompiledPattern:
         low = compile_source(src, params, pattern=pattern, filename=filename, score=score)
         return cls(low.ir, name=low.name, params=low.params, inputs=low.inputs,
                    backend=backend, score=low.score, score_inputs=low.score_inputs,
-                   grid=low.grid, grid_offset=low.grid_offset)
+                   grid=low.grid, grid_offset=low.grid_offset, grid_suffix=low.grid_suffix)
 
     @property
     def key(self) -> str:

@@ -263,12 +263,15 @@ def check_grid(pattern, Lq, Lk: int, what: str = "q and k") -> None:
     if grid is None:
         return
     extra = getattr(pattern, "grid_offset", 0)
-    n = math.prod(grid) + extra
+    tail = getattr(pattern, "grid_suffix", 0)
+    n = math.prod(grid) + extra + tail
     if (Lq is not None and Lq != n) or Lk != n:
         lengths = f"Lk={Lk}" if Lq is None else f"lengths Lq={Lq}, Lk={Lk}"
-        grid_text = (f"{tuple(grid)} after {extra} extra tokens, {n} tokens in all" if extra
+        around = " and".join(([f" after {extra}"] if extra else [])
+                             + ([f" before {tail}"] if tail else []))
+        grid_text = (f"{tuple(grid)}{around} extra tokens, {n} tokens in all" if around
                      else f"{tuple(grid)} of {n} tokens")
-        must = "the extra tokens and the grid's cells" if extra else "the grid's product"
+        must = "the extra tokens and the grid's cells" if around else "the grid's product"
         raise SpattnInputError(f"the pattern is defined on the grid {grid_text}, but {what} "
                                f"have {lengths}: {must} must equal the sequence length")
 

@@ -400,13 +400,14 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings):
     ``SPATTN_LAYOUT`` setting: ``auto`` when it pays and the call has at least
     ``ir.layout.AUTO_MIN_TOKENS`` tokens, ``on`` whenever a grid is found, ``off`` never;
     patterns with runtime inputs run in sequence order)."""
-    from ..ir.layout import AUTO_MIN_TOKENS, choose
+    from ..ir.layout import AUTO_MIN_TOKENS, choose, declared
     Lq, Lk = q.shape[2], k.shape[2]
     if settings.layout == "off" or inputs or (settings.layout == "auto"
                                               and Lq < AUTO_MIN_TOKENS):
         return None
     return choose(pattern.ir, Lq, Lk, Positions.of(Lq, Lk, q_offset).q_offset,
-                  num_heads=q.shape[1], force=settings.layout == "on")
+                  num_heads=q.shape[1], force=settings.layout == "on",
+                  declared=declared(pattern))
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
@@ -469,6 +470,7 @@ class PlanCache:
         if order is not None:       # data, like an input: by identity and version
             ins += (("order()", id(order), data_version(order), order.data_ptr()),)
         return (pattern.source, getattr(pattern, "grid", None), getattr(pattern, "grid_offset", 0),
+                getattr(pattern, "grid_suffix", 0),
                 tuple(sorted(pattern.inputs.items())), backend, _layout(q, k, v),
                 q.dtype, k.dtype, str(q.device), _aligned(q, k, v), scale, q_offset, ins,
                 settings.raw, tune.generation())

@@ -253,7 +253,8 @@ def _cmd_check(args, pat, out):
 def _params_and_inputs(pat, out, indent):
     if pat.grid is not None:
         extra = f" after {pat.grid_offset} tokens" if pat.grid_offset else ""
-        n = math.prod(pat.grid) + pat.grid_offset
+        extra += f" before {pat.grid_suffix} tokens" if pat.grid_suffix else ""
+        n = math.prod(pat.grid) + pat.grid_offset + pat.grid_suffix
         print(indent + "grid: " + " x ".join(map(str, pat.grid)) + f"{extra} ({n:,} tokens: a "
               "call's length)", file=out)
     if pat.params:

@@ -59,6 +59,7 @@ def _resolve(pattern, kwargs):
             pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
                               inputs=pattern.inputs, backend=backend, grid=pattern.grid,
                               grid_offset=pattern.grid_offset,
+                              grid_suffix=pattern.grid_suffix,
                               score=pattern.score, score_inputs=pattern.score_inputs)
         return pattern, inputs
     if not isinstance(pattern, str):

@@ -45,6 +45,7 @@ class SparseAttention(nn.Module):
                 pattern = Pattern(pattern.ir, name=pattern.name, params=pattern.params,
                                   inputs=pattern.inputs, backend=backend, grid=pattern.grid,
                                   grid_offset=pattern.grid_offset,
+                                  grid_suffix=pattern.grid_suffix,
                                   score=pattern.score, score_inputs=pattern.score_inputs)
         elif isinstance(pattern, str):
             from . import compile as _compile

@@ -49,6 +49,8 @@ class Pattern(CompiledPattern):
         grid = f", grid={self.grid}" if self.grid is not None else ""
         if self.grid_offset:
             grid += f" after {self.grid_offset}"
+        if self.grid_suffix:
+            grid += f" before {self.grid_suffix}"
         return f"Pattern({self.name!r}: {self.source}{inputs}{grid})"
 
     # -- reference semantics ---------------------------------------------
@@ -245,7 +247,7 @@ def compile(src: str, *, score: str | None = None, backend: str = "auto",
     warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
                    score=low.score, score_inputs=low.score_inputs, grid=low.grid,
-                   grid_offset=low.grid_offset)
+                   grid_offset=low.grid_offset, grid_suffix=low.grid_suffix)
 
 
 def pattern_names(path) -> list[str]:
@@ -336,4 +338,4 @@ def load(path, *, pattern: str | None = None, backend: str = "auto", **params: A
     warn_if_false(low.ir, low.name)
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
                    score=low.score, score_inputs=low.score_inputs, grid=low.grid,
-                   grid_offset=low.grid_offset)
+                   grid_offset=low.grid_offset, grid_suffix=low.grid_suffix)

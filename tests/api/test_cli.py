@@ -21,7 +21,8 @@ def _length(path, name, default):
     """The call length of a pattern: its grid's cell count when it is declared on one
     (a call of another length is refused), else ``default``."""
     pat = spattn.load(path, pattern=name)
-    return default if pat.grid is None else math.prod(pat.grid) + pat.grid_offset
+    return default if pat.grid is None else \
+        math.prod(pat.grid) + pat.grid_offset + pat.grid_suffix
 
 
 def run(*argv):

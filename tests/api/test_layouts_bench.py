@@ -72,3 +72,16 @@ def test_flex_mask_mod_is_nattens(layouts, shape, kernel, stride):
     got = layouts.natten_mask_mod(shape, kernel, stride)(0, 0, idx[:, None], idx[None, :])
     want = neighborhood_mask(shape, kernel, stride or 1)
     assert got.numpy().tolist() == want.tolist()
+
+
+def test_cpu_run_of_text_around_an_image(layouts, tmp_path, monkeypatch):
+    """The row of a declared grid with text before and after it runs in a layout with both
+    runs of text around the boxes and matches the reference."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "auto")
+    rc = layouts.main(["--out", str(tmp_path), "--cpu", "--only",
+                       "text77-flux-window-81x81-text20"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "layouts.json").read_text())["rows"]
+    assert "after 5 tokens before 7 tokens" in rows[0]["layout"]
+    assert rows[0]["rel_err_sampled"] < 1e-4
+    assert layouts.PROBLEMS["text77-flux-window-81x81-text20"][1] == (77, 256, 40, 20)
