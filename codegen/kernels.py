@@ -61,7 +61,7 @@ from ..ir.nodes import BoolConst
 from .emit import HELPERS, NONNEG_VARS, emit
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "16"
+CODEGEN_VERSION = "15"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -97,7 +97,6 @@ def _names(pattern, key6: str) -> dict:
         "dq": f"attn_bwd_dq_{base}",
         "fwd_range": f"_fwd_range_{key6}",
         "fwd_fused": f"_fwd_fused_{key6}",
-        "fwd_box": f"_fwd_box_{key6}",
         "dkdv_range": f"_dkdv_range_{key6}",
         "dkdv_fused": f"_dkdv_fused_{key6}",
         "dq_range": f"_dq_range_{key6}",

@@ -18,7 +18,6 @@ autotuner's generation. It holds :data:`PLANS_SIZE` plans.
 """
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -63,7 +62,6 @@ class Call:
     int64: bool = False
     ranges_ok: bool = True
     tables: dict = None               # a score's float tables (as given to the first call)
-    key_grid: tuple = None            # a token layout's (tiles per axis, tokens per box)
 
     @classmethod
     def of(cls, pattern, q, k, *, scale: float, q_offset, inputs, settings=None,
@@ -283,12 +281,11 @@ class PermutedPlan(Plan):
     :class:`RemappedPlan` (a layout the compiler chose) and :class:`OrderedPlan` (an order
     the caller gave) differ only in where the order and the pattern over slots come from."""
 
-    def _build_inner(self, inner, backend, q, k, v, *, scale, inputs, settings, options,
-                     key_grid=None):
+    def _build_inner(self, inner, backend, q, k, v, *, scale, inputs, settings, options):
         qs, ks, vs = (self._stand_in(t) for t in (q, k, v))
         self.inner = build_plan(inner, backend, qs, ks, vs, scale=scale, q_offset=None,
                                 inputs=inputs, settings=settings, options=options,
-                                layouts=False, key_grid=key_grid)
+                                layouts=False)
         self.call = self.inner.call
         self.forward_stage = self.inner.forward_stage
 
@@ -328,13 +325,8 @@ class RemappedPlan(PermutedPlan):
         # the caller's pattern class (the torch backend's plan calls its analysis methods)
         inner = type(pattern)(remap.ir, name=f"{pattern.name}@layout",
                               backend=getattr(pattern, "backend", "auto"))
-        lay = remap.layout
-        # the slots are whole boxes of the grid in row-major box order (no extra tokens):
-        # the forward may address its key tiles as a grid (runtime.tables._boxes)
-        grid = (lay.tiles, lay.tokens) if lay.padded_size == math.prod(lay.tiles) * \
-            lay.tokens else None
         self._build_inner(inner, backend, q, k, v, scale=scale, inputs={}, settings=settings,
-                          options=options, key_grid=grid)
+                          options=options)
 
     def __repr__(self) -> str:
         r = self.remap
@@ -419,14 +411,12 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings):
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
                settings=None, options=None, layouts: bool = True, tables=None,
-               order=None, key_grid=None) -> Plan:
+               order=None) -> Plan:
     """A new :class:`Plan` (arguments already validated: ``api.validate``); an
     :class:`OrderedPlan` for a caller's token ``order`` (its values checked there:
     :func:`permutation`), else a :class:`RemappedPlan` when the pattern runs in a token
     layout (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
-    (and tuned) with; each call passes its own (``runtime.scores``). ``key_grid``: the
-    layout's ``(tiles per axis, tokens per box)`` when the pattern is one over slots of a
-    :class:`RemappedPlan` (the forward may then use box tables)."""
+    (and tuned) with; each call passes its own (``runtime.scores``)."""
     from .api import check_grid
     from .progress import progress
     from .usage import warn_if_empty
@@ -446,7 +436,6 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
                                 settings=settings, options=options)
         call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
                        settings=settings, backend=backend, tables=tables)
-        call.key_grid = key_grid
         plan = Plan(pattern, backend, call, q, k, v, options)
     warn_if_empty(call)
     return plan

@@ -9,9 +9,7 @@ built for one kernel serves every other kernel of the same tile shape.
 Table arguments of a kernel, ``[ROWS_P, COLS_P, ROWS_F, COLS_F, SPAN, stride_b, stride_h]``:
 the CSR lists of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]``, all
 indexed by row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a
-stand-in. The form (spans or CSR, :data:`TABLE_MODES`) is the ``SPANS`` constexpr. A
-forward in a token layout whose key tiles form a grid (``key_dims``) may get *boxes*
-instead (:func:`_boxes`, the ``BOXES`` constexpr): ``SPAN`` then holds 16 ints per row.
+stand-in. The form (spans or CSR, :data:`TABLE_MODES`) is the ``SPANS`` constexpr.
 """
 from __future__ import annotations
 
@@ -69,51 +67,6 @@ def _csr(sel: torch.Tensor):
     if idx.numel() == 0:
         idx = torch.zeros(1, dtype=torch.int32, device=sel.device)
     return ptr.reshape(-1), idx
-
-
-#: Axes of the key-tile grid a box table describes (the forward kernel's N0 .. N3).
-BOX_AXES = 4
-
-
-def _boxes(cls: torch.Tensor, dims: tuple):
-    """Per row of ``cls [B', H', n, m]`` whose ``m`` key tiles are the row-major grid
-    ``dims`` (at most :data:`BOX_AXES` axes, padded with 1s in front): ``[lo_a, hi_a, flo_a,
-    fhi_a]`` for each axis ``a``, int32 ``[B', H', n, 16]`` -- the bounding box of the
-    row's non-EMPTY tiles and of its FULL tiles (an empty box where there are none) --, the
-    *waste* of visiting every tile of the box with only the FULL box unmasked (the EMPTY
-    tiles in the box plus the FULL tiles outside the FULL box, summed over the rows), and
-    each row's work (as :func:`_spans`). With zero waste the kernel visits exactly the
-    tiles of the CSR lists with the same masking, addressed by coordinates: for a product
-    pattern in a layout (a neighbourhood in boxes) the non-EMPTY and FULL tiles of a row
-    are boxes of the key-tile grid."""
-    dims = (1,) * (BOX_AXES - len(dims)) + tuple(dims)
-    B_, H_, n, m = cls.shape
-    assert math.prod(dims) == m, (dims, m)
-    grid = cls.reshape(B_, H_, n, *dims)
-    ne, full = grid != EMPTY, grid == FULL
-    rows = []
-    count = ne.reshape(B_, H_, n, m).sum(-1, dtype=torch.int32)
-    n_full = full.reshape(B_, H_, n, m).sum(-1, dtype=torch.int32)
-    vol_ne = torch.ones_like(count)
-    vol_f = torch.ones_like(count)
-    for a, size in enumerate(dims):
-        other = tuple(3 + b for b in range(BOX_AXES) if b != a)
-        j = torch.arange(size, device=cls.device, dtype=torch.int32)
-        per = []
-        for sel in (ne, full):
-            on = sel.any(dim=other) if other else sel
-            hi = torch.where(on, j + 1, 0).amax(-1)
-            lo = torch.minimum(torch.where(on, j, size).amin(-1), hi)
-            per.append((lo, hi))
-        (lo, hi), (flo, fhi) = per
-        vol_ne = vol_ne * (hi - lo)
-        vol_f = vol_f * (fhi - flo)
-        rows.append(torch.stack([lo, hi, flo, fhi], dim=-1))
-    # each box holds every tile of its kind (bounding boxes): zero waste where both hold
-    # nothing else (a row without FULL tiles has an empty FULL box, vol_f 0)
-    waste = (vol_ne - count) + (vol_f - n_full)
-    boxes = torch.cat(rows, dim=-1).to(torch.int32)
-    return boxes, waste.sum(), 2 * count - n_full
 
 
 def _spans(cls: torch.Tensor):
@@ -179,9 +132,8 @@ class _Job:
     tiles, as dK/dV reads them) and the fine classes ``fine [B', H', nfq, nfk]`` of
     ``fine_tile`` tiles it is pooled from (:func:`_classes`)."""
 
-    def __init__(self, fine, fine_tile, tile, transposed, Lq, Lk, key_dims=None):
+    def __init__(self, fine, fine_tile, tile, transposed, Lq, Lk):
         self.fine, self.fine_tile, self.tile, self.transposed = fine, fine_tile, tile, transposed
-        self.key_dims = key_dims        # the key tiles' grid (a forward in a layout), or None
         self.Lq, self.Lk = Lq, Lk
         (bm, bn), (fm, fn) = tile, fine_tile
         self.factors = (bm // fm, bn // fn)
@@ -240,13 +192,6 @@ def _table_many(items: list, mode: str = "auto") -> list:
             use = [w == 0 for w in torch.stack([w for _, _, w in parts]).tolist()]
         else:
             use = [mode == "spans"] * len(items)
-    for t, job in enumerate(items):
-        if job.key_dims is not None and mode == "auto" and not use[t]:
-            classes[t] = job.classes() if classes[t] is None else classes[t]
-            boxes, waste, work = _boxes(classes[t], job.key_dims)
-            if int(waste) == 0:
-                boxes = torch.nn.functional.pad(boxes, (0, 0, 0, 1)).contiguous()
-                parts[t], use[t] = (boxes, work, waste), "boxes"
     out = []
     for job, cls, (spans, work, *_), use_spans in zip(items, classes, parts, use):
         Bp, Hp = job.fine.shape[0], job.fine.shape[1]
@@ -416,26 +361,22 @@ class Analysis:
             rows += int((w > 0).sum())
         return tiles, rows
 
-    def tables(self, specs, mode: str = "auto", HK: int | None = None,
-               key_dims=None) -> list:
-        """``(table arguments, grid order, form)`` for each ``(tile, transposed)`` of
+    def tables(self, specs, mode: str = "auto", HK: int | None = None) -> list:
+        """``(table arguments, grid order, spans?)`` for each ``(tile, transposed)`` of
         ``specs`` (``transposed``: rows are key tiles, as dK/dV reads them, over ``HK`` key
         heads whose work sums that of their query heads); the tables built together share
-        one device read. ``form``: True for spans, False for CSR lists, ``"boxes"`` for
-        boxes of the key-tile grid ``key_dims`` (untransposed tables only, ``auto`` mode,
-        where they visit exactly the CSR lists' tiles)."""
+        one device read."""
         HK = self.H if HK is None else HK
         fine_all = self.classes([t for t, _ in specs])
         todo = {}
         for (tile, transposed), (fine_tile, fine) in zip(specs, fine_all):
-            dims = None if transposed else key_dims
-            tkey = (tile, transposed, mode, dims)
+            tkey = (tile, transposed, mode)
             if tkey not in self.built and tkey not in todo:
-                todo[tkey] = _Job(fine, fine_tile, tile, transposed, self.Lq, self.Lk, dims)
+                todo[tkey] = _Job(fine, fine_tile, tile, transposed, self.Lq, self.Lk)
         self.built.update(zip(todo, _table_many(list(todo.values()), mode)))
         out = []
         for t, tr in specs:
-            args, work, spans = self.built[(t, tr, mode, None if tr else key_dims)]
+            args, work, spans = self.built[(t, tr, mode)]
             heads = HK if tr else self.H
             okey = ("order", t, tr, mode, self.B, heads)
             if okey not in self.built:
@@ -445,15 +386,14 @@ class Analysis:
 
 
 def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inputs,
-               tables="auto", analysis=None, key_dims=None):
+               tables="auto", analysis=None):
     """What the forward of the table strategy builds for a new shape: the tile classes
-    (shared by the heads and batches that share them), the spans, boxes (a layout's
-    key-tile grid ``key_dims``) or CSR lists of key tiles per query tile (``tables``: see
-    :data:`TABLE_MODES`), the heavy-first order and the form (:meth:`Analysis.tables`).
-    ``benchmarks/bench.py`` times exactly this as the setup of a shape."""
+    (shared by the heads and batches that share them), the spans or CSR lists of key tiles
+    per query tile (``tables``: see :data:`TABLE_MODES`), the heavy-first order and whether
+    spans are used. ``benchmarks/bench.py`` times exactly this as the setup of a shape."""
     analysis = analysis or Analysis(pattern, Lq, Lk, B=B, H=H, q_offset=q_offset,
                                     device=device, inputs=inputs)
-    (out,) = analysis.tables([((block_m, block_n), False)], tables, key_dims=key_dims)
+    (out,) = analysis.tables([((block_m, block_n), False)], tables)
     return out
 
 

@@ -45,7 +45,6 @@ strategy, power-of-two buckets of the lengths and of batch x heads, the row buck
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +54,7 @@ from ..dsl.errors import SpattnConfigError, SpattnValueError
 from ..ir import bounds as _bounds
 from . import cache as _cache
 from . import tune as _tune
-from .tables import BOX_AXES, TABLE_MODES, bwd_tables, fwd_tables, ranges_order, row_bucket
+from .tables import TABLE_MODES, bwd_tables, fwd_tables, ranges_order, row_bucket
 
 LOG2E = 1.4426950408889634
 #: The smallest normal fp32 number (2**-126).
@@ -439,21 +438,6 @@ def _smaller(kind: str, cfg) -> dict | None:
     return None
 
 
-def key_dims(key_grid, block_n: int, Lk: int):
-    """The forward's key tiles of ``block_n`` keys as a row-major grid, for box tables: from
-    a token layout's ``key_grid = (tiles per virtual axis, tokens per box)`` the tiles
-    per axis, the box split into ``tokens // block_n`` tiles last; axes of one tile dropped.
-    None without a layout, when a key tile is not a whole part of a box, or with more than
-    :data:`~spattn.runtime.tables.BOX_AXES` axes."""
-    if key_grid is None:
-        return None
-    tiles, tokens = key_grid
-    if tokens % block_n or math.prod(tiles) * tokens != Lk:
-        return None
-    dims = tuple(t for t in (*tiles, tokens // block_n) if t > 1) or (1,)
-    return dims if len(dims) <= BOX_AXES else None
-
-
 def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
@@ -464,14 +448,11 @@ def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
     in_args = _input_args(call.pattern, call.inputs, cfg.int64)
     mode = opts.get("tables", "auto")
     if cfg.strategy == "table":
-        dims = key_dims(call.key_grid, bn, Lk)
-        tab, order, form = fwd_tables(call.pattern, Lq, Lk, bm, bn, B=B, H=H, q_offset=q_offset,
-                                      device=q.device, inputs=call.inputs, tables=mode,
-                                      analysis=call.analysis, key_dims=dims)
-        table_kw = {"SPANS": form is True, "BOXES": form == "boxes"}
-        mode = "boxes" if form == "boxes" else "spans" if form else "csr"
-        dims = (1,) * (4 - len(dims or ())) + tuple(dims or ())
-        tab = [*tab, *dims[1:]]             # N1, N2, N3 after the table arguments
+        tab, order, spans = fwd_tables(call.pattern, Lq, Lk, bm, bn, B=B, H=H, q_offset=q_offset,
+                                       device=q.device, inputs=call.inputs, tables=mode,
+                                       analysis=call.analysis)
+        table_kw = {"SPANS": spans}
+        mode = "spans" if spans else "csr"
     else:
         tab, table_kw, mode = [], {}, "-"
         order = ranges_order(cf.rows, n_tiles=nq, block=bm, other_len=Lk, other_block=bn,
