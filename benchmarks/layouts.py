@@ -204,6 +204,7 @@ def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=
     row["plan_s"] = time.perf_counter() - t0
     remap = getattr(plan, "remap", None)
     row["layout"] = str(remap.layout) if remap is not None else None
+    row["tables"] = table_form(plan)
     if order is not None:
         row["layout"] = f"caller's order, boxes {args[2][0]}x{args[2][1]}"
     if remap is not None:
@@ -293,6 +294,12 @@ def parse_config(text: str):
     return env, text
 
 
+def table_form(plan):
+    """The forward's table form (boxes, spans, csr; "-" for closed-form ranges)."""
+    stage = getattr(getattr(plan, "inner", plan), "forward_stage", None)
+    return getattr(stage, "tables", None)
+
+
 def time_config(cfg, pat, q, k, v, order, dense, bench, rounds):
     """The forward under one launch configuration (``tuned``: autotuning on), against
     cuDNN in alternating rounds."""
@@ -303,6 +310,7 @@ def time_config(cfg, pat, q, k, v, order, dense, bench, rounds):
     out = {"config": label}
     try:
         plan = pat.plan(q, k, v, order=order)
+        out["tables"] = table_form(plan)
         o = pat(q, k, v, plan=plan)
         out["rel_err_sampled"] = err = sampled_error(pat, q, k, v, o, q.shape[2], samples=2)
         if not err < 2e-2:
@@ -437,7 +445,7 @@ def table(rows, flex_rows):
               f"{100 * r['useful_fraction_layout']:.0f}%"
               if r.get("useful_fraction_layout") is not None else "")
         tgt = f"{r['target_vs_dense']}x" if r.get("target_vs_dense") else ""
-        out.append(f"| {r['problem']} | {r['layout'] or 'sequence order'} | {fr} | "
+        out.append(f"| {r['problem']} | {r['layout'] or 'sequence order'} ({r.get('tables')}) | {fr} | "
                    f"{r['fwd_ms']:.3f} | {r['dense_fwd_ms']:.3f} | "
                    f"{r['speedup_vs_dense']:.2f}x | {tgt} |")
     extra = [r for r in rows if "error" not in r and ("spattn_fwdbwd_ms" in r
@@ -462,7 +470,7 @@ def table(rows, flex_rows):
             if "error" in c:
                 out.append(f"| {name} | {c['config']} | {c['error'][:60]} | | |")
             else:
-                out.append(f"| {name} | {c['config']} | {c['fwd_ms']:.2f} | "
+                out.append(f"| {name} | {c['config']} ({c.get('tables')}) | {c['fwd_ms']:.2f} | "
                            f"{c['dense_fwd_ms']:.2f} | {c['speedup_vs_dense']:.2f}x |")
     if flex_rows:
         out += ["", "| 16K pattern | layouts | fwd ms | Flex fwd ms | fwd vs Flex | fwd+bwd ms |"

@@ -277,21 +277,22 @@ def check_grid(pattern, Lq, Lk: int, what: str = "q and k") -> None:
 
 
 def check_order(order, q, k, q_offset) -> torch.Tensor:
-    """A caller's token order (``order=``: slot ``i`` holds token ``order[i]``) as an int64
-    ``[L]`` tensor on q's device; SpattnInputError naming ``order`` unless it is a 1-D
-    integer tensor on q's device that is a permutation of ``0 .. L-1`` for a
-    self-attention call (``Lq = Lk = L``, ``q_offset`` 0)."""
+    """A caller's token order (``order=``: slot ``i`` holds token ``order[i]``, or of batch
+    element ``b`` token ``order[b, i]``) as an int64 ``[L]`` or ``[B, L]`` tensor on q's
+    device; SpattnInputError naming ``order`` unless it is an integer tensor on q's device
+    whose rows are permutations of ``0 .. L-1`` for a self-attention call (``Lq = Lk = L``,
+    ``q_offset`` 0)."""
     _order_tensor(order)
     _order_fits(order, q, k, q_offset)
     return permutation(order, q.shape[2])
 
 
 def _order_tensor(order) -> None:
-    """What ``order`` must be whatever the call: a dense 1-D integer tensor."""
+    """What ``order`` must be whatever the call: a dense 1-D or 2-D integer tensor."""
     if not isinstance(order, torch.Tensor):
-        raise SpattnInputError(f"order must be a 1-D integer torch.Tensor (a permutation of "
-                               f"0..L-1: the token in each slot), got {type(order).__name__} "
-                               f"{short_repr(order)}")
+        raise SpattnInputError(f"order must be an integer torch.Tensor [L] or [B, L] (a "
+                               f"permutation of 0..L-1: the token in each slot), got "
+                               f"{type(order).__name__} {short_repr(order)}")
     if order.layout is not torch.strided or order.is_nested or order.is_meta:
         raise SpattnInputError(f"order must be a dense tensor with data, got "
                                f"{'a meta tensor' if order.is_meta else _layout(order)}")
@@ -300,9 +301,10 @@ def _order_tensor(order) -> None:
         raise SpattnInputError(f"order (shape {_shape(order)}) has dtype {order.dtype}: it "
                                "must be an integer tensor (int64, int32, int16, int8 or "
                                "uint8)")
-    if order.dim() != 1:
-        raise SpattnInputError(f"order must be 1-D [L] (one order for every batch element "
-                               f"and head), got shape {_shape(order)}")
+    if order.dim() not in (1, 2):
+        raise SpattnInputError(f"order must be [L] (one order for every batch element and "
+                               f"head) or [B, L] (one per batch element), got shape "
+                               f"{_shape(order)}")
 
 
 def _order_fits(order, q, k, q_offset) -> None:
@@ -316,10 +318,15 @@ def _order_fits(order, q, k, q_offset) -> None:
     if q_offset is not None and q_offset != 0:
         raise SpattnInputError(f"order= is for self-attention with q_offset 0 (query slot i "
                                f"and key slot i hold the same token), got q_offset={q_offset}")
-    if order.numel() != Lq:
-        raise SpattnInputError(f"order has {order.numel()} entries (shape {_shape(order)}) but "
-                               f"q (shape {_shape(q)}) and k have L={Lq} tokens: it must be a "
-                               "permutation of 0..L-1")
+    if order.shape[-1] != Lq:
+        what = "entries" if order.dim() == 1 else "slots per row"
+        raise SpattnInputError(f"order has {order.shape[-1]} {what} (shape {_shape(order)}) "
+                               f"but q (shape {_shape(q)}) and k have L={Lq} tokens: it must "
+                               "be a permutation of 0..L-1")
+    if order.dim() == 2 and order.shape[0] not in (1, q.shape[0]):
+        raise SpattnInputError(f"order (shape {_shape(order)}) has {order.shape[0]} rows but "
+                               f"q (shape {_shape(q)}) has B={q.shape[0]} batch elements: "
+                               "give one order per batch element, or one row for all")
     if order.device != q.device:
         raise SpattnInputError(f"order (shape {_shape(order)}) is on {order.device} but q "
                                f"(shape {_shape(q)}) is on {q.device}")

@@ -290,10 +290,17 @@ class PermutedPlan(Plan):
         self.forward_stage = self.inner.forward_stage
 
     def _stand_in(self, t):
-        return t.new_empty(t.shape[:2] + (self.order.numel(), t.shape[3]))
+        return t.new_empty(t.shape[:2] + (self.order.shape[-1], t.shape[3]))
 
     def _gather(self, t, index):
-        return None if t is None else t.index_select(2, index)
+        """``t [B, H, N(, D)]`` at ``index`` along the tokens: ``[N]`` for every batch
+        element, ``[B, N]`` one row each."""
+        if t is None:
+            return None
+        if index.dim() == 1:
+            return t.index_select(2, index)
+        at = index[:, None, :] if t.dim() == 3 else index[:, None, :, None]
+        return t.gather(2, at.expand(t.shape[:2] + index.shape[1:] + t.shape[3:]))
 
     def forward(self, q, k, v):
         o, lse = self.inner.forward(*(self._gather(t, self.order) for t in (q, k, v)))
@@ -337,25 +344,32 @@ class RemappedPlan(PermutedPlan):
 
 
 def permutation(order: torch.Tensor, N: int) -> torch.Tensor:
-    """An int64 copy of ``order`` (a dense 1-D integer tensor of ``N`` entries), after
-    checking that it is a permutation of ``0 .. N-1`` (SpattnInputError naming the slot).
-    Checked where an :class:`OrderedPlan` is built, once per plan: a call that finds its
-    plan (keyed by the order's identity and version) reads no value of it."""
+    """An int64 copy of ``order`` (a dense integer tensor ``[N]``, or ``[R, N]``: one order
+    per batch element; ``[1, N]`` becomes ``[N]``), after checking that each row is a
+    permutation of ``0 .. N-1`` (SpattnInputError naming the slot, and the row of a 2-D
+    order). Checked where an :class:`OrderedPlan` is built, once per plan: a call that finds
+    its plan (keyed by the order's identity and version) reads no value of it."""
     o = order.to(torch.int64, copy=True).contiguous()
-    lo, hi = int(o.min()), int(o.max())
+    if o.dim() == 2 and o.shape[0] == 1:
+        o = o[0].clone()
+    rows = o.reshape(-1, N)
+    lo, hi = int(rows.min()), int(rows.max())
     if lo < 0 or hi >= N:
         bad = lo if lo < 0 else hi
-        slot = int((o == bad).nonzero()[0, 0])
-        raise SpattnInputError(f"order is not a permutation of 0..{N - 1}: order[{slot}] = "
+        r, slot = ((rows == bad).nonzero()[0]).tolist()
+        at = f"order[{slot}]" if o.dim() == 1 else f"order[{r}, {slot}]"
+        raise SpattnInputError(f"order is not a permutation of 0..{N - 1}: {at} = "
                                f"{bad} is out of range")
-    counts = torch.bincount(o, minlength=N)
+    counts = torch.zeros(rows.shape, dtype=torch.int64, device=o.device).scatter_add_(
+        1, rows, torch.ones_like(rows))
     if int(counts.max()) > 1:
-        dup = int(counts.argmax())
-        slots = (o == dup).nonzero()[:2, 0].tolist()
-        missing = int((counts == 0).nonzero()[0, 0])
-        raise SpattnInputError(f"order is not a permutation of 0..{N - 1}: token {dup} is in "
-                               f"slots {slots[0]} and {slots[1]} (and token {missing} in "
-                               "none)")
+        r, dup = ((counts > 1).nonzero()[0]).tolist()
+        slots = (rows[r] == dup).nonzero()[:2, 0].tolist()
+        missing = int((counts[r] == 0).nonzero()[0, 0])
+        of = "" if o.dim() == 1 else f" (row {r})"
+        raise SpattnInputError(f"order is not a permutation of 0..{N - 1}{of}: token {dup} "
+                               f"is in slots {slots[0]} and {slots[1]} (and token {missing} "
+                               "in none)")
     return o
 
 
@@ -376,8 +390,8 @@ class OrderedPlan(PermutedPlan):
         # the plan's own copy: its inverse and coordinate tables are of this order, so a
         # later in-place write to the caller's tensor must not reach its gathers
         self.order = order = permutation(order, N)
-        self.inverse = torch.empty_like(order)
-        self.inverse[order] = torch.arange(N, dtype=order.dtype, device=order.device)
+        slots = torch.arange(N, dtype=order.dtype, device=order.device)
+        self.inverse = torch.empty_like(order).scatter_(-1, order, slots.expand_as(order))
         self.ordered = ordered(pattern.ir, N, taken=pattern.inputs)
         inner = type(pattern)(self.ordered.ir, name=f"{pattern.name}@order",
                               inputs={**pattern.inputs,
@@ -389,9 +403,10 @@ class OrderedPlan(PermutedPlan):
                           options=options)
 
     def __repr__(self) -> str:
+        per = "" if self.order.dim() == 1 else ", one order per batch element"
         head = [f"Plan for {self.pattern.name!r}: {self.pattern.source}",
-                f"  token order: the caller's ({self.order.numel()} slots), the pattern read "
-                f"through it on the {self.ordered.grid}"]
+                f"  token order: the caller's ({self.order.shape[-1]} slots{per}), the "
+                f"pattern read through it on the {self.ordered.grid}"]
         return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
 
 

@@ -409,8 +409,8 @@ def _fitted(call, kind: str, q, opts: dict, *, explicit: dict, build):
             if smaller is None:
                 raise SpattnConfigError(f"no configuration of the {kind} kernel fits this "
                                         f"device: {str(e).splitlines()[0]}") from None
-            _tune.log.info("spattn: %s kernel %s does not fit shared memory; using %s", kind,
-                      _describe(kind, cfg), smaller)
+            _tune.log.info("spattn: %s kernel %s does not fit shared memory; using %s",
+                           kind, _describe(kind, cfg), smaller)
             opts.update(smaller)
 
 

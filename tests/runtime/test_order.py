@@ -113,13 +113,15 @@ def _bad(pat, q, k, order, **kw):
     ([2, 0, 1, 3, 4, 5, 6, 7], "torch.Tensor"),
     (torch.arange(8.0), "dtype"),
     (torch.ones(8, dtype=torch.bool), "dtype"),
-    (torch.arange(8).reshape(2, 4), "1-D"),
+    (torch.arange(8).reshape(2, 4), "4 slots per row"),
+    (torch.arange(8).reshape(2, 2, 2), r"\[L\] .* or \[B, L\]"),
     (torch.arange(7), "7 entries"),
     (torch.tensor([0, 1, 2, 3, 4, 5, 6, 6]), "token 6 is in slots 6 and 7"),
     (torch.tensor([0, 1, 2, 3, 4, 5, 6, 8]), r"order\[7\] = 8 is out of range"),
     (torch.tensor([0, 1, 2, -1, 4, 5, 6, 7]), r"order\[3\] = -1"),
     (torch.arange(8, device="meta"), "meta"),
-], ids=["list", "float", "bool", "2d", "short", "duplicate", "too-large", "negative", "meta"])
+], ids=["list", "float", "bool", "2d", "3d", "short", "duplicate", "too-large", "negative",
+        "meta"])
 def test_bad_orders_name_the_argument(order, match):
     pat = spattn.compile("causal", backend="torch")
     q = torch.randn(1, 1, 8, 16)
@@ -224,7 +226,7 @@ def test_the_module_takes_an_order():
 
 @pytest.mark.parametrize("order,match,hint", [
     (torch.arange(36.0), "dtype", False),
-    (torch.arange(36).reshape(36, 1), "1-D", False),
+    (torch.arange(36).reshape(36, 1), "1 slots per row", False),
     (torch.tensor([0] * 2 + list(range(2, 36))), "token 0 is in slots 0 and 1", False),
     (torch.arange(2), "2 entries", True),
 ], ids=["float", "2d", "duplicate", "bshd-length"])
@@ -289,3 +291,40 @@ def test_a_call_that_finds_its_plan_reads_no_value_of_the_order(monkeypatch):
     perm[:2] = perm[:2].flip(0)             # written in place: a new plan, checked again
     with pytest.raises(AssertionError, match="read again"):
         pat(q, q, q, order=perm)
+
+
+def _perms(B, N, seed=0):
+    return torch.stack([_perm(N, seed + b) for b in range(B)])
+
+
+@pytest.mark.parametrize("backend", [
+    "torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_one_order_per_batch_element(backend):
+    """``order [B, L]``: batch element ``b`` runs in its own order; outputs and gradients
+    in the caller's order match the reference (GQA, a pattern with a runtime input)."""
+    pat = spattn.compile("causal & same(doc)", backend=backend)
+    N, B = 40, 2
+    doc = torch.randint(0, 4, (B, N), generator=torch.Generator().manual_seed(3)).sort().values
+    plan = _run(pat, _perms(B, N), B=B, Hq=4, Hk=2, N=N, inputs={"doc": doc})
+    assert isinstance(plan, OrderedPlan) and plan.order.shape == (B, N)
+    assert "one order per batch element" in repr(plan)
+
+
+def test_one_row_for_every_batch_element_is_the_1d_order():
+    pat = spattn.neighborhood((8, 6), 3, backend="torch")
+    plan = _run(pat, _perm(48)[None], B=2, N=48)
+    assert plan.order.shape == (48,)
+
+
+@pytest.mark.parametrize("order,match", [
+    (torch.stack([torch.arange(8), torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])]),
+     r"\(row 1\): token 6 is in slots 6 and 7 \(and token 7 in none\)"),
+    (torch.stack([torch.arange(8), torch.tensor([0, 1, 2, 3, 4, 5, 6, 9])]),
+     r"order\[1, 7\] = 9 is out of range"),
+    (torch.stack([torch.arange(8)] * 3), r"3 rows but q .* has B=2"),
+    (torch.zeros(2, 2, 8, dtype=torch.int64), r"\[L\] .* or \[B, L\]")],
+    ids=["duplicate-in-row-1", "out-of-range-in-row-1", "rows-not-batch", "3-d"])
+def test_bad_per_batch_orders_name_the_row(order, match):
+    pat = spattn.compile("causal", backend="torch")
+    q = torch.randn(2, 1, 8, 16)
+    _bad(pat, q, q, order, match=match)
