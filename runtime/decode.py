@@ -360,6 +360,9 @@ class DecodePlan:
             self._rows_fn = host_function(nodes, ("qs", "qe", "Lq", "Lk", "H", "b"))
         self._steps: dict = {}
         self._steps_lock = threading.Lock()
+        #: ``(signature, a, z, mask, scale, grouped, shape)`` of the last step that was one
+        #: SDPA call on a view (:func:`fast_step`), or None.
+        self.fast = None
 
     def cpu_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict):
         """What a CPU step at the lengths ``lens`` (one per batch element) and ``q_shift``
@@ -713,6 +716,10 @@ class DecodePlanCache:
         self.size = size
         self._plans: OrderedDict = OrderedDict()
         self._held: dict = {}
+        #: ``id(pattern) -> (pattern, plan)``: the plan whose repeated step the pattern's
+        #: next CPU call may take without a lookup (:func:`fast_step`); entries leave with
+        #: their plan.
+        self._last: dict = {}
         self._lock = threading.Lock()
 
     def __len__(self):
@@ -722,6 +729,21 @@ class DecodePlanCache:
         with self._lock:
             self._plans.clear()
             self._held.clear()
+            self._last.clear()
+
+    def remember(self, pattern, plan) -> None:
+        """Make ``plan`` the one :func:`fast_step` tries first for ``pattern`` (a plan of
+        this cache; at most :attr:`size` patterns are remembered)."""
+        hit = self._last.get(id(pattern))
+        if hit is not None and hit[1] is plan:
+            return
+        with self._lock:
+            if not any(p is plan for p in self._plans.values()):
+                return                  # evicted meanwhile, or built during a graph capture
+            self._last.pop(id(pattern), None)
+            self._last[id(pattern)] = (pattern, plan)
+            while len(self._last) > self.size:
+                self._last.pop(next(iter(self._last)))
 
     def get(self, pattern, backend, q, Hk, bucket_len, paged, inputs, num_splits=None):
         B, Hq, Lq, D = q.shape
@@ -748,8 +770,10 @@ class DecodePlanCache:
             self._plans[key] = plan
             self._held[key] = inputs          # the inputs' ids stay valid while the entry lives
             while len(self._plans) > self.size:
-                old, _ = self._plans.popitem(last=False)
+                old, gone = self._plans.popitem(last=False)
                 self._held.pop(old, None)
+                for pid in [i for i, (_, p) in self._last.items() if p is gone]:
+                    del self._last[pid]
         return plan
 
 
@@ -807,6 +831,72 @@ def kernel_text(pattern, *, head_dim: int = 128, dtype="bf16", device=None,
     return name, f"{HEADER_PREFIX}key={key} sha256={_digest(body)}\n{body}"
 
 
+# ------------------------------------------------------------------ the repeated CPU step
+
+def _signature(q, k, v, scale, lens, routed: bool) -> tuple:
+    """What a CPU step that repeats its plan's last one-call step must share with it: the
+    shapes of q, k and v and their dtype (they fix the plan, the bucket, the capacity and
+    the view; public SDPA takes any strides, non-unit ones along D included), the
+    ``scale`` as given, the lengths (:func:`_lens_key`, None without ``seq_lens``), the
+    entry (a routed call or :func:`decode`) and :data:`VIEW_BYTES` (part of the memo's
+    key)."""
+    return (q.shape, k.shape, v.shape, q.dtype, scale, lens, routed, VIEW_BYTES)
+
+
+def _lens_key(seq_lens) -> tuple:
+    """``seq_lens`` (a CPU integer tensor) as part of a :func:`_signature`: shape, dtype and
+    values."""
+    return (seq_lens.shape, seq_lens.dtype, tuple(seq_lens.tolist()))
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
+    """The output of a CPU step that repeats the last one-call step of its plan, or None.
+
+    A step that ran as one dense SDPA call on a view of a contiguous cache (no runtime
+    inputs, no ``q_offset``, no ``return_lse``, lengths in range)
+    leaves its arguments in its plan (``DecodePlan.fast``) and the plan with
+    :data:`DECODE_PLANS`, per pattern. A later call of the same pattern whose
+    :func:`_signature` equals that step's (same shapes, dtype, scale and lengths; CPU
+    strided tensors of the exact type ``torch.Tensor`` and one dtype, none requiring grad,
+    not traced) is that step again: every check it would run passed for the same values, so it
+    runs the SDPA call alone (public SDPA, which takes any strides). Anything else returns
+    None and takes the full path (:func:`_step`)."""
+    hit = DECODE_PLANS._last.get(id(pattern))
+    if hit is None:
+        return None
+    fast = hit[1].fast
+    if fast is None or hit[0] is not pattern:
+        return None
+    lens = None
+    if seq_lens is not None:
+        if type(seq_lens) is not torch.Tensor or not seq_lens.is_cpu:
+            return None
+        lens = _lens_key(seq_lens)
+    T = torch.Tensor
+    try:
+        if (q.shape, k.shape, v.shape, q.dtype, scale, lens, routed, VIEW_BYTES) != fast[0]:
+            return None         # (the tuple of _signature, written out: the hot path)
+    except (AttributeError, RuntimeError):      # not tensors; nested tensors have no sizes
+        return None
+    dt, S = q.dtype, torch.strided
+    if type(q) is not T or type(k) is not T or type(v) is not T or k.dtype is not dt \
+            or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu) \
+            or q.layout is not S or k.layout is not S or v.layout is not S \
+            or q.requires_grad or k.requires_grad or v.requires_grad or _is_compiling():
+        return None
+    _, a, z, mask, value, grouped, shape = fast
+    if z:
+        k, v = k[:, :, a:z], v[:, :, a:z]
+    if grouped is None:
+        return _sdpa(q, k, v, mask) if value is None else _sdpa(q, k, v, mask, scale=value)
+    o = _sdpa(q.reshape(grouped), k, v, mask) if value is None else \
+        _sdpa(q.reshape(grouped), k, v, mask, scale=value)
+    return o.view(shape)
+
+
 # ------------------------------------------------------------------ the entry points
 
 def routes(q, k, v, q_offset=None) -> bool:
@@ -847,6 +937,11 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
     ``[Lq, capacity]`` and page numbers to the pools instead. ``num_splits``: the splits of
     the keys (tests; default: enough programs to fill the device).
     """
+    if not inputs and page_table is None and q_offset is None and not return_lse \
+            and num_splits is None:
+        o = fast_step(pattern, q, k_cache, v_cache, scale, seq_lens, False)
+        if o is not None:
+            return o
     if inputs:
         for name, why in _CALL_ONLY.items():
             if name in inputs and name not in pattern.inputs:
@@ -911,6 +1006,7 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
         seq_lens = _check_seq_lens(seq_lens, B, Lq, cap, q.device, check)
     if paged and check:
         _check_pages(page_table, seq_lens, page_size, num_pages)
+    scale_arg = scale
     scale = 1.0 / math.sqrt(D) if scale is None else _api._check_scale(scale, D)
     q_shift = 0
     if q_offset is not None:
@@ -939,10 +1035,37 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
                                  page_size=page_size, num_pages=num_pages, scale=scale,
                                  inputs=ins)
     else:
-        lens = (cap,) * B if seq_lens is None else \
-            tuple(min(max(int(x), Lq), cap) for x in seq_lens.tolist())
+        vals = None if seq_lens is None else tuple(seq_lens.tolist())
+        lens = (cap,) * B if vals is None else tuple(min(max(int(x), Lq), cap) for x in vals)
         o, lse = plan.run_torch(q, k_cache, v_cache, lens, q_shift, page_table, page_size,
                                 scale, ins, return_lse)
+        if lse is None and not ins and not q_shift and not paged and num_splits is None \
+                and (scale_arg is None or type(scale_arg) is float) \
+                and (vals is None or vals == lens):
+            _keep_fast(pattern, plan, q, k_cache, v_cache, scale_arg, scale, seq_lens, lens,
+                       routed)
     if o.dtype != out_dtype:
         o = o.to(out_dtype)
     return (o, lse) if return_lse else o
+
+
+def _keep_fast(pattern, plan, q, k, v, scale_arg, scale, seq_lens, lens, routed):
+    """Leave the one-call CPU step just run in its plan for :func:`fast_step`: its
+    :func:`_signature`, its keys ``[a, z)``, mask and scale, and the grouped shape of q."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor \
+            or type(v) is not torch.Tensor:
+        return
+    step = plan.cpu_step(lens, 0, 0, {})
+    if step.one is None:
+        return
+    a, z, mask = step.one
+    if not a and z == k.shape[2]:
+        a = z = 0                               # every key: no slice
+    B, Hq, Lq, D = q.shape
+    M = Hq // plan.Hk * Lq
+    grouped = None if M == Lq else (B, plan.Hk, M, D)
+    lens_key = None if seq_lens is None else _lens_key(seq_lens)
+    # scale None: SDPA's default, 1 / sqrt(D), the value the full path computes
+    plan.fast = (_signature(q, k, v, scale_arg, lens_key, routed), a, z, mask,
+                 None if scale_arg is None else scale, grouped, (B, Hq, Lq, D))
+    DECODE_PLANS.remember(pattern, plan)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spattn
-from spattn.dsl.errors import SpattnInputError, SpattnParamError
+from spattn.dsl.errors import SpattnInputError, SpattnParamError, SpattnValueError
 from spattn.runtime import api
 from spattn.runtime import decode as dec
 from spattn.runtime.reference import attention_reference
@@ -163,6 +163,147 @@ def test_strided_cache_views():
                        ("spare", big[:, :, :300, :32], big[:, :, :300, 32:]),
                        ("D-strided", big[:, :, :300, ::2], big[:, :, :300, 1::2])):
         _close(name, pat(q, k, v), attention_reference(q, k, v, pat.mask(1, 300))[0])
+
+
+# ------------------------------------------------------------------ the repeated step
+
+def _fast_ref(pat, q, k, v, lens=None, scale=None):
+    L = k.shape[2]
+    return _reference(pat, q, k, v, lens or [L] * q.shape[0], {}, scale=scale)[0]
+
+
+@pytest.mark.parametrize("src,B,Hq,Hk,Lq,L", [
+    ("causal", 1, 4, 4, 1, 300), ("causal & window(100)", 2, 4, 2, 1, 333),
+    ("causal", 2, 4, 2, 3, 300), ("causal & window(64)", 1, 2, 1, 4, 400)],
+    ids=["causal-B1-H4-Lq1", "window-B2-H4/2-Lq1", "causal-B2-H4/2-Lq3-mask",
+         "window-B1-H2/1-Lq4-mask"])
+def test_repeated_step_takes_the_fast_path(src, B, Hq, Hk, Lq, L):
+    """A routed call leaves its one-call step in its plan; the same shapes again (fresh
+    tensors) take ``fast_step`` (the SDPA call alone) and give the reference's rows."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(41 + Lq)
+
+    def draw():
+        return (_rand(B, Hq, Lq, 32, g=g), _rand(B, Hk, L, 32, g=g), _rand(B, Hk, L, 32, g=g))
+    q, k, v = draw()
+    assert dec.fast_step(pat, q, k, v) is None              # nothing remembered yet
+    _close("first", pat(q, k, v), _fast_ref(pat, q, k, v))
+    assert _plan(pat).fast is not None
+    q, k, v = draw()
+    fast = dec.fast_step(pat, q, k, v)
+    assert fast is not None
+    _close("fast_step", fast, _fast_ref(pat, q, k, v))
+    _close("again", pat(q, k, v), _fast_ref(pat, q, k, v))
+    _close("decode() is its own entry", pat.decode(q, k, v), _fast_ref(pat, q, k, v))
+    assert dec.fast_step(pat, q, k, v, None, None, False) is not None
+
+
+def _variants(g):
+    """``(name, (q, k, v), call keywords)`` of calls that differ from the base call of
+    :func:`test_fast_path_serves_only_its_step` (q [2, 4, 1, 32], a [2, 2, 300, 32]
+    cache, ``causal & window(100)``) in one thing each."""
+    q, k, v = _rand(2, 4, 1, 32, g=g), _rand(2, 2, 301, 32, g=g), _rand(2, 2, 301, 32, g=g)
+    wide_k, wide_v = _rand(2, 2, 300, 64, g=g), _rand(2, 2, 300, 64, g=g)
+    return [
+        ("a longer cache, one bucket", (q, k, v), {}),
+        ("a shorter cache", (q, k[:, :, :299], v[:, :, :299]), {}),
+        ("q_offset", (q, k[:, :, :300], v[:, :, :300]), {"q_offset": 150}),
+        ("scale", (q, k[:, :, :300], v[:, :, :300]), {"scale": 0.05}),
+        ("D-strided", (q, wide_k[..., ::2], wide_v[..., 1::2]), {}),
+        ("bf16", (q.bfloat16(), k[:, :, :300].bfloat16(), v[:, :, :300].bfloat16()), {}),
+        ("fp16", (q.half(), k[:, :, :300].half(), v[:, :, :300].half()), {}),
+        ("return_lse", (q, k[:, :, :300], v[:, :, :300]), {"return_lse": True}),
+        ("two query rows", (_rand(2, 4, 2, 32, g=g), k[:, :, :300], v[:, :, :300]), {}),
+        ("fewer query heads", (q[:, :2], k[:, :, :300], v[:, :, :300]), {}),
+    ]
+
+
+def test_fast_path_serves_only_its_step():
+    """After a step was remembered, a call that differs in its length, position, scale,
+    dtype or results is not served from it (``fast_step`` refuses it); one with other
+    strides (non-unit along D too) is, through public SDPA; each is right."""
+    pat = spattn.compile("causal & window(100)", backend="torch")
+    g = torch.Generator().manual_seed(42)
+    for name, (q, k, v), kw in _variants(g):
+        dec.DECODE_PLANS.clear()
+        bq, bk, bv = _rand(2, 4, 1, 32, g=g), _rand(2, 2, 300, 32, g=g), _rand(2, 2, 300, 32, g=g)
+        pat(bq, bk, bv)
+        assert dec.fast_step(pat, bq, bk, bv) is not None
+        if not kw:      # other strides are the same step (public SDPA takes any strides)
+            served = dec.fast_step(pat, q, k, v)
+            assert (served is not None) == (name == "D-strided"), name
+        got = pat(q, k, v, **kw)
+        if kw.get("return_lse"):
+            got = got[0]
+        L = k.shape[2]
+        if "q_offset" in kw:
+            want = attention_reference(q, k, v, pat.mask(1, L, q_offset=kw["q_offset"]))[0]
+        else:
+            want = _fast_ref(pat, q.double(), k.double(), v.double(), scale=kw.get("scale"))
+        _close(name, got, want, rtol=2e-3 if q.dtype == torch.float32 else 3e-2)
+
+
+def test_fast_path_reads_seq_lens_every_step():
+    """pat.decode with ``seq_lens``: the lengths are part of the remembered step; writing the
+    tensor in place (a decode loop) or passing other values is a new step, values out of
+    range are still refused with ``check=True`` (a step clamped under ``check=False`` is
+    never remembered)."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & window(50)", backend="torch")
+    g = torch.Generator().manual_seed(43)
+    q, k, v = _rand(2, 2, 1, 16, g=g), _rand(2, 2, 400, 16, g=g), _rand(2, 2, 400, 16, g=g)
+    lens = torch.tensor([300, 300])
+    for step in range(3):
+        lens += step                        # in place: the same tensor, new values
+        want = _fast_ref(pat, q, k, v, lens.tolist())
+        _close(f"step {step}", pat.decode(q, k, v, seq_lens=lens), want)
+        _close(f"step {step} again", pat.decode(q, k, v, seq_lens=lens), want)
+        assert dec.fast_step(pat, q, k, v, None, lens, False) is not None
+    assert dec.fast_step(pat, q, k, v, None, lens.to(torch.int32), False) is None
+    assert dec.fast_step(pat, q, k, v, None, lens.float(), False) is None
+    bad = torch.tensor([500, 500])
+    pat.decode(q, k, v, seq_lens=bad, check=False)
+    with pytest.raises(SpattnValueError, match="seq_lens holds values 500..500"):
+        pat.decode(q, k, v, seq_lens=bad)
+    # unequal lengths: two groups, never one call
+    _close("unequal", pat.decode(q, k, v, seq_lens=torch.tensor([200, 300])),
+           _fast_ref(pat, q, k, v, [200, 300]))
+    assert dec.fast_step(pat, q, k, v, None, torch.tensor([200, 300]), False) is None
+
+
+def test_fast_path_per_pattern_and_refusals():
+    """Each pattern object has its own remembered plan (Gemma's alternating local and global
+    layers); tensors needing grad, subclasses, other devices' or mixed dtypes are refused;
+    an evicted plan leaves no entry behind."""
+    dec.DECODE_PLANS.clear()
+    local = spattn.compile("causal & window(40)", backend="torch")
+    glob = spattn.compile("causal", backend="torch")
+    g = torch.Generator().manual_seed(44)
+    q, k, v = _rand(1, 2, 1, 16, g=g), _rand(1, 2, 300, 16, g=g), _rand(1, 2, 300, 16, g=g)
+    for _ in range(2):
+        _close("local", local(q, k, v), _fast_ref(local, q, k, v))
+        _close("global", glob(q, k, v), _fast_ref(glob, q, k, v))
+    assert dec.fast_step(local, q, k, v) is not None and dec.fast_step(glob, q, k, v) is not None
+    same_source = spattn.compile("causal", backend="torch")
+    assert dec.fast_step(same_source, q, k, v) is None
+    qg = q.clone().requires_grad_()
+    assert dec.fast_step(glob, qg, k, v) is None
+    o = glob(qg, k, v)
+    o.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+    assert dec.fast_step(glob, torch.nn.Parameter(q), k, v) is None
+    assert dec.fast_step(glob, q, k.double(), v) is None
+    assert dec.fast_step(glob, q, k.to("meta"), v) is None
+    assert dec.fast_step(glob, q, k.to_sparse(), v) is None
+    assert dec.fast_step(glob, q, k.tolist(), v) is None
+    for i in range(dec.DECODE_PLANS.size + 1):         # evict both plans
+        kk = _rand(1, 2, 300, 16, g=g)
+        spattn.compile(f"causal & window({i + 1})", backend="torch")(q, kk, kk)
+    assert dec.fast_step(glob, q, k, v) is None and dec.fast_step(local, q, k, v) is None
+    assert all(p in dec.DECODE_PLANS._plans.values() for _, p in
+               dec.DECODE_PLANS._last.values())
+    assert len(dec.DECODE_PLANS._last) <= dec.DECODE_PLANS.size
 
 
 # ------------------------------------------------------------------ argument checks
