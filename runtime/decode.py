@@ -360,8 +360,10 @@ class DecodePlan:
             self._rows_fn = host_function(nodes, ("qs", "qe", "Lq", "Lk", "H", "b"))
         self._steps: dict = {}
         self._steps_lock = threading.Lock()
-        #: ``(signature, a, z, mask, scale, grouped, shape)`` of the last step that was one
-        #: SDPA call on a view (:func:`fast_step`), or None.
+        #: ``(signature, scale, grouped)``: the :func:`_signature` of the calls
+        #: :func:`fast_step` serves from this plan, their scale (None: SDPA's default,
+        #: ``1 / sqrt(D)``) and q's grouped shape ``[B, Hk, G * Lq, D]`` (None when
+        #: ``G = 1``); None until a call leaves it.
         self.fast = None
 
     def cpu_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict):
@@ -833,68 +835,91 @@ def kernel_text(pattern, *, head_dim: int = 128, dtype="bf16", device=None,
 
 # ------------------------------------------------------------------ the repeated CPU step
 
-def _signature(q, k, v, scale, lens, routed: bool) -> tuple:
-    """What a CPU step that repeats its plan's last one-call step must share with it: the
-    shapes of q, k and v and their dtype (they fix the plan, the bucket, the capacity and
-    the view; public SDPA takes any strides, non-unit ones along D included), the
-    ``scale`` as given, the lengths (:func:`_lens_key`, None without ``seq_lens``), the
-    entry (a routed call or :func:`decode`) and :data:`VIEW_BYTES` (part of the memo's
-    key)."""
-    return (q.shape, k.shape, v.shape, q.dtype, scale, lens, routed, VIEW_BYTES)
-
-
-def _lens_key(seq_lens) -> tuple:
-    """``seq_lens`` (a CPU integer tensor) as part of a :func:`_signature`: shape, dtype and
-    values."""
-    return (seq_lens.shape, seq_lens.dtype, tuple(seq_lens.tolist()))
+def _signature(q, k, scale, routed: bool, has_lens: bool) -> tuple:
+    """What a CPU call must share with the call that made its plan's fast entry
+    (:func:`fast_step`): q's shape and dtype, the batch, heads and head dim of the cache
+    (not its length: any length of the plan's bucket), the ``scale`` as given, the entry (a
+    routed call or :func:`decode`), whether ``seq_lens`` is given, and :data:`VIEW_BYTES`
+    (part of the memo's key)."""
+    ks = k.shape
+    return (q.shape, ks[0], ks[1], ks[3], q.dtype, scale, routed, has_lens, VIEW_BYTES)
 
 
 _is_compiling = torch.compiler.is_compiling
 
 
 def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
-    """The output of a CPU step that repeats the last one-call step of its plan, or None.
+    """The output of a CPU step of a plan that served a call like this one, or None.
 
-    A step that ran as one dense SDPA call on a view of a contiguous cache (no runtime
-    inputs, no ``q_offset``, no ``return_lse``, lengths in range)
-    leaves its arguments in its plan (``DecodePlan.fast``) and the plan with
-    :data:`DECODE_PLANS`, per pattern. A later call of the same pattern whose
-    :func:`_signature` equals that step's (same shapes, dtype, scale and lengths; CPU
-    strided tensors of the exact type ``torch.Tensor`` and one dtype, none requiring grad,
-    not traced) is that step again: every check it would run passed for the same values, so it
-    runs the SDPA call alone (public SDPA, which takes any strides). Anything else returns
-    None and takes the full path (:func:`_step`)."""
+    A call of a contiguous cache on the torch backend on the CPU (no runtime inputs, no
+    ``q_offset``, no ``return_lse``) leaves a fast entry in its plan (``DecodePlan.fast``:
+    the call's :func:`_signature`) and the plan with :data:`DECODE_PLANS`, per pattern. A
+    later call of the same pattern with the same signature, on strided CPU tensors of the
+    exact type ``torch.Tensor`` and one dtype, v shaped like k, none requiring grad, not
+    traced, whose cache length lies in the plan's bucket (routed: at least
+    :data:`ROUTE_MIN_LK` and ``4 * Lq``) and whose ``seq_lens`` (an integer CPU tensor
+    ``[B]``) lie in ``[Lq, L]``, passes every check of the full path (:func:`_step`) for the
+    same reasons; it runs the plan's step for its lengths (:meth:`DecodePlan.cpu_step`,
+    built on a miss) without them: one public SDPA call on a view when the step is one
+    call (any strides), else :meth:`DecodePlan.run_torch`. Anything else returns None and
+    takes the full path."""
     hit = DECODE_PLANS._last.get(id(pattern))
     if hit is None:
         return None
-    fast = hit[1].fast
+    plan = hit[1]
+    fast = plan.fast
     if fast is None or hit[0] is not pattern:
         return None
-    lens = None
-    if seq_lens is not None:
-        if type(seq_lens) is not torch.Tensor or not seq_lens.is_cpu:
-            return None
-        lens = _lens_key(seq_lens)
-    T = torch.Tensor
+    sig, value, grouped = fast
+    T, S = torch.Tensor, torch.strided
     try:
-        if (q.shape, k.shape, v.shape, q.dtype, scale, lens, routed, VIEW_BYTES) != fast[0]:
+        ks = k.shape
+        if (q.shape, ks[0], ks[1], ks[3], q.dtype, scale, routed, seq_lens is not None,
+                VIEW_BYTES) != sig or v.shape != ks:
             return None         # (the tuple of _signature, written out: the hot path)
-    except (AttributeError, RuntimeError):      # not tensors; nested tensors have no sizes
-        return None
-    dt, S = q.dtype, torch.strided
+    except (AttributeError, RuntimeError, TypeError, IndexError):
+        return None             # not tensors; nested tensors have no sizes
+    dt = q.dtype
     if type(q) is not T or type(k) is not T or type(v) is not T or k.dtype is not dt \
             or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu) \
             or q.layout is not S or k.layout is not S or v.layout is not S \
             or q.requires_grad or k.requires_grad or v.requires_grad or _is_compiling():
         return None
-    _, a, z, mask, value, grouped, shape = fast
-    if z:
+    L, bk, Lq = ks[2], plan.bucket, q.shape[2]
+    if L > bk or (L <= bk >> 1 and bk > MIN_BUCKET) or L < Lq:
+        return None                                     # another bucket: another plan
+    B = ks[0]
+    if seq_lens is None:
+        if routed and (L < ROUTE_MIN_LK or L < 4 * Lq):
+            return None
+        lens = (L,) * B
+    else:
+        if type(seq_lens) is not T or not seq_lens.is_cpu or seq_lens.shape != (B,) \
+                or seq_lens.dtype not in _INT_DTYPES:
+            return None
+        lens = tuple(seq_lens.tolist())
+        if min(lens) < Lq or max(lens) > L:
+            return None                                 # the full path says what is wrong
+    try:
+        step = plan.cpu_step(lens, 0, 0, {})
+    except SpattnError:
+        return None
+    if step.one is None:
+        return plan.run_torch(q, k, v, lens, 0, None, 0,
+                              1.0 / math.sqrt(ks[3]) if value is None else value, {},
+                              False)[0]
+    a, z, mask = step.one
+    if a or z != L:
         k, v = k[:, :, a:z], v[:, :, a:z]
     if grouped is None:
         return _sdpa(q, k, v, mask) if value is None else _sdpa(q, k, v, mask, scale=value)
     o = _sdpa(q.reshape(grouped), k, v, mask) if value is None else \
         _sdpa(q.reshape(grouped), k, v, mask, scale=value)
-    return o.view(shape)
+    return o.view(q.shape)
+
+
+#: The integer dtypes ``seq_lens`` may have.
+_INT_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8})
 
 
 # ------------------------------------------------------------------ the entry points
@@ -1035,37 +1060,28 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
                                  page_size=page_size, num_pages=num_pages, scale=scale,
                                  inputs=ins)
     else:
-        vals = None if seq_lens is None else tuple(seq_lens.tolist())
-        lens = (cap,) * B if vals is None else tuple(min(max(int(x), Lq), cap) for x in vals)
+        lens = (cap,) * B if seq_lens is None else \
+            tuple(min(max(int(x), Lq), cap) for x in seq_lens.tolist())
         o, lse = plan.run_torch(q, k_cache, v_cache, lens, q_shift, page_table, page_size,
                                 scale, ins, return_lse)
-        if lse is None and not ins and not q_shift and not paged and num_splits is None \
-                and (scale_arg is None or type(scale_arg) is float) \
-                and (vals is None or vals == lens):
-            _keep_fast(pattern, plan, q, k_cache, v_cache, scale_arg, scale, seq_lens, lens,
+        if not return_lse and not ins and not pattern.inputs and q_offset is None \
+                and not paged and num_splits is None and q.is_cpu \
+                and getattr(pattern, "grid", None) is None \
+                and (scale_arg is None or type(scale_arg) is float):
+            _keep_fast(pattern, plan, q, k_cache, scale_arg, scale, seq_lens is not None,
                        routed)
     if o.dtype != out_dtype:
         o = o.to(out_dtype)
     return (o, lse) if return_lse else o
 
 
-def _keep_fast(pattern, plan, q, k, v, scale_arg, scale, seq_lens, lens, routed):
-    """Leave the one-call CPU step just run in its plan for :func:`fast_step`: its
-    :func:`_signature`, its keys ``[a, z)``, mask and scale, and the grouped shape of q."""
-    if type(q) is not torch.Tensor or type(k) is not torch.Tensor \
-            or type(v) is not torch.Tensor:
-        return
-    step = plan.cpu_step(lens, 0, 0, {})
-    if step.one is None:
-        return
-    a, z, mask = step.one
-    if not a and z == k.shape[2]:
-        a = z = 0                               # every key: no slice
-    B, Hq, Lq, D = q.shape
-    M = Hq // plan.Hk * Lq
-    grouped = None if M == Lq else (B, plan.Hk, M, D)
-    lens_key = None if seq_lens is None else _lens_key(seq_lens)
-    # scale None: SDPA's default, 1 / sqrt(D), the value the full path computes
-    plan.fast = (_signature(q, k, v, scale_arg, lens_key, routed), a, z, mask,
-                 None if scale_arg is None else scale, grouped, (B, Hq, Lq, D))
+def _keep_fast(pattern, plan, q, k, scale_arg, scale, has_lens, routed):
+    """Leave a fast entry in ``plan`` for :func:`fast_step`: the call's :func:`_signature`,
+    its scale and the grouped shape of q."""
+    sig = _signature(q, k, scale_arg, routed, has_lens)
+    if plan.fast is None or plan.fast[0] != sig:
+        B, Hq, Lq, D = q.shape
+        M = Hq // plan.Hk * Lq
+        plan.fast = (sig, None if scale_arg is None else scale,
+                     None if M == Lq else (B, plan.Hk, M, D))
     DECODE_PLANS.remember(pattern, plan)

@@ -208,6 +208,7 @@ def _variants(g):
     return [
         ("a longer cache, one bucket", (q, k, v), {}),
         ("a shorter cache", (q, k[:, :, :299], v[:, :, :299]), {}),
+        ("another bucket", (q, k[:, :, :256], v[:, :, :256]), {}),
         ("q_offset", (q, k[:, :, :300], v[:, :, :300]), {"q_offset": 150}),
         ("scale", (q, k[:, :, :300], v[:, :, :300]), {"scale": 0.05}),
         ("D-strided", (q, wide_k[..., ::2], wide_v[..., 1::2]), {}),
@@ -219,10 +220,14 @@ def _variants(g):
     ]
 
 
+_SERVED = ("a longer cache, one bucket", "a shorter cache", "D-strided")
+
+
 def test_fast_path_serves_only_its_step():
-    """After a step was remembered, a call that differs in its length, position, scale,
-    dtype or results is not served from it (``fast_step`` refuses it); one with other
-    strides (non-unit along D too) is, through public SDPA; each is right."""
+    """After a call left its plan's fast entry, a call that differs in its bucket, position,
+    scale, dtype, query shape or results is not served from it (``fast_step`` refuses it);
+    one at another length of the bucket or with other strides (non-unit along D too) is,
+    with the step of its own length; each is right."""
     pat = spattn.compile("causal & window(100)", backend="torch")
     g = torch.Generator().manual_seed(42)
     for name, (q, k, v), kw in _variants(g):
@@ -230,9 +235,12 @@ def test_fast_path_serves_only_its_step():
         bq, bk, bv = _rand(2, 4, 1, 32, g=g), _rand(2, 2, 300, 32, g=g), _rand(2, 2, 300, 32, g=g)
         pat(bq, bk, bv)
         assert dec.fast_step(pat, bq, bk, bv) is not None
-        if not kw:      # other strides are the same step (public SDPA takes any strides)
+        if not kw:      # any length of the bucket, any strides: served
             served = dec.fast_step(pat, q, k, v)
-            assert (served is not None) == (name == "D-strided"), name
+            assert (served is not None) == (name in _SERVED), name
+            if served is not None:
+                _close(f"{name} (fast_step)", served,
+                       _fast_ref(pat, q.double(), k.double(), v.double()))
         got = pat(q, k, v, **kw)
         if kw.get("return_lse"):
             got = got[0]
@@ -245,10 +253,10 @@ def test_fast_path_serves_only_its_step():
 
 
 def test_fast_path_reads_seq_lens_every_step():
-    """pat.decode with ``seq_lens``: the lengths are part of the remembered step; writing the
-    tensor in place (a decode loop) or passing other values is a new step, values out of
-    range are still refused with ``check=True`` (a step clamped under ``check=False`` is
-    never remembered)."""
+    """pat.decode with ``seq_lens``: the fast path reads the lengths every call; writing the
+    tensor in place (a decode loop) or passing other values is a new step of the memo,
+    values out of range are left to the full path (refused with ``check=True``, clamped with
+    ``check=False``), unequal lengths run the step's groups."""
     dec.DECODE_PLANS.clear()
     pat = spattn.compile("causal & window(50)", backend="torch")
     g = torch.Generator().manual_seed(43)
@@ -260,16 +268,21 @@ def test_fast_path_reads_seq_lens_every_step():
         _close(f"step {step}", pat.decode(q, k, v, seq_lens=lens), want)
         _close(f"step {step} again", pat.decode(q, k, v, seq_lens=lens), want)
         assert dec.fast_step(pat, q, k, v, None, lens, False) is not None
-    assert dec.fast_step(pat, q, k, v, None, lens.to(torch.int32), False) is None
-    assert dec.fast_step(pat, q, k, v, None, lens.float(), False) is None
+    _close("int32", dec.fast_step(pat, q, k, v, None, lens.to(torch.int32), False),
+           _fast_ref(pat, q, k, v, lens.tolist()))
+    for bad in (lens.float(), lens[:1], lens.view(2, 1), torch.tensor([500, 300]),
+                torch.tensor([300, 0])):
+        assert dec.fast_step(pat, q, k, v, None, bad, False) is None
     bad = torch.tensor([500, 500])
-    pat.decode(q, k, v, seq_lens=bad, check=False)
+    _close("clamped", pat.decode(q, k, v, seq_lens=bad, check=False),
+           _fast_ref(pat, q, k, v, [400, 400]))
     with pytest.raises(SpattnValueError, match="seq_lens holds values 500..500"):
         pat.decode(q, k, v, seq_lens=bad)
-    # unequal lengths: two groups, never one call
-    _close("unequal", pat.decode(q, k, v, seq_lens=torch.tensor([200, 300])),
-           _fast_ref(pat, q, k, v, [200, 300]))
-    assert dec.fast_step(pat, q, k, v, None, torch.tensor([200, 300]), False) is None
+    # unequal lengths: two groups (run_torch), served from the entry
+    unequal = torch.tensor([200, 300])
+    want = _fast_ref(pat, q, k, v, [200, 300])
+    _close("unequal", pat.decode(q, k, v, seq_lens=unequal), want)
+    _close("unequal (fast_step)", dec.fast_step(pat, q, k, v, None, unequal, False), want)
 
 
 def test_fast_path_per_pattern_and_refusals():
