@@ -530,8 +530,45 @@ class DecodePlan:
         part = _subtract(runs, full)
         if not part:
             return runs, [], None
-        m = self._predicate(_positions(part, self.device), q_off, L, b, inputs)
+        pos = _positions(part, self.device)
+        rows = self._row_intervals(q_off, L, b)
+        if rows is None:
+            m = self._predicate(pos, q_off, L, b, inputs)
+        else:                   # [1, Lq, n_part]: one comparison against the rows' bounds
+            width = max(1, max(len(r) for r in rows))
+            pad = [(1, 0)] * width
+            bounds = torch.tensor([(r + pad)[:width] for r in rows], dtype=torch.int64,
+                                  device=self.device)                 # [Lq, width, 2]
+            m = ((pos >= bounds[..., :1]) & (pos <= bounds[..., 1:])).any(1).unsqueeze(0)
         return (runs, [], None) if bool(m.all()) else (runs, part, m)
+
+    def _row_intervals(self, q_off: int, L: int, b: int):
+        """Per decode row, its allowed keys as closed intervals ``[lo, hi]`` within
+        ``[0, L)``: the closed form evaluated at the row alone (``qs = qe``), where each
+        interval's FULL part is the whole interval (then the row sees exactly these keys).
+        None where some is not (the predicate decides those keys) or the host cannot
+        evaluate a bound."""
+        fn, Lq, Hq = self._rows_fn, self.Lq, self.Hq
+        if fn is None:
+            return None
+        rows = []
+        try:
+            for p in range(q_off, q_off + Lq):
+                vals = fn(p, p, Lq, L, Hq, b)
+                ivs = []
+                for i in range(0, len(vals), 4):
+                    lo, hi, flo, fhi = vals[i:i + 4]
+                    lo = 0 if lo is None else max(0, int(lo))
+                    hi = L - 1 if hi is None else min(L - 1, int(hi))
+                    if hi < lo:
+                        continue
+                    if flo is None or max(0, int(flo)) != lo or min(L - 1, int(fhi)) != hi:
+                        return None
+                    ivs.append((lo, hi))
+                rows.append(ivs)
+        except (TypeError, ValueError, KeyError):
+            return None
+        return rows
 
     def _predicate(self, keys, q_off: int, L: int, b: int, inputs: dict):
         """The pattern at the decode rows and ``keys``: bool ``[1 or Hq, Lq, n]``."""
