@@ -62,6 +62,10 @@ DECODE_PLANS_SIZE = 32
 #: CPU steps a plan remembers (:meth:`DecodePlan.cpu_step`): the layers of a model decode
 #: at the same lengths, one step after the other.
 CPU_STEPS = 4
+#: CPU: mask buffers a plan keeps (:meth:`DecodePlan._mask_tail`), and the most cells
+#: (rows times partial keys) of one built on the host.
+MASK_BUFFERS = 4
+MASK_TAIL_CELLS = 1 << 16
 
 _sdpa = torch.nn.functional.scaled_dot_product_attention
 #: ATen's CPU flash-attention forward (the kernel dense SDPA runs on the CPU): ``(o, lse)``.
@@ -359,6 +363,7 @@ class DecodePlan:
                 nodes += [iv.lo, iv.hi, iv.flo if both else None, iv.fhi if both else None]
             self._rows_fn = host_function(nodes, ("qs", "qe", "Lq", "Lk", "H", "b"))
         self._steps: dict = {}
+        self._masks: dict = {}
         self._steps_lock = threading.Lock()
         #: ``(signature, scale, grouped)``: the :func:`_signature` of the calls
         #: :func:`fast_step` serves from this plan, their scale (None: SDPA's default,
@@ -389,6 +394,10 @@ class DecodePlan:
         B, Lq, Hk, G, dev = self.B, self.Lq, self.Hk, self.Hq // self.Hk, self.device
         shared = (not self.paged and len(set(lens)) == 1 and "b" not in self.uses
                   and all(inputs[n].dim() == nd for n, nd in self.pattern.inputs.items()))
+        if shared:
+            step = self._one_run_step(lens[0], lens[0] - Lq + q_shift)
+            if step is not None:
+                return step
         out = []
         for b0, b1 in ([(0, B)] if shared else [(b, b + 1) for b in range(B)]):
             L = lens[b0]
@@ -439,6 +448,60 @@ class DecodePlan:
             if s.gather is None and len(s.runs) == 1 and s.empty is None:
                 one = (*s.runs[0], s.mask)
         return _Step(tuple(out), one)
+
+    def _one_run_step(self, L: int, q_off: int):
+        """The :class:`_Step` of a contiguous cache whose rows' keys are one run ``[a, z)``
+        with every row seeing some key, from the rows' exact intervals
+        (:meth:`_row_intervals`), or None (the general build decides). Its mask is a view
+        of a buffer ``[1, 1, G * Lq, bucket]`` the plan keeps per shape of the partial
+        keys relative to the run's end (:meth:`_mask_tail`): the steps of a growing cache
+        whose partial keys keep their place relative to the last key (causal, a window,
+        streaming) slice one buffer instead of building a mask."""
+        rows = self._row_intervals(q_off, L, 0)
+        if rows is None or not all(rows):
+            return None
+        runs = _merge([(lo, hi + 1) for r in rows for lo, hi in r])
+        if len(runs) != 1:
+            return None
+        (a, z), n = runs[0], runs[0][1] - runs[0][0]
+        part = _merge([x for r in rows for x in _subtract([(a, z)], [(lo, hi + 1)
+                                                                      for lo, hi in r])])
+        mask = None
+        if part:
+            p0 = part[0][0]
+            if (z - p0) * len(rows) > MASK_TAIL_CELLS:
+                return None
+            # the rows' intervals within [p0, z), relative to z: the buffer's key
+            tail = tuple(tuple((max(lo, p0) - z, hi - z) for lo, hi in r if hi >= p0)
+                         for r in rows)
+            mask = self._mask_tail(tail, z - p0)[..., self.bucket - n:]
+        seg = _Segment(((a, z),), n, mask, _overlap([(a, z)], part) < n, None, None)
+        return _Step(((0, self.B, (seg,)),), (a, z, mask))
+
+    def _mask_tail(self, tail: tuple, width: int) -> torch.Tensor:
+        """The additive mask buffer ``[1, 1, G * Lq, bucket]`` (0 or -inf, the plan's dtype)
+        that is 0 except in its last ``width`` columns, where row ``i`` (of each query head
+        of a key head) sees the keys of ``tail[i]`` (intervals ``[lo, hi]`` relative to the
+        end) and not the others; kept per ``(tail, width)`` (:data:`MASK_BUFFERS` of them)."""
+        buf = self._masks.get((tail, width))
+        if buf is not None:
+            return buf
+        G, bk = self.Hq // self.Hk, self.bucket
+        ninf = float("-inf")
+        block = []
+        for ivs in tail:
+            row = [ninf] * width
+            for lo, hi in ivs:
+                row[width + lo:width + hi + 1] = [0.0] * (hi - lo + 1)
+            block.append(row)
+        buf = torch.zeros((1, 1, G * self.Lq, bk), dtype=self.dtype, device=self.device)
+        buf[0, 0, :, bk - width:] = torch.tensor(block * G, dtype=self.dtype,
+                                                 device=self.device)
+        with self._steps_lock:
+            while len(self._masks) >= MASK_BUFFERS:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[tail, width] = buf
+        return buf
 
     def run_torch(self, q, k, v, lens: tuple, q_shift: int, page_table, page_size: int,
                   scale: float, inputs: dict, need_lse: bool = True):

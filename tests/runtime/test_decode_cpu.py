@@ -106,6 +106,39 @@ def test_memo_never_serves_other_runtime_inputs():
     assert len(dec.DECODE_PLANS) == 3
 
 
+@pytest.mark.parametrize("src,Lq,Hq,Hk,buffers", [
+    ("causal", 4, 4, 2, 1), ("causal & window(W)", 3, 2, 2, 1), ("q - k >= 2", 4, 2, 1, 1),
+    ("causal & window(2)", 5, 2, 2, 1), ("causal & (window(W) | sink(4))", 4, 2, 2, 0)],
+    ids=["causal-Lq4-H4/2", "window-Lq3", "gap-Lq4-H2/1", "window2-Lq5", "streaming-Lq4"])
+def test_growing_cache_steps_from_row_intervals(src, Lq, Hq, Hk, buffers):
+    """Several query rows against a growing cache: a step whose rows' keys are one run is
+    built from the rows' exact intervals, its mask a slice of a buffer kept per shape of the
+    partial keys relative to the last key (causal or a window: one buffer for every
+    length; streaming: two runs, the general build). Every step (and its lse) is the reference's, and a row that sees no key (a
+    q_offset) takes the general build."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch", **({"W": 30} if "W" in src else {}))
+    g = torch.Generator().manual_seed(50 + Lq)
+    k, v = _rand(2, Hk, 512, 16, g=g), _rand(2, Hk, 512, 16, g=g)
+    for L in (257, 258, 300, 333, 400, 511, 300):
+        q = _rand(2, Hq, Lq, 16, g=g)
+        kL, vL = k[:, :, :L], v[:, :, :L]
+        want_o, want_lse = _reference(pat, q, kL, vL, [L, L], {})
+        _close(f"L{L}", pat(q, kL, vL), want_o)
+        o, lse = pat(q, kL, vL, return_lse=True)
+        _close(f"L{L} o (lse path)", o, want_o)
+        _close(f"L{L} lse", lse, want_lse)
+    plan = _plan(pat)
+    assert len(plan._masks) == buffers
+    if buffers:
+        assert plan.cpu_step((400, 400), 0, 0, {}).one is not None
+    q = _rand(1, Hq, Lq, 16, g=g)
+    for off in (0, 1, 250):
+        _close(f"q_offset {off}", pat(q, k[:1, :, :300], v[:1, :, :300], q_offset=off),
+               attention_reference(q, k[:1, :, :300], v[:1, :, :300],
+                                   pat.mask(Lq, 300, q_offset=off, num_heads=Hq))[0])
+
+
 # ------------------------------------------------------------------ one SDPA call
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
