@@ -7,6 +7,8 @@ the float64 reference on the pattern's dense mask of each batch element's own le
 """
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import spattn
 from spattn.dsl.errors import SpattnInputError, SpattnParamError, SpattnValueError
@@ -14,6 +16,7 @@ from spattn.runtime import api
 from spattn.runtime import decode as dec
 from spattn.runtime.reference import attention_reference
 
+from tests.helpers.sources import bool_exprs
 from tests.runtime.test_decode import _close, _reference
 
 
@@ -137,6 +140,42 @@ def test_growing_cache_steps_from_row_intervals(src, Lq, Hq, Hk, buffers):
         _close(f"q_offset {off}", pat(q, k[:1, :, :300], v[:1, :, :300], q_offset=off),
                attention_reference(q, k[:1, :, :300], v[:1, :, :300],
                                    pat.mask(Lq, 300, q_offset=off, num_heads=Hq))[0])
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(src=bool_exprs(), group=st.integers(1, 2), Lq=st.integers(1, 16),
+       L=st.integers(256, 300), grow=st.integers(1, 40), seed=st.integers(0, 2 ** 31 - 1))
+def test_random_patterns_repeated_and_growing_steps(src, group, Lq, L, grow, seed):
+    """Random patterns, the calls a decode loop makes: routed calls at one length (the full
+    path, then the fast path) and at a longer one in the bucket (a step built from the
+    rows' intervals where they are exact), and pat.decode with equal seq_lens; each is the
+    reference's."""
+    try:
+        pat = spattn.compile(src, backend="torch")
+    except spattn.SpattnError:
+        return
+    dec.DECODE_PLANS.clear()
+    g = torch.Generator().manual_seed(seed)
+    Hq = 2 * group
+    L = max(L, 4 * Lq)
+    cap = min(L + grow, 512)
+    k, v = _rand(2, 2, cap, 16, g=g), _rand(2, 2, cap, 16, g=g)
+    for n in (L, L, cap):
+        q = _rand(2, Hq, Lq, 16, g=g)
+        kn, vn = k[:, :, :n], v[:, :, :n]
+        try:
+            o = pat(q, kn, vn)
+        except spattn.SpattnError:
+            event("refused")
+            return
+        _close(f"L{n}", o, _reference(pat, q, kn, vn, [n, n], {})[0])
+    event("fast entry" if _plan(pat).fast is not None else "no fast entry")
+    event("one-run steps" if any(s.one is not None for s in _plan(pat)._steps.values())
+          else "general steps")
+    q = _rand(2, Hq, Lq, 16, g=g)
+    lens = torch.tensor([L, L])
+    _close("decode", pat.decode(q, k, v, seq_lens=lens), _reference(pat, q, k, v, [L, L], {})[0])
 
 
 # ------------------------------------------------------------------ one SDPA call
