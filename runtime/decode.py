@@ -460,12 +460,24 @@ class DecodePlan:
         rows = self._row_intervals(q_off, L, 0)
         if rows is None or not all(rows):
             return None
-        runs = _merge([(lo, hi + 1) for r in rows for lo, hi in r])
-        if len(runs) != 1:
-            return None
-        (a, z), n = runs[0], runs[0][1] - runs[0][0]
-        part = _merge([x for r in rows for x in _subtract([(a, z)], [(lo, hi + 1)
-                                                                      for lo, hi in r])])
+        if all(len(r) == 1 for r in rows):         # one interval per row: no interval lists
+            ivs = sorted(r[0] for r in rows)
+            a, top = ivs[0][0], ivs[0][1]
+            for lo, hi in ivs:
+                if lo > top + 1:
+                    return None                     # a gap: two runs
+                top = max(top, hi)
+            z, n = top + 1, top + 1 - a
+            inner_lo, inner_hi = ivs[-1][0], min(hi for _, hi in ivs)   # seen by every row
+            part = [(a, z)] if inner_lo > inner_hi else \
+                [x for x in ((a, inner_lo), (inner_hi + 1, z)) if x[0] < x[1]]
+        else:
+            runs = _merge([(lo, hi + 1) for r in rows for lo, hi in r])
+            if len(runs) != 1:
+                return None
+            (a, z), n = runs[0], runs[0][1] - runs[0][0]
+            part = _merge([x for r in rows for x in _subtract([(a, z)], [(lo, hi + 1)
+                                                                          for lo, hi in r])])
         mask = None
         if part:
             p0 = part[0][0]
