@@ -23,7 +23,8 @@ plan holds, with no host synchronisation (``check=False``) and no allocation tha
 the length: it can be captured in a CUDA graph (lengths then come from ``seq_lens``, a
 device tensor, since scalar arguments are frozen at capture). On the CPU a step computes
 the allowed key runs of the rows (closed form, or the predicate over the keys: O(Lq * Lk),
-tiny for decode) and runs one fused attention call on those keys.
+tiny for decode) and runs one fused attention call on those keys; a call like one its plan
+served before takes the plan's fast entry (:func:`fast_step`), without the checks.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ from . import api as _api
 from .plan import data_version
 from .cpu_ops import copy_ as _copy_, fill as _fill
 
-__all__ = ["decode", "routes", "call_routed", "DecodePlan", "DecodeConfig", "DECODE_PLANS",
+__all__ = ["decode", "routes", "call_routed", "fast_step", "DecodePlan", "DecodeConfig",
+           "DECODE_PLANS",
            "MAX_DECODE_Q", "ROUTE_MIN_LK", "bucket"]
 
 #: Most query rows the decode path takes.

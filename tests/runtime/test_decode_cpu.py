@@ -1,6 +1,7 @@
 """The CPU decode step's hot path (``runtime/decode.py``, ``DecodePlan.run_torch``): the steps
-a plan memoises per (lengths, positions), the single dense-SDPA call of a one-view step,
-and the accepting path of the argument checks (``runtime.api._valid``).
+a plan memoises per (lengths, positions), the steps built from the rows' exact intervals,
+the single dense-SDPA call of a one-view step, the plan's fast entry (``fast_step``) and
+the accepting path of the argument checks (``runtime.api._valid``).
 
 Every case draws fresh random q and caches and checks every output element (and lse) against
 the float64 reference on the pattern's dense mask of each batch element's own length.
@@ -117,8 +118,8 @@ def test_growing_cache_steps_from_row_intervals(src, Lq, Hq, Hk, buffers):
     """Several query rows against a growing cache: a step whose rows' keys are one run is
     built from the rows' exact intervals, its mask a slice of a buffer kept per shape of the
     partial keys relative to the last key (causal or a window: one buffer for every
-    length; streaming: two runs, the general build). Every step (and its lse) is the reference's, and a row that sees no key (a
-    q_offset) takes the general build."""
+    length; streaming: two runs, the general build). Every step (and its lse) is the
+    reference's, and a row that sees no key (a q_offset) takes the general build."""
     dec.DECODE_PLANS.clear()
     pat = spattn.compile(src, backend="torch", **({"W": 30} if "W" in src else {}))
     g = torch.Generator().manual_seed(50 + Lq)
