@@ -978,6 +978,8 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     built on a miss) without them: one public SDPA call on a view when the step is one
     call (any strides), else :meth:`DecodePlan.run_torch`. Anything else returns None and
     takes the full path."""
+    if _is_compiling():             # first: torch.compile traces none of the rest
+        return None
     hit = DECODE_PLANS._last.get(id(pattern))
     if hit is None:
         return None
@@ -998,7 +1000,7 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     if type(q) is not T or type(k) is not T or type(v) is not T or k.dtype is not dt \
             or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu) \
             or q.layout is not S or k.layout is not S or v.layout is not S \
-            or q.requires_grad or k.requires_grad or v.requires_grad or _is_compiling():
+            or q.requires_grad or k.requires_grad or v.requires_grad:
         return None
     L, bk, Lq = ks[2], plan.bucket, q.shape[2]
     if L > bk or (L <= bk >> 1 and bk > MIN_BUCKET) or L < Lq:

@@ -143,6 +143,25 @@ def test_growing_cache_steps_from_row_intervals(src, Lq, Hq, Hk, buffers):
                                    pat.mask(Lq, 300, q_offset=off, num_heads=Hq))[0])
 
 
+def test_fast_entry_is_not_traced_by_torch_compile():
+    """A decode-sized call compiled with ``fullgraph=True`` after eager calls left a fast
+    entry: no graph break (the compiled call takes the custom op), the same numbers."""
+    torch._dynamo.reset()
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & window(64)", backend="torch")
+    g = torch.Generator().manual_seed(45)
+    q, k, v = _rand(1, 2, 1, 16, g=g), _rand(1, 2, 300, 16, g=g), _rand(1, 2, 300, 16, g=g)
+    eager = pat(q, k, v)
+    assert dec.fast_step(pat, q, k, v) is not None
+
+    def f(q, k, v):
+        return pat(q, k, v) * 2
+
+    assert torch._dynamo.explain(f)(q, k, v).graph_break_count == 0
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), eager * 2)
+
+
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(src=bool_exprs(), group=st.integers(1, 2), Lq=st.integers(1, 16),
