@@ -364,6 +364,11 @@ class DecodePlan:
                 both = iv.flo is not None and iv.fhi is not None
                 nodes += [iv.lo, iv.hi, iv.flo if both else None, iv.fhi if both else None]
             self._rows_fn = host_function(nodes, ("qs", "qe", "Lq", "Lk", "H", "b"))
+        #: One query row, one interval, no ``b``: :meth:`_row1_step` builds a step from
+        #: the row's interval alone.
+        self._row1 = self._rows_fn if (self._rows_fn is not None and self.Lq == 1
+                                       and len(cf.rows) == 1 and "b" not in self.uses
+                                       and not self.paged) else None
         self._steps: dict = {}
         self._masks: dict = {}
         self._steps_lock = threading.Lock()
@@ -383,11 +388,35 @@ class DecodePlan:
         step = self._steps.get(key)
         if step is None:
             step = self._build_step(lens, q_shift, page_size, inputs)
-            with self._steps_lock:
-                while len(self._steps) >= CPU_STEPS:
-                    self._steps.pop(next(iter(self._steps)))
-                self._steps[key] = step
+            self._keep_step(key, step)
         return step
+
+    def _keep_step(self, key: tuple, step) -> None:
+        """Put ``step`` in the memo under ``key`` (the oldest leaves past :data:`CPU_STEPS`)."""
+        with self._steps_lock:
+            while len(self._steps) >= CPU_STEPS:
+                self._steps.pop(next(iter(self._steps)))
+            self._steps[key] = step
+
+    def _row1_step(self, L: int):
+        """The step of one query row at position ``L - 1`` of a contiguous cache of ``L``
+        keys (every batch element), for a closed form of one interval without ``b``: one
+        call on the keys ``[lo, hi]`` where that interval is exact at the row (its FULL
+        part is the whole interval, as :meth:`_row_intervals` requires); else None. The
+        step :meth:`_build_step` would build, with a few int operations."""
+        fn = self._row1
+        if fn is None:
+            return None
+        try:
+            lo, hi, flo, fhi = fn(L - 1, L - 1, 1, L, self.Hq, 0)
+        except (TypeError, ValueError, KeyError):
+            return None
+        lo = 0 if lo is None else max(0, int(lo))
+        hi = L - 1 if hi is None else min(L - 1, int(hi))
+        if hi < lo or flo is None or max(0, int(flo)) != lo or min(L - 1, int(fhi)) != hi:
+            return None
+        seg = _Segment(((lo, hi + 1),), hi + 1 - lo, None, True, None, None)
+        return _Step(((0, self.B, (seg,)),), (lo, hi + 1, None))
 
     def _build_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict):
         """The :class:`_Step`: per group of batch elements (one group for the batch when
@@ -975,7 +1004,8 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     :data:`ROUTE_MIN_LK` and ``4 * Lq``) and whose ``seq_lens`` (an integer CPU tensor
     ``[B]``) lie in ``[Lq, L]``, passes every check of the full path (:func:`_step`) for the
     same reasons; it runs the plan's step for its lengths (:meth:`DecodePlan.cpu_step`,
-    built on a miss) without them: one public SDPA call on a view when the step is one
+    built on a miss, through :meth:`DecodePlan._row1_step` where that applies) without
+    them: one public SDPA call on a view when the step is one
     call (any strides), else :meth:`DecodePlan.run_torch`. Anything else returns None and
     takes the full path."""
     if _is_compiling():             # first: torch.compile traces none of the rest
@@ -1017,10 +1047,15 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
         lens = tuple(seq_lens.tolist())
         if min(lens) < Lq or max(lens) > L:
             return None                                 # the full path says what is wrong
-    step = plan._steps.get((lens, 0, 0, VIEW_BYTES))       # (cpu_step's memo, inlined)
+    key = (lens, 0, 0, VIEW_BYTES)
+    step = plan._steps.get(key)                         # (cpu_step's memo, inlined)
     if step is None:
         try:
-            step = plan.cpu_step(lens, 0, 0, {})
+            step = plan._row1_step(L) if seq_lens is None else None
+            if step is None:
+                step = plan.cpu_step(lens, 0, 0, {})
+            else:
+                plan._keep_step(key, step)
         except SpattnError:
             return None
     if step.one is None:

@@ -291,6 +291,36 @@ def test_repeated_step_takes_the_fast_path(src, B, Hq, Hk, Lq, L):
     assert dec.fast_step(pat, q, k, v, None, None, False) is not None
 
 
+@pytest.mark.parametrize("src", ["causal", "causal & window(100)", "q - k >= 3",
+                                 "k >= 10 & q >= k", "causal & (window(50) | sink(4))",
+                                 "k % 2 == 0"],
+                         ids=["causal", "window", "gap", "from-key-10", "streaming", "even"])
+def test_one_row_step_is_the_built_step(src):
+    """``_row1_step`` (one query row, one interval) gives the step ``_build_step`` builds,
+    or None where it does not apply (two intervals, no closed form); a decode loop through
+    the fast path at new lengths is right."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(46)
+    k, v = _rand(2, 2, 512, 16, g=g), _rand(2, 2, 512, 16, g=g)
+    for L in (257, 300, 301, 302, 303, 304, 305, 511):
+        q = _rand(2, 4, 1, 16, g=g)
+        _close(f"L{L}", pat(q, k[:, :, :L], v[:, :, :L]),
+               _fast_ref(pat, q, k[:, :, :L], v[:, :, :L]))
+    plan = _plan(pat)
+    for L in (257, 300, 400, 512):
+        quick = plan._row1_step(L)
+        built = plan._build_step((L, L), 0, 0, {})
+        if quick is None:
+            assert src in ("causal & (window(50) | sink(4))", "k % 2 == 0"), src
+            continue
+        assert quick.one == built.one
+        (b0, b1, (s,)), = quick.groups
+        (c0, c1, (t,)), = built.groups
+        assert (b0, b1, s.runs, s.width, s.mask, s.full, s.empty, s.gather) == \
+            (c0, c1, t.runs, t.width, t.mask, t.full, t.empty, t.gather)
+
+
 def _variants(g):
     """``(name, (q, k, v), call keywords)`` of calls that differ from the base call of
     :func:`test_fast_path_serves_only_its_step` (q [2, 4, 1, 32], a [2, 2, 300, 32]
