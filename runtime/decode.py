@@ -486,8 +486,8 @@ class DecodePlan:
         (:meth:`_row_intervals`), or None (the general build decides). Its mask is a view
         of a buffer ``[1, 1, G * Lq, bucket]`` the plan keeps per shape of the partial
         keys relative to the run's end (:meth:`_mask_tail`): the steps of a growing cache
-        whose partial keys keep their place relative to the last key (causal, a window,
-        streaming) slice one buffer instead of building a mask."""
+        whose partial keys keep their place relative to the last key (causal, a window, a
+        gap ``q - k >= c``) slice one buffer instead of building a mask."""
         rows = self._row_intervals(q_off, L, 0)
         if rows is None or not all(rows):
             return None
