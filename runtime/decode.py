@@ -364,11 +364,10 @@ class DecodePlan:
                 both = iv.flo is not None and iv.fhi is not None
                 nodes += [iv.lo, iv.hi, iv.flo if both else None, iv.fhi if both else None]
             self._rows_fn = host_function(nodes, ("qs", "qe", "Lq", "Lk", "H", "b"))
-        #: One query row, one interval, no ``b``: :meth:`_row1_step` builds a step from
-        #: the row's interval alone.
+        #: One query row, no ``b``: :meth:`_row1_step` builds a step from the row's
+        #: intervals alone.
         self._row1 = self._rows_fn if (self._rows_fn is not None and self.Lq == 1
-                                       and len(cf.rows) == 1 and "b" not in self.uses
-                                       and not self.paged) else None
+                                       and "b" not in self.uses and not self.paged) else None
         self._steps: dict = {}
         self._masks: dict = {}
         self._steps_lock = threading.Lock()
@@ -400,23 +399,36 @@ class DecodePlan:
 
     def _row1_step(self, L: int):
         """The step of one query row at position ``L - 1`` of a contiguous cache of ``L``
-        keys (every batch element), for a closed form of one interval without ``b``: one
-        call on the keys ``[lo, hi]`` where that interval is exact at the row (its FULL
-        part is the whole interval, as :meth:`_row_intervals` requires); else None. The
-        step :meth:`_build_step` would build, with a few int operations."""
+        keys (every batch element; the pattern reads no ``b``) when the closed form's
+        intervals are exact at the row (each its own FULL part, as :meth:`_row_intervals`
+        requires) and form one run: one call on those keys, no mask; else None. The step
+        :meth:`_build_step` would build, with a few int operations."""
         fn = self._row1
         if fn is None:
             return None
         try:
-            lo, hi, flo, fhi = fn(L - 1, L - 1, 1, L, self.Hq, 0)
+            vals = fn(L - 1, L - 1, 1, L, self.Hq, 0)
         except (TypeError, ValueError, KeyError):
             return None
-        lo = 0 if lo is None else max(0, int(lo))
-        hi = L - 1 if hi is None else min(L - 1, int(hi))
-        if hi < lo or flo is None or max(0, int(flo)) != lo or min(L - 1, int(fhi)) != hi:
-            return None
-        seg = _Segment(((lo, hi + 1),), hi + 1 - lo, None, True, None, None)
-        return _Step(((0, self.B, (seg,)),), (lo, hi + 1, None))
+        a = z = None
+        for i in range(0, len(vals), 4):
+            lo, hi, flo, fhi = vals[i:i + 4]
+            lo = 0 if lo is None else max(0, int(lo))
+            hi = L - 1 if hi is None else min(L - 1, int(hi))
+            if hi < lo:
+                continue
+            if flo is None or max(0, int(flo)) != lo or min(L - 1, int(fhi)) != hi:
+                return None
+            if a is None:
+                a, z = lo, hi + 1
+            elif lo <= z and hi + 1 >= a:               # overlaps or touches: one run
+                a, z = min(a, lo), max(z, hi + 1)
+            else:
+                return None                             # two runs: the general build
+        if a is None:
+            return None                                 # no key: the general build
+        seg = _Segment(((a, z),), z - a, None, True, None, None)
+        return _Step(((0, self.B, (seg,)),), (a, z, None))
 
     def _build_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict):
         """The :class:`_Step`: per group of batch elements (one group for the batch when
