@@ -23,7 +23,8 @@ plan holds, with no host synchronisation (``check=False``) and no allocation tha
 the length: it can be captured in a CUDA graph (lengths then come from ``seq_lens``, a
 device tensor, since scalar arguments are frozen at capture). On the CPU a step computes
 the allowed key runs of the rows (closed form, or the predicate over the keys: O(Lq * Lk),
-tiny for decode) and runs one fused attention call on those keys.
+tiny for decode) and runs one fused attention call on those keys; a call like one its plan
+served before takes the plan's fast entry (:func:`fast_step`), without the checks.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ from . import api as _api
 from .plan import data_version
 from .cpu_ops import copy_ as _copy_, fill as _fill
 
-__all__ = ["decode", "routes", "call_routed", "DecodePlan", "DecodeConfig", "DECODE_PLANS",
+__all__ = ["decode", "routes", "call_routed", "fast_step", "DecodePlan", "DecodeConfig",
+           "DECODE_PLANS",
            "MAX_DECODE_Q", "ROUTE_MIN_LK", "bucket"]
 
 #: Most query rows the decode path takes.
@@ -62,6 +64,10 @@ DECODE_PLANS_SIZE = 32
 #: CPU steps a plan remembers (:meth:`DecodePlan.cpu_step`): the layers of a model decode
 #: at the same lengths, one step after the other.
 CPU_STEPS = 4
+#: CPU: mask buffers a plan keeps (:meth:`DecodePlan._mask_tail`), and the most cells
+#: (rows times partial keys) of one built on the host.
+MASK_BUFFERS = 4
+MASK_TAIL_CELLS = 1 << 16
 
 _sdpa = torch.nn.functional.scaled_dot_product_attention
 #: ATen's CPU flash-attention forward (the kernel dense SDPA runs on the CPU): ``(o, lse)``.
@@ -358,8 +364,18 @@ class DecodePlan:
                 both = iv.flo is not None and iv.fhi is not None
                 nodes += [iv.lo, iv.hi, iv.flo if both else None, iv.fhi if both else None]
             self._rows_fn = host_function(nodes, ("qs", "qe", "Lq", "Lk", "H", "b"))
+        #: One query row, no ``b``: :meth:`_row1_step` builds a step from the row's
+        #: intervals alone.
+        self._row1 = self._rows_fn if (self._rows_fn is not None and self.Lq == 1
+                                       and "b" not in self.uses and not self.paged) else None
         self._steps: dict = {}
+        self._masks: dict = {}
         self._steps_lock = threading.Lock()
+        #: ``(signature, scale, grouped)``: the :func:`_signature` of the calls
+        #: :func:`fast_step` serves from this plan, their scale (None: SDPA's default,
+        #: ``1 / sqrt(D)``) and q's grouped shape ``[B, Hk, G * Lq, D]`` (None when
+        #: ``G = 1``); None until a call leaves it.
+        self.fast = None
 
     def cpu_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict):
         """What a CPU step at the lengths ``lens`` (one per batch element) and ``q_shift``
@@ -371,11 +387,48 @@ class DecodePlan:
         step = self._steps.get(key)
         if step is None:
             step = self._build_step(lens, q_shift, page_size, inputs)
-            with self._steps_lock:
-                while len(self._steps) >= CPU_STEPS:
-                    self._steps.pop(next(iter(self._steps)))
-                self._steps[key] = step
+            self._keep_step(key, step)
         return step
+
+    def _keep_step(self, key: tuple, step) -> None:
+        """Put ``step`` in the memo under ``key`` (the oldest leaves past :data:`CPU_STEPS`)."""
+        with self._steps_lock:
+            while len(self._steps) >= CPU_STEPS:
+                self._steps.pop(next(iter(self._steps)))
+            self._steps[key] = step
+
+    def _row1_step(self, L: int):
+        """The step of one query row at position ``L - 1`` of a contiguous cache of ``L``
+        keys (every batch element; the pattern reads no ``b``) when the closed form's
+        intervals are exact at the row (each its own FULL part, as :meth:`_row_intervals`
+        requires) and form one run: one call on those keys, no mask; else None. The step
+        :meth:`_build_step` would build, with a few int operations."""
+        fn = self._row1
+        if fn is None:
+            return None
+        try:
+            vals = fn(L - 1, L - 1, 1, L, self.Hq, 0)
+        except (TypeError, ValueError, KeyError):
+            return None
+        a = z = None
+        for i in range(0, len(vals), 4):
+            lo, hi, flo, fhi = vals[i:i + 4]
+            lo = 0 if lo is None else max(0, int(lo))
+            hi = L - 1 if hi is None else min(L - 1, int(hi))
+            if hi < lo:
+                continue
+            if flo is None or max(0, int(flo)) != lo or min(L - 1, int(fhi)) != hi:
+                return None
+            if a is None:
+                a, z = lo, hi + 1
+            elif lo <= z and hi + 1 >= a:               # overlaps or touches: one run
+                a, z = min(a, lo), max(z, hi + 1)
+            else:
+                return None                             # two runs: the general build
+        if a is None:
+            return None                                 # no key: the general build
+        seg = _Segment(((a, z),), z - a, None, True, None, None)
+        return _Step(((0, self.B, (seg,)),), (a, z, None))
 
     def _build_step(self, lens: tuple, q_shift: int, page_size: int, inputs: dict):
         """The :class:`_Step`: per group of batch elements (one group for the batch when
@@ -384,6 +437,10 @@ class DecodePlan:
         B, Lq, Hk, G, dev = self.B, self.Lq, self.Hk, self.Hq // self.Hk, self.device
         shared = (not self.paged and len(set(lens)) == 1 and "b" not in self.uses
                   and all(inputs[n].dim() == nd for n, nd in self.pattern.inputs.items()))
+        if shared:
+            step = self._one_run_step(lens[0], lens[0] - Lq + q_shift)
+            if step is not None:
+                return step
         out = []
         for b0, b1 in ([(0, B)] if shared else [(b, b + 1) for b in range(B)]):
             L = lens[b0]
@@ -434,6 +491,72 @@ class DecodePlan:
             if s.gather is None and len(s.runs) == 1 and s.empty is None:
                 one = (*s.runs[0], s.mask)
         return _Step(tuple(out), one)
+
+    def _one_run_step(self, L: int, q_off: int):
+        """The :class:`_Step` of a contiguous cache whose rows' keys are one run ``[a, z)``
+        with every row seeing some key, from the rows' exact intervals
+        (:meth:`_row_intervals`), or None (the general build decides). Its mask is a view
+        of a buffer ``[1, 1, G * Lq, bucket]`` the plan keeps per shape of the partial
+        keys relative to the run's end (:meth:`_mask_tail`): the steps of a growing cache
+        whose partial keys keep their place relative to the last key (causal, a window, a
+        gap ``q - k >= c``) slice one buffer instead of building a mask."""
+        rows = self._row_intervals(q_off, L, 0)
+        if rows is None or not all(rows):
+            return None
+        if all(len(r) == 1 for r in rows):         # one interval per row: no interval lists
+            ivs = sorted(r[0] for r in rows)
+            a, top = ivs[0][0], ivs[0][1]
+            for lo, hi in ivs:
+                if lo > top + 1:
+                    return None                     # a gap: two runs
+                top = max(top, hi)
+            z, n = top + 1, top + 1 - a
+            inner_lo, inner_hi = ivs[-1][0], min(hi for _, hi in ivs)   # seen by every row
+            part = [(a, z)] if inner_lo > inner_hi else \
+                [x for x in ((a, inner_lo), (inner_hi + 1, z)) if x[0] < x[1]]
+        else:
+            runs = _merge([(lo, hi + 1) for r in rows for lo, hi in r])
+            if len(runs) != 1:
+                return None
+            (a, z), n = runs[0], runs[0][1] - runs[0][0]
+            part = _merge([x for r in rows for x in _subtract([(a, z)], [(lo, hi + 1)
+                                                                          for lo, hi in r])])
+        mask = None
+        if part:
+            p0 = part[0][0]
+            if (z - p0) * len(rows) > MASK_TAIL_CELLS:
+                return None
+            # the rows' intervals within [p0, z), relative to z: the buffer's key
+            tail = tuple(tuple((max(lo, p0) - z, hi - z) for lo, hi in r if hi >= p0)
+                         for r in rows)
+            mask = self._mask_tail(tail, z - p0)[..., self.bucket - n:]
+        seg = _Segment(((a, z),), n, mask, _overlap([(a, z)], part) < n, None, None)
+        return _Step(((0, self.B, (seg,)),), (a, z, mask))
+
+    def _mask_tail(self, tail: tuple, width: int) -> torch.Tensor:
+        """The additive mask buffer ``[1, 1, G * Lq, bucket]`` (0 or -inf, the plan's dtype)
+        that is 0 except in its last ``width`` columns, where row ``i`` (of each query head
+        of a key head) sees the keys of ``tail[i]`` (intervals ``[lo, hi]`` relative to the
+        end) and not the others; kept per ``(tail, width)`` (:data:`MASK_BUFFERS` of them)."""
+        buf = self._masks.get((tail, width))
+        if buf is not None:
+            return buf
+        G, bk = self.Hq // self.Hk, self.bucket
+        ninf = float("-inf")
+        block = []
+        for ivs in tail:
+            row = [ninf] * width
+            for lo, hi in ivs:
+                row[width + lo:width + hi + 1] = [0.0] * (hi - lo + 1)
+            block.append(row)
+        buf = torch.zeros((1, 1, G * self.Lq, bk), dtype=self.dtype, device=self.device)
+        buf[0, 0, :, bk - width:] = torch.tensor(block * G, dtype=self.dtype,
+                                                 device=self.device)
+        with self._steps_lock:
+            while len(self._masks) >= MASK_BUFFERS:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[tail, width] = buf
+        return buf
 
     def run_torch(self, q, k, v, lens: tuple, q_shift: int, page_table, page_size: int,
                   scale: float, inputs: dict, need_lse: bool = True):
@@ -525,8 +648,45 @@ class DecodePlan:
         part = _subtract(runs, full)
         if not part:
             return runs, [], None
-        m = self._predicate(_positions(part, self.device), q_off, L, b, inputs)
+        pos = _positions(part, self.device)
+        rows = self._row_intervals(q_off, L, b)
+        if rows is None:
+            m = self._predicate(pos, q_off, L, b, inputs)
+        else:                   # [1, Lq, n_part]: one comparison against the rows' bounds
+            width = max(1, max(len(r) for r in rows))
+            pad = [(1, 0)] * width
+            bounds = torch.tensor([(r + pad)[:width] for r in rows], dtype=torch.int64,
+                                  device=self.device)                 # [Lq, width, 2]
+            m = ((pos >= bounds[..., :1]) & (pos <= bounds[..., 1:])).any(1).unsqueeze(0)
         return (runs, [], None) if bool(m.all()) else (runs, part, m)
+
+    def _row_intervals(self, q_off: int, L: int, b: int):
+        """Per decode row, its allowed keys as closed intervals ``[lo, hi]`` within
+        ``[0, L)``: the closed form evaluated at the row alone (``qs = qe``), where each
+        interval's FULL part is the whole interval (then the row sees exactly these keys).
+        None where some is not (the predicate decides those keys) or the host cannot
+        evaluate a bound."""
+        fn, Lq, Hq = self._rows_fn, self.Lq, self.Hq
+        if fn is None:
+            return None
+        rows = []
+        try:
+            for p in range(q_off, q_off + Lq):
+                vals = fn(p, p, Lq, L, Hq, b)
+                ivs = []
+                for i in range(0, len(vals), 4):
+                    lo, hi, flo, fhi = vals[i:i + 4]
+                    lo = 0 if lo is None else max(0, int(lo))
+                    hi = L - 1 if hi is None else min(L - 1, int(hi))
+                    if hi < lo:
+                        continue
+                    if flo is None or max(0, int(flo)) != lo or min(L - 1, int(fhi)) != hi:
+                        return None
+                    ivs.append((lo, hi))
+                rows.append(ivs)
+        except (TypeError, ValueError, KeyError):
+            return None
+        return rows
 
     def _predicate(self, keys, q_off: int, L: int, b: int, inputs: dict):
         """The pattern at the decode rows and ``keys``: bool ``[1 or Hq, Lq, n]``."""
@@ -713,6 +873,10 @@ class DecodePlanCache:
         self.size = size
         self._plans: OrderedDict = OrderedDict()
         self._held: dict = {}
+        #: ``id(pattern) -> (pattern, plan)``: the plan whose repeated step the pattern's
+        #: next CPU call may take without a lookup (:func:`fast_step`); entries leave with
+        #: their plan.
+        self._last: dict = {}
         self._lock = threading.Lock()
 
     def __len__(self):
@@ -722,6 +886,21 @@ class DecodePlanCache:
         with self._lock:
             self._plans.clear()
             self._held.clear()
+            self._last.clear()
+
+    def remember(self, pattern, plan) -> None:
+        """Make ``plan`` the one :func:`fast_step` tries first for ``pattern`` (a plan of
+        this cache; at most :attr:`size` patterns are remembered)."""
+        hit = self._last.get(id(pattern))
+        if hit is not None and hit[1] is plan:
+            return
+        with self._lock:
+            if not any(p is plan for p in self._plans.values()):
+                return                  # evicted meanwhile, or built during a graph capture
+            self._last.pop(id(pattern), None)
+            self._last[id(pattern)] = (pattern, plan)
+            while len(self._last) > self.size:
+                self._last.pop(next(iter(self._last)))
 
     def get(self, pattern, backend, q, Hk, bucket_len, paged, inputs, num_splits=None):
         B, Hq, Lq, D = q.shape
@@ -748,8 +927,10 @@ class DecodePlanCache:
             self._plans[key] = plan
             self._held[key] = inputs          # the inputs' ids stay valid while the entry lives
             while len(self._plans) > self.size:
-                old, _ = self._plans.popitem(last=False)
+                old, gone = self._plans.popitem(last=False)
                 self._held.pop(old, None)
+                for pid in [i for i, (_, p) in self._last.items() if p is gone]:
+                    del self._last[pid]
         return plan
 
 
@@ -807,6 +988,106 @@ def kernel_text(pattern, *, head_dim: int = 128, dtype="bf16", device=None,
     return name, f"{HEADER_PREFIX}key={key} sha256={_digest(body)}\n{body}"
 
 
+# ------------------------------------------------------------------ the repeated CPU step
+
+def _signature(q, k, scale, routed: bool, has_lens: bool) -> tuple:
+    """What a CPU call must share with the call that made its plan's fast entry
+    (:func:`fast_step`): q's shape and dtype, the batch, heads and head dim of the cache
+    (not its length: any length of the plan's bucket), the ``scale`` as given, the entry (a
+    routed call or :func:`decode`), whether ``seq_lens`` is given, and :data:`VIEW_BYTES`
+    (part of the memo's key)."""
+    ks = k.shape
+    return (q.shape, ks[0], ks[1], ks[3], q.dtype, scale, routed, has_lens, VIEW_BYTES)
+
+
+_is_compiling = torch.compiler.is_compiling
+_TENSOR, _STRIDED = torch.Tensor, torch.strided
+
+
+def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
+    """The output of a CPU step of a plan that served a call like this one, or None.
+
+    A call of a contiguous cache on the torch backend on the CPU (no runtime inputs, no
+    ``q_offset``, no ``return_lse``) leaves a fast entry in its plan (``DecodePlan.fast``:
+    the call's :func:`_signature`) and the plan with :data:`DECODE_PLANS`, per pattern. A
+    later call of the same pattern with the same signature, on strided CPU tensors of the
+    exact type ``torch.Tensor`` and one dtype, v shaped like k, none requiring grad, not
+    traced, whose cache length lies in the plan's bucket (routed: at least
+    :data:`ROUTE_MIN_LK` and ``4 * Lq``) and whose ``seq_lens`` (an integer CPU tensor
+    ``[B]``) lie in ``[Lq, L]``, passes every check of the full path (:func:`_step`) for the
+    same reasons; it runs the plan's step for its lengths (:meth:`DecodePlan.cpu_step`,
+    built on a miss, through :meth:`DecodePlan._row1_step` where that applies) without
+    them: one public SDPA call on a view when the step is one
+    call (any strides), else :meth:`DecodePlan.run_torch`. Anything else returns None and
+    takes the full path."""
+    if _is_compiling():             # first: torch.compile traces none of the rest
+        return None
+    hit = DECODE_PLANS._last.get(id(pattern))
+    if hit is None:
+        return None
+    plan = hit[1]
+    fast = plan.fast
+    if fast is None or hit[0] is not pattern:
+        return None
+    sig, value, grouped = fast
+    T, S = _TENSOR, _STRIDED
+    try:
+        ks = k.shape
+        if (q.shape, ks[0], ks[1], ks[3], q.dtype, scale, routed, seq_lens is not None,
+                VIEW_BYTES) != sig or v.shape != ks:
+            return None         # (the tuple of _signature, written out: the hot path)
+    except (AttributeError, RuntimeError, TypeError, IndexError):
+        return None             # not tensors; nested tensors have no sizes
+    dt = q.dtype
+    if type(q) is not T or type(k) is not T or type(v) is not T or k.dtype is not dt \
+            or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu) \
+            or q.layout is not S or k.layout is not S or v.layout is not S \
+            or q.requires_grad or k.requires_grad or v.requires_grad:
+        return None
+    L, bk, Lq = ks[2], plan.bucket, q.shape[2]
+    if L > bk or (L <= bk >> 1 and bk > MIN_BUCKET) or L < Lq:
+        return None                                     # another bucket: another plan
+    B = ks[0]
+    if seq_lens is None:
+        if routed and (L < ROUTE_MIN_LK or L < 4 * Lq):
+            return None
+        lens = (L,) * B
+    else:
+        if type(seq_lens) is not T or not seq_lens.is_cpu or seq_lens.shape != (B,) \
+                or seq_lens.dtype not in _INT_DTYPES:
+            return None
+        lens = tuple(seq_lens.tolist())
+        if min(lens) < Lq or max(lens) > L:
+            return None                                 # the full path says what is wrong
+    key = (lens, 0, 0, VIEW_BYTES)
+    step = plan._steps.get(key)                         # (cpu_step's memo, inlined)
+    if step is None:
+        try:
+            step = plan._row1_step(L) if seq_lens is None else None
+            if step is None:
+                step = plan.cpu_step(lens, 0, 0, {})
+            else:
+                plan._keep_step(key, step)
+        except SpattnError:
+            return None
+    if step.one is None:
+        return plan.run_torch(q, k, v, lens, 0, None, 0,
+                              1.0 / math.sqrt(ks[3]) if value is None else value, {},
+                              False)[0]
+    a, z, mask = step.one
+    if a or z != L:
+        k, v = k[:, :, a:z], v[:, :, a:z]
+    if grouped is None:
+        return _sdpa(q, k, v, mask) if value is None else _sdpa(q, k, v, mask, scale=value)
+    o = _sdpa(q.reshape(grouped), k, v, mask) if value is None else \
+        _sdpa(q.reshape(grouped), k, v, mask, scale=value)
+    return o.view(q.shape)
+
+
+#: The integer dtypes ``seq_lens`` may have.
+_INT_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8})
+
+
 # ------------------------------------------------------------------ the entry points
 
 def routes(q, k, v, q_offset=None) -> bool:
@@ -847,6 +1128,11 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
     ``[Lq, capacity]`` and page numbers to the pools instead. ``num_splits``: the splits of
     the keys (tests; default: enough programs to fill the device).
     """
+    if not inputs and page_table is None and q_offset is None and not return_lse \
+            and num_splits is None:
+        o = fast_step(pattern, q, k_cache, v_cache, scale, seq_lens, False)
+        if o is not None:
+            return o
     if inputs:
         for name, why in _CALL_ONLY.items():
             if name in inputs and name not in pattern.inputs:
@@ -911,6 +1197,7 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
         seq_lens = _check_seq_lens(seq_lens, B, Lq, cap, q.device, check)
     if paged and check:
         _check_pages(page_table, seq_lens, page_size, num_pages)
+    scale_arg = scale
     scale = 1.0 / math.sqrt(D) if scale is None else _api._check_scale(scale, D)
     q_shift = 0
     if q_offset is not None:
@@ -943,6 +1230,24 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
             tuple(min(max(int(x), Lq), cap) for x in seq_lens.tolist())
         o, lse = plan.run_torch(q, k_cache, v_cache, lens, q_shift, page_table, page_size,
                                 scale, ins, return_lse)
+        if not return_lse and not ins and not pattern.inputs and q_offset is None \
+                and not paged and num_splits is None and q.is_cpu \
+                and getattr(pattern, "grid", None) is None \
+                and (scale_arg is None or type(scale_arg) is float):
+            _keep_fast(pattern, plan, q, k_cache, scale_arg, scale, seq_lens is not None,
+                       routed)
     if o.dtype != out_dtype:
         o = o.to(out_dtype)
     return (o, lse) if return_lse else o
+
+
+def _keep_fast(pattern, plan, q, k, scale_arg, scale, has_lens, routed):
+    """Leave a fast entry in ``plan`` for :func:`fast_step`: the call's :func:`_signature`,
+    its scale and the grouped shape of q."""
+    sig = _signature(q, k, scale_arg, routed, has_lens)
+    if plan.fast is None or plan.fast[0] != sig:
+        B, Hq, Lq, D = q.shape
+        M = Hq // plan.Hk * Lq
+        plan.fast = (sig, None if scale_arg is None else scale,
+                     None if M == Lq else (B, plan.Hk, M, D))
+    DECODE_PLANS.remember(pattern, plan)

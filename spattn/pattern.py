@@ -20,6 +20,7 @@ from .ir.inputs import check_lengths, validate_inputs
 from .ir.pattern import BACKENDS, CompiledPattern  # noqa: F401  (BACKENDS: public)
 from .runtime import api as _runtime_api
 from .runtime.autograd import register as _register
+from .runtime.decode import decode as _decode, fast_step as _fast_step
 from .runtime.usage import warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
@@ -142,6 +143,11 @@ class Pattern(CompiledPattern):
         (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
         would choose.
         """
+        if plan is None and not inputs and q_offset is None and not return_lse \
+                and layout is None and order is None:      # a repeated CPU decode step
+            o = _fast_step(self, q, k, v, scale)
+            if o is not None:
+                return o
         return _runtime_api.call(self, q, k, v, scale=scale, return_lse=return_lse,
                                  q_offset=q_offset, inputs=inputs, plan=plan, layout=layout,
                                  deterministic=deterministic, order=order)
@@ -161,8 +167,7 @@ class Pattern(CompiledPattern):
         enough programs to fill the device). Inference only; a pattern with a score is
         refused. See ``docs/decode.md``.
         """
-        from .runtime.decode import decode
-        return decode(self, q, k_cache, v_cache, seq_lens=seq_lens, page_table=page_table,
+        return _decode(self, q, k_cache, v_cache, seq_lens=seq_lens, page_table=page_table,
                       scale=scale, q_offset=q_offset, return_lse=return_lse, check=check,
                       num_splits=num_splits, **inputs)
 

@@ -1,19 +1,23 @@
 """The CPU decode step's hot path (``runtime/decode.py``, ``DecodePlan.run_torch``): the steps
-a plan memoises per (lengths, positions), the single dense-SDPA call of a one-view step,
-and the accepting path of the argument checks (``runtime.api._valid``).
+a plan memoises per (lengths, positions), the steps built from the rows' exact intervals,
+the single dense-SDPA call of a one-view step, the plan's fast entry (``fast_step``) and
+the accepting path of the argument checks (``runtime.api._valid``).
 
 Every case draws fresh random q and caches and checks every output element (and lse) against
 the float64 reference on the pattern's dense mask of each batch element's own length.
 """
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import spattn
-from spattn.dsl.errors import SpattnInputError, SpattnParamError
+from spattn.dsl.errors import SpattnInputError, SpattnParamError, SpattnValueError
 from spattn.runtime import api
 from spattn.runtime import decode as dec
 from spattn.runtime.reference import attention_reference
 
+from tests.helpers.sources import bool_exprs
 from tests.runtime.test_decode import _close, _reference
 
 
@@ -106,6 +110,94 @@ def test_memo_never_serves_other_runtime_inputs():
     assert len(dec.DECODE_PLANS) == 3
 
 
+@pytest.mark.parametrize("src,Lq,Hq,Hk,buffers", [
+    ("causal", 4, 4, 2, 1), ("causal & window(W)", 3, 2, 2, 1), ("q - k >= 2", 4, 2, 1, 1),
+    ("causal & window(2)", 5, 2, 2, 1), ("causal & (window(W) | sink(4))", 4, 2, 2, 0)],
+    ids=["causal-Lq4-H4/2", "window-Lq3", "gap-Lq4-H2/1", "window2-Lq5", "streaming-Lq4"])
+def test_growing_cache_steps_from_row_intervals(src, Lq, Hq, Hk, buffers):
+    """Several query rows against a growing cache: a step whose rows' keys are one run is
+    built from the rows' exact intervals, its mask a slice of a buffer kept per shape of the
+    partial keys relative to the last key (causal or a window: one buffer for every
+    length; streaming: two runs, the general build). Every step (and its lse) is the
+    reference's, and a row that sees no key (a q_offset) takes the general build."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch", **({"W": 30} if "W" in src else {}))
+    g = torch.Generator().manual_seed(50 + Lq)
+    k, v = _rand(2, Hk, 512, 16, g=g), _rand(2, Hk, 512, 16, g=g)
+    for L in (257, 258, 300, 333, 400, 511, 300):
+        q = _rand(2, Hq, Lq, 16, g=g)
+        kL, vL = k[:, :, :L], v[:, :, :L]
+        want_o, want_lse = _reference(pat, q, kL, vL, [L, L], {})
+        _close(f"L{L}", pat(q, kL, vL), want_o)
+        o, lse = pat(q, kL, vL, return_lse=True)
+        _close(f"L{L} o (lse path)", o, want_o)
+        _close(f"L{L} lse", lse, want_lse)
+    plan = _plan(pat)
+    assert len(plan._masks) == buffers
+    if buffers:
+        assert plan.cpu_step((400, 400), 0, 0, {}).one is not None
+    q = _rand(1, Hq, Lq, 16, g=g)
+    for off in (0, 1, 250):
+        _close(f"q_offset {off}", pat(q, k[:1, :, :300], v[:1, :, :300], q_offset=off),
+               attention_reference(q, k[:1, :, :300], v[:1, :, :300],
+                                   pat.mask(Lq, 300, q_offset=off, num_heads=Hq))[0])
+
+
+def test_fast_entry_is_not_traced_by_torch_compile():
+    """A decode-sized call compiled with ``fullgraph=True`` after eager calls left a fast
+    entry: no graph break (the compiled call takes the custom op), the same numbers."""
+    torch._dynamo.reset()
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & window(64)", backend="torch")
+    g = torch.Generator().manual_seed(45)
+    q, k, v = _rand(1, 2, 1, 16, g=g), _rand(1, 2, 300, 16, g=g), _rand(1, 2, 300, 16, g=g)
+    eager = pat(q, k, v)
+    assert dec.fast_step(pat, q, k, v) is not None
+
+    def f(q, k, v):
+        return pat(q, k, v) * 2
+
+    assert torch._dynamo.explain(f)(q, k, v).graph_break_count == 0
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), eager * 2)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(src=bool_exprs(), group=st.integers(1, 2), Lq=st.integers(1, 16),
+       L=st.integers(256, 300), grow=st.integers(1, 40), seed=st.integers(0, 2 ** 31 - 1))
+def test_random_patterns_repeated_and_growing_steps(src, group, Lq, L, grow, seed):
+    """Random patterns, the calls a decode loop makes: routed calls at one length (the full
+    path, then the fast path) and at a longer one in the bucket (a step built from the
+    rows' intervals where they are exact), and pat.decode with equal seq_lens; each is the
+    reference's."""
+    try:
+        pat = spattn.compile(src, backend="torch")
+    except spattn.SpattnError:
+        return
+    dec.DECODE_PLANS.clear()
+    g = torch.Generator().manual_seed(seed)
+    Hq = 2 * group
+    L = max(L, 4 * Lq)
+    cap = min(L + grow, 512)
+    k, v = _rand(2, 2, cap, 16, g=g), _rand(2, 2, cap, 16, g=g)
+    for n in (L, L, cap):
+        q = _rand(2, Hq, Lq, 16, g=g)
+        kn, vn = k[:, :, :n], v[:, :, :n]
+        try:
+            o = pat(q, kn, vn)
+        except spattn.SpattnError:
+            event("refused")
+            return
+        _close(f"L{n}", o, _reference(pat, q, kn, vn, [n, n], {})[0])
+    event("fast entry" if _plan(pat).fast is not None else "no fast entry")
+    event("one-run steps" if any(s.one is not None for s in _plan(pat)._steps.values())
+          else "general steps")
+    q = _rand(2, Hq, Lq, 16, g=g)
+    lens = torch.tensor([L, L])
+    _close("decode", pat.decode(q, k, v, seq_lens=lens), _reference(pat, q, k, v, [L, L], {})[0])
+
+
 # ------------------------------------------------------------------ one SDPA call
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
@@ -163,6 +255,193 @@ def test_strided_cache_views():
                        ("spare", big[:, :, :300, :32], big[:, :, :300, 32:]),
                        ("D-strided", big[:, :, :300, ::2], big[:, :, :300, 1::2])):
         _close(name, pat(q, k, v), attention_reference(q, k, v, pat.mask(1, 300))[0])
+
+
+# ------------------------------------------------------------------ the repeated step
+
+def _fast_ref(pat, q, k, v, lens=None, scale=None):
+    L = k.shape[2]
+    return _reference(pat, q, k, v, lens or [L] * q.shape[0], {}, scale=scale)[0]
+
+
+@pytest.mark.parametrize("src,B,Hq,Hk,Lq,L", [
+    ("causal", 1, 4, 4, 1, 300), ("causal & window(100)", 2, 4, 2, 1, 333),
+    ("causal", 2, 4, 2, 3, 300), ("causal & window(64)", 1, 2, 1, 4, 400)],
+    ids=["causal-B1-H4-Lq1", "window-B2-H4/2-Lq1", "causal-B2-H4/2-Lq3-mask",
+         "window-B1-H2/1-Lq4-mask"])
+def test_repeated_step_takes_the_fast_path(src, B, Hq, Hk, Lq, L):
+    """A routed call leaves its one-call step in its plan; the same shapes again (fresh
+    tensors) take ``fast_step`` (the SDPA call alone) and give the reference's rows."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(41 + Lq)
+
+    def draw():
+        return (_rand(B, Hq, Lq, 32, g=g), _rand(B, Hk, L, 32, g=g), _rand(B, Hk, L, 32, g=g))
+    q, k, v = draw()
+    assert dec.fast_step(pat, q, k, v) is None              # nothing remembered yet
+    _close("first", pat(q, k, v), _fast_ref(pat, q, k, v))
+    assert _plan(pat).fast is not None
+    q, k, v = draw()
+    fast = dec.fast_step(pat, q, k, v)
+    assert fast is not None
+    _close("fast_step", fast, _fast_ref(pat, q, k, v))
+    _close("again", pat(q, k, v), _fast_ref(pat, q, k, v))
+    _close("decode() is its own entry", pat.decode(q, k, v), _fast_ref(pat, q, k, v))
+    assert dec.fast_step(pat, q, k, v, None, None, False) is not None
+
+
+@pytest.mark.parametrize("src", ["causal", "causal & window(100)", "q - k >= 3",
+                                 "k >= 10 & q >= k", "causal & (window(50) | sink(4))",
+                                 "causal & (window(350) | sink(4))", "k % 2 == 0"],
+                         ids=["causal", "window", "gap", "from-key-10", "streaming",
+                              "streaming-wide", "even"])
+def test_one_row_step_is_the_built_step(src):
+    """``_row1_step`` (one query row, intervals exact at the row forming one run) gives the
+    step ``_build_step`` builds, or None where that is not one call (streaming past its
+    window: two runs; no closed form); a decode loop through the fast path at new lengths
+    is right."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(46)
+    k, v = _rand(2, 2, 512, 16, g=g), _rand(2, 2, 512, 16, g=g)
+    for L in (257, 300, 301, 302, 303, 304, 305, 511):
+        q = _rand(2, 4, 1, 16, g=g)
+        _close(f"L{L}", pat(q, k[:, :, :L], v[:, :, :L]),
+               _fast_ref(pat, q, k[:, :, :L], v[:, :, :L]))
+    plan = _plan(pat)
+    for L in (257, 300, 400, 512):
+        quick = plan._row1_step(L)
+        built = plan._build_step((L, L), 0, 0, {})
+        if quick is None:
+            assert built.one is None, (src, L)
+            continue
+        assert src != "k % 2 == 0"
+        assert quick.one == built.one
+        (b0, b1, (s,)), = quick.groups
+        (c0, c1, (t,)), = built.groups
+        assert (b0, b1, s.runs, s.width, s.mask, s.full, s.empty, s.gather) == \
+            (c0, c1, t.runs, t.width, t.mask, t.full, t.empty, t.gather)
+
+
+def _variants(g):
+    """``(name, (q, k, v), call keywords)`` of calls that differ from the base call of
+    :func:`test_fast_path_serves_only_its_step` (q [2, 4, 1, 32], a [2, 2, 300, 32]
+    cache, ``causal & window(100)``) in one thing each."""
+    q, k, v = _rand(2, 4, 1, 32, g=g), _rand(2, 2, 301, 32, g=g), _rand(2, 2, 301, 32, g=g)
+    wide_k, wide_v = _rand(2, 2, 300, 64, g=g), _rand(2, 2, 300, 64, g=g)
+    return [
+        ("a longer cache, one bucket", (q, k, v), {}),
+        ("a shorter cache", (q, k[:, :, :299], v[:, :, :299]), {}),
+        ("another bucket", (q, k[:, :, :256], v[:, :, :256]), {}),
+        ("q_offset", (q, k[:, :, :300], v[:, :, :300]), {"q_offset": 150}),
+        ("scale", (q, k[:, :, :300], v[:, :, :300]), {"scale": 0.05}),
+        ("D-strided", (q, wide_k[..., ::2], wide_v[..., 1::2]), {}),
+        ("bf16", (q.bfloat16(), k[:, :, :300].bfloat16(), v[:, :, :300].bfloat16()), {}),
+        ("fp16", (q.half(), k[:, :, :300].half(), v[:, :, :300].half()), {}),
+        ("return_lse", (q, k[:, :, :300], v[:, :, :300]), {"return_lse": True}),
+        ("two query rows", (_rand(2, 4, 2, 32, g=g), k[:, :, :300], v[:, :, :300]), {}),
+        ("fewer query heads", (q[:, :2], k[:, :, :300], v[:, :, :300]), {}),
+    ]
+
+
+_SERVED = ("a longer cache, one bucket", "a shorter cache", "D-strided")
+
+
+def test_fast_path_serves_only_its_step():
+    """After a call left its plan's fast entry, a call that differs in its bucket, position,
+    scale, dtype, query shape or results is not served from it (``fast_step`` refuses it);
+    one at another length of the bucket or with other strides (non-unit along D too) is,
+    with the step of its own length; each is right."""
+    pat = spattn.compile("causal & window(100)", backend="torch")
+    g = torch.Generator().manual_seed(42)
+    for name, (q, k, v), kw in _variants(g):
+        dec.DECODE_PLANS.clear()
+        bq, bk, bv = _rand(2, 4, 1, 32, g=g), _rand(2, 2, 300, 32, g=g), _rand(2, 2, 300, 32, g=g)
+        pat(bq, bk, bv)
+        assert dec.fast_step(pat, bq, bk, bv) is not None
+        if not kw:      # any length of the bucket, any strides: served
+            served = dec.fast_step(pat, q, k, v)
+            assert (served is not None) == (name in _SERVED), name
+            if served is not None:
+                _close(f"{name} (fast_step)", served,
+                       _fast_ref(pat, q.double(), k.double(), v.double()))
+        got = pat(q, k, v, **kw)
+        if kw.get("return_lse"):
+            got = got[0]
+        L = k.shape[2]
+        if "q_offset" in kw:
+            want = attention_reference(q, k, v, pat.mask(1, L, q_offset=kw["q_offset"]))[0]
+        else:
+            want = _fast_ref(pat, q.double(), k.double(), v.double(), scale=kw.get("scale"))
+        _close(name, got, want, rtol=2e-3 if q.dtype == torch.float32 else 3e-2)
+
+
+def test_fast_path_reads_seq_lens_every_step():
+    """pat.decode with ``seq_lens``: the fast path reads the lengths every call; writing the
+    tensor in place (a decode loop) or passing other values is a new step of the memo,
+    values out of range are left to the full path (refused with ``check=True``, clamped with
+    ``check=False``), unequal lengths run the step's groups."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & window(50)", backend="torch")
+    g = torch.Generator().manual_seed(43)
+    q, k, v = _rand(2, 2, 1, 16, g=g), _rand(2, 2, 400, 16, g=g), _rand(2, 2, 400, 16, g=g)
+    lens = torch.tensor([300, 300])
+    for step in range(3):
+        lens += step                        # in place: the same tensor, new values
+        want = _fast_ref(pat, q, k, v, lens.tolist())
+        _close(f"step {step}", pat.decode(q, k, v, seq_lens=lens), want)
+        _close(f"step {step} again", pat.decode(q, k, v, seq_lens=lens), want)
+        assert dec.fast_step(pat, q, k, v, None, lens, False) is not None
+    _close("int32", dec.fast_step(pat, q, k, v, None, lens.to(torch.int32), False),
+           _fast_ref(pat, q, k, v, lens.tolist()))
+    for bad in (lens.float(), lens[:1], lens.view(2, 1), torch.tensor([500, 300]),
+                torch.tensor([300, 0])):
+        assert dec.fast_step(pat, q, k, v, None, bad, False) is None
+    bad = torch.tensor([500, 500])
+    _close("clamped", pat.decode(q, k, v, seq_lens=bad, check=False),
+           _fast_ref(pat, q, k, v, [400, 400]))
+    with pytest.raises(SpattnValueError, match="seq_lens holds values 500..500"):
+        pat.decode(q, k, v, seq_lens=bad)
+    # unequal lengths: two groups (run_torch), served from the entry
+    unequal = torch.tensor([200, 300])
+    want = _fast_ref(pat, q, k, v, [200, 300])
+    _close("unequal", pat.decode(q, k, v, seq_lens=unequal), want)
+    _close("unequal (fast_step)", dec.fast_step(pat, q, k, v, None, unequal, False), want)
+
+
+def test_fast_path_per_pattern_and_refusals():
+    """Each pattern object has its own remembered plan (Gemma's alternating local and global
+    layers); tensors needing grad, subclasses, other devices' or mixed dtypes are refused;
+    an evicted plan leaves no entry behind."""
+    dec.DECODE_PLANS.clear()
+    local = spattn.compile("causal & window(40)", backend="torch")
+    glob = spattn.compile("causal", backend="torch")
+    g = torch.Generator().manual_seed(44)
+    q, k, v = _rand(1, 2, 1, 16, g=g), _rand(1, 2, 300, 16, g=g), _rand(1, 2, 300, 16, g=g)
+    for _ in range(2):
+        _close("local", local(q, k, v), _fast_ref(local, q, k, v))
+        _close("global", glob(q, k, v), _fast_ref(glob, q, k, v))
+    assert dec.fast_step(local, q, k, v) is not None and dec.fast_step(glob, q, k, v) is not None
+    same_source = spattn.compile("causal", backend="torch")
+    assert dec.fast_step(same_source, q, k, v) is None
+    qg = q.clone().requires_grad_()
+    assert dec.fast_step(glob, qg, k, v) is None
+    o = glob(qg, k, v)
+    o.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+    assert dec.fast_step(glob, torch.nn.Parameter(q), k, v) is None
+    assert dec.fast_step(glob, q, k.double(), v) is None
+    assert dec.fast_step(glob, q, k.to("meta"), v) is None
+    assert dec.fast_step(glob, q, k.to_sparse(), v) is None
+    assert dec.fast_step(glob, q, k.tolist(), v) is None
+    for i in range(dec.DECODE_PLANS.size + 1):         # evict both plans
+        kk = _rand(1, 2, 300, 16, g=g)
+        spattn.compile(f"causal & window({i + 1})", backend="torch")(q, kk, kk)
+    assert dec.fast_step(glob, q, k, v) is None and dec.fast_step(local, q, k, v) is None
+    assert all(p in dec.DECODE_PLANS._plans.values() for _, p in
+               dec.DECODE_PLANS._last.values())
+    assert len(dec.DECODE_PLANS._last) <= dec.DECODE_PLANS.size
 
 
 # ------------------------------------------------------------------ argument checks
