@@ -67,6 +67,22 @@ def test_bad_counts_after_the_grid_are_located(src, cls, where, words):
     assert (e.value.line, e.value.column) == where
 
 
+@pytest.mark.parametrize("ends,where,words", [
+    ("after 9223372036854775790 before 2", (1, 46),
+     "grid \\(4, 4\\) after 9223372036854775790 before 2: 9223372036854775808 tokens"),
+    ("before 2 after 9223372036854775790", (1, 20),
+     "grid \\(4, 4\\) after 9223372036854775790 before 2: 9223372036854775808 tokens"),
+    ("before 9223372036854775792", (1, 20),
+     "grid \\(4, 4\\) before 9223372036854775792: 9223372036854775808 tokens"),
+], ids=["after-then-before", "before-then-after", "before-only"])
+def test_the_token_cap_names_both_counts(ends, where, words):
+    """Past 2**63 - 1 tokens, the message shows the grid as written, with both counts."""
+    with pytest.raises(spattn.SpattnValueError, match=words) as e:
+        spattn.compile(f"grid (4, 4) {ends} q >= k")
+    assert (e.value.line, e.value.column) == where
+    assert spattn.compile("grid (4, 4) after 9223372036854775790 before 1 q >= k").grid_suffix == 1
+
+
 def test_before_is_still_a_name():
     """``before`` is a keyword only after a grid's ``)``: a param may be named so."""
     pat = spattn.compile("param before = 3\npattern p = q - k < before")
