@@ -196,10 +196,12 @@ def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnS
                         "grid: grid (y: 8, x: 8) ..." + ("; for a name grid there, "
                         "parenthesise: (grid[q] == grid[k]))" if start == "expression"
                                                          else ")"))
-            elif start == "expression" and _in_bare_after(src, getattr(tok, "start_pos", 0)):
-                hint = (" (after a bare pattern's grid, whose mask follows directly, T is a "
-                        "number, a param or a parenthesised expression: after (max(A, B)); a "
-                        "program's grid statement takes any constant int expression)")
+            elif start == "expression" and _after_bare_count(src, getattr(tok, "start_pos",
+                                                                          0)):
+                hint = (" (after a bare pattern's grid, whose mask follows directly, the T of "
+                        "after T and the U of before U are a number, a param or a "
+                        "parenthesised expression: after (max(A, B)); a program's grid "
+                        "statement takes any constant int expression)")
         try:
             accepts = e.accepts
         except Exception:  # noqa: BLE001 - best effort, only for the message
@@ -219,11 +221,15 @@ def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnS
                              filename=filename)
 
 
-def _in_bare_after(src: str, pos: int) -> bool:
-    """True if ``pos`` of the bare pattern ``src`` follows its grid's ``after``."""
+def _after_bare_count(src: str, pos: int) -> bool:
+    """True if ``pos`` of the bare pattern ``src`` directly follows a count of its grid
+    (``after T`` / ``before U``: the keyword, or the atom T, or the atom and an open
+    parenthesis, as in ``after max(2, 3)``), where an expression was likely meant as the
+    count; an error further on in the mask is not about the count."""
     code = re.sub(r"#[^\n]*", lambda m: " " * len(m.group()), src[:pos or 0])
-    return re.match(r"\s*grid\s*\(", code) is not None and \
-        re.search(r"\)\s*after\s", code) is not None
+    return re.match(r"\s*grid\s*\(", code) is not None and re.search(
+        r"\)\s*(?:(?:after|before)\s*(?:[\w.]+|\([^()]*\))\s*)*(?:after|before)\s*"
+        r"(?:[\w.]+\s*(?:\([^()]*)?|\([^()]*\)\s*)?$", code) is not None
 
 
 def _describe(tok: Token) -> str:

@@ -83,6 +83,20 @@ def test_the_token_cap_names_both_counts(ends, where, words):
     assert spattn.compile("grid (4, 4) after 9223372036854775790 before 1 q >= k").grid_suffix == 1
 
 
+@pytest.mark.parametrize("src,hint", [
+    ("grid (4, 4) before 2 * 3 q >= k", True),
+    ("grid (4, 4) after 1 before max(2, 3) q >= k", True),
+    ("grid (4, 4) after 3 q - k < 2 3", False),
+    ("grid (4, 4) after 3 before 1 causal & & q >= k", False),
+], ids=["before-sum", "before-call", "mask-after-after", "mask-after-before"])
+def test_the_bare_count_hint_is_given_at_a_count_only(src, hint):
+    """A bare pattern's ``before U`` takes an atom like ``after T`` and says so; a syntax
+    error further on in the mask is not about the counts."""
+    with pytest.raises(spattn.SpattnSyntaxError) as e:
+        spattn.compile(src)
+    assert ("parenthesised expression" in e.value.message) == hint
+
+
 def test_before_is_still_a_name():
     """``before`` is a keyword only after a grid's ``)``: a param may be named so."""
     pat = spattn.compile("param before = 3\npattern p = q - k < before")
