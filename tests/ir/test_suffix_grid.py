@@ -142,7 +142,11 @@ def test_neighborhood_with_extra_tokens(shape, args, T, U):
     ({"extra_before": -1}, "extra_before takes an int >= 0"),
     ({"extra_after": 2.0}, "extra_after takes an int >= 0"),
     ({"extra_after": True}, "extra_after takes an int >= 0"),
-], ids=["negative", "float", "bool"])
+    ({"extra_before": 2 ** 63 - 16, "extra_after": 1},
+     "extra_before=9223372036854775792 and extra_after=1 around the grid \\(4, 4\\) make "
+     "9223372036854775809 tokens, more than a call can have"),
+    ({"extra_after": 2 ** 64}, "make 18446744073709551632 tokens"),
+], ids=["negative", "float", "bool", "past-the-cap", "after-past-the-cap"])
 def test_neighborhood_extra_tokens_are_checked(kw, words):
     with pytest.raises(spattn.SpattnParamError, match=words):
         spattn.neighborhood((4, 4), 3, **kw)
