@@ -93,6 +93,19 @@ def test_remap_around_a_grid_property(case, T, U, seen, sees, e):
             _check_remap(ir, LY.Layout(grid, box), N, 1 << e, 1 << max(e - 1, 0))
 
 
+@pytest.mark.parametrize("N", [4096, 4000], ids=["N4096-a-grid-of-all", "N4000-none"])
+def test_documents_as_ranges_suggest_one_grid_per_row_shape(N):
+    """Documents written as constant ranges flip at every document's end: of the grids
+    ending there (shorter copies of one grid, each costed by sampling), only the longest
+    of each row shape is a candidate; none where a grid of every token has those rows."""
+    bounds = list(range(100, N, 100)) + [N]
+    docs = " | ".join(f"(q >= {a} & q < {b} & k >= {a} & k < {b})"
+                      for a, b in zip([0] + bounds, bounds))
+    ir = spattn.compile(f"(q // 64 == k // 64 | q % 64 == k % 64) & ({docs})").ir
+    around = [g for g in LY.discover(ir, N) if g.suffix]
+    assert around == ([] if N == 4096 else [LY.Grid((50, 64), suffix=800)]), around
+
+
 def test_boxes_pay_around_an_image():
     """Text, a 64 x 64 image with a 17 x 17 window, then 40 text tokens: the layout's
     tiles compute at most MARGIN of sequence order's pairs, so ``auto`` uses it."""
