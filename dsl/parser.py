@@ -225,11 +225,37 @@ def _after_bare_count(src: str, pos: int) -> bool:
     """True if ``pos`` of the bare pattern ``src`` directly follows a count of its grid
     (``after T`` / ``before U``: the keyword, or the atom T, or the atom and an open
     parenthesis, as in ``after max(2, 3)``), where an expression was likely meant as the
-    count; an error further on in the mask is not about the count."""
+    count; an error further on in the mask is not about the count. One pass over the
+    tokens (linear in the source)."""
     code = re.sub(r"#[^\n]*", lambda m: " " * len(m.group()), src[:pos or 0])
-    return re.match(r"\s*grid\s*\(", code) is not None and re.search(
-        r"\)\s*(?:(?:after|before)\s*(?:[\w.]+|\([^()]*\))\s*)*(?:after|before)\s*"
-        r"(?:[\w.]+\s*(?:\([^()]*)?|\([^()]*\)\s*)?$", code) is not None
+    m = re.match(r"\s*grid\s*\(", code)
+    if m is None:
+        return False
+    depth, i = 1, m.end()
+    while i < len(code) and depth:
+        depth += {"(": 1, ")": -1}.get(code[i], 0)
+        i += 1
+    toks = re.findall(r"[\w.]+|\S", code[i:])
+    j = 0
+    while not depth and j < len(toks) and toks[j] in ("after", "before"):
+        j += 1
+        if j == len(toks):
+            return True                          # right after the keyword
+        if toks[j] == "(":                       # a parenthesised count
+            while j < len(toks):
+                depth += {"(": 1, ")": -1}.get(toks[j], 0)
+                j += 1
+                if not depth:
+                    break
+            if depth:
+                return False                     # an error inside it
+        else:
+            j += 1                               # a number or a name
+        if j == len(toks):
+            return True                          # right after the count
+        if toks[j] == "(" and not {"(", ")"} & set(toks[j + 1:]):
+            return True                          # a call written as the count
+    return False
 
 
 def _describe(tok: Token) -> str:

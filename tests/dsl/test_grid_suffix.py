@@ -97,6 +97,17 @@ def test_the_bare_count_hint_is_given_at_a_count_only(src, hint):
     assert ("parenthesised expression" in e.value.message) == hint
 
 
+def test_the_bare_count_hint_is_linear_in_the_source():
+    """The hint's look at the source is one pass: a run of words that could each be split
+    into keywords and counts (``afterafter...``) does not make the error slow."""
+    import time
+    src = "grid (1) " + "after" * 36 + " + 3 3"
+    start = time.perf_counter()
+    with pytest.raises(spattn.SpattnSyntaxError, match="unexpected integer 3"):
+        spattn.compile(src)
+    assert time.perf_counter() - start < 2.0
+
+
 def test_before_is_still_a_name():
     """``before`` is a keyword only after a grid's ``)``: a param may be named so."""
     pat = spattn.compile("param before = 3\npattern p = q - k < before")
