@@ -196,6 +196,11 @@ def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnS
                         "grid: grid (y: 8, x: 8) ..." + ("; for a name grid there, "
                         "parenthesise: (grid[q] == grid[k]))" if start == "expression"
                                                          else ")"))
+            elif start == "program" and (m := re.search(
+                    r"(?<![A-Za-z0-9_])(param|input|def|pattern|grid)\s*$",
+                    re.sub(r"#[^\n]*", "", src[:getattr(tok, "start_pos", 0) or 0]))):
+                hint = (f" ('{m.group(1)}' starts a statement, but here it was read as a "
+                        "name: what comes before it is incomplete)")
             elif start == "expression" and _after_bare_count(src, getattr(tok, "start_pos",
                                                                           0)):
                 hint = (" (after a bare pattern's grid, whose mask follows directly, the T of "

@@ -108,6 +108,19 @@ def test_the_bare_count_hint_is_linear_in_the_source():
     assert time.perf_counter() - start < 2.0
 
 
+@pytest.mark.parametrize("src,word", [
+    ("param T = 1\ngrid (4, 4) after T before\npattern p = causal", "pattern"),
+    ("grid (4, 4) after\ndef f = causal\npattern p = f", "def"),
+    ("pattern a = causal &\npattern b = causal", "pattern"),
+], ids=["before-missing", "after-missing", "mask-unfinished"])
+def test_a_statement_keyword_read_as_a_name_says_so(src, word):
+    """A count (or an expression) left out before the next statement makes its keyword a
+    name there: the error at the token after it says what happened."""
+    with pytest.raises(spattn.SpattnSyntaxError,
+                       match=f"'{word}' starts a statement, but here it was read as a name"):
+        spattn.compile(src)
+
+
 def test_before_is_still_a_name():
     """``before`` is a keyword only after a grid's ``)``: a param may be named so."""
     pat = spattn.compile("param before = 3\npattern p = q - k < before")
