@@ -197,7 +197,7 @@ def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnS
                         "parenthesise: (grid[q] == grid[k]))" if start == "expression"
                                                          else ")"))
             elif start == "program" and (m := re.search(
-                    r"(?<![A-Za-z0-9_])(param|input|def|pattern|grid)\s*$",
+                    r"(?<![A-Za-z0-9_])(param|input|def|pattern)\s*$",
                     re.sub(r"#[^\n]*", "", src[:getattr(tok, "start_pos", 0) or 0]))):
                 hint = (f" ('{m.group(1)}' starts a statement, but here it was read as a "
                         "name: what comes before it is incomplete)")
