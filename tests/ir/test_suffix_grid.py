@@ -97,13 +97,17 @@ def test_remap_around_a_grid_property(case, T, U, seen, sees, e):
 def test_documents_as_ranges_suggest_one_grid_per_row_shape(N):
     """Documents written as constant ranges flip at every document's end: of the grids
     ending there (shorter copies of one grid, each costed by sampling), only the longest
-    of each row shape is a candidate; none where a grid of every token has those rows."""
+    of each row shape is a candidate, whether or not a grid of every token has those
+    rows (an image then text whose length is a multiple of the row pays in its own)."""
     bounds = list(range(100, N, 100)) + [N]
     docs = " | ".join(f"(q >= {a} & q < {b} & k >= {a} & k < {b})"
                       for a, b in zip([0] + bounds, bounds))
     ir = spattn.compile(f"(q // 64 == k // 64 | q % 64 == k % 64) & ({docs})").ir
     around = [g for g in LY.discover(ir, N) if g.suffix]
-    assert around == ([] if N == 4096 else [LY.Grid((50, 64), suffix=800)]), around
+    assert around == [LY.Grid((50, 64), suffix=N - 3200)], around
+    ir = spattn.compile(_around_image(0, 64, 8, 128)).ir
+    got = LY.choose(ir, 64 * 64 + 128, 64 * 64 + 128, 0)
+    assert got is not None and got.layout.grid == LY.Grid((64, 64), suffix=128)
 
 
 def test_boxes_pay_around_an_image():
