@@ -196,10 +196,17 @@ def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnS
                         "grid: grid (y: 8, x: 8) ..." + ("; for a name grid there, "
                         "parenthesise: (grid[q] == grid[k]))" if start == "expression"
                                                          else ")"))
-            elif start == "expression" and _in_bare_after(src, getattr(tok, "start_pos", 0)):
-                hint = (" (after a bare pattern's grid, whose mask follows directly, T is a "
-                        "number, a param or a parenthesised expression: after (max(A, B)); a "
-                        "program's grid statement takes any constant int expression)")
+            elif start == "program" and (m := re.search(
+                    r"(?<![A-Za-z0-9_])(param|input|def|pattern)\s*$",
+                    re.sub(r"#[^\n]*", "", src[:getattr(tok, "start_pos", 0) or 0]))):
+                hint = (f" ('{m.group(1)}' starts a statement, but here it was read as a "
+                        "name: what comes before it is incomplete)")
+            elif start == "expression" and _after_bare_count(src, getattr(tok, "start_pos",
+                                                                          0)):
+                hint = (" (after a bare pattern's grid, whose mask follows directly, the T of "
+                        "after T and the U of before U are a number, a param or a "
+                        "parenthesised expression: after (max(A, B)); a program's grid "
+                        "statement takes any constant int expression)")
         try:
             accepts = e.accepts
         except Exception:  # noqa: BLE001 - best effort, only for the message
@@ -219,11 +226,41 @@ def _syntax_error(e: UnexpectedInput, src: str, filename, start: str) -> SpattnS
                              filename=filename)
 
 
-def _in_bare_after(src: str, pos: int) -> bool:
-    """True if ``pos`` of the bare pattern ``src`` follows its grid's ``after``."""
+def _after_bare_count(src: str, pos: int) -> bool:
+    """True if ``pos`` of the bare pattern ``src`` directly follows a count of its grid
+    (``after T`` / ``before U``: the keyword, or the atom T, or the atom and an open
+    parenthesis, as in ``after max(2, 3)``), where an expression was likely meant as the
+    count; an error further on in the mask is not about the count. One pass over the
+    tokens (linear in the source)."""
     code = re.sub(r"#[^\n]*", lambda m: " " * len(m.group()), src[:pos or 0])
-    return re.match(r"\s*grid\s*\(", code) is not None and \
-        re.search(r"\)\s*after\s", code) is not None
+    m = re.match(r"\s*grid\s*\(", code)
+    if m is None:
+        return False
+    depth, i = 1, m.end()
+    while i < len(code) and depth:
+        depth += {"(": 1, ")": -1}.get(code[i], 0)
+        i += 1
+    toks = re.findall(r"[\w.]+|\S", code[i:])
+    j = 0
+    while not depth and j < len(toks) and toks[j] in ("after", "before"):
+        j += 1
+        if j == len(toks):
+            return True                          # right after the keyword
+        if toks[j] == "(":                       # a parenthesised count
+            while j < len(toks):
+                depth += {"(": 1, ")": -1}.get(toks[j], 0)
+                j += 1
+                if not depth:
+                    break
+            if depth:
+                return False                     # an error inside it
+        else:
+            j += 1                               # a number or a name
+        if j == len(toks):
+            return True                          # right after the count
+        if toks[j] == "(" and not {"(", ")"} & set(toks[j + 1:]):
+            return True                          # a call written as the count
+    return False
 
 
 def _describe(tok: Token) -> str:

@@ -684,7 +684,10 @@ def _check_score_name_bare(r, decl, mask: A.Expr, score: A.Expr, bound: dict) ->
         for ax in decl.axes:
             if ax.name == "s":
                 raise r.err(SpattnNameError, _hides_score("a grid axis", score), ax)
-    uses = [n for t in (mask, score) for n in A.walk(t)]
+    written = [] if decl is None else sorted(
+        [ax.size for ax in decl.axes] + [e for e in (decl.extra, decl.tail) if e is not None],
+        key=lambda e: (e.line, e.column))
+    uses = [n for t in (*written, mask, score) for n in A.walk(t)]
     for n in uses:
         if "s" in bound and isinstance(n, A.Name) and n.id == "s":
             raise r.err(SpattnNameError, _hides_score("the keyword param", score), n)

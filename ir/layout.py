@@ -498,14 +498,18 @@ def discover(ir: Node, N: int, declared: Optional[Grid] = None) -> list[Grid]:
     ``N - T`` tokens after ``T`` extra ones (after the grids of all ``N`` tokens); and the
     positions where a range of q or k alone flips (``q < 4096``, ``k >= T + 4096``) suggest
     grids that end there, the tokens after them extra ones (after the grids that end at
-    ``N``). ``declared``: the pattern's declared grid (``grid (...) after T before U``),
+    ``N``), of those only the longest of each start and row shape: the ranges of a
+    pattern of documents written as constants flip at each document's end, and the grids
+    ending there are shorter copies of one grid, each costed by sampling in
+    :func:`choose`. ``declared``: the pattern's declared grid (``grid (...) after T before U``),
     tried last when no grid found has its shape and extra tokens."""
     if any(isinstance(n, Load) or _position_list(n) for n in walk(ir)) \
             or not ({"q", "k"} & free_vars(ir)):
         return []
     every, found = _strides(ir), []
     starts = [0] + sorted(t for t in _offsets(ir) if t < N - 1)
-    ends = sorted(e for e in _ends(ir) if e < N)
+    ends = sorted((e for e in _ends(ir) if e < N), reverse=True)
+    rows = set()        # (start, shape of a row) of the grids ending before N found
     for T, E in [(T, N) for T in starts] + [(T, E) for T in starts for E in ends if E > T + 1]:
         M = E - T
         strides = sorted(s for s in every if 1 < s < M and M % s == 0)
@@ -520,6 +524,10 @@ def discover(ir: Node, N: int, declared: Optional[Grid] = None) -> list[Grid]:
             shape.append(prev // s)
             prev = s
         shape.append(prev)
+        if E < N:
+            if (T, tuple(shape[1:])) in rows:
+                continue    # a shorter copy of a grid from T ending at a later end
+            rows.add((T, tuple(shape[1:])))
         grid = Grid(tuple(shape), offset=T, suffix=N - E)
         splits = _splits(coordinate_form(ir, grid), grid)
         found += [Grid(grid.shape, splits, T, N - E)] if any(d > 1 for d in splits) else []

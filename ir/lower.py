@@ -277,9 +277,9 @@ class _Lowerer:
         if isinstance(v, (bool, tuple)) or v < 0:
             raise self.err(SpattnValueError, f"{what} must be an int >= 0, got {v!r}", tree)
         if math.prod(shape) + v + before > MAX_TOKENS:
-            raise self.err(SpattnValueError, _too_many("grid", shape,
-                                                       math.prod(shape) + v + before,
-                                                       after=before if tail else v), tree)
+            raise self.err(SpattnValueError, _too_many(
+                "grid", shape, math.prod(shape) + v + before, after=before if tail else v,
+                before=v if tail else 0), tree)
         return v
 
     def pattern_grid(self, declared, offset: int = 0) -> Optional[tuple]:
@@ -414,8 +414,8 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
                    suffix if grids[chosen] == declared else 0)
 
 
-def _too_many(what: str, shape: tuple, count: int, after: int = 0) -> str:
-    extra = f" after {after}" if after else ""
+def _too_many(what: str, shape: tuple, count: int, after: int = 0, before: int = 0) -> str:
+    extra = (f" after {after}" if after else "") + (f" before {before}" if before else "")
     return (f"the {what} {shape}{extra}: {count} tokens, more than a call can have "
             f"({MAX_TOKENS} = 2**63 - 1: lengths and positions are 64-bit integers)")
 

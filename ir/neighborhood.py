@@ -32,7 +32,7 @@ __all__ = ["neighborhood_ir", "coordinate", "check_shape", "check_extra", "MAX_A
            "MAX_TOKENS"]
 
 MAX_AXES = 4
-#: The most tokens a grid may have (its cells, plus ``after T`` for a declared grid): a
+#: The most tokens a grid may have (its cells, plus the extra tokens before and after it): a
 #: call's length and its positions ``0 .. L - 1`` are 64-bit integers (torch sizes are
 #: int64), so a larger grid could never be called.
 MAX_TOKENS = 2 ** 63 - 1
@@ -124,6 +124,11 @@ def neighborhood_ir(shape, kernel_size, stride=1, dilation=1, is_causal=False, *
     T = check_extra("extra_before", extra_before)
     U = check_extra("extra_after", extra_after)
     shape = check_shape(shape)
+    if T + math.prod(shape) + U > MAX_TOKENS:
+        raise SpattnParamError(f"extra_before={T} and extra_after={U} around the grid {shape} "
+                               f"make {T + math.prod(shape) + U} tokens, more than a call can "
+                               f"have ({MAX_TOKENS} = 2**63 - 1: lengths and positions are "
+                               "64-bit integers)")
     d = len(shape)
     ks = _per_axis("kernel_size", kernel_size, d, int)
     st = _per_axis("stride", stride, d, int)

@@ -9,6 +9,7 @@ take any :class:`CompiledPattern`, so that a later stage never imports the publi
 from __future__ import annotations
 
 import hashlib
+import re
 
 from ..dsl.errors import SpattnParamError
 from .printer import to_source
@@ -45,18 +46,23 @@ class CompiledPattern:
         self.score_inputs = dict(score_inputs or {})
         # the canonical source: the mask, then its score clause (a bare expression that
         # compiles back to the same pattern)
-        self.source = to_source(ir) + ("" if score is None else f" score {to_source(score)}")
+        mask = to_source(ir)
+        scored = "" if score is None else f" score {to_source(score)}"
+        self.source = mask + scored
         self.backend = backend
         self.grid = None if grid is None else tuple(grid)
         self.grid_offset = int(grid_offset) if grid is not None else 0
         self.grid_suffix = int(grid_suffix) if grid is not None else 0
         # what the custom ops carry (a str attribute: a constant while tracing): the
         # canonical source, preceded by the grid declaration when there is one, so that
-        # one mask with and without a grid are two keys
+        # one mask with and without a grid are two keys; after the grid's ``)`` a name
+        # after or before would read as its count, so such a mask is parenthesised
+        if re.match(r"(after|before)(?![A-Za-z0-9_])", mask):
+            mask = f"({mask})"
         self.op_key = self.source if self.grid is None else (
             f"grid ({', '.join(map(str, self.grid))})"
             + (f" after {self.grid_offset}" if self.grid_offset else "")
-            + (f" before {self.grid_suffix}" if self.grid_suffix else "") + f" {self.source}")
+            + (f" before {self.grid_suffix}" if self.grid_suffix else "") + f" {mask}{scored}")
 
     @classmethod
     def from_source(cls, src: str, *, backend: str = "auto", pattern: str | None = None,

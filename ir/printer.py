@@ -7,6 +7,8 @@ list literals (``[8, 16][h]``) for bound list params.
 """
 from __future__ import annotations
 
+import re
+
 from .nodes import (Abs, And, BoolConst, Const, FAdd, FCall, FConst, FDiv, FLoad, FloorDiv,
                     FMul, FSelect, FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Prod,
                     Range, Score, Select, Sum, Table, ToFloat, Var)
@@ -17,8 +19,11 @@ IF, OR, AND, NOT, CMP, ADD, MUL, NEG, ATOM = range(1, 10)
 
 
 def to_source(node: Node) -> str:
-    """Canonical source text of ``node``."""
-    return _p(node, 0)
+    """Canonical source text of ``node``. A text that would start with a name ``grid``
+    (an input: ``grid[k] == grid[q]``) is parenthesised: there ``grid`` would start a
+    bare pattern's grid declaration."""
+    text = _p(node, 0)
+    return f"({text})" if re.match(r"grid(?![A-Za-z0-9_])", text) else text
 
 
 def _wrap(text: str, level: int, need: int) -> str:

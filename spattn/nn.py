@@ -58,16 +58,22 @@ class SparseAttention(nn.Module):
         _ag.register(pattern)          # so the compiled custom op can find it
 
     def forward(self, q, k, v, q_offset: int | None = None, *, order=None,
-                return_lse: bool = False, deterministic: bool = False, **inputs):
+                return_lse: bool = False, deterministic: bool = False, plan=None, **inputs):
         """The attention output ``[B, Hq, Lq, D]`` (in ``layout``), and with ``return_lse``
         also the log-sum-exp ``[B, Hq, Lq]`` (fp32); ``inputs``: the pattern's runtime
         inputs; ``order``: a token order to run in; ``deterministic``: a score's learnable
-        tables get their gradients without atomic adds (all three as for
-        :meth:`spattn.Pattern.__call__`)."""
+        tables get their gradients without atomic adds; ``plan``: a plan made by
+        ``module.pattern.plan(...)`` (all four as for :meth:`spattn.Pattern.__call__`).
+        ``scale`` and ``layout`` are the module's, fixed at construction."""
         from .runtime.api import call
+        for name in ("scale", "layout"):        # no runtime input has these names
+            if name in inputs:
+                from .dsl.errors import SpattnParamError
+                raise SpattnParamError(f"{name}= is fixed when the module is made "
+                                       f"(SparseAttention(..., {name}=...)), not at a call")
         return call(self.pattern, q, k, v, scale=self.scale, return_lse=return_lse,
                     q_offset=q_offset, inputs=inputs, layout=self.layout, order=order,
-                    deterministic=deterministic)
+                    deterministic=deterministic, plan=plan)
 
     def extra_repr(self) -> str:
         parts = [repr(self.pattern.source)]

@@ -271,6 +271,30 @@ def test_sparse_attention_module_return_lse_and_deterministic(monkeypatch):
     assert seen == [True] and bias.grad is not None and q.grad is not None
 
 
+def test_sparse_attention_module_takes_a_plan():
+    """``forward`` takes ``plan=`` as the pattern call and ``spattn.attention`` do (the
+    same refusals), and says that ``scale`` and ``layout`` are the module's."""
+    m = SparseAttention("causal & window(W) & same(doc)", W=4, backend="torch")
+    doc = torch.arange(12) // 5
+    plan = m.pattern.plan(q0, k0, v0, doc=doc)
+    o, lse = m(q0, k0, v0, plan=plan, return_lse=True)
+    ro, rlse = attention_reference(q0.double(), k0.double(), v0.double(),
+                                   m.pattern.mask(10, 12, num_heads=4, doc=doc))
+    torch.testing.assert_close(o.double(), ro, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse.double(), rlse, rtol=1e-4, atol=1e-5)
+    other = SparseAttention("causal & window(W) & same(doc)", W=5, backend="torch")
+    with pytest.raises(SpattnParamError, match="the plan is for the pattern"):
+        other(q0, k0, v0, plan=plan)
+    with pytest.raises(SpattnParamError, match="plan holds its inputs"):
+        m(q0, k0, v0, plan=plan, doc=doc)
+    scaled = SparseAttention("causal & window(W) & same(doc)", W=4, backend="torch", scale=0.5)
+    with pytest.raises(SpattnParamError, match="differs from the plan's"):
+        scaled(q0, k0, v0, plan=plan)
+    for name, value in (("scale", 0.5), ("layout", "bshd")):
+        with pytest.raises(SpattnParamError, match=f"{name}= is fixed when the module is made"):
+            m(q0, k0, v0, doc=doc, **{name: value})
+
+
 def test_bounds_checked_once_per_plan_and_still_enforced(monkeypatch):
     """The input-bounds check runs when a plan is built: a call reusing the plan (the same
     input tensor, cached) checks nothing; a new input is checked, a short one refused."""

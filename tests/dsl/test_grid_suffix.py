@@ -67,6 +67,60 @@ def test_bad_counts_after_the_grid_are_located(src, cls, where, words):
     assert (e.value.line, e.value.column) == where
 
 
+@pytest.mark.parametrize("ends,where,words", [
+    ("after 9223372036854775790 before 2", (1, 46),
+     "grid \\(4, 4\\) after 9223372036854775790 before 2: 9223372036854775808 tokens"),
+    ("before 2 after 9223372036854775790", (1, 20),
+     "grid \\(4, 4\\) after 9223372036854775790 before 2: 9223372036854775808 tokens"),
+    ("before 9223372036854775792", (1, 20),
+     "grid \\(4, 4\\) before 9223372036854775792: 9223372036854775808 tokens"),
+], ids=["after-then-before", "before-then-after", "before-only"])
+def test_the_token_cap_names_both_counts(ends, where, words):
+    """Past 2**63 - 1 tokens, the message shows the grid as written, with both counts."""
+    with pytest.raises(spattn.SpattnValueError, match=words) as e:
+        spattn.compile(f"grid (4, 4) {ends} q >= k")
+    assert (e.value.line, e.value.column) == where
+    assert spattn.compile("grid (4, 4) after 9223372036854775790 before 1 q >= k").grid_suffix == 1
+
+
+@pytest.mark.parametrize("src,hint", [
+    ("grid (4, 4) before 2 * 3 q >= k", True),
+    ("grid (4, 4) after 1 before max(2, 3) q >= k", True),
+    ("grid (4, 4) after 3 q - k < 2 3", False),
+    ("grid (4, 4) after 3 before 1 causal & & q >= k", False),
+], ids=["before-sum", "before-call", "mask-after-after", "mask-after-before"])
+def test_the_bare_count_hint_is_given_at_a_count_only(src, hint):
+    """A bare pattern's ``before U`` takes an atom like ``after T`` and says so; a syntax
+    error further on in the mask is not about the counts."""
+    with pytest.raises(spattn.SpattnSyntaxError) as e:
+        spattn.compile(src)
+    assert ("parenthesised expression" in e.value.message) == hint
+
+
+def test_the_bare_count_hint_is_linear_in_the_source():
+    """The hint's look at the source is one pass: a run of words that could each be split
+    into keywords and counts (``afterafter...``) does not make the error slow."""
+    import time
+    src = "grid (1) " + "after" * 36 + " + 3 3"
+    start = time.perf_counter()
+    with pytest.raises(spattn.SpattnSyntaxError, match="unexpected integer 3"):
+        spattn.compile(src)
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("src,word", [
+    ("param T = 1\ngrid (4, 4) after T before\npattern p = causal", "pattern"),
+    ("grid (4, 4) after\ndef f = causal\npattern p = f", "def"),
+    ("pattern a = causal &\npattern b = causal", "pattern"),
+], ids=["before-missing", "after-missing", "mask-unfinished"])
+def test_a_statement_keyword_read_as_a_name_says_so(src, word):
+    """A count (or an expression) left out before the next statement makes its keyword a
+    name there: the error at the token after it says what happened."""
+    with pytest.raises(spattn.SpattnSyntaxError,
+                       match=f"'{word}' starts a statement, but here it was read as a name"):
+        spattn.compile(src)
+
+
 def test_before_is_still_a_name():
     """``before`` is a keyword only after a grid's ``)``: a param may be named so."""
     pat = spattn.compile("param before = 3\npattern p = q - k < before")

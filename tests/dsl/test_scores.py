@@ -185,12 +185,14 @@ HIDING_S = [
     ("causal & q - k < s", {"score": "s * 0.5", "s": 3}, (1, 18), "the keyword param"),
     ("causal & s[k] > 0", {"score": "s * 0.5"}, (1, 10), "a runtime input"),
     ("grid (s: 4, x: 4) causal", {"score": "s * 0.5"}, (1, 7), "a grid axis"),
+    ("grid (4, 4) after 1 before s causal score s * 0.5", {"s": 2}, (1, 28),
+     "the keyword param"),
 ]
 
 
 @pytest.mark.parametrize("src,kw,pos,what", HIDING_S,
                          ids=["param", "input", "def", "axis", "other-pattern", "keyword",
-                              "bare-input", "bare-axis"])
+                              "bare-input", "bare-axis", "bare-grid-count"])
 def test_a_name_s_beside_a_score_is_refused(src, kw, pos, what):
     """With a score, ``s`` is the score variable: a name ``s`` declared beside it would be
     read instead (a constant score, silently) and is refused where it is written."""

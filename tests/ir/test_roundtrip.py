@@ -59,6 +59,23 @@ def test_input_named_like_prelude_entry_round_trips():
     assert parse_ir(to_source(ir)) == ir
 
 
+def test_input_named_grid_after_or_before_round_trips():
+    """An input named ``grid`` leading the canonical source, or ``after`` / ``before``
+    leading the mask of a grid's op key: the source and the op key (which the custom op
+    compiles again in a process where the pattern was not made) parse back, parenthesised,
+    instead of reading the name as a grid declaration or a grid's count."""
+    from spattn.ir.pattern import CompiledPattern
+    for src in ("input grid\npattern p = grid[q] == grid[k]",
+                "(grid[q] == grid[k]) score s * 0.5",
+                "grid (4, 4) after 1 before 2 (grid[q] == grid[k])",
+                "input before\ngrid (4, 4)\npattern p = before[q] == before[k] score s * 0.5",
+                "input after\ngrid (4, 4) after 2\npattern p = after[q] == after[k]"):
+        pat = CompiledPattern.from_source(src)
+        again = CompiledPattern.from_source(pat.op_key)
+        assert again == pat and again.op_key == pat.op_key, pat.op_key
+        assert CompiledPattern.from_source(pat.source) == pat
+
+
 EQUAL = [
     ("causal & window(8)", "window(8) & causal"),
     ("causal & window(8)", "0 <= q - k < 8"),

@@ -93,6 +93,23 @@ def test_remap_around_a_grid_property(case, T, U, seen, sees, e):
             _check_remap(ir, LY.Layout(grid, box), N, 1 << e, 1 << max(e - 1, 0))
 
 
+@pytest.mark.parametrize("N", [4096, 4000], ids=["N4096-a-grid-of-all", "N4000-none"])
+def test_documents_as_ranges_suggest_one_grid_per_row_shape(N):
+    """Documents written as constant ranges flip at every document's end: of the grids
+    ending there (shorter copies of one grid, each costed by sampling), only the longest
+    of each row shape is a candidate, whether or not a grid of every token has those
+    rows (an image then text whose length is a multiple of the row pays in its own)."""
+    bounds = list(range(100, N, 100)) + [N]
+    docs = " | ".join(f"(q >= {a} & q < {b} & k >= {a} & k < {b})"
+                      for a, b in zip([0] + bounds, bounds))
+    ir = spattn.compile(f"(q // 64 == k // 64 | q % 64 == k % 64) & ({docs})").ir
+    around = [g for g in LY.discover(ir, N) if g.suffix]
+    assert around == [LY.Grid((50, 64), suffix=N - 3200)], around
+    ir = spattn.compile(_around_image(0, 64, 8, 128)).ir
+    got = LY.choose(ir, 64 * 64 + 128, 64 * 64 + 128, 0)
+    assert got is not None and got.layout.grid == LY.Grid((64, 64), suffix=128)
+
+
 def test_boxes_pay_around_an_image():
     """Text, a 64 x 64 image with a 17 x 17 window, then 40 text tokens: the layout's
     tiles compute at most MARGIN of sequence order's pairs, so ``auto`` uses it."""
@@ -142,7 +159,11 @@ def test_neighborhood_with_extra_tokens(shape, args, T, U):
     ({"extra_before": -1}, "extra_before takes an int >= 0"),
     ({"extra_after": 2.0}, "extra_after takes an int >= 0"),
     ({"extra_after": True}, "extra_after takes an int >= 0"),
-], ids=["negative", "float", "bool"])
+    ({"extra_before": 2 ** 63 - 16, "extra_after": 1},
+     "extra_before=9223372036854775792 and extra_after=1 around the grid \\(4, 4\\) make "
+     "9223372036854775809 tokens, more than a call can have"),
+    ({"extra_after": 2 ** 64}, "make 18446744073709551632 tokens"),
+], ids=["negative", "float", "bool", "past-the-cap", "after-past-the-cap"])
 def test_neighborhood_extra_tokens_are_checked(kw, words):
     with pytest.raises(spattn.SpattnParamError, match=words):
         spattn.neighborhood((4, 4), 3, **kw)

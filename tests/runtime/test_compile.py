@@ -122,3 +122,34 @@ def test_compile_fullgraph_bshd_layout(form):
     torch.testing.assert_close(a, b)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y)
+
+
+def test_compile_fullgraph_grid_with_extra_tokens_around_it():
+    """A pattern with text before and after its grid (``spattn.neighborhood(...,
+    extra_before=, extra_after=)``, and a source string with ``after T before U``) traced
+    with ``fullgraph=True``: the op's key carries both counts, the numbers are the float64
+    reference's, and another length is the grid's error under the trace too."""
+    from spattn.runtime.reference import attention_reference
+    torch._dynamo.reset()
+    nb = spattn.neighborhood((4, 5), 3, extra_before=3, extra_after=4, backend="torch")
+    src = "grid (4, 5) after 3 before 4 k < 3 | q >= 23 | abs(q - k) <= 2"
+    assert nb.op_key.startswith("grid (4, 5) after 3 before 4 ")
+
+    def f(q, k, v):
+        return nb(q, k, v) + spattn.attention(q, k, v, pattern=src, backend="torch")
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 27, 16, generator=g, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    qd, kd, vd = (x.detach().double() for x in (q, k, v))
+    want = sum(attention_reference(qd, kd, vd, p.mask(27, 27))[0]
+               for p in (nb, spattn.compile(src)))
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(out.square().sum(), (q, k, v))
+    gb = torch.autograd.grad(f(q, k, v).square().sum(), (q, k, v))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+    short = torch.randn(1, 2, 26, 16)
+    with pytest.raises(spattn.SpattnInputError, match="after 3 and before 4 extra tokens"):
+        compiled(short, short, short)
