@@ -221,6 +221,23 @@ def _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift):
 
 # ------------------------------------------------------------------ plans
 
+
+def _exact_intervals(vals, L: int):
+    """The non-empty intervals ``[lo, hi]`` within ``[0, L)`` of a row's closed-form values
+    ``vals`` (``lo, hi, flo, fhi`` per interval, None unbounded), or None when some
+    interval's FULL part is not the whole interval (the predicate decides those keys)."""
+    out = []
+    for i in range(0, len(vals), 4):
+        lo, hi, flo, fhi = vals[i:i + 4]
+        lo = 0 if lo is None else max(0, int(lo))
+        hi = L - 1 if hi is None else min(L - 1, int(hi))
+        if hi < lo:
+            continue
+        if flo is None or max(0, int(flo)) != lo or min(L - 1, int(fhi)) != hi:
+            return None
+        out.append((lo, hi))
+    return out
+
 class DecodePlan:
     """A decode step's resolved work for one length bucket: the checks on the pattern's
     integers and inputs over the bucket, the closed form, the query-head packing, and on the
@@ -410,15 +427,11 @@ class DecodePlan:
             vals = fn(L - 1, L - 1, 1, L, self.Hq, 0)
         except (TypeError, ValueError, KeyError):
             return None
+        ivs = _exact_intervals(vals, L)
+        if ivs is None:
+            return None
         a = z = None
-        for i in range(0, len(vals), 4):
-            lo, hi, flo, fhi = vals[i:i + 4]
-            lo = 0 if lo is None else max(0, int(lo))
-            hi = L - 1 if hi is None else min(L - 1, int(hi))
-            if hi < lo:
-                continue
-            if flo is None or max(0, int(flo)) != lo or min(L - 1, int(fhi)) != hi:
-                return None
+        for lo, hi in ivs:
             if a is None:
                 a, z = lo, hi + 1
             elif lo <= z and hi + 1 >= a:               # overlaps or touches: one run
@@ -672,17 +685,9 @@ class DecodePlan:
         rows = []
         try:
             for p in range(q_off, q_off + Lq):
-                vals = fn(p, p, Lq, L, Hq, b)
-                ivs = []
-                for i in range(0, len(vals), 4):
-                    lo, hi, flo, fhi = vals[i:i + 4]
-                    lo = 0 if lo is None else max(0, int(lo))
-                    hi = L - 1 if hi is None else min(L - 1, int(hi))
-                    if hi < lo:
-                        continue
-                    if flo is None or max(0, int(flo)) != lo or min(L - 1, int(fhi)) != hi:
-                        return None
-                    ivs.append((lo, hi))
+                ivs = _exact_intervals(fn(p, p, Lq, L, Hq, b), L)
+                if ivs is None:
+                    return None
                 rows.append(ivs)
         except (TypeError, ValueError, KeyError):
             return None
