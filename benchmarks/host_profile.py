@@ -70,7 +70,7 @@ def main():
 
         def fwd_plan():
             with torch.no_grad():
-                pat(q, k, v, plan=plan, **I)
+                pat(q, k, v, plan=plan)
 
         def fb():
             o = pat(q, k, v, **I)
