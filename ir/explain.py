@@ -90,7 +90,9 @@ class Report:
             lay = self.layout
             lines.append(
                 f"layout    {lay['layout']}: useful pairs {pct(lay['fraction_layout'])} of "
-                f"computed (sequence order {pct(lay['fraction_sequence'])}); "
+                f"computed (sequence order {pct(lay['fraction_sequence'])}); predicted cost "
+                f"{lay['cost_layout'] / max(lay['cost_sequence'], 1e-9):.2f}x sequence order's "
+                "with its gathers; "
                 + ("used (SPATTN_LAYOUT=auto)" if lay["used"] else
                    "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on "
                    "forces it)"))
@@ -214,7 +216,8 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
                                             inputs=inputs))
     speedup = predicted_speedup(model_counts, strategy, COSTS[target], pairs=total_pairs)
     layout = None if inputs else _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed,
-                                         block_m, block_n, computed // per_pair, pattern)
+                                         block_m, block_n, computed // per_pair, pattern,
+                                         target)
     return Report(
         score=(None if getattr(pattern, "score", None) is None else str(pattern.score)),
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
@@ -229,16 +232,17 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
 
 
 def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, computed,
-            pattern=None):
+            pattern=None, target="cuda"):
     """The token layout a call would consider (``ir.layout.choose``, forced), as a dict:
     the layout, its box per grid axis, the computed pairs and the useful fraction in
-    sequence order and in the layout, and whether ``SPATTN_LAYOUT=auto`` uses it (it pays
-    by ``ir.layout.MARGIN`` and the call has at least ``AUTO_MIN_TOKENS`` tokens). The
+    sequence order and in the layout, the predicted cost of each (``ir.layout.layout_cost``),
+    and whether ``SPATTN_LAYOUT=auto`` uses it (it pays by ``ir.layout.MARGIN`` and the call
+    has at least ``AUTO_MIN_TOKENS`` tokens). The
     extra tokens before and after the grid are ``extra_before`` and ``extra_after``."""
     from . import layout as LY
     r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
                   block_m=block_m, block_n=block_n, force=True, declared=LY.declared(pattern),
-                  sequence=computed // (batch * num_heads))
+                  sequence=computed // (batch * num_heads), target=target)
     if r is None:
         return None
     useful = r.useful if r.useful is not None else allowed // (batch * num_heads)
@@ -249,5 +253,5 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
             "computed_sequence": r.computed_sequence, "computed_layout": r.computed_layout,
             "fraction_sequence": useful / max(r.computed_sequence, 1),
             "fraction_layout": useful / max(r.computed_layout, 1),
-            "used": (r.computed_layout <= LY.MARGIN * r.computed_sequence
-                     and Lq >= LY.AUTO_MIN_TOKENS)}
+            "cost_sequence": r.cost_sequence, "cost_layout": r.cost_layout,
+            "used": r.pays and Lq >= LY.AUTO_MIN_TOKENS}

@@ -25,7 +25,8 @@ row of q, ``q % W`` its column; any subterm the rewriting cannot read stays as w
 is still exact); :func:`remap` substitutes the coordinates of the permuted index and adds
 the padding condition; :func:`discover` infers the grid from the divisors and moduli of a
 pattern; :func:`choose` picks the box whose tiles compute the fewest pairs and keeps the
-layout only when it beats sequence order by :data:`MARGIN`.
+layout only when the cost model predicts it faster than sequence order by :data:`MARGIN`
+(:func:`layout_cost`).
 """
 from __future__ import annotations
 
@@ -42,14 +43,17 @@ from .nodes import Const, FloorDiv, Load, Mod, Node, Range, Sum, Table, Var, fre
 __all__ = ["Grid", "Layout", "Remap", "Ordered", "coordinate_form", "remap", "discover",
            "declared",
            "choose", "ordered",
-           "candidate_boxes", "computed_pairs", "sampled_pairs", "MARGIN", "TILE_TOKENS",
+           "candidate_boxes", "computed_pairs", "sampled_pairs", "layout_cost", "MARGIN",
+           "TILE_TOKENS",
            "AUTO_MIN_TOKENS"]
 
 #: tokens per box (the largest kernel tile of a side).
 TILE_TOKENS = 128
-#: a layout is used only when its tiles compute at most this fraction of the pairs the
-#: sequence order's tiles compute.
-MARGIN = 0.8
+#: a layout is used only when its predicted cost (:func:`layout_cost`: its computed pairs,
+#: the reads of its tile lists, its query tiles and the gathers into and out of box order)
+#: is at most this fraction of the sequence order's (the model's error on the layouts of
+#: ``benchmarks/layout_cost.py``: predicted 0.49-0.83 where 0.72-0.83 was measured).
+MARGIN = 0.9
 #: boxes tried per grid at most (the squarest first), and when a pattern is not a product
 #: of per-axis conditions (each is then a classification at the call's size).
 MAX_CANDIDATES = 64
@@ -587,6 +591,15 @@ class Remap:
     useful: Optional[int]
     computed_sequence: int
     computed_layout: int
+    #: predicted costs (:func:`layout_cost`, FULL-tile units per head) of the two orders
+    cost_sequence: float = 0.0
+    cost_layout: float = 0.0
+
+    @property
+    def pays(self) -> bool:
+        """Whether ``SPATTN_LAYOUT=auto`` uses the layout: its predicted cost is at most
+        :data:`MARGIN` of the sequence order's."""
+        return self.cost_layout <= MARGIN * self.cost_sequence
 
     @property
     def fraction_sequence(self) -> Optional[float]:
@@ -595,6 +608,25 @@ class Remap:
     @property
     def fraction_layout(self) -> Optional[float]:
         return None if self.useful is None else self.useful / max(self.computed_layout, 1)
+
+
+def layout_cost(pairs: int, tokens: int, block_m: int, block_n: int, *, table: bool,
+                gathers: bool, target: str = "cuda") -> float:
+    """Predicted forward cost, in FULL tiles of the target's kernel (``ir.cost.COSTS``), of
+    one head computing ``pairs`` pairs over ``tokens`` (padded) tokens: the pairs as whole
+    tiles, a read of the tile list per tile where the order runs the table strategy
+    (``table``), each query tile's prologue and epilogue, and, for a layout (``gathers``),
+    gathering q, k, v into box order and o and the lse back (``gather_token`` per token,
+    measured; it does not depend on D, which scales both). PARTIAL and FULL tiles are priced alike (the remapped
+    predicate is dearer than sequence order's; the margin absorbs that)."""
+    from .cost import COSTS
+    c = COSTS[target]
+    tiles = pairs / (block_m * block_n)
+    cost = tiles * (c["full_tile"] + (c["table_tile"] if table else 0.0))
+    cost += -(-tokens // block_m) * c["per_row_tile"]
+    if gathers:
+        cost += tokens * c.get("gather_token", 0.0)
+    return cost
 
 
 def sampled_pairs(ir: Node, L: int, block_m: int, block_n: int, pad: bool = True) -> int:
@@ -684,14 +716,16 @@ def _product_pairs(groups: list[Node], layout: Layout, block_m: int, block_n: in
 def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
            block_m: int = 128, block_n: int = 64, grids: Optional[list] = None,
            force: bool = False, sequence: Optional[int] = None,
-           declared: Optional[Grid] = None) -> Optional[Remap]:
+           declared: Optional[Grid] = None, target: str = "cuda") -> Optional[Remap]:
     """The best layout of ``ir`` for a self-attention call of ``Lq = Lk`` tokens (module
-    docstring), or None (no grid, or none pays by :data:`MARGIN`; ``force``: the best
-    whatever the margin; ``sequence``: the sequence order's computed pairs when known, else
-    estimated by :func:`sampled_pairs`; ``declared``: the pattern's declared grid, a
-    candidate of :func:`discover`). Product patterns (a conjunction of per-axis conditions) are
-    costed per axis; others by classifying sampled query-tile rows of the remapped pattern
-    (:func:`sampled_pairs`), and the chosen one at the call's size."""
+    docstring), or None (no grid, or none pays by :data:`MARGIN`, :attr:`Remap.pays`;
+    ``force``: the best whatever the margin; ``sequence``: the sequence order's computed
+    pairs when known, else estimated by :func:`sampled_pairs`; ``declared``: the pattern's
+    declared grid, a candidate of :func:`discover`; ``target``: the cost model's,
+    ``"cuda"`` or ``"cpu"``). Boxes are ranked by computed pairs: product patterns (a
+    conjunction of per-axis conditions) per axis; others by classifying sampled query-tile
+    rows of the remapped pattern (:func:`sampled_pairs`), and the chosen one at the call's
+    size. The chosen box is then priced against sequence order by :func:`layout_cost`."""
     if Lq != Lk or q_offset != 0 or ("h" in free_vars(ir) and num_heads > 1):
         return None
     grids = discover(ir, Lq, declared) if grids is None else grids
@@ -732,7 +766,16 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
         if not force and cost > MARGIN * seq:
             return None
     useful = _product_allowed(groups, layout.grid) if groups is not None else None
-    return Remap(layout, remap(ir, layout), useful, seq, cost)
+    rir = remap(ir, layout)
+    from .cost import pick_strategy
+    cost_seq = layout_cost(seq, Lq, bm, bn, table=pick_strategy(ir) == "table",
+                           gathers=False, target=target)
+    cost_lay = layout_cost(cost, layout.padded_size, bm, bn,
+                           table=pick_strategy(rir) == "table", gathers=True, target=target)
+    r = Remap(layout, rir, useful, seq, cost, cost_seq, cost_lay)
+    if not force and not r.pays:
+        return None
+    return r
 
 
 def _product_allowed(groups: list[Node], grid: Grid) -> int:

@@ -422,7 +422,7 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings):
         return None
     return choose(pattern.ir, Lq, Lk, Positions.of(Lq, Lk, q_offset).q_offset,
                   num_heads=q.shape[1], force=settings.layout == "on",
-                  declared=declared(pattern))
+                  declared=declared(pattern), target="cuda" if q.is_cuda else "cpu")
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spattn
+from spattn.ir.cost import COSTS
 from spattn.ir import layout as LY
 from spattn.ir.evaluate import mask
 from spattn.ir.tiles import EMPTY, FULL
@@ -129,12 +130,35 @@ def test_flux_window_box_tiles_beat_sequence_order():
     """A 2-D neighbourhood: box tiles compute fewer pairs, and every box tile pair of a
     strided neighbourhood whose groups hold the box is FULL or EMPTY."""
     pat = spattn.neighborhood((64, 64), (16, 16))
-    r = LY.choose(pat.ir, 4096, 4096, 0)
+    r = LY.choose(pat.ir, 4096, 4096, 0, force=True)
     assert r is not None and r.computed_layout < 0.6 * r.computed_sequence
     assert r.useful == int(pat.mask(4096, 4096).sum())
     strided = spattn.neighborhood((64, 64), (16, 16), stride=(16, 16))
-    r = LY.choose(strided.ir, 4096, 4096, 0)
+    r = LY.choose(strided.ir, 4096, 4096, 0, force=True)
     assert r.fraction_layout == 1.0
+
+
+@pytest.mark.parametrize("shape,kernel,pays", [
+    ((64, 64), (16, 16), False),      # 4K tokens, 256 keys a query: the gathers cost more
+    ((128, 128), (32, 32), True),     # 16K tokens, 1024 keys a query
+    ((256, 256), (80, 80), True),     # FLUX
+], ids=["64x64-k16", "128x128-k32", "256x256-k80"])
+def test_a_layout_pays_by_its_predicted_cost(shape, kernel, pays):
+    """``auto`` weighs the layout's computed pairs, tile lists, query tiles and gathers
+    against sequence order's (``layout_cost``): at 4K tokens a 16 x 16 window computes
+    fewer pairs in boxes (0.57x) yet is predicted slower with its gathers (measured 2.1x
+    slower on the H200, benchmarks/RESULTS.md), at 16K and beyond the boxes pay."""
+    pat = spattn.neighborhood(shape, kernel)
+    N = shape[0] * shape[1]
+    forced = LY.choose(pat.ir, N, N, 0, force=True)
+    assert forced.computed_layout < forced.computed_sequence
+    assert forced.pays is pays
+    assert (LY.choose(pat.ir, N, N, 0) is not None) is pays
+    gathers = N * COSTS["cuda"]["gather_token"]
+    assert forced.cost_layout >= gathers
+    assert forced.cost_layout - gathers < forced.cost_sequence
+    cpu = LY.choose(pat.ir, N, N, 0, force=True, target="cpu")
+    assert cpu.cost_layout < forced.cost_layout
 
 
 def test_no_layout_for_plain_sequence_patterns():

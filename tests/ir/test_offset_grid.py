@@ -55,9 +55,10 @@ def test_remap_after_extra_tokens_property(case, T, e):
 
 def test_boxes_pay_after_text_not_on_whole_rows():
     """13 text tokens and a 32 x 32 image (13 is not a multiple of 32): the layout's tiles
-    compute at most MARGIN of sequence order's pairs, so ``auto`` uses it."""
+    compute at most 0.8 of sequence order's pairs (at this size its gathers would cost
+    more than that saves: ``auto`` leaves it, ``pays``)."""
     ir = spattn.compile(_text_image(13, 32, 4)).ir
     N = 13 + 32 * 32
-    got = LY.choose(ir, N, N, 0)
+    got = LY.choose(ir, N, N, 0, force=True)
     assert got is not None and got.layout.grid.offset == 13
-    assert got.computed_layout <= LY.MARGIN * got.computed_sequence
+    assert got.computed_layout <= 0.8 * got.computed_sequence

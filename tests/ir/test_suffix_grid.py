@@ -106,18 +106,19 @@ def test_documents_as_ranges_suggest_one_grid_per_row_shape(N):
     around = [g for g in LY.discover(ir, N) if g.suffix]
     assert around == [LY.Grid((50, 64), suffix=N - 3200)], around
     ir = spattn.compile(_around_image(0, 64, 8, 128)).ir
-    got = LY.choose(ir, 64 * 64 + 128, 64 * 64 + 128, 0)
+    got = LY.choose(ir, 64 * 64 + 128, 64 * 64 + 128, 0, force=True)
     assert got is not None and got.layout.grid == LY.Grid((64, 64), suffix=128)
 
 
 def test_boxes_pay_around_an_image():
     """Text, a 64 x 64 image with a 17 x 17 window, then 40 text tokens: the layout's
-    tiles compute at most MARGIN of sequence order's pairs, so ``auto`` uses it."""
+    tiles compute at most 0.8 of sequence order's pairs (whether ``auto`` uses it is the
+    cost model's: tests/ir/test_layout.py)."""
     ir = spattn.compile(_around_image(13, 64, 8, 40)).ir
     N = 13 + 64 * 64 + 40
-    got = LY.choose(ir, N, N, 0)
+    got = LY.choose(ir, N, N, 0, force=True)
     assert got is not None and (got.layout.grid.offset, got.layout.grid.suffix) == (13, 40)
-    assert got.computed_layout <= LY.MARGIN * got.computed_sequence
+    assert got.computed_layout <= 0.8 * got.computed_sequence
     assert got.layout.tokens == LY.TILE_TOKENS
 
 
