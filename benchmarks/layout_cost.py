@@ -11,6 +11,8 @@ From them: the measured time per cost unit of each order and the gathers' cost p
 in sequence order's units (what ``ir.cost.COSTS["cuda"]["gather_token"]`` prices).
 
     python benchmarks/layout_cost.py --out DIR
+    python benchmarks/layout_cost.py --gathers --out DIR   # the gathers alone: index_select
+                                                           # against runtime/gather_kernel.py
 """
 from __future__ import annotations
 
@@ -47,7 +49,10 @@ def main():
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gathers", action="store_true", help="the gathers alone")
     a = ap.parse_args()
+    if a.gathers:
+        return gathers_only(a)
     H, D = a.heads, 128
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60,  # noqa: E731
                                                return_mode="median")
@@ -73,6 +78,42 @@ def main():
               f"{r['inner_ms']:.3f} | {r['gathers_ms']:.3f} | {r['measured_ratio']:.2f} | "
               f"{r['predicted_ratio']:.2f} | {r['gather_token_measured']:.4f} | "
               f"{r['inner_ms_per_unit_vs_sequence']:.2f} |")
+
+
+def gathers_only(a):
+    """Per shape: one q-sized gather and one lse-sized gather by ``index_select`` and by
+    ``gather_rows``, in alternating rounds; TB/s counts the bytes read and written."""
+    import triton
+    from spattn.runtime.gather_kernel import gather_rows
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60,  # noqa: E731
+                                               return_mode="median")
+    rows = []
+    for N in (4096, 16384, 65536):
+        for shape in ((1, a.heads, N, 128), (1, a.heads, N)):
+            t = torch.randn(shape, device="cuda", dtype=torch.bfloat16 if len(shape) == 4
+                            else torch.float32)
+            idx = torch.randperm(N, device="cuda")
+            assert torch.equal(gather_rows(t, idx), t.index_select(2, idx))
+            fns = {"index_select": lambda: t.index_select(2, idx),
+                   "gather_rows": lambda: gather_rows(t, idx)}
+            ts = {n: [] for n in fns}
+            for r in range(a.rounds):
+                for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                    ts[n].append(bench(fns[n]))
+            row = {"shape": list(shape), **{f"{n}_ms": statistics.median(x) for n, x in ts.items()}}
+            nbytes = 2 * t.numel() * t.element_size()
+            for n in fns:
+                row[f"{n}_TBps"] = nbytes / row[f"{n}_ms"] / 1e9
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "gathers.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    print("| shape | index_select ms | TB/s | gather_rows ms | TB/s |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['index_select_ms']:.4f} | {r['index_select_TBps']:.2f} | "
+              f"{r['gather_rows_ms']:.4f} | {r['gather_rows_TBps']:.2f} |")
 
 
 def measure(name, make, N, H, D, rounds, bench):

@@ -297,6 +297,9 @@ class PermutedPlan(Plan):
         element, ``[B, N]`` one row each."""
         if t is None:
             return None
+        if t.is_cuda:
+            from .gather_kernel import gather_rows
+            return gather_rows(t, index)
         if index.dim() == 1:
             return t.index_select(2, index)
         at = index[:, None, :] if t.dim() == 3 else index[:, None, :, None]
