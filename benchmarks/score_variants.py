@@ -48,6 +48,7 @@ TABLE_VARIANTS = {
     "auto-pair": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "pair"},
     "mask-early": {"SPATTN_SCORE_INDEX": "mask", "SPATTN_SCORE_LOAD": "early"},
     "auto-early": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "early"},
+    "auto-gather": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "gather"},
 }
 VARIANTS = {"causal+softcap(30)": TANH_VARIANTS, "causal+alibi": {"default": {}},
             "window+relbias": TABLE_VARIANTS, "nbhd2d+rpb": TABLE_VARIANTS}

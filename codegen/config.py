@@ -192,10 +192,12 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
 
 
 #: How a score's table loads are placed: "pair" (after the q·k dot, beside the score's
-#: arithmetic) or "early" (every line that does not read ``s`` -- the indices and the
+#: arithmetic), "early" (every line that does not read ``s`` -- the indices and the
 #: loads, whose addresses depend on positions only -- before the K load and the dot, so
-#: that the loads' latency overlaps the MMA).
-SCORE_LOADS = ("pair", "early")
+#: that the loads' latency overlaps the MMA), or "gather" (early, and a table whose last
+#: index is a function of ``q - k`` alone read as one contiguous slice per tile, spread
+#: over the tile with ``tl.gather``: ``codegen.emit.gather_form``; other tables as "early").
+SCORE_LOADS = ("pair", "early", "gather")
 #: How a score's table index is kept in range: "mask" (a predicated load per pair, an
 #: index out of range reads 0), "clamp" (the index clamped into [0, size - 1]: what the
 #: softmax uses is unchanged, since every pair of the call's domain has its indices in

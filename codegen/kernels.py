@@ -59,6 +59,7 @@ import jinja2
 
 from ..ir.nodes import BoolConst
 from .emit import HELPERS, NONNEG_VARS, TANH_HELPER, _mentions, emit
+from .config import next_pow2
 
 #: Version of the generated code: part of every cache key (bump when output changes).
 CODEGEN_VERSION = "16"
@@ -344,6 +345,18 @@ def _split_early(lines: tuple[str, ...], score_var: str = "b_x") -> tuple[tuple,
     return tuple(early), tuple(late)
 
 
+def _live(lines: tuple[str, ...], results: list[str]) -> tuple[str, ...]:
+    """``lines`` (``name = expr``) without those whose name no later line nor result reads."""
+    used = "\n".join(results)
+    keep = []
+    for line in reversed(lines):
+        name, _, expr = line.partition(" = ")
+        if _mentions(used, name):
+            keep.append(line)
+            used += "\n" + expr
+    return tuple(reversed(keep))
+
+
 def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | None:
     """The score of ``pattern`` as code for the ``kind`` kernel ("fwd", "dq", "dkdv"): the
     modified score, its derivative (backward), and in dQ the table gradients, emitted
@@ -364,14 +377,23 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
         for j, ix in enumerate(load.index):
             roots.append(ix)
             names.append(f"i_g{i}_{j}")
+    load_mode = getattr(config, "score_load", "pair")
+    gather = None
+    if load_mode == "gather":        # the tile: [rows, columns] (dK/dV: keys x queries)
+        rows, cols = {"fwd": (config.block_m, config.block_n),
+                      "dq": (config.block_m2, config.block_n2),
+                      "dkdv": (config.block_n, config.block_m)}[kind]
+        gather = (rows, next_pow2(rows + cols - 1))
     em = emit(roots, dict(ENV, s="b_x"), loop_vars=tuple(ENV), result_names=names,
               prefix="sc_", int64=int64,
               table_index=getattr(config, "score_index", "mask"),
-              fast_tanh=getattr(config, "fast_tanh", False))
+              fast_tanh=getattr(config, "fast_tanh", False), gather=gather)
     # every variable is per tile; what depends on none (a table read at a constant index,
     # w[0]) is computed in the tile too, first: its lines only read the loop's arguments
     lines = tuple(em.outer) + tuple(em.inner)
     res = list(em.results)
+    if gather is not None:      # the pairwise indices a gathered load replaced: unused
+        lines = _live(lines, res)
     inputs = tuple(pattern.score_inputs)
     tg, pos = [], 2
     for i, (load, _) in enumerate(loads):
@@ -385,7 +407,7 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
     tiled = any(isinstance(n, Score) for n in walk(pattern.score)) or \
         {"q", "k"} <= free_vars(pattern.score)
     early, late = ((), lines)
-    if getattr(config, "score_load", "pair") == "early":
+    if load_mode in ("early", "gather"):
         early, late = _split_early(lines)
     return ScoreCode(lines, res[0], res[1] if g is not None else None, inputs,
                      tuple(_input_params(dict(pattern.score_inputs))), tuple(tg), grad_params,

@@ -26,7 +26,7 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
                             than the default configuration to replace it
 ``SPATTN_CACHE_DIR``        the kernel cache directory (default ``~/.cache/spattn``)
 ``SPATTN_LAYOUT``           ``auto``, ``off`` or ``on``: token layouts (docs/layouts.md)
-``SPATTN_SCORE_LOAD``       ``pair`` or ``early``: where a score's table loads sit in
+``SPATTN_SCORE_LOAD``       ``pair``, ``early`` or ``gather``: how a score's tables are read in
                             the kernels (docs/backends.md, Scores)
 ``SPATTN_SCORE_INDEX``      ``auto``, ``clamp`` or ``mask``: how a score's table indices
                             are kept in range (``auto``: unchecked where proven, else clamped)
@@ -74,7 +74,7 @@ _FWD_LOOPS = ("split", "fused", "persistent")
 _BWD_LOOPS = ("split", "fused")
 _TABLES = ("auto", "csr", "spans")
 _LAYOUTS = ("auto", "off", "on")
-_SCORE_LOADS = ("pair", "early")
+_SCORE_LOADS = ("pair", "early", "gather")
 _SCORE_INDEX = ("auto", "clamp", "mask")
 
 #: ``os.environ``'s own dict (bytes names and values) where it has one: POSIX CPython, whose

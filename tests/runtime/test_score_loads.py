@@ -1,5 +1,5 @@
 """How the kernels read a score's tables and compute its tanh (docs/backends.md, Scores):
-``score_load`` "pair" / "early", ``score_index`` "mask" / "clamp" / "free" (unchecked where
+``score_load`` "pair" / "early" / "gather", ``score_index`` "mask" / "clamp" / "free" (unchecked where
 ``runtime.scores.indices_in_range`` proves it) and ``fast_tanh``. Every variant's forward,
 q, k, v and table gradients against the float64 reference under the interpreter (tiny
 shapes, ragged and whole tiles, tables exactly as large as the call's domain needs); the
@@ -72,13 +72,15 @@ CASES = [
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("load", ["pair", "early"])
+@pytest.mark.parametrize("load", ["pair", "early", "gather"])
 @pytest.mark.parametrize("index", ["auto", "clamp", "mask"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_every_variant_matches_the_reference(case, index, load, monkeypatch):
     name, mask, score, tables, L, off, auto = case
     if index == "mask" and load == "pair" and name != CASES[0][0]:
         pytest.skip("today's kernels: test_scores.py covers them")
+    if load == "gather" and index == "clamp":
+        pytest.skip("a gathered slice is clamped whatever the index variant")
     monkeypatch.setenv("SPATTN_SCORE_LOAD", load)
     monkeypatch.setenv("SPATTN_SCORE_INDEX", index)
     p = spattn.compile(mask, score=score, backend="triton")
@@ -179,9 +181,29 @@ def test_generated_code_of_each_flag():
     assert 'tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;"' in bwd
     assert "b_fd = " in bwd and "_tanh_approx(b_x / 30.0)" in bwd
     assert "sigmoid" not in bwd[bwd.index("def _dq_range"):]
+    gathered = text("bwd", score_load="gather")
+    assert gathered.count("tl.gather(") == 2
+    assert gathered.count("tl.broadcast_to(sc_s_rel_1[None, :], (") == 2
+    assert "i_g0_1 = tl.minimum(tl.maximum(o_q - o_k, 0), 63)" in gathered  # (its gradient)
     plain = spattn.compile("causal & window(64)")
     assert cache.resolve(plain, "fwd", fast_tanh=True, score_load="early")[2] == \
         cache.resolve(plain, "fwd")[2]       # flags of a score only: one kernel without one
+
+
+def test_gather_form_takes_functions_of_q_minus_k_only():
+    from spattn.codegen.emit import gather_form
+    from spattn.ir.nodes import FLoad, walk
+
+    def form(score):
+        p = spattn.compile("causal", score=score)
+        ld, = {n for n in walk(p.score) if isinstance(n, FLoad)}
+        g = gather_form(ld)
+        return None if g is None else spattn.ir.printer.to_source(g)
+    assert form("s + rel[h, clamp(q - k, 0, 7)]") == "min(max(u, 0), 7)"
+    assert form("s + rel[h, 2 * (k - q) + Lk]") == "Lk - 2 * u"
+    assert form("s + rel[h, q % 8 - k % 8 + 7]") is None      # not of q - k
+    assert form("s + rel[q - k + 40, 3]") is None             # the last axis constant
+    assert form("s + rel[q, q - k + 40]") is None             # another axis of q
 
 
 def test_fast_tanh_compiles_to_one_mufu_instruction(tmp_path):
@@ -224,7 +246,7 @@ else:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fast", ["0", "1"])
-@pytest.mark.parametrize("load", ["pair", "early"])
+@pytest.mark.parametrize("load", ["pair", "early", "gather"])
 def test_variants_on_cuda_bf16(load, fast, monkeypatch):
     """On the GPU: softcap and a 1-D bias (free) and an exact-size table (clamped) with each
     load placement, with and without tanh.approx; bf16 against the float64 reference."""
