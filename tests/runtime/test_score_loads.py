@@ -6,6 +6,8 @@ shapes, ragged and whole tiles, tables exactly as large as the call's domain nee
 proof itself; the inline-PTX tanh compiled for sm_90 without a GPU and run on one."""
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 import spattn
 from spattn.dsl.errors import SpattnConfigError
@@ -260,3 +262,45 @@ def test_variants_on_cuda_bf16(load, fast, monkeypatch):
                        backend="triton")
     plan = _run(p, 300, {"rel": (H, 599)}, dtype=torch.bfloat16, atol=3e-2, device="cuda")
     assert _flags(plan) == (load, "clamp", fast == "1")
+
+
+def _index_case(a, b, c, d, clamp):
+    """(DSL index text, the same on Python ints): ``(a*q + b*k + c) // d`` (floor), clamped
+    into ``clamp`` when given."""
+    text = f"({a} * q + {b} * k + {c}) // {d}"
+    fn = lambda q, k: (a * q + b * k + c) // d  # noqa: E731
+    if clamp is not None:
+        lo, hi = clamp
+        text = f"clamp({text}, {lo}, {hi})"
+        return text, (lambda q, k, f=fn: min(max(f(q, k), lo), hi))
+    return text, fn
+
+
+@given(a=st.integers(-2, 2), b=st.integers(-2, 2), c=st.integers(-40, 80),
+       d=st.sampled_from([1, 1, 3, 8]),
+       clamp=st.one_of(st.none(), st.tuples(st.integers(-5, 10), st.integers(0, 40))),
+       Lq=st.integers(1, 40), Lk=st.integers(1, 40), off=st.integers(0, 30),
+       pad_q=st.sampled_from([16, 32]), pad_k=st.sampled_from([16, 32]),
+       slack=st.integers(-2, 3), heads=st.integers(1, 3), rows=st.integers(1, 3))
+@example(a=1, b=-1, c=39, d=1, clamp=None, Lq=40, Lk=40, off=0, pad_q=16, pad_k=16, slack=0,
+         heads=2, rows=2)
+def test_the_proof_is_sound(a, b, c, d, clamp, Lq, Lk, off, pad_q, pad_k, slack, heads, rows):
+    """Whenever indices_in_range says the kernels may read a table unchecked, every index of
+    every pair of the padded tiles (and every head) is in range (on Python ints); a table
+    of the exact size the padded domain needs is proven."""
+    text, fn = _index_case(a, b, c, d, clamp)
+    p = spattn.compile("causal", score=f"s + rel[h, {text}]")
+    qs = range(off, off + -(-Lq // pad_q) * pad_q)
+    ks = range(0, -(-Lk // pad_k) * pad_k)
+    vals = [fn(q, k) for q in qs for k in ks]
+    lo, hi = min(vals), max(vals)
+    size = max(1, hi + 1 + slack)
+
+    def proof(size, rows):
+        return S.indices_in_range(p, {"rel": torch.zeros(rows, size)}, Lq, Lk,
+                                  num_heads=heads, batch=1, q_offset=off, pad_q=pad_q,
+                                  pad_k=pad_k)
+    if proof(size, rows):
+        assert lo >= 0 and hi < size and rows >= heads
+    if lo >= 0 and clamp is None and d == 1:       # affine: the hull is exact
+        assert proof(hi + 1, heads)
