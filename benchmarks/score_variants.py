@@ -10,17 +10,20 @@ variants that change their kernels:
 * ``causal+alibi``: the one kernel (no table, no tanh: its cost only);
 * ``window+relbias`` and ``nbhd2d+rpb``: ``score_index`` "mask" (a predicated load per
   pair, the kernels of CODEGEN_VERSION 15) and "auto" (unchecked where proven in range,
-  else clamped: both cases are proven, their indices clamped by the pattern), each with
-  ``score_load`` "pair" and "early" (loads issued before the q·k dot).
+  else clamped: both cases are proven, their indices clamped by the pattern) with
+  ``score_load`` "pair" (today's placement), and "auto" with "early" (loads issued before
+  the q·k dot) and, for the 1-D bias (a function of ``q - k``), "gather" (one slice per
+  tile and ``tl.gather``); ``--all`` adds "mask" with "early" (both tables) and "gather"
+  for the 2-D bias (which falls back to "early": the same code).
 
 Each variant is a plan built under its settings (``SPATTN_SCORE_LOAD``, ``SPATTN_SCORE_INDEX``,
 ``SPATTN_FAST_TANH``; the plan holds them), checked against the float64 reference on the
-last rows of two heads (output, and with ``--bwd`` q, k, v and table gradients on a short
-call), then timed: forward (and forward+backward) of every variant and of the mask alone
+last rows of two heads (output, and unless ``--no-bwd`` q, k, v and table gradients on a
+call of those rows), then timed: forward (and forward+backward) of every variant and of the mask alone
 in alternating rounds, the order flipped every round (``bench.bench_ms``: medians of
 ``triton.testing.do_bench``). Autotuning off: the default configurations.
 
-    python benchmarks/score_variants.py --out OUT        # on an H200, < 150 s
+    python benchmarks/score_variants.py --out OUT        # on an H200, < 150 s (estimated)
     python benchmarks/score_variants.py --dry            # CPU interpreter: tiny shapes
 
 Writes ``OUT/score_variants.json``; prints a markdown table last (progress on stderr).
@@ -46,12 +49,14 @@ TANH_VARIANTS = {"tanh-sigmoid": {"SPATTN_FAST_TANH": "0"},
 TABLE_VARIANTS = {
     "mask-pair": {"SPATTN_SCORE_INDEX": "mask", "SPATTN_SCORE_LOAD": "pair"},
     "auto-pair": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "pair"},
-    "mask-early": {"SPATTN_SCORE_INDEX": "mask", "SPATTN_SCORE_LOAD": "early"},
     "auto-early": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "early"},
-    "auto-gather": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "gather"},
 }
+GATHER = {"auto-gather": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "gather"}}
+#: with --all (each variant's kernels compile in ~7-15 s: the default set keeps the run
+#: under 150 s on an H200)
+MORE = {"mask-early": {"SPATTN_SCORE_INDEX": "mask", "SPATTN_SCORE_LOAD": "early"}}
 VARIANTS = {"causal+softcap(30)": TANH_VARIANTS, "causal+alibi": {"default": {}},
-            "window+relbias": TABLE_VARIANTS, "nbhd2d+rpb": TABLE_VARIANTS}
+            "window+relbias": {**TABLE_VARIANTS, **GATHER}, "nbhd2d+rpb": TABLE_VARIANTS}
 SETTINGS = ("SPATTN_FAST_TANH", "SPATTN_SCORE_INDEX", "SPATTN_SCORE_LOAD")
 
 
@@ -215,6 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep", type=int, default=30, help="do_bench's rep (ms) per timing")
     ap.add_argument("--no-bwd", action="store_true", help="forward only (faster)")
+    ap.add_argument("--all", action="store_true",
+                    help="every variant (mask-early too; about 60 s more)")
     ap.add_argument("--cases", help="comma-separated subset of the case names")
     ap.add_argument("--dry", action="store_true",
                     help="CPU under Triton's interpreter, tiny shapes: the logic and the "
@@ -234,6 +241,10 @@ def main(argv=None) -> int:
     if args.dry:        # small enough for the interpreter: a 4-wide grid, short window
         specs = _dry_specs(specs, N, H, dev)
     names = args.cases.split(",") if args.cases else list(VARIANTS)
+    variants = dict(VARIANTS)
+    if args.all:
+        variants["window+relbias"] = {**TABLE_VARIANTS, **MORE, **GATHER}
+        variants["nbhd2d+rpb"] = {**TABLE_VARIANTS, **MORE, **GATHER}
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         print(f"unknown case(s) {unknown}; expected some of {list(VARIANTS)}", file=sys.stderr)
@@ -242,7 +253,7 @@ def main(argv=None) -> int:
     for name in names:
         t0 = time.perf_counter()
         try:
-            row = run_case(name, specs[name], VARIANTS[name], N, H, D, dev, dtype,
+            row = run_case(name, specs[name], variants[name], N, H, D, dev, dtype,
                            rounds=args.rounds, bwd=not args.no_bwd, dry=args.dry, rep=args.rep)
         except Exception as e:  # one case failing must not hide the others
             row = {"case": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
