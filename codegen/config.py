@@ -48,6 +48,11 @@ class KernelConfig:
     loop: str = "split"  # "split", "fused" or (forward) "persistent": FWD_LOOPS, BWD_LOOPS
     tma: bool = False    # block loads/stores through TMA tensor descriptors (launcher decides)
     int64: bool = False  # 64-bit integer arithmetic (positions, ids, inputs, bounds, offsets)
+    # a score's tables and functions (defaults for a pattern without a score): SCORE_LOADS,
+    # SCORE_INDEX, and tanh as one tanh.approx.f32 (GPU only: the interpreter has no asm)
+    score_load: str = "pair"
+    score_index: str = "clamp"
+    fast_tanh: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,12 +141,15 @@ def _pow2_check(**blocks):
 def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strategy=None,
          block_m=None, block_n=None, num_warps=None, num_stages=None, closed_form=None,
          interpret=False, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
-         loop=None, tma=None, int64=None, overrides=None, **_ignored) -> KernelConfig:
+         loop=None, tma=None, int64=None, score_load=None, score_index=None, fast_tanh=None,
+         overrides=None, **_ignored) -> KernelConfig:
     """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype.
 
     Backward: ``block_m1``/``block_n1`` (dK/dV) and ``block_m2``/``block_n2`` (dQ);
     ``block_m``/``block_n`` set both kernels' tiles at once.  ``int64``: 64-bit integer
     arithmetic in the kernel (for positions, input values or bounds beyond int32).
+    ``score_load``, ``score_index``, ``fast_tanh``: how a score's tables are read and its
+    tanh computed (:data:`SCORE_LOADS`, :data:`SCORE_INDEX`; ignored without a score).
     ``interpret``: the tile defaults of Triton's CPU interpreter.  ``overrides``: the
     environment's options of this kind (:meth:`spattn.runtime.settings.Settings.overrides`),
     below the explicit arguments.
@@ -166,7 +174,8 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
         _pow2_check(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
         loop = choice(loop, "loop", BWD_LOOPS, default=env.get("loop"))
         return KernelConfig(strategy, int(m1), int(n1), next_pow2(head_dim), int(nw), int(ns),
-                            dt, int(m2), int(n2), loop=loop, tma=bool(tma), int64=bool(int64))
+                            dt, int(m2), int(n2), loop=loop, tma=bool(tma), int64=bool(int64),
+                            **_score_flags(pattern, score_load, score_index, fast_tanh))
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret)
     bm = block_m or env.get("block_m") or bm
     bn = block_n or env.get("block_n") or bn
@@ -178,7 +187,34 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     # its flattened loop nest on Hopper (TritonNvidiaGPUTMALoweringPass: an scf.if yields
     # a mutable and an immutable shared-memory descriptor).
     return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt,
-                        loop=loop, tma=bool(tma) and loop != "persistent", int64=bool(int64))
+                        loop=loop, tma=bool(tma) and loop != "persistent", int64=bool(int64),
+                        **_score_flags(pattern, score_load, score_index, fast_tanh))
+
+
+#: How a score's table loads are placed: "pair" (after the q·k dot, beside the score's
+#: arithmetic), "early" (every line that does not read ``s`` -- the indices and the
+#: loads, whose addresses depend on positions only -- before the K load and the dot, so
+#: that the loads' latency overlaps the MMA), or "gather" (early, and a table whose last
+#: index is a function of ``q - k`` alone read as one contiguous slice per tile, spread
+#: over the tile with ``tl.gather``: ``codegen.emit.gather_form``; other tables as "early").
+SCORE_LOADS = ("pair", "early", "gather")
+#: How a score's table index is kept in range: "mask" (a predicated load per pair, an
+#: index out of range reads 0), "clamp" (the index clamped into [0, size - 1]: what the
+#: softmax uses is unchanged, since every pair of the call's domain has its indices in
+#: range -- the call's bounds check -- and the others are masked to -inf or never stored),
+#: "free" (no check: only where the runtime proved every index the kernels compute in
+#: range, padded tiles included: ``runtime.scores.indices_in_range``).
+SCORE_INDEX = ("mask", "clamp", "free")
+
+
+def _score_flags(pattern, score_load, score_index, fast_tanh) -> dict:
+    """The score fields of a :class:`KernelConfig`: the defaults for a pattern without a
+    score (one kernel file whatever the options), else the given ones checked."""
+    if getattr(pattern, "score", None) is None:
+        return {}
+    return {"score_load": choice(score_load, "score_load", SCORE_LOADS, default="pair"),
+            "score_index": choice(score_index, "score_index", SCORE_INDEX, default="clamp"),
+            "fast_tanh": bool(fast_tanh)}
 
 
 #: Forward tile-loop variants: "split" runs each interval piece (ranges) or span (table)

@@ -39,7 +39,7 @@ import networkx as nx
 
 from ..ir.nodes import (Abs, And, BoolConst, Const, FAdd, FCall, FConst, FDiv, FLoad, FloorDiv,
                         FMul, FSelect, FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Prod,
-                        Range, Score, Select, Sum, Table, ToFloat, Var)
+                        Range, Score, Select, Sum, Table, ToFloat, Var, walk)
 from ..ir.bounds import wrap
 from ..ir.visitor import MaskPass, Visitor, rule
 
@@ -68,6 +68,17 @@ def _mod(a, b):
     """Python ``a % b`` (sign of ``b``) for signed ints; Triton's ``%`` truncates."""
     r = a - (a // b) * b
     return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+'''
+
+#: tanh as one MUFU instruction (``tanh.approx.f32``, what FlashAttention-2's soft-capping
+#: uses): maximum relative error about 2**-10.7, so for 16-bit inputs only; NVIDIA GPUs
+#: only (inline PTX: Triton's interpreter cannot run it).
+TANH_HELPER = '''
+@triton.jit
+def _tanh_approx(x):
+    """tanh(x) of fp32 ``x`` as one ``tanh.approx.f32`` (max relative error ~2**-10.7)."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 '''
 
 #: Variables that are never negative in a kernel (positions ``q`` can be: q_offset).
@@ -211,13 +222,15 @@ class Emitted:
     (a temporary name or a literal); ``outer_names``: temporaries defined in
     ``outer`` that ``inner`` or ``results`` use (to pass to an inner function: a
     root that does not depend on the loop variables is one of them);
-    ``uses_helpers``: whether ``_floordiv``/``_mod`` are referenced.
+    ``uses_helpers``: whether ``_floordiv``/``_mod`` are referenced;
+    ``uses_tanh``: whether ``_tanh_approx`` is (:data:`TANH_HELPER`).
     """
     outer: list[str] = field(default_factory=list)
     inner: list[str] = field(default_factory=list)
     results: list[str] = field(default_factory=list)
     outer_names: list[str] = field(default_factory=list)
     uses_helpers: bool = False
+    uses_tanh: bool = False
 
 
 def _is_leaf(n: Node) -> bool:
@@ -262,7 +275,8 @@ def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[s
          load_ref: Callable[[str, int], tuple[str, str, str]] | None = None,
          nonneg_vars=NONNEG_VARS, positive_vars=POSITIVE_VARS,
          prefix: str = "", result_names: Iterable[str] | None = None,
-         int64: bool = False) -> Emitted:
+         int64: bool = False, table_index: str = "mask", fast_tanh: bool = False,
+         gather: tuple[int, int] | None = None) -> Emitted:
     """Emit Triton code computing ``roots``.
 
     ``env`` maps IR variable names to code (``{"q": "o_q", "k": "o_k", "h": "i_h"}``).
@@ -273,14 +287,38 @@ def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[s
     ``result_names``: optional names to bind each root to (``None`` entries: no name).
     ``int64``: the variables are 64-bit in the kernel; a value built from literals only
     (a list ``[8, 16][h]``, ``if c then 3 else 5``) is widened to 64 bits too.
+    ``table_index``: how a float table's index is kept in range
+    (:data:`spattn.codegen.config.SCORE_INDEX`: "mask", "clamp" or "free"; int inputs are
+    always masked). ``fast_tanh``: tanh as :data:`TANH_HELPER` (else ``2 sigmoid(2x) - 1``).
+    ``gather``: ``(rows, slice)`` -- a float table whose last index is a function of
+    ``q - k`` alone (its other indices of neither) is read as one slice per tile, the
+    ``slice`` (a power of two >= rows + columns - 1) entries of the tile's ``q - k`` range,
+    and spread over the ``rows`` x columns tile with ``tl.gather`` (:func:`gather_form`).
     """
     roots = list(roots)
     names = list(result_names) if result_names is not None else [None] * len(roots)
     em = _Emitter(roots, names, env, loop_vars=frozenset(loop_vars),
                   load_ref=load_ref or _default_load_ref,
                   signs=_signs(frozenset(nonneg_vars), frozenset(positive_vars)),
-                  prefix=prefix, int64=int64)
+                  prefix=prefix, int64=int64, table_index=table_index,
+                  fast_tanh=fast_tanh, gather=gather)
     return em.run()
+
+
+def gather_form(load: Node) -> Node | None:
+    """The last index of a float table ``load`` as a function of ``u = q - k`` alone (``q``
+    replaced by ``u + k``, canonicalised), where it is one and the other indices read
+    neither ``q`` nor ``k`` (nor a runtime input); else None."""
+    from ..ir import build as B
+    from ..ir.intervals import replace
+    from ..ir.nodes import free_vars
+    if any(isinstance(x, (Load, FLoad)) for ix in load.index for x in walk(ix)):
+        return None
+    if any(free_vars(ix) & {"q", "k"} for ix in load.index[:-1]):
+        return None
+    g = replace(load.index[-1], B.var("q"), B.add(B.var("u"), B.var("k")))
+    used = free_vars(g)
+    return g if "u" in used and not used & {"q", "k"} else None
 
 
 def _default_load_ref(name: str, d: int) -> tuple[str, str, str]:
@@ -375,8 +413,10 @@ class _Emitter(Visitor):
     complete = True
 
 
-    def __init__(self, roots, result_names, env, *, loop_vars, load_ref, signs, prefix, int64):
+    def __init__(self, roots, result_names, env, *, loop_vars, load_ref, signs, prefix, int64,
+                 table_index="mask", fast_tanh=False, gather=None):
         self.roots, self.env, self.load_ref = roots, env, load_ref
+        self.table_index, self.fast_tanh, self.gather = table_index, fast_tanh, gather
         self.signs, self.prefix, self.int64 = signs, prefix, int64
         self.graph = _graph(roots)
         self.order = _stable_postorder(roots)
@@ -592,6 +632,9 @@ class _Emitter(Visitor):
                 acc = f"tl.{fn}imum({acc}, {x}, propagate_nan=tl.PropagateNan.ALL)"
             return acc
         x = c[0]
+        if fn == "tanh" and self.fast_tanh:
+            self.out.uses_tanh = True
+            return f"_tanh_approx({x})"
         if fn == "tanh":          # tanh(x) = 2 sigmoid(2x) - 1 (no tl.tanh)
             return f"(2.0 * tl.sigmoid(2.0 * {_par(x)}) - 1.0)"
         if fn == "sign":
@@ -616,8 +659,50 @@ class _Emitter(Visitor):
 
     @rule(FLoad)
     def fload(self, n, c):
-        """A masked load of a float table element, as fp32 (out-of-range indices read 0)."""
-        return self.load(n, c).replace(", other=0)", ", other=0.0).to(tl.float32)")
+        """A load of a float table element, as fp32: masked (out-of-range indices read 0),
+        its index clamped into the table, or unchecked (proven in range), by
+        ``table_index``."""
+        g = gather_form(n) if self.gather else None
+        if g is not None:
+            return self._gather(n, c, g)
+        if self.table_index == "mask":
+            return self.load(n, c).replace(", other=0)", ", other=0.0).to(tl.float32)")
+        self.counter["load"] += 1
+        ptr_terms = []
+        for d, ic in enumerate(c):
+            _, stride, size = self.load_ref(n.name, d)
+            if self.table_index == "clamp":
+                ic = f"tl.minimum(tl.maximum({ic}, 0), {size} - 1)"
+            ptr_terms.append(f"{_par(ic)} * {stride}")
+        base = self.load_ref(n.name, 0)[0]
+        return f"tl.load({base} + " + " + ".join(ptr_terms) + ").to(tl.float32)"
+
+    def _gather(self, n, c, g) -> str:
+        """A table read as one slice per tile and a ``tl.gather`` (``gather`` of :func:`emit`):
+        the slice's entries are ``g(u)`` for ``u`` from the tile's least ``q - k`` on; the
+        slice's last entries (past the tile's range, as the slice is a power of two) may index
+        beyond the table, so its indices are clamped."""
+        self.counter["load"] += 1
+        i, P = self.counter["load"], self.prefix
+        rows, width = self.gather
+        q, k = self.env["q"], self.env["k"]
+        lines = self._lines(n)
+        u0, ou, sl = f"{P}u0_{i}", f"{P}o_u_{i}", f"{P}s_{n.name}_{i}"
+        lines.append(f"{u0} = tl.min({q}) - tl.max({k})")
+        lines.append(f"{ou} = {u0} + tl.arange(0, {width})")
+        em = emit([g], dict(self.env, u=ou), loop_vars=tuple(self.env) + ("u",),
+                  load_ref=self.load_ref, prefix=f"{P}g{i}_", int64=self.int64)
+        lines += em.outer + em.inner
+        self.out.uses_helpers |= em.uses_helpers
+        codes = list(c[:-1]) + [em.results[0]]
+        terms = []
+        for d, ic in enumerate(codes):
+            _, stride, size = self.load_ref(n.name, d)
+            terms.append(f"tl.minimum(tl.maximum({ic}, 0), {size} - 1) * {stride}")
+        base = self.load_ref(n.name, 0)[0]
+        lines.append(f"{sl} = tl.load({base} + " + " + ".join(terms) + ").to(tl.float32)")
+        return (f"tl.gather(tl.broadcast_to({sl}[None, :], ({rows}, {width})), "
+                f"{q} - {k} - {u0}, axis=1)")
 
 
 def _mentions(text: str, name: str) -> bool:

@@ -58,10 +58,11 @@ from dataclasses import dataclass
 import jinja2
 
 from ..ir.nodes import BoolConst
-from .emit import HELPERS, NONNEG_VARS, emit
+from .emit import HELPERS, NONNEG_VARS, TANH_HELPER, _mentions, emit
+from .config import next_pow2
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "15"
+CODEGEN_VERSION = "16"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -300,7 +301,11 @@ class ScoreCode:
     ``tiled``: ``value`` has the tile's shape (it reads ``s``, or both q and k); a score of
     one position, heads
     or constants alone is a row, a column or a scalar, broadcast to the tile by the template
-    (the softmax and the dots need the whole tile)."""
+    (the softmax and the dots need the whole tile).
+    ``early``: with ``score_load="early"``, the lines that do not read ``s`` (indices,
+    table loads: their addresses depend on positions only), which the templates place
+    before the q·k dot; ``late`` the others (all the lines otherwise); ``fast_tanh``: the
+    code calls ``_tanh_approx``."""
     lines: tuple[str, ...]
     value: str
     deriv: str | None
@@ -310,6 +315,9 @@ class ScoreCode:
     grad_params: tuple[str, ...]
     helpers: bool
     tiled: bool = True
+    early: tuple[str, ...] = ()
+    late: tuple[str, ...] = ()
+    fast_tanh: bool = False
 
     @property
     def unit_deriv(self) -> bool:
@@ -322,7 +330,34 @@ class ScoreCode:
         return self.deriv is not None and re.fullmatch(r"-?[0-9.e+-]+", self.deriv) is not None
 
 
-def _score_code(pattern, kind: str, int64: bool) -> ScoreCode | None:
+def _split_early(lines: tuple[str, ...], score_var: str = "b_x") -> tuple[tuple, tuple]:
+    """``(early, late)``: the lines (``name = expr``, in dependency order) that read neither
+    ``score_var`` nor a name defined by a late line, and the others."""
+    late_names = {score_var}
+    early, late = [], []
+    for line in lines:
+        name, _, expr = line.partition(" = ")
+        if any(_mentions(expr, x) for x in late_names):
+            late_names.add(name)
+            late.append(line)
+        else:
+            early.append(line)
+    return tuple(early), tuple(late)
+
+
+def _live(lines: tuple[str, ...], results: list[str]) -> tuple[str, ...]:
+    """``lines`` (``name = expr``) without those whose name no later line nor result reads."""
+    used = "\n".join(results)
+    keep = []
+    for line in reversed(lines):
+        name, _, expr = line.partition(" = ")
+        if _mentions(used, name):
+            keep.append(line)
+            used += "\n" + expr
+    return tuple(reversed(keep))
+
+
+def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | None:
     """The score of ``pattern`` as code for the ``kind`` kernel ("fwd", "dq", "dkdv"): the
     modified score, its derivative (backward), and in dQ the table gradients, emitted
     together (common sub-expressions shared) with every variable per tile."""
@@ -342,12 +377,23 @@ def _score_code(pattern, kind: str, int64: bool) -> ScoreCode | None:
         for j, ix in enumerate(load.index):
             roots.append(ix)
             names.append(f"i_g{i}_{j}")
+    load_mode = getattr(config, "score_load", "pair")
+    gather = None
+    if load_mode == "gather":        # the tile: [rows, columns] (dK/dV: keys x queries)
+        rows, cols = {"fwd": (config.block_m, config.block_n),
+                      "dq": (config.block_m2, config.block_n2),
+                      "dkdv": (config.block_n, config.block_m)}[kind]
+        gather = (rows, next_pow2(rows + cols - 1))
     em = emit(roots, dict(ENV, s="b_x"), loop_vars=tuple(ENV), result_names=names,
-              prefix="sc_", int64=int64)
+              prefix="sc_", int64=int64,
+              table_index=getattr(config, "score_index", "mask"),
+              fast_tanh=getattr(config, "fast_tanh", False), gather=gather)
     # every variable is per tile; what depends on none (a table read at a constant index,
     # w[0]) is computed in the tile too, first: its lines only read the loop's arguments
     lines = tuple(em.outer) + tuple(em.inner)
     res = list(em.results)
+    if gather is not None:      # the pairwise indices a gathered load replaced: unused
+        lines = _live(lines, res)
     inputs = tuple(pattern.score_inputs)
     tg, pos = [], 2
     for i, (load, _) in enumerate(loads):
@@ -360,9 +406,12 @@ def _score_code(pattern, kind: str, int64: bool) -> ScoreCode | None:
     from ..ir.nodes import Score, free_vars, walk
     tiled = any(isinstance(n, Score) for n in walk(pattern.score)) or \
         {"q", "k"} <= free_vars(pattern.score)
+    early, late = ((), lines)
+    if load_mode in ("early", "gather"):
+        early, late = _split_early(lines)
     return ScoreCode(lines, res[0], res[1] if g is not None else None, inputs,
                      tuple(_input_params(dict(pattern.score_inputs))), tuple(tg), grad_params,
-                     em.uses_helpers, tiled)
+                     em.uses_helpers, tiled, early, late, em.uses_tanh)
 
 
 @dataclass(frozen=True)
@@ -382,6 +431,16 @@ class KernelData:
     def helpers(self) -> bool:
         return self.pred.helpers or (self.plan is not None and self.plan.helpers) or \
             (self.score is not None and self.score.helpers)
+
+    @property
+    def fast_tanh(self) -> bool:
+        return self.score is not None and self.score.fast_tanh
+
+
+def _helpers(*data: KernelData) -> str:
+    """The helper functions the kernels of ``data`` call."""
+    out = HELPERS if any(d.helpers for d in data) else ""
+    return out + (TANH_HELPER if any(d.fast_tanh for d in data) else "")
 
 
 def _input_params(inputs: dict[str, int]) -> list[str]:
@@ -410,7 +469,7 @@ def _kernel_data(pattern, config, loop_var: str, plan: RangesPlan | None,
                  kind: str = "fwd") -> KernelData:
     inputs = dict(pattern.inputs)
     pred = _predicate(pattern, loop_var, config.int64)
-    score = _score_code(pattern, kind, config.int64)
+    score = _score_code(pattern, kind, config.int64, config)
     if score is None:
         return KernelData(pred, plan, tuple(inputs), tuple(_input_params(inputs)),
                           tuple(_input_loop_args(inputs)) + pred.args)
@@ -455,7 +514,7 @@ def render_fwd(pattern, config, key: str, closed_form=None) -> str:
     return _render("fwd.py.j2", kind="fwd", pattern=pattern, config=config, key=key,
                    names=_names(pattern, key[:6]), fwd=fwd,
                    merged=fwd.plan.merged if fwd.plan else 0,
-                   floor_helpers=HELPERS if fwd.helpers else "")
+                   floor_helpers=_helpers(fwd))
 
 
 def render_bwd(pattern, config, key: str, closed_form=None) -> str:
@@ -474,7 +533,7 @@ def render_bwd(pattern, config, key: str, closed_form=None) -> str:
                       "dq")
     return _render("bwd.py.j2", kind="bwd", pattern=pattern, config=config, key=key,
                    names=_names(pattern, key[:6]), dkdv=dkdv, dq=dq, merged=0,
-                   floor_helpers=HELPERS if dkdv.helpers or dq.helpers else "")
+                   floor_helpers=_helpers(dkdv, dq))
 
 
 def render_decode(pattern, config, key: str, closed_form=None) -> str:
@@ -500,7 +559,7 @@ def render_decode(pattern, config, key: str, closed_form=None) -> str:
              "combine": f"attn_decode_combine_{ident(pattern.name)}_{key6}"}
     return _render("decode.py.j2", pattern=pattern, config=config, key=key, names=names,
                    data=data, plan=plan, pieces=pieces,
-                   floor_helpers=HELPERS if data.helpers else "")
+                   floor_helpers=_helpers(data))
 
 
 def render(pattern, kind: str, config, key: str, closed_form=None) -> str:

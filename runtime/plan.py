@@ -496,10 +496,15 @@ class PlanCache:
     def get(self, pattern, backend, q, k, v, *, scale, q_offset, inputs, tables=None,
             order=None) -> Plan:
         """The cached plan of this call, built on a miss (``tables``: a score's float
-        tables, not part of the key: every call passes its own to the stages; ``order``: a
-        caller's token order, keyed like a runtime input)."""
+        tables: every call passes its own to the stages, so only their shapes and dtypes
+        are part of the key -- the plan's kernels may rely on them, e.g. indices proven in
+        range for a table of that size; ``order``: a caller's token order, keyed like a
+        runtime input)."""
         settings = _settings.current()
         key = self.key(pattern, backend, q, k, v, scale, q_offset, inputs, settings, order)
+        if tables:
+            key = key[:-1] + (tuple((n, tuple(t.shape), t.dtype)
+                                    for n, t in sorted(tables.items())),) + key[-1:]
         with self._lock:
             entry = self._plans.get(key)
             if entry is not None:

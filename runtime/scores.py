@@ -108,6 +108,40 @@ def check_score_bounds(pattern, int_inputs: dict, float_inputs: dict, Lq: int, L
                          batch=batch, q_offset=q_offset)
 
 
+def indices_in_range(pattern, tables: dict, Lq: int, Lk: int, *, num_heads: int, batch: int,
+                     q_offset: int, pad_q: int, pad_k: int) -> bool:
+    """True when every index of every float-table load of the score is in range for tables
+    of these shapes over every pair a kernel with ``pad_q`` x ``pad_k`` tiles computes:
+    query positions ``q_offset .. q_offset + ceil(Lq / pad_q) * pad_q - 1`` and keys
+    ``0 .. ceil(Lk / pad_k) * pad_k - 1`` (the last tiles reach beyond the lengths), all
+    heads and batch elements -- not only the pattern's pairs (PARTIAL tiles compute the
+    others). The kernels then read the tables without a bounds check (``score_index``
+    "free"). False where it cannot be shown: an index reading a runtime input, an interval
+    bound that is not exact, or one out of range (the kernels then clamp the index)."""
+    from ..ir.intervals import IntervalEval, domain_env
+    from ..ir.nodes import FLoad, Load, walk
+    loads = list(dict.fromkeys(n for n in walk(pattern.score) if isinstance(n, FLoad)))
+    if any(isinstance(x, (Load, FLoad)) for ld in loads for ix in ld.index for x in walk(ix)):
+        return False
+    env = domain_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset)
+    hi_q = q_offset + -(-Lq // pad_q) * pad_q - 1
+    hi_k = -(-Lk // pad_k) * pad_k - 1
+    env["q"] = (torch.tensor(q_offset, dtype=torch.int64), torch.tensor(hi_q, dtype=torch.int64))
+    env["k"] = (torch.tensor(0, dtype=torch.int64), torch.tensor(hi_k, dtype=torch.int64))
+    try:
+        ev = IntervalEval(env, {})
+        for ld in loads:
+            t = tables[ld.name]
+            sizes = tuple(t.shape[t.dim() - len(ld.index):])
+            for ix, size in zip(ld.index, sizes):
+                lo, hi = ev.int_(ix)
+                if int(lo.min()) < 0 or int(hi.max()) >= size:
+                    return False
+    except Exception:   # an index the interval pass cannot bound: no proof, the kernels clamp
+        return False
+    return True
+
+
 def _table_divisors(score) -> tuple:
     """The divisors of ``score`` that read a float table or a float list and vary with no
     pair (no ``q``, ``k`` or ``s``): ``softcap(cap[h])``'s ``cap[h]``, ``s / temp[h]``'s

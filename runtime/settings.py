@@ -26,6 +26,12 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
                             than the default configuration to replace it
 ``SPATTN_CACHE_DIR``        the kernel cache directory (default ``~/.cache/spattn``)
 ``SPATTN_LAYOUT``           ``auto``, ``off`` or ``on``: token layouts (docs/layouts.md)
+``SPATTN_SCORE_LOAD``       ``pair``, ``early`` or ``gather``: how a score's tables are read in
+                            the kernels (docs/backends.md, Scores)
+``SPATTN_SCORE_INDEX``      ``auto``, ``clamp`` or ``mask``: how a score's table indices
+                            are kept in range (``auto``: unchecked where proven, else clamped)
+``SPATTN_FAST_TANH``        ``auto`` / ``1`` / ``0``: a score's tanh as one
+                            ``tanh.approx.f32`` (``auto``: on CUDA for 16-bit q, k, v)
 ``SPATTN_PROGRESS``         ``auto`` / ``1`` / ``0``: show long plan builds and explain()
                             runs (:func:`progress`; not part of :class:`Settings`)
 ``TRITON_INTERPRET``        ``1``: run the Triton kernels on the CPU (Triton's variable)
@@ -54,7 +60,8 @@ VARIABLES = (
     "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES",
     "SPATTN_TMA", "SPATTN_TABLES", "SPATTN_AUTOTUNE", "SPATTN_TUNE_REPS",
     "SPATTN_TUNE_MARGIN", "SPATTN_CACHE_DIR",
-    "SPATTN_LAYOUT", "TRITON_INTERPRET",
+    "SPATTN_LAYOUT", "SPATTN_SCORE_LOAD", "SPATTN_SCORE_INDEX", "SPATTN_FAST_TANH",
+    "TRITON_INTERPRET",
 )
 
 #: The autotuner's defaults: re-timing rounds of its finalists, and the fraction by which a
@@ -67,6 +74,8 @@ _FWD_LOOPS = ("split", "fused", "persistent")
 _BWD_LOOPS = ("split", "fused")
 _TABLES = ("auto", "csr", "spans")
 _LAYOUTS = ("auto", "off", "on")
+_SCORE_LOADS = ("pair", "early", "gather")
+_SCORE_INDEX = ("auto", "clamp", "mask")
 
 #: ``os.environ``'s own dict (bytes names and values) where it has one: POSIX CPython, whose
 #: ``os.environ[...] = ...``, ``del`` and ``putenv`` through the mapping all update it.
@@ -113,6 +122,9 @@ class Settings:
     cache_dir: str | None = None
     interpret: bool = False
     layout: str = "auto"
+    score_load: str = "pair"
+    score_index: str = "auto"
+    fast_tanh: bool | None = None
 
     def __hash__(self):
         return hash(self.raw)
@@ -238,6 +250,11 @@ def parse(raw: tuple) -> Settings:
         cache_dir=env["SPATTN_CACHE_DIR"] or None,
         interpret=interp not in (None, "", "0"),
         layout=_choice("SPATTN_LAYOUT", env["SPATTN_LAYOUT"], _LAYOUTS) or "auto",
+        score_load=_choice("SPATTN_SCORE_LOAD", env["SPATTN_SCORE_LOAD"],
+                           _SCORE_LOADS) or "pair",
+        score_index=_choice("SPATTN_SCORE_INDEX", env["SPATTN_SCORE_INDEX"],
+                            _SCORE_INDEX) or "auto",
+        fast_tanh=_flag("SPATTN_FAST_TANH", env["SPATTN_FAST_TANH"], auto=True),
     )
 
 

@@ -62,7 +62,12 @@ FP32_TINY = 2.0 ** -126
 
 OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
                 "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables", "tma",
-                "int64")
+                "int64", "score_load", "score_index", "fast_tanh")
+
+#: The smallest tile: a score's index proof at this grain is necessary for any tiling (the
+#: tiles are powers of two, so larger ones pad further); a stage proves again with its own
+#: tiles once they are known (:func:`_checked_free`).
+SCORE_PROOF_TILE = 16
 
 #: TMA by default (``SPATTN_TMA`` unset or ``auto``) on CUDA, per kernel kind.
 TMA_AUTO = {"fwd": True, "bwd": False}
@@ -205,10 +210,60 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
     opts["tables"] = choice(opts.get("tables"), "tables", TABLE_MODES,
                             default=call.settings.tables)
     q, k = tensors[0], tensors[1]
+    if getattr(call.pattern, "score", None) is not None:
+        _score_options(call, opts, q.dtype)
     return _tune.tuned_options(
         call.pattern, kind, head_dim=q.shape[-1], dtype=q.dtype, device=q.device,
         Lq=q.shape[2], Lk=k.shape[2], BH=q.shape[0] * q.shape[1], options=opts, run=run,
         compile_only=compile_only, settings=call.settings, rows=lambda: rows_bucket(call))
+
+
+def _score_options(call, opts: dict, dtype) -> None:
+    """A score's kernel flags (``codegen.config.SCORE_LOADS``, ``SCORE_INDEX``, fast tanh)
+    from the options, else the settings: ``score_index`` "auto" is "free" where
+    :func:`spattn.runtime.scores.indices_in_range` may prove every computed index in range
+    (it does for tiles of :data:`SCORE_PROOF_TILE`; :func:`_checked_free` decides with the
+    stage's tiles), else "clamp"; ``fast_tanh`` "auto" is on for
+    16-bit q, k, v on CUDA (never under the interpreter, which cannot run inline PTX)."""
+    st = call.settings
+    opts.setdefault("score_load", st.score_load)
+    idx = opts.get("score_index") or st.score_index
+    if idx in ("auto", "free"):
+        proven = _proven(call, SCORE_PROOF_TILE, SCORE_PROOF_TILE)
+        if idx == "free" and not proven:
+            raise SpattnConfigError(
+                "score_index='free' reads the score's tables without a bounds check, but "
+                "their indices are not proven in range over the tiles this call computes "
+                f"(Lq={call.Lq}, Lk={call.Lk}, tables "
+                f"{ {n: tuple(t.shape) for n, t in call.tables.items()} }): use 'clamp'")
+        idx = "free" if proven else "clamp"
+    opts["score_index"] = idx
+    if opts.get("fast_tanh") is None:
+        fast = st.fast_tanh
+        if fast is None:
+            fast = call.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        opts["fast_tanh"] = bool(fast) and not st.interpret
+
+
+def _proven(call, pad_q: int, pad_k: int) -> bool:
+    from .scores import indices_in_range
+    return indices_in_range(call.pattern, call.tables, call.Lq, call.Lk, num_heads=call.H,
+                            batch=call.B, q_offset=call.positions.q_offset, pad_q=pad_q,
+                            pad_k=pad_k)
+
+
+def _checked_free(call, kind: str, D: int, dtype, opts: dict, loaded):
+    """``loaded`` (module, config, closed form), or the same kernel with clamped indices
+    when its indices are not proven in range over its own tiles (every stage, tuning
+    candidates included, passes here: no unchecked load runs without its proof)."""
+    cfg = loaded[1]
+    if cfg.score_index != "free":
+        return loaded
+    pad_q = max(cfg.block_m, cfg.block_m2)          # (block_m2 / n2: 0 in a forward config)
+    pad_k = max(cfg.block_n, cfg.block_n2)
+    if _proven(call, pad_q, pad_k):
+        return loaded
+    return _load(call, kind, D, dtype, {**opts, "score_index": "clamp"})
 
 
 def rows_bucket(call) -> int:
@@ -451,7 +506,7 @@ def _smaller(kind: str, cfg) -> dict | None:
 def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
-    mod, cfg, cf = _load(call, "fwd", D, q.dtype, opts)
+    mod, cfg, cf = _checked_free(call, "fwd", D, q.dtype, opts, _load(call, "fwd", D, q.dtype, opts))
     bm, bn = cfg.block_m, cfg.block_n
     nq = -(-Lq // bm)
     q_offset = call.positions.q_offset
@@ -621,7 +676,7 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
     HK, Lk = k.shape[1], k.shape[2]
     G = H // HK
     dev = q.device
-    mod, cfg, cf = _load(call, "bwd", D, q.dtype, opts)
+    mod, cfg, cf = _checked_free(call, "bwd", D, q.dtype, opts, _load(call, "bwd", D, q.dtype, opts))
     m1, n1 = cfg.block_m, cfg.block_n          # dK/dV: BLOCK_M1 queries per step, BLOCK_N1 keys
     m2, n2 = cfg.block_m2, cfg.block_n2        # dQ: BLOCK_M2 queries, BLOCK_N2 keys per step
     nq2, nk1 = -(-Lq // m2), -(-Lk // n1)

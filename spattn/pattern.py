@@ -24,7 +24,8 @@ from .runtime.decode import decode as _decode, fast_step as _fast_step
 from .runtime.usage import warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
-                  "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma")
+                  "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma",
+                  "score_load", "score_index", "fast_tanh")
 
 
 class Pattern(CompiledPattern):
@@ -205,7 +206,8 @@ class Pattern(CompiledPattern):
         fwd, bwd). ``options`` (all optional): ``head_dim`` (16..256, default 128),
         ``dtype`` (default bf16), ``strategy``, ``block_m``, ``block_n``, ``num_warps``,
         ``num_stages``, the backward's ``block_m1``, ``block_n1``, ``block_m2``,
-        ``block_n2``, ``loop``, ``tma``.
+        ``block_n2``, ``loop``, ``tma``, and with a score ``score_load``, ``score_index``,
+        ``fast_tanh`` (docs/backends.md, Scores).
         """
         if args and isinstance(args[0], torch.Tensor):
             if len(args) != 3:

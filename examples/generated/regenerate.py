@@ -3,7 +3,8 @@
     python examples/generated/regenerate.py
 
 Writes the forward kernels of three patterns and the backward kernels of the
-first, the forward and backward kernels of a pattern with a score, exactly as the kernel cache would (GPU defaults: bf16, head dim 128),
+first, the forward and backward kernels of a pattern with a score (with the score flags a
+bf16 call on CUDA gets), exactly as the kernel cache would (GPU defaults: bf16, head dim 128),
 into this folder; and the first one's forward once more as the autotuner picks it on
 an H200 (64 x 64 tiles, fused loop) with the TMA loads that Hopper gets by default; and the
 decode modules (split-K kernel + combine, ``docs/decode.md``) of the first pattern (closed
@@ -53,10 +54,12 @@ EXAMPLES = [
      "table", None, ("fwd",), {}),
     (STREAMING, "ranges", streaming_cf(1024, 4), ("fwd",),
      dict(block_m=64, block_n=64, num_warps=4, num_stages=3, loop="fused", tma=True)),
-    # a score: Gemma-2 soft-capping and a learnable relative bias (docs/language.md §13)
+    # a score: Gemma-2 soft-capping and a learnable relative bias (docs/language.md §13),
+    # with the flags the runtime picks for a bf16 call on CUDA: tanh.approx.f32, and table
+    # loads without a bounds check (the pattern clamps the index: proven in range)
     (spattn.compile("input rel\npattern softcap_bias = causal & window(1024) "
                     "score softcap(30.0) + rel[h, clamp(q - k, 0, 1023)]"), "ranges", None,
-     ("fwd", "bwd"), {}),
+     ("fwd", "bwd"), dict(score_index="free", fast_tanh=True)),
 ]
 
 #: decode modules (split-K kernel + combine): a closed form, and a scanned pattern

@@ -121,3 +121,19 @@ def test_functional_takes_deterministic_as_a_call_does():
     torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got.double(), torch.autograd.grad(ro.sum(), r)[0], atol=1e-4,
                                rtol=1e-3)
+
+
+@pytest.mark.interpreter
+def test_score_variants_benchmark_dry_run(capsys):
+    """benchmarks/score_variants.py's CPU mode: each variant's plan has its flags and agrees
+    with the float64 reference (output and gradients)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import score_variants
+    code = score_variants.main(["--dry", "--n", "40", "--cases", "causal+softcap(30),nbhd2d+rpb"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.splitlines()[0].startswith("| case |")
+    assert "| nbhd2d+rpb | auto-early | early/free/sigmoid |" in out
+    assert "| nbhd2d+rpb | mask-pair | pair/mask/sigmoid |" in out

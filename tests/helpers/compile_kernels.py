@@ -87,6 +87,19 @@ CASES = [
     ("input rel\npattern rel_bias = causal & window(256) "
      "score softcap(30.0) + rel[h, clamp(q - k, 0, 255)]",
      {"strategy": "ranges", "loop": "persistent"}, ()),
+    # the score flags: loads before the dot, unchecked / clamped indices, tanh.approx.f32
+    ("input rel\npattern rel_bias = causal & window(256) "
+     "score softcap(30.0) + rel[h, clamp(q - k, 0, 255)]",
+     {"strategy": "ranges", "score_load": "early", "score_index": "free", "fast_tanh": True},
+     ()),
+    ("input rel\npattern rel_bias = causal & window(256) "
+     "score softcap(30.0) + rel[h, clamp(q - k, 0, 255)]",
+     {"strategy": "ranges", "score_load": "gather", "score_index": "free", "block_m": 64,
+      "block_n": 64}, ()),                     # (the gather's shapes are the config's tiles)
+    ("input rpb\npattern rpb2d = abs(q // 64 - k // 64) <= 3 & abs(q % 64 - k % 64) <= 3 "
+     "score softcap(20.0) + rpb[h, q // 64 - k // 64 + 255, q % 64 - k % 64 + 63]",
+     {"strategy": "table", "loop": "fused", "score_load": "early", "score_index": "clamp",
+      "fast_tanh": True}, ()),
     ("pattern alibi_slopes = causal score alibi(alibi_slope) + float(Lq) * 1e-9",
      {"strategy": "ranges"}, ("H", "Lq")),
     ("input temp\npattern temperature = causal score s * temp[h] + abs(s) * 0.5",
