@@ -255,8 +255,7 @@ class BoundLaunch:
     def __call__(self, *head) -> bool:
         """Launch with ``head`` as the leading (per-call) arguments; False (nothing done)
         when the current device is not the one the kernel was launched on."""
-        from triton import knobs
-        from triton.runtime import driver
+        runtime, driver = _TRITON_RUNTIME or _triton_runtime()
         active = driver.active
         if active.get_current_device() != self.device:
             return False
@@ -264,7 +263,7 @@ class BoundLaunch:
         stream = active.get_current_stream(self.device)
         args = head + self.values[len(head):]
         g = self.grid
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
         if enter.calls or leave.calls:         # a profiler listens: what Triton's launch passes
             c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata,
                   c.launch_metadata(g, stream, *args), enter, leave, *args)
@@ -272,6 +271,19 @@ class BoundLaunch:
             c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, None, None, None,
                   *args)
         return True
+
+
+#: ``(triton.knobs.runtime, triton.runtime.driver)``, imported at the first bound launch
+#: (an import statement costs ~1 us per launch).
+_TRITON_RUNTIME = None
+
+
+def _triton_runtime():
+    global _TRITON_RUNTIME
+    from triton import knobs
+    from triton.runtime import driver
+    _TRITON_RUNTIME = (knobs.runtime, driver)
+    return _TRITON_RUNTIME
 
 
 #: Bound launches a stage with a score keeps, one per specialisation of its tables.
