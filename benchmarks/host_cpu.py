@@ -9,7 +9,7 @@ launch (the bound launch's few microseconds) and whatever the device does.
 
 Per pattern (causal, window(256), documents) at B = 1, H = 16, N = 1024, D = 128, fp16
 (fp16: bf16 calls are upcast to fp32 under the interpreter, a copy a GPU call does not
-make), the median microseconds per call of
+make), the microseconds per call (the fastest of 15 rounds) of
 
 * ``fwd``: ``pat(q, k, v)`` under ``torch.no_grad`` (the plan from the plan cache),
 * ``fwd plan``: ``pat(q, k, v, plan=plan)``,
@@ -33,7 +33,6 @@ import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import json  # noqa: E402
 import pstats  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -80,15 +79,18 @@ def _noop(*args, **kwargs):
     return None
 
 
-def per_call_us(fn, calls, rounds=5):
+def per_call_us(fn, calls, rounds=15):
+    """The fastest of ``rounds`` rounds of ``calls // rounds`` calls (the machine's other
+    load only ever adds time)."""
     fn()
+    n = max(1, calls // rounds)
     out = []
     for _ in range(rounds):
         t = time.perf_counter_ns()
-        for _ in range(calls):
+        for _ in range(n):
             fn()
-        out.append((time.perf_counter_ns() - t) / calls / 1e3)
-    return statistics.median(out)
+        out.append((time.perf_counter_ns() - t) / n / 1e3)
+    return min(out)
 
 
 def layer_us(fn, calls) -> dict:
@@ -157,7 +159,7 @@ def main(argv=None):
             r["us"][key] = per_call_us(fn, a.calls)
             r["layers"][key] = layer_us(fn, max(200, a.calls // 4))
     keys = list(next(iter(results.values()))["us"])
-    print("host only, CPU, kernel launches stubbed: us per call (median of 5 rounds)")
+    print("host only, CPU, kernel launches stubbed: us per call (fastest of 15 rounds)")
     print("| pattern | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for name, r in results.items():

@@ -80,6 +80,8 @@ def tma_ok(*tensors) -> bool:
             return False
         if any(s <= 0 or (s * t.element_size()) % 16 for s in t.stride()[:-1]):
             return False
+        if (t.shape[-1] * t.element_size()) % 16:   # the outputs: contiguous, rows of D
+            return False
     return True
 
 
@@ -102,9 +104,36 @@ def tma_choice(want, kind: str, device, settings, *tensors) -> bool:
 
 
 def _desc(t, rows: int, block_d: int):
-    """A TMA descriptor over ``t`` [B, heads, L, D] with block [1, 1, rows, block_d]."""
+    """A TMA descriptor over ``t`` [B, heads, L, D] with block [1, 1, rows, block_d].
+
+    Made without ``TensorDescriptor``'s own checks (a third of a launch's host time on
+    the GPU): the stage chose TMA only for tensors that pass them (:func:`tma_ok`, a
+    power-of-two block), and every call's tensors are laid out, typed and aligned as
+    those (the plan's check, or the signature of a pattern's last call); the outputs are
+    fresh contiguous tensors of those shapes."""
+    cls, fast = _TENSOR_DESCRIPTOR or _descriptor_class()
+    if not fast:
+        return cls(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
+    d = cls.__new__(cls)
+    d.__dict__.update(base=t, shape=list(t.shape), strides=list(t.stride()),
+                      block_shape=[1, 1, rows, block_d], padding="zero")
+    return d
+
+
+#: ``(TensorDescriptor, whether its fields are the five this module fills)``.
+_TENSOR_DESCRIPTOR = None
+_DESCRIPTOR_FIELDS = ["base", "shape", "strides", "block_shape", "padding"]
+
+
+def _descriptor_class():
+    global _TENSOR_DESCRIPTOR
+    import dataclasses
     from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
+    fast = dataclasses.is_dataclass(TensorDescriptor) and not hasattr(
+        TensorDescriptor, "__slots__") and [f.name for f in dataclasses.fields(
+            TensorDescriptor)] == _DESCRIPTOR_FIELDS
+    _TENSOR_DESCRIPTOR = (TensorDescriptor, fast)
+    return _TENSOR_DESCRIPTOR
 
 
 def _scale_log2(scale: float) -> float:
