@@ -30,6 +30,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import cProfile  # noqa: E402
 import json  # noqa: E402
 import pstats  # noqa: E402
@@ -45,6 +46,7 @@ LAYERS = {
     "Pattern.__call__ (all)": [("spattn/pattern.py", "__call__")],
     "decode fast-step probe": [("runtime/decode.py", "fast_step")],
     "argument checks": [("runtime/api.py", "_checked"), ("runtime/api.py", "_check_plan")],
+    "last-call signature": [("runtime/api.py", "_signature")],
     "plan lookup (key + get)": [("runtime/plan.py", "get"), ("runtime/plan.py", "lookup")],
     "  of which the key": [("runtime/plan.py", "key")],
     "autograd.Function apply": [("function.py", "apply")],
@@ -65,14 +67,20 @@ def doc_ids(N, ndocs=12, seed=0):
     return torch.bucketize(torch.arange(N), cuts, right=True)
 
 
+@contextlib.contextmanager
 def stub_launches():
-    """Replace the interpreted kernels' launch by a no-op (returns None, as a launch under
-    the interpreter does)."""
+    """Within it, the interpreted kernels' launch is a no-op (returns None, as a launch
+    under the interpreter does)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     def getitem(self, grid):
         return _noop
+    real = InterpretedFunction.__getitem__
     InterpretedFunction.__getitem__ = getitem
+    try:
+        yield
+    finally:
+        InterpretedFunction.__getitem__ = real
 
 
 def _noop(*args, **kwargs):
@@ -112,6 +120,45 @@ def layer_us(fn, calls) -> dict:
     return res
 
 
+def layer_steps(name, N=1024, B=1, H=16, D=128, dtype=torch.float16) -> dict:
+    """Each layer of a call on its own, as a call of the same arguments runs it (a layer
+    the code at hand does not have is left out): name -> a function of no arguments."""
+    from spattn.runtime import api, settings, triton_backend as tb
+    from spattn.runtime.plan import PLANS
+    src, params = SOURCES[name]
+    pat = spattn.compile(src, backend="triton", **params)
+    ins = {"doc": doc_ids(N)} if "doc" in src else {}
+    q, k, v = (torch.randn(B, H, N, D).to(dtype) for _ in range(3))
+    with torch.no_grad():
+        pat(q, k, v, **ins)
+    plan = pat.plan(q, k, v, backward=True, **ins)
+    stage = plan.forward_stage
+    o = torch.empty_like(q)
+    bstage = plan.backward_stage(q, k, v, o, o)
+    lse = torch.empty(q.shape[:3])
+    scale = D ** -0.5
+    steps = {
+        "settings (environment read)": settings.current,
+        "argument checks (_checked)": lambda: api._checked(pat, q, k, v, None, None, ins,
+                                                           None, None),
+        "plan cache key": lambda: PLANS.key(pat, "triton", q, k, v, scale, 0, ins,
+                                            settings.current()),
+        "plan cache lookup (key + get)": lambda: PLANS.get(pat, "triton", q, k, v,
+                                                           scale=scale, q_offset=0,
+                                                           inputs=ins),
+        "plan= check (_check_plan)": lambda: api._check_plan(plan, pat, q, k, v, None, None,
+                                                             {}),
+        "fwd outputs (+ descriptors)": lambda: tb._fwd_tensors(stage, q, k, v),
+        "fwd launch path (run_fwd)": lambda: tb.run_fwd(stage, q, k, v),
+        "bwd buffers (+ descriptors)": lambda: tb._bwd_tensors(bstage, q, k, v, o, lse, o),
+        "bwd launch path (run_bwd)": lambda: tb.run_bwd(bstage, q, k, v, o, lse, o),
+    }
+    if hasattr(api, "_signature"):
+        steps["last-call signature (_signature)"] = lambda: api._signature(
+            pat, q, k, v, None, None, ins, None, None)
+    return steps
+
+
 def cases(name, N=1024, B=1, H=16, D=128, dtype=torch.float16):
     src, params = SOURCES[name]
     pat = spattn.compile(src, backend="triton", **params)
@@ -147,23 +194,52 @@ def main(argv=None):
     ap.add_argument("--patterns", nargs="*", default=list(SOURCES))
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    tma_before = os.environ.get("SPATTN_TMA")
     if a.tma:
         os.environ["SPATTN_TMA"] = "1"
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    stub_launches()
+    try:
+        with stub_launches():
+            results = measure(a)
+    finally:
+        torch.set_num_threads(threads)
+        if a.tma and tma_before is None:
+            os.environ.pop("SPATTN_TMA", None)
+        elif a.tma:
+            os.environ["SPATTN_TMA"] = tma_before
+    report(results, a.out)
+    return results
+
+
+def measure(a) -> dict:
     results = {}
     for name in a.patterns:
         fns = cases(name, N=a.n)
-        r = results[name] = {"us": {}, "layers": {}}
+        r = results[name] = {"us": {}, "layers": {}, "steps": {}}
         for key, fn in fns.items():
             r["us"][key] = per_call_us(fn, a.calls)
             r["layers"][key] = layer_us(fn, max(200, a.calls // 4))
+        for key, fn in layer_steps(name, N=a.n).items():
+            r["steps"][key] = per_call_us(fn, a.calls)
+    return results
+
+
+def report(results: dict, out) -> None:
     keys = list(next(iter(results.values()))["us"])
     print("host only, CPU, kernel launches stubbed: us per call (fastest of 15 rounds)")
     print("| pattern | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for name, r in results.items():
         print(f"| {name} | " + " | ".join(f"{r['us'][k]:.1f}" for k in keys) + " |")
+    steps = sorted({s for r in results.values() for s in r["steps"]})
+    print("\neach layer alone: us per call (fastest of 15 rounds)")
+    print("| layer | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for step in steps:
+        print(f"| {step} | " + " | ".join(
+            f"{r['steps'][step]:.1f}" if step in r["steps"] else "-"
+            for r in results.values()) + " |")
     for name, r in results.items():
         print(f"\n{name}: per-call us by layer (cProfile, inflated)")
         print("| layer | " + " | ".join(keys) + " |")
@@ -171,11 +247,10 @@ def main(argv=None):
         for layer in LAYERS:
             print(f"| {layer} | " + " | ".join(f"{r['layers'][k][layer]:.1f}" for k in keys)
                   + " |")
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "host_cpu.json"), "w") as f:
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "host_cpu.json"), "w") as f:
             json.dump(results, f, indent=1)
-    return results
 
 
 if __name__ == "__main__":
