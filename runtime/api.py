@@ -5,6 +5,8 @@ through autograd.
 ``spattn.attention`` (``spattn/functional.py``) in :func:`call` or, under
 ``torch.compile``, :func:`call_op`. A call with ``plan=`` skips the validation: it only
 checks that the tensors are laid out as the plan's (:meth:`~spattn.runtime.plan.Plan.check`).
+A call without one whose arguments match its pattern's last call (:func:`_signature`)
+skips the validation and the plan lookup too, and runs that call's plan.
 
 Argument rules (each violation is a :class:`SpattnInputError` that names the
 argument and its shape, or a :class:`SpattnValueError` for scalars):

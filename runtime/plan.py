@@ -14,7 +14,9 @@ A call without a plan goes through :data:`PLANS`, one bounded, thread-safe LRU c
 plans keyed by what a plan depends on: the pattern, the tensors' shapes, strides, dtype,
 device and 16-byte alignment, the scale, the positions, the runtime inputs by identity and
 version (an in-place write to an input is a new key), the settings' raw strings and the
-autotuner's generation. It holds :data:`PLANS_SIZE` plans.
+autotuner's generation. It holds :data:`PLANS_SIZE` plans. Before it, each pattern
+remembers its last call's plan under a signature of cheap attributes
+(:func:`spattn.runtime.api._signature`; docs/caching.md).
 """
 from __future__ import annotations
 
