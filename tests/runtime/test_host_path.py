@@ -211,3 +211,53 @@ def test_the_settings_read_sees_every_change(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         settings.current()
+
+
+# ----------------------------------------------------------------- property: call sequences
+
+from hypothesis import example, given, settings as hsettings, strategies as st  # noqa: E402
+
+STEPS = ("same", "new-values", "write-doc", "new-doc", "scale", "offset", "strided",
+         "length", "clear")
+
+
+@hsettings(max_examples=30)
+@given(st.lists(st.sampled_from(STEPS), min_size=1, max_size=6), st.integers(0, 2**16))
+@example(["write-doc", "write-doc"], 0)
+@example(["scale", "same", "offset", "same"], 1)
+def test_any_call_sequence_gives_each_calls_answer(steps, seed):
+    """A sequence of calls of one pattern, each changing something (or nothing) since the
+    last: every output is the dense reference of that call's own arguments, whichever of
+    them the memo served (the torch backend: the memo is the call path's, not a
+    backend's)."""
+    pat = spattn.compile("causal & same(doc) & window(W)", backend="torch", W=12)
+    g = torch.Generator().manual_seed(seed)
+    L = 24
+    q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+    doc = torch.randint(0, 3, (L + 4,), generator=g).sort().values  # room for an offset
+    kw = {}
+    for step in ["same"] + steps:
+        if step == "new-values":
+            q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+        elif step == "write-doc":
+            doc[int(torch.randint(0, L, (1,), generator=g))] = 5
+        elif step == "new-doc":
+            doc = torch.randint(0, 3, (L + 4,), generator=g).sort().values
+        elif step == "scale":
+            kw["scale"] = float(torch.rand((), generator=g)) + 0.05
+        elif step == "offset":
+            kw["q_offset"] = int(torch.randint(0, 5, (), generator=g))
+        elif step == "strided":
+            q, k, v = (torch.randn(1, L, 2, 16, generator=g).transpose(1, 2)
+                       for _ in range(3))
+        elif step == "length":
+            L = 20 if L == 24 else 24
+            q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+            doc = torch.randint(0, 3, (L + 4,), generator=g).sort().values
+        elif step == "clear":
+            PLANS.clear()
+        out = pat(q, k, v, doc=doc, **kw)
+        mask = pat.mask(L, L, num_heads=2, q_offset=kw.get("q_offset"), doc=doc)
+        ref, _ = attention_reference(q.double(), k.double(), v.double(), mask,
+                                     scale=kw.get("scale"))
+        assert torch.allclose(out.double(), ref, atol=1e-5), step
