@@ -29,7 +29,7 @@ class CompiledPattern:
     equality, hashing and ``source`` are the mask's (docs/language.md, grids)."""
 
     __slots__ = ("ir", "name", "params", "inputs", "source", "backend", "grid", "grid_offset",
-                 "grid_suffix", "score", "score_inputs", "op_key")
+                 "grid_suffix", "score", "score_inputs", "op_key", "_last")
 
     def __init__(self, ir, *, name: str = "pattern", params: dict | None = None,
                  inputs: dict | None = None, backend: str = "auto",
@@ -39,6 +39,7 @@ class CompiledPattern:
             raise SpattnParamError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                                    f"got {backend!r}")
         self.ir = ir
+        self._last = None   # the last call's checked arguments and plan (runtime.api)
         self.name = name
         self.params = dict(params or {})
         self.inputs = dict(inputs or {})
@@ -83,6 +84,16 @@ class CompiledPattern:
     def all_inputs(self) -> dict:
         """Every runtime input a call passes: the mask's (int) and the score's (float)."""
         return {**self.inputs, **self.score_inputs}
+
+    def __getstate__(self):
+        """The slots but the last call's memo (a plan: tensors and kernels, not data)."""
+        return None, {n: getattr(self, n) for n in CompiledPattern.__slots__
+                      if n != "_last" and hasattr(self, n)}
+
+    def __setstate__(self, state):
+        for n, value in state[1].items():
+            object.__setattr__(self, n, value)
+        self._last = None
 
     def __eq__(self, other):
         return (isinstance(other, CompiledPattern) and self.ir == other.ir

@@ -5,6 +5,8 @@ through autograd.
 ``spattn.attention`` (``spattn/functional.py``) in :func:`call` or, under
 ``torch.compile``, :func:`call_op`. A call with ``plan=`` skips the validation: it only
 checks that the tensors are laid out as the plan's (:meth:`~spattn.runtime.plan.Plan.check`).
+A call without one whose arguments match its pattern's last call (:func:`_signature`)
+skips the validation and the plan lookup too, and runs that call's plan.
 
 Argument rules (each violation is a :class:`SpattnInputError` that names the
 argument and its shape, or a :class:`SpattnValueError` for scalars):
@@ -66,6 +68,8 @@ from . import autograd as _ag
 from . import decode as _decode
 from . import usage as _usage
 from .plan import PLANS, Plan, build_plan, permutation
+from . import settings as _settings
+from . import tune as _tune
 from .settings import getenv
 from ..ir.inputs import validate_inputs
 
@@ -478,27 +482,89 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         out = call_op(pattern.op_key, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
         return _usage.output(layout, out, return_lse)
-    # few queries, many keys: docs/decode.md
-    if plan is None and order is None and _decode.routes(q, k, v, q_offset):
-        out = _decode.call_routed(pattern, q, k, v, scale=scale, return_lse=return_lse,
-                                  q_offset=q_offset, inputs=inputs)
-        if out is not None:
-            return _usage.output(layout, out, return_lse)
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
-        scale, q_offset, ins, order, backend = _checked(pattern, q, k, v, scale, q_offset,
-                                                        inputs, layout, order)
-        _ag.register(pattern)
-        # keyed by the caller's order tensor (identity and version), whatever its int dtype;
-        # its values are checked where the plan is built
-        plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                         inputs=ins, order=order)
+        # (a signature is for more than MAX_DECODE_Q rows: never the decode route)
+        sig = _signature(pattern, q, k, v, scale, q_offset, inputs, layout, order)
+        last = pattern._last
+        if sig is not None and last is not None and last[0] == sig:
+            plan = last[1]          # the same arguments as the last call: checked then
+        else:
+            # few queries, many keys: docs/decode.md
+            if sig is None and order is None and _decode.routes(q, k, v, q_offset):
+                out = _decode.call_routed(pattern, q, k, v, scale=scale,
+                                          return_lse=return_lse, q_offset=q_offset,
+                                          inputs=inputs)
+                if out is not None:
+                    return _usage.output(layout, out, return_lse)
+            plan = _lookup(pattern, q, k, v, scale, q_offset, inputs, layout, order, sig)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
     else:                   # nothing to differentiate: the plan alone (no autograd node)
         o, lse = plan.forward(q, k, v)
     return _usage.output(layout, (o, lse) if return_lse else o, return_lse)
+
+
+def _lookup(pattern, q, k, v, scale, q_offset, inputs, layout, order, sig):
+    """The plan of a call without one: its arguments checked (:func:`_checked`), the plan
+    from :data:`~spattn.runtime.plan.PLANS`; remembered by the pattern as its last call
+    (``pattern._last``) under ``sig`` (:func:`_signature`) when that is not None."""
+    scale, q_offset, ins, order, backend = _checked(pattern, q, k, v, scale, q_offset,
+                                                    inputs, layout, order)
+    _ag.register(pattern)
+    # keyed by the caller's order tensor (identity and version), whatever its int dtype;
+    # its values are checked where the plan is built
+    plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                     inputs=ins, order=order)
+    if sig is not None and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # the entry holds the input tensors: their ids in ``sig`` stay theirs while it lives
+        pattern._last = (sig, plan, tuple(inputs.values()) if inputs else ())
+    return plan
+
+
+_TENSOR, _STRIDED = torch.Tensor, torch.strided
+
+
+def _signature(pattern, q, k, v, scale, q_offset, inputs, layout, order):
+    """What a call without a plan is checked on and its plan chosen by, read from cheap
+    attributes (no tensor operation, no string formatting): q, k and v's shapes, strides,
+    dtypes, devices and joint 16-byte alignment, the scale and offset as given (with their
+    types: ``True`` is not ``1``), the layout, each runtime input's name, identity,
+    version, data pointer, shape, strides, dtype and device, the pattern's backend, the
+    settings (:func:`~spattn.runtime.settings.current`), the autotuner's generation and
+    the plan cache's epoch.
+
+    Two calls with equal signatures pass the same checks and get the same plan from
+    :data:`~spattn.runtime.plan.PLANS` (whose key is a function of the signature), so a
+    call whose signature equals the pattern's last one reuses that call's plan and skips
+    both. None (no memo: the full path every time) where the signature cannot stand for the
+    checks: an ``order``, tensors not of the exact type ``torch.Tensor``, a scale that is a
+    tensor, an input that is not a tensor or is an inference tensor (no version counter),
+    q with few enough rows for the decode route (which reads ``requires_grad`` and the
+    grad mode), or q that the layout warning would warn about (it warns at every call)."""
+    if order is not None or type(q) is not _TENSOR or type(k) is not _TENSOR \
+            or type(v) is not _TENSOR or isinstance(scale, _TENSOR):
+        return None
+    try:
+        qs = q.shape
+        if len(qs) != 4 or qs[2] <= _decode.MAX_DECODE_Q or (
+                layout is None and qs[1] > _usage.MAX_HEADS):
+            return None
+        sig = [qs, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype,
+               v.dtype, q.device, k.device, v.device, q.layout, k.layout, v.layout,
+               (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 == 0,
+               type(scale), scale, type(q_offset), q_offset, layout, pattern.backend,
+               _settings.current(), _tune.generation(), PLANS.epoch]
+        if inputs:
+            for name, t in inputs.items():
+                if type(t) is not _TENSOR:
+                    return None
+                sig += (name, id(t), t._version, t.data_ptr(), t.shape, t.stride(), t.dtype,
+                        t.device, t.layout)
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return None          # sparse, nested, inference tensors: the full path says what
+    return tuple(sig)
 
 
 def _check_order_call(pattern, plan) -> None:

@@ -14,7 +14,9 @@ A call without a plan goes through :data:`PLANS`, one bounded, thread-safe LRU c
 plans keyed by what a plan depends on: the pattern, the tensors' shapes, strides, dtype,
 device and 16-byte alignment, the scale, the positions, the runtime inputs by identity and
 version (an in-place write to an input is a new key), the settings' raw strings and the
-autotuner's generation. It holds :data:`PLANS_SIZE` plans.
+autotuner's generation. It holds :data:`PLANS_SIZE` plans. Before it, each pattern
+remembers its last call's plan under a signature of cheap attributes
+(:func:`spattn.runtime.api._signature`; docs/caching.md).
 """
 from __future__ import annotations
 
@@ -117,7 +119,11 @@ def _layout(*tensors) -> tuple:
 
 
 def _aligned(*tensors) -> bool:
-    return all(t.data_ptr() % 16 == 0 for t in tensors)
+    """Every tensor's data starts at a 16-byte boundary."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return bits & 15 == 0
 
 
 class Plan:
@@ -161,9 +167,12 @@ class Plan:
     # -- use ------------------------------------------------------------------------
     def check(self, q, k, v) -> None:
         """Raise :class:`SpattnInputError` unless q, k, v are laid out as this plan's."""
-        if (q.dtype is not self.dtype or q.device != self.device
-                or _layout(q, k, v) != self.layout or k.dtype is not self.dtype
-                or v.dtype is not self.dtype):
+        (sq, tq), (sk, tk), (sv, tv) = self.layout
+        if (q.dtype is not self.dtype or k.dtype is not self.dtype
+                or v.dtype is not self.dtype or q.shape != sq or k.shape != sk
+                or v.shape != sv or q.stride() != tq or k.stride() != tk or v.stride() != tv
+                or q.device != self.device or k.device != self.device
+                or v.device != self.device):
             got = ", ".join(f"{n} {tuple(t.shape)} strides {t.stride()} {t.dtype} {t.device}"
                             for n, t in (("q", q), ("k", k), ("v", v)))
             want = ", ".join(f"{n} {s} strides {st}" for n, (s, st) in zip("qkv", self.layout))
@@ -198,8 +207,7 @@ class Plan:
             return torch_backend.fwd(self.pattern, q, k, v, scale=c.scale,
                                      q_offset=c.positions.q_offset, inputs=c.inputs,
                                      plan=self.forward_stage)
-        from . import triton_backend
-        return triton_backend.run_fwd(self.forward_stage, q, k, v)
+        return (_TRITON or _triton()).run_fwd(self.forward_stage, q, k, v)
 
     def backward_stage(self, q, k, v, o, do):
         """The backward stage for gradients laid out like ``do`` (and outputs like ``o``),
@@ -238,8 +246,8 @@ class Plan:
             return torch_backend.bwd(self.pattern, q, k, v, o, lse, do, scale=c.scale,
                                      q_offset=c.positions.q_offset, inputs=c.inputs,
                                      dlse=dlse, plan=stage)
-        from . import triton_backend
-        return triton_backend.run_bwd(self.backward_stage(q, k, v, o, do), q, k, v, o, lse, do)
+        return (_TRITON or _triton()).run_bwd(self.backward_stage(q, k, v, o, do), q, k, v, o,
+                                              lse, do)
 
     def __repr__(self) -> str:
         c = self.call
@@ -263,6 +271,18 @@ class Plan:
         if c.analysis is not None and c.analysis.fine:
             lines.append(f"  analysis: {c.analysis!r}")
         return "\n".join(lines)
+
+
+#: ``runtime.triton_backend``, imported at the first use (it imports Triton; an import
+#: statement on the per-call path costs about a microsecond).
+_TRITON = None
+
+
+def _triton():
+    global _TRITON
+    from . import triton_backend
+    _TRITON = triton_backend
+    return _TRITON
 
 
 def _unscored(plan) -> None:
@@ -478,6 +498,9 @@ class PlanCache:
         self.size = size
         self._lock = threading.Lock()
         self._plans: OrderedDict = OrderedDict()
+        #: Bumped by :meth:`clear`: part of a pattern's last-call memo (``runtime.api``),
+        #: so that no plan built before a clear is served after it.
+        self.epoch = 0
 
     @staticmethod
     def key(pattern, backend, q, k, v, scale, q_offset, inputs, settings,
@@ -526,6 +549,7 @@ class PlanCache:
     def clear(self) -> None:
         with self._lock:
             self._plans.clear()
+            self.epoch += 1
 
     def __len__(self) -> int:
         return len(self._plans)

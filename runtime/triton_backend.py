@@ -85,6 +85,8 @@ def tma_ok(*tensors) -> bool:
             return False
         if any(s <= 0 or (s * t.element_size()) % 16 for s in t.stride()[:-1]):
             return False
+        if (t.shape[-1] * t.element_size()) % 16:   # the outputs: contiguous, rows of D
+            return False
     return True
 
 
@@ -107,9 +109,36 @@ def tma_choice(want, kind: str, device, settings, *tensors) -> bool:
 
 
 def _desc(t, rows: int, block_d: int):
-    """A TMA descriptor over ``t`` [B, heads, L, D] with block [1, 1, rows, block_d]."""
+    """A TMA descriptor over ``t`` [B, heads, L, D] with block [1, 1, rows, block_d].
+
+    Made without ``TensorDescriptor``'s own checks (a third of a launch's host time on
+    the GPU): the stage chose TMA only for tensors that pass them (:func:`tma_ok`, a
+    power-of-two block), and every call's tensors are laid out, typed and aligned as
+    those (the plan's check, or the signature of a pattern's last call); the outputs are
+    fresh contiguous tensors of those shapes."""
+    cls, fast = _TENSOR_DESCRIPTOR or _descriptor_class()
+    if not fast:
+        return cls(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
+    d = cls.__new__(cls)
+    d.__dict__.update(base=t, shape=list(t.shape), strides=list(t.stride()),
+                      block_shape=[1, 1, rows, block_d], padding="zero")
+    return d
+
+
+#: ``(TensorDescriptor, whether its fields are the five this module fills)``.
+_TENSOR_DESCRIPTOR = None
+_DESCRIPTOR_FIELDS = ["base", "shape", "strides", "block_shape", "padding"]
+
+
+def _descriptor_class():
+    global _TENSOR_DESCRIPTOR
+    import dataclasses
     from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
+    fast = dataclasses.is_dataclass(TensorDescriptor) and not hasattr(
+        TensorDescriptor, "__slots__") and [f.name for f in dataclasses.fields(
+            TensorDescriptor)] == _DESCRIPTOR_FIELDS
+    _TENSOR_DESCRIPTOR = (TensorDescriptor, fast)
+    return _TENSOR_DESCRIPTOR
 
 
 def _scale_log2(scale: float) -> float:
@@ -310,8 +339,7 @@ class BoundLaunch:
     def __call__(self, *head) -> bool:
         """Launch with ``head`` as the leading (per-call) arguments; False (nothing done)
         when the current device is not the one the kernel was launched on."""
-        from triton import knobs
-        from triton.runtime import driver
+        runtime, driver = _TRITON_RUNTIME or _triton_runtime()
         active = driver.active
         if active.get_current_device() != self.device:
             return False
@@ -319,7 +347,7 @@ class BoundLaunch:
         stream = active.get_current_stream(self.device)
         args = head + self.values[len(head):]
         g = self.grid
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
         if enter.calls or leave.calls:         # a profiler listens: what Triton's launch passes
             c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata,
                   c.launch_metadata(g, stream, *args), enter, leave, *args)
@@ -327,6 +355,19 @@ class BoundLaunch:
             c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, None, None, None,
                   *args)
         return True
+
+
+#: ``(triton.knobs.runtime, triton.runtime.driver)``, imported at the first bound launch
+#: (an import statement costs ~1 us per launch).
+_TRITON_RUNTIME = None
+
+
+def _triton_runtime():
+    global _TRITON_RUNTIME
+    from triton import knobs
+    from triton.runtime import driver
+    _TRITON_RUNTIME = (knobs.runtime, driver)
+    return _TRITON_RUNTIME
 
 
 #: Bound launches a stage with a score keeps, one per specialisation of its tables.

@@ -123,10 +123,38 @@ def _t(*shape, dtype=torch.float32):
     (_t(1, 2, 65, 32).flatten()[4:4 + 2 * 64 * 32].view(1, 2, 64, 32), True),  # base + 16 B
     (_t(1, 2, 65, 32).flatten()[1:1 + 2 * 64 * 32].view(1, 2, 64, 32), False),  # base + 4 B
     (_t(2, 64, 32), False),                                  # not 4-D
+    (_t(1, 2, 64, 40, dtype=torch.float16)[..., :20], False),  # outputs' rows of 40 B
 ], ids=["bf16-contiguous", "blhd-view", "fp16-D36", "D-strided", "D32-of-33", "base+16B",
-        "base+4B", "3-D"])
+        "base+4B", "3-D", "fp16-D20-of-40"])
 def test_tma_ok(t, ok):
     assert tb.tma_ok(t) is ok
+
+
+def test_strided_inputs_whose_outputs_tma_cannot_address(tma):
+    """q, k, v that TMA could read (80-byte rows of a wider tensor) but whose fresh
+    outputs (40-byte rows, D = 20 in fp16) it could not: the pointer kernels run."""
+    import spattn
+    from spattn.runtime.reference import attention_reference
+    pat = spattn.compile("causal & window(13)", backend="triton")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 40, generator=g).half()[..., :20] for _ in range(3))
+    out = pat(q, k, v)
+    ref, _ = attention_reference(q.double(), k.double(), v.double(),
+                                 pat.mask(40, 40, num_heads=2))
+    assert torch.allclose(out.double(), ref, atol=2e-2)
+    assert tma == []
+
+
+def test_descriptors_hold_what_triton_checks():
+    """The launchers' descriptors (made without TensorDescriptor's checks) carry the same
+    fields as TensorDescriptor's own constructor makes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    t = _t(2, 64, 3, 32).transpose(1, 2)
+    d = tb._desc(t, 64, 32)
+    want = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 64, 32])
+    assert type(d) is TensorDescriptor and d.base is t
+    assert (d.shape, d.strides, d.block_shape, d.padding) == (
+        want.shape, want.strides, want.block_shape, want.padding)
 
 
 def test_tma_option_resolution(monkeypatch):

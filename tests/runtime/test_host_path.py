@@ -1,0 +1,263 @@
+"""The host path of a call without a plan: a call whose arguments match the pattern's last
+call (shapes, strides, dtypes, devices, alignment, scale, offset, layout, runtime inputs by
+identity and version, settings, tuning, plan cache) reuses its checks and plan; anything
+else takes the full path, so no call is ever served another call's plan."""
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import spattn
+from spattn import SpattnInputError, SpattnValueError
+from spattn.dsl.errors import SpattnConfigError
+from spattn.runtime import api, tune, usage
+from spattn.runtime.plan import PLANS
+from spattn.runtime.reference import attention_reference
+
+pytestmark = pytest.mark.interpreter
+
+
+def qkv(L=40, H=2, D=16, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, H, L, D, generator=g, **kw) for _ in range(3))
+
+
+def check(pat, out, q, k, v, **inputs):
+    L, H = q.shape[2], q.shape[1]
+    ref, _ = attention_reference(q.double(), k.double(), v.double(),
+                                 pat.mask(L, k.shape[2], num_heads=H, **inputs))
+    assert torch.allclose(out.double(), ref, atol=1e-4)
+
+
+@pytest.fixture
+def no_full_path(monkeypatch):
+    """Make the full path (checks and plan cache) fail: a call that still succeeds was
+    served by the memo."""
+    def refuse(*a, **k):
+        raise AssertionError("the full path ran")
+
+    def arm():
+        monkeypatch.setattr(api, "_checked", refuse)
+    return arm
+
+
+def test_a_repeated_call_reuses_the_last_plan(no_full_path):
+    pat = spattn.compile("causal & window(9)", backend="triton")
+    q, k, v = qkv()
+    check(pat, pat(q, k, v), q, k, v)
+    plan = pat._last[1]
+    no_full_path()
+    q2, k2, v2 = qkv(seed=1)          # new tensors and values, the same layout: a hit
+    check(pat, pat(q2, k2, v2), q2, k2, v2)
+    assert pat._last[1] is plan
+
+
+def test_an_input_written_in_place_is_seen():
+    pat = spattn.compile("causal & same(doc)", backend="triton")
+    q, k, v = qkv()
+    doc = torch.arange(40) // 11
+    check(pat, pat(q, k, v, doc=doc), q, k, v, doc=doc)
+    first = pat._last[1]
+    doc[5:30] = 7                     # same tensor, new values: a new version
+    check(pat, pat(q, k, v, doc=doc), q, k, v, doc=doc)
+    assert pat._last[1] is not first
+    doc2 = doc.clone()                # equal values, another tensor: checked again
+    doc2[0] = 3
+    check(pat, pat(q, k, v, doc=doc2), q, k, v, doc=doc2)
+
+
+def test_an_inference_input_is_never_memoised():
+    pat = spattn.compile("causal & same(doc)", backend="triton")
+    q, k, v = qkv()
+    with torch.inference_mode():
+        doc = torch.arange(40) // 11
+        check(pat, pat(q, k, v, doc=doc), q, k, v, doc=doc)
+        assert pat._last is None
+        doc[5:30] = 7                 # no version counter: keyed by contents in PLANS
+        check(pat, pat(q, k, v, doc=doc), q, k, v, doc=doc)
+
+
+@pytest.mark.parametrize("change", ["shape", "stride", "dtype", "scale", "q_offset",
+                                    "backend"])
+def test_a_changed_argument_takes_the_full_path(change, monkeypatch):
+    pat = spattn.compile("causal & window(9)", backend="triton")
+    q, k, v = qkv()
+    pat(q, k, v)
+    calls = []
+    real = api._checked
+    monkeypatch.setattr(api, "_checked", lambda *a: calls.append(1) or real(*a))
+    kw = {}
+    if change == "shape":
+        q, k, v = qkv(L=48)
+    elif change == "stride":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    elif change == "dtype":
+        q, k, v = (t.double() for t in (q, k, v))
+    elif change == "scale":
+        kw = {"scale": 0.3}
+    elif change == "q_offset":
+        kw = {"q_offset": 3}
+    else:
+        pat.backend = "torch"
+    if change == "dtype":
+        with pytest.raises(SpattnInputError, match="float64"):
+            pat(q, k, v)
+        return
+    out = pat(q, k, v, **kw)
+    assert calls == [1]
+    L = q.shape[2]
+    ref, _ = attention_reference(q.double(), k.double(), v.double(),
+                                 pat.mask(L, L, num_heads=2, q_offset=kw.get("q_offset")),
+                                 scale=kw.get("scale"))
+    assert torch.allclose(out.double(), ref, atol=1e-4)
+
+
+def test_bad_arguments_after_a_good_call_are_refused():
+    pat = spattn.compile("causal & window(9)", backend="triton")
+    q, k, v = qkv()
+    pat(q, k, v, scale=1)
+    with pytest.raises(SpattnValueError, match="scale"):
+        pat(q, k, v, scale=True)                    # equal to 1, not a number
+    pat(q, k, v, q_offset=1)
+    with pytest.raises(SpattnValueError, match="q_offset"):
+        pat(q, k, v, q_offset=True)
+    with pytest.raises(SpattnInputError, match="meta"):
+        pat(q, k.to("meta"), v)
+    with pytest.raises(SpattnInputError):
+        pat(q, k.to_sparse(), v)
+
+
+def test_settings_tuning_and_a_cleared_cache_are_seen(monkeypatch):
+    pat = spattn.compile("causal & window(9)", backend="triton")
+    q, k, v = qkv()
+    pat(q, k, v)
+    first = pat._last[1]
+    full = []
+    real = api._lookup
+    monkeypatch.setattr(api, "_lookup", lambda *a: full.append(1) or real(*a))
+
+    def full_path_runs(step) -> bool:
+        n = len(full)
+        step()
+        pat(q, k, v)
+        return len(full) == n + 1
+    assert not full_path_runs(lambda: None)
+    assert full_path_runs(lambda: monkeypatch.setenv("SPATTN_STRATEGY", "table"))
+    assert pat._last[1].call.settings.strategy == "table"
+    check(pat, pat(q, k, v), q, k, v)
+    monkeypatch.setenv("SPATTN_STRATEGY", "bogus")
+    with pytest.raises(SpattnConfigError, match="SPATTN_STRATEGY"):
+        pat(q, k, v)
+    assert full_path_runs(lambda: monkeypatch.delenv("SPATTN_STRATEGY"))
+    assert pat._last[1] is first                    # the plan cache's, for these settings
+    assert full_path_runs(tune._bump)               # a new tuning choice
+    assert pat._last[1] is not first
+    assert full_path_runs(PLANS.clear)
+    assert not full_path_runs(lambda: None)
+
+
+def test_the_layout_warning_is_given_at_every_call(monkeypatch):
+    monkeypatch.setattr(usage, "MAX_HEADS", 2)
+    pat = spattn.compile("causal", backend="torch")
+    q, k, v = qkv(L=20, H=24)
+    for _ in range(2):
+        with pytest.warns(spattn.SpattnLayoutWarning):
+            pat(q, k, v)
+
+
+def test_forward_and_backward_through_the_memo():
+    pat = spattn.compile("causal & window(9)", backend="triton")
+    for seed in range(2):             # the second call is served by the memo
+        q, k, v = qkv(seed=seed, requires_grad=True)
+        do = torch.randn_like(q)
+        grads = torch.autograd.grad(pat(q, k, v), (q, k, v), do)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = attention_reference(qd, kd, vd, pat.mask(40, 40, num_heads=2))
+        want = torch.autograd.grad(ref, (qd, kd, vd), do.double())
+        for g, w in zip(grads, want):
+            assert torch.allclose(g.double(), w, atol=1e-4)
+
+
+def test_the_memo_is_not_pickled_nor_part_of_equality():
+    pat = spattn.compile("causal & window(9)", backend="triton")
+    q, k, v = qkv()
+    pat(q, k, v)
+    assert pat._last is not None
+    back = pickle.loads(pickle.dumps(pat))
+    assert back._last is None and back == pat and hash(back) == hash(pat)
+
+
+def test_a_plan_refuses_k_or_v_on_another_device():
+    pat = spattn.compile("causal & window(9)", backend="triton")
+    q, k, v = qkv()
+    plan = pat.plan(q, k, v)
+    with pytest.raises(SpattnInputError, match="meta"):
+        pat(q, k.to("meta"), v, plan=plan)
+    with pytest.raises(SpattnInputError, match="meta"):
+        pat(q, k, v.to("meta"), plan=plan)
+
+
+def test_the_settings_read_sees_every_change(monkeypatch):
+    from spattn.runtime import settings
+    s = settings.current()
+    assert settings.current() is s
+    monkeypatch.setenv("SPATTN_TABLES", "csr")
+    assert settings.current().tables == "csr"
+    monkeypatch.setenv("SPATTN_TABLES", "spans")
+    assert settings.current().tables == "spans"
+    monkeypatch.delenv("SPATTN_TABLES")
+    assert settings.current().raw == s.raw
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        settings.current()
+
+
+# ----------------------------------------------------------------- property: call sequences
+
+from hypothesis import example, given, settings as hsettings, strategies as st  # noqa: E402
+
+STEPS = ("same", "new-values", "write-doc", "new-doc", "scale", "offset", "strided",
+         "length", "clear")
+
+
+@hsettings(max_examples=30)
+@given(st.lists(st.sampled_from(STEPS), min_size=1, max_size=6), st.integers(0, 2**16))
+@example(["write-doc", "write-doc"], 0)
+@example(["scale", "same", "offset", "same"], 1)
+def test_any_call_sequence_gives_each_calls_answer(steps, seed):
+    """A sequence of calls of one pattern, each changing something (or nothing) since the
+    last: every output is the dense reference of that call's own arguments, whichever of
+    them the memo served (the torch backend: the memo is the call path's, not a
+    backend's)."""
+    pat = spattn.compile("causal & same(doc) & window(W)", backend="torch", W=12)
+    g = torch.Generator().manual_seed(seed)
+    L = 24
+    q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+    doc = torch.randint(0, 3, (L + 4,), generator=g).sort().values  # room for an offset
+    kw = {}
+    for step in ["same"] + steps:
+        if step == "new-values":
+            q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+        elif step == "write-doc":
+            doc[int(torch.randint(0, L, (1,), generator=g))] = 5
+        elif step == "new-doc":
+            doc = torch.randint(0, 3, (L + 4,), generator=g).sort().values
+        elif step == "scale":
+            kw["scale"] = float(torch.rand((), generator=g)) + 0.05
+        elif step == "offset":
+            kw["q_offset"] = int(torch.randint(0, 5, (), generator=g))
+        elif step == "strided":
+            q, k, v = (torch.randn(1, L, 2, 16, generator=g).transpose(1, 2)
+                       for _ in range(3))
+        elif step == "length":
+            L = 20 if L == 24 else 24
+            q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+            doc = torch.randint(0, 3, (L + 4,), generator=g).sort().values
+        elif step == "clear":
+            PLANS.clear()
+        out = pat(q, k, v, doc=doc, **kw)
+        mask = pat.mask(L, L, num_heads=2, q_offset=kw.get("q_offset"), doc=doc)
+        ref, _ = attention_reference(q.double(), k.double(), v.double(), mask,
+                                     scale=kw.get("scale"))
+        assert torch.allclose(out.double(), ref, atol=1e-5), step
