@@ -119,7 +119,7 @@ def test_the_proof_covers_padded_tiles_and_every_head():
 
 def test_settings_and_options_are_checked(monkeypatch):
     from spattn.runtime import settings
-    for var, bad in (("SPATTN_SCORE_LOAD", "gather"), ("SPATTN_SCORE_INDEX", "free"),
+    for var, bad in (("SPATTN_SCORE_LOAD", "sideways"), ("SPATTN_SCORE_INDEX", "free"),
                      ("SPATTN_FAST_TANH", "maybe")):
         monkeypatch.setenv(var, bad)
         with pytest.raises(SpattnConfigError, match=var):
