@@ -91,6 +91,17 @@ def test_every_variant_matches_the_reference(case, index, load, monkeypatch):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("load", ["early", "gather"])
+def test_far_positions_in_64_bit_kernels(load, monkeypatch):
+    """Positions near 2**40: the slice of a gathered table starts at a 64-bit q - k."""
+    monkeypatch.setenv("SPATTN_SCORE_LOAD", load)
+    p = spattn.compile("k < 20 | q % 3 == k % 3", backend="triton",
+                       score="s + rel[h, clamp(q - k - 1099511627776, 0, 7)]")
+    plan = _run(p, 24, {"rel": (H, 8)}, q_offset=2 ** 40)
+    assert plan.forward_stage.config.int64 and _flags(plan) == (load, "free", False)
+
+
+@pytest.mark.interpreter
 def test_index_from_a_runtime_input_is_clamped():
     """An index read through the mask's input (doc[k]) is never proven: clamped."""
     L = 40
