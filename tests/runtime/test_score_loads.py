@@ -258,8 +258,7 @@ else:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fast", ["0", "1"])
-@pytest.mark.parametrize("load", ["pair", "early", "gather"])
+@pytest.mark.parametrize("load,fast", [("pair", "1"), ("early", "0"), ("gather", "1")])
 def test_variants_on_cuda_bf16(load, fast, monkeypatch):
     """On the GPU: softcap and a 1-D bias (free) and an exact-size table (clamped) with each
     load placement, with and without tanh.approx; bf16 against the float64 reference."""
