@@ -32,6 +32,15 @@ git rev-parse HEAD >> "$OUT/gpu.txt" 2>/dev/null
     > "$OUT/scores.txt" 2> "$OUT/scores.log"
 [ "${T_DECODE:-40}" != 0 ] && timeout "${T_DECODE:-40}" python3 benchmarks/decode.py --quick --rep 20 --out "$OUT" \
     > "$OUT/decode.txt" 2> "$OUT/decode.log"
+# the score variants (table loads, tanh): their GPU tests (about 60 s), then the benchmark
+# against the mask alone; e.g. T_SCORE_VARIANTS=240
+touch "$OUT/score_variants.txt"
+if [ "${T_SCORE_VARIANTS:-0}" != 0 ]; then
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/runtime/test_score_loads.py \
+        >> "$OUT/gpu_tests.log" 2>&1
+    timeout "$(( T_SCORE_VARIANTS - 90 ))" python3 benchmarks/score_variants.py --out "$OUT" \
+        > "$OUT/score_variants.txt" 2> "$OUT/score_variants.log"
+fi
 # documents at 1..1000 documents in 3 fresh processes, tuned (its own empty tuning cache:
 # the first process tunes, the others read the choices); e.g. T_DOCUMENTS=300
 touch "$OUT/documents.txt"
@@ -43,4 +52,4 @@ fi
 touch "$OUT/gpu_tests.log" "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt"
 tar czf "$FINAL/run.tgz" -C /tmp run
 grep -E "passed|failed|error" "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt" \
-    "$OUT/documents.txt"
+    "$OUT/score_variants.txt" "$OUT/documents.txt"

@@ -19,9 +19,9 @@ variants that change their kernels:
 Each variant is a plan built under its settings (``SPATTN_SCORE_LOAD``, ``SPATTN_SCORE_INDEX``,
 ``SPATTN_FAST_TANH``; the plan holds them), checked against the float64 reference on the
 last rows of two heads (output, and unless ``--no-bwd`` q, k, v and table gradients on a
-call of those rows), then timed: forward (and forward+backward) of every variant and of the mask alone
-in alternating rounds, the order flipped every round (``bench.bench_ms``: medians of
-``triton.testing.do_bench``). Autotuning off: the default configurations.
+call of those rows), then timed: forward (and forward+backward) of every variant and of
+the mask alone in alternating rounds, the order flipped every round (``bench.bench_ms``:
+medians of ``triton.testing.do_bench``). Autotuning off: the default configurations.
 
     python benchmarks/score_variants.py --out OUT        # on an H200, < 150 s (estimated)
     python benchmarks/score_variants.py --dry            # CPU interpreter: tiny shapes

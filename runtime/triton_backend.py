@@ -453,7 +453,8 @@ class FwdStage:
         what = f"{c.strategy}" + (f" ({self.tables})" if c.strategy == "table" else "")
         return (f"fwd {self.kernel.__name__}: {what}, tiles {c.block_m}x{c.block_n}, "
                 f"{c.num_warps} warps, {c.num_stages} stages, loop {c.loop}"
-                f"{', TMA' if c.tma else ''}{', int64' if c.int64 else ''}, grid {self.grid}")
+                f"{', TMA' if c.tma else ''}{', int64' if c.int64 else ''}"
+                f"{_score_flags(self.pattern, c)}, grid {self.grid}")
 
 
 def build_fwd(call, q, k, v, options: dict | None = None) -> FwdStage:
@@ -547,7 +548,8 @@ def _smaller(kind: str, cfg) -> dict | None:
 def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
-    mod, cfg, cf = _checked_free(call, "fwd", D, q.dtype, opts, _load(call, "fwd", D, q.dtype, opts))
+    mod, cfg, cf = _checked_free(call, "fwd", D, q.dtype, opts,
+                                 _load(call, "fwd", D, q.dtype, opts))
     bm, bn = cfg.block_m, cfg.block_n
     nq = -(-Lq // bm)
     q_offset = call.positions.q_offset
@@ -691,7 +693,16 @@ class BwdStage:
         return (f"bwd {self.dq_kernel.__name__} + {self.dkdv_kernel.__name__}: {what}, "
                 f"dQ tiles {c.block_m2}x{c.block_n2}, dK/dV tiles {c.block_m}x{c.block_n}, "
                 f"{c.num_warps} warps, {c.num_stages} stages, loop {c.loop}"
-                f"{', TMA' if c.tma else ''}{', int64' if c.int64 else ''}")
+                f"{', TMA' if c.tma else ''}{', int64' if c.int64 else ''}"
+                f"{_score_flags(self.pattern, c)}")
+
+
+def _score_flags(pattern, c) -> str:
+    """A stage's score flags, for its repr (nothing without a score)."""
+    if pattern is None:
+        return ""
+    return (f", score tables {c.score_load}/{c.score_index}"
+            f"{', tanh.approx' if c.fast_tanh else ''}")
 
 
 def build_bwd(call, q, k, v, o, do, options: dict | None = None) -> BwdStage:
@@ -717,7 +728,8 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
     HK, Lk = k.shape[1], k.shape[2]
     G = H // HK
     dev = q.device
-    mod, cfg, cf = _checked_free(call, "bwd", D, q.dtype, opts, _load(call, "bwd", D, q.dtype, opts))
+    mod, cfg, cf = _checked_free(call, "bwd", D, q.dtype, opts,
+                                 _load(call, "bwd", D, q.dtype, opts))
     m1, n1 = cfg.block_m, cfg.block_n          # dK/dV: BLOCK_M1 queries per step, BLOCK_N1 keys
     m2, n2 = cfg.block_m2, cfg.block_n2        # dQ: BLOCK_M2 queries, BLOCK_N2 keys per step
     nq2, nk1 = -(-Lq // m2), -(-Lk // n1)
