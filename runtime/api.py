@@ -523,7 +523,7 @@ def _lookup(pattern, q, k, v, scale, q_offset, inputs, layout, order, sig):
     return plan
 
 
-_TENSOR, _STRIDED = torch.Tensor, torch.strided
+_TENSOR = torch.Tensor
 
 
 def _signature(pattern, q, k, v, scale, q_offset, inputs, layout, order):
