@@ -24,7 +24,7 @@ from typing import Mapping
 COSTS = {
     # benchmarks/calibrate.py on the H200 forwards of commit 3b014d0 (2026-11-22)
     "cuda": dict(full_tile=1.0, partial_tile=0.6976, per_row_tile=6.658, table_tile=0.237,
-                 per_call=3850.0, dense_tile=1.0, gather_token=0.25),
+                 per_call=3850.0, dense_tile=1.0, gather_token=0.09),
     # benchmarks/calibrate.py on the 2-core CPU forwards of commit 278091c (2026-12-02)
     "cpu": dict(full_tile=1.0, partial_tile=2.289, per_row_tile=0.0, table_tile=0.0,
                 per_call=104.8, dense_tile=0.0, sdpa_pair=0.0002444, sdpa_call=87.45,
@@ -32,10 +32,11 @@ COSTS = {
 }
 #: ``gather_token`` (``ir.layout.layout_cost``): a layout's gathers into box order and back
 #: (q, k, v in; o and the lse out) per token and head, in FULL tiles. Measured on the H200
-#: by ``benchmarks/layout_cost.py``: 0.45 ms at 16K tokens and 16 heads (``index_select``
-#: along the sequence, about 1.2 TB/s), 0.22-0.28 of sequence order's cost units per token
-#: on neighbourhoods and dilated windows (0.38 on ``strided(128)``; D cancels: both scale
-#: with it). The CPU's copies are small against its tiles' time: 0.
+#: (``benchmarks/layout_cost.py``): with ``index_select`` the gathers took 0.45 ms at 16K
+#: tokens and 16 heads, 0.22-0.28 of sequence order's cost units per token (0.25); the
+#: row-gather kernel (``runtime/gather_kernel.py``) takes 0.36 of that time at 16K (3.5
+#: against 1.2 TB/s), hence 0.25 x 0.36 = 0.09. D cancels (both sides scale with it). The
+#: CPU's copies are small against its tiles' time: 0.
 #: The tile shape each model was fitted on: the forward's default on the GPU, the CPU plan's.
 TILES = {"cuda": (128, 64), "cpu": (64, 64)}
 TARGETS = tuple(COSTS)
