@@ -78,6 +78,21 @@ def test_an_inference_input_is_never_memoised():
         check(pat, pat(q, k, v, doc=doc), q, k, v, doc=doc)
 
 
+def test_an_offset_changed_in_place_is_seen():
+    """A 0-d numpy array is an integer offset (``__index__``) that equals itself after an
+    in-place write: such an offset is never memoised, so the second call gets its own."""
+    np = pytest.importorskip("numpy")
+    pat = spattn.compile("causal", backend="torch")
+    q, k, v = qkv(L=32)
+    off = np.array(0)
+    pat(q, k, v, q_offset=off)
+    off[()] = 20
+    out = pat(q, k, v, q_offset=off)
+    ref, _ = attention_reference(q.double(), k.double(), v.double(),
+                                 pat.mask(32, 32, num_heads=2, q_offset=20))
+    assert torch.allclose(out.double(), ref, atol=1e-4)
+
+
 @pytest.mark.parametrize("change", ["shape", "stride", "dtype", "scale", "q_offset",
                                     "backend"])
 def test_a_changed_argument_takes_the_full_path(change, monkeypatch):
