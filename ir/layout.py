@@ -597,9 +597,11 @@ class Remap:
 
     @property
     def pays(self) -> bool:
-        """Whether ``SPATTN_LAYOUT=auto`` uses the layout: its predicted cost is at most
-        :data:`MARGIN` of the sequence order's."""
-        return self.cost_layout <= MARGIN * self.cost_sequence
+        """Whether ``SPATTN_LAYOUT=auto`` uses the layout (:func:`choose` without ``force``):
+        its computed pairs and its predicted cost are each at most :data:`MARGIN` of the
+        sequence order's."""
+        return (self.computed_layout <= MARGIN * self.computed_sequence
+                and self.cost_layout <= MARGIN * self.cost_sequence)
 
     @property
     def fraction_sequence(self) -> Optional[float]:
