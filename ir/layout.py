@@ -597,9 +597,11 @@ class Remap:
 
     @property
     def pays(self) -> bool:
-        """Whether ``SPATTN_LAYOUT=auto`` uses the layout: its predicted cost is at most
-        :data:`MARGIN` of the sequence order's."""
-        return self.cost_layout <= MARGIN * self.cost_sequence
+        """Whether ``SPATTN_LAYOUT=auto`` uses the layout (:func:`choose` without ``force``):
+        its computed pairs and its predicted cost are each at most :data:`MARGIN` of the
+        sequence order's."""
+        return (self.computed_layout <= MARGIN * self.computed_sequence
+                and self.cost_layout <= MARGIN * self.cost_sequence)
 
     @property
     def fraction_sequence(self) -> Optional[float]:
@@ -617,8 +619,9 @@ def layout_cost(pairs: int, tokens: int, block_m: int, block_n: int, *, table: b
     tiles, a read of the tile list per tile where the order runs the table strategy
     (``table``), each query tile's prologue and epilogue, and, for a layout (``gathers``),
     gathering q, k, v into box order and o and the lse back (``gather_token`` per token,
-    measured; it does not depend on D, which scales both). PARTIAL and FULL tiles are priced alike (the remapped
-    predicate is dearer than sequence order's; the margin absorbs that)."""
+    measured; it does not depend on D, which scales both). PARTIAL and FULL tiles are
+    priced alike (the remapped predicate is dearer than sequence order's; the margin
+    absorbs that)."""
     from .cost import COSTS
     c = COSTS[target]
     tiles = pairs / (block_m * block_n)

@@ -524,6 +524,10 @@ def _lookup(pattern, q, k, v, scale, q_offset, inputs, layout, order, sig):
 
 
 _TENSOR = torch.Tensor
+#: The types of a memoised call's ``scale`` and ``q_offset``: immutable values, compared by
+#: value (a 0-d numpy array is an integer by ``__index__`` yet can be written in place
+#: between two calls, and equal to itself throughout).
+_SCALARS = frozenset({type(None), int, float})
 
 
 def _signature(pattern, q, k, v, scale, q_offset, inputs, layout, order):
@@ -539,12 +543,14 @@ def _signature(pattern, q, k, v, scale, q_offset, inputs, layout, order):
     :data:`~spattn.runtime.plan.PLANS` (whose key is a function of the signature), so a
     call whose signature equals the pattern's last one reuses that call's plan and skips
     both. None (no memo: the full path every time) where the signature cannot stand for the
-    checks: an ``order``, tensors not of the exact type ``torch.Tensor``, a scale that is a
-    tensor, an input that is not a tensor or is an inference tensor (no version counter),
+    checks: an ``order``, tensors not of the exact type ``torch.Tensor``, a scale or offset
+    that is not None, an ``int`` or a ``float`` (a tensor, a numpy value: it may change in
+    place), an input that is not a tensor or is an inference tensor (no version counter),
     q with few enough rows for the decode route (which reads ``requires_grad`` and the
     grad mode), or q that the layout warning would warn about (it warns at every call)."""
     if order is not None or type(q) is not _TENSOR or type(k) is not _TENSOR \
-            or type(v) is not _TENSOR or isinstance(scale, _TENSOR):
+            or type(v) is not _TENSOR or type(scale) not in _SCALARS \
+            or type(q_offset) not in _SCALARS:
         return None
     try:
         qs = q.shape

@@ -287,3 +287,20 @@ def test_remap_property_of_random_grid_patterns(case, e):
         boxes = LY.candidate_boxes(grid, 1 << e)
         for box in boxes[:2]:
             _check_remap(ir, LY.Layout(grid, box), N, 1 << e, 1 << max(e - 1, 0))
+
+
+def test_pays_is_what_choose_decides():
+    """``Remap.pays`` (what ``explain`` reports as used) holds only where ``choose`` keeps
+    the layout: fewer computed pairs by the margin, and a lower predicted cost by it (a
+    layout whose ranges beat sequence order's table reads in cost, with pairs above the
+    margin, is not used)."""
+    r = LY.Remap(None, None, None, computed_sequence=1000, computed_layout=950,
+                 cost_sequence=100.0, cost_layout=80.0)
+    assert not r.pays
+    assert LY.Remap(None, None, None, 1000, 850, 100.0, 80.0).pays
+    assert not LY.Remap(None, None, None, 1000, 500, 100.0, 95.0).pays
+    for shape, kernel in (((64, 64), (16, 16)), ((128, 128), (32, 32))):
+        pat = spattn.neighborhood(shape, kernel)
+        N = shape[0] * shape[1]
+        forced = LY.choose(pat.ir, N, N, 0, force=True)
+        assert forced.pays is (LY.choose(pat.ir, N, N, 0) is not None)

@@ -78,6 +78,21 @@ def test_an_inference_input_is_never_memoised():
         check(pat, pat(q, k, v, doc=doc), q, k, v, doc=doc)
 
 
+def test_an_offset_changed_in_place_is_seen():
+    """A 0-d numpy array is an integer offset (``__index__``) that equals itself after an
+    in-place write: such an offset is never memoised, so the second call gets its own."""
+    np = pytest.importorskip("numpy")
+    pat = spattn.compile("causal", backend="torch")
+    q, k, v = qkv(L=32)
+    off = np.array(0)
+    pat(q, k, v, q_offset=off)
+    off[()] = 20
+    out = pat(q, k, v, q_offset=off)
+    ref, _ = attention_reference(q.double(), k.double(), v.double(),
+                                 pat.mask(32, 32, num_heads=2, q_offset=20))
+    assert torch.allclose(out.double(), ref, atol=1e-4)
+
+
 @pytest.mark.parametrize("change", ["shape", "stride", "dtype", "scale", "q_offset",
                                     "backend"])
 def test_a_changed_argument_takes_the_full_path(change, monkeypatch):
@@ -215,16 +230,18 @@ def test_the_settings_read_sees_every_change(monkeypatch):
 
 # ----------------------------------------------------------------- property: call sequences
 
+import numpy as np  # noqa: E402
 from hypothesis import example, given, settings as hsettings, strategies as st  # noqa: E402
 
-STEPS = ("same", "new-values", "write-doc", "new-doc", "scale", "offset", "strided",
-         "length", "clear")
+STEPS = ("same", "new-values", "write-doc", "new-doc", "scale", "offset", "offset-in-place",
+         "strided", "length", "clear")
 
 
 @hsettings(max_examples=30)
 @given(st.lists(st.sampled_from(STEPS), min_size=1, max_size=6), st.integers(0, 2**16))
 @example(["write-doc", "write-doc"], 0)
 @example(["scale", "same", "offset", "same"], 1)
+@example(["offset-in-place", "offset-in-place"], 2)
 def test_any_call_sequence_gives_each_calls_answer(steps, seed):
     """A sequence of calls of one pattern, each changing something (or nothing) since the
     last: every output is the dense reference of that call's own arguments, whichever of
@@ -247,6 +264,12 @@ def test_any_call_sequence_gives_each_calls_answer(steps, seed):
             kw["scale"] = float(torch.rand((), generator=g)) + 0.05
         elif step == "offset":
             kw["q_offset"] = int(torch.randint(0, 5, (), generator=g))
+        elif step == "offset-in-place":     # a 0-d numpy array: written in place
+            value = int(torch.randint(0, 5, (), generator=g))
+            if isinstance(kw.get("q_offset"), np.ndarray):
+                kw["q_offset"][()] = value
+            else:
+                kw["q_offset"] = np.array(value)
         elif step == "strided":
             q, k, v = (torch.randn(1, L, 2, 16, generator=g).transpose(1, 2)
                        for _ in range(3))
@@ -257,7 +280,9 @@ def test_any_call_sequence_gives_each_calls_answer(steps, seed):
         elif step == "clear":
             PLANS.clear()
         out = pat(q, k, v, doc=doc, **kw)
-        mask = pat.mask(L, L, num_heads=2, q_offset=kw.get("q_offset"), doc=doc)
+        off = kw.get("q_offset")
+        mask = pat.mask(L, L, num_heads=2, q_offset=None if off is None else int(off),
+                        doc=doc)
         ref, _ = attention_reference(q.double(), k.double(), v.double(), mask,
                                      scale=kw.get("scale"))
         assert torch.allclose(out.double(), ref, atol=1e-5), step

@@ -314,3 +314,88 @@ def test_the_proof_is_sound(a, b, c, d, clamp, Lq, Lk, off, pad_q, pad_k, slack,
         assert lo >= 0 and hi < size and rows >= heads
     if lo >= 0 and clamp is None and d == 1:       # affine: the hull is exact
         assert proof(hi + 1, heads)
+
+
+class _GuardedTables:
+    """Tables placed inside NaN guard bands of their own buffers, and every active lane of
+    every interpreted load checked against the bands (Triton's interpreter reads any
+    address it is given: an unchecked load out of its table does not crash there)."""
+
+    def __init__(self, monkeypatch, guard=4096):
+        import numpy as np
+        import triton.runtime.interpreter as interp
+        self.bands, self.hits, self.guard = [], [], guard
+        real = interp.InterpreterBuilder.create_masked_load
+
+        def load(builder, ptrs, mask, other, *rest):
+            addr = ptrs.data.astype(np.int64)
+            active = addr[np.broadcast_to(mask.data, addr.shape)]
+            for g0, t0, t1, g1 in self.bands:
+                bad = active[((active >= g0) & (active < t0)) | ((active >= t1) & (active < g1))]
+                if bad.size:
+                    self.hits.append((int(bad.min()) - t0, int(bad.max()) - t0))
+            return real(builder, ptrs, mask, other, *rest)
+        monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", load)
+
+    def table(self, shape, generator):
+        n, G = int(torch.tensor(shape).prod()), self.guard
+        buf = torch.full((n + 2 * G,), float("nan"))
+        t = buf[G:G + n].view(shape)
+        t.copy_(torch.randn(shape, generator=generator))
+        e = t.element_size()
+        self.bands.append((buf.data_ptr(), t.data_ptr(), t.data_ptr() + n * e,
+                           buf.data_ptr() + buf.numel() * e))
+        return t
+
+
+def _guarded_run(guard, p, tables, *, L, Lk, B=1, Hq=H, Hk=H, q_offset=None):
+    """Forward and backward of ``p`` with guarded tables; the plan's (load, index) flags."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hq, L, 16, generator=g).requires_grad_(True)
+    k, v = (torch.randn(B, Hk, Lk, 16, generator=g).requires_grad_(True) for _ in range(2))
+    tabs = {n: guard.table(s, g) for n, s in tables.items()}
+    PLANS.clear()
+    o = p(q, k, v, q_offset=q_offset, **tabs)
+    o.backward(torch.randn(o.shape, generator=g))
+    assert torch.isfinite(o).all() and torch.isfinite(q.grad).all()
+    (plan, _), = PLANS._plans.values()
+    return _flags(plan)[:2]
+
+
+# (id, mask, score, tables, L, Lk, B, Hq, Hk, q_offset, SPATTN_SCORE_LOAD)
+GUARDED = [
+    ("gqa-batch-offset", "causal", "s + rel[b, h, clamp(q - k, 0, 7)]", {"rel": (2, 4, 8)},
+     20, 48, 2, 4, 2, 28, "pair"),
+    ("mod-negative-offset", "causal", "s + rel[h, (q - k) % 5] * w[k // 2]",
+     {"rel": (H, 5), "w": (32,)}, 20, 40, 1, H, H, -3, "early"),
+    ("gather-query-index", "causal", "s + w[q - 28] + rel[b, clamp(q - k, 0, 7)]",
+     {"w": (32,), "rel": (2, 8)}, 20, 48, 2, H, 1, 28, "gather"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", GUARDED, ids=[c[0] for c in GUARDED])
+def test_unchecked_loads_stay_in_their_tables(case, monkeypatch):
+    """Every table load of the kernels that read without a bounds check ("free"), forward
+    and backward, lands inside its table: the proof's padded domain is the pairs the
+    kernels compute (GQA, B > 1, per-batch tables, offsets, modulo, floor division)."""
+    _, mask, score, tables, L, Lk, B, Hq, Hk, off, load = case
+    monkeypatch.setenv("SPATTN_SCORE_LOAD", load)
+    guard = _GuardedTables(monkeypatch)
+    p = spattn.compile(mask, score=score, backend="triton")
+    assert _guarded_run(guard, p, tables, L=L, Lk=Lk, B=B, Hq=Hq, Hk=Hk,
+                        q_offset=off) == (load, "free")
+    assert guard.hits == []
+
+
+@pytest.mark.interpreter
+def test_the_guard_sees_an_unproven_unchecked_load(monkeypatch):
+    """The guard of the test above fails where it should: a table exactly as long as the
+    domain needs, ragged tiles, its proof forced: the last tile's padded keys read past
+    the table."""
+    from spattn.runtime import triton_backend
+    monkeypatch.setattr(triton_backend, "_proven", lambda *a: True)
+    guard = _GuardedTables(monkeypatch)
+    p = spattn.compile("causal & window(12)", score="s + rel[h, q - k + 39]", backend="triton")
+    assert _guarded_run(guard, p, {"rel": (H, 79)}, L=40, Lk=40) == ("pair", "free")
+    assert guard.hits
