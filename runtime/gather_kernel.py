@@ -16,15 +16,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _gather_rows_kernel(SRC, DST, INDEX, n_rows, H, D,
+def _gather_rows_kernel(SRC, DST, INDEX, n_rows, n_blocks, H, D,
                         stride_sb, stride_sh, stride_sn, stride_sd,
                         stride_db, stride_dh, stride_dn, stride_ib,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """``DST[b, h, r, :] = SRC[b, h, INDEX[b, r], :]`` for the rows ``[i_r * BLOCK_R,
     +BLOCK_R)`` of slice ``i_bh = b * H + h`` (``stride_ib`` 0: one index for every batch
-    element). ``DST`` is contiguous along its last axis."""
-    i_r = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    element). ``DST`` is contiguous along its last axis. One grid axis of ``n_blocks`` row
+    blocks per slice (a second axis would cap B * H at 65535)."""
+    i_p = tl.program_id(0)
+    i_r = i_p % n_blocks
+    i_bh = i_p // n_blocks
     i_b = i_bh // H
     i_h = i_bh % H
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -55,9 +57,9 @@ def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if out.numel():
         block_d = min(triton.next_power_of_2(D), 128)
         block_r = 1024 if D == 1 else max(16, min(64, 4096 // block_d))
-        grid = (triton.cdiv(M, block_r), B * H)
-        _gather_rows_kernel[grid](
-            src, out, index, M, H, D,
+        n_blocks = triton.cdiv(M, block_r)
+        _gather_rows_kernel[(n_blocks * B * H,)](
+            src, out, index, M, n_blocks, H, D,
             src.stride(0), src.stride(1), src.stride(2), src.stride(3),
             out.stride(0), out.stride(1), out.stride(2),
             0 if index.dim() == 1 else index.stride(0),
