@@ -238,6 +238,56 @@ def _exact_intervals(vals, L: int):
         out.append((lo, hi))
     return out
 
+def _affine(node, Lq: int, H: int):
+    """``(c0, cL, cp)`` with ``node = c0 + cL * Lk + cp * p`` at a decode row ``p``
+    (``qs = qe = p``; ``Lq`` and ``H`` are the plan's), or None when ``node`` is not an
+    affine form of ``qs``, ``qe``, ``Lk``, ``Lq`` and ``H``."""
+    from ..ir.nodes import Const, Sum, Var
+    if isinstance(node, Const) and type(node.value) is int:
+        return (node.value, 0, 0)
+    if isinstance(node, Var):
+        return {"qs": (0, 0, 1), "qe": (0, 0, 1), "Lk": (0, 1, 0), "Lq": (Lq, 0, 0),
+                "H": (H, 0, 0)}.get(node.name)
+    if isinstance(node, Sum):
+        c0, cL, cp = node.const, 0, 0
+        for t, c in node.terms:
+            f = _affine(t, Lq, H)
+            if f is None:
+                return None
+            c0, cL, cp = c0 + c * f[0], cL + c * f[1], cp + c * f[2]
+        return (c0, cL, cp)
+    return None
+
+
+def _row_form(node, Lq: int, H: int):
+    """A closed-form bound as a function of the decode row, for :func:`_form_values`:
+    ``("aff", c0, cL, cp)``, ``("min" | "max", affine args)`` (one level), None for an
+    unbounded side; raises LookupError for any other node."""
+    from ..ir.nodes import Max, Min
+    if node is None:
+        return None
+    f = _affine(node, Lq, H)
+    if f is not None:
+        return ("aff", *f)
+    if isinstance(node, (Min, Max)):
+        args = tuple(_affine(a, Lq, H) for a in node.args)
+        if all(a is not None for a in args):
+            return ("min" if isinstance(node, Min) else "max", args)
+    raise LookupError(type(node).__name__)
+
+
+def _form_values(form, p0: int, L: int, Lq: int) -> list:
+    """The values of a :func:`_row_form` at the rows ``p0 .. p0 + Lq - 1`` of a cache of
+    ``L`` keys: Python ints, exactly the closed form's values there."""
+    if form[0] == "aff":
+        _, c0, cL, cp = form
+        base = c0 + cL * L + cp * p0
+        return list(range(base, base + cp * Lq, cp)) if cp else [base] * Lq
+    cols = [_form_values(("aff", *a), p0, L, Lq) for a in form[1]]
+    pick = min if form[0] == "min" else max
+    return [pick(t) for t in zip(*cols)]
+
+
 class DecodePlan:
     """A decode step's resolved work for one length bucket: the checks on the pattern's
     integers and inputs over the bucket, the closed form, the query-head packing, and on the
@@ -381,6 +431,20 @@ class DecodePlan:
                 both = iv.flo is not None and iv.fhi is not None
                 nodes += [iv.lo, iv.hi, iv.flo if both else None, iv.fhi if both else None]
             self._rows_fn = host_function(nodes, ("qs", "qe", "Lq", "Lk", "H", "b"))
+        #: The closed form's bounds as affine forms of the row (or a min / max of them),
+        #: four per interval: :meth:`_row_intervals` with int arithmetic on whole columns
+        #: of rows; None where some bound is another node (the host function serves).
+        self._row_forms = None
+        if self._rows_fn is not None and "b" not in self.uses:
+            try:
+                self._row_forms = tuple(
+                    (_row_form(iv.lo, self.Lq, self.Hq), _row_form(iv.hi, self.Lq, self.Hq),
+                     *((_row_form(iv.flo, self.Lq, self.Hq),
+                        _row_form(iv.fhi, self.Lq, self.Hq))
+                       if iv.flo is not None and iv.fhi is not None else (None, None)))
+                    for iv in cf.rows)
+            except LookupError:
+                self._row_forms = None
         #: One query row, no ``b``: :meth:`_row1_step` builds a step from the row's
         #: intervals alone.
         self._row1 = self._rows_fn if (self._rows_fn is not None and self.Lq == 1
@@ -516,17 +580,30 @@ class DecodePlan:
         rows = self._row_intervals(q_off, L, 0)
         if rows is None or not all(rows):
             return None
+        if not all(len(r) == 1 for r in rows):     # a row's touching intervals: one
+            rows = [r if len(r) == 1 else _merge_closed(r) for r in rows]
         if all(len(r) == 1 for r in rows):         # one interval per row: no interval lists
-            ivs = sorted(r[0] for r in rows)
-            a, top = ivs[0][0], ivs[0][1]
+            ivs = sorted([r[0] for r in rows])
+            a, top = ivs[0]
             for lo, hi in ivs:
                 if lo > top + 1:
                     return None                     # a gap: two runs
-                top = max(top, hi)
+                if hi > top:
+                    top = hi
             z, n = top + 1, top + 1 - a
-            inner_lo, inner_hi = ivs[-1][0], min(hi for _, hi in ivs)   # seen by every row
+            inner_lo, inner_hi = ivs[-1][0], min([hi for _, hi in ivs])  # seen by every row
             part = [(a, z)] if inner_lo > inner_hi else \
                 [x for x in ((a, inner_lo), (inner_hi + 1, z)) if x[0] < x[1]]
+            mask = None
+            if part:
+                p0 = part[0][0]
+                if (z - p0) * len(rows) > MASK_TAIL_CELLS:
+                    return None
+                tail = tuple([(((lo if lo > p0 else p0) - z, hi - z),) if hi >= p0 else ()
+                              for (lo, hi), in rows])
+                mask = self._mask_tail(tail, z - p0).narrow(-1, self.bucket - n, n)
+            seg = _Segment(((a, z),), n, mask, _overlap([(a, z)], part) < n, None, None)
+            return _Step(((0, self.B, (seg,)),), (a, z, mask))
         else:
             runs = _merge([(lo, hi + 1) for r in rows for lo, hi in r])
             if len(runs) != 1:
@@ -679,6 +756,12 @@ class DecodePlan:
         interval's FULL part is the whole interval (then the row sees exactly these keys).
         None where some is not (the predicate decides those keys) or the host cannot
         evaluate a bound."""
+        if self._row_forms is not None:
+            return self._rows_affine(q_off, L)
+        return self._rows_host(q_off, L, b)
+
+    def _rows_host(self, q_off: int, L: int, b: int):
+        """:meth:`_row_intervals` through the host function, one call per row."""
         fn, Lq, Hq = self._rows_fn, self.Lq, self.Hq
         if fn is None:
             return None
@@ -691,6 +774,31 @@ class DecodePlan:
                 rows.append(ivs)
         except (TypeError, ValueError, KeyError):
             return None
+        return rows
+
+    def _rows_affine(self, q_off: int, L: int):
+        """:meth:`_row_intervals` from the bounds' row forms (``_row_forms``): each bound's
+        values at all rows at once (int ranges), then the clamps to ``[0, L)`` and the
+        exactness test of :func:`_exact_intervals` per row, on Python ints only."""
+        Lq, top = self.Lq, L - 1
+        rows = [[] for _ in range(Lq)]
+        zeros, tops = [0] * Lq, [top] * Lq
+        for lo, hi, flo, fhi in self._row_forms:
+            los = zeros if lo is None else [x if x > 0 else 0
+                                            for x in _form_values(lo, q_off, L, Lq)]
+            his = tops if hi is None else [x if x < top else top
+                                           for x in _form_values(hi, q_off, L, Lq)]
+            if flo is None:
+                if any(h >= a for a, h in zip(los, his)):
+                    return None             # keys without a FULL part: not exact
+                continue
+            flos = [x if x > 0 else 0 for x in _form_values(flo, q_off, L, Lq)]
+            fhis = [x if x < top else top for x in _form_values(fhi, q_off, L, Lq)]
+            for r, a, h, fa, fh in zip(rows, los, his, flos, fhis):
+                if h >= a:
+                    if fa != a or fh != h:
+                        return None
+                    r.append((a, h))
         return rows
 
     def _predicate(self, keys, q_off: int, L: int, b: int, inputs: dict):
@@ -842,6 +950,18 @@ def _merge_pieces(pieces, finite: bool = False):
     out_lse = torch.where(tot > 0, m + torch.log(torch.where(tot > 0, tot, torch.ones_like(tot))),
                           torch.full_like(tot, float("-inf")))
     return o.to(pieces[0][0].dtype), out_lse
+
+
+def _merge_closed(ivs):
+    """Closed intervals ``[lo, hi]`` merged where they overlap or touch, sorted."""
+    out = []
+    for lo, hi in sorted(ivs):
+        if out and lo <= out[-1][1] + 1:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _merge(runs):

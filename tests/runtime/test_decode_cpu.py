@@ -324,6 +324,65 @@ def test_one_row_step_is_the_built_step(src):
             (c0, c1, t.runs, t.width, t.mask, t.full, t.empty, t.gather)
 
 
+#: Bounds a decode pattern's rows take: affine in the row and the length (sinks, windows,
+#: gaps, offsets from the cache's end, a slope of 2), and mins / maxes of them.
+_DECODE_ATOMS = ("causal", "window({a})", "sink({b})", "q - k >= {c}", "k >= {c}",
+                 "k <= Lk - {b}", "k >= q - Lq - {c}", "2 * k <= q + {c}", "k >= Lk - {a}",
+                 "k <= min(q, {a})", "k >= max(q - {a}, {c})", "q - k < {b} + Lq")
+
+
+@st.composite
+def _decode_sources(draw):
+    n = draw(st.integers(1, 3))
+    parts = [draw(st.sampled_from(_DECODE_ATOMS)).format(
+        a=draw(st.integers(1, 40)), b=draw(st.integers(1, 6)), c=draw(st.integers(-3, 8)))
+        for _ in range(n)]
+    out = parts[0]
+    for p in parts[1:]:
+        out = f"({out}) {draw(st.sampled_from(['&', '|']))} ({p})"
+    return out
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(src=st.one_of(_decode_sources(), bool_exprs()), Lq=st.integers(1, 16),
+       G=st.integers(1, 3), lengths=st.lists(st.integers(1, 90), min_size=1, max_size=4),
+       shift=st.integers(-40, 0))
+def test_affine_row_intervals_are_the_host_functions(src, Lq, G, lengths, shift):
+    """The rows' intervals from the bounds' affine forms (``_rows_affine``, int ranges over
+    all rows) are the host function's row by row (``_rows_host``), None included, at short
+    caches (the clamps to ``[0, L)``) and moved rows; and the one-run step built from them
+    has the pattern's dense mask: no key outside its run, ``mask == 0`` exactly where the
+    pattern allows the key, for every query head of a key head."""
+    try:
+        pat = spattn.compile(src, backend="torch")
+        plan = dec.DecodePlan(pat, "torch", B=1, Hq=G, Hk=1, Lq=Lq, D=16,
+                              dtype=torch.float32, device=torch.device("cpu"),
+                              bucket_len=dec.bucket(max(lengths) + Lq), paged=False, inputs={})
+    except spattn.SpattnError:
+        event("refused")
+        return
+    if plan._row_forms is None:
+        event("host function" if plan._rows_fn is not None else "no closed form")
+        return
+    event("affine forms")
+    for n in lengths:
+        L = n + Lq
+        for off in (L - Lq, L - Lq + shift):
+            rows = plan._rows_affine(off, L)
+            assert rows == plan._rows_host(off, L, 0), (src, L, off)
+            step = plan._one_run_step(L, off) if off == L - Lq else None
+            if step is None:
+                continue
+            event("one-run step")
+            a, z, mask = step.one
+            dense = pat.mask(Lq, L, q_offset=off)[0, 0]              # [Lq, L]
+            assert not dense[:, :a].any() and not dense[:, z:].any(), (src, L)
+            got = torch.ones(Lq * G, z - a, dtype=torch.bool) if mask is None else \
+                mask[0, 0] == 0
+            assert torch.equal(got, dense[:, a:z].repeat(G, 1)), (src, L)
+
+
 def _variants(g):
     """``(name, (q, k, v), call keywords)`` of calls that differ from the base call of
     :func:`test_fast_path_serves_only_its_step` (q [2, 4, 1, 32], a [2, 2, 300, 32]
