@@ -445,6 +445,17 @@ class DecodePlan:
                     for iv in cf.rows)
             except LookupError:
                 self._row_forms = None
+        #: One interval whose bounds are affine forms of the row, each its own FULL part,
+        #: nondecreasing along the rows: ``(l0, lL, sl, h0, hL, sh)`` (``lo = l0 + lL * Lk +
+        #: sl * p``, likewise ``hi``), for :meth:`_aff1_step`; else None.
+        self._aff1 = None
+        f = self._row_forms
+        if f is not None and len(f) == 1 and all(x is not None and x[0] == "aff"
+                                                  for x in f[0]) \
+                and f[0][0] == f[0][2] and f[0][1] == f[0][3] \
+                and f[0][0][3] >= 0 and f[0][1][3] >= 0:
+            self._aff1 = (*f[0][0][1:], *f[0][1][1:])
+        self._aff_masks: dict = {}
         #: One query row, no ``b``: :meth:`_row1_step` builds a step from the row's
         #: intervals alone.
         self._row1 = self._rows_fn if (self._rows_fn is not None and self.Lq == 1
@@ -515,7 +526,10 @@ class DecodePlan:
         shared = (not self.paged and len(set(lens)) == 1 and "b" not in self.uses
                   and all(inputs[n].dim() == nd for n, nd in self.pattern.inputs.items()))
         if shared:
-            step = self._one_run_step(lens[0], lens[0] - Lq + q_shift)
+            off = lens[0] - Lq + q_shift
+            step = self._aff1_step(lens[0], off)
+            if step is None:
+                step = self._one_run_step(lens[0], off)
             if step is not None:
                 return step
         out = []
@@ -568,6 +582,58 @@ class DecodePlan:
             if s.gather is None and len(s.runs) == 1 and s.empty is None:
                 one = (*s.runs[0], s.mask)
         return _Step(tuple(out), one)
+
+    def _aff1_step(self, L: int, q_off: int):
+        """:meth:`_one_run_step` in O(1) for a pattern of one exact interval per row whose
+        bounds are affine and nondecreasing along the rows (``_aff1``: causal, a window,
+        a gap, offsets from either end), or None (then :meth:`_one_run_step` decides).
+
+        Row ``i`` sees ``[max(0, A + sl * i), min(L - 1, B + sh * i)]``. Its width is
+        concave in ``i`` and the gap to the next row's first key convex, so the first and
+        last rows decide whether every row sees a key and the keys form one run; the run is
+        ``[lo_0, hi_last]``, every row sees ``[lo_last, hi_0]``. Within the partial keys
+        ``[p0, z)`` the rows' intervals relative to ``z`` depend only on ``A - z``, ``B -
+        z``, ``p0 - z`` and ``L - 1 - z`` (the clamp at 0 lies below ``p0``; ``A`` counts
+        only up to ``p0 - sl * (Lq - 1)``, ``B`` up to ``L - 1``): the mask buffer's key
+        (:meth:`_mask_tail` builds it once). A growing cache of causal or window rows keeps
+        one key."""
+        f = self._aff1
+        if f is None:
+            return None
+        l0, lL, sl, h0, hL, sh = f
+        A, Bh = l0 + lL * L + sl * q_off, h0 + hL * L + sh * q_off
+        top, n1 = L - 1, self.Lq - 1
+        lo0, loN, hi0, hiN = max(0, A), max(0, A + sl * n1), min(top, Bh), min(top, Bh + sh * n1)
+        if hi0 < lo0 or hiN < loN:
+            return None                                 # a row sees no key
+        if n1 and (max(0, A + sl) > hi0 + 1 or loN > min(top, Bh + sh * (n1 - 1)) + 1):
+            return None                                 # a gap: two runs
+        a, z = lo0, hiN + 1
+        n = z - a
+        if loN > hi0:
+            p0 = a                                      # no key seen by every row
+        else:
+            p0 = a if a < loN else hi0 + 1
+        mask = None
+        if p0 < z:
+            Lq = n1 + 1
+            if (z - p0) * Lq > MASK_TAIL_CELLS:
+                return None
+            # the first bounds clamped where no row's reaches p0, the last ones at L - 1
+            key = (max(A, p0 - sl * n1) - z, min(Bh, top) - z, p0 - z, top - z)
+            buf = self._aff_masks.get(key)
+            if buf is None:
+                rel = [(max(A + sl * i, p0) - z, min(top, Bh + sh * i) - z)
+                       for i in range(Lq)]
+                buf = self._mask_tail(tuple(((x,) if x[1] >= x[0] else ()) for x in rel),
+                                      z - p0)
+                with self._steps_lock:
+                    while len(self._aff_masks) >= MASK_BUFFERS:
+                        self._aff_masks.pop(next(iter(self._aff_masks)))
+                    self._aff_masks[key] = buf
+            mask = buf.narrow(-1, self.bucket - n, n)
+        seg = _Segment(((a, z),), n, mask, loN <= hi0, None, None)
+        return _Step(((0, self.B, (seg,)),), (a, z, mask))
 
     def _one_run_step(self, L: int, q_off: int):
         """The :class:`_Step` of a contiguous cache whose rows' keys are one run ``[a, z)``
@@ -1061,6 +1127,8 @@ class DecodePlanCache:
 
 #: The decode plans of calls (see :class:`DecodePlanCache`).
 DECODE_PLANS = DecodePlanCache()
+#: Its fast entries per pattern (:func:`fast_step`'s first read; the dict is never replaced).
+_LAST = DECODE_PLANS._last
 
 
 # ------------------------------------------------------------------ kernel files
@@ -1125,7 +1193,9 @@ def _signature(q, k, scale, routed: bool, has_lens: bool) -> tuple:
     return (q.shape, ks[0], ks[1], ks[3], q.dtype, scale, routed, has_lens, VIEW_BYTES)
 
 
-_is_compiling = torch.compiler.is_compiling
+#: Whether dynamo traces the caller: it folds this to True (tracers that run the Python
+#: eagerly pass tensor subclasses, which :func:`fast_step` refuses by type).
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
 
 
@@ -1145,31 +1215,32 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     them: one public SDPA call on a view when the step is one
     call (any strides), else :meth:`DecodePlan.run_torch`. Anything else returns None and
     takes the full path."""
-    if _is_compiling():             # first: torch.compile traces none of the rest
+    if _is_dynamo_compiling():      # first: torch.compile traces none of the rest
         return None
-    hit = DECODE_PLANS._last.get(id(pattern))
-    if hit is None:
+    hit = _LAST.get(id(pattern))
+    if hit is None or hit[0] is not pattern:
         return None
     plan = hit[1]
     fast = plan.fast
-    if fast is None or hit[0] is not pattern:
+    if fast is None:
         return None
     sig, value, grouped = fast
-    T, S = _TENSOR, _STRIDED
+    T = _TENSOR
+    if type(q) is not T or type(k) is not T or type(v) is not T:
+        return None     # subclasses (and the fake tensors of other tracers) take the full path
     try:
         ks = k.shape
         if (q.shape, ks[0], ks[1], ks[3], q.dtype, scale, routed, seq_lens is not None,
                 VIEW_BYTES) != sig or v.shape != ks:
             return None         # (the tuple of _signature, written out: the hot path)
-    except (AttributeError, RuntimeError, TypeError, IndexError):
-        return None             # not tensors; nested tensors have no sizes
-    dt = q.dtype
-    if type(q) is not T or type(k) is not T or type(v) is not T or k.dtype is not dt \
-            or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu) \
+    except (RuntimeError, IndexError):
+        return None             # nested tensors have no sizes
+    dt, S = q.dtype, _STRIDED
+    if k.dtype is not dt or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu) \
             or q.layout is not S or k.layout is not S or v.layout is not S \
             or q.requires_grad or k.requires_grad or v.requires_grad:
         return None
-    L, bk, Lq = ks[2], plan.bucket, q.shape[2]
+    L, bk, Lq = ks[2], plan.bucket, sig[0][2]
     if L > bk or (L <= bk >> 1 and bk > MIN_BUCKET) or L < Lq:
         return None                                     # another bucket: another plan
     B = ks[0]
@@ -1188,7 +1259,11 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     step = plan._steps.get(key)                         # (cpu_step's memo, inlined)
     if step is None:
         try:
-            step = plan._row1_step(L) if seq_lens is None else None
+            step = None
+            if seq_lens is None:
+                step = plan._aff1_step(L, L - Lq)
+                if step is None:
+                    step = plan._row1_step(L)
             if step is None:
                 step = plan.cpu_step(lens, 0, 0, {})
             else:

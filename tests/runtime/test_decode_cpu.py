@@ -351,9 +351,10 @@ def _decode_sources(draw):
 def test_affine_row_intervals_are_the_host_functions(src, Lq, G, lengths, shift):
     """The rows' intervals from the bounds' affine forms (``_rows_affine``, int ranges over
     all rows) are the host function's row by row (``_rows_host``), None included, at short
-    caches (the clamps to ``[0, L)``) and moved rows; and the one-run step built from them
-    has the pattern's dense mask: no key outside its run, ``mask == 0`` exactly where the
-    pattern allows the key, for every query head of a key head."""
+    caches (the clamps to ``[0, L)``) and moved rows; the O(1) step of one affine interval
+    (``_aff1_step``), where it applies, is the one-run step built from the rows; and that
+    step has the pattern's dense mask: no key outside its run, ``mask == 0`` exactly where
+    the pattern allows the key, for every query head of a key head."""
     try:
         pat = spattn.compile(src, backend="torch")
         plan = dec.DecodePlan(pat, "torch", B=1, Hq=G, Hk=1, Lq=Lq, D=16,
@@ -371,7 +372,17 @@ def test_affine_row_intervals_are_the_host_functions(src, Lq, G, lengths, shift)
         for off in (L - Lq, L - Lq + shift):
             rows = plan._rows_affine(off, L)
             assert rows == plan._rows_host(off, L, 0), (src, L, off)
-            step = plan._one_run_step(L, off) if off == L - Lq else None
+            step = plan._one_run_step(L, off)
+            quick = plan._aff1_step(L, off)
+            if quick is not None:
+                event("O(1) one-run step")
+                assert step is not None and quick.one[:2] == step.one[:2], (src, L, off)
+                assert (quick.one[2] is None) == (step.one[2] is None), (src, L, off)
+                if step.one[2] is not None:
+                    assert torch.equal(quick.one[2], step.one[2]), (src, L, off)
+                (s,), (t,) = quick.groups[0][2], step.groups[0][2]
+                assert (s.runs, s.width, s.full, s.empty, s.gather) == \
+                    (t.runs, t.width, t.full, t.empty, t.gather), (src, L, off)
             if step is None:
                 continue
             event("one-run step")
