@@ -276,6 +276,25 @@ def _row_form(node, Lq: int, H: int):
     raise LookupError(type(node).__name__)
 
 
+def _aff_reduce(form, L: int, p0: int, n1: int):
+    """``(value at the first row p0, slope)`` of a :func:`_row_form` that is one affine
+    form over the rows ``p0 .. p0 + n1`` of a cache of ``L`` keys, else None: a min (max)
+    is its argument that is lowest (highest) at the first and at the last row, since the
+    difference of two affine forms keeps its sign between the two."""
+    if form[0] == "aff":
+        _, c0, cL, cp = form
+        return c0 + cL * L + cp * p0, cp
+    args = form[1]
+    first = [c0 + cL * L + cp * p0 for c0, cL, cp in args]
+    last = [x + a[2] * n1 for x, a in zip(first, args)]
+    pick = min if form[0] == "min" else max
+    m0, mN = pick(first), pick(last)
+    for x, y, a in zip(first, last, args):
+        if x == m0 and y == mN:
+            return x, a[2]
+    return None
+
+
 def _form_values(form, p0: int, L: int, Lq: int) -> list:
     """The values of a :func:`_row_form` at the rows ``p0 .. p0 + Lq - 1`` of a cache of
     ``L`` keys: Python ints, exactly the closed form's values there."""
@@ -445,16 +464,13 @@ class DecodePlan:
                     for iv in cf.rows)
             except LookupError:
                 self._row_forms = None
-        #: One interval whose bounds are affine forms of the row, each its own FULL part,
-        #: nondecreasing along the rows: ``(l0, lL, sl, h0, hL, sh)`` (``lo = l0 + lL * Lk +
-        #: sl * p``, likewise ``hi``), for :meth:`_aff1_step`; else None.
+        #: The intervals' ``(lo, hi)`` row forms where each interval is its own FULL part
+        #: (the same forms), for :meth:`_aff1_step`; else None.
         self._aff1 = None
         f = self._row_forms
-        if f is not None and len(f) == 1 and all(x is not None and x[0] == "aff"
-                                                  for x in f[0]) \
-                and f[0][0] == f[0][2] and f[0][1] == f[0][3] \
-                and f[0][0][3] >= 0 and f[0][1][3] >= 0:
-            self._aff1 = (*f[0][0][1:], *f[0][1][1:])
+        if f is not None and all(None not in iv and iv[0] == iv[2] and iv[1] == iv[3]
+                                 for iv in f):
+            self._aff1 = tuple((iv[0], iv[1]) for iv in f)
         self._aff_masks: dict = {}
         #: One query row, no ``b``: :meth:`_row1_step` builds a step from the row's
         #: intervals alone.
@@ -584,28 +600,60 @@ class DecodePlan:
         return _Step(tuple(out), one)
 
     def _aff1_step(self, L: int, q_off: int):
-        """:meth:`_one_run_step` in O(1) for a pattern of one exact interval per row whose
-        bounds are affine and nondecreasing along the rows (``_aff1``: causal, a window,
-        a gap, offsets from either end), or None (then :meth:`_one_run_step` decides).
+        """:meth:`_one_run_step` in O(number of intervals) where every row's keys are one
+        interval whose bounds are affine and nondecreasing along the step's rows, or None
+        (then :meth:`_one_run_step` decides). Serves causal, windows, gaps, offsets from
+        either end, and sinks beside a window while the two touch.
 
-        Row ``i`` sees ``[max(0, A + sl * i), min(L - 1, B + sh * i)]``. Its width is
-        concave in ``i`` and the gap to the next row's first key convex, so the first and
-        last rows decide whether every row sees a key and the keys form one run; the run is
-        ``[lo_0, hi_last]``, every row sees ``[lo_last, hi_0]``. Within the partial keys
-        ``[p0, z)`` the rows' intervals relative to ``z`` depend only on ``A - z``, ``B -
-        z``, ``p0 - z`` and ``L - 1 - z`` (the clamp at 0 lies below ``p0``; ``A`` counts
-        only up to ``p0 - sl * (Lq - 1)``, ``B`` up to ``L - 1``): the mask buffer's key
-        (:meth:`_mask_tail` builds it once). A growing cache of causal or window rows keeps
-        one key."""
-        f = self._aff1
-        if f is None:
+        Each bound reduces to one affine form over the rows (:func:`_aff_reduce`: a min or
+        max whose winner is the same at the first and last row is that form at every
+        row). Row ``i`` then sees ``[max(0, A + sl * i), min(L - 1, B + sh * i)]`` of each
+        interval: the width is concave in ``i``, the gap between two intervals and the gap
+        to the next row's first key convex, so the first and last rows decide whether
+        every row sees a key of each interval, whether a row's intervals touch (then their
+        union is the interval of the lower first and the higher last bound) and whether the
+        keys form one run; the run is ``[lo_0, hi_last]``, every row sees ``[lo_last,
+        hi_0]``. Within the partial keys ``[p0, z)`` the rows' intervals relative to ``z``
+        depend only on the slopes, ``A - z``, ``B - z``, ``p0 - z`` and ``L - 1 - z`` (the
+        clamp at 0 lies below ``p0``; ``A`` counts only up to ``p0 - sl * (Lq - 1)``,
+        ``B`` up to ``L - 1``): the mask buffer's key (:meth:`_mask_tail` builds it once).
+        A growing cache of causal or window rows keeps one key."""
+        ivs = self._aff1
+        if ivs is None:
             return None
-        l0, lL, sl, h0, hL, sh = f
-        A, Bh = l0 + lL * L + sl * q_off, h0 + hL * L + sh * q_off
         top, n1 = L - 1, self.Lq - 1
+        run = None
+        for lo_f, hi_f in ivs:
+            lo, hi = _aff_reduce(lo_f, L, q_off, n1), _aff_reduce(hi_f, L, q_off, n1)
+            if lo is None or hi is None:
+                return None
+            (A, sl), (Bh, sh) = lo, hi
+            if sl < 0 or sh < 0 or min(top, Bh) < max(0, A) \
+                    or min(top, Bh + sh * n1) < max(0, A + sl * n1):
+                return None                     # not monotone, or a row sees none of it
+            if run is not None:
+                A2, sl2, B2, sh2 = run
+                for i in ((0, n1) if n1 else (0,)):
+                    if max(0, A + sl * i) > min(top, B2 + sh2 * i) + 1 \
+                            or max(0, A2 + sl2 * i) > min(top, Bh + sh * i) + 1:
+                        return None             # a row's intervals apart: two runs
+                A0, AN, B0, BN = A + sl * n1, A2 + sl2 * n1, Bh + sh * n1, B2 + sh2 * n1
+                if A <= A2 and A0 <= AN:
+                    pass
+                elif A2 <= A and AN <= A0:
+                    A, sl = A2, sl2
+                else:
+                    return None
+                if not (Bh >= B2 and B0 >= BN):
+                    if B2 >= Bh and BN >= B0:
+                        Bh, sh = B2, sh2
+                    else:
+                        return None
+            run = (A, sl, Bh, sh)
+        if run is None:
+            return None
+        A, sl, Bh, sh = run
         lo0, loN, hi0, hiN = max(0, A), max(0, A + sl * n1), min(top, Bh), min(top, Bh + sh * n1)
-        if hi0 < lo0 or hiN < loN:
-            return None                                 # a row sees no key
         if n1 and (max(0, A + sl) > hi0 + 1 or loN > min(top, Bh + sh * (n1 - 1)) + 1):
             return None                                 # a gap: two runs
         a, z = lo0, hiN + 1
@@ -620,7 +668,7 @@ class DecodePlan:
             if (z - p0) * Lq > MASK_TAIL_CELLS:
                 return None
             # the first bounds clamped where no row's reaches p0, the last ones at L - 1
-            key = (max(A, p0 - sl * n1) - z, min(Bh, top) - z, p0 - z, top - z)
+            key = (sl, sh, max(A, p0 - sl * n1) - z, min(Bh, top) - z, p0 - z, top - z)
             buf = self._aff_masks.get(key)
             if buf is None:
                 rel = [(max(A + sl * i, p0) - z, min(top, Bh + sh * i) - z)

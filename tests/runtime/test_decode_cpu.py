@@ -394,6 +394,37 @@ def test_affine_row_intervals_are_the_host_functions(src, Lq, G, lengths, shift)
             assert torch.equal(got, dense[:, a:z].repeat(G, 1)), (src, L)
 
 
+@pytest.mark.parametrize("Lq", [1, 4, 16], ids=lambda n: f"Lq{n}")
+def test_sinks_beside_a_window_take_the_constant_time_step(Lq):
+    """Streaming (``causal & (window(40) | sink(4))``): while the sinks touch the window
+    every row's keys are one interval and ``_aff1_step`` gives the row-built step; once
+    some row's are apart it declines (the rows' build decides: one run while other rows
+    bridge the gap, else the general build); each step is the reference's."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & (window(40) | sink(4))", backend="torch")
+    plan = dec.DecodePlan(pat, "torch", B=1, Hq=2, Hk=1, Lq=Lq, D=16, dtype=torch.float32,
+                          device=torch.device("cpu"), bucket_len=512, paged=False, inputs={})
+    assert plan._aff1 is not None
+    g = torch.Generator().manual_seed(60 + Lq)
+    k, v = _rand(1, 1, 300, 16, g=g), _rand(1, 1, 300, 16, g=g)
+    kinds = []
+    for L in (16, 30, 44, 44 + Lq - 1, 45 + Lq - 1, 60, 257, 299):
+        if L < Lq:
+            continue
+        quick, built = plan._aff1_step(L, L - Lq), plan._one_run_step(L, L - Lq)
+        kinds.append(quick is not None)
+        if quick is not None:
+            assert built is not None and quick.one[:2] == built.one[:2], L
+            assert (quick.one[2] is None) == (built.one[2] is None), L
+            if built.one[2] is not None:
+                assert torch.equal(quick.one[2], built.one[2]), L
+        if L >= 256:
+            q = _rand(1, 2, Lq, 16, g=g)
+            _close(f"L{L}", pat(q, k[:, :, :L], v[:, :, :L]),
+                   _reference(pat, q, k[:, :, :L], v[:, :, :L], [L], {})[0])
+    assert any(kinds) and not kinds[-1], kinds
+
+
 def _variants(g):
     """``(name, (q, k, v), call keywords)`` of calls that differ from the base call of
     :func:`test_fast_path_serves_only_its_step` (q [2, 4, 1, 32], a [2, 2, 300, 32]
