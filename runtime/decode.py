@@ -477,6 +477,10 @@ class DecodePlan:
         self._row1 = self._rows_fn if (self._rows_fn is not None and self.Lq == 1
                                        and "b" not in self.uses and not self.paged) else None
         self._steps: dict = {}
+        #: ``(L, VIEW_BYTES, step)``: :func:`fast_step`'s last step over every key of a
+        #: cache of ``L`` keys (a step is a function of its key, so this copy of a memo
+        #: entry stays right after the memo drops it).
+        self._last_step = (-1, None, None)
         self._masks: dict = {}
         self._steps_lock = threading.Lock()
         #: ``(signature, scale, grouped)``: the :func:`_signature` of the calls
@@ -1295,7 +1299,16 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     if seq_lens is None:
         if routed and (L < ROUTE_MIN_LK or L < 4 * Lq):
             return None
-        lens = (L,) * B
+        lens = None
+        last = plan._last_step                          # the step of every key, length L
+        if last[0] == L and last[1] == VIEW_BYTES:
+            step = last[2]
+        else:
+            lens = (L,) * B
+            step = _fast_build(plan, lens, L, Lq, True)
+            if step is None:
+                return None
+            plan._last_step = (L, VIEW_BYTES, step)
     else:
         if type(seq_lens) is not T or not seq_lens.is_cpu or seq_lens.shape != (B,) \
                 or seq_lens.dtype not in _INT_DTYPES:
@@ -1303,23 +1316,11 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
         lens = tuple(seq_lens.tolist())
         if min(lens) < Lq or max(lens) > L:
             return None                                 # the full path says what is wrong
-    key = (lens, 0, 0, VIEW_BYTES)
-    step = plan._steps.get(key)                         # (cpu_step's memo, inlined)
-    if step is None:
-        try:
-            step = None
-            if seq_lens is None:
-                step = plan._aff1_step(L, L - Lq)
-                if step is None:
-                    step = plan._row1_step(L)
-            if step is None:
-                step = plan.cpu_step(lens, 0, 0, {})
-            else:
-                plan._keep_step(key, step)
-        except SpattnError:
+        step = _fast_build(plan, lens, L, Lq, False)
+        if step is None:
             return None
     if step.one is None:
-        return plan.run_torch(q, k, v, lens, 0, None, 0,
+        return plan.run_torch(q, k, v, (L,) * B if lens is None else lens, 0, None, 0,
                               1.0 / math.sqrt(ks[3]) if value is None else value, {},
                               False)[0]
     a, z, mask = step.one
@@ -1330,6 +1331,28 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     o = _sdpa(q.reshape(grouped), k, v, mask) if value is None else \
         _sdpa(q.reshape(grouped), k, v, mask, scale=value)
     return o.view(q.shape)
+
+
+def _fast_build(plan, lens: tuple, L: int, Lq: int, whole: bool):
+    """The step of :func:`fast_step` at the lengths ``lens`` (a cache of ``L`` keys; every
+    key of it when ``whole``): from the plan's memo, else built (:meth:`DecodePlan._aff1_step`,
+    then :meth:`DecodePlan._row1_step`, then :meth:`DecodePlan.cpu_step`) and kept there;
+    None where the build refuses (the full path says why)."""
+    key = (lens, 0, 0, VIEW_BYTES)
+    step = plan._steps.get(key)
+    if step is not None:
+        return step
+    try:
+        if whole:
+            step = plan._aff1_step(L, L - Lq)
+            if step is None:
+                step = plan._row1_step(L)
+        if step is None:
+            return plan.cpu_step(lens, 0, 0, {})
+        plan._keep_step(key, step)
+        return step
+    except SpattnError:
+        return None
 
 
 #: The integer dtypes ``seq_lens`` may have.

@@ -425,6 +425,30 @@ def test_sinks_beside_a_window_take_the_constant_time_step(Lq):
     assert any(kinds) and not kinds[-1], kinds
 
 
+def test_fast_path_last_step_is_keyed_by_length_and_view_bytes(monkeypatch):
+    """The fast path's last step (``DecodePlan._last_step``) serves only its own length and
+    ``VIEW_BYTES``: alternating lengths, and a changed ``VIEW_BYTES`` (streaming past its
+    window: the sinks become a view of their own), each give the reference's output."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & (window(100) | sink(4))", backend="torch")
+    g = torch.Generator().manual_seed(70)
+    k, v = _rand(1, 2, 400, 16, g=g), _rand(1, 2, 400, 16, g=g)
+    pat(_rand(1, 4, 1, 16, g=g), k[:, :, :300], v[:, :, :300])     # the full path
+    for L in (300, 301, 301, 300, 399, 300):
+        q = _rand(1, 4, 1, 16, g=g)
+        _close(f"L{L}", pat(q, k[:, :, :L], v[:, :, :L]),
+               _fast_ref(pat, q, k[:, :, :L], v[:, :, :L]))
+        assert _plan(pat)._last_step[0] == L
+    monkeypatch.setattr(dec, "VIEW_BYTES", 0)
+    q = _rand(1, 4, 1, 16, g=g)
+    assert dec.fast_step(pat, q, k[:, :, :300], v[:, :, :300]) is None   # another signature
+    _close("views", pat(q, k[:, :, :300], v[:, :, :300]),
+           _fast_ref(pat, q, k[:, :, :300], v[:, :, :300]))
+    o = dec.fast_step(pat, q, k[:, :, :300], v[:, :, :300])
+    assert o is not None and _plan(pat)._last_step[1] == 0
+    _close("views, fast", o, _fast_ref(pat, q, k[:, :, :300], v[:, :, :300]))
+
+
 def _variants(g):
     """``(name, (q, k, v), call keywords)`` of calls that differ from the base call of
     :func:`test_fast_path_serves_only_its_step` (q [2, 4, 1, 32], a [2, 2, 300, 32]
