@@ -238,6 +238,7 @@ def _exact_intervals(vals, L: int):
         out.append((lo, hi))
     return out
 
+
 def _affine(node, Lq: int, H: int):
     """``(c0, cL, cp)`` with ``node = c0 + cL * Lk + cp * p`` at a decode row ``p``
     (``qs = qe = p``; ``Lq`` and ``H`` are the plan's), or None when ``node`` is not an
