@@ -238,6 +238,76 @@ def _exact_intervals(vals, L: int):
         out.append((lo, hi))
     return out
 
+
+def _affine(node, Lq: int, H: int):
+    """``(c0, cL, cp)`` with ``node = c0 + cL * Lk + cp * p`` at a decode row ``p``
+    (``qs = qe = p``; ``Lq`` and ``H`` are the plan's), or None when ``node`` is not an
+    affine form of ``qs``, ``qe``, ``Lk``, ``Lq`` and ``H``."""
+    from ..ir.nodes import Const, Sum, Var
+    if isinstance(node, Const) and type(node.value) is int:
+        return (node.value, 0, 0)
+    if isinstance(node, Var):
+        return {"qs": (0, 0, 1), "qe": (0, 0, 1), "Lk": (0, 1, 0), "Lq": (Lq, 0, 0),
+                "H": (H, 0, 0)}.get(node.name)
+    if isinstance(node, Sum):
+        c0, cL, cp = node.const, 0, 0
+        for t, c in node.terms:
+            f = _affine(t, Lq, H)
+            if f is None:
+                return None
+            c0, cL, cp = c0 + c * f[0], cL + c * f[1], cp + c * f[2]
+        return (c0, cL, cp)
+    return None
+
+
+def _row_form(node, Lq: int, H: int):
+    """A closed-form bound as a function of the decode row, for :func:`_form_values`:
+    ``("aff", c0, cL, cp)``, ``("min" | "max", affine args)`` (one level), None for an
+    unbounded side; raises LookupError for any other node."""
+    from ..ir.nodes import Max, Min
+    if node is None:
+        return None
+    f = _affine(node, Lq, H)
+    if f is not None:
+        return ("aff", *f)
+    if isinstance(node, (Min, Max)):
+        args = tuple(_affine(a, Lq, H) for a in node.args)
+        if all(a is not None for a in args):
+            return ("min" if isinstance(node, Min) else "max", args)
+    raise LookupError(type(node).__name__)
+
+
+def _aff_reduce(form, L: int, p0: int, n1: int):
+    """``(value at the first row p0, slope)`` of a :func:`_row_form` that is one affine
+    form over the rows ``p0 .. p0 + n1`` of a cache of ``L`` keys, else None: a min (max)
+    is its argument that is lowest (highest) at the first and at the last row, since the
+    difference of two affine forms keeps its sign between the two."""
+    if form[0] == "aff":
+        _, c0, cL, cp = form
+        return c0 + cL * L + cp * p0, cp
+    args = form[1]
+    first = [c0 + cL * L + cp * p0 for c0, cL, cp in args]
+    last = [x + a[2] * n1 for x, a in zip(first, args)]
+    pick = min if form[0] == "min" else max
+    m0, mN = pick(first), pick(last)
+    for x, y, a in zip(first, last, args):
+        if x == m0 and y == mN:
+            return x, a[2]
+    return None
+
+
+def _form_values(form, p0: int, L: int, Lq: int) -> list:
+    """The values of a :func:`_row_form` at the rows ``p0 .. p0 + Lq - 1`` of a cache of
+    ``L`` keys: Python ints, exactly the closed form's values there."""
+    if form[0] == "aff":
+        _, c0, cL, cp = form
+        base = c0 + cL * L + cp * p0
+        return list(range(base, base + cp * Lq, cp)) if cp else [base] * Lq
+    cols = [_form_values(("aff", *a), p0, L, Lq) for a in form[1]]
+    pick = min if form[0] == "min" else max
+    return [pick(t) for t in zip(*cols)]
+
+
 class DecodePlan:
     """A decode step's resolved work for one length bucket: the checks on the pattern's
     integers and inputs over the bucket, the closed form, the query-head packing, and on the
@@ -381,11 +451,37 @@ class DecodePlan:
                 both = iv.flo is not None and iv.fhi is not None
                 nodes += [iv.lo, iv.hi, iv.flo if both else None, iv.fhi if both else None]
             self._rows_fn = host_function(nodes, ("qs", "qe", "Lq", "Lk", "H", "b"))
+        #: The closed form's bounds as affine forms of the row (or a min / max of them),
+        #: four per interval: :meth:`_row_intervals` with int arithmetic on whole columns
+        #: of rows; None where some bound is another node (the host function serves).
+        self._row_forms = None
+        if self._rows_fn is not None and "b" not in self.uses:
+            try:
+                self._row_forms = tuple(
+                    (_row_form(iv.lo, self.Lq, self.Hq), _row_form(iv.hi, self.Lq, self.Hq),
+                     *((_row_form(iv.flo, self.Lq, self.Hq),
+                        _row_form(iv.fhi, self.Lq, self.Hq))
+                       if iv.flo is not None and iv.fhi is not None else (None, None)))
+                    for iv in cf.rows)
+            except LookupError:
+                self._row_forms = None
+        #: The intervals' ``(lo, hi)`` row forms where each interval is its own FULL part
+        #: (the same forms), for :meth:`_aff1_step`; else None.
+        self._aff1 = None
+        f = self._row_forms
+        if f is not None and all(None not in iv and iv[0] == iv[2] and iv[1] == iv[3]
+                                 for iv in f):
+            self._aff1 = tuple((iv[0], iv[1]) for iv in f)
+        self._aff_masks: dict = {}
         #: One query row, no ``b``: :meth:`_row1_step` builds a step from the row's
         #: intervals alone.
         self._row1 = self._rows_fn if (self._rows_fn is not None and self.Lq == 1
                                        and "b" not in self.uses and not self.paged) else None
         self._steps: dict = {}
+        #: ``(L, VIEW_BYTES, step)``: :func:`fast_step`'s last step over every key of a
+        #: cache of ``L`` keys (a step is a function of its key, so this copy of a memo
+        #: entry stays right after the memo drops it).
+        self._last_step = (-1, None, None)
         self._masks: dict = {}
         self._steps_lock = threading.Lock()
         #: ``(signature, scale, grouped)``: the :func:`_signature` of the calls
@@ -451,7 +547,10 @@ class DecodePlan:
         shared = (not self.paged and len(set(lens)) == 1 and "b" not in self.uses
                   and all(inputs[n].dim() == nd for n, nd in self.pattern.inputs.items()))
         if shared:
-            step = self._one_run_step(lens[0], lens[0] - Lq + q_shift)
+            off = lens[0] - Lq + q_shift
+            step = self._aff1_step(lens[0], off)
+            if step is None:
+                step = self._one_run_step(lens[0], off)
             if step is not None:
                 return step
         out = []
@@ -505,6 +604,90 @@ class DecodePlan:
                 one = (*s.runs[0], s.mask)
         return _Step(tuple(out), one)
 
+    def _aff1_step(self, L: int, q_off: int):
+        """:meth:`_one_run_step` in O(number of intervals) where every row's keys are one
+        interval whose bounds are affine and nondecreasing along the step's rows, or None
+        (then :meth:`_one_run_step` decides). Serves causal, windows, gaps, offsets from
+        either end, and sinks beside a window while the two touch.
+
+        Each bound reduces to one affine form over the rows (:func:`_aff_reduce`: a min or
+        max whose winner is the same at the first and last row is that form at every
+        row). Row ``i`` then sees ``[max(0, A + sl * i), min(L - 1, B + sh * i)]`` of each
+        interval: the width is concave in ``i``, the gap between two intervals and the gap
+        to the next row's first key convex, so the first and last rows decide whether
+        every row sees a key of each interval, whether a row's intervals touch (then their
+        union is the interval of the lower first and the higher last bound) and whether the
+        keys form one run; the run is ``[lo_0, hi_last]``, every row sees ``[lo_last,
+        hi_0]``. Within the partial keys ``[p0, z)`` the rows' intervals relative to ``z``
+        depend only on the slopes, ``A - z``, ``B - z``, ``p0 - z`` and ``L - 1 - z`` (the
+        clamp at 0 lies below ``p0``; ``A`` counts only up to ``p0 - sl * (Lq - 1)``,
+        ``B`` up to ``L - 1``): the mask buffer's key (:meth:`_mask_tail` builds it once).
+        A growing cache of causal or window rows keeps one key."""
+        ivs = self._aff1
+        if ivs is None:
+            return None
+        top, n1 = L - 1, self.Lq - 1
+        run = None
+        for lo_f, hi_f in ivs:
+            lo, hi = _aff_reduce(lo_f, L, q_off, n1), _aff_reduce(hi_f, L, q_off, n1)
+            if lo is None or hi is None:
+                return None
+            (A, sl), (Bh, sh) = lo, hi
+            if sl < 0 or sh < 0 or min(top, Bh) < max(0, A) \
+                    or min(top, Bh + sh * n1) < max(0, A + sl * n1):
+                return None                     # not monotone, or a row sees none of it
+            if run is not None:
+                A2, sl2, B2, sh2 = run
+                for i in ((0, n1) if n1 else (0,)):
+                    if max(0, A + sl * i) > min(top, B2 + sh2 * i) + 1 \
+                            or max(0, A2 + sl2 * i) > min(top, Bh + sh * i) + 1:
+                        return None             # a row's intervals apart: two runs
+                A0, AN, B0, BN = A + sl * n1, A2 + sl2 * n1, Bh + sh * n1, B2 + sh2 * n1
+                if A <= A2 and A0 <= AN:
+                    pass
+                elif A2 <= A and AN <= A0:
+                    A, sl = A2, sl2
+                else:
+                    return None
+                if not (Bh >= B2 and B0 >= BN):
+                    if B2 >= Bh and BN >= B0:
+                        Bh, sh = B2, sh2
+                    else:
+                        return None
+            run = (A, sl, Bh, sh)
+        if run is None:
+            return None
+        A, sl, Bh, sh = run
+        lo0, loN, hi0, hiN = max(0, A), max(0, A + sl * n1), min(top, Bh), min(top, Bh + sh * n1)
+        if n1 and (max(0, A + sl) > hi0 + 1 or loN > min(top, Bh + sh * (n1 - 1)) + 1):
+            return None                                 # a gap: two runs
+        a, z = lo0, hiN + 1
+        n = z - a
+        if loN > hi0:
+            p0 = a                                      # no key seen by every row
+        else:
+            p0 = a if a < loN else hi0 + 1
+        mask = None
+        if p0 < z:
+            Lq = n1 + 1
+            if (z - p0) * Lq > MASK_TAIL_CELLS:
+                return None
+            # the first bounds clamped where no row's reaches p0, the last ones at L - 1
+            key = (sl, sh, max(A, p0 - sl * n1) - z, min(Bh, top) - z, p0 - z, top - z)
+            buf = self._aff_masks.get(key)
+            if buf is None:
+                rel = [(max(A + sl * i, p0) - z, min(top, Bh + sh * i) - z)
+                       for i in range(Lq)]
+                buf = self._mask_tail(tuple(((x,) if x[1] >= x[0] else ()) for x in rel),
+                                      z - p0)
+                with self._steps_lock:
+                    while len(self._aff_masks) >= MASK_BUFFERS:
+                        self._aff_masks.pop(next(iter(self._aff_masks)))
+                    self._aff_masks[key] = buf
+            mask = buf.narrow(-1, self.bucket - n, n)
+        seg = _Segment(((a, z),), n, mask, loN <= hi0, None, None)
+        return _Step(((0, self.B, (seg,)),), (a, z, mask))
+
     def _one_run_step(self, L: int, q_off: int):
         """The :class:`_Step` of a contiguous cache whose rows' keys are one run ``[a, z)``
         with every row seeing some key, from the rows' exact intervals
@@ -516,17 +699,30 @@ class DecodePlan:
         rows = self._row_intervals(q_off, L, 0)
         if rows is None or not all(rows):
             return None
+        if not all(len(r) == 1 for r in rows):     # a row's touching intervals: one
+            rows = [r if len(r) == 1 else _merge_closed(r) for r in rows]
         if all(len(r) == 1 for r in rows):         # one interval per row: no interval lists
-            ivs = sorted(r[0] for r in rows)
-            a, top = ivs[0][0], ivs[0][1]
+            ivs = sorted([r[0] for r in rows])
+            a, top = ivs[0]
             for lo, hi in ivs:
                 if lo > top + 1:
                     return None                     # a gap: two runs
-                top = max(top, hi)
+                if hi > top:
+                    top = hi
             z, n = top + 1, top + 1 - a
-            inner_lo, inner_hi = ivs[-1][0], min(hi for _, hi in ivs)   # seen by every row
+            inner_lo, inner_hi = ivs[-1][0], min([hi for _, hi in ivs])  # seen by every row
             part = [(a, z)] if inner_lo > inner_hi else \
                 [x for x in ((a, inner_lo), (inner_hi + 1, z)) if x[0] < x[1]]
+            mask = None
+            if part:
+                p0 = part[0][0]
+                if (z - p0) * len(rows) > MASK_TAIL_CELLS:
+                    return None
+                tail = tuple([(((lo if lo > p0 else p0) - z, hi - z),) if hi >= p0 else ()
+                              for (lo, hi), in rows])
+                mask = self._mask_tail(tail, z - p0).narrow(-1, self.bucket - n, n)
+            seg = _Segment(((a, z),), n, mask, _overlap([(a, z)], part) < n, None, None)
+            return _Step(((0, self.B, (seg,)),), (a, z, mask))
         else:
             runs = _merge([(lo, hi + 1) for r in rows for lo, hi in r])
             if len(runs) != 1:
@@ -679,6 +875,12 @@ class DecodePlan:
         interval's FULL part is the whole interval (then the row sees exactly these keys).
         None where some is not (the predicate decides those keys) or the host cannot
         evaluate a bound."""
+        if self._row_forms is not None:
+            return self._rows_affine(q_off, L)
+        return self._rows_host(q_off, L, b)
+
+    def _rows_host(self, q_off: int, L: int, b: int):
+        """:meth:`_row_intervals` through the host function, one call per row."""
         fn, Lq, Hq = self._rows_fn, self.Lq, self.Hq
         if fn is None:
             return None
@@ -691,6 +893,31 @@ class DecodePlan:
                 rows.append(ivs)
         except (TypeError, ValueError, KeyError):
             return None
+        return rows
+
+    def _rows_affine(self, q_off: int, L: int):
+        """:meth:`_row_intervals` from the bounds' row forms (``_row_forms``): each bound's
+        values at all rows at once (int ranges), then the clamps to ``[0, L)`` and the
+        exactness test of :func:`_exact_intervals` per row, on Python ints only."""
+        Lq, top = self.Lq, L - 1
+        rows = [[] for _ in range(Lq)]
+        zeros, tops = [0] * Lq, [top] * Lq
+        for lo, hi, flo, fhi in self._row_forms:
+            los = zeros if lo is None else [x if x > 0 else 0
+                                            for x in _form_values(lo, q_off, L, Lq)]
+            his = tops if hi is None else [x if x < top else top
+                                           for x in _form_values(hi, q_off, L, Lq)]
+            if flo is None:
+                if any(h >= a for a, h in zip(los, his)):
+                    return None             # keys without a FULL part: not exact
+                continue
+            flos = [x if x > 0 else 0 for x in _form_values(flo, q_off, L, Lq)]
+            fhis = [x if x < top else top for x in _form_values(fhi, q_off, L, Lq)]
+            for r, a, h, fa, fh in zip(rows, los, his, flos, fhis):
+                if h >= a:
+                    if fa != a or fh != h:
+                        return None
+                    r.append((a, h))
         return rows
 
     def _predicate(self, keys, q_off: int, L: int, b: int, inputs: dict):
@@ -844,6 +1071,18 @@ def _merge_pieces(pieces, finite: bool = False):
     return o.to(pieces[0][0].dtype), out_lse
 
 
+def _merge_closed(ivs):
+    """Closed intervals ``[lo, hi]`` merged where they overlap or touch, sorted."""
+    out = []
+    for lo, hi in sorted(ivs):
+        if out and lo <= out[-1][1] + 1:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
 def _merge(runs):
     out = []
     for a, z in sorted(runs):
@@ -941,6 +1180,8 @@ class DecodePlanCache:
 
 #: The decode plans of calls (see :class:`DecodePlanCache`).
 DECODE_PLANS = DecodePlanCache()
+#: Its fast entries per pattern (:func:`fast_step`'s first read; the dict is never replaced).
+_LAST = DECODE_PLANS._last
 
 
 # ------------------------------------------------------------------ kernel files
@@ -1005,7 +1246,9 @@ def _signature(q, k, scale, routed: bool, has_lens: bool) -> tuple:
     return (q.shape, ks[0], ks[1], ks[3], q.dtype, scale, routed, has_lens, VIEW_BYTES)
 
 
-_is_compiling = torch.compiler.is_compiling
+#: Whether dynamo traces the caller: it folds this to True (tracers that run the Python
+#: eagerly pass tensor subclasses, which :func:`fast_step` refuses by type).
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
 
 
@@ -1025,38 +1268,48 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     them: one public SDPA call on a view when the step is one
     call (any strides), else :meth:`DecodePlan.run_torch`. Anything else returns None and
     takes the full path."""
-    if _is_compiling():             # first: torch.compile traces none of the rest
+    if _is_dynamo_compiling():      # first: torch.compile traces none of the rest
         return None
-    hit = DECODE_PLANS._last.get(id(pattern))
-    if hit is None:
+    hit = _LAST.get(id(pattern))
+    if hit is None or hit[0] is not pattern:
         return None
     plan = hit[1]
     fast = plan.fast
-    if fast is None or hit[0] is not pattern:
+    if fast is None:
         return None
     sig, value, grouped = fast
-    T, S = _TENSOR, _STRIDED
+    T = _TENSOR
+    if type(q) is not T or type(k) is not T or type(v) is not T:
+        return None     # subclasses (and the fake tensors of other tracers) take the full path
     try:
         ks = k.shape
         if (q.shape, ks[0], ks[1], ks[3], q.dtype, scale, routed, seq_lens is not None,
                 VIEW_BYTES) != sig or v.shape != ks:
             return None         # (the tuple of _signature, written out: the hot path)
-    except (AttributeError, RuntimeError, TypeError, IndexError):
-        return None             # not tensors; nested tensors have no sizes
-    dt = q.dtype
-    if type(q) is not T or type(k) is not T or type(v) is not T or k.dtype is not dt \
-            or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu) \
+    except (RuntimeError, IndexError):
+        return None             # nested tensors have no sizes
+    dt, S = q.dtype, _STRIDED
+    if k.dtype is not dt or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu) \
             or q.layout is not S or k.layout is not S or v.layout is not S \
             or q.requires_grad or k.requires_grad or v.requires_grad:
         return None
-    L, bk, Lq = ks[2], plan.bucket, q.shape[2]
+    L, bk, Lq = ks[2], plan.bucket, sig[0][2]
     if L > bk or (L <= bk >> 1 and bk > MIN_BUCKET) or L < Lq:
         return None                                     # another bucket: another plan
     B = ks[0]
     if seq_lens is None:
         if routed and (L < ROUTE_MIN_LK or L < 4 * Lq):
             return None
-        lens = (L,) * B
+        lens = None
+        last = plan._last_step                          # the step of every key, length L
+        if last[0] == L and last[1] == VIEW_BYTES:
+            step = last[2]
+        else:
+            lens = (L,) * B
+            step = _fast_build(plan, lens, L, Lq, True)
+            if step is None:
+                return None
+            plan._last_step = (L, VIEW_BYTES, step)
     else:
         if type(seq_lens) is not T or not seq_lens.is_cpu or seq_lens.shape != (B,) \
                 or seq_lens.dtype not in _INT_DTYPES:
@@ -1064,19 +1317,11 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
         lens = tuple(seq_lens.tolist())
         if min(lens) < Lq or max(lens) > L:
             return None                                 # the full path says what is wrong
-    key = (lens, 0, 0, VIEW_BYTES)
-    step = plan._steps.get(key)                         # (cpu_step's memo, inlined)
-    if step is None:
-        try:
-            step = plan._row1_step(L) if seq_lens is None else None
-            if step is None:
-                step = plan.cpu_step(lens, 0, 0, {})
-            else:
-                plan._keep_step(key, step)
-        except SpattnError:
+        step = _fast_build(plan, lens, L, Lq, False)
+        if step is None:
             return None
     if step.one is None:
-        return plan.run_torch(q, k, v, lens, 0, None, 0,
+        return plan.run_torch(q, k, v, (L,) * B if lens is None else lens, 0, None, 0,
                               1.0 / math.sqrt(ks[3]) if value is None else value, {},
                               False)[0]
     a, z, mask = step.one
@@ -1087,6 +1332,28 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     o = _sdpa(q.reshape(grouped), k, v, mask) if value is None else \
         _sdpa(q.reshape(grouped), k, v, mask, scale=value)
     return o.view(q.shape)
+
+
+def _fast_build(plan, lens: tuple, L: int, Lq: int, whole: bool):
+    """The step of :func:`fast_step` at the lengths ``lens`` (a cache of ``L`` keys; every
+    key of it when ``whole``): from the plan's memo, else built (:meth:`DecodePlan._aff1_step`,
+    then :meth:`DecodePlan._row1_step`, then :meth:`DecodePlan.cpu_step`) and kept there;
+    None where the build refuses (the full path says why)."""
+    key = (lens, 0, 0, VIEW_BYTES)
+    step = plan._steps.get(key)
+    if step is not None:
+        return step
+    try:
+        if whole:
+            step = plan._aff1_step(L, L - Lq)
+            if step is None:
+                step = plan._row1_step(L)
+        if step is None:
+            return plan.cpu_step(lens, 0, 0, {})
+        plan._keep_step(key, step)
+        return step
+    except SpattnError:
+        return None
 
 
 #: The integer dtypes ``seq_lens`` may have.

@@ -324,6 +324,131 @@ def test_one_row_step_is_the_built_step(src):
             (c0, c1, t.runs, t.width, t.mask, t.full, t.empty, t.gather)
 
 
+#: Bounds a decode pattern's rows take: affine in the row and the length (sinks, windows,
+#: gaps, offsets from the cache's end, a slope of 2), and mins / maxes of them.
+_DECODE_ATOMS = ("causal", "window({a})", "sink({b})", "q - k >= {c}", "k >= {c}",
+                 "k <= Lk - {b}", "k >= q - Lq - {c}", "2 * k <= q + {c}", "k >= Lk - {a}",
+                 "k <= min(q, {a})", "k >= max(q - {a}, {c})", "q - k < {b} + Lq")
+
+
+@st.composite
+def _decode_sources(draw):
+    n = draw(st.integers(1, 3))
+    parts = [draw(st.sampled_from(_DECODE_ATOMS)).format(
+        a=draw(st.integers(1, 40)), b=draw(st.integers(1, 6)), c=draw(st.integers(-3, 8)))
+        for _ in range(n)]
+    out = parts[0]
+    for p in parts[1:]:
+        out = f"({out}) {draw(st.sampled_from(['&', '|']))} ({p})"
+    return out
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(src=st.one_of(_decode_sources(), bool_exprs()), Lq=st.integers(1, 16),
+       G=st.integers(1, 3), lengths=st.lists(st.integers(1, 90), min_size=1, max_size=4),
+       shift=st.integers(-40, 0))
+def test_affine_row_intervals_are_the_host_functions(src, Lq, G, lengths, shift):
+    """The rows' intervals from the bounds' affine forms (``_rows_affine``, int ranges over
+    all rows) are the host function's row by row (``_rows_host``), None included, at short
+    caches (the clamps to ``[0, L)``) and moved rows; the O(1) step of one affine interval
+    (``_aff1_step``), where it applies, is the one-run step built from the rows; and that
+    step has the pattern's dense mask: no key outside its run, ``mask == 0`` exactly where
+    the pattern allows the key, for every query head of a key head."""
+    try:
+        pat = spattn.compile(src, backend="torch")
+        plan = dec.DecodePlan(pat, "torch", B=1, Hq=G, Hk=1, Lq=Lq, D=16,
+                              dtype=torch.float32, device=torch.device("cpu"),
+                              bucket_len=dec.bucket(max(lengths) + Lq), paged=False, inputs={})
+    except spattn.SpattnError:
+        event("refused")
+        return
+    if plan._row_forms is None:
+        event("host function" if plan._rows_fn is not None else "no closed form")
+        return
+    event("affine forms")
+    for n in lengths:
+        L = n + Lq
+        for off in (L - Lq, L - Lq + shift):
+            rows = plan._rows_affine(off, L)
+            assert rows == plan._rows_host(off, L, 0), (src, L, off)
+            step = plan._one_run_step(L, off)
+            quick = plan._aff1_step(L, off)
+            if quick is not None:
+                event("O(1) one-run step")
+                assert step is not None and quick.one[:2] == step.one[:2], (src, L, off)
+                assert (quick.one[2] is None) == (step.one[2] is None), (src, L, off)
+                if step.one[2] is not None:
+                    assert torch.equal(quick.one[2], step.one[2]), (src, L, off)
+                (s,), (t,) = quick.groups[0][2], step.groups[0][2]
+                assert (s.runs, s.width, s.full, s.empty, s.gather) == \
+                    (t.runs, t.width, t.full, t.empty, t.gather), (src, L, off)
+            if step is None:
+                continue
+            event("one-run step")
+            a, z, mask = step.one
+            dense = pat.mask(Lq, L, q_offset=off)[0, 0]              # [Lq, L]
+            assert not dense[:, :a].any() and not dense[:, z:].any(), (src, L)
+            got = torch.ones(Lq * G, z - a, dtype=torch.bool) if mask is None else \
+                mask[0, 0] == 0
+            assert torch.equal(got, dense[:, a:z].repeat(G, 1)), (src, L)
+
+
+@pytest.mark.parametrize("Lq", [1, 4, 16], ids=lambda n: f"Lq{n}")
+def test_sinks_beside_a_window_take_the_constant_time_step(Lq):
+    """Streaming (``causal & (window(40) | sink(4))``): while the sinks touch the window
+    every row's keys are one interval and ``_aff1_step`` gives the row-built step; once
+    some row's are apart it declines (the rows' build decides: one run while other rows
+    bridge the gap, else the general build); each step is the reference's."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & (window(40) | sink(4))", backend="torch")
+    plan = dec.DecodePlan(pat, "torch", B=1, Hq=2, Hk=1, Lq=Lq, D=16, dtype=torch.float32,
+                          device=torch.device("cpu"), bucket_len=512, paged=False, inputs={})
+    assert plan._aff1 is not None
+    g = torch.Generator().manual_seed(60 + Lq)
+    k, v = _rand(1, 1, 300, 16, g=g), _rand(1, 1, 300, 16, g=g)
+    kinds = []
+    for L in (16, 30, 44, 44 + Lq - 1, 45 + Lq - 1, 60, 257, 299):
+        if L < Lq:
+            continue
+        quick, built = plan._aff1_step(L, L - Lq), plan._one_run_step(L, L - Lq)
+        kinds.append(quick is not None)
+        if quick is not None:
+            assert built is not None and quick.one[:2] == built.one[:2], L
+            assert (quick.one[2] is None) == (built.one[2] is None), L
+            if built.one[2] is not None:
+                assert torch.equal(quick.one[2], built.one[2]), L
+        if L >= 256:
+            q = _rand(1, 2, Lq, 16, g=g)
+            _close(f"L{L}", pat(q, k[:, :, :L], v[:, :, :L]),
+                   _reference(pat, q, k[:, :, :L], v[:, :, :L], [L], {})[0])
+    assert any(kinds) and not kinds[-1], kinds
+
+
+def test_fast_path_last_step_is_keyed_by_length_and_view_bytes(monkeypatch):
+    """The fast path's last step (``DecodePlan._last_step``) serves only its own length and
+    ``VIEW_BYTES``: alternating lengths, and a changed ``VIEW_BYTES`` (streaming past its
+    window: the sinks become a view of their own), each give the reference's output."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & (window(100) | sink(4))", backend="torch")
+    g = torch.Generator().manual_seed(70)
+    k, v = _rand(1, 2, 400, 16, g=g), _rand(1, 2, 400, 16, g=g)
+    pat(_rand(1, 4, 1, 16, g=g), k[:, :, :300], v[:, :, :300])     # the full path
+    for L in (300, 301, 301, 300, 399, 300):
+        q = _rand(1, 4, 1, 16, g=g)
+        _close(f"L{L}", pat(q, k[:, :, :L], v[:, :, :L]),
+               _fast_ref(pat, q, k[:, :, :L], v[:, :, :L]))
+        assert _plan(pat)._last_step[0] == L
+    monkeypatch.setattr(dec, "VIEW_BYTES", 0)
+    q = _rand(1, 4, 1, 16, g=g)
+    assert dec.fast_step(pat, q, k[:, :, :300], v[:, :, :300]) is None   # another signature
+    _close("views", pat(q, k[:, :, :300], v[:, :, :300]),
+           _fast_ref(pat, q, k[:, :, :300], v[:, :, :300]))
+    o = dec.fast_step(pat, q, k[:, :, :300], v[:, :, :300])
+    assert o is not None and _plan(pat)._last_step[1] == 0
+    _close("views, fast", o, _fast_ref(pat, q, k[:, :, :300], v[:, :, :300]))
+
+
 def _variants(g):
     """``(name, (q, k, v), call keywords)`` of calls that differ from the base call of
     :func:`test_fast_path_serves_only_its_step` (q [2, 4, 1, 32], a [2, 2, 300, 32]
