@@ -175,8 +175,7 @@ def _check(desc, pat, q, k, v, got, do, dtype, q_offset=None, inputs=None, grads
     want = torch.autograd.grad(loss, leaves, allow_unused=True)
     names = ["dq", "dk", "dv", *(f"d{n}" for n in tabs)]
     for n, a, b, leaf in zip(names, got[2:], want, leaves):
-        if n not in ("dq", "dk", "dv") and dtype != torch.float32 and "float(q - k)" in str(
-                pat.score):
+        if n not in ("dq", "dk", "dv") and dtype != torch.float32 and "(q - k)" in pat.source:
             continue    # a table times positions: delta from a 16-bit o, amplified by q - k
         a = torch.zeros_like(leaf) if a is None else a
         b = torch.zeros_like(leaf) if b is None else b
@@ -559,8 +558,72 @@ def big_case(seed: int) -> str:
     return desc
 
 
+def _grid_atom(r: random.Random, x: str, Ws) -> str:
+    W, H = r.choice(Ws), r.choice(Ws)
+    T = r.choice([0, 0, 0, 1, 3, W])
+    y = f"({x} - {T})" if T else x
+    return r.choice([f"{y} // {W}", f"{y} % {W}", f"({y} // {W}) % {H}", f"{y} // {W * H}",
+                     x, f"({y} % {W * H}) // {W}"])
+
+
+def _grid_expr(r: random.Random, Ws, depth: int) -> str:
+    if depth == 0 or r.random() < 0.3:
+        kind = r.randrange(5)
+        if kind == 0:
+            a, b = _grid_atom(r, "q", Ws), _grid_atom(r, "k", Ws)
+            return f"abs({a} - {b}) <= {r.randint(0, 3)}"
+        if kind == 1:
+            a = _grid_atom(r, "q", Ws)
+            return f"{a} {r.choice(['==', '<=', '>=', '!='])} {_grid_atom(r, 'k', Ws)}"
+        if kind == 2:
+            return f"(q - k) % {r.choice(Ws)} == {r.randint(0, 2)}"
+        if kind == 3:
+            return f"{r.choice(['q', 'k'])} {r.choice(['<', '>='])} {r.randint(0, 3 * max(Ws))}"
+        return r.choice(["causal", "k <= q", "window(3)", "sink(2)", "q == k"])
+    a, b = _grid_expr(r, Ws, depth - 1), _grid_expr(r, Ws, depth - 1)
+    return r.choice([f"({a} & {b})", f"({a} & {b})", f"({a} | {b})", f"~({a})"])
+
+
+def disc_case(seed: int) -> str:
+    """A random flattened expression of grid coordinates (``q // W``, ``q % W``,
+    ``(q // W) % H``, after ``T`` tokens, ``(q - k) % d``) with ``SPATTN_LAYOUT=on``: the
+    grid the runtime discovers, the box and the remap must leave every output element as
+    in sequence order."""
+    r = random.Random(seed)
+    backend = r.choice(["torch", "torch", "triton"])
+    base = r.choice([2, 3, 4, 5, 6, 8])
+    Ws = sorted({base, base * r.choice([2, 3]), r.choice([2, 3, 4, 5, 7])})
+    src = _grid_expr(r, Ws, r.randint(1, 3))
+    L = r.choice([base * r.randint(2, 10), max(Ws) * r.randint(2, 6) + r.choice([0, 0, 1, 3]),
+                  r.randint(1, 80)])
+    Hk = r.choice([1, 2])
+    Hq = Hk * r.choice([1, 2])
+    B, D = r.choice([1, 2]), r.choice([16, 17, 24])
+    desc = f"disc:{seed} {backend} {src!r} L={L} B{B}-Hq{Hq}-Hk{Hk}-D{D}"
+    LAST["desc"] = desc
+    try:
+        pat = spattn.compile(src, backend=backend)
+    except SpattnError:
+        return desc + " (refused at compile)"
+    g = torch.Generator().manual_seed(seed)
+    (q, k, v), _ = _tensors(g, B, Hq, Hk, L, L, D, torch.float32)
+    old = _env({"SPATTN_LAYOUT": "on"})
+    try:
+        plan = pat.plan(q, k, v)
+        o, lse = pat(q, k, v, plan=plan, return_lse=True)
+        do = torch.randn(o.shape, generator=g)
+        got = [o, lse, *_grads(o, lse, (q, k, v), do, None)]
+    except SpattnError as e:
+        return desc + f" (refused: {str(e).splitlines()[0][:100]})"
+    finally:
+        _env(old)
+    desc += f" {type(plan).__name__}"
+    _check(desc, pat, q, k, v, got, do, torch.float32)
+    return desc
+
+
 KINDS = {"grid": grid_case, "order": order_case, "route": route_case, "splan": splan_case,
-         "decode": decode_case, "big": big_case}
+         "decode": decode_case, "big": big_case, "disc": disc_case}
 
 
 def main():
