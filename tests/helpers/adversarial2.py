@@ -622,8 +622,70 @@ def disc_case(seed: int) -> str:
     return desc
 
 
+LOOP_MASKS = ["causal", "causal & window(W)", "causal & (window(W) | sink(S))",
+              "causal & q - k >= C", "causal & k >= S & window(W)", "k <= q - C | k < S",
+              "causal & q - k < [W, S, C, 7][h]", "causal & (q - k) % C != 0",
+              "causal & window(W) | k == q + 1", "k <= q + C & k >= q - W",
+              "causal & k >= Lk - W", "causal & (window(W) | sink(S)) & k != S + 1",
+              "causal & (q - k <= W | q - k >= W + C)", "chunked(W) & causal",
+              "causal & k // C == q // C | k < S"]
+
+
+def loop_case(seed: int) -> str:
+    """A decode loop: one pattern object called at growing cache lengths (routed
+    ``pat(q, k, v)`` or ``decode``, with or without ``seq_lens``), the CPU step's memo, fast
+    entry and one-run steps on the torch backend (some Triton): every step against the
+    reference."""
+    r = random.Random(seed)
+    backend = r.choice(["torch", "torch", "torch", "triton"])
+    W, S, C = r.randint(1, 70), r.randint(1, 9), r.randint(1, 12)
+    src = r.choice(LOOP_MASKS).replace("W", str(W)).replace("S", str(S)).replace("C", str(C))
+    Hk = r.choice([1, 2])
+    Hq = Hk * r.choice([1, 2]) if "[h]" not in src else r.choice([1, 2, 4])
+    Hk = Hk if Hq % Hk == 0 else 1
+    B, Lq, D = r.choice([1, 1, 2]), r.choice([1, 1, 1, 2, 3, 5]), r.choice([16, 24])
+    L0 = r.randint(max(Lq, 200), 560)
+    steps = r.randint(3, 8)
+    step_by = r.choice([1, 1, Lq, r.randint(1, 40)])
+    entry = r.choice(["route", "decode", "decode_lens"])
+    scale = r.choice([None, None, 0.3])
+    dtype = r.choice([torch.float32, torch.float32, torch.bfloat16])
+    desc = (f"loop:{seed} {backend} {src!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-D{D} L0={L0} "
+            f"steps={steps}x{step_by} {entry} scale={scale} {dtype}")
+    LAST["desc"] = desc
+    pat = spattn.compile(src, backend=backend)
+    g = torch.Generator().manual_seed(seed)
+    cap = L0 + steps * step_by
+    kc, vc = (torch.randn(B, Hk, cap, D, generator=g).to(dtype) for _ in range(2))
+    for i in range(steps):
+        L = L0 + i * step_by
+        q = torch.randn(B, Hq, Lq, D, generator=g).to(dtype)
+        try:
+            if entry == "route":
+                o = pat(q, kc[:, :, :L], vc[:, :, :L], scale=scale)
+            elif entry == "decode":
+                o = pat.decode(q, kc[:, :, :L], vc[:, :, :L], scale=scale)
+            else:
+                lens = torch.tensor([L - r.randint(0, 5 * (b > 0)) for b in range(B)])
+                o = pat.decode(q, kc, vc, seq_lens=lens, scale=scale)
+        except SpattnError as e:
+            return desc + f" (refused at step {i}: {str(e).splitlines()[0][:100]})"
+        for b in range(B):
+            Lb = L if entry != "decode_lens" else int(lens[b])
+            m = pat.mask(Lq, Lb, num_heads=Hq)
+            kx, vx = (t[b:b + 1, :, :Lb].double().repeat_interleave(Hq // Hk, 1)
+                      for t in (kc, vc))
+            qd = q[b:b + 1].double()
+            if scale is not None:
+                qd = qd * scale * D ** 0.5
+            ro, _ = attention_reference(qd, kx, vx, m)
+            _close(f"{desc} step {i} (L={Lb}) b={b} o", o[b:b + 1], ro, atol=_tol(dtype))
+    return desc
+
+
 KINDS = {"grid": grid_case, "order": order_case, "route": route_case, "splan": splan_case,
-         "decode": decode_case, "big": big_case, "disc": disc_case}
+         "decode": decode_case, "big": big_case, "disc": disc_case,
+         "loop": loop_case}
 
 
 def main():
