@@ -85,7 +85,44 @@ def one(seed: int) -> str:
         return "refused"
     back = spattn.compile(p.source)
     assert back == p, f"source {p.source!r} compiles to another pattern"
-    return "ok"
+    return _run(r, p)
+
+
+def _run(r: random.Random, p) -> str:
+    """Call a compiled pattern on tiny tensors (torch backend) against the reference."""
+    import torch
+    from spattn.runtime.reference import pattern_reference
+    L = r.randint(1, 24)
+    if p.grid is not None:
+        cells = 1
+        for x in p.grid:
+            cells *= x
+        L = p.grid_offset + cells + p.grid_suffix
+        if L > 300:
+            return "ok (grid too long to call)"
+    Lq = L if (p.grid is not None or r.random() < 0.5) else r.randint(1, 24)
+    g = torch.Generator().manual_seed(r.randrange(2 ** 31))
+    q = torch.randn(1, 2, Lq, 16, generator=g)
+    k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(2))
+    ins = {}
+    for name, nd in p.inputs.items():
+        ins[name] = torch.randint(0, 3, (L,) if nd == 1 else (L,) * nd, generator=g)
+    for name, nd in (p.score_inputs or {}).items():
+        ins[name] = torch.randn((2,) + (40,) * (nd - 1) if nd > 1 else (40,), generator=g)
+    q_offset = r.choice([None, 0, 3, -2])
+    p = spattn.compile(p.source, backend="torch", **({}))
+    try:
+        o = p(q, k, v, q_offset=q_offset, **ins)
+    except SpattnError:
+        return "ok (refused at the call)"
+    ro, _ = pattern_reference(p, q.double(), k.double(), v.double(), q_offset=q_offset,
+                              **{n: t.double() if t.is_floating_point() else t
+                                 for n, t in ins.items()})
+    if ro.isnan().any():
+        return "ok (NaN reference)"
+    assert not o.isnan().any(), "NaN output"
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
+    return "ran"
 
 
 def main():
