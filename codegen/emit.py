@@ -258,6 +258,21 @@ def _par(code: str) -> str:
     return code if _atomic(code) else f"({code})"
 
 
+#: Operands of one flat chain ``a + b + ...`` at most: Python parses a chain into a
+#: left-nested tree, and Triton's code generator (and the interpreter's AST rewrite) visit it
+#: recursively, one level per operand: a chain of some hundreds (T5 buckets of
+#: ``log_bucket(n, 1, M, 4096)``, thousands of ranges or'ed) exceeded Python's recursion
+#: limit. Longer chains are written as chains of parenthesised chunks (depth ~ 32 per level).
+CHAIN = 32
+
+
+def _chain(op: str, items: list) -> str:
+    """``op.join(items)``, grouped into parenthesised chunks of :data:`CHAIN` when longer."""
+    while len(items) > CHAIN:
+        items = [_par(op.join(items[i:i + CHAIN])) for i in range(0, len(items), CHAIN)]
+    return op.join(items)
+
+
 def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[str] = (),
          load_ref: Callable[[str, int], tuple[str, str, str]] | None = None,
          nonneg_vars=NONNEG_VARS, positive_vars=POSITIVE_VARS,
@@ -445,6 +460,13 @@ class _Emitter(Visitor):
         const = _fit(n.const)
         if const:
             parts.append(("-" if const < 0 else "+", str(abs(const))))
+        if len(parts) > CHAIN:      # chunks of signed terms, added (see _chain)
+            return _chain(" + ", [_par(self._signed(parts[i:i + CHAIN]))
+                                  for i in range(0, len(parts), CHAIN)])
+        return self._signed(parts)
+
+    @staticmethod
+    def _signed(parts) -> str:
         s0, t0 = parts[0]
         text = (f"-{_par(t0)}" if s0 == "-" else t0)
         for s, t in parts[1:]:
@@ -453,7 +475,7 @@ class _Emitter(Visitor):
 
     @rule(Prod)
     def prod(self, n, c):
-        return " * ".join(_par(x) for x in c)
+        return _chain(" * ", [_par(x) for x in c])
 
     @rule(FloorDiv, Mod)
     def division(self, n, c):
@@ -553,7 +575,7 @@ class _Emitter(Visitor):
     @rule(And, Or)
     def junction(self, n, c):
         op = " & " if isinstance(n, And) else " | "
-        return op.join(_par(x) for x in c)
+        return _chain(op, [_par(x) for x in c])
 
     # -- float nodes (a score and its derivatives; fp32 in the kernel)
 
@@ -571,11 +593,11 @@ class _Emitter(Visitor):
 
     @rule(FAdd)
     def fadd(self, n, c):
-        return " + ".join(c)
+        return _chain(" + ", list(c))
 
     @rule(FMul)
     def fmul(self, n, c):
-        return " * ".join(_par(x) for x in c)
+        return _chain(" * ", [_par(x) for x in c])
 
     @rule(FDiv)
     def fdiv(self, n, c):

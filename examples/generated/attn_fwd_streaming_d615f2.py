@@ -1,4 +1,4 @@
-# spattn-kernel key=cdee58edc80a3e2492d6982bd7a73fe9 sha256=94bb42e0c6cc70a8392c1298555ca47e34c6301fd05bd211f2642898eaf78821
+# spattn-kernel key=d615f23c028fb06d92cfc78e1b5a6a50 sha256=d356339e664cc5225a8d63e7eef1c1279438a0ed0f250caabb8d456ce8834607
 """spattn generated forward attention kernel for pattern `streaming`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: ranges
     (closed-form key ranges computed in the kernel from the tile index)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_streaming_cdee58
-Codegen version: 15; cache key cdee58edc80a3e2492d6982bd7a73fe9
+Kernels: attn_fwd_streaming_d615f2
+Codegen version: 16; cache key d615f23c028fb06d92cfc78e1b5a6a50
 Forward loop: fused (one loop over all 3 interval pieces, predicate only on PARTIAL tiles)
 Loads: TMA tensor descriptors for Q, K, V, O (block [1, 1, rows, BLOCK_D]; the stride
        arguments are unused)
@@ -61,7 +61,7 @@ def _split(start, end, full_start, full_end):
 
 
 @triton.jit
-def _fwd_fused_cdee58(
+def _fwd_fused_d615f2(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_kh,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -118,7 +118,7 @@ def _fwd_fused_cdee58(
 
 
 @triton.jit
-def attn_fwd_streaming_cdee58(
+def attn_fwd_streaming_d615f2(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -185,7 +185,7 @@ def attn_fwd_streaming_cdee58(
     # 1b: tiles [ps, pe), FULL where in [f1, g1)
     pa2, pz2, pf2, pg2 = ps, pe, f1, g1
     # the 3 pieces in one loop
-    acc, l_i, m_i = _fwd_fused_cdee58(
+    acc, l_i, m_i = _fwd_fused_d615f2(
         acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, pa0, pz0, pf0,
         pg0, pa1, pz1, pf1, pg1, pa2, pz2, pf2, pg2, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
@@ -198,4 +198,4 @@ def attn_fwd_streaming_cdee58(
     tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
 
 
-KERNEL = attn_fwd_streaming_cdee58
+KERNEL = attn_fwd_streaming_d615f2
