@@ -273,6 +273,35 @@ def _chain(op: str, items: list) -> str:
     return op.join(items)
 
 
+def _fold(fn: str, items: list, extra: str = "") -> str:
+    """``fn(fn(a, b), c)...`` (``tl.minimum``), folded per chunk of :data:`CHAIN` and the
+    chunks folded again: Python refuses more than 200 nested parentheses."""
+    while True:
+        out = []
+        for i in range(0, len(items), CHAIN):
+            acc = items[i]
+            for x in items[i + 1:i + CHAIN]:
+                acc = f"{fn}({acc}, {x}{extra})"
+            out.append(acc)
+        if len(out) == 1:
+            return out[0]
+        items = out
+
+
+def _pick(idx: str, vals: list, lo: int = 0) -> str:
+    """Entry ``idx - lo`` of the literals ``vals``: a ``tl.where`` chain (the last entry
+    where no other matches), split in halves by ``idx < mid`` beyond :data:`CHAIN` entries
+    (a chain nests one parenthesis per entry; Python refuses more than 200)."""
+    if len(vals) > CHAIN:
+        h = len(vals) // 2
+        return (f"tl.where({idx} < {lo + h}, {_pick(idx, vals[:h], lo)}, "
+                f"{_pick(idx, vals[h:], lo + h)})")
+    acc = vals[-1]
+    for i in range(len(vals) - 2, -1, -1):
+        acc = f"tl.where({idx} == {lo + i}, {vals[i]}, {acc})"
+    return acc
+
+
 def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[str] = (),
          load_ref: Callable[[str, int], tuple[str, str, str]] | None = None,
          nonneg_vars=NONNEG_VARS, positive_vars=POSITIVE_VARS,
@@ -502,10 +531,7 @@ class _Emitter(Visitor):
         fn = "tl.minimum" if isinstance(n, Min) else "tl.maximum"
         c = [str(min(max(a.value, INT64_MIN), INT64_MAX)) if isinstance(a, Const) else x
              for a, x in zip(n.args, c)]
-        acc = c[0]
-        for x in c[1:]:
-            acc = f"{fn}({acc}, {x})"
-        return acc
+        return _fold(fn, c)
 
     @rule(Select)
     def select(self, n, c):
@@ -514,12 +540,7 @@ class _Emitter(Visitor):
 
     @rule(Table)
     def table(self, n, c):
-        idx = _par(c[0])
-        vals = list(n.values)
-        acc = str(vals[-1])
-        for i in range(len(vals) - 2, -1, -1):
-            acc = f"tl.where({idx} == {i}, {vals[i]}, {acc})"
-        return self._wide(acc)
+        return self._wide(_pick(_par(c[0]), [str(v) for v in n.values]))
 
     @rule(Load)
     def load(self, n, c):
@@ -609,10 +630,7 @@ class _Emitter(Visitor):
         if fn in ("min", "max"):
             # NaN propagates, as in torch (the reference): on the GPU tl.minimum would
             # otherwise return the other operand
-            acc = c[0]
-            for x in c[1:]:
-                acc = f"tl.{fn}imum({acc}, {x}, propagate_nan=tl.PropagateNan.ALL)"
-            return acc
+            return _fold(f"tl.{fn}imum", list(c), ", propagate_nan=tl.PropagateNan.ALL")
         x = c[0]
         if fn == "tanh":          # tanh(x) = 2 sigmoid(2x) - 1 (no tl.tanh)
             return f"(2.0 * tl.sigmoid(2.0 * {_par(x)}) - 1.0)"
@@ -629,12 +647,7 @@ class _Emitter(Visitor):
 
     @rule(FTable)
     def ftable(self, n, c):
-        idx = _par(c[0])
-        vals = [repr(float(v)) for v in n.values]
-        acc = vals[-1]
-        for i in range(len(vals) - 2, -1, -1):
-            acc = f"tl.where({idx} == {i}, {vals[i]}, {acc})"
-        return acc
+        return _pick(_par(c[0]), [repr(float(v)) for v in n.values])
 
     @rule(FLoad)
     def fload(self, n, c):
