@@ -7,14 +7,17 @@ and a compiled pattern's canonical source compiles back to an equal pattern.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import signal
 import traceback
 import warnings
 
-import spattn
-from spattn.dsl.errors import SpattnError
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import spattn  # noqa: E402
+from spattn.dsl.errors import SpattnError  # noqa: E402
 
 SEEDS = [
     "param BEFORE = 5\nparam ROWS = 6\nparam COLS = 8\nparam AFTER = 7\nparam r = 1\n"
@@ -39,6 +42,9 @@ SEEDS = [
     "dilated(512, 4) | strided(128)",
     "def twice(s) = s * 2.0\npattern p = causal score twice(s)",
     "full score s + float(log_bucket(abs(q - k), 8, 128, 16)) * 0.1",
+    "causal & q - k <= [" + ", ".join(str(i % 9) for i in range(60)) + "][q % 60]",
+    "full score s + [" + ", ".join(str(i % 5 / 4) for i in range(60)) + "][k % 60]",
+    "k <= min(" + ", ".join(f"q + {i}" for i in range(40)) + ") & k >= q - 7",
 ]
 TOKENS = ["(", ")", "[", "]", ",", ":", "&", "|", "~", "+", "-", "*", "/", "//", "%", "==",
           "<", "<=", ">=", "!=", "q", "k", "h", "b", "s", "Lq", "Lk", "H", "0", "1", "-1",
@@ -89,7 +95,8 @@ def one(seed: int) -> str:
 
 
 def _run(r: random.Random, p) -> str:
-    """Call a compiled pattern on tiny tensors (torch backend) against the reference."""
+    """Call a compiled pattern on tiny tensors (torch backend, or the Triton kernels under
+    the interpreter) against the reference."""
     import torch
     from spattn.runtime.reference import pattern_reference
     L = r.randint(1, 24)
@@ -110,7 +117,8 @@ def _run(r: random.Random, p) -> str:
     for name, nd in (p.score_inputs or {}).items():
         ins[name] = torch.randn((2,) + (40,) * (nd - 1) if nd > 1 else (40,), generator=g)
     q_offset = r.choice([None, 0, 3, -2])
-    p = spattn.compile(p.source, backend="torch", **({}))
+    backend = r.choice(["torch", "triton"])
+    p = spattn.compile(p.source, backend=backend)
     try:
         o = p(q, k, v, q_offset=q_offset, **ins)
     except SpattnError:
