@@ -360,6 +360,10 @@ class _Requirements(MaskPass):
         self.need(n.a, "dividend")
         if static_names(n.b) is None:       # a Python int may be anything nonzero
             self.need(n.b, "divisor")
+        elif isinstance(n.b, Const) and self.bits < 64:
+            # a literal divisor is a literal of the kernel (beyond int64 the emitter folds
+            # the quotient; in a 32-bit kernel 2**31 and more is no int32 literal)
+            self.need(n.b, "divisor")
 
     @rule(Abs)
     def abs(self, n):
