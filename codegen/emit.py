@@ -288,17 +288,19 @@ def _fold(fn: str, items: list, extra: str = "") -> str:
         items = out
 
 
-def _pick(idx: str, vals: list, lo: int = 0) -> str:
+def _pick(idx: str, vals: list, lo: int = 0, wide: bool = False) -> str:
     """Entry ``idx - lo`` of the literals ``vals``: a ``tl.where`` chain (the last entry
     where no other matches), split in halves by ``idx < mid`` beyond :data:`CHAIN` entries
     (a chain nests one parenthesis per entry; Python refuses more than 200)."""
     if len(vals) > CHAIN:
         h = len(vals) // 2
-        return (f"tl.where({idx} < {lo + h}, {_pick(idx, vals[:h], lo)}, "
-                f"{_pick(idx, vals[h:], lo + h)})")
+        return (f"tl.where({idx} < {lo + h}, {_pick(idx, vals[:h], lo, wide)}, "
+                f"{_pick(idx, vals[h:], lo + h, wide)})")
     acc = vals[-1]
     for i in range(len(vals) - 2, -1, -1):
         acc = f"tl.where({idx} == {lo + i}, {vals[i]}, {acc})"
+        if wide and i == len(vals) - 2:
+            acc += ".to(tl.int64)"      # the chain's type: a later literal past int32 fits
     return acc
 
 
@@ -540,7 +542,8 @@ class _Emitter(Visitor):
 
     @rule(Table)
     def table(self, n, c):
-        return self._wide(_pick(_par(c[0]), [str(v) for v in n.values]))
+        return self._wide(_pick(_par(c[0]), [str(_fit(v)) for v in n.values],
+                                wide=self.int64))
 
     @rule(Load)
     def load(self, n, c):

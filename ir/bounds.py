@@ -387,6 +387,8 @@ class _Requirements(MaskPass):
     def table(self, n):
         self.need(n, "value")
         self.need(n.index, "index")
+        if self.bits < 64:          # every entry is a literal of the kernel, reached or not
+            self.need(n, "list entry", (min(n.values), max(n.values)))
 
     @rule(Load)
     def load(self, n):

@@ -114,3 +114,20 @@ def test_a_literal_divisor_past_int32_runs_in_64_bits(src):
     kc, vc = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(2))
     with pytest.raises(SpattnValueError, match="64-bit"):
         pat.decode(q[:, :, :2], kc, vc)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("big", [3000000000, 2 ** 63], ids=["B1-H2-L5-entry-3e9", "B1-H2-L5-entry-2p63"])
+def test_a_list_entry_the_call_never_reads_is_still_a_literal(big):
+    """Every entry of a list is a literal of the kernel, read or not: an entry past int32
+    (past int64) that the call's positions never select kept the kernel 32-bit (a raw
+    interpreter error, 'Scalar ... out of range for type int32'); it now makes the kernel
+    64-bit (and an entry past int64 is written wrapped: it is never selected)."""
+    vals = [i % 9 for i in range(60)]
+    vals[55] = big
+    pat = spattn.compile(f"causal & q - k <= {vals}[q % 60]", backend="triton")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=g) for _ in range(3))
+    o = pat(q, k, v)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), pat.mask(5, 5, num_heads=2))
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
