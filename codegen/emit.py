@@ -271,6 +271,52 @@ def _par(code: str) -> str:
     return code if _atomic(code) else f"({code})"
 
 
+#: Operands of one flat chain ``a + b + ...`` at most: Python parses a chain into a
+#: left-nested tree, and Triton's code generator (and the interpreter's AST rewrite) visit it
+#: recursively, one level per operand: a chain of some hundreds (T5 buckets of
+#: ``log_bucket(n, 1, M, 4096)``, thousands of ranges or'ed) exceeded Python's recursion
+#: limit. Longer chains are written as chains of parenthesised chunks (depth ~ 32 per level).
+CHAIN = 32
+
+
+def _chain(op: str, items: list) -> str:
+    """``op.join(items)``, grouped into parenthesised chunks of :data:`CHAIN` when longer."""
+    while len(items) > CHAIN:
+        items = [_par(op.join(items[i:i + CHAIN])) for i in range(0, len(items), CHAIN)]
+    return op.join(items)
+
+
+def _fold(fn: str, items: list, extra: str = "") -> str:
+    """``fn(fn(a, b), c)...`` (``tl.minimum``), folded per chunk of :data:`CHAIN` and the
+    chunks folded again: Python refuses more than 200 nested parentheses."""
+    while True:
+        out = []
+        for i in range(0, len(items), CHAIN):
+            acc = items[i]
+            for x in items[i + 1:i + CHAIN]:
+                acc = f"{fn}({acc}, {x}{extra})"
+            out.append(acc)
+        if len(out) == 1:
+            return out[0]
+        items = out
+
+
+def _pick(idx: str, vals: list, lo: int = 0, wide: bool = False) -> str:
+    """Entry ``idx - lo`` of the literals ``vals``: a ``tl.where`` chain (the last entry
+    where no other matches), split in halves by ``idx < mid`` beyond :data:`CHAIN` entries
+    (a chain nests one parenthesis per entry; Python refuses more than 200)."""
+    if len(vals) > CHAIN:
+        h = len(vals) // 2
+        return (f"tl.where({idx} < {lo + h}, {_pick(idx, vals[:h], lo, wide)}, "
+                f"{_pick(idx, vals[h:], lo + h, wide)})")
+    acc = vals[-1]
+    for i in range(len(vals) - 2, -1, -1):
+        acc = f"tl.where({idx} == {lo + i}, {vals[i]}, {acc})"
+        if wide and i == len(vals) - 2:
+            acc += ".to(tl.int64)"      # the chain's type: a later literal past int32 fits
+    return acc
+
+
 def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[str] = (),
          load_ref: Callable[[str, int], tuple[str, str, str]] | None = None,
          nonneg_vars=NONNEG_VARS, positive_vars=POSITIVE_VARS,
@@ -485,6 +531,13 @@ class _Emitter(Visitor):
         const = _fit(n.const)
         if const:
             parts.append(("-" if const < 0 else "+", str(abs(const))))
+        if len(parts) > CHAIN:      # chunks of signed terms, added (see _chain)
+            return _chain(" + ", [_par(self._signed(parts[i:i + CHAIN]))
+                                  for i in range(0, len(parts), CHAIN)])
+        return self._signed(parts)
+
+    @staticmethod
+    def _signed(parts) -> str:
         s0, t0 = parts[0]
         text = (f"-{_par(t0)}" if s0 == "-" else t0)
         for s, t in parts[1:]:
@@ -493,7 +546,7 @@ class _Emitter(Visitor):
 
     @rule(Prod)
     def prod(self, n, c):
-        return " * ".join(_par(x) for x in c)
+        return _chain(" * ", [_par(x) for x in c])
 
     @rule(FloorDiv, Mod)
     def division(self, n, c):
@@ -520,10 +573,7 @@ class _Emitter(Visitor):
         fn = "tl.minimum" if isinstance(n, Min) else "tl.maximum"
         c = [str(min(max(a.value, INT64_MIN), INT64_MAX)) if isinstance(a, Const) else x
              for a, x in zip(n.args, c)]
-        acc = c[0]
-        for x in c[1:]:
-            acc = f"{fn}({acc}, {x})"
-        return acc
+        return _fold(fn, c)
 
     @rule(Select)
     def select(self, n, c):
@@ -532,12 +582,8 @@ class _Emitter(Visitor):
 
     @rule(Table)
     def table(self, n, c):
-        idx = _par(c[0])
-        vals = list(n.values)
-        acc = str(vals[-1])
-        for i in range(len(vals) - 2, -1, -1):
-            acc = f"tl.where({idx} == {i}, {vals[i]}, {acc})"
-        return self._wide(acc)
+        return self._wide(_pick(_par(c[0]), [str(_fit(v)) for v in n.values],
+                                wide=self.int64))
 
     @rule(Load)
     def load(self, n, c):
@@ -593,7 +639,7 @@ class _Emitter(Visitor):
     @rule(And, Or)
     def junction(self, n, c):
         op = " & " if isinstance(n, And) else " | "
-        return op.join(_par(x) for x in c)
+        return _chain(op, [_par(x) for x in c])
 
     # -- float nodes (a score and its derivatives; fp32 in the kernel)
 
@@ -611,11 +657,11 @@ class _Emitter(Visitor):
 
     @rule(FAdd)
     def fadd(self, n, c):
-        return " + ".join(c)
+        return _chain(" + ", list(c))
 
     @rule(FMul)
     def fmul(self, n, c):
-        return " * ".join(_par(x) for x in c)
+        return _chain(" * ", [_par(x) for x in c])
 
     @rule(FDiv)
     def fdiv(self, n, c):
@@ -627,10 +673,7 @@ class _Emitter(Visitor):
         if fn in ("min", "max"):
             # NaN propagates, as in torch (the reference): on the GPU tl.minimum would
             # otherwise return the other operand
-            acc = c[0]
-            for x in c[1:]:
-                acc = f"tl.{fn}imum({acc}, {x}, propagate_nan=tl.PropagateNan.ALL)"
-            return acc
+            return _fold(f"tl.{fn}imum", list(c), ", propagate_nan=tl.PropagateNan.ALL")
         x = c[0]
         if fn == "tanh" and self.fast_tanh:
             self.out.uses_tanh = True
@@ -650,12 +693,7 @@ class _Emitter(Visitor):
 
     @rule(FTable)
     def ftable(self, n, c):
-        idx = _par(c[0])
-        vals = [repr(float(v)) for v in n.values]
-        acc = vals[-1]
-        for i in range(len(vals) - 2, -1, -1):
-            acc = f"tl.where({idx} == {i}, {vals[i]}, {acc})"
-        return acc
+        return _pick(_par(c[0]), [repr(float(v)) for v in n.values])
 
     @rule(FLoad)
     def fload(self, n, c):

@@ -360,6 +360,10 @@ class _Requirements(MaskPass):
         self.need(n.a, "dividend")
         if static_names(n.b) is None:       # a Python int may be anything nonzero
             self.need(n.b, "divisor")
+        elif isinstance(n.b, Const) and self.bits < 64:
+            # a literal divisor is a literal of the kernel (beyond int64 the emitter folds
+            # the quotient; in a 32-bit kernel 2**31 and more is no int32 literal)
+            self.need(n.b, "divisor")
 
     @rule(Abs)
     def abs(self, n):
@@ -383,6 +387,8 @@ class _Requirements(MaskPass):
     def table(self, n):
         self.need(n, "value")
         self.need(n.index, "index")
+        if self.bits < 64:          # every entry is a literal of the kernel, reached or not
+            self.need(n, "list entry", (min(n.values), max(n.values)))
 
     @rule(Load)
     def load(self, n):

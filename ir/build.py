@@ -622,12 +622,25 @@ def log_bucket_thresholds(exact: int, max_distance: int, buckets: int) -> tuple[
 
     out = []
     for j in range(1, span):
-        guess = max(exact, math.ceil(exact * (max_distance / exact) ** (j / span)))
-        while guess > exact and bucket(guess - 1) >= exact + j:
-            guess -= 1
-        while bucket(guess) < exact + j:
-            guess += 1
-        out.append(guess)
+        # the least n with bucket(n) >= exact + j, by bisection around the float guess
+        # (bucket is monotone; a float guess of a huge threshold is off by its ulp, too many
+        # integers to step through one by one)
+        guess = max(exact + 1, math.ceil(exact * (max_distance / exact) ** (j / span)))
+        lo, hi = exact, guess                   # bucket(lo) < exact + j <= bucket(hi)
+        while bucket(hi) < exact + j:
+            lo, hi = hi, 2 * hi
+        if bucket(hi - 1) >= exact + j:         # the guess is high: bisect below it
+            step = 1
+            while hi - step > lo and bucket(hi - step) >= exact + j:
+                hi, step = hi - step, 2 * step
+            lo = max(lo, hi - step)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if bucket(mid) >= exact + j:
+                hi = mid
+            else:
+                lo = mid
+        out.append(hi)
     return tuple(out)
 
 

@@ -376,3 +376,39 @@ def test_every_variant_renders(src, strategy, tma, int64):
                 assert marker in text, (kind, loop, marker)
             assert ("tl.cast(Lq, tl.int64)" in text) is int64
             assert (".load([" in text) is cfg.tma
+
+
+def _depth(node) -> int:
+    import ast
+    return 1 + max((_depth(c) for c in ast.iter_child_nodes(node)), default=0)
+
+
+@pytest.mark.parametrize("src,score", [
+    ("log_bucket(abs(q - k), 1, 1000000, 400) <= 9", None),
+    ("full", "s + float(log_bucket(abs(q - k), 1, 1000000, 400)) * 0.01"),
+    ("causal", " + ".join(f"float(q % {i + 2}) * {i + 1}e-3" for i in range(300)) + " + s"),
+    ("causal & q - k <= [" + ", ".join(str(i * 7 % 11) for i in range(300)) + "][q % 300]",
+     None),
+    ("causal", "s + [" + ", ".join(str(i * 7 % 11 / 10) for i in range(300)) + "][k % 300]"),
+    ("k <= min(" + ", ".join(f"q + {i}" for i in range(250)) + ")", None),
+], ids=["mask-400-terms", "score-400-terms", "score-300-floats", "mask-list-300",
+        "score-list-300", "mask-min-250"])
+def test_long_chains_are_emitted_shallow(fresh_cache, src, score):
+    """A sum (or junction) of many operands is emitted as chunks of at most ``CHAIN``
+    operands: a flat chain of hundreds (``log_bucket`` with 400 buckets and more) parsed into an AST
+    deeper than Python's recursion limit, which the interpreter's AST rewrite (and Triton's
+    code generator) visit recursively: a raw RecursionError at the first call. The kernel
+    then matches the reference. A list of 300 entries, or a min of 250 arguments, nested
+    one ``tl.where`` (``tl.minimum``) per entry: Python refuses 200 nested parentheses."""
+    import ast
+    from spattn.runtime.reference import pattern_reference
+    p = spattn.compile(src, score=score, backend="triton")
+    roots = [p.ir] if score is None else [p.score]
+    em = emit(roots, {**ENV, "s": "s"}, loop_vars=["k"], result_names=["r"])
+    depth = max(_depth(ast.parse(line.strip())) for line in em.outer + em.inner + em.results
+                if line.strip())
+    assert depth < 200, depth
+    q, k, v = rand_qkv(1, 1, 1, 16, 16, 16, seed=4)
+    o = p(q, k, v)
+    ro, _ = pattern_reference(p, q.double(), k.double(), v.double())
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)

@@ -133,6 +133,24 @@ def test_t5_buckets_match_the_t5_formula(macro, bidirectional, nb, md):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("exact,md,nb", [(8, 10 ** 30, 16), (2, 10 ** 70, 40), (16, 128, 32)],
+                         ids=["8-1e30-16", "2-1e70-40", "16-128-32"])
+def test_log_bucket_thresholds_of_any_max_distance(exact, md, nb):
+    """The thresholds are the least distances of each bucket by T5's float64 formula, found
+    by bisection: a max_distance of 10**30 put a threshold's float guess some 10**11
+    integers off, which the search stepped through one at a time (compile hung)."""
+    from spattn.ir.build import log_bucket_thresholds
+
+    def bucket(n):
+        return exact + int(math.log(n / exact) / math.log(md / exact) * (nb - exact))
+    ts = log_bucket_thresholds(exact, md, nb)
+    assert len(ts) == nb - exact - 1
+    for j, t in enumerate(ts, 1):
+        assert bucket(t) >= exact + j and (t - 1 == exact or bucket(t - 1) < exact + j)
+    p = spattn.compile("full", score=f"s + float(log_bucket(abs(q - k), {exact}, {md}, {nb}))")
+    assert spattn.compile(p.source) == p
+
+
 @pytest.mark.parametrize("mask,score,kw", SCORES, ids=IDS)
 def test_derivatives_match_autograd(mask, score, kw):
     """The sympy derivatives (d/ds and d/d load) against torch autograd of the score."""

@@ -93,3 +93,41 @@ def test_score_integers_are_exact_or_refused(backend):
     o = ok(q, k, v)
     ro, _ = pattern_reference(ok, q.double(), k.double(), v.double())
     torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("src", ["k // 2147483648 == 0 & causal",
+                                 "q % 4611686018427387904 == k % 64", "strided(2147483648)"],
+                         ids=["B1-H2-L16-div-2p31", "B1-H2-L16-mod-2p62", "B1-H2-L16-strided-2p31"])
+def test_a_literal_divisor_past_int32_runs_in_64_bits(src):
+    """A constant divisor of 2**31 or more (with a small dividend) makes the kernel 64-bit,
+    as any other literal past int32 does: the 32-bit choice read divisors of lengths and
+    constants as host values and emitted the literal into an int32 kernel (a raw
+    interpreter error, 'Scalar 2147483648 is out of range for type int32'). The 32-bit
+    decode kernel refuses it with a SpattnValueError."""
+    pat = spattn.compile(src, backend="triton")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g) for _ in range(3))
+    o = pat(q, k, v)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), pat.mask(16, 16, num_heads=2))
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
+    kc, vc = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(2))
+    with pytest.raises(SpattnValueError, match="64-bit"):
+        pat.decode(q[:, :, :2], kc, vc)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("big", [3000000000, 2 ** 63], ids=["B1-H2-L5-entry-3e9", "B1-H2-L5-entry-2p63"])
+def test_a_list_entry_the_call_never_reads_is_still_a_literal(big):
+    """Every entry of a list is a literal of the kernel, read or not: an entry past int32
+    (past int64) that the call's positions never select kept the kernel 32-bit (a raw
+    interpreter error, 'Scalar ... out of range for type int32'); it now makes the kernel
+    64-bit (and an entry past int64 is written wrapped: it is never selected)."""
+    vals = [i % 9 for i in range(60)]
+    vals[55] = big
+    pat = spattn.compile(f"causal & q - k <= {vals}[q % 60]", backend="triton")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=g) for _ in range(3))
+    o = pat(q, k, v)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), pat.mask(5, 5, num_heads=2))
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
