@@ -339,7 +339,10 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
         p = torch.exp(f - lr)
         doc = do[:, :, r0:r1].to(acc)
         dp = torch.matmul(doc, vc.transpose(-1, -2))
-        delta = (doc * o[:, :, r0:r1].to(acc)).sum(-1, keepdim=True)
+        # rowsum(dO * O) as sum_j P dP: the same in exact arithmetic, but from the
+        # float32 P rather than the 16-bit output, whose rounding a table gradient with a
+        # positional factor (w[h] * float(q - k)) multiplies by up to L
+        delta = (p * dp).sum(-1, keepdim=True)
         if dlse is not None:
             delta = delta - dlse[:, :, r0:r1].to(acc).unsqueeze(-1)
         dsm = p * (dp - delta)                       # gradient of the modified score
