@@ -1072,18 +1072,13 @@ def _merge_pieces(pieces, finite: bool = False):
 
 
 def _merge_closed(ivs):
-    """Closed intervals ``[lo, hi]`` merged where they overlap or touch, sorted."""
-    out = []
-    for lo, hi in sorted(ivs):
-        if out and lo <= out[-1][1] + 1:
-            if hi > out[-1][1]:
-                out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
-    return out
+    """Closed intervals ``[lo, hi]`` merged where they overlap or touch, sorted
+    (:func:`_merge` on the runs ``[lo, hi + 1)``)."""
+    return [(a, z - 1) for a, z in _merge([(lo, hi + 1) for lo, hi in ivs])]
 
 
 def _merge(runs):
+    """Runs ``[a, z)`` merged where they overlap or touch, sorted."""
     out = []
     for a, z in sorted(runs):
         if out and a <= out[-1][1]:
