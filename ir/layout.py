@@ -764,12 +764,12 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
     if not force and best[0] > MARGIN * seq:
         return None
     cost, layout, groups = best
+    rir = remap(ir, layout)
     if groups is None:
-        cost = computed_pairs(remap(ir, layout), layout.padded_size, bm, bn)
+        cost = computed_pairs(rir, layout.padded_size, bm, bn)
         if not force and cost > MARGIN * seq:
             return None
     useful = _product_allowed(groups, layout.grid) if groups is not None else None
-    rir = remap(ir, layout)
     from .cost import pick_strategy
     cost_seq = layout_cost(seq, Lq, bm, bn, table=pick_strategy(ir) == "table",
                            gathers=False, target=target)
