@@ -42,8 +42,19 @@ PATTERNS = {
 }
 
 
-def main():
+def alternate(fns, rounds):
+    """Median ms of each of ``fns`` (name -> callable), timed by ``triton.testing.do_bench``
+    in ``rounds`` rounds whose order flips every round."""
     import triton
+    names, times = list(fns), {n: [] for n in fns}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            times[n].append(triton.testing.do_bench(fns[n], warmup=10, rep=60,
+                                                    return_mode="median"))
+    return {n: statistics.median(x) for n, x in times.items()}
+
+
+def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--n", type=int, default=16384)
@@ -54,12 +65,10 @@ def main():
     if a.gathers:
         return gathers_only(a)
     H, D = a.heads, 128
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60,  # noqa: E731
-                                               return_mode="median")
     rows = []
     for name, (make, tokens) in PATTERNS.items():
         try:
-            rows.append(measure(name, make, tokens or a.n, H, D, a.rounds, bench))
+            rows.append(measure(name, make, tokens or a.n, H, D, a.rounds))
         except Exception as e:   # one pattern failing must not hide the others
             rows.append({"pattern": name, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -83,10 +92,7 @@ def main():
 def gathers_only(a):
     """Per shape: one q-sized gather and one lse-sized gather by ``index_select`` and by
     ``gather_rows``, in alternating rounds; TB/s counts the bytes read and written."""
-    import triton
     from spattn.runtime.gather_kernel import gather_rows
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60,  # noqa: E731
-                                               return_mode="median")
     rows = []
     for N in (4096, 16384, 65536):
         for shape in ((1, a.heads, N, 128), (1, a.heads, N)):
@@ -96,11 +102,8 @@ def gathers_only(a):
             assert torch.equal(gather_rows(t, idx), t.index_select(2, idx))
             fns = {"index_select": lambda: t.index_select(2, idx),
                    "gather_rows": lambda: gather_rows(t, idx)}
-            ts = {n: [] for n in fns}
-            for r in range(a.rounds):
-                for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                    ts[n].append(bench(fns[n]))
-            row = {"shape": list(shape), **{f"{n}_ms": statistics.median(x) for n, x in ts.items()}}
+            row = {"shape": list(shape),
+                   **{f"{n}_ms": x for n, x in alternate(fns, a.rounds).items()}}
             nbytes = 2 * t.numel() * t.element_size()
             for n in fns:
                 row[f"{n}_TBps"] = nbytes / row[f"{n}_ms"] / 1e9
@@ -116,7 +119,7 @@ def gathers_only(a):
               f"{r['gather_rows_ms']:.4f} | {r['gather_rows_TBps']:.2f} |")
 
 
-def measure(name, make, N, H, D, rounds, bench):
+def measure(name, make, N, H, D, rounds):
     """One pattern's row (module docstring)."""
     pat = make()
     q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16)
@@ -142,11 +145,7 @@ def measure(name, make, N, H, D, rounds, bench):
 
     fns = {"off": lambda: pat(q, k, v, plan=off), "on": lambda: pat(q, k, v, plan=on),
            "inner": lambda: on.inner.forward(*g), "gathers": gathers}
-    t = {n: [] for n in fns}
-    for r in range(rounds):
-        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t[n].append(bench(fns[n]))
-    ms = {n: statistics.median(x) for n, x in t.items()}
+    ms = alternate(fns, rounds)
     unit = ms["off"] / (lay["cost_sequence"] * H)
     row = {"pattern": name, "N": N, "H": H, "max_err": err, **{f"{n}_ms": x for n, x in ms.items()},
            "cost_sequence": lay["cost_sequence"], "cost_layout": lay["cost_layout"],
