@@ -14,7 +14,8 @@ Rivals, timed in alternating rounds in this process (``triton.testing.do_bench``
 
 Each is timed twice: called from Python ("eager") and replayed from a CUDA graph captured
 once ("graph", the way serving engines run decode steps; spattn reads its lengths from
-``seq_lens``, a device tensor). Every spattn output is checked against Flex's (or SDPA's).
+``seq_lens``, a device tensor). Every spattn output is checked against Flex's (where Flex
+fails, against the float64 reference, ``runtime.reference.pattern_reference``).
 
     python benchmarks/decode.py --out DIR           # everything (< 90 s on an H200)
     python benchmarks/decode.py --quick --out DIR   # 32K only
@@ -52,6 +53,7 @@ import torch
 
 import spattn
 from spattn.runtime.decode import DECODE_PLANS
+from spattn.runtime.reference import pattern_reference
 
 PATTERNS = {
     "causal": "causal",
@@ -102,20 +104,6 @@ def _graph(fn):
     with torch.cuda.graph(g):
         fn()
     return g.replay
-
-
-def _reference_row(name, q, k, v):
-    """The decode row (query at position L - 1) in float32 from the pattern's window and
-    sinks: the check used where FlexAttention fails. q [B, Hq, 1, D], k, v [B, Hk, L, D]."""
-    B, Hq, _, D = q.shape
-    Hk, L = k.shape[1], k.shape[2]
-    w, s = FLEX_PARAMS[name]
-    pos = torch.arange(L, device=q.device)
-    allowed = (L - 1 - pos < w) | (pos < s)
-    qg = q.float().view(B, Hk, Hq // Hk, D)
-    sc = torch.einsum("bhgd,bhld->bhgl", qg, k.float()) / D ** 0.5
-    p = torch.softmax(sc.masked_fill(~allowed, float("-inf")), -1)
-    return torch.einsum("bhgl,bhld->bhgd", p, v.float()).reshape(B, Hq, 1, D)
 
 
 def _sdpa_candidates(q, k, v):
@@ -187,7 +175,7 @@ def run_gpu(args):
                     except Exception as e:   # Flex failing must not hide spattn and SDPA
                         row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                         torch.cuda.empty_cache()
-                        ref = _reference_row(name, q, k, v)
+                        ref = pattern_reference(pat, q, k, v)[0]
                     row["max_err_vs_flex"] = float((o.float() - ref.float()).abs().max())
                     if row["max_err_vs_flex"] > 2e-2:
                         row["error"] = f"mismatch vs flex: {row['max_err_vs_flex']:.3g}"
