@@ -632,19 +632,24 @@ def layout_cost(pairs: int, tokens: int, block_m: int, block_n: int, *, table: b
     return cost
 
 
+def sampled_rows(nq: int) -> list[int]:
+    """The :data:`SAMPLED_ROWS` query-tile rows :func:`sampled_pairs` classifies of ``nq``:
+    the middles of equal parts (distinct once ``nq`` exceeds :data:`SAMPLED_ROWS`)."""
+    return [(2 * i + 1) * nq // (2 * SAMPLED_ROWS) for i in range(SAMPLED_ROWS)]
+
+
 def sampled_pairs(ir: Node, L: int, block_m: int, block_n: int, pad: bool = True) -> int:
     """:func:`computed_pairs` estimated from :data:`SAMPLED_ROWS` query-tile rows spread
-    over the ``L`` queries (exact when there are no more rows than that)."""
+    over the ``L`` queries (exact when there are no more rows than that): the non-EMPTY
+    tiles of those rows of the call's grid, classified in one pass (one bounds analysis,
+    one interval evaluation of the IR over every sampled tile), scaled up."""
     nq = -(-L // block_m)
     if nq <= SAMPLED_ROWS:
         return computed_pairs(ir, L, block_m, block_n, pad=pad)
     from .pattern import CompiledPattern
     from .tiles import EMPTY, classify
-    pat, live = CompiledPattern(ir), 0
-    for i in range(SAMPLED_ROWS):
-        row = (2 * i + 1) * nq // (2 * SAMPLED_ROWS)
-        t = classify(pat, block_m, L, block_m, block_n, q_offset=row * block_m)
-        live += int((t != EMPTY).sum())
+    t = classify(CompiledPattern(ir), L, L, block_m, block_n, rows=sampled_rows(nq))
+    live = int((t != EMPTY).sum())
     return live * block_m * block_n * nq // SAMPLED_ROWS
 
 

@@ -58,7 +58,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -174,11 +174,13 @@ def _classes(ct, cf, device) -> torch.Tensor:
 def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads: int = 1,
              batch: int = 1, q_offset: Optional[int] = None, device=None,
              inputs: Optional[Mapping[str, torch.Tensor]] = None, refine: bool = True,
-             positions=None) -> torch.Tensor:
+             positions=None, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Tile classes ``int8 [batch, num_heads, ceil(Lq/block_m), ceil(Lk/block_n)]``.
 
     ``positions`` (a :class:`spattn.ir.positions.Positions`) or ``q_offset`` say where the
-    rows sit (default: bottom-right aligned).
+    rows sit (default: bottom-right aligned). ``rows``: only these query-tile rows (indices
+    into the ``ceil(Lq/block_m)`` rows; the result has ``len(rows)`` rows, each classified
+    as in the whole grid): one pass over the IR for a sample of rows of a call.
 
     0 = EMPTY, 1 = PARTIAL, 2 = FULL. ``pattern`` is a :class:`spattn.Pattern` (or an IR node
     for patterns without inputs). ``refine=False`` skips the exact refinement (pass 1 only).
@@ -197,6 +199,13 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
                                       inputs=inputs)
     env = grid_env(Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
                    q_offset=q_offset, device=dev, names=_free_vars(ir))
+    if rows is not None:
+        nq = env["q"][0].shape[2]
+        if not rows or any(not 0 <= r < nq for r in rows):
+            raise SpattnValueError(f"rows must be query-tile rows in 0..{nq - 1}, got "
+                                   f"{list(rows)!r}")
+        at = torch.as_tensor(list(rows), dtype=I64, device=dev)
+        env["q"] = tuple(t.index_select(2, at) for t in env["q"])
     nq, nk = env["q"][0].shape[2], env["k"][0].shape[3]
     refine = refine and not interval_exact(ir) and not refinement_cannot_change(ir)
     summaries: dict = {}

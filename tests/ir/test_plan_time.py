@@ -1,0 +1,99 @@
+"""What keeps the layout choice and the analysis of big patterns cheap, pinned structurally
+(no timings): sampled rows classified in one pass, equal to the whole grid's rows; the
+count of classifications a choice makes (docs/layouts.md, "Choice")."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import spattn
+from spattn.dsl.errors import SpattnValueError
+from spattn.ir import layout as LY
+from spattn.ir import tiles as T
+from spattn.ir.pattern import CompiledPattern
+from spattn.ir.tiles import EMPTY, classify
+
+from tests.helpers.ir_exprs import bool_exprs
+
+
+def documents_as_ranges(n: int, L: int = 4096) -> str:
+    """A 64-wide grid pattern (same row or same column) cut into ``n`` documents written
+    as constant ranges: not a product of per-axis conditions, and its ends suggest grids."""
+    ends = [L // n * i for i in range(1, n)] + [L]
+    docs = " | ".join(f"(q >= {a} & q < {b} & k >= {a} & k < {b})"
+                      for a, b in zip([0] + ends, ends))
+    return f"(q // 64 == k // 64 | q % 64 == k % 64) & ({docs})"
+
+
+dims = st.tuples(st.integers(1, 120), st.integers(1, 120), st.integers(1, 40),
+                 st.integers(1, 40), st.integers(-20, 20) | st.none(), st.integers(1, 2))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(bool_exprs(), dims, st.data())
+def test_rows_are_the_whole_grids_rows(ir, d, data):
+    """``classify(..., rows=r)`` is the whole grid's classes at rows ``r`` (any subset, in
+    any order, repeats allowed)."""
+    Lq, Lk, bm, bn, off, H = d
+    nq = -(-Lq // bm)
+    rows = data.draw(st.lists(st.integers(0, nq - 1), min_size=1, max_size=6))
+    whole = classify(ir, Lq, Lk, bm, bn, num_heads=H, q_offset=off)
+    got = classify(ir, Lq, Lk, bm, bn, num_heads=H, q_offset=off, rows=rows)
+    assert torch.equal(got, whole[:, :, rows]), (str(ir), rows)
+
+
+@pytest.mark.parametrize("rows", [[], [5], [-1]], ids=["none", "past-the-end", "negative"])
+def test_rows_out_of_range_are_refused(rows):
+    with pytest.raises(SpattnValueError, match=r"rows must be query-tile rows in 0\.\.4"):
+        classify(spattn.compile("causal").ir, 40, 40, 8, 8, rows=rows)
+
+
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = T.classify
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("rows"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(T, "classify", counted)
+    return calls
+
+
+@pytest.mark.parametrize("src,L", [
+    ("causal & (window(100) | sink(4))", 2500),
+    ("abs(q // 50 - k // 50) <= 3 & abs(q % 50 - k % 50) <= 4", 2500),
+    ("(q - 13) // 40 == (k - 13) // 40 | q < 13 | k < 13", 1620),
+], ids=["streaming-L2500", "grid50-L2500", "offset-grid-L1620"])
+def test_sampled_pairs_classifies_once(src, L, monkeypatch):
+    """The estimate classifies its sampled rows in one call (it was one call per row: a
+    bounds analysis and an interval pass over the IR each) and counts exactly the
+    non-EMPTY tiles of those rows of the whole grid, scaled up."""
+    ir = spattn.compile(src).ir
+    bm, bn = 64, 32
+    nq = -(-L // bm)
+    rows = LY.sampled_rows(nq)
+    assert len(set(rows)) == LY.SAMPLED_ROWS < nq
+    calls = _counting(monkeypatch)
+    got = LY.sampled_pairs(ir, L, bm, bn)
+    assert calls == [rows]
+    whole = classify(CompiledPattern(ir), L, L, bm, bn)
+    live = int((whole[:, :, rows] != EMPTY).sum())
+    assert got == live * bm * bn * nq // LY.SAMPLED_ROWS
+
+
+def test_choice_among_boxes_classifies_once_per_box(monkeypatch):
+    """110 documents written as constant ranges over a 64 x 64 grid at L = 4096 (not a
+    product pattern; took 65 s to plan): each candidate box and the sequence order cost one
+    classification of sampled rows, and none of the whole grid runs when no box pays."""
+    ir = spattn.compile(documents_as_ranges(110)).ir
+    grids = LY.discover(ir, 4096)
+    assert grids and all(LY._axis_groups(LY.coordinate_form(ir, g), g) is None
+                         or g.offset or g.suffix for g in grids)
+    calls = _counting(monkeypatch)
+    got = LY.choose(ir, 4096, 4096, 0, target="cpu")
+    boxes = sum(len(LY.candidate_boxes(g)[:LY.FULL_CANDIDATES]) for g in grids
+                if g.tokens == 4096)
+    assert got is None
+    assert len(calls) == boxes + 1 and all(r is not None for r in calls)
