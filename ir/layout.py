@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -352,10 +353,17 @@ def coordinate_form(ir: Node, grid: Grid, sides=("q", "k"), moved=None) -> Node:
     """``ir`` with q and k (``sides``: those of them that are cells of the grid; the others
     stay positions) replaced by the grid coordinates of the tokens (placeholder variables
     ``q#j``, ``k#j`` on the virtual axes: the splits' parts), Lq and Lk by the tokens.
-    ``moved``: ``{side: delta}``, sides that are not cells and read ``side + delta``."""
+    ``moved``: ``{side: delta}``, sides that are not cells and read ``side + delta``.
+    Cached per argument (it depends on the grid, not on the box: :func:`choose` remaps
+    every candidate box of a grid from the same forms)."""
+    return _coordinate_form(ir, grid, tuple(sides), tuple(sorted((moved or {}).items())))
+
+
+@lru_cache(maxsize=64)
+def _coordinate_form(ir: Node, grid: Grid, sides: tuple, moved: tuple) -> Node:
     virt = grid.virtual()
     known, sub = {}, {"Lq": B.const(grid.tokens), "Lk": B.const(grid.tokens)}
-    for side, delta in (moved or {}).items():
+    for side, delta in moved:
         sub[side] = B.add(Var(side), B.const(delta))
     for side in sides:
         pos = B.const(grid.offset)

@@ -38,12 +38,15 @@ class Node:
 
     A node's structural hash is computed once, when it is built (its children's are
     already known), and kept in the ``_hash`` slot: a pass keys dicts and sets by whole
-    subtrees, and a hash recomputed per lookup walked the subtree every time. The slot is
-    not a dataclass field: it is outside equality, ``repr``, ``dataclasses.fields`` and the
-    pickled state (string hashes differ between processes: an unpickled node hashes again).
+    subtrees, and a hash recomputed per lookup walked the subtree every time. Its ``repr``
+    (the canonical order's key, :func:`sort_key`: the constructors sort operands at every
+    rebuild of a parent) is kept in ``_repr`` once asked for, built from the children's
+    kept ones. The slots are not dataclass fields: they are outside equality, ``repr``,
+    ``dataclasses.fields`` and the pickled state (string hashes differ between processes:
+    an unpickled node hashes again).
     """
 
-    __slots__ = ("_hash",)
+    __slots__ = ("_hash", "_repr")
     type: str = INT
 
     def __post_init__(self):
@@ -65,13 +68,23 @@ class Node:
 
 def node(cls):
     """Make ``cls`` an IR node type: a frozen, slotted dataclass whose hash (of its fields,
-    as the dataclass computes it) is cached in ``_hash`` (:class:`Node`); equality compares
-    the cached hashes before the fields, and pickling and copying carry the fields only."""
+    as the dataclass computes it) is cached in ``_hash`` and its ``repr`` in ``_repr``
+    (:class:`Node`); equality compares the cached hashes before the fields, and pickling
+    and copying carry the fields only."""
     cls = dataclass(frozen=True, slots=True)(cls)
     names = tuple(f.name for f in fields(cls))
     fields_eq = cls.__eq__
+    fields_repr = cls.__repr__
     cls._fields_hash = cls.__hash__
     cls.__hash__ = Node.__hash__
+
+    def __repr__(self):
+        try:
+            return self._repr
+        except AttributeError:
+            text = fields_repr(self)
+            object.__setattr__(self, "_repr", text)
+            return text
 
     def __eq__(self, other):
         if self is other:
@@ -88,7 +101,7 @@ def node(cls):
             object.__setattr__(self, n, v)
         Node.__post_init__(self)
 
-    for f in (__eq__, __getstate__, __setstate__):
+    for f in (__eq__, __repr__, __getstate__, __setstate__):
         f.__qualname__ = f"{cls.__qualname__}.{f.__name__}"
         setattr(cls, f.__name__, f)
     return cls
@@ -394,7 +407,8 @@ NODE_TYPES = (Const, Var, Sum, Prod, FloorDiv, Mod, Abs, Min, Max, Select, Table
 
 
 def sort_key(node: Node) -> tuple:
-    """Total order used by canonicalisation: variables in :data:`VARIABLES` order first."""
+    """Total order used by canonicalisation: variables in :data:`VARIABLES` order first,
+    then by type name and ``repr`` (kept by the node once computed: :func:`node`)."""
     if isinstance(node, Var):
         return (0, VARIABLES.index(node.name) if node.name in VARIABLES else 99, node.name)
     return (1, type(node).__name__, repr(node))

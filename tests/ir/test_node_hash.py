@@ -57,14 +57,34 @@ def test_hash_is_computed_once_per_node(monkeypatch):
 
 
 def test_hash_slot_is_not_a_field():
-    """The cached hash is outside the dataclass fields, the repr and the pickled state."""
+    """The cached hash and repr are outside the dataclass fields, the repr and the pickled
+    state; the kept repr is the dataclass's."""
     x = B.add(q, B.const(1))
     assert [f.name for f in dataclasses.fields(x)] == ["terms", "const"]
-    assert "_hash" not in repr(x)
+    assert repr(x) == "Sum(terms=((Var(name='q'), 1),), const=1)" == repr(x)
+    assert repr(N.Range(x, None, 4)) == f"Range(x={x!r}, lo=None, hi=4)"
     assert x.__getstate__() == (x.terms, x.const)
     for cls in N.NODE_TYPES:
-        assert "_hash" not in {f.name for f in dataclasses.fields(cls)}, cls
+        assert not {"_hash", "_repr"} & {f.name for f in dataclasses.fields(cls)}, cls
         assert cls.__hash__ is N.Node.__hash__, cls
+
+
+def test_repr_is_kept_once_asked(monkeypatch):
+    """A node's repr (the canonical order's key) is built once, from its children's kept
+    reprs; a parent's repr does not rebuild theirs."""
+    x = N.Sum(((q, 3), (k, -2)), 5)
+    r = N.Range(x, 0, 7)
+    built = []
+    real = N.Sum.__repr__
+
+    def counted(self):
+        if not hasattr(self, "_repr"):
+            built.append(self)
+        return real(self)
+    monkeypatch.setattr(N.Sum, "__repr__", counted)
+    assert N.sort_key(r) == (1, "Range", repr(r)) and N.sort_key(r) == N.sort_key(r)
+    assert built == [x]
+    assert N.sort_key(N.Range(x, 0, 8)) > N.sort_key(r) and built == [x]
 
 
 def test_equality_is_structural_and_typed():
@@ -86,6 +106,7 @@ def test_pickle_and_copy_preserve_equality_and_hash(name):
             assert back == ir and hash(back) == hash(ir)
             assert {ir: 1}[back] == 1
             assert all(hash(n) == hash(m) for n, m in zip(N.walk(back), N.walk(ir)))
+            assert repr(back) == repr(ir)
     again = pickle.loads(pickle.dumps(p))
     assert again == p and hash(again) == hash(p)
 

@@ -97,3 +97,11 @@ def test_choice_among_boxes_classifies_once_per_box(monkeypatch):
                 if g.tokens == 4096)
     assert got is None
     assert len(calls) == boxes + 1 and all(r is not None for r in calls)
+    # a grid's coordinate form depends on the grid, not on the box: computed once for
+    # every box remapped (the regions around extra tokens move by the box's padding)
+    grid = LY.Grid((64, 64))
+    LY._coordinate_form.cache_clear()
+    del calls[:]
+    LY.choose(ir, 4096, 4096, 0, grids=[grid], force=True)
+    assert len(calls) == len(LY.candidate_boxes(grid)[:LY.FULL_CANDIDATES]) + 2
+    assert LY._coordinate_form.cache_info().misses == 1
