@@ -19,6 +19,9 @@ imports and the parser are warmed by a one-atom pattern first, not counted):
   joined by ``|``): ``choose`` at L = 4096, and the whole ``pat.plan(q, k, v)`` with
   ``SPATTN_LAYOUT=auto`` on the torch backend (not a product: every candidate box is costed
   by classifying sampled query-tile rows of its remapped pattern).
+* ``nbhd-docs110-choose``: a 7 x 7 neighbourhood on the 64 x 64 grid cut into the same 110
+  documents; ``keys110-choose``: the grid pattern and 110 key ranges of 5 tokens (global
+  tokens written as constants; a layout pays).
 
 Times are wall-clock and CPU seconds, the minimum over ``--repeat`` processes (the machine
 may be shared). The last lines printed are the table.
@@ -41,13 +44,16 @@ import spattn
 from spattn.ir import layout as LY
 spattn.compile("q - k != 1").tiles(64, 64, 16, 16)   # imports and the parser, not counted
 
-def docs110():
+def docs110(base="q // 64 == k // 64 | q % 64 == k % 64", keys=False):
     L, n = 4096, 110
     step = L // n
     ends = [step * i for i in range(1, n)] + [L]
+    if keys:
+        return f"({base}) & (" + " | ".join(f"(k >= {a} & k < {a + 5})" for a in
+                                          [0] + ends[:-1]) + ")"
     docs = " | ".join(f"(q >= {a} & q < {b} & k >= {a} & k < {b})"
                       for a, b in zip([0] + ends, ends))
-    return f"(q // 64 == k // 64 | q % 64 == k % 64) & ({docs})"
+    return f"({base}) & ({docs})"
 
 t0, c0 = time.perf_counter(), time.process_time()
 if case == "atoms200":
@@ -72,6 +78,14 @@ elif case == "docs110-choose":
     p = spattn.compile(docs110())
     r = LY.choose(p.ir, 4096, 4096, 0, target="cpu")
     what = f"choose: {r.layout if r else 'sequence order'}"
+elif case in ("nbhd-docs110-choose", "keys110-choose"):
+    if case == "keys110-choose":
+        src = docs110(keys=True)
+    else:
+        src = docs110("abs(q // 64 - k // 64) <= 3 & abs(q % 64 - k % 64) <= 3")
+    p = spattn.compile(src)
+    r = LY.choose(p.ir, 4096, 4096, 0, target="cpu")
+    what = f"choose: {r.layout if r else 'sequence order'}"
 elif case == "docs110-plan":
     os.environ["SPATTN_LAYOUT"] = "auto"
     p = spattn.compile(docs110(), backend="torch")
@@ -83,7 +97,7 @@ print(json.dumps({"wall": t1 - t0, "cpu": c1 - c0, "what": what}))
 """
 
 CASES = ("atoms200", "streaming", "dilated", "nbhd2d-choose", "nbhd2d-text-choose",
-         "docs110-choose",
+         "docs110-choose", "nbhd-docs110-choose", "keys110-choose",
          "docs110-plan")
 
 
