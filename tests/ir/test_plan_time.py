@@ -105,3 +105,41 @@ def test_choice_among_boxes_classifies_once_per_box(monkeypatch):
     LY.choose(ir, 4096, 4096, 0, grids=[grid], force=True)
     assert len(calls) == len(LY.candidate_boxes(grid)[:LY.FULL_CANDIDATES]) + 2
     assert LY._coordinate_form.cache_info().misses == 1
+
+
+def _truth(ir, L, bm, bn):
+    from spattn.ir.evaluate import mask
+    m = mask(ir, L, L)
+    nq, nk = -(-L // bm), -(-L // bn)
+    pad = torch.zeros(1, 1, nq * bm, nk * bn, dtype=torch.int32)
+    valid = torch.zeros_like(pad)
+    pad[..., :L, :L] = m.to(torch.int32)
+    valid[..., :L, :L] = 1
+    t = pad.view(1, 1, nq, bm, nk, bn).sum((3, 5))
+    v = valid.view(1, 1, nq, bm, nk, bn).sum((3, 5))
+    return torch.where(t == 0, 0, torch.where(t == v, 2, 1)).to(torch.int8)
+
+
+@pytest.mark.parametrize("kind", ["keys", "diagonals", "documents"])
+@pytest.mark.parametrize("bm,bn", [(32, 16), (64, 64), (7, 5)], ids=["32x16", "64x64", "7x5"])
+def test_many_ranges_refine_exactly(kind, bm, bn, monkeypatch):
+    """Unions of many constant ranges (each cuts every tile, most of them at the tile's
+    ends, whose empty segments the CPU's refinement drops: ``_distinct_cuts``) classify
+    exactly as the dense mask says, with the refinement forced on."""
+    monkeypatch.setattr(T, "refinement_cannot_change", lambda ir: False)
+    L, n = 300, 40
+    if kind == "keys":
+        src = " | ".join(f"(k >= {7 * i + 1} & k < {7 * i + 4})" for i in range(n))
+    elif kind == "diagonals":
+        src = "q >= k & (" + " | ".join(f"q - k == {5 * i + 2}" for i in range(n)) + ")"
+    else:
+        src = documents_as_ranges(n, L).replace("q // 64 == k // 64 | q % 64 == k % 64",
+                                               "q % 3 == k % 3")
+    ir = spattn.compile(src).ir
+    got = classify(ir, L, L, bm, bn)
+    assert torch.equal(got, _truth(ir, L, bm, bn))
+    calls = []
+    real = T._distinct_cuts
+    monkeypatch.setattr(T, "_distinct_cuts", lambda *a: calls.append(a) or real(*a))
+    classify(ir, L, L, bm, bn)
+    assert calls and max(c[0].shape[1] for c in calls) >= n
