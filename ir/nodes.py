@@ -71,6 +71,9 @@ def node(cls):
     as the dataclass computes it) is cached in ``_hash`` and its ``repr`` in ``_repr``
     (:class:`Node`); equality compares the cached hashes before the fields, and pickling
     and copying carry the fields only."""
+    if "__post_init__" in vars(cls):
+        raise TypeError(f"IR node {cls.__name__} must not define __post_init__ (Node's "
+                        "fills the cached hash)")
     cls = dataclass(frozen=True, slots=True)(cls)
     names = tuple(f.name for f in fields(cls))
     fields_eq = cls.__eq__

@@ -135,3 +135,15 @@ def test_unpickled_in_another_process_hashes_as_built_there():
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith(f"ok {len(data)}")
+
+
+def test_a_node_type_keeps_nodes_post_init():
+    """A node class with its own ``__post_init__`` would skip the hash: refused at
+    definition."""
+    with pytest.raises(TypeError, match="must not define __post_init__"):
+        @N.node
+        class Bad(N.Node):
+            a: int
+
+            def __post_init__(self):
+                pass
