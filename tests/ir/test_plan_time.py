@@ -85,8 +85,9 @@ def test_sampled_pairs_classifies_once(src, L, monkeypatch):
 
 def test_choice_among_boxes_classifies_once_per_box(monkeypatch):
     """110 documents written as constant ranges over a 64 x 64 grid at L = 4096 (not a
-    product pattern; took 65 s to plan): each candidate box and the sequence order cost one
-    classification of sampled rows, and none of the whole grid runs when no box pays."""
+    product pattern; its choice took 7 s with a classification per sampled row): each
+    candidate box and the sequence order cost one classification of sampled rows, and none
+    of the whole grid runs when no box pays."""
     ir = spattn.compile(documents_as_ranges(110)).ir
     grids = LY.discover(ir, 4096)
     assert grids and all(LY._axis_groups(LY.coordinate_form(ir, g), g) is None
