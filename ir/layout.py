@@ -317,16 +317,27 @@ def _range_on_blocks(x: Node, lo, hi, known: dict) -> Optional[Node]:
     return B.and_(*parts)
 
 
-def _simplify(n: Node, known: dict, sub: dict) -> Node:
+def _simplify(n: Node, known: dict, sub: dict, memo: Optional[dict] = None) -> Node:
     """``n`` with ``sub``'s variables replaced, ``//`` and ``%`` by constants read through
-    the ranges of ``known`` (see :func:`_divmod`), rebuilt through ``ir.build``."""
+    the ranges of ``known`` (see :func:`_divmod`), rebuilt through ``ir.build``. Each
+    distinct subtree is rewritten once (``memo``: a pattern of many ranges repeats its
+    coordinate atoms in every one), and its occurrences share the result."""
+    if memo is None:
+        memo = {}
+    got = memo.get(n)
+    if got is None:
+        got = memo[n] = _simplify_node(n, known, sub, memo)
+    return got
+
+
+def _simplify_node(n: Node, known: dict, sub: dict, memo: dict) -> Node:
     from .intervals import rebuild
     if isinstance(n, Var):
         return sub.get(n.name, n)
     kids = n.children()
     if not kids:
         return n
-    new = [_simplify(c, known, sub) for c in kids]
+    new = [_simplify(c, known, sub, memo) for c in kids]
     if isinstance(n, (FloorDiv, Mod)) and isinstance(new[1], Const) and new[1].value > 0:
         m = new[1].value
         a = new[0]

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import spattn
 from spattn.dsl.errors import SpattnValueError
 from spattn.ir import layout as LY
+from spattn.ir import nodes as N
 from spattn.ir import tiles as T
 from spattn.ir.pattern import CompiledPattern
 from spattn.ir.tiles import EMPTY, classify
@@ -144,3 +145,24 @@ def test_many_ranges_refine_exactly(kind, bm, bn, monkeypatch):
     monkeypatch.setattr(T, "_distinct_cuts", lambda *a: calls.append(a) or real(*a))
     classify(ir, L, L, bm, bn)
     assert calls and max(c[0].shape[1] for c in calls) >= n
+
+
+def test_simplify_rewrites_each_distinct_subtree_once(monkeypatch):
+    """Substituting a box's coordinates rewrites each distinct subtree of the coordinate
+    form once (documents repeat the same coordinate atoms in every range); the result is
+    the remapped pattern's."""
+    ir = spattn.compile(documents_as_ranges(40)).ir
+    grid = LY.Grid((64, 64))
+    layout = LY.Layout(grid, LY.candidate_boxes(grid)[0])
+    form = LY.coordinate_form(ir, grid)
+    sub = {LY._vplaceholder(side, j).name: c for side in "qk"
+           for j, c in enumerate(layout.virtual_coords(spattn.ir.build.var(side)))}
+    calls = []
+    real = LY._simplify_node
+    monkeypatch.setattr(LY, "_simplify_node", lambda n, *a: calls.append(n) or real(n, *a))
+    got = LY._simplify(form, {}, sub)
+    occurrences = list(N.walk(form))
+    assert len(calls) == len(set(calls)) == len(set(occurrences)) < len(occurrences) // 2
+    monkeypatch.setattr(LY, "_simplify_node", real)
+    q, k = spattn.ir.build.var("q"), spattn.ir.build.var("k")
+    assert LY.remap(ir, layout) == spattn.ir.build.and_(got, layout.valid(q), layout.valid(k))
