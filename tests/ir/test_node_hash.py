@@ -102,7 +102,9 @@ def test_pickle_and_copy_preserve_equality_and_hash(name):
     p = spattn.compile(SOURCES[name], **({"score": SCORE[name]} if name in SCORE else {}))
     assert (p.score is not None) == (name in SCORE)
     for ir in (p.ir, p.score) if p.score is not None else (p.ir,):
-        for back in (pickle.loads(pickle.dumps(ir)), copy.copy(ir), copy.deepcopy(ir)):
+        pickled = [pickle.loads(pickle.dumps(ir, protocol=v))
+                   for v in range(pickle.HIGHEST_PROTOCOL + 1)]
+        for back in pickled + [copy.copy(ir), copy.deepcopy(ir)]:
             assert back == ir and hash(back) == hash(ir)
             assert {ir: 1}[back] == 1
             assert all(hash(n) == hash(m) for n, m in zip(N.walk(back), N.walk(ir)))
