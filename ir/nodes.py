@@ -104,7 +104,12 @@ def node(cls):
             object.__setattr__(self, n, v)
         Node.__post_init__(self)
 
-    for f in (__eq__, __repr__, __getstate__, __setstate__):
+    def __reduce__(self):
+        # rebuilt by the constructor (hash filled), whatever the protocol; a node without
+        # fields has an empty state, for which pickle would not call __setstate__
+        return cls, self.__getstate__()
+
+    for f in (__eq__, __repr__, __getstate__, __setstate__, __reduce__):
         f.__qualname__ = f"{cls.__qualname__}.{f.__name__}"
         setattr(cls, f.__name__, f)
     return cls
