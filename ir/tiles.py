@@ -211,10 +211,10 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
     summaries: dict = {}
     shape = (batch, num_heads, nq, nk)
     # slabs of query tiles bound the intermediate tensors to ~SLAB_TILES tiles each
-    rows = max(1, SLAB_TILES // (batch * num_heads * nk))
+    slab = max(1, SLAB_TILES // (batch * num_heads * nk))
     cls = None
-    for s in range(0, nq, rows):
-        e = min(nq, s + rows)
+    for s in range(0, nq, slab):
+        e = min(nq, s + slab)
         senv = env if (s, e) == (0, nq) else \
             dict(env, q=(env["q"][0][:, :, s:e], env["q"][1][:, :, s:e]))
         ev = IntervalEval(senv, ins, device=dev, summaries=summaries, wrapped=checked.wrapped)

@@ -45,6 +45,22 @@ def test_rows_are_the_whole_grids_rows(ir, d, data):
     assert torch.equal(got, whole[:, :, rows]), (str(ir), rows)
 
 
+@pytest.mark.parametrize("src", ["causal & (window(20) | sink(3))", "q % 7 == k % 7 | k < 5",
+                                 "blocks[q // 16, k // 16] & q >= k"],
+                         ids=["streaming", "residues", "block-table"])
+def test_rows_in_slabs_and_with_inputs(src, monkeypatch):
+    """Sampled rows split into several slabs (tiny ``SLAB_TILES``), with heads, batch and a
+    runtime input, are still the whole grid's rows."""
+    monkeypatch.setattr(T, "SLAB_TILES", 12)
+    p = spattn.compile(src)
+    g = torch.Generator().manual_seed(3)
+    ins = {"blocks": torch.rand(2, 3, 7, 7, generator=g) < 0.4} if p.inputs else {}
+    kw = dict(num_heads=3, batch=2, inputs=ins)
+    whole = classify(p, 100, 100, 16, 8, **kw)
+    rows = [6, 0, 3, 3, 5]
+    assert torch.equal(classify(p, 100, 100, 16, 8, rows=rows, **kw), whole[:, :, rows])
+
+
 @pytest.mark.parametrize("rows", [[], [5], [-1]], ids=["none", "past-the-end", "negative"])
 def test_rows_out_of_range_are_refused(rows):
     with pytest.raises(SpattnValueError, match=r"rows must be query-tile rows in 0\.\.4"):
