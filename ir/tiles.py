@@ -56,6 +56,7 @@ Precision limits (all sound, the tile is then PARTIAL where it might be FULL/EMP
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping, Optional, Sequence
@@ -620,7 +621,12 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
         # one thread, which a busy machine does not make wait for a scheduler slice per op
         # (200 atoms at L = 4096: 0.09 s instead of 2-4 s with the cores shared)
         chunk_elems = CPU_CHUNK if torch.device(device).type == "cpu" else GPU_CHUNK
-    step = max(1, chunk_elems // ncells)
+    cells = ncells
+    if torch.device(device).type == "cpu" and blocks is not None:
+        # _distinct_cuts leaves at most (extent - 1) cuts of a direction inside a tile
+        ext = {"q": blocks[0], "k": blocks[1], "d": blocks[0] + blocks[1] - 1}
+        cells = math.prod(min(ncut[u], ext[u] - 1) + 1 for u in ("q", "k", "d"))
+    step = max(1, chunk_elems // cells)
     for s in range(0, idx.shape[0], step):
         part = idx[s:s + step]
         new = _refine_chunk(formula, atoms, kcuts, *_boxes(env, part), env, inputs, device,

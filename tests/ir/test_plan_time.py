@@ -182,3 +182,30 @@ def test_simplify_rewrites_each_distinct_subtree_once(monkeypatch):
     monkeypatch.setattr(LY, "_simplify_node", real)
     q, k = spattn.ir.build.var("q"), spattn.ir.build.var("k")
     assert LY.remap(ir, layout) == spattn.ir.build.and_(got, layout.valid(q), layout.valid(k))
+
+
+def test_cpu_chunks_stay_below_the_grain(monkeypatch):
+    """The CPU's refinement sizes its chunks by the cells left after the empty segments
+    are dropped (at most a tile's extent per direction): every chunk's cells stay within
+    ``CPU_CHUNK`` elements (the parallel grain), and 110 key ranges need few chunks."""
+    monkeypatch.setattr(T, "refinement_cannot_change", lambda ir: False)
+    ends = list(range(0, 4096, 37))[:110]
+    src = "q // 64 == k // 64 & (" + " | ".join(f"(k >= {a} & k < {a + 5})" for a in ends) + ")"
+    ir = spattn.compile(src).ir
+    sizes, chunks = [], []
+    real_eval, real_chunk = T.evaluate, T._refine_chunk
+
+    def evaluate(node, env, *a, **kw):
+        q = env.get("q")
+        if isinstance(q, torch.Tensor) and q.dim() == 2:
+            sizes.append(q.numel())
+        return real_eval(node, env, *a, **kw)
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    monkeypatch.setattr(T, "_refine_chunk", lambda *a: chunks.append(a[3].shape[0])
+                        or real_chunk(*a))
+    got = classify(ir, 4096, 4096, 128, 64)
+    assert torch.equal(got, _truth(ir, 4096, 128, 64))
+    assert sizes and max(sizes) <= T.CPU_CHUNK
+    partial = sum(chunks)
+    # 221 k-segments per tile without the bound: one tile per 2^15 / 221 cells
+    assert len(chunks) <= -(-partial // (T.CPU_CHUNK // (64 * 2 * 2))) < partial // 8
