@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -316,16 +317,27 @@ def _range_on_blocks(x: Node, lo, hi, known: dict) -> Optional[Node]:
     return B.and_(*parts)
 
 
-def _simplify(n: Node, known: dict, sub: dict) -> Node:
+def _simplify(n: Node, known: dict, sub: dict, memo: Optional[dict] = None) -> Node:
     """``n`` with ``sub``'s variables replaced, ``//`` and ``%`` by constants read through
-    the ranges of ``known`` (see :func:`_divmod`), rebuilt through ``ir.build``."""
+    the ranges of ``known`` (see :func:`_divmod`), rebuilt through ``ir.build``. Each
+    distinct subtree is rewritten once (``memo``: a pattern of many ranges repeats its
+    coordinate atoms in every one), and its occurrences share the result."""
+    if memo is None:
+        memo = {}
+    got = memo.get(n)
+    if got is None:
+        got = memo[n] = _simplify_node(n, known, sub, memo)
+    return got
+
+
+def _simplify_node(n: Node, known: dict, sub: dict, memo: dict) -> Node:
     from .intervals import rebuild
     if isinstance(n, Var):
         return sub.get(n.name, n)
     kids = n.children()
     if not kids:
         return n
-    new = [_simplify(c, known, sub) for c in kids]
+    new = [_simplify(c, known, sub, memo) for c in kids]
     if isinstance(n, (FloorDiv, Mod)) and isinstance(new[1], Const) and new[1].value > 0:
         m = new[1].value
         a = new[0]
@@ -352,10 +364,17 @@ def coordinate_form(ir: Node, grid: Grid, sides=("q", "k"), moved=None) -> Node:
     """``ir`` with q and k (``sides``: those of them that are cells of the grid; the others
     stay positions) replaced by the grid coordinates of the tokens (placeholder variables
     ``q#j``, ``k#j`` on the virtual axes: the splits' parts), Lq and Lk by the tokens.
-    ``moved``: ``{side: delta}``, sides that are not cells and read ``side + delta``."""
+    ``moved``: ``{side: delta}``, sides that are not cells and read ``side + delta``.
+    Cached per argument (it depends on the grid, not on the box: :func:`choose` remaps
+    every candidate box of a grid from the same forms)."""
+    return _coordinate_form(ir, grid, tuple(sides), tuple(sorted((moved or {}).items())))
+
+
+@lru_cache(maxsize=64)
+def _coordinate_form(ir: Node, grid: Grid, sides: tuple, moved: tuple) -> Node:
     virt = grid.virtual()
     known, sub = {}, {"Lq": B.const(grid.tokens), "Lk": B.const(grid.tokens)}
-    for side, delta in (moved or {}).items():
+    for side, delta in moved:
         sub[side] = B.add(Var(side), B.const(delta))
     for side in sides:
         pos = B.const(grid.offset)
@@ -632,19 +651,24 @@ def layout_cost(pairs: int, tokens: int, block_m: int, block_n: int, *, table: b
     return cost
 
 
+def sampled_rows(nq: int) -> list[int]:
+    """The :data:`SAMPLED_ROWS` query-tile rows :func:`sampled_pairs` classifies of ``nq``:
+    the middles of equal parts (distinct once ``nq`` exceeds :data:`SAMPLED_ROWS`)."""
+    return [(2 * i + 1) * nq // (2 * SAMPLED_ROWS) for i in range(SAMPLED_ROWS)]
+
+
 def sampled_pairs(ir: Node, L: int, block_m: int, block_n: int, pad: bool = True) -> int:
     """:func:`computed_pairs` estimated from :data:`SAMPLED_ROWS` query-tile rows spread
-    over the ``L`` queries (exact when there are no more rows than that)."""
+    over the ``L`` queries (exact when there are no more rows than that): the non-EMPTY
+    tiles of those rows of the call's grid, classified in one pass (one bounds analysis,
+    one interval evaluation of the IR over every sampled tile), scaled up."""
     nq = -(-L // block_m)
     if nq <= SAMPLED_ROWS:
         return computed_pairs(ir, L, block_m, block_n, pad=pad)
     from .pattern import CompiledPattern
     from .tiles import EMPTY, classify
-    pat, live = CompiledPattern(ir), 0
-    for i in range(SAMPLED_ROWS):
-        row = (2 * i + 1) * nq // (2 * SAMPLED_ROWS)
-        t = classify(pat, block_m, L, block_m, block_n, q_offset=row * block_m)
-        live += int((t != EMPTY).sum())
+    t = classify(CompiledPattern(ir), L, L, block_m, block_n, rows=sampled_rows(nq))
+    live = int((t != EMPTY).sum())
     return live * block_m * block_n * nq // SAMPLED_ROWS
 
 

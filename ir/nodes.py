@@ -1,9 +1,9 @@
 """IR node types.
 
-Frozen, slotted dataclasses with structural equality and hashing. Nodes are
-*data*: a pattern is a tree of these, never a closure. Build them only through
-the canonicalising constructors of :mod:`spattn.ir.build`, so that equal
-patterns are equal trees (and hash equal) however they were written.
+Frozen, slotted dataclasses (:func:`node`) with structural equality and a structural hash
+computed once per node. Nodes are *data*: a pattern is a tree of these, never a closure.
+Build them only through the canonicalising constructors of :mod:`spattn.ir.build`, so that
+equal patterns are equal trees (and hash equal) however they were written.
 
 Types: every node is ``int``, ``bool`` or ``float`` (:attr:`Node.type`). Float nodes only
 occur in a pattern's *score* (the score modification, ``docs/language.md`` §13): a mask is
@@ -22,7 +22,7 @@ Canonical invariants (kept by ``ir.build``):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 INT = "int"
@@ -34,10 +34,29 @@ VARIABLES = ("q", "k", "h", "b", "Lq", "Lk", "H")
 
 
 class Node:
-    """Base of every IR node."""
+    """Base of every IR node.
 
-    __slots__ = ()
+    A node's structural hash is computed once, when it is built (its children's are
+    already known), and kept in the ``_hash`` slot: a pass keys dicts and sets by whole
+    subtrees, and a hash recomputed per lookup walked the subtree every time. Its ``repr``
+    (the canonical order's key, :func:`sort_key`: the constructors sort operands at every
+    rebuild of a parent) is kept in ``_repr`` once asked for, built from the children's
+    kept ones. The slots are not dataclass fields: they are outside equality, ``repr``,
+    ``dataclasses.fields`` and the pickled state (string hashes differ between processes:
+    an unpickled node hashes again).
+    """
+
+    __slots__ = ("_hash", "_repr")
     type: str = INT
+
+    def __post_init__(self):
+        object.__setattr__(self, "_hash", self._fields_hash())
+
+    def _fields_hash(self) -> int:   # replaced by each node class's dataclass hash
+        raise NotImplementedError
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def children(self) -> tuple["Node", ...]:
         return ()
@@ -47,23 +66,72 @@ class Node:
         return to_source(self)
 
 
+def node(cls):
+    """Make ``cls`` an IR node type: a frozen, slotted dataclass whose hash (of its fields,
+    as the dataclass computes it) is cached in ``_hash`` and its ``repr`` in ``_repr``
+    (:class:`Node`); equality compares the cached hashes before the fields, and pickling
+    and copying carry the fields only."""
+    if "__post_init__" in vars(cls):
+        raise TypeError(f"IR node {cls.__name__} must not define __post_init__ (Node's "
+                        "fills the cached hash)")
+    cls = dataclass(frozen=True, slots=True)(cls)
+    names = tuple(f.name for f in fields(cls))
+    fields_eq = cls.__eq__
+    fields_repr = cls.__repr__
+    cls._fields_hash = cls.__hash__
+    cls.__hash__ = Node.__hash__
+
+    def __repr__(self):
+        try:
+            return self._repr
+        except AttributeError:
+            text = fields_repr(self)
+            object.__setattr__(self, "_repr", text)
+            return text
+
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._hash == other._hash and fields_eq(self, other)
+
+    def __getstate__(self):
+        return tuple(getattr(self, n) for n in names)
+
+    def __setstate__(self, state):
+        for n, v in zip(names, state):
+            object.__setattr__(self, n, v)
+        Node.__post_init__(self)
+
+    def __reduce__(self):
+        # rebuilt by the constructor (hash filled), whatever the protocol; a node without
+        # fields has an empty state, for which pickle would not call __setstate__
+        return cls, self.__getstate__()
+
+    for f in (__eq__, __repr__, __getstate__, __setstate__, __reduce__):
+        f.__qualname__ = f"{cls.__qualname__}.{f.__name__}"
+        setattr(cls, f.__name__, f)
+    return cls
+
+
 # ---------------------------------------------------------------- int nodes
 
-@dataclass(frozen=True, slots=True)
+@node
 class Const(Node):
     """An integer literal."""
     value: int
     type = INT
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Var(Node):
     """A built-in variable: one of :data:`VARIABLES`."""
     name: str
     type = INT
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Sum(Node):
     """``const + sum(coeff * atom)``: an affine combination of atoms."""
     terms: tuple[tuple[Node, int], ...]
@@ -74,7 +142,7 @@ class Sum(Node):
         return tuple(t for t, _ in self.terms)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Prod(Node):
     """Product of two or more non-constant atoms (sorted)."""
     factors: tuple[Node, ...]
@@ -84,7 +152,7 @@ class Prod(Node):
         return self.factors
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class FloorDiv(Node):
     """``a // b`` with Python floor semantics; ``b`` never depends on q, k or inputs."""
     a: Node
@@ -95,7 +163,7 @@ class FloorDiv(Node):
         return (self.a, self.b)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Mod(Node):
     """``a % b`` with Python semantics (sign of ``b``); ``b`` never depends on q, k or inputs."""
     a: Node
@@ -106,7 +174,7 @@ class Mod(Node):
         return (self.a, self.b)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Abs(Node):
     a: Node
     type = INT
@@ -115,7 +183,7 @@ class Abs(Node):
         return (self.a,)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Min(Node):
     args: tuple[Node, ...]
     type = INT
@@ -124,7 +192,7 @@ class Min(Node):
         return self.args
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Max(Node):
     args: tuple[Node, ...]
     type = INT
@@ -133,7 +201,7 @@ class Max(Node):
         return self.args
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Select(Node):
     """Integer ``if cond then a else b``."""
     cond: Node
@@ -145,7 +213,7 @@ class Select(Node):
         return (self.cond, self.a, self.b)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Table(Node):
     """A constant list (a list param) indexed by an int expression: ``[8, 16][h]``."""
     values: tuple[int, ...]
@@ -156,7 +224,7 @@ class Table(Node):
         return (self.index,)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Load(Node):
     """An element of a runtime input tensor: ``doc[q]``, ``blocks[q // 64, k // 64]``."""
     name: str
@@ -169,13 +237,13 @@ class Load(Node):
 
 # --------------------------------------------------------------- bool nodes
 
-@dataclass(frozen=True, slots=True)
+@node
 class BoolConst(Node):
     value: bool
     type = BOOL
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Range(Node):
     """``lo <= x <= hi`` (either bound may be ``None``): every comparison becomes one."""
     x: Node
@@ -187,7 +255,7 @@ class Range(Node):
         return (self.x,)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class IsPow2(Node):
     """``x > 0`` and ``x`` is a power of two."""
     a: Node
@@ -197,7 +265,7 @@ class IsPow2(Node):
         return (self.a,)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Not(Node):
     a: Node
     type = BOOL
@@ -206,7 +274,7 @@ class Not(Node):
         return (self.a,)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class And(Node):
     args: tuple[Node, ...]
     type = BOOL
@@ -215,7 +283,7 @@ class And(Node):
         return self.args
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Or(Node):
     args: tuple[Node, ...]
     type = BOOL
@@ -232,20 +300,20 @@ class Or(Node):
 # division (``1 / c`` is not exact); ``FSelect`` has a non-constant condition.
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class FConst(Node):
     """A float literal (or a float param)."""
     value: float
     type = FLOAT
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Score(Node):
     """The score variable ``s``: the scaled score ``q·k * scale`` of the pair."""
     type = FLOAT
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class ToFloat(Node):
     """An int expression used as a float (``s - 0.5 * (q - k)``)."""
     a: Node
@@ -255,7 +323,7 @@ class ToFloat(Node):
         return (self.a,)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class FAdd(Node):
     """Sum of two or more float operands (sorted; a constant last)."""
     args: tuple[Node, ...]
@@ -265,7 +333,7 @@ class FAdd(Node):
         return self.args
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class FMul(Node):
     """Product of two or more float operands (sorted; a constant last)."""
     args: tuple[Node, ...]
@@ -275,7 +343,7 @@ class FMul(Node):
         return self.args
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class FDiv(Node):
     """``a / b``."""
     a: Node
@@ -291,7 +359,7 @@ FLOAT_FUNCS = {"tanh": 1, "exp": 1, "log": 1, "sqrt": 1, "abs": 1, "sign": 1, "s
                "min": None, "max": None}
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class FCall(Node):
     """A float function of :data:`FLOAT_FUNCS`. ``sign`` and ``step`` (0 below 0, 1/2 at
     0, 1 above) come from derivatives (of ``abs``, ``min``, ``max``)."""
@@ -303,7 +371,7 @@ class FCall(Node):
         return self.args
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class FSelect(Node):
     """Float ``if cond then a else b`` (``cond`` a bool of ints)."""
     cond: Node
@@ -315,7 +383,7 @@ class FSelect(Node):
         return (self.cond, self.a, self.b)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class FTable(Node):
     """A constant float list (a float list param) indexed by an int: ``slope[h]``."""
     values: tuple[float, ...]
@@ -326,7 +394,7 @@ class FTable(Node):
         return (self.index,)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class FLoad(Node):
     """An element of a float runtime input: ``rel[h, q - k + 255]`` (a learnable bias)."""
     name: str
@@ -347,7 +415,8 @@ NODE_TYPES = (Const, Var, Sum, Prod, FloorDiv, Mod, Abs, Min, Max, Select, Table
 
 
 def sort_key(node: Node) -> tuple:
-    """Total order used by canonicalisation: variables in :data:`VARIABLES` order first."""
+    """Total order used by canonicalisation: variables in :data:`VARIABLES` order first,
+    then by type name and ``repr`` (kept by the node once computed: :func:`node`)."""
     if isinstance(node, Var):
         return (0, VARIABLES.index(node.name) if node.name in VARIABLES else 99, node.name)
     return (1, type(node).__name__, repr(node))

@@ -56,9 +56,10 @@ Precision limits (all sound, the tile is then PARTIAL where it might be FULL/EMP
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -174,11 +175,13 @@ def _classes(ct, cf, device) -> torch.Tensor:
 def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads: int = 1,
              batch: int = 1, q_offset: Optional[int] = None, device=None,
              inputs: Optional[Mapping[str, torch.Tensor]] = None, refine: bool = True,
-             positions=None) -> torch.Tensor:
+             positions=None, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Tile classes ``int8 [batch, num_heads, ceil(Lq/block_m), ceil(Lk/block_n)]``.
 
     ``positions`` (a :class:`spattn.ir.positions.Positions`) or ``q_offset`` say where the
-    rows sit (default: bottom-right aligned).
+    rows sit (default: bottom-right aligned). ``rows``: only these query-tile rows (indices
+    into the ``ceil(Lq/block_m)`` rows; the result has ``len(rows)`` rows, each classified
+    as in the whole grid): one pass over the IR for a sample of rows of a call.
 
     0 = EMPTY, 1 = PARTIAL, 2 = FULL. ``pattern`` is a :class:`spattn.Pattern` (or an IR node
     for patterns without inputs). ``refine=False`` skips the exact refinement (pass 1 only).
@@ -197,15 +200,22 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
                                       inputs=inputs)
     env = grid_env(Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
                    q_offset=q_offset, device=dev, names=_free_vars(ir))
+    if rows is not None:
+        nq = env["q"][0].shape[2]
+        if not rows or any(not 0 <= r < nq for r in rows):
+            raise SpattnValueError(f"rows must be query-tile rows in 0..{nq - 1}, got "
+                                   f"{list(rows)!r}")
+        at = torch.as_tensor(list(rows), dtype=I64, device=dev)
+        env["q"] = tuple(t.index_select(2, at) for t in env["q"])
     nq, nk = env["q"][0].shape[2], env["k"][0].shape[3]
     refine = refine and not interval_exact(ir) and not refinement_cannot_change(ir)
     summaries: dict = {}
     shape = (batch, num_heads, nq, nk)
     # slabs of query tiles bound the intermediate tensors to ~SLAB_TILES tiles each
-    rows = max(1, SLAB_TILES // (batch * num_heads * nk))
+    slab = max(1, SLAB_TILES // (batch * num_heads * nk))
     cls = None
-    for s in range(0, nq, rows):
-        e = min(nq, s + rows)
+    for s in range(0, nq, slab):
+        e = min(nq, s + slab)
         senv = env if (s, e) == (0, nq) else \
             dict(env, q=(env["q"][0][:, :, s:e], env["q"][1][:, :, s:e]))
         ev = IntervalEval(senv, ins, device=dev, summaries=summaries, wrapped=checked.wrapped)
@@ -611,7 +621,12 @@ def refine_partial(ir: Node, cls: torch.Tensor, env: dict, inputs: dict, summari
         # one thread, which a busy machine does not make wait for a scheduler slice per op
         # (200 atoms at L = 4096: 0.09 s instead of 2-4 s with the cores shared)
         chunk_elems = CPU_CHUNK if torch.device(device).type == "cpu" else GPU_CHUNK
-    step = max(1, chunk_elems // ncells)
+    cells = ncells
+    if torch.device(device).type == "cpu" and blocks is not None:
+        # _distinct_cuts leaves at most (extent - 1) cuts of a direction inside a tile
+        ext = {"q": blocks[0], "k": blocks[1], "d": blocks[0] + blocks[1] - 1}
+        cells = math.prod(min(ncut[u], ext[u] - 1) + 1 for u in ("q", "k", "d"))
+    step = max(1, chunk_elems // cells)
     for s in range(0, idx.shape[0], step):
         part = idx[s:s + step]
         new = _refine_chunk(formula, atoms, kcuts, *_boxes(env, part), env, inputs, device,
@@ -746,6 +761,7 @@ def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inpu
             exact[a.node] = ok
     # segments per direction: [P, S]
     segs = {}
+    host = torch.device(device).type == "cpu"
     allfixed = [sorted(set(fixed[u])) for u in ("q", "k", "d")]
     if any(allfixed):                         # one upload for the Python cuts
         flat = torch.tensor([c for f in allfixed for c in f], dtype=I64, device=device)
@@ -762,6 +778,8 @@ def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inpu
             cs = torch.clamp(cs, ulo, end)
             if cuts[u] and cs.shape[1] > 1:   # Python cuts alone are sorted, and stay so
                 cs = torch.sort(cs, dim=1).values
+            if host and cs.shape[1] > 1:
+                cs = _distinct_cuts(cs, ulo, end)
             bounds = torch.cat([ulo, cs, end], dim=1)   # segment s is bounds[s] .. bounds[s+1]-1
             segs[u] = (bounds[:, :-1], bounds[:, 1:] - 1)
         else:
@@ -815,6 +833,21 @@ def _refine_chunk(formula, atoms, kcuts, qlo, qhi, klo, khi, b_t, h_t, env, inpu
     any_f = (feas & cf).any(dim=1)
     # EMPTY where no feasible cell can be true, else FULL where none can be false
     return torch.where(any_t, torch.where(any_f, PARTIAL, FULL), EMPTY).to(torch.int8)
+
+
+def _distinct_cuts(cs: torch.Tensor, ulo: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Sorted cuts ``[P, c]`` clamped to ``[ulo, end]`` without the columns that only start
+    empty segments: a cut equal to ``ulo``, to ``end`` or to the previous one starts an
+    empty segment; those become ``end`` (sorted last) and the columns that are ``end`` in
+    every row are dropped. The tiles' non-empty segments are the same, each tile keeps
+    at most as many empty ones as the most cut tile's distinct cuts leave it (every range
+    atom of the formula cuts every tile, most of them at the tile's ends: 110 key ranges
+    made 221 segments of a 64-key tile, of which a handful are not empty). One host read
+    (the largest count): the CPU's refinement only."""
+    empty = (cs == ulo) | (cs == end)
+    empty[:, 1:] |= cs[:, 1:] == cs[:, :-1]
+    keep = int((~empty).sum(dim=1).max())
+    return torch.where(empty, end, cs).sort(dim=1).values[:, :keep]
 
 
 def _lin_cuts(a: _Atom, U, P: int, device, fixed: list, cuts: list) -> None:

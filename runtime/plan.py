@@ -285,6 +285,20 @@ def _triton():
     return _TRITON
 
 
+#: ``runtime.gather_kernel.gather_rows``, imported at the first gather of a CUDA tensor (it
+#: imports Triton, which a CPU-only process need not load) and kept: no import statement on
+#: the per-call path.
+_GATHER_ROWS = None
+
+
+def _gather_rows():
+    global _GATHER_ROWS
+    if _GATHER_ROWS is None:
+        from .gather_kernel import gather_rows
+        _GATHER_ROWS = gather_rows
+    return _GATHER_ROWS
+
+
 def _unscored(plan) -> None:
     if getattr(plan.pattern, "score", None) is not None:
         from ..dsl.errors import SpattnBackendError
@@ -318,8 +332,7 @@ class PermutedPlan(Plan):
         if t is None:
             return None
         if t.is_cuda:
-            from .gather_kernel import gather_rows
-            return gather_rows(t, index)
+            return (_GATHER_ROWS or _gather_rows())(t, index)
         if index.dim() == 1:
             return t.index_select(2, index)
         at = index[:, None, :] if t.dim() == 3 else index[:, None, :, None]
