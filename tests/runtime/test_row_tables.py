@@ -213,3 +213,24 @@ def test_cost_model_drops_the_gathers(monkeypatch):
     assert rep.layout["cost_layout"] == pytest.approx(kernel.cost_layout)
     monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "copy")
     assert "with its gathers" in str(pat.explain(4096))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts", [{"loop": "fused", "tables": "csr", "int64": True},
+                                  {"loop": "persistent"}],
+                         ids=["B2-Hq2-Hk1-L126-D16-fp32-fused-csr-int64",
+                              "B2-Hq2-Hk1-L126-D16-fp32-persistent-fwd"])
+def test_kernel_variants(opts, monkeypatch):
+    """The loop variants, CSR lists and 64-bit kernels address rows through the tables
+    too (the persistent loop is forward only)."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = spattn.neighborhood((9, 14), 3, is_causal=(True, False), backend="triton")
+    grads = opts.get("loop") != "persistent"
+    g = torch.Generator().manual_seed(8)
+    q, k, v = _tensors(2, 2, 1, 126, 16, g, grads=grads)
+    plan = make_plan(pat, q, k, v, layout_gather="kernel", **opts)
+    cfg = plan.forward_stage.config
+    assert cfg.rows == "table" and cfg.loop == opts["loop"]
+    assert cfg.int64 == opts.get("int64", False)
+    o, lse = pat(q, k, v, plan=plan, return_lse=True)
+    check_with_reference(o, lse, q, k, v, pat.mask(126, 126), g, grads)
