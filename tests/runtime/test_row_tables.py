@@ -234,3 +234,16 @@ def test_kernel_variants(opts, monkeypatch):
     assert cfg.int64 == opts.get("int64", False)
     o, lse = pat(q, k, v, plan=plan, return_lse=True)
     check_with_reference(o, lse, q, k, v, pat.mask(126, 126), g, grads)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_kernel_source_of_a_call_in_a_layout(kind, monkeypatch):
+    """``kernel_source(q, k, v)`` of a call that runs in a layout: the inner plan's module,
+    with the row tables under ``kernel`` (the backward's stages are the inner plan's)."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "kernel")
+    pat = spattn.neighborhood((8, 8), 3, backend="triton")
+    q, k, v = _tensors(1, 1, 1, 64, 16, torch.Generator().manual_seed(0), grads=False)
+    text = pat.kernel_source(q, k, v, kind=kind)
+    assert "neighborhood_layout" in text and "Q_ROWS" in text
