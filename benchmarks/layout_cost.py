@@ -164,6 +164,7 @@ def measure(name, make, N, H, D, rounds):
     pat = make()
     q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
+    os.environ["SPATTN_LAYOUT_GATHER"] = "copy"     # this mode times the gathers themselves
     os.environ["SPATTN_LAYOUT"] = "off"
     off = pat.plan(q, k, v)
     os.environ["SPATTN_LAYOUT"] = "on"
