@@ -15,13 +15,16 @@ in sequence order's units (what ``ir.cost.COSTS["cuda"]["gather_token"]`` prices
                                                            # against runtime/gather_kernel.py
     python benchmarks/layout_cost.py --rows --out DIR      # copies against row tables
 
-``--rows``: for the 16K patterns whose layouts are used (:data:`ROWS_PATTERNS`), the forward
-and the forward+backward in sequence order, in the layout with the gathers
-(``SPATTN_LAYOUT_GATHER=copy``) and in the layout with rows addressed through row tables in
-the kernels (``kernel``: no gathers), all in the same alternating rounds, each with the
+``--rows``: for the 16K patterns with a grid and a 4K neighbourhood whose layout the
+gathers made too dear (:data:`ROWS_PATTERNS`), the forward and the forward+backward in
+sequence order, in the layout with the gathers (``SPATTN_LAYOUT_GATHER=copy``) and in the
+layout with rows addressed through row tables in the kernels (``kernel``: no gathers, no
+TMA), and the forward with the gathers and pointer loads (``SPATTN_TMA=0``: what the table
+kernels give up besides the gathers), all in the same alternating rounds, each with the
 default configuration (``SPATTN_AUTOTUNE=0`` unless ``--tune``), beside ``explain()``'s
 predicted cost ratios with and without the gathers; the largest difference of the table
-path's output and gradients from the copy path's. ``--dry`` runs the same code on the CPU
+path's output and gradients from the copy path's and from sequence order's. About 2 minutes
+on an H200 (``--fwd-only`` or ``--only NAME ...`` for less). ``--dry`` runs the same code on the CPU
 (the Triton interpreter, tiny grids, wall-clock timing): a check that the script runs.
 """
 from __future__ import annotations
@@ -56,9 +59,9 @@ PATTERNS = {
 }
 
 
-#: ``--rows``: the 16K patterns of :data:`PATTERNS` whose layouts ``SPATTN_LAYOUT=auto`` uses.
+#: ``--rows``: the 16K patterns of :data:`PATTERNS` and a 4K neighbourhood (module docstring).
 ROWS_PATTERNS = ("neighborhood2d(13x13)", "dilated(512,4)", "strided(128)",
-                 "nbhd 128x128 (32x32)", "nbhd 16x32x32 (3,9,9)")
+                 "nbhd 128x128 (32x32)", "nbhd 16x32x32 (3,9,9)", "nbhd 64x64 (16x16)")
 #: ``--rows --dry``: tiny grids for the interpreter (a padded 2-D layout, residue classes).
 DRY_PATTERNS = {
     "nbhd 9x14 (3x3)": (lambda: spattn.neighborhood((9, 14), 3), 126),
@@ -203,7 +206,7 @@ def measure(name, make, N, H, D, rounds):
 def rows_mode(a) -> int:
     """``--rows`` (module docstring): one row per pattern, JSON under ``--out``, a table."""
     saved = {n: os.environ.get(n) for n in ("SPATTN_LAYOUT", "SPATTN_LAYOUT_GATHER",
-                                            "SPATTN_AUTOTUNE")}
+                                            "SPATTN_AUTOTUNE", "SPATTN_TMA")}
     if not a.tune:
         os.environ["SPATTN_AUTOTUNE"] = "0"
     if a.dry:
@@ -231,23 +234,25 @@ def rows_mode(a) -> int:
         with open(os.path.join(a.out, "layout_rows.json"), "w") as f:
             json.dump(rows, f, indent=1)
     fb = not a.fwd_only
-    print("| pattern | N | fwd off ms | fwd copy ms | fwd kernel ms | kernel/copy | kernel/off "
-          "| predicted copy/off | predicted kernel/off |"
+    print("| pattern | N | fwd off ms | fwd copy ms | fwd copy no-TMA ms | fwd kernel ms | "
+          "kernel/copy | kernel/off | predicted copy/off | predicted kernel/off |"
           + (" f+b off ms | f+b copy ms | f+b kernel ms | f+b kernel/copy |" if fb else "")
-          + " max diff |")
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if fb else "") + "---|")
+          + " max diff copy | max diff off |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if fb else "")
+          + "---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['pattern']} | ERROR {r['error'][:120]} |")
             continue
         line = (f"| {r['pattern']} | {r['N']} | {r['fwd_off_ms']:.3f} | {r['fwd_copy_ms']:.3f} "
+                f"| {r['fwd_copy_ptr_ms']:.3f} "
                 f"| {r['fwd_kernel_ms']:.3f} | {r['fwd_kernel_vs_copy']:.2f} | "
                 f"{r['fwd_kernel_vs_off']:.2f} | {r['predicted_copy_vs_off']:.2f} | "
                 f"{r['predicted_kernel_vs_off']:.2f} |")
         if fb:
             line += (f" {r['fb_off_ms']:.3f} | {r['fb_copy_ms']:.3f} | {r['fb_kernel_ms']:.3f} "
                      f"| {r['fb_kernel_vs_copy']:.2f} |")
-        print(line + f" {r['max_diff']:.2e} |")
+        print(line + f" {r['max_diff']:.2e} | {r['max_diff_off']:.2e} |")
     return 0 if rows and all("error" not in r for r in rows) else 1
 
 
@@ -262,10 +267,17 @@ def measure_rows(name, make, N, H, D, a):
                for _ in range(3))
     do = torch.randn(1, H, N, D, device=dev, dtype=dtype, generator=g)
     plans = {}
-    for mode, layout, gather in (("off", "off", "copy"), ("copy", "on", "copy"),
-                                 ("kernel", "on", "kernel")):
+    for mode, layout, gather, tma in (("off", "off", "copy", None),
+                                      ("copy", "on", "copy", None),
+                                      ("copy_ptr", "on", "copy", "0"),
+                                      ("kernel", "on", "kernel", None)):
         os.environ["SPATTN_LAYOUT"], os.environ["SPATTN_LAYOUT_GATHER"] = layout, gather
+        if tma is None:
+            os.environ.pop("SPATTN_TMA", None)
+        else:
+            os.environ["SPATTN_TMA"] = tma
         plans[mode] = pat.plan(q, k, v)
+    os.environ.pop("SPATTN_TMA", None)
     if not isinstance(plans["kernel"], PermutedPlan) or plans["kernel"].gather != "kernel":
         raise ValueError("no layout found")
     os.environ["SPATTN_LAYOUT_GATHER"] = "copy"
@@ -274,19 +286,23 @@ def measure_rows(name, make, N, H, D, a):
     lay_k = pat.explain(N, num_heads=1).layout
     grads = {}
     for mode, plan in plans.items():
+        if mode == "copy_ptr":
+            continue
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
         o = pat(qg, kg, vg, plan=plan)
         o.backward(do)
         grads[mode] = (o.detach(), qg.grad, kg.grad, vg.grad)
-    diff = max(float((x.float() - y.float()).abs().max())
-               for x, y in zip(grads["kernel"], grads["copy"]))
+    diff, diff_off = (max(float((x.float() - y.float()).abs().max())
+                          for x, y in zip(grads["kernel"], grads[other]))
+                      for other in ("copy", "off"))
     fns = {f"fwd_{m}": (lambda p=p: pat(q, k, v, plan=p)) for m, p in plans.items()}
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     if not a.fwd_only:
         fns.update({f"fb_{m}": (lambda p=p: pat(qg, kg, vg, plan=p).backward(do))
-                    for m, p in plans.items()})
+                    for m, p in plans.items() if m != "copy_ptr"})
     ms = alternate(fns, 1 if a.dry else a.rounds, grad_to_none=[qg, kg, vg], wall=a.dry)
     row = {"pattern": name, "N": N, "H": H, "D": D, "layout": lay["layout"], "max_diff": diff,
+           "max_diff_off": diff_off, "used_copy": lay["used"], "used_kernel": lay_k["used"],
            **{f"{n}_ms": x for n, x in ms.items()},
            "fwd_kernel_vs_copy": ms["fwd_kernel"] / ms["fwd_copy"],
            "fwd_kernel_vs_off": ms["fwd_kernel"] / ms["fwd_off"],
