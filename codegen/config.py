@@ -53,6 +53,9 @@ class KernelConfig:
     score_load: str = "pair"
     score_index: str = "clamp"
     fast_tanh: bool = False
+    # how rows of q, k, v and the outputs are addressed: ROWS ("table": through the row
+    # tables Q_ROWS, K_ROWS of a permuted plan; pointer loads, never TMA)
+    rows: str = "seq"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -142,7 +145,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
          block_m=None, block_n=None, num_warps=None, num_stages=None, closed_form=None,
          interpret=False, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
          loop=None, tma=None, int64=None, score_load=None, score_index=None, fast_tanh=None,
-         overrides=None, **_ignored) -> KernelConfig:
+         rows=None, overrides=None, **_ignored) -> KernelConfig:
     """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype.
 
     Backward: ``block_m1``/``block_n1`` (dK/dV) and ``block_m2``/``block_n2`` (dQ);
@@ -150,6 +153,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     arithmetic in the kernel (for positions, input values or bounds beyond int32).
     ``score_load``, ``score_index``, ``fast_tanh``: how a score's tables are read and its
     tanh computed (:data:`SCORE_LOADS`, :data:`SCORE_INDEX`; ignored without a score).
+    ``rows``: how token rows are addressed (:data:`ROWS`; "table" turns TMA off).
     ``interpret``: the tile defaults of Triton's CPU interpreter.  ``overrides``: the
     environment's options of this kind (:meth:`spattn.runtime.settings.Settings.overrides`),
     below the explicit arguments.
@@ -163,6 +167,9 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
         raise SpattnConfigError(f"unknown strategy {strategy!r} (the option strategy= or the "
                                 "environment variable SPATTN_STRATEGY): expected one of "
                                 f"{', '.join(map(repr, STRATEGIES))}")
+    rows = choice(rows, "rows", ROWS)
+    if rows == "table":
+        tma = False             # rows addressed one by one: the pointer path
     if kind == "bwd":
         m1, n1, m2, n2, nw, ns = default_bwd_tiles(head_dim, dt, interpret=interpret)
         m1 = block_m1 or block_m or env.get("block_m1") or m1
@@ -175,7 +182,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
         loop = choice(loop, "loop", BWD_LOOPS, default=env.get("loop"))
         return KernelConfig(strategy, int(m1), int(n1), next_pow2(head_dim), int(nw), int(ns),
                             dt, int(m2), int(n2), loop=loop, tma=bool(tma), int64=bool(int64),
-                            **_score_flags(pattern, score_load, score_index, fast_tanh))
+                            rows=rows, **_score_flags(pattern, score_load, score_index, fast_tanh))
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret)
     bm = block_m or env.get("block_m") or bm
     bn = block_n or env.get("block_n") or bn
@@ -188,8 +195,15 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     # a mutable and an immutable shared-memory descriptor).
     return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt,
                         loop=loop, tma=bool(tma) and loop != "persistent", int64=bool(int64),
-                        **_score_flags(pattern, score_load, score_index, fast_tanh))
+                        rows=rows, **_score_flags(pattern, score_load, score_index, fast_tanh))
 
+
+#: How the kernels address the rows of q, k, v, the outputs and their gradients: "seq"
+#: (row ``i`` of the kernel's slots is row ``i`` of the tensors) or "table" (a permuted
+#: plan's row tables: slot ``i`` of the queries is row ``Q_ROWS[i]`` of q, o, lse, dO, dQ,
+#: slot ``j`` of the keys row ``K_ROWS[j]`` of k, v, dK, dV; ``-1`` marks a padding slot,
+#: which loads row 0 and stores nothing). The kernels still work in slot order.
+ROWS = ("seq", "table")
 
 #: How a score's table loads are placed: "pair" (after the q·k dot, beside the score's
 #: arithmetic), "early" (every line that does not read ``s`` -- the indices and the

@@ -92,7 +92,9 @@ class Report:
                 f"layout    {lay['layout']}: useful pairs {pct(lay['fraction_layout'])} of "
                 f"computed (sequence order {pct(lay['fraction_sequence'])}); predicted cost "
                 f"{lay['cost_layout'] / max(lay['cost_sequence'], 1e-9):.2f}x sequence order's "
-                "with its gathers; "
+                + ("with its gathers; " if lay.get("gather", "copy") == "copy" else
+                   "with rows addressed in the kernels (no gathers, "
+                   "SPATTN_LAYOUT_GATHER=kernel); ")
                 + ("used (SPATTN_LAYOUT=auto)" if lay["used"] else
                    "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on "
                    "forces it)"))
@@ -168,11 +170,14 @@ def _count_tiles(ir, tiles, Lq, Lk, bm, bn, *, q_offset, inputs, device, chunk_e
 def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
             block_m: Optional[int] = None, block_n: Optional[int] = None,
             inputs: Optional[dict] = None, batch: int = 1, q_offset: Optional[int] = None,
-            head_dim: int = 128, device=None, target: str = "cuda") -> Report:
+            head_dim: int = 128, device=None, target: str = "cuda",
+            gather: str = "copy") -> Report:
     """A :class:`Report` on ``pattern`` at the given size (see the module docstring).
 
     ``target``: ``"cuda"`` or ``"cpu"``, whose cost model predicts the speedup; the tiles
-    default to that target's forward tiles (``ir.cost.TILES``)."""
+    default to that target's forward tiles (``ir.cost.TILES``). ``gather``: how a layout's
+    tokens reach the kernels (``SPATTN_LAYOUT_GATHER``: "copy" prices the gathers,
+    "kernel" does not)."""
     if target not in TARGETS:
         raise SpattnValueError(f"target={target!r}: expected one of {', '.join(map(repr, TARGETS))}")
     block_m = block_m or TILES[target][0]
@@ -217,7 +222,7 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
     speedup = predicted_speedup(model_counts, strategy, COSTS[target], pairs=total_pairs)
     layout = None if inputs else _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed,
                                          block_m, block_n, computed // per_pair, pattern,
-                                         target)
+                                         target, gather)
     return Report(
         score=(None if getattr(pattern, "score", None) is None else str(pattern.score)),
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
@@ -232,17 +237,19 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
 
 
 def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, computed,
-            pattern=None, target="cuda"):
+            pattern=None, target="cuda", gather="copy"):
     """The token layout a call would consider (``ir.layout.choose``, forced), as a dict:
     the layout, its box per grid axis, the computed pairs and the useful fraction in
     sequence order and in the layout, the predicted cost of each (``ir.layout.layout_cost``),
     and whether ``SPATTN_LAYOUT=auto`` uses it (it pays by ``ir.layout.MARGIN`` and the call
-    has at least ``AUTO_MIN_TOKENS`` tokens). The
+    has at least ``AUTO_MIN_TOKENS`` tokens); ``gather``: how its tokens reach the kernels
+    (the layout's cost includes the gathers for "copy" only). The
     extra tokens before and after the grid are ``extra_before`` and ``extra_after``."""
     from . import layout as LY
     r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
                   block_m=block_m, block_n=block_n, force=True, declared=LY.declared(pattern),
-                  sequence=computed // (batch * num_heads), target=target)
+                  sequence=computed // (batch * num_heads), target=target,
+                  gathers=gather == "copy")
     if r is None:
         return None
     useful = r.useful if r.useful is not None else allowed // (batch * num_heads)
@@ -254,4 +261,5 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
             "fraction_sequence": useful / max(r.computed_sequence, 1),
             "fraction_layout": useful / max(r.computed_layout, 1),
             "cost_sequence": r.cost_sequence, "cost_layout": r.cost_layout,
+            "gather": gather,
             "used": r.pays and Lq >= LY.AUTO_MIN_TOKENS}

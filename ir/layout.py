@@ -743,13 +743,16 @@ def _product_pairs(groups: list[Node], layout: Layout, block_m: int, block_n: in
 def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
            block_m: int = 128, block_n: int = 64, grids: Optional[list] = None,
            force: bool = False, sequence: Optional[int] = None,
-           declared: Optional[Grid] = None, target: str = "cuda") -> Optional[Remap]:
+           declared: Optional[Grid] = None, target: str = "cuda",
+           gathers: bool = True) -> Optional[Remap]:
     """The best layout of ``ir`` for a self-attention call of ``Lq = Lk`` tokens (module
     docstring), or None (no grid, or none pays by :data:`MARGIN`, :attr:`Remap.pays`;
     ``force``: the best whatever the margin; ``sequence``: the sequence order's computed
     pairs when known, else estimated by :func:`sampled_pairs`; ``declared``: the pattern's
     declared grid, a candidate of :func:`discover`; ``target``: the cost model's,
-    ``"cuda"`` or ``"cpu"``). Boxes are ranked by computed pairs: product patterns (a
+    ``"cuda"`` or ``"cpu"``; ``gathers``: the layout's tokens are gathered into box order
+    and back, False where the kernels address them through row tables,
+    ``SPATTN_LAYOUT_GATHER=kernel``: no gather cost). Boxes are ranked by computed pairs: product patterns (a
     conjunction of per-axis conditions) per axis; others by classifying sampled query-tile
     rows of the remapped pattern (:func:`sampled_pairs`), and the chosen one at the call's
     size. The chosen box is then priced against sequence order by :func:`layout_cost`."""
@@ -798,7 +801,7 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
     cost_seq = layout_cost(seq, Lq, bm, bn, table=pick_strategy(ir) == "table",
                            gathers=False, target=target)
     cost_lay = layout_cost(cost, layout.padded_size, bm, bn,
-                           table=pick_strategy(rir) == "table", gathers=True, target=target)
+                           table=pick_strategy(rir) == "table", gathers=gathers, target=target)
     r = Remap(layout, rir, useful, seq, cost, cost_seq, cost_lay)
     if not force and not r.pays:
         return None

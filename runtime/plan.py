@@ -136,9 +136,15 @@ class Plan:
     triton_backend.FwdStage` / ``BwdStage``, or the torch backend's plan).
     """
 
-    def __init__(self, pattern, backend: str, call: Call, q, k, v, options=None):
+    #: The row tables the kernels address q, k, v and the outputs through
+    #: (:class:`~spattn.runtime.triton_backend.RowTables`: the inner plan of a permuted plan
+    #: whose tokens are not gathered, ``SPATTN_LAYOUT_GATHER=kernel``), or None.
+    rows = None
+
+    def __init__(self, pattern, backend: str, call: Call, q, k, v, options=None, rows=None):
         self._bind(pattern, backend, q, k, v, options)
         self.call = call
+        self.rows = rows
         self.table_layout = {n: (tuple(t.shape), t.dtype) for n, t in (call.tables or {}).items()}
         if backend == "torch" and getattr(pattern, "score", None) is not None:
             from . import scores
@@ -149,7 +155,8 @@ class Plan:
                 pattern, q, k, q_offset=call.positions.q_offset, inputs=call.inputs)
         else:
             from . import triton_backend
-            self.forward_stage = triton_backend.build_fwd(call, q, k, v, self.options)
+            self.forward_stage = triton_backend.build_fwd(call, q, k, v, self.options,
+                                                          rows=rows)
             self.forward_stage.aligned = self.aligned
 
     def _bind(self, pattern, backend: str, q, k, v, options) -> None:
@@ -219,7 +226,8 @@ class Plan:
                 stage = self._bwd.get(key)
                 if stage is None:
                     from . import triton_backend
-                    stage = triton_backend.build_bwd(self.call, q, k, v, o, do, self.options)
+                    stage = triton_backend.build_bwd(self.call, q, k, v, o, do, self.options,
+                                                     rows=self.rows)
                     stage.aligned = self.aligned
                     self._bwd[key] = stage
         return stage
@@ -307,19 +315,43 @@ def _unscored(plan) -> None:
 
 
 class PermutedPlan(Plan):
-    """A plan that runs its pattern on the tokens in another order: q, k and v are gathered
-    into slot order (``order``: the original token of each slot), an ordinary :class:`Plan`
-    (``inner``) of the pattern over slots runs on ``[B, H, Np, D]`` tensors, and the outputs
-    (and in the backward the gradients) are gathered back into the caller's order
-    (``inverse``: the slot of each token). The gathers' time is part of the call's.
+    """A plan that runs its pattern on the tokens in another order (``order``: the original
+    token of each slot; ``inverse``: the slot of each token), through an ordinary
+    :class:`Plan` (``inner``) of the pattern over slots. ``gather`` says how the tokens
+    reach it: "copy" gathers q, k and v into slot order (``[B, H, Np, D]`` tensors), runs
+    the inner plan on the copies and gathers the outputs (and in the backward the
+    gradients) back into the caller's order, the gathers' time part of the call's;
+    "kernel" (Triton only) runs the inner plan's kernels on the caller's tensors, every row
+    addressed through the row tables ``rows`` (the caller's row of each slot, ``-1`` for a
+    padding slot): no gathers (docs/layouts.md, "How the kernels reach the rows").
     :class:`RemappedPlan` (a layout the compiler chose) and :class:`OrderedPlan` (an order
     the caller gave) differ only in where the order and the pattern over slots come from."""
 
-    def _build_inner(self, inner, backend, q, k, v, *, scale, inputs, settings, options):
+    gather = "copy"
+
+    def _build_inner(self, inner, backend, q, k, v, *, scale, inputs, settings, options,
+                     gather="copy"):
         qs, ks, vs = (self._stand_in(t) for t in (q, k, v))
-        self.inner = build_plan(inner, backend, qs, ks, vs, scale=scale, q_offset=None,
-                                inputs=inputs, settings=settings, options=options,
-                                layouts=False)
+        if gather == "kernel" and backend == "triton":
+            from .triton_backend import RowTables
+            from .usage import warn_if_empty
+            self.gather = "kernel"
+            slots = torch.arange(self.order.shape[-1], device=self.order.device)
+            # a padding slot reads token 0 in ``order``; its table entry is -1
+            real = self.inverse.gather(-1, self.order) == slots
+            table = torch.where(real, self.order, torch.full_like(self.order, -1))
+            N = q.shape[2]
+            self.rows = RowTables.of(table, table, N, N)
+            call = Call.of(inner, qs, ks, scale=scale, q_offset=None, inputs=inputs,
+                           settings=settings, backend=backend)
+            # the kernels compute element offsets in the caller's tensors
+            call.int64 = call.int64 or max(_extent(t) for t in (q, k, v)) > INT32_OFFSET
+            self.inner = Plan(inner, backend, call, q, k, v, options, rows=self.rows)
+            warn_if_empty(call)
+        else:
+            self.inner = build_plan(inner, backend, qs, ks, vs, scale=scale, q_offset=None,
+                                    inputs=inputs, settings=settings, options=options,
+                                    layouts=False)
         self.call = self.inner.call
         self.forward_stage = self.inner.forward_stage
 
@@ -339,18 +371,27 @@ class PermutedPlan(Plan):
         return t.gather(2, at.expand(t.shape[:2] + index.shape[1:] + t.shape[3:]))
 
     def forward(self, q, k, v):
+        if self.gather == "kernel":
+            return self.inner.forward(q, k, v)
         o, lse = self.inner.forward(*(self._gather(t, self.order) for t in (q, k, v)))
         return self._gather(o, self.inverse), self._gather(lse, self.inverse)
 
     def prepare_backward(self, q, k, v) -> None:
+        if self.gather == "kernel":
+            return self.inner.prepare_backward(q, k, v)
         self.inner.prepare_backward(*(self._stand_in(t) for t in (q, k, v)))
 
     def backward_stage(self, q, k, v, o, do):
-        """The inner plan's backward stage for gathered tensors shaped like these."""
-        q, k, v, o, do = (self._stand_in(t) for t in (q, k, v, o, do))
+        """The inner plan's backward stage for tensors shaped like these (gathered ones,
+        unless the kernels address the rows through tables)."""
+        if self.gather != "kernel":
+            q, k, v, o, do = (self._stand_in(t) for t in (q, k, v, o, do))
         return self.inner.backward_stage(q, k, v, o, do)
 
     def backward(self, q, k, v, o, lse, do, dlse=None):
+        if self.gather == "kernel" and (dlse is None or not bool((dlse != 0).any())):
+            return self.inner.backward(q, k, v, o, lse, do)
+        # (a gradient of the lse: the torch backend's backward, on gathered tensors)
         g = [self._gather(t, self.order) for t in (q, k, v, o, lse, do, dlse)]
         grads = self.inner.backward(*g)
         return tuple(self._gather(t, self.inverse) for t in grads)
@@ -361,7 +402,8 @@ class RemappedPlan(PermutedPlan):
     layout's box order (padding slots read token 0 and are masked out) and the pattern over
     slots the remapped pattern."""
 
-    def __init__(self, pattern, backend: str, remap, q, k, v, *, scale, settings, options):
+    def __init__(self, pattern, backend: str, remap, q, k, v, *, scale, settings, options,
+                 gather="copy"):
         self._bind(pattern, backend, q, k, v, options)
         self.remap = remap
         self.order, self.inverse = remap.layout.permutation(q.device)
@@ -369,13 +411,14 @@ class RemappedPlan(PermutedPlan):
         inner = type(pattern)(remap.ir, name=f"{pattern.name}@layout",
                               backend=getattr(pattern, "backend", "auto"))
         self._build_inner(inner, backend, q, k, v, scale=scale, inputs={}, settings=settings,
-                          options=options)
+                          options=options, gather=gather)
 
     def __repr__(self) -> str:
         r = self.remap
         head = [f"Plan for {self.pattern.name!r}: {self.pattern.source}",
                 f"  layout: {r.layout} ({r.layout.padded_size} slots); computed pairs "
-                f"{r.computed_layout:,} (sequence order {r.computed_sequence:,})"]
+                f"{r.computed_layout:,} (sequence order {r.computed_sequence:,}); "
+                f"{_GATHER_WORDS[self.gather]}"]
         return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
 
 
@@ -419,7 +462,7 @@ class OrderedPlan(PermutedPlan):
     validated (indexed by original positions, as without an order)."""
 
     def __init__(self, pattern, backend: str, order, q, k, v, *, scale, inputs, settings,
-                 options):
+                 options, gather="copy"):
         from ..ir.layout import ordered
         self._bind(pattern, backend, q, k, v, options)
         N = q.shape[2]
@@ -436,21 +479,28 @@ class OrderedPlan(PermutedPlan):
         tables = self.ordered.tables(order)
         self._build_inner(inner, backend, q, k, v, scale=scale,
                           inputs={**(inputs or {}), **tables}, settings=settings,
-                          options=options)
+                          options=options, gather=gather)
 
     def __repr__(self) -> str:
         per = "" if self.order.dim() == 1 else ", one order per batch element"
         head = [f"Plan for {self.pattern.name!r}: {self.pattern.source}",
                 f"  token order: the caller's ({self.order.shape[-1]} slots{per}), the "
-                f"pattern read through it on the {self.ordered.grid}"]
+                f"pattern read through it on the {self.ordered.grid}; "
+                f"{_GATHER_WORDS[self.gather]}"]
         return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
 
 
-def choose_layout(pattern, q, k, q_offset, inputs, settings):
+#: How a permuted plan's repr says its tokens reach the kernels.
+_GATHER_WORDS = {"copy": "tokens gathered into slot order and back",
+                 "kernel": "rows addressed through row tables in the kernels (no gathers)"}
+
+
+def choose_layout(pattern, q, k, q_offset, inputs, settings, gather="copy"):
     """The :class:`~spattn.ir.layout.Remap` a call of ``pattern`` runs in, or None (the
     ``SPATTN_LAYOUT`` setting: ``auto`` when it pays and the call has at least
     ``ir.layout.AUTO_MIN_TOKENS`` tokens, ``on`` whenever a grid is found, ``off`` never;
-    patterns with runtime inputs run in sequence order)."""
+    patterns with runtime inputs run in sequence order; ``gather``: how the layout's
+    tokens would reach the kernels, which the cost model prices)."""
     from ..ir.layout import AUTO_MIN_TOKENS, choose, declared
     Lq, Lk = q.shape[2], k.shape[2]
     if settings.layout == "off" or inputs or (settings.layout == "auto"
@@ -458,7 +508,8 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings):
         return None
     return choose(pattern.ir, Lq, Lk, Positions.of(Lq, Lk, q_offset).q_offset,
                   num_heads=q.shape[1], force=settings.layout == "on",
-                  declared=declared(pattern), target="cuda" if q.is_cuda else "cpu")
+                  declared=declared(pattern), target="cuda" if q.is_cuda else "cpu",
+                  gathers=gather == "copy")
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
@@ -468,29 +519,43 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
     :class:`OrderedPlan` for a caller's token ``order`` (its values checked there:
     :func:`permutation`), else a :class:`RemappedPlan` when the pattern runs in a token
     layout (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
-    (and tuned) with; each call passes its own (``runtime.scores``)."""
+    (and tuned) with; each call passes its own (``runtime.scores``). The option
+    ``layout_gather`` ("copy" or "kernel", default the setting ``SPATTN_LAYOUT_GATHER``)
+    says how a permuted plan's tokens reach the Triton kernels (:class:`PermutedPlan`)."""
     from .api import check_grid
     from .progress import progress
     from .usage import warn_if_empty
     check_grid(pattern, q.shape[2], k.shape[2], f"q (shape {tuple(q.shape)}) and k (shape "
                                                  f"{tuple(k.shape)})")
     settings = settings or _settings.current()
+    options = dict(options or {})
+    gather = layout_gather(options.pop("layout_gather", None), settings, backend)
     with progress(f"building the {backend} plan of {pattern.name!r} for q "
                   f"{list(q.shape)} {str(q.dtype).replace('torch.', '')} (kernels, tables)"):
         if order is not None:
             return OrderedPlan(pattern, backend, order, q, k, v, scale=scale, inputs=inputs,
-                               settings=settings, options=options)
+                               settings=settings, options=options, gather=gather)
         remap = None
         if layouts and getattr(pattern, "score", None) is None:
-            remap = choose_layout(pattern, q, k, q_offset, inputs, settings)
+            remap = choose_layout(pattern, q, k, q_offset, inputs, settings, gather)
         if remap is not None:
             return RemappedPlan(pattern, backend, remap, q, k, v, scale=scale,
-                                settings=settings, options=options)
+                                settings=settings, options=options, gather=gather)
         call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
                        settings=settings, backend=backend, tables=tables)
         plan = Plan(pattern, backend, call, q, k, v, options)
     warn_if_empty(call)
     return plan
+
+
+def layout_gather(value, settings, backend: str) -> str:
+    """How a permuted plan's tokens reach the kernels: ``value`` (the plan option
+    ``layout_gather``), else the setting ``SPATTN_LAYOUT_GATHER``; always "copy" on the
+    torch backend (its row chunks gather anyway)."""
+    from ..codegen.config import choice
+    from .settings import LAYOUT_GATHERS
+    g = choice(value, "layout_gather", LAYOUT_GATHERS, default=settings.layout_gather)
+    return g if backend == "triton" else "copy"
 
 
 # ------------------------------------------------------------------ the cache

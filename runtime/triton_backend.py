@@ -212,10 +212,14 @@ def _check_options(options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile_only) -> dict:
+def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile_only,
+                    rows=None) -> dict:
     """The options a ``kind`` stage is built with: the explicit ``options``, the TMA
-    decision, the 64-bit decision and the autotuner's choice."""
+    decision, the 64-bit decision and the autotuner's choice (``rows``: the stage's
+    :class:`RowTables`: kernels that address rows through them, never through TMA)."""
     opts = _check_options(options)
+    if rows is not None:
+        opts["rows"], opts["tma"] = "table", False
     if not call.ranges_ok and opts.get("closed_form") is None:    # (a given one is trusted)
         wanted = opts.get("strategy") or call.settings.strategy
         if wanted == "ranges":
@@ -243,7 +247,7 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
         _score_options(call, opts, q.dtype)
     return _tune.tuned_options(
         call.pattern, kind, head_dim=q.shape[-1], dtype=q.dtype, device=q.device,
-        Lq=q.shape[2], Lk=k.shape[2], BH=q.shape[0] * q.shape[1], options=opts, run=run,
+        Lq=call.Lq, Lk=call.Lk, BH=q.shape[0] * q.shape[1], options=opts, run=run,
         compile_only=compile_only, settings=call.settings, rows=lambda: rows_bucket(call))
 
 
@@ -424,6 +428,34 @@ def _keep(launches: dict, key, bound) -> None:
         launches[key] = bound
 
 
+# ---------------------------------------------------------------- row tables
+
+@dataclass(frozen=True)
+class RowTables:
+    """Where a permuted plan's slots live in the caller's tensors (``KernelConfig.rows``
+    "table"): ``q`` int32 ``[Lq]`` (or ``[B, Lq]``, one per batch element) the row of q,
+    o, lse, dO and dQ of each query slot, ``k`` the same for the key slots (rows of k, v,
+    dK, dV); ``-1`` marks a padding slot (it reads row 0 and is stored nowhere).
+    ``n_q``, ``n_k``: the caller's query and key rows (``[B, H, n_q, D]`` tensors)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    n_q: int
+    n_k: int
+
+    @classmethod
+    def of(cls, q_rows: torch.Tensor, k_rows: torch.Tensor, n_q: int, n_k: int) -> "RowTables":
+        """Tables from int tensors ``[L]`` or ``[B, L]`` (int32 copies, contiguous)."""
+        as32 = (lambda t: t.to(torch.int32).contiguous())
+        return cls(as32(q_rows), as32(k_rows), int(n_q), int(n_k))
+
+    def args(self, with_n_q: bool = True) -> tuple:
+        """The kernels' arguments ``Q_ROWS, K_ROWS, stride_qr_b, stride_kr_b(, Nq)``."""
+        sq = self.q.stride(0) if self.q.dim() == 2 else 0
+        sk = self.k.stride(0) if self.k.dim() == 2 else 0
+        return (self.q, self.k, sq, sk) + ((self.n_q,) if with_n_q else ())
+
+
 # ---------------------------------------------------------------- forward
 
 @dataclass
@@ -454,24 +486,30 @@ class FwdStage:
         return (f"fwd {self.kernel.__name__}: {what}, tiles {c.block_m}x{c.block_n}, "
                 f"{c.num_warps} warps, {c.num_stages} stages, loop {c.loop}"
                 f"{', TMA' if c.tma else ''}{', int64' if c.int64 else ''}"
+                f"{', rows through tables' if c.rows == 'table' else ''}"
                 f"{_score_flags(self.pattern, c)}, grid {self.grid}")
 
 
-def build_fwd(call, q, k, v, options: dict | None = None) -> FwdStage:
+def build_fwd(call, q, k, v, options: dict | None = None, rows: RowTables | None = None
+              ) -> FwdStage:
     """The forward stage of ``call`` (a :class:`spattn.runtime.plan.Call`) for tensors
     laid out like ``q``, ``k``, ``v`` (autotuned on CUDA with them: the runs write only
-    fresh outputs)."""
+    fresh outputs). ``rows``: the kernels run the call's ``Lq`` x ``Lk`` slots on the
+    caller's q ``[B, Hq, rows.n_q, D]``, k, v ``[B, Hk, rows.n_k, D]`` through the row
+    tables (:class:`RowTables`); o and lse are in the caller's order."""
     if _upcast(call):
         q, k, v = q.float(), k.float(), v.float()
 
     def run(t):
-        return run_fwd(_build_fwd(call, q, k, v, t), q, k, v)
+        return run_fwd(_build_fwd(call, q, k, v, t, rows=rows), q, k, v)
 
     def compile_only(t):
-        _build_fwd(call, q, k, v, t, warmup=True)
-    opts = resolve_options(call, "fwd", dict(options or {}), (q, k, v), run, compile_only)
+        _build_fwd(call, q, k, v, t, warmup=True, rows=rows)
+    opts = resolve_options(call, "fwd", dict(options or {}), (q, k, v), run, compile_only,
+                           rows=rows)
     return _fitted(call, "fwd", q, opts, explicit=dict(options or {}),
-                   build=lambda o, warmup: _build_fwd(call, q, k, v, o, warmup=warmup))
+                   build=lambda o, warmup: _build_fwd(call, q, k, v, o, warmup=warmup,
+                                                      rows=rows))
 
 
 #: Tile options halved, in this order, when a configuration does not fit shared memory at
@@ -545,9 +583,11 @@ def _smaller(kind: str, cfg) -> dict | None:
     return None
 
 
-def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
-    B, H, Lq, D = q.shape
-    HK, Lk = k.shape[1], k.shape[2]
+def _build_fwd(call, q, k, v, opts, warmup=False, rows=None) -> FwdStage:
+    B, H, _, D = q.shape
+    HK = k.shape[1]
+    Lq, Lk = call.Lq, call.Lk                   # slots (the tensors' rows without tables)
+    Nq = Lq if rows is None else rows.n_q
     mod, cfg, cf = _checked_free(call, "fwd", D, q.dtype, opts,
                                  _load(call, "fwd", D, q.dtype, opts))
     bm, bn = cfg.block_m, cfg.block_n
@@ -567,18 +607,19 @@ def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
                              length=Lq, shift=q_offset, query=True, device=q.device, H=H, B=B)
     persistent = cfg.loop == "persistent"
     n_work = B * H * nq
-    o_stride = (H * Lq * D, Lq * D, D, 1)
+    o_stride = (H * Nq * D, Nq * D, D, 1)
     scored = getattr(call.pattern, "score", None) is not None
     # with a score the kernel scales q·k by sm_scale itself, then the softmax works on the
     # modified score in log2 units
     scales = (LOG2E, call.scale) if scored else (_scale_log2(call.scale),)
-    static = (*q.stride(), *k.stride(), *v.stride(), *o_stride, *in_args, *tab, order,
+    row_args = () if rows is None else rows.args()
+    static = (*q.stride(), *k.stride(), *v.stride(), *o_stride, *row_args, *in_args, *tab, order,
               *scales, H, H // HK, Lq, Lk, q_offset,
               *((B * H, n_work) if persistent else ()))
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.block_d, HEAD_DIM=D,
                 DOT_PREC=_dot_prec(q.dtype), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, **table_kw)
-    stage = FwdStage(cfg, mod.KERNEL, (n_work,), static, meta, (B, H, Lq, D), q.dtype,
+    stage = FwdStage(cfg, mod.KERNEL, (n_work,), static, meta, (B, H, Nq, D), q.dtype,
                      _upcast(call), persistent, n_work, tables=mode)
     if scored:
         stage.pattern, stage.score_tables, stage.launches = call.pattern, call.tables, {}
@@ -686,6 +727,7 @@ class BwdStage:
     score_tables: dict = None  # the tables the stage was built with (warm-up, tuning)
     launches: dict = None      # with a score: (dQ, dK/dV) bound launches by _launch_key
     aligned: bool = True       # q, k, v of every call are 16-byte aligned (the plan's check)
+    out_rows: tuple = None     # (rows of dq, rows of dk and dv): the caller's, with row tables
 
     def __repr__(self) -> str:
         c = self.config
@@ -694,6 +736,7 @@ class BwdStage:
                 f"dQ tiles {c.block_m2}x{c.block_n2}, dK/dV tiles {c.block_m}x{c.block_n}, "
                 f"{c.num_warps} warps, {c.num_stages} stages, loop {c.loop}"
                 f"{', TMA' if c.tma else ''}{', int64' if c.int64 else ''}"
+                f"{', rows through tables' if c.rows == 'table' else ''}"
                 f"{_score_flags(self.pattern, c)}")
 
 
@@ -705,27 +748,32 @@ def _score_flags(pattern, c) -> str:
             f"{', tanh.approx' if c.fast_tanh else ''}")
 
 
-def build_bwd(call, q, k, v, o, do, options: dict | None = None) -> BwdStage:
+def build_bwd(call, q, k, v, o, do, options: dict | None = None,
+              rows: RowTables | None = None) -> BwdStage:
     """The backward stage of ``call`` for tensors laid out like these (``o`` and ``do``:
-    the forward's output and its gradient)."""
+    the forward's output and its gradient; ``rows``: as for :func:`build_fwd`, dq, dk, dv
+    in the caller's order)."""
     if _upcast(call):
         q, k, v, o, do = q.float(), k.float(), v.float(), o.float(), do.float()
 
     def run(t):
         lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
-        return run_bwd(_build_bwd(call, q, k, v, o, do, t), q, k, v, o, lse, do)
+        return run_bwd(_build_bwd(call, q, k, v, o, do, t, rows=rows), q, k, v, o, lse, do)
 
     def compile_only(t):
-        _build_bwd(call, q, k, v, o, do, t, warmup=True)
+        _build_bwd(call, q, k, v, o, do, t, warmup=True, rows=rows)
     opts = resolve_options(call, "bwd", dict(options or {}), (q, k, v, do, o), run,
-                           compile_only)
+                           compile_only, rows=rows)
     return _fitted(call, "bwd", q, opts, explicit=dict(options or {}),
-                   build=lambda o_, warmup: _build_bwd(call, q, k, v, o, do, o_, warmup=warmup))
+                   build=lambda o_, warmup: _build_bwd(call, q, k, v, o, do, o_, warmup=warmup,
+                                                       rows=rows))
 
 
-def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
-    B, H, Lq, D = q.shape
-    HK, Lk = k.shape[1], k.shape[2]
+def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:
+    B, H, _, D = q.shape
+    HK = k.shape[1]
+    Lq, Lk = call.Lq, call.Lk                   # slots (the tensors' rows without tables)
+    Nq, Nk = (Lq, Lk) if rows is None else (rows.n_q, rows.n_k)
     G = H // HK
     dev = q.device
     mod, cfg, cf = _checked_free(call, "bwd", D, q.dtype, opts,
@@ -752,22 +800,25 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
                                length=Lq, shift=q_offset, query=True, device=dev, H=H, B=B)
         order_k = ranges_order(cf.cols, n_tiles=nk1, block=n1, other_len=Lq, other_block=m1,
                                length=Lk, shift=q_offset, query=False, device=dev, H=HK, B=B)
-    dq_stride = (H * Lq * D, Lq * D, D, 1)
-    dk_stride = (HK * Lk * D, Lk * D, D, 1)
+    dq_stride = (H * Nq * D, Nq * D, D, 1)
+    dk_stride = (HK * Nk * D, Nk * D, D, 1)
+    rows_q = () if rows is None else rows.args()
+    rows_k = () if rows is None else rows.args(with_n_q=False)
     scored = getattr(call.pattern, "score", None) is not None
     log2 = LOG2E if scored else _scale_log2(call.scale)
     static_q = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *dq_stride,
-                *in_args, *tab_q, order_q, call.scale, log2, H, G, Lq, Lk, q_offset)
+                *rows_q, *in_args, *tab_q, order_q, call.scale, log2, H, G, Lq, Lk, q_offset)
     static_k = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_stride, *dk_stride,
-                *in_args, *tab_k, order_k, call.scale, log2, H, HK, G, Lq, Lk, q_offset)
+                *rows_k, *in_args, *tab_k, order_k, call.scale, log2, H, HK, G, Lq, Lk, q_offset)
     stage = BwdStage(cfg, mod.DQ, mod.DKDV, (nq2 * B * H,), (nk1 * B * HK,), static_q,
                      static_k, dict(BLOCK_M2=m2, BLOCK_N2=n2, **kw, **kw_q),
                      dict(BLOCK_M1=m1, BLOCK_N1=n1, **kw, **kw_k), (B, H, HK, Lq, Lk, D),
                      _upcast(call), forms)
+    stage.out_rows = (Nq, Nk)
     if scored:
         stage.pattern, stage.score_tables, stage.launches = call.pattern, call.tables, {}
     if warmup:
-        lse = torch.zeros((B, H, Lq), dtype=torch.float32, device=dev)
+        lse = torch.zeros((B, H, Nq), dtype=torch.float32, device=dev)
         args_q, args_k, _ = _bwd_tensors(stage, q, k, v, o, lse, do)
         # with every table's gradient written: the variant with the most live tiles
         grads = None if not scored else {
@@ -791,12 +842,14 @@ def _score_heads(stage, args_q, args_k, tables, grads):
 
 def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
     B, H, HK, Lq, Lk, D = stage.shapes
+    Nq, Nk = stage.out_rows or (Lq, Lk)
     dev = q.device
-    # written by the dQ kernel for the dK/dV kernel: delta = rowsum(dO * O), lse in log2 units
+    # written by the dQ kernel for the dK/dV kernel: delta = rowsum(dO * O), lse in log2
+    # units (per slot)
     delta, lse2 = torch.empty((2, B, H, Lq), dtype=torch.float32, device=dev).unbind(0)
-    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=dev)
-    dk = torch.empty((B, HK, Lk, D), dtype=k.dtype, device=dev)
-    dv = torch.empty((B, HK, Lk, D), dtype=v.dtype, device=dev)
+    dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, HK, Nk, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, HK, Nk, D), dtype=v.dtype, device=dev)
     cfg = stage.config
     if cfg.tma:   # per kernel: the descriptors' blocks are that kernel's tiles
         m1, n1, m2, n2, bd = cfg.block_m, cfg.block_n, cfg.block_m2, cfg.block_n2, cfg.block_d

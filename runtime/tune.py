@@ -189,12 +189,15 @@ def _capturing() -> bool:
 
 def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
                strategy: str, closed_form=None, tma: bool = False, BH: int = 1,
-               int64: bool = False, rows: int | None = None) -> dict:
+               int64: bool = False, rows: int | None = None,
+               row_tables: bool = False) -> dict:
     """Everything a tuning choice depends on (its file is named after their hash).
     ``rows``: the call's row bucket (:func:`spattn.runtime.tables.row_bucket`; None where
-    the caller has no analysis)."""
+    the caller has no analysis). ``row_tables``: the kernels address rows through a
+    permuted plan's row tables (``KernelConfig.rows``; a field only when set)."""
     from ..codegen.kernels import CODEGEN_VERSION
-    return {
+    extra = {"row_tables": True} if row_tables else {}
+    return {**extra,
         "source": pattern.source,
         "inputs": sorted([n, int(d)] for n, d in pattern.inputs.items()),
         "kind": kind,
@@ -509,7 +512,8 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
         return key_fields(pattern, kind, head_dim=head_dim, dtype=dtype, device=device,
                           Lq=Lq, Lk=Lk, strategy=config.strategy,
                           closed_form=options.get("closed_form"), tma=config.tma, BH=BH,
-                          int64=config.int64, rows=rows)
+                          int64=config.int64, rows=rows,
+                          row_tables=config.rows == "table")
 
     with _lock:
         fields = None

@@ -196,7 +196,8 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
     if kind == "fwd":
         kernel = plan.forward_stage.kernel
     else:
-        kernel = next(iter(plan._bwd.values())).dq_kernel
+        # (a permuted plan's stages are its inner plan's)
+        kernel = next(iter(getattr(plan, "inner", plan)._bwd.values())).dq_kernel
     fn = getattr(kernel, "fn", kernel)
     module = sys.modules[fn.__module__]
     return module.__loader__.get_source(module.__name__)

@@ -25,7 +25,7 @@ from .runtime.usage import warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
                   "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma",
-                  "score_load", "score_index", "fast_tanh")
+                  "score_load", "score_index", "fast_tanh", "rows")
 
 
 class Pattern(CompiledPattern):
@@ -105,12 +105,14 @@ class Pattern(CompiledPattern):
         or ``"cpu"``; tiles default to that target's)."""
         from .ir.explain import explain
         from .runtime.progress import progress
+        from .runtime.settings import current
         inputs = _mask_inputs(self, inputs)
         Lk = Lq if Lk is None else Lk
         _checked(self, Lq, Lk, None, None, inputs)
         with _fits("the analysis"), progress(f"explaining {self.name!r} at Lq={Lq}, Lk={Lk}"):
             return explain(self, Lq, Lk, num_heads=num_heads, block_m=block_m,
-                           block_n=block_n, inputs=inputs, target=target)
+                           block_n=block_n, inputs=inputs, target=target,
+                           gather=current().layout_gather)
 
     def receptive_field(self, L: int, layers: int, **kwargs):
         """How much of the past each position reaches when the pattern is stacked ``layers`` deep."""
@@ -206,8 +208,9 @@ class Pattern(CompiledPattern):
         fwd, bwd). ``options`` (all optional): ``head_dim`` (16..256, default 128),
         ``dtype`` (default bf16), ``strategy``, ``block_m``, ``block_n``, ``num_warps``,
         ``num_stages``, the backward's ``block_m1``, ``block_n1``, ``block_m2``,
-        ``block_n2``, ``loop``, ``tma``, and with a score ``score_load``, ``score_index``,
-        ``fast_tanh`` (docs/backends.md, Scores).
+        ``block_n2``, ``loop``, ``tma``, ``rows`` ("seq" or "table": rows addressed through
+        a permuted plan's row tables, docs/layouts.md), and with a score ``score_load``,
+        ``score_index``, ``fast_tanh`` (docs/backends.md, Scores).
         """
         if args and isinstance(args[0], torch.Tensor):
             if len(args) != 3:

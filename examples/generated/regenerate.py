@@ -6,7 +6,9 @@ Writes the forward kernels of three patterns and the backward kernels of the
 first, the forward and backward kernels of a pattern with a score (with the score flags a
 bf16 call on CUDA gets), exactly as the kernel cache would (GPU defaults: bf16, head dim 128),
 into this folder; and the first one's forward once more as the autotuner picks it on
-an H200 (64 x 64 tiles, fused loop) with the TMA loads that Hopper gets by default; and the
+an H200 (64 x 64 tiles, fused loop) with the TMA loads that Hopper gets by default; the
+forward and backward of a 2-D neighbourhood in its token layout with rows addressed through
+row tables (``SPATTN_LAYOUT_GATHER=kernel``, docs/layouts.md); and the
 decode modules (split-K kernel + combine, ``docs/decode.md``) of the first pattern (closed
 form) and of documents (scanned).  The "ranges" example uses ``ir.ranges.closed_form`` when the
 analysis provides one, else the closed form written out below.
@@ -27,6 +29,7 @@ import spattn  # noqa: E402
 from spattn.ir.ranges import Interval  # noqa: E402
 from spattn.codegen.config import get_closed_form, ranges_ok  # noqa: E402
 from spattn.ir import build as B  # noqa: E402
+from spattn.ir.layout import choose  # noqa: E402
 from spattn.runtime import cache, decode  # noqa: E402
 
 
@@ -45,6 +48,10 @@ def streaming_cf(W: int, S: int):
 
 
 STREAMING = spattn.compile("pattern streaming = causal & (q - k < 1024 | k < 4)")
+#: a 13 x 13 neighbourhood on a 64 x 64 grid, remapped into the box order the layout choice
+#: picks (what a RemappedPlan's inner plan compiles)
+_NB = spattn.neighborhood((64, 64), (13, 13))
+NB_LAYOUT = type(_NB)(choose(_NB.ir, 4096, 4096, 0, force=True).ir, name="neighborhood_layout")
 EXAMPLES = [
     # (pattern, strategy, hand-written closed form, kinds, launch options)
     (STREAMING, "ranges", streaming_cf(1024, 4), ("fwd", "bwd"), {}),
@@ -60,6 +67,8 @@ EXAMPLES = [
     (spattn.compile("input rel\npattern softcap_bias = causal & window(1024) "
                     "score softcap(30.0) + rel[h, clamp(q - k, 0, 1023)]"), "ranges", None,
      ("fwd", "bwd"), dict(score_index="free", fast_tanh=True)),
+    # a layout's pattern over slots, its rows read through the row tables Q_ROWS, K_ROWS
+    (NB_LAYOUT, "table", None, ("fwd", "bwd"), dict(rows="table")),
 ]
 
 #: decode modules (split-K kernel + combine): a closed form, and a scanned pattern

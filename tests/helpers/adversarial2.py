@@ -9,7 +9,9 @@ Kinds (each case drawn from one integer seed; replay with ``--case KIND:SEED``):
   tokens, each possibly composed with ``causal``, a window or a sink), ``SPATTN_LAYOUT``
   on, auto or off, random ``B, Hq, Hk, D`` and dtype, called through one of the call
   forms (``pat(...)``, a plan, ``layout="bshd"``, ``spattn.attention``,
-  ``SparseAttention``): output, lse and the gradients of q, k, v.
+  ``SparseAttention``): output, lse and the gradients of q, k, v; the permuted plans'
+  tokens copied or addressed through row tables (``SPATTN_LAYOUT_GATHER``, also in
+  ``order`` and ``disc``).
 * ``order``: a random pattern (a random mask, a grid pattern, documents read from a
   runtime input) run in a random caller's order (``[L]``, ``[1, L]`` or ``[B, L]``; random,
   the identity, reversed, or a box order) through each call form.
@@ -183,6 +185,12 @@ def _check(desc, pat, q, k, v, got, do, dtype, q_offset=None, inputs=None, grads
         _close(f"{desc} {n}", a, b, atol=tol * 5 * scale)
 
 
+def _gather(seed: int) -> str:
+    """``SPATTN_LAYOUT_GATHER`` of a case, drawn apart from its other draws (a seed found
+    before the setting existed replays the same case)."""
+    return random.Random(~seed).choice(["copy", "kernel"])
+
+
 def _env(values: dict):
     old = {n: os.environ.get(n) for n in values}
     for n, v in values.items():
@@ -232,9 +240,10 @@ def grid_case(seed: int) -> str:
     strided = r.choice([None, None, "packed", "every_other"])
     (q, k, v), leaves = _tensors(g, B, Hq, Hk, N, N, D, dtype, strided=strided)
     dlse = torch.randn(B, Hq, N, generator=g) if r.random() < 0.3 else None
-    desc += f" strided={strided} dlse={dlse is not None}"
+    gather = _gather(seed)
+    desc += f" strided={strided} dlse={dlse is not None} gather={gather}"
     LAST["desc"] = desc
-    old = _env({"SPATTN_LAYOUT": layout})
+    old = _env({"SPATTN_LAYOUT": layout, "SPATTN_LAYOUT_GATHER": gather})
     try:
         o, lse = _call(form, pat, q, k, v)
         do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype)
@@ -320,7 +329,8 @@ def order_case(seed: int) -> str:
     (q, k, v), _ = _tensors(g, B, Hq, Hk, L, L, D, dtype, strided=strided)
     dlse = torch.randn(B, Hq, L, generator=g) if r.random() < 0.3 else None
     layout = r.choice([None, "on"])
-    desc += f" strided={strided} dlse={dlse is not None} layout={layout}"
+    gather = _gather(seed)
+    desc += f" strided={strided} dlse={dlse is not None} layout={layout} gather={gather}"
     LAST["desc"] = desc
     inputs = {}
     if inputs_kind == "doc":
@@ -328,7 +338,7 @@ def order_case(seed: int) -> str:
             inputs["doc"] = torch.sort(torch.randint(0, 4, (L,), generator=g)).values
         else:
             inputs["doc"] = torch.randint(0, 3, (B, L), generator=g)
-    old = _env({"SPATTN_LAYOUT": layout})
+    old = _env({"SPATTN_LAYOUT": layout, "SPATTN_LAYOUT_GATHER": gather})
     try:
         o, lse = _call(form, pat, q, k, v, order=perm, **inputs)
         do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype)
@@ -599,7 +609,8 @@ def disc_case(seed: int) -> str:
     Hk = r.choice([1, 2])
     Hq = Hk * r.choice([1, 2])
     B, D = r.choice([1, 2]), r.choice([16, 17, 24])
-    desc = f"disc:{seed} {backend} {src!r} L={L} B{B}-Hq{Hq}-Hk{Hk}-D{D}"
+    gather = _gather(seed)
+    desc = f"disc:{seed} {backend} {src!r} L={L} B{B}-Hq{Hq}-Hk{Hk}-D{D} gather={gather}"
     LAST["desc"] = desc
     try:
         pat = spattn.compile(src, backend=backend)
@@ -607,7 +618,7 @@ def disc_case(seed: int) -> str:
         return desc + " (refused at compile)"
     g = torch.Generator().manual_seed(seed)
     (q, k, v), _ = _tensors(g, B, Hq, Hk, L, L, D, torch.float32)
-    old = _env({"SPATTN_LAYOUT": "on"})
+    old = _env({"SPATTN_LAYOUT": "on", "SPATTN_LAYOUT_GATHER": gather})
     try:
         plan = pat.plan(q, k, v)
         o, lse = pat(q, k, v, plan=plan, return_lse=True)

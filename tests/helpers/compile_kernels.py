@@ -4,6 +4,7 @@ function does not receive, operations on arguments Triton specialises to constex
 
 Run as a script (``python tests/helpers/compile_kernels.py``) in a process without
 ``TRITON_INTERPRET``: it prints one ``OK``/``ERR`` line per kernel and exits 1 on an error.
+``--rows``: the kernels that address rows through row tables (:data:`ROWS_CASES`) instead.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ CONSTS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLO
               BLOCK_D=64, HEAD_DIM=64, DOT_PREC="tf32", SPANS=False)
 BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 F32 = {"LSE", "LSE2", "DELTA"}
-I32P = {"ORDER", "ROWS_P", "COLS_P", "ROWS_F", "COLS_F", "SPAN"}
+I32P = {"ORDER", "ROWS_P", "COLS_P", "ROWS_F", "COLS_F", "SPAN", "Q_ROWS", "K_ROWS"}
 
 
 def _signature(fn, consts: dict) -> dict:
@@ -109,9 +110,23 @@ CASES = [
 ]
 
 
+#: Row-table kernels (``rows="table"``: docs/layouts.md): a remapped-looking 2-D pattern in
+#: both strategies, the loop variants, 64-bit integers, and a score with a table.
+_NB2D = "pattern nb2d = abs(q // 64 - k // 64) <= 3 & abs(q % 64 - k % 64) <= 3"
+ROWS_CASES = [
+    (_NB2D, {"strategy": "table", "rows": "table"}, ()),
+    (_NB2D, {"strategy": "table", "rows": "table", "loop": "fused", "int64": True}, ()),
+    (_NB2D, {"strategy": "table", "rows": "table", "loop": "persistent"}, ()),
+    ("pattern win = causal & window(256)", {"strategy": "ranges", "rows": "table"}, ()),
+    ("input rpb\npattern rpb2d = abs(q // 64 - k // 64) <= 3 & abs(q % 64 - k % 64) <= 3 "
+     "score s + rpb[h, q // 64 - k // 64 + 3, q % 64 - k % 64 + 3]",
+     {"strategy": "table", "rows": "table"}, ()),
+]
+
+
 def main() -> int:
     lines = []
-    for src, opts, ones in CASES:
+    for src, opts, ones in (ROWS_CASES if "--rows" in sys.argv[1:] else CASES):
         pat = spattn.compile(src)
         for kind in ("fwd", "bwd"):
             if kind == "bwd" and opts.get("loop") == "persistent":
