@@ -39,7 +39,7 @@ import networkx as nx
 
 from ..ir.nodes import (Abs, And, BoolConst, Const, FAdd, FCall, FConst, FDiv, FLoad, FloorDiv,
                         FMul, FSelect, FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Prod,
-                        Range, Score, Select, Sum, Table, ToFloat, Var, walk)
+                        Range, Score, Select, Sum, Table, ToFloat, Var, free_vars, walk)
 from ..ir.bounds import wrap
 from ..ir.visitor import MaskPass, Visitor, rule
 
@@ -473,6 +473,7 @@ class _Emitter(Visitor):
             if nm is not None and r not in self.named_root and not _is_leaf(r):
                 self.named_root[r] = nm
         self.counter = {"u": 0, "t": 0, "load": 0}
+        self.axes: dict[Node, frozenset] = {}
         self.out = Emitted()
 
     def run(self) -> Emitted:
@@ -655,13 +656,62 @@ class _Emitter(Visitor):
     def to_float(self, n, c):
         return f"tl.cast({c[0]}, tl.float32)"     # (a length of 1 arrives as a constexpr)
 
+    def _tile_axes(self, n: Node) -> frozenset:
+        """The tile axes a float operand varies along (``q`` rows, ``k`` columns)."""
+        ax = self.axes.get(n)
+        if ax is None:
+            ax = self.axes[n] = frozenset("qk") if any(
+                isinstance(x, Score) for x in walk(n)) else free_vars(n) & frozenset("qk")
+        return ax
+
+    def _grouped(self, args, codes) -> tuple[list, list]:
+        """``(pairwise, vectors)``: the operand codes that vary along both tile axes, and
+        the others ordered scalars, then rows, then columns (so that in a left-nested chain
+        every operation but the last is on a scalar or a vector)."""
+        rank = {frozenset(): 0, frozenset("q"): 1, frozenset("k"): 2}
+        wide, small = [], []
+        for a, x in zip(args, codes):
+            ax = self._tile_axes(a)
+            if len(ax) == 2:
+                wide.append(x)
+            else:
+                small.append((rank[ax], x))
+        return wide, [x for _, x in sorted(small, key=lambda t: t[0])]
+
+    def _raw_score(self, n: Node) -> bool:
+        """Whether ``n`` holds ``s`` once as an operand and the kernel's unscaled q·k is in
+        ``env`` (``s_raw``, ``s_scale``): ``s``'s scale then joins the operand's factors."""
+        return "s_raw" in self.env and sum(isinstance(a, Score) for a in n.args) == 1
+
     @rule(FAdd)
     def fadd(self, n, c):
-        return _chain(" + ", list(c))
+        c = list(c)
+        if self._raw_score(n) and self.graph.in_degree(Score()) == 1:
+            # s's only use: q·k * scale inline, which the add contracts into one FMA
+            c[[isinstance(a, Score) for a in n.args].index(True)] = \
+                f"{self.env['s_raw']} * {self.env['s_scale']}"
+        wide, small = self._grouped(n.args, c)
+        if not wide or not small:
+            return _chain(" + ", wide + small)
+        vec = _chain(" + ", small)
+        return _chain(" + ", wide + [_par(vec) if len(small) > 1 else vec])
 
     @rule(FMul)
     def fmul(self, n, c):
-        return _chain(" * ", [_par(x) for x in c])
+        args, c = list(n.args), [_par(x) for x in c]
+        raw = None
+        if self._raw_score(n):
+            i = [isinstance(a, Score) for a in args].index(True)
+            del args[i], c[i]
+            raw = self.env["s_raw"]
+            args.insert(0, Const(1))            # the scale: a scalar factor
+            c.insert(0, self.env["s_scale"])
+        wide, small = self._grouped(args, c)
+        wide = ([raw] if raw else []) + wide
+        if not wide or not small:
+            return _chain(" * ", wide + small)
+        vec = _chain(" * ", small)
+        return _chain(" * ", wide + [_par(vec) if len(small) > 1 else vec])
 
     @rule(FDiv)
     def fdiv(self, n, c):
