@@ -664,19 +664,25 @@ class _Emitter(Visitor):
                 isinstance(x, Score) for x in walk(n)) else free_vars(n) & frozenset("qk")
         return ax
 
-    def _grouped(self, args, codes) -> tuple[list, list]:
-        """``(pairwise, vectors)``: the operand codes that vary along both tile axes, and
-        the others ordered scalars, then rows, then columns (so that in a left-nested chain
-        every operation but the last is on a scalar or a vector)."""
-        rank = {frozenset(): 0, frozenset("q"): 1, frozenset("k"): 2}
-        wide, small = [], []
+    def _grouped(self, op: str, args, codes, lead: int = 0) -> tuple[list, str | None]:
+        """``(pairwise, vector)``: the operand codes that vary along both tile axes, and the
+        others combined with ``op`` into one expression: the scalars and rows first, then the
+        columns as one parenthesised operand (so that every operation but the row-column
+        one is on a scalar or a vector); None without such operands. ``lead``: operands the
+        caller puts before the pairwise ones."""
+        wide, rows, cols = [], [], []
         for a, x in zip(args, codes):
             ax = self._tile_axes(a)
-            if len(ax) == 2:
-                wide.append(x)
-            else:
-                small.append((rank[ax], x))
-        return wide, [x for _, x in sorted(small, key=lambda t: t[0])]
+            (wide if len(ax) == 2 else cols if "k" in ax else rows).append((ax, x))
+        rows.sort(key=lambda t: len(t[0]))          # scalars before rows
+        parts = [x for _, x in rows]
+        if cols:
+            col = _chain(op, [x for _, x in cols])
+            parts.append(_par(col) if len(cols) > 1 and parts else col)
+        small = _chain(op, parts) if parts else None
+        if small is not None and len(parts) > 1 and (wide or lead):
+            small = _par(small)
+        return [x for _, x in wide], small
 
     def _raw_score(self, n: Node) -> bool:
         """Whether ``n`` holds ``s`` once as an operand and the kernel's unscaled q·k is in
@@ -690,28 +696,21 @@ class _Emitter(Visitor):
             # s's only use: q·k * scale inline, which the add contracts into one FMA
             c[[isinstance(a, Score) for a in n.args].index(True)] = \
                 f"{self.env['s_raw']} * {self.env['s_scale']}"
-        wide, small = self._grouped(n.args, c)
-        if not wide or not small:
-            return _chain(" + ", wide + small)
-        vec = _chain(" + ", small)
-        return _chain(" + ", wide + [_par(vec) if len(small) > 1 else vec])
+        wide, small = self._grouped(" + ", n.args, c)
+        return _chain(" + ", wide + ([small] if small is not None else []))
 
     @rule(FMul)
     def fmul(self, n, c):
         args, c = list(n.args), [_par(x) for x in c]
-        raw = None
+        raw = []
         if self._raw_score(n):
             i = [isinstance(a, Score) for a in args].index(True)
             del args[i], c[i]
-            raw = self.env["s_raw"]
+            raw = [self.env["s_raw"]]
             args.insert(0, Const(1))            # the scale: a scalar factor
             c.insert(0, self.env["s_scale"])
-        wide, small = self._grouped(args, c)
-        wide = ([raw] if raw else []) + wide
-        if not wide or not small:
-            return _chain(" * ", wide + small)
-        vec = _chain(" * ", small)
-        return _chain(" * ", wide + [_par(vec) if len(small) > 1 else vec])
+        wide, small = self._grouped(" * ", args, c, lead=len(raw))
+        return _chain(" * ", raw + wide + ([small] if small is not None else []))
 
     @rule(FDiv)
     def fdiv(self, n, c):

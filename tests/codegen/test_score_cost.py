@@ -19,6 +19,9 @@ COSTS = [
     ("q-and-k-terms", "s + w[q] + u[k]", {}, 2, "log2"),
     ("per-head-temperature", "s * t[h]", {}, 1, "log2"),
     ("int-distance", "s - 0.5 * (q - k)", {}, 2, "log2"),
+    # several key terms are summed on the column before they meet the row
+    ("rows-and-columns", "s - 0.25 * (q - k) + w[k % 8] + v[k]", {}, 2, "log2"),
+    ("product-of-vectors", "s * w[q] * u[k] * t[h]", {}, 2, "log2"),
     # a pairwise table read pays its index and load; natural units save the multiply
     # of the loaded value by log2(e)
     ("pairwise-table", "s + rel[h, clamp(q - k, 0, 63)]", {}, 9, "natural"),

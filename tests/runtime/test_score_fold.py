@@ -10,6 +10,7 @@ import spattn
 from spattn.codegen.kernels import _score_code
 from spattn.runtime.reference import pattern_reference
 
+from tests.runtime.test_score_loads import _flags, _run
 from tests.runtime.test_scores import H, check
 
 pytestmark = pytest.mark.interpreter
@@ -60,3 +61,17 @@ def test_alibi_at_4096_keys():
     torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=1e-3)
     for what, a, b in zip(("dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=2e-3, msg=what)
+
+
+@pytest.mark.parametrize("load", ["pair", "early", "gather"])
+@pytest.mark.parametrize("far", [False, True], ids=["near", "far-64bit"])
+def test_split_difference_in_every_load_variant(load, far, monkeypatch):
+    """A split ``q - k`` beside a gathered table and a key vector, every load placement,
+    with positions near 2**40 (64-bit kernels: the tile's first query is 64-bit too)."""
+    monkeypatch.setenv("SPATTN_SCORE_LOAD", load)
+    off = 2 ** 40 if far else 0
+    p = spattn.compile("k < 20 | q % 3 == k % 3", backend="triton",
+                       score=f"s - 0.25 * (q - k - {off}) + w[k % 8] "
+                             f"+ rel[h, clamp(q - k - {off}, 0, 7)]")
+    plan = _run(p, 24, {"w": (8,), "rel": (H, 8)}, q_offset=off, seed=7 + far)
+    assert plan.forward_stage.config.int64 == far and _flags(plan)[0] == load
