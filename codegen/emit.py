@@ -477,7 +477,7 @@ class _Emitter(Visitor):
         self.out = Emitted()
 
     def run(self) -> Emitted:
-        code: dict[Node, str] = {}
+        code = self.code = {}
         for n in self.order:
             text = self(n, [code[x] for x in n.children()])
             if n in self.need_name:
@@ -728,13 +728,26 @@ class _Emitter(Visitor):
             self.out.uses_tanh = True
             return f"_tanh_approx({x})"
         if fn == "tanh":          # tanh(x) = 2 sigmoid(2x) - 1 (no tl.tanh)
-            return f"(2.0 * tl.sigmoid(2.0 * {_par(x)}) - 1.0)"
+            return f"(2.0 * tl.sigmoid({self._doubled(n.args[0], x)}) - 1.0)"
         if fn == "sign":
             return f"tl.where({_par(x)} > 0, 1.0, tl.where({_par(x)} < 0, -1.0, 0.0))"
         if fn == "step":
             return f"tl.where({_par(x)} > 0, 1.0, tl.where({_par(x)} < 0, 0.0, 0.5))"
         return {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "abs": "tl.abs"}[fn] + \
             f"({x})"
+
+    def _doubled(self, a: Node, code: str) -> str:
+        """``2 * a``: a product with a constant factor (``s * (1/c)``, inlined) takes the 2
+        into its constant, else ``2.0 * a``."""
+        if isinstance(a, FMul) and a not in self.need_name and \
+                any(isinstance(x, FConst) for x in a.args):
+            from ..ir import build
+            d = build.fmul(a, build.fconst(2.0))
+            if isinstance(d, FMul) and all(x in self.code or isinstance(x, FConst)
+                                           for x in d.args):
+                return self.fmul(d, [self.code[x] if x in self.code else self.fconst(x, [])
+                                     for x in d.args])
+        return f"2.0 * {_par(code)}"
 
     @rule(FSelect)
     def fselect(self, n, c):

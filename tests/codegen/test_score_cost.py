@@ -68,5 +68,15 @@ def test_tile_ops_counts(lines, value, ops):
     assert tile_ops(lines, value) == ops
 
 
+def test_softcap_without_the_fast_tanh():
+    """tanh as 2 sigmoid(2x) - 1 (fp32 inputs, the interpreter): the 2 joins the folded
+    constant of s / c, as the scale does."""
+    p = spattn.compile("causal", score="softcap(30.0)")
+    cfg = SimpleNamespace(**dict(vars(GPU), fast_tanh=False))
+    assert score_cost(p, cfg) <= 4
+    assert "tl.sigmoid(b_s * (sm_scale * 0.06666666666666667))" in _score_code(
+        p, "fwd", False, cfg).lines[-1]
+
+
 def test_a_pattern_without_a_score_costs_nothing():
     assert score_cost(spattn.compile("causal"), GPU) == 0

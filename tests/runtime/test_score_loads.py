@@ -180,7 +180,7 @@ def test_generated_code_of_each_flag():
         return cache.kernel_text(p, kind, head_dim=64, dtype="bf16", **kw)
     masked = text(score_index="mask")
     assert "mask=sc_m_rel_1" in masked
-    assert "tl.sigmoid(2.0 * (b_s * (sm_scale * 0.03333333333333333)))" in masked
+    assert "tl.sigmoid(b_s * (sm_scale * 0.06666666666666667))" in masked
     clamped = text()            # codegen's default without a proof
     assert "tl.minimum(tl.maximum(sc_t_1, 0), size_rel_1 - 1) * stride_rel_1" in clamped
     assert "sc_m_rel" not in clamped and "indices clamped into the table" in clamped
