@@ -41,6 +41,7 @@ from ..ir.nodes import (Abs, And, BoolConst, Const, FAdd, FCall, FConst, FDiv, F
                         FMul, FSelect, FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Prod,
                         Range, Score, Select, Sum, Table, ToFloat, Var, free_vars, walk)
 from ..ir.bounds import wrap
+from ..ir.build import SCORE
 from ..ir.visitor import MaskPass, Visitor, rule
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -664,15 +665,16 @@ class _Emitter(Visitor):
                 isinstance(x, Score) for x in walk(n)) else free_vars(n) & frozenset("qk")
         return ax
 
-    def _grouped(self, op: str, args, codes, lead: int = 0) -> tuple[list, str | None]:
-        """``(pairwise, vector)``: the operand codes that vary along both tile axes, and the
-        others combined with ``op`` into one expression: the scalars and rows first, then the
-        columns as one parenthesised operand (so that every operation but the row-column
-        one is on a scalar or a vector); None without such operands. ``lead``: operands the
-        caller puts before the pairwise ones."""
+    def _grouped(self, op: str, items, lead: int = 0) -> tuple[list, str | None]:
+        """``(pairwise, vector)`` of ``items`` (``(operand node or None for a scalar,
+        code)``): the codes that vary along both tile axes, and the others combined with
+        ``op`` into one expression: the scalars and rows first, then the columns as one
+        parenthesised operand (so that every operation but the row-column one is on a
+        scalar or a vector); None without such operands. ``lead``: operands the caller
+        puts before the pairwise ones."""
         wide, rows, cols = [], [], []
-        for a, x in zip(args, codes):
-            ax = self._tile_axes(a)
+        for a, x in items:
+            ax = frozenset() if a is None else self._tile_axes(a)
             (wide if len(ax) == 2 else cols if "k" in ax else rows).append((ax, x))
         rows.sort(key=lambda t: len(t[0]))          # scalars before rows
         parts = [x for _, x in rows]
@@ -691,25 +693,22 @@ class _Emitter(Visitor):
 
     @rule(FAdd)
     def fadd(self, n, c):
-        c = list(c)
-        if self._raw_score(n) and self.graph.in_degree(Score()) == 1:
+        items = list(zip(n.args, c))
+        if self._raw_score(n) and self.graph.in_degree(SCORE) == 1:
             # s's only use: q·k * scale inline, which the add contracts into one FMA
-            c[[isinstance(a, Score) for a in n.args].index(True)] = \
-                f"{self.env['s_raw']} * {self.env['s_scale']}"
-        wide, small = self._grouped(" + ", n.args, c)
+            items = [(a, f"{self.env['s_raw']} * {self.env['s_scale']}" if a == SCORE else x)
+                     for a, x in items]
+        wide, small = self._grouped(" + ", items)
         return _chain(" + ", wide + ([small] if small is not None else []))
 
     @rule(FMul)
     def fmul(self, n, c):
-        args, c = list(n.args), [_par(x) for x in c]
+        items = [(a, _par(x)) for a, x in zip(n.args, c)]
         raw = []
-        if self._raw_score(n):
-            i = [isinstance(a, Score) for a in args].index(True)
-            del args[i], c[i]
+        if self._raw_score(n):      # q·k, then its scale among the scalar factors
             raw = [self.env["s_raw"]]
-            args.insert(0, Const(1))            # the scale: a scalar factor
-            c.insert(0, self.env["s_scale"])
-        wide, small = self._grouped(" * ", args, c, lead=len(raw))
+            items = [(None, self.env["s_scale"])] + [t for t in items if t[0] != SCORE]
+        wide, small = self._grouped(" * ", items, lead=len(raw))
         return _chain(" * ", raw + wide + ([small] if small is not None else []))
 
     @rule(FDiv)

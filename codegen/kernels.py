@@ -368,7 +368,7 @@ _RAW = {"fwd": "b_s", "dq": "b_s", "dkdv": "b_qkt"}
 
 def _emit_score(pattern, kind: str, int64: bool, config, log2: bool):
     """One emission of the score's roots for the ``kind`` kernel, its value in log2 units or
-    natural ones: ``(Emitted, roots' names, grads)``."""
+    natural ones: ``(Emitted, the ScoreGrads or None (forward), the table loads (dQ))``."""
     from ..ir.score import TILE_QUERY, emitted_form, grads as score_grads, reciprocal
     roots, names = [emitted_form(pattern.score, log2)], ["b_f"]
     g = None
