@@ -21,6 +21,11 @@ expressions of a closed-form key range) into straight-line Triton code:
   non-negative; ``q`` may be negative: positions can start below 0 with
   ``q_offset``).
 
+* a score's float sums and products order their operands by tile axes (scalars, rows,
+  columns, then pairwise ones: only the last operations meet the ``[BM, BN]`` tile), and
+  with ``s_raw``/``s_scale`` in ``env`` a product or sum that reads ``s`` once reads the
+  unscaled q·k tile times the scale among its scalar factors (``docs/backends.md``, Scores).
+
 The sign analysis (:func:`nonneg`, :func:`positive`) and the code of each node
 (:class:`_Emitter`) are passes on :mod:`spattn.ir.visitor`: one rule per node
 type, every type handled.
