@@ -150,7 +150,9 @@ def run_case(name, spec, variants, N, H, D, dev, dtype, *, rounds, bwd, dry, rep
                 qs, ks, vs, off, tabs = sub
                 return pat.plan(qs, ks, vs, q_offset=off, **tabs)
             err = check(pat, plan_of, tables, q, k, v, bwd=bwd, rows=rows_checked)
-        info = {"flags": flags(plan), **err}
+        from spattn.codegen.opcount import score_cost     # [BM, BN] operations per pair
+        info = {"flags": f"{flags(plan)}, {score_cost(pat, plan.forward_stage.config)}",
+                **err}
         row["variants"][vname] = info
         bad = [f"{k_}={e:.2e}" for k_, e in err.items() if e > tol]
         if bad:
@@ -186,7 +188,7 @@ def run_case(name, spec, variants, N, H, D, dev, dtype, *, rounds, bwd, dry, rep
 
 
 def table(rows) -> str:
-    out = ["| case | variant | flags (load/index/tanh) | fwd ms | score cost fwd | "
+    out = ["| case | variant | flags (load/index/tanh), ops/pair | fwd ms | score cost fwd | "
            "fwd+bwd ms | cost fwd+bwd | rel err (out / grads) |",
            "|" + "---|" * 8]
     for r in rows:

@@ -108,6 +108,10 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
     row["first_call_s"] = time.perf_counter() - t0
     # the same call through an explicit plan (built once; each call passes its tables)
     plan = pat.plan(qs, ks, vs, **tables)
+    # the [BM, BN] operations the score adds per pair in the forward kernel it runs
+    from spattn.codegen.opcount import score_cost
+    row["score_ops"] = score_cost(pat, getattr(getattr(plan, "forward_stage", None),
+                                               "config", None))
     with torch.no_grad():
         row["plan_rel_err"] = _rel(pat(q, k, v, plan=plan, **tables), o)
     if dry:     # Flex has no backward on the CPU: outputs only (the tests check gradients)
@@ -191,11 +195,11 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
 
 def table(rows) -> str:
     head = ("| case | fwd ms | Flex fwd | x | fwd+bwd ms | Flex fwd+bwd | x | no-score fwd | "
-            "score cost | plan fwd / fwd+bwd | max rel err |")
-    out = [head, "|" + "---|" * 11]
+            "score cost | ops/pair | plan fwd / fwd+bwd | max rel err |")
+    out = [head, "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['case']} | ERROR: {r['error']} |" + " |" * 9)
+            out.append(f"| {r['case']} | ERROR: {r['error']} |" + " |" * 10)
             continue
 
         def f(key, fmt="{:.3f}"):
@@ -205,7 +209,7 @@ def table(rows) -> str:
         out.append(f"| {r['case']} | {f('fwd_ms')} | {f('flex_fwd_ms')} | "
                    f"{f('speedup_fwd', '{:.2f}')} | {f('fwdbwd_ms')} | {f('flex_fwdbwd_ms')} | "
                    f"{f('speedup_fwdbwd', '{:.2f}')} | {f('fwd_no_score_ms')} | "
-                   f"{f('score_cost', '{:+.1%}')} | {f('fwd_plan_ms')} / "
+                   f"{f('score_cost', '{:+.1%}')} | {f('score_ops', '{}')} | {f('fwd_plan_ms')} / "
                    f"{f('fwdbwd_plan_ms')} | {err:.1e} |")
     out += [f"\n{r['case']}: FlexAttention failed ({r['flex_error']}); spattn checked against "
             "the float64 reference on the last 512 rows of two heads" for r in rows

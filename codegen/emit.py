@@ -21,6 +21,11 @@ expressions of a closed-form key range) into straight-line Triton code:
   non-negative; ``q`` may be negative: positions can start below 0 with
   ``q_offset``).
 
+* a score's float sums and products order their operands by tile axes (scalars, rows,
+  columns, then pairwise ones: only the last operations meet the ``[BM, BN]`` tile), and
+  with ``s_raw``/``s_scale`` in ``env`` a product or sum that reads ``s`` once reads the
+  unscaled q·k tile times the scale among its scalar factors (``docs/backends.md``, Scores).
+
 The sign analysis (:func:`nonneg`, :func:`positive`) and the code of each node
 (:class:`_Emitter`) are passes on :mod:`spattn.ir.visitor`: one rule per node
 type, every type handled.
@@ -39,8 +44,9 @@ import networkx as nx
 
 from ..ir.nodes import (Abs, And, BoolConst, Const, FAdd, FCall, FConst, FDiv, FLoad, FloorDiv,
                         FMul, FSelect, FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Prod,
-                        Range, Score, Select, Sum, Table, ToFloat, Var, walk)
+                        Range, Score, Select, Sum, Table, ToFloat, Var, free_vars, walk)
 from ..ir.bounds import wrap
+from ..ir.build import SCORE
 from ..ir.visitor import MaskPass, Visitor, rule
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -473,10 +479,11 @@ class _Emitter(Visitor):
             if nm is not None and r not in self.named_root and not _is_leaf(r):
                 self.named_root[r] = nm
         self.counter = {"u": 0, "t": 0, "load": 0}
+        self.axes: dict[Node, frozenset] = {}
         self.out = Emitted()
 
     def run(self) -> Emitted:
-        code: dict[Node, str] = {}
+        code = self.code = {}
         for n in self.order:
             text = self(n, [code[x] for x in n.children()])
             if n in self.need_name:
@@ -655,13 +662,59 @@ class _Emitter(Visitor):
     def to_float(self, n, c):
         return f"tl.cast({c[0]}, tl.float32)"     # (a length of 1 arrives as a constexpr)
 
+    def _tile_axes(self, n: Node) -> frozenset:
+        """The tile axes a float operand varies along (``q`` rows, ``k`` columns)."""
+        ax = self.axes.get(n)
+        if ax is None:
+            ax = self.axes[n] = frozenset("qk") if any(
+                isinstance(x, Score) for x in walk(n)) else free_vars(n) & frozenset("qk")
+        return ax
+
+    def _grouped(self, op: str, items, lead: int = 0) -> tuple[list, str | None]:
+        """``(pairwise, vector)`` of ``items`` (``(operand node or None for a scalar,
+        code)``): the codes that vary along both tile axes, and the others combined with
+        ``op`` into one expression: the scalars and rows first, then the columns as one
+        parenthesised operand (so that every operation but the row-column one is on a
+        scalar or a vector); None without such operands. ``lead``: operands the caller
+        puts before the pairwise ones."""
+        wide, rows, cols = [], [], []
+        for a, x in items:
+            ax = frozenset() if a is None else self._tile_axes(a)
+            (wide if len(ax) == 2 else cols if "k" in ax else rows).append((ax, x))
+        rows.sort(key=lambda t: len(t[0]))          # scalars before rows
+        parts = [x for _, x in rows]
+        if cols:
+            col = _chain(op, [x for _, x in cols])
+            parts.append(_par(col) if len(cols) > 1 and parts else col)
+        small = _chain(op, parts) if parts else None
+        if small is not None and len(parts) > 1 and (wide or lead):
+            small = _par(small)
+        return [x for _, x in wide], small
+
+    def _raw_score(self, n: Node) -> bool:
+        """Whether ``n`` holds ``s`` once as an operand and the kernel's unscaled q·k is in
+        ``env`` (``s_raw``, ``s_scale``): ``s``'s scale then joins the operand's factors."""
+        return "s_raw" in self.env and sum(isinstance(a, Score) for a in n.args) == 1
+
     @rule(FAdd)
     def fadd(self, n, c):
-        return _chain(" + ", list(c))
+        items = list(zip(n.args, c))
+        if self._raw_score(n) and self.graph.in_degree(SCORE) == 1:
+            # s's only use: q·k * scale inline, which the add contracts into one FMA
+            items = [(a, f"{self.env['s_raw']} * {self.env['s_scale']}" if a == SCORE else x)
+                     for a, x in items]
+        wide, small = self._grouped(" + ", items)
+        return _chain(" + ", wide + ([small] if small is not None else []))
 
     @rule(FMul)
     def fmul(self, n, c):
-        return _chain(" * ", [_par(x) for x in c])
+        items = [(a, _par(x)) for a, x in zip(n.args, c)]
+        raw = []
+        if self._raw_score(n):      # q·k, then its scale among the scalar factors
+            raw = [self.env["s_raw"]]
+            items = [(None, self.env["s_scale"])] + [t for t in items if t[0] != SCORE]
+        wide, small = self._grouped(" * ", items, lead=len(raw))
+        return _chain(" * ", raw + wide + ([small] if small is not None else []))
 
     @rule(FDiv)
     def fdiv(self, n, c):
@@ -679,13 +732,26 @@ class _Emitter(Visitor):
             self.out.uses_tanh = True
             return f"_tanh_approx({x})"
         if fn == "tanh":          # tanh(x) = 2 sigmoid(2x) - 1 (no tl.tanh)
-            return f"(2.0 * tl.sigmoid(2.0 * {_par(x)}) - 1.0)"
+            return f"(2.0 * tl.sigmoid({self._doubled(n.args[0], x)}) - 1.0)"
         if fn == "sign":
             return f"tl.where({_par(x)} > 0, 1.0, tl.where({_par(x)} < 0, -1.0, 0.0))"
         if fn == "step":
             return f"tl.where({_par(x)} > 0, 1.0, tl.where({_par(x)} < 0, 0.0, 0.5))"
         return {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "abs": "tl.abs"}[fn] + \
             f"({x})"
+
+    def _doubled(self, a: Node, code: str) -> str:
+        """``2 * a``: a product with a constant factor (``s * (1/c)``, inlined) takes the 2
+        into its constant, else ``2.0 * a``."""
+        if isinstance(a, FMul) and a not in self.need_name and \
+                any(isinstance(x, FConst) for x in a.args):
+            from ..ir import build
+            d = build.fmul(a, build.fconst(2.0))
+            if isinstance(d, FMul) and all(x in self.code or isinstance(x, FConst)
+                                           for x in d.args):
+                return self.fmul(d, [self.code[x] if x in self.code else self.fconst(x, [])
+                                     for x in d.args])
+        return f"2.0 * {_par(code)}"
 
     @rule(FSelect)
     def fselect(self, n, c):

@@ -62,7 +62,7 @@ from .emit import HELPERS, NONNEG_VARS, TANH_HELPER, _mentions, emit
 from .config import next_pow2
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "18"
+CODEGEN_VERSION = "19"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -294,7 +294,9 @@ def _reduction(load) -> str:
 @dataclass(frozen=True)
 class ScoreCode:
     """A pattern's score as code for one kernel: per-tile ``lines`` computing ``value``
-    (the modified score, natural units, from ``b_x = q·k * sm_scale``) and, in the
+    (the modified score from ``raw``, the kernel's unscaled q·k tile, and ``sm_scale``; in
+    log2 units when ``log2``, else natural ones; ``scaled``: the code reads
+    ``b_x = raw * sm_scale``, which the template then defines) and, in the
     backward kernels, ``deriv`` (``d score / d s``); ``params``: the kernel parameters of
     the float tables (at the head of the kernel's arguments: they may change every call);
     ``grads``: the table gradients (dQ kernel), ``grad_params`` their parameters;
@@ -318,6 +320,9 @@ class ScoreCode:
     early: tuple[str, ...] = ()
     late: tuple[str, ...] = ()
     fast_tanh: bool = False
+    log2: bool = False
+    scaled: bool = True
+    raw: str = "b_s"
 
     @property
     def unit_deriv(self) -> bool:
@@ -330,10 +335,10 @@ class ScoreCode:
         return self.deriv is not None and re.fullmatch(r"-?[0-9.e+-]+", self.deriv) is not None
 
 
-def _split_early(lines: tuple[str, ...], score_var: str = "b_x") -> tuple[tuple, tuple]:
+def _split_early(lines: tuple[str, ...], score_vars=("b_x",)) -> tuple[tuple, tuple]:
     """``(early, late)``: the lines (``name = expr``, in dependency order) that read neither
-    ``score_var`` nor a name defined by a late line, and the others."""
-    late_names = {score_var}
+    one of ``score_vars`` nor a name defined by a late line, and the others."""
+    late_names = set(score_vars)
     early, late = [], []
     for line in lines:
         name, _, expr = line.partition(" = ")
@@ -357,43 +362,59 @@ def _live(lines: tuple[str, ...], results: list[str]) -> tuple[str, ...]:
     return tuple(reversed(keep))
 
 
-def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | None:
-    """The score of ``pattern`` as code for the ``kind`` kernel ("fwd", "dq", "dkdv"): the
-    modified score, its derivative (backward), and in dQ the table gradients, emitted
-    together (common sub-expressions shared) with every variable per tile."""
-    if getattr(pattern, "score", None) is None:
-        return None
-    from ..ir.score import grads as score_grads
-    roots, names = [pattern.score], ["b_f"]
+#: The unscaled q·k tile each kernel holds when its score is applied.
+_RAW = {"fwd": "b_s", "dq": "b_s", "dkdv": "b_qkt"}
+
+
+def _emit_score(pattern, kind: str, int64: bool, config, log2: bool):
+    """One emission of the score's roots for the ``kind`` kernel, its value in log2 units or
+    natural ones: ``(Emitted, the ScoreGrads or None (forward), the table loads (dQ))``."""
+    from ..ir.score import TILE_QUERY, emitted_form, grads as score_grads, reciprocal
+    roots, names = [emitted_form(pattern.score, log2)], ["b_f"]
     g = None
     if kind != "fwd":
         g = score_grads(pattern.score)
-        roots.append(g.ds)
+        roots.append(reciprocal(g.ds))
         names.append("b_fd")
     loads = g.dloads if kind == "dq" else ()
     for i, (load, d) in enumerate(loads):
-        roots.append(d)
+        roots.append(reciprocal(d))
         names.append(f"b_fg{i}")
         for j, ix in enumerate(load.index):
             roots.append(ix)
             names.append(f"i_g{i}_{j}")
-    load_mode = getattr(config, "score_load", "pair")
     gather = None
-    if load_mode == "gather":        # the tile: [rows, columns] (dK/dV: keys x queries)
+    if getattr(config, "score_load", "pair") == "gather":   # the tile: [rows, columns]
         rows, cols = {"fwd": (config.block_m, config.block_n),
                       "dq": (config.block_m2, config.block_n2),
                       "dkdv": (config.block_n, config.block_m)}[kind]
         gather = (rows, next_pow2(rows + cols - 1))
-    em = emit(roots, dict(ENV, s="b_x"), loop_vars=tuple(ENV), result_names=names,
+    env = dict(ENV, s="b_x", s_raw=_RAW[kind], s_scale="sm_scale", **{TILE_QUERY: "o_r"})
+    em = emit(roots, env, loop_vars=tuple(ENV) + (TILE_QUERY,), result_names=names,
               prefix="sc_", int64=int64,
               table_index=getattr(config, "score_index", "mask"),
               fast_tanh=getattr(config, "fast_tanh", False), gather=gather)
-    # every variable is per tile; what depends on none (a table read at a constant index,
-    # w[0]) is computed in the tile too, first: its lines only read the loop's arguments
-    lines = tuple(em.outer) + tuple(em.inner)
+    return em, g, loads
+
+
+def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | None:
+    """The score of ``pattern`` as code for the ``kind`` kernel ("fwd", "dq", "dkdv"): the
+    modified score (in log2 units or natural ones, whichever takes fewer operations on the
+    tile: :func:`spattn.codegen.opcount.tile_ops`), its derivative (backward), and in dQ
+    the table gradients, emitted together (common sub-expressions shared) with every
+    variable per tile."""
+    if getattr(pattern, "score", None) is None:
+        return None
+    from .opcount import tile_ops
+    raw = _RAW[kind]
+    forms = {}
+    for log2 in (True, False):
+        em, _, _ = _emit_score(pattern, "fwd", int64, config, log2)
+        forms[log2] = tile_ops(_score_lines(em, config), em.results[0], raw="b_s")
+    log2 = forms[True] <= forms[False]        # same count: log2 (no scale in the softmax)
+    em, g, loads = _emit_score(pattern, kind, int64, config, log2)
+    lines = _score_lines(em, config)
     res = list(em.results)
-    if gather is not None:      # the pairwise indices a gathered load replaced: unused
-        lines = _live(lines, res)
     inputs = tuple(pattern.score_inputs)
     tg, pos = [], 2
     for i, (load, _) in enumerate(loads):
@@ -407,11 +428,25 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
     tiled = any(isinstance(n, Score) for n in walk(pattern.score)) or \
         {"q", "k"} <= free_vars(pattern.score)
     early, late = ((), lines)
-    if load_mode in ("early", "gather"):
-        early, late = _split_early(lines)
+    if getattr(config, "score_load", "pair") in ("early", "gather"):
+        early, late = _split_early(lines, (raw, "b_x"))
+    scaled = any(_mentions(x, "b_x") for x in lines + tuple(res))
     return ScoreCode(lines, res[0], res[1] if g is not None else None, inputs,
                      tuple(_input_params(dict(pattern.score_inputs))), tuple(tg), grad_params,
-                     em.uses_helpers, tiled, early, late, em.uses_tanh)
+                     em.uses_helpers, tiled, early, late, em.uses_tanh, log2, scaled, raw)
+
+
+def _score_lines(em, config) -> tuple[str, ...]:
+    """The lines of one score emission, in the tile: every variable is per tile; what
+    depends on none (a table read at a constant index, w[0]) is computed in the tile too,
+    first (its lines only read the loop's arguments); the tile's first query ``o_r`` first
+    of all where a split difference reads it."""
+    lines = tuple(em.outer) + tuple(em.inner)
+    if getattr(config, "score_load", "pair") == "gather":
+        lines = _live(lines, list(em.results))   # the indices a gathered load replaced
+    if any(_mentions(x, "o_r") for x in lines + tuple(em.results)):
+        lines = ("o_r = tl.min(o_q)",) + lines
+    return lines
 
 
 @dataclass(frozen=True)

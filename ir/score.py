@@ -28,9 +28,18 @@ import torch
 from . import build
 from .evaluate import evaluate
 from .inputs import query_offset
-from .nodes import (FAdd, FCall, FConst, FDiv, FLoad, FMul, FSelect, Node, Score, float_loads)
+from .nodes import (FAdd, FCall, FConst, FDiv, FLoad, FMul, FSelect, Node, Score, Sum,
+                    ToFloat, Var, float_loads, free_vars, walk)
+from .visitor import Visitor, rule
 
-__all__ = ["ScoreGrads", "derivative", "grads", "score_values", "score_env"]
+__all__ = ["LOG2E", "TILE_QUERY", "ScoreGrads", "derivative", "emitted_form", "grads",
+           "reciprocal", "score_values", "score_env", "split_tile_query"]
+
+#: ``log2(e)``: a score in log2 units is the natural one times this.
+LOG2E = 1.4426950408889634
+#: The variable of a kernel tile's first query position (:func:`split_tile_query`); only
+#: the emitted forms of a score use it, never a pattern.
+TILE_QUERY = "qr"
 
 class _Sqrt(sympy.Function):
     """The score's ``sqrt``: real (a NaN below 0, never complex), so that sympy does not
@@ -246,3 +255,115 @@ def score_values(node: Node, s: torch.Tensor, env: dict, inputs: Mapping[str, to
     if not isinstance(v, torch.Tensor):
         v = torch.tensor(float(v), dtype=s.dtype, device=s.device)
     return v.to(s.dtype).expand(s.shape)
+
+
+# ------------------------------------------------------------ forms for the kernels
+
+class _Reciprocal(Visitor):
+    """:func:`reciprocal`'s rules: float nodes rebuilt through ``ir.build``; ``x / c`` by a
+    constant is ``x * (1 / c)``. Int and bool sub-trees (indices, conditions) are kept."""
+
+    @rule(FDiv)
+    def fdiv(self, n):
+        a, b = self(n.a), self(n.b)
+        if isinstance(b, FConst):
+            return build.fmul(a, build.fconst(1.0 / b.value))
+        return build.fdiv(a, b)
+
+    @rule(FAdd)
+    def fadd(self, n):
+        return build.fadd(*(self(a) for a in n.args))
+
+    @rule(FMul)
+    def fmul(self, n):
+        return build.fmul(*(self(a) for a in n.args))
+
+    @rule(FCall)
+    def fcall(self, n):
+        return build.fcall(n.fn, *(self(a) for a in n.args))
+
+    @rule(FSelect)
+    def fselect(self, n):
+        return build.fselect(n.cond, self(n.a), self(n.b))
+
+    @rule(default=True)
+    def keep(self, n):
+        return n
+
+
+_RECIPROCAL = _Reciprocal()
+
+
+@lru_cache(maxsize=256)
+def reciprocal(node: Node) -> Node:
+    """``node`` with every division by a constant a multiplication by its reciprocal (a
+    multiply is cheaper than a division on every device; the two differ by at most an ulp),
+    so that the constant also folds into the other factors of its product."""
+    return _RECIPROCAL(node)
+
+
+#: The largest coefficient of q that :func:`split_tile_query` moves to a row vector:
+#: ``|a| * (BLOCK_M - 1)`` then stays far inside int32.
+_SPLIT_COEFF = 1 << 16
+
+
+def split_tile_query(x: Node) -> tuple[Node, Node] | None:
+    """An int sum ``x = a*q + K(k, ...)`` (q in one term, linear; k in another) as
+    ``(x[q := r], a*(q - r))`` with ``r`` the tile's first query (:data:`TILE_QUERY`): the
+    first depends on the key and not the query (a ``[1, BN]`` vector of the tile), the second
+    on the query alone (``[BM, 1]``), and their sum is ``x`` exactly, in ints. Their float
+    conversions then add on the tile in one operation instead of an int ``[BM, BN]`` sum and a
+    conversion. ``x[q := r]`` is a value of ``x`` over the call's domain (``r`` is a query of
+    it), so its integer bounds are ``x``'s; ``|a*(q - r)| < |a| * BLOCK_M``. None when ``x``
+    is not of that form."""
+    if not isinstance(x, Sum):
+        return None
+    q = build.var("q")
+    with_q = [(t, c) for t, c in x.terms if "q" in free_vars(t)]
+    if len(with_q) != 1 or with_q[0][0] != q or abs(with_q[0][1]) > _SPLIT_COEFF:
+        return None
+    if not any("k" in free_vars(t) for t, _ in x.terms):
+        return None
+    a = with_q[0][1]
+    r = build.var(TILE_QUERY)
+    rest = build.from_linear({t: c for t, c in x.terms if t != q}, x.const)
+    return build.add(rest, build.scale(r, a)), build.scale(build.sub(q, r), a)
+
+
+def _axes(n: Node) -> frozenset:
+    """The tile axes ``n`` varies along (``"q"``, ``"k"``; ``s`` along both)."""
+    if any(isinstance(x, Score) for x in walk(n)):
+        return frozenset("qk")
+    return free_vars(n) & frozenset("qk")
+
+
+def _expand(n: Node, f: Node) -> list[Node]:
+    """``f * n`` as a list of terms to add, ``f`` distributed over ``n``'s sums where ``n``
+    is linear in them (a sum, a product of one sum and factors that are not pairwise, a
+    conversion of an int sum split by :func:`split_tile_query`)."""
+    if isinstance(n, FAdd):
+        return [t for a in n.args for t in _expand(a, f)]
+    if isinstance(n, ToFloat):
+        parts = split_tile_query(n.a)
+        if parts is not None:
+            return [build.fmul(f, build.to_float(p)) for p in parts]
+    if isinstance(n, FMul):
+        sums = [a for a in n.args if isinstance(a, FAdd) or (
+            isinstance(a, ToFloat) and split_tile_query(a.a) is not None)]
+        if len(sums) == 1:
+            others = [a for a in n.args if a is not sums[0]]
+            if all(len(_axes(a)) < 2 for a in others):
+                return _expand(sums[0], build.fmul(f, *others))
+    return [build.fmul(f, n)]
+
+
+@lru_cache(maxsize=256)
+def emitted_form(score: Node, log2: bool) -> Node:
+    """The score as a kernel computes it (``docs/backends.md`` "Scores"): divisions by
+    constants as multiplications (:func:`reciprocal`), in log2 units when ``log2`` (the
+    score times :data:`LOG2E`, the constant folded into each term's factors), and the
+    factors of each term distributed over sums so that the terms of the query alone and of
+    the key alone are vectors of the tile, int differences of q and k split at the tile's
+    first query (:func:`split_tile_query`). The same value as ``score`` (times ``log2(e)``)
+    up to float rounding."""
+    return build.fadd(*_expand(reciprocal(score), build.fconst(LOG2E if log2 else 1.0)))

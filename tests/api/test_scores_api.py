@@ -135,5 +135,6 @@ def test_score_variants_benchmark_dry_run(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.splitlines()[0].startswith("| case |")
-    assert "| nbhd2d+rpb | auto-early | early/free/sigmoid |" in out
-    assert "| nbhd2d+rpb | mask-pair | pair/mask/sigmoid |" in out
+    assert "| nbhd2d+rpb | auto-early | early/free/sigmoid, " in out   # then its ops/pair
+    assert "| nbhd2d+rpb | mask-pair | pair/mask/sigmoid, " in out
+    assert "/sigmoid, 4 |" in out           # softcap: the sigmoid form, 4 operations per pair

@@ -179,7 +179,8 @@ def test_generated_code_of_each_flag():
     def text(kind="fwd", **kw):
         return cache.kernel_text(p, kind, head_dim=64, dtype="bf16", **kw)
     masked = text(score_index="mask")
-    assert "mask=sc_m_rel_1" in masked and "tl.sigmoid(2.0 * (b_x / 30.0))" in masked
+    assert "mask=sc_m_rel_1" in masked
+    assert "tl.sigmoid(b_s * (sm_scale * 0.06666666666666667))" in masked
     clamped = text()            # codegen's default without a proof
     assert "tl.minimum(tl.maximum(sc_t_1, 0), size_rel_1 - 1) * stride_rel_1" in clamped
     assert "sc_m_rel" not in clamped and "indices clamped into the table" in clamped
@@ -192,7 +193,7 @@ def test_generated_code_of_each_flag():
         body = bwd[bwd.index(kernel):]
         assert body.index("sc_b_rel_1 = tl.load") < body.index("tl.dot(")
     assert 'tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;"' in bwd
-    assert "b_fd = " in bwd and "_tanh_approx(b_x / 30.0)" in bwd
+    assert "b_fd = " in bwd and "_tanh_approx(b_s * (sm_scale * 0.03333333333333333))" in bwd
     assert "sigmoid" not in bwd[bwd.index("def _dq_range"):]
     gathered = text("bwd", score_load="gather")
     assert gathered.count("tl.gather(") == 2

@@ -1,0 +1,82 @@
+"""The per-pair cost of a score: the ``[BM, BN]`` operations its forward code adds to the
+mask alone (codegen/opcount.py), pinned per score so that a regression shows; and the
+counter itself on lines whose count is known."""
+from types import SimpleNamespace
+
+import pytest
+
+import spattn
+from spattn.codegen.kernels import _score_code
+from spattn.codegen.opcount import score_cost, tile_ops
+
+GPU = SimpleNamespace(fast_tanh=True, score_load="pair", score_index="clamp")
+
+# (id, score, params, most operations per pair it may add, units)
+COSTS = [
+    ("alibi-slope", "alibi(alibi_slope)", {}, 2, "log2"),
+    ("alibi-list", "alibi(m[h])", {"m": [0.5, 0.25]}, 2, "log2"),
+    ("softcap", "softcap(30.0)", {}, 3, "log2"),
+    ("q-and-k-terms", "s + w[q] + u[k]", {}, 2, "log2"),
+    ("per-head-temperature", "s * t[h]", {}, 1, "log2"),
+    ("int-distance", "s - 0.5 * (q - k)", {}, 2, "log2"),
+    # several key terms are summed on the column before they meet the row
+    ("rows-and-columns", "s - 0.25 * (q - k) + w[k % 8] + v[k]", {}, 2, "log2"),
+    ("product-of-vectors", "s * w[q] * u[k] * t[h]", {}, 2, "log2"),
+    # a pairwise table read pays its index and load; natural units save the multiply
+    # of the loaded value by log2(e)
+    ("pairwise-table", "s + rel[h, clamp(q - k, 0, 63)]", {}, 9, "natural"),
+]
+
+
+@pytest.mark.parametrize("score,params,most,units", [c[1:] for c in COSTS],
+                         ids=[c[0] for c in COSTS])
+def test_score_adds_at_most(score, params, most, units):
+    p = spattn.compile("causal", score=score, **params)
+    assert score_cost(p, GPU) <= most
+    assert _score_code(p, "fwd", False, GPU).log2 == (units == "log2")
+
+
+def test_the_cost_is_the_forward_kernels():
+    """The counted lines are the generated forward's: ALiBi's score is one FMA of the q·k
+    tile and one add of a row and a column vector; the softmax takes it without a scale."""
+    p = spattn.compile("causal", score="alibi(alibi_slope)")
+    text = p.kernel_source("fwd")
+    flat = "".join(text.split())                # long lines are wrapped in the file
+    sc = _score_code(p, "fwd", False, GPU)
+    for line in sc.lines:
+        assert "".join(line.split()) in flat
+    assert "b_f=b_s*(sm_scale*1.4426950408889634)+(" in flat
+    assert "tl.cast(o_k - o_r, tl.float32)" in text and "tl.cast(-o_q + o_r, tl.float32)" in text
+    assert "b_p = tl.math.exp2(b_s - m_use[:, None])" in text
+    assert "b_x" not in text
+
+
+@pytest.mark.parametrize("lines,value,ops", [
+    # the mask alone's softmax: one FMA (exp2 counted apart)
+    ((), "b_s * sm_scale_log2 - m_use[:, None]", 1),
+    # ALiBi as emitted before the folding: scale, int difference, conversion, FMA
+    (("b_x = b_s * sm_scale",),
+     "slope * tl.cast(-o_q + o_k, tl.float32) + b_x", 4),
+    # vectors: only the final add of a row and a column is on the tile
+    (("t_r = 2.0 * tl.cast(o_q, tl.float32)", "t_c = 3.0 * tl.cast(o_k, tl.float32)"),
+     "b_s * c + (t_r + t_c)", 2),
+    # a pairwise load: its index arithmetic, the load, the conversion
+    (("i = o_q - o_k + 255",), "tl.load(p + i * st).to(tl.float32)", 5),
+    (("o_r = tl.min(o_q)",), "_tanh_approx(b_s * c) * d", 3),
+], ids=["mask-softmax", "alibi-unfolded", "vectors", "pairwise-load", "reduction-and-call"])
+def test_tile_ops_counts(lines, value, ops):
+    assert tile_ops(lines, value) == ops
+
+
+def test_softcap_without_the_fast_tanh():
+    """tanh as 2 sigmoid(2x) - 1 (fp32 inputs, the interpreter): the 2 joins the folded
+    constant of s / c, as the scale does."""
+    p = spattn.compile("causal", score="softcap(30.0)")
+    cfg = SimpleNamespace(**dict(vars(GPU), fast_tanh=False))
+    assert score_cost(p, cfg) <= 4
+    assert "tl.sigmoid(b_s * (sm_scale * 0.06666666666666667))" in _score_code(
+        p, "fwd", False, cfg).lines[-1]
+
+
+def test_a_pattern_without_a_score_costs_nothing():
+    assert score_cost(spattn.compile("causal"), GPU) == 0
