@@ -388,6 +388,20 @@ def _torch_chunks(c: Ctx):
     return stage.chunks if isinstance(stage, TorchScoreStage) else None
 
 
+#: q, k, v dtypes whose Triton output is rounded to 16 bits: a table gradient's row
+#: correction then reads an fp32 copy of the output (:func:`exact_delta`)
+ROUNDED = (torch.float16, torch.bfloat16)
+
+
+def exact_delta(c: Ctx, q, table_grads) -> bool:
+    """Whether the Triton backward of this call needs the fp32 output: some table needs a
+    gradient and q is 16-bit. Its row correction ``delta = rowsum(dO * O)`` from the
+    16-bit O carries O's rounding (relative 2^-9 in bf16), which a table gradient with a
+    positional factor (``w[h] * float(q - k)``) multiplies by up to L instead of
+    cancelling; from the fp32 O, delta is that of the float32 torch path."""
+    return c.backend == "triton" and bool(table_grads) and q.dtype in ROUNDED
+
+
 def run_fwd(c: Ctx, q, k, v, ins):
     if c.backend == "triton":
         from . import triton_backend
@@ -396,12 +410,31 @@ def run_fwd(c: Ctx, q, k, v, ins):
                chunks=_torch_chunks(c))
 
 
+def run_fwd_saving(c: Ctx, q, k, v, ins, table_grads) -> tuple:
+    """``(o, lse, the output the backward reads)``: the fp32 output where
+    :func:`exact_delta` asks for it (``o`` is then its 16-bit cast), else ``o`` itself."""
+    if not exact_delta(c, q, table_grads):
+        o, lse = run_fwd(c, q, k, v, ins)
+        return o, lse, o
+    from . import triton_backend
+    o32, lse = triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=_tables(c, ins),
+                                      out_dtype=torch.float32)
+    return o32.to(q.dtype), lse, o32
+
+
 def run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
+    """``(dq, dk, dv, {table: fp32 gradient})``. ``o``: the forward's output, or its fp32
+    copy (:func:`exact_delta`); a 16-bit ``o`` where the fp32 one is needed (the custom op's
+    backward, whose forward returns only o and lse) is recomputed in fp32 by the forward
+    kernel first."""
     triton = c.backend == "triton" and (dlse is None or not bool((dlse != 0).any())) \
         and not (c.deterministic and table_grads)
     if triton:
         from . import triton_backend
         tables = _tables(c, ins)
+        if exact_delta(c, q, table_grads) and o.dtype != torch.float32:
+            o, _ = triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=tables,
+                                          out_dtype=torch.float32)
         bufs = {n: torch.zeros(tables[n].shape, dtype=torch.float32, device=q.device)
                 for n in table_grads}
         stage = c.plan.backward_stage(q, k, v, o, do)
@@ -420,8 +453,11 @@ class ScoreFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c: Ctx, q, k, v, *tables):
         ins = {**c.int_inputs, **dict(zip(c.names, tables))}
-        o, lse = run_fwd(c, q, k, v, ins)
-        ctx.save_for_backward(q, k, v, o, lse, *tables)
+        # a table that needs a gradient on the Triton backward: the output is kept in fp32
+        # for the backward's delta (exact_delta), and returned rounded
+        wanted = [n for n, need in zip(c.names, ctx.needs_input_grad[4:]) if need]
+        o, lse, saved = run_fwd_saving(c, q, k, v, ins, wanted)
+        ctx.save_for_backward(q, k, v, saved, lse, *tables)
         ctx.c = c
         ctx.set_materialize_grads(False)
         return o, lse
@@ -434,7 +470,7 @@ class ScoreFunction(torch.autograd.Function):
         if do is None and dlse is None:
             return (None,) * (4 + nt)
         if do is None:
-            do = torch.zeros_like(o)
+            do = torch.zeros(o.shape, dtype=q.dtype, device=q.device)
         want = tuple(n for n, need in zip(c.names, ctx.needs_input_grad[4:]) if need)
         ins = {**c.int_inputs, **dict(zip(c.names, tables))}
         dq, dk, dv, tg = run_bwd(c, q, k, v, o, lse, do, ins, dlse, want)

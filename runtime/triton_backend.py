@@ -396,8 +396,10 @@ def _bwd_launch_key(score_args, q, k, v, o, lse, do):
     arguments with the alignment of every per-call tensor the two kernels read, q, k, v and
     also o, lse and dO (the JIT specialises on each pointer's 16-byte alignment: a launch
     bound for an aligned dO must not serve a dO at an odd offset, as a slice of a larger
-    gradient is)."""
-    return _launch_key(score_args, q, k, v, o, lse, do)
+    gradient is), and o's dtype (16-bit, or the fp32 output a table gradient's delta reads:
+    ``runtime.scores``)."""
+    key = _launch_key(score_args, q, k, v, o, lse, do)
+    return None if key is None else key + (o.dtype,)
 
 
 def _bindable(stage, *tensors, same: bool = False) -> bool:
@@ -592,8 +594,8 @@ def _build_fwd(call, q, k, v, opts, warmup=False) -> FwdStage:
     return stage
 
 
-def _fwd_tensors(stage: FwdStage, q, k, v):
-    o = torch.empty(stage.out_shape, dtype=q.dtype, device=q.device)
+def _fwd_tensors(stage: FwdStage, q, k, v, out_dtype=None):
+    o = torch.empty(stage.out_shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty(stage.out_shape[:3], dtype=torch.float32, device=q.device)
     cfg = stage.config
     if cfg.tma:
@@ -602,22 +604,27 @@ def _fwd_tensors(stage: FwdStage, q, k, v):
     return q, k, v, o, lse, o
 
 
-def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None):
+def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None, out_dtype=None):
     """``(o [B, Hq, Lq, D], lse fp32 [B, Hq, Lq])`` of the stage for these tensors (laid out
     as those it was built for); ``tables``: a score's float tables (default: those the
-    stage was built with)."""
+    stage was built with). ``out_dtype``: o's dtype (default q's); ``torch.float32`` gives
+    the output of 16-bit inputs before its rounding to 16 bits (the kernel casts the fp32
+    accumulator to o's element type: the same kernel, specialised on o's pointer type)."""
     dtype = q.dtype
+    out_dtype = out_dtype or dtype
     if stage.upcast:
         q, k, v = q.float(), k.float(), v.float()
-    qa, ka, va, oa, lse, o = _fwd_tensors(stage, q, k, v)
+    qa, ka, va, oa, lse, o = _fwd_tensors(stage, q, k, v,
+                                          torch.float32 if stage.upcast else out_dtype)
     head = (qa, ka, va, oa, lse)
-    launch, key = stage.launch, None
+    launch, key = (stage.launch if out_dtype == dtype else None), None
     if stage.pattern is not None:
         # a score's tables change per call, with their alignment and sizes, which the JIT
-        # specialises on: one bound launch per specialisation
+        # specialises on: one bound launch per specialisation (and per dtype of o)
         sc = tuple(_score_args(stage.pattern, tables or stage.score_tables))
         head += sc
         key = _launch_key(sc, q, k, v) if q.device.type == "cuda" else None
+        key = None if key is None else key + (o.dtype,)
         launch = _scored_launch(stage.launches, key)
     if launch is None or not launch(*head):
         args = (*head, *stage.static)
@@ -625,13 +632,13 @@ def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None):
         if stage.persistent and stage.occupancy is None and q.device.type == "cuda":
             stage.occupancy = _occupancy(stage.config, compiled)
             stage.grid = (_persistent_programs(None, stage.n_work, stage.occupancy, q.device),)
-        elif stage.pattern is None and _bindable(stage, q, k, v):
+        elif stage.pattern is None and out_dtype == dtype and _bindable(stage, q, k, v):
             stage.launch = BoundLaunch.of(stage.kernel, compiled, stage.grid, args, stage.meta,
                                           q.device)
         elif key is not None:
             _keep(stage.launches, key, BoundLaunch.of(stage.kernel, compiled, stage.grid, args,
                                                       stage.meta, q.device))
-    return (o.to(dtype) if stage.upcast else o), lse
+    return (o.to(out_dtype) if stage.upcast else o), lse
 
 
 def _persistent_programs(call, n_work: int, per_sm, device=None) -> int:
