@@ -62,7 +62,7 @@ from .emit import HELPERS, NONNEG_VARS, TANH_HELPER, _mentions, emit
 from .config import next_pow2
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "17"
+CODEGEN_VERSION = "20"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -274,11 +274,16 @@ class TableGrad:
     and of ``d score / d load``; ``reduce``: how the tile's contributions are summed before
     the atomic add — ``"all"`` (the index depends on neither q nor k: one add per tile),
     ``"rows"`` (on q only: one per query row), ``"cols"`` (on k only: one per key), or
-    ``""`` (on both: one per pair)."""
+    ``""`` (on both: one per pair). ``slot``: for an ``"all"`` load, its place among the
+    table's ``slots`` such loads (:func:`partial_slots`): with the gradient flag 2 its
+    per-tile sums go to the program's own slots of a partial buffer, not to the table's
+    gradient (deterministic table gradients, ``docs/backends.md``, Scores)."""
     name: str
     index: tuple[str, ...]
     value: str
     reduce: str = ""
+    slot: int = -1
+    slots: int = 0
 
 
 def _reduction(load) -> str:
@@ -289,6 +294,19 @@ def _reduction(load) -> str:
         used |= free_vars(ix) & {"q", "k"}
     return {frozenset(): "all", frozenset({"q"}): "rows",
             frozenset({"k"}): "cols"}.get(frozenset(used), "")
+
+
+def partial_slots(pattern) -> dict:
+    """``{table: its loads whose index depends on neither q nor k}`` (in the order of
+    ``ir.score.grads(score).dloads``): the loads whose per-tile gradient sums the dQ kernel
+    can write to a partial buffer ``[programs, key tiles, slots]`` of its own instead of
+    adding them atomically (``runtime.scores``, deterministic table gradients)."""
+    from ..ir.score import grads as score_grads
+    out: dict = {}
+    for load, _ in score_grads(pattern.score).dloads:
+        if _reduction(load) == "all":
+            out.setdefault(load.name, []).append(load)
+    return {n: tuple(v) for n, v in out.items()}
 
 
 @dataclass(frozen=True)
@@ -396,12 +414,19 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
         lines = _live(lines, res)
     inputs = tuple(pattern.score_inputs)
     tg, pos = [], 2
+    slots = partial_slots(pattern) if kind == "dq" else {}
+    taken: dict = {}
     for i, (load, _) in enumerate(loads):
         nd = len(load.index)
-        tg.append(TableGrad(load.name, tuple(res[pos + 1:pos + 1 + nd]), res[pos],
-                            _reduction(load)))
+        red = _reduction(load)
+        slot = taken.setdefault(load.name, 0) if red == "all" else -1
+        if red == "all":
+            taken[load.name] += 1
+        tg.append(TableGrad(load.name, tuple(res[pos + 1:pos + 1 + nd]), res[pos], red,
+                            slot, len(slots.get(load.name, ()))))
         pos += 1 + nd
-    grad_params = tuple(x for n in inputs for x in (f"D{n.upper()}_ptr", f"grad_{n}")) \
+    grad_params = tuple(x for n in inputs for x in (f"D{n.upper()}_ptr", f"grad_{n}")
+                        + ((f"P{n.upper()}_ptr",) if n in slots else ())) \
         if kind == "dq" else ()
     from ..ir.nodes import Score, free_vars, walk
     tiled = any(isinstance(n, Score) for n in walk(pattern.score)) or \
@@ -476,7 +501,9 @@ def _kernel_data(pattern, config, loop_var: str, plan: RangesPlan | None,
     floats = dict(pattern.score_inputs)
     extra = tuple(_input_loop_args(floats)) + ("sm_scale",)
     if kind == "dq":
-        extra += tuple(x for n in floats for x in (f"p_d{n}", f"grad_{n}"))
+        slots = partial_slots(pattern)
+        extra += tuple(x for n in floats for x in (f"p_d{n}", f"grad_{n}")
+                       + ((f"p_p{n}",) if n in slots else ()))
     return KernelData(pred, plan, tuple(inputs) + tuple(floats), tuple(_input_params(inputs)),
                       tuple(_input_loop_args(inputs)) + pred.args + extra, score)
 

@@ -10,7 +10,11 @@ learnable bias table that requires grad gets ``.grad``.
 Backends. ``"triton"`` runs the generated kernels through the call's plan
 (``runtime.plan.PLANS``; the tables are leading kernel arguments of every launch, not
 part of the plan): the forward applies the score to every computed pair, the dQ kernel
-adds the tables' gradients with ``tl.atomic_add`` into float32 buffers.
+adds the tables' gradients with ``tl.atomic_add`` into float32 buffers. With a 16-bit q
+and a table that needs a gradient, the backward's row correction reads an fp32 copy of
+the output (:func:`exact_delta`). ``deterministic=True``: partial buffers summed in a
+fixed order for tables read at entries of neither q nor k (:func:`deterministic_on_triton`),
+the torch backward for other tables.
 
 The torch backend (:func:`fwd`, :func:`bwd`) computes by query row chunks, each against
 the keys of its non-EMPTY tiles (:func:`_chunks`): scores ``q·k * scale`` in float32
@@ -427,23 +431,77 @@ def run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
     copy (:func:`exact_delta`); a 16-bit ``o`` where the fp32 one is needed (the custom op's
     backward, whose forward returns only o and lse) is recomputed in fp32 by the forward
     kernel first."""
+    det = c.deterministic and bool(table_grads)
     triton = c.backend == "triton" and (dlse is None or not bool((dlse != 0).any())) \
-        and not (c.deterministic and table_grads)
+        and not (det and not deterministic_on_triton(c.pattern, table_grads))
     if triton:
         from . import triton_backend
         tables = _tables(c, ins)
         if exact_delta(c, q, table_grads) and o.dtype != torch.float32:
             o, _ = triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=tables,
                                           out_dtype=torch.float32)
-        bufs = {n: torch.zeros(tables[n].shape, dtype=torch.float32, device=q.device)
-                for n in table_grads}
         stage = c.plan.backward_stage(q, k, v, o, do)
-        dq, dk, dv = triton_backend.run_bwd(stage, q, k, v, o, lse, do, tables=tables,
-                                            table_grads=bufs)
-        return dq, dk, dv, bufs
+        partials = _partials(c.pattern, stage, table_grads, q.device) if det else None
+        if not det or partials is not None:
+            bufs = {n: torch.zeros(tables[n].shape, dtype=torch.float32, device=q.device)
+                    for n in table_grads}
+            dq, dk, dv = triton_backend.run_bwd(stage, q, k, v, o, lse, do, tables=tables,
+                                                table_grads=bufs, partials=partials)
+            if partials:
+                _reduce_partials(c, q, k, partials, bufs, ins)
+            return dq, dk, dv, bufs
     return bwd(c.pattern, q, k, v, o, lse, do, scale=c.scale, q_offset=c.q_offset,
                inputs=ins, dlse=dlse, table_grads=table_grads, deterministic=c.deterministic,
                chunks=_torch_chunks(c))
+
+
+#: The most memory the partial buffers of one deterministic Triton backward may take;
+#: a call that needs more runs its backward on the torch backend.
+DETERMINISTIC_PARTIAL_BYTES = 256 << 20
+
+
+def deterministic_on_triton(pattern, table_grads) -> bool:
+    """Whether the Triton backward gives these tables deterministic gradients: every load
+    of each reads an entry that depends on neither q nor k (``w[h]``, ``temp[b, h]``,
+    ``cap[0]``), so that the dQ kernel sums a tile's contributions to it in one fixed
+    reduction (``tl.sum``) and writes the sum to a slot of its own
+    (``codegen.kernels.partial_slots``). A load whose entry varies within a tile
+    (``rel[h, q - k]``, ``qb[q % 5]``) would need its pairs grouped by entry in a fixed
+    order (a sort per tile): those tables' deterministic gradients come from the torch
+    backward."""
+    from ..codegen.kernels import partial_slots
+    slots, g = partial_slots(pattern), grads(pattern.score)
+    return all(len(slots.get(n, ())) == len(g.of(n)) for n in table_grads)
+
+
+def _partials(pattern, stage, table_grads, device) -> dict | None:
+    """Zeroed partial buffers (``triton_backend.partial_shape``) of the tables, or None
+    when together they would pass :data:`DETERMINISTIC_PARTIAL_BYTES`."""
+    from ..codegen.kernels import partial_slots
+    from .triton_backend import partial_shape
+    slots = partial_slots(pattern)
+    shapes = {n: partial_shape(stage, len(slots[n])) for n in table_grads}
+    if sum(4 * math.prod(s) for s in shapes.values()) > DETERMINISTIC_PARTIAL_BYTES:
+        return None
+    return {n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in shapes.items()}
+
+
+def _reduce_partials(c: Ctx, q, k, partials: dict, bufs: dict, ins: dict) -> None:
+    """The tables' gradients from their partial buffers, in a fixed order: each program's
+    key tiles summed (``torch.sum``: no atomics), then its query tiles per (batch, head),
+    then the ``[B, H]`` sums scattered to the entries each load reads
+    (``index_put_`` with the deterministic accumulation)."""
+    from ..codegen.kernels import partial_slots
+    B, H, Lq, _ = q.shape
+    slots = partial_slots(c.pattern)
+    env = score_env(Lq, k.shape[2], num_heads=H, batch=B, q_offset=c.q_offset,
+                    device=q.device, rows=(0, 1), cols=(0, 1))
+    for name, part in partials.items():
+        n = part.shape[-1]
+        per_bh = part.sum(1).view(B, H, -1, n).sum(2)
+        for j, load in enumerate(slots[name]):
+            _scatter(bufs[name], load, env, ins, per_bh[..., j].reshape(B, H, 1, 1),
+                     deterministic=True)
 
 
 class ScoreFunction(torch.autograd.Function):
@@ -556,9 +614,10 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
 
     ``plan``: made by :func:`make_plan` for tensors and tables laid out like these (no
     analysis then: the plan's bounds proofs hold for tables of the plan's shapes).
-    ``deterministic``: learnable tables get their gradients without atomic adds (the
-    torch backend's backward runs that call's backward); q, k, v gradients are
-    deterministic either way."""
+    ``deterministic``: learnable tables get gradients that do not depend on the order of
+    additions (on Triton through partial buffers where every load of the table reads an
+    entry of neither q nor k, else through the torch backend's backward); q, k, v
+    gradients are deterministic either way."""
     from .api import choose_backend
     if plan is not None:
         floats = _planned(plan, pattern, q, k, v, scale, q_offset, inputs)

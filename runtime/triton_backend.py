@@ -194,13 +194,22 @@ def _score_args(pattern, tables: dict) -> list:
             for a in _table_args(tables[name], nd)]
 
 
-def _grad_args(pattern, tables: dict, grads: dict | None) -> list:
+def _grad_args(pattern, tables: dict, grads: dict | None, partials: dict | None = None) -> list:
     """The dQ kernel's table-gradient arguments: per table its fp32 gradient buffer (shaped
-    and laid out like the table) and whether to write it."""
+    and laid out like the table) and its flag: 0 no gradient, 1 atomic adds into the
+    buffer, 2 the per-tile sums of its loads of neither q nor k into its partial buffer
+    (``partials[name]``, fp32 ``[programs, key tiles, slots]``, zeroed; every load of such a
+    table is of that kind: ``runtime.scores``); then, for a table with such loads, the
+    partial buffer (the table itself where unused)."""
+    from ..codegen.kernels import partial_slots
+    slots = partial_slots(pattern)
     args = []
     for name in pattern.score_inputs:
         g = (grads or {}).get(name)
-        args += [tables[name], 0] if g is None else [g, 1]
+        part = (partials or {}).get(name)
+        args += [tables[name], 0] if g is None else [g, 1 if part is None else 2]
+        if name in slots:
+            args.append(tables[name] if part is None else part)
     return args
 
 
@@ -786,14 +795,14 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
     return stage
 
 
-def _score_heads(stage, args_q, args_k, tables, grads):
+def _score_heads(stage, args_q, args_k, tables, grads, partials=None):
     """The leading arguments of the dQ and dK/dV launches, with a score's tables (and, in
     dQ, the table gradients) after the tensors."""
     if stage.pattern is None:
         return args_q, args_k
     tables = tables or stage.score_tables
     sc = tuple(_score_args(stage.pattern, tables))
-    return (*args_q, *sc, *_grad_args(stage.pattern, tables, grads)), (*args_k, *sc)
+    return (*args_q, *sc, *_grad_args(stage.pattern, tables, grads, partials)), (*args_k, *sc)
 
 
 def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
@@ -817,17 +826,28 @@ def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
     return args_q, args_k, (dq, dk, dv)
 
 
+def partial_shape(stage: BwdStage, slots: int) -> tuple:
+    """The shape of a table's partial buffer for deterministic gradients: ``[dQ programs,
+    key tiles of BLOCK_N2, slots]`` (program ``(b * H + h) * query tiles + query tile``)."""
+    B, H, _, Lq, Lk, _ = stage.shapes
+    c = stage.config
+    return (B * H * -(-Lq // c.block_m2), -(-Lk // c.block_n2), slots)
+
+
 def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
-            table_grads: dict | None = None):
+            table_grads: dict | None = None, partials: dict | None = None):
     """``(dq, dk, dv)`` of the stage (dk, dv summed over the query heads of each key head).
     ``tables``: a score's float tables; ``table_grads``: fp32 buffers, shaped like the
-    tables they name, that the dQ kernel adds those tables' gradients to (atomically)."""
+    tables they name, that the dQ kernel adds those tables' gradients to (atomically);
+    ``partials``: for some of those tables, zeroed fp32 buffers of :func:`partial_shape`
+    that receive their per-tile gradient sums instead (each slot written by one tile of
+    one program: no order to depend on)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     if stage.upcast:
         q, k, v, o, do = q.float(), k.float(), v.float(), o.float(), do.float()
     args_q, args_k, grads = _bwd_tensors(stage, q, k, v, o, lse.contiguous(), do)
     n_q = len(args_q)
-    args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads)
+    args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads, partials)
     launch_q, launch_k, key = stage.launch_q, stage.launch_k, None
     if stage.pattern is not None:      # per-call tables: bound launches by key (run_fwd)
         key = _bwd_launch_key(args_q[n_q:], q, k, v, o, lse, do) \

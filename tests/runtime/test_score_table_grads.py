@@ -110,3 +110,119 @@ def test_gpu_bf16_slope_gradient(L):
     assert _rel(dw, want[3]) < 1e-4, (_rel(dw, want[3]), dw, want[3])
     for what, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), want[:3]):
         torch.testing.assert_close(a.double(), b, atol=3e-2, rtol=3e-2, msg=what)
+
+
+# ------------------------------------------------------------ deterministic table gradients
+
+DET_SCORE = "s * temp[h] + w[b, h] * float(q - k) * 0.1 + w[0, 0]"
+
+
+def _det_case(B=2, H=2, L=40, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, L, D, generator=g) for _ in range(4))
+    return q, k, v, do, torch.rand(H, generator=g) + 0.5, 0.3 * torch.randn(B, H, generator=g)
+
+
+def _det_grads(pat, case, *, plan=None, deterministic=True):
+    q, k, v, do, temp, w = case
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, temp, w)]
+    o = pat(*leaves[:3], temp=leaves[3], w=leaves[4], plan=plan, deterministic=deterministic)
+    return torch.autograd.grad(o, leaves, do)
+
+
+def _reverse_dq_order(plan):
+    """Reverse the dQ kernel's work order (the interpreter runs programs in launch order):
+    atomic adds then accumulate in another order."""
+    for stage in plan._bwd.values():
+        order = stage.static_q[-8]
+        assert order.dtype in (torch.int32, torch.int64) and order.dim() == 1
+        order.copy_(order.flip(0))
+
+
+@pytest.mark.interpreter
+def test_triton_deterministic_table_gradients_ignore_the_program_order(monkeypatch):
+    """Tables read at entries of neither q nor k (a temperature per head, a [B, H] slope
+    read twice): with deterministic=True the Triton backward writes per-tile sums to
+    partial buffers (the torch backward never runs), so reversing the order in which the
+    dQ programs run leaves every table gradient bit-identical, while the atomic adds'
+    gradients change in their last bits; both match the float64 reference."""
+    from spattn.runtime.reference import pattern_reference
+    calls = []
+    monkeypatch.setattr(S, "bwd", lambda *a, **kw: calls.append(1))
+    monkeypatch.setattr(S, "_reduce_partials", _spy(S._reduce_partials, calls, "partials"))
+    pat = spattn.compile("causal & window(20)", score=DET_SCORE, backend="triton")
+    case = _det_case()
+    q, k, v, do, temp, w = case
+    plan = pat.plan(q, k, v, temp=temp, w=w)
+    runs = {}
+    for det in (True, False):
+        first = _det_grads(pat, case, plan=plan, deterministic=det)
+        _reverse_dq_order(plan)
+        runs[det] = (first, _det_grads(pat, case, plan=plan, deterministic=det))
+        _reverse_dq_order(plan)
+    assert calls == ["partials", "partials"]         # no torch backward, two Triton ones
+    (a, b), (c, d) = runs[True], runs[False]
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not (torch.equal(c[3], d[3]) and torch.equal(c[4], d[4]))
+    ref = [t.double().requires_grad_() for t in (q, k, v, temp, w)]
+    ro, _ = pattern_reference(pat, *ref[:3], temp=ref[3], w=ref[4])
+    want = torch.autograd.grad(ro, ref, do.double())
+    for what, x, y in zip(("dq", "dk", "dv", "dtemp", "dw"), a, want):
+        torch.testing.assert_close(x.double(), y, atol=1e-5, rtol=1e-5, msg=what)
+
+
+def _spy(fn, calls, tag):
+    def wrapped(*a, **kw):
+        calls.append(tag)
+        return fn(*a, **kw)
+    return wrapped
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("score,table,why", [
+    ("s + rel[h, clamp(q - k, 0, 7)]", (2, 8), "entry-varies"),
+    ("s * rel[h, 0] + rel[h, clamp(q - k, 0, 7)]", (2, 8), "one-load-varies"),
+    ("s * rel[h, 0]", (2, 8), "too-large"),
+], ids=["rel-q-minus-k", "mixed-loads", "partials-over-the-bound"])
+def test_deterministic_falls_back_to_the_torch_backward(monkeypatch, score, table, why):
+    """A table with a load whose entry varies within a tile, or partial buffers over
+    DETERMINISTIC_PARTIAL_BYTES: deterministic=True runs the torch backward (which matches
+    the reference), the Triton forward still."""
+    from spattn.runtime.reference import pattern_reference
+    calls = []
+    monkeypatch.setattr(S, "bwd", _spy(S.bwd, calls, "torch"))
+    if why == "too-large":
+        monkeypatch.setattr(S, "DETERMINISTIC_PARTIAL_BYTES", 0)
+    pat = spattn.compile("causal", score=score, backend="triton")
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 2, 24, 16, generator=g) for _ in range(4))
+    rel = torch.randn(table, generator=g).requires_grad_()
+    qq = q.clone().requires_grad_()
+    o = pat(qq, k, v, rel=rel, deterministic=True)
+    got = torch.autograd.grad(o, (qq, rel), do)
+    assert calls == ["torch"]
+    ref = [t.double().requires_grad_() for t in (q, k, v, rel.detach())]
+    ro, _ = pattern_reference(pat, *ref[:3], rel=ref[3])
+    want = torch.autograd.grad(ro, (ref[0], ref[3]), do.double())
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.double(), y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_table_gradients_bit_identical():
+    """On the GPU, where atomic adds really race: two deterministic backwards give
+    bit-identical table gradients (and match the float64 reference)."""
+    from spattn.runtime.reference import pattern_reference
+    pat = spattn.compile("causal", score=DET_SCORE, backend="triton")
+    case = [t.cuda() for t in _det_case(B=2, H=4, L=2048, D=64)]
+    a = _det_grads(pat, case)
+    b = _det_grads(pat, case)
+    for x, y in zip(a[3:], b[3:]):
+        assert torch.equal(x, y)
+    q, k, v, do, temp, w = case
+    ref = [t.double().requires_grad_() for t in (q, k, v, temp, w)]
+    ro, _ = pattern_reference(pat, *ref[:3], temp=ref[3], w=ref[4])
+    want = torch.autograd.grad(ro, ref, do.double())
+    for what, x, y in zip(("dtemp", "dw"), a[3:], want[3:]):
+        torch.testing.assert_close(x.double(), y, atol=1e-3, rtol=1e-3, msg=what)

@@ -1,4 +1,4 @@
-# spattn-kernel key=9c68cb7fe304e74f4ad00e52a841b66e sha256=d60e96b2e50f3baf852995f1681f83f910791621150d88c1802d24004bac9d01
+# spattn-kernel key=d1014dab66559d1aa9d09cb04785dd99 sha256=cd779467e7bd5dbb27e24febde40432028f05e079f172fddf009d1eafd6fc9ed
 """spattn generated forward attention kernel for pattern `streaming`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: ranges
     (closed-form key ranges computed in the kernel from the tile index)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_streaming_9c68cb
-Codegen version: 17; cache key 9c68cb7fe304e74f4ad00e52a841b66e
+Kernels: attn_fwd_streaming_d1014d
+Codegen version: 20; cache key d1014dab66559d1aa9d09cb04785dd99
 Forward loop: fused (one loop over all 3 interval pieces, predicate only on PARTIAL tiles)
 Loads: TMA tensor descriptors for Q, K, V, O (block [1, 1, rows, BLOCK_D]; the stride
        arguments are unused)
@@ -61,7 +61,7 @@ def _split(start, end, full_start, full_end):
 
 
 @triton.jit
-def _fwd_fused_9c68cb(
+def _fwd_fused_d1014d(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_kh,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -118,7 +118,7 @@ def _fwd_fused_9c68cb(
 
 
 @triton.jit
-def attn_fwd_streaming_9c68cb(
+def attn_fwd_streaming_d1014d(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -185,7 +185,7 @@ def attn_fwd_streaming_9c68cb(
     # 1b: tiles [ps, pe), FULL where in [f1, g1)
     pa2, pz2, pf2, pg2 = ps, pe, f1, g1
     # the 3 pieces in one loop
-    acc, l_i, m_i = _fwd_fused_9c68cb(
+    acc, l_i, m_i = _fwd_fused_d1014d(
         acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, pa0, pz0, pf0,
         pg0, pa1, pz1, pf1, pg1, pa2, pz2, pf2, pg2, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
@@ -198,4 +198,4 @@ def attn_fwd_streaming_9c68cb(
     tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
 
 
-KERNEL = attn_fwd_streaming_9c68cb
+KERNEL = attn_fwd_streaming_d1014d
