@@ -402,8 +402,11 @@ def exact_delta(c: Ctx, q, table_grads) -> bool:
     gradient and q is 16-bit. Its row correction ``delta = rowsum(dO * O)`` from the
     16-bit O carries O's rounding (relative 2^-9 in bf16), which a table gradient with a
     positional factor (``w[h] * float(q - k)``) multiplies by up to L instead of
-    cancelling; from the fp32 O, delta is that of the float32 torch path."""
-    return c.backend == "triton" and bool(table_grads) and q.dtype in ROUNDED
+    cancelling; from the fp32 O, delta is that of the float32 torch path. Not where the
+    call's backward runs on the torch backend anyway (``deterministic`` with a table
+    :func:`deterministic_on_triton` refuses), which reads no output."""
+    return c.backend == "triton" and bool(table_grads) and q.dtype in ROUNDED and \
+        not (c.deterministic and not deterministic_on_triton(c.pattern, table_grads))
 
 
 def run_fwd(c: Ctx, q, k, v, ins):

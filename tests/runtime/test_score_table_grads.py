@@ -253,3 +253,40 @@ def test_triton_deterministic_gqa_offset_and_16_bit(Hk, Lq, Lk, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for what, x, y in zip(("dq", "dk", "dv", "dtemp", "dw"), got, want):
         torch.testing.assert_close(x.double(), y, atol=tol, rtol=tol, msg=what)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("temp_shape,w_shape", [((2, 2), (2, 3)), ((2, 2, 2), (1, 1, 3))],
+                         ids=["temp-B-H_w-B-3", "temp-B-H-H_w-1-1-3"])
+def test_triton_deterministic_tables_with_leading_dims(temp_shape, w_shape):
+    """Tables with leading [B] / [B, H] dims (1: broadcast) before the indexed ones: the
+    host scatter of the partial sums puts each (batch, head)'s sum where the kernel's
+    loads read."""
+    from spattn.runtime.reference import pattern_reference
+    pat = spattn.compile("causal", score="s * temp[h] + w[0] * float(q - k) * 0.1",
+                         backend="triton")
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(2, 2, 24, 16, generator=g) for _ in range(4))
+    temp, w = torch.rand(temp_shape, generator=g) + 0.5, torch.randn(w_shape, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, temp, w)]
+    o = pat(*leaves[:3], temp=leaves[3], w=leaves[4], deterministic=True)
+    got = torch.autograd.grad(o, leaves, do)
+    ref = [t.double().requires_grad_() for t in (q, k, v, temp, w)]
+    ro, _ = pattern_reference(pat, *ref[:3], temp=ref[3], w=ref[4])
+    want = torch.autograd.grad(ro, ref, do.double())
+    for what, x, y in zip(("dq", "dk", "dv", "dtemp", "dw"), got, want):
+        torch.testing.assert_close(x.double(), y, atol=1e-5, rtol=1e-5, msg=what)
+
+
+@pytest.mark.interpreter
+def test_no_fp32_output_when_the_torch_backward_runs():
+    """deterministic=True with a table the Triton backward cannot sum in a fixed order
+    (``rel[h, q - k]``): its backward is the torch one, so the forward keeps no fp32
+    output (the torch backward reads none)."""
+    pat = spattn.compile("causal", score="s + rel[h, clamp(q - k, 0, 7)]", backend="triton")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    rel = torch.randn(2, 8, generator=g).requires_grad_()
+    saved = {det: pat(q, k, v, rel=rel, deterministic=det).grad_fn.saved_tensors[3].dtype
+             for det in (False, True)}
+    assert saved == {False: torch.float32, True: torch.bfloat16}
