@@ -51,6 +51,7 @@ Kernel arguments are runtime values wherever they can be: lengths, batch, heads,
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 from dataclasses import dataclass
@@ -300,10 +301,16 @@ def partial_slots(pattern) -> dict:
     """``{table: its loads whose index depends on neither q nor k}`` (in the order of
     ``ir.score.grads(score).dloads``): the loads whose per-tile gradient sums the dQ kernel
     can write to a partial buffer ``[programs, key tiles, slots]`` of its own instead of
-    adding them atomically (``runtime.scores``, deterministic table gradients)."""
+    adding them atomically (``runtime.scores``, deterministic table gradients). Cached per
+    score (it is read at every backward launch)."""
+    return _partial_slots(pattern.score)
+
+
+@functools.lru_cache(maxsize=256)
+def _partial_slots(score) -> dict:
     from ..ir.score import grads as score_grads
     out: dict = {}
-    for load, _ in score_grads(pattern.score).dloads:
+    for load, _ in score_grads(score).dloads:
         if _reduction(load) == "all":
             out.setdefault(load.name, []).append(load)
     return {n: tuple(v) for n, v in out.items()}
