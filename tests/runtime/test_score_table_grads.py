@@ -290,3 +290,33 @@ def test_no_fp32_output_when_the_torch_backward_runs():
     saved = {det: pat(q, k, v, rel=rel, deterministic=det).grad_fn.saved_tensors[3].dtype
              for det in (False, True)}
     assert saved == {False: torch.float32, True: torch.bfloat16}
+
+
+FORMS = [
+    ("learned-alibi", "alibi(w[h])", {"w": (4,)}),
+    ("learned-softcap", "softcap(cap[h])", {"cap": (4,)}),
+    ("head-arithmetic", "s * w[h % 2] + w[H - 1 - h] * float(k) * 0.1", {"w": (4,)}),
+    ("two-tables", "s * (1.0 + w[h]) + t[0] * t[1]", {"w": (4,), "t": (2,)}),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("score,tables", [f[1:] for f in FORMS], ids=[f[0] for f in FORMS])
+def test_triton_deterministic_score_forms(score, tables):
+    """Scores whose learnable tables are read at per-head or constant entries (a learned
+    ALiBi slope, a learned softcap, entries computed from h and H, two tables in one
+    product) take the partial buffers and match the float64 reference."""
+    from spattn.runtime.reference import pattern_reference
+    pat = spattn.compile("causal & window(10)", score=score, backend="triton")
+    assert S.deterministic_on_triton(pat, tuple(tables))
+    g = torch.Generator().manual_seed(1)
+    q, k, v, do = (torch.randn(2, 4, 24, 16, generator=g) for _ in range(4))
+    tabs = {n: torch.rand(shape, generator=g) + 0.5 for n, shape in tables.items()}
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, *tabs.values())]
+    o = pat(*leaves[:3], deterministic=True, **dict(zip(tabs, leaves[3:])))
+    got = torch.autograd.grad(o, leaves, do)
+    ref = [t.double().requires_grad_() for t in (q, k, v, *tabs.values())]
+    ro, _ = pattern_reference(pat, *ref[:3], **dict(zip(tabs, ref[3:])))
+    want = torch.autograd.grad(ro, ref, do.double())
+    for what, x, y in zip(["dq", "dk", "dv", *tabs], got, want):
+        torch.testing.assert_close(x.double(), y, atol=1e-4, rtol=1e-5, msg=what)
