@@ -197,10 +197,9 @@ def _score_args(pattern, tables: dict) -> list:
 def _grad_args(pattern, tables: dict, grads: dict | None, partials: dict | None = None) -> list:
     """The dQ kernel's table-gradient arguments: per table its fp32 gradient buffer (shaped
     and laid out like the table) and its flag: 0 no gradient, 1 atomic adds into the
-    buffer, 2 the per-tile sums of its loads of neither q nor k into its partial buffer
-    (``partials[name]``, fp32 ``[programs, key tiles, slots]``, zeroed; every load of such a
-    table is of that kind: ``runtime.scores``); then, for a table with such loads, the
-    partial buffer (the table itself where unused)."""
+    buffer, 2 the per-tile sums of its loads into its partial buffer (``partials[name]``,
+    fp32 :func:`partial_shape`, zeroed: ``codegen.kernels.partial_slots``); then, for a
+    table that has one, the partial buffer (the table itself where unused)."""
     from ..codegen.kernels import partial_slots
     slots = partial_slots(pattern)
     args = []
@@ -826,12 +825,16 @@ def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
     return args_q, args_k, (dq, dk, dv)
 
 
-def partial_shape(stage: BwdStage, slots: int) -> tuple:
+def partial_shape(stage: BwdStage, kind: str, slots: int) -> tuple:
     """The shape of a table's partial buffer for deterministic gradients: ``[dQ programs,
-    key tiles of BLOCK_N2, slots]`` (program ``(b * H + h) * query tiles + query tile``)."""
+    key tiles of BLOCK_N2, width]`` (program ``(b * H + h) * query tiles + query tile``;
+    ``width``: ``slots`` loads of ``kind`` "all", or ``slots`` times the tile's diagonals
+    for "diag": ``codegen.kernels.TableGrad``)."""
+    from ..codegen.kernels import diagonals
     B, H, _, Lq, Lk, _ = stage.shapes
     c = stage.config
-    return (B * H * -(-Lq // c.block_m2), -(-Lk // c.block_n2), slots)
+    width = slots * (diagonals(c.block_m2, c.block_n2) if kind == "diag" else 1)
+    return (B * H * -(-Lq // c.block_m2), -(-Lk // c.block_n2), width)
 
 
 def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,

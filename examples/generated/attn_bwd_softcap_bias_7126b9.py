@@ -1,4 +1,4 @@
-# spattn-kernel key=7126b9fd3c79334df69afe1dec24b7b4 sha256=3380f012e2a38ced0aa697b63bac470790598fe546cdb30b295fb893d0f88633
+# spattn-kernel key=7126b9fd3c79334df69afe1dec24b7b4 sha256=41d485ac49f14a970324932f4d71c6b2bae5824d360a1267a69e56c1e64f3f99
 """spattn generated backward attention kernels for pattern `softcap_bias`.
 
 Pattern (canonical source):
@@ -243,7 +243,7 @@ def _dq_range_7126b9(
     b_dq, b_q, b_do, b_lse, b_delta, o_q,
     K, V, stride_kn, stride_kd, stride_vn, stride_vd,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
-    p_rel, stride_rel_0, stride_rel_1, size_rel_0, size_rel_1, sm_scale, p_drel, grad_rel,
+    p_rel, stride_rel_0, stride_rel_1, size_rel_0, size_rel_1, sm_scale, p_drel, grad_rel, p_prel,
     COLS, start, end,
     MASKED: tl.constexpr, TABLE: tl.constexpr,
     BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -296,8 +296,19 @@ def _dq_range_7126b9(
         if grad_rel:
             # -- gradient of the table rel: dS' * d score / d entry, added atomically --
             m_g = (i_h >= 0) & (i_h < size_rel_0) & (i_g0_1 >= 0) & (i_g0_1 < size_rel_1)
-            p_g = p_drel + i_h * stride_rel_0 + i_g0_1 * stride_rel_1 + 0 * (o_q + o_k)
-            tl.atomic_add(p_g, b_ds * 1.0, mask=m_g & (b_p != 0.0))   # masked pairs add nothing
+            if grad_rel == 2:
+                # (deterministic: the entry is a function of q - k: the tile's sum per diagonal
+                #  t = row - column + BLOCK_N2 - 1, each into this program's own slot)
+                b_g = tl.where(b_p != 0.0, b_ds * 1.0, 0.0)
+                tl.static_assert(b_g.shape[0] + BLOCK_N2 - 1 <= 256)
+                o_t = tl.arange(0, 256)
+                i_j = tl.arange(0, b_g.shape[0])[:, None] + (BLOCK_N2 - 1) - o_t[None, :]
+                b_g = tl.gather(b_g, tl.minimum(tl.maximum(i_j, 0), BLOCK_N2 - 1), axis=1)
+                b_g = tl.where((i_j >= 0) & (i_j < BLOCK_N2), b_g, 0.0)
+                tl.atomic_add(p_prel + i_n * 256 + 0 + o_t, tl.sum(b_g, axis=0))
+            else:
+                p_g = p_drel + i_h * stride_rel_0 + i_g0_1 * stride_rel_1 + 0 * (o_q + o_k)
+                tl.atomic_add(p_g, b_ds * 1.0, mask=m_g & (b_p != 0.0))   # masked pairs add nothing
         b_ds = tl.where(b_p != 0.0, b_ds * b_fd, 0.0)   # dS = dS' * d score / d s
         b_dq = tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq, input_precision=DOT_PREC)
     return b_dq
@@ -307,7 +318,7 @@ def _dq_range_7126b9(
 def attn_bwd_dq_softcap_bias_7126b9(
     Q, K, V, DO, O, LSE, LSE2, DELTA, DQ,
     REL_ptr, stride_rel_b, stride_rel_h, stride_rel_0, stride_rel_1, size_rel_0, size_rel_1,
-    DREL_ptr, grad_rel,
+    DREL_ptr, grad_rel, PREL_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -363,6 +374,7 @@ def attn_bwd_dq_softcap_bias_7126b9(
     p_v = V + i_b.to(tl.int64) * stride_vb + i_kh.to(tl.int64) * stride_vh
     p_rel = REL_ptr + i_b.to(tl.int64) * stride_rel_b + i_h.to(tl.int64) * stride_rel_h
     p_drel = DREL_ptr + i_b.to(tl.int64) * stride_rel_b + i_h.to(tl.int64) * stride_rel_h
+    p_prel = PREL_ptr + i_w.to(tl.int64) * tl.cdiv(Lk, BLOCK_N2) * 256   # partial sums [programs, key tiles, slots]
 
     b_dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
 
@@ -381,17 +393,17 @@ def attn_bwd_dq_softcap_bias_7126b9(
     b_dq = _dq_range_7126b9(
         b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, stride_kn, stride_kd, stride_vn, stride_vd,
         sm_scale_log2, i_b, i_h, Lq, Lk, H, p_rel, stride_rel_0, stride_rel_1, size_rel_0,
-        size_rel_1, sm_scale, p_drel, grad_rel, ORDER, s0, m0, MASKED=True, TABLE=False,
+        size_rel_1, sm_scale, p_drel, grad_rel, p_prel, ORDER, s0, m0, MASKED=True, TABLE=False,
         BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
     b_dq = _dq_range_7126b9(
         b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, stride_kn, stride_kd, stride_vn, stride_vd,
         sm_scale_log2, i_b, i_h, Lq, Lk, H, p_rel, stride_rel_0, stride_rel_1, size_rel_0,
-        size_rel_1, sm_scale, p_drel, grad_rel, ORDER, m0, m1, MASKED=False, TABLE=False,
+        size_rel_1, sm_scale, p_drel, grad_rel, p_prel, ORDER, m0, m1, MASKED=False, TABLE=False,
         BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
     b_dq = _dq_range_7126b9(
         b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, stride_kn, stride_kd, stride_vn, stride_vd,
         sm_scale_log2, i_b, i_h, Lq, Lk, H, p_rel, stride_rel_0, stride_rel_1, size_rel_0,
-        size_rel_1, sm_scale, p_drel, grad_rel, ORDER, m1, e0, MASKED=True, TABLE=False,
+        size_rel_1, sm_scale, p_drel, grad_rel, p_prel, ORDER, m1, e0, MASKED=True, TABLE=False,
         BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
 
     # epilogue

@@ -2,7 +2,10 @@
 row correction ``delta`` is read from an fp32 copy of the output whenever a table needs a
 gradient, so a learnable slope times the distance (``w[h] * float(q - k)``, learnable
 ALiBi) gets the gradient the float32 torch path gets, not one carrying the 16-bit output's
-rounding multiplied by up to L; q, k, v gradients against the float64 reference too."""
+rounding multiplied by up to L; q, k, v gradients against the float64 reference too.
+Deterministic table gradients (``deterministic=True``): the partial buffers of tables read
+per (batch, head) or along ``q - k`` give bit-identical gradients whatever order the dQ
+programs run in; other tables, and buffers over the bound, take the torch backward."""
 import math
 
 import pytest
@@ -117,19 +120,6 @@ def test_gpu_bf16_slope_gradient(L):
 DET_SCORE = "s * temp[h] + w[b, h] * float(q - k) * 0.1 + w[0, 0]"
 
 
-def _det_case(B=2, H=2, L=40, D=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v, do = (torch.randn(B, H, L, D, generator=g) for _ in range(4))
-    return q, k, v, do, torch.rand(H, generator=g) + 0.5, 0.3 * torch.randn(B, H, generator=g)
-
-
-def _det_grads(pat, case, *, plan=None, deterministic=True):
-    q, k, v, do, temp, w = case
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, temp, w)]
-    o = pat(*leaves[:3], temp=leaves[3], w=leaves[4], plan=plan, deterministic=deterministic)
-    return torch.autograd.grad(o, leaves, do)
-
-
 def _reverse_dq_order(plan):
     """Reverse the dQ kernel's work order (the interpreter runs programs in launch order):
     atomic adds then accumulate in another order."""
@@ -139,36 +129,51 @@ def _reverse_dq_order(plan):
         order.copy_(order.flip(0))
 
 
+ORDER_CASES = [
+    ("per-head-and-batch", DET_SCORE, {"temp": (2,), "w": (2, 2)}),
+    ("rel-bias", "s + rel[h, clamp(q - k, 0, 19)]", {"rel": (2, 20)}),
+]
+
+
 @pytest.mark.interpreter
-def test_triton_deterministic_table_gradients_ignore_the_program_order(monkeypatch):
-    """Tables read at entries of neither q nor k (a temperature per head, a [B, H] slope
-    read twice): with deterministic=True the Triton backward writes per-tile sums to
-    partial buffers (the torch backward never runs), so reversing the order in which the
-    dQ programs run leaves every table gradient bit-identical, while the atomic adds'
-    gradients change in their last bits; both match the float64 reference."""
+@pytest.mark.parametrize("score,tables", [c[1:] for c in ORDER_CASES],
+                         ids=[c[0] for c in ORDER_CASES])
+def test_triton_deterministic_table_gradients_ignore_the_program_order(monkeypatch, score,
+                                                                      tables):
+    """Tables read per (batch, head) (a temperature, a [B, H] slope read twice) or along
+    q - k (a relative bias): with deterministic=True the Triton backward writes per-tile
+    sums to partial buffers (the torch backward never runs), so reversing the order in
+    which the dQ programs run leaves every table gradient bit-identical, while the atomic
+    adds' gradients change in their last bits; both match the float64 reference."""
     from spattn.runtime.reference import pattern_reference
     calls = []
     monkeypatch.setattr(S, "bwd", lambda *a, **kw: calls.append(1))
     monkeypatch.setattr(S, "_reduce_partials", _spy(S._reduce_partials, calls, "partials"))
-    pat = spattn.compile("causal & window(20)", score=DET_SCORE, backend="triton")
-    case = _det_case()
-    q, k, v, do, temp, w = case
-    plan = pat.plan(q, k, v, temp=temp, w=w)
+    pat = spattn.compile("causal & window(20)", score=score, backend="triton")
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(2, 2, 40, 16, generator=g) for _ in range(4))
+    tabs = {n: torch.rand(shape, generator=g) + 0.5 for n, shape in tables.items()}
+    plan = pat.plan(q, k, v, **tabs)
+
+    def grads(det):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, *tabs.values())]
+        o = pat(*leaves[:3], plan=plan, deterministic=det, **dict(zip(tabs, leaves[3:])))
+        return torch.autograd.grad(o, leaves, do)
     runs = {}
     for det in (True, False):
-        first = _det_grads(pat, case, plan=plan, deterministic=det)
+        first = grads(det)
         _reverse_dq_order(plan)
-        runs[det] = (first, _det_grads(pat, case, plan=plan, deterministic=det))
+        runs[det] = (first, grads(det))
         _reverse_dq_order(plan)
     assert calls == ["partials", "partials"]         # no torch backward, two Triton ones
     (a, b), (c, d) = runs[True], runs[False]
     for x, y in zip(a, b):
         assert torch.equal(x, y)
-    assert not (torch.equal(c[3], d[3]) and torch.equal(c[4], d[4]))
-    ref = [t.double().requires_grad_() for t in (q, k, v, temp, w)]
-    ro, _ = pattern_reference(pat, *ref[:3], temp=ref[3], w=ref[4])
+    assert not all(torch.equal(x, y) for x, y in zip(c[3:], d[3:]))
+    ref = [t.double().requires_grad_() for t in (q, k, v, *tabs.values())]
+    ro, _ = pattern_reference(pat, *ref[:3], **dict(zip(tabs, ref[3:])))
     want = torch.autograd.grad(ro, ref, do.double())
-    for what, x, y in zip(("dq", "dk", "dv", "dtemp", "dw"), a, want):
+    for what, x, y in zip(["dq", "dk", "dv", *tabs], a, want):
         torch.testing.assert_close(x.double(), y, atol=1e-5, rtol=1e-5, msg=what)
 
 
@@ -181,12 +186,13 @@ def _spy(fn, calls, tag):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("score,table,why", [
-    ("s + rel[h, clamp(q - k, 0, 7)]", (2, 8), "entry-varies"),
-    ("s * rel[h, 0] + rel[h, clamp(q - k, 0, 7)]", (2, 8), "one-load-varies"),
-    ("s * rel[h, 0]", (2, 8), "too-large"),
-], ids=["rel-q-minus-k", "mixed-loads", "partials-over-the-bound"])
+    ("s + rel[h, q % 8]", (2, 8), "entry-of-q"),
+    ("s * rel[h, 0] + rel[h, clamp(q - k, 0, 7)]", (2, 8), "mixed-kinds"),
+    ("s + rel[h, clamp(q - k, 0, 7)]", (2, 8), "too-large"),
+], ids=["rel-q-mod-8", "per-head-and-diagonal-loads", "partials-over-the-bound"])
 def test_deterministic_falls_back_to_the_torch_backward(monkeypatch, score, table, why):
-    """A table with a load whose entry varies within a tile, or partial buffers over
+    """A table with a load whose entry varies within a tile other than along q - k, a
+    table read both per head and along q - k, or partial buffers over
     DETERMINISTIC_PARTIAL_BYTES: deterministic=True runs the torch backward (which matches
     the reference), the Triton forward still."""
     from spattn.runtime.reference import pattern_reference
@@ -210,21 +216,29 @@ def test_deterministic_falls_back_to_the_torch_backward(monkeypatch, score, tabl
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic_table_gradients_bit_identical():
+@pytest.mark.parametrize("score,tables", [
+    (DET_SCORE, {"temp": (4,), "w": (2, 4)}),
+    ("s + rel[h, clamp(q - k, 0, 255)]", {"rel": (4, 256)})], ids=["per-head", "rel-bias"])
+def test_gpu_deterministic_table_gradients_bit_identical(score, tables):
     """On the GPU, where atomic adds really race: two deterministic backwards give
-    bit-identical table gradients (and match the float64 reference)."""
+    bit-identical table gradients, which match the float64 reference."""
     from spattn.runtime.reference import pattern_reference
-    pat = spattn.compile("causal", score=DET_SCORE, backend="triton")
-    case = [t.cuda() for t in _det_case(B=2, H=4, L=2048, D=64)]
-    a = _det_grads(pat, case)
-    b = _det_grads(pat, case)
-    for x, y in zip(a[3:], b[3:]):
+    pat = spattn.compile("causal", score=score, backend="triton")
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(2, 4, 2048, 64, generator=g).cuda() for _ in range(4))
+    tabs = {n: (torch.rand(shape, generator=g) + 0.5).cuda() for n, shape in tables.items()}
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, *tabs.values())]
+        o = pat(*leaves[:3], deterministic=True, **dict(zip(tabs, leaves[3:])))
+        return torch.autograd.grad(o, leaves, do)[3:]
+    a, b = grads(), grads()
+    for x, y in zip(a, b):
         assert torch.equal(x, y)
-    q, k, v, do, temp, w = case
-    ref = [t.double().requires_grad_() for t in (q, k, v, temp, w)]
-    ro, _ = pattern_reference(pat, *ref[:3], temp=ref[3], w=ref[4])
-    want = torch.autograd.grad(ro, ref, do.double())
-    for what, x, y in zip(("dtemp", "dw"), a[3:], want[3:]):
+    ref = [t.double().requires_grad_() for t in (q, k, v, *tabs.values())]
+    ro, _ = pattern_reference(pat, *ref[:3], **dict(zip(tabs, ref[3:])))
+    want = torch.autograd.grad(ro, ref, do.double())[3:]
+    for what, x, y in zip(tabs, a, want):
         torch.testing.assert_close(x.double(), y, atol=1e-3, rtol=1e-3, msg=what)
 
 
@@ -281,9 +295,9 @@ def test_triton_deterministic_tables_with_leading_dims(temp_shape, w_shape):
 @pytest.mark.interpreter
 def test_no_fp32_output_when_the_torch_backward_runs():
     """deterministic=True with a table the Triton backward cannot sum in a fixed order
-    (``rel[h, q - k]``): its backward is the torch one, so the forward keeps no fp32
+    (``rel[h, q % 8]``): its backward is the torch one, so the forward keeps no fp32
     output (the torch backward reads none)."""
-    pat = spattn.compile("causal", score="s + rel[h, clamp(q - k, 0, 7)]", backend="triton")
+    pat = spattn.compile("causal", score="s + rel[h, q % 8]", backend="triton")
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 16, 16, generator=g).to(torch.bfloat16) for _ in range(3))
     rel = torch.randn(2, 8, generator=g).requires_grad_()
@@ -293,30 +307,48 @@ def test_no_fp32_output_when_the_torch_backward_runs():
 
 
 FORMS = [
-    ("learned-alibi", "alibi(w[h])", {"w": (4,)}),
-    ("learned-softcap", "softcap(cap[h])", {"cap": (4,)}),
-    ("head-arithmetic", "s * w[h % 2] + w[H - 1 - h] * float(k) * 0.1", {"w": (4,)}),
-    ("two-tables", "s * (1.0 + w[h]) + t[0] * t[1]", {"w": (4,), "t": (2,)}),
+    ("learned-alibi", "causal & window(10)", "alibi(w[h])", {"w": (4,)}, 0),
+    ("learned-softcap", "causal & window(10)", "softcap(cap[h])", {"cap": (4,)}, 0),
+    ("head-arithmetic", "causal & window(10)", "s * w[h % 2] + w[H - 1 - h] * float(k) * 0.1",
+     {"w": (4,)}, 0),
+    ("two-tables", "causal & window(10)", "s * (1.0 + w[h]) + t[0] * t[1]",
+     {"w": (4,), "t": (2,)}, 0),
+    ("rel-bias-window", "causal & window(10)", "s + rel[h, clamp(q - k, 0, 9)]",
+     {"rel": (4, 10)}, 0),
+    ("rel-bias-offset", "causal & window(10)", "s + rel[h, clamp(q - k, 0, 9)]",
+     {"rel": (4, 10)}, 16),
+    ("t5-buckets", "full", "s + bias[h, t5_bucket(16, 40)]", {"bias": (4, 16)}, 0),
+    ("shared-rel-softcap", "causal", "softcap(3.0) + rel[clamp(q - k, 0, 47)]", {"rel": (48,)},
+     0),
+    ("two-diagonal-loads", "full",
+     "s + rel[h, clamp(q - k + 20, 0, 40)] + rel[h, clamp(k - q + 20, 0, 40)] * 0.5",
+     {"rel": (4, 41)}, 0),
 ]
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("score,tables", [f[1:] for f in FORMS], ids=[f[0] for f in FORMS])
-def test_triton_deterministic_score_forms(score, tables):
+@pytest.mark.parametrize("mask,score,tables,off", [f[1:] for f in FORMS],
+                         ids=[f[0] for f in FORMS])
+def test_triton_deterministic_score_forms(monkeypatch, mask, score, tables, off):
     """Scores whose learnable tables are read at per-head or constant entries (a learned
     ALiBi slope, a learned softcap, entries computed from h and H, two tables in one
-    product) take the partial buffers and match the float64 reference."""
+    product), or along ``q - k`` (relative biases, clamped, shared by the heads, read
+    twice; T5's buckets), with queries at the end of the keys too: the partial buffers
+    (the torch backward never runs), every gradient against the float64 reference."""
     from spattn.runtime.reference import pattern_reference
-    pat = spattn.compile("causal & window(10)", score=score, backend="triton")
+    monkeypatch.setattr(S, "bwd", lambda *a, **kw: pytest.fail("the torch backward ran"))
+    pat = spattn.compile(mask, score=score, backend="triton")
     assert S.deterministic_on_triton(pat, tuple(tables))
     g = torch.Generator().manual_seed(1)
-    q, k, v, do = (torch.randn(2, 4, 24, 16, generator=g) for _ in range(4))
+    q = torch.randn(2, 4, 40 - off, 16, generator=g)
+    k, v = (torch.randn(2, 4, 40, 16, generator=g) for _ in range(2))
+    do = torch.randn(q.shape, generator=g)
     tabs = {n: torch.rand(shape, generator=g) + 0.5 for n, shape in tables.items()}
     leaves = [t.clone().requires_grad_() for t in (q, k, v, *tabs.values())]
-    o = pat(*leaves[:3], deterministic=True, **dict(zip(tabs, leaves[3:])))
+    o = pat(*leaves[:3], deterministic=True, q_offset=off, **dict(zip(tabs, leaves[3:])))
     got = torch.autograd.grad(o, leaves, do)
     ref = [t.double().requires_grad_() for t in (q, k, v, *tabs.values())]
-    ro, _ = pattern_reference(pat, *ref[:3], **dict(zip(tabs, ref[3:])))
+    ro, _ = pattern_reference(pat, *ref[:3], q_offset=off, **dict(zip(tabs, ref[3:])))
     want = torch.autograd.grad(ro, ref, do.double())
     for what, x, y in zip(["dq", "dk", "dv", *tabs], got, want):
         torch.testing.assert_close(x.double(), y, atol=1e-4, rtol=1e-5, msg=what)
