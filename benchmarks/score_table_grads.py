@@ -12,6 +12,11 @@ ALiBi), bf16, B = 1, H = 16, D = 128. Variants of one forward+backward:
 * ``deterministic``: ``deterministic=True``: also the per-tile sums into partial buffers,
   summed on the host in a fixed order.
 
+A second case, ``window(1024)`` with a learned relative bias ``rel[h, clamp(q - k, 0,
+1023)]`` at ``--rel-n`` (4096: its per-diagonal partial buffers stay under the 256 MiB
+bound there), times ``exact`` (atomic adds) against ``deterministic`` (per-diagonal sums)
+and checks that two deterministic runs are bit-identical.
+
 Accuracy (at ``--check-n``, 2048 by default: the float64 reference is dense): the slope
 gradient's relative error against the float64 reference for ``rounded``, ``exact`` and
 ``deterministic``, and whether two ``deterministic`` runs are bit-identical (and two
@@ -20,7 +25,9 @@ rounds, the order flipped each round (``bench.bench_ms``: medians of
 ``triton.testing.do_bench``), and the forward of ``frozen`` and ``exact`` (the fp32 output
 and its cast). Autotuning off (``SPATTN_AUTOTUNE=0``): the default configurations.
 
-    python benchmarks/score_table_grads.py --out OUT     # on an H200, < 90 s (estimated)
+    python benchmarks/score_table_grads.py --out OUT     # on an H200, ~90 s (estimated:
+                                                         # mostly ten kernel compilations)
+    python benchmarks/score_table_grads.py --out OUT --no-rel   # the slope case alone
     python benchmarks/score_table_grads.py --dry         # CPU interpreter: tiny shapes
 
 Writes ``OUT/score_table_grads.json``; prints a markdown table last (progress on stderr).
@@ -141,7 +148,55 @@ def timing(pat, N, H, D, dev, dtype, *, rounds, rep, dry) -> dict:
     return row
 
 
-def table(acc: dict, row: dict) -> str:
+REL_MASK, REL_SCORE = "causal & window(1024)", "s + rel[h, clamp(q - k, 0, 1023)]"
+
+
+def relative_bias(N, H, D, dev, dtype, *, rounds, rep, dry) -> dict:
+    """Atomic against deterministic table gradients of a learned relative bias."""
+    import spattn
+    from spattn.runtime import scores
+    from bench import bench_ms
+    pat = spattn.compile(REL_MASK, score=REL_SCORE, backend="triton")
+    g = torch.Generator().manual_seed(2)
+    q, k, v, do = (torch.randn(1, H, N, D, generator=g).to(dev, dtype) for _ in range(4))
+    rel = (0.1 * torch.randn(H, 1024, generator=g)).to(dev)
+    plan = pat.plan(q, k, v, rel=rel)
+    calls = []
+    torch_bwd = scores.bwd
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return torch_bwd(*a, **kw)
+
+    def step(det):
+        qg = q.detach().requires_grad_(True)
+        rg = rel.detach().clone().requires_grad_(True)
+        pat(qg, k, v, plan=plan, rel=rg, deterministic=det).backward(do)
+        return rg.grad
+    scores.bwd = spy
+    try:
+        a, b = step(True), step(True)
+    finally:
+        scores.bwd = torch_bwd
+    row = {"N": N, "H": H, "D": D, "mask": REL_MASK, "score": REL_SCORE,
+           "deterministic_on_triton": not calls, "deterministic_bit_identical":
+           bool(torch.equal(a, b)),
+           "deterministic_vs_atomic_rel_diff": float((a - step(False)).abs().max()
+                                                     / a.abs().max())}
+    if dry:
+        return row
+    timed = {"atomic": lambda: step(False), "deterministic": lambda: step(True)}
+    times = {n: [] for n in timed}
+    for r in range(rounds):
+        for n in (list(timed) if r % 2 == 0 else list(timed)[::-1]):
+            times[n].append(bench_ms(timed[n], rep=rep))
+    for n, ts in times.items():
+        row[f"{n}_fwdbwd_ms"] = statistics.median(ts)
+        row[f"{n}_fwdbwd_ms_rounds"] = ts
+    return row
+
+
+def table(acc: dict, row: dict, rel: dict | None = None) -> str:
     out = ["| variant | fwd+bwd ms | vs frozen | fwd ms | slope grad rel err "
            f"(N={acc['N']}) |", "|---|---|---|---|---|"]
     base = row.get("frozen_fwdbwd_ms")
@@ -155,6 +210,14 @@ def table(acc: dict, row: dict) -> str:
                    f"| {n} | - | - | - | {'-' if err is None else f'{err:.2e}'} |")
     out.append(f"\ndeterministic runs bit-identical: {acc['deterministic_bit_identical']}; "
                f"atomic runs bit-identical: {acc['atomic_bit_identical']}")
+    if rel:
+        t = [rel.get(f"{n}_fwdbwd_ms") for n in ("atomic", "deterministic")]
+        times = (f"fwd+bwd atomic {t[0]:.3f} ms, deterministic {t[1]:.3f} ms "
+                 f"({t[1] / t[0] - 1:+.1%})" if None not in t else "not timed")
+        out.append(f"relative bias ({rel['mask']}, N={rel['N']}): {times}; on Triton: "
+                   f"{rel['deterministic_on_triton']}, bit-identical: "
+                   f"{rel['deterministic_bit_identical']}, vs atomic: "
+                   f"{rel['deterministic_vs_atomic_rel_diff']:.1e}")
     return "\n".join(out)
 
 
@@ -163,6 +226,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for score_table_grads.json")
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--check-n", type=int, default=2048)
+    ap.add_argument("--rel-n", type=int, default=4096)
+    ap.add_argument("--no-rel", action="store_true", help="skip the relative-bias case")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
@@ -172,7 +237,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.dry:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        a.n, a.check_n, a.heads, a.d, dev = 64, 64, 2, 16, "cpu"
+        a.n, a.check_n, a.rel_n, a.heads, a.d, dev = 64, 64, 96, 2, 16, "cpu"
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --dry for the CPU check", file=sys.stderr)
@@ -187,13 +252,19 @@ def main(argv=None) -> int:
     log(f"timing at N={a.n}")
     row = timing(pat, a.n, a.heads, a.d, dev, torch.bfloat16, rounds=a.rounds, rep=a.rep,
                  dry=a.dry)
-    result = {"accuracy": acc, "timing": row, "pattern": MASK, "score": SCORE,
+    rel = None
+    if not a.no_rel:
+        log(f"relative bias at N={a.rel_n}")
+        rel = relative_bias(a.rel_n, a.heads, a.d, dev, torch.bfloat16, rounds=a.rounds,
+                            rep=a.rep, dry=a.dry)
+    result = {"accuracy": acc, "timing": row, "relative_bias": rel, "pattern": MASK,
+              "score": SCORE,
               "torch": torch.__version__, "device": "cpu (interpreter)" if a.dry else
               torch.cuda.get_device_name(), "seconds": time.perf_counter() - t0}
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "score_table_grads.json").write_text(json.dumps(result, indent=1))
-    print(table(acc, row))
+    print(table(acc, row, rel))
     return 0
 
 

@@ -15,7 +15,10 @@ def test_score_table_grads_benchmark_dry_run(capsys, tmp_path):
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.splitlines()[0].startswith("| variant | fwd+bwd ms |")
-    acc = json.loads((tmp_path / "score_table_grads.json").read_text())["accuracy"]
+    result = json.loads((tmp_path / "score_table_grads.json").read_text())
+    acc, rel = result["accuracy"], result["relative_bias"]
+    assert rel["deterministic_on_triton"] and rel["deterministic_bit_identical"]
+    assert rel["deterministic_vs_atomic_rel_diff"] < 1e-5
     assert acc["rounded_rel_err"] > 1e-3 > 1e-5 > max(acc["exact_rel_err"],
                                                         acc["deterministic_rel_err"])
     assert acc["deterministic_bit_identical"]
