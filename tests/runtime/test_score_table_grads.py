@@ -317,6 +317,7 @@ FORMS = [
      {"rel": (4, 10)}, 0),
     ("rel-bias-offset", "causal & window(10)", "s + rel[h, clamp(q - k, 0, 9)]",
      {"rel": (4, 10)}, 16),
+    ("rel-bias-per-batch", "causal", "s + rel[clamp(q - k, 0, 9)]", {"rel": (2, 1, 10)}, 0),
     ("t5-buckets", "full", "s + bias[h, t5_bucket(16, 40)]", {"bias": (4, 16)}, 0),
     ("shared-rel-softcap", "causal", "softcap(3.0) + rel[clamp(q - k, 0, 47)]", {"rel": (48,)},
      0),
