@@ -277,13 +277,13 @@ class TableGrad:
     ``"rows"`` (on q only: one per query row), ``"cols"`` (on k only: one per key), or
     ``""`` (on both: one per pair). ``partial``: the load's kind in a table whose
     gradients can be summed in a fixed order (:func:`partial_slots`; ``""`` otherwise):
-    with the gradient flag 2 its per-tile sums go to the program's own slots of a partial
-    buffer, not to the table's gradient (deterministic table gradients,
-    ``docs/backends.md``, Scores): ``"all"`` one sum per tile, ``"diag"`` (its last index a
-    function of ``q - k``, the others of neither) one per diagonal of the tile, ``diags``
-    of them (a power of two, at least ``BLOCK_M2 + BLOCK_N2 - 1``). ``slot`` is the load's
-    place among the table's ``slots`` such loads, ``width`` the floats per key tile of the
-    table's partial buffer."""
+    with the dQ kernel's constexpr ``DETERMINISTIC`` its per-tile sums go to the program's
+    own slots of a partial buffer, not to the table's gradient (deterministic table
+    gradients, ``docs/backends.md``, Scores): ``"all"`` one sum per tile, ``"diag"`` (its
+    last index a function of ``q - k``, the others of neither) one per diagonal of the
+    tile, ``diags`` of them (a power of two, at least ``BLOCK_M2 + BLOCK_N2 - 1``).
+    ``slot`` is the load's place among the table's ``slots`` such loads, ``width`` the
+    floats per key tile of the table's partial buffer."""
     name: str
     index: tuple[str, ...]
     value: str

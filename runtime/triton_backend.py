@@ -196,17 +196,18 @@ def _score_args(pattern, tables: dict) -> list:
 
 def _grad_args(pattern, tables: dict, grads: dict | None, partials: dict | None = None) -> list:
     """The dQ kernel's table-gradient arguments: per table its fp32 gradient buffer (shaped
-    and laid out like the table) and its flag: 0 no gradient, 1 atomic adds into the
-    buffer, 2 the per-tile sums of its loads into its partial buffer (``partials[name]``,
-    fp32 :func:`partial_shape`, zeroed: ``codegen.kernels.partial_slots``); then, for a
-    table that has one, the partial buffer (the table itself where unused)."""
+    and laid out like the table) and whether to write it (atomic adds into the buffer,
+    or with the kernel's constexpr ``DETERMINISTIC`` the per-tile sums of its loads into
+    its partial buffer ``partials[name]``, fp32 :func:`partial_shape`, zeroed:
+    ``codegen.kernels.partial_slots``); then, for a table that has one, the partial buffer
+    (the table itself where unused)."""
     from ..codegen.kernels import partial_slots
     slots = partial_slots(pattern)
     args = []
     for name in pattern.score_inputs:
         g = (grads or {}).get(name)
         part = (partials or {}).get(name)
-        args += [tables[name], 0] if g is None else [g, 1 if part is None else 2]
+        args += [tables[name], 0] if g is None else [g, 1]
         if name in slots:
             args.append(tables[name] if part is None else part)
     return args
@@ -781,6 +782,8 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False) -> BwdStage:
                      _upcast(call), forms)
     if scored:
         stage.pattern, stage.score_tables, stage.launches = call.pattern, call.tables, {}
+        if "DETERMINISTIC" in mod.DQ.arg_names:     # the partial-buffer variant: per call
+            stage.meta_q["DETERMINISTIC"] = False
     if warmup:
         lse = torch.zeros((B, H, Lq), dtype=torch.float32, device=dev)
         args_q, args_k, _ = _bwd_tensors(stage, q, k, v, o, lse, do)
@@ -852,15 +855,17 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
     n_q = len(args_q)
     args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads, partials)
     launch_q, launch_k, key = stage.launch_q, stage.launch_k, None
+    meta_q = {**stage.meta_q, "DETERMINISTIC": True} if partials else stage.meta_q
     if stage.pattern is not None:      # per-call tables: bound launches by key (run_fwd)
         key = _bwd_launch_key(args_q[n_q:], q, k, v, o, lse, do) \
             if q.device.type == "cuda" else None
+        key = None if key is None else key + (bool(partials),)
         launch_q, launch_k = _scored_launch(stage.launches, key) or (None, None)
     if launch_q is None or not (launch_q(*args_q) and launch_k(*args_k)):
         aq, ak = (*args_q, *stage.static_q), (*args_k, *stage.static_k)
-        cq = stage.dq_kernel[stage.grid_q](*aq, **stage.meta_q)
+        cq = stage.dq_kernel[stage.grid_q](*aq, **meta_q)
         ck = stage.dkdv_kernel[stage.grid_k](*ak, **stage.meta_k)
-        launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, stage.meta_q, q.device)
+        launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, meta_q, q.device)
         launch_k = launch_q and BoundLaunch.of(stage.dkdv_kernel, ck, stage.grid_k, ak,
                                                stage.meta_k, q.device)
         if stage.pattern is None:

@@ -1,4 +1,4 @@
-# spattn-kernel key=7126b9fd3c79334df69afe1dec24b7b4 sha256=41d485ac49f14a970324932f4d71c6b2bae5824d360a1267a69e56c1e64f3f99
+# spattn-kernel key=7126b9fd3c79334df69afe1dec24b7b4 sha256=ee651f637581417b67361a8bb492f7578023331bd6995191463e219d21904a5e
 """spattn generated backward attention kernels for pattern `softcap_bias`.
 
 Pattern (canonical source):
@@ -247,6 +247,7 @@ def _dq_range_7126b9(
     COLS, start, end,
     MASKED: tl.constexpr, TABLE: tl.constexpr,
     BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
     """Key tiles [start, end) (tile indices, or CSR slots when TABLE) of one query tile.
 
@@ -296,7 +297,7 @@ def _dq_range_7126b9(
         if grad_rel:
             # -- gradient of the table rel: dS' * d score / d entry, added atomically --
             m_g = (i_h >= 0) & (i_h < size_rel_0) & (i_g0_1 >= 0) & (i_g0_1 < size_rel_1)
-            if grad_rel == 2:
+            if DETERMINISTIC:
                 # (deterministic: the entry is a function of q - k: the tile's sum per diagonal
                 #  t = row - column + BLOCK_N2 - 1, each into this program's own slot)
                 b_g = tl.where(b_p != 0.0, b_ds * 1.0, 0.0)
@@ -329,6 +330,7 @@ def attn_bwd_dq_softcap_bias_7126b9(
     sm_scale, sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
     """dQ of one query tile (BLOCK_M2 queries) of one (batch, query head).
 
@@ -394,17 +396,20 @@ def attn_bwd_dq_softcap_bias_7126b9(
         b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, stride_kn, stride_kd, stride_vn, stride_vd,
         sm_scale_log2, i_b, i_h, Lq, Lk, H, p_rel, stride_rel_0, stride_rel_1, size_rel_0,
         size_rel_1, sm_scale, p_drel, grad_rel, p_prel, ORDER, s0, m0, MASKED=True, TABLE=False,
-        BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
+        BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC,
+        DETERMINISTIC=DETERMINISTIC)
     b_dq = _dq_range_7126b9(
         b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, stride_kn, stride_kd, stride_vn, stride_vd,
         sm_scale_log2, i_b, i_h, Lq, Lk, H, p_rel, stride_rel_0, stride_rel_1, size_rel_0,
         size_rel_1, sm_scale, p_drel, grad_rel, p_prel, ORDER, m0, m1, MASKED=False, TABLE=False,
-        BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
+        BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC,
+        DETERMINISTIC=DETERMINISTIC)
     b_dq = _dq_range_7126b9(
         b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, stride_kn, stride_kd, stride_vn, stride_vd,
         sm_scale_log2, i_b, i_h, Lq, Lk, H, p_rel, stride_rel_0, stride_rel_1, size_rel_0,
         size_rel_1, sm_scale, p_drel, grad_rel, p_prel, ORDER, m1, e0, MASKED=True, TABLE=False,
-        BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
+        BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC,
+        DETERMINISTIC=DETERMINISTIC)
 
     # epilogue
     b_dq = b_dq * sm_scale

@@ -23,7 +23,8 @@ from spattn.runtime import cache  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CONSTS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64,
-              BLOCK_D=64, HEAD_DIM=64, DOT_PREC="tf32", SPANS=False)
+              BLOCK_D=64, HEAD_DIM=64, DOT_PREC="tf32", SPANS=False,
+              DETERMINISTIC=True)     # (the partial-buffer variant of table gradients)
 BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 F32 = {"LSE", "LSE2", "DELTA"}
 I32P = {"ORDER", "ROWS_P", "COLS_P", "ROWS_F", "COLS_F", "SPAN"}
