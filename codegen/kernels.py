@@ -51,6 +51,7 @@ Kernel arguments are runtime values wherever they can be: lengths, batch, heads,
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ from .emit import HELPERS, NONNEG_VARS, TANH_HELPER, _mentions, emit
 from .config import next_pow2
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "19"
+CODEGEN_VERSION = "20"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -274,11 +275,27 @@ class TableGrad:
     and of ``d score / d load``; ``reduce``: how the tile's contributions are summed before
     the atomic add — ``"all"`` (the index depends on neither q nor k: one add per tile),
     ``"rows"`` (on q only: one per query row), ``"cols"`` (on k only: one per key), or
-    ``""`` (on both: one per pair)."""
+    ``""`` (on both: one per pair). ``partial``: the load's kind in a table whose
+    gradients can be summed in a fixed order (:func:`partial_slots`; ``""`` otherwise):
+    with the dQ kernel's constexpr ``DETERMINISTIC`` its per-tile sums go to the program's
+    own slots of a partial buffer, not to the table's gradient (deterministic table
+    gradients, ``docs/backends.md``, Scores): ``"all"`` one sum per tile, ``"diag"`` (its
+    last index a function of ``q - k``, the others of neither) one per diagonal of the
+    tile, ``diags`` of them (a power of two, at least ``BLOCK_M2 + BLOCK_N2 - 1``).
+    ``slot`` is the load's place among the table's ``slots`` such loads, ``width`` the
+    floats per key tile of the table's partial buffer."""
     name: str
     index: tuple[str, ...]
     value: str
     reduce: str = ""
+    partial: str = ""
+    slot: int = -1
+    slots: int = 0
+    diags: int = 0
+
+    @property
+    def width(self) -> int:
+        return self.slots * (self.diags if self.partial == "diag" else 1)
 
 
 def _reduction(load) -> str:
@@ -289,6 +306,47 @@ def _reduction(load) -> str:
         used |= free_vars(ix) & {"q", "k"}
     return {frozenset(): "all", frozenset({"q"}): "rows",
             frozenset({"k"}): "cols"}.get(frozenset(used), "")
+
+
+def partial_slots(pattern) -> dict:
+    """``{table: (kind, its loads)}`` of the tables whose gradients the dQ kernel can sum
+    in a fixed order (``runtime.scores``, deterministic table gradients), the loads in the
+    order of ``ir.score.grads(score).dloads``: kind ``"all"`` where every load's index
+    depends on neither q nor k (one entry per tile: the tile's ``tl.sum``), ``"diag"``
+    where every load's last index is a function of ``q - k`` and the others of neither
+    (``emit.gather_form``: one entry per diagonal of the tile, summed over the diagonal).
+    Such a table's per-tile sums go to a partial buffer ``[programs, key tiles, width]``
+    of its own (:attr:`TableGrad.width`). Cached per score (read at every backward
+    launch)."""
+    return _partial_slots(pattern.score)
+
+
+def _partial_kind(load) -> str:
+    from .emit import gather_form
+    red = _reduction(load)
+    if red == "all":
+        return "all"
+    return "diag" if red == "" and gather_form(load) is not None else ""
+
+
+@functools.lru_cache(maxsize=256)
+def _partial_slots(score) -> dict:
+    from ..ir.score import grads as score_grads
+    loads: dict = {}
+    for load, _ in score_grads(score).dloads:
+        loads.setdefault(load.name, []).append(load)
+    out = {}
+    for name, lds in loads.items():
+        kinds = {_partial_kind(ld) for ld in lds}
+        if len(kinds) == 1 and "" not in kinds:
+            out[name] = (kinds.pop(), tuple(lds))
+    return out
+
+
+def diagonals(block_m2: int, block_n2: int) -> int:
+    """The diagonals ``q - k`` of a dQ tile, rounded up to a power of two (a tile's
+    ``"diag"`` partial sums: :class:`TableGrad`)."""
+    return next_pow2(block_m2 + block_n2 - 1)
 
 
 @dataclass(frozen=True)
@@ -417,12 +475,17 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
     res = list(em.results)
     inputs = tuple(pattern.score_inputs)
     tg, pos = [], 2
+    slots = partial_slots(pattern) if kind == "dq" else {}
+    diags = diagonals(config.block_m2, config.block_n2) if slots and config is not None else 0
     for i, (load, _) in enumerate(loads):
         nd = len(load.index)
+        pk, lds = slots.get(load.name, ("", ()))
         tg.append(TableGrad(load.name, tuple(res[pos + 1:pos + 1 + nd]), res[pos],
-                            _reduction(load)))
+                            _reduction(load), pk, lds.index(load) if pk else -1, len(lds),
+                            diags if pk == "diag" else 0))
         pos += 1 + nd
-    grad_params = tuple(x for n in inputs for x in (f"D{n.upper()}_ptr", f"grad_{n}")) \
+    grad_params = tuple(x for n in inputs for x in (f"D{n.upper()}_ptr", f"grad_{n}")
+                        + ((f"P{n.upper()}_ptr",) if n in slots else ())) \
         if kind == "dq" else ()
     from ..ir.nodes import Score, free_vars, walk
     tiled = any(isinstance(n, Score) for n in walk(pattern.score)) or \
@@ -511,7 +574,9 @@ def _kernel_data(pattern, config, loop_var: str, plan: RangesPlan | None,
     floats = dict(pattern.score_inputs)
     extra = tuple(_input_loop_args(floats)) + ("sm_scale",)
     if kind == "dq":
-        extra += tuple(x for n in floats for x in (f"p_d{n}", f"grad_{n}"))
+        slots = partial_slots(pattern)
+        extra += tuple(x for n in floats for x in (f"p_d{n}", f"grad_{n}")
+                       + ((f"p_p{n}",) if n in slots else ()))
     return KernelData(pred, plan, tuple(inputs) + tuple(floats), tuple(_input_params(inputs)),
                       tuple(_input_loop_args(inputs)) + pred.args + extra, score)
 

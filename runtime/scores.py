@@ -10,7 +10,11 @@ learnable bias table that requires grad gets ``.grad``.
 Backends. ``"triton"`` runs the generated kernels through the call's plan
 (``runtime.plan.PLANS``; the tables are leading kernel arguments of every launch, not
 part of the plan): the forward applies the score to every computed pair, the dQ kernel
-adds the tables' gradients with ``tl.atomic_add`` into float32 buffers.
+adds the tables' gradients with ``tl.atomic_add`` into float32 buffers. With a 16-bit q
+and a table that needs a gradient, the backward's row correction reads an fp32 copy of
+the output (:func:`exact_delta`). ``deterministic=True``: partial buffers summed in a
+fixed order for tables read at entries of neither q nor k, or along ``q - k``
+(:func:`deterministic_on_triton`), the torch backward for other tables.
 
 The torch backend (:func:`fwd`, :func:`bwd`) computes by query row chunks, each against
 the keys of its non-EMPTY tiles (:func:`_chunks`): scores ``q·k * scale`` in float32
@@ -388,6 +392,23 @@ def _torch_chunks(c: Ctx):
     return stage.chunks if isinstance(stage, TorchScoreStage) else None
 
 
+#: q, k, v dtypes whose Triton output is rounded to 16 bits: a table gradient's row
+#: correction then reads an fp32 copy of the output (:func:`exact_delta`)
+ROUNDED = (torch.float16, torch.bfloat16)
+
+
+def exact_delta(c: Ctx, q, table_grads) -> bool:
+    """Whether the Triton backward of this call needs the fp32 output: some table needs a
+    gradient and q is 16-bit. Its row correction ``delta = rowsum(dO * O)`` from the
+    16-bit O carries O's rounding (relative 2^-9 in bf16), which a table gradient with a
+    positional factor (``w[h] * float(q - k)``) multiplies by up to L instead of
+    cancelling; from the fp32 O, delta is that of the float32 torch path. Not where the
+    call's backward runs on the torch backend anyway (``deterministic`` with a table
+    :func:`deterministic_on_triton` refuses), which reads no output."""
+    return c.backend == "triton" and bool(table_grads) and q.dtype in ROUNDED and \
+        not (c.deterministic and not deterministic_on_triton(c.pattern, table_grads))
+
+
 def run_fwd(c: Ctx, q, k, v, ins):
     if c.backend == "triton":
         from . import triton_backend
@@ -396,21 +417,128 @@ def run_fwd(c: Ctx, q, k, v, ins):
                chunks=_torch_chunks(c))
 
 
+def run_fwd_saving(c: Ctx, q, k, v, ins, table_grads) -> tuple:
+    """``(o, lse, the output the backward reads)``: the fp32 output where
+    :func:`exact_delta` asks for it (``o`` is then its 16-bit cast), else ``o`` itself."""
+    if not exact_delta(c, q, table_grads):
+        o, lse = run_fwd(c, q, k, v, ins)
+        return o, lse, o
+    from . import triton_backend
+    o32, lse = triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=_tables(c, ins),
+                                      out_dtype=torch.float32)
+    return o32.to(q.dtype), lse, o32
+
+
 def run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
+    """``(dq, dk, dv, {table: fp32 gradient})``. ``o``: the forward's output, or its fp32
+    copy (:func:`exact_delta`); a 16-bit ``o`` where the fp32 one is needed (the custom op's
+    backward, whose forward returns only o and lse) is recomputed in fp32 by the forward
+    kernel first."""
+    det = c.deterministic and bool(table_grads)
     triton = c.backend == "triton" and (dlse is None or not bool((dlse != 0).any())) \
-        and not (c.deterministic and table_grads)
+        and not (det and not deterministic_on_triton(c.pattern, table_grads))
     if triton:
         from . import triton_backend
         tables = _tables(c, ins)
-        bufs = {n: torch.zeros(tables[n].shape, dtype=torch.float32, device=q.device)
-                for n in table_grads}
+        if exact_delta(c, q, table_grads) and o.dtype != torch.float32:
+            o, _ = triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=tables,
+                                          out_dtype=torch.float32)
         stage = c.plan.backward_stage(q, k, v, o, do)
-        dq, dk, dv = triton_backend.run_bwd(stage, q, k, v, o, lse, do, tables=tables,
-                                            table_grads=bufs)
-        return dq, dk, dv, bufs
+        partials = _partials(c.pattern, stage, table_grads, q.device) if det else None
+        if not det or partials is not None:
+            bufs = {n: torch.zeros(tables[n].shape, dtype=torch.float32, device=q.device)
+                    for n in table_grads}
+            dq, dk, dv = triton_backend.run_bwd(stage, q, k, v, o, lse, do, tables=tables,
+                                                table_grads=bufs, partials=partials)
+            if partials:
+                _reduce_partials(c, q, k, partials, bufs, ins, stage.config)
+            return dq, dk, dv, bufs
     return bwd(c.pattern, q, k, v, o, lse, do, scale=c.scale, q_offset=c.q_offset,
                inputs=ins, dlse=dlse, table_grads=table_grads, deterministic=c.deterministic,
                chunks=_torch_chunks(c))
+
+
+#: The most memory the partial buffers of one deterministic Triton backward may take;
+#: a call that needs more runs its backward on the torch backend.
+DETERMINISTIC_PARTIAL_BYTES = 256 << 20
+
+
+def deterministic_on_triton(pattern, table_grads) -> bool:
+    """Whether the Triton backward gives these tables deterministic gradients
+    (``codegen.kernels.partial_slots``): every load of each reads an entry that depends
+    on neither q nor k (``w[h]``, ``temp[b, h]``, ``cap[0]``: the dQ kernel sums a tile's
+    contributions with one ``tl.sum``), or every load's last index is a function of
+    ``q - k`` and its others of neither (``rel[h, clamp(q - k, 0, W - 1)]``, T5's buckets:
+    the tile's sums per diagonal). Each goes to a slot of its own in a partial buffer, and
+    the host sums them in a fixed order (:func:`_reduce_partials`). A load whose entry
+    varies otherwise within a tile (``qb[q % 5]``, a 2-D position bias) would need its
+    pairs grouped by entry in a fixed order (a sort per tile): those tables' deterministic
+    gradients come from the torch backward."""
+    from ..codegen.kernels import partial_slots
+    slots = partial_slots(pattern)
+    return all(n in slots for n in table_grads)
+
+
+def _partials(pattern, stage, table_grads, device) -> dict | None:
+    """Zeroed partial buffers (``triton_backend.partial_shape``) of the tables, or None
+    when together they would pass :data:`DETERMINISTIC_PARTIAL_BYTES`."""
+    from ..codegen.kernels import partial_slots
+    from .triton_backend import partial_shape
+    slots = partial_slots(pattern)
+    shapes = {n: partial_shape(stage, slots[n][0], len(slots[n][1])) for n in table_grads}
+    if sum(4 * math.prod(s) for s in shapes.values()) > DETERMINISTIC_PARTIAL_BYTES:
+        return None
+    return {n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in shapes.items()}
+
+
+def _reduce_partials(c: Ctx, q, k, partials: dict, bufs: dict, ins: dict,
+                     config=None) -> None:
+    """The tables' gradients from their partial buffers, in a fixed order. Kind "all":
+    each program's key tiles summed (``torch.sum``: no atomics), then its query tiles per
+    (batch, head), and the ``[B, H]`` sums scattered to the entries each load reads.
+    Kind "diag": each nonzero per-diagonal sum scattered to the entry of its ``q - k``
+    (``_diagonal_sums``). Scatters are ``index_put_`` with the deterministic
+    accumulation. ``config``: the backward stage's kernel configuration (its dQ tiles)."""
+    from ..codegen.kernels import partial_slots
+    B, H, Lq, _ = q.shape
+    slots = partial_slots(c.pattern)
+    env = score_env(Lq, k.shape[2], num_heads=H, batch=B, q_offset=c.q_offset,
+                    device=q.device, rows=(0, 1), cols=(0, 1))
+    for name, part in partials.items():
+        kind, loads = slots[name]
+        if kind == "diag":
+            _diagonal_sums(c, q, k, part, loads, bufs[name], ins, config)
+            continue
+        n = part.shape[-1]
+        per_bh = part.sum(1).view(B, H, -1, n).sum(2)
+        for j, load in enumerate(loads):
+            _scatter(bufs[name], load, env, ins, per_bh[..., j].reshape(B, H, 1, 1),
+                     deterministic=True)
+
+
+def _diagonal_sums(c: Ctx, q, k, part, loads, grad, ins, config) -> None:
+    """Scatter a "diag" table's partial sums ``[programs, key tiles, loads * T]`` (T
+    diagonals per tile): slot ``t`` of query tile ``m`` and key tile ``n`` holds the sum
+    over the pairs with ``q - k = q_offset + m * BLOCK_M2 - n * BLOCK_N2 + t - (BLOCK_N2 -
+    1)``, whose entry each load's index gives at ``q = q - k``, ``k = 0`` (its last index
+    is a function of ``q - k``, the others of neither). Only nonzero sums are scattered
+    (a diagonal no allowed pair lies on may index past the table), in row-major order."""
+    B, H, Lq, _ = q.shape
+    Lk, dev = k.shape[2], q.device
+    m2, n2 = config.block_m2, config.block_n2
+    n_m, n_k = -(-Lq // m2), -(-Lk // n2)
+    vals = part.view(B, H, n_m, n_k, len(loads), -1)
+    T = vals.shape[-1]
+    ar = lambda n: torch.arange(n, device=dev, dtype=torch.int64)   # noqa: E731
+    d = (c.q_offset + ar(n_m) * m2).view(-1, 1, 1) - (ar(n_k) * n2).view(1, -1, 1) \
+        + (ar(T) - (n2 - 1)).view(1, 1, -1)
+    for j, load in enumerate(loads):
+        v = vals[..., j, :]
+        nz = v != 0
+        bi, hi, mi, ni, ti = nz.nonzero(as_tuple=True)
+        env = {"q": d[mi, ni, ti], "k": torch.zeros((), dtype=torch.int64, device=dev),
+               "h": hi, "b": bi, "Lq": Lq, "Lk": Lk, "H": H}
+        _scatter(grad, load, env, ins, v[nz], deterministic=True)
 
 
 class ScoreFunction(torch.autograd.Function):
@@ -420,8 +548,11 @@ class ScoreFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c: Ctx, q, k, v, *tables):
         ins = {**c.int_inputs, **dict(zip(c.names, tables))}
-        o, lse = run_fwd(c, q, k, v, ins)
-        ctx.save_for_backward(q, k, v, o, lse, *tables)
+        # a table that needs a gradient on the Triton backward: the output is kept in fp32
+        # for the backward's delta (exact_delta), and returned rounded
+        wanted = [n for n, need in zip(c.names, ctx.needs_input_grad[4:]) if need]
+        o, lse, saved = run_fwd_saving(c, q, k, v, ins, wanted)
+        ctx.save_for_backward(q, k, v, saved, lse, *tables)
         ctx.c = c
         ctx.set_materialize_grads(False)
         return o, lse
@@ -434,7 +565,7 @@ class ScoreFunction(torch.autograd.Function):
         if do is None and dlse is None:
             return (None,) * (4 + nt)
         if do is None:
-            do = torch.zeros_like(o)
+            do = torch.zeros(o.shape, dtype=q.dtype, device=q.device)
         want = tuple(n for n, need in zip(c.names, ctx.needs_input_grad[4:]) if need)
         ins = {**c.int_inputs, **dict(zip(c.names, tables))}
         dq, dk, dv, tg = run_bwd(c, q, k, v, o, lse, do, ins, dlse, want)
@@ -520,9 +651,10 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
 
     ``plan``: made by :func:`make_plan` for tensors and tables laid out like these (no
     analysis then: the plan's bounds proofs hold for tables of the plan's shapes).
-    ``deterministic``: learnable tables get their gradients without atomic adds (the
-    torch backend's backward runs that call's backward); q, k, v gradients are
-    deterministic either way."""
+    ``deterministic``: learnable tables get gradients that do not depend on the order of
+    additions (on Triton through partial buffers where every load of the table reads an
+    entry of neither q nor k, or every one an entry along ``q - k``, else through the
+    torch backend's backward); q, k, v gradients are deterministic either way."""
     from .api import choose_backend
     if plan is not None:
         floats = _planned(plan, pattern, q, k, v, scale, q_offset, inputs)

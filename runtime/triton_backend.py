@@ -194,13 +194,22 @@ def _score_args(pattern, tables: dict) -> list:
             for a in _table_args(tables[name], nd)]
 
 
-def _grad_args(pattern, tables: dict, grads: dict | None) -> list:
+def _grad_args(pattern, tables: dict, grads: dict | None, partials: dict | None = None) -> list:
     """The dQ kernel's table-gradient arguments: per table its fp32 gradient buffer (shaped
-    and laid out like the table) and whether to write it."""
+    and laid out like the table) and whether to write it (atomic adds into the buffer,
+    or with the kernel's constexpr ``DETERMINISTIC`` the per-tile sums of its loads into
+    its partial buffer ``partials[name]``, fp32 :func:`partial_shape`, zeroed:
+    ``codegen.kernels.partial_slots``); then, for a table that has one, the partial buffer
+    (the table itself where unused)."""
+    from ..codegen.kernels import partial_slots
+    slots = partial_slots(pattern)
     args = []
     for name in pattern.score_inputs:
         g = (grads or {}).get(name)
+        part = (partials or {}).get(name)
         args += [tables[name], 0] if g is None else [g, 1]
+        if name in slots:
+            args.append(tables[name] if part is None else part)
     return args
 
 
@@ -400,8 +409,10 @@ def _bwd_launch_key(score_args, q, k, v, o, lse, do):
     arguments with the alignment of every per-call tensor the two kernels read, q, k, v and
     also o, lse and dO (the JIT specialises on each pointer's 16-byte alignment: a launch
     bound for an aligned dO must not serve a dO at an odd offset, as a slice of a larger
-    gradient is)."""
-    return _launch_key(score_args, q, k, v, o, lse, do)
+    gradient is), and o's dtype (16-bit, or the fp32 output a table gradient's delta reads:
+    ``runtime.scores``)."""
+    key = _launch_key(score_args, q, k, v, o, lse, do)
+    return None if key is None else key + (o.dtype,)
 
 
 def _bindable(stage, *tensors, same: bool = False) -> bool:
@@ -633,8 +644,8 @@ def _build_fwd(call, q, k, v, opts, warmup=False, rows=None) -> FwdStage:
     return stage
 
 
-def _fwd_tensors(stage: FwdStage, q, k, v):
-    o = torch.empty(stage.out_shape, dtype=q.dtype, device=q.device)
+def _fwd_tensors(stage: FwdStage, q, k, v, out_dtype=None):
+    o = torch.empty(stage.out_shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty(stage.out_shape[:3], dtype=torch.float32, device=q.device)
     cfg = stage.config
     if cfg.tma:
@@ -643,22 +654,27 @@ def _fwd_tensors(stage: FwdStage, q, k, v):
     return q, k, v, o, lse, o
 
 
-def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None):
+def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None, out_dtype=None):
     """``(o [B, Hq, Lq, D], lse fp32 [B, Hq, Lq])`` of the stage for these tensors (laid out
     as those it was built for); ``tables``: a score's float tables (default: those the
-    stage was built with)."""
+    stage was built with). ``out_dtype``: o's dtype (default q's); ``torch.float32`` gives
+    the output of 16-bit inputs before its rounding to 16 bits (the kernel casts the fp32
+    accumulator to o's element type: the same kernel, specialised on o's pointer type)."""
     dtype = q.dtype
+    out_dtype = out_dtype or dtype
     if stage.upcast:
         q, k, v = q.float(), k.float(), v.float()
-    qa, ka, va, oa, lse, o = _fwd_tensors(stage, q, k, v)
+    qa, ka, va, oa, lse, o = _fwd_tensors(stage, q, k, v,
+                                          torch.float32 if stage.upcast else out_dtype)
     head = (qa, ka, va, oa, lse)
-    launch, key = stage.launch, None
+    launch, key = (stage.launch if out_dtype == dtype else None), None
     if stage.pattern is not None:
         # a score's tables change per call, with their alignment and sizes, which the JIT
-        # specialises on: one bound launch per specialisation
+        # specialises on: one bound launch per specialisation (and per dtype of o)
         sc = tuple(_score_args(stage.pattern, tables or stage.score_tables))
         head += sc
         key = _launch_key(sc, q, k, v) if q.device.type == "cuda" else None
+        key = None if key is None else key + (o.dtype,)
         launch = _scored_launch(stage.launches, key)
     if launch is None or not launch(*head):
         args = (*head, *stage.static)
@@ -666,13 +682,13 @@ def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None):
         if stage.persistent and stage.occupancy is None and q.device.type == "cuda":
             stage.occupancy = _occupancy(stage.config, compiled)
             stage.grid = (_persistent_programs(None, stage.n_work, stage.occupancy, q.device),)
-        elif stage.pattern is None and _bindable(stage, q, k, v):
+        elif stage.pattern is None and out_dtype == dtype and _bindable(stage, q, k, v):
             stage.launch = BoundLaunch.of(stage.kernel, compiled, stage.grid, args, stage.meta,
                                           q.device)
         elif key is not None:
             _keep(stage.launches, key, BoundLaunch.of(stage.kernel, compiled, stage.grid, args,
                                                       stage.meta, q.device))
-    return (o.to(dtype) if stage.upcast else o), lse
+    return (o.to(out_dtype) if stage.upcast else o), lse
 
 
 def _persistent_programs(call, n_work: int, per_sm, device=None) -> int:
@@ -817,6 +833,8 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:
     stage.out_rows = (Nq, Nk)
     if scored:
         stage.pattern, stage.score_tables, stage.launches = call.pattern, call.tables, {}
+        if "DETERMINISTIC" in mod.DQ.arg_names:     # the partial-buffer variant: per call
+            stage.meta_q["DETERMINISTIC"] = False
     if warmup:
         lse = torch.zeros((B, H, Nq), dtype=torch.float32, device=dev)
         args_q, args_k, _ = _bwd_tensors(stage, q, k, v, o, lse, do)
@@ -830,14 +848,14 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:
     return stage
 
 
-def _score_heads(stage, args_q, args_k, tables, grads):
+def _score_heads(stage, args_q, args_k, tables, grads, partials=None):
     """The leading arguments of the dQ and dK/dV launches, with a score's tables (and, in
     dQ, the table gradients) after the tensors."""
     if stage.pattern is None:
         return args_q, args_k
     tables = tables or stage.score_tables
     sc = tuple(_score_args(stage.pattern, tables))
-    return (*args_q, *sc, *_grad_args(stage.pattern, tables, grads)), (*args_k, *sc)
+    return (*args_q, *sc, *_grad_args(stage.pattern, tables, grads, partials)), (*args_k, *sc)
 
 
 def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
@@ -863,27 +881,44 @@ def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
     return args_q, args_k, (dq, dk, dv)
 
 
+def partial_shape(stage: BwdStage, kind: str, slots: int) -> tuple:
+    """The shape of a table's partial buffer for deterministic gradients: ``[dQ programs,
+    key tiles of BLOCK_N2, width]`` (program ``(b * H + h) * query tiles + query tile``;
+    ``width``: ``slots`` loads of ``kind`` "all", or ``slots`` times the tile's diagonals
+    for "diag": ``codegen.kernels.TableGrad``)."""
+    from ..codegen.kernels import diagonals
+    B, H, _, Lq, Lk, _ = stage.shapes
+    c = stage.config
+    width = slots * (diagonals(c.block_m2, c.block_n2) if kind == "diag" else 1)
+    return (B * H * -(-Lq // c.block_m2), -(-Lk // c.block_n2), width)
+
+
 def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
-            table_grads: dict | None = None):
+            table_grads: dict | None = None, partials: dict | None = None):
     """``(dq, dk, dv)`` of the stage (dk, dv summed over the query heads of each key head).
     ``tables``: a score's float tables; ``table_grads``: fp32 buffers, shaped like the
-    tables they name, that the dQ kernel adds those tables' gradients to (atomically)."""
+    tables they name, that the dQ kernel adds those tables' gradients to (atomically);
+    ``partials``: for some of those tables, zeroed fp32 buffers of :func:`partial_shape`
+    that receive their per-tile gradient sums instead (each slot written by one tile of
+    one program: no order to depend on)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     if stage.upcast:
         q, k, v, o, do = q.float(), k.float(), v.float(), o.float(), do.float()
     args_q, args_k, grads = _bwd_tensors(stage, q, k, v, o, lse.contiguous(), do)
     n_q = len(args_q)
-    args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads)
+    args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads, partials)
     launch_q, launch_k, key = stage.launch_q, stage.launch_k, None
+    meta_q = {**stage.meta_q, "DETERMINISTIC": True} if partials else stage.meta_q
     if stage.pattern is not None:      # per-call tables: bound launches by key (run_fwd)
         key = _bwd_launch_key(args_q[n_q:], q, k, v, o, lse, do) \
             if q.device.type == "cuda" else None
+        key = None if key is None else key + (bool(partials),)
         launch_q, launch_k = _scored_launch(stage.launches, key) or (None, None)
     if launch_q is None or not (launch_q(*args_q) and launch_k(*args_k)):
         aq, ak = (*args_q, *stage.static_q), (*args_k, *stage.static_k)
-        cq = stage.dq_kernel[stage.grid_q](*aq, **stage.meta_q)
+        cq = stage.dq_kernel[stage.grid_q](*aq, **meta_q)
         ck = stage.dkdv_kernel[stage.grid_k](*ak, **stage.meta_k)
-        launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, stage.meta_q, q.device)
+        launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, meta_q, q.device)
         launch_k = launch_q and BoundLaunch.of(stage.dkdv_kernel, ck, stage.grid_k, ak,
                                                stage.meta_k, q.device)
         if stage.pattern is None:

@@ -95,7 +95,7 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
     (q ``[B, H, L, D]``, the default) or ``"bshd"`` (q ``[B, L, H, D]``, output likewise).
     Keywords of ``scaled_dot_product_attention`` (``is_causal``, ``attn_mask``,
     ``enable_gqa``, ``dropout_p``) are errors that say what to write instead. ``order``: a
-    token order to run in; ``deterministic``: a score's table gradients without atomic adds;
+    token order to run in; ``deterministic``: a score's table gradients summed in a fixed order;
     ``plan``: a plan made by :meth:`spattn.Pattern.plan` for this pattern and tensors laid
     out like these, which holds the runtime inputs, scale and offset (all three as for
     :meth:`spattn.Pattern.__call__`: a plan of another pattern, or of other shapes, strides,

@@ -62,7 +62,7 @@ class SparseAttention(nn.Module):
         """The attention output ``[B, Hq, Lq, D]`` (in ``layout``), and with ``return_lse``
         also the log-sum-exp ``[B, Hq, Lq]`` (fp32); ``inputs``: the pattern's runtime
         inputs; ``order``: a token order to run in; ``deterministic``: a score's learnable
-        tables get their gradients without atomic adds; ``plan``: a plan made by
+        tables get their gradients summed in a fixed order; ``plan``: a plan made by
         ``module.pattern.plan(...)`` (all four as for :meth:`spattn.Pattern.__call__`).
         ``scale`` and ``layout`` are the module's, fixed at construction."""
         from .runtime.api import call

@@ -136,8 +136,9 @@ class Pattern(CompiledPattern):
         ``[B, Lk, Hk, D]`` and the output ``[B, Lq, Hq, D]`` (a transposed view; lse stays
         ``[B, Hq, Lq]``). Without ``layout=`` a q that reads as more than 256 heads,
         and more heads than positions, gives a :class:`SpattnLayoutWarning`.
-        ``deterministic``: the gradients of a score's learnable tables without atomic
-        adds (the torch backend's backward; docs/backends.md).
+        ``deterministic``: the gradients of a score's learnable tables summed in a fixed
+        order (on Triton for tables read at entries of neither q nor k, or along q - k;
+        else by the torch backend's backward; docs/backends.md, Scores).
         ``order``: a token order to run in, an int tensor ``[L]`` holding a permutation of
         ``0 .. L-1`` (self-attention, ``Lq = Lk = L``): slot ``i`` holds token ``order[i]``.
         The mask keeps its meaning over the original positions and q, k, v and the output

@@ -24,7 +24,8 @@ from spattn.runtime import cache  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CONSTS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64,
-              BLOCK_D=64, HEAD_DIM=64, DOT_PREC="tf32", SPANS=False)
+              BLOCK_D=64, HEAD_DIM=64, DOT_PREC="tf32", SPANS=False,
+              DETERMINISTIC=True)     # (the partial-buffer variant of table gradients)
 BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 F32 = {"LSE", "LSE2", "DELTA"}
 I32P = {"ORDER", "ROWS_P", "COLS_P", "ROWS_F", "COLS_F", "SPAN", "Q_ROWS", "K_ROWS"}
@@ -32,7 +33,7 @@ I32P = {"ORDER", "ROWS_P", "COLS_P", "ROWS_F", "COLS_F", "SPAN", "Q_ROWS", "K_RO
 
 def _signature(fn, consts: dict) -> dict:
     sig = {}
-    for name in fn.arg_names:
+    for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
         elif name in BF16:
@@ -41,8 +42,10 @@ def _signature(fn, consts: dict) -> dict:
             sig[name] = "*fp32"
         elif name in I32P:
             sig[name] = "*i32"
-        elif name.endswith("_ptr"):        # float tables (bf16) and their fp32 gradients
-            sig[name] = "*fp32" if name.startswith("D") else "*bf16"
+        elif name.endswith("_ptr"):
+            # float tables (bf16), their fp32 gradients and partial sums (after the flag)
+            partial = i > 0 and fn.arg_names[i - 1].startswith("grad_")
+            sig[name] = "*fp32" if name.startswith("D") or partial else "*bf16"
         elif name.startswith("sm_scale"):
             sig[name] = "fp32"
         else:
@@ -107,6 +110,9 @@ CASES = [
      {"strategy": "ranges"}, ()),
     ("input qb\ninput kb\npattern qk_biases = causal score s + qb[h, q % 5] * kb[k % 7]",
      {"strategy": "ranges"}, ()),
+    # tables read at entries of neither q nor k: the partial buffers of deterministic grads
+    ("input temp\ninput w\npattern slopes = causal & window(64) "
+     "score s * temp[h] + w[b, h] * float(q - k) * 0.1 + w[0, 0]", {"strategy": "table"}, ()),
 ]
 
 
