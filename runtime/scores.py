@@ -645,6 +645,29 @@ def _planned(plan, pattern, q, k, v, scale, q_offset, inputs) -> dict:
     return floats
 
 
+def _signature(pattern, q, k, v, scale, q_offset, inputs):
+    """What a call of a pattern with a score is checked on, for the last-call memo
+    (``pattern._last``): the mask's part as :func:`spattn.runtime.api._signature` reads it
+    (its int inputs by identity and version), and each float table's shape, strides,
+    dtype, device and layout -- not its values or version: the checks and the plan read
+    the tables' shapes only (a learnable table written in place between two calls keeps
+    the memo). None (the full path) where the mask's signature is None or a table is not
+    a plain tensor."""
+    from .api import _signature as mask_signature
+    inputs = inputs or {}
+    ints = {n: t for n, t in inputs.items() if n not in pattern.score_inputs}
+    sig = mask_signature(pattern, q, k, v, scale, q_offset, ints, None, None)
+    if sig is None or len(inputs) != len(ints) + len(pattern.score_inputs):
+        return None
+    tables = []
+    for n in pattern.score_inputs:
+        t = inputs.get(n)
+        if type(t) is not torch.Tensor or t.layout is not torch.strided or t.is_nested:
+            return None
+        tables += (n, t.shape, t.stride(), t.dtype, t.device)
+    return ("score", sig, tuple(tables))
+
+
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
          plan=None, deterministic=False):
     """Attention of a pattern with a score: ``o`` (and ``lse`` when ``return_lse``).
@@ -661,11 +684,26 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         backend, scale, off = plan.backend, plan.call.scale, plan.call.positions.q_offset
         ints = plan.call.inputs
     else:
-        scale, off, given, ints, floats = _arguments(pattern, q, k, v, scale, q_offset, inputs)
-        backend = choose_backend(pattern.backend, q.device.type)
-        from .plan import PLANS
-        plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=off, inputs=given,
-                         tables=detached(floats))
+        sig = _signature(pattern, q, k, v, scale, q_offset, inputs)
+        last = pattern._last
+        if sig is not None and last is not None and last[0] == sig:
+            plan, backend, scale, off, ints = last[1]     # checked at that call
+            floats = {n: inputs[n] for n in pattern.score_inputs}
+            if _table_divisors(pattern.score):      # read from the tables' values
+                c0 = plan.call
+                check_score_divisors(pattern, ints, floats, c0.Lq, c0.Lk, num_heads=c0.H,
+                                     batch=c0.B, q_offset=off)
+        else:
+            scale, off, given, ints, floats = _arguments(pattern, q, k, v, scale, q_offset,
+                                                         inputs)
+            backend = choose_backend(pattern.backend, q.device.type)
+            from .plan import PLANS
+            plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=off,
+                             inputs=given, tables=detached(floats))
+            if sig is not None and not (q.is_cuda and
+                                        torch.cuda.is_current_stream_capturing()):
+                # the entry holds the mask's inputs: their ids in ``sig`` stay theirs
+                pattern._last = (sig, (plan, backend, scale, off, ints), tuple(given.values()))
     names = tuple(pattern.score_inputs)
     tables = [floats[n] for n in names]
     c = Ctx(pattern, backend, scale, off, ints, names, plan=plan,

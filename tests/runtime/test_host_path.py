@@ -286,3 +286,45 @@ def test_any_call_sequence_gives_each_calls_answer(steps, seed):
         ref, _ = attention_reference(q.double(), k.double(), v.double(), mask,
                                      scale=kw.get("scale"))
         assert torch.allclose(out.double(), ref, atol=1e-5), step
+
+
+def _scored_reference(pat, q, k, v, **tables):
+    from spattn.runtime.reference import pattern_reference
+    ref, _ = pattern_reference(pat, q.double(), k.double(), v.double(),
+                               **{n: t.double() for n, t in tables.items()})
+    return ref
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_scored_call_reuses_its_checks_and_sees_its_tables(backend, monkeypatch):
+    """A pattern with a score: a repeated call skips the checks (they read the tables'
+    shapes only), a table written in place is read at its new values, a table of another
+    shape takes the full path (and is refused when too small), and a divisor read from a
+    table is checked at every call."""
+    from spattn.runtime import scores
+    pat = spattn.compile("causal & window(12)", score="s + rel[h, clamp(q - k, 0, 11)]",
+                         backend=backend)
+    q, k, v = qkv()
+    rel = torch.randn(2, 12)
+    out = pat(q, k, v, rel=rel)
+    assert torch.allclose(out.double(), _scored_reference(pat, q, k, v, rel=rel), atol=1e-4)
+    plan = pat._last[1][0]
+
+    def refuse(*a, **kw):
+        raise AssertionError("the full path ran")
+    with monkeypatch.context() as m:
+        m.setattr(scores, "_arguments", refuse)
+        rel.mul_(-2.0).add_(0.5)                        # in place: new values, same shape
+        q2, k2, v2 = qkv(seed=3)
+        out = pat(q2, k2, v2, rel=rel)
+        assert pat._last[1][0] is plan
+        assert torch.allclose(out.double(), _scored_reference(pat, q2, k2, v2, rel=rel),
+                              atol=1e-4)
+    with pytest.raises(SpattnInputError, match="rel"):
+        pat(q, k, v, rel=torch.randn(2, 6))             # another shape: checked, too short
+    soft = spattn.compile("causal", score="softcap(cap[h])", backend=backend)
+    cap = torch.full((2,), 20.0)
+    soft(q, k, v, cap=cap)
+    cap[1] = 0.0                                        # the divisor's values: every call
+    with pytest.raises(SpattnInputError, match="divides by"):
+        soft(q, k, v, cap=cap)
