@@ -24,7 +24,7 @@ from typing import Mapping
 COSTS = {
     # benchmarks/calibrate.py on the H200 forwards of commit 3b014d0 (2026-11-22)
     "cuda": dict(full_tile=1.0, partial_tile=0.6976, per_row_tile=6.658, table_tile=0.237,
-                 per_call=3850.0, dense_tile=1.0, gather_token=0.09),
+                 per_call=3850.0, dense_tile=1.0, gather_token=0.09, rows_factor=0.28),
     # benchmarks/calibrate.py on the 2-core CPU forwards of commit 278091c (2026-12-02)
     "cpu": dict(full_tile=1.0, partial_tile=2.289, per_row_tile=0.0, table_tile=0.0,
                 per_call=104.8, dense_tile=0.0, sdpa_pair=0.0002444, sdpa_call=87.45,
@@ -37,6 +37,10 @@ COSTS = {
 #: row-gather kernel (``runtime/gather_kernel.py``) takes 0.36 of that time at 16K (3.5
 #: against 1.2 TB/s), hence 0.25 x 0.36 = 0.09. D cancels (both sides scale with it). The
 #: CPU's copies are small against its tiles' time: 0.
+#: ``rows_factor`` (``ir.layout.resolve_gathers``): what addressing the rows through row
+#: tables (``SPATTN_LAYOUT_GATHER=kernel``: pointer loads, no TMA) adds to a layout's kernel,
+#: as a fraction of its cost. Measured on the H200 (``benchmarks/layout_cost.py --rows``,
+#: 16K tokens, five layouts): 22-35% over the same kernel on copied tensors (0.28).
 #: The tile shape each model was fitted on: the forward's default on the GPU, the CPU plan's.
 TILES = {"cuda": (128, 64), "cpu": (64, 64)}
 TARGETS = tuple(COSTS)

@@ -243,13 +243,15 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
     sequence order and in the layout, the predicted cost of each (``ir.layout.layout_cost``),
     and whether ``SPATTN_LAYOUT=auto`` uses it (it pays by ``ir.layout.MARGIN`` and the call
     has at least ``AUTO_MIN_TOKENS`` tokens); ``gather``: how its tokens reach the kernels
-    (the layout's cost includes the gathers for "copy" only). The
+    (the layout's cost includes the gathers for "copy" only; "auto" takes the cheaper of
+    the two, reported as ``gather``). The
     extra tokens before and after the grid are ``extra_before`` and ``extra_after``."""
     from . import layout as LY
     r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
                   block_m=block_m, block_n=block_n, force=True, declared=LY.declared(pattern),
                   sequence=computed // (batch * num_heads), target=target,
                   gathers=gather == "copy")
+    r, gather = LY.resolve_gathers(r, gather, target, force=True)
     if r is None:
         return None
     useful = r.useful if r.useful is not None else allowed // (batch * num_heads)

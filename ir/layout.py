@@ -808,6 +808,25 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
     return r
 
 
+def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = False):
+    """``(remap, mode)``: how a layout's tokens reach the kernels. For ``mode`` "auto"
+    (``r`` chosen without the gathers' cost) the cheaper of "copy" (the layout's cost plus
+    its gathers, ``gather_token`` per token) and "kernel" (its cost times ``1 +
+    rows_factor``: row tables, no TMA) by ``ir.cost.COSTS[target]``, the remap's
+    ``cost_layout`` set to that mode's cost; None for the remap when that cost no longer
+    pays (:attr:`Remap.pays`, unless ``force``). Other modes are returned as they are."""
+    if r is None or mode != "auto":
+        return r, mode
+    from dataclasses import replace
+    from .cost import COSTS
+    c = COSTS[target]
+    copy = r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0)
+    kernel = r.cost_layout * (1.0 + c.get("rows_factor", 0.0))
+    mode = "kernel" if kernel < copy else "copy"
+    r = replace(r, cost_layout=min(copy, kernel))
+    return (r if force or r.pays else None), mode
+
+
 def _product_allowed(groups: list[Node], grid: Grid) -> int:
     """Allowed pairs of a product pattern: the product of each axis's allowed pairs."""
     from .evaluate import mask

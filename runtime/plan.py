@@ -505,11 +505,13 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings, gather="copy"):
     Lq, Lk = q.shape[2], k.shape[2]
     if settings.layout == "off" or inputs or (settings.layout == "auto"
                                               and Lq < AUTO_MIN_TOKENS):
-        return None
-    return choose(pattern.ir, Lq, Lk, Positions.of(Lq, Lk, q_offset).q_offset,
-                  num_heads=q.shape[1], force=settings.layout == "on",
-                  declared=declared(pattern), target="cuda" if q.is_cuda else "cpu",
-                  gathers=gather == "copy")
+        return None, gather
+    from ..ir.layout import resolve_gathers
+    target, force = "cuda" if q.is_cuda else "cpu", settings.layout == "on"
+    r = choose(pattern.ir, Lq, Lk, Positions.of(Lq, Lk, q_offset).q_offset,
+               num_heads=q.shape[1], force=force,
+               declared=declared(pattern), target=target, gathers=gather == "copy")
+    return resolve_gathers(r, gather, target, force)
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
@@ -533,11 +535,13 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
     with progress(f"building the {backend} plan of {pattern.name!r} for q "
                   f"{list(q.shape)} {str(q.dtype).replace('torch.', '')} (kernels, tables)"):
         if order is not None:
+            # a caller's order has no cost model to price its gathers: copies unless asked
             return OrderedPlan(pattern, backend, order, q, k, v, scale=scale, inputs=inputs,
-                               settings=settings, options=options, gather=gather)
+                               settings=settings, options=options,
+                               gather="copy" if gather == "auto" else gather)
         remap = None
         if layouts and getattr(pattern, "score", None) is None:
-            remap = choose_layout(pattern, q, k, q_offset, inputs, settings, gather)
+            remap, gather = choose_layout(pattern, q, k, q_offset, inputs, settings, gather)
         if remap is not None:
             return RemappedPlan(pattern, backend, remap, q, k, v, scale=scale,
                                 settings=settings, options=options, gather=gather)

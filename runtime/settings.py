@@ -26,9 +26,10 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
                             than the default configuration to replace it
 ``SPATTN_CACHE_DIR``        the kernel cache directory (default ``~/.cache/spattn``)
 ``SPATTN_LAYOUT``           ``auto``, ``off`` or ``on``: token layouts (docs/layouts.md)
-``SPATTN_LAYOUT_GATHER``    ``copy`` or ``kernel``: how a layout's or a caller's token order
-                            reaches the Triton kernels (copies in slot order, or row tables
-                            the kernels address rows through; docs/layouts.md)
+``SPATTN_LAYOUT_GATHER``    ``auto`` (default), ``copy`` or ``kernel``: how a layout's or a
+                            caller's token order reaches the Triton kernels (copies in slot
+                            order, or row tables the kernels address rows through; ``auto``:
+                            the cheaper by the cost model; docs/layouts.md)
 ``SPATTN_SCORE_LOAD``       ``pair``, ``early`` or ``gather``: how a score's tables are read in
                             the kernels (docs/backends.md, Scores)
 ``SPATTN_SCORE_INDEX``      ``auto``, ``clamp`` or ``mask``: how a score's table indices
@@ -78,7 +79,7 @@ _BWD_LOOPS = ("split", "fused")
 _TABLES = ("auto", "csr", "spans")
 _LAYOUTS = ("auto", "off", "on")
 #: How a permuted plan's tokens reach the Triton kernels (``SPATTN_LAYOUT_GATHER``).
-LAYOUT_GATHERS = ("copy", "kernel")
+LAYOUT_GATHERS = ("auto", "copy", "kernel")
 _SCORE_LOADS = ("pair", "early", "gather")
 _SCORE_INDEX = ("auto", "clamp", "mask")
 
@@ -127,7 +128,7 @@ class Settings:
     cache_dir: str | None = None
     interpret: bool = False
     layout: str = "auto"
-    layout_gather: str = "copy"
+    layout_gather: str = "auto"
     score_load: str = "pair"
     score_index: str = "auto"
     fast_tanh: bool | None = None
@@ -257,7 +258,7 @@ def parse(raw: tuple) -> Settings:
         interpret=interp not in (None, "", "0"),
         layout=_choice("SPATTN_LAYOUT", env["SPATTN_LAYOUT"], _LAYOUTS) or "auto",
         layout_gather=_choice("SPATTN_LAYOUT_GATHER", env["SPATTN_LAYOUT_GATHER"],
-                              LAYOUT_GATHERS) or "copy",
+                              LAYOUT_GATHERS) or "auto",
         score_load=_choice("SPATTN_SCORE_LOAD", env["SPATTN_SCORE_LOAD"],
                            _SCORE_LOADS) or "pair",
         score_index=_choice("SPATTN_SCORE_INDEX", env["SPATTN_SCORE_INDEX"],

@@ -304,3 +304,26 @@ def test_pays_is_what_choose_decides():
         N = shape[0] * shape[1]
         forced = LY.choose(pat.ir, N, N, 0, force=True)
         assert forced.pays is (LY.choose(pat.ir, N, N, 0) is not None)
+
+
+@pytest.mark.parametrize("rows_factor, want", [(0.0, "kernel"), (10.0, "copy")],
+                         ids=["rows-free", "rows-dear"])
+def test_auto_gathers_take_the_cheaper_way(rows_factor, want, monkeypatch):
+    """SPATTN_LAYOUT_GATHER=auto: the layout's cost with its gathers (copy) against its
+    cost times 1 + rows_factor (row tables), the cheaper kept as the remap's cost; a mode
+    that no longer pays drops the layout unless forced."""
+    from spattn.ir import cost as C
+    from spattn.ir import layout as LY
+    pat = spattn.compile("abs(q // 64 - k // 64) <= 4 & abs(q % 64 - k % 64) <= 4")
+    r = LY.choose(pat.ir, 4096, 4096, 0, num_heads=1, force=True, target="cuda",
+                  gathers=False)
+    monkeypatch.setitem(C.COSTS["cuda"], "rows_factor", rows_factor)
+    got, mode = LY.resolve_gathers(r, "auto", "cuda", force=True)
+    assert mode == want
+    copy = r.cost_layout + r.layout.padded_size * C.COSTS["cuda"]["gather_token"]
+    assert got.cost_layout == pytest.approx(min(copy, r.cost_layout * (1 + rows_factor)))
+    assert LY.resolve_gathers(r, "copy", "cuda") == (r, "copy")
+    monkeypatch.setitem(C.COSTS["cuda"], "gather_token", 1e9)
+    monkeypatch.setitem(C.COSTS["cuda"], "rows_factor", 1e9)
+    assert LY.resolve_gathers(r, "auto", "cuda")[0] is None
+    assert LY.resolve_gathers(r, "auto", "cuda", force=True)[0] is not None
