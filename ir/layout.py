@@ -814,16 +814,18 @@ def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = 
     its gathers, ``gather_token`` per token) and "kernel" (its cost times ``1 +
     rows_factor``: row tables, no TMA) by ``ir.cost.COSTS[target]``, the remap's
     ``cost_layout`` set to that mode's cost; None for the remap when that cost no longer
-    pays (:attr:`Remap.pays`, unless ``force``). Other modes are returned as they are."""
-    if r is None or mode != "auto":
+    pays (:attr:`Remap.pays`, unless ``force``). "kernel" is priced the same way (its
+    ``rows_factor``); "copy" (``r`` chosen with its gathers) is returned as it is."""
+    if r is None or mode == "copy":
         return r, mode
     from dataclasses import replace
     from .cost import COSTS
     c = COSTS[target]
     copy = r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0)
     kernel = r.cost_layout * (1.0 + c.get("rows_factor", 0.0))
-    mode = "kernel" if kernel < copy else "copy"
-    r = replace(r, cost_layout=min(copy, kernel))
+    if mode == "auto":
+        mode = "kernel" if kernel < copy else "copy"
+    r = replace(r, cost_layout=kernel if mode == "kernel" else copy)
     return (r if force or r.pays else None), mode
 
 

@@ -645,6 +645,11 @@ def _planned(plan, pattern, q, k, v, scale, q_offset, inputs) -> dict:
     return floats
 
 
+#: The types of a table the memo takes (a module's learnable table is a Parameter; only its
+#: shape, strides, dtype and device are read).
+_TABLE_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _signature(pattern, q, k, v, scale, q_offset, inputs):
     """What a call of a pattern with a score is checked on, for the last-call memo
     (``pattern._last``): the mask's part as :func:`spattn.runtime.api._signature` reads it
@@ -662,7 +667,7 @@ def _signature(pattern, q, k, v, scale, q_offset, inputs):
     tables = []
     for n in pattern.score_inputs:
         t = inputs.get(n)
-        if type(t) is not torch.Tensor or t.layout is not torch.strided or t.is_nested:
+        if type(t) not in _TABLE_TYPES or t.layout is not torch.strided or t.is_nested:
             return None
         tables += (n, t.shape, t.stride(), t.dtype, t.device)
     return ("score", sig, tuple(tables))

@@ -105,14 +105,17 @@ class Pattern(CompiledPattern):
         or ``"cpu"``; tiles default to that target's)."""
         from .ir.explain import explain
         from .runtime.progress import progress
+        from .runtime.plan import layout_gather
         from .runtime.settings import current
         inputs = _mask_inputs(self, inputs)
+        # the gathers a call on ``target`` would use: the torch backend always copies
+        backend = "torch" if self.backend == "torch" or target == "cpu" else "triton"
         Lk = Lq if Lk is None else Lk
         _checked(self, Lq, Lk, None, None, inputs)
         with _fits("the analysis"), progress(f"explaining {self.name!r} at Lq={Lq}, Lk={Lk}"):
             return explain(self, Lq, Lk, num_heads=num_heads, block_m=block_m,
                            block_n=block_n, inputs=inputs, target=target,
-                           gather=current().layout_gather)
+                           gather=layout_gather(None, current(), backend))
 
     def receptive_field(self, L: int, layers: int, **kwargs):
         """How much of the past each position reaches when the pattern is stacked ``layers`` deep."""

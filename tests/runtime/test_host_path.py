@@ -328,3 +328,30 @@ def test_a_scored_call_reuses_its_checks_and_sees_its_tables(backend, monkeypatc
     cap[1] = 0.0                                        # the divisor's values: every call
     with pytest.raises(SpattnInputError, match="divides by"):
         soft(q, k, v, cap=cap)
+
+
+def test_a_learnable_parameter_table_keeps_the_memo():
+    """A module's table is an ``nn.Parameter``: the memo takes it (its shape is what the
+    checks read), and an optimiser step written in place is seen by the next call."""
+    pat = spattn.compile("causal & window(12)", score="s + rel[h, clamp(q - k, 0, 11)]",
+                         backend="torch")
+    q, k, v = qkv()
+    rel = torch.nn.Parameter(torch.randn(2, 12))
+    pat(q, k, v, rel=rel)
+    assert pat._last is not None
+    plan = pat._last[1][0]
+    with torch.no_grad():
+        rel.add_(1.5)
+    out = pat(q, k, v, rel=rel)
+    assert pat._last[1][0] is plan
+    assert torch.allclose(out.double(), _scored_reference(pat, q, k, v, rel=rel.detach()),
+                          atol=1e-4)
+
+
+def test_explain_prices_the_gathers_a_torch_call_would_use(monkeypatch):
+    """Under SPATTN_LAYOUT_GATHER=auto, explain() for a torch-backend pattern prices the
+    copies its plan would make (the torch backend never uses row tables)."""
+    monkeypatch.delenv("SPATTN_LAYOUT_GATHER", raising=False)
+    pat = spattn.compile("dilated(256, 4)", backend="torch")
+    lay = pat.explain(4096).layout
+    assert lay is not None and lay["gather"] == "copy"
