@@ -685,7 +685,7 @@ class _Emitter(Visitor):
         parts = [x for _, x in rows]
         if cols:
             col = _chain(op, [x for _, x in cols])
-            parts.append(_par(col) if len(cols) > 1 and parts else col)
+            parts.append(_par(col) if len(cols) > 1 and (parts or wide or lead) else col)
         small = _chain(op, parts) if parts else None
         if small is not None and len(parts) > 1 and (wide or lead):
             small = _par(small)

@@ -63,7 +63,7 @@ from .emit import HELPERS, NONNEG_VARS, TANH_HELPER, _mentions, emit
 from .config import next_pow2
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "20"
+CODEGEN_VERSION = "21"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -365,7 +365,9 @@ class ScoreCode:
     ``early``: with ``score_load="early"``, the lines that do not read ``s`` (indices,
     table loads: their addresses depend on positions only), which the templates place
     before the q·k dot; ``late`` the others (all the lines otherwise); ``fast_tanh``: the
-    code calls ``_tanh_approx``."""
+    code calls ``_tanh_approx``. ``row_lines`` and ``row_value``: the score's terms of the
+    query alone (in log2 units), which ``value`` leaves out and the kernels add to each
+    row's log-sum-exp (None: no such terms)."""
     lines: tuple[str, ...]
     value: str
     deriv: str | None
@@ -381,6 +383,8 @@ class ScoreCode:
     log2: bool = False
     scaled: bool = True
     raw: str = "b_s"
+    row_lines: tuple[str, ...] = ()
+    row_value: str | None = None
 
     @property
     def unit_deriv(self) -> bool:
@@ -427,8 +431,8 @@ _RAW = {"fwd": "b_s", "dq": "b_s", "dkdv": "b_qkt"}
 def _emit_score(pattern, kind: str, int64: bool, config, log2: bool):
     """One emission of the score's roots for the ``kind`` kernel, its value in log2 units or
     natural ones: ``(Emitted, the ScoreGrads or None (forward), the table loads (dQ))``."""
-    from ..ir.score import TILE_QUERY, emitted_form, grads as score_grads, reciprocal
-    roots, names = [emitted_form(pattern.score, log2)], ["b_f"]
+    from ..ir.score import TILE_QUERY, emitted_form, grads as score_grads, reciprocal, row_terms
+    roots, names = [row_terms(emitted_form(pattern.score, log2))[0]], ["b_f"]
     g = None
     if kind != "fwd":
         g = score_grads(pattern.score)
@@ -453,6 +457,28 @@ def _emit_score(pattern, kind: str, int64: bool, config, log2: bool):
               table_index=getattr(config, "score_index", "mask"),
               fast_tanh=getattr(config, "fast_tanh", False), gather=gather)
     return em, g, loads
+
+
+def _row_code(pattern, int64: bool, config, log2: bool):
+    """``(lines, value, Emitted)``: the score's terms constant along a row
+    (:func:`spattn.ir.score.row_terms`), in log2 units whatever the score's, as code of the
+    query positions ``o_q`` and the tile's first query ``o_r``; ``((), None, None)`` when
+    there are none. The kernels add them to the row's log-sum-exp instead of to every pair."""
+    from ..ir import build
+    from ..ir.score import LOG2E, TILE_QUERY, emitted_form, row_terms
+    rows = row_terms(emitted_form(pattern.score, log2))[1]
+    if rows is None:
+        return (), None, None
+    if not log2:
+        rows = build.fmul(rows, build.fconst(LOG2E))
+    env = dict(ENV, s="b_x", s_raw="b_s", s_scale="sm_scale", **{TILE_QUERY: "o_r"})
+    em = emit([rows], env, loop_vars=tuple(ENV) + (TILE_QUERY,), result_names=["b_rw"],
+              prefix="sr_", int64=int64, table_index=getattr(config, "score_index", "mask"),
+              fast_tanh=getattr(config, "fast_tanh", False))
+    lines = tuple(em.outer) + tuple(em.inner)
+    if any(_mentions(x, "o_r") for x in lines + tuple(em.results)):
+        lines = ("o_r = tl.min(o_q)",) + lines
+    return lines, em.results[0], em
 
 
 def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | None:
@@ -488,15 +514,19 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
                         + ((f"P{n.upper()}_ptr",) if n in slots else ())) \
         if kind == "dq" else ()
     from ..ir.nodes import Score, free_vars, walk
-    tiled = any(isinstance(n, Score) for n in walk(pattern.score)) or \
-        {"q", "k"} <= free_vars(pattern.score)
+    from ..ir.score import emitted_form, row_terms
+    kept = row_terms(emitted_form(pattern.score, log2))[0]
+    tiled = any(isinstance(n, Score) for n in walk(kept)) or {"q", "k"} <= free_vars(kept)
+    row_lines, row_value, rem = _row_code(pattern, int64, config, log2)
     early, late = ((), lines)
     if getattr(config, "score_load", "pair") in ("early", "gather"):
         early, late = _split_early(lines, (raw, "b_x"))
     scaled = any(_mentions(x, "b_x") for x in lines + tuple(res))
     return ScoreCode(lines, res[0], res[1] if g is not None else None, inputs,
                      tuple(_input_params(dict(pattern.score_inputs))), tuple(tg), grad_params,
-                     em.uses_helpers, tiled, early, late, em.uses_tanh, log2, scaled, raw)
+                     em.uses_helpers or bool(rem and rem.uses_helpers), tiled, early, late,
+                     em.uses_tanh or bool(rem and rem.uses_tanh), log2, scaled, raw,
+                     row_lines, row_value)
 
 
 def _score_lines(em, config) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ from .nodes import (FAdd, FCall, FConst, FDiv, FLoad, FMul, FSelect, Node, Score
 from .visitor import Visitor, rule
 
 __all__ = ["LOG2E", "TILE_QUERY", "ScoreGrads", "derivative", "emitted_form", "grads",
-           "reciprocal", "score_values", "score_env", "split_tile_query"]
+           "reciprocal", "row_terms", "score_values", "score_env", "split_tile_query"]
 
 #: ``log2(e)``: a score in log2 units is the natural one times this.
 LOG2E = 1.4426950408889634
@@ -367,3 +367,30 @@ def emitted_form(score: Node, log2: bool) -> Node:
     first query (:func:`split_tile_query`). The same value as ``score`` (times ``log2(e)``)
     up to float rounding."""
     return build.fadd(*_expand(reciprocal(score), build.fconst(LOG2E if log2 else 1.0)))
+
+
+def _of_row(n: Node) -> bool:
+    """``n`` is constant along a row of the tile: it reads neither ``s`` nor the key."""
+    return "k" not in free_vars(n) and not any(isinstance(x, Score) for x in walk(n))
+
+
+@lru_cache(maxsize=256)
+def row_terms(form: Node) -> tuple[Node, Node | None]:
+    """``(rest, rows)``: an emitted score (:func:`emitted_form`) split into the terms that
+    vary with the key or ``s`` and the sum of those that do not (ALiBi's ``-m * (q - r)``
+    after the split at the tile's first query ``r``, a bias of the query or the head alone);
+    ``rows`` is None when the score is not such a sum or has no such term.
+
+    The softmax of a row is unchanged by a term constant along it, so the kernels leave
+    ``rows`` out of every pair and add it to the row's log-sum-exp instead, one value per
+    row (``docs/backends.md``, "Scores"): ALiBi then costs one multiply-add per pair instead
+    of two. A row whose ``rows`` is ``-inf`` allows nothing (its output is 0, as when the
+    whole row's score is ``-inf``); ``+inf`` or NaN there makes the row NaN, as it would
+    have."""
+    if not isinstance(form, FAdd):
+        return form, None
+    rows = [t for t in form.args if _of_row(t)]
+    rest = [t for t in form.args if not _of_row(t)]
+    if not rows or not rest:
+        return form, None
+    return build.fadd(*rest), build.fadd(*rows)

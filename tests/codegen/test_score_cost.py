@@ -13,14 +13,17 @@ GPU = SimpleNamespace(fast_tanh=True, score_load="pair", score_index="clamp")
 
 # (id, score, params, most operations per pair it may add, units)
 COSTS = [
-    ("alibi-slope", "alibi(alibi_slope)", {}, 2, "log2"),
-    ("alibi-list", "alibi(m[h])", {"m": [0.5, 0.25]}, 2, "log2"),
+    # the term of the query alone goes to the row's lse: one FMA with a column vector
+    ("alibi-slope", "alibi(alibi_slope)", {}, 1, "log2"),
+    ("alibi-list", "alibi(m[h])", {"m": [0.5, 0.25]}, 1, "log2"),
     ("softcap", "softcap(30.0)", {}, 3, "log2"),
-    ("q-and-k-terms", "s + w[q] + u[k]", {}, 2, "log2"),
+    ("q-and-k-terms", "s + w[q] + u[k]", {}, 1, "log2"),
     ("per-head-temperature", "s * t[h]", {}, 1, "log2"),
-    ("int-distance", "s - 0.5 * (q - k)", {}, 2, "log2"),
-    # several key terms are summed on the column before they meet the row
-    ("rows-and-columns", "s - 0.25 * (q - k) + w[k % 8] + v[k]", {}, 2, "log2"),
+    ("int-distance", "s - 0.5 * (q - k)", {}, 1, "log2"),
+    # several key terms are summed on the column before they meet the tile
+    ("rows-and-columns", "s - 0.25 * (q - k) + w[k % 8] + v[k]", {}, 1, "log2"),
+    # a row term inside a function is no term of the sum: it stays on the pairs
+    ("row-inside-tanh", "softcap(30.0) + 0.5 * float(q)", {}, 3, "log2"),
     ("product-of-vectors", "s * w[q] * u[k] * t[h]", {}, 2, "log2"),
     # a pairwise table read pays its index and load; natural units save the multiply
     # of the loaded value by log2(e)
@@ -38,17 +41,33 @@ def test_score_adds_at_most(score, params, most, units):
 
 def test_the_cost_is_the_forward_kernels():
     """The counted lines are the generated forward's: ALiBi's score is one FMA of the q·k
-    tile and one add of a row and a column vector; the softmax takes it without a scale."""
+    tile and a column vector; its term of the query alone shifts the row's lse in the
+    epilogue; the softmax takes the score without a scale."""
     p = spattn.compile("causal", score="alibi(alibi_slope)")
     text = p.kernel_source("fwd")
     flat = "".join(text.split())                # long lines are wrapped in the file
     sc = _score_code(p, "fwd", False, GPU)
-    for line in sc.lines:
+    for line in sc.lines + sc.row_lines:
         assert "".join(line.split()) in flat
-    assert "b_f=b_s*(sm_scale*1.4426950408889634)+(" in flat
-    assert "tl.cast(o_k - o_r, tl.float32)" in text and "tl.cast(-o_q + o_r, tl.float32)" in text
+    assert "b_f=b_s*(sm_scale*1.4426950408889634)+" in flat
+    assert "tl.cast(o_k-o_r,tl.float32)" in flat
+    assert not any("o_q" in line for line in sc.lines if not line.startswith("o_r ="))
+    assert "".join(sc.row_value.split()) == "b_rw" and "lse=tl.where(m_none" in flat
     assert "b_p = tl.math.exp2(b_s - m_use[:, None])" in text
     assert "b_x" not in text
+
+
+def test_row_terms_of_the_score():
+    """The terms constant along a row are split from a sum only: from ALiBi's split
+    difference, a bias of the head; never a term inside a function of the whole score."""
+    from spattn.ir.score import emitted_form, row_terms
+    for score, rows in [("alibi(alibi_slope)", 1), ("s + w[q] + u[k] + t[h]", 2),
+                        ("softcap(30.0)", 0), ("s * t[h]", 0), ("s + 0.5 * float(k)", 0)]:
+        p = spattn.compile("causal", score=score)
+        rest, row = row_terms(emitted_form(p.score, True))
+        assert (row is not None) == bool(rows), score
+        if row is not None:
+            assert len(getattr(row, "args", (row,))) == rows or rows == 1, score
 
 
 @pytest.mark.parametrize("lines,value,ops", [

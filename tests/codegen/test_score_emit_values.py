@@ -2,7 +2,8 @@
 emitted for each kernel (forward, dQ, and dK/dV's transposed tile), their lines run with
 ``tl`` standing for torch in float64, against the IR's own evaluation: the value (in the
 units the kernel chose) and ``d score / d s``. This checks the emitter's grouping of float
-operands by tile axes, the folded scale and the split differences, exactly, without the
+operands by tile axes, the folded scale and the split differences, and the terms of the query
+alone that the kernels move to the row's lse (added back here), exactly, without the
 interpreter."""
 import math
 from types import SimpleNamespace
@@ -79,6 +80,9 @@ def test_emitted_lines_compute_the_score(f, off, seed):
             names["b_x"] = names[sc.raw] * scale
             ns = _run(sc, names)
             got = eval(sc.value, ns) + torch.zeros_like(names[sc.raw])
+            if sc.row_value is not None:      # the terms of the query alone, in log2 units
+                rows = _run(SimpleNamespace(lines=sc.row_lines), names)
+                got = got + eval(sc.row_value, rows) / (1.0 if sc.log2 else LOG2E)
             exp_v = want[0, h] * (LOG2E if sc.log2 else 1.0)
             got = t(got)
             torch.testing.assert_close(got, exp_v, atol=1e-9, rtol=1e-9, equal_nan=True,
