@@ -64,6 +64,7 @@ class Call:
     int64: bool = False
     ranges_ok: bool = True
     tables: dict = None               # a score's float tables (as given to the first call)
+    tile_prior: bool = False          # a token layout's call: tables.layout_tiles applies
 
     @classmethod
     def of(cls, pattern, q, k, *, scale: float, q_offset, inputs, settings=None,
@@ -328,6 +329,9 @@ class PermutedPlan(Plan):
     the caller gave) differ only in where the order and the pattern over slots come from."""
 
     gather = "copy"
+    #: The inner call's forward tiles follow :func:`spattn.runtime.tables.layout_tiles`
+    #: when nothing else chooses them (a layout the compiler chose, whose tiles it knows).
+    tile_prior = False
 
     def _build_inner(self, inner, backend, q, k, v, *, scale, inputs, settings, options,
                      gather="copy"):
@@ -344,6 +348,7 @@ class PermutedPlan(Plan):
             self.rows = RowTables.of(table, table, N, N)
             call = Call.of(inner, qs, ks, scale=scale, q_offset=None, inputs=inputs,
                            settings=settings, backend=backend)
+            call.tile_prior = self.tile_prior
             # the kernels compute element offsets in the caller's tensors
             call.int64 = call.int64 or max(_extent(t) for t in (q, k, v)) > INT32_OFFSET
             self.inner = Plan(inner, backend, call, q, k, v, options, rows=self.rows)
@@ -351,7 +356,7 @@ class PermutedPlan(Plan):
         else:
             self.inner = build_plan(inner, backend, qs, ks, vs, scale=scale, q_offset=None,
                                     inputs=inputs, settings=settings, options=options,
-                                    layouts=False)
+                                    layouts=False, tile_prior=self.tile_prior)
         self.call = self.inner.call
         self.forward_stage = self.inner.forward_stage
 
@@ -401,6 +406,8 @@ class RemappedPlan(PermutedPlan):
     """A plan that runs its pattern in a token layout (docs/layouts.md): the order is the
     layout's box order (padding slots read token 0 and are masked out) and the pattern over
     slots the remapped pattern."""
+
+    tile_prior = True
 
     def __init__(self, pattern, backend: str, remap, q, k, v, *, scale, settings, options,
                  gather="copy"):
@@ -516,14 +523,15 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings, gather="copy"):
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
                settings=None, options=None, layouts: bool = True, tables=None,
-               order=None) -> Plan:
+               order=None, tile_prior: bool = False) -> Plan:
     """A new :class:`Plan` (arguments already validated: ``api.validate``); an
     :class:`OrderedPlan` for a caller's token ``order`` (its values checked there:
     :func:`permutation`), else a :class:`RemappedPlan` when the pattern runs in a token
     layout (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
     (and tuned) with; each call passes its own (``runtime.scores``). The option
     ``layout_gather`` ("copy" or "kernel", default the setting ``SPATTN_LAYOUT_GATHER``)
-    says how a permuted plan's tokens reach the Triton kernels (:class:`PermutedPlan`)."""
+    says how a permuted plan's tokens reach the Triton kernels (:class:`PermutedPlan`).
+    ``tile_prior``: the call is a token layout's (:attr:`Call.tile_prior`)."""
     from .api import check_grid
     from .progress import progress
     from .usage import warn_if_empty
@@ -547,6 +555,7 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
                                 settings=settings, options=options, gather=gather)
         call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
                        settings=settings, backend=backend, tables=tables)
+        call.tile_prior = tile_prior
         plan = Plan(pattern, backend, call, q, k, v, options)
     warn_if_empty(call)
     return plan

@@ -278,6 +278,38 @@ def _order(work, B, HO, tile, transposed, Lq, Lk) -> torch.Tensor:
     return _grid_order(work, B, HO)
 
 
+#: The forward tiles of a token layout's call when nothing else chooses them (no
+#: autotuning, no tile given): ``(block_m, block_n, num_warps, num_stages)`` for every
+#: computed tile FULL at 128 x 128, and for tiles whose 64 x 64 classes compute at most
+#: :data:`LAYOUT_SMALL_PAIRS` of the pairs of the default 128 x 64 ones. Measured on an
+#: H200 (benchmarks/RESULTS.md, "token layouts"): strided FLUX and Hunyuan neighbourhoods
+#: (every tile FULL) run 16-17% faster in 128 x 128 tiles than in 128 x 64, their windows
+#: (a third to three quarters of the tiles PARTIAL) 17-18% faster in 64 x 64.
+LAYOUT_FULL_TILES = (128, 128, 8, 3)
+LAYOUT_SMALL_TILES = (64, 64, 4, 3)
+LAYOUT_SMALL_PAIRS = 0.95
+
+
+def layout_tiles(analysis: "Analysis") -> tuple | None:
+    """The forward tile prior of a token layout's call (:data:`LAYOUT_FULL_TILES`,
+    :data:`LAYOUT_SMALL_TILES`) from its tile classes at 64 x 64 (pooled to 128 x 64 and
+    128 x 128: one classification, which the 64 x 64 forward then reuses), or None (the
+    default tiles)."""
+    (fine, c64), = analysis.classes([(64, 64)])
+    c_def = _pool(c64, fine, (128, 64), analysis.Lq, analysis.Lk)
+    c_big = _pool(c64, fine, (128, 128), analysis.Lq, analysis.Lk)
+    small, default, partial = torch.stack([(c64 != EMPTY).sum() * (64 * 64),
+                                           (c_def != EMPTY).sum() * (128 * 64),
+                                           (c_big == PARTIAL).sum()]).tolist()
+    if default == 0:
+        return None
+    if partial == 0:
+        return LAYOUT_FULL_TILES
+    if small <= LAYOUT_SMALL_PAIRS * default:
+        return LAYOUT_SMALL_TILES
+    return None
+
+
 class Analysis:
     """The tile classes and tables of one call: ``pattern`` at ``Lq`` x ``Lk`` with
     ``B`` batches, ``H`` query heads, the query offset and the runtime ``inputs``

@@ -254,10 +254,26 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
     q, k = tensors[0], tensors[1]
     if getattr(call.pattern, "score", None) is not None:
         _score_options(call, opts, q.dtype)
+    if kind == "fwd" and call.tile_prior:
+        _layout_tiles(call, opts, q)
     return _tune.tuned_options(
         call.pattern, kind, head_dim=q.shape[-1], dtype=q.dtype, device=q.device,
         Lq=call.Lq, Lk=call.Lk, BH=q.shape[0] * q.shape[1], options=opts, run=run,
         compile_only=compile_only, settings=call.settings, rows=lambda: rows_bucket(call))
+
+
+def _layout_tiles(call, opts: dict, q) -> None:
+    """A token layout's forward tiles (:func:`spattn.runtime.tables.layout_tiles`, measured
+    for 16-bit inputs with D = 65..128 on an H200) where neither the call, the settings nor
+    the autotuner choose them."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or not 64 < q.shape[-1] <= 128 \
+            or call.settings.interpret or _tune.enabled(q.device, call.settings) \
+            or _tune.explicit("fwd", opts, call.settings):
+        return
+    from .tables import layout_tiles
+    tiles = layout_tiles(call.analysis)
+    if tiles is not None:
+        opts.update(zip(("block_m", "block_n", "num_warps", "num_stages"), tiles))
 
 
 def _score_options(call, opts: dict, dtype) -> None:
