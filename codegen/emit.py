@@ -50,6 +50,7 @@ from ..ir.build import SCORE
 from ..ir.visitor import MaskPass, Visitor, rule
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 def _fit(v: int) -> int:
@@ -627,12 +628,28 @@ class _Emitter(Visitor):
             return f"{x} == {x}"
         if lo is not None and hi is not None and lo == hi:
             return f"{x} == {lo}"
+        if lo is not None and hi is not None and self._unsigned_range(n.x, lo, hi):
+            # lo <= x <= hi as one unsigned comparison: (x - lo) mod 2**32 <= hi - lo
+            return f"tl.cast({x} - {lo}, tl.uint32) <= {hi - lo}" if lo else \
+                f"tl.cast({x}, tl.uint32) <= {hi}"
         parts = []
         if lo is not None:
             parts.append(f"{x} >= {lo}")
         if hi is not None:
             parts.append(f"{x} <= {hi}")
         return parts[0] if len(parts) == 1 else f"({parts[0]}) & ({parts[1]})"
+
+    def _unsigned_range(self, x: Node, lo: int, hi: int) -> bool:
+        """Whether ``lo <= x <= hi`` may be emitted as one unsigned 32-bit comparison: ``x`` a
+        32-bit kernel integer of the tile (positions; no 64-bit kernel, no loaded value, which
+        is int64), the bounds 32-bit and ``0 < hi - lo < 2**31``. Then ``(x - lo) mod 2**32 <=
+        hi - lo`` exactly when ``lo <= x <= hi``, whatever ``x - lo`` wraps to: one comparison
+        per pair instead of two and an ``&``."""
+        if self.int64 or not (INT32_MIN <= lo < hi <= INT32_MAX) or hi - lo >= 1 << 31:
+            return False
+        if not free_vars(x) & {"q", "k"}:
+            return False
+        return not any(isinstance(t, Load) for t in walk(x))
 
     @rule(IsPow2)
     def is_pow2(self, n, c):
