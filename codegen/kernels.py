@@ -63,7 +63,7 @@ from .emit import HELPERS, NONNEG_VARS, TANH_HELPER, _mentions, emit
 from .config import next_pow2
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "22"
+CODEGEN_VERSION = "23"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -367,7 +367,8 @@ class ScoreCode:
     before the q·k dot; ``late`` the others (all the lines otherwise); ``fast_tanh``: the
     code calls ``_tanh_approx``. ``row_lines`` and ``row_value``: the score's terms of the
     query alone (in log2 units), which ``value`` leaves out and the kernels add to each
-    row's log-sum-exp (None: no such terms)."""
+    row's log-sum-exp (None: no such terms); ``factor``: a positive constant that
+    ``value`` leaves out and the softmax's multiply-add applies (:attr:`mult`)."""
     lines: tuple[str, ...]
     value: str
     deriv: str | None
@@ -385,6 +386,16 @@ class ScoreCode:
     raw: str = "b_s"
     row_lines: tuple[str, ...] = ()
     row_value: str | None = None
+    factor: str | None = None
+
+    @property
+    def mult(self) -> str:
+        """What the softmax multiplies ``value`` by (`` * x``, or nothing): the natural
+        units' ``log2(e)`` (the argument ``sm_scale_log2``) and the score's constant
+        ``factor``."""
+        if self.factor is None:
+            return "" if self.log2 else " * sm_scale_log2"
+        return f" * {self.factor}" if self.log2 else f" * (sm_scale_log2 * {self.factor})"
 
     @property
     def unit_deriv(self) -> bool:
@@ -431,8 +442,8 @@ _RAW = {"fwd": "b_s", "dq": "b_s", "dkdv": "b_qkt"}
 def _emit_score(pattern, kind: str, int64: bool, config, log2: bool):
     """One emission of the score's roots for the ``kind`` kernel, its value in log2 units or
     natural ones: ``(Emitted, the ScoreGrads or None (forward), the table loads (dQ))``."""
-    from ..ir.score import TILE_QUERY, emitted_form, grads as score_grads, reciprocal, row_terms
-    roots, names = [row_terms(emitted_form(pattern.score, log2))[0]], ["b_f"]
+    from ..ir.score import TILE_QUERY, grads as score_grads, reciprocal
+    roots, names = [_kept(pattern.score, log2)[0]], ["b_f"]
     g = None
     if kind != "fwd":
         g = score_grads(pattern.score)
@@ -457,6 +468,16 @@ def _emit_score(pattern, kind: str, int64: bool, config, log2: bool):
               table_index=getattr(config, "score_index", "mask"),
               fast_tanh=getattr(config, "fast_tanh", False), gather=gather)
     return em, g, loads
+
+
+def _kept(score, log2: bool):
+    """``(value, factor)``: what the kernels compute per pair of the emitted score
+    (:func:`spattn.ir.score.emitted_form`): without its terms of the query alone
+    (:func:`~spattn.ir.score.row_terms`, added to the row's lse) and without a positive
+    constant factor (:func:`~spattn.ir.score.outer_factor`, ``factor``: applied by the
+    softmax's own multiply-add; None without one)."""
+    from ..ir.score import emitted_form, outer_factor, row_terms
+    return outer_factor(row_terms(emitted_form(score, log2))[0])
 
 
 def _row_code(pattern, int64: bool, config, log2: bool):
@@ -514,8 +535,7 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
                         + ((f"P{n.upper()}_ptr",) if n in slots else ())) \
         if kind == "dq" else ()
     from ..ir.nodes import Score, free_vars, walk
-    from ..ir.score import emitted_form, row_terms
-    kept = row_terms(emitted_form(pattern.score, log2))[0]
+    kept, factor = _kept(pattern.score, log2)
     tiled = any(isinstance(n, Score) for n in walk(kept)) or {"q", "k"} <= free_vars(kept)
     row_lines, row_value, rem = _row_code(pattern, int64, config, log2)
     early, late = ((), lines)
@@ -526,7 +546,7 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
                      tuple(_input_params(dict(pattern.score_inputs))), tuple(tg), grad_params,
                      em.uses_helpers or bool(rem and rem.uses_helpers), tiled, early, late,
                      em.uses_tanh or bool(rem and rem.uses_tanh), log2, scaled, raw,
-                     row_lines, row_value)
+                     row_lines, row_value, None if factor is None else repr(factor))
 
 
 def _score_lines(em, config) -> tuple[str, ...]:
@@ -563,6 +583,12 @@ class KernelData:
     @property
     def fast_tanh(self) -> bool:
         return self.score is not None and self.score.fast_tanh
+
+    @property
+    def mult(self) -> str:
+        """The softmax's multiplier of the score tile (:attr:`ScoreCode.mult`; the scale in
+        log2 units, ``sm_scale_log2``, for a pattern without a score)."""
+        return " * sm_scale_log2" if self.score is None else self.score.mult
 
 
 def _helpers(*data: KernelData) -> str:

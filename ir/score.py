@@ -33,7 +33,8 @@ from .nodes import (FAdd, FCall, FConst, FDiv, FLoad, FMul, FSelect, Node, Score
 from .visitor import Visitor, rule
 
 __all__ = ["LOG2E", "TILE_QUERY", "ScoreGrads", "derivative", "emitted_form", "grads",
-           "reciprocal", "row_terms", "score_values", "score_env", "split_tile_query"]
+           "outer_factor", "reciprocal", "row_terms", "score_values", "score_env",
+           "split_tile_query"]
 
 #: ``log2(e)``: a score in log2 units is the natural one times this.
 LOG2E = 1.4426950408889634
@@ -394,3 +395,23 @@ def row_terms(form: Node) -> tuple[Node, Node | None]:
     if not rows or not rest:
         return form, None
     return build.fadd(*rest), build.fadd(*rows)
+
+
+@lru_cache(maxsize=256)
+def outer_factor(form: Node) -> tuple[Node, float | None]:
+    """``(rest, c)``: an emitted score that is a product with one positive finite constant
+    factor ``c`` (softcap's ``30 * tanh(s / 30)``), as ``rest * c``; ``(form, None)``
+    otherwise. The kernels' softmax multiplies every score by a scale anyway (``exp2(b *
+    scale - m)``, one multiply-add, and the row max by it): ``c`` joins that scale, one
+    operation per pair fewer. Exact up to rounding: ``max(c * x) = c * max(x)`` for ``c > 0``,
+    and ``-inf`` stays ``-inf``."""
+    if not isinstance(form, FMul):
+        return form, None
+    consts = [a for a in form.args if isinstance(a, FConst)]
+    if len(consts) != 1:
+        return form, None
+    c = float(consts[0].value)
+    if not (0.0 < c < float("inf")):
+        return form, None
+    rest = [a for a in form.args if a is not consts[0]]
+    return (build.fmul(*rest) if len(rest) > 1 else rest[0]), c

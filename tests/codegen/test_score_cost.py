@@ -16,14 +16,16 @@ COSTS = [
     # the term of the query alone goes to the row's lse: one FMA with a column vector
     ("alibi-slope", "alibi(alibi_slope)", {}, 1, "log2"),
     ("alibi-list", "alibi(m[h])", {"m": [0.5, 0.25]}, 1, "log2"),
-    ("softcap", "softcap(30.0)", {}, 3, "log2"),
+    # the constant factor 30 * log2(e) joins the softmax's multiply-add
+    ("softcap", "softcap(30.0)", {}, 2, "log2"),
     ("q-and-k-terms", "s + w[q] + u[k]", {}, 1, "log2"),
     ("per-head-temperature", "s * t[h]", {}, 1, "log2"),
     ("int-distance", "s - 0.5 * (q - k)", {}, 1, "log2"),
     # several key terms are summed on the column before they meet the tile
     ("rows-and-columns", "s - 0.25 * (q - k) + w[k % 8] + v[k]", {}, 1, "log2"),
     # a row term inside a function is no term of the sum: it stays on the pairs
-    ("row-inside-tanh", "softcap(30.0) + 0.5 * float(q)", {}, 3, "log2"),
+    ("row-beside-softcap", "softcap(30.0) + 0.5 * float(q)", {}, 2, "log2"),
+    ("row-inside-tanh", "30.0 * tanh(s / 30.0 + 0.5 * float(q))", {}, 3, "log2"),
     ("product-of-vectors", "s * w[q] * u[k] * t[h]", {}, 2, "log2"),
     # a pairwise table read pays its index and load; natural units save the multiply
     # of the loaded value by log2(e)
@@ -92,7 +94,7 @@ def test_softcap_without_the_fast_tanh():
     constant of s / c, as the scale does."""
     p = spattn.compile("causal", score="softcap(30.0)")
     cfg = SimpleNamespace(**dict(vars(GPU), fast_tanh=False))
-    assert score_cost(p, cfg) <= 4
+    assert score_cost(p, cfg) <= 3
     assert "tl.sigmoid(b_s * (sm_scale * 0.06666666666666667))" in _score_code(
         p, "fwd", False, cfg).lines[-1]
 

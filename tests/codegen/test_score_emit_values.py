@@ -3,8 +3,8 @@ emitted for each kernel (forward, dQ, and dK/dV's transposed tile), their lines 
 ``tl`` standing for torch in float64, against the IR's own evaluation: the value (in the
 units the kernel chose) and ``d score / d s``. This checks the emitter's grouping of float
 operands by tile axes, the folded scale and the split differences, and the terms of the query
-alone that the kernels move to the row's lse (added back here), exactly, without the
-interpreter."""
+alone that the kernels move to the row's lse and the constant factor their softmax applies
+(both added back here), exactly, without the interpreter."""
 import math
 from types import SimpleNamespace
 
@@ -80,6 +80,8 @@ def test_emitted_lines_compute_the_score(f, off, seed):
             names["b_x"] = names[sc.raw] * scale
             ns = _run(sc, names)
             got = eval(sc.value, ns) + torch.zeros_like(names[sc.raw])
+            if sc.factor is not None:         # the constant factor the softmax applies
+                got = got * float(sc.factor)
             if sc.row_value is not None:      # the terms of the query alone, in log2 units
                 rows = _run(SimpleNamespace(lines=sc.row_lines), names)
                 got = got + eval(sc.row_value, rows) / (1.0 if sc.log2 else LOG2E)

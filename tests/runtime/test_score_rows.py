@@ -1,7 +1,8 @@
 """Scores whose sum has terms of the query alone (ALiBi's ``-m * (q - r)`` after the split at
 the tile's first query, a bias of the query or the head): the Triton kernels leave those
 terms out of every pair and add them to the row's log-sum-exp (``ir.score.row_terms``,
-docs/backends.md "Scores"). Under the interpreter, against the float64 reference: the
+docs/backends.md "Scores"); a positive constant factor of the rest (softcap's) joins the
+softmax's scale (``ir.score.outer_factor``). Under the interpreter, against the float64 reference: the
 output, the lse the call returns, and the gradients to q, k, v and the learnable tables;
 a row whose term is ``-inf`` allows nothing (output 0, lse ``-inf``, no gradient)."""
 import pytest
@@ -22,6 +23,9 @@ CASES = [
      {"w": (H, 48), "u": (48,), "t": (H,)}),
     ("query-term-over-full", "full", "s - 0.5 * float(q) + 0.25 * float(k)", {}),
     ("learned-slope", "causal", "s - m[h] * float(q - k)", {"m": (H,)}),
+    # softcap's constant factor goes to the softmax's scale, its row terms to the lse
+    ("softcap-beside-row-terms", "causal & window(30)", "softcap(3.0) + 0.25 * float(q) + t[h]",
+     {"t": (H,)}),
     # log(0) = -inf: the first query's row allows nothing
     ("row-at-minus-inf", "causal", "s + log(float(q))", {}),
 ]
@@ -81,5 +85,9 @@ def test_every_kernel_moves_the_rows():
         assert sc.row_lines and not any("o_q" in line for line in sc.lines
                                          if not line.startswith("o_r ="))
     assert "lse = tl.where(m_none, float(\"-inf\"), lse + b_rw * LN2)" in p.kernel_source("fwd")
+    soft = spattn.compile("causal", score="softcap(3.0) + 0.25 * float(q)")
+    for kind in ("fwd", "dq", "dkdv"):
+        sc = _score_code(soft, kind, False)
+        assert sc.row_value is not None and float(sc.factor) == pytest.approx(3.0 * 1.4426950408889634)
     assert "b_lse - (" in "".join(p.kernel_source("bwd").split(" ")) or \
         "(b_lse[None, :] - (" in p.kernel_source("bwd")
