@@ -1,0 +1,193 @@
+"""Per-head key orders: a pattern whose keys split into a class chosen per head, run with
+each head's class keys first.
+
+S2-Attention's head stripes (``causal & (q - k < 1024 | k % 16 == h)``: each head sees a
+local window and its own residue class of keys) have, in sequence order, a few allowed keys
+in every key tile, so every causal tile is computed. A per-head key order puts, for head
+``h``, the keys of its class first (in sequence order) and every other key after them (in
+sequence order); queries keep their positions. The class is then a contiguous run of key
+slots and a window over the other keys stays a contiguous run: nearly every tile is FULL
+or EMPTY.
+
+What is found (:func:`class_atoms`): a comparison of the pattern (an atom: ``k % m == h``,
+``(k - c) % m == h % m``, ``(k // b) % m == h``, any ``Range`` or ``is_pow2``) that reads
+``k`` and ``h`` and nothing else of the call but ``H`` and ``Lk``: its truth for key ``k``
+and head ``h`` is the class, evaluated densely per head at plan time (so any such
+expression works, not only residue classes).
+
+The pattern over slots (:func:`head_order`): with ``n[h]`` the size of head ``h``'s class
+and ``kpos[h, j]`` the key in slot ``j`` of head ``h`` (an int runtime input ``[1, H, N]``
+of the inner pattern), the pattern is the union of two cases, each with the atom decided::
+
+    (k < n[h] & P[atom := true,  k := kpos[k]])
+  | (k >= n[h] & P[atom := false, k := kpos[k]])
+
+It equals the original pattern read through the order, for every pair (each case holds
+exactly on the slots where the atom has the value substituted). The tile analysis bounds
+``kpos[k]`` over a key tile by its min/max (as for any runtime input, per head): a run of
+class keys spaced ``m`` apart or of the other keys (``m - 1`` of every ``m``) spans about
+its length in positions, and the case conditions on ``k`` decide which case a tile is in.
+Loading positions rather than coordinates suffices because the atom no longer appears in
+either case.
+
+The choice (:func:`choose_head_order`) compares computed pairs of the two orders per head
+on sampled query-tile rows, and prices them with ``ir.layout.layout_cost`` plus the
+gathers of k and v (2 of the 5 tensors a layout gathers: q, o and the lse keep their
+order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace as _dc_replace
+from typing import Optional
+
+import torch
+
+from . import build as B
+from .nodes import IsPow2, Load, Node, Range, free_vars, walk
+
+__all__ = ["HeadOrder", "class_atoms", "head_order", "choose_head_order", "KPOS",
+           "MAX_ATOMS", "GATHERED_TENSORS"]
+
+#: The name of the inner pattern's runtime input: the key position of each slot, per head.
+KPOS = "kpos"
+#: Class atoms tried at most (in the pattern's canonical order).
+MAX_ATOMS = 4
+#: Tensors a head order gathers per call, of the 5 a layout's ``gather_token`` prices
+#: (k and v into slot order; the backward scatters dk and dv back: priced with the forward
+#: as a layout's is).
+GATHERED_TENSORS = 2
+#: The variables a class atom may read besides ``k`` and ``h``.
+_ALLOWED = {"k", "h", "H", "Lk"}
+
+
+@dataclass(frozen=True)
+class HeadOrder:
+    """A pattern run in per-head key orders: ``atom`` (the class condition of ``k`` and
+    ``h``), ``counts`` (per head, its class size), ``ir`` (the pattern over key slots, which
+    reads the input :data:`KPOS`), the computed pairs and predicted costs (per head, summed
+    over heads) of sequence order and the head order."""
+
+    atom: Node
+    counts: tuple[int, ...]
+    ir: Node
+    computed_sequence: int = 0
+    computed_order: int = 0
+    cost_sequence: float = 0.0
+    cost_order: float = 0.0
+
+    @property
+    def pays(self) -> bool:
+        """Computed pairs and predicted cost each at most ``ir.layout.MARGIN`` of sequence
+        order's."""
+        from .layout import MARGIN
+        return (self.computed_order <= MARGIN * self.computed_sequence
+                and self.cost_order <= MARGIN * self.cost_sequence)
+
+    def order(self, N: int, device=None) -> torch.Tensor:
+        """int64 ``[H, N]``: the key in each slot of each head (the class first, then the
+        rest, each in sequence order)."""
+        member = class_mask(self.atom, N, len(self.counts), device)
+        return torch.argsort((~member).to(torch.int8), dim=-1, stable=True)
+
+    def __str__(self) -> str:
+        return (f"per-head key order of the class {self.atom} "
+                f"({min(self.counts)}-{max(self.counts)} keys per head first)")
+
+
+def class_mask(atom: Node, N: int, H: int, device=None) -> torch.Tensor:
+    """bool ``[H, N]``: whether key ``k`` is in head ``h``'s class (``atom`` is true)."""
+    from .evaluate import mask
+    return mask(atom, 1, N, num_heads=H, device=device)[0, :, 0, :]
+
+
+def class_atoms(ir: Node) -> list[Node]:
+    """The comparisons of ``ir`` that read ``k`` and ``h`` and else only ``H``, ``Lk``
+    and constants (no q, no batch, no runtime input), in canonical order (at most
+    :data:`MAX_ATOMS`)."""
+    out = []
+    for n in walk(ir):
+        if isinstance(n, (Range, IsPow2)) and n not in out:
+            names = free_vars(n)
+            if {"k", "h"} <= names <= _ALLOWED and not any(isinstance(m, Load)
+                                                            for m in walk(n)):
+                out.append(n)
+    return out[:MAX_ATOMS]
+
+
+def head_order(ir: Node, atom: Node, N: int, H: int) -> HeadOrder:
+    """``ir`` read through the per-head key order of ``atom``'s classes at ``N`` keys and
+    ``H`` heads (module docstring): the pattern over slots, without its costs."""
+    from .intervals import replace
+    from .layout import _simplify
+    counts = tuple(int(c) for c in class_mask(atom, N, H).sum(-1).tolist())
+    k = B.var("k")
+    pos = B.load(KPOS, (k,))
+    cases = []
+    n = B.table(counts, B.var("h"), "class sizes")
+    for value, side in ((True, B.cmp("<", k, n)), (False, B.cmp(">=", k, n))):
+        body = _simplify(replace(ir, atom, B.boolean(value)), {}, {"k": pos})
+        cases.append(B.and_(side, body))
+    return HeadOrder(atom, counts, B.or_(*cases))
+
+
+def tables(h: HeadOrder, N: int, device=None) -> dict[str, torch.Tensor]:
+    """The inner pattern's input: ``{KPOS: int64 [1, H, N]}``."""
+    return {KPOS: h.order(N, device)[None]}
+
+
+def pattern_of(h: HeadOrder, name: str = "pattern"):
+    """A :class:`~spattn.ir.pattern.CompiledPattern` of the pattern over slots."""
+    from .pattern import CompiledPattern
+    return CompiledPattern(h.ir, name=name, inputs={KPOS: 1})
+
+
+def per_head_pairs(pattern, L: int, H: int, block_m: int, block_n: int,
+                   inputs=None, rows=None) -> int:
+    """Computed pairs summed over ``H`` heads (every non-EMPTY tile counted whole) on the
+    query-tile ``rows`` (every row when None), scaled up to all rows."""
+    from .tiles import EMPTY, classify
+    nq = -(-L // block_m)
+    t = classify(pattern, L, L, block_m, block_n, num_heads=H, inputs=inputs, rows=rows)
+    live = int((t != EMPTY).sum())
+    return live * block_m * block_n * nq // (len(rows) if rows is not None else nq)
+
+
+def choose_head_order(ir: Node, L: int, H: int, *, block_m: int = 128, block_n: int = 64,
+                      force: bool = False, target: str = "cuda") -> Optional[HeadOrder]:
+    """The per-head key order of ``ir`` for a self-attention call of ``L`` tokens and
+    ``H`` query heads, or None (no class atom; every class empty or every key in its
+    class; or, unless ``force``, not paying by ``ir.layout.MARGIN``). Each candidate atom
+    is priced by computed pairs per head on sampled query-tile rows
+    (``ir.layout.sampled_rows``), the best against sequence order's pairs with
+    :func:`~spattn.ir.layout.layout_cost` (the order's tiles run the table strategy) plus
+    ``gather_token`` for k and v (:data:`GATHERED_TENSORS` of 5)."""
+    from .cost import COSTS, pick_strategy
+    from .layout import SAMPLED_ROWS, layout_cost, sampled_rows
+    from .pattern import CompiledPattern
+    if H < 2 or "h" not in free_vars(ir) or "q" not in free_vars(ir):
+        return None
+    nq = -(-L // block_m)
+    rows = sampled_rows(nq) if nq > SAMPLED_ROWS else None
+    best = None
+    for atom in class_atoms(ir):
+        ho = head_order(ir, atom, L, H)
+        if all(c in (0, L) for c in ho.counts):
+            continue            # no head splits its keys: the order is sequence order
+        pairs = per_head_pairs(pattern_of(ho), L, H, block_m, block_n,
+                               inputs=tables(ho, L), rows=rows)
+        if best is None or pairs < best[0]:
+            best = (pairs, ho)
+    if best is None:
+        return None
+    pairs, ho = best
+    seq = per_head_pairs(CompiledPattern(ir), L, H, block_m, block_n, rows=rows)
+    strategy = pick_strategy(ir) == "table"
+    cost_seq = H * layout_cost(seq / H, L, block_m, block_n, table=strategy, gathers=False,
+                               target=target)
+    cost_ord = H * (layout_cost(pairs / H, L, block_m, block_n,
+                                table=pick_strategy(ho.ir) == "table", gathers=False,
+                                target=target)
+                    + L * COSTS[target].get("gather_token", 0.0) * GATHERED_TENSORS / 5)
+    ho = _dc_replace(ho, computed_sequence=seq, computed_order=pairs,
+                     cost_sequence=cost_seq, cost_order=cost_ord)
+    return ho if force or ho.pays else None
