@@ -153,14 +153,16 @@ def per_head_pairs(pattern, L: int, H: int, block_m: int, block_n: int,
 
 
 def choose_head_order(ir: Node, L: int, H: int, *, block_m: int = 128, block_n: int = 64,
-                      force: bool = False, target: str = "cuda") -> Optional[HeadOrder]:
+                      force: bool = False, target: str = "cuda",
+                      sequence: Optional[int] = None) -> Optional[HeadOrder]:
     """The per-head key order of ``ir`` for a self-attention call of ``L`` tokens and
     ``H`` query heads, or None (no class atom; every class empty or every key in its
     class; or, unless ``force``, not paying by ``ir.layout.MARGIN``). Each candidate atom
     is priced by computed pairs per head on sampled query-tile rows
     (``ir.layout.sampled_rows``), the best against sequence order's pairs with
     :func:`~spattn.ir.layout.layout_cost` (the order's tiles run the table strategy) plus
-    ``gather_token`` for k and v (:data:`GATHERED_TENSORS` of 5)."""
+    ``gather_token`` for k and v (:data:`GATHERED_TENSORS` of 5). ``sequence``: sequence
+    order's computed pairs summed over the heads when known (else sampled)."""
     from .cost import COSTS, pick_strategy
     from .layout import SAMPLED_ROWS, layout_cost, sampled_rows
     from .pattern import CompiledPattern
@@ -180,7 +182,8 @@ def choose_head_order(ir: Node, L: int, H: int, *, block_m: int = 128, block_n: 
     if best is None:
         return None
     pairs, ho = best
-    seq = per_head_pairs(CompiledPattern(ir), L, H, block_m, block_n, rows=rows)
+    seq = sequence if sequence is not None else per_head_pairs(
+        CompiledPattern(ir), L, H, block_m, block_n, rows=rows)
     strategy = pick_strategy(ir) == "table"
     cost_seq = H * layout_cost(seq / H, L, block_m, block_n, table=strategy, gathers=False,
                                target=target)

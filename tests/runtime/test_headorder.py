@@ -1,0 +1,125 @@
+"""Per-head key orders at run time (``HeadOrderedPlan``): head-stripe patterns run with each
+head's class of keys first and agree with the float64 reference in the caller's order,
+forward and backward, on the torch backend and the generated Triton kernels
+(interpreter), with GQA and two batch elements; other patterns that read ``h`` stay in
+sequence order; ``SPATTN_LAYOUT`` is respected; the per-head gather kernel."""
+import pytest
+import torch
+
+import spattn
+from spattn.runtime.plan import HeadOrderedPlan, gather_heads
+from tests.runtime.test_torch_backend import check_with_reference
+
+
+def _run(pat, *, B=1, Hq=4, Hk=4, N, D=16, seed=0, grads=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, N, D, generator=g).requires_grad_(grads)
+    k = torch.randn(B, Hk, N, D, generator=g).requires_grad_(grads)
+    v = torch.randn(B, Hk, N, D, generator=g).requires_grad_(grads)
+    plan = pat.plan(q, k, v)
+    o, lse = pat(q, k, v, plan=plan, return_lse=True)
+    check_with_reference(o, lse, q, k, v, pat.mask(N, N, num_heads=Hq), g, grads)
+    return plan
+
+
+CASES = [
+    ("causal & (q - k < 16 | k % 4 == h)", 2, 4, 2, 70),
+    ("causal & (q - k < 12 | (k // 4) % 4 == h)", 1, 4, 4, 96),
+    ("q - k < 9 & k - q < 9 | (k - 1) % 8 == (2 * h) % 8", 2, 4, 1, 64),
+]
+IDS = ["B2-Hq4-Hk2-L70-D16-fp32-causal-m4", "B1-Hq4-Hk4-L96-D16-fp32-stripes4",
+       "B2-Hq4-Hk1-L64-D16-fp32-band-m8"]
+
+
+@pytest.mark.parametrize("src,B,Hq,Hk,N", CASES, ids=IDS)
+def test_torch_backend_head_order(src, B, Hq, Hk, N, monkeypatch):
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    plan = _run(spattn.compile(src, backend="torch"), B=B, Hq=Hq, Hk=Hk, N=N)
+    assert isinstance(plan, HeadOrderedPlan)
+    assert plan.order.shape == (Hq, N)
+    assert "per-head key order" in repr(plan)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("src,B,Hq,Hk,N", CASES[:2], ids=IDS[:2])
+def test_triton_head_order(src, B, Hq, Hk, N, monkeypatch):
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    plan = _run(spattn.compile(src, backend="triton"), B=B, Hq=Hq, Hk=Hk, N=N)
+    assert isinstance(plan, HeadOrderedPlan)
+
+
+@pytest.mark.interpreter
+def test_triton_head_order_row_tables_copy(monkeypatch):
+    """``SPATTN_LAYOUT_GATHER=kernel`` has no per-head row tables: the plan copies."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "kernel")
+    plan = _run(spattn.compile(CASES[0][0], backend="triton"), B=1, Hq=4, Hk=2, N=64,
+                grads=False)
+    assert isinstance(plan, HeadOrderedPlan) and plan.inner.rows is None
+
+
+def test_lse_gradient_and_plan_cache(monkeypatch):
+    """A loss on the lse (the torch backward of the inner plan), through calls without a
+    plan (the plan cache)."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    from spattn.runtime.reference import attention_reference
+    pat = spattn.compile("causal & (q - k < 8 | k % 4 == h)", backend="torch")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 40, 16, generator=g).requires_grad_() for _ in range(3))
+    o, lse = pat(q, k, v, return_lse=True)
+    (o.square().sum() + lse.sum()).backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = attention_reference(q64, k64, v64, pat.mask(40, 40, num_heads=4))
+    (ro.square().sum() + rl.sum()).backward()
+    for a, b in ((o, ro), (lse, rl), (q.grad, q64.grad), (k.grad, k64.grad),
+                 (v.grad, v64.grad)):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("src,layout,H", [
+    ("causal & q - k < 8 + 4 * h", "on", 4),
+    ("causal & (q - k < 8 | q % 4 == h)", "on", 4),
+    ("causal & (q - k < 8 | k % 4 == h)", "off", 4),
+    ("causal & (q - k < 8 | k % 4 == h)", "auto", 4),      # too short for auto
+], ids=["window-per-head-on", "query-class-on", "stripes-off", "stripes-auto-short"])
+def test_sequence_order_kept(src, layout, H, monkeypatch):
+    monkeypatch.setenv("SPATTN_LAYOUT", layout)
+    plan = _run(spattn.compile(src, backend="torch"), Hq=H, Hk=H, N=48, grads=False)
+    assert not isinstance(plan, HeadOrderedPlan)
+
+
+def test_auto_uses_head_order_when_it_pays(monkeypatch):
+    monkeypatch.setenv("SPATTN_LAYOUT", "auto")
+    pat = spattn.compile("causal & (q - k < 128 | k % 16 == h)", backend="torch")
+    plan = _run(pat, Hq=16, Hk=2, N=1024, grads=False)
+    assert isinstance(plan, HeadOrderedPlan)
+    assert plan.head.pays and plan.head.computed_order < 0.6 * plan.head.computed_sequence
+
+
+def test_explain_reports_head_order():
+    pat = spattn.compile("causal & (q - k < 256 | k % 16 == h)")
+    r = pat.explain(2048, num_heads=16)
+    ho = r.head_order
+    assert ho is not None and ho["class"] == "h == k % 16"
+    assert ho["computed_order"] < ho["computed_sequence"]
+    assert ho["gathered"] == ["k", "v"] and ho["used"]
+    assert "head order" in str(r) and "k % 16" in str(r)
+    assert spattn.compile("causal & q - k < 8 + h").explain(2048, num_heads=4).head_order \
+        is None
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("B,Hk,group,N,D,dtype", [
+    (2, 2, 2, 37, 16, torch.float32), (1, 1, 4, 50, None, torch.float32),
+    (2, 3, 1, 65, 24, torch.bfloat16)],
+    ids=["B2-Hk2-g2-N37-D16-fp32", "B1-Hk1-g4-N50-lse-fp32", "B2-Hk3-g1-N65-D24-bf16"])
+def test_gather_rows_per_head(B, Hk, group, N, D, dtype):
+    from spattn.runtime.gather_kernel import gather_rows
+    shape = (B, Hk, N) if D is None else (B, Hk, N, D)
+    t = torch.randn(shape).to(dtype).transpose(0, 1).contiguous().transpose(0, 1)
+    index = torch.stack([torch.randperm(N) for _ in range(Hk * group)])
+    got = gather_rows(t, index, per_head=True, group=group)
+    want = gather_heads(t, index, group)
+    for h in range(Hk * group):
+        assert torch.equal(want[:, h], t[:, h // group].index_select(1, index[h]))
+    assert got.is_contiguous() and torch.equal(got, want)
