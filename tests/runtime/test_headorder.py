@@ -5,9 +5,12 @@ forward and backward, on the torch backend and the generated Triton kernels
 sequence order; ``SPATTN_LAYOUT`` is respected; the per-head gather kernel."""
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import spattn
 from spattn.runtime.plan import HeadOrderedPlan, gather_heads
+from tests.helpers.headorder import class_source
 from tests.runtime.test_torch_backend import check_with_reference
 
 
@@ -123,3 +126,26 @@ def test_gather_rows_per_head(B, Hk, group, N, D, dtype):
     for h in range(Hk * group):
         assert torch.equal(want[:, h], t[:, h // group].index_select(1, index[h]))
     assert got.is_contiguous() and torch.equal(got, want)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 4), st.integers(1, 12), st.integers(1, 3),
+       st.integers(20, 70), st.sampled_from([(2, 1), (2, 2), (4, 2), (3, 1)]),
+       st.booleans(), st.integers(1, 6), st.integers(0, 2**31))
+@example(4, 0, 8, 1, 61, (4, 2), True, 1, 0)
+def test_torch_backend_head_order_property(m, c, w, b, N, heads, causal, form, seed):
+    """Random class patterns (``tests.ir.test_headorder.class_source``) forced into a head
+    order on the torch backend: outputs and gradients against the float64 reference."""
+    import os
+    Hq, Hk = heads
+    src = f"(q - k < {w} & k - q < {w} | {class_source(m, c, b, Hq, form)})" \
+        + (" & causal" if causal else "")
+    old = os.environ.get("SPATTN_LAYOUT")
+    os.environ["SPATTN_LAYOUT"] = "on"
+    try:
+        _run(spattn.compile(src, backend="torch"), B=2, Hq=Hq, Hk=Hk, N=N, seed=seed)
+    finally:
+        if old is None:
+            os.environ.pop("SPATTN_LAYOUT")
+        else:
+            os.environ["SPATTN_LAYOUT"] = old

@@ -1,0 +1,10 @@
+"""Class atoms of ``k`` and ``h`` for the per-head key order tests."""
+
+
+def class_source(m, c, b, H, form):
+    """A class atom of ``k`` and ``h``: residues with offsets, stripes of ``b`` keys,
+    negated, per-head lists, a modulus of ``H``."""
+    return {1: f"(k - {c}) % {m} == h % {m}", 2: f"(k // {b}) % {m} == (h + {c}) % {m}",
+            3: f"k % {m} == h", 4: f"k % {m} != h % {m}",
+            5: f"k % {m} == {[(c + 3 * i) % (m + 1) for i in range(H)]}[h]",
+            6: f"(k + {c}) % H == h"}[form]
