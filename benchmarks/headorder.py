@@ -102,7 +102,7 @@ def run_problem(name, src, mm_factory, *, N, H, D, dev, dtype, rounds, cpu):
         row["error"] = "no per-head key order found"
         return row
     ho = plans["order"].head
-    row.update(order=str(ho), computed_order=ho.computed_order,
+    row.update(order=str(ho), head_class=str(ho.atom), computed_order=ho.computed_order,
                computed_sequence=ho.computed_sequence, pays=ho.pays)
     # correctness first: the two orders against the reference (Flex on the GPU, the float64
     # reference of the mask on the CPU), outputs and gradients
@@ -170,7 +170,7 @@ def run_problem(name, src, mm_factory, *, N, H, D, dev, dtype, rounds, cpu):
 
 
 def table(rows) -> str:
-    out = ["| problem | order | computed pairs order / seq | fwd ms order | fwd ms seq | "
+    out = ["| problem | key order per head | computed pairs order / seq | fwd ms order | fwd ms seq | "
            "Flex fwd ms | fwd vs Flex (order / seq) | fwd+bwd ms order | fwd+bwd ms seq | "
            "Flex fwd+bwd ms | fwd+bwd vs Flex (order / seq) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -182,7 +182,7 @@ def table(rows) -> str:
         def f(key, fmt="{:.3f}"):
             return fmt.format(r[key]) if key in r else "-"
         out.append(
-            f"| {r['problem']} | {r['order'][:48]} | "
+            f"| {r['problem']} | class {r['head_class']} first | "
             f"{r['computed_order'] / max(r['computed_sequence'], 1):.3f} | "
             f"{f('order_fwd_ms')} | {f('seq_fwd_ms')} | {f('flex_fwd_ms')} | "
             f"{f('order_fwd_vs_flex', '{:.2f}x')} / {f('seq_fwd_vs_flex', '{:.2f}x')} | "
@@ -199,6 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=None, help="tokens (default 16384; --cpu 256)")
     ap.add_argument("--heads", type=int, default=None, help="heads (default 16; --cpu 4)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=70.0,
+                    help="seconds after which no further problem is started (cold kernel "
+                         "and Flex compiles dominate a first run; each row is whole)")
     ap.add_argument("--tune", action="store_true",
                     help="autotune spattn's kernels (default: their default configurations, "
                          "SPATTN_AUTOTUNE=0, to stay within 90 s)")
@@ -211,8 +214,12 @@ def main(argv=None) -> int:
     D = 16 if cpu else 128
     dev, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.bfloat16)
     rows = []
+    start = time.perf_counter()
     for name, (src, mm) in PROBLEMS.items():
         if args.only and name not in args.only:
+            continue
+        if rows and time.perf_counter() - start > args.budget:
+            log(f"{name}: skipped, past --budget {args.budget:.0f} s (run it with --only {name})")
             continue
         if cpu:
             src = CPU_PROBLEMS[name]

@@ -21,7 +21,7 @@ def test_cpu_run_writes_rows(tmp_path, monkeypatch, capsys):
         assert "error" not in r and r["order"].startswith("per-head key order")
         assert r["order_rel_err"] < 1e-4 and r["seq_rel_err"] < 1e-4
         assert r["order_fwd_ms"] > 0 and r["seq_fwdbwd_ms"] > 0
-    assert "| per-head | per-head key order" in capsys.readouterr().out
+    assert "| per-head | class h == k % H first |" in capsys.readouterr().out
     # the GPU problems are the brief's: bench.py's per-head row and S2's stripes of 8 keys
     assert mod.PROBLEMS["per-head"][0] == "causal & (q - k < 1024 | k % H == h)"
     assert mod.PROBLEMS["s2-stripes8"][0] == "causal & (q - k < 512 | (k // 8) % H == h)"
