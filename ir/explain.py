@@ -262,10 +262,9 @@ def _head_order(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_
     ``SPATTN_LAYOUT=auto`` uses it."""
     from .headorder import choose_head_order
     from .layout import AUTO_MIN_TOKENS
-    if Lq != Lk or query_offset(Lq, Lk, q_offset) != 0:
-        return None
-    ho = choose_head_order(ir, Lq, num_heads, block_m=block_m, block_n=block_n, force=True,
-                           target=target, sequence=computed // batch)
+    ho = choose_head_order(ir, Lq, num_heads, Lk=Lk, q_offset=query_offset(Lq, Lk, q_offset),
+                           block_m=block_m, block_n=block_n, force=True, target=target,
+                           sequence=computed // batch)
     if ho is None:
         return None
     useful = allowed // batch
@@ -275,7 +274,7 @@ def _head_order(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_
             "fraction_sequence": useful / max(ho.computed_sequence, 1),
             "fraction_order": useful / max(ho.computed_order, 1),
             "cost_sequence": ho.cost_sequence, "cost_order": ho.cost_order,
-            "gathered": ["k", "v"], "used": ho.pays and Lq >= AUTO_MIN_TOKENS}
+            "gathered": ["k", "v"], "used": ho.pays and Lk >= AUTO_MIN_TOKENS}
 
 
 def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, computed,

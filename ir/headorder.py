@@ -141,56 +141,61 @@ def pattern_of(h: HeadOrder, name: str = "pattern"):
     return CompiledPattern(h.ir, name=name, inputs={KPOS: 1})
 
 
-def per_head_pairs(pattern, L: int, H: int, block_m: int, block_n: int,
-                   inputs=None, rows=None) -> int:
+def per_head_pairs(pattern, Lq: int, Lk: int, H: int, block_m: int, block_n: int, *,
+                   q_offset: int = 0, inputs=None, rows=None) -> int:
     """Computed pairs summed over ``H`` heads (every non-EMPTY tile counted whole) on the
     query-tile ``rows`` (every row when None), scaled up to all rows."""
     from .tiles import EMPTY, classify
-    nq = -(-L // block_m)
-    t = classify(pattern, L, L, block_m, block_n, num_heads=H, inputs=inputs, rows=rows)
+    nq = -(-Lq // block_m)
+    t = classify(pattern, Lq, Lk, block_m, block_n, num_heads=H, q_offset=q_offset,
+                 inputs=inputs, rows=rows)
     live = int((t != EMPTY).sum())
     return live * block_m * block_n * nq // (len(rows) if rows is not None else nq)
 
 
-def choose_head_order(ir: Node, L: int, H: int, *, block_m: int = 128, block_n: int = 64,
+def choose_head_order(ir: Node, Lq: int, H: int, *, Lk: Optional[int] = None,
+                      q_offset: int = 0, block_m: int = 128, block_n: int = 64,
                       force: bool = False, target: str = "cuda",
                       sequence: Optional[int] = None) -> Optional[HeadOrder]:
-    """The per-head key order of ``ir`` for a self-attention call of ``L`` tokens and
-    ``H`` query heads, or None (no class atom; every class empty or every key in its
-    class; or, unless ``force``, not paying by ``ir.layout.MARGIN``). Each candidate atom
-    is priced by computed pairs per head on sampled query-tile rows
-    (``ir.layout.sampled_rows``), the best against sequence order's pairs with
-    :func:`~spattn.ir.layout.layout_cost` (the order's tiles run the table strategy) plus
-    ``gather_token`` for k and v (:data:`GATHERED_TENSORS` of 5). ``sequence``: sequence
-    order's computed pairs summed over the heads when known (else sampled)."""
+    """The per-head key order of ``ir`` for a call of ``Lq`` queries (the first at position
+    ``q_offset``) against ``Lk`` keys (default ``Lq``) and ``H`` query heads, or None (no
+    class atom; every class empty or every key in its class; or, unless ``force``, not
+    paying by ``ir.layout.MARGIN``). Each candidate atom is priced by computed pairs per
+    head on sampled query-tile rows (``ir.layout.sampled_rows``), the best against
+    sequence order's pairs with :func:`~spattn.ir.layout.layout_cost` (the order's tiles
+    run the table strategy) plus ``gather_token`` per key for k and v
+    (:data:`GATHERED_TENSORS` of 5). ``sequence``: sequence order's computed pairs summed
+    over the heads when known (else sampled). Queries keep their positions, so any
+    ``Lq``, ``Lk`` and ``q_offset`` work."""
     from .cost import COSTS, pick_strategy
     from .layout import SAMPLED_ROWS, layout_cost, sampled_rows
     from .pattern import CompiledPattern
+    Lk = Lq if Lk is None else Lk
     if H < 2 or "h" not in free_vars(ir) or "q" not in free_vars(ir):
         return None
-    nq = -(-L // block_m)
+    nq = -(-Lq // block_m)
     rows = sampled_rows(nq) if nq > SAMPLED_ROWS else None
     best = None
     for atom in class_atoms(ir):
-        ho = head_order(ir, atom, L, H)
-        if all(c in (0, L) for c in ho.counts):
+        ho = head_order(ir, atom, Lk, H)
+        if all(c in (0, Lk) for c in ho.counts):
             continue            # no head splits its keys: the order is sequence order
-        pairs = per_head_pairs(pattern_of(ho), L, H, block_m, block_n,
-                               inputs=tables(ho, L), rows=rows)
+        pairs = per_head_pairs(pattern_of(ho), Lq, Lk, H, block_m, block_n,
+                               q_offset=q_offset, inputs=tables(ho, Lk), rows=rows)
         if best is None or pairs < best[0]:
             best = (pairs, ho)
     if best is None:
         return None
     pairs, ho = best
     seq = sequence if sequence is not None else per_head_pairs(
-        CompiledPattern(ir), L, H, block_m, block_n, rows=rows)
+        CompiledPattern(ir), Lq, Lk, H, block_m, block_n, q_offset=q_offset, rows=rows)
     strategy = pick_strategy(ir) == "table"
-    cost_seq = H * layout_cost(seq / H, L, block_m, block_n, table=strategy, gathers=False,
+    cost_seq = H * layout_cost(seq / H, Lq, block_m, block_n, table=strategy, gathers=False,
                                target=target)
-    cost_ord = H * (layout_cost(pairs / H, L, block_m, block_n,
+    cost_ord = H * (layout_cost(pairs / H, Lq, block_m, block_n,
                                 table=pick_strategy(ho.ir) == "table", gathers=False,
                                 target=target)
-                    + L * COSTS[target].get("gather_token", 0.0) * GATHERED_TENSORS / 5)
+                    + Lk * COSTS[target].get("gather_token", 0.0) * GATHERED_TENSORS / 5)
     ho = _dc_replace(ho, computed_sequence=seq, computed_order=pairs,
                      cost_sequence=cost_seq, cost_order=cost_ord)
     return ho if force or ho.pays else None

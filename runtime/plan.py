@@ -516,7 +516,8 @@ class HeadOrderedPlan(PermutedPlan):
     summed over each GQA group. The tokens are always copied (``SPATTN_LAYOUT_GATHER=
     kernel`` has no per-head row tables: such a plan copies)."""
 
-    def __init__(self, pattern, backend: str, head, q, k, v, *, scale, settings, options):
+    def __init__(self, pattern, backend: str, head, q, k, v, *, scale, q_offset, settings,
+                 options):
         from ..ir.headorder import KPOS
         self._bind(pattern, backend, q, k, v, options)
         self.head = head
@@ -529,7 +530,7 @@ class HeadOrderedPlan(PermutedPlan):
         inner = type(pattern)(head.ir, name=f"{pattern.name}@heads", inputs={KPOS: 1},
                               backend=getattr(pattern, "backend", "auto"))
         ks, vs = (self._stand_in(t) for t in (k, v))
-        self.inner = build_plan(inner, backend, q, ks, vs, scale=scale, q_offset=None,
+        self.inner = build_plan(inner, backend, q, ks, vs, scale=scale, q_offset=q_offset,
                                 inputs={KPOS: self.order[None]}, settings=settings,
                                 options=options, layouts=False)
         self.call = self.inner.call
@@ -603,17 +604,18 @@ def _reads_head(pattern) -> bool:
 def choose_head_order(pattern, q, k, q_offset, inputs, settings):
     """The :class:`~spattn.ir.headorder.HeadOrder` a call of ``pattern`` runs in, or None
     (``SPATTN_LAYOUT`` as for a layout: ``auto`` when it pays and the call has at least
-    ``ir.layout.AUTO_MIN_TOKENS`` tokens, ``on`` whenever a class atom splits some head's
-    keys, ``off`` never; self-attention at ``q_offset`` 0 without runtime inputs)."""
+    ``ir.layout.AUTO_MIN_TOKENS`` keys, ``on`` whenever a class atom splits some head's
+    keys, ``off`` never; without runtime inputs; queries keep their order, so any
+    ``Lq``, ``Lk`` and ``q_offset``)."""
     from ..ir.headorder import choose_head_order as choose
     from ..ir.layout import AUTO_MIN_TOKENS
     Lq, Lk = q.shape[2], k.shape[2]
-    if settings.layout == "off" or inputs or Lq != Lk or q.shape[1] < 2 \
-            or Positions.of(Lq, Lk, q_offset).q_offset != 0 \
-            or (settings.layout == "auto" and Lq < AUTO_MIN_TOKENS):
+    if settings.layout == "off" or inputs or q.shape[1] < 2 \
+            or (settings.layout == "auto" and Lk < AUTO_MIN_TOKENS):
         return None
-    return choose(pattern.ir, Lq, q.shape[1], force=settings.layout == "on",
-                  target="cuda" if q.is_cuda else "cpu")
+    return choose(pattern.ir, Lq, q.shape[1], Lk=Lk,
+                  q_offset=Positions.of(Lq, Lk, q_offset).q_offset,
+                  force=settings.layout == "on", target="cuda" if q.is_cuda else "cpu")
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
@@ -651,7 +653,8 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
             head = choose_head_order(pattern, q, k, q_offset, inputs, settings)
             if head is not None:
                 return HeadOrderedPlan(pattern, backend, head, q, k, v, scale=scale,
-                                       settings=settings, options=options)
+                                       q_offset=q_offset, settings=settings,
+                                       options=options)
         call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
                        settings=settings, backend=backend, tables=tables)
         plan = Plan(pattern, backend, call, q, k, v, options)

@@ -14,14 +14,18 @@ from tests.helpers.headorder import class_source
 from tests.runtime.test_torch_backend import check_with_reference
 
 
-def _run(pat, *, B=1, Hq=4, Hk=4, N, D=16, seed=0, grads=True):
+def _run(pat, *, B=1, Hq=4, Hk=4, N, Lq=None, q_offset=None, D=16, seed=0, grads=True):
+    """A call of ``pat`` (``Lq`` queries, default ``N``, against ``N`` keys) through its
+    plan, checked against the float64 reference; returns the plan."""
+    Lq = N if Lq is None else Lq
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, N, D, generator=g).requires_grad_(grads)
+    q = torch.randn(B, Hq, Lq, D, generator=g).requires_grad_(grads)
     k = torch.randn(B, Hk, N, D, generator=g).requires_grad_(grads)
     v = torch.randn(B, Hk, N, D, generator=g).requires_grad_(grads)
-    plan = pat.plan(q, k, v)
+    plan = pat.plan(q, k, v, q_offset=q_offset)
     o, lse = pat(q, k, v, plan=plan, return_lse=True)
-    check_with_reference(o, lse, q, k, v, pat.mask(N, N, num_heads=Hq), g, grads)
+    check_with_reference(o, lse, q, k, v, pat.mask(Lq, N, num_heads=Hq, q_offset=q_offset),
+                         g, grads)
     return plan
 
 
@@ -48,6 +52,17 @@ def test_torch_backend_head_order(src, B, Hq, Hk, N, monkeypatch):
 def test_triton_head_order(src, B, Hq, Hk, N, monkeypatch):
     monkeypatch.setenv("SPATTN_LAYOUT", "on")
     plan = _run(spattn.compile(src, backend="triton"), B=B, Hq=Hq, Hk=Hk, N=N)
+    assert isinstance(plan, HeadOrderedPlan)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("Lq,q_offset", [(24, None), (40, 7)],
+                         ids=["Lq24-bottom-right", "Lq40-offset7"])
+def test_head_order_fewer_queries(Lq, q_offset, backend, monkeypatch):
+    """Queries keep their positions: chunked prefill (``Lq < Lk``, any ``q_offset``)."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    plan = _run(spattn.compile("causal & (q - k < 10 | k % 4 == h)", backend=backend),
+                B=2, Hq=4, Hk=2, N=72, Lq=Lq, q_offset=q_offset)
     assert isinstance(plan, HeadOrderedPlan)
 
 
