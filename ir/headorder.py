@@ -15,12 +15,14 @@ What is found (:func:`class_atoms`): a comparison of the pattern (an atom: ``k %
 and head ``h`` is the class, evaluated densely per head at plan time (so any such
 expression works, not only residue classes).
 
-The pattern over slots (:func:`head_order`): with ``n[h]`` the size of head ``h``'s class
-and ``kpos[h, j]`` the key in slot ``j`` of head ``h`` (an int runtime input ``[1, H, N]``
-of the inner pattern), the pattern is the union of two cases, each with the atom decided::
+The pattern over slots (:func:`head_order`): with ``kclass[h]`` the size of head ``h``'s
+class and ``kpos[k]`` the key in slot ``k`` of the current head (int runtime inputs of the
+inner pattern, ``[H]`` and ``[1, H, N]``: inputs rather than constants, so that its kernel
+file is the same at every length), the pattern is the union of two cases, each with the
+atom decided::
 
-    (k < n[h] & P[atom := true,  k := kpos[k]])
-  | (k >= n[h] & P[atom := false, k := kpos[k]])
+    (k < kclass[h] & P[atom := true,  k := kpos[k]])
+  | (k >= kclass[h] & P[atom := false, k := kpos[k]])
 
 It equals the original pattern read through the order, for every pair (each case holds
 exactly on the slots where the atom has the value substituted). The tile analysis bounds
@@ -45,11 +47,13 @@ import torch
 from . import build as B
 from .nodes import IsPow2, Load, Node, Range, free_vars, walk
 
-__all__ = ["HeadOrder", "class_atoms", "head_order", "choose_head_order", "KPOS",
+__all__ = ["HeadOrder", "class_atoms", "head_order", "choose_head_order", "KPOS", "KCLASS",
            "MAX_ATOMS", "GATHERED_TENSORS"]
 
-#: The name of the inner pattern's runtime input: the key position of each slot, per head.
+#: The names of the inner pattern's runtime inputs: the key position of each slot, per
+#: head (``[1, H, N]``), and the class size of each head (``[H]``, indexed by ``h``).
 KPOS = "kpos"
+KCLASS = "kclass"
 #: Class atoms tried at most (in the pattern's canonical order).
 MAX_ATOMS = 4
 #: Tensors a head order gathers per call, of the 5 a layout's ``gather_token`` prices
@@ -123,22 +127,26 @@ def head_order(ir: Node, atom: Node, N: int, H: int) -> HeadOrder:
     k = B.var("k")
     pos = B.load(KPOS, (k,))
     cases = []
-    n = B.table(counts, B.var("h"), "class sizes")
+    n = B.load(KCLASS, (B.var("h"),))
     for value, side in ((True, B.cmp("<", k, n)), (False, B.cmp(">=", k, n))):
         body = _simplify(replace(ir, atom, B.boolean(value)), {}, {"k": pos})
         cases.append(B.and_(side, body))
     return HeadOrder(atom, counts, B.or_(*cases))
 
 
-def tables(h: HeadOrder, N: int, device=None) -> dict[str, torch.Tensor]:
-    """The inner pattern's input: ``{KPOS: int64 [1, H, N]}``."""
-    return {KPOS: h.order(N, device)[None]}
+def tables(h: HeadOrder, N: int, device=None, order: Optional[torch.Tensor] = None
+           ) -> dict[str, torch.Tensor]:
+    """The inner pattern's inputs: ``{KPOS: int64 [1, H, N], KCLASS: int64 [H]}``
+    (``order``: :meth:`HeadOrder.order`, when already computed)."""
+    order = h.order(N, device) if order is None else order
+    return {KPOS: order[None],
+            KCLASS: torch.tensor(h.counts, dtype=torch.int64, device=order.device)}
 
 
 def pattern_of(h: HeadOrder, name: str = "pattern"):
     """A :class:`~spattn.ir.pattern.CompiledPattern` of the pattern over slots."""
     from .pattern import CompiledPattern
-    return CompiledPattern(h.ir, name=name, inputs={KPOS: 1})
+    return CompiledPattern(h.ir, name=name, inputs={KPOS: 1, KCLASS: 1})
 
 
 def per_head_pairs(pattern, Lq: int, Lk: int, H: int, block_m: int, block_n: int, *,

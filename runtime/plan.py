@@ -518,7 +518,7 @@ class HeadOrderedPlan(PermutedPlan):
 
     def __init__(self, pattern, backend: str, head, q, k, v, *, scale, q_offset, settings,
                  options):
-        from ..ir.headorder import KPOS
+        from ..ir.headorder import KCLASS, KPOS, tables
         self._bind(pattern, backend, q, k, v, options)
         self.head = head
         N = k.shape[2]
@@ -527,11 +527,12 @@ class HeadOrderedPlan(PermutedPlan):
         slots = torch.arange(N, dtype=self.order.dtype, device=self.order.device)
         self.inverse = torch.empty_like(self.order).scatter_(
             -1, self.order, slots.expand_as(self.order))
-        inner = type(pattern)(head.ir, name=f"{pattern.name}@heads", inputs={KPOS: 1},
+        inner = type(pattern)(head.ir, name=f"{pattern.name}@heads",
+                              inputs={KPOS: 1, KCLASS: 1},
                               backend=getattr(pattern, "backend", "auto"))
         ks, vs = (self._stand_in(t) for t in (k, v))
         self.inner = build_plan(inner, backend, q, ks, vs, scale=scale, q_offset=q_offset,
-                                inputs={KPOS: self.order[None]}, settings=settings,
+                                inputs=tables(head, N, order=self.order), settings=settings,
                                 options=options, layouts=False)
         self.call = self.inner.call
         self.forward_stage = self.inner.forward_stage
