@@ -100,3 +100,12 @@ def test_bench_stripes_compute_few_pairs():
 ], ids=["window-per-head", "query-class", "one-head", "batch-class"])
 def test_no_head_order(src, H):
     assert HO.choose_head_order(spattn.compile(src).ir, 256, H, force=True) is None
+
+
+def test_pattern_over_slots_is_the_same_at_every_length():
+    """Class sizes and positions are inputs: one kernel file serves every length."""
+    ir = spattn.compile("causal & (q - k < 64 | k % H == h)").ir
+    atom = HO.class_atoms(ir)[0]
+    a, b = HO.head_order(ir, atom, 256, 4), HO.head_order(ir, atom, 301, 8)
+    assert a.ir == b.ir and a.counts != b.counts
+    assert free_vars(a.ir) <= {"q", "k", "h"}
