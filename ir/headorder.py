@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 from . import build as B
-from .nodes import IsPow2, Load, Node, Range, free_vars, walk
+from .nodes import And, IsPow2, Load, Node, Not, Or, Range, free_vars, walk
 
 __all__ = ["HeadOrder", "class_atoms", "head_order", "choose_head_order", "KPOS", "KCLASS",
            "MAX_ATOMS", "GATHERED_TENSORS"]
@@ -104,24 +104,57 @@ def class_mask(atom: Node, N: int, H: int, device=None) -> torch.Tensor:
     return mask(atom, 1, N, num_heads=H, device=device)[0, :, 0, :]
 
 
+def _class_like(n: Node) -> bool:
+    names = free_vars(n)
+    return {"k", "h"} <= names <= _ALLOWED and not any(isinstance(m, Load) for m in walk(n))
+
+
 def class_atoms(ir: Node) -> list[Node]:
-    """The comparisons of ``ir`` that read ``k`` and ``h`` and else only ``H``, ``Lk``
-    and constants (no q, no batch, no runtime input), in canonical order (at most
-    :data:`MAX_ATOMS`)."""
+    """Class conditions of ``ir``: its comparisons (and ``&``, ``|``, ``!`` of them) that
+    read ``k`` and ``h`` and else only ``H``, ``Lk`` and constants (no q, no batch, no
+    runtime input), and, of a ``|`` or ``&`` that also reads more, the junction of its
+    arguments that do not (``k % 8 == h | k % 8 == h + 4`` beside a window: one class of
+    two residues); the largest first, at most :data:`MAX_ATOMS`."""
     out = []
     for n in walk(ir):
-        if isinstance(n, (Range, IsPow2)) and n not in out:
-            names = free_vars(n)
-            if {"k", "h"} <= names <= _ALLOWED and not any(isinstance(m, Load)
-                                                            for m in walk(n)):
-                out.append(n)
-    return out[:MAX_ATOMS]
+        if isinstance(n, (Range, IsPow2, Not, And, Or)) and _class_like(n):
+            out.append(n)
+        elif isinstance(n, (And, Or)):
+            part = [a for a in n.args if _class_like(a)]
+            if len(part) > 1:
+                out.append((B.or_ if isinstance(n, Or) else B.and_)(*part))
+    seen = []
+    for n in sorted(out, key=lambda n: -sum(1 for _ in walk(n))):
+        if n not in seen:
+            seen.append(n)
+    return seen[:MAX_ATOMS]
+
+
+def decide(ir: Node, atom: Node, value: bool, memo: Optional[dict] = None) -> Node:
+    """``ir`` with the class condition ``atom`` replaced by ``value``: where it occurs, and,
+    for a junction of arguments of a wider ``|`` or ``&`` (:func:`class_atoms`), in place
+    of those arguments."""
+    from .intervals import rebuild
+    memo = {} if memo is None else memo
+    got = memo.get(ir)
+    if got is not None:
+        return got
+    if ir == atom:
+        got = B.boolean(value)
+    elif isinstance(ir, (And, Or)) and type(ir) is type(atom) and set(atom.args) <= set(ir.args):
+        rest = [decide(a, atom, value, memo) for a in ir.args if a not in atom.args]
+        got = (B.or_ if isinstance(ir, Or) else B.and_)(*rest, B.boolean(value))
+    else:
+        kids = ir.children()
+        new = [decide(c, atom, value, memo) for c in kids]
+        got = ir if all(a is b for a, b in zip(new, kids)) else rebuild(ir, new)
+    memo[ir] = got
+    return got
 
 
 def head_order(ir: Node, atom: Node, N: int, H: int) -> HeadOrder:
     """``ir`` read through the per-head key order of ``atom``'s classes at ``N`` keys and
     ``H`` heads (module docstring): the pattern over slots, without its costs."""
-    from .intervals import replace
     from .layout import _simplify
     counts = tuple(int(c) for c in class_mask(atom, N, H).sum(-1).tolist())
     k = B.var("k")
@@ -129,7 +162,7 @@ def head_order(ir: Node, atom: Node, N: int, H: int) -> HeadOrder:
     cases = []
     n = B.load(KCLASS, (B.var("h"),))
     for value, side in ((True, B.cmp("<", k, n)), (False, B.cmp(">=", k, n))):
-        body = _simplify(replace(ir, atom, B.boolean(value)), {}, {"k": pos})
+        body = _simplify(decide(ir, atom, value), {}, {"k": pos})
         cases.append(B.and_(side, body))
     return HeadOrder(atom, counts, B.or_(*cases))
 

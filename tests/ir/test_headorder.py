@@ -72,7 +72,7 @@ def test_empty_class_heads_keep_sequence_order():
 
 @settings(max_examples=20)
 @given(st.integers(2, 9), st.integers(0, 5), st.integers(1, 20), st.integers(1, 3),
-       st.integers(24, 70), st.integers(1, 5), st.booleans(), st.integers(1, 6))
+       st.integers(24, 70), st.integers(1, 5), st.booleans(), st.integers(1, 8))
 @example(4, 0, 16, 1, 61, 4, True, 1)
 @example(3, 2, 5, 1, 40, 3, False, 5)
 @example(2, 0, 1, 1, 24, 1, False, 5)
@@ -109,3 +109,18 @@ def test_pattern_over_slots_is_the_same_at_every_length():
     a, b = HO.head_order(ir, atom, 256, 4), HO.head_order(ir, atom, 301, 8)
     assert a.ir == b.ir and a.counts != b.counts
     assert free_vars(a.ir) <= {"q", "k", "h"}
+
+
+def test_a_union_of_residues_is_one_class():
+    """Two residues per head beside a window (``|`` of two class atoms among the window's
+    disjuncts): the class is their union, and every class tile is decided."""
+    src = "causal & (q - k < 16 | k % 8 == h | k % 8 == (h + 4) % 8)"
+    ir = spattn.compile(src).ir
+    assert str(HO.class_atoms(ir)[0]).count("k % 8") == 2
+    ho, _ = _check(src, 256, 4, bm=16, bn=16)
+    assert ho.counts == (64,) * 4
+    best = HO.choose_head_order(ir, 1024, 4, block_m=64, block_n=32, force=True)
+    single = HO.head_order(ir, HO.class_atoms(ir)[1], 1024, 4)
+    ins = HO.tables(single, 1024)
+    one = HO.per_head_pairs(HO.pattern_of(single), 1024, 1024, 4, 64, 32, inputs=ins)
+    assert best.computed_order < one

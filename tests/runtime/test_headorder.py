@@ -146,7 +146,7 @@ def test_gather_rows_per_head(B, Hk, group, N, D, dtype):
 @settings(max_examples=12, deadline=None)
 @given(st.integers(2, 6), st.integers(0, 4), st.integers(1, 12), st.integers(1, 3),
        st.integers(20, 70), st.sampled_from([(2, 1), (2, 2), (4, 2), (3, 1)]),
-       st.booleans(), st.integers(1, 6), st.integers(0, 2**31))
+       st.booleans(), st.integers(1, 8), st.integers(0, 2**31))
 @example(4, 0, 8, 1, 61, (4, 2), True, 1, 0)
 def test_torch_backend_head_order_property(m, c, w, b, N, heads, causal, form, seed):
     """Random class patterns (``tests.ir.test_headorder.class_source``) forced into a head
