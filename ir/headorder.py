@@ -9,11 +9,12 @@ sequence order); queries keep their positions. The class is then a contiguous ru
 slots and a window over the other keys stays a contiguous run: nearly every tile is FULL
 or EMPTY.
 
-What is found (:func:`class_atoms`): a comparison of the pattern (an atom: ``k % m == h``,
-``(k - c) % m == h % m``, ``(k // b) % m == h``, any ``Range`` or ``is_pow2``) that reads
-``k`` and ``h`` and nothing else of the call but ``H`` and ``Lk``: its truth for key ``k``
-and head ``h`` is the class, evaluated densely per head at plan time (so any such
-expression works, not only residue classes).
+What is found (:func:`class_atoms`): a condition of the pattern (an atom: ``k % m == h``,
+``(k - c) % m == h % m``, ``(k // b) % m == h``, any ``Range`` or ``is_pow2``; or a ``|``,
+``&`` or ``!`` of atoms, also as part of a wider junction) that reads ``k`` and ``h`` and
+nothing else of the call but ``H`` and ``Lk``: its truth for key ``k`` and head ``h`` is
+the class, evaluated densely per head at plan time (so any such expression works, not
+only residue classes).
 
 The pattern over slots (:func:`head_order`): with ``kclass[h]`` the size of head ``h``'s
 class and ``kpos[k]`` the key in slot ``k`` of the current head (int runtime inputs of the
@@ -47,7 +48,7 @@ import torch
 from . import build as B
 from .nodes import And, IsPow2, Load, Node, Not, Or, Range, free_vars, walk
 
-__all__ = ["HeadOrder", "class_atoms", "head_order", "choose_head_order", "KPOS", "KCLASS",
+__all__ = ["HeadOrder", "class_atoms", "decide", "head_order", "choose_head_order", "KPOS", "KCLASS",
            "MAX_ATOMS", "GATHERED_TENSORS"]
 
 #: The names of the inner pattern's runtime inputs: the key position of each slot, per
