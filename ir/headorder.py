@@ -48,7 +48,8 @@ import torch
 from . import build as B
 from .nodes import And, IsPow2, Load, Node, Not, Or, Range, free_vars, walk
 
-__all__ = ["HeadOrder", "class_atoms", "decide", "head_order", "choose_head_order", "KPOS", "KCLASS",
+__all__ = ["HeadOrder", "class_atoms", "decide", "head_order", "choose_head_order", "KPOS",
+           "KCLASS",
            "MAX_ATOMS", "GATHERED_TENSORS"]
 
 #: The names of the inner pattern's runtime inputs: the key position of each slot, per
@@ -75,6 +76,10 @@ class HeadOrder:
     atom: Node
     counts: tuple[int, ...]
     ir: Node
+    #: the names of the inputs ``kpos`` and ``kclass`` (prefixed past the pattern's own)
+    names: tuple[str, str] = (KPOS, KCLASS)
+    #: the pattern's own runtime inputs and their index dimensions
+    inputs: tuple[tuple[str, int], ...] = ()
     computed_sequence: int = 0
     computed_order: int = 0
     cost_sequence: float = 0.0
@@ -153,52 +158,70 @@ def decide(ir: Node, atom: Node, value: bool, memo: Optional[dict] = None) -> No
     return got
 
 
-def head_order(ir: Node, atom: Node, N: int, H: int) -> HeadOrder:
+def head_order(ir: Node, atom: Node, N: int, H: int, inputs: Optional[dict] = None
+               ) -> HeadOrder:
     """``ir`` read through the per-head key order of ``atom``'s classes at ``N`` keys and
-    ``H`` heads (module docstring): the pattern over slots, without its costs."""
+    ``H`` heads (module docstring): the pattern over slots, without its costs.
+    ``inputs``: the pattern's runtime inputs and their index dimensions (an input indexed
+    by ``k`` is then indexed by ``kpos[k]``; the order's inputs take names past theirs)."""
     from .layout import _simplify
     counts = tuple(int(c) for c in class_mask(atom, N, H).sum(-1).tolist())
     k = B.var("k")
-    pos = B.load(KPOS, (k,))
+    inputs = dict(inputs or {})
+    prefix = ""
+    while any(prefix + n in inputs for n in (KPOS, KCLASS)):
+        prefix += "_"
+    names = (prefix + KPOS, prefix + KCLASS)
+    pos = B.load(names[0], (k,))
     cases = []
-    n = B.load(KCLASS, (B.var("h"),))
+    n = B.load(names[1], (B.var("h"),))
     for value, side in ((True, B.cmp("<", k, n)), (False, B.cmp(">=", k, n))):
         body = _simplify(decide(ir, atom, value), {}, {"k": pos})
         cases.append(B.and_(side, body))
-    return HeadOrder(atom, counts, B.or_(*cases))
+    return HeadOrder(atom, counts, B.or_(*cases), names, tuple(sorted(inputs.items())))
 
 
 def tables(h: HeadOrder, N: int, device=None, order: Optional[torch.Tensor] = None
            ) -> dict[str, torch.Tensor]:
-    """The inner pattern's inputs: ``{KPOS: int64 [1, H, N], KCLASS: int64 [H]}``
-    (``order``: :meth:`HeadOrder.order`, when already computed)."""
+    """The order's inputs of the inner pattern: ``{kpos: int64 [1, H, N], kclass: int64
+    [H]}`` (named ``h.names``; ``order``: :meth:`HeadOrder.order`, when already
+    computed)."""
     order = h.order(N, device) if order is None else order
-    return {KPOS: order[None],
-            KCLASS: torch.tensor(h.counts, dtype=torch.int64, device=order.device)}
+    return {h.names[0]: order[None],
+            h.names[1]: torch.tensor(h.counts, dtype=torch.int64, device=order.device)}
 
 
 def pattern_of(h: HeadOrder, name: str = "pattern"):
     """A :class:`~spattn.ir.pattern.CompiledPattern` of the pattern over slots."""
     from .pattern import CompiledPattern
-    return CompiledPattern(h.ir, name=name, inputs={KPOS: 1, KCLASS: 1})
+    return CompiledPattern(h.ir, name=name, inputs=declared_inputs(h))
+
+
+def declared_inputs(h: HeadOrder) -> dict[str, int]:
+    """The inner pattern's runtime inputs and their index dimensions: the pattern's own,
+    then the order's."""
+    return {**dict(h.inputs), h.names[0]: 1, h.names[1]: 1}
 
 
 def per_head_pairs(pattern, Lq: int, Lk: int, H: int, block_m: int, block_n: int, *,
-                   q_offset: int = 0, inputs=None, rows=None) -> int:
+                   q_offset: int = 0, inputs=None, rows=None, batch: int = 1) -> int:
     """Computed pairs summed over ``H`` heads (every non-EMPTY tile counted whole) on the
-    query-tile ``rows`` (every row when None), scaled up to all rows."""
+    query-tile ``rows`` (every row when None), scaled up to all rows; averaged over
+    ``batch`` elements (inputs with a batch dimension)."""
     from .tiles import EMPTY, classify
     nq = -(-Lq // block_m)
     t = classify(pattern, Lq, Lk, block_m, block_n, num_heads=H, q_offset=q_offset,
-                 inputs=inputs, rows=rows)
+                 inputs=inputs, rows=rows, batch=batch)
     live = int((t != EMPTY).sum())
-    return live * block_m * block_n * nq // (len(rows) if rows is not None else nq)
+    return live * block_m * block_n * nq // (len(rows) if rows is not None else nq) // batch
 
 
 def choose_head_order(ir: Node, Lq: int, H: int, *, Lk: Optional[int] = None,
                       q_offset: int = 0, block_m: int = 128, block_n: int = 64,
                       force: bool = False, target: str = "cuda",
-                      sequence: Optional[int] = None) -> Optional[HeadOrder]:
+                      sequence: Optional[int] = None, inputs: Optional[dict] = None,
+                      declared: Optional[dict] = None, batch: int = 1
+                      ) -> Optional[HeadOrder]:
     """The per-head key order of ``ir`` for a call of ``Lq`` queries (the first at position
     ``q_offset``) against ``Lk`` keys (default ``Lq``) and ``H`` query heads, or None (no
     class atom; every class empty or every key in its class; or, unless ``force``, not
@@ -208,29 +231,34 @@ def choose_head_order(ir: Node, Lq: int, H: int, *, Lk: Optional[int] = None,
     run the table strategy) plus ``gather_token`` per key for k and v
     (:data:`GATHERED_TENSORS` of 5). ``sequence``: sequence order's computed pairs summed
     over the heads when known (else sampled). Queries keep their positions, so any
-    ``Lq``, ``Lk`` and ``q_offset`` work."""
+    ``Lq``, ``Lk`` and ``q_offset`` work. ``inputs``: the pattern's runtime inputs
+    (int64 tensors, ``batch`` elements where they have a batch dimension), ``declared``
+    their index dimensions."""
     from .cost import COSTS, pick_strategy
     from .layout import SAMPLED_ROWS, layout_cost, sampled_rows
     from .pattern import CompiledPattern
     Lk = Lq if Lk is None else Lk
+    inputs, declared = dict(inputs or {}), dict(declared or {})
     if H < 2 or "h" not in free_vars(ir) or "q" not in free_vars(ir):
         return None
     nq = -(-Lq // block_m)
     rows = sampled_rows(nq) if nq > SAMPLED_ROWS else None
     best = None
     for atom in class_atoms(ir):
-        ho = head_order(ir, atom, Lk, H)
+        ho = head_order(ir, atom, Lk, H, declared)
         if all(c in (0, Lk) for c in ho.counts):
             continue            # no head splits its keys: the order is sequence order
         pairs = per_head_pairs(pattern_of(ho), Lq, Lk, H, block_m, block_n,
-                               q_offset=q_offset, inputs=tables(ho, Lk), rows=rows)
+                               q_offset=q_offset, inputs={**inputs, **tables(ho, Lk)},
+                               rows=rows, batch=batch)
         if best is None or pairs < best[0]:
             best = (pairs, ho)
     if best is None:
         return None
     pairs, ho = best
     seq = sequence if sequence is not None else per_head_pairs(
-        CompiledPattern(ir), Lq, Lk, H, block_m, block_n, q_offset=q_offset, rows=rows)
+        CompiledPattern(ir, inputs=declared), Lq, Lk, H, block_m, block_n,
+        q_offset=q_offset, inputs=inputs, rows=rows, batch=batch)
     strategy = pick_strategy(ir) == "table"
     cost_seq = H * layout_cost(seq / H, Lq, block_m, block_n, table=strategy, gathers=False,
                                target=target)

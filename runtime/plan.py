@@ -516,9 +516,9 @@ class HeadOrderedPlan(PermutedPlan):
     summed over each GQA group. The tokens are always copied (``SPATTN_LAYOUT_GATHER=
     kernel`` has no per-head row tables: such a plan copies)."""
 
-    def __init__(self, pattern, backend: str, head, q, k, v, *, scale, q_offset, settings,
-                 options):
-        from ..ir.headorder import KCLASS, KPOS, tables
+    def __init__(self, pattern, backend: str, head, q, k, v, *, scale, q_offset, inputs,
+                 settings, options):
+        from ..ir.headorder import declared_inputs, tables
         self._bind(pattern, backend, q, k, v, options)
         self.head = head
         N = k.shape[2]
@@ -528,11 +528,12 @@ class HeadOrderedPlan(PermutedPlan):
         self.inverse = torch.empty_like(self.order).scatter_(
             -1, self.order, slots.expand_as(self.order))
         inner = type(pattern)(head.ir, name=f"{pattern.name}@heads",
-                              inputs={KPOS: 1, KCLASS: 1},
+                              inputs=declared_inputs(head),
                               backend=getattr(pattern, "backend", "auto"))
         ks, vs = (self._stand_in(t) for t in (k, v))
         self.inner = build_plan(inner, backend, q, ks, vs, scale=scale, q_offset=q_offset,
-                                inputs=tables(head, N, order=self.order), settings=settings,
+                                inputs={**(inputs or {}), **tables(head, N, order=self.order)},
+                                settings=settings,
                                 options=options, layouts=False)
         self.call = self.inner.call
         self.forward_stage = self.inner.forward_stage
@@ -606,17 +607,20 @@ def choose_head_order(pattern, q, k, q_offset, inputs, settings):
     """The :class:`~spattn.ir.headorder.HeadOrder` a call of ``pattern`` runs in, or None
     (``SPATTN_LAYOUT`` as for a layout: ``auto`` when it pays and the call has at least
     ``ir.layout.AUTO_MIN_TOKENS`` keys, ``on`` whenever a class atom splits some head's
-    keys, ``off`` never; without runtime inputs; queries keep their order, so any
-    ``Lq``, ``Lk`` and ``q_offset``)."""
+    keys, ``off`` never; queries keep their order, so any ``Lq``, ``Lk`` and
+    ``q_offset``; the pattern's runtime ``inputs``, validated, are read through the
+    order where they are indexed by ``k``)."""
     from ..ir.headorder import choose_head_order as choose
     from ..ir.layout import AUTO_MIN_TOKENS
     Lq, Lk = q.shape[2], k.shape[2]
-    if settings.layout == "off" or inputs or q.shape[1] < 2 \
+    if settings.layout == "off" or q.shape[1] < 2 \
             or (settings.layout == "auto" and Lk < AUTO_MIN_TOKENS):
         return None
+    ins = {n: t.to(torch.int64) for n, t in (inputs or {}).items()}
     return choose(pattern.ir, Lq, q.shape[1], Lk=Lk,
                   q_offset=Positions.of(Lq, Lk, q_offset).q_offset,
-                  force=settings.layout == "on", target="cuda" if q.is_cuda else "cpu")
+                  force=settings.layout == "on", target="cuda" if q.is_cuda else "cpu",
+                  inputs=ins, declared=pattern.inputs, batch=q.shape[0])
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
@@ -654,7 +658,7 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
             head = choose_head_order(pattern, q, k, q_offset, inputs, settings)
             if head is not None:
                 return HeadOrderedPlan(pattern, backend, head, q, k, v, scale=scale,
-                                       q_offset=q_offset, settings=settings,
+                                       q_offset=q_offset, inputs=inputs, settings=settings,
                                        options=options)
         call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
                        settings=settings, backend=backend, tables=tables)

@@ -124,3 +124,27 @@ def test_a_union_of_residues_is_one_class():
     ins = HO.tables(single, 1024)
     one = HO.per_head_pairs(HO.pattern_of(single), 1024, 1024, 4, 64, 32, inputs=ins)
     assert best.computed_order < one
+
+
+def test_runtime_inputs_read_through_the_order():
+    """``same(doc)`` beside the stripes: ``doc[k]`` becomes ``doc[kpos[k]]``, exact."""
+    from spattn.ir.pattern import CompiledPattern
+    pat = spattn.compile("input doc\npattern p = same(doc) & causal & (q - k < 9 | k % 4 == h)")
+    N, H = 50, 4
+    doc = torch.stack([(torch.rand(N, generator=torch.Generator().manual_seed(b)) < 0.1)
+                       .cumsum(-1) for b in range(2)])
+    ho = HO.choose_head_order(pat.ir, N, H, block_m=8, block_n=4, force=True,
+                              inputs={"doc": doc}, declared=pat.inputs, batch=2)
+    assert ho is not None and "doc" in dict(ho.inputs)
+    ins = {"doc": doc, **HO.tables(ho, N)}
+    m0 = mask(pat.ir, N, N, num_heads=H, batch=2, inputs={"doc": doc})
+    m1 = mask(ho.ir, N, N, num_heads=H, batch=2, inputs=ins)
+    order = ho.order(N)
+    for b in range(2):
+        for h in range(H):
+            assert torch.equal(m1[b, h], m0[b, h][:, order[h]])
+    cls = classify(CompiledPattern(ho.ir, inputs=HO.declared_inputs(ho)), N, N, 8, 4,
+                   num_heads=H, batch=2, inputs=ins)
+    for b, h, i, j in torch.nonzero(cls != 1).tolist():
+        block = m1[b, h, i * 8:(i + 1) * 8, j * 4:(j + 1) * 4]
+        assert bool(block.all()) if cls[b, h, i, j] == FULL else not block.any()

@@ -66,6 +66,26 @@ def test_head_order_fewer_queries(Lq, q_offset, backend, monkeypatch):
     assert isinstance(plan, HeadOrderedPlan)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_head_order_with_documents(backend, monkeypatch):
+    """A runtime input indexed by k is read through the order (``doc[kpos[k]]``); one
+    named like the order's own input pushes its names aside."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = spattn.compile("input doc\ninput kpos\npattern p = same(doc) & causal & "
+                         "(q - k < 10 | k % 4 == h) & kpos[q] >= 0", backend=backend)
+    B, Hq, Hk, N, D = 2, 4, 2, 64, 16
+    g = torch.Generator().manual_seed(5)
+    doc = (torch.rand(B, N, generator=g) < 0.08).cumsum(-1)
+    kpos = torch.zeros(N, dtype=torch.int64)
+    q = torch.randn(B, Hq, N, D, generator=g).requires_grad_()
+    k, v = (torch.randn(B, Hk, N, D, generator=g).requires_grad_() for _ in range(2))
+    plan = pat.plan(q, k, v, doc=doc, kpos=kpos)
+    assert isinstance(plan, HeadOrderedPlan) and plan.head.names == ("_kpos", "_kclass")
+    o, lse = pat(q, k, v, plan=plan, return_lse=True)
+    check_with_reference(o, lse, q, k, v, pat.mask(N, N, num_heads=Hq, batch=B, doc=doc,
+                                                   kpos=kpos), g)
+
+
 @pytest.mark.interpreter
 def test_triton_head_order_row_tables_copy(monkeypatch):
     """``SPATTN_LAYOUT_GATHER=kernel`` has no per-head row tables: the plan copies."""
