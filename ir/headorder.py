@@ -239,7 +239,7 @@ def choose_head_order(ir: Node, Lq: int, H: int, *, Lk: Optional[int] = None,
     from .pattern import CompiledPattern
     Lk = Lq if Lk is None else Lk
     inputs, declared = dict(inputs or {}), dict(declared or {})
-    if H < 2 or "h" not in free_vars(ir) or "q" not in free_vars(ir):
+    if H < 2 or "h" not in free_vars(ir):
         return None
     nq = -(-Lq // block_m)
     rows = sampled_rows(nq) if nq > SAMPLED_ROWS else None

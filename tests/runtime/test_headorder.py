@@ -33,9 +33,10 @@ CASES = [
     ("causal & (q - k < 16 | k % 4 == h)", 2, 4, 2, 70),
     ("causal & (q - k < 12 | (k // 4) % 4 == h)", 1, 4, 4, 96),
     ("q - k < 9 & k - q < 9 | (k - 1) % 8 == (2 * h) % 8", 2, 4, 1, 64),
+    ("k % 8 == h", 1, 8, 2, 33),                       # the class alone: no q
 ]
 IDS = ["B2-Hq4-Hk2-L70-D16-fp32-causal-m4", "B1-Hq4-Hk4-L96-D16-fp32-stripes4",
-       "B2-Hq4-Hk1-L64-D16-fp32-band-m8"]
+       "B2-Hq4-Hk1-L64-D16-fp32-band-m8", "B1-Hq8-Hk2-L33-D16-fp32-class-alone"]
 
 
 @pytest.mark.parametrize("src,B,Hq,Hk,N", CASES, ids=IDS)
