@@ -239,6 +239,7 @@ def choose_head_order(ir: Node, Lq: int, H: int, *, Lk: Optional[int] = None,
     from .pattern import CompiledPattern
     Lk = Lq if Lk is None else Lk
     inputs, declared = dict(inputs or {}), dict(declared or {})
+    dev = next(iter(inputs.values())).device if inputs else None
     if H < 2 or "h" not in free_vars(ir):
         return None
     nq = -(-Lq // block_m)
@@ -249,7 +250,7 @@ def choose_head_order(ir: Node, Lq: int, H: int, *, Lk: Optional[int] = None,
         if all(c in (0, Lk) for c in ho.counts):
             continue            # no head splits its keys: the order is sequence order
         pairs = per_head_pairs(pattern_of(ho), Lq, Lk, H, block_m, block_n,
-                               q_offset=q_offset, inputs={**inputs, **tables(ho, Lk)},
+                               q_offset=q_offset, inputs={**inputs, **tables(ho, Lk, dev)},
                                rows=rows, batch=batch)
         if best is None or pairs < best[0]:
             best = (pairs, ho)
