@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=None, help="tokens (default 16384; --cpu 256)")
     ap.add_argument("--heads", type=int, default=None, help="heads (default 16; --cpu 4)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--budget", type=float, default=70.0,
+    ap.add_argument("--budget", type=float, default=45.0,
                     help="seconds after which no further problem is started (cold kernel "
                          "and Flex compiles dominate a first run; each row is whole)")
     ap.add_argument("--tune", action="store_true",
