@@ -629,7 +629,8 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
     """A new :class:`Plan` (arguments already validated: ``api.validate``); an
     :class:`OrderedPlan` for a caller's token ``order`` (its values checked there:
     :func:`permutation`), else a :class:`RemappedPlan` when the pattern runs in a token
-    layout (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
+    layout, or a :class:`HeadOrderedPlan` when it runs in per-head key orders
+    (:func:`choose_head_order`) (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
     (and tuned) with; each call passes its own (``runtime.scores``). The option
     ``layout_gather`` ("copy" or "kernel", default the setting ``SPATTN_LAYOUT_GATHER``)
     says how a permuted plan's tokens reach the Triton kernels (:class:`PermutedPlan`)."""
