@@ -47,6 +47,7 @@ import torch
 
 from . import build as B
 from .nodes import And, IsPow2, Load, Node, Not, Or, Range, free_vars, walk
+from .visitor import MaskPass, rule
 
 __all__ = ["HeadOrder", "class_atoms", "decide", "head_order", "choose_head_order", "KPOS",
            "KCLASS",
@@ -136,26 +137,41 @@ def class_atoms(ir: Node) -> list[Node]:
     return seen[:MAX_ATOMS]
 
 
-def decide(ir: Node, atom: Node, value: bool, memo: Optional[dict] = None) -> Node:
+class _Decide(MaskPass):
+    """:func:`decide`'s rules: the class condition ``atom`` replaced by ``value`` where it
+    occurs, or, as a junction of some arguments of a wider ``|`` or ``&``, in place of
+    those arguments; every other node rebuilt from its children (shared subtrees once)."""
+
+    def __call__(self, n, atom, value, memo):
+        got = memo.get(n)
+        if got is None:
+            got = memo[n] = B.boolean(value) if n == atom else super().__call__(n, atom,
+                                                                                  value, memo)
+        return got
+
+    @rule(And, Or)
+    def junction(self, n, atom, value, memo):
+        if type(atom) is type(n) and set(atom.args) <= set(n.args):
+            rest = [self(a, atom, value, memo) for a in n.args if a not in atom.args]
+            return (B.or_ if isinstance(n, Or) else B.and_)(*rest, B.boolean(value))
+        return self.node(n, atom, value, memo)
+
+    @rule(default=True)
+    def node(self, n, atom, value, memo):
+        from .intervals import rebuild
+        kids = n.children()
+        new = [self(c, atom, value, memo) for c in kids]
+        return n if all(a is b for a, b in zip(new, kids)) else rebuild(n, new)
+
+
+_decide = _Decide()
+
+
+def decide(ir: Node, atom: Node, value: bool) -> Node:
     """``ir`` with the class condition ``atom`` replaced by ``value``: where it occurs, and,
     for a junction of arguments of a wider ``|`` or ``&`` (:func:`class_atoms`), in place
     of those arguments."""
-    from .intervals import rebuild
-    memo = {} if memo is None else memo
-    got = memo.get(ir)
-    if got is not None:
-        return got
-    if ir == atom:
-        got = B.boolean(value)
-    elif isinstance(ir, (And, Or)) and type(ir) is type(atom) and set(atom.args) <= set(ir.args):
-        rest = [decide(a, atom, value, memo) for a in ir.args if a not in atom.args]
-        got = (B.or_ if isinstance(ir, Or) else B.and_)(*rest, B.boolean(value))
-    else:
-        kids = ir.children()
-        new = [decide(c, atom, value, memo) for c in kids]
-        got = ir if all(a is b for a, b in zip(new, kids)) else rebuild(ir, new)
-    memo[ir] = got
-    return got
+    return _decide(ir, atom, value, {})
 
 
 def head_order(ir: Node, atom: Node, N: int, H: int, inputs: Optional[dict] = None
