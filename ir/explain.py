@@ -54,6 +54,7 @@ class Report:
     cost_model: dict = field(default_factory=lambda: dict(COSTS["cuda"]))
     layout: Optional[dict] = None
     score: Optional[str] = None
+    head_order: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +97,18 @@ class Report:
                    "with rows addressed in the kernels (no gathers, "
                    "SPATTN_LAYOUT_GATHER=kernel); ")
                 + ("used (SPATTN_LAYOUT=auto)" if lay["used"] else
+                   "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on "
+                   "forces it)"))
+        if self.head_order is not None:
+            ho = self.head_order
+            lines.append(
+                f"head order per-head key order, the class {ho['class']} first "
+                f"({ho['class_sizes'][0]}-{ho['class_sizes'][1]} keys per head): useful pairs "
+                f"{pct(ho['fraction_order'])} of computed (sequence order "
+                f"{pct(ho['fraction_sequence'])}); predicted cost "
+                f"{ho['cost_order'] / max(ho['cost_sequence'], 1e-9):.2f}x sequence order's "
+                "with the gathers of k and v per head; "
+                + ("used (SPATTN_LAYOUT=auto)" if ho["used"] else
                    "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on "
                    "forces it)"))
         if self.score is not None:
@@ -223,7 +236,11 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
     layout = None if inputs else _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed,
                                          block_m, block_n, computed // per_pair, pattern,
                                          target, gather)
+    head_order = None if inputs or layout is not None else _head_order(
+        ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n,
+        computed // per_pair, target)
     return Report(
+        head_order=head_order,
         score=(None if getattr(pattern, "score", None) is None else str(pattern.score)),
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
         batch=batch, block_m=block_m, block_n=block_n, head_dim=head_dim,
@@ -234,6 +251,30 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
         efficiency=useful / computed if computed else 1.0,
         predicted_speedup=speedup, strategy=strategy, density_method=method, target=target,
         cost_model=dict(COSTS[target]), layout=layout)
+
+
+def _head_order(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n,
+                computed, target):
+    """The per-head key order a call would consider (``ir.headorder.choose_head_order``,
+    forced), as a dict: the class, its sizes per head, the computed pairs (summed over the
+    heads) and useful fraction in sequence order and in the head order, the predicted
+    cost of each (the head order's with its gathers of k and v), and whether
+    ``SPATTN_LAYOUT=auto`` uses it."""
+    from .headorder import choose_head_order
+    from .layout import AUTO_MIN_TOKENS
+    ho = choose_head_order(ir, Lq, num_heads, Lk=Lk, q_offset=query_offset(Lq, Lk, q_offset),
+                           block_m=block_m, block_n=block_n, force=True, target=target,
+                           sequence=computed // batch)
+    if ho is None:
+        return None
+    useful = allowed // batch
+    return {"order": str(ho), "class": str(ho.atom),
+            "class_sizes": [min(ho.counts), max(ho.counts)],
+            "computed_sequence": ho.computed_sequence, "computed_order": ho.computed_order,
+            "fraction_sequence": useful / max(ho.computed_sequence, 1),
+            "fraction_order": useful / max(ho.computed_order, 1),
+            "cost_sequence": ho.cost_sequence, "cost_order": ho.cost_order,
+            "gathered": ["k", "v"], "used": ho.pays and Lk >= AUTO_MIN_TOKENS}
 
 
 def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, computed,

@@ -16,14 +16,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _gather_rows_kernel(SRC, DST, INDEX, n_rows, n_blocks, H, D,
+def _gather_rows_kernel(SRC, DST, INDEX, n_rows, n_blocks, H, D, group,
                         stride_sb, stride_sh, stride_sn, stride_sd,
-                        stride_db, stride_dh, stride_dn, stride_ib,
+                        stride_db, stride_dh, stride_dn, stride_ib, stride_ih,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``DST[b, h, r, :] = SRC[b, h, INDEX[b, r], :]`` for the rows ``[i_r * BLOCK_R,
-    +BLOCK_R)`` of slice ``i_bh = b * H + h`` (``stride_ib`` 0: one index for every batch
-    element). ``DST`` is contiguous along its last axis. One grid axis of ``n_blocks`` row
-    blocks per slice (a second axis would cap B * H at 65535)."""
+    """``DST[b, h, r, :] = SRC[b, h // group, INDEX[b, h, r], :]`` for the rows ``[i_r *
+    BLOCK_R, +BLOCK_R)`` of slice ``i_bh = b * H + h`` of ``DST`` (``stride_ib`` 0: one
+    index for every batch element, ``stride_ih`` 0: for every head). ``DST`` is contiguous
+    along its last axis. One grid axis of ``n_blocks`` row blocks per slice (a second axis
+    would cap B * H at 65535)."""
     i_p = tl.program_id(0)
     i_r = i_p % n_blocks
     i_bh = i_p // n_blocks
@@ -31,8 +32,9 @@ def _gather_rows_kernel(SRC, DST, INDEX, n_rows, n_blocks, H, D,
     i_h = i_bh % H
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_r = o_r < n_rows
-    b_idx = tl.load(INDEX + i_b.to(tl.int64) * stride_ib + o_r, mask=m_r, other=0)
-    p_src = SRC + i_b.to(tl.int64) * stride_sb + i_h.to(tl.int64) * stride_sh \
+    b_idx = tl.load(INDEX + i_b.to(tl.int64) * stride_ib + i_h.to(tl.int64) * stride_ih + o_r,
+                    mask=m_r, other=0)
+    p_src = SRC + i_b.to(tl.int64) * stride_sb + (i_h // group).to(tl.int64) * stride_sh \
         + b_idx.to(tl.int64)[:, None] * stride_sn
     p_dst = DST + i_b.to(tl.int64) * stride_db + i_h.to(tl.int64) * stride_dh \
         + o_r.to(tl.int64)[:, None] * stride_dn
@@ -43,14 +45,18 @@ def _gather_rows_kernel(SRC, DST, INDEX, n_rows, n_blocks, H, D,
         tl.store(p_dst + o_d[None, :], b_x, mask=m)
 
 
-def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_rows(t: torch.Tensor, index: torch.Tensor, *, per_head: bool = False,
+                group: int = 1) -> torch.Tensor:
     """``t [B, H, N, D]`` (or ``[B, H, N]``) gathered along the tokens at ``index``: ``[M]``
-    (int64, every batch element) or ``[B, M]`` (one row each); every index in ``[0, N)``
-    (the plan's permutation, checked where it was built). Returns a new contiguous
-    ``[B, H, M, D]`` (``[B, H, M]``) tensor."""
+    (int64, every batch element) or ``[B, M]`` (one row each); with ``per_head``, ``[G,
+    M]``, one row per output head (a head order, ``plan.HeadOrderedPlan``), output head
+    ``g`` reading head ``g // group`` of ``t`` (GQA: ``G = H * group``). Every index in
+    ``[0, N)`` (the plan's permutation, checked where it was built). Returns a new
+    contiguous ``[B, G, M, D]`` (``[B, G, M]``) tensor (``G = H`` without ``per_head``)."""
     flat = t.dim() == 3
     src = t.unsqueeze(-1) if flat else t
     B, H, _, D = src.shape
+    H = H * group
     M = index.shape[-1]
     index = index.contiguous()
     out = torch.empty((B, H, M, D), dtype=t.dtype, device=t.device)
@@ -59,9 +65,10 @@ def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         block_r = 1024 if D == 1 else max(16, min(64, 4096 // block_d))
         n_blocks = triton.cdiv(M, block_r)
         _gather_rows_kernel[(n_blocks * B * H,)](
-            src, out, index, M, n_blocks, H, D,
+            src, out, index, M, n_blocks, H, D, group,
             src.stride(0), src.stride(1), src.stride(2), src.stride(3),
             out.stride(0), out.stride(1), out.stride(2),
-            0 if index.dim() == 1 else index.stride(0),
+            0 if index.dim() == 1 or per_head else index.stride(0),
+            index.stride(0) if per_head else 0,
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return out.squeeze(-1) if flat else out

@@ -31,7 +31,8 @@ from ..ir.positions import Positions
 from . import settings as _settings
 from .tables import Analysis
 
-__all__ = ["Call", "Plan", "PermutedPlan", "RemappedPlan", "OrderedPlan", "build_plan",
+__all__ = ["Call", "Plan", "PermutedPlan", "RemappedPlan", "OrderedPlan", "HeadOrderedPlan",
+           "build_plan",
            "PlanCache", "PLANS", "PLANS_SIZE"]
 
 #: Plans kept for calls without one (:data:`PLANS`).
@@ -497,6 +498,89 @@ class OrderedPlan(PermutedPlan):
         return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
 
 
+def gather_heads(t, index, group: int = 1):
+    """``t [B, Hk, N(, D)]`` read per output head through ``index [G, M]``: ``out[b, g, j]
+    = t[b, g // group, index[g, j]]``, ``[B, G, M(, D)]`` with ``G = Hk * group`` (a head
+    order's keys and values per query head, GQA's kv heads repeated; ``group`` 1 scatters
+    a per-head result back through the inverse order)."""
+    if t.is_cuda:
+        return (_GATHER_ROWS or _gather_rows())(t, index, per_head=True, group=group)
+    if group > 1:
+        t = t.repeat_interleave(group, dim=1)
+    at = index[None] if t.dim() == 3 else index[None, :, :, None]
+    return t.gather(2, at.expand(t.shape[:2] + index.shape[1:] + t.shape[3:]))
+
+
+class HeadOrderedPlan(PermutedPlan):
+    """A plan that runs its pattern with a key order per query head
+    (:mod:`spattn.ir.headorder`, docs/layouts.md, "Per-head key orders"): ``order [Hq,
+    N]`` holds, per head, the keys of that head's class first and every other key after
+    them; queries keep their order. k and v are gathered per query head into
+    ``[B, Hq, N, D]`` slot order (GQA: every query head of a group reads its kv head
+    through its own order), the inner plan runs the pattern over slots (which reads
+    ``order`` as its runtime input ``kpos``), and o and the lse need no gather; the
+    backward gathers k and v again, and gathers dk and dv back through the inverse order,
+    summed over each GQA group. The tokens are always copied (``SPATTN_LAYOUT_GATHER=
+    kernel`` has no per-head row tables: such a plan copies)."""
+
+    def __init__(self, pattern, backend: str, head, q, k, v, *, scale, q_offset, inputs,
+                 settings, options):
+        from ..ir.headorder import declared_inputs, tables
+        self._bind(pattern, backend, q, k, v, options)
+        self.head = head
+        N = k.shape[2]
+        self.group = q.shape[1] // k.shape[1]
+        self.order = head.order(N, q.device)
+        slots = torch.arange(N, dtype=self.order.dtype, device=self.order.device)
+        self.inverse = torch.empty_like(self.order).scatter_(
+            -1, self.order, slots.expand_as(self.order))
+        inner = type(pattern)(head.ir, name=f"{pattern.name}@heads",
+                              inputs=declared_inputs(head),
+                              backend=getattr(pattern, "backend", "auto"))
+        ks, vs = (self._stand_in(t) for t in (k, v))
+        self.inner = build_plan(inner, backend, q, ks, vs, scale=scale, q_offset=q_offset,
+                                inputs={**(inputs or {}), **tables(head, N, order=self.order)},
+                                settings=settings,
+                                options=options, layouts=False)
+        self.call = self.inner.call
+        self.forward_stage = self.inner.forward_stage
+
+    def _stand_in(self, t):
+        return t.new_empty((t.shape[0], self.order.shape[0]) + t.shape[2:])
+
+    def _kv(self, k, v):
+        return (gather_heads(k, self.order, self.group), gather_heads(v, self.order, self.group))
+
+    def forward(self, q, k, v):
+        return self.inner.forward(q, *self._kv(k, v))
+
+    def prepare_backward(self, q, k, v) -> None:
+        self.inner.prepare_backward(q, self._stand_in(k), self._stand_in(v))
+
+    def backward_stage(self, q, k, v, o, do):
+        return self.inner.backward_stage(q, self._stand_in(k), self._stand_in(v), o, do)
+
+    def backward(self, q, k, v, o, lse, do, dlse=None):
+        dq, dk, dv = self.inner.backward(q, *self._kv(k, v), o, lse, do, dlse)
+        B, Hk, N = k.shape[0], k.shape[1], k.shape[2]
+
+        def back(g, like):
+            g = gather_heads(g, self.inverse)
+            if self.group > 1:      # the group's query heads' sum, accumulated in float32
+                g = g.view(B, Hk, self.group, N, g.shape[-1]).sum(2, dtype=torch.float32)
+            return g.to(like.dtype)
+        return dq, back(dk, k), back(dv, v)
+
+    def __repr__(self) -> str:
+        h = self.head
+        head = [f"Plan for {self.pattern.name!r}: {self.pattern.source}",
+                f"  {h} ({self.order.shape[0]} query heads, "
+                f"{self.order.shape[1]} key slots); computed pairs {h.computed_order:,} "
+                f"(sequence order {h.computed_sequence:,}); k and v gathered per head into "
+                "slot order, dk and dv back"]
+        return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
+
+
 #: How a permuted plan's repr says its tokens reach the kernels.
 _GATHER_WORDS = {"copy": "tokens gathered into slot order and back",
                  "kernel": "rows addressed through row tables in the kernels (no gathers)"}
@@ -521,13 +605,39 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings, gather="copy"):
     return resolve_gathers(r, gather, target, force)
 
 
+def _reads_head(pattern) -> bool:
+    from ..ir.nodes import free_vars
+    return "h" in free_vars(pattern.ir)
+
+
+def choose_head_order(pattern, q, k, q_offset, inputs, settings):
+    """The :class:`~spattn.ir.headorder.HeadOrder` a call of ``pattern`` runs in, or None
+    (``SPATTN_LAYOUT`` as for a layout: ``auto`` when it pays and the call has at least
+    ``ir.layout.AUTO_MIN_TOKENS`` keys, ``on`` whenever a class atom splits some head's
+    keys, ``off`` never; queries keep their order, so any ``Lq``, ``Lk`` and
+    ``q_offset``; the pattern's runtime ``inputs``, validated, are read through the
+    order where they are indexed by ``k``)."""
+    from ..ir.headorder import choose_head_order as choose
+    from ..ir.layout import AUTO_MIN_TOKENS
+    Lq, Lk = q.shape[2], k.shape[2]
+    if settings.layout == "off" or q.shape[1] < 2 \
+            or (settings.layout == "auto" and Lk < AUTO_MIN_TOKENS):
+        return None
+    ins = {n: t.to(torch.int64) for n, t in (inputs or {}).items()}
+    return choose(pattern.ir, Lq, q.shape[1], Lk=Lk,
+                  q_offset=Positions.of(Lq, Lk, q_offset).q_offset,
+                  force=settings.layout == "on", target="cuda" if q.is_cuda else "cpu",
+                  inputs=ins, declared=pattern.inputs, batch=q.shape[0])
+
+
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
                settings=None, options=None, layouts: bool = True, tables=None,
                order=None, tile_prior: bool = False) -> Plan:
     """A new :class:`Plan` (arguments already validated: ``api.validate``); an
     :class:`OrderedPlan` for a caller's token ``order`` (its values checked there:
     :func:`permutation`), else a :class:`RemappedPlan` when the pattern runs in a token
-    layout (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
+    layout, or a :class:`HeadOrderedPlan` when it runs in per-head key orders
+    (:func:`choose_head_order`) (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
     (and tuned) with; each call passes its own (``runtime.scores``). The option
     ``layout_gather`` ("copy" or "kernel", default the setting ``SPATTN_LAYOUT_GATHER``)
     says how a permuted plan's tokens reach the Triton kernels (:class:`PermutedPlan`).
@@ -553,6 +663,12 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
         if remap is not None:
             return RemappedPlan(pattern, backend, remap, q, k, v, scale=scale,
                                 settings=settings, options=options, gather=gather)
+        if layouts and getattr(pattern, "score", None) is None and _reads_head(pattern):
+            head = choose_head_order(pattern, q, k, q_offset, inputs, settings)
+            if head is not None:
+                return HeadOrderedPlan(pattern, backend, head, q, k, v, scale=scale,
+                                       q_offset=q_offset, inputs=inputs, settings=settings,
+                                       options=options)
         call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
                        settings=settings, backend=backend, tables=tables)
         call.tile_prior = tile_prior

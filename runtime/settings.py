@@ -25,7 +25,8 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 ``SPATTN_TUNE_MARGIN``      how much faster (a fraction, default 0.03) a candidate must be
                             than the default configuration to replace it
 ``SPATTN_CACHE_DIR``        the kernel cache directory (default ``~/.cache/spattn``)
-``SPATTN_LAYOUT``           ``auto``, ``off`` or ``on``: token layouts (docs/layouts.md)
+``SPATTN_LAYOUT``           ``auto``, ``off`` or ``on``: token layouts and per-head key
+                            orders (docs/layouts.md)
 ``SPATTN_LAYOUT_GATHER``    ``auto`` (default), ``copy`` or ``kernel``: how a layout's or a
                             caller's token order reaches the Triton kernels (copies in slot
                             order, or row tables the kernels address rows through; ``auto``:
