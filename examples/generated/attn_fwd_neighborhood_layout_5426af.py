@@ -1,4 +1,4 @@
-# spattn-kernel key=8ab7c348db990561f2ffbc034313d0ca sha256=5c238979fc80a9c02ce6b587b7109755ba086c6224cacc29d5da8769611db1a8
+# spattn-kernel key=5426af3cf91369571ec051bc637a4de0 sha256=b60bd67c57ae9d1e3944fd9fc7eccacc8a255ec2ffa86a1dd8ae49379e8875c8
 """spattn generated forward attention kernel for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: table
     (tile spans or CSR lists of PARTIAL and FULL tiles, built by the analysis at call time)
 Tiles: BLOCK_M=128 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=8, num_stages=3, dtype=bf16
-Kernels: attn_fwd_neighborhood_layout_8ab7c3
-Codegen version: 22; cache key 8ab7c348db990561f2ffbc034313d0ca
+Kernels: attn_fwd_neighborhood_layout_5426af
+Codegen version: 23; cache key 5426af3cf91369571ec051bc637a4de0
 Rows: through the row tables Q_ROWS, K_ROWS (the caller's row of each query and key slot;
        -1 a padding slot, stored nowhere): no gathers before or after the kernels
 
@@ -47,7 +47,7 @@ def _mod(a, b):
 
 
 @triton.jit
-def _fwd_range_8ab7c3(
+def _fwd_range_5426af(
     acc, l_i, m_i, b_q, o_q,
     K, V, K_ROWS, stride_kn, stride_kd, stride_vn, stride_vd,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -108,7 +108,7 @@ def _fwd_range_8ab7c3(
 
 
 @triton.jit
-def attn_fwd_neighborhood_layout_8ab7c3(
+def attn_fwd_neighborhood_layout_5426af(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -180,28 +180,28 @@ def attn_fwd_neighborhood_layout_8ab7c3(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        acc, l_i, m_i = _fwd_range_8ab7c3(
+        acc, l_i, m_i = _fwd_range_5426af(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_lo, i_flo, MASKED=True,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-        acc, l_i, m_i = _fwd_range_8ab7c3(
+        acc, l_i, m_i = _fwd_range_5426af(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_flo, i_fhi, MASKED=False,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-        acc, l_i, m_i = _fwd_range_8ab7c3(
+        acc, l_i, m_i = _fwd_range_5426af(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_fhi, i_hi, MASKED=True,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        acc, l_i, m_i = _fwd_range_8ab7c3(
+        acc, l_i, m_i = _fwd_range_5426af(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_P, p_start, p_end, MASKED=True,
             TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
         f_start = tl.load(ROWS_F + i_row)
         f_end = tl.load(ROWS_F + i_row + 1)
-        acc, l_i, m_i = _fwd_range_8ab7c3(
+        acc, l_i, m_i = _fwd_range_5426af(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_F, f_start, f_end, MASKED=False,
             TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
@@ -216,4 +216,4 @@ def attn_fwd_neighborhood_layout_8ab7c3(
     tl.store(LSE + i_bh.to(tl.int64) * Nq + o_rq, lse, mask=m_rq)
 
 
-KERNEL = attn_fwd_neighborhood_layout_8ab7c3
+KERNEL = attn_fwd_neighborhood_layout_5426af
