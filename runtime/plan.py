@@ -570,7 +570,8 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
     :func:`permutation`), else a :class:`RemappedPlan` when the pattern runs in a token
     layout (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
     (and tuned) with; each call passes its own (``runtime.scores``). The option
-    ``layout_gather`` ("copy" or "kernel", default the setting ``SPATTN_LAYOUT_GATHER``)
+    ``layout_gather`` ("auto", "copy", "kernel" or "box", default the setting
+    ``SPATTN_LAYOUT_GATHER``)
     says how a permuted plan's tokens reach the Triton kernels (:class:`PermutedPlan`).
     ``tile_prior``: the call is a token layout's (:attr:`Call.tile_prior`)."""
     from .api import check_grid
