@@ -80,6 +80,24 @@ def test_box_forward(shape, box, kernel, tiles, B, Hq, Hk, bshd, monkeypatch):
 
 
 @pytest.mark.interpreter
+def test_box_forward_bf16():
+    """16-bit inputs (the interpreter runs them in fp32 copies, descriptors over those):
+    o and lse against the float64 reference of the bf16 values."""
+    from spattn.runtime.reference import attention_reference
+    from tests.runtime.test_torch_backend import _close
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (t.detach().to(torch.bfloat16) for t in _tensors(1, 2, 1, 128, 16, g))
+    pat, plan = _box_plan((8, 16), (4, 8), 3, q, k, v, (32, 16))
+    assert plan.gather == "box"
+    o, lse = plan.forward(q, k, v)
+    assert o.dtype == torch.bfloat16
+    ro, rl = attention_reference(q.double(), k.double(), v.double(),
+                                 pat.mask(128, 128, num_heads=2))
+    _close("o", o, ro, rtol=2e-2)
+    _close("lse", lse, rl, rtol=2e-2)
+
+
+@pytest.mark.interpreter
 def test_setting_box(monkeypatch):
     """``SPATTN_LAYOUT_GATHER=box`` on a layout the compiler chose."""
     monkeypatch.setenv("SPATTN_LAYOUT", "on")
@@ -108,6 +126,22 @@ def test_extra_tokens_fall_back(monkeypatch):
     assert plan.remap.layout.grid.offset == 5 and BoxRows.of(plan.remap.layout, q, k, v) is None
     o, lse = pat(q, k, v, plan=plan, return_lse=True)
     check_with_reference(o, lse, q, k, v, pat.mask(69, 69, num_heads=2), g, grads=False)
+
+
+@pytest.mark.interpreter
+def test_residue_classes_fall_back(monkeypatch):
+    """A dilation that does not divide its axis: residue classes (a split grid), whose
+    boxes hold every third token, no block of the caller's; the rule of ``auto`` applies."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "box")
+    pat = spattn.neighborhood((100,), 5, dilation=3, backend="triton")
+    g = torch.Generator().manual_seed(9)
+    q, k, v = _tensors(1, 2, 1, 100, 16, g)
+    plan = pat.plan(q, k, v)
+    assert isinstance(plan, RemappedPlan) and plan.remap.layout.grid.splits == (3,)
+    assert plan.gather in ("copy", "kernel")
+    o, lse = pat(q, k, v, plan=plan, return_lse=True)
+    check_with_reference(o, lse, q, k, v, pat.mask(100, 100, num_heads=2), g, grads=False)
 
 
 def test_fallbacks_without_box():
