@@ -559,7 +559,10 @@ def _box_test(q, k, settings, gather):
     from .triton_backend import BoxRows, _tma_device
     if not _tma_device(q.device, settings) or (gather == "auto" and not q.is_cuda):
         return None
-    return lambda layout: BoxRows.of(layout, q, k) is not None
+    # on CUDA the forward's tiles are up to 128 slots (defaults, layout tiles, autotuner),
+    # which must divide the box (a smaller box, of a grid too small for 128 cells, copies)
+    cells = 128 if q.is_cuda else 1
+    return lambda layout: layout.tokens % cells == 0 and BoxRows.of(layout, q, k) is not None
 
 
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
