@@ -33,7 +33,8 @@ against the box forward).
     python benchmarks/layouts.py --out OUT --bwd --flex     # fwd+bwd, and Flex
     python benchmarks/layouts.py --out OUT --configs "128,64,8,3;128,128,8,3;tuned"
     python benchmarks/layouts.py --out OUT --cpu    # tiny shapes on the CPU (logic check,
-                                                    # layouts forced: SPATTN_LAYOUT=on)
+                                                    # layouts forced: SPATTN_LAYOUT=on;
+                                                    # TRITON_INTERPRET=1: Triton kernels)
     python benchmarks/layouts.py --out OUT --analysis   # the computed pairs, on the CPU
 
 Writes ``OUT/layouts.json``; prints a markdown table last.
@@ -200,7 +201,10 @@ def box_order(shape, box, device):
 
 def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=False,
                 flex=False, configs=None, gathers=()):
-    pat, N = make_pattern(kind, args, backend="torch" if cpu else "auto")
+    # (--cpu under TRITON_INTERPRET=1: the generated kernels, the GPU path's logic)
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    pat, N = make_pattern(kind, args, backend="triton" if cpu and interp else
+                          "torch" if cpu else "auto")
     row = {"problem": name, "N": N, "H": H, "D": D, "target_vs_dense": target}
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
@@ -262,7 +266,7 @@ def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=
     if flex and kind == "natten" and not cpu:
         flex_setup(row, fns, q, k, v, o, args, grads)
     if remap is not None and order is None:
-        gather_setup(row, fns, pat, q, k, v, N, gathers)
+        gather_setup(row, fns, pat, plan, q, k, v, N, gathers)
     times = {n: [] for n in fns}
     for r in range(rounds):
         for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
@@ -286,13 +290,17 @@ def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=
     return row
 
 
-def gather_setup(row, fns, pat, q, k, v, N, gathers):
-    """A plan per way of ``gathers`` (``layout_gather=``), checked against the reference,
+def gather_setup(row, fns, pat, main, q, k, v, N, gathers):
+    """A plan per way of ``gathers`` (``layout_gather``) in the layout of the plan ``main``,
+    checked against the reference,
     its forward added to the timed functions as ``gather_<way>`` (``row["gathers"]``: the
-    way the plan took, which falls back where the boxes cannot be read)."""
-    from spattn.runtime.api import make_plan
+    way the plan took, which falls back where the boxes cannot be read). The plans reuse
+    the main plan's layout (no second choice: the quick set stays within its time)."""
+    from spattn.runtime.plan import RemappedPlan
+    from spattn.runtime.settings import current
     for g in gathers:
-        plan = make_plan(pat, q, k, v, layout_gather=g)
+        plan = RemappedPlan(pat, main.backend, main.remap, q, k, v, scale=main.call.scale,
+                            settings=current(), options={}, gather=g)
         o = pat(q, k, v, plan=plan)
         err = sampled_error(pat, q, k, v, o, N, samples=2)
         info = row.setdefault("gathers", {})[g] = {
