@@ -156,25 +156,37 @@ def _box(shape, box) -> dict:
 
 
 #: Box kernels (``rows="box"``: docs/layouts.md): the remapped 2-D (8 x 16 boxes, a padded
-#: grid) and 3-D (2 x 8 x 8 boxes, folded batch and heads) neighbourhoods in both strategies
-#: (a remapped pattern has no closed form), the split and fused loops, 64-bit integers, one
-#: head (``H`` specialised to 1).
+#: grid) and 3-D (2 x 8 x 8 boxes, batch and heads folded) neighbourhoods in the table
+#: strategy (a remapped pattern has no closed form), the split and fused loops, 64-bit
+#: integers, one head (``H`` specialised to 1); a closed-form pattern on a 1-D grid in the
+#: ranges strategy.
 BOX_CASES = [
     (((64, 60), (8, 16), 7), {"strategy": "table"}, ()),
     (((64, 60), (8, 16), 7), {"strategy": "table", "loop": "fused", "int64": True}, ()),
     (((16, 32, 32), (2, 8, 8), (3, 9, 9)), {"strategy": "table", "loop": "fused"}, ()),
     (((16, 32, 32), (2, 8, 8), (3, 9, 9)), {"strategy": "table"}, ("H",)),
+    # the ranges strategy's loops around box loads: a closed-form pattern on a 1-D grid
+    (("pattern win = causal & window(256)", (4096,), (128,)), {"strategy": "ranges"}, ()),
+    (("pattern win = causal & window(256)", (4096,), (128,)),
+     {"strategy": "ranges", "loop": "fused"}, ()),
 ]
 
 
 def _box_lines() -> list[str]:
     from spattn.ir import layout as LY
     lines = []
-    for (shape, box, kernel), opts, ones in BOX_CASES:
-        nb = spattn.neighborhood(shape, kernel)
-        meta = _box(shape, box)
-        layout = meta.pop("_layout")
-        pat = spattn.Pattern(LY.remap(nb.ir, layout), name="nb_box")
+    for case, opts, ones in BOX_CASES:
+        if isinstance(case[0], str):
+            src, shape, box = case
+            pat = spattn.compile(src)
+            meta = _box(shape, box)
+            meta.pop("_layout")
+        else:
+            shape, box, kernel = case
+            meta = _box(shape, box)
+            layout = meta.pop("_layout")
+            pat = spattn.Pattern(LY.remap(spattn.neighborhood(shape, kernel).ir, layout),
+                                 name="nb_box")
         lines += compile_pattern(pat, "fwd", ones, box=meta, rows="box", tma=True, **opts)
     return lines
 
