@@ -364,9 +364,9 @@ class PermutedPlan(Plan):
         self.call = self.inner.call
         self.forward_stage = self.inner.forward_stage
         if gather == "box" and backend == "triton":
-            self._build_box(q, k, v, options)
+            self._build_box(q, k, v)
 
-    def _build_box(self, q, k, v, options) -> None:
+    def _build_box(self, q, k, v) -> None:
         """The forward through the layout's boxes on the caller's tensors (``gather`` "box"),
         or, where the tensors or the tiles do not allow it (tiles that do not divide the
         box), the copies ("copy")."""
