@@ -6,11 +6,16 @@ random inputs (every element), under the interpreter (which emulates the descrip
 2-D and 3-D grids, boxes cut along either axis, grids the boxes do not divide, GQA, two
 batch elements, transposed ``[B, N, H, D]`` views; the fallbacks where the boxes cannot be
 read (residue classes, tiles larger than a box, 3-D views whose batch and heads do not
-fold) and the setting's rule."""
+fold) and the setting's rule; a property of the generated ``_box_at`` (a tile's sub-box
+origin) against the layout's own slot coordinates."""
 import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import spattn
 from spattn.ir import layout as LY
@@ -195,3 +200,73 @@ def test_explain(monkeypatch):
     text = spattn.neighborhood((64, 64), 13, extra_before=7)
     monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "box")
     assert text.explain(4103).layout["gather"] in ("copy", "kernel")
+
+
+
+#: The generated ``_box_at`` a probe kernel calls (set by the test that launches it).
+_BOX_AT = None
+
+
+@triton.jit
+def _probe(OUT, x1, BLOCK: tl.constexpr, NT1: tl.constexpr, NT2: tl.constexpr,
+           BOX0: tl.constexpr, BOX1: tl.constexpr, BOX2: tl.constexpr, S0: tl.constexpr,
+           S1: tl.constexpr, S2: tl.constexpr, FOLD: tl.constexpr):
+    """Per program i, ``_box_at``'s four offsets of the tile of slots from i * BLOCK."""
+    i = tl.program_id(0)
+    x0, y, c1, c2 = _BOX_AT(7, x1, i * BLOCK, NT1, NT2, BOX0, BOX1, BOX2, S0, S1, S2, FOLD)
+    tl.store(OUT + 4 * i, x0)
+    tl.store(OUT + 4 * i + 1, y)
+    tl.store(OUT + 4 * i + 2, c1)
+    tl.store(OUT + 4 * i + 3, c2)
+
+
+def _box_at_fn():
+    """The generated ``_box_at`` of a box kernel's module (the code the kernels run)."""
+    import importlib.util
+    from spattn.runtime import cache
+    pat = spattn.compile("pattern win = causal & window(8)")
+    path = cache.kernel_file(pat, "fwd", head_dim=16, dtype="fp32", strategy="table",
+                             rows="box", tma=True)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod._box_at
+
+
+@pytest.mark.interpreter
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=3),
+       st.lists(st.integers(0, 3), min_size=3, max_size=3), st.integers(0, 4))
+def test_box_at_is_the_layout_order(shape, logs, cut):
+    """For every tile of a tile size dividing the box, the generated ``_box_at`` gives the
+    origin of the sub-box whose cells, row-major (the kernels' reshape), are the tile's
+    slots in order, as ``Layout.coords`` defines them (the IR the remapped pattern reads):
+    random 1-3 axis grids, power-of-two boxes, padded or not, batch and heads folded for
+    3-D grids."""
+    from spattn.ir.evaluate import evaluate
+    from spattn.ir.nodes import Var
+    global _BOX_AT
+    _BOX_AT = _box_at_fn()
+    box = tuple(1 << x for x in logs[:len(shape)])
+    layout = LY.Layout(LY.Grid(tuple(shape)), box)
+    T, pad = layout.tokens, (1,) * (3 - len(shape))
+    block = T >> min(cut, T.bit_length() - 1)
+    rows = BoxRows(pad + tuple(shape), pad + box, len(shape) == 3)
+    sub, meta = rows.sub(block), rows.meta(block, block)
+    n = layout.padded_size // block
+    out = torch.zeros(4 * n, dtype=torch.int32)
+    _probe[(n,)](out, 5, BLOCK=block, NT1=meta["NT1"], NT2=meta["NT2"], BOX0=rows.box[0],
+                 BOX1=rows.box[1], BOX2=rows.box[2], S0=sub[0], S1=sub[1], S2=sub[2],
+                 FOLD=rows.fold)
+    got = out.view(n, 4).long()
+    assert (got[:, 0] == 7).all() and (rows.fold or (got[:, 1] == 5).all())
+    slots = torch.arange(layout.padded_size)
+    want = [torch.as_tensor(evaluate(c, {"x": slots})).expand_as(slots)
+            for c in layout.coords(Var("x"))]
+    want = torch.stack([torch.zeros_like(slots)] * (3 - len(shape)) + want, 1)
+    j = torch.arange(block)
+    inner = torch.stack([j // (sub[1] * sub[2]), (j // sub[2]) % sub[1], j % sub[2]], 1)
+    for i in range(n):
+        origin = torch.stack([got[i, 1] if rows.fold else torch.tensor(0), got[i, 2],
+                              got[i, 3]])
+        assert torch.equal(origin + inner, want[i * block:(i + 1) * block]), (i, origin)
