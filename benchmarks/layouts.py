@@ -20,14 +20,21 @@ on sampled query rows before timing. ``--full`` adds the 16K patterns of
 spattn; Flex's forward timed too). ``--configs "BM,BN,W,S[,loop];..."`` times the forward
 of each problem under each launch configuration (``SPATTN_BLOCK_M``, ``_N``,
 ``SPATTN_FWD_WARPS``, ``_STAGES``, ``_LOOP``; ``tuned``: the autotuner's choice), each
-against cuDNN in alternating rounds.
+against cuDNN in alternating rounds. The plans take ``SPATTN_LAYOUT_GATHER``'s default,
+``auto`` (a layout of boxes reads them through 5-D TMA in the forward on an H200:
+docs/layouts.md, "The forward through boxes"; the row's ``gather`` says which way ran);
+``--gathers copy,kernel,box`` times the forward of each layout problem through each of
+those ways too, in the same alternating rounds (default ``copy``: the permutation pass
+against the box forward).
 
     python benchmarks/layouts.py --out OUT          # the quick set (< 90 s on an H200)
+    python benchmarks/layouts.py --out OUT --gathers copy,kernel,box
     python benchmarks/layouts.py --out OUT --full   # and the 16K Flex comparisons
     python benchmarks/layouts.py --out OUT --bwd --flex     # fwd+bwd, and Flex
     python benchmarks/layouts.py --out OUT --configs "128,64,8,3;128,128,8,3;tuned"
     python benchmarks/layouts.py --out OUT --cpu    # tiny shapes on the CPU (logic check,
-                                                    # layouts forced: SPATTN_LAYOUT=on)
+                                                    # layouts forced: SPATTN_LAYOUT=on;
+                                                    # TRITON_INTERPRET=1: Triton kernels)
     python benchmarks/layouts.py --out OUT --analysis   # the computed pairs, on the CPU
 
 Writes ``OUT/layouts.json``; prints a markdown table last.
@@ -193,8 +200,11 @@ def box_order(shape, box, device):
 
 
 def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=False,
-                flex=False, configs=None):
-    pat, N = make_pattern(kind, args, backend="torch" if cpu else "auto")
+                flex=False, configs=None, gathers=()):
+    # (--cpu under TRITON_INTERPRET=1: the generated kernels, the GPU path's logic)
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    pat, N = make_pattern(kind, args, backend="triton" if cpu and interp else
+                          "torch" if cpu else "auto")
     row = {"problem": name, "N": N, "H": H, "D": D, "target_vs_dense": target}
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
@@ -204,6 +214,7 @@ def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=
     row["plan_s"] = time.perf_counter() - t0
     remap = getattr(plan, "remap", None)
     row["layout"] = str(remap.layout) if remap is not None else None
+    row["gather"] = getattr(plan, "gather", None)
     row["tables"] = table_form(plan)
     if order is not None:
         row["layout"] = f"caller's order, boxes {args[2][0]}x{args[2][1]}"
@@ -254,6 +265,8 @@ def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=
         fns["spattn_fwdbwd"], fns["dense_fwdbwd"] = fb, fb_dense
     if flex and kind == "natten" and not cpu:
         flex_setup(row, fns, q, k, v, o, args, grads)
+    if remap is not None and order is None:
+        gather_setup(row, fns, pat, plan, q, k, v, N, gathers)
     times = {n: [] for n in fns}
     for r in range(rounds):
         for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
@@ -261,6 +274,9 @@ def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=
     for n, ms in times.items():
         row[{"spattn": "fwd", "dense": "dense_fwd", "flex": "flex_fwd"}.get(n, n) + "_ms"] = \
             statistics.median(ms)
+    for g in [g for g in row.get("gathers", {}) if f"gather_{g}_ms" in row]:
+        row["gathers"][g]["fwd_ms"] = row.pop(f"gather_{g}_ms")
+        row["gathers"][g]["speedup_vs_dense"] = row["dense_fwd_ms"] / row["gathers"][g]["fwd_ms"]
     row["speedup_vs_dense"] = row["dense_fwd_ms"] / row["fwd_ms"]
     if "spattn_fwdbwd_ms" in row:
         row["fwdbwd_speedup_vs_dense"] = row["dense_fwdbwd_ms"] / row["spattn_fwdbwd_ms"]
@@ -272,6 +288,28 @@ def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=
         row.setdefault("configs", []).append(
             time_config(cfg, pat, q, k, v, order, dense, bench, rounds))
     return row
+
+
+def gather_setup(row, fns, pat, main, q, k, v, N, gathers):
+    """A plan per way of ``gathers`` (``layout_gather``) in the layout of the plan ``main``,
+    checked against the reference,
+    its forward added to the timed functions as ``gather_<way>`` (``row["gathers"]``: the
+    way the plan took, which falls back where the boxes cannot be read). The plans reuse
+    the main plan's layout (no second choice: the quick set stays within its time)."""
+    from spattn.runtime.plan import RemappedPlan
+    from spattn.runtime.settings import current
+    for g in gathers:
+        plan = RemappedPlan(pat, main.backend, main.remap, q, k, v, scale=main.call.scale,
+                            settings=current(), options={}, gather=g)
+        o = pat(q, k, v, plan=plan)
+        err = sampled_error(pat, q, k, v, o, N, samples=2)
+        info = row.setdefault("gathers", {})[g] = {
+            "took": getattr(plan, "gather", None), "rel_err_sampled": err}
+        if not err < 2e-2:
+            info["error"] = f"mismatch vs reference: {err:.3e}"
+            row["error"] = f"layout_gather={g}: {info['error']}"
+            continue
+        fns[f"gather_{g}"] = (lambda p: (lambda: pat(q, k, v, plan=p)))(plan)
 
 
 def parse_config(text: str):
@@ -445,7 +483,8 @@ def table(rows, flex_rows):
               f"{100 * r['useful_fraction_layout']:.0f}%"
               if r.get("useful_fraction_layout") is not None else "")
         tgt = f"{r['target_vs_dense']}x" if r.get("target_vs_dense") else ""
-        out.append(f"| {r['problem']} | {r['layout'] or 'sequence order'} ({r.get('tables')}) | {fr} | "
+        how = f"{r.get('tables')}" + (f", {r['gather']}" if r.get("gather") else "")
+        out.append(f"| {r['problem']} | {r['layout'] or 'sequence order'} ({how}) | {fr} | "
                    f"{r['fwd_ms']:.3f} | {r['dense_fwd_ms']:.3f} | "
                    f"{r['speedup_vs_dense']:.2f}x | {tgt} |")
     extra = [r for r in rows if "error" not in r and ("spattn_fwdbwd_ms" in r
@@ -462,6 +501,13 @@ def table(rows, flex_rows):
                        f"{f('speedup_vs_flex', '{:.2f}x')} | {f('spattn_fwdbwd_ms')} | "
                        f"{f('dense_fwdbwd_ms')} | {f('fwdbwd_speedup_vs_dense', '{:.2f}x')} | "
                        f"{f('flex_fwdbwd_ms')} | {f('fwdbwd_speedup_vs_flex', '{:.2f}x')} |")
+    gat = [(r["problem"], g, x) for r in rows for g, x in r.get("gathers", {}).items()]
+    if gat:
+        out += ["", "| problem | layout_gather (took) | fwd ms | x cuDNN |", "|---|---|---|---|"]
+        for name, g, x in gat:
+            ms = f"{x['fwd_ms']:.3f} | {x['speedup_vs_dense']:.2f}x" if "fwd_ms" in x else \
+                f"{x.get('error', 'not timed')} |"
+            out.append(f"| {name} | {g} ({x['took']}) | {ms} |")
     cfg_rows = [(r["problem"], c) for r in rows for c in r.get("configs", ())]
     if cfg_rows:
         out += ["", "| problem | config (BM,BN,W,S) | fwd ms | cuDNN ms | x cuDNN |",
@@ -502,6 +548,9 @@ def main(argv=None):
                     help="FlexAttention on the neighbourhood problems (NATTEN mask_mod)")
     ap.add_argument("--configs", default=None,
                     help='forward launch configurations "BM,BN,W,S[,loop];...;tuned"')
+    ap.add_argument("--gathers", default="copy",
+                    help="ways a layout's tokens reach the kernels, each timed too "
+                         "(copy, kernel, box; comma-separated; '' for none)")
     ap.add_argument("--analysis", action="store_true",
                     help="the layouts' computed pairs on the CPU (no kernels, no timing)")
     a = ap.parse_args(argv)
@@ -529,7 +578,8 @@ def main(argv=None):
         log(f"{name}: {args}")
         row = run_problem(name, kind, args, target, H=H, D=D, dev=dev, dtype=dtype,
                           rounds=a.rounds if not cpu else 1, cpu=cpu, bwd=a.bwd,
-                          flex=a.flex, configs=configs)
+                          flex=a.flex, configs=configs,
+                          gathers=[g for g in a.gathers.split(",") if g.strip()])
         log(f"  {row}")
         rows.append(row)
     flex_rows = run_flex(FLEX_16K, 16, a.rounds) if a.full and not cpu else []

@@ -54,7 +54,8 @@ class KernelConfig:
     score_index: str = "clamp"
     fast_tanh: bool = False
     # how rows of q, k, v and the outputs are addressed: ROWS ("table": through the row
-    # tables Q_ROWS, K_ROWS of a permuted plan; pointer loads, never TMA)
+    # tables Q_ROWS, K_ROWS of a permuted plan; pointer loads, never TMA; "box": a token
+    # layout's boxes through multi-dimensional TMA descriptors, forward only)
     rows: str = "seq"
 
     def as_dict(self) -> dict:
@@ -170,6 +171,9 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     rows = choice(rows, "rows", ROWS)
     if rows == "table":
         tma = False             # rows addressed one by one: the pointer path
+    elif rows == "box" and (kind != "fwd" or not tma):
+        raise SpattnConfigError(f"rows='box' is a forward kernel's with tma=True (kind "
+                                f"{kind!r}, tma {tma!r})")
     if kind == "bwd":
         m1, n1, m2, n2, nw, ns = default_bwd_tiles(head_dim, dt, interpret=interpret)
         m1 = block_m1 or block_m or env.get("block_m1") or m1
@@ -190,6 +194,8 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     ns = num_stages or env.get("num_stages") or ns
     _pow2_check(block_m=bm, block_n=bn)
     loop = choice(loop, "loop", FWD_LOOPS, default=env.get("loop"))
+    if rows == "box" and loop == "persistent":
+        loop = "fused"          # (the persistent kernel has no TMA loads: see below)
     # The persistent kernel keeps pointer loads: Triton 3.6 fails to compile TMA loads in
     # its flattened loop nest on Hopper (TritonNvidiaGPUTMALoweringPass: an scf.if yields
     # a mutable and an immutable shared-memory descriptor).
@@ -202,8 +208,11 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
 #: (row ``i`` of the kernel's slots is row ``i`` of the tensors) or "table" (a permuted
 #: plan's row tables: slot ``i`` of the queries is row ``Q_ROWS[i]`` of q, o, lse, dO, dQ,
 #: slot ``j`` of the keys row ``K_ROWS[j]`` of k, v, dK, dV; ``-1`` marks a padding slot,
-#: which loads row 0 and stores nothing). The kernels still work in slot order.
-ROWS = ("seq", "table")
+#: which loads row 0 and stores nothing) or "box" (the forward of a token layout: a tile of
+#: slots is a sub-box of one of the layout's boxes, read and written through 5-D TMA
+#: descriptors over the caller's ``[B*H, A0, A1, A2, D]`` (or ``[B, H, A1, A2, D]``);
+#: docs/layouts.md, "How the kernels reach the rows"). The kernels still work in slot order.
+ROWS = ("seq", "table", "box")
 
 #: How a score's table loads are placed: "pair" (after the q·k dot, beside the score's
 #: arithmetic), "early" (every line that does not read ``s`` -- the indices and the

@@ -93,9 +93,12 @@ class Report:
                 f"layout    {lay['layout']}: useful pairs {pct(lay['fraction_layout'])} of "
                 f"computed (sequence order {pct(lay['fraction_sequence'])}); predicted cost "
                 f"{lay['cost_layout'] / max(lay['cost_sequence'], 1e-9):.2f}x sequence order's "
-                + ("with its gathers; " if lay.get("gather", "copy") == "copy" else
-                   "with rows addressed in the kernels (no gathers, "
-                   "SPATTN_LAYOUT_GATHER=kernel); ")
+                + {"copy": "with its gathers; ",
+                   "box": "with the forward reading its boxes through TMA (no gathers; "
+                          "the backward's stay, SPATTN_LAYOUT_GATHER=box); "}.get(
+                       lay.get("gather", "copy"),
+                       "with rows addressed in the kernels (no gathers, "
+                       "SPATTN_LAYOUT_GATHER=kernel); ")
                 + ("used (SPATTN_LAYOUT=auto)" if lay["used"] else
                    "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on "
                    "forces it)"))
@@ -284,15 +287,20 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
     sequence order and in the layout, the predicted cost of each (``ir.layout.layout_cost``),
     and whether ``SPATTN_LAYOUT=auto`` uses it (it pays by ``ir.layout.MARGIN`` and the call
     has at least ``AUTO_MIN_TOKENS`` tokens); ``gather``: how its tokens reach the kernels
-    (the layout's cost includes the gathers for "copy" only; "auto" takes the cheaper of
-    the two, reported as ``gather``). The
+    (the layout's cost includes the gathers for "copy" only; "auto" takes "box" on the GPU
+    where the layout's boxes can be read through TMA, else the cheaper of "copy" and
+    "kernel", reported as ``gather``). The
     extra tokens before and after the grid are ``extra_before`` and ``extra_after``."""
     from . import layout as LY
     r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
                   block_m=block_m, block_n=block_n, force=True, declared=LY.declared(pattern),
                   sequence=computed // (batch * num_heads), target=target,
                   gathers=gather == "copy")
-    r, gather = LY.resolve_gathers(r, gather, target, force=True)
+    # the boxes through TMA: where asked, or by "auto" on the GPU (the tensors' strides,
+    # which a plan also checks, are not known here)
+    box = LY.boxes_readable if gather == "box" or (gather == "auto" and target == "cuda") \
+        else None
+    r, gather = LY.resolve_gathers(r, gather, target, force=True, box=box)
     if r is None:
         return None
     useful = r.useful if r.useful is not None else allowed // (batch * num_heads)

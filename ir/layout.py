@@ -808,16 +808,34 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
     return r
 
 
-def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = False):
+def boxes_readable(layout: "Layout") -> bool:
+    """Whether each box of ``layout`` is a rectangular block of the caller's tokens, which
+    one multi-dimensional TMA load can read (``SPATTN_LAYOUT_GATHER=box``): 1 to 3 axes,
+    no residue classes, no extra tokens."""
+    g = layout.grid
+    return len(g.shape) <= 3 and all(d == 1 for d in g.splits) and not g.offset \
+        and not g.suffix
+
+
+def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = False,
+                    box=None):
     """``(remap, mode)``: how a layout's tokens reach the kernels. For ``mode`` "auto"
     (``r`` chosen without the gathers' cost) the cheaper of "copy" (the layout's cost plus
     its gathers, ``gather_token`` per token) and "kernel" (its cost times ``1 +
     rows_factor``: row tables, no TMA) by ``ir.cost.COSTS[target]``, the remap's
     ``cost_layout`` set to that mode's cost; None for the remap when that cost no longer
     pays (:attr:`Remap.pays`, unless ``force``). "kernel" is priced the same way (its
-    ``rows_factor``); "copy" (``r`` chosen with its gathers) is returned as it is."""
+    ``rows_factor``); "copy" (``r`` chosen with its gathers) is returned as it is.
+    ``box``: a test of a layout, whether the forward can read its boxes through TMA on the
+    call's tensors (``runtime.triton_backend.BoxRows``); "auto" and "box" then pick "box",
+    whose forward costs the layout's kernel alone (no gathers, TMA loads; the backward's
+    gathers stay, outside this forward model); "box" where it fails is "auto"."""
     if r is None or mode == "copy":
         return r, mode
+    if mode in ("auto", "box"):
+        if box is not None and box(r.layout):
+            return (r if force or r.pays else None), "box"
+        mode = "auto"
     from dataclasses import replace
     from .cost import COSTS
     c = COSTS[target]

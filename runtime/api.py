@@ -386,8 +386,8 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     ``backward``: build the backward's stage now (True), not until the first backward
     (False), or when q, k, v or a score's table requires grad (None, the default).
     ``options``: the launcher options of :mod:`spattn.runtime.triton_backend` (tests,
-    tuning experiments), and ``layout_gather`` ("copy" or "kernel": how a layout's or an
-    order's tokens reach the Triton kernels, default ``SPATTN_LAYOUT_GATHER``;
+    tuning experiments), and ``layout_gather`` ("auto", "copy", "kernel" or "box": how a layout's
+    or an order's tokens reach the Triton kernels, default ``SPATTN_LAYOUT_GATHER``;
     docs/layouts.md).
     ``layout``: of q, k, v (:mod:`spattn.runtime.usage`); the plan keeps it as
     ``plan.tensor_layout`` and calls with it take tensors in that layout. ``order``: a

@@ -325,7 +325,11 @@ class PermutedPlan(Plan):
     gradients) back into the caller's order, the gathers' time part of the call's;
     "kernel" (Triton only) runs the inner plan's kernels on the caller's tensors, every row
     addressed through the row tables ``rows`` (the caller's row of each slot, ``-1`` for a
-    padding slot): no gathers (docs/layouts.md, "How the kernels reach the rows").
+    padding slot): no gathers; "box" (Triton, a :class:`RemappedPlan` whose layout allows
+    it) runs the forward on the caller's tensors through 5-D TMA descriptors over the
+    layout's boxes (``forward_stage``, :class:`~spattn.runtime.triton_backend.BoxRows`)
+    and the backward as "copy" does, through the inner plan (docs/layouts.md, "How the
+    kernels reach the rows").
     :class:`RemappedPlan` (a layout the compiler chose) and :class:`OrderedPlan` (an order
     the caller gave) differ only in where the order and the pattern over slots come from."""
 
@@ -360,6 +364,25 @@ class PermutedPlan(Plan):
                                     layouts=False, tile_prior=self.tile_prior)
         self.call = self.inner.call
         self.forward_stage = self.inner.forward_stage
+        if gather == "box" and backend == "triton":
+            self._build_box(q, k, v)
+
+    def _build_box(self, q, k, v) -> None:
+        """The forward through the layout's boxes on the caller's tensors (``gather`` "box"),
+        or, where the tensors or the tiles do not allow it (tiles that do not divide the
+        box), the copies ("copy")."""
+        from ..dsl.errors import SpattnConfigError
+        from .triton_backend import BoxRows, build_fwd
+        layout = getattr(getattr(self, "remap", None), "layout", None)
+        box = None if layout is None else BoxRows.of(layout, q, k, v)
+        if box is None:
+            return
+        try:
+            stage = build_fwd(self.call, q, k, v, self.options, rows=box)
+        except SpattnConfigError:
+            return
+        stage.aligned = self.aligned
+        self.gather, self.forward_stage = "box", stage
 
     def _stand_in(self, t):
         return t.new_empty(t.shape[:2] + (self.order.shape[-1], t.shape[3]))
@@ -379,6 +402,8 @@ class PermutedPlan(Plan):
     def forward(self, q, k, v):
         if self.gather == "kernel":
             return self.inner.forward(q, k, v)
+        if self.gather == "box":
+            return (_TRITON or _triton()).run_fwd(self.forward_stage, q, k, v)
         o, lse = self.inner.forward(*(self._gather(t, self.order) for t in (q, k, v)))
         return self._gather(o, self.inverse), self._gather(lse, self.inverse)
 
@@ -427,6 +452,8 @@ class RemappedPlan(PermutedPlan):
                 f"  layout: {r.layout} ({r.layout.padded_size} slots); computed pairs "
                 f"{r.computed_layout:,} (sequence order {r.computed_sequence:,}); "
                 f"{_GATHER_WORDS[self.gather]}"]
+        if self.gather == "box":
+            head.append(f"  forward on the caller's tensors: {self.forward_stage!r}")
         return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
 
 
@@ -583,7 +610,9 @@ class HeadOrderedPlan(PermutedPlan):
 
 #: How a permuted plan's repr says its tokens reach the kernels.
 _GATHER_WORDS = {"copy": "tokens gathered into slot order and back",
-                 "kernel": "rows addressed through row tables in the kernels (no gathers)"}
+                 "kernel": "rows addressed through row tables in the kernels (no gathers)",
+                 "box": "forward reads the layout's boxes through 5-D TMA (no gathers); "
+                        "backward on tokens gathered into slot order and back"}
 
 
 def choose_layout(pattern, q, k, q_offset, inputs, settings, gather="copy"):
@@ -602,7 +631,22 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings, gather="copy"):
     r = choose(pattern.ir, Lq, Lk, Positions.of(Lq, Lk, q_offset).q_offset,
                num_heads=q.shape[1], force=force,
                declared=declared(pattern), target=target, gathers=gather == "copy")
-    return resolve_gathers(r, gather, target, force)
+    return resolve_gathers(r, gather, target, force, box=_box_test(q, k, settings, gather))
+
+
+def _box_test(q, k, settings, gather):
+    """Whether a layout's forward can read its boxes through TMA on these tensors (the
+    ``box`` of :func:`spattn.ir.layout.resolve_gathers`): for "box", and for "auto" on
+    CUDA with TMA; None otherwise."""
+    if gather not in ("auto", "box"):
+        return None
+    from .triton_backend import BoxRows, _tma_device
+    if not _tma_device(q.device, settings) or (gather == "auto" and not q.is_cuda):
+        return None
+    # on CUDA the forward's tiles are up to 128 slots (defaults, layout tiles, autotuner),
+    # which must divide the box (a smaller box, of a grid too small for 128 cells, copies)
+    cells = 128 if q.is_cuda else 1
+    return lambda layout: layout.tokens % cells == 0 and BoxRows.of(layout, q, k) is not None
 
 
 def _reads_head(pattern) -> bool:
@@ -639,7 +683,8 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
     layout, or a :class:`HeadOrderedPlan` when it runs in per-head key orders
     (:func:`choose_head_order`) (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
     (and tuned) with; each call passes its own (``runtime.scores``). The option
-    ``layout_gather`` ("copy" or "kernel", default the setting ``SPATTN_LAYOUT_GATHER``)
+    ``layout_gather`` ("auto", "copy", "kernel" or "box", default the setting
+    ``SPATTN_LAYOUT_GATHER``)
     says how a permuted plan's tokens reach the Triton kernels (:class:`PermutedPlan`).
     ``tile_prior``: the call is a token layout's (:attr:`Call.tile_prior`)."""
     from .api import check_grid
@@ -656,7 +701,7 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
             # a caller's order has no cost model to price its gathers: copies unless asked
             return OrderedPlan(pattern, backend, order, q, k, v, scale=scale, inputs=inputs,
                                settings=settings, options=options,
-                               gather="copy" if gather == "auto" else gather)
+                               gather="copy" if gather in ("auto", "box") else gather)
         remap = None
         if layouts and getattr(pattern, "score", None) is None:
             remap, gather = choose_layout(pattern, q, k, q_offset, inputs, settings, gather)

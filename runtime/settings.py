@@ -27,10 +27,12 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 ``SPATTN_CACHE_DIR``        the kernel cache directory (default ``~/.cache/spattn``)
 ``SPATTN_LAYOUT``           ``auto``, ``off`` or ``on``: token layouts and per-head key
                             orders (docs/layouts.md)
-``SPATTN_LAYOUT_GATHER``    ``auto`` (default), ``copy`` or ``kernel``: how a layout's or a
-                            caller's token order reaches the Triton kernels (copies in slot
-                            order, or row tables the kernels address rows through; ``auto``:
-                            the cheaper by the cost model; docs/layouts.md)
+``SPATTN_LAYOUT_GATHER``    ``auto`` (default), ``copy``, ``kernel`` or ``box``: how a layout's
+                            or a caller's token order reaches the Triton kernels (copies in
+                            slot order, row tables the kernels address rows through, or a
+                            layout's boxes read by the forward through 5-D TMA, the backward
+                            copying; ``auto``: ``box`` where it can run, else the cheaper by
+                            the cost model; docs/layouts.md)
 ``SPATTN_SCORE_LOAD``       ``pair``, ``early`` or ``gather``: how a score's tables are read in
                             the kernels (docs/backends.md, Scores)
 ``SPATTN_SCORE_INDEX``      ``auto``, ``clamp`` or ``mask``: how a score's table indices
@@ -80,7 +82,7 @@ _BWD_LOOPS = ("split", "fused")
 _TABLES = ("auto", "csr", "spans")
 _LAYOUTS = ("auto", "off", "on")
 #: How a permuted plan's tokens reach the Triton kernels (``SPATTN_LAYOUT_GATHER``).
-LAYOUT_GATHERS = ("auto", "copy", "kernel")
+LAYOUT_GATHERS = ("auto", "copy", "kernel", "box")
 _SCORE_LOADS = ("pair", "early", "gather")
 _SCORE_INDEX = ("auto", "clamp", "mask")
 

@@ -108,8 +108,10 @@ def tma_choice(want, kind: str, device, settings, *tensors) -> bool:
     return bool(want) and _tma_device(device, settings) and tma_ok(*tensors)
 
 
-def _desc(t, rows: int, block_d: int):
-    """A TMA descriptor over ``t`` [B, heads, L, D] with block [1, 1, rows, block_d].
+def _desc(t, rows: int, block_d: int, view=None):
+    """A TMA descriptor over ``t`` [B, heads, L, D] with block [1, 1, rows, block_d]
+    (``view``: ``(shape, strides, block)`` of another view of ``t``'s memory instead:
+    :meth:`BoxRows.view`).
 
     Made without ``TensorDescriptor``'s own checks (a third of a launch's host time on
     the GPU): the stage chose TMA only for tensors that pass them (:func:`tma_ok`, a
@@ -117,11 +119,12 @@ def _desc(t, rows: int, block_d: int):
     those (the plan's check, or the signature of a pattern's last call); the outputs are
     fresh contiguous tensors of those shapes."""
     cls, fast = _TENSOR_DESCRIPTOR or _descriptor_class()
+    shape, strides, block = view or (list(t.shape), list(t.stride()), [1, 1, rows, block_d])
     if not fast:
-        return cls(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
+        return cls(t, shape, strides, block)
     d = cls.__new__(cls)
-    d.__dict__.update(base=t, shape=list(t.shape), strides=list(t.stride()),
-                      block_shape=[1, 1, rows, block_d], padding="zero")
+    d.__dict__.update(base=t, shape=shape, strides=strides, block_shape=block,
+                      padding="zero")
     return d
 
 
@@ -227,7 +230,9 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
     decision, the 64-bit decision and the autotuner's choice (``rows``: the stage's
     :class:`RowTables`: kernels that address rows through them, never through TMA)."""
     opts = _check_options(options)
-    if rows is not None:
+    if isinstance(rows, BoxRows):
+        opts["rows"] = "box"
+    elif rows is not None:
         opts["rows"], opts["tma"] = "table", False
     if not call.ranges_ok and opts.get("closed_form") is None:    # (a given one is trusted)
         wanted = opts.get("strategy") or call.settings.strategy
@@ -247,7 +252,10 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
             "the given closed_form has key-range bounds beyond the 64-bit integers for "
             f"Lq={call.Lq}, Lk={call.Lk}, q_offset={call.positions.q_offset}: a kernel cannot "
             "compute them exactly; leave closed_form unset (the table strategy is then used)")
-    opts["tma"] = tma_choice(opts.get("tma"), kind, call.device, call.settings, *tensors)
+    if opts.get("rows") == "box":     # (the plan chose it: BoxRows.of checked the tensors)
+        opts["tma"] = True
+    else:
+        opts["tma"] = tma_choice(opts.get("tma"), kind, call.device, call.settings, *tensors)
     opts.setdefault("int64", call.int64)
     opts["tables"] = choice(opts.get("tables"), "tables", TABLE_MODES,
                             default=call.settings.tables)
@@ -483,6 +491,87 @@ class RowTables:
         return (self.q, self.k, sq, sk) + ((self.n_q,) if with_n_q else ())
 
 
+@dataclass(frozen=True)
+class BoxRows:
+    """Where a token layout's slots live in the caller's tensors when its forward reads
+    them through multi-dimensional TMA (``KernelConfig.rows`` "box"): the grid ``shape``
+    and the layout's ``box``, both as three axes (leading axes of 1 for a 1-D or 2-D
+    grid), and ``fold``: the descriptors view q, k, v, o ``[B, H, N, D]`` as ``[B * H, A0,
+    A1, A2, D]`` (a 3-D grid; B and H must fold into one stride), else as ``[B, H, A1, A2,
+    D]``. A tile of slots is a sub-box of one box (:func:`spattn.ir.layout.sub_box`)."""
+
+    shape: tuple
+    box: tuple
+    fold: bool
+
+    @property
+    def n(self) -> int:
+        """The caller's tokens (the grid's cells)."""
+        return self.shape[0] * self.shape[1] * self.shape[2]
+
+    @property
+    def tiles(self) -> tuple:
+        """Boxes per axis."""
+        return tuple(-(-a // b) for a, b in zip(self.shape, self.box))
+
+    @classmethod
+    def of(cls, layout, *tensors) -> "BoxRows | None":
+        """The box description of ``layout`` (:class:`spattn.ir.layout.Layout`) for these
+        ``[B, heads, N, D]`` tensors, or None where the forward cannot read its boxes
+        through TMA: residue classes, extra tokens, more than 3 axes, a 3-D grid over
+        tensors whose batch and head strides do not fold, a view TMA cannot describe."""
+        from ..ir.layout import boxes_readable
+        g = layout.grid
+        if not boxes_readable(layout):
+            return None
+        pad = (1,) * (3 - len(g.shape))
+        rows = cls(pad + tuple(g.shape), pad + tuple(layout.box), len(g.shape) == 3)
+        if rows.fold and not all(t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
+                                 for t in tensors):
+            return None
+        return rows if all(rows._tma_ok(t) for t in tensors) else None
+
+    def view(self, t, block: tuple) -> tuple:
+        """``(shape, strides, block shape)`` of the 5-D view of ``t`` [B, H, N, D] whose
+        blocks are ``block`` (a sub-box, three axes) x ``t``'s D rounded up (BLOCK_D)."""
+        B, H, _, D = t.shape
+        sb, sh, sl, sd = t.stride()
+        A0, A1, A2 = self.shape
+        if self.fold:
+            shape = [B * H, A0, A1, A2, D]
+            strides = [sh, A1 * A2 * sl, A2 * sl, sl, sd]
+            blk = [1, *block]
+        else:
+            shape = [B, H, A1, A2, D]
+            strides = [sb, sh, A2 * sl, sl, sd]
+            blk = [1, 1, block[1], block[2]]
+        return shape, strides, blk
+
+    def _tma_ok(self, t) -> bool:
+        if t.dim() != 4 or t.shape[2] != self.n or t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        shape, strides, _ = self.view(t, (1, 1, 1))
+        return (all(s > 0 and (s * t.element_size()) % 16 == 0 for s in strides[:-1])
+                and (t.shape[-1] * t.element_size()) % 16 == 0)
+
+    def sub(self, block: int) -> tuple:
+        """The sub-box of a tile of ``block`` slots (the outer axes cut)."""
+        from ..ir.layout import sub_box
+        return sub_box(self.box, block)
+
+    def meta(self, block_m: int, block_n: int) -> dict:
+        """The kernel's box constexprs for these tiles."""
+        T = self.box[0] * self.box[1] * self.box[2]
+        if T % block_m or T % block_n:
+            raise SpattnConfigError(f"tiles {block_m}x{block_n} do not divide the layout's "
+                                    f"boxes of {T} cells ({self.box}): the box forward needs "
+                                    "tiles that do")
+        qb, kb = self.sub(block_m), self.sub(block_n)
+        return dict(NT1=self.tiles[1], NT2=self.tiles[2], BOX0=self.box[0],
+                    BOX1=self.box[1], BOX2=self.box[2], KB0=kb[0], KB1=kb[1], KB2=kb[2],
+                    QB0=qb[0], QB1=qb[1], QB2=qb[2], FOLD=self.fold)
+
+
 # ---------------------------------------------------------------- forward
 
 @dataclass
@@ -506,6 +595,7 @@ class FwdStage:
     score_tables: dict = None  # the tables the stage was built with (warm-up, tuning)
     launches: dict = None      # with a score: bound launches by _launch_key
     aligned: bool = True       # q, k, v of every call are 16-byte aligned (the plan's check)
+    box: BoxRows = None        # a token layout's boxes, read through 5-D descriptors
 
     def __repr__(self) -> str:
         c = self.config
@@ -514,16 +604,19 @@ class FwdStage:
                 f"{c.num_warps} warps, {c.num_stages} stages, loop {c.loop}"
                 f"{', TMA' if c.tma else ''}{', int64' if c.int64 else ''}"
                 f"{', rows through tables' if c.rows == 'table' else ''}"
+                f"{', boxes through 5-D TMA' if c.rows == 'box' else ''}"
                 f"{_score_flags(self.pattern, c)}, grid {self.grid}")
 
 
-def build_fwd(call, q, k, v, options: dict | None = None, rows: RowTables | None = None
-              ) -> FwdStage:
+def build_fwd(call, q, k, v, options: dict | None = None,
+              rows: "RowTables | BoxRows | None" = None) -> FwdStage:
     """The forward stage of ``call`` (a :class:`spattn.runtime.plan.Call`) for tensors
     laid out like ``q``, ``k``, ``v`` (autotuned on CUDA with them: the runs write only
     fresh outputs). ``rows``: the kernels run the call's ``Lq`` x ``Lk`` slots on the
     caller's q ``[B, Hq, rows.n_q, D]``, k, v ``[B, Hk, rows.n_k, D]`` through the row
-    tables (:class:`RowTables`); o and lse are in the caller's order."""
+    tables (:class:`RowTables`), or a token layout's slots on the caller's q, k, v ``[B,
+    heads, N, D]`` through 5-D TMA descriptors over its boxes (:class:`BoxRows`); o and lse
+    are in the caller's order."""
     if _upcast(call):
         q, k, v = q.float(), k.float(), v.float()
 
@@ -614,10 +707,13 @@ def _build_fwd(call, q, k, v, opts, warmup=False, rows=None) -> FwdStage:
     B, H, _, D = q.shape
     HK = k.shape[1]
     Lq, Lk = call.Lq, call.Lk                   # slots (the tensors' rows without tables)
-    Nq = Lq if rows is None else rows.n_q
+    box = rows if isinstance(rows, BoxRows) else None
+    rows = None if box is not None else rows
+    Nq = box.n if box is not None else Lq if rows is None else rows.n_q
     mod, cfg, cf = _checked_free(call, "fwd", D, q.dtype, opts,
                                  _load(call, "fwd", D, q.dtype, opts))
     bm, bn = cfg.block_m, cfg.block_n
+    box_meta = {} if box is None else box.meta(bm, bn)
     nq = -(-Lq // bm)
     q_offset = call.positions.q_offset
     in_args = _input_args(call.pattern, call.inputs, cfg.int64)
@@ -639,15 +735,15 @@ def _build_fwd(call, q, k, v, opts, warmup=False, rows=None) -> FwdStage:
     # with a score the kernel scales q·k by sm_scale itself, then the softmax works on the
     # modified score in log2 units
     scales = (LOG2E, call.scale) if scored else (_scale_log2(call.scale),)
-    row_args = () if rows is None else rows.args()
+    row_args = box.shape if box is not None else () if rows is None else rows.args()
     static = (*q.stride(), *k.stride(), *v.stride(), *o_stride, *row_args, *in_args, *tab, order,
               *scales, H, H // HK, Lq, Lk, q_offset,
               *((B * H, n_work) if persistent else ()))
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.block_d, HEAD_DIM=D,
                 DOT_PREC=_dot_prec(q.dtype), num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **table_kw)
+                num_stages=cfg.num_stages, **table_kw, **box_meta)
     stage = FwdStage(cfg, mod.KERNEL, (n_work,), static, meta, (B, H, Nq, D), q.dtype,
-                     _upcast(call), persistent, n_work, tables=mode)
+                     _upcast(call), persistent, n_work, tables=mode, box=box)
     if scored:
         stage.pattern, stage.score_tables, stage.launches = call.pattern, call.tables, {}
     if persistent:
@@ -664,6 +760,15 @@ def _fwd_tensors(stage: FwdStage, q, k, v, out_dtype=None):
     o = torch.empty(stage.out_shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty(stage.out_shape[:3], dtype=torch.float32, device=q.device)
     cfg = stage.config
+    box = stage.box
+    if box is not None:
+        m, bd = stage.meta, cfg.block_d
+        qb, kb = (m["QB0"], m["QB1"], m["QB2"]), (m["KB0"], m["KB1"], m["KB2"])
+
+        def at(t, sub):
+            shape, strides, block = box.view(t, sub)
+            return _desc(t, 0, bd, (shape, strides, block + [bd]))
+        return at(q, qb), at(k, kb), at(v, kb), at(o, qb), lse, o
     if cfg.tma:
         bm, bn, bd = cfg.block_m, cfg.block_n, cfg.block_d
         return _desc(q, bm, bd), _desc(k, bn, bd), _desc(v, bn, bd), _desc(o, bm, bd), lse, o

@@ -194,9 +194,11 @@ def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk:
     """Everything a tuning choice depends on (its file is named after their hash).
     ``rows``: the call's row bucket (:func:`spattn.runtime.tables.row_bucket`; None where
     the caller has no analysis). ``row_tables``: the kernels address rows through a
-    permuted plan's row tables (``KernelConfig.rows``; a field only when set)."""
+    permuted plan's row tables (``KernelConfig.rows`` "table"; a field only when set), or,
+    given as "box", a token layout's boxes through TMA (the field ``row_boxes``)."""
     from ..codegen.kernels import CODEGEN_VERSION
-    extra = {"row_tables": True} if row_tables else {}
+    extra = ({"row_boxes": True} if row_tables == "box"
+             else {"row_tables": True} if row_tables else {})
     return {**extra,
         "source": pattern.source,
         "inputs": sorted([n, int(d)] for n, d in pattern.inputs.items()),
@@ -513,7 +515,8 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
                           Lq=Lq, Lk=Lk, strategy=config.strategy,
                           closed_form=options.get("closed_form"), tma=config.tma, BH=BH,
                           int64=config.int64, rows=rows,
-                          row_tables=config.rows == "table")
+                          row_tables="box" if config.rows == "box"
+                          else config.rows == "table")
 
     with _lock:
         fields = None

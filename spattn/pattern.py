@@ -212,8 +212,9 @@ class Pattern(CompiledPattern):
         fwd, bwd). ``options`` (all optional): ``head_dim`` (16..256, default 128),
         ``dtype`` (default bf16), ``strategy``, ``block_m``, ``block_n``, ``num_warps``,
         ``num_stages``, the backward's ``block_m1``, ``block_n1``, ``block_m2``,
-        ``block_n2``, ``loop``, ``tma``, ``rows`` ("seq" or "table": rows addressed through
-        a permuted plan's row tables, docs/layouts.md), and with a score ``score_load``,
+        ``block_n2``, ``loop``, ``tma``, ``rows`` ("seq"; "table": rows addressed through
+        a permuted plan's row tables; "box" with ``tma=True``, a forward: a token layout's
+        boxes through 5-D TMA descriptors; docs/layouts.md), and with a score ``score_load``,
         ``score_index``, ``fast_tanh`` (docs/backends.md, Scores).
         """
         if args and isinstance(args[0], torch.Tensor):

@@ -8,7 +8,8 @@ bf16 call on CUDA gets), exactly as the kernel cache would (GPU defaults: bf16, 
 into this folder; and the first one's forward once more as the autotuner picks it on
 an H200 (64 x 64 tiles, fused loop) with the TMA loads that Hopper gets by default; the
 forward and backward of a 2-D neighbourhood in its token layout with rows addressed through
-row tables (``SPATTN_LAYOUT_GATHER=kernel``, docs/layouts.md); and the
+row tables (``SPATTN_LAYOUT_GATHER=kernel``, docs/layouts.md), and its forward through
+the layout's boxes (``SPATTN_LAYOUT_GATHER=box``); and the
 decode modules (split-K kernel + combine, ``docs/decode.md``) of the first pattern (closed
 form) and of documents (scanned).  The "ranges" example uses ``ir.ranges.closed_form`` when the
 analysis provides one, else the closed form written out below.
@@ -69,6 +70,8 @@ EXAMPLES = [
      ("fwd", "bwd"), dict(score_index="free", fast_tanh=True)),
     # a layout's pattern over slots, its rows read through the row tables Q_ROWS, K_ROWS
     (NB_LAYOUT, "table", None, ("fwd", "bwd"), dict(rows="table")),
+    # its forward reading the layout's boxes of the caller's tensors through 5-D TMA
+    (NB_LAYOUT, "table", None, ("fwd",), dict(rows="box", tma=True)),
 ]
 
 #: decode modules (split-K kernel + combine): a closed form, and a scanned pattern

@@ -4,7 +4,9 @@ function does not receive, operations on arguments Triton specialises to constex
 
 Run as a script (``python tests/helpers/compile_kernels.py``) in a process without
 ``TRITON_INTERPRET``: it prints one ``OK``/``ERR`` line per kernel and exits 1 on an error.
-``--rows``: the kernels that address rows through row tables (:data:`ROWS_CASES`) instead.
+``--rows``: the kernels that address rows through row tables (:data:`ROWS_CASES`) instead;
+``--box``: the forward kernels that read a token layout's boxes through 5-D TMA descriptors
+(:data:`BOX_CASES`).
 """
 from __future__ import annotations
 
@@ -31,11 +33,14 @@ F32 = {"LSE", "LSE2", "DELTA"}
 I32P = {"ORDER", "ROWS_P", "COLS_P", "ROWS_F", "COLS_F", "SPAN", "Q_ROWS", "K_ROWS"}
 
 
-def _signature(fn, consts: dict) -> dict:
+def _signature(fn, consts: dict, descs: dict | None = None) -> dict:
+    """Argument types; ``descs``: the tensors passed as TMA descriptors, by block shape."""
     sig = {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
+        elif name in (descs or {}):
+            sig[name] = f"tensordesc<bf16[{','.join(map(str, descs[name]))}]>"
         elif name in BF16:
             sig[name] = "*bf16"
         elif name in F32:
@@ -60,18 +65,28 @@ def _module(path):
     return mod
 
 
-def compile_pattern(pat, kind: str, ones=(), **opts) -> list[str]:
+def compile_pattern(pat, kind: str, ones=(), box=None, **opts) -> list[str]:
     """Compile the ``kind`` kernels of ``pat``; ``ones``: int arguments passed as the
-    constexpr 1 Triton specialises them to (``H``, ``Lq``)."""
+    constexpr 1 Triton specialises them to (``H``, ``Lq``); ``box``: the box kernels'
+    constexprs (``BoxRows.meta``)."""
     mod = _module(cache.kernel_file(pat, kind, head_dim=64, dtype="bf16", **opts))
     out = []
     for k in ([mod.KERNEL] if kind == "fwd" else [mod.DQ, mod.DKDV]):
-        consts = {p.name: CONSTS[p.name] for p in k.params if p.is_constexpr}
+        consts = {p.name: (box or {}).get(p.name, CONSTS.get(p.name)) for p in k.params
+                  if p.is_constexpr}
         consts.update({n: 1 for n in ones if n in k.arg_names})
-        src = ASTSource(fn=k, signature=_signature(k, consts),
+        descs = None
+        if box:         # the 5-D blocks of BoxRows.view: [1, sub-box, BLOCK_D]
+            sub = {n: [box[f"{n}B{a}"] for a in range(3)] for n in "QK"}
+            sub = {n: (b if box["FOLD"] else [1] + b[1:]) for n, b in sub.items()}
+            descs = {t: [1, *sub["K" if t in "KV" else "Q"], CONSTS["BLOCK_D"]]
+                     for t in "QKVO"}
+        src = ASTSource(fn=k, signature=_signature(k, consts, descs),
                         constexprs={(k.arg_names.index(n),): v for n, v in consts.items()})
         try:
-            triton_compile(src, target=TARGET)
+            compiled = triton_compile(src, target=TARGET)
+            if box and "cp.async.bulk.tensor.5d" not in compiled.asm["ptx"]:
+                raise AssertionError("no 5-D TMA load (cp.async.bulk.tensor.5d) in the PTX")
             out.append(f"OK  {k.__name__} {opts} {list(ones)}")
         except Exception as e:  # noqa: BLE001 - reported, the caller fails
             out.append(f"ERR {k.__name__} {opts} {list(ones)}: {type(e).__name__}: "
@@ -130,8 +145,58 @@ ROWS_CASES = [
 ]
 
 
+def _box(shape, box) -> dict:
+    """The box constexprs of a layout of ``shape`` in boxes ``box`` with the 64 x 64 tiles
+    of :data:`CONSTS`."""
+    from spattn.ir.layout import Grid, Layout
+    from spattn.runtime.triton_backend import BoxRows
+    layout = Layout(Grid(shape), box)
+    pad = (1,) * (3 - len(shape))
+    return BoxRows(pad + shape, pad + box, len(shape) == 3).meta(64, 64) | {"_layout": layout}
+
+
+#: Box kernels (``rows="box"``: docs/layouts.md): the remapped 2-D (8 x 16 boxes, a padded
+#: grid) and 3-D (2 x 8 x 8 boxes, batch and heads folded) neighbourhoods in the table
+#: strategy (a remapped pattern has no closed form), the split and fused loops, 64-bit
+#: integers, one head (``H`` specialised to 1); a closed-form pattern on a 1-D grid in the
+#: ranges strategy.
+BOX_CASES = [
+    (((64, 60), (8, 16), 7), {"strategy": "table"}, ()),
+    (((64, 60), (8, 16), 7), {"strategy": "table", "loop": "fused", "int64": True}, ()),
+    (((16, 32, 32), (2, 8, 8), (3, 9, 9)), {"strategy": "table", "loop": "fused"}, ()),
+    (((16, 32, 32), (2, 8, 8), (3, 9, 9)), {"strategy": "table"}, ("H",)),
+    # the ranges strategy's loops around box loads: a closed-form pattern on a 1-D grid
+    (("pattern win = causal & window(256)", (4096,), (128,)), {"strategy": "ranges"}, ()),
+    (("pattern win = causal & window(256)", (4096,), (128,)),
+     {"strategy": "ranges", "loop": "fused"}, ()),
+]
+
+
+def _box_lines() -> list[str]:
+    from spattn.ir import layout as LY
+    lines = []
+    for case, opts, ones in BOX_CASES:
+        if isinstance(case[0], str):
+            src, shape, box = case
+            pat = spattn.compile(src)
+            meta = _box(shape, box)
+            meta.pop("_layout")
+        else:
+            shape, box, kernel = case
+            meta = _box(shape, box)
+            layout = meta.pop("_layout")
+            pat = spattn.Pattern(LY.remap(spattn.neighborhood(shape, kernel).ir, layout),
+                                 name="nb_box")
+        lines += compile_pattern(pat, "fwd", ones, box=meta, rows="box", tma=True, **opts)
+    return lines
+
+
 def main() -> int:
     lines = []
+    if "--box" in sys.argv[1:]:
+        lines = _box_lines()
+        print("\n".join(lines))
+        return 1 if any(x.startswith("ERR") for x in lines) else 0
     for src, opts, ones in (ROWS_CASES if "--rows" in sys.argv[1:] else CASES):
         pat = spattn.compile(src)
         for kind in ("fwd", "bwd"):
