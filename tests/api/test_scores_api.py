@@ -137,4 +137,4 @@ def test_score_variants_benchmark_dry_run(capsys):
     assert out.splitlines()[0].startswith("| case |")
     assert "| nbhd2d+rpb | auto-early | early/free/sigmoid, " in out   # then its ops/pair
     assert "| nbhd2d+rpb | mask-pair | pair/mask/sigmoid, " in out
-    assert "/sigmoid, 4 |" in out           # softcap: the sigmoid form, 4 operations per pair
+    assert "/sigmoid, 3 |" in out           # softcap: the sigmoid form, 3 operations per pair
