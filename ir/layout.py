@@ -827,18 +827,25 @@ def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = 
     pays (:attr:`Remap.pays`, unless ``force``). "kernel" is priced the same way (its
     ``rows_factor``); "copy" (``r`` chosen with its gathers) is returned as it is.
     ``box``: a test of a layout, whether the forward can read its boxes through TMA on the
-    call's tensors (``runtime.triton_backend.BoxRows``); "auto" and "box" then pick "box",
-    whose forward costs the layout's kernel alone (no gathers, TMA loads; the backward's
-    gathers stay, outside this forward model); "box" where it fails is "auto"."""
+    call's tensors (``runtime.triton_backend.BoxRows``); "box" then picks "box", whose
+    forward costs the layout's kernel alone (no gathers, TMA loads; the backward's gathers
+    stay, outside this forward model), and "auto" picks it for a layout that pays with its
+    gathers priced as copies' (the layouts the copies were measured on: the box forward
+    does the same work without the gathers); "box" where it fails is "auto"."""
     if r is None or mode == "copy":
         return r, mode
-    if mode in ("auto", "box"):
-        if box is not None and box(r.layout):
-            return (r if force or r.pays else None), "box"
-        mode = "auto"
     from dataclasses import replace
     from .cost import COSTS
     c = COSTS[target]
+    if mode in ("auto", "box"):
+        if box is not None and box(r.layout):
+            if mode == "box":
+                return (r if force or r.pays else None), "box"
+            copied = replace(r, cost_layout=r.cost_layout
+                             + r.layout.padded_size * c.get("gather_token", 0.0))
+            if copied.pays:
+                return copied, "box"
+        mode = "auto"
     copy = r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0)
     kernel = r.cost_layout * (1.0 + c.get("rows_factor", 0.0))
     if mode == "auto":

@@ -164,10 +164,14 @@ def test_fallbacks_without_box():
                       *_tensors(1, 1, 1, 99, 16, g)) is None
 
 
+from spattn.ir.cost import COSTS as LY_COSTS  # noqa: E402
+
+
 def test_rule(monkeypatch):
-    """``auto`` picks the boxes only on CUDA with TMA; an explicit ``box`` where the
-    interpreter or TMA exists; a layout the boxes cannot serve keeps the rule of ``auto``
-    (its cost with or without gathers)."""
+    """``auto`` picks the boxes only on CUDA with TMA, for a layout that pays with its
+    gathers priced as the copies'; an explicit ``box`` where the interpreter or TMA exists;
+    a layout the boxes cannot serve keeps the rule of ``auto`` (its cost with or without
+    gathers)."""
     g = torch.Generator().manual_seed(8)
     q, k, v = _tensors(1, 2, 1, 128, 16, g)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -179,23 +183,37 @@ def test_rule(monkeypatch):
     assert test(good) and not test(bad)
     r = LY.Remap(good, None, None, 100, 50, cost_sequence=100.0, cost_layout=50.0)
     assert LY.resolve_gathers(r, "box", "cuda", box=test) == (r, "box")
-    assert LY.resolve_gathers(r, "auto", "cuda", box=test) == (r, "box")
+    # auto: the boxes for a layout that pays with its gathers priced as the copies'
+    gathers = 128 * LY_COSTS["cuda"]["gather_token"]
+    got, mode = LY.resolve_gathers(r, "auto", "cuda", box=test)
+    assert mode == "box" and got.cost_layout == pytest.approx(50.0 + gathers)
+    tight = LY.Remap(good, None, None, 100, 88, cost_sequence=100.0, cost_layout=88.0)
+    assert LY.resolve_gathers(tight, "box", "cuda", box=test) == (tight, "box")
+    assert LY.resolve_gathers(tight, "auto", "cuda", box=test) == \
+        LY.resolve_gathers(tight, "auto", "cuda")          # the copies' rule: not "box"
     rb = LY.Remap(bad, None, None, 100, 50, cost_sequence=100.0, cost_layout=50.0)
     assert LY.resolve_gathers(rb, "box", "cuda", box=test) == \
         LY.resolve_gathers(rb, "auto", "cuda")
 
 
 def test_explain(monkeypatch):
-    """explain() prices and names the box forward: ``box`` asked, and ``auto`` on the GPU
-    for a layout whose boxes TMA can read (no gather term: the layout's kernel alone);
-    extra tokens keep the rule of ``auto``."""
+    """explain() prices and names the box forward: ``box`` asked (no gather term: the
+    layout's kernel alone), and ``auto`` on the GPU for a layout whose boxes TMA can read
+    and which pays with the copies' gathers priced; extra tokens keep the rule of
+    ``auto``."""
     pat = spattn.neighborhood((64, 64), 13)
     copy = LY.choose(pat.ir, 4096, 4096, 0, force=True, target="cuda", gathers=False)
-    for setting in ("box", "auto"):
-        monkeypatch.setenv("SPATTN_LAYOUT_GATHER", setting)
-        rep = pat.explain(4096)
-        assert rep.layout["gather"] == "box" and "through TMA" in str(rep)
-        assert rep.layout["cost_layout"] == pytest.approx(copy.cost_layout)
+    monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "box")
+    rep = pat.explain(4096)
+    assert rep.layout["gather"] == "box" and "through TMA" in str(rep)
+    assert rep.layout["cost_layout"] == pytest.approx(copy.cost_layout)
+    # auto: the boxes only where the layout pays with the copies' gathers priced
+    monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "auto")
+    want = LY.resolve_gathers(copy, "auto", "cuda", force=True, box=lambda layout: True)
+    rep = pat.explain(4096).layout
+    assert (rep["gather"], rep["used"]) == (want[1], want[0].pays)
+    big = spattn.neighborhood((128, 128), 13)
+    assert big.explain(16384).layout["gather"] == "box"
     assert pat.explain(4096, target="cpu").layout["gather"] == "copy"
     text = spattn.neighborhood((64, 64), 13, extra_before=7)
     monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "box")
