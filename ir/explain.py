@@ -298,7 +298,8 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
                   gathers=gather == "copy")
     # the boxes through TMA: where asked, or by "auto" on the GPU (the tensors' strides,
     # which a plan also checks, are not known here)
-    box = LY.boxes_readable if gather == "box" or (gather == "auto" and target == "cuda") \
+    box = LY.boxes_readable if gather == "box" or (gather == "auto" and target == "cuda"
+                                                   and LY.AUTO_BOX) \
         else None
     r, gather = LY.resolve_gathers(r, gather, target, force=True, box=box)
     if r is None:

@@ -817,6 +817,13 @@ def boxes_readable(layout: "Layout") -> bool:
         and not g.suffix
 
 
+#: Whether ``SPATTN_LAYOUT_GATHER=auto`` takes the box forward on CUDA (where it can run).
+#: Off until the box forward is timed on a GPU: its kernels compile for sm_90 to the same
+#: shared-memory traffic as the row-ordered TMA forward and run correctly under the
+#: interpreter, but the copies are what ``auto``'s layouts were measured with.
+AUTO_BOX = False
+
+
 def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = False,
                     box=None):
     """``(remap, mode)``: how a layout's tokens reach the kernels. For ``mode`` "auto"

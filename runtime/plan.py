@@ -637,8 +637,9 @@ def choose_layout(pattern, q, k, q_offset, inputs, settings, gather="copy"):
 def _box_test(q, k, settings, gather):
     """Whether a layout's forward can read its boxes through TMA on these tensors (the
     ``box`` of :func:`spattn.ir.layout.resolve_gathers`): for "box", and for "auto" on
-    CUDA with TMA; None otherwise."""
-    if gather not in ("auto", "box"):
+    CUDA with TMA when ``ir.layout.AUTO_BOX``; None otherwise."""
+    from ..ir import layout as _layout
+    if gather not in ("auto", "box") or (gather == "auto" and not _layout.AUTO_BOX):
         return None
     from .triton_backend import BoxRows, _tma_device
     if not _tma_device(q.device, settings) or (gather == "auto" and not q.is_cuda):

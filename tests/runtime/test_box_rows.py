@@ -207,12 +207,15 @@ def test_explain(monkeypatch):
     rep = pat.explain(4096)
     assert rep.layout["gather"] == "box" and "through TMA" in str(rep)
     assert rep.layout["cost_layout"] == pytest.approx(copy.cost_layout)
-    # auto: the boxes only where the layout pays with the copies' gathers priced
+    # auto: no boxes until they are timed on a GPU (ir.layout.AUTO_BOX) ...
     monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "auto")
+    big = spattn.neighborhood((128, 128), 13)
+    assert big.explain(16384).layout["gather"] in ("copy", "kernel")
+    # ... then only where the layout pays with the copies' gathers priced
+    monkeypatch.setattr(LY, "AUTO_BOX", True)
     want = LY.resolve_gathers(copy, "auto", "cuda", force=True, box=lambda layout: True)
     rep = pat.explain(4096).layout
     assert (rep["gather"], rep["used"]) == (want[1], want[0].pays)
-    big = spattn.neighborhood((128, 128), 13)
     assert big.explain(16384).layout["gather"] == "box"
     assert pat.explain(4096, target="cpu").layout["gather"] == "copy"
     text = spattn.neighborhood((64, 64), 13, extra_before=7)
