@@ -818,9 +818,9 @@ def boxes_readable(layout: "Layout") -> bool:
 
 
 #: Whether ``SPATTN_LAYOUT_GATHER=auto`` takes the box forward on CUDA (where it can run).
-#: Off until the box forward is timed on a GPU: its kernels compile for sm_90 to the same
-#: shared-memory traffic as the row-ordered TMA forward and run correctly under the
-#: interpreter, but the copies are what ``auto``'s layouts were measured with.
+#: Off: timed on an H200 against the copies (benchmarks/RESULTS.md, "the box forward"),
+#: the boxes save the gathers but their kernels run a few per cent slower, 0.96-1.02x the
+#: copies' time on FLUX and Hunyuan: not a win that makes a default.
 AUTO_BOX = False
 
 
