@@ -442,7 +442,7 @@ _RAW = {"fwd": "b_s", "dq": "b_s", "dkdv": "b_qkt"}
 def _emit_score(pattern, kind: str, int64: bool, config, log2: bool):
     """One emission of the score's roots for the ``kind`` kernel, its value in log2 units or
     natural ones: ``(Emitted, the ScoreGrads or None (forward), the table loads (dQ))``."""
-    from ..ir.score import TILE_QUERY, grads as score_grads, reciprocal
+    from ..ir.score import grads as score_grads, reciprocal
     roots, names = [_kept(pattern.score, log2)[0]], ["b_f"]
     g = None
     if kind != "fwd":
@@ -462,12 +462,18 @@ def _emit_score(pattern, kind: str, int64: bool, config, log2: bool):
                       "dq": (config.block_m2, config.block_n2),
                       "dkdv": (config.block_n, config.block_m)}[kind]
         gather = (rows, next_pow2(rows + cols - 1))
-    env = dict(ENV, s="b_x", s_raw=_RAW[kind], s_scale="sm_scale", **{TILE_QUERY: "o_r"})
-    em = emit(roots, env, loop_vars=tuple(ENV) + (TILE_QUERY,), result_names=names,
-              prefix="sc_", int64=int64,
-              table_index=getattr(config, "score_index", "mask"),
-              fast_tanh=getattr(config, "fast_tanh", False), gather=gather)
+    em = _emit_roots(roots, names, _RAW[kind], int64, config, "sc_", gather)
     return em, g, loads
+
+
+def _emit_roots(roots, names, raw: str, int64: bool, config, prefix: str, gather=None):
+    """One emission of score roots in a kernel's tile (``raw``: its unscaled q·k tile; the
+    positions of the kernel's environment and the tile's first query ``o_r``)."""
+    from ..ir.score import TILE_QUERY
+    env = dict(ENV, s="b_x", s_raw=raw, s_scale="sm_scale", **{TILE_QUERY: "o_r"})
+    return emit(roots, env, loop_vars=tuple(ENV) + (TILE_QUERY,), result_names=names,
+                prefix=prefix, int64=int64, table_index=getattr(config, "score_index", "mask"),
+                fast_tanh=getattr(config, "fast_tanh", False), gather=gather)
 
 
 def _kept(score, log2: bool):
@@ -486,20 +492,14 @@ def _row_code(pattern, int64: bool, config, log2: bool):
     query positions ``o_q`` and the tile's first query ``o_r``; ``((), None, None)`` when
     there are none. The kernels add them to the row's log-sum-exp instead of to every pair."""
     from ..ir import build
-    from ..ir.score import LOG2E, TILE_QUERY, emitted_form, row_terms
+    from ..ir.score import LOG2E, emitted_form, row_terms
     rows = row_terms(emitted_form(pattern.score, log2))[1]
     if rows is None:
         return (), None, None
     if not log2:
         rows = build.fmul(rows, build.fconst(LOG2E))
-    env = dict(ENV, s="b_x", s_raw="b_s", s_scale="sm_scale", **{TILE_QUERY: "o_r"})
-    em = emit([rows], env, loop_vars=tuple(ENV) + (TILE_QUERY,), result_names=["b_rw"],
-              prefix="sr_", int64=int64, table_index=getattr(config, "score_index", "mask"),
-              fast_tanh=getattr(config, "fast_tanh", False))
-    lines = tuple(em.outer) + tuple(em.inner)
-    if any(_mentions(x, "o_r") for x in lines + tuple(em.results)):
-        lines = ("o_r = tl.min(o_q)",) + lines
-    return lines, em.results[0], em
+    em = _emit_roots([rows], ["b_rw"], _RAW["fwd"], int64, config, "sr_")
+    return _score_lines(em, None), em.results[0], em
 
 
 def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | None:

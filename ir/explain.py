@@ -99,9 +99,7 @@ class Report:
                        lay.get("gather", "copy"),
                        "with rows addressed in the kernels (no gathers, "
                        "SPATTN_LAYOUT_GATHER=kernel); ")
-                + ("used (SPATTN_LAYOUT=auto)" if lay["used"] else
-                   "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on "
-                   "forces it)"))
+                + _used(lay["used"]))
         if self.head_order is not None:
             ho = self.head_order
             lines.append(
@@ -111,9 +109,7 @@ class Report:
                 f"{pct(ho['fraction_sequence'])}); predicted cost "
                 f"{ho['cost_order'] / max(ho['cost_sequence'], 1e-9):.2f}x sequence order's "
                 "with the gathers of k and v per head; "
-                + ("used (SPATTN_LAYOUT=auto)" if ho["used"] else
-                   "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on "
-                   "forces it)"))
+                + _used(ho["used"]))
         if self.score is not None:
             lines.append(f"score     {self.score} (applied to every computed pair; it leaves "
                          "the tile classes as they are)")
@@ -254,6 +250,12 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
         efficiency=useful / computed if computed else 1.0,
         predicted_speedup=speedup, strategy=strategy, density_method=method, target=target,
         cost_model=dict(COSTS[target]), layout=layout)
+
+
+def _used(used: bool) -> str:
+    """How the report says whether ``SPATTN_LAYOUT=auto`` uses a layout or a head order."""
+    return "used (SPATTN_LAYOUT=auto)" if used else \
+        "not used (too short, or does not pay by the margin; SPATTN_LAYOUT=on forces it)"
 
 
 def _head_order(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n,

@@ -80,14 +80,17 @@ def tma_ok(*tensors) -> bool:
     """Every tensor can be read through a TMA descriptor over its 4-D [B, heads, L, D]
     layout: contiguous last dim, other strides positive multiples of 16 bytes, base
     16-byte aligned (``cuTensorMapEncodeTiled``'s rules)."""
-    for t in tensors:
-        if t.dim() != 4 or t.stride(-1) != 1 or t.data_ptr() % 16:
-            return False
-        if any(s <= 0 or (s * t.element_size()) % 16 for s in t.stride()[:-1]):
-            return False
-        if (t.shape[-1] * t.element_size()) % 16:   # the outputs: contiguous, rows of D
-            return False
-    return True
+    return all(t.dim() == 4 and _tma_strides_ok(t, t.stride()) for t in tensors)
+
+
+def _tma_strides_ok(t, strides) -> bool:
+    """TMA's layout rules for a view of ``t``'s memory with ``strides`` (elements, the last
+    one the D axis): contiguous D, the other strides positive multiples of 16 bytes, the
+    base 16-byte aligned, rows of D a multiple of 16 bytes (the outputs: contiguous)."""
+    e = t.element_size()
+    return (strides[-1] == 1 and t.data_ptr() % 16 == 0
+            and all(s > 0 and (s * e) % 16 == 0 for s in strides[:-1])
+            and (t.shape[-1] * e) % 16 == 0)
 
 
 def _tma_device(device, settings) -> bool:
@@ -548,11 +551,8 @@ class BoxRows:
         return shape, strides, blk
 
     def _tma_ok(self, t) -> bool:
-        if t.dim() != 4 or t.shape[2] != self.n or t.stride(-1) != 1 or t.data_ptr() % 16:
-            return False
-        shape, strides, _ = self.view(t, (1, 1, 1))
-        return (all(s > 0 and (s * t.element_size()) % 16 == 0 for s in strides[:-1])
-                and (t.shape[-1] * t.element_size()) % 16 == 0)
+        return t.dim() == 4 and t.shape[2] == self.n and \
+            _tma_strides_ok(t, self.view(t, (1, 1, 1))[1])
 
     def sub(self, block: int) -> tuple:
         """The sub-box of a tile of ``block`` slots (the outer axes cut)."""
