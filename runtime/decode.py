@@ -370,14 +370,11 @@ class DecodePlan:
         self.block_m = max(16, 1 << (self.pack * self.Lq - 1).bit_length())
         groups = self.B * self.Hq // self.pack
         if num_splits is None:
-            most = max(1, self._tiles_at_bucket() // 4)          # >= 4 tiles per split
-            if self.device.type == "cuda":
-                sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-                want = max(1, -(-2 * sms // groups))
-            else:
-                want = 4
-            num_splits = min(want, most, 128)
-        self.splits = 1 << max(0, int(num_splits) - 1).bit_length()
+            sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                   if self.device.type == "cuda" else None)
+            self.splits = split_count(groups, self._tiles_at_bucket(), sms)
+        else:
+            self.splits = 1 << max(0, int(num_splits) - 1).bit_length()
         self.groups = groups
         self.o_part = torch.empty((groups, self.splits, self.block_m, block_d),
                                   dtype=torch.float32, device=self.device)
@@ -1181,16 +1178,31 @@ _LAST = DECODE_PLANS._last
 
 # ------------------------------------------------------------------ kernel files
 
+def split_count(groups: int, tiles: int, sms: int | None) -> int:
+    """The splits of the keys of a Triton decode plan: about two programs per SM over the
+    ``groups`` (``B * Hq / PACK``) programs of one split, at least four of the ``tiles``
+    key tiles per split, at most 128, rounded down to a power of two (the combine's
+    constexpr); ``sms`` None (no CUDA device): 4. Rounding up gave about four programs per
+    SM, the slowest count on an H200 (docs/decode.md, "Launch configuration")."""
+    want = 4 if sms is None else max(1, -(-2 * sms // groups))
+    n = min(want, max(1, tiles // 4), 128)
+    return 1 << (n.bit_length() - 1)
+
+
 def default_config(closed_form, head_dim: int, dtype, interpret: bool) -> DecodeConfig:
     """The decode module's configuration: ``ranges`` with a closed form, else ``scan``;
-    64-key tiles (32 beyond D = 128), 4 warps, 3 stages on the GPU (decode streams K and V:
-    small tiles, many splits); 16-key tiles under the interpreter."""
+    on the GPU 128-key tiles with 2 stages up to D = 128 (32-key tiles with 3 stages
+    beyond: shared memory), 4 warps: decode streams K and V, and these read them at the
+    rate dense SDPA does (``benchmarks/decode_sweep.py``, docs/decode.md); 16-key tiles
+    under the interpreter."""
     from ..codegen.config import dtype_name
     block_d = max(16, 1 << (int(head_dim) - 1).bit_length())
     if interpret:
         block_n, warps, stages = 16, 4, 1
+    elif block_d <= 128:
+        block_n, warps, stages = 128, 4, 2
     else:
-        block_n, warps, stages = (64 if block_d <= 128 else 32), 4, 3
+        block_n, warps, stages = 32, 4, 3
     strategy = "ranges" if closed_form is not None else "scan"
     return DecodeConfig(strategy, block_n, block_d, warps, stages, dtype_name(dtype))
 

@@ -353,3 +353,30 @@ def test_example_decode_loop_runs():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--steps", "8"]) == 0
+
+
+@pytest.mark.parametrize("groups,tiles,sms,want", [
+    (128, 1024, 132, 2),      # B = 16, GQA 32/8: 256 programs, not the 512 of rounding up
+    (8, 1024, 132, 32),       # B = 1: 256 programs
+    (8, 64, 132, 16),         # a short cache: at least four tiles per split
+    (1, 100000, 132, 128),    # at most 128
+    (4096, 1024, 132, 1),     # enough groups to fill the device alone
+    (8, 3, 132, 1),           # fewer than four tiles
+    (8, 1024, None, 4),       # no CUDA device (the interpreter)
+], ids=lambda x: str(x))
+def test_split_count(groups, tiles, sms, want):
+    """The default split count is a power of two rounded down from about two programs per
+    SM (docs/decode.md, "Launch configuration")."""
+    from spattn.runtime.decode import split_count
+    n = split_count(groups, tiles, sms)
+    assert n == want and n & (n - 1) == 0
+
+
+def test_default_config_gpu_tiles():
+    """GPU decode tiles: 128 keys and 2 stages up to D = 128, 32 keys beyond; 16 keys under
+    the interpreter."""
+    from spattn.runtime.decode import default_config
+    c = default_config(None, 128, torch.bfloat16, interpret=False)
+    assert (c.block_n, c.num_warps, c.num_stages, c.strategy) == (128, 4, 2, "scan")
+    assert default_config(None, 256, torch.bfloat16, interpret=False).block_n == 32
+    assert default_config(None, 128, torch.bfloat16, interpret=True).block_n == 16
