@@ -81,11 +81,12 @@ def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bo
     """Forward ``(block_m, block_n, num_warps, num_stages)`` defaults
     (``kind="bwd"``: see :func:`default_bwd_tiles`).
 
-    GPU (Hopper) defaults follow the FlashAttention-2 Triton kernels: 128x64 tiles for
-    D <= 128 in 16-bit, 8 warps for D = 128 (4 for D <= 64), 3 pipeline stages (measured
-    on an H200, bf16, D = 128: the best or within 2% of it for causal; window-like
-    patterns prefer 64x64 with 4 warps, which autotuning finds: ``runtime/tune.py``); smaller
-    tiles for D > 128 (shared memory) and for fp32 (twice the bytes).  Under the
+    GPU defaults: 64x64 tiles with 4 warps and 3 pipeline stages for D <= 128 in 16-bit.
+    On an H200 (bf16, TMA loads, ``benchmarks/fwd_tiles.py``) they were faster than
+    128x64 with 8 warps in all 29 cases measured (16 patterns, N = 1K-64K, B = 1 and 8,
+    D = 64 and 128): 3-27% on most, 12% on causal at 16K, 3.5x where a pattern's blocks
+    are 64 wide (BigBird), and faster than 128x128 in 27 of them (docs/codegen.md).
+    Smaller tiles for D > 128 (shared memory) and for fp32 (twice the bytes). Under the
     interpreter (CPU tests) tiles are small: the interpreter's cost is per program and
     per element.
     """
@@ -96,10 +97,8 @@ def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bo
         return 32, 32, 4, 1
     if dtype == "fp32":
         return (64, 32, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
-    if head_dim <= 64:
-        return 128, 64, 4, 3
     if head_dim <= 128:
-        return 128, 64, 8, 3
+        return 64, 64, 4, 3
     return 64, 32, 8, 2
 
 

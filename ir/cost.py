@@ -41,7 +41,9 @@ COSTS = {
 #: tables (``SPATTN_LAYOUT_GATHER=kernel``: pointer loads, no TMA) adds to a layout's kernel,
 #: as a fraction of its cost. Measured on the H200 (``benchmarks/layout_cost.py --rows``,
 #: 16K tokens, five layouts): 22-35% over the same kernel on copied tensors (0.28).
-#: The tile shape each model was fitted on: the forward's default on the GPU, the CPU plan's.
+#: The tile shape each model was fitted on (the GPU's on 128 x 64 tiles; the GPU forward's
+#: default is 64 x 64, codegen.config.default_tiles), the CPU plan's. explain() and the
+#: layout choice count tiles at these shapes, the model's.
 TILES = {"cuda": (128, 64), "cpu": (64, 64)}
 TARGETS = tuple(COSTS)
 COST = COSTS["cuda"]

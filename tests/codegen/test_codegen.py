@@ -241,7 +241,7 @@ def test_strategy_override_and_defaults(monkeypatch):
     assert st.pick(p, head_dim=64, overrides={"strategy": "table"}).strategy == "table"
     assert st.pick(p, head_dim=64).strategy == "table"   # runtime inputs: no closed form
     cfg = st.pick(p, head_dim=80, dtype="bf16", interpret=False)
-    assert (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_stages) == (128, 64, 128, 3)
+    assert (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_stages) == (64, 64, 128, 3)
     assert st.pick(p, head_dim=256, dtype="fp16", interpret=False).block_m == 64
     with pytest.raises(ValueError):
         st.pick(p, strategy="remap")

@@ -83,7 +83,7 @@ def tune_files():
 def test_candidates_default_first_and_fit_head_dim():
     f = tune.candidates("fwd", 128, "bf16")
     full = tune.FIELDS["fwd"]
-    assert chosen(f[0]) == (128, 64, 8, 3) == st.default_tiles(128, "bf16", interpret=False)
+    assert chosen(f[0]) == (64, 64, 4, 3) == st.default_tiles(128, "bf16", interpret=False)
     loops = {(*c, loop) for c in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
              for loop in ("fused", "persistent")}
     assert {chosen(c, fields=full) for c in f} == {
@@ -96,7 +96,7 @@ def test_candidates_default_first_and_fit_head_dim():
     for kind in ("fwd", "bwd"):     # D > 128: small tiles only
         for c in tune.candidates(kind, 256, "bf16"):
             assert all(v <= 64 for n, v in c.items() if n.startswith("block_")), c
-    assert chosen(tune.candidates("fwd", 64, "bf16")[0]) == (128, 64, 4, 3)
+    assert chosen(tune.candidates("fwd", 64, "bf16")[0]) == (64, 64, 4, 3)
 
 
 def test_new_backward_defaults():
@@ -111,7 +111,7 @@ def test_new_backward_defaults():
     c = st.pick(p, "bwd", head_dim=128, dtype="fp32", **gpu)
     assert (c.block_m, c.block_n, c.block_m2, c.block_n2) == (32, 32, 32, 32)
     f = st.pick(p, "fwd", head_dim=128, dtype="bf16", **gpu)
-    assert (f.block_m, f.block_n, f.num_warps, f.num_stages) == (128, 64, 8, 3)
+    assert (f.block_m, f.block_n, f.num_warps, f.num_stages) == (64, 64, 4, 3)
 
 
 def test_picks_fastest_and_logs(caplog):
@@ -397,7 +397,7 @@ class Sequenced:
         return t
 
 
-A, B, C = (128, 64, 8, 3, "split"), (128, 64, 8, 3, "fused"), (64, 64, 4, 3, "fused")
+A, B, C = (64, 64, 4, 3, "split"), (64, 64, 4, 3, "fused"), (128, 64, 8, 3, "fused")
 
 
 SCR = tune.SCREENS                  # timings of every candidate in the screening passes
