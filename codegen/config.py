@@ -82,7 +82,7 @@ def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bo
     (``kind="bwd"``: see :func:`default_bwd_tiles`).
 
     GPU defaults: 64x64 tiles with 4 warps and 3 pipeline stages for D <= 128 in 16-bit.
-    On an H200 (bf16, TMA loads, ``benchmarks/fwd_tiles.py``) they were faster than
+    On an H200 (bf16, TMA loads, ``benchmarks/tiles_ab.py``) they were faster than
     128x64 with 8 warps in all 29 cases measured (16 patterns, N = 1K-64K, B = 1 and 8,
     D = 64 and 128): 3-27% on most, 12% on causal at 16K, 3.5x where a pattern's blocks
     are 64 wide (BigBird), and faster than 128x128 in 27 of them (docs/codegen.md).
@@ -107,12 +107,12 @@ def default_bwd_tiles(head_dim: int, dtype: str, *, interpret: bool = False):
 
     dK/dV keeps ``BLOCK_N1`` keys (K, V, dK, dV) in registers and streams ``BLOCK_M1``
     queries per step; dQ keeps ``BLOCK_M2`` queries (Q, dO, dQ) and streams ``BLOCK_N2``
-    keys.  16-bit D <= 128: 64 x 128 / 128 x 64, 8 warps, 3 stages -- the best of
-    ``benchmarks/sweep.py`` on an H200 (bf16, D = 128, N = 16384: 413 / 296 / 259 TF/s
-    fwd+bwd for causal / window / streaming, against 159 / 123 / 105 for the Triton
-    tutorial's 32 x 128 / 128 x 32 with 4 warps and 4 stages, which spills registers).
-    16-bit D > 128: 32 x 64 / 64 x 32, 4 warps, 2 stages (sized for shared memory;
-    unmeasured).  fp32 keeps small square tiles (registers, shared memory).  The
+    keys.  16-bit D <= 128: 32 x 64 / 64 x 32, 4 warps, 3 stages. On an H200 (bf16,
+    D = 128, N = 16384, TMA forward, ``benchmarks/tiles_ab.py --kind bwd``) against 64 x
+    128 / 128 x 64 with 8 warps it took 6-48% less forward+backward time on windows,
+    streaming, documents (20 and 100), Longformer and BigBird, 2% more on causal and 8%
+    more on 1000 documents (docs/codegen.md). 16-bit D > 128: 32 x 64 / 64 x 32, 4 warps,
+    2 stages (sized for shared memory; unmeasured).  fp32 keeps small square tiles (registers, shared memory).  The
     interpreter uses small, deliberately different shapes for the two kernels so the
     CPU tests exercise distinct dK/dV and dQ tiles.
     """
@@ -122,7 +122,7 @@ def default_bwd_tiles(head_dim: int, dtype: str, *, interpret: bool = False):
         return 32, 32, 32, 32, 4, 1
     if head_dim > 128:
         return 32, 64, 64, 32, 4, 2
-    return 64, 128, 128, 64, 8, 3
+    return 32, 64, 64, 32, 4, 3
 
 
 def choice(value, name: str, allowed: tuple, *, default=None) -> str:

@@ -257,25 +257,25 @@ def test_backward_tile_defaults_and_overrides(monkeypatch):
     def tiles(c):
         return (c.block_m, c.block_n, c.block_m2, c.block_n2, c.num_warps, c.num_stages)
     gpu = dict(interpret=False, strategy="table")
-    assert tiles(st.pick(p, "bwd", head_dim=128, dtype="bf16", **gpu)) == (64, 128, 128, 64, 8, 3)
-    assert tiles(st.pick(p, "bwd", head_dim=64, dtype="fp16", **gpu))[:4] == (64, 128, 128, 64)
+    assert tiles(st.pick(p, "bwd", head_dim=128, dtype="bf16", **gpu)) == (32, 64, 64, 32, 4, 3)
+    assert tiles(st.pick(p, "bwd", head_dim=64, dtype="fp16", **gpu))[:4] == (32, 64, 64, 32)
     assert tiles(st.pick(p, "bwd", head_dim=256, dtype="bf16", **gpu))[:4] == (32, 64, 64, 32)
     assert st.pick(p, "fwd", head_dim=128, **gpu).block_m2 == 0
-    monkeypatch.setenv("SPATTN_BWD_BLOCK_M1", "32")
-    monkeypatch.setenv("SPATTN_BWD_BLOCK_N2", "32")
-    monkeypatch.setenv("SPATTN_BWD_WARPS", "4")
+    monkeypatch.setenv("SPATTN_BWD_BLOCK_M1", "16")
+    monkeypatch.setenv("SPATTN_BWD_BLOCK_N2", "16")
+    monkeypatch.setenv("SPATTN_BWD_WARPS", "8")
     monkeypatch.setenv("SPATTN_BWD_STAGES", "2")
-    monkeypatch.setenv("SPATTN_BLOCK_M", "64")          # forward only
-    monkeypatch.setenv("SPATTN_FWD_WARPS", "4")
+    monkeypatch.setenv("SPATTN_BLOCK_M", "128")         # forward only
+    monkeypatch.setenv("SPATTN_FWD_WARPS", "8")
     from spattn.runtime.settings import current
     env = current()
     bwd, fwd = dict(gpu, overrides=env.overrides("bwd")), dict(gpu, overrides=env.overrides("fwd"))
-    assert tiles(st.pick(p, "bwd", head_dim=128, **bwd)) == (32, 128, 128, 32, 4, 2)
+    assert tiles(st.pick(p, "bwd", head_dim=128, **bwd)) == (16, 64, 64, 16, 8, 2)
     f = st.pick(p, "fwd", head_dim=128, **fwd)
-    assert (f.block_m, f.block_n, f.num_warps, f.num_stages) == (64, 64, 4, 3)
+    assert (f.block_m, f.block_n, f.num_warps, f.num_stages) == (128, 64, 8, 3)
     # explicit arguments win: per kernel, then block_m / block_n for both kernels
-    assert tiles(st.pick(p, "bwd", head_dim=128, block_m=16, block_n2=32, **bwd))[:4] == \
-        (16, 128, 16, 32)
+    assert tiles(st.pick(p, "bwd", head_dim=128, block_m=32, block_n2=32, **bwd))[:4] == \
+        (32, 64, 32, 32)
     with pytest.raises(ValueError):
         st.pick(p, "bwd", head_dim=128, block_m1=24, **gpu)
 

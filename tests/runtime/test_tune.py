@@ -90,7 +90,7 @@ def test_candidates_default_first_and_fit_head_dim():
         (128, 64, 8, 3, "split"), (128, 128, 8, 3, "split"), (64, 64, 4, 3, "split"),
         (64, 128, 4, 3, "split")} | loops
     b = tune.candidates("bwd", 128, "fp16")
-    assert chosen(b[0], "bwd") == (64, 128, 128, 64, 8, 3)
+    assert chosen(b[0], "bwd") == (32, 64, 64, 32, 4, 3)
     assert len(b) == 8 and len({chosen(c, "bwd") for c in b}) == 4
     assert {c["loop"] for c in b} == {"split", "fused"}     # every tile config, both loops
     for kind in ("fwd", "bwd"):     # D > 128: small tiles only
@@ -104,7 +104,7 @@ def test_new_backward_defaults():
     gpu = dict(interpret=False, strategy="table")
     c = st.pick(p, "bwd", head_dim=128, dtype="bf16", **gpu)
     assert (c.block_m, c.block_n, c.block_m2, c.block_n2, c.num_warps, c.num_stages) == \
-        (64, 128, 128, 64, 8, 3)
+        (32, 64, 64, 32, 4, 3)
     c = st.pick(p, "bwd", head_dim=256, dtype="bf16", **gpu)
     assert (c.block_m, c.block_n, c.block_m2, c.block_n2, c.num_warps, c.num_stages) == \
         (32, 64, 64, 32, 4, 2)
@@ -132,7 +132,7 @@ def test_picks_fastest_and_logs(caplog):
 
 
 def test_backward_tuning():
-    fake = Fake("bwd", {(64, 128, 128, 64, 8, 3): 2.0, (64, 128, 128, 32, 8, 2): 1.5})
+    fake = Fake("bwd", {(32, 64, 64, 32, 4, 3): 2.0, (64, 128, 128, 32, 8, 2): 1.5})
     opts = call(fake, kind="bwd")
     assert chosen(opts, "bwd") == (64, 128, 128, 32, 8, 2)
     assert set(opts) == set(tune.FIELDS["bwd"])

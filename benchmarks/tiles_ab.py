@@ -1,0 +1,192 @@
+"""GPU A/B of launch configurations: the library's default against fixed ones.
+
+For each case (a pattern of ``bench.PATTERNS``, or ``documentsK``: ``causal & same(doc)``
+with K documents of sorted random cuts; N, B, D; H = 16, bf16, token layouts off,
+autotuning off) a plan is built per configuration: the library's default (no override)
+and each ``--configs`` entry, through the ``SPATTN_*`` overrides in force while the plan
+is built (the plan keeps its compiled kernels):
+
+* ``--kind fwd``: ``BLOCK_M,BLOCK_N,warps,stages``; the forwards ``pat(q, k, v, plan=plan)``
+  are timed;
+* ``--kind bwd``: ``M1,N1,M2,N2,warps,stages[,loop]`` (the backward's dK/dV and dQ tiles;
+  the forward at its default); forward+backward through autograd is timed.
+
+Every configuration's output (and, for ``bwd``, gradients) is checked against the
+default's (max abs difference < 2e-2; the default is checked against ``bench.py``'s rivals
+elsewhere), then all are timed in alternating rounds in this process (median of
+``triton.testing.do_bench`` per round, median of the rounds).
+
+    python benchmarks/tiles_ab.py --out DIR                       # forward, default cases
+    python benchmarks/tiles_ab.py --kind bwd --out DIR            # backward, default cases
+    python benchmarks/tiles_ab.py --cases "causal:2048:8:128" --configs 64,64,4,3
+
+Cases are ``name:N:B:D`` separated by ``;``. Writes ``DIR/tiles_<kind>.json``; prints a
+table last: each configuration's time over the default's (below 1: faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+os.environ.setdefault("SPATTN_AUTOTUNE", "0")
+os.environ.setdefault("SPATTN_LAYOUT", "off")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+
+import spattn  # noqa: E402
+
+VARS = {"fwd": ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES"),
+        "bwd": ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
+                "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES",
+                "SPATTN_BWD_LOOP")}
+CASES = {
+    "fwd": ([f"{p}:16384:1:128" for p in ("full", "causal", "window(1024)", "window(256)",
+                                          "streaming", "documents", "prefix_lm(2048)",
+                                          "chunked(4096)&causal", "longformer", "bigbird",
+                                          "power2(256)", "dilated(512,4)", "per-head")]
+            + [f"{p}:4096:1:128" for p in ("causal", "window(256)", "documents", "full")]
+            + [f"{p}:2048:8:128" for p in ("causal", "window(256)", "documents")]
+            + [f"{p}:1024:8:128" for p in ("causal", "window(256)", "documents")]
+            + [f"{p}:65536:1:128" for p in ("causal", "window(1024)", "documents")]
+            + [f"{p}:16384:1:64" for p in ("causal", "window(1024)", "documents")]),
+    "bwd": ([f"{p}:16384:1:128" for p in ("causal", "window(1024)", "window(256)", "streaming",
+                                          "documents20", "documents100", "documents1000",
+                                          "longformer", "bigbird")]
+            + [f"{p}:4096:1:128" for p in ("causal", "window(256)", "documents100")]
+            + [f"{p}:2048:8:128" for p in ("causal", "window(256)", "documents")]
+            + [f"{p}:65536:1:128" for p in ("documents100", "documents1000")]),
+}
+CONFIGS = {"fwd": "64,64,4,3;128,128,8,3",
+           "bwd": "64,64,64,64,4,3,split;32,64,64,32,4,3,split;64,64,64,64,4,3,fused;"
+                  "32,64,64,32,4,3,fused"}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def pattern_of(name, N, dev):
+    """``(pattern, runtime inputs)`` of a case's name."""
+    if name.startswith("documents") and name[len("documents"):].isdigit():
+        return spattn.compile("causal & same(doc)"), {
+            "doc": bench._doc_ids(N, dev, ndocs=int(name[len("documents"):]))}
+    src, params, _, make_inputs = bench.PATTERNS[name]
+    return spattn.compile(src, **params), (make_inputs(N, dev) if make_inputs else {})
+
+
+def build(kind, pat, q, k, v, inputs, cfg):
+    """A plan under ``cfg``'s overrides (None: the library's default)."""
+    names = VARS[kind]
+    saved = {n: os.environ.pop(n, None) for n in names}
+    try:
+        if cfg is not None:
+            os.environ.update({n: str(x) for n, x in zip(names, cfg)})
+        return pat.plan(q, k, v, backward=kind == "bwd", **inputs)
+    finally:
+        for n, x in saved.items():
+            os.environ.pop(n, None)
+            if x is not None:
+                os.environ[n] = x
+
+
+def run_case(kind, case, configs, rounds, rep):
+    import triton
+    name, N, B, D = case.split(":")
+    N, B, D, H, dev = int(N), int(B), int(D), 16, "cuda"
+    pat, inputs = pattern_of(name, N, dev)
+    q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    if kind == "bwd":
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    row = {"case": case, "kind": kind, "configs": {}}
+    fns, ref = {}, None
+    for cfg in [None] + configs:
+        label = "default" if cfg is None else ",".join(map(str, cfg))
+        try:
+            plan = build(kind, pat, q, k, v, inputs, cfg)
+            if kind == "fwd":
+                with torch.no_grad():
+                    outs = [pat(q, k, v, plan=plan)]
+                fn = (lambda p=plan: pat(q, k, v, plan=p))
+            else:
+                outs = torch.autograd.grad(pat(q, k, v, plan=plan), (q, k, v), do)
+
+                def fn(p=plan):
+                    torch.autograd.grad(pat(q, k, v, plan=p), (q, k, v), do)
+            if ref is None:
+                ref = outs
+            err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(outs, ref))
+            if err > 2e-2:
+                raise RuntimeError(f"differs from the default by {err:.3g}")
+            fns[label] = fn
+            row["configs"][label] = {"err_vs_default": err, "plan": repr(plan)[:600]}
+        except Exception as e:      # a configuration that does not fit or run
+            row["configs"][label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            log(f"{case} {label}: {row['configs'][label]['error']}")
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            times[n].append(triton.testing.do_bench(fns[n], warmup=5, rep=rep,
+                                                    return_mode="median"))
+    base = statistics.median(times["default"]) if "default" in times else None
+    for n in names:
+        t = statistics.median(times[n])
+        row["configs"][n].update(ms=t, rounds=times[n], vs_default=t / base if base else None)
+    log(f"{kind} {case}: " + "  ".join(f"{n} {row['configs'][n]['ms']:.3f} ms" for n in names))
+    return row
+
+
+def table(rows, configs) -> str:
+    labels = [",".join(map(str, c)) for c in configs]
+    out = ["| case | default ms | " + " | ".join(labels) + " |",
+           "|---|---|" + "---|" * len(labels)]
+    for r in rows:
+        c = r["configs"]
+        d = c.get("default", {}).get("ms")
+        cells = [f"{c[lb]['vs_default']:.3f}" if c.get(lb, {}).get("vs_default") else "-"
+                 for lb in labels]
+        out.append(f"| {r['case']} | {f'{d:.3f}' if d else '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def parse(text):
+    return [tuple(x if x.isalpha() else int(x) for x in c.split(",")) for c in text.split(";")
+            if c]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", choices=("fwd", "bwd"), default="fwd")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cases", default=None, help="name:N:B:D;... (default: the kind's list)")
+    ap.add_argument("--configs", default=None, help="fwd: BLOCK_M,BLOCK_N,warps,stages;... "
+                    "bwd: M1,N1,M2,N2,warps,stages[,loop];... (beside the default)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rep", type=int, default=25)
+    args = ap.parse_args(argv)
+    configs = parse(args.configs or CONFIGS[args.kind])
+    cases = args.cases.split(";") if args.cases else CASES[args.kind]
+    rows = []
+    for case in [c for c in cases if c]:
+        try:
+            rows.append(run_case(args.kind, case, configs, args.rounds, args.rep))
+        except Exception as e:
+            log(f"{case}: {type(e).__name__}: {e}")
+            rows.append({"case": case, "error": f"{type(e).__name__}: {str(e)[:200]}",
+                         "configs": {}})
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"tiles_{args.kind}.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+        torch.cuda.empty_cache()
+    print(table([r for r in rows if "error" not in r], configs))
+
+
+if __name__ == "__main__":
+    main()
