@@ -235,9 +235,9 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
     layout = None if inputs else _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed,
                                          block_m, block_n, computed // per_pair, pattern,
                                          target, gather)
-    head_order = None if inputs or layout is not None else _head_order(
+    head_order = None if layout is not None else _head_order(
         ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n,
-        computed // per_pair, target)
+        computed // per_pair, target, pattern, inputs, dev)
     return Report(
         head_order=head_order,
         score=(None if getattr(pattern, "score", None) is None else str(pattern.score)),
@@ -259,17 +259,23 @@ def _used(used: bool) -> str:
 
 
 def _head_order(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n,
-                computed, target):
+                computed, target, pattern=None, inputs=None, device=None):
     """The per-head key order a call would consider (``ir.headorder.choose_head_order``,
-    forced), as a dict: the class, its sizes per head, the computed pairs (summed over the
+    forced; the pattern's runtime ``inputs`` read through the order as a call reads
+    them), as a dict: the class, its sizes per head, the computed pairs (summed over the
     heads) and useful fraction in sequence order and in the head order, the predicted
     cost of each (the head order's with its gathers of k and v), and whether
     ``SPATTN_LAYOUT=auto`` uses it."""
     from .headorder import choose_head_order
+    from .inputs import validate_inputs
     from .layout import AUTO_MIN_TOKENS
+    declared = getattr(pattern, "inputs", None) or {}
+    ins = validate_inputs(declared, inputs, batch=batch, num_heads=num_heads,
+                          device=device) if declared else None
     ho = choose_head_order(ir, Lq, num_heads, Lk=Lk, q_offset=query_offset(Lq, Lk, q_offset),
                            block_m=block_m, block_n=block_n, force=True, target=target,
-                           sequence=computed // batch)
+                           sequence=computed // batch, inputs=ins, declared=declared or None,
+                           batch=batch)
     if ho is None:
         return None
     useful = allowed // batch

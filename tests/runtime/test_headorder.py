@@ -147,6 +147,20 @@ def test_explain_reports_head_order():
         is None
 
 
+def test_explain_reports_head_order_with_runtime_inputs(monkeypatch):
+    """A pattern with runtime inputs gets the head order its calls run in: explain reads the
+    inputs through the order as the plan does, and the plan it describes is the one a
+    call builds."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = spattn.compile("causal & (same(doc) | k % H == h)", backend="torch")
+    doc = torch.arange(512) // 100
+    ho = pat.explain(512, num_heads=4, doc=doc).head_order
+    assert ho is not None and ho["class"] == "h == k % H"
+    assert ho["computed_order"] < ho["computed_sequence"]
+    q, k, v = (torch.randn(1, 4, 512, 16) for _ in range(3))
+    assert isinstance(pat.plan(q, k, v, doc=doc), HeadOrderedPlan)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("B,Hk,group,N,D,dtype", [
     (2, 2, 2, 37, 16, torch.float32), (1, 1, 4, 50, None, torch.float32),
