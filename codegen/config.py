@@ -84,8 +84,8 @@ def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bo
     GPU defaults: 64x64 tiles with 4 warps and 3 pipeline stages for D <= 128 in 16-bit.
     On an H200 (bf16, TMA loads, ``benchmarks/tiles_ab.py``) they were faster than
     128x64 with 8 warps in all 29 cases measured (16 patterns, N = 1K-64K, B = 1 and 8,
-    D = 64 and 128): 3-27% on most, 12% on causal at 16K, 3.5x where a pattern's blocks
-    are 64 wide (BigBird), and faster than 128x128 in 27 of them (docs/codegen.md).
+    D = 64 and 128): 3-28% on most, 12% on causal at 16K, 3.5x where a pattern's blocks
+    are 64 wide (BigBird), and faster than 128x128 in 28 of them (docs/codegen.md).
     Smaller tiles for D > 128 (shared memory) and for fp32 (twice the bytes). Under the
     interpreter (CPU tests) tiles are small: the interpreter's cost is per program and
     per element.
@@ -112,9 +112,9 @@ def default_bwd_tiles(head_dim: int, dtype: str, *, interpret: bool = False):
     128 / 128 x 64 with 8 warps it took 6-48% less forward+backward time on windows,
     streaming, documents (20 and 100), Longformer and BigBird, 2% more on causal and 8%
     more on 1000 documents (docs/codegen.md). 16-bit D > 128: 32 x 64 / 64 x 32, 4 warps,
-    2 stages (sized for shared memory; unmeasured).  fp32 keeps small square tiles (registers, shared memory).  The
-    interpreter uses small, deliberately different shapes for the two kernels so the
-    CPU tests exercise distinct dK/dV and dQ tiles.
+    2 stages (sized for shared memory; unmeasured). fp32 keeps small square tiles
+    (registers, shared memory). The interpreter uses small, deliberately different
+    shapes for the two kernels so the CPU tests exercise distinct dK/dV and dQ tiles.
     """
     if interpret:
         return 16, 32, 32, 16, 4, 1

@@ -1182,8 +1182,8 @@ def split_count(groups: int, tiles: int, sms: int | None) -> int:
     """The splits of the keys of a Triton decode plan: about two programs per SM over the
     ``groups`` (``B * Hq / PACK``) programs of one split, at least four of the ``tiles``
     key tiles per split, at most 128, rounded down to a power of two (the combine's
-    constexpr); ``sms`` None (no CUDA device): 4. Rounding up gave about four programs per
-    SM, the slowest count on an H200 (docs/decode.md, "Launch configuration")."""
+    constexpr); ``sms`` None (no CUDA device): 4. About four programs per SM, what rounding
+    up gives, was the slowest count on an H200 (docs/decode.md, "Launch configuration")."""
     want = 4 if sms is None else max(1, -(-2 * sms // groups))
     n = min(want, max(1, tiles // 4), 128)
     return 1 << (n.bit_length() - 1)
