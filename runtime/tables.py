@@ -19,9 +19,9 @@ import torch
 
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 
-#: tiles are classified at most this coarse (per side), and coarser shapes pooled: the
-#: forward's 128x64 and the backward's 64x128 (dK/dV) then share one classification at
-#: 64x64 (a classification is ~40 device launches on the GPU, a pooling ~10)
+#: tiles are classified at most this coarse (per side), and coarser shapes pooled: a
+#: training step's tile shapes then share one classification at their common divisor
+#: (a classification is ~40 device launches on the GPU, a pooling ~10)
 CLASS_TILE = 64
 
 
