@@ -281,10 +281,12 @@ def _order(work, B, HO, tile, transposed, Lq, Lk) -> torch.Tensor:
 #: The forward tiles of a token layout's call when nothing else chooses them (no
 #: autotuning, no tile given): ``(block_m, block_n, num_warps, num_stages)`` for every
 #: computed tile FULL at 128 x 128, and for tiles whose 64 x 64 classes compute at most
-#: :data:`LAYOUT_SMALL_PAIRS` of the pairs of the default 128 x 64 ones. Measured on an
-#: H200 (benchmarks/RESULTS.md, "token layouts"): strided FLUX and Hunyuan neighbourhoods
+#: :data:`LAYOUT_SMALL_PAIRS` of the pairs of 128 x 64 ones. Measured on an H200
+#: (benchmarks/RESULTS.md, "token layouts"): strided FLUX and Hunyuan neighbourhoods
 #: (every tile FULL) run 16-17% faster in 128 x 128 tiles than in 128 x 64, their windows
-#: (a third to three quarters of the tiles PARTIAL) 17-18% faster in 64 x 64.
+#: (a third to three quarters of the tiles PARTIAL) 17-18% faster in 64 x 64. The
+#: forward's default (``codegen.config.default_tiles``) is 64 x 64 with 4 warps too: the
+#: 128 x 128 tiles are what the prior changes, measured against 128 x 64 only.
 LAYOUT_FULL_TILES = (128, 128, 8, 3)
 LAYOUT_SMALL_TILES = (64, 64, 4, 3)
 LAYOUT_SMALL_PAIRS = 0.95
