@@ -55,7 +55,7 @@ def forced(block_n, warps, stages):
 def default_splits(B, Hq, Hk, L, block_n, sms):
     """The library's split count for this shape (``decode.split_count``; causal at one
     query visits every key tile)."""
-    return dec.split_count(B * Hq // (Hq // Hk), -(-L // block_n), sms)
+    return dec.split_count(B * Hq // (Hq // Hk), -(-L // block_n) * block_n, sms)
 
 
 def graph(fn):

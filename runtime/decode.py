@@ -372,7 +372,8 @@ class DecodePlan:
         if num_splits is None:
             sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                    if self.device.type == "cuda" else None)
-            self.splits = split_count(groups, self._tiles_at_bucket(), sms)
+            self.splits = split_count(groups, self._tiles_at_bucket() * self.config.block_n,
+                                      sms)
         else:
             self.splits = 1 << max(0, int(num_splits) - 1).bit_length()
         self.groups = groups
@@ -1178,15 +1179,22 @@ _LAST = DECODE_PLANS._last
 
 # ------------------------------------------------------------------ kernel files
 
-def split_count(groups: int, tiles: int, sms: int | None) -> int:
+def split_count(groups: int, keys: int, sms: int | None) -> int:
     """The splits of the keys of a Triton decode plan: about two programs per SM over the
-    ``groups`` (``B * Hq / PACK``) programs of one split, at least four of the ``tiles``
-    key tiles per split, at most 128, rounded down to a power of two (the combine's
-    constexpr); ``sms`` None (no CUDA device): 4. About four programs per SM, what rounding
-    up gives, was the slowest count on an H200 (docs/decode.md, "Launch configuration")."""
+    ``groups`` (``B * Hq / PACK``) programs of one split, at least :data:`SPLIT_KEYS` of the
+    ``keys`` the rows visit (in whole tiles) per split, at most 128, rounded down to a power
+    of two (the combine's constexpr); ``sms`` None (no CUDA device, the interpreter): 4
+    splits of at least 64 keys (four of its 16-key tiles). About four programs per SM, what
+    rounding up gives, was the slowest count on an H200 (docs/decode.md, "Launch
+    configuration")."""
     want = 4 if sms is None else max(1, -(-2 * sms // groups))
-    n = min(want, max(1, tiles // 4), 128)
+    n = min(want, max(1, keys // (64 if sms is None else SPLIT_KEYS)), 128)
     return 1 << (n.bit_length() - 1)
+
+
+#: The fewest keys a decode split runs (two 128-key tiles): short rows (a window of 4096 at
+#: B = 1) keep enough programs to hide the latency of their few loads.
+SPLIT_KEYS = 256
 
 
 def default_config(closed_form, head_dim: int, dtype, interpret: bool) -> DecodeConfig:

@@ -355,20 +355,22 @@ def test_example_decode_loop_runs():
     assert mod.main(["--steps", "8"]) == 0
 
 
-@pytest.mark.parametrize("groups,tiles,sms,want", [
-    (128, 1024, 132, 2),      # B = 16, GQA 32/8: 256 programs, not the 512 of rounding up
-    (8, 1024, 132, 32),       # B = 1: 256 programs
-    (8, 64, 132, 16),         # a short cache: at least four tiles per split
-    (1, 100000, 132, 128),    # at most 128
-    (4096, 1024, 132, 1),     # enough groups to fill the device alone
-    (8, 3, 132, 1),           # fewer than four tiles
-    (8, 1024, None, 4),       # no CUDA device (the interpreter)
+@pytest.mark.parametrize("groups,keys,sms,want", [
+    (128, 131072, 132, 2),    # B = 16, GQA 32/8: 256 programs, not the 512 of rounding up
+    (8, 131072, 132, 32),     # B = 1: 256 programs
+    (8, 4096, 132, 16),       # a window of 4096 keys: at least 256 keys per split
+    (8, 8192, 132, 32),
+    (1, 10 ** 8, 132, 128),   # at most 128
+    (4096, 131072, 132, 1),   # enough groups to fill the device alone
+    (8, 200, 132, 1),         # fewer keys than one split's
+    (8, 131072, None, 4),     # no CUDA device (the interpreter)
+    (8, 200, None, 2),        # the interpreter: at least 64 keys per split
 ], ids=lambda x: str(x))
-def test_split_count(groups, tiles, sms, want):
+def test_split_count(groups, keys, sms, want):
     """The default split count is a power of two rounded down from about two programs per
-    SM (docs/decode.md, "Launch configuration")."""
+    SM, each split at least SPLIT_KEYS keys (docs/decode.md, "Launch configuration")."""
     from spattn.runtime.decode import split_count
-    n = split_count(groups, tiles, sms)
+    n = split_count(groups, keys, sms)
     assert n == want and n & (n - 1) == 0
 
 
