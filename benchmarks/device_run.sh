@@ -5,8 +5,9 @@
 # device time at hand. Logs and JSON under $OUT; the tables last. Carry: .whl (lark).
 # Autotuning off: default configurations, so that the figures are of the kernels' defaults
 # and the call does not spend its time tuning (except benchmarks/documents.py, which
-# measures the tuned kernels; it is off unless T_DOCUMENTS is set, since with it the call
-# nears the 10-minute command limit: run it in a call of its own). T_* variables set each
+# measures the tuned kernels unless DOC_TUNE=off; it is off unless T_DOCUMENTS is set, since
+# with it the call nears the 10-minute command limit: run it in a call of its own; so is
+# T_SHORT, the short calls against Flex). T_* variables set each
 # step's time limit (0 skips it); LAYOUT_ARGS adds options to benchmarks/layouts.py (e.g.
 # '--bwd --flex', or '--configs "128,128,8,3;tuned"'). Every log and JSON file goes into
 # one archive, $OUT/run.tgz (a call brings back at most 8 files).
@@ -47,9 +48,19 @@ touch "$OUT/documents.txt"
 if [ "${T_DOCUMENTS:-0}" != 0 ]; then
     timeout "${T_DOCUMENTS}" python3 benchmarks/documents.py --out "$OUT/documents" \
         --cache-root /tmp/spattn-documents --budget "$(( T_DOCUMENTS - 10 ))" \
-        > "$OUT/documents.txt" 2> "$OUT/documents.log"
+        --tune "${DOC_TUNE:-shared}" > "$OUT/documents.txt" 2> "$OUT/documents.log"
+fi
+# short calls against Flex (N = 1024-4096, B = 1 and 8, D = 64 and 128; causal, window(256),
+# documents), forward and forward+backward; e.g. T_SHORT=270
+touch "$OUT/short.txt"
+if [ "${T_SHORT:-0}" != 0 ]; then
+    for b in 1 8; do
+        timeout "$(( T_SHORT / 2 ))" python3 benchmarks/bench.py --n 1024 2048 4096 --d 64 128 \
+            --batch "$b" --patterns causal "window(256)" documents --rounds 2 \
+            --json "$OUT/short_b$b.json" >> "$OUT/short.txt" 2> "$OUT/short_b$b.log"
+    done
 fi
 touch "$OUT/gpu_tests.log" "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt"
 tar czf "$FINAL/run.tgz" -C /tmp run
 grep -E "passed|failed|error" "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt" \
-    "$OUT/score_variants.txt" "$OUT/documents.txt"
+    "$OUT/score_variants.txt" "$OUT/documents.txt" "$OUT/short.txt"
