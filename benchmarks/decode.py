@@ -20,6 +20,7 @@ fails, against the float64 reference, ``runtime.reference.pattern_reference``).
     python benchmarks/decode.py --out DIR           # everything (< 90 s on an H200)
     python benchmarks/decode.py --quick --out DIR   # 32K only
     python benchmarks/decode.py --cpu [--quick]     # the CPU decode step against dense SDPA
+    python benchmarks/decode.py --cpu --quick --stripes --threads 1   # head stripes
 
 CPU mode (``--cpu``): float32, B in {1, 16}, L = 1024..32768 (``--quick``: 1024, 8192,
 32768), Lq = 1 and 4 (``--quick``: 1), Hq/Hk 8/8, 32/8 and 32/32 with D = 64 and 128
@@ -36,6 +37,10 @@ timed in alternating rounds in this process (medians of ``time.perf_counter`` pe
 * dense SDPA on every key (bottom-right causal rows through a bool mask for Lq > 1), with
   ``enable_gqa=True`` and, for grouped heads, on K and V expanded beforehand: the faster
   counts.
+
+``--stripes`` runs two head-stripe patterns instead (``causal & (q - k < 1024 | k % H ==
+h)`` and S2-Attention's ``causal & (window(1024) | (k // 8) % H == h)``: each head sees a
+window and its own class of keys), each checked against the float64 reference.
 
 Progress goes to stderr; the table is printed last; rows go to ``DIR/decode.json``
 (``DIR/decode_cpu.json`` with ``--cpu``), each with its per-round times.
@@ -294,6 +299,9 @@ def run_cpu(args):
     if args.tiny:
         pats = {"causal": "causal", "window(1024)": "causal & window(100)",
                 "streaming": "causal & (window(100) | sink(4))"}
+    if args.stripes:        # head stripes: each head's keys gathered (docs/decode.md)
+        pats = {"stripes": "causal & (q - k < 1024 | k % H == h)",
+                "s2-stripes": "causal & (window(1024) | (k // 8) % H == h)"}
     compiled = {n: spattn.compile(src, backend="torch") for n, src in pats.items()}
     rows = []
     for threads, B, L, Lq, (Hq, Hk, D) in _cpu_grid(args):
@@ -339,6 +347,9 @@ def run_cpu(args):
             fns = {"spattn": lambda: pat(q, kL, vL), "spattn_new_step": new_step, **dense}
             if name == "causal":
                 row["max_err_vs_sdpa"] = float((fns["spattn"]() - ref).abs().max())
+            elif args.stripes:      # against the float64 reference of the first batch element
+                want = pattern_reference(pat, q[:1].double(), kL[:1].double(), vL[:1].double())[0]
+                row["max_err_vs_reference"] = float((fns["spattn"]()[:1] - want).abs().max())
             times = _rounds(fns, args.rounds, reps)
             for n, ts in times.items():
                 row[n + "_ms"] = statistics.median(ts)
@@ -412,6 +423,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a subset")
     p.add_argument("--cpu", action="store_true", help="the CPU decode step against SDPA")
     p.add_argument("--tiny", action="store_true", help="CPU: tiny lengths (tests)")
+    p.add_argument("--stripes", action="store_true",
+                   help="CPU: head-stripe patterns (per-head classes of keys) instead")
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--rep", type=int, default=40, help="GPU: ms per do_bench measurement")
     p.add_argument("--reps", type=int, default=0,

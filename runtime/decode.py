@@ -61,6 +61,12 @@ MAX_CAPACITY = 1 << 30
 VIEW_BYTES = 1 << 18
 #: Plans kept by :data:`DECODE_PLANS`.
 DECODE_PLANS_SIZE = 32
+#: CPU, one query row whose allowed keys differ per head and are scattered (head stripes,
+#: dilations): each head's keys gathered (:class:`_HeadGather`) when the runs they lie in
+#: hold at least this many keys and at least :data:`GATHER_RATIO` times the most any head
+#: sees (a gather reads and writes a key once more; a call per head).
+GATHER_MIN_KEYS = 2048
+GATHER_RATIO = 3
 #: CPU steps a plan remembers (:meth:`DecodePlan.cpu_step`): the layers of a model decode
 #: at the same lengths, one step after the other.
 CPU_STEPS = 4
@@ -558,6 +564,10 @@ class DecodePlan:
             if not runs:
                 out.append((b0, b1, None))
                 continue
+            gather = self._head_gather(runs, part, m_part)
+            if gather is not None:
+                out.append((b0, b1, gather))
+                continue
             if not self.paged:       # long runs: views; the others: one copied segment
                 per_key = Hk * self.D * self.dtype.itemsize * 2
                 big = [r for r in runs if len(runs) == 1 or (r[1] - r[0]) * per_key >= VIEW_BYTES]
@@ -596,11 +606,36 @@ class DecodePlan:
                 c0 += w
             out.append((b0, b1, tuple(pieces)))
         one = None
-        if len(out) == 1 and out[0][2] is not None and len(out[0][2]) == 1:
+        if len(out) == 1 and out[0][2] is not None and len(out[0][2]) == 1 \
+                and not isinstance(out[0][2], _HeadGather):
             s = out[0][2][0]
             if s.gather is None and len(s.runs) == 1 and s.empty is None:
                 one = (*s.runs[0], s.mask)
         return _Step(tuple(out), one)
+
+    def _head_gather(self, runs, part, m_part):
+        """The :class:`_HeadGather` of a one-row step whose keys differ per head and are
+        scattered over their runs (:data:`GATHER_MIN_KEYS`, :data:`GATHER_RATIO`), else
+        None: each head then reads only its own keys instead of every key of the runs
+        under a mask."""
+        if self.paged or self.Lq != 1 or m_part is None or m_part.shape[0] != self.Hq \
+                or self.Hq == 1:
+            return None
+        n = sum(z - a for a, z in runs)
+        if n < GATHER_MIN_KEYS:
+            return None
+        seen = m_part[:, 0]                                   # [Hq, n_part]
+        full = _subtract(runs, part)
+        n_full = sum(z - a for a, z in full)
+        if (n_full + int(seen.sum(-1).max())) * GATHER_RATIO > n:
+            return None
+        pos = _positions(part, self.device)
+        base = _positions(full, self.device) if full else None
+        idx = []
+        for h in range(self.Hq):
+            mine = pos[seen[h]]
+            idx.append(mine if base is None else torch.cat([base, mine]))
+        return _HeadGather(tuple(idx))
 
     def _aff1_step(self, L: int, q_off: int):
         """:meth:`_one_run_step` in O(number of intervals) where every row's keys are one
@@ -798,6 +833,12 @@ class DecodePlan:
                 lses.append(torch.full((nb, Hq, Lq), float("-inf"), device=q.device))
                 continue
             whole = nb == B
+            if isinstance(segs, _HeadGather):
+                ob, lb = _attend_heads(q if whole else q[b0:b1], k[b0:b1], v[b0:b1], segs,
+                                       scale)
+                outs.append(ob)
+                lses.append(lb)
+                continue
             qb = (q if whole else q[b0:b1]).reshape(nb, Hk, M, D)
             pieces = []
             for s in segs:
@@ -941,6 +982,40 @@ class _Step(NamedTuple):
 
     groups: tuple
     one: Optional[tuple]
+
+
+class _HeadGather(NamedTuple):
+    """A one-row CPU step that reads, for each query head, only the keys it may see:
+    ``idx[h]`` their positions (int64, those every head sees first)."""
+
+    idx: tuple
+
+
+def _attend_heads(q, k, v, g: _HeadGather, scale: float):
+    """``(o [nb, Hq, 1, D], lse [nb, Hq, 1])`` of a :class:`_HeadGather` step: per query
+    head one kernel call on its gathered keys of its key head; a head with no key gets 0
+    and ``-inf``."""
+    nb, Hq, _, D = q.shape
+    G = Hq // k.shape[1]
+    o = torch.zeros((nb, Hq, 1, D), dtype=q.dtype, device=q.device)
+    lse = torch.full((nb, Hq, 1), float("-inf"), dtype=torch.float32, device=q.device)
+    for h, ix in enumerate(g.idx):
+        if ix.numel() == 0:
+            continue
+        kb = torch.empty((nb, 1, ix.numel(), D), dtype=k.dtype, device=k.device)
+        vb = torch.empty_like(kb)
+        for b in range(nb):             # [L, D] rows: the contiguous gather's fast path
+            torch.index_select(k[b, h // G], 0, ix, out=kb[b, 0])
+            torch.index_select(v[b, h // G], 0, ix, out=vb[b, 0])
+        qh = q[:, h:h + 1]
+        if qh.is_cpu and _FLASH_CPU is not None:
+            oh, lh = _FLASH_CPU(*_unit_last(qh, kb, vb), 0.0, False, scale=scale)
+        else:
+            from .torch_backend import _attend as attend
+            oh, lh = attend(qh, kb, vb, None, scale, False)
+        o[:, h:h + 1] = oh
+        lse[:, h:h + 1] = lh.to(torch.float32)
+    return o, lse
 
 
 class _Segment(NamedTuple):

@@ -41,6 +41,14 @@ def test_cpu_mode_runs_and_writes_json(bench, tmp_path, capsys):
     assert lines[0].startswith("| threads | B | L | Lq |") and len(lines) == 8
 
 
+def test_cpu_mode_stripes_checks_the_reference(bench, tmp_path, capsys):
+    assert bench.main(["--cpu", "--tiny", "--stripes", "--rounds", "1", "--reps", "1",
+                       "--threads", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "decode_cpu.json").read_text())
+    assert {r["pattern"] for r in data["rows"]} == {"stripes", "s2-stripes"}
+    assert all(r["max_err_vs_reference"] < 1e-4 for r in data["rows"])
+
+
 def test_cpu_grid_skips_what_does_not_fit(bench):
     import argparse
     args = argparse.Namespace(tiny=False, quick=True, thread_list=[2, 1])

@@ -30,6 +30,8 @@ PATTERNS = {
     "documents": ("input doc\npattern documents = causal & same(doc)", {}),
     "per-head": ("causal & q - k < [8, 20, 40, 70][h]", {}),
     "odd-rows-masked": ("causal & q % 2 == 0", {}),
+    "stripes": ("causal & (q - k < 20 | k % H == h)", {}),
+    "s2-stripes": ("causal & (window(16) | (k // 4) % H == h)", {}),
 }
 
 
@@ -118,6 +120,50 @@ def test_torch_decode_one_call_per_run(monkeypatch, name, Lq):
     """Every key run its own kernel call (views), merged through the log-sum-exps."""
     monkeypatch.setattr(dec, "VIEW_BYTES", 0)
     _case(name, "torch", B=2, Hq=4, Hk=2, Lq=Lq, cap=300, D=32, lens=[300, 163])
+
+
+@pytest.mark.parametrize("lens", [None, [300, 163]], ids=["equal", "ragged"])
+@pytest.mark.parametrize("via_call", [False, True], ids=["decode", "call"])
+@pytest.mark.parametrize("name", ["stripes", "s2-stripes", "head-empty", "per-head"])
+def test_torch_decode_gathers_each_heads_keys(monkeypatch, name, via_call, lens):
+    """One query row whose keys differ per head and are scattered: each head's keys
+    gathered (``decode._HeadGather``), one call per head, against the float64 reference;
+    a head that sees no key gets 0 and -inf."""
+    monkeypatch.setattr(dec, "GATHER_MIN_KEYS", 64)
+    monkeypatch.setattr(dec, "GATHER_RATIO", 1)
+    monkeypatch.setitem(PATTERNS, "head-empty", ("causal & k % H == h & h != 1", {}))
+    dec.DECODE_PLANS.clear()
+    pat, o, lse = _case(name, "torch", B=2, Hq=4, Hk=2, Lq=1, cap=300, D=32, lens=lens,
+                        via_call=via_call and lens is None)
+    plan = next(p for p in dec.DECODE_PLANS._plans.values() if p.pattern == pat)
+    kinds = {type(segs).__name__ for step in plan._steps.values()
+             for _, _, segs in step.groups}
+    assert kinds == {"_HeadGather"}, kinds
+    if name == "head-empty":
+        assert torch.all(o[:, 1] == 0) and torch.all(torch.isneginf(lse[:, 1]))
+
+
+@pytest.mark.parametrize("src,gathers", [
+    ("causal & (q - k < 256 | k % H == h)", True),
+    ("causal & (window(256) | (k // 8) % H == h)", True),
+    ("causal & window(256)", False),
+    ("causal & q - k < [64, 128, 256, 512, 64, 128, 256, 512][h]", False),
+], ids=["stripes", "s2-stripes", "window", "window-per-head"])
+def test_torch_decode_gathers_by_default_where_keys_scatter(src, gathers):
+    """At 4096 keys and 8 heads the default thresholds gather head stripes (each head sees
+    about a quarter of the keys) and leave windows to runs; both match float64."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 8, 1, 16, generator=g)
+    k, v = (torch.randn(1, 8, 4096, 16, generator=g) for _ in range(2))
+    o = pat(q, k, v)
+    from spattn.runtime.reference import pattern_reference
+    _close(src, o, pattern_reference(pat, q.double(), k.double(), v.double())[0])
+    plan = next(p for p in dec.DECODE_PLANS._plans.values() if p.pattern == pat)
+    steps = list(plan._steps.values()) + ([plan._last_step[2]] if plan._last_step[2] else [])
+    found = any(isinstance(segs, dec._HeadGather) for st in steps for _, _, segs in st.groups)
+    assert found == gathers
 
 
 @pytest.mark.parametrize("name", ["causal", "streaming", "documents"])
