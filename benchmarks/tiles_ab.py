@@ -19,6 +19,11 @@ elsewhere), then all are timed in alternating rounds in this process (median of
     python benchmarks/tiles_ab.py --out DIR                       # forward, default cases
     python benchmarks/tiles_ab.py --kind bwd --out DIR            # backward, default cases
     python benchmarks/tiles_ab.py --cases "causal:2048:8:128" --configs 64,64,4,3
+    python benchmarks/tiles_ab.py --kind bwd --cpu-check   # the logic, on CPU tensors
+
+``--cpu-check`` runs tiny cases (N = 96, H = 2, D = 32, fp32) through the Triton
+interpreter with small configurations: every plan is built, run and compared with the
+default's, nothing is timed (not a measurement).
 
 Cases are ``name:N:B:D`` separated by ``;``. Writes ``DIR/tiles_<kind>.json``; prints a
 table last: each configuration's time over the default's (below 1: faster).
@@ -31,6 +36,9 @@ import os
 import statistics
 import sys
 
+if "--cpu-check" in sys.argv:       # before triton is imported: its jit reads it then
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["SPATTN_BACKEND"] = "triton"
 os.environ.setdefault("SPATTN_AUTOTUNE", "0")
 os.environ.setdefault("SPATTN_LAYOUT", "off")
 
@@ -67,6 +75,11 @@ CONFIGS = {"fwd": "64,64,4,3;128,128,8,3",
                   "32,64,64,32,4,3,fused"}
 
 
+#: ``--cpu-check``: tiny cases and interpreter-sized configurations.
+CHECK_CASES = ["causal:96:1:32", "documents7:96:2:32", "window(256):96:1:32"]
+CHECK_CONFIGS = {"fwd": "16,16,4,1;32,16,4,1", "bwd": "16,32,32,16,4,1,fused;32,16,16,32,4,1,split"}
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -95,12 +108,12 @@ def build(kind, pat, q, k, v, inputs, cfg):
                 os.environ[n] = x
 
 
-def run_case(kind, case, configs, rounds, rep):
-    import triton
+def run_case(kind, case, configs, rounds, rep, check=False):
     name, N, B, D = case.split(":")
-    N, B, D, H, dev = int(N), int(B), int(D), 16, "cuda"
+    N, B, D = int(N), int(B), int(D)
+    H, dev, dt = (2, "cpu", torch.float32) if check else (16, "cuda", torch.bfloat16)
     pat, inputs = pattern_of(name, N, dev)
-    q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=dt) for _ in range(4))
     if kind == "bwd":
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     row = {"case": case, "kind": kind, "configs": {}}
@@ -129,6 +142,9 @@ def run_case(kind, case, configs, rounds, rep):
             row["configs"][label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             log(f"{case} {label}: {row['configs'][label]['error']}")
     names = list(fns)
+    if check:
+        return row
+    import triton
     times = {n: [] for n in names}
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
@@ -169,13 +185,18 @@ def main(argv=None):
                     "bwd: M1,N1,M2,N2,warps,stages[,loop];... (beside the default)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep", type=int, default=25)
+    ap.add_argument("--cpu-check", action="store_true")
     args = ap.parse_args(argv)
+    if args.cpu_check:
+        args.configs = args.configs or CHECK_CONFIGS[args.kind]
+        args.cases = args.cases or ";".join(CHECK_CASES)
     configs = parse(args.configs or CONFIGS[args.kind])
     cases = args.cases.split(";") if args.cases else CASES[args.kind]
     rows = []
     for case in [c for c in cases if c]:
         try:
-            rows.append(run_case(args.kind, case, configs, args.rounds, args.rep))
+            rows.append(run_case(args.kind, case, configs, args.rounds, args.rep,
+                                 args.cpu_check))
         except Exception as e:
             log(f"{case}: {type(e).__name__}: {e}")
             rows.append({"case": case, "error": f"{type(e).__name__}: {str(e)[:200]}",
@@ -184,8 +205,13 @@ def main(argv=None):
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"tiles_{args.kind}.json"), "w") as f:
                 json.dump(rows, f, indent=1)
-        torch.cuda.empty_cache()
+        if not args.cpu_check:
+            torch.cuda.empty_cache()
+    if args.cpu_check:
+        print(json.dumps(rows, indent=1))
+        return rows
     print(table([r for r in rows if "error" not in r], configs))
+    return rows
 
 
 if __name__ == "__main__":
