@@ -1183,7 +1183,8 @@ def split_count(groups: int, tiles: int, sms: int | None) -> int:
     ``groups`` (``B * Hq / PACK``) programs of one split, at least four of the ``tiles``
     key tiles per split, at most 128, rounded down to a power of two (the combine's
     constexpr); ``sms`` None (no CUDA device): 4. About four programs per SM, what rounding
-    up gives, was the slowest count on an H200 (docs/decode.md, "Launch configuration")."""
+    up gives, was the slowest of the four counts timed for the default tiles on an H200 at
+    every shape but the shortest (B = 1, 8K keys; docs/decode.md, "Launch configuration")."""
     want = 4 if sms is None else max(1, -(-2 * sms // groups))
     n = min(want, max(1, tiles // 4), 128)
     return 1 << (n.bit_length() - 1)
