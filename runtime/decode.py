@@ -1192,18 +1192,22 @@ def split_count(groups: int, tiles: int, sms: int | None) -> int:
 
 def default_config(closed_form, head_dim: int, dtype, interpret: bool) -> DecodeConfig:
     """The decode module's configuration: ``ranges`` with a closed form, else ``scan``;
-    on the GPU 128-key tiles with 2 stages up to D = 128 (32-key tiles with 3 stages
-    beyond: shared memory), 4 warps: decode streams K and V, and these read them at the
-    rate dense SDPA does (``benchmarks/decode_sweep.py``, docs/decode.md); 16-key tiles
-    under the interpreter."""
+    on the GPU for 16-bit caches 128-key tiles with 2 stages up to D = 128, 4 warps:
+    decode streams K and V, and these read them at the rate dense SDPA does
+    (``benchmarks/decode_sweep.py``, bf16, docs/decode.md); fp32 caches (twice the bytes
+    per key: two stages of 128-key K and V tiles would need 256 KiB of shared memory at
+    D = 128) 64-key tiles with 3 stages; 32-key tiles with 3 stages beyond D = 128
+    (shared memory); 16-key tiles under the interpreter."""
     from ..codegen.config import dtype_name
     block_d = max(16, 1 << (int(head_dim) - 1).bit_length())
     if interpret:
         block_n, warps, stages = 16, 4, 1
-    elif block_d <= 128:
-        block_n, warps, stages = 128, 4, 2
-    else:
+    elif block_d > 128:
         block_n, warps, stages = 32, 4, 3
+    elif dtype_name(dtype) == "fp32":
+        block_n, warps, stages = 64, 4, 3
+    else:
+        block_n, warps, stages = 128, 4, 2
     strategy = "ranges" if closed_form is not None else "scan"
     return DecodeConfig(strategy, block_n, block_d, warps, stages, dtype_name(dtype))
 
