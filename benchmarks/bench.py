@@ -155,24 +155,28 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
     # setup: what a new shape costs (kernel already compiled), timed through the launchers'
     # own builders: for the table strategy the tile classes (shared by the heads unless the
     # pattern is per head, as the launcher does) and spans or CSR lists of the forward
-    # ("setup_ms"), plus those of the backward, which share the forward's classification where
-    # its tiles divide theirs ("setup_train_ms": what a training step pays; Flex's
-    # create_block_mask also builds both directions); for closed-form ranges the per-tile
-    # bounds used to order the grid (the kernel computes its own loop bounds)
+    # ("setup_ms"), plus those of the backward, classified with the forward's at their
+    # common divisor as a training step's plan does ("setup_train_ms": what a training step
+    # pays; Flex's create_block_mask also builds both directions); for closed-form ranges
+    # the per-tile bounds used to order the grid (the kernel computes its own loop bounds);
+    # at the default tiles
     from spattn.runtime import tables as tb
-    from spattn.codegen.config import default_bwd_tiles, dtype_name
+    from spattn.codegen.config import default_bwd_tiles, default_tiles, dtype_name
+    bm, bn = default_tiles(D, dtype_name(dtype))[:2]
+    m1, n1, m2, n2 = default_bwd_tiles(D, dtype_name(dtype))[:4]
 
     def setup(train):
         if row["strategy"] == "table":
             kw = dict(B=1, H=H, q_offset=0, device=q.device, inputs=inputs)
             an = tb.Analysis(pat, N, N, **kw)      # a new shape or input: nothing classified
-            tb.fwd_tables(pat, N, N, 128, 64, analysis=an, **kw)
             if train:
-                tb.bwd_tables(pat, N, N, default_bwd_tiles(D, dtype_name(dtype))[:4],
-                              analysis=an, **kw)
+                an.expect([(m2, n2), (m1, n1)])
+            tb.fwd_tables(pat, N, N, bm, bn, analysis=an, **kw)
+            if train:
+                tb.bwd_tables(pat, N, N, (m1, n1, m2, n2), analysis=an, **kw)
         else:
             from spattn.ir.ranges import closed_form, tile_ranges
-            tile_ranges(closed_form(pat.ir), N, N, 128, 64, num_heads=1, device=dev)
+            tile_ranges(closed_form(pat.ir), N, N, bm, bn, num_heads=1, device=dev)
         torch.cuda.synchronize()
     for train, field in ((False, "setup_ms"), (True, "setup_train_ms")):
         setup(train)

@@ -83,8 +83,8 @@ def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bo
 
     GPU defaults: 64x64 tiles with 4 warps and 3 pipeline stages for D <= 128 in 16-bit.
     On an H200 (bf16, TMA loads, ``benchmarks/tiles_ab.py``) they were faster than
-    128x64 with 8 warps in all 29 cases measured (16 patterns, N = 1K-64K, B = 1 and 8,
-    D = 64 and 128): 3-28% on most, 12% on causal at 16K, 3.5x where a pattern's blocks
+    128x64 tiles (8 warps; 4 at D = 64) in all 29 cases measured (13 patterns, N = 1K-64K,
+    B = 1 and 8, D = 64 and 128): 3-28% on most, 12% on causal at 16K, 3.5x where a pattern's blocks
     are 64 wide (BigBird), and faster than 128x128 in 28 of them (docs/codegen.md).
     Smaller tiles for D > 128 (shared memory) and for fp32 (twice the bytes). Under the
     interpreter (CPU tests) tiles are small: the interpreter's cost is per program and

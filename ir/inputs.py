@@ -48,7 +48,9 @@ def check_shape(name: str, t: torch.Tensor, nd: int, *, batch: int, num_heads: i
     for axis, (size, want, what) in enumerate(zip(lead, (batch, num_heads), ("batch", "heads"))):
         if size not in (1, want):
             raise SpattnInputError(f"runtime input {name!r} has shape {tuple(t.shape)}: "
-                                   f"its {what} dimension ({axis}) is {size}, expected {want} or 1")
+                                   f"its {what} dimension ({axis}) is {size}, expected "
+                                   f"{want if want == 1 else f'{want} or 1'} (the call's "
+                                   f"{'batch size' if what == 'batch' else 'number of heads'})")
     if any(s == 0 for s in t.shape):
         raise SpattnInputError(f"runtime input {name!r} is empty (shape {tuple(t.shape)})")
 

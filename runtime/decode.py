@@ -1260,7 +1260,8 @@ def split_count(groups: int, keys: int, sms: int | None) -> int:
     ``keys`` the rows visit (in whole tiles) per split, at most 128, rounded down to a power
     of two (the combine's constexpr); ``sms`` None (no CUDA device, the interpreter): 4
     splits of at least 64 keys (four of its 16-key tiles). About four programs per SM, what
-    rounding up gives, was the slowest count on an H200 (docs/decode.md, "Launch
+    rounding up gives, was the slowest of the four counts timed for the default tiles on an
+    H200 at every shape but the shortest (B = 1, 8K keys; docs/decode.md, "Launch
     configuration")."""
     want = 4 if sms is None else max(1, -(-2 * sms // groups))
     n = min(want, max(1, keys // (64 if sms is None else SPLIT_KEYS)), 128)
@@ -1274,18 +1275,22 @@ SPLIT_KEYS = 256
 
 def default_config(closed_form, head_dim: int, dtype, interpret: bool) -> DecodeConfig:
     """The decode module's configuration: ``ranges`` with a closed form, else ``scan``;
-    on the GPU 128-key tiles with 2 stages up to D = 128 (32-key tiles with 3 stages
-    beyond: shared memory), 4 warps: decode streams K and V, and these read them at the
-    rate dense SDPA does (``benchmarks/decode_sweep.py``, docs/decode.md); 16-key tiles
-    under the interpreter."""
+    on the GPU for 16-bit caches 128-key tiles with 2 stages up to D = 128, 4 warps:
+    decode streams K and V, and these read them at the rate dense SDPA does
+    (``benchmarks/decode_sweep.py``, bf16, docs/decode.md); fp32 caches (twice the bytes
+    per key: two stages of 128-key K and V tiles would need 256 KiB of shared memory at
+    D = 128) 64-key tiles with 3 stages; 32-key tiles with 3 stages beyond D = 128
+    (shared memory); 16-key tiles under the interpreter."""
     from ..codegen.config import dtype_name
     block_d = max(16, 1 << (int(head_dim) - 1).bit_length())
     if interpret:
         block_n, warps, stages = 16, 4, 1
-    elif block_d <= 128:
-        block_n, warps, stages = 128, 4, 2
-    else:
+    elif block_d > 128:
         block_n, warps, stages = 32, 4, 3
+    elif dtype_name(dtype) == "fp32":
+        block_n, warps, stages = 64, 4, 3
+    else:
+        block_n, warps, stages = 128, 4, 2
     strategy = "ranges" if closed_form is not None else "scan"
     return DecodeConfig(strategy, block_n, block_d, warps, stages, dtype_name(dtype))
 

@@ -385,7 +385,10 @@ class PermutedPlan(Plan):
         self.gather, self.forward_stage = "box", stage
 
     def _stand_in(self, t):
-        return t.new_empty(t.shape[:2] + (self.order.shape[-1], t.shape[3]))
+        """An empty ``t`` at the layout's slot count (requiring gradients as ``t`` does: the
+        inner forward then classifies for the backward's tiles too)."""
+        return t.new_empty(t.shape[:2] + (self.order.shape[-1], t.shape[3])) \
+            .requires_grad_(t.requires_grad)
 
     def _gather(self, t, index):
         """``t [B, H, N(, D)]`` at ``index`` along the tokens: ``[N]`` for every batch

@@ -332,6 +332,7 @@ class Analysis:
         self.q_offset, self.device, self.inputs = self.positions.q_offset, device, \
             dict(inputs or {})
         self.fine: dict = {}        # classified tile -> classes [B', H', nq, nk]
+        self.expected: tuple = ()   # tiles a later stage will ask for (:meth:`expect`)
         self.built: dict = {}       # (tile, transposed, mode) -> (args, work, spans); orders
         self._row_span = None
 
@@ -339,14 +340,24 @@ class Analysis:
         tiles = ", ".join(f"{m}x{n}" for m, n in self.fine) or "none yet"
         return f"Analysis(classified at {tiles}; {len(self.built)} tables and orders)"
 
+    def expect(self, tiles) -> None:
+        """Tile shapes ``(bm, bn)`` a later stage of the call will ask for (a training
+        step's dQ and dK/dV tiles, known when its forward is built): a classification made
+        before then is at their common divisor too, so that they are pooled from it, not
+        classified a second time (the GPU's default forward 64 x 64 and backward 32 x 64 /
+        64 x 32 share 32 x 32)."""
+        self.expected = tuple((int(m), int(n)) for m, n in tiles)
+
     def classes(self, tiles) -> list:
         """For each ``(bm, bn)`` of ``tiles`` the classified shape and classes it is pooled
-        from, ``(fine_tile, classes)``."""
+        from, ``(fine_tile, classes)``; a classification covers the :meth:`expect`-ed
+        tiles too."""
         def known(t):
             return next((f for f in self.fine if t[0] % f[0] == 0 and t[1] % f[1] == 0), None)
 
         missing = [t for t in tiles if known(t) is None]
         if missing:
+            missing += [t for t in self.expected if known(t) is None]
             g = (math.gcd(CLASS_TILE, *(t[0] for t in missing)),
                  math.gcd(CLASS_TILE, *(t[1] for t in missing)))
             self.fine[g] = _classify(self.pattern, self.Lq, self.Lk, g[0], g[1], H=self.H,

@@ -617,8 +617,11 @@ def build_fwd(call, q, k, v, options: dict | None = None,
     tables (:class:`RowTables`), or a token layout's slots on the caller's q, k, v ``[B,
     heads, N, D]`` through 5-D TMA descriptors over its boxes (:class:`BoxRows`); o and lse
     are in the caller's order."""
+    training = any(t.requires_grad for t in (q, k, v))
     if _upcast(call):
         q, k, v = q.float(), k.float(), v.float()
+    if training:
+        call.analysis.expect(_step_tiles(call, q, options))
 
     def run(t):
         return run_fwd(_build_fwd(call, q, k, v, t, rows=rows), q, k, v)
@@ -630,6 +633,23 @@ def build_fwd(call, q, k, v, options: dict | None = None,
     return _fitted(call, "fwd", q, opts, explicit=dict(options or {}),
                    build=lambda o, warmup: _build_fwd(call, q, k, v, o, warmup=warmup,
                                                       rows=rows))
+
+
+def _step_tiles(call, q, options) -> tuple:
+    """The dQ and dK/dV tiles ``((m2, n2), (m1, n1))`` the backward of a training step is
+    built with unless its autotuner chooses others: the forward classifies its tiles at
+    their common divisor with these (:meth:`~spattn.runtime.tables.Analysis.expect`), one
+    classification for the step. ``()`` where the options do not make a backward
+    configuration (the backward reports that itself)."""
+    from ..codegen.config import pick
+    tiles = {n: v for n, v in (options or {}).items() if n in _TILE_OPTIONS}
+    try:
+        c = pick(call.pattern, "bwd", head_dim=q.shape[-1], dtype=q.dtype, strategy="table",
+                 interpret=call.settings.interpret, overrides=call.settings.overrides("bwd"),
+                 **tiles)
+    except (SpattnConfigError, ValueError, TypeError):
+        return ()
+    return (c.block_m2, c.block_n2), (c.block_m, c.block_n)
 
 
 #: Tile options halved, in this order, when a configuration does not fit shared memory at

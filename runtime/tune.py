@@ -70,7 +70,7 @@ log = logging.getLogger("spattn")
 
 #: Bumped when the candidate lists, the file format or the way the winner is picked change
 #: (part of the key).
-TUNE_VERSION = 7
+TUNE_VERSION = 8
 REP_MS = 25
 WARMUP_MS = 5
 #: Screening passes over all candidates (the second in reverse order); a candidate's

@@ -97,12 +97,14 @@ class Pattern(CompiledPattern):
         from .ir.ranges import closed_form
         return closed_form(self.ir)
 
-    def explain(self, Lq: int, Lk: int | None = None, *, num_heads: int = 1,
-                block_m: int | None = None, block_n: int | None = None, target: str = "cuda",
-                **inputs):
+    def explain(self, Lq: int, Lk: int | None = None, *, num_heads: int = 1, batch: int = 1,
+                q_offset: int | None = None, block_m: int | None = None,
+                block_n: int | None = None, target: str = "cuda", **inputs):
         """A report of what the pattern costs: density, tiles by class, efficiency, strategy,
         and the forward's speedup over dense attention predicted for ``target`` (``"cuda"``
-        or ``"cpu"``; tiles default to that target's)."""
+        or ``"cpu"``; tiles default to that target's). ``batch``, ``num_heads``: the call's
+        sizes, which runtime inputs ``[B, ...]`` / ``[B, H, ...]`` are checked against (as
+        :meth:`mask` does)."""
         from .ir.explain import explain
         from .runtime.progress import progress
         from .runtime.plan import layout_gather
@@ -111,10 +113,11 @@ class Pattern(CompiledPattern):
         # the gathers a call on ``target`` would use: the torch backend always copies
         backend = "torch" if self.backend == "torch" or target == "cpu" else "triton"
         Lk = Lq if Lk is None else Lk
-        _checked(self, Lq, Lk, None, None, inputs)
+        check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
+        q_offset, _ = _checked(self, Lq, Lk, q_offset, None, inputs)
         with _fits("the analysis"), progress(f"explaining {self.name!r} at Lq={Lq}, Lk={Lk}"):
-            return explain(self, Lq, Lk, num_heads=num_heads, block_m=block_m,
-                           block_n=block_n, inputs=inputs, target=target,
+            return explain(self, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
+                           block_m=block_m, block_n=block_n, inputs=inputs, target=target,
                            gather=layout_gather(None, current(), backend))
 
     def receptive_field(self, L: int, layers: int, **kwargs):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from spattn.dsl.errors import SpattnValueError
 from spattn.ir import build as B
 from spattn.ir.evaluate import mask
 from spattn.ir.explain import Report, explain
@@ -38,6 +39,43 @@ def test_inputs_density_and_report():
     json.dumps(d)
     assert d["strategy"] == "table"
     assert 0 < r.efficiency <= 1
+
+
+@pytest.mark.parametrize("lead", [(), (2,), (2, 1), (1, 3)], ids=["L", "B-L", "B-1-L", "1-H-L"])
+def test_inputs_with_batch_and_head_dims(lead):
+    """Runtime inputs ``[L]``, ``[B, L]``, ``[B, 1, L]``, ``[1, H, L]`` at ``batch=2``,
+    ``num_heads=3`` and a query offset: the exact pair count is the dense mask's, and the
+    head order a head-reading pattern reports is computed over every batch element."""
+    g = torch.Generator().manual_seed(11)
+    Lq, Lk, off = 90, 130, 25
+    doc = torch.sort(torch.randint(0, 6, (*lead, Lk), generator=g), dim=-1).values
+    p = Pattern(B.and_(causal, B.or_(B.cmp("==", B.load("doc", [q]), B.load("doc", [k])),
+                                       B.cmp("==", B.mod(k, B.var("H")), B.var("h")))),
+                inputs={"doc": 1})
+    r = p.explain(Lq, Lk, num_heads=3, batch=2, q_offset=off, block_m=32, block_n=16,
+                  doc=doc)
+    want = p.mask(Lq, Lk, num_heads=3, batch=2, q_offset=off, doc=doc)
+    assert r.batch == 2 and r.allowed_pairs == int(want.sum())
+    assert r.total_pairs == 2 * 3 * Lq * Lk
+
+
+def test_inputs_checked_against_batch_and_heads():
+    """An input whose batch or head dim is not the explained call's, a missing or short
+    one: the located SpattnInputError a call gives, never a raw exception."""
+    from spattn.dsl.errors import SpattnInputError
+    ir = B.and_(causal, B.cmp("==", B.load("doc", [q]), B.load("doc", [k])))
+    p = Pattern(ir, inputs={"doc": 1})
+    doc = torch.zeros(2, 64, dtype=torch.long)
+    with pytest.raises(SpattnInputError, match=r"batch dimension \(0\) is 2, expected 1 "):
+        p.explain(64, doc=doc)
+    with pytest.raises(SpattnInputError, match=r"heads dimension \(1\) is 2, expected 3 or 1"):
+        p.explain(64, num_heads=3, batch=2, doc=doc.view(1, 2, 64))
+    with pytest.raises(SpattnInputError, match="missing runtime input 'doc'"):
+        p.explain(64)
+    with pytest.raises(SpattnInputError, match="too short"):
+        p.explain(64, doc=doc[0, :10])
+    with pytest.raises(SpattnValueError, match="batch must be a positive integer"):
+        p.explain(64, batch=0, doc=doc[0])
 
 
 def test_window_report_large():

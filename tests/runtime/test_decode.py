@@ -421,10 +421,42 @@ def test_split_count(groups, keys, sms, want):
 
 
 def test_default_config_gpu_tiles():
-    """GPU decode tiles: 128 keys and 2 stages up to D = 128, 32 keys beyond; 16 keys under
-    the interpreter."""
+    """GPU decode tiles: 128 keys and 2 stages up to D = 128 in 16 bits (64 keys and 3
+    stages in fp32, whose 128-key tiles in two stages exceed shared memory), 32 keys
+    beyond; 16 keys under the interpreter."""
     from spattn.runtime.decode import default_config
     c = default_config(None, 128, torch.bfloat16, interpret=False)
     assert (c.block_n, c.num_warps, c.num_stages, c.strategy) == (128, 4, 2, "scan")
+    assert default_config(None, 64, torch.float16, interpret=False).block_n == 128
+    c = default_config(None, 128, torch.float32, interpret=False)
+    assert (c.block_n, c.num_stages) == (64, 3)
+    assert default_config(None, 256, torch.float32, interpret=False).block_n == 32
     assert default_config(None, 256, torch.bfloat16, interpret=False).block_n == 32
     assert default_config(None, 128, torch.bfloat16, interpret=True).block_n == 16
+
+
+@pytest.fixture
+def gpu_decode_config(monkeypatch):
+    """The GPU's 16-bit decode tiles (128 keys, 2 stages) under the interpreter."""
+    import dataclasses
+    real = dec.default_config
+    gpu = real(None, 128, torch.bfloat16, False)
+    monkeypatch.setattr(dec, "default_config", lambda *a: dataclasses.replace(
+        real(*a), block_n=gpu.block_n, num_stages=gpu.num_stages))
+    dec.DECODE_PLANS.clear()
+    yield
+    dec.DECODE_PLANS.clear()
+
+
+@interp
+@pytest.mark.parametrize("name,paged,splits", [
+    ("streaming", 0, None), ("documents", 16, None), ("per-head", 0, 4), ("causal", 32, 2)],
+    ids=["streaming", "documents-page16", "per-head-splits4", "causal-page32-splits2"])
+def test_triton_decode_gpu_tiles(gpu_decode_config, name, paged, splits):
+    """At the GPU's 128-key tiles: a tile spanning several pages, lengths no tile divides
+    and shorter than one tile, splits with no tile of their own (the default count at
+    the bucket, or forced), against the float64 reference."""
+    _case(name, "triton", B=3, Hq=4, Hk=2, Lq=2, cap=320, D=16, lens=[320, 77, 200],
+          paged=paged, num_splits=splits)
+    plan = next(iter(dec.DECODE_PLANS._plans.values()))
+    assert plan.config.block_n == 128, plan

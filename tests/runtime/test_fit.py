@@ -8,6 +8,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 import spattn
+from spattn.codegen.config import default_tiles
 from spattn.dsl.errors import SpattnConfigError
 from spattn.runtime import settings as S
 from spattn.runtime import triton_backend as TB
@@ -44,8 +45,12 @@ def _device(limit_stages, limit_n):
     return build, tried
 
 
+BM, BN, _, STAGES = default_tiles(64, "bf16")       # the GPU's forward default at D = 64
+
+
 @pytest.mark.parametrize("limit_stages, limit_n, want", [
-    (3, 128, (128, 64, 3)), (2, 128, (128, 64, 2)), (2, 32, (128, 32, 2)),
+    (STAGES, 128, (BM, BN, STAGES)), (STAGES - 1, 128, (BM, BN, STAGES - 1)),
+    (2, BN // 2, (BM, BN // 2, 2)),
     ], ids=["fits", "one-stage-fewer", "tiles-halved"])
 def test_default_configuration_is_fitted(limit_stages, limit_n, want):
     call = _Call()

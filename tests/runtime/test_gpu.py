@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import spattn
+from spattn.codegen.config import default_bwd_tiles, default_tiles
 from spattn.runtime.reference import attention_reference_chunked
 
 from spattn.runtime.plan import PLANS
@@ -142,21 +143,38 @@ def test_table_forms_bf16(monkeypatch, name, src, mk, tables):
         assert err < 2e-2, f"{name} {tables} {nm}: rel. error {err:.2e}"
 
 
+STEP_TILES = {   # a training step's forward (bm, bn) and backward (m1, n1, m2, n2) tiles
+    "default": (default_tiles(128, "bf16")[:2], default_bwd_tiles(128, "bf16")[:4]),
+    "128x64": ((128, 64), (64, 128, 128, 64)),
+}
+
+
+@pytest.mark.parametrize("step", list(STEP_TILES))
 @pytest.mark.parametrize("name,src,mk", [c for c in CASES if c[0] in
                                           ("documents", "per-head", "streaming", "dilated")],
                          ids=["streaming", "documents", "dilated", "per-head"])
-def test_table_kernels_cuda(monkeypatch, name, src, mk):
+def test_table_kernels_cuda(monkeypatch, name, src, mk, step):
     """The one-launch table and order kernels on the device (``runtime/spans_kernel.py``)
     build the torch path's tables: the same forms, orders, spans and CSR lists, for a
-    training step with GQA (8 query heads, 2 key heads) at a ragged length."""
+    training step with GQA (8 query heads, 2 key heads) at a ragged length, at the GPU's
+    default tiles (one classification at 32 x 32, each kernel's tiles pooled from it) and
+    at 128 x 64 / 64 x 128."""
     from spattn.runtime import triton_backend as tb
+    from spattn.runtime.tables import Analysis
     N = 8000
+    (bm, bn), bwd = STEP_TILES[step]
     g = torch.Generator(device="cuda").manual_seed(5)
     pat = spattn.compile(src)
     kw = dict(B=1, H=8, q_offset=0, device=torch.device("cuda"), inputs=mk(N, g) if mk else {})
-    check_table_paths(monkeypatch, lambda: [
-        tb.fwd_tables(pat, N, N, 128, 64, **kw),
-        *tb.bwd_tables(pat, N, N, (64, 128, 128, 64), HK=2, **kw)])
+
+    def build():
+        analysis = Analysis(pat, N, N, **kw)
+        analysis.expect([(bwd[2], bwd[3]), (bwd[0], bwd[1])])
+        out = [tb.fwd_tables(pat, N, N, bm, bn, analysis=analysis, **kw),
+               *tb.bwd_tables(pat, N, N, bwd, HK=2, analysis=analysis, **kw)]
+        assert len(analysis.fine) == 1, analysis
+        return out
+    check_table_paths(monkeypatch, build)
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])

@@ -91,3 +91,25 @@ def test_default_gpu_tiles_layout(gpu_tiles, monkeypatch):
     torch.testing.assert_close(o.double(), ro, rtol=1e-4, atol=1e-4)
     for a, b in zip(grads, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad,layout", [(True, False), (False, False), (True, True)],
+                         ids=["training", "inference", "training-token-layout"])
+def test_default_gpu_tiles_one_classification(gpu_tiles, monkeypatch, grad, layout):
+    """A training step at the GPU's tiles classifies once, at the common divisor of the
+    forward's 64 x 64 and the backward's 32 x 64 / 64 x 32 (each kernel's tables pooled from
+    it), in sequence order and in a token layout (whose inner plan is built on stand-ins);
+    a forward alone classifies at its own tiles."""
+    g = torch.Generator().manual_seed(5)
+    if layout:
+        monkeypatch.setenv("SPATTN_LAYOUT", "on")
+        pat, ins = spattn.neighborhood((15, 14), (5, 3)), {}
+    else:
+        pat, ins = spattn.compile("causal & same(doc)"), {"doc": _doc(210, g)}
+    q, k, v = (torch.randn(1, 2, 210, 32, generator=g).requires_grad_(grad) for _ in range(3))
+    plan = pat.plan(q, k, v, backward=grad, **ins)
+    assert ("slot order" in repr(plan)) == layout, repr(plan)
+    step = [(FWD[0], FWD[1])] + ([(BWD[2], BWD[3]), (BWD[0], BWD[1])] if grad else [])
+    common = tuple(min(64, *(t[i] for t in step)) for i in (0, 1))
+    assert list(plan.call.analysis.fine) == [common], repr(plan)
+    assert len(plan.call.analysis.built) == (6 if grad else 2), repr(plan)

@@ -1,6 +1,7 @@
 """The forward tiles of a token layout's call when nothing else chooses them
 (``runtime.tables.layout_tiles``): 128 x 128 where every computed tile is FULL, 64 x 64
-where those tiles compute clearly fewer pairs than the default 128 x 64; never for a call
+where those tiles compute clearly fewer pairs than 128 x 64 (what the prior was measured
+against; the forward's default is 64 x 64 too); never for a call
 in sequence order, a tile given by the call or the settings, the autotuner, fp32 or the
 interpreter."""
 from types import SimpleNamespace

@@ -159,6 +159,29 @@ def test_classified_at_most_class_tile(count_classify):
     assert torch.equal(fwd[0][4][..., :-1, :], tb._spans(direct)[0])
 
 
+@pytest.mark.parametrize("expect", [True, False], ids=["expected", "not-expected"])
+def test_expected_backward_tiles_share_the_forwards_classification(count_classify, expect):
+    """The GPU's default step (forward 64x64, dQ 64x32, dK/dV 32x64): with the backward's
+    tiles expected before the forward's tables are built, one classification at 32x32
+    serves all three (the tables equal those of a fresh analysis per kernel); without,
+    the forward's 64x64 classes cannot be pooled into the backward's tiles."""
+    pat = compile_pattern("causal & same(doc)")
+    doc = {"doc": doc_ids(703, 5, torch.Generator().manual_seed(6))}
+    kw = dict(B=1, H=2, q_offset=3, device="cpu", inputs=doc)
+    an = tb.Analysis(pat, 700, 650, **kw)
+    if expect:
+        an.expect([(64, 32), (32, 64)])
+    fwd = tb.fwd_tables(pat, 700, 650, 64, 64, analysis=an, **kw)
+    bwd = tb.bwd_tables(pat, 700, 650, (32, 64, 64, 32), analysis=an, **kw)
+    assert count_classify == ([(32, 32)] if expect else [(64, 64), (32, 32)])
+    fresh = [tb.fwd_tables(pat, 700, 650, 64, 64, **kw),
+             *tb.bwd_tables(pat, 700, 650, (32, 64, 64, 32), **kw)]
+    for (a, o, sp), (a2, o2, sp2) in zip([fwd, *bwd], fresh):
+        assert sp == sp2 and torch.equal(o, o2)
+        assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                   for x, y in zip(a, a2))
+
+
 def test_tables_already_built():
     """Every requested table already built by the analysis: nothing is rebuilt."""
     pat = compile_pattern("causal & window(9)")
