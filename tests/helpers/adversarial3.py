@@ -14,6 +14,9 @@ Kinds (each case drawn from one integer seed; replay with ``--case KIND:SEED``):
   program, a flattened expression the runtime discovers) with ``SPATTN_LAYOUT=on`` and
   ``SPATTN_LAYOUT_GATHER`` one of copy, kernel, box, auto, and sometimes explicit forward
   tiles (``SPATTN_BLOCK_M`` / ``_N``: the layout tile prior's 64 x 64 and 128 x 128).
+* ``box``: ``SPATTN_LAYOUT_GATHER=box`` on neighbourhoods whose boxes the forward can read
+  (1 to 3 axes, no residue classes or extra tokens), forward tiles given or not, tensors
+  contiguous, ``[B, N, H, D]`` views, packed or strided.
 * ``rowscore``: a score with terms of the query alone (``w[h, q]``, ``t[h]``, ALiBi,
   ``log`` of a query expression that is ``-inf`` on some rows) and outer constant factors
   (positive, negative, zero, a param, a table), over random masks, ``Lq != Lk`` and
@@ -213,6 +216,57 @@ def gmode_case(seed: int) -> str:
     return desc
 
 
+def box_case(seed: int) -> str:
+    """``SPATTN_LAYOUT_GATHER=box`` where the boxes can be read: a neighbourhood of 1 to 3
+    axes without residue classes or extra tokens (sometimes composed with another
+    pattern), the forward tiles given or not, tensors contiguous, transposed ``[B, N, H,
+    D]``, packed or strided."""
+    r = random.Random(seed)
+    nd = r.choice([1, 2, 2, 3])
+    shape = tuple(r.randint(2, 40 if nd == 1 else (14 if nd == 2 else 6)) for _ in range(nd))
+    ks = tuple(r.randint(1, n) for n in shape)
+    st = tuple(r.randint(1, kk) for kk in ks)
+    ca = tuple(r.random() < 0.3 for _ in shape)
+    pat = spattn.neighborhood(shape, ks, st, 1, ca, backend="triton")
+    desc = f"neighborhood({shape}, {ks}, {st}, 1, {ca})"
+    if r.random() < 0.3:
+        src = f"({pat.source}) & ({r.choice(['causal', 'k != q', 'q - k <= 40'])})"
+        pat, desc = spattn.compile(src, backend="triton"), repr(src)
+    N = 1
+    for n in shape:
+        N *= n
+    Hk = r.choice([1, 2])
+    Hq = Hk * r.choice([1, 2])
+    B, D = r.choice([1, 2]), r.choice([16, 16, 32])
+    dtype = r.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16])
+    tiles = r.choice([None, None, (16, 16), (16, 32), (32, 16), (32, 32), (64, 64)])
+    memory = r.choice(["contiguous", "contiguous", "bshd", "packed", "every_other"])
+    form = r.choice(FORMS)
+    desc = (f"box:{seed} triton {desc} N={N} B{B}-Hq{Hq}-Hk{Hk}-D{D} {dtype} form={form} "
+            f"tiles={tiles} memory={memory}")
+    LAST["desc"] = desc
+    g = torch.Generator().manual_seed(seed)
+    if memory == "bshd":
+        ts = [torch.randn(B, N, h, D, generator=g, dtype=torch.float64).to(dtype)
+              .transpose(1, 2).requires_grad_() for h in (Hq, Hk, Hk)]
+        q, k, v = ts
+    else:
+        (q, k, v), _ = _tensors(g, B, Hq, Hk, N, N, D, dtype,
+                                strided=None if memory == "contiguous" else memory)
+    env = {"SPATTN_LAYOUT": "on", "SPATTN_LAYOUT_GATHER": "box",
+           "SPATTN_BLOCK_M": None if tiles is None else str(tiles[0]),
+           "SPATTN_BLOCK_N": None if tiles is None else str(tiles[1])}
+    old = _env(env)
+    try:
+        got, do, dlse = _run(form, pat, q, k, v, g, r.random() < 0.3)
+    except SpattnError as e:
+        return desc + f" (refused: {str(e).splitlines()[0][:100]})"
+    finally:
+        _env(old)
+    _check(desc, pat, q, k, v, got, do, dtype, dlse=dlse)
+    return desc
+
+
 # ------------------------------------------------------------------ row terms, outer factors
 
 ROW_TERMS = ["w[h, q]", "t[h]", "u[q]", "log(float(max(q - R, 0)))", "log(float(q % 3))",
@@ -336,8 +390,8 @@ def urange_case(seed: int) -> str:
     return desc
 
 
-KINDS = {"horder": horder_case, "gmode": gmode_case, "rowscore": rowscore_case,
-         "urange": urange_case}
+KINDS = {"horder": horder_case, "gmode": gmode_case, "box": box_case,
+         "rowscore": rowscore_case, "urange": urange_case}
 
 
 def main():
