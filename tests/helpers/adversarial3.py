@@ -150,6 +150,8 @@ def horder_case(seed: int) -> str:
     elif shape == "offset":
         Lq = r.randint(1, 60)
         q_offset = r.choice([0, r.randint(0, Lk), r.randint(-5, Lk + 20)])
+    if big and r.random() < 0.3:
+        Lq = r.randint(1, 16)                    # a decode-sized call: routed to decode
     dtype = r.choice(DTYPES)
     form = r.choice(FORMS)
     layout = "auto" if big else r.choice(["on", "on", "on", "auto"])
