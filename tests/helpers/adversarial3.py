@@ -104,7 +104,8 @@ def _check(desc, pat, q, k, v, got, do, dtype, **kw):
 def _run(form, pat, q, k, v, g, dlse_p, **kw):
     """(o, lse, dq, dk, dv[, tables]) of a call in ``form`` and the upstream ``do``,
     ``dlse``."""
-    o, lse = _call(form, pat, q, k, v, **kw)
+    o, lse = (_det_call if form == "det" else lambda *a, **k: _call(form, *a, **k))(
+        pat, q, k, v, **kw)
     do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(q.dtype)
     dlse = torch.randn(lse.shape, generator=g) if dlse_p else None
     tabs = [t for n, t in kw.items() if n in (pat.score_inputs or {})]
@@ -119,7 +120,9 @@ def _head_pattern(r: random.Random, H: int) -> tuple:
     c, b = r.randint(0, 5), r.choice([1, 2, 3, 4, 8])
     atom = class_source(m, c, b, H, r.randint(1, 8))
     atom = r.choice([atom, atom, atom, f"(k // {b}) % H == h", "k % H == h",
-                     f"k % H == (h + {c}) % H", f"(k // {b}) % H != h"])
+                     f"k % H == (h + {c}) % H", f"(k // {b}) % H != h",
+                     "(Lk - 1 - k) % H == h", f"k // {b + 2} == h", f"k < 3 * h + {c}",
+                     f"abs(k - 4 * h) <= {c}", "is_pow2(k + h + 1)"])
     W, S = r.randint(1, 20), r.randint(1, 4)
     shape = r.randrange(9)
     src = [f"causal & (q - k < {W} | {atom})", f"{atom}", f"causal & ({atom})",
@@ -279,7 +282,7 @@ FACTORS = ["2.0", "0.5", "-0.5", "-2.0", "0.0", "c", "t[h]", "1e-3", "3.0", "-1.
 
 
 def _row_score(r: random.Random) -> str:
-    kind = r.randrange(7)
+    kind = r.randrange(8)
     rt = lambda: r.choice(ROW_TERMS)  # noqa: E731
     f = lambda: r.choice(FACTORS)  # noqa: E731
     if kind == 0:
@@ -294,6 +297,8 @@ def _row_score(r: random.Random) -> str:
         return f"{f()} * tanh(s / 3.0) + {rt()}"
     if kind == 5:
         return f"alibi(m[h]) + {rt()}"
+    if kind == 6:
+        return f"{f()} * s + rel[h, clamp(q - k + R, 0, 7)] + {rt()}"
     return f"s * {f()} * {f()} + {rt()} + {rt()}"
 
 
@@ -309,7 +314,7 @@ def rowscore_case(seed: int) -> str:
     q_offset = r.choice([None, None, 0, r.randint(-5, 45)])
     R = r.randint(0, 12)
     dtype = r.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16])
-    form = r.choice(["call", "call", "plan", "bshd", "functional", "module"])
+    form = r.choice(["call", "call", "plan", "bshd", "functional", "module", "det"])
     c = r.choice([0.75, -1.5, 0.0, 2.0])
     params = {n: val for n, val in (("R", R), ("c", c),
                                     ("m", [0.5, -0.25, 0.125, 2.0, 1.0, 0.0][:Hq]))
@@ -325,7 +330,7 @@ def rowscore_case(seed: int) -> str:
     (q, k, v), _ = _tensors(g, B, Hq, Hk, Lq, Lk, D, dtype,
                             strided=r.choice([None, None, "every_other"]))
     npos = Lk + Lq + 60
-    shapes = {"w": (Hq, npos), "t": (Hq,), "u": (npos,)}
+    shapes = {"w": (Hq, npos), "t": (Hq,), "u": (npos,), "rel": (Hq, 8)}
     tabs = {n: torch.randn(shapes[n], generator=g, dtype=torch.float64).to(
         r.choice([dtype, torch.float32])).requires_grad_(True)
         for n in pat.score_inputs}
@@ -336,6 +341,11 @@ def rowscore_case(seed: int) -> str:
         return desc + f" (refused: {str(e).splitlines()[0][:100]})"
     _check(desc, pat, q, k, v, got, do, dtype, q_offset=q_offset, inputs=tabs, dlse=dlse)
     return desc
+
+
+def _det_call(pat, q, k, v, *, q_offset=None, **tabs):
+    """A call whose tables' gradients are summed in a fixed order (``deterministic``)."""
+    return pat(q, k, v, return_lse=True, q_offset=q_offset, deterministic=True, **tabs)
 
 
 def _names(src: str) -> set:
