@@ -286,7 +286,7 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict, chunks=N
         mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
         p = torch.exp(f - mx)
         l = p.sum(-1, keepdim=True)
-        has = l > 0
+        has = l != 0                # (a NaN row, from a NaN score, keeps its NaN lse)
         l1 = torch.where(has, l, torch.ones_like(l))
         o[:, :, r0:r1] = torch.matmul(p / l1, vv[:, :, c0:c1]).to(q.dtype)
         lse[:, :, r0:r1] = torch.where(has, mx + torch.log(l1),
