@@ -53,7 +53,7 @@ from spattn.runtime import plan as _plan  # noqa: E402
 
 from tests.helpers.adversarial import rand_mask  # noqa: E402
 from tests.helpers.adversarial2 import (DTYPES, FORMS, LAST, _call, _env,  # noqa: E402
-                                        _grads, _grid_pattern, _tensors)
+                                        _grads, _grid_expr, _grid_pattern, _tensors)
 from tests.helpers.adversarial2 import _check as _check2, _tol  # noqa: E402
 from tests.helpers.adversarial import _close  # noqa: E402
 from tests.helpers.headorder import class_source  # noqa: E402
@@ -192,7 +192,18 @@ def horder_case(seed: int) -> str:
 def gmode_case(seed: int) -> str:
     r = random.Random(seed)
     backend = r.choice(["triton", "triton", "torch"])
-    desc, pat, N = _grid_pattern(r, backend)
+    if r.random() < 0.3:        # a random flattened expression whose grid the runtime finds
+        base = r.choice([2, 3, 4, 5, 6, 8])
+        Ws = sorted({base, base * r.choice([2, 3]), r.choice([2, 3, 4, 5, 7])})
+        src = _grid_expr(r, Ws, r.randint(1, 3))
+        N = r.choice([base * r.randint(2, 10), max(Ws) * r.randint(2, 6) + r.choice([0, 0, 1, 3])])
+        desc = repr(src)
+        try:
+            pat = spattn.compile(src, backend=backend)
+        except SpattnError as e:
+            return f"gmode:{seed} {desc} (refused at compile: {str(e).splitlines()[0][:80]})"
+    else:
+        desc, pat, N = _grid_pattern(r, backend)
     Hk = r.choice([1, 2])
     Hq = Hk * r.choice([1, 2, 3])
     B, D = r.choice([1, 2]), r.choice([16, 16, 24, 32])
