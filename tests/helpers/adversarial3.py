@@ -392,6 +392,8 @@ def urange_case(seed: int) -> str:
     B, Hq, D = r.choice([1, 2]), r.choice([1, 2]), 16
     Lk = r.randint(1, 70)
     Lq = r.choice([Lk, r.randint(1, 70), r.randint(1, Lk)])
+    if r.random() < 0.25:       # a decode-sized call (routed to the decode kernel)
+        Lq, Lk = r.randint(1, 16), r.randint(256, 400)
     q_offset = r.choice([None, None, 0, r.randint(-10, 80), BIG - r.randint(1, 200),
                          2 ** 30 + r.randint(0, 50)])
     desc = (f"urange:{seed} {backend} {form!r} A={lo} Z={hi} C={C} B{B}-Hq{Hq}-Lq{Lq}-Lk{Lk} "
