@@ -58,8 +58,6 @@ from tests.helpers.adversarial2 import _check as _check2, _tol  # noqa: E402
 from tests.helpers.adversarial import _close  # noqa: E402
 from tests.helpers.headorder import class_source  # noqa: E402
 
-warnings.simplefilter("ignore")
-
 #: plans built during the current case: (class name, gather mode)
 BUILT: list = []
 #: over the run: kind -> Counter of the plans its cases built
@@ -75,8 +73,10 @@ def _record(cls):
     cls.__init__ = wrapped
 
 
-for _cls in (_plan.HeadOrderedPlan, _plan.RemappedPlan, _plan.OrderedPlan):
-    _record(_cls)
+def _record_plans() -> None:
+    """Count the permuted plans each case builds (the search's own process only)."""
+    for cls in (_plan.HeadOrderedPlan, _plan.RemappedPlan, _plan.OrderedPlan):
+        _record(cls)
 
 
 def _check(desc, pat, q, k, v, got, do, dtype, **kw):
@@ -427,6 +427,8 @@ def main():
     ap.add_argument("--case", help="replay one case, KIND:SEED")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    _record_plans()
     if args.case:
         kind, seed = args.case.split(":")
         try:
