@@ -6,9 +6,13 @@ the interpreter against the float64 reference, including ranges whose ``x - lo``
 import numpy as np
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import spattn
 from spattn.runtime.reference import pattern_reference
+
+from tests.helpers.sources import WIDE, bool_exprs
 
 
 
@@ -117,3 +121,25 @@ def test_literals_past_int32_run(src, params, q_offset):
     torch.testing.assert_close(lse.double()[fin], rlse[fin], atol=2e-4, rtol=1e-3)
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=1e-3, msg=lambda m: f"d{name}: {m}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(bool_exprs(consts=WIDE), st.integers(1, 48), st.integers(1, 48))
+@example("k <= q & -2 <= k & k <= 3221225424", 14, 14)     # the uint32 band
+def test_a_32_bit_kernel_writes_int32_literals_only(src, Lq, Lk):
+    """Random patterns with constants anywhere up to past int64: where a call of ``Lq`` x
+    ``Lk`` runs a 32-bit kernel (``ir.bounds.kernel_int64`` with the kernel's closed form),
+    that kernel's text holds no integer literal outside int32."""
+    from spattn.codegen.config import get_closed_form
+    from spattn.ir.bounds import kernel_int64
+    p = spattn.compile(src, backend="triton")
+    cf = get_closed_form(p)
+    for strategy, form in (("table", None), ("ranges", cf)):
+        if strategy == "ranges" and cf is None:
+            continue
+        if kernel_int64(p, Lq, Lk, closed_form=form, block_m=128, block_n=128):
+            continue
+        for kind in ("fwd", "bwd"):
+            big = {v for v in _literals(p.kernel_source(kind, head_dim=16, strategy=strategy))
+                   if not -2**31 <= v < 2**31}
+            assert not big, (strategy, kind, sorted(big))
