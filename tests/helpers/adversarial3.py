@@ -146,10 +146,12 @@ def horder_case(seed: int) -> str:
     big = r.random() < 0.12          # auto's own choice at AUTO_MIN_TOKENS keys and more
     if big:
         backend, Lk, B, D = "torch", r.randint(1024, 1600), 1, 16
-    shape = r.choice(["self", "self", "fewer", "offset"])
+    shape = r.choice(["self", "self", "fewer", "offset", "more"])
     Lq, q_offset = Lk, None
     if shape == "fewer":
         Lq = r.randint(1, Lk)
+    elif shape == "more":           # bottom-right: the first queries sit before key 0
+        Lq = Lk + r.randint(1, 20)
     elif shape == "offset":
         Lq = r.randint(1, 60)
         q_offset = r.choice([0, r.randint(0, Lk), r.randint(-5, Lk + 20)])
