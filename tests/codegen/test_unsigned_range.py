@@ -120,7 +120,8 @@ def test_literals_past_int32_run(src, params, q_offset):
     assert torch.equal(torch.isfinite(lse), fin)
     torch.testing.assert_close(lse.double()[fin], rlse[fin], atol=2e-4, rtol=1e-3)
     for name, a, b in zip("qkv", got, want):
-        torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=1e-3, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=1e-3,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
 
 
 @pytest.mark.filterwarnings("ignore:spattn. pattern")   # random patterns that allow nothing
