@@ -53,10 +53,21 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
-def _fit(v: int) -> int:
-    """A literal as the int64 a kernel holds: wrapped modulo ``2**64`` beyond int64, exact
-    for the ring operations (``ir.bounds`` refuses a call whose other values leave int64)."""
-    return v if INT64_MIN <= v <= INT64_MAX else wrap(v)
+def _fit(v: int, bits: int = 64) -> int:
+    """A literal as the ``bits``-bit integer a kernel holds: wrapped modulo ``2**bits``
+    beyond its range, exact for the ring operations (``ir.bounds`` refuses a call whose
+    other values leave it). In a 32-bit kernel this matters beyond exactness: Triton types
+    a Python int in ``2**31 .. 2**32 - 1`` as uint32, which makes the int32 operation it
+    meets unsigned, and refuses a larger one beside an int32 tensor."""
+    half = 1 << (bits - 1)
+    return v if -half <= v < half else wrap(v, bits)
+
+
+def _saturate(v: int, bits: int = 64) -> int:
+    """A constant argument of ``min``/``max`` within the ``bits``-bit range: the same
+    result wherever the result is representable (``ir.bounds``)."""
+    half = 1 << (bits - 1)
+    return min(max(v, -half), half - 1)
 
 #: Floor-semantics integer helpers, emitted once per kernel file.  They are correct
 #: whether the backend's ``//`` truncates (LLVM) or floors: the remainder is
@@ -471,6 +482,7 @@ class _Emitter(Visitor):
         self.roots, self.env, self.load_ref = roots, env, load_ref
         self.table_index, self.fast_tanh, self.gather = table_index, fast_tanh, gather
         self.signs, self.prefix, self.int64 = signs, prefix, int64
+        self.bits = 64 if int64 else 32      # the width of the kernel's integers
         self.graph = _graph(roots)
         self.order = _stable_postorder(roots)
         self.inner = _levels(self.order, self.graph, loop_vars)
@@ -520,7 +532,7 @@ class _Emitter(Visitor):
 
     @rule(Const)
     def const(self, n, c):
-        return str(_fit(n.value))
+        return str(_fit(n.value, self.bits))
 
     @rule(Var)
     def var(self, n, c):
@@ -530,13 +542,13 @@ class _Emitter(Visitor):
     def sum(self, n, c):
         parts = []
         for (a, coeff), ca in zip(n.terms, c):
-            coeff = _fit(coeff)
+            coeff = _fit(coeff, self.bits)
             mag = abs(coeff)
             t = ca if mag == 1 else f"{mag} * {_par(ca)}"
             if mag == 1 and not _atomic(ca) and parts:
                 t = _par(ca)
             parts.append(("-" if coeff < 0 else "+", t))
-        const = _fit(n.const)
+        const = _fit(n.const, self.bits)
         if const:
             parts.append(("-" if const < 0 else "+", str(abs(const))))
         if len(parts) > CHAIN:      # chunks of signed terms, added (see _chain)
@@ -579,7 +591,7 @@ class _Emitter(Visitor):
     @rule(Min, Max)
     def minmax(self, n, c):
         fn = "tl.minimum" if isinstance(n, Min) else "tl.maximum"
-        c = [str(min(max(a.value, INT64_MIN), INT64_MAX)) if isinstance(a, Const) else x
+        c = [str(_saturate(a.value, self.bits)) if isinstance(a, Const) else x
              for a, x in zip(n.args, c)]
         return _fold(fn, c)
 
@@ -590,7 +602,7 @@ class _Emitter(Visitor):
 
     @rule(Table)
     def table(self, n, c):
-        return self._wide(_pick(_par(c[0]), [str(_fit(v)) for v in n.values],
+        return self._wide(_pick(_par(c[0]), [str(_fit(v, self.bits)) for v in n.values],
                                 wide=self.int64))
 
     @rule(Load)
@@ -618,12 +630,14 @@ class _Emitter(Visitor):
     def range(self, n, c):
         x = _par(c[0])
         lo, hi = n.lo, n.hi
-        # x is a kernel integer, 64-bit at most (ir.bounds refuses a call where it is not
-        # exact): a bound beyond int64 is always met or never, and no literal may hold it.
-        if (lo is not None and lo > INT64_MAX) or (hi is not None and hi < INT64_MIN):
+        # x is a kernel integer of the kernel's width (ir.bounds refuses a call, or asks
+        # for 64 bits, where it is not exact): a bound beyond that range is always met or
+        # never, and no literal of that width may hold it.
+        half = 1 << (self.bits - 1)
+        if (lo is not None and lo >= half) or (hi is not None and hi < -half):
             return f"{x} != {x}"
-        lo = None if lo is not None and lo <= INT64_MIN else lo
-        hi = None if hi is not None and hi >= INT64_MAX else hi
+        lo = None if lo is not None and lo <= -half else lo
+        hi = None if hi is not None and hi >= half - 1 else hi
         if lo is None and hi is None:
             return f"{x} == {x}"
         if lo is not None and hi is not None and lo == hi:

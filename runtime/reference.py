@@ -11,7 +11,8 @@ Conventions (the same as the kernels'):
   attention when ``Hk < Hq``: query head ``h`` reads key head ``h // (Hq // Hk)``.
 * ``scale`` defaults to ``1 / sqrt(D)``.
 * A fully masked row gives output 0 and log-sum-exp ``-inf``, never NaN, and
-  zero gradients.
+  zero gradients. A row with a score of ``+inf`` or NaN at an allowed pair is NaN, its
+  log-sum-exp too (``+inf`` where no score is NaN).
 * lse is the natural-log log-sum-exp of the scaled scores over allowed keys.
 
 It is differentiable: ``torch.autograd`` through it gives the reference
@@ -74,7 +75,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)                       # exp(-inf) = 0 at masked pairs
     l = p.sum(dim=-1, keepdim=True)
-    has = l > 0
+    has = l != 0            # a row with a NaN score: l, out and lse NaN
     l_safe = torch.where(has, l, torch.ones_like(l))
     out = torch.matmul(p / l_safe, v64)        # a row with l == 0 has p == 0: out 0
     lse = torch.where(has, m + torch.log(l_safe),

@@ -162,18 +162,28 @@ def _table_divisors(score) -> tuple:
     return tuple(out)
 
 
+def _capturing(device) -> bool:
+    """Whether work on ``device`` is being captured into a CUDA graph (a read of a value
+    on the host would end the capture with an error)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def check_score_divisors(pattern, int_inputs: dict, float_inputs: dict, Lq: int, Lk: int, *,
                          num_heads: int, batch: int, q_offset: int) -> None:
     """A SpattnInputError when a divisor of the score read from the call's tables is 0 for
     some batch element and head (:func:`_table_divisors`; evaluated in float32, the
     kernels' precision, over ``[B, H]``: one device read). A divisor that varies with the
-    pair is not checked (docs/language.md §13)."""
+    pair is not checked (docs/language.md §13). Not while a CUDA graph is being captured
+    (:func:`_capturing`): the check's one device read would end the capture; the calls
+    before it, which a capture needs as warm-up, are checked."""
     divisors = _table_divisors(pattern.score)
     if not divisors:
         return
     from ..ir.printer import to_source
     given = [*float_inputs.values(), *int_inputs.values()]
     device = given[0].device if given else torch.device("cpu")
+    if _capturing(device):
+        return      # no value can be read while a CUDA graph is captured (its warm-up is)
     env = score_env(Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
                     device=device, rows=(0, 1), cols=(0, 1))
     s = torch.zeros((batch, num_heads, 1, 1), dtype=torch.float32, device=device)
@@ -276,7 +286,7 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict, chunks=N
         mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
         p = torch.exp(f - mx)
         l = p.sum(-1, keepdim=True)
-        has = l > 0
+        has = l != 0                # (a NaN row, from a NaN score, keeps its NaN lse)
         l1 = torch.where(has, l, torch.ones_like(l))
         o[:, :, r0:r1] = torch.matmul(p / l1, vv[:, :, c0:c1]).to(q.dtype)
         lse[:, :, r0:r1] = torch.where(has, mx + torch.log(l1),

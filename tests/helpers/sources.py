@@ -9,7 +9,8 @@ any number of heads). Every drawn text compiles without error; sizes are kept
 small. ``int_exprs()`` draws the int sub-language; ``programs()`` draws whole
 ``.spattn`` programs (param, input, def, pattern statements). ``consts=`` (for
 ``bool_exprs``/``int_exprs``) draws the literals and list entries instead, e.g.
-:data:`WIDE` (values up to ``+-2**62`` and beyond int64).
+:data:`WIDE` (values up to ``+-2**62`` and beyond int64, and around ``+-2**31 .. 2**32``,
+where a 32-bit kernel's literals need care).
 
     from tests.helpers.sources import bool_exprs
 """
@@ -21,6 +22,7 @@ VARS = ("q", "k", "h")
 DIVISORS = (-3, -2, -1, 1, 2, 3, 4, 5, 8)
 #: literals of the exact-integer tests: mostly small, often up to +-2**62, some beyond int64
 WIDE = st.one_of(st.integers(-9, 20), st.integers(2**31, 2**62), st.integers(-2**62, -2**31),
+                 st.integers(2**31 - 4, 2**32 + 4), st.integers(-2**32 - 4, -2**31 + 4),
                  st.sampled_from([2**63 - 1, -2**63, 2**63, 2**64 + 1, -2**64, 10**30]))
 
 

@@ -259,3 +259,40 @@ def test_cuda_graph_training_step_with_a_plan(src, mk, explicit):
         eager = step()
         for a, b in zip(static, eager):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cuda_graph_of_a_score_with_a_table_divisor():
+    """``softcap(cap[h])`` with a plan, forward and backward, captured in a CUDA graph: the
+    divisor check (a host read of the caps) runs at the warm-up calls, not in the capture;
+    replays on new values match the eager step."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    B, H, N, D = 1, 2, 1024, 64
+    pat = spattn.compile("causal & window(256)", score="softcap(cap[h])")
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+               .requires_grad_() for _ in range(3))
+    cap = torch.tensor([20.0, 30.0], device="cuda")
+    w = torch.randn(B, H, N, D, device="cuda", generator=g)
+    plan = pat.plan(q, k, v, cap=cap)
+
+    def step():
+        o = pat(q, k, v, plan=plan, cap=cap)
+        return (o, *torch.autograd.grad((o.float() * w).sum(), (q, k, v)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
+        cap.copy_(torch.tensor([10.0, 40.0]))
+    graph.replay()
+    eager = step()
+    for a, b in zip(static, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

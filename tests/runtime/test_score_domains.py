@@ -120,3 +120,19 @@ def test_float32_overflow_is_the_users(backend):
     assert torch.isfinite(ro).all()
     assert o[:, :, 14:].isnan().all()
     torch.testing.assert_close(o[:, :, :11].double(), ro[:, :, :11], atol=2e-4, rtol=1e-3)
+
+
+def test_table_divisor_not_read_while_a_cuda_graph_is_captured(monkeypatch):
+    """The divisor check reads the tables' values on the host: while a CUDA graph is being
+    captured that read would end the capture with an error, so the check is left to the
+    warm-up calls (tests/runtime/test_gpu.py captures such a step on the device)."""
+    from spattn.runtime import scores
+    p = spattn.compile("causal & window(8)", score="softcap(cap[h])", backend="torch")
+    q, k, v = _qkv(H=2, L=20, seed=1)
+    plan = p.plan(q, k, v, cap=torch.tensor([1.5, 2.0]))
+    read = []
+    monkeypatch.setattr(torch.Tensor, "tolist",
+                        lambda self, _real=torch.Tensor.tolist: read.append(1) or _real(self))
+    monkeypatch.setattr(scores, "_capturing", lambda device: True)
+    p(q, k, v, plan=plan, cap=torch.tensor([0.0, 2.0]))
+    assert not read

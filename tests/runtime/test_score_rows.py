@@ -91,3 +91,22 @@ def test_every_kernel_moves_the_rows():
         assert sc.row_value is not None and float(sc.factor) == pytest.approx(3.0 * 1.4426950408889634)
     assert "b_lse - (" in "".join(p.kernel_source("bwd").split(" ")) or \
         "(b_lse[None, :] - (" in p.kernel_source("bwd")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_dead_and_live_rows(backend):
+    """``s + log(float(h - 1))``: NaN on head 0 (its rows are NaN, the lse too: a NaN row's
+    lse was -inf in the reference and on the torch backend, NaN in the kernels), ``-inf``
+    on head 1 (nothing allowed: output 0, lse ``-inf``), a constant on head 2 (the
+    reference's output and lse)."""
+    p = spattn.compile("causal", score="s + log(float(h - 1))", backend=backend)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, H, 20, 16, generator=g) for _ in range(3))
+    o, lse = p(q, k, v, return_lse=True)
+    ro, rlse = pattern_reference(p, q.double(), k.double(), v.double())
+    for got, want in ((o, ro), (lse, rlse)):
+        assert bool(got[:, 0].isnan().all()) and bool(want[:, 0].isnan().all())
+    assert bool((o[:, 1] == 0).all()) and bool((lse[:, 1] == float("-inf")).all())
+    assert bool((rlse[:, 1] == float("-inf")).all())
+    torch.testing.assert_close(o[:, 2].double(), ro[:, 2], atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(lse[:, 2].double(), rlse[:, 2], atol=2e-4, rtol=1e-4)

@@ -353,3 +353,41 @@ def test_triton_deterministic_score_forms(monkeypatch, mask, score, tables, off)
     want = torch.autograd.grad(ro, ref, do.double())
     for what, x, y in zip(["dq", "dk", "dv", *tabs], got, want):
         torch.testing.assert_close(x.double(), y, atol=1e-4, rtol=1e-5, msg=what)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("Hq,Hk,Lq,Lk,q_offset,bshd", [
+    (4, 2, 9, 37, None, False), (3, 1, 37, 20, None, True), (2, 2, 20, 45, 7, True)],
+    ids=["B2-Hq4-Hk2-Lq9-Lk37-fp32", "B2-Hq3-Hk1-Lq37-Lk20-fp32-bshd",
+         "B2-Hq2-Hk2-Lq20-Lk45-off7-fp32-bshd"])
+def test_diagonal_sums_at_any_shape(Hq, Hk, Lq, Lk, q_offset, bshd, monkeypatch):
+    """A table along ``q - k`` with deterministic sums (``_diagonal_sums``: per-diagonal
+    partial sums scattered by ``q - k``): its buffer and diagonals follow the query heads,
+    ``Lq``, ``Lk`` and the resolved query offset, also with grouped key heads, more queries
+    than keys (a negative offset) and ``[B, L, H, D]`` tensors."""
+    from spattn.runtime import scores
+    from spattn.runtime.reference import pattern_reference
+    seen = []
+    real = scores._diagonal_sums
+    monkeypatch.setattr(scores, "_diagonal_sums",
+                        lambda c, q, k, *a: seen.append(q.shape) or real(c, q, k, *a))
+    pat = spattn.compile("causal", score="s + rel[h, clamp(q - k, 0, 7)]", backend="triton")
+    g = torch.Generator().manual_seed(Lq + Lk)
+    B, D = 2, 16
+    q = torch.randn(B, Lq, Hq, D, generator=g)
+    k, v = (torch.randn(B, Lk, Hk, D, generator=g) for _ in range(2))
+    if not bshd:
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    rel = torch.randn(Hq, 8, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, rel)]
+    o = pat(*leaves[:3], rel=leaves[3], q_offset=q_offset, deterministic=True,
+            layout="bshd" if bshd else None)
+    do = torch.randn(o.shape, generator=g)
+    got = torch.autograd.grad(o, leaves, do)
+    ref = [t.double().requires_grad_() for t in (q, k, v, rel)]
+    view = (lambda t: t.transpose(1, 2)) if bshd else (lambda t: t)
+    ro, _ = pattern_reference(pat, *(view(t) for t in ref[:3]), rel=ref[3], q_offset=q_offset)
+    want = torch.autograd.grad(view(ro), ref, do.double())
+    for what, x, y in zip(("dq", "dk", "dv", "drel"), got, want):
+        torch.testing.assert_close(x.double(), y, atol=1e-4, rtol=1e-4, msg=what)
+    assert seen == [(B, Hq, Lq, D)]         # the path under test, on [B, H, L, D] views
