@@ -22,7 +22,7 @@ import torch
 
 from ..dsl.errors import SpattnValueError
 from .evaluate import evaluate
-from .inputs import query_offset
+from .inputs import query_offset, validate_inputs
 from .ranges import closed_form, exact_intervals
 from .cost import COSTS, TARGETS, TILES, pick_strategy, predicted_speedup, tile_counts
 from .tiles import FULL, PARTIAL, classify
@@ -201,6 +201,9 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
                      q_offset=q_offset, device=device, inputs=inputs)
     dev = tiles.device
     counts = tile_counts(tiles)
+    declared = getattr(pattern, "inputs", None) or {}
+    ins = validate_inputs(declared, inputs, batch=batch, num_heads=num_heads,
+                          device=dev) if declared else {}
     cf = closed_form(ir)
     rows = None
     if cf is not None:
@@ -214,9 +217,6 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
                                      q_offset=q_offset, device=dev)
         method = "exact, per-row closed form"
     else:
-        from .inputs import validate_inputs
-        ins = validate_inputs(getattr(pattern, "inputs", {}) or {}, inputs, batch=batch,
-                              num_heads=num_heads, device=dev)
         allowed = _count_tiles(ir, tiles, Lq, Lk, block_m, block_n, q_offset=q_offset,
                                inputs=ins, device=dev)
         method = "exact, full tiles + partial tiles evaluated"
@@ -237,7 +237,7 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
                                          target, gather)
     head_order = None if layout is not None else _head_order(
         ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n,
-        computed // per_pair, target, pattern, inputs, dev)
+        computed // per_pair, target, ins or None, declared or None)
     return Report(
         head_order=head_order,
         score=(None if getattr(pattern, "score", None) is None else str(pattern.score)),
@@ -259,22 +259,18 @@ def _used(used: bool) -> str:
 
 
 def _head_order(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n,
-                computed, target, pattern=None, inputs=None, device=None):
+                computed, target, inputs=None, declared=None):
     """The per-head key order a call would consider (``ir.headorder.choose_head_order``,
-    forced; the pattern's runtime ``inputs`` read through the order as a call reads
-    them), as a dict: the class, its sizes per head, the computed pairs (summed over the
+    forced; the pattern's runtime ``inputs``, validated, read through the order as a call
+    reads them; ``declared``: their declared dimensions), as a dict: the class, its sizes per head, the computed pairs (summed over the
     heads) and useful fraction in sequence order and in the head order, the predicted
     cost of each (the head order's with its gathers of k and v), and whether
     ``SPATTN_LAYOUT=auto`` uses it."""
     from .headorder import choose_head_order
-    from .inputs import validate_inputs
     from .layout import AUTO_MIN_TOKENS
-    declared = getattr(pattern, "inputs", None) or {}
-    ins = validate_inputs(declared, inputs, batch=batch, num_heads=num_heads,
-                          device=device) if declared else None
     ho = choose_head_order(ir, Lq, num_heads, Lk=Lk, q_offset=query_offset(Lq, Lk, q_offset),
                            block_m=block_m, block_n=block_n, force=True, target=target,
-                           sequence=computed // batch, inputs=ins, declared=declared or None,
+                           sequence=computed // batch, inputs=inputs, declared=declared,
                            batch=batch)
     if ho is None:
         return None
