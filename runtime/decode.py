@@ -1007,14 +1007,7 @@ def _attend_heads(q, k, v, g: _HeadGather, scale: float):
         for b in range(nb):             # [L, D] rows: the contiguous gather's fast path
             torch.index_select(k[b, h // G], 0, ix, out=kb[b, 0])
             torch.index_select(v[b, h // G], 0, ix, out=vb[b, 0])
-        qh = q[:, h:h + 1]
-        if qh.is_cpu and _FLASH_CPU is not None:
-            oh, lh = _FLASH_CPU(*_unit_last(qh, kb, vb), 0.0, False, scale=scale)
-        else:
-            from .torch_backend import _attend as attend
-            oh, lh = attend(qh, kb, vb, None, scale, False)
-        o[:, h:h + 1] = oh
-        lse[:, h:h + 1] = lh.to(torch.float32)
+        o[:, h:h + 1], lse[:, h:h + 1] = _kernel(q[:, h:h + 1], kb, vb, None, scale)
     return o, lse
 
 
@@ -1066,16 +1059,20 @@ def _unit_last(q, k, v):
     return unit_last(q, k, v)
 
 
+def _kernel(qb, kb, vb, mask, scale: float):
+    """One fused attention call with an additive ``mask`` (or None): ATen's CPU flash
+    kernel on CPU tensors, else the torch backend's; ``(o, lse)``, lse float32."""
+    if qb.is_cpu and _FLASH_CPU is not None:
+        return _FLASH_CPU(*_unit_last(qb, kb, vb), 0.0, False, attn_mask=mask, scale=scale)
+    from .torch_backend import _attend as attend
+    ob, lb = attend(qb, kb, vb, mask, scale, False)
+    return ob, lb.to(torch.float32)
+
+
 def _attend(qb, kb, vb, s: _Segment, scale: float):
     """One kernel call: ``(o [nb, Hk, G * Lq, D], lse [nb, Hk, G * Lq])`` (lse float32),
     with o 0 and lse ``-inf`` for the rows that see no key of the segment."""
-    if qb.is_cpu and _FLASH_CPU is not None:
-        ob, lb = _FLASH_CPU(*_unit_last(qb, kb, vb), 0.0, False, attn_mask=s.mask,
-                            scale=scale)
-    else:
-        from .torch_backend import _attend as attend
-        ob, lb = attend(qb, kb, vb, s.mask, scale, False)
-        lb = lb.to(torch.float32)
+    ob, lb = _kernel(qb, kb, vb, s.mask, scale)
     if s.empty is not None:
         ob = ob.masked_fill(s.empty.unsqueeze(-1), 0.0)
         lb = lb.masked_fill(s.empty, float("-inf"))
