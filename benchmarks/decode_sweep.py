@@ -33,6 +33,9 @@ import torch  # noqa: E402
 import spattn  # noqa: E402
 from spattn.runtime import decode as dec  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import _graph as graph  # noqa: E402  (benchmarks/decode.py: captured once, replayed)
+
 #: (BLOCK_N, warps, stages) candidates; the first is the library's default.
 CONFIGS = [(128, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 8, 4),
            (32, 4, 4), (128, 8, 4)]
@@ -56,19 +59,6 @@ def default_splits(B, Hq, Hk, L, block_n, sms):
     """The library's split count for this shape (``decode.split_count``; causal at one
     query visits every key tile)."""
     return dec.split_count(B * Hq // (Hq // Hk), -(-L // block_n) * block_n, sms)
-
-
-def graph(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def run(args):
