@@ -195,7 +195,7 @@ def _score_ctx(pattern, q, k, v, inputs, tables, names, scale, q_offset, backend
     floats = scores.validate_score_inputs(pattern.score_inputs, given, batch=q.shape[0],
                                           num_heads=q.shape[1], device=q.device)
     plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                     inputs=_inputs_dict(pattern, inputs), tables=scores.detached(floats))
+                     inputs=_inputs_dict(pattern, inputs), tables=floats)
     ints = plan.call.inputs
     scores.check_score_bounds(pattern, ints, floats, q.shape[2], k.shape[2],
                               num_heads=q.shape[1], batch=q.shape[0], q_offset=q_offset)

@@ -65,6 +65,7 @@ class Call:
     int64: bool = False
     ranges_ok: bool = True
     tables: dict = None               # a score's float tables (as given to the first call)
+    learnable: bool = False           # one of them required grad: a training step's tiles
     tile_prior: bool = False          # a token layout's call: tables.layout_tiles applies
 
     @classmethod
@@ -92,7 +93,8 @@ class Call:
                               q_offset=positions.q_offset, inputs=ins, checked=checked)
         call = cls(pattern, B, H, k.shape[1], Lq, Lk, D, q.dtype, q.device, float(scale),
                    positions, ins, settings or _settings.current())
-        call.tables = dict(tables or {})
+        call.tables = {n: t.detach().contiguous() for n, t in (tables or {}).items()}
+        call.learnable = any(t.requires_grad for t in (tables or {}).values())
         call.analysis = Analysis(pattern, Lq, Lk, B=B, H=H, positions=positions,
                                  device=q.device, inputs=ins)
         lo, hi = positions.queries(Lq)

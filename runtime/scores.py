@@ -623,10 +623,6 @@ def _arguments(pattern, q, k, v, scale, q_offset, inputs) -> tuple:
     return scale, off, given, ints, floats
 
 
-def detached(floats: dict) -> dict:
-    return {n: t.detach().contiguous() for n, t in floats.items()}
-
-
 def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, options=None):
     """The :class:`~spattn.runtime.plan.Plan` of a pattern with a score for these tensors
     and tables (``Pattern.plan``): the mask's inputs held, the tables' shapes and dtypes
@@ -637,7 +633,7 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, optio
     scale, off, given, _, floats = _arguments(pattern, q, k, v, scale, q_offset, inputs)
     backend = choose_backend(pattern.backend, q.device.type)
     return build_plan(pattern, backend, q, k, v, scale=scale, q_offset=off, inputs=given,
-                      options=options, tables=detached(floats))
+                      options=options, tables=floats)
 
 
 def _planned(plan, pattern, q, k, v, scale, q_offset, inputs) -> dict:
@@ -714,7 +710,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
             backend = choose_backend(pattern.backend, q.device.type)
             from .plan import PLANS
             plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=off,
-                             inputs=given, tables=detached(floats))
+                             inputs=given, tables=floats)
             if sig is not None and not (q.is_cuda and
                                         torch.cuda.is_current_stream_capturing()):
                 # the entry holds the mask's inputs: their ids in ``sig`` stay theirs

@@ -617,7 +617,7 @@ def build_fwd(call, q, k, v, options: dict | None = None,
     tables (:class:`RowTables`), or a token layout's slots on the caller's q, k, v ``[B,
     heads, N, D]`` through 5-D TMA descriptors over its boxes (:class:`BoxRows`); o and lse
     are in the caller's order."""
-    training = any(t.requires_grad for t in (q, k, v))
+    training = call.learnable or any(t.requires_grad for t in (q, k, v))
     if _upcast(call):
         q, k, v = q.float(), k.float(), v.float()
     if training:

@@ -93,23 +93,31 @@ def test_default_gpu_tiles_layout(gpu_tiles, monkeypatch):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("grad,layout", [(True, False), (False, False), (True, True)],
-                         ids=["training", "inference", "training-token-layout"])
+@pytest.mark.parametrize("grad,layout", [(True, False), (False, False), (True, True),
+                                         ("table", False)],
+                         ids=["training", "inference", "training-token-layout",
+                              "training-learned-table-only"])
 def test_default_gpu_tiles_one_classification(gpu_tiles, monkeypatch, grad, layout):
     """A training step at the GPU's tiles classifies once, at the common divisor of the
     forward's 64 x 64 and the backward's 32 x 64 / 64 x 32 (each kernel's tables pooled from
-    it), in sequence order and in a token layout (whose inner plan is built on stand-ins);
-    a forward alone classifies at its own tiles."""
+    it), in sequence order, in a token layout (whose inner plan is built on stand-ins) and
+    where the only gradient is a learned score table's; a forward alone classifies at its
+    own tiles."""
     g = torch.Generator().manual_seed(5)
     if layout:
         monkeypatch.setenv("SPATTN_LAYOUT", "on")
         pat, ins = spattn.neighborhood((15, 14), (5, 3)), {}
+    elif grad == "table":
+        pat = spattn.compile("causal & same(doc)", score="s + rel[h, clamp(q - k, 0, 31)]")
+        ins = {"doc": _doc(210, g), "rel": torch.randn(2, 32, generator=g).requires_grad_()}
     else:
         pat, ins = spattn.compile("causal & same(doc)"), {"doc": _doc(210, g)}
-    q, k, v = (torch.randn(1, 2, 210, 32, generator=g).requires_grad_(grad) for _ in range(3))
-    plan = pat.plan(q, k, v, backward=grad, **ins)
+    q, k, v = (torch.randn(1, 2, 210, 32, generator=g).requires_grad_(grad is True)
+               for _ in range(3))
+    plan = pat.plan(q, k, v, backward=bool(grad), **ins)
     assert ("slot order" in repr(plan)) == layout, repr(plan)
     step = [(FWD[0], FWD[1])] + ([(BWD[2], BWD[3]), (BWD[0], BWD[1])] if grad else [])
     common = tuple(min(64, *(t[i] for t in step)) for i in (0, 1))
     assert list(plan.call.analysis.fine) == [common], repr(plan)
-    assert len(plan.call.analysis.built) == (6 if grad else 2), repr(plan)
+    if grad != "table":
+        assert len(plan.call.analysis.built) == (6 if grad else 2), repr(plan)
