@@ -221,7 +221,8 @@ class Plan:
     def backward_stage(self, q, k, v, o, do):
         """The backward stage for gradients laid out like ``do`` (and outputs like ``o``),
         built on first use and kept."""
-        key = (do.stride(), o.stride(), _aligned(do, o))
+        key = (do.stride(), o.stride(), _aligned(do, o),
+               torch.are_deterministic_algorithms_enabled())    # (no atomic dQ then)
         stage = self._bwd.get(key)
         if stage is None:
             with self._lock:
