@@ -128,3 +128,22 @@ def test_plan_builds_a_deterministic_stage_when_switched_on(monkeypatch):
     assert modes == ["atomic", "kernel"]
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("score", [None, "alibi(0.25)"], ids=["mask", "alibi"])
+def test_call_deterministic_keeps_the_dq_kernel(monkeypatch, score):
+    """``pat(q, k, v, deterministic=True)``: dQ from the dQ kernel under SPATTN_BWD_DQ=atomic
+    (a stage of its own in the plan); without it the same plan's backward is atomic."""
+    monkeypatch.setenv("SPATTN_BWD_DQ", "atomic")
+    pat = spattn.compile("causal & window(9)", score=score, backend="triton")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn(1, 2, 40, 16, generator=g)
+    plan = pat.plan(q, k, v, backward=False)
+    a = torch.autograd.grad(pat(q, k, v, plan=plan, deterministic=True), (q, k, v), do)
+    assert [s.config.dq for s in plan._bwd.values()] == ["kernel"]
+    b = torch.autograd.grad(pat(q, k, v, plan=plan), (q, k, v), do)
+    assert sorted(s.config.dq for s in plan._bwd.values()) == ["atomic", "kernel"]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
