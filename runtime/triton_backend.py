@@ -968,11 +968,12 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:
     mode = opts.get("tables", "auto")
     forms = ("-", "-")
     if cfg.strategy == "table":
-        (tab_q, order_q, spans_q), (tab_k, order_k, spans_k) = bwd_tables(
+        tq, (tab_k, order_k, spans_k) = bwd_tables(
             call.pattern, Lq, Lk, (m1, n1, m2, n2), B=B, H=H, q_offset=q_offset, device=dev,
-            inputs=call.inputs, tables=mode, HK=HK, analysis=call.analysis)
+            inputs=call.inputs, tables=mode, HK=HK, analysis=call.analysis, dq=not atomic)
+        tab_q, order_q, spans_q = tq or ([], None, None)
         kw_k, kw_q = {"SPANS": spans_k}, {"SPANS": spans_q}
-        forms = tuple("spans" if s else "csr" for s in (spans_q, spans_k))
+        forms = tuple("-" if s is None else "spans" if s else "csr" for s in (spans_q, spans_k))
     else:
         tab_q = tab_k = []
         kw_k = kw_q = {}
