@@ -147,3 +147,4 @@ def test_call_deterministic_keeps_the_dq_kernel(monkeypatch, score):
     assert sorted(s.config.dq for s in plan._bwd.values()) == ["atomic", "kernel"]
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
