@@ -8,18 +8,29 @@ is built (the plan keeps its compiled kernels):
 
 * ``--kind fwd``: ``BLOCK_M,BLOCK_N,warps,stages[,ws]`` (``ws``: 1 for warp-specialised key
   loops, ``SPATTN_FWD_WS``); the forwards ``pat(q, k, v, plan=plan)`` are timed;
-* ``--kind bwd``: ``M1,N1,M2,N2,warps,stages[,loop]`` (the backward's dK/dV and dQ tiles;
-  the forward at its default); forward+backward through autograd is timed.
+* ``--kind bwd``: ``M1,N1,M2,N2,warps,stages[,loop[,dq]]`` (the backward's dK/dV and dQ
+  tiles, its loops, and ``dq``: ``kernel`` or ``atomic``, ``SPATTN_BWD_DQ``: dQ added
+  atomically by the dK/dV kernel, whose M2 is then the row-statistics kernel's rows and N2
+  unused; the forward at its default); forward+backward through autograd is timed, and the
+  backward alone (``bwd ms``: gradients of one retained forward graph).
+
+``--dq-ab`` (bwd): the dQ modes A/B: the default tiles with the dQ kernel and atomic, and
+atomic at other dK/dV tiles (:data:`DQ_CONFIGS`), on :data:`DQ_CASES` (the ``--quick``
+cases first); ``--budget`` seconds (default 230 with ``--dq-ab``) stops starting new cases
+once spent, so that the run ends in time (the table then has the cases done). ``--quick``:
+only :data:`QUICK` cases.
 
 Every configuration's output (and, for ``bwd``, gradients) is checked against the
-default's (max abs difference < 2e-2; the default is checked against ``bench.py``'s rivals
-elsewhere), then all are timed in alternating rounds in this process (median of
+default's (max abs difference < 2e-2 times the largest magnitude, at least 1: a 16-bit
+gradient summed in another order may round one unit apart; the default is checked against
+``bench.py``'s rivals elsewhere), then all are timed in alternating rounds in this process (median of
 ``triton.testing.do_bench`` per round, median of the rounds).
 
     python benchmarks/tiles_ab.py --out DIR                       # forward, default cases
     python benchmarks/tiles_ab.py --kind bwd --out DIR            # backward, default cases
     python benchmarks/tiles_ab.py --cases "causal:2048:8:128" --configs 64,64,4,3
     python benchmarks/tiles_ab.py --kind bwd --cpu-check   # the logic, on CPU tensors
+    python benchmarks/tiles_ab.py --kind bwd --dq-ab --quick --out DIR   # dQ kernel vs atomic
 
 ``--cpu-check`` runs tiny cases (N = 96, H = 2, D = 32, fp32) through the Triton
 interpreter with small configurations: every plan is built, run and compared with the
@@ -35,6 +46,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 if "--cpu-check" in sys.argv:       # before triton is imported: its jit reads it then
     os.environ["TRITON_INTERPRET"] = "1"
@@ -53,7 +65,7 @@ VARS = {"fwd": ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_
                 "SPATTN_FWD_WS"),
         "bwd": ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
                 "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES",
-                "SPATTN_BWD_LOOP")}
+                "SPATTN_BWD_LOOP", "SPATTN_BWD_DQ")}
 CASES = {
     "fwd": ([f"{p}:16384:1:128" for p in ("full", "causal", "window(1024)", "window(256)",
                                           "streaming", "documents", "prefix_lm(2048)",
@@ -76,9 +88,27 @@ CONFIGS = {"fwd": "64,64,4,3;128,128,8,3",
                   "32,64,64,32,4,3,fused"}
 
 
+#: ``--dq-ab``: the default tiles with each dQ mode, then atomic dQ at larger dK/dV tiles
+#: (M1 x N1 = 64 x 64 and 64 x 128 with 8 warps, 32 x 128 with 4) and the fused loop (which
+#: spills fewer registers: ptxas for sm_90a, D = 128, docs/codegen.md). 64 x 64 with 4
+#: warps is left out: it spills the most (7.7 KB of spill stores per thread).
+DQ_CONFIGS = ("32,64,64,32,4,3,split;32,64,64,32,4,3,split,atomic;64,64,64,32,8,3,split,atomic;"
+              "64,128,64,32,8,3,split,atomic;32,128,64,32,4,3,split,atomic;"
+              "64,128,64,32,8,3,fused,atomic")
+#: ``--quick`` (and the first of ``--dq-ab``'s cases): what the backward is judged on.
+QUICK = ["causal:16384:1:128", "documents4:16384:1:128", "window(1024):16384:1:128",
+         "causal:4096:1:128", "causal:2048:8:128", "alibi:16384:1:128"]
+DQ_CASES = QUICK + ["documents100:16384:1:128", "streaming:16384:1:128",
+                    "longformer:16384:1:128", "documents1000:16384:1:128",
+                    "window(256):16384:1:128", "bigbird:16384:1:128"]
+
 #: ``--cpu-check``: tiny cases and interpreter-sized configurations.
 CHECK_CASES = ["causal:96:1:32", "documents7:96:2:32", "window(256):96:1:32"]
-CHECK_CONFIGS = {"fwd": "16,16,4,1;32,16,4,1", "bwd": "16,32,32,16,4,1,fused;32,16,16,32,4,1,split"}
+CHECK_CONFIGS = {"fwd": "16,16,4,1;32,16,4,1",
+                 "bwd": "16,32,32,16,4,1,fused;32,16,16,32,4,1,split;"
+                        "16,32,32,16,4,1,split,atomic;32,16,16,32,4,1,fused,atomic"}
+CHECK_DQ_CASES = ["causal:96:1:32", "documents7:96:2:32", "alibi:80:1:32"]
+CHECK_DQ_CONFIGS = "16,32,32,16,4,1,split;16,32,32,16,4,1,split,atomic;32,32,16,16,4,1,fused,atomic"
 
 
 def log(*a):
@@ -87,6 +117,8 @@ def log(*a):
 
 def pattern_of(name, N, dev):
     """``(pattern, runtime inputs)`` of a case's name."""
+    if name == "alibi":             # a score with a derivative: ALiBi's slopes, causal
+        return spattn.compile("causal", score="alibi(alibi_slope)"), {}
     if name.startswith("documents") and name[len("documents"):].isdigit():
         return spattn.compile("causal & same(doc)"), {
             "doc": bench._doc_ids(N, dev, ndocs=int(name[len("documents"):]))}
@@ -109,16 +141,21 @@ def build(kind, pat, q, k, v, inputs, cfg):
                 os.environ[n] = x
 
 
+def setup(check):
+    """``(heads, device, dtype)`` of the cases: tiny fp32 CPU ones for ``--cpu-check``."""
+    return (2, "cpu", torch.float32) if check else (16, "cuda", torch.bfloat16)
+
+
 def run_case(kind, case, configs, rounds, rep, check=False):
     name, N, B, D = case.split(":")
     N, B, D = int(N), int(B), int(D)
-    H, dev, dt = (2, "cpu", torch.float32) if check else (16, "cuda", torch.bfloat16)
+    H, dev, dt = setup(check)
     pat, inputs = pattern_of(name, N, dev)
     q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=dt) for _ in range(4))
     if kind == "bwd":
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     row = {"case": case, "kind": kind, "configs": {}}
-    fns, ref = {}, None
+    fns, bwd_fns, ref = {}, {}, None
     for cfg in [None] + configs:
         label = "default" if cfg is None else ",".join(map(str, cfg))
         try:
@@ -132,13 +169,19 @@ def run_case(kind, case, configs, rounds, rep, check=False):
 
                 def fn(p=plan):
                     torch.autograd.grad(pat(q, k, v, plan=p), (q, k, v), do)
+
+                def bwd_fn(o=pat(q, k, v, plan=plan)):      # the backward alone
+                    torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+                bwd_fns[label] = bwd_fn
             if ref is None:
                 ref = outs
             err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(outs, ref))
-            if err > 2e-2:
+            if err > 2e-2 * max(1.0, max(float(b.float().abs().max()) for b in ref)):
                 raise RuntimeError(f"differs from the default by {err:.3g}")
             fns[label] = fn
-            row["configs"][label] = {"err_vs_default": err, "plan": repr(plan)[:600]}
+            row["configs"][label] = {"err_vs_default": err, "plan": repr(plan)[:800]}
+            if kind == "bwd":
+                row["configs"][label]["dq"] = "atomic" if "dQ atomic" in repr(plan) else "kernel"
         except Exception as e:      # a configuration that does not fit or run
             row["configs"][label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             log(f"{case} {label}: {row['configs'][label]['error']}")
@@ -147,28 +190,46 @@ def run_case(kind, case, configs, rounds, rep, check=False):
         return row
     import triton
     times = {n: [] for n in names}
+    btimes = {n: [] for n in names if n in bwd_fns}
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
             times[n].append(triton.testing.do_bench(fns[n], warmup=5, rep=rep,
                                                     return_mode="median"))
+            if n in btimes:
+                btimes[n].append(triton.testing.do_bench(bwd_fns[n], warmup=5, rep=rep,
+                                                         return_mode="median"))
     base = statistics.median(times["default"]) if "default" in times else None
+    bbase = statistics.median(btimes["default"]) if "default" in btimes else None
     for n in names:
         t = statistics.median(times[n])
         row["configs"][n].update(ms=t, rounds=times[n], vs_default=t / base if base else None)
+        if n in btimes:
+            b = statistics.median(btimes[n])
+            row["configs"][n].update(bwd_ms=b, bwd_rounds=btimes[n],
+                                     bwd_vs_default=b / bbase if bbase else None)
     log(f"{kind} {case}: " + "  ".join(f"{n} {row['configs'][n]['ms']:.3f} ms" for n in names))
     return row
 
 
 def table(rows, configs) -> str:
+    """Each configuration's time over the default's; for ``bwd`` two numbers per cell,
+    forward+backward / backward alone."""
     labels = [",".join(map(str, c)) for c in configs]
     out = ["| case | default ms | " + " | ".join(labels) + " |",
            "|---|---|" + "---|" * len(labels)]
+
+    def cell(x):
+        if not x.get("vs_default"):
+            return "-"
+        b = x.get("bwd_vs_default")
+        return f"{x['vs_default']:.3f}" + (f" / {b:.3f}" if b else "")
     for r in rows:
         c = r["configs"]
-        d = c.get("default", {}).get("ms")
-        cells = [f"{c[lb]['vs_default']:.3f}" if c.get(lb, {}).get("vs_default") else "-"
-                 for lb in labels]
-        out.append(f"| {r['case']} | {f'{d:.3f}' if d else '-'} | " + " | ".join(cells) + " |")
+        d = c.get("default", {})
+        ms = (f"{d['ms']:.3f}" + (f" / {d['bwd_ms']:.3f}" if d.get("bwd_ms") else "")
+              if d.get("ms") else "-")
+        out.append(f"| {r['case']} | {ms} | " + " | ".join(cell(c.get(lb, {})) for lb in labels)
+                   + " |")
     return "\n".join(out)
 
 
@@ -187,14 +248,27 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep", type=int, default=25)
     ap.add_argument("--cpu-check", action="store_true")
+    ap.add_argument("--dq-ab", action="store_true",
+                    help="bwd: the dQ kernel against atomic dQ (DQ_CONFIGS on DQ_CASES)")
+    ap.add_argument("--quick", action="store_true", help="bwd: only the QUICK cases")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds after which no new case starts (default 230 with --dq-ab)")
     args = ap.parse_args(argv)
+    if (args.dq_ab or args.quick) and args.kind != "bwd":
+        ap.error("--dq-ab and --quick are for --kind bwd")
     if args.cpu_check:
-        args.configs = args.configs or CHECK_CONFIGS[args.kind]
-        args.cases = args.cases or ";".join(CHECK_CASES)
-    configs = parse(args.configs or CONFIGS[args.kind])
-    cases = args.cases.split(";") if args.cases else CASES[args.kind]
+        args.configs = args.configs or (CHECK_DQ_CONFIGS if args.dq_ab else CHECK_CONFIGS[args.kind])
+        args.cases = args.cases or ";".join(CHECK_DQ_CASES if args.dq_ab else CHECK_CASES)
+    configs = parse(args.configs or (DQ_CONFIGS if args.dq_ab else CONFIGS[args.kind]))
+    cases = (args.cases.split(";") if args.cases else QUICK if args.quick
+             else DQ_CASES if args.dq_ab else CASES[args.kind])
+    budget = args.budget if args.budget is not None else 230.0 if args.dq_ab else None
+    start = time.monotonic()
     rows = []
     for case in [c for c in cases if c]:
+        if budget is not None and time.monotonic() - start > budget and not args.cpu_check:
+            log(f"budget of {budget:.0f} s spent: {case} and later cases not run")
+            break
         try:
             rows.append(run_case(args.kind, case, configs, args.rounds, args.rep,
                                  args.cpu_check))

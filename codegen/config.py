@@ -60,9 +60,20 @@ class KernelConfig:
     # forward only: the key loops as tl.range(..., warp_specialize=True) (Triton's automatic
     # warp specialisation; measured on the GPU through SPATTN_FWD_WS, off by default)
     ws: bool = False
+    # how the backward computes dQ: BWD_DQ ("kernel": the dQ kernel; "atomic": the dK/dV
+    # kernel adds dS K into an fp32 accumulator)
+    dq: str = "kernel"
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields, the cache key's part (``ws`` and ``dq`` only where they are not their
+        defaults, False and "kernel", so that every other configuration keeps its key and
+        kernel names)."""
+        d = asdict(self)
+        if not d["ws"]:
+            del d["ws"]
+        if d["dq"] == "kernel":
+            del d["dq"]
+        return d
 
 
 def dtype_name(dtype) -> str:
@@ -148,7 +159,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
          block_m=None, block_n=None, num_warps=None, num_stages=None, closed_form=None,
          interpret=False, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
          loop=None, tma=None, int64=None, score_load=None, score_index=None, fast_tanh=None,
-         rows=None, ws=None, overrides=None, **_ignored) -> KernelConfig:
+         rows=None, ws=None, dq=None, overrides=None, **_ignored) -> KernelConfig:
     """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype.
 
     Backward: ``block_m1``/``block_n1`` (dK/dV) and ``block_m2``/``block_n2`` (dQ);
@@ -158,6 +169,8 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     tanh computed (:data:`SCORE_LOADS`, :data:`SCORE_INDEX`; ignored without a score).
     ``rows``: how token rows are addressed (:data:`ROWS`; "table" turns TMA off).
     ``ws``: the forward's key loops warp-specialised (not the persistent loop).
+    ``dq`` (backward): how dQ is computed (:data:`BWD_DQ`; a pattern with float score
+    tables keeps "kernel", whose dQ kernel accumulates the tables' gradients).
     ``interpret``: the tile defaults of Triton's CPU interpreter.  ``overrides``: the
     environment's options of this kind (:meth:`spattn.runtime.settings.Settings.overrides`),
     below the explicit arguments.
@@ -187,9 +200,13 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
         ns = num_stages or env.get("num_stages") or ns
         _pow2_check(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
         loop = choice(loop, "loop", BWD_LOOPS, default=env.get("loop"))
+        dq = choice(dq, "dq", BWD_DQ, default=env.get("dq"))
+        if getattr(pattern, "score_inputs", None):
+            dq = "kernel"
         return KernelConfig(strategy, int(m1), int(n1), next_pow2(head_dim), int(nw), int(ns),
                             dt, int(m2), int(n2), loop=loop, tma=bool(tma), int64=bool(int64),
-                            rows=rows, **_score_flags(pattern, score_load, score_index, fast_tanh))
+                            rows=rows, dq=dq,
+                            **_score_flags(pattern, score_load, score_index, fast_tanh))
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret)
     bm = block_m or env.get("block_m") or bm
     bn = block_n or env.get("block_n") or bn
@@ -255,6 +272,13 @@ def _score_flags(pattern, score_load, score_index, fast_tanh) -> dict:
 FWD_LOOPS = ("split", "fused", "persistent")
 #: Backward tile-loop variants (dK/dV and dQ alike): "split" or "fused", as above.
 BWD_LOOPS = ("split", "fused")
+#: How the backward computes dQ: "kernel" (the dQ kernel, one program per query tile,
+#: recomputing QK^T and dP: 7 tile matmuls per pair in all, deterministic) or "atomic"
+#: (FlashAttention-2's: the dK/dV kernel also forms dS K per pair and adds it atomically
+#: into an fp32 accumulator; a small kernel writes the row statistics first: 5 matmuls per
+#: pair, not deterministic). Patterns with float score tables keep "kernel" (their
+#: gradients are accumulated in the dQ kernel).
+BWD_DQ = ("kernel", "atomic")
 
 
 def analysis_strategy(pattern, closed_form=None) -> str:

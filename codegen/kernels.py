@@ -97,6 +97,7 @@ def _names(pattern, key6: str) -> dict:
         "fwd": f"attn_fwd_{base}",
         "dkdv": f"attn_bwd_dkdv_{base}",
         "dq": f"attn_bwd_dq_{base}",
+        "rowstats": f"attn_bwd_rowstats_{base}",
         "fwd_range": f"_fwd_range_{key6}",
         "fwd_fused": f"_fwd_fused_{key6}",
         "dkdv_range": f"_dkdv_range_{key6}",

@@ -455,8 +455,9 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
          plan=None, layout=None, deterministic=False, order=None):
     """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32);
     with ``layout="bshd"`` q, k, v and o are ``[B, L, H, D]`` (lse stays ``[B, Hq, Lq]``).
-    ``deterministic``: a score's learnable tables get their gradients without atomics
-    (everything else is deterministic already). ``order``: run in this token order
+    ``deterministic``: a score's learnable tables get their gradients without atomics, and
+    dQ comes from the dQ kernel whatever ``SPATTN_BWD_DQ`` says (everything else is
+    deterministic already). ``order``: run in this token order
     (:func:`check_order`; q, k, v and o stay in the caller's order)."""
     if order is not None:
         _check_order_call(pattern, plan)
@@ -502,7 +503,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
                     return _usage.output(layout, out, return_lse)
             plan = _lookup(pattern, q, k, v, scale, q_offset, inputs, layout, order, sig)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _ag.AttentionFunction.apply(plan, q, k, v)
+        o, lse = _ag.AttentionFunction.apply(plan, q, k, v, deterministic)
     else:                   # nothing to differentiate: the plan alone (no autograd node)
         o, lse = plan.forward(q, k, v)
     return _usage.output(layout, (o, lse) if return_lse else o, return_lse)

@@ -85,13 +85,15 @@ def _inputs_dict(pattern, tensors) -> dict:
 # ------------------------------------------------------------ eager autograd
 
 class AttentionFunction(torch.autograd.Function):
-    """``apply(plan, q, k, v) -> (o, lse)``: the plan's forward, and its backward."""
+    """``apply(plan, q, k, v, deterministic=False) -> (o, lse)``: the plan's forward, and
+    its backward (``deterministic``: without atomic dQ)."""
 
     @staticmethod
-    def forward(ctx, plan, q, k, v):
+    def forward(ctx, plan, q, k, v, deterministic=False):
         o, lse = plan.forward(q, k, v)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.plan = plan
+        ctx.deterministic = deterministic
         ctx.set_materialize_grads(False)
         return o, lse
 
@@ -100,11 +102,12 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         if do is None and dlse is None:
-            return None, None, None, None
+            return None, None, None, None, None
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do, dlse)
-        return None, dq, dk, dv
+        dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do, dlse,
+                                       deterministic=ctx.deterministic)
+        return None, dq, dk, dv, None
 
 
 # ------------------------------------------------------------ custom ops

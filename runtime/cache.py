@@ -64,6 +64,7 @@ _lock = threading.RLock()
 _modules: dict[str, object] = {}         # path -> imported module
 _configs: dict[tuple, tuple] = {}        # (pattern source, inputs, kind, options) -> (config, cf, key)
 _paths: dict[tuple, str] = {}            # ($SPATTN_CACHE_DIR, kind, key, name) -> path
+_served: dict[tuple, object] = {}        # the same keys -> the module imported for that key
 _caps: dict[str, tuple] = {}             # "cuda:<index>" -> (major, minor) or None
 _stores: dict = {}                       # $SPATTN_CACHE_DIR setting -> _Store
 
@@ -559,13 +560,28 @@ def _stored(name: str, key: str, render) -> tuple[str, str]:
 
 
 def _imported(spath: str, text: str, fast: tuple):
-    """The module of the kernel file ``spath`` (imported once), remembered under ``fast``
-    (the caller's per-call key). Called with ``_lock`` held."""
+    """The module of the kernel file ``spath`` with this ``text`` (imported once),
+    remembered under ``fast`` (the caller's per-call key). Called with ``_lock`` held.
+
+    A file name holds 6 hex digits of the key: two kernels of one pattern name whose keys
+    share them take turns in one file. A module serves only the text it was imported from,
+    and a per-call key only the module it was given (:func:`_fast_module`)."""
     mod = _modules.get(spath)
-    if mod is None:
+    if mod is None or getattr(mod, "__spattn_text__", None) != text:
         mod = _import(f"spattn_kernels.{pathlib.PurePath(spath).stem}", spath, text)
+        mod.__spattn_text__ = text
         _modules[spath] = mod
     _paths[fast] = spath
+    _served[fast] = mod
+    return mod
+
+
+def _fast_module(fast: tuple):
+    """The module remembered under the per-call key ``fast``, while its path still holds
+    it (None once another kernel's text took the path over). Called with ``_lock`` held."""
+    spath, mod = _paths.get(fast), _served.get(fast)
+    if spath is None or mod is None or _modules.get(spath) is not mod:
+        return None
     return mod
 
 
@@ -643,8 +659,7 @@ def load_with_form(pattern, kind: str = "fwd", **options):
     # per-call fast path: the module by (cache directory setting, key), no path building
     fast = (_settings.getenv("SPATTN_CACHE_DIR"), kind, key, pattern.name)
     with _lock:
-        spath = _paths.get(fast)
-        mod = None if spath is None else _modules.get(spath)
+        mod = _fast_module(fast)
         if mod is not None:
             return mod, config, cf
     with _lock:
@@ -658,8 +673,7 @@ def load_generated(name: str, key: str, render):
     verified on disk, rendered and written when missing or invalid, imported once."""
     fast = (_settings.getenv("SPATTN_CACHE_DIR"), "generated", key, name)
     with _lock:
-        spath = _paths.get(fast)
-        mod = None if spath is None else _modules.get(spath)
+        mod = _fast_module(fast)
         if mod is not None:
             return mod
 
@@ -675,4 +689,5 @@ def clear_memory() -> None:
         _modules.clear()
         _configs.clear()
         _paths.clear()
+        _served.clear()
         _stores.clear()

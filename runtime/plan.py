@@ -220,17 +220,20 @@ class Plan:
                                      plan=self.forward_stage)
         return (_TRITON or _triton()).run_fwd(self.forward_stage, q, k, v)
 
-    def backward_stage(self, q, k, v, o, do):
+    def backward_stage(self, q, k, v, o, do, deterministic=False):
         """The backward stage for gradients laid out like ``do`` (and outputs like ``o``),
-        built on first use and kept."""
-        key = (do.stride(), o.stride(), _aligned(do, o))
+        built on first use and kept; ``deterministic`` (or torch's deterministic switch):
+        one that computes dQ without atomics (``dq="kernel"``)."""
+        det = deterministic or torch.are_deterministic_algorithms_enabled()
+        key = (do.stride(), o.stride(), _aligned(do, o), det)
         stage = self._bwd.get(key)
         if stage is None:
             with self._lock:
                 stage = self._bwd.get(key)
                 if stage is None:
                     from . import triton_backend
-                    stage = triton_backend.build_bwd(self.call, q, k, v, o, do, self.options,
+                    opts = dict(self.options, dq="kernel") if det else self.options
+                    stage = triton_backend.build_bwd(self.call, q, k, v, o, do, opts,
                                                      rows=self.rows)
                     stage.aligned = self.aligned
                     self._bwd[key] = stage
@@ -244,8 +247,9 @@ class Plan:
             o = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
             self.backward_stage(q, k, v, o, torch.empty_like(o))
 
-    def backward(self, q, k, v, o, lse, do, dlse=None):
-        """``(dq, dk, dv)``; ``dlse``: the gradient of the lse output, or None."""
+    def backward(self, q, k, v, o, lse, do, dlse=None, deterministic=False):
+        """``(dq, dk, dv)``; ``dlse``: the gradient of the lse output, or None;
+        ``deterministic``: no atomic dQ (:meth:`backward_stage`)."""
         _unscored(self)
         c = self.call
         if self.backend == "torch" or (dlse is not None and bool((dlse != 0).any())):
@@ -258,8 +262,8 @@ class Plan:
             return torch_backend.bwd(self.pattern, q, k, v, o, lse, do, scale=c.scale,
                                      q_offset=c.positions.q_offset, inputs=c.inputs,
                                      dlse=dlse, plan=stage)
-        return (_TRITON or _triton()).run_bwd(self.backward_stage(q, k, v, o, do), q, k, v, o,
-                                              lse, do)
+        return (_TRITON or _triton()).run_bwd(self.backward_stage(q, k, v, o, do, deterministic),
+                                              q, k, v, o, lse, do)
 
     def __repr__(self) -> str:
         c = self.call
@@ -417,19 +421,19 @@ class PermutedPlan(Plan):
             return self.inner.prepare_backward(q, k, v)
         self.inner.prepare_backward(*(self._stand_in(t) for t in (q, k, v)))
 
-    def backward_stage(self, q, k, v, o, do):
+    def backward_stage(self, q, k, v, o, do, deterministic=False):
         """The inner plan's backward stage for tensors shaped like these (gathered ones,
         unless the kernels address the rows through tables)."""
         if self.gather != "kernel":
             q, k, v, o, do = (self._stand_in(t) for t in (q, k, v, o, do))
-        return self.inner.backward_stage(q, k, v, o, do)
+        return self.inner.backward_stage(q, k, v, o, do, deterministic)
 
-    def backward(self, q, k, v, o, lse, do, dlse=None):
+    def backward(self, q, k, v, o, lse, do, dlse=None, deterministic=False):
         if self.gather == "kernel" and (dlse is None or not bool((dlse != 0).any())):
-            return self.inner.backward(q, k, v, o, lse, do)
+            return self.inner.backward(q, k, v, o, lse, do, deterministic=deterministic)
         # (a gradient of the lse: the torch backend's backward, on gathered tensors)
         g = [self._gather(t, self.order) for t in (q, k, v, o, lse, do, dlse)]
-        grads = self.inner.backward(*g)
+        grads = self.inner.backward(*g, deterministic=deterministic)
         return tuple(self._gather(t, self.inverse) for t in grads)
 
 
@@ -589,11 +593,13 @@ class HeadOrderedPlan(PermutedPlan):
     def prepare_backward(self, q, k, v) -> None:
         self.inner.prepare_backward(q, self._stand_in(k), self._stand_in(v))
 
-    def backward_stage(self, q, k, v, o, do):
-        return self.inner.backward_stage(q, self._stand_in(k), self._stand_in(v), o, do)
+    def backward_stage(self, q, k, v, o, do, deterministic=False):
+        return self.inner.backward_stage(q, self._stand_in(k), self._stand_in(v), o, do,
+                                         deterministic)
 
-    def backward(self, q, k, v, o, lse, do, dlse=None):
-        dq, dk, dv = self.inner.backward(q, *self._kv(k, v), o, lse, do, dlse)
+    def backward(self, q, k, v, o, lse, do, dlse=None, deterministic=False):
+        dq, dk, dv = self.inner.backward(q, *self._kv(k, v), o, lse, do, dlse,
+                                         deterministic=deterministic)
         B, Hk, N = k.shape[0], k.shape[1], k.shape[2]
 
         def back(g, like):

@@ -453,7 +453,7 @@ def run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
         if exact_delta(c, q, table_grads) and o.dtype != torch.float32:
             o, _ = triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=tables,
                                           out_dtype=torch.float32)
-        stage = c.plan.backward_stage(q, k, v, o, do)
+        stage = c.plan.backward_stage(q, k, v, o, do, c.deterministic)
         partials = _partials(c.pattern, stage, table_grads, q.device) if det else None
         if not det or partials is not None:
             bufs = {n: torch.zeros(tables[n].shape, dtype=torch.float32, device=q.device)

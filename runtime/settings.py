@@ -20,6 +20,11 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 ``SPATTN_BWD_WARPS``        backward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
 ``SPATTN_BWD_STAGES``       backward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
 ``SPATTN_BWD_LOOP``         backward loops: ``split`` or ``fused``
+``SPATTN_BWD_DQ``           how the backward computes dQ: ``kernel`` (default: the dQ
+                            kernel) or ``atomic`` (the dK/dV kernel adds dS K atomically
+                            into an fp32 accumulator; never while
+                            ``torch.are_deterministic_algorithms_enabled()``;
+                            docs/codegen.md); autotuning still picks the tiles
 ``SPATTN_TMA``              ``1`` / ``0`` / ``auto``: TMA descriptor loads (Hopper)
 ``SPATTN_TABLES``           ``auto``, ``csr`` or ``spans``: the table strategy's form
 ``SPATTN_AUTOTUNE``         ``1`` / ``0``: autotune launch configurations on CUDA
@@ -65,7 +70,7 @@ VARIABLES = (
     "SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES",
     "SPATTN_FWD_LOOP", "SPATTN_FWD_WS",
     "SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2", "SPATTN_BWD_BLOCK_N2",
-    "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES", "SPATTN_BWD_LOOP",
+    "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES", "SPATTN_BWD_LOOP", "SPATTN_BWD_DQ",
     "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES",
     "SPATTN_TMA", "SPATTN_TABLES", "SPATTN_AUTOTUNE", "SPATTN_TUNE_REPS",
     "SPATTN_TUNE_MARGIN", "SPATTN_CACHE_DIR",
@@ -81,6 +86,7 @@ TUNE_MARGIN = 0.03
 _STRATEGIES = ("ranges", "table")
 _FWD_LOOPS = ("split", "fused", "persistent")
 _BWD_LOOPS = ("split", "fused")
+_BWD_DQ = ("kernel", "atomic")
 _TABLES = ("auto", "csr", "spans")
 _LAYOUTS = ("auto", "off", "on")
 #: How a permuted plan's tokens reach the Triton kernels (``SPATTN_LAYOUT_GATHER``).
@@ -137,6 +143,7 @@ class Settings:
     score_load: str = "pair"
     score_index: str = "auto"
     fast_tanh: bool | None = None
+    bwd_dq: str | None = None
 
     def __hash__(self):
         return hash(self.raw)
@@ -145,15 +152,19 @@ class Settings:
         return isinstance(other, Settings) and self.raw == other.raw
 
     def overrides(self, kind: str) -> dict:
-        """The launch overrides of ``kind`` ("fwd" or "bwd"), strategy included."""
+        """The launch overrides of ``kind`` ("fwd" or "bwd"), strategy (and the backward's
+        dQ mode) included."""
         out = dict(self.fwd if kind == "fwd" else self.bwd)
         if self.strategy is not None:
             out["strategy"] = self.strategy
+        if kind == "bwd" and self.bwd_dq is not None:
+            out["dq"] = self.bwd_dq
         return out
 
     def tiles_set(self, kind: str) -> bool:
         """True when the environment fixes a tile, warps, stages or loop of ``kind``
-        (autotuning then leaves the kind alone)."""
+        (autotuning then leaves the kind alone; ``SPATTN_BWD_DQ`` does not: the tiles are
+        tuned for the dQ mode it sets)."""
         return bool(self.fwd if kind == "fwd" else self.bwd)
 
 
@@ -270,6 +281,7 @@ def parse(raw: tuple) -> Settings:
         score_index=_choice("SPATTN_SCORE_INDEX", env["SPATTN_SCORE_INDEX"],
                             _SCORE_INDEX) or "auto",
         fast_tanh=_flag("SPATTN_FAST_TANH", env["SPATTN_FAST_TANH"], auto=True),
+        bwd_dq=_choice("SPATTN_BWD_DQ", env["SPATTN_BWD_DQ"], _BWD_DQ),
     )
 
 

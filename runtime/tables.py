@@ -443,16 +443,19 @@ def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inp
 
 
 def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs, tables="auto",
-               HK=None, analysis=None):
+               HK=None, analysis=None, dq=True):
     """What the backward of the table strategy builds for a new shape: the dQ tables over
     (BLOCK_M2, BLOCK_N2) tiles and the transposed dK/dV tables over (BLOCK_M1, BLOCK_N1)
     tiles (``blocks = (m1, n1, m2, n2)``), each as (table arguments, grid order, spans?).
     With the forward's ``analysis`` its classes are pooled, often without classifying.
     ``HK`` key heads (default ``H``): a dK/dV program serves the ``H // HK`` query heads
-    of its key head, its work is theirs summed."""
+    of its key head, its work is theirs summed. ``dq=False`` (atomic dQ: no dQ kernel):
+    the dK/dV tables only, the dQ ones None."""
     m1, n1, m2, n2 = blocks
     analysis = analysis or Analysis(pattern, Lq, Lk, B=B, H=H, q_offset=q_offset,
                                     device=device, inputs=inputs)
+    if not dq:
+        return None, analysis.tables([((m1, n1), True)], tables, HK=HK)[0]
     return tuple(analysis.tables([((m2, n2), False), ((m1, n1), True)], tables, HK=HK))
 
 

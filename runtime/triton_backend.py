@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..codegen.config import choice
+from ..codegen.config import BWD_DQ, choice
 from ..dsl.errors import SpattnConfigError, SpattnValueError
 from ..ir import bounds as _bounds
 from . import cache as _cache
@@ -62,7 +62,7 @@ FP32_TINY = 2.0 ** -126
 
 OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
                 "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables", "tma",
-                "int64", "score_load", "score_index", "fast_tanh")
+                "int64", "score_load", "score_index", "fast_tanh", "dq")
 
 #: The smallest tile: a score's index proof at this grain is necessary for any tiling (the
 #: tiles are powers of two, so larger ones pad further); a stage proves again with its own
@@ -260,6 +260,10 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
     else:
         opts["tma"] = tma_choice(opts.get("tma"), kind, call.device, call.settings, *tensors)
     opts.setdefault("int64", call.int64)
+    if kind == "bwd":
+        opts["dq"] = dq_choice(opts.get("dq"), call)
+    else:
+        opts.pop("dq", None)        # (a plan's options serve both kinds)
     opts["tables"] = choice(opts.get("tables"), "tables", TABLE_MODES,
                             default=call.settings.tables)
     q, k = tensors[0], tensors[1]
@@ -271,6 +275,19 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
         call.pattern, kind, head_dim=q.shape[-1], dtype=q.dtype, device=q.device,
         Lq=call.Lq, Lk=call.Lk, BH=q.shape[0] * q.shape[1], options=opts, run=run,
         compile_only=compile_only, settings=call.settings, rows=lambda: rows_bucket(call))
+
+
+def dq_choice(want, call) -> str:
+    """How a backward stage computes dQ (``codegen.config.BWD_DQ``): the option ``want``,
+    else ``SPATTN_BWD_DQ``, else "kernel"; always "kernel" while
+    ``torch.are_deterministic_algorithms_enabled()`` (the atomic additions' order varies
+    between runs) and for a pattern with float score tables (whose gradients the dQ kernel
+    accumulates)."""
+    dq = choice(want, "dq", BWD_DQ, default=call.settings.bwd_dq)
+    if dq == "atomic" and (torch.are_deterministic_algorithms_enabled()
+                           or getattr(call.pattern, "score_inputs", None)):
+        return "kernel"
+    return dq
 
 
 def _layout_tiles(call, opts: dict, q) -> None:
@@ -865,7 +882,9 @@ def _occupancy(cfg, compiled) -> int:
 @dataclass
 class BwdStage:
     """One backward pass, resolved: the dQ kernel (which also writes each row's delta and
-    log2-unit lse), then the dK/dV kernel."""
+    log2-unit lse), then the dK/dV kernel. With ``config.dq`` "atomic", ``dq_kernel`` is
+    the row-statistics kernel (delta and lse only) and the dK/dV kernel adds dQ into an
+    fp32 accumulator, scaled by ``scale`` and cast after it."""
 
     config: object
     dq_kernel: object
@@ -886,12 +905,15 @@ class BwdStage:
     launches: dict = None      # with a score: (dQ, dK/dV) bound launches by _launch_key
     aligned: bool = True       # q, k, v of every call are 16-byte aligned (the plan's check)
     out_rows: tuple = None     # (rows of dq, rows of dk and dv): the caller's, with row tables
+    scale: float = 1.0         # sm_scale (the atomic dQ accumulator's, applied after it)
 
     def __repr__(self) -> str:
         c = self.config
         what = c.strategy + (f" ({'/'.join(self.tables)})" if c.strategy == "table" else "")
+        dq = (f"dQ atomic (row statistics {c.block_m2} rows per program)" if c.dq == "atomic"
+              else f"dQ tiles {c.block_m2}x{c.block_n2}")
         return (f"bwd {self.dq_kernel.__name__} + {self.dkdv_kernel.__name__}: {what}, "
-                f"dQ tiles {c.block_m2}x{c.block_n2}, dK/dV tiles {c.block_m}x{c.block_n}, "
+                f"{dq}, dK/dV tiles {c.block_m}x{c.block_n}, "
                 f"{c.num_warps} warps, {c.num_stages} stages, loop {c.loop}"
                 f"{', TMA' if c.tma else ''}{', int64' if c.int64 else ''}"
                 f"{', rows through tables' if c.rows == 'table' else ''}"
@@ -939,6 +961,7 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:
     m1, n1 = cfg.block_m, cfg.block_n          # dK/dV: BLOCK_M1 queries per step, BLOCK_N1 keys
     m2, n2 = cfg.block_m2, cfg.block_n2        # dQ: BLOCK_M2 queries, BLOCK_N2 keys per step
     nq2, nk1 = -(-Lq // m2), -(-Lk // n1)
+    atomic = cfg.dq == "atomic"
     q_offset = call.positions.q_offset
     kw = dict(BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
               DOT_PREC=_dot_prec(q.dtype))
@@ -946,16 +969,18 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:
     mode = opts.get("tables", "auto")
     forms = ("-", "-")
     if cfg.strategy == "table":
-        (tab_q, order_q, spans_q), (tab_k, order_k, spans_k) = bwd_tables(
+        tq, (tab_k, order_k, spans_k) = bwd_tables(
             call.pattern, Lq, Lk, (m1, n1, m2, n2), B=B, H=H, q_offset=q_offset, device=dev,
-            inputs=call.inputs, tables=mode, HK=HK, analysis=call.analysis)
+            inputs=call.inputs, tables=mode, HK=HK, analysis=call.analysis, dq=not atomic)
+        tab_q, order_q, spans_q = tq or ([], None, None)
         kw_k, kw_q = {"SPANS": spans_k}, {"SPANS": spans_q}
-        forms = tuple("spans" if s else "csr" for s in (spans_q, spans_k))
+        forms = tuple("-" if s is None else "spans" if s else "csr" for s in (spans_q, spans_k))
     else:
         tab_q = tab_k = []
         kw_k = kw_q = {}
-        order_q = ranges_order(cf.rows, n_tiles=nq2, block=m2, other_len=Lk, other_block=n2,
-                               length=Lq, shift=q_offset, query=True, device=dev, H=H, B=B)
+        order_q = None if atomic else ranges_order(
+            cf.rows, n_tiles=nq2, block=m2, other_len=Lk, other_block=n2, length=Lq,
+            shift=q_offset, query=True, device=dev, H=H, B=B)
         order_k = ranges_order(cf.cols, n_tiles=nk1, block=n1, other_len=Lq, other_block=m1,
                                length=Lk, shift=q_offset, query=False, device=dev, H=HK, B=B)
     dq_stride = (H * Nq * D, Nq * D, D, 1)
@@ -967,15 +992,24 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:
     static_q = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *dq_stride,
                 *rows_q, *in_args, *tab_q, order_q, call.scale, log2, H, G, Lq, Lk, q_offset)
     static_k = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_stride, *dk_stride,
+                *(dq_stride[:3] if atomic else ()),
                 *rows_k, *in_args, *tab_k, order_k, call.scale, log2, H, HK, G, Lq, Lk, q_offset)
-    stage = BwdStage(cfg, mod.DQ, mod.DKDV, (nq2 * B * H,), (nk1 * B * HK,), static_q,
-                     static_k, dict(BLOCK_M2=m2, BLOCK_N2=n2, **kw, **kw_q),
+    meta_q = dict(BLOCK_M2=m2, BLOCK_N2=n2, **kw, **kw_q)
+    grid_q = (nq2 * B * H,)
+    if atomic:      # the row-statistics kernel: O, dO and LSE in, DELTA and LSE2 out
+        static_q = (*o.stride(), *do.stride(), *rows_q, H, Lq)
+        meta_q = dict(BLOCK_M2=m2, BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=4,
+                      num_stages=1)
+        grid_q = (nq2, B * H)
+    stage = BwdStage(cfg, mod.ROWSTATS if atomic else mod.DQ, mod.DKDV, grid_q,
+                     (nk1 * B * HK,), static_q, static_k, meta_q,
                      dict(BLOCK_M1=m1, BLOCK_N1=n1, **kw, **kw_k), (B, H, HK, Lq, Lk, D),
                      _upcast(call), forms)
     stage.out_rows = (Nq, Nk)
+    stage.scale = call.scale
     if scored:
         stage.pattern, stage.score_tables, stage.launches = call.pattern, call.tables, {}
-        if "DETERMINISTIC" in mod.DQ.arg_names:     # the partial-buffer variant: per call
+        if "DETERMINISTIC" in stage.dq_kernel.arg_names:  # the partial-buffer variant: per call
             stage.meta_q["DETERMINISTIC"] = False
     if warmup:
         lse = torch.zeros((B, H, Nq), dtype=torch.float32, device=dev)
@@ -1007,10 +1041,22 @@ def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
     # written by the dQ kernel for the dK/dV kernel: delta = rowsum(dO * O), lse in log2
     # units (per slot)
     delta, lse2 = torch.empty((2, B, H, Lq), dtype=torch.float32, device=dev).unbind(0)
-    dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=dev)
     dk = torch.empty((B, HK, Nk, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HK, Nk, D), dtype=v.dtype, device=dev)
     cfg = stage.config
+    if cfg.dq == "atomic":
+        # the fp32 dQ accumulator (dS K summed unscaled: :func:`_dq_of` finishes it); the
+        # row-statistics kernel reads O and dO through pointers
+        acc = torch.zeros((B, H, Nq, D), dtype=torch.float32, device=dev)
+        args_q = (o, do, lse, lse2, delta)
+        if cfg.tma:
+            m1, n1, bd = cfg.block_m, cfg.block_n, cfg.block_d
+            args_k = (_desc(q, m1, bd), _desc(k, n1, bd), _desc(v, n1, bd), _desc(do, m1, bd),
+                      lse2, delta, _desc(dk, n1, bd), _desc(dv, n1, bd), acc)
+        else:
+            args_k = (q, k, v, do, lse2, delta, dk, dv, acc)
+        return args_q, args_k, (acc, dk, dv)
+    dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=dev)
     if cfg.tma:   # per kernel: the descriptors' blocks are that kernel's tiles
         m1, n1, m2, n2, bd = cfg.block_m, cfg.block_n, cfg.block_m2, cfg.block_n2, cfg.block_d
         args_k = (_desc(q, m1, bd), _desc(k, n1, bd), _desc(v, n1, bd), _desc(do, m1, bd),
@@ -1021,6 +1067,14 @@ def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
         args_k = (q, k, v, do, lse2, delta, dk, dv)
         args_q = (q, k, v, do, o, lse, lse2, delta, dq)
     return args_q, args_k, (dq, dk, dv)
+
+
+def _dq_of(acc, scale: float, dtype):
+    """dQ from the atomic accumulator: ``acc * scale`` in ``dtype`` (one pass; in place for
+    fp32)."""
+    if dtype == torch.float32:
+        return acc.mul_(scale)
+    return torch.mul(acc, scale, out=torch.empty(acc.shape, dtype=dtype, device=acc.device))
 
 
 def partial_shape(stage: BwdStage, kind: str, slots: int) -> tuple:
@@ -1044,6 +1098,12 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
     that receive their per-tile gradient sums instead (each slot written by one tile of
     one program: no order to depend on)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
+    atomic = stage.config.dq == "atomic"
+    if atomic and torch.are_deterministic_algorithms_enabled():
+        raise SpattnConfigError(
+            "this backward stage adds dQ atomically (dq='atomic'), which is not "
+            "deterministic, and torch.are_deterministic_algorithms_enabled() is on: build "
+            "the stage with dq='kernel' (plans do so while deterministic algorithms are on)")
     if stage.upcast:
         q, k, v, o, do = q.float(), k.float(), v.float(), o.float(), do.float()
     args_q, args_k, grads = _bwd_tensors(stage, q, k, v, o, lse.contiguous(), do)
@@ -1070,6 +1130,8 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
                 stage.launch_q, stage.launch_k = launch_q, launch_k
         elif launch_k is not None:
             _keep(stage.launches, key, (launch_q, launch_k))
+    if atomic:
+        grads = (_dq_of(grads[0], stage.scale, q.dtype),) + grads[1:]
     if stage.upcast:
         return tuple(g.to(dt) for g, dt in zip(grads, dtypes))
     return grads

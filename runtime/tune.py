@@ -17,7 +17,7 @@ Autotuning applies when all of these hold:
   :meth:`spattn.runtime.settings.Settings.tiles_set`).
 
 The choice is keyed by (pattern source and input declarations, kind, head-dim block,
-dtype class, device capability, strategy, next power of two of Lq, of Lk and of
+dtype class, device capability, strategy, the backward's dQ mode (``SPATTN_BWD_DQ``), next power of two of Lq, of Lk and of
 batch x heads, the row bucket -- ``floor(log2)`` of the mean number of non-EMPTY 64x64
 tiles in a non-empty query row, :func:`spattn.runtime.tables.row_bucket`, which separates
 20 documents in 16K tokens from 12 --, TMA loads or not, 64-bit integers or not, codegen
@@ -190,15 +190,19 @@ def _capturing() -> bool:
 def key_fields(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, Lk: int,
                strategy: str, closed_form=None, tma: bool = False, BH: int = 1,
                int64: bool = False, rows: int | None = None,
-               row_tables: bool = False) -> dict:
+               row_tables: bool = False, dq: str = "kernel") -> dict:
     """Everything a tuning choice depends on (its file is named after their hash).
     ``rows``: the call's row bucket (:func:`spattn.runtime.tables.row_bucket`; None where
     the caller has no analysis). ``row_tables``: the kernels address rows through a
     permuted plan's row tables (``KernelConfig.rows`` "table"; a field only when set), or,
-    given as "box", a token layout's boxes through TMA (the field ``row_boxes``)."""
+    given as "box", a token layout's boxes through TMA (the field ``row_boxes``). ``dq``:
+    the backward's dQ mode (``KernelConfig.dq``; the field ``bwd_dq`` only when "atomic",
+    so that the dQ kernel's choices keep their keys)."""
     from ..codegen.kernels import CODEGEN_VERSION
     extra = ({"row_boxes": True} if row_tables == "box"
              else {"row_tables": True} if row_tables else {})
+    if dq != "kernel":
+        extra["bwd_dq"] = dq
     return {**extra,
         "source": pattern.source,
         "inputs": sorted([n, int(d)] for n, d in pattern.inputs.items()),
@@ -516,7 +520,7 @@ def tuned_options(pattern, kind: str, *, head_dim: int, dtype, device, Lq: int, 
                           closed_form=options.get("closed_form"), tma=config.tma, BH=BH,
                           int64=config.int64, rows=rows,
                           row_tables="box" if config.rows == "box"
-                          else config.rows == "table")
+                          else config.rows == "table", dq=config.dq)
 
     with _lock:
         fields = None

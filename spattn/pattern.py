@@ -25,7 +25,7 @@ from .runtime.usage import warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
                   "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma",
-                  "score_load", "score_index", "fast_tanh", "rows")
+                  "score_load", "score_index", "fast_tanh", "rows", "dq")
 
 
 class Pattern(CompiledPattern):
@@ -217,7 +217,8 @@ class Pattern(CompiledPattern):
         ``num_stages``, the backward's ``block_m1``, ``block_n1``, ``block_m2``,
         ``block_n2``, ``loop``, ``tma``, ``rows`` ("seq"; "table": rows addressed through
         a permuted plan's row tables; "box" with ``tma=True``, a forward: a token layout's
-        boxes through 5-D TMA descriptors; docs/layouts.md), and with a score ``score_load``,
+        boxes through 5-D TMA descriptors; docs/layouts.md), the backward's ``dq``
+        ("kernel" or "atomic": docs/codegen.md), and with a score ``score_load``,
         ``score_index``, ``fast_tanh`` (docs/backends.md, Scores).
         """
         if args and isinstance(args[0], torch.Tensor):

@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 _DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -44,3 +45,36 @@ def test_decode_sweep_cpu_check(monkeypatch, capsys):
     mod.main(["--cpu-check"])
     cap = capsys.readouterr()
     assert cap.out.count('"err"') == 4 and "Error" not in cap.err, cap.err
+
+
+def test_tiles_ab_dq_ab(monkeypatch):
+    """``--dq-ab``: the atomic configurations (8th field) run through the interpreter,
+    each plan's backward in the mode its label says, every result equal to the default's;
+    the timing loop and the table (f+b / b alone per cell) with a fake timer on CPU."""
+    monkeypatch.setenv("SPATTN_BACKEND", "triton")
+    mod = _load("tiles_ab")
+    rows = mod.main(["--kind", "bwd", "--dq-ab", "--cpu-check"])
+    assert [r["case"] for r in rows] == mod.CHECK_DQ_CASES
+    for row in rows:
+        cfgs = row["configs"]
+        assert all("error" not in c and c["err_vs_default"] < 1e-4 for c in cfgs.values()), row
+        assert {lb: c["dq"] for lb, c in cfgs.items()} == {
+            lb: "atomic" if lb.endswith("atomic") else "kernel" for lb in cfgs}, row
+    assert len(mod.parse(mod.DQ_CONFIGS)) == 6 and len(mod.QUICK) == 6
+    assert mod.parse("32,64,64,32,4,3,split,atomic")[0][-2:] == ("split", "atomic")
+    import triton.testing
+    calls = []
+
+    def fake_bench(fn, **kw):
+        fn()
+        calls.append(fn)
+        return 1.0 + 0.1 * len(calls)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(mod, "setup", lambda check: (2, "cpu", torch.float32))
+    configs = mod.parse("16,32,32,16,4,1,split,atomic")
+    row = mod.run_case("bwd", "causal:48:1:16", configs, rounds=2, rep=1)
+    assert len(calls) == 2 * 2 * 2              # rounds x configs x (f+b, b alone)
+    c = row["configs"]["16,32,32,16,4,1,split,atomic"]
+    assert c["dq"] == "atomic" and c["vs_default"] > 0 and c["bwd_vs_default"] > 0
+    text = mod.table([row], configs)
+    assert "| causal:48:1:16 |" in text and " / " in text

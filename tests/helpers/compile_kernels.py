@@ -6,7 +6,7 @@ Run as a script (``python tests/helpers/compile_kernels.py``) in a process witho
 ``TRITON_INTERPRET``: it prints one ``OK``/``ERR`` line per kernel and exits 1 on an error.
 ``--rows``: the kernels that address rows through row tables (:data:`ROWS_CASES`) instead;
 ``--box``: the forward kernels that read a token layout's boxes through 5-D TMA descriptors
-(:data:`BOX_CASES`).
+(:data:`BOX_CASES`); ``--atomic``: the backward kernels with atomic dQ (:data:`ATOMIC_CASES`).
 """
 from __future__ import annotations
 
@@ -33,14 +33,17 @@ F32 = {"LSE", "LSE2", "DELTA"}
 I32P = {"ORDER", "ROWS_P", "COLS_P", "ROWS_F", "COLS_F", "SPAN", "Q_ROWS", "K_ROWS"}
 
 
-def _signature(fn, consts: dict, descs: dict | None = None) -> dict:
-    """Argument types; ``descs``: the tensors passed as TMA descriptors, by block shape."""
+def _signature(fn, consts: dict, descs: dict | None = None, f32=()) -> dict:
+    """Argument types; ``descs``: the tensors passed as TMA descriptors, by block shape;
+    ``f32``: more fp32 pointers (the atomic dQ accumulator ``DQ``)."""
     sig = {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
         elif name in (descs or {}):
             sig[name] = f"tensordesc<bf16[{','.join(map(str, descs[name]))}]>"
+        elif name in f32:
+            sig[name] = "*fp32"
         elif name in BF16:
             sig[name] = "*bf16"
         elif name in F32:
@@ -71,7 +74,9 @@ def compile_pattern(pat, kind: str, ones=(), box=None, **opts) -> list[str]:
     constexprs (``BoxRows.meta``)."""
     mod = _module(cache.kernel_file(pat, kind, head_dim=64, dtype="bf16", **opts))
     out = []
-    for k in ([mod.KERNEL] if kind == "fwd" else [mod.DQ, mod.DKDV]):
+    atomic = kind == "bwd" and opts.get("dq") == "atomic"
+    for k in ([mod.KERNEL] if kind == "fwd" else [mod.ROWSTATS, mod.DKDV] if atomic
+              else [mod.DQ, mod.DKDV]):
         consts = {p.name: (box or {}).get(p.name, CONSTS.get(p.name)) for p in k.params
                   if p.is_constexpr}
         consts.update({n: 1 for n in ones if n in k.arg_names})
@@ -81,12 +86,21 @@ def compile_pattern(pat, kind: str, ones=(), box=None, **opts) -> list[str]:
             sub = {n: (b if box["FOLD"] else [1] + b[1:]) for n, b in sub.items()}
             descs = {t: [1, *sub["K" if t in "KV" else "Q"], CONSTS["BLOCK_D"]]
                      for t in "QKVO"}
-        src = ASTSource(fn=k, signature=_signature(k, consts, descs),
+        elif opts.get("tma") and kind == "bwd":     # the dK/dV kernel's descriptors
+            descs = {t: [1, 1, CONSTS["BLOCK_N1" if t in ("K", "V", "DK", "DV") else
+                                      "BLOCK_M1"], CONSTS["BLOCK_D"]]
+                     for t in ("Q", "K", "V", "DO", "DK", "DV") if t in k.arg_names
+                     and k is mod.DKDV}
+        src = ASTSource(fn=k, signature=_signature(k, consts, descs,
+                                                   f32=("DQ",) if atomic else ()),
                         constexprs={(k.arg_names.index(n),): v for n, v in consts.items()})
         try:
             compiled = triton_compile(src, target=TARGET)
             if box and "cp.async.bulk.tensor.5d" not in compiled.asm["ptx"]:
                 raise AssertionError("no 5-D TMA load (cp.async.bulk.tensor.5d) in the PTX")
+            if atomic and k is mod.DKDV and "red.global" not in compiled.asm["ptx"] \
+                    and "atom.global" not in compiled.asm["ptx"]:
+                raise AssertionError("no atomic add (red.global / atom.global) in the PTX")
             out.append(f"OK  {k.__name__} {opts} {list(ones)}")
         except Exception as e:  # noqa: BLE001 - reported, the caller fails
             out.append(f"ERR {k.__name__} {opts} {list(ones)}: {type(e).__name__}: "
@@ -145,6 +159,23 @@ ROWS_CASES = [
 ]
 
 
+#: Atomic-dQ backward kernels (``dq="atomic"``: docs/codegen.md, Backward): both
+#: strategies, split and fused loops, TMA loads, 64-bit integers, row tables, a score with
+#: a derivative (softcap), GQA-shaped heads (``GROUP`` is a runtime argument).
+ATOMIC_CASES = [
+    ("pattern win = causal & window(256)", {"strategy": "ranges", "dq": "atomic"}, ()),
+    ("pattern win = causal & window(256)",
+     {"strategy": "ranges", "dq": "atomic", "loop": "fused"}, ()),
+    ("pattern win = causal & window(256)", {"strategy": "ranges", "dq": "atomic", "tma": True},
+     ()),
+    ("pattern docs = causal & same(doc)\ninput doc", {"strategy": "table", "dq": "atomic"}, ()),
+    ("pattern docs = causal & same(doc)\ninput doc",
+     {"strategy": "table", "dq": "atomic", "loop": "fused", "int64": True}, ()),
+    (_NB2D, {"strategy": "table", "rows": "table", "dq": "atomic"}, ()),
+    ("pattern capped = causal score softcap(30.0)", {"strategy": "ranges", "dq": "atomic"}, ()),
+]
+
+
 def _box(shape, box) -> dict:
     """The box constexprs of a layout of ``shape`` in boxes ``box`` with the 64 x 64 tiles
     of :data:`CONSTS`."""
@@ -197,9 +228,13 @@ def main() -> int:
         lines = _box_lines()
         print("\n".join(lines))
         return 1 if any(x.startswith("ERR") for x in lines) else 0
-    for src, opts, ones in (ROWS_CASES if "--rows" in sys.argv[1:] else CASES):
+    cases = (ROWS_CASES if "--rows" in sys.argv[1:] else ATOMIC_CASES
+             if "--atomic" in sys.argv[1:] else CASES)
+    for src, opts, ones in cases:
         pat = spattn.compile(src)
         for kind in ("fwd", "bwd"):
+            if kind == "fwd" and opts.get("dq"):
+                continue                      # (a backward-only option)
             if kind == "bwd" and opts.get("loop") == "persistent":
                 continue                      # (a forward-only loop)
             lines += compile_pattern(pat, kind, ones, **opts)

@@ -1,4 +1,4 @@
-# spattn-kernel key=ad35e664d0f65b37126ed4672501192d sha256=7a1e575b86634b30ec082469bee9ed63af518346b9c762c60f620e013030d252
+# spattn-kernel key=a9c803e86c42f538c78f925042a05c4c sha256=01003a0849a199b07550d5ff75e907274c98acf22487f246abe1ff3aa14e820a
 """spattn generated forward attention kernel for pattern `streaming`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: ranges
     (closed-form key ranges computed in the kernel from the tile index)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_streaming_ad35e6
-Codegen version: 25; cache key ad35e664d0f65b37126ed4672501192d
+Kernels: attn_fwd_streaming_a9c803
+Codegen version: 25; cache key a9c803e86c42f538c78f925042a05c4c
 Forward loop: fused (one loop over all 3 interval pieces, predicate only on PARTIAL tiles)
 Loads: TMA tensor descriptors for Q, K, V, O (block [1, 1, rows, BLOCK_D]; the stride
        arguments are unused)
@@ -61,7 +61,7 @@ def _split(start, end, full_start, full_end):
 
 
 @triton.jit
-def _fwd_fused_ad35e6(
+def _fwd_fused_a9c803(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_kh,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -118,7 +118,7 @@ def _fwd_fused_ad35e6(
 
 
 @triton.jit
-def attn_fwd_streaming_ad35e6(
+def attn_fwd_streaming_a9c803(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -185,7 +185,7 @@ def attn_fwd_streaming_ad35e6(
     # 1b: tiles [ps, pe), FULL where in [f1, g1)
     pa2, pz2, pf2, pg2 = ps, pe, f1, g1
     # the 3 pieces in one loop
-    acc, l_i, m_i = _fwd_fused_ad35e6(
+    acc, l_i, m_i = _fwd_fused_a9c803(
         acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, pa0, pz0, pf0,
         pg0, pa1, pz1, pf1, pg1, pa2, pz2, pf2, pg2, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
@@ -198,4 +198,4 @@ def attn_fwd_streaming_ad35e6(
     tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
 
 
-KERNEL = attn_fwd_streaming_ad35e6
+KERNEL = attn_fwd_streaming_a9c803

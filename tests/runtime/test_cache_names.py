@@ -1,0 +1,23 @@
+"""Kernel modules in memory: one per kernel text, even where two kernels share a file name."""
+import pytest
+
+import spattn
+from spattn.runtime import cache
+
+
+def test_kernels_sharing_a_file_name_keep_their_modules(monkeypatch):
+    """Two kernels of one pattern name whose keys share the file name's 6 hex digits (forced
+    here) take turns in one file: each call still gets its own kernel's module, never the
+    other's (found by the random search with SPATTN_BWD_DQ=atomic, whose extra modules made
+    a collision among ~3000 kernels of one process likely)."""
+    monkeypatch.setattr(cache, "file_name", lambda pattern, kind, key: f"attn_{kind}_x_000000.py")
+    a = spattn.compile("causal & window(9)", pattern=None)
+    b = spattn.compile("causal & same(doc)", pattern=None)
+    assert a.name == b.name
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="foreign file"):
+            ma, _ = cache.load(a, "fwd", head_dim=32, dtype="fp32", strategy="table")
+            mb, _ = cache.load(b, "fwd", head_dim=32, dtype="fp32", strategy="table")
+        assert ma is not mb
+        assert "DOC_ptr" not in ma.__spattn_text__ and "DOC_ptr" in mb.__spattn_text__
+        assert "DOC_ptr" in mb.KERNEL.arg_names and "DOC_ptr" not in ma.KERNEL.arg_names
