@@ -16,7 +16,7 @@ is built (the plan keeps its compiled kernels):
 
 ``--dq-ab`` (bwd): the dQ modes A/B: the default tiles with the dQ kernel and atomic, and
 atomic at other dK/dV tiles (:data:`DQ_CONFIGS`), on :data:`DQ_CASES` (the ``--quick``
-cases first); ``--budget`` seconds (default 230 with ``--dq-ab``) stops starting new cases
+cases first); ``--budget`` seconds (default 180 with ``--dq-ab``) stops starting new cases
 once spent, so that the run ends in time (the table then has the cases done). ``--quick``:
 only :data:`QUICK` cases.
 
@@ -252,7 +252,7 @@ def main(argv=None):
                     help="bwd: the dQ kernel against atomic dQ (DQ_CONFIGS on DQ_CASES)")
     ap.add_argument("--quick", action="store_true", help="bwd: only the QUICK cases")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds after which no new case starts (default 230 with --dq-ab)")
+                    help="seconds after which no new case starts (default 180 with --dq-ab: a case takes up to ~50 s)")
     args = ap.parse_args(argv)
     if (args.dq_ab or args.quick) and args.kind != "bwd":
         ap.error("--dq-ab and --quick are for --kind bwd")
@@ -262,7 +262,7 @@ def main(argv=None):
     configs = parse(args.configs or (DQ_CONFIGS if args.dq_ab else CONFIGS[args.kind]))
     cases = (args.cases.split(";") if args.cases else QUICK if args.quick
              else DQ_CASES if args.dq_ab else CASES[args.kind])
-    budget = args.budget if args.budget is not None else 230.0 if args.dq_ab else None
+    budget = args.budget if args.budget is not None else 180.0 if args.dq_ab else None
     start = time.monotonic()
     rows = []
     for case in [c for c in cases if c]:
