@@ -779,7 +779,8 @@ def _build_fwd(call, q, k, v, opts, warmup=False, rows=None) -> FwdStage:
               *((B * H, n_work) if persistent else ()))
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.block_d, HEAD_DIM=D,
                 DOT_PREC=_dot_prec(q.dtype), num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **table_kw, **box_meta)
+                num_stages=cfg.num_stages, **table_kw, **box_meta,
+                **({"EXACT_PV": False} if scored else {}))
     stage = FwdStage(cfg, mod.KERNEL, (n_work,), static, meta, (B, H, Nq, D), q.dtype,
                      _upcast(call), persistent, n_work, tables=mode, box=box)
     if scored:
@@ -835,18 +836,21 @@ def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None, out_dtype=None
         key = _launch_key(sc, q, k, v) if q.device.type == "cuda" else None
         key = None if key is None else key + (o.dtype,)
         launch = _scored_launch(stage.launches, key)
+    meta = stage.meta
+    if "EXACT_PV" in meta and out_dtype == torch.float32 and dtype != torch.float32:
+        meta = dict(meta, EXACT_PV=True)    # (P's rounding added back: scores.exact_delta)
     if launch is None or not launch(*head):
         args = (*head, *stage.static)
-        compiled = stage.kernel[stage.grid](*args, **stage.meta)
+        compiled = stage.kernel[stage.grid](*args, **meta)
         if stage.persistent and stage.occupancy is None and q.device.type == "cuda":
             stage.occupancy = _occupancy(stage.config, compiled)
             stage.grid = (_persistent_programs(None, stage.n_work, stage.occupancy, q.device),)
         elif stage.pattern is None and out_dtype == dtype and _bindable(stage, q, k, v):
-            stage.launch = BoundLaunch.of(stage.kernel, compiled, stage.grid, args, stage.meta,
+            stage.launch = BoundLaunch.of(stage.kernel, compiled, stage.grid, args, meta,
                                           q.device)
         elif key is not None:
             _keep(stage.launches, key, BoundLaunch.of(stage.kernel, compiled, stage.grid, args,
-                                                      stage.meta, q.device))
+                                                      meta, q.device))
     return (o.to(out_dtype) if stage.upcast else o), lse
 
 

@@ -391,3 +391,25 @@ def test_diagonal_sums_at_any_shape(Hq, Hk, Lq, Lk, q_offset, bshd, monkeypatch)
     for what, x, y in zip(("dq", "dk", "dv", "drel"), got, want):
         torch.testing.assert_close(x.double(), y, atol=1e-4, rtol=1e-4, msg=what)
     assert seen == [(B, Hq, Lq, D)]         # the path under test, on [B, H, L, D] views
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fp32_output_of_a_scored_forward(dtype):
+    """The fp32 output the backward of a learned table reads (``out_dtype=torch.float32``;
+    from 16-bit q the kernel adds P's rounding back as a second product, ``EXACT_PV``)
+    equals the float64 reference, and its 16-bit cast is the ordinary forward's output."""
+    from spattn.runtime import triton_backend as tb
+    from spattn.runtime.reference import pattern_reference
+    inputs, _ = _slope_case(97)
+    q, k, v, _, w0 = inputs
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    pat = spattn.compile("causal & window(40)", score=SLOPE, backend="triton")
+    plan = pat.plan(q, k, v, w=w0)
+    o32, _ = tb.run_fwd(plan.forward_stage, q, k, v, tables={"w": w0}, out_dtype=torch.float32)
+    o, _ = tb.run_fwd(plan.forward_stage, q, k, v, tables={"w": w0})
+    assert o32.dtype == torch.float32 and o.dtype == dtype
+    ref, _ = pattern_reference(pat, q.double(), k.double(), v.double(), w=w0.double())
+    torch.testing.assert_close(o32.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o32.to(dtype), o, atol=0, rtol=0) if dtype == torch.float32 \
+        else torch.testing.assert_close(o.double(), ref, atol=1e-2, rtol=1e-2)
