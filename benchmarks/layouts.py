@@ -313,9 +313,9 @@ def gather_setup(row, fns, pat, main, q, k, v, N, gathers):
 
 
 def parse_config(text: str):
-    """``"BM,BN,W,S[,loop][,tables][,ws]"`` -> ``(env, label)``; ``"tuned"``: autotuning on.
+    """``"BM,BN,W,S[,loop][,tables]"`` -> ``(env, label)``; ``"tuned"``: autotuning on.
     ``loop``: split, fused or persistent (``SPATTN_FWD_LOOP``); ``tables``: csr or spans
-    (``SPATTN_TABLES``); ``ws``: warp-specialised key loops (``SPATTN_FWD_WS=1``)."""
+    (``SPATTN_TABLES``)."""
     import sweep
     text = text.strip()
     if text == "tuned":
@@ -327,8 +327,6 @@ def parse_config(text: str):
             env["SPATTN_FWD_LOOP"] = extra
         elif extra in ("csr", "spans"):
             env["SPATTN_TABLES"] = extra
-        elif extra == "ws":
-            env["SPATTN_FWD_WS"] = "1"
         else:
             raise SystemExit(f"config {text!r}: {extra!r} is not a loop or a table form")
     return env, text

@@ -6,8 +6,8 @@ autotuning off) a plan is built per configuration: the library's default (no ove
 and each ``--configs`` entry, through the ``SPATTN_*`` overrides in force while the plan
 is built (the plan keeps its compiled kernels):
 
-* ``--kind fwd``: ``BLOCK_M,BLOCK_N,warps,stages[,ws]`` (``ws``: 1 for warp-specialised key
-  loops, ``SPATTN_FWD_WS``); the forwards ``pat(q, k, v, plan=plan)`` are timed;
+* ``--kind fwd``: ``BLOCK_M,BLOCK_N,warps,stages``; the forwards ``pat(q, k, v, plan=plan)``
+  are timed;
 * ``--kind bwd``: ``M1,N1,M2,N2,warps,stages[,loop[,dq]]`` (the backward's dK/dV and dQ
   tiles, its loops, and ``dq``: ``kernel`` or ``atomic``, ``SPATTN_BWD_DQ``: dQ added
   atomically by the dK/dV kernel, whose M2 is then the row-statistics kernel's rows and N2
@@ -61,8 +61,7 @@ import bench  # noqa: E402
 
 import spattn  # noqa: E402
 
-VARS = {"fwd": ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES",
-                "SPATTN_FWD_WS"),
+VARS = {"fwd": ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES"),
         "bwd": ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
                 "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES",
                 "SPATTN_BWD_LOOP", "SPATTN_BWD_DQ")}

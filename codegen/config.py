@@ -57,20 +57,14 @@ class KernelConfig:
     # tables Q_ROWS, K_ROWS of a permuted plan; pointer loads, never TMA; "box": a token
     # layout's boxes through multi-dimensional TMA descriptors, forward only)
     rows: str = "seq"
-    # forward only: the key loops as tl.range(..., warp_specialize=True) (Triton's automatic
-    # warp specialisation; measured on the GPU through SPATTN_FWD_WS, off by default)
-    ws: bool = False
     # how the backward computes dQ: BWD_DQ ("kernel": the dQ kernel; "atomic": the dK/dV
     # kernel adds dS K into an fp32 accumulator)
     dq: str = "kernel"
 
     def as_dict(self) -> dict:
-        """The fields, the cache key's part (``ws`` and ``dq`` only where they are not their
-        defaults, False and "kernel", so that every other configuration keeps its key and
-        kernel names)."""
+        """The fields, the cache key's part (``dq`` only where it is not the default
+        "kernel", so that every other configuration keeps its key and kernel names)."""
         d = asdict(self)
-        if not d["ws"]:
-            del d["ws"]
         if d["dq"] == "kernel":
             del d["dq"]
         return d
@@ -159,7 +153,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
          block_m=None, block_n=None, num_warps=None, num_stages=None, closed_form=None,
          interpret=False, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
          loop=None, tma=None, int64=None, score_load=None, score_index=None, fast_tanh=None,
-         rows=None, ws=None, dq=None, overrides=None, **_ignored) -> KernelConfig:
+         rows=None, dq=None, overrides=None, **_ignored) -> KernelConfig:
     """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype.
 
     Backward: ``block_m1``/``block_n1`` (dK/dV) and ``block_m2``/``block_n2`` (dQ);
@@ -168,7 +162,6 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     ``score_load``, ``score_index``, ``fast_tanh``: how a score's tables are read and its
     tanh computed (:data:`SCORE_LOADS`, :data:`SCORE_INDEX`; ignored without a score).
     ``rows``: how token rows are addressed (:data:`ROWS`; "table" turns TMA off).
-    ``ws``: the forward's key loops warp-specialised (not the persistent loop).
     ``dq`` (backward): how dQ is computed (:data:`BWD_DQ`; a pattern with float score
     tables keeps "kernel", whose dQ kernel accumulates the tables' gradients).
     ``interpret``: the tile defaults of Triton's CPU interpreter.  ``overrides``: the
@@ -221,8 +214,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     # a mutable and an immutable shared-memory descriptor).
     return KernelConfig(strategy, int(bm), int(bn), next_pow2(head_dim), int(nw), int(ns), dt,
                         loop=loop, tma=bool(tma) and loop != "persistent", int64=bool(int64),
-                        rows=rows, ws=bool(ws if ws is not None else env.get("ws"))
-                        and loop != "persistent", **_score_flags(pattern, score_load, score_index, fast_tanh))
+                        rows=rows, **_score_flags(pattern, score_load, score_index, fast_tanh))
 
 
 #: How the kernels address the rows of q, k, v, the outputs and their gradients: "seq"

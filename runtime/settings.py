@@ -14,8 +14,6 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 ``SPATTN_FWD_WARPS``        forward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
 ``SPATTN_FWD_STAGES``       forward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
 ``SPATTN_FWD_LOOP``         forward loop: ``split``, ``fused`` or ``persistent``
-``SPATTN_FWD_WS``           ``1`` / ``0``: the forward's key loops warp-specialised (Triton's
-                            ``tl.range(..., warp_specialize=True)``; GPU experiments)
 ``SPATTN_BWD_BLOCK_M1``...  dK/dV tile (``_M1``, ``_N1``) and dQ tile (``_M2``, ``_N2``)
 ``SPATTN_BWD_WARPS``        backward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
 ``SPATTN_BWD_STAGES``       backward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
@@ -68,7 +66,7 @@ FLAG_OFF = ("0", "false", "off", "no")
 VARIABLES = (
     "SPATTN_STRATEGY",
     "SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES",
-    "SPATTN_FWD_LOOP", "SPATTN_FWD_WS",
+    "SPATTN_FWD_LOOP",
     "SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2", "SPATTN_BWD_BLOCK_N2",
     "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES", "SPATTN_BWD_LOOP", "SPATTN_BWD_DQ",
     "SPATTN_NUM_WARPS", "SPATTN_NUM_STAGES",
@@ -250,8 +248,7 @@ def parse(raw: tuple) -> Settings:
     fwd = pick((("block_m", _int("SPATTN_BLOCK_M", env["SPATTN_BLOCK_M"])),
                 ("block_n", _int("SPATTN_BLOCK_N", env["SPATTN_BLOCK_N"])),
                 ("num_warps", fwd_w or nw), ("num_stages", fwd_s or ns),
-                ("loop", _choice("SPATTN_FWD_LOOP", env["SPATTN_FWD_LOOP"], _FWD_LOOPS)),
-                ("ws", _flag("SPATTN_FWD_WS", env["SPATTN_FWD_WS"], auto=False))))
+                ("loop", _choice("SPATTN_FWD_LOOP", env["SPATTN_FWD_LOOP"], _FWD_LOOPS))))
     bwd = pick((("block_m1", _int("SPATTN_BWD_BLOCK_M1", env["SPATTN_BWD_BLOCK_M1"])),
                 ("block_n1", _int("SPATTN_BWD_BLOCK_N1", env["SPATTN_BWD_BLOCK_N1"])),
                 ("block_m2", _int("SPATTN_BWD_BLOCK_M2", env["SPATTN_BWD_BLOCK_M2"])),

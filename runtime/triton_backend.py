@@ -622,7 +622,6 @@ class FwdStage:
                 f"{', TMA' if c.tma else ''}{', int64' if c.int64 else ''}"
                 f"{', rows through tables' if c.rows == 'table' else ''}"
                 f"{', boxes through 5-D TMA' if c.rows == 'box' else ''}"
-                f"{', key loops warp-specialised' if c.ws else ''}"
                 f"{_score_flags(self.pattern, c)}, grid {self.grid}")
 
 
