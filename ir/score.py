@@ -80,7 +80,8 @@ class _Min2(sympy.Function):
 
     def fdiff(self, argindex=1):
         a, b = self.args
-        return sympy.Heaviside(b - a) if argindex == 1 else sympy.Heaviside(a - b)
+        w = sympy.Heaviside(b - a)
+        return w if argindex == 1 else 1 - w
 
 
 class _Max2(sympy.Function):
@@ -90,7 +91,8 @@ class _Max2(sympy.Function):
 
     def fdiff(self, argindex=1):
         a, b = self.args
-        return sympy.Heaviside(a - b) if argindex == 1 else sympy.Heaviside(b - a)
+        w = sympy.Heaviside(a - b)
+        return w if argindex == 1 else 1 - w
 
 
 _UNARY = {"tanh": _Tanh, "exp": sympy.exp, "log": _Log, "sqrt": _Sqrt,
