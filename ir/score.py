@@ -74,7 +74,10 @@ class _Tanh(sympy.Function):
 class _Min2(sympy.Function):
     """``min(a, b)`` kept binary: an n-ary ``min`` is ``min(min(a, b), c)``, as both backends
     evaluate it, so that at ties the derivative splits as torch's does (half to each side)
-    rather than sympy's ``Min`` derivative, whose weights add past 1 at a three-way tie."""
+    rather than sympy's ``Min`` derivative, whose weights add past 1 at a three-way tie.
+    Its derivative is ``w a' + (1 - w) b'`` with one ``w = step(b - a)``: a weight per side
+    (``step(b - a)``, ``step(a - b)``) is two differences rounded apart, both 0 or both 1
+    at a near-tie in float32."""
 
     is_extended_real = True
 
