@@ -8,6 +8,7 @@ import spattn
 from spattn.dsl.errors import SpattnInputError, SpattnValueError
 from spattn.runtime.reference import attention_reference, pattern_reference
 
+from tests.helpers.adversarial import score_case
 from tests.runtime.test_review_scores import assert_matches, run
 
 
@@ -141,10 +142,12 @@ def test_a_list_entry_the_call_never_reads_is_still_a_literal(big):
     # the same branches, nearly tied at every pair k = q - 1 (s small)
     ("causal & q - k <= 1", "max(softcap(1000.0), alibi(0.5) + 0.5)", {}, (2, 2, 40, 40, 16),
      None, {"scale": 0.05}),
-    ("causal & q - k <= 1", "min(alibi(-0.5) - 0.5, softcap(1000.0))", {}, (2, 2, 40, 40, 16),
+    ("causal & q - k <= 1", "max(alibi(0.5) + 0.5, s * 1.0000001)", {}, (2, 2, 40, 40, 16),
      None, {"scale": 0.05}),
-], ids=["B2-H1-Lq23-Lk16-D16-adversarial-1428086513", "B2-H2-L40-D16-max-near-ties",
-        "B2-H2-L40-D16-min-near-ties"])
+    ("causal & q - k <= 1", "min(alibi(-0.75) - 0.75, s * 0.9999999)", {}, (2, 2, 40, 40, 16),
+     None, {"scale": 0.05}),
+], ids=["B2-H1-Lq23-Lk16-D16-adversarial-1428086513", "B2-H2-L40-D16-max-softcap-near-ties",
+        "B2-H2-L40-D16-max-near-ties", "B2-H2-L40-D16-min-near-ties"])
 def test_max_of_nearly_tied_branches_has_one_derivative(backend, mask, score, params, shape,
                                                         q_offset, kw):
     """The derivative of ``max(a, b)`` is ``w a' + (1 - w) b'`` with one ``w = step(a - b)``
@@ -166,3 +169,10 @@ def test_max_of_nearly_tied_branches_has_one_derivative(backend, mask, score, pa
         for n, a, b in zip(["o", "dq", "dk", "dv"], got, want):
             torch.testing.assert_close(a.double(), b, atol=2e-4 * (1 if n == "o" else 5),
                                        rtol=2e-3, msg=lambda m: f"{score} seed {seed} {n}: {m}")
+
+
+def test_adversarial_score_1428086513_replays():
+    """The found case itself (torch backend, its own seed's inputs): dQ and dK were wrong at
+    one pair, ``k = q - 1`` of row 14, where ``softcap(30.0)`` and ``alibi(0.5) + 0.5``
+    nearly tie."""
+    assert "max(softcap(30.0), (alibi(m[h]) + 0.5))" in score_case(1428086513)
