@@ -71,6 +71,18 @@ class _Tanh(sympy.Function):
         return 1 - self ** 2
 
 
+class _Abs(sympy.Function):
+    """The score's ``abs``: real, its derivative ``sign(x) x'``. sympy's ``Abs``
+    differentiates an argument it cannot prove real (a division by a value that may be 0)
+    through ``re`` and ``im`` parts, which came back as ``x' (1 / x) x``: NaN where ``x``
+    is 0 (``abs(if c then s else float(q % 4))`` at ``q % 4 == 0``)."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.sign(self.args[0])
+
+
 class _Min2(sympy.Function):
     """``min(a, b)`` kept binary: an n-ary ``min`` is ``min(min(a, b), c)``, as both backends
     evaluate it, so that at ties the derivative splits as torch's does (half to each side)
@@ -99,7 +111,7 @@ class _Max2(sympy.Function):
 
 
 _UNARY = {"tanh": _Tanh, "exp": sympy.exp, "log": _Log, "sqrt": _Sqrt,
-          "abs": sympy.Abs, "sign": sympy.sign, "step": sympy.Heaviside}
+          "abs": _Abs, "sign": sympy.sign, "step": sympy.Heaviside}
 
 
 class _ToSympy:

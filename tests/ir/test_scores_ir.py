@@ -33,6 +33,8 @@ def test_sums_and_products_are_canonical(a, b):
 @example(parse_score_ir("min(s + (q - k), s + h, s)"), 0)     # three-way ties on the diagonal
 @example(parse_score_ir("max(2 * s + (q - k), s + h, s)"), 1)
 @example(parse_score_ir("abs(30.0 * tanh(s / 30.0) / float(q + 1))"), 2)   # sinh via re()
+@example(parse_score_ir(                   # abs of a division: no x * (1 / x), NaN at x = 0
+    "sqrt(abs((if k - q > -2 then s else float(q % 4)) / float(Lq + 1)) + 0.25)"), 3)
 def test_derivative_matches_autograd(f, seed):
     g = torch.Generator().manual_seed(seed)
     env = score_env(6, 7, num_heads=3, batch=1, q_offset=0)

@@ -176,3 +176,16 @@ def test_adversarial_score_1428086513_replays():
     one pair, ``k = q - 1`` of row 14, where ``softcap(30.0)`` and ``alibi(0.5) + 0.5``
     nearly tie."""
     assert "max(softcap(30.0), (alibi(m[h]) + 0.5))" in score_case(1428086513)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_abs_of_a_division_has_no_nan_derivative(backend):
+    """adversarial score:762742104: the derivative of ``abs(x / d)`` (``d`` a value sympy
+    cannot prove non-zero) came back as ``x' (1 / x) x``, NaN at the pairs where the
+    ``else`` branch ``q % 4`` is 0 (a NaN in dQ and dK where the reference has none); it is
+    ``sign(x / d) x' / d``."""
+    p = spattn.compile("causal & (sink(3) | window(4))", backend=backend,
+                       score="sqrt(abs((if k - q > -2 then s else float(q % 4)) / "
+                             "float(abs(Lq) + 1)) + 0.25)")
+    got, want, _ = run(p, B=2, Lq=18, Lk=20, Hk=1, seed=5)
+    assert_matches(got, want, "abs of a division")
