@@ -71,6 +71,26 @@ class _Tanh(sympy.Function):
         return 1 - self ** 2
 
 
+class _Sign(sympy.Function):
+    """The score's ``sign`` and ``step`` (``_Sign``, ``_Step``): piecewise constant, their
+    derivative 0 (as torch's); sympy's ``sign`` and ``Heaviside`` differentiate to a
+    ``DiracDelta``, which has no IR."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+class _Step(sympy.Function):
+    """The score's ``step`` (:class:`_Sign`)."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
 class _Abs(sympy.Function):
     """The score's ``abs``: real, its derivative ``sign(x) x'``. sympy's ``Abs``
     differentiates an argument it cannot prove real (a division by a value that may be 0)
@@ -80,7 +100,7 @@ class _Abs(sympy.Function):
     is_extended_real = True
 
     def fdiff(self, argindex=1):
-        return sympy.sign(self.args[0])
+        return _Sign(self.args[0])
 
 
 class _Min2(sympy.Function):
@@ -111,7 +131,7 @@ class _Max2(sympy.Function):
 
 
 _UNARY = {"tanh": _Tanh, "exp": sympy.exp, "log": _Log, "sqrt": _Sqrt,
-          "abs": _Abs, "sign": sympy.sign, "step": sympy.Heaviside}
+          "abs": _Abs, "sign": _Sign, "step": _Step}
 
 
 class _ToSympy:

@@ -35,6 +35,7 @@ def test_sums_and_products_are_canonical(a, b):
 @example(parse_score_ir("abs(30.0 * tanh(s / 30.0) / float(q + 1))"), 2)   # sinh via re()
 @example(parse_score_ir(                   # abs of a division: no x * (1 / x), NaN at x = 0
     "sqrt(abs((if k - q > -2 then s else float(q % 4)) / float(Lq + 1)) + 0.25)"), 3)
+@example(parse_score_ir("s * sign(s) + step(s - 0.5)"), 4)   # no DiracDelta: derivative 0
 def test_derivative_matches_autograd(f, seed):
     g = torch.Generator().manual_seed(seed)
     env = score_env(6, 7, num_heads=3, batch=1, q_offset=0)

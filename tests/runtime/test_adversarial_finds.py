@@ -189,3 +189,13 @@ def test_abs_of_a_division_has_no_nan_derivative(backend):
                              "float(abs(Lq) + 1)) + 0.25)")
     got, want, _ = run(p, B=2, Lq=18, Lk=20, Hk=1, seed=5)
     assert_matches(got, want, "abs of a division")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_sign_and_step_of_s_differentiate_to_zero(backend):
+    """``sign`` and ``step`` of a value of ``s`` have derivative 0 (torch's): sympy's
+    ``sign`` and ``Heaviside`` differentiated to a ``DiracDelta``, a NotImplementedError
+    out of the first backward."""
+    p = spattn.compile("causal", score="s * sign(s) + step(s - 0.5) * 0.75", backend=backend)
+    got, want, _ = run(p, B=1, Lq=20, Lk=20, Hk=1, seed=8)
+    assert_matches(got, want, "sign and step")
