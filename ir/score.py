@@ -71,16 +71,52 @@ class _Tanh(sympy.Function):
         return 1 - self ** 2
 
 
+class _Sign(sympy.Function):
+    """The score's ``sign`` and ``step`` (``_Sign``, ``_Step``): piecewise constant, their
+    derivative 0 (as torch's); sympy's ``sign`` and ``Heaviside`` differentiate to a
+    ``DiracDelta``, which has no IR."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+class _Step(sympy.Function):
+    """The score's ``step`` (:class:`_Sign`)."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+class _Abs(sympy.Function):
+    """The score's ``abs``: real, its derivative ``sign(x) x'``. sympy's ``Abs``
+    differentiates an argument it cannot prove real (a division by a value that may be 0)
+    through ``re`` and ``im`` parts, which came back as ``x' (1 / x) x``: NaN where ``x``
+    is 0 (``abs(if c then s else float(q % 4))`` at ``q % 4 == 0``)."""
+
+    is_extended_real = True
+
+    def fdiff(self, argindex=1):
+        return _Sign(self.args[0])
+
+
 class _Min2(sympy.Function):
     """``min(a, b)`` kept binary: an n-ary ``min`` is ``min(min(a, b), c)``, as both backends
     evaluate it, so that at ties the derivative splits as torch's does (half to each side)
-    rather than sympy's ``Min`` derivative, whose weights add past 1 at a three-way tie."""
+    rather than sympy's ``Min`` derivative, whose weights add past 1 at a three-way tie.
+    Its derivative is ``w a' + (1 - w) b'`` with one ``w = step(b - a)``: a weight per side
+    (``step(b - a)``, ``step(a - b)``) is two differences rounded apart, both 0 or both 1
+    at a near-tie in float32."""
 
     is_extended_real = True
 
     def fdiff(self, argindex=1):
         a, b = self.args
-        return sympy.Heaviside(b - a) if argindex == 1 else sympy.Heaviside(a - b)
+        w = sympy.Heaviside(b - a)
+        return w if argindex == 1 else 1 - w
 
 
 class _Max2(sympy.Function):
@@ -90,11 +126,12 @@ class _Max2(sympy.Function):
 
     def fdiff(self, argindex=1):
         a, b = self.args
-        return sympy.Heaviside(a - b) if argindex == 1 else sympy.Heaviside(b - a)
+        w = sympy.Heaviside(a - b)
+        return w if argindex == 1 else 1 - w
 
 
 _UNARY = {"tanh": _Tanh, "exp": sympy.exp, "log": _Log, "sqrt": _Sqrt,
-          "abs": sympy.Abs, "sign": sympy.sign, "step": sympy.Heaviside}
+          "abs": _Abs, "sign": _Sign, "step": _Step}
 
 
 class _ToSympy:

@@ -33,6 +33,9 @@ def test_sums_and_products_are_canonical(a, b):
 @example(parse_score_ir("min(s + (q - k), s + h, s)"), 0)     # three-way ties on the diagonal
 @example(parse_score_ir("max(2 * s + (q - k), s + h, s)"), 1)
 @example(parse_score_ir("abs(30.0 * tanh(s / 30.0) / float(q + 1))"), 2)   # sinh via re()
+@example(parse_score_ir(                   # abs of a division: no x * (1 / x), NaN at x = 0
+    "sqrt(abs((if k - q > -2 then s else float(q % 4)) / float(Lq + 1)) + 0.25)"), 3)
+@example(parse_score_ir("s * sign(s) + step(s - 0.5)"), 4)   # no DiracDelta: derivative 0
 def test_derivative_matches_autograd(f, seed):
     g = torch.Generator().manual_seed(seed)
     env = score_env(6, 7, num_heads=3, batch=1, q_offset=0)
@@ -45,3 +48,23 @@ def test_derivative_matches_autograd(f, seed):
         auto = auto if g_ is None else g_
     d = score_values(derivative(f, Score()), s.detach(), env, {})
     torch.testing.assert_close(d, auto, atol=1e-9, rtol=1e-9, msg=to_source(f))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from([
+    "max(1000.0 * tanh(s / 1000.0), s + float(k - q) * 0.5 + 0.5)",
+    "min(s + float(q - k) * 0.5 - 0.5, 1000.0 * tanh(s / 1000.0))",
+    "max(s * 0.3 + float(k - q) * 0.7 + 0.7, 0.3 * (1000.0 * tanh(s / 1000.0)))",
+]), st.integers(0, 2**16))
+def test_derivative_of_nearly_tied_branches_weighs_them_once(src, seed):
+    """At ``k = q - 1`` both branches are about ``s`` (times the same factor): in float32
+    their difference rounds either way, yet the derivative is one branch's slope (the two
+    weights of ``max``/``min`` are ``w`` and ``1 - w``, never both 0 or both 1)."""
+    f = parse_score_ir(src)
+    g = torch.Generator().manual_seed(seed)
+    env = score_env(64, 64, num_heads=1, batch=1, q_offset=0)
+    s = (torch.rand(1, 1, 64, 64, generator=g) - 0.5) * 0.8
+    d = score_values(derivative(f, Score()), s, env, {})
+    slope = 0.3 if "0.3" in src else 1.0
+    diag = torch.diagonal(d[0, 0], offset=-1)
+    torch.testing.assert_close(diag, torch.full_like(diag, slope), atol=1e-4, rtol=0)

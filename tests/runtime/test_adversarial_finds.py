@@ -8,6 +8,7 @@ import spattn
 from spattn.dsl.errors import SpattnInputError, SpattnValueError
 from spattn.runtime.reference import attention_reference, pattern_reference
 
+from tests.helpers.adversarial import score_case
 from tests.runtime.test_review_scores import assert_matches, run
 
 
@@ -131,3 +132,70 @@ def test_a_list_entry_the_call_never_reads_is_still_a_literal(big):
     o = pat(q, k, v)
     ro, _ = attention_reference(q.double(), k.double(), v.double(), pat.mask(5, 5, num_heads=2))
     torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("mask,score,params,shape,q_offset,kw", [
+    # adversarial score:1428086513 (a near-tie at k = q - 1 of one row)
+    ("clamp((1 * k), 5, 17) >= abs(clamp(q, -3, 10))", "max(softcap(30.0), (alibi(m[h]) + 0.5))",
+     {"m": [0.5]}, (2, 1, 23, 16, 16), -6, {}),
+    # the same branches, nearly tied at every pair k = q - 1 (s small)
+    ("causal & q - k <= 1", "max(softcap(1000.0), alibi(0.5) + 0.5)", {}, (2, 2, 40, 40, 16),
+     None, {"scale": 0.05}),
+    ("causal & q - k <= 1", "max(alibi(0.5) + 0.5, s * 1.0000001)", {}, (2, 2, 40, 40, 16),
+     None, {"scale": 0.05}),
+    ("causal & q - k <= 1", "min(alibi(-0.75) - 0.75, s * 0.9999999)", {}, (2, 2, 40, 40, 16),
+     None, {"scale": 0.05}),
+], ids=["B2-H1-Lq23-Lk16-D16-adversarial-1428086513", "B2-H2-L40-D16-max-softcap-near-ties",
+        "B2-H2-L40-D16-max-near-ties", "B2-H2-L40-D16-min-near-ties"])
+def test_max_of_nearly_tied_branches_has_one_derivative(backend, mask, score, params, shape,
+                                                        q_offset, kw):
+    """The derivative of ``max(a, b)`` is ``w a' + (1 - w) b'`` with one ``w = step(a - b)``
+    (``min``: ``step(b - a)``): each side's weight was its own step, ``step(a - b)`` and
+    ``step(b - a)``, whose differences sympy writes in different orders, so at a near-tie the
+    two float32 roundings could give both sides 0 (a derivative 0 where it is 1) or both 1."""
+    B, H, Lq, Lk, D = shape
+    p = spattn.compile(mask, score=score, backend=backend, **params)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(1000 * seed + Lq)
+        q = torch.randn(B, H, Lq, D, generator=g, requires_grad=True)
+        k, v = (torch.randn(B, H, Lk, D, generator=g, requires_grad=True) for _ in range(2))
+        o = p(q, k, v, q_offset=q_offset, **kw)
+        do = torch.randn(o.shape, generator=g)
+        got = [o, *torch.autograd.grad(o, (q, k, v), do)]
+        rl = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+        ro, _ = pattern_reference(p, *rl, q_offset=q_offset, **kw)
+        want = [ro, *torch.autograd.grad(ro, rl, do.double())]
+        for n, a, b in zip(["o", "dq", "dk", "dv"], got, want):
+            torch.testing.assert_close(a.double(), b, atol=2e-4 * (1 if n == "o" else 5),
+                                       rtol=2e-3, msg=lambda m: f"{score} seed {seed} {n}: {m}")
+
+
+def test_adversarial_score_1428086513_replays():
+    """The found case itself (torch backend, its own seed's inputs): dQ and dK were wrong at
+    one pair, ``k = q - 1`` of row 14, where ``softcap(30.0)`` and ``alibi(0.5) + 0.5``
+    nearly tie."""
+    assert "max(softcap(30.0), (alibi(m[h]) + 0.5))" in score_case(1428086513)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_abs_of_a_division_has_no_nan_derivative(backend):
+    """adversarial score:762742104: the derivative of ``abs(x / d)`` (``d`` a value sympy
+    cannot prove non-zero) came back as ``x' (1 / x) x``, NaN at the pairs where the
+    ``else`` branch ``q % 4`` is 0 (a NaN in dQ and dK where the reference has none); it is
+    ``sign(x / d) x' / d``."""
+    p = spattn.compile("causal & (sink(3) | window(4))", backend=backend,
+                       score="sqrt(abs((if k - q > -2 then s else float(q % 4)) / "
+                             "float(abs(Lq) + 1)) + 0.25)")
+    got, want, _ = run(p, B=2, Lq=18, Lk=20, Hk=1, seed=5)
+    assert_matches(got, want, "abs of a division")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_sign_and_step_of_s_differentiate_to_zero(backend):
+    """``sign`` and ``step`` of a value of ``s`` have derivative 0 (torch's): sympy's
+    ``sign`` and ``Heaviside`` differentiated to a ``DiracDelta``, a NotImplementedError
+    out of the first backward."""
+    p = spattn.compile("causal", score="s * sign(s) + step(s - 0.5) * 0.75", backend=backend)
+    got, want, _ = run(p, B=1, Lq=20, Lk=20, Hk=1, seed=8)
+    assert_matches(got, want, "sign and step")

@@ -1,4 +1,4 @@
-# spattn-kernel key=f05cc499d325d69b925119b56d27d213 sha256=24f1514135c661088db7dec499bb6dd58db69eb3adea696363c845fa781f7fdd
+# spattn-kernel key=3dc53d4b648978e61e0498942a7483df sha256=cba2bf44d8bbb7051a63f70614db5e183bc84d45f601ffd7efffc69324536398
 """spattn generated forward attention kernel for pattern `streaming`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: ranges
     (closed-form key ranges computed in the kernel from the tile index)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_streaming_f05cc4
-Codegen version: 26; cache key f05cc499d325d69b925119b56d27d213
+Kernels: attn_fwd_streaming_3dc53d
+Codegen version: 27; cache key 3dc53d4b648978e61e0498942a7483df
 Forward loop: fused (one loop over all 3 interval pieces, predicate only on PARTIAL tiles)
 Loads: TMA tensor descriptors for Q, K, V, O (block [1, 1, rows, BLOCK_D]; the stride
        arguments are unused)
@@ -61,7 +61,7 @@ def _split(start, end, full_start, full_end):
 
 
 @triton.jit
-def _fwd_fused_f05cc4(
+def _fwd_fused_3dc53d(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_kh,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -118,7 +118,7 @@ def _fwd_fused_f05cc4(
 
 
 @triton.jit
-def attn_fwd_streaming_f05cc4(
+def attn_fwd_streaming_3dc53d(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -185,7 +185,7 @@ def attn_fwd_streaming_f05cc4(
     # 1b: tiles [ps, pe), FULL where in [f1, g1)
     pa2, pz2, pf2, pg2 = ps, pe, f1, g1
     # the 3 pieces in one loop
-    acc, l_i, m_i = _fwd_fused_f05cc4(
+    acc, l_i, m_i = _fwd_fused_3dc53d(
         acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, pa0, pz0, pf0,
         pg0, pa1, pz1, pf1, pg1, pa2, pz2, pf2, pg2, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
@@ -198,4 +198,4 @@ def attn_fwd_streaming_f05cc4(
     tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
 
 
-KERNEL = attn_fwd_streaming_f05cc4
+KERNEL = attn_fwd_streaming_3dc53d
