@@ -711,8 +711,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
             from .plan import PLANS
             plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=off,
                              inputs=given, tables=floats)
-            if sig is not None and not (q.is_cuda and
-                                        torch.cuda.is_current_stream_capturing()):
+            if sig is not None and not _capturing(q.device):
                 # the entry holds the mask's inputs: their ids in ``sig`` stay theirs
                 pattern._last = (sig, (plan, backend, scale, off, ints), tuple(given.values()))
     names = tuple(pattern.score_inputs)
