@@ -71,10 +71,11 @@ class _Tanh(sympy.Function):
         return 1 - self ** 2
 
 
-class _Sign(sympy.Function):
-    """The score's ``sign`` and ``step`` (``_Sign``, ``_Step``): piecewise constant, their
+class _Flat(sympy.Function):
+    """A piecewise constant function of the score (``sign``, ``step``): real, its
     derivative 0 (as torch's); sympy's ``sign`` and ``Heaviside`` differentiate to a
-    ``DiracDelta``, which has no IR."""
+    ``DiracDelta``, which has no IR. Subclassed once per function, never instantiated:
+    translating back to IR tells them apart by class."""
 
     is_extended_real = True
 
@@ -82,13 +83,12 @@ class _Sign(sympy.Function):
         return sympy.Integer(0)
 
 
-class _Step(sympy.Function):
-    """The score's ``step`` (:class:`_Sign`)."""
+class _Sign(_Flat):
+    """The score's ``sign`` (:class:`_Flat`)."""
 
-    is_extended_real = True
 
-    def fdiff(self, argindex=1):
-        return sympy.Integer(0)
+class _Step(_Flat):
+    """The score's ``step`` (:class:`_Flat`)."""
 
 
 class _Abs(sympy.Function):
