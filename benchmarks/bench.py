@@ -277,7 +277,8 @@ def _spattn_part(row, pat, q, k, v, do, inputs, bwd, timed):
         timed["fwdbwd"] = fb, [qg, kg, vg]
 
 
-def time_rounds(row, timed, rounds, bench=None):
+def time_rounds(row, timed, rounds, bench=None, groups=(("fwd", "flex_fwd"),
+                                                      ("fwdbwd", "flex_fwdbwd"))):
     """Time spattn and FlexAttention in ``rounds`` alternating rounds; ``row[name + "_ms"]``
     is the median of a name's rounds, ``row[name + "_ms_rounds"]`` the rounds themselves.
 
@@ -287,10 +288,11 @@ def time_rounds(row, timed, rounds, bench=None):
     timed one after the other, whichever library came after the heavier work read slower
     (a forward timed right after the other's forward+backward reads slower). Alternating gives the two
     the same conditions. A Flex timing that raises (out of memory) drops Flex from the row
-    with ``flex_error``; spattn's own errors propagate.
+    with ``flex_error``; spattn's own errors propagate. ``groups``: the names timed in
+    alternation with each other, group by group.
     """
     bench = bench or bench_ms
-    for group in (("fwd", "flex_fwd"), ("fwdbwd", "flex_fwdbwd")):
+    for group in groups:
         names = [n for n in group if n in timed]
         times = {n: [] for n in names}
         for r in range(rounds):

@@ -10,10 +10,11 @@ Four cases at N=16K, D=128, H=16, bf16 (docs/language.md §13):
                           relative position bias ``rpb [H, 13, 13]`` (learned).
 
 For each: spattn forward and forward+backward, FlexAttention (``torch.compile``d
-``flex_attention`` with the same ``score_mod`` and a block mask built once) in alternating
-rounds (``bench.time_rounds``), and spattn's forward of the same mask without the score
-(the score's cost), and the forward and forward+backward through an explicit plan
-(``pat.plan``, built once; timed after the rounds). Every case is checked against Flex (outputs, and q, k, v and table
+``flex_attention`` with the same ``score_mod`` and a block mask built once) and spattn's
+forward of the same mask without the score (the score's cost) in alternating rounds
+(``bench.time_rounds``); forwards run as inference (``torch.no_grad``) on every side. Then
+the forward and forward+backward through an explicit plan (``pat.plan``, built once;
+timed after the rounds). Every case is checked against Flex (outputs, and q, k, v and table
 gradients) before timing. Targets: fwd and fwd+bwd >= 1.2x Flex; score cost <= 10%.
 
     python benchmarks/scores.py --out OUT            # on an H200 (< 90 s with --no-tune)
@@ -169,20 +170,28 @@ def run_case(name, spec, N, H, D, dev, dtype, *, flex_compiled, rounds, dry):
 
     def fb_flex():
         flex(qf, kf, vf, score_mod=score_mod, block_mask=bm).backward(do)
-    timed = {"fwd": ((lambda: pat(q, k, v, **tables)), None), "fwdbwd": (fb, leaves)}
+    def inference(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+    # forwards as inference (no graph, so no saved statistics, on every side), the mask
+    # without the score timed in the same alternating rounds as the two scored forwards
+    timed = {"fwd": (inference(lambda: pat(q, k, v, **tables)), None),
+             "fwd_no_score": (inference(lambda: plain(q, k, v)), None),
+             "fwdbwd": (fb, leaves)}
     if "flex_error" not in row:
-        timed.update({"flex_fwd": ((lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm)),
-                                   None), "flex_fwdbwd": (fb_flex, fleaves)})
+        timed.update({"flex_fwd": (inference(lambda: flex(q, k, v, score_mod=score_mod,
+                                                          block_mask=bm)), None),
+                      "flex_fwdbwd": (fb_flex, fleaves)})
     elif "flex_fwd_only_rel_err" in row:
-        def f_flex():
-            with torch.no_grad():      # the graph Flex compiled: inference only
-                flex(q, k, v, score_mod=score_mod, block_mask=bm)
-        timed["flex_fwd"] = (f_flex, None)
-    time_rounds(row, timed, rounds, bench=lambda fn, grad_to_none=None:
-                bench_ms(fn, rep=40, grad_to_none=grad_to_none))
+        timed["flex_fwd"] = (inference(lambda: flex(q, k, v, score_mod=score_mod,
+                                                    block_mask=bm)), None)
     plain(q, k, v)
-    row["fwd_no_score_ms"] = bench_ms(lambda: plain(q, k, v), rep=40)
-    row["fwd_plan_ms"] = bench_ms(lambda: pat(q, k, v, plan=plan, **tables), rep=40)
+    time_rounds(row, timed, rounds, bench=lambda fn, grad_to_none=None:
+                bench_ms(fn, rep=40, grad_to_none=grad_to_none),
+                groups=(("fwd", "flex_fwd", "fwd_no_score"), ("fwdbwd", "flex_fwdbwd")))
+    row["fwd_plan_ms"] = bench_ms(inference(lambda: pat(q, k, v, plan=plan, **tables)), rep=40)
     row["fwdbwd_plan_ms"] = bench_ms(
         lambda: pat(qs, ks, vs, plan=plan, **tables).backward(do), rep=40,
         grad_to_none=leaves)
