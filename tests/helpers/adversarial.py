@@ -32,8 +32,10 @@ import tempfile
 import time
 import traceback
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("SPATTN_CACHE_DIR", tempfile.mkdtemp(prefix="spattn-adversarial-"))
+if __name__ == "__main__":     # run as the search, not imported by a test (on a GPU machine
+    # the variable would turn the whole test session's kernels into the interpreter's)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("SPATTN_CACHE_DIR", tempfile.mkdtemp(prefix="spattn-adversarial-"))
 
 import torch  # noqa: E402
 

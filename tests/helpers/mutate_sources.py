@@ -14,7 +14,8 @@ import signal
 import traceback
 import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if __name__ == "__main__":     # run as the tool, not imported by a test
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import spattn  # noqa: E402
 from spattn.dsl.errors import SpattnError  # noqa: E402
