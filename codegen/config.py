@@ -85,7 +85,8 @@ def next_pow2(n: int) -> int:
     return 1 << max(4, (int(n) - 1).bit_length())
 
 
-def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bool = False):
+def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bool = False,
+                  pair_loads: bool = False):
     """Forward ``(block_m, block_n, num_warps, num_stages)`` defaults
     (``kind="bwd"``: see :func:`default_bwd_tiles`).
 
@@ -94,6 +95,13 @@ def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bo
     128x64 tiles (8 warps; 4 at D = 64) in all 29 cases measured (13 patterns, N = 1K-64K,
     B = 1 and 8, D = 64 and 128): 3-28% on most, 12% on causal at 16K, 3.5x where a pattern's blocks
     are 64 wide (BigBird), and faster than 128x128 in 28 of them (docs/codegen.md).
+    ``pair_loads``: the score reads a float table at an index that varies within a tile
+    (:func:`score_pair_loads`: a learned relative bias, T5 buckets): 64 x 32 tiles with
+    2 stages. On an H200 (bf16, D = 128, 16K) that forward took 21% less time than the
+    64 x 64 / 3-stage default on ``window(1024)`` with ``rel[h, q - k]``, 32% less on a
+    13 x 13 neighbourhood with a 2-D relative position bias and 30% less on T5's causal
+    buckets, while on scores without such loads (ALiBi, softcap, a per-head temperature)
+    it was 8-10% slower (``benchmarks/results/score_tiles_h200_*``).
     Smaller tiles for D > 128 (shared memory) and for fp32 (twice the bytes). Under the
     interpreter (CPU tests) tiles are small: the interpreter's cost is per program and
     per element.
@@ -106,8 +114,19 @@ def default_tiles(head_dim: int, dtype: str, kind: str = "fwd", *, interpret: bo
     if dtype == "fp32":
         return (64, 32, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
     if head_dim <= 128:
-        return 64, 64, 4, 3
+        return (64, 32, 4, 2) if pair_loads else (64, 64, 4, 3)
     return 64, 32, 8, 2
+
+
+def score_pair_loads(pattern) -> bool:
+    """Whether ``pattern``'s score reads a float table at an index that depends on the
+    pair (on anything but the batch and the head): one gather per pair in the kernel."""
+    from ..ir.nodes import float_loads, free_vars
+    score = getattr(pattern, "score", None)
+    if score is None:
+        return False
+    return any(free_vars(i) - {"b", "h", "Lq", "Lk", "H"}
+               for load in float_loads(score) for i in load.index)
 
 
 def default_bwd_tiles(head_dim: int, dtype: str, *, interpret: bool = False):
@@ -200,7 +219,8 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
                             dt, int(m2), int(n2), loop=loop, tma=bool(tma), int64=bool(int64),
                             rows=rows, dq=dq,
                             **_score_flags(pattern, score_load, score_index, fast_tanh))
-    bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret)
+    bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret,
+                                   pair_loads=score_pair_loads(pattern))
     bm = block_m or env.get("block_m") or bm
     bn = block_n or env.get("block_n") or bn
     nw = num_warps or env.get("num_warps") or nw

@@ -101,3 +101,32 @@ def test_softcap_without_the_fast_tanh():
 
 def test_a_pattern_without_a_score_costs_nothing():
     assert score_cost(spattn.compile("causal"), GPU) == 0
+
+
+@pytest.mark.parametrize("src,score,pair", [
+    ("causal & window(64)", "s + rel[h, clamp(q - k, 0, 63)]", True),
+    ("causal", "s + rel[h, t5_bucket_causal(32, 128)]", True),
+    ("abs(q // 16 - k // 16) <= 2 & abs(q % 16 - k % 16) <= 2",
+     "s + rpb[h, clamp(q // 16 - k // 16, -2, 2) + 2, clamp(q % 16 - k % 16, -2, 2) + 2]", True),
+    ("causal", "s * temp[h] + w[b, h] * float(q - k)", False),
+    ("causal", "alibi(m[h])", False),
+    ("causal", "softcap(30.0)", False),
+    ("causal", None, False),
+], ids=["rel-1d", "t5", "rpb-2d", "per-head-tables", "alibi-list-param", "softcap", "no-score"])
+def test_forward_default_tiles_of_per_pair_table_loads(src, score, pair):
+    """A score that gathers a table entry per pair gets the forward's 64 x 32, 2-stage
+    default (gathers measured faster there); per-program tables and scores without tables
+    keep the 64 x 64, 3-stage one, in the plain default and as the tuner's first
+    candidate."""
+    from spattn.codegen.config import default_tiles, pick, score_pair_loads
+    from spattn.runtime.tune import candidates
+    pat = spattn.compile(src, score=score, m=[0.5, 0.25]) if score and "m[h]" in score \
+        else spattn.compile(src, score=score)
+    assert score_pair_loads(pat) is pair
+    want = default_tiles(128, "bf16", interpret=False, pair_loads=pair)
+    assert want == ((64, 32, 4, 2) if pair else (64, 64, 4, 3))
+    cfg = pick(pat, "fwd", head_dim=128, dtype="bf16")
+    assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == want
+    first = candidates("fwd", 128, "bf16", pair_loads=pair)[0]
+    assert (first["block_m"], first["block_n"], first["num_warps"],
+            first["num_stages"]) == want

@@ -2,7 +2,8 @@
 
 The CPU tests run the Triton kernels at the interpreter's own small tiles; the GPU runs
 ``codegen.config.default_tiles`` / ``default_bwd_tiles`` for 16-bit D <= 128 (64 x 64
-forward tiles; 32 x 64 dK/dV and 64 x 32 dQ tiles). These cases force those tile shapes
+forward tiles, 64 x 32 with 2 stages for a score with per-pair table loads; 32 x 64 dK/dV
+and 64 x 32 dQ tiles). These cases force those tile shapes
 through the ``SPATTN_*`` overrides and check o, lse, dq, dk and dv (and a learned table's
 gradient) element by element against the float64 reference, on lengths no tile divides,
 with grouped heads, runtime inputs, scores and a token layout.
@@ -11,12 +12,15 @@ import pytest
 import torch
 
 import spattn
-from spattn.codegen.config import default_bwd_tiles, default_tiles
+from spattn.codegen.config import default_bwd_tiles, default_tiles, score_pair_loads
 from spattn.runtime.reference import pattern_reference
 
 pytestmark = pytest.mark.interpreter
 
 FWD = default_tiles(128, "bf16", interpret=False)
+#: the forward's default for a score with per-pair table loads (a learned relative bias)
+FWD_PAIR = default_tiles(128, "bf16", interpret=False, pair_loads=True)
+FWD_VARS = ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES")
 BWD = default_bwd_tiles(128, "bf16", interpret=False)
 
 
@@ -24,8 +28,7 @@ BWD = default_bwd_tiles(128, "bf16", interpret=False)
 def gpu_tiles(monkeypatch):
     monkeypatch.setenv("SPATTN_BACKEND", "triton")
     monkeypatch.setenv("SPATTN_AUTOTUNE", "0")
-    for name, value in zip(("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS",
-                            "SPATTN_FWD_STAGES"), FWD):
+    for name, value in zip(FWD_VARS, FWD):
         monkeypatch.setenv(name, str(value))
     for name, value in zip(("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1",
                             "SPATTN_BWD_BLOCK_M2", "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS",
@@ -50,15 +53,18 @@ CASES = [
 
 @pytest.mark.parametrize("src,make,score,group", CASES,
                          ids=["causal", "window-gqa", "documents-gqa", "alibi", "rel-table"])
-def test_default_gpu_tiles_match_reference(gpu_tiles, src, make, score, group):
+def test_default_gpu_tiles_match_reference(gpu_tiles, monkeypatch, src, make, score, group):
     g = torch.Generator().manual_seed(7)
     B, Hk, L, D = 1, 2, 141, 32
     pat = spattn.compile(src, score=score) if score else spattn.compile(src)
+    fwd = FWD_PAIR if score_pair_loads(pat) else FWD
+    for name, value in zip(FWD_VARS, fwd):
+        monkeypatch.setenv(name, str(value))
     q = torch.randn(B, Hk * group, L, D, generator=g).requires_grad_()
     k, v = (torch.randn(B, Hk, L, D, generator=g).requires_grad_() for _ in range(2))
     ins = make(L, g)
     plan = repr(pat.plan(q, k, v, backward=True, **ins))
-    assert f"tiles {FWD[0]}x{FWD[1]}, {FWD[2]} warps" in plan, plan
+    assert f"tiles {fwd[0]}x{fwd[1]}, {fwd[2]} warps" in plan, plan
     assert f"dQ tiles {BWD[2]}x{BWD[3]}, dK/dV tiles {BWD[0]}x{BWD[1]}" in plan, plan
     o, lse = pat(q, k, v, return_lse=True, **ins)
     do = torch.randn(o.shape, generator=g)
