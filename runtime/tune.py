@@ -127,15 +127,16 @@ def explicit(kind: str, options: dict, settings=None) -> bool:
     return (settings or _settings.current()).tiles_set(kind)
 
 
-def candidates(kind: str, head_dim: int, dtype, *, pair_loads: bool = False) -> list[dict]:
+def candidates(kind: str, head_dim: int, dtype, *, pair_loads: bool = False,
+               tables: bool = False) -> list[dict]:
     """The configurations timed for ``kind`` at a head dim and dtype (the default first;
-    ``pair_loads``: the default of a score with per-pair table loads,
-    :func:`spattn.codegen.config.score_pair_loads`)."""
+    ``pair_loads``, ``tables``: the default of a score with per-pair table loads or with
+    float tables, :func:`spattn.codegen.config.default_tiles`)."""
     dt = _config.dtype_name(dtype)
     big = head_dim > 128
     if kind == "fwd":
         default = _config.default_tiles(head_dim, dt, "fwd", interpret=False,
-                                        pair_loads=pair_loads)
+                                        pair_loads=pair_loads, tables=tables)
         if dt == "fp32":
             lst = _FWD_32_BIG_D if big else _FWD_32
         else:
@@ -365,7 +366,8 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
     settings = _settings.current()
     reps = settings.tune_reps if reps is None else reps
     margin = settings.tune_margin if margin is None else margin
-    cands = candidates(kind, head_dim, dtype, pair_loads=_config.score_pair_loads(pattern))
+    cands = candidates(kind, head_dim, dtype, pair_loads=_config.score_pair_loads(pattern),
+                       tables=bool(getattr(pattern, "score_inputs", None)))
     where = ""
     if fields:
         where = (f" ({fields['dtype']}, D<={fields['block_d']}, {fields['device']}, "

@@ -130,3 +130,20 @@ def test_forward_default_tiles_of_per_pair_table_loads(src, score, pair):
     first = candidates("fwd", 128, "bf16", pair_loads=pair)[0]
     assert (first["block_m"], first["block_n"], first["num_warps"],
             first["num_stages"]) == want
+
+
+@pytest.mark.parametrize("score,tables", [
+    ("s * temp[h] + w[b, h] * float(q - k) * 0.1", True),
+    ("s + rel[h, clamp(q - k, 0, 63)]", True),
+    ("softcap(30.0)", False),
+    (None, False),
+], ids=["per-head-tables", "rel-table", "no-table", "no-score"])
+def test_fp32_forward_tiles_of_table_scores_match_the_dq_kernel(score, tables):
+    """In fp32, a score with float tables (whose gradients the dQ kernel sums) runs its
+    forward at the dQ kernel's tile shape, so the two round each q·k product alike; other
+    fp32 forwards keep 64 x 32."""
+    from spattn.codegen.config import default_bwd_tiles, pick
+    pat = spattn.compile("causal", score=score)
+    cfg = pick(pat, "fwd", head_dim=64, dtype="fp32")
+    dq = default_bwd_tiles(64, "fp32")[2:4]
+    assert (cfg.block_m, cfg.block_n) == (dq if tables else (64, 32))
