@@ -131,7 +131,8 @@ def candidates(kind: str, head_dim: int, dtype, *, pair_loads: bool = False,
                tables: bool = False) -> list[dict]:
     """The configurations timed for ``kind`` at a head dim and dtype (the default first;
     ``pair_loads``, ``tables``: the default of a score with per-pair table loads or with
-    float tables, :func:`spattn.codegen.config.default_tiles`)."""
+    float tables, :func:`spattn.codegen.config.default_tiles`; fp32 with tables keeps the
+    forward's and the dQ kernel's common tile shape)."""
     dt = _config.dtype_name(dtype)
     big = head_dim > 128
     if kind == "fwd":
@@ -149,6 +150,11 @@ def candidates(kind: str, head_dim: int, dtype, *, pair_loads: bool = False,
             lst = _BWD_16_BIG_D if big else _BWD_16
     else:
         raise ValueError(f"unknown kernel kind {kind!r} (expected 'fwd' or 'bwd')")
+    if dt == "fp32" and tables:
+        # the forward and the dQ kernel keep one tile shape (see default_tiles): only
+        # warps, stages and loops are tuned
+        tile = slice(0, 2) if kind == "fwd" else slice(2, 4)
+        lst = [c for c in lst if c[tile] == tuple(default)[tile]]
     out = []
     for c in [tuple(default)] + [tuple(c) for c in lst]:
         if kind == "fwd":

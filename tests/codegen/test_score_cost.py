@@ -140,10 +140,14 @@ def test_forward_default_tiles_of_per_pair_table_loads(src, score, pair):
 ], ids=["per-head-tables", "rel-table", "no-table", "no-score"])
 def test_fp32_forward_tiles_of_table_scores_match_the_dq_kernel(score, tables):
     """In fp32, a score with float tables (whose gradients the dQ kernel sums) runs its
-    forward at the dQ kernel's tile shape, so the two round each q·k product alike; other
-    fp32 forwards keep 64 x 32."""
+    forward at the dQ kernel's tile shape, so the two round each q·k product alike, and
+    the tuner keeps that shape for both; other fp32 forwards keep 64 x 32."""
     from spattn.codegen.config import default_bwd_tiles, pick
     pat = spattn.compile("causal", score=score)
     cfg = pick(pat, "fwd", head_dim=64, dtype="fp32")
     dq = default_bwd_tiles(64, "fp32")[2:4]
     assert (cfg.block_m, cfg.block_n) == (dq if tables else (64, 32))
+    from spattn.runtime.tune import candidates
+    fwd = {(c["block_m"], c["block_n"]) for c in candidates("fwd", 64, "fp32", tables=tables)}
+    bwd = {(c["block_m2"], c["block_n2"]) for c in candidates("bwd", 64, "fp32", tables=tables)}
+    assert (fwd == bwd == {dq}) is tables
