@@ -1,6 +1,6 @@
 """The test helpers change no process-wide setting when a test imports them: the search
 tools set ``TRITON_INTERPRET`` only when run as scripts. A test module importing one that
-set it on import turned every kernel of a GPU test session into the interpreter's."""
+set it on import turned every kernel of a GPU test run into the interpreter's."""
 import os
 import pathlib
 import subprocess

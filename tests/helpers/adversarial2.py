@@ -36,7 +36,7 @@ import traceback
 import warnings
 
 if __name__ == "__main__":     # run as the search, not imported by a test (on a GPU machine
-    # the variable would turn the whole test session's kernels into the interpreter's)
+    # the variable would turn every kernel of the test run into the interpreter's)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("SPATTN_CACHE_DIR", tempfile.mkdtemp(prefix="spattn-adversarial-"))
 
