@@ -138,6 +138,13 @@ def score_pair_loads(pattern) -> bool:
                for load in float_loads(score) for i in load.index)
 
 
+def score_tile_flags(pattern) -> dict:
+    """The arguments of :func:`default_tiles` that ``pattern``'s score decides:
+    ``pair_loads`` (:func:`score_pair_loads`) and ``tables`` (it reads float tables)."""
+    return {"pair_loads": score_pair_loads(pattern),
+            "tables": bool(getattr(pattern, "score_inputs", None))}
+
+
 def default_bwd_tiles(head_dim: int, dtype: str, *, interpret: bool = False):
     """Backward ``(block_m1, block_n1, block_m2, block_n2, num_warps, num_stages)``.
 
@@ -229,8 +236,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
                             rows=rows, dq=dq,
                             **_score_flags(pattern, score_load, score_index, fast_tanh))
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret,
-                                   pair_loads=score_pair_loads(pattern),
-                                   tables=bool(getattr(pattern, "score_inputs", None)))
+                                   **score_tile_flags(pattern))
     bm = block_m or env.get("block_m") or bm
     bn = block_n or env.get("block_n") or bn
     nw = num_warps or env.get("num_warps") or nw

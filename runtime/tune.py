@@ -131,7 +131,7 @@ def candidates(kind: str, head_dim: int, dtype, *, pair_loads: bool = False,
                tables: bool = False) -> list[dict]:
     """The configurations timed for ``kind`` at a head dim and dtype (the default first;
     ``pair_loads``, ``tables``: the default of a score with per-pair table loads or with
-    float tables, :func:`spattn.codegen.config.default_tiles`; fp32 with tables keeps the
+    float tables, :func:`spattn.codegen.config.score_tile_flags`; fp32 with tables keeps the
     forward's and the dQ kernel's common tile shape)."""
     dt = _config.dtype_name(dtype)
     big = head_dim > 128
@@ -372,8 +372,7 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
     settings = _settings.current()
     reps = settings.tune_reps if reps is None else reps
     margin = settings.tune_margin if margin is None else margin
-    cands = candidates(kind, head_dim, dtype, pair_loads=_config.score_pair_loads(pattern),
-                       tables=bool(getattr(pattern, "score_inputs", None)))
+    cands = candidates(kind, head_dim, dtype, **_config.score_tile_flags(pattern))
     where = ""
     if fields:
         where = (f" ({fields['dtype']}, D<={fields['block_d']}, {fields['device']}, "
