@@ -17,7 +17,9 @@ Prints a markdown table at the end; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -113,6 +115,23 @@ QUICK = ["causal", "window(1024)", "streaming", "documents", "longformer", "dila
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def overrides(names, values):
+    """The environment variables ``names`` set to ``values`` (``None``: all of them unset)
+    inside the block, as they were after it: a plan built inside keeps the launch
+    configuration they select."""
+    saved = {n: os.environ.pop(n, None) for n in names}
+    try:
+        if values is not None:
+            os.environ.update({n: str(x) for n, x in zip(names, values)})
+        yield
+    finally:
+        for n, x in saved.items():
+            os.environ.pop(n, None)
+            if x is not None:
+                os.environ[n] = x
 
 
 def bench_ms(fn, rep=100, grad_to_none=None):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import spattn  # noqa: E402
-from bench import bench_ms  # noqa: E402
+from bench import bench_ms, overrides, time_rounds  # noqa: E402
 from scores import cases  # noqa: E402
 
 FWD_VARS = ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES")
@@ -54,25 +53,19 @@ def all_cases(N, H, dev):
 
 
 def build(pat, cfg, names, q, k, v, tables, backward=False):
-    saved = {n: os.environ.pop(n, None) for n in names}
-    try:
-        if cfg:
-            os.environ.update({n: str(x) for n, x in zip(names, cfg)})
+    """A plan under ``cfg``'s overrides of ``names`` (None: the library's default)."""
+    with overrides(names, cfg):
         return pat.plan(q, k, v, backward=backward, **tables)
-    finally:
-        for n in names:
-            os.environ.pop(n, None)
-        for n, x in saved.items():
-            if x is not None:
-                os.environ[n] = x
 
 
 def rounds(fns, n_rounds, grad_to_none=None):
-    times = {n: [] for n in fns}
-    for r in range(n_rounds):
-        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            times[n].append(bench_ms(fns[n], rep=30, grad_to_none=grad_to_none))
-    return {n: statistics.median(ts) for n, ts in times.items()}
+    """Median ms of each of ``fns`` over alternating rounds (:func:`bench.time_rounds`)."""
+    row = {}
+    time_rounds(row, {n: (fn, grad_to_none) for n, fn in fns.items()}, n_rounds,
+                bench=lambda fn, grad_to_none=None: bench_ms(fn, rep=30,
+                                                             grad_to_none=grad_to_none),
+                groups=(tuple(fns),))
+    return {n: row[n + "_ms"] for n in fns}
 
 
 def forward_case(name, spec, q, k, v, n_rounds):

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 
-import spattn
-from spattn.runtime.reference import pattern_reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import spattn  # noqa: E402
+from bench import overrides  # noqa: E402
+from spattn.runtime.reference import pattern_reference  # noqa: E402
 
 SCORE = "s + w[b, h] * float(q - k) * 0.1"
 T = ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2", "SPATTN_BWD_BLOCK_N2")
@@ -51,18 +54,16 @@ def main() -> int:
                                *ref[:3], w=ref[3])
     want = torch.autograd.grad(ro, ref, do.double())
     for label, backend, env in VARIANTS:
-        os.environ.update(env)
         try:
-            pat = spattn.compile("causal", score=SCORE, backend=backend)
-            leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
-            o, lse = pat(*leaves[:3], w=leaves[3], deterministic=True, return_lse=True)
-            got = torch.autograd.grad(o, leaves, do)
+            with overrides(tuple(env), tuple(env.values())):
+                pat = spattn.compile("causal", score=SCORE, backend=backend)
+                leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+                o, lse = pat(*leaves[:3], w=leaves[3], deterministic=True, return_lse=True)
+                got = torch.autograd.grad(o, leaves, do)
             print(f"{label:22s} o {rel(o, ro.detach()):.1e} lse {rel(lse, rl):.1e} " + " ".join(
                 f"{n} {rel(x, y):.1e}" for n, x, y in zip("qkvw", got, want)), flush=True)
         except Exception as e:      # one variant failing must not hide the others
             print(f"{label:22s} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        for n in env:
-            os.environ.pop(n)
     return 0
 
 

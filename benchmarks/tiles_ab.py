@@ -127,17 +127,8 @@ def pattern_of(name, N, dev):
 
 def build(kind, pat, q, k, v, inputs, cfg):
     """A plan under ``cfg``'s overrides (None: the library's default)."""
-    names = VARS[kind]
-    saved = {n: os.environ.pop(n, None) for n in names}
-    try:
-        if cfg is not None:
-            os.environ.update({n: str(x) for n, x in zip(names, cfg)})
+    with bench.overrides(VARS[kind], cfg):
         return pat.plan(q, k, v, backward=kind == "bwd", **inputs)
-    finally:
-        for n, x in saved.items():
-            os.environ.pop(n, None)
-            if x is not None:
-                os.environ[n] = x
 
 
 def setup(check):
