@@ -370,19 +370,16 @@ def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[s
 
 
 def gather_form(load: Node) -> Node | None:
-    """The last index of a float table ``load`` as a function of ``u = q - k`` alone (``q``
-    replaced by ``u + k``, canonicalised), where it is one and the other indices read
+    """The last index of a float table ``load`` as a function of ``u = q - k`` alone
+    (:func:`spattn.ir.compose.distance_form`), where it is one and the other indices read
     neither ``q`` nor ``k`` (nor a runtime input); else None."""
-    from ..ir import build as B
-    from ..ir.intervals import replace
+    from ..ir.compose import distance_form
     from ..ir.nodes import free_vars
     if any(isinstance(x, (Load, FLoad)) for ix in load.index for x in walk(ix)):
         return None
     if any(free_vars(ix) & {"q", "k"} for ix in load.index[:-1]):
         return None
-    g = replace(load.index[-1], B.var("q"), B.add(B.var("u"), B.var("k")))
-    used = free_vars(g)
-    return g if "u" in used and not used & {"q", "k"} else None
+    return distance_form(load.index[-1], "u")
 
 
 def _default_load_ref(name: str, d: int) -> tuple[str, str, str]:

@@ -54,6 +54,7 @@ class Report:
     cost_model: dict = field(default_factory=lambda: dict(COSTS["cuda"]))
     layout: Optional[dict] = None
     score: Optional[str] = None
+    score_run: Optional[str] = None
     head_order: Optional[dict] = None
 
     def to_dict(self) -> dict:
@@ -113,6 +114,10 @@ class Report:
         if self.score is not None:
             lines.append(f"score     {self.score} (applied to every computed pair; it leaves "
                          "the tile classes as they are)")
+        if self.score_run is not None:
+            lines.append(f"          runs as {self.score_run}: each table read at a function "
+                         "of q - k gathered along the distances once per call "
+                         "(SPATTN_SCORE_COMPOSE)")
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle):  # pragma: no cover - IPython
@@ -179,6 +184,17 @@ def _count_tiles(ir, tiles, Lq, Lk, bm, bn, *, q_offset, inputs, device, chunk_e
     return total
 
 
+def _score_run(pattern) -> Optional[str]:
+    """The score a call runs where tables are composed with their distance index
+    (:mod:`spattn.ir.compose`, the default threshold), as source; None otherwise."""
+    if getattr(pattern, "score", None) is None:
+        return None
+    from .compose import compose
+    from .printer import to_source
+    comp = compose(pattern.score, pattern.score_inputs)
+    return None if comp is None else to_source(comp.score)
+
+
 def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
             block_m: Optional[int] = None, block_n: Optional[int] = None,
             inputs: Optional[dict] = None, batch: int = 1, q_offset: Optional[int] = None,
@@ -241,6 +257,7 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
     return Report(
         head_order=head_order,
         score=(None if getattr(pattern, "score", None) is None else str(pattern.score)),
+        score_run=_score_run(pattern),
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
         batch=batch, block_m=block_m, block_n=block_n, head_dim=head_dim,
         allowed_pairs=allowed, total_pairs=total_pairs, density=allowed / total_pairs,

@@ -29,7 +29,7 @@ class CompiledPattern:
     equality, hashing and ``source`` are the mask's (docs/language.md, grids)."""
 
     __slots__ = ("ir", "name", "params", "inputs", "source", "backend", "grid", "grid_offset",
-                 "grid_suffix", "score", "score_inputs", "op_key", "_last")
+                 "grid_suffix", "score", "score_inputs", "op_key", "_last", "_runs")
 
     def __init__(self, ir, *, name: str = "pattern", params: dict | None = None,
                  inputs: dict | None = None, backend: str = "auto",
@@ -40,6 +40,7 @@ class CompiledPattern:
                                    f"got {backend!r}")
         self.ir = ir
         self._last = None   # the last call's checked arguments and plan (runtime.api)
+        self._runs = {}     # composition -> the pattern its calls run (runtime.scores)
         self.name = name
         self.params = dict(params or {})
         self.inputs = dict(inputs or {})
@@ -88,12 +89,13 @@ class CompiledPattern:
     def __getstate__(self):
         """The slots but the last call's memo (a plan: tensors and kernels, not data)."""
         return None, {n: getattr(self, n) for n in CompiledPattern.__slots__
-                      if n != "_last" and hasattr(self, n)}
+                      if n not in ("_last", "_runs") and hasattr(self, n)}
 
     def __setstate__(self, state):
         for n, value in state[1].items():
             object.__setattr__(self, n, value)
         self._last = None
+        self._runs = {}
 
     def __eq__(self, other):
         return (isinstance(other, CompiledPattern) and self.ir == other.ir

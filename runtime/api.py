@@ -431,8 +431,9 @@ def _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs) -> None:
     if not isinstance(plan, Plan):
         raise SpattnParamError(f"plan= takes a plan made by pat.plan(q, k, v, ...), got "
                                f"{type(plan).__name__}")
-    if plan.pattern is not pattern and plan.pattern.source != pattern.source:
-        raise SpattnParamError(f"the plan is for the pattern {plan.pattern.source!r}, not "
+    origin = getattr(plan, "origin", plan.pattern)     # a composed score's plan: its caller's
+    if origin is not pattern and origin.source != pattern.source:
+        raise SpattnParamError(f"the plan is for the pattern {origin.source!r}, not "
                                f"{pattern.source!r}")
     if inputs:
         held = plan.call.inputs

@@ -197,13 +197,21 @@ def _score_ctx(pattern, q, k, v, inputs, tables, names, scale, q_offset, backend
                                f"pattern's inputs are {known}")
     floats = scores.validate_score_inputs(pattern.score_inputs, given, batch=q.shape[0],
                                           num_heads=q.shape[1], device=q.device)
-    plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
-                     inputs=_inputs_dict(pattern, inputs), tables=floats)
+    given_ints = _inputs_dict(pattern, inputs)
+    if scores.composition_of(pattern) is None:
+        plan, recipe = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                                 inputs=given_ints, tables=floats), None
+        scores.check_score_bounds(pattern, plan.call.inputs, floats, q.shape[2], k.shape[2],
+                                  num_heads=q.shape[1], batch=q.shape[0], q_offset=q_offset)
+    else:       # the composed tables are gathered at indices checked first
+        _, _, given_ints, _, floats = scores._arguments(pattern, q, k, v, scale, q_offset,
+                                                        {**given_ints, **floats})
+        plan, recipe = scores.plan_of(pattern, backend, q, k, v, scale, q_offset, given_ints,
+                                       floats)
     ints = plan.call.inputs
-    scores.check_score_bounds(pattern, ints, floats, q.shape[2], k.shape[2],
-                              num_heads=q.shape[1], batch=q.shape[0], q_offset=q_offset)
-    c = scores.Ctx(pattern, backend, scale, q_offset, ints, tuple(pattern.score_inputs),
-                   plan=plan, deterministic=deterministic)
+    c = scores.Ctx(pattern if recipe is None else plan.pattern, backend, scale, q_offset, ints,
+                   tuple(pattern.score_inputs), plan=plan, deterministic=deterministic,
+                   recipe=recipe)
     return c, {**ints, **floats}
 
 

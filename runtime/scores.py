@@ -384,17 +384,30 @@ class Ctx:
     """What a call's forward and backward share (not a tensor: kept off the autograd graph).
     ``int_inputs``: the mask's inputs as int64 tensors (torch backend); ``plan``: the
     plan of the call (Triton: its mask, tiles and kernels; torch: its row chunks), or None
-    (the torch backend finds its chunks per call)."""
+    (the torch backend finds its chunks per call). ``names``: the caller's tables, in the
+    order the autograd function takes them. ``recipe``: the call's composed tables
+    (:mod:`spattn.runtime.compose`), or None; with one, ``pattern`` is the pattern that
+    reads them (the plan's) and the stages below translate tables and gradients."""
 
     def __init__(self, pattern, backend, scale, q_offset, int_inputs, names, *,
-                 plan=None, deterministic=False):
+                 plan=None, deterministic=False, recipe=None):
         self.pattern, self.backend, self.scale = pattern, backend, scale
         self.q_offset, self.int_inputs, self.names = q_offset, int_inputs, names
-        self.plan, self.deterministic = plan, deterministic
+        self.plan, self.deterministic, self.recipe = plan, deterministic, recipe
+        self.run_names = names if recipe is None else recipe.names
+
+
+def _run_inputs(c: Ctx, ins: dict) -> dict:
+    """The tables the run pattern reads, from the caller's."""
+    return ins if c.recipe is None else c.recipe.inputs(ins)
+
+
+def _run_wanted(c: Ctx, table_grads) -> tuple:
+    return tuple(table_grads) if c.recipe is None else c.recipe.wanted(table_grads)
 
 
 def _tables(c: Ctx, ins: dict) -> dict:
-    return {n: ins[n].contiguous() for n in c.names}
+    return {n: ins[n].contiguous() for n in c.run_names}
 
 
 def _torch_chunks(c: Ctx):
@@ -420,6 +433,8 @@ def exact_delta(c: Ctx, q, table_grads) -> bool:
 
 
 def run_fwd(c: Ctx, q, k, v, ins):
+    """``(o, lse)``; ``ins``: the caller's int inputs and tables."""
+    ins = _run_inputs(c, ins)
     if c.backend == "triton":
         from . import triton_backend
         return triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=_tables(c, ins))
@@ -430,20 +445,32 @@ def run_fwd(c: Ctx, q, k, v, ins):
 def run_fwd_saving(c: Ctx, q, k, v, ins, table_grads) -> tuple:
     """``(o, lse, the output the backward reads)``: the fp32 output where
     :func:`exact_delta` asks for it (``o`` is then its 16-bit cast), else ``o`` itself."""
-    if not exact_delta(c, q, table_grads):
+    if not exact_delta(c, q, _run_wanted(c, table_grads)):
         o, lse = run_fwd(c, q, k, v, ins)
         return o, lse, o
     from . import triton_backend
-    o32, lse = triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=_tables(c, ins),
+    o32, lse = triton_backend.run_fwd(c.plan.forward_stage, q, k, v,
+                                      tables=_tables(c, _run_inputs(c, ins)),
                                       out_dtype=torch.float32)
     return o32.to(q.dtype), lse, o32
 
 
 def run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
-    """``(dq, dk, dv, {table: fp32 gradient})``. ``o``: the forward's output, or its fp32
-    copy (:func:`exact_delta`); a 16-bit ``o`` where the fp32 one is needed (the custom op's
-    backward, whose forward returns only o and lse) is recomputed in fp32 by the forward
-    kernel first."""
+    """``(dq, dk, dv, {table: fp32 gradient})`` for the caller's tables ``table_grads``
+    (``ins``: the caller's int inputs and tables). ``o``: the forward's output, or its
+    fp32 copy (:func:`exact_delta`); a 16-bit ``o`` where the fp32 one is needed (the
+    custom op's backward, whose forward returns only o and lse) is recomputed in fp32 by
+    the forward kernel first."""
+    run_ins = _run_inputs(c, ins)
+    dq, dk, dv, bufs = _run_bwd(c, q, k, v, o, lse, do, run_ins, dlse,
+                                _run_wanted(c, table_grads))
+    if c.recipe is not None:
+        bufs = c.recipe.grads(bufs, ins, table_grads)
+    return dq, dk, dv, bufs
+
+
+def _run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
+    """:func:`run_bwd` of the run pattern's tables (``ins``, ``table_grads``)."""
     det = c.deterministic and bool(table_grads)
     triton = c.backend == "triton" and (dlse is None or not bool((dlse != 0).any())) \
         and not (det and not deterministic_on_triton(c.pattern, table_grads))
@@ -623,6 +650,52 @@ def _arguments(pattern, q, k, v, scale, q_offset, inputs) -> tuple:
     return scale, off, given, ints, floats
 
 
+#: Recipes a pattern keeps (``CompiledPattern._runs``): one per call shape it ran at last.
+RUNS_KEPT = 16
+
+
+def composition_of(pattern):
+    """The composition a call of ``pattern`` would run under the current settings, or None
+    (:func:`spattn.runtime.compose.composition`)."""
+    from .compose import composition
+    from .settings import current
+    return composition(pattern, current())
+
+
+def composed(pattern, floats: dict, Lq: int, Lk: int, q_offset, device, settings=None
+             ) -> tuple:
+    """``(the pattern a call runs, its Recipe or None)``: with the score's tables at a
+    costly function of ``q - k`` composed on the host (:mod:`spattn.runtime.compose`)
+    where ``settings`` (the current ones by default) ask for it and the call is covered;
+    else ``(pattern, None)``. ``floats``: the caller's tables, checked in range. The run
+    pattern and the recipe are kept by the pattern, per call shape."""
+    from . import compose
+    from .settings import current
+    comp = compose.composition(pattern, settings or current())
+    if comp is None:
+        return pattern, None
+    layout = tuple((n, tuple(t.shape), t.dtype) for n, t in sorted(floats.items()))
+    key = (comp, Lq, Lk, q_offset, str(device), layout)
+    hit = pattern._runs.get(key)
+    if hit is not None:
+        return hit
+    run = next((r for (c, *_), (r, _) in pattern._runs.items() if c == comp and r is not None),
+               None)
+    if run is None:
+        from ..ir.pattern import CompiledPattern
+        run = CompiledPattern(pattern.ir, name=pattern.name, params=pattern.params,
+                              inputs=pattern.inputs, backend=pattern.backend,
+                              grid=pattern.grid, grid_offset=pattern.grid_offset,
+                              grid_suffix=pattern.grid_suffix, score=comp.score,
+                              score_inputs=dict(comp.score_inputs))
+    recipe = compose.recipe(pattern, run, comp, floats, Lq, Lk, q_offset, device)
+    out = (pattern, None) if recipe is None else (run, recipe)
+    pattern._runs[key] = out
+    while len(pattern._runs) > RUNS_KEPT:
+        pattern._runs.pop(next(iter(pattern._runs)))
+    return out
+
+
 def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, options=None):
     """The :class:`~spattn.runtime.plan.Plan` of a pattern with a score for these tensors
     and tables (``Pattern.plan``): the mask's inputs held, the tables' shapes and dtypes
@@ -632,8 +705,14 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, optio
     from .plan import build_plan
     scale, off, given, _, floats = _arguments(pattern, q, k, v, scale, q_offset, inputs)
     backend = choose_backend(pattern.backend, q.device.type)
-    return build_plan(pattern, backend, q, k, v, scale=scale, q_offset=off, inputs=given,
+    run, recipe = composed(pattern, floats, q.shape[2], k.shape[2], off, q.device)
+    if recipe is not None:
+        floats = recipe.inputs(floats)
+    plan = build_plan(run, backend, q, k, v, scale=scale, q_offset=off, inputs=given,
                       options=options, tables=floats)
+    if recipe is not None:
+        plan.origin, plan.recipe = pattern, recipe
+    return plan
 
 
 def _planned(plan, pattern, q, k, v, scale, q_offset, inputs) -> dict:
@@ -644,7 +723,11 @@ def _planned(plan, pattern, q, k, v, scale, q_offset, inputs) -> dict:
     _check_plan(plan, pattern, q, k, v, scale, q_offset, given_int)
     floats = validate_score_inputs(pattern.score_inputs, given_float, batch=q.shape[0],
                                    num_heads=q.shape[1], device=q.device)
-    plan.check_tables(floats)
+    recipe = getattr(plan, "recipe", None)
+    if recipe is None:
+        plan.check_tables(floats)
+    else:
+        recipe.check(floats, plan)
     c = plan.call
     check_score_divisors(pattern, c.inputs, floats, c.Lq, c.Lk, num_heads=c.H, batch=c.B,
                          q_offset=c.positions.q_offset)
@@ -679,6 +762,17 @@ def _signature(pattern, q, k, v, scale, q_offset, inputs):
     return ("score", sig, tuple(tables))
 
 
+def plan_of(pattern, backend, q, k, v, scale, q_offset, given, floats) -> tuple:
+    """``(plan, recipe)`` of a checked call without a plan: the cached plan of the pattern
+    the call runs (:func:`composed`)."""
+    from .plan import PLANS
+    run, recipe = composed(pattern, floats, q.shape[2], k.shape[2], q_offset, q.device)
+    tables = floats if recipe is None else recipe.inputs(floats)
+    plan = PLANS.get(run, backend, q, k, v, scale=scale, q_offset=q_offset, inputs=given,
+                     tables=tables)
+    return plan, recipe
+
+
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
          plan=None, deterministic=False):
     """Attention of a pattern with a score: ``o`` (and ``lse`` when ``return_lse``).
@@ -693,12 +787,12 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     if plan is not None:
         floats = _planned(plan, pattern, q, k, v, scale, q_offset, inputs)
         backend, scale, off = plan.backend, plan.call.scale, plan.call.positions.q_offset
-        ints = plan.call.inputs
+        ints, recipe = plan.call.inputs, getattr(plan, "recipe", None)
     else:
         sig = _signature(pattern, q, k, v, scale, q_offset, inputs)
         last = pattern._last
         if sig is not None and last is not None and last[0] == sig:
-            plan, backend, scale, off, ints = last[1]     # checked at that call
+            plan, backend, scale, off, ints, recipe = last[1]     # checked at that call
             floats = {n: inputs[n] for n in pattern.score_inputs}
             if _table_divisors(pattern.score):      # read from the tables' values
                 c0 = plan.call
@@ -708,16 +802,15 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
             scale, off, given, ints, floats = _arguments(pattern, q, k, v, scale, q_offset,
                                                          inputs)
             backend = choose_backend(pattern.backend, q.device.type)
-            from .plan import PLANS
-            plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=off,
-                             inputs=given, tables=floats)
+            plan, recipe = plan_of(pattern, backend, q, k, v, scale, off, given, floats)
             if sig is not None and not _capturing(q.device):
                 # the entry holds the mask's inputs: their ids in ``sig`` stay theirs
-                pattern._last = (sig, (plan, backend, scale, off, ints), tuple(given.values()))
+                pattern._last = (sig, (plan, backend, scale, off, ints, recipe),
+                                 tuple(given.values()))
     names = tuple(pattern.score_inputs)
     tables = [floats[n] for n in names]
-    c = Ctx(pattern, backend, scale, off, ints, names, plan=plan,
-             deterministic=bool(deterministic))
+    c = Ctx(plan.pattern if recipe is not None else pattern, backend, scale, off, ints,
+            names, plan=plan, deterministic=bool(deterministic), recipe=recipe)
     need = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))
                                         or any(t.requires_grad for t in tables))
     if need:

@@ -44,6 +44,11 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
                             are kept in range (``auto``: unchecked where proven, else clamped)
 ``SPATTN_FAST_TANH``        ``auto`` / ``1`` / ``0``: a score's tanh as one
                             ``tanh.approx.f32`` (``auto``: on CUDA for 16-bit q, k, v)
+``SPATTN_SCORE_COMPOSE``    ``auto`` / ``1`` / ``0``: a table read at a costly function of
+                            ``q - k`` gathered along the distances once per call, the
+                            kernels reading the composed table (``auto``: index functions
+                            of ``ir.compose.COMPOSE_MIN_OPS`` operations or more;
+                            docs/backends.md, Scores)
 ``SPATTN_PROGRESS``         ``auto`` / ``1`` / ``0``: show long plan builds and explain()
                             runs (:func:`progress`; not part of :class:`Settings`)
 ``TRITON_INTERPRET``        ``1``: run the Triton kernels on the CPU (Triton's variable)
@@ -73,7 +78,7 @@ VARIABLES = (
     "SPATTN_TMA", "SPATTN_TABLES", "SPATTN_AUTOTUNE", "SPATTN_TUNE_REPS",
     "SPATTN_TUNE_MARGIN", "SPATTN_CACHE_DIR",
     "SPATTN_LAYOUT", "SPATTN_LAYOUT_GATHER", "SPATTN_SCORE_LOAD", "SPATTN_SCORE_INDEX", "SPATTN_FAST_TANH",
-    "TRITON_INTERPRET",
+    "SPATTN_SCORE_COMPOSE", "TRITON_INTERPRET",
 )
 
 #: The autotuner's defaults: re-timing rounds of its finalists, and the fraction by which a
@@ -141,6 +146,7 @@ class Settings:
     score_load: str = "pair"
     score_index: str = "auto"
     fast_tanh: bool | None = None
+    score_compose: bool | None = None
     bwd_dq: str | None = None
 
     def __hash__(self):
@@ -278,6 +284,7 @@ def parse(raw: tuple) -> Settings:
         score_index=_choice("SPATTN_SCORE_INDEX", env["SPATTN_SCORE_INDEX"],
                             _SCORE_INDEX) or "auto",
         fast_tanh=_flag("SPATTN_FAST_TANH", env["SPATTN_FAST_TANH"], auto=True),
+        score_compose=_flag("SPATTN_SCORE_COMPOSE", env["SPATTN_SCORE_COMPOSE"], auto=True),
         bwd_dq=_choice("SPATTN_BWD_DQ", env["SPATTN_BWD_DQ"], _BWD_DQ),
     )
 

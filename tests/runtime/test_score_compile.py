@@ -62,6 +62,20 @@ def test_compiled_module_with_learnable_table_matches_eager(backend):
     _compare_with_eager(model, x, doc)
 
 
+def test_compiled_module_with_a_composed_table_matches_eager(monkeypatch):
+    """The traced op with the module's relative bias composed on the host
+    (``SPATTN_SCORE_COMPOSE=1`` composes its clamp): eager numbers, the table's gradient
+    summed back through the recipe."""
+    monkeypatch.setenv("SPATTN_SCORE_COMPOSE", "1")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ScoredBlock("torch")
+    x = torch.randn(2, 40, 32)
+    doc = torch.arange(40).repeat(2, 1) // 15
+    _compare_with_eager(model, x, doc)
+    assert any(r is not None for _, r in model.attn.pattern._runs.values())
+
+
 def test_compiled_functional_lse_gradient_and_frozen_table():
     """``spattn.attention(pattern=..., score=...)`` compiled: outputs, lse and its gradient
     against the float64 reference; a table that needs no gradient gets none, q, k, v do;
