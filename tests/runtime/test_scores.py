@@ -183,7 +183,9 @@ def test_kernels_show_the_score():
     fwd, bwd = p.kernel_source("fwd"), p.kernel_source("bwd")
     assert "score rel[h, min(max(q - k, 0), 63)] + tanh(s / 30.0) * 30.0" in fwd
     assert "tl.sigmoid(b_s * (sm_scale * 0.06666666666666667))" in fwd   # 2 * s / 30: folded
-    assert "tl.atomic_add(p_g" in bwd and "b_ds = tl.where(b_p != 0.0, b_ds * b_fd, 0.0)" in bwd
+    assert "b_ds = tl.where(b_p != 0.0, b_ds * b_fd, 0.0)" in bwd
+    # the relative bias's gradient: one atomic add per diagonal of the tile, at its entry
+    assert "tl.atomic_add(p_drel + i_h * stride_rel_0 + i_e * stride_rel_1, b_g, mask=m_e)" in bwd
     plain = spattn.compile("causal & window(64)")
     for kind in ("fwd", "bwd"):
         text = plain.kernel_source(kind)
@@ -244,3 +246,21 @@ def test_bf16_table_gradient_with_a_positional_factor_on_torch():
     err = (w.grad.double() - w_ref.grad).abs().max() / w_ref.grad.abs().max()
     assert err < 1e-3, err
     assert torch.allclose(q.grad.double(), qq.grad, rtol=0.05, atol=0.05)
+
+
+DIAG_CASES = [
+    ("per-head", "causal", "s + rel[h, q - k + 47]", {}, {"rel": (H, 95)}, False),
+    ("per-batch-and-head", "causal & window(20)", "s + rel[b, h, q - k + 47]", {},
+     {"rel": (2, H, 95)}, False),
+    ("shared-both-sides", "k <= q + 5", "s + rel[q - k + 47] * 0.5", {}, {"rel": (95,)}, False),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", DIAG_CASES, ids=[c[0] for c in DIAG_CASES])
+@pytest.mark.parametrize("Hk,Lq", [(2, 48), (H, 20)], ids=["Hk2-L48", "Hk4-Lq20-Lk48"])
+def test_triton_table_along_the_diagonals(case, Hk, Lq):
+    """Tables read along ``q - k``: the dQ kernel sums each tile's diagonals and adds one
+    sum per diagonal at its entry (no ``deterministic``); every gradient against the
+    float64 reference, GQA and bottom-right aligned queries included."""
+    check(case, "triton", Hk=Hk, Lq=Lq, Lk=48)
