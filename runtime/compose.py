@@ -12,7 +12,8 @@ as the kernels' gradient of the composed table.
 
 The composed table ``name`` covers the distances ``d = q - k`` from ``-(Lk - 1)`` to the
 last query's ``q_offset + Lq - 1`` and is read at ``d + Lk - 1``; a call with a negative
-``q_offset`` or one whose table would pass :data:`MAX_ENTRIES` runs the score as written.
+``q_offset`` or one whose composed table would pass :data:`MAX_ELEMENTS` runs the score as
+written.
 """
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ import torch
 from ..ir.compose import COMPOSE_MIN_OPS, Composition, compose
 from ..ir.evaluate import evaluate
 
-__all__ = ["MAX_ENTRIES", "Recipe", "composition", "recipe"]
+__all__ = ["MAX_ELEMENTS", "Recipe", "composition", "recipe"]
 
-#: The most distances a composed table covers (per row of its other dims): beyond that the
-#: score runs as written (a query offset far past the keys).
-MAX_ENTRIES = 1 << 24
+#: The most elements of one composed table (256 MiB in float32): beyond that (a query
+#: offset far past the keys, millions of tokens with many heads) the score runs as written.
+MAX_ELEMENTS = 1 << 26
 
 
 def composition(pattern, settings) -> Composition | None:
@@ -111,8 +112,10 @@ def recipe(pattern, run_pattern, comp: Composition, floats: dict, Lq: int, Lk: i
     if not isinstance(q_offset, int) or q_offset < 0:
         return None
     n = q_offset + Lq + Lk - 1
-    if n > MAX_ENTRIES:
-        return None
+    for c in comp.composed:
+        t = floats[c.source]
+        if t.numel() // t.shape[t.dim() - c.nd + c.axis] * n > MAX_ELEMENTS:
+            return None
     d = torch.arange(-(Lk - 1), q_offset + Lq, dtype=torch.int64)
     luts, layout = {}, {}
     for c in comp.composed:

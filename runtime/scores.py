@@ -679,8 +679,8 @@ def composed(pattern, floats: dict, Lq: int, Lk: int, q_offset, device, settings
     hit = pattern._runs.get(key)
     if hit is not None:
         return hit
-    run = next((r for (c, *_), (r, _) in pattern._runs.items() if c == comp and r is not None),
-               None)
+    run = next((r for (c, *_), (r, rec) in pattern._runs.items()
+                if c == comp and rec is not None), None)
     if run is None:
         from ..ir.pattern import CompiledPattern
         run = CompiledPattern(pattern.ir, name=pattern.name, params=pattern.params,

@@ -92,6 +92,12 @@ def test_negative_query_offset_runs_as_written():
     ro, _ = pattern_reference(p, q.double(), k.double(), v.double(), bias=bias.double(),
                               q_offset=-10)
     torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-4)
+    # the same pattern's next call, covered, runs composed
+    o = p(q[:, :, :20], k, v, bias=bias)
+    assert _composed(p)
+    ro, _ = pattern_reference(p, q[:, :, :20].double(), k.double(), v.double(),
+                              bias=bias.double())
+    torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-4)
 
 
 def test_gradcheck_float64_through_the_composition():
@@ -196,3 +202,17 @@ def test_gpu_composed_t5_bf16(mask, score, monkeypatch):
     written = _run(p2, q, k, v, bias, do, None)
     assert not _composed(p2)
     assert rel(got[4], written[4].double()) < 1e-2
+
+
+def test_a_composed_table_past_the_bound_runs_as_written(monkeypatch):
+    from spattn.runtime import compose as C
+    monkeypatch.setattr(C, "MAX_ELEMENTS", 2 * 63)      # 2 heads x 63 distances fit at L=32
+    p = spattn.compile("causal", score="s + bias[h, t5_bucket_causal(8, 20)]", backend="torch")
+    g = torch.Generator().manual_seed(8)
+    bias = torch.randn(2, 8, generator=g)
+    for L, composed in ((32, True), (33, False)):
+        q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+        assert (S.composed(p, {"bias": bias}, L, L, 0, "cpu")[1] is not None) == composed
+        o = p(q, k, v, bias=bias)
+        ro, _ = pattern_reference(p, q.double(), k.double(), v.double(), bias=bias.double())
+        torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-4)
