@@ -6,7 +6,8 @@ computed pair: the bucket is a ladder of comparisons before its load. The same v
 from a table gathered once per call along the distances: ``rel_g = rel.index_select(dim,
 g(d))`` over every distance ``d`` of the call, read at ``d + Lk - 1``. The kernels then
 load one entry per pair with no index arithmetic beyond a subtraction, as they do for a
-learned ``rel[h, q - k]``; autograd takes the table's gradient back through the gather.
+learned ``rel[h, q - k]``; the caller's table gets its gradient back from the composed
+table's, summed per entry (:meth:`spattn.runtime.compose.Recipe.grads`).
 
 :func:`compose` finds those loads and rewrites the score; it is a pure function of the
 score (the runtime applies it: :mod:`spattn.runtime.compose`). A load qualifies when exactly
@@ -14,8 +15,10 @@ one of its index expressions reads q or k, that one is a function of ``q - k`` a
 (:func:`distance_form`) that reads nothing else (no head, batch, length or runtime
 input), and it is not affine: an affine index is a load of its own
 already. ``min_ops``: the least number of non-affine operations (comparisons, selects,
-min/max, abs, division, modulo, constant lists) an index must cost to be composed; a
-clamp (2) stays in the kernel, a T5 bucket (15-20) is composed.
+min/max, abs, division, modulo, constant lists; :func:`index_ops`) an index must cost to be
+composed; a clamp (2) stays in the kernel, T5's buckets (26 for ``t5_bucket(32, 128)``, 47
+for ``t5_bucket_causal(32, 128)``) are composed. ``reserved``: names a composed table must
+not take (the mask's inputs; the score's are never taken).
 """
 from __future__ import annotations
 
@@ -133,9 +136,10 @@ def _fresh(base: str, taken: set) -> str:
 
 
 @lru_cache(maxsize=256)
-def _compose(score: Node, score_inputs: tuple, min_ops: int) -> Composition | None:
+def _compose(score: Node, score_inputs: tuple, min_ops: int, reserved: tuple
+             ) -> Composition | None:
     inputs = dict(score_inputs)
-    taken = set(inputs)
+    taken = set(inputs) | set(reserved)
     mapping, composed = {}, []
     for ld in float_loads(score):
         reads = [i for i, c in enumerate(ld.index) if free_vars(c) & {"q", "k"}]
@@ -158,8 +162,8 @@ def _compose(score: Node, score_inputs: tuple, min_ops: int) -> Composition | No
     return Composition(new, tuple(out.items()), tuple(composed))
 
 
-def compose(score: Node, score_inputs: dict, *, min_ops: int = COMPOSE_MIN_OPS
-            ) -> Composition | None:
+def compose(score: Node, score_inputs: dict, *, min_ops: int = COMPOSE_MIN_OPS,
+            reserved: tuple = ()) -> Composition | None:
     """The score with its loads at a costly function of ``q - k`` read from composed
     tables (module docstring), or None when no load qualifies."""
-    return _compose(score, tuple(score_inputs.items()), int(min_ops))
+    return _compose(score, tuple(score_inputs.items()), int(min_ops), tuple(sorted(reserved)))

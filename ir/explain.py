@@ -24,6 +24,7 @@ from ..dsl.errors import SpattnValueError
 from .evaluate import evaluate
 from .inputs import query_offset, validate_inputs
 from .ranges import closed_form, exact_intervals
+from .compose import COMPOSE_MIN_OPS
 from .cost import COSTS, TARGETS, TILES, pick_strategy, predicted_speedup, tile_counts
 from .tiles import FULL, PARTIAL, classify
 
@@ -184,14 +185,16 @@ def _count_tiles(ir, tiles, Lq, Lk, bm, bn, *, q_offset, inputs, device, chunk_e
     return total
 
 
-def _score_run(pattern) -> Optional[str]:
+def _score_run(pattern, q_offset: int, compose_ops: Optional[int]) -> Optional[str]:
     """The score a call runs where tables are composed with their distance index
-    (:mod:`spattn.ir.compose`, the default threshold), as source; None otherwise."""
-    if getattr(pattern, "score", None) is None:
+    (:mod:`spattn.ir.compose` at ``compose_ops``; None: nothing composed), as source; None
+    otherwise (a negative ``q_offset`` runs the score as written)."""
+    if getattr(pattern, "score", None) is None or compose_ops is None or q_offset < 0:
         return None
     from .compose import compose
     from .printer import to_source
-    comp = compose(pattern.score, pattern.score_inputs)
+    comp = compose(pattern.score, pattern.score_inputs, min_ops=compose_ops,
+                   reserved=tuple(pattern.inputs))
     return None if comp is None else to_source(comp.score)
 
 
@@ -199,13 +202,14 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
             block_m: Optional[int] = None, block_n: Optional[int] = None,
             inputs: Optional[dict] = None, batch: int = 1, q_offset: Optional[int] = None,
             head_dim: int = 128, device=None, target: str = "cuda",
-            gather: str = "copy") -> Report:
+            gather: str = "copy", compose_ops: Optional[int] = COMPOSE_MIN_OPS) -> Report:
     """A :class:`Report` on ``pattern`` at the given size (see the module docstring).
 
     ``target``: ``"cuda"`` or ``"cpu"``, whose cost model predicts the speedup; the tiles
     default to that target's forward tiles (``ir.cost.TILES``). ``gather``: how a layout's
     tokens reach the kernels (``SPATTN_LAYOUT_GATHER``: "copy" prices the gathers,
-    "kernel" does not)."""
+    "kernel" does not). ``compose_ops``: the threshold of the score's composed tables
+    (``SPATTN_SCORE_COMPOSE``: ``runtime.compose.min_ops``; None: none composed)."""
     if target not in TARGETS:
         raise SpattnValueError(f"target={target!r}: expected one of {', '.join(map(repr, TARGETS))}")
     block_m = block_m or TILES[target][0]
@@ -257,7 +261,7 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
     return Report(
         head_order=head_order,
         score=(None if getattr(pattern, "score", None) is None else str(pattern.score)),
-        score_run=_score_run(pattern),
+        score_run=_score_run(pattern, query_offset(Lq, Lk, q_offset), compose_ops),
         pattern=getattr(pattern, "source", None) or str(ir), Lq=Lq, Lk=Lk, num_heads=num_heads,
         batch=batch, block_m=block_m, block_n=block_n, head_dim=head_dim,
         allowed_pairs=allowed, total_pairs=total_pairs, density=allowed / total_pairs,

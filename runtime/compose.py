@@ -11,9 +11,10 @@ sum has a fixed order on every device, so a composed table's gradient is as dete
 as the kernels' gradient of the composed table.
 
 The composed table ``name`` covers the distances ``d = q - k`` from ``-(Lk - 1)`` to the
-last query's ``q_offset + Lq - 1`` and is read at ``d + Lk - 1``; a call with a negative
-``q_offset`` or one whose composed table would pass :data:`MAX_ELEMENTS` runs the score as
-written.
+last query's ``q_offset + Lq - 1`` and is read at ``d + Lk - 1`` (its size grows with
+``q_offset``: ``2 Lk - 1`` distances for a decode step's bottom-right rows); a call whose
+``q_offset`` is negative or not an int (traced), or whose composed table would pass
+:data:`MAX_ELEMENTS`, runs the score as written.
 """
 from __future__ import annotations
 
@@ -22,22 +23,29 @@ import torch
 from ..ir.compose import COMPOSE_MIN_OPS, Composition, compose
 from ..ir.evaluate import evaluate
 
-__all__ = ["MAX_ELEMENTS", "Recipe", "composition", "recipe"]
+__all__ = ["MAX_ELEMENTS", "Recipe", "composition", "min_ops", "recipe"]
 
 #: The most elements of one composed table (256 MiB in float32): beyond that (a query
 #: offset far past the keys, millions of tokens with many heads) the score runs as written.
 MAX_ELEMENTS = 1 << 26
 
 
-def composition(pattern, settings) -> Composition | None:
-    """The composition of ``pattern``'s score under ``settings.score_compose`` (None:
-    :data:`~spattn.ir.compose.COMPOSE_MIN_OPS`; True: every non-affine distance index;
-    False: none)."""
+def min_ops(settings) -> int | None:
+    """The composition's threshold under ``settings.score_compose`` (None, ``auto``:
+    :data:`~spattn.ir.compose.COMPOSE_MIN_OPS`; True: 1, every non-affine distance index;
+    False: None, nothing composed)."""
     mode = settings.score_compose
-    if getattr(pattern, "score", None) is None or mode is False:
+    return None if mode is False else 1 if mode else COMPOSE_MIN_OPS
+
+
+def composition(pattern, settings) -> Composition | None:
+    """The composition of ``pattern``'s score under ``settings`` (:func:`min_ops`), or
+    None."""
+    ops = min_ops(settings)
+    if getattr(pattern, "score", None) is None or ops is None:
         return None
-    return compose(pattern.score, pattern.score_inputs,
-                   min_ops=1 if mode else COMPOSE_MIN_OPS)
+    return compose(pattern.score, pattern.score_inputs, min_ops=ops,
+                   reserved=tuple(pattern.inputs))
 
 
 class Recipe:
@@ -59,7 +67,9 @@ class Recipe:
 
     def check(self, floats: dict, plan) -> None:
         """SpattnInputError unless the caller's tables are shaped, typed and placed as
-        this recipe's and ``plan``'s (a plan's call passes its own tables)."""
+        this recipe's and ``plan``'s (a plan's call passes its own tables): the sources
+        against the recipe (the composed tables' shapes follow from theirs), the tables
+        read as they are against the plan."""
         from ..dsl.errors import SpattnInputError
         for name, (shape, dtype) in self.layout.items():
             t = floats[name]
@@ -69,7 +79,7 @@ class Recipe:
                     f"{t.device}, but the plan was built for {name!r} of shape {shape}, "
                     f"{dtype} on {plan.device}: pass a table like the plan's or build a plan "
                     f"for this one (pat.plan(q, k, v, {name}=...))")
-        plan.check_tables({n: t for n, t in self.inputs(floats).items() if n in self.names})
+        plan.check_tables(floats, skip=tuple(c.name for c in self.comp.composed))
 
     def inputs(self, ins: dict) -> dict:
         """The run pattern's tables from the caller's (``ins``: by name; int inputs pass

@@ -195,11 +195,14 @@ class Plan:
                                    "loads, specialised kernels); this call's are not: build a "
                                    "plan for them")
 
-    def check_tables(self, tables: dict) -> None:
+    def check_tables(self, tables: dict, skip: tuple = ()) -> None:
         """Raise :class:`SpattnInputError` unless a score's float tables are shaped, typed and
         placed as those this plan was built with (its bounds proofs and kernels are for
-        those): each call passes its own tables (a learnable table changes every step)."""
+        those): each call passes its own tables (a learnable table changes every step).
+        ``skip``: tables the caller does not pass (composed ones: ``runtime.compose``)."""
         for name, (shape, dtype) in self.table_layout.items():
+            if name in skip:
+                continue
             t = tables[name]
             if tuple(t.shape) != shape or t.dtype != dtype or t.device != self.device:
                 raise SpattnInputError(

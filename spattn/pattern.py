@@ -107,6 +107,7 @@ class Pattern(CompiledPattern):
         :meth:`mask` does)."""
         from .ir.explain import explain
         from .runtime.progress import progress
+        from .runtime.compose import min_ops
         from .runtime.plan import layout_gather
         from .runtime.settings import current
         inputs = _mask_inputs(self, inputs)
@@ -118,7 +119,8 @@ class Pattern(CompiledPattern):
         with _fits("the analysis"), progress(f"explaining {self.name!r} at Lq={Lq}, Lk={Lk}"):
             return explain(self, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
                            block_m=block_m, block_n=block_n, inputs=inputs, target=target,
-                           gather=layout_gather(None, current(), backend))
+                           gather=layout_gather(None, current(), backend),
+                           compose_ops=min_ops(current()))
 
     def receptive_field(self, L: int, layers: int, **kwargs):
         """How much of the past each position reaches when the pattern is stacked ``layers`` deep."""

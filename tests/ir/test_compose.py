@@ -86,9 +86,25 @@ def test_fresh_names_avoid_the_patterns_inputs():
                for ld in float_loads(comp.score))
 
 
-def test_explain_shows_the_score_a_call_runs():
+def test_explain_shows_the_score_a_call_runs(monkeypatch):
     p = spattn.compile("causal", score="s + rel[h, t5_bucket_causal(32, 128)]")
     text = str(p.explain(256))
     assert "runs as rel_by_distance[h, q - k + Lk - 1] + s" in text
     assert p.explain(256).score_run == "rel_by_distance[h, q - k + Lk - 1] + s"
+    assert p.explain(256, 128, q_offset=-5).score_run is None        # runs as written
     assert spattn.compile("causal", score="softcap(3.0)").explain(256).score_run is None
+    clamp = spattn.compile("causal", score="s + rel[h, clamp(q - k, 0, 7)]")
+    assert clamp.explain(64).score_run is None
+    monkeypatch.setenv("SPATTN_SCORE_COMPOSE", "1")
+    assert clamp.explain(64).score_run == "rel_by_distance[h, q - k + Lk - 1] + s"
+    monkeypatch.setenv("SPATTN_SCORE_COMPOSE", "0")
+    assert p.explain(256).score_run is None
+
+
+def test_composed_names_avoid_the_masks_inputs():
+    p = spattn.compile("causal & rel_by_distance[q] == rel_by_distance[k]",
+                       score="s + rel[h, t5_bucket(16, 40)]")
+    from spattn.runtime.compose import composition
+    from spattn.runtime.settings import current
+    (c,) = composition(p, current()).composed
+    assert c.name == "rel_by_distance1"

@@ -216,3 +216,19 @@ def test_a_composed_table_past_the_bound_runs_as_written(monkeypatch):
         o = p(q, k, v, bias=bias)
         ro, _ = pattern_reference(p, q.double(), k.double(), v.double(), bias=bias.double())
         torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-4)
+
+
+def test_a_mask_input_named_like_a_composed_table():
+    """A mask input named ``rel_by_distance`` keeps its name: the composed table takes
+    another, and the call is right."""
+    p = spattn.compile("causal & rel_by_distance[q] == rel_by_distance[k]",
+                       score="s + rel[h, t5_bucket(16, 40)]", backend="torch")
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 30, 16, generator=g) for _ in range(3))
+    rel = torch.randn(2, 16, generator=g)
+    doc = torch.arange(30) // 7
+    o = p(q, k, v, rel=rel, rel_by_distance=doc)
+    assert _composed(p)
+    ro, _ = pattern_reference(p, q.double(), k.double(), v.double(), rel=rel.double(),
+                              rel_by_distance=doc)
+    torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-4)
