@@ -131,7 +131,8 @@ def recipe(pattern, run_pattern, comp: Composition, floats: dict, Lq: int, Lk: i
     for c in comp.composed:
         t = floats[c.source]
         size = t.shape[t.dim() - c.nd + c.axis]
-        # distances no allowed pair has may index past the table: clamped, never read
+        # (the call's distances start at q_offset - (Lk - 1): the entries below it are
+        #  never read, and their indices are clamped into the table)
         lut = torch.as_tensor(evaluate(c.fn, {"u": d}), dtype=torch.int64).expand(n)
         lut = lut.clamp(0, size - 1)
         order = torch.sort(lut, stable=True).indices
