@@ -13,11 +13,12 @@ table's, summed per entry (:meth:`spattn.runtime.compose.Recipe.grads`).
 score (the runtime applies it: :mod:`spattn.runtime.compose`). A load qualifies when exactly
 one of its index expressions reads q or k, that one is a function of ``q - k`` alone
 (:func:`distance_form`) that reads nothing else (no head, batch, length or runtime
-input), and it is not affine: an affine index is a load of its own
-already. ``min_ops``: the least number of non-affine operations (comparisons, selects,
-min/max, abs, division, modulo, constant lists; :func:`index_ops`) an index must cost to be
-composed; a clamp (2) stays in the kernel, T5's buckets (26 for ``t5_bucket(32, 128)``, 47
-for ``t5_bucket_causal(32, 128)``) are composed. ``reserved``: names a composed table must
+input), and it is not affine (an affine index is a load of its own already: one
+non-affine operation at least is always required). ``min_ops``: the least number of
+non-affine operations (comparisons, selects, min/max, abs, division, modulo, constant
+lists; :func:`index_ops`) an index must cost to be composed; a clamp (2) stays in the
+kernel, T5's buckets (26 for ``t5_bucket(32, 128)``, 47 for ``t5_bucket_causal(32,
+128)``) are composed. ``reserved``: names a composed table must
 not take (the mask's inputs; the score's are never taken).
 """
 from __future__ import annotations
@@ -27,8 +28,9 @@ from functools import lru_cache
 
 from . import build as B
 from .intervals import replace
-from .nodes import (Const, FAdd, FCall, FConst, FDiv, FLoad, FMul, FSelect, FTable, Load,
-                    Node, Prod, Score, Sum, ToFloat, Var, float_loads, free_vars, walk)
+from .nodes import (Abs, And, FAdd, FCall, FConst, FDiv, FloorDiv, FLoad, FMul, FSelect,
+                    FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Range, Score, Select,
+                    Table, ToFloat, Var, float_loads, free_vars, walk)
 from .visitor import Visitor, rule
 
 __all__ = ["COMPOSE_MIN_OPS", "Composed", "Composition", "compose", "distance_form",
@@ -61,15 +63,15 @@ class Composition:
     composed: tuple[Composed, ...]
 
 
-_COSTLY = ("Select", "Range", "Min", "Max", "Abs", "FloorDiv", "Mod", "Table", "IsPow2",
-           "Not", "And", "Or")
+#: The node types an index pays for per pair beyond additions and constant factors.
+_COSTLY = (Select, Range, Min, Max, Abs, FloorDiv, Mod, Table, IsPow2, Not, And, Or)
 
 
 def index_ops(index: Node) -> int:
     """Non-affine operations of an int index expression (each node counted once per
     occurrence; a kernel evaluates common sub-expressions once, so this is an upper
     bound)."""
-    return sum(type(n).__name__ in _COSTLY for n in walk(index))
+    return sum(isinstance(n, _COSTLY) for n in walk(index))
 
 
 def distance_form(index: Node, var: str = "u") -> Node | None:
@@ -81,14 +83,6 @@ def distance_form(index: Node, var: str = "u") -> Node | None:
     g = replace(index, Var("q"), B.add(Var(var), Var("k")))
     used = free_vars(g)
     return g if var in used and not used & {"q", "k"} else None
-
-
-def _affine(g: Node) -> bool:
-    if isinstance(g, (Var, Const)):
-        return True
-    if isinstance(g, Sum):
-        return all(isinstance(a, Var) for a, _ in g.terms)
-    return isinstance(g, Prod) and all(isinstance(f, (Var, Const)) for f in g.factors)
 
 
 class _ReplaceLoads(Visitor):
@@ -147,7 +141,7 @@ def _compose(score: Node, score_inputs: tuple, min_ops: int, reserved: tuple
             continue
         axis = reads[0]
         g = distance_form(ld.index[axis])
-        if g is None or free_vars(g) != {"u"} or _affine(g) or index_ops(g) < min_ops:
+        if g is None or free_vars(g) != {"u"} or index_ops(g) < min_ops:
             continue
         name = _fresh(ld.name, taken)
         at = B.add(Var("q"), B.neg(Var("k")), Var("Lk"), B.const(-1))
@@ -166,4 +160,5 @@ def compose(score: Node, score_inputs: dict, *, min_ops: int = COMPOSE_MIN_OPS,
             reserved: tuple = ()) -> Composition | None:
     """The score with its loads at a costly function of ``q - k`` read from composed
     tables (module docstring), or None when no load qualifies."""
-    return _compose(score, tuple(score_inputs.items()), int(min_ops), tuple(sorted(reserved)))
+    return _compose(score, tuple(score_inputs.items()), max(1, int(min_ops)),
+                    tuple(sorted(reserved)))

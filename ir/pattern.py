@@ -40,7 +40,7 @@ class CompiledPattern:
                                    f"got {backend!r}")
         self.ir = ir
         self._last = None   # the last call's checked arguments and plan (runtime.api)
-        self._runs = {}     # composition -> the pattern its calls run (runtime.scores)
+        self._runs = {}     # call shape -> the pattern it runs, its recipe (runtime.scores)
         self.name = name
         self.params = dict(params or {})
         self.inputs = dict(inputs or {})
