@@ -28,13 +28,13 @@ from functools import lru_cache
 
 from . import build as B
 from .intervals import replace
-from .nodes import (Abs, And, FAdd, FCall, FConst, FDiv, FloorDiv, FLoad, FMul, FSelect,
-                    FTable, IsPow2, Load, Max, Min, Mod, Node, Not, Or, Range, Score, Select,
-                    Table, ToFloat, Var, float_loads, free_vars, walk)
-from .visitor import Visitor, rule
+from .nodes import (Abs, And, FloorDiv, FLoad, IsPow2, Load, Max, Min, Mod, Node, Not, Or,
+                    Range, Select, Table, Var, float_loads, free_vars, walk)
+from .score import FloatRebuild
+from .visitor import rule
 
 __all__ = ["COMPOSE_MIN_OPS", "Composed", "Composition", "compose", "distance_form",
-           "index_ops"]
+           "index_ops", "pattern_composition"]
 
 #: The default of :func:`compose`'s ``min_ops``: an index function composed on the host
 #: costs at least this many operations per pair in the kernel.
@@ -85,39 +85,15 @@ def distance_form(index: Node, var: str = "u") -> Node | None:
     return g if var in used and not used & {"q", "k"} else None
 
 
-class _ReplaceLoads(Visitor):
+class _ReplaceLoads(FloatRebuild):
     """The score with some of its float loads replaced (``self.map``)."""
 
     def __init__(self, mapping: dict):
         self.map = mapping
 
-    @rule(FConst, Score, ToFloat, FTable)
-    def leaf(self, n):
-        return n        # no float load below: their children are ints
-
     @rule(FLoad)
     def fload(self, n):
         return self.map.get(n, n)
-
-    @rule(FAdd)
-    def fadd(self, n):
-        return B.fadd(*(self(a) for a in n.args))
-
-    @rule(FMul)
-    def fmul(self, n):
-        return B.fmul(*(self(a) for a in n.args))
-
-    @rule(FDiv)
-    def fdiv(self, n):
-        return B.fdiv(self(n.a), self(n.b))
-
-    @rule(FCall)
-    def fcall(self, n):
-        return B.fcall(n.fn, *(self(a) for a in n.args))
-
-    @rule(FSelect)
-    def fselect(self, n):
-        return B.fselect(n.cond, self(n.a), self(n.b))
 
 
 def _fresh(base: str, taken: set) -> str:
@@ -162,3 +138,12 @@ def compose(score: Node, score_inputs: dict, *, min_ops: int = COMPOSE_MIN_OPS,
     tables (module docstring), or None when no load qualifies."""
     return _compose(score, tuple(score_inputs.items()), max(1, int(min_ops)),
                     tuple(sorted(reserved)))
+
+
+def pattern_composition(pattern, min_ops: int | None) -> Composition | None:
+    """:func:`compose` of a pattern's score, its mask's inputs reserved; None without a
+    score or when ``min_ops`` is None (nothing composed: ``SPATTN_SCORE_COMPOSE=0``)."""
+    if getattr(pattern, "score", None) is None or min_ops is None:
+        return None
+    return compose(pattern.score, pattern.score_inputs, min_ops=min_ops,
+                   reserved=tuple(pattern.inputs))

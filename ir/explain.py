@@ -24,7 +24,7 @@ from ..dsl.errors import SpattnValueError
 from .evaluate import evaluate
 from .inputs import query_offset, validate_inputs
 from .ranges import closed_form, exact_intervals
-from .compose import COMPOSE_MIN_OPS
+from .compose import COMPOSE_MIN_OPS, pattern_composition
 from .cost import COSTS, TARGETS, TILES, pick_strategy, predicted_speedup, tile_counts
 from .tiles import FULL, PARTIAL, classify
 
@@ -189,12 +189,8 @@ def _score_run(pattern, q_offset: int, compose_ops: Optional[int]) -> Optional[s
     """The score a call runs where tables are composed with their distance index
     (:mod:`spattn.ir.compose` at ``compose_ops``; None: nothing composed), as source; None
     otherwise (a negative ``q_offset`` runs the score as written)."""
-    if getattr(pattern, "score", None) is None or compose_ops is None or q_offset < 0:
-        return None
-    from .compose import compose
     from .printer import to_source
-    comp = compose(pattern.score, pattern.score_inputs, min_ops=compose_ops,
-                   reserved=tuple(pattern.inputs))
+    comp = None if q_offset < 0 else pattern_composition(pattern, compose_ops)
     return None if comp is None else to_source(comp.score)
 
 

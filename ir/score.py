@@ -32,8 +32,8 @@ from .nodes import (FAdd, FCall, FConst, FDiv, FLoad, FMul, FSelect, Node, Score
                     ToFloat, Var, float_loads, free_vars, walk)
 from .visitor import Visitor, rule
 
-__all__ = ["LOG2E", "TILE_QUERY", "ScoreGrads", "derivative", "emitted_form", "grads",
-           "outer_factor", "reciprocal", "row_terms", "score_values", "score_env",
+__all__ = ["LOG2E", "TILE_QUERY", "FloatRebuild", "ScoreGrads", "derivative", "emitted_form",
+           "grads", "outer_factor", "reciprocal", "row_terms", "score_values", "score_env",
            "split_tile_query"]
 
 #: ``log2(e)``: a score in log2 units is the natural one times this.
@@ -297,16 +297,14 @@ def score_values(node: Node, s: torch.Tensor, env: dict, inputs: Mapping[str, to
 
 # ------------------------------------------------------------ forms for the kernels
 
-class _Reciprocal(Visitor):
-    """:func:`reciprocal`'s rules: float nodes rebuilt through ``ir.build``; ``x / c`` by a
-    constant is ``x * (1 / c)``. Int and bool sub-trees (indices, conditions) are kept."""
+class FloatRebuild(Visitor):
+    """A score's float nodes rebuilt through ``ir.build`` from their rebuilt operands; every
+    other node (leaves, int and bool sub-trees: indices, conditions) kept. A pass that
+    rewrites some float nodes subclasses it and overrides their rules."""
 
     @rule(FDiv)
     def fdiv(self, n):
-        a, b = self(n.a), self(n.b)
-        if isinstance(b, FConst):
-            return build.fmul(a, build.fconst(1.0 / b.value))
-        return build.fdiv(a, b)
+        return build.fdiv(self(n.a), self(n.b))
 
     @rule(FAdd)
     def fadd(self, n):
@@ -327,6 +325,17 @@ class _Reciprocal(Visitor):
     @rule(default=True)
     def keep(self, n):
         return n
+
+
+class _Reciprocal(FloatRebuild):
+    """:func:`reciprocal`'s rules: ``x / c`` by a constant is ``x * (1 / c)``."""
+
+    @rule(FDiv)
+    def fdiv(self, n):
+        a, b = self(n.a), self(n.b)
+        if isinstance(b, FConst):
+            return build.fmul(a, build.fconst(1.0 / b.value))
+        return build.fdiv(a, b)
 
 
 _RECIPROCAL = _Reciprocal()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ir.compose import COMPOSE_MIN_OPS, Composition, compose
+from ..ir.compose import COMPOSE_MIN_OPS, Composition, pattern_composition
 from ..ir.evaluate import evaluate
 
 __all__ = ["MAX_ELEMENTS", "Recipe", "composition", "min_ops", "recipe"]
@@ -41,11 +41,13 @@ def min_ops(settings) -> int | None:
 def composition(pattern, settings) -> Composition | None:
     """The composition of ``pattern``'s score under ``settings`` (:func:`min_ops`), or
     None."""
-    ops = min_ops(settings)
-    if getattr(pattern, "score", None) is None or ops is None:
-        return None
-    return compose(pattern.score, pattern.score_inputs, min_ops=ops,
-                   reserved=tuple(pattern.inputs))
+    return pattern_composition(pattern, min_ops(settings))
+
+
+def _dim(c, t) -> int:
+    """The dim of table ``t`` (leading ``[B]`` / ``[B, H]`` dims included) that composed
+    table ``c`` replaces."""
+    return t.dim() - c.nd + c.axis
 
 
 class Recipe:
@@ -61,9 +63,6 @@ class Recipe:
         parts = ", ".join(f"{c.name} = {c.source} along {len(self.luts[c.name][0])} distances"
                           for c in self.comp.composed)
         return f"Recipe({parts})"
-
-    def _dim(self, c, t) -> int:
-        return t.dim() - c.nd + c.axis
 
     def check(self, floats: dict, plan) -> None:
         """SpattnInputError unless the caller's tables are shaped, typed and placed as
@@ -87,7 +86,7 @@ class Recipe:
         out = {n: t for n, t in ins.items() if n in self.names or n not in self.layout}
         for c in self.comp.composed:
             t = ins[c.source]
-            out[c.name] = t.index_select(self._dim(c, t), self.luts[c.name][0])
+            out[c.name] = t.index_select(_dim(c, t), self.luts[c.name][0])
         return out
 
     def wanted(self, table_grads) -> tuple:
@@ -105,7 +104,7 @@ class Recipe:
                 continue
             _, order, ends = self.luts[c.name]
             g = bufs[c.name]
-            dim = self._dim(c, ins[c.source])
+            dim = _dim(c, ins[c.source])
             cs = g.index_select(dim, order).double().cumsum(dim)
             cs = torch.cat([torch.zeros_like(cs.narrow(dim, 0, 1)), cs], dim)
             starts = torch.cat([ends.new_zeros(1), ends[:-1]])
@@ -124,13 +123,13 @@ def recipe(pattern, run_pattern, comp: Composition, floats: dict, Lq: int, Lk: i
     n = q_offset + Lq + Lk - 1
     for c in comp.composed:
         t = floats[c.source]
-        if t.numel() // t.shape[t.dim() - c.nd + c.axis] * n > MAX_ELEMENTS:
+        if t.numel() // t.shape[_dim(c, t)] * n > MAX_ELEMENTS:
             return None
     d = torch.arange(-(Lk - 1), q_offset + Lq, dtype=torch.int64)
     luts, layout = {}, {}
     for c in comp.composed:
         t = floats[c.source]
-        size = t.shape[t.dim() - c.nd + c.axis]
+        size = t.shape[_dim(c, t)]
         # (the call's distances start at q_offset - (Lk - 1): the entries below it are
         #  never read, and their indices are clamped into the table)
         lut = torch.as_tensor(evaluate(c.fn, {"u": d}), dtype=torch.int64).expand(n)
