@@ -55,6 +55,25 @@ class Pattern(CompiledPattern):
             grid += f" before {self.grid_suffix}"
         return f"Pattern({self.name!r}: {self.source}{inputs}{grid})"
 
+    # -- composition ------------------------------------------------------
+    def __and__(self, other):
+        """``a & b``: the pairs both patterns allow (see :func:`combine`)."""
+        return combine("and", self, other)
+
+    def __rand__(self, other):
+        return combine("and", other, self)
+
+    def __or__(self, other):
+        """``a | b``: the pairs either pattern allows (see :func:`combine`)."""
+        return combine("or", self, other)
+
+    def __ror__(self, other):
+        return combine("or", other, self)
+
+    def __invert__(self):
+        """``~a``: the pairs the pattern does not allow (its score, if any, is kept)."""
+        return combine("not", self)
+
     # -- reference semantics ---------------------------------------------
     def mask(self, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
              q_offset: int | None = None, device=None, **inputs) -> torch.Tensor:
@@ -269,6 +288,117 @@ def compile(src: str, *, score: str | None = None, backend: str = "auto",
     return Pattern(low.ir, name=low.name, params=low.params, inputs=low.inputs, backend=backend,
                    score=low.score, score_inputs=low.score_inputs, grid=low.grid,
                    grid_offset=low.grid_offset, grid_suffix=low.grid_suffix)
+
+
+#: The longest name a combined pattern takes from its operands (kernel and file names).
+MAX_COMBINED_NAME = 64
+
+
+def combine(op: str, a, b=None) -> Pattern:
+    """``a & b``, ``a | b`` (``op`` ``"and"``, ``"or"``) or ``~a`` (``"not"``) of patterns.
+
+    Either side may be a :class:`Pattern` or a pattern source str (compiled with no params).
+    The result is the pattern whose mask is the operands' masks combined, with
+    everything else a call needs carried over (docs/usage.md, "Combining patterns"):
+
+    * runtime inputs: the union; an input of both sides is one input (the call passes it
+      once), so it must have the same number of index dimensions and kind (int for a
+      mask, float for a score) on both;
+    * the score: the one side's that has one (two scores are refused: write one score of
+      the combined mask with ``spattn.compile(..., score=)``);
+    * the grid (``spattn.neighborhood``, a ``grid`` declaration): the one side's, or
+      the same grid on both (shape and extra tokens); two different grids are refused;
+    * the backend: the side's that is not ``"auto"``; two different ones are refused;
+    * params: the union, as a record (the values are already in the mask); a name bound
+      to different values on the two sides is left out.
+    """
+    from .ir import build
+    from .ir.printer import to_source
+    operands = [_operand(x, op) for x in ((a,) if op == "not" else (a, b))]
+    if op == "not":
+        (x,) = operands
+        ir, name = build.not_(x.ir), f"not_{x.name}"
+    else:
+        x, y = operands
+        ir = (build.and_ if op == "and" else build.or_)(x.ir, y.ir)
+        name = f"{x.name}_{op}_{y.name}"
+    name = name[:MAX_COMBINED_NAME].rstrip("_")
+    first = operands[0]
+    grid, backend, score, params = first, first.backend, first, dict(first.params)
+    inputs, score_inputs = dict(first.inputs), dict(first.score_inputs)
+    for other in operands[1:]:
+        sign = f"{first.name!r} {'&' if op == 'and' else '|'} {other.name!r}"
+        if other.grid is not None:
+            if grid.grid is not None and _grid_of(grid) != _grid_of(other):
+                raise SpattnValueError(f"{sign}: the patterns are on different grids, "
+                                       f"{_grid_text(grid)} and {_grid_text(other)}: a call "
+                                       "has one token grid")
+            grid = other if grid.grid is None else grid
+        if other.backend != "auto":
+            if backend not in ("auto", other.backend):
+                raise SpattnParamError(f"{sign}: backend {backend!r} and backend "
+                                       f"{other.backend!r}: compile one of them with the "
+                                       "other's backend")
+            backend = other.backend
+        if other.score is not None:
+            if score.score is not None:
+                raise SpattnValueError(
+                    f"{sign}: both patterns have a score ({to_source(score.score)} and "
+                    f"{to_source(other.score)}): combine the masks, then give the "
+                    "combined mask one score (a pattern of `true` with that score, "
+                    "combined by &: mask & spattn.compile(\"true\", score=...))")
+            score = other
+        for n, v in other.params.items():
+            if n in params and params[n] != v:
+                params[n] = _CONFLICT
+            elif n not in params:
+                params[n] = v
+        for kind, mine, theirs in (("int", inputs, other.inputs),
+                                   ("float", score_inputs, other.score_inputs)):
+            for n, dims in theirs.items():
+                if n in mine and mine[n] != dims:
+                    raise SpattnValueError(
+                        f"{sign}: runtime input {n!r} is indexed by {mine[n]} "
+                        f"{'index' if mine[n] == 1 else 'indices'} in one pattern and by "
+                        f"{dims} in the other: rename one of them")
+                mine[n] = dims
+        clash = sorted(set(inputs) & set(score_inputs))
+        if clash:
+            raise SpattnValueError(f"{sign}: runtime input {clash[0]!r} is an int input of "
+                                   "one pattern's mask and a float table of the other's "
+                                   "score: rename one of them")
+    params = {n: v for n, v in params.items() if v is not _CONFLICT}
+    warn_if_false(ir, name)
+    return Pattern(ir, name=name, params=params, inputs=inputs, backend=backend,
+                   score=score.score, score_inputs=score_inputs, grid=grid.grid,
+                   grid_offset=grid.grid_offset, grid_suffix=grid.grid_suffix)
+
+
+_CONFLICT = object()
+
+
+def _operand(x, op: str) -> Pattern:
+    """A :func:`combine` operand as a Pattern (a str is compiled)."""
+    if isinstance(x, Pattern):
+        return x
+    if isinstance(x, str):
+        return compile(x)
+    sym = {"and": "&", "or": "|", "not": "~"}[op]
+    raise SpattnParamError(f"{sym} combines spattn patterns (a spattn.Pattern or a pattern "
+                           f"source str), got {type(x).__name__} {short_repr(x)}")
+
+
+def _grid_of(p) -> tuple:
+    return p.grid, p.grid_offset, p.grid_suffix
+
+
+def _grid_text(p) -> str:
+    text = f"grid {p.grid}"
+    if p.grid_offset:
+        text += f" after {p.grid_offset}"
+    if p.grid_suffix:
+        text += f" before {p.grid_suffix}"
+    return f"{text} of {p.name!r}"
 
 
 def pattern_names(path) -> list[str]:
