@@ -54,6 +54,10 @@ __all__ = ["NAME", "LayerPattern", "SpattnMask", "spattn_attention_forward", "sp
 #: The ``attn_implementation`` name this module registers.
 NAME = "spattn"
 
+#: The keywords under which a layer passes attention sinks: one learned logit per query head
+#: that joins every row's softmax without a value (GPT-OSS's ``s_aux``).
+SINK_KWARGS = ("s_aux", "sinks")
+
 #: Runtime inputs the adapter supplies to a pattern that indexes them (name -> index dims).
 SUPPLIED_INPUTS = {"pos": 1}
 
@@ -61,8 +65,6 @@ SUPPLIED_INPUTS = {"pos": 1}
 #: that spattn cannot honour: passing one (not None) is an error rather than ignored.
 _UNSUPPORTED_KWARGS = {
     "position_bias": "an additive position bias (T5-style relative attention)",
-    "s_aux": "attention sinks as extra logits (s_aux)",
-    "sinks": "attention sinks as extra logits",
     "head_mask": "a head mask",
     "block_indices": "block-sparse indices of another attention backend",
     "indices": "sparse indices of another attention backend",
@@ -669,8 +671,45 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
         raise type(e)(f"layer {layer.layer_idx}: {e}") from None
     if score is not None:
         pat = _pattern(pat.source, pat.backend, score)
-    out = pat(query, key, value, scale=scaling, q_offset=q_offset, **inputs)
+    sinks = _sink_logits(module, kwargs, query.shape[1])
+    if sinks is None:
+        out = pat(query, key, value, scale=scaling, q_offset=q_offset, **inputs)
+    else:
+        out, lse = pat(query, key, value, scale=scaling, q_offset=q_offset, return_lse=True,
+                       **inputs)
+        out = with_sinks(out, lse, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """The output of attention whose softmax has one more logit per head, ``sinks [Hq]``,
+    that carries no value (attention sinks as in GPT-OSS).
+
+    ``out [B, Hq, Lq, D]`` and ``lse [B, Hq, Lq]`` (natural log) are those of the softmax
+    without the sink: adding ``exp(sink)`` to each row's sum scales the row by
+    ``exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink)``, computed in fp32. A row
+    that allows no key (``lse = -inf``) stays 0, as it is with the sink alone. The scale is
+    differentiable in ``lse`` and ``sinks``, so training reaches the sink logits.
+    """
+    factor = torch.sigmoid(lse - sinks.to(lse.dtype).view(1, -1, 1))
+    return (out.float() * factor.unsqueeze(-1)).to(out.dtype)
+
+
+def _sink_logits(module, kwargs, num_heads: int) -> torch.Tensor | None:
+    """The layer's attention sinks (a keyword of :data:`SINK_KWARGS`), checked: ``[Hq]``."""
+    for name in SINK_KWARGS:
+        sinks = kwargs.get(name)
+        if sinks is None:
+            continue
+        if not isinstance(sinks, torch.Tensor) or sinks.numel() != num_heads \
+                or not sinks.is_floating_point():
+            what = (f"shape {tuple(sinks.shape)} {sinks.dtype}" if isinstance(sinks, torch.Tensor)
+                    else type(sinks).__name__)
+            raise SpattnInputError(
+                f"layer {getattr(module, 'layer_idx', '?')} passes {name}= ({what}): attention "
+                f"sinks are one float logit per query head, [{num_heads}]")
+        return sinks.reshape(num_heads)
+    return None
 
 
 AttentionInterface.register(NAME, spattn_attention_forward)

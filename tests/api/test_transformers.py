@@ -62,14 +62,23 @@ CONFIGS = {
     "llama4-chunk4": lambda: tiny("Llama4TextConfig", intermediate_size_mlp=128,
                                   attention_chunk_size=4, no_rope_layer_interval=2,
                                   num_local_experts=2, num_experts_per_tok=1, moe_layers=[]),
+    # sliding, full; attention sinks (s_aux), randomised by model_of
+    "gpt-oss-w4": lambda: tiny("GptOssConfig", sliding_window=4, num_local_experts=2,
+                               num_experts_per_tok=1),
 }
 
 
 def model_of(config, seed=0):
-    """A model with eager attention; ``use_spattn`` switches it in place (same weights)."""
+    """A model with eager attention; ``use_spattn`` switches it in place (same weights).
+    Attention sinks (GPT-OSS's per-head ``sinks`` logits) are drawn from N(0, 1), so that
+    they weigh in the softmax as trained ones do."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
                                                           dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".sinks"):
+                p.normal_()
     return model.eval()
 
 
@@ -288,6 +297,31 @@ def test_training_gradients_match_eager():
         assert grads.keys() == grads_ref.keys()
         for name, g in grads_ref.items():
             assert float((grads[name] - g).abs().max()) <= TOL * float(g.abs().max()), name
+
+
+def test_attention_sinks_train_like_eager():
+    """GPT-OSS's attention sinks (``s_aux``): the loss and every gradient, the sink logits'
+    included, as with eager, on a left-padded batch (sliding and full layers)."""
+    model = model_of(CONFIGS["gpt-oss-w4"]()).train()
+    padded, am = left_padded([8, 5], 8)
+    labels = padded.masked_fill(am == 0, -100)
+    labels[1, 8 - 5] = -100
+    loss_ref, grads_ref = loss_and_grads(model, padded, attention_mask=am, labels=labels)
+    assert any(n.endswith(".sinks") for n in grads_ref)
+    loss, grads = loss_and_grads(use_spattn(model), padded, attention_mask=am, labels=labels)
+    assert abs(float(loss - loss_ref)) <= TOL * abs(float(loss_ref))
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads_ref.items():
+        assert float((grads[name] - g).abs().max()) <= TOL * float(g.abs().max()), name
+
+
+def test_sinks_of_the_wrong_shape_are_refused():
+    model = use_spattn(model_of(CONFIGS["gpt-oss-w4"]()))
+    model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(3))
+    ids, am = left_padded([4], 4)
+    with pytest.raises(SpattnInputError, match=r"layer 0 passes s_aux= \(shape \(3,\) "
+                                               r"torch.float32\): .* per query head, \[4\]"):
+        logits(model, ids, attention_mask=am)
 
 
 def test_packed_sequences_from_cu_seq_lens():
