@@ -60,13 +60,18 @@ class KernelConfig:
     # how the backward computes dQ: BWD_DQ ("kernel": the dQ kernel; "atomic": the dK/dV
     # kernel adds dS K into an fp32 accumulator)
     dq: str = "kernel"
+    # backward only: the gradient of the forward's lse output, DLSE [B, H, Nq] fp32, enters
+    # the row statistics (delta - dlse): a loss on return_lse=True's lse
+    lse_grad: bool = False
 
     def as_dict(self) -> dict:
-        """The fields, the cache key's part (``dq`` only where it is not the default
-        "kernel", so that every other configuration keeps its key and kernel names)."""
+        """The fields, the cache key's part (``dq`` and ``lse_grad`` only where they are not
+        the defaults, so that every other configuration keeps its key and kernel names)."""
         d = asdict(self)
         if d["dq"] == "kernel":
             del d["dq"]
+        if not d["lse_grad"]:
+            del d["lse_grad"]
         return d
 
 
@@ -188,7 +193,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
          block_m=None, block_n=None, num_warps=None, num_stages=None, closed_form=None,
          interpret=False, block_m1=None, block_n1=None, block_m2=None, block_n2=None,
          loop=None, tma=None, int64=None, score_load=None, score_index=None, fast_tanh=None,
-         rows=None, dq=None, overrides=None, **_ignored) -> KernelConfig:
+         rows=None, dq=None, lse_grad=None, overrides=None, **_ignored) -> KernelConfig:
     """The :class:`KernelConfig` of ``pattern``'s ``kind`` kernel for a head dim and dtype.
 
     Backward: ``block_m1``/``block_n1`` (dK/dV) and ``block_m2``/``block_n2`` (dQ);
@@ -199,6 +204,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     ``rows``: how token rows are addressed (:data:`ROWS`; "table" turns TMA off).
     ``dq`` (backward): how dQ is computed (:data:`BWD_DQ`; a pattern with float score
     tables keeps "kernel", whose dQ kernel accumulates the tables' gradients).
+    ``lse_grad`` (backward): the kernels take the gradient of the lse output (``DLSE``).
     ``interpret``: the tile defaults of Triton's CPU interpreter.  ``overrides``: the
     environment's options of this kind (:meth:`spattn.runtime.settings.Settings.overrides`),
     below the explicit arguments.
@@ -233,7 +239,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
             dq = "kernel"
         return KernelConfig(strategy, int(m1), int(n1), next_pow2(head_dim), int(nw), int(ns),
                             dt, int(m2), int(n2), loop=loop, tma=bool(tma), int64=bool(int64),
-                            rows=rows, dq=dq,
+                            rows=rows, dq=dq, lse_grad=bool(lse_grad),
                             **_score_flags(pattern, score_load, score_index, fast_tanh))
     bm, bn, nw, ns = default_tiles(head_dim, dt, kind, interpret=interpret,
                                    **score_tile_flags(pattern))

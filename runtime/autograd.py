@@ -24,8 +24,8 @@ score traces to ``spattn::score_attention`` / ``spattn::score_attention_bwd`` in
 (the end of this module): they also take the score's float tables, check them on the
 real tensors, and give the tables that require grad their gradients. The
 gradient of the returned lse (``return_lse=True``) is supported: the torch
-backend takes it directly; with the Triton backend a non-zero lse gradient
-falls back to the torch backend's backward for that call (with a warning).
+backend takes it directly, the Triton backend's kernels read it (a stage with the
+option ``lse_grad``: ``delta - dlse`` in their row statistics).
 """
 from __future__ import annotations
 

@@ -223,12 +223,13 @@ class Plan:
                                      plan=self.forward_stage)
         return (_TRITON or _triton()).run_fwd(self.forward_stage, q, k, v)
 
-    def backward_stage(self, q, k, v, o, do, deterministic=False):
+    def backward_stage(self, q, k, v, o, do, deterministic=False, lse_grad=False):
         """The backward stage for gradients laid out like ``do`` (and outputs like ``o``),
         built on first use and kept; ``deterministic`` (or torch's deterministic switch):
-        one that computes dQ without atomics (``dq="kernel"``)."""
+        one that computes dQ without atomics (``dq="kernel"``); ``lse_grad``: one whose
+        kernels take the gradient of the lse output."""
         det = deterministic or torch.are_deterministic_algorithms_enabled()
-        key = (do.stride(), o.stride(), _aligned(do, o), det)
+        key = (do.stride(), o.stride(), _aligned(do, o), det, lse_grad)
         stage = self._bwd.get(key)
         if stage is None:
             with self._lock:
@@ -236,6 +237,8 @@ class Plan:
                 if stage is None:
                     from . import triton_backend
                     opts = dict(self.options, dq="kernel") if det else self.options
+                    if lse_grad:
+                        opts = dict(opts, lse_grad=True)
                     stage = triton_backend.build_bwd(self.call, q, k, v, o, do, opts,
                                                      rows=self.rows)
                     stage.aligned = self.aligned
@@ -251,22 +254,18 @@ class Plan:
             self.backward_stage(q, k, v, o, torch.empty_like(o))
 
     def backward(self, q, k, v, o, lse, do, dlse=None, deterministic=False):
-        """``(dq, dk, dv)``; ``dlse``: the gradient of the lse output, or None;
-        ``deterministic``: no atomic dQ (:meth:`backward_stage`)."""
+        """``(dq, dk, dv)``; ``dlse``: the gradient of the lse output, or None (on Triton a
+        stage whose kernels read it: :meth:`backward_stage`); ``deterministic``: no atomic
+        dQ."""
         _unscored(self)
         c = self.call
-        if self.backend == "torch" or (dlse is not None and bool((dlse != 0).any())):
-            if self.backend == "triton":
-                import warnings
-                warnings.warn("spattn: the Triton backward does not take a gradient of lse; "
-                              "this call's backward runs on the torch backend", stacklevel=4)
+        if self.backend == "torch":
             from . import torch_backend
-            stage = self.forward_stage if self.backend == "torch" else None
             return torch_backend.bwd(self.pattern, q, k, v, o, lse, do, scale=c.scale,
                                      q_offset=c.positions.q_offset, inputs=c.inputs,
-                                     dlse=dlse, plan=stage)
-        return (_TRITON or _triton()).run_bwd(self.backward_stage(q, k, v, o, do, deterministic),
-                                              q, k, v, o, lse, do)
+                                     dlse=dlse, plan=self.forward_stage)
+        stage = self.backward_stage(q, k, v, o, do, deterministic, lse_grad=dlse is not None)
+        return (_TRITON or _triton()).run_bwd(stage, q, k, v, o, lse, do, dlse=dlse)
 
     def __repr__(self) -> str:
         c = self.call
@@ -424,17 +423,16 @@ class PermutedPlan(Plan):
             return self.inner.prepare_backward(q, k, v)
         self.inner.prepare_backward(*(self._stand_in(t) for t in (q, k, v)))
 
-    def backward_stage(self, q, k, v, o, do, deterministic=False):
+    def backward_stage(self, q, k, v, o, do, deterministic=False, lse_grad=False):
         """The inner plan's backward stage for tensors shaped like these (gathered ones,
         unless the kernels address the rows through tables)."""
         if self.gather != "kernel":
             q, k, v, o, do = (self._stand_in(t) for t in (q, k, v, o, do))
-        return self.inner.backward_stage(q, k, v, o, do, deterministic)
+        return self.inner.backward_stage(q, k, v, o, do, deterministic, lse_grad)
 
     def backward(self, q, k, v, o, lse, do, dlse=None, deterministic=False):
-        if self.gather == "kernel" and (dlse is None or not bool((dlse != 0).any())):
-            return self.inner.backward(q, k, v, o, lse, do, deterministic=deterministic)
-        # (a gradient of the lse: the torch backend's backward, on gathered tensors)
+        if self.gather == "kernel":     # (the lse and its gradient: rows in the caller's order)
+            return self.inner.backward(q, k, v, o, lse, do, dlse, deterministic=deterministic)
         g = [self._gather(t, self.order) for t in (q, k, v, o, lse, do, dlse)]
         grads = self.inner.backward(*g, deterministic=deterministic)
         return tuple(self._gather(t, self.inverse) for t in grads)
@@ -596,9 +594,9 @@ class HeadOrderedPlan(PermutedPlan):
     def prepare_backward(self, q, k, v) -> None:
         self.inner.prepare_backward(q, self._stand_in(k), self._stand_in(v))
 
-    def backward_stage(self, q, k, v, o, do, deterministic=False):
+    def backward_stage(self, q, k, v, o, do, deterministic=False, lse_grad=False):
         return self.inner.backward_stage(q, self._stand_in(k), self._stand_in(v), o, do,
-                                         deterministic)
+                                         deterministic, lse_grad)
 
     def backward(self, q, k, v, o, lse, do, dlse=None, deterministic=False):
         dq, dk, dv = self.inner.backward(q, *self._kv(k, v), o, lse, do, dlse,

@@ -472,7 +472,7 @@ def run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
 def _run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
     """:func:`run_bwd` of the run pattern's tables (``ins``, ``table_grads``)."""
     det = c.deterministic and bool(table_grads)
-    triton = c.backend == "triton" and (dlse is None or not bool((dlse != 0).any())) \
+    triton = c.backend == "triton" \
         and not (det and not deterministic_on_triton(c.pattern, table_grads))
     if triton:
         from . import triton_backend
@@ -480,13 +480,14 @@ def _run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
         if exact_delta(c, q, table_grads) and o.dtype != torch.float32:
             o, _ = triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=tables,
                                           out_dtype=torch.float32)
-        stage = c.plan.backward_stage(q, k, v, o, do, c.deterministic)
+        stage = c.plan.backward_stage(q, k, v, o, do, c.deterministic,
+                                      lse_grad=dlse is not None)
         partials = _partials(c.pattern, stage, table_grads, q.device) if det else None
         if not det or partials is not None:
             bufs = {n: torch.zeros(tables[n].shape, dtype=torch.float32, device=q.device)
                     for n in table_grads}
             dq, dk, dv = triton_backend.run_bwd(stage, q, k, v, o, lse, do, tables=tables,
-                                                table_grads=bufs, partials=partials)
+                                                table_grads=bufs, partials=partials, dlse=dlse)
             if partials:
                 _reduce_partials(c, q, k, partials, bufs, ins, stage.config)
             return dq, dk, dv, bufs

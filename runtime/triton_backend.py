@@ -62,7 +62,7 @@ FP32_TINY = 2.0 ** -126
 
 OPTION_NAMES = ("strategy", "block_m", "block_n", "num_warps", "num_stages", "closed_form",
                 "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tables", "tma",
-                "int64", "score_load", "score_index", "fast_tanh", "dq")
+                "int64", "score_load", "score_index", "fast_tanh", "dq", "lse_grad")
 
 #: The smallest tile: a score's index proof at this grain is necessary for any tiling (the
 #: tiles are powers of two, so larger ones pad further); a stage proves again with its own
@@ -264,6 +264,7 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
         opts["dq"] = dq_choice(opts.get("dq"), call)
     else:
         opts.pop("dq", None)        # (a plan's options serve both kinds)
+        opts.pop("lse_grad", None)
     opts["tables"] = choice(opts.get("tables"), "tables", TABLE_MODES,
                             default=call.settings.tables)
     q, k = tensors[0], tensors[1]
@@ -1037,7 +1038,7 @@ def _score_heads(stage, args_q, args_k, tables, grads, partials=None):
     return (*args_q, *sc, *_grad_args(stage.pattern, tables, grads, partials)), (*args_k, *sc)
 
 
-def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
+def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do, dlse=None):
     B, H, HK, Lq, Lk, D = stage.shapes
     Nq, Nk = stage.out_rows or (Lq, Lk)
     dev = q.device
@@ -1047,11 +1048,17 @@ def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
     dk = torch.empty((B, HK, Nk, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HK, Nk, D), dtype=v.dtype, device=dev)
     cfg = stage.config
+    # the lse output's gradient, read beside the lse (an lse_grad stage only), contiguous
+    # and 16-byte aligned as the lse is (bound launches are specialised on alignment)
+    lse_in = (lse,)
+    if cfg.lse_grad:
+        d = torch.zeros_like(lse) if dlse is None else dlse.to(torch.float32).contiguous()
+        lse_in = (lse, d if d.data_ptr() % 16 == 0 else d.clone())
     if cfg.dq == "atomic":
         # the fp32 dQ accumulator (dS K summed unscaled: :func:`_dq_of` finishes it); the
         # row-statistics kernel reads O and dO through pointers
         acc = torch.zeros((B, H, Nq, D), dtype=torch.float32, device=dev)
-        args_q = (o, do, lse, lse2, delta)
+        args_q = (o, do, *lse_in, lse2, delta)
         if cfg.tma:
             m1, n1, bd = cfg.block_m, cfg.block_n, cfg.block_d
             args_k = (_desc(q, m1, bd), _desc(k, n1, bd), _desc(v, n1, bd), _desc(do, m1, bd),
@@ -1065,10 +1072,10 @@ def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do):
         args_k = (_desc(q, m1, bd), _desc(k, n1, bd), _desc(v, n1, bd), _desc(do, m1, bd),
                   lse2, delta, _desc(dk, n1, bd), _desc(dv, n1, bd))
         args_q = (_desc(q, m2, bd), _desc(k, n2, bd), _desc(v, n2, bd), _desc(do, m2, bd),
-                  _desc(o, m2, bd), lse, lse2, delta, _desc(dq, m2, bd))
+                  _desc(o, m2, bd), *lse_in, lse2, delta, _desc(dq, m2, bd))
     else:
         args_k = (q, k, v, do, lse2, delta, dk, dv)
-        args_q = (q, k, v, do, o, lse, lse2, delta, dq)
+        args_q = (q, k, v, do, o, *lse_in, lse2, delta, dq)
     return args_q, args_k, (dq, dk, dv)
 
 
@@ -1093,8 +1100,10 @@ def partial_shape(stage: BwdStage, kind: str, slots: int) -> tuple:
 
 
 def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
-            table_grads: dict | None = None, partials: dict | None = None):
+            table_grads: dict | None = None, partials: dict | None = None, dlse=None):
     """``(dq, dk, dv)`` of the stage (dk, dv summed over the query heads of each key head).
+    ``dlse``: the gradient of the lse output ``[B, H, Nq]``, for a stage built with the
+    option ``lse_grad`` (which reads zeros without one); ignored by other stages.
     ``tables``: a score's float tables; ``table_grads``: fp32 buffers, shaped like the
     tables they name, that the dQ kernel adds those tables' gradients to (atomically);
     ``partials``: for some of those tables, zeroed fp32 buffers of :func:`partial_shape`
@@ -1109,7 +1118,7 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
             "the stage with dq='kernel' (plans do so while deterministic algorithms are on)")
     if stage.upcast:
         q, k, v, o, do = q.float(), k.float(), v.float(), o.float(), do.float()
-    args_q, args_k, grads = _bwd_tensors(stage, q, k, v, o, lse.contiguous(), do)
+    args_q, args_k, grads = _bwd_tensors(stage, q, k, v, o, lse.contiguous(), do, dlse)
     n_q = len(args_q)
     args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads, partials)
     launch_q, launch_k, key = stage.launch_q, stage.launch_k, None

@@ -29,7 +29,7 @@ CONSTS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLO
               BLOCK_D=64, HEAD_DIM=64, DOT_PREC="tf32", SPANS=False,
               DETERMINISTIC=True)     # (the partial-buffer variant of table gradients)
 BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-F32 = {"LSE", "LSE2", "DELTA"}
+F32 = {"LSE", "DLSE", "LSE2", "DELTA"}
 I32P = {"ORDER", "ROWS_P", "COLS_P", "ROWS_F", "COLS_F", "SPAN", "Q_ROWS", "K_ROWS"}
 
 
@@ -86,11 +86,14 @@ def compile_pattern(pat, kind: str, ones=(), box=None, **opts) -> list[str]:
             sub = {n: (b if box["FOLD"] else [1] + b[1:]) for n, b in sub.items()}
             descs = {t: [1, *sub["K" if t in "KV" else "Q"], CONSTS["BLOCK_D"]]
                      for t in "QKVO"}
-        elif opts.get("tma") and kind == "bwd":     # the dK/dV kernel's descriptors
+        elif opts.get("tma") and kind == "bwd" and k is mod.DKDV:   # each kernel's blocks
             descs = {t: [1, 1, CONSTS["BLOCK_N1" if t in ("K", "V", "DK", "DV") else
                                       "BLOCK_M1"], CONSTS["BLOCK_D"]]
-                     for t in ("Q", "K", "V", "DO", "DK", "DV") if t in k.arg_names
-                     and k is mod.DKDV}
+                     for t in ("Q", "K", "V", "DO", "DK", "DV") if t in k.arg_names}
+        elif opts.get("tma") and kind == "bwd" and k is getattr(mod, "DQ", None):
+            descs = {t: [1, 1, CONSTS["BLOCK_N2" if t in ("K", "V") else "BLOCK_M2"],
+                         CONSTS["BLOCK_D"]]
+                     for t in ("Q", "K", "V", "DO", "O", "DQ") if t in k.arg_names}
         src = ASTSource(fn=k, signature=_signature(k, consts, descs,
                                                    f32=("DQ",) if atomic else ()),
                         constexprs={(k.arg_names.index(n),): v for n, v in consts.items()})
@@ -142,6 +145,14 @@ CASES = [
     # tables read at entries of neither q nor k: the partial buffers of deterministic grads
     ("input temp\ninput w\npattern slopes = causal & window(64) "
      "score s * temp[h] + w[b, h] * float(q - k) * 0.1 + w[0, 0]", {"strategy": "table"}, ()),
+    # the lse output's gradient (DLSE in the dQ kernel's row statistics): pointer and TMA
+    # loads, a score with a learned table
+    ("pattern win = causal & window(256)", {"strategy": "ranges", "lse_grad": True}, ()),
+    ("pattern win = causal & window(256)", {"strategy": "ranges", "lse_grad": True,
+                                            "tma": True}, ()),
+    ("input rel\npattern rel_bias = causal & window(256) "
+     "score softcap(30.0) + rel[h, clamp(q - k, 0, 255)]", {"strategy": "table",
+                                                            "lse_grad": True}, ()),
 ]
 
 
@@ -173,6 +184,11 @@ ATOMIC_CASES = [
      {"strategy": "table", "dq": "atomic", "loop": "fused", "int64": True}, ()),
     (_NB2D, {"strategy": "table", "rows": "table", "dq": "atomic"}, ()),
     ("pattern capped = causal score softcap(30.0)", {"strategy": "ranges", "dq": "atomic"}, ()),
+    # the lse output's gradient (DLSE in the row statistics): the row-statistics kernel,
+    # with row tables too
+    ("pattern win = causal & window(256)", {"strategy": "ranges", "dq": "atomic",
+                                            "lse_grad": True}, ()),
+    (_NB2D, {"strategy": "table", "rows": "table", "dq": "atomic", "lse_grad": True}, ()),
 ]
 
 
@@ -233,7 +249,7 @@ def main() -> int:
     for src, opts, ones in cases:
         pat = spattn.compile(src)
         for kind in ("fwd", "bwd"):
-            if kind == "fwd" and opts.get("dq"):
+            if kind == "fwd" and (opts.get("dq") or opts.get("lse_grad")):
                 continue                      # (a backward-only option)
             if kind == "bwd" and opts.get("loop") == "persistent":
                 continue                      # (a forward-only loop)

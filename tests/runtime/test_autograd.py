@@ -123,20 +123,81 @@ def test_custom_op_opcheck():
                            [doc], key, 0.25, 0, "torch"))
 
 
+def _lse_loss_grads(pat, q, k, v, do, dl, **kw):
+    """Gradients of q, k, v of ``sum(o * do) + sum(lse * dl)`` (fully masked rows' lse,
+    -inf, left out), and the output, for a call of ``pat`` and for the float64 reference."""
+    from spattn.runtime.reference import pattern_reference
+    ins = {n: t for n, t in kw.items() if n != "order"}
+    out = []
+    for leaves, fn in (([t.clone().requires_grad_() for t in (q, k, v)],
+                        lambda a, b, c: pat(a, b, c, return_lse=True, **kw)),
+                       ([t.double().requires_grad_() for t in (q, k, v)],
+                        lambda a, b, c: pattern_reference(pat, a, b, c, **ins))):
+        o, lse = fn(*leaves)
+        fin = torch.isfinite(lse)
+        loss = (o * do.to(o.dtype)).sum() + (lse.masked_fill(~fin, 0) * dl.to(lse.dtype)).sum()
+        out.append((o, fin, torch.autograd.grad(loss, leaves)))
+    return out
+
+
+LSE_GRAD_CASES = [
+    pytest.param("causal & window(20)", None, {}, {}, id="window-B2-Hq4-Hk2-L70"),
+    pytest.param("causal & same(doc)", None, {"doc": True}, {}, id="documents-L70"),
+    pytest.param("causal", "softcap(3.0)", {}, {}, id="softcap-score"),
+    pytest.param("causal", "s + rel[h, q - k + 69]", {"rel": True}, {}, id="table-score"),
+    pytest.param("causal & window(20)", None, {}, {"SPATTN_BWD_DQ": "atomic"},
+                 id="window-atomic-dq"),
+    pytest.param("causal & window(9)", None, {"order": True},
+                 {"SPATTN_LAYOUT_GATHER": "kernel"}, id="order-row-tables"),
+    pytest.param("causal & window(9)", None, {"order": True},
+                 {"SPATTN_LAYOUT_GATHER": "copy"}, id="order-copies"),
+]
+
+
 @pytest.mark.interpreter
-def test_triton_lse_gradient_falls_back_to_torch(monkeypatch):
-    """A non-zero lse gradient is not something the Triton backward takes: torch runs it."""
-    pat = spattn.compile("causal", backend="torch")
-    from spattn.runtime import torch_backend
+@pytest.mark.parametrize("src, score, inputs, env", LSE_GRAD_CASES)
+def test_triton_backward_takes_the_lse_gradient(src, score, inputs, env, monkeypatch):
+    """A loss on the returned lse: the Triton backward's kernels read its gradient (the
+    ``lse_grad`` stage: delta - dlse in the row statistics), every gradient against
+    float64, with no fall-back (a warning would fail the test)."""
+    import warnings
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    pat = spattn.compile(src, score=score, backend="triton")
     g = torch.Generator().manual_seed(7)
-    q, k, v = (_rand(g, 1, 1, 20, 16) for _ in range(3))
-    o, lse = torch_backend.fwd(pat, q, k, v, scale=0.25, q_offset=0, inputs={})
-    do, dl = _rand(g, *o.shape), _rand(g, *lse.shape)
-    want = torch_backend.bwd(pat, q, k, v, o, lse, do, scale=0.25, q_offset=0, inputs={},
-                             dlse=dl)
+    B, Hq, Hk, L, D = 2, 4, 2, 70, 32
+    q, do = _rand(g, B, Hq, L, D), _rand(g, B, Hq, L, D)
+    k, v = _rand(g, B, Hk, L, D), _rand(g, B, Hk, L, D)
+    dl = _rand(g, B, Hq, L) * 3
+    kw = {}
+    if "doc" in inputs:
+        kw["doc"] = (torch.rand(L, generator=g) < 0.1).cumsum(0)
+    if "rel" in inputs:
+        kw["rel"] = _rand(g, Hq, 2 * L - 1)
+    if "order" in inputs:
+        kw["order"] = torch.randperm(L, generator=g)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="spattn")
+        (o, fin, grads), (ro, rfin, rgrads) = _lse_loss_grads(pat, q, k, v, do, dl, **kw)
+    assert torch.equal(fin, rfin)
+    torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=2e-5)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
+        torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=5e-5, msg=name)
+
+
+@pytest.mark.interpreter
+def test_lse_gradient_stage_is_its_own():
+    """The plan keeps the lse-gradient stage beside the plain one: the kernel module with
+    DLSE, and the plain stage's kernels unchanged (their key has no lse_grad)."""
     from spattn.runtime.plan import build_plan
+    pat = spattn.compile("causal & window(12)", backend="triton")
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (_rand(g, 1, 2, 40, 16) for _ in range(3))
     plan = build_plan(pat, "triton", q, k, v, scale=0.25, q_offset=0, inputs={})
-    with pytest.warns(UserWarning, match="torch backend"):
-        got = plan.backward(q, k, v, o, lse, do, dl)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    o = torch.empty_like(q)
+    plain = plan.backward_stage(q, k, v, o, o)
+    with_dlse = plan.backward_stage(q, k, v, o, o, lse_grad=True)
+    assert plain is not with_dlse and plan.backward_stage(q, k, v, o, o) is plain
+    assert not plain.config.lse_grad and with_dlse.config.lse_grad
+    assert "lse_grad" not in plain.config.as_dict()
+    assert "DLSE" in with_dlse.dq_kernel.arg_names and "DLSE" not in plain.dq_kernel.arg_names

@@ -296,3 +296,34 @@ def test_cuda_graph_of_a_score_with_a_table_divisor():
     eager = step()
     for a, b in zip(static, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dq", ["kernel", "atomic"])
+@pytest.mark.parametrize("name,src,mk", [CASES[1], CASES[3], CASES[6]],
+                         ids=["window", "documents", "per-head"])
+def test_lse_gradient_bf16(monkeypatch, name, src, mk, dq):
+    """A loss on the returned lse as well as the output (GQA 4/2, N = 4096): the Triton
+    backward's lse-gradient stage against float64 (relative error of each gradient)."""
+    from spattn.runtime.reference import attention_reference
+    monkeypatch.setenv("SPATTN_BWD_DQ", dq)
+    N, Hq, Hk, D = 4096, 4, 2, 128
+    g = torch.Generator(device="cuda").manual_seed(N + 7)
+    q = torch.randn(1, Hq, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(1, Hk, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            for _ in range(2))
+    do = torch.randn_like(q)
+    dl = torch.randn(1, Hq, N, device="cuda", generator=g) * 4
+    inputs = mk(N, g) if mk else {}
+    pat = spattn.compile(src)
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+    o, lse = pat(qs, ks, vs, return_lse=True, **inputs)
+    ((o.float() * do.float()).sum() + (torch.nan_to_num(lse, neginf=0.0) * dl).sum()).backward()
+    mask = pat.mask(N, N, num_heads=Hq, device="cuda", **inputs)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, rl = attention_reference(qr, kr, vr, mask)
+    ((out * do.double()).sum() + (torch.nan_to_num(rl, neginf=0.0) * dl.double()).sum()
+     ).backward()
+    for nm, a, b in (("dq", qs, qr), ("dk", ks, kr), ("dv", vs, vr)):
+        err = float((a.grad.double() - b.grad).norm() / b.grad.norm())
+        assert torch.isfinite(a.grad).all()
+        assert err < 2e-2, f"{name} {nm}: rel. error {err:.2e}"
