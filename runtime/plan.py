@@ -245,13 +245,14 @@ class Plan:
                     self._bwd[key] = stage
         return stage
 
-    def prepare_backward(self, q, k, v) -> None:
+    def prepare_backward(self, q, k, v, lse_grad: bool = False) -> None:
         """Build the backward stage now, for outputs and gradients laid out contiguously
         (what a loss's gradient usually is): nothing is then built inside the backward,
-        which a CUDA graph capture needs."""
+        which a CUDA graph capture needs. ``lse_grad``: the stage of a loss that also
+        reads the returned lse (:meth:`backward_stage`)."""
         if self.backend == "triton":
             o = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-            self.backward_stage(q, k, v, o, torch.empty_like(o))
+            self.backward_stage(q, k, v, o, torch.empty_like(o), lse_grad=lse_grad)
 
     def backward(self, q, k, v, o, lse, do, dlse=None, deterministic=False):
         """``(dq, dk, dv)``; ``dlse``: the gradient of the lse output, or None (on Triton a
@@ -418,10 +419,10 @@ class PermutedPlan(Plan):
         o, lse = self.inner.forward(*(self._gather(t, self.order) for t in (q, k, v)))
         return self._gather(o, self.inverse), self._gather(lse, self.inverse)
 
-    def prepare_backward(self, q, k, v) -> None:
+    def prepare_backward(self, q, k, v, lse_grad: bool = False) -> None:
         if self.gather == "kernel":
-            return self.inner.prepare_backward(q, k, v)
-        self.inner.prepare_backward(*(self._stand_in(t) for t in (q, k, v)))
+            return self.inner.prepare_backward(q, k, v, lse_grad)
+        self.inner.prepare_backward(*(self._stand_in(t) for t in (q, k, v)), lse_grad)
 
     def backward_stage(self, q, k, v, o, do, deterministic=False, lse_grad=False):
         """The inner plan's backward stage for tensors shaped like these (gathered ones,
@@ -591,8 +592,8 @@ class HeadOrderedPlan(PermutedPlan):
     def forward(self, q, k, v):
         return self.inner.forward(q, *self._kv(k, v))
 
-    def prepare_backward(self, q, k, v) -> None:
-        self.inner.prepare_backward(q, self._stand_in(k), self._stand_in(v))
+    def prepare_backward(self, q, k, v, lse_grad: bool = False) -> None:
+        self.inner.prepare_backward(q, self._stand_in(k), self._stand_in(v), lse_grad)
 
     def backward_stage(self, q, k, v, o, do, deterministic=False, lse_grad=False):
         return self.inner.backward_stage(q, self._stand_in(k), self._stand_in(v), o, do,

@@ -687,12 +687,13 @@ def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tor
 
     ``out [B, Hq, Lq, D]`` and ``lse [B, Hq, Lq]`` (natural log) are those of the softmax
     without the sink: adding ``exp(sink)`` to each row's sum scales the row by
-    ``exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink)``, computed in fp32. A row
-    that allows no key (``lse = -inf``) stays 0, as it is with the sink alone. The scale is
-    differentiable in ``lse`` and ``sinks``, so training reaches the sink logits.
+    ``exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink)``, computed in fp32 and
+    applied in the output's dtype (one pass over the output). A row that allows no key
+    (``lse = -inf``) stays 0, as it is with the sink alone. The scale is differentiable in
+    ``lse`` and ``sinks``, so training reaches the sink logits.
     """
     factor = torch.sigmoid(lse - sinks.to(lse.dtype).view(1, -1, 1))
-    return (out.float() * factor.unsqueeze(-1)).to(out.dtype)
+    return out * factor.unsqueeze(-1).to(out.dtype)
 
 
 def _sink_logits(module, kwargs, num_heads: int) -> torch.Tensor | None:

@@ -194,9 +194,12 @@ def test_lse_gradient_stage_is_its_own():
     g = torch.Generator().manual_seed(8)
     q, k, v = (_rand(g, 1, 2, 40, 16) for _ in range(3))
     plan = build_plan(pat, "triton", q, k, v, scale=0.25, q_offset=0, inputs={})
+    plan.prepare_backward(q, k, v, lse_grad=True)       # (what a CUDA graph capture needs)
+    assert len(plan._bwd) == 1
     o = torch.empty_like(q)
     plain = plan.backward_stage(q, k, v, o, o)
     with_dlse = plan.backward_stage(q, k, v, o, o, lse_grad=True)
+    assert len(plan._bwd) == 2
     assert plain is not with_dlse and plan.backward_stage(q, k, v, o, o) is plain
     assert not plain.config.lse_grad and with_dlse.config.lse_grad
     assert "lse_grad" not in plain.config.as_dict()

@@ -114,9 +114,10 @@ def test_kernel_path_launches_no_gather(gather, monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_lse_gradient_falls_back_to_gathers(monkeypatch):
-    """A loss on the lse too: the backward runs the torch backward on gathered tensors
-    (the Triton backward takes no lse gradient), still right."""
+def test_lse_gradient_through_row_tables(monkeypatch):
+    """A loss on the lse too: the Triton backward's lse-gradient stage reads it by the
+    rows' tables (no gathers, no fall-back warning), against float64."""
+    import warnings
     monkeypatch.setenv("SPATTN_LAYOUT", "on")
     pat = spattn.neighborhood((6, 6), 3, backend="triton")
     g = torch.Generator().manual_seed(2)
@@ -124,8 +125,11 @@ def test_lse_gradient_falls_back_to_gathers(monkeypatch):
     plan = make_plan(pat, q, k, v, layout_gather="kernel")
     o, lse = pat(q, k, v, plan=plan, return_lse=True)
     do, dl = torch.randn(o.shape, generator=g), torch.randn(lse.shape, generator=g)
-    with pytest.warns(UserWarning, match="gradient of lse"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="spattn")
         ((o * do).sum() + (lse * dl).sum()).backward()
+    stages = [(s.config.rows, s.config.lse_grad) for s in plan.inner._bwd.values()]
+    assert ("table", True) in stages and all(rows == "table" for rows, _ in stages)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ro, rl = pattern_reference(pat, q64, k64, v64)
     ((ro * do.double()).sum() + (rl * dl.double()).sum()).backward()
