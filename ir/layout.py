@@ -422,6 +422,53 @@ def remap(ir: Node, layout: Layout) -> Node:
     return B.or_(*parts)
 
 
+def remap_score(score: Node, layout: Layout) -> Node:
+    """A score (a float expression of ``s``, q, k and tables) over permuted indices, for a
+    layout without extra tokens: q and k read as the grid coordinates of their slots, as
+    :func:`remap` reads them, each virtual coordinate clamped into its axis. On a cell the
+    clamp changes nothing; a padding slot (whose pairs the remapped mask excludes) reads a
+    cell's coordinates, so the score's table indices stay within what the cells index:
+    the tables' bounds over the slots are their bounds over the grid."""
+    if layout.grid.offset or layout.grid.suffix:
+        raise ValueError("remap_score: a layout with extra tokens (their positions are "
+                         "not coordinates)")
+    grid, sub = layout.grid, {}
+    for side in ("q", "k"):
+        for j, (c, (_, _, size)) in enumerate(zip(layout.virtual_coords(Var(side)),
+                                                  grid.virtual())):
+            sub[_vplaceholder(side, j).name] = B.min_(c, B.const(size - 1))
+
+    def ints(n: Node) -> Node:      # an int or bool sub-tree of the score (an index, a test)
+        return _simplify(coordinate_form(n, grid, ("q", "k")), {}, sub)
+    return _score_ints(ints)(score)
+
+
+def _score_ints(fn):
+    """A :class:`~spattn.ir.score.FloatRebuild` whose float nodes' int and bool operands
+    (table indices, conditions, converted ints) are rewritten by ``fn``."""
+    from .nodes import FLoad, FSelect, FTable, ToFloat
+    from .score import FloatRebuild
+    from .visitor import rule
+
+    class Ints(FloatRebuild):
+        @rule(ToFloat)
+        def to_float(self, n):
+            return B.to_float(fn(n.a))
+
+        @rule(FSelect)
+        def fselect(self, n):
+            return B.fselect(fn(n.cond), self(n.a), self(n.b))
+
+        @rule(FTable)
+        def ftable(self, n):
+            return B.ftable(n.values, fn(n.index))
+
+        @rule(FLoad)
+        def fload(self, n):
+            return B.fload(n.name, [fn(i) for i in n.index])
+    return Ints()
+
+
 def _remap_cells(ir: Node, layout: Layout, sides, prefix: int, moved=None) -> Node:
     """``ir`` with the ``sides`` that are cells read from the permuted slot (``prefix``
     slots of extra tokens before the boxes); the other sides stay positions (= slots), or

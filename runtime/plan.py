@@ -695,7 +695,8 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
     :class:`OrderedPlan` for a caller's token ``order`` (its values checked there:
     :func:`permutation`), else a :class:`RemappedPlan` when the pattern runs in a token
     layout, or a :class:`HeadOrderedPlan` when it runs in per-head key orders
-    (:func:`choose_head_order`) (``layouts``; never for a pattern with a score). ``tables``: a score's float tables, which the stages are built
+    (:func:`choose_head_order`) (``layouts``; never for a pattern with a score, whose
+    calls run in a layout through ``runtime.scores.LayoutRun`` instead). ``tables``: a score's float tables, which the stages are built
     (and tuned) with; each call passes its own (``runtime.scores``). The option
     ``layout_gather`` ("auto", "copy", "kernel" or "box", default the setting
     ``SPATTN_LAYOUT_GATHER``)

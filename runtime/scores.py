@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..dsl.errors import SpattnInputError
 from ..ir import build
@@ -774,8 +775,87 @@ def plan_of(pattern, backend, q, k, v, scale, q_offset, given, floats) -> tuple:
     return plan, recipe
 
 
+class _Slots(torch.autograd.Function):
+    """``t [B, H, N(, D)]`` gathered along the tokens at ``index``, its gradient gathered
+    back at ``back`` (a permutation's inverse: the slots ``index`` does not read get no
+    gradient, and those it reads twice, padding reading token 0, only where ``back``
+    points)."""
+
+    @staticmethod
+    def forward(ctx, t, index, back):
+        ctx.save_for_backward(back)
+        return _gather_slots(t, index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (back,) = ctx.saved_tensors
+        return _gather_slots(g, back), None, None
+
+
+def _gather_slots(t, index):
+    if t.is_cuda:
+        from .gather_kernel import gather_rows
+        return gather_rows(t.contiguous(), index)
+    return t.index_select(2, index)
+
+
+class LayoutRun:
+    """A scored call run in the token layout its mask would run in (docs/layouts.md,
+    "Scores in a layout"): q, k, v gathered into the layout's slot order, the pattern
+    over slots (``run``: the remapped mask and :func:`spattn.ir.layout.remap_score` of
+    the score) called there, o and the lse gathered back. The gathers are autograd
+    functions whose backward gathers through the inverse order, so the gradients of q, k,
+    v and of the score's tables are those of the slot call. A padding slot's query row
+    allows no key (output 0, no gradient to the keys), and its keys are allowed to no
+    query."""
+
+    __slots__ = ("run", "order", "inverse", "remap")
+
+    def __init__(self, run, order, inverse, remap):
+        self.run, self.order, self.inverse, self.remap = run, order, inverse, remap
+
+    def __call__(self, q, k, v, *, scale, return_lse, floats, deterministic):
+        qs, ks, vs = (_Slots.apply(t, self.order, self.inverse) for t in (q, k, v))
+        o, lse = call(self.run, qs, ks, vs, scale=scale, return_lse=True, inputs=floats,
+                      deterministic=deterministic, layouts=False)
+        o, lse = _Slots.apply(o, self.inverse, self.order), \
+            _Slots.apply(lse, self.inverse, self.order)
+        return (o, lse) if return_lse else o
+
+
+def layout_run(pattern, q, k, q_offset, ints, settings=None):
+    """The :class:`LayoutRun` of a scored call, or None (sequence order): self-attention at
+    ``q_offset`` 0 without mask inputs, where :func:`spattn.runtime.plan.choose_layout`
+    picks a layout of the mask (``SPATTN_LAYOUT``) that has no extra tokens. Kept by the
+    pattern per call shape and setting (``pattern._runs``)."""
+    from .settings import current
+    settings = settings or current()
+    Lq, Lk = q.shape[2], k.shape[2]
+    if settings.layout == "off" or ints or Lq != Lk or q_offset:
+        return None
+    key = ("layout", tuple(q.shape), k.shape[1], q.device.type, settings.layout)
+    if key in pattern._runs:
+        return pattern._runs[key]
+    from .plan import choose_layout
+    remap, _ = choose_layout(pattern, q, k, 0, ints, settings, "copy")
+    run = None
+    if remap is not None and not remap.layout.grid.offset and not remap.layout.grid.suffix:
+        from ..ir.layout import remap_score
+        from ..ir.pattern import CompiledPattern
+        run = CompiledPattern(remap.ir, name=pattern.name, backend=pattern.backend,
+                              score=remap_score(pattern.score, remap.layout),
+                              score_inputs=dict(pattern.score_inputs))
+        order, inverse = remap.layout.permutation(q.device)
+        run = LayoutRun(run, order, inverse, remap)
+    pattern._runs[key] = run
+    while len(pattern._runs) > RUNS_KEPT:
+        pattern._runs.pop(next(iter(pattern._runs)))
+    return run
+
+
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
-         plan=None, deterministic=False):
+         plan=None, deterministic=False, layouts=True):
     """Attention of a pattern with a score: ``o`` (and ``lse`` when ``return_lse``).
 
     ``plan``: made by :func:`make_plan` for tensors and tables laid out like these (no
@@ -783,7 +863,9 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     ``deterministic``: learnable tables get gradients that do not depend on the order of
     additions (on Triton through partial buffers where every load of the table reads an
     entry of neither q nor k, or every one an entry along ``q - k``, else through the
-    torch backend's backward); q, k, v gradients are deterministic either way."""
+    torch backend's backward); q, k, v gradients are deterministic either way.
+    ``layouts``: run in the layout of the mask where one is chosen (:func:`layout_run`;
+    not with a plan)."""
     from .api import choose_backend
     if plan is not None:
         floats = _planned(plan, pattern, q, k, v, scale, q_offset, inputs)
@@ -793,8 +875,11 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         sig = _signature(pattern, q, k, v, scale, q_offset, inputs)
         last = pattern._last
         if sig is not None and last is not None and last[0] == sig:
-            plan, backend, scale, off, ints, recipe = last[1]     # checked at that call
             floats = {n: inputs[n] for n in pattern.score_inputs}
+            if isinstance(last[1][0], str):         # ("layout", LayoutRun, scale)
+                return last[1][1](q, k, v, scale=last[1][2], return_lse=return_lse,
+                                  floats=floats, deterministic=deterministic)
+            plan, backend, scale, off, ints, recipe = last[1]     # checked at that call
             if _table_divisors(pattern.score):      # read from the tables' values
                 c0 = plan.call
                 check_score_divisors(pattern, ints, floats, c0.Lq, c0.Lk, num_heads=c0.H,
@@ -802,6 +887,12 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         else:
             scale, off, given, ints, floats = _arguments(pattern, q, k, v, scale, q_offset,
                                                          inputs)
+            lay = layout_run(pattern, q, k, off, ints) if layouts else None
+            if lay is not None:
+                if sig is not None and not _capturing(q.device):
+                    pattern._last = (sig, ("layout", lay, scale), ())
+                return lay(q, k, v, scale=scale, return_lse=return_lse, floats=floats,
+                           deterministic=deterministic)
             backend = choose_backend(pattern.backend, q.device.type)
             plan, recipe = plan_of(pattern, backend, q, k, v, scale, off, given, floats)
             if sig is not None and not _capturing(q.device):

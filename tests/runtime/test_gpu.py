@@ -327,3 +327,32 @@ def test_lse_gradient_bf16(monkeypatch, name, src, mk, dq):
         err = float((a.grad.double() - b.grad).norm() / b.grad.norm())
         assert torch.isfinite(a.grad).all()
         assert err < 2e-2, f"{name} {nm}: rel. error {err:.2e}"
+
+
+def test_scored_neighbourhood_in_a_layout_bf16(monkeypatch):
+    """A 2-D neighbourhood with a learned relative position bias run in its token layout
+    (``runtime.scores.LayoutRun``; the grid 30 x 50 is padded by the boxes): o and the
+    gradients of q, k, v and the table against float64."""
+    from spattn.runtime.reference import pattern_reference
+    from spattn.runtime.scores import LayoutRun
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    Y, X, R, H, D = 30, 50, 3, 2, 64
+    pat = spattn.neighborhood((Y, X), 2 * R + 1) & spattn.compile(
+        "true", score=f"s + rpb[h, q // {X} - k // {X} + {Y - 1}, q % {X} - k % {X} + {X - 1}]")
+    g = torch.Generator(device="cuda").manual_seed(11)
+    N = Y * X
+    q, k, v, do = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(4))
+    rpb = torch.randn(H, 2 * Y - 1, 2 * X - 1, device="cuda", generator=g)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, rpb)]
+    o = pat(*leaves[:3], rpb=leaves[3])
+    o.backward(do)
+    assert any(isinstance(r, LayoutRun) for key, r in pat._runs.items() if key[0] == "layout")
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, rpb)]
+    ro, _ = pattern_reference(pat, *ref[:3], rpb=ref[3])
+    ro.backward(do.double())
+    err = float((o.double() - ro).norm() / ro.norm())
+    assert err < 2e-2, f"o: rel. error {err:.2e}"
+    for nm, a, b in zip(("dq", "dk", "dv", "drpb"), leaves, ref):
+        err = float((a.grad.double() - b.grad).norm() / b.grad.norm())
+        assert torch.isfinite(a.grad).all() and err < 2e-2, f"{nm}: rel. error {err:.2e}"

@@ -1,0 +1,108 @@
+"""Scores in a token layout (``runtime.scores.LayoutRun``, ``ir.layout.remap_score``): a
+scored call whose mask runs in a layout gathers q, k, v into slot order and runs the
+remapped mask and score there. Output, lse and every gradient (q, k, v, the score's
+tables, a loss on the lse) against the float64 reference, on both backends, with padding
+slots, residue classes, GQA and batches; the calls that stay in sequence order."""
+import warnings
+
+import pytest
+import torch
+
+import spattn
+from spattn.runtime.reference import pattern_reference
+from spattn.runtime.scores import LayoutRun
+
+
+def _layout_runs(pat):
+    return [r for key, r in pat._runs.items() if key[0] == "layout"]
+
+
+def _check(pat, L, *, Hq=2, Hk=2, B=1, D=16, tables=None, seed=0):
+    """Two calls (the second through the last-call memo) against float64: o, lse and the
+    gradients of ``sum(o * do) + sum(lse * dl)``."""
+    g = torch.Generator().manual_seed(seed)
+    q, do = (torch.randn(B, Hq, L, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, Hk, L, D, generator=g) for _ in range(2))
+    dl = torch.randn(B, Hq, L, generator=g)
+    tabs = {n: torch.randn(*shape, generator=g) for n, shape in (tables or {}).items()}
+    ref = [t.double().requires_grad_() for t in (q, k, v, *tabs.values())]
+    ro, rl = pattern_reference(pat, *ref[:3], **dict(zip(tabs, ref[3:])))
+    fin = torch.isfinite(rl)
+    rgrads = torch.autograd.grad((ro * do.double()).sum()
+                                 + (rl.masked_fill(~fin, 0) * dl.double()).sum(), ref)
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, *tabs.values())]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="spattn")
+            o, lse = pat(*leaves[:3], return_lse=True, **dict(zip(tabs, leaves[3:])))
+            grads = torch.autograd.grad((o * do).sum()
+                                        + (lse.masked_fill(~fin, 0) * dl).sum(), leaves)
+        torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=2e-5)
+        assert torch.equal(torch.isfinite(lse), fin)
+        torch.testing.assert_close(lse.double()[fin], rl[fin], atol=2e-5, rtol=2e-5)
+        for name, a, b in zip(("dq", "dk", "dv", *tabs), grads, rgrads):
+            torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4, msg=name)
+
+
+CASES = [
+    # a 2-D neighbourhood with NATTEN's relative position bias, tables sized exactly for the
+    # grid's offsets (the padding slots read clamped coordinates)
+    pytest.param(lambda b: spattn.neighborhood((6, 10), 3) & spattn.compile(
+        "true", score="s + rpb[h, q // 10 - k // 10 + 5, q % 10 - k % 10 + 9]", backend=b),
+        60, dict(tables={"rpb": (2, 11, 19)}), id="nb2d-rpb-L60"),
+    # residue classes (dilation), causal, a position term and a select
+    pytest.param(lambda b: spattn.neighborhood((6, 10), 3, dilation=(1, 2)) & spattn.compile(
+        "causal", score="s + rpb[h, q % 10 - k % 10 + 9] + 0.1 * float(q - k)"
+                        " + (if q // 10 == k // 10 then 0.5 else 0.0)", backend=b),
+        60, dict(tables={"rpb": (2, 19)}), id="dilated-rpb-causal-L60"),
+    # 3-D, softcap, GQA 4/2, two batch elements
+    pytest.param(lambda b: spattn.neighborhood((3, 4, 5), (1, 3, 3)) & spattn.compile(
+        "true", score="softcap(2.0)", backend=b), 60, dict(Hq=4, Hk=2, B=2), id="nb3d-softcap-gqa"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("make, L, kw", CASES)
+def test_scored_calls_in_a_layout(make, L, kw, backend, monkeypatch):
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = make(backend)
+    _check(pat, L, **kw)
+    (run,) = _layout_runs(pat)
+    assert isinstance(run, LayoutRun) and run.remap.layout.padded_size >= L
+    assert run.run.score is not None and run.run.score_inputs == pat.score_inputs
+
+
+def test_padding_is_exercised():
+    """The first case's layout pads the grid (its boxes do not divide 6 x 10), so the
+    clamped coordinates of padding slots are read."""
+    from spattn.ir.layout import Grid, choose
+    r = choose(spattn.neighborhood((6, 10), 3).ir, 60, 60, 0, force=True)
+    assert r.layout.grid == Grid((6, 10)) and r.layout.padded_size > 60
+
+
+@pytest.mark.parametrize("layout, extra, why", [
+    ("off", 0, "SPATTN_LAYOUT=off"),
+    ("on", 3, "extra tokens before the grid"),
+])
+def test_scored_calls_that_stay_in_sequence_order(layout, extra, why, monkeypatch):
+    monkeypatch.setenv("SPATTN_LAYOUT", layout)
+    pat = spattn.neighborhood((6, 10), 3, extra_before=extra) & spattn.compile(
+        "true", score="softcap(3.0)", backend="torch")
+    _check(pat, 60 + extra)
+    assert not any(_layout_runs(pat)), why
+
+
+def test_a_plan_stays_in_sequence_order(monkeypatch):
+    """``pat.plan`` of a scored pattern runs in sequence order (a plan holds one ordinary
+    stage); it matches the layout's call."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = spattn.neighborhood((6, 10), 3) & spattn.compile(
+        "true", score="s + rpb[h, q % 10 - k % 10 + 9]", backend="torch")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 60, 16, generator=g) for _ in range(3))
+    rpb = torch.randn(2, 19, generator=g)
+    o = pat(q, k, v, rpb=rpb)
+    assert any(_layout_runs(pat))
+    plan = pat.plan(q, k, v, rpb=rpb)
+    assert type(plan).__name__ == "Plan" and plan.call.Lq == 60
+    torch.testing.assert_close(pat(q, k, v, plan=plan, rpb=rpb), o, atol=1e-5, rtol=1e-5)
