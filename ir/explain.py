@@ -335,4 +335,8 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
             "fraction_layout": useful / max(r.computed_layout, 1),
             "cost_sequence": r.cost_sequence, "cost_layout": r.cost_layout,
             "gather": gather,
-            "used": r.pays and Lq >= LY.AUTO_MIN_TOKENS}
+            # a scored call on a grid with extra tokens runs in sequence order
+            # (runtime.scores.layout_run)
+            "used": r.pays and Lq >= LY.AUTO_MIN_TOKENS and not (
+                getattr(pattern, "score", None) is not None
+                and (r.layout.grid.offset or r.layout.grid.suffix))}

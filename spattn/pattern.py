@@ -130,8 +130,10 @@ class Pattern(CompiledPattern):
         from .runtime.plan import layout_gather
         from .runtime.settings import current
         inputs = _mask_inputs(self, inputs)
-        # the gathers a call on ``target`` would use: the torch backend always copies
-        backend = "torch" if self.backend == "torch" or target == "cpu" else "triton"
+        # the gathers a call on ``target`` would use: the torch backend always copies, and
+        # so does a scored call (runtime.scores.LayoutRun)
+        backend = "torch" if self.backend == "torch" or target == "cpu" \
+            or self.score is not None else "triton"
         Lk = Lq if Lk is None else Lk
         check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
         q_offset, _ = _checked(self, Lq, Lk, q_offset, None, inputs)

@@ -106,3 +106,13 @@ def test_a_plan_stays_in_sequence_order(monkeypatch):
     plan = pat.plan(q, k, v, rpb=rpb)
     assert type(plan).__name__ == "Plan" and plan.call.Lq == 60
     torch.testing.assert_close(pat(q, k, v, plan=plan, rpb=rpb), o, atol=1e-5, rtol=1e-5)
+
+
+def test_explain_prices_a_scored_layout_with_its_copies():
+    """explain() of a scored pattern prices its layout with the copies a scored call
+    makes, whatever SPATTN_LAYOUT_GATHER says for the mask alone."""
+    nb = spattn.neighborhood((64, 64), 9)
+    scored = nb & spattn.compile("true", score="softcap(5.0)")
+    rep = scored.explain(4096, num_heads=2)
+    assert rep.layout["gather"] == "copy" and "with its gathers" in str(rep)
+    assert rep.layout["box"] == nb.explain(4096, num_heads=2).layout["box"]
