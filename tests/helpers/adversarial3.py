@@ -21,6 +21,11 @@ Kinds (each case drawn from one integer seed; replay with ``--case KIND:SEED``):
   ``log`` of a query expression that is ``-inf`` on some rows) and outer constant factors
   (positive, negative, zero, a param, a table), over random masks, ``Lq != Lk`` and
   ``q_offset``; gradients of the tables too, and sometimes of the lse.
+* ``slayout``: a scored neighbourhood (1 to 3 axes, strides, dilations, causal axes,
+  sometimes composed with another mask) with ``SPATTN_LAYOUT=on``: relative-bias tables
+  indexed by coordinate offsets and sized exactly for the grid, soft-capping, position
+  terms and selects, on either backend, through the call forms (the call runs in the
+  mask's layout through ``runtime.scores.LayoutRun``; plans in sequence order).
 * ``urange``: two-sided ranges of position expressions (``lo <= q - k <= hi``, ``k + c``,
   ``q + k``, ``2 * q - k``) with bounds near ``+-2**31``, empty and reversed ranges,
   ``Lq != Lk`` bottom-right alignment and ``q_offset``s up to ``2**31``.
@@ -358,6 +363,69 @@ def rowscore_case(seed: int) -> str:
     return desc
 
 
+def slayout_case(seed: int) -> str:
+    """A scored neighbourhood in its layout (``runtime.scores.LayoutRun``)."""
+    r = random.Random(seed)
+    nd = r.choice([1, 2, 2, 3])
+    shape = tuple(r.randint(2, 30 if nd == 1 else (12 if nd == 2 else 5)) for _ in range(nd))
+    ks = tuple(r.randint(1, n) for n in shape)
+    dil = tuple(r.choice([1, 1, 2]) if k * 2 <= n else 1 for k, n in zip(ks, shape))
+    st = tuple(r.randint(1, k) for k in ks)
+    ca = tuple(r.random() < 0.3 for _ in shape)
+    backend = r.choice(["torch", "triton"])
+    N, strides = 1, []
+    for n in reversed(shape):
+        strides.insert(0, N)
+        N *= n
+    coords = [f"(q // {s}) % {n}" if i else f"q // {s}" for i, (s, n) in
+              enumerate(zip(strides, shape))]
+    kcoords = [c.replace("q", "k") for c in coords]
+    terms = []
+    a = r.randrange(nd)
+    off = f"{coords[a]} - {kcoords[a]} + {shape[a] - 1}"
+    terms.append(r.choice([f"rpb[h, {off}]", f"rpb[h, {off}] * 0.5",
+                           f"rpb[h, {coords[0]} - {kcoords[0]} + {shape[0] - 1}, "
+                           f"{coords[-1]} - {kcoords[-1]} + {shape[-1] - 1}]"]))
+    terms += r.sample(["softcap(3.0) - s", "0.05 * float(q - k)",
+                       f"(if {coords[-1]} == {kcoords[-1]} then 0.5 else 0.0)", "t[h]"],
+                      r.randint(0, 2))
+    score = " + ".join(["s"] + terms)
+    mask_extra = r.choice([None, None, "causal", "sink(3)", "k != q"])
+    pat = spattn.neighborhood(shape, ks, st, dil, ca) & spattn.compile(
+        "true", score=score, backend=backend)
+    if mask_extra:
+        pat = (pat & mask_extra) if mask_extra != "sink(3)" else (pat | mask_extra)
+    Hk = r.choice([1, 2])
+    Hq = Hk * r.choice([1, 2])
+    B, D = r.choice([1, 2]), r.choice([16, 32])
+    dtype = r.choice([torch.float32, torch.float32, torch.bfloat16])
+    form = r.choice(["call", "call", "call", "plan", "bshd", "functional", "module", "det"])
+    desc = (f"slayout:{seed} {backend} neighborhood({shape}, {ks}, {st}, {dil}, {ca}) "
+            f"mask+={mask_extra!r} score={score!r} N={N} B{B}-Hq{Hq}-Hk{Hk}-D{D} {dtype} "
+            f"form={form}")
+    LAST["desc"] = desc
+    g = torch.Generator().manual_seed(seed)
+    (q, k, v), _ = _tensors(g, B, Hq, Hk, N, N, D, dtype, strided=None)
+    shapes = {"t": (Hq,)}
+    if "rpb[h, " in score and score.count("rpb[h, ") and ", " in score.split("rpb[h, ")[1] \
+            .split("]")[0]:
+        shapes["rpb"] = (Hq, 2 * shape[0] - 1, 2 * shape[-1] - 1)
+    else:
+        shapes["rpb"] = (Hq, 2 * shape[a] - 1)
+    tabs = {n: torch.randn(shapes[n], generator=g, dtype=torch.float64).to(
+        r.choice([dtype, torch.float32])).requires_grad_(True) for n in pat.score_inputs}
+    old = _env({"SPATTN_LAYOUT": "on"})
+    try:
+        got, do, dlse = _run(form, pat, q, k, v, g, r.random() < 0.3, **tabs)
+    except SpattnError as e:
+        return desc + f" (refused: {str(e).splitlines()[0][:100]})"
+    finally:
+        _env(old)
+    _check(desc, pat, q, k, v, got, do, dtype, inputs=tabs, dlse=dlse)
+    ran = [key for key, run in pat._runs.items() if key[0] == "layout" and run is not None]
+    return desc + (" [layout]" if ran else " [sequence]")
+
+
 def _det_call(pat, q, k, v, *, q_offset=None, **tabs):
     """A call whose tables' gradients are summed in a fixed order (``deterministic``)."""
     return pat(q, k, v, return_lse=True, q_offset=q_offset, deterministic=True, **tabs)
@@ -420,7 +488,7 @@ def urange_case(seed: int) -> str:
 
 
 KINDS = {"horder": horder_case, "gmode": gmode_case, "box": box_case,
-         "rowscore": rowscore_case, "urange": urange_case}
+         "rowscore": rowscore_case, "urange": urange_case, "slayout": slayout_case}
 
 
 def main():
