@@ -29,7 +29,7 @@ class CompiledPattern:
     equality, hashing and ``source`` are the mask's (docs/language.md, grids)."""
 
     __slots__ = ("ir", "name", "params", "inputs", "source", "backend", "grid", "grid_offset",
-                 "grid_suffix", "score", "score_inputs", "op_key", "_last", "_runs")
+                 "grid_suffix", "score", "score_inputs", "op_key", "_last", "_runs", "_layouts")
 
     def __init__(self, ir, *, name: str = "pattern", params: dict | None = None,
                  inputs: dict | None = None, backend: str = "auto",
@@ -41,6 +41,7 @@ class CompiledPattern:
         self.ir = ir
         self._last = None   # the last call's checked arguments and plan (runtime.api)
         self._runs = {}     # call shape -> the pattern it runs, its recipe (runtime.scores)
+        self._layouts = {}  # call shape -> a scored call's layout or None (runtime.scores)
         self.name = name
         self.params = dict(params or {})
         self.inputs = dict(inputs or {})
@@ -89,13 +90,14 @@ class CompiledPattern:
     def __getstate__(self):
         """The slots but the last call's memo (a plan: tensors and kernels, not data)."""
         return None, {n: getattr(self, n) for n in CompiledPattern.__slots__
-                      if n not in ("_last", "_runs") and hasattr(self, n)}
+                      if n not in ("_last", "_runs", "_layouts") and hasattr(self, n)}
 
     def __setstate__(self, state):
         for n, value in state[1].items():
             object.__setattr__(self, n, value)
         self._last = None
         self._runs = {}
+        self._layouts = {}
 
     def __eq__(self, other):
         return (isinstance(other, CompiledPattern) and self.ir == other.ir

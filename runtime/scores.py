@@ -652,7 +652,8 @@ def _arguments(pattern, q, k, v, scale, q_offset, inputs) -> tuple:
     return scale, off, given, ints, floats
 
 
-#: Recipes a pattern keeps (``CompiledPattern._runs``): one per call shape it ran at last.
+#: Recipes a pattern keeps (``CompiledPattern._runs``), and layout decisions
+#: (``CompiledPattern._layouts``): one per call shape it ran at last.
 RUNS_KEPT = 16
 
 
@@ -828,15 +829,15 @@ def layout_run(pattern, q, k, q_offset, ints, settings=None):
     """The :class:`LayoutRun` of a scored call, or None (sequence order): self-attention at
     ``q_offset`` 0 without mask inputs, where :func:`spattn.runtime.plan.choose_layout`
     picks a layout of the mask (``SPATTN_LAYOUT``) that has no extra tokens. Kept by the
-    pattern per call shape and setting (``pattern._runs``)."""
+    pattern per call shape and setting (``pattern._layouts``)."""
     from .settings import current
     settings = settings or current()
     Lq, Lk = q.shape[2], k.shape[2]
     if settings.layout == "off" or ints or Lq != Lk or q_offset:
         return None
-    key = ("layout", tuple(q.shape), k.shape[1], q.device.type, settings.layout)
-    if key in pattern._runs:
-        return pattern._runs[key]
+    key = (tuple(q.shape), k.shape[1], q.device.type, settings.layout)
+    if key in pattern._layouts:
+        return pattern._layouts[key]
     from .plan import choose_layout
     remap, _ = choose_layout(pattern, q, k, 0, ints, settings, "copy")
     run = None
@@ -848,9 +849,9 @@ def layout_run(pattern, q, k, q_offset, ints, settings=None):
                               score_inputs=dict(pattern.score_inputs))
         order, inverse = remap.layout.permutation(q.device)
         run = LayoutRun(run, order, inverse, remap)
-    pattern._runs[key] = run
-    while len(pattern._runs) > RUNS_KEPT:
-        pattern._runs.pop(next(iter(pattern._runs)))
+    pattern._layouts[key] = run
+    while len(pattern._layouts) > RUNS_KEPT:
+        pattern._layouts.pop(next(iter(pattern._layouts)))
     return run
 
 

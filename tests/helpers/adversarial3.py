@@ -422,7 +422,7 @@ def slayout_case(seed: int) -> str:
     finally:
         _env(old)
     _check(desc, pat, q, k, v, got, do, dtype, inputs=tabs, dlse=dlse)
-    ran = [key for key, run in pat._runs.items() if key[0] == "layout" and run is not None]
+    ran = [run for run in pat._layouts.values() if run is not None]
     return desc + (" [layout]" if ran else " [sequence]")
 
 

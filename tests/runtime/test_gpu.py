@@ -347,7 +347,7 @@ def test_scored_neighbourhood_in_a_layout_bf16(monkeypatch):
     leaves = [t.detach().requires_grad_() for t in (q, k, v, rpb)]
     o = pat(*leaves[:3], rpb=leaves[3])
     o.backward(do)
-    assert any(isinstance(r, LayoutRun) for key, r in pat._runs.items() if key[0] == "layout")
+    assert any(isinstance(r, LayoutRun) for r in pat._layouts.values())
     ref = [t.detach().double().requires_grad_() for t in (q, k, v, rpb)]
     ro, _ = pattern_reference(pat, *ref[:3], rpb=ref[3])
     ro.backward(do.double())

@@ -14,7 +14,7 @@ from spattn.runtime.scores import LayoutRun
 
 
 def _layout_runs(pat):
-    return [r for key, r in pat._runs.items() if key[0] == "layout"]
+    return list(pat._layouts.values())
 
 
 def _check(pat, L, *, Hq=2, Hk=2, B=1, D=16, tables=None, seed=0):
