@@ -49,7 +49,8 @@ if int(transformers.__version__.split(".")[0]) < 5:
                       f"{transformers.__version__}: pip install 'spattn[hf]'")
 
 __all__ = ["NAME", "LayerPattern", "SpattnMask", "spattn_attention_forward", "spattn_mask",
-           "layer_pattern", "layer_patterns", "set_patterns", "describe", "plan_call"]
+           "layer_pattern", "layer_patterns", "set_patterns", "describe", "plan_call",
+           "with_sinks"]
 
 #: The ``attn_implementation`` name this module registers.
 NAME = "spattn"
