@@ -329,6 +329,52 @@ def test_lse_gradient_bf16(monkeypatch, name, src, mk, dq):
         assert err < 2e-2, f"{name} {nm}: rel. error {err:.2e}"
 
 
+SCORED_LAYOUTS = [  # shape, kernel, stride, dilation, causal, score, Hq, Hk, B, dtype
+    ((24, 40), (5, 7), (1, 2), (1, 1), (False, False),
+     "s + rpb[h, q // 40 - k // 40 + 23, q % 40 - k % 40 + 39]", 4, 2, 1, torch.bfloat16),
+    ((20, 36), (3, 5), (1, 1), (2, 1), (True, False),
+     "softcap(4.0) + rpb[h, q % 36 - k % 36 + 35]", 2, 2, 2, torch.float16),
+    ((6, 12, 20), (3, 5, 5), (1, 2, 1), (1, 1, 2), (False, False, True),
+     "s + rpb[h, q // 240 - k // 240 + 5] + 0.01 * float(q - k)", 2, 1, 1, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("shape,ks,st,dil,ca,score,Hq,Hk,B,dtype", SCORED_LAYOUTS,
+                         ids=["2d-stride-gqa-bf16", "2d-dilated-causal-fp16", "3d-mixed-bf16"])
+def test_scored_layouts_cuda(monkeypatch, shape, ks, st, dil, ca, score, Hq, Hk, B, dtype):
+    """Scored neighbourhoods of strides, dilations and causal axes in their layouts on
+    CUDA (the row-copy kernel's gathers, their 3-D lse and the inverse gathers of the
+    backward), GQA and batches: o, lse and the gradients of q, k, v and the table."""
+    from spattn.runtime.reference import pattern_reference
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = spattn.neighborhood(shape, ks, st, dil, ca) & spattn.compile("true", score=score)
+    N = 1
+    for n in shape:
+        N *= n
+    g = torch.Generator(device="cuda").manual_seed(N)
+    q, do = (torch.randn(B, Hq, N, 64, device="cuda", dtype=dtype, generator=g)
+             for _ in range(2))
+    k, v = (torch.randn(B, Hk, N, 64, device="cuda", dtype=dtype, generator=g)
+            for _ in range(2))
+    width = 2 * (shape[1] if "% 36" in score else shape[0]) - 1
+    rpb = torch.randn(*((Hq, 2 * shape[0] - 1, 2 * shape[1] - 1) if score.count(",") == 2
+                        else (Hq, width)), device="cuda", generator=g)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, rpb)]
+    o, lse = pat(*leaves[:3], rpb=leaves[3], return_lse=True)
+    ((o.float() * do.float()).sum() + torch.nan_to_num(lse, neginf=0.0).sum()).backward()
+    assert any(r is not None for r in pat._layouts.values())
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, rpb)]
+    ro, rl = pattern_reference(pat, *ref[:3], rpb=ref[3])
+    ((ro * do.double()).sum() + torch.nan_to_num(rl, neginf=0.0).sum()).backward()
+    for nm, a, b in (("o", o, ro), ("lse", lse, rl)):
+        fin = torch.isfinite(b)
+        err = float((a.detach().double()[fin] - b[fin]).norm() / b[fin].norm())
+        assert err < 2e-2, f"{nm}: rel. error {err:.2e}"
+    for nm, a, b in zip(("dq", "dk", "dv", "drpb"), leaves, ref):
+        err = float((a.grad.double() - b.grad).norm() / b.grad.norm())
+        assert torch.isfinite(a.grad).all() and err < 3e-2, f"{nm}: rel. error {err:.2e}"
+
+
 def test_scored_neighbourhood_in_a_layout_bf16(monkeypatch):
     """A 2-D neighbourhood with a learned relative position bias run in its token layout
     (``runtime.scores.LayoutRun``; the grid 30 x 50 is padded by the boxes): o and the
