@@ -176,7 +176,9 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
     """The text of the generated module that a call with these tensors runs (``kind``
     ``"fwd"`` or ``"bwd"``): a plan is built for them, so the dtype, the head dim, the
     settings and what :func:`spattn.codegen.config.pick` (and on CUDA the autotuner) chose
-    are the call's. Tensors that run on the torch backend run no generated kernel: a
+    are the call's. A scored call that runs in its mask's layout
+    (:class:`spattn.runtime.scores.LayoutRun`) shows the kernel of the pattern over slots
+    it runs. Tensors that run on the torch backend run no generated kernel: a
     :class:`~spattn.dsl.errors.SpattnBackendError` says so."""
     import sys
 
@@ -185,6 +187,14 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
     if kind not in ("fwd", "bwd"):
         raise SpattnValueError(f"unknown kernel kind {short_repr(kind)}: expected 'fwd' "
                                "(forward) or 'bwd' (backward)")
+    if getattr(pattern, "score", None) is not None:
+        from . import scores
+        q, k, v = to_bhsd(layout, q, k, v)
+        _, off, _, ints, floats = scores._arguments(pattern, q, k, v, scale, q_offset, inputs)
+        run = scores.layout_run(pattern, q, k, off, ints)
+        if run is not None:     # the slots' pattern, on tensors laid out as its call's
+            pattern, layout, inputs, q_offset = run.run, None, floats, None
+            q, k, v = (scores._gather_slots(t.detach(), run.order) for t in (q, k, v))
     plan = make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
                      backward=kind == "bwd", layout=layout)
     if plan.backend != "triton":

@@ -116,3 +116,19 @@ def test_explain_prices_a_scored_layout_with_its_copies():
     rep = scored.explain(4096, num_heads=2)
     assert rep.layout["gather"] == "copy" and "with its gathers" in str(rep)
     assert rep.layout["box"] == nb.explain(4096, num_heads=2).layout["box"]
+
+
+@pytest.mark.interpreter
+def test_kernel_source_shows_the_kernel_a_scored_layout_runs(monkeypatch):
+    """kernel_source(q, k, v) of a scored call in a layout is the module of the pattern
+    over slots that the call runs, not the sequence order's."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = spattn.neighborhood((6, 10), 3) & spattn.compile(
+        "true", score="s + rpb[h, q // 10 - k // 10 + 5, q % 10 - k % 10 + 9]",
+        backend="triton")
+    q = torch.randn(1, 2, 60, 16)
+    rpb = torch.randn(2, 11, 19)
+    src = pat.kernel_source(q, q, q, rpb=rpb)
+    (run,) = _layout_runs(pat)
+    assert run.run.source in src and pat.source not in src
+    assert run.run.source in pat.kernel_source(q, q, q, kind="bwd", rpb=rpb)
