@@ -3,7 +3,7 @@
 ``kernel_file(pattern, kind="fwd", **options) -> pathlib.Path`` returns the path of
 the generated module for ``pattern`` (``kind`` is "fwd" or "bwd"), writing it if
 needed.  Files live in ``$SPATTN_CACHE_DIR`` (default ``~/.cache/spattn``) and are
-named after the pattern: ``attn_fwd_<name>_<hash6>.py``.
+named after the pattern: ``attn_fwd_<name>_<hash16>.py``.
 
 Key = sha256 of (canonical source, input declarations, kind, codegen version,
 :class:`~spattn.codegen.config.KernelConfig` (strategy, tile sizes, head-dim
@@ -511,8 +511,14 @@ def _check_options(options) -> None:
         raise SpattnConfigError(f"num_stages must be an integer in 1..8, got {ns!r}")
 
 
+#: Hex digits of the key in a kernel file's name: 16 (64 bits), so that two kernels of one
+#: pattern name share a file only by a collision of 64 bits (with 6, the random search met
+#: one among a few thousand kernels of one process).
+FILE_KEY_DIGITS = 16
+
+
 def file_name(pattern, kind: str, key: str) -> str:
-    return f"attn_{kind}_{ident(pattern.name)}_{key[:6]}.py"
+    return f"attn_{kind}_{ident(pattern.name)}_{key[:FILE_KEY_DIGITS]}.py"
 
 
 def _digest(body: str) -> str:
@@ -563,8 +569,8 @@ def _imported(spath: str, text: str, fast: tuple):
     """The module of the kernel file ``spath`` with this ``text`` (imported once),
     remembered under ``fast`` (the caller's per-call key). Called with ``_lock`` held.
 
-    A file name holds 6 hex digits of the key: two kernels of one pattern name whose keys
-    share them take turns in one file. A module serves only the text it was imported from,
+    A file name holds :data:`FILE_KEY_DIGITS` hex digits of the key: two kernels of one
+    pattern name whose keys share them would take turns in one file. A module serves only the text it was imported from,
     and a per-call key only the module it was given (:func:`_fast_module`)."""
     mod = _modules.get(spath)
     if mod is None or getattr(mod, "__spattn_text__", None) != text:

@@ -1294,19 +1294,19 @@ def default_config(closed_form, head_dim: int, dtype, interpret: bool) -> Decode
 
 def _entry(pattern, config: DecodeConfig, closed_form, device):
     """``(file name, key, render)`` of the decode module of ``pattern`` for ``config``."""
-    from ..codegen.kernels import CODEGEN_VERSION, ident, render_decode
+    from ..codegen.kernels import CODEGEN_VERSION, render_decode
     from . import cache
     parts = [pattern.source, repr(sorted(pattern.inputs.items())), "decode", CODEGEN_VERSION,
              repr(sorted(config.as_dict().items())), cache._cf_text(closed_form),
              cache._triton_version(), cache.device_tag(device)]
     key = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
-    name = f"attn_decode_{ident(pattern.name)}_{key[:6]}.py"
+    name = cache.file_name(pattern, "decode", key)
     return name, key, lambda: render_decode(pattern, config, key, closed_form)
 
 
 def load_module(pattern, config: DecodeConfig, closed_form, device):
     """The decode module of ``pattern`` for ``config`` (rendered, cached on disk like the
-    other kernels: ``attn_decode_<name>_<hash6>.py``, and imported once per process)."""
+    other kernels: ``attn_decode_<name>_<hash16>.py``, and imported once per process)."""
     from . import cache
     return cache.load_generated(*_entry(pattern, config, closed_form, device))
 

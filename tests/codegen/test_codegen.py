@@ -139,10 +139,10 @@ def test_rendered_forward_file(fresh_cache):
     path = cache.kernel_file(p, "fwd", head_dim=64, dtype="bf16", strategy="ranges",
                              closed_form=window_cf(8))
     text = path.read_text()
-    assert re.fullmatch(r"attn_fwd_pattern_[0-9a-f]{6}\.py", path.name)
+    assert re.fullmatch(r"attn_fwd_pattern_[0-9a-f]{16}\.py", path.name)
     assert text.startswith("# spattn-kernel key=")
     assert p.source in text and "Strategy: ranges" in text and f"Codegen version: {CODEGEN_VERSION}" in text
-    key6 = path.stem[-6:]
+    key6 = path.stem.rsplit("_", 1)[1][:6]
     assert f"def attn_fwd_pattern_{key6}(" in text
     for marker in ("# -- scores --", "# -- online softmax --", "# epilogue", "tl.static_assert",
                    "MASKED=False", "MASKED=True"):
@@ -329,7 +329,7 @@ def test_forward_loop_variants(fresh_cache, monkeypatch):
     assert cache.kernel_file(p, "fwd", **opts) == path
     fused = path.read_text()
     assert f"Codegen version: {CODEGEN_VERSION}" in fused and "Forward loop: fused" in fused
-    key6 = path.stem[-6:]
+    key6 = path.stem.rsplit("_", 1)[1][:6]
     n_pieces = fused.count("in one loop, FULL where in")
     assert n_pieces == 1 and fused.count(f"= _fwd_fused_{key6}(") == n_pieces
     assert "_fwd_range_" not in fused and "m0, m1 = _split(" not in fused

@@ -6,7 +6,7 @@ from spattn.runtime import cache
 
 
 def test_kernels_sharing_a_file_name_keep_their_modules(monkeypatch):
-    """Two kernels of one pattern name whose keys share the file name's 6 hex digits (forced
+    """Two kernels of one pattern name whose keys share the file name's hex digits (forced
     here) take turns in one file: each call still gets its own kernel's module, never the
     other's (found by the random search with SPATTN_BWD_DQ=atomic, whose extra modules made
     a collision among ~3000 kernels of one process likely)."""
