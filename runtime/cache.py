@@ -42,6 +42,7 @@ import importlib.util
 import linecache
 import os
 import pathlib
+import re
 import stat
 import sys
 import tempfile
@@ -450,6 +451,18 @@ def write_entry(name: str, text: str, what: str = "cache file") -> str:
 
 # ------------------------------------------------------------------ kernels
 
+def _tables_part(pattern) -> str:
+    """A score's declared float tables where its canonical source does not name them all
+    (a table the score's simplification dropped, ``if (q + 3000000000) % 7 > -2 then s else
+    rel[h, 0]``): the kernels take every declared table (their parameters, the tile
+    defaults), so two patterns of one source that declare different tables are two
+    kernels. Empty otherwise, which keeps every other key as it was."""
+    tables = getattr(pattern, "score_inputs", None) or {}
+    if all(re.search(rf"\b{re.escape(n)}\[", pattern.source) for n in tables):
+        return ""
+    return repr(sorted(tables.items()))
+
+
 def resolve(pattern, kind: str = "fwd", **options):
     """(config, closed_form, key) for a pattern and options, memoised per process."""
     if kind not in ("fwd", "bwd"):
@@ -459,7 +472,8 @@ def resolve(pattern, kind: str = "fwd", **options):
     device = options.pop("device", None)
     settings = options.pop("settings", None) or _settings.current()
     # the environment's overrides are part of the memo key (through the settings' raw strings)
-    memo_key = (pattern.source, tuple(sorted(pattern.inputs.items())), kind, device_tag(device),
+    memo_key = (pattern.source, tuple(sorted(pattern.inputs.items())), _tables_part(pattern),
+                kind, device_tag(device),
                 settings.raw, tuple(sorted((k, str(v)) for k, v in options.items())),
                 None if cf is None else _cf_text(cf))
     with _lock:
@@ -484,7 +498,7 @@ def resolve(pattern, kind: str = "fwd", **options):
         cf = None
     parts = [pattern.source, repr(sorted(pattern.inputs.items())), kind, CODEGEN_VERSION,
              repr(sorted(config.as_dict().items())), _cf_text(cf), _triton_version(),
-             device_tag(device)]
+             device_tag(device)] + ([_tables_part(pattern)] if _tables_part(pattern) else [])
     key = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
     out = (config, cf, key)
     with _lock:

@@ -21,3 +21,22 @@ def test_kernels_sharing_a_file_name_keep_their_modules(monkeypatch):
         assert ma is not mb
         assert "DOC_ptr" not in ma.__spattn_text__ and "DOC_ptr" in mb.__spattn_text__
         assert "DOC_ptr" in mb.KERNEL.arg_names and "DOC_ptr" not in ma.KERNEL.arg_names
+
+
+@pytest.mark.interpreter
+def test_a_table_the_score_dropped_keeps_its_own_kernel():
+    """Two patterns of one canonical source, ``false score s``, one declaring a table its
+    score's simplification dropped (found by the random search: the second call's launch
+    passed the table to the first pattern's kernel, which has no such parameter): their
+    kernels have two keys, and both calls run."""
+    import torch
+    plain = spattn.compile("false", score="s", backend="triton")
+    dropped = spattn.compile("false", score="if (q + 3000000000) % 7 > -2 then s "
+                             "else rel[h, 0]", backend="triton")
+    assert plain.source == dropped.source and dropped.score_inputs == {"rel": 2}
+    keys = [cache.resolve(p, "fwd", head_dim=16, dtype="fp32")[2] for p in (plain, dropped)]
+    assert keys[0] != keys[1]
+    q = torch.randn(2, 2, 39, 16)
+    k = torch.randn(2, 2, 8, 16)
+    assert float(plain(q, k, k).abs().max()) == 0.0
+    assert float(dropped(q, k, k, rel=torch.randn(2, 1)).abs().max()) == 0.0
