@@ -472,7 +472,8 @@ def resolve(pattern, kind: str = "fwd", **options):
     device = options.pop("device", None)
     settings = options.pop("settings", None) or _settings.current()
     # the environment's overrides are part of the memo key (through the settings' raw strings)
-    memo_key = (pattern.source, tuple(sorted(pattern.inputs.items())), _tables_part(pattern),
+    memo_key = (pattern.source, tuple(sorted(pattern.inputs.items())),
+                tuple(sorted((getattr(pattern, "score_inputs", None) or {}).items())),
                 kind, device_tag(device),
                 settings.raw, tuple(sorted((k, str(v)) for k, v in options.items())),
                 None if cf is None else _cf_text(cf))
@@ -496,9 +497,10 @@ def resolve(pattern, kind: str = "fwd", **options):
                                     "(or leave the strategy unset and the analysis picks)")
     else:
         cf = None
+    tables = _tables_part(pattern)
     parts = [pattern.source, repr(sorted(pattern.inputs.items())), kind, CODEGEN_VERSION,
              repr(sorted(config.as_dict().items())), _cf_text(cf), _triton_version(),
-             device_tag(device)] + ([_tables_part(pattern)] if _tables_part(pattern) else [])
+             device_tag(device)] + ([tables] if tables else [])
     key = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
     out = (config, cf, key)
     with _lock:

@@ -69,15 +69,8 @@ class Recipe:
         this recipe's and ``plan``'s (a plan's call passes its own tables): the sources
         against the recipe (the composed tables' shapes follow from theirs), the tables
         read as they are against the plan."""
-        from ..dsl.errors import SpattnInputError
-        for name, (shape, dtype) in self.layout.items():
-            t = floats[name]
-            if tuple(t.shape) != shape or t.dtype != dtype or t.device != plan.device:
-                raise SpattnInputError(
-                    f"runtime input {name!r} has shape {tuple(t.shape)}, {t.dtype} on "
-                    f"{t.device}, but the plan was built for {name!r} of shape {shape}, "
-                    f"{dtype} on {plan.device}: pass a table like the plan's or build a plan "
-                    f"for this one (pat.plan(q, k, v, {name}=...))")
+        from .plan import check_table_layout
+        check_table_layout(self.layout, floats, plan.device)
         plan.check_tables(floats, skip=tuple(c.name for c in self.comp.composed))
 
     def inputs(self, ins: dict) -> dict:

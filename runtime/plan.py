@@ -200,16 +200,8 @@ class Plan:
         placed as those this plan was built with (its bounds proofs and kernels are for
         those): each call passes its own tables (a learnable table changes every step).
         ``skip``: tables the caller does not pass (composed ones: ``runtime.compose``)."""
-        for name, (shape, dtype) in self.table_layout.items():
-            if name in skip:
-                continue
-            t = tables[name]
-            if tuple(t.shape) != shape or t.dtype != dtype or t.device != self.device:
-                raise SpattnInputError(
-                    f"runtime input {name!r} has shape {tuple(t.shape)}, {t.dtype} on "
-                    f"{t.device}, but the plan was built for {name!r} of shape {shape}, "
-                    f"{dtype} on {self.device}: pass a table like the plan's or build a plan "
-                    f"for this one (pat.plan(q, k, v, {name}=...))")
+        check_table_layout({n: s for n, s in self.table_layout.items() if n not in skip},
+                           tables, self.device)
 
     def forward(self, q, k, v):
         """``(o, lse)``: the forward of this plan (a pattern without a score: a score's
@@ -318,6 +310,33 @@ def _gather_rows():
     return _GATHER_ROWS
 
 
+def check_table_layout(layout: dict, tables: dict, device) -> None:
+    """:class:`SpattnInputError` unless each table of ``layout`` (name -> ``(shape,
+    dtype)``, what a plan was built for) is shaped and typed so in ``tables`` and on
+    ``device``."""
+    for name, (shape, dtype) in layout.items():
+        t = tables[name]
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+            raise SpattnInputError(
+                f"runtime input {name!r} has shape {tuple(t.shape)}, {t.dtype} on "
+                f"{t.device}, but the plan was built for {name!r} of shape {shape}, "
+                f"{dtype} on {device}: pass a table like the plan's or build a plan "
+                f"for this one (pat.plan(q, k, v, {name}=...))")
+
+
+def gather_tokens(t, index):
+    """``t [B, H, N(, D)]`` (any strides) at ``index`` along the tokens: ``[M]`` for every
+    batch element, ``[B, M]`` one row each; None for None. The row-copy kernel on CUDA."""
+    if t is None:
+        return None
+    if t.is_cuda:
+        return (_GATHER_ROWS or _gather_rows())(t, index)
+    if index.dim() == 1:
+        return t.index_select(2, index)
+    at = index[:, None, :] if t.dim() == 3 else index[:, None, :, None]
+    return t.gather(2, at.expand(t.shape[:2] + index.shape[1:] + t.shape[3:]))
+
+
 def _unscored(plan) -> None:
     if getattr(plan.pattern, "score", None) is not None:
         from ..dsl.errors import SpattnBackendError
@@ -400,16 +419,7 @@ class PermutedPlan(Plan):
             .requires_grad_(t.requires_grad)
 
     def _gather(self, t, index):
-        """``t [B, H, N(, D)]`` at ``index`` along the tokens: ``[N]`` for every batch
-        element, ``[B, N]`` one row each."""
-        if t is None:
-            return None
-        if t.is_cuda:
-            return (_GATHER_ROWS or _gather_rows())(t, index)
-        if index.dim() == 1:
-            return t.index_select(2, index)
-        at = index[:, None, :] if t.dim() == 3 else index[:, None, :, None]
-        return t.gather(2, at.expand(t.shape[:2] + index.shape[1:] + t.shape[3:]))
+        return gather_tokens(t, index)
 
     def forward(self, q, k, v):
         if self.gather == "kernel":

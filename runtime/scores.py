@@ -38,6 +38,7 @@ from ..ir import build
 from ..ir.evaluate import evaluate
 from ..ir.inputs import check_shape, validate_inputs
 from ..ir.score import grads, score_env, score_values
+from .plan import gather_tokens
 
 __all__ = ["call", "fwd", "bwd", "ScoreFunction", "validate_score_inputs", "FLOAT_DTYPES"]
 
@@ -693,10 +694,15 @@ def composed(pattern, floats: dict, Lq: int, Lk: int, q_offset, device, settings
                               score_inputs=dict(comp.score_inputs))
     recipe = compose.recipe(pattern, run, comp, floats, Lq, Lk, q_offset, device)
     out = (pattern, None) if recipe is None else (run, recipe)
-    pattern._runs[key] = out
-    while len(pattern._runs) > RUNS_KEPT:
-        pattern._runs.pop(next(iter(pattern._runs)))
+    _keep(pattern._runs, key, out)
     return out
+
+
+def _keep(memo: dict, key, value) -> None:
+    """``memo[key] = value``, the oldest entries dropped past :data:`RUNS_KEPT`."""
+    memo[key] = value
+    while len(memo) > RUNS_KEPT:
+        memo.pop(next(iter(memo)))
 
 
 def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, options=None):
@@ -785,20 +791,13 @@ class _Slots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, index, back):
         ctx.save_for_backward(back)
-        return _gather_slots(t, index)
+        return gather_tokens(t, index)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         (back,) = ctx.saved_tensors
-        return _gather_slots(g, back), None, None
-
-
-def _gather_slots(t, index):
-    if t.is_cuda:
-        from .gather_kernel import gather_rows
-        return gather_rows(t.contiguous(), index)
-    return t.index_select(2, index)
+        return gather_tokens(g, back), None, None
 
 
 class LayoutRun:
@@ -849,9 +848,7 @@ def layout_run(pattern, q, k, q_offset, ints, settings=None):
                               score_inputs=dict(pattern.score_inputs))
         order, inverse = remap.layout.permutation(q.device)
         run = LayoutRun(run, order, inverse, remap)
-    pattern._layouts[key] = run
-    while len(pattern._layouts) > RUNS_KEPT:
-        pattern._layouts.pop(next(iter(pattern._layouts)))
+    _keep(pattern._layouts, key, run)
     return run
 
 

@@ -189,12 +189,13 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
                                "(forward) or 'bwd' (backward)")
     if getattr(pattern, "score", None) is not None:
         from . import scores
+        from .plan import gather_tokens
         q, k, v = to_bhsd(layout, q, k, v)
         _, off, _, ints, floats = scores._arguments(pattern, q, k, v, scale, q_offset, inputs)
         run = scores.layout_run(pattern, q, k, off, ints)
         if run is not None:     # the slots' pattern, on tensors laid out as its call's
             pattern, layout, inputs, q_offset = run.run, None, floats, None
-            q, k, v = (scores._gather_slots(t.detach(), run.order) for t in (q, k, v))
+            q, k, v = (gather_tokens(t.detach(), run.order) for t in (q, k, v))
     plan = make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
                      backward=kind == "bwd", layout=layout)
     if plan.backend != "triton":
