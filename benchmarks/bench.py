@@ -37,15 +37,23 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _FLEX = None
 
 
+def raise_recompile_limits():
+    """Dynamo's per-function recompile limits raised to 1024: every mask_mod and score_mod
+    recompiles FlexAttention (past the limit torch falls back to eager flex, ~100x
+    slower)."""
+    import torch._dynamo.config as dc
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dc, name):
+            setattr(dc, name, 1024)
+
+
 def _flex():
-    """FlexAttention compiled once; every pattern's mask_mod recompiles it, so the dynamo
-    recompile limits are raised (past them torch falls back to eager flex, ~100x slower)."""
+    """FlexAttention compiled once, the recompile limits raised (and the accumulated
+    ones)."""
     global _FLEX
     if _FLEX is None:
         import torch._dynamo.config as dc
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dc, name):
-                setattr(dc, name, 1024)
+        raise_recompile_limits()
         for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
             if hasattr(dc, name):
                 setattr(dc, name, 1 << 16)

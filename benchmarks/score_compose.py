@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import spattn  # noqa: E402
-from bench import bench_ms, overrides, time_rounds  # noqa: E402
+from bench import bench_ms, overrides, raise_recompile_limits, time_rounds  # noqa: E402
 
 CASES = {
     "causal+t5": ("causal", "s + rel[h, t5_bucket_causal(32, 128)]", 32,
@@ -103,10 +103,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
-    import torch._dynamo.config as dc
-    for n in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dc, n):
-            setattr(dc, n, 1024)
+    raise_recompile_limits()
     H, D = 16, 128
     print("case N | fwd ms: auto, 1, 0, mask, flex | f+b ms: auto, 1, 0, mask", flush=True)
     for N in (int(x) for x in args.n.split(",")):

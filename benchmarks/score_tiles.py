@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import spattn  # noqa: E402
-from bench import bench_ms, overrides, time_rounds  # noqa: E402
+from bench import bench_ms, overrides, raise_recompile_limits, time_rounds  # noqa: E402
 from scores import cases  # noqa: E402
 
 FWD_VARS = ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES")
@@ -124,10 +124,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
-    import torch._dynamo.config as dc
-    for n in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dc, n):
-            setattr(dc, n, 1024)
+    raise_recompile_limits()
     N, H, D = 16384, 16, 128
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(1, H, N, D, generator=g).cuda().bfloat16() for _ in range(4))

@@ -248,10 +248,8 @@ def main(argv=None) -> int:
             print("no CUDA device: run with --dry for the CPU check", file=sys.stderr)
             return 2
         dev, dtype, N, H, D = "cuda", torch.bfloat16, args.n or 16384, args.heads, args.dim
-        import torch._dynamo.config as dc
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dc, name):
-                setattr(dc, name, 1024)
+        from bench import raise_recompile_limits
+        raise_recompile_limits()
     specs = cases(N, H, dev, dtype)
     names = args.cases.split(",") if args.cases else list(specs)
     unknown = [n for n in names if n not in specs]
