@@ -476,9 +476,18 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
                                  pattern.backend, q, k, v, scale=scale, return_lse=return_lse,
                                  q_offset=q_offset, inputs=inputs, deterministic=deterministic)
         else:
-            out = scores.call(pattern, q, k, v, scale=scale, return_lse=return_lse,
-                              q_offset=q_offset, inputs=inputs, plan=plan,
-                              deterministic=deterministic)
+            out = None
+            # few queries, many keys, no table to differentiate: the decode path
+            if plan is None and order is None and _decode.routes(q, k, v, q_offset) and not (
+                    torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                    for t in (inputs or {}).values())):
+                out = _decode.call_routed(pattern, q, k, v, scale=scale,
+                                          return_lse=return_lse, q_offset=q_offset,
+                                          inputs=inputs)
+            if out is None:
+                out = scores.call(pattern, q, k, v, scale=scale, return_lse=return_lse,
+                                  q_offset=q_offset, inputs=inputs, plan=plan,
+                                  deterministic=deterministic)
         return _usage.output(layout, out, return_lse)
     if torch.compiler.is_compiling():
         # The op carries the pattern's key (a str attribute: a constant while tracing; the

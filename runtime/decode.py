@@ -101,9 +101,15 @@ class DecodeConfig:
     num_stages: int
     dtype: str
     int64: bool = False
+    # a score's flags (None without one): how its tables' indices are kept in range
+    # (always "clamp": codegen.config.SCORE_INDEX) and tanh as one tanh.approx.f32
+    score_index: Optional[str] = None
+    fast_tanh: Optional[bool] = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields, a score's flags only where set (the keys of modules without a
+        score do not change)."""
+        return {n: x for n, x in asdict(self).items() if x is not None}
 
 
 # ------------------------------------------------------------------ arguments
@@ -325,7 +331,7 @@ class DecodePlan:
     """
 
     def __init__(self, pattern, backend, *, B, Hq, Hk, Lq, D, dtype, device, bucket_len,
-                 paged, inputs, num_splits=None):
+                 paged, inputs, num_splits=None, tables=None):
         from ..codegen.config import get_closed_form, ranges_ok
         from ..ir import bounds
         from ..ir.intervals import check_list_bounds
@@ -343,6 +349,30 @@ class DecodePlan:
         per_head = any(t.dim() - nd >= 2 and t.shape[1] > 1
                        for (n, nd), t in ((x, inputs[x[0]]) for x in pattern.inputs.items()))
         G = Hq // Hk
+        self.scored = getattr(pattern, "score", None) is not None
+        self.tables_ok = True
+        if self.scored:
+            from ..ir.nodes import free_vars
+            tables = dict(tables or {})
+            #: whether a step's batch elements differ beyond their lengths (the torch
+            #: backend's scored step then takes them one at a time); the kernel reads the
+            #: score's head per row, so that a score of h keeps the packing
+            self.per_batch = "b" in (uses | free_vars(pattern.score)) or any(
+                t.dim() - nd >= 1 and t.shape[0] > 1
+                for n, nd, t in [(n, nd, inputs[n]) for n, nd in pattern.inputs.items()]
+                + [(n, pattern.score_inputs[n], t) for n, t in tables.items()])
+            #: whether the tables' indices are in range at every step of the bucket (queries
+            #: and keys anywhere in [0, bucket), any length): else each step is checked at
+            #: its own lengths (:meth:`check_tables`)
+            self.tables_ok = _tables_in_range(pattern, ins64, tables, bucket_len, bucket_len, 0,
+                                              B, Hq)
+            self._checked: OrderedDict = OrderedDict()
+            #: the score is ``s`` plus a bias (d score / d s = 1): the torch backend's step
+            #: runs it as one fused attention call with the bias as an additive mask
+            from ..ir.nodes import FConst
+            from ..ir.score import grads
+            ds = grads(pattern.score).ds
+            self.additive = isinstance(ds, FConst) and ds.value == 1.0
         self.pack = 1 if ("h" in uses or "H" in uses or per_head) else G
         self.config = self.module = None
         self.splits = 1
@@ -369,8 +399,31 @@ class DecodePlan:
                 f"strategy={self.config.strategy if self.config else 'cpu'})")
 
     # -- Triton --------------------------------------------------------------
+    def check_tables(self, tables: dict, inputs: dict, lens, q_shift: int) -> None:
+        """The score's table indices in range at a step of these lengths (``lens``: one
+        int per batch element) where the bucket-wide proof failed (:attr:`tables_ok`); a
+        SpattnInputError naming the table otherwise. The last checks are remembered."""
+        if self.tables_ok:
+            return
+        shapes = tuple((n, tuple(t.shape)) for n, t in sorted(tables.items()))
+        ins64 = {n: t.to(torch.int64) for n, t in inputs.items()}
+        for L in sorted(set(lens)):
+            key = (L, q_shift, shapes, tuple((n, id(t), data_version(t))
+                                             for n, t in sorted(inputs.items())))
+            if key in self._checked:
+                continue
+            from .scores import check_score_bounds
+            check_score_bounds(self.pattern, ins64, tables, self.Lq, L, num_heads=self.Hq,
+                               batch=self.B, q_offset=L - self.Lq + q_shift)
+            self._checked[key] = None
+            while len(self._checked) > CPU_STEPS:
+                self._checked.popitem(last=False)
+
     def _build_triton(self, num_splits):
-        self.config = default_config(self.closed_form, self.D, self.dtype, _api._interpret())
+        from .settings import current
+        self.config = default_config(self.closed_form, self.D, self.dtype, _api._interpret(),
+                                     scored=self.scored, fast_tanh=current().fast_tanh,
+                                     device_type=self.device.type)
         block_d = self.config.block_d
         self.module = load_module(self.pattern, self.config, self.closed_form, self.device)
         self.block_m = max(16, 1 << (self.pack * self.Lq - 1).bit_length())
@@ -411,8 +464,8 @@ class DecodePlan:
         return max(1, min(n, total))
 
     def run_triton(self, q, k, v, *, lk: int, q_shift: int, seq_lens, page_table, page_size,
-                   num_pages, scale: float, inputs: dict):
-        from .triton_backend import _dot_prec, _input_args
+                   num_pages, scale: float, inputs: dict, tables=None):
+        from .triton_backend import LOG2E, _dot_prec, _input_args, _scale_log2, _score_args
         B, Hq, Lq, D = q.shape
         o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -427,10 +480,12 @@ class DecodePlan:
         seq = seq_lens if seq_lens is not None else self.lse_part
         cap = k.shape[2] if page_table is None else page_table.shape[1] * page_size
         args = _input_args(self.pattern, inputs, False)
+        head = _score_args(self.pattern, tables) if self.scored else []
         self.module.KERNEL[(self.groups, self.splits)](
-            q, k, v, self.o_part, self.lse_part, *q.stride(), *ks, *vs,
+            q, k, v, self.o_part, self.lse_part, *head, *q.stride(), *ks, *vs,
             pages, stride_pages, max(1, num_pages), seq, *args,
-            scale * 1.4426950408889634, Hq, Hq // self.Hk, Lq, lk, q_shift, cap,
+            *((LOG2E, scale) if self.scored else (_scale_log2(scale),)),
+            Hq, Hq // self.Hk, Lq, lk, q_shift, cap,
             PACK=self.pack, NUM_SPLITS=self.splits, PAGE_SIZE=max(1, page_size),
             PAGED=page_table is not None, HAS_SEQ=seq_lens is not None,
             BLOCK_M=self.block_m, BLOCK_N=self.config.block_n, BLOCK_D=self.config.block_d,
@@ -852,6 +907,76 @@ class DecodePlan:
             return outs[0], lses[0]
         return torch.cat(outs), torch.cat(lses)
 
+    def run_scored_torch(self, q, k, v, lens: tuple, q_shift: int, page_table, page_size: int,
+                         scale: float, inputs: dict, tables: dict):
+        """A step of a pattern with a score on the torch backend: per group of batch
+        elements of one length (each element alone where the pattern or its score reads
+        ``b``), the rows' scores against the keys from the first to the last one some row
+        may see (:meth:`_keys`), the score and the mask evaluated there as a call of the
+        pattern evaluates them (``ir.score``), the softmax in fp32 (fp64 for fp64 caches);
+        the query heads of a key head folded into its rows (K and V read once, not
+        expanded); a score that is ``s`` plus a bias, on float32 caches, as one fused
+        attention call with the bias and the mask as its additive mask. Returns
+        ``(o, lse)``."""
+        from ..ir.score import score_values
+        from .scores import _acc, softmax_rows
+        B, Hq, Lq, D = q.shape
+        Hk, Dv = self.Hk, v.shape[-1]
+        M = Hq // Hk * Lq
+        acc = _acc(q.dtype)
+        o = torch.zeros((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+        lse = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
+        groups: dict = {}
+        for b, L in enumerate(lens):
+            groups.setdefault((b, L) if self.per_batch else L, []).append(b)
+        every = {**inputs, **tables}
+        for idx in groups.values():
+            L = lens[idx[0]]
+            q_off = L - Lq + q_shift
+            runs = self._keys(L, q_off, idx[0], inputs)[0]
+            if not runs:
+                continue                                    # no key: rows stay 0 / -inf
+            a, z = runs[0][0], runs[-1][1]
+            nb = len(idx)
+            bi = torch.tensor(idx, dtype=torch.int64, device=q.device)
+            if page_table is None:
+                kb = (k if nb == B else k.index_select(0, bi))[:, :, a:z]
+                vb = (v if nb == B else v.index_select(0, bi))[:, :, a:z]
+            else:           # pools [num_pages, page_size, Hk, D]: the keys a..z-1 gathered
+                pos = torch.arange(a, z, device=q.device)
+                pages = page_table.index_select(0, bi)[:, pos // page_size].to(torch.int64)
+                kb = k[pages, pos % page_size].transpose(1, 2)
+                vb = v[pages, pos % page_size].transpose(1, 2)
+            qb = (q if nb == B else q.index_select(0, bi)).reshape(nb, Hk, M, D)
+            env = {"q": (torch.arange(Lq, device=q.device) + q_off).view(1, 1, -1, 1),
+                   "k": torch.arange(a, z, device=q.device).view(1, 1, 1, -1),
+                   "h": torch.arange(Hq, device=q.device).view(1, Hq, 1, 1),
+                   "b": bi.view(-1, 1, 1, 1), "Lq": Lq, "Lk": L, "H": Hq}
+            m = torch.as_tensor(evaluate(self.pattern.ir, env, inputs), device=q.device)
+            ninf = torch.full((), -math.inf, dtype=acc, device=q.device)
+            if self.additive and q.dtype == torch.float32:
+                # s + bias: the bias (the score at s = 0) and the mask as one additive mask
+                # of one fused attention call
+                zero = torch.zeros((nb, Hq, Lq, z - a), dtype=acc, device=q.device)
+                f = torch.where(m.to(torch.bool).expand(zero.shape),
+                                score_values(self.pattern.score, zero, env, every), ninf)
+                ob, lb = _kernel(qb, kb, vb, f.view(nb, Hk, M, z - a), scale)
+                empty = (f.amax(-1) == -math.inf).view(nb, Hk, M)
+                ob = ob.masked_fill(empty.unsqueeze(-1), 0.0).view(nb, Hq, Lq, Dv)
+                lb = lb.masked_fill(empty, -math.inf).view(nb, Hq, Lq)
+            else:
+                s = torch.matmul(qb.to(acc), kb.to(acc).transpose(-1, -2)) * scale
+                s = s.view(nb, Hq, Lq, z - a)
+                f = torch.where(m.to(torch.bool).expand(s.shape),
+                                score_values(self.pattern.score, s, env, every), ninf)
+                p, lb = softmax_rows(f)
+                ob = torch.matmul(p.view(nb, Hk, M, z - a), vb.to(acc)).view(nb, Hq, Lq, Dv)
+            if nb == B:
+                o, lse = ob.to(q.dtype), lb
+            else:
+                o[bi], lse[bi] = ob.to(q.dtype), lb
+        return o, lse
+
     def _keys(self, L: int, q_off: int, b: int, inputs: dict):
         """``(runs, part, m_part)``: the key runs ``[a, z)`` some row may see (sorted,
         disjoint), the runs within them where not every row sees every key, and the pattern
@@ -1173,6 +1298,19 @@ def _variables(ir) -> frozenset:
     return free_vars(ir)
 
 
+def _tables_in_range(pattern, inputs: dict, tables: dict, Lq: int, Lk: int, q_offset: int,
+                     B: int, Hq: int) -> bool:
+    """Whether every index of the score's table loads is in range for tables of these
+    shapes over a call's positions (``runtime.scores.check_score_bounds``)."""
+    from .scores import check_score_bounds
+    try:
+        check_score_bounds(pattern, inputs, tables, Lq, Lk, num_heads=Hq, batch=B,
+                           q_offset=q_offset)
+    except SpattnError:
+        return False
+    return True
+
+
 class DecodePlanCache:
     """A bounded, thread-safe LRU of decode plans keyed by what a plan depends on: the
     pattern, the backend, B, Hq, Hk, Lq, D, dtype, device, the length bucket, paged or not,
@@ -1211,9 +1349,15 @@ class DecodePlanCache:
             while len(self._last) > self.size:
                 self._last.pop(next(iter(self._last)))
 
-    def get(self, pattern, backend, q, Hk, bucket_len, paged, inputs, num_splits=None):
+    def get(self, pattern, backend, q, Hk, bucket_len, paged, inputs, num_splits=None,
+            tables=None):
         B, Hq, Lq, D = q.shape
-        key = (pattern.source, tuple(sorted(pattern.inputs.items())) if pattern.inputs else (),
+        # a score's tables by name, shape and dtype (a new table every step reuses the plan)
+        scored = () if getattr(pattern, "score", None) is None else (
+            tuple(sorted(pattern.score_inputs.items())),
+            tuple((n, tuple(t.shape), t.dtype) for n, t in sorted((tables or {}).items())))
+        key = (pattern.source, scored,
+               tuple(sorted(pattern.inputs.items())) if pattern.inputs else (),
                backend, B, Hq, Hk, Lq, D, q.dtype, "cpu" if q.is_cpu else q.device,
                bucket_len, paged,
                backend == "triton" and _api._interpret(), num_splits,
@@ -1229,7 +1373,7 @@ class DecodePlanCache:
             return plan
         plan = DecodePlan(pattern, backend, B=B, Hq=Hq, Hk=Hk, Lq=Lq, D=D, dtype=q.dtype,
                           device=q.device, bucket_len=bucket_len, paged=paged, inputs=inputs,
-                          num_splits=num_splits)
+                          num_splits=num_splits, tables=tables)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return plan
         with self._lock:
@@ -1270,14 +1414,19 @@ def split_count(groups: int, keys: int, sms: int | None) -> int:
 SPLIT_KEYS = 256
 
 
-def default_config(closed_form, head_dim: int, dtype, interpret: bool) -> DecodeConfig:
+def default_config(closed_form, head_dim: int, dtype, interpret: bool, *,
+                   scored: bool = False, fast_tanh: Optional[bool] = None,
+                   device_type: str = "cuda") -> DecodeConfig:
     """The decode module's configuration: ``ranges`` with a closed form, else ``scan``;
     on the GPU for 16-bit caches 128-key tiles with 2 stages up to D = 128, 4 warps:
     decode streams K and V, and these read them at the rate dense SDPA does
     (``benchmarks/decode_sweep.py``, bf16, docs/decode.md); fp32 caches (twice the bytes
     per key: two stages of 128-key K and V tiles would need 256 KiB of shared memory at
     D = 128) 64-key tiles with 3 stages; 32-key tiles with 3 stages beyond D = 128
-    (shared memory); 16-key tiles under the interpreter."""
+    (shared memory); 16-key tiles under the interpreter. ``scored``: the pattern has a
+    score, whose tables' indices the kernel clamps into range and whose tanh is one
+    ``tanh.approx.f32`` where ``fast_tanh`` (None: for 16-bit caches on CUDA; never under
+    the interpreter), as in the forward."""
     from ..codegen.config import dtype_name
     block_d = max(16, 1 << (int(head_dim) - 1).bit_length())
     if interpret:
@@ -1289,7 +1438,12 @@ def default_config(closed_form, head_dim: int, dtype, interpret: bool) -> Decode
     else:
         block_n, warps, stages = 128, 4, 2
     strategy = "ranges" if closed_form is not None else "scan"
-    return DecodeConfig(strategy, block_n, block_d, warps, stages, dtype_name(dtype))
+    flags = {}
+    if scored:
+        if fast_tanh is None:
+            fast_tanh = device_type == "cuda" and dtype_name(dtype) in ("bf16", "fp16")
+        flags = {"score_index": "clamp", "fast_tanh": bool(fast_tanh) and not interpret}
+    return DecodeConfig(strategy, block_n, block_d, warps, stages, dtype_name(dtype), **flags)
 
 
 def _entry(pattern, config: DecodeConfig, closed_form, device):
@@ -1299,6 +1453,8 @@ def _entry(pattern, config: DecodeConfig, closed_form, device):
     parts = [pattern.source, repr(sorted(pattern.inputs.items())), "decode", CODEGEN_VERSION,
              repr(sorted(config.as_dict().items())), cache._cf_text(closed_form),
              cache._triton_version(), cache.device_tag(device)]
+    if getattr(pattern, "score", None) is not None:
+        parts.append(repr(sorted(pattern.score_inputs.items())))
     key = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
     name = cache.file_name(pattern, "decode", key)
     return name, key, lambda: render_decode(pattern, config, key, closed_form)
@@ -1320,8 +1476,10 @@ def kernel_text(pattern, *, head_dim: int = 128, dtype="bf16", device=None,
     from .cache import HEADER_PREFIX, _digest
     cf = get_closed_form(pattern)
     cf = cf if cf is not None and ranges_ok(cf) else None
-    name, key, render = _entry(pattern, default_config(cf, head_dim, dtype, interpret), cf,
-                               device)
+    config = default_config(cf, head_dim, dtype, interpret,
+                            scored=getattr(pattern, "score", None) is not None,
+                            device_type="cuda" if device is None else torch.device(device).type)
+    name, key, render = _entry(pattern, config, cf, device)
     body = render()
     return name, f"{HEADER_PREFIX}key={key} sha256={_digest(body)}\n{body}"
 
@@ -1521,9 +1679,13 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
           check, num_splits, inputs, routed):
     """:func:`decode` with its arguments positional (the one hot path of both entries);
     ``routed``: q, k_cache and v_cache passed :func:`routes` (dense, valid, no grad)."""
-    if getattr(pattern, "score", None) is not None:
-        raise SpattnParamError("the decode path does not apply scores yet: call the pattern "
-                               "(pat(q, k, v)), which runs a score on its own path")
+    scored = getattr(pattern, "score", None) is not None
+    if scored:
+        from .scores import _table_divisors
+        if _table_divisors(pattern.score):
+            raise SpattnParamError("the decode path does not run a score that divides by its "
+                                   "tables' values: call the pattern (pat(q, k, v)), which "
+                                   "checks those values every call")
     T = torch.Tensor
     if not routed and torch.is_grad_enabled() and (
             (isinstance(q, T) and q.requires_grad) or (isinstance(k_cache, T) and
@@ -1568,7 +1730,16 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
         q_shift = _api.check_q_offset(q_offset, Lq, cap) - (cap - Lq)
         if abs(q_shift) >= MAX_CAPACITY:
             raise SpattnValueError(f"q_offset={q_offset} puts the queries beyond +-2**30")
-    ins = {}
+    ins, floats = {}, {}
+    if scored:
+        from .scores import _split_inputs, validate_score_inputs
+        inputs, given_float = _split_inputs(pattern, inputs)
+        floats = validate_score_inputs(pattern.score_inputs, given_float, batch=B,
+                                       num_heads=Hq, device=q.device)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in floats.values()):
+            raise SpattnInputError("decode is inference only: the score's tables must not "
+                                   "require grad (run under torch.no_grad(), or call the "
+                                   "pattern, pat(q, k, v), for their gradients)")
     if inputs or pattern.inputs:
         _api.check_runtime_tensors(inputs)
         ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device)
@@ -1583,18 +1754,33 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
         # products, as triton_backend._upcast says): under it bf16 runs in fp32, cast back
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
     bucket_len = MIN_BUCKET if cap <= MIN_BUCKET else 1 << (cap - 1).bit_length()  # bucket()
-    plan = DECODE_PLANS.get(pattern, backend, q, Hk, bucket_len, paged, ins, num_splits)
+    plan = DECODE_PLANS.get(pattern, backend, q, Hk, bucket_len, paged, ins, num_splits,
+                            floats)
     if backend == "triton":
+        if not plan.tables_ok:      # the tables' indices checked at this step's lengths
+            if seq_lens is not None and not check:
+                shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in floats.items())
+                raise SpattnValueError(
+                    f"the score's tables ({shapes}) are not in range at every length up to {bucket_len} keys, and "
+                    "check=False reads no seq_lens on the host: give tables that cover the "
+                    "bucket, or decode with check=True")
+            plan.check_tables(floats, ins, (cap,) * B if seq_lens is None else tuple(
+                min(max(int(x), Lq), cap) for x in seq_lens.tolist()), q_shift)
         o, lse = plan.run_triton(q, k_cache, v_cache, lk=cap, q_shift=q_shift,
                                  seq_lens=seq_lens, page_table=page_table,
                                  page_size=page_size, num_pages=num_pages, scale=scale,
-                                 inputs=ins)
+                                 inputs=ins, tables=floats)
     else:
         lens = (cap,) * B if seq_lens is None else \
             tuple(min(max(int(x), Lq), cap) for x in seq_lens.tolist())
-        o, lse = plan.run_torch(q, k_cache, v_cache, lens, q_shift, page_table, page_size,
-                                scale, ins, return_lse)
-        if not return_lse and not ins and not pattern.inputs and q_offset is None \
+        if scored:
+            o, lse = plan.run_scored_torch(q, k_cache, v_cache, lens, q_shift, page_table,
+                                           page_size, scale, ins, floats)
+        else:
+            o, lse = plan.run_torch(q, k_cache, v_cache, lens, q_shift, page_table,
+                                    page_size, scale, ins, return_lse)
+        if not scored and not return_lse and not ins and not pattern.inputs \
+                and q_offset is None \
                 and not paged and num_splits is None and q.is_cpu \
                 and getattr(pattern, "grid", None) is None \
                 and (scale_arg is None or type(scale_arg) is float):

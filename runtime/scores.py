@@ -28,6 +28,7 @@ of the modified score, ``dS = dS' * f'(s)`` gives dq and dk, and a table's gradi
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -148,6 +149,7 @@ def indices_in_range(pattern, tables: dict, Lq: int, Lk: int, *, num_heads: int,
     return True
 
 
+@functools.lru_cache(maxsize=256)
 def _table_divisors(score) -> tuple:
     """The divisors of ``score`` that read a float table or a float list and vary with no
     pair (no ``q``, ``k`` or ``s``): ``softcap(cap[h])``'s ``cap[h]``, ``s / temp[h]``'s
@@ -284,17 +286,24 @@ def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict, chunks=N
     for r0, r1, c0, c1 in chunks:
         s = torch.matmul(q[:, :, r0:r1].to(acc), kk[:, :, c0:c1].transpose(-1, -2)) * scale
         _, _, f = _chunk(pattern, s, r0, r1, c0, c1, Lq, Lk, B, H, q_offset, inputs)
-        mx = f.amax(-1, keepdim=True)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        p = torch.exp(f - mx)
-        l = p.sum(-1, keepdim=True)
-        has = l != 0                # (a NaN row, from a NaN score, keeps its NaN lse)
-        l1 = torch.where(has, l, torch.ones_like(l))
-        o[:, :, r0:r1] = torch.matmul(p / l1, vv[:, :, c0:c1]).to(q.dtype)
-        lse[:, :, r0:r1] = torch.where(has, mx + torch.log(l1),
-                                       torch.full((), -math.inf, dtype=acc,
-                                                  device=q.device)).squeeze(-1)
+        p, lse[:, :, r0:r1] = softmax_rows(f)
+        o[:, :, r0:r1] = torch.matmul(p, vv[:, :, c0:c1]).to(q.dtype)
     return o, lse
+
+
+def softmax_rows(f: torch.Tensor) -> tuple:
+    """``(p, lse)`` of modified scores ``f [..., n]`` (masked pairs -inf): the row's
+    probabilities and its natural log-sum-exp ``[...]``; a row with no allowed key gets
+    ``p = 0`` and ``lse = -inf`` (a NaN score keeps its NaN)."""
+    mx = f.amax(-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    p = torch.exp(f - mx)
+    l = p.sum(-1, keepdim=True)
+    has = l != 0                # (a NaN row, from a NaN score, keeps its NaN lse)
+    l1 = torch.where(has, l, torch.ones_like(l))
+    lse = torch.where(has, mx + torch.log(l1),
+                      torch.full((), -math.inf, dtype=f.dtype, device=f.device)).squeeze(-1)
+    return p / l1, lse
 
 
 def _scatter(grad: torch.Tensor, load, env, ins, g: torch.Tensor,

@@ -455,6 +455,23 @@ def test_gemma2_softcapping_matches_eager():
     assert torch.equal(gen, gen_ref)
 
 
+def test_gemma2_softcapped_generation_on_the_decode_path():
+    """Past 256 cached keys each generated token's attention (Lq = 1, padding as a runtime
+    input, softcap(50) as the score) runs on spattn's decode path: the tokens match eager."""
+    from spattn.runtime import decode as dec
+    model = model_of(tiny("Gemma2Config", num_hidden_layers=2, sliding_window=300,
+                          query_pre_attn_scalar=16, attn_logit_softcapping=50.0))
+    ids, am = left_padded([290, 270], 290, seed=3)
+    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        gen_ref = model.generate(ids, **kw)
+        use_spattn(model)
+        dec.DECODE_PLANS.clear()
+        gen = model.generate(ids, **kw)
+    assert any(p.scored for p in dec.DECODE_PLANS._plans.values())
+    assert torch.equal(gen, gen_ref)
+
+
 def test_config_that_disagrees_with_the_mask():
     """Mistral builds every mask from ``sliding_window``; a ``layer_types`` saying otherwise
     would give spattn a pattern eager does not run: refused, naming the layer."""

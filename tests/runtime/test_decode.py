@@ -441,8 +441,8 @@ def gpu_decode_config(monkeypatch):
     import dataclasses
     real = dec.default_config
     gpu = real(None, 128, torch.bfloat16, False)
-    monkeypatch.setattr(dec, "default_config", lambda *a: dataclasses.replace(
-        real(*a), block_n=gpu.block_n, num_stages=gpu.num_stages))
+    monkeypatch.setattr(dec, "default_config", lambda *a, **kw: dataclasses.replace(
+        real(*a, **kw), block_n=gpu.block_n, num_stages=gpu.num_stages))
     dec.DECODE_PLANS.clear()
     yield
     dec.DECODE_PLANS.clear()

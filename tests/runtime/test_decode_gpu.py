@@ -108,3 +108,60 @@ def test_growing_contiguous_cache_compiles_once():
         ref = attention_reference(q, k[:, :, :L], k[:, :, :L], pat.mask(1, L, device="cuda"))[0]
         assert float((o.double() - ref).norm() / ref.norm()) < 1e-2
     assert len(dec.DECODE_PLANS) == 1 and len(compiled) == 1
+
+
+#: scored decode cases: (mask, score, tables(Hq, cap, device, generator))
+SCORED = {
+    "softcap": ("causal", "softcap(50)", lambda H, cap, dev, g: {}),
+    "alibi": ("causal & window(4096)", "s + slope[h] * float(k - q)",
+              lambda H, cap, dev, g: {"slope": torch.rand(H, device=dev, generator=g)}),
+    "rel-bias": ("causal & (window(4096) | sink(4))", "s + rel[h, clamp(q - k, 0, 4095)]",
+                 lambda H, cap, dev, g: {"rel": torch.randn(H, 4096, device=dev, generator=g)}),
+}
+
+
+def _scored_ref(pat, q, k, v, lens, tables):
+    from spattn.runtime.reference import pattern_reference
+    G = q.shape[1] // k.shape[1]
+    outs = []
+    for b, L in enumerate(lens):
+        outs.append(pattern_reference(pat, q[b:b + 1].double(),
+                                      k[b:b + 1, :, :L].double().repeat_interleave(G, 1),
+                                      v[b:b + 1, :, :L].double().repeat_interleave(G, 1),
+                                      **{n: t.double() for n, t in tables.items()})[0])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("name", list(SCORED))
+def test_scored_decode_bf16_and_cuda_graph(name):
+    """A score on the decode kernel in bf16 (grouped heads, ragged lengths, two query rows),
+    then one CUDA-graph capture replayed while the cache grows."""
+    src, score, make = SCORED[name]
+    pat = spattn.compile(src, score=score)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    B, Hq, Hk, cap, D = 2, 32, 8, 12288, 128
+    q = torch.randn(B, Hq, 2, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    tables = make(Hq, cap, "cuda", g)
+    seq = torch.tensor([cap, 7001], device="cuda", dtype=torch.int32)
+    o = pat.decode(q, k, v, seq_lens=seq, **tables)
+    ref = _scored_ref(pat, q, k, v, [cap, 7001], tables)
+    err = float((o.double() - ref).norm() / ref.norm())
+    assert err < 1e-2, f"{name}: rel. error {err:.2e}"
+    step = lambda: pat.decode(q, k, v, seq_lens=seq, check=False, **tables)  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for lens in ([5000, 4100], [9999, 12288]):
+        seq.copy_(torch.tensor(lens))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _scored_ref(pat, q, k, v, lens, tables)
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert err < 1e-2, f"{name} {lens}: rel. error {err:.2e}"

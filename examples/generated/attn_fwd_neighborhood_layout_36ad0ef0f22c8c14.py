@@ -1,4 +1,4 @@
-# spattn-kernel key=da30d576327c45f7aec1c3b9a95155ba sha256=568866cbcfe3a230b5df06e9dee80c393c22bd6c9b2674a6fa1e2d4de828da17
+# spattn-kernel key=36ad0ef0f22c8c14e045d456d6f98cac sha256=56f39383757c3250fb42c4fe08bbceb931297c6bf1a35ba86bc5624dcfdb98aa
 """spattn generated forward attention kernel for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: table
     (tile spans or CSR lists of PARTIAL and FULL tiles, built by the analysis at call time)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_neighborhood_layout_da30d5
-Codegen version: 29; cache key da30d576327c45f7aec1c3b9a95155ba
+Kernels: attn_fwd_neighborhood_layout_36ad0e
+Codegen version: 30; cache key 36ad0ef0f22c8c14e045d456d6f98cac
 Rows: through the row tables Q_ROWS, K_ROWS (the caller's row of each query and key slot;
        -1 a padding slot, stored nowhere): no gathers before or after the kernels
 
@@ -47,7 +47,7 @@ def _mod(a, b):
 
 
 @triton.jit
-def _fwd_range_da30d5(
+def _fwd_range_36ad0e(
     acc, l_i, m_i, b_q, o_q,
     K, V, K_ROWS, stride_kn, stride_kd, stride_vn, stride_vd,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -108,7 +108,7 @@ def _fwd_range_da30d5(
 
 
 @triton.jit
-def attn_fwd_neighborhood_layout_da30d5(
+def attn_fwd_neighborhood_layout_36ad0e(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -180,28 +180,28 @@ def attn_fwd_neighborhood_layout_da30d5(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        acc, l_i, m_i = _fwd_range_da30d5(
+        acc, l_i, m_i = _fwd_range_36ad0e(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_lo, i_flo, MASKED=True,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-        acc, l_i, m_i = _fwd_range_da30d5(
+        acc, l_i, m_i = _fwd_range_36ad0e(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_flo, i_fhi, MASKED=False,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-        acc, l_i, m_i = _fwd_range_da30d5(
+        acc, l_i, m_i = _fwd_range_36ad0e(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_fhi, i_hi, MASKED=True,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        acc, l_i, m_i = _fwd_range_da30d5(
+        acc, l_i, m_i = _fwd_range_36ad0e(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_P, p_start, p_end, MASKED=True,
             TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
         f_start = tl.load(ROWS_F + i_row)
         f_end = tl.load(ROWS_F + i_row + 1)
-        acc, l_i, m_i = _fwd_range_da30d5(
+        acc, l_i, m_i = _fwd_range_36ad0e(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_F, f_start, f_end, MASKED=False,
             TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
@@ -216,4 +216,4 @@ def attn_fwd_neighborhood_layout_da30d5(
     tl.store(LSE + i_bh.to(tl.int64) * Nq + o_rq, lse, mask=m_rq)
 
 
-KERNEL = attn_fwd_neighborhood_layout_da30d5
+KERNEL = attn_fwd_neighborhood_layout_36ad0e

@@ -1,4 +1,4 @@
-# spattn-kernel key=39b9455d11442df85284510afb9baa96 sha256=fb316bd87f64389a2e2fca0100b8b4743f7d0efd20f8005855052b762bc462f1
+# spattn-kernel key=a6b32e9b7292c68e2fd51e512d014d2e sha256=07f76c2b68139266cafdfd719f30841377c099453f4865f87c028ae2e1dc4ea3
 """spattn generated forward attention kernel for pattern `streaming`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: ranges
     (closed-form key ranges computed in the kernel from the tile index)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_streaming_39b945
-Codegen version: 29; cache key 39b9455d11442df85284510afb9baa96
+Kernels: attn_fwd_streaming_a6b32e
+Codegen version: 30; cache key a6b32e9b7292c68e2fd51e512d014d2e
 Forward loop: fused (one loop over all 3 interval pieces, predicate only on PARTIAL tiles)
 Loads: TMA tensor descriptors for Q, K, V, O (block [1, 1, rows, BLOCK_D]; the stride
        arguments are unused)
@@ -61,7 +61,7 @@ def _split(start, end, full_start, full_end):
 
 
 @triton.jit
-def _fwd_fused_39b945(
+def _fwd_fused_a6b32e(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_kh,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -118,7 +118,7 @@ def _fwd_fused_39b945(
 
 
 @triton.jit
-def attn_fwd_streaming_39b945(
+def attn_fwd_streaming_a6b32e(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -185,7 +185,7 @@ def attn_fwd_streaming_39b945(
     # 1b: tiles [ps, pe), FULL where in [f1, g1)
     pa2, pz2, pf2, pg2 = ps, pe, f1, g1
     # the 3 pieces in one loop
-    acc, l_i, m_i = _fwd_fused_39b945(
+    acc, l_i, m_i = _fwd_fused_a6b32e(
         acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, pa0, pz0, pf0,
         pg0, pa1, pz1, pf1, pg1, pa2, pz2, pf2, pg2, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
@@ -198,4 +198,4 @@ def attn_fwd_streaming_39b945(
     tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
 
 
-KERNEL = attn_fwd_streaming_39b945
+KERNEL = attn_fwd_streaming_a6b32e
