@@ -1756,16 +1756,16 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
     bucket_len = MIN_BUCKET if cap <= MIN_BUCKET else 1 << (cap - 1).bit_length()  # bucket()
     plan = DECODE_PLANS.get(pattern, backend, q, Hk, bucket_len, paged, ins, num_splits,
                             floats)
+    if not plan.tables_ok:          # the tables' indices checked at this step's lengths
+        if seq_lens is not None and not check and backend == "triton":
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in floats.items())
+            raise SpattnValueError(
+                f"the score's tables ({shapes}) are not in range at every length up to "
+                f"{bucket_len} keys, and check=False reads no seq_lens on the host: give "
+                "tables that cover the bucket, or decode with check=True")
+        plan.check_tables(floats, ins, (cap,) * B if seq_lens is None else tuple(
+            min(max(int(x), Lq), cap) for x in seq_lens.tolist()), q_shift)
     if backend == "triton":
-        if not plan.tables_ok:      # the tables' indices checked at this step's lengths
-            if seq_lens is not None and not check:
-                shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in floats.items())
-                raise SpattnValueError(
-                    f"the score's tables ({shapes}) are not in range at every length up to {bucket_len} keys, and "
-                    "check=False reads no seq_lens on the host: give tables that cover the "
-                    "bucket, or decode with check=True")
-            plan.check_tables(floats, ins, (cap,) * B if seq_lens is None else tuple(
-                min(max(int(x), Lq), cap) for x in seq_lens.tolist()), q_shift)
         o, lse = plan.run_triton(q, k_cache, v_cache, lk=cap, q_shift=q_shift,
                                  seq_lens=seq_lens, page_table=page_table,
                                  page_size=page_size, num_pages=num_pages, scale=scale,

@@ -1,6 +1,6 @@
 """Adversarial random search over the newest code paths, against the float64 reference.
 
-Three kinds of case, each drawn from one integer seed (so a failure is replayed exactly with
+Four kinds of case, each drawn from one integer seed (so a failure is replayed exactly with
 ``--case KIND:SEED``):
 
 * ``score``: a random score expression (``s``, positions, heads, lengths, float params and
@@ -14,6 +14,8 @@ Three kinds of case, each drawn from one integer seed (so a failure is replayed 
 * ``decode``: ``Pattern.decode`` with random ``Lq <= 16``, cache capacity, per-batch
   lengths, contiguous or paged cache, GQA, random masks: output and lse against the
   reference on each batch element's own length.
+* ``sdecode``: the same with a random score (as ``score`` draws them) and its tables, in
+  float32 or bfloat16.
 
 A case passes when the call raises a ``SpattnError`` (refused with a message) or matches the
 reference; any other exception, a NaN where the reference has none, or a wrong element is a
@@ -340,15 +342,87 @@ def decode_case(seed: int) -> str:
     return desc
 
 
+def sdecode_case(seed: int) -> str:
+    """A decode step of a random mask with a random score (tables, lists, params), random
+    ``Lq``, capacity, per-batch lengths, paged or not, GQA, splits, both backends: output
+    and lse against element b of the whole batch's reference at length lens[b]."""
+    r = random.Random(seed)
+    backend = r.choice(["torch", "triton"])
+    W = r.randint(1, 64)
+    mask = r.choice(DECODE_MASKS).replace("W", str(W)) if r.random() < 0.6 else rand_mask(r)
+    score = rand_score(r, r.randint(1, 4))
+    Hk = r.choice([1, 2])
+    Hq = Hk * r.choice([1, 2, 4])
+    B, Lq, D = r.choice([1, 2, 3]), r.randint(1, 16), r.choice([16, 32])
+    paged = r.choice([0, 0, 16, 32])
+    cap = r.randint(max(Lq, 1), 300)
+    if paged:
+        cap = -(-cap // paged) * paged
+    lens = [r.randint(Lq, cap) for _ in range(B)] if r.random() < 0.7 else None
+    if paged and lens is None:
+        lens = [cap] * B
+    splits = r.choice([None, None, 1, 3, 8])
+    dtype = r.choice([torch.float32, torch.float32, torch.bfloat16])
+    desc = (f"sdecode:{seed} {backend} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-"
+            f"Lq{Lq}-cap{cap}-D{D} lens={lens} paged={paged} splits={splits} {dtype}")
+    LAST["desc"] = desc
+    params = {n: v[:Hq] if isinstance(v, list) and len(v) > Hq else v
+              for n, v in PARAMS.items() if re.search(rf"\b{n}\b", score)}
+    try:
+        pat = spattn.compile(mask, score=score, backend=backend, **params)
+    except SpattnError:
+        return desc + " (refused at compile)"
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hk, cap, D, generator=g).to(dtype)
+    v = torch.randn(B, Hk, cap, D, generator=g).to(dtype)
+    tabs = {n: torch.randn(TABLE_SHAPES[n](Hq), generator=g).to(dtype) for n in pat.score_inputs}
+    seq = None if lens is None else torch.tensor(lens)
+    try:
+        if paged:
+            n = cap // paged
+            table = torch.randperm(B * n + 2, generator=g)[:B * n].view(B, n)
+            pools = []
+            for t in (k, v):
+                pool = torch.randn(B * n + 2, paged, Hk, D, generator=g).to(dtype)
+                pool[table.reshape(-1)] = t.view(B, Hk, n, paged, D).permute(0, 2, 3, 1, 4) \
+                    .reshape(B * n, paged, Hk, D)
+                pools.append(pool)
+            o, lse = pat.decode(q, pools[0], pools[1], seq_lens=seq,
+                                page_table=table.to(torch.int32), return_lse=True,
+                                num_splits=splits, **tabs)
+        else:
+            o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, num_splits=splits,
+                                **tabs)
+    except SpattnError as e:
+        return desc + f" (refused: {str(e).splitlines()[0][:80]})"
+    outs, lses = [], []
+    G = Hq // Hk
+    for b in range(B):
+        L = cap if lens is None else lens[b]
+        ro, rlse = pattern_reference(pat, q.double(), *(t[:, :, :L].double()
+                                                        .repeat_interleave(G, 1) for t in (k, v)),
+                                     **{n: t.double() for n, t in tabs.items()})
+        outs.append(ro[b:b + 1])
+        lses.append(rlse[b:b + 1])
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-4
+    _close(f"{desc} o", o, torch.cat(outs), atol=tol, rtol=tol if dtype == torch.bfloat16
+           else 2e-3)
+    _close(f"{desc} lse", lse, torch.cat(lses), atol=tol, rtol=tol if dtype == torch.bfloat16
+           else 2e-3)
+    return desc
+
+
 LAST = {"desc": ""}
-KINDS = {"score": score_case, "layout": layout_case, "decode": decode_case}
+KINDS = {"score": score_case, "layout": layout_case, "decode": decode_case,
+         "sdecode": sdecode_case}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default="score,layout,decode")
+    ap.add_argument("--kinds", default="score,layout,decode,sdecode")
     ap.add_argument("--case", help="replay one case, KIND:SEED")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()

@@ -170,8 +170,9 @@ def test_scored_decode_table_out_of_range():
 
 
 def test_scored_decode_refusals():
-    """Tables that require grad take the normal path (their gradient flows); a divisor
-    read from a table is refused by decode() and runs through a call."""
+    """Tables that require grad take the normal path (their gradient flows); a list too
+    short for the heads is refused as a call refuses it; a divisor read from a table is
+    refused by decode() and runs through a call."""
     pat = spattn.compile("causal", score="s + w[h]", backend="torch")
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, 2, 1, 16, generator=g)
@@ -182,6 +183,9 @@ def test_scored_decode_refusals():
     assert w.grad is not None and len(dec.DECODE_PLANS) == 0
     with pytest.raises(SpattnInputError, match="must not require grad"):
         pat.decode(q, k, k, w=w)
+    short = spattn.compile("false", score="s + [0.5, 1.0][h]", backend="torch")
+    with pytest.raises(SpattnInputError, match=r"list \[0.5, 1.0\] has 2 entries"):
+        short.decode(torch.randn(1, 4, 1, 16), k, k)      # as a call: no pair read, still refused
     div = spattn.compile("causal", score="s / t[h]", backend="torch")
     t = 1.0 + torch.rand(2, generator=g)
     with pytest.raises(SpattnParamError, match="divides by its tables"):
