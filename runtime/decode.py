@@ -933,7 +933,7 @@ class DecodePlan:
         for idx in groups.values():
             L = lens[idx[0]]
             q_off = L - Lq + q_shift
-            runs = self._keys(L, q_off, idx[0], inputs)[0]
+            runs, part, _ = self._keys(L, q_off, idx[0], inputs)
             if not runs:
                 continue                                    # no key: rows stay 0 / -inf
             a, z = runs[0][0], runs[-1][1]
@@ -952,14 +952,19 @@ class DecodePlan:
                    "k": torch.arange(a, z, device=q.device).view(1, 1, 1, -1),
                    "h": torch.arange(Hq, device=q.device).view(1, Hq, 1, 1),
                    "b": bi.view(-1, 1, 1, 1), "Lq": Lq, "Lk": L, "H": Hq}
-            m = torch.as_tensor(evaluate(self.pattern.ir, env, inputs), device=q.device)
+            # every row sees every key of one run: no mask to apply
+            m = None if len(runs) == 1 and not part else torch.as_tensor(
+                evaluate(self.pattern.ir, env, inputs), device=q.device).to(torch.bool)
             ninf = torch.full((), -math.inf, dtype=acc, device=q.device)
             if self.additive and q.dtype == torch.float32:
                 # s + bias: the bias (the score at s = 0) and the mask as one additive mask
                 # of one fused attention call
                 zero = torch.zeros((nb, Hq, Lq, z - a), dtype=acc, device=q.device)
-                f = torch.where(m.to(torch.bool).expand(zero.shape),
-                                score_values(self.pattern.score, zero, env, every), ninf)
+                f = score_values(self.pattern.score, zero, env, every)
+                if m is not None:
+                    f = torch.where(m.expand(zero.shape), f, ninf)
+                else:
+                    f = f.contiguous()
                 ob, lb = _kernel(qb, kb, vb, f.view(nb, Hk, M, z - a), scale)
                 empty = (f.amax(-1) == -math.inf).view(nb, Hk, M)
                 ob = ob.masked_fill(empty.unsqueeze(-1), 0.0).view(nb, Hq, Lq, Dv)
@@ -967,8 +972,9 @@ class DecodePlan:
             else:
                 s = torch.matmul(qb.to(acc), kb.to(acc).transpose(-1, -2)) * scale
                 s = s.view(nb, Hq, Lq, z - a)
-                f = torch.where(m.to(torch.bool).expand(s.shape),
-                                score_values(self.pattern.score, s, env, every), ninf)
+                f = score_values(self.pattern.score, s, env, every)
+                if m is not None:
+                    f = torch.where(m.expand(s.shape), f, ninf)
                 p, lb = softmax_rows(f)
                 ob = torch.matmul(p.view(nb, Hk, M, z - a), vb.to(acc)).view(nb, Hq, Lq, Dv)
             if nb == B:
