@@ -197,8 +197,8 @@ class Pattern(CompiledPattern):
         ``seq_lens`` required. Query row ``i`` sits at position ``seq_lens[b] - Lq + i``.
         ``check=False`` skips the host checks of ``seq_lens`` and ``page_table`` (no device
         synchronisation: CUDA graphs). ``num_splits``: splits of the keys on Triton (default:
-        enough programs to fill the device). Inference only; a pattern with a score is
-        refused. See ``docs/decode.md``.
+        enough programs to fill the device). Inference only; a score's tables are passed by
+        name like the inputs (``slope=...``). See ``docs/decode.md``.
         """
         return _decode(self, q, k_cache, v_cache, seq_lens=seq_lens, page_table=page_table,
                       scale=scale, q_offset=q_offset, return_lse=return_lse, check=check,
