@@ -20,6 +20,7 @@ Writes ``DIR/decode_sweep.json``; the table is printed last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -49,9 +50,9 @@ def forced(block_n, warps, stages):
     """A ``default_config`` that returns this configuration (the strategy as the library's)."""
     base = dec.default_config
 
-    def config(closed_form, head_dim, dtype, interpret):
-        c = base(closed_form, head_dim, dtype, interpret)
-        return dec.DecodeConfig(c.strategy, block_n, c.block_d, warps, stages, c.dtype, c.int64)
+    def config(closed_form, head_dim, dtype, interpret, **flags):
+        c = base(closed_form, head_dim, dtype, interpret, **flags)
+        return dataclasses.replace(c, block_n=block_n, num_warps=warps, num_stages=stages)
     return config
 
 
