@@ -477,10 +477,9 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
                                  q_offset=q_offset, inputs=inputs, deterministic=deterministic)
         else:
             out = None
-            # few queries, many keys, no table to differentiate: the decode path
-            if plan is None and order is None and _decode.routes(q, k, v, q_offset) and not (
-                    torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                                    for t in (inputs or {}).values())):
+            # few queries, many keys: the decode path (which refuses tables that require
+            # grad, so that their gradients come from the path below)
+            if plan is None and order is None and _decode.routes(q, k, v, q_offset):
                 out = _decode.call_routed(pattern, q, k, v, scale=scale,
                                           return_lse=return_lse, q_offset=q_offset,
                                           inputs=inputs)

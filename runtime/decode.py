@@ -357,10 +357,10 @@ class DecodePlan:
             #: whether a step's batch elements differ beyond their lengths (the torch
             #: backend's scored step then takes them one at a time); the kernel reads the
             #: score's head per row, so that a score of h keeps the packing
+            leading = [(inputs[n], nd) for n, nd in pattern.inputs.items()] \
+                + [(t, pattern.score_inputs[n]) for n, t in tables.items()]
             self.per_batch = "b" in (uses | free_vars(pattern.score)) or any(
-                t.dim() - nd >= 1 and t.shape[0] > 1
-                for n, nd, t in [(n, nd, inputs[n]) for n, nd in pattern.inputs.items()]
-                + [(n, pattern.score_inputs[n], t) for n, t in tables.items()])
+                t.dim() > nd and t.shape[0] > 1 for t, nd in leading)
             #: whether the tables' indices are in range at every step of the bucket (queries
             #: and keys anywhere in [0, bucket), any length): else each step is checked at
             #: its own lengths (:meth:`check_tables`)
@@ -405,6 +405,7 @@ class DecodePlan:
         SpattnInputError naming the table otherwise. The last checks are remembered."""
         if self.tables_ok:
             return
+        from .scores import check_score_bounds
         shapes = tuple((n, tuple(t.shape)) for n, t in sorted(tables.items()))
         ins64 = {n: t.to(torch.int64) for n, t in inputs.items()}
         for L in sorted(set(lens)):
@@ -412,7 +413,6 @@ class DecodePlan:
                                              for n, t in sorted(inputs.items())))
             if key in self._checked:
                 continue
-            from .scores import check_score_bounds
             check_score_bounds(self.pattern, ins64, tables, self.Lq, L, num_heads=self.Hq,
                                batch=self.B, q_offset=L - self.Lq + q_shift)
             self._checked[key] = None
@@ -918,7 +918,7 @@ class DecodePlan:
         expanded); a score that is ``s`` plus a bias, on float32 caches, as one fused
         attention call with the bias and the mask as its additive mask. Returns
         ``(o, lse)``."""
-        from ..ir.score import score_values
+        from ..ir.score import score_env, score_values
         from .scores import _acc, softmax_rows
         B, Hq, Lq, D = q.shape
         Hk, Dv = self.Hk, v.shape[-1]
@@ -948,10 +948,9 @@ class DecodePlan:
                 kb = k[pages, pos % page_size].transpose(1, 2)
                 vb = v[pages, pos % page_size].transpose(1, 2)
             qb = (q if nb == B else q.index_select(0, bi)).reshape(nb, Hk, M, D)
-            env = {"q": (torch.arange(Lq, device=q.device) + q_off).view(1, 1, -1, 1),
-                   "k": torch.arange(a, z, device=q.device).view(1, 1, 1, -1),
-                   "h": torch.arange(Hq, device=q.device).view(1, Hq, 1, 1),
-                   "b": bi.view(-1, 1, 1, 1), "Lq": Lq, "Lk": L, "H": Hq}
+            env = score_env(Lq, L, num_heads=Hq, batch=nb, q_offset=q_off, device=q.device,
+                            cols=(a, z))
+            env["b"] = bi.view(-1, 1, 1, 1)             # the group's own batch elements
             # every row sees every key of one run: no mask to apply
             m = None if len(runs) == 1 and not part else torch.as_tensor(
                 evaluate(self.pattern.ir, env, inputs), device=q.device).to(torch.bool)
@@ -1762,23 +1761,24 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
     bucket_len = MIN_BUCKET if cap <= MIN_BUCKET else 1 << (cap - 1).bit_length()  # bucket()
     plan = DECODE_PLANS.get(pattern, backend, q, Hk, bucket_len, paged, ins, num_splits,
                             floats)
+    if not plan.tables_ok and seq_lens is not None and not check and backend == "triton":
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in floats.items())
+        raise SpattnValueError(
+            f"the score's tables ({shapes}) are not in range at every length up to "
+            f"{bucket_len} keys, and check=False reads no seq_lens on the host: give "
+            "tables that cover the bucket, or decode with check=True")
+    lens = None         # the lengths on the host, for the torch backend or the table check
+    if backend != "triton" or not plan.tables_ok:
+        lens = (cap,) * B if seq_lens is None else \
+            tuple(min(max(int(x), Lq), cap) for x in seq_lens.tolist())
     if not plan.tables_ok:          # the tables' indices checked at this step's lengths
-        if seq_lens is not None and not check and backend == "triton":
-            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in floats.items())
-            raise SpattnValueError(
-                f"the score's tables ({shapes}) are not in range at every length up to "
-                f"{bucket_len} keys, and check=False reads no seq_lens on the host: give "
-                "tables that cover the bucket, or decode with check=True")
-        plan.check_tables(floats, ins, (cap,) * B if seq_lens is None else tuple(
-            min(max(int(x), Lq), cap) for x in seq_lens.tolist()), q_shift)
+        plan.check_tables(floats, ins, lens, q_shift)
     if backend == "triton":
         o, lse = plan.run_triton(q, k_cache, v_cache, lk=cap, q_shift=q_shift,
                                  seq_lens=seq_lens, page_table=page_table,
                                  page_size=page_size, num_pages=num_pages, scale=scale,
                                  inputs=ins, tables=floats)
     else:
-        lens = (cap,) * B if seq_lens is None else \
-            tuple(min(max(int(x), Lq), cap) for x in seq_lens.tolist())
         if scored:
             o, lse = plan.run_scored_torch(q, k_cache, v_cache, lens, q_shift, page_table,
                                            page_size, scale, ins, floats)
