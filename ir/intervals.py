@@ -178,8 +178,8 @@ _static_interval = _StaticInterval()
 
 
 def static_interval(n: Node, box: Mapping[str, object]):
-    """``n``'s interval as Python ints over ``box`` (``q``, ``k`` -> ``(lo, hi)``; ``Lq``,
-    ``Lk``, ``H`` -> ints), by the rules of :class:`IntervalEval`, for constants, those
+    """``n``'s interval as Python ints over ``box`` (``q``, ``k``, ``b``, ``h`` -> ``(lo,
+    hi)``; ``Lq``, ``Lk``, ``H`` -> ints), by the rules of :class:`IntervalEval`, for constants, those
     variables, sums and ``//`` by a constant; None for anything else."""
     return _static_interval(n, box)
 
@@ -694,7 +694,9 @@ def _dummy_inputs(ir, inputs, device):
     return out
 
 
-def _loads_postorder(ir: Node) -> list:
+@lru_cache(maxsize=256)
+def _loads_postorder(ir: Node) -> tuple:
+    """The loads of ``ir`` in post-order, each once (IR nodes are immutable: cached)."""
     seen: dict = {}
 
     def rec(n):
@@ -703,7 +705,7 @@ def _loads_postorder(ir: Node) -> list:
         if isinstance(n, Load):
             seen.setdefault(n, None)
     rec(ir)
-    return list(seen)
+    return tuple(seen)
 
 
 def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk: int, *,
@@ -718,9 +720,10 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     off = query_offset(Lq, Lk, q_offset)
 
-    # (load, axis, size, shape, index, [lo, hi]): affine indices of q and k are bounded on the
+    # (load, axis, size, shape, index, [lo, hi]): affine indices of q, k, b, h are bounded on the
     # host (no device op); the others by the interval pass, read at once (one sync)
-    box = {"q": (off, off + Lq - 1), "k": (0, Lk - 1), "Lq": Lq, "Lk": Lk, "H": num_heads}
+    box = {"q": (off, off + Lq - 1), "k": (0, Lk - 1), "b": (0, batch - 1),
+           "h": (0, num_heads - 1), "Lq": Lq, "Lk": Lk, "H": num_heads}
     pending = []
     for ld in _loads_postorder(ir):
         t = inputs[ld.name]

@@ -61,6 +61,8 @@ MAX_CAPACITY = 1 << 30
 VIEW_BYTES = 1 << 18
 #: Plans kept by :data:`DECODE_PLANS`.
 DECODE_PLANS_SIZE = 32
+#: Runtime inputs whose int64 copies :data:`DECODE_PLANS` keeps (:meth:`DecodePlanCache.int64`).
+INT64_COPIES = 16
 #: CPU, one query row whose allowed keys differ per head and are scattered (head stripes,
 #: dilations): each head's keys gathered (:class:`_HeadGather`) when the runs they lie in
 #: hold at least this many keys and at least :data:`GATHER_RATIO` times the most any head
@@ -70,6 +72,11 @@ GATHER_RATIO = 3
 #: CPU steps a plan remembers (:meth:`DecodePlan.cpu_step`): the layers of a model decode
 #: at the same lengths, one step after the other.
 CPU_STEPS = 4
+#: CPU: batch elements whose allowed keys differ run as one kernel call over the union of
+#: their keys (:meth:`DecodePlan._batched_step`) while that computes at most this many times
+#: the keys they see, plus this many keys for each call saved (a call's own cost).
+BATCH_MERGE_RATIO = 1.25
+BATCH_MERGE_KEYS = 128
 #: CPU: mask buffers a plan keeps (:meth:`DecodePlan._mask_tail`), and the most cells
 #: (rows times partial keys) of one built on the host.
 MASK_BUFFERS = 4
@@ -612,10 +619,19 @@ class DecodePlan:
                 step = self._one_run_step(lens[0], off)
             if step is not None:
                 return step
+        keyed = None
+        if not shared and len(set(lens)) == 1 and (self.closed_form is None
+                                                   or "h" in self.uses):
+            keyed = self._keys_batch(lens[0], lens[0] - Lq + q_shift, inputs)
+        if keyed is None:
+            keyed = [(b0, b1, self._keys(lens[b0], lens[b0] - Lq + q_shift, b0, inputs))
+                     for b0, b1 in ([(0, B)] if shared else [(b, b + 1) for b in range(B)])]
+        if not shared:
+            step = self._batched_step(keyed, lens)
+            if step is not None:
+                return step
         out = []
-        for b0, b1 in ([(0, B)] if shared else [(b, b + 1) for b in range(B)]):
-            L = lens[b0]
-            runs, part, m_part = self._keys(L, L - Lq + q_shift, b0, inputs)
+        for b0, b1, (runs, part, m_part) in keyed:
             if not runs:
                 out.append((b0, b1, None))
                 continue
@@ -667,6 +683,59 @@ class DecodePlan:
             if s.gather is None and len(s.runs) == 1 and s.empty is None:
                 one = (*s.runs[0], s.mask)
         return _Step(tuple(out), one)
+
+    def _batched_step(self, keyed, lens: tuple):
+        """The step of batch elements whose allowed keys differ (a per-batch input such as
+        a padding mask, or a pattern of ``b``) as one group: one kernel call per segment of
+        the union of their key runs, each element's keys outside its own runs masked,
+        where that computes at most :data:`BATCH_MERGE_RATIO` times the keys the elements
+        see (plus :data:`BATCH_MERGE_KEYS` per call saved); else None (a group per
+        element). Equal lengths and a contiguous cache only: a key past an element's length
+        may hold anything, and a masked score must still be finite."""
+        if self.paged or len(set(lens)) != 1 or len(keyed) < 2:
+            return None
+        if any(runs and self._head_gather(runs, part, m) is not None
+               for _, _, (runs, part, m) in keyed):
+            return None
+        union = _merge([r for _, _, (runs, _, _) in keyed for r in runs])
+        width = sum(z - a for a, z in union)
+        seen = sum(z - a for _, _, (runs, _, _) in keyed for a, z in runs)
+        B, Lq, Hk, G, dev = self.B, self.Lq, self.Hk, self.Hq // self.Hk, self.device
+        if not union or B * width > BATCH_MERGE_RATIO * seen + (B - 1) * BATCH_MERGE_KEYS:
+            return None
+        per_key = Hk * self.D * self.dtype.itemsize * 2
+        big = [r for r in union if len(union) == 1 or (r[1] - r[0]) * per_key >= VIEW_BYTES]
+        small = [r for r in union if r not in big]
+        segs = [[r] for r in big] + ([small] if small else [])
+        order = [r for seg in segs for r in seg]
+        heads = Hk if any(m is not None and m.shape[0] > 1 for _, _, (_, _, m) in keyed) else 1
+        allow = torch.zeros((B, heads, G * Lq, width), dtype=torch.bool, device=dev)
+        for b, _, (runs, part, m_part) in keyed:
+            for a, z in runs:       # each run lies in one run of the union: contiguous columns
+                c = _column(order, a)
+                allow[b, :, :, c:c + z - a] = True
+            if m_part is not None:  # [1 or Hq, Lq, n_part] over the keys of `part`
+                n_part = m_part.shape[-1]
+                mk = m_part.reshape(Hk, G * Lq, n_part) if m_part.shape[0] > 1 else \
+                    m_part.unsqueeze(1).expand(1, G, Lq, n_part).reshape(1, G * Lq, n_part)
+                at = 0
+                for a, z in part:
+                    c = _column(order, a)
+                    allow[b, :, :, c:c + z - a] = mk[:, :, at:at + z - a]
+                    at += z - a
+        add = torch.where(allow, 0.0, float("-inf")).to(self.dtype)
+        pieces, c0 = [], 0
+        for seg in segs:
+            w = sum(z - a for a, z in seg)
+            e = ~allow[..., c0:c0 + w].any(-1)                  # [B, heads, G * Lq]
+            empty = e if bool(e.any()) else None
+            pieces.append(_Segment(tuple(seg), w, add[..., c0:c0 + w], empty is None, empty,
+                                   None))
+            c0 += w
+        s = pieces[0]
+        one = (*s.runs[0], s.mask) if (len(pieces) == 1 and len(s.runs) == 1
+                                       and s.empty is None) else None
+        return _Step(((0, B, tuple(pieces)),), one)
 
     def _head_gather(self, runs, part, m_part):
         """The :class:`_HeadGather` of a one-row step whose keys differ per head and are
@@ -1038,6 +1107,38 @@ class DecodePlan:
             m = ((pos >= bounds[..., :1]) & (pos <= bounds[..., 1:])).any(1).unsqueeze(0)
         return (runs, [], None) if bool(m.all()) else (runs, part, m)
 
+    def _keys_batch(self, L: int, q_off: int, inputs: dict):
+        """:meth:`_keys` of every batch element at one length where it evaluates the
+        predicate over all keys: one evaluation for the batch (``b`` a tensor) and one read
+        on the host. ``[(b, b + 1, (runs, part, m_part))]``."""
+        m = self._predicate(torch.arange(L, device=self.device), q_off, L,
+                            torch.arange(self.B, device=self.device).view(-1, 1, 1, 1),
+                            inputs, batched=True)           # [B or 1, Hq or 1, Lq, L]
+        seen, every = m.any(1).any(1), m.all(1).all(1)      # [B or 1, L]
+        f = seen.to(torch.int8)
+        zero = f.new_zeros((f.shape[0], 1))
+        d = torch.diff(f, dim=-1, prepend=zero, append=zero)
+        edges = torch.nonzero(d).tolist()                   # (b, position), row-major
+        signs = d[d != 0].tolist()
+        partial = (seen & ~every).any(-1).tolist()
+        runs = [[] for _ in range(f.shape[0])]
+        for (b, x), sign in zip(edges, signs):
+            if sign > 0:
+                runs[b].append([x, None])
+            else:
+                runs[b][-1][1] = x
+        out = []
+        for b in range(self.B):
+            i = b if m.shape[0] > 1 else 0
+            r = [tuple(x) for x in runs[i]]
+            if not r:
+                out.append((b, b + 1, ([], [], None)))
+            elif not partial[i]:
+                out.append((b, b + 1, (r, [], None)))
+            else:
+                out.append((b, b + 1, (r, r, m[i][..., _positions(r, self.device)])))
+        return out
+
     def _row_intervals(self, q_off: int, L: int, b: int):
         """Per decode row, its allowed keys as closed intervals ``[lo, hi]`` within
         ``[0, L)``: the closed form evaluated at the row alone (``qs = qe``), where each
@@ -1089,18 +1190,24 @@ class DecodePlan:
                     r.append((a, h))
         return rows
 
-    def _predicate(self, keys, q_off: int, L: int, b: int, inputs: dict):
-        """The pattern at the decode rows and ``keys``: bool ``[1 or Hq, Lq, n]``."""
+    def _predicate(self, keys, q_off: int, L: int, b, inputs: dict, batched: bool = False):
+        """The pattern at the decode rows and ``keys``: bool ``[1 or Hq, Lq, n]`` for batch
+        element ``b``; ``batched``: ``b`` the batch ids ``[B, 1, 1, 1]``, the result
+        ``[B or 1, 1 or Hq, Lq, n]``."""
         Lq, Hq, dev = self.Lq, self.Hq, self.device
         env = {"q": (torch.arange(Lq, device=dev) + q_off).view(1, 1, Lq, 1),
                "k": keys.view(1, 1, 1, -1),
                "h": torch.arange(Hq, device=dev).view(1, Hq, 1, 1),
-               "b": torch.full((1, 1, 1, 1), b, dtype=torch.int64, device=dev),
+               "b": b if batched else torch.full((1, 1, 1, 1), b, dtype=torch.int64,
+                                                 device=dev),
                "Lq": Lq, "Lk": L, "H": Hq}
         m = torch.as_tensor(evaluate(self.pattern.ir, env, inputs), device=dev).to(torch.bool)
         while m.dim() < 4:
             m = m.unsqueeze(0)
-        return m[0].expand(Hq if m.shape[1] > 1 else 1, Lq, keys.numel())
+        heads = Hq if m.shape[1] > 1 else 1
+        if batched:
+            return m.expand(m.shape[0], heads, Lq, keys.numel())
+        return m[0].expand(heads, Lq, keys.numel())
 
 
 class _Step(NamedTuple):
@@ -1329,6 +1436,8 @@ class DecodePlanCache:
         #: next CPU call may take without a lookup (:func:`fast_step`); entries leave with
         #: their plan.
         self._last: dict = {}
+        #: ``(id, version, device) -> (input, its int64 copy)``: :meth:`int64`'s copies.
+        self._int64: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self):
@@ -1339,6 +1448,7 @@ class DecodePlanCache:
             self._plans.clear()
             self._held.clear()
             self._last.clear()
+            self._int64.clear()
 
     def remember(self, pattern, plan) -> None:
         """Make ``plan`` the one :func:`fast_step` tries first for ``pattern`` (a plan of
@@ -1353,6 +1463,27 @@ class DecodePlanCache:
             self._last[id(pattern)] = (pattern, plan)
             while len(self._last) > self.size:
                 self._last.pop(next(iter(self._last)))
+
+    def int64(self, inputs: dict, device) -> dict:
+        """The runtime inputs as the int64 tensors on ``device`` that plans and steps read,
+        each input converted once while it is unchanged (same object, same version): a
+        bool padding mask or an int32 table keeps one copy, so the calls that pass it (the
+        layers of a model at one step) find one plan, which is keyed by the copy."""
+        out = {}
+        for name, t in inputs.items():
+            if t.dtype == torch.int64 and t.device == device:
+                out[name] = t
+                continue
+            key = (id(t), data_version(t), device)
+            hit = self._int64.get(key)
+            if hit is None or hit[0] is not t:
+                hit = (t, t.to(device=device, dtype=torch.int64))
+                with self._lock:
+                    self._int64[key] = hit
+                    while len(self._int64) > INT64_COPIES:
+                        self._int64.popitem(last=False)
+            out[name] = hit[1]
+        return out
 
     def get(self, pattern, backend, q, Hk, bucket_len, paged, inputs, num_splits=None,
             tables=None):
@@ -1747,7 +1878,8 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
                                    "pattern, pat(q, k, v), for their gradients)")
     if inputs or pattern.inputs:
         _api.check_runtime_tensors(inputs)
-        ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device)
+        ins = DECODE_PLANS.int64(validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq,
+                                                 convert=_api._as_given), q.device)
     if ins or q_shift:
         _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift)
     backend = pattern.backend

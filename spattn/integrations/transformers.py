@@ -14,7 +14,8 @@ key positions of the call (transformers' cache indices), the padding of each row
 packed-sequence ids, read from what transformers hands its mask functions. The attention
 function then runs the layer's pattern, derived from the model's config
 (:func:`layer_pattern`) or chosen by the user (:func:`set_patterns`), conjoined with
-``keep[k]`` when some key is padding and ``same(seg)`` for packed sequences; all of these
+``k >= first[b]`` for a left padding, ``keep[k]`` for any other padding and ``same(seg)``
+for packed sequences; all of these
 enter as runtime inputs of the pattern, so a pattern compiles once however the padding,
 the lengths or the cache offsets change.
 
@@ -27,6 +28,7 @@ padding (for packed sequences: the position id).
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -315,7 +317,8 @@ def describe(model) -> str:
              f"attn_implementation={impl!r}"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
     lines.append("q, k: key slots of the layer's KV cache; pos: a slot's position in its "
-                 "sequence. Each call adds '& keep[k] != 0' when a key is padding and "
+                 "sequence. Each call adds '& k >= first[b]' for a left padding, "
+                 "'& keep[k] != 0' for any other padding, and "
                  "'& seg[k] == seg[q]' for packed sequences.")
     return "\n".join(lines)
 
@@ -418,13 +421,17 @@ class SpattnMask:
     Attributes:
         batch_size, q_length, kv_length, q_offset, kv_offset: ints.
         kind: the mask transformers asked for (see :class:`LayerPattern`), None if unread.
-        keep: bool ``[B, kv_length]``, False for a padding key; None when no key is padding.
+        keep: bool ``[B, kv_length]``, False for a padding key; None when no key is padding
+            or the padding is a left padding.
+        first: int64 ``[B]``, the first real key slot of each row when every row's padding
+            is a left padding (as in batched generation); None otherwise. Read-only: equal
+            paddings share it.
         seg: int ``[B, kv_length]`` packed-sequence ids (equal ids: one sequence), or None.
         unreadable: the mask functions spattn could not read (the call is refused).
     """
 
     __slots__ = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "kind", "keep",
-                 "seg", "unreadable", "_position_ids", "_left_padding", "_padding", "_device",
+                 "first", "seg", "unreadable", "_position_ids", "_left_padding", "_padding", "_device",
                  "_pos")
 
     #: transformers tells a prepared mask from a 2-D padding mask by ``ndim``: ``generate``
@@ -433,11 +440,12 @@ class SpattnMask:
     ndim = 4
 
     def __init__(self, *, batch_size, q_length, kv_length, q_offset, kv_offset, kind, keep,
-                 seg, unreadable, position_ids=None, left_padding=None, padding=None,
+                 seg, unreadable, first=None, position_ids=None, left_padding=None, padding=None,
                  device=None):
         self.batch_size, self.q_length, self.kv_length = batch_size, q_length, kv_length
         self.q_offset, self.kv_offset = q_offset, kv_offset
         self.kind, self.keep, self.seg, self.unreadable = kind, keep, seg, unreadable
+        self.first = first
         self._position_ids, self._left_padding, self._device = position_ids, left_padding, device
         self._padding = padding
         self._pos = None
@@ -464,7 +472,7 @@ class SpattnMask:
     def __repr__(self):
         return (f"SpattnMask({_kind_text(self.kind)}, B={self.batch_size}, Lq={self.q_length}, "
                 f"Lk={self.kv_length}, q_offset={self.q_offset}, kv_offset={self.kv_offset}, "
-                f"padding={self.keep is not None}, packed={self.seg is not None})")
+                f"padding={self.keep is not None or self.first is not None}, packed={self.seg is not None})")
 
 
 def spattn_mask(batch_size: int, q_length: int | None = None, kv_length: int | None = None,
@@ -486,22 +494,54 @@ def spattn_mask(batch_size: int, q_length: int | None = None, kv_length: int | N
         device = device if device is not None else cache_position.device
     q_offset = int(q_offset)                  # a 0-dim tensor with static caches
     kind, seg, position_ids, unreadable = _read_mask_function(mask_function)
-    keep = left_padding = None
+    keep = first = left_padding = padded = None
     if attention_mask is not None:
         am = attention_mask.to(torch.bool)
         device = am.device if device is None else device
         short = kv_offset + kv_length - am.shape[-1]
         # as transformers' prepare_padding_mask: keys past the 2-D mask are padding
         padded = F.pad(am, (0, short)) if short > 0 else am
-        keep = padded[:, kv_offset: kv_offset + kv_length]
-        if bool(keep.all()):
-            keep = None
         left_padding = (am.cumsum(-1) == 0).sum(-1)      # as create_chunked_causal_mask
+        keep, first = _padding_form(padded[:, kv_offset: kv_offset + kv_length], left_padding,
+                                    int(kv_offset))
     return SpattnMask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                       q_offset=q_offset, kv_offset=int(kv_offset), kind=kind, keep=keep,
-                      seg=seg, unreadable=unreadable, position_ids=position_ids,
-                      left_padding=left_padding, padding=padded if keep is not None else None,
+                      first=first, seg=seg, unreadable=unreadable, position_ids=position_ids,
+                      left_padding=left_padding,
+                      padding=padded if keep is not None or first is not None else None,
                       device=device)
+
+
+#: The ``first [B]`` tensors of :func:`_padding_form`, by value and device: a batch decoding
+#: token after token keeps its left padding, and so passes the same tensor at every step
+#: (decode plans are keyed by their inputs' identity: one plan serves the whole generation).
+_FIRSTS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+FIRSTS_KEPT = 64
+
+
+def _padding_form(keep: torch.Tensor, left_padding: torch.Tensor, kv_offset: int):
+    """``(keep, first)`` of the key slots' padding ``keep [B, Lk]`` (False: padding): both
+    None when no key is padding; ``(None, first)`` when every row's padding is a left
+    padding (its slots real from ``first[b]`` on, int64 ``[B]``, a tensor shared by equal
+    paddings); else ``(keep, None)``. One read on the host."""
+    Lk = keep.shape[-1]
+    first = (left_padding.to(torch.int64) - kv_offset).clamp_(0, Lk)
+    slots = torch.arange(Lk, device=keep.device)
+    left = (keep == (slots >= first[:, None])).all()
+    *firsts, is_left = torch.cat([first, left.view(1).to(torch.int64)]).tolist()
+    if not is_left:
+        return keep, None
+    if not any(firsts):
+        return None, None
+    key = (keep.device, tuple(firsts))
+    t = _FIRSTS.get(key)
+    if t is None:
+        t = _FIRSTS[key] = first
+        while len(_FIRSTS) > FIRSTS_KEPT:
+            _FIRSTS.popitem(last=False)
+    else:
+        _FIRSTS.move_to_end(key)
+    return None, t
 
 
 def _prepared(mask: SpattnMask, mask_function) -> SpattnMask:
@@ -592,10 +632,11 @@ def _check_reach(pattern: Pattern, mask: SpattnMask, num_heads: int) -> None:
             "pattern within the layer's window, or a config whose window covers the pattern")
 
 
-def _with_conjuncts(base: Pattern, keep: bool, seg: bool) -> Pattern:
-    if not (keep or seg):
+def _with_conjuncts(base: Pattern, keep: bool, seg: bool, first: bool = False) -> Pattern:
+    if not (keep or seg or first):
         return base
-    src = f"({base.source})" + (" & keep[k]" if keep else "") + (" & same(seg)" if seg else "")
+    src = f"({base.source})" + (" & keep[k]" if keep else "") \
+        + (" & k >= first[b]" if first else "") + (" & same(seg)" if seg else "")
     return _pattern(src, base.backend)
 
 
@@ -618,10 +659,12 @@ def plan_call(base: Pattern, mask: SpattnMask, Lq: int, Lk: int, *, cu_seq_lens_
     seg, pos = mask.seg, None
     if seg is None and cu_seq_lens_k is not None:
         seg, pos = _packed_from_cu_seqlens(cu_seq_lens_q, cu_seq_lens_k, mask, Lq, Lk)
-    pat = _with_conjuncts(base, mask.keep is not None, seg is not None)
+    pat = _with_conjuncts(base, mask.keep is not None, seg is not None, mask.first is not None)
     inputs = {}
     if mask.keep is not None:
         inputs["keep"] = mask.keep
+    if mask.first is not None:
+        inputs["first"] = mask.first
     if seg is not None:
         inputs["seg"] = seg
     if "pos" in pat.inputs:

@@ -472,6 +472,53 @@ def test_gemma2_softcapped_generation_on_the_decode_path():
     assert torch.equal(gen, gen_ref)
 
 
+def test_left_padding_is_one_tensor_across_steps():
+    """A left padding enters as ``first [B]`` (each row's first real key slot), the same
+    tensor at every step of a generation; holes (or keys past the mask) as ``keep``; no
+    padding as neither."""
+    fn = mu.causal_mask_function
+    am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    prefill = sphf.spattn_mask(batch_size=3, **queries(5, 0), kv_length=5, mask_function=fn,
+                               attention_mask=am)
+    am = torch.cat([am, torch.ones(3, 1, dtype=am.dtype)], 1)
+    step = sphf.spattn_mask(batch_size=3, **queries(1, 5), kv_length=6, mask_function=fn,
+                            attention_mask=am)
+    assert prefill.keep is None and step.keep is None
+    assert step.first is prefill.first and step.first.tolist() == [2, 0, 1]
+    dropped = sphf.spattn_mask(batch_size=3, **queries(1, 5), kv_length=4, kv_offset=2,
+                               mask_function=fn, attention_mask=am)
+    assert dropped.keep is None and dropped.first is None          # slots 2.. are all real
+    hole = am.clone()
+    hole[1, 3] = 0
+    mask = sphf.spattn_mask(batch_size=3, **queries(1, 5), kv_length=6, mask_function=fn,
+                            attention_mask=hole)
+    assert mask.first is None and torch.equal(mask.keep, hole.bool())
+    past = sphf.spattn_mask(batch_size=3, **queries(1, 5), kv_length=8, mask_function=fn,
+                            attention_mask=am)
+    assert past.first is None and not past.keep[:, 6:].any()
+    none = sphf.spattn_mask(batch_size=3, **queries(1, 5), kv_length=6, mask_function=fn,
+                            attention_mask=torch.ones_like(am))
+    assert none.keep is None and none.first is None
+
+
+def test_left_padded_generation_keeps_one_decode_plan():
+    """Batched generation with left padding past 256 keys: every generated token's
+    attention runs on the decode path with one plan (the padding is one tensor for the
+    whole generation), and the tokens match eager."""
+    from spattn.runtime import decode as dec
+    model = model_of(CONFIGS["llama"]())
+    ids, am = left_padded([290, 262, 281], 290, seed=4)
+    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        use_spattn(model)
+        dec.DECODE_PLANS.clear()
+        out = model.generate(ids, **kw)
+    assert torch.equal(out, ref)
+    plans = list(dec.DECODE_PLANS._plans.values())
+    assert len(plans) == 1 and "first[b]" in plans[0].pattern.source
+
+
 def test_config_that_disagrees_with_the_mask():
     """Mistral builds every mask from ``sliding_window``; a ``layer_types`` saying otherwise
     would give spattn a pattern eager does not run: refused, naming the layer."""

@@ -110,6 +110,73 @@ def test_memo_never_serves_other_runtime_inputs():
     assert len(dec.DECODE_PLANS) == 3
 
 
+def test_converted_inputs_keep_one_plan():
+    """A bool (or int32) runtime input is converted to int64 once while it is unchanged:
+    every call that passes it (the layers of a model at one step) finds one plan; written
+    in place, it is converted again and gives a new plan with the new values."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & keep[k]", backend="torch")
+    g = torch.Generator().manual_seed(14)
+    k, v = _rand(2, 2, 300, 16, g=g), _rand(2, 2, 300, 16, g=g)
+    keep = torch.rand(2, 300, generator=g) > 0.3
+    for layer in range(3):
+        q = _rand(2, 2, 1, 16, g=g)
+        _close(f"layer {layer}", pat(q, k, v, keep=keep),
+               _reference(pat, q, k, v, [300, 300], {"keep": keep})[0])
+    assert len(dec.DECODE_PLANS) == 1
+    keep[:, :150] = False                           # written in place: converted again
+    q = _rand(2, 2, 1, 16, g=g)
+    _close("in place", pat(q, k, v, keep=keep),
+           _reference(pat, q, k, v, [300, 300], {"keep": keep})[0])
+    assert len(dec.DECODE_PLANS) == 2
+
+
+#: (source, inputs from (B, Hq, L, generator), whether the batch runs as one group at B)
+_PER_BATCH = {
+    "left-padding-bool": ("causal & keep[k]",
+                          lambda B, H, L, g: {"keep": torch.arange(L)[None] >= torch.tensor(
+                              [0, 17, 3, 40][:B])[:, None]}, lambda B: True),
+    "holes-int32": ("causal & window(W) & keep[k] != 0",
+                    lambda B, H, L, g: {"keep": (torch.rand(B, L, generator=g) > 0.2)
+                                        .to(torch.int32)}, lambda B: True),
+    # at B = 2 the union (295 keys) is twice what the one row with keys sees
+    "first-b-one-row-empty": ("causal & k >= first[b]",
+                              lambda B, H, L, g: {"first": torch.tensor([5, L, 0, 9][:B])},
+                              lambda B: B > 2),
+    "per-head": ("causal & keep[h, k]",
+                 lambda B, H, L, g: {"keep": torch.rand(B, H, L, generator=g) > 0.1},
+                 lambda B: True),
+    "far-apart": ("k >= first[b] & k < first[b] + 100",
+                  lambda B, H, L, g: {"first": torch.tensor([0, 200, 100, 150][:B])},
+                  lambda B: False),
+}
+
+
+@pytest.mark.parametrize("B,Hq,Hk,Lq", [(2, 4, 4, 1), (4, 8, 2, 1), (3, 4, 2, 3)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("name", sorted(_PER_BATCH))
+def test_per_batch_inputs_batched_step(name, B, Hq, Hk, Lq):
+    """Batch elements whose keys differ through a per-batch input run as one kernel call
+    over the union of their keys, each masked to its own (a padding mask), unless the union
+    is much wider than what they see (then a call per element); every output element and
+    lse against the float64 reference, rows without a key 0 and -inf."""
+    dec.DECODE_PLANS.clear()
+    src, make, merged = _PER_BATCH[name]
+    pat = spattn.compile(src, backend="torch", **({"W": 120} if "W" in src else {}))
+    g = torch.Generator().manual_seed(15)
+    L = 300
+    ins = make(B, Hq, L, g)
+    k, v = _rand(B, Hk, L, 32, g=g), _rand(B, Hk, L, 32, g=g)
+    q = _rand(B, Hq, Lq, 32, g=g)
+    o, lse = pat.decode(q, k, v, return_lse=True, **ins)
+    want_o, want_lse = _reference(pat, q, k, v, [L] * B, ins)
+    _close("o", o, want_o)
+    _close("lse", lse, want_lse)
+    assert torch.equal(pat(q, k, v, **ins), o)
+    step = _plan(pat).cpu_step((L,) * B, 0, 0, dec.DECODE_PLANS.int64(ins, q.device))
+    assert (len(step.groups) == 1) == merged(B), step.groups
+
+
 @pytest.mark.parametrize("src,Lq,Hq,Hk,buffers", [
     ("causal", 4, 4, 2, 1), ("causal & window(W)", 3, 2, 2, 1), ("q - k >= 2", 4, 2, 1, 1),
     ("causal & window(2)", 5, 2, 2, 1), ("causal & (window(W) | sink(4))", 4, 2, 2, 0)],

@@ -1,0 +1,146 @@
+"""Batched generation with left padding in a Hugging Face model: spattn against SDPA.
+
+A randomly initialised Llama (``from_config``, float32, no download) generates greedily
+for a batch of left-padded prompts, once with ``attn_implementation="sdpa"`` and once with
+``"spattn"``, in alternating rounds in one process (the order flips every round). Timed:
+the whole ``generate`` call and, through wrappers registered in transformers'
+``AttentionInterface``, the attention calls of the generated tokens (Lq = 1, on spattn's
+decode path) and of the prefill. Every spattn run must produce the tokens SDPA produced;
+the decode plans spattn built during a generation are counted.
+
+    python benchmarks/hf_generate.py [--batch 4] [--prompt 600] [--new 40] [--layers 4]
+        [--threads 1] [--rounds 5] [--device cpu] [--out DIR]
+
+Progress goes to stderr; the table is printed last; the rows go to ``DIR/hf_generate.json``
+with their per-round times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+try:
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+except ImportError:
+    sys.exit("hf_generate.py needs transformers: pip install 'spattn[hf]'")
+
+import spattn.integrations.transformers as sphf
+from spattn.runtime import decode as dec
+
+
+def _timed(name, fn, acc):
+    """``fn`` with its time added to ``acc[name]``: ``[decode calls, decode s, prefill s]``."""
+    def wrapped(module, query, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(module, query, *args, **kwargs)
+        if query.is_cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        row = acc.setdefault(name, [0, 0.0, 0.0])
+        if query.shape[2] == 1:
+            row[0] += 1
+            row[1] += dt
+        else:
+            row[2] += dt
+        return out
+    return wrapped
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=600, help="longest prompt, in tokens")
+    ap.add_argument("--new", type=int, default=40, help="tokens generated per row")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    hidden = a.heads * a.head_dim
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=hidden,
+                                   intermediate_size=2 * hidden, num_hidden_layers=a.layers,
+                                   num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+                                   head_dim=a.head_dim, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="sdpa", dtype=torch.float32).to(a.device).eval()
+    L = a.prompt
+    pads = [0, L // 12, L // 3, 7, L // 5, 1, L // 2, 30][:a.batch] + [0] * max(0, a.batch - 8)
+    ids = torch.randint(1, 1000, (a.batch, L))
+    am = torch.ones(a.batch, L, dtype=torch.long)
+    for b, p in enumerate(pads):
+        am[b, :p] = 0
+        ids[b, :p] = 0
+    ids, am = ids.to(a.device), am.to(a.device)
+    kw = dict(attention_mask=am, max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False,
+              pad_token_id=0)
+    acc: dict = {}
+    AttentionInterface.register("sdpa", _timed("sdpa", sdpa_attention_forward, acc))
+    AttentionInterface.register(sphf.NAME, _timed("spattn", sphf.spattn_attention_forward, acc))
+
+    def generate(impl):
+        model.set_attn_implementation(impl)
+        dec.DECODE_PLANS.clear()
+        acc.clear()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            total = time.perf_counter() - t0
+        calls, t_dec, t_pre = acc[impl if impl == "sdpa" else "spattn"]
+        return out, {"total_s": total, "decode_us": t_dec / calls * 1e6, "decode_calls": calls,
+                     "prefill_ms": t_pre * 1e3, "plans": len(dec.DECODE_PLANS)}
+
+    ref, _ = generate("sdpa")                   # warm-up, and the reference tokens
+    generate(sphf.NAME)
+    rows = {"sdpa": [], "spattn": []}
+    for r in range(a.rounds):
+        order = ["sdpa", sphf.NAME] if r % 2 == 0 else [sphf.NAME, "sdpa"]
+        for impl in order:
+            out, row = generate(impl)
+            if impl == sphf.NAME and not torch.equal(out, ref):
+                sys.exit("spattn generated other tokens than SDPA")
+            rows["sdpa" if impl == "sdpa" else "spattn"].append(row)
+            print(f"round {r} {impl}: {row}", file=sys.stderr)
+
+    def med(name, key):
+        return statistics.median(x[key] for x in rows[name])
+    ratios = [s["decode_us"] / p["decode_us"] for s, p in zip(rows["sdpa"], rows["spattn"])]
+    total = [s["total_s"] / p["total_s"] for s, p in zip(rows["sdpa"], rows["spattn"])]
+    result = {"args": vars(a), "paddings": pads, "torch": torch.__version__,
+              "transformers": transformers.__version__, "rounds": rows,
+              "decode_ratio_median": statistics.median(ratios),
+              "decode_ratio_range": [min(ratios), max(ratios)],
+              "total_ratio_median": statistics.median(total)}
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "hf_generate.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"B={a.batch} prompt={L} (left paddings {pads}) new={a.new} layers={a.layers} "
+          f"heads={a.heads}/{a.kv_heads} D={a.head_dim} threads={torch.get_num_threads()} "
+          f"{a.device}")
+    print("| | decode attention us/call | prefill attention ms | generate s | plans |")
+    print("|---|---|---|---|---|")
+    for name in ("sdpa", "spattn"):
+        print(f"| {name} | {med(name, 'decode_us'):.0f} | {med(name, 'prefill_ms'):.1f} | "
+              f"{med(name, 'total_s'):.3f} | {rows[name][-1]['plans']} |")
+    print(f"SDPA / spattn, decode attention: {result['decode_ratio_median']:.2f} "
+          f"({min(ratios):.2f}-{max(ratios):.2f}); whole generate: "
+          f"{result['total_ratio_median']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
