@@ -303,11 +303,29 @@ def decode_case(seed: int) -> str:
     if paged and lens is None:
         lens = [cap] * B
     splits = r.choice([None, None, 1, 3, 8])
+    g = torch.Generator().manual_seed(seed)
+    ins, inputs = {}, ""
+    if r.random() < 0.4:        # a per-batch (or per-head) runtime input: padding masks
+        inputs = r.choice(["keep", "keep-head", "first", "first-end"])
+        dtype = r.choice([torch.bool, torch.int32, torch.int64])
+        if inputs.startswith("keep"):
+            shape = (B, Hq, cap) if inputs == "keep-head" else (B, cap)
+            keep = torch.rand(shape, generator=g) > r.random() * 0.5
+            if r.random() < 0.5:          # a left padding per row
+                keep = torch.arange(cap) >= torch.randint(0, cap + 1, shape[:-1] + (1,),
+                                                          generator=g)
+            ins["keep"] = keep.to(dtype)
+            src = f"({src}) & keep[{'h, ' if inputs == 'keep-head' else ''}k] != 0"
+        else:
+            ins["first"] = torch.randint(0, cap + 1, (B,), generator=g).to(
+                torch.int32 if dtype == torch.int32 else torch.int64)
+            src = f"({src}) & k >= first[b]" + (" & k < first[b] + W" if inputs == "first-end"
+                                                 else "")
+            src = src.replace("W", str(W))
     desc = (f"decode:{seed} {backend} {src!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-cap{cap}-D{D} "
-            f"lens={lens} paged={paged} splits={splits}")
+            f"lens={lens} paged={paged} splits={splits} inputs={inputs or None}")
     LAST["desc"] = desc
     pat = spattn.compile(src, backend=backend)
-    g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Lq, D, generator=g)
     k = torch.randn(B, Hk, cap, D, generator=g)
     v = torch.randn(B, Hk, cap, D, generator=g)
@@ -324,15 +342,16 @@ def decode_case(seed: int) -> str:
                 pools.append(pool)
             o, lse = pat.decode(q, pools[0], pools[1], seq_lens=seq,
                                 page_table=table.to(torch.int32), return_lse=True,
-                                num_splits=splits)
+                                num_splits=splits, **ins)
         else:
-            o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, num_splits=splits)
+            o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, num_splits=splits,
+                                **ins)
     except SpattnError as e:
         return desc + f" (refused: {str(e).splitlines()[0][:80]})"
     outs, lses = [], []
     for b in range(B):
         L = cap if lens is None else lens[b]
-        m = pat.mask(Lq, L, num_heads=Hq, batch=B)[b:b + 1]
+        m = pat.mask(Lq, L, num_heads=Hq, batch=B, **ins)[b:b + 1]
         kx, vx = (t[b:b + 1, :, :L].double().repeat_interleave(Hq // Hk, 1) for t in (k, v))
         ro, rlse = attention_reference(q[b:b + 1].double(), kx, vx, m)
         outs.append(ro)
