@@ -32,6 +32,8 @@ PATTERNS = {
     "odd-rows-masked": ("causal & q % 2 == 0", {}),
     "stripes": ("causal & (q - k < 20 | k % H == h)", {}),
     "s2-stripes": ("causal & (window(16) | (k // 4) % H == h)", {}),
+    "left-padding": ("causal & k >= first[b]", {}),
+    "padding-mask": ("causal & keep[k]", {}),
 }
 
 
@@ -47,9 +49,13 @@ def _close(name, got, want, rtol=2e-3):
 
 
 def _inputs(name, B, cap, g):
-    if name != "documents":
-        return {}
-    return {"doc": (torch.rand(B, cap, generator=g) < 0.05).cumsum(-1)}
+    if name == "documents":
+        return {"doc": (torch.rand(B, cap, generator=g) < 0.05).cumsum(-1)}
+    if name == "left-padding":
+        return {"first": torch.randint(0, cap // 2, (B,), generator=g).to(torch.int32)}
+    if name == "padding-mask":
+        return {"keep": torch.rand(B, cap, generator=g) > 0.2}
+    return {}
 
 
 def _reference(pat, q, k, v, lens, ins, scale=None):
