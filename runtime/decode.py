@@ -44,7 +44,8 @@ from . import api as _api
 from .plan import data_version
 from .cpu_ops import copy_ as _copy_, fill as _fill
 
-__all__ = ["decode", "routes", "call_routed", "fast_step", "DecodePlan", "DecodeConfig",
+__all__ = ["decode", "routes", "call_routed", "fast_step", "fast_triton", "DecodePlan",
+           "DecodeConfig",
            "DECODE_PLANS",
            "MAX_DECODE_Q", "ROUTE_MIN_LK", "bucket"]
 
@@ -59,6 +60,8 @@ MAX_CAPACITY = 1 << 30
 #: CPU: a key run of at least this many bytes of K and V gets its own kernel call (a view);
 #: shorter runs are copied together into one.
 VIEW_BYTES = 1 << 18
+#: Bound launches a Triton plan keeps per kernel (one per specialisation of its arguments).
+BOUND_LAUNCHES = 8
 #: Plans kept by :data:`DECODE_PLANS`.
 DECODE_PLANS_SIZE = 32
 #: Runtime inputs whose int64 copies :data:`DECODE_PLANS` keeps (:meth:`DecodePlanCache.int64`).
@@ -381,6 +384,10 @@ class DecodePlan:
             ds = grads(pattern.score).ds
             self.additive = isinstance(ds, FConst) and ds.value == 1.0
         self.pack = 1 if ("h" in uses or "H" in uses or per_head) else G
+        #: the fast entries: :func:`fast_step`'s (CPU, set by ``_init_torch``' steps) and
+        #: :func:`fast_triton`'s (the routed Triton call this plan last served, with what its
+        #: checks found); None until a call leaves one
+        self.fast = self.fast_triton = None
         self.config = self.module = None
         self.splits = 1
         if backend == "triton":
@@ -443,6 +450,12 @@ class DecodePlan:
         else:
             self.splits = 1 << max(0, int(num_splits) - 1).bit_length()
         self.groups = groups
+        #: ``(ids of the inputs, their kernel arguments)`` (int32 copies), made at the first
+        #: step; and the launches of the two kernels with their arguments bound, by the
+        #: specialisation of the step's arguments (:func:`_launch_spec`; CUDA only)
+        self._input_args = None
+        self._launches: dict = {}
+        self._combines: dict = {}
         self.o_part = torch.empty((groups, self.splits, self.block_m, block_d),
                                   dtype=torch.float32, device=self.device)
         self.lse_part = torch.empty((groups, self.splits, self.block_m), dtype=torch.float32,
@@ -472,7 +485,8 @@ class DecodePlan:
 
     def run_triton(self, q, k, v, *, lk: int, q_shift: int, seq_lens, page_table, page_size,
                    num_pages, scale: float, inputs: dict, tables=None):
-        from .triton_backend import LOG2E, _dot_prec, _input_args, _scale_log2, _score_args
+        from .triton_backend import (LOG2E, BoundLaunch, _dot_prec, _input_args, _scale_log2,
+                                     _score_args)
         B, Hq, Lq, D = q.shape
         o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -486,22 +500,40 @@ class DecodePlan:
             pages, stride_pages = page_table, page_table.stride(0)
         seq = seq_lens if seq_lens is not None else self.lse_part
         cap = k.shape[2] if page_table is None else page_table.shape[1] * page_size
-        args = _input_args(self.pattern, inputs, False)
+        ids = tuple(map(id, inputs.values()))
+        if self._input_args is None or self._input_args[0] != ids:
+            # the plan is keyed by its inputs (identity, version): converted once
+            self._input_args = (ids, _input_args(self.pattern, inputs, False))
         head = _score_args(self.pattern, tables) if self.scored else []
-        self.module.KERNEL[(self.groups, self.splits)](
-            q, k, v, self.o_part, self.lse_part, *head, *q.stride(), *ks, *vs,
-            pages, stride_pages, max(1, num_pages), seq, *args,
-            *((LOG2E, scale) if self.scored else (_scale_log2(scale),)),
-            Hq, Hq // self.Hk, Lq, lk, q_shift, cap,
-            PACK=self.pack, NUM_SPLITS=self.splits, PAGE_SIZE=max(1, page_size),
-            PAGED=page_table is not None, HAS_SEQ=seq_lens is not None,
-            BLOCK_M=self.block_m, BLOCK_N=self.config.block_n, BLOCK_D=self.config.block_d,
-            HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype), num_warps=self.config.num_warps,
-            num_stages=self.config.num_stages)
-        self.module.COMBINE[(self.groups, self.pack * Lq)](
-            self.o_part, self.lse_part, o, lse, *o.stride(), Hq, Lq,
-            PACK=self.pack, NUM_SPLITS=self.splits, BLOCK_M=self.block_m,
-            BLOCK_D=self.config.block_d, HEAD_DIM=D, num_warps=4)
+        args = (q, k, v, self.o_part, self.lse_part, *head, *q.stride(), *ks, *vs,
+                pages, stride_pages, max(1, num_pages), seq, *self._input_args[1],
+                *((LOG2E, scale) if self.scored else (_scale_log2(scale),)),
+                Hq, Hq // self.Hk, Lq, lk, q_shift, cap)
+        cuda = q.is_cuda
+        key = _launch_spec(args, 3) if cuda else None
+        launch = self._launches.get(key)
+        if launch is None or not launch(*args):
+            grid = (self.groups, self.splits)
+            meta = dict(PACK=self.pack, NUM_SPLITS=self.splits, PAGE_SIZE=max(1, page_size),
+                        PAGED=page_table is not None, HAS_SEQ=seq_lens is not None,
+                        BLOCK_M=self.block_m, BLOCK_N=self.config.block_n,
+                        BLOCK_D=self.config.block_d, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
+                        num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+            compiled = self.module.KERNEL[grid](*args, **meta)
+            if cuda and len(self._launches) < BOUND_LAUNCHES:
+                self._launches[key] = BoundLaunch.of(self.module.KERNEL, compiled, grid, args,
+                                                     meta, q.device)
+        args = (self.o_part, self.lse_part, o, lse, *o.stride(), Hq, Lq)
+        key = _launch_spec(args, 0) if cuda else None
+        launch = self._combines.get(key)
+        if launch is None or not launch(*args):
+            grid = (self.groups, self.pack * Lq)
+            meta = dict(PACK=self.pack, NUM_SPLITS=self.splits, BLOCK_M=self.block_m,
+                        BLOCK_D=self.config.block_d, HEAD_DIM=D, num_warps=4)
+            compiled = self.module.COMBINE[grid](*args, **meta)
+            if cuda and len(self._combines) < BOUND_LAUNCHES:
+                self._combines[key] = BoundLaunch.of(self.module.COMBINE, compiled, grid, args,
+                                                     meta, q.device)
         return o, lse
 
     # -- CPU -----------------------------------------------------------------
@@ -1384,6 +1416,25 @@ def _merge_closed(ivs):
     return [(a, z - 1) for a, z in _merge([(lo, hi + 1) for lo, hi in ivs])]
 
 
+def _launch_spec(args: tuple, free: int) -> tuple:
+    """What Triton's JIT specialises a launch of ``args`` on (``native_specialize_impl``'s
+    rules, written out: a tensor's dtype and 16-byte alignment, an int's width, its
+    divisibility by 16 and equality to 1; the last ``free`` ints are ``do_not_specialize``,
+    their width only): a launch bound for one spec serves every later one of that spec."""
+    out = []
+    n = len(args) - free
+    for i, a in enumerate(args):
+        t = type(a)
+        if t is int:
+            wide = not -0x80000000 <= a <= 0x7fffffff
+            out.append(wide if i >= n else (2 if a == 1 else a % 16 == 0) + 4 * wide)
+        elif isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            out.append(t)
+    return tuple(out)
+
+
 def _merge(runs):
     """Runs ``[a, z)`` merged where they overlap or touch, sorted."""
     out = []
@@ -1720,6 +1771,56 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     return o.view(q.shape)
 
 
+def fast_triton(pattern, q, k, v, scale=None, inputs=None):
+    """The output of a routed Triton decode step (``pat(q, k, v, **inputs)``) that repeats
+    the call that made its plan's Triton entry (``DecodePlan.fast_triton``), or None.
+
+    The entry holds what the full path (:func:`_step`) checked: q's shape, dtype and device,
+    k's batch, heads and head dim, the scale as given and its value, the runtime inputs as
+    given (identity and version: the plan's converted copies stand for them), the
+    largest capacity their bounds were checked at and whether Triton ran interpreted. A call of exact ``torch.Tensor`` s on
+    that device, none requiring grad, not traced, v shaped like k, whose cache lies in the
+    plan's bucket, within the checked capacity, and routes (at least :data:`ROUTE_MIN_LK`
+    and ``4 * Lq`` keys) passes every check of the full path for the same reasons: the
+    plan's two launches run without them. Anything else returns None (the full path)."""
+    if _is_dynamo_compiling():
+        return None
+    hit = _LAST.get(id(pattern))
+    if hit is None or hit[0] is not pattern:
+        return None
+    plan = hit[1]
+    fast = plan.fast_triton
+    if fast is None:
+        return None
+    sig, value, given, versions, ins, cap_ok, interpreted = fast
+    T = _TENSOR
+    if type(q) is not T or type(k) is not T or type(v) is not T:
+        return None
+    try:
+        ks = k.shape
+        if (q.shape, ks[0], ks[1], ks[3], q.dtype, q.device, scale) != sig or v.shape != ks:
+            return None
+    except (RuntimeError, IndexError):
+        return None
+    if k.dtype is not q.dtype or v.dtype is not q.dtype or k.device != q.device \
+            or v.device != q.device or q.layout is not _STRIDED or k.layout is not _STRIDED \
+            or v.layout is not _STRIDED or q.requires_grad or k.requires_grad \
+            or v.requires_grad:
+        return None
+    L, bk, Lq = ks[2], plan.bucket, sig[0][2]
+    if L > cap_ok or L > bk or (L <= bk >> 1 and bk > MIN_BUCKET) or L < ROUTE_MIN_LK \
+            or L < 4 * Lq:
+        return None
+    if len(inputs or ()) != len(given) or _api._interpret() != interpreted:
+        return None
+    for (name, t), v0 in zip(given, versions):
+        x = inputs.get(name)
+        if x is not t or data_version(x) != v0:
+            return None
+    return plan.run_triton(q, k, v, lk=L, q_shift=0, seq_lens=None, page_table=None,
+                           page_size=0, num_pages=0, scale=value, inputs=ins)[0]
+
+
 def _fast_build(plan, lens: tuple, L: int, Lq: int, whole: bool):
     """The step of :func:`fast_step` at the lengths ``lens`` (a cache of ``L`` keys; every
     key of it when ``whole``): from the plan's memo, else built (:meth:`DecodePlan._aff1_step`,
@@ -1910,6 +2011,11 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
                                  seq_lens=seq_lens, page_table=page_table,
                                  page_size=page_size, num_pages=num_pages, scale=scale,
                                  inputs=ins, tables=floats)
+        if routed and not scored and q_offset is None and not return_lse \
+                and getattr(pattern, "grid", None) is None \
+                and (scale_arg is None or type(scale_arg) is float) \
+                and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            _keep_fast_triton(pattern, plan, q, k_cache, scale_arg, scale, inputs, ins, cap)
     else:
         if scored:
             o, lse = plan.run_scored_torch(q, k_cache, v_cache, lens, q_shift, page_table,
@@ -1927,6 +2033,29 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
     if o.dtype != out_dtype:
         o = o.to(out_dtype)
     return (o, lse) if return_lse else o
+
+
+def _keep_fast_triton(pattern, plan, q, k, scale_arg, scale, given, ins, cap):
+    """Leave the entry :func:`fast_triton` reads in ``plan`` (see there), and the plan with
+    :data:`DECODE_PLANS` for the pattern."""
+    ks = k.shape
+    sig = (q.shape, ks[0], ks[1], ks[3], q.dtype, q.device, scale_arg)
+    names = tuple(sorted(given))
+    items = tuple((n, given[n]) for n in names)
+    versions = tuple(data_version(t) for _, t in items)
+    old = plan.fast_triton
+    if old is not None and old[0] == sig and old[2] == items and old[3] == versions:
+        cap = max(cap, old[5])          # the inputs' bounds hold below any capacity checked
+    elif ins and cap < plan.bucket:
+        try:                            # inputs that cover the bucket cover each step of it
+            _check_positions(pattern, ins, plan.B, plan.Hq, plan.Lq, plan.bucket, 0)
+            cap = plan.bucket
+        except SpattnError:
+            pass
+    elif not ins:
+        cap = plan.bucket
+    plan.fast_triton = (sig, scale, items, versions, ins, cap, _api._interpret())
+    DECODE_PLANS.remember(pattern, plan)
 
 
 def _keep_fast(pattern, plan, q, k, scale_arg, scale, has_lens, routed):

@@ -20,7 +20,8 @@ from .ir.inputs import check_lengths, validate_inputs
 from .ir.pattern import BACKENDS, CompiledPattern  # noqa: F401  (BACKENDS: public)
 from .runtime import api as _runtime_api
 from .runtime.autograd import register as _register
-from .runtime.decode import decode as _decode, fast_step as _fast_step
+from .runtime.decode import decode as _decode, fast_triton as _fast_triton, \
+    fast_step as _fast_step
 from .runtime.usage import warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
@@ -176,9 +177,11 @@ class Pattern(CompiledPattern):
         (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
         would choose.
         """
-        if plan is None and not inputs and q_offset is None and not return_lse \
-                and layout is None and order is None:      # a repeated CPU decode step
-            o = _fast_step(self, q, k, v, scale)
+        if plan is None and q_offset is None and not return_lse and layout is None \
+                and order is None:                          # a repeated decode step
+            o = _fast_step(self, q, k, v, scale) if not inputs else None
+            if o is None:
+                o = _fast_triton(self, q, k, v, scale, inputs)
             if o is not None:
                 return o
         return _runtime_api.call(self, q, k, v, scale=scale, return_lse=return_lse,

@@ -327,6 +327,55 @@ def test_triton_bucket_reuse_one_kernel():
 
 
 @interp
+def test_triton_fast_entry_serves_repeated_routed_steps():
+    """A routed Triton step that repeats its plan's last call (same q shape, scale and
+    inputs, unchanged) skips the full path's checks (``decode.fast_triton``) while the cache
+    grows within the bucket; a new or rewritten input, another scale or another bucket takes
+    the full path again; an input that covers only the capacity it was checked at is
+    checked again past it. Every output element against the float64 reference."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & k >= first[b] & keep[k] != 0", backend="triton")
+    g = torch.Generator().manual_seed(8)
+    B, H, D = 2, 2, 16
+    k, v = torch.randn(B, H, 600, D, generator=g), torch.randn(B, H, 600, D, generator=g)
+    first = torch.tensor([3, 100], dtype=torch.int32)
+    keep = torch.rand(B, 600, generator=g) > 0.1      # covers every step (bucket 512 too)
+    full = []
+    real = dec._step
+
+    def counted(*a, **kw):
+        full.append(a[2].shape[2])            # (pattern, q, k_cache, ...): the capacity
+        return real(*a, **kw)
+
+    def step(L, scale=None, **ins):
+        q = torch.randn(B, H, 1, D, generator=g)
+        with mock.patch.object(dec, "_step", counted):
+            o = pat(q, k[:, :, :L], v[:, :, :L], scale=scale, **ins)
+        m = pat.mask(1, L, batch=B, **ins)
+        _close(f"L{L}", o, attention_reference(q, k[:, :, :L], v[:, :, :L], m,
+                                                scale=scale)[0])
+
+    for L in (300, 301, 340, 299):
+        step(L, first=first, keep=keep)
+    assert full == [300]                               # then the fast entry
+    step(302, first=first.clone(), keep=keep)          # a new tensor
+    step(303, first=first, keep=keep)                  # the first one again
+    first[1] = 50                                      # written in place
+    step(304, first=first, keep=keep)
+    step(305, scale=0.3, first=first, keep=keep)       # another scale
+    step(520, first=first, keep=keep)                  # another bucket
+    assert full == [300, 302, 303, 304, 305, 520]
+    short = keep[:, :310].clone()                      # covers capacities up to 310 only
+    step(305, first=first, keep=short)
+    step(310, first=first, keep=short)
+    assert full[-2:] == [305, 310]
+    step(306, first=first, keep=short)                 # below the capacity checked: fast
+    assert len(full) == 8
+    with pytest.raises(SpattnInputError):
+        pat(torch.randn(B, H, 1, D), k[:, :, :311], v[:, :, :311], first=first, keep=short)
+
+
+@interp
 def test_triton_refuses_64_bit_patterns_and_routing_falls_back():
     """A pattern whose integers need 64 bits: decode says so; pat(q, k, v) runs it on the
     normal path (64-bit kernels) with the reference's result."""

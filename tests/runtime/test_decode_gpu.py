@@ -110,6 +110,50 @@ def test_growing_contiguous_cache_compiles_once():
     assert len(dec.DECODE_PLANS) == 1 and len(compiled) == 1
 
 
+@pytest.mark.parametrize("name", ["causal", "left-padding"])
+def test_repeated_routed_steps_fast_entry_and_bound_launches(name):
+    """Routed steps of a growing cache (a model's layers, token after token): the first
+    takes the full path, the others the plan's fast entry and its bound launches; a step
+    captured in a CUDA graph replays right. Every step against the float64 reference."""
+    from unittest import mock
+    src = {"causal": "causal", "left-padding": "causal & k >= first[b]"}[name]
+    pat = spattn.compile(src)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    B, Hq, Hk, cap, D = 4, 32, 8, 4608, 128
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    ins = {"first": torch.tensor([0, 397, 1200, 5], device="cuda")} if name != "causal" else {}
+    dec.DECODE_PLANS.clear()
+    full = []
+    real = dec._step
+
+    def counted(*a, **kw):
+        full.append(a[2].shape[2])
+        return real(*a, **kw)
+
+    with mock.patch.object(dec, "_step", counted):
+        for L in range(4100, 4600, 50):
+            o = pat(q, k[:, :, :L], v[:, :, :L], **ins)
+            ref = _ref(pat, q, k, v, [L] * B, ins)
+            err = float((o.double() - ref).norm() / ref.norm())
+            assert err < 1e-2, f"L{L}: rel. error {err:.2e}"
+    assert full == [4100]
+    plan = next(iter(dec.DECODE_PLANS._plans.values()))
+    assert plan.fast_triton is not None
+    assert any(b is not None for b in plan._launches.values())
+    assert any(b is not None for b in plan._combines.values())
+    L = 4500
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pat(q, k[:, :, :L], v[:, :, :L], **ins)
+    q.copy_(torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = _ref(pat, q, k, v, [L] * B, ins)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+
+
 #: scored decode cases: (mask, score, tables(Hq, cap, device, generator))
 SCORED = {
     "softcap": ("causal", "softcap(50)", lambda H, cap, dev, g: {}),
