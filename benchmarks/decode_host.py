@@ -10,7 +10,7 @@ by one key every 32 calls (the layers of a model at one token), for
 * ``sdpa``: dense SDPA with the boolean mask ``[B, 1, 1, L]`` (``enable_gqa=True``),
 
 each with four variants of spattn's decode path, switched in one process and timed in
-alternating rounds: ``new`` (the plan's fast entry ``decode.fast_triton`` and its bound
+alternating rounds: ``new`` (the plan's fast entry ``decode.fast_routed`` and its bound
 launches), ``no-fast`` (the full path of checks every call), ``no-bind`` (launches through
 Triton's JIT dispatch), ``neither``. A figure is the wall time per call (synchronised at
 the end of the 640), median over the rounds.
@@ -61,10 +61,10 @@ def main():
         "sdpa": lambda i: F.scaled_dot_product_attention(
             q, k[:, :, :L + i // 32], v[:, :, :L + i // 32],
             attn_mask=am[:, None, None, :L + i // 32], enable_gqa=True)}
-    fast, bound = P._fast_triton, dec.BOUND_LAUNCHES
+    fast, bound = P._fast_routed, dec.BOUND_LAUNCHES
 
     def variant(name):
-        P._fast_triton = fast if name in ("new", "no-bind") else (lambda *x, **y: None)
+        P._fast_routed = fast if name in ("new", "no-bind") else (lambda *x, **y: None)
         dec.BOUND_LAUNCHES = bound if name in ("new", "no-fast") else 0
         dec.DECODE_PLANS.clear()
 

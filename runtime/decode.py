@@ -44,7 +44,7 @@ from . import api as _api
 from .plan import data_version
 from .cpu_ops import copy_ as _copy_, fill as _fill
 
-__all__ = ["decode", "routes", "call_routed", "fast_step", "fast_triton", "DecodePlan",
+__all__ = ["decode", "routes", "call_routed", "fast_step", "fast_routed", "DecodePlan",
            "DecodeConfig",
            "DECODE_PLANS",
            "MAX_DECODE_Q", "ROUTE_MIN_LK", "bucket"]
@@ -385,9 +385,9 @@ class DecodePlan:
             self.additive = isinstance(ds, FConst) and ds.value == 1.0
         self.pack = 1 if ("h" in uses or "H" in uses or per_head) else G
         #: the fast entries: :func:`fast_step`'s (CPU, set by ``_init_torch``' steps) and
-        #: :func:`fast_triton`'s (the routed Triton call this plan last served, with what its
+        #: :func:`fast_routed`'s (the routed call this plan last served, with what its
         #: checks found); None until a call leaves one
-        self.fast = self.fast_triton = None
+        self.fast = self.fast_routed = None
         self.config = self.module = None
         self.splits = 1
         if backend == "triton":
@@ -1771,9 +1771,10 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     return o.view(q.shape)
 
 
-def fast_triton(pattern, q, k, v, scale=None, inputs=None):
-    """The output of a routed Triton decode step (``pat(q, k, v, **inputs)``) that repeats
-    the call that made its plan's Triton entry (``DecodePlan.fast_triton``), or None.
+def fast_routed(pattern, q, k, v, scale=None, inputs=None):
+    """The output of a routed decode step (``pat(q, k, v, **inputs)``) that repeats the
+    call that made its plan's entry (``DecodePlan.fast_routed``: Triton plans, and torch
+    plans of calls with runtime inputs, which :func:`fast_step` does not take), or None.
 
     The entry holds what the full path (:func:`_step`) checked: q's shape, dtype and device,
     k's batch, heads and head dim, the scale as given and its value, the runtime inputs as
@@ -1782,14 +1783,15 @@ def fast_triton(pattern, q, k, v, scale=None, inputs=None):
     that device, none requiring grad, not traced, v shaped like k, whose cache lies in the
     plan's bucket, within the checked capacity, and routes (at least :data:`ROUTE_MIN_LK`
     and ``4 * Lq`` keys) passes every check of the full path for the same reasons: the
-    plan's two launches run without them. Anything else returns None (the full path)."""
+    plan's step runs without them (on Triton its two launches). Anything else returns None
+    (the full path)."""
     if _is_dynamo_compiling():
         return None
     hit = _LAST.get(id(pattern))
     if hit is None or hit[0] is not pattern:
         return None
     plan = hit[1]
-    fast = plan.fast_triton
+    fast = plan.fast_routed
     if fast is None:
         return None
     sig, value, given, versions, ins, cap_ok, interpreted = fast
@@ -1817,8 +1819,10 @@ def fast_triton(pattern, q, k, v, scale=None, inputs=None):
         x = inputs.get(name)
         if x is not t or data_version(x) != v0:
             return None
-    return plan.run_triton(q, k, v, lk=L, q_shift=0, seq_lens=None, page_table=None,
-                           page_size=0, num_pages=0, scale=value, inputs=ins)[0]
+    if plan.backend == "triton":
+        return plan.run_triton(q, k, v, lk=L, q_shift=0, seq_lens=None, page_table=None,
+                               page_size=0, num_pages=0, scale=value, inputs=ins)[0]
+    return plan.run_torch(q, k, v, (L,) * ks[0], 0, None, 0, value, ins, False)[0]
 
 
 def _fast_build(plan, lens: tuple, L: int, Lq: int, whole: bool):
@@ -2011,11 +2015,6 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
                                  seq_lens=seq_lens, page_table=page_table,
                                  page_size=page_size, num_pages=num_pages, scale=scale,
                                  inputs=ins, tables=floats)
-        if routed and not scored and q_offset is None and not return_lse \
-                and getattr(pattern, "grid", None) is None \
-                and (scale_arg is None or type(scale_arg) is float) \
-                and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            _keep_fast_triton(pattern, plan, q, k_cache, scale_arg, scale, inputs, ins, cap)
     else:
         if scored:
             o, lse = plan.run_scored_torch(q, k_cache, v_cache, lens, q_shift, page_table,
@@ -2030,20 +2029,25 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
                 and (scale_arg is None or type(scale_arg) is float):
             _keep_fast(pattern, plan, q, k_cache, scale_arg, scale, seq_lens is not None,
                        routed)
+    if routed and not scored and q_offset is None and not return_lse and o.dtype == out_dtype \
+            and (backend == "triton" or inputs) and getattr(pattern, "grid", None) is None \
+            and (scale_arg is None or type(scale_arg) is float) \
+            and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _keep_fast_routed(pattern, plan, q, k_cache, scale_arg, scale, inputs, ins, cap)
     if o.dtype != out_dtype:
         o = o.to(out_dtype)
     return (o, lse) if return_lse else o
 
 
-def _keep_fast_triton(pattern, plan, q, k, scale_arg, scale, given, ins, cap):
-    """Leave the entry :func:`fast_triton` reads in ``plan`` (see there), and the plan with
+def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap):
+    """Leave the entry :func:`fast_routed` reads in ``plan`` (see there), and the plan with
     :data:`DECODE_PLANS` for the pattern."""
     ks = k.shape
     sig = (q.shape, ks[0], ks[1], ks[3], q.dtype, q.device, scale_arg)
     names = tuple(sorted(given))
     items = tuple((n, given[n]) for n in names)
     versions = tuple(data_version(t) for _, t in items)
-    old = plan.fast_triton
+    old = plan.fast_routed
     if old is not None and old[0] == sig and old[2] == items and old[3] == versions:
         cap = max(cap, old[5])          # the inputs' bounds hold below any capacity checked
     elif ins and cap < plan.bucket:
@@ -2054,7 +2058,7 @@ def _keep_fast_triton(pattern, plan, q, k, scale_arg, scale, given, ins, cap):
             pass
     elif not ins:
         cap = plan.bucket
-    plan.fast_triton = (sig, scale, items, versions, ins, cap, _api._interpret())
+    plan.fast_routed = (sig, scale, items, versions, ins, cap, _api._interpret())
     DECODE_PLANS.remember(pattern, plan)
 
 

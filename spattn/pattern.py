@@ -20,7 +20,7 @@ from .ir.inputs import check_lengths, validate_inputs
 from .ir.pattern import BACKENDS, CompiledPattern  # noqa: F401  (BACKENDS: public)
 from .runtime import api as _runtime_api
 from .runtime.autograd import register as _register
-from .runtime.decode import decode as _decode, fast_triton as _fast_triton, \
+from .runtime.decode import decode as _decode, fast_routed as _fast_routed, \
     fast_step as _fast_step
 from .runtime.usage import warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
@@ -181,7 +181,7 @@ class Pattern(CompiledPattern):
                 and order is None:                          # a repeated decode step
             o = _fast_step(self, q, k, v, scale) if not inputs else None
             if o is None:
-                o = _fast_triton(self, q, k, v, scale, inputs)
+                o = _fast_routed(self, q, k, v, scale, inputs)
             if o is not None:
                 return o
         return _runtime_api.call(self, q, k, v, scale=scale, return_lse=return_lse,

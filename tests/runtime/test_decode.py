@@ -326,15 +326,15 @@ def test_triton_bucket_reuse_one_kernel():
     assert len(files) == 1 and next(iter(files)).startswith("attn_decode_"), files
 
 
-@interp
-def test_triton_fast_entry_serves_repeated_routed_steps():
-    """A routed Triton step that repeats its plan's last call (same q shape, scale and
-    inputs, unchanged) skips the full path's checks (``decode.fast_triton``) while the cache
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interp)])
+def test_fast_entry_serves_repeated_routed_steps(backend):
+    """A routed step with runtime inputs (or any on Triton) that repeats its plan's last call (same q shape, scale and
+    inputs, unchanged) skips the full path's checks (``decode.fast_routed``) while the cache
     grows within the bucket; a new or rewritten input, another scale or another bucket takes
     the full path again; an input that covers only the capacity it was checked at is
     checked again past it. Every output element against the float64 reference."""
     dec.DECODE_PLANS.clear()
-    pat = spattn.compile("causal & k >= first[b] & keep[k] != 0", backend="triton")
+    pat = spattn.compile("causal & k >= first[b] & keep[k] != 0", backend=backend)
     g = torch.Generator().manual_seed(8)
     B, H, D = 2, 2, 16
     k, v = torch.randn(B, H, 600, D, generator=g), torch.randn(B, H, 600, D, generator=g)

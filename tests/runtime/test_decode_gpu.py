@@ -140,7 +140,7 @@ def test_repeated_routed_steps_fast_entry_and_bound_launches(name):
             assert err < 1e-2, f"L{L}: rel. error {err:.2e}"
     assert full == [4100]
     plan = next(iter(dec.DECODE_PLANS._plans.values()))
-    assert plan.fast_triton is not None
+    assert plan.fast_routed is not None
     assert any(b is not None for b in plan._launches.values())
     assert any(b is not None for b in plan._combines.values())
     L = 4500
