@@ -716,6 +716,8 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
     if score is not None:
         pat = _pattern(pat.source, pat.backend, score)
     sinks = _sink_logits(module, kwargs, query.shape[1])
+    if q_offset == key.shape[2] - query.shape[2]:
+        q_offset = None             # bottom-right, the default: the calls' fast entries take it
     if sinks is None:
         out = pat(query, key, value, scale=scaling, q_offset=q_offset, **inputs)
     else:
