@@ -358,6 +358,15 @@ def decode_case(seed: int) -> str:
         lses.append(rlse)
     _close(f"{desc} o", o, torch.cat(outs), atol=5e-4)
     _close(f"{desc} lse", lse, torch.cat(lses), atol=5e-4)
+    if lens is None and not paged and cap >= 256 and cap >= 4 * Lq:
+        # the same step as calls, routed to decode: the first builds the routed fast entry,
+        # the second (one key fewer when that stays routed) takes it
+        for L in (cap, cap - 1) if cap - 1 >= max(256, 4 * Lq) else (cap, cap):
+            o = pat(q, k[:, :, :L], v[:, :, :L], **ins)
+            m = pat.mask(Lq, L, num_heads=Hq, batch=B, **ins)
+            kx, vx = (t[:, :, :L].double().repeat_interleave(Hq // Hk, 1) for t in (k, v))
+            _close(f"{desc} routed L{L}", o, attention_reference(q.double(), kx, vx, m)[0],
+                   atol=5e-4)
     return desc
 
 
