@@ -1779,12 +1779,12 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None):
     The entry holds what the full path (:func:`_step`) checked: q's shape, dtype and device,
     k's batch, heads and head dim, the scale as given and its value, the runtime inputs as
     given (identity and version: the plan's converted copies stand for them), the
-    largest capacity their bounds were checked at and whether Triton ran interpreted. A call of exact ``torch.Tensor`` s on
-    that device, none requiring grad, not traced, v shaped like k, whose cache lies in the
-    plan's bucket, within the checked capacity, and routes (at least :data:`ROUTE_MIN_LK`
-    and ``4 * Lq`` keys) passes every check of the full path for the same reasons: the
-    plan's step runs without them (on Triton its two launches). Anything else returns None
-    (the full path)."""
+    largest capacity their bounds were checked at and whether Triton ran interpreted. A
+    call of exact ``torch.Tensor`` s on that device, none requiring grad, not traced, v
+    shaped like k, whose cache lies in the plan's bucket, within the checked capacity, and
+    routes (at least :data:`ROUTE_MIN_LK` and ``4 * Lq`` keys) passes every check of the
+    full path for the same reasons: the plan's step runs without them (on Triton its two
+    launches). Anything else returns None (the full path)."""
     if _is_dynamo_compiling():
         return None
     hit = _LAST.get(id(pattern))
