@@ -1774,11 +1774,13 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
 def fast_routed(pattern, q, k, v, scale=None, inputs=None):
     """The output of a routed decode step (``pat(q, k, v, **inputs)``) that repeats the
     call that made its plan's entry (``DecodePlan.fast_routed``: Triton plans, and torch
-    plans of calls with runtime inputs, which :func:`fast_step` does not take), or None.
+    plans of calls with runtime inputs or a score, which :func:`fast_step` does not take),
+    or None.
 
     The entry holds what the full path (:func:`_step`) checked: q's shape, dtype and device,
-    k's batch, heads and head dim, the scale as given and its value, the runtime inputs as
-    given (identity and version: the plan's converted copies stand for them), the
+    k's batch, heads and head dim, the scale as given and its value, the runtime inputs and
+    a score's tables as given (identity and version: the plan's converted copies stand for
+    them; a score's entry only where its tables are in range over the bucket), the
     largest capacity their bounds were checked at and whether Triton ran interpreted. A
     call of exact ``torch.Tensor`` s on that device, none requiring grad, not traced, v
     shaped like k, whose cache lies in the plan's bucket, within the checked capacity, and
@@ -1794,7 +1796,7 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None):
     fast = plan.fast_routed
     if fast is None:
         return None
-    sig, value, given, versions, ins, cap_ok, interpreted = fast
+    sig, value, given, versions, ins, cap_ok, interpreted, tables = fast
     T = _TENSOR
     if type(q) is not T or type(k) is not T or type(v) is not T:
         return None
@@ -1815,13 +1817,17 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None):
         return None
     if len(inputs or ()) != len(given) or _api._interpret() != interpreted:
         return None
+    grad = torch.is_grad_enabled()
     for (name, t), v0 in zip(given, versions):
         x = inputs.get(name)
-        if x is not t or data_version(x) != v0:
-            return None
+        if x is not t or data_version(x) != v0 or (grad and x.requires_grad):
+            return None             # (a score's table that requires grad: the score path)
     if plan.backend == "triton":
         return plan.run_triton(q, k, v, lk=L, q_shift=0, seq_lens=None, page_table=None,
-                               page_size=0, num_pages=0, scale=value, inputs=ins)[0]
+                               page_size=0, num_pages=0, scale=value, inputs=ins,
+                               tables=tables)[0]
+    if plan.scored:
+        return plan.run_scored_torch(q, k, v, (L,) * ks[0], 0, None, 0, value, ins, tables)[0]
     return plan.run_torch(q, k, v, (L,) * ks[0], 0, None, 0, value, ins, False)[0]
 
 
@@ -1972,6 +1978,7 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
         if abs(q_shift) >= MAX_CAPACITY:
             raise SpattnValueError(f"q_offset={q_offset} puts the queries beyond +-2**30")
     ins, floats = {}, {}
+    given = inputs
     if scored:
         from .scores import _split_inputs, validate_score_inputs
         inputs, given_float = _split_inputs(pattern, inputs)
@@ -2029,17 +2036,18 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
                 and (scale_arg is None or type(scale_arg) is float):
             _keep_fast(pattern, plan, q, k_cache, scale_arg, scale, seq_lens is not None,
                        routed)
-    if routed and not scored and q_offset is None and not return_lse and o.dtype == out_dtype \
-            and (backend == "triton" or inputs) and getattr(pattern, "grid", None) is None \
+    if routed and q_offset is None and not return_lse and o.dtype == out_dtype \
+            and (backend == "triton" or given or scored) and plan.tables_ok \
+            and getattr(pattern, "grid", None) is None \
             and (scale_arg is None or type(scale_arg) is float) \
             and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _keep_fast_routed(pattern, plan, q, k_cache, scale_arg, scale, inputs, ins, cap)
+        _keep_fast_routed(pattern, plan, q, k_cache, scale_arg, scale, given, ins, cap, floats)
     if o.dtype != out_dtype:
         o = o.to(out_dtype)
     return (o, lse) if return_lse else o
 
 
-def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap):
+def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap, tables):
     """Leave the entry :func:`fast_routed` reads in ``plan`` (see there), and the plan with
     :data:`DECODE_PLANS` for the pattern."""
     ks = k.shape
@@ -2058,7 +2066,7 @@ def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap):
             pass
     elif not ins:
         cap = plan.bucket
-    plan.fast_routed = (sig, scale, items, versions, ins, cap, _api._interpret())
+    plan.fast_routed = (sig, scale, items, versions, ins, cap, _api._interpret(), tables)
     DECODE_PLANS.remember(pattern, plan)
 
 

@@ -375,6 +375,54 @@ def test_fast_entry_serves_repeated_routed_steps(backend):
         pat(torch.randn(B, H, 1, D), k[:, :, :311], v[:, :, :311], first=first, keep=short)
 
 
+@pytest.mark.parametrize("score", ["softcap(20)", "s + rel[h, clamp(q - k, 0, 511)]"],
+                         ids=["softcap", "rel-bias"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interp)])
+def test_fast_entry_serves_scored_routed_steps(backend, score):
+    """The routed entry of a pattern with a score: repeated steps skip the full path; a
+    table written in place, or one that requires grad (its gradients come from the score
+    path), takes the full path again. Every output element against the float64 reference
+    of the mask and the score."""
+    from spattn.runtime.reference import pattern_reference
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & k >= first[b]", score=score, backend=backend)
+    g = torch.Generator().manual_seed(9)
+    B, H, D = 2, 2, 16
+    k, v = torch.randn(B, H, 400, D, generator=g), torch.randn(B, H, 400, D, generator=g)
+    ins = {"first": torch.tensor([3, 90])}
+    if "rel" in score:
+        ins["rel"] = torch.randn(H, 512, generator=g)
+    full = []
+    real = dec._step
+
+    def counted(*a, **kw):
+        full.append(a[2].shape[2])
+        return real(*a, **kw)
+
+    def step(L):
+        q = torch.randn(B, H, 1, D, generator=g)
+        with mock.patch.object(dec, "_step", counted):
+            o = pat(q, k[:, :, :L], v[:, :, :L], **ins)
+        want = pattern_reference(pat, q.double(), k[:, :, :L].double(), v[:, :, :L].double(),
+                                 **{n: t.detach().double() if t.is_floating_point() else t
+                                    for n, t in ins.items()})[0]
+        _close(f"L{L}", o.detach(), want)
+
+    with torch.no_grad():
+        for L in (300, 301, 320):
+            step(L)
+    assert full == [300]
+    if "rel" in score:
+        with torch.no_grad():
+            ins["rel"][0, :5] += 1.0                     # written in place
+            step(321)
+            step(322)
+        assert full == [300, 321]
+        ins["rel"].requires_grad_()
+        step(323)                                       # the score path, not decode
+        assert full[-1] == 323
+
+
 @interp
 def test_triton_refuses_64_bit_patterns_and_routing_falls_back():
     """A pattern whose integers need 64 bits: decode says so; pat(q, k, v) runs it on the
