@@ -438,6 +438,16 @@ def sdecode_case(seed: int) -> str:
            else 2e-3)
     _close(f"{desc} lse", lse, torch.cat(lses), atol=tol, rtol=tol if dtype == torch.bfloat16
            else 2e-3)
+    if lens is None and not paged and cap >= 256 and cap >= 4 * Lq:
+        # as routed calls: the first leaves the routed fast entry, the second takes it
+        for L in (cap, cap - 1) if cap - 1 >= max(256, 4 * Lq) else (cap, cap):
+            with torch.no_grad():
+                o = pat(q, k[:, :, :L], v[:, :, :L], **tabs)
+            ro = pattern_reference(pat, q.double(), *(t[:, :, :L].double()
+                                                      .repeat_interleave(G, 1) for t in (k, v)),
+                                   **{n: t.double() for n, t in tabs.items()})[0]
+            _close(f"{desc} routed L{L}", o, ro, atol=tol,
+                   rtol=tol if dtype == torch.bfloat16 else 2e-3)
     return desc
 
 
