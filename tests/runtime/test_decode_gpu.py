@@ -110,20 +110,29 @@ def test_growing_contiguous_cache_compiles_once():
     assert len(dec.DECODE_PLANS) == 1 and len(compiled) == 1
 
 
-@pytest.mark.parametrize("name", ["causal", "left-padding"])
+@pytest.mark.parametrize("name", ["causal", "left-padding", "softcap"])
 def test_repeated_routed_steps_fast_entry_and_bound_launches(name):
     """Routed steps of a growing cache (a model's layers, token after token): the first
     takes the full path, the others the plan's fast entry and its bound launches; a step
     captured in a CUDA graph replays right. Every step against the float64 reference."""
     from unittest import mock
-    src = {"causal": "causal", "left-padding": "causal & k >= first[b]"}[name]
-    pat = spattn.compile(src)
+    from spattn.runtime.reference import pattern_reference
+    src = {"causal": "causal", "left-padding": "causal & k >= first[b]",
+           "softcap": "causal & k >= first[b]"}[name]
+    pat = spattn.compile(src, score="softcap(30)" if name == "softcap" else None)
+
+    def _ref(pat, q, k, v, lens, ins):
+        G = q.shape[1] // k.shape[1]
+        L = lens[0]
+        return pattern_reference(pat, q.double(), k[:, :, :L].double().repeat_interleave(G, 1),
+                                 v[:, :, :L].double().repeat_interleave(G, 1), **ins)[0]
     g = torch.Generator(device="cuda").manual_seed(3)
     B, Hq, Hk, cap, D = 4, 32, 8, 4608, 128
     q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
     ins = {"first": torch.tensor([0, 397, 1200, 5], device="cuda")} if name != "causal" else {}
+    q = q * 4 if name == "softcap" else q                # scores past the softcap's knee
     dec.DECODE_PLANS.clear()
     full = []
     real = dec._step
