@@ -179,8 +179,8 @@ _static_interval = _StaticInterval()
 
 def static_interval(n: Node, box: Mapping[str, object]):
     """``n``'s interval as Python ints over ``box`` (``q``, ``k``, ``b``, ``h`` -> ``(lo,
-    hi)``; ``Lq``, ``Lk``, ``H`` -> ints), by the rules of :class:`IntervalEval`, for constants, those
-    variables, sums and ``//`` by a constant; None for anything else."""
+    hi)``; ``Lq``, ``Lk``, ``H`` -> ints), by the rules of :class:`IntervalEval`, for
+    constants, those variables, sums and ``//`` by a constant; None for anything else."""
     return _static_interval(n, box)
 
 
@@ -720,8 +720,8 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     off = query_offset(Lq, Lk, q_offset)
 
-    # (load, axis, size, shape, index, [lo, hi]): affine indices of q, k, b, h are bounded on the
-    # host (no device op); the others by the interval pass, read at once (one sync)
+    # (load, axis, size, shape, index, [lo, hi]): affine indices of q, k, b, h are bounded on
+    # the host (no device op); the others by the interval pass, read at once (one sync)
     box = {"q": (off, off + Lq - 1), "k": (0, Lk - 1), "b": (0, batch - 1),
            "h": (0, num_heads - 1), "Lq": Lq, "Lk": Lk, "H": num_heads}
     pending = []

@@ -431,8 +431,8 @@ class SpattnMask:
     """
 
     __slots__ = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "kind", "keep",
-                 "first", "seg", "unreadable", "_position_ids", "_left_padding", "_padding", "_device",
-                 "_pos")
+                 "first", "seg", "unreadable", "_position_ids", "_left_padding", "_padding",
+                 "_device", "_pos")
 
     #: transformers tells a prepared mask from a 2-D padding mask by ``ndim``: ``generate``
     #: with a static cache builds the masks before the forward, which passes them back to
@@ -440,8 +440,8 @@ class SpattnMask:
     ndim = 4
 
     def __init__(self, *, batch_size, q_length, kv_length, q_offset, kv_offset, kind, keep,
-                 seg, unreadable, first=None, position_ids=None, left_padding=None, padding=None,
-                 device=None):
+                 seg, unreadable, first=None, position_ids=None, left_padding=None,
+                 padding=None, device=None):
         self.batch_size, self.q_length, self.kv_length = batch_size, q_length, kv_length
         self.q_offset, self.kv_offset = q_offset, kv_offset
         self.kind, self.keep, self.seg, self.unreadable = kind, keep, seg, unreadable
@@ -472,7 +472,8 @@ class SpattnMask:
     def __repr__(self):
         return (f"SpattnMask({_kind_text(self.kind)}, B={self.batch_size}, Lq={self.q_length}, "
                 f"Lk={self.kv_length}, q_offset={self.q_offset}, kv_offset={self.kv_offset}, "
-                f"padding={self.keep is not None or self.first is not None}, packed={self.seg is not None})")
+                f"padding={self.keep is not None or self.first is not None}, "
+                f"packed={self.seg is not None})")
 
 
 def spattn_mask(batch_size: int, q_length: int | None = None, kv_length: int | None = None,

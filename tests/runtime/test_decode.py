@@ -328,9 +328,9 @@ def test_triton_bucket_reuse_one_kernel():
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interp)])
 def test_fast_entry_serves_repeated_routed_steps(backend):
-    """A routed step with runtime inputs (or any on Triton) that repeats its plan's last call (same q shape, scale and
-    inputs, unchanged) skips the full path's checks (``decode.fast_routed``) while the cache
-    grows within the bucket; a new or rewritten input, another scale or another bucket takes
+    """A routed step with runtime inputs (or any on Triton) that repeats its plan's last
+    call (same q shape, scale and inputs, unchanged) skips the full path's checks
+    (``decode.fast_routed``) while the cache grows within the bucket; a new or rewritten input, another scale or another bucket takes
     the full path again; an input that covers only the capacity it was checked at is
     checked again past it. Every output element against the float64 reference."""
     dec.DECODE_PLANS.clear()
