@@ -423,6 +423,31 @@ def test_fast_entry_serves_scored_routed_steps(backend, score):
         assert full[-1] == 323
 
 
+_SPECS: dict = {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.integers(-2 ** 40, 2 ** 40), st.sampled_from([0, 1, 16, -16, 2 ** 31 - 1,
+                                                                2 ** 31, -2 ** 31,
+                                                                -2 ** 31 - 1, 2 ** 32])),
+       st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.int32,
+                        torch.int64]), st.integers(0, 7), st.booleans())
+def test_launch_spec_decides_what_triton_specialises(value, dtype, offset, free):
+    """A bound decode launch serves every later launch of its ``decode._launch_spec``: two
+    arguments with one spec must get one specialisation from Triton's own
+    ``native_specialize_impl`` (ints: width, divisibility by 16, equality to 1, only the
+    width for ``do_not_specialize``; tensors: dtype and 16-byte alignment)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    t = torch.empty(16, dtype=dtype)[offset:]
+    for arg in (value, t):
+        spec = dec._launch_spec((arg,), 1 if free else 0)
+        native = native_specialize_impl(BaseBackend, arg, False, not free, True)
+        native = (str(native[0]), str(native[1]))
+        seen = _SPECS.setdefault((free, spec), native)
+        assert seen == native, f"{arg!r}: spec {spec} has {seen} and {native}"
+
+
 @interp
 def test_triton_refuses_64_bit_patterns_and_routing_falls_back():
     """A pattern whose integers need 64 bits: decode says so; pat(q, k, v) runs it on the
