@@ -708,6 +708,12 @@ def _loads_postorder(ir: Node) -> tuple:
     return tuple(seen)
 
 
+def _call_box(Lq: int, Lk: int, off: int, num_heads: int, batch: int) -> dict:
+    """The :func:`static_interval` box of a call: every variable's range over its domain."""
+    return {"q": (off, off + Lq - 1), "k": (0, Lk - 1), "b": (0, batch - 1),
+            "h": (0, num_heads - 1), "Lq": Lq, "Lk": Lk, "H": num_heads}
+
+
 def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk: int, *,
                        num_heads: int = 1, batch: int = 1, q_offset=None, checked=None) -> None:
     """Raise :class:`SpattnInputError` when an input is too short for the positions it is indexed with.
@@ -722,8 +728,7 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
 
     # (load, axis, size, shape, index, [lo, hi]): affine indices of q, k, b, h are bounded on
     # the host (no device op); the others by the interval pass, read at once (one sync)
-    box = {"q": (off, off + Lq - 1), "k": (0, Lk - 1), "b": (0, batch - 1),
-           "h": (0, num_heads - 1), "Lq": Lq, "Lk": Lk, "H": num_heads}
+    box = _call_box(Lq, Lk, off, num_heads, batch)
     pending = []
     for ld in _loads_postorder(ir):
         t = inputs[ld.name]
@@ -776,8 +781,7 @@ def check_list_bounds(pattern, Lq: int, Lk: int, *, num_heads: int = 1, batch: i
     if not lists:
         return
     off = query_offset(Lq, Lk, q_offset)
-    box = {"q": (off, off + Lq - 1), "k": (0, Lk - 1), "Lq": Lq, "Lk": Lk, "H": num_heads,
-           "h": (0, num_heads - 1), "b": (0, batch - 1)}
+    box = _call_box(Lq, Lk, off, num_heads, batch)
     hulls = [static_interval(n.index, box) for n in lists]
     if any(h is None for h in hulls):
         ins = _dummy_inputs(ir, inputs, None)

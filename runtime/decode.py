@@ -485,8 +485,7 @@ class DecodePlan:
 
     def run_triton(self, q, k, v, *, lk: int, q_shift: int, seq_lens, page_table, page_size,
                    num_pages, scale: float, inputs: dict, tables=None):
-        from .triton_backend import (LOG2E, BoundLaunch, _dot_prec, _input_args, _scale_log2,
-                                     _score_args)
+        from .triton_backend import LOG2E, _dot_prec, _input_args, _scale_log2, _score_args
         B, Hq, Lq, D = q.shape
         o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -509,31 +508,16 @@ class DecodePlan:
                 pages, stride_pages, max(1, num_pages), seq, *self._input_args[1],
                 *((LOG2E, scale) if self.scored else (_scale_log2(scale),)),
                 Hq, Hq // self.Hk, Lq, lk, q_shift, cap)
-        cuda = q.is_cuda
-        key = _launch_spec(args, 3) if cuda else None
-        launch = self._launches.get(key)
-        if launch is None or not launch(*args):
-            grid = (self.groups, self.splits)
-            meta = dict(PACK=self.pack, NUM_SPLITS=self.splits, PAGE_SIZE=max(1, page_size),
-                        PAGED=page_table is not None, HAS_SEQ=seq_lens is not None,
-                        BLOCK_M=self.block_m, BLOCK_N=self.config.block_n,
-                        BLOCK_D=self.config.block_d, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
-                        num_warps=self.config.num_warps, num_stages=self.config.num_stages)
-            compiled = self.module.KERNEL[grid](*args, **meta)
-            if cuda and len(self._launches) < BOUND_LAUNCHES:
-                self._launches[key] = BoundLaunch.of(self.module.KERNEL, compiled, grid, args,
-                                                     meta, q.device)
-        args = (self.o_part, self.lse_part, o, lse, *o.stride(), Hq, Lq)
-        key = _launch_spec(args, 0) if cuda else None
-        launch = self._combines.get(key)
-        if launch is None or not launch(*args):
-            grid = (self.groups, self.pack * Lq)
-            meta = dict(PACK=self.pack, NUM_SPLITS=self.splits, BLOCK_M=self.block_m,
-                        BLOCK_D=self.config.block_d, HEAD_DIM=D, num_warps=4)
-            compiled = self.module.COMBINE[grid](*args, **meta)
-            if cuda and len(self._combines) < BOUND_LAUNCHES:
-                self._combines[key] = BoundLaunch.of(self.module.COMBINE, compiled, grid, args,
-                                                     meta, q.device)
+        _launch(self._launches, self.module.KERNEL, (self.groups, self.splits), args, 3,
+                dict(PACK=self.pack, NUM_SPLITS=self.splits, PAGE_SIZE=max(1, page_size),
+                     PAGED=page_table is not None, HAS_SEQ=seq_lens is not None,
+                     BLOCK_M=self.block_m, BLOCK_N=self.config.block_n,
+                     BLOCK_D=self.config.block_d, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
+                     num_warps=self.config.num_warps, num_stages=self.config.num_stages))
+        _launch(self._combines, self.module.COMBINE, (self.groups, self.pack * Lq),
+                (self.o_part, self.lse_part, o, lse, *o.stride(), Hq, Lq), 0,
+                dict(PACK=self.pack, NUM_SPLITS=self.splits, BLOCK_M=self.block_m,
+                     BLOCK_D=self.config.block_d, HEAD_DIM=D, num_warps=4))
         return o, lse
 
     # -- CPU -----------------------------------------------------------------
@@ -641,7 +625,7 @@ class DecodePlan:
         """The :class:`_Step`: per group of batch elements (one group for the batch when
         the lengths are equal, the cache is contiguous and the pattern reads neither ``b``
         nor per-batch inputs) the :class:`_Segment` s of its allowed keys."""
-        B, Lq, Hk, G, dev = self.B, self.Lq, self.Hk, self.Hq // self.Hk, self.device
+        B, Lq, G, dev = self.B, self.Lq, self.Hq // self.Hk, self.device
         shared = (not self.paged and len(set(lens)) == 1 and "b" not in self.uses
                   and all(inputs[n].dim() == nd for n, nd in self.pattern.inputs.items()))
         if shared:
@@ -671,20 +655,12 @@ class DecodePlan:
             if gather is not None:
                 out.append((b0, b1, gather))
                 continue
-            if not self.paged:       # long runs: views; the others: one copied segment
-                per_key = Hk * self.D * self.dtype.itemsize * 2
-                big = [r for r in runs if len(runs) == 1 or (r[1] - r[0]) * per_key >= VIEW_BYTES]
-                small = [r for r in runs if r not in big]
-                segs = [[r] for r in big] + ([small] if small else [])
-            else:
-                segs = [runs]
+            segs = self._segments(runs)
             order = [r for seg in segs for r in seg]
             n = sum(z - a for a, z in order)
             add = None
-            if m_part is not None:          # [1 or Hq, Lq, n_part] over the keys of `part`
-                n_part = m_part.shape[-1]
-                mk = m_part.reshape(Hk, G * Lq, n_part) if m_part.shape[0] > 1 else \
-                    m_part.unsqueeze(1).expand(1, G, Lq, n_part).reshape(1, G * Lq, n_part)
+            if m_part is not None:
+                mk = self._grouped_rows(m_part)
                 add = _fill((1, mk.shape[0], G * Lq, n), 0.0, self.dtype, dev)
                 vals = torch.where(mk, 0.0, float("-inf")).to(self.dtype)
                 at = 0
@@ -716,6 +692,25 @@ class DecodePlan:
                 one = (*s.runs[0], s.mask)
         return _Step(tuple(out), one)
 
+    def _segments(self, runs):
+        """The kernel calls of a step's key ``runs``: on a contiguous cache each run of at
+        least :data:`VIEW_BYTES` of K and V a call of its own (a view), the others one call
+        copied together; on a paged cache one call (gathered)."""
+        if self.paged:
+            return [runs]
+        per_key = self.Hk * self.D * self.dtype.itemsize * 2
+        big = [r for r in runs if len(runs) == 1 or (r[1] - r[0]) * per_key >= VIEW_BYTES]
+        small = [r for r in runs if r not in big]
+        return [[r] for r in big] + ([small] if small else [])
+
+    def _grouped_rows(self, m_part):
+        """The pattern ``[1 or Hq, Lq, n]`` at a step's partial keys as the kernel's rows
+        ``[Hk or 1, G * Lq, n]`` (the query heads of a key head folded into its rows)."""
+        G, Lq, n = self.Hq // self.Hk, self.Lq, m_part.shape[-1]
+        if m_part.shape[0] > 1:
+            return m_part.reshape(self.Hk, G * Lq, n)
+        return m_part.unsqueeze(1).expand(1, G, Lq, n).reshape(1, G * Lq, n)
+
     def _batched_step(self, keyed, lens: tuple):
         """The step of batch elements whose allowed keys differ (a per-batch input such as
         a padding mask, or a pattern of ``b``) as one group: one kernel call per segment of
@@ -735,10 +730,7 @@ class DecodePlan:
         B, Lq, Hk, G, dev = self.B, self.Lq, self.Hk, self.Hq // self.Hk, self.device
         if not union or B * width > BATCH_MERGE_RATIO * seen + (B - 1) * BATCH_MERGE_KEYS:
             return None
-        per_key = Hk * self.D * self.dtype.itemsize * 2
-        big = [r for r in union if len(union) == 1 or (r[1] - r[0]) * per_key >= VIEW_BYTES]
-        small = [r for r in union if r not in big]
-        segs = [[r] for r in big] + ([small] if small else [])
+        segs = self._segments(union)
         order = [r for seg in segs for r in seg]
         heads = Hk if any(m is not None and m.shape[0] > 1 for _, _, (_, _, m) in keyed) else 1
         allow = torch.zeros((B, heads, G * Lq, width), dtype=torch.bool, device=dev)
@@ -746,10 +738,8 @@ class DecodePlan:
             for a, z in runs:       # each run lies in one run of the union: contiguous columns
                 c = _column(order, a)
                 allow[b, :, :, c:c + z - a] = True
-            if m_part is not None:  # [1 or Hq, Lq, n_part] over the keys of `part`
-                n_part = m_part.shape[-1]
-                mk = m_part.reshape(Hk, G * Lq, n_part) if m_part.shape[0] > 1 else \
-                    m_part.unsqueeze(1).expand(1, G, Lq, n_part).reshape(1, G * Lq, n_part)
+            if m_part is not None:
+                mk = self._grouped_rows(m_part)
                 at = 0
                 for a, z in part:
                     c = _column(order, a)
@@ -1416,6 +1406,21 @@ def _merge_closed(ivs):
     return [(a, z - 1) for a, z in _merge([(lo, hi + 1) for lo, hi in ivs])]
 
 
+def _launch(bound: dict, kernel, grid, args: tuple, free: int, meta: dict) -> None:
+    """Launch ``kernel`` on ``grid``: through the launch ``bound`` keeps for the arguments'
+    :func:`_launch_spec` (``free``: its last ints that are ``do_not_specialize``), else
+    through Triton's JIT, whose compiled kernel is then bound for that spec (CUDA; at most
+    :data:`BOUND_LAUNCHES` specs)."""
+    cuda = args[0].is_cuda
+    key = _launch_spec(args, free) if cuda else None
+    launch = bound.get(key)
+    if launch is None or not launch(*args):
+        compiled = kernel[grid](*args, **meta)
+        if cuda and len(bound) < BOUND_LAUNCHES:
+            from .triton_backend import BoundLaunch
+            bound[key] = BoundLaunch.of(kernel, compiled, grid, args, meta, args[0].device)
+
+
 def _launch_spec(args: tuple, free: int) -> tuple:
     """What Triton's JIT specialises a launch of ``args`` on (``native_specialize_impl``'s
     rules, written out: a tensor's dtype and 16-byte alignment, an int's width, its
@@ -1689,6 +1694,20 @@ _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
 
 
+def _remembered(pattern, q, k, v):
+    """The plan :data:`DECODE_PLANS` remembers for ``pattern`` (its fast entries' plan),
+    or None: under tracing, or for q, k, v not all of the exact type ``torch.Tensor``."""
+    if _is_dynamo_compiling():      # first: torch.compile traces none of the rest
+        return None
+    hit = _LAST.get(id(pattern))
+    if hit is None or hit[0] is not pattern:
+        return None
+    T = _TENSOR
+    if type(q) is not T or type(k) is not T or type(v) is not T:
+        return None     # subclasses (and the fake tensors of other tracers) take the full path
+    return hit[1]
+
+
 def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     """The output of a CPU step of a plan that served a call like this one, or None.
 
@@ -1705,19 +1724,11 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     them: one public SDPA call on a view when the step is one
     call (any strides), else :meth:`DecodePlan.run_torch`. Anything else returns None and
     takes the full path."""
-    if _is_dynamo_compiling():      # first: torch.compile traces none of the rest
-        return None
-    hit = _LAST.get(id(pattern))
-    if hit is None or hit[0] is not pattern:
-        return None
-    plan = hit[1]
-    fast = plan.fast
+    plan = _remembered(pattern, q, k, v)
+    fast = None if plan is None else plan.fast
     if fast is None:
         return None
     sig, value, grouped = fast
-    T = _TENSOR
-    if type(q) is not T or type(k) is not T or type(v) is not T:
-        return None     # subclasses (and the fake tensors of other tracers) take the full path
     try:
         ks = k.shape
         if (q.shape, ks[0], ks[1], ks[3], q.dtype, scale, routed, seq_lens is not None,
@@ -1748,7 +1759,7 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
                 return None
             plan._last_step = (L, VIEW_BYTES, step)
     else:
-        if type(seq_lens) is not T or not seq_lens.is_cpu or seq_lens.shape != (B,) \
+        if type(seq_lens) is not _TENSOR or not seq_lens.is_cpu or seq_lens.shape != (B,) \
                 or seq_lens.dtype not in _INT_DTYPES:
             return None
         lens = tuple(seq_lens.tolist())
@@ -1787,19 +1798,11 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None):
     routes (at least :data:`ROUTE_MIN_LK` and ``4 * Lq`` keys) passes every check of the
     full path for the same reasons: the plan's step runs without them (on Triton its two
     launches). Anything else returns None (the full path)."""
-    if _is_dynamo_compiling():
-        return None
-    hit = _LAST.get(id(pattern))
-    if hit is None or hit[0] is not pattern:
-        return None
-    plan = hit[1]
-    fast = plan.fast_routed
+    plan = _remembered(pattern, q, k, v)
+    fast = None if plan is None else plan.fast_routed
     if fast is None:
         return None
     sig, value, given, versions, ins, cap_ok, interpreted, tables = fast
-    T = _TENSOR
-    if type(q) is not T or type(k) is not T or type(v) is not T:
-        return None
     try:
         ks = k.shape
         if (q.shape, ks[0], ks[1], ks[3], q.dtype, q.device, scale) != sig or v.shape != ks:

@@ -104,6 +104,21 @@ def left_padded(lengths, L, seed=1):
     return ids, am
 
 
+def eager_then_decoded(model, lengths, L, *, seed, new):
+    """Greedy ``generate`` of ``new`` tokens for left-padded prompts (:func:`left_padded`),
+    with eager attention and then with spattn: ``(eager tokens, spattn tokens, the decode
+    plans spattn's generation built)``."""
+    from spattn.runtime import decode as dec
+    ids, am = left_padded(lengths, L, seed=seed)
+    kw = dict(attention_mask=am, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        use_spattn(model)
+        dec.DECODE_PLANS.clear()
+        out = model.generate(ids, **kw)
+    return ref, out, list(dec.DECODE_PLANS._plans.values())
+
+
 def rel_err(out, ref, sel):
     return float((out - ref)[sel].abs().max() / ref[sel].abs().max())
 
@@ -458,17 +473,10 @@ def test_gemma2_softcapping_matches_eager():
 def test_gemma2_softcapped_generation_on_the_decode_path():
     """Past 256 cached keys each generated token's attention (Lq = 1, padding as a runtime
     input, softcap(50) as the score) runs on spattn's decode path: the tokens match eager."""
-    from spattn.runtime import decode as dec
     model = model_of(tiny("Gemma2Config", num_hidden_layers=2, sliding_window=300,
                           query_pre_attn_scalar=16, attn_logit_softcapping=50.0))
-    ids, am = left_padded([290, 270], 290, seed=3)
-    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        gen_ref = model.generate(ids, **kw)
-        use_spattn(model)
-        dec.DECODE_PLANS.clear()
-        gen = model.generate(ids, **kw)
-    assert any(p.scored for p in dec.DECODE_PLANS._plans.values())
+    gen_ref, gen, plans = eager_then_decoded(model, [290, 270], 290, seed=3, new=4)
+    assert any(p.scored for p in plans)
     assert torch.equal(gen, gen_ref)
 
 
@@ -505,17 +513,9 @@ def test_left_padded_generation_keeps_one_decode_plan():
     """Batched generation with left padding past 256 keys: every generated token's
     attention runs on the decode path with one plan (the padding is one tensor for the
     whole generation), and the tokens match eager."""
-    from spattn.runtime import decode as dec
     model = model_of(CONFIGS["llama"]())
-    ids, am = left_padded([290, 262, 281], 290, seed=4)
-    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        ref = model.generate(ids, **kw)
-        use_spattn(model)
-        dec.DECODE_PLANS.clear()
-        out = model.generate(ids, **kw)
+    ref, out, plans = eager_then_decoded(model, [290, 262, 281], 290, seed=4, new=5)
     assert torch.equal(out, ref)
-    plans = list(dec.DECODE_PLANS._plans.values())
     assert len(plans) == 1 and "first[b]" in plans[0].pattern.source
 
 
