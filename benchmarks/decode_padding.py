@@ -8,7 +8,8 @@ one of two ways:
   every token (one new tensor per token, shared by the layers);
 * ``first``: ``causal & k >= first[b]`` with ``first [B]`` the first real key of each row,
   one tensor for the whole generation (what ``spattn.integrations.transformers`` passes for
-  a left padding).
+  a left padding); its decode kernel takes its key ranges from ``first[b]``
+  (``ranges``); with ``--scan`` also ``first-scan``, the same on the ``scan`` strategy.
 
 Against dense SDPA with the boolean mask ``[B, 1, 1, L]`` (``enable_gqa=True``). Rivals in
 alternating rounds in one process (the order flips every round); a round's figure is the
@@ -16,7 +17,7 @@ wall time per token (all layers, synchronised at the token's end), median over t
 the spattn outputs are checked against SDPA's first.
 
     python benchmarks/decode_padding.py [--device cuda] [--batch 8] [--heads 32/8] [--dim 128]
-        [--length 4096] [--tokens 64] [--layers 32] [--rounds 5] [--out DIR]
+        [--length 4096] [--tokens 64] [--layers 32] [--rounds 5] [--scan] [--out DIR]
 
 The table is printed last; rows go to ``DIR/decode_padding.json``.
 """
@@ -47,6 +48,9 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch threads (0: default)")
+    ap.add_argument("--scan", action="store_true",
+                    help="also time `first` on the scan strategy (the kernel's key ranges "
+                         "without the closed form that reads first[b])")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.threads:
@@ -77,6 +81,14 @@ def main():
         elif name == "first":
             for layer in range(a.layers):
                 by_first(qs[layer % 4], kk, vv, first=first)
+        elif name == "first-scan":                  # plans built without the closed form
+            kernel_cf = dec._kernel_closed_form
+            dec._kernel_closed_form = lambda pattern: None
+            try:
+                for layer in range(a.layers):
+                    by_first(qs[layer % 4], kk, vv, first=first)
+            finally:
+                dec._kernel_closed_form = kernel_cf
         else:
             mask = am[:, None, None, :L]
             for layer in range(a.layers):
@@ -95,7 +107,7 @@ def main():
             print(f"{name}: max error {err:.2e} against float64 SDPA", file=sys.stderr)
             if err > (2e-2 if dtype == torch.bfloat16 else 1e-4):
                 sys.exit(f"{name} differs from SDPA")
-        names = ["sdpa", "keep", "first"]
+        names = ["sdpa", "keep", "first"] + (["first-scan"] if a.scan else [])
         for name in names:                           # warm-up: compile, plans, first steps
             for t in range(3):
                 run(name, t)

@@ -9,7 +9,8 @@ decode path) and of the prefill. Every spattn run must produce the tokens SDPA p
 the decode plans spattn built during a generation are counted.
 
     python benchmarks/hf_generate.py [--batch 4] [--prompt 600] [--new 40] [--layers 4]
-        [--threads 1] [--rounds 5] [--device cpu] [--out DIR]
+        [--threads 1] [--rounds 5] [--device cpu] [--dtype float32|bfloat16]
+        [--cache dynamic|static] [--out DIR]
 
 Progress goes to stderr; the table is printed last; the rows go to ``DIR/hf_generate.json``
 with their per-round times.
@@ -66,6 +67,12 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"],
+                    help="transformers' KV cache (static: every layer gets all its slots)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="generate(disable_compile=True): transformers compiles the decoding "
+                         "step of a static cache on CUDA by default")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.threads:
@@ -77,7 +84,7 @@ def main():
                                    head_dim=a.head_dim, pad_token_id=0)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
-        cfg, attn_implementation="sdpa", dtype=torch.float32).to(a.device).eval()
+        cfg, attn_implementation="sdpa", dtype=getattr(torch, a.dtype)).to(a.device).eval()
     L = a.prompt
     pads = [0, L // 12, L // 3, 7, L // 5, 1, L // 2, 30][:a.batch] + [0] * max(0, a.batch - 8)
     ids = torch.randint(1, 1000, (a.batch, L))
@@ -88,6 +95,10 @@ def main():
     ids, am = ids.to(a.device), am.to(a.device)
     kw = dict(attention_mask=am, max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False,
               pad_token_id=0)
+    if a.cache == "static":
+        kw["cache_implementation"] = "static"
+    if a.no_compile:
+        kw["disable_compile"] = True
     acc: dict = {}
     AttentionInterface.register("sdpa", _timed("sdpa", sdpa_attention_forward, acc))
     AttentionInterface.register(sphf.NAME, _timed("spattn", sphf.spattn_attention_forward, acc))
@@ -131,7 +142,7 @@ def main():
             json.dump(result, f, indent=1)
     print(f"B={a.batch} prompt={L} (left paddings {pads}) new={a.new} layers={a.layers} "
           f"heads={a.heads}/{a.kv_heads} D={a.head_dim} threads={torch.get_num_threads()} "
-          f"{a.device}")
+          f"{a.cache} cache{' (not compiled)' if a.no_compile else ''}, {a.dtype}, {a.device}")
     print("| | decode attention us/call | prefill attention ms | generate s | plans |")
     print("|---|---|---|---|---|")
     for name in ("sdpa", "spattn"):

@@ -93,3 +93,38 @@ def validate_inputs(declared: Mapping[str, int], given: Mapping[str, object], *,
 
 def _dims(n: int) -> str:
     return ", ".join("·" for _ in range(n))
+
+
+#: The most elements a runtime input may have to be read into a pattern as a list
+#: (:func:`loads_as_lists`).
+LIST_INPUT_MAX = 4096
+
+
+def loads_as_lists(ir, inputs: Mapping[str, torch.Tensor]):
+    """``ir`` with every load of a runtime input replaced by a constant list of the input's
+    values (``Table``) indexed by the load's index, where each index is uniform (``b``,
+    ``h``, constants: one value per batch element and head, as ``first[b]``), the input has
+    no leading dims and at most :data:`LIST_INPUT_MAX` elements; None where the IR loads
+    nothing or some load is of another kind.
+
+    The result is the pattern at these inputs' values (for as long as they keep them), with
+    no loads: the closed form and the host functions of the interval analysis take it, where
+    they take no loads. The indices must have been checked in range (``ir.bounds``)."""
+    from . import build as B
+    from .intervals import replace
+    from .nodes import Load, walk
+    loads = {n for n in walk(ir) if isinstance(n, Load)}
+    if not loads:
+        return None
+    out = ir
+    for ld in sorted(loads, key=repr):
+        t = inputs.get(ld.name)
+        if t is None or t.dim() != len(ld.index) or t.numel() > LIST_INPUT_MAX \
+                or not all(B.is_uniform(i) for i in ld.index):
+            return None
+        flat, stride = B.const(0), 1
+        for i, n in reversed(list(zip(ld.index, t.shape))):
+            flat = B.add(flat, B.mul(i, B.const(stride)))
+            stride *= n
+        out = replace(out, ld, B.table(t.reshape(-1).tolist(), flat, name=ld.name))
+    return out

@@ -62,8 +62,8 @@ from . import build as B
 from .bounds import analyse, call_domain, require
 from .evaluate import evaluate
 from .inputs import check_lengths, query_offset
-from .intervals import lift
-from .nodes import And, BoolConst, Const, FloorDiv, Node, Not, Or, Range, Var
+from .intervals import lift, replace
+from .nodes import And, BoolConst, Const, FloorDiv, Load, Node, Not, Or, Range, Var, walk
 from .visitor import Visitor, rule
 
 MAX_INTERVALS = 4
@@ -423,6 +423,43 @@ def closed_form(ir) -> Optional[ClosedForm]:
     """
     ir = ir.ir if hasattr(ir, "ir") else ir
     return _closed_form(ir)
+
+
+def closed_form_with_loads(ir) -> Optional[ClosedForm]:
+    """The closed form of ``ir`` (a Pattern or IR) whose loads of runtime inputs at uniform
+    indices (``first[b]``, ``lim[h]``: one value per program) count as uniform values, like
+    ``b`` or a list entry; None when it loads nothing so, loads at other indices, or is not
+    affine. The bounds then hold those loads: a kernel that computes them reads one element
+    per load (the decode kernel's ranges); the host evaluates them with the inputs.
+
+    Each such load stands in as a fresh variable through the solving, and is put back in
+    the bounds (the variable's name cannot be written in a pattern)."""
+    ir = ir.ir if hasattr(ir, "ir") else ir
+    loads = sorted({n for n in walk(ir) if isinstance(n, Load)
+                    and all(B.is_uniform(i) for i in n.index)}, key=repr)
+    if not loads:
+        return None
+    stand = [(ld, Var(f"$load{i}")) for i, ld in enumerate(loads)]
+    spec = ir
+    for ld, var in stand:
+        spec = replace(spec, ld, var)
+    if any(isinstance(n, Load) for n in walk(spec)):
+        return None
+    cf = _closed_form(spec)
+    if cf is None:
+        return None
+
+    def back(n):
+        if n is None:
+            return None
+        for ld, var in stand:
+            n = replace(n, var, ld)
+        return n
+
+    def ivs(group):
+        return tuple(Interval(back(iv.lo), back(iv.hi), back(iv.flo), back(iv.fhi))
+                     for iv in group)
+    return ClosedForm(ivs(cf.rows), ivs(cf.cols), ir)
 
 
 # ------------------------------------------------------------------ evaluation per tile

@@ -353,8 +353,13 @@ class DecodePlan:
         ins64 = {n: t.to(torch.int64) for n, t in inputs.items()}
         bounds.check_call(pattern, bucket_len, bucket_len, num_heads=Hq, batch=B, q_offset=0,
                           inputs=ins64)
-        cf = get_closed_form(pattern)
-        self.closed_form = cf if cf is not None and ranges_ok(cf) else None
+        if backend == "triton":
+            self.closed_form = _kernel_closed_form(pattern)
+        else:
+            cf = get_closed_form(pattern)
+            self.closed_form = cf if cf is not None and ranges_ok(cf) else None
+            if self.closed_form is None and inputs:
+                self.closed_form = _closed_form_at(pattern, ins64)
         self.uses = uses = _variables(pattern.ir)
         per_head = any(t.dim() - nd >= 2 and t.shape[1] > 1
                        for (n, nd), t in ((x, inputs[x[0]]) for x in pattern.inputs.items()))
@@ -1460,6 +1465,42 @@ def _runs(flags: torch.Tensor):
     return list(zip(starts, ends))
 
 
+def _kernel_closed_form(pattern):
+    """The closed form the decode kernel computes its key ranges from: the pattern's own,
+    else (``ir.ranges.closed_form_with_loads``) one whose bounds read runtime inputs at
+    uniform indices, one element per program (``k >= first[b]``: a left padding's tiles
+    skipped, the FULL ones without the predicate); None (the ``scan`` strategy) without
+    either."""
+    from ..codegen.config import get_closed_form, ranges_ok
+    from ..ir.ranges import closed_form_with_loads
+    cf = get_closed_form(pattern)
+    if cf is None and pattern.inputs:
+        try:
+            cf = closed_form_with_loads(pattern)
+        except Exception:       # the analysis failing leaves the scan strategy
+            cf = None
+    return cf if cf is not None and ranges_ok(cf) else None
+
+
+def _closed_form_at(pattern, inputs: dict):
+    """The closed form of ``pattern`` at the values of its runtime ``inputs`` (int64), where
+    it loads them only at uniform indices, as ``first[b]`` (``ir.inputs.loads_as_lists``),
+    else None. A CPU plan holds its inputs' values for its lifetime (plans are keyed by
+    their inputs' identity and version), so its steps can build from the rows' intervals
+    instead of evaluating the pattern over every key."""
+    from ..codegen.config import ranges_ok
+    from ..ir.inputs import loads_as_lists
+    from ..ir.ranges import closed_form
+    spec = loads_as_lists(pattern.ir, inputs)
+    if spec is None:
+        return None
+    try:
+        cf = closed_form(spec)
+    except Exception:       # the analysis failing leaves the predicate's build
+        return None
+    return cf if cf is not None and ranges_ok(cf) else None
+
+
 def _variables(ir) -> frozenset:
     """The variable names an IR mentions."""
     from ..ir.nodes import free_vars
@@ -1663,11 +1704,8 @@ def kernel_text(pattern, *, head_dim: int = 128, dtype="bf16", device=None,
                 interpret: bool = False) -> tuple[str, str]:
     """``(file name, text)`` of the decode module of ``pattern`` (header line included), as
     a decode step on ``device`` would generate it (GPU defaults unless ``interpret``)."""
-    from ..codegen.config import ranges_ok
-    from ..codegen.config import get_closed_form
     from .cache import HEADER_PREFIX, _digest
-    cf = get_closed_form(pattern)
-    cf = cf if cf is not None and ranges_ok(cf) else None
+    cf = _kernel_closed_form(pattern)
     config = default_config(cf, head_dim, dtype, interpret,
                             scored=getattr(pattern, "score", None) is not None,
                             device_type="cuda" if device is None else torch.device(device).type)
@@ -1782,7 +1820,7 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     return o.view(q.shape)
 
 
-def fast_routed(pattern, q, k, v, scale=None, inputs=None):
+def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
     """The output of a routed decode step (``pat(q, k, v, **inputs)``) that repeats the
     call that made its plan's entry (``DecodePlan.fast_routed``: Triton plans, and torch
     plans of calls with runtime inputs or a score, which :func:`fast_step` does not take),
@@ -1797,12 +1835,17 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None):
     shaped like k, whose cache lies in the plan's bucket, within the checked capacity, and
     routes (at least :data:`ROUTE_MIN_LK` and ``4 * Lq`` keys) passes every check of the
     full path for the same reasons: the plan's step runs without them (on Triton its two
-    launches). Anything else returns None (the full path)."""
+    launches). A call with a ``q_offset`` repeats one of the same ``q_offset`` and cache
+    length (the layers of a token over a static cache). Anything else returns None (the
+    full path)."""
     plan = _remembered(pattern, q, k, v)
     fast = None if plan is None else plan.fast_routed
     if fast is None:
         return None
-    sig, value, given, versions, ins, cap_ok, interpreted, tables = fast
+    sig, value, given, versions, ins, cap_ok, interpreted, tables, at = fast
+    if q_offset is not None and (at is None or type(q_offset) is not int
+                                 or q_offset != at[1]):
+        return None
     try:
         ks = k.shape
         if (q.shape, ks[0], ks[1], ks[3], q.dtype, q.device, scale) != sig or v.shape != ks:
@@ -1816,7 +1859,7 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None):
         return None
     L, bk, Lq = ks[2], plan.bucket, sig[0][2]
     if L > cap_ok or L > bk or (L <= bk >> 1 and bk > MIN_BUCKET) or L < ROUTE_MIN_LK \
-            or L < 4 * Lq:
+            or L < 4 * Lq or (at is not None and (q_offset is None or L != at[0])):
         return None
     if len(inputs or ()) != len(given) or _api._interpret() != interpreted:
         return None
@@ -1825,13 +1868,15 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None):
         x = inputs.get(name)
         if x is not t or data_version(x) != v0 or (grad and x.requires_grad):
             return None             # (a score's table that requires grad: the score path)
+    shift = 0 if at is None else at[1] - (L - Lq)
     if plan.backend == "triton":
-        return plan.run_triton(q, k, v, lk=L, q_shift=0, seq_lens=None, page_table=None,
+        return plan.run_triton(q, k, v, lk=L, q_shift=shift, seq_lens=None, page_table=None,
                                page_size=0, num_pages=0, scale=value, inputs=ins,
                                tables=tables)[0]
     if plan.scored:
-        return plan.run_scored_torch(q, k, v, (L,) * ks[0], 0, None, 0, value, ins, tables)[0]
-    return plan.run_torch(q, k, v, (L,) * ks[0], 0, None, 0, value, ins, False)[0]
+        return plan.run_scored_torch(q, k, v, (L,) * ks[0], shift, None, 0, value, ins,
+                                     tables)[0]
+    return plan.run_torch(q, k, v, (L,) * ks[0], shift, None, 0, value, ins, False)[0]
 
 
 def _fast_build(plan, lens: tuple, L: int, Lq: int, whole: bool):
@@ -2039,27 +2084,33 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
                 and (scale_arg is None or type(scale_arg) is float):
             _keep_fast(pattern, plan, q, k_cache, scale_arg, scale, seq_lens is not None,
                        routed)
-    if routed and q_offset is None and not return_lse and o.dtype == out_dtype \
-            and (backend == "triton" or given or scored) and plan.tables_ok \
+    if routed and not return_lse and o.dtype == out_dtype \
+            and (backend == "triton" or given or scored or q_offset is not None) \
+            and plan.tables_ok and (q_offset is None or type(q_offset) is int) \
             and getattr(pattern, "grid", None) is None \
             and (scale_arg is None or type(scale_arg) is float) \
             and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _keep_fast_routed(pattern, plan, q, k_cache, scale_arg, scale, given, ins, cap, floats)
+        _keep_fast_routed(pattern, plan, q, k_cache, scale_arg, scale, given, ins, cap, floats,
+                          None if q_offset is None else (cap, q_offset))
     if o.dtype != out_dtype:
         o = o.to(out_dtype)
     return (o, lse) if return_lse else o
 
 
-def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap, tables):
+def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap, tables, at):
     """Leave the entry :func:`fast_routed` reads in ``plan`` (see there), and the plan with
-    :data:`DECODE_PLANS` for the pattern."""
+    :data:`DECODE_PLANS` for the pattern; ``at``: ``(cache length, q_offset)`` of a call
+    with a ``q_offset`` (its checks hold at that length and offset only), else None."""
     ks = k.shape
     sig = (q.shape, ks[0], ks[1], ks[3], q.dtype, q.device, scale_arg)
     names = tuple(sorted(given))
     items = tuple((n, given[n]) for n in names)
     versions = tuple(data_version(t) for _, t in items)
     old = plan.fast_routed
-    if old is not None and old[0] == sig and old[2] == items and old[3] == versions:
+    if at is not None:
+        pass                            # checked at this length and offset: cap stays
+    elif old is not None and old[0] == sig and old[2] == items and old[3] == versions \
+            and old[8] is None:
         cap = max(cap, old[5])          # the inputs' bounds hold below any capacity checked
     elif ins and cap < plan.bucket:
         try:                            # inputs that cover the bucket cover each step of it
@@ -2069,7 +2120,7 @@ def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap, ta
             pass
     elif not ins:
         cap = plan.bucket
-    plan.fast_routed = (sig, scale, items, versions, ins, cap, _api._interpret(), tables)
+    plan.fast_routed = (sig, scale, items, versions, ins, cap, _api._interpret(), tables, at)
     DECODE_PLANS.remember(pattern, plan)
 
 

@@ -177,11 +177,11 @@ class Pattern(CompiledPattern):
         (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
         would choose.
         """
-        if plan is None and q_offset is None and not return_lse and layout is None \
+        if plan is None and not return_lse and layout is None \
                 and order is None:                          # a repeated decode step
-            o = _fast_step(self, q, k, v, scale) if not inputs else None
+            o = _fast_step(self, q, k, v, scale) if not inputs and q_offset is None else None
             if o is None:
-                o = _fast_routed(self, q, k, v, scale, inputs)
+                o = _fast_routed(self, q, k, v, scale, inputs, q_offset)
             if o is not None:
                 return o
         return _runtime_api.call(self, q, k, v, scale=scale, return_lse=return_lse,

@@ -432,7 +432,7 @@ class SpattnMask:
 
     __slots__ = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "kind", "keep",
                  "first", "seg", "unreadable", "_position_ids", "_left_padding", "_padding",
-                 "_device", "_pos")
+                 "_device", "_pos", "_reach")
 
     #: transformers tells a prepared mask from a 2-D padding mask by ``ndim``: ``generate``
     #: with a static cache builds the masks before the forward, which passes them back to
@@ -448,7 +448,7 @@ class SpattnMask:
         self.first = first
         self._position_ids, self._left_padding, self._device = position_ids, left_padding, device
         self._padding = padding
-        self._pos = None
+        self._pos = self._reach = None
 
     def positions(self) -> torch.Tensor:
         """int64 ``[B, kv_length]``: each key slot's position in its sequence.
@@ -633,6 +633,40 @@ def _check_reach(pattern: Pattern, mask: SpattnMask, num_heads: int) -> None:
             "pattern within the layer's window, or a config whose window covers the pattern")
 
 
+def _keys_up_to_query(ir) -> bool:
+    """Whether a pattern's IR allows no key past its query (``k <= q`` for every allowed
+    pair): a conjunct of it reads ``q - k >= c`` with ``c >= 0`` (causal, sliding windows,
+    chunks, any ``causal & ...``). A structural proof, so False may also mean "not shown"."""
+    from ..ir.nodes import And, Range, Var
+    for c in (ir.args if isinstance(ir, And) else (ir,)):
+        if not isinstance(c, Range) or not hasattr(c.x, "terms") or len(c.x.terms) != 2:
+            continue
+        coeff = {t.name: a for t, a in c.x.terms if isinstance(t, Var)}
+        if coeff == {"q": 1, "k": -1} and c.lo is not None and c.lo - c.x.const >= 0:
+            return True
+        if coeff == {"q": -1, "k": 1} and c.hi is not None and c.hi - c.x.const <= 0:
+            return True
+    return False
+
+
+def _reach_padding(mask: SpattnMask):
+    """``(keep, first)`` of the padding of the key slots a pattern with ``k <= q`` can reach
+    (up to the last query's slot), or None where that is every slot. A static cache hands
+    every layer all its slots, those past the tokens written so far marked as padding; read
+    up to the queries, its padding is a left padding again (``first[b]``: one plan per
+    generation, where ``keep[k]`` would be a new input at every token). Once per mask."""
+    if mask._reach is None:
+        reach = mask.q_offset + mask.q_length - mask.kv_offset
+        form = ()
+        if mask._padding is not None and 0 < reach < mask.kv_length:
+            lo = mask.kv_offset
+            form = _padding_form(mask._padding[:, lo:lo + reach], mask._left_padding, lo)
+            if form[0] is not None:
+                form = ()           # holes: keep[k] over every slot, as the mask has it
+        mask._reach = form
+    return mask._reach or None
+
+
 def _with_conjuncts(base: Pattern, keep: bool, seg: bool, first: bool = False) -> Pattern:
     if not (keep or seg or first):
         return base
@@ -660,12 +694,15 @@ def plan_call(base: Pattern, mask: SpattnMask, Lq: int, Lk: int, *, cu_seq_lens_
     seg, pos = mask.seg, None
     if seg is None and cu_seq_lens_k is not None:
         seg, pos = _packed_from_cu_seqlens(cu_seq_lens_q, cu_seq_lens_k, mask, Lq, Lk)
-    pat = _with_conjuncts(base, mask.keep is not None, seg is not None, mask.first is not None)
+    keep, first = mask.keep, mask.first
+    if keep is not None and _keys_up_to_query(base.ir):
+        keep, first = _reach_padding(mask) or (keep, first)
+    pat = _with_conjuncts(base, keep is not None, seg is not None, first is not None)
     inputs = {}
-    if mask.keep is not None:
-        inputs["keep"] = mask.keep
-    if mask.first is not None:
-        inputs["first"] = mask.first
+    if keep is not None:
+        inputs["keep"] = keep
+    if first is not None:
+        inputs["first"] = first
     if seg is not None:
         inputs["seg"] = seg
     if "pos" in pat.inputs:

@@ -104,13 +104,14 @@ def left_padded(lengths, L, seed=1):
     return ids, am
 
 
-def eager_then_decoded(model, lengths, L, *, seed, new):
+def eager_then_decoded(model, lengths, L, *, seed, new, **generate):
     """Greedy ``generate`` of ``new`` tokens for left-padded prompts (:func:`left_padded`),
     with eager attention and then with spattn: ``(eager tokens, spattn tokens, the decode
     plans spattn's generation built)``."""
     from spattn.runtime import decode as dec
     ids, am = left_padded(lengths, L, seed=seed)
-    kw = dict(attention_mask=am, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    kw = dict(attention_mask=am, max_new_tokens=new, do_sample=False, pad_token_id=0,
+              **generate)
     with torch.no_grad():
         ref = model.generate(ids, **kw)
         use_spattn(model)
@@ -517,6 +518,38 @@ def test_left_padded_generation_keeps_one_decode_plan():
     ref, out, plans = eager_then_decoded(model, [290, 262, 281], 290, seed=4, new=5)
     assert torch.equal(out, ref)
     assert len(plans) == 1 and "first[b]" in plans[0].pattern.source
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral-w300"])
+def test_static_cache_generation_keeps_one_decode_plan(name):
+    """A static cache hands every layer all its slots, those past the tokens so far marked
+    as padding in the mask transformers builds. A layer whose pattern never reaches past its
+    query reads that padding up to the queries: a left padding (``first[b]``), one plan
+    for the whole generation where ``keep[k]`` would be a new input at every token."""
+    model = model_of(tiny("MistralConfig", sliding_window=300) if name == "mistral-w300"
+                     else CONFIGS[name]())
+    ref, out, plans = eager_then_decoded(model, [290, 262, 281], 290, seed=5, new=5,
+                                         cache_implementation="static")
+    assert torch.equal(out, ref)
+    assert len(plans) == 1 and "first[b]" in plans[0].pattern.source
+    assert "keep" not in plans[0].pattern.source
+
+
+@pytest.mark.parametrize("src,bounded", [
+    ("causal", True), ("causal & window(8)", True), ("q - k >= 3", True),
+    ("causal & pos[q] // 4 == pos[k] // 4", True), ("k - q <= -1 | k < 0", False),
+    ("full", False), ("local(4, 4)", False), ("q - k >= -1", False),
+    ("causal | sink(4)", False), ("window(8)", True), ("abs(q - k) <= 8", False)])
+def test_keys_up_to_query(src, bounded):
+    """The structural proof that a layer's pattern reaches no key past its query, which lets
+    a static cache's trailing padding go; checked against the dense mask (a proof never
+    holds where a key past the query is allowed)."""
+    pat = spattn.compile(src, backend="torch")
+    assert sphf._keys_up_to_query(pat.ir) == bounded
+    if bounded:
+        pos = torch.arange(40)[None].expand(1, -1)
+        m = pat.mask(40, 40, **({"pos": pos} if "pos" in pat.inputs else {}))[0, 0]
+        assert not torch.triu(m, diagonal=1).any()
 
 
 def test_config_that_disagrees_with_the_mask():

@@ -367,6 +367,15 @@ def decode_case(seed: int) -> str:
             kx, vx = (t[:, :, :L].double().repeat_interleave(Hq // Hk, 1) for t in (k, v))
             _close(f"{desc} routed L{L}", o, attention_reference(q.double(), kx, vx, m)[0],
                    atol=5e-4)
+        # routed calls at a q_offset (a static cache's layers): the first leaves the entry,
+        # the second takes it, the third (another offset) leaves it
+        at = cap - Lq - r.randint(0, 40)
+        kx, vx = (t.double().repeat_interleave(Hq // Hk, 1) for t in (k, v))
+        for off in (at, at, at + 1):
+            o = pat(q, k, v, q_offset=off, **ins)
+            m = pat.mask(Lq, cap, num_heads=Hq, batch=B, q_offset=off, **ins)
+            _close(f"{desc} routed q_offset={off}", o,
+                   attention_reference(q.double(), kx, vx, m)[0], atol=5e-4)
     return desc
 
 

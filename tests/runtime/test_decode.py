@@ -58,13 +58,14 @@ def _inputs(name, B, cap, g):
     return {}
 
 
-def _reference(pat, q, k, v, lens, ins, scale=None):
-    """Per batch element: attention over its first lens[b] keys, rows bottom-right aligned."""
+def _reference(pat, q, k, v, lens, ins, scale=None, q_offset=None):
+    """Per batch element: attention over its first lens[b] keys, rows bottom-right aligned
+    (or from ``q_offset``)."""
     B, Hq, Lq, _ = q.shape
     outs, lses = [], []
     for b in range(B):
         L = lens[b]
-        m = pat.mask(Lq, L, num_heads=Hq, batch=B, **ins)[b:b + 1]
+        m = pat.mask(Lq, L, num_heads=Hq, batch=B, q_offset=q_offset, **ins)[b:b + 1]
         o, lse = attention_reference(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L], m,
                                      scale=scale)
         outs.append(o)
@@ -303,6 +304,47 @@ def test_triton_decode_q_offset_and_rows_without_keys():
     assert torch.equal(o[:, :, 0], torch.zeros_like(o[:, :, 0]))
     _close("o", o, want_o)
     _close("lse", lse, want_lse)
+
+
+@interp
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(src=st.sampled_from(["causal & k >= first[b]", "k >= first[b] & k < first[b] + 40",
+                            "q - k >= first[b] | k < 3", "causal & k >= first[b] + lim[h]"]),
+       Lq=st.integers(1, 3), cap=st.integers(40, 120), ragged=st.booleans(),
+       shift=st.integers(-30, 0), paged=st.sampled_from([0, 16]), seed=st.integers(0, 2**31 - 1))
+def test_triton_decode_ranges_read_uniform_inputs(src, Lq, cap, ragged, shift, paged, seed):
+    """Inputs read at uniform indices (``first[b]``, ``lim[h]``) enter the decode kernel's
+    closed form (``ir.ranges.closed_form_with_loads``): the ``ranges`` strategy, its tiles
+    from one load per program, FULL tiles without the predicate. Rows whose padding covers
+    their keys, ragged lengths, a q_offset, paged caches; every output and lse element
+    against the float64 reference."""
+    pat = spattn.compile(src, backend="triton")
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hk, D = 3, 4, 2, 16
+    if paged:
+        cap = -(-cap // paged) * paged
+    lens = [int(x) for x in torch.randint(Lq, cap + 1, (B,), generator=g)] if ragged or paged \
+        else None
+    ins = {"first": torch.randint(0, cap + 1, (B,), generator=g).to(torch.int32)}
+    if "lim" in src:
+        ins["lim"] = torch.randint(-3, 20, (Hq,), generator=g)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k, v = torch.randn(B, Hk, cap, D, generator=g), torch.randn(B, Hk, cap, D, generator=g)
+    dec.DECODE_PLANS.clear()
+    kw = {} if lens is not None else {"q_offset": cap - Lq + shift}
+    if paged:
+        kp, vp, table = _paged(k, v, paged, g)
+        o, lse = pat.decode(q, kp, vp, seq_lens=torch.tensor(lens), page_table=table,
+                            return_lse=True, num_splits=3, **ins)
+    else:
+        o, lse = pat.decode(q, k, v, seq_lens=None if lens is None else torch.tensor(lens),
+                            return_lse=True, num_splits=3, **kw, **ins)
+    want_o, want_lse = _reference(pat, q, k, v, lens or [cap] * B, ins,
+                                  q_offset=kw.get("q_offset"))
+    _close("o", o, want_o)
+    _close("lse", lse, want_lse)
+    plan = next(iter(dec.DECODE_PLANS._plans.values()))
+    assert plan.config.strategy == "ranges"
 
 
 @interp

@@ -177,6 +177,92 @@ def test_per_batch_inputs_batched_step(name, B, Hq, Hk, Lq):
     assert (len(step.groups) == 1) == merged(B), step.groups
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(src=st.sampled_from(["causal & k >= first[b]", "k >= first[b] & q - k <= w[b]",
+                            "causal & k >= first[b] + lim[h]", "q - k >= first[b] | k < 3"]),
+       B=st.integers(1, 4), Lq=st.integers(1, 3), L=st.integers(257, 330),
+       shift=st.integers(-40, 0), seed=st.integers(0, 2**31 - 1))
+def test_uniform_inputs_give_the_cpu_plan_a_closed_form(src, B, Lq, L, shift, seed):
+    """Inputs read only at uniform indices (``first[b]``, ``lim[h]``) enter a CPU plan's
+    closed form as lists of their values (``ir.inputs.loads_as_lists``): its steps build from
+    each row's intervals, not the predicate over every key. Every output element and lse
+    against the float64 reference, with the query rows at any offset."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(seed)
+    Hq, Hk = 4, 2
+    ins = {"first": torch.randint(0, L + 1, (B,), generator=g)}
+    if "w[b]" in src:
+        ins["w"] = torch.randint(0, 2 * L, (B,), generator=g, dtype=torch.int32)
+    if "lim[h]" in src:
+        ins["lim"] = torch.randint(-5, 60, (Hq,), generator=g)
+    k, v = _rand(B, Hk, L, 16, g=g), _rand(B, Hk, L, 16, g=g)
+    q = _rand(B, Hq, Lq, 16, g=g)
+    off = L - Lq + shift
+    o, lse = pat.decode(q, k, v, q_offset=off, return_lse=True, **ins)
+    want_o, want_lse = _reference(pat, q, k, v, [L] * B, ins, q_offset=off)
+    _close("o", o, want_o)
+    _close("lse", lse, want_lse)
+    assert _plan(pat).closed_form is not None
+
+
+def test_inputs_as_lists_only_at_uniform_indices():
+    """``loads_as_lists``: loads at ``b``, ``h`` and constants become lists of the input's
+    values (a 2-D input flattened row-major); a load at ``q`` or ``k``, an input with
+    leading dims or one too large leaves the IR alone (None)."""
+    from spattn.ir.evaluate import evaluate
+    from spattn.ir.inputs import LIST_INPUT_MAX, loads_as_lists
+    from spattn.ir.nodes import Load, walk
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(-9, 9, (3, 5), generator=g)
+    pat = spattn.compile("q - k >= t[b, h] & k >= u[1]")
+    ins = {"t": t, "u": torch.tensor([4, 7])}
+    spec = loads_as_lists(pat.ir, ins)
+    assert spec is not None and not any(isinstance(n, Load) for n in walk(spec))
+    q = torch.arange(20).view(1, 1, -1, 1)
+    k = torch.arange(20).view(1, 1, 1, -1)
+    env = {"q": q, "k": k, "b": torch.arange(3).view(-1, 1, 1, 1),
+           "h": torch.arange(5).view(1, -1, 1, 1), "Lq": 20, "Lk": 20, "H": 5}
+    assert torch.equal(torch.as_tensor(evaluate(spec, env, {})),
+                       torch.as_tensor(evaluate(pat.ir, env, ins)))
+    assert loads_as_lists(spattn.compile("causal").ir, {}) is None
+    assert loads_as_lists(spattn.compile("keep[k] != 0").ir,
+                          {"keep": torch.ones(20, dtype=torch.int64)}) is None
+    assert loads_as_lists(spattn.compile("k >= first[b]").ir,
+                          {"first": torch.zeros(2, 3, dtype=torch.int64)}) is None
+    assert loads_as_lists(spattn.compile("k >= first[b]").ir,
+                          {"first": torch.zeros(LIST_INPUT_MAX + 1, dtype=torch.int64)}) is None
+
+
+def test_routed_steps_at_a_q_offset_take_the_fast_entry():
+    """A routed call with a ``q_offset`` (the layers of one token over a static cache) leaves
+    a fast entry for calls of the same offset and cache length: they run the plan's step
+    without the full path's checks; another offset or length, or no offset, takes the full
+    path. Every output against the reference."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & k >= first[b]", backend="torch")
+    g = torch.Generator().manual_seed(8)
+    B, L = 3, 400
+    first = torch.tensor([0, 31, 120])
+    k, v = _rand(B, 2, L, 16, g=g), _rand(B, 2, L, 16, g=g)
+    for off in (300, 300, 301, 301):
+        q = _rand(B, 4, 1, 16, g=g)
+        hit = dec.fast_routed(pat, q, k, v, None, {"first": first}, off)
+        o = pat(q, k, v, q_offset=off, first=first)
+        _close(f"q_offset {off}", o, _reference(pat, q, k, v, [L] * B, {"first": first},
+                                                q_offset=off)[0])
+        if hit is not None:
+            assert torch.equal(hit, o)
+        plan = _plan(pat)
+        assert plan.fast_routed[-1] == (L, off)
+    q = _rand(B, 4, 1, 16, g=g)
+    assert dec.fast_routed(pat, q, k, v, None, {"first": first}, 301) is not None
+    assert dec.fast_routed(pat, q, k, v, None, {"first": first}, 302) is None
+    assert dec.fast_routed(pat, q, k, v, None, {"first": first}) is None
+    assert dec.fast_routed(pat, q, k[:, :, :399], v[:, :, :399], None, {"first": first},
+                           301) is None
+
+
 @pytest.mark.parametrize("src,Lq,Hq,Hk,buffers", [
     ("causal", 4, 4, 2, 1), ("causal & window(W)", 3, 2, 2, 1), ("q - k >= 2", 4, 2, 1, 1),
     ("causal & window(2)", 5, 2, 2, 1), ("causal & (window(W) | sink(4))", 4, 2, 2, 0)],

@@ -163,6 +163,40 @@ def test_repeated_routed_steps_fast_entry_and_bound_launches(name):
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_routed_steps_at_a_q_offset_static_cache():
+    """A static cache's steps: every layer gets all the slots and the token's ``q_offset``;
+    the first layer of a token takes the full path, the others the fast entry of that
+    offset. Each step against the float64 reference (the keys past the query unwritten
+    noise the pattern never reads)."""
+    from unittest import mock
+    from spattn.runtime.reference import pattern_reference
+    pat = spattn.compile("causal & k >= first[b]")
+    g = torch.Generator(device="cuda").manual_seed(4)
+    B, Hq, Hk, cap, D = 4, 32, 8, 8192, 128
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    ins = {"first": torch.tensor([0, 397, 1200, 5], device="cuda")}
+    dec.DECODE_PLANS.clear()
+    full = []
+    real = dec._step
+
+    def counted(*a, **kw):
+        full.append(a[7])
+        return real(*a, **kw)
+
+    with mock.patch.object(dec, "_step", counted):
+        for off in (4000, 4001, 4002):
+            ref = pattern_reference(pat, q.double(), k.double().repeat_interleave(4, 1),
+                                    v.double().repeat_interleave(4, 1), q_offset=off,
+                                    **ins)[0]
+            for _layer in range(3):
+                o = pat(q, k, v, q_offset=off, **ins)
+                err = float((o.double() - ref).norm() / ref.norm())
+                assert err < 1e-2, f"q_offset {off}: rel. error {err:.2e}"
+    assert full == [4000, 4001, 4002]
+
+
 #: scored decode cases: (mask, score, tables(Hq, cap, device, generator))
 SCORED = {
     "softcap": ("causal", "softcap(50)", lambda H, cap, dev, g: {}),
