@@ -221,6 +221,21 @@ def layer_pattern(module) -> LayerPattern:
                         detail, kind)
 
 
+def _layer_of(module) -> LayerPattern:
+    """:func:`layer_pattern` of ``module``, kept on the module for its config object: a
+    layer's call reads it without the config's attribute reads (about 20 us per call in
+    transformers 5). :func:`set_patterns` drops it; a config edited in place is caught by
+    the check of the mask kind at every call (:func:`spattn_attention_forward`), which
+    derives the pattern again before it refuses."""
+    kept = module.__dict__.get("_spattn_layer")
+    config = module.config
+    if kept is not None and kept[0] is config:
+        return kept[1]
+    layer = layer_pattern(module)
+    module.__dict__["_spattn_layer"] = (config, layer)
+    return layer
+
+
 def _attention_modules(model) -> list:
     """The attention modules of a transformers model, by layer index."""
     mods = [m for m in model.modules()
@@ -301,6 +316,7 @@ def set_patterns(model, patterns: Mapping | None = None, *,
         override = chosen.get(m.layer_idx, chosen.get(types[m.layer_idx]))
         m._spattn_override = override
         m._spattn_backend = backend or (override.backend if override is not None else None)
+        m.__dict__.pop("_spattn_layer", None)
     return layer_patterns(model)
 
 
@@ -735,7 +751,10 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
                       "output_attentions returns none; attn_implementation='eager' returns "
                       "them", stacklevel=2)
     mask = _check_mask(attention_mask, module)
-    layer = layer_pattern(module)
+    layer = _layer_of(module)
+    if layer.mask_kind is not None and layer.mask_kind != mask.kind:
+        module.__dict__.pop("_spattn_layer", None)      # the config may have changed
+        layer = _layer_of(module)
     if layer.mask_kind is not None and layer.mask_kind != mask.kind:
         raise SpattnError(
             f"layer {layer.layer_idx} ({layer.layer_type}): transformers masks this layer as "

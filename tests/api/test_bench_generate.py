@@ -1,5 +1,6 @@
-"""The generation benchmarks (``benchmarks/hf_generate.py``, ``benchmarks/decode_padding.py``),
-tiny, on the CPU: they run, check their outputs and write their tables."""
+"""The generation benchmarks (``benchmarks/hf_generate.py``, ``benchmarks/hf_call.py``,
+``benchmarks/decode_padding.py``), tiny, on the CPU: they run, check their outputs and
+write their tables."""
 import json
 import pathlib
 import subprocess
@@ -44,3 +45,12 @@ def test_decode_padding_tiny(tmp_path):
     assert set(data["median"]) == {"sdpa", "keep", "first", "first-scan"}
     assert data["plans"]["first"] == 1 and data["plans"]["keep"] == 3
     assert "| first-scan |" in table
+
+
+def test_hf_call_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    table = _run("hf_call.py", "--batch", "2", "--keys", "300", "--heads", "4", "--kv-heads",
+                 "2", "--head-dim", "16", "--rounds", "2", "--calls", "3", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "hf_call.json").read_text())
+    assert data["max_rel_error"] <= 1e-4 and len(data["us_per_call"]["spattn"]) == 2
+    assert "| spattn |" in table

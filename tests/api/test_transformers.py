@@ -552,6 +552,32 @@ def test_keys_up_to_query(src, bounded):
         assert not torch.triu(m, diagonal=1).any()
 
 
+def test_layer_patterns_follow_config_edits_and_set_patterns():
+    """A layer keeps its pattern for its config object (no config reads per call); a
+    config edited in place between forwards (a wider window) and set_patterns are followed:
+    the logits match eager's after each."""
+    model = model_of(CONFIGS["mistral-w4"]())
+    ids, am = left_padded([10, 7, 4], 10)
+    use_spattn(model)
+    with torch.no_grad():
+        for window in (4, 6):
+            model.config.sliding_window = window
+            ref = logits(use_eager(model), ids, attention_mask=am)
+            model.set_attn_implementation(sphf.NAME)
+            out = logits(model, ids, attention_mask=am)
+            assert rel_err(out, ref, am.bool()) <= TOL, window
+            assert {lp.pattern.source for lp in sphf.layer_patterns(model)} == {
+                spattn.compile(f"causal & window({window})").source}
+        sphf.set_patterns(model, {0: "causal & window(2)"}, backend="torch")
+        model.set_attn_implementation(sphf.NAME)
+        first = logits(model, ids, attention_mask=am)
+        sphf.set_patterns(model, {0: "causal & window(6)"}, backend="torch")
+        model.set_attn_implementation(sphf.NAME)
+        again = logits(model, ids, attention_mask=am)
+    assert rel_err(again, ref, am.bool()) <= TOL
+    assert rel_err(first, ref, am.bool()) > TOL          # layer 0 ran its narrower override
+
+
 def test_config_that_disagrees_with_the_mask():
     """Mistral builds every mask from ``sliding_window``; a ``layer_types`` saying otherwise
     would give spattn a pattern eager does not run: refused, naming the layer."""
