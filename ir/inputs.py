@@ -100,6 +100,18 @@ def _dims(n: int) -> str:
 LIST_INPUT_MAX = 4096
 
 
+def uniform_loads(ir) -> list | None:
+    """The loads of runtime inputs in ``ir`` (sorted, each once) when every one is at
+    uniform indices (``b``, ``h``, constants: one value per program, as ``first[b]``); None
+    when some load is at another index."""
+    from . import build as B
+    from .nodes import Load, walk
+    loads = sorted({n for n in walk(ir) if isinstance(n, Load)}, key=repr)
+    if not all(B.is_uniform(i) for ld in loads for i in ld.index):
+        return None
+    return loads
+
+
 def loads_as_lists(ir, inputs: Mapping[str, torch.Tensor]):
     """``ir`` with every load of a runtime input replaced by a constant list of the input's
     values (``Table``) indexed by the load's index, where each index is uniform (``b``,
@@ -112,15 +124,13 @@ def loads_as_lists(ir, inputs: Mapping[str, torch.Tensor]):
     they take no loads. The indices must have been checked in range (``ir.bounds``)."""
     from . import build as B
     from .intervals import replace
-    from .nodes import Load, walk
-    loads = {n for n in walk(ir) if isinstance(n, Load)}
+    loads = uniform_loads(ir)
     if not loads:
         return None
     out = ir
-    for ld in sorted(loads, key=repr):
+    for ld in loads:
         t = inputs.get(ld.name)
-        if t is None or t.dim() != len(ld.index) or t.numel() > LIST_INPUT_MAX \
-                or not all(B.is_uniform(i) for i in ld.index):
+        if t is None or t.dim() != len(ld.index) or t.numel() > LIST_INPUT_MAX:
             return None
         flat, stride = B.const(0), 1
         for i, n in reversed(list(zip(ld.index, t.shape))):

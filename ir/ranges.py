@@ -61,9 +61,9 @@ from ..dsl.errors import SpattnValueError
 from . import build as B
 from .bounds import analyse, call_domain, require
 from .evaluate import evaluate
-from .inputs import check_lengths, query_offset
+from .inputs import check_lengths, query_offset, uniform_loads
 from .intervals import lift, replace
-from .nodes import And, BoolConst, Const, FloorDiv, Load, Node, Not, Or, Range, Var, walk
+from .nodes import And, BoolConst, Const, FloorDiv, Node, Not, Or, Range, Var
 from .visitor import Visitor, rule
 
 MAX_INTERVALS = 4
@@ -435,16 +435,13 @@ def closed_form_with_loads(ir) -> Optional[ClosedForm]:
     Each such load stands in as a fresh variable through the solving, and is put back in
     the bounds (the variable's name cannot be written in a pattern)."""
     ir = ir.ir if hasattr(ir, "ir") else ir
-    loads = sorted({n for n in walk(ir) if isinstance(n, Load)
-                    and all(B.is_uniform(i) for i in n.index)}, key=repr)
+    loads = uniform_loads(ir)
     if not loads:
         return None
     stand = [(ld, Var(f"$load{i}")) for i, ld in enumerate(loads)]
     spec = ir
     for ld, var in stand:
         spec = replace(spec, ld, var)
-    if any(isinstance(n, Load) for n in walk(spec)):
-        return None
     cf = _closed_form(spec)
     if cf is None:
         return None

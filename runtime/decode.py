@@ -1275,6 +1275,26 @@ def _attend_heads(q, k, v, g: _HeadGather, scale: float):
     return o, lse
 
 
+class _RoutedEntry(NamedTuple):
+    """What a routed call's full path checked (``DecodePlan.fast_routed``, read by
+    :func:`fast_routed`): the call's signature (q's shape, dtype and device, the cache's
+    batch, heads and head dim, the scale as given), the scale's value, the inputs and
+    tables as given and their versions, the plan's int64 copies of the inputs, the largest
+    capacity their bounds were checked at, whether Triton ran interpreted, the score's
+    tables, and ``at``: ``(cache length, q_offset)`` of a call with a ``q_offset`` (its
+    checks hold there only), else None."""
+
+    sig: tuple
+    value: float
+    given: tuple
+    versions: tuple
+    ins: dict
+    cap: int
+    interpreted: bool
+    tables: dict
+    at: Optional[tuple]
+
+
 class _Segment(NamedTuple):
     """One kernel call of a CPU step: the key runs it reads, their number ``width``, the
     additive mask ``[1, Hk or 1, G * Lq, width]`` (None: every row sees every key), whether
@@ -2109,9 +2129,9 @@ def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap, ta
     old = plan.fast_routed
     if at is not None:
         pass                            # checked at this length and offset: cap stays
-    elif old is not None and old[0] == sig and old[2] == items and old[3] == versions \
-            and old[8] is None:
-        cap = max(cap, old[5])          # the inputs' bounds hold below any capacity checked
+    elif old is not None and old.sig == sig and old.given == items \
+            and old.versions == versions and old.at is None:
+        cap = max(cap, old.cap)         # the inputs' bounds hold below any capacity checked
     elif ins and cap < plan.bucket:
         try:                            # inputs that cover the bucket cover each step of it
             _check_positions(pattern, ins, plan.B, plan.Hq, plan.Lq, plan.bucket, 0)
@@ -2120,7 +2140,8 @@ def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap, ta
             pass
     elif not ins:
         cap = plan.bucket
-    plan.fast_routed = (sig, scale, items, versions, ins, cap, _api._interpret(), tables, at)
+    plan.fast_routed = _RoutedEntry(sig, scale, items, versions, ins, cap, _api._interpret(),
+                                    tables, at)
     DECODE_PLANS.remember(pattern, plan)
 
 

@@ -30,15 +30,33 @@ def _ref(pat, q, k, v, lens, ins):
     return torch.cat(outs)
 
 
+def _bf16_qkv(B, Hq, Hk, Lq, cap, D, g):
+    """Fresh bf16 q ``[B, Hq, Lq, D]``, k and v ``[B, Hk, cap, D]`` on the GPU, drawn in that
+    order from ``g``."""
+    def draw(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    return draw(B, Hq, Lq, D), draw(B, Hk, cap, D), draw(B, Hk, cap, D)
+
+
+def _counting_steps(full: list, key):
+    """A patch of ``decode._step`` that appends ``key(positional arguments)`` of every call
+    (the full path) to ``full``."""
+    from unittest import mock
+    real = dec._step
+
+    def counted(*a, **kw):
+        full.append(key(a))
+        return real(*a, **kw)
+    return mock.patch.object(dec, "_step", counted)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_decode_bf16(name, paged):
     g = torch.Generator(device="cuda").manual_seed(0)
     B, Hq, Hk, Lq, cap, D = 3, 32, 8, 2, 12288, 128
     pat = spattn.compile(CASES[name])
-    q = torch.randn(B, Hq, Lq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = _bf16_qkv(B, Hq, Hk, Lq, cap, D, g)
     lens = [cap, 9001, 5000]
     ins = {"doc": torch.sort(torch.randint(0, 9, (B, cap), device="cuda", generator=g),
                              dim=-1).values} if name == "documents" else {}
@@ -67,9 +85,7 @@ def test_cuda_graph_replay_while_the_cache_grows():
     pat = spattn.compile("causal & (window(1000) | sink(4))")
     g = torch.Generator(device="cuda").manual_seed(1)
     B, Hq, Hk, cap, D = 2, 32, 8, 8192, 128
-    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = _bf16_qkv(B, Hq, Hk, 1, cap, D, g)
     seq = torch.tensor([5000, 4100], device="cuda", dtype=torch.int32)
     step = lambda: pat.decode(q, k, v, seq_lens=seq, check=False)  # noqa: E731
     s = torch.cuda.Stream()
@@ -115,7 +131,6 @@ def test_repeated_routed_steps_fast_entry_and_bound_launches(name):
     """Routed steps of a growing cache (a model's layers, token after token): the first
     takes the full path, the others the plan's fast entry and its bound launches; a step
     captured in a CUDA graph replays right. Every step against the float64 reference."""
-    from unittest import mock
     from spattn.runtime.reference import pattern_reference
     src = {"causal": "causal", "left-padding": "causal & k >= first[b]",
            "softcap": "causal & k >= first[b]"}[name]
@@ -128,20 +143,12 @@ def test_repeated_routed_steps_fast_entry_and_bound_launches(name):
                                  v[:, :, :L].double().repeat_interleave(G, 1), **ins)[0]
     g = torch.Generator(device="cuda").manual_seed(3)
     B, Hq, Hk, cap, D = 4, 32, 8, 4608, 128
-    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = _bf16_qkv(B, Hq, Hk, 1, cap, D, g)
     ins = {"first": torch.tensor([0, 397, 1200, 5], device="cuda")} if name != "causal" else {}
     q = q * 4 if name == "softcap" else q                # scores past the softcap's knee
     dec.DECODE_PLANS.clear()
     full = []
-    real = dec._step
-
-    def counted(*a, **kw):
-        full.append(a[2].shape[2])
-        return real(*a, **kw)
-
-    with mock.patch.object(dec, "_step", counted):
+    with _counting_steps(full, lambda a: a[2].shape[2]):     # the cache's length
         for L in range(4100, 4600, 50):
             o = pat(q, k[:, :, :L], v[:, :, :L], **ins)
             ref = _ref(pat, q, k, v, [L] * B, ins)
@@ -168,24 +175,15 @@ def test_routed_steps_at_a_q_offset_static_cache():
     the first layer of a token takes the full path, the others the fast entry of that
     offset. Each step against the float64 reference (the keys past the query unwritten
     noise the pattern never reads)."""
-    from unittest import mock
     from spattn.runtime.reference import pattern_reference
     pat = spattn.compile("causal & k >= first[b]")
     g = torch.Generator(device="cuda").manual_seed(4)
     B, Hq, Hk, cap, D = 4, 32, 8, 8192, 128
-    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = _bf16_qkv(B, Hq, Hk, 1, cap, D, g)
     ins = {"first": torch.tensor([0, 397, 1200, 5], device="cuda")}
     dec.DECODE_PLANS.clear()
     full = []
-    real = dec._step
-
-    def counted(*a, **kw):
-        full.append(a[7])
-        return real(*a, **kw)
-
-    with mock.patch.object(dec, "_step", counted):
+    with _counting_steps(full, lambda a: a[7]):              # q_offset
         for off in (4000, 4001, 4002):
             ref = pattern_reference(pat, q.double(), k.double().repeat_interleave(4, 1),
                                     v.double().repeat_interleave(4, 1), q_offset=off,
@@ -227,9 +225,7 @@ def test_scored_decode_bf16_and_cuda_graph(name):
     pat = spattn.compile(src, score=score)
     g = torch.Generator(device="cuda").manual_seed(2)
     B, Hq, Hk, cap, D = 2, 32, 8, 12288, 128
-    q = torch.randn(B, Hq, 2, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, Hk, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = _bf16_qkv(B, Hq, Hk, 2, cap, D, g)
     tables = make(Hq, cap, "cuda", g)
     seq = torch.tensor([cap, 7001], device="cuda", dtype=torch.int32)
     o = pat.decode(q, k, v, seq_lens=seq, **tables)
