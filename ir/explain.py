@@ -96,8 +96,10 @@ class Report:
                 f"computed (sequence order {pct(lay['fraction_sequence'])}); predicted cost "
                 f"{lay['cost_layout'] / max(lay['cost_sequence'], 1e-9):.2f}x sequence order's "
                 + {"copy": "with its gathers; ",
-                   "box": "with the forward reading its boxes through TMA (no gathers; "
-                          "the backward's stay, SPATTN_LAYOUT_GATHER=box); "}.get(
+                   "box": "with the forward reading its boxes through TMA (no gathers; the "
+                          "backward " + ("addressing rows through row tables"
+                                         if lay.get("gather_backward") == "kernel" else
+                                         "on gathered copies") + "); "}.get(
                        lay.get("gather", "copy"),
                        "with rows addressed in the kernels (no gathers, "
                        "SPATTN_LAYOUT_GATHER=kernel); ")
@@ -310,8 +312,9 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
     has at least ``AUTO_MIN_TOKENS`` tokens); ``gather``: how its tokens reach the kernels
     (the layout's cost includes the gathers for "copy" only; "auto" takes "box" on the GPU
     where the layout's boxes can be read through TMA, else the cheaper of "copy" and
-    "kernel", reported as ``gather``). The
-    extra tokens before and after the grid are ``extra_before`` and ``extra_after``."""
+    "kernel", reported as ``gather``; the backward's way, "copy" or "kernel", as
+    ``gather_backward``). The extra tokens before and after the grid are ``extra_before``
+    and ``extra_after``."""
     from . import layout as LY
     r = LY.choose(ir, Lq, Lk, query_offset(Lq, Lk, q_offset), num_heads=num_heads,
                   block_m=block_m, block_n=block_n, force=True, declared=LY.declared(pattern),
@@ -322,7 +325,7 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
     box = LY.boxes_readable if gather == "box" or (gather == "auto" and target == "cuda"
                                                    and LY.AUTO_BOX) \
         else None
-    r, gather = LY.resolve_gathers(r, gather, target, force=True, box=box)
+    r, gather, backward = LY.resolve_gathers(r, gather, target, force=True, box=box)
     if r is None:
         return None
     useful = r.useful if r.useful is not None else allowed // (batch * num_heads)
@@ -334,7 +337,7 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
             "fraction_sequence": useful / max(r.computed_sequence, 1),
             "fraction_layout": useful / max(r.computed_layout, 1),
             "cost_sequence": r.cost_sequence, "cost_layout": r.cost_layout,
-            "gather": gather,
+            "gather": gather, "gather_backward": backward,
             # a scored call on a grid with extra tokens runs in sequence order
             # (runtime.scores.layout_run)
             "used": r.pays and Lq >= LY.AUTO_MIN_TOKENS and not (

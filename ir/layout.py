@@ -34,7 +34,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -865,47 +865,69 @@ def boxes_readable(layout: "Layout") -> bool:
 
 
 #: Whether ``SPATTN_LAYOUT_GATHER=auto`` takes the box forward on CUDA (where it can run).
-#: Off: timed on an H200 against the copies (benchmarks/RESULTS.md, "the box forward"),
-#: the boxes save the gathers but their kernels run a few per cent slower, 0.96-1.02x the
-#: copies' time on FLUX and Hunyuan: not a win that makes a default.
-AUTO_BOX = False
+#: Timed on an H200 (benchmarks/RESULTS.md, "GPU: the box forward by default"): the boxes
+#: save the forward's gathers at the kernel's speed, 0.94-0.96x the copies' forward time on
+#: FLUX and 0.66x on the 16K 13 x 13 neighbourhood.
+AUTO_BOX = True
+
+
+class Gathers(NamedTuple):
+    """How a layout's tokens reach the kernels (:func:`resolve_gathers`): ``remap`` (None
+    where the layout no longer pays), ``mode`` the forward's ("copy", "kernel" or "box")
+    and ``backward`` the backward's ("copy" or "kernel": the box forward's backward runs
+    one of these)."""
+
+    remap: Optional["Remap"]
+    mode: str
+    backward: str
+
+
+def _rows_cheaper(r: "Remap", c: dict) -> bool:
+    """Whether row tables (the layout's cost times ``1 + rows_factor``) cost less than the
+    copies (its cost plus ``gather_token`` per slot) by the cost constants ``c``."""
+    return r.cost_layout * (1.0 + c.get("rows_factor", 0.0)) < \
+        r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0)
 
 
 def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = False,
-                    box=None):
-    """``(remap, mode)``: how a layout's tokens reach the kernels. For ``mode`` "auto"
+                    box=None) -> Gathers:
+    """:class:`Gathers`: how a layout's tokens reach the kernels. For ``mode`` "auto"
     (``r`` chosen without the gathers' cost) the cheaper of "copy" (the layout's cost plus
     its gathers, ``gather_token`` per token) and "kernel" (its cost times ``1 +
     rows_factor``: row tables, no TMA) by ``ir.cost.COSTS[target]``, the remap's
     ``cost_layout`` set to that mode's cost; None for the remap when that cost no longer
     pays (:attr:`Remap.pays`, unless ``force``). "kernel" is priced the same way (its
-    ``rows_factor``); "copy" (``r`` chosen with its gathers) is returned as it is.
+    ``rows_factor``); "copy" (``r`` chosen with its gathers) is returned as it is. The
+    backward runs the forward's way.
     ``box``: a test of a layout, whether the forward can read its boxes through TMA on the
     call's tensors (``runtime.triton_backend.BoxRows``); "box" then picks "box", whose
-    forward costs the layout's kernel alone (no gathers, TMA loads; the backward's gathers
-    stay, outside this forward model), and "auto" picks it for a layout that pays with its
-    gathers priced as copies' (the layouts the copies were measured on: the box forward
-    does the same work without the gathers); "box" where it fails is "auto"."""
+    forward costs the layout's kernel alone (no gathers, TMA loads), and "auto" picks it
+    for a layout that pays with its gathers priced as copies' (the layouts the copies were
+    measured on: the box forward does the same work without the gathers), or any layout
+    with ``force``; the box
+    forward's backward takes row tables or copies by the same comparison as "auto" (the
+    forward's constants standing in for the backward's). "box" where it fails is
+    "auto"."""
     if r is None or mode == "copy":
-        return r, mode
+        return Gathers(r, mode, mode)
     from dataclasses import replace
     from .cost import COSTS
     c = COSTS[target]
+    rows = _rows_cheaper(r, c)
     if mode in ("auto", "box"):
         if box is not None and box(r.layout):
+            backward = "kernel" if rows else "copy"
             if mode == "box":
-                return (r if force or r.pays else None), "box"
+                return Gathers(r if force or r.pays else None, "box", backward)
             copied = replace(r, cost_layout=r.cost_layout
                              + r.layout.padded_size * c.get("gather_token", 0.0))
-            if copied.pays:
-                return copied, "box"
-        mode = "auto"
-    copy = r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0)
-    kernel = r.cost_layout * (1.0 + c.get("rows_factor", 0.0))
-    if mode == "auto":
-        mode = "kernel" if kernel < copy else "copy"
-    r = replace(r, cost_layout=kernel if mode == "kernel" else copy)
-    return (r if force or r.pays else None), mode
+            if force or copied.pays:
+                return Gathers(copied, "box", backward)
+        mode = "kernel" if rows else "copy"
+    r = replace(r, cost_layout=r.cost_layout * (1.0 + c.get("rows_factor", 0.0))
+                if mode == "kernel" else
+                r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0))
+    return Gathers(r if force or r.pays else None, mode, mode)
 
 
 def _product_allowed(groups: list[Node], grid: Grid) -> int:

@@ -356,23 +356,27 @@ class PermutedPlan(Plan):
     padding slot): no gathers; "box" (Triton, a :class:`RemappedPlan` whose layout allows
     it) runs the forward on the caller's tensors through 5-D TMA descriptors over the
     layout's boxes (``forward_stage``, :class:`~spattn.runtime.triton_backend.BoxRows`)
-    and the backward as "copy" does, through the inner plan (docs/layouts.md, "How the
-    kernels reach the rows").
+    and the backward through the inner plan as ``backward_gather`` says: "kernel" (row
+    tables) or "copy" (docs/layouts.md, "How the kernels reach the rows").
     :class:`RemappedPlan` (a layout the compiler chose) and :class:`OrderedPlan` (an order
     the caller gave) differ only in where the order and the pattern over slots come from."""
 
     gather = "copy"
+    #: How the backward reaches the rows: "copy" or "kernel" (the forward's way, except
+    #: after a "box" forward, which has either).
+    backward_gather = "copy"
     #: The inner call's forward tiles follow :func:`spattn.runtime.tables.layout_tiles`
     #: when nothing else chooses them (a layout the compiler chose, whose tiles it knows).
     tile_prior = False
 
     def _build_inner(self, inner, backend, q, k, v, *, scale, inputs, settings, options,
-                     gather="copy"):
+                     gather="copy", backward="copy"):
         qs, ks, vs = (self._stand_in(t) for t in (q, k, v))
-        if gather == "kernel" and backend == "triton":
+        if backend == "triton" and (gather == "kernel"
+                                    or (gather == "box" and backward == "kernel")):
             from .triton_backend import RowTables
             from .usage import warn_if_empty
-            self.gather = "kernel"
+            self.gather = self.backward_gather = "kernel"
             slots = torch.arange(self.order.shape[-1], device=self.order.device)
             # a padding slot reads token 0 in ``order``; its table entry is -1
             real = self.inverse.gather(-1, self.order) == slots
@@ -398,7 +402,8 @@ class PermutedPlan(Plan):
     def _build_box(self, q, k, v) -> None:
         """The forward through the layout's boxes on the caller's tensors (``gather`` "box"),
         or, where the tensors or the tiles do not allow it (tiles that do not divide the
-        box), the copies ("copy")."""
+        box), the inner plan's own forward (copies, or row tables for a "kernel"
+        backward)."""
         from ..dsl.errors import SpattnConfigError
         from .triton_backend import BoxRows, build_fwd
         layout = getattr(getattr(self, "remap", None), "layout", None)
@@ -422,27 +427,27 @@ class PermutedPlan(Plan):
         return gather_tokens(t, index)
 
     def forward(self, q, k, v):
-        if self.gather == "kernel":
-            return self.inner.forward(q, k, v)
         if self.gather == "box":
             return (_TRITON or _triton()).run_fwd(self.forward_stage, q, k, v)
+        if self.gather == "kernel":
+            return self.inner.forward(q, k, v)
         o, lse = self.inner.forward(*(self._gather(t, self.order) for t in (q, k, v)))
         return self._gather(o, self.inverse), self._gather(lse, self.inverse)
 
     def prepare_backward(self, q, k, v, lse_grad: bool = False) -> None:
-        if self.gather == "kernel":
+        if self.backward_gather == "kernel":
             return self.inner.prepare_backward(q, k, v, lse_grad)
         self.inner.prepare_backward(*(self._stand_in(t) for t in (q, k, v)), lse_grad)
 
     def backward_stage(self, q, k, v, o, do, deterministic=False, lse_grad=False):
         """The inner plan's backward stage for tensors shaped like these (gathered ones,
         unless the kernels address the rows through tables)."""
-        if self.gather != "kernel":
+        if self.backward_gather != "kernel":
             q, k, v, o, do = (self._stand_in(t) for t in (q, k, v, o, do))
         return self.inner.backward_stage(q, k, v, o, do, deterministic, lse_grad)
 
     def backward(self, q, k, v, o, lse, do, dlse=None, deterministic=False):
-        if self.gather == "kernel":     # (the lse and its gradient: rows in the caller's order)
+        if self.backward_gather == "kernel":    # (the lse, its gradient: the caller's order)
             return self.inner.backward(q, k, v, o, lse, do, dlse, deterministic=deterministic)
         g = [self._gather(t, self.order) for t in (q, k, v, o, lse, do, dlse)]
         grads = self.inner.backward(*g, deterministic=deterministic)
@@ -457,7 +462,7 @@ class RemappedPlan(PermutedPlan):
     tile_prior = True
 
     def __init__(self, pattern, backend: str, remap, q, k, v, *, scale, settings, options,
-                 gather="copy"):
+                 gather="copy", backward="copy"):
         self._bind(pattern, backend, q, k, v, options)
         self.remap = remap
         self.order, self.inverse = remap.layout.permutation(q.device)
@@ -465,14 +470,14 @@ class RemappedPlan(PermutedPlan):
         inner = type(pattern)(remap.ir, name=f"{pattern.name}@layout",
                               backend=getattr(pattern, "backend", "auto"))
         self._build_inner(inner, backend, q, k, v, scale=scale, inputs={}, settings=settings,
-                          options=options, gather=gather)
+                          options=options, gather=gather, backward=backward)
 
     def __repr__(self) -> str:
         r = self.remap
         head = [f"Plan for {self.pattern.name!r}: {self.pattern.source}",
                 f"  layout: {r.layout} ({r.layout.padded_size} slots); computed pairs "
                 f"{r.computed_layout:,} (sequence order {r.computed_sequence:,}); "
-                f"{_GATHER_WORDS[self.gather]}"]
+                f"{_gather_words(self)}"]
         if self.gather == "box":
             head.append(f"  forward on the caller's tensors: {self.forward_stage!r}")
         return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
@@ -542,7 +547,7 @@ class OrderedPlan(PermutedPlan):
         head = [f"Plan for {self.pattern.name!r}: {self.pattern.source}",
                 f"  token order: the caller's ({self.order.shape[-1]} slots{per}), the "
                 f"pattern read through it on the {self.ordered.grid}; "
-                f"{_GATHER_WORDS[self.gather]}"]
+                f"{_gather_words(self)}"]
         return "\n".join(head + ["  " + line for line in repr(self.inner).splitlines()])
 
 
@@ -633,22 +638,28 @@ class HeadOrderedPlan(PermutedPlan):
 
 #: How a permuted plan's repr says its tokens reach the kernels.
 _GATHER_WORDS = {"copy": "tokens gathered into slot order and back",
-                 "kernel": "rows addressed through row tables in the kernels (no gathers)",
-                 "box": "forward reads the layout's boxes through 5-D TMA (no gathers); "
-                        "backward on tokens gathered into slot order and back"}
+                 "kernel": "rows addressed through row tables in the kernels (no gathers)"}
+
+
+def _gather_words(plan) -> str:
+    if plan.gather != "box":
+        return _GATHER_WORDS[plan.gather]
+    return ("forward reads the layout's boxes through 5-D TMA (no gathers); backward: "
+            + _GATHER_WORDS[plan.backward_gather])
 
 
 def choose_layout(pattern, q, k, q_offset, inputs, settings, gather="copy"):
-    """The :class:`~spattn.ir.layout.Remap` a call of ``pattern`` runs in, or None (the
-    ``SPATTN_LAYOUT`` setting: ``auto`` when it pays and the call has at least
-    ``ir.layout.AUTO_MIN_TOKENS`` tokens, ``on`` whenever a grid is found, ``off`` never;
-    patterns with runtime inputs run in sequence order; ``gather``: how the layout's
-    tokens would reach the kernels, which the cost model prices)."""
-    from ..ir.layout import AUTO_MIN_TOKENS, choose, declared
+    """The :class:`~spattn.ir.layout.Gathers` of a call of ``pattern``: the
+    :class:`~spattn.ir.layout.Remap` it runs in, or None (the ``SPATTN_LAYOUT`` setting:
+    ``auto`` when it pays and the call has at least ``ir.layout.AUTO_MIN_TOKENS`` tokens,
+    ``on`` whenever a grid is found, ``off`` never; patterns with runtime inputs run in
+    sequence order), and how its tokens reach the forward's and the backward's kernels
+    (``gather``: the setting, which the cost model prices and resolves)."""
+    from ..ir.layout import AUTO_MIN_TOKENS, Gathers, choose, declared
     Lq, Lk = q.shape[2], k.shape[2]
     if settings.layout == "off" or inputs or (settings.layout == "auto"
                                               and Lq < AUTO_MIN_TOKENS):
-        return None, gather
+        return Gathers(None, gather, gather)
     from ..ir.layout import resolve_gathers
     target, force = "cuda" if q.is_cuda else "cpu", settings.layout == "on"
     r = choose(pattern.ir, Lq, Lk, Positions.of(Lq, Lk, q_offset).q_offset,
@@ -729,10 +740,12 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
                                gather="copy" if gather in ("auto", "box") else gather)
         remap = None
         if layouts and getattr(pattern, "score", None) is None:
-            remap, gather = choose_layout(pattern, q, k, q_offset, inputs, settings, gather)
+            remap, gather, backward = choose_layout(pattern, q, k, q_offset, inputs, settings,
+                                                    gather)
         if remap is not None:
             return RemappedPlan(pattern, backend, remap, q, k, v, scale=scale,
-                                settings=settings, options=options, gather=gather)
+                                settings=settings, options=options, gather=gather,
+                                backward=backward)
         if layouts and getattr(pattern, "score", None) is None and _reads_head(pattern):
             head = choose_head_order(pattern, q, k, q_offset, inputs, settings)
             if head is not None:

@@ -847,7 +847,7 @@ def layout_run(pattern, q, k, q_offset, ints, settings=None):
     if key in pattern._layouts:
         return pattern._layouts[key]
     from .plan import choose_layout
-    remap, _ = choose_layout(pattern, q, k, 0, ints, settings, "copy")
+    remap = choose_layout(pattern, q, k, 0, ints, settings, "copy").remap
     run = None
     if remap is not None and not remap.layout.grid.offset and not remap.layout.grid.suffix:
         from ..ir.layout import remap_score

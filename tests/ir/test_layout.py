@@ -318,11 +318,11 @@ def test_auto_gathers_take_the_cheaper_way(rows_factor, want, monkeypatch):
     r = LY.choose(pat.ir, 4096, 4096, 0, num_heads=1, force=True, target="cuda",
                   gathers=False)
     monkeypatch.setitem(C.COSTS["cuda"], "rows_factor", rows_factor)
-    got, mode = LY.resolve_gathers(r, "auto", "cuda", force=True)
-    assert mode == want
+    got, mode, backward = LY.resolve_gathers(r, "auto", "cuda", force=True)
+    assert mode == backward == want
     copy = r.cost_layout + r.layout.padded_size * C.COSTS["cuda"]["gather_token"]
     assert got.cost_layout == pytest.approx(min(copy, r.cost_layout * (1 + rows_factor)))
-    assert LY.resolve_gathers(r, "copy", "cuda") == (r, "copy")
+    assert LY.resolve_gathers(r, "copy", "cuda") == (r, "copy", "copy")
     monkeypatch.setitem(C.COSTS["cuda"], "gather_token", 1e9)
     monkeypatch.setitem(C.COSTS["cuda"], "rows_factor", 1e9)
     assert LY.resolve_gathers(r, "auto", "cuda")[0] is None

@@ -1,7 +1,8 @@
 """A token layout's forward through 5-D TMA boxes (``SPATTN_LAYOUT_GATHER=box``,
 ``KernelConfig.rows == "box"``): the generated forward reads q, k, v and writes o and the
 lse on the caller's tensors, each tile a sub-box of one of the layout's boxes; the backward
-runs on gathered copies. Outputs, lse and gradients against the float64 reference on fresh
+runs on gathered copies or through row tables. Outputs, lse and gradients against the
+float64 reference on fresh
 random inputs (every element), under the interpreter (which emulates the descriptors):
 2-D and 3-D grids, boxes cut along either axis, grids the boxes do not divide, GQA, two
 batch elements, transposed ``[B, N, H, D]`` views; the fallbacks where the boxes cannot be
@@ -43,13 +44,14 @@ def _count_gathers(monkeypatch):
     return calls
 
 
-def _box_plan(shape, box, kernel, q, k, v, tiles):
-    """A RemappedPlan of the neighbourhood in the given boxes, its forward through them."""
+def _box_plan(shape, box, kernel, q, k, v, tiles, backward="copy"):
+    """A RemappedPlan of the neighbourhood in the given boxes, its forward through them,
+    its backward ``backward`` ("copy" or "kernel")."""
     pat = spattn.neighborhood(shape, kernel, backend="triton")
     layout = LY.Layout(LY.Grid(shape), box)
     remap = LY.Remap(layout, LY.remap(pat.ir, layout), None, 0, 0)
     plan = RemappedPlan(pat, "triton", remap, q, k, v, scale=q.shape[-1] ** -0.5,
-                        settings=S.current(), gather="box",
+                        settings=S.current(), gather="box", backward=backward,
                         options={"block_m": tiles[0], "block_n": tiles[1]})
     return pat, plan
 
@@ -82,6 +84,26 @@ def test_box_forward(shape, box, kernel, tiles, B, Hq, Hk, bshd, monkeypatch):
     assert calls == [] and o.shape == q.shape and lse.shape == q.shape[:3]
     check_with_reference(o, lse, q, k, v, pat.mask(N, N, num_heads=Hq, batch=B), g)
     assert len(calls) >= 6        # the backward's copies: q, k, v, o, lse, dO and back
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("shape,box,kernel,tiles,B,Hq,Hk,bshd",
+                         [CASES[0], CASES[2], CASES[3]], ids=[IDS[0], IDS[2], IDS[3]])
+def test_box_forward_row_table_backward(shape, box, kernel, tiles, B, Hq, Hk, bshd,
+                                        monkeypatch):
+    """The box forward with the backward through row tables (``backward_gather``
+    "kernel"): no copy in either direction; o, lse and every gradient against the float64
+    reference."""
+    N = math.prod(shape)
+    g = torch.Generator().manual_seed(3 * N + B)
+    q, k, v = _tensors(B, Hq, Hk, N, 16, g, bshd)
+    pat, plan = _box_plan(shape, box, kernel, q, k, v, tiles, backward="kernel")
+    assert (plan.gather, plan.backward_gather) == ("box", "kernel")
+    assert plan.forward_stage.config.rows == "box" and "row tables" in repr(plan)
+    calls = _count_gathers(monkeypatch)
+    o, lse = pat(q, k, v, plan=plan, return_lse=True)
+    check_with_reference(o, lse, q, k, v, pat.mask(N, N, num_heads=Hq, batch=B), g)
+    assert calls == []
 
 
 @pytest.mark.interpreter
@@ -156,6 +178,9 @@ def test_fallbacks_without_box():
     q, k, v = _tensors(1, 2, 1, 128, 16, g)
     _, plan = _box_plan((8, 16), (4, 8), 3, q, k, v, (64, 32))
     assert plan.gather == "copy" and plan.forward_stage.config.rows == "seq"
+    _, plan = _box_plan((8, 16), (4, 8), 3, q, k, v, (64, 32), backward="kernel")
+    assert (plan.gather, plan.backward_gather) == ("kernel", "kernel")
+    assert plan.forward_stage.config.rows == "table"
     q, k, v = _tensors(2, 2, 1, 96, 16, g, bshd=True)
     layout = LY.Layout(LY.Grid((4, 6, 4)), (2, 2, 4))
     assert BoxRows.of(layout, q, k, v) is None
@@ -182,15 +207,23 @@ def test_rule(monkeypatch):
     bad = LY.Layout(LY.Grid((8, 16), (1, 2)), (2, 4, 4))      # residue classes
     assert test(good) and not test(bad)
     r = LY.Remap(good, None, None, 100, 50, cost_sequence=100.0, cost_layout=50.0)
-    assert LY.resolve_gathers(r, "box", "cuda", box=test) == (r, "box")
-    # auto: the boxes for a layout that pays with its gathers priced as the copies'
+    # the box forward's backward: row tables where they cost less than the copies
     gathers = 128 * LY_COSTS["cuda"]["gather_token"]
-    got, mode = LY.resolve_gathers(r, "auto", "cuda", box=test)
-    assert mode == "box" and got.cost_layout == pytest.approx(50.0 + gathers)
+    rows = 1.0 + LY_COSTS["cuda"]["rows_factor"]
+    bwd = "kernel" if 50.0 * rows < 50.0 + gathers else "copy"
+    assert LY.resolve_gathers(r, "box", "cuda", box=test) == (r, "box", bwd)
+    # auto: the boxes for a layout that pays with its gathers priced as the copies'
+    got, mode, backward = LY.resolve_gathers(r, "auto", "cuda", box=test)
+    assert (mode, backward) == ("box", bwd) and got.cost_layout == pytest.approx(50.0 + gathers)
     tight = LY.Remap(good, None, None, 100, 88, cost_sequence=100.0, cost_layout=88.0)
-    assert LY.resolve_gathers(tight, "box", "cuda", box=test) == (tight, "box")
+    assert LY.resolve_gathers(tight, "box", "cuda", box=test)[:2] == (tight, "box")
     assert LY.resolve_gathers(tight, "auto", "cuda", box=test) == \
         LY.resolve_gathers(tight, "auto", "cuda")          # the copies' rule: not "box"
+    # each way of the backward where its price is the lower
+    for rows_factor, gather_token, want in ((0.0, 1.0, "kernel"), (10.0, 0.0, "copy")):
+        monkeypatch.setitem(LY_COSTS["cuda"], "rows_factor", rows_factor)
+        monkeypatch.setitem(LY_COSTS["cuda"], "gather_token", gather_token)
+        assert LY.resolve_gathers(r, "box", "cuda", box=test) == (r, "box", want)
     rb = LY.Remap(bad, None, None, 100, 50, cost_sequence=100.0, cost_layout=50.0)
     assert LY.resolve_gathers(rb, "box", "cuda", box=test) == \
         LY.resolve_gathers(rb, "auto", "cuda")
@@ -207,16 +240,21 @@ def test_explain(monkeypatch):
     rep = pat.explain(4096)
     assert rep.layout["gather"] == "box" and "through TMA" in str(rep)
     assert rep.layout["cost_layout"] == pytest.approx(copy.cost_layout)
-    # auto: no boxes until they are timed on a GPU (ir.layout.AUTO_BOX) ...
+    # auto: no boxes without ir.layout.AUTO_BOX ...
     monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "auto")
     big = spattn.neighborhood((128, 128), 13)
+    monkeypatch.setattr(LY, "AUTO_BOX", False)
     assert big.explain(16384).layout["gather"] in ("copy", "kernel")
-    # ... then only where the layout pays with the copies' gathers priced
+    # ... with it (the default), only where the layout pays with the copies' gathers priced
     monkeypatch.setattr(LY, "AUTO_BOX", True)
     want = LY.resolve_gathers(copy, "auto", "cuda", force=True, box=lambda layout: True)
     rep = pat.explain(4096).layout
-    assert (rep["gather"], rep["used"]) == (want[1], want[0].pays)
-    assert big.explain(16384).layout["gather"] == "box"
+    assert (rep["gather"], rep["gather_backward"], rep["used"]) == \
+        (want.mode, want.backward, want.remap.pays)
+    lay = big.explain(16384).layout
+    assert lay["gather"] == "box" and lay["gather_backward"] in ("copy", "kernel")
+    words = {"copy": "on gathered copies", "kernel": "through row tables"}
+    assert words[lay["gather_backward"]] in str(big.explain(16384))
     assert pat.explain(4096, target="cpu").layout["gather"] == "copy"
     text = spattn.neighborhood((64, 64), 13, extra_before=7)
     monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "box")

@@ -402,3 +402,49 @@ def test_scored_neighbourhood_in_a_layout_bf16(monkeypatch):
     for nm, a, b in zip(("dq", "dk", "dv", "drpb"), leaves, ref):
         err = float((a.grad.double() - b.grad).norm() / b.grad.norm())
         assert torch.isfinite(a.grad).all() and err < 2e-2, f"{nm}: rel. error {err:.2e}"
+
+
+BOX_LAYOUTS = [  # grid, kernel, Hq, Hk, B: each a layout whose boxes 5-D TMA reads
+    ((128, 128), 13, 2, 2, 1),          # the flattened 13 x 13 of the 16K suite's size
+    ((40, 72), (7, 9), 4, 2, 2),        # a grid the 16 x 8 boxes do not divide, GQA
+    ((8, 24, 32), (3, 5, 7), 2, 1, 1),  # 3-D
+]
+
+
+@pytest.mark.parametrize("backward", ["copy", "kernel"])
+@pytest.mark.parametrize("grid,kernel,Hq,Hk,B", BOX_LAYOUTS,
+                         ids=["2d-128x128-k13", "2d-40x72-gqa-b2", "3d-8x24x32"])
+def test_box_forward_cuda(monkeypatch, grid, kernel, Hq, Hk, B, backward):
+    """A neighbourhood in its layout on CUDA with the forward through the layout's boxes
+    (5-D TMA on the caller's tensors, what ``SPATTN_LAYOUT_GATHER=auto`` takes there) and
+    the backward through row tables or gathered copies, as the cost constants pick (both
+    forced here): o, lse and the gradients of q, k, v against float64, bf16."""
+    from spattn.ir import cost as C
+    from spattn.runtime.plan import RemappedPlan
+    from spattn.runtime.reference import pattern_reference
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    monkeypatch.setitem(C.COSTS["cuda"], "rows_factor", 0.0 if backward == "kernel" else 1e9)
+    pat = spattn.neighborhood(grid, kernel)
+    N = 1
+    for n in grid:
+        N *= n
+    g = torch.Generator(device="cuda").manual_seed(N + Hq)
+    q, do = (torch.randn(B, Hq, N, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+             for _ in range(2))
+    k, v = (torch.randn(B, Hk, N, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+            for _ in range(2))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    plan = pat.plan(*leaves)
+    assert isinstance(plan, RemappedPlan)
+    assert (plan.gather, plan.backward_gather) == ("box", backward), repr(plan)
+    o, lse = pat(*leaves, plan=plan, return_lse=True)
+    ((o.float() * do.float()).sum() + torch.nan_to_num(lse, neginf=0.0).sum()).backward()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro, rl = pattern_reference(pat, *ref)
+    ((ro * do.double()).sum() + torch.nan_to_num(rl, neginf=0.0).sum()).backward()
+    for nm, a, b in (("o", o, ro), ("lse", lse, rl)):
+        err = float((a.detach().double() - b).norm() / b.norm())
+        assert err < 2e-2, f"{nm}: rel. error {err:.2e}"
+    for nm, a, b in zip(("dq", "dk", "dv"), leaves, ref):
+        err = float((a.grad.double() - b.grad).norm() / b.grad.norm())
+        assert torch.isfinite(a.grad).all() and err < 2e-2, f"{nm}: rel. error {err:.2e}"

@@ -1,0 +1,31 @@
+"""``benchmarks/layout_gathers.py --dry`` on the CPU: every way a layout's rows reach the
+kernels (copies, row tables, the box forward with either backward, auto) runs, each plan
+takes the way it names, all agree, and the JSON and the table are written."""
+import importlib.util
+import json
+import os
+import pathlib
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "layout_gathers.py"
+
+
+@pytest.mark.interpreter
+def test_dry_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "copy")
+    spec = importlib.util.spec_from_file_location("spattn_layout_gathers_bench", _PATH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from spattn.ir.cost import COSTS
+    before = {t: dict(c) for t, c in COSTS.items()}
+    assert bench.main(["--dry", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "layout_gathers.json").read_text())
+    assert row["took"] == {"copy": ["copy", "copy"], "kernel": ["kernel", "kernel"],
+                           "box": ["box", "copy"], "box+rows": ["box", "kernel"],
+                           "auto": ["sequence order", None]}
+    assert max(row["max_diff_vs_copy"].values()) < 1e-5
+    assert min(row["ms"].values()) > 0 and len(row["ms"]) == 10
+    assert "| 8x16, kernel 3x3 | box+rows (box, kernel) |" in capsys.readouterr().out
+    assert {t: dict(c) for t, c in COSTS.items()} == before      # the constants restored
+    assert os.environ["SPATTN_LAYOUT_GATHER"] == "copy"
