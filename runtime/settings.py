@@ -36,8 +36,9 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
                             or a caller's token order reaches the Triton kernels (copies in
                             slot order, row tables the kernels address rows through, or a
                             layout's boxes read by the forward through 5-D TMA, the backward
-                            copying; ``auto``: ``box`` where it can run, else the cheaper by
-                            the cost model; docs/layouts.md)
+                            by row tables or copies as the cost model prices them; ``auto``:
+                            ``box`` on CUDA where it can run, else the cheaper by the cost
+                            model; docs/layouts.md)
 ``SPATTN_SCORE_LOAD``       ``pair``, ``early`` or ``gather``: how a score's tables are read in
                             the kernels (docs/backends.md, Scores)
 ``SPATTN_SCORE_INDEX``      ``auto``, ``clamp`` or ``mask``: how a score's table indices
