@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 import spattn  # noqa: E402
 from spattn.dsl.errors import SpattnError  # noqa: E402
+from spattn.ir.cost import COSTS  # noqa: E402
 from spattn.runtime import plan as _plan  # noqa: E402
 
 from tests.helpers.adversarial import rand_mask  # noqa: E402
@@ -245,7 +246,8 @@ def box_case(seed: int) -> str:
     """``SPATTN_LAYOUT_GATHER=box`` where the boxes can be read: a neighbourhood of 1 to 3
     axes without residue classes or extra tokens (sometimes composed with another
     pattern), the forward tiles given or not, tensors contiguous, transposed ``[B, N, H,
-    D]``, packed or strided."""
+    D]``, packed or strided; the backward through copies or row tables (the cost
+    constant ``rows_factor`` set to make the drawn way the cheaper)."""
     r = random.Random(seed)
     nd = r.choice([1, 2, 2, 3])
     shape = tuple(r.randint(2, 40 if nd == 1 else (14 if nd == 2 else 6)) for _ in range(nd))
@@ -267,8 +269,9 @@ def box_case(seed: int) -> str:
     tiles = r.choice([None, None, (16, 16), (16, 32), (32, 16), (32, 32), (64, 64)])
     memory = r.choice(["contiguous", "contiguous", "bshd", "packed", "every_other"])
     form = r.choice(FORMS)
+    backward = r.choice(["copy", "kernel"])
     desc = (f"box:{seed} triton {desc} N={N} B{B}-Hq{Hq}-Hk{Hk}-D{D} {dtype} form={form} "
-            f"tiles={tiles} memory={memory}")
+            f"tiles={tiles} memory={memory} backward={backward}")
     LAST["desc"] = desc
     g = torch.Generator().manual_seed(seed)
     if memory == "bshd":
@@ -282,12 +285,19 @@ def box_case(seed: int) -> str:
            "SPATTN_BLOCK_M": None if tiles is None else str(tiles[0]),
            "SPATTN_BLOCK_N": None if tiles is None else str(tiles[1])}
     old = _env(env)
+    costs = COSTS["cpu"]
+    factor = costs.get("rows_factor")
+    costs["rows_factor"] = -0.5 if backward == "kernel" else 1e9
     try:
         got, do, dlse = _run(form, pat, q, k, v, g, r.random() < 0.3)
     except SpattnError as e:
         return desc + f" (refused: {str(e).splitlines()[0][:100]})"
     finally:
         _env(old)
+        if factor is None:
+            costs.pop("rows_factor", None)
+        else:
+            costs["rows_factor"] = factor
     _check(desc, pat, q, k, v, got, do, dtype, dlse=dlse)
     return desc
 
