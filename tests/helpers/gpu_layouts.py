@@ -8,7 +8,10 @@ way), bf16 or fp16, D from 32 to 256, GQA, two batch elements, contiguous or tra
 (o, lse and the gradients of q, k, v) and compares every element with the float64
 reference (``runtime.reference.pattern_reference``), relative norms at bf16 tolerance.
 
-    python -m tests.helpers.gpu_layouts --seconds 240 [--seed 0]
+    python -m tests.helpers.gpu_layouts --seconds 240 [--seed 0] [--large]
+
+``--large``: grids of 4K-16K tokens (2-D up to 128 x 128, 3-D up to 16 x 32 x 32), one
+batch element and two query heads, D 64 or 128.
 
 Prints one line per case (the plan's ways) and a summary; exit status 1 on any failure.
 """
@@ -28,13 +31,16 @@ from spattn.ir import cost as C
 from spattn.runtime.reference import pattern_reference
 
 
-def case(seed: int):
+def case(seed: int, large: bool = False):
     r = random.Random(seed)
     nd = r.choice([1, 2, 2, 3])
     if nd == 1:
-        shape = (r.randint(600, 4096),)
+        shape = (r.randint(4096, 16384) if large else r.randint(600, 4096),)
     elif nd == 2:
-        shape = (r.randint(16, 64), r.randint(16, 64))
+        shape = (r.randint(64, 128), r.randint(64, 128)) if large else \
+            (r.randint(16, 64), r.randint(16, 64))
+    elif large:
+        shape = (r.randint(4, 16), r.randint(16, 32), r.randint(16, 32))
     else:
         shape = (r.randint(2, 8), r.randint(8, 24), r.randint(8, 24))
     ks = tuple(r.randint(1, max(1, n // r.choice([1, 2, 4]))) for n in shape)
@@ -54,12 +60,14 @@ def case(seed: int):
     bshd = r.random() < 0.3
     layout = r.choice(["auto", "on", "on"])
     tilt = r.choice([None, None, "copy", "kernel"])
+    if large:
+        B, Hq, Hk, D = 1, 2, r.choice([1, 2]), r.choice([64, 128])
     return pat, desc, N, B, Hq, Hk, D, dtype, bshd, layout, tilt
 
 
-def run(seed: int) -> str:
+def run(seed: int, large: bool = False) -> str:
     import os
-    pat, desc, N, B, Hq, Hk, D, dtype, bshd, layout, tilt = case(seed)
+    pat, desc, N, B, Hq, Hk, D, dtype, bshd, layout, tilt = case(seed, large)
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def draw(h):
@@ -111,11 +119,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=240)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--large", action="store_true", help="grids of 4K-16K tokens")
     a = ap.parse_args(argv)
     end, seed, fails, n, ways = time.time() + a.seconds, a.seed, 0, 0, {}
     while time.time() < end:
         try:
-            line = run(seed)
+            line = run(seed, a.large)
             w = line.rsplit("-> ", 1)[1].split(" max")[0]
             ways[w] = ways.get(w, 0) + 1
             print(line, flush=True)
