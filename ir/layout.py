@@ -866,8 +866,8 @@ def boxes_readable(layout: "Layout") -> bool:
 
 #: Whether ``SPATTN_LAYOUT_GATHER=auto`` takes the box forward on CUDA (where it can run).
 #: Timed on an H200 (benchmarks/RESULTS.md, "GPU: the box forward by default"): the boxes
-#: save the forward's gathers at the kernel's speed, 0.94-0.96x the copies' forward time on
-#: FLUX and 0.66x on the 16K 13 x 13 neighbourhood.
+#: save the forward's gathers at the kernel's speed, 0.94-0.97x the copies' forward time on
+#: FLUX and Hunyuan and 0.66x on the 16K 13 x 13 neighbourhood.
 AUTO_BOX = True
 
 
@@ -895,39 +895,31 @@ def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = 
     (``r`` chosen without the gathers' cost) the cheaper of "copy" (the layout's cost plus
     its gathers, ``gather_token`` per token) and "kernel" (its cost times ``1 +
     rows_factor``: row tables, no TMA) by ``ir.cost.COSTS[target]``, the remap's
-    ``cost_layout`` set to that mode's cost; None for the remap when that cost no longer
+    ``cost_layout`` set to that way's cost; None for the remap when that cost no longer
     pays (:attr:`Remap.pays`, unless ``force``). "kernel" is priced the same way (its
     ``rows_factor``); "copy" (``r`` chosen with its gathers) is returned as it is. The
     backward runs the forward's way.
     ``box``: a test of a layout, whether the forward can read its boxes through TMA on the
-    call's tensors (``runtime.triton_backend.BoxRows``); "box" then picks "box", whose
-    forward costs the layout's kernel alone (no gathers, TMA loads), and "auto" picks it
-    for a layout that pays with its gathers priced as copies' (the layouts the copies were
-    measured on: the box forward does the same work without the gathers), or any layout
-    with ``force``; the box
-    forward's backward takes row tables or copies by the same comparison as "auto" (the
-    forward's constants standing in for the backward's). "box" where it fails is
-    "auto"."""
+    call's tensors (``runtime.triton_backend.BoxRows``). Where it passes, "auto" decides
+    and prices the layout as above and, for a layout it keeps, runs the forward through
+    the boxes (no gathers, TMA loads: measured faster than either way's forward) and the
+    backward the way it priced; "box" runs the same forward and backward, the layout
+    priced as its kernel alone. "box" where the test fails is "auto"."""
     if r is None or mode == "copy":
         return Gathers(r, mode, mode)
     from dataclasses import replace
     from .cost import COSTS
     c = COSTS[target]
-    rows = _rows_cheaper(r, c)
-    if mode in ("auto", "box"):
-        if box is not None and box(r.layout):
-            backward = "kernel" if rows else "copy"
-            if mode == "box":
-                return Gathers(r if force or r.pays else None, "box", backward)
-            copied = replace(r, cost_layout=r.cost_layout
-                             + r.layout.padded_size * c.get("gather_token", 0.0))
-            if force or copied.pays:
-                return Gathers(copied, "box", backward)
-        mode = "kernel" if rows else "copy"
-    r = replace(r, cost_layout=r.cost_layout * (1.0 + c.get("rows_factor", 0.0))
-                if mode == "kernel" else
-                r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0))
-    return Gathers(r if force or r.pays else None, mode, mode)
+    way = "kernel" if mode == "kernel" or _rows_cheaper(r, c) else "copy"
+    readable = mode in ("auto", "box") and box is not None and box(r.layout)
+    if mode == "box" and readable:
+        return Gathers(r if force or r.pays else None, "box", way)
+    priced = replace(r, cost_layout=r.cost_layout * (1.0 + c.get("rows_factor", 0.0))
+                     if way == "kernel" else
+                     r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0))
+    if not (force or priced.pays):
+        return Gathers(None, way, way)
+    return Gathers(priced, "box" if readable else way, way)
 
 
 def _product_allowed(groups: list[Node], grid: Grid) -> int:

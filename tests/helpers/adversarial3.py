@@ -66,7 +66,8 @@ from tests.helpers.adversarial2 import _check as _check2, _tol  # noqa: E402
 from tests.helpers.adversarial import _close  # noqa: E402
 from tests.helpers.headorder import class_source  # noqa: E402
 
-#: plans built during the current case: (class name, gather mode)
+#: plans built during the current case: (class name, gather mode, the backward's where it
+#: differs: a box forward's)
 BUILT: list = []
 #: over the run: kind -> Counter of the plans its cases built
 REACHED: dict = collections.defaultdict(collections.Counter)
@@ -77,7 +78,10 @@ def _record(cls):
 
     def wrapped(self, *a, **kw):
         init(self, *a, **kw)
-        BUILT.append((type(self).__name__, getattr(self, "gather", None)))
+        gather = getattr(self, "gather", None)
+        backward = getattr(self, "backward_gather", gather)
+        BUILT.append((type(self).__name__,
+                      gather if backward == gather else f"{gather}+{backward}"))
     cls.__init__ = wrapped
 
 

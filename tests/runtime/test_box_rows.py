@@ -9,6 +9,7 @@ batch elements, transposed ``[B, N, H, D]`` views; the fallbacks where the boxes
 read (residue classes, tiles larger than a box, 3-D views whose batch and heads do not
 fold) and the setting's rule; a property of the generated ``_box_at`` (a tile's sub-box
 origin) against the layout's own slot coordinates."""
+import dataclasses
 import math
 
 import pytest
@@ -193,10 +194,12 @@ from spattn.ir.cost import COSTS as LY_COSTS  # noqa: E402
 
 
 def test_rule(monkeypatch):
-    """``auto`` picks the boxes only on CUDA with TMA, for a layout that pays with its
-    gathers priced as the copies'; an explicit ``box`` where the interpreter or TMA exists;
-    a layout the boxes cannot serve keeps the rule of ``auto`` (its cost with or without
-    gathers)."""
+    """``auto`` takes the boxes only on CUDA with TMA (``_box_test``), and an explicit
+    ``box`` where the interpreter or TMA exists. With a layout the boxes can serve, ``auto``
+    keeps exactly the layouts it keeps without them, priced by the cheaper of copies and
+    row tables, and runs their forward through the boxes and their backward the way it
+    priced; ``box`` prices the layout as its kernel alone; a layout the boxes cannot serve
+    keeps the rule of ``auto``."""
     g = torch.Generator().manual_seed(8)
     q, k, v = _tensors(1, 2, 1, 128, 16, g)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -206,24 +209,32 @@ def test_rule(monkeypatch):
     good = LY.Layout(LY.Grid((8, 16)), (4, 8))
     bad = LY.Layout(LY.Grid((8, 16), (1, 2)), (2, 4, 4))      # residue classes
     assert test(good) and not test(bad)
-    r = LY.Remap(good, None, None, 100, 50, cost_sequence=100.0, cost_layout=50.0)
-    # the box forward's backward: row tables where they cost less than the copies
     gathers = 128 * LY_COSTS["cuda"]["gather_token"]
     rows = 1.0 + LY_COSTS["cuda"]["rows_factor"]
-    bwd = "kernel" if 50.0 * rows < 50.0 + gathers else "copy"
-    assert LY.resolve_gathers(r, "box", "cuda", box=test) == (r, "box", bwd)
-    # auto: the boxes for a layout that pays with its gathers priced as the copies'
-    got, mode, backward = LY.resolve_gathers(r, "auto", "cuda", box=test)
-    assert (mode, backward) == ("box", bwd) and got.cost_layout == pytest.approx(50.0 + gathers)
-    tight = LY.Remap(good, None, None, 100, 88, cost_sequence=100.0, cost_layout=88.0)
-    assert LY.resolve_gathers(tight, "box", "cuda", box=test)[:2] == (tight, "box")
-    assert LY.resolve_gathers(tight, "auto", "cuda", box=test) == \
-        LY.resolve_gathers(tight, "auto", "cuda")          # the copies' rule: not "box"
+    for cost in (50.0, 70.0, 80.0, 88.0, 95.0, 200.0):
+        r = LY.Remap(good, None, None, 100, 50, cost_sequence=100.0, cost_layout=cost)
+        way = "kernel" if cost * rows < cost + gathers else "copy"
+        plain = LY.resolve_gathers(r, "auto", "cuda")
+        assert plain.mode == plain.backward == way
+        got = LY.resolve_gathers(r, "auto", "cuda", box=test)
+        assert got.remap == plain.remap and got.backward == way
+        assert got.mode == ("box" if plain.remap is not None else way)
+        forced = LY.resolve_gathers(r, "auto", "cuda", force=True, box=test)
+        assert forced.remap is not None and (forced.mode, forced.backward) == ("box", way)
+        assert forced.remap.cost_layout == pytest.approx(
+            cost * rows if way == "kernel" else cost + gathers)
+        assert LY.resolve_gathers(r, "box", "cuda", box=test) == \
+            ((r if r.pays else None), "box", way)
+    assert any(LY.resolve_gathers(LY.Remap(good, None, None, 100, 50, cost_sequence=100.0,
+                                           cost_layout=c), "auto", "cuda", box=test).remap
+               is None for c in (88.0, 95.0, 200.0))          # some are not kept
     # each way of the backward where its price is the lower
+    r = LY.Remap(good, None, None, 100, 50, cost_sequence=100.0, cost_layout=50.0)
     for rows_factor, gather_token, want in ((0.0, 1.0, "kernel"), (10.0, 0.0, "copy")):
         monkeypatch.setitem(LY_COSTS["cuda"], "rows_factor", rows_factor)
         monkeypatch.setitem(LY_COSTS["cuda"], "gather_token", gather_token)
         assert LY.resolve_gathers(r, "box", "cuda", box=test) == (r, "box", want)
+        assert LY.resolve_gathers(r, "auto", "cuda", box=test)[1:] == ("box", want)
     rb = LY.Remap(bad, None, None, 100, 50, cost_sequence=100.0, cost_layout=50.0)
     assert LY.resolve_gathers(rb, "box", "cuda", box=test) == \
         LY.resolve_gathers(rb, "auto", "cuda")
@@ -231,8 +242,9 @@ def test_rule(monkeypatch):
 
 def test_explain(monkeypatch):
     """explain() prices and names the box forward: ``box`` asked (no gather term: the
-    layout's kernel alone), and ``auto`` on the GPU for a layout whose boxes TMA can read
-    and which pays with the copies' gathers priced; extra tokens keep the rule of
+    layout's kernel alone), and ``auto`` on the GPU for a layout whose boxes TMA can read;
+    whether ``auto`` uses the layout is what a plan's own (unforced) resolution decides,
+    including layouts that pay through row tables only; extra tokens keep the rule of
     ``auto``."""
     pat = spattn.neighborhood((64, 64), 13)
     copy = LY.choose(pat.ir, 4096, 4096, 0, force=True, target="cuda", gathers=False)
@@ -245,21 +257,29 @@ def test_explain(monkeypatch):
     big = spattn.neighborhood((128, 128), 13)
     monkeypatch.setattr(LY, "AUTO_BOX", False)
     assert big.explain(16384).layout["gather"] in ("copy", "kernel")
-    # ... with it (the default), only where the layout pays with the copies' gathers priced
+    # ... with it (the default): "used" as a plan decides, unforced
     monkeypatch.setattr(LY, "AUTO_BOX", True)
-    want = LY.resolve_gathers(copy, "auto", "cuda", force=True, box=lambda layout: True)
-    rep = pat.explain(4096).layout
-    assert (rep["gather"], rep["gather_backward"], rep["used"]) == \
-        (want.mode, want.backward, want.remap.pays)
+    rows_only = 0
+    for shape, kernel in (((64, 64), 13), ((128, 128), 13), ((128, 128), 11),
+                          ((128, 128), 9), ((96, 96), 11), ((64, 64), 17)):
+        p = spattn.neighborhood(shape, kernel)
+        N = shape[0] * shape[1]
+        r = LY.choose(p.ir, N, N, 0, force=True, target="cuda", gathers=False)
+        plan = LY.resolve_gathers(r, "auto", "cuda", box=lambda layout: True)
+        lay = p.explain(N).layout
+        assert lay["used"] == (plan.remap is not None), (shape, kernel)
+        assert (lay["gather"], lay["gather_backward"]) == ("box", plan.backward)
+        copies = dataclasses.replace(r, cost_layout=r.cost_layout + r.layout.padded_size
+                                     * LY_COSTS["cuda"]["gather_token"])
+        rows_only += plan.remap is not None and not copies.pays
+    assert rows_only, "no case where only the row tables pay"
     lay = big.explain(16384).layout
-    assert lay["gather"] == "box" and lay["gather_backward"] in ("copy", "kernel")
     words = {"copy": "on gathered copies", "kernel": "through row tables"}
     assert words[lay["gather_backward"]] in str(big.explain(16384))
     assert pat.explain(4096, target="cpu").layout["gather"] == "copy"
     text = spattn.neighborhood((64, 64), 13, extra_before=7)
     monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "box")
     assert text.explain(4103).layout["gather"] in ("copy", "kernel")
-
 
 
 #: The generated ``_box_at`` a probe kernel calls (set by the test that launches it).
