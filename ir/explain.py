@@ -310,9 +310,9 @@ def _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed, block_m, block_n, c
     sequence order and in the layout, the predicted cost of each (``ir.layout.layout_cost``),
     and whether ``SPATTN_LAYOUT=auto`` uses it (it pays by ``ir.layout.MARGIN`` and the call
     has at least ``AUTO_MIN_TOKENS`` tokens); ``gather``: how its tokens reach the kernels
-    (the layout's cost includes the gathers for "copy" only; "auto" takes "box" on the GPU
-    where the layout's boxes can be read through TMA, else the cheaper of "copy" and
-    "kernel", reported as ``gather``; the backward's way, "copy" or "kernel", as
+    (the layout's cost includes the gathers for "copy" only; "auto" prices the cheaper of
+    "copy" and "kernel" and reports that way, or "box" on the GPU where the layout's boxes
+    can be read through TMA, as ``gather``; the backward's way, "copy" or "kernel", as
     ``gather_backward``). The extra tokens before and after the grid are ``extra_before``
     and ``extra_after``."""
     from . import layout as LY
