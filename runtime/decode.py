@@ -388,6 +388,8 @@ class DecodePlan:
             from ..ir.score import grads
             ds = grads(pattern.score).ds
             self.additive = isinstance(ds, FConst) and ds.value == 1.0
+            #: the torch backend's additive masks of the last steps (:meth:`_additive_mask`)
+            self._bias_memo: OrderedDict = OrderedDict()
         self.pack = 1 if ("h" in uses or "H" in uses or per_head) else G
         #: the fast entries: :func:`fast_step`'s (CPU, set by ``_init_torch``' steps) and
         #: :func:`fast_routed`'s (the routed call this plan last served, with what its
@@ -1020,8 +1022,7 @@ class DecodePlan:
         Hk, Dv = self.Hk, v.shape[-1]
         M = Hq // Hk * Lq
         acc = _acc(q.dtype)
-        o = torch.zeros((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
-        lse = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
+        o = lse = None
         groups: dict = {}
         for b, L in enumerate(lens):
             groups.setdefault((b, L) if self.per_batch else L, []).append(b)
@@ -1034,49 +1035,94 @@ class DecodePlan:
                 continue                                    # no key: rows stay 0 / -inf
             a, z = runs[0][0], runs[-1][1]
             nb = len(idx)
-            bi = torch.tensor(idx, dtype=torch.int64, device=q.device)
+            # (every element in order where nb == B)
+            bi = None if nb == B else torch.tensor(idx, dtype=torch.int64, device=q.device)
             if page_table is None:
                 kb = (k if nb == B else k.index_select(0, bi))[:, :, a:z]
                 vb = (v if nb == B else v.index_select(0, bi))[:, :, a:z]
             else:           # pools [num_pages, page_size, Hk, D]: the keys a..z-1 gathered
                 pos = torch.arange(a, z, device=q.device)
-                pages = page_table.index_select(0, bi)[:, pos // page_size].to(torch.int64)
+                pages = (page_table if bi is None else page_table.index_select(0, bi))[
+                    :, pos // page_size].to(torch.int64)
                 kb = k[pages, pos % page_size].transpose(1, 2)
                 vb = v[pages, pos % page_size].transpose(1, 2)
             qb = (q if nb == B else q.index_select(0, bi)).reshape(nb, Hk, M, D)
-            env = score_env(Lq, L, num_heads=Hq, batch=nb, q_offset=q_off, device=q.device,
-                            cols=(a, z))
-            env["b"] = bi.view(-1, 1, 1, 1)             # the group's own batch elements
-            # every row sees every key of one run: no mask to apply
-            m = None if len(runs) == 1 and not part else torch.as_tensor(
-                evaluate(self.pattern.ir, env, inputs), device=q.device).to(torch.bool)
-            ninf = torch.full((), -math.inf, dtype=acc, device=q.device)
+
+            def env_mask(L=L, q_off=q_off, a=a, z=z, nb=nb, bi=bi, runs=runs, part=part):
+                env = score_env(Lq, L, num_heads=Hq, batch=nb, q_offset=q_off,
+                                device=q.device, cols=(a, z))
+                env["b"] = (torch.arange(B, device=q.device) if bi is None else bi) \
+                    .view(-1, 1, 1, 1)                      # the group's own batch elements
+                # every row sees every key of one run: no mask to apply
+                m = None if len(runs) == 1 and not part else torch.as_tensor(
+                    evaluate(self.pattern.ir, env, inputs), device=q.device).to(torch.bool)
+                return env, m
             if self.additive and q.dtype == torch.float32:
                 # s + bias: the bias (the score at s = 0) and the mask as one additive mask
                 # of one fused attention call
-                zero = torch.zeros((nb, Hq, Lq, z - a), dtype=acc, device=q.device)
-                f = score_values(self.pattern.score, zero, env, every)
-                if m is not None:
-                    f = torch.where(m.expand(zero.shape), f, ninf)
-                else:
-                    f = f.contiguous()
+                def bias(nb=nb, z=z, a=a):
+                    env, m = env_mask()
+                    zero = torch.zeros((nb, Hq, Lq, z - a), dtype=acc, device=q.device)
+                    return score_values(self.pattern.score, zero, env, every), m
+                f, empty = self._additive_mask((tuple(idx), L, q_off, a, z), every, bias)
                 ob, lb = _kernel(qb, kb, vb, f.view(nb, Hk, M, z - a), scale)
-                empty = (f.amax(-1) == -math.inf).view(nb, Hk, M)
-                ob = ob.masked_fill(empty.unsqueeze(-1), 0.0).view(nb, Hq, Lq, Dv)
-                lb = lb.masked_fill(empty, -math.inf).view(nb, Hq, Lq)
+                if empty is not None:
+                    ob, lb = ob.masked_fill(empty.unsqueeze(-1), 0.0), \
+                        lb.masked_fill(empty, -math.inf)
+                ob, lb = ob.reshape(nb, Hq, Lq, Dv), lb.reshape(nb, Hq, Lq)
             else:
+                env, m = env_mask()
                 s = torch.matmul(qb.to(acc), kb.to(acc).transpose(-1, -2)) * scale
                 s = s.view(nb, Hq, Lq, z - a)
                 f = score_values(self.pattern.score, s, env, every)
                 if m is not None:
-                    f = torch.where(m.expand(s.shape), f, ninf)
+                    f = torch.where(m.expand(s.shape), f,
+                                    torch.full((), -math.inf, dtype=acc, device=q.device))
                 p, lb = softmax_rows(f)
                 ob = torch.matmul(p.view(nb, Hk, M, z - a), vb.to(acc)).view(nb, Hq, Lq, Dv)
             if nb == B:
                 o, lse = ob.to(q.dtype), lb
-            else:
-                o[bi], lse[bi] = ob.to(q.dtype), lb
+                continue
+            if o is None:
+                o = torch.zeros((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+                lse = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
+            o[bi], lse[bi] = ob.to(q.dtype), lb
+        if o is None:                                       # no key: rows 0 / -inf
+            o = torch.zeros((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+            lse = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
         return o, lse
+
+    def _additive_mask(self, key: tuple, every: dict, make):
+        """``(f, empty)`` of an additive score's step on the torch backend: ``f [nb, Hq, Lq,
+        n]`` the bias plus ``-inf`` where the mask excludes a pair (``make()`` gives the bias
+        and the mask or None), ``empty [nb, Hk, G * Lq]`` the rows with no key (None where
+        every row has one). Kept for
+        the last :data:`MASK_BUFFERS` steps of at most :data:`MASK_TAIL_CELLS` x 16 cells
+        each, by ``key`` (the batch elements, the length, the query offset, the keys'
+        span) and the identity and version of every input and table (held, so that no
+        other tensor takes their identity): the layers of a model's token repeat the step
+        with the same tables, and all but the first read it back."""
+        tabs = tuple((n, t, data_version(t)) for n, t in sorted(every.items()))
+        hit = self._bias_memo.get(key)
+        if hit is not None and len(hit[0]) == len(tabs) and all(
+                n == n0 and t is t0 and v == v0 for (n, t, v), (n0, t0, v0) in zip(tabs, hit[0])):
+            self._bias_memo.move_to_end(key)
+            return hit[1], hit[2]
+        f, m = make()
+        if m is not None:
+            f = torch.where(m.expand(f.shape), f, torch.full((), -math.inf, dtype=f.dtype,
+                                                             device=f.device))
+        else:
+            f = f.contiguous()
+        nb, Hq, Lq = f.shape[:3]
+        empty = (f.amax(-1) == -math.inf).view(nb, self.Hk, Hq // self.Hk * Lq)
+        if not bool(empty.any()):
+            empty = None
+        if f.numel() <= 16 * MASK_TAIL_CELLS:
+            self._bias_memo[key] = (tabs, f, empty)
+            while len(self._bias_memo) > MASK_BUFFERS:
+                self._bias_memo.popitem(last=False)
+        return f, empty
 
     def _keys(self, L: int, q_off: int, b: int, inputs: dict):
         """``(runs, part, m_part)``: the key runs ``[a, z)`` some row may see (sorted,

@@ -131,6 +131,45 @@ def test_scored_decode_reuses_one_plan_as_the_cache_grows():
     assert len(dec.DECODE_PLANS) == 1
 
 
+@pytest.mark.parametrize("name", ["alibi-table", "rel-clamped", "per-head-mask"])
+def test_scored_decode_additive_mask_memo(name, monkeypatch):
+    """The torch backend's additive step keeps its bias and mask for the steps it repeats
+    (a model's layers at one token): the same lengths and the same tables (identity and
+    version) read it back without evaluating the score, and each output matches the
+    float64 reference; a table written in place, a new table object, or another length
+    evaluates again (and the output follows the new values)."""
+    from spattn.ir import score as S
+    pat, q, k, v, tables, g = _draw(name, "torch", B=2, Hq=4, Hk=2, cap=90, seed=5)
+    (tname, tab), = tables.items()
+    evals = []
+    real = S.score_values
+
+    def counting(*a, **kw):
+        evals.append(None)
+        return real(*a, **kw)
+    monkeypatch.setattr(S, "score_values", counting)
+    lens = [90, 61]
+    seq = torch.tensor(lens)
+
+    def step(t, L=None):
+        """The step's own evaluations of the score (the reference's not counted)."""
+        kk, vv = (k, v) if L is None else (k[:, :, :L], v[:, :, :L])
+        sl = seq if L is None else None
+        n0 = len(evals)
+        o = pat.decode(q, kk, vv, seq_lens=sl, **{tname: t})
+        n = len(evals) - n0
+        want, _ = _reference(pat, q, k, v, lens if L is None else [L] * 2, {tname: t})
+        _close(f"{name} evals={n}", o, want)
+        return n
+    assert step(tab) == 2                           # one per length
+    assert step(tab) == step(tab) == 0              # read back: same lengths and table
+    with torch.no_grad():
+        tab.mul_(1.5).add_(0.25)                    # in place: a new version
+    assert step(tab) == 2
+    assert step(tab.clone()) == 2                   # another tensor, the same values
+    assert step(tab, L=75) == 1                     # another length (one group)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scored_decode_rows_without_keys_are_zero(backend):
     """A score of -inf on every pair of a row (and a mask that allows nothing) gives 0 and
