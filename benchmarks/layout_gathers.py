@@ -69,18 +69,12 @@ WAYS = {"copy": ("on", "copy", None), "kernel": ("on", "kernel", None),
 
 def _plan(pat, q, k, v, layout, gather, rows_factor):
     saved = {n: os.environ.get(n) for n in ("SPATTN_LAYOUT", "SPATTN_LAYOUT_GATHER")}
-    costs = C.COSTS["cuda" if q.is_cuda else "cpu"]
-    factor = costs.get("rows_factor")
     os.environ["SPATTN_LAYOUT"], os.environ["SPATTN_LAYOUT_GATHER"] = layout, gather
-    if rows_factor is not None:
-        costs["rows_factor"] = rows_factor
+    tilt = {} if rows_factor is None else {"rows_factor": rows_factor}
     try:
-        return pat.plan(q, k, v)
+        with C.constants("cuda" if q.is_cuda else "cpu", **tilt):
+            return pat.plan(q, k, v)
     finally:
-        if factor is None:
-            costs.pop("rows_factor", None)
-        else:
-            costs["rows_factor"] = factor
         for n, x in saved.items():
             if x is None:
                 os.environ.pop(n, None)

@@ -19,6 +19,7 @@ the tuner's tile sizes, memory-bound short calls or a busy CPU.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Mapping
 
 COSTS = {
@@ -49,6 +50,25 @@ TARGETS = tuple(COSTS)
 COST = COSTS["cuda"]
 
 STRATEGIES = ("ranges", "table")
+
+
+@contextmanager
+def constants(target: str, **values: float):
+    """``COSTS[target]`` with ``values`` in place of its entries inside the block, the entries
+    restored after (one absent before removed again): to drive a choice the constants make
+    (a layout's gathers, say) each way in a benchmark or a search. Plans keep what they were
+    built with; ``PLANS`` does not key them on the constants."""
+    costs = COSTS[target]
+    saved = {n: costs[n] for n in values if n in costs}
+    costs.update(values)
+    try:
+        yield
+    finally:
+        for n in values:
+            if n in saved:
+                costs[n] = saved[n]
+            else:
+                costs.pop(n, None)
 
 
 def pick_strategy(ir) -> str:

@@ -882,13 +882,6 @@ class Gathers(NamedTuple):
     backward: str
 
 
-def _rows_cheaper(r: "Remap", c: dict) -> bool:
-    """Whether row tables (the layout's cost times ``1 + rows_factor``) cost less than the
-    copies (its cost plus ``gather_token`` per slot) by the cost constants ``c``."""
-    return r.cost_layout * (1.0 + c.get("rows_factor", 0.0)) < \
-        r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0)
-
-
 def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = False,
                     box=None) -> Gathers:
     """:class:`Gathers`: how a layout's tokens reach the kernels. For ``mode`` "auto"
@@ -910,13 +903,13 @@ def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = 
     from dataclasses import replace
     from .cost import COSTS
     c = COSTS[target]
-    way = "kernel" if mode == "kernel" or _rows_cheaper(r, c) else "copy"
+    copy = r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0)
+    kernel = r.cost_layout * (1.0 + c.get("rows_factor", 0.0))
+    way = "kernel" if mode == "kernel" or kernel < copy else "copy"
     readable = mode in ("auto", "box") and box is not None and box(r.layout)
     if mode == "box" and readable:
         return Gathers(r if force or r.pays else None, "box", way)
-    priced = replace(r, cost_layout=r.cost_layout * (1.0 + c.get("rows_factor", 0.0))
-                     if way == "kernel" else
-                     r.cost_layout + r.layout.padded_size * c.get("gather_token", 0.0))
+    priced = replace(r, cost_layout=kernel if way == "kernel" else copy)
     if not (force or priced.pays):
         return Gathers(None, way, way)
     return Gathers(priced, "box" if readable else way, way)

@@ -1023,6 +1023,10 @@ class DecodePlan:
         M = Hq // Hk * Lq
         acc = _acc(q.dtype)
         o = lse = None
+
+        def blank():                                        # rows 0 / -inf
+            return (torch.zeros((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device),
+                    torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device))
         groups: dict = {}
         for b, L in enumerate(lens):
             groups.setdefault((b, L) if self.per_batch else L, []).append(b)
@@ -1048,7 +1052,7 @@ class DecodePlan:
                 vb = v[pages, pos % page_size].transpose(1, 2)
             qb = (q if nb == B else q.index_select(0, bi)).reshape(nb, Hk, M, D)
 
-            def env_mask(L=L, q_off=q_off, a=a, z=z, nb=nb, bi=bi, runs=runs, part=part):
+            def env_mask():                     # (called within this group's iteration)
                 env = score_env(Lq, L, num_heads=Hq, batch=nb, q_offset=q_off,
                                 device=q.device, cols=(a, z))
                 env["b"] = (torch.arange(B, device=q.device) if bi is None else bi) \
@@ -1060,7 +1064,7 @@ class DecodePlan:
             if self.additive and q.dtype == torch.float32:
                 # s + bias: the bias (the score at s = 0) and the mask as one additive mask
                 # of one fused attention call
-                def bias(nb=nb, z=z, a=a):
+                def bias():
                     env, m = env_mask()
                     zero = torch.zeros((nb, Hq, Lq, z - a), dtype=acc, device=q.device)
                     return score_values(self.pattern.score, zero, env, every), m
@@ -1084,13 +1088,9 @@ class DecodePlan:
                 o, lse = ob.to(q.dtype), lb
                 continue
             if o is None:
-                o = torch.zeros((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
-                lse = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
+                o, lse = blank()
             o[bi], lse[bi] = ob.to(q.dtype), lb
-        if o is None:                                       # no key: rows 0 / -inf
-            o = torch.zeros((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
-            lse = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
-        return o, lse
+        return (o, lse) if o is not None else blank()       # (blank: no row sees a key)
 
     def _additive_mask(self, key: tuple, every: dict, make):
         """``(f, empty)`` of an additive score's step on the torch backend: ``f [nb, Hq, Lq,

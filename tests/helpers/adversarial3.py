@@ -56,7 +56,7 @@ import torch  # noqa: E402
 
 import spattn  # noqa: E402
 from spattn.dsl.errors import SpattnError  # noqa: E402
-from spattn.ir.cost import COSTS  # noqa: E402
+from spattn.ir.cost import constants as cost_constants  # noqa: E402
 from spattn.runtime import plan as _plan  # noqa: E402
 
 from tests.helpers.adversarial import rand_mask  # noqa: E402
@@ -289,19 +289,13 @@ def box_case(seed: int) -> str:
            "SPATTN_BLOCK_M": None if tiles is None else str(tiles[0]),
            "SPATTN_BLOCK_N": None if tiles is None else str(tiles[1])}
     old = _env(env)
-    costs = COSTS["cpu"]
-    factor = costs.get("rows_factor")
-    costs["rows_factor"] = -0.5 if backward == "kernel" else 1e9
     try:
-        got, do, dlse = _run(form, pat, q, k, v, g, r.random() < 0.3)
+        with cost_constants("cpu", rows_factor=-0.5 if backward == "kernel" else 1e9):
+            got, do, dlse = _run(form, pat, q, k, v, g, r.random() < 0.3)
     except SpattnError as e:
         return desc + f" (refused: {str(e).splitlines()[0][:100]})"
     finally:
         _env(old)
-        if factor is None:
-            costs.pop("rows_factor", None)
-        else:
-            costs["rows_factor"] = factor
     _check(desc, pat, q, k, v, got, do, dtype, dlse=dlse)
     return desc
 

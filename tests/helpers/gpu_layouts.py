@@ -78,19 +78,14 @@ def run(seed: int, large: bool = False) -> str:
     q, k, v, do = draw(Hq), draw(Hk), draw(Hk), draw(Hq)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     os.environ["SPATTN_LAYOUT"] = layout
-    costs = C.COSTS["cuda"]
-    factor = costs.get("rows_factor")
-    if tilt is not None:
-        costs["rows_factor"] = -0.5 if tilt == "kernel" else 1e9
+    forced = {} if tilt is None else {"rows_factor": -0.5 if tilt == "kernel" else 1e9}
     try:
-        plan = pat.plan(*leaves)
-        o, lse = pat(*leaves, plan=plan, return_lse=True)
-        ((o.float() * do.float()).sum() + torch.nan_to_num(lse, neginf=0.0).sum()).backward()
+        with C.constants("cuda", **forced):
+            plan = pat.plan(*leaves)
+            o, lse = pat(*leaves, plan=plan, return_lse=True)
+            ((o.float() * do.float()).sum() + torch.nan_to_num(lse, neginf=0.0).sum()) \
+                .backward()
     finally:
-        if factor is None:
-            costs.pop("rows_factor", None)
-        else:
-            costs["rows_factor"] = factor
         os.environ.pop("SPATTN_LAYOUT", None)
     ways = (type(plan).__name__, getattr(plan, "gather", "-"),
             getattr(plan, "backward_gather", "-"))

@@ -327,3 +327,24 @@ def test_auto_gathers_take_the_cheaper_way(rows_factor, want, monkeypatch):
     monkeypatch.setitem(C.COSTS["cuda"], "rows_factor", 1e9)
     assert LY.resolve_gathers(r, "auto", "cuda")[0] is None
     assert LY.resolve_gathers(r, "auto", "cuda", force=True)[0] is not None
+
+
+def test_cost_constants_override_and_restore():
+    """``ir.cost.constants``: the entries given hold inside the block (the gathers' choice
+    follows them) and are restored after, an entry absent before removed again, also when
+    the block raises."""
+    from spattn.ir import cost as C
+    from spattn.ir import layout as LY
+    before = {t: dict(c) for t, c in C.COSTS.items()}
+    r = LY.Remap(LY.Layout(LY.Grid((8, 16)), (4, 8)), None, None, 100, 50,
+                 cost_sequence=100.0, cost_layout=50.0)
+    with C.constants("cuda", rows_factor=0.0, gather_token=1.0):
+        assert C.COSTS["cuda"]["rows_factor"] == 0.0
+        assert LY.resolve_gathers(r, "auto", "cuda").mode == "kernel"
+    with C.constants("cuda", rows_factor=1e9):
+        assert LY.resolve_gathers(r, "auto", "cuda").mode == "copy"
+    with pytest.raises(RuntimeError):
+        with C.constants("cpu", rows_factor=-0.5, gather_token=3.0):
+            assert C.COSTS["cpu"]["rows_factor"] == -0.5
+            raise RuntimeError
+    assert {t: dict(c) for t, c in C.COSTS.items()} == before
