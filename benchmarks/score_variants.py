@@ -7,12 +7,14 @@ variants that change their kernels:
 
 * ``causal+softcap(30)``: ``fast_tanh`` off (``2 sigmoid(2x) - 1``) and on
   (``tanh.approx.f32``);
-* ``causal+alibi``: the one kernel (no table, no tanh: its cost only);
+* ``causal+alibi``: its cost, the slope's load beside the pair's arithmetic and a step
+  ahead;
 * ``window+relbias`` and ``nbhd2d+rpb``: ``score_index`` "mask" (a predicated load per
   pair, the kernels of CODEGEN_VERSION 15) and "auto" (unchecked where proven in range,
   else clamped: both cases are proven, their indices clamped by the pattern) with
   ``score_load`` "pair" (today's placement), and "auto" with "early" (loads issued before
-  the q·k dot) and, for the 1-D bias (a function of ``q - k``), "gather" (one slice per
+  the q·k dot), "ahead" (each step of a tile loop loads the next tile's entries) and, for
+  the 1-D bias (a function of ``q - k``), "gather" (one slice per
   tile and ``tl.gather``); ``--all`` adds "mask" with "early" (both tables) and "gather"
   for the 2-D bias (which falls back to "early": the same code).
 
@@ -50,12 +52,14 @@ TABLE_VARIANTS = {
     "mask-pair": {"SPATTN_SCORE_INDEX": "mask", "SPATTN_SCORE_LOAD": "pair"},
     "auto-pair": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "pair"},
     "auto-early": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "early"},
+    "auto-ahead": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "ahead"},
 }
 GATHER = {"auto-gather": {"SPATTN_SCORE_INDEX": "auto", "SPATTN_SCORE_LOAD": "gather"}}
 #: with --all (each variant's kernels compile in ~7-15 s: the default set keeps the run
 #: under 150 s on an H200)
 MORE = {"mask-early": {"SPATTN_SCORE_INDEX": "mask", "SPATTN_SCORE_LOAD": "early"}}
-VARIANTS = {"causal+softcap(30)": TANH_VARIANTS, "causal+alibi": {"default": {}},
+VARIANTS = {"causal+softcap(30)": TANH_VARIANTS,
+            "causal+alibi": {"default": {}, "ahead": {"SPATTN_SCORE_LOAD": "ahead"}},
             "window+relbias": {**TABLE_VARIANTS, **GATHER}, "nbhd2d+rpb": TABLE_VARIANTS}
 SETTINGS = ("SPATTN_FAST_TANH", "SPATTN_SCORE_INDEX", "SPATTN_SCORE_LOAD")
 

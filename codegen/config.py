@@ -272,10 +272,14 @@ ROWS = ("seq", "table", "box")
 #: How a score's table loads are placed: "pair" (after the q·k dot, beside the score's
 #: arithmetic), "early" (every line that does not read ``s`` -- the indices and the
 #: loads, whose addresses depend on positions only -- before the K load and the dot, so
-#: that the loads' latency overlaps the MMA), or "gather" (early, and a table whose last
+#: that the loads' latency overlaps the MMA), "gather" (early, and a table whose last
 #: index is a function of ``q - k`` alone read as one contiguous slice per tile, spread
-#: over the tile with ``tl.gather``: ``codegen.emit.gather_form``; other tables as "early").
-SCORE_LOADS = ("pair", "early", "gather")
+#: over the tile with ``tl.gather``: ``codegen.emit.gather_form``; other tables as
+#: "early"), or "ahead" (the default: each step of the forward's tile loops loads the
+#: next tile's entries, held in registers for the next step, the loop's first tile's
+#: before the loop; the backward kernels, and forwards through row tables or boxes, place
+#: them as "pair").
+SCORE_LOADS = ("pair", "early", "gather", "ahead")
 #: How a score's table index is kept in range: "mask" (a predicated load per pair, an
 #: index out of range reads 0), "clamp" (the index clamped into [0, size - 1]: what the
 #: softmax uses is unchanged, since every pair of the call's domain has its indices in
@@ -290,7 +294,7 @@ def _score_flags(pattern, score_load, score_index, fast_tanh) -> dict:
     score (one kernel file whatever the options), else the given ones checked."""
     if getattr(pattern, "score", None) is None:
         return {}
-    return {"score_load": choice(score_load, "score_load", SCORE_LOADS, default="pair"),
+    return {"score_load": choice(score_load, "score_load", SCORE_LOADS, default="ahead"),
             "score_index": choice(score_index, "score_index", SCORE_INDEX, default="clamp"),
             "fast_tanh": bool(fast_tanh)}
 

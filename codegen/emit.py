@@ -340,7 +340,7 @@ def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[s
          nonneg_vars=NONNEG_VARS, positive_vars=POSITIVE_VARS,
          prefix: str = "", result_names: Iterable[str] | None = None,
          int64: bool = False, table_index: str = "mask", fast_tanh: bool = False,
-         gather: tuple[int, int] | None = None) -> Emitted:
+         gather: tuple[int, int] | None = None, guard: str | None = None) -> Emitted:
     """Emit Triton code computing ``roots``.
 
     ``env`` maps IR variable names to code (``{"q": "o_q", "k": "o_k", "h": "i_h"}``).
@@ -358,6 +358,8 @@ def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[s
     ``q - k`` alone (its other indices of neither) is read as one slice per tile, the
     ``slice`` (a power of two >= rows + columns - 1) entries of the tile's ``q - k`` range,
     and spread over the ``rows`` x columns tile with ``tl.gather`` (:func:`gather_form`).
+    ``guard``: a scalar condition every load of the emission also requires (a load before
+    a tile loop that may run no step reads nothing then).
     """
     roots = list(roots)
     names = list(result_names) if result_names is not None else [None] * len(roots)
@@ -365,7 +367,7 @@ def emit(roots: Iterable[Node], env: Mapping[str, str], *, loop_vars: Iterable[s
                   load_ref=load_ref or _default_load_ref,
                   signs=_signs(frozenset(nonneg_vars), frozenset(positive_vars)),
                   prefix=prefix, int64=int64, table_index=table_index,
-                  fast_tanh=fast_tanh, gather=gather)
+                  fast_tanh=fast_tanh, gather=gather, guard=guard)
     return em.run()
 
 
@@ -475,8 +477,9 @@ class _Emitter(Visitor):
 
 
     def __init__(self, roots, result_names, env, *, loop_vars, load_ref, signs, prefix, int64,
-                 table_index="mask", fast_tanh=False, gather=None):
+                 table_index="mask", fast_tanh=False, gather=None, guard=None):
         self.roots, self.env, self.load_ref = roots, env, load_ref
+        self.guard = guard
         self.table_index, self.fast_tanh, self.gather = table_index, fast_tanh, gather
         self.signs, self.prefix, self.int64 = signs, prefix, int64
         self.bits = 64 if int64 else 32      # the width of the kernel's integers
@@ -612,6 +615,8 @@ class _Emitter(Visitor):
             _, stride, size = self.load_ref(n.name, d)
             ptr_terms.append(f"{_par(ic)} * {stride}")
             masks.append(f"({_par(ic)} >= 0) & ({_par(ic)} < {size})")
+        if self.guard:
+            masks.append(self.guard)
         base = self.load_ref(n.name, 0)[0]
         mname = f"{self.prefix}m_{n.name}_{self.counter['load']}"
         self._lines(n).append(f"{mname} = " + " & ".join(masks))
@@ -807,7 +812,8 @@ class _Emitter(Visitor):
                 ic = f"tl.minimum(tl.maximum({ic}, 0), {size} - 1)"
             ptr_terms.append(f"{_par(ic)} * {stride}")
         base = self.load_ref(n.name, 0)[0]
-        return f"tl.load({base} + " + " + ".join(ptr_terms) + ").to(tl.float32)"
+        guard = f", mask={self.guard}, other=0.0" if self.guard else ""
+        return f"tl.load({base} + " + " + ".join(ptr_terms) + f"{guard}).to(tl.float32)"
 
     def _gather(self, n, c, g) -> str:
         """A table read as one slice per tile and a ``tl.gather`` (``gather`` of :func:`emit`):

@@ -63,7 +63,7 @@ from .emit import HELPERS, NONNEG_VARS, TANH_HELPER, _mentions, emit
 from .config import next_pow2
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "30"
+CODEGEN_VERSION = "31"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -369,7 +369,13 @@ class ScoreCode:
     code calls ``_tanh_approx``. ``row_lines`` and ``row_value``: the score's terms of the
     query alone (in log2 units), which ``value`` leaves out and the kernels add to each
     row's log-sum-exp (None: no such terms); ``factor``: a positive constant that
-    ``value`` leaves out and the softmax's multiply-add applies (:attr:`mult`)."""
+    ``value`` leaves out and the softmax's multiply-add applies (:attr:`mult`).
+    ``score_load="ahead"`` (forward): ``first``, the early lines of a tile loop's first
+    tile, every load also requiring ``m_first`` (the loop may run no step), placed before
+    the loop; ``ahead``, the early lines of the next tile (keys ``o_kx``, every name
+    prefixed ``nx_``), placed at the top of each step, so that the loads' latency overlaps
+    a whole step; ``carried``, the early names the late lines read, which each step hands
+    to the next (``name = nx_name``)."""
     lines: tuple[str, ...]
     value: str
     deriv: str | None
@@ -388,6 +394,9 @@ class ScoreCode:
     row_lines: tuple[str, ...] = ()
     row_value: str | None = None
     factor: str | None = None
+    first: tuple[str, ...] = ()
+    ahead: tuple[str, ...] = ()
+    carried: tuple[str, ...] = ()
 
     @property
     def mult(self) -> str:
@@ -440,9 +449,10 @@ def _live(lines: tuple[str, ...], results: list[str]) -> tuple[str, ...]:
 _RAW = {"fwd": "b_s", "dq": "b_s", "dkdv": "b_qkt"}
 
 
-def _emit_score(pattern, kind: str, int64: bool, config, log2: bool):
+def _emit_score(pattern, kind: str, int64: bool, config, log2: bool, guard: str | None = None):
     """One emission of the score's roots for the ``kind`` kernel, its value in log2 units or
-    natural ones: ``(Emitted, the ScoreGrads or None (forward), the table loads (dQ))``."""
+    natural ones: ``(Emitted, the ScoreGrads or None (forward), the table loads (dQ))``;
+    ``guard``: a condition every load also requires (:func:`~spattn.codegen.emit.emit`)."""
     from ..ir.score import grads as score_grads, reciprocal
     roots, names = [_kept(pattern.score, log2)[0]], ["b_f"]
     g = None
@@ -463,18 +473,19 @@ def _emit_score(pattern, kind: str, int64: bool, config, log2: bool):
                       "dq": (config.block_m2, config.block_n2),
                       "dkdv": (config.block_n, config.block_m)}[kind]
         gather = (rows, next_pow2(rows + cols - 1))
-    em = _emit_roots(roots, names, _RAW[kind], int64, config, "sc_", gather)
+    em = _emit_roots(roots, names, _RAW[kind], int64, config, "sc_", gather, guard)
     return em, g, loads
 
 
-def _emit_roots(roots, names, raw: str, int64: bool, config, prefix: str, gather=None):
+def _emit_roots(roots, names, raw: str, int64: bool, config, prefix: str, gather=None,
+                guard=None):
     """One emission of score roots in a kernel's tile (``raw``: its unscaled q·k tile; the
     positions of the kernel's environment and the tile's first query ``o_r``)."""
     from ..ir.score import TILE_QUERY
     env = dict(ENV, s="b_x", s_raw=raw, s_scale="sm_scale", **{TILE_QUERY: "o_r"})
     return emit(roots, env, loop_vars=tuple(ENV) + (TILE_QUERY,), result_names=names,
                 prefix=prefix, int64=int64, table_index=getattr(config, "score_index", "mask"),
-                fast_tanh=getattr(config, "fast_tanh", False), gather=gather)
+                fast_tanh=getattr(config, "fast_tanh", False), gather=gather, guard=guard)
 
 
 def _kept(score, log2: bool):
@@ -540,14 +551,34 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
     tiled = any(isinstance(n, Score) for n in walk(kept)) or {"q", "k"} <= free_vars(kept)
     row_lines, row_value, rem = _row_code(pattern, int64, config, log2)
     early, late = ((), lines)
-    if getattr(config, "score_load", "pair") in ("early", "gather"):
+    load = getattr(config, "score_load", "pair")
+    if load == "ahead" and (kind != "fwd" or getattr(config, "rows", "seq") != "seq"):
+        load = "pair"                       # (a step ahead: the forward's own tile loops)
+    if load in ("early", "gather", "ahead"):
         early, late = _split_early(lines, (raw, "b_x"))
+    first = ahead = carried = ()
+    if load == "ahead" and kind == "fwd" and early:
+        carried = tuple(n for n in (x.partition(" = ")[0] for x in early)
+                        if any(_mentions(x, n) for x in late + (res[0],)))
+        guarded, _, _ = _emit_score(pattern, kind, int64, config, log2, guard="m_first")
+        first = _split_early(_score_lines(guarded, config), (raw, "b_x"))[0]
+        ahead = _next_tile(early)
     scaled = any(_mentions(x, "b_x") for x in lines + tuple(res))
     return ScoreCode(lines, res[0], res[1] if g is not None else None, inputs,
                      tuple(_input_params(dict(pattern.score_inputs))), tuple(tg), grad_params,
                      em.uses_helpers or bool(rem and rem.uses_helpers), tiled, early, late,
                      em.uses_tanh or bool(rem and rem.uses_tanh), log2, scaled, raw,
-                     row_lines, row_value, None if factor is None else repr(factor))
+                     row_lines, row_value, None if factor is None else repr(factor),
+                     first, ahead, carried)
+
+
+def _next_tile(lines: tuple[str, ...]) -> tuple[str, ...]:
+    """``lines`` (``name = expr``) for the next key tile: its keys ``o_kx`` for ``o_k`` and
+    every name they define prefixed ``nx_``."""
+    names = ["o_k"] + [x.partition(" = ")[0] for x in lines]
+    pat = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")(?!\w)")
+    return tuple(pat.sub(lambda m: "o_kx" if m.group(1) == "o_k" else "nx_" + m.group(1), x)
+                 for x in lines)
 
 
 def _score_lines(em, config) -> tuple[str, ...]:

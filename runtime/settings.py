@@ -39,8 +39,8 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
                             by row tables or copies as the cost model prices them; ``auto``:
                             ``box`` on CUDA where it can run, else the cheaper by the cost
                             model; docs/layouts.md)
-``SPATTN_SCORE_LOAD``       ``pair``, ``early`` or ``gather``: how a score's tables are read in
-                            the kernels (docs/backends.md, Scores)
+``SPATTN_SCORE_LOAD``       ``ahead`` (default), ``pair``, ``early`` or ``gather``: how a
+                            score's tables are read in the kernels (docs/backends.md, Scores)
 ``SPATTN_SCORE_INDEX``      ``auto``, ``clamp`` or ``mask``: how a score's table indices
                             are kept in range (``auto``: unchecked where proven, else clamped)
 ``SPATTN_FAST_TANH``        ``auto`` / ``1`` / ``0``: a score's tanh as one
@@ -95,7 +95,7 @@ _TABLES = ("auto", "csr", "spans")
 _LAYOUTS = ("auto", "off", "on")
 #: How a permuted plan's tokens reach the Triton kernels (``SPATTN_LAYOUT_GATHER``).
 LAYOUT_GATHERS = ("auto", "copy", "kernel", "box")
-_SCORE_LOADS = ("pair", "early", "gather")
+_SCORE_LOADS = ("pair", "early", "gather", "ahead")
 _SCORE_INDEX = ("auto", "clamp", "mask")
 
 #: ``os.environ``'s own dict (bytes names and values) where it has one: POSIX CPython, whose
@@ -144,7 +144,7 @@ class Settings:
     interpret: bool = False
     layout: str = "auto"
     layout_gather: str = "auto"
-    score_load: str = "pair"
+    score_load: str = "ahead"
     score_index: str = "auto"
     fast_tanh: bool | None = None
     score_compose: bool | None = None
@@ -281,7 +281,7 @@ def parse(raw: tuple) -> Settings:
         layout_gather=_choice("SPATTN_LAYOUT_GATHER", env["SPATTN_LAYOUT_GATHER"],
                               LAYOUT_GATHERS) or "auto",
         score_load=_choice("SPATTN_SCORE_LOAD", env["SPATTN_SCORE_LOAD"],
-                           _SCORE_LOADS) or "pair",
+                           _SCORE_LOADS) or "ahead",
         score_index=_choice("SPATTN_SCORE_INDEX", env["SPATTN_SCORE_INDEX"],
                             _SCORE_INDEX) or "auto",
         fast_tanh=_flag("SPATTN_FAST_TANH", env["SPATTN_FAST_TANH"], auto=True),

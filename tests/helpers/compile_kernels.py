@@ -136,6 +136,19 @@ CASES = [
      "score softcap(20.0) + rpb[h, q // 64 - k // 64 + 255, q % 64 - k % 64 + 63]",
      {"strategy": "table", "loop": "fused", "score_load": "early", "score_index": "clamp",
       "fast_tanh": True}, ()),
+    # tables a step ahead: one interval, a merged union (64-bit), CSR slots, persistent
+    ("input rel\npattern rel_bias = causal & window(256) "
+     "score softcap(30.0) + rel[h, clamp(q - k, 0, 255)]",
+     {"strategy": "ranges", "loop": "fused", "score_load": "ahead", "score_index": "free"}, ()),
+    ("input rel\npattern rel_sink = causal & (window(256) | k < 4) "
+     "score s + rel[h, clamp(q - k, 0, 255)]",
+     {"strategy": "ranges", "loop": "fused", "score_load": "ahead", "int64": True}, ()),
+    ("input rpb\npattern rpb2d = abs(q // 64 - k // 64) <= 3 & abs(q % 64 - k % 64) <= 3 "
+     "score s + rpb[h, q // 64 - k // 64 + 3, q % 64 - k % 64 + 63]",
+     {"strategy": "table", "score_load": "ahead", "score_index": "mask"}, ()),
+    ("input rel\npattern rel_bias = causal & window(256) "
+     "score s + rel[h, clamp(q - k, 0, 255)]",
+     {"strategy": "ranges", "loop": "persistent", "score_load": "ahead"}, ()),
     ("pattern alibi_slopes = causal score alibi(alibi_slope) + float(Lq) * 1e-9",
      {"strategy": "ranges"}, ("H", "Lq")),
     ("input temp\npattern temperature = causal score s * temp[h] + abs(s) * 0.5",

@@ -1,5 +1,5 @@
 """How the kernels read a score's tables and compute its tanh (docs/backends.md, Scores):
-``score_load`` "pair" / "early" / "gather", ``score_index`` "mask" / "clamp" / "free" (unchecked where
+``score_load`` "pair" / "early" / "gather" / "ahead", ``score_index`` "mask" / "clamp" / "free" (unchecked where
 ``runtime.scores.indices_in_range`` proves it) and ``fast_tanh``. Every variant's forward,
 q, k, v and table gradients against the float64 reference under the interpreter (tiny
 shapes, ragged and whole tiles, tables exactly as large as the call's domain needs); the
@@ -74,7 +74,7 @@ CASES = [
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("load", ["pair", "early", "gather"])
+@pytest.mark.parametrize("load", ["pair", "early", "gather", "ahead"])
 @pytest.mark.parametrize("index", ["auto", "clamp", "mask"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_every_variant_matches_the_reference(case, index, load, monkeypatch):
@@ -90,8 +90,44 @@ def test_every_variant_matches_the_reference(case, index, load, monkeypatch):
     assert _flags(plan) == (load, auto if index == "auto" else index, False)
 
 
+#: (id, forward loop, strategy, table form, mask): every tile loop of the forward with
+#: the tables a step ahead: one interval, a union of intervals (the merged loop), CSR
+#: lists (a loop over tile slots) and spans; a query tile with no key tile (rows from 32:
+#: a loop of no step) and one whose last key tile is the grid's last (the next step's
+#: tile, were it not clamped to the loop, would read past the table).
+AHEAD_LOOPS = [
+    ("split-ranges", "split", "ranges", "auto", "k >= q & q < 32"),
+    ("fused-ranges", "fused", "ranges", "auto", "k >= q & q < 32"),
+    ("fused-merged", "fused", "ranges", "auto", "causal & (window(6) | k < 3)"),
+    ("persistent-merged", "persistent", "ranges", "auto", "causal & (window(6) | k < 3)"),
+    ("split-csr", "split", "table", "csr", "k >= q & q < 32"),
+    ("fused-spans", "fused", "table", "spans", "causal & (window(6) | k < 3)"),
+]
+
+
 @pytest.mark.interpreter
-@pytest.mark.parametrize("load", ["early", "gather"])
+@pytest.mark.parametrize("case", AHEAD_LOOPS, ids=[c[0] for c in AHEAD_LOOPS])
+def test_tables_a_step_ahead_in_every_tile_loop(case, monkeypatch):
+    """``score_load="ahead"``: outputs and gradients against the float64 reference, and no
+    load outside its table (guard bands), in each loop the forward runs."""
+    _, loop, strategy, form, mask = case
+    for name, value in (("SPATTN_SCORE_LOAD", "ahead"), ("SPATTN_FWD_LOOP", loop),
+                        ("SPATTN_STRATEGY", strategy), ("SPATTN_TABLES", form)):
+        monkeypatch.setenv(name, value)
+    # (unchecked loads: the table holds the 32 x 32 tiles' padded domain, no more)
+    score = "softcap(5.0) + rel[h, q - k + 63] + w[k % 7]"
+    tables = {"rel": (H, 127), "w": (7,)}
+    p = spattn.compile(mask, score=score, backend="triton")
+    plan = _run(p, 40, tables, seed=3)
+    cfg = plan.forward_stage.config
+    assert (cfg.loop, cfg.strategy, cfg.score_load) == (loop, strategy, "ahead")
+    guard = _GuardedTables(monkeypatch)
+    assert _guarded_run(guard, p, tables, L=40, Lk=40) == ("ahead", "free")
+    assert guard.hits == []
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("load", ["early", "gather", "ahead"])
 def test_far_positions_in_64_bit_kernels(load, monkeypatch):
     """Positions near 2**40: the slice of a gathered table starts at a 64-bit q - k."""
     monkeypatch.setenv("SPATTN_SCORE_LOAD", load)
@@ -332,7 +368,7 @@ class _GuardedTables:
 
         def load(builder, ptrs, mask, other, *rest):
             addr = ptrs.data.astype(np.int64)
-            active = addr[np.broadcast_to(mask.data, addr.shape)]
+            active = addr[np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)]
             for g0, t0, t1, g1 in self.bands:
                 bad = active[((active >= g0) & (active < t0)) | ((active >= t1) & (active < g1))]
                 if bad.size:
@@ -400,5 +436,5 @@ def test_the_guard_sees_an_unproven_unchecked_load(monkeypatch):
     monkeypatch.setattr(triton_backend, "_proven", lambda *a: True)
     guard = _GuardedTables(monkeypatch)
     p = spattn.compile("causal & window(12)", score="s + rel[h, q - k + 39]", backend="triton")
-    assert _guarded_run(guard, p, {"rel": (H, 79)}, L=40, Lk=40) == ("pair", "free")
+    assert _guarded_run(guard, p, {"rel": (H, 79)}, L=40, Lk=40) == ("ahead", "free")
     assert guard.hits

@@ -1,4 +1,4 @@
-# spattn-kernel key=596c14e4d274af1899b73af03c957c7c sha256=464f7d3e5ba84885a680c346c47ec84e4123615474bc1e63b1d7b0c49e7591d4
+# spattn-kernel key=89d6e0686b452f5eec8b0701f58d7dcf sha256=e7be79326e43bfe477a2ef1bfc7a799ed981f6915f2e5df68e4956a4b7732591
 """spattn generated forward attention kernel for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: table
     (tile spans or CSR lists of PARTIAL and FULL tiles, built by the analysis at call time)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_neighborhood_layout_596c14
-Codegen version: 30; cache key 596c14e4d274af1899b73af03c957c7c
+Kernels: attn_fwd_neighborhood_layout_89d6e0
+Codegen version: 31; cache key 89d6e0686b452f5eec8b0701f58d7dcf
 Loads: 5-D TMA tensor descriptors for Q, K, V, O over the caller's grid of tokens (block
        [1, sub-box, BLOCK_D]: each tile a sub-box of one of the layout's boxes; the stride
        arguments are unused): no gathers before or after the kernel
@@ -68,7 +68,7 @@ def _box_at(x0, x1, start, NT1: tl.constexpr, NT2: tl.constexpr, BOX0: tl.conste
 
 
 @triton.jit
-def _fwd_range_596c14(
+def _fwd_range_89d6e0(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_k0, i_k1,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -112,11 +112,12 @@ def _fwd_range_596c14(
         b_v = V.load([i_kx, i_ky, i_kc1, i_kc2, 0]).reshape(BLOCK_N, BLOCK_D)
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PREC)
         m_i = m_new
+
     return acc, l_i, m_i
 
 
 @triton.jit
-def attn_fwd_neighborhood_layout_596c14(
+def attn_fwd_neighborhood_layout_89d6e0(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -194,17 +195,17 @@ def attn_fwd_neighborhood_layout_596c14(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        acc, l_i, m_i = _fwd_range_596c14(
+        acc, l_i, m_i = _fwd_range_89d6e0(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_lo, i_flo, MASKED=True, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
-        acc, l_i, m_i = _fwd_range_596c14(
+        acc, l_i, m_i = _fwd_range_89d6e0(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_flo, i_fhi, MASKED=False, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
-        acc, l_i, m_i = _fwd_range_596c14(
+        acc, l_i, m_i = _fwd_range_89d6e0(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_fhi, i_hi, MASKED=True, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
@@ -212,14 +213,14 @@ def attn_fwd_neighborhood_layout_596c14(
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        acc, l_i, m_i = _fwd_range_596c14(
+        acc, l_i, m_i = _fwd_range_89d6e0(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, COLS_P, p_start, p_end, MASKED=True, TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
         f_start = tl.load(ROWS_F + i_row)
         f_end = tl.load(ROWS_F + i_row + 1)
-        acc, l_i, m_i = _fwd_range_596c14(
+        acc, l_i, m_i = _fwd_range_89d6e0(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, COLS_F, f_start, f_end, MASKED=False, TABLE=True, BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0,
@@ -241,4 +242,4 @@ def attn_fwd_neighborhood_layout_596c14(
         LSE + i_bh.to(tl.int64) * (A0 * A1 * A2) + (o_c0 * A1 + o_c1) * A2 + o_c2, lse, mask=m_c)
 
 
-KERNEL = attn_fwd_neighborhood_layout_596c14
+KERNEL = attn_fwd_neighborhood_layout_89d6e0
