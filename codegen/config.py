@@ -275,10 +275,10 @@ ROWS = ("seq", "table", "box")
 #: that the loads' latency overlaps the MMA), "gather" (early, and a table whose last
 #: index is a function of ``q - k`` alone read as one contiguous slice per tile, spread
 #: over the tile with ``tl.gather``: ``codegen.emit.gather_form``; other tables as
-#: "early"), or "ahead" (the default: each step of the forward's tile loops loads the
-#: next tile's entries, held in registers for the next step, the loop's first tile's
-#: before the loop; the backward kernels, and forwards through row tables or boxes, place
-#: them as "pair").
+#: "early"), or "ahead" (the default: each step of a tile loop -- the forward's and dQ's
+#: over keys, dK/dV's over queries -- loads the next tile's entries, held in registers
+#: for the next step, the loop's first tile's before the loop; kernels through row tables
+#: or boxes place them as "pair").
 SCORE_LOADS = ("pair", "early", "gather", "ahead")
 #: How a score's table index is kept in range: "mask" (a predicated load per pair, an
 #: index out of range reads 0), "clamp" (the index clamped into [0, size - 1]: what the

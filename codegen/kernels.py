@@ -63,7 +63,7 @@ from .emit import HELPERS, NONNEG_VARS, TANH_HELPER, _mentions, emit
 from .config import next_pow2
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "31"
+CODEGEN_VERSION = "32"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.
@@ -370,11 +370,12 @@ class ScoreCode:
     query alone (in log2 units), which ``value`` leaves out and the kernels add to each
     row's log-sum-exp (None: no such terms); ``factor``: a positive constant that
     ``value`` leaves out and the softmax's multiply-add applies (:attr:`mult`).
-    ``score_load="ahead"`` (forward): ``first``, the early lines of a tile loop's first
-    tile, every load also requiring ``m_first`` (the loop may run no step), placed before
-    the loop; ``ahead``, the early lines of the next tile (keys ``o_kx``, every name
-    prefixed ``nx_``), placed at the top of each step, so that the loads' latency overlaps
-    a whole step; ``carried``, the early names the late lines read, which each step hands
+    ``score_load="ahead"``: ``first``, the early lines of a tile loop's first tile, every
+    load also requiring ``m_first`` (the loop may run no step), placed before the loop;
+    ``ahead``, the early lines of the next tile (positions ``o_kx``, or ``o_qx`` in
+    dK/dV, every name prefixed ``nx_``), placed at the top of each step, so that the
+    loads' latency overlaps a whole step; ``carried``, the early names the late lines or
+    the results (value, derivative, table gradients' indices) read, which each step hands
     to the next (``name = nx_name``)."""
     lines: tuple[str, ...]
     value: str
@@ -552,17 +553,17 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
     row_lines, row_value, rem = _row_code(pattern, int64, config, log2)
     early, late = ((), lines)
     load = getattr(config, "score_load", "pair")
-    if load == "ahead" and (kind != "fwd" or getattr(config, "rows", "seq") != "seq"):
-        load = "pair"                       # (a step ahead: the forward's own tile loops)
+    if load == "ahead" and getattr(config, "rows", "seq") != "seq":
+        load = "pair"                       # (the next tile's rows would need loads too)
     if load in ("early", "gather", "ahead"):
         early, late = _split_early(lines, (raw, "b_x"))
     first = ahead = carried = ()
-    if load == "ahead" and kind == "fwd" and early:
+    if load == "ahead" and early:
         carried = tuple(n for n in (x.partition(" = ")[0] for x in early)
-                        if any(_mentions(x, n) for x in late + (res[0],)))
+                        if any(_mentions(x, n) for x in late + tuple(res)))
         guarded, _, _ = _emit_score(pattern, kind, int64, config, log2, guard="m_first")
         first = _split_early(_score_lines(guarded, config), (raw, "b_x"))[0]
-        ahead = _next_tile(early)
+        ahead = _next_tile(early, _STEP[kind])
     scaled = any(_mentions(x, "b_x") for x in lines + tuple(res))
     return ScoreCode(lines, res[0], res[1] if g is not None else None, inputs,
                      tuple(_input_params(dict(pattern.score_inputs))), tuple(tg), grad_params,
@@ -572,13 +573,17 @@ def _score_code(pattern, kind: str, int64: bool, config=None) -> ScoreCode | Non
                      first, ahead, carried)
 
 
-def _next_tile(lines: tuple[str, ...]) -> tuple[str, ...]:
-    """``lines`` (``name = expr``) for the next key tile: its keys ``o_kx`` for ``o_k`` and
-    every name they define prefixed ``nx_``."""
-    names = ["o_k"] + [x.partition(" = ")[0] for x in lines]
+#: The positions a kernel's tile loop steps over: keys (forward, dQ) or queries (dK/dV).
+_STEP = {"fwd": "o_k", "dq": "o_k", "dkdv": "o_q"}
+
+
+def _next_tile(lines: tuple[str, ...], step: str) -> tuple[str, ...]:
+    """``lines`` (``name = expr``) for the loop's next tile: its positions ``<step>x`` for
+    ``step`` (``o_k`` or ``o_q``) and every name they define prefixed ``nx_``."""
+    names = [step] + [x.partition(" = ")[0] for x in lines]
     pat = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")(?!\w)")
-    return tuple(pat.sub(lambda m: "o_kx" if m.group(1) == "o_k" else "nx_" + m.group(1), x)
-                 for x in lines)
+    return tuple(pat.sub(lambda m: step + "x" if m.group(1) == step else "nx_" + m.group(1),
+                         x) for x in lines)
 
 
 def _score_lines(em, config) -> tuple[str, ...]:

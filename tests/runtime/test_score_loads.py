@@ -92,9 +92,10 @@ def test_every_variant_matches_the_reference(case, index, load, monkeypatch):
 
 #: (id, forward loop, strategy, table form, mask): every tile loop of the forward with
 #: the tables a step ahead: one interval, a union of intervals (the merged loop), CSR
-#: lists (a loop over tile slots) and spans; a query tile with no key tile (rows from 32:
-#: a loop of no step) and one whose last key tile is the grid's last (the next step's
-#: tile, were it not clamped to the loop, would read past the table).
+#: lists (a loop over tile slots) and spans; query tiles with no key tile (rows from 32:
+#: a loop of no step), and loops whose last tile is the grid's last (the next step's tile,
+#: were it not clamped to the loop, would read past the table): the forward's and dQ's
+#: over keys (``k >= q``), dK/dV's over queries (the sink's keys, seen by every row).
 AHEAD_LOOPS = [
     ("split-ranges", "split", "ranges", "auto", "k >= q & q < 32"),
     ("fused-ranges", "fused", "ranges", "auto", "k >= q & q < 32"),
@@ -109,20 +110,26 @@ AHEAD_LOOPS = [
 @pytest.mark.parametrize("case", AHEAD_LOOPS, ids=[c[0] for c in AHEAD_LOOPS])
 def test_tables_a_step_ahead_in_every_tile_loop(case, monkeypatch):
     """``score_load="ahead"``: outputs and gradients against the float64 reference, and no
-    load outside its table (guard bands), in each loop the forward runs."""
+    load outside its table (guard bands), in each loop the forward and the backward's two
+    kernels run."""
     _, loop, strategy, form, mask = case
+    bwd_loop = "fused" if loop == "persistent" else loop       # (a forward-only loop)
     for name, value in (("SPATTN_SCORE_LOAD", "ahead"), ("SPATTN_FWD_LOOP", loop),
-                        ("SPATTN_STRATEGY", strategy), ("SPATTN_TABLES", form)):
+                        ("SPATTN_BWD_LOOP", bwd_loop), ("SPATTN_STRATEGY", strategy),
+                        ("SPATTN_TABLES", form)):
         monkeypatch.setenv(name, value)
-    # (unchecked loads: the table holds the 32 x 32 tiles' padded domain, no more)
+    # (unchecked loads: the table holds the domain of 64 queries and keys, no more: a step
+    #  past the last tile of either reads outside it)
     score = "softcap(5.0) + rel[h, q - k + 63] + w[k % 7]"
     tables = {"rel": (H, 127), "w": (7,)}
     p = spattn.compile(mask, score=score, backend="triton")
-    plan = _run(p, 40, tables, seed=3)
+    plan = _run(p, 64, tables, seed=3)
     cfg = plan.forward_stage.config
     assert (cfg.loop, cfg.strategy, cfg.score_load) == (loop, strategy, "ahead")
+    assert {(s.config.loop, s.config.score_load) for s in plan._bwd.values()} == \
+        {(bwd_loop, "ahead")}
     guard = _GuardedTables(monkeypatch)
-    assert _guarded_run(guard, p, tables, L=40, Lk=40) == ("ahead", "free")
+    assert _guarded_run(guard, p, tables, L=64, Lk=64) == ("ahead", "free")
     assert guard.hits == []
 
 

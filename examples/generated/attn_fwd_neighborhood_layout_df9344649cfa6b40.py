@@ -1,4 +1,4 @@
-# spattn-kernel key=6a8180c31a4bdca49c2fcee2546692d5 sha256=85acc789b979fee4ee3e15a59d7228828d25c83840c4b5c63bb022506cec95e8
+# spattn-kernel key=df9344649cfa6b40d6e80f505c8cd1de sha256=104990ed1b86194eaa837d4dc714b84d20424833636b4d34d7720c2d2a49768f
 """spattn generated forward attention kernel for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: table
     (tile spans or CSR lists of PARTIAL and FULL tiles, built by the analysis at call time)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_neighborhood_layout_6a8180
-Codegen version: 31; cache key 6a8180c31a4bdca49c2fcee2546692d5
+Kernels: attn_fwd_neighborhood_layout_df9344
+Codegen version: 32; cache key df9344649cfa6b40d6e80f505c8cd1de
 Rows: through the row tables Q_ROWS, K_ROWS (the caller's row of each query and key slot;
        -1 a padding slot, stored nowhere): no gathers before or after the kernels
 
@@ -47,7 +47,7 @@ def _mod(a, b):
 
 
 @triton.jit
-def _fwd_range_6a8180(
+def _fwd_range_df9344(
     acc, l_i, m_i, b_q, o_q,
     K, V, K_ROWS, stride_kn, stride_kd, stride_vn, stride_vd,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -109,7 +109,7 @@ def _fwd_range_6a8180(
 
 
 @triton.jit
-def attn_fwd_neighborhood_layout_6a8180(
+def attn_fwd_neighborhood_layout_df9344(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -181,28 +181,28 @@ def attn_fwd_neighborhood_layout_6a8180(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        acc, l_i, m_i = _fwd_range_6a8180(
+        acc, l_i, m_i = _fwd_range_df9344(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_lo, i_flo, MASKED=True,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-        acc, l_i, m_i = _fwd_range_6a8180(
+        acc, l_i, m_i = _fwd_range_df9344(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_flo, i_fhi, MASKED=False,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-        acc, l_i, m_i = _fwd_range_6a8180(
+        acc, l_i, m_i = _fwd_range_df9344(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_fhi, i_hi, MASKED=True,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        acc, l_i, m_i = _fwd_range_6a8180(
+        acc, l_i, m_i = _fwd_range_df9344(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_P, p_start, p_end, MASKED=True,
             TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
         f_start = tl.load(ROWS_F + i_row)
         f_end = tl.load(ROWS_F + i_row + 1)
-        acc, l_i, m_i = _fwd_range_6a8180(
+        acc, l_i, m_i = _fwd_range_df9344(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_F, f_start, f_end, MASKED=False,
             TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
@@ -217,4 +217,4 @@ def attn_fwd_neighborhood_layout_6a8180(
     tl.store(LSE + i_bh.to(tl.int64) * Nq + o_rq, lse, mask=m_rq)
 
 
-KERNEL = attn_fwd_neighborhood_layout_6a8180
+KERNEL = attn_fwd_neighborhood_layout_df9344

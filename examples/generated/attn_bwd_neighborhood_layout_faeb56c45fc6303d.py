@@ -1,4 +1,4 @@
-# spattn-kernel key=1e7b7bdfd6717368d1c69b862e26c6be sha256=1daab13cc277b849acfb177b215997935aebd4fe23a4a12deffc359407cef4db
+# spattn-kernel key=faeb56c45fc6303d648de0952a3cef55 sha256=e56171d7aec4f44f3afe661644f568ad495f95ae2c1bf7be373f3174b9445571
 """spattn generated backward attention kernels for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -10,8 +10,8 @@ Strategy: table
 Tiles: dK/dV BLOCK_N1=64 keys per program x BLOCK_M1=32 queries per step;
        dQ BLOCK_M2=64 queries per program x BLOCK_N2=32 keys per step; BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_bwd_dkdv_neighborhood_layout_1e7b7b, attn_bwd_dq_neighborhood_layout_1e7b7b
-Codegen version: 31; cache key 1e7b7bdfd6717368d1c69b862e26c6be
+Kernels: attn_bwd_dkdv_neighborhood_layout_faeb56, attn_bwd_dq_neighborhood_layout_faeb56
+Codegen version: 32; cache key faeb56c45fc6303d648de0952a3cef55
 Rows: through the row tables Q_ROWS, K_ROWS (the caller's row of each query and key slot;
        -1 a padding slot, stored nowhere): no gathers before or after the kernels
 
@@ -50,7 +50,7 @@ def _mod(a, b):
 
 
 @triton.jit
-def _dkdv_range_1e7b7b(
+def _dkdv_range_faeb56(
     b_dk, b_dv, b_k, b_v, o_k,
     Q, DO, LSE2, DELTA, Q_ROWS, stride_qm, stride_qd, stride_dom, stride_dod,
     sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset,
@@ -109,11 +109,12 @@ def _dkdv_range_1e7b7b(
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk, input_precision=DOT_PREC)
+
     return b_dk, b_dv
 
 
 @triton.jit
-def attn_bwd_dkdv_neighborhood_layout_1e7b7b(
+def attn_bwd_dkdv_neighborhood_layout_faeb56(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -190,17 +191,17 @@ def attn_bwd_dkdv_neighborhood_layout_1e7b7b(
             i_hi = tl.load(SPAN + 4 * i_row + 1)
             i_flo = tl.load(SPAN + 4 * i_row + 2)
             i_fhi = tl.load(SPAN + 4 * i_row + 3)
-            b_dk, b_dv = _dkdv_range_1e7b7b(
+            b_dk, b_dv = _dkdv_range_faeb56(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_lo, i_flo, MASKED=True, TABLE=False, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-            b_dk, b_dv = _dkdv_range_1e7b7b(
+            b_dk, b_dv = _dkdv_range_faeb56(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_flo, i_fhi, MASKED=False, TABLE=False, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-            b_dk, b_dv = _dkdv_range_1e7b7b(
+            b_dk, b_dv = _dkdv_range_faeb56(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_fhi, i_hi, MASKED=True, TABLE=False, BLOCK_M1=BLOCK_M1,
@@ -208,14 +209,14 @@ def attn_bwd_dkdv_neighborhood_layout_1e7b7b(
         else:
             p_start = tl.load(ROWS_P + i_row)
             p_end = tl.load(ROWS_P + i_row + 1)
-            b_dk, b_dv = _dkdv_range_1e7b7b(
+            b_dk, b_dv = _dkdv_range_faeb56(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, COLS_P, p_start, p_end, MASKED=True, TABLE=True, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
             f_start = tl.load(ROWS_F + i_row)
             f_end = tl.load(ROWS_F + i_row + 1)
-            b_dk, b_dv = _dkdv_range_1e7b7b(
+            b_dk, b_dv = _dkdv_range_faeb56(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, COLS_F, f_start, f_end, MASKED=False, TABLE=True, BLOCK_M1=BLOCK_M1,
@@ -232,7 +233,7 @@ def attn_bwd_dkdv_neighborhood_layout_1e7b7b(
 
 
 @triton.jit
-def _dq_range_1e7b7b(
+def _dq_range_faeb56(
     b_dq, b_q, b_do, b_lse, b_delta, o_q,
     K, V, K_ROWS, stride_kn, stride_kd, stride_vn, stride_vd,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -282,11 +283,12 @@ def _dq_range_1e7b7b(
         b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq = tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq, input_precision=DOT_PREC)
+
     return b_dq
 
 
 @triton.jit
-def attn_bwd_dq_neighborhood_layout_1e7b7b(
+def attn_bwd_dq_neighborhood_layout_faeb56(
     Q, K, V, DO, O, LSE, LSE2, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -369,17 +371,17 @@ def attn_bwd_dq_neighborhood_layout_1e7b7b(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        b_dq = _dq_range_1e7b7b(
+        b_dq = _dq_range_faeb56(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_lo, i_flo,
             MASKED=True, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
-        b_dq = _dq_range_1e7b7b(
+        b_dq = _dq_range_faeb56(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_flo, i_fhi,
             MASKED=False, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
-        b_dq = _dq_range_1e7b7b(
+        b_dq = _dq_range_faeb56(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_fhi, i_hi,
             MASKED=True, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
@@ -387,14 +389,14 @@ def attn_bwd_dq_neighborhood_layout_1e7b7b(
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        b_dq = _dq_range_1e7b7b(
+        b_dq = _dq_range_faeb56(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_P, p_start, p_end,
             MASKED=True, TABLE=True, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
         f_start = tl.load(ROWS_F + i_row)
         f_end = tl.load(ROWS_F + i_row + 1)
-        b_dq = _dq_range_1e7b7b(
+        b_dq = _dq_range_faeb56(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_F, f_start, f_end,
             MASKED=False, TABLE=True, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
@@ -407,5 +409,5 @@ def attn_bwd_dq_neighborhood_layout_1e7b7b(
              b_dq.to(DQ.dtype.element_ty), mask=m_md)
 
 
-DKDV = attn_bwd_dkdv_neighborhood_layout_1e7b7b
-DQ = attn_bwd_dq_neighborhood_layout_1e7b7b
+DKDV = attn_bwd_dkdv_neighborhood_layout_faeb56
+DQ = attn_bwd_dq_neighborhood_layout_faeb56
