@@ -1,4 +1,4 @@
-# spattn-kernel key=4c7672d60537a81ca87b736b90c7632d sha256=11cb9501bcb0fe36bda4b350eac7c0beab0490d911d3406ebaccf8b1666bf565
+# spattn-kernel key=4c7672d60537a81ca87b736b90c7632d sha256=275f31a8d87aa2f879ea3e66a1c4bcf2d78eab438831deafb634cac28489677f
 """spattn generated backward attention kernels for pattern `softcap_bias`.
 
 Pattern (canonical source):
@@ -7,8 +7,8 @@ Pattern (canonical source):
 Runtime inputs: none
 Score: applied to every computed pair before the mask, FULL tiles included
 Score tables: rel (2-D index, float)
-    table loads a step ahead in the forward's tile loops (
-        each step loads the next tile's), after the q.k dot in the backward's; indices unchecked (proven in range for the plan's tables)
+    table loads a step ahead (
+        each step of a tile loop loads the next tile's); indices unchecked (proven in range for the plan's tables)
     tanh as one tanh.approx.f32 (max relative error ~2**-10.7)
     dK/dV and dQ multiply dS' by d score / d s; dQ adds the tables' gradients atomically
 Strategy: ranges

@@ -1,4 +1,4 @@
-# spattn-kernel key=1661b95f2a9c0d6d184c1908c7068391 sha256=24f431a34f43be793fbf84a6fee7b4d070ffecbaeb1fe36487b5bf96f3668d09
+# spattn-kernel key=1661b95f2a9c0d6d184c1908c7068391 sha256=aacfb2d1204c4e5854ea589326d474b22730a27013fc5a119f8a603113e727c5
 """spattn generated forward attention kernel for pattern `softcap_bias`.
 
 Pattern (canonical source):
@@ -7,8 +7,8 @@ Pattern (canonical source):
 Runtime inputs: none
 Score: applied to every computed pair before the mask, FULL tiles included
 Score tables: rel (2-D index, float)
-    table loads a step ahead in the forward's tile loops (
-        each step loads the next tile's), after the q.k dot in the backward's; indices unchecked (proven in range for the plan's tables)
+    table loads a step ahead (
+        each step of a tile loop loads the next tile's); indices unchecked (proven in range for the plan's tables)
     tanh as one tanh.approx.f32 (max relative error ~2**-10.7)
 Strategy: ranges
     (closed-form key ranges computed in the kernel from the tile index)
