@@ -1006,7 +1006,7 @@ class DecodePlan:
         return torch.cat(outs), torch.cat(lses)
 
     def run_scored_torch(self, q, k, v, lens: tuple, q_shift: int, page_table, page_size: int,
-                         scale: float, inputs: dict, tables: dict):
+                         scale: float, inputs: dict, tables: dict, need_lse: bool = True):
         """A step of a pattern with a score on the torch backend: per group of batch
         elements of one length (each element alone where the pattern or its score reads
         ``b``), the rows' scores against the keys from the first to the last one some row
@@ -1015,7 +1015,8 @@ class DecodePlan:
         the query heads of a key head folded into its rows (K and V read once, not
         expanded); a score that is ``s`` plus a bias, on float32 caches, as one fused
         attention call with the bias and the mask as its additive mask. Returns
-        ``(o, lse)``."""
+        ``(o, lse)``; lse None when not ``need_lse`` and every group's rows see every key
+        of their span (one softmax call, no log-sum-exp)."""
         from ..ir.score import score_env, score_values
         from .scores import _acc, softmax_rows
         B, Hq, Lq, D = q.shape
@@ -1082,7 +1083,15 @@ class DecodePlan:
                 if m is not None:
                     f = torch.where(m.expand(s.shape), f,
                                     torch.full((), -math.inf, dtype=acc, device=q.device))
-                p, lb = softmax_rows(f)
+                p = lb = None
+                if m is None and not need_lse and nb == B and f.is_cpu:
+                    # one softmax call, no lse: unless some row's scores are all -inf (a
+                    # score that excludes pairs) or NaN, where softmax_rows gives 0 / NaN
+                    p = torch.softmax(f, -1)
+                    if bool(p.sum().isnan()):
+                        p = None
+                if p is None:
+                    p, lb = softmax_rows(f)
                 ob = torch.matmul(p.view(nb, Hk, M, z - a), vb.to(acc)).view(nb, Hq, Lq, Dv)
             if nb == B:
                 o, lse = ob.to(q.dtype), lb
@@ -1941,7 +1950,7 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
                                tables=tables)[0]
     if plan.scored:
         return plan.run_scored_torch(q, k, v, (L,) * ks[0], shift, None, 0, value, ins,
-                                     tables)[0]
+                                     tables, need_lse=False)[0]
     return plan.run_torch(q, k, v, (L,) * ks[0], shift, None, 0, value, ins, False)[0]
 
 
@@ -2139,7 +2148,8 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
     else:
         if scored:
             o, lse = plan.run_scored_torch(q, k_cache, v_cache, lens, q_shift, page_table,
-                                           page_size, scale, ins, floats)
+                                           page_size, scale, ins, floats,
+                                           need_lse=return_lse)
         else:
             o, lse = plan.run_torch(q, k_cache, v_cache, lens, q_shift, page_table,
                                     page_size, scale, ins, return_lse)

@@ -295,15 +295,10 @@ def softmax_rows(f: torch.Tensor) -> tuple:
     """``(p, lse)`` of modified scores ``f [..., n]`` (masked pairs -inf): the row's
     probabilities and its natural log-sum-exp ``[...]``; a row with no allowed key gets
     ``p = 0`` and ``lse = -inf`` (a NaN score keeps its NaN)."""
-    mx = f.amax(-1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    p = torch.exp(f - mx)
-    l = p.sum(-1, keepdim=True)
-    has = l != 0                # (a NaN row, from a NaN score, keeps its NaN lse)
-    l1 = torch.where(has, l, torch.ones_like(l))
-    lse = torch.where(has, mx + torch.log(l1),
-                      torch.full((), -math.inf, dtype=f.dtype, device=f.device)).squeeze(-1)
-    return p / l1, lse
+    lse = torch.logsumexp(f, -1, keepdim=True)
+    # (a row with no key: lse -inf, p = exp(-inf - 0) = 0; a NaN score's row keeps its NaN)
+    p = torch.exp(f - torch.where(lse == -math.inf, 0.0, lse))
+    return p, lse.squeeze(-1)
 
 
 def _scatter(grad: torch.Tensor, load, env, ins, g: torch.Tensor,

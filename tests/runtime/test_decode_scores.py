@@ -188,6 +188,25 @@ def test_scored_decode_rows_without_keys_are_zero(backend):
     _close("o", o, want)
 
 
+def test_routed_scored_step_without_lse_rows_without_keys_are_zero():
+    """The routed CPU step that returns no lse takes one softmax call where every row sees
+    every key of its span: a row whose scores are all -inf (the score excludes them) still
+    gives 0, never NaN, and a NaN query gives its row NaN, as the reference does."""
+    # (not s plus a bias, which runs as one fused call with an additive mask)
+    pat = spattn.compile("causal", score="softcap(20.0) + w[h]", backend="torch")
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 3, 1, 16, generator=g)
+    k, v = (torch.randn(1, 3, 600, 16, generator=g) for _ in range(2))
+    w = torch.tensor([0.0, float("-inf"), 0.5])
+    q[0, 2, 0, 3] = float("nan")
+    want, _ = _reference(pat, q, k, v, [600], {"w": w})
+    for _ in range(2):              # the full step, then the routed fast entry's
+        o = pat(q, k, v, w=w)
+        assert torch.equal(o[0, 1], torch.zeros_like(o[0, 1]))
+        assert torch.isnan(o[0, 2]).all() and torch.isnan(want[0, 2]).all()
+        _close("o", o[:, :2], want[:, :2])
+
+
 @interp
 def test_scored_decode_table_out_of_range():
     """A table too short for the step's positions is refused with its name, on both
