@@ -274,6 +274,11 @@ class Plan:
             lines.append("  score tables (passed at each call): " + ", ".join(
                 f"{n} {shape} {str(dt).replace('torch.', '')}"
                 for n, (shape, dt) in self.table_layout.items()))
+        lay = getattr(self, "layout_run", None)
+        if lay is not None:
+            lines.append(f"  in the token layout of {self.layout_origin.name!r}: "
+                         f"{lay.remap.layout!r} (q, k, v gathered into its slot order, o "
+                         f"and the lse back)")
         lines.append(f"  forward: {self.forward_stage!r}")
         for stage in self._bwd.values():
             lines.append(f"  backward: {stage!r}")

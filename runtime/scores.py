@@ -34,7 +34,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..dsl.errors import SpattnInputError
+from ..dsl.errors import SpattnInputError, SpattnParamError
 from ..ir import build
 from ..ir.evaluate import evaluate
 from ..ir.inputs import check_shape, validate_inputs
@@ -709,14 +709,26 @@ def _keep(memo: dict, key, value) -> None:
         memo.pop(next(iter(memo)))
 
 
-def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, options=None):
+def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, options=None,
+              layouts: bool = True):
     """The :class:`~spattn.runtime.plan.Plan` of a pattern with a score for these tensors
     and tables (``Pattern.plan``): the mask's inputs held, the tables' shapes and dtypes
     recorded (each call passes its tables: :meth:`~spattn.runtime.plan.Plan.check_tables`),
-    the kernels (Triton) or row chunks (torch) resolved."""
+    the kernels (Triton) or row chunks (torch) resolved. Where a call would run in its
+    mask's layout (:func:`layout_run`), the plan is that of the pattern over slots, built on
+    q, k, v in slot order, and holds the :class:`LayoutRun` (``plan.layout_run``; the
+    caller's pattern as ``plan.layout_origin``): a call with it gathers as the call does."""
     from .api import choose_backend
     from .plan import build_plan
     scale, off, given, _, floats = _arguments(pattern, q, k, v, scale, q_offset, inputs)
+    lay = layout_run(pattern, q, k, off, given) if layouts else None
+    if lay is not None:
+        with torch.no_grad():
+            qs, ks, vs = (_Slots.apply(t, lay.order, lay.inverse) for t in (q, k, v))
+        plan = make_plan(lay.run, qs, ks, vs, scale=scale, q_offset=off, inputs=floats,
+                         options=options, layouts=False)
+        plan.layout_run, plan.layout_origin = lay, pattern
+        return plan
     backend = choose_backend(pattern.backend, q.device.type)
     run, recipe = composed(pattern, floats, q.shape[2], k.shape[2], off, q.device)
     if recipe is not None:
@@ -869,6 +881,11 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     ``layouts``: run in the layout of the mask where one is chosen (:func:`layout_run`;
     not with a plan)."""
     from .api import choose_backend
+    lay = getattr(plan, "layout_run", None)
+    if lay is not None and pattern is not lay.run:
+        return _layout_planned(plan, lay, pattern, q, k, v, scale=scale,
+                               return_lse=return_lse, q_offset=q_offset, inputs=inputs,
+                               deterministic=deterministic)
     if plan is not None:
         floats = _planned(plan, pattern, q, k, v, scale, q_offset, inputs)
         backend, scale, off = plan.backend, plan.call.scale, plan.call.positions.q_offset
@@ -911,6 +928,25 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         o, lse = ScoreFunction.apply(c, q, k, v, *tables)
     else:
         o, lse = run_fwd(c, q, k, v, {**ints, **floats})
+    return (o, lse) if return_lse else o
+
+
+def _layout_planned(plan, lay, pattern, q, k, v, *, scale, return_lse, q_offset, inputs,
+                    deterministic):
+    """A call with the plan of a scored pattern in its mask's layout (:func:`make_plan`):
+    q, k, v gathered into slot order, the slot pattern's call with the plan (which checks
+    the rest), o and the lse gathered back."""
+    origin = plan.layout_origin
+    if origin is not pattern and origin.source != pattern.source:
+        raise SpattnParamError(f"the plan is for the pattern {origin.source!r}, not "
+                               f"{pattern.source!r}")
+    if q_offset:
+        raise SpattnParamError(f"q_offset={q_offset!r} was given with plan=: the plan runs at "
+                               f"q_offset 0; build a new plan for another offset")
+    qs, ks, vs = (_Slots.apply(t, lay.order, lay.inverse) for t in (q, k, v))
+    o, lse = call(lay.run, qs, ks, vs, scale=scale, return_lse=True, inputs=inputs,
+                  plan=plan, deterministic=deterministic, layouts=False)
+    o, lse = _Slots.apply(o, lay.inverse, lay.order), _Slots.apply(lse, lay.inverse, lay.order)
     return (o, lse) if return_lse else o
 
 

@@ -178,7 +178,7 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
     settings and what :func:`spattn.codegen.config.pick` (and on CUDA the autotuner) chose
     are the call's. A scored call that runs in its mask's layout
     (:class:`spattn.runtime.scores.LayoutRun`) shows the kernel of the pattern over slots
-    it runs. Tensors that run on the torch backend run no generated kernel: a
+    it runs, as its plan does. Tensors that run on the torch backend run no generated kernel: a
     :class:`~spattn.dsl.errors.SpattnBackendError` says so."""
     import sys
 
@@ -187,15 +187,7 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
     if kind not in ("fwd", "bwd"):
         raise SpattnValueError(f"unknown kernel kind {short_repr(kind)}: expected 'fwd' "
                                "(forward) or 'bwd' (backward)")
-    if getattr(pattern, "score", None) is not None:
-        from . import scores
-        from .plan import gather_tokens
-        q, k, v = to_bhsd(layout, q, k, v)
-        _, off, _, ints, floats = scores._arguments(pattern, q, k, v, scale, q_offset, inputs)
-        run = scores.layout_run(pattern, q, k, off, ints)
-        if run is not None:     # the slots' pattern, on tensors laid out as its call's
-            pattern, layout, inputs, q_offset = run.run, None, floats, None
-            q, k, v = (gather_tokens(t.detach(), run.order) for t in (q, k, v))
+    # (a scored call in its mask's layout: the plan is the slots' pattern's, runtime.scores)
     plan = make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
                      backward=kind == "bwd", layout=layout)
     if plan.backend != "triton":

@@ -2,7 +2,8 @@
 scored call whose mask runs in a layout gathers q, k, v into slot order and runs the
 remapped mask and score there. Output, lse and every gradient (q, k, v, the score's
 tables, a loss on the lse) against the float64 reference, on both backends, with padding
-slots, residue classes, GQA and batches; the calls that stay in sequence order."""
+slots, residue classes, GQA and batches, called directly and through a plan; the calls
+that stay in sequence order."""
 import warnings
 
 import pytest
@@ -17,9 +18,10 @@ def _layout_runs(pat):
     return list(pat._layouts.values())
 
 
-def _check(pat, L, *, Hq=2, Hk=2, B=1, D=16, tables=None, seed=0):
-    """Two calls (the second through the last-call memo) against float64: o, lse and the
-    gradients of ``sum(o * do) + sum(lse * dl)``."""
+def _check(pat, L, *, Hq=2, Hk=2, B=1, D=16, tables=None, seed=0, plan=False):
+    """Two calls (the second through the last-call memo; with ``plan``, both through one
+    plan built before them) against float64: o, lse and the gradients of ``sum(o * do) +
+    sum(lse * dl)``. Returns the plan (or None)."""
     g = torch.Generator().manual_seed(seed)
     q, do = (torch.randn(B, Hq, L, D, generator=g) for _ in range(2))
     k, v = (torch.randn(B, Hk, L, D, generator=g) for _ in range(2))
@@ -30,11 +32,13 @@ def _check(pat, L, *, Hq=2, Hk=2, B=1, D=16, tables=None, seed=0):
     fin = torch.isfinite(rl)
     rgrads = torch.autograd.grad((ro * do.double()).sum()
                                  + (rl.masked_fill(~fin, 0) * dl.double()).sum(), ref)
+    made = pat.plan(q, k, v, **tabs) if plan else None
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, *tabs.values())]
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="spattn")
-            o, lse = pat(*leaves[:3], return_lse=True, **dict(zip(tabs, leaves[3:])))
+            o, lse = pat(*leaves[:3], return_lse=True, plan=made,
+                         **dict(zip(tabs, leaves[3:])))
             grads = torch.autograd.grad((o * do).sum()
                                         + (lse.masked_fill(~fin, 0) * dl).sum(), leaves)
         torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=2e-5)
@@ -42,6 +46,7 @@ def _check(pat, L, *, Hq=2, Hk=2, B=1, D=16, tables=None, seed=0):
         torch.testing.assert_close(lse.double()[fin], rl[fin], atol=2e-5, rtol=2e-5)
         for name, a, b in zip(("dq", "dk", "dv", *tabs), grads, rgrads):
             torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4, msg=name)
+    return made
 
 
 CASES = [
@@ -92,20 +97,35 @@ def test_scored_calls_that_stay_in_sequence_order(layout, extra, why, monkeypatc
     assert not any(_layout_runs(pat)), why
 
 
-def test_a_plan_stays_in_sequence_order(monkeypatch):
-    """``pat.plan`` of a scored pattern runs in sequence order (a plan holds one ordinary
-    stage); it matches the layout's call."""
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("make, L, kw", CASES)
+def test_a_plan_runs_in_the_layout(make, L, kw, backend, monkeypatch):
+    """``pat.plan`` of a scored pattern whose calls run in a layout is the slot pattern's
+    plan, built on q, k, v in slot order, holding the gathers: outputs and gradients
+    through it against float64, as the call's; another pattern or a q_offset with it is
+    refused."""
     monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    pat = make(backend)
+    plan = _check(pat, L, plan=True, **kw)
+    assert isinstance(plan.layout_run, LayoutRun) and plan.layout_origin is pat
+    assert plan.pattern is plan.layout_run.run and "in the token layout of" in repr(plan)
+    q = torch.randn(kw.get("B", 1), kw.get("Hq", 2), L, 16)
+    k = torch.randn(kw.get("B", 1), kw.get("Hk", 2), L, 16)
+    tabs = {n: torch.randn(*shape) for n, shape in kw.get("tables", {}).items()}
+    other = spattn.compile("causal", score="softcap(9.0)", backend=backend)
+    with pytest.raises(spattn.SpattnParamError, match="the plan is for the pattern"):
+        other(q, k, k, plan=plan)
+    with pytest.raises(spattn.SpattnParamError, match="q_offset"):
+        pat(q, k, k, plan=plan, q_offset=3, **tabs)
+
+
+def test_a_plan_without_a_layout_stays_in_sequence_order(monkeypatch):
+    """Where the call stays in sequence order (``SPATTN_LAYOUT=off``), so does the plan."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "off")
     pat = spattn.neighborhood((6, 10), 3) & spattn.compile(
         "true", score="s + rpb[h, q % 10 - k % 10 + 9]", backend="torch")
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 60, 16, generator=g) for _ in range(3))
-    rpb = torch.randn(2, 19, generator=g)
-    o = pat(q, k, v, rpb=rpb)
-    assert any(_layout_runs(pat))
-    plan = pat.plan(q, k, v, rpb=rpb)
-    assert type(plan).__name__ == "Plan" and plan.call.Lq == 60
-    torch.testing.assert_close(pat(q, k, v, plan=plan, rpb=rpb), o, atol=1e-5, rtol=1e-5)
+    plan = _check(pat, 60, plan=True, tables={"rpb": (2, 19)})
+    assert getattr(plan, "layout_run", None) is None and plan.pattern is pat
 
 
 def test_explain_prices_a_scored_layout_with_its_copies():
