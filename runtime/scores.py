@@ -879,7 +879,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     entry of neither q nor k, or every one an entry along ``q - k``, else through the
     torch backend's backward); q, k, v gradients are deterministic either way.
     ``layouts``: run in the layout of the mask where one is chosen (:func:`layout_run`;
-    not with a plan)."""
+    with a plan, where the plan was built in one: :func:`_layout_planned`)."""
     from .api import choose_backend
     lay = getattr(plan, "layout_run", None)
     if lay is not None and pattern is not lay.run:
