@@ -33,6 +33,19 @@ def test_folded_scores_match_the_reference(case):
     check(case, "triton", Lq=40, Lk=48, q_offset=5)
 
 
+@pytest.mark.parametrize("table", [False, True], ids=["no-table", "table"])
+def test_query_terms_infinite_past_the_rows(table):
+    """A term of the query alone finite on every row of the call and infinite past it
+    (-2 log(Lk - 1 - q) is +inf from q = Lk - 1 on, beyond Lq = 5): the backward's padded
+    rows keep p = 0 (lse +inf), so no gradient is NaN, a table's included."""
+    score = "-2.0 * (s + log(float(max(Lk - 1 - q, 0))))"
+    tables = {}
+    if table:
+        score, tables = score + " + rel[h, clamp(q - k, 0, 7)]", {"rel": (H, 8)}
+    check(("rows-infinite-past-lq", "chunked(8) | window(5)", score, {}, tables, False),
+          "triton", Lq=5, Lk=16, q_offset=0)
+
+
 def test_units_follow_the_count():
     """Scores of vectors and of s run in log2 units; a pairwise table in natural ones."""
     units = {c[0]: _score_code(spattn.compile(c[1], score=c[2]), "fwd", False).log2

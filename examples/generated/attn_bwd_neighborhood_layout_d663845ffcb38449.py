@@ -1,4 +1,4 @@
-# spattn-kernel key=faeb56c45fc6303d648de0952a3cef55 sha256=e56171d7aec4f44f3afe661644f568ad495f95ae2c1bf7be373f3174b9445571
+# spattn-kernel key=d663845ffcb3844900a09f12c9a9419f sha256=dbd00d4d2f33e28830bf0230e6bf93164edf188d5d9a50d31bb3fbcd2a8c83ca
 """spattn generated backward attention kernels for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -10,8 +10,8 @@ Strategy: table
 Tiles: dK/dV BLOCK_N1=64 keys per program x BLOCK_M1=32 queries per step;
        dQ BLOCK_M2=64 queries per program x BLOCK_N2=32 keys per step; BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_bwd_dkdv_neighborhood_layout_faeb56, attn_bwd_dq_neighborhood_layout_faeb56
-Codegen version: 32; cache key faeb56c45fc6303d648de0952a3cef55
+Kernels: attn_bwd_dkdv_neighborhood_layout_d66384, attn_bwd_dq_neighborhood_layout_d66384
+Codegen version: 33; cache key d663845ffcb3844900a09f12c9a9419f
 Rows: through the row tables Q_ROWS, K_ROWS (the caller's row of each query and key slot;
        -1 a padding slot, stored nowhere): no gathers before or after the kernels
 
@@ -50,7 +50,7 @@ def _mod(a, b):
 
 
 @triton.jit
-def _dkdv_range_faeb56(
+def _dkdv_range_d66384(
     b_dk, b_dv, b_k, b_v, o_k,
     Q, DO, LSE2, DELTA, Q_ROWS, stride_qm, stride_qd, stride_dom, stride_dod,
     sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset,
@@ -114,7 +114,7 @@ def _dkdv_range_faeb56(
 
 
 @triton.jit
-def attn_bwd_dkdv_neighborhood_layout_faeb56(
+def attn_bwd_dkdv_neighborhood_layout_d66384(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -191,17 +191,17 @@ def attn_bwd_dkdv_neighborhood_layout_faeb56(
             i_hi = tl.load(SPAN + 4 * i_row + 1)
             i_flo = tl.load(SPAN + 4 * i_row + 2)
             i_fhi = tl.load(SPAN + 4 * i_row + 3)
-            b_dk, b_dv = _dkdv_range_faeb56(
+            b_dk, b_dv = _dkdv_range_d66384(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_lo, i_flo, MASKED=True, TABLE=False, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-            b_dk, b_dv = _dkdv_range_faeb56(
+            b_dk, b_dv = _dkdv_range_d66384(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_flo, i_fhi, MASKED=False, TABLE=False, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-            b_dk, b_dv = _dkdv_range_faeb56(
+            b_dk, b_dv = _dkdv_range_d66384(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_fhi, i_hi, MASKED=True, TABLE=False, BLOCK_M1=BLOCK_M1,
@@ -209,14 +209,14 @@ def attn_bwd_dkdv_neighborhood_layout_faeb56(
         else:
             p_start = tl.load(ROWS_P + i_row)
             p_end = tl.load(ROWS_P + i_row + 1)
-            b_dk, b_dv = _dkdv_range_faeb56(
+            b_dk, b_dv = _dkdv_range_d66384(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, COLS_P, p_start, p_end, MASKED=True, TABLE=True, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
             f_start = tl.load(ROWS_F + i_row)
             f_end = tl.load(ROWS_F + i_row + 1)
-            b_dk, b_dv = _dkdv_range_faeb56(
+            b_dk, b_dv = _dkdv_range_d66384(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, COLS_F, f_start, f_end, MASKED=False, TABLE=True, BLOCK_M1=BLOCK_M1,
@@ -233,7 +233,7 @@ def attn_bwd_dkdv_neighborhood_layout_faeb56(
 
 
 @triton.jit
-def _dq_range_faeb56(
+def _dq_range_d66384(
     b_dq, b_q, b_do, b_lse, b_delta, o_q,
     K, V, K_ROWS, stride_kn, stride_kd, stride_vn, stride_vd,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -288,7 +288,7 @@ def _dq_range_faeb56(
 
 
 @triton.jit
-def attn_bwd_dq_neighborhood_layout_faeb56(
+def attn_bwd_dq_neighborhood_layout_d66384(
     Q, K, V, DO, O, LSE, LSE2, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -371,17 +371,17 @@ def attn_bwd_dq_neighborhood_layout_faeb56(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        b_dq = _dq_range_faeb56(
+        b_dq = _dq_range_d66384(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_lo, i_flo,
             MASKED=True, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
-        b_dq = _dq_range_faeb56(
+        b_dq = _dq_range_d66384(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_flo, i_fhi,
             MASKED=False, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
-        b_dq = _dq_range_faeb56(
+        b_dq = _dq_range_d66384(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_fhi, i_hi,
             MASKED=True, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
@@ -389,14 +389,14 @@ def attn_bwd_dq_neighborhood_layout_faeb56(
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        b_dq = _dq_range_faeb56(
+        b_dq = _dq_range_d66384(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_P, p_start, p_end,
             MASKED=True, TABLE=True, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
         f_start = tl.load(ROWS_F + i_row)
         f_end = tl.load(ROWS_F + i_row + 1)
-        b_dq = _dq_range_faeb56(
+        b_dq = _dq_range_d66384(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_F, f_start, f_end,
             MASKED=False, TABLE=True, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
@@ -409,5 +409,5 @@ def attn_bwd_dq_neighborhood_layout_faeb56(
              b_dq.to(DQ.dtype.element_ty), mask=m_md)
 
 
-DKDV = attn_bwd_dkdv_neighborhood_layout_faeb56
-DQ = attn_bwd_dq_neighborhood_layout_faeb56
+DKDV = attn_bwd_dkdv_neighborhood_layout_d66384
+DQ = attn_bwd_dq_neighborhood_layout_d66384

@@ -1,4 +1,4 @@
-# spattn-kernel key=a5739ebcf08730ef0f348f50d3cf07da sha256=52dad4b76e3585a86ccc9b23c941a8f9b82f0db383c487d4c2903c3b9f819177
+# spattn-kernel key=5b9d15b247d7a381c7b4666b2ae78780 sha256=714472f6f9830b6d9ff95cf879feaeef80a8937027d19f4f4a7b72a3a57e1548
 """spattn generated forward attention kernel for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: table
     (tile spans or CSR lists of PARTIAL and FULL tiles, built by the analysis at call time)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_neighborhood_layout_a5739e
-Codegen version: 32; cache key a5739ebcf08730ef0f348f50d3cf07da
+Kernels: attn_fwd_neighborhood_layout_5b9d15
+Codegen version: 33; cache key 5b9d15b247d7a381c7b4666b2ae78780
 Loads: 5-D TMA tensor descriptors for Q, K, V, O over the caller's grid of tokens (block
        [1, sub-box, BLOCK_D]: each tile a sub-box of one of the layout's boxes; the stride
        arguments are unused): no gathers before or after the kernel
@@ -68,7 +68,7 @@ def _box_at(x0, x1, start, NT1: tl.constexpr, NT2: tl.constexpr, BOX0: tl.conste
 
 
 @triton.jit
-def _fwd_range_a5739e(
+def _fwd_range_5b9d15(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_k0, i_k1,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -117,7 +117,7 @@ def _fwd_range_a5739e(
 
 
 @triton.jit
-def attn_fwd_neighborhood_layout_a5739e(
+def attn_fwd_neighborhood_layout_5b9d15(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -195,17 +195,17 @@ def attn_fwd_neighborhood_layout_a5739e(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        acc, l_i, m_i = _fwd_range_a5739e(
+        acc, l_i, m_i = _fwd_range_5b9d15(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_lo, i_flo, MASKED=True, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
-        acc, l_i, m_i = _fwd_range_a5739e(
+        acc, l_i, m_i = _fwd_range_5b9d15(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_flo, i_fhi, MASKED=False, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
-        acc, l_i, m_i = _fwd_range_a5739e(
+        acc, l_i, m_i = _fwd_range_5b9d15(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_fhi, i_hi, MASKED=True, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
@@ -213,14 +213,14 @@ def attn_fwd_neighborhood_layout_a5739e(
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        acc, l_i, m_i = _fwd_range_a5739e(
+        acc, l_i, m_i = _fwd_range_5b9d15(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, COLS_P, p_start, p_end, MASKED=True, TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
         f_start = tl.load(ROWS_F + i_row)
         f_end = tl.load(ROWS_F + i_row + 1)
-        acc, l_i, m_i = _fwd_range_a5739e(
+        acc, l_i, m_i = _fwd_range_5b9d15(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, COLS_F, f_start, f_end, MASKED=False, TABLE=True, BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0,
@@ -242,4 +242,4 @@ def attn_fwd_neighborhood_layout_a5739e(
         LSE + i_bh.to(tl.int64) * (A0 * A1 * A2) + (o_c0 * A1 + o_c1) * A2 + o_c2, lse, mask=m_c)
 
 
-KERNEL = attn_fwd_neighborhood_layout_a5739e
+KERNEL = attn_fwd_neighborhood_layout_5b9d15
