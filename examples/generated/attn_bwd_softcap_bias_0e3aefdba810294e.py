@@ -1,4 +1,4 @@
-# spattn-kernel key=0e3aefdba810294ead8a6c64bc527923 sha256=bccb81685208328786bf45c08fda046774b253d8ffada5c9ef2690108fcc44d0
+# spattn-kernel key=0e3aefdba810294ead8a6c64bc527923 sha256=7f8e37bcc7c990ea10891e5c7ff70683d178baffeb7a722298592f60d032bb80
 """spattn generated backward attention kernels for pattern `softcap_bias`.
 
 Pattern (canonical source):
@@ -101,7 +101,6 @@ def _dkdv_range_0e3aef(
     sc_t_1 = tl.minimum(tl.maximum(o_q - o_k, 0), 1023)
     sc_b_rel_1 = tl.load(
         p_rel + i_h * stride_rel_0 + sc_t_1 * stride_rel_1, mask=m_first, other=0.0).to(tl.float32)
-
     for idx in range(start, end):
         if TABLE:
             i_m = tl.load(COLS + idx)
@@ -287,7 +286,6 @@ def _dq_range_0e3aef(
     i_g0_1 = tl.minimum(tl.maximum(o_q - o_k, 0), 1023)
     sc_b_rel_1 = tl.load(
         p_rel + i_h * stride_rel_0 + i_g0_1 * stride_rel_1, mask=m_first, other=0.0).to(tl.float32)
-
     for idx in range(start, end):
         if TABLE:
             i_n = tl.load(COLS + idx)

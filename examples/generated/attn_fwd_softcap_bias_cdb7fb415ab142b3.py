@@ -1,4 +1,4 @@
-# spattn-kernel key=cdb7fb415ab142b344c5eef25e110aee sha256=a926e071467a80a4b61953c9f369d204fc25cd7c1aa639bec19b71da97377fd2
+# spattn-kernel key=cdb7fb415ab142b344c5eef25e110aee sha256=28cdc39dafd3ed112248f81ff456b1554e925c1e9a51296c6dde1ba318cf6b40
 """spattn generated forward attention kernel for pattern `softcap_bias`.
 
 Pattern (canonical source):
@@ -93,7 +93,6 @@ def _fwd_range_cdb7fb(
     sc_t_1 = tl.minimum(tl.maximum(o_q - o_k, 0), 1023)
     sc_b_rel_1 = tl.load(
         p_rel + i_h * stride_rel_0 + sc_t_1 * stride_rel_1, mask=m_first, other=0.0).to(tl.float32)
-
     for idx in range(start, end):
         if TABLE:
             i_n = tl.load(COLS + idx)
