@@ -17,15 +17,18 @@ alternating rounds in this process (``triton.testing.do_bench``, median):
 
 Every output is checked against Flex's (relative error of the norm < 2e-2).
 
-CPU mode (``--cpu``): float32, B = 1, caches of 1024 and 8192 keys, Hq/Hk/D 8/8/64 and
-32/8/128, torch's threads as given (``--threads``); rivals in alternating rounds (medians
-of ``time.perf_counter``): ``decode`` (``pat(q, k, v, **tables)``, routed), ``call``
-(``scores.call``, the path before the routing), ``mask`` (the mask alone, routed), and for
-the additive scores dense SDPA with the score's bias as a float mask built beforehand (its
-time leaves out that build). Every output is checked against the float64 reference.
+CPU mode (``--cpu``): float32, B = 1, caches of 1024 and 8192 keys (``--lengths``), Hq/Hk/D
+8/8/64 and 32/8/128, torch's threads as given (``--threads``); rivals in alternating rounds (medians
+of ``time.perf_counter``): ``decode`` (``pat(q, k, v, **tables)``, routed: the same step
+again, as a model's layers at one token), ``decode_new`` (the same at a new length every
+call: the cache's last ``DISTINCT`` lengths in turn, more than a plan keeps, as a decode
+loop's first layer), ``call`` (``scores.call``, the path before the routing), ``mask`` (the
+mask alone, routed), and for the additive scores dense SDPA with the score's bias as a
+float mask built beforehand (its time leaves out that build). Every output is checked
+against the float64 reference (``decode_new`` at each of its lengths).
 
     python benchmarks/decode_scores.py --out DIR [--rounds 3] [--quick]
-    python benchmarks/decode_scores.py --cpu [--threads 1] [--out DIR]
+    python benchmarks/decode_scores.py --cpu [--threads 1] [--lengths 1024] [--out DIR]
 """
 from __future__ import annotations
 
@@ -174,7 +177,7 @@ def run_cpu(args):
         torch.set_num_threads(args.threads)
     rows = []
     for Hq, Hk, Dh in ((8, 8, 64), (32, 8, 128)):
-        for L in (1024, 8192):
+        for L in [int(x) for x in args.lengths.split(",")]:
             g = torch.Generator().manual_seed(0)
             q = torch.randn(1, Hq, 1, Dh, generator=g)
             k = torch.randn(1, Hk, L, Dh, generator=g)
@@ -186,7 +189,14 @@ def run_cpu(args):
                 tables = _tables_cpu(name, Hq)
                 pat = spattn.compile(mask, score=score, backend="torch")
                 plain = spattn.compile(mask, backend="torch")
-                timed = {"decode": lambda: pat(q, k, v, **tables),
+                views = [(k[:, :, :L - j], v[:, :, :L - j]) for j in range(DISTINCT)]
+                cyc = {"i": 0}
+
+                def new_step():
+                    cyc["i"] = (cyc["i"] + 1) % DISTINCT
+                    kn, vn = views[cyc["i"]]
+                    return pat(q, kn, vn, **tables)
+                timed = {"decode": lambda: pat(q, k, v, **tables), "decode_new": new_step,
                          "call": lambda: scores.call(pat, q, k, v, inputs=tables),
                          "mask": lambda: plain(q, k, v)}
                 bias = _bias(name, tables, Hq, L)
@@ -201,6 +211,16 @@ def run_cpu(args):
                     if n in timed:
                         out = timed[n]().double()
                         row[f"{n}_rel_err"] = float((out - ref).norm() / ref.norm())
+                errs = []
+                for j in range(DISTINCT):
+                    out = new_step().double()
+                    kn, vn = views[cyc["i"]]
+                    want = pattern_reference(
+                        pat, q.double(), kn.double().repeat_interleave(G, 1),
+                        vn.double().repeat_interleave(G, 1),
+                        **{n: t.double() for n, t in tables.items()})[0]
+                    errs.append(float((out - want).norm() / want.norm()))
+                row["decode_new_rel_err"] = max(errs)
                 reps = max(3, min(200, int(0.1 / max(1e-5, _cpu_time(timed["mask"], 3) / 1e3))))
                 times = {n: [] for n in timed}
                 names = list(timed)
@@ -215,16 +235,23 @@ def run_cpu(args):
     return rows
 
 
+#: Distinct lengths the ``decode_new`` rival cycles through (more than a plan keeps).
+DISTINCT = 5
+
+
 def table_cpu(rows) -> str:
-    out = ["| case | Hq/Hk | D | L | decode ms | call ms | mask ms | SDPA + bias ms | "
-           "call / decode | SDPA / decode |", "|" + "---|" * 10]
+    out = ["| case | Hq/Hk | D | L | decode ms | new length ms | call ms | mask ms "
+           "| SDPA + bias ms | call / decode | SDPA / decode | SDPA / new |",
+           "|" + "---|" * 12]
     for r in rows:
         sd = r.get("sdpa_bias_ms")
         sd_ms = "-" if sd is None else f"{sd:.3f}"
         sd_x = "-" if sd is None else f"{sd / r['decode_ms']:.2f}"
+        sd_n = "-" if sd is None else f"{sd / r['decode_new_ms']:.2f}"
         out.append(f"| {r['case']} | {r['Hq']}/{r['Hk']} | {r['D']} | {r['L']} "
-                   f"| {r['decode_ms']:.3f} | {r['call_ms']:.3f} | {r['mask_ms']:.3f} "
-                   f"| {sd_ms} | {r['call_ms'] / r['decode_ms']:.2f} | {sd_x} |")
+                   f"| {r['decode_ms']:.3f} | {r['decode_new_ms']:.3f} | {r['call_ms']:.3f} "
+                   f"| {r['mask_ms']:.3f} | {sd_ms} | {r['call_ms'] / r['decode_ms']:.2f} "
+                   f"| {sd_x} | {sd_n} |")
     return "\n".join(out)
 
 
@@ -255,6 +282,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="32K keys only")
     p.add_argument("--cpu", action="store_true", help="the CPU step (torch backend)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (CPU; 0: default)")
+    p.add_argument("--lengths", default="1024,8192", help="cache lengths (CPU; comma-separated)")
     args = p.parse_args(argv)
     rows = run_cpu(args) if args.cpu else run(args)
     text = table_cpu(rows) if args.cpu else table(rows)

@@ -388,8 +388,25 @@ class DecodePlan:
             from ..ir.score import grads
             ds = grads(pattern.score).ds
             self.additive = isinstance(ds, FConst) and ds.value == 1.0
+            #: the additive score reads the positions only as ``q - k`` (and not ``Lk``):
+            #: its bias at any step is a slice of its bias at the bucket's last rows
+            #: (:meth:`scored_fast`)
+            self.shift_free = self.additive and _shift_free(pattern.score)
             #: the torch backend's additive masks of the last steps (:meth:`_additive_mask`)
             self._bias_memo: OrderedDict = OrderedDict()
+        #: a routed step of this plan may run as one fused call with an additive mask
+        #: (:meth:`scored_fast`): an additive score, float32 on the CPU, one group of batch
+        #: elements
+        one = self.scored and backend == "torch" and torch.device(device).type == "cpu" \
+            and (B == 1 or not self.per_batch)
+        self.one_call = one and self.additive and dtype == torch.float32
+        #: ... and any other score there: its variables kept per length (:meth:`score_env`)
+        self.env_call = one and not self.one_call
+        if self.scored:
+            from ..ir.nodes import float_loads, free_vars, loads
+            #: the score reads only ``s`` and the shape's ints (no tensor in its variables)
+            self._score_scalar = not (free_vars(pattern.score) & {"q", "k", "h", "b"}) \
+                and not float_loads(pattern.score) and not loads(pattern.score)
         self.pack = 1 if ("h" in uses or "H" in uses or per_head) else G
         #: the fast entries: :func:`fast_step`'s (CPU, set by ``_init_torch``' steps) and
         #: :func:`fast_routed`'s (the routed call this plan last served, with what its
@@ -1017,8 +1034,7 @@ class DecodePlan:
         attention call with the bias and the mask as its additive mask. Returns
         ``(o, lse)``; lse None when not ``need_lse`` and every group's rows see every key
         of their span (one softmax call, no log-sum-exp)."""
-        from ..ir.score import score_env, score_values
-        from .scores import _acc, softmax_rows
+        from .scores import _acc
         B, Hq, Lq, D = q.shape
         Hk, Dv = self.Hk, v.shape[-1]
         M = Hq // Hk * Lq
@@ -1054,22 +1070,12 @@ class DecodePlan:
             qb = (q if nb == B else q.index_select(0, bi)).reshape(nb, Hk, M, D)
 
             def env_mask():                     # (called within this group's iteration)
-                env = score_env(Lq, L, num_heads=Hq, batch=nb, q_offset=q_off,
-                                device=q.device, cols=(a, z))
-                env["b"] = (torch.arange(B, device=q.device) if bi is None else bi) \
-                    .view(-1, 1, 1, 1)                      # the group's own batch elements
-                # every row sees every key of one run: no mask to apply
-                m = None if len(runs) == 1 and not part else torch.as_tensor(
-                    evaluate(self.pattern.ir, env, inputs), device=q.device).to(torch.bool)
-                return env, m
+                return self._env_mask(L, q_off, a, z, runs, part, bi, nb, inputs)
             if self.additive and q.dtype == torch.float32:
                 # s + bias: the bias (the score at s = 0) and the mask as one additive mask
                 # of one fused attention call
-                def bias():
-                    env, m = env_mask()
-                    zero = torch.zeros((nb, Hq, Lq, z - a), dtype=acc, device=q.device)
-                    return score_values(self.pattern.score, zero, env, every), m
-                f, empty = self._additive_mask((tuple(idx), L, q_off, a, z), every, bias)
+                f, empty = self._additive_mask((tuple(idx), L, q_off, a, z), every,
+                                               self._bias_fn(env_mask, nb, a, z))
                 ob, lb = _kernel(qb, kb, vb, f.view(nb, Hk, M, z - a), scale)
                 if empty is not None:
                     ob, lb = ob.masked_fill(empty.unsqueeze(-1), 0.0), \
@@ -1077,22 +1083,8 @@ class DecodePlan:
                 ob, lb = ob.reshape(nb, Hq, Lq, Dv), lb.reshape(nb, Hq, Lq)
             else:
                 env, m = env_mask()
-                s = torch.matmul(qb.to(acc), kb.to(acc).transpose(-1, -2)) * scale
-                s = s.view(nb, Hq, Lq, z - a)
-                f = score_values(self.pattern.score, s, env, every)
-                if m is not None:
-                    f = torch.where(m.expand(s.shape), f,
-                                    torch.full((), -math.inf, dtype=acc, device=q.device))
-                p = lb = None
-                if m is None and not need_lse and nb == B and f.is_cpu:
-                    # one softmax call, no lse: unless some row's scores are all -inf (a
-                    # score that excludes pairs) or NaN, where softmax_rows gives 0 / NaN
-                    p = torch.softmax(f, -1)
-                    if bool(p.sum().isnan()):
-                        p = None
-                if p is None:
-                    p, lb = softmax_rows(f)
-                ob = torch.matmul(p.view(nb, Hk, M, z - a), vb.to(acc)).view(nb, Hq, Lq, Dv)
+                ob, lb = self._score_rows(qb, kb, vb, env, m, every, scale,
+                                          not need_lse and nb == B)
             if nb == B:
                 o, lse = ob.to(q.dtype), lb
                 continue
@@ -1101,11 +1093,151 @@ class DecodePlan:
             o[bi], lse[bi] = ob.to(q.dtype), lb
         return (o, lse) if o is not None else blank()       # (blank: no row sees a key)
 
+    def _env_mask(self, L: int, q_off: int, a: int, z: int, runs, part, bi, nb: int,
+                  inputs: dict):
+        """``(env, m)`` of a scored step's group over the keys ``[a, z)`` of a cache of ``L``
+        keys (its batch elements ``bi``, None for the whole batch): the score's variables
+        (``ir.score.score_env``) and the pattern there as bool (None where every row sees
+        every key of the one run)."""
+        from ..ir.score import score_env
+        dev = self.device
+        env = score_env(self.Lq, L, num_heads=self.Hq, batch=nb, q_offset=q_off, device=dev,
+                        cols=(a, z))
+        env["b"] = (torch.arange(self.B, device=dev) if bi is None else bi) \
+            .view(-1, 1, 1, 1)                              # the group's own batch elements
+        m = None if len(runs) == 1 and not part else torch.as_tensor(
+            evaluate(self.pattern.ir, env, inputs), device=dev).to(torch.bool)
+        return env, m
+
+    def _bias_fn(self, env_mask, nb: int, a: int, z: int):
+        """The ``make`` of :meth:`_additive_mask`: the bias (the additive score at ``s = 0``)
+        ``[nb, Hq, Lq, z - a]`` and the mask of ``env_mask()``."""
+        from ..ir.score import score_values
+        from .scores import _acc
+
+        def bias(every):
+            env, m = env_mask()
+            zero = torch.zeros((nb, self.Hq, self.Lq, z - a), dtype=_acc(self.dtype),
+                               device=self.device)
+            return score_values(self.pattern.score, zero, env, every), m
+        return bias
+
+    def _score_rows(self, qb, kb, vb, env, m, every: dict, scale: float, no_lse: bool):
+        """A group's rows with any score: ``(o [nb, Hq, Lq, Dv], lse [nb, Hq, Lq] or None)``
+        of ``qb [nb, Hk, G * Lq, D]`` against ``kb``, ``vb [nb, Hk, n, D]``, the score
+        evaluated over ``env`` and the mask ``m`` (None: every row sees every key), the
+        softmax in fp32 (fp64 for fp64 caches). With ``no_lse`` and no mask on the CPU, one
+        softmax call, no lse: unless some row's scores are all -inf (a score that excludes
+        pairs) or NaN, where :func:`runtime.scores.softmax_rows` gives 0 / NaN."""
+        from ..ir.score import score_values
+        from .scores import _acc, softmax_rows
+        nb, Hk, M, _ = qb.shape
+        Hq, Lq, n, Dv = self.Hq, self.Lq, kb.shape[2], vb.shape[-1]
+        acc = _acc(qb.dtype)
+        s = torch.matmul(qb.to(acc), kb.to(acc).transpose(-1, -2)) * scale
+        s = s.view(nb, Hq, Lq, n)
+        f = score_values(self.pattern.score, s, env, every)
+        if m is not None:
+            f = torch.where(m.expand(s.shape), f,
+                            torch.full((), -math.inf, dtype=acc, device=f.device))
+        p = lb = None
+        if m is None and no_lse and f.is_cpu:
+            p = torch.softmax(f, -1)
+            if bool(p.sum().isnan()):
+                p = None
+        if p is None:
+            p, lb = softmax_rows(f)
+        return torch.matmul(p.view(nb, Hk, M, n), vb.to(acc)).view(nb, Hq, Lq, Dv), lb
+
+    def score_env(self, L: int, shift: int, inputs: dict):
+        """The step of a routed call of a score that :meth:`scored_fast` does not run (not
+        additive, or not float32) on a contiguous CPU cache of ``L`` keys, one group of
+        batch elements (:attr:`env_call`), where its rows see every key of one run
+        ``[a, z)``: ``(a, z, env)``, the score's variables there (``ir.score.score_env``);
+        else None (:meth:`run_scored_torch` runs it). :func:`fast_routed` keeps it in the
+        routed entry by ``L``, as :meth:`scored_fast`'s steps."""
+        q_off = L - self.Lq + shift
+        step = self._aff1_step(L, q_off)
+        if step is not None and step.one[2] is None:
+            a, z = step.one[0], step.one[1]
+        else:
+            runs, part, _ = self._keys(L, q_off, 0, inputs)
+            if len(runs) != 1 or part:
+                return None
+            (a, z), = runs
+        if self._score_scalar:          # (softcap: no position, head, batch or table read)
+            return a, z, {"Lq": self.Lq, "Lk": L, "H": self.Hq}
+        return a, z, self._env_mask(L, q_off, a, z, ((a, z),), (), None, self.B, inputs)[0]
+
+    def scored_fast(self, L: int, shift: int, inputs: dict, tables: dict, held: list):
+        """The one fused attention call of a routed additive step on a contiguous float32
+        CPU cache of ``L`` keys (query rows at ``L - Lq + shift``; one group of batch
+        elements: ``B = 1`` or a step that does not read ``b``): ``(a, z, f)``, the keys
+        ``[a, z)`` and the additive mask ``f [1 or B, Hk, G * Lq, z - a]`` (the bias, and
+        ``-inf`` where the pattern excludes a pair), or None where the step has a row
+        without keys or no key at all (:meth:`run_scored_torch` then runs it).
+
+        Called by :func:`fast_routed`, which keeps the result in the routed entry
+        (:class:`_RoutedEntry`) by ``L``: its tables and inputs are the same objects at the
+        same versions at every call that reads it, and ``shift`` is the entry's. Where the
+        score reads the positions only as ``q - k`` (:attr:`shift_free`) and the rows see
+        every key of one run, the mask is a slice of one buffer, the bias at the bucket's
+        last rows ``[1, Hk, G * Lq, bucket]`` (built once per entry, held in ``held[0]``):
+        the column of key ``k`` at a step of ``L`` keys is ``k + bucket - L - shift``, so a
+        new length evaluates no score. Else the plan's :meth:`_additive_mask` builds it."""
+        Lq, Hk, Hq = self.Lq, self.Hk, self.Hq
+        q_off = L - Lq + shift
+        step = self._aff1_step(L, q_off)
+        if step is not None and step.one[2] is None:
+            a, z = step.one[0], step.one[1]
+            runs, part = ((a, z),), ()
+        else:
+            runs, part, _ = self._keys(L, q_off, 0, inputs)
+            if not runs:
+                return None
+            a, z = runs[0][0], runs[-1][1]
+        if self.shift_free and len(runs) == 1 and not part:
+            buf = held[0]
+            if buf is None:
+                buf = held[0] = self._shift_bias({**inputs, **tables})
+            c = self.bucket - L - shift
+            if buf is not False and a + c >= 0 and z + c <= self.bucket:
+                return a, z, buf[..., a + c:z + c]
+        nb = self.B
+        env_mask = lambda: self._env_mask(L, q_off, a, z, runs, part, None, nb,  # noqa: E731
+                                          inputs)
+        f, empty = self._additive_mask((tuple(range(nb)), L, q_off, a, z),
+                                       {**inputs, **tables}, self._bias_fn(env_mask, nb, a, z))
+        if empty is not None:
+            return None
+        return a, z, f.view(nb, Hk, Hq // Hk * Lq, z - a)
+
+    def _shift_bias(self, every: dict):
+        """The bias of a :attr:`shift_free` score at the rows ``bucket - Lq .. bucket - 1``
+        against every key below the bucket, ``[1, Hk, G * Lq, bucket]`` float32
+        (:meth:`scored_fast`); False where it would hold more than ``16 x``
+        :data:`MASK_TAIL_CELLS` cells, holds a ``-inf`` (a row might have no key: the
+        general step finds it) or cannot be evaluated there (a list indexed out of range
+        at pairs no step reads)."""
+        from ..ir.score import score_env, score_values
+        Lq, Hq, n = self.Lq, self.Hq, self.bucket
+        if Hq * Lq * n > 16 * MASK_TAIL_CELLS:
+            return False
+        env = score_env(Lq, n, num_heads=Hq, batch=1, q_offset=n - Lq, device=self.device)
+        zero = torch.zeros((1, Hq, Lq, n), dtype=torch.float32, device=self.device)
+        try:
+            f = score_values(self.pattern.score, zero, env, every).contiguous()
+        except SpattnError:
+            return False
+        if bool((f == -math.inf).any()):
+            return False
+        return f.view(1, self.Hk, Hq // self.Hk * Lq, n)
+
     def _additive_mask(self, key: tuple, every: dict, make):
         """``(f, empty)`` of an additive score's step on the torch backend: ``f [nb, Hq, Lq,
-        n]`` the bias plus ``-inf`` where the mask excludes a pair (``make()`` gives the bias
-        and the mask or None), ``empty [nb, Hk, G * Lq]`` the rows with no key (None where
-        every row has one). Kept for
+        n]`` the bias plus ``-inf`` where the mask excludes a pair (``make(every)`` gives the
+        bias and the mask or None), ``empty [nb, Hk, G * Lq]`` the rows with no key (None
+        where every row has one). Kept for
         the last :data:`MASK_BUFFERS` steps of at most :data:`MASK_TAIL_CELLS` x 16 cells
         each, by ``key`` (the batch elements, the length, the query offset, the keys'
         span) and the identity and version of every input and table (held, so that no
@@ -1117,7 +1249,7 @@ class DecodePlan:
                 n == n0 and t is t0 and v == v0 for (n, t, v), (n0, t0, v0) in zip(tabs, hit[0])):
             self._bias_memo.move_to_end(key)
             return hit[1], hit[2]
-        f, m = make()
+        f, m = make(every)
         if m is not None:
             f = torch.where(m.expand(f.shape), f, torch.full((), -math.inf, dtype=f.dtype,
                                                              device=f.device))
@@ -1335,9 +1467,14 @@ class _RoutedEntry(NamedTuple):
     :func:`fast_routed`): the call's signature (q's shape, dtype and device, the cache's
     batch, heads and head dim, the scale as given), the scale's value, the inputs and
     tables as given and their versions, the plan's int64 copies of the inputs, the largest
-    capacity their bounds were checked at, whether Triton ran interpreted, the score's
-    tables, and ``at``: ``(cache length, q_offset)`` of a call with a ``q_offset`` (its
-    checks hold there only), else None."""
+    capacity their bounds were checked at, whether Triton ran interpreted (None on the
+    torch backend, which runs the same either way), the score's tables, what the CPU steps
+    of a score keep (the inputs and tables are the entry's at every call that reads them):
+    ``steps``, by cache length, :meth:`DecodePlan.scored_fast`'s or
+    :meth:`DecodePlan.score_env`'s step (the last :data:`MASK_BUFFERS`; False: the full
+    step), and ``bias``, ``[the buffer of DecodePlan._shift_bias]`` (None until built), and
+    ``at``: ``(cache length, q_offset)`` of a call with a ``q_offset`` (its checks hold
+    there only), else None."""
 
     sig: tuple
     value: float
@@ -1347,6 +1484,8 @@ class _RoutedEntry(NamedTuple):
     cap: int
     interpreted: bool
     tables: dict
+    steps: dict
+    bias: list
     at: Optional[tuple]
 
 
@@ -1574,6 +1713,24 @@ def _closed_form_at(pattern, inputs: dict):
     except Exception:       # the analysis failing leaves the predicate's build
         return None
     return cf if cf is not None and ranges_ok(cf) else None
+
+
+def _shift_free(node) -> bool:
+    """Whether an expression reads the positions only as ``q - k``: every ``q`` and ``k``
+    is a term of an affine sum whose coefficients of ``q`` and ``k`` cancel, and ``Lk`` is
+    not read. Its value is then the same at ``(q + t, k + t)`` for any ``t``."""
+    from ..ir.nodes import Sum, Var
+    if isinstance(node, Var):
+        return node.name not in ("q", "k", "Lk")
+    if isinstance(node, Sum):
+        c = 0
+        for t, w in node.terms:
+            if isinstance(t, Var) and t.name in ("q", "k"):
+                c += w
+            elif not _shift_free(t):
+                return False
+        return c == 0
+    return all(_shift_free(x) for x in node.children())
 
 
 def _variables(ir) -> frozenset:
@@ -1917,18 +2074,19 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
     fast = None if plan is None else plan.fast_routed
     if fast is None:
         return None
-    sig, value, given, versions, ins, cap_ok, interpreted, tables, at = fast
+    sig, value, given, versions, ins, cap_ok, interpreted, tables, steps, held, at = fast
     if q_offset is not None and (at is None or type(q_offset) is not int
                                  or q_offset != at[1]):
         return None
     try:
         ks = k.shape
-        if (q.shape, ks[0], ks[1], ks[3], q.dtype, q.device, scale) != sig or v.shape != ks:
+        dt, dev = q.dtype, q.device
+        if (q.shape, ks[0], ks[1], ks[3], dt, dev, scale) != sig or v.shape != ks:
             return None
     except (RuntimeError, IndexError):
         return None
-    if k.dtype is not q.dtype or v.dtype is not q.dtype or k.device != q.device \
-            or v.device != q.device or q.layout is not _STRIDED or k.layout is not _STRIDED \
+    if k.dtype is not dt or v.dtype is not dt or k.device != dev or v.device != dev \
+            or q.layout is not _STRIDED or k.layout is not _STRIDED \
             or v.layout is not _STRIDED or q.requires_grad or k.requires_grad \
             or v.requires_grad:
         return None
@@ -1936,12 +2094,14 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
     if L > cap_ok or L > bk or (L <= bk >> 1 and bk > MIN_BUCKET) or L < ROUTE_MIN_LK \
             or L < 4 * Lq or (at is not None and (q_offset is None or L != at[0])):
         return None
-    if len(inputs or ()) != len(given) or _api._interpret() != interpreted:
+    if len(inputs or ()) != len(given) or (interpreted is not None
+                                           and _api._interpret() != interpreted):
         return None
     grad = torch.is_grad_enabled()
     for (name, t), v0 in zip(given, versions):
         x = inputs.get(name)
-        if x is not t or data_version(x) != v0 or (grad and x.requires_grad):
+        if x is not t or (x._version if type(v0) is int else data_version(x)) != v0 \
+                or (grad and x.requires_grad):
             return None             # (a score's table that requires grad: the score path)
     shift = 0 if at is None else at[1] - (L - Lq)
     if plan.backend == "triton":
@@ -1949,6 +2109,40 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
                                page_size=0, num_pages=0, scale=value, inputs=ins,
                                tables=tables)[0]
     if plan.scored:
+        if plan.one_call:
+            hit = steps.get(L)
+            if hit is None:             # (False: the step is not one call)
+                hit = plan.scored_fast(L, shift, ins, tables, held) or False
+                if not hit or hit[2].numel() <= 16 * MASK_TAIL_CELLS:
+                    with plan._steps_lock:
+                        if len(steps) >= MASK_BUFFERS:
+                            del steps[next(iter(steps))]
+                        steps[L] = hit
+            if hit:
+                a, z, mask = hit
+                if a or z != L:
+                    k, v = k[:, :, a:z], v[:, :, a:z]
+                if sig[0][1] == ks[1]:
+                    return _sdpa(q, k, v, mask, scale=value)
+                B, Hk = ks[0], ks[1]
+                return _sdpa(q.reshape(B, Hk, mask.shape[2], ks[3]), k, v, mask,
+                             scale=value).view(q.shape)
+        elif plan.env_call:
+            hit = steps.get(L)
+            if hit is None:
+                hit = plan.score_env(L, shift, ins)
+                hit = (*hit, {**ins, **tables}) if hit else False
+                with plan._steps_lock:
+                    if len(steps) >= MASK_BUFFERS:
+                        del steps[next(iter(steps))]
+                    steps[L] = hit
+            if hit:
+                a, z, env, every = hit
+                if a or z != L:
+                    k, v = k[:, :, a:z], v[:, :, a:z]
+                B, Hk = ks[0], ks[1]
+                qb = q.reshape(B, Hk, sig[0][1] // Hk * Lq, ks[3])
+                return plan._score_rows(qb, k, v, env, None, every, value, True)[0].to(dt)
         return plan.run_scored_torch(q, k, v, (L,) * ks[0], shift, None, 0, value, ins,
                                      tables, need_lse=False)[0]
     return plan.run_torch(q, k, v, (L,) * ks[0], shift, None, 0, value, ins, False)[0]
@@ -2185,8 +2379,9 @@ def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap, ta
     old = plan.fast_routed
     if at is not None:
         pass                            # checked at this length and offset: cap stays
-    elif old is not None and old.sig == sig and old.given == items \
-            and old.versions == versions and old.at is None:
+    elif old is not None and old.sig == sig and len(old.given) == len(items) \
+            and all(n0 == n and t0 is t for (n0, t0), (n, t) in zip(old.given, items)) \
+            and old.versions == versions and old.at is None:     # (tensors by identity)
         cap = max(cap, old.cap)         # the inputs' bounds hold below any capacity checked
     elif ins and cap < plan.bucket:
         try:                            # inputs that cover the bucket cover each step of it
@@ -2196,8 +2391,9 @@ def _keep_fast_routed(pattern, plan, q, k, scale_arg, scale, given, ins, cap, ta
             pass
     elif not ins:
         cap = plan.bucket
-    plan.fast_routed = _RoutedEntry(sig, scale, items, versions, ins, cap, _api._interpret(),
-                                    tables, at)
+    plan.fast_routed = _RoutedEntry(sig, scale, items, versions, ins, cap,
+                                    _api._interpret() if plan.backend == "triton" else None,
+                                    tables, {}, [None], at)
     DECODE_PLANS.remember(pattern, plan)
 
 

@@ -264,3 +264,250 @@ def test_scored_decode_at_gpu_tiles(gpu_decode_config, name):
     _close(f"{name} lse", lse, want_lse)
     plan = next(iter(dec.DECODE_PLANS._plans.values()))
     assert plan.config.block_n == 128 and plan.config.score_index == "clamp", plan
+
+
+class _Counts:
+    """Counts, during a test, the routed scored step's fused calls (``decode._sdpa``), its
+    full step (``DecodePlan.run_scored_torch``) and the evaluations of the score."""
+
+    def __init__(self, monkeypatch):
+        from spattn.ir import score as S
+        self.sdpa = self.full = self.evals = 0
+        sdpa, full, values = dec._sdpa, dec.DecodePlan.run_scored_torch, S.score_values
+
+        def count_sdpa(*a, **kw):
+            self.sdpa += 1
+            return sdpa(*a, **kw)
+
+        def count_full(*a, **kw):
+            self.full += 1
+            return full(*a, **kw)
+
+        def count_evals(*a, **kw):
+            self.evals += 1
+            return values(*a, **kw)
+        monkeypatch.setattr(dec, "_sdpa", count_sdpa)
+        monkeypatch.setattr(dec.DecodePlan, "run_scored_torch", count_full)
+        monkeypatch.setattr(S, "score_values", count_evals)
+
+    def since(self, before):
+        return (self.sdpa - before[0], self.full - before[1], self.evals - before[2])
+
+    def now(self):
+        return (self.sdpa, self.full, self.evals)
+
+
+def _routed(pat, q, k, v, tables, counts, L, want_counts=None, q_offset=None):
+    """``pat(q, k[:, :, :L], v[:, :, :L], **tables)`` against the float64 reference; the
+    step's own (fused calls, full steps, score evaluations), checked against
+    ``want_counts`` where given."""
+    before = counts.now()
+    o = pat(q, k[:, :, :L], v[:, :, :L], q_offset=q_offset, **tables)
+    got = counts.since(before)
+    want, _ = _reference(pat, q, k[:, :, :L], v[:, :, :L], [L] * q.shape[0], tables,
+                         q_offset=q_offset)
+    _close(f"L={L} counts={got}", o, want)
+    if want_counts is not None:
+        assert got == want_counts, (L, got, want_counts)
+    return got
+
+
+#: (mask, score, tables(B, Hq, generator)): additive scores of ``q - k`` whose rows see
+#: every key of one run
+SHIFT_FREE = {
+    "alibi-window": ("causal & window(29)", "s + slope[h] * float(k - q)",
+                     lambda B, H, g: {"slope": torch.rand(H, generator=g)}),
+    "rel-window": ("causal & window(100)", "s + rel[h, clamp(q - k, 0, 63)]",
+                   lambda B, H, g: {"rel": torch.randn(H, 64, generator=g)}),
+    "alibi-causal": ("causal", "s - 0.5 * slope[h] * float(q - k)",
+                     lambda B, H, g: {"slope": torch.rand(H, generator=g)}),
+}
+
+
+@pytest.mark.parametrize("name,B,Hq,Hk", [("alibi-window", 1, 4, 4), ("alibi-window", 2, 4, 2),
+                                          ("rel-window", 1, 4, 2), ("alibi-causal", 2, 4, 1)])
+def test_routed_additive_step_is_one_fused_call(name, B, Hq, Hk, monkeypatch):
+    """A routed CPU step of an additive score whose rows see every key of one run (ALiBi,
+    a relative bias clamped along ``q - k``; grouped heads, a batch that shares its mask)
+    is one public SDPA call with a kept additive mask, no full step and no evaluation of
+    the score: at the same length (a model's layers) and at a new length (a slice of the
+    entry's bias of the bucket's last rows, built once). A table written in place or a new
+    table object takes the full step again, and every output follows the tables' values."""
+    src, score, make = SHIFT_FREE[name]
+    pat = spattn.compile(src, score=score, backend="torch")
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, Hq, 1, 16, generator=g)
+    k, v = (torch.randn(B, Hk, 600, 16, generator=g) for _ in range(2))
+    tables = make(B, Hq, g)
+    (tname, tab), = tables.items()
+    dec.DECODE_PLANS.clear()
+    c = _Counts(monkeypatch)
+    assert _routed(pat, q, k, v, tables, c, 600)[:2] == (0, 1)      # the full path
+    plan = next(iter(dec.DECODE_PLANS._plans.values()))
+    assert plan.shift_free and plan.one_call
+    assert _routed(pat, q, k, v, tables, c, 600) == (1, 0, 1)        # the bias buffer built
+    for L in (600, 599, 520, 600, 513, 1024 - 300):                  # the bucket of 1024
+        _routed(pat, q, k, v, tables, c, L, (1, 0, 0))
+    with torch.no_grad():
+        tab.mul_(-2.0).add_(0.5)                                     # in place
+    assert _routed(pat, q, k, v, tables, c, 599)[:2] == (0, 1)
+    _routed(pat, q, k, v, tables, c, 599, (1, 0, 1))                 # a new buffer
+    _routed(pat, q, k, v, tables, c, 598, (1, 0, 0))
+    fresh = {tname: tab.clone()}
+    assert _routed(pat, q, k, v, fresh, c, 598)[:2] == (0, 1)        # another object
+    _routed(pat, q, k, v, fresh, c, 597, (1, 0, 1))
+    with torch.no_grad():
+        fresh[tname].copy_(torch.randn(fresh[tname].shape, generator=g))
+    assert _routed(pat, q, k, v, fresh, c, 597)[:2] == (0, 1)
+    _routed(pat, q, k, v, fresh, c, 597, (1, 0, 1))
+
+
+def test_routed_additive_step_memo_follows_inference_tables(monkeypatch):
+    """A table made under ``torch.inference_mode`` has no version counter: the routed
+    entry compares its contents, so a table written in place there is seen."""
+    pat, q, k, v, tables, g = _draw("alibi-table", "torch", B=1, Hq=4, Hk=4, cap=400, seed=8)
+    dec.DECODE_PLANS.clear()
+    c = _Counts(monkeypatch)
+    with torch.inference_mode():
+        slope = tables["slope"].clone()
+        for L in (400, 400, 399):
+            _routed(pat, q, k, v, {"slope": slope}, c, L)
+        assert c.sdpa >= 2
+        slope.mul_(3.0)
+        for L in (399, 399, 398):
+            _routed(pat, q, k, v, {"slope": slope}, c, L)
+
+
+def test_routed_additive_step_kept_masks(monkeypatch):
+    """Steps the bias buffer does not serve keep their additive mask per length in the
+    routed entry: a score of ``Lk`` (``rel[q - k + Lk - 1]``), a window's partial keys
+    (four query rows), two runs (a window and sinks), a mask of ``h`` repeat as one fused
+    call without evaluating the score; a new length evaluates it; a batch whose elements
+    read their own tables (a leading batch dim) takes the full step."""
+    for name, Lq in (("rel-by-length", 1), ("alibi-table", 4), ("rel-clamped", 1),
+                     ("per-head-mask", 1)):
+        pat, q, k, v, tables, g = _draw(name, "torch", B=1, Hq=4, Hk=2, Lq=Lq, cap=300, seed=9)
+        if name == "rel-by-length":                 # in range over the bucket (512 keys)
+            tables = {"rel": torch.randn(2 * 512 - 1, generator=g)}
+        dec.DECODE_PLANS.clear()
+        c = _Counts(monkeypatch)
+        _routed(pat, q, k, v, tables, c, 300)
+        plan = next(iter(dec.DECODE_PLANS._plans.values()))
+        assert plan.one_call and plan.shift_free == (name != "rel-by-length")
+        _routed(pat, q, k, v, tables, c, 300, (1, 0, 0))
+        _routed(pat, q, k, v, tables, c, 300, (1, 0, 0))
+        _routed(pat, q, k, v, tables, c, 290, (1, 0, 1))
+        _routed(pat, q, k, v, tables, c, 290, (1, 0, 0))
+        _routed(pat, q, k, v, tables, c, 300, (1, 0, 0))
+    pat, q, k, v, tables, g = _draw("leading-dims", "torch", B=2, Hq=4, Hk=2, cap=300, seed=9)
+    dec.DECODE_PLANS.clear()
+    for L in (300, 300, 299):
+        assert _routed(pat, q, k, v, tables, c, L)[:2] == (0, 1)
+
+
+def test_routed_additive_step_rows_without_keys_and_offsets(monkeypatch):
+    """A bias of ``-inf`` (a head that sees no key) keeps the full step, whose rows give 0,
+    never NaN; a routed call with a ``q_offset`` (a static cache) repeats as one fused
+    call at its offset."""
+    pat = spattn.compile("causal", score="s + w[h]", backend="torch")
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(1, 2, 1, 16, generator=g)
+    k, v = (torch.randn(1, 2, 400, 16, generator=g) for _ in range(2))
+    w = torch.tensor([0.25, float("-inf")])
+    dec.DECODE_PLANS.clear()
+    c = _Counts(monkeypatch)
+    for L in (400, 400, 399):
+        o = pat(q, k[:, :, :L], v[:, :, :L], w=w)
+        assert torch.equal(o[0, 1], torch.zeros_like(o[0, 1]))
+        want, _ = _reference(pat, q, k[:, :, :L], v[:, :, :L], [L], {"w": w})
+        _close(f"L={L}", o, want)
+    assert c.sdpa == 0 and c.full == 3
+    src, score, make = SHIFT_FREE["rel-window"]
+    pat = spattn.compile(src, score=score, backend="torch")
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    k, v = (torch.randn(1, 2, 400, 16, generator=g) for _ in range(2))
+    tables = make(1, 4, g)
+    dec.DECODE_PLANS.clear()
+    for off in (250, 399, 120):
+        _routed(pat, q, k, v, tables, c, 400, q_offset=off)
+        _routed(pat, q, k, v, tables, c, 400, (1, 0, 1), q_offset=off)
+        _routed(pat, q, k, v, tables, c, 400, (1, 0, 0), q_offset=off)
+
+
+def test_shift_free_scores():
+    """Scores that read the positions only as ``q - k`` (no ``Lk``)."""
+    for score, want in (("s + slope[h] * float(k - q)", True),
+                        ("s + rel[h, clamp(q - k, 0, 63)]", True),
+                        ("s + 0.5 * float(2 * q - 2 * k + 3)", True),
+                        ("s + rel[q - k + Lk - 1]", False),
+                        ("s + w[k]", False),
+                        ("s + slope[h] * float(k - q) + 0.1 * float(q)", False),
+                        ("s + 0.5 * float(q - 2 * k)", False)):
+        pat = spattn.compile("causal", score=score, backend="torch")
+        assert dec._shift_free(pat.score) is want, score
+
+
+def test_routed_additive_step_other_dtype_heads_and_scale(monkeypatch):
+    """The entry's kept steps serve only calls like the one that made it: bf16 caches,
+    another number of query heads, another scale and a longer head dim at the same cache
+    length each give their own reference, and the float32 step after them still does."""
+    src, score, make = SHIFT_FREE["alibi-causal"]
+    pat = spattn.compile(src, score=score, backend="torch")
+    g = torch.Generator().manual_seed(12)
+    k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(2))
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    tables = make(1, 4, g)
+    dec.DECODE_PLANS.clear()
+    c = _Counts(monkeypatch)
+    for _ in range(2):
+        _routed(pat, q, k, v, tables, c, 300)
+    o = pat(q.bfloat16(), k.bfloat16(), v.bfloat16(), **tables)
+    want, _ = _reference(pat, q, k, v, [300], tables)
+    assert o.dtype == torch.bfloat16
+    _close("bf16", o, want, rtol=3e-2)
+    q2 = torch.randn(1, 2, 1, 16, generator=g)
+    _routed(pat, q2, k, v, {"slope": tables["slope"][:2].clone()}, c, 300)
+    o = pat(q, k, v, scale=0.1, **tables)
+    want, _ = pattern_reference(pat, q.double(), k.double().repeat_interleave(2, 1),
+                                v.double().repeat_interleave(2, 1), scale=0.1,
+                                slope=tables["slope"].double())
+    _close("scale", o, want)
+    _routed(pat, q, k, v, tables, c, 300)
+
+
+@pytest.mark.parametrize("score,dtype", [("softcap(20)", torch.float32),
+                                         ("softcap(20) + slope[h] * float(k - q)",
+                                          torch.float32),
+                                         ("s + slope[h] * float(k - q)", torch.bfloat16)])
+def test_routed_scored_step_keeps_its_variables(score, dtype, monkeypatch):
+    """A routed CPU step of any other score (softcap; an additive score on bf16) whose rows
+    see every key of one run keeps the score's variables per length in the routed entry
+    and runs without the full step, at the same length and at a new one; two runs (a
+    window beside sinks) take the full step. Every output against the float64
+    reference."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    k, v = (torch.randn(1, 2, 400, 16, generator=g) for _ in range(2))
+    tables = {"slope": torch.rand(4, generator=g)} if "slope" in score else {}
+    rtol = 2e-3 if dtype == torch.float32 else 3e-2
+    for src, full in (("causal", 0), ("causal & (window(40) | sink(4))", 1)):
+        pat = spattn.compile(src, score=score, backend="torch")
+        dec.DECODE_PLANS.clear()
+        c = _Counts(monkeypatch)
+        for i, L in enumerate((400, 400, 399, 400, 398)):
+            before = c.now()
+            o = pat(q.to(dtype), k[:, :, :L].to(dtype), v[:, :, :L].to(dtype), **tables)
+            got = c.since(before)
+            want, _ = _reference(pat, q, k[:, :, :L], v[:, :, :L], [L], tables)
+            assert o.dtype == dtype
+            _close(f"{src} L={L} counts={got}", o, want, rtol=rtol)
+            assert got[:2] == (0, 1 if i == 0 else full), (src, L, got)
+        if tables:
+            with torch.no_grad():
+                tables["slope"].mul_(-3.0)          # in place: the full step, then kept again
+            for i, L in enumerate((398, 398)):
+                before = c.now()
+                o = pat(q.to(dtype), k[:, :, :L].to(dtype), v[:, :, :L].to(dtype), **tables)
+                want, _ = _reference(pat, q, k[:, :, :L], v[:, :, :L], [L], tables)
+                _close(f"{src} L={L} written in place", o, want, rtol=rtol)
+                assert c.since(before)[1] == (1 if i == 0 else full)
