@@ -1,7 +1,8 @@
 """Where an all-FULL layout's forward loses against the dense rate (GPU): the forward of
 ``full`` attention in sequence order with as many keys per query as the strided FLUX
 problem's window (6400: 50 key tiles of 128 per query tile) and with every key (65536),
-against the strided FLUX problem itself (``spattn.neighborhood((256, 256), (80, 80),
+through the table strategy's CSR lists and spans (the cost of an index load per key
+tile), against the strided FLUX problem itself (``spattn.neighborhood((256, 256), (80, 80),
 (16, 16))`` in its layout, every tile FULL) and cuDNN's dense forward on the same two
 shapes; B = 1, 24 heads, D = 128, bf16, the layout's tiles (128 x 128, 8 warps) for every
 spattn plan. Alternating rounds of ``triton.testing.do_bench`` medians; TF/s counts the
@@ -44,6 +45,15 @@ def main(argv=None):
         os.environ[name] = value
     full = spattn.compile("full")
     short, dense = full.plan(q, ks, vs), full.plan(q, k, v)
+    # the same rows through the table strategy: the CSR loop (an index load per key tile)
+    # and the spans loop (tiles from the loop counter)
+    os.environ["SPATTN_STRATEGY"] = "table"
+    table = {}
+    for mode in ("csr", "spans"):
+        os.environ["SPATTN_TABLES"] = mode
+        table[mode] = spattn.compile("full").plan(q, ks, vs)
+    for name in ("SPATTN_STRATEGY", "SPATTN_TABLES"):
+        os.environ.pop(name)
     for name in ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS"):
         os.environ.pop(name)
     stride = spattn.neighborhood((256, 256), (80, 80), (16, 16))
@@ -55,6 +65,8 @@ def main(argv=None):
     ref = cudnn(ks, vs)
     err = float((full(q, ks, vs, plan=short).float() - ref.float()).abs().max())
     fns = {"spattn full, 6400 keys": lambda: full(q, ks, vs, plan=short),
+           "spattn full, 6400 keys, CSR tables": lambda: full(q, ks, vs, plan=table["csr"]),
+           "spattn full, 6400 keys, spans": lambda: full(q, ks, vs, plan=table["spans"]),
            "cuDNN, 6400 keys": lambda: cudnn(ks, vs),
            "spattn FLUX stride (layout)": lambda: stride(q, k, v, plan=lay),
            "spattn full, 65536 keys": lambda: full(q, k, v, plan=dense),
@@ -65,8 +77,11 @@ def main(argv=None):
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "short_rows.json"), "w") as f:
-            json.dump({"rows": rows, "max_err_vs_cudnn": err, "plan": repr(lay)}, f, indent=1)
+            json.dump({"rows": rows, "max_err_vs_cudnn": err, "plan": repr(lay),
+                   "table_plans": {m: repr(t) for m, t in table.items()}}, f, indent=1)
     print(repr(lay).splitlines()[1])
+    for m, t in table.items():
+        print(m, "|", " ".join(repr(t).split()))
     print(f"spattn full at 6400 keys against cuDNN: max |diff| {err:.2e}")
     print("| case | ms | TF/s |\n|---|---|---|")
     for r in rows:

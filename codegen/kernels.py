@@ -39,12 +39,15 @@ Strategies (``config.strategy``):
     ``[flo, fhi]`` into masked / unmasked / masked sub-ranges.
 ``table``
     tables built by the vectorised analysis at call time (per query tile; the
-    transposed ones for dK/dV), in one of two forms chosen at launch by the
-    constexpr ``SPANS``: CSR lists (int32 row pointers + column indices) of the
-    PARTIAL and of the FULL tiles, run as two loops with one index load per tile;
-    or, where every row's tiles are one contiguous span with one contiguous FULL
-    run (``causal & same(doc)`` with sorted ids), the span and its FULL run
-    (4 int32 per row), run like a ranges interval piece.
+    transposed ones for dK/dV), in one of three forms chosen at launch by the
+    constexprs ``SPANS`` and ``RUNS``: CSR lists (int32 row pointers + column
+    indices) of the PARTIAL and of the FULL tiles, run as two loops with one index
+    load per tile; the same with the FULL tiles as runs where every row's are
+    (``RUNS``: a record of 8 int32 per row, each FULL tile computed from the loop
+    counter: a token layout's key boxes in a 2-D or 3-D window); or, where every
+    row's tiles are one contiguous span with one contiguous FULL run
+    (``causal & same(doc)`` with sorted ids), the span and its FULL run (4 int32 per
+    row), run like a ranges interval piece.
 
 Kernel arguments are runtime values wherever they can be: lengths, batch, heads,
 ``q_offset`` and strides never regenerate a file.
@@ -63,7 +66,7 @@ from .emit import HELPERS, NONNEG_VARS, TANH_HELPER, _mentions, emit
 from .config import next_pow2
 
 #: Version of the generated code: part of every cache key (bump when output changes).
-CODEGEN_VERSION = "33"
+CODEGEN_VERSION = "34"
 
 #: Unions of up to this many intervals run their pieces in one forward loop (fused): each
 #: step picks its piece's tile and FULL range with three scalar selects per further piece.

@@ -24,7 +24,7 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
                             ``torch.are_deterministic_algorithms_enabled()``;
                             docs/codegen.md); autotuning still picks the tiles
 ``SPATTN_TMA``              ``1`` / ``0`` / ``auto``: TMA descriptor loads (Hopper)
-``SPATTN_TABLES``           ``auto``, ``csr`` or ``spans``: the table strategy's form
+``SPATTN_TABLES``           ``auto``, ``csr``, ``spans`` or ``runs``: the table strategy's form
 ``SPATTN_AUTOTUNE``         ``1`` / ``0``: autotune launch configurations on CUDA
 ``SPATTN_TUNE_REPS``        the autotuner's re-timing rounds of its finalists (default 5)
 ``SPATTN_TUNE_MARGIN``      how much faster (a fraction, default 0.03) a candidate must be
@@ -91,7 +91,7 @@ _STRATEGIES = ("ranges", "table")
 _FWD_LOOPS = ("split", "fused", "persistent")
 _BWD_LOOPS = ("split", "fused")
 _BWD_DQ = ("kernel", "atomic")
-_TABLES = ("auto", "csr", "spans")
+_TABLES = ("auto", "csr", "spans", "runs")
 _LAYOUTS = ("auto", "off", "on")
 #: How a permuted plan's tokens reach the Triton kernels (``SPATTN_LAYOUT_GATHER``).
 LAYOUT_GATHERS = ("auto", "copy", "kernel", "box")

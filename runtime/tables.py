@@ -7,9 +7,11 @@ one classification (coarser shapes are pooled from finer ones, :func:`_pool`), a
 built for one kernel serves every other kernel of the same tile shape.
 
 Table arguments of a kernel, ``[ROWS_P, COLS_P, ROWS_F, COLS_F, SPAN, stride_b, stride_h]``:
-the CSR lists of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]``, all
-indexed by row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a
-stand-in. The form (spans or CSR, :data:`TABLE_MODES`) is the ``SPANS`` constexpr.
+the CSR lists of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]`` (or,
+in the runs form, each row's FULL tiles as runs ``[B', H', n_rows + 1, 8]``), all indexed
+by row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a stand-in.
+The form (:data:`TABLE_FORMS`, chosen by :data:`TABLE_MODES`) is the ``SPANS`` and
+``RUNS`` constexprs.
 """
 from __future__ import annotations
 
@@ -116,8 +118,82 @@ def row_bucket(tiles: int, rows: int) -> int:
 
 #: ``tables`` launcher option / ``$SPATTN_TABLES``: how the table strategy's kernels find
 #: their tiles.  "auto": spans where they visit exactly the CSR lists' tiles (zero waste,
-#: e.g. ``causal & same(doc)`` with sorted ids), else the CSR lists; "csr" / "spans": always.
-TABLE_MODES = ("auto", "csr", "spans")
+#: e.g. ``causal & same(doc)`` with sorted ids), else runs where every row's FULL tiles are
+#: runs and the rows hold enough of them (:func:`_runs`, :data:`RUNS_MIN_TILES`: a token
+#: layout's strided windows), else the CSR lists; "csr" / "spans": always; "runs":
+#: wherever the FULL tiles are runs, else the CSR lists.
+TABLE_MODES = ("auto", "csr", "spans", "runs")
+#: The forms a table takes in a kernel (the ``SPANS`` and ``RUNS`` launch constexprs).
+TABLE_FORMS = ("csr", "spans", "runs")
+#: Integers per row of the runs form (:func:`_runs`).
+RUN_FIELDS = 8
+#: ``auto`` takes the runs form where the rows with FULL tiles hold at least this many on
+#: average. Measured on an H200 (benchmarks/RESULTS.md, "a layout's FULL key tiles as
+#: runs"): 3-4% faster forward and forward+backward with 50-81 per row (strided FLUX and
+#: Hunyuan layouts), up to 5% slower forward+backward with a few per row (``power2(256)``,
+#: ``strided(128)`` in sequence order), where the row's record loads before its loop are
+#: not paid back.
+RUNS_MIN_TILES = 8
+
+
+def _runs(full: torch.Tensor, min_tiles: int = 0):
+    """Each row's FULL tiles as *runs*, or None where one row's are not: for ``full``, bool
+    ``[B', H', n, m]``, the records int32 ``[B', H', n, RUN_FIELDS]``
+    ``[lo, L, R2, P2, P1, count, 0, 0]`` such that the row's FULL tiles are exactly
+
+        lo + a * P1 + b * P2 + j,   0 <= a < R1,  0 <= b < R2,  0 <= j < L
+
+    (``count = R1 * R2 * L``; ``L <= P2`` and ``R2 * P2 <= P1``, so every step of the loop
+    over ``[0, count)`` reaches a different tile). A query tile of a box layout reaches the
+    key boxes of a 2-D window as ``R2`` runs of ``L`` boxes one grid row (``P2`` tiles)
+    apart, those of a 3-D window as ``R1`` such slabs ``P1`` tiles apart: the kernel then
+    finds each FULL tile from its loop counter, with no index load (the CSR list's load
+    cost about 5% of an all-FULL forward on an H200, benchmarks/RESULTS.md). A row without
+    FULL tiles has ``count = 0``.
+
+    The parameters come from the row's maximal runs of FULL tiles (their first start, the
+    first run's length, the pitch of the first starts); the records are kept only if they
+    rebuild every row exactly: a proof, like the classes they restate. ``min_tiles``: None
+    also where there is no FULL tile or the rows with FULL tiles hold fewer than
+    ``min_tiles`` on average (:data:`RUNS_MIN_TILES`)."""
+    m = full.shape[-1]
+    dev = full.device
+    j = torch.arange(m, device=dev, dtype=torch.int64)
+    before = torch.nn.functional.pad(full[..., :-1], (1, 0), value=False)
+    after = torch.nn.functional.pad(full[..., 1:], (0, 1), value=False)
+    first = full & ~before
+    n_runs = first.sum(-1)
+    count = full.sum(-1)
+    # the runs' starts in order (a scatter by rank; the other tiles land in column m)
+    starts = torch.full((*full.shape[:-1], m + 1), m, dtype=torch.int64, device=dev)
+    starts.scatter_(-1, torch.where(first, first.cumsum(-1) - 1, m), j.expand(full.shape))
+    starts = starts[..., :m]
+    some = n_runs > 0
+    lo = torch.where(some, starts[..., 0], 0)
+    L = torch.where(some, torch.where(full & ~after, j, m).amin(-1) - lo + 1, 0)
+    second = starts[..., 1] if m > 1 else torch.full_like(lo, m)
+    P2 = torch.where(n_runs > 1, second - lo, L.clamp(min=1))
+    pitch = (starts - lo[..., None] == j * P2[..., None]) & (j < n_runs[..., None])
+    R2 = pitch.to(torch.int64).cumprod(-1).sum(-1).clamp(min=1)
+    at = starts.gather(-1, R2.clamp(max=m - 1)[..., None])[..., 0]
+    P1 = torch.where(R2 < n_runs, at - lo, R2 * P2)
+    R1 = torch.where(some, n_runs // R2, 0)
+    x = j - lo[..., None]
+    a = torch.div(x, P1.clamp(min=1)[..., None], rounding_mode="floor")
+    rest = x - a * P1[..., None]
+    b = torch.div(rest, P2.clamp(min=1)[..., None], rounding_mode="floor")
+    jj = rest - b * P2[..., None]
+    member = (x >= 0) & (a < R1[..., None]) & (b < R2[..., None]) & (jj < L[..., None])
+    exact = ((member == full).all(-1) & (R1 * R2 * L == count)
+             & (L <= P2) & (R2 * P2 <= P1)).all()
+    if min_tiles:
+        total = count.sum()
+        exact = exact & (total > 0) & (total >= min_tiles * (count > 0).sum())
+    if not bool(exact):
+        return None
+    zero = torch.zeros_like(lo)
+    rec = torch.stack([lo, L, R2, P2, P1, count, zero, zero], dim=-1)
+    return rec.to(torch.int32)
 
 
 def _table_dims(tile, transposed, Lq, Lk) -> tuple:
@@ -159,20 +235,23 @@ def _device_tables(device) -> bool:
 
 def _table_many(items: list, mode: str = "auto") -> list:
     """For each :class:`_Job` of ``items``: (the table arguments, each row's work
-    ``[B', H', n_rows]`` for :func:`_grid_order`, whether the kernel runs spans), with one
-    device read for all (the spans' waste decides the form in ``auto`` mode).  On CUDA in
-    ``auto`` mode a table is one kernel launch from the fine classes
+    ``[B', H', n_rows]`` for :func:`_grid_order`, the form of :data:`TABLE_FORMS` the
+    kernel runs), with one device read for all (the spans' waste decides the form in
+    ``auto`` mode) and, where CSR lists are built, one more (whether the FULL tiles are
+    runs).  On CUDA in ``auto`` mode a table is one kernel launch from the fine classes
     (:func:`spattn.runtime.spans_kernel.table_rows`: pooling, demotion, transposition and
     the row summary; the same spans wherever the waste is zero, the only place they are
     read); its classes are pooled in torch only where CSR lists are built.
 
     Table arguments ``[ROWS_P, COLS_P, ROWS_F, COLS_F, SPAN, stride_b, stride_h]``: the CSR
-    of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]``, all indexed by
-    row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a stand-in."""
+    of PARTIAL and of FULL tiles and the spans ``[B', H', n_rows + 1, 4]`` (the runs form:
+    the runs ``[B', H', n_rows + 1, RUN_FIELDS]`` as SPAN, the FULL lists stand-ins), all
+    indexed by row ``b * stride_b + h * stride_h + i``; what the kernel does not read is a
+    stand-in."""
     if not items:
         return []
     classes = [None] * len(items)
-    if mode == "auto" and _device_tables(items[0].fine.device):
+    if mode in ("auto", "runs") and _device_tables(items[0].fine.device):
         from .spans_kernel import table_rows      # one launch per table instead of ~45 ops
         waste = torch.zeros(len(items), dtype=torch.int32, device=items[0].fine.device)
         parts = []
@@ -180,7 +259,7 @@ def _table_many(items: list, mode: str = "auto") -> list:
             parts.append(table_rows(job.fine, job.factors, job.n_rows, job.n_cols,
                                     transposed=job.transposed, ragged=job.ragged,
                                     waste=waste[t:t + 1]))
-        use = [w == 0 for w in waste.tolist()]
+        use = [w == 0 and mode == "auto" for w in waste.tolist()]
     else:
         classes = [job.classes() for job in items]
         parts = []
@@ -195,15 +274,22 @@ def _table_many(items: list, mode: str = "auto") -> list:
     out = []
     for job, cls, (spans, work, *_), use_spans in zip(items, classes, parts, use):
         Bp, Hp = job.fine.shape[0], job.fine.shape[1]
+        form = "spans" if use_spans else "csr"
         if use_spans:
             csr = [spans] * 4
         else:
             cls = job.classes() if cls is None else cls
-            csr = [*_csr(cls == PARTIAL), *_csr(cls == FULL)]
+            runs = None if mode not in ("auto", "runs") else \
+                _runs(cls == FULL, RUNS_MIN_TILES if mode == "auto" else 0)
+            if runs is not None:
+                form, spans = "runs", torch.nn.functional.pad(runs, (0, 0, 0, 1)).contiguous()
+                csr = [*_csr(cls == PARTIAL), spans, spans]
+            else:
+                csr = [*_csr(cls == PARTIAL), *_csr(cls == FULL)]
         # the kernel reads row (b, h, i) at b * sb + h * sh + i of the flat pointers
         sb = Hp * (job.n_rows + 1) if Bp > 1 else 0
         sh = job.n_rows + 1 if Hp > 1 else 0
-        out.append(([*csr, spans, sb, sh], work, use_spans))
+        out.append(([*csr, spans, sb, sh], work, form))
     return out
 
 
@@ -407,7 +493,7 @@ class Analysis:
         return tiles, rows
 
     def tables(self, specs, mode: str = "auto", HK: int | None = None) -> list:
-        """``(table arguments, grid order, spans?)`` for each ``(tile, transposed)`` of
+        """``(table arguments, grid order, form)`` for each ``(tile, transposed)`` of
         ``specs`` (``transposed``: rows are key tiles, as dK/dV reads them, over ``HK`` key
         heads whose work sums that of their query heads); the tables built together share
         one device read."""
@@ -421,12 +507,12 @@ class Analysis:
         self.built.update(zip(todo, _table_many(list(todo.values()), mode)))
         out = []
         for t, tr in specs:
-            args, work, spans = self.built[(t, tr, mode)]
+            args, work, form = self.built[(t, tr, mode)]
             heads = HK if tr else self.H
             okey = ("order", t, tr, mode, self.B, heads)
             if okey not in self.built:
                 self.built[okey] = _order(work, self.B, heads, t, tr, self.Lq, self.Lk)
-            out.append((args, self.built[okey], spans))
+            out.append((args, self.built[okey], form))
         return out
 
 
@@ -434,8 +520,8 @@ def fwd_tables(pattern, Lq, Lk, block_m, block_n, *, B, H, q_offset, device, inp
                tables="auto", analysis=None):
     """What the forward of the table strategy builds for a new shape: the tile classes
     (shared by the heads and batches that share them), the spans or CSR lists of key tiles
-    per query tile (``tables``: see :data:`TABLE_MODES`), the heavy-first order and whether
-    spans are used. ``benchmarks/bench.py`` times exactly this as the setup of a shape."""
+    per query tile (``tables``: see :data:`TABLE_MODES`), the heavy-first order and the form
+    (:data:`TABLE_FORMS`). ``benchmarks/bench.py`` times exactly this as the setup of a shape."""
     analysis = analysis or Analysis(pattern, Lq, Lk, B=B, H=H, q_offset=q_offset,
                                     device=device, inputs=inputs)
     (out,) = analysis.tables([((block_m, block_n), False)], tables)
@@ -446,7 +532,7 @@ def bwd_tables(pattern, Lq, Lk, blocks, *, B, H, q_offset, device, inputs, table
                HK=None, analysis=None, dq=True):
     """What the backward of the table strategy builds for a new shape: the dQ tables over
     (BLOCK_M2, BLOCK_N2) tiles and the transposed dK/dV tables over (BLOCK_M1, BLOCK_N1)
-    tiles (``blocks = (m1, n1, m2, n2)``), each as (table arguments, grid order, spans?).
+    tiles (``blocks = (m1, n1, m2, n2)``), each as (table arguments, grid order, form).
     With the forward's ``analysis`` its classes are pooled, often without classifying.
     ``HK`` key heads (default ``H``): a dK/dV program serves the ``H // HK`` query heads
     of its key head, its work is theirs summed. ``dq=False`` (atomic dQ: no dQ kernel):

@@ -741,6 +741,11 @@ def _smaller(kind: str, cfg) -> dict | None:
     return None
 
 
+def _form_kw(form: str) -> dict:
+    """The launch constexprs of a table's form (``runtime.tables.TABLE_FORMS``)."""
+    return {"SPANS": form == "spans", "RUNS": form == "runs"}
+
+
 def _build_fwd(call, q, k, v, opts, warmup=False, rows=None) -> FwdStage:
     B, H, _, D = q.shape
     HK = k.shape[1]
@@ -757,11 +762,10 @@ def _build_fwd(call, q, k, v, opts, warmup=False, rows=None) -> FwdStage:
     in_args = _input_args(call.pattern, call.inputs, cfg.int64)
     mode = opts.get("tables", "auto")
     if cfg.strategy == "table":
-        tab, order, spans = fwd_tables(call.pattern, Lq, Lk, bm, bn, B=B, H=H, q_offset=q_offset,
-                                       device=q.device, inputs=call.inputs, tables=mode,
-                                       analysis=call.analysis)
-        table_kw = {"SPANS": spans}
-        mode = "spans" if spans else "csr"
+        tab, order, mode = fwd_tables(call.pattern, Lq, Lk, bm, bn, B=B, H=H, q_offset=q_offset,
+                                      device=q.device, inputs=call.inputs, tables=mode,
+                                      analysis=call.analysis)
+        table_kw = _form_kw(mode)
     else:
         tab, table_kw, mode = [], {}, "-"
         order = ranges_order(cf.rows, n_tiles=nq, block=bm, other_len=Lk, other_block=bn,
@@ -973,12 +977,12 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:
     mode = opts.get("tables", "auto")
     forms = ("-", "-")
     if cfg.strategy == "table":
-        tq, (tab_k, order_k, spans_k) = bwd_tables(
+        tq, (tab_k, order_k, form_k) = bwd_tables(
             call.pattern, Lq, Lk, (m1, n1, m2, n2), B=B, H=H, q_offset=q_offset, device=dev,
             inputs=call.inputs, tables=mode, HK=HK, analysis=call.analysis, dq=not atomic)
-        tab_q, order_q, spans_q = tq or ([], None, None)
-        kw_k, kw_q = {"SPANS": spans_k}, {"SPANS": spans_q}
-        forms = tuple("-" if s is None else "spans" if s else "csr" for s in (spans_q, spans_k))
+        tab_q, order_q, form_q = tq or ([], None, None)
+        kw_k, kw_q = _form_kw(form_k), ({} if form_q is None else _form_kw(form_q))
+        forms = ("-" if form_q is None else form_q, form_k)
     else:
         tab_q = tab_k = []
         kw_k = kw_q = {}

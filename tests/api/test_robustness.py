@@ -186,7 +186,7 @@ ENV = [
     ("SPATTN_NUM_WARPS", "many", "causal", "SPATTN_NUM_WARPS='many'"),
     ("SPATTN_FWD_STAGES", "-1", "causal", "SPATTN_FWD_STAGES='-1': expected an integer in 1..8"),
     ("SPATTN_TMA", "bogus", "causal", "SPATTN_TMA='bogus': expected one of 1, .*0, .*auto"),
-    ("SPATTN_TABLES", "dense", "same(doc)", "SPATTN_TABLES='dense'.*'auto', 'csr', 'spans'"),
+    ("SPATTN_TABLES", "dense", "same(doc)", "SPATTN_TABLES='dense'.*'auto', 'csr', 'spans', 'runs'"),
 ]
 
 

@@ -339,12 +339,13 @@ def test_forward_loop_variants(fresh_cache, monkeypatch):
     assert body.index("tl.dot(b_q") < body.index("if partial:")   # loads, dot outside
     # table strategy: the variant applies to its spans; the CSR lists keep their two loops
     tab = cache.kernel_file(p, "fwd", head_dim=64, dtype="bf16", strategy="table").read_text()
-    spans, csr = tab.split("    if SPANS:\n")[1].split("    else:\n")[:2]
+    spans, csr = tab.split("    if SPANS:\n")[1].split("\n    else:\n")[:2]
     assert spans.count("= _fwd_fused_") == 1 and "_fwd_range_" not in spans
-    assert csr.count("= _fwd_range_") == 2 and "TABLE=True" in csr and "MASKED=False" in csr
+    assert csr.count("= _fwd_range_") == 3 and "TABLE=True" in csr and "MASKED=False" in csr
+    assert "if RUNS:" in csr and "TABLE=2" in csr
     monkeypatch.delenv("SPATTN_FWD_LOOP")
     tab = cache.kernel_file(p, "fwd", head_dim=64, dtype="bf16", strategy="table").read_text()
-    spans = tab.split("    if SPANS:\n")[1].split("    else:\n")[0]
+    spans = tab.split("    if SPANS:\n")[1].split("\n    else:\n")[0]
     assert "_fwd_fused" not in tab and spans.count("TABLE=False") == 3
     monkeypatch.setenv("SPATTN_FWD_LOOP", "fused")
     compile(fused, str(path), "exec")

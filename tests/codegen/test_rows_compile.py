@@ -1,6 +1,6 @@
 """Kernels that address rows through row tables (``rows="table"``) compile for Hopper
-(sm_90) without a GPU: both strategies, the loop variants, 64-bit integers and a score
-(tests/helpers/compile_kernels.py ``--rows``)."""
+(sm_90) without a GPU: both strategies, the loop variants, 64-bit integers, a score and the
+FULL tiles as runs (tests/helpers/compile_kernels.py ``--rows``)."""
 import os
 import subprocess
 import sys
@@ -15,4 +15,4 @@ def test_row_table_kernels_compile_for_sm90():
                         "--rows"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert r.stdout.count("OK ") == 13 and "rows': 'table'" in r.stdout, r.stdout
+    assert r.stdout.count("OK ") == 16 and r.stdout.count(" runs") == 3 and "rows': 'table'" in r.stdout, r.stdout

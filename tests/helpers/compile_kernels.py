@@ -26,7 +26,7 @@ from spattn.runtime import cache  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CONSTS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64,
-              BLOCK_D=64, HEAD_DIM=64, DOT_PREC="tf32", SPANS=False,
+              BLOCK_D=64, HEAD_DIM=64, DOT_PREC="tf32", SPANS=False, RUNS=False,
               DETERMINISTIC=True)     # (the partial-buffer variant of table gradients)
 BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 F32 = {"LSE", "DLSE", "LSE2", "DELTA"}
@@ -68,17 +68,18 @@ def _module(path):
     return mod
 
 
-def compile_pattern(pat, kind: str, ones=(), box=None, **opts) -> list[str]:
+def compile_pattern(pat, kind: str, ones=(), box=None, runs=False, **opts) -> list[str]:
     """Compile the ``kind`` kernels of ``pat``; ``ones``: int arguments passed as the
     constexpr 1 Triton specialises them to (``H``, ``Lq``); ``box``: the box kernels'
-    constexprs (``BoxRows.meta``)."""
+    constexprs (``BoxRows.meta``); ``runs``: the table kernels' FULL tiles as runs (the
+    launch constexpr ``RUNS``)."""
     mod = _module(cache.kernel_file(pat, kind, head_dim=64, dtype="bf16", **opts))
     out = []
     atomic = kind == "bwd" and opts.get("dq") == "atomic"
     for k in ([mod.KERNEL] if kind == "fwd" else [mod.ROWSTATS, mod.DKDV] if atomic
               else [mod.DQ, mod.DKDV]):
-        consts = {p.name: (box or {}).get(p.name, CONSTS.get(p.name)) for p in k.params
-                  if p.is_constexpr}
+        launch = {**CONSTS, "RUNS": runs, **(box or {})}
+        consts = {p.name: launch.get(p.name) for p in k.params if p.is_constexpr}
         consts.update({n: 1 for n in ones if n in k.arg_names})
         descs = None
         if box:         # the 5-D blocks of BoxRows.view: [1, sub-box, BLOCK_D]
@@ -104,7 +105,7 @@ def compile_pattern(pat, kind: str, ones=(), box=None, **opts) -> list[str]:
             if atomic and k is mod.DKDV and "red.global" not in compiled.asm["ptx"] \
                     and "atom.global" not in compiled.asm["ptx"]:
                 raise AssertionError("no atomic add (red.global / atom.global) in the PTX")
-            out.append(f"OK  {k.__name__} {opts} {list(ones)}")
+            out.append(f"OK  {k.__name__} {opts} {list(ones)}{' runs' if runs else ''}")
         except Exception as e:  # noqa: BLE001 - reported, the caller fails
             out.append(f"ERR {k.__name__} {opts} {list(ones)}: {type(e).__name__}: "
                        f"{str(e)[:2000]}")
@@ -176,6 +177,7 @@ ROWS_CASES = [
     (_NB2D, {"strategy": "table", "rows": "table"}, ()),
     (_NB2D, {"strategy": "table", "rows": "table", "loop": "fused", "int64": True}, ()),
     (_NB2D, {"strategy": "table", "rows": "table", "loop": "persistent"}, ()),
+    (_NB2D, {"strategy": "table", "rows": "table", "runs": True}, ()),
     ("pattern win = causal & window(256)", {"strategy": "ranges", "rows": "table"}, ()),
     ("input rpb\npattern rpb2d = abs(q // 64 - k // 64) <= 3 & abs(q % 64 - k % 64) <= 3 "
      "score s + rpb[h, q // 64 - k // 64 + 3, q % 64 - k % 64 + 3]",
@@ -225,6 +227,10 @@ BOX_CASES = [
     (((64, 60), (8, 16), 7), {"strategy": "table", "loop": "fused", "int64": True}, ()),
     (((16, 32, 32), (2, 8, 8), (3, 9, 9)), {"strategy": "table", "loop": "fused"}, ()),
     (((16, 32, 32), (2, 8, 8), (3, 9, 9)), {"strategy": "table"}, ("H",)),
+    # the FULL key tiles as runs (RUNS): a strided 2-D neighbourhood, split and fused
+    (((64, 64), (8, 16), (24, 24), (8, 16)), {"strategy": "table", "runs": True}, ()),
+    (((64, 64), (8, 16), (24, 24), (8, 16)), {"strategy": "table", "runs": True,
+                                               "loop": "fused", "int64": True}, ()),
     # the ranges strategy's loops around box loads: a closed-form pattern on a 1-D grid
     (("pattern win = causal & window(256)", (4096,), (128,)), {"strategy": "ranges"}, ()),
     (("pattern win = causal & window(256)", (4096,), (128,)),
@@ -242,10 +248,10 @@ def _box_lines() -> list[str]:
             meta = _box(shape, box)
             meta.pop("_layout")
         else:
-            shape, box, kernel = case
+            shape, box, *nb = case
             meta = _box(shape, box)
             layout = meta.pop("_layout")
-            pat = spattn.Pattern(LY.remap(spattn.neighborhood(shape, kernel).ir, layout),
+            pat = spattn.Pattern(LY.remap(spattn.neighborhood(shape, *nb).ir, layout),
                                  name="nb_box")
         lines += compile_pattern(pat, "fwd", ones, box=meta, rows="box", tma=True, **opts)
     return lines

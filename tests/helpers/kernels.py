@@ -158,11 +158,12 @@ def rand_qkv(Bn, Hq, Hk, Lq, Lk, D, dtype=torch.float32, seed=0, layout="bhld"):
 
 
 def check_table_paths(monkeypatch, build):
-    """``build()`` (a list of ``(table arguments, grid order, spans?)`` from
+    """``build()`` (a list of ``(table arguments, grid order, form)`` from
     ``fwd_tables`` / ``bwd_tables``) through the table and order kernels of
     ``runtime/spans_kernel.py`` and through the torch path, each from a fresh
     classification: the same forms and orders, the same spans where spans are used, the
-    same CSR lists elsewhere, the same row strides."""
+    same runs and PARTIAL lists where runs are used, the same CSR lists elsewhere, the same
+    row strides."""
     from spattn.runtime import tables as tb
     got, want = [], []
     for dev, out in ((True, got), (False, want)):
@@ -172,8 +173,10 @@ def check_table_paths(monkeypatch, build):
     for (ga, go, gs), (wa, wo, ws) in zip(got, want):
         assert gs == ws
         assert torch.equal(go, wo)
-        if gs:
+        if gs == "spans":
             assert torch.equal(ga[4], wa[4])
+        elif gs == "runs":          # PARTIAL lists and the runs
+            assert all(torch.equal(x, y) for x, y in zip(ga[:2] + ga[4:5], wa[:2] + wa[4:5]))
         else:
             assert all(torch.equal(x, y) for x, y in zip(ga[:4], wa[:4]))
         assert ga[5:] == wa[5:]

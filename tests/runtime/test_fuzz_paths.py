@@ -39,7 +39,7 @@ def cases(draw):
         "SPATTN_FWD_LOOP": draw(st.sampled_from(["split", "fused", "persistent"])),
         "SPATTN_BWD_LOOP": draw(st.sampled_from(["split", "fused"])),
         "SPATTN_TMA": draw(st.sampled_from(["0", "1"])),
-        "SPATTN_TABLES": draw(st.sampled_from(["auto", "csr", "spans"])),
+        "SPATTN_TABLES": draw(st.sampled_from(["auto", "csr", "spans", "runs"])),
         "SPATTN_BLOCK_M": draw(st.sampled_from(["16", "32"])),
         "SPATTN_BLOCK_N": draw(st.sampled_from(["16", "32"])),
     }

@@ -110,12 +110,12 @@ def test_warmup_compiles_without_running():
     assert float((o.double() - ref).norm() / ref.norm()) < 1e-2
 
 
-@pytest.mark.parametrize("tables", ["csr", "spans"])
+@pytest.mark.parametrize("tables", ["csr", "spans", "runs"])
 @pytest.mark.parametrize("name,src,mk", [CASES[3], CASES[5], CASES[6]],
                          ids=["documents", "dilated", "per-head"])
 def test_table_forms_bf16(monkeypatch, name, src, mk, tables):
-    """The table strategy's CSR lists and spans (forced; per-head's spans hold EMPTY tiles),
-    forward with the split and fused loops, and backward."""
+    """The table strategy's CSR lists, spans (forced; per-head's spans hold EMPTY tiles) and
+    FULL tiles as runs, forward with the split and fused loops, and backward."""
     from spattn.runtime import triton_backend as tb
     from spattn.runtime.reference import attention_reference
     monkeypatch.setenv("SPATTN_TABLES", tables)
@@ -408,12 +408,15 @@ BOX_LAYOUTS = [  # grid, kernel, Hq, Hk, B: each a layout whose boxes 5-D TMA re
     ((128, 128), 13, 2, 2, 1),          # the flattened 13 x 13 of the 16K suite's size
     ((40, 72), (7, 9), 4, 2, 2),        # a grid the 16 x 8 boxes do not divide, GQA
     ((8, 24, 32), (3, 5, 7), 2, 1, 1),  # 3-D
+    ((64, 128), [(24, 48), (8, 16)], 2, 1, 1),      # strided: the FULL key tiles as runs
+    ((8, 32, 32), [(4, 16, 16), (2, 8, 8)], 2, 1, 1),  # 3-D strided: runs of runs
 ]
 
 
 @pytest.mark.parametrize("backward", ["copy", "kernel"])
 @pytest.mark.parametrize("grid,kernel,Hq,Hk,B", BOX_LAYOUTS,
-                         ids=["2d-128x128-k13", "2d-40x72-gqa-b2", "3d-8x24x32"])
+                         ids=["2d-128x128-k13", "2d-40x72-gqa-b2", "3d-8x24x32",
+                              "2d-64x128-stride", "3d-8x32x32-stride"])
 def test_box_forward_cuda(monkeypatch, grid, kernel, Hq, Hk, B, backward):
     """A neighbourhood in its layout on CUDA with the forward through the layout's boxes
     (5-D TMA on the caller's tensors, what ``SPATTN_LAYOUT_GATHER=auto`` takes there) and
@@ -424,7 +427,11 @@ def test_box_forward_cuda(monkeypatch, grid, kernel, Hq, Hk, B, backward):
     from spattn.runtime.reference import pattern_reference
     monkeypatch.setenv("SPATTN_LAYOUT", "on")
     monkeypatch.setitem(C.COSTS["cuda"], "rows_factor", 0.0 if backward == "kernel" else 1e9)
-    pat = spattn.neighborhood(grid, kernel)
+    if isinstance(kernel, list):        # (in the 128 x 128 tiles of a strided layout)
+        monkeypatch.setenv("SPATTN_BLOCK_M", "128")
+        monkeypatch.setenv("SPATTN_BLOCK_N", "128")
+    pat = spattn.neighborhood(grid, *kernel) if isinstance(kernel, list) else \
+        spattn.neighborhood(grid, kernel)
     N = 1
     for n in grid:
         N *= n
@@ -437,6 +444,8 @@ def test_box_forward_cuda(monkeypatch, grid, kernel, Hq, Hk, B, backward):
     plan = pat.plan(*leaves)
     assert isinstance(plan, RemappedPlan)
     assert (plan.gather, plan.backward_gather) == ("box", backward), repr(plan)
+    if isinstance(kernel, list):
+        assert "table (runs)" in repr(plan), repr(plan)
     o, lse = pat(*leaves, plan=plan, return_lse=True)
     ((o.float() * do.float()).sum() + torch.nan_to_num(lse, neginf=0.0).sum()).backward()
     ref = [t.detach().double().requires_grad_() for t in (q, k, v)]

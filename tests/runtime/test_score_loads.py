@@ -92,7 +92,8 @@ def test_every_variant_matches_the_reference(case, index, load, monkeypatch):
 
 #: (id, forward loop, strategy, table form, mask): every tile loop of the forward with
 #: the tables a step ahead: one interval, a union of intervals (the merged loop), CSR
-#: lists (a loop over tile slots) and spans; query tiles with no key tile (rows from 32:
+#: lists (a loop over tile slots), runs (the FULL tiles from the loop counter: one run, and
+#: the dQ kernel's every other key tile) and spans; query tiles with no key tile (rows from 32:
 #: a loop of no step), and loops whose last tile is the grid's last (the next step's tile,
 #: were it not clamped to the loop, would read past the table): the forward's and dQ's
 #: over keys (``k >= q``), dK/dV's over queries (the sink's keys, seen by every row).
@@ -102,6 +103,8 @@ AHEAD_LOOPS = [
     ("fused-merged", "fused", "ranges", "auto", "causal & (window(6) | k < 3)"),
     ("persistent-merged", "persistent", "ranges", "auto", "causal & (window(6) | k < 3)"),
     ("split-csr", "split", "table", "csr", "k >= q & q < 32"),
+    ("split-runs", "split", "table", "runs", "k >= q & q < 32"),
+    ("split-runs-pitch", "split", "table", "runs", "k % 32 < 16 & q < 48"),
     ("fused-spans", "fused", "table", "spans", "causal & (window(6) | k < 3)"),
 ]
 

@@ -55,7 +55,7 @@ def test_current_sees_a_changed_environment(monkeypatch):
     ("SPATTN_BLOCK_N", "48", "power of two"),
     ("SPATTN_BWD_STAGES", "0", "1..8"),
     ("SPATTN_FWD_LOOP", "unrolled", "'split', 'fused', 'persistent'"),
-    ("SPATTN_TABLES", "dense", "'auto', 'csr', 'spans'"),
+    ("SPATTN_TABLES", "dense", "'auto', 'csr', 'spans', 'runs'"),
     ("SPATTN_LAYOUT", "boxes", "'auto', 'off', 'on'"),
     ("SPATTN_TUNE_REPS", "-1", "integer in 0..100"),
     ("SPATTN_TUNE_REPS", "3.5", "integer in 0..100"),

@@ -1,4 +1,4 @@
-# spattn-kernel key=d663845ffcb3844900a09f12c9a9419f sha256=dbd00d4d2f33e28830bf0230e6bf93164edf188d5d9a50d31bb3fbcd2a8c83ca
+# spattn-kernel key=e45466b185989613f15e413467d942dc sha256=ab9486bef31acc95f2320d2dac4f00d53e1d4372cb4bd84f14642dda00f44822
 """spattn generated backward attention kernels for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -10,8 +10,8 @@ Strategy: table
 Tiles: dK/dV BLOCK_N1=64 keys per program x BLOCK_M1=32 queries per step;
        dQ BLOCK_M2=64 queries per program x BLOCK_N2=32 keys per step; BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_bwd_dkdv_neighborhood_layout_d66384, attn_bwd_dq_neighborhood_layout_d66384
-Codegen version: 33; cache key d663845ffcb3844900a09f12c9a9419f
+Kernels: attn_bwd_dkdv_neighborhood_layout_e45466, attn_bwd_dq_neighborhood_layout_e45466
+Codegen version: 34; cache key e45466b185989613f15e413467d942dc
 Rows: through the row tables Q_ROWS, K_ROWS (the caller's row of each query and key slot;
        -1 a padding slot, stored nowhere): no gathers before or after the kernels
 
@@ -50,7 +50,7 @@ def _mod(a, b):
 
 
 @triton.jit
-def _dkdv_range_d66384(
+def _dkdv_range_e45466(
     b_dk, b_dv, b_k, b_v, o_k,
     Q, DO, LSE2, DELTA, Q_ROWS, stride_qm, stride_qd, stride_dom, stride_dod,
     sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset,
@@ -59,7 +59,7 @@ def _dkdv_range_d66384(
     MASKED: tl.constexpr, TABLE: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Query tiles [start, end) (tile indices, or CSR slots when TABLE) of one key tile.
+    """Query tiles [start, end) (tile indices, CSR slots when TABLE, runs steps when TABLE == 2) of one key tile.
 
     Transposed orientation (FlashAttention-2): scores are [BLOCK_N1 keys, BLOCK_M1
     queries], so dV += P^T dO and dK += dS^T Q need no transpose of a computed tile;
@@ -67,8 +67,16 @@ def _dkdv_range_d66384(
     """
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
+    if TABLE == 2:
+        r_lo = tl.load(COLS)
+        r_l = tl.load(COLS + 1)
+        r_n2 = tl.load(COLS + 2)
+        r_p2 = tl.load(COLS + 3)
+        r_p1 = tl.load(COLS + 4)
     for idx in range(start, end):
-        if TABLE:
+        if TABLE == 2:
+            i_m = r_lo + idx // (r_l * r_n2) * r_p1 + idx // r_l % r_n2 * r_p2 + idx % r_l
+        elif TABLE:
             i_m = tl.load(COLS + idx)
         else:
             i_m = idx
@@ -114,7 +122,7 @@ def _dkdv_range_d66384(
 
 
 @triton.jit
-def attn_bwd_dkdv_neighborhood_layout_d66384(
+def attn_bwd_dkdv_neighborhood_layout_e45466(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -128,7 +136,7 @@ def attn_bwd_dkdv_neighborhood_layout_d66384(
     sm_scale, sm_scale_log2, H, HK, GROUP, Lq, Lk, q_offset,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
-    SPANS: tl.constexpr,
+    SPANS: tl.constexpr, RUNS: tl.constexpr,
 ):
     """dK, dV of one key tile (BLOCK_N1 keys) of one (batch, key head).
 
@@ -191,17 +199,17 @@ def attn_bwd_dkdv_neighborhood_layout_d66384(
             i_hi = tl.load(SPAN + 4 * i_row + 1)
             i_flo = tl.load(SPAN + 4 * i_row + 2)
             i_fhi = tl.load(SPAN + 4 * i_row + 3)
-            b_dk, b_dv = _dkdv_range_d66384(
+            b_dk, b_dv = _dkdv_range_e45466(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_lo, i_flo, MASKED=True, TABLE=False, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-            b_dk, b_dv = _dkdv_range_d66384(
+            b_dk, b_dv = _dkdv_range_e45466(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_flo, i_fhi, MASKED=False, TABLE=False, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-            b_dk, b_dv = _dkdv_range_d66384(
+            b_dk, b_dv = _dkdv_range_e45466(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_fhi, i_hi, MASKED=True, TABLE=False, BLOCK_M1=BLOCK_M1,
@@ -209,18 +217,28 @@ def attn_bwd_dkdv_neighborhood_layout_d66384(
         else:
             p_start = tl.load(ROWS_P + i_row)
             p_end = tl.load(ROWS_P + i_row + 1)
-            b_dk, b_dv = _dkdv_range_d66384(
+            b_dk, b_dv = _dkdv_range_e45466(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, COLS_P, p_start, p_end, MASKED=True, TABLE=True, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-            f_start = tl.load(ROWS_F + i_row)
-            f_end = tl.load(ROWS_F + i_row + 1)
-            b_dk, b_dv = _dkdv_range_d66384(
-                b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
-                stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
-                u_3, u_4, COLS_F, f_start, f_end, MASKED=False, TABLE=True, BLOCK_M1=BLOCK_M1,
-                BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
+            if RUNS:
+                # FULL query tiles as runs (the row's record in SPAN): no index loads
+                f_end = tl.load(SPAN + 8 * i_row + 5)
+                b_dk, b_dv = _dkdv_range_e45466(
+                    b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm,
+                    stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H,
+                    q_offset, u_1, u_2, u_3, u_4, SPAN + 8 * i_row, 0, f_end, MASKED=False,
+                    TABLE=2, BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
+                    DOT_PREC=DOT_PREC)
+            else:
+                f_start = tl.load(ROWS_F + i_row)
+                f_end = tl.load(ROWS_F + i_row + 1)
+                b_dk, b_dv = _dkdv_range_e45466(
+                    b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm,
+                    stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H,
+                    q_offset, u_1, u_2, u_3, u_4, COLS_F, f_start, f_end, MASKED=False, TABLE=True,
+                    BLOCK_M1=BLOCK_M1, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
 
     # epilogue
     b_dk = b_dk * sm_scale
@@ -233,7 +251,7 @@ def attn_bwd_dkdv_neighborhood_layout_d66384(
 
 
 @triton.jit
-def _dq_range_d66384(
+def _dq_range_e45466(
     b_dq, b_q, b_do, b_lse, b_delta, o_q,
     K, V, K_ROWS, stride_kn, stride_kd, stride_vn, stride_vd,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -242,14 +260,22 @@ def _dq_range_d66384(
     MASKED: tl.constexpr, TABLE: tl.constexpr,
     BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Key tiles [start, end) (tile indices, or CSR slots when TABLE) of one query tile.
+    """Key tiles [start, end) (tile indices, CSR slots when TABLE, runs steps when TABLE == 2) of one query tile.
 
     K^T and V^T are loaded transposed through their strides ([BLOCK_D, BLOCK_N2]).
     """
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
+    if TABLE == 2:
+        r_lo = tl.load(COLS)
+        r_l = tl.load(COLS + 1)
+        r_n2 = tl.load(COLS + 2)
+        r_p2 = tl.load(COLS + 3)
+        r_p1 = tl.load(COLS + 4)
     for idx in range(start, end):
-        if TABLE:
+        if TABLE == 2:
+            i_n = r_lo + idx // (r_l * r_n2) * r_p1 + idx // r_l % r_n2 * r_p2 + idx % r_l
+        elif TABLE:
             i_n = tl.load(COLS + idx)
         else:
             i_n = idx
@@ -288,7 +314,7 @@ def _dq_range_d66384(
 
 
 @triton.jit
-def attn_bwd_dq_neighborhood_layout_d66384(
+def attn_bwd_dq_neighborhood_layout_e45466(
     Q, K, V, DO, O, LSE, LSE2, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -302,7 +328,7 @@ def attn_bwd_dq_neighborhood_layout_d66384(
     sm_scale, sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
-    SPANS: tl.constexpr,
+    SPANS: tl.constexpr, RUNS: tl.constexpr,
 ):
     """dQ of one query tile (BLOCK_M2 queries) of one (batch, query head).
 
@@ -371,17 +397,17 @@ def attn_bwd_dq_neighborhood_layout_d66384(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        b_dq = _dq_range_d66384(
+        b_dq = _dq_range_e45466(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_lo, i_flo,
             MASKED=True, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
-        b_dq = _dq_range_d66384(
+        b_dq = _dq_range_e45466(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_flo, i_fhi,
             MASKED=False, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
-        b_dq = _dq_range_d66384(
+        b_dq = _dq_range_e45466(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_fhi, i_hi,
             MASKED=True, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
@@ -389,18 +415,27 @@ def attn_bwd_dq_neighborhood_layout_d66384(
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        b_dq = _dq_range_d66384(
+        b_dq = _dq_range_e45466(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_P, p_start, p_end,
             MASKED=True, TABLE=True, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
-        f_start = tl.load(ROWS_F + i_row)
-        f_end = tl.load(ROWS_F + i_row + 1)
-        b_dq = _dq_range_d66384(
-            b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
-            stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_F, f_start, f_end,
-            MASKED=False, TABLE=True, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
-            DOT_PREC=DOT_PREC)
+        if RUNS:
+            # FULL key tiles as runs (the row's record in SPAN): no index loads
+            f_end = tl.load(SPAN + 8 * i_row + 5)
+            b_dq = _dq_range_e45466(
+                b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd,
+                stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2,
+                SPAN + 8 * i_row, 0, f_end, MASKED=False, TABLE=2, BLOCK_N2=BLOCK_N2,
+                BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
+        else:
+            f_start = tl.load(ROWS_F + i_row)
+            f_end = tl.load(ROWS_F + i_row + 1)
+            b_dq = _dq_range_e45466(
+                b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd,
+                stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_F,
+                f_start, f_end, MASKED=False, TABLE=True, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D,
+                HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
 
     # epilogue
     b_dq = b_dq * sm_scale
@@ -409,5 +444,5 @@ def attn_bwd_dq_neighborhood_layout_d66384(
              b_dq.to(DQ.dtype.element_ty), mask=m_md)
 
 
-DKDV = attn_bwd_dkdv_neighborhood_layout_d66384
-DQ = attn_bwd_dq_neighborhood_layout_d66384
+DKDV = attn_bwd_dkdv_neighborhood_layout_e45466
+DQ = attn_bwd_dq_neighborhood_layout_e45466

@@ -1,4 +1,4 @@
-# spattn-kernel key=5b9d15b247d7a381c7b4666b2ae78780 sha256=714472f6f9830b6d9ff95cf879feaeef80a8937027d19f4f4a7b72a3a57e1548
+# spattn-kernel key=57be24aec3c1aa6d4d4fc6125d315036 sha256=afc0eda5c4291a1dd3dfed905b1aef6694009ab3dc5c92b684c375f90a89fdbe
 """spattn generated forward attention kernel for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: table
     (tile spans or CSR lists of PARTIAL and FULL tiles, built by the analysis at call time)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_neighborhood_layout_5b9d15
-Codegen version: 33; cache key 5b9d15b247d7a381c7b4666b2ae78780
+Kernels: attn_fwd_neighborhood_layout_57be24
+Codegen version: 34; cache key 57be24aec3c1aa6d4d4fc6125d315036
 Loads: 5-D TMA tensor descriptors for Q, K, V, O over the caller's grid of tokens (block
        [1, sub-box, BLOCK_D]: each tile a sub-box of one of the layout's boxes; the stride
        arguments are unused): no gathers before or after the kernel
@@ -68,7 +68,7 @@ def _box_at(x0, x1, start, NT1: tl.constexpr, NT2: tl.constexpr, BOX0: tl.conste
 
 
 @triton.jit
-def _fwd_range_5b9d15(
+def _fwd_range_57be24(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_k0, i_k1,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -78,9 +78,17 @@ def _fwd_range_5b9d15(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
     NT1: tl.constexpr, NT2: tl.constexpr, BOX0: tl.constexpr, BOX1: tl.constexpr, BOX2: tl.constexpr, KB0: tl.constexpr, KB1: tl.constexpr, KB2: tl.constexpr, FOLD: tl.constexpr,
 ):
-    """Key tiles [start, end) (tile indices, or CSR slots when TABLE) of one query tile."""
+    """Key tiles [start, end) (tile indices, CSR slots when TABLE, runs steps when TABLE == 2) of one query tile."""
+    if TABLE == 2:
+        r_lo = tl.load(COLS)
+        r_l = tl.load(COLS + 1)
+        r_n2 = tl.load(COLS + 2)
+        r_p2 = tl.load(COLS + 3)
+        r_p1 = tl.load(COLS + 4)
     for idx in range(start, end):
-        if TABLE:
+        if TABLE == 2:
+            i_n = r_lo + idx // (r_l * r_n2) * r_p1 + idx // r_l % r_n2 * r_p2 + idx % r_l
+        elif TABLE:
             i_n = tl.load(COLS + idx)
         else:
             i_n = idx
@@ -117,7 +125,7 @@ def _fwd_range_5b9d15(
 
 
 @triton.jit
-def attn_fwd_neighborhood_layout_5b9d15(
+def attn_fwd_neighborhood_layout_57be24(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -129,7 +137,7 @@ def attn_fwd_neighborhood_layout_5b9d15(
     sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
-    SPANS: tl.constexpr,
+    SPANS: tl.constexpr, RUNS: tl.constexpr,
     NT1: tl.constexpr, NT2: tl.constexpr, BOX0: tl.constexpr, BOX1: tl.constexpr, BOX2: tl.constexpr, KB0: tl.constexpr, KB1: tl.constexpr, KB2: tl.constexpr, FOLD: tl.constexpr,
     QB0: tl.constexpr, QB1: tl.constexpr, QB2: tl.constexpr,
 ):
@@ -195,17 +203,17 @@ def attn_fwd_neighborhood_layout_5b9d15(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        acc, l_i, m_i = _fwd_range_5b9d15(
+        acc, l_i, m_i = _fwd_range_57be24(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_lo, i_flo, MASKED=True, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
-        acc, l_i, m_i = _fwd_range_5b9d15(
+        acc, l_i, m_i = _fwd_range_57be24(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_flo, i_fhi, MASKED=False, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
-        acc, l_i, m_i = _fwd_range_5b9d15(
+        acc, l_i, m_i = _fwd_range_57be24(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_fhi, i_hi, MASKED=True, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
@@ -213,18 +221,27 @@ def attn_fwd_neighborhood_layout_5b9d15(
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        acc, l_i, m_i = _fwd_range_5b9d15(
+        acc, l_i, m_i = _fwd_range_57be24(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, COLS_P, p_start, p_end, MASKED=True, TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
-        f_start = tl.load(ROWS_F + i_row)
-        f_end = tl.load(ROWS_F + i_row + 1)
-        acc, l_i, m_i = _fwd_range_5b9d15(
-            acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
-            u_2, COLS_F, f_start, f_end, MASKED=False, TABLE=True, BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0,
-            BOX1=BOX1, BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
+        if RUNS:
+            # FULL key tiles as runs (the row's record in SPAN): no index loads
+            f_end = tl.load(SPAN + 8 * i_row + 5)
+            acc, l_i, m_i = _fwd_range_57be24(
+                acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
+                u_2, SPAN + 8 * i_row, 0, f_end, MASKED=False, TABLE=2, BLOCK_N=BLOCK_N,
+                BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0,
+                BOX1=BOX1, BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
+        else:
+            f_start = tl.load(ROWS_F + i_row)
+            f_end = tl.load(ROWS_F + i_row + 1)
+            acc, l_i, m_i = _fwd_range_57be24(
+                acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
+                u_2, COLS_F, f_start, f_end, MASKED=False, TABLE=True, BLOCK_N=BLOCK_N,
+                BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0,
+                BOX1=BOX1, BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
 
     # epilogue
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -242,4 +259,4 @@ def attn_fwd_neighborhood_layout_5b9d15(
         LSE + i_bh.to(tl.int64) * (A0 * A1 * A2) + (o_c0 * A1 + o_c1) * A2 + o_c2, lse, mask=m_c)
 
 
-KERNEL = attn_fwd_neighborhood_layout_5b9d15
+KERNEL = attn_fwd_neighborhood_layout_57be24

@@ -1,4 +1,4 @@
-# spattn-kernel key=ad55c8da59b52f5f78066a09bbc3c95f sha256=63c3b3c838015f93092cbdc7adc7c2f31fdf1566136807a2027cf9e12cf03e0d
+# spattn-kernel key=4f1c601f1a417e7ca10e7162a87ee906 sha256=b91550446bb34c4bce1709c91e1e6ab9c4a01ec40c1a0646d2d2ca9b64a281f4
 """spattn generated forward attention kernel for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: table
     (tile spans or CSR lists of PARTIAL and FULL tiles, built by the analysis at call time)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_neighborhood_layout_ad55c8
-Codegen version: 33; cache key ad55c8da59b52f5f78066a09bbc3c95f
+Kernels: attn_fwd_neighborhood_layout_4f1c60
+Codegen version: 34; cache key 4f1c601f1a417e7ca10e7162a87ee906
 Rows: through the row tables Q_ROWS, K_ROWS (the caller's row of each query and key slot;
        -1 a padding slot, stored nowhere): no gathers before or after the kernels
 
@@ -47,7 +47,7 @@ def _mod(a, b):
 
 
 @triton.jit
-def _fwd_range_ad55c8(
+def _fwd_range_4f1c60(
     acc, l_i, m_i, b_q, o_q,
     K, V, K_ROWS, stride_kn, stride_kd, stride_vn, stride_vd,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -56,11 +56,19 @@ def _fwd_range_ad55c8(
     MASKED: tl.constexpr, TABLE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Key tiles [start, end) (tile indices, or CSR slots when TABLE) of one query tile."""
+    """Key tiles [start, end) (tile indices, CSR slots when TABLE, runs steps when TABLE == 2) of one query tile."""
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
+    if TABLE == 2:
+        r_lo = tl.load(COLS)
+        r_l = tl.load(COLS + 1)
+        r_n2 = tl.load(COLS + 2)
+        r_p2 = tl.load(COLS + 3)
+        r_p1 = tl.load(COLS + 4)
     for idx in range(start, end):
-        if TABLE:
+        if TABLE == 2:
+            i_n = r_lo + idx // (r_l * r_n2) * r_p1 + idx // r_l % r_n2 * r_p2 + idx % r_l
+        elif TABLE:
             i_n = tl.load(COLS + idx)
         else:
             i_n = idx
@@ -109,7 +117,7 @@ def _fwd_range_ad55c8(
 
 
 @triton.jit
-def attn_fwd_neighborhood_layout_ad55c8(
+def attn_fwd_neighborhood_layout_4f1c60(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -121,7 +129,7 @@ def attn_fwd_neighborhood_layout_ad55c8(
     sm_scale_log2, H, GROUP, Lq, Lk, q_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
-    SPANS: tl.constexpr,
+    SPANS: tl.constexpr, RUNS: tl.constexpr,
 ):
     """Forward attention for one query tile of one (batch, query head).
 
@@ -181,31 +189,41 @@ def attn_fwd_neighborhood_layout_ad55c8(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        acc, l_i, m_i = _fwd_range_ad55c8(
+        acc, l_i, m_i = _fwd_range_4f1c60(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_lo, i_flo, MASKED=True,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-        acc, l_i, m_i = _fwd_range_ad55c8(
+        acc, l_i, m_i = _fwd_range_4f1c60(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_flo, i_fhi, MASKED=False,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-        acc, l_i, m_i = _fwd_range_ad55c8(
+        acc, l_i, m_i = _fwd_range_4f1c60(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_fhi, i_hi, MASKED=True,
             TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        acc, l_i, m_i = _fwd_range_ad55c8(
+        acc, l_i, m_i = _fwd_range_4f1c60(
             acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
             sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_P, p_start, p_end, MASKED=True,
             TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-        f_start = tl.load(ROWS_F + i_row)
-        f_end = tl.load(ROWS_F + i_row + 1)
-        acc, l_i, m_i = _fwd_range_ad55c8(
-            acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn, stride_vd,
-            sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_F, f_start, f_end, MASKED=False,
-            TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
+        if RUNS:
+            # FULL key tiles as runs (the row's record in SPAN): no index loads
+            f_end = tl.load(SPAN + 8 * i_row + 5)
+            acc, l_i, m_i = _fwd_range_4f1c60(
+                acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
+                stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, SPAN + 8 * i_row, 0,
+                f_end, MASKED=False, TABLE=2, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
+                DOT_PREC=DOT_PREC)
+        else:
+            f_start = tl.load(ROWS_F + i_row)
+            f_end = tl.load(ROWS_F + i_row + 1)
+            acc, l_i, m_i = _fwd_range_4f1c60(
+                acc, l_i, m_i, b_q, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
+                stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_F, f_start, f_end,
+                MASKED=False, TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
+                DOT_PREC=DOT_PREC)
 
     # epilogue
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -217,4 +235,4 @@ def attn_fwd_neighborhood_layout_ad55c8(
     tl.store(LSE + i_bh.to(tl.int64) * Nq + o_rq, lse, mask=m_rq)
 
 
-KERNEL = attn_fwd_neighborhood_layout_ad55c8
+KERNEL = attn_fwd_neighborhood_layout_4f1c60
