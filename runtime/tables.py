@@ -158,14 +158,19 @@ def _runs(full: torch.Tensor, min_tiles: int = 0):
     ``min_tiles`` on average (:data:`RUNS_MIN_TILES`)."""
     m = full.shape[-1]
     dev = full.device
-    j = torch.arange(m, device=dev, dtype=torch.int64)
+    i32 = torch.int32
+    count = full.sum(-1, dtype=i32)
+    if min_tiles:           # (one read first: most tables that fail it skip the rest)
+        total = count.sum()
+        if not bool((total > 0) & (total >= min_tiles * (count > 0).sum())):
+            return None
+    j = torch.arange(m, device=dev, dtype=i32)
     before = torch.nn.functional.pad(full[..., :-1], (1, 0), value=False)
     after = torch.nn.functional.pad(full[..., 1:], (0, 1), value=False)
     first = full & ~before
-    n_runs = first.sum(-1)
-    count = full.sum(-1)
+    n_runs = first.sum(-1, dtype=i32)
     # the runs' starts in order (a scatter by rank; the other tiles land in column m)
-    starts = torch.full((*full.shape[:-1], m + 1), m, dtype=torch.int64, device=dev)
+    starts = torch.full((*full.shape[:-1], m + 1), m, dtype=i32, device=dev)
     starts.scatter_(-1, torch.where(first, first.cumsum(-1) - 1, m), j.expand(full.shape))
     starts = starts[..., :m]
     some = n_runs > 0
@@ -174,26 +179,22 @@ def _runs(full: torch.Tensor, min_tiles: int = 0):
     second = starts[..., 1] if m > 1 else torch.full_like(lo, m)
     P2 = torch.where(n_runs > 1, second - lo, L.clamp(min=1))
     pitch = (starts - lo[..., None] == j * P2[..., None]) & (j < n_runs[..., None])
-    R2 = pitch.to(torch.int64).cumprod(-1).sum(-1).clamp(min=1)
-    at = starts.gather(-1, R2.clamp(max=m - 1)[..., None])[..., 0]
-    P1 = torch.where(R2 < n_runs, at - lo, R2 * P2)
+    R2 = pitch.cumprod(-1, dtype=i32).sum(-1, dtype=i32).clamp(min=1)
+    at = starts.gather(-1, R2.clamp(max=m - 1).long()[..., None])[..., 0]
+    P1 = torch.where(R2 < n_runs, at - lo, (R2.long() * P2).clamp(max=2 ** 31 - 1).to(i32))
     R1 = torch.where(some, n_runs // R2, 0)
     x = j - lo[..., None]
     a = torch.div(x, P1.clamp(min=1)[..., None], rounding_mode="floor")
     rest = x - a * P1[..., None]
     b = torch.div(rest, P2.clamp(min=1)[..., None], rounding_mode="floor")
-    jj = rest - b * P2[..., None]
-    member = (x >= 0) & (a < R1[..., None]) & (b < R2[..., None]) & (jj < L[..., None])
-    exact = ((member == full).all(-1) & (R1 * R2 * L == count)
-             & (L <= P2) & (R2 * P2 <= P1)).all()
-    if min_tiles:
-        total = count.sum()
-        exact = exact & (total > 0) & (total >= min_tiles * (count > 0).sum())
+    rest -= b * P2[..., None]
+    member = (x >= 0) & (a < R1[..., None]) & (b < R2[..., None]) & (rest < L[..., None])
+    exact = ((member == full).all(-1) & (R1.long() * R2 * L == count)
+             & (L <= P2) & (R2.long() * P2 <= P1)).all()
     if not bool(exact):
         return None
     zero = torch.zeros_like(lo)
-    rec = torch.stack([lo, L, R2, P2, P1, count, zero, zero], dim=-1)
-    return rec.to(torch.int32)
+    return torch.stack([lo, L, R2, P2, P1, count, zero, zero], dim=-1).to(i32)
 
 
 def _table_dims(tile, transposed, Lq, Lk) -> tuple:
