@@ -427,9 +427,10 @@ def test_box_forward_cuda(monkeypatch, grid, kernel, Hq, Hk, B, backward):
     from spattn.runtime.reference import pattern_reference
     monkeypatch.setenv("SPATTN_LAYOUT", "on")
     monkeypatch.setitem(C.COSTS["cuda"], "rows_factor", 0.0 if backward == "kernel" else 1e9)
-    if isinstance(kernel, list):        # (in the 128 x 128 tiles of a strided layout)
-        monkeypatch.setenv("SPATTN_BLOCK_M", "128")
+    if isinstance(kernel, list):        # (in the 128 x 128 tiles of a strided layout; runs
+        monkeypatch.setenv("SPATTN_BLOCK_M", "128")     # wherever they hold, however few)
         monkeypatch.setenv("SPATTN_BLOCK_N", "128")
+        monkeypatch.setenv("SPATTN_TABLES", "runs")
     pat = spattn.neighborhood(grid, *kernel) if isinstance(kernel, list) else \
         spattn.neighborhood(grid, kernel)
     N = 1
