@@ -20,7 +20,7 @@ from ..dsl.parser import parse_expression, parse_source
 from ..dsl.resolve import at_call_site, resolve_expression, resolve_program, suggest
 from . import build
 from .neighborhood import MAX_TOKENS
-from .nodes import BOOL, FLOAT, INT, BoolConst, Const, FConst, Node
+from .nodes import BOOL, FLOAT, INT, BoolConst, Const, FConst, FTable, Node
 
 
 @dataclass(frozen=True)
@@ -346,7 +346,36 @@ class _Lowerer:
         if ir.type != FLOAT:
             raise self.err(SpattnTypeError, f"a score must be a float expression of s (the "
                            f"scaled score), got {_tname(ir.type)}", node)
+        wide = _beyond_float32(ir)
+        if wide is not None:
+            raise self.err(SpattnValueError, f"the score holds the constant {wide!r} (from its "
+                           "literals or params), beyond float32's range (at most about "
+                           "3.4e38): the kernels compute scores in float32, where it would "
+                           "be infinite", node)
         return ir
+
+
+#: The largest finite float32.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _beyond_float32(ir: Node) -> Optional[float]:
+    """A finite float constant of ``ir`` (a literal, a folded one, an entry of a float list
+    param) that float32 cannot hold, or None. (An infinite one is infinite in float32 too;
+    an overflow of runtime values is not a constant's.)"""
+    stack, seen = [ir], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        values = (n.value,) if isinstance(n, FConst) else \
+            n.values if isinstance(n, FTable) else ()
+        for v in values:
+            if math.isfinite(v) and abs(v) > FLOAT32_MAX:
+                return v
+        stack.extend(n.children())
+    return None
 
 
 def _too_deep(src: str, filename) -> SpattnValueError:

@@ -241,3 +241,20 @@ def test_float_literal_overflow_is_named_a_float(src):
     with pytest.raises(SpattnValueError, match=r"float literal 1e\d+ is too large") as info:
         spattn.compile(src)
     assert "integer" not in str(info.value) and info.value.column > 1
+
+
+@pytest.mark.parametrize("src,params,value", [
+    ("causal score s - 1e39", {}, "-1e+39"),
+    ("causal score s - 1e30 * 1e30", {}, "-1.0000000000000001e+60"),
+    ("causal score s * m[h]", {"m": [0.5, -2e38 * 2]}, "-4e+38"),
+    ("param c = 5e38\npattern p = causal score s + c", {}, "5e+38"),
+], ids=["literal", "folded", "list-param", "param"])
+def test_score_constant_beyond_float32_is_refused(src, params, value):
+    """A finite constant that float32 cannot hold would be infinite in the kernels and
+    finite in the float64 reference (a silent disagreement): refused at compile time,
+    located at the score, naming the constant; float32's largest values still compile."""
+    from spattn.dsl.errors import SpattnValueError
+    with pytest.raises(SpattnValueError, match="beyond float32's range") as info:
+        spattn.compile(src, **params)
+    assert value in str(info.value) and info.value.line and "^" in str(info.value)
+    assert spattn.compile("causal score s - 3.4e38 + m[h]", m=[1.0, -3.4e38]).score is not None
