@@ -314,8 +314,8 @@ def gather_setup(row, fns, pat, main, q, k, v, N, gathers):
 
 def parse_config(text: str):
     """``"BM,BN,W,S[,loop][,tables]"`` -> ``(env, label)``; ``"tuned"``: autotuning on.
-    ``loop``: split, fused or persistent (``SPATTN_FWD_LOOP``); ``tables``: csr or spans
-    (``SPATTN_TABLES``)."""
+    ``loop``: split, fused or persistent (``SPATTN_FWD_LOOP``); ``tables``: csr, spans or
+    runs (``SPATTN_TABLES``)."""
     import sweep
     text = text.strip()
     if text == "tuned":
@@ -325,7 +325,7 @@ def parse_config(text: str):
     for extra in xs[4:]:
         if extra in ("split", "fused", "persistent"):
             env["SPATTN_FWD_LOOP"] = extra
-        elif extra in ("csr", "spans"):
+        elif extra in ("csr", "spans", "runs"):
             env["SPATTN_TABLES"] = extra
         else:
             raise SystemExit(f"config {text!r}: {extra!r} is not a loop or a table form")
