@@ -15,4 +15,4 @@ def test_row_table_kernels_compile_for_sm90():
                         "--rows"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert r.stdout.count("OK ") == 16 and r.stdout.count(" runs") == 3 and "rows': 'table'" in r.stdout, r.stdout
+    assert r.stdout.count("OK ") == 17 and r.stdout.count(" runs") == 4 and "rows': 'table'" in r.stdout, r.stdout

@@ -178,6 +178,7 @@ ROWS_CASES = [
     (_NB2D, {"strategy": "table", "rows": "table", "loop": "fused", "int64": True}, ()),
     (_NB2D, {"strategy": "table", "rows": "table", "loop": "persistent"}, ()),
     (_NB2D, {"strategy": "table", "rows": "table", "runs": True}, ()),
+    (_NB2D, {"strategy": "table", "rows": "table", "loop": "persistent", "runs": True}, ()),
     ("pattern win = causal & window(256)", {"strategy": "ranges", "rows": "table"}, ()),
     ("input rpb\npattern rpb2d = abs(q // 64 - k // 64) <= 3 & abs(q % 64 - k % 64) <= 3 "
      "score s + rpb[h, q // 64 - k // 64 + 3, q % 64 - k % 64 + 3]",
