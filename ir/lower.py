@@ -348,21 +348,29 @@ class _Lowerer:
                            f"scaled score), got {_tname(ir.type)}", node)
         wide = _beyond_float32(ir)
         if wide is not None:
+            what = "above" if abs(wide) > 1 else "nonzero below"
             raise self.err(SpattnValueError, f"the score holds the constant {wide!r} (from its "
-                           "literals or params), beyond float32's range (at most about "
-                           "3.4e38): the kernels compute scores in float32, where it would "
-                           "be infinite", node)
+                           f"literals or params), {what} what float32 holds in the kernels "
+                           f"(magnitudes {FLOAT32_TINY:.3g} to {SCORE_CONST_MAX:.3g}: they "
+                           "compute scores in float32, in log2 units, the constants times "
+                           "log2(e)), where it would be infinite or 0", node)
         return ir
 
 
-#: The largest finite float32.
+#: The largest finite float32, and the smallest normal one (GPUs flush smaller values to 0).
 FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
+#: The largest score constant the kernels hold: they carry the score in log2 units, every
+#: constant multiplied by log2(e) (codegen.kernels).
+SCORE_CONST_MAX = FLOAT32_MAX / 1.4426950408889634
 
 
 def _beyond_float32(ir: Node) -> Optional[float]:
     """A finite float constant of ``ir`` (a literal, a folded one, an entry of a float list
-    param) that float32 cannot hold, or None. (An infinite one is infinite in float32 too;
-    an overflow of runtime values is not a constant's.)"""
+    param) that the kernels' float32 cannot hold, or None: above
+    :data:`SCORE_CONST_MAX` in magnitude (infinite there) or nonzero below
+    :data:`FLOAT32_TINY` (0 there: ``s / 1e-50`` would divide by 0). An infinite one is
+    infinite in float32 too; an overflow of runtime values is not a constant's."""
     stack, seen = [ir], set()
     while stack:
         n = stack.pop()
@@ -372,7 +380,7 @@ def _beyond_float32(ir: Node) -> Optional[float]:
         values = (n.value,) if isinstance(n, FConst) else \
             n.values if isinstance(n, FTable) else ()
         for v in values:
-            if math.isfinite(v) and abs(v) > FLOAT32_MAX:
+            if math.isfinite(v) and (abs(v) > SCORE_CONST_MAX or 0 < abs(v) < FLOAT32_TINY):
                 return v
         stack.extend(n.children())
     return None

@@ -1244,11 +1244,13 @@ class DecodePlan:
         other tensor takes their identity): the layers of a model's token repeat the step
         with the same tables, and all but the first read it back."""
         tabs = tuple((n, t, data_version(t)) for n, t in sorted(every.items()))
-        hit = self._bias_memo.get(key)
-        if hit is not None and len(hit[0]) == len(tabs) and all(
-                n == n0 and t is t0 and v == v0 for (n, t, v), (n0, t0, v0) in zip(tabs, hit[0])):
-            self._bias_memo.move_to_end(key)
-            return hit[1], hit[2]
+        with self._steps_lock:          # (the routed entry reaches it from any thread)
+            hit = self._bias_memo.get(key)
+            if hit is not None and len(hit[0]) == len(tabs) and all(
+                    n == n0 and t is t0 and v == v0
+                    for (n, t, v), (n0, t0, v0) in zip(tabs, hit[0])):
+                self._bias_memo.move_to_end(key)
+                return hit[1], hit[2]
         f, m = make(every)
         if m is not None:
             f = torch.where(m.expand(f.shape), f, torch.full((), -math.inf, dtype=f.dtype,
@@ -1260,9 +1262,10 @@ class DecodePlan:
         if not bool(empty.any()):
             empty = None
         if f.numel() <= 16 * MASK_TAIL_CELLS:
-            self._bias_memo[key] = (tabs, f, empty)
-            while len(self._bias_memo) > MASK_BUFFERS:
-                self._bias_memo.popitem(last=False)
+            with self._steps_lock:
+                self._bias_memo[key] = (tabs, f, empty)
+                while len(self._bias_memo) > MASK_BUFFERS:
+                    self._bias_memo.popitem(last=False)
         return f, empty
 
     def _keys(self, L: int, q_off: int, b: int, inputs: dict):

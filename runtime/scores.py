@@ -298,7 +298,15 @@ def softmax_rows(f: torch.Tensor) -> tuple:
     lse = torch.logsumexp(f, -1, keepdim=True)
     # (a row with no key: lse -inf, p = exp(-inf - 0) = 0; a NaN score's row keeps its NaN)
     p = torch.exp(f - torch.where(lse == -math.inf, 0.0, lse))
-    return p, lse.squeeze(-1)
+    return _normalised(p), lse.squeeze(-1)
+
+
+def _normalised(p: torch.Tensor) -> torch.Tensor:
+    """``p [..., n]`` divided by its row sums (rows of 0 kept): ``exp(f - lse)`` sums to 1
+    only where float32 holds the lse's ``log`` of the row's sum beside its largest score;
+    past about 1e7 in magnitude it rounds away, and the row would weigh every key as 1."""
+    total = p.sum(-1, keepdim=True)
+    return p / torch.where(total == 0, 1.0, total)
 
 
 def _scatter(grad: torch.Tensor, load, env, ins, g: torch.Tensor,
@@ -356,7 +364,7 @@ def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: di
         lr = lse[:, :, r0:r1].to(acc).unsqueeze(-1)
         lr = torch.where(torch.isfinite(lr), lr, torch.full((), math.inf, dtype=acc,
                                                              device=q.device))
-        p = torch.exp(f - lr)
+        p = _normalised(torch.exp(f - lr))      # (a chunk holds its rows' every key)
         doc = do[:, :, r0:r1].to(acc)
         dp = torch.matmul(doc, vc.transpose(-1, -2))
         # rowsum(dO * O) as sum_j P dP: the same in exact arithmetic, but from the

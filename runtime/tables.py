@@ -149,7 +149,7 @@ def _runs(full: torch.Tensor, min_tiles: int = 0):
     apart, those of a 3-D window as ``R1`` such slabs ``P1`` tiles apart: the kernel then
     finds each FULL tile from its loop counter, with no index load (the CSR list's load
     cost about 5% of an all-FULL forward on an H200, benchmarks/RESULTS.md). A row without
-    FULL tiles has ``count = 0``.
+    FULL tiles has ``count = 0`` (and ``L = R2 = P2 = P1 = 1``).
 
     The parameters come from the row's maximal runs of FULL tiles (their first start, the
     first run's length, the pitch of the first starts); the records are kept only if they
@@ -175,7 +175,8 @@ def _runs(full: torch.Tensor, min_tiles: int = 0):
     starts = starts[..., :m]
     some = n_runs > 0
     lo = torch.where(some, starts[..., 0], 0)
-    L = torch.where(some, torch.where(full & ~after, j, m).amin(-1) - lo + 1, 0)
+    # (a row without FULL tiles: L = 1, count 0, so that no step divides by 0)
+    L = torch.where(some, torch.where(full & ~after, j, m).amin(-1) - lo + 1, 1)
     second = starts[..., 1] if m > 1 else torch.full_like(lo, m)
     P2 = torch.where(n_runs > 1, second - lo, L.clamp(min=1))
     pitch = (starts - lo[..., None] == j * P2[..., None]) & (j < n_runs[..., None])

@@ -245,16 +245,35 @@ def test_float_literal_overflow_is_named_a_float(src):
 
 @pytest.mark.parametrize("src,params,value", [
     ("causal score s - 1e39", {}, "-1e+39"),
+    ("causal score s - 3e38", {}, "-3e+38"),            # float32 holds it, not times log2(e)
     ("causal score s - 1e30 * 1e30", {}, "-1.0000000000000001e+60"),
     ("causal score s * m[h]", {"m": [0.5, -2e38 * 2]}, "-4e+38"),
     ("param c = 5e38\npattern p = causal score s + c", {}, "5e+38"),
-], ids=["literal", "folded", "list-param", "param"])
+    ("causal score s / 1e-50", {}, "1e-50"),            # 0 in float32: s / 0
+    ("causal score s * 1e-50", {}, "1e-50"),
+], ids=["literal", "log2-units", "folded", "list-param", "param", "tiny-divisor", "tiny"])
 def test_score_constant_beyond_float32_is_refused(src, params, value):
-    """A finite constant that float32 cannot hold would be infinite in the kernels and
-    finite in the float64 reference (a silent disagreement): refused at compile time,
-    located at the score, naming the constant; float32's largest values still compile."""
+    """A finite constant that the kernels' float32 cannot hold (in log2 units: times
+    log2(e)) would be infinite or 0 there and not in the float64 reference (a silent
+    disagreement): refused at compile time, located at the score, naming the constant;
+    the largest and smallest ones float32 holds still compile."""
     from spattn.dsl.errors import SpattnValueError
-    with pytest.raises(SpattnValueError, match="beyond float32's range") as info:
+    with pytest.raises(SpattnValueError, match="what float32 holds") as info:
         spattn.compile(src, **params)
     assert value in str(info.value) and info.value.line and "^" in str(info.value)
-    assert spattn.compile("causal score s - 3.4e38 + m[h]", m=[1.0, -3.4e38]).score is not None
+    assert spattn.compile("causal score s - 2.3e38 + m[h] + 2e-38 * s",
+                          m=[1.0, -2.3e38]).score is not None
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_score_constant_at_the_float32_edge_matches_the_reference(backend):
+    """The largest constant accepted stays finite in the kernels (times 0 here: an
+    infinite one would make every row NaN): rows against float64."""
+    from spattn.runtime.reference import pattern_reference
+    p = spattn.compile("k < 40", score="s + 2.3e38 * float(max(k - 100, 0))", backend=backend)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    o = p(q, k, v)
+    ref, _ = pattern_reference(p, q.double(), k.double(), v.double())
+    assert torch.isfinite(o).all() and float((o.double() - ref).abs().max()) < 1e-4
