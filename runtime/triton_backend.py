@@ -267,7 +267,7 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
         opts.pop("lse_grad", None)
     opts["tables"] = choice(opts.get("tables"), "tables", TABLE_MODES,
                             default=call.settings.tables)
-    q, k = tensors[0], tensors[1]
+    q = tensors[0]
     if getattr(call.pattern, "score", None) is not None:
         _score_options(call, opts, q.dtype)
     if kind == "fwd" and call.tile_prior:
