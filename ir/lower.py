@@ -20,7 +20,7 @@ from ..dsl.parser import parse_expression, parse_source
 from ..dsl.resolve import at_call_site, resolve_expression, resolve_program, suggest
 from . import build
 from .neighborhood import MAX_TOKENS
-from .nodes import BOOL, FLOAT, INT, BoolConst, Const, FConst, FTable, Node
+from .nodes import BOOL, FLOAT, INT, BoolConst, Const, FConst, FTable, Node, walk
 
 
 @dataclass(frozen=True)
@@ -371,18 +371,12 @@ def _beyond_float32(ir: Node) -> Optional[float]:
     :data:`SCORE_CONST_MAX` in magnitude (infinite there) or nonzero below
     :data:`FLOAT32_TINY` (0 there: ``s / 1e-50`` would divide by 0). An infinite one is
     infinite in float32 too; an overflow of runtime values is not a constant's."""
-    stack, seen = [ir], set()
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
+    for n in walk(ir):
         values = (n.value,) if isinstance(n, FConst) else \
             n.values if isinstance(n, FTable) else ()
         for v in values:
             if math.isfinite(v) and (abs(v) > SCORE_CONST_MAX or 0 < abs(v) < FLOAT32_TINY):
                 return v
-        stack.extend(n.children())
     return None
 
 

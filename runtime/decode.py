@@ -609,12 +609,14 @@ class DecodePlan:
             self._keep_step(key, step)
         return step
 
-    def _keep_step(self, key: tuple, step) -> None:
-        """Put ``step`` in the memo under ``key`` (the oldest leaves past :data:`CPU_STEPS`)."""
+    def _keep_step(self, key, step, memo: Optional[dict] = None, size: int = CPU_STEPS) -> None:
+        """Put ``step`` in ``memo`` (the plan's memo of steps by default; a routed entry's
+        ``steps``) under ``key``, the oldest leaving past ``size``."""
+        memo = self._steps if memo is None else memo
         with self._steps_lock:
-            while len(self._steps) >= CPU_STEPS:
-                self._steps.pop(next(iter(self._steps)))
-            self._steps[key] = step
+            while len(memo) >= size:
+                memo.pop(next(iter(memo)))
+            memo[key] = step
 
     def _row1_step(self, L: int):
         """The step of one query row at position ``L - 1`` of a contiguous cache of ``L``
@@ -1149,6 +1151,17 @@ class DecodePlan:
             p, lb = softmax_rows(f)
         return torch.matmul(p.view(nb, Hk, M, n), vb.to(acc)).view(nb, Hq, Lq, Dv), lb
 
+    def _row_runs(self, L: int, q_off: int, inputs: dict) -> tuple:
+        """``(runs, part)`` of a routed CPU step of ``L`` keys (batch element 0's, which a
+        routed step's one group shares): the key runs ``[(a, z), ...]`` and the partial
+        ones, from :meth:`_aff1_step` where every row sees every key of one run, else from
+        :meth:`_keys`."""
+        step = self._aff1_step(L, q_off)
+        if step is not None and step.one[2] is None:
+            return ((step.one[0], step.one[1]),), ()
+        runs, part, _ = self._keys(L, q_off, 0, inputs)
+        return runs, part
+
     def score_env(self, L: int, shift: int, inputs: dict):
         """The step of a routed call of a score that :meth:`scored_fast` does not run (not
         additive, or not float32) on a contiguous CPU cache of ``L`` keys, one group of
@@ -1157,14 +1170,10 @@ class DecodePlan:
         else None (:meth:`run_scored_torch` runs it). :func:`fast_routed` keeps it in the
         routed entry by ``L``, as :meth:`scored_fast`'s steps."""
         q_off = L - self.Lq + shift
-        step = self._aff1_step(L, q_off)
-        if step is not None and step.one[2] is None:
-            a, z = step.one[0], step.one[1]
-        else:
-            runs, part, _ = self._keys(L, q_off, 0, inputs)
-            if len(runs) != 1 or part:
-                return None
-            (a, z), = runs
+        runs, part = self._row_runs(L, q_off, inputs)
+        if len(runs) != 1 or part:
+            return None
+        (a, z), = runs
         if self._score_scalar:          # (softcap: no position, head, batch or table read)
             return a, z, {"Lq": self.Lq, "Lk": L, "H": self.Hq}
         return a, z, self._env_mask(L, q_off, a, z, ((a, z),), (), None, self.B, inputs)[0]
@@ -1187,15 +1196,10 @@ class DecodePlan:
         new length evaluates no score. Else the plan's :meth:`_additive_mask` builds it."""
         Lq, Hk, Hq = self.Lq, self.Hk, self.Hq
         q_off = L - Lq + shift
-        step = self._aff1_step(L, q_off)
-        if step is not None and step.one[2] is None:
-            a, z = step.one[0], step.one[1]
-            runs, part = ((a, z),), ()
-        else:
-            runs, part, _ = self._keys(L, q_off, 0, inputs)
-            if not runs:
-                return None
-            a, z = runs[0][0], runs[-1][1]
+        runs, part = self._row_runs(L, q_off, inputs)
+        if not runs:
+            return None
+        a, z = runs[0][0], runs[-1][1]
         if self.shift_free and len(runs) == 1 and not part:
             buf = held[0]
             if buf is None:
@@ -2117,10 +2121,7 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
             if hit is None:             # (False: the step is not one call)
                 hit = plan.scored_fast(L, shift, ins, tables, held) or False
                 if not hit or hit[2].numel() <= 16 * MASK_TAIL_CELLS:
-                    with plan._steps_lock:
-                        if len(steps) >= MASK_BUFFERS:
-                            del steps[next(iter(steps))]
-                        steps[L] = hit
+                    plan._keep_step(L, hit, steps, MASK_BUFFERS)
             if hit:
                 a, z, mask = hit
                 if a or z != L:
@@ -2135,10 +2136,7 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
             if hit is None:
                 hit = plan.score_env(L, shift, ins)
                 hit = (*hit, {**ins, **tables}) if hit else False
-                with plan._steps_lock:
-                    if len(steps) >= MASK_BUFFERS:
-                        del steps[next(iter(steps))]
-                    steps[L] = hit
+                plan._keep_step(L, hit, steps, MASK_BUFFERS)
             if hit:
                 a, z, env, every = hit
                 if a or z != L:
