@@ -292,7 +292,9 @@ def score_values(node: Node, s: torch.Tensor, env: dict, inputs: Mapping[str, to
     v = evaluate(node, env, inputs, memo, fdtype=s.dtype)
     if not isinstance(v, torch.Tensor):
         v = torch.tensor(float(v), dtype=s.dtype, device=s.device)
-    return v.to(s.dtype).expand(s.shape)
+    # a score of constants alone (``log(1.5 + tanh(float(Lq)))``) evaluates to a 0-d tensor
+    # on the CPU whatever the device of ``s``
+    return v.to(device=s.device, dtype=s.dtype).expand(s.shape)
 
 
 # ------------------------------------------------------------ forms for the kernels

@@ -1,5 +1,6 @@
 """Property tests of score IR: canonical printing round-trips, equal scores hash equal,
 the sympy derivative matches autograd (random scores from tests/helpers/ir_exprs.py)."""
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -68,3 +69,15 @@ def test_derivative_of_nearly_tied_branches_weighs_them_once(src, seed):
     slope = 0.3 if "0.3" in src else 1.0
     diag = torch.diagonal(d[0, 0], offset=-1)
     torch.testing.assert_close(diag, torch.full_like(diag, slope), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("src", ["log(1.5 + tanh(float(Lq)))", "exp(tanh(0.5 * float(H)))",
+                                 "2.0"], ids=["lengths", "heads", "literal"])
+def test_constant_scores_take_the_device_of_s(src):
+    # a score of constants evaluates to a 0-d CPU tensor; the reference combines it with
+    # masks on the device of s (a CUDA device; "meta" stands in for it here)
+    f = parse_score_ir(src)
+    env = score_env(3, 4, num_heads=2, batch=1, q_offset=1, device="meta")
+    s = torch.empty(1, 2, 3, 4, dtype=torch.float64, device="meta")
+    v = score_values(f, s, env, {})
+    assert v.device.type == "meta" and v.shape == s.shape and v.dtype == s.dtype

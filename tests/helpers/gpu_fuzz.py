@@ -1,0 +1,358 @@
+"""Random search on a CUDA device: the compiled kernels (not the interpreter) on shapes,
+dtypes and tensor layouts that the GPU tests do not list, against the float64 reference.
+
+Three kinds of case, each drawn from one integer seed (replayed with ``--case KIND:SEED``):
+
+* ``call``: a random mask (``tests.helpers.adversarial.rand_mask``) and, in a third of the
+  cases, a random score with its tables; ``B <= 3``, ``Hk <= 4`` with 1, 2 or 4 query heads
+  per key head, ``Lq`` and ``Lk`` from 1 to 3000 (often equal, often not multiples of a
+  tile), ``D`` from 16 to 256 (powers of two and not), bf16, fp16 or fp32, ``[B, H, L, D]``
+  or ``layout="bshd"``, contiguous or strided views, a ``q_offset`` now and then, the lse,
+  and in most cases the backward (q, k, v and the tables).
+* ``layout``: ``spattn.neighborhood`` on 1-3 axes (random kernel, stride, dilation, causal
+  axes) or a flattened 2-D window, at grid sizes up to 96 x 96, forward and backward, with
+  the token layouts on by default.
+* ``decode``: ``Pattern.decode`` (and the routed ``pat(q, k, v)``) with ``Lq <= 16``, caches
+  up to 20000 keys, per-batch lengths, paged or contiguous caches, GQA and, in a third of
+  the cases, a score.
+
+A case passes when it is refused with a ``SpattnError`` or matches the reference: outputs
+elementwise within ``tol * max|ref|`` and normwise within ``tol`` (16-bit: 2e-2 for o and
+lse, 5e-2 for gradients; fp32: 2e-3), no NaN or inf where the reference has none, and a
+fully masked row 0. Any other exception is a failure; a CUDA error ends the search (the
+context is lost) after printing its case. Run it on the device from the repository root::
+
+    python -m tests.helpers.gpu_fuzz --minutes 5 --seed 1
+    python -m tests.helpers.gpu_fuzz --case call:1234
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import time
+import traceback
+
+import torch
+
+import spattn
+from spattn.dsl.errors import SpattnError
+from spattn.runtime.reference import attention_reference, pattern_reference
+
+from tests.helpers.adversarial import (DECODE_MASKS, PARAMS, TABLE_SHAPES, rand_bool,
+                                       rand_mask, rand_score)
+
+DEV = "cuda"
+DIMS = [16, 32, 40, 48, 64, 64, 72, 80, 96, 128, 128, 128, 160, 192, 256]
+DTYPES = [torch.bfloat16, torch.bfloat16, torch.float16, torch.float32]
+LAST = {"desc": ""}
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _tol(dtype, grad=False):
+    if dtype == torch.float32:
+        return 2e-3
+    return 5e-2 if grad else 2e-2
+
+
+def _check(what, got, want, tol):
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    bad = ~torch.isfinite(want)
+    assert torch.equal(got.isnan(), want.isnan()), \
+        f"{what}: NaN at {int((got.isnan() != want.isnan()).sum())} places the reference has none"
+    assert torch.equal(got[bad], want[bad]), f"{what}: inf at other places"
+    g, w = got[~bad], want[~bad]
+    if w.numel() == 0:
+        return
+    scale = float(w.abs().max().clamp_min(1.0))
+    err = float((g - w).abs().max()) / scale
+    assert err <= tol, f"{what}: max error {err:.3e} of max|ref| (tol {tol:.0e})"
+    # normwise against at least 0.05 per element: a gradient that is 0 in exact arithmetic
+    # (one key per row, a table entry that shifts whole rows) is rounding noise here
+    nerr = float((g - w).norm() / w.norm().clamp_min(0.05 * w.numel() ** 0.5))
+    assert nerr <= tol, f"{what}: normwise error {nerr:.3e} (tol {tol:.0e})"
+
+
+def _length(r):
+    return r.choice([r.randint(1, 64), r.randint(65, 700), r.randint(700, 3000),
+                     r.choice([128, 256, 1024, 2048])])
+
+
+def _tensor(r, g, B, H, L, D, dtype, layout):
+    """A random ``[B, H, L, D]`` tensor (``[B, L, H, D]`` for bshd), sometimes a strided view
+    of a larger one."""
+    shape = (B, L, H, D) if layout == "bshd" else (B, H, L, D)
+    how = r.random()
+    if how < 0.2:       # a slice of a wider last dimension: rows not contiguous
+        t = torch.randn(*shape[:-1], D + 8, generator=g, device=DEV)[..., 3:3 + D]
+    elif how < 0.35 and layout != "bshd":    # [B, L, H, D] memory seen as [B, H, L, D]
+        t = torch.randn(B, L, H, D, generator=g, device=DEV).transpose(1, 2)
+    else:
+        t = torch.randn(*shape, generator=g, device=DEV)
+    return t.to(dtype)
+
+
+def call_case(seed: int) -> str:
+    r = random.Random(seed)
+    mask = rand_mask(r) if r.random() < 0.8 else r.choice(
+        ["causal", "window(100)", "causal & same(doc)", "full", "dilated(64, 3)",
+         "strided(37)", "global_tokens(5) | local(40, 60)", "prefix_lm(300)"])
+    score = rand_score(r, r.randint(1, 3)) if r.random() < 0.35 else None
+    Hk = r.randint(1, 4)
+    Hq = Hk * r.choice([1, 1, 2, 4])
+    B = r.choice([1, 1, 2, 3])
+    Lq = _length(r)
+    Lk = Lq if r.random() < 0.5 else _length(r)
+    D = r.choice(DIMS)
+    dtype = r.choice(DTYPES)
+    layout = r.choice(["bhsd", "bhsd", "bshd"])
+    q_offset = r.choice([None, None, None, 0, r.randint(-50, 3000)])
+    backward = r.random() < 0.7
+    desc = (f"call:{seed} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-Lk{Lk}-D{D} "
+            f"{str(dtype)[6:]} {layout} q_offset={q_offset} backward={backward}")
+    LAST["desc"] = desc
+    params = {}
+    if score is not None:
+        params = {n: v[:Hq] if isinstance(v, list) and len(v) > Hq else v
+                  for n, v in PARAMS.items() if re.search(rf"\b{n}\b", score)}
+    try:
+        p = spattn.compile(mask, score=score, **params) if score else spattn.compile(mask)
+    except SpattnError:
+        return desc + " (refused at compile)"
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = _tensor(r, g, B, Hq, Lq, D, dtype, layout).requires_grad_(backward)
+    k = _tensor(r, g, B, Hk, Lk, D, dtype, layout).requires_grad_(backward)
+    v = _tensor(r, g, B, Hk, Lk, D, dtype, layout).requires_grad_(backward)
+    ins = {}
+    if "doc" in p.inputs:
+        ins["doc"] = torch.sort(torch.randint(0, r.randint(1, 40), (max(Lq, Lk) + 3000,),
+                                              generator=g, device=DEV)).values
+    tabs = {n: torch.randn(TABLE_SHAPES[n](Hq), generator=g, device=DEV).to(dtype)
+            .requires_grad_(backward and r.random() < 0.5)
+            for n in getattr(p, "score_inputs", {})}
+    kw = {"layout": "bshd"} if layout == "bshd" else {}
+    try:
+        o, lse = p(q, k, v, q_offset=q_offset, return_lse=True, **kw, **ins, **tabs)
+    except SpattnError as e:
+        return desc + f" (refused at the call: {str(e).splitlines()[0][:80]})"
+    _sync()
+    if layout == "bshd":
+        o = o.transpose(1, 2)
+    leaves = [q, k, v, *(t for t in tabs.values() if t.requires_grad)]
+    got = [o, lse]
+    do = torch.randn(o.shape, generator=g, device=DEV).to(dtype)
+    if backward:
+        got += list(torch.autograd.grad(o, leaves, do, allow_unused=True))
+        _sync()
+    bh = (lambda t: t.transpose(1, 2)) if layout == "bshd" else (lambda t: t)
+    rl = [bh(t.detach()).double().requires_grad_(backward) for t in (q, k, v)]
+    rt = {n: t.detach().double().requires_grad_(t.requires_grad) for n, t in tabs.items()}
+    ro, rlse = pattern_reference(p, *rl, q_offset=q_offset, **ins, **rt)
+    if ro.isnan().any():
+        return desc + " (NaN in the reference: an unguarded score)"
+    want = [ro, rlse]
+    if backward:
+        want += list(torch.autograd.grad(ro, rl + [t for t in rt.values() if t.requires_grad],
+                                         do.double(), allow_unused=True))
+    names = ["o", "lse", "dq", "dk", "dv", *(f"d{n}" for n, t in tabs.items() if t.requires_grad)]
+    for i, (n, a, b) in enumerate(zip(names, got, want)):
+        if i >= 2:
+            leaf = leaves[i - 2]
+            a = torch.zeros_like(leaf) if a is None else a
+            a = bh(a) if i < 5 else a
+            b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
+        _check(f"{desc} {n}", a, b, _tol(dtype, grad=i >= 2) * (5 if i >= 5 else 1))
+    return desc
+
+
+def layout_case(seed: int) -> str:
+    r = random.Random(seed)
+    if r.random() < 0.7:
+        nd = r.choice([1, 2, 2, 3])
+        shape = tuple(r.randint(4, {1: 3000, 2: 96, 3: 20}[nd]) for _ in range(nd))
+        ks, st, dl, ca = [], [], [], []
+        for n in shape:
+            d = r.choice([1, 1, 1, 2, 3]) if n >= 8 else 1
+            kk = r.randint(1, max(1, min(n // d, 33)))
+            ks.append(kk)
+            dl.append(d)
+            st.append(r.randint(1, kk))
+            ca.append(r.random() < 0.25)
+        args = (shape, tuple(ks), tuple(st), tuple(dl), tuple(ca))
+        name = f"neighborhood{args}"
+        pat = spattn.neighborhood(*args)
+        N = 1
+        for n in shape:
+            N *= n
+    else:
+        Hg, W = r.randint(4, 80), r.randint(4, 80)
+        ry, rx = r.randint(0, 8), r.randint(0, 8)
+        src = f"abs(q // {W} - k // {W}) <= {ry} & abs(q % {W} - k % {W}) <= {rx}"
+        if r.random() < 0.3:
+            src += " & causal"
+        name, pat, N = repr(src), spattn.compile(src), Hg * W
+    Hk = r.randint(1, 3)
+    Hq = Hk * r.choice([1, 2])
+    B, D = r.choice([1, 2]), r.choice([32, 64, 64, 128, 128, 96])
+    dtype = r.choice(DTYPES[:3])
+    backward = r.random() < 0.7
+    desc = f"layout:{seed} {name} N={N} B{B}-Hq{Hq}-Hk{Hk}-D{D} {str(dtype)[6:]} backward={backward}"
+    LAST["desc"] = desc
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, Hq, N, D, generator=g, device=DEV).to(dtype).requires_grad_(backward)
+    k, v = (torch.randn(B, Hk, N, D, generator=g, device=DEV).to(dtype).requires_grad_(backward)
+            for _ in range(2))
+    try:
+        o, lse = pat(q, k, v, return_lse=True)
+    except SpattnError as e:
+        return desc + f" (refused: {str(e).splitlines()[0][:80]})"
+    got = [o, lse]
+    do = torch.randn(o.shape, generator=g, device=DEV).to(dtype)
+    if backward:
+        got += list(torch.autograd.grad(o, (q, k, v), do))
+    _sync()
+    rl = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
+    ro, rlse = attention_reference(*rl, pat.mask(N, N, num_heads=Hq, device=DEV))
+    want = [ro, rlse] + (list(torch.autograd.grad(ro, rl, do.double())) if backward else [])
+    for i, (n, a, b) in enumerate(zip(["o", "lse", "dq", "dk", "dv"], got, want)):
+        _check(f"{desc} {n}", a, b, _tol(dtype, grad=i >= 2))
+    return desc
+
+
+def decode_case(seed: int) -> str:
+    r = random.Random(seed)
+    W = r.randint(1, 3000)
+    src = r.choice(DECODE_MASKS).replace("W", str(W)) if r.random() < 0.7 else rand_bool(r, 3)
+    score = rand_score(r, r.randint(1, 3)) if r.random() < 0.3 else None
+    Hk = r.choice([1, 2, 4, 8])
+    Hq = Hk * r.choice([1, 2, 4, 8])
+    B, Lq, D = r.choice([1, 2, 5, 16]), r.randint(1, 16), r.choice([64, 128, 128, 96, 256, 32])
+    paged = r.choice([0, 0, 16, 64, 128])
+    cap = r.randint(max(Lq, 1), r.choice([300, 5000, 20000]))
+    if paged:
+        cap = -(-cap // paged) * paged
+    if B * Hq * cap * D > 2 ** 27:        # the reference's K and V in float64, per query head
+        B = 1
+    lens = [r.randint(Lq, cap) for _ in range(B)] if r.random() < 0.6 else None
+    if paged and lens is None:
+        lens = [cap] * B
+    splits = r.choice([None, None, None, 1, 4, 32])
+    dtype = r.choice(DTYPES[:3])
+    desc = (f"decode:{seed} mask={src!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-cap{cap}-D{D} "
+            f"lens={lens} paged={paged} splits={splits} {str(dtype)[6:]}")
+    LAST["desc"] = desc
+    params = {}
+    if score is not None:
+        params = {n: v[:Hq] if isinstance(v, list) and len(v) > Hq else v
+                  for n, v in PARAMS.items() if re.search(rf"\b{n}\b", score)}
+    try:
+        pat = spattn.compile(src, score=score, **params) if score else spattn.compile(src)
+    except SpattnError:
+        return desc + " (refused at compile)"
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g, device=DEV).to(dtype)
+    k, v = (torch.randn(B, Hk, cap, D, generator=g, device=DEV).to(dtype) for _ in range(2))
+    tabs = {n: torch.randn(TABLE_SHAPES[n](Hq), generator=g, device=DEV).to(dtype)
+            for n in getattr(pat, "score_inputs", {})}
+    seq = None if lens is None else torch.tensor(lens, device=DEV)
+    try:
+        if paged:
+            n = cap // paged
+            table = torch.randperm(B * n + 2, generator=g, device=DEV)[:B * n].view(B, n)
+            pools = []
+            for t in (k, v):
+                pool = torch.randn(B * n + 2, paged, Hk, D, generator=g, device=DEV).to(dtype)
+                pool[table.reshape(-1)] = t.view(B, Hk, n, paged, D).permute(0, 2, 3, 1, 4) \
+                    .reshape(B * n, paged, Hk, D)
+                pools.append(pool)
+            o, lse = pat.decode(q, pools[0], pools[1], seq_lens=seq,
+                                page_table=table.to(torch.int32), return_lse=True,
+                                num_splits=splits, **tabs)
+        else:
+            o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, num_splits=splits,
+                                **tabs)
+    except SpattnError as e:
+        return desc + f" (refused: {str(e).splitlines()[0][:80]})"
+    _sync()
+    tol = _tol(dtype)
+    G = Hq // Hk
+    outs, lses = [], []
+    for b in range(B):      # the whole batch at element b's length (a score may read b)
+        L = cap if lens is None else lens[b]
+        kx, vx = (t[:, :, :L].double().repeat_interleave(G, 1) for t in (k, v))
+        ro, rlse = pattern_reference(pat, q.double(), kx, vx,
+                                     **{n: t.double() for n, t in tabs.items()})
+        outs.append(ro[b:b + 1])
+        lses.append(rlse[b:b + 1])
+    _check(f"{desc} o", o, torch.cat(outs), tol)
+    _check(f"{desc} lse", lse, torch.cat(lses), tol)
+    if lens is None and not paged:
+        with torch.no_grad():
+            for L in (cap, max(Lq, cap - 1)):
+                o = pat(q, k[:, :, :L], v[:, :, :L], **tabs)
+                _sync()
+                kx, vx = (t[:, :, :L].double().repeat_interleave(G, 1) for t in (k, v))
+                ro = pattern_reference(pat, q.double(), kx, vx,
+                                       **{n: t.double() for n, t in tabs.items()})[0]
+                _check(f"{desc} routed L{L}", o, ro, tol)
+    return desc
+
+
+KINDS = {"call": call_case, "layout": layout_case, "decode": decode_case}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kinds", default="call,layout,decode")
+    ap.add_argument("--case", help="replay one case, KIND:SEED")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the harness")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    global DEV
+    DEV = args.device
+    if args.case:
+        kind, seed = args.case.split(":")
+        try:
+            print(KINDS[kind](int(seed)))
+        finally:
+            print(LAST["desc"])
+        return
+    kinds = args.kinds.split(",")
+    end = time.time() + args.minutes * 60
+    n = fails = 0
+    rng = random.Random(args.seed)
+    while time.time() < end:
+        kind = kinds[n % len(kinds)]
+        seed = rng.randrange(2 ** 31)
+        n += 1
+        LAST["desc"] = ""
+        t0 = time.time()
+        try:
+            desc = KINDS[kind](seed)
+            if args.verbose:
+                print(f"ok   {time.time() - t0:5.1f}s {desc}", flush=True)
+        except torch.OutOfMemoryError:
+            # the float64 reference of a large draw (the harness's limit, not the library's)
+            print(f"oom  {kind}:{seed} (skipped)", flush=True)
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 -- every failure is reported, the search goes on
+            fails += 1
+            print(f"FAIL {kind}:{seed}: {type(e).__name__}: {str(e)[:600]}\n     {LAST['desc']}",
+                  flush=True)
+            if not isinstance(e, AssertionError):
+                traceback.print_exc()
+            if "CUDA" in str(e) or "illegal" in str(e).lower():
+                print("a CUDA error: the context is lost, the search stops", flush=True)
+                break
+    print(f"{n} cases, {fails} failures")
+
+
+if __name__ == "__main__":
+    main()
