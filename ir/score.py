@@ -28,8 +28,8 @@ import torch
 from . import build
 from .evaluate import evaluate
 from .inputs import query_offset
-from .nodes import (FAdd, FCall, FConst, FDiv, FLoad, FMul, FSelect, Node, Score, Sum,
-                    ToFloat, Var, float_loads, free_vars, walk)
+from .nodes import (FAdd, FCall, FConst, FDiv, FMul, FSelect, Node, Score, Sum,
+                    ToFloat, float_loads, free_vars, walk)
 from .visitor import Visitor, rule
 
 __all__ = ["LOG2E", "TILE_QUERY", "FloatRebuild", "ScoreGrads", "derivative", "emitted_form",

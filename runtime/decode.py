@@ -32,15 +32,17 @@ import hashlib
 import threading
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
 
-from ..dsl.errors import SpattnError, SpattnInputError, SpattnParamError, SpattnValueError
+from ..dsl.errors import (SpattnConfigError, SpattnError, SpattnInputError, SpattnParamError,
+                          SpattnValueError)
 from ..ir.evaluate import evaluate
 from ..ir.inputs import validate_inputs
 from . import api as _api
+from .tune import log as _log
 from .plan import data_version
 from .cpu_ops import copy_ as _copy_, fill as _fill
 
@@ -532,17 +534,50 @@ class DecodePlan:
                 pages, stride_pages, max(1, num_pages), seq, *self._input_args[1],
                 *((LOG2E, scale) if self.scored else (_scale_log2(scale),)),
                 Hq, Hq // self.Hk, Lq, lk, q_shift, cap)
-        _launch(self._launches, self.module.KERNEL, (self.groups, self.splits), args, 3,
-                dict(PACK=self.pack, NUM_SPLITS=self.splits, PAGE_SIZE=max(1, page_size),
-                     PAGED=page_table is not None, HAS_SEQ=seq_lens is not None,
-                     BLOCK_M=self.block_m, BLOCK_N=self.config.block_n,
-                     BLOCK_D=self.config.block_d, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
-                     num_warps=self.config.num_warps, num_stages=self.config.num_stages))
+        while True:
+            try:
+                _launch(self._launches, self.module.KERNEL, (self.groups, self.splits), args,
+                        3, dict(PACK=self.pack, NUM_SPLITS=self.splits,
+                                PAGE_SIZE=max(1, page_size), PAGED=page_table is not None,
+                                HAS_SEQ=seq_lens is not None, BLOCK_M=self.block_m,
+                                BLOCK_N=self.config.block_n, BLOCK_D=self.config.block_d,
+                                HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
+                                num_warps=self.config.num_warps,
+                                num_stages=self.config.num_stages))
+                break
+            except Exception as e:      # noqa: BLE001 -- Triton's OutOfResources, else raised
+                self._shrink(e)
         _launch(self._combines, self.module.COMBINE, (self.groups, self.pack * Lq),
                 (self.o_part, self.lse_part, o, lse, *o.stride(), Hq, Lq), 0,
                 dict(PACK=self.pack, NUM_SPLITS=self.splits, BLOCK_M=self.block_m,
                      BLOCK_D=self.config.block_d, HEAD_DIM=D, num_warps=4))
         return o, lse
+
+    def _shrink(self, error: Exception) -> None:
+        """After the decode kernel did not fit the device's shared memory (Triton checks
+        when it loads a compiled kernel, at its first launch, before it runs): one stage
+        fewer, or at one stage half the key tile (two stages again), with the module
+        rendered for it; a :class:`SpattnConfigError` when the key tile is at 16 already.
+        The defaults fit an H200's 227 KiB in the cases measured; packed query rows of a
+        float32 cache, a score's tiles or a smaller device can need less."""
+        from triton.runtime.errors import OutOfResources
+        if not isinstance(error, OutOfResources):
+            raise error
+        cfg = self.config
+        if cfg.num_stages > 1:
+            smaller = replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_n > 16:
+            smaller = replace(cfg, block_n=cfg.block_n // 2, num_stages=2)
+        else:
+            raise SpattnConfigError(f"no configuration of the decode kernel fits this device "
+                                    f"({self.block_m} packed query rows, head dim {self.D}, "
+                                    f"{cfg.dtype}): {str(error).splitlines()[0]}") from None
+        _log.info("spattn: decode kernel (%d-key tiles, %d stages) does not fit shared "
+                       "memory; using %d-key tiles, %d stages", cfg.block_n, cfg.num_stages,
+                       smaller.block_n, smaller.num_stages)
+        self.config = smaller
+        self.module = load_module(self.pattern, smaller, self.closed_form, self.device)
+        self._launches = {}
 
     # -- CPU -----------------------------------------------------------------
     def _init_torch(self):

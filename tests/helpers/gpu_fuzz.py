@@ -1,7 +1,7 @@
 """Random search on a CUDA device: the compiled kernels (not the interpreter) on shapes,
 dtypes and tensor layouts that the GPU tests do not list, against the float64 reference.
 
-Three kinds of case, each drawn from one integer seed (replayed with ``--case KIND:SEED``):
+Four kinds of case, each drawn from one integer seed (replayed with ``--case KIND:SEED``):
 
 * ``call``: a random mask (``tests.helpers.adversarial.rand_mask``) and, in a third of the
   cases, a random score with its tables; ``B <= 3``, ``Hk <= 4`` with 1, 2 or 4 query heads
@@ -15,6 +15,9 @@ Three kinds of case, each drawn from one integer seed (replayed with ``--case KI
 * ``decode``: ``Pattern.decode`` (and the routed ``pat(q, k, v)``) with ``Lq <= 16``, caches
   up to 20000 keys, per-batch lengths, paged or contiguous caches, GQA and, in a third of
   the cases, a score.
+* ``seq``: eight calls of one pattern in a row, each changing one thing a memo could hold
+  on to (fresh tensors, tensors or the runtime input written in place, views at another
+  offset, a key more), each against the reference.
 
 A case passes when it is refused with a ``SpattnError`` or matches the reference: outputs
 elementwise within ``tol * max|ref|`` and normwise within ``tol`` (16-bit: 2e-2 for o and
@@ -303,14 +306,79 @@ def decode_case(seed: int) -> str:
     return desc
 
 
-KINDS = {"call": call_case, "layout": layout_case, "decode": decode_case}
+def seq_case(seed: int) -> str:
+    """Calls of one pattern in a row, each changing one thing the last-call memo, the plan
+    cache, the tables' memo or a TMA descriptor could hold on to: fresh tensors of the same
+    shapes, the same tensors written in place, the runtime input written in place, views
+    at another offset of a larger buffer, a key more, the lse, the backward."""
+    r = random.Random(seed)
+    src = r.choice(["causal & same(doc)", "window(W) | k < doc[q] % 3", "causal & window(W)",
+                    "dilated(W, 3)", "causal & (window(W) | sink(4))", "same(doc) & k <= q + W"])
+    src = src.replace("W", str(r.randint(1, 400)))
+    Hk = r.randint(1, 3)
+    Hq = Hk * r.choice([1, 2])
+    B, L, D = r.choice([1, 2]), r.randint(17, 2500), r.choice([32, 64, 128, 80])
+    dtype = r.choice(DTYPES[:3])
+    desc = f"seq:{seed} {src!r} B{B}-Hq{Hq}-Hk{Hk}-L{L}-D{D} {str(dtype)[6:]}"
+    LAST["desc"] = desc
+    pat = spattn.compile(src)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    big = L + 64
+
+    def fresh(H, n, off=0):
+        t = torch.randn(B, H, n + off, D, generator=g, device=DEV).to(dtype)
+        return t[:, :, off:]
+    doc = torch.sort(torch.randint(0, r.randint(1, 30), (big,), generator=g, device=DEV)).values
+    q, k, v = fresh(Hq, L), fresh(Hk, L), fresh(Hk, L)
+    steps = ["same", "fresh", "inplace", "doc", "offset", "key", "same", "fresh"]
+    r.shuffle(steps)
+    done = []
+    for step in steps:
+        if step == "fresh":
+            q, k, v = fresh(Hq, q.shape[2]), fresh(Hk, k.shape[2]), fresh(Hk, k.shape[2])
+        elif step == "inplace":
+            with torch.no_grad():
+                q.mul_(-1.5)
+                v.add_(1.0)
+        elif step == "doc" and "doc" in pat.inputs:
+            doc.copy_(torch.sort(torch.randint(0, r.randint(1, 30), (big,), generator=g,
+                                               device=DEV)).values)
+        elif step == "offset":
+            off = r.choice([1, 3, 8, 64])
+            q, k, v = fresh(Hq, q.shape[2], off), fresh(Hk, k.shape[2], off), \
+                fresh(Hk, k.shape[2], off)
+        elif step == "key":
+            k, v = fresh(Hk, k.shape[2] + 1), fresh(Hk, k.shape[2] + 1)
+        backward = r.random() < 0.5
+        ins = {"doc": doc} if "doc" in pat.inputs else {}
+        qq, kk, vv = (t.detach().requires_grad_(backward) for t in (q, k, v))
+        done.append(f"{step}{'+bwd' if backward else ''}")
+        LAST["desc"] = desc + " steps=" + ",".join(done)
+        try:
+            o, lse = pat(qq, kk, vv, return_lse=True, **ins)
+        except SpattnError as e:
+            return LAST["desc"] + f" (refused: {str(e).splitlines()[0][:80]})"
+        got = [o, lse]
+        do = torch.randn(o.shape, generator=g, device=DEV).to(dtype)
+        if backward:
+            got += list(torch.autograd.grad(o, (qq, kk, vv), do))
+        _sync()
+        rl = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
+        ro, rlse = pattern_reference(pat, *rl, **ins)
+        want = [ro, rlse] + (list(torch.autograd.grad(ro, rl, do.double())) if backward else [])
+        for i, (n, a, b) in enumerate(zip(["o", "lse", "dq", "dk", "dv"], got, want)):
+            _check(f"{LAST['desc']} {n}", a, b, _tol(dtype, grad=i >= 2))
+    return LAST["desc"]
+
+
+KINDS = {"call": call_case, "layout": layout_case, "decode": decode_case, "seq": seq_case}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default="call,layout,decode")
+    ap.add_argument("--kinds", default="call,layout,decode,seq")
     ap.add_argument("--case", help="replay one case, KIND:SEED")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the harness")
     ap.add_argument("-v", "--verbose", action="store_true")

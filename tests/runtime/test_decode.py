@@ -292,6 +292,39 @@ def test_triton_decode_packing_and_splits(Hq, Hk, Lq, splits):
 
 
 @interp
+@pytest.mark.parametrize("fails,want", [(1, (32, 1)), (2, (16, 2)), (4, None)],
+                         ids=["one-stage-fewer", "half-the-key-tile", "nothing-fits"])
+def test_triton_decode_shrinks_a_kernel_that_does_not_fit(monkeypatch, fails, want):
+    """A decode kernel that does not fit shared memory (Triton's OutOfResources at its
+    first launch) is run with one stage fewer, then half the key tile, and the step is
+    right; when no tile fits, a SpattnConfigError says so (never Triton's error)."""
+    from triton.runtime.errors import OutOfResources
+    real_config, real_launch = dec.default_config, dec._launch
+    monkeypatch.setattr(dec, "default_config", lambda *a, **kw: dec.DecodeConfig(
+        **{**real_config(*a, **kw).as_dict(), "block_n": 32, "num_stages": 2}))
+    left = [fails]
+
+    def launch(bound, kernel, grid, args, free, meta):
+        if meta.get("num_stages") is not None and left[0] > 0:
+            left[0] -= 1
+            raise OutOfResources(300000, 232448, "shared memory")
+        return real_launch(bound, kernel, grid, args, free, meta)
+    monkeypatch.setattr(dec, "_launch", launch)
+    if want is None:
+        with pytest.raises(spattn.SpattnConfigError, match="no configuration of the decode"):
+            _case("window", "triton", B=1, Hq=2, Hk=1, Lq=2, cap=80, D=16, lens=[77],
+                  num_splits=fails)
+        return
+    # (a split count of its own per case: a plan of its own, not one an earlier case left)
+    pat = _case("window", "triton", B=1, Hq=2, Hk=1, Lq=2, cap=80, D=16, lens=[77],
+                num_splits=fails)[0]
+    plans = [p for p in dec.DECODE_PLANS._plans.values()
+             if p.pattern is pat and p.splits == fails]
+    assert [(p.config.block_n, p.config.num_stages) for p in plans] == [want]
+    assert left == [0]
+
+
+@interp
 def test_triton_decode_q_offset_and_rows_without_keys():
     """A contiguous cache with an explicit q_offset moving the rows before the keys."""
     pat = spattn.compile("causal & window(W)", W=8, backend="triton")
