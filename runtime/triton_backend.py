@@ -164,7 +164,7 @@ def _scale_log2(scale: float) -> float:
 def _dot_prec(dtype) -> str:
     """``tl.dot``'s ``input_precision``: fp32 inputs as three tf32 products ("tf32x3", the
     operands split into a tf32 high part and a tf32 remainder), within 1e-6 of float64 as
-    "ieee" is but on the tensor cores: 2.3-2.9x faster forward, 2.3-3.9x faster
+    "ieee" is but on the tensor cores: up to 2.9x faster forward, 2.3-3.9x faster
     forward+backward and 2-4x shorter compilation than "ieee" on an H200
     (``benchmarks/fp32_dot.py``); one tf32 product loses ~3 decimal digits. 16-bit inputs:
     the tensor cores' own products (the argument is ignored)."""
