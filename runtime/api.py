@@ -379,6 +379,21 @@ def _as_given(t, device, dtype):
     return t
 
 
+def other_device(q) -> int | None:
+    """The index of q's CUDA device where it is not the current device, else None.
+
+    Triton launches a kernel on the current device, whatever device its tensors are on,
+    so a call on tensors of another GPU (a model spread over GPUs, as HF's
+    ``device_map="auto"`` places layers) enters ``torch.cuda.device(index)`` first; without
+    that the kernels would run on the wrong GPU's stream. Cheap enough for every call: an
+    attribute read on the CPU, one current-device query on CUDA."""
+    if isinstance(q, torch.Tensor) and q.is_cuda:
+        index = q.device.index
+        if index != torch.cuda.current_device():
+            return index
+    return None
+
+
 def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backward=None,
               layout=None, order=None, **options):
     """``Pattern.plan``: a new :class:`~spattn.runtime.plan.Plan` for these tensors.
@@ -394,6 +409,11 @@ def make_plan(pattern, q, k, v, *, scale=None, q_offset=None, inputs=None, backw
     token order (:func:`check_order`): the plan is an :class:`~spattn.runtime.plan.
     OrderedPlan` (docs/layouts.md).
     """
+    index = other_device(q)
+    if index is not None:
+        with torch.cuda.device(index):
+            return make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
+                             backward=backward, layout=layout, order=order, **options)
     if backward is not None and not isinstance(backward, bool):
         raise SpattnParamError(f"backward must be True, False or None, got "
                                f"{type(backward).__name__} {short_repr(backward)}")
@@ -460,6 +480,12 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     dQ comes from the dQ kernel whatever ``SPATTN_BWD_DQ`` says (everything else is
     deterministic already). ``order``: run in this token order
     (:func:`check_order`; q, k, v and o stay in the caller's order)."""
+    index = other_device(q)
+    if index is not None:
+        with torch.cuda.device(index):
+            return call(pattern, q, k, v, scale=scale, return_lse=return_lse,
+                        q_offset=q_offset, inputs=inputs, plan=plan, layout=layout,
+                        deterministic=deterministic, order=order)
     if order is not None:
         _check_order_call(pattern, plan)
     if inputs:

@@ -2250,6 +2250,12 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
     ``[Lq, capacity]`` and page numbers to the pools instead. ``num_splits``: the splits of
     the keys (tests; default: enough programs to fill the device).
     """
+    index = _api.other_device(q)
+    if index is not None:       # Triton launches on the current device: make it q's
+        with torch.cuda.device(index):
+            return decode(pattern, q, k_cache, v_cache, seq_lens=seq_lens,
+                          page_table=page_table, scale=scale, q_offset=q_offset,
+                          return_lse=return_lse, check=check, num_splits=num_splits, **inputs)
     if not inputs and page_table is None and q_offset is None and not return_lse \
             and num_splits is None:
         o = fast_step(pattern, q, k_cache, v_cache, scale, seq_lens, False)

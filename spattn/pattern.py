@@ -177,8 +177,8 @@ class Pattern(CompiledPattern):
         (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
         would choose.
         """
-        if plan is None and not return_lse and layout is None \
-                and order is None:                          # a repeated decode step
+        if plan is None and not return_lse and layout is None and order is None \
+                and _runtime_api.other_device(q) is None:   # a repeated decode step
             o = _fast_step(self, q, k, v, scale) if not inputs and q_offset is None else None
             if o is None:
                 o = _fast_routed(self, q, k, v, scale, inputs, q_offset)

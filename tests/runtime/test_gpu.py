@@ -458,3 +458,41 @@ def test_box_forward_cuda(monkeypatch, grid, kernel, Hq, Hk, B, backward):
     for nm, a, b in zip(("dq", "dk", "dv"), leaves, ref):
         err = float((a.grad.double() - b.grad).norm() / b.grad.norm())
         assert torch.isfinite(a.grad).all() and err < 2e-2, f"{nm}: rel. error {err:.2e}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("how", ["call", "plan", "decode", "scored"])
+def test_tensors_on_a_gpu_that_is_not_current(how):
+    """Tensors on cuda:1 with cuda:0 current (a model spread over GPUs): Triton launches on
+    the current device, so every entry makes the tensors' device current for the call and
+    restores the caller's after; forward, backward and decode match the reference."""
+    from spattn.runtime.reference import attention_reference, pattern_reference
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    g = torch.Generator(device=dev).manual_seed(7)
+    Lq = 3 if how == "decode" else 1000
+    q = torch.randn(2, 4, Lq, 64, device=dev, dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 2, 1000, 64, device=dev, dtype=torch.bfloat16, generator=g)
+            for _ in range(2))
+    score = "alibi(0.5)" if how == "scored" else None
+    pat = spattn.compile("causal & window(300)", score=score) if score else \
+        spattn.compile("causal & window(300)")
+    qs, ks, vs = (t.detach().requires_grad_(how != "decode") for t in (q, k, v))
+    if how == "decode":
+        o = pat.decode(qs, ks, vs)
+    elif how == "plan":
+        o = pat(qs, ks, vs, plan=pat.plan(qs, ks, vs))
+    else:
+        o = pat(qs, ks, vs)
+    assert torch.cuda.current_device() == 0 and o.device == dev
+    rl = [t.detach().double().requires_grad_(how != "decode") for t in (q, k, v)]
+    ro, _ = pattern_reference(pat, *rl) if score else attention_reference(
+        *rl, pat.mask(Lq, 1000, num_heads=4, device=dev))
+    assert float((o.double() - ro).norm() / ro.norm()) < 1e-2
+    if how != "decode":
+        do = torch.randn_like(o)
+        got = torch.autograd.grad(o, (qs, ks, vs), do)
+        want = torch.autograd.grad(ro, rl, do.double())
+        for a, b in zip(got, want):
+            assert a.device == dev
+            assert float((a.double() - b).norm() / b.norm()) < 2e-2
