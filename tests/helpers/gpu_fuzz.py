@@ -7,7 +7,8 @@ Four kinds of case, each drawn from one integer seed (replayed with ``--case KIN
   cases, a random score with its tables; ``B <= 3``, ``Hk <= 4`` with 1, 2 or 4 query heads
   per key head, ``Lq`` and ``Lk`` from 1 to 3000 (often equal, often not multiples of a
   tile), ``D`` from 16 to 256 (powers of two and not), bf16, fp16 or fp32, ``[B, H, L, D]``
-  or ``layout="bshd"``, contiguous or strided views, a ``q_offset`` now and then, the lse,
+  or ``layout="bshd"``, contiguous or strided views (rows apart, transposed memory, a last
+  dimension of stride 2), a ``q_offset`` now and then, the lse,
   and in most cases the backward (q, k, v and the tables).
 * ``layout``: ``spattn.neighborhood`` on 1-3 axes (random kernel, stride, dilation, causal
   axes) or a flattened 2-D window, at grid sizes up to 96 x 96, forward and backward, with
@@ -95,6 +96,8 @@ def _tensor(r, g, B, H, L, D, dtype, layout):
         t = torch.randn(*shape[:-1], D + 8, generator=g, device=DEV)[..., 3:3 + D]
     elif how < 0.35 and layout != "bshd":    # [B, L, H, D] memory seen as [B, H, L, D]
         t = torch.randn(B, L, H, D, generator=g, device=DEV).transpose(1, 2)
+    elif how < 0.45:    # every other element of the last dimension: its stride 2
+        t = torch.randn(*shape[:-1], 2 * D, generator=g, device=DEV)[..., ::2]
     else:
         t = torch.randn(*shape, generator=g, device=DEV)
     return t.to(dtype)
