@@ -386,8 +386,9 @@ def other_device(q) -> int | None:
     so a call on tensors of another GPU (a model spread over GPUs, as HF's
     ``device_map="auto"`` places layers) enters ``torch.cuda.device(index)`` first; without
     that the kernels would run on the wrong GPU's stream. Cheap enough for every call: an
-    attribute read on the CPU, one current-device query on CUDA."""
-    if isinstance(q, torch.Tensor) and q.is_cuda:
+    attribute read on the CPU, one current-device query on CUDA. None while torch.compile
+    traces (the compiled graph enters the device of its tensors itself)."""
+    if isinstance(q, torch.Tensor) and q.is_cuda and not torch.compiler.is_compiling():
         index = q.device.index
         if index != torch.cuda.current_device():
             return index
