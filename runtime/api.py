@@ -389,7 +389,7 @@ def other_device(q) -> int | None:
     attribute read on the CPU, one current-device query on CUDA. None while torch.compile
     traces (the compiled graph enters the device of its tensors itself)."""
     if isinstance(q, torch.Tensor) and q.is_cuda and not torch.compiler.is_compiling():
-        index = q.device.index
+        index = q.get_device()
         if index != torch.cuda.current_device():
             return index
     return None

@@ -573,8 +573,8 @@ class DecodePlan:
                                     f"({self.block_m} packed query rows, head dim {self.D}, "
                                     f"{cfg.dtype}): {str(error).splitlines()[0]}") from None
         _log.info("spattn: decode kernel (%d-key tiles, %d stages) does not fit shared "
-                       "memory; using %d-key tiles, %d stages", cfg.block_n, cfg.num_stages,
-                       smaller.block_n, smaller.num_stages)
+                  "memory; using %d-key tiles, %d stages", cfg.block_n, cfg.num_stages,
+                  smaller.block_n, smaller.num_stages)
         self.config = smaller
         self.module = load_module(self.pattern, smaller, self.closed_form, self.device)
         self._launches = {}

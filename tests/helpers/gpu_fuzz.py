@@ -92,15 +92,16 @@ def _tensor(r, g, B, H, L, D, dtype, layout):
     of a larger one."""
     shape = (B, L, H, D) if layout == "bshd" else (B, H, L, D)
     how = r.random()
+    kw = dict(generator=g, device=DEV, dtype=dtype)     # (views of dtype: .to would copy)
     if how < 0.2:       # a slice of a wider last dimension: rows not contiguous
-        t = torch.randn(*shape[:-1], D + 8, generator=g, device=DEV)[..., 3:3 + D]
+        t = torch.randn(*shape[:-1], D + 8, **kw)[..., 3:3 + D]
     elif how < 0.35 and layout != "bshd":    # [B, L, H, D] memory seen as [B, H, L, D]
-        t = torch.randn(B, L, H, D, generator=g, device=DEV).transpose(1, 2)
+        t = torch.randn(B, L, H, D, **kw).transpose(1, 2)
     elif how < 0.45:    # every other element of the last dimension: its stride 2
-        t = torch.randn(*shape[:-1], 2 * D, generator=g, device=DEV)[..., ::2]
+        t = torch.randn(*shape[:-1], 2 * D, **kw)[..., ::2]
     else:
-        t = torch.randn(*shape, generator=g, device=DEV)
-    return t.to(dtype)
+        t = torch.randn(*shape, **kw)
+    return t
 
 
 def call_case(seed: int) -> str:
