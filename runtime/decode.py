@@ -464,6 +464,9 @@ class DecodePlan:
         self.config = default_config(self.closed_form, self.D, self.dtype, _api._interpret(),
                                      scored=self.scored, fast_tanh=current().fast_tanh,
                                      device_type=self.device.type)
+        #: the configuration before any shrink, and ``tl.dot``'s precision when it is not
+        #: the dtype's default (:meth:`_shrink`)
+        self._config0, self.dot_prec = self.config, None
         block_d = self.config.block_d
         self.module = load_module(self.pattern, self.config, self.closed_form, self.device)
         self.block_m = max(16, 1 << (self.pack * self.Lq - 1).bit_length())
@@ -541,7 +544,7 @@ class DecodePlan:
                                 PAGE_SIZE=max(1, page_size), PAGED=page_table is not None,
                                 HAS_SEQ=seq_lens is not None, BLOCK_M=self.block_m,
                                 BLOCK_N=self.config.block_n, BLOCK_D=self.config.block_d,
-                                HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
+                                HEAD_DIM=D, DOT_PREC=self.dot_prec or _dot_prec(q.dtype),
                                 num_warps=self.config.num_warps,
                                 num_stages=self.config.num_stages))
                 break
@@ -557,9 +560,12 @@ class DecodePlan:
         """After the decode kernel did not fit the device's shared memory (Triton checks
         when it loads a compiled kernel, at its first launch, before it runs): one stage
         fewer, or at one stage half the key tile (two stages again), with the module
-        rendered for it; a :class:`SpattnConfigError` when the key tile is at 16 already.
-        The defaults fit an H200's 227 KiB in the cases measured; packed query rows of a
-        float32 cache, a score's tiles or a smaller device can need less."""
+        rendered for it. At 16-key tiles a float32 cache's kernel goes back to its first
+        configuration with exact fp32 products ("ieee", which hold each operand once in
+        shared memory where three tf32 products hold it twice: 128 packed rows at D = 256
+        fit no tile otherwise); after that a :class:`SpattnConfigError`. The defaults fit
+        an H200's 227 KiB for 16-bit caches and for float32 ones with up to 32 packed rows
+        (docs/decisions.md); more packed float32 rows or a smaller device need less."""
         from triton.runtime.errors import OutOfResources
         if not isinstance(error, OutOfResources):
             raise error
@@ -568,6 +574,10 @@ class DecodePlan:
             smaller = replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.block_n > 16:
             smaller = replace(cfg, block_n=cfg.block_n // 2, num_stages=2)
+        elif cfg.dtype == "fp32" and self.dot_prec is None:
+            self.dot_prec, smaller = "ieee", self._config0
+            _log.info("spattn: decode kernel does not fit shared memory with three tf32 "
+                      "products; using exact fp32 products")
         else:
             raise SpattnConfigError(f"no configuration of the decode kernel fits this device "
                                     f"({self.block_m} packed query rows, head dim {self.D}, "

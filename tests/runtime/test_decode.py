@@ -292,12 +292,15 @@ def test_triton_decode_packing_and_splits(Hq, Hk, Lq, splits):
 
 
 @interp
-@pytest.mark.parametrize("fails,want", [(1, (32, 1)), (2, (16, 2)), (4, None)],
-                         ids=["one-stage-fewer", "half-the-key-tile", "nothing-fits"])
-def test_triton_decode_shrinks_a_kernel_that_does_not_fit(monkeypatch, fails, want):
+@pytest.mark.parametrize("fails,want,prec", [(1, (32, 1), None), (2, (16, 2), None),
+                                             (4, (32, 2), "ieee"), (8, None, None)],
+                         ids=["one-stage-fewer", "half-the-key-tile", "exact-fp32-products",
+                              "nothing-fits"])
+def test_triton_decode_shrinks_a_kernel_that_does_not_fit(monkeypatch, fails, want, prec):
     """A decode kernel that does not fit shared memory (Triton's OutOfResources at its
-    first launch) is run with one stage fewer, then half the key tile, and the step is
-    right; when no tile fits, a SpattnConfigError says so (never Triton's error)."""
+    first launch) is run with one stage fewer, then half the key tile, then (a float32
+    cache) in its first configuration with exact fp32 products, and the step is right;
+    when nothing fits, a SpattnConfigError says so (never Triton's error)."""
     from triton.runtime.errors import OutOfResources
     real_config, real_launch = dec.default_config, dec._launch
     monkeypatch.setattr(dec, "default_config", lambda *a, **kw: dec.DecodeConfig(
@@ -320,7 +323,8 @@ def test_triton_decode_shrinks_a_kernel_that_does_not_fit(monkeypatch, fails, wa
                 num_splits=fails)[0]
     plans = [p for p in dec.DECODE_PLANS._plans.values()
              if p.pattern is pat and p.splits == fails]
-    assert [(p.config.block_n, p.config.num_stages) for p in plans] == [want]
+    assert [(p.config.block_n, p.config.num_stages, p.dot_prec) for p in plans] == \
+        [(*want, prec)]
     assert left == [0]
 
 
