@@ -567,13 +567,13 @@ class DecodePlan:
         an H200's 227 KiB for 16-bit caches and for float32 ones with up to 32 packed rows
         (docs/decisions.md); more packed float32 rows or a smaller device need less."""
         from triton.runtime.errors import OutOfResources
+        from .triton_backend import shrink_step
         if not isinstance(error, OutOfResources):
             raise error
         cfg = self.config
-        if cfg.num_stages > 1:
-            smaller = replace(cfg, num_stages=cfg.num_stages - 1)
-        elif cfg.block_n > 16:
-            smaller = replace(cfg, block_n=cfg.block_n // 2, num_stages=2)
+        step = shrink_step(cfg.num_stages, {"block_n": cfg.block_n})
+        if step is not None:
+            smaller = replace(cfg, **step)
         elif cfg.dtype == "fp32" and self.dot_prec is None:
             self.dot_prec, smaller = "ieee", self._config0
             _log.info("spattn: decode kernel does not fit shared memory with three tf32 "

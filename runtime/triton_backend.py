@@ -733,15 +733,24 @@ def _describe(kind: str, cfg) -> str:
 def _smaller(kind: str, cfg) -> dict | None:
     """The next configuration to try: one stage fewer, or at one stage the next tile of
     :data:`_SHRINK` halved (two stages again); None when every tile is at 16."""
-    if cfg.num_stages > 1:
-        return {"num_stages": cfg.num_stages - 1}
     names = {"block_m": cfg.block_m, "block_n": cfg.block_n}
     if kind == "bwd":
         names = {"block_m1": cfg.block_m, "block_n1": cfg.block_n,
                  "block_m2": cfg.block_m2, "block_n2": cfg.block_n2}
-    for name in _SHRINK[kind]:
-        if names[name] > 16:
-            return {name: names[name] // 2, "num_stages": 2}
+    return shrink_step(cfg.num_stages, {n: names[n] for n in _SHRINK[kind]})
+
+
+def shrink_step(num_stages: int, tiles: dict) -> dict | None:
+    """One step down from a configuration that does not fit shared memory, as updates of
+    it: one stage fewer, or at one stage the first of ``tiles`` (name -> size, in the
+    order to shrink them) above 16 halved, with two stages again; None when every tile is
+    at 16. The forward's and backward's fitting (:func:`_fitted`) and the decode plan's
+    (``DecodePlan._shrink``) step this way."""
+    if num_stages > 1:
+        return {"num_stages": num_stages - 1}
+    for name, size in tiles.items():
+        if size > 16:
+            return {name: size // 2, "num_stages": 2}
     return None
 
 
