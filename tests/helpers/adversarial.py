@@ -45,6 +45,8 @@ import spattn  # noqa: E402
 from spattn.dsl.errors import SpattnError  # noqa: E402
 from spattn.runtime.reference import attention_reference, pattern_reference  # noqa: E402
 
+from tests.helpers.kernels import paged_cache  # noqa: E402
+
 INTS = ["q", "k", "h", "b", "Lq", "Lk", "H", "(q - k)", "(k - q)", "(k // 3)", "(q % 4)",
         "(q // 5 - k // 5)", "log_bucket(abs(q - k), 2, 20, 6)", "t5_bucket(8, 20)",
         "t5_bucket_causal(8, 16)", "((q + 3000000000) % 7)", "((k * 3000000000) // 2999999999)",
@@ -88,6 +90,12 @@ def rand_score(r: random.Random, depth: int) -> str:
     if kind == 10:
         return f"alibi({r.choice(['m[h]', '0.25', 'alibi_slope'])})"
     return f"({sub()} + {sub()})"
+
+
+def score_params(score: str, Hq: int) -> dict:
+    """The :data:`PARAMS` that ``score`` names, lists cut to ``Hq`` entries."""
+    return {n: v[:Hq] if isinstance(v, list) and len(v) > Hq else v
+            for n, v in PARAMS.items() if re.search(rf"\b{n}\b", score)}
 
 
 def rand_int(r: random.Random, depth: int) -> str:
@@ -170,8 +178,7 @@ def score_case(seed: int) -> str:
     desc = (f"score:{seed} {backend} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-"
             f"Lq{Lq}-Lk{Lk}-D{D} q_offset={q_offset} {dtype}")
     LAST["desc"] = desc
-    params = {n: v[:Hq] if isinstance(v, list) and len(v) > Hq else v
-              for n, v in PARAMS.items() if re.search(rf"\b{n}\b", score)}
+    params = score_params(score, Hq)
     try:
         p = spattn.compile(mask, score=score, backend=backend, **params)
     except SpattnError:
@@ -332,17 +339,9 @@ def decode_case(seed: int) -> str:
     seq = None if lens is None else torch.tensor(lens)
     try:
         if paged:
-            n = cap // paged
-            table = torch.randperm(B * n + 2, generator=g)[:B * n].view(B, n)
-            pools = []
-            for t in (k, v):
-                pool = torch.randn(B * n + 2, paged, Hk, D, generator=g)
-                pool[table.reshape(-1)] = t.view(B, Hk, n, paged, D).permute(0, 2, 3, 1, 4) \
-                    .reshape(B * n, paged, Hk, D)
-                pools.append(pool)
-            o, lse = pat.decode(q, pools[0], pools[1], seq_lens=seq,
-                                page_table=table.to(torch.int32), return_lse=True,
-                                num_splits=splits, **ins)
+            kp, vp, table = paged_cache(k, v, paged, g)
+            o, lse = pat.decode(q, kp, vp, seq_lens=seq, page_table=table.to(torch.int32),
+                                return_lse=True, num_splits=splits, **ins)
         else:
             o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, num_splits=splits,
                                 **ins)
@@ -403,8 +402,7 @@ def sdecode_case(seed: int) -> str:
     desc = (f"sdecode:{seed} {backend} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-"
             f"Lq{Lq}-cap{cap}-D{D} lens={lens} paged={paged} splits={splits} {dtype}")
     LAST["desc"] = desc
-    params = {n: v[:Hq] if isinstance(v, list) and len(v) > Hq else v
-              for n, v in PARAMS.items() if re.search(rf"\b{n}\b", score)}
+    params = score_params(score, Hq)
     try:
         pat = spattn.compile(mask, score=score, backend=backend, **params)
     except SpattnError:
@@ -417,17 +415,9 @@ def sdecode_case(seed: int) -> str:
     seq = None if lens is None else torch.tensor(lens)
     try:
         if paged:
-            n = cap // paged
-            table = torch.randperm(B * n + 2, generator=g)[:B * n].view(B, n)
-            pools = []
-            for t in (k, v):
-                pool = torch.randn(B * n + 2, paged, Hk, D, generator=g).to(dtype)
-                pool[table.reshape(-1)] = t.view(B, Hk, n, paged, D).permute(0, 2, 3, 1, 4) \
-                    .reshape(B * n, paged, Hk, D)
-                pools.append(pool)
-            o, lse = pat.decode(q, pools[0], pools[1], seq_lens=seq,
-                                page_table=table.to(torch.int32), return_lse=True,
-                                num_splits=splits, **tabs)
+            kp, vp, table = paged_cache(k, v, paged, g)
+            o, lse = pat.decode(q, kp, vp, seq_lens=seq, page_table=table.to(torch.int32),
+                                return_lse=True, num_splits=splits, **tabs)
         else:
             o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, num_splits=splits,
                                 **tabs)

@@ -48,6 +48,7 @@ from spattn.nn import SparseAttention  # noqa: E402
 from spattn.runtime.reference import attention_reference, pattern_reference  # noqa: E402
 
 from tests.helpers.adversarial import _close, rand_bool, rand_mask  # noqa: E402
+from tests.helpers.kernels import paged_cache  # noqa: E402
 
 warnings.simplefilter("ignore")
 LAST = {"desc": ""}
@@ -499,16 +500,9 @@ def decode_case(seed: int) -> str:
     seq = None if lens is None else torch.tensor(lens, dtype=r.choice([torch.int32, torch.int64]))
     try:
         if paged:
-            n = cap // paged
-            table = torch.randperm(B * n + 2, generator=g)[:B * n].view(B, n)
-            pools = []
-            for t in (k, v):
-                pool = torch.randn(B * n + 2, paged, Hk, D, generator=g).to(dtype)
-                pool[table.reshape(-1)] = t.view(B, Hk, n, paged, D).permute(0, 2, 3, 1, 4) \
-                    .reshape(B * n, paged, Hk, D)
-                pools.append(pool)
-            o, lse = pat.decode(q, pools[0], pools[1], seq_lens=seq, page_table=table,
-                                return_lse=True, **inputs)
+            kp, vp, table = paged_cache(k, v, paged, g)
+            o, lse = pat.decode(q, kp, vp, seq_lens=seq, page_table=table, return_lse=True,
+                                **inputs)
         else:
             o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, **inputs)
     except SpattnError as e:

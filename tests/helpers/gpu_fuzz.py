@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import time
 import traceback
 
@@ -43,8 +42,9 @@ import spattn
 from spattn.dsl.errors import SpattnError
 from spattn.runtime.reference import attention_reference, pattern_reference
 
-from tests.helpers.adversarial import (DECODE_MASKS, PARAMS, TABLE_SHAPES, rand_bool,
-                                       rand_mask, rand_score)
+from tests.helpers.adversarial import (DECODE_MASKS, TABLE_SHAPES, rand_bool,
+                                       rand_mask, rand_score, score_params)
+from tests.helpers.kernels import paged_cache
 
 DEV = "cuda"
 DIMS = [16, 32, 40, 48, 64, 64, 72, 80, 96, 128, 128, 128, 160, 192, 256]
@@ -123,10 +123,7 @@ def call_case(seed: int) -> str:
     desc = (f"call:{seed} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-Lk{Lk}-D{D} "
             f"{str(dtype)[6:]} {layout} q_offset={q_offset} backward={backward}")
     LAST["desc"] = desc
-    params = {}
-    if score is not None:
-        params = {n: v[:Hq] if isinstance(v, list) and len(v) > Hq else v
-                  for n, v in PARAMS.items() if re.search(rf"\b{n}\b", score)}
+    params = {} if score is None else score_params(score, Hq)
     try:
         p = spattn.compile(mask, score=score, **params) if score else spattn.compile(mask)
     except SpattnError:
@@ -253,10 +250,7 @@ def decode_case(seed: int) -> str:
     desc = (f"decode:{seed} mask={src!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-cap{cap}-D{D} "
             f"lens={lens} paged={paged} splits={splits} {str(dtype)[6:]}")
     LAST["desc"] = desc
-    params = {}
-    if score is not None:
-        params = {n: v[:Hq] if isinstance(v, list) and len(v) > Hq else v
-                  for n, v in PARAMS.items() if re.search(rf"\b{n}\b", score)}
+    params = {} if score is None else score_params(score, Hq)
     try:
         pat = spattn.compile(src, score=score, **params) if score else spattn.compile(src)
     except SpattnError:
@@ -269,17 +263,9 @@ def decode_case(seed: int) -> str:
     seq = None if lens is None else torch.tensor(lens, device=DEV)
     try:
         if paged:
-            n = cap // paged
-            table = torch.randperm(B * n + 2, generator=g, device=DEV)[:B * n].view(B, n)
-            pools = []
-            for t in (k, v):
-                pool = torch.randn(B * n + 2, paged, Hk, D, generator=g, device=DEV).to(dtype)
-                pool[table.reshape(-1)] = t.view(B, Hk, n, paged, D).permute(0, 2, 3, 1, 4) \
-                    .reshape(B * n, paged, Hk, D)
-                pools.append(pool)
-            o, lse = pat.decode(q, pools[0], pools[1], seq_lens=seq,
-                                page_table=table.to(torch.int32), return_lse=True,
-                                num_splits=splits, **tabs)
+            kp, vp, table = paged_cache(k, v, paged, g)
+            o, lse = pat.decode(q, kp, vp, seq_lens=seq, page_table=table.to(torch.int32),
+                                return_lse=True, num_splits=splits, **tabs)
         else:
             o, lse = pat.decode(q, k, v, seq_lens=seq, return_lse=True, num_splits=splits,
                                 **tabs)

@@ -157,6 +157,23 @@ def rand_qkv(Bn, Hq, Hk, Lq, Lk, D, dtype=torch.float32, seed=0, layout="bhld"):
     return make(Hq, Lq), make(Hk, Lk), make(Hk, Lk)
 
 
+def paged_cache(k, v, page_size, g, spare=2):
+    """A contiguous cache ``[B, Hk, cap, D]`` as pools ``[pages, page_size, Hk, D]`` of
+    shuffled pages in k's dtype and on its device, with ``spare`` pages of noise:
+    ``(k_pool, v_pool, page_table)``, the table int64 ``[B, cap // page_size]``."""
+    B, Hk, cap, D = k.shape
+    n = cap // page_size
+    table = torch.randperm(B * n + spare, generator=g, device=k.device)[:B * n].view(B, n)
+    pools = []
+    for t in (k, v):
+        pool = torch.randn(B * n + spare, page_size, Hk, D, generator=g, device=k.device) \
+            .to(k.dtype)
+        pool[table.reshape(-1)] = t.view(B, Hk, n, page_size, D).permute(0, 2, 3, 1, 4) \
+            .reshape(B * n, page_size, Hk, D)
+        pools.append(pool)
+    return pools[0], pools[1], table
+
+
 def check_table_paths(monkeypatch, build):
     """``build()`` (a list of ``(table arguments, grid order, form)`` from
     ``fwd_tables`` / ``bwd_tables``) through the table and order kernels of

@@ -21,6 +21,7 @@ from spattn.dsl.errors import SpattnError, SpattnInputError, SpattnParamError, S
 from spattn.runtime import cache, decode as dec
 from spattn.runtime.reference import attention_reference
 
+from tests.helpers.kernels import paged_cache
 from tests.helpers.sources import bool_exprs
 
 PATTERNS = {
@@ -76,16 +77,8 @@ def _reference(pat, q, k, v, lens, ins, scale=None, q_offset=None):
 def _paged(k, v, page_size, g):
     """A contiguous cache [B, Hk, cap, D] as pools of shuffled pages, with spare pages of
     noise: (k_pool, v_pool, page_table)."""
-    B, Hk, cap, D = k.shape
-    n = cap // page_size
-    table = torch.randperm(B * n + 3, generator=g)[:B * n].view(B, n)
-    pools = []
-    for t in (k, v):
-        pool = torch.randn(B * n + 3, page_size, Hk, D, generator=g).to(t.dtype)
-        pool[table.reshape(-1)] = t.view(B, Hk, n, page_size, D).permute(0, 2, 3, 1, 4) \
-            .reshape(B * n, page_size, Hk, D)
-        pools.append(pool)
-    return pools[0], pools[1], table.to(torch.int32)
+    kp, vp, table = paged_cache(k, v, page_size, g, spare=3)
+    return kp, vp, table.to(torch.int32)
 
 
 def _case(name, backend, *, B=2, Hq=4, Hk=2, Lq=1, cap=96, D=16, lens=None, paged=0,
