@@ -90,6 +90,12 @@ PATTERNS = {
     "documents": ("causal & same(doc)", {},
                   lambda N, H, I: (lambda b, h, q, k: (q >= k) & (I["doc"][q] == I["doc"][k])),
                   lambda N, dev: {"doc": _doc_ids(N, dev)}),
+    "documents1": ("causal & same(doc)", {},
+                   lambda N, H, I: (lambda b, h, q, k: (q >= k) & (I["doc"][q] == I["doc"][k])),
+                   lambda N, dev: {"doc": _doc_ids(N, dev, ndocs=1)}),
+    "documents4": ("causal & same(doc)", {},
+                   lambda N, H, I: (lambda b, h, q, k: (q >= k) & (I["doc"][q] == I["doc"][k])),
+                   lambda N, dev: {"doc": _doc_ids(N, dev, ndocs=4)}),
     "prefix_lm(2048)": ("prefix_lm(2048)", {},
                         lambda N, H, I: (lambda b, h, q, k: (q >= k) | (k < 2048)), None),
     "chunked(4096)&causal": ("chunked(4096) & causal", {},
@@ -118,6 +124,8 @@ PATTERNS = {
     "per-head": ("causal & (q - k < 1024 | k % H == h)", {},
                  lambda N, H, I: (lambda b, h, q, k: (q >= k) & ((q - k < 1024) | (k % H == h))), None),
 }
+#: Patterns run only when named (``--patterns``): nearly causal packed documents.
+EXTRA = ("documents1", "documents4")
 QUICK = ["causal", "window(1024)", "streaming", "documents", "longformer", "dilated(512,4)"]
 
 
@@ -424,7 +432,7 @@ def main(argv=None):
     import logging
     logging.basicConfig(stream=sys.stderr, format="  %(message)s")
     logging.getLogger("spattn").setLevel(logging.INFO)    # autotuning progress and choices
-    names = args.patterns or (QUICK if args.quick else list(PATTERNS))
+    names = args.patterns or (QUICK if args.quick else [p for p in PATTERNS if p not in EXTRA])
     ns = args.n or ([16384] if args.quick else [4096, 16384, 65536])
     ds = args.d or ([128] if args.quick else [64, 128])
     rows = []
