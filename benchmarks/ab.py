@@ -176,8 +176,7 @@ def main(argv=None):
     base = _load_base(args.base_pkg)
     rows, host = [], []
     for N in args.N:
-        for name in args.patterns or [p for p in bench.PATTERNS
-                                          if p != "bigbird" and p not in bench.EXTRA]:
+        for name in args.patterns or [p for p in bench.default_names() if p != "bigbird"]:
             try:
                 rows.append(run_pattern(name, N, args.D, args.H, base, args.rounds))
             except Exception as e:  # noqa: BLE001 -- report and go on

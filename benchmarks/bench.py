@@ -129,6 +129,11 @@ EXTRA = ("documents1", "documents4")
 QUICK = ["causal", "window(1024)", "streaming", "documents", "longformer", "dilated(512,4)"]
 
 
+def default_names(quick: bool = False) -> list:
+    """The patterns run when none are named: :data:`QUICK`, or every one but :data:`EXTRA`."""
+    return list(QUICK) if quick else [p for p in PATTERNS if p not in EXTRA]
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -432,7 +437,7 @@ def main(argv=None):
     import logging
     logging.basicConfig(stream=sys.stderr, format="  %(message)s")
     logging.getLogger("spattn").setLevel(logging.INFO)    # autotuning progress and choices
-    names = args.patterns or (QUICK if args.quick else [p for p in PATTERNS if p not in EXTRA])
+    names = args.patterns or default_names(args.quick)
     ns = args.n or ([16384] if args.quick else [4096, 16384, 65536])
     ds = args.d or ([128] if args.quick else [64, 128])
     rows = []
