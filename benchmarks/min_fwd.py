@@ -8,9 +8,10 @@ lse stored. Flags move it toward the generated forward one feature at a time:
 * ``WS``: ``tl.range(..., warp_specialize=True)`` on the key loop. Triton 3.6's Hopper
   pass (``add_hopper_warpspec``) splits the loop into a producer warp group and two
   consumer warp groups of 64 rows each (FlashAttention-3's structure) only with
-  ``num_warps=4``, 2-D descriptors, O stored through pointers and one loop in the kernel;
-  4-D descriptors with a reshape stop it (``WSDataPartition``: unsupported op), and a
-  second loop after a specialised one fails (a dominance assertion).
+  ``num_warps=4``, O stored through pointers and one loop in the kernel: O stored through
+  a descriptor fails the pass (the halves' stores do not match the descriptor's block), a
+  second loop after a specialised one fails (a dominance assertion), and a branch in the
+  loop leaves it unspecialised without a message.
 * ``DESC4``: 4-D descriptors ``[1, 1, rows, D]`` over ``[B, H, L, D]`` with a reshape, as
   the generated kernels read them (else 2-D over ``[B * H * L, D]``).
 * ``O_TMA``: O stored through a descriptor (else pointers).
@@ -25,6 +26,7 @@ Timed against spattn's ``full`` / ``causal`` plan and cuDNN in alternating round
 configuration compiles (``warmup``) before its first launch, with the time printed.
 
     python benchmarks/min_fwd.py [--rounds 3] [--cases 0,1,2] [--cfgs 0,1] [--out DIR]
+    python benchmarks/min_fwd.py --compile-only     # no GPU: what Triton's pass does
 """
 from __future__ import annotations
 
@@ -149,6 +151,40 @@ CONFIGS = [
 ]
 
 
+#: Specialised loops in forms the generated kernels have (``--compile-only``): 4-D
+#: descriptors (taken), O stored through a descriptor (refused by the pass).
+WS_FORMS = [("ws 128x128 w4 s2, 4-D descriptors", 128, 128, 4, 2, dict(WS=True, DESC4=True)),
+            ("ws 128x128 w4 s2, O by TMA", 128, 128, 4, 2, dict(WS=True, O_TMA=True))]
+
+
+def compile_report(causal: bool = False) -> list:
+    """Each configuration (and :data:`WS_FORMS`) compiled for sm_90a on this machine, no GPU
+    needed: ``(label, error or None, warp-specialised?, shared memory bytes)``. Run in a
+    process without ``TRITON_INTERPRET``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+    out = []
+    for label, bm, bn, nw, ns, flags in CONFIGS + WS_FORMS:
+        flags = dict(dict(WS=False, DESC4=False, O_TMA=False, SPLIT3=False, ORDERED=False),
+                     **flags)
+        block = "1,1," if flags["DESC4"] else ""
+        sig = {n: f"tensordesc<bf16[{block}{bn if n in 'KV' else bm},128]>" for n in "QKVO"}
+        sig.update(OP="*bf16", LSE="*fp32", ORDER="*i32", sm_scale_log2="fp32", H="i32",
+                   Lq="i32", Lk="i32")
+        consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, CAUSAL=causal, **flags)
+        sig.update({n: "constexpr" for n in consts})
+        src = ASTSource(fn=min_fwd, signature=sig,
+                        constexprs={(min_fwd.arg_names.index(n),): v for n, v in consts.items()})
+        try:
+            c = triton_compile(src, target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=nw, num_stages=ns))
+            out.append((label, None, "ttg.warp_specialize" in c.asm["ttgir"],
+                        c.metadata.shared))
+        except Exception as e:  # noqa: BLE001 - reported
+            out.append((label, f"{type(e).__name__}: {str(e)[:200]}", False, 0))
+    return out
+
+
 def launch(q, k, v, cfg, causal):
     """A closure running one configuration on q, k, v ``[B, H, L, D]`` (compiled first)."""
     B, H, Lq, D = q.shape
@@ -186,7 +222,15 @@ def main(argv=None):
     ap.add_argument("--cases", default="0,1,2", help="indices into the cases")
     ap.add_argument("--cfgs", default="0,1,2,3,4,5", help="indices into CONFIGS")
     ap.add_argument("--tag", default="", help="suffix of the json file")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="compile every configuration for sm_90a here (no GPU) and print "
+                         "whether Triton specialised its warps")
     a = ap.parse_args(argv)
+    if a.compile_only:
+        for label, err, ws, shared in compile_report():
+            print(f"{label:36s} " + (f"ERROR {err}" if err else
+                                     f"OK warp-specialised {ws} shared {shared}"), flush=True)
+        return
     import spattn
     dev, dt, D = "cuda", torch.bfloat16, 128
     cases = [("full 16K", 16, 16384, 16384, False), ("causal 16K", 16, 16384, 16384, True),
