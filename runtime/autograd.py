@@ -32,13 +32,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ..dsl.errors import SpattnError
+from ..dsl.errors import SpattnBackendError, SpattnError
 from .plan import PLANS
 
-__all__ = ["AttentionFunction", "register", "lookup", "attention_op", "attention_bwd_op",
-           "score_attention_op", "score_attention_bwd_op"]
+__all__ = ["AttentionFunction", "OnceDifferentiable", "once", "register", "lookup",
+           "attention_op", "attention_bwd_op", "score_attention_op", "score_attention_bwd_op"]
 
 #: canonical source -> Pattern, for the custom op (which only carries the source).
 _REGISTRY: dict = {}
@@ -84,6 +83,56 @@ def _inputs_dict(pattern, tensors) -> dict:
 
 # ------------------------------------------------------------ eager autograd
 
+#: What differentiating a spattn gradient again says.
+TWICE = ("spattn's attention is differentiable once: its backward (the kernels, and the torch "
+         "backend's fused calls) has no derivative of its own, so a gradient taken with "
+         "create_graph=True cannot be differentiated again (a gradient penalty, a Hessian-"
+         "vector product, torch.func.hessian); compute that term with "
+         "spattn.runtime.reference.pattern_reference (float64, differentiable twice) or "
+         "leave it out")
+
+
+class OnceDifferentiable(torch.autograd.Function):
+    """``apply(n, *grads, *inputs) -> grads``: the ``n`` gradients a spattn backward
+    computed, returned as outputs of a node over the tensors they depend on (the forward's
+    inputs and the incoming gradients), whose own backward raises
+    :class:`~spattn.dsl.errors.SpattnBackendError`.
+
+    Why a node over the inputs: a gradient without one (what the backward gives under
+    ``create_graph=True`` when it ignores grad mode) is a constant, so a gradient penalty
+    added to the loss vanishes from its backward without a word; and
+    ``torch.autograd.function.once_differentiable`` ties its error to fresh leaves, which
+    ``torch.autograd.grad(..., allow_unused=True)`` never reaches, returning None (read as
+    a second derivative of 0). Through this node every path from the gradients to q, k, v
+    or a table meets the error."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise SpattnBackendError(TWICE)
+
+
+def once(grads: tuple, inputs: tuple) -> tuple:
+    """``grads`` (None where not computed) as computed, or, where the backward runs with
+    ``create_graph=True`` and one of ``inputs`` requires grad, through
+    :class:`OnceDifferentiable` (the backward itself runs under ``torch.no_grad()``)."""
+    if not torch.is_grad_enabled():
+        return grads
+    live = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not live:
+        return grads
+    at = [i for i, g in enumerate(grads) if g is not None]
+    if not at:
+        return grads
+    out = list(grads)
+    for i, g in zip(at, OnceDifferentiable.apply(len(at), *(grads[i] for i in at), *live)):
+        out[i] = g
+    return tuple(out)
+
+
 class AttentionFunction(torch.autograd.Function):
     """``apply(plan, q, k, v, deterministic=False) -> (o, lse)``: the plan's forward, and
     its backward (``deterministic``: without atomic dQ)."""
@@ -98,16 +147,15 @@ class AttentionFunction(torch.autograd.Function):
         return o, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         if do is None and dlse is None:
             return None, None, None, None, None
-        if do is None:
-            do = torch.zeros_like(o)
-        dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do, dlse,
-                                       deterministic=ctx.deterministic)
-        return None, dq, dk, dv, None
+        with torch.no_grad():
+            dq, dk, dv = ctx.plan.backward(q, k, v, o, lse,
+                                           torch.zeros_like(o) if do is None else do, dlse,
+                                           deterministic=ctx.deterministic)
+        return (None, *once((dq, dk, dv), (q, k, v, do, dlse)), None)
 
 
 # ------------------------------------------------------------ custom ops

@@ -616,13 +616,16 @@ class ScoreFunction(torch.autograd.Function):
         nt = len(tables)
         if do is None and dlse is None:
             return (None,) * (4 + nt)
-        if do is None:
-            do = torch.zeros(o.shape, dtype=q.dtype, device=q.device)
         want = tuple(n for n, need in zip(c.names, ctx.needs_input_grad[4:]) if need)
         ins = {**c.int_inputs, **dict(zip(c.names, tables))}
-        dq, dk, dv, tg = run_bwd(c, q, k, v, o, lse, do, ins, dlse, want)
-        dt = tuple(tg[n].to(t.dtype) if n in tg else None for n, t in zip(c.names, tables))
-        return (None, dq, dk, dv) + dt
+        with torch.no_grad():
+            dq, dk, dv, tg = run_bwd(c, q, k, v, o, lse,
+                                     torch.zeros(o.shape, dtype=q.dtype, device=q.device)
+                                     if do is None else do, ins, dlse, want)
+            dt = tuple(tg[n].to(t.dtype) if n in tg else None
+                       for n, t in zip(c.names, tables))
+        from .autograd import once
+        return (None,) + once((dq, dk, dv) + dt, (q, k, v, do, dlse, *tables))
 
 
 def _split_inputs(pattern, inputs) -> tuple:

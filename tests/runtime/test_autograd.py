@@ -204,3 +204,46 @@ def test_lse_gradient_stage_is_its_own():
     assert not plain.config.lse_grad and with_dlse.config.lse_grad
     assert "lse_grad" not in plain.config.as_dict()
     assert "DLSE" in with_dlse.dq_kernel.arg_names and "DLSE" not in plain.dq_kernel.arg_names
+
+
+TWICE_CASES = [
+    pytest.param("torch", None, {}, id="torch-mask"),
+    pytest.param("torch", "softcap(5.0)", {}, id="torch-score"),
+    pytest.param("torch", "s + rel[h, q - k + 31]", {"rel": True}, id="torch-table-score"),
+    pytest.param("triton", None, {}, marks=pytest.mark.interpreter, id="triton-mask"),
+    pytest.param("triton", "softcap(5.0)", {}, marks=pytest.mark.interpreter,
+                 id="triton-score"),
+    pytest.param("triton", "s + rel[h, q - k + 31]", {"rel": True},
+                 marks=pytest.mark.interpreter, id="triton-table-score"),
+]
+
+
+@pytest.mark.parametrize("backend, score, inputs", TWICE_CASES)
+def test_a_gradient_differentiated_again_is_refused(backend, score, inputs):
+    """The backward is differentiable once: a gradient taken with ``create_graph=True``
+    and differentiated again (a gradient penalty in the loss, ``autograd.grad`` of it with
+    respect to q, k, v or a table, even with ``allow_unused=True``) raises a
+    SpattnBackendError. Before, a scored call's gradient on the Triton backend carried no
+    graph, so a penalty added to the loss vanished from its backward, and the mask's
+    ``once_differentiable`` error was skipped by ``allow_unused`` (None, read as 0). The
+    first-order gradients through the same code stay those of float64."""
+    from spattn.dsl.errors import SpattnBackendError
+    from spattn.runtime.reference import pattern_reference
+    pat = spattn.compile("causal & window(12)", score=score, backend=backend)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (_rand(g, 1, 2, 32, 16).requires_grad_() for _ in range(3))
+    kw = {"rel": _rand(g, 2, 63).requires_grad_()} if "rel" in inputs else {}
+    leaves = (q, k, v, *kw.values())
+    o = pat(q, k, v, **kw)
+    gq, = torch.autograd.grad((o * o).sum(), q, create_graph=True)
+    assert gq.requires_grad
+    for x in leaves:
+        with pytest.raises(SpattnBackendError, match="differentiable once"):
+            torch.autograd.grad(gq.sum(), x, allow_unused=True, retain_graph=True)
+    with pytest.raises(SpattnBackendError, match="differentiable once"):
+        (o.sum() + (gq.norm() - 1) ** 2).backward()
+    # the same first-order gradients as float64 (create_graph or not)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    ro = pattern_reference(pat, *ref[:3], **dict(zip(kw, ref[3:])))[0]
+    rq, = torch.autograd.grad((ro * ro).sum(), ref[0])
+    torch.testing.assert_close(gq.detach().double(), rq, atol=2e-4, rtol=2e-4)
