@@ -599,6 +599,11 @@ class ScoreFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c: Ctx, q, k, v, *tables):
+        # the mask's inputs as the forward saw them: a backward that reads them (the torch
+        # backend's, and the deterministic fall-back) must not see the caller's later
+        # in-place writes (small integer tensors: a copy is cheap)
+        ctx.ints = {n: t.clone() if isinstance(t, torch.Tensor) else t
+                    for n, t in c.int_inputs.items()}
         ins = {**c.int_inputs, **dict(zip(c.names, tables))}
         # a table that needs a gradient on the Triton backward: the output is kept in fp32
         # for the backward's delta (exact_delta), and returned rounded
@@ -617,7 +622,7 @@ class ScoreFunction(torch.autograd.Function):
         if do is None and dlse is None:
             return (None,) * (4 + nt)
         want = tuple(n for n, need in zip(c.names, ctx.needs_input_grad[4:]) if need)
-        ins = {**c.int_inputs, **dict(zip(c.names, tables))}
+        ins = {**ctx.ints, **dict(zip(c.names, tables))}
         with torch.no_grad():
             dq, dk, dv, tg = run_bwd(c, q, k, v, o, lse,
                                      torch.zeros(o.shape, dtype=q.dtype, device=q.device)

@@ -247,3 +247,41 @@ def test_a_gradient_differentiated_again_is_refused(backend, score, inputs):
     ro = pattern_reference(pat, *ref[:3], **dict(zip(kw, ref[3:])))[0]
     rq, = torch.autograd.grad((ro * ro).sum(), ref[0])
     torch.testing.assert_close(gq.detach().double(), rq, atol=2e-4, rtol=2e-4)
+
+
+INPLACE_CASES = [
+    pytest.param(backend, score, dt, det,
+                 marks=[pytest.mark.interpreter] if backend == "triton" else [],
+                 id=f"{backend}-{'score' if score else 'mask'}-{str(dt)[6:]}"
+                    + ("-deterministic" if det else ""))
+    for backend in ("torch", "triton")
+    for score, det in ((None, False), ("s + rel[h, q - k + 47]", False),
+                       ("s + rel[h, q - k + 47]", True))
+    for dt in (torch.int32, torch.int64)
+]
+
+
+@pytest.mark.parametrize("backend, score, dtype, deterministic", INPLACE_CASES)
+def test_inputs_written_in_place_after_the_forward(backend, score, dtype, deterministic):
+    """A runtime input written in place between the forward and the backward: the
+    gradients are those of the mask the forward computed (a scored call on the torch
+    backend read the written values, a different mask, in its backward), checked against
+    float64 with the forward's values."""
+    from spattn.runtime.reference import pattern_reference
+    pat = spattn.compile("causal & same(doc)", score=score, backend=backend)
+    g = torch.Generator().manual_seed(12)
+    L = 48
+    doc = torch.tensor([0] * 10 + [1] * 20 + [2] * 18, dtype=dtype)
+    q, k, v = (_rand(g, 1, 2, L, 16).requires_grad_() for _ in range(3))
+    kw = {"rel": _rand(g, 2, 2 * L - 1).requires_grad_()} if score else {}
+    o = pat(q, k, v, doc=doc, deterministic=deterministic, **kw)
+    do = _rand(g, *o.shape)
+    before = doc.clone()
+    doc[5:25] = 7
+    o.backward(do)
+    leaves = (q, k, v, *kw.values())
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    ro = pattern_reference(pat, *ref[:3], doc=before, **dict(zip(kw, ref[3:])))[0]
+    ro.backward(do.double())
+    for name, a, b in zip(("dq", "dk", "dv", "drel"), leaves, ref):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-5, rtol=2e-5, msg=name)
