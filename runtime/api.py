@@ -87,6 +87,24 @@ def _layout(t) -> str:
     return "a nested tensor" if t.is_nested else f"layout {t.layout}"
 
 
+#: Whether a tensor is a torch.func transform's wrapper (vmap's batched tensor, grad's
+#: tracking tensor): ~80 ns.
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def refuse_wrapped(name: str, t) -> None:
+    """A SpattnInputError naming ``name`` when ``t`` is a torch.func transform's tensor:
+    spattn's kernels read plain tensors' memory and have no vmap or functorch rules (a
+    bare ``data_ptr`` error would come from deep inside a plan)."""
+    if isinstance(t, torch.Tensor) and _wrapped(t):
+        raise SpattnInputError(
+            f"{name} (shape {_shape(t)}) is a tensor of a torch.func transform (vmap, grad, "
+            "jacrev, functional_call under grad): spattn's kernels run on plain tensors and "
+            "have no batching or functorch rules. Fold an extra batch dimension into B "
+            "([N, B, H, L, D] -> [N * B, H, L, D], per-batch inputs likewise) and take "
+            "gradients with torch.autograd")
+
+
 def _valid(q, k, v) -> bool:
     """Whether q, k, v pass every check of :func:`validate`: the accepting path of a call
     (attribute reads and int comparisons, no tensor operation); validate says what is wrong."""
@@ -104,6 +122,8 @@ def _valid(q, k, v) -> bool:
         return False
     dt = q.dtype
     if not (dt in DTYPES and k.dtype == dt and v.dtype == dt):
+        return False
+    if _wrapped(q) or _wrapped(k) or _wrapped(v):
         return False
     if q.is_cpu:                # no device objects on the common path (they cost more)
         return k.is_cpu and v.is_cpu
@@ -129,6 +149,7 @@ def validate(q, k, v) -> None:
             raise SpattnInputError(f"{name} (shape {_shape(t)}) is a meta tensor, which has no "
                                    "data: spattn computes attention on real tensors (move q, k "
                                    "and v to 'cpu' or 'cuda')")
+        refuse_wrapped(name, t)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape[0] < 1 or t.shape[1] < 1 or t.shape[2] < 1:
             raise SpattnInputError(f"{name} has shape {_shape(t)}: B, H and L must be >= 1")
@@ -228,6 +249,7 @@ def check_runtime_tensors(inputs: dict) -> None:
         if t.is_meta:
             raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) is a meta "
                                    "tensor, which has no data: pass it on 'cpu' or 'cuda'")
+        refuse_wrapped(f"runtime input {name!r}", t)
         if t.dtype in _UNSIGNED:
             raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) has dtype "
                                    f"{t.dtype}, an unsigned type torch has few operations for: "
@@ -300,6 +322,7 @@ def _order_tensor(order) -> None:
     if order.layout is not torch.strided or order.is_nested or order.is_meta:
         raise SpattnInputError(f"order must be a dense tensor with data, got "
                                f"{'a meta tensor' if order.is_meta else _layout(order)}")
+    refuse_wrapped("order", order)
     if order.dtype is torch.bool or order.is_floating_point() or order.is_complex() \
             or order.dtype in _UNSIGNED:
         raise SpattnInputError(f"order (shape {_shape(order)}) has dtype {order.dtype}: it "

@@ -146,6 +146,7 @@ def _check_layout(q, k_cache, v_cache, page_table):
                 want = "[B, Hq, Lq, D]" if name == "q" else "[num_pages, page_size, Hk, D]"
                 raise SpattnInputError(f"{name} must be a dense 4-D tensor {want} with data, "
                                        f"got {shape}")
+            _api.refuse_wrapped(name, t)
         B, Hq, Lq, D = q.shape
         if tuple(v_cache.shape) != tuple(k_cache.shape):
             raise SpattnInputError(f"k_cache and v_cache must have the same shape "
@@ -182,6 +183,7 @@ def _check_layout(q, k_cache, v_cache, page_table):
         if page_table.device != q.device:
             raise SpattnInputError(f"page_table is on {page_table.device} but q is on "
                                    f"{q.device}")
+        _api.refuse_wrapped("page_table", page_table)
         cap = page_table.shape[1] * page_size
     if Lq > MAX_DECODE_Q:
         raise SpattnInputError(f"decode takes at most {MAX_DECODE_Q} query rows, q has {Lq} "
@@ -202,6 +204,7 @@ def _check_seq_lens(seq_lens, B, Lq, cap, device, check: bool):
         raise SpattnInputError(f"seq_lens must be an integer tensor [B] with B = {B}, got {what}")
     if seq_lens.device != device:
         raise SpattnInputError(f"seq_lens is on {seq_lens.device} but q is on {device}")
+    _api.refuse_wrapped("seq_lens", seq_lens)
     if check:
         if device.type == "cpu":
             vals = seq_lens.tolist()
@@ -2014,6 +2017,7 @@ def _signature(q, k, scale, routed: bool, has_lens: bool) -> tuple:
 #: eagerly pass tensor subclasses, which :func:`fast_step` refuses by type).
 _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _remembered(pattern, q, k, v):
@@ -2027,6 +2031,8 @@ def _remembered(pattern, q, k, v):
     T = _TENSOR
     if type(q) is not T or type(k) is not T or type(v) is not T:
         return None     # subclasses (and the fake tensors of other tracers) take the full path
+    if _wrapped(q) or _wrapped(k) or _wrapped(v):
+        return None     # a torch.func transform's tensors: the full path refuses them
     return hit[1]
 
 

@@ -65,6 +65,8 @@ def validate_score_inputs(declared: dict, given: dict, *, batch: int, num_heads:
                                    f"{type(t).__name__}")
         if t.layout is not torch.strided or t.is_nested or t.is_meta:
             raise SpattnInputError(f"runtime input {name!r} must be a dense tensor with data")
+        from .api import refuse_wrapped
+        refuse_wrapped(f"runtime input {name!r}", t)
         if t.dtype not in FLOAT_DTYPES:
             raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) has dtype "
                                    f"{t.dtype}, but the score reads it as a float table: pass "
