@@ -131,9 +131,10 @@ def _valid(q, k, v) -> bool:
     return dev.type != "meta" and k.device == dev and v.device == dev
 
 
-def validate(q, k, v) -> None:
-    """Check q, k, v (rank, batch, heads, head dim, device, dtype); raise SpattnInputError."""
-    if _valid(q, k, v):
+def validate(q, k, v, *, empty: bool = False) -> None:
+    """Check q, k, v (rank, batch, heads, head dim, device, dtype); raise SpattnInputError.
+    ``empty``: B, H and L may be 0 (:func:`empty_call`), else each must be at least 1."""
+    if not empty and _valid(q, k, v):
         return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -151,7 +152,7 @@ def validate(q, k, v) -> None:
                                    "and v to 'cpu' or 'cuda')")
         refuse_wrapped(name, t)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.shape[0] < 1 or t.shape[1] < 1 or t.shape[2] < 1:
+        if not empty and (t.shape[0] < 1 or t.shape[1] < 1 or t.shape[2] < 1):
             raise SpattnInputError(f"{name} has shape {_shape(t)}: B, H and L must be >= 1")
     B, Hq, Lq, D = q.shape
     for name, t in (("k", k), ("v", v)):
@@ -162,7 +163,7 @@ def validate(q, k, v) -> None:
         raise SpattnInputError(f"k and v must have the same number of heads and length: k has "
                                f"shape {_shape(k)}, v has shape {_shape(v)}")
     Hk = k.shape[1]
-    if Hq % Hk != 0:
+    if (Hq % Hk != 0) if Hk else Hq != 0:
         raise SpattnInputError(f"the number of query heads must be a multiple of the number of "
                                f"key/value heads: q has {Hq} heads (shape {_shape(q)}), k has "
                                f"{Hk} (shape {_shape(k)})")
@@ -496,6 +497,59 @@ def _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs) -> None:
     plan.check(q, k, v)
 
 
+def is_empty(q, k, v) -> bool:
+    """Whether q, k, v are dense 4-D tensors of which one has a batch, head or length of 0
+    (:func:`empty_call`)."""
+    return all(isinstance(t, torch.Tensor) and t.layout is torch.strided and not t.is_nested
+               and t.dim() == 4 for t in (q, k, v)) \
+        and 0 in (*q.shape[:3], *k.shape[:3], *v.shape[:3])
+
+
+class EmptyAttention(torch.autograd.Function):
+    """``apply(o, lse, *tensors) -> (o, lse)``: a call's outputs that depend on none of
+    ``tensors`` (a call with no query or no key: :func:`empty_call`), whose gradients are
+    zeros of their shapes."""
+
+    @staticmethod
+    def forward(ctx, o, lse, *tensors):
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in tensors]
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        return (None, None) + tuple(torch.zeros(s, dtype=d, device=dev)
+                                    for s, d, dev in ctx.shapes)
+
+
+def empty_call(pattern, q, k, v, *, scale, q_offset, inputs, plan):
+    """``(o, lse)`` of a call where B, Hq, Lq or Lk is 0 (what SDPA returns there): no
+    query row (empty outputs) or none with a key (every row fully masked: o 0, lse -inf).
+    The arguments are checked as far as they mean anything at these shapes: q, k and v
+    (:func:`validate`), the scale, ``q_offset``, the runtime inputs' names and tensors; a
+    plan must be one of these shapes. Gradients are zeros; nothing is compiled."""
+    validate(q, k, v, empty=True)
+    B, Hq, Lq, D = q.shape
+    _check_scale(scale, D)
+    check_q_offset(q_offset, Lq, k.shape[2])
+    ins = dict(inputs or {})
+    declared = {**pattern.inputs, **getattr(pattern, "score_inputs", {})}
+    missing = [n for n in declared if n not in ins]
+    if missing and plan is None:
+        raise SpattnInputError(f"missing runtime input {', '.join(map(repr, missing))}: the "
+                               f"pattern's inputs are {', '.join(map(repr, declared))}")
+    check_runtime_tensors(ins)
+    if plan is not None:
+        _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o = torch.zeros((B, Hq, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Lq), float("-inf"), dtype=lse_dtype, device=q.device)
+    tensors = [t for t in (q, k, v, *ins.values())
+               if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        o, lse = EmptyAttention.apply(o, lse, *tensors)
+    return o, lse
+
+
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
          plan=None, layout=None, deterministic=False, order=None):
     """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32);
@@ -519,6 +573,10 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         layout = getattr(plan, "tensor_layout", None)
     if layout is not None:
         q, k, v = _usage.to_bhsd(layout, q, k, v)
+    if is_empty(q, k, v):
+        out = empty_call(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
+                         plan=plan)
+        return _usage.output(layout, out if return_lse else out[0], return_lse)
     if getattr(pattern, "score", None) is not None:
         from . import scores
         if torch.compiler.is_compiling():

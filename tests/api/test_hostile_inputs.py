@@ -6,7 +6,8 @@ runtime inputs) and applies up to three mutations: wrong ranks, shapes, dtypes, 
 devices (meta), empty dims, non-contiguous or broadcast (stride 0) views, NaN/inf values,
 non-tensors, bad scales, huge or ill-typed q_offset, broken runtime inputs.  A call that
 returns is checked for shape and dtype and, when its inputs are finite, against the float64
-reference element by element; with a gradient asked for, the backward runs too.
+reference element by element (an empty batch, head count or length: o 0 and lse -inf);
+with a gradient asked for, the backward runs too.
 """
 import math
 import warnings
@@ -189,8 +190,12 @@ def _check_call(backend, name, kw, grad):
     assert o.shape == (*q.shape[:3], v.shape[-1]) and o.dtype == q.dtype
     if kw["return_lse"]:
         assert out[1].shape == q.shape[:3] and out[1].dtype == torch.float32
-    event("returned, checked against the reference" if _finite(kw) else "returned")
-    if _finite(kw):
+    if 0 in (*q.shape[:3], *kw["k"].shape[:3]):
+        # no query row, or none with a key: SDPA's answer (o 0, lse -inf), zero gradients
+        event("returned empty")
+        assert not o.any() and (not kw["return_lse"] or bool(torch.isneginf(out[1]).all()))
+    elif _finite(kw):
+        event("returned, checked against the reference")
         inputs = {n: t for n, t in kw.items() if n in ("doc", "blocks")}
         qo = kw.get("q_offset")
         qo = None if qo is None else int(qo)
@@ -203,6 +208,8 @@ def _check_call(backend, name, kw, grad):
         tol = TOL[q.dtype]
         torch.testing.assert_close(o.detach().double(), ref, atol=tol, rtol=tol)
         assert torch.isfinite(o).all()
+    else:
+        event("returned")
     if grad and o.requires_grad:
         o.float().sum().backward()
         for n in ("q", "k", "v"):
