@@ -87,16 +87,21 @@ def _layout(t) -> str:
     return "a nested tensor" if t.is_nested else f"layout {t.layout}"
 
 
-#: Whether a tensor is a torch.func transform's wrapper (vmap's batched tensor, grad's
-#: tracking tensor): ~80 ns.
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def wrapped(t) -> bool:
+    """Whether ``t`` is a torch.func transform's tensor (vmap's batched tensor, grad's
+    tracking tensor): ~0.1 us. False under ``torch.compile``, which cannot trace the check
+    (and traces the custom ops, not the kernels, with its own fake tensors)."""
+    return not torch.compiler.is_compiling() and _is_functorch_wrapped(t)
 
 
 def refuse_wrapped(name: str, t) -> None:
     """A SpattnInputError naming ``name`` when ``t`` is a torch.func transform's tensor:
     spattn's kernels read plain tensors' memory and have no vmap or functorch rules (a
     bare ``data_ptr`` error would come from deep inside a plan)."""
-    if isinstance(t, torch.Tensor) and _wrapped(t):
+    if isinstance(t, torch.Tensor) and wrapped(t):
         raise SpattnInputError(
             f"{name} (shape {_shape(t)}) is a tensor of a torch.func transform (vmap, grad, "
             "jacrev, functional_call under grad): spattn's kernels run on plain tensors and "
@@ -123,7 +128,7 @@ def _valid(q, k, v) -> bool:
     dt = q.dtype
     if not (dt in DTYPES and k.dtype == dt and v.dtype == dt):
         return False
-    if _wrapped(q) or _wrapped(k) or _wrapped(v):
+    if wrapped(q) or wrapped(k) or wrapped(v):
         return False
     if q.is_cpu:                # no device objects on the common path (they cost more)
         return k.is_cpu and v.is_cpu
@@ -543,8 +548,10 @@ def empty_call(pattern, q, k, v, *, scale, q_offset, inputs, plan):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.zeros((B, Hq, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, Lq), float("-inf"), dtype=lse_dtype, device=q.device)
-    tensors = [t for t in (q, k, v, *ins.values())
-               if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    # one of each tensor: the same one twice is a graph break in torch.compile's
+    # autograd.Function (self-attention passes x as q, k and v)
+    tensors = list({id(t): t for t in (q, k, v, *ins.values())
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()}.values())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         o, lse = EmptyAttention.apply(o, lse, *tensors)
     return o, lse

@@ -2017,7 +2017,7 @@ def _signature(q, k, scale, routed: bool, has_lens: bool) -> tuple:
 #: eagerly pass tensor subclasses, which :func:`fast_step` refuses by type).
 _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor   # (_remembered: never traced)
 
 
 def _remembered(pattern, q, k, v):

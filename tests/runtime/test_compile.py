@@ -153,3 +153,23 @@ def test_compile_fullgraph_grid_with_extra_tokens_around_it():
     short = torch.randn(1, 2, 26, 16)
     with pytest.raises(spattn.SpattnInputError, match="after 3 and before 4 extra tokens"):
         compiled(short, short, short)
+
+
+@pytest.mark.parametrize("score", [None, "softcap(5.0)"], ids=["mask", "score"])
+def test_compiled_empty_self_attention(score):
+    """``torch.compile(fullgraph=True)`` of a call with an empty batch, q, k and v one tensor
+    (self-attention): the empty call's zeros and zero gradients trace (the autograd
+    function takes each tensor once), and a non-empty call in the same function traces the
+    input checks (the torch.func check is skipped while compiling)."""
+    pat = spattn.compile("causal & window(4)", score=score, backend="torch")
+    f = torch.compile(lambda x: pat(x, x, x), fullgraph=True)
+    x0 = torch.randn(0, 2, 8, 16, requires_grad=True)
+    o = f(x0)
+    o.sum().backward()
+    assert o.shape == x0.shape and x0.grad.shape == x0.shape
+    x = torch.randn(1, 2, 8, 16, requires_grad=True)
+    o = f(x)
+    o.sum().backward()
+    ref = x.detach().requires_grad_()
+    pat(ref, ref, ref).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
