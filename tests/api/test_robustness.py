@@ -348,8 +348,8 @@ def _funcs(win=None):
 def test_torch_func_transforms_are_input_errors(case):
     """A torch.func transform's tensors (vmap's batched tensors, grad's tracking tensors)
     are a SpattnInputError naming the argument and the way out (fold the extra dimension
-    into B), on the first call and on a call that a fast entry would serve; before, a
-    ``data_ptr`` RuntimeError from inside the plan."""
+    into B), on the first call and on a call that a fast entry would serve, rather than
+    a ``data_ptr`` RuntimeError from inside a plan."""
     win = spattn.compile("causal & window(5)", backend="torch")
     kc = torch.randn(1, 2, 300, 16)
     for _ in range(2):                  # the decode fast entries of plain calls of that shape

@@ -223,9 +223,8 @@ def test_a_gradient_differentiated_again_is_refused(backend, score, inputs):
     """The backward is differentiable once: a gradient taken with ``create_graph=True``
     and differentiated again (a gradient penalty in the loss, ``autograd.grad`` of it with
     respect to q, k, v or a table, even with ``allow_unused=True``) raises a
-    SpattnBackendError. Before, a scored call's gradient on the Triton backend carried no
-    graph, so a penalty added to the loss vanished from its backward, and the mask's
-    ``once_differentiable`` error was skipped by ``allow_unused`` (None, read as 0). The
+    SpattnBackendError, never a gradient without a graph (a penalty added to the loss
+    would vanish from its backward) nor a None under ``allow_unused`` (read as 0). The
     first-order gradients through the same code stay those of float64."""
     from spattn.dsl.errors import SpattnBackendError
     from spattn.runtime.reference import pattern_reference
@@ -264,9 +263,9 @@ INPLACE_CASES = [
 @pytest.mark.parametrize("backend, score, dtype, deterministic", INPLACE_CASES)
 def test_inputs_written_in_place_after_the_forward(backend, score, dtype, deterministic):
     """A runtime input written in place between the forward and the backward: the
-    gradients are those of the mask the forward computed (a scored call on the torch
-    backend read the written values, a different mask, in its backward), checked against
-    float64 with the forward's values."""
+    gradients are those of the mask the forward computed, not of the mask the written
+    values make, checked against float64 with the forward's values (the torch backend's
+    scored backward evaluates the mask again, from the copies its forward kept)."""
     from spattn.runtime.reference import pattern_reference
     pat = spattn.compile("causal & same(doc)", score=score, backend=backend)
     g = torch.Generator().manual_seed(12)
