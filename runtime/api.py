@@ -136,9 +136,12 @@ def _valid(q, k, v) -> bool:
     return dev.type != "meta" and k.device == dev and v.device == dev
 
 
-def validate(q, k, v, *, empty: bool = False) -> None:
+def validate(q, k, v, *, empty: bool = False, float64: bool | None = False) -> None:
     """Check q, k, v (rank, batch, heads, head dim, device, dtype); raise SpattnInputError.
-    ``empty``: B, H and L may be 0 (:func:`empty_call`), else each must be at least 1."""
+    ``empty``: B, H and L may be 0 (:func:`empty_call`), else each must be at least 1.
+    ``float64``: True, float64 is accepted too (a call the torch backend runs:
+    :func:`f64_ok`); False, refused with a pointer to the torch backend; None (decode,
+    which takes none), refused."""
     if not empty and _valid(q, k, v):
         return
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -185,9 +188,11 @@ def validate(q, k, v, *, empty: bool = False) -> None:
         if t.device != q.device:
             raise SpattnInputError(f"{name} (shape {_shape(t)}) is on {t.device} but q "
                                    f"(shape {_shape(q)}) is on {q.device}")
-    if q.dtype not in DTYPES:
+    if q.dtype not in DTYPES and not (float64 and q.dtype == torch.float64):
+        hint = " (and float64 on the torch backend: backend='torch', or 'auto' on the CPU)" \
+            if float64 is False and q.dtype == torch.float64 else ""
         raise SpattnInputError(f"q (shape {_shape(q)}) has dtype {q.dtype}; supported dtypes are "
-                               "float16, bfloat16 and float32")
+                               f"float16, bfloat16 and float32{hint}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise SpattnInputError(f"{name} (shape {_shape(t)}) has dtype {t.dtype} but q "
@@ -365,11 +370,22 @@ def _order_fits(order, q, k, q_offset) -> None:
                                f"(shape {_shape(q)}) is on {q.device}")
 
 
+def f64_ok(pattern, q) -> bool:
+    """Whether a call of ``pattern`` on q's device runs on the torch backend, which computes
+    float64 inputs in float64 (the kernels take 16- and 32-bit floats)."""
+    if not isinstance(q, torch.Tensor):
+        return False
+    try:
+        return choose_backend(pattern.backend, q.device.type) == "torch"
+    except SpattnBackendError:
+        return False
+
+
 def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
     """The checked ``(scale, q_offset, inputs)`` of a call (inputs as given: the plan
     converts them once); tensors given without ``layout`` that read as more heads than
     any model has warn (:func:`~spattn.runtime.usage.warn_if_transposed`)."""
-    validate(q, k, v)
+    validate(q, k, v, float64=f64_ok(pattern, q))
     check_grid(pattern, q.shape[2], k.shape[2], f"q (shape {_shape(q)}) and k (shape "
                                                  f"{_shape(k)})")
     B, Hq, Lq, D = q.shape

@@ -134,7 +134,7 @@ def _is_int_tensor(t) -> bool:
 def _check_layout(q, k_cache, v_cache, page_table):
     """``(B, Hq, Hk, Lq, D, capacity, page_size, num_pages)`` of checked arguments."""
     if page_table is None:
-        _api.validate(q, k_cache, v_cache)
+        _api.validate(q, k_cache, v_cache, float64=None)
         B, Hq, Lq, D = q.shape
         Hk, cap = k_cache.shape[1], k_cache.shape[2]
         page_size, num_pages = 0, 0

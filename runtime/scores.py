@@ -652,8 +652,9 @@ def _arguments(pattern, q, k, v, scale, q_offset, inputs) -> tuple:
     """The checked ``(scale, q_offset, int inputs as given, int64 int inputs, float
     tables)`` of a call or plan without a plan: every index of the mask's and the score's
     loads proven in range, the integers exact."""
-    from .api import _check_scale, check_grid, check_q_offset, check_runtime_tensors, validate
-    validate(q, k, v)
+    from .api import (_check_scale, check_grid, check_q_offset, check_runtime_tensors,
+                      f64_ok, validate)
+    validate(q, k, v, float64=f64_ok(pattern, q))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     check_grid(pattern, Lq, Lk, f"q (shape {tuple(q.shape)}) and k (shape {tuple(k.shape)})")

@@ -752,6 +752,8 @@ def test_fast_accept_refuses_what_validate_refuses(name):
     pat = spattn.compile("causal", backend="torch")
     if name == "empty heads":           # a call returns SDPA's empty answer (docs/usage.md)
         assert pat(q, k, v).shape == (1, 0, 1, 32)
+    elif name == "fp64":                # the torch backend computes float64 calls
+        assert pat(q, k, v).dtype == torch.float64
     else:
         with pytest.raises(SpattnInputError):
             pat(q, k, v)
