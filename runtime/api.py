@@ -735,13 +735,15 @@ def _check_order_call(pattern, plan) -> None:
 def traced_arguments(declared, requested_backend, q, k, v, scale, q_offset, ints):
     """``(scale, q_offset, inputs, backend)`` of a traced call (both custom ops' paths):
     q, k, v, the scale, the offset and the mask's int inputs ``ints`` checked."""
-    validate(q, k, v)
+    backend = _backend_for(requested_backend, q.device.type) \
+        if isinstance(q, torch.Tensor) else None
+    validate(q, k, v, float64=backend == "torch")
     B, Hq, Lq, D = q.shape
     scale = _check_scale(scale, D)
     q_offset = check_q_offset(q_offset, Lq, k.shape[2])
     check_runtime_tensors(ints)
     ins = validate_inputs(declared, ints, batch=B, num_heads=Hq, device=q.device)
-    return scale, q_offset, ins, _backend_for(requested_backend, q.device.type)
+    return scale, q_offset, ins, backend
 
 
 def call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_offset,
