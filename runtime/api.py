@@ -207,6 +207,12 @@ def _check_scale(scale, D) -> float:
     if scale is None:
         return 1.0 / math.sqrt(D)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not torch.compiler.is_compiling():
+        if scale.requires_grad and torch.is_grad_enabled():
+            raise SpattnValueError(
+                "scale is a tensor that requires grad, but spattn takes the scale as a number "
+                "and no gradient would reach it: for a learnable temperature use a score, "
+                "compile(..., score='s * temp[h]') with temp a learnable table [H] passed "
+                "as temp=...")
         scale = scale.item()
     if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
         raise SpattnValueError(f"scale must be a positive finite number, got "

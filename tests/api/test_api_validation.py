@@ -364,3 +364,16 @@ def test_empty_calls_return_what_sdpa_returns(qs, ks, src, score):
             pat(q, k, v)
     bshd = pat(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="bshd", **kw)
     assert bshd.shape == q.transpose(1, 2).shape
+
+
+def test_a_scale_that_requires_grad_is_refused():
+    """A scale tensor that requires grad (a learnable temperature) would get no gradient:
+    a SpattnValueError points at a score with a learnable table; without grad mode, or
+    as a plain tensor, the scale is its value."""
+    s = torch.tensor(0.3, requires_grad=True)
+    with pytest.raises(SpattnValueError, match="requires grad.*score="):
+        PAT(q0, k0, v0, scale=s)
+    with torch.no_grad():
+        torch.testing.assert_close(PAT(q0, k0, v0, scale=s), PAT(q0, k0, v0, scale=0.3))
+    torch.testing.assert_close(PAT(q0, k0, v0, scale=torch.tensor(0.3)),
+                               PAT(q0, k0, v0, scale=0.3))
