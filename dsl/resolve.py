@@ -182,7 +182,15 @@ def suggest(name: str, candidates) -> str:
 
 
 def bind_value(name: str, value) -> ParamValue:
-    """A keyword param value as an int or a tuple of ints (SpattnParamError otherwise)."""
+    """A keyword param value as an int or a tuple of ints (SpattnParamError otherwise).
+    A tensor that requires grad is refused: a param is a constant of the compiled pattern,
+    so a gradient meant for it (a learnable slope or temperature) would be dropped."""
+    if getattr(value, "requires_grad", False):
+        raise SpattnParamError(
+            f"param {name!r} is a tensor that requires grad, but params are constants "
+            "compiled into the pattern and no gradient would reach it: leave it out of "
+            f"compile(...) and pass it at each call ({name}=...), where a score reads it as "
+            "a learnable table")
     def one(v):
         if isinstance(v, bool) or (hasattr(v, "dtype") and "bool" in str(getattr(v, "dtype"))):
             raise SpattnParamError(f"param {name!r} must be an int or a list of ints, got a bool")

@@ -277,3 +277,18 @@ def test_score_constant_at_the_float32_edge_matches_the_reference(backend):
     o = p(q, k, v)
     ref, _ = pattern_reference(p, q.double(), k.double(), v.double())
     assert torch.isfinite(o).all() and float((o.double() - ref).abs().max()) < 1e-4
+
+
+def test_a_param_that_requires_grad_is_refused():
+    """A float list param given as a tensor that requires grad (a learnable slope) would be
+    baked into the pattern as constants and get no gradient: a SpattnParamError says to
+    pass it at each call, where the score reads it as a learnable table (whose gradient
+    arrives); a plain tensor is a constant as before."""
+
+    m = torch.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(SpattnParamError, match=r"'m'.*requires grad.*\(m=\.\.\.\)"):
+        spattn.compile("causal", score="s * m[h]", m=m)
+    assert "[1.0, 2.0][h]" in spattn.compile("causal", score="s * m[h]", m=m.detach()).source
+    x = torch.randn(1, 2, 8, 16)
+    spattn.compile("causal", score="s * m[h]", backend="torch")(x, x, x, m=m).sum().backward()
+    assert m.grad is not None and m.grad.abs().sum() > 0
