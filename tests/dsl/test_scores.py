@@ -283,8 +283,7 @@ def test_a_param_that_requires_grad_is_refused():
     """A float list param given as a tensor that requires grad (a learnable slope) would be
     baked into the pattern as constants and get no gradient: a SpattnParamError says to
     pass it at each call, where the score reads it as a learnable table (whose gradient
-    arrives); a plain tensor is a constant as before."""
-
+    arrives); a plain tensor is a constant."""
     m = torch.tensor([1.0, 2.0], requires_grad=True)
     with pytest.raises(SpattnParamError, match=r"'m'.*requires grad.*\(m=\.\.\.\)"):
         spattn.compile("causal", score="s * m[h]", m=m)
