@@ -526,7 +526,13 @@ def _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs) -> None:
 
 def is_empty(q, k, v) -> bool:
     """Whether q, k, v are dense 4-D tensors of which one has a batch, head or length of 0
-    (:func:`empty_call`)."""
+    (:func:`empty_call`). Every call asks: tensors with elements answer after three
+    ``numel`` reads (~0.2 us, where the full test costs ~2)."""
+    try:
+        if q.numel() and k.numel() and v.numel():
+            return False
+    except (AttributeError, TypeError, RuntimeError):   # not tensors: validate says so
+        return False
     return all(isinstance(t, torch.Tensor) and t.layout is torch.strided and not t.is_nested
                and t.dim() == 4 for t in (q, k, v)) \
         and 0 in (*q.shape[:3], *k.shape[:3], *v.shape[:3])
