@@ -55,17 +55,9 @@ def check_shape(name: str, t: torch.Tensor, nd: int, *, batch: int, num_heads: i
         raise SpattnInputError(f"runtime input {name!r} is empty (shape {tuple(t.shape)})")
 
 
-def validate_inputs(declared: Mapping[str, int], given: Mapping[str, object], *,
-                    batch: int, num_heads: int, device=None,
-                    convert: Callable[[torch.Tensor, object, torch.dtype], torch.Tensor] = _copy
-                    ) -> dict[str, torch.Tensor]:
-    """Check runtime inputs against the pattern's declaration; returns int64 tensors.
-
-    ``declared`` maps each input name to its number of index dimensions. ``convert(t,
-    device, dtype)`` makes the int64 copy on ``device`` (by default ``.to``, which returns a
-    tensor that already is one as it is).
-    Raises :class:`SpattnInputError` naming the argument and its shape.
-    """
+def check_names(declared: Mapping[str, int], given: Mapping[str, object]) -> None:
+    """SpattnInputError for a declared input not given, or a given one not declared
+    (``declared``: name -> number of index dimensions)."""
     missing = [n for n in declared if n not in given]
     if missing:
         raise SpattnInputError(
@@ -77,6 +69,20 @@ def validate_inputs(declared: Mapping[str, int], given: Mapping[str, object], *,
         known = ", ".join(repr(n) for n in declared) or "none"
         raise SpattnInputError(f"unexpected runtime input {', '.join(repr(n) for n in extra)}: "
                                f"the pattern's inputs are {known}")
+
+
+def validate_inputs(declared: Mapping[str, int], given: Mapping[str, object], *,
+                    batch: int, num_heads: int, device=None,
+                    convert: Callable[[torch.Tensor, object, torch.dtype], torch.Tensor] = _copy
+                    ) -> dict[str, torch.Tensor]:
+    """Check runtime inputs against the pattern's declaration; returns int64 tensors.
+
+    ``declared`` maps each input name to its number of index dimensions. ``convert(t,
+    device, dtype)`` makes the int64 copy on ``device`` (by default ``.to``, which returns a
+    tensor that already is one as it is).
+    Raises :class:`SpattnInputError` naming the argument and its shape.
+    """
+    check_names(declared, given)
     out = {}
     for name, nd in declared.items():
         t = given[name]

@@ -71,7 +71,7 @@ from .plan import PLANS, Plan, build_plan, permutation
 from . import settings as _settings
 from . import tune as _tune
 from .settings import getenv
-from ..ir.inputs import validate_inputs
+from ..ir.inputs import check_names, validate_inputs
 
 __all__ = ["call", "call_op", "make_plan", "choose_backend", "validate", "check_order"]
 
@@ -565,11 +565,8 @@ def empty_call(pattern, q, k, v, *, scale, q_offset, inputs, plan):
     _check_scale(scale, D)
     check_q_offset(q_offset, Lq, k.shape[2])
     ins = dict(inputs or {})
-    declared = {**pattern.inputs, **getattr(pattern, "score_inputs", {})}
-    missing = [n for n in declared if n not in ins]
-    if missing and plan is None:
-        raise SpattnInputError(f"missing runtime input {', '.join(map(repr, missing))}: the "
-                               f"pattern's inputs are {', '.join(map(repr, declared))}")
+    if plan is None:
+        check_names({**pattern.inputs, **getattr(pattern, "score_inputs", {})}, ins)
     check_runtime_tensors(ins)
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)

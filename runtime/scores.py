@@ -53,6 +53,7 @@ CHUNK_SCORES = 1 << 22
 def validate_score_inputs(declared: dict, given: dict, *, batch: int, num_heads: int,
                           device) -> dict:
     """Check the float runtime inputs of a score (tensors returned as given)."""
+    from .api import refuse_wrapped
     out = {}
     for name, nd in declared.items():
         if name not in given:
@@ -65,7 +66,6 @@ def validate_score_inputs(declared: dict, given: dict, *, batch: int, num_heads:
                                    f"{type(t).__name__}")
         if t.layout is not torch.strided or t.is_nested or t.is_meta:
             raise SpattnInputError(f"runtime input {name!r} must be a dense tensor with data")
-        from .api import refuse_wrapped
         refuse_wrapped(f"runtime input {name!r}", t)
         if t.dtype not in FLOAT_DTYPES:
             raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) has dtype "
