@@ -98,16 +98,27 @@ def wrapped(t) -> bool:
 
 
 def refuse_wrapped(name: str, t) -> None:
-    """A SpattnInputError naming ``name`` when ``t`` is a torch.func transform's tensor:
-    spattn's kernels read plain tensors' memory and have no vmap or functorch rules (a
-    bare ``data_ptr`` error would come from deep inside a plan)."""
+    """A SpattnInputError naming ``name`` when ``t`` is a torch.func transform's tensor where
+    spattn does not take one: a pattern's call does (:mod:`~spattn.runtime.transforms`);
+    ``pat.decode``, ``pat.plan``, an empty call and ``order=`` do not (a bare ``data_ptr``
+    error would come from deep inside a plan)."""
     if isinstance(t, torch.Tensor) and wrapped(t):
         raise SpattnInputError(
             f"{name} (shape {_shape(t)}) is a tensor of a torch.func transform (vmap, grad, "
-            "jacrev, functional_call under grad): spattn's kernels run on plain tensors and "
-            "have no batching or functorch rules. Fold an extra batch dimension into B "
-            "([N, B, H, L, D] -> [N * B, H, L, D], per-batch inputs likewise) and take "
-            "gradients with torch.autograd")
+            "jacrev, functional_call under grad): a pattern's call takes them (pat(q, k, v) "
+            "under the transform), but pat.decode, pat.plan, an empty call (B, H or L of 0) "
+            "and order= read plain tensors' memory. Call the pattern under the transform, or "
+            "fold the extra batch dimension into B ([N, B, H, L, D] -> [N * B, H, L, D], "
+            "per-batch inputs likewise) outside it")
+
+
+def transformed(q, k, v, inputs) -> bool:
+    """Whether q, k, v or a runtime input is a torch.func transform's tensor (a call that
+    :mod:`~spattn.runtime.transforms` runs). Not while torch.compile traces."""
+    T, w = _TENSOR, _is_functorch_wrapped
+    if (isinstance(q, T) and w(q)) or (isinstance(k, T) and w(k)) or (isinstance(v, T) and w(v)):
+        return True
+    return bool(inputs) and any(isinstance(t, T) and w(t) for t in inputs.values())
 
 
 def _valid(q, k, v) -> bool:
@@ -136,12 +147,14 @@ def _valid(q, k, v) -> bool:
     return dev.type != "meta" and k.device == dev and v.device == dev
 
 
-def validate(q, k, v, *, empty: bool = False, float64: bool | None = False) -> None:
+def validate(q, k, v, *, empty: bool = False, float64: bool | None = False,
+             transformed: bool = False) -> None:
     """Check q, k, v (rank, batch, heads, head dim, device, dtype); raise SpattnInputError.
     ``empty``: B, H and L may be 0 (:func:`empty_call`), else each must be at least 1.
     ``float64``: True, float64 is accepted too (a call the torch backend runs:
     :func:`f64_ok`); False, refused with a pointer to the torch backend; None (decode,
-    which takes none), refused."""
+    which takes none), refused. ``transformed``: q, k, v may be a torch.func transform's
+    tensors (:mod:`~spattn.runtime.transforms`), checked by their logical shapes."""
     if not empty and _valid(q, k, v):
         return
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -158,7 +171,8 @@ def validate(q, k, v, *, empty: bool = False, float64: bool | None = False) -> N
             raise SpattnInputError(f"{name} (shape {_shape(t)}) is a meta tensor, which has no "
                                    "data: spattn computes attention on real tensors (move q, k "
                                    "and v to 'cpu' or 'cuda')")
-        refuse_wrapped(name, t)
+        if not transformed:
+            refuse_wrapped(name, t)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not empty and (t.shape[0] < 1 or t.shape[1] < 1 or t.shape[2] < 1):
             raise SpattnInputError(f"{name} has shape {_shape(t)}: B, H and L must be >= 1")
@@ -253,10 +267,10 @@ _UNSIGNED = tuple(d for d in (getattr(torch, n, None) for n in ("uint16", "uint3
                   if d is not None)
 
 
-def check_runtime_tensors(inputs: dict) -> None:
+def check_runtime_tensors(inputs: dict, *, transformed: bool = False) -> None:
     """What :func:`~spattn.ir.evaluate.validate_inputs` cannot say clearly about runtime
-    input tensors: sparse or nested layouts, meta tensors (no data) and unsigned 16/32/64-bit
-    dtypes."""
+    input tensors: sparse or nested layouts, meta tensors (no data), unsigned 16/32/64-bit
+    dtypes, and a torch.func transform's tensors unless ``transformed``."""
     for name, t in inputs.items():
         if not isinstance(t, torch.Tensor):
             continue
@@ -266,7 +280,8 @@ def check_runtime_tensors(inputs: dict) -> None:
         if t.is_meta:
             raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) is a meta "
                                    "tensor, which has no data: pass it on 'cpu' or 'cuda'")
-        refuse_wrapped(f"runtime input {name!r}", t)
+        if not transformed:
+            refuse_wrapped(f"runtime input {name!r}", t)
         if t.dtype in _UNSIGNED:
             raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) has dtype "
                                    f"{t.dtype}, an unsigned type torch has few operations for: "
@@ -615,6 +630,12 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
             out = scores.call_op(pattern.op_key, pattern.inputs, pattern.score_inputs,
                                  pattern.backend, q, k, v, scale=scale, return_lse=return_lse,
                                  q_offset=q_offset, inputs=inputs, deterministic=deterministic)
+        elif transformed(q, k, v, inputs):
+            from . import transforms
+            out = transforms.call(pattern, q, k, v, scale=scale, q_offset=q_offset,
+                                  inputs=inputs, plan=plan, deterministic=deterministic,
+                                  order=order)
+            out = out if return_lse else out[0]
         else:
             out = None
             # few queries, many keys: the decode path (which refuses tables that require
@@ -634,11 +655,19 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         out = call_op(pattern.op_key, pattern.inputs, pattern.backend, q, k, v, scale=scale,
                       return_lse=return_lse, q_offset=q_offset, inputs=inputs)
         return _usage.output(layout, out, return_lse)
+    sig = None
+    if plan is None:
+        # (a signature is for more than MAX_DECODE_Q rows: never the decode route)
+        sig = _signature(pattern, q, k, v, scale, q_offset, inputs, layout, order)
+    if sig is None and transformed(q, k, v, inputs):   # (a transform's tensors: no signature)
+        from . import transforms
+        o, lse = transforms.call(pattern, q, k, v, scale=scale, q_offset=q_offset,
+                                 inputs=inputs, plan=plan, deterministic=deterministic,
+                                 order=order)
+        return _usage.output(layout, (o, lse) if return_lse else o, return_lse)
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)
     else:
-        # (a signature is for more than MAX_DECODE_Q rows: never the decode route)
-        sig = _signature(pattern, q, k, v, scale, q_offset, inputs, layout, order)
         last = pattern._last
         if sig is not None and last is not None and last[0] == sig:
             plan = last[1]          # the same arguments as the last call: checked then

@@ -51,8 +51,9 @@ CHUNK_SCORES = 1 << 22
 
 
 def validate_score_inputs(declared: dict, given: dict, *, batch: int, num_heads: int,
-                          device) -> dict:
-    """Check the float runtime inputs of a score (tensors returned as given)."""
+                          device, transformed: bool = False) -> dict:
+    """Check the float runtime inputs of a score (tensors returned as given);
+    ``transformed``: they may be a torch.func transform's tensors."""
     from .api import refuse_wrapped
     out = {}
     for name, nd in declared.items():
@@ -66,7 +67,8 @@ def validate_score_inputs(declared: dict, given: dict, *, batch: int, num_heads:
                                    f"{type(t).__name__}")
         if t.layout is not torch.strided or t.is_nested or t.is_meta:
             raise SpattnInputError(f"runtime input {name!r} must be a dense tensor with data")
-        refuse_wrapped(f"runtime input {name!r}", t)
+        if not transformed:
+            refuse_wrapped(f"runtime input {name!r}", t)
         if t.dtype not in FLOAT_DTYPES:
             raise SpattnInputError(f"runtime input {name!r} (shape {tuple(t.shape)}) has dtype "
                                    f"{t.dtype}, but the score reads it as a float table: pass "
