@@ -37,11 +37,13 @@ __all__ = ["call"]
 class _Call:
     """What a transformed call passes its functions besides tensors: the pattern's key (for
     :func:`~spattn.runtime.autograd.lookup`), the names of its int inputs and float tables
-    (sorted), each one's batch axis for a vmap rule that folds (:func:`_fold_input`; None:
+    (sorted), the int inputs' declaration (the pattern's own: a pattern registered under the
+    same key may declare others), each one's batch axis for a vmap rule that folds (:func:`_fold_input`; None:
     the rule calls once per sample), the checked scale and offset, the backend."""
     key: str
     scored: bool
     ints: tuple
+    declared: tuple
     tables: tuple
     axes: tuple | None
     scale: float
@@ -53,11 +55,11 @@ class _Call:
     def forward(self, q, k, v, tensors):
         from . import autograd as ag
         from .api import traced_arguments
-        pat = ag.lookup(self.key)
         ints = dict(zip(self.ints, tensors[:len(self.ints)]))
         try:
-            scale, q_offset, ins, backend = traced_arguments(pat.inputs, self.backend, q, k,
-                                                             v, self.scale, self.q_offset, ints)
+            scale, q_offset, ins, backend = traced_arguments(dict(self.declared), self.backend,
+                                                             q, k, v, self.scale,
+                                                             self.q_offset, ints)
             ins = [ins[n] for n in self.ints]
             if self.scored:
                 return ag.score_attention_op(q, k, v, ins, list(tensors[len(self.ints):]),
@@ -138,22 +140,27 @@ def _logical(t, d):
     return tuple(t.shape) if d is None else tuple(t.shape[:d] + t.shape[d + 1:])
 
 
+#: The batch axis of an input led by ``[B]`` or ``[1]`` (position 0, broadcast when 1).
+LEAD = "lead"
+
+
 def _fold_input(t, d, axis, N, B, *, expand=False):
     """A runtime input or table for the call folded to ``N * B`` batch elements. ``axis``:
-    its batch axis (a leading ``[B]`` or ``[1]``, or the index position the pattern reads
-    at ``b``), None for none. Shared as given where neither mapped nor batched (``expand``
-    False); else sample ``n``'s batch element ``b`` at ``n * B + b`` of that axis (a new
-    leading one where there was none)."""
+    its batch axis, :data:`LEAD` for a leading ``[B]`` or ``[1]``, the index position the
+    pattern reads at ``b``, or None for none. Shared as given where not mapped and without
+    a batch axis, or with a leading ``[1]`` (``expand`` False); else sample ``n``'s batch
+    element ``b`` at ``n * B + b`` of that axis (a new leading one where there was none)."""
     shape = _logical(t, d)
-    if d is None and not expand and (axis is None or (axis == 0 and shape[0] == 1)):
+    if d is None and not expand and (axis is None or (axis == LEAD and shape[0] == 1)):
         return t
     t = _lead(t, d, N)
     if axis is None:
-        t, axis = t.unsqueeze(1), 0
-    size = t.shape[axis + 1]
-    t = t.narrow(axis + 1, 0, B) if size > B else t.expand(*t.shape[:axis + 1], B,
-                                                            *t.shape[axis + 2:])
-    return t.movedim(0, axis).flatten(axis, axis + 1)
+        t = t.unsqueeze(1)
+    pos = 0 if axis is None or axis == LEAD else axis
+    size = t.shape[pos + 1]
+    t = t.narrow(pos + 1, 0, B) if size > B else t.expand(*t.shape[:pos + 1], B,
+                                                          *t.shape[pos + 2:])
+    return t.movedim(0, pos).flatten(pos, pos + 1)
 
 
 def _folded(call, tensors, dims, N, B, expand=()):
@@ -164,7 +171,7 @@ def _folded(call, tensors, dims, N, B, expand=()):
     for i, (t, d, ax) in enumerate(zip(tensors, dims, call.axes)):
         f = _fold_input(t, d, ax, N, B, expand=i in expand)
         out.append(f)
-        axes.append(ax if f is t or ax is not None else 0)
+        axes.append(ax if f is t or ax is not None else LEAD)
     return replace(call, axes=tuple(axes), folded=True), out
 
 
@@ -172,17 +179,19 @@ def _unfold_grad(g, t, d, axis, N, B):
     """The gradient of table ``t`` (mapped dim ``d``, batch ``axis`` as for
     :func:`_fold_input` with ``expand``) per sample, ``[N, *t's logical shape]``, from the
     folded call's ``g``: summed over the ``B`` copies of a table without a batch axis or
-    with one of size 1, zeros for the entries past ``B`` of an index the call reads at b."""
+    with a leading one of size 1, zeros for the entries past ``B`` of an index the call
+    reads at b."""
     shape = _logical(t, d)
-    g = g.unflatten(0 if axis is None else axis, (N, B)).movedim(0 if axis is None else axis, 0)
+    pos = 0 if axis is None or axis == LEAD else axis
+    g = g.unflatten(pos, (N, B)).movedim(pos, 0)
     if axis is None:
         return g.sum(1)
-    if shape[axis] == 1 and B > 1:
-        return g.sum(axis + 1, keepdim=True)
-    if shape[axis] > B:
+    if shape[pos] == 1 and B > 1:
+        return g.sum(pos + 1, keepdim=True)
+    if shape[pos] > B:
         pad = list(g.shape)
-        pad[axis + 1] = shape[axis] - B
-        g = torch.cat([g, g.new_zeros(pad)], axis + 1)
+        pad[pos + 1] = shape[pos] - B
+        g = torch.cat([g, g.new_zeros(pad)], pos + 1)
     return g
 
 
@@ -331,8 +340,9 @@ def call(pattern, q, k, v, *, scale, q_offset, inputs, plan, deterministic, orde
             if lead and at.get(n) is not None:
                 axes = None         # a leading batch dim and an index at b: not folded
                 break
-            axes.append(0 if lead else at.get(n))
-    spec = _Call(register(pattern), scored, int_names, table_names,
+            axes.append(LEAD if lead else at.get(n))
+    spec = _Call(register(pattern), scored, int_names,
+                 tuple((n, declared[n]) for n in int_names), table_names,
                  None if axes is None else tuple(axes), scale, q_offset, backend,
                  bool(deterministic))
     return _Forward.apply(spec, q, k, v, *(given[n] for n in int_names),

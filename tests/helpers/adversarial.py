@@ -1,6 +1,6 @@
 """Adversarial random search over the newest code paths, against the float64 reference.
 
-Four kinds of case, each drawn from one integer seed (so a failure is replayed exactly with
+Five kinds of case, each drawn from one integer seed (so a failure is replayed exactly with
 ``--case KIND:SEED``):
 
 * ``score``: a random score expression (``s``, positions, heads, lengths, float params and
@@ -16,6 +16,8 @@ Four kinds of case, each drawn from one integer seed (so a failure is replayed e
   reference on each batch element's own length.
 * ``sdecode``: the same with a random score (as ``score`` draws them) and its tables, in
   float32 or bfloat16.
+* ``vmap``: ``vmap(grad(f))`` of a random mask and score, with random mapped dims and
+  runtime inputs and tables mapped or shared: each sample against its own reference.
 
 A case passes when the call raises a ``SpattnError`` (refused with a message) or matches the
 reference; any other exception, a NaN where the reference has none, or a wrong element is a
@@ -450,9 +452,108 @@ def sdecode_case(seed: int) -> str:
     return desc
 
 
+#: masks over a runtime input ``doc``: ``(source, index dims, read at b)``
+DOC_MASKS = [("same(doc)", 1, False), ("doc[b, q] == doc[b, k]", 2, True),
+             ("k >= doc[b, h]", 2, True), ("doc[q] >= doc[k] | causal", 1, False)]
+
+
+def vmap_case(seed: int) -> str:
+    """``vmap(grad(f))`` over a random mask (possibly conjoined with one reading a runtime
+    input ``doc``) with a random score or none, random mapped dims of q, k, v (or unmapped),
+    ``doc`` and the tables mapped or shared, with or without a leading batch dim, both
+    backends: each sample's output and gradients of q, k, v and the tables against its own
+    float64 reference."""
+    from torch.func import grad, vmap
+    r = random.Random(seed)
+    backend = r.choice(["torch", "torch", "triton"])
+    mask = rand_mask(r)
+    doc = r.choice(DOC_MASKS) if r.random() < 0.5 else None
+    if doc is not None:
+        mask = f"({mask}) & {doc[0]}"
+    score = rand_score(r, r.randint(1, 3)) if r.random() < 0.6 else None
+    Hk = r.choice([1, 2])
+    Hq = Hk * r.choice([1, 2])
+    N, B = r.randint(1, 3), r.choice([1, 2])
+    Lq, Lk = r.randint(1, 24), r.randint(1, 24)
+    D = 16
+    q_offset = r.choice([None, 0, r.randint(-5, 30)])
+    dims = [r.choice([0, 0, 1, None]) for _ in range(3)]
+    if all(d is None for d in dims):
+        dims[0] = 0
+    desc = (f"vmap:{seed} {backend} mask={mask!r} score={score!r} N{N}-B{B}-Hq{Hq}-Hk{Hk}-"
+            f"Lq{Lq}-Lk{Lk} q_offset={q_offset} dims={dims}")
+    LAST["desc"] = desc
+    params = score_params(score, Hq) if score else {}
+    try:
+        p = spattn.compile(mask, score=score, backend=backend, **params)
+    except SpattnError:
+        return desc + " (refused at compile)"
+    g = torch.Generator().manual_seed(seed)
+
+    def mapped(shape, d):
+        """``[N, *shape]`` per-sample values, and the tensor as passed (mapped at ``d``)."""
+        x = torch.randn(N, *shape, generator=g)
+        return x, (x[0] if d is None else x.movedim(0, d))
+
+    (qs, q), (ks, k), (vs, v) = (mapped(s, d) for s, d in zip(
+        [(B, Hq, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, D)], dims))
+    do = torch.randn(N, B, Hq, Lq, D, generator=g)
+    names, per, vals, in_dims = [], [], [], []
+    if doc is not None:
+        P = Lk + Lq + abs(q_offset or 0) + 2          # covers every position read
+        shape = {"same(doc)": (P,), "doc[q] >= doc[k] | causal": (P,),
+                 "doc[b, q] == doc[b, k]": (B, P), "k >= doc[b, h]": (B, Hq)}[doc[0]]
+        if not doc[2] and r.random() < 0.3:
+            shape = (r.choice([1, B]),) + shape       # a leading batch dim
+        d = r.choice([0, None])
+        x = torch.randint(0, 3, (N, *shape), generator=g).sort(-1).values
+        names.append("doc")
+        per.append(x)
+        vals.append(x[0] if d is None else x)
+        in_dims.append(d)
+    for n in p.score_inputs:
+        shape = TABLE_SHAPES[n](Hq)
+        shape = r.choice([(), (1,), (B,)]) + shape
+        d = r.choice([0, None])
+        x = torch.randn(N, *shape, generator=g)
+        names.append(n)
+        per.append(x)
+        vals.append(x[0] if d is None else x)
+        in_dims.append(d)
+    tables = [i for i, n in enumerate(names) if n in p.score_inputs]
+
+    def f(q, k, v, do, *xs):
+        o = p(q, k, v, q_offset=q_offset, **dict(zip(names, xs)))
+        return (o * do).sum(), o
+
+    try:
+        gs, o = vmap(grad(f, argnums=(0, 1, 2, *(4 + i for i in tables)), has_aux=True),
+                     in_dims=(*dims, 0, *in_dims))(q, k, v, do, *vals)
+    except SpattnError as e:
+        return desc + f" (refused: {str(e).splitlines()[0][:80]})"
+    for i in range(N):
+        xs = {n: (x[i] if d is not None else x[0]) for n, x, d in zip(names, per, in_dims)}
+        leaves = [t[i if d is not None else 0].double().requires_grad_(True)
+                  for t, d in zip((qs, ks, vs), dims)]
+        tl = {n: (t.double().requires_grad_(True) if n in p.score_inputs else t)
+              for n, t in xs.items()}
+        ro, _ = pattern_reference(p, *leaves, q_offset=q_offset, **tl)
+        if ro.isnan().any():
+            return desc + " (NaN in the reference: an unguarded score)"
+        want = torch.autograd.grad((ro * do[i].double()).sum(),
+                                   leaves + [tl[names[j]] for j in tables], allow_unused=True)
+        _close(f"{desc} o[{i}]", o[i], ro, atol=2e-4)
+        for n, a, b, leaf in zip(["dq", "dk", "dv", *(names[j] for j in tables)], gs, want,
+                                 leaves + [tl[names[j]] for j in tables]):
+            b = torch.zeros_like(leaf) if b is None else b
+            scale = max(1.0, float(b.abs().max()) if b.numel() else 1.0)
+            _close(f"{desc} {n}[{i}]", a[i], b, atol=1e-3 * scale)
+    return desc
+
+
 LAST = {"desc": ""}
 KINDS = {"score": score_case, "layout": layout_case, "decode": decode_case,
-         "sdecode": sdecode_case}
+         "sdecode": sdecode_case, "vmap": vmap_case}
 
 
 def main():

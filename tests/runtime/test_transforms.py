@@ -104,6 +104,35 @@ def test_vmap_grad_matches_each_sample(case):
             _close(got[i], want, tol=5e-4)
 
 
+@pytest.mark.parametrize("src,shape", [("k >= doc[b, h] - 20", (1, 2)),
+                                       ("k >= doc[h] - 20", (1, 2))],
+                         ids=["index-at-b", "leading-1"])
+def test_a_size_one_batch_axis_of_a_single_element_batch(src, shape):
+    """B = 1: an input read at b has one row, which the folded call of N elements needs N
+    times (a leading ``[1]`` broadcasts as it is)."""
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (_rand(g, 3, 1, 2, 10, 16) for _ in range(3))
+    doc = torch.randint(0, 30, shape, generator=g)
+    o = vmap(lambda a, b, c: pat(a, b, c, doc=doc))(q, k, v)
+    for i in range(3):
+        _close(o[i], pattern_reference(pat, q[i].double(), k[i].double(), v[i].double(),
+                                       doc=doc)[0])
+
+
+def test_patterns_equal_but_for_their_declared_inputs():
+    """``false & same(doc)`` and ``false`` are one IR under one key: each call is checked
+    against its own pattern's inputs, not the first one registered under that key."""
+    q = torch.randn(2, 1, 1, 8, 16)
+    doc = torch.zeros(8, dtype=torch.long)
+    for first, second, kw in (("false", "false & same(doc)", {"doc": doc}),
+                              ("same(doc) & false", "false & true", {})):
+        a, b = (spattn.compile(s, backend="torch") for s in (first, second))
+        a(q[0], q[0], q[0], **({} if kw else {"doc": doc}))
+        o = vmap(lambda t: b(t, t, t, **kw))(q)
+        assert torch.equal(o, torch.zeros_like(o))
+
+
 def test_the_fold_is_the_path_where_b_is_only_an_index():
     """The vmap rule folds into B exactly where the pattern reads b only as a bare index
     (a call of N * B batch elements computes each sample's mask and score), and calls
