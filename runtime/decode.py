@@ -2032,7 +2032,7 @@ def _remembered(pattern, q, k, v):
     if type(q) is not T or type(k) is not T or type(v) is not T:
         return None     # subclasses (and the fake tensors of other tracers) take the full path
     if _wrapped(q) or _wrapped(k) or _wrapped(v):
-        return None     # a torch.func transform's tensors: the full path refuses them
+        return None     # a torch.func transform's tensors: the full path (runtime/transforms)
     return hit[1]
 
 

@@ -560,7 +560,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default="score,layout,decode,sdecode")
+    ap.add_argument("--kinds", default="score,layout,decode,sdecode,vmap")
     ap.add_argument("--case", help="replay one case, KIND:SEED")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
