@@ -18,6 +18,20 @@ from .printer import to_source
 BACKENDS = ("auto", "triton", "torch")
 
 
+def _declared_note(ir, score, inputs: dict, score_inputs: dict) -> str:
+    """A comment for the op key of a pattern that declares inputs its canonical source does
+    not read (``false & same(doc)`` is ``false``, which reads no ``doc``): equal patterns
+    that take different inputs are two keys, so a traced call finds the one it was given.
+    Empty when the source reads every declared input."""
+    from .nodes import FLoad, Load, walk
+    read = {n.name for n in walk(ir) if isinstance(n, Load)}
+    read_f = set() if score is None else {n.name for n in walk(score) if isinstance(n, FLoad)}
+    if read == set(inputs) and read_f == set(score_inputs):
+        return ""
+    names = ", ".join(f"{n}[{d}]" for n, d in sorted({**inputs, **score_inputs}.items()))
+    return f"  # inputs {names}"
+
+
 class CompiledPattern:
     """A canonical IR with its name, params, runtime inputs and backend (see the module
     docstring). Equal (and hash equal) when the canonical IR is, however it was written.
@@ -62,10 +76,11 @@ class CompiledPattern:
         # after or before would read as its count, so such a mask is parenthesised
         if re.match(r"(after|before)(?![A-Za-z0-9_])", mask):
             mask = f"({mask})"
-        self.op_key = self.source if self.grid is None else (
+        self.op_key = (self.source if self.grid is None else (
             f"grid ({', '.join(map(str, self.grid))})"
             + (f" after {self.grid_offset}" if self.grid_offset else "")
             + (f" before {self.grid_suffix}" if self.grid_suffix else "") + f" {mask}{scored}")
+        ) + _declared_note(ir, score, self.inputs, self.score_inputs)
 
     @classmethod
     def from_source(cls, src: str, *, backend: str = "auto", pattern: str | None = None,

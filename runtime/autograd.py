@@ -47,8 +47,11 @@ def register(pattern) -> str:
     """Record ``pattern`` so the custom op can find it; returns its key, ``pattern.op_key``:
     the canonical source, preceded by the pattern's grid declaration when it has one
     (``grid (8, 8) after 5 before 2 ...``: a bare expression that compiles to a pattern
-    with that grid). Every :class:`spattn.Pattern` registers itself when it is made, so that a traced
-    call reads only the key (a str) and the op finds this object (its class, its grid)."""
+    with that grid), and followed by a comment naming its inputs when it declares some its
+    canonical source does not read (``false  # inputs doc[1]``: equal patterns that take
+    other inputs are other keys). Every :class:`spattn.Pattern` registers itself when it is
+    made, so that a traced call reads only the key (a str) and the op finds this object
+    (its class, its grid, its declared inputs)."""
     key = pattern.op_key
     _REGISTRY.setdefault(key, pattern)
     return key

@@ -173,3 +173,23 @@ def test_compiled_empty_self_attention(score):
     ref = x.detach().requires_grad_()
     pat(ref, ref, ref).sum().backward()
     torch.testing.assert_close(x.grad, ref.grad)
+
+
+@pytest.mark.interpreter
+def test_equal_patterns_that_declare_other_inputs_are_two_op_keys():
+    """``causal & (same(doc) | true)`` is ``causal`` and takes ``doc``: a traced call carries
+    its pattern's key, and each pattern finds itself (the Triton plan reads the inputs its
+    pattern declares), in either order of first use."""
+    from spattn.runtime.reference import pattern_reference
+    torch._dynamo.reset()
+    a = spattn.compile("causal & (same(doc) | true)", backend="triton")
+    b = spattn.compile("causal", backend="triton")
+    assert a == b and a.op_key != b.op_key
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g) for _ in range(3))
+    doc = torch.zeros(32, dtype=torch.long)
+    a(q, k, v, doc=doc)
+    want = pattern_reference(b, q.double(), k.double(), v.double())[0]
+    for f in (torch.compile(lambda q: b(q, k, v), fullgraph=True),
+              torch.compile(lambda q: a(q, k, v, doc=doc), fullgraph=True)):
+        torch.testing.assert_close(f(q).double(), want, atol=2e-4, rtol=2e-4)
