@@ -315,6 +315,26 @@ def test_training_gradients_match_eager():
             assert float((grads[name] - g).abs().max()) <= TOL * float(g.abs().max()), name
 
 
+@pytest.mark.parametrize("name", ["mistral-w4", "gemma2-w4-alternating"])
+def test_per_sample_gradients_with_torch_func_match_eager(name):
+    """The torch.func recipe for per-sample gradients (``vmap(grad(loss))`` over the batch,
+    ``functional_call`` of the model): every parameter's gradient for every sample as with
+    eager attention."""
+    from torch.func import functional_call, grad, vmap
+    model = model_of(CONFIGS[name]())
+    ids, _ = left_padded([7, 7, 7], 7, seed=4)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p, x):
+        return functional_call(model, p, (x[None],), {"labels": x[None]}).loss
+
+    want = vmap(grad(loss), in_dims=(None, 0))(params, ids)
+    use_spattn(model)
+    got = vmap(grad(loss), in_dims=(None, 0))(params, ids)
+    for n, g in want.items():
+        assert float((got[n] - g).abs().max()) <= TOL * float(g.abs().max()), n
+
+
 def test_attention_sinks_train_like_eager():
     """GPT-OSS's attention sinks (``s_aux``): the loss and every gradient, the sink logits'
     included, as with eager, on a left-padded batch (sliding and full layers)."""
