@@ -221,6 +221,11 @@ def _check_scale(scale, D) -> float:
     if scale is None:
         return 1.0 / math.sqrt(D)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not torch.compiler.is_compiling():
+        if _is_functorch_wrapped(scale) and not (scale.requires_grad and torch.is_grad_enabled()):
+            raise SpattnValueError(
+                "scale is a tensor of a torch.func transform (mapped by vmap): spattn takes "
+                "the scale as a number; for a scale per sample use a score, compile(..., "
+                "score='s * temp[b]') with temp [B] passed as temp=... (mapped like q)")
         if scale.requires_grad and torch.is_grad_enabled():
             raise SpattnValueError(
                 "scale is a tensor that requires grad, but spattn takes the scale as a number "

@@ -289,6 +289,22 @@ def test_second_and_forward_mode_derivatives_are_spattn_errors():
         vmap(grad(lambda a: grad(lambda b: f(b).square().sum())(a).sum()))(q[None])
 
 
+def test_a_mapped_scale_is_a_value_error_and_a_score_does_it():
+    """A scale mapped by vmap cannot be read as a number: a SpattnValueError that points at
+    a score with a per-batch temperature, which maps and takes its gradients."""
+    from spattn.dsl.errors import SpattnValueError
+    pat = spattn.compile("causal", backend="torch")
+    q = torch.randn(3, 1, 1, 8, 16)
+    with pytest.raises(SpattnValueError, match="scale is a tensor of a torch.func transform"):
+        vmap(lambda a, s: pat(a, a, a, scale=s))(q, torch.rand(3))
+    temp = spattn.compile("causal", score="s * temp[b]", backend="torch")
+    t = torch.rand(3, 1) + 0.5
+    o = vmap(lambda a, s: temp(a, a, a, temp=s))(q, t)
+    for i in range(3):
+        _close(o[i], pattern_reference(pat, *(q[i].double(),) * 3,
+                                       scale=float(t[i, 0]) / 4)[0])
+
+
 def test_plan_order_and_bad_shapes_under_a_transform():
     pat = spattn.compile("causal & window(5)", backend="torch")
     g = torch.Generator().manual_seed(6)
