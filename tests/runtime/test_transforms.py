@@ -169,6 +169,21 @@ def test_vmap_in_dims_gqa_offset_layout(in_dims, shared):
         _close(o[i], ro.transpose(1, 2))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_a_grid_pattern_under_vmap_grad(backend):
+    """A 2-D neighbourhood (which runs in its token layout) under vmap of grad."""
+    pat = spattn.neighborhood((6, 8), 3, stride=(1, 2), backend=backend)
+    g = torch.Generator().manual_seed(14)
+    q, k, v, do = (_rand(g, 2, 1, 2, 48, 16) for _ in range(4))
+    o = vmap(pat)(q, k, v)
+    gs = vmap(grad(lambda a, b, c, d: (pat(a, b, c) * d).sum(), argnums=(0, 1, 2)))(q, k, v, do)
+    for i in range(2):
+        ro, _, rg = _sample_ref(pat, q[i], k[i], v[i], do[i])
+        _close(o[i], ro)
+        for got, want in zip(gs, rg):
+            _close(got[i], want, tol=5e-4)
+
+
 def test_nested_vmap_and_chunks():
     """vmap of vmap folds twice; ``chunk_size`` runs the rule per chunk."""
     pat = spattn.compile("causal & same(doc)", backend="torch")
