@@ -11,16 +11,18 @@ tensors they are given as any call does:
   *table grads)``, whose own backward raises (spattn is differentiable once; jvp and the
   forward-mode transforms raise too);
 * both ``vmap`` rules fold the mapped dimension into the batch: ``[N, B, H, L, D] ->
-  [N * B, H, L, D]``. A runtime input or score table that is mapped, or has a batch
-  dimension, gets one for ``N * B`` (``[N, B or 1, ...]`` expanded); one without either is
-  shared, as it was. In the backward every table that needs a gradient is expanded to
-  ``N * B`` batch elements, and its gradient summed back over the ``B`` of each sample:
-  the gradient of sample ``n`` alone, which is what ``vmap(grad(f))`` asks for. The
-  folding is exact: batch elements never meet in attention.
+  [N * B, H, L, D]``. A runtime input or score table that is mapped, or has a batch axis
+  (a leading ``[B]`` or ``[1]``, or an index the pattern reads at a bare ``b``), gets one
+  of ``N * B``; one with neither is shared, as it was. In the backward every table that
+  needs a gradient is expanded to ``N * B`` batch elements, and its gradient summed back
+  over the ``B`` of each sample: the gradient of sample ``n`` alone, which is what
+  ``vmap(grad(f))`` asks for. The folding is exact: batch elements never meet in
+  attention. Where the pattern reads ``b`` otherwise (:func:`batch_axes`), the rules call
+  once per sample.
 
 The arguments are checked at the call, on the transform's tensors (their logical shapes,
-as the user wrote them); their values (indices in range, an order's permutation) where the
-plain tensors are planned.
+as the user wrote them); index bounds, which may read values, where the plain tensors are
+planned.
 """
 from __future__ import annotations
 
