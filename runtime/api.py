@@ -407,11 +407,14 @@ def f64_ok(pattern, q) -> bool:
         return False
 
 
-def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
+def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None, *,
+               transformed: bool = False):
     """The checked ``(scale, q_offset, inputs)`` of a call (inputs as given: the plan
     converts them once); tensors given without ``layout`` that read as more heads than
-    any model has warn (:func:`~spattn.runtime.usage.warn_if_transposed`)."""
-    validate(q, k, v, float64=f64_ok(pattern, q))
+    any model has warn (:func:`~spattn.runtime.usage.warn_if_transposed`). ``transformed``:
+    q, k, v and the inputs may be a torch.func transform's tensors, checked by their
+    logical shapes (:mod:`~spattn.runtime.transforms`)."""
+    validate(q, k, v, float64=f64_ok(pattern, q), transformed=transformed)
     check_grid(pattern, q.shape[2], k.shape[2], f"q (shape {_shape(q)}) and k (shape "
                                                  f"{_shape(k)})")
     B, Hq, Lq, D = q.shape
@@ -420,7 +423,7 @@ def _arguments(pattern, q, k, v, scale, q_offset, inputs, layout=None):
     scale = _check_scale(scale, D)
     q_offset = check_q_offset(q_offset, Lq, k.shape[2])
     inputs = dict(inputs or {})
-    check_runtime_tensors(inputs)
+    check_runtime_tensors(inputs, transformed=transformed)
     ins = validate_inputs(pattern.inputs, inputs, batch=B, num_heads=Hq, device=q.device,
                           convert=_as_given)
     return scale, q_offset, ins
@@ -639,7 +642,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
             from . import transforms
             out = transforms.call(pattern, q, k, v, scale=scale, q_offset=q_offset,
                                   inputs=inputs, plan=plan, deterministic=deterministic,
-                                  order=order)
+                                  order=order, layout=layout)
             out = out if return_lse else out[0]
         else:
             out = None
@@ -668,7 +671,7 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
         from . import transforms
         o, lse = transforms.call(pattern, q, k, v, scale=scale, q_offset=q_offset,
                                  inputs=inputs, plan=plan, deterministic=deterministic,
-                                 order=order)
+                                 order=order, layout=layout)
         return _usage.output(layout, (o, lse) if return_lse else o, return_lse)
     if plan is not None:
         _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs)

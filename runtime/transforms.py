@@ -39,9 +39,10 @@ __all__ = ["call"]
 class _Call:
     """What a transformed call passes its functions besides tensors: the pattern's key (for
     :func:`~spattn.runtime.autograd.lookup`), the names of its int inputs and float tables
-    (sorted), the int inputs' declaration (the pattern's own: a pattern registered under the
-    same key may declare others), each one's batch axis for a vmap rule that folds (:func:`_fold_input`; None:
-    the rule calls once per sample), the checked scale and offset, the backend."""
+    (sorted), the int inputs' declaration (the pattern's own: a pattern registered under
+    the same key may declare others), each one's batch axis for a vmap rule that folds
+    (:func:`_fold_input`; None: the rule calls once per sample), the checked scale, the
+    query offset resolved (folding keeps the lengths), the backend."""
     key: str
     scored: bool
     ints: tuple
@@ -49,7 +50,7 @@ class _Call:
     tables: tuple
     axes: tuple | None
     scale: float
-    q_offset: int | None
+    q_offset: int
     backend: str
     deterministic: bool
     folded: bool = False
@@ -76,9 +77,8 @@ class _Call:
 
     def backward(self, want, q, k, v, o, lse, do, dlse, tensors):
         from . import autograd as ag
-        from .api import check_q_offset
         ins = list(tensors[:len(self.ints)])
-        q_offset = check_q_offset(self.q_offset, q.shape[2], k.shape[2])
+        q_offset = self.q_offset
         if do is None:
             do = torch.zeros_like(o)
         if self.scored:
@@ -295,12 +295,14 @@ class _Backward(torch.autograd.Function):
         return tuple(out), tuple(dims_out)
 
 
-def call(pattern, q, k, v, *, scale, q_offset, inputs, plan, deterministic, order):
+def call(pattern, q, k, v, *, scale, q_offset, inputs, plan, deterministic, order,
+         layout=None):
     """``(o, lse)`` of a call given a transform's tensors (q, k, v ``[B, H, L, D]`` as the
     transform shows them), through :class:`_Forward`. ``plan=`` and ``order=`` are refused:
     a plan holds plain tensors' shapes and an order's gather reads memory."""
     from . import api
     from .autograd import register
+    from ..ir.inputs import check_names
     if plan is not None:
         raise SpattnParamError("plan= was given with tensors of a torch.func transform (vmap, "
                                "grad): a plan is for the plain tensors it was made with; call "
@@ -308,28 +310,20 @@ def call(pattern, q, k, v, *, scale, q_offset, inputs, plan, deterministic, orde
     if order is not None:
         raise SpattnParamError("order= is not available under torch.func transforms (vmap, "
                                "grad): call without order= there")
-    backend = api._backend_for(pattern.backend, q.device.type) \
-        if isinstance(q, torch.Tensor) else None
-    api.validate(q, k, v, float64=backend == "torch", transformed=True)
-    B, Hq, Lq, D = q.shape
-    api.check_grid(pattern, Lq, k.shape[2], f"q (shape {tuple(q.shape)}) and k (shape "
-                                            f"{tuple(k.shape)})")
-    scale = api._check_scale(scale, D)
-    api.check_q_offset(q_offset, Lq, k.shape[2])
     given = dict(inputs or {})
     scored = getattr(pattern, "score", None) is not None
     declared = dict(pattern.inputs)
     tables = dict(getattr(pattern, "score_inputs", {}) or {}) if scored else {}
-    from ..ir.inputs import check_names, validate_inputs
+    ints = {n: given[n] for n in declared if n in given}
+    scale, q_offset, _ = api._arguments(pattern, q, k, v, scale, q_offset, ints, layout,
+                                        transformed=True)
     check_names({**declared, **tables}, given)
-    ints = {n: given[n] for n in declared}
-    api.check_runtime_tensors(ints, transformed=True)
-    validate_inputs(declared, ints, batch=B, num_heads=Hq, device=q.device,
-                    convert=api._as_given)
+    B, Hq = q.shape[:2]
     if tables:
         from .scores import validate_score_inputs
         validate_score_inputs(tables, {n: given[n] for n in tables}, batch=B, num_heads=Hq,
                               device=q.device, transformed=True)
+    backend = api.choose_backend(pattern.backend, q.device.type)
     int_names, table_names = tuple(sorted(declared)), tuple(sorted(tables))
     names = int_names + table_names
     nds = {**declared, **tables}
