@@ -139,7 +139,8 @@ def _valid(q, k, v) -> bool:
     dt = q.dtype
     if not (dt in DTYPES and k.dtype == dt and v.dtype == dt):
         return False
-    if wrapped(q) or wrapped(k) or wrapped(v):
+    if not torch.compiler.is_compiling() and (
+            _is_functorch_wrapped(q) or _is_functorch_wrapped(k) or _is_functorch_wrapped(v)):
         return False
     if q.is_cpu:                # no device objects on the common path (they cost more)
         return k.is_cpu and v.is_cpu

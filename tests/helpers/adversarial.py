@@ -452,9 +452,13 @@ def sdecode_case(seed: int) -> str:
     return desc
 
 
-#: masks over a runtime input ``doc``: ``(source, index dims, read at b)``
-DOC_MASKS = [("same(doc)", 1, False), ("doc[b, q] == doc[b, k]", 2, True),
-             ("k >= doc[b, h]", 2, True), ("doc[q] >= doc[k] | causal", 1, False)]
+#: masks over a runtime input ``doc``: source -> the shape of ``doc`` given ``B``, ``Hq``
+#: and a length ``P`` that covers every position read (an index read at ``b`` takes no
+#: leading batch dim)
+DOC_MASKS = {"same(doc)": lambda B, Hq, P: (P,),
+             "doc[q] >= doc[k] | causal": lambda B, Hq, P: (P,),
+             "doc[b, q] == doc[b, k]": lambda B, Hq, P: (B, P),
+             "k >= doc[b, h]": lambda B, Hq, P: (B, Hq)}
 
 
 def vmap_case(seed: int) -> str:
@@ -467,9 +471,9 @@ def vmap_case(seed: int) -> str:
     r = random.Random(seed)
     backend = r.choice(["torch", "torch", "triton"])
     mask = rand_mask(r)
-    doc = r.choice(DOC_MASKS) if r.random() < 0.5 else None
+    doc = r.choice(sorted(DOC_MASKS)) if r.random() < 0.5 else None
     if doc is not None:
-        mask = f"({mask}) & {doc[0]}"
+        mask = f"({mask}) & {doc}"
     score = rand_score(r, r.randint(1, 3)) if r.random() < 0.6 else None
     Hk = r.choice([1, 2])
     Hq = Hk * r.choice([1, 2])
@@ -500,10 +504,8 @@ def vmap_case(seed: int) -> str:
     do = torch.randn(N, B, Hq, Lq, D, generator=g)
     names, per, vals, in_dims = [], [], [], []
     if doc is not None:
-        P = Lk + Lq + abs(q_offset or 0) + 2          # covers every position read
-        shape = {"same(doc)": (P,), "doc[q] >= doc[k] | causal": (P,),
-                 "doc[b, q] == doc[b, k]": (B, P), "k >= doc[b, h]": (B, Hq)}[doc[0]]
-        if not doc[2] and r.random() < 0.3:
+        shape = DOC_MASKS[doc](B, Hq, Lk + Lq + abs(q_offset or 0) + 2)
+        if "doc[b" not in doc and r.random() < 0.3:
             shape = (r.choice([1, B]),) + shape       # a leading batch dim
         d = r.choice([0, None])
         x = torch.randint(0, 3, (N, *shape), generator=g).sort(-1).values
