@@ -185,9 +185,15 @@ def _size(config, field: str, layer_idx: int, layer_type: str) -> int:
     return value
 
 
-def _config_kind(config, layer_idx: int, layer_type: str) -> tuple[tuple, str]:
-    """The mask kind transformers builds for a layer of this type, and the fields it reads."""
-    causal = getattr(config, "is_causal", True)
+def _config_kind(config, layer_idx: int, layer_type: str,
+                 module_causal: bool = True) -> tuple[tuple, str]:
+    """The mask kind transformers builds for a layer of this type, and the fields it reads.
+
+    Bidirectional where the config says so (``config.is_causal = False``: transformers'
+    mask builders then build full or bidirectional sliding masks) or the attention module
+    does (``module.is_causal = False``: encoders such as BERT's, cross-attention, Gemma 3's
+    ``use_bidirectional_attention``), as SDPA's adapter reads it."""
+    causal = getattr(config, "is_causal", True) is not False and module_causal is not False
     if layer_type == "full_attention":
         return (("causal",) if causal else ("full",)), ""
     if layer_type == "sliding_attention":
@@ -216,7 +222,7 @@ def layer_pattern(module) -> LayerPattern:
     override = getattr(module, "_spattn_override", None)
     if override is not None:
         return LayerPattern(idx, layer_type, _pattern(override.source, backend), "override")
-    kind, detail = _config_kind(config, idx, layer_type)
+    kind, detail = _config_kind(config, idx, layer_type, getattr(module, "is_causal", True))
     return LayerPattern(idx, layer_type, _pattern(_kind_source(kind), backend), "config",
                         detail, kind)
 
@@ -427,6 +433,10 @@ def _read_mask_function(fn) -> tuple[tuple | None, torch.Tensor | None, torch.Te
     return kind, terms.get("packed"), terms.get("remap"), tuple(unreadable)
 
 
+class _MaskAsTensor(SpattnInputError, AttributeError):
+    """A model read its :class:`SpattnMask` as a tensor (an AttributeError too)."""
+
+
 class SpattnMask:
     """What transformers' mask builder knows about one forward call, for spattn.
 
@@ -484,6 +494,19 @@ class SpattnMask:
         if self._left_padding is not None:
             pos = pos - self._left_padding.to(pos.device)[:, None]
         return pos
+
+    def __getattr__(self, name):
+        # A model that reads its mask as a tensor (adds it to its scores, or builds a mask
+        # of its own from it, as Doge does) cannot run with spattn: say so, as an
+        # AttributeError still (hasattr and getattr with a default keep working).
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise _MaskAsTensor(
+            f"the model reads attribute {name!r} of its attention mask as if it were a tensor, "
+            "but with attn_implementation='spattn' transformers' mask is a SpattnMask, which "
+            "describes the mask for spattn's kernels and holds no dense tensor: this model "
+            "computes with its mask itself, so its attention cannot run on spattn. Use "
+            "attn_implementation='sdpa' or 'eager' for it")
 
     def __repr__(self):
         return (f"SpattnMask({_kind_text(self.kind)}, B={self.batch_size}, Lq={self.q_length}, "

@@ -386,6 +386,66 @@ def test_bidirectional_config():
     assert rel_err(out, ref, am.bool()) <= TOL
 
 
+def test_encoder_attention_is_bidirectional():
+    """An encoder's attention modules say ``is_causal = False`` (BERT, RoBERTa, ELECTRA):
+    its layers run ``true``, with padding anywhere in the row."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(1, VOCAB, (3, 9))
+    am = torch.ones_like(ids)
+    am[0, 6:] = 0                                   # right padding
+    am[2, :2] = 0                                   # left padding
+    for kw, rows in ((dict(attention_mask=am), am.bool()), ({}, torch.ones_like(am).bool())):
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            ref = model(input_ids=ids, **kw).last_hidden_state
+        model.set_attn_implementation(sphf.NAME)
+        sphf.set_patterns(model, backend="torch")
+        with torch.no_grad():
+            out = model(input_ids=ids, **kw).last_hidden_state
+        assert rel_err(out, ref, rows) <= TOL
+    assert {lp.pattern.source for lp in sphf.layer_patterns(model)} == {"true"}
+
+
+def test_cross_attention_reads_every_encoder_token():
+    """GPT-2 with cross-attention: its self-attention is causal, its cross-attention
+    (``is_causal = False``) reads every unpadded encoder token; logits and greedy
+    generation match eager."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                     add_cross_attention=True, pad_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids, am = left_padded([7, 4], 7)
+    enc = torch.randn(2, 5, 64)
+    enc_mask = torch.ones(2, 5, dtype=torch.long)
+    enc_mask[1, 3:] = 0
+    kw = dict(attention_mask=am, encoder_hidden_states=enc, encoder_attention_mask=enc_mask)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = logits(model, ids, **kw)
+        ref_tokens = model.generate(ids, **kw, **gen)
+        use_spattn(model)
+        out = logits(model, ids, **kw)
+        tokens = model.generate(ids, **kw, **gen)
+    assert rel_err(out, ref, am.bool()) <= TOL
+    assert torch.equal(tokens, ref_tokens)
+    assert [lp.pattern.source for lp in sphf.layer_patterns(model)] == ["q >= k", "true"] * 2
+
+
+def test_a_model_that_reads_its_mask_as_a_tensor_is_told_why():
+    """A model computing with its mask itself (Doge adds it to a mask of its own) reads
+    tensor attributes of the SpattnMask: a SpattnInputError naming the attribute, which is an
+    AttributeError too, so ``hasattr`` and ``getattr`` with a default still answer."""
+    mask = sphf.spattn_mask(2, kv_length=4, **queries(4, 0),
+                            mask_function=mu.causal_mask_function)
+    with pytest.raises(SpattnInputError, match="'dtype' of its attention mask"):
+        mask.dtype
+    assert not hasattr(mask, "dtype") and getattr(mask, "device", None) is None
+    assert mask.kind == ("causal",)
+
+
 @pytest.mark.interpreter
 def test_generated_kernels_in_a_model():
     """The generated Triton kernels (backend ``auto``, the interpreter on CPU tensors)."""
