@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -163,9 +163,13 @@ def _score_expression(softcap) -> str | None:
     return f"softcap({c!r})"
 
 
-def _layer_type(config, layer_idx: int) -> str:
+def _layer_type(config, layer_idx: int | None) -> str:
     types = getattr(config, "layer_types", None)
     if types is not None:
+        if layer_idx is None:
+            raise SpattnError(f"an attention module without a layer_idx, in a model whose "
+                              f"config.layer_types lists a type per layer ({len(types)} "
+                              "entries): spattn cannot tell which entry is its own")
         if not 0 <= layer_idx < len(types):
             raise SpattnError(f"layer {layer_idx} has no entry in config.layer_types "
                               f"({len(types)} entries)")
@@ -215,7 +219,7 @@ def layer_pattern(module) -> LayerPattern:
     gave the layer an override. Raises :class:`SpattnError` for what spattn cannot run
     (an unknown layer type).
     """
-    config, idx = module.config, module.layer_idx
+    config, idx = module.config, _index(module)
     backend = getattr(module, "_spattn_backend", None) or "auto"
     layer_type = _layer_type(config, idx)
     _score_expression(getattr(config, "attn_logit_softcapping", None))    # checked
@@ -225,6 +229,11 @@ def layer_pattern(module) -> LayerPattern:
     kind, detail = _config_kind(config, idx, layer_type, getattr(module, "is_causal", True))
     return LayerPattern(idx, layer_type, _pattern(_kind_source(kind), backend), "config",
                         detail, kind)
+
+
+def _where(module) -> str:
+    idx = _index(module)
+    return "?" if idx is None else str(idx)
 
 
 def _layer_of(module) -> LayerPattern:
@@ -242,21 +251,50 @@ def _layer_of(module) -> LayerPattern:
     return layer
 
 
+def _index(module) -> int | None:
+    """A layer's index: its ``layer_idx``, else the number :func:`_attention_modules` gave
+    it (models that do not number their layers: DistilBERT, ViT), else None."""
+    idx = getattr(module, "layer_idx", None)
+    if isinstance(idx, int) and not isinstance(idx, bool):
+        return idx
+    return module.__dict__.get("_spattn_index")
+
+
 def _attention_modules(model) -> list:
-    """The attention modules of a transformers model, by layer index."""
-    mods = [m for m in model.modules()
-            if type(m).__name__.endswith("Attention") and hasattr(m, "config")
-            and isinstance(getattr(m, "layer_idx", None), int)]
-    if not mods:
+    """The attention modules of a transformers model, by layer index.
+
+    Modules named ``...Attention`` with a ``config``: those with an int ``layer_idx`` where
+    any has one; else the innermost ones (a wrapper holding another is left out), numbered
+    in the model's order (DistilBERT, ViT: the number is kept on the module, as its index
+    for :func:`set_patterns`)."""
+    named = [m for m in model.modules()
+             if type(m).__name__.endswith("Attention") and hasattr(m, "config")]
+    numbered = [m for m in named if isinstance(getattr(m, "layer_idx", None), int)]
+    if numbered:
+        return sorted(numbered, key=lambda m: m.layer_idx)
+    ids = {id(m) for m in named}
+    named = [m for m in named if not any(id(c) in ids for c in m.modules() if c is not m)]
+    for i, m in enumerate(named):
+        m.__dict__["_spattn_index"] = i
+    if not named:
         raise SpattnError(f"found no attention module in {type(model).__name__}: spattn looks "
-                          "for modules named '...Attention' with a layer_idx and a config, as "
-                          "transformers' decoder models have")
-    return sorted(mods, key=lambda m: m.layer_idx)
+                          "for modules named '...Attention' with a config, as transformers' "
+                          "models have")
+    return named
 
 
 def layer_patterns(model) -> list[LayerPattern]:
-    """The :class:`LayerPattern` of every attention layer of ``model``, by layer index."""
-    return [layer_pattern(m) for m in _attention_modules(model)]
+    """The :class:`LayerPattern` of every attention layer of ``model``, by layer index (a
+    layer that ran keeps what it ran: a full-attention layer follows the causal or
+    bidirectional mask transformers built)."""
+    out = []
+    for m in _attention_modules(model):
+        layer = _layer_of(m)
+        if layer.layer_idx != _index(m):        # it ran before the modules were numbered
+            layer = replace(layer, layer_idx=_index(m))
+            m.__dict__["_spattn_layer"] = (m.config, layer)
+        out.append(layer)
+    return out
 
 
 def _override(key, value) -> Pattern:
@@ -304,7 +342,7 @@ def set_patterns(model, patterns: Mapping | None = None, *,
         raise SpattnParamError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                                f"got {backend!r}")
     mods = _attention_modules(model)
-    types = {m.layer_idx: _layer_type(m.config, m.layer_idx) for m in mods}
+    types = {_index(m): _layer_type(m.config, _index(m)) for m in mods}
     chosen = {}
     for key, value in dict(patterns or {}).items():
         if isinstance(key, bool) or not isinstance(key, (int, str)):
@@ -319,7 +357,7 @@ def set_patterns(model, patterns: Mapping | None = None, *,
                                    f"layer types are {known}")
         chosen[key] = _override(key, value)
     for m in mods:
-        override = chosen.get(m.layer_idx, chosen.get(types[m.layer_idx]))
+        override = chosen.get(_index(m), chosen.get(types[_index(m)]))
         m._spattn_override = override
         m._spattn_backend = backend or (override.backend if override is not None else None)
         m.__dict__.pop("_spattn_layer", None)
@@ -598,7 +636,7 @@ def _prepared(mask: SpattnMask, mask_function) -> SpattnMask:
 # ------------------------------------------------------------------- the attention side
 
 def _check_mask(mask, module) -> SpattnMask:
-    where = f"layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
+    where = f"layer {_where(module)} ({type(module).__name__})"
     if isinstance(mask, SpattnMask):
         if mask.unreadable:
             raise SpattnError(
@@ -762,29 +800,34 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
     """
     if dropout:
         raise SpattnError(
-            f"attention dropout {dropout} (layer {getattr(module, 'layer_idx', '?')}): spattn "
+            f"attention dropout {dropout} (layer {_where(module)}): spattn "
             "has no dropout; call model.eval(), or set config.attention_dropout = 0.0 to train")
     score = _score_expression(softcap)
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
-            raise SpattnError(f"layer {getattr(module, 'layer_idx', '?')} passes {name}= "
+            raise SpattnError(f"layer {_where(module)} passes {name}= "
                               f"({what}), which spattn does not support")
     if kwargs.get("output_attentions"):
         warnings.warn("attn_implementation='spattn' forms no attention weights, so "
                       "output_attentions returns none; attn_implementation='eager' returns "
                       "them", stacklevel=2)
+    if attention_mask is None and _bidirectional(module):
+        return _unmasked(module, query, key, value, scaling, softcap, kwargs)
     mask = _check_mask(attention_mask, module)
     layer = _layer_of(module)
     if layer.mask_kind is not None and layer.mask_kind != mask.kind:
         module.__dict__.pop("_spattn_layer", None)      # the config may have changed
         layer = _layer_of(module)
+        if {layer.mask_kind, mask.kind} == _CAUSAL_OR_FULL:
+            layer = _as_masked(module, layer, mask.kind)
     if layer.mask_kind is not None and layer.mask_kind != mask.kind:
+        at = "?" if layer.layer_idx is None else layer.layer_idx
         raise SpattnError(
-            f"layer {layer.layer_idx} ({layer.layer_type}): transformers masks this layer as "
+            f"layer {at} ({layer.layer_type}): transformers masks this layer as "
             f"{_kind_text(mask.kind)}, but its pattern from the config "
             f"({layer.detail or layer.layer_type}) is {layer.pattern.source}: the model does "
             "not build its masks from the config as spattn expects. Give the layer its "
-            f"pattern with set_patterns(model, {{{layer.layer_idx}: ...}})")
+            f"pattern with set_patterns(model, {{{at}: ...}})")
     try:
         if layer.mask_kind is None:
             _check_reach(layer.pattern, mask, query.shape[1])
@@ -803,6 +846,53 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
     else:
         out, lse = pat(query, key, value, scale=scaling, q_offset=q_offset, return_lse=True,
                        **inputs)
+        out = with_sinks(out, lse, sinks)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_CAUSAL_OR_FULL = {("causal",), ("full",)}
+
+
+def _as_masked(module, layer: LayerPattern, kind: tuple) -> LayerPattern:
+    """A full-attention layer whose mask transformers builds causal where the config and
+    module say bidirectional, or the other way (CLIP's text model shares its attention
+    module, ``is_causal = False``, with the vision model and builds causal masks): the
+    layer runs what the mask says, as SDPA and eager attention do, and keeps that pattern
+    (:func:`layer_patterns` reports it)."""
+    layer = replace(layer, pattern=_pattern(_kind_source(kind), layer.pattern.backend),
+                    detail="as transformers masks it", mask_kind=kind)
+    module.__dict__["_spattn_layer"] = (module.config, layer)
+    return layer
+
+
+def _bidirectional(module) -> bool:
+    return getattr(module, "is_causal", True) is False \
+        or getattr(module.config, "is_causal", True) is False
+
+
+def _unmasked(module, query, key, value, scaling, softcap, kwargs):
+    """A bidirectional layer that transformers gives no mask (vision encoders, a
+    cross-attention without an encoder mask): every query reads every key, as SDPA's
+    adapter then computes, unless :func:`set_patterns` gave the layer a pattern, which runs
+    over the positions ``0 .. Lk-1`` (``pos`` too), the queries aligned to the last keys."""
+    layer = _layer_of(module)
+    if layer.mask_kind not in (None, ("full",)):
+        raise SpattnError(
+            f"layer {layer.layer_idx} ({layer.layer_type}) received no attention mask, but "
+            f"its config makes it {_kind_text(layer.mask_kind)}: transformers did not call "
+            "spattn's mask function for it. Give the layer its pattern with "
+            f"set_patterns(model, {{{layer.layer_idx}: ...}})")
+    pat = layer.pattern
+    if softcap is not None:
+        pat = _pattern(pat.source, pat.backend, _score_expression(softcap))
+    inputs = {}
+    if "pos" in pat.inputs:
+        inputs["pos"] = torch.arange(key.shape[2], device=key.device).expand(key.shape[0], -1)
+    sinks = _sink_logits(module, kwargs, query.shape[1])
+    if sinks is None:
+        out = pat(query, key, value, scale=scaling, **inputs)
+    else:
+        out, lse = pat(query, key, value, scale=scaling, return_lse=True, **inputs)
         out = with_sinks(out, lse, sinks)
     return out.transpose(1, 2).contiguous(), None
 
@@ -833,7 +923,7 @@ def _sink_logits(module, kwargs, num_heads: int) -> torch.Tensor | None:
             what = (f"shape {tuple(sinks.shape)} {sinks.dtype}" if isinstance(sinks, torch.Tensor)
                     else type(sinks).__name__)
             raise SpattnInputError(
-                f"layer {getattr(module, 'layer_idx', '?')} passes {name}= ({what}): attention "
+                f"layer {_where(module)} passes {name}= ({what}): attention "
                 f"sinks are one float logit per query head, [{num_heads}]")
         return sinks.reshape(num_heads)
     return None

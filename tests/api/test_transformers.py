@@ -434,6 +434,67 @@ def test_cross_attention_reads_every_encoder_token():
     assert [lp.pattern.source for lp in sphf.layer_patterns(model)] == ["q >= k", "true"] * 2
 
 
+def _hidden(model, impl, **kw):
+    model.set_attn_implementation(impl)
+    if impl == sphf.NAME:
+        sphf.set_patterns(model, backend="torch")
+    with torch.no_grad():
+        return model(**kw).last_hidden_state
+
+
+def test_unnumbered_layers_without_a_mask():
+    """A vision encoder (ViT): its attention modules have no ``layer_idx`` and transformers
+    gives them no mask; every patch reads every patch, as in eager attention. The layers
+    are numbered in the model's order, and an index override reaches them."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, image_size=32, patch_size=8)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    ref = _hidden(model, "eager", pixel_values=pixels)
+    out = _hidden(model, sphf.NAME, pixel_values=pixels)
+    assert rel_err(out, ref, torch.ones(ref.shape[:2], dtype=torch.bool)) <= TOL
+    assert [(lp.layer_idx, lp.pattern.source) for lp in sphf.layer_patterns(model)] \
+        == [(0, "true"), (1, "true")]
+    sphf.set_patterns(model, {1: "abs(q - k) <= 2"}, backend="torch")
+    assert [lp.origin for lp in sphf.layer_patterns(model)] == ["config", "override"]
+    with torch.no_grad():
+        assert not torch.allclose(model(pixel_values=pixels).last_hidden_state, ref, atol=1e-3)
+
+
+def test_unnumbered_layers_with_padding():
+    """DistilBERT's attention modules have no ``layer_idx``; right padding is a keep mask."""
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4,
+                                           hidden_dim=128)
+    model = transformers.DistilBertModel(config).eval()
+    ids = torch.randint(1, VOCAB, (2, 9))
+    am = torch.ones_like(ids)
+    am[1, 5:] = 0
+    ref = _hidden(model, "eager", input_ids=ids, attention_mask=am)
+    out = _hidden(model, sphf.NAME, input_ids=ids, attention_mask=am)
+    assert rel_err(out, ref, am.bool()) <= TOL
+
+
+def test_a_full_layer_follows_the_mask_transformers_builds():
+    """CLIP's text model runs the attention module of its vision model (``is_causal =
+    False``) under causal masks: a full-attention layer runs the mask transformers builds,
+    causal or bidirectional, as eager attention does, and reports it."""
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=128)
+    model = transformers.CLIPTextModel(config).eval()
+    ids = torch.randint(1, VOCAB, (2, 7))
+    am = torch.ones_like(ids)
+    am[0, 5:] = 0
+    ref = _hidden(model, "eager", input_ids=ids, attention_mask=am)
+    out = _hidden(model, sphf.NAME, input_ids=ids, attention_mask=am)
+    assert rel_err(out, ref, am.bool()) <= TOL
+    layers = sphf.layer_patterns(model)
+    assert [(lp.layer_idx, lp.pattern.source, lp.mask_kind) for lp in layers] \
+        == [(0, "q >= k", ("causal",)), (1, "q >= k", ("causal",))]
+
+
 def test_a_model_that_reads_its_mask_as_a_tensor_is_told_why():
     """A model computing with its mask itself (Doge adds it to a mask of its own) reads
     tensor attributes of the SpattnMask: a SpattnInputError naming the attribute, which is an
