@@ -67,7 +67,6 @@ SUPPLIED_INPUTS = {"pos": 1}
 #: Keyword arguments of transformers' attention call that change the attention itself and
 #: that spattn cannot honour: passing one (not None) is an error rather than ignored.
 _UNSUPPORTED_KWARGS = {
-    "position_bias": "an additive position bias (T5-style relative attention)",
     "head_mask": "a head mask",
     "block_indices": "block-sparse indices of another attention backend",
     "indices": "sparse indices of another attention backend",
@@ -195,8 +194,8 @@ def _config_kind(config, layer_idx: int, layer_type: str,
 
     Bidirectional where the config says so (``config.is_causal = False``: transformers'
     mask builders then build full or bidirectional sliding masks) or the attention module
-    does (``module.is_causal = False``: encoders such as BERT's, cross-attention, Gemma 3's
-    ``use_bidirectional_attention``), as SDPA's adapter reads it."""
+    does (``module.is_causal = False``: encoders such as BERT's, cross-attention), as
+    SDPA's adapter reads it."""
     causal = getattr(config, "is_causal", True) is not False and module_causal is not False
     if layer_type == "full_attention":
         return (("causal",) if causal else ("full",)), ""
@@ -365,21 +364,30 @@ def set_patterns(model, patterns: Mapping | None = None, *,
 
 
 def describe(model) -> str:
-    """A table of the pattern every attention layer of ``model`` runs, for a person."""
+    """A table of the pattern every attention layer of ``model`` runs, for a person (with
+    each module's path where layer indices repeat: an encoder and a decoder, cross-attention)."""
+    mods = _attention_modules(model)
     layers = layer_patterns(model)
+    paths = {id(m): name for name, m in model.named_modules()}
+    repeated = len({lp.layer_idx for lp in layers}) < len(layers)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     rows = [("layer", "type", "from", "pattern")]
-    for lp in layers:
+    if repeated:
+        rows = [("layer", "module", "type", "from", "pattern")]
+    for m, lp in zip(mods, layers):
         origin = lp.origin + (f" ({lp.detail})" if lp.detail else "")
-        rows.append((str(lp.layer_idx), lp.layer_type, origin, lp.pattern.source))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        where = (paths.get(id(m), "?"),) if repeated else ()
+        rows.append((str(lp.layer_idx), *where, lp.layer_type, origin, lp.pattern.source))
+    n = len(rows[0]) - 1
+    widths = [max(len(r[i]) for r in rows) for i in range(n)]
     lines = [f"{type(model).__name__}: {len(layers)} attention layers, "
              f"attn_implementation={impl!r}"]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r[:n], widths)) + "  " + r[n] for r in rows]
     lines.append("q, k: key slots of the layer's KV cache; pos: a slot's position in its "
                  "sequence. Each call adds '& k >= first[b]' for a left padding, "
                  "'& keep[k] != 0' for any other padding, and "
-                 "'& seg[k] == seg[q]' for packed sequences.")
+                 "'& seg[k] == seg[q]' for packed sequences; a layer given T5's position_bias "
+                 "scores 's + position_bias[h, q, k]'.")
     return "\n".join(lines)
 
 
@@ -472,7 +480,20 @@ def _read_mask_function(fn) -> tuple[tuple | None, torch.Tensor | None, torch.Te
 
 
 class _MaskAsTensor(SpattnInputError, AttributeError):
-    """A model read its :class:`SpattnMask` as a tensor (an AttributeError too)."""
+    """A model read an attribute of its :class:`SpattnMask` as a tensor's (an AttributeError
+    too)."""
+
+
+class _MaskIndexed(SpattnInputError, TypeError):
+    """A model indexed its :class:`SpattnMask` as a tensor (a TypeError too)."""
+
+
+def _as_tensor(what: str) -> str:
+    return (f"the model {what} its attention mask as if it were a tensor, but with "
+            "attn_implementation='spattn' transformers' mask is a SpattnMask, which describes "
+            "the mask for spattn's kernels and holds no dense tensor: this model computes "
+            "with its mask itself (a mask of its own, a sparse indexer), so its attention "
+            "cannot run on spattn. Use attn_implementation='sdpa' or 'eager' for it")
 
 
 class SpattnMask:
@@ -539,12 +560,10 @@ class SpattnMask:
         # AttributeError still (hasattr and getattr with a default keep working).
         if name.startswith("__"):
             raise AttributeError(name)
-        raise _MaskAsTensor(
-            f"the model reads attribute {name!r} of its attention mask as if it were a tensor, "
-            "but with attn_implementation='spattn' transformers' mask is a SpattnMask, which "
-            "describes the mask for spattn's kernels and holds no dense tensor: this model "
-            "computes with its mask itself, so its attention cannot run on spattn. Use "
-            "attn_implementation='sdpa' or 'eager' for it")
+        raise _MaskAsTensor(_as_tensor(f"reads attribute {name!r} of"))
+
+    def __getitem__(self, index):
+        raise _MaskIndexed(_as_tensor("indexes"))
 
     def __repr__(self):
         return (f"SpattnMask({_kind_text(self.kind)}, B={self.batch_size}, Lq={self.q_length}, "
@@ -812,7 +831,7 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
                       "output_attentions returns none; attn_implementation='eager' returns "
                       "them", stacklevel=2)
     if attention_mask is None and _bidirectional(module):
-        return _unmasked(module, query, key, value, scaling, softcap, kwargs)
+        return _unmasked(module, query, key, value, scaling, score, kwargs)
     mask = _check_mask(attention_mask, module)
     layer = _layer_of(module)
     if layer.mask_kind is not None and layer.mask_kind != mask.kind:
@@ -836,11 +855,13 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
                                           cu_seq_lens_k=kwargs.get("cu_seq_lens_k"))
     except SpattnError as e:
         raise type(e)(f"layer {layer.layer_idx}: {e}") from None
+    if q_offset == key.shape[2] - query.shape[2]:
+        q_offset = None             # bottom-right, the default: the calls' fast entries take it
+    score = _with_bias(module, score, kwargs.get("position_bias"), query, key, inputs,
+                       q_offset)
     if score is not None:
         pat = _pattern(pat.source, pat.backend, score)
     sinks = _sink_logits(module, kwargs, query.shape[1])
-    if q_offset == key.shape[2] - query.shape[2]:
-        q_offset = None             # bottom-right, the default: the calls' fast entries take it
     if sinks is None:
         out = pat(query, key, value, scale=scaling, q_offset=q_offset, **inputs)
     else:
@@ -870,7 +891,7 @@ def _bidirectional(module) -> bool:
         or getattr(module.config, "is_causal", True) is False
 
 
-def _unmasked(module, query, key, value, scaling, softcap, kwargs):
+def _unmasked(module, query, key, value, scaling, score, kwargs):
     """A bidirectional layer that transformers gives no mask (vision encoders, a
     cross-attention without an encoder mask): every query reads every key, as SDPA's
     adapter then computes, unless :func:`set_patterns` gave the layer a pattern, which runs
@@ -882,12 +903,12 @@ def _unmasked(module, query, key, value, scaling, softcap, kwargs):
             f"its config makes it {_kind_text(layer.mask_kind)}: transformers did not call "
             "spattn's mask function for it. Give the layer its pattern with "
             f"set_patterns(model, {{{layer.layer_idx}: ...}})")
-    pat = layer.pattern
-    if softcap is not None:
-        pat = _pattern(pat.source, pat.backend, _score_expression(softcap))
-    inputs = {}
+    pat, inputs = layer.pattern, {}
     if "pos" in pat.inputs:
         inputs["pos"] = torch.arange(key.shape[2], device=key.device).expand(key.shape[0], -1)
+    score = _with_bias(module, score, kwargs.get("position_bias"), query, key, inputs, None)
+    if score is not None:
+        pat = _pattern(pat.source, pat.backend, score)
     sinks = _sink_logits(module, kwargs, query.shape[1])
     if sinks is None:
         out = pat(query, key, value, scale=scaling, **inputs)
@@ -895,6 +916,43 @@ def _unmasked(module, query, key, value, scaling, softcap, kwargs):
         out, lse = pat(query, key, value, scale=scaling, return_lse=True, **inputs)
         out = with_sinks(out, lse, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_bias(module, score: str | None, bias, query, key, inputs: dict,
+               q_offset: int | None) -> str | None:
+    """The layer's score with T5's additive ``position_bias`` (``[1 or B, 1 or Hq, Lq,
+    Lk]``, float: T5's bucketed relative positions, or zeros), which it adds to the scores
+    as eager attention does: ``s + position_bias[h, q - Lk + Lq, k]`` (a leading ``b`` for
+    a bias per batch row), the table a runtime input of the score (gradients reach it, and
+    through it T5's relative-attention embedding). Query row ``i`` of the bias is the
+    query at key slot ``q_offset + i``: the last keys (``q_offset`` None: decoding with a
+    dynamic cache) or the first (0: an encoder, cross-attention); a static cache's other
+    offsets would make a new score at every step and are refused."""
+    if bias is None:
+        return score
+    B, Hq, Lq, _ = query.shape
+    Lk = key.shape[2]
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.dim() != 4 \
+            or bias.shape[0] not in (1, B) or bias.shape[1] not in (1, Hq) \
+            or tuple(bias.shape[2:]) != (Lq, Lk):
+        what = (f"shape {tuple(bias.shape)} {bias.dtype}" if isinstance(bias, torch.Tensor)
+                else type(bias).__name__)
+        raise SpattnInputError(
+            f"layer {_where(module)} passes position_bias= ({what}): spattn adds a float "
+            f"position bias [1 or {B}, 1 or {Hq}, {Lq}, {Lk}] ([batch, heads, queries, keys])")
+    if score is not None:
+        raise SpattnError(f"layer {_where(module)} passes both a softcap and a position_bias, "
+                          "whose order transformers does not define for spattn")
+    if q_offset not in (None, 0):
+        raise SpattnError(
+            f"layer {_where(module)} passes position_bias= with its {Lq} queries at key slot "
+            f"{q_offset} of {Lk} (a static cache): spattn indexes the bias by the query's row "
+            "counted from the first or the last key; use a dynamic cache")
+    lead = "b, " if B > 1 and bias.shape[0] == B else ""
+    head = "h" if bias.shape[1] == Hq else "0"
+    row = "q - Lk + Lq" if q_offset is None else "q"
+    inputs["position_bias"] = bias if lead else bias[0]
+    return f"s + position_bias[{lead}{head}, {row}, k]"
 
 
 def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:

@@ -495,14 +495,93 @@ def test_a_full_layer_follows_the_mask_transformers_builds():
         == [(0, "q >= k", ("causal",)), (1, "q >= k", ("causal",))]
 
 
+def t5_model(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=64, num_layers=2,
+                                   num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                                   relative_attention_num_buckets=8,
+                                   relative_attention_max_distance=16)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():                 # T5 initialises its bias table small: make it count
+        for m in model.modules():
+            if getattr(m, "has_relative_attention_bias", False):
+                m.relative_attention_bias.weight.normal_(0, 2)
+    return model
+
+
+def test_t5_position_bias_is_a_score():
+    """T5 passes its bucketed relative positions as a dense ``position_bias`` that eager
+    attention adds to the scores: spattn adds it as a score table. Encoder (bidirectional,
+    right padding), decoder (causal) and cross-attention; logits and greedy generation
+    (decode steps with a dynamic cache) match eager."""
+    model = t5_model()
+    ids = torch.randint(1, VOCAB, (2, 9))
+    am = torch.ones_like(ids)
+    am[0, 6:] = 0
+    dec = torch.randint(1, VOCAB, (2, 4))
+    kw = dict(input_ids=ids, attention_mask=am)
+    gen = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        ref = model(decoder_input_ids=dec, **kw).logits
+        ref_tokens = model.generate(**kw, **gen)
+        use_spattn(model)
+        out = model(decoder_input_ids=dec, **kw).logits
+        tokens = model.generate(**kw, **gen)
+    assert rel_err(out, ref, torch.ones(out.shape[:2], dtype=torch.bool)) <= TOL
+    assert torch.equal(tokens, ref_tokens)
+    table = sphf.describe(model).splitlines()
+    assert table[1].split()[:2] == ["layer", "module"]
+    assert "decoder.block.0.layer.1.EncDecAttention" in table[4]
+
+
+def test_t5_gradients_reach_the_relative_attention_bias():
+    """Training T5 through spattn: every parameter's gradient matches eager, the relative
+    attention embedding's (through the score table's gradient) included."""
+    ids = torch.randint(1, VOCAB, (2, 8))
+    am = torch.ones_like(ids)
+    am[1, 5:] = 0
+    labels = torch.randint(1, VOCAB, (2, 5))
+    grads = []
+    for impl in ("eager", sphf.NAME):
+        model = t5_model()
+        model.set_attn_implementation(impl)
+        if impl == sphf.NAME:
+            sphf.set_patterns(model, backend="torch")
+        model(input_ids=ids, attention_mask=am, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    ref, out = grads
+    assert ref.keys() == out.keys()
+    assert any("relative_attention_bias" in n for n in ref)
+    for name in ref:
+        scale = ref[name].abs().max()
+        assert float((out[name] - ref[name]).abs().max()) <= 1e-4 * float(scale) + 1e-7, name
+
+
+def test_position_bias_of_the_wrong_shape_is_refused():
+    model = t5_model()
+    use_spattn(model)
+    module = model.encoder.block[0].layer[0].SelfAttention
+    q = torch.randn(2, 4, 5, 16)
+    mask = sphf.spattn_mask(2, kv_length=5, **queries(5, 0),
+                            mask_function=mu.bidirectional_mask_function)
+    with pytest.raises(SpattnInputError, match=r"position_bias= \(shape \(1, 4, 5, 6\)"):
+        sphf.spattn_attention_forward(module, q, q, q, mask,
+                                      position_bias=torch.zeros(1, 4, 5, 6))
+
+
 def test_a_model_that_reads_its_mask_as_a_tensor_is_told_why():
-    """A model computing with its mask itself (Doge adds it to a mask of its own) reads
-    tensor attributes of the SpattnMask: a SpattnInputError naming the attribute, which is an
-    AttributeError too, so ``hasattr`` and ``getattr`` with a default still answer."""
+    """A model computing with its mask itself (Doge adds it to a mask of its own, a sparse
+    indexer slices it) reads tensor attributes of the SpattnMask or indexes it: a
+    SpattnInputError saying so, which is an AttributeError (TypeError) too, so ``hasattr``
+    and ``getattr`` with a default still answer."""
     mask = sphf.spattn_mask(2, kv_length=4, **queries(4, 0),
                             mask_function=mu.causal_mask_function)
     with pytest.raises(SpattnInputError, match="'dtype' of its attention mask"):
         mask.dtype
+    with pytest.raises(SpattnInputError, match="indexes its attention mask"):
+        mask[:, 0]                              # a sparse indexer's read (HunYuan v4)
+    with pytest.raises(TypeError):
+        mask[0]
     assert not hasattr(mask, "dtype") and getattr(mask, "device", None) is None
     assert mask.kind == ("causal",)
 
