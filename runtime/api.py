@@ -19,8 +19,9 @@ argument and its shape, or a :class:`SpattnValueError` for scalars):
 * the same B for all three; k and v have the same H and L; ``Hq % Hk == 0``
   (grouped-query / multi-query attention: query head h reads key head
   ``h // (Hq // Hk)``).
-* q, k and v have the same head dim D, with ``16 <= D <= 256`` (v's head dim
-  must equal q's: the kernels assume one D).
+* q and k have the same head dim D, with ``16 <= D <= 256``; v's may differ (a call
+  then pads the narrower of q/k and v with zeros to the wider and slices the output to
+  v's: :func:`call_value_dim`; plans and decode steps take one D).
 * the same device and the same dtype, one of float16, bfloat16, float32.
 * ``Lq >= 1`` and ``Lk >= 1``, ``B >= 1``, ``H >= 1``.
 * strided (dense) tensors with data: a meta tensor (``device="meta"``), a sparse, nested
@@ -60,6 +61,7 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 from ..dsl.errors import (MAX_INT, SpattnBackendError, SpattnInputError, SpattnParamError,
                           SpattnValueError, short_repr)
@@ -194,8 +196,9 @@ def validate(q, k, v, *, empty: bool = False, float64: bool | None = False,
         raise SpattnInputError(f"q and k must have the same head dim: q has shape {_shape(q)}, "
                                f"k has shape {_shape(k)}")
     if v.shape[3] != D:
-        raise SpattnInputError(f"v must have the same head dim as q (the kernels assume one D): "
-                               f"q has shape {_shape(q)}, v has shape {_shape(v)}")
+        raise SpattnInputError(f"v must have the same head dim as q here (the kernels assume one "
+                               f"D; a call pat(q, k, v) pads the narrower to the wider): q has "
+                               f"shape {_shape(q)}, v has shape {_shape(v)}")
     if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         raise SpattnInputError(f"head dim D must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {D} "
                                f"(q has shape {_shape(q)})")
@@ -606,6 +609,53 @@ def empty_call(pattern, q, k, v, *, scale, q_offset, inputs, plan):
     return o, lse
 
 
+def value_dim(q, k, v) -> bool:
+    """Whether a call's v has another head dim than its q and k (all three 4-D tensors)."""
+    return (type(q) is torch.Tensor or isinstance(q, torch.Tensor)) \
+        and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) \
+        and q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] == k.shape[-1] \
+        and v.shape[-1] != q.shape[-1]
+
+
+def call_value_dim(pattern, q, k, v, *, scale=None, return_lse=False, plan=None, **kw):
+    """A call whose v has head dim ``Dv`` other than q and k's ``D`` (as SDPA takes it:
+    multi-head latent attention, DeepSeek's 192 against 128): the kernels assume one head
+    dim, so the narrower side is padded with zeros to ``max(D, Dv)`` (:func:`pad_value_dim`),
+    which changes no score and no output column, and the output ``[..., Dv]`` is sliced
+    from the wider one (:func:`slice_value_dim`). A copy of the padded tensors per call;
+    gradients flow through the padding."""
+    if plan is not None:
+        raise SpattnInputError(f"plan= takes tensors of one head dim; v has {v.shape[-1]} "
+                               f"(shape {_shape(v)}), q {q.shape[-1]} (shape {_shape(q)}): "
+                               "call without the plan, or pad v to q's head dim once")
+    Dv = v.shape[-1]
+    q, k, v, scale = pad_value_dim(q, k, v, scale)
+    out = call(pattern, q, k, v, scale=scale, return_lse=return_lse, **kw)
+    return slice_value_dim(out, Dv, return_lse)
+
+
+def pad_value_dim(q, k, v, scale):
+    """``(q, k, v, scale)`` of one head dim ``max(D, Dv)``: the narrower side zero-padded,
+    the scale ``1 / sqrt(D)`` of the unpadded q unless given."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    for name, d, t in (("q", D, q), ("v", Dv, v)):
+        if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+            raise SpattnInputError(f"head dim of {name} must be in {MIN_HEAD_DIM}.."
+                                   f"{MAX_HEAD_DIM}, got {d} ({name} has shape {_shape(t)})")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if Dv < D:
+        return q, k, F.pad(v, (0, D - Dv)), scale
+    return F.pad(q, (0, Dv - D)), F.pad(k, (0, Dv - D)), v, scale
+
+
+def slice_value_dim(out, Dv: int, return_lse: bool):
+    """The output of a padded call (:func:`pad_value_dim`) at v's head dim, contiguous."""
+    if return_lse:
+        return out[0][..., :Dv].contiguous(), out[1]
+    return out[..., :Dv].contiguous()
+
+
 def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
          plan=None, layout=None, deterministic=False, order=None):
     """Attention of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32);
@@ -613,7 +663,12 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     ``deterministic``: a score's learnable tables get their gradients without atomics, and
     dQ comes from the dQ kernel whatever ``SPATTN_BWD_DQ`` says (everything else is
     deterministic already). ``order``: run in this token order
-    (:func:`check_order`; q, k, v and o stay in the caller's order)."""
+    (:func:`check_order`; q, k, v and o stay in the caller's order). A v of another head
+    dim than q's: :func:`call_value_dim`."""
+    if value_dim(q, k, v):
+        return call_value_dim(pattern, q, k, v, scale=scale, return_lse=return_lse,
+                              q_offset=q_offset, inputs=inputs, plan=plan, layout=layout,
+                              deterministic=deterministic, order=order)
     index = other_device(q)
     if index is not None:
         with torch.cuda.device(index):

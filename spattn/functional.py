@@ -13,7 +13,7 @@ import torch
 from .dsl.errors import SpattnError, SpattnParamError
 from .pattern import Pattern, compile as _compile
 from .runtime import autograd as _ag
-from .runtime.api import call, call_op
+from .runtime.api import call, call_op, pad_value_dim, slice_value_dim, value_dim
 from .runtime.usage import check_keywords, output, to_bhsd
 
 COMPILE_CACHE_SIZE = 128
@@ -116,6 +116,9 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
             pattern, backend, params)
         check_keywords({**dict(declared), **dict(score_declared)}, inputs)
         q, k, v = to_bhsd(layout, q, k, v)
+        Dv = v.shape[-1] if value_dim(q, k, v) else None
+        if Dv is not None:
+            q, k, v, scale = pad_value_dim(q, k, v, scale)
         if scored:
             from .runtime.scores import call_op as score_call_op
             out = score_call_op(key, dict(declared), dict(score_declared), requested, q, k, v,
@@ -124,6 +127,8 @@ def attention(q, k, v, *, pattern, scale=None, return_lse=False, q_offset=None, 
         else:
             out = call_op(key, dict(declared), requested, q, k, v, scale=scale,
                           return_lse=return_lse, q_offset=q_offset, inputs=inputs)
+        if Dv is not None:
+            out = slice_value_dim(out, Dv, return_lse)
         return output(layout, out, return_lse)
     pat, inputs = _resolve(pattern, dict(kwargs))
     return call(pat, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,

@@ -157,9 +157,11 @@ class Pattern(CompiledPattern):
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False,
                  q_offset: int | None = None, plan=None, layout: str | None = None,
                  deterministic: bool = False, order=None, **inputs):
-        """Attention with this pattern; q ``[B, Hq, Lq, D]``, k, v ``[B, Hk, Lk, D]``.
+        """Attention with this pattern; q ``[B, Hq, Lq, D]``, k ``[B, Hk, Lk, D]``, v
+        ``[B, Hk, Lk, Dv]`` (``Dv = D`` in the kernels; another ``Dv``, as in multi-head
+        latent attention, runs with the narrower side zero-padded, a copy per call).
 
-        Returns the output ``[B, Hq, Lq, D]`` (and the log-sum-exp ``[B, Hq, Lq]``, fp32,
+        Returns the output ``[B, Hq, Lq, Dv]`` (and the log-sum-exp ``[B, Hq, Lq]``, fp32,
         natural log, when ``return_lse``). ``plan``: a plan made by :meth:`plan` for
         tensors laid out like these (it holds the runtime inputs, scale and offset).
         ``layout``: ``"bhsd"`` (the default) or ``"bshd"``: q ``[B, Lq, Hq, D]``, k, v

@@ -569,6 +569,21 @@ def test_position_bias_of_the_wrong_shape_is_refused():
                                       position_bias=torch.zeros(1, 4, 5, 6))
 
 
+def test_latent_attention_with_another_value_head_dim():
+    """DeepSeek V3's multi-head latent attention: q and k of 48 dims (32 + 16 rotary),
+    values of 32; logits and greedy generation match eager."""
+    config = tiny("DeepseekV3Config", moe_intermediate_size=32, num_key_value_heads=4,
+                  n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                  first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+    model = model_of(config)
+    ids, am = left_padded([8, 5], 8)
+    ref = logits(model, ids, attention_mask=am)
+    ref_tokens, tokens, _ = eager_then_decoded(model, [8, 5], 8, seed=1, new=6)
+    assert rel_err(logits(model, ids, attention_mask=am), ref, am.bool()) <= TOL
+    assert torch.equal(tokens, ref_tokens)
+
+
 def test_a_model_that_reads_its_mask_as_a_tensor_is_told_why():
     """A model computing with its mask itself (Doge adds it to a mask of its own, a sparse
     indexer slices it) reads tensor attributes of the SpattnMask or indexes it: a
