@@ -151,13 +151,15 @@ def _valid(q, k, v) -> bool:
 
 
 def validate(q, k, v, *, empty: bool = False, float64: bool | None = False,
-             transformed: bool = False) -> None:
+             transformed: bool = False, value_dim: bool = False) -> None:
     """Check q, k, v (rank, batch, heads, head dim, device, dtype); raise SpattnInputError.
     ``empty``: B, H and L may be 0 (:func:`empty_call`), else each must be at least 1.
     ``float64``: True, float64 is accepted too (a call the torch backend runs:
     :func:`f64_ok`); False, refused with a pointer to the torch backend; None (decode,
     which takes none), refused. ``transformed``: q, k, v may be a torch.func transform's
-    tensors (:mod:`~spattn.runtime.transforms`), checked by their logical shapes."""
+    tensors (:mod:`~spattn.runtime.transforms`), checked by their logical shapes.
+    ``value_dim``: v's head dim may differ from q's, and is checked against the limits of
+    a head dim too (:func:`pad_value_dim`)."""
     if not empty and _valid(q, k, v):
         return
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -195,7 +197,10 @@ def validate(q, k, v, *, empty: bool = False, float64: bool | None = False,
     if k.shape[3] != D:
         raise SpattnInputError(f"q and k must have the same head dim: q has shape {_shape(q)}, "
                                f"k has shape {_shape(k)}")
-    if v.shape[3] != D:
+    if value_dim and not MIN_HEAD_DIM <= v.shape[3] <= MAX_HEAD_DIM:
+        raise SpattnInputError(f"head dim of v must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got "
+                               f"{v.shape[3]} (v has shape {_shape(v)})")
+    if v.shape[3] != D and not value_dim:
         raise SpattnInputError(f"v must have the same head dim as q here (the kernels assume one "
                                f"D; a call pat(q, k, v) pads the narrower to the wider): q has "
                                f"shape {_shape(q)}, v has shape {_shape(v)}")
@@ -611,9 +616,10 @@ def empty_call(pattern, q, k, v, *, scale, q_offset, inputs, plan):
 
 def value_dim(q, k, v) -> bool:
     """Whether a call's v has another head dim than its q and k (all three 4-D tensors)."""
-    return (type(q) is torch.Tensor or isinstance(q, torch.Tensor)) \
-        and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) \
-        and q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] == k.shape[-1] \
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+            and isinstance(v, torch.Tensor)) or q.is_nested or k.is_nested or v.is_nested:
+        return False                    # (the checks of the call say what is wrong)
+    return q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] == k.shape[-1] \
         and v.shape[-1] != q.shape[-1]
 
 
@@ -629,19 +635,20 @@ def call_value_dim(pattern, q, k, v, *, scale=None, return_lse=False, plan=None,
                                f"(shape {_shape(v)}), q {q.shape[-1]} (shape {_shape(q)}): "
                                "call without the plan, or pad v to q's head dim once")
     Dv = v.shape[-1]
-    q, k, v, scale = pad_value_dim(q, k, v, scale)
+    q, k, v, scale = pad_value_dim(q, k, v, scale, kw.get("layout"))
     out = call(pattern, q, k, v, scale=scale, return_lse=return_lse, **kw)
     return slice_value_dim(out, Dv, return_lse)
 
 
-def pad_value_dim(q, k, v, scale):
+def pad_value_dim(q, k, v, scale, layout=None):
     """``(q, k, v, scale)`` of one head dim ``max(D, Dv)``: the narrower side zero-padded,
-    the scale ``1 / sqrt(D)`` of the unpadded q unless given."""
+    the scale ``1 / sqrt(D)`` of the unpadded q unless given (the last dim is the head dim
+    in either ``layout``)."""
     D, Dv = q.shape[-1], v.shape[-1]
-    for name, d, t in (("q", D, q), ("v", Dv, v)):
-        if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-            raise SpattnInputError(f"head dim of {name} must be in {MIN_HEAD_DIM}.."
-                                   f"{MAX_HEAD_DIM}, got {d} ({name} has shape {_shape(t)})")
+    # every check but the head dims' equality, on the caller's shapes (the call checks the
+    # padded tensors again, the dtype against the backend and the transforms' wrappers too)
+    validate(*(_usage.to_bhsd(layout, q, k, v) if layout is not None else (q, k, v)),
+             empty=True, float64=True, transformed=True, value_dim=True)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     if Dv < D:
