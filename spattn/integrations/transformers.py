@@ -840,7 +840,7 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
         if {layer.mask_kind, mask.kind} == _CAUSAL_OR_FULL:
             layer = _as_masked(module, layer, mask.kind)
     if layer.mask_kind is not None and layer.mask_kind != mask.kind:
-        at = "?" if layer.layer_idx is None else layer.layer_idx
+        at = _where(module)
         raise SpattnError(
             f"layer {at} ({layer.layer_type}): transformers masks this layer as "
             f"{_kind_text(mask.kind)}, but its pattern from the config "
@@ -854,7 +854,7 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
                                           cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
                                           cu_seq_lens_k=kwargs.get("cu_seq_lens_k"))
     except SpattnError as e:
-        raise type(e)(f"layer {layer.layer_idx}: {e}") from None
+        raise type(e)(f"layer {_where(module)}: {e}") from None
     if q_offset == key.shape[2] - query.shape[2]:
         q_offset = None             # bottom-right, the default: the calls' fast entries take it
     score = _with_bias(module, score, kwargs.get("position_bias"), query, key, inputs,
@@ -899,10 +899,10 @@ def _unmasked(module, query, key, value, scaling, score, kwargs):
     layer = _layer_of(module)
     if layer.mask_kind not in (None, ("full",)):
         raise SpattnError(
-            f"layer {layer.layer_idx} ({layer.layer_type}) received no attention mask, but "
+            f"layer {_where(module)} ({layer.layer_type}) received no attention mask, but "
             f"its config makes it {_kind_text(layer.mask_kind)}: transformers did not call "
             "spattn's mask function for it. Give the layer its pattern with "
-            f"set_patterns(model, {{{layer.layer_idx}: ...}})")
+            f"set_patterns(model, {{{_where(module)}: ...}})")
     pat, inputs = layer.pattern, {}
     if "pos" in pat.inputs:
         inputs["pos"] = torch.arange(key.shape[2], device=key.device).expand(key.shape[0], -1)
