@@ -410,6 +410,8 @@ def _closure(fn) -> dict:
 #: qualified name -> (role, the closure variable that holds its argument).
 _MASK_FUNCTIONS = {
     "and_masks.<locals>.and_mask": ("and", "mask_functions"),
+    "or_masks.<locals>.or_mask": ("or", "mask_functions"),
+    "blockwise_overlay.<locals>.inner_mask": ("blocks", "block_sequence_ids"),
     "causal_mask_function": ("causal", None),
     "bidirectional_mask_function": ("full", None),
     "sliding_window_overlay.<locals>.inner_mask": ("window", "sliding_window"),
@@ -431,36 +433,66 @@ def _function_name(f) -> str:
     return name
 
 
+#: A block of a mask function as a spattn source fragment over key slots ``q``, ``k``
+#: (differences of transformers' cache indices are differences of slots), for mask
+#: functions with an ``or_masks`` (transformers' ``block_sequence_ids``: image tokens
+#: that attend to their whole image, Gemma 3, PaliGemma).
+_FRAGMENTS = {
+    "causal": lambda _: "q >= k",
+    "full": lambda _: "true",
+    "window": lambda w: f"q - k < {int(w)}",                 # kv_idx > q_idx - W
+    "local": lambda w: f"abs(q - k) <= {int(w)}",
+    "chunk": lambda c: f"pos[q] // {int(c)} == pos[k] // {int(c)}",
+    "blocks": lambda _: "blocks[q] == blocks[k] & blocks[q] >= 0",
+}
+
+
 def _read_mask_function(fn) -> tuple[tuple | None, torch.Tensor | None, torch.Tensor | None,
-                                     tuple[str, ...]]:
-    """What a transformers mask function means: ``(kind, seg, position_ids, unreadable)``.
+                                     tuple[str, ...], tuple | None]:
+    """What a transformers mask function means: ``(kind, seg, position_ids, unreadable,
+    blockwise)``.
 
     transformers builds a mask function as an ``and_masks`` of building blocks from
     ``masking_utils`` (causal, sliding window, chunks, packed sequences, whose positions
-    may be remapped to the position ids). The blocks are read from the closures; any other
-    function (an ``or_mask_function`` or ``and_mask_function`` a model adds, an ``or_masks``,
-    a block of another version) is listed in ``unreadable`` and the call is refused.
+    may be remapped to the position ids), with an ``or_masks`` of a ``blockwise_overlay``
+    where a model passes ``block_sequence_ids`` (tokens of one block, an image, attend to
+    each other both ways). The blocks are read from the closures; any other function (an
+    ``or_mask_function`` or ``and_mask_function`` a model adds, a block of another
+    version) is listed in ``unreadable`` and the call is refused. ``kind`` is read from
+    the base blocks (causal, window, chunk, full, local); ``blockwise`` is None, or, for a
+    function with an ``or_masks`` or a blockwise block, ``(source, block ids [B, n])``: the
+    whole function as a spattn source over key slots (the block ids read as
+    ``blocks[q]``), packed sequences left to their conjunct.
     """
     terms: dict[str, object] = {}
     unreadable: list[str] = []
 
-    def walk(f):
+    def walk(f, top: bool) -> str | None:
         role = arg = None
         if getattr(f, "__module__", None) == "transformers.masking_utils":
             role, arg = _MASK_FUNCTIONS.get(getattr(f, "__qualname__", ""), (None, None))
         cells = _closure(f)
-        if (role is None or (arg is not None and arg not in cells) or role in terms
-                or (role == "remap" and "mask_function" not in cells)):
+        if (role is None or (arg is not None and arg not in cells)
+                or (role in terms and role not in ("and", "or"))
+                or (role == "remap" and "mask_function" not in cells)
+                or (role in ("packed", "remap") and not top)):
             unreadable.append(_function_name(f))
-        elif role == "and":
-            for g in cells[arg]:
-                walk(g)
-        else:
-            terms[role] = cells[arg] if arg is not None else True
-            if role == "remap":
-                walk(cells["mask_function"])
+            return None
+        if role in ("and", "or"):
+            terms[role] = True
+            before = len(unreadable)
+            parts = [walk(g, top and role == "and") for g in cells[arg]]
+            if role == "or" and len(unreadable) > before:
+                del unreadable[before:]                 # name the union with its parts
+                unreadable.append(_function_name(f))
+            parts = [f"({p})" for p in parts if p is not None]
+            return (" & " if role == "and" else " | ").join(parts) or None
+        terms[role] = cells[arg] if arg is not None else True
+        if role == "remap":
+            return walk(cells["mask_function"], top)
+        return None if role == "packed" else _FRAGMENTS[role](terms[role])
 
-    walk(fn)
+    expr = walk(fn, True)
     base = {name for name in terms if name in ("causal", "full", "window", "local", "chunk")}
     kind = None
     if base == {"causal"}:
@@ -476,7 +508,15 @@ def _read_mask_function(fn) -> tuple[tuple | None, torch.Tensor | None, torch.Te
     elif not unreadable:
         unreadable.append("a combination spattn does not know: "
                           + (" & ".join(sorted(base)) or "none"))
-    return kind, terms.get("packed"), terms.get("remap"), tuple(unreadable)
+    if unreadable:
+        return None, terms.get("packed"), terms.get("remap"), tuple(unreadable), None
+    blockwise = None
+    if "or" in terms or "blocks" in terms:
+        if "remap" in terms:
+            return None, terms.get("packed"), terms.get("remap"), (
+                "an or_masks of sequences whose positions are remapped",), None
+        blockwise = (expr, terms.get("blocks"))
+    return kind, terms.get("packed"), terms.get("remap"), (), blockwise
 
 
 class _MaskAsTensor(SpattnInputError, AttributeError):
@@ -512,12 +552,17 @@ class SpattnMask:
             is a left padding (as in batched generation); None otherwise. Read-only: equal
             paddings share it.
         seg: int ``[B, kv_length]`` packed-sequence ids (equal ids: one sequence), or None.
+        blockwise: the whole mask as a spattn source over key slots where transformers
+            joined blocks with an ``or_masks`` (``block_sequence_ids``: an image's tokens
+            attend to each other), else None; its base blocks give ``kind``.
+        blocks: int ``[B, kv_length]`` block id of each key slot (``-1``: in no block),
+            read as ``blocks[q]``, ``blocks[k]`` by ``blockwise``; or None.
         unreadable: the mask functions spattn could not read (the call is refused).
     """
 
     __slots__ = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "kind", "keep",
-                 "first", "seg", "unreadable", "_position_ids", "_left_padding", "_padding",
-                 "_device", "_pos", "_reach")
+                 "first", "seg", "unreadable", "blockwise", "blocks", "_position_ids",
+                 "_left_padding", "_padding", "_device", "_pos", "_reach")
 
     #: transformers tells a prepared mask from a 2-D padding mask by ``ndim``: ``generate``
     #: with a static cache builds the masks before the forward, which passes them back to
@@ -526,11 +571,12 @@ class SpattnMask:
 
     def __init__(self, *, batch_size, q_length, kv_length, q_offset, kv_offset, kind, keep,
                  seg, unreadable, first=None, position_ids=None, left_padding=None,
-                 padding=None, device=None):
+                 padding=None, device=None, blockwise=None, blocks=None):
         self.batch_size, self.q_length, self.kv_length = batch_size, q_length, kv_length
         self.q_offset, self.kv_offset = q_offset, kv_offset
         self.kind, self.keep, self.seg, self.unreadable = kind, keep, seg, unreadable
         self.first = first
+        self.blockwise, self.blocks = blockwise, blocks
         self._position_ids, self._left_padding, self._device = position_ids, left_padding, device
         self._padding = padding
         self._pos = self._reach = None
@@ -590,7 +636,19 @@ def spattn_mask(batch_size: int, q_length: int | None = None, kv_length: int | N
         q_offset = int(cache_position[0]) if q_length else 0
         device = device if device is not None else cache_position.device
     q_offset = int(q_offset)                  # a 0-dim tensor with static caches
-    kind, seg, position_ids, unreadable = _read_mask_function(mask_function)
+    kind, seg, position_ids, unreadable, blockwise = _read_mask_function(mask_function)
+    blocks = None
+    if blockwise is not None and blockwise[1] is not None:
+        ids = blockwise[1]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 \
+                or ids.shape[0] not in (1, batch_size):
+            what = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            unreadable += (f"block_sequence_ids of shape {what}, not [B, L]",)
+            kind = blockwise = None
+        else:
+            short = kv_offset + kv_length - ids.shape[-1]    # as maybe_pad_block_sequence_ids
+            ids = F.pad(ids, (0, short), value=-1) if short > 0 else ids
+            blocks = ids[:, kv_offset: kv_offset + kv_length].expand(batch_size, -1)
     keep = first = left_padding = padded = None
     if attention_mask is not None:
         am = attention_mask.to(torch.bool)
@@ -604,6 +662,7 @@ def spattn_mask(batch_size: int, q_length: int | None = None, kv_length: int | N
     return SpattnMask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                       q_offset=q_offset, kv_offset=int(kv_offset), kind=kind, keep=keep,
                       first=first, seg=seg, unreadable=unreadable, position_ids=position_ids,
+                      blockwise=None if blockwise is None else blockwise[0], blocks=blocks,
                       left_padding=left_padding,
                       padding=padded if keep is not None or first is not None else None,
                       device=device)
@@ -642,7 +701,10 @@ def _padding_form(keep: torch.Tensor, left_padding: torch.Tensor, kv_offset: int
 
 
 def _prepared(mask: SpattnMask, mask_function) -> SpattnMask:
-    """A mask ``generate`` built ahead of the forward, checked against the forward's own kind."""
+    """A mask built ahead of the forward (by ``generate`` with a static cache, or by a
+    vision-language model around its language model), checked against the forward's own
+    kind; it is returned as it is, as transformers returns a prepared 4-D mask (with the
+    image blocks a vision-language model or'd in)."""
     kind = _read_mask_function(mask_function)[0]
     if kind != mask.kind:
         raise SpattnError(
@@ -661,9 +723,9 @@ def _check_mask(mask, module) -> SpattnMask:
             raise SpattnError(
                 f"{where}: transformers built this layer's mask from functions spattn cannot "
                 f"read: {'; '.join(mask.unreadable)}. spattn reads causal, sliding-window, "
-                "chunked, padding and packed-sequence masks; masks a model adds of its own "
-                "(bidirectional image tokens, or_mask_function / and_mask_function) need "
-                "another attn_implementation")
+                "chunked, padding, packed-sequence and image-block masks; a model's "
+                "or_mask_function / and_mask_function of its own needs another "
+                "attn_implementation")
         return mask
     if mask is None:
         raise SpattnError(
@@ -803,6 +865,8 @@ def plan_call(base: Pattern, mask: SpattnMask, Lq: int, Lk: int, *, cu_seq_lens_
         inputs["seg"] = seg
     if "pos" in pat.inputs:
         inputs["pos"] = pos if pos is not None else mask.positions()
+    if "blocks" in pat.inputs:
+        inputs["blocks"] = mask.blocks
     return pat, inputs, mask.q_offset - mask.kv_offset
 
 
@@ -847,10 +911,13 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
             f"({layer.detail or layer.layer_type}) is {layer.pattern.source}: the model does "
             "not build its masks from the config as spattn expects. Give the layer its "
             f"pattern with set_patterns(model, {{{at}: ...}})")
+    base = layer.pattern
+    if mask.blockwise is not None and layer.mask_kind is not None:
+        base = _pattern(mask.blockwise, base.backend)   # the config's blocks, or'd with blocks
     try:
         if layer.mask_kind is None:
             _check_reach(layer.pattern, mask, query.shape[1])
-        pat, inputs, q_offset = plan_call(layer.pattern, mask, query.shape[2], key.shape[2],
+        pat, inputs, q_offset = plan_call(base, mask, query.shape[2], key.shape[2],
                                           cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
                                           cu_seq_lens_k=kwargs.get("cu_seq_lens_k"))
     except SpattnError as e:

@@ -216,6 +216,56 @@ def test_packed_masks_equal_transformers(kind, n, lengths, B, start):
     assert torch.equal(spattn_dense(base, mask, L, L), want)
 
 
+BLOCKWISE = {        # transformers' compositions with block_sequence_ids (an image's tokens)
+    "causal|blocks": lambda n, ids: mu.or_masks(mu.causal_mask_function,
+                                                mu.blockwise_overlay(ids)),
+    # Gemma 3's sliding layers: AND(sliding window, OR(causal, blocks))
+    "(causal|blocks)&window": lambda n, ids: mu.and_masks(
+        mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids)),
+        mu.sliding_window_overlay(n)),
+    # create_sliding_window_causal_mask(block_sequence_ids=...): OR(sliding causal, blocks)
+    "sliding|blocks": lambda n, ids: mu.or_masks(mu.sliding_window_causal_mask_function(n),
+                                                 mu.blockwise_overlay(ids)),
+}
+
+
+@pytest.mark.skipif(not hasattr(mu, "blockwise_overlay"), reason="no block_sequence_ids")
+@settings(max_examples=60)
+@given(kind=st.sampled_from(sorted(BLOCKWISE)), n=st.integers(1, 5), B=st.integers(1, 3),
+       Lq=st.integers(1, 6), extra=st.integers(0, 6), kv_offset=st.integers(0, 5),
+       short_ids=st.integers(0, 3), data=st.data())
+def test_blockwise_masks_equal_transformers_sdpa_mask(kind, n, B, Lq, extra, kv_offset,
+                                                      short_ids, data):
+    """Image tokens that attend to their whole image (``block_sequence_ids``, or'd with the
+    causal or sliding mask): every element equals transformers' mask, with left padding,
+    cache offsets and block ids shorter than the keys (padded with -1, as the models pad
+    them)."""
+    Lk = Lq + extra
+    q_offset = kv_offset + data.draw(st.integers(0, extra), label="q_offset - kv_offset")
+    total = max(q_offset + Lq, kv_offset + Lk)
+    am = torch.ones(B, total, dtype=torch.bool)
+    ids = torch.full((B, max(1, total - short_ids)), -1, dtype=torch.long)
+    for b in range(B):
+        am[b, :data.draw(st.integers(0, 3), label=f"left padding of row {b}")] = False
+        at, block = 0, 0
+        while at < ids.shape[1]:
+            run = data.draw(st.integers(1, 4), label="run")
+            if data.draw(st.booleans(), label="a block"):
+                ids[b, at:at + run] = block
+                block += 1
+            at += run
+    fn = BLOCKWISE[kind](n, mu.maybe_pad_block_sequence_ids(ids, am, Lk, kv_offset))
+    want = mu.sdpa_mask(batch_size=B, **queries(Lq, q_offset), kv_length=Lk,
+                        kv_offset=kv_offset, mask_function=fn, attention_mask=am,
+                        allow_is_causal_skip=False)[:, 0]
+    mask = sphf.spattn_mask(batch_size=B, **queries(Lq, q_offset), kv_length=Lk,
+                            kv_offset=kv_offset, mask_function=fn, attention_mask=am)
+    assert not mask.unreadable and mask.blockwise is not None
+    assert mask.kind == (("causal",) if kind == "causal|blocks" else ("sliding", n))
+    base = spattn.compile(mask.blockwise, backend="torch")
+    assert torch.equal(spattn_dense(base, mask, Lq, Lk), want)
+
+
 def test_unreadable_mask_functions_are_named():
     custom = mu.or_masks(mu.causal_mask_function, lambda b, h, q, k: k < 2)
     mask = sphf.spattn_mask(batch_size=1, **queries(4, 0), kv_length=4, mask_function=custom)
@@ -581,6 +631,72 @@ def test_latent_attention_with_another_value_head_dim():
     ref = logits(model, ids, attention_mask=am)
     ref_tokens, tokens, _ = eager_then_decoded(model, [8, 5], 8, seed=1, new=6)
     assert rel_err(logits(model, ids, attention_mask=am), ref, am.bool()) <= TOL
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_image_tokens_attend_to_their_whole_image():
+    """Gemma 3's vision-language model: the image's tokens attend to each other both ways
+    (transformers' ``block_sequence_ids``, or'd with the causal and sliding masks), the
+    text causally; its vision tower runs without a mask. Logits and greedy generation with
+    left padding match eager, and the image blocks change the logits (so a mask without
+    them would fail)."""
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+                query_pre_attn_scalar=16, pad_token_id=0,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=8)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                       mm_tokens_per_image=4, image_token_index=299,
+                                       boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    image = [297, 299, 299, 299, 299, 298]
+    ids = torch.tensor([[5, 6, *image, 7, 8, 9, 10, 11], [0, 0, 5, *image, 12, 13, 14, 15]])
+    am = (ids != 0).long()
+    kw = dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(2, 3, 32, 32))
+    gen = dict(max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        ref = model(**kw, token_type_ids=(ids == 299).long()).logits
+        no_blocks = model(**kw, token_type_ids=torch.zeros_like(ids)).logits
+        ref_tokens = model.generate(**kw, token_type_ids=(ids == 299).long(), **gen)
+        use_spattn(model)
+        out = model(**kw, token_type_ids=(ids == 299).long()).logits
+        tokens = model.generate(**kw, token_type_ids=(ids == 299).long(), **gen)
+    assert rel_err(no_blocks, ref, am.bool()) > 1e-2
+    assert rel_err(out, ref, am.bool()) <= TOL
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_paligemma_prefix_reads_both_ways():
+    """PaliGemma: the image and the prompt (``token_type_ids`` 0) form a prefix whose tokens
+    read each other both ways, the answer reads causally; the language model receives the
+    mask the outer model prepared. Logits and greedy generation match eager, and the
+    prefix changes the logits."""
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=16, pad_token_id=0)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=8, projection_dim=64)
+    config = transformers.PaliGemmaConfig(text_config=text, vision_config=vision,
+                                          image_token_index=299, projection_dim=64,
+                                          hidden_size=64)
+    config.text_config.num_image_tokens = 16
+    torch.manual_seed(0)
+    model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+    ids = torch.tensor([[299] * 16 + [2, 5, 6, 7, 1], [0, 0] + [299] * 16 + [2, 8, 1]])
+    am = (ids != 0).long()
+    kw = dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(2, 3, 32, 32))
+    prefix, causal = torch.zeros_like(ids), torch.ones_like(ids)
+    gen = dict(max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        ref = model(**kw, token_type_ids=prefix).logits
+        without = model(**kw, token_type_ids=causal).logits
+        ref_tokens = model.generate(**kw, token_type_ids=prefix, **gen)
+        use_spattn(model)
+        out = model(**kw, token_type_ids=prefix).logits
+        tokens = model.generate(**kw, token_type_ids=prefix, **gen)
+    assert rel_err(without, ref, am.bool()) > 1e-2
+    assert rel_err(out, ref, am.bool()) <= TOL
     assert torch.equal(tokens, ref_tokens)
 
 
