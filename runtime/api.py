@@ -154,9 +154,10 @@ def validate(q, k, v, *, empty: bool = False, float64: bool | None = False,
              transformed: bool = False, value_dim: bool = False) -> None:
     """Check q, k, v (rank, batch, heads, head dim, device, dtype); raise SpattnInputError.
     ``empty``: B, H and L may be 0 (:func:`empty_call`), else each must be at least 1.
-    ``float64``: True, float64 is accepted too (a call the torch backend runs:
-    :func:`f64_ok`); False, refused with a pointer to the torch backend; None (decode,
-    which takes none), refused. ``transformed``: q, k, v may be a torch.func transform's
+    ``float64``: True, a call the torch backend runs (:func:`f64_ok`): float64 is accepted
+    too, and any head dim from 1 (the kernels' 16..256 bound their tiles; the torch
+    backend's SDPA calls take any); False, refused with a pointer to the torch backend;
+    None (decode, which takes none), refused. ``transformed``: q, k, v may be a torch.func transform's
     tensors (:mod:`~spattn.runtime.transforms`), checked by their logical shapes.
     ``value_dim``: v's head dim may differ from q's, and is checked against the limits of
     a head dim too (:func:`pad_value_dim`)."""
@@ -197,16 +198,17 @@ def validate(q, k, v, *, empty: bool = False, float64: bool | None = False,
     if k.shape[3] != D:
         raise SpattnInputError(f"q and k must have the same head dim: q has shape {_shape(q)}, "
                                f"k has shape {_shape(k)}")
-    if value_dim and not MIN_HEAD_DIM <= v.shape[3] <= MAX_HEAD_DIM:
-        raise SpattnInputError(f"head dim of v must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got "
-                               f"{v.shape[3]} (v has shape {_shape(v)})")
+    lo, hi = (1, None) if float64 is True else (MIN_HEAD_DIM, MAX_HEAD_DIM)
+    if value_dim and not lo <= v.shape[3] <= (hi or v.shape[3]):
+        raise SpattnInputError(f"head dim of v must be in {_dims(lo, hi)}, got {v.shape[3]} "
+                               f"(v has shape {_shape(v)}){_wide_hint(v.shape[3], hi)}")
     if v.shape[3] != D and not value_dim:
         raise SpattnInputError(f"v must have the same head dim as q here (the kernels assume one "
                                f"D; a call pat(q, k, v) pads the narrower to the wider): q has "
                                f"shape {_shape(q)}, v has shape {_shape(v)}")
-    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
-        raise SpattnInputError(f"head dim D must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {D} "
-                               f"(q has shape {_shape(q)})")
+    if not lo <= D <= (hi or D):
+        raise SpattnInputError(f"head dim D must be in {_dims(lo, hi)}, got {D} "
+                               f"(q has shape {_shape(q)}){_wide_hint(D, hi)}")
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
             raise SpattnInputError(f"{name} (shape {_shape(t)}) is on {t.device} but q "
@@ -220,6 +222,17 @@ def validate(q, k, v, *, empty: bool = False, float64: bool | None = False,
         if t.dtype != q.dtype:
             raise SpattnInputError(f"{name} (shape {_shape(t)}) has dtype {t.dtype} but q "
                                    f"(shape {_shape(q)}) has {q.dtype}; all three must match")
+
+
+def _dims(lo: int, hi: int | None) -> str:
+    return f"{lo}..{hi}" if hi else f"{lo} or more"
+
+
+def _wide_hint(D: int, hi: int | None) -> str:
+    if hi and D > hi:
+        return (f" for the Triton kernels; the torch backend takes any head dim "
+                f"(backend='torch', or 'auto' on the CPU)")
+    return ""
 
 
 #: Largest scale: the kernels multiply scores by ``scale * log2(e)`` in float32.

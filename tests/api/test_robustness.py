@@ -281,8 +281,8 @@ def test_cli_output_that_cannot_be_written(tmp_path):
     (["check", "-e", "window(W)", "-p", f"W={2 ** 300}"], "param 'W' is"),
     (["explain", "-e", "causal", "--lq", str(2 ** 62)], "does not fit in memory"),
     (["run", "-e", "causal", "--lq", "16", "--q-offset", str(2 ** 64)], "q_offset"),
-    (["run", "-e", "causal", "--lq", "16", "--dim", "8", "--backend", "torch"], "head dim"),
-], ids=["huge-literal", "huge-param", "huge-length", "huge-q-offset", "small-dim"])
+    (["run", "-e", "causal", "--lq", "16", "--dim", "8", "--backend", "triton"], "head dim"),
+], ids=["huge-literal", "huge-param", "huge-length", "huge-q-offset", "small-dim-triton"])
 def test_cli_errors_exit_1(argv, text):
     err = io.StringIO()
     assert _cli(argv, err) == 1
