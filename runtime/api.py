@@ -19,7 +19,8 @@ argument and its shape, or a :class:`SpattnValueError` for scalars):
 * the same B for all three; k and v have the same H and L; ``Hq % Hk == 0``
   (grouped-query / multi-query attention: query head h reads key head
   ``h // (Hq // Hk)``).
-* q and k have the same head dim D, with ``16 <= D <= 256``; v's may differ (a call
+* q and k have the same head dim D, with ``16 <= D <= 256`` for the kernels (any
+  ``D >= 1`` on the torch backend); v's may differ (a call
   then pads the narrower of q/k and v with zeros to the wider and slices the output to
   v's: :func:`call_value_dim`; plans and decode steps take one D).
 * the same device and the same dtype, one of float16, bfloat16, float32.
