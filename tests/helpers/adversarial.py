@@ -170,6 +170,7 @@ def score_case(seed: int) -> str:
     B = r.choice([1, 2])
     Lq, Lk = r.randint(1, 40), r.randint(1, 40)
     D = r.choice([16, 32])
+    Dv = D if r.random() < 0.8 else r.choice([8, 24, 48])     # v's own head dim (MLA)
     q_offset = r.choice([None, None, 0, r.randint(-10, 50), 2 ** 31 - r.randint(0, 30)])
     if q_offset is not None and q_offset > 2 ** 30 and re.search(
             r"\bq\b|alibi", score.replace("(q + 3000000000) % 7", "")):
@@ -178,7 +179,7 @@ def score_case(seed: int) -> str:
     if backend == "triton" and dtype == torch.float64:
         dtype = torch.float32
     desc = (f"score:{seed} {backend} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-"
-            f"Lq{Lq}-Lk{Lk}-D{D} q_offset={q_offset} {dtype}")
+            f"Lq{Lq}-Lk{Lk}-D{D}-Dv{Dv} q_offset={q_offset} {dtype}")
     LAST["desc"] = desc
     params = score_params(score, Hq)
     try:
@@ -188,8 +189,8 @@ def score_case(seed: int) -> str:
     assert spattn.compile(p.source, backend=backend) == p, f"{desc}: source {p.source}"
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Lq, D, generator=g).to(dtype).requires_grad_(True)
-    k, v = (torch.randn(B, Hk, Lk, D, generator=g).to(dtype).requires_grad_(True)
-            for _ in range(2))
+    k = torch.randn(B, Hk, Lk, D, generator=g).to(dtype).requires_grad_(True)
+    v = torch.randn(B, Hk, Lk, Dv, generator=g).to(dtype).requires_grad_(True)
     tabs = {n: torch.randn(TABLE_SHAPES[n](Hq), generator=g).to(dtype).requires_grad_(True)
             for n in p.score_inputs}
     try:
