@@ -158,8 +158,9 @@ def validate(q, k, v, *, empty: bool = False, float64: bool | None = False,
     ``float64``: True, a call the torch backend runs (:func:`f64_ok`): float64 is accepted
     too, and any head dim from 1 (the kernels' 16..256 bound their tiles; the torch
     backend's SDPA calls take any); False, refused with a pointer to the torch backend;
-    None (decode, which takes none), refused. ``transformed``: q, k, v may be a torch.func transform's
-    tensors (:mod:`~spattn.runtime.transforms`), checked by their logical shapes.
+    None (decode, which takes none), refused. ``transformed``: q, k, v may be a
+    torch.func transform's tensors (:mod:`~spattn.runtime.transforms`), checked by their
+    logical shapes.
     ``value_dim``: v's head dim may differ from q's, and is checked against the limits of
     a head dim too (:func:`pad_value_dim`)."""
     if not empty and _valid(q, k, v):

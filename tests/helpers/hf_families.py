@@ -1,0 +1,112 @@
+"""Every causal-LM family of the installed transformers, once, through ``"spattn"``.
+
+Each family is built from one generic small config (``AutoConfig.for_model`` with the
+fields below that its config has; no download) and run on a left-padded batch, once with
+SDPA (or eager, where the model has no SDPA path) and once with
+``attn_implementation="spattn"``: the logits at the real tokens (relative error) and 6
+greedy tokens are compared. A family runs in a process of its own (a model that fails to
+build, runs out of memory or time does not stop the others). One line per family:
+
+    OK    sdpa err=...       matched (error <= 1e-4, the same tokens)
+    BAD   sdpa err=...       ran, but differed
+    FAIL  spattn ...         spattn refused or failed (the error's first line)
+    FAIL  sdpa ...           the reference itself failed with the generic config
+    SKIP  ...                not built from the generic config, or no attention backend
+    LOST  ...                the process died (memory) or ran past --seconds
+
+    python -m tests.helpers.hf_families [--only llama,gemma2] [--seconds 150]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import warnings
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, head_dim=16, max_position_embeddings=512,
+             sliding_window=5, n_layer=3, n_head=4, n_embd=64, d_model=64, num_layers=3,
+             num_heads=4, ffn_dim=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             tie_word_embeddings=False, use_cache=True)
+TOL = 1e-4
+
+
+def one(model_type: str) -> str:
+    """The line of one family (run in this process)."""
+    import torch
+    import spattn.integrations.transformers  # noqa: F401  (registers "spattn")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    try:
+        base = AutoConfig.for_model(model_type)
+        kw = {k: v for k, v in SMALL.items() if hasattr(base, k) or k == "pad_token_id"}
+        if getattr(base, "sliding_window", None) is None:
+            kw.pop("sliding_window", None)
+        cfg = AutoConfig.for_model(model_type, **kw)
+        types = getattr(cfg, "layer_types", None)
+        if types is not None and len(types) != cfg.num_hidden_layers:
+            cfg.layer_types = (list(types) * 3)[:cfg.num_hidden_layers]
+        ref = "sdpa"
+        torch.manual_seed(0)
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+        except ValueError:
+            ref = "eager"
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    except Exception as e:  # noqa: BLE001  (any failure to build is a skip)
+        return f"SKIP  build {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    if not getattr(model, "_supports_attention_backend", False):
+        return "SKIP  no attention backend"
+    model.eval()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 128, (3, 9))
+    am = torch.ones_like(ids)
+    am[0, :4] = 0
+    am[2, :1] = 0
+    res = {}
+    for impl in (ref, "spattn"):
+        try:
+            model.set_attn_implementation(impl)
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=am).logits
+                tokens = model.generate(ids, attention_mask=am, max_new_tokens=6,
+                                        do_sample=False)
+        except Exception as e:  # noqa: BLE001
+            return f"FAIL  {impl} {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        res[impl] = (logits, tokens)
+    (a, ta), (b, tb) = res[ref], res["spattn"]
+    keep = am.bool()[..., None]
+    a, b = a.masked_fill(~keep, 0), b.masked_fill(~keep, 0)
+    err = float((a - b).abs().max() / a.abs().max())
+    ok = err <= TOL and torch.equal(ta, tb)
+    return f"{'OK  ' if ok else 'BAD '}  {ref} err={err:.2e} same_tokens={torch.equal(ta, tb)}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=None, help="comma-separated model types")
+    ap.add_argument("--seconds", type=float, default=150.0, help="per family")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(one(args.one), flush=True)
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    names = args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    for name in names:
+        try:
+            done = subprocess.run([sys.executable, "-m", "tests.helpers.hf_families", "--one",
+                                   name], capture_output=True, text=True,
+                                  timeout=args.seconds)
+            lines = [ln for ln in done.stdout.splitlines()
+                     if ln.startswith(("OK", "BAD", "FAIL", "SKIP"))]
+            line = lines[-1] if lines else f"LOST  exit {done.returncode}"
+        except subprocess.TimeoutExpired:
+            line = f"LOST  past {args.seconds:.0f} s"
+        print(f"{name:26s} {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
