@@ -512,18 +512,23 @@ def test_unnumbered_layers_without_a_mask():
         assert not torch.allclose(model(pixel_values=pixels).last_hidden_state, ref, atol=1e-3)
 
 
+def _right_padded_text_matches_eager(model, L: int, row: int, start: int):
+    """Two rows of ``L`` tokens, row ``row`` padded from ``start`` on: spattn's hidden
+    states match eager's at every real token."""
+    ids = torch.randint(1, VOCAB, (2, L))
+    am = torch.ones_like(ids)
+    am[row, start:] = 0
+    ref = _hidden(model, "eager", input_ids=ids, attention_mask=am)
+    out = _hidden(model, sphf.NAME, input_ids=ids, attention_mask=am)
+    assert rel_err(out, ref, am.bool()) <= TOL
+
+
 def test_unnumbered_layers_with_padding():
     """DistilBERT's attention modules have no ``layer_idx``; right padding is a keep mask."""
     torch.manual_seed(0)
     config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4,
                                            hidden_dim=128)
-    model = transformers.DistilBertModel(config).eval()
-    ids = torch.randint(1, VOCAB, (2, 9))
-    am = torch.ones_like(ids)
-    am[1, 5:] = 0
-    ref = _hidden(model, "eager", input_ids=ids, attention_mask=am)
-    out = _hidden(model, sphf.NAME, input_ids=ids, attention_mask=am)
-    assert rel_err(out, ref, am.bool()) <= TOL
+    _right_padded_text_matches_eager(transformers.DistilBertModel(config).eval(), 9, 1, 5)
 
 
 def test_a_full_layer_follows_the_mask_transformers_builds():
@@ -534,12 +539,7 @@ def test_a_full_layer_follows_the_mask_transformers_builds():
     config = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, intermediate_size=128)
     model = transformers.CLIPTextModel(config).eval()
-    ids = torch.randint(1, VOCAB, (2, 7))
-    am = torch.ones_like(ids)
-    am[0, 5:] = 0
-    ref = _hidden(model, "eager", input_ids=ids, attention_mask=am)
-    out = _hidden(model, sphf.NAME, input_ids=ids, attention_mask=am)
-    assert rel_err(out, ref, am.bool()) <= TOL
+    _right_padded_text_matches_eager(model, 7, 0, 5)
     layers = sphf.layer_patterns(model)
     assert [(lp.layer_idx, lp.pattern.source, lp.mask_kind) for lp in layers] \
         == [(0, "q >= k", ("causal",)), (1, "q >= k", ("causal",))]
