@@ -91,8 +91,9 @@ def test_what_stays_one_head_dim():
 
 
 def test_every_call_form():
-    """``spattn.attention``, ``nn.SparseAttention`` and a ``torch.compile``d call (one
-    custom op on the padded tensors) agree with the pattern's call and the reference."""
+    """``spattn.attention``, ``nn.SparseAttention``, a ``torch.compile``d call (one custom
+    op on the padded tensors) and ``vmap`` agree with the pattern's call and the
+    reference."""
     pat = spattn.compile("causal & window(5)", backend="torch")
     g = torch.Generator().manual_seed(11)
     q, k = torch.randn(2, 4, 9, 48, generator=g), torch.randn(2, 2, 9, 48, generator=g)
@@ -101,9 +102,11 @@ def test_every_call_form():
     _close(want, _ref(pat, q, k, v)[1], 1e-5)
     compiled = torch.compile(lambda q, k, v: spattn.attention(
         q, k, v, pattern="causal & window(5)", backend="torch"), fullgraph=True)
+    mapped = torch.func.vmap(lambda qq: pat(qq, k, v))(torch.stack([q, q]))
+    assert torch.equal(mapped[0], mapped[1])
     for got in (spattn.attention(q, k, v, pattern="causal & window(5)", backend="torch"),
                 spattn.nn.SparseAttention("causal & window(5)", backend="torch")(q, k, v),
-                compiled(q, k, v)):
+                compiled(q, k, v), mapped[1]):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
