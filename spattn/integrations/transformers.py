@@ -45,6 +45,7 @@ except ImportError as e:                      # the optional extra is not instal
 
 from ..dsl.errors import SpattnError, SpattnInputError, SpattnParamError
 from ..pattern import BACKENDS, Pattern, compile as _compile
+from ..runtime.api import MAX_HEAD_DIM as _MAX_D, MIN_HEAD_DIM as _MIN_D
 
 if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"spattn.integrations.transformers needs transformers >= 5.0, found "
@@ -926,8 +927,7 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
         q_offset = None             # bottom-right, the default: the calls' fast entries take it
     score = _with_bias(module, score, kwargs.get("position_bias"), query, key, inputs,
                        q_offset)
-    if score is not None:
-        pat = _pattern(pat.source, pat.backend, score)
+    pat = _runnable(pat, score, query, value)
     sinks = _sink_logits(module, kwargs, query.shape[1])
     if sinks is None:
         out = pat(query, key, value, scale=scaling, q_offset=q_offset, **inputs)
@@ -974,8 +974,7 @@ def _unmasked(module, query, key, value, scaling, score, kwargs):
     if "pos" in pat.inputs:
         inputs["pos"] = torch.arange(key.shape[2], device=key.device).expand(key.shape[0], -1)
     score = _with_bias(module, score, kwargs.get("position_bias"), query, key, inputs, None)
-    if score is not None:
-        pat = _pattern(pat.source, pat.backend, score)
+    pat = _runnable(pat, score, query, value)
     sinks = _sink_logits(module, kwargs, query.shape[1])
     if sinks is None:
         out = pat(query, key, value, scale=scaling, **inputs)
@@ -983,6 +982,18 @@ def _unmasked(module, query, key, value, scaling, score, kwargs):
         out, lse = pat(query, key, value, scale=scaling, return_lse=True, **inputs)
         out = with_sinks(out, lse, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _runnable(pat: Pattern, score: str | None, query, value) -> Pattern:
+    """The layer's pattern with its score, on the torch backend where ``"auto"`` would pick
+    the Triton kernels for head dims they do not take (Gemma 4's global layers: 512; the
+    kernels take 16..256 after padding the narrower of q and v to the wider)."""
+    backend = pat.backend
+    if backend == "auto" and not _MIN_D <= max(query.shape[-1], value.shape[-1]) <= _MAX_D:
+        backend = "torch"
+    if score is None and backend == pat.backend:
+        return pat
+    return _pattern(pat.source, backend, score)
 
 
 def _with_bias(module, score: str | None, bias, query, key, inputs: dict,

@@ -700,6 +700,29 @@ def test_paligemma_prefix_reads_both_ways():
     assert torch.equal(tokens, ref_tokens)
 
 
+@pytest.mark.interpreter
+@pytest.mark.skipif(not hasattr(transformers, "Gemma4TextConfig"), reason="no Gemma 4")
+def test_head_dims_past_the_kernels_run_on_the_torch_backend():
+    """Gemma 4's global layers have a head dim of 512, past the kernels' 256: with backend
+    "auto" (the generated kernels, under the interpreter here) those layers run on the
+    torch backend, the sliding ones (16) in the kernels; logits match eager."""
+    config = transformers.Gemma4TextConfig(vocab_size=VOCAB, hidden_size=64,
+                                           intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=16, global_head_dim=512, sliding_window=4,
+                                           pad_token_id=0,
+                                           layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForCausalLM(config).eval()
+    ids, am = left_padded([8, 5], 8)
+    model.set_attn_implementation("eager")
+    ref = logits(model, ids, attention_mask=am)
+    model.set_attn_implementation(sphf.NAME)
+    sphf.set_patterns(model)
+    assert {lp.pattern.backend for lp in sphf.layer_patterns(model)} == {"auto"}
+    assert rel_err(logits(model, ids, attention_mask=am), ref, am.bool()) <= TOL
+
+
 def test_a_model_that_reads_its_mask_as_a_tensor_is_told_why():
     """A model computing with its mask itself (Doge adds it to a mask of its own, a sparse
     indexer slices it) reads tensor attributes of the SpattnMask or indexes it: a
