@@ -79,7 +79,8 @@ class Pattern(CompiledPattern):
     def mask(self, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
              q_offset: int | None = None, device=None, **inputs) -> torch.Tensor:
         """Dense bool mask ``[batch, num_heads, Lq, Lk]``: the exact meaning of the pattern
-        (of its mask: a score's float tables may be passed and are not read)."""
+        (of its mask: a score's float tables may be passed and are not read), on ``device``
+        (default: the runtime inputs' device, else the CPU)."""
         inputs = _mask_inputs(self, inputs)
         check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
         q_offset, device = _checked(self, Lq, Lk, q_offset, device, inputs)
@@ -94,7 +95,8 @@ class Pattern(CompiledPattern):
         """Tile classes ``int8 [batch, num_heads, ceil(Lq/block_m), ceil(Lk/block_n)]``.
 
         0 = EMPTY (no pair allowed), 1 = PARTIAL, 2 = FULL (every in-range pair allowed).
-        O(tiles) time and memory; never evaluates the Lq x Lk pairs.
+        O(tiles) time and memory; never evaluates the Lq x Lk pairs. On ``device`` (default:
+        the runtime inputs' device, else the CPU).
         """
         from .ir.tiles import classify
         inputs = _mask_inputs(self, inputs)
@@ -456,6 +458,13 @@ def _checked(pattern, Lq, Lk, q_offset, device, inputs):
     check_runtime_tensors(inputs)
     if q_offset is not None:
         q_offset = check_q_offset(q_offset, Lq, Lk)
+    if device is None:              # the inputs' device, as a call computes on q's
+        devices = {t.device for t in inputs.values() if isinstance(t, torch.Tensor)}
+        if len(devices) > 1:
+            where = ", ".join(sorted(map(str, devices)))
+            raise SpattnValueError(f"the runtime inputs are on several devices ({where}): pass "
+                                   "device= to say where to evaluate the pattern")
+        device = devices.pop() if devices else None
     if device is not None:
         given = device
         try:

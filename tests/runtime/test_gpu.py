@@ -496,3 +496,17 @@ def test_tensors_on_a_gpu_that_is_not_current(how):
         for a, b in zip(got, want):
             assert a.device == dev
             assert float((a.double() - b).norm() / b.norm()) < 2e-2
+
+
+def test_analysis_of_cuda_inputs_runs_on_their_device():
+    """``mask`` and ``tiles`` with runtime inputs on the GPU and no ``device=`` evaluate on
+    the inputs' device (a mix of devices evaluated on the CPU raised torch's device error),
+    and equal the CPU's answer; the image-block pattern of the transformers adapter too."""
+    pat = spattn.compile("(q >= k | blocks[q] == blocks[k] & blocks[q] >= 0) & q - k < 200")
+    ids = torch.full((2, 700), -1, dtype=torch.long)
+    ids[0, 100:356] = 0
+    ids[1, 400:656] = 1
+    m = pat.mask(700, 700, batch=2, blocks=ids.cuda())
+    assert m.is_cuda and torch.equal(m.cpu(), pat.mask(700, 700, batch=2, blocks=ids))
+    t = pat.tiles(700, 700, 64, 64, batch=2, blocks=ids.cuda())
+    assert t.is_cuda and torch.equal(t.cpu(), pat.tiles(700, 700, 64, 64, batch=2, blocks=ids))
