@@ -287,8 +287,12 @@ def layer_patterns(model) -> list[LayerPattern]:
     """The :class:`LayerPattern` of every attention layer of ``model``, by layer index (a
     layer that ran keeps what it ran: a full-attention layer follows the causal or
     bidirectional mask transformers built)."""
+    return _patterns_of(_attention_modules(model))
+
+
+def _patterns_of(mods: list) -> list[LayerPattern]:
     out = []
-    for m in _attention_modules(model):
+    for m in mods:
         layer = _layer_of(m)
         if layer.layer_idx != _index(m):        # it ran before the modules were numbered
             layer = replace(layer, layer_idx=_index(m))
@@ -368,7 +372,7 @@ def describe(model) -> str:
     """A table of the pattern every attention layer of ``model`` runs, for a person (with
     each module's path where layer indices repeat: an encoder and a decoder, cross-attention)."""
     mods = _attention_modules(model)
-    layers = layer_patterns(model)
+    layers = _patterns_of(mods)
     paths = {id(m): name for name, m in model.named_modules()}
     repeated = len({lp.layer_idx for lp in layers}) < len(layers)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -925,6 +929,13 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
         raise type(e)(f"layer {_where(module)}: {e}") from None
     if q_offset == key.shape[2] - query.shape[2]:
         q_offset = None             # bottom-right, the default: the calls' fast entries take it
+    return _run(module, pat, score, query, key, value, scaling, q_offset, inputs, kwargs)
+
+
+def _run(module, pat: Pattern, score: str | None, query, key, value, scaling, q_offset,
+         inputs: dict, kwargs) -> tuple[torch.Tensor, None]:
+    """The layer's call of ``pat`` with its score (softcapping, T5's position bias) and
+    attention sinks: ``(attn_output [B, Lq, Hq, Dv], None)``."""
     score = _with_bias(module, score, kwargs.get("position_bias"), query, key, inputs,
                        q_offset)
     pat = _runnable(pat, score, query, value)
@@ -970,18 +981,10 @@ def _unmasked(module, query, key, value, scaling, score, kwargs):
             f"its config makes it {_kind_text(layer.mask_kind)}: transformers did not call "
             "spattn's mask function for it. Give the layer its pattern with "
             f"set_patterns(model, {{{_where(module)}: ...}})")
-    pat, inputs = layer.pattern, {}
-    if "pos" in pat.inputs:
+    inputs = {}
+    if "pos" in layer.pattern.inputs:
         inputs["pos"] = torch.arange(key.shape[2], device=key.device).expand(key.shape[0], -1)
-    score = _with_bias(module, score, kwargs.get("position_bias"), query, key, inputs, None)
-    pat = _runnable(pat, score, query, value)
-    sinks = _sink_logits(module, kwargs, query.shape[1])
-    if sinks is None:
-        out = pat(query, key, value, scale=scaling, **inputs)
-    else:
-        out, lse = pat(query, key, value, scale=scaling, return_lse=True, **inputs)
-        out = with_sinks(out, lse, sinks)
-    return out.transpose(1, 2).contiguous(), None
+    return _run(module, layer.pattern, score, query, key, value, scaling, None, inputs, kwargs)
 
 
 def _runnable(pat: Pattern, score: str | None, query, value) -> Pattern:

@@ -713,14 +713,7 @@ def test_head_dims_past_the_kernels_run_on_the_torch_backend():
                                            pad_token_id=0,
                                            layer_types=["sliding_attention", "full_attention"])
     torch.manual_seed(0)
-    model = transformers.Gemma4ForCausalLM(config).eval()
-    ids, am = left_padded([8, 5], 8)
-    model.set_attn_implementation("eager")
-    ref = logits(model, ids, attention_mask=am)
-    model.set_attn_implementation(sphf.NAME)
-    sphf.set_patterns(model)
-    assert {lp.pattern.backend for lp in sphf.layer_patterns(model)} == {"auto"}
-    assert rel_err(logits(model, ids, attention_mask=am), ref, am.bool()) <= TOL
+    _kernels_match_eager(transformers.Gemma4ForCausalLM(config).eval())
 
 
 def test_a_model_that_reads_its_mask_as_a_tensor_is_told_why():
@@ -743,8 +736,14 @@ def test_a_model_that_reads_its_mask_as_a_tensor_is_told_why():
 @pytest.mark.interpreter
 def test_generated_kernels_in_a_model():
     """The generated Triton kernels (backend ``auto``, the interpreter on CPU tensors)."""
-    model = model_of(CONFIGS["mistral-w4"]())
+    _kernels_match_eager(model_of(CONFIGS["mistral-w4"]()))
+
+
+def _kernels_match_eager(model):
+    """Left-padded logits of ``model`` with spattn on backend ``"auto"`` (the generated
+    kernels, under the interpreter here) match its eager attention's."""
     ids, am = left_padded([8, 5], 8)
+    model.set_attn_implementation("eager")
     ref = logits(model, ids, attention_mask=am)
     model.set_attn_implementation(sphf.NAME)
     sphf.set_patterns(model)
