@@ -631,6 +631,11 @@ def empty_call(pattern, q, k, v, *, scale, q_offset, inputs, plan):
 
 def value_dim(q, k, v) -> bool:
     """Whether a call's v has another head dim than its q and k (all three 4-D tensors)."""
+    try:
+        if v.shape[-1] == q.shape[-1]:
+            return False                # every call of one head dim: two reads
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return False                    # (the checks of the call say what is wrong)
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
             and isinstance(v, torch.Tensor)) or q.is_nested or k.is_nested or v.is_nested:
         return False                    # (the checks of the call say what is wrong)
