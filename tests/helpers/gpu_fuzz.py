@@ -6,10 +6,10 @@ Four kinds of case, each drawn from one integer seed (replayed with ``--case KIN
 * ``call``: a random mask (``tests.helpers.adversarial.rand_mask``) and, in a third of the
   cases, a random score with its tables; ``B <= 3``, ``Hk <= 4`` with 1, 2 or 4 query heads
   per key head, ``Lq`` and ``Lk`` from 1 to 3000 (often equal, often not multiples of a
-  tile), ``D`` from 16 to 256 (powers of two and not), bf16, fp16 or fp32, ``[B, H, L, D]``
-  or ``layout="bshd"``, contiguous or strided views (rows apart, transposed memory, a last
-  dimension of stride 2), a ``q_offset`` now and then, the lse,
-  and in most cases the backward (q, k, v and the tables).
+  tile), ``D`` from 16 to 256 (powers of two and not; v's another in a fifth of the
+  cases), bf16, fp16 or fp32, ``[B, H, L, D]`` or ``layout="bshd"``, contiguous or strided
+  views (rows apart, transposed memory, a last dimension of stride 2), a ``q_offset`` now
+  and then, the lse, and in most cases the backward (q, k, v and the tables).
 * ``layout``: ``spattn.neighborhood`` on 1-3 axes (random kernel, stride, dilation, causal
   axes) or a flattened 2-D window, at grid sizes up to 96 x 96, forward and backward, with
   the token layouts on by default.
@@ -120,8 +120,10 @@ def call_case(seed: int) -> str:
     layout = r.choice(["bhsd", "bhsd", "bshd"])
     q_offset = r.choice([None, None, None, 0, r.randint(-50, 3000)])
     backward = r.random() < 0.7
-    desc = (f"call:{seed} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-Lk{Lk}-D{D} "
-            f"{str(dtype)[6:]} {layout} q_offset={q_offset} backward={backward}")
+    Dv = D if r.random() < 0.8 else r.choice(DIMS)
+    desc = (f"call:{seed} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-Lk{Lk}-D{D}"
+            f"{'' if Dv == D else f'-Dv{Dv}'} {str(dtype)[6:]} {layout} q_offset={q_offset} "
+            f"backward={backward}")
     LAST["desc"] = desc
     params = {} if score is None else score_params(score, Hq)
     try:
@@ -131,7 +133,7 @@ def call_case(seed: int) -> str:
     g = torch.Generator(device=DEV).manual_seed(seed)
     q = _tensor(r, g, B, Hq, Lq, D, dtype, layout).requires_grad_(backward)
     k = _tensor(r, g, B, Hk, Lk, D, dtype, layout).requires_grad_(backward)
-    v = _tensor(r, g, B, Hk, Lk, D, dtype, layout).requires_grad_(backward)
+    v = _tensor(r, g, B, Hk, Lk, Dv, dtype, layout).requires_grad_(backward)
     ins = {}
     if "doc" in p.inputs:
         ins["doc"] = torch.sort(torch.randint(0, r.randint(1, 40), (max(Lq, Lk) + 3000,),
