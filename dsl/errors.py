@@ -132,3 +132,8 @@ class SpattnLayoutWarning(SpattnWarning):
 
 class SpattnEmptyPatternWarning(SpattnWarning):
     """The pattern allows no (query, key) pair: every output row is 0."""
+
+
+class SpattnDenseMaskWarning(SpattnWarning):
+    """A transformers layer runs transformers' own dense mask, built from mask functions
+    spattn cannot read, instead of a compiled pattern (``set_patterns`` gives it one)."""

@@ -10,7 +10,8 @@ from spattn.dsl.errors import (SpattnBackendError, SpattnCacheError,  # noqa: F4
                                SpattnConfigError, SpattnError, SpattnInputError,
                                SpattnNameError, SpattnParamError, SpattnSyntaxError,
                                SpattnTypeError, SpattnValueError, SpattnWarning,
-                               SpattnLayoutWarning, SpattnEmptyPatternWarning)
+                               SpattnLayoutWarning, SpattnEmptyPatternWarning,
+                               SpattnDenseMaskWarning)
 from spattn.functional import attention  # noqa: F401
 from spattn.pattern import Pattern, compile, load, pattern_names  # noqa: F401
 from spattn.neighborhood import neighborhood  # noqa: F401
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = ["Pattern", "SpattnError", "SpattnSyntaxError", "SpattnNameError", "SpattnTypeError",
            "SpattnValueError", "SpattnParamError", "SpattnInputError", "SpattnBackendError",
            "SpattnConfigError", "SpattnCacheError", "SpattnWarning", "SpattnLayoutWarning",
-           "SpattnEmptyPatternWarning", "compile", "load", "pattern_names",
+           "SpattnEmptyPatternWarning", "SpattnDenseMaskWarning", "compile", "load", "pattern_names",
            "attention", "neighborhood", "nn", "__version__"]

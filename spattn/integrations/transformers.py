@@ -43,7 +43,7 @@ except ImportError as e:                      # the optional extra is not instal
     raise ImportError("spattn.integrations.transformers needs transformers >= 5.0: "
                       "pip install 'spattn[hf]'") from e
 
-from ..dsl.errors import SpattnError, SpattnInputError, SpattnParamError
+from ..dsl.errors import SpattnDenseMaskWarning, SpattnError, SpattnInputError, SpattnParamError
 from ..pattern import BACKENDS, Pattern, compile as _compile
 from ..runtime.api import MAX_HEAD_DIM as _MAX_D, MIN_HEAD_DIM as _MIN_D
 
@@ -254,10 +254,15 @@ def _layer_of(module) -> LayerPattern:
 def _index(module) -> int | None:
     """A layer's index: its ``layer_idx``, else the number :func:`_attention_modules` gave
     it (models that do not number their layers: DistilBERT, ViT), else None."""
-    idx = getattr(module, "layer_idx", None)
-    if isinstance(idx, int) and not isinstance(idx, bool):
-        return idx
+    if _numbered(module):
+        return module.layer_idx
     return module.__dict__.get("_spattn_index")
+
+
+def _numbered(module) -> bool:
+    """``module.layer_idx`` is an int (a bool is not a layer's number)."""
+    idx = getattr(module, "layer_idx", None)
+    return isinstance(idx, int) and not isinstance(idx, bool)
 
 
 def _attention_modules(model) -> list:
@@ -269,7 +274,7 @@ def _attention_modules(model) -> list:
     for :func:`set_patterns`)."""
     named = [m for m in model.modules()
              if type(m).__name__.endswith("Attention") and hasattr(m, "config")]
-    numbered = [m for m in named if isinstance(getattr(m, "layer_idx", None), int)]
+    numbered = [m for m in named if _numbered(m)]
     if numbered:
         return sorted(numbered, key=lambda m: m.layer_idx)
     ids = {id(m) for m in named}
@@ -297,6 +302,9 @@ def _patterns_of(mods: list) -> list[LayerPattern]:
         if layer.layer_idx != _index(m):        # it ran before the modules were numbered
             layer = replace(layer, layer_idx=_index(m))
             m.__dict__["_spattn_layer"] = (m.config, layer)
+        dense = m.__dict__.get("_spattn_dense")
+        if dense and layer.origin != "override":
+            layer = replace(layer, detail=f"ran transformers' dense mask: {dense}")
         out.append(layer)
     return out
 
@@ -429,7 +437,8 @@ _MASK_FUNCTIONS = {
 
 def _function_name(f) -> str:
     module = getattr(f, "__module__", None) or "?"
-    name = getattr(f, "__qualname__", type(f).__name__).split(".<locals>")[0]
+    qual = getattr(f, "__qualname__", type(f).__name__)
+    name = qual.split(".<locals>")[0] + (".<lambda>" if qual.endswith("<lambda>") else "")
     if module != "transformers.masking_utils":
         name = f"{module}.{name}"
     inner = _closure(f).get("mask_functions")
@@ -562,11 +571,16 @@ class SpattnMask:
             attend to each other), else None; its base blocks give ``kind``.
         blocks: int ``[B, kv_length]`` block id of each key slot (``-1``: in no block),
             read as ``blocks[q]``, ``blocks[k]`` by ``blockwise``; or None.
-        unreadable: the mask functions spattn could not read (the call is refused).
+        unreadable: the mask functions spattn could not read.
+        dense: where some are unreadable, transformers' own dense mask of the call (what its
+            ``sdpa_mask`` builds from the same functions, padding included), bool
+            ``[B, q_length, kv_length]``, which the layers that follow their config run as
+            the runtime input of ``allowed[q, k] != 0``; None otherwise (or where
+            transformers could not build it either: the call is refused).
     """
 
     __slots__ = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "kind", "keep",
-                 "first", "seg", "unreadable", "blockwise", "blocks", "_position_ids",
+                 "first", "seg", "unreadable", "blockwise", "blocks", "dense", "_position_ids",
                  "_left_padding", "_padding", "_device", "_pos", "_reach")
 
     #: transformers tells a prepared mask from a 2-D padding mask by ``ndim``: ``generate``
@@ -576,12 +590,12 @@ class SpattnMask:
 
     def __init__(self, *, batch_size, q_length, kv_length, q_offset, kv_offset, kind, keep,
                  seg, unreadable, first=None, position_ids=None, left_padding=None,
-                 padding=None, device=None, blockwise=None, blocks=None):
+                 padding=None, device=None, blockwise=None, blocks=None, dense=None):
         self.batch_size, self.q_length, self.kv_length = batch_size, q_length, kv_length
         self.q_offset, self.kv_offset = q_offset, kv_offset
         self.kind, self.keep, self.seg, self.unreadable = kind, keep, seg, unreadable
         self.first = first
-        self.blockwise, self.blocks = blockwise, blocks
+        self.blockwise, self.blocks, self.dense = blockwise, blocks, dense
         self._position_ids, self._left_padding, self._device = position_ids, left_padding, device
         self._padding = padding
         self._pos = self._reach = None
@@ -664,13 +678,40 @@ def spattn_mask(batch_size: int, q_length: int | None = None, kv_length: int | N
         left_padding = (am.cumsum(-1) == 0).sum(-1)      # as create_chunked_causal_mask
         keep, first = _padding_form(padded[:, kv_offset: kv_offset + kv_length], left_padding,
                                     int(kv_offset))
+    dense = None
+    if unreadable and mask_function is not None:
+        dense = _dense_mask(batch_size, q_length, kv_length, q_offset, int(kv_offset),
+                            mask_function, attention_mask, device, kwargs)
     return SpattnMask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                       q_offset=q_offset, kv_offset=int(kv_offset), kind=kind, keep=keep,
                       first=first, seg=seg, unreadable=unreadable, position_ids=position_ids,
                       blockwise=None if blockwise is None else blockwise[0], blocks=blocks,
                       left_padding=left_padding,
                       padding=padded if keep is not None or first is not None else None,
-                      device=device)
+                      device=device, dense=dense)
+
+
+def _dense_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                attention_mask, device, kwargs) -> torch.Tensor | None:
+    """transformers' own dense mask of a call whose mask functions spattn cannot read (a
+    model's ``or_mask_function`` / ``and_mask_function``: EmbeddingGemma's bidirectional
+    window, a function that returns True): bool ``[B, q_length, kv_length]``, True where a
+    query may read a key, as ``sdpa_mask`` builds it for SDPA (every pair evaluated, padding
+    included); None where transformers cannot build it either."""
+    from transformers.masking_utils import sdpa_mask
+    try:
+        m = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                      q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                      attention_mask=attention_mask, allow_is_causal_skip=False,
+                      allow_is_bidirectional_skip=False,
+                      use_vmap=bool(kwargs.get("use_vmap", False)),
+                      device=device if device is not None else "cpu")
+    except Exception:       # (the refusal names the functions: transformers' error would not)
+        return None
+    if not isinstance(m, torch.Tensor) or m.is_floating_point() or m.is_complex() \
+            or m.dim() != 4 or m.shape[1] != 1 or m.shape[2:] != (q_length, kv_length):
+        return None             # (a function of ints and bools gives an int mask: taken)
+    return m[:, 0].to(torch.bool).expand(batch_size, -1, -1)
 
 
 #: The ``first [B]`` tensors of :func:`_padding_form`, by value and device: a batch decoding
@@ -724,13 +765,6 @@ def _prepared(mask: SpattnMask, mask_function) -> SpattnMask:
 def _check_mask(mask, module) -> SpattnMask:
     where = f"layer {_where(module)} ({type(module).__name__})"
     if isinstance(mask, SpattnMask):
-        if mask.unreadable:
-            raise SpattnError(
-                f"{where}: transformers built this layer's mask from functions spattn cannot "
-                f"read: {'; '.join(mask.unreadable)}. spattn reads causal, sliding-window, "
-                "chunked, padding, packed-sequence and image-block masks; a model's "
-                "or_mask_function / and_mask_function of its own needs another "
-                "attn_implementation")
         return mask
     if mask is None:
         raise SpattnError(
@@ -903,6 +937,8 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
         return _unmasked(module, query, key, value, scaling, score, kwargs)
     mask = _check_mask(attention_mask, module)
     layer = _layer_of(module)
+    if mask.unreadable and layer.origin != "override":
+        return _dense(module, layer, mask, query, key, value, scaling, score, kwargs)
     if layer.mask_kind is not None and layer.mask_kind != mask.kind:
         module.__dict__.pop("_spattn_layer", None)      # the config may have changed
         layer = _layer_of(module)
@@ -950,6 +986,43 @@ def _run(module, pat: Pattern, score: str | None, query, key, value, scaling, q_
 
 
 _CAUSAL_OR_FULL = {("causal",), ("full",)}
+
+#: The pattern of a layer that runs transformers' dense mask (:attr:`SpattnMask.dense`).
+DENSE_SOURCE = "allowed[q, k] != 0"
+
+
+def _dense(module, layer: LayerPattern, mask: SpattnMask, query, key, value, scaling, score,
+           kwargs):
+    """A layer whose mask transformers built from functions spattn cannot read runs
+    transformers' own dense mask of the call as a runtime input (``allowed [B, Lq, Lk]``,
+    query row ``i`` at position ``i``): the answer SDPA gives, with no tile skipped that the
+    mask does not empty. Warned once per model and functions; :func:`set_patterns` gives
+    the layer a pattern spattn compiles instead (the padding is then added as usual)."""
+    if mask.dense is None:
+        raise SpattnError(
+            f"layer {_where(module)} ({type(module).__name__}): transformers built this "
+            f"layer's mask from functions spattn cannot read: {'; '.join(mask.unreadable)}, "
+            "and could not build the dense mask from them either (its sdpa_mask failed). "
+            "spattn reads causal, sliding-window, chunked, padding, packed-sequence and "
+            "image-block masks; give the layer its pattern with "
+            f"set_patterns(model, {{{_where(module)}: ...}})")
+    Lq, Lk = query.shape[2], key.shape[2]
+    if (Lq, Lk) != (mask.q_length, mask.kv_length):
+        raise SpattnInputError(
+            f"layer {_where(module)}: queries ({Lq}) and keys ({Lk}) do not match the mask "
+            f"transformers sized for Lq={mask.q_length}, Lk={mask.kv_length}")
+    what = "; ".join(mask.unreadable)
+    if module.__dict__.get("_spattn_dense") != what:
+        module.__dict__["_spattn_dense"] = what
+        warnings.warn(
+            f"spattn: layer {_where(module)} ({layer.layer_type}) runs transformers' dense mask, "
+            f"built from functions spattn cannot read ({what}): every tile the mask leaves "
+            "non-empty is computed. Give the layer its pattern with "
+            f"set_patterns(model, {{{_where(module)}: ...}}) for a compiled sparse one",
+            SpattnDenseMaskWarning, stacklevel=3)
+    pat = _pattern(DENSE_SOURCE, layer.pattern.backend)
+    return _run(module, pat, score, query, key, value, scaling, 0, {"allowed": mask.dense},
+                kwargs)
 
 
 def _as_masked(module, layer: LayerPattern, kind: tuple) -> LayerPattern:

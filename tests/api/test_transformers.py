@@ -8,6 +8,7 @@ The models run spattn's torch backend (the Triton kernels have their own tests);
 runs the generated kernels under the interpreter.
 """
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -267,9 +268,30 @@ def test_blockwise_masks_equal_transformers_sdpa_mask(kind, n, B, Lq, extra, kv_
 
 
 def test_unreadable_mask_functions_are_named():
+    """A mask function spattn cannot read is named, and the mask carries transformers' own
+    dense mask of the call (padding included); where transformers cannot build that either,
+    none, and the layer's call is refused naming the functions."""
     custom = mu.or_masks(mu.causal_mask_function, lambda b, h, q, k: k < 2)
-    mask = sphf.spattn_mask(batch_size=1, **queries(4, 0), kv_length=4, mask_function=custom)
+    am = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    mask = sphf.spattn_mask(batch_size=2, **queries(3, 3), kv_length=6, mask_function=custom,
+                            attention_mask=am)
     assert mask.kind is None and "or_masks(causal_mask_function" in mask.unreadable[0]
+    want = mu.sdpa_mask(batch_size=2, q_length=3, kv_length=6, q_offset=3, mask_function=custom,
+                        attention_mask=am, allow_is_causal_skip=False)[:, 0].bool()
+    assert mask.dense.shape == (2, 3, 6) and torch.equal(mask.dense, want)
+    assert not mask.dense[1, :, :2].any() and mask.dense[0, 0, :2].all()
+
+    def broken(b, h, q, k):
+        raise RuntimeError("a function transformers cannot evaluate either")
+
+    mask = sphf.spattn_mask(batch_size=1, **queries(4, 0), kv_length=4,
+                            mask_function=mu.and_masks(mu.causal_mask_function, broken))
+    assert mask.dense is None
+    assert mask.unreadable[0].endswith("test_unreadable_mask_functions_are_named")
+    module = model_of(CONFIGS["llama"]()).model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 4, 16), torch.randn(1, 2, 4, 16)
+    with pytest.raises(spattn.SpattnError, match=r"cannot read: .*test_unreadable_mask_funct"):
+        sphf.spattn_attention_forward(module, q, k, k, mask)
 
 
 # ------------------------------------------------------------------------- whole models
@@ -510,6 +532,17 @@ def test_unnumbered_layers_without_a_mask():
     assert [lp.origin for lp in sphf.layer_patterns(model)] == ["config", "override"]
     with torch.no_grad():
         assert not torch.allclose(model(pixel_values=pixels).last_hidden_state, ref, atol=1e-3)
+
+
+def test_a_bool_layer_idx_is_not_a_layer_number():
+    """A module whose ``layer_idx`` is a bool (an int to ``isinstance``) does not make the
+    model's layers numbered: every layer is still found, numbered in the model's order."""
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                    intermediate_size=64, image_size=16, patch_size=8)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    mods = [m for m in model.modules() if type(m).__name__ == "ViTAttention"]
+    mods[1].layer_idx = True
+    assert [lp.layer_idx for lp in sphf.layer_patterns(model)] == [0, 1, 2]
 
 
 def _right_padded_text_matches_eager(model, L: int, row: int, start: int):
@@ -963,14 +996,55 @@ def test_config_that_disagrees_with_the_mask():
         logits(model, ids, attention_mask=am)
 
 
-def test_masks_a_model_adds_are_refused():
-    """Gemma 3 with bidirectional attention ors its own window function into the mask."""
-    model = model_of(tiny("Gemma3TextConfig", sliding_window=4, query_pre_attn_scalar=16,
-                          use_bidirectional_attention=True))
+def _bidirectional_gemma3():
+    """Gemma 3 with bidirectional attention (EmbeddingGemma): its sliding layers or a window
+    function of the model's own into the mask, its full layers a function returning True."""
+    return model_of(tiny("Gemma3TextConfig", sliding_window=4, query_pre_attn_scalar=16,
+                         use_bidirectional_attention=True,
+                         layer_types=["sliding_attention", "full_attention"]))
+
+
+def test_masks_a_model_adds_run_transformers_dense_mask():
+    """Mask functions spattn cannot read run transformers' own dense mask of the call (with
+    a warning naming them and ``set_patterns``): logits match eager; the layers report it.
+    A pattern given with ``set_patterns`` runs instead, compiled, padding added."""
+    model = _bidirectional_gemma3()
+    ids, am = left_padded([7, 4], 7)
+    ref = logits(model, ids, attention_mask=am)
+    use_spattn(model)
+    with pytest.warns(spattn.SpattnDenseMaskWarning) as caught:
+        with torch.no_grad():
+            out = logits(model, ids, attention_mask=am)
+    assert rel_err(out, ref, am.bool()) <= TOL
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 2 and "layer 0 (sliding_attention)" in said[0] \
+        and "_bidirectional_window_overlay" in said[0] and "layer 1 (full_attention)" in said[1]
+    layers = sphf.layer_patterns(model)
+    assert all(lp.detail.startswith("ran transformers' dense mask") for lp in layers)
+    assert "dense mask" in sphf.describe(model)
+    w = model.config.sliding_window            # (Gemma 3 narrows it when bidirectional)
+    use_spattn(model, {"sliding_attention": f"abs(q - k) < {w}", "full_attention": "true"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", spattn.SpattnDenseMaskWarning)
+        with torch.no_grad():
+            again = logits(model, ids, attention_mask=am)
+    assert rel_err(again, ref, am.bool()) <= TOL
+    assert [lp.origin for lp in sphf.layer_patterns(model)] == ["override"] * 2
+
+
+@pytest.mark.interpreter
+def test_dense_masks_in_the_generated_kernels():
+    """transformers' dense mask as the runtime input of the generated kernels (backend
+    ``auto``, the interpreter here): logits match eager."""
+    model = _bidirectional_gemma3()
+    ids, am = left_padded([8, 5], 8)
+    ref = logits(model, ids, attention_mask=am)
     model.set_attn_implementation(sphf.NAME)
-    ids, am = left_padded([5, 3], 5)
-    with pytest.raises(spattn.SpattnError, match=r"cannot read: or_masks\(.*_bidirectional_window"):
-        logits(model, ids, attention_mask=am)
+    sphf.set_patterns(model)
+    with pytest.warns(spattn.SpattnDenseMaskWarning):
+        with torch.no_grad():
+            out = logits(model, ids, attention_mask=am)
+    assert rel_err(out, ref, am.bool()) <= TOL
 
 
 def test_dropout_and_prepared_masks_are_refused():
