@@ -996,7 +996,7 @@ def _dense(module, layer: LayerPattern, mask: SpattnMask, query, key, value, sca
     """A layer whose mask transformers built from functions spattn cannot read runs
     transformers' own dense mask of the call as a runtime input (``allowed [B, Lq, Lk]``,
     query row ``i`` at position ``i``): the answer SDPA gives, with no tile skipped that the
-    mask does not empty. Warned once per model and functions; :func:`set_patterns` gives
+    mask does not empty. Warned once per module and functions; :func:`set_patterns` gives
     the layer a pattern spattn compiles instead (the padding is then added as usual)."""
     if mask.dense is None:
         raise SpattnError(
