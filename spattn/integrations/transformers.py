@@ -942,7 +942,7 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
     if layer.mask_kind is not None and layer.mask_kind != mask.kind:
         module.__dict__.pop("_spattn_layer", None)      # the config may have changed
         layer = _layer_of(module)
-        if {layer.mask_kind, mask.kind} == _CAUSAL_OR_FULL:
+        if _direction_only(layer.mask_kind, mask.kind):
             layer = _as_masked(module, layer, mask.kind)
     if layer.mask_kind is not None and layer.mask_kind != mask.kind:
         at = _where(module)
@@ -987,6 +987,15 @@ def _run(module, pat: Pattern, score: str | None, query, key, value, scaling, q_
 
 _CAUSAL_OR_FULL = {("causal",), ("full",)}
 
+
+def _direction_only(a: tuple | None, b: tuple | None) -> bool:
+    """Mask kinds ``a`` and ``b`` differ in direction alone: causal and full, or a causal
+    sliding window and a bidirectional one of the same size."""
+    if {a, b} == _CAUSAL_OR_FULL:
+        return True
+    return a is not None and b is not None and {a[0], b[0]} == {"sliding", "local"} \
+        and a[1:] == b[1:]
+
 #: The pattern of a layer that runs transformers' dense mask (:attr:`SpattnMask.dense`).
 DENSE_SOURCE = "allowed[q, k] != 0"
 
@@ -1026,11 +1035,11 @@ def _dense(module, layer: LayerPattern, mask: SpattnMask, query, key, value, sca
 
 
 def _as_masked(module, layer: LayerPattern, kind: tuple) -> LayerPattern:
-    """A full-attention layer whose mask transformers builds causal where the config and
-    module say bidirectional, or the other way (CLIP's text model shares its attention
-    module, ``is_causal = False``, with the vision model and builds causal masks): the
-    layer runs what the mask says, as SDPA and eager attention do, and keeps that pattern
-    (:func:`layer_patterns` reports it)."""
+    """A layer whose mask transformers builds in the other direction than its config and
+    module say (:func:`_direction_only`: CLIP's text model shares its attention module,
+    ``is_causal = False``, with the vision model and builds causal masks; a bidirectional
+    Gemma 3 is masked causally in ``generate``): the layer runs what the mask says, as SDPA
+    and eager attention do, and keeps that pattern (:func:`layer_patterns` reports it)."""
     layer = replace(layer, pattern=_pattern(_kind_source(kind), layer.pattern.backend),
                     detail="as transformers masks it", mask_kind=kind)
     module.__dict__["_spattn_layer"] = (module.config, layer)

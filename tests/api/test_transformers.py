@@ -1032,6 +1032,24 @@ def test_masks_a_model_adds_run_transformers_dense_mask():
     assert [lp.origin for lp in sphf.layer_patterns(model)] == ["override"] * 2
 
 
+def test_a_bidirectional_model_generates_as_transformers_masks_it():
+    """``generate`` masks a bidirectional Gemma 3 causally (its own masks, without the
+    model's functions): each sliding layer runs the causal window transformers built, of
+    its config's size, as eager does; greedy tokens match eager's with dynamic and static
+    caches."""
+    model = _bidirectional_gemma3()
+    ids, am = left_padded([7, 4], 7)
+    gen = dict(input_ids=ids, attention_mask=am, max_new_tokens=5, do_sample=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", spattn.SpattnDenseMaskWarning)
+        ref = [model.generate(**gen), model.generate(**gen, cache_implementation="static")]
+        use_spattn(model)
+        out = [model.generate(**gen), model.generate(**gen, cache_implementation="static")]
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    w = model.config.sliding_window
+    assert sphf.layer_patterns(model)[0].mask_kind == ("sliding", w)
+
+
 @pytest.mark.interpreter
 def test_dense_masks_in_the_generated_kernels():
     """transformers' dense mask as the runtime input of the generated kernels (backend
