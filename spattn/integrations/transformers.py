@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, replace
 from typing import Mapping
 
@@ -115,7 +116,10 @@ class LayerPattern:
     """The pattern one attention layer runs, before padding and packing are conjoined.
 
     Attributes:
-        layer_idx: the layer's index (``module.layer_idx``).
+        layer_idx: the layer's index (``module.layer_idx``, or its number in the model's
+            order where no module has one); None for a module without one in a model whose
+            other layers have one (a vision-language model's vision tower), which
+            :func:`set_patterns` reaches by its module path.
         layer_type: the config's ``layer_types`` entry (``"full_attention"``,
             ``"sliding_attention"``, ``"chunked_attention"``), or what transformers infers
             without one (``sliding_window`` set: sliding; ``attention_chunk_size``: chunked).
@@ -126,7 +130,7 @@ class LayerPattern:
             ``("sliding", W)``, ``("chunked", C)``, ``("full",)`` or ``("local", W)``;
             checked at every call. None for an override, which decides on its own.
     """
-    layer_idx: int
+    layer_idx: int | None
     layer_type: str
     pattern: Pattern
     origin: str
@@ -232,8 +236,12 @@ def layer_pattern(module) -> LayerPattern:
 
 
 def _where(module) -> str:
+    """A layer as a :func:`set_patterns` key: its index, else its module path (quoted)."""
     idx = _index(module)
-    return "?" if idx is None else str(idx)
+    if idx is not None:
+        return str(idx)
+    path = module.__dict__.get("_spattn_path")
+    return repr(path) if path else "?"
 
 
 def _layer_of(module) -> LayerPattern:
@@ -268,17 +276,29 @@ def _numbered(module) -> bool:
 def _attention_modules(model) -> list:
     """The attention modules of a transformers model, by layer index.
 
-    Modules named ``...Attention`` with a ``config``: those with an int ``layer_idx`` where
-    any has one; else the innermost ones (a wrapper holding another is left out), numbered
-    in the model's order (DistilBERT, ViT: the number is kept on the module, as its index
-    for :func:`set_patterns`)."""
-    named = [m for m in model.modules()
-             if type(m).__name__.endswith("Attention") and hasattr(m, "config")]
+    Modules named ``...Attention`` with a ``config``, each keeping its path in ``model``
+    (``_spattn_path``, a :func:`set_patterns` key). Where any has an int ``layer_idx``:
+    those, by index, then the innermost modules without one outside them whose config has
+    no ``layer_types`` (a vision-language model's vision tower), in the model's order, with
+    no index. Else the innermost ones (a wrapper holding another is left out), numbered in
+    the model's order (DistilBERT, ViT: the number is kept on the module, as its index for
+    :func:`set_patterns`)."""
+    named, paths = [], {}
+    for path, m in model.named_modules():
+        if type(m).__name__.endswith("Attention") and hasattr(m, "config"):
+            named.append(m)
+            paths[id(m)] = m.__dict__["_spattn_path"] = path
+    ids = {id(m) for m in named}
+    inner = [m for m in named if not any(id(c) in ids for c in m.modules() if c is not m)]
     numbered = [m for m in named if _numbered(m)]
     if numbered:
-        return sorted(numbered, key=lambda m: m.layer_idx)
-    ids = {id(m) for m in named}
-    named = [m for m in named if not any(id(c) in ids for c in m.modules() if c is not m)]
+        roots = tuple(paths[id(m)] + "." for m in numbered)
+        rest = [m for m in inner if not _numbered(m) and not paths[id(m)].startswith(roots)
+                and getattr(m.config, "layer_types", None) is None]
+        for m in rest:
+            m.__dict__.pop("_spattn_index", None)
+        return sorted(numbered, key=lambda m: m.layer_idx) + rest
+    named = inner
     for i, m in enumerate(named):
         m.__dict__["_spattn_index"] = i
     if not named:
@@ -338,38 +358,55 @@ def set_patterns(model, patterns: Mapping | None = None, *,
 
     Args:
         model: a transformers model (its attention modules are configured in place).
-        patterns: ``{layer index or layer type: pattern source or spattn.Pattern}``;
-            an index wins over a type (``{"sliding_attention": "causal & window(512)",
-            0: "causal"}``). The patterns may index the runtime input ``pos`` (the position
+        patterns: ``{layer index, layer type or module path: pattern source or
+            spattn.Pattern}``. A string that is not one of the model's layer types is a
+            module path, with shell wildcards (``fnmatch``), matched against the attention
+            modules' paths in ``model`` (``describe`` lists them where indices repeat or are
+            missing: ``"model.vision_tower.*"``, ``"decoder.*.EncDecAttention"``). A path
+            wins over an index, an index over a type (``{"sliding_attention": "causal &
+            window(512)", 0: "causal"}``); of several paths matching one module, the last
+            in the mapping. The patterns may index the runtime input ``pos`` (the position
             of a slot in its sequence) and no other; padding and packing are still added.
             ``None`` or ``{}`` returns every layer to its config's pattern.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for every layer (default: an
             override's own backend, else ``"auto"``).
 
     Returns the resulting :func:`layer_patterns`. Raises :class:`SpattnParamError` for an
-    unknown layer index or type, or a pattern with inputs the adapter cannot supply; a
-    source that does not compile raises its own :class:`SpattnError` (line, column, caret).
+    unknown layer index, a string that is neither a layer type nor matches a module path,
+    or a pattern with inputs the adapter cannot supply; a source that does not compile
+    raises its own :class:`SpattnError` (line, column, caret).
     """
     if backend is not None and backend not in BACKENDS:
         raise SpattnParamError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                                f"got {backend!r}")
     mods = _attention_modules(model)
-    types = {_index(m): _layer_type(m.config, _index(m)) for m in mods}
-    chosen = {}
+    types = {id(m): _layer_type(m.config, _index(m)) for m in mods}
+    indices = sorted({i for i in map(_index, mods) if i is not None})
+    by_index, by_type, by_path = {}, {}, {}
     for key, value in dict(patterns or {}).items():
         if isinstance(key, bool) or not isinstance(key, (int, str)):
-            raise SpattnParamError(f"set_patterns keys are layer indices (int) or layer types "
-                                   f"(str), got {type(key).__name__} {key!r}")
-        if isinstance(key, int) and key not in types:
-            raise SpattnParamError(f"{type(model).__name__} has no attention layer {key}; its "
-                                   f"layers are {min(types)}..{max(types)}")
-        if isinstance(key, str) and key not in types.values():
+            raise SpattnParamError(f"set_patterns keys are layer indices (int), layer types or "
+                                   f"module paths (str), got {type(key).__name__} {key!r}")
+        if isinstance(key, int):
+            if key not in indices:
+                have = f"its layers are {indices[0]}..{indices[-1]}" if indices else \
+                    "its attention modules have no index: name them by module path"
+                raise SpattnParamError(f"{type(model).__name__} has no attention layer {key}; "
+                                       f"{have}")
+            by_index[key] = _override(key, value)
+        elif key in types.values():
+            by_type[key] = _override(key, value)
+        elif any(fnmatchcase(m._spattn_path, key) for m in mods):
+            by_path[key] = _override(key, value)
+        else:
             known = ", ".join(map(repr, sorted(set(types.values()))))
-            raise SpattnParamError(f"{type(model).__name__} has no layer of type {key!r}; its "
-                                   f"layer types are {known}")
-        chosen[key] = _override(key, value)
+            raise SpattnParamError(
+                f"{type(model).__name__} has no layer of type {key!r} and no attention module "
+                f"whose path matches it; its layer types are {known}, and its attention "
+                f"modules' paths look like {mods[0]._spattn_path!r}")
     for m in mods:
-        override = chosen.get(_index(m), chosen.get(types[_index(m)]))
+        paths = [p for k, p in by_path.items() if fnmatchcase(m._spattn_path, k)]
+        override = paths[-1] if paths else by_index.get(_index(m), by_type.get(types[id(m)]))
         m._spattn_override = override
         m._spattn_backend = backend or (override.backend if override is not None else None)
         m.__dict__.pop("_spattn_layer", None)
@@ -378,19 +415,21 @@ def set_patterns(model, patterns: Mapping | None = None, *,
 
 def describe(model) -> str:
     """A table of the pattern every attention layer of ``model`` runs, for a person (with
-    each module's path where layer indices repeat: an encoder and a decoder, cross-attention)."""
+    each module's path where layer indices repeat, an encoder and a decoder, cross-attention,
+    or are missing, a vision-language model's vision tower: ``-``)."""
     mods = _attention_modules(model)
     layers = _patterns_of(mods)
-    paths = {id(m): name for name, m in model.named_modules()}
-    repeated = len({lp.layer_idx for lp in layers}) < len(layers)
+    indices = [lp.layer_idx for lp in layers]
+    repeated = len(set(indices)) < len(layers) or None in indices
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     rows = [("layer", "type", "from", "pattern")]
     if repeated:
         rows = [("layer", "module", "type", "from", "pattern")]
     for m, lp in zip(mods, layers):
         origin = lp.origin + (f" ({lp.detail})" if lp.detail else "")
-        where = (paths.get(id(m), "?"),) if repeated else ()
-        rows.append((str(lp.layer_idx), *where, lp.layer_type, origin, lp.pattern.source))
+        where = (m._spattn_path or "(the model)",) if repeated else ()
+        idx = "-" if lp.layer_idx is None else str(lp.layer_idx)
+        rows.append((idx, *where, lp.layer_type, origin, lp.pattern.source))
     n = len(rows[0]) - 1
     widths = [max(len(r[i]) for r in rows) for i in range(n)]
     lines = [f"{type(model).__name__}: {len(layers)} attention layers, "

@@ -667,12 +667,9 @@ def test_latent_attention_with_another_value_head_dim():
     assert torch.equal(tokens, ref_tokens)
 
 
-def test_image_tokens_attend_to_their_whole_image():
-    """Gemma 3's vision-language model: the image's tokens attend to each other both ways
-    (transformers' ``block_sequence_ids``, or'd with the causal and sliding masks), the
-    text causally; its vision tower runs without a mask. Logits and greedy generation with
-    left padding match eager, and the image blocks change the logits (so a mask without
-    them would fail)."""
+def _gemma3_vlm():
+    """A tiny Gemma 3 vision-language model and a left-padded batch with one image per row
+    (``input_ids``, ``attention_mask``, ``pixel_values``)."""
     text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
                 query_pre_attn_scalar=16, pad_token_id=0,
@@ -684,10 +681,24 @@ def test_image_tokens_attend_to_their_whole_image():
                                        boi_token_index=297, eoi_token_index=298)
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():          # initialised to zeros: the image would not reach the text
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5)
     image = [297, 299, 299, 299, 299, 298]
     ids = torch.tensor([[5, 6, *image, 7, 8, 9, 10, 11], [0, 0, 5, *image, 12, 13, 14, 15]])
     am = (ids != 0).long()
-    kw = dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(2, 3, 32, 32))
+    return model, dict(input_ids=ids, attention_mask=am,
+                       pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator()
+                                                .manual_seed(3)))
+
+
+def test_image_tokens_attend_to_their_whole_image():
+    """Gemma 3's vision-language model: the image's tokens attend to each other both ways
+    (transformers' ``block_sequence_ids``, or'd with the causal and sliding masks), the
+    text causally; its vision tower runs without a mask. Logits and greedy generation with
+    left padding match eager, and the image blocks change the logits (so a mask without
+    them would fail)."""
+    model, kw = _gemma3_vlm()
+    ids, am = kw["input_ids"], kw["attention_mask"]
     gen = dict(max_new_tokens=5, do_sample=False)
     with torch.no_grad():
         ref = model(**kw, token_type_ids=(ids == 299).long()).logits
@@ -699,6 +710,46 @@ def test_image_tokens_attend_to_their_whole_image():
     assert rel_err(no_blocks, ref, am.bool()) > 1e-2
     assert rel_err(out, ref, am.bool()) <= TOL
     assert torch.equal(tokens, ref_tokens)
+
+
+def test_a_vision_tower_is_listed_and_reached_by_module_path():
+    """A vision-language model's vision tower (attention modules without ``layer_idx``
+    beside the language model's numbered ones) is listed by ``describe`` and
+    ``layer_patterns`` (index ``-``, its module paths) and reached by ``set_patterns`` with
+    a module path: every key ("true", its config's pattern) matches eager, a narrower
+    pattern there changes the logits; the language layers keep theirs."""
+    model, kw = _gemma3_vlm()
+    kw["token_type_ids"] = (kw["input_ids"] == 299).long()
+    am = kw["attention_mask"].bool()
+    with torch.no_grad():
+        ref = model(**kw).logits
+    use_spattn(model)
+    layers = sphf.layer_patterns(model)
+    assert [lp.layer_idx for lp in layers] == [0, 1, 2, None, None]
+    table = sphf.describe(model).splitlines()
+    assert table[1].split()[:2] == ["layer", "module"]
+    vision = [row for row in table[2:7] if row.startswith("-")]
+    assert len(vision) == 2 and all("vision_tower" in row for row in vision)
+    for source, same in (("abs(q - k) <= 1000", True), ("abs(q - k) <= 2", False)):
+        use_spattn(model, {"*vision_tower*": source})
+        layers = sphf.layer_patterns(model)
+        assert [lp.origin for lp in layers] == ["config"] * 3 + ["override"] * 2
+        with torch.no_grad():
+            out = model(**kw).logits
+        assert (rel_err(out, ref, am) <= TOL) == same
+    with pytest.raises(SpattnParamError, match=r"no layer of type 'vision\*'.*paths look like"):
+        sphf.set_patterns(model, {"vision*": "true"})
+
+
+def test_a_module_path_wins_over_an_index():
+    """T5: a path pattern names the decoder's cross-attention modules alone, and wins over
+    the index their layers share with the encoder's and the decoder's self-attention."""
+    model = t5_model()
+    layers = sphf.set_patterns(model, {0: "true", "decoder.*.EncDecAttention": "q >= k"})
+    got = {(lp.layer_idx, lp.pattern.source) for lp in layers}
+    assert (0, "true") in got and (0, "q >= k") in got and (1, "q >= k") in got
+    table = sphf.describe(model)
+    assert all("q >= k" in row for row in table.splitlines() if "EncDecAttention" in row)
 
 
 def test_paligemma_prefix_reads_both_ways():
