@@ -1128,8 +1128,9 @@ def _with_bias(module, score: str | None, bias, query, key, inputs: dict,
     a bias per batch row), the table a runtime input of the score (gradients reach it, and
     through it T5's relative-attention embedding). Query row ``i`` of the bias is the
     query at key slot ``q_offset + i``: the last keys (``q_offset`` None: decoding with a
-    dynamic cache) or the first (0: an encoder, cross-attention); a static cache's other
-    offsets would make a new score at every step and are refused."""
+    dynamic cache) or the first (0: an encoder, cross-attention); a single query reads row
+    0 wherever it sits (a decoding step over a static cache). Several queries at another
+    offset would make a new score at every step and are refused."""
     if bias is None:
         return score
     B, Hq, Lq, _ = query.shape
@@ -1145,14 +1146,15 @@ def _with_bias(module, score: str | None, bias, query, key, inputs: dict,
     if score is not None:
         raise SpattnError(f"layer {_where(module)} passes both a softcap and a position_bias, "
                           "whose order transformers does not define for spattn")
-    if q_offset not in (None, 0):
+    if Lq > 1 and q_offset not in (None, 0):
         raise SpattnError(
             f"layer {_where(module)} passes position_bias= with its {Lq} queries at key slot "
             f"{q_offset} of {Lk} (a static cache): spattn indexes the bias by the query's row "
-            "counted from the first or the last key; use a dynamic cache")
+            "counted from the first or the last key, or reads row 0 for one query; use a "
+            "dynamic cache")
     lead = "b, " if B > 1 and bias.shape[0] == B else ""
     head = "h" if bias.shape[1] == Hq else "0"
-    row = "q - Lk + Lq" if q_offset is None else "q"
+    row = "0" if Lq == 1 else "q - Lk + Lq" if q_offset is None else "q"
     inputs["position_bias"] = bias if lead else bias[0]
     return f"s + position_bias[{lead}{head}, {row}, k]"
 

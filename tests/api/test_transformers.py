@@ -592,26 +592,39 @@ def t5_model(seed=0):
     return model
 
 
-def test_t5_position_bias_is_a_score():
+def _t5_generate(model, cache: str, **kw):
+    """Greedy tokens and every step's logits [steps, B, V] of T5's ``generate`` (pad and end
+    tokens suppressed: a tiny random T5 emits little else, and repeats one token; its
+    logits still move from step to step)."""
+    out = model.generate(**kw, max_new_tokens=6, do_sample=False, cache_implementation=cache,
+                         suppress_tokens=[0, 1], output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_t5_position_bias_is_a_score(cache):
     """T5 passes its bucketed relative positions as a dense ``position_bias`` that eager
     attention adds to the scores: spattn adds it as a score table. Encoder (bidirectional,
-    right padding), decoder (causal) and cross-attention; logits and greedy generation
-    (decode steps with a dynamic cache) match eager."""
+    right padding), decoder (causal) and cross-attention; logits, and greedy generation's
+    tokens and logits at every step (decode steps over a dynamic cache, or over a static
+    cache, whose one query per step sits at another slot each time), match eager."""
     model = t5_model()
     ids = torch.randint(1, VOCAB, (2, 9))
     am = torch.ones_like(ids)
     am[0, 6:] = 0
     dec = torch.randint(1, VOCAB, (2, 4))
     kw = dict(input_ids=ids, attention_mask=am)
-    gen = dict(max_new_tokens=6, do_sample=False)
     with torch.no_grad():
         ref = model(decoder_input_ids=dec, **kw).logits
-        ref_tokens = model.generate(**kw, **gen)
+        ref_tokens, ref_steps = _t5_generate(model, cache, **kw)
         use_spattn(model)
         out = model(decoder_input_ids=dec, **kw).logits
-        tokens = model.generate(**kw, **gen)
+        tokens, steps = _t5_generate(model, cache, **kw)
     assert rel_err(out, ref, torch.ones(out.shape[:2], dtype=torch.bool)) <= TOL
+    assert float((ref_steps[1:] - ref_steps[:-1]).abs().max()) > 1e-2   # each step counts
     assert torch.equal(tokens, ref_tokens)
+    assert float((steps - ref_steps).abs().max() / ref_steps.abs().max()) <= TOL
     table = sphf.describe(model).splitlines()
     assert table[1].split()[:2] == ["layer", "module"]
     assert "decoder.block.0.layer.1.EncDecAttention" in table[4]
