@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from fnmatch import fnmatchcase
 from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 from typing import Mapping
 
 import torch

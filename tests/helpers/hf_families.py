@@ -15,6 +15,10 @@ build, runs out of memory or time does not stop the others). One line per family
     LOST  ...                the process died (memory) or ran past --seconds
 
     python -m tests.helpers.hf_families [--only llama,gemma2] [--seconds 150]
+
+``--encoders``: the base-model families that are not causal LMs (``AutoModel``: encoders,
+embedding models; vision and audio models fail their reference without text inputs, and
+are reported so), each on a right-padded batch: the last hidden state at the real tokens.
 """
 from __future__ import annotations
 
@@ -84,22 +88,100 @@ def one(model_type: str) -> str:
     return f"{'OK  ' if ok else 'BAD '}  {ref} err={err:.2e} same_tokens={torch.equal(ta, tb)}"
 
 
+def one_encoder(model_type: str) -> str:
+    """The line of one base-model family (``AutoModel``, not a causal LM: encoders and
+    embedding models), run in this process: the last hidden state at the real tokens of a
+    right-padded batch, through its reference and through ``"spattn"``."""
+    import torch
+    import spattn.integrations.transformers  # noqa: F401  (registers "spattn")
+    from transformers import AutoConfig, AutoModel
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    try:
+        base = AutoConfig.for_model(model_type)
+        kw = {k: v for k, v in SMALL.items() if hasattr(base, k) or k == "pad_token_id"}
+        if getattr(base, "sliding_window", None) is None:
+            kw.pop("sliding_window", None)
+        cfg = AutoConfig.for_model(model_type, **kw)
+        types = getattr(cfg, "layer_types", None)
+        if types is not None and len(types) != getattr(cfg, "num_hidden_layers", len(types)):
+            cfg.layer_types = (list(types) * 3)[:cfg.num_hidden_layers]
+        ref = "sdpa"
+        torch.manual_seed(0)
+        try:
+            model = AutoModel.from_config(cfg, attn_implementation="sdpa")
+        except ValueError:
+            ref = "eager"
+            torch.manual_seed(0)
+            model = AutoModel.from_config(cfg, attn_implementation="eager")
+    except Exception as e:  # noqa: BLE001  (any failure to build is a skip)
+        return f"SKIP  build {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    if not getattr(model, "_supports_attention_backend", False):
+        return "SKIP  no attention backend"
+    model.eval()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 128, (3, 9))
+    am = torch.ones_like(ids)
+    am[0, 5:] = 0
+    am[2, 8:] = 0
+    res = {}
+    for impl in (ref, "spattn"):
+        try:
+            model.set_attn_implementation(impl)
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=am)
+            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        except Exception as e:  # noqa: BLE001
+            return f"FAIL  {impl} {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        res[impl] = h
+    a, b = res[ref], res["spattn"]
+    if a.shape[:2] != am.shape:
+        return f"SKIP  output of shape {tuple(a.shape)}, not per token"
+    keep = am.bool()[..., None]
+    a, b = a.masked_fill(~keep, 0), b.masked_fill(~keep, 0)
+    err = float((a - b).abs().max() / a.abs().max())
+    return f"{'OK  ' if err <= TOL else 'BAD '}  {ref} err={err:.2e}"
+
+
+def _text_model(model_type: str) -> bool:
+    """The family's config has a ``vocab_size`` at its top (vision and audio models, and
+    models that nest their text config, do not: they need other inputs)."""
+    from transformers import AutoConfig
+    warnings.filterwarnings("ignore")
+    try:
+        return hasattr(AutoConfig.for_model(model_type), "vocab_size")
+    except Exception:  # noqa: BLE001  (the family's own process reports it)
+        return True
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=None, help="comma-separated model types")
     ap.add_argument("--seconds", type=float, default=150.0, help="per family")
+    ap.add_argument("--encoders", action="store_true",
+                    help="the base-model families that are not causal LMs (AutoModel)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(one(args.one), flush=True)
+        print((one_encoder if args.encoders else one)(args.one), flush=True)
         return
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    names = args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_MAPPING_NAMES)
+    if args.only:
+        names = args.only.split(",")
+    elif args.encoders:
+        names = sorted(set(MODEL_MAPPING_NAMES) - set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+    else:
+        names = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     for name in names:
+        if args.encoders and not _text_model(name):
+            print(f"{name:26s} SKIP  not a text model (its config has no vocab_size)",
+                  flush=True)
+            continue
         try:
             done = subprocess.run([sys.executable, "-m", "tests.helpers.hf_families", "--one",
-                                   name], capture_output=True, text=True,
-                                  timeout=args.seconds)
+                                   name, *(["--encoders"] if args.encoders else [])],
+                                  capture_output=True, text=True, timeout=args.seconds)
             lines = [ln for ln in done.stdout.splitlines()
                      if ln.startswith(("OK", "BAD", "FAIL", "SKIP"))]
             line = lines[-1] if lines else f"LOST  exit {done.returncode}"
