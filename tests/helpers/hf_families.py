@@ -146,8 +146,9 @@ def one_encoder(model_type: str) -> str:
 def _text_model(model_type: str) -> bool:
     """The family's config has a ``vocab_size`` at its top (vision and audio models, and
     models that nest their text config, do not: they need other inputs)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, logging
     warnings.filterwarnings("ignore")
+    logging.set_verbosity_error()
     try:
         return hasattr(AutoConfig.for_model(model_type), "vocab_size")
     except Exception:  # noqa: BLE001  (the family's own process reports it)
