@@ -729,8 +729,8 @@ def test_a_vision_tower_is_listed_and_reached_by_module_path():
     """A vision-language model's vision tower (attention modules without ``layer_idx``
     beside the language model's numbered ones) is listed by ``describe`` and
     ``layer_patterns`` (index ``-``, its module paths) and reached by ``set_patterns`` with
-    a module path: every key ("true", its config's pattern) matches eager, a narrower
-    pattern there changes the logits; the language layers keep theirs."""
+    a module path: a pattern reading every key (as its config's does) matches eager, a
+    narrower one there changes the logits; the language layers keep theirs."""
     model, kw = _gemma3_vlm()
     kw["token_type_ids"] = (kw["input_ids"] == 299).long()
     am = kw["attention_mask"].bool()
