@@ -35,68 +35,16 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_att
 TOL = 1e-4
 
 
-def one(model_type: str) -> str:
-    """The line of one family (run in this process)."""
+def _family(model_type: str, auto_class: str):
+    """``(model, reference attn_implementation)`` of one family built from the generic small
+    config through ``transformers.<auto_class>`` (SDPA, or eager where the model has no SDPA
+    path), in eval mode; or the line of a family that cannot be run, as a str."""
     import torch
     import spattn.integrations.transformers  # noqa: F401  (registers "spattn")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    try:
-        base = AutoConfig.for_model(model_type)
-        kw = {k: v for k, v in SMALL.items() if hasattr(base, k) or k == "pad_token_id"}
-        if getattr(base, "sliding_window", None) is None:
-            kw.pop("sliding_window", None)
-        cfg = AutoConfig.for_model(model_type, **kw)
-        types = getattr(cfg, "layer_types", None)
-        if types is not None and len(types) != cfg.num_hidden_layers:
-            cfg.layer_types = (list(types) * 3)[:cfg.num_hidden_layers]
-        ref = "sdpa"
-        torch.manual_seed(0)
-        try:
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-        except ValueError:
-            ref = "eager"
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    except Exception as e:  # noqa: BLE001  (any failure to build is a skip)
-        return f"SKIP  build {type(e).__name__}: {str(e).splitlines()[0][:100]}"
-    if not getattr(model, "_supports_attention_backend", False):
-        return "SKIP  no attention backend"
-    model.eval()
-    torch.manual_seed(1)
-    ids = torch.randint(3, 128, (3, 9))
-    am = torch.ones_like(ids)
-    am[0, :4] = 0
-    am[2, :1] = 0
-    res = {}
-    for impl in (ref, "spattn"):
-        try:
-            model.set_attn_implementation(impl)
-            with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=am).logits
-                tokens = model.generate(ids, attention_mask=am, max_new_tokens=6,
-                                        do_sample=False)
-        except Exception as e:  # noqa: BLE001
-            return f"FAIL  {impl} {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        res[impl] = (logits, tokens)
-    (a, ta), (b, tb) = res[ref], res["spattn"]
-    keep = am.bool()[..., None]
-    a, b = a.masked_fill(~keep, 0), b.masked_fill(~keep, 0)
-    err = float((a - b).abs().max() / a.abs().max())
-    ok = err <= TOL and torch.equal(ta, tb)
-    return f"{'OK  ' if ok else 'BAD '}  {ref} err={err:.2e} same_tokens={torch.equal(ta, tb)}"
-
-
-def one_encoder(model_type: str) -> str:
-    """The line of one base-model family (``AutoModel``, not a causal LM: encoders and
-    embedding models), run in this process: the last hidden state at the real tokens of a
-    right-padded batch, through its reference and through ``"spattn"``."""
-    import torch
-    import spattn.integrations.transformers  # noqa: F401  (registers "spattn")
-    from transformers import AutoConfig, AutoModel
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
+    auto, AutoConfig = getattr(transformers, auto_class), transformers.AutoConfig
     try:
         base = AutoConfig.for_model(model_type)
         kw = {k: v for k, v in SMALL.items() if hasattr(base, k) or k == "pad_token_id"}
@@ -109,37 +57,92 @@ def one_encoder(model_type: str) -> str:
         ref = "sdpa"
         torch.manual_seed(0)
         try:
-            model = AutoModel.from_config(cfg, attn_implementation="sdpa")
+            model = auto.from_config(cfg, attn_implementation="sdpa")
         except ValueError:
             ref = "eager"
             torch.manual_seed(0)
-            model = AutoModel.from_config(cfg, attn_implementation="eager")
+            model = auto.from_config(cfg, attn_implementation="eager")
     except Exception as e:  # noqa: BLE001  (any failure to build is a skip)
         return f"SKIP  build {type(e).__name__}: {str(e).splitlines()[0][:100]}"
     if not getattr(model, "_supports_attention_backend", False):
         return "SKIP  no attention backend"
-    model.eval()
-    torch.manual_seed(1)
-    ids = torch.randint(3, 128, (3, 9))
-    am = torch.ones_like(ids)
-    am[0, 5:] = 0
-    am[2, 8:] = 0
+    return model.eval(), ref
+
+
+def _outputs(model, ref: str, run):
+    """``{implementation: run(model)}`` for the reference and ``"spattn"``, without
+    gradients; or the FAIL line of the first that raises."""
+    import torch
     res = {}
     for impl in (ref, "spattn"):
         try:
             model.set_attn_implementation(impl)
             with torch.no_grad():
-                out = model(input_ids=ids, attention_mask=am)
-            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                res[impl] = run(model)
         except Exception as e:  # noqa: BLE001
             return f"FAIL  {impl} {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        res[impl] = h
+    return res
+
+
+def _batch(padding: tuple[slice, slice]):
+    """``input_ids, attention_mask [3, 9]``: random tokens, rows 0 and 2 padded where
+    ``padding`` says (left padding for generation, right padding for encoders)."""
+    import torch
+    torch.manual_seed(1)
+    ids = torch.randint(3, 128, (3, 9))
+    am = torch.ones_like(ids)
+    am[0, padding[0]] = 0
+    am[2, padding[1]] = 0
+    return ids, am
+
+
+def _rel_err(a, b, am) -> float:
+    """max |a - b| / max |a| over the real tokens of ``am``."""
+    keep = am.bool()[..., None]
+    a, b = a.masked_fill(~keep, 0), b.masked_fill(~keep, 0)
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def one(model_type: str) -> str:
+    """The line of one family (run in this process)."""
+    import torch
+    built = _family(model_type, "AutoModelForCausalLM")
+    if isinstance(built, str):
+        return built
+    model, ref = built
+    ids, am = _batch((slice(None, 4), slice(None, 1)))
+    res = _outputs(model, ref, lambda m: (
+        m(input_ids=ids, attention_mask=am).logits,
+        m.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False)))
+    if isinstance(res, str):
+        return res
+    (a, ta), (b, tb) = res[ref], res["spattn"]
+    err = _rel_err(a, b, am)
+    ok = err <= TOL and torch.equal(ta, tb)
+    return f"{'OK  ' if ok else 'BAD '}  {ref} err={err:.2e} same_tokens={torch.equal(ta, tb)}"
+
+
+def one_encoder(model_type: str) -> str:
+    """The line of one base-model family (``AutoModel``, not a causal LM: encoders and
+    embedding models), run in this process: the last hidden state at the real tokens of a
+    right-padded batch, through its reference and through ``"spattn"``."""
+    built = _family(model_type, "AutoModel")
+    if isinstance(built, str):
+        return built
+    model, ref = built
+    ids, am = _batch((slice(5, None), slice(8, None)))
+
+    def hidden(m):
+        out = m(input_ids=ids, attention_mask=am)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    res = _outputs(model, ref, hidden)
+    if isinstance(res, str):
+        return res
     a, b = res[ref], res["spattn"]
     if a.shape[:2] != am.shape:
         return f"SKIP  output of shape {tuple(a.shape)}, not per token"
-    keep = am.bool()[..., None]
-    a, b = a.masked_fill(~keep, 0), b.masked_fill(~keep, 0)
-    err = float((a - b).abs().max() / a.abs().max())
+    err = _rel_err(a, b, am)
     return f"{'OK  ' if err <= TOL else 'BAD '}  {ref} err={err:.2e}"
 
 
