@@ -283,17 +283,17 @@ def _attention_modules(model) -> list:
     no index. Else the innermost ones (a wrapper holding another is left out), numbered in
     the model's order (DistilBERT, ViT: the number is kept on the module, as its index for
     :func:`set_patterns`)."""
-    named, paths = [], {}
+    named = []
     for path, m in model.named_modules():
         if type(m).__name__.endswith("Attention") and hasattr(m, "config"):
             named.append(m)
-            paths[id(m)] = m.__dict__["_spattn_path"] = path
+            m.__dict__["_spattn_path"] = path
     ids = {id(m) for m in named}
     inner = [m for m in named if not any(id(c) in ids for c in m.modules() if c is not m)]
     numbered = [m for m in named if _numbered(m)]
     if numbered:
-        roots = tuple(paths[id(m)] + "." for m in numbered)
-        rest = [m for m in inner if not _numbered(m) and not paths[id(m)].startswith(roots)
+        roots = tuple(m._spattn_path + "." for m in numbered)
+        rest = [m for m in inner if not _numbered(m) and not m._spattn_path.startswith(roots)
                 and getattr(m.config, "layer_types", None) is None]
         for m in rest:
             m.__dict__.pop("_spattn_index", None)
@@ -911,6 +911,15 @@ def _with_conjuncts(base: Pattern, keep: bool, seg: bool, first: bool = False) -
     return _pattern(src, base.backend)
 
 
+def _check_sizes(mask: SpattnMask, Lq: int, Lk: int) -> None:
+    """The layer's queries and keys are the ones transformers sized the mask for."""
+    if (Lq, Lk) != (mask.q_length, mask.kv_length):
+        raise SpattnInputError(
+            f"queries ({Lq}) and keys ({Lk}) do not match the mask transformers sized for "
+            f"Lq={mask.q_length}, Lk={mask.kv_length} (the cache returned more or fewer keys "
+            "than it announced)")
+
+
 def plan_call(base: Pattern, mask: SpattnMask, Lq: int, Lk: int, *, cu_seq_lens_q=None,
               cu_seq_lens_k=None) -> tuple[Pattern, dict, int]:
     """What one attention call runs: ``(pattern, runtime inputs, q_offset)``.
@@ -922,11 +931,7 @@ def plan_call(base: Pattern, mask: SpattnMask, Lq: int, Lk: int, *, cu_seq_lens_
     ``q_offset - kv_offset`` in transformers' terms: with a static cache the keys run past
     the queries, and with a sliding-window cache slot 0 is not position 0.
     """
-    if (Lq, Lk) != (mask.q_length, mask.kv_length):
-        raise SpattnInputError(
-            f"queries ({Lq}) and keys ({Lk}) do not match the mask transformers sized for "
-            f"Lq={mask.q_length}, Lk={mask.kv_length} (the cache returned more or fewer keys "
-            "than it announced)")
+    _check_sizes(mask, Lq, Lk)
     seg, pos = mask.seg, None
     if seg is None and cu_seq_lens_k is not None:
         seg, pos = _packed_from_cu_seqlens(cu_seq_lens_q, cu_seq_lens_k, mask, Lq, Lk)
@@ -1054,11 +1059,10 @@ def _dense(module, layer: LayerPattern, mask: SpattnMask, query, key, value, sca
             "spattn reads causal, sliding-window, chunked, padding, packed-sequence and "
             "image-block masks; give the layer its pattern with "
             f"set_patterns(model, {{{_where(module)}: ...}})")
-    Lq, Lk = query.shape[2], key.shape[2]
-    if (Lq, Lk) != (mask.q_length, mask.kv_length):
-        raise SpattnInputError(
-            f"layer {_where(module)}: queries ({Lq}) and keys ({Lk}) do not match the mask "
-            f"transformers sized for Lq={mask.q_length}, Lk={mask.kv_length}")
+    try:
+        _check_sizes(mask, query.shape[2], key.shape[2])
+    except SpattnError as e:
+        raise type(e)(f"layer {_where(module)}: {e}") from None
     what = "; ".join(mask.unreadable)
     if module.__dict__.get("_spattn_dense") != what:
         module.__dict__["_spattn_dense"] = what
