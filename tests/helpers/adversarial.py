@@ -28,13 +28,10 @@ failure. Run it as a module from the repository root::
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
 import tempfile
-import time
-import traceback
 
 if __name__ == "__main__":     # run as the search, not imported by a test (on a GPU machine
     # the variable would turn every kernel of the test run into the interpreter's)
@@ -48,6 +45,7 @@ from spattn.dsl.errors import SpattnError  # noqa: E402
 from spattn.runtime.reference import attention_reference, pattern_reference  # noqa: E402
 
 from tests.helpers.kernels import paged_cache  # noqa: E402
+from tests.helpers import search  # noqa: E402
 
 INTS = ["q", "k", "h", "b", "Lq", "Lk", "H", "(q - k)", "(k - q)", "(k // 3)", "(q % 4)",
         "(q // 5 - k // 5)", "log_bucket(abs(q - k), 2, 20, 6)", "t5_bucket(8, 20)",
@@ -560,40 +558,8 @@ KINDS = {"score": score_case, "layout": layout_case, "decode": decode_case,
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=5.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default="score,layout,decode,sdecode,vmap")
-    ap.add_argument("--case", help="replay one case, KIND:SEED")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    args = ap.parse_args()
-    if args.case:
-        kind, seed = args.case.split(":")
-        try:
-            print(KINDS[kind](int(seed)))
-        finally:
-            print(LAST["desc"])
-        return
-    kinds = args.kinds.split(",")
-    end = time.time() + args.minutes * 60
-    n = fails = 0
-    rng = random.Random(args.seed)
-    while time.time() < end:
-        kind = kinds[n % len(kinds)]
-        seed = rng.randrange(2 ** 31)
-        n += 1
-        LAST["desc"] = ""
-        try:
-            desc = KINDS[kind](seed)
-            if args.verbose:
-                print("ok  ", desc, flush=True)
-        except Exception as e:  # noqa: BLE001 -- every failure is reported, the search goes on
-            fails += 1
-            print(f"FAIL {kind}:{seed}: {type(e).__name__}: {str(e)[:600]}\n     {LAST['desc']}",
-                  flush=True)
-            if not isinstance(e, AssertionError):
-                traceback.print_exc()
-    print(f"{n} cases, {fails} failures")
+    args = search.parser(__doc__, KINDS).parse_args()
+    search.run(args, KINDS, LAST)
 
 
 if __name__ == "__main__":

@@ -38,13 +38,10 @@ repository root::
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import random
 import tempfile
-import time
-import traceback
 import warnings
 
 if __name__ == "__main__":     # run as the search, not imported by a test (on a GPU machine
@@ -60,6 +57,7 @@ from spattn.ir.cost import constants as cost_constants  # noqa: E402
 from spattn.runtime import plan as _plan  # noqa: E402
 
 from tests.helpers.adversarial import rand_mask  # noqa: E402
+from tests.helpers import search  # noqa: E402
 from tests.helpers.adversarial2 import (DTYPES, FORMS, LAST, _call, _env,  # noqa: E402
                                         _grads, _grid_expr, _grid_pattern, _tensors)
 from tests.helpers.adversarial2 import _check as _check2, _tol  # noqa: E402
@@ -500,49 +498,22 @@ KINDS = {"horder": horder_case, "gmode": gmode_case, "box": box_case,
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=5.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default=",".join(KINDS))
-    ap.add_argument("--case", help="replay one case, KIND:SEED")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    args = ap.parse_args()
+    args = search.parser(__doc__, KINDS).parse_args()
     warnings.simplefilter("ignore")
     _record_plans()
-    if args.case:
-        kind, seed = args.case.split(":")
-        try:
-            print(KINDS[kind](int(seed)))
-        finally:
-            print(LAST["desc"], BUILT)
-        return
-    kinds = args.kinds.split(",")
-    end = time.time() + args.minutes * 60
-    n = fails = 0
     refused = collections.Counter()
-    rng = random.Random(args.seed)
-    while time.time() < end:
-        kind = kinds[n % len(kinds)]
-        seed = rng.randrange(2 ** 31)
-        n += 1
-        LAST["desc"] = ""
-        BUILT.clear()
-        try:
-            desc = KINDS[kind](seed)
-            refused[kind, "refused" in desc or "skipped" in desc] += 1
-            REACHED[kind].update(f"{c}/{gm}" for c, gm in BUILT)
-            if args.verbose:
-                print("ok  ", desc, BUILT, flush=True)
-        except Exception as e:  # noqa: BLE001 -- every failure is reported, the search goes on
-            fails += 1
-            print(f"FAIL {kind}:{seed}: {type(e).__name__}: {str(e)[:600]}\n     {LAST['desc']}"
-                  f" {BUILT}", flush=True)
-            if not isinstance(e, AssertionError):
-                traceback.print_exc()
-    print(f"{n} cases, {fails} failures")
-    for kind in kinds:
-        print(f"  {kind}: {refused[kind, False]} run, {refused[kind, True]} refused; plans "
-              f"{dict(REACHED[kind])}")
+
+    def passed(kind, desc):
+        refused[kind, "refused" in desc or "skipped" in desc] += 1
+        REACHED[kind].update(f"{c}/{gm}" for c, gm in BUILT)
+
+    def summary(kinds):
+        for kind in kinds:
+            print(f"  {kind}: {refused[kind, False]} run, {refused[kind, True]} refused; plans "
+                  f"{dict(REACHED[kind])}")
+
+    search.run(args, KINDS, LAST, search.Hooks(extra=lambda: str(BUILT) if BUILT else "",
+                                               begin=BUILT.clear, passed=passed, summary=summary))
 
 
 if __name__ == "__main__":

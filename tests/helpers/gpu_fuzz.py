@@ -31,10 +31,7 @@ context is lost) after printing its case. Run it on the device from the reposito
 """
 from __future__ import annotations
 
-import argparse
 import random
-import time
-import traceback
 
 import torch
 
@@ -45,6 +42,7 @@ from spattn.runtime.reference import attention_reference, pattern_reference
 from tests.helpers.adversarial import (DECODE_MASKS, TABLE_SHAPES, rand_bool,
                                        rand_mask, rand_score, score_params)
 from tests.helpers.kernels import paged_cache
+from tests.helpers import search
 
 DEV = "cuda"
 DIMS = [16, 32, 40, 48, 64, 64, 72, 80, 96, 128, 128, 128, 160, 192, 256]
@@ -367,51 +365,15 @@ KINDS = {"call": call_case, "layout": layout_case, "decode": decode_case, "seq":
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=5.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default="call,layout,decode,seq")
-    ap.add_argument("--case", help="replay one case, KIND:SEED")
+    ap = search.parser(__doc__, KINDS)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the harness")
-    ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     global DEV
     DEV = args.device
-    if args.case:
-        kind, seed = args.case.split(":")
-        try:
-            print(KINDS[kind](int(seed)))
-        finally:
-            print(LAST["desc"])
-        return
-    kinds = args.kinds.split(",")
-    end = time.time() + args.minutes * 60
-    n = fails = 0
-    rng = random.Random(args.seed)
-    while time.time() < end:
-        kind = kinds[n % len(kinds)]
-        seed = rng.randrange(2 ** 31)
-        n += 1
-        LAST["desc"] = ""
-        t0 = time.time()
-        try:
-            desc = KINDS[kind](seed)
-            if args.verbose:
-                print(f"ok   {time.time() - t0:5.1f}s {desc}", flush=True)
-        except torch.OutOfMemoryError:
-            # the float64 reference of a large draw (the harness's limit, not the library's)
-            print(f"oom  {kind}:{seed} (skipped)", flush=True)
-            torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001 -- every failure is reported, the search goes on
-            fails += 1
-            print(f"FAIL {kind}:{seed}: {type(e).__name__}: {str(e)[:600]}\n     {LAST['desc']}",
-                  flush=True)
-            if not isinstance(e, AssertionError):
-                traceback.print_exc()
-            if "CUDA" in str(e) or "illegal" in str(e).lower():
-                print("a CUDA error: the context is lost, the search stops", flush=True)
-                break
-    print(f"{n} cases, {fails} failures")
+    # a float64 reference too large for the device is the harness's limit, not the library's
+    search.run(args, KINDS, LAST, search.Hooks(
+        skip=(torch.OutOfMemoryError,), on_skip=torch.cuda.empty_cache,
+        fatal=lambda e: "CUDA" in str(e) or "illegal" in str(e).lower()))
 
 
 if __name__ == "__main__":
