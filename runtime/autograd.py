@@ -35,6 +35,7 @@ import torch
 
 from ..dsl.errors import SpattnBackendError, SpattnError
 from .plan import PLANS
+from .usage import plain, plain_qkv
 
 __all__ = ["AttentionFunction", "OnceDifferentiable", "once", "register", "lookup",
            "attention_op", "attention_bwd_op", "score_attention_op", "score_attention_bwd_op"]
@@ -154,6 +155,7 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         if do is None and dlse is None:
             return None, None, None, None, None
+        do, dlse = plain(do), plain(dlse)
         with torch.no_grad():
             dq, dk, dv = ctx.plan.backward(q, k, v, o, lse,
                                            torch.zeros_like(o) if do is None else do, dlse,
@@ -163,12 +165,22 @@ class AttentionFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------ custom ops
 
+def _traced_scale(scale: float, q: torch.Tensor) -> float:
+    """The scale a traced call passed, checked here: a scale that varies between calls
+    reaches the op as a symbol, which the call could not check (``api._check_scale``)."""
+    from .api import _check_scale
+    return _check_scale(scale, q.shape[-1])
+
+
 @torch.library.custom_op("spattn::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor],
                  key: str, scale: float, q_offset: int, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     pattern = lookup(key)
     _no_score(pattern)
+    q, k, v = plain_qkv(q, k, v)
+    scale = _traced_scale(scale, q)
+    inputs = [plain(t) for t in inputs]
     plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
                      inputs=_inputs_dict(pattern, inputs))
     o, lse = plan.forward(q, k, v)
@@ -194,6 +206,8 @@ def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
                      inputs: list[torch.Tensor], key: str, scale: float, q_offset: int,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pattern = lookup(key)
+    q, k, v = plain_qkv(q, k, v)
+    do, dlse, inputs = plain(do), plain(dlse), [plain(t) for t in inputs]
     plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
                      inputs=_inputs_dict(pattern, inputs))
     dq, dk, dv = plan.backward(q, k, v, o, lse, do, dlse)
@@ -275,6 +289,9 @@ def score_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``names`` (comma-separated: a schema takes no list of str; ``deterministic`` is for the
     backward)."""
     from . import scores
+    q, k, v = plain_qkv(q, k, v)
+    scale = _traced_scale(scale, q)
+    inputs, tables = [plain(t) for t in inputs], [plain(t) for t in tables]
     c, ins = _score_ctx(lookup(key), q, k, v, inputs, tables, names, scale, q_offset, backend,
                         deterministic)
     o, lse = scores.run_fwd(c, q, k, v, ins)
@@ -297,6 +314,9 @@ def score_attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     """``[dq, dk, dv, *table grads]``: a gradient for every table (in ``tables`` order),
     computed for those ``want`` marks (zeros for the others)."""
     from . import scores
+    q, k, v = plain_qkv(q, k, v)
+    do, dlse = plain(do), plain(dlse)
+    inputs, tables = [plain(t) for t in inputs], [plain(t) for t in tables]
     c, ins = _score_ctx(lookup(key), q, k, v, inputs, tables, names, scale, q_offset, backend,
                         deterministic)
     names = _names(names)

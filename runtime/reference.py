@@ -14,6 +14,10 @@ Conventions (the same as the kernels'):
   zero gradients. A row with a score of ``+inf`` or NaN at an allowed pair is NaN, its
   log-sum-exp too (``+inf`` where no score is NaN).
 * lse is the natural-log log-sum-exp of the scaled scores over allowed keys.
+* Only allowed pairs of nonzero weight reach the result: an inf or NaN in q, k or v where
+  the mask removes the pair (a key no query may see, a cache slot past its length) leaves
+  the output and the gradients finite, as the kernels, which skip such tiles, do (a plain
+  ``p @ v`` would give ``0 * inf = NaN``).
 
 It is differentiable: ``torch.autograd`` through it gives the reference
 gradients (float64).
@@ -66,6 +70,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     s = torch.matmul(q64, k64.transpose(-1, -2)) * float(scale)
+    bad_q, bad_k = ~torch.isfinite(q64).all(-1), ~torch.isfinite(k64).all(-1)
+    if bad_q.any() or bad_k.any():
+        # the pairs that read an inf or NaN keep it (detached: it has no gradient); the
+        # others come from finite copies, so that a pair the mask removes passes its zero
+        # gradient on as zero, not 0 * inf
+        fin = torch.matmul(_finite(q64), _finite(k64).transpose(-1, -2)) * float(scale)
+        s = torch.where(bad_q[..., :, None] | bad_k[..., None, :], s.detach(), fin)
     if score is not None:
         s = score(s)
     s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
@@ -77,10 +88,29 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     l = p.sum(dim=-1, keepdim=True)
     has = l != 0            # a row with a NaN score: l, out and lse NaN
     l_safe = torch.where(has, l, torch.ones_like(l))
-    out = torch.matmul(p / l_safe, v64)        # a row with l == 0 has p == 0: out 0
+    out = _weighted(p / l_safe, v64)           # a row with l == 0 has p == 0: out 0
     lse = torch.where(has, m + torch.log(l_safe),
                       torch.full((), float("-inf"), dtype=l.dtype, device=l.device))
     return out, lse.squeeze(-1)
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``w @ v``, where a zero weight contributes nothing whatever its value (no ``0 * inf``):
+    an inf or NaN of v reaches only the rows that weigh it, as inf (one sign), or NaN (a NaN,
+    or both signs)."""
+    if torch.isfinite(v).all():
+        return torch.matmul(w, v)
+    out = torch.matmul(w, _finite(v))
+    live = (w.detach() > 0).to(v.dtype)
+    n_nan, n_pos, n_neg = (torch.matmul(live, x.to(v.dtype)) > 0
+                           for x in (torch.isnan(v), v == math.inf, v == -math.inf))
+    inf = torch.full((), math.inf, dtype=v.dtype, device=v.device)
+    out = torch.where(n_pos, inf, torch.where(n_neg, -inf, out))
+    return torch.where(n_nan | (n_pos & n_neg), torch.full_like(inf, math.nan), out)
 
 
 def rows_per_chunk(batch: int, heads: int, Lk: int, budget: int = 2 ** 28) -> int:

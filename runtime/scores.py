@@ -40,6 +40,7 @@ from ..ir.evaluate import evaluate
 from ..ir.inputs import check_shape, validate_inputs
 from ..ir.score import grads, score_env, score_values
 from .plan import gather_tokens
+from .usage import plain
 
 __all__ = ["call", "fwd", "bwd", "ScoreFunction", "validate_score_inputs", "FLOAT_DTYPES"]
 
@@ -276,6 +277,20 @@ def torch_stage(call) -> TorchScoreStage:
                            call.Lq, call.Lk)
 
 
+def _no_autocast(fn):
+    """``fn(pattern, q, ...)`` in its inputs' dtypes whatever ``torch.autocast`` says, as the
+    kernels and the unscored torch backend compute (docs/usage.md)."""
+    @functools.wraps(fn)
+    def run(pattern, q, *args, **kwargs):
+        device = q.device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return fn(pattern, q, *args, **kwargs)
+        return fn(pattern, q, *args, **kwargs)
+    return run
+
+
+@_no_autocast
 def fwd(pattern, q, k, v, *, scale: float, q_offset: int, inputs: dict, chunks=None):
     """``(o [B, Hq, Lq, D] q.dtype, lse [B, Hq, Lq] float32 or float64)``; ``chunks``: a
     plan's (:class:`TorchScoreStage`), found now when None."""
@@ -344,6 +359,7 @@ def _scatter(grad: torch.Tensor, load, env, ins, g: torch.Tensor,
     full.index_put_((bi, hi, *idx), g.to(full.dtype), accumulate=True)
 
 
+@_no_autocast
 def bwd(pattern, q, k, v, o, lse, do, *, scale: float, q_offset: int, inputs: dict,
         dlse=None, table_grads: tuple = (), deterministic: bool = False, chunks=None):
     """``(dq, dk, dv, {table name: grad})``; ``table_grads``: the float inputs to
@@ -626,6 +642,7 @@ class ScoreFunction(torch.autograd.Function):
         if do is None and dlse is None:
             return (None,) * (4 + nt)
         want = tuple(n for n, need in zip(c.names, ctx.needs_input_grad[4:]) if need)
+        do, dlse = plain(do), plain(dlse)
         ins = {**ctx.ints, **dict(zip(c.names, tables))}
         with torch.no_grad():
             dq, dk, dv, tg = run_bwd(c, q, k, v, o, lse,

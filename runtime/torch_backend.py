@@ -74,12 +74,26 @@ def _unit_last(*ts):
     return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else _contiguous(t) for t in ts)
 
 
+def _floored(scale: float, q) -> float:
+    """The scale, at least float32's smallest normal number below float64, as the Triton
+    launcher passes it (docs/codegen.md): a smaller one is 0 in float32, and a masked
+    score's ``-inf * 0`` NaN; below that floor every finite score's share of the exponent
+    is under ``2**-26``, the same softmax to float32 precision."""
+    return scale if q.dtype == torch.float64 else max(scale, _FP32_TINY)
+
+
+#: The smallest normal float32 number (``triton_backend.FP32_TINY``; not imported: this
+#: module runs without Triton).
+_FP32_TINY = 2.0 ** -126
+
+
 def _attend(q, k, v, mask, scale, is_causal):
     """Dense attention of ``q [n, h, M, D]`` over ``k, v [n, h, N, D]`` with an additive
     ``mask`` (``[n, 1 or h, M, N]`` or None): ``(o [n, h, M, D] q.dtype, lse [n, h, M])``.
 
     ``is_causal``: key j is masked for row i > ... (j > i). A row with no allowed key gets
     o 0 and lse 0 (the caller sets -inf)."""
+    scale = _floored(scale, q)
     if _use_flash(q):
         q, k, v = _unit_last(q, k, v)
         return _FLASH_FWD(q, k, v, is_causal=is_causal, attn_mask=mask, scale=scale)
@@ -115,6 +129,7 @@ def _attend_bwd(do, q, k, v, o, lse, mask, scale, is_causal):
     """Gradients ``(dq, dk, dv)`` of :func:`_attend`'s output given each row's ``o`` and
     ``lse`` (those of a larger softmax the item is part of); ``lse`` must be finite or
     ``+inf`` (a row with lse +inf contributes nothing)."""
+    scale = _floored(scale, q)
     if _use_flash(q):
         do, q, k, v, o = _unit_last(do, q, k, v, o)
         return _FLASH_BWD(do, q, k, v, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..dsl.errors import SpattnBackendError, SpattnError, SpattnParamError
+from .usage import FORWARD_MODE, plain
 
 __all__ = ["call"]
 
@@ -88,12 +89,6 @@ class _Call:
                 self.backend, self.deterministic))
         return ag.attention_bwd_op(q, k, v, o, lse, do, dlse, ins, self.key, self.scale,
                                    q_offset, self.backend)
-
-
-FORWARD_MODE = ("spattn's attention has no forward-mode derivative (torch.func.jvp, jacfwd, "
-                "hessian, torch.autograd.forward_ad): take its derivatives in reverse mode "
-                "(grad, vjp, jacrev), or compute the term with "
-                "spattn.runtime.reference.pattern_reference (float64)")
 
 
 def batch_axes(pattern) -> dict | None:
@@ -222,6 +217,7 @@ class _Forward(torch.autograd.Function):
         if do is None and dlse is None:
             return (None,) * (4 + len(tensors))
         want = tuple(ctx.needs_input_grad[4 + len(call.ints):])
+        do, dlse = plain(do), plain(dlse)
         grads = _Backward.apply(call, want, q, k, v, o, lse, do, dlse, *tensors)
         dt = [g if w else None for g, w in zip(grads[3:], want)]
         return (None, *grads[:3], *(None,) * len(call.ints), *dt)

@@ -14,6 +14,10 @@ warnings about calls that run but are likely not what was meant.
   MultiheadAttention``) that spattn expresses differently are a
   :class:`~spattn.dsl.errors.SpattnParamError` saying what to write instead, unless the
   pattern declares a runtime input of that name.
+* A tensor with the negative bit (a lazy negation: ``x.conj().imag`` of a complex ``x``,
+  ``torch._neg_view``) holds the negation of its values in memory, and the kernels read
+  memory: such tensors are materialised where they enter (:func:`plain`), as torch's own
+  operators do.
 * A pattern that allows no pair gives an all-zero output: a
   :class:`~spattn.dsl.errors.SpattnEmptyPatternWarning` at compile time where that holds
   for every shape (the canonical IR is ``false``), else when a plan is built for a call
@@ -24,13 +28,68 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
-from ..dsl.errors import (SpattnEmptyPatternWarning, SpattnInputError, SpattnLayoutWarning,
-                          SpattnParamError, SpattnValueError, short_repr)
+from ..dsl.errors import (SpattnBackendError, SpattnEmptyPatternWarning, SpattnInputError,
+                          SpattnLayoutWarning, SpattnParamError, SpattnValueError, short_repr)
 
 __all__ = ["LAYOUTS", "MAX_HEADS", "SDPA_KEYWORDS", "check_layout", "to_bhsd", "from_bhsd",
            "warn_if_transposed", "with_layout_hint", "check_keywords", "warn_if_empty",
-           "warn_if_false", "kernel_source_for"]
+           "warn_if_false", "kernel_source_for", "plain", "plain_qkv", "plain_inputs",
+           "refuse_dual", "FORWARD_MODE"]
+
+
+#: The refusal of forward-mode derivatives (``torch.func.jvp``, ``jacfwd``, dual tensors).
+FORWARD_MODE = ("spattn's attention has no forward-mode derivative (torch.func.jvp, jacfwd, "
+                "hessian, torch.autograd.forward_ad): take its derivatives in reverse mode "
+                "(grad, vjp, jacrev), or compute the term with "
+                "spattn.runtime.reference.pattern_reference (float64)")
+
+
+def refuse_dual(tensors) -> None:
+    """A SpattnBackendError where one of ``tensors`` is a dual tensor of
+    ``torch.autograd.forward_ad`` (also what ``torch.func.linearize`` passes): one module
+    attribute read unless a dual level is open."""
+    if getattr(_fwad, "_current_level", -1) < 0:
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None:
+            raise SpattnBackendError(FORWARD_MODE)
+
+
+def plain(t):
+    """``t`` with its negative bit applied (a copy) where it has one, else ``t`` (anything
+    that is not a tensor too: the checks say what is wrong with it). Not while
+    ``torch.compile`` traces (dynamo cannot trace ``is_neg``; the custom ops' bodies, which
+    run on the real tensors, apply it there)."""
+    if isinstance(t, torch.Tensor) and not torch.compiler.is_compiling() and t.is_neg():
+        return t.resolve_neg()
+    return t
+
+
+def plain_qkv(q, k, v):
+    """q, k and v through :func:`plain`: three flag reads on the common path."""
+    if torch.compiler.is_compiling():
+        return q, k, v
+    refuse_dual((q, k, v))
+    try:
+        if not (q.is_neg() or k.is_neg() or v.is_neg()):
+            return q, k, v
+    except (AttributeError, TypeError):
+        pass       # not tensors: plain() passes them on
+    return plain(q), plain(k), plain(v)
+
+
+def plain_inputs(inputs: dict) -> dict:
+    """A call's runtime inputs and tables through :func:`plain` (the dict itself when none
+    has the bit; a dual tensor is refused, :func:`refuse_dual`)."""
+    if inputs and not torch.compiler.is_compiling():
+        refuse_dual(inputs.values())
+    if not inputs or not any(isinstance(t, torch.Tensor) and not torch.compiler.is_compiling()
+                             and t.is_neg() for t in inputs.values()):
+        return inputs
+    return {n: plain(t) for n, t in inputs.items()}
+
 
 #: The layouts q, k, v and the output may have.
 LAYOUTS = ("bhsd", "bshd")

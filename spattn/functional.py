@@ -21,15 +21,28 @@ _compiled: "OrderedDict[tuple, Pattern]" = OrderedDict()
 
 
 def _freeze(value):
+    """A param's value, hashable (lists as tuples)."""
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(x) for x in value)
     return value
 
 
+def _typed(value):
+    """A cache key for a param's value: its type too, so that values equal in Python but
+    checked apart by the compiler (``True`` and ``1``, ``3.0`` and ``3``, ``-0.0`` and
+    ``0.0``) are separate entries, and every call is checked as its first was (a list and a
+    tuple of the same entries compile alike: one entry)."""
+    if isinstance(value, (list, tuple)):
+        return tuple, tuple(_typed(x) for x in value)
+    if isinstance(value, float):
+        return float, value.hex()
+    return type(value), value
+
+
 def compile_cached(src: str, backend: str = "auto", **params) -> Pattern:
     """``spattn.compile(src, backend=backend, **params)`` through an LRU cache."""
     try:
-        key = (src, backend, tuple(sorted((n, _freeze(v)) for n, v in params.items())))
+        key = (src, backend, tuple(sorted((n, _typed(v)) for n, v in params.items())))
         hash(key)
     except TypeError:
         return _compile(src, backend=backend, **params)

@@ -22,7 +22,8 @@ from .runtime import api as _runtime_api
 from .runtime.autograd import register as _register
 from .runtime.decode import decode as _decode, fast_routed as _fast_routed, \
     fast_step as _fast_step
-from .runtime.usage import warn_if_false
+from .runtime.usage import plain as _plain, plain_inputs as _plain_inputs, \
+    plain_qkv as _plain_qkv, warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
                   "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma",
@@ -181,6 +182,9 @@ class Pattern(CompiledPattern):
         (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
         would choose.
         """
+        q, k, v = _plain_qkv(q, k, v)
+        if inputs:
+            inputs = _plain_inputs(inputs)
         if plan is None and not return_lse and layout is None and order is None \
                 and _runtime_api.other_device(q) is None:   # a repeated decode step
             o = _fast_step(self, q, k, v, scale) if not inputs and q_offset is None else None
@@ -207,9 +211,11 @@ class Pattern(CompiledPattern):
         enough programs to fill the device). Inference only; a score's tables are passed by
         name like the inputs (``slope=...``). See ``docs/decode.md``.
         """
-        return _decode(self, q, k_cache, v_cache, seq_lens=seq_lens, page_table=page_table,
-                      scale=scale, q_offset=q_offset, return_lse=return_lse, check=check,
-                      num_splits=num_splits, **inputs)
+        q, k_cache, v_cache = _plain_qkv(q, k_cache, v_cache)
+        return _decode(self, q, k_cache, v_cache, seq_lens=_plain(seq_lens),
+                       page_table=_plain(page_table), scale=scale, q_offset=q_offset,
+                       return_lse=return_lse, check=check, num_splits=num_splits,
+                       **_plain_inputs(inputs))
 
     def plan(self, q, k, v, *, scale: float | None = None, q_offset: int | None = None,
              backward: bool | None = None, layout: str | None = None, order=None,
@@ -229,8 +235,9 @@ class Pattern(CompiledPattern):
         score). ``repr(plan)`` says what it holds.
         """
         from .runtime.api import make_plan
-        return make_plan(self, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
-                         backward=backward, layout=layout, order=order)
+        return make_plan(self, q, k, v, scale=scale, q_offset=q_offset,
+                         inputs=_plain_inputs(inputs), backward=backward, layout=layout,
+                         order=order)
 
     def kernel_source(self, *args, **options) -> str:
         """The generated Triton source of a kernel, in one of two forms.
@@ -322,6 +329,7 @@ def combine(op: str, a, b=None) -> Pattern:
       to different values on the two sides is left out.
     """
     from .ir import build
+    from .ir.lower import check_depth
     from .ir.printer import to_source
     operands = [_operand(x, op) for x in ((a,) if op == "not" else (a, b))]
     if op == "not":
@@ -331,6 +339,7 @@ def combine(op: str, a, b=None) -> Pattern:
         x, y = operands
         ir = (build.and_ if op == "and" else build.or_)(x.ir, y.ir)
         name = f"{x.name}_{op}_{y.name}"
+    check_depth(ir, None)
     name = name[:MAX_COMBINED_NAME].rstrip("_")
     first = operands[0]
     grid, backend, score, params = first, first.backend, first, dict(first.params)
@@ -411,11 +420,14 @@ def _grid_text(p) -> str:
 
 
 def pattern_names(path) -> list[str]:
-    """Names of the patterns a ``.spattn`` file defines, in order."""
+    """Names of the patterns a ``.spattn`` file defines, in order (``["pattern"]`` for a
+    file holding a bare expression, the name :func:`load` gives it)."""
     from .dsl import ast
-    from .dsl.parser import parse_program
+    from .dsl.parser import parse_source
     text = _read(path)
-    program = parse_program(text, filename=os.fspath(path))
+    program = parse_source(text, filename=os.fspath(path))
+    if not isinstance(program, ast.Program):
+        return ["pattern"]
     return [s.name for s in program.statements if isinstance(s, ast.PatternDef)]
 
 

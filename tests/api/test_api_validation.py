@@ -179,6 +179,11 @@ def test_functional_attention_caches_compiled_patterns():
     d = functional.compile_cached("q - k < S[h]", "torch", S=[1, 2])
     e = functional.compile_cached("q - k < S[h]", "torch", S=(1, 2))
     assert d is e
+    # equal in Python, not to the compiler: each refused on every call, not only the first
+    functional.compile_cached("causal & window(W)", "torch", W=1)
+    for bad in (True, 1.0):
+        with pytest.raises(spattn.SpattnParamError):
+            functional.compile_cached("causal & window(W)", "torch", W=bad)
 
 
 def test_functional_attention_with_pattern_object():

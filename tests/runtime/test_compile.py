@@ -75,6 +75,30 @@ def test_compile_functional_attention_without_graph_breaks():
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("dynamic", [None, True], ids=["dynamic-default", "dynamic"])
+@pytest.mark.parametrize("score", [None, "s * 0.5"], ids=["mask", "score"])
+def test_compile_a_scale_that_varies(dynamic, score):
+    """A Python float scale that changes between calls is a symbol while dynamo traces
+    (at the second value by default, at once with ``dynamic=True``): it traces with
+    ``fullgraph=True``, the custom op checks its value, and every call matches eager."""
+    import math
+    pat = spattn.compile("causal & window(5)", score=score, backend="torch")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g) for _ in range(3))
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, s: pat(q, k, v, scale=s), backend="eager", fullgraph=True,
+                      dynamic=dynamic)
+    for s in (0.25, 0.5, 1 / math.sqrt(7)):
+        torch.testing.assert_close(f(q, s), pat(q, k, v, scale=s), atol=1e-6, rtol=1e-5)
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(spattn.SpattnValueError, match="scale"):
+            f(q, bad)
+    torch._dynamo.reset()
+    h = torch.compile(lambda q: pat(q, k, v, scale=1.0 / math.sqrt(q.shape[-1])),
+                      backend="eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(h(q), pat(q, k, v), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_compile_fullgraph_on_cuda(backend):

@@ -133,3 +133,37 @@ def test_chunked_reference_equals_dense(Lq, Lk, off, chunk):
                                                     q_offset=off, doc=doc))
     got = attention_reference_chunked(pat, q, k, v, q_offset=off, chunk=chunk, doc=doc)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_non_finite_values_where_the_mask_removes_them():
+    """An inf or NaN in q, k or v at pairs the mask removes (keys no query may see, a cache
+    slot past its length, a query row that allows nothing) leaves the output and every
+    gradient finite, as the kernels give; one at an allowed pair reaches exactly the rows
+    that weigh it (inf of one sign, NaN for a NaN or both signs)."""
+    g = torch.Generator().manual_seed(11)
+    B, H, Lq, Lk, D = 1, 2, 6, 12, 8
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+               for L in (Lq, Lk, Lk))
+    mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(diagonal=2)   # keys 8.. unseen
+    mask[0] = False                                                # row 0 allows nothing
+    clean = attention_reference(q, k, v, mask)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    k2[:, :, 9] = math.nan
+    v2[:, :, 10] = math.inf
+    v2[:, :, 11, 3] = -math.inf
+    q2[:, :, 0] = math.nan
+    leaves = [t.requires_grad_() for t in (q2, k2, v2)]
+    out, lse = attention_reference(*leaves, mask)
+    assert torch.equal(out, clean[0]) and torch.equal(lse, clean[1])
+    grads = torch.autograd.grad(out.square().sum() + lse[:, :, 1:].sum(), leaves)
+    assert all(torch.isfinite(gr).all() for gr in grads)
+    # allowed: key 1 (rows 1..5 see it) with +inf at dim 2 and both signs at dim 5
+    v3 = v.clone()
+    v3[:, :, 1, 2] = math.inf
+    v3[:, :, 1, 5] = math.inf
+    v3[:, :, 2, 5] = -math.inf
+    out3, _ = attention_reference(q, k, v3, mask)
+    assert (out3[:, :, 1:, 2] == math.inf).all() and out3[:, :, 1:, 5].isnan().all()
+    assert torch.equal(out3[:, :, 0], clean[0][:, :, 0])
+    other = [d for d in range(D) if d not in (2, 5)]
+    assert torch.allclose(out3[..., other], clean[0][..., other])

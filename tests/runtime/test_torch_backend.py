@@ -303,3 +303,26 @@ def test_torch_backend_on_cuda(name, src, extra, dtype):
         assert err < tol, f"{what}: rel. error {err:.2e}"
         if dtype == torch.float32:
             _close(what, a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("scale", [1e-30, 1e-45, 1e-300])
+def test_scales_below_float32_normals(backend, scale):
+    """A scale below float32's smallest normal number is 0 (or a flushed subnormal) in
+    float32, and a masked score's ``-inf * 0`` NaN: both backends compute with the scale
+    floored at ``2**-126`` (the softmax is the same to float32 precision: each row averages
+    what it sees), forward and backward, as the float64 reference does with the scale given."""
+    from spattn.runtime.reference import pattern_reference
+    p = spattn.compile("causal & window(5) & doc[q] == doc[k]", backend=backend)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=g).requires_grad_() for _ in range(3))
+    doc = torch.arange(24) // 7
+    o, lse = p(q, k, v, scale=scale, doc=doc, return_lse=True)
+    grads = torch.autograd.grad(o.square().sum(), (q, k, v))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro, rl = pattern_reference(p, *ref, scale=scale, doc=doc)
+    want = torch.autograd.grad(ro.square().sum(), ref)
+    torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), rl, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)

@@ -298,6 +298,17 @@ def test_second_and_forward_mode_derivatives_are_spattn_errors():
                 lambda: torch.func.jvp(f, (q,), (torch.ones_like(q),))):
         with pytest.raises(SpattnBackendError, match="no forward-mode derivative"):
             run()
+    # dual tensors of torch.autograd.forward_ad (what linearize passes), with and without a
+    # score, requiring grad or not
+    import torch.autograd.forward_ad as fwad
+    scored = spattn.compile("causal", score="softcap(5.0)", backend="torch")
+    for p in (pat, scored):
+        for a in (q, q.clone().requires_grad_()):
+            with pytest.raises(SpattnBackendError, match="no forward-mode derivative"):
+                with fwad.dual_level():
+                    p(fwad.make_dual(a, torch.ones_like(a)), k, v)
+        with pytest.raises(SpattnBackendError, match="no forward-mode derivative"):
+            torch.func.linearize(lambda a: p(a, k, v), q)
     with pytest.raises(SpattnBackendError, match="differentiable once"):
         grad(lambda a: grad(lambda b: f(b).square().sum())(a).sum())(q)
     with pytest.raises(SpattnBackendError, match="differentiable once"):
