@@ -55,6 +55,7 @@ def _lark() -> Lark:
 
 def parse_program(src: str, filename: Optional[str] = None) -> A.Program:
     """Parse a file of statements (``param``, ``input``, ``def``, ``pattern``)."""
+    src = newlines(src)
     tree = _parse(src, "program", filename)
     try:
         stmts = tuple(_stmt(t) for t in tree.children)
@@ -67,6 +68,7 @@ def parse_program(src: str, filename: Optional[str] = None) -> A.Program:
 
 def parse_expression(src: str, filename: Optional[str] = None) -> A.Expr:
     """Parse a bare expression such as ``"causal & window(1024)"``."""
+    src = newlines(src)
     if _blank(src):
         raise SpattnSyntaxError("empty pattern: expected an expression", source=src, line=1,
                                 column=1, filename=filename)
@@ -97,12 +99,21 @@ def parse_source(src: str, filename: Optional[str] = None) -> Union[A.Program, A
     """A :class:`~spattn.dsl.ast.Program` if ``src`` has statements, else an expression."""
     if not isinstance(src, str):
         raise SpattnSyntaxError(f"a pattern must be given as a str, got {type(src).__name__}")
+    src = newlines(src)
     if is_program(src):
         return parse_program(src, filename)
     return parse_expression(src, filename)
 
 
 # ---------------------------------------------------------------- internals
+
+def newlines(src):
+    """``src`` with Windows (``\\r\\n``) and classic Mac (``\\r``) line ends as ``\\n``: a
+    comment ends at the line's end whichever the file uses."""
+    if isinstance(src, str) and "\r" in src:
+        return src.replace("\r\n", "\n").replace("\r", "\n")
+    return src
+
 
 def _blank(src: str) -> bool:
     return not re.sub(r"#[^\n]*", "", src).strip()

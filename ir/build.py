@@ -245,12 +245,19 @@ def _list_index(vals: tuple, index: Node, name: str) -> None:
                                f"of {len(vals)} entries")
 
 
+def _within(index: Node, n: int) -> bool:
+    """Whether ``index`` lies in ``[0, n)`` for every q, k, h, ...: only then does a list of
+    equal entries fold to its entry (``spans[h]`` keeps its check against the heads)."""
+    lo, hi = _static_bounds(index)
+    return lo is not None and hi is not None and 0 <= lo and hi < n
+
+
 def table(values: Iterable[int], index: Node, name: str = "list") -> Node:
     vals = tuple(int(v) for v in values)
     _list_index(vals, index, name)
     if isinstance(index, Const):
         return Const(vals[index.value])
-    if len(set(vals)) == 1:
+    if len(set(vals)) == 1 and _within(index, len(vals)):
         return Const(vals[0])
     return Table(vals, index)
 
@@ -590,7 +597,7 @@ def ftable(values: Iterable[float], index: Node, name: str = "list") -> Node:
         raise SpattnValueError(f"{name} holds a value that is not finite")
     if isinstance(index, Const):
         return fconst(vals[index.value])
-    if len(set(vals)) == 1:
+    if len(set(vals)) == 1 and _within(index, len(vals)):
         return fconst(vals[0])
     return FTable(vals, index)
 

@@ -210,8 +210,8 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
     (``SPATTN_SCORE_COMPOSE``: ``runtime.compose.min_ops``; None: none composed)."""
     if target not in TARGETS:
         raise SpattnValueError(f"target={target!r}: expected one of {', '.join(map(repr, TARGETS))}")
-    block_m = block_m or TILES[target][0]
-    block_n = block_n or TILES[target][1]
+    block_m = TILES[target][0] if block_m is None else block_m
+    block_n = TILES[target][1] if block_n is None else block_n
     Lk = Lq if Lk is None else Lk
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     inputs = dict(inputs or {})

@@ -16,11 +16,11 @@ from typing import Optional
 from ..dsl import ast as A
 from ..dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, SpattnTypeError,
                           SpattnValueError)
-from ..dsl.parser import parse_expression, parse_source
+from ..dsl.parser import newlines, parse_expression, parse_source
 from ..dsl.resolve import at_call_site, resolve_expression, resolve_program, suggest
 from . import build
 from .neighborhood import MAX_TOKENS
-from .nodes import BOOL, FLOAT, INT, BoolConst, Const, FConst, FTable, Node, walk
+from .nodes import BOOL, FLOAT, INT, BoolConst, Const, FConst, FTable, Node, depth, walk
 
 
 @dataclass(frozen=True)
@@ -380,9 +380,33 @@ def _beyond_float32(ir: Node) -> Optional[float]:
     return None
 
 
-def _too_deep(src: str, filename) -> SpattnValueError:
-    return SpattnValueError("pattern nested too deeply", source=src, line=1, column=1,
+#: The deepest pattern and score (nodes from the root down to a leaf, :func:`nodes.depth`)
+#: that compile. The passes recurse over the IR (printing, interval analysis, code
+#: generation, sympy's derivative of a score), a few Python frames per level: at these
+#: depths every stage runs with hundreds of frames to spare (a caller's own stack,
+#: ``torch.compile``'s); past about 200 (a mask) or 130 (a score's backward) they would
+#: exceed Python's recursion limit. A 48-way ``if h == i then ... else`` chain is 99 deep.
+MAX_DEPTH = 96
+MAX_SCORE_DEPTH = 48
+
+
+def _too_deep(src: str, filename, what: str = "pattern", levels: int | None = None,
+              limit: int | None = None) -> SpattnValueError:
+    detail = "" if levels is None else f" ({levels} levels; at most {limit})"
+    return SpattnValueError(f"{what} nested too deeply{detail}", source=src, line=1, column=1,
                             filename=filename)
+
+
+def check_depth(mask: Node, score: Node | None, src: str | None = None,
+                filename=None) -> None:
+    """Refuse a mask deeper than :data:`MAX_DEPTH` or a score deeper than
+    :data:`MAX_SCORE_DEPTH` (``SpattnValueError``, at ``src`` when given: compiled source;
+    patterns composed with ``&``, ``|``, ``~`` are checked too)."""
+    for what, node, limit in (("pattern", mask, MAX_DEPTH), ("score", score, MAX_SCORE_DEPTH)):
+        if node is not None and (d := depth(node)) > limit:
+            if src is None:
+                raise SpattnValueError(f"{what} nested too deeply ({d} levels; at most {limit})")
+            raise _too_deep(src, filename, what, d, limit)
 
 
 def compile_source(src: str, params: dict | None = None, *, pattern: str | None = None,
@@ -394,6 +418,7 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
     named ``pattern`` (or the only one) is returned. ``score``: the score of a bare
     expression, given apart (the same as writing ``src score SCORE``).
     """
+    src = newlines(src)
     if score is not None:
         src = _with_score(src, score)
     try:
@@ -439,6 +464,8 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
         scores = {n: None if t is None else lo.score(t) for n, t in res.scores.items()}
     except RecursionError:
         raise _too_deep(src, filename) from None
+    for n in irs:
+        check_depth(irs[n], scores.get(n), src, filename)
     return Lowered(irs[chosen], chosen, dict(res.params), dict(res.inputs[chosen]),
                    scores.get(chosen), dict(res.float_inputs.get(chosen, {})),
                    grids[chosen], offset if grids[chosen] == declared else 0,

@@ -431,6 +431,23 @@ def walk(node: Node):
         stack.extend(reversed(n.children()))
 
 
+def depth(node: Node) -> int:
+    """The number of nodes on the longest path from ``node`` down to a leaf (a leaf: 1);
+    iterative, so any depth is measured."""
+    memo: dict[int, int] = {}
+    stack = [(node, False)]
+    while stack:
+        n, ready = stack.pop()
+        if id(n) in memo:
+            continue
+        if ready:
+            memo[id(n)] = 1 + max((memo[id(c)] for c in n.children()), default=0)
+        else:
+            stack.append((n, True))
+            stack.extend((c, False) for c in n.children() if id(c) not in memo)
+    return memo[id(node)]
+
+
 def free_vars(node: Node) -> frozenset[str]:
     """Names of the built-in variables the expression mentions."""
     return frozenset(n.name for n in walk(node) if isinstance(n, Var))

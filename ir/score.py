@@ -28,7 +28,7 @@ import torch
 from . import build
 from .evaluate import evaluate
 from .inputs import query_offset
-from .nodes import (FAdd, FCall, FConst, FDiv, FMul, FSelect, Node, Score, Sum,
+from .nodes import (FAdd, FCall, FConst, FDiv, FMul, FSelect, FTable, Node, Score, Sum,
                     ToFloat, float_loads, free_vars, walk)
 from .visitor import Visitor, rule
 
@@ -355,8 +355,34 @@ def reciprocal(node: Node) -> Node:
 #: ``|a| * (BLOCK_M - 1)`` then stays far inside int32.
 _SPLIT_COEFF = 1 << 16
 
+#: The largest known magnitude of a split difference's float factor times its coefficient
+#: of q (an ALiBi slope in log2 units): each float part is rounded at a magnitude up to that
+#: times ``BLOCK_M``, an error of ``|m| * BLOCK_M`` ulps at every distance, the diagonal's
+#: included, where the direct form rounds ``|m| * |k - q|``. At 4 the split's error stays
+#: below about 6e-5 of a logit (BLOCK_M 128), near float32's own rounding of the score; a
+#: larger slope (``alibi(100)``) is computed per pair, exactly as written.
+SPLIT_FACTOR = 4.0
 
-def split_tile_query(x: Node) -> tuple[Node, Node] | None:
+
+def magnitude(f: Node) -> float | None:
+    """The largest ``|f|`` can be where ``f`` is a product of constants and float list
+    params; None where it reads anything else (a runtime table)."""
+    if isinstance(f, FConst):
+        return abs(f.value)
+    if isinstance(f, FTable):
+        return max(abs(v) for v in f.values)
+    if isinstance(f, FMul):
+        out = 1.0
+        for a in f.args:
+            m = magnitude(a)
+            if m is None:
+                return None
+            out *= m
+        return out
+    return None
+
+
+def split_tile_query(x: Node, factor: Node | None = None) -> tuple[Node, Node] | None:
     """An int sum ``x = a*q + K(k, ...)`` (q in one term, linear; k in another) as
     ``(x[q := r], a*(q - r))`` with ``r`` the tile's first query (:data:`TILE_QUERY`): the
     first depends on the key and not the query (a ``[1, BN]`` vector of the tile), the second
@@ -364,12 +390,17 @@ def split_tile_query(x: Node) -> tuple[Node, Node] | None:
     conversions then add on the tile in one operation instead of an int ``[BM, BN]`` sum and a
     conversion. ``x[q := r]`` is a value of ``x`` over the call's domain (``r`` is a query of
     it), so its integer bounds are ``x``'s; ``|a*(q - r)| < |a| * BLOCK_M``. None when ``x``
-    is not of that form."""
+    is not of that form, or where the float ``factor`` the difference is multiplied by is
+    known to be so large (times ``a``, beyond :data:`SPLIT_FACTOR`) that the rounding of the
+    two parts would show (:func:`magnitude`)."""
     if not isinstance(x, Sum):
         return None
     q = build.var("q")
     with_q = [(t, c) for t, c in x.terms if "q" in free_vars(t)]
     if len(with_q) != 1 or with_q[0][0] != q or abs(with_q[0][1]) > _SPLIT_COEFF:
+        return None
+    m = None if factor is None else magnitude(factor)
+    if m is not None and m * abs(with_q[0][1]) > SPLIT_FACTOR:
         return None
     if not any("k" in free_vars(t) for t, _ in x.terms):
         return None
@@ -393,12 +424,13 @@ def _expand(n: Node, f: Node) -> list[Node]:
     if isinstance(n, FAdd):
         return [t for a in n.args for t in _expand(a, f)]
     if isinstance(n, ToFloat):
-        parts = split_tile_query(n.a)
+        parts = split_tile_query(n.a, f)
         if parts is not None:
             return [build.fmul(f, build.to_float(p)) for p in parts]
     if isinstance(n, FMul):
         sums = [a for a in n.args if isinstance(a, FAdd) or (
-            isinstance(a, ToFloat) and split_tile_query(a.a) is not None)]
+            isinstance(a, ToFloat) and split_tile_query(
+                a.a, build.fmul(f, *(b for b in n.args if b is not a))) is not None)]
         if len(sums) == 1:
             others = [a for a in n.args if a is not sums[0]]
             if all(len(_axes(a)) < 2 for a in others):
