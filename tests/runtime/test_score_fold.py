@@ -76,6 +76,45 @@ def test_alibi_at_4096_keys():
         torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=2e-3, msg=what)
 
 
+@pytest.mark.parametrize("score, params", [
+    ("alibi(1e4)", {}), ("alibi(m[h])", {"m": [100.0, 0.5]}), ("s - 1e30 * float(q - k)", {}),
+    ("alibi(8.0)", {})], ids=["alibi-1e4", "slopes-100-and-half", "1e30", "alibi-8"])
+def test_large_slopes_are_computed_per_pair(score, params):
+    """A difference of positions times a known factor beyond ``SPLIT_FACTOR`` is not split
+    at the tile's first query: its two parts, each about the slope times the tile's height,
+    would lose the score near the diagonal (where the weight is largest) to their rounding.
+    The lse and the gradients match the float64 reference (with the split, alibi(1e4) was
+    off by 2e-2 in the lse and 1e-2 in the gradients, alibi(1e30) by 4 in the lse)."""
+    from spattn.ir.score import TILE_QUERY, emitted_form
+    from spattn.ir.nodes import Var, walk
+    p = spattn.compile("causal", score=score, backend="triton", **params)
+    assert not any(isinstance(n, Var) and n.name == TILE_QUERY
+                   for n in walk(emitted_form(p.score, True)))
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g).requires_grad_() for _ in range(3))
+    o, lse = p(q, k, v, return_lse=True)
+    do, dl = torch.randn(o.shape, generator=g), torch.randn(lse.shape, generator=g)
+    got = torch.autograd.grad((o, lse), (q, k, v), (do, dl))
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ro, rl = pattern_reference(p, *ref)
+    want = torch.autograd.grad((ro, rl), ref, (do.double(), dl.double()))
+    torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(lse.double(), rl, atol=2e-5, rtol=2e-4)
+    for what, a, b in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-3, msg=what)
+
+
+def test_standard_alibi_slopes_stay_split():
+    """The slopes ALiBi's models use (``2^(-8i/H)``, at most 1/2) keep the split form."""
+    from spattn.ir.score import TILE_QUERY, emitted_form
+    from spattn.ir.nodes import Var, walk
+    for score, params in (("alibi(m[h])", {"m": [0.5, 2.0 ** -8]}), ("alibi(0.5)", {}),
+                          ("alibi(alibi_slope)", {})):
+        p = spattn.compile("causal", score=score, **params)
+        assert any(isinstance(n, Var) and n.name == TILE_QUERY
+                   for n in walk(emitted_form(p.score, True))), score
+
+
 @pytest.mark.parametrize("load", ["pair", "early", "gather"])
 @pytest.mark.parametrize("far", [False, True], ids=["near", "far-64bit"])
 def test_split_difference_in_every_load_variant(load, far, monkeypatch):
