@@ -28,7 +28,7 @@ padding (for packed sequences: the position id).
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Mapping
@@ -230,17 +230,32 @@ def layer_pattern(module) -> LayerPattern:
     override = getattr(module, "_spattn_override", None)
     if override is not None:
         return LayerPattern(idx, layer_type, _pattern(override.source, backend), "override")
+    if _cross(module):
+        # its keys are the encoder's, masked for padding only, whatever the decoder's
+        # config says of its own layers (T5Gemma's cross-attention shares layer_idx and
+        # layer_types with the decoder's self-attention)
+        return LayerPattern(idx, "cross_attention", _pattern(_kind_source(("full",)), backend),
+                            "config", "cross-attention: every encoder token", ("full",))
     kind, detail = _config_kind(config, idx, layer_type, getattr(module, "is_causal", True))
     return LayerPattern(idx, layer_type, _pattern(_kind_source(kind), backend), "config",
                         detail, kind)
 
 
+def _cross(module) -> bool:
+    """Whether ``module`` is a cross-attention layer: transformers names them
+    ``...CrossAttention`` (T5Gemma, Mllama) or flags them ``is_cross_attention``."""
+    return getattr(module, "is_cross_attention", False) is True \
+        or "CrossAttention" in type(module).__name__
+
+
 def _where(module) -> str:
-    """A layer as a :func:`set_patterns` key: its index, else its module path (quoted)."""
+    """A layer as a :func:`set_patterns` key: its index where no other layer has it, else
+    its module path (quoted: an encoder-decoder's encoder, decoder and cross-attention
+    layers share their indices)."""
     idx = _index(module)
-    if idx is not None:
-        return str(idx)
     path = module.__dict__.get("_spattn_path")
+    if idx is not None and not (path and module.__dict__.get("_spattn_shared")):
+        return str(idx)
     return repr(path) if path else "?"
 
 
@@ -291,6 +306,9 @@ def _attention_modules(model) -> list:
     ids = {id(m) for m in named}
     inner = [m for m in named if not any(id(c) in ids for c in m.modules() if c is not m)]
     numbered = [m for m in named if _numbered(m)]
+    counts = Counter(m.layer_idx for m in numbered)
+    for m in numbered:
+        m.__dict__["_spattn_shared"] = counts[m.layer_idx] > 1
     if numbered:
         roots = tuple(m._spattn_path + "." for m in numbered)
         rest = [m for m in inner if not _numbered(m) and not m._spattn_path.startswith(roots)
@@ -578,7 +596,8 @@ class _MaskAsTensor(SpattnInputError, AttributeError):
 
 
 class _MaskIndexed(SpattnInputError, TypeError):
-    """A model indexed its :class:`SpattnMask` as a tensor (a TypeError too)."""
+    """A model indexed its :class:`SpattnMask`, or computed with it, as a tensor (a TypeError
+    too)."""
 
 
 def _as_tensor(what: str) -> str:
@@ -668,6 +687,20 @@ class SpattnMask:
 
     def __getitem__(self, index):
         raise _MaskIndexed(_as_tensor("indexes"))
+
+    def _operand(self, *args, **kwargs):
+        raise _MaskIndexed(_as_tensor("computes with"))
+
+    # Python finds operators on the class, never through __getattr__ (Bloom adds its mask
+    # to its scores); torch functions given the mask (torch.add, masked_fill) ask the
+    # argument's __torch_function__
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = \
+        __rtruediv__ = __matmul__ = __rmatmul__ = __and__ = __rand__ = __or__ = __ror__ = \
+        __xor__ = __rxor__ = __invert__ = __neg__ = __lt__ = __le__ = __gt__ = __ge__ = _operand
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise _MaskIndexed(_as_tensor(f"calls {getattr(func, '__name__', func)} on"))
 
     def __repr__(self):
         return (f"SpattnMask({_kind_text(self.kind)}, B={self.batch_size}, Lq={self.q_length}, "

@@ -506,6 +506,54 @@ def test_cross_attention_reads_every_encoder_token():
     assert [lp.pattern.source for lp in sphf.layer_patterns(model)] == ["q >= k", "true"] * 2
 
 
+@pytest.mark.skipif(not hasattr(transformers, "T5GemmaConfig"), reason="no T5Gemma")
+def test_cross_attention_of_a_decoder_with_sliding_layers():
+    """T5Gemma's cross-attention modules carry the decoder's ``layer_idx`` and
+    ``layer_types``, whose sliding windows are the decoder's self-attention's: a
+    cross-attention layer reads every unpadded encoder token whatever its index's type, and
+    the logits and greedy generation match eager (T5Gemma has no SDPA path)."""
+    mod = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+               query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"],
+               pad_token_id=0)
+    config = transformers.T5GemmaConfig(
+        encoder=transformers.T5GemmaModuleConfig(**mod),
+        decoder=transformers.T5GemmaModuleConfig(**mod), vocab_size=VOCAB, pad_token_id=0,
+        bos_token_id=2, eos_token_id=1, decoder_start_token_id=2, dropout_rate=0.0,
+        attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(config,
+                                                           attn_implementation="eager").eval()
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[1, 7:] = 0
+    dec = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    gen = dict(max_new_tokens=5, do_sample=False, suppress_tokens=[0, 1])
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am, decoder_input_ids=dec).logits
+        ref_tokens = model.generate(ids, attention_mask=am, **gen)
+        use_spattn(model)
+        out = model(input_ids=ids, attention_mask=am, decoder_input_ids=dec).logits
+        tokens = model.generate(ids, attention_mask=am, **gen)
+    assert rel_err(out, ref, torch.ones(2, 6, dtype=torch.bool)) <= TOL
+    assert torch.equal(tokens, ref_tokens)
+    cross = [lp for lp in sphf.layer_patterns(model) if lp.layer_type == "cross_attention"]
+    assert [lp.pattern.source for lp in cross] == ["true", "true"]
+
+
+def test_messages_name_a_shared_layer_index_by_path():
+    """Where an encoder, a decoder and its cross-attention share layer indices, a message
+    names the layer by its module path, the key that reaches it alone."""
+    torch.manual_seed(0)
+    model = t5_model()
+    model.set_attn_implementation(sphf.NAME)
+    mods = sphf._attention_modules(model)
+    assert len({sphf._where(m) for m in mods}) == len(mods)
+    assert all(sphf._where(m).startswith("'") for m in mods)
+    llama = model_of(tiny("LlamaConfig"))
+    assert [sphf._where(m) for m in sphf._attention_modules(llama)] == ["0", "1"]
+
+
 def _hidden(model, impl, **kw):
     model.set_attn_implementation(impl)
     if impl == sphf.NAME:
@@ -828,6 +876,12 @@ def test_a_model_that_reads_its_mask_as_a_tensor_is_told_why():
         mask[0]
     assert not hasattr(mask, "dtype") and getattr(mask, "device", None) is None
     assert mask.kind == ("causal",)
+    # Bloom adds its mask to its scores: operators and torch functions say so too
+    scores = torch.randn(2, 4, 4)
+    for use in (lambda: scores + mask, lambda: mask + scores, lambda: mask * 2,
+                lambda: torch.add(scores, mask), lambda: scores.masked_fill(mask, 0.0)):
+        with pytest.raises(SpattnInputError, match="its attention mask as if it were a tensor"):
+            use()
 
 
 @pytest.mark.interpreter
