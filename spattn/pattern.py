@@ -23,7 +23,7 @@ from .runtime.autograd import register as _register
 from .runtime.decode import decode as _decode, fast_routed as _fast_routed, \
     fast_step as _fast_step
 from .runtime.usage import plain as _plain, plain_inputs as _plain_inputs, \
-    plain_qkv as _plain_qkv, warn_if_false
+    plain_qkv as _plain_qkv, refuse_dual as _refuse_dual, warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
                   "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma",
@@ -182,13 +182,15 @@ class Pattern(CompiledPattern):
         (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
         would choose.
         """
-        q, k, v = _plain_qkv(q, k, v)
-        if inputs:
-            inputs = _plain_inputs(inputs)
         if plan is None and not return_lse and layout is None and order is None \
                 and _runtime_api.other_device(q) is None:   # a repeated decode step
+            _refuse_dual((q, k, v))
+            # (the CPU step is a call of public SDPA, which applies a negative bit itself)
             o = _fast_step(self, q, k, v, scale) if not inputs and q_offset is None else None
             if o is None:
+                q, k, v = _plain_qkv(q, k, v)
+                if inputs:
+                    inputs = _plain_inputs(inputs)
                 o = _fast_routed(self, q, k, v, scale, inputs, q_offset)
             if o is not None:
                 return o
