@@ -385,14 +385,19 @@ def _beyond_float32(ir: Node) -> Optional[float]:
 #: generation, sympy's derivative of a score), a few Python frames per level: at these
 #: depths every stage runs with hundreds of frames to spare (a caller's own stack,
 #: ``torch.compile``'s); past about 200 (a mask) or 130 (a score's backward) they would
-#: exceed Python's recursion limit. A 48-way ``if h == i then ... else`` chain is 99 deep.
-MAX_DEPTH = 96
+#: exceed Python's recursion limit. A 63-way ``if h == i then ... else`` chain is 128 deep.
+MAX_DEPTH = 128
 MAX_SCORE_DEPTH = 48
+
+
+#: What a too-deep error suggests: the flat forms of a choice per head.
+_FLAT = ("; a choice per head is flat as a list param (window(spans[h]), s * t[h]) or as a "
+         "junction, (h == 0 & A) | (h == 1 & B) | ..., or in a score a sum of selects")
 
 
 def _too_deep(src: str, filename, what: str = "pattern", levels: int | None = None,
               limit: int | None = None) -> SpattnValueError:
-    detail = "" if levels is None else f" ({levels} levels; at most {limit})"
+    detail = "" if levels is None else f" ({levels} levels; at most {limit}{_FLAT})"
     return SpattnValueError(f"{what} nested too deeply{detail}", source=src, line=1, column=1,
                             filename=filename)
 
@@ -405,7 +410,8 @@ def check_depth(mask: Node, score: Node | None, src: str | None = None,
     for what, node, limit in (("pattern", mask, MAX_DEPTH), ("score", score, MAX_SCORE_DEPTH)):
         if node is not None and (d := depth(node)) > limit:
             if src is None:
-                raise SpattnValueError(f"{what} nested too deeply ({d} levels; at most {limit})")
+                raise SpattnValueError(f"{what} nested too deeply ({d} levels; at most {limit}"
+                                       f"{_FLAT})")
             raise _too_deep(src, filename, what, d, limit)
 
 

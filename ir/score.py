@@ -18,6 +18,7 @@ differentiated by hand.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping
@@ -365,20 +366,54 @@ SPLIT_FACTOR = 4.0
 
 
 def magnitude(f: Node) -> float | None:
-    """The largest ``|f|`` can be where ``f`` is a product of constants and float list
-    params; None where it reads anything else (a runtime table)."""
+    """The largest ``|f|`` can be, bounded from its constants and float list params
+    (:func:`interval`); None where ``f`` reads anything else (a runtime table, a position,
+    the head through an int expression)."""
+    iv = interval(f)
+    return None if iv is None else max(abs(iv[0]), abs(iv[1]))
+
+
+_MONOTONE = {"exp": math.exp, "tanh": math.tanh}
+
+
+def interval(f: Node) -> tuple[float, float] | None:
+    """``(lo, hi)`` bounding a float expression of constants and float list params (sums,
+    products, divisions by what excludes 0, selects, ``exp``, ``tanh``, ``abs``, ``min``,
+    ``max``); None for anything else."""
     if isinstance(f, FConst):
-        return abs(f.value)
+        return f.value, f.value
     if isinstance(f, FTable):
-        return max(abs(v) for v in f.values)
-    if isinstance(f, FMul):
-        out = 1.0
-        for a in f.args:
-            m = magnitude(a)
-            if m is None:
-                return None
-            out *= m
-        return out
+        return min(f.values), max(f.values)
+    if isinstance(f, FSelect):
+        a, b = interval(f.a), interval(f.b)
+        return None if a is None or b is None else (min(a[0], b[0]), max(a[1], b[1]))
+    args = [interval(a) for a in getattr(f, "args", ())] if isinstance(f, (FAdd, FMul, FCall)) \
+        else [interval(f.a), interval(f.b)] if isinstance(f, FDiv) else None
+    if not args or any(a is None for a in args):
+        return None
+    try:
+        if isinstance(f, FAdd):
+            return sum(a[0] for a in args), sum(a[1] for a in args)
+        if isinstance(f, (FMul, FDiv)):
+            lo, hi = args[0]
+            for a0, a1 in args[1:]:
+                if isinstance(f, FDiv):
+                    if a0 <= 0 <= a1:
+                        return None
+                    a0, a1 = 1 / a1, 1 / a0
+                ends = (lo * a0, lo * a1, hi * a0, hi * a1)
+                lo, hi = min(ends), max(ends)
+            return lo, hi
+        if f.fn in _MONOTONE:
+            return _MONOTONE[f.fn](args[0][0]), _MONOTONE[f.fn](args[0][1])
+        if f.fn == "abs":
+            lo, hi = args[0]
+            return (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
+        if f.fn in ("min", "max"):
+            pick = min if f.fn == "min" else max
+            return pick(a[0] for a in args), pick(a[1] for a in args)
+    except (OverflowError, ValueError, ZeroDivisionError):
+        return None
     return None
 
 
@@ -391,8 +426,9 @@ def split_tile_query(x: Node, factor: Node | None = None) -> tuple[Node, Node] |
     conversion. ``x[q := r]`` is a value of ``x`` over the call's domain (``r`` is a query of
     it), so its integer bounds are ``x``'s; ``|a*(q - r)| < |a| * BLOCK_M``. None when ``x``
     is not of that form, or where the float ``factor`` the difference is multiplied by is
-    known to be so large (times ``a``, beyond :data:`SPLIT_FACTOR`) that the rounding of the
-    two parts would show (:func:`magnitude`)."""
+    bounded (:func:`magnitude`) by no less than :data:`SPLIT_FACTOR` (times ``a``): the
+    rounding of the two parts would show. A factor no bound reads (a runtime table, a
+    function of the head such as ``alibi_slope``) keeps the split."""
     if not isinstance(x, Sum):
         return None
     q = build.var("q")
@@ -400,7 +436,7 @@ def split_tile_query(x: Node, factor: Node | None = None) -> tuple[Node, Node] |
     if len(with_q) != 1 or with_q[0][0] != q or abs(with_q[0][1]) > _SPLIT_COEFF:
         return None
     m = None if factor is None else magnitude(factor)
-    if m is not None and m * abs(with_q[0][1]) > SPLIT_FACTOR:
+    if m is not None and not m * abs(with_q[0][1]) <= SPLIT_FACTOR:
         return None
     if not any("k" in free_vars(t) for t, _ in x.terms):
         return None

@@ -692,6 +692,11 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     deterministic already). ``order``: run in this token order
     (:func:`check_order`; q, k, v and o stay in the caller's order). A v of another head
     dim than q's: :func:`call_value_dim`."""
+    if _usage.autocast_on(q):
+        with torch.autocast(q.device.type, enabled=False):
+            return call(pattern, q, k, v, scale=scale, return_lse=return_lse,
+                        q_offset=q_offset, inputs=inputs, plan=plan, layout=layout,
+                        deterministic=deterministic, order=order)
     q, k, v = _usage.plain_qkv(q, k, v)
     if inputs:
         inputs = _usage.plain_inputs(inputs)
@@ -874,8 +879,11 @@ def traced_arguments(declared, requested_backend, q, k, v, scale, q_offset, ints
     if not torch.compiler.is_compiling() or scale is None or isinstance(scale, bool) \
             or not isinstance(scale, (int, float)):
         scale = _check_scale(scale, D)
+    elif isinstance(scale, int) and abs(scale) > 10 ** 38:
+        scale = math.inf if scale > 0 else -math.inf    # (beyond the op's float: refused there)
     # else a number, whose value may be a symbol that cannot be compared while tracing (a
-    # scale that varies between calls): the custom op checks it (autograd._traced_scale)
+    # scale that varies between calls): the custom op checks it (autograd._traced_scale);
+    # an error raised here could not be traced
     q_offset = check_q_offset(q_offset, Lq, k.shape[2])
     check_runtime_tensors(ints)
     ins = validate_inputs(declared, ints, batch=B, num_heads=Hq, device=q.device)

@@ -70,8 +70,10 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     s = torch.matmul(q64, k64.transpose(-1, -2)) * float(scale)
+    # under a torch.func transform the values cannot choose a branch: the general form
+    mapped = any(_mapped(t) for t in (q, k, v))
     bad_q, bad_k = ~torch.isfinite(q64).all(-1), ~torch.isfinite(k64).all(-1)
-    if bad_q.any() or bad_k.any():
+    if mapped or bad_q.any() or bad_k.any():
         # the pairs that read an inf or NaN keep it (detached: it has no gradient); the
         # others come from finite copies, so that a pair the mask removes passes its zero
         # gradient on as zero, not 0 * inf
@@ -88,7 +90,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     l = p.sum(dim=-1, keepdim=True)
     has = l != 0            # a row with a NaN score: l, out and lse NaN
     l_safe = torch.where(has, l, torch.ones_like(l))
-    out = _weighted(p / l_safe, v64)           # a row with l == 0 has p == 0: out 0
+    out = _weighted(p / l_safe, v64, mapped)   # a row with l == 0 has p == 0: out 0
     lse = torch.where(has, m + torch.log(l_safe),
                       torch.full((), float("-inf"), dtype=l.dtype, device=l.device))
     return out, lse.squeeze(-1)
@@ -98,11 +100,14 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
-def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+_mapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _weighted(w: torch.Tensor, v: torch.Tensor, mapped: bool) -> torch.Tensor:
     """``w @ v``, where a zero weight contributes nothing whatever its value (no ``0 * inf``):
     an inf or NaN of v reaches only the rows that weigh it, as inf (one sign), or NaN (a NaN,
-    or both signs)."""
-    if torch.isfinite(v).all():
+    or both signs). ``mapped``: under a transform (no branch on v's values)."""
+    if not mapped and torch.isfinite(v).all():
         return torch.matmul(w, v)
     out = torch.matmul(w, _finite(v))
     live = (w.detach() > 0).to(v.dtype)

@@ -36,7 +36,7 @@ from ..dsl.errors import (SpattnBackendError, SpattnEmptyPatternWarning, SpattnI
 __all__ = ["LAYOUTS", "MAX_HEADS", "SDPA_KEYWORDS", "check_layout", "to_bhsd", "from_bhsd",
            "warn_if_transposed", "with_layout_hint", "check_keywords", "warn_if_empty",
            "warn_if_false", "kernel_source_for", "plain", "plain_qkv", "plain_inputs",
-           "refuse_dual", "FORWARD_MODE"]
+           "refuse_dual", "FORWARD_MODE", "autocast_on"]
 
 
 #: The refusal of forward-mode derivatives (``torch.func.jvp``, ``jacfwd``, dual tensors).
@@ -55,6 +55,13 @@ def refuse_dual(tensors) -> None:
     for t in tensors:
         if isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None:
             raise SpattnBackendError(FORWARD_MODE)
+
+
+def autocast_on(q) -> bool:
+    """Whether ``torch.autocast`` is on for q's device: spattn then runs its call with it
+    off, in its inputs' dtype (docs/usage.md, Autocast). One C call when it is off."""
+    return torch._C._is_any_autocast_enabled() and isinstance(q, torch.Tensor) \
+        and torch.is_autocast_enabled(q.device.type)
 
 
 def plain(t):

@@ -23,7 +23,8 @@ from .runtime.autograd import register as _register
 from .runtime.decode import decode as _decode, fast_routed as _fast_routed, \
     fast_step as _fast_step
 from .runtime.usage import plain as _plain, plain_inputs as _plain_inputs, \
-    plain_qkv as _plain_qkv, refuse_dual as _refuse_dual, warn_if_false
+    plain_qkv as _plain_qkv, refuse_dual as _refuse_dual, autocast_on as _autocast_on, \
+    warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
                   "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma",
@@ -182,6 +183,11 @@ class Pattern(CompiledPattern):
         (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
         would choose.
         """
+        if _autocast_on(q):
+            with torch.autocast(q.device.type, enabled=False):
+                return self(q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
+                            plan=plan, layout=layout, deterministic=deterministic,
+                            order=order, **inputs)
         if plan is None and not return_lse and layout is None and order is None \
                 and _runtime_api.other_device(q) is None:   # a repeated decode step
             _refuse_dual((q, k, v))
@@ -213,6 +219,12 @@ class Pattern(CompiledPattern):
         enough programs to fill the device). Inference only; a score's tables are passed by
         name like the inputs (``slope=...``). See ``docs/decode.md``.
         """
+        if _autocast_on(q):
+            with torch.autocast(q.device.type, enabled=False):
+                return self.decode(q, k_cache, v_cache, seq_lens=seq_lens,
+                                   page_table=page_table, scale=scale, q_offset=q_offset,
+                                   return_lse=return_lse, check=check, num_splits=num_splits,
+                                   **inputs)
         q, k_cache, v_cache = _plain_qkv(q, k_cache, v_cache)
         return _decode(self, q, k_cache, v_cache, seq_lens=_plain(seq_lens),
                        page_table=_plain(page_table), scale=scale, q_offset=q_offset,
@@ -237,6 +249,7 @@ class Pattern(CompiledPattern):
         score). ``repr(plan)`` says what it holds.
         """
         from .runtime.api import make_plan
+        q, k, v = _plain_qkv(q, k, v)
         return make_plan(self, q, k, v, scale=scale, q_offset=q_offset,
                          inputs=_plain_inputs(inputs), backward=backward, layout=layout,
                          order=order)

@@ -696,7 +696,9 @@ class SpattnMask:
     # argument's __torch_function__
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = \
         __rtruediv__ = __matmul__ = __rmatmul__ = __and__ = __rand__ = __or__ = __ror__ = \
-        __xor__ = __rxor__ = __invert__ = __neg__ = __lt__ = __le__ = __gt__ = __ge__ = _operand
+        __xor__ = __rxor__ = __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __pow__ = \
+        __rpow__ = __invert__ = __neg__ = __pos__ = __abs__ = __lt__ = __le__ = __gt__ = \
+        __ge__ = _operand
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

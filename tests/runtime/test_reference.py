@@ -167,3 +167,19 @@ def test_non_finite_values_where_the_mask_removes_them():
     assert torch.equal(out3[:, :, 0], clean[0][:, :, 0])
     other = [d for d in range(D) if d not in (2, 5)]
     assert torch.allclose(out3[..., other], clean[0][..., other])
+
+
+def test_reference_under_vmap():
+    """The reference takes a torch.func transform's tensors (its checks of non-finite values
+    branch on no value there): vmap over q and over v matches a loop of calls."""
+    p = spattn.compile("causal & window(3)", backend="torch")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 6, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    from spattn.runtime.reference import pattern_reference
+    qs = torch.randn(3, 1, 1, 6, 4, generator=g, dtype=torch.float64)
+    got = torch.func.vmap(lambda a: pattern_reference(p, a, k, v)[0])(qs)
+    want = torch.stack([pattern_reference(p, a, k, v)[0] for a in qs])
+    torch.testing.assert_close(got, want)
+    got = torch.func.vmap(lambda b: pattern_reference(p, q, k, b)[0])(qs)
+    want = torch.stack([pattern_reference(p, q, k, b)[0] for b in qs])
+    torch.testing.assert_close(got, want)

@@ -78,10 +78,14 @@ def test_alibi_at_4096_keys():
 
 @pytest.mark.parametrize("score, params", [
     ("alibi(1e4)", {}), ("alibi(m[h])", {"m": [100.0, 0.5]}), ("s - 1e30 * float(q - k)", {}),
-    ("alibi(8.0)", {})], ids=["alibi-1e4", "slopes-100-and-half", "1e30", "alibi-8"])
+    ("alibi(8.0)", {}), ("alibi(1.0 / m[h])", {"m": [1e-4, 2.0]}),
+    ("alibi(max(m[h], 0.5))", {"m": [1e4, 0.1]})],
+    ids=["alibi-1e4", "slopes-100-and-half", "1e30", "alibi-8", "reciprocal-slope",
+         "max-slope"])
 def test_large_slopes_are_computed_per_pair(score, params):
-    """A difference of positions times a known factor beyond ``SPLIT_FACTOR`` is not split
-    at the tile's first query: its two parts, each about the slope times the tile's height,
+    """A difference of positions times a factor not known to be within ``SPLIT_FACTOR``
+    (beyond it, or a function of params the bound does not read) is not split at the tile's
+    first query: its two parts, each about the slope times the tile's height,
     would lose the score near the diagonal (where the weight is largest) to their rounding.
     The lse and the gradients match the float64 reference (with the split, alibi(1e4) was
     off by 2e-2 in the lse and 1e-2 in the gradients, alibi(1e30) by 4 in the lse)."""

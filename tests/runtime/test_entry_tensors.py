@@ -1,8 +1,12 @@
-"""Tensors with the negative bit (``x.conj().imag``, ``torch._neg_view``): memory holding the
+"""What the tensors a call is given may carry besides their values.
+
+Tensors with the negative bit (``x.conj().imag``, ``torch._neg_view``): memory holding the
 negation of the values. The kernels read memory, so such a tensor is materialised where it
 enters (``runtime.usage.plain``); every form of call then matches the float64 reference, on
 both backends: q, k, v, runtime inputs, score tables, decode caches, lengths and page
-tables, and the incoming gradient of a backward."""
+tables, and the incoming gradient of a backward.
+
+An autocast region: every entry computes in its inputs' dtype, as outside it."""
 import pytest
 import torch
 
@@ -113,3 +117,22 @@ def test_decode(backend, which):
     args[which] = neg(args[which])
     _close(p.decode(args["q"], args["k_cache"], args["v_cache"], seq_lens=args["seq_lens"]),
            want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("score", [None, "softcap(5.0)"], ids=["mask", "score"])
+@pytest.mark.parametrize("form", ["call", "functional", "module", "decode", "routed"])
+def test_autocast_changes_nothing(backend, score, form):
+    p = spattn.compile("causal & window(9)", score=score, backend=backend)
+    q, k, v = _qkv(seed=41, Lq=2 if form in ("decode", "routed") else 40,
+                   Lk=300 if form in ("decode", "routed") else 40)
+    runs = {"call": lambda: p(q, k, v),
+            "functional": lambda: spattn.attention(q, k, v, pattern=p),
+            "module": lambda: SparseAttention(p)(q, k, v),
+            "decode": lambda: p.decode(q, k, v),
+            "routed": lambda: p(q, k, v)}
+    want = runs[form]()
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        got = runs[form]()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
