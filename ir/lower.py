@@ -396,23 +396,25 @@ _FLAT = ("; a choice per head is flat as a list param (window(spans[h]), s * t[h
 
 
 def _too_deep(src: str, filename, what: str = "pattern", levels: int | None = None,
-              limit: int | None = None) -> SpattnValueError:
+              limit: int | None = None, line: int = 1, column: int = 1) -> SpattnValueError:
     detail = "" if levels is None else f" ({levels} levels; at most {limit}{_FLAT})"
-    return SpattnValueError(f"{what} nested too deeply{detail}", source=src, line=1, column=1,
-                            filename=filename)
+    return SpattnValueError(f"{what} nested too deeply{detail}", source=src, line=line,
+                            column=column, filename=filename)
 
 
 def check_depth(mask: Node, score: Node | None, src: str | None = None,
-                filename=None) -> None:
+                filename=None, at: tuple = ((1, 1), (1, 1))) -> None:
     """Refuse a mask deeper than :data:`MAX_DEPTH` or a score deeper than
-    :data:`MAX_SCORE_DEPTH` (``SpattnValueError``, at ``src`` when given: compiled source;
-    patterns composed with ``&``, ``|``, ``~`` are checked too)."""
-    for what, node, limit in (("pattern", mask, MAX_DEPTH), ("score", score, MAX_SCORE_DEPTH)):
+    :data:`MAX_SCORE_DEPTH` (``SpattnValueError``; with ``src``, a compiled source, located
+    at the mask's or the score's ``(line, column)`` in ``at``; patterns composed with ``&``,
+    ``|``, ``~`` are checked too)."""
+    for what, node, limit, (line, column) in (("pattern", mask, MAX_DEPTH, at[0]),
+                                               ("score", score, MAX_SCORE_DEPTH, at[1])):
         if node is not None and (d := depth(node)) > limit:
             if src is None:
                 raise SpattnValueError(f"{what} nested too deeply ({d} levels; at most {limit}"
                                        f"{_FLAT})")
-            raise _too_deep(src, filename, what, d, limit)
+            raise _too_deep(src, filename, what, d, limit, line, column)
 
 
 def compile_source(src: str, params: dict | None = None, *, pattern: str | None = None,
@@ -471,7 +473,9 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
     except RecursionError:
         raise _too_deep(src, filename) from None
     for n in irs:
-        check_depth(irs[n], scores.get(n), src, filename)
+        where = [(getattr(t, "line", 1) or 1, getattr(t, "column", 1) or 1)
+                 for t in (res.patterns[n], res.scores.get(n))]
+        check_depth(irs[n], scores.get(n), src, filename, tuple(where))
     return Lowered(irs[chosen], chosen, dict(res.params), dict(res.inputs[chosen]),
                    scores.get(chosen), dict(res.float_inputs.get(chosen, {})),
                    grids[chosen], offset if grids[chosen] == declared else 0,

@@ -98,8 +98,12 @@ def test_too_deep_score_and_composition():
     e = "s"
     for _ in range(MAX_SCORE_DEPTH):
         e = f"log(1.0 + exp({e}))"
-    with pytest.raises(SpattnValueError, match="score nested too deeply"):
+    with pytest.raises(SpattnValueError, match="score nested too deeply") as info:
         spattn.compile("causal", score=e)
+    assert (info.value.line, info.value.column) == (3, 1)       # at the score, not the mask
+    with pytest.raises(SpattnValueError, match="score nested too deeply") as info:
+        spattn.compile(f"pattern p = causal & window(4) score {e}\n")
+    assert (info.value.line, info.value.column) == (1, 38)
     src, d = _deepest(MASKS["abs-min"], "q", "{e} <= 40", MAX_DEPTH)
     p = spattn.compile(src)
     deeper = p
