@@ -395,15 +395,16 @@ _FLAT = ("; a choice per head is flat as a list param (window(spans[h]), s * t[h
          "junction, (h == 0 & A) | (h == 1 & B) | ..., or in a score a sum of selects")
 
 
-def _too_deep(src: str, filename, what: str = "pattern", levels: int | None = None,
-              limit: int | None = None, line: int = 1, column: int = 1) -> SpattnValueError:
+def _too_deep(src: str | None, filename, what: str = "pattern", levels: int | None = None,
+              limit: int | None = None, line: int | None = 1,
+              column: int | None = 1) -> SpattnValueError:
     detail = "" if levels is None else f" ({levels} levels; at most {limit}{_FLAT})"
     return SpattnValueError(f"{what} nested too deeply{detail}", source=src, line=line,
                             column=column, filename=filename)
 
 
 def check_depth(mask: Node, score: Node | None, src: str | None = None,
-                filename=None, at: tuple = ((1, 1), (1, 1))) -> None:
+                filename=None, at: tuple = ((None, None), (None, None))) -> None:
     """Refuse a mask deeper than :data:`MAX_DEPTH` or a score deeper than
     :data:`MAX_SCORE_DEPTH` (``SpattnValueError``; with ``src``, a compiled source, located
     at the mask's or the score's ``(line, column)`` in ``at``; patterns composed with ``&``,
@@ -411,9 +412,6 @@ def check_depth(mask: Node, score: Node | None, src: str | None = None,
     for what, node, limit, (line, column) in (("pattern", mask, MAX_DEPTH, at[0]),
                                                ("score", score, MAX_SCORE_DEPTH, at[1])):
         if node is not None and (d := depth(node)) > limit:
-            if src is None:
-                raise SpattnValueError(f"{what} nested too deeply ({d} levels; at most {limit}"
-                                       f"{_FLAT})")
             raise _too_deep(src, filename, what, d, limit, line, column)
 
 

@@ -97,7 +97,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 _mapped = torch._C._functorch.is_functorch_wrapped_tensor

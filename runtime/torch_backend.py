@@ -79,12 +79,7 @@ def _floored(scale: float, q) -> float:
     launcher passes it (docs/codegen.md): a smaller one is 0 in float32, and a masked
     score's ``-inf * 0`` NaN; below that floor every finite score's share of the exponent
     is under ``2**-26``, the same softmax to float32 precision."""
-    return scale if q.dtype == torch.float64 else max(scale, _FP32_TINY)
-
-
-#: The smallest normal float32 number (``triton_backend.FP32_TINY``; not imported: this
-#: module runs without Triton).
-_FP32_TINY = 2.0 ** -126
+    return scale if q.dtype == torch.float64 else max(scale, torch.finfo(torch.float32).tiny)
 
 
 def _attend(q, k, v, mask, scale, is_causal):
