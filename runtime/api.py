@@ -700,6 +700,16 @@ def call(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, input
     q, k, v = _usage.plain_qkv(q, k, v)
     if inputs:
         inputs = _usage.plain_inputs(inputs)
+    return call_plain(pattern, q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
+                      inputs=inputs, plan=plan, layout=layout, deterministic=deterministic,
+                      order=order)
+
+
+def call_plain(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None, inputs=None,
+               plan=None, layout=None, deterministic=False, order=None):
+    """:func:`call` for arguments its entry has prepared: autocast off for q's device, and
+    q, k, v and the inputs without the negative bit (``Pattern.__call__`` prepares them
+    before its decode fast paths, and then calls this)."""
     if value_dim(q, k, v):
         return call_value_dim(pattern, q, k, v, scale=scale, return_lse=return_lse,
                               q_offset=q_offset, inputs=inputs, plan=plan, layout=layout,

@@ -188,21 +188,24 @@ class Pattern(CompiledPattern):
                 return self(q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
                             plan=plan, layout=layout, deterministic=deterministic,
                             order=order, **inputs)
-        if plan is None and not return_lse and layout is None and order is None \
-                and _runtime_api.other_device(q) is None:   # a repeated decode step
-            _refuse_dual((q, k, v))
+        fast = plan is None and not return_lse and layout is None and order is None \
+            and _runtime_api.other_device(q) is None               # a repeated decode step
+        if fast and not inputs and q_offset is None:
             # (the CPU step is a call of public SDPA, which applies a negative bit itself)
-            o = _fast_step(self, q, k, v, scale) if not inputs and q_offset is None else None
-            if o is None:
-                q, k, v = _plain_qkv(q, k, v)
-                if inputs:
-                    inputs = _plain_inputs(inputs)
-                o = _fast_routed(self, q, k, v, scale, inputs, q_offset)
+            _refuse_dual((q, k, v))
+            o = _fast_step(self, q, k, v, scale)
             if o is not None:
                 return o
-        return _runtime_api.call(self, q, k, v, scale=scale, return_lse=return_lse,
-                                 q_offset=q_offset, inputs=inputs, plan=plan, layout=layout,
-                                 deterministic=deterministic, order=order)
+        q, k, v = _plain_qkv(q, k, v)
+        if inputs:
+            inputs = _plain_inputs(inputs)
+        if fast:
+            o = _fast_routed(self, q, k, v, scale, inputs, q_offset)
+            if o is not None:
+                return o
+        return _runtime_api.call_plain(self, q, k, v, scale=scale, return_lse=return_lse,
+                                       q_offset=q_offset, inputs=inputs, plan=plan,
+                                       layout=layout, deterministic=deterministic, order=order)
 
     def decode(self, q, k_cache, v_cache, *, seq_lens=None, page_table=None,
                scale: float | None = None, q_offset: int | None = None,
