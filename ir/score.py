@@ -387,8 +387,9 @@ def interval(f: Node) -> tuple[float, float] | None:
     if isinstance(f, FSelect):
         a, b = interval(f.a), interval(f.b)
         return None if a is None or b is None else (min(a[0], b[0]), max(a[1], b[1]))
-    args = [interval(a) for a in getattr(f, "args", ())] if isinstance(f, (FAdd, FMul, FCall)) \
-        else [interval(f.a), interval(f.b)] if isinstance(f, FDiv) else None
+    if not isinstance(f, (FAdd, FMul, FDiv, FCall)):
+        return None
+    args = [interval(a) for a in f.children()]
     if not args or any(a is None for a in args):
         return None
     try:
