@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 from ..dsl.errors import (SpattnConfigError, SpattnError, SpattnInputError, SpattnParamError,
                           SpattnValueError)
@@ -2018,6 +2019,8 @@ def _signature(q, k, scale, routed: bool, has_lens: bool) -> tuple:
 _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor   # (_remembered: never traced)
+_any_autocast = torch._C._is_any_autocast_enabled
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def _remembered(pattern, q, k, v):
@@ -2044,27 +2047,41 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     the call's :func:`_signature`) and the plan with :data:`DECODE_PLANS`, per pattern. A
     later call of the same pattern with the same signature, on strided CPU tensors of the
     exact type ``torch.Tensor`` and one dtype, v shaped like k, none requiring grad, not
-    traced, whose cache length lies in the plan's bucket (routed: at least
-    :data:`ROUTE_MIN_LK` and ``4 * Lq``) and whose ``seq_lens`` (an integer CPU tensor
-    ``[B]``) lie in ``[Lq, L]``, passes every check of the full path (:func:`_step`) for the
-    same reasons; it runs the plan's step for its lengths (:meth:`DecodePlan.cpu_step`,
-    built on a miss, through :meth:`DecodePlan._row1_step` where that applies) without
-    them: one public SDPA call on a view when the step is one
-    call (any strides), else :meth:`DecodePlan.run_torch`. Anything else returns None and
-    takes the full path."""
-    plan = _remembered(pattern, q, k, v)
-    fast = None if plan is None else plan.fast
-    if fast is None:
+    traced, with autocast, forward-mode AD and torch.func transforms off, whose cache
+    length lies in the plan's bucket (routed: at least :data:`ROUTE_MIN_LK` and
+    ``4 * Lq``) and whose ``seq_lens`` (an integer CPU tensor ``[B]``) lie in ``[Lq, L]``,
+    passes every check of the full path (:func:`_step`) for the same reasons; it runs the
+    plan's step for its lengths (:meth:`DecodePlan.cpu_step`, built on a miss, through
+    :meth:`DecodePlan._row1_step` where that applies) without them: one public SDPA call
+    on a view when the step is one call (any strides), else :meth:`DecodePlan.run_torch`.
+    Anything else returns None and takes the full path, which checks everything and says
+    what is wrong (so ``Pattern.__call__`` tries this first, before its own autocast and
+    dual-tensor handling).
+
+    The checks are written out in this one frame: the previous step's kernel streams the
+    whole cache through the caches, so this code runs from cold caches, and every function
+    call and attribute read costs a miss (docs/decode.md, "The fast entry")."""
+    if _is_dynamo_compiling():      # first: torch.compile traces none of the rest
         return None
+    hit = _LAST.get(id(pattern))
+    if hit is None or hit[0] is not pattern:
+        return None
+    plan = hit[1]
+    fast = plan.fast
+    T = _TENSOR
+    if fast is None or type(q) is not T or type(k) is not T or type(v) is not T \
+            or _any_autocast() or _transforms_active() or _fwad._current_level >= 0:
+        return None     # subclasses, tracers' tensors, transforms: the full path
     sig, value, grouped = fast
     try:
         ks = k.shape
-        if (q.shape, ks[0], ks[1], ks[3], q.dtype, scale, routed, seq_lens is not None,
+        dt = q.dtype
+        if (q.shape, ks[0], ks[1], ks[3], dt, scale, routed, seq_lens is not None,
                 VIEW_BYTES) != sig or v.shape != ks:
             return None         # (the tuple of _signature, written out: the hot path)
     except (RuntimeError, IndexError):
         return None             # nested tensors have no sizes
-    dt, S = q.dtype, _STRIDED
+    S = _STRIDED
     if k.dtype is not dt or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu) \
             or q.layout is not S or k.layout is not S or v.layout is not S \
             or q.requires_grad or k.requires_grad or v.requires_grad:

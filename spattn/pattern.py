@@ -23,7 +23,7 @@ from .runtime.autograd import register as _register
 from .runtime.decode import decode as _decode, fast_routed as _fast_routed, \
     fast_step as _fast_step
 from .runtime.usage import plain as _plain, plain_inputs as _plain_inputs, \
-    plain_qkv as _plain_qkv, refuse_dual as _refuse_dual, autocast_on as _autocast_on, \
+    plain_qkv as _plain_qkv, autocast_on as _autocast_on, \
     warn_if_false
 #: The options :meth:`Pattern.kernel_source` takes.
 KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
@@ -183,19 +183,19 @@ class Pattern(CompiledPattern):
         (docs/layouts.md, "A caller's token order"). It replaces any layout the compiler
         would choose.
         """
+        fast = plan is None and not return_lse and layout is None and order is None
+        if fast and not inputs and q_offset is None:
+            # a repeated CPU decode step: public SDPA, which applies a negative bit itself
+            # (autocast, dual tensors and transforms take the path below)
+            o = _fast_step(self, q, k, v, scale)
+            if o is not None:
+                return o
         if _autocast_on(q):
             with torch.autocast(q.device.type, enabled=False):
                 return self(q, k, v, scale=scale, return_lse=return_lse, q_offset=q_offset,
                             plan=plan, layout=layout, deterministic=deterministic,
                             order=order, **inputs)
-        fast = plan is None and not return_lse and layout is None and order is None \
-            and _runtime_api.other_device(q) is None               # a repeated decode step
-        if fast and not inputs and q_offset is None:
-            # (the CPU step is a call of public SDPA, which applies a negative bit itself)
-            _refuse_dual((q, k, v))
-            o = _fast_step(self, q, k, v, scale)
-            if o is not None:
-                return o
+        fast = fast and _runtime_api.other_device(q) is None     # a repeated decode step
         q, k, v = _plain_qkv(q, k, v)
         if inputs:
             inputs = _plain_inputs(inputs)

@@ -444,6 +444,41 @@ def test_repeated_step_takes_the_fast_path(src, B, Hq, Hk, Lq, L):
     assert dec.fast_step(pat, q, k, v, None, None, False) is not None
 
 
+def test_fast_path_steps_aside_for_autocast_dual_levels_and_transforms():
+    """With a step remembered, a call under CPU autocast, inside an open forward-AD level or
+    under ``torch.vmap`` / ``torch.func.grad`` does not take ``fast_step`` (which runs
+    before those checks): it returns None there, the full path runs the call in the
+    inputs' dtype, refuses a dual tensor, and batches / differentiates it, each output
+    equal to the reference."""
+    from torch.autograd import forward_ad as fwad
+    from spattn.dsl.errors import SpattnBackendError
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile("causal & window(200)", backend="torch")
+    g = torch.Generator().manual_seed(97)
+    q, k, v = _rand(2, 4, 1, 32, g=g), _rand(2, 4, 300, 32, g=g), _rand(2, 4, 300, 32, g=g)
+    _close("first", pat(q, k, v), _fast_ref(pat, q, k, v))
+    assert dec.fast_step(pat, q, k, v) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dec.fast_step(pat, q, k, v) is None
+        o = pat(q, k, v)
+    assert o.dtype == torch.float32
+    _close("autocast", o, _fast_ref(pat, q, k, v))
+    with fwad.dual_level():
+        assert dec.fast_step(pat, q, k, v) is None
+        _close("dual level, plain tensors", pat(q, k, v), _fast_ref(pat, q, k, v))
+        with pytest.raises(SpattnBackendError, match="forward"):
+            pat(fwad.make_dual(q, torch.randn_like(q)), k, v)
+    qs, ks, vs = (t.unsqueeze(0).expand(3, *t.shape).clone() for t in (q, k, v))
+    qs = qs + torch.randn(qs.shape, generator=g)
+    out = torch.vmap(lambda a, b, c: pat(a, b, c))(qs, ks, vs)
+    for i in range(3):
+        _close(f"vmap[{i}]", out[i], _fast_ref(pat, qs[i], ks[i], vs[i]))
+    gq = torch.func.grad(lambda a: pat(a, k, v).sum())(q)
+    q2 = q.clone().requires_grad_()
+    pat(q2, k, v).sum().backward()
+    _close("func.grad", gq, q2.grad)
+
+
 @pytest.mark.parametrize("src", ["causal", "causal & window(100)", "q - k >= 3",
                                  "k >= 10 & q >= k", "causal & (window(50) | sink(4))",
                                  "causal & (window(350) | sink(4))", "k % 2 == 0"],
