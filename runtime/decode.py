@@ -529,8 +529,13 @@ class DecodePlan:
         else:   # pools [num_pages, page_size, Hk, D]: page, head, slot, dim
             ks = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
             vs = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
+            if page_table.shape[1] > 1 and page_table.stride(1) != 1:
+                page_table = page_table.contiguous()    # the kernel steps along a row by 1
             pages, stride_pages = page_table, page_table.stride(0)
-        seq = seq_lens if seq_lens is not None else self.lse_part
+        if seq_lens is None:
+            seq = self.lse_part
+        else:   # read as seq_lens[b]: a strided or expanded tensor as a contiguous copy
+            seq = seq_lens if seq_lens.is_contiguous() else seq_lens.contiguous()
         cap = k.shape[2] if page_table is None else page_table.shape[1] * page_size
         ids = tuple(map(id, inputs.values()))
         if self._input_args is None or self._input_args[0] != ids:

@@ -82,7 +82,9 @@ def _paged(k, v, page_size, g):
 
 
 def _case(name, backend, *, B=2, Hq=4, Hk=2, Lq=1, cap=96, D=16, lens=None, paged=0,
-          seed=0, num_splits=None, via_call=False):
+          seed=0, num_splits=None, via_call=False, view=None):
+    """One decode step against the float64 reference; ``view`` (optional) turns the
+    ``seq_lens`` and page table tensors into other tensors of the same values."""
     src, params = PATTERNS[name]
     pat = spattn.compile(src, backend=backend, **params)
     g = torch.Generator().manual_seed(seed)
@@ -95,6 +97,8 @@ def _case(name, backend, *, B=2, Hq=4, Hk=2, Lq=1, cap=96, D=16, lens=None, page
         o, lse = pat(q, k, v, return_lse=True, **ins)
     elif paged:
         kp, vp, table = _paged(k, v, paged, g)
+        if view is not None:
+            seq, table = view(seq), view(table)
         o, lse = pat.decode(q, kp, vp, seq_lens=seq, page_table=table, return_lse=True,
                             num_splits=num_splits, **ins)
     else:
@@ -272,6 +276,32 @@ def test_triton_decode(name):
 def test_triton_decode_paged(name, page):
     _case(name, "triton", B=2, Hq=4, Hk=1, Lq=1, cap=64, D=16, lens=[64, 29], paged=page,
           num_splits=2)
+
+
+def _strided(t):
+    """``t``'s values in a tensor of stride 2 along its first dim, and -1 in the gaps."""
+    wide = torch.full((2 * t.shape[0], *t.shape[1:]), -1, dtype=t.dtype)
+    wide[::2] = t
+    return wide[::2]
+
+
+_VIEWS = {
+    "seq-strided": lambda t: _strided(t) if t.dim() == 1 else t,
+    "seq-expanded": lambda t: t[:1].clone().expand(t.shape[0]) if t.dim() == 1 else t,
+    "table-column-major": lambda t: t.t().contiguous().t() if t.dim() == 2 else t,
+    "table-strided-rows": lambda t: _strided(t) if t.dim() == 2 else t,
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interp)])
+@pytest.mark.parametrize("view", list(_VIEWS))
+def test_decode_takes_strided_lengths_and_page_tables(backend, view):
+    """``seq_lens`` and the page table as strided, expanded or column-major tensors give
+    the step of their values (the Triton kernel reads them as contiguous copies where
+    their strides are not its own)."""
+    lens = [64, 64] if view == "seq-expanded" else [64, 29]
+    _case("streaming", backend, B=2, Hq=4, Hk=2, Lq=2, cap=64, D=16, lens=lens, paged=8,
+          num_splits=2, view=_VIEWS[view])
 
 
 @interp
