@@ -182,11 +182,18 @@ def choice(value, name: str, allowed: tuple, *, default=None) -> str:
     return v
 
 
+#: The largest tile side a kernel takes (a tile of 256 x 256 fp32 scores is already 256 KiB
+#: of registers; past it Triton refuses the block, or its int32 index arithmetic wraps).
+MAX_BLOCK = 256
+
+
 def _pow2_check(**blocks):
     for name, v in blocks.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v > MAX_BLOCK \
+                or v & (v - 1):
             raise SpattnConfigError(
-                f"{name} must be a power of two >= 16 (16, 32, 64, 128, ...), got {v!r}")
+                f"{name} must be a power of two in 16..{MAX_BLOCK} (16, 32, 64, 128, 256), "
+                f"got {v!r}")
 
 
 def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strategy=None,

@@ -230,10 +230,7 @@ class _Lowerer:
             return self.build(lambda: coordinate(x, check_shape(shape), axis), at=node)
         names = ("shape", "kernel_size", "stride", "dilation", "is_causal")
         args = [self.constant(a, f"{n} of neighborhood") for n, a in zip(names, node.args)]
-        if len(args) == 5:
-            c = args[4]
-            args[4] = tuple(bool(x) for x in c) if isinstance(c, tuple) else bool(c)
-        ir = self.build(neighborhood_ir, *args, at=node)
+        ir = self.build(neighborhood_ir, *args, at=node)    # (is_causal: bools, as in Python)
         self.shapes.append((check_shape(args[0]), node))
         return ir
 

@@ -128,9 +128,10 @@ def tile_bounds(L: int, block: int, offset: int, device, shape) -> tuple[torch.T
                           device=device)
         if L % block:                    # ragged last tile (else hi is already <= L - 1)
             hi = hi.clamp_(max=L - 1 + offset)
-    else:                                # the padded grid would pass int64: rows, then shift
-        rows = torch.arange(0, n * block, block, dtype=I64, device=device)
-        lo, hi = rows + offset, (rows + (block - 1)).clamp_(max=L - 1) + offset
+    else:       # the padded grid would pass int64: tile starts, their ends clamped first
+        rows = torch.arange(n, dtype=I64, device=device) * block
+        last = rows + (L - 1 - rows).clamp_(max=block - 1)
+        lo, hi = rows + offset, last + offset
     return lo.view(shape), hi.view(shape)
 
 

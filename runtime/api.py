@@ -73,7 +73,7 @@ from . import usage as _usage
 from .plan import PLANS, Plan, build_plan, permutation
 from . import settings as _settings
 from . import tune as _tune
-from .settings import getenv
+from .settings import getenv, interpreting as _interpreting
 from ..ir.inputs import check_names, validate_inputs
 
 __all__ = ["call", "call_op", "make_plan", "choose_backend", "validate", "check_order"]
@@ -318,7 +318,7 @@ def check_runtime_tensors(inputs: dict, *, transformed: bool = False) -> None:
 
 
 def _interpret() -> bool:
-    return getenv("TRITON_INTERPRET") not in (None, "", "0")
+    return _interpreting(getenv("TRITON_INTERPRET"))
 
 
 def choose_backend(requested: str, device_type: str) -> str:

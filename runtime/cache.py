@@ -102,7 +102,7 @@ def cache_dir() -> pathlib.Path:
 
 def device_tag(device=None) -> str:
     """"interpret" under TRITON_INTERPRET=1, else "cuda-sm<major><minor>" (or "cpu")."""
-    if _settings.getenv("TRITON_INTERPRET") not in (None, "", "0"):
+    if _settings.interpreting(_settings.getenv("TRITON_INTERPRET")):
         return "interpret"
     cap = capability(device)
     return "cpu" if cap is None else f"cuda-sm{cap[0]}{cap[1]}"

@@ -655,8 +655,11 @@ def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t, *, lazy=False) -> 
     same_b = ctx.grid.shared or ctx.B == 1
     steps = (starts[1:] - starts[:-1]).unique() if n > 1 else torch.tensor([0])
     rsteps = (rows[1:, 0] - rows[:-1, 0]).unique() if n > 1 else torch.tensor([R])
-    col_step = int(steps[0]) if contiguous and same_b and steps.numel() == 1 else None
-    row_step = int(rsteps[0]) if same_b and rsteps.numel() == 1 else None
+    # (one step between consecutive items, never negative: views take no negative stride)
+    col_step = int(steps[0]) if contiguous and same_b and steps.numel() == 1 \
+        and int(steps[0]) >= 0 else None
+    row_step = int(rsteps[0]) if same_b and rsteps.numel() == 1 and int(rsteps[0]) >= 0 \
+        else None
     return Call(slot=slot, bidx=bidx.to(ctx.device), hidx=hidx.to(ctx.device),
                 rows=rows.to(ctx.device), cols=cols.to(ctx.device), row_step=row_step,
                 col_step=col_step, mask=mask, row_any=row_any, build_mask=build)

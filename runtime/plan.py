@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dsl.errors import SpattnInputError
+from ..dsl.errors import SpattnError, SpattnInputError
 from ..ir.positions import Positions
 from . import settings as _settings
 from .tables import Analysis
@@ -259,6 +259,13 @@ class Plan:
                                      dlse=dlse, plan=self.forward_stage)
         stage = self.backward_stage(q, k, v, o, do, deterministic, lse_grad=dlse is not None)
         return (_TRITON or _triton()).run_bwd(stage, q, k, v, o, lse, do, dlse=dlse)
+
+    def __reduce_ex__(self, protocol):
+        raise SpattnError(
+            "a Plan is not pickled or copied (copy, deepcopy, pickle, torch.save): it holds "
+            "compiled kernels, tables on its device and the runtime inputs it was built with; "
+            "build one where it is used, with pat.plan(q, k, v, ...), and keep it out of "
+            "objects that are copied (docs/caching.md, Plans)")
 
     def __repr__(self) -> str:
         c = self.call

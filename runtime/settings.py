@@ -60,6 +60,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ..codegen.config import MAX_BLOCK
 from ..dsl.errors import SpattnConfigError
 
 __all__ = ["Settings", "current", "getenv", "progress", "VARIABLES", "FLAG_ON", "FLAG_OFF"]
@@ -197,6 +198,30 @@ def _flag(name: str, v: str | None, *, auto: bool):
     raise SpattnConfigError(f"{name}={v!r}: expected one of {want} (or unset it)")
 
 
+#: ``TRITON_INTERPRET`` as Triton reads it (``triton.knobs``: these spellings, any case, are
+#: on; anything else off): the values spattn takes for on and for off.
+INTERPRET_ON = ("1", "true", "yes", "on", "y")
+INTERPRET_OFF = ("", "0", "false", "no", "off", "n")
+
+
+def interpreting(v: str | None) -> bool:
+    """Whether ``TRITON_INTERPRET=v`` runs Triton's kernels in its CPU interpreter, read as
+    Triton reads it. A value Triton reads as off without spelling it so (``2``, `` 1``) is
+    a :class:`SpattnConfigError`: one who set it likely meant on, and spattn and Triton
+    must agree (kernels keyed as interpreted but compiled, or CPU tensors sent to a GPU
+    compiler)."""
+    if v is None:
+        return False
+    s = v.lower()
+    if s in INTERPRET_ON:
+        return True
+    if s in INTERPRET_OFF:
+        return False
+    raise SpattnConfigError(f"TRITON_INTERPRET={v!r}: expected 1 (or true, yes, on) to run "
+                            f"the Triton kernels on the CPU, or 0 (or false, no, off, empty) "
+                            f"not to; Triton reads any other value as off")
+
+
 def _int(name: str, v: str | None):
     if v is None or v.strip() == "":
         return None
@@ -209,8 +234,8 @@ def _int(name: str, v: str | None):
     elif name.endswith("_STAGES"):
         ok, want = n is not None and 1 <= n <= 8, "an integer in 1..8"
     else:
-        ok = n is not None and n >= 16 and not n & (n - 1)
-        want = "a power of two >= 16 (16, 32, 64, 128, ...)"
+        ok = n is not None and 16 <= n <= MAX_BLOCK and not n & (n - 1)
+        want = f"a power of two in 16..{MAX_BLOCK} (16, 32, 64, 128, 256)"
     if not ok:
         raise SpattnConfigError(f"{name}={v!r}: expected {want} (or unset it for the default)")
     return n
@@ -220,7 +245,7 @@ def _reps(name: str, v: str | None):
     if v is None or v.strip() == "":
         return None
     s = v.strip()
-    if not s.isdigit() or not 0 <= int(s) <= 100:
+    if not (s.isascii() and s.isdigit() and len(s) <= 3 and int(s) <= 100):
         raise SpattnConfigError(f"{name}={v!r}: expected an integer in 0..100 (or unset it "
                                 "for the default)")
     return int(s)
@@ -276,7 +301,7 @@ def parse(raw: tuple) -> Settings:
         tune_reps=TUNE_REPS if reps is None else reps,
         tune_margin=TUNE_MARGIN if margin is None else margin,
         cache_dir=env["SPATTN_CACHE_DIR"] or None,
-        interpret=interp not in (None, "", "0"),
+        interpret=interpreting(interp),
         layout=_choice("SPATTN_LAYOUT", env["SPATTN_LAYOUT"], _LAYOUTS) or "auto",
         layout_gather=_choice("SPATTN_LAYOUT_GATHER", env["SPATTN_LAYOUT_GATHER"],
                               LAYOUT_GATHERS) or "auto",

@@ -275,8 +275,10 @@ def _shape_and_inputs(args, pat, out, *, batch=1, device=None):
     """(Lq, Lk, synthetic runtime inputs) of a command, saying which inputs were made up."""
     Lq = args.lq
     Lk = args.lk or Lq
-    inputs, notes = demo_inputs(pat, Lq, Lk, num_heads=args.heads, batch=batch,
-                                q_offset=args.q_offset, device=device)
+    from .pattern import _fits
+    with _fits(f"the synthetic runtime inputs of Lq={Lq}, Lk={Lk}"):
+        inputs, notes = demo_inputs(pat, Lq, Lk, num_heads=args.heads, batch=batch,
+                                    q_offset=args.q_offset, device=device)
     for n in notes:
         print(n, file=out)
     return Lq, Lk, inputs

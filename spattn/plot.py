@@ -49,5 +49,7 @@ def plot_pattern(pat, Lq: int, Lk: int, block_m: int, block_n: int, path, *, hea
                        Patch(color="#1f3b73", label="allowed pairs")],
               loc="upper right", fontsize=7, framealpha=0.9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png")     # (a path without ".png" too: the flag says PNG)
+    finally:
+        plt.close(fig)

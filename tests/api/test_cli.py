@@ -183,3 +183,36 @@ def test_marker_inputs_are_the_inputs_compared_with_constants():
     pat = spattn.compile("input g\ninput doc\ninput blocks\npattern p = causal & (g[k] | "
                          "same(doc) | blocks[q // 8, k // 8] | doc[q] == 3)")
     assert marker_inputs(pat) == {"g"}
+
+
+@pytest.mark.parametrize("name", ["picture.foo", "picture"], ids=["other-extension", "none"])
+def test_png_is_written_where_asked_whatever_the_extension(name, tmp_path):
+    """``--png PATH`` writes a PNG at PATH exactly (no extension added, none read)."""
+    png = tmp_path / name
+    code, text = run("show", "-e", "causal", "--lq", 16, "--png", png)
+    assert code == 0 and f"wrote {png}" in text
+    assert png.read_bytes()[:4] == b"\x89PNG" and sorted(tmp_path.iterdir()) == [png]
+
+
+def test_png_into_a_directory_is_an_error_exit_1(tmp_path, capsys):
+    code, _ = run("show", "-e", "causal", "--lq", 16, "--png", tmp_path)
+    assert code == 1 and f"cannot write {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd,src", [("show", "same(doc)"), ("explain", "is_global[k] != 0")],
+                         ids=["show-documents", "explain-markers"])
+def test_synthetic_inputs_too_big_exit_1(cmd, src, capsys):
+    """Runtime inputs made up for a length that does not fit in memory: the usual message,
+    exit 1, no traceback."""
+    code, _ = run(cmd, "-e", src, "--lq", 10 ** 15)      # (refused at once: no overcommit)
+    err = capsys.readouterr().err
+    assert code == 1 and "does not fit in memory" in err and "Traceback" not in err
+
+
+def test_lengths_near_the_64_bit_limit_classify(capsys):
+    """Tile grids whose padded end passes 2**63 - 1 (the tiles' ends clamped first)."""
+    n = 2 ** 63 - 1
+    tiles = spattn.compile("causal").tiles(n, n, 2 ** 62, 2 ** 62)
+    assert tiles[0, 0].tolist() == [[1, 0], [2, 1]]
+    code, text = run("show", "-e", "causal", "--lq", n, "--block-m", 2 ** 62, "--block-n", 2 ** 62)
+    assert code == 0 and "tiles: 1 full, 2 partial, 1 empty" in text, capsys.readouterr().err

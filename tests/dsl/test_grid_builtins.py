@@ -42,7 +42,11 @@ def test_coord_and_list_params_in_a_program():
     ("neighborhood([6, 8])", spattn.SpattnTypeError, ["neighborhood takes"]),
     ("coord(q, [6, 8, 1, 2, 3], 0)", spattn.SpattnParamError, ["shape"]),
     ("neighborhood([6, 8], 3, [1, 2, 3])", spattn.SpattnParamError, ["stride", "2 axes"]),
-], ids=["kernel-too-big", "bad-axis", "non-constant", "too-few", "five-axes", "per-axis-len"])
+    ("neighborhood([6, 8], 3, 1, 1, 2)", spattn.SpattnParamError, ["is_causal", "bools"]),
+    ("neighborhood([6, 8], 3, 1, 1, [true, 0])", spattn.SpattnParamError,
+     ["is_causal", "bools"]),
+], ids=["kernel-too-big", "bad-axis", "non-constant", "too-few", "five-axes", "per-axis-len",
+        "int-is-causal", "int-in-is-causal"])
 def test_grid_builtin_errors(src, cls, words):
     with pytest.raises(cls) as e:
         spattn.compile(src)

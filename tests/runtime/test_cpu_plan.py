@@ -214,6 +214,32 @@ def test_band_key_gradients_of_overlapping_items(L, w):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("src,L,layout", [
+    ("q < 64 & k >= 128 & k < 192 | q >= 128 & q < 192 & k < 64", 256, "off"),
+    ("q < 64 & k >= 192 | q >= 64 & q < 128 & k >= 128 & k < 192 | q >= 192 & k < 64", 256,
+     "off"),
+    ("(q - k) % 2 == 1 & q < k", 128, "on"),
+    ("grid (t: 3, y: 7, x: 6) after 2 ~((q - k) % 2 == 0 | causal)", 128, "on")],
+    ids=["anti-diagonal-2", "anti-diagonal-3", "residues-above-layout", "grid-after-layout"])
+def test_items_whose_tiles_go_back_are_gathered(monkeypatch, src, L, layout):
+    """Items whose query or key tiles step backwards (tiles on an anti-diagonal; a layout's
+    residue boxes) take no view (views have no negative strides): forward and gradients
+    equal the float64 reference."""
+    monkeypatch.setenv("SPATTN_LAYOUT", layout)
+    g = torch.Generator().manual_seed(L)
+    pat = spattn.compile(src, backend="torch")
+    q, k, v = (torch.randn(2, 2, L, 16, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    o = pat(q, k, v)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(o, (q, k, v), do)
+    ro, _ = attention_reference(q, k, v, pat.mask(L, L), scale=0.25)
+    want = torch.autograd.grad(ro, (q, k, v), do)
+    torch.testing.assert_close(o, ro, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_masks_too_big_to_keep_are_built_per_call(monkeypatch):
     """When every strategy's masks exceed the budget, the tiles strategy remains: its calls,
     split into chunks, build their masks as they run. Exact in float64, backward included."""

@@ -196,3 +196,16 @@ def test_bound_launches_only_where_every_later_call_fits():
     assert _bindable(Stage, u, u, u)
     assert _bindable(Stage, a, a, same=True) and _bindable(Stage, u, u, same=True)
     assert not _bindable(Stage, a, u, same=True)
+
+
+def test_plans_are_not_copied_or_pickled():
+    """copy, deepcopy and pickle of a plan (or of an object holding one) say what a plan
+    holds and what to do instead, not Python's "cannot pickle '_thread.lock'"."""
+    import copy
+    import pickle
+    pat = spattn.compile("causal", backend="torch")
+    q = torch.randn(1, 2, 32, 16)
+    plan = pat.plan(q, q, q)
+    for f in (copy.copy, copy.deepcopy, pickle.dumps, lambda p: copy.deepcopy({"plan": p})):
+        with pytest.raises(spattn.SpattnError, match="not pickled or copied.*pat.plan"):
+            f(plan)

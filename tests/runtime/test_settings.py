@@ -59,6 +59,12 @@ def test_current_sees_a_changed_environment(monkeypatch):
     ("SPATTN_LAYOUT", "boxes", "'auto', 'off', 'on'"),
     ("SPATTN_TUNE_REPS", "-1", "integer in 0..100"),
     ("SPATTN_TUNE_REPS", "3.5", "integer in 0..100"),
+    ("SPATTN_TUNE_REPS", "\u00b2", "integer in 0..100"),
+    ("SPATTN_TUNE_REPS", "9" * 5000, "integer in 0..100"),
+    ("SPATTN_BLOCK_M", str(2 ** 40), "power of two in 16..256"),
+    ("SPATTN_BWD_BLOCK_N2", "512", "power of two in 16..256"),
+    ("TRITON_INTERPRET", "2", "TRITON_INTERPRET='2'"),
+    ("TRITON_INTERPRET", " 1", "Triton reads any other value as off"),
     ("SPATTN_TUNE_MARGIN", "5%", r"fraction in \[0, 1\)"),
     ("SPATTN_TUNE_MARGIN", "1.5", r"fraction in \[0, 1\)"),
     ("SPATTN_TUNE_MARGIN", "nan", r"fraction in \[0, 1\)"),
@@ -79,3 +85,20 @@ def test_tuning_reps_and_margin(monkeypatch):
     s = settings.current()
     assert (s.tune_reps, s.tune_margin) == (8, 0.0)
     assert not s.tiles_set("fwd")           # tuning settings do not switch tuning off
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("YES", True), ("On", True),
+                                      ("y", True), ("0", False), ("", False), ("false", False),
+                                      ("OFF", False), ("no", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """TRITON_INTERPRET's spellings of on and off, any case, as ``triton.knobs`` reads them:
+    spattn's settings, backend choice and kernel cache tag agree with Triton's own reading."""
+    import triton
+    from spattn.runtime import api, cache
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert settings.current().interpret is on
+    assert api._interpret() is on
+    assert (cache.device_tag() == "interpret") is on
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        assert bool(knobs.runtime.interpret) is on
