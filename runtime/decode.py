@@ -134,6 +134,12 @@ def _is_int_tensor(t) -> bool:
 
 def _check_layout(q, k_cache, v_cache, page_table):
     """``(B, Hq, Hk, Lq, D, capacity, page_size, num_pages)`` of checked arguments."""
+    if isinstance(q, torch.Tensor) and q.dim() == 4 and q.layout is torch.strided \
+            and not _api.MIN_HEAD_DIM <= q.shape[3] <= _api.MAX_HEAD_DIM:
+        raise SpattnInputError(
+            f"decode takes head dims {_api.MIN_HEAD_DIM}..{_api.MAX_HEAD_DIM} on either "
+            f"backend, got D = {q.shape[3]} (q has shape {tuple(q.shape)}): call the pattern, "
+            f"pat(q, k, v), which runs any head dim on the torch backend")
     if page_table is None:
         _api.validate(q, k_cache, v_cache, float64=None)
         B, Hq, Lq, D = q.shape
@@ -160,10 +166,6 @@ def _check_layout(q, k_cache, v_cache, page_table):
         if Dk != D:
             raise SpattnInputError(f"the pools' head dim must be q's: q has shape "
                                    f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
-        if not _api.MIN_HEAD_DIM <= D <= _api.MAX_HEAD_DIM:
-            raise SpattnInputError(f"head dim D must be in {_api.MIN_HEAD_DIM}.."
-                                   f"{_api.MAX_HEAD_DIM}, "
-                                   f"got {D} (q has shape {tuple(q.shape)})")
         if Hq % Hk:
             raise SpattnInputError(f"the number of query heads must be a multiple of the number "
                                    f"of key/value heads: q has {Hq} (shape {tuple(q.shape)}), the "

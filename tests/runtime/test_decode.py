@@ -252,6 +252,15 @@ def test_errors():
     with pytest.raises(SpattnInputError, match="pools' head dim"):
         pat.decode(q, torch.randn(6, 16, 2, 32), torch.randn(6, 16, 2, 32),
                    seq_lens=torch.tensor([40]), page_table=torch.zeros(1, 4, dtype=torch.int32))
+    for D in (8, 512):          # on either backend, with a pointer to the call
+        qd = torch.randn(1, 2, 1, D)
+        with pytest.raises(SpattnInputError, match=r"decode takes head dims 16\.\.256 on "
+                                                   r"either backend.*pat\(q, k, v\)"):
+            pat.decode(qd, torch.randn(1, 2, 64, D), torch.randn(1, 2, 64, D))
+        with pytest.raises(SpattnInputError, match="decode takes head dims"):
+            pat.decode(qd, torch.randn(6, 16, 2, D), torch.randn(6, 16, 2, D),
+                       seq_lens=torch.tensor([40]),
+                       page_table=torch.zeros(1, 4, dtype=torch.int32))
     qg = q.clone().requires_grad_()
     with pytest.raises(SpattnInputError, match="inference only"):
         pat.decode(qg, pool, pool, seq_lens=torch.tensor([40]),
