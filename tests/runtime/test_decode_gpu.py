@@ -109,6 +109,49 @@ def test_cuda_graph_replay_while_the_cache_grows():
     assert len(kc) == n0
 
 
+def test_strided_lengths_and_column_major_page_table_eager_and_graph():
+    """``seq_lens`` as a slice of stride 2 and a column-major page table: the step of their
+    values, called eagerly and replayed from a CUDA graph after the lengths' storage is
+    written in place (the graph replays the contiguous copies too)."""
+    pat = spattn.compile("causal & (window(1000) | sink(4))")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    B, Hq, Hk, cap, D, ps = 3, 16, 4, 4096, 128, 64
+    q, k, v = _bf16_qkv(B, Hq, Hk, 1, cap, D, g)
+    n = cap // ps
+    table = torch.randperm(B * n, device="cuda", generator=g).view(B, n).to(torch.int32)
+    kp = torch.empty(B * n, ps, Hk, D, device="cuda", dtype=k.dtype)
+    vp = torch.empty_like(kp)
+    for t, pool in ((k, kp), (v, vp)):
+        pool[table.view(-1).long()] = t.view(B, Hk, n, ps, D).permute(0, 2, 3, 1, 4).reshape(
+            B * n, ps, Hk, D)
+    table_cm = table.t().contiguous().t()
+    wide = torch.full((2 * B,), 7, device="cuda", dtype=torch.int32)
+    seq = wide[::2]
+
+    def step():
+        return pat.decode(q, kp, vp, seq_lens=seq, page_table=table_cm, check=False)
+    lens = [cap, 3001, 1500]
+    seq.copy_(torch.tensor(lens))
+    ref = _ref(pat, q, k, v, lens, {})
+    err = float((step().double() - ref).norm() / ref.norm())
+    assert err < 1e-2, f"eager: rel. error {err:.2e}"
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for lens in ([2000, 4096, 65], [4000, 100, 3999]):
+        seq.copy_(torch.tensor(lens))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _ref(pat, q, k, v, lens, {})
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert err < 1e-2, f"graph {lens}: rel. error {err:.2e}"
+
+
 def test_growing_contiguous_cache_compiles_once():
     """pat(q, k[:, :, :L], v[:, :, :L]) for growing L (routed to decode): one plan per
     bucket, one compiled kernel."""
