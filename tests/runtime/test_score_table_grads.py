@@ -13,6 +13,7 @@ import torch
 
 import spattn
 from spattn.runtime import scores as S
+from spattn.runtime.reference import pattern_reference
 
 SLOPE = "s + w[h] * float(q - k)"
 
@@ -413,3 +414,35 @@ def test_fp32_output_of_a_scored_forward(dtype):
     torch.testing.assert_close(o32.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(o32.to(dtype), o, atol=0, rtol=0) if dtype == torch.float32 \
         else torch.testing.assert_close(o.double(), ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("score,bad", [
+    ("s + rel[h, q - k + 69]", float("nan")), ("s + rel[h, q - k + 69]", float("inf")),
+    ("s * exp(rel[h, q - k + 69])", 1e30), ("s + rel[h, (q - k + 69) % 139] * float(k % 2)",
+                                             float("nan"))],
+    ids=["diag-nan", "diag-inf", "exp-huge", "mod-nan"])
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_table_entries_outside_the_pattern_get_zero_gradient(backend, score, bad, det):
+    """A table whose entries at distances the pattern never allows (q - k >= 50 under
+    window(50)) are inf or NaN: outputs and every gradient are the float64 reference's,
+    those entries' gradient 0. At L = 70 the last query tile has padding rows, whose p is
+    NaN there in the kernel (lse +inf); it must add nothing to the table's gradient."""
+    L, H, D = 70, 2, 16
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, H, L, D, generator=g) for _ in range(3))
+    rel = torch.randn(H, 2 * L - 1, generator=g)
+    rel[:, L - 1 + 50:] = bad
+    pat = spattn.compile("causal & window(50)", score=score, backend=backend)
+    qs, ks, vs, rels = (t.clone().requires_grad_() for t in (q, k, v, rel))
+    o = pat(qs, ks, vs, rel=rels, deterministic=det)
+    do = torch.randn(o.shape, generator=g)
+    got = torch.autograd.grad(o, (qs, ks, vs, rels), do)
+    q64, k64, v64, rel64 = (t.double().requires_grad_() for t in (q, k, v, rel))
+    ro = pattern_reference(pat, q64, k64, v64, rel=rel64)[0]
+    want = torch.autograd.grad(ro, (q64, k64, v64, rel64), do.double())
+    torch.testing.assert_close(o.double(), ro, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip("q k v rel".split(), got, want):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
+    assert torch.all(got[3][:, L - 1 + 50:] == 0)
