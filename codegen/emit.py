@@ -530,9 +530,16 @@ class _Emitter(Visitor):
 
     # -- int nodes
 
+    def _lit(self, v: int) -> str:
+        """The literal ``v`` (already fitted): in a 64-bit kernel one in ``2**31 ..
+        2**32 - 1`` typed int64 first, since Triton types it uint32, and a ``tl.where`` of
+        it and a negative literal (a list's entries, an ``if``) is refused."""
+        return f"tl.cast({v}, tl.int64)" if self.bits == 64 and 1 << 31 <= v < 1 << 32 \
+            else str(v)
+
     @rule(Const)
     def const(self, n, c):
-        return str(_fit(n.value, self.bits))
+        return self._lit(_fit(n.value, self.bits))
 
     @rule(Var)
     def var(self, n, c):
@@ -541,16 +548,19 @@ class _Emitter(Visitor):
     @rule(Sum)
     def sum(self, n, c):
         parts = []
+        low = -(1 << (self.bits - 1))   # its magnitude is no literal of the kernel's width
         for (a, coeff), ca in zip(n.terms, c):
             coeff = _fit(coeff, self.bits)
             mag = abs(coeff)
             t = ca if mag == 1 else f"{mag} * {_par(ca)}"
             if mag == 1 and not _atomic(ca) and parts:
                 t = _par(ca)
-            parts.append(("-" if coeff < 0 else "+", t))
+            parts.append(("+", f"({low}) * {_par(ca)}") if coeff == low else
+                         ("-" if coeff < 0 else "+", t))
         const = _fit(n.const, self.bits)
         if const:
-            parts.append(("-" if const < 0 else "+", str(abs(const))))
+            parts.append(("+", f"({low})") if const == low else
+                         ("-" if const < 0 else "+", str(abs(const))))
         if len(parts) > CHAIN:      # chunks of signed terms, added (see _chain)
             return _chain(" + ", [_par(self._signed(parts[i:i + CHAIN]))
                                   for i in range(0, len(parts), CHAIN)])
@@ -575,7 +585,7 @@ class _Emitter(Visitor):
             a, d = _par(c[0]), n.b.value
             neg = f"({a} < 0)" if d > 0 else f"({a} > 0)"
             if isinstance(n, FloorDiv):
-                return f"tl.where({neg}, -1, 0)"
+                return self._wide(f"tl.where({neg}, -1, 0)")
             return f"tl.where({neg}, {a} + {_fit(d)}, {a})"
         if self.signs.nonneg(n.a) and self.signs.positive(n.b):
             op = "//" if isinstance(n, FloorDiv) else "%"
@@ -602,7 +612,7 @@ class _Emitter(Visitor):
 
     @rule(Table)
     def table(self, n, c):
-        return self._wide(_pick(_par(c[0]), [str(_fit(v, self.bits)) for v in n.values],
+        return self._wide(_pick(_par(c[0]), [self._lit(_fit(v, self.bits)) for v in n.values],
                                 wide=self.int64))
 
     @rule(Load)

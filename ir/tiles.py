@@ -65,7 +65,7 @@ import torch
 
 from ..dsl.errors import SpattnValueError
 from . import build as B
-from .bounds import INT64, Checked, Domain, analyse, bounds_of, check_call
+from .bounds import Checked, Domain, analyse, bounds_of, check_call
 from .evaluate import evaluate
 from .inputs import check_lengths, query_offset, validate_inputs
 from .intervals import (IntervalEval, _consecutive, bool_atoms, check_input_bounds, combine,
@@ -122,16 +122,11 @@ def tile_bounds(L: int, block: int, offset: int, device, shape) -> tuple[torch.T
     """First and last position of each tile of ``block`` along ``L`` positions from ``offset``
     (the positions are in int64: ``bounds.check_call``)."""
     n = -(-L // block)
-    if offset + (n + 1) * block <= INT64[1]:
-        lo = torch.arange(offset, offset + n * block, block, dtype=I64, device=device)
-        hi = torch.arange(offset + block - 1, offset + (n + 1) * block - 1, block, dtype=I64,
-                          device=device)
-        if L % block:                    # ragged last tile (else hi is already <= L - 1)
-            hi = hi.clamp_(max=L - 1 + offset)
-    else:       # the padded grid would pass int64: tile starts, their ends clamped first
-        rows = torch.arange(n, dtype=I64, device=device) * block
-        last = rows + (L - 1 - rows).clamp_(max=block - 1)
-        lo, hi = rows + offset, last + offset
+    # tile starts from 0, their ends clamped, then shifted: no intermediate leaves the
+    # positions' range (arange's own length arithmetic would, over a span near 2**63)
+    rows = torch.arange(n, dtype=I64, device=device) * block
+    last = rows + (L - 1 - rows).clamp_(max=block - 1)
+    lo, hi = rows + offset, last + offset
     return lo.view(shape), hi.view(shape)
 
 

@@ -212,3 +212,35 @@ def test_gpu_search_cases_run_on_the_cpu(monkeypatch, case):
     kind, seed = case.split(":")
     desc = gf.KINDS[kind](int(seed))
     assert "refused" not in desc, desc
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("src,H,q_offset", [
+    ("q // 9223372036854775808 == k // 9223372036854775808", 2, None),
+    ("chunked(9223372036854775808) & causal", 2, None),
+    ("[-4, 2147483648][h] <= q - k", 2, None),
+    ("(if h == 0 then 2147483648 else -4) <= q - k", 2, None),
+    ("k * [-1, 2147483648][h] <= q", 2, None),
+    ("q - k >= [1, 4294967295][h]", 2, -3)],
+    ids=["div-2p63", "chunked-2p63", "list-2p31-and-negative", "if-2p31-and-negative",
+         "coefficient-list-2p31", "list-2p32-minus-1"])
+def test_literals_at_the_integer_widths_edges(backend, src, H, q_offset):
+    """Constants at the edges of the kernels' integer widths (a divisor of exactly 2**63,
+    whose key range holds the coefficient -2**63; a list or ``if`` of a negative constant
+    and one in 2**31 .. 2**32 - 1, which Triton types uint32) compile and match the
+    reference (Triton refused them: an int32 range error, an unsigned-and-negative
+    operation)."""
+    p = spattn.compile(src, backend=backend)
+    g = torch.Generator().manual_seed(17)
+    q, k, v = (torch.randn(1, H, 30, 16, generator=g) for _ in range(3))
+    o = p(q, k, v, q_offset=q_offset)
+    ro, _ = pattern_reference(p, q.double(), k.double(), v.double(), q_offset=q_offset)
+    torch.testing.assert_close(o.double(), ro, rtol=1e-4, atol=1e-5)
+
+
+def test_tile_grids_of_lengths_near_2p63():
+    """Tile boxes over a span near 2**63 (Lq = 2**63 - 1 against 8 keys, the queries from
+    8 - Lq): no intermediate leaves int64 (torch.arange's own length arithmetic did)."""
+    p = spattn.compile("causal & window(5)")
+    t = p.tiles(2 ** 63 - 1, 8, 2 ** 60, 4)[0, 0]
+    assert t.shape == (8, 2) and t[:-1].eq(0).all() and t[-1].tolist() == [1, 1]
