@@ -2077,8 +2077,9 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     fast = plan.fast
     T = _TENSOR
     if fast is None or type(q) is not T or type(k) is not T or type(v) is not T \
-            or _any_autocast() or _transforms_active() or _fwad._current_level >= 0:
-        return None     # subclasses, tracers' tensors, transforms: the full path
+            or _any_autocast() or _transforms_active() or _fwad._current_level >= 0 \
+            or _wrapped(q) or _wrapped(k) or _wrapped(v):
+        return None     # subclasses, tracers' and transforms' tensors: the full path
     sig, value, grouped = fast
     try:
         ks = k.shape

@@ -57,6 +57,7 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -198,28 +199,40 @@ def _flag(name: str, v: str | None, *, auto: bool):
     raise SpattnConfigError(f"{name}={v!r}: expected one of {want} (or unset it)")
 
 
-#: ``TRITON_INTERPRET`` as Triton reads it (``triton.knobs``: these spellings, any case, are
-#: on; anything else off): the values spattn takes for on and for off.
+#: ``TRITON_INTERPRET`` as Triton reads it since 3.4 (``triton.knobs``: these spellings, any
+#: case, are on; anything else off): the values spattn takes for on and for off.
 INTERPRET_ON = ("1", "true", "yes", "on", "y")
 INTERPRET_OFF = ("", "0", "false", "no", "off", "n")
 
 
+@functools.lru_cache(maxsize=1)
+def _interpret_spellings() -> tuple[tuple, tuple]:
+    """(on, off) spellings of ``TRITON_INTERPRET`` for the installed Triton: before
+    ``triton.knobs`` (3.2, 3.3) only exactly ``1`` was on."""
+    try:
+        import triton.knobs  # noqa: F401
+    except ImportError:
+        return ("1",), ("", "0")
+    return INTERPRET_ON, INTERPRET_OFF
+
+
 def interpreting(v: str | None) -> bool:
     """Whether ``TRITON_INTERPRET=v`` runs Triton's kernels in its CPU interpreter, read as
-    Triton reads it. A value Triton reads as off without spelling it so (``2``, `` 1``) is
-    a :class:`SpattnConfigError`: one who set it likely meant on, and spattn and Triton
-    must agree (kernels keyed as interpreted but compiled, or CPU tensors sent to a GPU
-    compiler)."""
+    the installed Triton reads it. A value it reads as off without spelling it so (``2``,
+    `` 1``; ``true`` before Triton 3.4) is a :class:`SpattnConfigError`: one who set it
+    likely meant on, and spattn and Triton must agree (kernels keyed as interpreted but
+    compiled, or CPU tensors sent to a GPU compiler)."""
     if v is None:
         return False
+    on, off = _interpret_spellings()
     s = v.lower()
-    if s in INTERPRET_ON:
+    if s in on:
         return True
-    if s in INTERPRET_OFF:
+    if s in off:
         return False
-    raise SpattnConfigError(f"TRITON_INTERPRET={v!r}: expected 1 (or true, yes, on) to run "
-                            f"the Triton kernels on the CPU, or 0 (or false, no, off, empty) "
-                            f"not to; Triton reads any other value as off")
+    raise SpattnConfigError(f"TRITON_INTERPRET={v!r}: expected {' or '.join(on)} to run the "
+                            f"Triton kernels on the CPU, or {', '.join(map(repr, off))} not "
+                            f"to; the installed Triton reads any other value as off")
 
 
 def _int(name: str, v: str | None):

@@ -1,4 +1,4 @@
-# spattn-kernel key=39150d261fa871c3774667fd394f0eaf sha256=e149bf77b9798fabe4cf41c323aed7f277a14586864f7b4da85e05f2143e6f30
+# spattn-kernel key=39150d261fa871c3774667fd394f0eaf sha256=0bedcdeed37681f24a825568723f2959f9712df9acccdbd2acc3acc651e543a2
 """spattn generated backward attention kernels for pattern `softcap_bias`.
 
 Pattern (canonical source):
@@ -359,9 +359,12 @@ def _dq_range_39150d(
         b_ds = b_p * (b_dp - b_delta[:, None])
         if grad_rel:
             # -- gradient of the table rel: dS' * d score / d entry, added atomically --
+            # (pairs of weight in rows that have any: a padding row of a ragged last tile,
+            #  lse +inf, has p = NaN where the score is inf or NaN, as unused entries may be)
+            m_w = (b_p != 0.0) & (b_lse[:, None] != float("inf"))
             # (the entry is a function of q - k: the tile's sum per diagonal t = row - column
             #  + BLOCK_N2 - 1 first, the tile skewed by tl.gather into one column per diagonal)
-            b_g = tl.where(b_p > 0.0, b_ds * 1.0, 0.0)
+            b_g = tl.where(m_w, b_ds * 1.0, 0.0)
             tl.static_assert(b_g.shape[0] + BLOCK_N2 - 1 <= 128)
             o_t = tl.arange(0, 128)
             i_j = tl.arange(0, b_g.shape[0])[:, None] + (BLOCK_N2 - 1) - o_t[None, :]
@@ -388,7 +391,7 @@ def _dq_range_39150d(
                     i_e >= 0) & (i_e < size_rel_1) & (i_h >= 0) & (i_h < size_rel_0) & (b_g != 0.0)
 
                 tl.atomic_add(p_drel + i_h * stride_rel_0 + i_e * stride_rel_1, b_g, mask=m_e)
-        b_ds = tl.where(b_p > 0.0, b_ds * b_fd, 0.0)   # dS = dS' * d score / d s
+        b_ds = tl.where(b_p != 0.0, b_ds * b_fd, 0.0)   # dS = dS' * d score / d s
         b_dq = tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq, input_precision=DOT_PREC)
         i_g0_1 = nx_i_g0_1
         sc_b_rel_1 = nx_sc_b_rel_1

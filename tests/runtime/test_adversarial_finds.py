@@ -214,7 +214,7 @@ def test_gpu_search_cases_run_on_the_cpu(monkeypatch, case):
     assert "refused" not in desc, desc
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.interpreter
 @pytest.mark.parametrize("src,H,q_offset", [
     ("q // 9223372036854775808 == k // 9223372036854775808", 2, None),
     ("chunked(9223372036854775808) & causal", 2, None),
@@ -224,13 +224,13 @@ def test_gpu_search_cases_run_on_the_cpu(monkeypatch, case):
     ("q - k >= [1, 4294967295][h]", 2, -3)],
     ids=["div-2p63", "chunked-2p63", "list-2p31-and-negative", "if-2p31-and-negative",
          "coefficient-list-2p31", "list-2p32-minus-1"])
-def test_literals_at_the_integer_widths_edges(backend, src, H, q_offset):
+def test_literals_at_the_integer_widths_edges(src, H, q_offset):
     """Constants at the edges of the kernels' integer widths (a divisor of exactly 2**63,
     whose key range holds the coefficient -2**63; a list or ``if`` of a negative constant
     and one in 2**31 .. 2**32 - 1, which Triton types uint32) compile and match the
     reference (Triton refused them: an int32 range error, an unsigned-and-negative
     operation)."""
-    p = spattn.compile(src, backend=backend)
+    p = spattn.compile(src, backend="triton")
     g = torch.Generator().manual_seed(17)
     q, k, v = (torch.randn(1, H, 30, 16, generator=g) for _ in range(3))
     o = p(q, k, v, q_offset=q_offset)

@@ -477,6 +477,11 @@ def test_fast_path_steps_aside_for_autocast_dual_levels_and_transforms():
     q2 = q.clone().requires_grad_()
     pat(q2, k, v).sum().backward()
     _close("func.grad", gq, q2.grad)
+    escaped = []
+    torch.vmap(lambda a: escaped.append(a) or a)(qs)
+    assert dec.fast_step(pat, escaped[0], k, v) is None     # a vmap tensor after its vmap
+    with pytest.raises(spattn.SpattnInputError, match="torch.func transform"):
+        pat(escaped[0], k, v)
 
 
 @pytest.mark.parametrize("src", ["causal", "causal & window(100)", "q - k >= 3",

@@ -446,3 +446,26 @@ def test_table_entries_outside_the_pattern_get_zero_gradient(backend, score, bad
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
     assert torch.all(got[3][:, L - 1 + 50:] == 0)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_a_nan_entry_the_pattern_reads_stays_nan_in_the_gradient(backend):
+    """A NaN table entry at a distance the pattern allows (q - k = 3 under window(50)) makes
+    the rows that read it NaN, and the table's gradient NaN where the float64 reference's
+    is: the padding rows' guard of the kernels does not hide it."""
+    L, H, D = 70, 2, 16
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, H, L, D, generator=g) for _ in range(3))
+    rel = torch.randn(H, 2 * L - 1, generator=g)
+    rel[0, L - 1 + 3] = float("nan")
+    pat = spattn.compile("causal & window(50)", score=f"s + rel[h, q - k + {L - 1}]",
+                         backend=backend)
+    rels = rel.clone().requires_grad_()
+    o = pat(q, k, v, rel=rels)
+    do = torch.randn(o.shape, generator=g)
+    (got,) = torch.autograd.grad(o, (rels,), do)
+    rel64 = rel.double().requires_grad_()
+    ro = pattern_reference(pat, q.double(), k.double(), v.double(), rel=rel64)[0]
+    (want,) = torch.autograd.grad(ro, (rel64,), do.double())
+    assert torch.equal(torch.isnan(o), torch.isnan(ro)) and torch.isnan(o).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()

@@ -183,7 +183,7 @@ def test_kernels_show_the_score():
     fwd, bwd = p.kernel_source("fwd"), p.kernel_source("bwd")
     assert "score rel[h, min(max(q - k, 0), 63)] + tanh(s / 30.0) * 30.0" in fwd
     assert "tl.sigmoid(b_s * (sm_scale * 0.06666666666666667))" in fwd   # 2 * s / 30: folded
-    assert "b_ds = tl.where(b_p > 0.0, b_ds * b_fd, 0.0)" in bwd
+    assert "b_ds = tl.where(b_p != 0.0, b_ds * b_fd, 0.0)" in bwd
     # the relative bias's gradient: one atomic add per diagonal of the tile, at its entry
     assert "tl.atomic_add(p_drel + i_h * stride_rel_0 + i_e * stride_rel_1, b_g, mask=m_e)" in bwd
     plain = spattn.compile("causal & window(64)")

@@ -102,3 +102,13 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
     knobs = getattr(triton, "knobs", None)
     if knobs is not None and hasattr(knobs, "runtime"):
         assert bool(knobs.runtime.interpret) is on
+
+
+def test_triton_interpret_before_triton_knobs(monkeypatch):
+    """Before ``triton.knobs`` (Triton 3.2, 3.3) only exactly ``1`` turned the interpreter
+    on: there ``true`` is refused rather than read as on (spattn would choose the
+    interpreter while Triton compiles for the GPU)."""
+    monkeypatch.setattr(settings, "_interpret_spellings", lambda: (("1",), ("", "0")))
+    assert settings.interpreting("1") and not settings.interpreting("0")
+    with pytest.raises(SpattnConfigError, match=r"TRITON_INTERPRET='true'.*expected 1 "):
+        settings.interpreting("true")
