@@ -18,6 +18,7 @@ def _run(script, *args):
     return out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache,dtype", [("dynamic", "float32"), ("static", "float32"),
                                          ("dynamic", "bfloat16")],
                          ids=["dynamic-fp32", "static-fp32", "dynamic-bf16"])
@@ -37,6 +38,7 @@ def test_hf_generate_tiny(tmp_path, cache, dtype):
     assert f"{cache} cache" in table and "| spattn |" in table
 
 
+@pytest.mark.slow
 def test_decode_padding_tiny(tmp_path):
     table = _run("decode_padding.py", "--device", "cpu", "--batch", "2", "--heads", "4/2",
                  "--dim", "32", "--length", "300", "--tokens", "3", "--layers", "2",
@@ -47,6 +49,7 @@ def test_decode_padding_tiny(tmp_path):
     assert "| first-scan |" in table
 
 
+@pytest.mark.slow
 def test_hf_call_tiny(tmp_path):
     pytest.importorskip("transformers")
     table = _run("hf_call.py", "--batch", "2", "--keys", "300", "--heads", "4", "--kv-heads",

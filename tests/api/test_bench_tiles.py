@@ -24,6 +24,7 @@ def _load(name):
         sys.path.remove(str(_DIR))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])
 def test_tiles_ab_cpu_check(monkeypatch, kind):
     monkeypatch.setenv("SPATTN_BACKEND", "triton")
@@ -47,6 +48,7 @@ def test_decode_sweep_cpu_check(monkeypatch, capsys):
     assert cap.out.count('"err"') == 4 and "Error" not in cap.err, cap.err
 
 
+@pytest.mark.slow
 def test_tiles_ab_dq_ab(monkeypatch):
     """``--dq-ab``: the atomic configurations (8th field) run through the interpreter,
     each plan's backward in the mode its label says, every result equal to the default's;

@@ -53,6 +53,7 @@ def test_summary_ratios_spread_and_bars(documents):
     assert "fwd:ok fwdbwd:NO" in table and "| missing |" in table
 
 
+@pytest.mark.slow
 def test_cpu_driver_runs_fresh_processes(documents, tmp_path, capsys):
     rc = documents.main(["--out", str(tmp_path), "--cpu", "--tiny", "--procs", "2",
                          "--lengths", "64", "--docs", "1", "4", "--rounds", "1"])

@@ -19,6 +19,7 @@ def bench():
     return mod
 
 
+@pytest.mark.slow
 @pytest.mark.interpreter
 def test_dry_rows_run(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPATTN_LAYOUT", "auto")

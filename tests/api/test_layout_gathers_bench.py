@@ -11,6 +11,7 @@ import pytest
 _PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "layout_gathers.py"
 
 
+@pytest.mark.slow
 @pytest.mark.interpreter
 def test_dry_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "copy")

@@ -18,6 +18,7 @@ def layouts():
     return mod
 
 
+@pytest.mark.slow
 def test_cpu_run_writes_rows(layouts, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPATTN_LAYOUT", "auto")     # restored after the run sets it
     rc = layouts.main(["--out", str(tmp_path), "--cpu", "--only", "flux-window-80x80",
@@ -41,6 +42,7 @@ def test_problems_are_the_briefs(layouts):
     assert N == 256 and pat.mask(N, N).equal(nb.mask(N, N))    # the flat form is NATTEN's
 
 
+@pytest.mark.slow
 def test_cpu_run_of_a_callers_order_and_text_before_an_image(layouts, tmp_path, monkeypatch):
     """The rows of ``order=`` (an OrderedPlan from a box permutation) and of a declared grid
     after text tokens (a layout whose grid has an offset) run and match the reference."""
@@ -74,6 +76,7 @@ def test_flex_mask_mod_is_nattens(layouts, shape, kernel, stride):
     assert got.numpy().tolist() == want.tolist()
 
 
+@pytest.mark.slow
 def test_cpu_run_of_text_around_an_image(layouts, tmp_path, monkeypatch):
     """The row of a declared grid with text before and after it runs in a layout with both
     runs of text around the boxes and matches the reference."""
