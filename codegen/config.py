@@ -187,10 +187,16 @@ def choice(value, name: str, allowed: tuple, *, default=None) -> str:
 MAX_BLOCK = 256
 
 
+def is_block(v) -> bool:
+    """Whether ``v`` is a tile side the kernels take: an int (not a bool), a power of two in
+    16..:data:`MAX_BLOCK` (arguments, ``SPATTN_*`` variables and tuning files alike)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= MAX_BLOCK \
+        and not v & (v - 1)
+
+
 def _pow2_check(**blocks):
     for name, v in blocks.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v > MAX_BLOCK \
-                or v & (v - 1):
+        if not is_block(v):
             raise SpattnConfigError(
                 f"{name} must be a power of two in 16..{MAX_BLOCK} (16, 32, 64, 128, 256), "
                 f"got {v!r}")

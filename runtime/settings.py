@@ -61,7 +61,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 
-from ..codegen.config import MAX_BLOCK
+from ..codegen.config import MAX_BLOCK, is_block
 from ..dsl.errors import SpattnConfigError
 
 __all__ = ["Settings", "current", "getenv", "progress", "VARIABLES", "FLAG_ON", "FLAG_OFF"]
@@ -247,7 +247,7 @@ def _int(name: str, v: str | None):
     elif name.endswith("_STAGES"):
         ok, want = n is not None and 1 <= n <= 8, "an integer in 1..8"
     else:
-        ok = n is not None and 16 <= n <= MAX_BLOCK and not n & (n - 1)
+        ok = is_block(n)
         want = f"a power of two in 16..{MAX_BLOCK} (16, 32, 64, 128, 256)"
     if not ok:
         raise SpattnConfigError(f"{name}={v!r}: expected {want} (or unset it for the default)")

@@ -269,7 +269,7 @@ def _valid_config(kind: str, cfg) -> dict:
             continue
         if not isinstance(v, int) or isinstance(v, bool):
             raise ValueError(f"{n} is not an integer: {v!r}")
-        if n.startswith("block_") and (v < 16 or v > _config.MAX_BLOCK or v & (v - 1)):
+        if n.startswith("block_") and not _config.is_block(v):
             raise ValueError(f"{n} must be a power of two in 16..{_config.MAX_BLOCK}, got {v}")
         if n == "num_warps" and (v < 1 or v > 32 or v & (v - 1)):
             raise ValueError(f"num_warps must be a power of two <= 32, got {v}")

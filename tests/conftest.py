@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from spattn.runtime.settings import INTERPRET_ON  # noqa: E402
+from spattn.runtime.settings import interpreting  # noqa: E402
 
 # "ci" (the default) draws the same examples on every run (derandomized, no example
 # database), so a clean clone tests what was tested before it landed; "explore" searches
@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
     """Skip ``gpu`` tests without CUDA and ``interpreter`` tests without the interpreter;
     scale the property tests' examples under the ``explore`` profile."""
     _explore_more(items)
-    interpreted = os.environ.get("TRITON_INTERPRET", "").lower() in INTERPRET_ON
+    interpreted = interpreting(os.environ.get("TRITON_INTERPRET"))
     no_gpu = pytest.mark.skip(reason="needs a CUDA device")
     no_interp = pytest.mark.skip(reason="runs the kernels on the CPU: needs TRITON_INTERPRET=1")
     for item in items:

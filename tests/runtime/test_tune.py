@@ -10,14 +10,14 @@ import triton.language  # noqa: F401  (imported here, under conftest's TRITON_IN
 
 import spattn
 from spattn.codegen import config as st
-from spattn.runtime.settings import INTERPRET_ON
+from spattn.runtime.settings import interpreting
 from spattn.runtime import settings, tune, triton_backend
 
 pytestmark = pytest.mark.interpreter
 
 CUDA = torch.device("cuda", 0)     # only its type is looked at: no GPU needed
 # Triton's language helpers are interpreted only if imported under TRITON_INTERPRET=1.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "").lower() in INTERPRET_ON
+INTERPRETED = interpreting(os.environ.get("TRITON_INTERPRET"))
 
 
 @pytest.fixture(autouse=True)
