@@ -569,7 +569,8 @@ class DecodePlan:
 
     def _shrink(self, error: Exception) -> None:
         """After the decode kernel did not fit the device's shared memory (Triton checks
-        when it loads a compiled kernel, at its first launch, before it runs): one stage
+        when it loads a compiled kernel, at its first launch, before it runs) or did not
+        assemble (``triton_backend.unfit``): one stage
         fewer, or at one stage half the key tile (two stages again), with the module
         rendered for it. At 16-key tiles a float32 cache's kernel goes back to its first
         configuration with exact fp32 products ("ieee", which hold each operand once in
@@ -577,9 +578,9 @@ class DecodePlan:
         fit no tile otherwise); after that a :class:`SpattnConfigError`. The defaults fit
         an H200's 227 KiB for 16-bit caches and for float32 ones with up to 32 packed rows
         (docs/decisions.md); more packed float32 rows or a smaller device need less."""
-        from triton.runtime.errors import OutOfResources
-        from .triton_backend import shrink_step
-        if not isinstance(error, OutOfResources):
+        from .triton_backend import shrink_step, unfit
+        why = unfit(error)
+        if why is None:
             raise error
         cfg = self.config
         step = shrink_step(cfg.num_stages, {"block_n": cfg.block_n})
@@ -592,10 +593,10 @@ class DecodePlan:
         else:
             raise SpattnConfigError(f"no configuration of the decode kernel fits this device "
                                     f"({self.block_m} packed query rows, head dim {self.D}, "
-                                    f"{cfg.dtype}): {str(error).splitlines()[0]}") from None
-        _log.info("spattn: decode kernel (%d-key tiles, %d stages) does not fit shared "
-                  "memory; using %d-key tiles, %d stages", cfg.block_n, cfg.num_stages,
-                  smaller.block_n, smaller.num_stages)
+                                    f"{cfg.dtype}): {why}") from None
+        _log.info("spattn: decode kernel (%d-key tiles, %d stages): %s; using %d-key "
+                  "tiles, %d stages", cfg.block_n, cfg.num_stages, why, smaller.block_n,
+                  smaller.num_stages)
         self.config = smaller
         self.module = load_module(self.pattern, smaller, self.closed_form, self.device)
         self._launches = {}

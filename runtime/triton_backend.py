@@ -682,33 +682,52 @@ _SHRINK = {"fwd": ("block_n", "block_m"), "bwd": ("block_n2", "block_m1", "block
 def _fitted(call, kind: str, q, opts: dict, *, explicit: dict, build):
     """The stage ``build(opts, warmup)`` makes, compiled on CUDA before its first launch so
     that a configuration which does not fit the device's shared memory (a default's three
-    pipeline stages with a score's gradient tiles, say) is replaced, not raised at the
-    call: fewer stages first, then halved tiles (:data:`_SHRINK`), each logged. A
+    pipeline stages with a score's gradient tiles, say) or that the assembler fails on
+    (:func:`unfit`) is replaced, not raised at the call: fewer stages first, then halved
+    tiles (:data:`_SHRINK`), each logged. A
     configuration the caller fixed (options or ``SPATTN_*`` tiles, warps or stages) is
     not changed: it is a :class:`SpattnConfigError` naming what to lower."""
     if call.device.type != "cuda" or call.settings.interpret:
         return build(opts, False)
-    from triton.runtime.errors import OutOfResources
     fixed = {k: v for k, v in explicit.items() if k in _TILE_OPTIONS} or (
         call.settings.overrides(kind) if call.settings.tiles_set(kind) else {})
     opts = dict(opts)
     while True:
         try:
             return build(opts, True)
-        except OutOfResources as e:
+        except Exception as e:      # noqa: BLE001 -- a refusal (unfit) is stepped down from
+            why = unfit(e)
+            if why is None:
+                raise
             cfg = _load(call, kind, q.shape[-1], q.dtype, opts)[1]
             if fixed:
                 raise SpattnConfigError(
                     f"the {kind} kernel's configuration does not fit this device "
-                    f"({_describe(kind, cfg)}): {str(e).splitlines()[0]}; lower "
+                    f"({_describe(kind, cfg)}): {why}; lower "
                     f"num_stages or the tiles ({', '.join(sorted(fixed))} set)") from None
             smaller = _smaller(kind, cfg)
             if smaller is None:
                 raise SpattnConfigError(f"no configuration of the {kind} kernel fits this "
-                                        f"device: {str(e).splitlines()[0]}") from None
-            _tune.log.info("spattn: %s kernel %s does not fit shared memory; using %s",
-                           kind, _describe(kind, cfg), smaller)
+                                        f"device: {why}") from None
+            _tune.log.info("spattn: %s kernel %s: %s; using %s",
+                           kind, _describe(kind, cfg), why, smaller)
             opts.update(smaller)
+
+
+def unfit(error: Exception) -> str | None:
+    """Why Triton refused to build a configuration that a smaller one may pass, or None
+    for any other error: ``OutOfResources`` (shared memory or registers, checked when the
+    compiled kernel is loaded) and ``PTXASError``, the assembler failing on the kernel
+    (ptxas 12.8, bundled with Triton 3.6, dies with SIGSEGV on some forward kernels of
+    three or more key ranges at three pipeline stages and runs them at two:
+    docs/codegen.md). Both are properties of one configuration, not of the pattern."""
+    from triton.runtime.errors import OutOfResources, PTXASError
+    if isinstance(error, OutOfResources):
+        return str(error).splitlines()[0]
+    if isinstance(error, PTXASError):
+        return ("Triton's assembler (ptxas) failed on it: "
+                + " ".join(str(error).split())[:160])
+    return None
 
 
 def _loaded(compiled) -> None:

@@ -324,25 +324,31 @@ def test_triton_decode_packing_and_splits(Hq, Hk, Lq, splits):
 
 
 @interp
-@pytest.mark.parametrize("fails,want,prec", [(1, (32, 1), None), (2, (16, 2), None),
-                                             (4, (32, 2), "ieee"), (8, None, None)],
-                         ids=["one-stage-fewer", "half-the-key-tile", "exact-fp32-products",
-                              "nothing-fits"])
-def test_triton_decode_shrinks_a_kernel_that_does_not_fit(monkeypatch, fails, want, prec):
+@pytest.mark.parametrize("fails,want,prec,error", [
+    (1, (32, 1), None, "resources"), (2, (16, 2), None, "resources"),
+    (4, (32, 2), "ieee", "resources"), (8, None, None, "resources"),
+    (1, (32, 1), None, "ptxas")],
+    ids=["one-stage-fewer", "half-the-key-tile", "exact-fp32-products", "nothing-fits",
+         "assembler-fails"])
+def test_triton_decode_shrinks_a_kernel_that_does_not_fit(monkeypatch, fails, want, prec,
+                                                          error):
     """A decode kernel that does not fit shared memory (Triton's OutOfResources at its
-    first launch) is run with one stage fewer, then half the key tile, then (a float32
-    cache) in its first configuration with exact fp32 products, and the step is right;
-    when nothing fits, a SpattnConfigError says so (never Triton's error)."""
-    from triton.runtime.errors import OutOfResources
+    first launch) or that the assembler fails on (PTXASError) is run with one stage fewer,
+    then half the key tile, then (a float32 cache) in its first configuration with exact
+    fp32 products, and the step is right; when nothing fits, a SpattnConfigError says so
+    (never Triton's error)."""
+    from triton.runtime.errors import OutOfResources, PTXASError
     real_config, real_launch = dec.default_config, dec._launch
     monkeypatch.setattr(dec, "default_config", lambda *a, **kw: dec.DecodeConfig(
         **{**real_config(*a, **kw).as_dict(), "block_n": 32, "num_stages": 2}))
     left = [fails]
+    dec.DECODE_PLANS.clear()        # (a plan of this case's own, not one an earlier left)
 
     def launch(bound, kernel, grid, args, free, meta):
         if meta.get("num_stages") is not None and left[0] > 0:
             left[0] -= 1
-            raise OutOfResources(300000, 232448, "shared memory")
+            raise OutOfResources(300000, 232448, "shared memory") if error == "resources" \
+                else PTXASError("PTXAS error: `ptxas` failed with error code -11")
         return real_launch(bound, kernel, grid, args, free, meta)
     monkeypatch.setattr(dec, "_launch", launch)
     if want is None:
@@ -350,7 +356,6 @@ def test_triton_decode_shrinks_a_kernel_that_does_not_fit(monkeypatch, fails, wa
             _case("window", "triton", B=1, Hq=2, Hk=1, Lq=2, cap=80, D=16, lens=[77],
                   num_splits=fails)
         return
-    # (a split count of its own per case: a plan of its own, not one an earlier case left)
     pat = _case("window", "triton", B=1, Hq=2, Hk=1, Lq=2, cap=80, D=16, lens=[77],
                 num_splits=fails)[0]
     plans = [p for p in dec.DECODE_PLANS._plans.values()

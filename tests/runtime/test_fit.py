@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
 
 import spattn
 from spattn.codegen.config import default_tiles
@@ -87,3 +87,46 @@ def test_off_cuda_the_stage_is_built_as_asked():
     got = TB._fitted(call, "fwd", _Q, {}, explicit={},
                      build=lambda opts, warmup: (opts, warmup))
     assert got == ({}, False)
+
+
+def _assembler_fails(limit_stages):
+    """A fake compile whose assembler dies (ptxas's SIGSEGV, Triton's PTXASError) above
+    ``limit_stages`` stages, as ptxas 12.8 does on some three-range forwards at three."""
+    tried = []
+
+    def build(call, kind):
+        def run(opts, warmup):
+            cfg = TB._load(call, kind, 64, torch.bfloat16, opts)[1]
+            tried.append((cfg.block_m, cfg.block_n, cfg.num_stages))
+            if cfg.num_stages > limit_stages:
+                raise PTXASError("PTXAS error: `ptxas` failed with error code -11")
+            return cfg
+        return run
+    return build, tried
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_a_configuration_the_assembler_fails_on_is_stepped_down(kind):
+    call = _Call()
+    build, tried = _assembler_fails(1)
+    cfg = TB._fitted(call, kind, _Q, {}, explicit={}, build=build(call, kind))
+    assert cfg.num_stages == 1 and tried[-1][2] == 1 and len(tried) > 1
+
+
+def test_a_fixed_configuration_the_assembler_fails_on_is_a_config_error(monkeypatch):
+    call = _Call({"SPATTN_FWD_STAGES": "3"}, monkeypatch)
+    build, _ = _assembler_fails(2)
+    with pytest.raises(SpattnConfigError, match=r"3 stages.*ptxas.*error code -11"):
+        TB._fitted(call, "fwd", _Q, {}, explicit={}, build=build(call, "fwd"))
+
+
+def test_other_errors_are_not_stepped_down():
+    call = _Call()
+    tried = []
+
+    def build(opts, warmup):
+        tried.append(opts)
+        raise RuntimeError("not a refusal of the configuration")
+    with pytest.raises(RuntimeError, match="not a refusal"):
+        TB._fitted(call, "fwd", _Q, {}, explicit={}, build=build)
+    assert len(tried) == 1
