@@ -10,7 +10,7 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 
 ==========================  ============================================================
 ``SPATTN_STRATEGY``         ``ranges`` or ``table``
-``SPATTN_BLOCK_M`` / ``_N`` forward tile (queries / keys), powers of two >= 16
+``SPATTN_BLOCK_M`` / ``_N`` forward tile (queries / keys), powers of two in 16..256
 ``SPATTN_FWD_WARPS``        forward ``num_warps`` (fallback ``SPATTN_NUM_WARPS``)
 ``SPATTN_FWD_STAGES``       forward ``num_stages`` (fallback ``SPATTN_NUM_STAGES``)
 ``SPATTN_FWD_LOOP``         forward loop: ``split``, ``fused`` or ``persistent``

@@ -100,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _sizes(p)
     p.add_argument("--block-m", type=_positive, default=None,
-                   help="query tile size (default: the target's forward tiles)")
-    p.add_argument("--block-n", type=_positive, default=None, help="key tile size")
+                   help="query tile size (default: the target cost model's, 128 for cuda, "
+                        "64 for cpu; the GPU forward's default is 64)")
+    p.add_argument("--block-n", type=_positive, default=None,
+                   help="key tile size (default 64)")
     p.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
                    help="whose cost model predicts the speedup (default cuda)")
 
