@@ -15,9 +15,13 @@ Conventions (the same as the kernels'):
   log-sum-exp too (``+inf`` where no score is NaN).
 * lse is the natural-log log-sum-exp of the scaled scores over allowed keys.
 * Only allowed pairs of nonzero weight reach the result: an inf or NaN in q, k or v where
-  the mask removes the pair (a key no query may see, a cache slot past its length) leaves
-  the output and the gradients finite, as the kernels, which skip such tiles, do (a plain
-  ``p @ v`` would give ``0 * inf = NaN``).
+  the mask removes the pair leaves the output and the gradients finite (a plain
+  ``p @ v`` would give ``0 * inf = NaN``). The kernels agree where they never read the
+  value (tiles proven EMPTY, positions past ``Lq`` / ``Lk``, cache slots past a decode
+  step's ``seq_lens``); a non-finite key or value they do read for other pairs of its tile
+  can reach rows that exclude it through ``0 * NaN`` in a matrix product, as in
+  ``scaled_dot_product_attention`` with a boolean mask (docs/usage.md, "Non-finite values
+  at excluded keys"). The reference is the ideal the tests compare finite inputs against.
 
 It is differentiable: ``torch.autograd`` through it gives the reference
 gradients (float64).
