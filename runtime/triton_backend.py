@@ -718,9 +718,8 @@ def unfit(error: Exception) -> str | None:
     """Why Triton refused to build a configuration that a smaller one may pass, or None
     for any other error: ``OutOfResources`` (shared memory or registers, checked when the
     compiled kernel is loaded) and ``PTXASError``, the assembler failing on the kernel
-    (ptxas 12.8, bundled with Triton 3.6, dies with SIGSEGV on some forward kernels of
-    three or more key ranges at three pipeline stages and runs them at two:
-    docs/codegen.md). Both are properties of one configuration, not of the pattern."""
+    (ptxas 12.8, bundled with Triton 3.6, dies with SIGSEGV on some forward kernels at
+    three pipeline stages and assembles them at two: docs/codegen.md). Both are properties of one configuration, not of the pattern."""
     from triton.runtime.errors import OutOfResources, PTXASError
     if isinstance(error, OutOfResources):
         return str(error).splitlines()[0]
