@@ -21,7 +21,9 @@ class SpattnError(Exception):
         self.line = line
         self.column = column
         self.filename = filename
-        super().__init__(self._render())
+        # (args set, not BaseException.__init__ called: torch.compile traces this
+        # constructor when a check fails in a compiled region, and cannot trace that call)
+        self.args = (self._render(),)
 
     def with_position(self, source: str | None, line: int | None, column: int | None,
                       filename: str | None = None) -> "SpattnError":
@@ -113,6 +115,8 @@ def short_repr(value) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
         digits = int(value.bit_length() * 0.30103) + 1
         return f"{'-' if value < 0 else ''}<an integer of about {digits} digits>"
+    if type(value).__name__ in ("Tensor", "Parameter", "FakeTensor", "FunctionalTensor"):
+        return f"<a tensor of shape {list(value.shape)}, {value.dtype}>"   # (traceable)
     try:
         text = repr(value)
     except Exception:  # noqa: BLE001 - a hostile __repr__ must not hide the real error

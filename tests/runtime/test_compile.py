@@ -1,4 +1,6 @@
 """``torch.compile(fullgraph=True)`` of a model using spattn: no graph breaks, same numbers."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -217,3 +219,31 @@ def test_equal_patterns_that_declare_other_inputs_are_two_op_keys():
     for f in (torch.compile(lambda q: b(q, k, v), fullgraph=True),
               torch.compile(lambda q: a(q, k, v, doc=doc), fullgraph=True)):
         torch.testing.assert_close(f(q).double(), want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("case", ["missing-input", "unknown-input", "float-input",
+                                  "sdpa-keyword", "tensor-q_offset"])
+def test_compile_fullgraph_bad_call_shows_spattn_message(case):
+    """A bad call in a fullgraph region: dynamo traces the failing check and reports the
+    exception it raises (`Unsupported`, "Observed exception") with the SpattnError's
+    message in it, the message an eager call gives; without fullgraph the call falls back
+    to eager and raises the SpattnError itself."""
+    torch._dynamo.reset()
+    pat = spattn.compile("causal & same(doc)", backend="torch")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g) for _ in range(3))
+    doc = torch.arange(20) // 5
+    kw = {"missing-input": {}, "unknown-input": {"doc": doc, "foo": doc},
+          "float-input": {"doc": doc.float()}, "sdpa-keyword": {"doc": doc, "is_causal": True},
+          "tensor-q_offset": {"doc": doc, "q_offset": torch.tensor(3)}}[case]
+
+    def f(a, b, c):
+        return pat(a, b, c, **kw)
+    with pytest.raises(spattn.SpattnError) as eager:
+        f(q, k, v)
+    want = str(eager.value).splitlines()[0]
+    with pytest.raises(Exception) as compiled:
+        torch.compile(f, fullgraph=True, backend="eager")(q, k, v)
+    assert want in str(compiled.value), str(compiled.value)
+    with pytest.raises(type(eager.value), match="^" + re.escape(want)):
+        torch.compile(f, backend="eager")(q, k, v)
