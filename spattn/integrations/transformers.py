@@ -193,6 +193,14 @@ def _size(config, field: str, layer_idx: int, layer_type: str) -> int:
     return value
 
 
+#: Layer types of hybrid models (an attention block beside a state-space one) whose
+#: attention is one of the plain kinds: Falcon-H1's ``hybrid`` layers attend causally to
+#: every earlier token, Inkling's ``hybrid`` and ``hybrid_sliding`` as ``full_attention``
+#: and ``sliding_attention`` do (the masks transformers builds for them; a call checks
+#: the mask it gets against the kind, so a model that masks otherwise is refused).
+_TYPE_ALIASES = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
+
+
 def _config_kind(config, layer_idx: int, layer_type: str,
                  module_causal: bool = True) -> tuple[tuple, str]:
     """The mask kind transformers builds for a layer of this type, and the fields it reads.
@@ -202,6 +210,7 @@ def _config_kind(config, layer_idx: int, layer_type: str,
     does (``module.is_causal = False``: encoders such as BERT's, cross-attention), as
     SDPA's adapter reads it."""
     causal = getattr(config, "is_causal", True) is not False and module_causal is not False
+    layer_type = _TYPE_ALIASES.get(layer_type, layer_type)
     if layer_type == "full_attention":
         return (("causal",) if causal else ("full",)), ""
     if layer_type == "sliding_attention":
@@ -212,7 +221,8 @@ def _config_kind(config, layer_idx: int, layer_type: str,
         return ("chunked", c), f"attention_chunk_size={c}"
     raise SpattnError(
         f"layer {layer_idx} has layer type {layer_type!r}, which spattn does not map to a "
-        "pattern (it maps full_attention, sliding_attention and chunked_attention); give the "
+        "pattern (it maps full_attention, sliding_attention, chunked_attention, hybrid and "
+        "hybrid_sliding); give the "
         f"layer a pattern with set_patterns(model, {{{layer_idx}: ...}})")
 
 

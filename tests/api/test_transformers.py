@@ -67,6 +67,13 @@ CONFIGS = {
     "gpt-oss-w4": lambda: tiny("GptOssConfig", sliding_window=4, num_local_experts=2,
                                num_experts_per_tok=1),
 }
+# hybrid layer types (attention beside a state-space block), where transformers has them
+if hasattr(transformers, "FalconH1Config"):
+    CONFIGS["falcon-h1-hybrid"] = lambda: tiny("FalconH1Config", mamba_d_ssm=32,
+                                               mamba_n_heads=4, mamba_d_head=8)
+if hasattr(transformers, "InklingTextConfig"):
+    CONFIGS["inkling-hybrid-sliding-w4"] = lambda: tiny(
+        "InklingTextConfig", sliding_window=4, layer_types=["hybrid_sliding", "hybrid"])
 
 
 def model_of(config, seed=0):
