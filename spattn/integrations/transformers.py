@@ -194,8 +194,8 @@ def _size(config, field: str, layer_idx: int, layer_type: str) -> int:
 
 
 #: Layer types of hybrid models (an attention block beside a state-space one) whose
-#: attention is one of the plain kinds: Falcon-H1's ``hybrid`` layers attend causally to
-#: every earlier token, Inkling's ``hybrid`` and ``hybrid_sliding`` as ``full_attention``
+#: attention is one of the plain kinds: Falcon-H1's and Zaya's ``hybrid`` layers attend
+#: causally to every earlier token, Inkling's ``hybrid`` and ``hybrid_sliding`` as ``full_attention``
 #: and ``sliding_attention`` do (the masks transformers builds for them; a call checks
 #: the mask it gets against the kind, so a model that masks otherwise is refused).
 _TYPE_ALIASES = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}

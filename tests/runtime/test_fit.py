@@ -91,7 +91,7 @@ def test_off_cuda_the_stage_is_built_as_asked():
 
 def _assembler_fails(limit_stages):
     """A fake compile whose assembler dies (ptxas's SIGSEGV, Triton's PTXASError) above
-    ``limit_stages`` stages, as ptxas 12.8 does on some three-range forwards at three."""
+    ``limit_stages`` stages, as ptxas 12.8 does on some forward kernels at three."""
     tried = []
 
     def build(call, kind):
