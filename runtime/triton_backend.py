@@ -720,10 +720,10 @@ def unfit(error: Exception) -> str | None:
     compiled kernel is loaded) and ``PTXASError``, the assembler failing on the kernel
     (ptxas 12.8, bundled with Triton 3.6, dies with SIGSEGV on some forward kernels at
     three pipeline stages and assembles them at two: docs/codegen.md). Both are properties of one configuration, not of the pattern."""
-    from triton.runtime.errors import OutOfResources, PTXASError
-    if isinstance(error, OutOfResources):
+    from triton.runtime import errors
+    if isinstance(error, errors.OutOfResources):
         return str(error).splitlines()[0]
-    if isinstance(error, PTXASError):
+    if isinstance(error, getattr(errors, "PTXASError", ())):     # (Triton >= 3.2)
         return ("Triton's assembler (ptxas) failed on it: "
                 + " ".join(str(error).split())[:160])
     return None
