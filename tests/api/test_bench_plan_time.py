@@ -4,9 +4,12 @@ import importlib.util
 import json
 import pathlib
 
+import pytest
+
 _PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "plan_time.py"
 
 
+@pytest.mark.slow
 def test_runs_one_case_and_writes_json(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("spattn_plan_time", _PATH)
     mod = importlib.util.module_from_spec(spec)

@@ -40,6 +40,7 @@ def test_tiles_ab_cpu_check(monkeypatch, kind):
         assert any(tiles in c["plan"] for c in cfgs.values()), row
 
 
+@pytest.mark.slow
 def test_decode_sweep_cpu_check(monkeypatch, capsys):
     mod = _load("decode_sweep")
     monkeypatch.setattr(sys, "argv", ["decode_sweep.py", "--cpu-check"])

@@ -123,6 +123,7 @@ def test_functional_takes_deterministic_as_a_call_does():
                                rtol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.interpreter
 def test_score_variants_benchmark_dry_run(capsys):
     """benchmarks/score_variants.py's CPU mode: each variant's plan has its flags and agrees
