@@ -719,7 +719,8 @@ def unfit(error: Exception) -> str | None:
     for any other error: ``OutOfResources`` (shared memory or registers, checked when the
     compiled kernel is loaded) and ``PTXASError``, the assembler failing on the kernel
     (ptxas 12.8, bundled with Triton 3.6, dies with SIGSEGV on some forward kernels at
-    three pipeline stages and assembles them at two: docs/codegen.md). Both are properties of one configuration, not of the pattern."""
+    three pipeline stages and assembles them at two: docs/codegen.md). Both are properties
+    of one configuration, not of the pattern."""
     from triton.runtime import errors
     if isinstance(error, errors.OutOfResources):
         return str(error).splitlines()[0]

@@ -29,8 +29,19 @@ class _Call:
         self.settings = dataclasses.replace(S.current(), interpret=False)
 
 
-def _device(limit_stages, limit_n):
-    """A fake compile: fits only at most ``limit_stages`` stages and key tiles <= limit_n."""
+def _shared_memory():
+    return OutOfResources(1 << 18, 232448, "shared memory")
+
+
+def _assembler():
+    """ptxas's SIGSEGV as Triton raises it, as ptxas 12.8 dies on some forward kernels at
+    three stages."""
+    return PTXASError("PTXAS error: `ptxas` failed with error code -11")
+
+
+def _device(limit_stages, limit_n=256, error=_shared_memory):
+    """A fake compile: fits only at most ``limit_stages`` stages and key tiles <= limit_n,
+    else raises ``error()``."""
     tried = []
 
     def build(call, kind):
@@ -39,7 +50,7 @@ def _device(limit_stages, limit_n):
             tried.append((cfg.block_m, cfg.block_n, cfg.num_stages))
             assert warmup, "the fit is checked by compiling before the first launch"
             if cfg.num_stages > limit_stages or cfg.block_n > limit_n:
-                raise OutOfResources(1 << 18, 232448, "shared memory")
+                raise error()
             return cfg
         return run
     return build, tried
@@ -89,33 +100,17 @@ def test_off_cuda_the_stage_is_built_as_asked():
     assert got == ({}, False)
 
 
-def _assembler_fails(limit_stages):
-    """A fake compile whose assembler dies (ptxas's SIGSEGV, Triton's PTXASError) above
-    ``limit_stages`` stages, as ptxas 12.8 does on some forward kernels at three."""
-    tried = []
-
-    def build(call, kind):
-        def run(opts, warmup):
-            cfg = TB._load(call, kind, 64, torch.bfloat16, opts)[1]
-            tried.append((cfg.block_m, cfg.block_n, cfg.num_stages))
-            if cfg.num_stages > limit_stages:
-                raise PTXASError("PTXAS error: `ptxas` failed with error code -11")
-            return cfg
-        return run
-    return build, tried
-
-
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])
 def test_a_configuration_the_assembler_fails_on_is_stepped_down(kind):
     call = _Call()
-    build, tried = _assembler_fails(1)
+    build, tried = _device(1, error=_assembler)
     cfg = TB._fitted(call, kind, _Q, {}, explicit={}, build=build(call, kind))
     assert cfg.num_stages == 1 and tried[-1][2] == 1 and len(tried) > 1
 
 
 def test_a_fixed_configuration_the_assembler_fails_on_is_a_config_error(monkeypatch):
     call = _Call({"SPATTN_FWD_STAGES": "3"}, monkeypatch)
-    build, _ = _assembler_fails(2)
+    build, _ = _device(2, error=_assembler)
     with pytest.raises(SpattnConfigError, match=r"3 stages.*ptxas.*error code -11"):
         TB._fitted(call, "fwd", _Q, {}, explicit={}, build=build(call, "fwd"))
 
