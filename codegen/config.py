@@ -194,6 +194,16 @@ def is_block(v) -> bool:
         and not v & (v - 1)
 
 
+def is_warps(v) -> bool:
+    """Whether ``v`` is a ``num_warps`` the launchers take: 1, 2, 4, 8, 16 or 32."""
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 32 and not v & (v - 1)
+
+
+def is_stages(v) -> bool:
+    """Whether ``v`` is a ``num_stages`` the launchers take: an int in 1..8."""
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8
+
+
 def _pow2_check(**blocks):
     for name, v in blocks.items():
         if not is_block(v):

@@ -520,10 +520,9 @@ def _check_options(options) -> None:
         raise SpattnValueError(f"dtype must be float16, bfloat16 or float32 (a torch dtype or "
                                f"its name), got {options.get('dtype')!r}") from None
     nw, ns = options.get("num_warps"), options.get("num_stages")
-    if nw is not None and (isinstance(nw, bool) or not isinstance(nw, int) or
-                           not 1 <= nw <= 32 or nw & (nw - 1)):
+    if nw is not None and not _config.is_warps(nw):
         raise SpattnConfigError(f"num_warps must be 1, 2, 4, 8, 16 or 32, got {nw!r}")
-    if ns is not None and (isinstance(ns, bool) or not isinstance(ns, int) or not 1 <= ns <= 8):
+    if ns is not None and not _config.is_stages(ns):
         raise SpattnConfigError(f"num_stages must be an integer in 1..8, got {ns!r}")
 
 

@@ -61,7 +61,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 
-from ..codegen.config import MAX_BLOCK, is_block
+from ..codegen.config import MAX_BLOCK, is_block, is_stages, is_warps
 from ..dsl.errors import SpattnConfigError
 
 __all__ = ["Settings", "current", "getenv", "progress", "VARIABLES", "FLAG_ON", "FLAG_OFF"]
@@ -243,9 +243,9 @@ def _int(name: str, v: str | None):
     except ValueError:
         n = None
     if name.endswith("_WARPS"):
-        ok, want = n is not None and 1 <= n <= 32 and not n & (n - 1), "1, 2, 4, 8, 16 or 32"
+        ok, want = is_warps(n), "1, 2, 4, 8, 16 or 32"
     elif name.endswith("_STAGES"):
-        ok, want = n is not None and 1 <= n <= 8, "an integer in 1..8"
+        ok, want = is_stages(n), "an integer in 1..8"
     else:
         ok = is_block(n)
         want = f"a power of two in 16..{MAX_BLOCK} (16, 32, 64, 128, 256)"

@@ -271,9 +271,9 @@ def _valid_config(kind: str, cfg) -> dict:
             raise ValueError(f"{n} is not an integer: {v!r}")
         if n.startswith("block_") and not _config.is_block(v):
             raise ValueError(f"{n} must be a power of two in 16..{_config.MAX_BLOCK}, got {v}")
-        if n == "num_warps" and (v < 1 or v > 32 or v & (v - 1)):
+        if n == "num_warps" and not _config.is_warps(v):
             raise ValueError(f"num_warps must be a power of two <= 32, got {v}")
-        if n == "num_stages" and not 1 <= v <= 8:
+        if n == "num_stages" and not _config.is_stages(v):
             raise ValueError(f"num_stages must be in 1..8, got {v}")
         out[n] = v
     return out
