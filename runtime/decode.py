@@ -1698,9 +1698,13 @@ def _launch(bound: dict, kernel, grid, args: tuple, free: int, meta: dict) -> No
     key = _launch_spec(args, free) if cuda else None
     launch = bound.get(key)
     if launch is None or not launch(*args):
-        compiled = kernel[grid](*args, **meta)
-        if cuda and len(bound) < BOUND_LAUNCHES:
-            from .triton_backend import BoundLaunch
+        if not cuda:
+            kernel[grid](*args, **meta)
+            return
+        from .triton_backend import BoundLaunch, assembler_quiet
+        with assembler_quiet():
+            compiled = kernel[grid](*args, **meta)
+        if len(bound) < BOUND_LAUNCHES:
             bound[key] = BoundLaunch.of(kernel, compiled, grid, args, meta, args[0].device)
 
 

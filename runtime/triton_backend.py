@@ -45,6 +45,10 @@ strategy, power-of-two buckets of the lengths and of batch x heads, the row buck
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -694,7 +698,8 @@ def _fitted(call, kind: str, q, opts: dict, *, explicit: dict, build):
     opts = dict(opts)
     while True:
         try:
-            return build(opts, True)
+            with assembler_quiet():
+                return build(opts, True)
         except Exception as e:      # noqa: BLE001 -- a refusal (unfit) is stepped down from
             why = unfit(e)
             if why is None:
@@ -728,6 +733,31 @@ def unfit(error: Exception) -> str | None:
         return ("Triton's assembler (ptxas) failed on it: "
                 + " ".join(str(error).split())[:160])
     return None
+
+
+#: What Triton prints on stdout before it raises ``PTXASError``: the whole PTX between two
+#: rules of ``=`` (thousands of lines), then a request to report it.
+_REPRODUCER = re.compile(r"\n\n={20,}\n.*?\n={20,}\nplease share the reproducer above with "
+                         r"Triton project\.\n\n?", re.S)
+
+
+@contextlib.contextmanager
+def assembler_quiet():
+    """Compile under this: Triton prints a kernel's whole PTX on stdout when its assembler
+    fails (:func:`unfit`), before it raises, and spattn then compiles a smaller
+    configuration, so that print would be thousands of lines about a failure the user
+    never sees. It goes to the debug log instead; anything else printed meanwhile (by
+    Triton or another thread) is written to stdout when the block ends."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        kept, dropped = _REPRODUCER.subn("", buf.getvalue())
+        if dropped:
+            _tune.log.debug("spattn: Triton's assembler output:%s", buf.getvalue())
+        if kept:
+            sys.stdout.write(kept)
 
 
 def _loaded(compiled) -> None:

@@ -379,7 +379,9 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
                  f"{fields['strategy']}, Lq<={fields['lq_bucket']}, Lk<={fields['lk_bucket']}, "
                  f"rows {fields.get('rows_bucket')})")
     log.info("autotuning %s for %s%s: %d candidates", kind, label(pattern), where, len(cands))
-    precompile(cands, options, compile_only)
+    from .triton_backend import assembler_quiet
+    with assembler_quiet():
+        precompile(cands, options, compile_only)
     timings = [{"config": cand} for cand in cands]      # in the order of cands
     for p in range(SCREENS):
         for i in (range(len(cands)) if p % 2 == 0 else range(len(cands) - 1, -1, -1)):
@@ -389,7 +391,8 @@ def tune(pattern, kind: str, *, head_dim: int, dtype, options: dict, run, timer=
             opts = {**options, **cand}
             try:
                 if p == 0:
-                    run(opts)                       # compile, build tables, warm up
+                    with assembler_quiet():
+                        run(opts)                   # compile, build tables, warm up
                 ms = float(timer(lambda: run(opts)))
             except Exception as e:                  # compile error, out of resources, OOM
                 msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]

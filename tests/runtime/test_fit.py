@@ -33,10 +33,16 @@ def _shared_memory():
     return OutOfResources(1 << 18, 232448, "shared memory")
 
 
+_PTX = "\n".join(f"\tld.global.b16 {{ %rs{i} }}, [ %rd{i} + 0 ];" for i in range(400))
+
+
 def _assembler():
-    """ptxas's SIGSEGV as Triton raises it, as ptxas 12.8 dies on some forward kernels at
-    three stages."""
-    return PTXASError("PTXAS error: `ptxas` failed with error code -11")
+    """ptxas's SIGSEGV as Triton 3.6 raises it (ptxas 12.8 dies on some forward kernels at
+    three stages), after printing the whole PTX on stdout as Triton does."""
+    error = "`ptxas` failed with error code -11\n`ptxas` stderr:\n\nRepro command: ptxas ..."
+    print(f"\n\n{'=' * 64}\n{error}\n\n{_PTX}\n{'=' * 64}\n"
+          "please share the reproducer above with Triton project.\n")
+    return PTXASError(error)
 
 
 def _device(limit_stages, limit_n=256, error=_shared_memory):
@@ -101,11 +107,27 @@ def test_off_cuda_the_stage_is_built_as_asked():
 
 
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])
-def test_a_configuration_the_assembler_fails_on_is_stepped_down(kind):
+def test_a_configuration_the_assembler_fails_on_is_stepped_down(kind, capsys, caplog):
     call = _Call()
     build, tried = _device(1, error=_assembler)
-    cfg = TB._fitted(call, kind, _Q, {}, explicit={}, build=build(call, kind))
+    with caplog.at_level("DEBUG", logger="spattn"):
+        cfg = TB._fitted(call, kind, _Q, {}, explicit={}, build=build(call, kind))
     assert cfg.num_stages == 1 and tried[-1][2] == 1 and len(tried) > 1
+    # Triton's print of the PTX is about a configuration the user never gets: the log's
+    assert capsys.readouterr().out == ""
+    assert "ld.global.b16 { %rs399 }" in caplog.text
+
+
+def test_assembler_quiet_keeps_what_else_is_printed(capsys):
+    with TB.assembler_quiet():
+        print("before")
+        _assembler()
+        print("after")
+    assert capsys.readouterr().out == "before\nafter\n"
+    with pytest.raises(ValueError), TB.assembler_quiet():
+        print("kept when the block raises")
+        raise ValueError
+    assert capsys.readouterr().out == "kept when the block raises\n"
 
 
 def test_a_fixed_configuration_the_assembler_fails_on_is_a_config_error(monkeypatch):
