@@ -151,6 +151,18 @@ def _valid(q, k, v) -> bool:
     return dev.type != "meta" and k.device == dev and v.device == dev
 
 
+def check_dtype(q, float64: bool | None) -> None:
+    """Refuse q's dtype unless the kernels take it (or, ``float64`` True, it is float64);
+    ``float64`` as for :func:`validate`, which says where a float64 call runs instead."""
+    if q.dtype not in DTYPES and not (float64 and q.dtype == torch.float64):
+        hint = "" if q.dtype != torch.float64 else \
+            " (and float64 on the torch backend: backend='torch', or 'auto' on the CPU)" \
+            if float64 is False else \
+            " for decode; call the pattern, pat(q, k, v), which runs float64 on the torch backend"
+        raise SpattnInputError(f"q (shape {_shape(q)}) has dtype {q.dtype}; supported dtypes are "
+                               f"float16, bfloat16 and float32{hint}")
+
+
 def validate(q, k, v, *, empty: bool = False, float64: bool | None = False,
              transformed: bool = False, value_dim: bool = False) -> None:
     """Check q, k, v (rank, batch, heads, head dim, device, dtype); raise SpattnInputError.
@@ -215,11 +227,7 @@ def validate(q, k, v, *, empty: bool = False, float64: bool | None = False,
         if t.device != q.device:
             raise SpattnInputError(f"{name} (shape {_shape(t)}) is on {t.device} but q "
                                    f"(shape {_shape(q)}) is on {q.device}")
-    if q.dtype not in DTYPES and not (float64 and q.dtype == torch.float64):
-        hint = " (and float64 on the torch backend: backend='torch', or 'auto' on the CPU)" \
-            if float64 is False and q.dtype == torch.float64 else ""
-        raise SpattnInputError(f"q (shape {_shape(q)}) has dtype {q.dtype}; supported dtypes are "
-                               f"float16, bfloat16 and float32{hint}")
+    check_dtype(q, float64)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise SpattnInputError(f"{name} (shape {_shape(t)}) has dtype {t.dtype} but q "

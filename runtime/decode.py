@@ -174,9 +174,7 @@ def _check_layout(q, k_cache, v_cache, page_table):
             if t.device != q.device or t.dtype != q.dtype:
                 raise SpattnInputError(f"{name} ({t.dtype} on {t.device}) must have q's dtype "
                                        f"and device ({q.dtype} on {q.device})")
-        if q.dtype not in _api.DTYPES:
-            raise SpattnInputError(f"q has dtype {q.dtype}; supported dtypes are float16, "
-                                   "bfloat16 and float32")
+        _api.check_dtype(q, float64=None)
         if not _is_int_tensor(page_table) or page_table.dim() != 2 \
                 or page_table.shape[0] != B or page_table.shape[1] < 1:
             what = (f"shape {tuple(page_table.shape)}, dtype {page_table.dtype}"

@@ -261,6 +261,11 @@ def test_errors():
             pat.decode(qd, torch.randn(6, 16, 2, D), torch.randn(6, 16, 2, D),
                        seq_lens=torch.tensor([40]),
                        page_table=torch.zeros(1, 4, dtype=torch.int32))
+    for args, kw in (((k, v), {}), ((pool, pool), dict(seq_lens=torch.tensor([40]),
+                                  page_table=torch.zeros(1, 4, dtype=torch.int32)))):
+        with pytest.raises(SpattnInputError, match=r"torch.float64; .* for decode; call the "
+                                                   r"pattern, pat\(q, k, v\)"):
+            pat.decode(q.double(), *(t.double() for t in args), **kw)
     qg = q.clone().requires_grad_()
     with pytest.raises(SpattnInputError, match="inference only"):
         pat.decode(qg, pool, pool, seq_lens=torch.tensor([40]),
