@@ -656,6 +656,13 @@ class SpattnMask:
     #: the mask builder (and so to :func:`spattn_mask`, which returns them unchanged).
     ndim = 4
 
+    @property
+    def shape(self) -> tuple:
+        """``(B, 1, Lq, Lk)``, the shape of the dense mask it stands for: transformers'
+        mask builders read the key length of a prepared mask from it where no cache gives
+        one (an encoder's bidirectional mask under ``generate`` with a static cache)."""
+        return (self.batch_size, 1, self.q_length, self.kv_length)
+
     def __init__(self, *, batch_size, q_length, kv_length, q_offset, kv_offset, kind, keep,
                  seg, unreadable, first=None, position_ids=None, left_padding=None,
                  padding=None, device=None, blockwise=None, blocks=None, dense=None):
@@ -839,8 +846,10 @@ def _prepared(mask: SpattnMask, mask_function) -> SpattnMask:
     if kind != mask.kind:
         raise SpattnError(
             f"the mask prepared before this forward is {_kind_text(mask.kind)}, but the model "
-            f"asks for {_kind_text(kind)}: pass "
-            "the 2-D padding mask instead of a prepared mask")
+            f"asks for {_kind_text(kind)}: pass the 2-D padding mask instead of a prepared "
+            "mask (generate() with a static cache prepares a causal one: a model configured "
+            "as an encoder, such as BERT with is_decoder=False, generates with "
+            "is_decoder=True or with a dynamic cache)")
     return mask
 
 
@@ -976,7 +985,11 @@ def plan_call(base: Pattern, mask: SpattnMask, Lq: int, Lk: int, *, cu_seq_lens_
     ``q_offset - kv_offset`` in transformers' terms: with a static cache the keys run past
     the queries, and with a sliding-window cache slot 0 is not position 0.
     """
-    _check_sizes(mask, Lq, Lk)
+    q_offset = mask.q_offset - mask.kv_offset
+    if _cacheless_full(mask, Lq, Lk) and "pos" not in base.inputs:
+        q_offset = Lk - Lq              # the cache's keys, the queries the newest of them
+    else:
+        _check_sizes(mask, Lq, Lk)
     seg, pos = mask.seg, None
     if seg is None and cu_seq_lens_k is not None:
         seg, pos = _packed_from_cu_seqlens(cu_seq_lens_q, cu_seq_lens_k, mask, Lq, Lk)
@@ -995,7 +1008,18 @@ def plan_call(base: Pattern, mask: SpattnMask, Lq: int, Lk: int, *, cu_seq_lens_
         inputs["pos"] = pos if pos is not None else mask.positions()
     if "blocks" in pat.inputs:
         inputs["blocks"] = mask.blocks
-    return pat, inputs, mask.q_offset - mask.kv_offset
+    return pat, inputs, q_offset
+
+
+def _cacheless_full(mask: SpattnMask, Lq: int, Lk: int) -> bool:
+    """A bidirectional mask without padding that transformers sized for the call's queries
+    alone while the layer reads more keys from a cache: an encoder's (BERT with
+    ``is_decoder=False``) under ``generate``, whose mask builder is not given the cache.
+    Such a mask allows every key of any length, as eager reads it (no mask)."""
+    return (mask.kind == ("full",) and Lk > Lq == mask.q_length == mask.kv_length
+            and mask.q_offset == mask.kv_offset == 0 and mask.keep is None
+            and mask.first is None and mask.seg is None and mask.blockwise is None
+            and mask.dense is None and not mask.unreadable)
 
 
 def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,

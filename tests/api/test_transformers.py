@@ -488,6 +488,33 @@ def test_encoder_attention_is_bidirectional():
     assert {lp.pattern.source for lp in sphf.layer_patterns(model)} == {"true"}
 
 
+def test_an_encoder_generating_with_a_cache_reads_every_cached_key():
+    """BERT's LM head with ``is_decoder=False`` under ``generate``: its bidirectional mask
+    is built for the new token alone (transformers does not give that builder the cache),
+    and eager reads every cached key. With a dynamic cache spattn does too (greedy tokens
+    as eager's, with and without a padding mask); a static cache's prepared mask is causal,
+    which the bidirectional model refuses by name."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128,
+                                     is_decoder=False)
+    model = transformers.BertLMHeadModel(config).eval()
+    ids, am = left_padded([6, 4], 6)
+    whole = left_padded([6, 6], 6)[0]           # no pad token: generate builds no mask
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kw in (dict(input_ids=whole), dict(input_ids=ids, attention_mask=am)):
+            gen = dict(max_new_tokens=4, do_sample=False, **kw)
+            model.set_attn_implementation("eager")
+            ref = model.generate(**gen)
+            model.set_attn_implementation(sphf.NAME)
+            sphf.set_patterns(model, backend="torch")
+            assert torch.equal(model.generate(**gen), ref)
+        with pytest.raises(spattn.SpattnError, match=r"asks for full \(bidirectional\).*"
+                                                     r"static cache prepares a causal one"):
+            model.generate(**gen, cache_implementation="static")
+
+
 def test_cross_attention_reads_every_encoder_token():
     """GPT-2 with cross-attention: its self-attention is causal, its cross-attention
     (``is_causal = False``) reads every unpadded encoder token; logits and greedy
