@@ -137,13 +137,23 @@ def once(grads: tuple, inputs: tuple) -> tuple:
     return tuple(out)
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or where it is a view (the torch backend's outputs are slices and strided
+    views of its buffers) a tensor of the same storage that is not one: autograd forbids
+    in-place writes to views a Function returns (``o += x`` would raise where SDPA's
+    output takes it)."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
 class AttentionFunction(torch.autograd.Function):
     """``apply(plan, q, k, v, deterministic=False) -> (o, lse)``: the plan's forward, and
     its backward (``deterministic``: without atomic dQ)."""
 
     @staticmethod
     def forward(ctx, plan, q, k, v, deterministic=False):
-        o, lse = plan.forward(q, k, v)
+        o, lse = (_owned(t) for t in plan.forward(q, k, v))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.plan = plan
         ctx.deterministic = deterministic

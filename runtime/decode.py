@@ -45,6 +45,7 @@ from ..ir.inputs import validate_inputs
 from . import api as _api
 from .tune import log as _log
 from .plan import data_version
+from .settings import launch_guard
 from .cpu_ops import copy_ as _copy_, fill as _fill
 
 __all__ = ["decode", "routes", "call_routed", "fast_step", "fast_routed", "DecodePlan",
@@ -65,6 +66,8 @@ MAX_CAPACITY = 1 << 30
 VIEW_BYTES = 1 << 18
 #: Bound launches a Triton plan keeps per kernel (one per specialisation of its arguments).
 BOUND_LAUNCHES = 8
+#: Streams a Triton plan keeps the split kernel's partial outputs for.
+PART_STREAMS = 4
 #: Plans kept by :data:`DECODE_PLANS`.
 DECODE_PLANS_SIZE = 32
 #: Runtime inputs whose int64 copies :data:`DECODE_PLANS` keeps (:meth:`DecodePlanCache.int64`).
@@ -489,10 +492,12 @@ class DecodePlan:
         self._input_args = None
         self._launches: dict = {}
         self._combines: dict = {}
-        self.o_part = torch.empty((groups, self.splits, self.block_m, block_d),
-                                  dtype=torch.float32, device=self.device)
-        self.lse_part = torch.empty((groups, self.splits, self.block_m), dtype=torch.float32,
-                                    device=self.device)
+        #: the split kernel's partial outputs, which the combine kernel reads: one pair per
+        #: stream (steps on two streams run at once), each step's two launches enqueued
+        #: under the lock (two threads' steps on one stream would otherwise interleave
+        #: them: one step's combine reading the other's partials)
+        self._parts: dict = {}
+        self._parts_lock = threading.Lock()
 
     def _tiles_at_bucket(self) -> int:
         """Key tiles the rows of a step at the bucket's full length visit (for sizing the
@@ -518,14 +523,43 @@ class DecodePlan:
 
     def run_triton(self, q, k, v, *, lk: int, q_shift: int, seq_lens, page_table, page_size,
                    num_pages, scale: float, inputs: dict, tables=None):
-        from .triton_backend import LOG2E, _dot_prec, _input_args, _scale_log2, _score_args
         B, Hq, Lq, D = q.shape
         o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+        with self._parts_lock:
+            o_part, lse_part = self._stream_parts(q.device)
+            self._run_triton(q, k, v, o, lse, o_part, lse_part, lk=lk, q_shift=q_shift,
+                             seq_lens=seq_lens, page_table=page_table, page_size=page_size,
+                             num_pages=num_pages, scale=scale, inputs=inputs, tables=tables)
+        return o, lse
+
+    def _stream_parts(self, device) -> tuple:
+        """The partial outputs of the current stream (made on it at its first step; the
+        pairs of at most :data:`PART_STREAMS` streams are kept)."""
+        stream = (torch._C._cuda_getCurrentRawStream(device.index
+                                                     if device.index is not None else
+                                                     torch.cuda.current_device())
+                  if device.type == "cuda" else None)
+        parts = self._parts.get(stream)
+        if parts is None:
+            while len(self._parts) >= PART_STREAMS:
+                self._parts.pop(next(iter(self._parts)))
+            c = self.config
+            parts = self._parts[stream] = (
+                torch.empty((self.groups, self.splits, self.block_m, c.block_d),
+                            dtype=torch.float32, device=device),
+                torch.empty((self.groups, self.splits, self.block_m), dtype=torch.float32,
+                            device=device))
+        return parts
+
+    def _run_triton(self, q, k, v, o, lse, o_part, lse_part, *, lk, q_shift, seq_lens,
+                    page_table, page_size, num_pages, scale, inputs, tables):
+        from .triton_backend import LOG2E, _dot_prec, _input_args, _scale_log2, _score_args
+        B, Hq, Lq, D = q.shape
         if page_table is None:
             ks = (k.stride(0), k.stride(1), k.stride(2), k.stride(3))
             vs = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
-            pages, stride_pages = self.lse_part, 0
+            pages, stride_pages = lse_part, 0
         else:   # pools [num_pages, page_size, Hk, D]: page, head, slot, dim
             ks = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
             vs = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
@@ -533,7 +567,7 @@ class DecodePlan:
                 page_table = page_table.contiguous()    # the kernel steps along a row by 1
             pages, stride_pages = page_table, page_table.stride(0)
         if seq_lens is None:
-            seq = self.lse_part
+            seq = lse_part
         else:   # read as seq_lens[b]: a strided or expanded tensor as a contiguous copy
             seq = seq_lens if seq_lens.is_contiguous() else seq_lens.contiguous()
         cap = k.shape[2] if page_table is None else page_table.shape[1] * page_size
@@ -542,7 +576,7 @@ class DecodePlan:
             # the plan is keyed by its inputs (identity, version): converted once
             self._input_args = (ids, _input_args(self.pattern, inputs, False))
         head = _score_args(self.pattern, tables) if self.scored else []
-        args = (q, k, v, self.o_part, self.lse_part, *head, *q.stride(), *ks, *vs,
+        args = (q, k, v, o_part, lse_part, *head, *q.stride(), *ks, *vs,
                 pages, stride_pages, max(1, num_pages), seq, *self._input_args[1],
                 *((LOG2E, scale) if self.scored else (_scale_log2(scale),)),
                 Hq, Hq // self.Hk, Lq, lk, q_shift, cap)
@@ -560,10 +594,9 @@ class DecodePlan:
             except Exception as e:      # noqa: BLE001 -- Triton's OutOfResources, else raised
                 self._shrink(e)
         _launch(self._combines, self.module.COMBINE, (self.groups, self.pack * Lq),
-                (self.o_part, self.lse_part, o, lse, *o.stride(), Hq, Lq), 0,
+                (o_part, lse_part, o, lse, *o.stride(), Hq, Lq), 0,
                 dict(PACK=self.pack, NUM_SPLITS=self.splits, BLOCK_M=self.block_m,
                      BLOCK_D=self.config.block_d, HEAD_DIM=D, num_warps=4))
-        return o, lse
 
     def _shrink(self, error: Exception) -> None:
         """After the decode kernel did not fit the device's shared memory (Triton checks
@@ -1697,7 +1730,8 @@ def _launch(bound: dict, kernel, grid, args: tuple, free: int, meta: dict) -> No
     launch = bound.get(key)
     if launch is None or not launch(*args):
         if not cuda:
-            kernel[grid](*args, **meta)
+            with launch_guard("cpu"):
+                kernel[grid](*args, **meta)
             return
         from .triton_backend import BoundLaunch, assembler_quiet
         with assembler_quiet():

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .settings import launch_guard
+
 
 @triton.jit
 def _gather_rows_kernel(SRC, DST, INDEX, n_rows, n_blocks, H, D, group,
@@ -64,11 +66,12 @@ def gather_rows(t: torch.Tensor, index: torch.Tensor, *, per_head: bool = False,
         block_d = min(triton.next_power_of_2(D), 128)
         block_r = 1024 if D == 1 else max(16, min(64, 4096 // block_d))
         n_blocks = triton.cdiv(M, block_r)
-        _gather_rows_kernel[(n_blocks * B * H,)](
-            src, out, index, M, n_blocks, H, D, group,
-            src.stride(0), src.stride(1), src.stride(2), src.stride(3),
-            out.stride(0), out.stride(1), out.stride(2),
-            0 if index.dim() == 1 or per_head else index.stride(0),
-            index.stride(0) if per_head else 0,
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        with launch_guard(out.device.type):
+            _gather_rows_kernel[(n_blocks * B * H,)](
+                src, out, index, M, n_blocks, H, D, group,
+                src.stride(0), src.stride(1), src.stride(2), src.stride(3),
+                out.stride(0), out.stride(1), out.stride(2),
+                0 if index.dim() == 1 or per_head else index.stride(0),
+                index.stride(0) if per_head else 0,
+                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return out.squeeze(-1) if flat else out

@@ -57,8 +57,10 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from dataclasses import dataclass, field
 
 from ..codegen.config import MAX_BLOCK, is_block, is_stages, is_warps
@@ -364,3 +366,16 @@ def progress() -> bool | None:
     None (``auto``, the default: when stderr is a terminal). A display setting, so not part
     of :class:`Settings` (which keys plans and kernels): changing it rebuilds nothing."""
     return _flag("SPATTN_PROGRESS", getenv("SPATTN_PROGRESS"), auto=True)
+
+
+#: Triton's interpreter keeps the launch it interprets in globals (the grid, the patched
+#: ``triton.language``), so two threads' launches at once break each other. Launches on
+#: CPU tensors, which only the interpreter runs, take this lock (:func:`launch_guard`).
+_INTERPRETER_LOCK = threading.RLock()
+_UNGUARDED = contextlib.nullcontext()
+
+
+def launch_guard(device_type: str):
+    """The context a Triton launch on a ``device_type`` tensor runs in: the interpreter's
+    lock on the CPU, nothing on a GPU."""
+    return _INTERPRETER_LOCK if device_type == "cpu" else _UNGUARDED

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..ir.tiles import EMPTY, FULL, PARTIAL
+from .settings import launch_guard
 
 assert (EMPTY, PARTIAL, FULL) == (0, 1, 2), "the kernels compare classes with 0 and 2"
 
@@ -110,9 +111,10 @@ def table_rows(fine: torch.Tensor, factors: tuple, n_rows: int, n_cols: int, *,
     n_fr, n_fc, s_r, s_c, rr, rc = geo
     spans = torch.empty((Bp, Hp, n_rows + 1, 4), dtype=torch.int32, device=fine.device)
     work = torch.empty((Bp, Hp, n_rows), dtype=torch.int32, device=fine.device)
-    _table_rows_kernel[(Bp * Hp * (n_rows + 1),)](
-        fine, spans, work, waste, n_rows, n_cols, n_fr, n_fc, Hp, sb, sh, s_r, s_c, rr, rc,
-        RAGGED=ragged, BLOCK=min(1024, triton.next_power_of_2(max(n_cols, 16))))
+    with launch_guard(fine.device.type):
+        _table_rows_kernel[(Bp * Hp * (n_rows + 1),)](
+            fine, spans, work, waste, n_rows, n_cols, n_fr, n_fc, Hp, sb, sh, s_r, s_c, rr,
+            rc, RAGGED=ragged, BLOCK=min(1024, triton.next_power_of_2(max(n_cols, 16))))
     return spans, work
 
 
@@ -156,8 +158,9 @@ def grid_order(work: torch.Tensor, B: int, HO: int, group: int, w_max: int):
         return None
     work = work.contiguous()
     key = torch.empty(B * HO * n, dtype=torch.int64, device=work.device)
-    _order_key_kernel[(B * HO,)](
-        work, key, n, HO, work.stride(0) if Bp > 1 else 0, work.stride(1) if Hp > 1 else 0,
-        group, w_max, KEY_CLASSES=KEY_CLASSES,
-        BLOCK=min(1024, triton.next_power_of_2(max(n, 16))))
+    with launch_guard(work.device.type):
+        _order_key_kernel[(B * HO,)](
+            work, key, n, HO, work.stride(0) if Bp > 1 else 0, work.stride(1) if Hp > 1 else 0,
+            group, w_max, KEY_CLASSES=KEY_CLASSES,
+            BLOCK=min(1024, triton.next_power_of_2(max(n, 16))))
     return torch.argsort(key).to(torch.int32)

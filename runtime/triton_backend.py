@@ -57,6 +57,7 @@ from ..codegen.config import BWD_DQ, choice
 from ..dsl.errors import SpattnConfigError, SpattnValueError
 from ..ir import bounds as _bounds
 from . import cache as _cache
+from .settings import launch_guard
 from . import tune as _tune
 from .tables import TABLE_MODES, bwd_tables, fwd_tables, ranges_order, row_bucket
 
@@ -907,7 +908,8 @@ def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None, out_dtype=None
         meta = dict(meta, EXACT_PV=True)    # (P's rounding added back: scores.exact_delta)
     if launch is None or not launch(*head):
         args = (*head, *stage.static)
-        compiled = stage.kernel[stage.grid](*args, **meta)
+        with launch_guard(q.device.type):
+            compiled = stage.kernel[stage.grid](*args, **meta)
         if stage.persistent and stage.occupancy is None and q.device.type == "cuda":
             stage.occupancy = _occupancy(stage.config, compiled)
             stage.grid = (_persistent_programs(None, stage.n_work, stage.occupancy, q.device),)
@@ -1196,8 +1198,9 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
         launch_q, launch_k = _scored_launch(stage.launches, key) or (None, None)
     if launch_q is None or not (launch_q(*args_q) and launch_k(*args_k)):
         aq, ak = (*args_q, *stage.static_q), (*args_k, *stage.static_k)
-        cq = stage.dq_kernel[stage.grid_q](*aq, **meta_q)
-        ck = stage.dkdv_kernel[stage.grid_k](*ak, **stage.meta_k)
+        with launch_guard(q.device.type):
+            cq = stage.dq_kernel[stage.grid_q](*aq, **meta_q)
+            ck = stage.dkdv_kernel[stage.grid_k](*ak, **stage.meta_k)
         launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, meta_q, q.device)
         launch_k = launch_q and BoundLaunch.of(stage.dkdv_kernel, ck, stage.grid_k, ak,
                                                stage.meta_k, q.device)

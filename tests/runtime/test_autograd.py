@@ -286,6 +286,44 @@ def test_inputs_written_in_place_after_the_forward(backend, score, dtype, determ
         torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-5, rtol=2e-5, msg=name)
 
 
+OUTPUT_CASES = [
+    pytest.param(backend, src, score,
+                 marks=[pytest.mark.interpreter] if backend == "triton" else [],
+                 id=f"{backend}-{name}")
+    for backend in ("torch", "triton")
+    for name, src, score in (("causal", "causal", None), ("window", "causal & window(8)", None),
+                             ("alibi", "causal", "s - 0.1 * float(q - k)"))
+]
+
+
+@pytest.mark.parametrize("backend, src, score", OUTPUT_CASES)
+def test_outputs_written_in_place_as_sdpa_outputs(backend, src, score):
+    """``o += x`` and ``lse.mul_(2)`` on outputs that require grad work as on SDPA's
+    output (the torch backend's outputs are views of its buffers, which autograd refuses
+    to write in place when a Function returns them); a backward that needs the written
+    output then gets torch's own version error, and one taken before the write matches
+    float64."""
+    from spattn.runtime.reference import pattern_reference
+    pat = spattn.compile(src, score=score, backend=backend)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (_rand(g, 1, 2, 40, 16).requires_grad_() for _ in range(3))
+    o, lse = pat(q, k, v, return_lse=True)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = pattern_reference(pat, *ref)[0]
+    torch.testing.assert_close(o.detach().double(), want.detach(), atol=2e-5, rtol=2e-5)
+    do = _rand(g, *o.shape)
+    o.backward(do, retain_graph=True)
+    want.backward(do.double())
+    for a, b in zip((q, k, v), ref):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-5, rtol=2e-5)
+    want = want.detach()
+    o += 1.0
+    lse.mul_(2.0)
+    torch.testing.assert_close(o.detach().double(), want + 1.0, atol=2e-5, rtol=2e-5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        o.backward(do)
+
+
 F64_CASES = [
     pytest.param("causal & window(8)", None, {}, id="window"),
     pytest.param("causal & same(doc)", None, {"doc": True}, id="documents"),
@@ -327,12 +365,12 @@ def test_float64_calls_on_the_torch_backend_pass_gradcheck(src, score, inputs):
 
 def test_float64_elsewhere_says_where_it_runs():
     """float64 on the Triton backend: a SpattnInputError that points at the torch backend;
-    decode (which takes no float64): the plain message."""
+    decode (which takes no float64): a pointer to the pattern's call."""
     from spattn.dsl.errors import SpattnInputError
     x = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     if spattn.runtime.api._interpret():
         with pytest.raises(SpattnInputError, match="float64 on the torch backend"):
             spattn.compile("causal", backend="triton")(x, x, x)
     kc = torch.randn(1, 2, 300, 16, dtype=torch.float64)
-    with pytest.raises(SpattnInputError, match=r"float32$"):
+    with pytest.raises(SpattnInputError, match=r"float32 for decode; call the pattern"):
         spattn.compile("causal", backend="torch").decode(x[:, :, :1], kc, kc)
