@@ -291,3 +291,34 @@ def test_scored_decode_bf16_and_cuda_graph(name):
         ref = _scored_ref(pat, q, k, v, lens, tables)
         err = float((out.double() - ref).norm() / ref.norm())
         assert err < 1e-2, f"{name} {lens}: rel. error {err:.2e}"
+
+
+@pytest.mark.parametrize("streams", [1, 2], ids=["one-stream", "two-streams"])
+def test_steps_of_threads_on_one_plan(streams):
+    """Four threads stepping one decode plan, on one stream or each pair on its own: every
+    step combines its own split kernel's partials (against the float64 reference)."""
+    import threading
+    pat = spattn.compile("causal & window(4096)")
+    side = [torch.cuda.current_stream()] + [torch.cuda.Stream() for _ in range(streams - 1)]
+    errors = []
+
+    def work(i):
+        g = torch.Generator(device="cuda").manual_seed(40 + i)
+        try:
+            with torch.cuda.stream(side[i % streams]):
+                for _ in range(8):
+                    q, k, v = _bf16_qkv(2, 8, 2, 1, 8192, 128, g)
+                    o = pat.decode(q, k, v)
+                    want = _ref(pat, q.double(), k.double(), v.double(), [8192, 8192], {})
+                    err = float((o.double() - want).abs().max())
+                    if err > 2e-2:
+                        errors.append(f"thread {i}: max error {err:.3g}")
+        except Exception as e:      # noqa: BLE001 -- reported below
+            errors.append(f"thread {i}: {type(e).__name__}: {e}")
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    assert not errors, errors
