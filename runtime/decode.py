@@ -44,7 +44,7 @@ from ..ir.evaluate import evaluate
 from ..ir.inputs import validate_inputs
 from . import api as _api
 from .tune import log as _log
-from .plan import data_version
+from .plan import INT32_OFFSET, data_version
 from .settings import launch_guard
 from .cpu_ops import copy_ as _copy_, fill as _fill
 
@@ -490,7 +490,7 @@ class DecodePlan:
         #: step; and the launches of the two kernels with their arguments bound, by the
         #: specialisation of the step's arguments (:func:`_launch_spec`; CUDA only)
         self._input_args = None
-        self._launches: dict = {}
+        self._launches: dict = {False: {}, True: {}}     # by WIDE
         self._combines: dict = {}
         #: the split kernel's partial outputs, which the combine kernel reads: one pair per
         #: stream (steps on two streams run at once), each step's two launches enqueued
@@ -571,6 +571,10 @@ class DecodePlan:
         else:   # read as seq_lens[b]: a strided or expanded tensor as a contiguous copy
             seq = seq_lens if seq_lens.is_contiguous() else seq_lens.contiguous()
         cap = k.shape[2] if page_table is None else page_table.shape[1] * page_size
+        rows = k.shape[2] if page_table is None else page_size     # a slice, or a page
+        wide = max((Lq - 1) * abs(q.stride(2)) + (D - 1) * abs(q.stride(3)),
+                   (rows - 1) * abs(ks[2]) + (D - 1) * abs(ks[3]),
+                   (rows - 1) * abs(vs[2]) + (D - 1) * abs(vs[3])) > INT32_OFFSET
         ids = tuple(map(id, inputs.values()))
         if self._input_args is None or self._input_args[0] != ids:
             # the plan is keyed by its inputs (identity, version): converted once
@@ -582,13 +586,13 @@ class DecodePlan:
                 Hq, Hq // self.Hk, Lq, lk, q_shift, cap)
         while True:
             try:
-                _launch(self._launches, self.module.KERNEL, (self.groups, self.splits), args,
-                        3, dict(PACK=self.pack, NUM_SPLITS=self.splits,
+                _launch(self._launches[wide], self.module.KERNEL, (self.groups, self.splits),
+                        args, 3, dict(PACK=self.pack, NUM_SPLITS=self.splits,
                                 PAGE_SIZE=max(1, page_size), PAGED=page_table is not None,
                                 HAS_SEQ=seq_lens is not None, BLOCK_M=self.block_m,
                                 BLOCK_N=self.config.block_n, BLOCK_D=self.config.block_d,
                                 HEAD_DIM=D, DOT_PREC=self.dot_prec or _dot_prec(q.dtype),
-                                num_warps=self.config.num_warps,
+                                WIDE=wide, num_warps=self.config.num_warps,
                                 num_stages=self.config.num_stages))
                 break
             except Exception as e:      # noqa: BLE001 -- Triton's OutOfResources, else raised
@@ -630,7 +634,7 @@ class DecodePlan:
                   smaller.num_stages)
         self.config = smaller
         self.module = load_module(self.pattern, smaller, self.closed_form, self.device)
-        self._launches = {}
+        self._launches = {False: {}, True: {}}
 
     # -- CPU -----------------------------------------------------------------
     def _init_torch(self):

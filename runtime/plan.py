@@ -70,11 +70,12 @@ class Call:
 
     @classmethod
     def of(cls, pattern, q, k, *, scale: float, q_offset, inputs, settings=None,
-           backend: str = "triton", tables: dict | None = None) -> "Call":
+           backend: str = "triton", tables: dict | None = None, v=None) -> "Call":
         """The call of ``pattern`` on tensors shaped like ``q`` ``[B, Hq, Lq, D]`` and ``k``
-        ``[B, Hk, Lk, D]``: inputs converted, their index bounds checked, the integer
-        arithmetic proven exact (64-bit; the kernels' 32- or 64-bit choice), on Triton the
-        lists' indices in range (the kernels select list entries unchecked)."""
+        ``[B, Hk, Lk, D]`` (and ``v``, whose offsets the kernels compute too): inputs
+        converted, their index bounds checked, the integer arithmetic proven exact (64-bit;
+        the kernels' 32- or 64-bit choice), on Triton the lists' indices in range (the
+        kernels select list entries unchecked)."""
         from ..ir import bounds
         from ..ir.intervals import check_input_bounds, check_list_bounds
         B, H, Lq, D = q.shape
@@ -105,7 +106,7 @@ class Call:
             if cf is not None and not bounds.closed_form_exact(
                     cf, Lq, Lk, num_heads=H, batch=B, q_offset=positions.q_offset):
                 call.ranges_ok, cf = False, None    # its bounds leave int64: the table strategy
-            widest = max(_extent(t) for t in (q, k))
+            widest = max(_extent(t) for t in (q, k, v) if t is not None)
             call.int64 = widest > INT32_OFFSET or bounds.kernel_int64(
                 pattern, Lq, Lk, num_heads=H, batch=B, q_offset=positions.q_offset,
                 inputs=ins, closed_form=cf, block_m=256, block_n=256)
@@ -116,6 +117,15 @@ def _extent(t: torch.Tensor) -> int:
     """The largest element offset within one (batch, head) slice of ``t`` [B, H, L, D]
     (what the kernels compute from row and column indices)."""
     return (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3))
+
+
+def bwd_operands(call: Call, o: torch.Tensor, do: torch.Tensor) -> tuple:
+    """``(o, do)`` for the backward kernels: contiguous where the plan's kernels are 32-bit
+    and an offset into the given ones would not be (an output gradient of any strides
+    reaches the backward; q, k and v decided the kernels' width)."""
+    if not call.int64 and max(_extent(do), _extent(o)) > INT32_OFFSET:
+        return o.contiguous(), do.contiguous()
+    return o, do
 
 
 def _layout(*tensors) -> tuple:
@@ -257,6 +267,7 @@ class Plan:
             return torch_backend.bwd(self.pattern, q, k, v, o, lse, do, scale=c.scale,
                                      q_offset=c.positions.q_offset, inputs=c.inputs,
                                      dlse=dlse, plan=self.forward_stage)
+        o, do = bwd_operands(c, o, do)
         stage = self.backward_stage(q, k, v, o, do, deterministic, lse_grad=dlse is not None)
         return (_TRITON or _triton()).run_bwd(stage, q, k, v, o, lse, do, dlse=dlse)
 
@@ -396,7 +407,7 @@ class PermutedPlan(Plan):
             N = q.shape[2]
             self.rows = RowTables.of(table, table, N, N)
             call = Call.of(inner, qs, ks, scale=scale, q_offset=None, inputs=inputs,
-                           settings=settings, backend=backend)
+                           settings=settings, backend=backend, v=vs)
             call.tile_prior = self.tile_prior
             # the kernels compute element offsets in the caller's tensors
             call.int64 = call.int64 or max(_extent(t) for t in (q, k, v)) > INT32_OFFSET
@@ -765,7 +776,7 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
                                        q_offset=q_offset, inputs=inputs, settings=settings,
                                        options=options)
         call = Call.of(pattern, q, k, scale=scale, q_offset=q_offset, inputs=inputs,
-                       settings=settings, backend=backend, tables=tables)
+                       settings=settings, backend=backend, tables=tables, v=v)
         call.tile_prior = tile_prior
         plan = Plan(pattern, backend, call, q, k, v, options)
     warn_if_empty(call)

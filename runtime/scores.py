@@ -510,7 +510,9 @@ def _run_bwd(c: Ctx, q, k, v, o, lse, do, ins, dlse, table_grads):
         and not (det and not deterministic_on_triton(c.pattern, table_grads))
     if triton:
         from . import triton_backend
+        from .plan import bwd_operands
         tables = _tables(c, ins)
+        o, do = bwd_operands(c.plan.call, o, do)
         if exact_delta(c, q, table_grads) and o.dtype != torch.float32:
             o, _ = triton_backend.run_fwd(c.plan.forward_stage, q, k, v, tables=tables,
                                           out_dtype=torch.float32)

@@ -98,9 +98,10 @@ for path, paged in zip(sys.argv[1::2], sys.argv[2::2]):
              "PAGES": "*i32", "SEQ": "*i32", "DOC_ptr": "*i64", "sm_scale_log2": "fp32",
              "O": "*bf16", "LSE": "*fp32", "REL_ptr": "*fp32", "SLOPE_ptr": "*fp32",
              "sm_scale": "fp32"}
-    compile_(mod.KERNEL, types, dict(
-        PACK=4, NUM_SPLITS=16, PAGE_SIZE=16, PAGED=paged == "1", HAS_SEQ=True, BLOCK_M=16,
-        BLOCK_N=64, BLOCK_D=128, HEAD_DIM=128, DOT_PREC="tf32"))
+    for wide in ((False,) if paged == "1" else (False, True)):
+        compile_(mod.KERNEL, types, dict(
+            PACK=4, NUM_SPLITS=16, PAGE_SIZE=16, PAGED=paged == "1", HAS_SEQ=True, BLOCK_M=16,
+            BLOCK_N=64, BLOCK_D=128, HEAD_DIM=128, DOT_PREC="tf32", WIDE=wide))
     compile_(mod.COMBINE, types, dict(PACK=4, NUM_SPLITS=16, BLOCK_M=16, BLOCK_D=128,
                                       HEAD_DIM=128))
     print("compiled", path)

@@ -244,3 +244,45 @@ def test_tile_grids_of_lengths_near_2p63():
     p = spattn.compile("causal & window(5)")
     t = p.tiles(2 ** 63 - 1, 8, 2 ** 60, 4)[0, 0]
     assert t.shape == (8, 2) and t[:-1].eq(0).all() and t[-1].tolist() == [1, 1]
+
+
+def _far_rows(g, L: int, D: int) -> torch.Tensor:
+    """A random ``[1, 1, L, D]`` float32 tensor whose rows lie ``2**31 / (L - 1)`` elements
+    apart, so that its last row's offset passes 2**31 (a view of a large, untouched
+    allocation: only the rows' pages are written)."""
+    S = (1 << 31) // (L - 1) + 1
+    t = torch.empty(L * S).as_strided((1, 1, L, D), (0, 0, S, 1))
+    return t.copy_(torch.randn(1, 1, L, D, generator=g))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("far", ["v", "do", "decode-k", "decode-v", "routed-k"])
+def test_an_operand_whose_offsets_pass_int32(far):
+    """The kernels compute element offsets in 32 bits unless some operand's pass 2**31:
+    v's and the output gradient's were not looked at (the forward and the backward read
+    past them: a segfault), and the decode kernel looked at none (a sequence-major cache
+    viewed as ``[B, H, L, D]`` passes 2**31 at 64K keys of 32 x 1024 channels)."""
+    pat = spattn.compile("causal & window(40)", backend="triton")
+    g = torch.Generator().manual_seed(17)
+    L, D = 200, 16
+    near = lambda *s: torch.randn(*s, generator=g)     # noqa: E731
+    if far in ("v", "do"):
+        q, k = near(1, 1, L, D), near(1, 1, L, D)
+        v = _far_rows(g, L, D) if far == "v" else near(1, 1, L, D)
+        do = _far_rows(g, L, D) if far == "do" else near(1, 1, L, D)
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        o = pat(*leaves)
+        o.backward(do)
+        ref = [t.detach().double().requires_grad_() for t in leaves]
+        want = pattern_reference(pat, *ref)[0]
+        want.backward(do.double())
+        torch.testing.assert_close(o.detach().double(), want.detach(), atol=2e-5, rtol=2e-5)
+        for a, b in zip(leaves, ref):
+            torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-5, rtol=2e-5)
+        return
+    q = near(1, 1, 2, D)
+    k = _far_rows(g, L, D) if far.endswith("k") else near(1, 1, L, D)
+    v = _far_rows(g, L, D) if far.endswith("v") else near(1, 1, L, D)
+    o = pat(q, k, v) if far.startswith("routed") else pat.decode(q, k, v)
+    want = pattern_reference(pat, q.double(), k.double(), v.double())[0]
+    torch.testing.assert_close(o.double(), want, atol=2e-5, rtol=2e-5)
