@@ -755,10 +755,12 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
     for load, axis, size, shape, _, (lo_v, hi_v) in pending:
         if lo_v < 0 or hi_v >= size:
             from .printer import to_source
-            need = (f"needs indices {lo_v}..{hi_v}" if lo_v < 0 else
+            need = (f"is indexed below 0 (a query offset or a shift that places "
+                    f"positions before the input's start)" if lo_v < 0 else
                     f"needs size >= {hi_v + 1}")
+            what = "is indexed out of range" if lo_v < 0 else "is too short"
             raise SpattnInputError(
-                f"runtime input {load.name!r} (shape {shape}) is too short: "
+                f"runtime input {load.name!r} (shape {shape}) {what}: "
                 f"index dimension {axis} ({to_source(load.index[axis])}) takes values "
                 f"{lo_v}..{hi_v} for Lq={Lq}, Lk={Lk}, q_offset={off}, but has size {size}; "
                 f"it {need}")

@@ -319,8 +319,9 @@ def _cmd_show(args, pat, out):
 
 def _cmd_explain(args, pat, out):
     Lq, Lk, inputs = _shape_and_inputs(args, pat, out)
-    report = pat.explain(Lq, Lk, num_heads=args.heads, block_m=args.block_m,
-                         block_n=args.block_n, target=args.target, **inputs)
+    report = pat.explain(Lq, Lk, num_heads=args.heads, q_offset=args.q_offset,
+                         block_m=args.block_m, block_n=args.block_n, target=args.target,
+                         **inputs)
     print(str(report), file=out)
 
 

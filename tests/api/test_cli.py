@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spattn
-from spattn.cli import main
+from spattn.cli import demo_inputs, main
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples" / "patterns").glob("*.spattn"))
@@ -72,6 +72,20 @@ def test_explain(path, name):
                      "--heads", 2)
     assert code == 0
     assert "density" in text.lower() and "strategy" in text.lower()
+
+
+@pytest.mark.parametrize("q_offset", [0, 50, 150])
+def test_explain_at_a_query_offset(q_offset):
+    """``--q-offset`` places the queries for explain as for show and run: the pairs it
+    reports are the dense mask's at that offset, with the same synthetic inputs."""
+    path = ROOT / "examples" / "patterns" / "packed_documents.spattn"
+    code, text = run("explain", path, "--pattern", "packed_causal", "--lq", 100, "--lk", 300,
+                     "--q-offset", q_offset)
+    assert code == 0, text
+    pat = spattn.load(path, pattern="packed_causal")
+    inputs = demo_inputs(pat, 100, 300, q_offset=q_offset)[0]
+    pairs = int(pat.mask(100, 300, q_offset=q_offset, **inputs).sum())
+    assert f"({pairs:,} / 30,000;" in text
 
 
 @pytest.mark.parametrize("path,name", PATTERNS)
