@@ -2322,6 +2322,16 @@ def call_routed(pattern, q, k, v, *, scale, return_lse, q_offset, inputs):
         return None
 
 
+def routed_plan(pattern, q, k, v, *, scale, q_offset, inputs):
+    """The decode plan ``Pattern.__call__`` runs these tensors with (:func:`routes` held),
+    or None where it takes the normal path (:func:`call_routed` refuses)."""
+    try:
+        return _step(pattern, q, k, v, None, None, scale, q_offset, False, True, None,
+                     inputs or {}, True, plan_only=True)
+    except SpattnError:
+        return None
+
+
 def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scale=None,
            q_offset=None, return_lse=False, check=True, num_splits=None, **inputs):
     """One decode step of ``pattern``: ``o [B, Hq, Lq, D]`` (and ``lse [B, Hq, Lq]`` fp32).
@@ -2364,9 +2374,10 @@ _CALL_ONLY = {
 
 
 def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, return_lse,
-          check, num_splits, inputs, routed):
+          check, num_splits, inputs, routed, plan_only=False):
     """:func:`decode` with its arguments positional (the one hot path of both entries);
-    ``routed``: q, k_cache and v_cache passed :func:`routes` (dense, valid, no grad)."""
+    ``routed``: q, k_cache and v_cache passed :func:`routes` (dense, valid, no grad);
+    ``plan_only``: the step's checks and its plan, which is returned instead of run."""
     scored = getattr(pattern, "score", None) is not None
     if scored:
         from .scores import _table_divisors
@@ -2458,6 +2469,8 @@ def _step(pattern, q, k_cache, v_cache, seq_lens, page_table, scale, q_offset, r
             tuple(min(max(int(x), Lq), cap) for x in seq_lens.tolist())
     if not plan.tables_ok:          # the tables' indices checked at this step's lengths
         plan.check_tables(floats, ins, lens, q_shift)
+    if plan_only:
+        return plan
     if backend == "triton":
         o, lse = plan.run_triton(q, k_cache, v_cache, lk=cap, q_shift=q_shift,
                                  seq_lens=seq_lens, page_table=page_table,

@@ -253,6 +253,10 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
     if kind not in ("fwd", "bwd"):
         raise SpattnValueError(f"unknown kernel kind {short_repr(kind)}: expected 'fwd' "
                                "(forward) or 'bwd' (backward)")
+    if kind == "fwd":
+        routed = _routed_source(pattern, q, k, v, scale, q_offset, layout, inputs)
+        if routed is not None:
+            return routed
     # (a scored call in its mask's layout: the plan is the slots' pattern's, runtime.scores)
     plan = make_plan(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs,
                      backward=kind == "bwd", layout=layout)
@@ -267,9 +271,26 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
     else:
         # (a permuted plan's stages are its inner plan's)
         kernel = next(iter(getattr(plan, "inner", plan)._bwd.values())).dq_kernel
-    fn = getattr(kernel, "fn", kernel)
-    module = sys.modules[fn.__module__]
+    return _source(sys.modules[getattr(kernel, "fn", kernel).__module__])
+
+
+def _source(module) -> str:
+    """The text of a generated module, as its loader read it."""
     return module.__loader__.get_source(module.__name__)
+
+
+def _routed_source(pattern, q, k, v, scale, q_offset, layout, inputs) -> str | None:
+    """The decode module a call of few queries runs (``Pattern.__call__``'s decode route,
+    docs/decode.md), or None where the call takes the normal path."""
+    from . import decode
+    if layout == "bshd" and all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if not decode.routes(q, k, v, q_offset):
+        return None
+    plan = decode.routed_plan(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs)
+    if plan is None or plan.backend != "triton":
+        return None
+    return _source(plan.module)
 
 
 def with_layout_hint(err, layout, q, k, v, retry=None):

@@ -264,7 +264,9 @@ class Pattern(CompiledPattern):
         tensors runs (``kind`` ``"fwd"`` or ``"bwd"``; ``call``: ``scale``, ``q_offset``,
         ``layout`` and runtime inputs, as for a call): a plan is built for them, so the
         dtype, head dim, strategy, tiles, warps, loop, TMA and 64-bit choice are the
-        call's. CPU tensors that run the torch backend run no kernel (SpattnBackendError).
+        call's; a call of few queries that takes the decode route (docs/decode.md) shows
+        the decode module it runs. CPU tensors that run the torch backend run no kernel
+        (SpattnBackendError).
 
         ``kernel_source(kind="fwd", **options)``: the kernel of a configuration (``kind`` in
         fwd, bwd). ``options`` (all optional): ``head_dim`` (16..256, default 128),

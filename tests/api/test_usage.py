@@ -249,6 +249,34 @@ def test_kernel_source_of_tensors_is_the_kernel_they_run(kind, D, dtype):
     assert text != pat.kernel_source(kind)          # not the default bf16 D=128 kernel
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_kernel_source_of_few_queries_is_the_decode_kernel_they_run(layout, monkeypatch):
+    """A call of few queries against many keys takes the decode route (docs/decode.md):
+    kernel_source(q, k, v) shows the decode module whose kernels that call launches; with
+    grad required it takes the normal path, and shows the forward kernel."""
+    import triton.runtime.interpreter as interp
+    ran = []
+    get = interp.InterpretedFunction.__getitem__
+    monkeypatch.setattr(interp.InterpretedFunction, "__getitem__",
+                        lambda f, grid: (ran.append(f.fn.__name__), get(f, grid))[1])
+    pat = spattn.compile("causal & window(64)", backend="triton")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, L, 32, generator=g) for L in (2, 512, 512))
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    text = pat.kernel_source(q, k, v, layout=layout)
+    pat(q, k, v, layout=layout)
+    assert ran and all(name.startswith("attn_decode") for name in ran)
+    assert all(f"def {name}(" in text for name in ran)
+    ran.clear()
+    qg = q.clone().requires_grad_()
+    text = pat.kernel_source(qg, k, v, layout=layout)
+    pat(qg, k, v, layout=layout)
+    assert ran and all(f"def {name}(" in text for name in ran)
+    assert not any(name.startswith("attn_decode") for name in ran)
+
+
 def test_kernel_source_of_tensors_on_the_torch_backend_says_so():
     q = torch.randn(1, 2, 16, 16)
     with pytest.raises(spattn.SpattnBackendError, match="torch backend.*head_dim"):
