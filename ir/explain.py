@@ -85,9 +85,7 @@ class Report:
             + ("attention on the GPU (forward; cost model fitted to H200 times)"
                if self.target == "cuda" else
                "SDPA with a mask on the CPU (forward; cost model fitted to 2-core times)"),
-            f"strategy  {self.strategy}"
-            + (" (closed-form loop bounds, no metadata)" if self.strategy == "ranges"
-               else " (CSR tile table built at call time)"),
+            f"strategy  {self.strategy}" + _STRATEGY_WORDS.get(self.strategy, ""),
         ]
         if self.layout is not None:
             lay = self.layout
@@ -196,18 +194,30 @@ def _score_run(pattern, q_offset: int, compose_ops: Optional[int]) -> Optional[s
     return None if comp is None else to_source(comp.score)
 
 
+_STRATEGY_WORDS = {
+    "ranges": " (closed-form loop bounds, no metadata)",
+    "table": " (CSR tile table built at call time)",
+    "torch": " backend (fused SDPA calls over bands, segments or tiles of the tile "
+             "classes: repr(pat.plan(q, k, v)) names them)",
+}
+
+
 def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
             block_m: Optional[int] = None, block_n: Optional[int] = None,
             inputs: Optional[dict] = None, batch: int = 1, q_offset: Optional[int] = None,
             head_dim: int = 128, device=None, target: str = "cuda",
-            gather: str = "copy", compose_ops: Optional[int] = COMPOSE_MIN_OPS) -> Report:
+            gather: str = "copy", compose_ops: Optional[int] = COMPOSE_MIN_OPS,
+            strategy: Optional[str] = None) -> Report:
     """A :class:`Report` on ``pattern`` at the given size (see the module docstring).
 
     ``target``: ``"cuda"`` or ``"cpu"``, whose cost model predicts the speedup; the tiles
     default to that target's forward tiles (``ir.cost.TILES``). ``gather``: how a layout's
     tokens reach the kernels (``SPATTN_LAYOUT_GATHER``: "copy" prices the gathers,
     "kernel" does not). ``compose_ops``: the threshold of the score's composed tables
-    (``SPATTN_SCORE_COMPOSE``: ``runtime.compose.min_ops``; None: none composed)."""
+    (``SPATTN_SCORE_COMPOSE``: ``runtime.compose.min_ops``; None: none composed).
+    ``strategy``: what the call runs, as the runtime decides it (``"ranges"`` or
+    ``"table"`` on CUDA, ``"torch"`` for the torch backend's plans); default the
+    analysis's choice (:func:`spattn.ir.cost.pick_strategy`)."""
     if target not in TARGETS:
         raise SpattnValueError(f"target={target!r}: expected one of {', '.join(map(repr, TARGETS))}")
     block_m = TILES[target][0] if block_m is None else block_m
@@ -243,13 +253,14 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
     per_pair = 4 * head_dim
     computed = (counts["full"] + counts["partial"]) * block_m * block_n * per_pair
     useful = allowed * per_pair
-    strategy = pick_strategy(ir)
+    strategy = strategy or pick_strategy(ir)
     model_counts = counts
     if (block_m, block_n) != TILES[target]:
         model_counts = tile_counts(classify(pattern, Lq, Lk, *TILES[target], num_heads=num_heads,
                                             batch=batch, q_offset=q_offset, device=device,
                                             inputs=inputs))
-    speedup = predicted_speedup(model_counts, strategy, COSTS[target], pairs=total_pairs)
+    speedup = predicted_speedup(model_counts, pick_strategy(ir) if strategy == "torch"
+                                else strategy, COSTS[target], pairs=total_pairs)
     layout = None if inputs else _layout(ir, Lq, Lk, q_offset, num_heads, batch, allowed,
                                          block_m, block_n, computed // per_pair, pattern,
                                          target, gather)

@@ -98,19 +98,45 @@ class Call:
         call.learnable = any(t.requires_grad for t in (tables or {}).values())
         call.analysis = Analysis(pattern, Lq, Lk, B=B, H=H, positions=positions,
                                  device=q.device, inputs=ins)
-        lo, hi = positions.queries(Lq)
-        call.ranges_ok = max(abs(lo), abs(hi)) < RANGES_LIMIT and Lk < RANGES_LIMIT
+        call.ranges_ok = True
         if backend == "triton":
-            from ..codegen.config import get_closed_form
-            cf = get_closed_form(pattern) if call.ranges_ok else None
-            if cf is not None and not bounds.closed_form_exact(
-                    cf, Lq, Lk, num_heads=H, batch=B, q_offset=positions.q_offset):
-                call.ranges_ok, cf = False, None    # its bounds leave int64: the table strategy
+            call.ranges_ok, cf = ranges_closed_form(pattern, Lq, Lk, num_heads=H, batch=B,
+                                                    positions=positions)
             widest = max(_extent(t) for t in (q, k, v) if t is not None)
             call.int64 = widest > INT32_OFFSET or bounds.kernel_int64(
                 pattern, Lq, Lk, num_heads=H, batch=B, q_offset=positions.q_offset,
                 inputs=ins, closed_form=cf, block_m=256, block_n=256)
         return call
+
+
+def ranges_closed_form(pattern, Lq: int, Lk: int, *, num_heads: int, batch: int,
+                       positions: Positions) -> tuple:
+    """``(ranges_ok, closed form or None)`` of a Triton call: the ranges strategy can run
+    it where the query positions and Lk lie within ``RANGES_LIMIT`` (the closed forms treat
+    positions beyond as unbounded) and the closed form's bounds are exact in 64 bits."""
+    from ..codegen.config import get_closed_form
+    from ..ir import bounds
+    lo, hi = positions.queries(Lq)
+    if max(abs(lo), abs(hi)) >= RANGES_LIMIT or Lk >= RANGES_LIMIT:
+        return False, None
+    cf = get_closed_form(pattern)
+    if cf is not None and not bounds.closed_form_exact(
+            cf, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=positions.q_offset):
+        return False, None          # its bounds leave int64: the table strategy
+    return True, cf
+
+
+def forward_strategy(pattern, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,
+                     q_offset=None, settings=None) -> str:
+    """The strategy a Triton forward of such a call runs by default (no ``strategy=``
+    option): ``SPATTN_STRATEGY``, else the analysis's (``codegen.config.analysis_strategy``),
+    "table" where the ranges strategy cannot run the call (:func:`ranges_closed_form`)."""
+    from ..codegen.config import analysis_strategy
+    ok, cf = ranges_closed_form(pattern, Lq, Lk, num_heads=num_heads, batch=batch,
+                                positions=Positions.of(Lq, Lk, q_offset))
+    if not ok:
+        return "table"
+    return (settings or _settings.current()).strategy or analysis_strategy(pattern, cf)
 
 
 def _extent(t: torch.Tensor) -> int:

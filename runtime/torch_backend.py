@@ -453,7 +453,7 @@ def fwd_planned(plan: CpuPlan, q, k, v, *, scale: float):
         mask, row_any = c.masks()
         oc, lc = _attend(qin, ins.keys(c, k), ins.keys(c, v), mask, scale, c.is_causal)
         if row_any is not None:
-            lc = lc.masked_fill(~row_any, NINF)
+            oc, lc = _no_key_rows(oc, lc, row_any)
         return _out_rows(plan, c, oc, qin, q), _out_rows(plan, c, lc.to(acc), None, None)
     Lp = plan.Lq_pad
     S = max(1, plan.slots)
@@ -466,7 +466,7 @@ def fwd_planned(plan: CpuPlan, q, k, v, *, scale: float):
         oc, lc = _attend(ins.rows(c, q), ins.keys(c, k), ins.keys(c, v), mask, scale,
                          c.is_causal)
         if row_any is not None:
-            lc = lc.masked_fill(~row_any, NINF)
+            oc, lc = _no_key_rows(oc, lc, row_any)
         _put_rows(plan, c, obuf[c.slot], oc if oc.dtype == odt else oc.to(odt))
         _put_rows(plan, c, lbuf[c.slot], lc.to(acc))
     if S > 1:
@@ -474,6 +474,12 @@ def fwd_planned(plan: CpuPlan, q, k, v, *, scale: float):
     else:
         o, lse = obuf[0], lbuf[0]
     return _cast(o[:, :, :Lq], q.dtype), lse[:, :, :Lq]
+
+
+def _no_key_rows(oc, lc, row_any):
+    """A call's output rows that see no key: 0 and ``-inf``, whatever the kernel made of
+    them (a NaN in such a query row, NaN plus the mask's ``-inf``, gave NaN)."""
+    return oc.masked_fill(~row_any[..., None], 0.0), lc.masked_fill(~row_any, NINF)
 
 
 def _cast(t: torch.Tensor, dtype) -> torch.Tensor:

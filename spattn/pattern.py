@@ -143,10 +143,16 @@ class Pattern(CompiledPattern):
         check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
         q_offset, _ = _checked(self, Lq, Lk, q_offset, None, inputs)
         with _fits("the analysis"), progress(f"explaining {self.name!r} at Lq={Lq}, Lk={Lk}"):
+            if self.backend == "torch" or target == "cpu":
+                strategy = "torch"
+            else:
+                from .runtime.plan import forward_strategy
+                strategy = forward_strategy(self, Lq, Lk, num_heads=num_heads, batch=batch,
+                                            q_offset=q_offset, settings=current())
             return explain(self, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
                            block_m=block_m, block_n=block_n, inputs=inputs, target=target,
                            gather=layout_gather(None, current(), backend),
-                           compose_ops=min_ops(current()))
+                           compose_ops=min_ops(current()), strategy=strategy)
 
     def receptive_field(self, L: int, layers: int, **kwargs):
         """How much of the past each position reaches when the pattern is stacked ``layers`` deep."""

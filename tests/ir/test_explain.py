@@ -119,3 +119,25 @@ def test_cost_model_targets():
         assert target in str(r).replace("GPU", "cuda").replace("CPU", "cpu")
     with pytest.raises(SpattnValueError, match="target"):
         explain(causal, 64, target="tpu")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("src, q_offset, env", [
+    ("causal & window(16)", None, None),
+    ("causal", 2 ** 40, None),                      # positions past the closed forms' range
+    ("causal & window(16)", None, "table"),         # SPATTN_STRATEGY
+], ids=["ranges", "q-offset-2p40-table", "setting-table"])
+def test_strategy_is_the_one_the_call_runs(src, q_offset, env, monkeypatch):
+    """The report's strategy is the forward's of a call at that size (the plan's rule:
+    the setting, the closed forms' reach), not the analysis's choice alone; for the CPU
+    it names the torch backend's plans."""
+    import spattn
+    if env:
+        monkeypatch.setenv("SPATTN_STRATEGY", env)
+    pat = spattn.compile(src, backend="triton")
+    x = torch.randn(1, 1, 200, 16)
+    want = pat.plan(x, x, x, q_offset=q_offset).forward_stage.config.strategy
+    r = pat.explain(200, q_offset=q_offset)
+    assert r.strategy == want and f"strategy  {want} (" in str(r)
+    r = pat.explain(200, q_offset=q_offset, target="cpu")
+    assert r.strategy == "torch" and "strategy  torch backend" in str(r)

@@ -286,3 +286,30 @@ def test_an_operand_whose_offsets_pass_int32(far):
     o = pat(q, k, v) if far.startswith("routed") else pat.decode(q, k, v)
     want = pattern_reference(pat, q.double(), k.double(), v.double())[0]
     torch.testing.assert_close(o.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("src, kw", [("causal & keep[q]", "keep"), ("causal", "q_offset")],
+                         ids=["keep-q", "q-offset"])
+def test_query_rows_without_keys_are_zero_whatever_their_values(backend, src, kw):
+    """Query rows the pattern allows no key (padding queries, rows above the first key)
+    holding NaN: the output there is 0 and the lse -inf, and every other row matches the
+    float64 reference (the torch backend's rows were NaN: NaN plus the mask's -inf)."""
+    pat = spattn.compile(src, backend=backend)
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 2, 100, 16, generator=g) for _ in range(3))
+    q[:, :, :30] = float("nan")
+    if kw == "keep":
+        keep = torch.ones(100, dtype=torch.bool)
+        keep[:30] = False
+        args = {"keep": keep}
+    else:
+        args = {"q_offset": -30}
+    o, lse = pat(q, k, v, return_lse=True, **args)
+    assert torch.equal(o[:, :, :30], torch.zeros_like(o[:, :, :30]))
+    assert torch.isneginf(lse[:, :, :30]).all()
+    want, wlse = pattern_reference(pat, q[:, :, 30:].double(), k.double(), v.double(),
+                                   **({"keep": keep, "q_offset": 30} if kw == "keep"
+                                      else {"q_offset": 0}))
+    torch.testing.assert_close(o[:, :, 30:].double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse[:, :, 30:].double(), wlse, atol=2e-5, rtol=2e-5)
