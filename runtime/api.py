@@ -615,7 +615,7 @@ def empty_call(pattern, q, k, v, *, scale, q_offset, inputs, plan):
     The arguments are checked as far as they mean anything at these shapes: q, k and v
     (:func:`validate`), the scale, ``q_offset``, the runtime inputs' names and tensors; a
     plan must be one of these shapes. Gradients are zeros; nothing is compiled."""
-    validate(q, k, v, empty=True)
+    validate(q, k, v, empty=True, float64=f64_ok(pattern, q))
     B, Hq, Lq, D = q.shape
     _check_scale(scale, D)
     check_q_offset(q_offset, Lq, k.shape[2])

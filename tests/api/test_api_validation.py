@@ -372,6 +372,24 @@ def test_empty_calls_return_what_sdpa_returns(qs, ks, src, score):
     assert bshd.shape == q.transpose(1, 2).shape
 
 
+@pytest.mark.parametrize("dtype, D", [(torch.float64, 16), (torch.float32, 300),
+                                      (torch.float32, 3)], ids=["f64-D16", "f32-D300", "f32-D3"])
+def test_empty_calls_take_what_the_torch_backend_takes(dtype, D):
+    """float64 and head dims outside the kernels' 16..256 run on the torch backend; empty
+    calls of them are empty as the others are, not refused with a pointer to that same
+    backend."""
+    pat = spattn.compile("causal", backend="torch")
+    x = torch.randn(1, 2, 5, D, dtype=dtype)
+    assert pat(x, x, x).dtype == dtype
+    e = torch.randn(0, 2, 5, D, dtype=dtype)
+    o, lse = pat(e, e, e, return_lse=True)
+    assert o.shape == e.shape and o.dtype == dtype and not o.any()
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    if dtype == torch.float64:      # the Triton backend still points there
+        with pytest.raises(SpattnInputError, match="float64 on the torch backend"):
+            spattn.compile("causal", backend="triton")(e, e, e)
+
+
 def test_a_scale_that_requires_grad_is_refused():
     """A scale tensor that requires grad (a learnable temperature) would get no gradient:
     a SpattnValueError points at a score with a learnable table; without grad mode, or
