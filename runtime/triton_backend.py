@@ -1072,7 +1072,6 @@ def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:
         static_q = (*o.stride(), *do.stride(), *rows_q, H, Lq)
         meta_q = dict(BLOCK_M2=m2, BLOCK_D=cfg.block_d, HEAD_DIM=D, num_warps=4,
                       num_stages=1)
-        grid_q = (nq2, B * H)
     stage = BwdStage(cfg, mod.ROWSTATS if atomic else mod.DQ, mod.DKDV, grid_q,
                      (nk1 * B * HK,), static_q, static_k, meta_q,
                      dict(BLOCK_M1=m1, BLOCK_N1=n1, **kw, **kw_k), (B, H, HK, Lq, Lk, D),

@@ -148,3 +148,16 @@ def test_call_deterministic_keeps_the_dq_kernel(monkeypatch, score):
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("dq", ["kernel", "atomic"])
+def test_dq_stage_grid_is_one_dimension_past_65535_heads(dq):
+    """B * H = 70,000 (batch times query heads) passes what a second CUDA grid dimension
+    takes (65,535): the dQ kernel's and the row-statistics kernel's grids are one
+    dimension, with a program per (query tile, batch, head)."""
+    pat = spattn.compile("causal & window(9)")
+    q = torch.randn(700, 100, 16, 16)
+    call = Call.of(pat, q, q, scale=0.25, q_offset=None, inputs={})
+    stage = tb.build_bwd(call, q, q, q, q, q, {"dq": dq})
+    assert stage.config.dq == dq
+    assert stage.grid_q == (-(-16 // stage.config.block_m2) * 70_000,)

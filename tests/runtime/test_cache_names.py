@@ -5,12 +5,14 @@ import spattn
 from spattn.runtime import cache
 
 
-def test_kernels_sharing_a_file_name_keep_their_modules(monkeypatch):
+def test_kernels_sharing_a_file_name_keep_their_modules(monkeypatch, tmp_path):
     """Two kernels of one pattern name whose keys share the file name's hex digits (forced
     here) take turns in one file: each call still gets its own kernel's module, never the
     other's (found by the random search with SPATTN_BWD_DQ=atomic, whose extra modules made
     a collision among ~3000 kernels of one process likely)."""
     monkeypatch.setattr(cache, "file_name", lambda pattern, kind, key: f"attn_{kind}_x_000000.py")
+    # a directory of its own: modules other tests imported are not served from memory
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path / "kernels"))
     a = spattn.compile("causal & window(9)", pattern=None)
     b = spattn.compile("causal & same(doc)", pattern=None)
     assert a.name == b.name
