@@ -13,6 +13,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 
 import torch
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spattn", description="A compiler for attention sparsity patterns.")
     parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.commands = sub.choices       # (a command's usage, for the errors main reports)
     sub.required = True
 
     p = sub.add_parser("check", help="parse and type-check; print the canonical form")
@@ -145,6 +147,8 @@ def _compile(args):
     if (args.file is None) == (args.expr is None):
         raise _Usage("give a pattern file or -e EXPR (exactly one)")
     params = dict(args.param)
+    if args.file is not None and args.score is not None:
+        raise _Usage("--score goes with -e EXPR; in a file, write `pattern p = MASK score EXPR`")
     if args.file is not None and args.pattern is None:
         names = spattn.pattern_names(args.file)
         if len(names) > 1:
@@ -156,8 +160,6 @@ def _compile(args):
     if args.expr is not None:
         return spattn.compile(args.expr, pattern=args.pattern, backend=backend,
                               score=args.score, **params)
-    if args.score is not None:
-        raise _Usage("--score goes with -e EXPR; in a file, write `pattern p = MASK score EXPR`")
     return spattn.load(args.file, pattern=args.pattern, backend=backend, **params)
 
 
@@ -397,16 +399,31 @@ def main(argv=None, out=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        pat = _compile(args)
-        COMMANDS[args.command](args, pat, out)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            pat = _compile(args)
+            COMMANDS[args.command](args, pat, out)
     except _Usage as e:
-        parser.print_usage(sys.stderr)
-        print(f"spattn: error: {e}", file=sys.stderr)
+        parser.commands[args.command].print_usage(sys.stderr)
+        print(f"spattn {args.command}: error: {e}", file=sys.stderr)
         return 2
     except SpattnError as e:
         print(f"spattn: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """spattn's warnings as the command's own lines (not Python's, with a source line of
+    spattn's); other libraries' in Python's form."""
+    from .dsl.errors import SpattnWarning
+    if issubclass(category, SpattnWarning):
+        text = str(message)
+        print(f"spattn: warning: {text[len('spattn: '):] if text.startswith('spattn: ') else text}",
+              file=file or sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line),
+              file=file or sys.stderr, end="")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -472,7 +472,7 @@ def _read(path) -> str:
         why = getattr(e, "strerror", None) or str(e)
         raise SpattnError(f"cannot read pattern file {name!r}: {why}") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")         # (a byte-order mark some editors write)
     except UnicodeDecodeError as e:
         before = data[:e.start]
         line = before.count(b"\n") + 1

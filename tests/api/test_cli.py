@@ -53,7 +53,37 @@ def test_check_whole_file(path):
 def test_several_patterns_need_a_pick_exit_2(capsys):
     path = next(p for p in EXAMPLES if len(spattn.pattern_names(p)) > 1)
     code, _ = run("show", path, "--lq", 8)
-    assert code == 2 and "--pattern" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "--pattern" in err
+    assert err.startswith("usage: spattn show ") and "spattn show: error:" in err
+
+
+@pytest.mark.parametrize("pick", [False, True], ids=["whole-file", "one-pattern"])
+def test_score_with_a_file_is_a_usage_error(pick, capsys):
+    """``--score`` modifies ``-e EXPR``; with a file it is refused whether check lists the
+    file's every pattern or one (it was dropped without a word for a whole file)."""
+    path = next(p for p in EXAMPLES if len(spattn.pattern_names(p)) > 1)
+    extra = ["--pattern", spattn.pattern_names(path)[0]] if pick else []
+    code, _ = run("check", path, *extra, "--score", "softcap(3.0)")
+    err = capsys.readouterr().err
+    assert code == 2 and "usage: spattn check " in err and "--score goes with -e EXPR" in err
+
+
+def test_a_file_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.spattn"
+    path.write_bytes(b"\xef\xbb\xbfpattern p = causal & window(4)\n")
+    code, text = run("check", path)
+    assert code == 0 and text.splitlines()[0] == spattn.compile("causal & window(4)").source
+
+
+def test_warnings_are_the_commands_lines(capsys):
+    """spattn's warnings print as ``spattn: warning: ...``, not in Python's form with a
+    file and source line of spattn's."""
+    code, text = run("check", "-e", "window(0)")
+    err = capsys.readouterr().err
+    assert code == 0 and text.strip() == "false"
+    assert err.startswith("spattn: warning: pattern ") and "allows no" in err
+    assert ".py:" not in err and "Warning" not in err
 
 
 @pytest.mark.parametrize("path,name", PATTERNS)
