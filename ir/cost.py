@@ -112,7 +112,9 @@ def predicted_speedup(counts: Mapping[str, int], strategy: str, cost: Mapping[st
 
 def tile_counts(tiles) -> dict:
     """``{"empty", "partial", "full", "rows"}`` of a tile-class tensor ``[B, H, nq, nk]``."""
-    import torch
-    n = torch.bincount(tiles.reshape(-1).to(torch.int64), minlength=3).tolist()
+    # counted in the classes' own int8, not through an int64 copy (8x the grid: 10 GB at
+    # three million tokens)
+    full, partial = int((tiles == 2).sum()), int((tiles == 1).sum())
+    n = (tiles.numel() - full - partial, partial, full)
     return {"empty": n[0], "partial": n[1], "full": n[2],
             "rows": tiles.shape[0] * tiles.shape[1] * tiles.shape[2]}

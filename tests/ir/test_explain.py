@@ -141,3 +141,14 @@ def test_strategy_is_the_one_the_call_runs(src, q_offset, env, monkeypatch):
     assert r.strategy == want and f"strategy  {want} (" in str(r)
     r = pat.explain(200, q_offset=q_offset, target="cpu")
     assert r.strategy == "torch" and "strategy  torch backend" in str(r)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 50, 70), (1, 4, 129, 3)])
+def test_tile_counts_count_every_class(shape):
+    from spattn.ir.cost import tile_counts
+    g = torch.Generator().manual_seed(sum(shape))
+    t = torch.randint(0, 3, shape, generator=g, dtype=torch.int8)
+    c = tile_counts(t)
+    want = [int((t == v).sum()) for v in range(3)]
+    assert [c["empty"], c["partial"], c["full"]] == want
+    assert c["rows"] == shape[0] * shape[1] * shape[2]
