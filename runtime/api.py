@@ -156,7 +156,7 @@ def check_dtype(q, float64: bool | None) -> None:
     ``float64`` as for :func:`validate`, which says where a float64 call runs instead."""
     if q.dtype not in DTYPES and not (float64 and q.dtype == torch.float64):
         hint = "" if q.dtype != torch.float64 else \
-            " (and float64 on the torch backend: backend='torch', or 'auto' on the CPU)" \
+            f" (and float64 on the torch backend: {_torch_hint()})" \
             if float64 is False else \
             " for decode; call the pattern, pat(q, k, v), which runs float64 on the torch backend"
         raise SpattnInputError(f"q (shape {_shape(q)}) has dtype {q.dtype}; supported dtypes are "
@@ -239,10 +239,15 @@ def _dims(lo: int, hi: int | None) -> str:
 
 
 def _wide_hint(D: int, hi: int | None) -> str:
-    if hi and D > hi:
-        return (f" for the Triton kernels; the torch backend takes any head dim "
-                f"(backend='torch', or 'auto' on the CPU)")
+    if hi and not MIN_HEAD_DIM <= D <= hi:
+        return f" for the Triton kernels; the torch backend takes any head dim ({_torch_hint()})"
     return ""
+
+
+def _torch_hint() -> str:
+    """How a call gets the torch backend (under ``TRITON_INTERPRET=1``, 'auto' on the CPU
+    runs the Triton kernels)."""
+    return "backend='torch'" if _interpret() else "backend='torch', or 'auto' on the CPU"
 
 
 #: Largest scale: the kernels multiply scores by ``scale * log2(e)`` in float32.

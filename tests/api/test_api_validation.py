@@ -401,3 +401,20 @@ def test_a_scale_that_requires_grad_is_refused():
         torch.testing.assert_close(PAT(q0, k0, v0, scale=s), PAT(q0, k0, v0, scale=0.3))
     torch.testing.assert_close(PAT(q0, k0, v0, scale=torch.tensor(0.3)),
                                PAT(q0, k0, v0, scale=0.3))
+
+
+@pytest.mark.parametrize("D", [3, 8, 300])
+def test_head_dims_the_kernels_refuse_point_to_the_torch_backend(D):
+    """Below 16 as above 256, the Triton refusal says the torch backend takes the head
+    dim, and how to pick it (under the interpreter 'auto' runs the kernels on the CPU
+    too, so only backend='torch' is named there)."""
+    from spattn.runtime.api import _interpret
+    x = torch.randn(1, 1, 4, D)
+    with pytest.raises(SpattnInputError, match=r"16\.\.256, got .*torch backend takes any head "
+                                                r"dim \(backend='torch'"):
+        spattn.compile("causal", backend="triton")(x, x, x)
+    try:
+        spattn.compile("causal", backend="triton")(x, x, x)
+    except SpattnInputError as e:
+        assert ("'auto' on the CPU" in str(e)) == (not _interpret())
+    assert spattn.compile("causal", backend="torch")(x, x, x).shape == x.shape
