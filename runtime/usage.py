@@ -253,6 +253,15 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
     if kind not in ("fwd", "bwd"):
         raise SpattnValueError(f"unknown kernel kind {short_repr(kind)}: expected 'fwd' "
                                "(forward) or 'bwd' (backward)")
+    from ..dsl.resolve import CALL_KEYWORDS
+    other = sorted(n for n in inputs if n in CALL_KEYWORDS)
+    if other:
+        from ..dsl.errors import SpattnParamError
+        raise SpattnParamError(
+            f"kernel_source(q, k, v) takes kind, scale, q_offset, layout and the runtime "
+            f"inputs of a call; {', '.join(map(repr, other))} "
+            f"({'; '.join(CALL_KEYWORDS[n] for n in other)}): a call keyword it does not "
+            "take")
     if kind == "fwd":
         routed = _routed_source(pattern, q, k, v, scale, q_offset, layout, inputs)
         if routed is not None:

@@ -277,6 +277,16 @@ def test_kernel_source_of_few_queries_is_the_decode_kernel_they_run(layout, monk
     assert not any(name.startswith("attn_decode") for name in ran)
 
 
+@pytest.mark.parametrize("kw", ["return_lse", "deterministic", "order"])
+def test_kernel_source_names_a_call_keyword_it_does_not_take(kw):
+    """Not "unexpected runtime input": the keyword is the call's, and kernel_source says
+    which ones it takes."""
+    q = torch.randn(1, 2, 40, 16)
+    with pytest.raises(SpattnParamError, match=rf"takes kind, scale, q_offset, layout and "
+                                               rf"the runtime inputs of a call; '{kw}'"):
+        spattn.compile("causal", backend="triton").kernel_source(q, q, q, **{kw: True})
+
+
 def test_kernel_source_of_tensors_on_the_torch_backend_says_so():
     q = torch.randn(1, 2, 16, 16)
     with pytest.raises(spattn.SpattnBackendError, match="torch backend.*head_dim"):
