@@ -583,12 +583,17 @@ def test_triton_refuses_64_bit_patterns_and_routing_falls_back():
 
 
 @interp
-def test_triton_unchecked_lengths_are_clamped():
-    """check=False: a length beyond the cache is clamped to it, never read out of bounds."""
+@pytest.mark.parametrize("length", [500, 2 ** 31, 2 ** 40 + 7, -5],
+                         ids=["500", "2p31", "2p40", "negative"])
+def test_triton_unchecked_lengths_are_clamped(length):
+    """check=False: a length beyond the cache is clamped to it (below Lq, to Lq), never
+    read out of bounds; at the width of seq_lens (2**31 read as 32 bits was negative: the
+    step ran at Lq keys)."""
     pat = spattn.compile("causal", backend="triton")
     q, k, v = _qkv(L=32)
-    o = pat.decode(q, k, v, seq_lens=torch.tensor([500]), check=False, num_splits=2)
-    _close("o", o, attention_reference(q, k, v, pat.mask(1, 32))[0])
+    o = pat.decode(q, k, v, seq_lens=torch.tensor([length]), check=False, num_splits=2)
+    L = min(max(length, 1), 32)
+    _close("o", o, attention_reference(q, k[:, :, :L], v[:, :, :L], pat.mask(1, L))[0])
 
 
 # ------------------------------------------------------------------ random patterns
