@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 import warnings
@@ -158,13 +159,28 @@ def _compile(args):
                          "pick one with --pattern NAME")
     backend = getattr(args, "backend", "auto")
     if args.expr is not None:
-        return spattn.compile(args.expr, pattern=args.pattern, backend=backend,
-                              score=args.score, **params)
+        try:
+            return spattn.compile(args.expr, pattern=args.pattern, backend=backend,
+                                  score=args.score, **params)
+        except SpattnError as e:
+            raise _for_the_command_line(e, params) from None
     return spattn.load(args.file, pattern=args.pattern, backend=backend, **params)
 
 
 class _Usage(Exception):
     pass
+
+
+def _for_the_command_line(e: SpattnError, params: dict) -> SpattnError:
+    """``e`` with the Python API's way of binding a name (``compile(..., W=...)``) written
+    as the option that does it (``-p W=VALUE``), and the ``-p`` names nothing used."""
+    m = re.search(r"a keyword param: compile\(\.\.\., (\w+)=\.\.\.\)", e.message)
+    if m is None:
+        return e
+    message = e.message.replace(m.group(0), f"-p {m.group(1)}=VALUE")
+    if params:
+        message += f"; -p {', '.join(sorted(params))} named no free name of the expression"
+    return type(e)(message, source=e.source, line=e.line, column=e.column, filename=e.filename)
 
 
 def demo_inputs(pat, Lq, Lk, *, num_heads=1, batch=1, q_offset=None, seed=0, device=None):

@@ -76,6 +76,14 @@ def test_a_file_with_a_byte_order_mark(tmp_path):
     assert code == 0 and text.splitlines()[0] == spattn.compile("causal & window(4)").source
 
 
+@pytest.mark.parametrize("extra", [[], ["-p", "X=3"]], ids=["no-param", "unused-param"])
+def test_an_unbound_name_says_which_option_binds_it(extra, capsys):
+    code, _ = run("check", "-e", "window(W)", *extra)
+    err = capsys.readouterr().err
+    assert code == 1 and "unknown name 'W' (bind it with -p W=VALUE)" in err
+    assert "compile(" not in err and ("-p X named no free name" in err) == bool(extra)
+
+
 def test_warnings_are_the_commands_lines(capsys):
     """spattn's warnings print as ``spattn: warning: ...``, not in Python's form with a
     file and source line of spattn's."""
