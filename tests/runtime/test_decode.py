@@ -266,6 +266,10 @@ def test_errors():
         with pytest.raises(SpattnInputError, match=r"torch.float64; .* for decode; call the "
                                                    r"pattern, pat\(q, k, v\)"):
             pat.decode(q.double(), *(t.double() for t in args), **kw)
+    doc_pat = spattn.compile("causal & same(doc)", backend="torch")
+    with pytest.raises(SpattnInputError, match=r"'doc' \(shape \(40,\)\) is too short: .* "
+                                               r"over the cache's 64 positions"):
+        doc_pat.decode(q, k, v, doc=torch.zeros(40, dtype=torch.long))
     qg = q.clone().requires_grad_()
     with pytest.raises(SpattnInputError, match="inference only"):
         pat.decode(qg, pool, pool, seq_lens=torch.tensor([40]),
