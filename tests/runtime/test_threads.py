@@ -39,7 +39,7 @@ def _close(o, q, k, v, pat):
     torch.testing.assert_close(o.double(), want, atol=2e-5, rtol=2e-5)
 
 
-def test_decode_steps_of_two_threads_on_one_plan(monkeypatch):
+def test_decode_steps_of_three_threads_on_one_plan(monkeypatch):
     """Threads stepping one decode plan: each step's combine reads its own partials. A
     pause after each split launch hands the interpreter to the other threads there, where
     their steps would overwrite the partials before the combine."""
