@@ -715,13 +715,16 @@ def _call_box(Lq: int, Lk: int, off: int, num_heads: int, batch: int) -> dict:
 
 
 def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk: int, *,
-                       num_heads: int = 1, batch: int = 1, q_offset=None, checked=None) -> None:
+                       num_heads: int = 1, batch: int = 1, q_offset=None, checked=None,
+                       where: str | None = None) -> None:
     """Raise :class:`SpattnInputError` when an input is too short for the positions it is indexed with.
 
     ``inputs`` are validated tensors (``ir.inputs.validate_inputs``). The index ranges are the
     interval hull of each index over the valid domain (exact for affine indices), in exact
     integers. ``checked``: the call's :func:`spattn.ir.bounds.check_call` result (computed
     here when not given; it raises :class:`SpattnValueError` for an index beyond int64).
+    ``where``: what the error says the domain is (default its lengths and query offset:
+    "for Lq=..., Lk=..., q_offset=...").
     """
     ir = pattern.ir if hasattr(pattern, "ir") else pattern
     off = query_offset(Lq, Lk, q_offset)
@@ -762,7 +765,8 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
             raise SpattnInputError(
                 f"runtime input {load.name!r} (shape {shape}) {what}: "
                 f"index dimension {axis} ({to_source(load.index[axis])}) takes values "
-                f"{lo_v}..{hi_v} for Lq={Lq}, Lk={Lk}, q_offset={off}, but has size {size}; "
+                f"{lo_v}..{hi_v} {where or f'for Lq={Lq}, Lk={Lk}, q_offset={off}'}, "
+                f"but has size {size}; "
                 f"it {need}")
 
 

@@ -155,10 +155,12 @@ def check_dtype(q, float64: bool | None) -> None:
     """Refuse q's dtype unless the kernels take it (or, ``float64`` True, it is float64);
     ``float64`` as for :func:`validate`, which says where a float64 call runs instead."""
     if q.dtype not in DTYPES and not (float64 and q.dtype == torch.float64):
-        hint = "" if q.dtype != torch.float64 else \
-            f" (and float64 on the torch backend: {_torch_hint()})" \
-            if float64 is False else \
-            " for decode; call the pattern, pat(q, k, v), which runs float64 on the torch backend"
+        hint = ""
+        if q.dtype == torch.float64 and float64 is False:
+            hint = f" (and float64 on the torch backend: {_torch_hint()})"
+        elif q.dtype == torch.float64:
+            hint = (" for decode; call the pattern, pat(q, k, v), which runs float64 on the "
+                    "torch backend")
         raise SpattnInputError(f"q (shape {_shape(q)}) has dtype {q.dtype}; supported dtypes are "
                                f"float16, bfloat16 and float32{hint}")
 

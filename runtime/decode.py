@@ -242,12 +242,9 @@ def _check_positions(pattern, ins, B, Hq, Lq, cap, q_shift):
     from ..ir import bounds
     from ..ir.intervals import check_input_bounds
     if ins:
-        try:
-            check_input_bounds(pattern, ins, cap, cap, num_heads=Hq, batch=B, q_offset=0)
-        except SpattnInputError as e:   # (the check's own lengths are not the call's)
-            raise SpattnInputError(e.message.replace(
-                f" for Lq={cap}, Lk={cap}, q_offset=0", f" over the cache's {cap} "
-                f"positions, where a decode step's queries and keys lie")) from None
+        check_input_bounds(pattern, ins, cap, cap, num_heads=Hq, batch=B, q_offset=0,
+                           where=f"over the cache's {cap} positions, where a decode step's "
+                                 "queries and keys lie")
     if q_shift:
         off = cap - Lq + q_shift
         if ins:

@@ -292,8 +292,7 @@ def _routed_source(pattern, q, k, v, scale, q_offset, layout, inputs) -> str | N
     """The decode module a call of few queries runs (``Pattern.__call__``'s decode route,
     docs/decode.md), or None where the call takes the normal path."""
     from . import decode
-    if layout == "bshd" and all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k, v = to_bhsd(layout, q, k, v)
     if not decode.routes(q, k, v, q_offset):
         return None
     plan = decode.routed_plan(pattern, q, k, v, scale=scale, q_offset=q_offset, inputs=inputs)
