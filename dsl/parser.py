@@ -393,6 +393,35 @@ def _args(t: Optional[Tree]) -> tuple[A.Expr, ...]:
 _OPNAME = {"and": "&", "or": "|", "not": "~"}
 
 
+def _junction(t: Tree) -> A.Expr:
+    """A chain ``a | b | c ...`` (or of ``&``), which the grammar reads as nested pairs
+    ``((a | b) | c) ...``, regrouped as a balanced tree of pairs: its depth grows with the
+    logarithm of its length, so the passes that recurse over the syntax tree take chains
+    of thousands of terms. Every pair keeps the position of its first operand and of the
+    operator between its halves; the IR flattens the chain either way."""
+    operands, ops = [], []
+    node = t
+    while isinstance(node, Tree) and node.data == t.data:
+        left, op, right = node.children
+        operands.append(right)
+        ops.append(op)
+        node = left
+    operands.append(node)
+    operands.reverse()
+    ops.reverse()
+    terms = [_expr(x) for x in operands]
+
+    def pair(i: int, j: int) -> A.Expr:            # terms[i:j], ops[i:j - 1] between them
+        if j - i == 1:
+            return terms[i]
+        m = (i + j + 1) // 2                     # three terms: ((a | b) | c), as written
+        op = ops[m - 1]
+        return A.Binary(_OPNAME.get(str(op), str(op)), pair(i, m), pair(m, j),
+                        op_line=op.line, op_column=op.column,
+                        line=terms[i].line, column=terms[i].column)
+    return pair(0, len(terms))
+
+
 def _expr(t) -> A.Expr:
     if isinstance(t, Token):  # pragma: no cover - every token is wrapped by a rule
         raise AssertionError(t)
@@ -421,7 +450,9 @@ def _expr(t) -> A.Expr:
         return A.Unary("-", _expr(c[1]), **p)
     if d == "not_":
         return A.Unary("~", _expr(c[1]), **p)
-    if d in ("binop", "and_", "or_"):
+    if d in ("and_", "or_"):
+        return _junction(t)
+    if d == "binop":
         left, op, right = c
         opname = _OPNAME.get(str(op), str(op))
         return A.Binary(opname, _expr(left), _expr(right), op_line=op.line,

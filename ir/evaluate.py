@@ -71,11 +71,30 @@ def evaluate(node: Node, env: Mapping[str, object], inputs: Mapping[str, torch.T
     """Value of ``node`` with variables bound by ``env`` (ints or broadcastable int64 tensors).
 
     Bool nodes give bool tensors (or Python bools when nothing is a tensor).
-    Common sub-expressions are computed once (``memo``). Float nodes (a score) compute in
-    ``fdtype``; ``env["s"]`` is the scaled score tensor and float runtime inputs are
-    gathered as they are given (so autograd reaches them).
+    Common sub-expressions are computed once: a caller's ``memo`` keeps every value (for
+    calls that share sub-expressions); without one, only the values of sub-expressions that
+    more than one parent reads are kept, so a junction of a thousand terms holds one
+    term's tensor at a time. Float nodes (a score) compute in ``fdtype``; ``env["s"]`` is
+    the scaled score tensor and float runtime inputs are gathered as they are given (so
+    autograd reaches them).
     """
-    return _Evaluator(env, inputs or {}, {} if memo is None else memo, fdtype).ev(node)
+    if memo is None:
+        return _Evaluator(env, inputs or {}, {}, fdtype, _shared(node)).ev(node)
+    return _Evaluator(env, inputs or {}, memo, fdtype).ev(node)
+
+
+def _shared(root: Node) -> frozenset:
+    """The sub-expressions of ``root`` read by more than one parent (structurally equal
+    nodes are one node); each distinct node is visited once."""
+    seen, shared, stack = {root}, set(), [root]
+    while stack:
+        for c in stack.pop().children():
+            if c in seen:
+                shared.add(c)
+            else:
+                seen.add(c)
+                stack.append(c)
+    return frozenset(shared)
 
 
 def _fit(v: int) -> int:
@@ -94,17 +113,20 @@ class _Evaluator(Visitor):
 
     complete = True
 
-    def __init__(self, env, inputs, memo, fdtype=torch.float64):
+    def __init__(self, env, inputs, memo, fdtype=torch.float64, keep=None):
         self.env = env
         self.inputs = inputs
         self.memo = memo
         self.fdtype = fdtype
+        self.keep = keep                   # the nodes whose values the memo keeps (None: all)
 
     def ev(self, n: Node):
         memo = self.memo
         if n in memo:
             return memo[n]
-        v = memo[n] = self(n)
+        v = self(n)
+        if self.keep is None or n in self.keep:
+            memo[n] = v
         return v
 
     @rule(Const, BoolConst)

@@ -3,6 +3,9 @@
 already 150 frames (a score: 250) deep; one level more is a ``SpattnValueError`` at compile time,
 never a ``RecursionError`` from a pass (the printer, the analysis, the code generator,
 sympy's derivative)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -110,3 +113,60 @@ def test_too_deep_score_and_composition():
     with pytest.raises(SpattnValueError, match="pattern nested too deeply"):
         for _ in range(MAX_DEPTH - d + 1):
             deeper = ~(deeper & spattn.compile("k % 3 != 0"))
+
+
+@pytest.mark.parametrize("op", ["|", "&"])
+def test_long_chains_of_one_operator(op):
+    """A chain of 1,500 terms of one of ``| &`` written out in source compiles (the parser
+    regroups it as a balanced tree; the IR is flat), masks what its terms say, and the
+    canonical source of a union composed in Python compiles back to an equal pattern."""
+    n = 1500
+    if op == "|":
+        terms = [f"(q - k == {3 * i})" for i in range(n)]
+        want = lambda d: (d >= 0) & (d % 3 == 0) & (d < 3 * n)      # noqa: E731
+    else:
+        terms = [f"(q - k != {3 * i})" for i in range(n)]
+        want = lambda d: ~((d >= 0) & (d % 3 == 0) & (d < 3 * n))   # noqa: E731
+    p = spattn.compile(f" {op} ".join(terms), backend="torch")
+    assert depth(p.ir) <= 6                                       # flat, not 1,500 deep
+    d = torch.arange(4600)[:, None] - torch.arange(8)[None, :]      # every q - k, and past
+    assert torch.equal(p.mask(4600, 8, q_offset=0).reshape(4600, 8), want(d))
+    assert spattn.compile(p.source, backend="torch") == p
+    composed = spattn.compile("q - k == 1")
+    for i in range(2, 800):
+        composed = composed | spattn.compile(f"q - k == {i}")
+    assert spattn.compile(composed.source) == composed
+
+
+def test_error_inside_a_long_chain_is_located():
+    terms = ["causal"] * 700 + ["q - k"] + ["window(4)"] * 700
+    with pytest.raises(spattn.SpattnError, match=r"an operand of \| must be a bool") as info:
+        spattn.compile(" | ".join(terms))
+    assert (info.value.line, info.value.column) == (1, 700 * len("causal | ") + 1)
+    src = "def u(w) = " + " & ".join(f"k % {i + 2} != w" for i in range(600)) + \
+          "\npattern p = causal & u(1)\n"
+    p = spattn.compile(src, backend="torch")
+    m = p.mask(50, 50).reshape(50, 50)
+    kk = torch.arange(50)
+    keep = torch.ones(50, dtype=torch.bool)
+    for i in range(600):
+        keep &= kk % (i + 2) != 1
+    assert torch.equal(m, torch.tril(torch.ones(50, 50, dtype=torch.bool)) & keep[None, :])
+
+
+def test_dense_mask_of_a_long_chain_holds_one_term_at_a_time():
+    """The dense evaluation keeps only the values of sub-expressions read twice: the 1,500
+    terms of ``q - k != c & ...`` at 1000 x 1000 pairs would otherwise hold 1.5 GB of
+    bool tensors (each ``q - k == c`` under its ``~``) until the end."""
+    code = (
+        "import resource, spattn\n"
+        "p = spattn.compile(' & '.join(f'(q - k != {3 * i})' for i in range(1500)),\n"
+        "                   backend='torch')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "m = p.mask(1000, 1000)\n"
+        "print(int(m.sum()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    d = torch.arange(1000)[:, None] - torch.arange(1000)[None, :]
+    assert int(out[0]) == int((~((d >= 0) & (d % 3 == 0))).sum())
+    assert int(out[1]) < 400_000, f"peak grew by {int(out[1]) // 1000} MB"      # KiB
