@@ -461,7 +461,7 @@ class IntervalEval(MaskPass):
         if bool((ihi < 0).any()) or bool((ilo >= nvals).any()):
             raise SpattnValueError(
                 f"list {list(n.values)} has {nvals} entries but is indexed with {n.index} "
-                f"taking values out of 0..{nvals - 1}")
+                f"taking values outside 0..{nvals - 1}")
         key = ("table", n.values)
         if key not in self.summaries:
             vals = torch.tensor([v if _LO <= v <= _HI else wrap(v) for v in n.values],

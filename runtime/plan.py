@@ -74,8 +74,9 @@ class Call:
         """The call of ``pattern`` on tensors shaped like ``q`` ``[B, Hq, Lq, D]`` and ``k``
         ``[B, Hk, Lk, D]`` (and ``v``, whose offsets the kernels compute too): inputs
         converted, their index bounds checked, the integer arithmetic proven exact (64-bit;
-        the kernels' 32- or 64-bit choice), on Triton the lists' indices in range (the
-        kernels select list entries unchecked)."""
+        the kernels' 32- or 64-bit choice), the lists' indices in range (the kernels select
+        list entries unchecked; the torch backend refuses the same calls, with the same
+        message)."""
         from ..ir import bounds
         from ..ir.intervals import check_input_bounds, check_list_bounds
         B, H, Lq, D = q.shape
@@ -89,9 +90,8 @@ class Call:
                                q_offset=positions.q_offset)
         checked = bounds.check_call(pattern, Lq, Lk, num_heads=H, batch=B,
                                     q_offset=positions.q_offset, inputs=ins)
-        if backend == "triton":
-            check_list_bounds(pattern, Lq, Lk, num_heads=H, batch=B,
-                              q_offset=positions.q_offset, inputs=ins, checked=checked)
+        check_list_bounds(pattern, Lq, Lk, num_heads=H, batch=B,
+                          q_offset=positions.q_offset, inputs=ins, checked=checked)
         call = cls(pattern, B, H, k.shape[1], Lq, Lk, D, q.dtype, q.device, float(scale),
                    positions, ins, settings or _settings.current())
         call.tables = {n: t.detach().contiguous() for n, t in (tables or {}).items()}

@@ -78,6 +78,23 @@ def test_triton_refuses_a_list_indexed_out_of_range(src, score, params, H):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_list_too_short_for_the_heads_names_the_call(backend):
+    """A per-head list with fewer entries than the call's heads is refused, on either backend,
+    with the values its index takes and the call that gives them (the torch backend said only
+    that the index took values "out of 0..2", from inside its tile analysis)."""
+    src = "param spans = [1, 2, 3]\npattern p = causal & q - k < spans[h]\n"
+    pat = spattn.compile(src, backend=backend)
+    q, k, v = (torch.randn(2, 4, 16, 16) for _ in range(3))
+    with pytest.raises(SpattnValueError, match=r"list \[1, 2, 3\] has 3 entries but is indexed "
+                       r"with h taking values in 0\.\.3 for Lq=16, Lk=16, q_offset=0, 4 heads "
+                       r"\(give one entry per head"):
+        pat(q, k, v)
+    o = pat(q[:, :3], k[:, :3], v[:, :3])
+    ro, _ = pattern_reference(pat, *(t[:, :3].double() for t in (q, k, v)))
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_score_integers_are_exact_or_refused(backend):
     """The ints of a score obey the mask's rule (exact in 64 bits, or a SpattnValueError
     naming the value): ``k * 2**62`` wrapped silently in the torch backend and the
