@@ -670,8 +670,9 @@ class HeadOrderedPlan(PermutedPlan):
 
         def back(g, like):
             g = gather_heads(g, self.inverse)
-            if self.group > 1:      # the group's query heads' sum, accumulated in float32
-                g = g.view(B, Hk, self.group, N, g.shape[-1]).sum(2, dtype=torch.float32)
+            if self.group > 1:      # the group's query heads' sum, in float32 or wider
+                acc = torch.promote_types(like.dtype, torch.float32)
+                g = g.view(B, Hk, self.group, N, g.shape[-1]).sum(2, dtype=acc)
             return g.to(like.dtype)
         return dq, back(dk, k), back(dv, v)
 
