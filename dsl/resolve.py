@@ -420,7 +420,8 @@ class _Resolver:
             got = len(node.args)
             if got < lo or (hi is not None and got > hi):
                 want = (f"{lo} argument{'s' if lo != 1 else ''}" if lo == hi
-                        else f"at least {lo} arguments")
+                        else f"at least {lo} arguments" if hi is None
+                        else f"{lo} to {hi} arguments")
                 raise self.err(SpattnTypeError, f"{n} takes {want}, got {got}", node, origin)
             return A.Builtin(n, tuple(self.expr(a, env, origin, scope) for a in node.args), **p)
         if not scope.prelude_scope and (n in scope.params or n in scope.inputs):

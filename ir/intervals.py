@@ -767,7 +767,9 @@ def check_input_bounds(pattern, inputs: Mapping[str, torch.Tensor], Lq: int, Lk:
                 f"index dimension {axis} ({to_source(load.index[axis])}) takes values "
                 f"{lo_v}..{hi_v} {where or f'for Lq={Lq}, Lk={Lk}, q_offset={off}'}, "
                 f"but has size {size}; "
-                f"it {need}")
+                f"it {need}; every (q, k) pair of the call reads it, allowed by the mask "
+                f"or not: clamp the index (clamp(i, 0, {size - 1})) or size the input for "
+                f"every pair")
 
 
 def check_list_bounds(pattern, Lq: int, Lk: int, *, num_heads: int = 1, batch: int = 1,

@@ -216,6 +216,9 @@ class _Lowerer:
             return ir.value
         if isinstance(ir, BoolConst):
             return ir.value
+        if isinstance(ir, FConst):
+            raise self.err(SpattnTypeError, f"{what} must be an int (or true / false, or a "
+                           f"list of them), got the float {ir.value!r}", node)
         raise self.err(SpattnTypeError, f"{what} must be a constant (an int, true / false, or "
                        "a list of them), not an expression of q, k, h or inputs", node)
 
@@ -292,6 +295,15 @@ class _Lowerer:
             if math.prod(shape) != count:
                 where = "the program's grid" if first is None else \
                     f"the neighborhood at line {first.line}, column {first.column}"
+                if first is None and offset and math.prod(shape) == math.prod(grid):
+                    raise self.err(SpattnValueError, f"neighborhood over the grid {shape} "
+                                   f"under a grid with {offset} extra token"
+                                   f"{'s' if offset != 1 else ''} ({count} tokens): the "
+                                   "builtin's positions are the cells alone, not shifted "
+                                   "past extra tokens; write the neighbourhood with the "
+                                   "grid's axes (abs(y(q) - y(k)) <= 1 & ...), or in Python "
+                                   "spattn.neighborhood(..., extra_before=T, extra_after=U)",
+                                   node)
                 raise self.err(SpattnValueError, f"neighborhood over the grid {shape} "
                                f"({math.prod(shape)} tokens), but {where} has "
                                f"{count} tokens {grid}: a call has one length",

@@ -155,7 +155,8 @@ def test_extra_tokens_run_in_an_offset_layout(monkeypatch):
     ("grid (8) after q q >= k", spattn.SpattnTypeError, (1, 16), "must be a constant"),
     ("grid (8) after (0 - 2) q >= k", spattn.SpattnValueError, (1, 16), "int >= 0, got -2"),
     ("grid (8, 8) after 5 neighborhood([8, 8], 3)", spattn.SpattnValueError, (1, 21),
-     "program's grid has 69 tokens"),
+     "under a grid with 5 extra tokens \\(69 tokens\\): the builtin's positions are "
+     "the cells alone"),
 ], ids=["not-constant", "negative", "neighborhood-without-the-text"])
 def test_bad_extra_tokens_are_located(src, cls, where, words):
     with pytest.raises(cls, match=words) as e:
@@ -284,3 +285,20 @@ def test_a_leading_name_grid_says_it_is_the_declaration(src, words):
     with pytest.raises(spattn.SpattnSyntaxError) as e:
         spattn.compile(src)
     assert words in str(e.value)
+
+
+@pytest.mark.parametrize("src,where,words", [
+    ("grid (4, 4) neighborhood([4, 4], 3, 1, 1, false, 1)", (1, 13),
+     "neighborhood takes 2 to 5 arguments, got 6"),
+    ("coord(q, [4, 4], 0.5) == coord(k, [4, 4], 0)", (1, 18),
+     "the axis of coord must be an int .*got the float 0.5"),
+    ("neighborhood([4, 4], 3, [1, 1.5])", (1, 29),
+     "stride of neighborhood must be an int .*got the float 1.5"),
+], ids=["too-many-arguments", "float-axis", "float-in-a-list"])
+def test_grid_builtin_arguments_say_what_is_wrong(src, where, words):
+    """The argument count says the range a builtin takes (it said "at least 2" for six),
+    and a float where an int constant belongs is named as a float (it was called "an
+    expression of q, k, h or inputs")."""
+    with pytest.raises(spattn.SpattnTypeError, match=words) as e:
+        spattn.compile(src)
+    assert (e.value.line, e.value.column) == where

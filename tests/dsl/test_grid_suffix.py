@@ -57,7 +57,8 @@ def test_other_lengths_name_q_and_k(L):
     ("grid (8) after 2 before (0 - 2) q >= k", spattn.SpattnValueError, (1, 25),
      "after a grid \\(before U\\) must be an int >= 0, got -2"),
     ("grid (8, 8) before 5 neighborhood([8, 8], 3)", spattn.SpattnValueError, (1, 22),
-     "program's grid has 69 tokens"),
+     "under a grid with 5 extra tokens \\(69 tokens\\): the builtin's positions are "
+     "the cells alone"),
     ("grid (8) before 2 before 3 q >= k", spattn.SpattnSyntaxError, (1, 19),
      "'before' count is given twice"),
 ], ids=["not-constant", "negative", "neighborhood-without-the-text", "twice"])

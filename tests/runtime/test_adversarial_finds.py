@@ -94,6 +94,27 @@ def test_list_too_short_for_the_heads_names_the_call(backend):
     torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
 
 
+def test_table_indexed_outside_the_neighbourhood_says_every_pair_reads_it():
+    """A relative position bias sized for the neighbourhood (NATTEN's ``[H, 2k - 1, 2k - 1]``)
+    is read by every pair of the call, masked or not: the refusal says so and how to clamp
+    (it spoke only of query offsets and shifts); clamped, the call matches the reference."""
+    g = torch.Generator().manual_seed(2)
+    rpb = torch.randn(2, 5, 5, generator=g)
+    q, k, v = (torch.randn(1, 2, 36, 16, generator=g) for _ in range(3))
+    d = "coord(q, [6, 6], {a}) - coord(k, [6, 6], {a})"
+    mask = "neighborhood([6, 6], 3)"
+    bad = spattn.compile(mask, score=f"s + rpb[h, {d.format(a=0)} + 2, {d.format(a=1)} + 2]",
+                         backend="torch")
+    with pytest.raises(SpattnInputError, match=r"every \(q, k\) pair of the call reads it, "
+                       r"allowed by the mask or not: clamp the index \(clamp\(i, 0, 4\)\)"):
+        bad(q, k, v, rpb=rpb)
+    good = spattn.compile(mask, score=f"s + rpb[h, clamp({d.format(a=0)} + 2, 0, 4), "
+                          f"clamp({d.format(a=1)} + 2, 0, 4)]", backend="torch")
+    o = good(q, k, v, rpb=rpb)
+    ro, _ = pattern_reference(good, q.double(), k.double(), v.double(), rpb=rpb.double())
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_score_integers_are_exact_or_refused(backend):
     """The ints of a score obey the mask's rule (exact in 64 bits, or a SpattnValueError
