@@ -584,6 +584,9 @@ def _check_plan(plan, pattern, q, k, v, scale, q_offset, inputs) -> None:
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         validate(q, k, v)
     plan.check(q, k, v)
+    if origin is not pattern:       # an equal pattern's plan: the grid is not in its identity
+        check_grid(pattern, q.shape[2], k.shape[2], f"q (shape {_shape(q)}) and k (shape "
+                   f"{_shape(k)})")
 
 
 def is_empty(q, k, v) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import spattn
-from spattn.runtime.reference import attention_reference
+from spattn.runtime.reference import attention_reference, pattern_reference
 from tests.runtime.test_torch_backend import _close
 
 PROGRAM = """param r = 1
@@ -302,3 +302,19 @@ def test_grid_builtin_arguments_say_what_is_wrong(src, where, words):
     with pytest.raises(spattn.SpattnTypeError, match=words) as e:
         spattn.compile(src)
     assert (e.value.line, e.value.column) == where
+
+
+def test_a_plan_of_an_equal_pattern_keeps_the_grid_length_check():
+    """A grid is not part of a pattern's identity, so a pattern without one may lend its plan
+    to an equal pattern on a grid; the call is still refused at a length the grid does not
+    have (it ran), and runs at the grid's length."""
+    on_grid = spattn.compile("grid (y: 8, x: 8) abs(y(q) - y(k)) <= 1", backend="torch")
+    plain = spattn.compile("abs(q // 8 - k // 8) <= 1", backend="torch")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 72, 16, generator=g)
+    with pytest.raises(spattn.SpattnInputError, match="grid \\(8, 8\\) of 64 tokens"):
+        on_grid(x, x, x, plan=plain.plan(x, x, x))
+    x = x[:, :, :64]
+    o = on_grid(x, x, x, plan=plain.plan(x, x, x))
+    ro, _ = pattern_reference(on_grid, x.double(), x.double(), x.double())
+    torch.testing.assert_close(o.double(), ro, atol=2e-4, rtol=2e-3)
