@@ -422,6 +422,49 @@ def _junction(t: Tree) -> A.Expr:
     return pair(0, len(terms))
 
 
+_CHAINS = {"+": "+-", "-": "+-", "*": "*"}
+_REGROUP = 32     # chains of this many terms or more are regrouped
+
+
+def _chain(t: Tree) -> A.Expr:
+    """A chain of ``+`` and ``-`` (or of ``*``), which the grammar reads as nested pairs
+    ``((a + b) - c) ...``. From :data:`_REGROUP` terms on it is regrouped as a balanced tree
+    of pairs, as :func:`_junction` does: ``a - b + c - d`` becomes ``(a - b) + (c - d)``,
+    and ``a + b - c + d`` becomes ``(a + b) - (c - d)`` (the signs of a right half that
+    follows a ``-`` flip). Integer sums and products are exact and the IR collects them into
+    one linear form either way; a float chain folds its constants in the regrouped order.
+    Shorter chains keep the grouping as written."""
+    family = _CHAINS[str(t.children[1])]
+    operands, ops = [], []
+    node = t
+    while isinstance(node, Tree) and node.data == "binop" and str(node.children[1]) in family:
+        left, op, right = node.children
+        operands.append(right)
+        ops.append(op)
+        node = left
+    if len(ops) < _REGROUP - 1:
+        left, op, right = t.children
+        return A.Binary(str(op), _expr(left), _expr(right), op_line=op.line,
+                        op_column=op.column, **_pos(t))
+    operands.append(node)
+    operands.reverse()
+    ops.reverse()
+    terms = [_expr(x) for x in operands]
+    signs = [1] + [-1 if str(op) == "-" else 1 for op in ops]
+
+    def pair(i: int, j: int, g: int) -> A.Expr:
+        """terms[i:j] summed with signs ``g * signs[t]`` (``g * signs[i]`` is 1)."""
+        if j - i == 1:
+            return terms[i]
+        m = (i + j + 1) // 2                     # three terms: ((a + b) - c), as written
+        op = ops[m - 1]
+        name = str(op) if family == "*" else ("+" if g * signs[m] > 0 else "-")
+        right = pair(m, j, signs[m] if family != "*" else 1)
+        return A.Binary(name, pair(i, m, g), right, op_line=op.line, op_column=op.column,
+                        line=terms[i].line, column=terms[i].column)
+    return pair(0, len(terms), 1)
+
+
 def _expr(t) -> A.Expr:
     if isinstance(t, Token):  # pragma: no cover - every token is wrapped by a rule
         raise AssertionError(t)
@@ -452,6 +495,9 @@ def _expr(t) -> A.Expr:
         return A.Unary("~", _expr(c[1]), **p)
     if d in ("and_", "or_"):
         return _junction(t)
+    if d == "binop" and str(c[1]) in _CHAINS and isinstance(c[0], Tree) \
+            and c[0].data == "binop" and str(c[0].children[1]) in _CHAINS[str(c[1])]:
+        return _chain(t)
     if d == "binop":
         left, op, right = c
         opname = _OPNAME.get(str(op), str(op))

@@ -3,8 +3,8 @@
 Each function returns a canonical node, folding constants and normalising
 operand order, so structurally equal results mean equal patterns:
 ``and_(causal, window) == and_(window, causal)``. Affine arithmetic is kept as
-a linear form (:class:`Sum`); products of non-constant terms are expanded by
-sympy, so ``(q + 1) * (k + 1)`` and ``q*k + q + k + 1`` agree.
+a linear form (:class:`Sum`); products of non-constant terms are expanded into
+sums of sorted monomials (:class:`Prod`), so ``(q + 1) * (k + 1)`` and ``q*k + q + k + 1`` agree.
 
 Errors raised here (division by zero, a divisor that depends on q) carry no
 position; the lowering in :mod:`spattn.ir.lower` attaches one.
@@ -15,7 +15,6 @@ import math
 from functools import reduce
 from typing import Iterable, Optional
 
-import sympy
 
 from ..dsl.errors import SpattnTypeError, SpattnValueError
 from .nodes import (BOOL, FLOAT, FLOAT_FUNCS, INT, Abs, And, BoolConst, Const, FAdd, FCall,
@@ -102,6 +101,11 @@ def _prod_of(factors: list[Node]) -> Node:
     return Prod(tuple(sorted(flat, key=sort_key)))
 
 
+#: The most monomials a product of non-constant factors may expand to. Each one is a
+#: term the analysis bounds and the kernel evaluates; a product of n binomials has 2**n.
+MAX_PRODUCT_TERMS = 256
+
+
 def mul(a: Node, b: Node) -> Node:
     _need(a, INT, "an operand of *")
     _need(b, INT, "an operand of *")
@@ -109,33 +113,27 @@ def mul(a: Node, b: Node) -> Node:
         return scale(b, a.value)
     if isinstance(b, Const):
         return scale(a, b.value)
-    # Two non-constant factors: expand the polynomial in the atoms with sympy.
-    atoms: dict[Node, sympy.Symbol] = {}
-
-    def to_sym(x: Node):
-        t, c = linear(x)
-        expr = sympy.Integer(c)
-        for atom, v in t.items():
-            parts = atom.factors if isinstance(atom, Prod) else (atom,)
-            mono = sympy.Integer(v)
-            for p in parts:
-                mono *= atoms.setdefault(p, sympy.Symbol(f"a{len(atoms)}"))
-            expr += mono
-        return expr
-
-    expr = sympy.expand(to_sym(a) * to_sym(b))
-    back = {s: n for n, s in atoms.items()}
+    # Two non-constant factors: the product of two polynomials in the atoms, each monomial
+    # a sorted Prod, so (q + 1) * (k + 1) and q*k + q + k + 1 build the same Sum.
+    ta, ca = linear(a)
+    tb, cb = linear(b)
+    mono_a = list(ta.items()) + ([(None, ca)] if ca else [])
+    mono_b = list(tb.items()) + ([(None, cb)] if cb else [])
+    if len(mono_a) * len(mono_b) > MAX_PRODUCT_TERMS:
+        raise SpattnValueError(
+            f"this product expands to up to {len(mono_a) * len(mono_b)} terms (a sum of "
+            f"{len(mono_a)} times a sum of {len(mono_b)}), more than {MAX_PRODUCT_TERMS}: "
+            f"every term is bounded by the analysis and computed by the kernel; compare "
+            f"fewer factors, or compare each factor's sign instead of the product's")
     terms: dict[Node, int] = {}
     c = 0
-    for mono, coeff in expr.as_coefficients_dict().items():
-        if mono == 1:
-            c += int(coeff)
-            continue
-        factors: list[Node] = []
-        for base, exp in mono.as_powers_dict().items():
-            factors.extend([back[base]] * int(exp))
-        atom = _prod_of(factors)
-        terms[atom] = terms.get(atom, 0) + int(coeff)
+    for x, u in mono_a:
+        for y, v in mono_b:
+            if x is None and y is None:
+                c += u * v
+                continue
+            atom = _prod_of([f for f in (x, y) if f is not None])
+            terms[atom] = terms.get(atom, 0) + u * v
     return from_linear(terms, c)
 
 

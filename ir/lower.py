@@ -184,7 +184,8 @@ class _Lowerer:
             a = self.bool_(node.left, what)
             b = self.bool_(node.right, what)
             return self.build(build.and_ if op == "&" else build.or_, a, b, at=node)
-        what = f"an operand of {op}"
+        # a long chain's `-` may stand as `+` after regrouping (dsl.parser._chain)
+        what = "an operand of + or -" if op in ("+", "-") else f"an operand of {op}"
         if op == "/" and not self.score_mode:
             raise self.err(SpattnSyntaxError, "/ is float division, for scores; integer "
                            "division is written //", node, line=node.op_line,

@@ -3,6 +3,7 @@
 already 150 frames (a score: 250) deep; one level more is a ``SpattnValueError`` at compile time,
 never a ``RecursionError`` from a pass (the printer, the analysis, the code generator,
 sympy's derivative)."""
+import random
 import subprocess
 import sys
 
@@ -136,6 +137,57 @@ def test_long_chains_of_one_operator(op):
     for i in range(2, 800):
         composed = composed | spattn.compile(f"q - k == {i}")
     assert spattn.compile(composed.source) == composed
+
+
+def test_product_of_many_sums_is_refused_not_expanded():
+    """A product of n binomials has 2**n terms: past ``MAX_PRODUCT_TERMS`` it is a located
+    error at compile time, where it used to expand for minutes (14 factors)."""
+    from spattn.ir.build import MAX_PRODUCT_TERMS
+    factors = [f"(q // {i + 2} - k // {i + 3})" for i in range(14)]
+    src = " * ".join(factors) + " >= 0"
+    with pytest.raises(SpattnValueError, match=rf"expands to up to \d+ terms .*more than "
+                                                rf"{MAX_PRODUCT_TERMS}") as info:
+        spattn.compile(src, backend="torch")
+    # located at the `*` that takes the product past the limit
+    assert info.value.line == 1 and src[info.value.column - 1] == "*"
+    # within the limit, the expanded product masks as the product does
+    src = " * ".join(factors[:4]) + " >= 0"
+    m = spattn.compile(src, backend="torch").mask(90, 90).reshape(90, 90)
+    qq, kk = torch.arange(90)[:, None], torch.arange(90)[None, :]
+    want = torch.ones(90, 90, dtype=torch.int64)
+    for i in range(4):
+        want = want * (qq // (i + 2) - kk // (i + 3))
+    assert torch.equal(m, want >= 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chains_of_plus_minus_and_times_mean_what_they_say(seed):
+    """``+``/``-`` and ``*`` chains of 32 terms or more are regrouped as balanced trees (the
+    signs of a half that follows a ``-`` flip): random chains, short and up to 1,200 terms
+    long, mask as Python evaluates them left to right."""
+    rng = random.Random(seed)
+    qq, kk = torch.arange(40)[:, None], torch.arange(40)[None, :]
+    for n in (2, 3, 5, 12, 31, 32, 33, 47, 1200):
+        atoms = [rng.choice([f"(q // {rng.randint(1, 9)})", f"(k % {rng.randint(2, 9)})",
+                             str(rng.randint(-9, 9)), "q", "k"]) for _ in range(n)]
+        ops = [rng.choice("+-") for _ in range(n - 1)]
+        src = atoms[0] + "".join(f" {o} {a}" for o, a in zip(ops, atoms[1:]))
+        value = torch.as_tensor(eval(src, {"q": qq, "k": kk})).expand(40, 40)
+        cut = int(value.float().median())
+        got = spattn.compile(f"{src} >= {cut}", backend="torch").mask(40, 40).reshape(40, 40)
+        assert torch.equal(got, value >= cut), src[:200]
+        factors = [rng.choice(["(q - k)", "(q % 5 - 2)", "(k // 7 + 1)"])
+                   for _ in range(min(n, 5))]
+        factors += [rng.choice(["3", "-2", "1", "-1"]) for _ in range(min(n, 40) - len(factors))]
+        rng.shuffle(factors)
+        src = " * ".join(factors)
+        value = torch.as_tensor(eval(src, {"q": qq, "k": kk})).expand(40, 40)
+        cut = int(value.float().median())
+        got = spattn.compile(f"{src} <= {cut}", backend="torch").mask(40, 40).reshape(40, 40)
+        assert torch.equal(got, value <= cut), src
+    long = " * ".join(["(k % 2 + 1)"] * 60 + ["2"] * 1200)
+    with pytest.raises(SpattnValueError, match="more than"):
+        spattn.compile(f"{long} > q")      # 60 non-constant factors: 2**60 terms, refused
 
 
 def test_error_inside_a_long_chain_is_located():

@@ -23,6 +23,31 @@ def test_affine_terms_collect():
     assert B.mul(B.add(q, c(1)), B.add(k, c(1))) == B.add(B.mul(q, k), q, k, c(1))
 
 
+def test_products_expand_like_sympy():
+    """Products of sums expand into sorted monomials with like terms collected, as sympy's
+    ``expand`` does, so every way of writing one polynomial builds one tree."""
+    import sympy
+    kq = B.floordiv(k, c(3))
+    factors = [B.add(q, c(1)), B.sub(k, q), B.add(kq, B.scale(h, 2), c(-5)), B.mul(q, kq)]
+    got = factors[0]
+    for f in factors[1:]:
+        got = B.mul(got, f)
+    sq, sk, sh, skq = sympy.symbols("q k h kq")
+    want = sympy.expand((sq + 1) * (sk - sq) * (skq + 2 * sh - 5) * (sq * skq)).as_coefficients_dict()
+    sym = {sq: q, sk: k, sh: h, skq: kq}
+    terms = []
+    for mono, coeff in want.items():
+        atom = None
+        for base, e in mono.as_powers_dict().items():
+            for _ in range(int(e)):
+                atom = sym[base] if atom is None else B.mul(atom, sym[base])
+        terms.append(B.scale(atom, int(coeff)))
+    assert got == B.add(*terms)
+    assert B.mul(factors[1], factors[0]) == B.mul(factors[0], factors[1])
+    assert B.mul(B.sub(q, k), B.sub(k, q)) == B.add(B.scale(B.mul(q, q), -1), B.scale(B.mul(q, k), 2),
+                                                     B.scale(B.mul(k, k), -1))
+
+
 def test_comparison_normal_form():
     # 2q - 2k < 7  <=>  q - k <= 3
     r = B.cmp("<", B.scale(B.sub(q, k), 2), c(7))
