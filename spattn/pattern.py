@@ -7,6 +7,7 @@ method delegates to one stage module; this file holds no analysis or codegen.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import stat
 from typing import Any
@@ -349,7 +350,9 @@ def combine(op: str, a, b=None) -> Pattern:
     * the score: the one side's that has one (two scores are refused: write one score of
       the combined mask with ``spattn.compile(..., score=)``);
     * the grid (``spattn.neighborhood``, a ``grid`` declaration): the one side's, or
-      the same grid on both (shape and extra tokens); two different grids are refused;
+      the same grid on both (shape and extra tokens); two different grids of one token
+      count give the 1-D grid of that count (as the language's ``neighborhood(...)``
+      builtins do), and of different counts are refused;
     * the backend: the side's that is not ``"auto"``; two different ones are refused;
     * params: the union, as a record (the values are already in the mask); a name bound
       to different values on the two sides is left out.
@@ -368,16 +371,22 @@ def combine(op: str, a, b=None) -> Pattern:
     check_depth(ir, None)
     name = name[:MAX_COMBINED_NAME].rstrip("_")
     first = operands[0]
-    grid, backend, score, params = first, first.backend, first, dict(first.params)
+    grid, backend, score, params = _grid_of(first), first.backend, first, dict(first.params)
+    grid_name = first.name
     inputs, score_inputs = dict(first.inputs), dict(first.score_inputs)
     for other in operands[1:]:
         sign = f"{first.name!r} {'&' if op == 'and' else '|'} {other.name!r}"
         if other.grid is not None:
-            if grid.grid is not None and _grid_of(grid) != _grid_of(other):
-                raise SpattnValueError(f"{sign}: the patterns are on different grids, "
-                                       f"{_grid_text(grid)} and {_grid_text(other)}: a call "
-                                       "has one token grid")
-            grid = other if grid.grid is None else grid
+            if grid[0] is None:
+                grid, grid_name = _grid_of(other), other.name
+            elif grid != _grid_of(other):
+                if _grid_tokens(grid) != _grid_tokens(_grid_of(other)):
+                    raise SpattnValueError(
+                        f"{sign}: the patterns are on grids of different token counts, "
+                        f"{_grid_text(grid, grid_name)} ({_grid_tokens(grid)} tokens) and "
+                        f"{_grid_text(_grid_of(other), other.name)} "
+                        f"({_grid_tokens(_grid_of(other))} tokens): a call has one length")
+                grid = ((_grid_tokens(grid),), 0, 0)
         if other.backend != "auto":
             if backend not in ("auto", other.backend):
                 raise SpattnParamError(f"{sign}: backend {backend!r} and backend "
@@ -414,8 +423,8 @@ def combine(op: str, a, b=None) -> Pattern:
     params = {n: v for n, v in params.items() if v is not _CONFLICT}
     warn_if_false(ir, name)
     return Pattern(ir, name=name, params=params, inputs=inputs, backend=backend,
-                   score=score.score, score_inputs=score_inputs, grid=grid.grid,
-                   grid_offset=grid.grid_offset, grid_suffix=grid.grid_suffix)
+                   score=score.score, score_inputs=score_inputs, grid=grid[0],
+                   grid_offset=grid[1], grid_suffix=grid[2])
 
 
 _CONFLICT = object()
@@ -436,13 +445,19 @@ def _grid_of(p) -> tuple:
     return p.grid, p.grid_offset, p.grid_suffix
 
 
-def _grid_text(p) -> str:
-    text = f"grid {p.grid}"
-    if p.grid_offset:
-        text += f" after {p.grid_offset}"
-    if p.grid_suffix:
-        text += f" before {p.grid_suffix}"
-    return f"{text} of {p.name!r}"
+def _grid_tokens(grid: tuple) -> int:
+    shape, offset, suffix = grid
+    return math.prod(shape) + offset + suffix
+
+
+def _grid_text(grid: tuple, name: str) -> str:
+    shape, offset, suffix = grid
+    text = f"grid {shape}"
+    if offset:
+        text += f" after {offset}"
+    if suffix:
+        text += f" before {suffix}"
+    return f"{text} of {name!r}"
 
 
 def pattern_names(path) -> list[str]:

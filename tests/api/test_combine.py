@@ -75,9 +75,27 @@ def test_the_result_carries_grid_score_and_backend():
         both(q, q, q, rpb=torch.randn(1, 3))
 
 
+def test_grids_of_one_token_count_combine_as_the_language_does():
+    """Two neighbourhoods on different grids of one token count mask the same flat tokens:
+    the combination is on the 1-D grid of that count, as the language's
+    ``neighborhood(...) & neighborhood(...)`` is, and equals it."""
+    a, b = spattn.neighborhood((8, 8), 3), spattn.neighborhood((4, 16), 3)
+    both = a & b
+    assert (both.grid, both.grid_offset, both.grid_suffix) == ((64,), 0, 0)
+    src = spattn.compile("neighborhood([8, 8], 3) & neighborhood([4, 16], 3)")
+    assert both == src and src.grid == both.grid
+    assert torch.equal(both.mask(64, 64), a.mask(64, 64) & b.mask(64, 64))
+    extra = spattn.neighborhood((8, 8), 3, extra_after=2) | spattn.neighborhood((2, 33), 1)
+    assert (extra.grid, extra.grid_offset, extra.grid_suffix) == ((66,), 0, 0)
+    q = torch.randn(1, 1, 60, 16)
+    with pytest.raises(spattn.SpattnInputError, match="64"):     # the grid's length holds
+        (both & spattn.compile("true", backend="torch"))(q, q, q)
+
+
 @pytest.mark.parametrize("make, match", [
-    (lambda: spattn.neighborhood((8, 8), 3) & spattn.neighborhood((4, 16), 3),
-     r"different grids, grid \(8, 8\) of 'neighborhood' and grid \(4, 16\)"),
+    (lambda: spattn.neighborhood((8, 8), 3) & spattn.neighborhood((4, 8), 3),
+     r"grids of different token counts, grid \(8, 8\) of 'neighborhood' \(64 tokens\) and "
+     r"grid \(4, 8\) of 'neighborhood' \(32 tokens\)"),
     (lambda: spattn.neighborhood((8, 8), 3) | spattn.neighborhood((8, 8), 3, extra_after=2),
      "before 2"),
     (lambda: spattn.compile("true", score="softcap(5.0)") & spattn.compile(
