@@ -38,6 +38,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..dsl.errors import SpattnError
 from . import build as B
 from .nodes import Const, FloorDiv, Load, Mod, Node, Range, Sum, Table, Var, free_vars, walk
 
@@ -802,7 +803,11 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
     ``SPATTN_LAYOUT_GATHER=kernel``: no gather cost). Boxes are ranked by computed pairs: product patterns (a
     conjunction of per-axis conditions) per axis; others by classifying sampled query-tile
     rows of the remapped pattern (:func:`sampled_pairs`), and the chosen one at the call's
-    size. The chosen box is then priced against sequence order by :func:`layout_cost`."""
+    size. The chosen box is then priced against sequence order by :func:`layout_cost`. A box
+    whose remapped pattern cannot be analysed is no candidate: its arithmetic may leave the
+    64-bit integers where the pattern's own does not (padding slots lie past ``Lq``), or
+    expand past :data:`~spattn.ir.build.MAX_PRODUCT_TERMS`; the call then runs in sequence
+    order, which the caller's checks have accepted."""
     if Lq != Lk or q_offset != 0 or ("h" in free_vars(ir) and num_heads > 1):
         return None
     grids = discover(ir, Lq, declared) if grids is None else grids
@@ -824,10 +829,13 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
                 layout = Layout(grid, box)
                 if layout.padded_size > 2 * Lq:
                     continue
-                if groups is not None:
-                    cost = _product_pairs(groups, layout, bm, bn)
-                else:
-                    cost = sampled_pairs(remap(ir, layout), layout.padded_size, bm, bn)
+                try:
+                    if groups is not None:
+                        cost = _product_pairs(groups, layout, bm, bn)
+                    else:
+                        cost = sampled_pairs(remap(ir, layout), layout.padded_size, bm, bn)
+                except SpattnError:
+                    continue        # the remapped pattern cannot be computed: no candidate
                 if best is None or cost < best[0]:
                     best = (cost, layout, groups)
         tokens //= 2
@@ -838,13 +846,17 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
     if not force and best[0] > MARGIN * seq:
         return None
     cost, layout, groups = best
-    rir = remap(ir, layout)
-    if groups is None:
-        cost = computed_pairs(rir, layout.padded_size, bm, bn)
-        if not force and cost > MARGIN * seq:
-            return None
-    useful = _product_allowed(groups, layout.grid) if groups is not None else None
     from .cost import pick_strategy
+    try:
+        rir = remap(ir, layout)
+        if groups is None:
+            cost = computed_pairs(rir, layout.padded_size, bm, bn)
+        pick_strategy(rir)
+    except SpattnError:
+        return None
+    if groups is None and not force and cost > MARGIN * seq:
+        return None
+    useful = _product_allowed(groups, layout.grid) if groups is not None else None
     cost_seq = layout_cost(seq, Lq, bm, bn, table=pick_strategy(ir) == "table",
                            gathers=False, target=target)
     cost_lay = layout_cost(cost, layout.padded_size, bm, bn,

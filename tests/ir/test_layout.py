@@ -348,3 +348,24 @@ def test_cost_constants_override_and_restore():
             assert C.COSTS["cpu"]["rows_factor"] == -0.5
             raise RuntimeError
     assert {t: dict(c) for t, c in C.COSTS.items()} == before
+
+
+def test_a_box_whose_remapped_pattern_cannot_be_computed_is_no_candidate():
+    """The remapped pattern's arithmetic may leave the 64-bit integers where the pattern's own
+    does not (the padding slots of a box that does not divide the grid lie past the tokens):
+    such a box is skipped, never an error from ``explain`` or a call's layout choice."""
+    pat = spattn.compile("neighborhood([4, 4], 1) & (q*q*q*q*q*q*q*q*k*k*k*k*k*k*k) % 7 != 3")
+    grid = LY.discover(pat.ir, 16, LY.declared(pat))[0]
+    refused = []
+    for box in LY.candidate_boxes(grid, 64):
+        layout = LY.Layout(grid, box)
+        try:
+            LY.sampled_pairs(LY.remap(pat.ir, layout), layout.padded_size, 64, 64)
+        except spattn.SpattnError:
+            refused.append(box)
+    assert (8, 8) in refused
+    r = LY.choose(pat.ir, 16, 16, 0, force=True, declared=LY.declared(pat))
+    assert r is not None and r.layout.box not in refused
+    assert "layout    grid 4 x 4" in str(pat.explain(16))
+    every = LY.choose(pat.ir, 16, 16, 0, force=True, grids=[grid], block_m=64, block_n=64)
+    assert every is None or every.layout.box not in refused
