@@ -525,8 +525,13 @@ class _Emitter(Visitor):
         return f"{self.prefix}{kind}_{self.counter[kind]}"
 
     def _wide(self, code: str) -> str:
-        """A value made of literals only: 64-bit in an int64 kernel."""
-        return f"{code}.to(tl.int64)" if self.int64 else code
+        """A value made of literals only: 64-bit in an int64 kernel (a bare literal, such as
+        a one-entry list's, through ``tl.cast``: ``4.to(...)`` is not Python)."""
+        if not self.int64:
+            return code
+        if code.lstrip("-").isdigit():
+            return f"tl.cast({code}, tl.int64)"
+        return f"{code}.to(tl.int64)"
 
     # -- int nodes
 

@@ -167,3 +167,28 @@ def test_constants_beyond_int64(src, strategy):
     except Exception as e:      # a given closed form whose bounds leave int64 is refused
         from spattn import SpattnError
         assert isinstance(e, SpattnError), repr(e)
+
+
+@pytest.mark.parametrize("src, score, W", [
+    ("(q - k) % W[h] != 1", None, [3]),
+    ("causal & (q - k) % 5 != W[h]", None, [-4]),
+    ("causal", "s + float(W[h])", [-3]),
+], ids=["B1-H1-L24-D16-fp32-mask", "B1-H1-L24-D16-fp32-negative", "B1-H1-L24-D16-fp32-score"])
+def test_one_entry_list_in_an_int64_kernel(src, score, W):
+    """A one-entry list indexed by ``h`` (one head) is a bare literal in the kernel: in an
+    int64 kernel (queries past 2**31) it was emitted as ``3.to(tl.int64)``, not Python."""
+    import spattn
+    from spattn.runtime.reference import pattern_reference
+    pat = spattn.compile(src, score=score, backend="triton", W=W)
+    gen = torch.Generator().manual_seed(len(src))
+    q, k, v = (torch.randn(1, 1, 24, 16, generator=gen, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, 1, 24, 16, generator=gen)
+    o = pat(q, k, v, q_offset=2 ** 40)
+    o.backward(do)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = pattern_reference(pat, qd, kd, vd, q_offset=2 ** 40)
+    ref.backward(do.double())
+    assert ref.abs().sum() > 0
+    for name, got, want in (("o", o, ref), ("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad),
+                            ("dv", v.grad, vd.grad)):
+        check_close(name, got.detach(), want.detach(), TOL)

@@ -1,4 +1,4 @@
-# spattn-kernel key=5c414e16be4338330bb276bbe1476e91 sha256=178543b05fc34d877872c3eb04514b35b15fbe6dc9f196d358cb87ff443130d9
+# spattn-kernel key=96828b35c331f1d87fa218dc96ab5783 sha256=86fa09a3ed81c236971a2f6365f66bd10eb60b81e5df80a2b63050cb5519f433
 """spattn generated forward attention kernel for pattern `streaming`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: ranges
     (closed-form key ranges computed in the kernel from the tile index)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_streaming_5c414e
-Codegen version: 39; cache key 5c414e16be4338330bb276bbe1476e91
+Kernels: attn_fwd_streaming_96828b
+Codegen version: 40; cache key 96828b35c331f1d87fa218dc96ab5783
 Forward loop: fused (one loop over all 3 interval pieces, predicate only on PARTIAL tiles)
 Loads: TMA tensor descriptors for Q, K, V, O (block [1, 1, rows, BLOCK_D]; the stride
        arguments are unused)
@@ -61,7 +61,7 @@ def _split(start, end, full_start, full_end):
 
 
 @triton.jit
-def _fwd_fused_5c414e(
+def _fwd_fused_96828b(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_kh,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -119,7 +119,7 @@ def _fwd_fused_5c414e(
 
 
 @triton.jit
-def attn_fwd_streaming_5c414e(
+def attn_fwd_streaming_96828b(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -186,7 +186,7 @@ def attn_fwd_streaming_5c414e(
     # 1b: tiles [ps, pe), FULL where in [f1, g1)
     pa2, pz2, pf2, pg2 = ps, pe, f1, g1
     # the 3 pieces in one loop
-    acc, l_i, m_i = _fwd_fused_5c414e(
+    acc, l_i, m_i = _fwd_fused_96828b(
         acc, l_i, m_i, b_q, o_q, K, V, i_kh, sm_scale_log2, i_b, i_h, Lq, Lk, H, pa0, pz0, pf0,
         pg0, pa1, pz1, pf1, pg1, pa2, pz2, pf2, pg2, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
@@ -199,4 +199,4 @@ def attn_fwd_streaming_5c414e(
     tl.store(LSE + i_bh.to(tl.int64) * Lq + o_m, lse, mask=m_m)
 
 
-KERNEL = attn_fwd_streaming_5c414e
+KERNEL = attn_fwd_streaming_96828b

@@ -1,4 +1,4 @@
-# spattn-kernel key=19e65ca12cd564698b1106e1cf49876b sha256=04e8b4475c331bf3453b2250c38bd1720427e4f9e87984437bd8443674ccd7c2
+# spattn-kernel key=42e1dfecbbaf31ac4dc0ce80a94c4134 sha256=d0902aae36261e88d168d6020ce3a7dd0dd0c9b46f607c21228f6b785b6407ca
 """spattn generated backward attention kernels for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -10,8 +10,8 @@ Strategy: table
 Tiles: dK/dV BLOCK_N1=64 keys per program x BLOCK_M1=32 queries per step;
        dQ BLOCK_M2=64 queries per program x BLOCK_N2=32 keys per step; BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_bwd_dkdv_neighborhood_layout_19e65c, attn_bwd_dq_neighborhood_layout_19e65c
-Codegen version: 39; cache key 19e65ca12cd564698b1106e1cf49876b
+Kernels: attn_bwd_dkdv_neighborhood_layout_42e1df, attn_bwd_dq_neighborhood_layout_42e1df
+Codegen version: 40; cache key 42e1dfecbbaf31ac4dc0ce80a94c4134
 Rows: through the row tables Q_ROWS, K_ROWS (the caller's row of each query and key slot;
        -1 a padding slot, stored nowhere): no gathers before or after the kernels
 
@@ -50,7 +50,7 @@ def _mod(a, b):
 
 
 @triton.jit
-def _dkdv_range_19e65c(
+def _dkdv_range_42e1df(
     b_dk, b_dv, b_k, b_v, o_k,
     Q, DO, LSE2, DELTA, Q_ROWS, stride_qm, stride_qd, stride_dom, stride_dod,
     sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset,
@@ -122,7 +122,7 @@ def _dkdv_range_19e65c(
 
 
 @triton.jit
-def attn_bwd_dkdv_neighborhood_layout_19e65c(
+def attn_bwd_dkdv_neighborhood_layout_42e1df(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -199,17 +199,17 @@ def attn_bwd_dkdv_neighborhood_layout_19e65c(
             i_hi = tl.load(SPAN + 4 * i_row + 1)
             i_flo = tl.load(SPAN + 4 * i_row + 2)
             i_fhi = tl.load(SPAN + 4 * i_row + 3)
-            b_dk, b_dv = _dkdv_range_19e65c(
+            b_dk, b_dv = _dkdv_range_42e1df(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_lo, i_flo, MASKED=True, TABLE=False, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-            b_dk, b_dv = _dkdv_range_19e65c(
+            b_dk, b_dv = _dkdv_range_42e1df(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_flo, i_fhi, MASKED=False, TABLE=False, BLOCK_M1=BLOCK_M1,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC)
-            b_dk, b_dv = _dkdv_range_19e65c(
+            b_dk, b_dv = _dkdv_range_42e1df(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, ORDER, i_fhi, i_hi, MASKED=True, TABLE=False, BLOCK_M1=BLOCK_M1,
@@ -217,7 +217,7 @@ def attn_bwd_dkdv_neighborhood_layout_19e65c(
         else:
             p_start = tl.load(ROWS_P + i_row)
             p_end = tl.load(ROWS_P + i_row + 1)
-            b_dk, b_dv = _dkdv_range_19e65c(
+            b_dk, b_dv = _dkdv_range_42e1df(
                 b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm, stride_qd,
                 stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H, q_offset, u_1, u_2,
                 u_3, u_4, COLS_P, p_start, p_end, MASKED=True, TABLE=True, BLOCK_M1=BLOCK_M1,
@@ -225,7 +225,7 @@ def attn_bwd_dkdv_neighborhood_layout_19e65c(
             if RUNS:
                 # FULL query tiles as runs (the row's record in SPAN): no index loads
                 f_end = tl.load(SPAN + 8 * i_row + 5)
-                b_dk, b_dv = _dkdv_range_19e65c(
+                b_dk, b_dv = _dkdv_range_42e1df(
                     b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm,
                     stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H,
                     q_offset, u_1, u_2, u_3, u_4, SPAN + 8 * i_row, 0, f_end, MASKED=False,
@@ -234,7 +234,7 @@ def attn_bwd_dkdv_neighborhood_layout_19e65c(
             else:
                 f_start = tl.load(ROWS_F + i_row)
                 f_end = tl.load(ROWS_F + i_row + 1)
-                b_dk, b_dv = _dkdv_range_19e65c(
+                b_dk, b_dv = _dkdv_range_42e1df(
                     b_dk, b_dv, b_k, b_v, o_k, p_q, p_do, p_lse2, p_delta, p_qr, stride_qm,
                     stride_qd, stride_dom, stride_dod, sm_scale_log2, i_b, i_h, Lq, Lk, H,
                     q_offset, u_1, u_2, u_3, u_4, COLS_F, f_start, f_end, MASKED=False, TABLE=True,
@@ -251,7 +251,7 @@ def attn_bwd_dkdv_neighborhood_layout_19e65c(
 
 
 @triton.jit
-def _dq_range_19e65c(
+def _dq_range_42e1df(
     b_dq, b_q, b_do, b_lse, b_delta, o_q,
     K, V, K_ROWS, stride_kn, stride_kd, stride_vn, stride_vd,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -314,7 +314,7 @@ def _dq_range_19e65c(
 
 
 @triton.jit
-def attn_bwd_dq_neighborhood_layout_19e65c(
+def attn_bwd_dq_neighborhood_layout_42e1df(
     Q, K, V, DO, O, LSE, LSE2, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -397,17 +397,17 @@ def attn_bwd_dq_neighborhood_layout_19e65c(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        b_dq = _dq_range_19e65c(
+        b_dq = _dq_range_42e1df(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_lo, i_flo,
             MASKED=True, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
-        b_dq = _dq_range_19e65c(
+        b_dq = _dq_range_42e1df(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_flo, i_fhi,
             MASKED=False, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
             DOT_PREC=DOT_PREC)
-        b_dq = _dq_range_19e65c(
+        b_dq = _dq_range_42e1df(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, ORDER, i_fhi, i_hi,
             MASKED=True, TABLE=False, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
@@ -415,7 +415,7 @@ def attn_bwd_dq_neighborhood_layout_19e65c(
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        b_dq = _dq_range_19e65c(
+        b_dq = _dq_range_42e1df(
             b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd, stride_vn,
             stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_P, p_start, p_end,
             MASKED=True, TABLE=True, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM,
@@ -423,7 +423,7 @@ def attn_bwd_dq_neighborhood_layout_19e65c(
         if RUNS:
             # FULL key tiles as runs (the row's record in SPAN): no index loads
             f_end = tl.load(SPAN + 8 * i_row + 5)
-            b_dq = _dq_range_19e65c(
+            b_dq = _dq_range_42e1df(
                 b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd,
                 stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2,
                 SPAN + 8 * i_row, 0, f_end, MASKED=False, TABLE=2, BLOCK_N2=BLOCK_N2,
@@ -431,7 +431,7 @@ def attn_bwd_dq_neighborhood_layout_19e65c(
         else:
             f_start = tl.load(ROWS_F + i_row)
             f_end = tl.load(ROWS_F + i_row + 1)
-            b_dq = _dq_range_19e65c(
+            b_dq = _dq_range_42e1df(
                 b_dq, b_q, b_do, b_lse, b_delta, o_q, p_k, p_v, p_kr, stride_kn, stride_kd,
                 stride_vn, stride_vd, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1, u_2, COLS_F,
                 f_start, f_end, MASKED=False, TABLE=True, BLOCK_N2=BLOCK_N2, BLOCK_D=BLOCK_D,
@@ -444,5 +444,5 @@ def attn_bwd_dq_neighborhood_layout_19e65c(
              b_dq.to(DQ.dtype.element_ty), mask=m_md)
 
 
-DKDV = attn_bwd_dkdv_neighborhood_layout_19e65c
-DQ = attn_bwd_dq_neighborhood_layout_19e65c
+DKDV = attn_bwd_dkdv_neighborhood_layout_42e1df
+DQ = attn_bwd_dq_neighborhood_layout_42e1df

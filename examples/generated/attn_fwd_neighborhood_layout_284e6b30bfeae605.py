@@ -1,4 +1,4 @@
-# spattn-kernel key=f55c1dd2a62fc7b6f2aba50dd70e7914 sha256=fa7ea7ba8b82dceb39bab792f6f283baa324258b3cc585109c2ce7999e5225f7
+# spattn-kernel key=284e6b30bfeae60567703207f56268d7 sha256=e64331a9120422b9b632d8fa6e35f221ee961e8a12a8657ba98ce4f015188386
 """spattn generated forward attention kernel for pattern `neighborhood_layout`.
 
 Pattern (canonical source):
@@ -9,8 +9,8 @@ Strategy: table
     (tile spans or CSR lists of PARTIAL and FULL tiles, built by the analysis at call time)
 Tiles: BLOCK_M=64 (queries), BLOCK_N=64 (keys), BLOCK_D=128
 Launch: num_warps=4, num_stages=3, dtype=bf16
-Kernels: attn_fwd_neighborhood_layout_f55c1d
-Codegen version: 39; cache key f55c1dd2a62fc7b6f2aba50dd70e7914
+Kernels: attn_fwd_neighborhood_layout_284e6b
+Codegen version: 40; cache key 284e6b30bfeae60567703207f56268d7
 Loads: 5-D TMA tensor descriptors for Q, K, V, O over the caller's grid of tokens (block
        [1, sub-box, BLOCK_D]: each tile a sub-box of one of the layout's boxes; the stride
        arguments are unused): no gathers before or after the kernel
@@ -68,7 +68,7 @@ def _box_at(x0, x1, start, NT1: tl.constexpr, NT2: tl.constexpr, BOX0: tl.conste
 
 
 @triton.jit
-def _fwd_range_f55c1d(
+def _fwd_range_284e6b(
     acc, l_i, m_i, b_q, o_q,
     K, V, i_k0, i_k1,
     sm_scale_log2, i_b, i_h, Lq, Lk, H,
@@ -125,7 +125,7 @@ def _fwd_range_f55c1d(
 
 
 @triton.jit
-def attn_fwd_neighborhood_layout_f55c1d(
+def attn_fwd_neighborhood_layout_284e6b(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -203,17 +203,17 @@ def attn_fwd_neighborhood_layout_f55c1d(
         i_hi = tl.load(SPAN + 4 * i_row + 1)
         i_flo = tl.load(SPAN + 4 * i_row + 2)
         i_fhi = tl.load(SPAN + 4 * i_row + 3)
-        acc, l_i, m_i = _fwd_range_f55c1d(
+        acc, l_i, m_i = _fwd_range_284e6b(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_lo, i_flo, MASKED=True, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
-        acc, l_i, m_i = _fwd_range_f55c1d(
+        acc, l_i, m_i = _fwd_range_284e6b(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_flo, i_fhi, MASKED=False, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
             BOX2=BOX2, KB0=KB0, KB1=KB1, KB2=KB2, FOLD=FOLD)
-        acc, l_i, m_i = _fwd_range_f55c1d(
+        acc, l_i, m_i = _fwd_range_284e6b(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, ORDER, i_fhi, i_hi, MASKED=True, TABLE=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
@@ -221,7 +221,7 @@ def attn_fwd_neighborhood_layout_f55c1d(
     else:
         p_start = tl.load(ROWS_P + i_row)
         p_end = tl.load(ROWS_P + i_row + 1)
-        acc, l_i, m_i = _fwd_range_f55c1d(
+        acc, l_i, m_i = _fwd_range_284e6b(
             acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
             u_2, COLS_P, p_start, p_end, MASKED=True, TABLE=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0, BOX1=BOX1,
@@ -229,7 +229,7 @@ def attn_fwd_neighborhood_layout_f55c1d(
         if RUNS:
             # FULL key tiles as runs (the row's record in SPAN): no index loads
             f_end = tl.load(SPAN + 8 * i_row + 5)
-            acc, l_i, m_i = _fwd_range_f55c1d(
+            acc, l_i, m_i = _fwd_range_284e6b(
                 acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
                 u_2, SPAN + 8 * i_row, 0, f_end, MASKED=False, TABLE=2, BLOCK_N=BLOCK_N,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0,
@@ -237,7 +237,7 @@ def attn_fwd_neighborhood_layout_f55c1d(
         else:
             f_start = tl.load(ROWS_F + i_row)
             f_end = tl.load(ROWS_F + i_row + 1)
-            acc, l_i, m_i = _fwd_range_f55c1d(
+            acc, l_i, m_i = _fwd_range_284e6b(
                 acc, l_i, m_i, b_q, o_q, K, V, i_k0, i_k1, sm_scale_log2, i_b, i_h, Lq, Lk, H, u_1,
                 u_2, COLS_F, f_start, f_end, MASKED=False, TABLE=True, BLOCK_N=BLOCK_N,
                 BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM, DOT_PREC=DOT_PREC, NT1=NT1, NT2=NT2, BOX0=BOX0,
@@ -259,4 +259,4 @@ def attn_fwd_neighborhood_layout_f55c1d(
         LSE + i_bh.to(tl.int64) * (A0 * A1 * A2) + (o_c0 * A1 + o_c1) * A2 + o_c2, lse, mask=m_c)
 
 
-KERNEL = attn_fwd_neighborhood_layout_f55c1d
+KERNEL = attn_fwd_neighborhood_layout_284e6b
