@@ -100,7 +100,8 @@ def score_params(score: str, Hq: int) -> dict:
 
 def rand_int(r: random.Random, depth: int) -> str:
     """A random int expression of q, k, h (floor division and modulo by constants of both
-    signs, abs, min, max, clamp, if, lists indexed by h)."""
+    signs, abs, min, max, clamp, if, lists indexed by h: a one-entry list is refused on more
+    than one head)."""
     if depth == 0 or r.random() < 0.3:
         return r.choice(["q", "k", "h", "q", "k", str(r.randint(-5, 40)), "Lk", "Lq"])
     a = lambda: rand_int(r, depth - 1)  # noqa: E731
@@ -121,7 +122,8 @@ def rand_int(r: random.Random, depth: int) -> str:
         return f"clamp({a()}, {lo}, {lo + r.randint(0, 20)})"
     if kind == 6:
         return f"(if {a()} {r.choice(['<', '<=', '=='])} {a()} then {a()} else {a()})"
-    return f"[{', '.join(str(r.randint(-4, 30)) for _ in range(4))}][h % 4]"
+    n = r.choice([1, 2, 4, 4])      # one entry indexed by h: a literal in the kernel
+    return f"[{', '.join(str(r.randint(-4, 30)) for _ in range(n))}][{'h' if n == 1 else f'h % {n}'}]"
 
 
 def rand_bool(r: random.Random, depth: int) -> str:
