@@ -431,6 +431,20 @@ def walk(node: Node):
         stack.extend(reversed(n.children()))
 
 
+def distinct(node: Node):
+    """Every node object of the tree once (a subtree shared by several parents, as
+    remapped and expanded patterns share theirs, is visited once), parents first."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        yield n
+        stack.extend(reversed(n.children()))
+
+
 def depth(node: Node) -> int:
     """The number of nodes on the longest path from ``node`` down to a leaf (a leaf: 1);
     iterative, so any depth is measured."""
@@ -450,7 +464,7 @@ def depth(node: Node) -> int:
 
 def free_vars(node: Node) -> frozenset[str]:
     """Names of the built-in variables the expression mentions."""
-    return frozenset(n.name for n in walk(node) if isinstance(n, Var))
+    return frozenset(n.name for n in distinct(node) if isinstance(n, Var))
 
 
 def float_loads(node: Node) -> tuple[FLoad, ...]:

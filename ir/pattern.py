@@ -23,9 +23,9 @@ def _declared_note(ir, score, inputs: dict, score_inputs: dict) -> str:
     not read (``false & same(doc)`` is ``false``, which reads no ``doc``): equal patterns
     that take different inputs are two keys, so a traced call finds the one it was given.
     Empty when the source reads every declared input."""
-    from .nodes import FLoad, Load, walk
-    read = {n.name for n in walk(ir) if isinstance(n, Load)}
-    read_f = set() if score is None else {n.name for n in walk(score) if isinstance(n, FLoad)}
+    from .nodes import FLoad, Load, distinct
+    read = {n.name for n in distinct(ir) if isinstance(n, Load)}
+    read_f = set() if score is None else {n.name for n in distinct(score) if isinstance(n, FLoad)}
     if read == set(inputs) and read_f == set(score_inputs):
         return ""
     names = ", ".join(f"{n}[{d}]" for n, d in sorted({**inputs, **score_inputs}.items()))
