@@ -47,6 +47,7 @@ from .tune import log as _log
 from .plan import INT32_OFFSET, data_version
 from .settings import launch_guard
 from .cpu_ops import copy_ as _copy_, fill as _fill
+from .usage import overlapping as _overlapping
 
 __all__ = ["decode", "routes", "call_routed", "fast_step", "fast_routed", "DecodePlan",
            "DecodeConfig",
@@ -2135,8 +2136,9 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     S = _STRIDED
     if k.dtype is not dt or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu) \
             or q.layout is not S or k.layout is not S or v.layout is not S \
-            or q.requires_grad or k.requires_grad or v.requires_grad:
-        return None
+            or q.requires_grad or k.requires_grad or v.requires_grad \
+            or (not q.is_contiguous() and _overlapping(q)):
+        return None             # (an overlapping q is copied by the full path)
     L, bk, Lq = ks[2], plan.bucket, sig[0][2]
     if L > bk or (L <= bk >> 1 and bk > MIN_BUCKET) or L < Lq:
         return None                                     # another bucket: another plan

@@ -74,17 +74,35 @@ def plain(t):
     return t
 
 
+def overlapping(t) -> bool:
+    """Whether two elements of the strided tensor ``t`` may share memory (``unfold``, a
+    stride smaller than a row): by the sufficient test of strides in increasing order,
+    each past the reach of the smaller ones (a zero stride over two or more elements
+    overlaps)."""
+    if t.is_contiguous():
+        return False
+    reach = 0
+    for stride, size in sorted((abs(st), n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def plain_qkv(q, k, v):
-    """q, k and v through :func:`plain`: three flag reads on the common path."""
+    """q, k and v through :func:`plain`: three flag reads on the common path. A q whose
+    elements overlap in memory is copied: outputs are allocated with q's strides (ATen's
+    CPU attention writes its output so), and two rows of one output element would race."""
     if torch.compiler.is_compiling():
         return q, k, v
     refuse_dual((q, k, v))
     try:
         if not (q.is_neg() or k.is_neg() or v.is_neg()):
-            return q, k, v
+            return (q.contiguous() if overlapping(q) else q), k, v
     except (AttributeError, TypeError):
-        pass       # not tensors: plain() passes them on
-    return plain(q), plain(k), plain(v)
+        return q, k, v      # not tensors: the checks say what is wrong with them
+    q = plain(q)
+    return (q.contiguous() if overlapping(q) else q), plain(k), plain(v)
 
 
 def plain_inputs(inputs: dict) -> dict:

@@ -351,3 +351,38 @@ def test_query_rows_without_keys_are_zero_whatever_their_values(backend, src, kw
                                       else {"q_offset": 0}))
     torch.testing.assert_close(o[:, :, 30:].double(), want, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse[:, :, 30:].double(), wlse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("Lq, Lk", [(8, 8), (2, 300)], ids=["B1-H2-L8-D16", "B1-H2-Lq2-Lk300-D16"])
+def test_a_query_whose_rows_overlap_in_memory(backend, Lq, Lk):
+    """q from ``unfold`` (rows one element apart, each element in up to 16 rows): ATen's CPU
+    attention writes its output with q's strides, so its rows overlapped and raced (errors
+    up to 1e38). Forward, backward, and a repeated decode step (the fast entry)."""
+    pat = spattn.compile("causal", backend=backend)
+    D = 16
+    g = torch.Generator().manual_seed(Lq + Lk)
+    k, v = (torch.randn(1, 2, Lk, D, generator=g) for _ in range(2))
+    for _ in range(3):
+        base = torch.randn(2 * Lq + D, generator=g)
+        q = base.unfold(0, D, 1)[:2 * Lq].reshape(1, 2, Lq, D)
+        assert q.stride()[2] == 1 and q.stride()[1] == Lq
+        leaf = base.clone().requires_grad_(Lq == 8)
+        qq = leaf.unfold(0, D, 1)[:2 * Lq].reshape(1, 2, Lq, D)
+        kk, vv = (t.clone().requires_grad_(Lq == 8) for t in (k, v))
+        o = pat(qq, kk, vv)
+        rd = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref, _ = pattern_reference(pat, *rd)
+        torch.testing.assert_close(o.double(), ref, atol=2e-6, rtol=1e-5)
+        if Lq == 8:
+            do = torch.randn(o.shape, generator=g)
+            o.backward(do)
+            ref.backward(do.double())
+            torch.testing.assert_close(kk.grad.double(), rd[1].grad, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(vv.grad.double(), rd[2].grad, atol=2e-5, rtol=1e-4)
+            # dq of every row, summed into the shared elements as unfold's backward does
+            dbase = torch.zeros(2 * Lq + D, dtype=torch.float64)
+            rows = rd[0].grad.reshape(2 * Lq, D)
+            for i in range(2 * Lq):
+                dbase[i:i + D] += rows[i]
+            torch.testing.assert_close(leaf.grad.double(), dbase, atol=2e-5, rtol=1e-4)
