@@ -435,8 +435,21 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
     expression, given apart (the same as writing ``src score SCORE``).
     """
     src = newlines(src)
-    if score is not None:
-        src = _with_score(src, score)
+    if score is None:
+        return _compile_source(src, params, pattern, filename)
+    first = src.count("\n") + 3         # the score's first line in the program below
+    try:
+        return _compile_source(_with_score(src, score), params, pattern, filename)
+    except SpattnError as e:
+        if e.line is None or e.line < first or not isinstance(score, str):
+            raise
+        err = type(e).__new__(type(e))
+        SpattnError.__init__(err, f"in the score: {e.message}", source=newlines(score),
+                             line=e.line - first + 1, column=e.column)
+        raise err from None
+
+
+def _compile_source(src: str, params, pattern, filename) -> Lowered:
     try:
         tree = parse_source(src, filename)
         if isinstance(tree, A.Program):
@@ -514,7 +527,13 @@ def _with_score(src: str, score: str) -> str:
     if isinstance(tree, A.Scored):
         raise SpattnParamError("the pattern already has a score clause; score= gives it "
                                "a second one")
-    parse_expression(score)          # its syntax errors located in its own text
+    try:
+        parse_expression(score)      # its syntax errors located in its own text
+    except SpattnError as e:
+        err = type(e).__new__(type(e))
+        SpattnError.__init__(err, f"in the score: {e.message}", source=e.source,
+                             line=e.line, column=e.column)
+        raise err from None
     return f"{src}\nscore\n{score}"
 
 

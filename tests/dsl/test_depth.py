@@ -104,7 +104,8 @@ def test_too_deep_score_and_composition():
         e = f"log(1.0 + exp({e}))"
     with pytest.raises(SpattnValueError, match="score nested too deeply") as info:
         spattn.compile("causal", score=e)
-    assert (info.value.line, info.value.column) == (3, 1)       # at the score, not the mask
+    assert (info.value.line, info.value.column) == (1, 1)       # in the score's own text
+    assert info.value.message.startswith("in the score: ")
     with pytest.raises(SpattnValueError, match="score nested too deeply") as info:
         spattn.compile(f"pattern p = causal & window(4) score {e}\n")
     assert (info.value.line, info.value.column) == (1, 38)

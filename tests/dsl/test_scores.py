@@ -69,17 +69,17 @@ def test_float_params_and_lists():
 
 ERRORS = [
     # (mask, score, kw, error class, (line, column), text)
-    ("causal", "q - k", {}, SpattnTypeError, (3, 1), "a score must be a float"),
-    ("causal", "q < k", {}, SpattnTypeError, (3, 1), "a score must be a float"),
+    ("causal", "q - k", {}, SpattnTypeError, (1, 1), "a score must be a float"),
+    ("causal", "q < k", {}, SpattnTypeError, (1, 1), "a score must be a float"),
     ("causal & s > 0", None, {}, SpattnTypeError, (1, 10), "score variable s"),
     ("q < 0.5", None, {}, SpattnTypeError, (1, 5), "got a float"),
     ("q / 2 < k", None, {}, SpattnSyntaxError, (1, 3), "//"),
     ("window(W)", None, {"W": 2.5}, SpattnParamError, (1, 8), "float"),
-    ("causal", "if s > 0.0 then s else 0.0", {}, SpattnTypeError, (3, 4), "comparisons take ints"),
-    ("causal", "s + log_bucket(q - k, W[h], 8, 16) * 1.0", {"W": [1, 2]}, SpattnTypeError, (3, 5),
+    ("causal", "if s > 0.0 then s else 0.0", {}, SpattnTypeError, (1, 4), "comparisons take ints"),
+    ("causal", "s + log_bucket(q - k, W[h], 8, 16) * 1.0", {"W": [1, 2]}, SpattnTypeError, (1, 5),
      "constant int"),
-    ("causal", "s + tanh(q < k)", {}, SpattnTypeError, (3, 10), "must be a number"),
-    ("causal", "s / 0.0", {}, spattn.SpattnValueError, (3, 3), "division by zero"),
+    ("causal", "s + tanh(q < k)", {}, SpattnTypeError, (1, 10), "must be a number"),
+    ("causal", "s / 0.0", {}, spattn.SpattnValueError, (1, 3), "division by zero"),
 ]
 
 
@@ -89,8 +89,9 @@ def test_located_errors(mask, score, kw, cls, pos, text):
     with pytest.raises(cls) as info:
         spattn.compile(mask, score=score, **kw)
     err = info.value
-    assert (err.line, err.column) == pos, str(err)
+    assert (err.line, err.column) == pos, str(err)     # a score= error: in the score's text
     assert text in err.message, str(err)
+    assert err.message.startswith("in the score: ") == (score is not None), str(err)
 
 
 def test_score_given_twice_or_for_a_program():
