@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 import torch
 
-from .dsl.errors import SpattnError, SpattnParamError
+from .dsl.errors import SpattnError, SpattnNameError, SpattnParamError
 from .pattern import Pattern, compile as _compile
 from .runtime import autograd as _ag
 from .runtime.api import call, call_op, pad_value_dim, slice_value_dim, value_dim
@@ -80,12 +80,28 @@ def _resolve(pattern, kwargs):
                                f"{type(pattern).__name__}")
     try:
         pat = compile_cached(pattern, backend or "auto", **params)
-    except SpattnError:
+    except SpattnError as e:
         # a keyword of another attention API: say what to write, unless the pattern has it
         check_keywords({}, {n: x for n, x in params.items()})
+        _tensor_as_param(e, inputs)
         raise
     check_keywords(pat.inputs, inputs)
     return pat, inputs
+
+
+def _tensor_as_param(e: SpattnError, inputs: dict) -> None:
+    """A SpattnParamError where the pattern reads a name as a param (unindexed) that the call
+    passed as a tensor: the functional form passes tensors as runtime inputs."""
+    if not isinstance(e, SpattnNameError) or not e.message.startswith("unknown name"):
+        return
+    for n, t in inputs.items():
+        if f"unknown name {n!r}" in e.message:
+            raise SpattnParamError(
+                f"{n!r} is given as a tensor (shape {list(t.shape)}), and spattn.attention "
+                f"passes tensors as runtime inputs, which a pattern reads indexed "
+                f"({n}[h], {n}[q]); the pattern reads {n} as a param: give a Python number "
+                f"or list ({n}={n}.tolist())", source=e.source, line=e.line,
+                column=e.column) from None
 
 
 def _functional_meta(src: str, backend: str, params: tuple) -> tuple:

@@ -418,3 +418,19 @@ def test_head_dims_the_kernels_refuse_point_to_the_torch_backend(D):
     except SpattnInputError as e:
         assert ("'auto' on the CPU" in str(e)) == (not _interpret())
     assert spattn.compile("causal", backend="torch")(x, x, x).shape == x.shape
+
+
+def test_functional_tensor_where_the_pattern_reads_a_param():
+    """``spattn.attention`` passes tensors as runtime inputs; a 0-d tensor for a name the
+    pattern reads unindexed (a param) was refused as an unknown name 'W' although W= was
+    given: the error now says what the call did with it and what to pass."""
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(spattn.SpattnParamError, match=r"'W' is given as a tensor \(shape \[\]\)"
+                                                      r".*W=W.tolist\(\)") as info:
+        spattn.attention(q, q, q, pattern="causal & q - k <= W", W=torch.tensor(3))
+    assert (info.value.line, info.value.column) == (1, 19)
+    with pytest.raises(spattn.SpattnNameError, match="unknown name 'Wx'"):
+        spattn.attention(q, q, q, pattern="causal & q - k <= Wx", W=torch.tensor(3))
+    want = spattn.attention(q, q, q, pattern="causal & q - k <= W", W=3)
+    torch.testing.assert_close(
+        spattn.attention(q, q, q, pattern="causal & q - k <= W[h]", W=torch.tensor([3])), want)
