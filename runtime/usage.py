@@ -255,6 +255,12 @@ def _per(pattern, *names) -> bool:
     return bool(set(names) & free_vars(pattern.ir))
 
 
+#: Options of the configuration form ``Pattern.kernel_source(kind, **options)``.
+_CONFIG_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
+                   "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma",
+                   "score_load", "score_index", "fast_tanh", "rows", "dq")
+
+
 def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offset=None,
                       layout=None, **inputs) -> str:
     """The text of the generated module that a call with these tensors runs (``kind``
@@ -280,6 +286,15 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
             f"inputs of a call; {', '.join(map(repr, other))} "
             f"({'; '.join(CALL_KEYWORDS[n] for n in other)}): a call keyword it does not "
             "take")
+    config = sorted(n for n in inputs if n in _CONFIG_OPTIONS
+                    and n not in pattern.inputs and n not in getattr(pattern, "score_inputs", {}))
+    if config:
+        from ..dsl.errors import SpattnParamError
+        raise SpattnParamError(
+            f"kernel_source(q, k, v) shows the kernel these tensors run, configured as "
+            f"their call is; {', '.join(map(repr, config))} "
+            f"{'is an option' if len(config) == 1 else 'are options'} of "
+            f"kernel_source(kind, **options), the kernel of a configuration")
     if kind == "fwd":
         routed = _routed_source(pattern, q, k, v, scale, q_offset, layout, inputs)
         if routed is not None:

@@ -25,11 +25,9 @@ from .runtime.decode import decode as _decode, fast_routed as _fast_routed, \
     fast_step as _fast_step
 from .runtime.usage import plain as _plain, plain_inputs as _plain_inputs, \
     plain_qkv as _plain_qkv, autocast_on as _autocast_on, \
-    warn_if_false
+    warn_if_false, _CONFIG_OPTIONS, check_keywords as _check_keywords
 #: The options :meth:`Pattern.kernel_source` takes.
-KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
-                  "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma",
-                  "score_load", "score_index", "fast_tanh", "rows", "dq")
+KERNEL_OPTIONS = _CONFIG_OPTIONS
 
 
 class Pattern(CompiledPattern):
@@ -235,6 +233,7 @@ class Pattern(CompiledPattern):
                                    page_table=page_table, scale=scale, q_offset=q_offset,
                                    return_lse=return_lse, check=check, num_splits=num_splits,
                                    **inputs)
+        _check_keywords({**self.inputs, **self.score_inputs}, inputs)
         q, k_cache, v_cache = _plain_qkv(q, k_cache, v_cache)
         return _decode(self, q, k_cache, v_cache, seq_lens=_plain(seq_lens),
                        page_table=_plain(page_table), scale=scale, q_offset=q_offset,
@@ -259,6 +258,7 @@ class Pattern(CompiledPattern):
         score). ``repr(plan)`` says what it holds.
         """
         from .runtime.api import make_plan
+        _check_keywords({**self.inputs, **self.score_inputs}, inputs)
         q, k, v = _plain_qkv(q, k, v)
         return make_plan(self, q, k, v, scale=scale, q_offset=q_offset,
                          inputs=_plain_inputs(inputs), backward=backward, layout=layout,

@@ -434,3 +434,18 @@ def test_functional_tensor_where_the_pattern_reads_a_param():
     want = spattn.attention(q, q, q, pattern="causal & q - k <= W", W=3)
     torch.testing.assert_close(
         spattn.attention(q, q, q, pattern="causal & q - k <= W[h]", W=torch.tensor([3])), want)
+
+
+def test_decode_plan_and_kernel_source_name_keywords_they_do_not_take():
+    """SDPA keywords get the same advice from ``decode`` and ``plan`` as from a call (they
+    were 'unexpected runtime input'), and a configuration option given to the tensor form
+    of ``kernel_source`` names the form that takes it."""
+    p = spattn.compile("causal", backend="torch")
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 64, 16)
+    with pytest.raises(SpattnParamError, match="is_causal=True: spattn takes no is_causal"):
+        p.decode(q, k, k, is_causal=True)
+    with pytest.raises(SpattnParamError, match="attn_mask=None: spattn takes no dense"):
+        p.plan(k, k, k, attn_mask=None)
+    with pytest.raises(SpattnParamError, match=r"'head_dim' is an option of "
+                                               r"kernel_source\(kind, \*\*options\)"):
+        spattn.compile("causal").kernel_source(k, k, k, head_dim=32)
