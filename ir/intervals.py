@@ -459,9 +459,16 @@ class IntervalEval(MaskPass):
         ilo, ihi = self.int_(n.index)
         nvals = len(n.values)
         if bool((ihi < 0).any()) or bool((ilo >= nvals).any()):
+            from .printer import to_source
+            heads = ""
+            if "h" in self.env and any(isinstance(m, Var) and m.name == "h"
+                                       for m in walk(n.index)):
+                heads = f" ({int(self.var(Var('h'))[1].max()) + 1} heads: give one entry " \
+                        "per head, or guard the index)"
             raise SpattnValueError(
-                f"list {list(n.values)} has {nvals} entries but is indexed with {n.index} "
-                f"taking values outside 0..{nvals - 1}")
+                f"list {list(n.values)} has {nvals} entries but is indexed with "
+                f"{to_source(n.index)} taking values in {int(ilo.min())}..{int(ihi.max())}, "
+                f"outside 0..{nvals - 1}{heads}")
         key = ("table", n.values)
         if key not in self.summaries:
             vals = torch.tensor([v if _LO <= v <= _HI else wrap(v) for v in n.values],

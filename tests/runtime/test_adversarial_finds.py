@@ -386,3 +386,14 @@ def test_a_query_whose_rows_overlap_in_memory(backend, Lq, Lk):
             for i in range(2 * Lq):
                 dbase[i:i + D] += rows[i]
             torch.testing.assert_close(leaf.grad.double(), dbase, atol=2e-5, rtol=1e-4)
+
+
+def test_analyses_name_the_heads_of_a_list_too_short():
+    """``explain``, ``tiles`` and the CLI's ``show`` refuse a per-head list shorter than the
+    heads with the index's values and the head count, as a call does (they said only
+    'outside 0..1')."""
+    p = spattn.compile("window(s[h])", s=[1, 2], backend="torch")
+    for analyse in (lambda: p.explain(8, num_heads=3), lambda: p.tiles(8, 8, 4, 4, num_heads=3)):
+        with pytest.raises(SpattnValueError, match=r"indexed with h taking values in 0\.\.2, "
+                                                   r"outside 0\.\.1 \(3 heads: give one entry"):
+            analyse()
