@@ -4,7 +4,8 @@ Each function returns a canonical node, folding constants and normalising
 operand order, so structurally equal results mean equal patterns:
 ``and_(causal, window) == and_(window, causal)``. Affine arithmetic is kept as
 a linear form (:class:`Sum`); products of non-constant terms are expanded into
-sums of sorted monomials (:class:`Prod`), so ``(q + 1) * (k + 1)`` and ``q*k + q + k + 1`` agree.
+sums of sorted monomials (:class:`Prod`), so ``(q + 1) * (k + 1)`` and
+``q*k + q + k + 1`` agree.
 
 Errors raised here (division by zero, a divisor that depends on q) carry no
 position; the lowering in :mod:`spattn.ir.lower` attaches one.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import math
 from functools import reduce
 from typing import Iterable, Optional
-
 
 from ..dsl.errors import SpattnTypeError, SpattnValueError
 from .nodes import (BOOL, FLOAT, FLOAT_FUNCS, INT, Abs, And, BoolConst, Const, FAdd, FCall,
