@@ -36,7 +36,7 @@ from ..dsl.errors import (SpattnBackendError, SpattnEmptyPatternWarning, SpattnI
 __all__ = ["LAYOUTS", "MAX_HEADS", "SDPA_KEYWORDS", "check_layout", "to_bhsd", "from_bhsd",
            "warn_if_transposed", "with_layout_hint", "check_keywords", "warn_if_empty",
            "warn_if_false", "kernel_source_for", "plain", "plain_qkv", "plain_inputs",
-           "refuse_dual", "FORWARD_MODE", "autocast_on"]
+           "refuse_dual", "FORWARD_MODE", "autocast_on", "KERNEL_OPTIONS", "overlapping"]
 
 
 #: The refusal of forward-mode derivatives (``torch.func.jvp``, ``jacfwd``, dual tensors).
@@ -255,10 +255,10 @@ def _per(pattern, *names) -> bool:
     return bool(set(names) & free_vars(pattern.ir))
 
 
-#: Options of the configuration form ``Pattern.kernel_source(kind, **options)``.
-_CONFIG_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
-                   "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma",
-                   "score_load", "score_index", "fast_tanh", "rows", "dq")
+#: The options of :meth:`Pattern.kernel_source`'s configuration form (``kind, **options``).
+KERNEL_OPTIONS = ("head_dim", "dtype", "strategy", "block_m", "block_n", "num_warps",
+                  "num_stages", "block_m1", "block_n1", "block_m2", "block_n2", "loop", "tma",
+                  "score_load", "score_index", "fast_tanh", "rows", "dq")
 
 
 def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offset=None,
@@ -286,7 +286,7 @@ def kernel_source_for(pattern, q, k, v, *, kind: str = "fwd", scale=None, q_offs
             f"inputs of a call; {', '.join(map(repr, other))} "
             f"({'; '.join(CALL_KEYWORDS[n] for n in other)}): a call keyword it does not "
             "take")
-    config = sorted(n for n in inputs if n in _CONFIG_OPTIONS
+    config = sorted(n for n in inputs if n in KERNEL_OPTIONS
                     and n not in pattern.inputs and n not in getattr(pattern, "score_inputs", {}))
     if config:
         from ..dsl.errors import SpattnParamError

@@ -35,6 +35,9 @@ def _param(text: str):
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     name, value = text.split("=", 1)
     value = value.strip()
+    if not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME a param's name, got "
+                                         f"{text!r}")
     try:
         if value.startswith("["):
             inner = value.strip("[]").strip()
@@ -325,8 +328,10 @@ def _cmd_show(args, pat, out):
             print("  " + "".join(SYMBOLS[int(x)] for x in row.tolist()), file=out)
     counts = [int((tiles == c).sum()) for c in (0, 1, 2)]
     print(f"tiles: {counts[2]} full, {counts[1]} partial, {counts[0]} empty", file=out)
-    if args.png:
+    if args.png is not None:
         from .plot import plot_pattern
+        if not args.png.strip():
+            raise SpattnError("--png needs a file name, got ''")
         try:
             plot_pattern(pat, Lq, Lk, bm, bn, args.png, head=0, q_offset=args.q_offset,
                          inputs=inputs)
@@ -345,8 +350,10 @@ def _cmd_explain(args, pat, out):
 
 def _cmd_codegen(args, pat, out):
     text = pat.kernel_source(args.kind, head_dim=args.dim, dtype=getattr(torch, args.dtype))
-    if args.output:
+    if args.output is not None:
         from pathlib import Path
+        if not args.output.strip():
+            raise SpattnError("--output needs a file name, got ''")
         try:
             Path(args.output).write_text(text)
         except OSError as e:

@@ -25,9 +25,7 @@ from .runtime.decode import decode as _decode, fast_routed as _fast_routed, \
     fast_step as _fast_step
 from .runtime.usage import plain as _plain, plain_inputs as _plain_inputs, \
     plain_qkv as _plain_qkv, autocast_on as _autocast_on, \
-    warn_if_false, _CONFIG_OPTIONS, check_keywords as _check_keywords
-#: The options :meth:`Pattern.kernel_source` takes.
-KERNEL_OPTIONS = _CONFIG_OPTIONS
+    warn_if_false, KERNEL_OPTIONS, check_keywords as _check_keywords
 
 
 class Pattern(CompiledPattern):
@@ -83,6 +81,7 @@ class Pattern(CompiledPattern):
         (of its mask: a score's float tables may be passed and are not read), on ``device``
         (default: the runtime inputs' device, else the CPU)."""
         inputs = _mask_inputs(self, inputs)
+        Lq, Lk, num_heads, batch = _ints(Lq, Lk, num_heads, batch)
         check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
         q_offset, device = _checked(self, Lq, Lk, q_offset, device, inputs)
         ins = validate_inputs(self.inputs, inputs, batch=batch, num_heads=num_heads, device=device)
@@ -101,6 +100,8 @@ class Pattern(CompiledPattern):
         """
         from .ir.tiles import classify
         inputs = _mask_inputs(self, inputs)
+        Lq, Lk, block_m, block_n, num_heads, batch = _ints(Lq, Lk, block_m, block_n, num_heads,
+                                                           batch)
         q_offset, device = _checked(self, Lq, Lk, q_offset, device, inputs)
         with _fits("the tile grid"):
             return classify(self, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
@@ -139,6 +140,8 @@ class Pattern(CompiledPattern):
         backend = "torch" if self.backend == "torch" or target == "cpu" \
             or self.score is not None else "triton"
         Lk = Lq if Lk is None else Lk
+        Lq, Lk, num_heads, batch, block_m, block_n = _ints(Lq, Lk, num_heads, batch, block_m,
+                                                           block_n)
         check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
         q_offset, _ = _checked(self, Lq, Lk, q_offset, None, inputs)
         with _fits("the analysis"), progress(f"explaining {self.name!r} at Lq={Lq}, Lk={Lk}"):
@@ -301,6 +304,10 @@ class Pattern(CompiledPattern):
             raise SpattnParamError(f"unknown kernel option{'s' if len(unknown) > 1 else ''} "
                                    f"{', '.join(map(repr, unknown))}: expected "
                                    f"{', '.join(KERNEL_OPTIONS)}")
+        for name in ("tma", "fast_tanh"):
+            if options.get(name) is not None and not isinstance(options[name], bool):
+                raise SpattnParamError(f"kernel option {name} must be True or False, got "
+                                       f"{options[name]!r}")
         return kernel_text(self, kind, **options)
 
     @property
@@ -495,6 +502,13 @@ def _read(path) -> str:
         raise SpattnSyntaxError(f"the file is not UTF-8 text (byte 0x{data[e.start]:02x}): "
                                 "save it as UTF-8", line=line, column=column,
                                 filename=name) from None
+
+
+def _ints(*values) -> tuple:
+    """``values`` with numpy integers as ints, as ``q_offset`` takes them (anything else is
+    left to the checks, which name it)."""
+    return tuple(int(v.__index__()) if hasattr(v, "__index__") and not isinstance(
+        v, (int, torch.Tensor)) and type(v).__name__ != "bool_" else v for v in values)
 
 
 def _mask_inputs(pattern, inputs: dict) -> dict:

@@ -449,3 +449,17 @@ def test_decode_plan_and_kernel_source_name_keywords_they_do_not_take():
     with pytest.raises(SpattnParamError, match=r"'head_dim' is an option of "
                                                r"kernel_source\(kind, \*\*options\)"):
         spattn.compile("causal").kernel_source(k, k, k, head_dim=32)
+
+
+def test_numpy_integers_are_lengths_as_they_are_offsets():
+    """``mask``, ``tiles`` and ``explain`` take numpy integers as ``q_offset`` always did (a
+    length or tile side from a numpy array was refused); a numpy bool is still refused."""
+    import numpy as np
+    p = spattn.compile("causal & window(3)")
+    n = np.int64(12)
+    assert torch.equal(p.mask(n, n, num_heads=np.int32(2)), p.mask(12, 12, num_heads=2))
+    assert torch.equal(p.tiles(n, n, np.int64(4), np.int64(4)), p.tiles(12, 12, 4, 4))
+    assert str(p.explain(n, block_m=np.int64(16), block_n=16)) == \
+        str(p.explain(12, block_m=16, block_n=16))
+    with pytest.raises(spattn.SpattnValueError, match="Lq must be a positive integer"):
+        p.mask(np.bool_(True), 4)

@@ -164,8 +164,10 @@ def test_pattern_error_exit_1(capsys):
     ["show", "-e", "causal"],                    # --lq missing
     ["show", "-e", "causal", "--lq", "-3"],      # bad size
     ["check", "-e", "causal", "-p", "W"],        # bad param syntax
+    ["check", "-e", "causal", "-p", "=3"],       # no name
     ["frobnicate"],                              # unknown command
-], ids=["no-source", "two-sources", "no-lq", "negative-lq", "bad-param", "unknown-command"])
+], ids=["no-source", "two-sources", "no-lq", "negative-lq", "bad-param", "param-no-name",
+        "unknown-command"])
 def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         code, _ = run(*argv)
@@ -244,6 +246,14 @@ def test_png_is_written_where_asked_whatever_the_extension(name, tmp_path):
     code, text = run("show", "-e", "causal", "--lq", 16, "--png", png)
     assert code == 0 and f"wrote {png}" in text
     assert png.read_bytes()[:4] == b"\x89PNG" and sorted(tmp_path.iterdir()) == [png]
+
+
+@pytest.mark.parametrize("argv", [["show", "-e", "causal", "--lq", 16, "--png", ""],
+                                  ["codegen", "-e", "causal", "-o", " "]], ids=["png", "output"])
+def test_an_empty_file_name_is_an_error_exit_1(argv, capsys):
+    code, text = run(*argv)
+    assert code == 1 and "needs a file name" in capsys.readouterr().err
+    assert "wrote" not in text
 
 
 def test_png_into_a_directory_is_an_error_exit_1(tmp_path, capsys):

@@ -167,7 +167,12 @@ def test_uint8_runtime_inputs_still_work():
     (dict(strategy="remap"), SpattnConfigError, "'ranges', 'table'"),
     (dict(loop="twisted"), SpattnConfigError, "loop='twisted'.*'split', 'fused', 'persistent'"),
     (dict(blockm=32), SpattnParamError, "unknown kernel option 'blockm'"),
-], ids=["kind", "head-dim", "dtype", "block", "warps", "stages", "strategy", "loop", "typo"])
+    (dict(block_m=0), SpattnConfigError, "block_m must be a power of two in 16..256.*got 0"),
+    (dict(kind="bwd", block_n1=0), SpattnConfigError, "block_n1 must be a power of two"),
+    (dict(tma="x"), SpattnParamError, "kernel option tma must be True or False, got 'x'"),
+    (dict(fast_tanh=1), SpattnParamError, "fast_tanh must be True or False, got 1"),
+], ids=["kind", "head-dim", "dtype", "block", "warps", "stages", "strategy", "loop", "typo",
+        "block-0", "bwd-block-0", "tma", "fast-tanh"])
 def test_kernel_source_arguments(kwargs, cls, text):
     with pytest.raises(cls, match=text):
         spattn.compile("causal & window(8)").kernel_source(**kwargs)
