@@ -397,3 +397,14 @@ def test_analyses_name_the_heads_of_a_list_too_short():
         with pytest.raises(SpattnValueError, match=r"indexed with h taking values in 0\.\.2, "
                                                    r"outside 0\.\.1 \(3 heads: give one entry"):
             analyse()
+
+
+@pytest.mark.gpu
+def test_a_learnable_table_with_strided_keys_on_the_gpu():
+    """gpu_fuzz ``call:479877199``: a score table requiring grad, K and V whose last dimension
+    has stride 2, bf16, D = 256, bshd: the compiled forward's output was off by 1.29 times
+    the reference's largest value (an illegal memory access with ``SPATTN_SCORE_LOAD=early``);
+    the interpreter runs it correctly. Such K and V are copied on CUDA (``usage.plain_qkv``)."""
+    import tests.helpers.gpu_fuzz as gf
+    desc = gf.KINDS["call"](479877199)
+    assert "refused" not in desc, desc
