@@ -204,7 +204,9 @@ def is_stages(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8
 
 
-def _pow2_check(**blocks):
+def check_blocks(**blocks):
+    """SpattnConfigError naming the first of ``blocks`` (name: tile side) that is no tile
+    side the kernels take (:func:`is_block`)."""
     for name, v in blocks.items():
         if not is_block(v):
             raise SpattnConfigError(
@@ -255,7 +257,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
         n2 = block_n2 or block_n or env.get("block_n2") or n2
         nw = num_warps or env.get("num_warps") or nw
         ns = num_stages or env.get("num_stages") or ns
-        _pow2_check(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
+        check_blocks(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
         loop = choice(loop, "loop", BWD_LOOPS, default=env.get("loop"))
         dq = choice(dq, "dq", BWD_DQ, default=env.get("dq"))
         if getattr(pattern, "score_inputs", None):
@@ -270,7 +272,7 @@ def pick(pattern, kind: str = "fwd", *, head_dim: int = 128, dtype="bf16", strat
     bn = block_n or env.get("block_n") or bn
     nw = num_warps or env.get("num_warps") or nw
     ns = num_stages or env.get("num_stages") or ns
-    _pow2_check(block_m=bm, block_n=bn)
+    check_blocks(block_m=bm, block_n=bn)
     loop = choice(loop, "loop", FWD_LOOPS, default=env.get("loop"))
     if rows == "box" and loop == "persistent":
         loop = "fused"          # (the persistent kernel has no TMA loads: see below)

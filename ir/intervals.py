@@ -59,7 +59,7 @@ from .bounds import INT64, check_call, static_names, wrap
 from .evaluate import _as_full, evaluate
 from .inputs import query_offset
 from .nodes import (Abs, And, BoolConst, Const, FloorDiv, IsPow2, Load, Max, Min, Mod, Node,
-                    Not, Or, Prod, Range, Select, Sum, Table, Var, walk)
+                    Not, Or, Prod, Range, Select, Sum, Table, Var, free_vars, walk)
 from .visitor import MaskPass, Visitor, rule
 
 #: n-D inputs are summarised by gathering the covered entries when every tile covers at most
@@ -461,8 +461,7 @@ class IntervalEval(MaskPass):
         if bool((ihi < 0).any()) or bool((ilo >= nvals).any()):
             from .printer import to_source
             heads = ""
-            if "h" in self.env and any(isinstance(m, Var) and m.name == "h"
-                                       for m in walk(n.index)):
+            if "h" in self.env and "h" in free_vars(n.index):
                 heads = f" ({int(self.var(Var('h'))[1].max()) + 1} heads: give one entry " \
                         "per head, or guard the index)"
             raise SpattnValueError(

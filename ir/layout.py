@@ -851,7 +851,7 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
         rir = remap(ir, layout)
         if groups is None:
             cost = computed_pairs(rir, layout.padded_size, bm, bn)
-        pick_strategy(rir)
+        table_lay = pick_strategy(rir) == "table"
     except SpattnError:
         return None
     if groups is None and not force and cost > MARGIN * seq:
@@ -860,7 +860,7 @@ def choose(ir: Node, Lq: int, Lk: int, q_offset: int, *, num_heads: int = 1,
     cost_seq = layout_cost(seq, Lq, bm, bn, table=pick_strategy(ir) == "table",
                            gathers=False, target=target)
     cost_lay = layout_cost(cost, layout.padded_size, bm, bn,
-                           table=pick_strategy(rir) == "table", gathers=gathers, target=target)
+                           table=table_lay, gathers=gathers, target=target)
     r = Remap(layout, rir, useful, seq, cost, cost_seq, cost_lay)
     if not force and not r.pays:
         return None

@@ -443,10 +443,16 @@ def compile_source(src: str, params: dict | None = None, *, pattern: str | None 
     except SpattnError as e:
         if e.line is None or e.line < first or not isinstance(score, str):
             raise
-        err = type(e).__new__(type(e))
-        SpattnError.__init__(err, f"in the score: {e.message}", source=newlines(score),
-                             line=e.line - first + 1, column=e.column)
-        raise err from None
+        raise _in_score(e, newlines(score), e.line - first + 1) from None
+
+
+def _in_score(e: SpattnError, score: str, line: int | None) -> SpattnError:
+    """``e`` as an error of the score given apart: located at ``line`` of its own text, and
+    saying it is the score's."""
+    err = type(e).__new__(type(e))
+    SpattnError.__init__(err, f"in the score: {e.message}", source=score, line=line,
+                         column=e.column)
+    return err
 
 
 def _compile_source(src: str, params, pattern, filename) -> Lowered:
@@ -530,10 +536,7 @@ def _with_score(src: str, score: str) -> str:
     try:
         parse_expression(score)      # its syntax errors located in its own text
     except SpattnError as e:
-        err = type(e).__new__(type(e))
-        SpattnError.__init__(err, f"in the score: {e.message}", source=e.source,
-                             line=e.line, column=e.column)
-        raise err from None
+        raise _in_score(e, e.source, e.line) from None
     return f"{src}\nscore\n{score}"
 
 

@@ -70,7 +70,8 @@ from .evaluate import evaluate
 from .inputs import check_lengths, query_offset, validate_inputs
 from .intervals import (IntervalEval, _consecutive, bool_atoms, check_input_bounds, combine,
                         interval_exact, lift)
-from .nodes import And, BoolConst, Const, FloorDiv, Load, Node, Not, Or, Range, Var, distinct, walk
+from .nodes import (And, BoolConst, Const, FloorDiv, Load, Node, Not, Or, Range, Var, distinct,
+                    free_vars, walk)
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 MAX_FLOOR_CUTS = 64
@@ -133,7 +134,7 @@ def tile_bounds(L: int, block: int, offset: int, device, shape) -> tuple[torch.T
 @lru_cache(maxsize=512)
 def _free_vars(ir: Node) -> frozenset:
     """Variables the interval pass reads (loads read ``b`` and ``h`` for per-batch/head inputs)."""
-    names = {n.name for n in distinct(ir) if isinstance(n, Var)}
+    names = set(free_vars(ir))
     if any(isinstance(n, Load) for n in distinct(ir)):
         names |= {"b", "h"}
     return frozenset(names)

@@ -285,6 +285,15 @@ def _check_scale(scale, D) -> float:
     return value
 
 
+def as_int(v):
+    """``v`` as an int when it is a numpy integer (anything with ``__index__`` but a bool, a
+    numpy bool or a tensor); anything else as it is, for the checks to name."""
+    if isinstance(v, (int, torch.Tensor)) or not hasattr(v, "__index__") \
+            or type(v).__name__ == "bool_":
+        return v
+    return int(v.__index__())
+
+
 def check_q_offset(q_offset, Lq, Lk):
     """``q_offset`` as an int (``Lk - Lq`` when None); SpattnValueError unless it is an integer
     with ``|q_offset| <= 2**62`` (a SymInt while tracing is passed through)."""
@@ -292,12 +301,9 @@ def check_q_offset(q_offset, Lq, Lk):
         return _query_offset(Lq, Lk, None)
     if isinstance(q_offset, torch.SymInt):
         return q_offset
+    q_offset = as_int(q_offset)
     if isinstance(q_offset, bool) or not isinstance(q_offset, int):
-        if (hasattr(q_offset, "__index__") and not isinstance(q_offset, (bool, torch.Tensor))
-                and type(q_offset).__name__ != "bool_"):
-            q_offset = int(q_offset.__index__())   # numpy integers
-        else:
-            raise SpattnValueError(f"q_offset must be an int (the position of query row 0), "
+        raise SpattnValueError(f"q_offset must be an int (the position of query row 0), "
                                    f"got {type(q_offset).__name__} {short_repr(q_offset)}")
     if abs(q_offset) > MAX_INT:
         raise SpattnValueError(f"q_offset is {short_repr(q_offset)}: it must be an integer with "

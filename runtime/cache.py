@@ -520,11 +520,9 @@ def _check_options(options) -> None:
     except ValueError:
         raise SpattnValueError(f"dtype must be float16, bfloat16 or float32 (a torch dtype or "
                                f"its name), got {options.get('dtype')!r}") from None
-    for name in ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2"):
-        v = options.get(name)
-        if v is not None and not _config.is_block(v):
-            raise SpattnConfigError(f"{name} must be a power of two in 16..{_config.MAX_BLOCK} "
-                                    f"(16, 32, 64, 128, 256), got {v!r}")
+    _config.check_blocks(**{n: options[n] for n in ("block_m", "block_n", "block_m1",
+                                                    "block_n1", "block_m2", "block_n2")
+                            if options.get(n) is not None})
     nw, ns = options.get("num_warps"), options.get("num_stages")
     if nw is not None and not _config.is_warps(nw):
         raise SpattnConfigError(f"num_warps must be 1, 2, 4, 8, 16 or 32, got {nw!r}")

@@ -106,9 +106,8 @@ def plain_qkv(q, k, v):
         # the compiled forward with a learnable score table read a K/V whose last dimension
         # has stride 2 wrongly (gpu_fuzz call:479877199; not in the interpreter): such
         # tensors are copied until that kernel path is found
-        k, v = (t.contiguous() if t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1 else t
-                for t in (k, v))
-        q = q.contiguous() if q.dim() and q.stride(-1) != 1 and q.shape[-1] > 1 else q
+        q, k, v = (t.contiguous() if t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1 else t
+                   for t in (q, k, v))
     return (q.contiguous() if overlapping(q) else q), k, v
 
 

@@ -505,10 +505,8 @@ def _read(path) -> str:
 
 
 def _ints(*values) -> tuple:
-    """``values`` with numpy integers as ints, as ``q_offset`` takes them (anything else is
-    left to the checks, which name it)."""
-    return tuple(int(v.__index__()) if hasattr(v, "__index__") and not isinstance(
-        v, (int, torch.Tensor)) and type(v).__name__ != "bool_" else v for v in values)
+    """``values`` with numpy integers as ints, as ``q_offset`` takes them."""
+    return tuple(map(_runtime_api.as_int, values))
 
 
 def _mask_inputs(pattern, inputs: dict) -> dict:
