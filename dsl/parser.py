@@ -395,31 +395,11 @@ _OPNAME = {"and": "&", "or": "|", "not": "~"}
 
 def _junction(t: Tree) -> A.Expr:
     """A chain ``a | b | c ...`` (or of ``&``), which the grammar reads as nested pairs
-    ``((a | b) | c) ...``, regrouped as a balanced tree of pairs: its depth grows with the
-    logarithm of its length, so the passes that recurse over the syntax tree take chains
-    of thousands of terms. Every pair keeps the position of its first operand and of the
-    operator between its halves; the IR flattens the chain either way."""
-    operands, ops = [], []
-    node = t
-    while isinstance(node, Tree) and node.data == t.data:
-        left, op, right = node.children
-        operands.append(right)
-        ops.append(op)
-        node = left
-    operands.append(node)
-    operands.reverse()
-    ops.reverse()
-    terms = [_expr(x) for x in operands]
-
-    def pair(i: int, j: int) -> A.Expr:            # terms[i:j], ops[i:j - 1] between them
-        if j - i == 1:
-            return terms[i]
-        m = (i + j + 1) // 2                     # three terms: ((a | b) | c), as written
-        op = ops[m - 1]
-        return A.Binary(_OPNAME.get(str(op), str(op)), pair(i, m), pair(m, j),
-                        op_line=op.line, op_column=op.column,
-                        line=terms[i].line, column=terms[i].column)
-    return pair(0, len(terms))
+    ``((a | b) | c) ...``, regrouped as a balanced tree of pairs (:func:`_balanced`): its
+    depth grows with the logarithm of its length, so the passes that recurse over the syntax
+    tree take chains of thousands of terms; the IR flattens the chain either way."""
+    operands, ops = _spine(t, lambda n: n.data == t.data)
+    return _balanced([_expr(x) for x in operands], ops, signed=False)
 
 
 _CHAINS = {"+": "+-", "-": "+-", "*": "*"}
@@ -435,33 +415,44 @@ def _chain(t: Tree) -> A.Expr:
     one linear form either way; a float chain folds its constants in the regrouped order.
     Shorter chains keep the grouping as written."""
     family = _CHAINS[str(t.children[1])]
-    operands, ops = [], []
-    node = t
-    while isinstance(node, Tree) and node.data == "binop" and str(node.children[1]) in family:
-        left, op, right = node.children
-        operands.append(right)
-        ops.append(op)
-        node = left
+    operands, ops = _spine(t, lambda n: n.data == "binop" and str(n.children[1]) in family)
     if len(ops) < _REGROUP - 1:
         left, op, right = t.children
         return A.Binary(str(op), _expr(left), _expr(right), op_line=op.line,
                         op_column=op.column, **_pos(t))
+    return _balanced([_expr(x) for x in operands], ops, signed=family != "*")
+
+
+def _spine(t: Tree, same) -> tuple[list, list]:
+    """The operands and operators of the left-nested chain ``t`` (its nodes for which
+    ``same`` holds), in written order."""
+    operands, ops = [], []
+    node = t
+    while isinstance(node, Tree) and same(node):
+        left, op, right = node.children
+        operands.append(right)
+        ops.append(op)
+        node = left
     operands.append(node)
-    operands.reverse()
-    ops.reverse()
-    terms = [_expr(x) for x in operands]
-    signs = [1] + [-1 if str(op) == "-" else 1 for op in ops]
+    return operands[::-1], ops[::-1]
+
+
+def _balanced(terms: list, ops: list, *, signed: bool) -> A.Expr:
+    """``terms`` joined by ``ops`` as a balanced tree of pairs (three terms: ``((a op b) op
+    c)``, as written). Every pair keeps the position of its first operand and of the
+    operator between its halves. ``signed``: the ops are ``+`` and ``-``, and a half after a
+    ``-`` has its signs flipped."""
+    signs = [1] + [-1 if signed and str(op) == "-" else 1 for op in ops]
 
     def pair(i: int, j: int, g: int) -> A.Expr:
-        """terms[i:j] summed with signs ``g * signs[t]`` (``g * signs[i]`` is 1)."""
+        """terms[i:j] with signs ``g * signs[t]`` (``g * signs[i]`` is 1)."""
         if j - i == 1:
             return terms[i]
-        m = (i + j + 1) // 2                     # three terms: ((a + b) - c), as written
+        m = (i + j + 1) // 2
         op = ops[m - 1]
-        name = str(op) if family == "*" else ("+" if g * signs[m] > 0 else "-")
-        right = pair(m, j, signs[m] if family != "*" else 1)
-        return A.Binary(name, pair(i, m, g), right, op_line=op.line, op_column=op.column,
-                        line=terms[i].line, column=terms[i].column)
+        name = ("+" if g * signs[m] > 0 else "-") if signed else _OPNAME.get(str(op), str(op))
+        return A.Binary(name, pair(i, m, g), pair(m, j, signs[m]), op_line=op.line,
+                        op_column=op.column, line=terms[i].line, column=terms[i].column)
     return pair(0, len(terms), 1)
 
 
