@@ -738,6 +738,7 @@ def call_plain(pattern, q, k, v, *, scale=None, return_lse=False, q_offset=None,
         return call_value_dim(pattern, q, k, v, scale=scale, return_lse=return_lse,
                               q_offset=q_offset, inputs=inputs, plan=plan, layout=layout,
                               deterministic=deterministic, order=order)
+    _usage.check_flags(return_lse=return_lse, deterministic=deterministic)
     index = other_device(q)
     if index is not None:
         with torch.cuda.device(index):

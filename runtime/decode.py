@@ -47,7 +47,7 @@ from .tune import log as _log
 from .plan import INT32_OFFSET, data_version
 from .settings import launch_guard
 from .cpu_ops import copy_ as _copy_, fill as _fill
-from .usage import overlapping as _overlapping
+from .usage import check_flags, overlapping as _overlapping
 
 __all__ = ["decode", "routes", "call_routed", "fast_step", "fast_routed", "DecodePlan",
            "DecodeConfig",
@@ -2357,6 +2357,7 @@ def decode(pattern, q, k_cache, v_cache, *, seq_lens=None, page_table=None, scal
         o = fast_step(pattern, q, k_cache, v_cache, scale, seq_lens, False)
         if o is not None:
             return o
+    check_flags(return_lse=return_lse, check=check)
     if inputs:
         for name, why in _CALL_ONLY.items():
             if name in inputs and name not in pattern.inputs:

@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import warnings
 
+import numpy
 import torch
 from torch.autograd import forward_ad as _fwad
 
 from ..dsl.errors import (SpattnBackendError, SpattnEmptyPatternWarning, SpattnInputError,
-                          SpattnLayoutWarning, SpattnParamError, SpattnValueError, short_repr)
+                          SpattnLayoutWarning, SpattnParamError, SpattnTypeError,
+                          SpattnValueError, short_repr)
 
 __all__ = ["LAYOUTS", "MAX_HEADS", "SDPA_KEYWORDS", "check_layout", "to_bhsd", "from_bhsd",
            "warn_if_transposed", "with_layout_hint", "check_keywords", "warn_if_empty",
            "warn_if_false", "kernel_source_for", "plain", "plain_qkv", "plain_inputs",
-           "refuse_dual", "FORWARD_MODE", "autocast_on", "KERNEL_OPTIONS", "overlapping"]
+           "refuse_dual", "FORWARD_MODE", "autocast_on", "KERNEL_OPTIONS", "overlapping",
+           "check_flags"]
 
 
 #: The refusal of forward-mode derivatives (``torch.func.jvp``, ``jacfwd``, dual tensors).
@@ -216,6 +219,15 @@ def check_keywords(declared, given) -> None:
             shown = (f"<a tensor of shape {tuple(value.shape)}>"
                      if isinstance(value, torch.Tensor) else short_repr(value))
             raise SpattnParamError(f"{name}={shown}: {SDPA_KEYWORDS[name]}")
+
+
+def check_flags(**flags) -> None:
+    """SpattnTypeError for a keyword flag (``return_lse``, ``deterministic``, ...) that is
+    not a bool: Python's truth would read ``deterministic="no"`` as true."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, numpy.bool_)):
+            raise SpattnTypeError(f"{name} must be True or False, got {short_repr(value)} "
+                                  f"({type(value).__name__})")
 
 
 def warn_if_false(ir, name: str) -> None:

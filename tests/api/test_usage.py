@@ -2,12 +2,14 @@
 about calls that run but are likely not meant (``runtime/usage.py``)."""
 import warnings
 
+import numpy
 import pytest
 import torch
 
 import spattn
 from spattn.dsl.errors import (SpattnEmptyPatternWarning, SpattnInputError,
-                               SpattnLayoutWarning, SpattnParamError, SpattnValueError)
+                               SpattnLayoutWarning, SpattnParamError, SpattnTypeError,
+                               SpattnValueError)
 from spattn.nn import SparseAttention
 from spattn.runtime.plan import PLANS
 from spattn.runtime.reference import attention_reference
@@ -160,6 +162,31 @@ def test_sdpa_keywords_say_what_to_write(name, value, match):
     for where, fn in calls.items():
         with pytest.raises(SpattnParamError, match=match):
             fn()
+
+
+@pytest.mark.parametrize("name, value", [("return_lse", "yes"), ("return_lse", 1),
+                                         ("deterministic", "no"), ("deterministic", None)],
+                         ids=["return_lse-str", "return_lse-int", "deterministic-str",
+                              "deterministic-None"])
+def test_flags_that_are_not_bools_are_refused(name, value):
+    """``deterministic="no"`` would be true by Python's truth: a flag must be a bool."""
+    q = torch.randn(1, 2, 8, 16)
+    pat = spattn.compile("causal", backend="torch")
+    calls = {
+        "call": lambda: pat(q, q, q, **{name: value}),
+        "module": lambda: SparseAttention("causal")(q, q, q, **{name: value}),
+        "functional": lambda: spattn.attention(q, q, q, pattern=pat, **{name: value}),
+    }
+    for where, fn in calls.items():
+        with pytest.raises(SpattnTypeError, match=rf"{name} must be True or False, got"):
+            fn()
+    if name == "return_lse":
+        with pytest.raises(SpattnTypeError, match="return_lse must be True or False"):
+            pat.decode(q[:, :, :1], q, q, return_lse=value)
+    with pytest.raises(SpattnTypeError, match="check must be True or False"):
+        pat.decode(q[:, :, :1], q, q, check="no")
+    o, lse = pat(q, q, q, return_lse=numpy.bool_(True))     # numpy's bools are bools
+    assert lse.shape == (1, 2, 8)
 
 
 def test_an_input_named_like_an_sdpa_keyword_is_an_input():
