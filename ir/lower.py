@@ -395,7 +395,7 @@ def _beyond_float32(ir: Node) -> Optional[float]:
 #: generation, sympy's derivative of a score), a few Python frames per level: at these
 #: depths every stage runs with hundreds of frames to spare (a caller's own stack,
 #: ``torch.compile``'s); past about 200 (a mask) or 130 (a score's backward) they would
-#: exceed Python's recursion limit. A 63-way ``if h == i then ... else`` chain is 128 deep.
+#: exceed Python's recursion limit. A chain of 62 ``if h == i then ... else`` is 127 deep.
 MAX_DEPTH = 128
 MAX_SCORE_DEPTH = 48
 

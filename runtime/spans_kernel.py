@@ -147,7 +147,7 @@ def _order_key_kernel(WORK, KEY, n, HO, stride_b, stride_h, G, W_MAX,
 
 
 def grid_order(work: torch.Tensor, B: int, HO: int, group: int, w_max: int):
-    """``triton_backend._grid_order``'s order of the ``B * HO * n`` work items, from one
+    """``tables._grid_order``'s order of the ``B * HO * n`` work items, from one
     key kernel and one ``argsort``, or None where the keys could overflow int64.
 
     ``work [B', H', n]`` int32 (``B'``, ``H'`` 1 or full); an item's work sums ``group``
