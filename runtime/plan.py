@@ -825,9 +825,11 @@ def layout_gather(value, settings, backend: str) -> str:
 def data_version(t: torch.Tensor):
     """What a plan cache keys a data tensor's contents by: its version counter (an in-place
     write bumps it). An inference tensor (made under ``torch.inference_mode``) has none and
-    may still be written in place there: it is keyed by its contents."""
+    may still be written in place there: it is keyed by its contents, as bytes (numpy has
+    no bfloat16)."""
     if t.is_inference():
-        return ("contents", t.detach().cpu().contiguous().numpy().tobytes())
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        return ("contents", t.dtype, raw.numpy().tobytes())
     return t._version
 
 

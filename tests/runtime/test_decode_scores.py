@@ -362,14 +362,16 @@ def test_routed_additive_step_is_one_fused_call(name, B, Hq, Hk, monkeypatch):
     _routed(pat, q, k, v, fresh, c, 597, (1, 0, 1))
 
 
-def test_routed_additive_step_memo_follows_inference_tables(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_routed_additive_step_memo_follows_inference_tables(dtype, monkeypatch):
     """A table made under ``torch.inference_mode`` has no version counter: the routed
-    entry compares its contents, so a table written in place there is seen."""
+    entry compares its contents (as bytes: numpy has no bfloat16), so a table written in
+    place there is seen."""
     pat, q, k, v, tables, g = _draw("alibi-table", "torch", B=1, Hq=4, Hk=4, cap=400, seed=8)
     dec.DECODE_PLANS.clear()
     c = _Counts(monkeypatch)
     with torch.inference_mode():
-        slope = tables["slope"].clone()
+        slope = tables["slope"].clone().to(dtype)
         for L in (400, 400, 399):
             _routed(pat, q, k, v, {"slope": slope}, c, L)
         assert c.sdpa >= 2
