@@ -633,7 +633,8 @@ def empty_call(pattern, q, k, v, *, scale, q_offset, inputs, plan):
     plan must be one of these shapes. Gradients are zeros; nothing is compiled."""
     validate(q, k, v, empty=True, float64=f64_ok(pattern, q))
     B, Hq, Lq, D = q.shape
-    _check_scale(scale, D)
+    if not _traced_number(scale):   # (a symbol's value cannot be compared while tracing;
+        _check_scale(scale, D)      #  no output of an empty call depends on it)
     check_q_offset(q_offset, Lq, k.shape[2])
     ins = dict(inputs or {})
     if plan is None:
@@ -904,6 +905,13 @@ def _check_order_call(pattern, plan) -> None:
                                "(torch.compiler.disable)")
 
 
+def _traced_number(scale) -> bool:
+    """Whether ``scale`` is a number while dynamo traces: its value may be a symbol (a scale
+    that varies between calls) that cannot be compared there."""
+    return torch.compiler.is_compiling() and isinstance(scale, (int, float)) \
+        and not isinstance(scale, bool)
+
+
 def traced_arguments(declared, requested_backend, q, k, v, scale, q_offset, ints):
     """``(scale, q_offset, inputs, backend)`` of a traced call (both custom ops' paths):
     q, k, v, the scale, the offset and the mask's int inputs ``ints`` checked."""
@@ -911,8 +919,7 @@ def traced_arguments(declared, requested_backend, q, k, v, scale, q_offset, ints
         if isinstance(q, torch.Tensor) else None
     validate(q, k, v, float64=backend == "torch")
     B, Hq, Lq, D = q.shape
-    if not torch.compiler.is_compiling() or scale is None or isinstance(scale, bool) \
-            or not isinstance(scale, (int, float)):
+    if not _traced_number(scale):
         scale = _check_scale(scale, D)
     elif isinstance(scale, int) and abs(scale) > 10 ** 38:
         scale = math.inf if scale > 0 else -math.inf    # (beyond the op's float: refused there)
@@ -930,6 +937,7 @@ def call_op(key, declared, requested_backend, q, k, v, *, scale, return_lse, q_o
     """The traced path (under ``torch.compile``): the same checks, then the custom op."""
     scale, q_offset, ins, backend = traced_arguments(declared, requested_backend, q, k, v,
                                                      scale, q_offset, dict(inputs or {}))
+    scale, scale_t = _ag.op_scale(scale)
     o, lse = _ag.attention_op(q, k, v, [ins[n] for n in sorted(ins)], key, scale, q_offset,
-                              backend)
+                              backend, scale_t)
     return (o, lse) if return_lse else o

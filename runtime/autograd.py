@@ -175,21 +175,39 @@ class AttentionFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------ custom ops
 
-def _traced_scale(scale: float, q: torch.Tensor) -> float:
+def _traced_scale(scale: float, q: torch.Tensor, scale_t: list) -> float:
     """The scale a traced call passed, checked here: a scale that varies between calls
-    reaches the op as a symbol, which the call could not check (``api._check_scale``)."""
+    reaches the op as a symbol, which the call could not check (``api._check_scale``);
+    read from ``scale_t`` where that holds it (:func:`op_scale`)."""
     from .api import _check_scale
-    return _check_scale(scale, q.shape[-1])
+    return _check_scale(_op_scale(scale, scale_t), q.shape[-1])
+
+
+def _op_scale(scale: float, scale_t: list) -> float:
+    return scale_t[0].item() if scale_t else scale
+
+
+def op_scale(scale) -> tuple:
+    """``(scale, scale_t)`` for the ops: under tracing the scale as a 0-d float64 tensor in
+    the list ``scale_t`` and 1.0 in its float place, else ``(scale, [])`` (a list: an
+    optional tensor that is None does not survive the ops' autograd structure check). A scale that varies
+    between calls is traced as a symbol, and Inductor passes a custom op's symbolic float
+    argument inside a ``torch.utils.checkpoint`` region as one earlier call's value on
+    every later call (torch 2.13), while a tensor computed from the symbol arrives right."""
+    from .api import _traced_number
+    if _traced_number(scale):
+        return 1.0, [torch.ones((), dtype=torch.float64) * scale]
+    return scale, []
 
 
 @torch.library.custom_op("spattn::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor],
-                 key: str, scale: float, q_offset: int, backend: str
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 key: str, scale: float, q_offset: int, backend: str,
+                 scale_t: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     pattern = lookup(key)
     _no_score(pattern)
     q, k, v = plain_qkv(q, k, v)
-    scale = _traced_scale(scale, q)
+    scale = _traced_scale(scale, q, scale_t)
     inputs = [plain(t) for t in inputs]
     plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
                      inputs=_inputs_dict(pattern, inputs))
@@ -203,7 +221,7 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, inputs, key, scale, q_offset, backend):
+def _attention_fake(q, k, v, inputs, key, scale, q_offset, backend, scale_t):
     B, Hq, Lq, _ = q.shape
     o = q.new_empty((B, Hq, Lq, v.shape[-1]))
     lse = q.new_empty((B, Hq, Lq), dtype=_lse_dtype(q))
@@ -214,8 +232,10 @@ def _attention_fake(q, k, v, inputs, key, scale, q_offset, backend):
 def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                      lse: torch.Tensor, do: torch.Tensor, dlse: Optional[torch.Tensor],
                      inputs: list[torch.Tensor], key: str, scale: float, q_offset: int,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     backend: str, scale_t: list[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pattern = lookup(key)
+    scale = _op_scale(scale, scale_t)
     q, k, v = plain_qkv(q, k, v)
     do, dlse, inputs = plain(do), plain(dlse), [plain(t) for t in inputs]
     plan = PLANS.get(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
@@ -225,26 +245,34 @@ def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
 
 
 @attention_bwd_op.register_fake
-def _attention_bwd_fake(q, k, v, o, lse, do, dlse, inputs, key, scale, q_offset, backend):
+def _attention_bwd_fake(q, k, v, o, lse, do, dlse, inputs, key, scale, q_offset, backend,
+                        scale_t):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ins, key, scale, q_offset, backend = inputs
+    q, k, v, ins, key, scale, q_offset, backend, scale_t = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, *ins)
+    ctx.save_for_backward(q, k, v, o, lse, *ins, *scale_t)
     ctx.n_inputs = len(ins)
     ctx.spattn = (key, scale, q_offset, backend)
 
 
+def _saved_scale(rest: list, n: int):
+    """``(the inputs and tables, scale_t)`` of a context's saved tensors after q, k, v, o,
+    lse: ``n`` of them, then ``scale_t``'s (none or one)."""
+    return rest[:n], list(rest[n:])
+
+
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, *ins = ctx.saved_tensors
+    q, k, v, o, lse, *rest = ctx.saved_tensors
+    ins, scale_t = _saved_scale(rest, ctx.n_inputs)
     key, scale, q_offset, backend = ctx.spattn
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do, dlse, list(ins), key, scale, q_offset,
-                                  backend)
-    return dq, dk, dv, [None] * ctx.n_inputs, None, None, None, None
+                                  backend, scale_t)
+    return dq, dk, dv, [None] * ctx.n_inputs, None, None, None, None, [None] * len(scale_t)
 
 
 torch.library.register_autograd("spattn::attention", _backward, setup_context=_setup_context)
@@ -294,13 +322,14 @@ def _score_ctx(pattern, q, k, v, inputs, tables, names, scale, q_offset, backend
 def score_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        inputs: list[torch.Tensor], tables: list[torch.Tensor],
                        names: str, key: str, scale: float, q_offset: int, backend: str,
-                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       deterministic: bool, scale_t: list[torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)`` of a pattern with a score; ``tables``: the float tables named by
     ``names`` (comma-separated: a schema takes no list of str; ``deterministic`` is for the
     backward)."""
     from . import scores
     q, k, v = plain_qkv(q, k, v)
-    scale = _traced_scale(scale, q)
+    scale = _traced_scale(scale, q, scale_t)
     inputs, tables = [plain(t) for t in inputs], [plain(t) for t in tables]
     c, ins = _score_ctx(lookup(key), q, k, v, inputs, tables, names, scale, q_offset, backend,
                         deterministic)
@@ -310,8 +339,8 @@ def score_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @score_attention_op.register_fake
 def _score_attention_fake(q, k, v, inputs, tables, names, key, scale, q_offset, backend,
-                          deterministic):
-    return _attention_fake(q, k, v, inputs, key, scale, q_offset, backend)
+                          deterministic, scale_t):
+    return _attention_fake(q, k, v, inputs, key, scale, q_offset, backend, scale_t)
 
 
 @torch.library.custom_op("spattn::score_attention_bwd", mutates_args=())
@@ -319,11 +348,12 @@ def score_attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
                            lse: torch.Tensor, do: torch.Tensor, dlse: Optional[torch.Tensor],
                            inputs: list[torch.Tensor], tables: list[torch.Tensor],
                            names: str, want: list[bool], key: str, scale: float,
-                           q_offset: int, backend: str, deterministic: bool
-                           ) -> list[torch.Tensor]:
+                           q_offset: int, backend: str, deterministic: bool,
+                           scale_t: list[torch.Tensor]) -> list[torch.Tensor]:
     """``[dq, dk, dv, *table grads]``: a gradient for every table (in ``tables`` order),
     computed for those ``want`` marks (zeros for the others)."""
     from . import scores
+    scale = _op_scale(scale, scale_t)
     q, k, v = plain_qkv(q, k, v)
     do, dlse = plain(do), plain(dlse)
     inputs, tables = [plain(t) for t in inputs], [plain(t) for t in tables]
@@ -338,15 +368,15 @@ def score_attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
 
 @score_attention_bwd_op.register_fake
 def _score_attention_bwd_fake(q, k, v, o, lse, do, dlse, inputs, tables, names, want, key,
-                              scale, q_offset, backend, deterministic):
+                              scale, q_offset, backend, deterministic, scale_t):
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             *(t.new_empty(t.shape) for t in tables)]
 
 
 def _score_setup_context(ctx, inputs, output):
-    q, k, v, ins, tables, names, key, scale, q_offset, backend, deterministic = inputs
+    q, k, v, ins, tables, names, key, scale, q_offset, backend, deterministic, scale_t = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, *ins, *tables)
+    ctx.save_for_backward(q, k, v, o, lse, *ins, *tables, *scale_t)
     ctx.n_inputs = len(ins)
     ctx.want = [t.requires_grad for t in tables]
     ctx.spattn = (names, key, scale, q_offset, backend, deterministic)
@@ -354,15 +384,17 @@ def _score_setup_context(ctx, inputs, output):
 
 def _score_backward(ctx, do, dlse):
     q, k, v, o, lse, *rest = ctx.saved_tensors
+    rest, scale_t = _saved_scale(rest, ctx.n_inputs + len(ctx.want))
     ins, tables = rest[:ctx.n_inputs], rest[ctx.n_inputs:]
     names, key, scale, q_offset, backend, deterministic = ctx.spattn
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv, *dt = score_attention_bwd_op(q, k, v, o, lse, do, dlse, list(ins),
                                              list(tables), names, list(ctx.want), key, scale,
-                                             q_offset, backend, deterministic)
+                                             q_offset, backend, deterministic, scale_t)
     dt = [g if w else None for g, w in zip(dt, ctx.want)]
-    return dq, dk, dv, [None] * ctx.n_inputs, dt, None, None, None, None, None, None
+    return (dq, dk, dv, [None] * ctx.n_inputs, dt, None, None, None, None, None, None,
+            [None] * len(scale_t))
 
 
 torch.library.register_autograd("spattn::score_attention", _score_backward,

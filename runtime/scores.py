@@ -1000,7 +1000,7 @@ def call_op(key, declared, score_declared, requested_backend, q, k, v, *, scale,
     tensors. ``declared``: the mask's inputs (name: index dims); ``score_declared``: the
     score's (kept for the signature shared with the functional form)."""
     from .api import traced_arguments
-    from .autograd import score_attention_op
+    from .autograd import op_scale, score_attention_op
     inputs = dict(inputs or {})
     ints = {n: t for n, t in inputs.items() if n in declared}
     scale, q_offset, ins, backend = traced_arguments(declared, requested_backend, q, k, v,
@@ -1010,7 +1010,8 @@ def call_op(key, declared, score_declared, requested_backend, q, k, v, *, scale,
         if not isinstance(inputs[n], torch.Tensor):
             raise SpattnInputError(f"runtime input {n!r} must be a torch.Tensor, got "
                                    f"{type(inputs[n]).__name__}")
+    scale, scale_t = op_scale(scale)
     o, lse = score_attention_op(q, k, v, [ins[n] for n in sorted(ins)],
                                 [inputs[n] for n in names], ",".join(names), key, scale, q_offset,
-                                backend, bool(deterministic))
+                                backend, bool(deterministic), scale_t)
     return (o, lse) if return_lse else o

@@ -68,8 +68,8 @@ class _Call:
             if self.scored:
                 return ag.score_attention_op(q, k, v, ins, list(tensors[len(self.ints):]),
                                              ",".join(self.tables), self.key, scale,
-                                             q_offset, backend, self.deterministic)
-            return ag.attention_op(q, k, v, ins, self.key, scale, q_offset, backend)
+                                             q_offset, backend, self.deterministic, [])
+            return ag.attention_op(q, k, v, ins, self.key, scale, q_offset, backend, [])
         except SpattnError as e:
             if not self.folded or e.line is not None:
                 raise
@@ -86,9 +86,9 @@ class _Call:
             return tuple(ag.score_attention_bwd_op(
                 q, k, v, o, lse, do, dlse, ins, list(tensors[len(self.ints):]),
                 ",".join(self.tables), list(want), self.key, self.scale, q_offset,
-                self.backend, self.deterministic))
+                self.backend, self.deterministic, []))
         return ag.attention_bwd_op(q, k, v, o, lse, do, dlse, ins, self.key, self.scale,
-                                   q_offset, self.backend)
+                                   q_offset, self.backend, [])
 
 
 def batch_axes(pattern) -> dict | None:

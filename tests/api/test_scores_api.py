@@ -102,7 +102,7 @@ def test_the_custom_op_refuses_a_score():
     p = spattn.compile("causal", score="softcap(1.0)")
     q = torch.randn(1, 2, 16, 16)
     with pytest.raises(spattn.SpattnError, match="score_attention"):
-        ag.attention_op(q, q, q, [], ag.register(p), 0.25, 0, "torch")
+        ag.attention_op(q, q, q, [], ag.register(p), 0.25, 0, "torch", [])
 
 
 def test_functional_takes_deterministic_as_a_call_does():

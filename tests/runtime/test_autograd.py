@@ -100,7 +100,7 @@ def test_custom_op_eager_matches_function_path():
     o1, l1 = pat(q, k, v, return_lse=True, doc=doc)
     do = _rand(g, *o1.shape)
     g1 = torch.autograd.grad((o1 * do).sum(), (q, k, v))
-    o2, l2 = torch.ops.spattn.attention(q, k, v, [doc], key, D ** -0.5, 0, "torch")
+    o2, l2 = torch.ops.spattn.attention(q, k, v, [doc], key, D ** -0.5, 0, "torch", [])
     g2 = torch.autograd.grad((o2 * do).sum(), (q, k, v))
     torch.testing.assert_close(o1, o2)
     torch.testing.assert_close(l1, l2)
@@ -115,12 +115,16 @@ def test_custom_op_opcheck():
     q, k, v = (_rand(g, 1, 2, 33, 16).requires_grad_() for _ in range(3))
     doc = torch.arange(33) // 10
     torch.library.opcheck(torch.ops.spattn.attention.default,
-                          (q, k, v, [doc], key, 0.25, 0, "torch"))
-    o, lse = torch.ops.spattn.attention(q, k, v, [doc], key, 0.25, 0, "torch")
+                          (q, k, v, [doc], key, 0.25, 0, "torch", []))
+    scale_t = [torch.tensor(0.25, dtype=torch.float64)]     # the traced form (op_scale)
+    torch.library.opcheck(torch.ops.spattn.attention.default,
+                          (q, k, v, [doc], key, 1.0, 0, "torch", scale_t))
+    o, lse = torch.ops.spattn.attention(q, k, v, [doc], key, 0.25, 0, "torch", [])
     do = _rand(g, *o.shape)
-    torch.library.opcheck(torch.ops.spattn.attention_bwd.default,
-                          (q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), do, None,
-                           [doc], key, 0.25, 0, "torch"))
+    for scale, st in ((0.25, []), (1.0, scale_t)):
+        torch.library.opcheck(torch.ops.spattn.attention_bwd.default,
+                              (q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), do,
+                               None, [doc], key, scale, 0, "torch", st))
 
 
 def _lse_loss_grads(pat, q, k, v, do, dl, **kw):

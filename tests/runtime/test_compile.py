@@ -101,6 +101,49 @@ def test_compile_a_scale_that_varies(dynamic, score):
     torch.testing.assert_close(h(q), pat(q, k, v), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("score", [None, "softcap(4.0) + w[h]"], ids=["mask", "score"])
+def test_compile_a_scale_that_varies_inside_a_checkpoint(score):
+    """Inductor, a ``torch.utils.checkpoint`` region and a scale that varies: a custom op's
+    symbolic float argument arrives there as an earlier call's value (torch 2.13), so the
+    ops read the scale from a 0-d tensor (``autograd.op_scale``); every call's output and
+    gradients (a learnable table's too) match eager."""
+    import torch.utils.checkpoint as cp
+    pat = spattn.compile("causal & window(33)", score=score, backend="torch")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 2, 4, 64, 16, generator=g)
+    w = torch.randn(4, generator=g)
+    kw = {} if score is None else {"w": w}
+
+    def f(q, k, v, s, **tables):
+        return cp.checkpoint(lambda a, b, c: pat(a, b, c, scale=s, **tables), q, k, v,
+                             use_reentrant=False)
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True)
+    for s in (0.25, 0.3, 0.35, 0.5):
+        got = [t.clone().requires_grad_() for t in (x, *kw.values())]
+        want = [t.clone().requires_grad_() for t in (x, *kw.values())]
+        tables = lambda ts: dict(zip(kw, ts[1:]))
+        o = cf(*got[0].unbind(0), s, **tables(got))
+        r = pat(*want[0].unbind(0), scale=s, **tables(want))
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5, msg=lambda m: f"scale {s}: {m}")
+        (o * r.detach()).sum().backward()
+        (r * r.detach()).sum().backward()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"scale {s}: {m}")
+
+
+def test_compiled_empty_call_with_a_scale_that_varies():
+    """An empty call traces with a symbolic scale under ``fullgraph=True`` (its value cannot
+    be compared while tracing, and no output of an empty call depends on it)."""
+    pat = spattn.compile("causal", backend="torch")
+    torch._dynamo.reset()
+    cf = torch.compile(lambda q, s: pat(q, q, q, scale=s), fullgraph=True, backend="eager")
+    for B, s in ((1, 0.25), (1, 0.3), (0, 0.35)):
+        q = torch.randn(B, 2, 16, 8)
+        torch.testing.assert_close(cf(q, s), pat(q, q, q, scale=s))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_compile_fullgraph_on_cuda(backend):
