@@ -106,9 +106,9 @@ def plain_qkv(q, k, v):
         return q, k, v      # not tensors: the checks say what is wrong with them
     q, k, v = plain(q), plain(k), plain(v)
     if q.is_cuda:
-        # the compiled forward with a learnable score table read a K/V whose last dimension
-        # has stride 2 wrongly (gpu_fuzz call:479877199; not in the interpreter): such
-        # tensors are copied until that kernel path is found
+        # the kernels are built and tuned for a unit last stride, and the compiled forward
+        # of D = 256 in 32 x 32 tiles that writes a learned table's fp32 output read K and V
+        # of last stride 2 wrongly (gpu_fuzz call:479877199; benchmarks/RESULTS.md)
         q, k, v = (t.contiguous() if t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1 else t
                    for t in (q, k, v))
     return (q.contiguous() if overlapping(q) else q), k, v
