@@ -190,10 +190,11 @@ def _op_scale(scale: float, scale_t: list) -> float:
 def op_scale(scale) -> tuple:
     """``(scale, scale_t)`` for the ops: under tracing the scale as a 0-d float64 tensor in
     the list ``scale_t`` and 1.0 in its float place, else ``(scale, [])`` (a list: an
-    optional tensor that is None does not survive the ops' autograd structure check). A scale that varies
-    between calls is traced as a symbol, and Inductor passes a custom op's symbolic float
-    argument inside a ``torch.utils.checkpoint`` region as one earlier call's value on
-    every later call (torch 2.13), while a tensor computed from the symbol arrives right."""
+    optional tensor that is None does not survive the ops' autograd structure check).
+    A scale that varies between calls is traced as a symbol, and Inductor passes a custom
+    op's symbolic float argument inside a ``torch.utils.checkpoint`` region as one earlier
+    call's value on every later call (torch 2.13), while a tensor computed from the symbol
+    arrives right."""
     from .api import _traced_number
     if _traced_number(scale):
         return 1.0, [torch.ones((), dtype=torch.float64) * scale]
