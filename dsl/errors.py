@@ -6,6 +6,8 @@ the source line and a caret, so the message alone is enough to find the fault.
 """
 from __future__ import annotations
 
+import numpy
+
 #: Widest source line shown under a message; longer lines are cut to a window around the caret.
 _LINE_WIDTH = 120
 
@@ -122,6 +124,12 @@ def short_repr(value) -> str:
     except Exception:  # noqa: BLE001 - a hostile __repr__ must not hide the real error
         return f"<{type(value).__name__} object>"
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_bool(value) -> bool:
+    """Whether ``value`` is a bool, Python's or numpy's (whose type is ``numpy.bool``, named
+    ``bool_`` before numpy 2): what a check that takes a flag accepts."""
+    return isinstance(value, (bool, numpy.bool_))
 
 
 class SpattnWarning(UserWarning):

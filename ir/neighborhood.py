@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from ..dsl.errors import SpattnParamError, SpattnValueError, short_repr
+from ..dsl.errors import SpattnParamError, SpattnValueError, is_bool, short_repr
 from . import build as B
 from .nodes import Node
 
@@ -74,7 +74,7 @@ def _per_axis(name: str, value, d: int, kind) -> tuple:
                                f"has {d} axes: give one value, or one per axis")
     for v in vals:
         if kind is bool:
-            if not isinstance(v, bool) and type(v).__name__ != "bool_":
+            if not is_bool(v):
                 raise SpattnParamError(f"{name} takes bools (one, or one per axis), got "
                                        f"{short_repr(value)}")
         elif not _is_int(v):

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dsl.errors import (MAX_INT, SpattnBackendError, SpattnInputError, SpattnParamError,
-                          SpattnValueError, short_repr)
+                          SpattnValueError, is_bool, short_repr)
 from ..ir.evaluate import query_offset as _query_offset
 from . import autograd as _ag
 from . import decode as _decode
@@ -288,8 +288,7 @@ def _check_scale(scale, D) -> float:
 def as_int(v):
     """``v`` as an int when it is a numpy integer (anything with ``__index__`` but a bool, a
     numpy bool or a tensor); anything else as it is, for the checks to name."""
-    if isinstance(v, (int, torch.Tensor)) or not hasattr(v, "__index__") \
-            or type(v).__name__ == "bool_":
+    if isinstance(v, (int, torch.Tensor)) or not hasattr(v, "__index__") or is_bool(v):
         return v
     return int(v.__index__())
 
@@ -304,7 +303,7 @@ def check_q_offset(q_offset, Lq, Lk):
     q_offset = as_int(q_offset)
     if isinstance(q_offset, bool) or not isinstance(q_offset, int):
         raise SpattnValueError(f"q_offset must be an int (the position of query row 0), "
-                                   f"got {type(q_offset).__name__} {short_repr(q_offset)}")
+                               f"got {type(q_offset).__name__} {short_repr(q_offset)}")
     if abs(q_offset) > MAX_INT:
         raise SpattnValueError(f"q_offset is {short_repr(q_offset)}: it must be an integer with "
                                f"|q_offset| <= 2**62 = {MAX_INT} (positions are 64-bit "

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import warnings
 
-import numpy
 import torch
 from torch.autograd import forward_ad as _fwad
 
 from ..dsl.errors import (SpattnBackendError, SpattnEmptyPatternWarning, SpattnInputError,
                           SpattnLayoutWarning, SpattnParamError, SpattnTypeError,
-                          SpattnValueError, short_repr)
+                          SpattnValueError, is_bool, short_repr)
 
 __all__ = ["LAYOUTS", "MAX_HEADS", "SDPA_KEYWORDS", "check_layout", "to_bhsd", "from_bhsd",
            "warn_if_transposed", "with_layout_hint", "check_keywords", "warn_if_empty",
@@ -225,7 +224,7 @@ def check_flags(**flags) -> None:
     """SpattnTypeError for a keyword flag (``return_lse``, ``deterministic``, ...) that is
     not a bool: Python's truth would read ``deterministic="no"`` as true."""
     for name, value in flags.items():
-        if not isinstance(value, (bool, numpy.bool_)):
+        if not is_bool(value):
             raise SpattnTypeError(f"{name} must be True or False, got {short_repr(value)} "
                                   f"({type(value).__name__})")
 

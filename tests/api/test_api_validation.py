@@ -463,3 +463,21 @@ def test_numpy_integers_are_lengths_as_they_are_offsets():
         str(p.explain(12, block_m=16, block_n=16))
     with pytest.raises(spattn.SpattnValueError, match="Lq must be a positive integer"):
         p.mask(np.bool_(True), 4)
+
+
+def test_numpy_bools_are_bools_and_not_ints():
+    """numpy's bool (``numpy.bool``, named ``bool_`` before numpy 2) is a bool where a
+    check takes a flag (``is_causal`` of a neighbourhood, per axis too) and is no integer
+    where one takes an int (``q_offset``); numpy integers are ints."""
+    import numpy
+    want = spattn.neighborhood((8, 8), (3, 3), is_causal=(True, False), backend="torch")
+    got = spattn.neighborhood((8, 8), (3, 3), is_causal=(numpy.True_, numpy.False_),
+                              backend="torch")
+    assert got.source == want.source
+    with pytest.raises(SpattnParamError, match="is_causal takes bools"):
+        spattn.neighborhood((8, 8), (3, 3), is_causal=(numpy.int64(1), False))
+    p = spattn.compile("causal", backend="torch")
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(SpattnValueError, match="q_offset must be an int"):
+        p(q, q, q, q_offset=numpy.True_)
+    torch.testing.assert_close(p(q, q, q, q_offset=numpy.int64(3)), p(q, q, q, q_offset=3))
