@@ -7,6 +7,7 @@ Run as a script (``python tests/helpers/compile_kernels.py``) in a process witho
 ``--rows``: the kernels that address rows through row tables (:data:`ROWS_CASES`) instead;
 ``--box``: the forward kernels that read a token layout's boxes through 5-D TMA descriptors
 (:data:`BOX_CASES`); ``--atomic``: the backward kernels with atomic dQ (:data:`ATOMIC_CASES`).
+``--shard I/N``: every N-th case from the I-th (0-based), so that test workers share a list.
 """
 from __future__ import annotations
 
@@ -266,6 +267,10 @@ def main() -> int:
         return 1 if any(x.startswith("ERR") for x in lines) else 0
     cases = (ROWS_CASES if "--rows" in sys.argv[1:] else ATOMIC_CASES
              if "--atomic" in sys.argv[1:] else CASES)
+    shard = [a for a in sys.argv[1:] if a.startswith("--shard")]
+    if shard:
+        i, n = map(int, shard[0].split("=", 1)[1].split("/"))
+        cases = cases[i::n]
     for src, opts, ones in cases:
         pat = spattn.compile(src)
         for kind in ("fwd", "bwd"):
