@@ -27,7 +27,9 @@ rows) against cuDNN, the Triton minimal kernel of ``min_fwd.py`` and spattn's pl
 ``--layouts``: the strided FLUX and Hunyuan problems (``spattn.neighborhood``) in the
 layout spattn chooses, the tokens copied into its order and the output back (the copies
 timed with the kernel), the kernel fed the plan's non-EMPTY key tiles (all FULL), against
-cuDNN's dense forward and spattn's own call. Alternating rounds of
+cuDNN's dense forward and spattn's own call; and the kernel reading and writing the
+tokens in their own order, a layout's boxes through 4-D TMA descriptors (no copies).
+Alternating rounds of
 ``triton.testing.do_bench`` medians; each kernel's output checked first (against cuDNN,
 or against spattn's call on the layouts). B = 1, D = 128, bf16.
 
@@ -59,35 +61,68 @@ LOG2E = 1.4426950408889634
 # ------------------------------------------------------------------ the warp-specialised kernel
 @gluon.jit
 def _ws_load(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START, COUNT,
-             COLS, sm_scale_log2, Lq, Lk):
+             COLS, geom, sm_scale_log2, Lq, Lk):
     """The loader partition: this program's two Q tiles, then its key tiles' K and V into
     the ring of slots, each slot refilled once both consumers released it."""
     b_q, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
-    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    BOX: gl.constexpr = len(k_smem.type.shape) == 5
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    n_m = Lq // (2 * BLOCK_M)
+    n_m = Lq // 128
     i_w = gl.program_id(0)
     i_bh = i_w // n_m
     i_t = i_w % n_m
-    o_q = i_bh * Lq + i_t * (2 * BLOCK_M)
-    o_k = i_bh * Lk
     for i_h in gl.static_range(2):
         mbarrier.expect(b_q.index(i_h), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [o_q + i_h * BLOCK_M, 0], b_q.index(i_h),
-                                        q_smem.index(i_h))
+        if BOX:
+            tma.async_copy_global_to_shared(q_desc, _box_at(i_t, i_bh, i_h, q_smem, k_smem, geom),
+                                            b_q.index(i_h), q_smem.index(i_h))
+        else:
+            tma.async_copy_global_to_shared(q_desc, [i_bh * Lq + i_t * 128 + i_h * 64, 0],
+                                            b_q.index(i_h), q_smem.index(i_h))
     o_list = gl.load(START + i_t)
     n_n = gl.load(COUNT + i_t)
     for j in range(n_n):
         i_s = j % STAGES
         phase = (j // STAGES) & 1
-        o_n = o_k + gl.load(COLS + o_list + j) * BLOCK_N
+        i_c = gl.load(COLS + o_list + j)
         mbarrier.wait(k_empty.index(i_s), phase ^ 1)
         mbarrier.expect(k_ready.index(i_s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [o_n, 0], k_ready.index(i_s), k_smem.index(i_s))
+        if BOX:
+            o_b = _box_at(i_c, i_bh, 2, q_smem, k_smem, geom)
+            tma.async_copy_global_to_shared(k_desc, o_b, k_ready.index(i_s), k_smem.index(i_s))
+        else:
+            o_n = i_bh * Lk + i_c * k_smem.type.shape[1]
+            tma.async_copy_global_to_shared(k_desc, [o_n, 0], k_ready.index(i_s), k_smem.index(i_s))
         mbarrier.wait(v_empty.index(i_s), phase ^ 1)
         mbarrier.expect(v_ready.index(i_s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [o_n, 0], v_ready.index(i_s), v_smem.index(i_s))
+        if BOX:
+            tma.async_copy_global_to_shared(v_desc, o_b, v_ready.index(i_s), v_smem.index(i_s))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [o_n, 0], v_ready.index(i_s), v_smem.index(i_s))
+
+
+@gluon.jit
+def _box_at(i_c, i_bh, i_h, q_smem, k_smem, geom):
+    """The 4-D TMA coordinates of tile ``i_c`` of head ``i_bh`` in a layout of boxes
+    (``geom``: the grid's sides ``A0, A1, A2``, boxes per side ``T1, T2`` of the last two):
+    the whole box (``i_h`` 2, a key tile) or its half ``i_h`` (a consumer's query rows)."""
+    A0, T1, T2 = geom
+    b0: gl.constexpr = k_smem.type.shape[1]
+    b1: gl.constexpr = k_smem.type.shape[2]
+    b2: gl.constexpr = k_smem.type.shape[3]
+    h0: gl.constexpr = q_smem.type.shape[1]
+    h1: gl.constexpr = q_smem.type.shape[2]
+    t0 = i_c // (T1 * T2)
+    t1 = (i_c // T2) % T1
+    t2 = i_c % T2
+    o0 = i_bh * A0 + t0 * b0
+    o1 = t1 * b1
+    if i_h < 2:
+        if h0 < b0:
+            o0 = o0 + i_h * h0
+        else:
+            o1 = o1 + i_h * h1
+    return [o0, o1, t2 * b2, 0]
 
 
 @gluon.jit
@@ -103,20 +138,21 @@ def _softmax(b_s, b_m, b_l, sm_scale_log2):
 
 @gluon.jit
 def _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                COUNT, COLS, sm_scale_log2, Lq, Lk, HALF: gl.constexpr):
+                COUNT, COLS, geom, sm_scale_log2, Lq, Lk, HALF: gl.constexpr):
     """A consumer warp group: 64 query rows of the program's tile against its key tiles."""
     b_q, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
-    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
-    D: gl.constexpr = k_smem.type.shape[2]
+    BOX: gl.constexpr = len(k_smem.type.shape) == 5
+    D: gl.constexpr = k_smem.type.shape[len(k_smem.type.shape) - 1]
+    BLOCK_M: gl.constexpr = 64          # one warp group's rows
+    BLOCK_N: gl.constexpr = k_smem.numel // (k_smem.type.shape[0] * D)
     STAGES: gl.constexpr = k_smem.type.shape[0]
     MODE: gl.constexpr = pp_bar.type.shape[0] - 1
-    gl.static_assert(BLOCK_M == 64)     # one warp group's rows
-    n_m = Lq // (2 * BLOCK_M)
+    gl.static_assert(q_smem.numel == 2 * BLOCK_M * D)
+    n_m = Lq // 128
     i_w = gl.program_id(0)
     i_bh = i_w // n_m
     i_t = i_w % n_m
-    o_q = i_bh * Lq + i_t * (2 * BLOCK_M) + HALF * BLOCK_M
+    o_q = i_bh * Lq + i_t * 128 + HALF * BLOCK_M
     n_n = gl.load(COUNT + i_t)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -125,7 +161,8 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LS
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    q_s = q_smem.index(HALF)
+    q_box = q_smem.index(HALF)
+    q_s = q_box.reshape([BLOCK_M, D]) if BOX else q_box
     b_m = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
     b_l = gl.zeros([BLOCK_M], gl.float32, row_s)
     b_o = warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, o_layout))
@@ -136,7 +173,7 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LS
     mbarrier.wait(k_ready.index(0), 0)
     if MODE > 0:
         mbarrier.wait(pp_bar.index(HALF), HALF ^ 1)
-    b_s = warpgroup_mma(q_s, k_smem.index(0).permute((1, 0)), b_zero, use_acc=False,
+    b_s = warpgroup_mma(q_s, _tile(k_smem, 0).permute((1, 0)), b_zero, use_acc=False,
                         is_async=True)
     if MODE > 0:
         mbarrier.arrive(pp_bar.index(1 - HALF))
@@ -149,7 +186,7 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LS
             i_s = j % STAGES
             i_s1 = (j + 1) % STAGES
             mbarrier.wait(k_ready.index(i_s1), ((j + 1) // STAGES) & 1)
-            b_s1 = warpgroup_mma(q_s, k_smem.index(i_s1).permute((1, 0)), b_zero,
+            b_s1 = warpgroup_mma(q_s, _tile(k_smem, i_s1).permute((1, 0)), b_zero,
                                  use_acc=False, is_async=True)
             b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2)
             b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
@@ -158,7 +195,7 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LS
                 mbarrier.arrive(v_empty.index((j - 1) % STAGES))
             b_o = b_o * gl.expand_dims(gl.convert_layout(b_alpha, row_o), 1)
             mbarrier.wait(v_ready.index(i_s), (j // STAGES) & 1)
-            b_o = warpgroup_mma(b_pd, v_smem.index(i_s), b_o, is_async=True)
+            b_o = warpgroup_mma(b_pd, _tile(v_smem, i_s), b_o, is_async=True)
             b_s = warpgroup_mma_wait(1, deps=(b_s1,))
             mbarrier.arrive(k_empty.index(i_s1))
         j = n_n - 1
@@ -167,7 +204,7 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LS
         b_o = warpgroup_mma_wait(0, deps=(b_o,))
         b_o = b_o * gl.expand_dims(gl.convert_layout(b_alpha, row_o), 1)
         mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
-        b_o = warpgroup_mma(b_pd, v_smem.index(j % STAGES), b_o, is_async=True)
+        b_o = warpgroup_mma(b_pd, _tile(v_smem, j % STAGES), b_o, is_async=True)
         b_o = warpgroup_mma_wait(0, deps=(b_o,))
     else:
         # stage 2: turns of (P V of tile j - 1, S of tile j), the softmax between turns
@@ -180,9 +217,9 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LS
             mbarrier.wait(v_ready.index(i_sp), ((j - 1) // STAGES) & 1)
             mbarrier.wait(pp_bar.index(HALF), (j & 1) ^ HALF ^ 1)
             if MODE == 2:
-                b_s = warpgroup_mma(q_s, k_smem.index(i_s).permute((1, 0)), b_zero,
+                b_s = warpgroup_mma(q_s, _tile(k_smem, i_s).permute((1, 0)), b_zero,
                                     use_acc=False, is_async=True)
-                b_o = warpgroup_mma(b_pd, v_smem.index(i_sp), b_o, is_async=True)
+                b_o = warpgroup_mma(b_pd, _tile(v_smem, i_sp), b_o, is_async=True)
                 mbarrier.arrive(pp_bar.index(1 - HALF))
                 b_s = warpgroup_mma_wait(1, deps=(b_s,))
                 mbarrier.arrive(k_empty.index(i_s))
@@ -190,8 +227,8 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LS
                 b_o = warpgroup_mma_wait(0, deps=(b_o,))
                 mbarrier.arrive(v_empty.index(i_sp))
             else:
-                b_o = warpgroup_mma(b_pd, v_smem.index(i_sp), b_o, is_async=True)
-                b_s = warpgroup_mma(q_s, k_smem.index(i_s).permute((1, 0)), b_zero,
+                b_o = warpgroup_mma(b_pd, _tile(v_smem, i_sp), b_o, is_async=True)
+                b_s = warpgroup_mma(q_s, _tile(k_smem, i_s).permute((1, 0)), b_zero,
                                     use_acc=False, is_async=True)
                 mbarrier.arrive(pp_bar.index(1 - HALF))
                 b_s, b_o = warpgroup_mma_wait(0, deps=(b_s, b_o))
@@ -203,7 +240,7 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LS
         j = n_n - 1
         mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
         mbarrier.wait(pp_bar.index(HALF), (n_n & 1) ^ HALF ^ 1)
-        b_o = warpgroup_mma(b_pd, v_smem.index(j % STAGES), b_o, is_async=True)
+        b_o = warpgroup_mma(b_pd, _tile(v_smem, j % STAGES), b_o, is_async=True)
         mbarrier.arrive(pp_bar.index(1 - HALF))
         b_o = warpgroup_mma_wait(0, deps=(b_o,))
 
@@ -211,39 +248,55 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LS
     b_o = b_o / gl.expand_dims(gl.convert_layout(b_l, row_o), 1)
     q_s.store(b_o.to(o_desc.dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [o_q, 0], q_s)
+    if BOX:
+        tma.async_copy_shared_to_global(o_desc, _box_at(i_t, i_bh, HALF, q_smem, k_smem, geom),
+                                        q_box)
+    else:
+        tma.async_copy_shared_to_global(o_desc, [o_q, 0], q_s)
     o_r = o_q + gl.arange(0, BLOCK_M, layout=row_s)
     gl.store(LSE + o_r, (b_m + gl.log2(b_l)) * 0.6931471805599453)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
+def _tile(smem, i_s):
+    """Slot ``i_s`` of a ring of K or V tiles as a ``[rows, D]`` operand (a box's slot
+    reshaped: its rows are the box's cells in the layout's order)."""
+    t = smem.index(i_s)
+    if len(smem.type.shape) == 5:
+        D: gl.constexpr = smem.type.shape[4]
+        t = t.reshape([t.numel // D, D])
+    return t
+
+
+@gluon.jit
 def _ws_consume0(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, sm_scale_log2, Lq, Lk):
+                 COUNT, COLS, geom, sm_scale_log2, Lq, Lk):
     _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                COUNT, COLS, sm_scale_log2, Lq, Lk, 0)
+                COUNT, COLS, geom, sm_scale_log2, Lq, Lk, 0)
 
 
 @gluon.jit
 def _ws_consume1(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, sm_scale_log2, Lq, Lk):
+                 COUNT, COLS, geom, sm_scale_log2, Lq, Lk):
     _ws_consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                COUNT, COLS, sm_scale_log2, Lq, Lk, 1)
+                COUNT, COLS, geom, sm_scale_log2, Lq, Lk, 1)
 
 
 @gluon.jit
-def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, START, COUNT, COLS, sm_scale_log2, Lq, Lk,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                STAGES: gl.constexpr, MODE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                num_warps: gl.constexpr):
+def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, START, COUNT, COLS, A0, T1, T2,
+                sm_scale_log2, Lq, Lk, STAGES: gl.constexpr, MODE: gl.constexpr,
+                CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Q, K, V, O ``[B * H * L, D]`` through TMA descriptors (blocks of 64 rows for Q and O,
     ``BLOCK_N`` for K and V); one program per two 64-row query tiles of one (batch, head),
     its key tiles ``COLS[START[t] : START[t] + COUNT[t]]`` (``t``: the program's tile of 128
     rows). The partitions read their tile shapes and mode from the shared buffers' types
     (Triton 3.6 passes a partition's arguments as values, not constexprs)."""
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape,
+                                       k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape,
+                                       v_desc.layout)
     b_q = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -261,7 +314,7 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, START, COUNT, COLS, sm_scal
         mbarrier.init(pp_bar.index(i), count=1)
     bars = (b_q, k_ready, k_empty, v_ready, v_empty, pp_bar)
     args = (q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START, COUNT,
-            COLS, sm_scale_log2, Lq, Lk)
+            COLS, (A0, T1, T2), sm_scale_log2, Lq, Lk)
     gl.warp_specialize([(_ws_load, args), (_ws_consume0, args), (_ws_consume1, args)],
                        [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
@@ -311,14 +364,14 @@ def attn_fwd_sp(q_desc, k_desc, v_desc, o_desc, sm_scale_log2, Lq, Lk,
     mbarrier.wait(b_q, 0)
     if OVERLAP:
         mbarrier.wait(k_bar.index(0), 0)
-        b_s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), b_zero, use_acc=False,
+        b_s = warpgroup_mma(q_smem, _tile(k_smem, 0).permute((1, 0)), b_zero, use_acc=False,
                             is_async=True)
         b_s = warpgroup_mma_wait(0, deps=(b_s,))
         for j in range(n_n - 1):
             i_s = j % STAGES
             i_s1 = (j + 1) % STAGES
             mbarrier.wait(k_bar.index(i_s1), ((j + 1) // STAGES) & 1)
-            b_s1 = warpgroup_mma(q_smem, k_smem.index(i_s1).permute((1, 0)), b_zero,
+            b_s1 = warpgroup_mma(q_smem, _tile(k_smem, i_s1).permute((1, 0)), b_zero,
                                  use_acc=False, is_async=True)
             b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2)
             b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
@@ -331,7 +384,7 @@ def attn_fwd_sp(q_desc, k_desc, v_desc, o_desc, sm_scale_log2, Lq, Lk,
                                                     v_bar.index(i_v), v_smem.index(i_v))
             b_o = b_o * gl.expand_dims(gl.convert_layout(b_alpha, row_o), 1)
             mbarrier.wait(v_bar.index(i_s), (j // STAGES) & 1)
-            b_o = warpgroup_mma(b_pd, v_smem.index(i_s), b_o, is_async=True)
+            b_o = warpgroup_mma(b_pd, _tile(v_smem, i_s), b_o, is_async=True)
             b_s = warpgroup_mma_wait(1, deps=(b_s1,))
             if j + STAGES < n_n:
                 mbarrier.expect(k_bar.index(i_s), k_desc.block_type.nbytes)
@@ -343,13 +396,13 @@ def attn_fwd_sp(q_desc, k_desc, v_desc, o_desc, sm_scale_log2, Lq, Lk,
         b_o = warpgroup_mma_wait(0, deps=(b_o,))
         b_o = b_o * gl.expand_dims(gl.convert_layout(b_alpha, row_o), 1)
         mbarrier.wait(v_bar.index(j % STAGES), (j // STAGES) & 1)
-        b_o = warpgroup_mma(b_pd, v_smem.index(j % STAGES), b_o, is_async=True)
+        b_o = warpgroup_mma(b_pd, _tile(v_smem, j % STAGES), b_o, is_async=True)
         b_o = warpgroup_mma_wait(0, deps=(b_o,))
     else:
         for j in range(n_n):
             i_s = j % STAGES
             mbarrier.wait(k_bar.index(i_s), (j // STAGES) & 1)
-            b_s = warpgroup_mma(q_smem, k_smem.index(i_s).permute((1, 0)), b_zero,
+            b_s = warpgroup_mma(q_smem, _tile(k_smem, i_s).permute((1, 0)), b_zero,
                                 use_acc=False, is_async=True)
             b_s = warpgroup_mma_wait(0, deps=(b_s,))      # (and P V of tile j - 1)
             if j >= 1:
@@ -367,7 +420,7 @@ def attn_fwd_sp(q_desc, k_desc, v_desc, o_desc, sm_scale_log2, Lq, Lk,
             b_o = warpgroup_mma_wait(0, deps=(b_o,))
             b_o = b_o * gl.expand_dims(gl.convert_layout(b_alpha, row_o), 1)
             mbarrier.wait(v_bar.index(i_s), (j // STAGES) & 1)
-            b_o = warpgroup_mma(b_pd, v_smem.index(i_s), b_o, is_async=True)
+            b_o = warpgroup_mma(b_pd, _tile(v_smem, i_s), b_o, is_async=True)
         b_o = warpgroup_mma_wait(0, deps=(b_o,))
     b_o = b_o / gl.expand_dims(gl.convert_layout(b_l, row_o), 1)
     o_smem = gl.allocate_shared_memory(o_desc.dtype, [BLOCK_M, D], o_desc.layout)
@@ -406,9 +459,12 @@ def dense_lists(Lq: int, Lk: int, block_n: int, device):
             torch.arange(n_n, dtype=torch.int32, device=device))
 
 
-def ws_launch(q, k, v, cfg, lists=None, scale=None):
+def ws_launch(q, k, v, cfg, lists=None, scale=None, box=None):
     """A closure running :func:`attn_fwd_ws` on contiguous ``[1, H, L, D]`` q, k, v (one
-    key list for every head), returning ``(o, lse)``."""
+    key list for every head), returning ``(o, lse)``. ``box``: ``(grid, box)``, the
+    tensors' tokens a row-major grid of three sides (a 2-D grid with a leading side of 1)
+    read and written in boxes of three sides through 4-D descriptors (the key tiles
+    numbered row-major over the boxes); else rows through 2-D descriptors."""
     _, bn, stages, mode = cfg
     H, Lq, D = q.shape[1], q.shape[2], q.shape[3]
     Lk = k.shape[2]
@@ -416,17 +472,39 @@ def ws_launch(q, k, v, cfg, lists=None, scale=None):
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     start, count, cols = lists if lists is not None else dense_lists(Lq, Lk, bn, q.device)
-    descs = _descs(((q, 64), (k, bn), (v, bn), (o, 64)), D, q.dtype)
+    if box is None:
+        descs = _descs(((q, 64), (k, bn), (v, bn), (o, 64)), D, q.dtype)
+        geom = (0, 1, 1)
+    else:
+        (A0, A1, A2), (b0, b1, b2) = box
+        assert b0 * b1 * b2 == 128 and A0 % b0 == 0 and A1 % b1 == 0 and A2 % b2 == 0
+        half = (b0 // 2, b1, b2) if b0 > 1 else (1, b1 // 2, b2)
+        descs = _box_descs(((q, half), (k, (b0, b1, b2)), (v, (b0, b1, b2)), (o, half)),
+                           (A0, A1, A2), D, q.dtype)
+        geom = (A0, A1 // b1, A2 // b2)
     scale = D ** -0.5 if scale is None else scale
     grid = (q.shape[0] * H * (Lq // 128),)
-    args = (*descs, lse, start, count, cols, scale * LOG2E, Lq, Lk)
-    kw = dict(BLOCK_M=64, BLOCK_N=bn, D=D, STAGES=stages, MODE=mode, CONSUMER_REGS=240,
-              num_warps=4, maxnreg=168)
+    args = (*descs, lse, start, count, cols, *geom, scale * LOG2E, Lq, Lk)
+    kw = dict(STAGES=stages, MODE=mode, CONSUMER_REGS=240, num_warps=4, maxnreg=168)
 
     def run():
         attn_fwd_ws[grid](*args, **kw)
         return o, lse
     return run
+
+
+def _box_descs(blocks, sides, D, dtype):
+    """Gluon TMA descriptors over ``[B * H * A0, A1, A2, D]`` views: ``blocks`` (tensor,
+    block sides)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
+    A0, A1, A2 = sides
+    out = []
+    for t, b in blocks:
+        t4 = t.reshape(-1, A1, A2, D)
+        lay = gl.NVMMASharedLayout.get_default_for([*b, D], gdt)
+        out.append(TensorDescriptor(t4, list(t4.shape), list(t4.stride()), [*b, D], lay))
+    return out
 
 
 def sp_launch(q, k, v, cfg):
@@ -471,13 +549,18 @@ def compile_report() -> list:
     D, L = 128, 1024
     t = torch.empty(1, 1, L, D, dtype=torch.bfloat16)
     out = []
-    for cfg in WS_CONFIGS:
+    for cfg in WS_CONFIGS + [("ws ping-pong + overlap, boxes 2x8x8", 128, 2, 2)]:
         _, bn, stages, mode = cfg
-        descs = _descs(((t, 64), (t, bn), (t, bn), (t, 64)), D, t.dtype)
         lists = dense_lists(L, L, bn, "cpu")
-        args = (*descs, torch.empty(L), *lists, 0.1, L, L)
-        kw = dict(BLOCK_M=64, BLOCK_N=bn, D=D, STAGES=stages, MODE=mode, CONSUMER_REGS=240,
-                  num_warps=4, maxnreg=168)
+        if "boxes" in cfg[0]:
+            descs = _box_descs(((t, (1, 8, 8)), (t, (2, 8, 8)), (t, (2, 8, 8)), (t, (1, 8, 8))),
+                               (4, 16, 16), D, t.dtype)
+            geom = (4, 2, 2)
+        else:
+            descs = _descs(((t, 64), (t, bn), (t, bn), (t, 64)), D, t.dtype)
+            geom = (0, 1, 1)
+        args = (*descs, torch.empty(L), *lists, *geom, 0.1, L, L)
+        kw = dict(STAGES=stages, MODE=mode, CONSUMER_REGS=240, num_warps=4, maxnreg=168)
         out.append(_compiled(cfg[0], attn_fwd_ws, args, kw))
     for cfg in SP_CONFIGS:
         _, bm, bn, nw, stages, overlap = cfg
@@ -553,9 +636,9 @@ LAYOUT_CASES = [("FLUX 256x256, window 80x80, stride 16x16", (256, 256), (80, 80
 
 
 def layout_lists(pat, N: int, device):
-    """``(order, inverse, (START, COUNT, COLS), FULL tiles, PARTIAL tiles)`` of the layout
-    spattn chooses for ``pat`` at ``N`` tokens (128 x 128 tiles), its non-EMPTY key tiles
-    per query tile."""
+    """``(layout, order, inverse, (START, COUNT, COLS), FULL tiles, PARTIAL tiles)`` of the
+    layout spattn chooses for ``pat`` at ``N`` tokens (128 x 128 tiles), its non-EMPTY key
+    tiles per query tile."""
     import spattn
     from spattn.ir.layout import choose
     r = choose(pat.ir, N, N, 0, block_m=128, block_n=128, force=True)
@@ -567,7 +650,12 @@ def layout_lists(pat, N: int, device):
     count = nz.sum(1).to(torch.int32)
     start = torch.cumsum(count, 0, dtype=torch.int32) - count
     cols = nz.nonzero()[:, 1].to(torch.int32)
-    return order, inverse, tuple(x.to(device) for x in (start, count, cols)), full, partial
+    return (r.layout, order, inverse, tuple(x.to(device) for x in (start, count, cols)), full,
+            partial)
+
+
+def _three(sides) -> tuple:
+    return (1,) * (3 - len(sides)) + tuple(sides)
 
 
 def layouts(rounds: int) -> list:
@@ -579,9 +667,11 @@ def layouts(rounds: int) -> list:
         for n in shape:
             N *= n
         pat = spattn.neighborhood(shape, window, stride=stride)
-        order, inverse, lists, full, partial = layout_lists(pat, N, "cuda")
+        lay, order, inverse, lists, full, partial = layout_lists(pat, N, "cuda")
         P = order.numel()
-        print(f"{name}: {P} slots, {full} FULL and {partial} PARTIAL tiles", flush=True)
+        box = lay.box_by_axis()
+        plain = P == N and len(lay.virtual) == len(shape) and tuple(lay.box) == box
+        print(f"{name}: {lay}; {P} slots, {full} FULL and {partial} PARTIAL tiles", flush=True)
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(1, H, N, 128, device="cuda", dtype=torch.bfloat16, generator=g)
                    for _ in range(3))
@@ -595,14 +685,18 @@ def layouts(rounds: int) -> list:
         plan = pat.plan(q, k, v)
         fns = {"cuDNN dense": lambda: _cudnn(q, k, v),
                "spattn": lambda: pat(q, k, v, plan=plan),
-               "gluon " + cfg[0] + " (copies timed)": gluon,
-               "gluon kernel alone": lambda run=run: run()[0]}
+               "gluon, copies into the layout (timed)": gluon,
+               "gluon kernel alone (tensors in the layout)": lambda run=run: run()[0]}
+        if plain:
+            run_box = ws_launch(q, k, v, cfg, lists, box=(_three(shape), _three(box)))
+            fns["gluon, boxes through 4-D TMA (no copies)"] = lambda run=run_box: run()[0]
         want = fns["spattn"]().float()
-        err = (gluon().float() - want).abs().max().item()
-        print(f"{name}: gluon against spattn: max difference {err:.3g}", flush=True)
-        if partial or not err < 3e-2:
-            rows.append(dict(case=name, kernel="gluon", error=f"partial {partial}, err {err}"))
-            del fns["gluon " + cfg[0] + " (copies timed)"], fns["gluon kernel alone"]
+        for n in [n for n in fns if n.startswith("gluon") and "alone" not in n]:
+            err = (fns[n]().float() - want).abs().max().item()
+            print(f"{name}: {n}: max difference from spattn {err:.3g}", flush=True)
+            if partial or not err < 3e-2:
+                rows.append(dict(case=name, kernel=n, error=f"partial {partial}, err {err}"))
+                del fns[n]
         times = _alternate(fns, rounds)
         base = times["cuDNN dense"][0]
         for n, (t, ts) in times.items():
