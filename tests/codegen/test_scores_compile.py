@@ -24,4 +24,3 @@ def test_score_kernels_compile_for_sm90(shard):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert r.stdout.count("OK ") == SHARD_KERNELS[shard], r.stdout
-

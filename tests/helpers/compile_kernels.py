@@ -7,7 +7,7 @@ Run as a script (``python tests/helpers/compile_kernels.py``) in a process witho
 ``--rows``: the kernels that address rows through row tables (:data:`ROWS_CASES`) instead;
 ``--box``: the forward kernels that read a token layout's boxes through 5-D TMA descriptors
 (:data:`BOX_CASES`); ``--atomic``: the backward kernels with atomic dQ (:data:`ATOMIC_CASES`).
-``--shard I/N``: every N-th case from the I-th (0-based), so that test workers share a list.
+``--shard=I/N``: every N-th case from the I-th (0-based), so that test workers share a list.
 """
 from __future__ import annotations
 
