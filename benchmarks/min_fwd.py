@@ -20,6 +20,11 @@ lse stored. Flags move it toward the generated forward one feature at a time:
   fully-masked-row guard.
 * ``ORDERED``: the program's work item read from an order table.
 * ``CAUSAL``: top-left causal in the one loop, the predicate on every tile.
+* ``AHEAD``: the key loop with S of the next key tile computed before the current tile's
+  softmax (FlashAttention-3's overlap written in the source; dense only). Compiled for
+  sm_90a, Triton's pipeliner still waits for that product right after issuing it
+  (``wgmma.wait_group 0``), so nothing overlaps: the Gluon forwards of ``gluon_fwd.py``
+  write the overlap by hand.
 
 Timed against spattn's ``full`` / ``causal`` plan and cuDNN in alternating rounds of
 ``triton.testing.do_bench`` medians; each output checked against cuDNN's first. Each
@@ -81,10 +86,35 @@ def _tiles(acc, l_i, m_i, b_q, o_m, K, V, i_b, i_h, i_bh, Lk, sm_scale_log2, sta
 
 
 @triton.jit
+def _tiles_ahead(acc, l_i, m_i, b_q, K, V, i_bh, Lk, sm_scale_log2, n_end,
+                 BLOCK_N: tl.constexpr):
+    """Dense key tiles [0, n_end) with S of tile n + 1 computed before tile n's softmax."""
+    b_s = tl.dot(b_q, K.load([i_bh * Lk, 0]).T)
+    for i_n in range(0, n_end - 1):
+        b_s_next = tl.dot(b_q, K.load([i_bh * Lk + (i_n + 1) * BLOCK_N, 0]).T)
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * sm_scale_log2)
+        alpha = tl.math.exp2(m_i - m_new)
+        b_p = tl.math.exp2(b_s * sm_scale_log2 - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        b_v = V.load([i_bh * Lk + i_n * BLOCK_N, 0])
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None])
+        m_i = m_new
+        b_s = b_s_next
+    m_new = tl.maximum(m_i, tl.max(b_s, 1) * sm_scale_log2)
+    alpha = tl.math.exp2(m_i - m_new)
+    b_p = tl.math.exp2(b_s * sm_scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    b_v = V.load([i_bh * Lk + (n_end - 1) * BLOCK_N, 0])
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
 def min_fwd(Q, K, V, O, OP, LSE, ORDER, sm_scale_log2, H, Lq, Lk,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             CAUSAL: tl.constexpr, WS: tl.constexpr, DESC4: tl.constexpr,
-            O_TMA: tl.constexpr, SPLIT3: tl.constexpr, ORDERED: tl.constexpr):
+            O_TMA: tl.constexpr, SPLIT3: tl.constexpr, ORDERED: tl.constexpr,
+            AHEAD: tl.constexpr = False):
     """One query tile of one (batch, head); O through the descriptor O or the pointer OP."""
     n_m = tl.cdiv(Lq, BLOCK_M)
     if ORDERED:
@@ -107,7 +137,11 @@ def min_fwd(Q, K, V, O, OP, LSE, ORDER, sm_scale_log2, H, Lq, Lk,
         n_end = tl.cdiv((i_m + 1) * BLOCK_M, BLOCK_N)
     else:
         n_end = tl.cdiv(Lk, BLOCK_N)
-    if SPLIT3:
+    if AHEAD:
+        tl.static_assert(not (CAUSAL or DESC4 or WS or SPLIT3))
+        acc, l_i, m_i = _tiles_ahead(acc, l_i, m_i, b_q, K, V, i_bh, Lk, sm_scale_log2, n_end,
+                                     BLOCK_N=BLOCK_N)
+    elif SPLIT3:
         acc, l_i, m_i = _tiles(acc, l_i, m_i, b_q, o_m, K, V, i_b, i_h, i_bh, Lk,
                                sm_scale_log2, 0, 0, MASKED=True, CAUSAL=CAUSAL,
                                DESC4=DESC4, WS=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
@@ -154,13 +188,15 @@ CONFIGS = [
 #: Specialised loops in forms the generated kernels have (``--compile-only``): 4-D
 #: descriptors (taken), O stored through a descriptor (refused by the pass).
 WS_FORMS = [("ws 128x128 w4 s2, 4-D descriptors", 128, 128, 4, 2, dict(WS=True, DESC4=True)),
-            ("ws 128x128 w4 s2, O by TMA", 128, 128, 4, 2, dict(WS=True, O_TMA=True))]
+            ("ws 128x128 w4 s2, O by TMA", 128, 128, 4, 2, dict(WS=True, O_TMA=True)),
+            ("S a tile ahead 128x128 w8 s2", 128, 128, 8, 2, dict(AHEAD=True))]
 
 
 def compile_report(causal: bool = False) -> list:
     """Each configuration (and :data:`WS_FORMS`) compiled for sm_90a on this machine, no GPU
-    needed: ``(label, error or None, warp-specialised?, shared memory bytes)``. Run in a
-    process without ``TRITON_INTERPRET``."""
+    needed: ``(label, error or None, warp-specialised?, shared memory bytes, the PTX's
+    wgmma.wait_group arguments)``. Run in a process without ``TRITON_INTERPRET``."""
+    import re
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
     out = []
@@ -178,10 +214,12 @@ def compile_report(causal: bool = False) -> list:
         try:
             c = triton_compile(src, target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=nw, num_stages=ns))
+            waits = sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)",
+                                          c.asm["ptx"])))
             out.append((label, None, "ttg.warp_specialize" in c.asm["ttgir"],
-                        c.metadata.shared))
+                        c.metadata.shared, waits))
         except Exception as e:  # noqa: BLE001 - reported
-            out.append((label, f"{type(e).__name__}: {str(e)[:200]}", False, 0))
+            out.append((label, f"{type(e).__name__}: {str(e)[:200]}", False, 0, []))
     return out
 
 
@@ -227,9 +265,10 @@ def main(argv=None):
                          "whether Triton specialised its warps")
     a = ap.parse_args(argv)
     if a.compile_only:
-        for label, err, ws, shared in compile_report():
+        for label, err, ws, shared, waits in compile_report():
             print(f"{label:36s} " + (f"ERROR {err}" if err else
-                                     f"OK warp-specialised {ws} shared {shared}"), flush=True)
+                                     f"OK warp-specialised {ws} shared {shared} "
+                                     f"waits {','.join(waits)}"), flush=True)
         return
     import spattn
     dev, dt, D = "cuda", torch.bfloat16, 128
