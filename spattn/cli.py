@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
@@ -372,6 +373,12 @@ def _cmd_run(args, pat, out):
     Lq, Lk, inputs = _shape_and_inputs(args, pat, out, batch=B, device=device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     from .pattern import _fits
+    # q, k, v drawn in float32 on the CPU, then converted: the peak of either side
+    elems = B * H * (Lq + 2 * Lk) * D
+    _check_room(4 * elems, "cpu", f"random q, k, v of {B} x {H} x {max(Lq, Lk)} x {D}")
+    if device != "cpu":
+        _check_room(elems * dtype.itemsize, device,
+                    f"q, k, v of {B} x {H} x {max(Lq, Lk)} x {D} in {str(dtype)[6:]}")
     with _fits(f"random q, k, v of {B} x {H} x {max(Lq, Lk)} x {D}"):
         q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
                    for L in (Lq, Lk, Lk))
@@ -406,6 +413,34 @@ def _cmd_run(args, pat, out):
             raise SpattnError(f"output differs from the reference (rel. error {err:.2e})")
     else:
         print("check against reference: skipped (too large for a dense reference)", file=out)
+
+
+def available_memory(device) -> int | None:
+    """Bytes a new allocation may take on ``device`` now, or None where that is not known:
+    the kernel's MemAvailable on Linux (physical pages free otherwise), the free memory of a
+    CUDA device."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_room(nbytes: int, device, what: str) -> None:
+    """A clear error before an allocation that cannot fit: on Linux a huge ``randn`` is
+    granted (memory is overcommitted) and the process is killed while it writes it."""
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise SpattnError(f"{what} needs {nbytes / 2 ** 30:.1f} GiB and {device} has "
+                          f"{free / 2 ** 30:.1f} GiB available: use smaller sizes")
 
 
 def _sync(device):
