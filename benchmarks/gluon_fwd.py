@@ -15,13 +15,15 @@ the partitions, barriers and asynchronous products by hand:
   ping-pong with each turn's S issued before its P V, so that the softmax overlaps the
   group's own P V as well (FlashAttention-3's schedule). The key tiles of each query tile
   come from a list (``START``, ``COUNT``, ``COLS``: the tiles a layout's plan computes),
-  which only the loader reads.
+  which only the loader reads. Q, K, V and O are rows through 2-D descriptors, or a
+  layout's boxes of the caller's tensors through 4-D descriptors (no copies).
 * ``attn_fwd_sp``: one partition of 8 warps (the Triton kernel's form), its products
   issued asynchronously by hand, with (``OVERLAP``) or without the overlap of S and the
   softmax.
 
-Both keep an online softmax in log2 units, store O and the lse, and require the sequence
-lengths to be multiples of the tiles (128 rows, 128 keys). ``--dense``: ``full`` attention
+Both keep an online softmax in log2 units and store O (the warp-specialised one also the
+lse, by query tile, not checked here), and require the sequence lengths to be multiples of
+the tiles (128 rows, 128 keys). ``--dense``: ``full`` attention
 (16 heads at 16K; 24 heads of 65536 queries on 6400 keys, the strided FLUX problem's
 rows) against cuDNN, the Triton minimal kernel of ``min_fwd.py`` and spattn's plan.
 ``--layouts``: the strided FLUX and Hunyuan problems (``spattn.neighborhood``) in the
@@ -29,9 +31,8 @@ layout spattn chooses, the tokens copied into its order and the output back (the
 timed with the kernel), the kernel fed the plan's non-EMPTY key tiles (all FULL), against
 cuDNN's dense forward and spattn's own call; and the kernel reading and writing the
 tokens in their own order, a layout's boxes through 4-D TMA descriptors (no copies).
-Alternating rounds of
-``triton.testing.do_bench`` medians; each kernel's output checked first (against cuDNN,
-or against spattn's call on the layouts). B = 1, D = 128, bf16.
+Alternating rounds of ``triton.testing.do_bench`` medians; each kernel's output checked
+first (against cuDNN, or against spattn's call on the layouts). B = 1, D = 128, bf16.
 
     python benchmarks/gluon_fwd.py --dense --layouts [--rounds 3] [--out DIR]
     python benchmarks/gluon_fwd.py --compile-only   # no GPU: compile for sm_90a here
@@ -433,7 +434,8 @@ def attn_fwd_sp(q_desc, k_desc, v_desc, o_desc, sm_scale_log2, Lq, Lk,
 # ------------------------------------------------------------------ host side
 #: warp-specialised configurations: (label, BLOCK_N, STAGES, MODE)
 WS_CONFIGS = [("ws overlap", 128, 2, 0), ("ws ping-pong", 128, 2, 1),
-              ("ws ping-pong + overlap", 128, 2, 2), ("ws ping-pong + overlap, 3 stages", 128, 3, 2)]
+              ("ws ping-pong + overlap", 128, 2, 2),
+              ("ws ping-pong + overlap, 3 stages", 128, 3, 2)]
 #: one-partition configurations: (label, BLOCK_M, BLOCK_N, warps, STAGES, OVERLAP)
 SP_CONFIGS = [("one partition", 128, 128, 8, 2, False),
               ("one partition, overlap", 128, 128, 8, 2, True)]
