@@ -784,6 +784,7 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
     with progress(f"building the {backend} plan of {pattern.name!r} for q "
                   f"{list(q.shape)} {str(q.dtype).replace('torch.', '')} (kernels, tables)"):
         if order is not None:
+            _check_lists(pattern, q, k, q_offset, inputs)
             # a caller's order has no cost model to price its gathers: copies unless asked
             return OrderedPlan(pattern, backend, order, q, k, v, scale=scale, inputs=inputs,
                                settings=settings, options=options,
@@ -793,12 +794,14 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
             remap, gather, backward = choose_layout(pattern, q, k, q_offset, inputs, settings,
                                                     gather)
         if remap is not None:
+            _check_lists(pattern, q, k, q_offset, inputs)
             return RemappedPlan(pattern, backend, remap, q, k, v, scale=scale,
                                 settings=settings, options=options, gather=gather,
                                 backward=backward)
         if layouts and getattr(pattern, "score", None) is None and _reads_head(pattern):
             head = choose_head_order(pattern, q, k, q_offset, inputs, settings)
             if head is not None:
+                _check_lists(pattern, q, k, q_offset, inputs)
                 return HeadOrderedPlan(pattern, backend, head, q, k, v, scale=scale,
                                        q_offset=q_offset, inputs=inputs, settings=settings,
                                        options=options)
@@ -808,6 +811,19 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
         plan = Plan(pattern, backend, call, q, k, v, options)
     warn_if_empty(call)
     return plan
+
+
+def _check_lists(pattern, q, k, q_offset, inputs) -> None:
+    """The lists of ``pattern`` in range over the call (``ir.intervals.check_list_bounds``,
+    as :meth:`Call.of` checks them), for a plan over slots: its inner call checks the lists
+    of the rewritten pattern, where a term may have simplified away, and the same calls
+    must be refused in any token order."""
+    from ..ir.intervals import check_list_bounds
+    B, H, Lq = q.shape[:3]
+    Lk = k.shape[2]
+    ins = {n: t.to(device=q.device, dtype=torch.int64) for n, t in (inputs or {}).items()}
+    check_list_bounds(pattern, Lq, Lk, num_heads=H, batch=B,
+                      q_offset=Positions.of(Lq, Lk, q_offset).q_offset, inputs=ins)
 
 
 def layout_gather(value, settings, backend: str) -> str:

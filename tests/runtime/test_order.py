@@ -328,3 +328,21 @@ def test_bad_per_batch_orders_name_the_row(order, match):
     pat = spattn.compile("causal", backend="torch")
     q = torch.randn(2, 1, 8, 16)
     _bad(pat, q, q, order, match=match)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_a_list_too_short_for_the_heads_is_refused_in_any_order(backend):
+    """A list indexed by ``h`` with fewer entries than the call's heads is refused with an
+    order as without one, also where the term reading it simplifies away in the pattern
+    over slots (``Lq >= [21][h] % -2`` holds for any entry: the order's rewritten pattern
+    dropped it, and its plan checked no list)."""
+    src = "causal & same(doc) & Lq >= [21][h] % -2"
+    pat = spattn.compile(src, backend=backend)
+    g = torch.Generator().manual_seed(21)
+    q, k, v = _tensors(1, 4, 4, 17, 16, g, grads=False)
+    doc = torch.zeros(17, dtype=torch.int64)
+    for kw in ({}, {"order": torch.randperm(17, generator=g)}):
+        with pytest.raises(spattn.SpattnValueError, match=r"list \[21\] has 1 entries .* 4 heads"):
+            pat(q, k, v, doc=doc, **kw)
+    o = pat(q[:, :1], k[:, :1], v[:, :1], doc=doc, order=torch.randperm(17, generator=g))
+    assert torch.isfinite(o).all() and o.abs().sum() > 0
