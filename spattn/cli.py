@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from .codegen.config import next_pow2
-from .dsl.errors import SpattnError, short_repr
+from .dsl.errors import SpattnError, SpattnValueError, short_repr
 
 SYMBOLS = {0: ".", 1: "+", 2: "#"}
 
@@ -439,8 +439,8 @@ def _check_room(nbytes: int, device, what: str) -> None:
     granted (memory is overcommitted) and the process is killed while it writes it."""
     free = available_memory(device)
     if free is not None and nbytes > free:
-        raise SpattnError(f"{what} needs {nbytes / 2 ** 30:.1f} GiB and {device} has "
-                          f"{free / 2 ** 30:.1f} GiB available: use smaller sizes")
+        raise SpattnValueError(f"{what} needs {nbytes / 2 ** 30:.1f} GiB and {device} has "
+                               f"{free / 2 ** 30:.1f} GiB available: use smaller sizes")
 
 
 def _sync(device):
