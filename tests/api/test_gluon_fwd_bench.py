@@ -6,20 +6,12 @@ where ping-pong alone waits for every product. A Triton release that changes Glu
 interface or what it emits fails here; the timings that rest on these forms are in
 benchmarks/RESULTS.md ("FlashAttention-3's forward structure in Gluon")."""
 import ast
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.uninterpreted import run_script
 
 
 def test_gluon_forwards_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gluon_fwd.py"),
-                        "--compile-only"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    r = run_script("benchmarks/gluon_fwd.py", "--compile-only")
     facts = {}
     for ln in r.stdout.splitlines():
         label, ok, rest = ln.partition(" OK ")

@@ -6,20 +6,11 @@ for a product computed a tile ahead right after issuing it (``wgmma.wait_group 0
 NOTES row 94, the overlap the Gluon forwards of ``gluon_fwd.py`` write by hand). A Triton that changes
 this fails here, and the templates' decision (docs/decisions.md, "The forward stays a
 single warp group's loop") is then worth measuring again."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.uninterpreted import run_script
 
 
 def test_min_fwd_configurations_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "min_fwd.py"),
-                        "--compile-only"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    r = run_script("benchmarks/min_fwd.py", "--compile-only")
     lines = {ln[:36].strip(): ln[36:].strip() for ln in r.stdout.splitlines()}
     for label in ("minimal", "+4-D descriptors", "+O by TMA", "+three loops", "+order table",
                   "all four"):
