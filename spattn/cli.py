@@ -373,13 +373,13 @@ def _cmd_run(args, pat, out):
     Lq, Lk, inputs = _shape_and_inputs(args, pat, out, batch=B, device=device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     from .pattern import _fits
+    what = f"random q, k, v of {B} x {H} x {max(Lq, Lk)} x {D}"
     # q, k, v drawn in float32 on the CPU, then converted: the peak of either side
     elems = B * H * (Lq + 2 * Lk) * D
-    _check_room(4 * elems, "cpu", f"random q, k, v of {B} x {H} x {max(Lq, Lk)} x {D}")
+    _check_room(4 * elems, "cpu", what)
     if device != "cpu":
-        _check_room(elems * dtype.itemsize, device,
-                    f"q, k, v of {B} x {H} x {max(Lq, Lk)} x {D} in {str(dtype)[6:]}")
-    with _fits(f"random q, k, v of {B} x {H} x {max(Lq, Lk)} x {D}"):
+        _check_room(elems * dtype.itemsize, device, f"{what} in {str(dtype)[6:]}")
+    with _fits(what):
         q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
                    for L in (Lq, Lk, Lk))
     from .runtime.progress import progress
