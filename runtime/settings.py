@@ -50,6 +50,9 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
                             kernels reading the composed table (``auto``: index functions
                             of ``ir.compose.COMPOSE_MIN_OPS`` operations or more;
                             docs/backends.md, Scores)
+``SPATTN_WS_FWD``           ``auto`` / ``1`` / ``0``: the warp-specialised Gluon forward on
+                            Hopper for calls whose computed tiles are all FULL (``auto``:
+                            two key tiles or more per query tile; ``runtime.ws_fwd``)
 ``SPATTN_PROGRESS``         ``auto`` / ``1`` / ``0``: show long plan builds and explain()
                             runs (:func:`progress`; not part of :class:`Settings`)
 ``TRITON_INTERPRET``        ``1``: run the Triton kernels on the CPU (Triton's variable)
@@ -83,7 +86,7 @@ VARIABLES = (
     "SPATTN_TMA", "SPATTN_TABLES", "SPATTN_AUTOTUNE", "SPATTN_TUNE_REPS",
     "SPATTN_TUNE_MARGIN", "SPATTN_CACHE_DIR",
     "SPATTN_LAYOUT", "SPATTN_LAYOUT_GATHER", "SPATTN_SCORE_LOAD", "SPATTN_SCORE_INDEX", "SPATTN_FAST_TANH",
-    "SPATTN_SCORE_COMPOSE", "TRITON_INTERPRET",
+    "SPATTN_SCORE_COMPOSE", "SPATTN_WS_FWD", "TRITON_INTERPRET",
 )
 
 #: The autotuner's defaults: re-timing rounds of its finalists, and the fraction by which a
@@ -152,6 +155,7 @@ class Settings:
     score_index: str = "auto"
     fast_tanh: bool | None = None
     score_compose: bool | None = None
+    ws_fwd: bool | None = None
     bwd_dq: str | None = None
 
     def __hash__(self):
@@ -326,6 +330,7 @@ def parse(raw: tuple) -> Settings:
                             _SCORE_INDEX) or "auto",
         fast_tanh=_flag("SPATTN_FAST_TANH", env["SPATTN_FAST_TANH"], auto=True),
         score_compose=_flag("SPATTN_SCORE_COMPOSE", env["SPATTN_SCORE_COMPOSE"], auto=True),
+        ws_fwd=_flag("SPATTN_WS_FWD", env["SPATTN_WS_FWD"], auto=True),
         bwd_dq=_choice("SPATTN_BWD_DQ", env["SPATTN_BWD_DQ"], _BWD_DQ),
     )
 

@@ -623,6 +623,7 @@ class FwdStage:
     launches: dict = None      # with a score: bound launches by _launch_key
     aligned: bool = True       # q, k, v of every call are 16-byte aligned (the plan's check)
     box: BoxRows = None        # a token layout's boxes, read through 5-D descriptors
+    gluon = False              # (runtime.ws_fwd.WsFwdStage: the warp-specialised forward)
 
     def __repr__(self) -> str:
         c = self.config
@@ -649,6 +650,12 @@ def build_fwd(call, q, k, v, options: dict | None = None,
         q, k, v = q.float(), k.float(), v.float()
     if training:
         call.analysis.expect(_step_tiles(call, q, options))
+    if q.device.type == "cuda" and not call.settings.interpret:
+        from . import ws_fwd
+        stage, why = ws_fwd.build(call, q, k, v, options, rows)
+        if stage is not None:
+            return stage
+        _tune.log.debug("spattn: the warp-specialised forward does not run this call: %s", why)
 
     def run(t):
         return run_fwd(_build_fwd(call, q, k, v, t, rows=rows), q, k, v)
@@ -887,6 +894,8 @@ def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None, out_dtype=None
     stage was built with). ``out_dtype``: o's dtype (default q's); ``torch.float32`` gives
     the output of 16-bit inputs before its rounding to 16 bits (the kernel casts the fp32
     accumulator to o's element type: the same kernel, specialised on o's pointer type)."""
+    if stage.gluon:
+        return stage.run(q, k, v, tables, out_dtype)
     dtype = q.dtype
     out_dtype = out_dtype or dtype
     if stage.upcast:

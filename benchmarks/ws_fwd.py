@@ -1,0 +1,97 @@
+"""The warp-specialised forward (``runtime/ws_fwd.py``) against the generated one and
+cuDNN (GPU, Hopper): where ``SPATTN_WS_FWD=auto`` should take it.
+
+Each problem's plan is built twice, with ``SPATTN_WS_FWD=1`` (the warp-specialised
+forward wherever it runs) and ``=0`` (the generated forward, as the plan otherwise
+chooses it), and both calls are timed with cuDNN's dense forward (the dense problems) in
+alternating rounds of ``triton.testing.do_bench`` medians, each output checked against
+the other first. Problems: ``full`` at 1K to 16K tokens (B = 1 and 8, 16 heads, D = 64
+and 128), 128-aligned documents of 1024 tokens at 16K, and block-diagonal attention with
+one key tile per query tile (``q // 128 == k // 128``: the fewest ``auto`` could face).
+bf16. ``us`` is the call's median, host time included where the GPU waits for it.
+
+    python benchmarks/ws_fwd.py [--rounds 3] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("SPATTN_AUTOTUNE", "0")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import spattn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from layout_cost import alternate  # noqa: E402
+
+PROBLEMS = [  # name, source, B, H, L, D, inputs(L)
+    ("full 1K", "full", 1, 16, 1024, 128, None),
+    ("full 1K B8 D64", "full", 8, 16, 1024, 64, None),
+    ("full 2K", "full", 1, 16, 2048, 128, None),
+    ("full 4K", "full", 1, 16, 4096, 128, None),
+    ("full 4K D64", "full", 1, 16, 4096, 64, None),
+    ("full 16K", "full", 1, 16, 16384, 128, None),
+    ("documents of 1024, 16K", "same(doc)", 1, 16, 16384, 128,
+     lambda L: {"doc": torch.arange(L, device="cuda") // 1024}),
+    ("one key tile per query tile, 16K", "q // 128 == k // 128", 1, 16, 16384, 128, None),
+]
+
+
+def _plan(src, q, k, v, inputs, ws: str):
+    os.environ["SPATTN_WS_FWD"] = ws
+    try:
+        pat = spattn.compile(src)
+        return pat, pat.plan(q, k, v, **inputs)
+    finally:
+        os.environ.pop("SPATTN_WS_FWD")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    for name, src, B, H, L, D, mk in PROBLEMS:
+        g = torch.Generator(device="cuda").manual_seed(L)
+        q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(3))
+        inputs = mk(L) if mk else {}
+        pat, ws = _plan(src, q, k, v, inputs, "1")
+        _, gen = _plan(src, q, k, v, inputs, "0")
+        took = getattr(ws.forward_stage, "gluon", False)
+        fns = {"warp-specialised": lambda: pat(q, k, v, plan=ws),
+               "generated": lambda: pat(q, k, v, plan=gen)}
+        if src == "full":
+            def cudnn():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v)
+            fns["cuDNN"] = cudnn
+        err = float((fns["warp-specialised"]().float() - fns["generated"]().float()).abs().max())
+        print(f"{name}: warp-specialised stage {took}; max difference {err:.3g}", flush=True)
+        t = alternate(fns, a.rounds)
+        row = dict(problem=name, B=B, H=H, L=L, D=D, ws_stage=took, max_diff=err,
+                   **{f"{n}_us": ms * 1e3 for n, ms in t.items()})
+        rows.append(row)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "ws_fwd.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           rows=rows), f, indent=1)
+    print("| problem | warp-specialised us | generated us | ws / gen | cuDNN us |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ws, gen = r["warp-specialised_us"], r["generated_us"]
+        cu = r.get("cuDNN_us")
+        print(f"| {r['problem']} | {ws:.1f} | {gen:.1f} | {gen / ws:.2f}x | "
+              f"{'' if cu is None else f'{cu:.1f}'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,482 @@
+"""The warp-specialised forward: FlashAttention-3's structure on Hopper, written in Gluon.
+
+The generated forward (``codegen/templates/fwd.py.j2``) is written in Triton's language,
+whose compiler keeps every warp of a program in one partition: on an H100 or H200 it
+reaches 84% of cuDNN's dense rate however its loop is written (benchmarks/RESULTS.md,
+"FlashAttention-3's forward structure in Gluon"). Gluon, Triton's explicit layer, lets a
+kernel name its partitions, barriers and asynchronous products; this module's kernel is
+FlashAttention-3's forward in it:
+
+* a loader partition (one warp group, 24 registers a thread) fills a ring of ``STAGES``
+  shared-memory slots with K and V tiles through TMA, each slot guarded by a ready and an
+  empty mbarrier, and reads the program's key tiles from a list;
+* two consumer warp groups of 64 query rows each (240 registers) share the slots and
+  take turns issuing their products (ping-pong: one group's softmax runs while the other's
+  products hold the tensor cores), each turn's S issued before its P V, so that the
+  softmax overlaps the group's own P V as well.
+
+The kernel has no mask: it runs calls whose computed tiles at 128 x 128 are all FULL (the
+analysis proves it; :func:`key_lists`), which are dense attention, block-sparse patterns
+aligned to 128, and the strided neighbourhoods in their token layouts (every tile FULL:
+docs/layouts.md). Q, K, V and O are read and written through 5-D TMA descriptors: a
+layout's boxes of the caller's tokens (:class:`~spattn.runtime.triton_backend.BoxRows`,
+no copies) or runs of 128 rows; the lse is written in the caller's token order, so the
+generated backward runs on it unchanged. :func:`why_not` lists what the kernel does not
+run (the plan then builds the generated forward): other devices, dtypes and head
+dimensions, scores, PARTIAL tiles, lengths that are not multiples of 128, options or
+``SPATTN_*`` settings that fix the generated forward's configuration. ``SPATTN_WS_FWD``
+(``auto`` / ``1`` / ``0``) chooses: ``auto`` takes it for calls of at least
+:data:`MIN_WORK` computed tiles (below them the call is bound by the host, where this kernel's launch
+through Triton's dispatcher, with four fresh descriptors, costs about 20 us more than the
+generated forward's bound launch), ``1`` wherever it can run,
+``0`` never. docs/backends.md, "The warp-specialised forward".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..dsl.errors import SpattnBackendError
+from .settings import launch_guard
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
+        warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    GLUON = True
+except ImportError:             # a Triton without Gluon's Hopper modules: never chosen
+    GLUON = False
+
+#: The kernel's tiles: 128 query rows (two warp groups of 64) by 128 keys.
+TILE = 128
+#: The computed 128 x 128 tiles (over batch and heads) from which ``SPATTN_WS_FWD=auto``
+#: takes the kernel. Timed on an H100 (benchmarks/RESULTS.md, "The warp-specialised
+#: forward in spattn"): ``full`` at 1K tokens and 16 heads (1024 tiles, host-bound) takes
+#: 1.7x the generated forward's time, at 2K (4096 tiles) 0.79x, at 16K 0.76x.
+MIN_WORK = 4096
+#: K/V slots of the loader's ring, and the consumers' registers (``setmaxnreg``).
+STAGES = 2
+CONSUMER_REGS = 240
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+if GLUON:
+    @gluon.jit
+    def _at(i_c, p0, p1, T1, T2, half_smem, box_smem, i_h: gl.constexpr):
+        """The 5-D TMA coordinates of tile ``i_c`` (row-major over ``T0 x T1 x T2`` boxes)
+        of the (batch, head) slice at ``(p0, p1)``: the whole box (``i_h`` 2, a key tile) or
+        its half ``i_h`` (a consumer's 64 query rows, the outer axis cut)."""
+        b0: gl.constexpr = box_smem.type.shape[2]
+        b1: gl.constexpr = box_smem.type.shape[3]
+        b2: gl.constexpr = box_smem.type.shape[4]
+        h0: gl.constexpr = half_smem.type.shape[2]
+        h1: gl.constexpr = half_smem.type.shape[3]
+        h2: gl.constexpr = half_smem.type.shape[4]
+        o0 = (i_c // (T1 * T2)) * b0
+        o1 = ((i_c // T2) % T1) * b1
+        o2 = (i_c % T2) * b2
+        if i_h < 2:
+            if h0 < b0:
+                o0 = o0 + i_h * h0
+            elif h1 < b1:
+                o1 = o1 + i_h * h1
+            else:
+                o2 = o2 + i_h * h2
+        return [p0, p1 + o0, o1, o2, 0]
+
+    @gluon.jit
+    def _work(geom):
+        """This program's ``(b * H + h, query tile, its list entry, q's and k's slice
+        coordinates)``."""
+        H, G, n_m, LB, LH, FOLD = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5]
+        i_w = gl.program_id(0)
+        i_bh = i_w // n_m
+        i_t = i_w % n_m
+        i_b = i_bh // H
+        i_h = i_bh % H
+        i_l = i_b * LB + i_h * LH + i_t
+        # FOLD: [B * heads, A0, A1, A2, D] views; else [B, heads, A1, A2, D] (A0 = 1)
+        i_k = i_b * (H // G) + i_h // G
+        q_p = (FOLD * i_bh + (1 - FOLD) * i_b, (1 - FOLD) * i_h)
+        k_p = (FOLD * i_k + (1 - FOLD) * i_b, (1 - FOLD) * (i_h // G))
+        return i_bh, i_t, i_l, q_p, k_p
+
+    @gluon.jit
+    def _load(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+              COUNT, COLS, geom, sm_scale_log2):
+        """The loader partition: the program's two halves of Q, then its key tiles' K and V
+        into the ring of slots, each slot refilled once both consumers released it."""
+        b_q, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
+        STAGES: gl.constexpr = k_smem.type.shape[0]
+        QT1, QT2, KT1, KT2 = geom[6], geom[7], geom[8], geom[9]
+        i_bh, i_t, i_l, q_p, k_p = _work(geom)
+        for i_h in gl.static_range(2):
+            mbarrier.expect(b_q.index(i_h), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(
+                q_desc, _at(i_t, q_p[0], q_p[1], QT1, QT2, q_smem, k_smem, i_h),
+                b_q.index(i_h), q_smem.index(i_h))
+        o_list = gl.load(START + i_l)
+        n_n = gl.load(COUNT + i_l)
+        for j in range(n_n):
+            i_s = j % STAGES
+            phase = (j // STAGES) & 1
+            i_c = gl.load(COLS + o_list + j)
+            o_k = _at(i_c, k_p[0], k_p[1], KT1, KT2, q_smem, k_smem, 2)
+            mbarrier.wait(k_empty.index(i_s), phase ^ 1)
+            mbarrier.expect(k_ready.index(i_s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, o_k, k_ready.index(i_s), k_smem.index(i_s))
+            mbarrier.wait(v_empty.index(i_s), phase ^ 1)
+            mbarrier.expect(v_ready.index(i_s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, o_k, v_ready.index(i_s), v_smem.index(i_s))
+
+    @gluon.jit
+    def _softmax(b_s, b_m, b_l, sm_scale_log2):
+        """One key tile of the online softmax in log2 units: P, the rescale of the running
+        sums, the new row maxima and sums."""
+        b_m_new = gl.maximum(b_m, gl.max(b_s, 1) * sm_scale_log2)
+        b_alpha = gl.exp2(b_m - b_m_new)
+        b_p = gl.exp2(b_s * sm_scale_log2 - gl.expand_dims(b_m_new, 1))
+        b_l = b_l * b_alpha + gl.sum(b_p, 1)
+        return b_p, b_alpha, b_m_new, b_l
+
+    @gluon.jit
+    def _tile(smem, i_s):
+        """Slot ``i_s`` of a ring of boxes as a ``[cells, D]`` operand (the box's cells in
+        row-major order are the tile's rows)."""
+        t = smem.index(i_s)
+        D: gl.constexpr = smem.type.shape[5]
+        return t.reshape([t.numel // D, D])
+
+    @gluon.jit
+    def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+                 COUNT, COLS, geom, sm_scale_log2, HALF: gl.constexpr):
+        """A consumer warp group: query rows ``[64 * HALF, +64)`` of the program's tile
+        against its key tiles; O stored through its Q slot, the lse in the caller's
+        order."""
+        b_q, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
+        D: gl.constexpr = k_smem.type.shape[5]
+        STAGES: gl.constexpr = k_smem.type.shape[0]
+        BLOCK_M: gl.constexpr = 64
+        BLOCK_N: gl.constexpr = k_smem.numel // (STAGES * D)
+        gl.static_assert(q_smem.numel == 2 * BLOCK_M * D)
+        gl.static_assert(BLOCK_N == 128)
+        i_bh, i_t, i_l, q_p, k_p = _work(geom)
+        QT1, QT2, QA1, QA2, QN = geom[6], geom[7], geom[10], geom[11], geom[12]
+        n_n = gl.load(COUNT + i_l)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                     k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        q_half = q_smem.index(HALF)
+        q_s = q_half.reshape([BLOCK_M, D])
+        b_m = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+        b_l = gl.zeros([BLOCK_M], gl.float32, row_s)
+        b_o = warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, o_layout))
+        b_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        mbarrier.wait(b_q.index(HALF), 0)
+
+        # stage 1: the first key tile's S, in this group's first turn
+        mbarrier.wait(k_ready.index(0), 0)
+        mbarrier.wait(pp_bar.index(HALF), HALF ^ 1)
+        b_s = warpgroup_mma(q_s, _tile(k_smem, 0).permute((1, 0)), b_zero, use_acc=False,
+                            is_async=True)
+        mbarrier.arrive(pp_bar.index(1 - HALF))
+        b_s = warpgroup_mma_wait(0, deps=(b_s,))
+        mbarrier.arrive(k_empty.index(0))
+        b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2)
+        b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
+
+        # stage 2: turns of (S of tile j, P V of tile j - 1); the softmax of tile j overlaps
+        # the P V in flight and the other group's turn
+        for j in range(1, n_n):
+            i_s = j % STAGES
+            i_sp = (j - 1) % STAGES
+            mbarrier.wait(k_ready.index(i_s), (j // STAGES) & 1)
+            mbarrier.wait(v_ready.index(i_sp), ((j - 1) // STAGES) & 1)
+            mbarrier.wait(pp_bar.index(HALF), (j & 1) ^ HALF ^ 1)
+            b_s = warpgroup_mma(q_s, _tile(k_smem, i_s).permute((1, 0)), b_zero,
+                                use_acc=False, is_async=True)
+            b_o = warpgroup_mma(b_pd, _tile(v_smem, i_sp), b_o, is_async=True)
+            mbarrier.arrive(pp_bar.index(1 - HALF))
+            b_s = warpgroup_mma_wait(1, deps=(b_s,))
+            mbarrier.arrive(k_empty.index(i_s))
+            b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2)
+            b_o = warpgroup_mma_wait(0, deps=(b_o,))
+            mbarrier.arrive(v_empty.index(i_sp))
+            b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
+            b_o = warpgroup_mma_init(b_o * gl.expand_dims(gl.convert_layout(b_alpha, row_o),
+                                                          1))
+        j = n_n - 1
+        mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
+        mbarrier.wait(pp_bar.index(HALF), (n_n & 1) ^ HALF ^ 1)
+        b_o = warpgroup_mma(b_pd, _tile(v_smem, j % STAGES), b_o, is_async=True)
+        mbarrier.arrive(pp_bar.index(1 - HALF))
+        b_o = warpgroup_mma_wait(0, deps=(b_o,))
+        mbarrier.arrive(v_empty.index(j % STAGES))
+
+        # stage 3: normalise, store O through the Q slot (no longer read) and the lse at
+        # the caller's token of each row
+        b_o = b_o / gl.expand_dims(gl.convert_layout(b_l, row_o), 1)
+        q_s.store(b_o.to(o_desc.dtype))
+        fence_async_shared()
+        o_q = _at(i_t, q_p[0], q_p[1], QT1, QT2, q_smem, k_smem, HALF)
+        tma.async_copy_shared_to_global(o_desc, o_q, q_half)
+        h1: gl.constexpr = q_smem.type.shape[3]
+        h2: gl.constexpr = q_smem.type.shape[4]
+        o_r = gl.arange(0, BLOCK_M, layout=row_s)
+        a0 = o_q[1] - q_p[1] + o_r // (h1 * h2)
+        a1 = o_q[2] + (o_r // h2) % h1
+        a2 = o_q[3] + o_r % h2
+        p_lse = LSE + i_bh.to(gl.int64) * QN + (a0 * QA1 + a1) * QA2 + a2
+        gl.store(p_lse, (b_m + gl.log2(b_l)) * 0.6931471805599453)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _consume0(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+                  COUNT, COLS, geom, sm_scale_log2):
+        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+                 COUNT, COLS, geom, sm_scale_log2, 0)
+
+    @gluon.jit
+    def _consume1(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+                  COUNT, COLS, geom, sm_scale_log2):
+        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+                 COUNT, COLS, geom, sm_scale_log2, 1)
+
+    @gluon.jit
+    def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, START, COUNT, COLS,
+                    H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN,
+                    sm_scale_log2, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    num_warps: gl.constexpr):
+        """One program per 128 query rows (one box of a layout, or 128 rows) of one (batch,
+        head): Q, K, V, O through 5-D descriptors (``[B * heads, A0, A1, A2, D]`` views
+        when ``FOLD``, else ``[B, heads, 1, A1, A2, D]``) whose blocks are a box (K, V) or
+        half of one (Q, O); the query grid's boxes ``QT1 x QT2`` per outer slice, sides
+        ``QA1 x QA2``, ``QN`` tokens; the key grid's boxes ``KT1 x KT2``; ``H`` query heads,
+        ``G`` of them per key head. The key tiles of the program's list entry ``i = b * LB
+        + h * LH + t``: ``COLS[START[i] : START[i] + COUNT[i]]`` (every one FULL, at least
+        one). The lse ``[B, H, QN]`` in the caller's order. The partitions read their tile
+        shapes from the shared buffers' types (Triton 3.6 passes a partition's arguments as
+        values, not constexprs)."""
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
+                                           q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape,
+                                           k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape,
+                                           v_desc.layout)
+        b_q = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        pp_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(b_q.index(i), count=1)
+            mbarrier.init(pp_bar.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=2)
+        bars = (b_q, k_ready, k_empty, v_ready, v_empty, pp_bar)
+        geom = (H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN)
+        args = (q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+                COUNT, COLS, geom, sm_scale_log2)
+        gl.warp_specialize([(_load, args), (_consume0, args), (_consume1, args)],
+                           [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+# ---------------------------------------------------------------- host side
+
+@dataclass(frozen=True)
+class Grid5:
+    """How the kernel views a ``[B, heads, N, D]`` tensor: its tokens a row-major grid of
+    three ``sides`` read in ``box``-es (both three axes; ``fold``: ``[B * heads, A0, A1,
+    A2, D]``, else ``A0`` is 1 and the view ``[B, heads, A1, A2, D]``), as
+    :class:`~spattn.runtime.triton_backend.BoxRows` describes a layout's; 128 rows are
+    the grid ``(1, 1, L)`` in boxes ``(1, 1, 128)``."""
+
+    sides: tuple
+    box: tuple
+    fold: bool
+
+    @property
+    def tiles(self) -> tuple:
+        return tuple(a // b for a, b in zip(self.sides, self.box))
+
+    def rows(self):
+        from .triton_backend import BoxRows
+        return BoxRows(self.sides, self.box, self.fold)
+
+    def half(self) -> tuple:
+        from ..ir.layout import sub_box
+        return sub_box(self.box, TILE // 2)
+
+
+def why_not(call, q, k, v, options: dict | None, rows) -> str | None:
+    """Why the warp-specialised forward does not run this call (``rows``: None, the
+    plan's :class:`~spattn.runtime.triton_backend.RowTables` or ``BoxRows``), or None
+    where it can, subject to its tiles (:func:`key_lists`)."""
+    from . import cache
+    from .triton_backend import BoxRows, _upcast, tma_ok
+    s = call.settings
+    ws = getattr(s, "ws_fwd", None)
+    if ws is False:
+        return "SPATTN_WS_FWD=0"
+    if not GLUON:
+        return "this Triton has no Gluon Hopper modules"
+    if s.interpret or q.device.type != "cuda":
+        return "not on a CUDA device"
+    if (cache.capability(q.device) or (0, 0)) != (9, 0):
+        return "not a Hopper GPU (sm_90)"
+    if q.dtype not in (torch.bfloat16, torch.float16) or _upcast(call):
+        return f"{q.dtype} (it runs bfloat16 and float16)"
+    D = q.shape[-1]
+    if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
+        return f"head dimension {D} (it runs 64 and 128)"
+    if getattr(call.pattern, "score", None) is not None:
+        return "a score (its kernel applies none)"
+    fixed = sorted(n for n in (options or {}) if n in _FIXING)
+    if fixed:
+        return f"the options fix the generated forward ({', '.join(fixed)})"
+    if s.strategy or s.fwd or s.tma is False:
+        return "SPATTN_* settings fix the generated forward"
+    if call.int64:
+        return "64-bit offsets"
+    if rows is not None and not isinstance(rows, BoxRows):
+        return "rows through tables"
+    if isinstance(rows, BoxRows):
+        if rows.box[0] * rows.box[1] * rows.box[2] != TILE:
+            return f"boxes {rows.box} of other than {TILE} cells"
+        if any(a % b for a, b in zip(rows.shape, rows.box)):
+            return "a grid its boxes do not divide"
+        return None
+    if call.Lq % TILE or call.Lk % TILE:
+        return f"lengths that are not multiples of {TILE}"
+    if not tma_ok(q, k, v):
+        return "tensors TMA cannot read"
+    return None
+
+
+#: Options that fix the generated forward's configuration (the plan then builds it).
+_FIXING = ("block_m", "block_n", "num_warps", "num_stages", "strategy", "loop", "tma")
+
+
+def key_lists(call):
+    """``(START, COUNT, COLS, (LB, LH), n_q)`` of the call's non-EMPTY 128 x 128 tiles per
+    (batch, head, query tile), the list entry of ``(b, h, t)`` at ``b * LB + h * LH +
+    t``; or a string saying why the kernel cannot run them: a PARTIAL tile (it applies no
+    mask), a query tile without keys, or (``SPATTN_WS_FWD=auto``) fewer than
+    :data:`MIN_WORK` tiles in all."""
+    from .tables import FULL, PARTIAL, _pool
+    ((fine_tile, fine),) = call.analysis.classes([(TILE, TILE)])
+    cls = _pool(fine, fine_tile, (TILE, TILE), call.Lq, call.Lk)
+    count = (cls == FULL).sum(-1, dtype=torch.int32)           # [B', H', n_q]
+    partial, least, tiles = torch.stack([(cls == PARTIAL).any().float(), count.min().float(),
+                                         count.sum().float()]).tolist()
+    if partial:
+        return "PARTIAL tiles (it applies no mask)"
+    if least < 1:
+        return "a query tile without keys"
+    Bp, Hp, n_q = count.shape
+    tiles *= (call.B // Bp) * (call.H // Hp)
+    if call.settings.ws_fwd is None and tiles < MIN_WORK:
+        return f"{int(tiles)} tiles in all (auto takes {MIN_WORK} or more)"
+    start = (torch.cumsum(count.reshape(-1), 0, dtype=torch.int32) - count.reshape(-1))
+    cols = (cls == FULL).reshape(-1, cls.shape[-1]).nonzero()[:, 1].to(torch.int32)
+    strides = ((Hp * n_q) if Bp > 1 else 0, n_q if Hp > 1 else 0)
+    return start.contiguous(), count.reshape(-1).contiguous(), cols.contiguous(), strides, n_q
+
+
+class WsFwdStage:
+    """The forward stage of a call the warp-specialised kernel runs (:func:`build`):
+    ``run(q, k, v) -> (o [B, H, N, D], lse fp32 [B, H, N])`` in the caller's order."""
+
+    gluon = True
+    kernel = attn_fwd_ws if GLUON else None
+
+    def __init__(self, call, q, k, v, rows, lists):
+        from .triton_backend import _scale_log2
+        B, H, _, D = q.shape
+        self.start, self.count, self.cols, (LB, LH), n_q = lists
+        if rows is None:
+            self.qg = Grid5((1, 1, call.Lq), (1, 1, TILE), False)
+            self.kg = Grid5((1, 1, call.Lk), (1, 1, TILE), False)
+        else:
+            self.qg = self.kg = Grid5(rows.shape, rows.box, rows.fold)
+        self.box = rows
+        N = self.qg.sides[0] * self.qg.sides[1] * self.qg.sides[2]
+        self.out_shape = (B, H, N, D)
+        self.n_q, self.n_tiles = n_q, int(self.cols.numel())
+        self.grid = (B * H * n_q,)
+        gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+        self._layouts = {b: gl.NVMMASharedLayout.get_default_for([1, *b, D], gdt)
+                         for b in (self.qg.half(), self.kg.box)}
+        qt, kt = self.qg.tiles, self.kg.tiles
+        self.static = (self.start, self.count, self.cols, H, H // k.shape[1], n_q, LB, LH,
+                       int(self.qg.fold), qt[1], qt[2], kt[1], kt[2], self.qg.sides[1],
+                       self.qg.sides[2], N, _scale_log2(call.scale))
+        self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+                         maxnreg=168)
+        self.aligned = True
+
+    def _desc(self, t, grid: Grid5, block: tuple):
+        shape, strides, blk = grid.rows().view(t, block)
+        blk = blk + [t.shape[-1]]
+        return TensorDescriptor(t, shape, strides, blk, self._layouts[block])
+
+    def args(self, q, k, v):
+        o = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(self.out_shape[:3], dtype=torch.float32, device=q.device)
+        half = self.qg.half()
+        descs = (self._desc(q, self.qg, half), self._desc(k, self.kg, self.kg.box),
+                 self._desc(v, self.kg, self.kg.box), self._desc(o, self.qg, half))
+        return (*descs, lse, *self.static), o, lse
+
+    def run(self, q, k, v, tables=None, out_dtype=None):
+        if out_dtype not in (None, q.dtype) or tables:
+            raise SpattnBackendError("the warp-specialised forward writes o in q's dtype and "
+                                     "applies no score (runtime.ws_fwd)")
+        args, o, lse = self.args(q, k, v)
+        with launch_guard(q.device.type):
+            self.kernel[self.grid](*args, **self.meta)
+        return o, lse
+
+    def __repr__(self) -> str:
+        how = (f"boxes {self.qg.box} of the grid {self.qg.sides} through 5-D TMA"
+               if self.box is not None else "rows through TMA")
+        return (f"fwd attn_fwd_ws (Gluon, warp-specialised: a TMA loader and two consumer "
+                f"warp groups in ping-pong): every computed tile FULL, tiles {TILE}x{TILE}, "
+                f"{self.n_tiles} key tiles over {self.count.numel()} query-tile lists, {how}, "
+                f"grid {self.grid}")
+
+
+def build(call, q, k, v, options, rows):
+    """The warp-specialised forward stage of ``call``, compiled, or ``(None, why)`` where
+    it does not run the call (:func:`why_not`, :func:`key_lists`) or Triton fails to
+    build it (the plan then builds the generated forward and logs why)."""
+    why = why_not(call, q, k, v, options, rows)
+    if why is not None:
+        return None, why
+    lists = key_lists(call)
+    if isinstance(lists, str):
+        return None, lists
+    try:
+        stage = WsFwdStage(call, q, k, v, rows, lists)
+        args, _, _ = stage.args(q, k, v)
+        compiled = stage.kernel.warmup(*args, grid=stage.grid, **stage.meta)
+        init = getattr(compiled, "_init_handles", None)
+        if init is not None:
+            init()
+    except Exception as e:  # noqa: BLE001 -- any failure leaves the generated forward
+        return None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return stage, None

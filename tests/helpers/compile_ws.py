@@ -1,0 +1,58 @@
+"""Compile the warp-specialised forward (``runtime/ws_fwd.py``) for Hopper (sm_90a) on this
+machine, no GPU: one line per configuration, ``LABEL OK {facts}`` (the ``setmaxnreg``
+counts, the ``wgmma.wait_group`` arguments, the 5-D TMA loads and stores), or ``LABEL
+FAILED error``. Run without ``TRITON_INTERPRET`` (tests/helpers/uninterpreted.py)."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.gluon_fwd import compile_sm90  # noqa: E402
+from spattn.runtime import ws_fwd  # noqa: E402
+from spattn.runtime.triton_backend import BoxRows  # noqa: E402
+
+CASES = [  # label, B, H, HK, N, D, dtype, BoxRows or None
+    ("rows-B1-H2-L512-D128-bf16", 1, 2, 2, 512, 128, torch.bfloat16, None),
+    ("rows-B2-H4-Hk2-L256-D64-fp16", 2, 4, 2, 256, 64, torch.float16, None),
+    ("box-16x8-of-64x32-D128-bf16", 1, 2, 1, 2048, 128, torch.bfloat16,
+     BoxRows((1, 64, 32), (1, 16, 8), False)),
+    ("box-2x8x8-of-4x16x16-D64-bf16", 2, 2, 2, 1024, 64, torch.bfloat16,
+     BoxRows((4, 16, 16), (2, 8, 8), True)),
+    ("box-4x8x4-of-16x16x32-D128-bf16", 1, 2, 2, 8192, 128, torch.bfloat16,
+     BoxRows((16, 16, 32), (4, 8, 4), True)),
+]
+
+
+def main() -> None:
+    for label, B, H, HK, N, D, dtype, rows in CASES:
+        q = torch.empty(B, H, N, D, dtype=dtype)
+        k, v = (torch.empty(B, HK, N, D, dtype=dtype) for _ in range(2))
+        n_t = N // ws_fwd.TILE
+        count = torch.full((n_t,), n_t, dtype=torch.int32)
+        lists = (torch.arange(n_t, dtype=torch.int32) * n_t, count,
+                 torch.arange(n_t, dtype=torch.int32).repeat(n_t), (0, 0), n_t)
+        call = SimpleNamespace(Lq=N, Lk=N, scale=D ** -0.5)
+        try:
+            stage = ws_fwd.WsFwdStage(call, q, k, v, rows, lists)
+            args, _, _ = stage.args(q, k, v)
+            ptx = compile_sm90(stage.kernel, args, stage.meta).asm["ptx"]
+        except Exception as e:  # noqa: BLE001 -- reported
+            print(f"{label} FAILED {type(e).__name__}: {' '.join(str(e).split())[-400:]}")
+            continue
+        facts = dict(
+            setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
+                                             ptx))),
+            waits=sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))),
+            loads5d=len(re.findall(r"cp\.async\.bulk\.tensor\.5d\.shared::cluster\.global", ptx)),
+            stores5d=len(re.findall(r"cp\.async\.bulk\.tensor\.5d\.global\.shared", ptx)))
+        print(f"{label} OK {facts}")
+
+
+if __name__ == "__main__":
+    main()
