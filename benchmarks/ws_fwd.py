@@ -6,8 +6,9 @@ forward wherever it runs) and ``=0`` (the generated forward, as the plan otherwi
 chooses it), and both calls are timed with cuDNN's dense forward (the dense problems) in
 alternating rounds of ``triton.testing.do_bench`` medians, each output checked against
 the other first. Problems: ``full`` at 1K to 16K tokens (B = 1 and 8, 16 heads, D = 64
-and 128), 128-aligned documents of 1024 tokens at 16K, and block-diagonal attention with
-one key tile per query tile (``q // 128 == k // 128``: the fewest ``auto`` could face).
+and 128), 128-aligned documents of 1024 tokens at 16K, block-diagonal attention with
+one key tile per query tile (``q // 128 == k // 128``), and patterns with PARTIAL tiles,
+whose masks the kernel reads: causal at 4K to 64K, causal documents at random cuts.
 bf16. ``us`` is the call's median, host time included where the GPU waits for it.
 
     python benchmarks/ws_fwd.py [--rounds 3] [--out DIR]
@@ -39,7 +40,24 @@ PROBLEMS = [  # name, source, B, H, L, D, inputs(L)
     ("documents of 1024, 16K", "same(doc)", 1, 16, 16384, 128,
      lambda L: {"doc": torch.arange(L, device="cuda") // 1024}),
     ("one key tile per query tile, 16K", "q // 128 == k // 128", 1, 16, 16384, 128, None),
+    ("causal 4K", "causal", 1, 16, 4096, 128, None),
+    ("causal 16K", "causal", 1, 16, 16384, 128, None),
+    ("causal 16K D64", "causal", 1, 16, 16384, 64, None),
+    ("causal 64K", "causal", 1, 16, 65536, 128, None),
+    ("20 documents at random cuts, causal, 16K", "causal & same(doc)", 1, 16, 16384, 128,
+     lambda L: {"doc": _docs(L, 20)}),
+    ("1000 documents, causal, 64K", "causal & same(doc)", 1, 16, 65536, 128,
+     lambda L: {"doc": _docs(L, 1000)}),
 ]
+
+
+def _docs(L: int, n: int):
+    """Document ids of ``n`` documents at sorted random cuts."""
+    g = torch.Generator().manual_seed(n)
+    cuts = torch.randperm(L - 1, generator=g)[:n - 1] + 1
+    ids = torch.zeros(L, dtype=torch.int64)
+    ids[cuts] = 1
+    return ids.cumsum(0).to("cuda")
 
 
 def _plan(src, q, k, v, inputs, ws: str):

@@ -51,8 +51,8 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
                             of ``ir.compose.COMPOSE_MIN_OPS`` operations or more;
                             docs/backends.md, Scores)
 ``SPATTN_WS_FWD``           ``auto`` / ``1`` / ``0``: the warp-specialised Gluon forward on
-                            Hopper for calls whose computed tiles are all FULL (``auto``:
-                            two key tiles or more per query tile; ``runtime.ws_fwd``)
+                            Hopper (``auto``: calls with enough work and few PARTIAL
+                            tiles; ``runtime.ws_fwd``)
 ``SPATTN_PROGRESS``         ``auto`` / ``1`` / ``0``: show long plan builds and explain()
                             runs (:func:`progress`; not part of :class:`Settings`)
 ``TRITON_INTERPRET``        ``1``: run the Triton kernels on the CPU (Triton's variable)

@@ -15,20 +15,25 @@ FlashAttention-3's forward in it:
   products hold the tensor cores), each turn's S issued before its P V, so that the
   softmax overlaps the group's own P V as well.
 
-The kernel has no mask: it runs calls whose computed tiles at 128 x 128 are all FULL (the
-analysis proves it; :func:`key_lists`), which are dense attention, block-sparse patterns
-aligned to 128, and the strided neighbourhoods in their token layouts (every tile FULL:
-docs/layouts.md). Q, K, V and O are read and written through 5-D TMA descriptors: a
-layout's boxes of the caller's tokens (:class:`~spattn.runtime.triton_backend.BoxRows`,
-no copies) or runs of 128 rows; the lse is written in the caller's token order, so the
-generated backward runs on it unchanged. :func:`why_not` lists what the kernel does not
-run (the plan then builds the generated forward): other devices, dtypes and head
-dimensions, scores, PARTIAL tiles, lengths that are not multiples of 128, options or
+The kernel evaluates no pattern: a key tile is FULL, or PARTIAL with its 128 x 128 mask
+materialised by the analysis at plan time (:func:`key_lists`, :func:`tile_masks`: the
+pattern's IR evaluated at the tile's positions) and read by the consumers. It suits the
+patterns whose PARTIAL tiles are few, such as dense attention, causal masks, documents,
+masks aligned to 128, and the strided neighbourhoods in their token layouts (every tile
+FULL: docs/layouts.md); a call with more than :data:`MAX_MASKS` PARTIAL tiles keeps the
+generated forward, which evaluates its mask in registers. Q, K, V and O are read and
+written through 5-D TMA descriptors: a layout's boxes of the caller's tokens
+(:class:`~spattn.runtime.triton_backend.BoxRows`, no copies) or runs of 128 rows (any
+lengths: TMA fills the rows past the end with zeros and drops them on the store, and the
+last key tile's mask stops at the keys' end). The lse is written in the caller's token
+order, so the generated backward runs on it unchanged; rows with no allowed key give O = 0
+and lse = -inf. :func:`why_not` lists what the kernel does not run (the plan then builds
+the generated forward): other devices, dtypes and head dimensions, scores, options or
 ``SPATTN_*`` settings that fix the generated forward's configuration. ``SPATTN_WS_FWD``
 (``auto`` / ``1`` / ``0``) chooses: ``auto`` takes it for calls of at least
-:data:`MIN_WORK` computed tiles (below them the call is bound by the host, where this kernel's launch
-through Triton's dispatcher, with four fresh descriptors, costs about 20 us more than the
-generated forward's bound launch), ``1`` wherever it can run,
+:data:`MIN_WORK` computed tiles (below them the call is bound by the host, where this
+kernel's launch through Triton's dispatcher, with four fresh descriptors, costs about
+20 us more than the generated forward's bound launch), ``1`` wherever it can run,
 ``0`` never. docs/backends.md, "The warp-specialised forward".
 """
 from __future__ import annotations
@@ -61,8 +66,6 @@ MIN_WORK = 4096
 #: K/V slots of the loader's ring, and the consumers' registers (``setmaxnreg``).
 STAGES = 2
 CONSUMER_REGS = 240
-LN2 = 0.6931471805599453
-LOG2E = 1.4426950408889634
 
 
 if GLUON:
@@ -108,7 +111,7 @@ if GLUON:
 
     @gluon.jit
     def _load(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-              COUNT, COLS, geom, sm_scale_log2):
+              COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
         """The loader partition: the program's two halves of Q, then its key tiles' K and V
         into the ring of slots, each slot refilled once both consumers released it."""
         b_q, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
@@ -135,14 +138,29 @@ if GLUON:
             tma.async_copy_global_to_shared(v_desc, o_k, v_ready.index(i_s), v_smem.index(i_s))
 
     @gluon.jit
-    def _softmax(b_s, b_m, b_l, sm_scale_log2):
+    def _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED: gl.constexpr):
         """One key tile of the online softmax in log2 units: P, the rescale of the running
-        sums, the new row maxima and sums."""
+        sums, the new row maxima and sums. ``MASKED``: a row with no allowed key so far
+        keeps its maximum at -inf and its sum at 0 (its P and rescale 0, never NaN)."""
         b_m_new = gl.maximum(b_m, gl.max(b_s, 1) * sm_scale_log2)
-        b_alpha = gl.exp2(b_m - b_m_new)
-        b_p = gl.exp2(b_s * sm_scale_log2 - gl.expand_dims(b_m_new, 1))
+        b_m_use = b_m_new
+        if MASKED:
+            b_m_use = gl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = gl.exp2(b_m - b_m_use)
+        b_p = gl.exp2(b_s * sm_scale_log2 - gl.expand_dims(b_m_use, 1))
         b_l = b_l * b_alpha + gl.sum(b_p, 1)
         return b_p, b_alpha, b_m_new, b_l
+
+    @gluon.jit
+    def _masked(b_s, MASKS, i_m, HALF: gl.constexpr):
+        """S of a PARTIAL tile with its disallowed pairs at -inf: rows ``[64 * HALF, +64)``
+        of the tile's mask ``MASKS[i_m]`` (uint8 ``[128, 128]``, the analysis's)."""
+        s_layout: gl.constexpr = b_s.type.layout
+        o_r = gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout)) + HALF * 64
+        o_c = gl.arange(0, 128, layout=gl.SliceLayout(0, s_layout))
+        p_m = MASKS + i_m.to(gl.int64) * 16384 + gl.expand_dims(o_r * 128, 1) \
+            + gl.expand_dims(o_c, 0)
+        return gl.where(gl.load(p_m) != 0, b_s, float("-inf"))
 
     @gluon.jit
     def _tile(smem, i_s):
@@ -154,10 +172,12 @@ if GLUON:
 
     @gluon.jit
     def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, geom, sm_scale_log2, HALF: gl.constexpr):
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, HALF: gl.constexpr,
+                 MASKED: gl.constexpr):
         """A consumer warp group: query rows ``[64 * HALF, +64)`` of the program's tile
         against its key tiles; O stored through its Q slot, the lse in the caller's
-        order."""
+        order. ``MASKED``: some tiles are PARTIAL (their masks read, rows without an
+        allowed key guarded); else every tile is FULL and none of that is compiled."""
         b_q, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
         D: gl.constexpr = k_smem.type.shape[5]
         STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -184,7 +204,11 @@ if GLUON:
         b_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         mbarrier.wait(b_q.index(HALF), 0)
 
-        # stage 1: the first key tile's S, in this group's first turn
+        # stage 1: the first key tile's S, in this group's first turn (each tile's mask
+        # index is loaded before the waits, its latency under them)
+        if MASKED:
+            o_list = gl.load(START + i_l)
+            i_m = gl.load(MIDX + o_list)
         mbarrier.wait(k_ready.index(0), 0)
         mbarrier.wait(pp_bar.index(HALF), HALF ^ 1)
         b_s = warpgroup_mma(q_s, _tile(k_smem, 0).permute((1, 0)), b_zero, use_acc=False,
@@ -192,7 +216,10 @@ if GLUON:
         mbarrier.arrive(pp_bar.index(1 - HALF))
         b_s = warpgroup_mma_wait(0, deps=(b_s,))
         mbarrier.arrive(k_empty.index(0))
-        b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2)
+        if MASKED:
+            if i_m >= 0:
+                b_s = _masked(b_s, MASKS, i_m, HALF)
+        b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
         b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
 
         # stage 2: turns of (S of tile j, P V of tile j - 1); the softmax of tile j overlaps
@@ -200,6 +227,8 @@ if GLUON:
         for j in range(1, n_n):
             i_s = j % STAGES
             i_sp = (j - 1) % STAGES
+            if MASKED:
+                i_m = gl.load(MIDX + o_list + j)
             mbarrier.wait(k_ready.index(i_s), (j // STAGES) & 1)
             mbarrier.wait(v_ready.index(i_sp), ((j - 1) // STAGES) & 1)
             mbarrier.wait(pp_bar.index(HALF), (j & 1) ^ HALF ^ 1)
@@ -209,7 +238,10 @@ if GLUON:
             mbarrier.arrive(pp_bar.index(1 - HALF))
             b_s = warpgroup_mma_wait(1, deps=(b_s,))
             mbarrier.arrive(k_empty.index(i_s))
-            b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2)
+            if MASKED:
+                if i_m >= 0:
+                    b_s = _masked(b_s, MASKS, i_m, HALF)
+            b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
             b_o = warpgroup_mma_wait(0, deps=(b_o,))
             mbarrier.arrive(v_empty.index(i_sp))
             b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
@@ -225,7 +257,11 @@ if GLUON:
 
         # stage 3: normalise, store O through the Q slot (no longer read) and the lse at
         # the caller's token of each row
-        b_o = b_o / gl.expand_dims(gl.convert_layout(b_l, row_o), 1)
+        if MASKED:
+            b_l_safe = gl.where(b_l == 0.0, 1.0, b_l)      # (rows without keys: O = 0)
+        else:
+            b_l_safe = b_l
+        b_o = b_o / gl.expand_dims(gl.convert_layout(b_l_safe, row_o), 1)
         q_s.store(b_o.to(o_desc.dtype))
         fence_async_shared()
         o_q = _at(i_t, q_p[0], q_p[1], QT1, QT2, q_smem, k_smem, HALF)
@@ -237,34 +273,51 @@ if GLUON:
         a1 = o_q[2] + (o_r // h2) % h1
         a2 = o_q[3] + o_r % h2
         p_lse = LSE + i_bh.to(gl.int64) * QN + (a0 * QA1 + a1) * QA2 + a2
-        gl.store(p_lse, (b_m + gl.log2(b_l)) * 0.6931471805599453)
+        b_lse = (b_m + gl.log2(b_l_safe)) * 0.6931471805599453
+        if MASKED:
+            b_lse = gl.where(b_l == 0.0, float("-inf"), b_lse)
+        gl.store(p_lse, b_lse, mask=a2 < QA2)       # (rows past a ragged end: none)
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _consume0(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                  COUNT, COLS, geom, sm_scale_log2):
+    def _consume0(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
+                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
         _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, geom, sm_scale_log2, 0)
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 0, False)
 
     @gluon.jit
-    def _consume1(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                  COUNT, COLS, geom, sm_scale_log2):
+    def _consume0m(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
+                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
         _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, geom, sm_scale_log2, 1)
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 0, True)
+
 
     @gluon.jit
-    def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, START, COUNT, COLS,
+    def _consume1(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
+                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
+        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 1, False)
+
+    @gluon.jit
+    def _consume1m(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
+                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
+        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 1, True)
+
+
+    @gluon.jit
+    def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, START, COUNT, COLS, MIDX, MASKS,
                     H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN,
                     sm_scale_log2, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    MASKED: gl.constexpr, num_warps: gl.constexpr):
         """One program per 128 query rows (one box of a layout, or 128 rows) of one (batch,
         head): Q, K, V, O through 5-D descriptors (``[B * heads, A0, A1, A2, D]`` views
         when ``FOLD``, else ``[B, heads, 1, A1, A2, D]``) whose blocks are a box (K, V) or
         half of one (Q, O); the query grid's boxes ``QT1 x QT2`` per outer slice, sides
         ``QA1 x QA2``, ``QN`` tokens; the key grid's boxes ``KT1 x KT2``; ``H`` query heads,
         ``G`` of them per key head. The key tiles of the program's list entry ``i = b * LB
-        + h * LH + t``: ``COLS[START[i] : START[i] + COUNT[i]]`` (every one FULL, at least
-        one). The lse ``[B, H, QN]`` in the caller's order. The partitions read their tile
+        + h * LH + t``: ``COLS[START[i] : START[i] + COUNT[i]]`` (at least one), each FULL
+        (``MIDX`` -1) or PARTIAL with its uint8 mask ``MASKS[MIDX]`` ``[128, 128]``. The lse ``[B, H, QN]`` in the caller's order. The partitions read their tile
         shapes from the shared buffers' types (Triton 3.6 passes a partition's arguments as
         values, not constexprs)."""
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
@@ -290,9 +343,13 @@ if GLUON:
         bars = (b_q, k_ready, k_empty, v_ready, v_empty, pp_bar)
         geom = (H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN)
         args = (q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                COUNT, COLS, geom, sm_scale_log2)
-        gl.warp_specialize([(_load, args), (_consume0, args), (_consume1, args)],
-                           [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+                COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2)
+        if MASKED:
+            gl.warp_specialize([(_load, args), (_consume0m, args), (_consume1m, args)],
+                               [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        else:
+            gl.warp_specialize([(_load, args), (_consume0, args), (_consume1, args)],
+                               [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
 # ---------------------------------------------------------------- host side
@@ -311,7 +368,7 @@ class Grid5:
 
     @property
     def tiles(self) -> tuple:
-        return tuple(a // b for a, b in zip(self.sides, self.box))
+        return tuple(-(-a // b) for a, b in zip(self.sides, self.box))
 
     def rows(self):
         from .triton_backend import BoxRows
@@ -360,8 +417,8 @@ def why_not(call, q, k, v, options: dict | None, rows) -> str | None:
         if any(a % b for a, b in zip(rows.shape, rows.box)):
             return "a grid its boxes do not divide"
         return None
-    if call.Lq % TILE or call.Lk % TILE:
-        return f"lengths that are not multiples of {TILE}"
+    if min(call.Lq, call.Lk) < TILE:
+        return f"fewer than {TILE} queries or keys"
     if not tma_ok(q, k, v):
         return "tensors TMA cannot read"
     return None
@@ -371,30 +428,91 @@ def why_not(call, q, k, v, options: dict | None, rows) -> str | None:
 _FIXING = ("block_m", "block_n", "num_warps", "num_stages", "strategy", "loop", "tma")
 
 
+@dataclass
+class KeyLists:
+    """The tiles the kernel computes, per list entry ``i = b * LB + h * LH + t`` (batch
+    element, head, query tile; ``LB``, ``LH`` 0 where every batch element or head has the
+    same): key tiles ``cols[start[i] : start[i] + count[i]]``, ascending, each FULL
+    (``midx`` -1) or PARTIAL with its mask ``masks[midx]`` (uint8 ``[128, 128]``: query
+    rows by key columns, 0 where the pair is not allowed or past the keys' end)."""
+
+    start: torch.Tensor
+    count: torch.Tensor
+    cols: torch.Tensor
+    midx: torch.Tensor
+    masks: torch.Tensor
+    strides: tuple
+    n_q: int
+
+
 def key_lists(call):
-    """``(START, COUNT, COLS, (LB, LH), n_q)`` of the call's non-EMPTY 128 x 128 tiles per
-    (batch, head, query tile), the list entry of ``(b, h, t)`` at ``b * LB + h * LH +
-    t``; or a string saying why the kernel cannot run them: a PARTIAL tile (it applies no
-    mask), a query tile without keys, or (``SPATTN_WS_FWD=auto``) fewer than
-    :data:`MIN_WORK` tiles in all."""
-    from .tables import FULL, PARTIAL, _pool
+    """The :class:`KeyLists` of the call's non-EMPTY 128 x 128 tiles, or a string saying
+    why the kernel does not run them: a query tile without keys, more than
+    :data:`MAX_MASKS` PARTIAL tiles, or (``SPATTN_WS_FWD=auto``) fewer than
+    :data:`MIN_WORK` tiles in all or a share of PARTIAL ones above
+    :data:`MAX_PARTIAL_SHARE`."""
+    from .tables import EMPTY, PARTIAL, _demote_ragged, _pool
     ((fine_tile, fine),) = call.analysis.classes([(TILE, TILE)])
-    cls = _pool(fine, fine_tile, (TILE, TILE), call.Lq, call.Lk)
-    count = (cls == FULL).sum(-1, dtype=torch.int32)           # [B', H', n_q]
-    partial, least, tiles = torch.stack([(cls == PARTIAL).any().float(), count.min().float(),
-                                         count.sum().float()]).tolist()
-    if partial:
-        return "PARTIAL tiles (it applies no mask)"
+    cls = _demote_ragged(_pool(fine, fine_tile, (TILE, TILE), call.Lq, call.Lk), call.Lk,
+                         TILE, 3)
+    count = (cls != EMPTY).sum(-1, dtype=torch.int32)           # [B', H', n_q]
+    n_partial, least, tiles = torch.stack([(cls == PARTIAL).sum().float(),
+                                           count.min().float(),
+                                           count.sum().float()]).tolist()
     if least < 1:
         return "a query tile without keys"
+    if n_partial > MAX_MASKS:
+        return f"{int(n_partial)} PARTIAL tiles (their masks are kept up to {MAX_MASKS})"
     Bp, Hp, n_q = count.shape
     tiles *= (call.B // Bp) * (call.H // Hp)
     if call.settings.ws_fwd is None and tiles < MIN_WORK:
         return f"{int(tiles)} tiles in all (auto takes {MIN_WORK} or more)"
-    start = (torch.cumsum(count.reshape(-1), 0, dtype=torch.int32) - count.reshape(-1))
-    cols = (cls == FULL).reshape(-1, cls.shape[-1]).nonzero()[:, 1].to(torch.int32)
+    if call.settings.ws_fwd is None and n_partial > MAX_PARTIAL_SHARE * count.sum().item():
+        return (f"{int(n_partial)} of {int(count.sum())} tiles PARTIAL (auto takes a share "
+                f"of {MAX_PARTIAL_SHARE:.0%} or less)")
+    flat = count.reshape(-1)
+    start = torch.cumsum(flat, 0, dtype=torch.int32) - flat
+    at = (cls != EMPTY).nonzero()                               # [n, 4]: b', h', t, c
+    partial = cls[at.unbind(1)] == PARTIAL
+    midx = torch.full((at.shape[0],), -1, dtype=torch.int32, device=cls.device)
+    midx[partial] = torch.arange(int(n_partial), dtype=torch.int32, device=cls.device)
     strides = ((Hp * n_q) if Bp > 1 else 0, n_q if Hp > 1 else 0)
-    return start.contiguous(), count.reshape(-1).contiguous(), cols.contiguous(), strides, n_q
+    return KeyLists(start.contiguous(), flat.contiguous(), at[:, 3].to(torch.int32).contiguous(),
+                    midx, tile_masks(call, at[partial]), strides, n_q)
+
+
+#: The share of PARTIAL tiles up to which ``SPATTN_WS_FWD=auto`` takes the kernel. Timed on
+#: an H100 (benchmarks/RESULTS.md, "The warp-specialised forward in spattn"): causal at
+#: 16K and 64K (1.5% and 0.4% PARTIAL) 1.17x and 1.25x the generated forward's speed, at
+#: 4K (6%) 0.94x; documents at random cuts (most tiles PARTIAL) 0.88-0.97x.
+MAX_PARTIAL_SHARE = 0.05
+#: PARTIAL tiles whose masks the kernel reads at most (16 KiB each: 64 MiB).
+MAX_MASKS = 4096
+#: Tiles whose masks are evaluated at once (their int64 intermediates: 128 KiB a tile).
+_MASK_CHUNK = 256
+
+
+def tile_masks(call, at: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[n, 128, 128]``: the call's mask on each tile of ``at`` ``[n, 4]`` (batch
+    element, head, query tile, key tile; 0 for a batch element or head the classes do not
+    tell apart), evaluated from the pattern's IR at the tile's positions, 0 past the keys'
+    end. At least one tile, so that the kernel always has a pointer."""
+    from ..ir.evaluate import evaluate
+    dev = call.analysis.device
+    out = torch.zeros((max(1, at.shape[0]), TILE, TILE), dtype=torch.uint8, device=dev)
+    r = torch.arange(TILE, device=dev, dtype=torch.int64)
+    node = getattr(call.pattern, "ir", call.pattern)
+    for i in range(0, at.shape[0], _MASK_CHUNK):
+        a = at[i:i + _MASK_CHUNK].to(dev, torch.int64)
+        # rows past a ragged end are evaluated at the last one (never stored, never read)
+        q = (a[:, 2, None] * TILE + r).clamp(max=call.Lq - 1) + call.positions.q_offset
+        k = (a[:, 3, None] * TILE + r)[:, None, :]
+        env = {"q": q[:, :, None], "k": k.clamp(max=call.Lk - 1),
+               "h": a[:, 1, None, None], "b": a[:, 0, None, None],
+               "Lq": call.Lq, "Lk": call.Lk, "H": call.H}
+        m = torch.as_tensor(evaluate(node, env, call.inputs), device=dev)
+        out[i:i + a.shape[0]] = (m & (k < call.Lk)).expand(a.shape[0], TILE, TILE)
+    return out
 
 
 class WsFwdStage:
@@ -407,7 +525,8 @@ class WsFwdStage:
     def __init__(self, call, q, k, v, rows, lists):
         from .triton_backend import _scale_log2
         B, H, _, D = q.shape
-        self.start, self.count, self.cols, (LB, LH), n_q = lists
+        self.lists = lists
+        (LB, LH), n_q = lists.strides, lists.n_q
         if rows is None:
             self.qg = Grid5((1, 1, call.Lq), (1, 1, TILE), False)
             self.kg = Grid5((1, 1, call.Lk), (1, 1, TILE), False)
@@ -416,17 +535,19 @@ class WsFwdStage:
         self.box = rows
         N = self.qg.sides[0] * self.qg.sides[1] * self.qg.sides[2]
         self.out_shape = (B, H, N, D)
-        self.n_q, self.n_tiles = n_q, int(self.cols.numel())
+        self.n_q, self.n_tiles = n_q, int(lists.cols.numel())
+        self.n_masks = int((lists.midx >= 0).sum())
         self.grid = (B * H * n_q,)
         gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
         self._layouts = {b: gl.NVMMASharedLayout.get_default_for([1, *b, D], gdt)
                          for b in (self.qg.half(), self.kg.box)}
         qt, kt = self.qg.tiles, self.kg.tiles
-        self.static = (self.start, self.count, self.cols, H, H // k.shape[1], n_q, LB, LH,
+        self.static = (lists.start, lists.count, lists.cols, lists.midx, lists.masks, H,
+                       H // k.shape[1], n_q, LB, LH,
                        int(self.qg.fold), qt[1], qt[2], kt[1], kt[2], self.qg.sides[1],
                        self.qg.sides[2], N, _scale_log2(call.scale))
-        self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
-                         maxnreg=168)
+        self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
+                         MASKED=self.n_masks > 0, num_warps=4, maxnreg=168)
         self.aligned = True
 
     def _desc(self, t, grid: Grid5, block: tuple):
@@ -455,9 +576,9 @@ class WsFwdStage:
         how = (f"boxes {self.qg.box} of the grid {self.qg.sides} through 5-D TMA"
                if self.box is not None else "rows through TMA")
         return (f"fwd attn_fwd_ws (Gluon, warp-specialised: a TMA loader and two consumer "
-                f"warp groups in ping-pong): every computed tile FULL, tiles {TILE}x{TILE}, "
-                f"{self.n_tiles} key tiles over {self.count.numel()} query-tile lists, {how}, "
-                f"grid {self.grid}")
+                f"warp groups in ping-pong): tiles {TILE}x{TILE}, {self.n_tiles} key tiles "
+                f"({self.n_masks} PARTIAL, their masks read) over "
+                f"{self.lists.count.numel()} query-tile lists, {how}, grid {self.grid}")
 
 
 def build(call, q, k, v, options, rows):

@@ -26,6 +26,7 @@ CASES = [  # label, B, H, HK, N, D, dtype, BoxRows or None
      BoxRows((4, 16, 16), (2, 8, 8), True)),
     ("box-4x8x4-of-16x16x32-D128-bf16", 1, 2, 2, 8192, 128, torch.bfloat16,
      BoxRows((16, 16, 32), (4, 8, 4), True)),
+    ("rows-masked-B1-H2-L1000-D128-bf16", 1, 2, 2, 1000, 128, torch.bfloat16, None),
 ]
 
 
@@ -33,10 +34,14 @@ def main() -> None:
     for label, B, H, HK, N, D, dtype, rows in CASES:
         q = torch.empty(B, H, N, D, dtype=dtype)
         k, v = (torch.empty(B, HK, N, D, dtype=dtype) for _ in range(2))
-        n_t = N // ws_fwd.TILE
+        n_t = -(-N // ws_fwd.TILE)
         count = torch.full((n_t,), n_t, dtype=torch.int32)
-        lists = (torch.arange(n_t, dtype=torch.int32) * n_t, count,
-                 torch.arange(n_t, dtype=torch.int32).repeat(n_t), (0, 0), n_t)
+        midx = torch.full((n_t * n_t,), -1, dtype=torch.int32)
+        if "masked" in label:       # the diagonal tiles PARTIAL
+            midx[::n_t + 1] = torch.arange(n_t, dtype=torch.int32)
+        lists = ws_fwd.KeyLists(torch.arange(n_t, dtype=torch.int32) * n_t, count,
+                                torch.arange(n_t, dtype=torch.int32).repeat(n_t), midx,
+                                torch.zeros(n_t, 128, 128, dtype=torch.uint8), (0, 0), n_t)
         call = SimpleNamespace(Lq=N, Lk=N, scale=D ** -0.5)
         try:
             stage = ws_fwd.WsFwdStage(call, q, k, v, rows, lists)
@@ -46,6 +51,7 @@ def main() -> None:
             print(f"{label} FAILED {type(e).__name__}: {' '.join(str(e).split())[-400:]}")
             continue
         facts = dict(
+            masked=stage.meta["MASKED"],
             setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
                                              ptx))),
             waits=sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))),

@@ -21,64 +21,85 @@ from spattn.runtime.plan import Call
 from tests.helpers.uninterpreted import run_script
 
 
-def _call(src, B, H, L, inputs=None):
+def _call(src, B, H, Lq, inputs=None, Lk=None):
     pat = spattn.compile(src)
-    q = torch.empty(B, H, L, 64)
-    return pat, Call.of(pat, q, q, scale=0.125, q_offset=None, inputs=inputs or {},
+    q, k = torch.empty(B, H, Lq, 64), torch.empty(B, H, Lk or Lq, 64)
+    return pat, Call.of(pat, q, k, scale=0.125, q_offset=None, inputs=inputs or {},
                         settings=S.current(), backend="torch")
 
 
-def _lists_against_mask(pat, call, B, H, L, inputs):
-    start, count, cols, (LB, LH), n_q = ws_fwd.key_lists(call)
-    m = pat.mask(L, L, num_heads=H, batch=B, **inputs)
-    m = torch.as_tensor(m).expand(B, H, L, L)
+def _lists_against_mask(pat, call, B, H, Lq, Lk, inputs):
+    """Every (batch, head, query tile)'s list against the dense mask: every tile with an
+    allowed pair listed, in order; a FULL one allowed throughout, a PARTIAL one's mask
+    equal to the dense mask's tile (0 past the keys' end)."""
+    kl = ws_fwd.key_lists(call)
+    LB, LH = kl.strides
     T = ws_fwd.TILE
-    tiles = m.reshape(B, H, L // T, T, L // T, T).permute(0, 1, 2, 4, 3, 5)
+    n_q, n_k = -(-Lq // T), -(-Lk // T)
+    m = torch.as_tensor(pat.mask(Lq, Lk, num_heads=H, batch=B, **inputs)).expand(B, H, Lq, Lk)
+    m = torch.nn.functional.pad(m, (0, n_k * T - Lk, 0, n_q * T - Lq))
+    tiles = m.reshape(B, H, n_q, T, n_k, T).permute(0, 1, 2, 4, 3, 5)
+    assert kl.n_q == n_q
     for b in range(B):
         for h in range(H):
             for t in range(n_q):
                 i = b * LB + h * LH + t
-                got = cols[start[i]:start[i] + count[i]].tolist()
-                want = [c for c in range(L // T) if tiles[b, h, t, c].any()]
+                rows = slice(0, min(T, Lq - t * T))
+                got = kl.cols[kl.start[i]:kl.start[i] + kl.count[i]].tolist()
+                want = [c for c in range(n_k) if tiles[b, h, t, c, rows].any()]
                 assert got == want, (b, h, t)
-                assert all(tiles[b, h, t, c].all() for c in got), (b, h, t)
+                for j, c in enumerate(got):
+                    mi = int(kl.midx[kl.start[i] + j])
+                    tile = tiles[b, h, t, c]
+                    if mi < 0:
+                        assert tile[rows].all() and (c + 1) * T <= Lk, (b, h, t, c)
+                    else:
+                        assert torch.equal(kl.masks[mi][rows].bool(), tile[rows]), (b, h, t, c)
     return LB, LH
 
 
-LIST_CASES = [  # id, source, B, H, L, inputs
-    ("B1-H2-L1024-full", "full", 1, 2, 1024, {}),
-    ("B1-H3-L1024-per-head-blocks", "(q // 256 == k // 256) | (h == 1)", 1, 3, 1024, {}),
-    ("B2-H2-L1024-documents", "same(doc)", 2, 2, 1024,
+LIST_CASES = [  # id, source, B, H, Lq, Lk, inputs
+    ("B1-H2-L1024-full", "full", 1, 2, 1024, 1024, {}),
+    ("B1-H2-L1000-full", "full", 1, 2, 1000, 1000, {}),
+    ("B1-H2-L1024-causal", "causal", 1, 2, 1024, 1024, {}),
+    ("B1-H2-Lq300-Lk1100-causal", "causal", 1, 2, 300, 1100, {}),
+    ("B1-H3-L1024-per-head-blocks", "(q // 256 == k // 256) | (h == 1)", 1, 3, 1024, 1024, {}),
+    ("B2-H2-L1024-aligned-documents", "same(doc)", 2, 2, 1024, 1024,
      {"doc": torch.stack([torch.arange(1024) // 384, torch.arange(1024) // 256])}),
+    ("B2-H2-L777-documents", "causal & same(doc)", 2, 2, 777, 777,
+     {"doc": torch.sort(torch.randint(0, 9, (2, 777)), dim=-1).values}),
 ]
 
 
-@pytest.mark.parametrize("src,B,H,L,inputs", [c[1:] for c in LIST_CASES],
+@pytest.mark.parametrize("src,B,H,Lq,Lk,inputs", [c[1:] for c in LIST_CASES],
                          ids=[c[0] for c in LIST_CASES])
-def test_key_lists_hold_every_full_tile(src, B, H, L, inputs, monkeypatch):
+def test_key_lists_hold_every_tile(src, B, H, Lq, Lk, inputs, monkeypatch):
     monkeypatch.setenv("SPATTN_WS_FWD", "1")       # (small calls: auto leaves them)
-    pat, call = _call(src, B, H, L, inputs)
-    LB, LH = _lists_against_mask(pat, call, B, H, L, inputs)
+    pat, call = _call(src, B, H, Lq, inputs, Lk)
+    LB, LH = _lists_against_mask(pat, call, B, H, Lq, Lk, inputs)
     assert (LB > 0) == ("doc" in inputs) and (LH > 0) == ("h" in src)
 
 
 @pytest.mark.parametrize("src,H,L,why", [
-    ("causal", 2, 1024, "PARTIAL"),
-    ("window(64)", 2, 1024, "PARTIAL"),
     ("(q < 128) & (k < 128)", 2, 512, "without keys"),
     ("full", 2, 4096, "2048 tiles in all"),
     ("q // 256 == k // 256", 8, 16384, "2048 tiles in all"),
-], ids=["causal", "window", "keyless-rows", "full-H2-L4096", "blocks-H8-L16384"])
+    ("window(64)", 1, 8192 * 64, "PARTIAL tiles (their masks are kept up to 4096)"),
+    ("causal", 1, 4096 * 2, "tiles in all"),
+    ("causal", 8, 4096, "tiles PARTIAL (auto takes a share of 5% or less)"),
+], ids=["keyless-rows", "full-H2-L4096", "blocks-H8-L16384", "many-partial-tiles",
+        "causal-H1-L8192", "causal-H8-L4096"])
 def test_key_lists_refuse(src, H, L, why):
     got = ws_fwd.key_lists(_call(src, 1, H, L)[1])
     assert isinstance(got, str) and why in got, got
 
 
-@pytest.mark.parametrize("src,H,L", [("full", 1, 8192), ("q // 256 == k // 256", 32, 16384)],
-                         ids=["full-H1-L8192", "blocks-H32-L16384"])
+@pytest.mark.parametrize("src,H,L", [("full", 1, 8192), ("q // 256 == k // 256", 32, 16384),
+                                     ("causal", 1, 16384)],
+                         ids=["full-H1-L8192", "blocks-H32-L16384", "causal-H1-L16384"])
 def test_key_lists_auto_takes_enough_work(src, H, L):
-    start, count, cols, strides, n_q = ws_fwd.key_lists(_call(src, 1, H, L)[1])
-    assert int(count.sum()) * (H if strides[1] == 0 else 1) >= ws_fwd.MIN_WORK
+    kl = ws_fwd.key_lists(_call(src, 1, H, L)[1])
+    assert int(kl.count.sum()) * (H if kl.strides[1] == 0 else 1) >= ws_fwd.MIN_WORK
 
 
 def test_setting_parses(monkeypatch):
@@ -96,7 +117,7 @@ def test_kernel_compiles_for_sm90():
     read and O written through 5-D TMA."""
     r = run_script("tests/helpers/compile_ws.py")
     lines = r.stdout.splitlines()
-    assert len(lines) == 5, r.stdout
+    assert len(lines) == 6 and sum("'masked': True" in ln for ln in lines) == 1, r.stdout
     for ln in lines:
         label, ok, rest = ln.partition(" OK ")
         assert ok, ln
@@ -126,45 +147,57 @@ def _rand(shape, dtype, g, bshd=False):
 
 
 def _check(pat, q, k, v, inputs, tol=1e-2):
-    """o, lse and the gradients of a fresh dO against the float64 reference."""
+    """o, lse and the gradients of a fresh dO against the float64 reference (a row with no
+    allowed key: o 0, lse -inf in both)."""
     from spattn.runtime.reference import attention_reference
     o, lse = pat(q, k, v, return_lse=True, **inputs)
     B, H, L, _ = q.shape
-    m = pat.mask(L, k.shape[2], num_heads=H, batch=B, device="cuda", **inputs)
+    m = pat.mask(L, k.shape[2], num_heads=H, batch=B, q_offset=None, device="cuda", **inputs)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ro, rl = attention_reference(q64, k64, v64, m)
     do = torch.randn_like(o)
     (o.float() * do.float()).sum().backward()
     (ro * do.double()).sum().backward()
-    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    keyless = rl == float("-inf")
+    assert torch.isfinite(o).all() and torch.equal(lse == float("-inf"), keyless)
     assert float((o.detach().double() - ro).abs().max()) < 2e-2
-    assert float((lse.detach().double() - rl).abs().max()) < 1e-3
+    assert float((lse.detach().double() - rl)[~keyless].abs().max()) < 1e-3
     for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
         err = float((a.grad.double() - b.grad).norm() / b.grad.norm())
         assert err < tol, f"{name}: rel. error {err:.2e}"
 
 
-ROW_CASES = [  # source, B, H, Hk, L, D, dtype, [B, L, H, D] memory, inputs
-    ("full", 2, 4, 2, 1024, 64, torch.float16, False, None),
-    ("full", 1, 2, 2, 2048, 128, torch.bfloat16, True, None),
-    ("(q // 256 == k // 256) | (h == 1)", 1, 2, 1, 2048, 128, torch.bfloat16, False, None),
-    ("same(doc)", 2, 2, 2, 2048, 128, torch.bfloat16, False, "doc"),
+ROW_CASES = [  # source, B, H, Hk, Lq, Lk, D, dtype, [B, L, H, D] memory, inputs
+    ("full", 2, 4, 2, 1024, 1024, 64, torch.float16, False, None),
+    ("full", 1, 2, 2, 2048, 2048, 128, torch.bfloat16, True, None),
+    ("(q // 256 == k // 256) | (h == 1)", 1, 2, 1, 2048, 2048, 128, torch.bfloat16, False,
+     None),
+    ("same(doc)", 2, 2, 2, 2048, 2048, 128, torch.bfloat16, False, "aligned"),
+    ("causal", 1, 4, 2, 2048, 2048, 128, torch.bfloat16, False, None),
+    ("causal", 2, 2, 2, 1000, 1000, 64, torch.float16, True, None),
+    ("causal", 1, 2, 1, 333, 1500, 128, torch.bfloat16, False, None),
+    ("causal & same(doc)", 2, 2, 1, 1900, 1900, 128, torch.bfloat16, False, "random"),
+    ("k + 100 < q", 1, 2, 2, 1024, 1024, 64, torch.bfloat16, False, None),
 ]
-ROW_IDS = [f"B{c[1]}-H{c[2]}-Hk{c[3]}-L{c[4]}-D{c[5]}-{str(c[6])[6:]}"
-           + ("-bshd" if c[7] else "") + f"-{i}" for i, c in enumerate(ROW_CASES)]
+ROW_IDS = [f"B{c[1]}-H{c[2]}-Hk{c[3]}-Lq{c[4]}-Lk{c[5]}-D{c[6]}-{str(c[7])[6:]}"
+           + ("-bshd" if c[8] else "") + f"-{c[0].split('(')[0].split(' ')[0]}"
+           for c in ROW_CASES]
 
 
-@pytest.mark.parametrize("src,B,H,Hk,L,D,dtype,bshd,ins", ROW_CASES, ids=ROW_IDS)
+@pytest.mark.parametrize("src,B,H,Hk,Lq,Lk,D,dtype,bshd,ins", ROW_CASES, ids=ROW_IDS)
 @hopper
-def test_rows_forward_gpu(src, B, H, Hk, L, D, dtype, bshd, ins, monkeypatch):
+def test_rows_forward_gpu(src, B, H, Hk, Lq, Lk, D, dtype, bshd, ins, monkeypatch):
     monkeypatch.setenv("SPATTN_WS_FWD", "1")       # (small calls: auto leaves them)
-    g = torch.Generator(device="cuda").manual_seed(L + B + H)
-    q = _rand((B, H, L, D), dtype, g, bshd)
-    k, v = (_rand((B, Hk, L, D), dtype, g, bshd) for _ in range(2))
+    g = torch.Generator(device="cuda").manual_seed(Lq + Lk + B + H)
+    q = _rand((B, H, Lq, D), dtype, g, bshd)
+    k, v = (_rand((B, Hk, Lk, D), dtype, g, bshd) for _ in range(2))
     inputs = {}
-    if ins == "doc":       # 128-aligned documents, different per batch element
-        cuts = torch.stack([torch.arange(L) // 384, torch.arange(L) // 640])
+    if ins == "aligned":    # 128-aligned documents, different per batch element
+        cuts = torch.stack([torch.arange(Lq) // 384, torch.arange(Lq) // 640])
         inputs = {"doc": cuts.to("cuda")}
+    elif ins == "random":   # documents at random cuts, different per batch element
+        cuts = torch.rand(B, Lq, device="cuda", generator=g) < 0.004
+        inputs = {"doc": cuts.cumsum(-1)}
     pat = spattn.compile(src)
     plan = pat.plan(q, k, v, **inputs)
     assert getattr(plan.forward_stage, "gluon", False), plan
@@ -195,20 +228,19 @@ def test_layout_forward_gpu(shape, kernel, stride, H, monkeypatch):
     _check(pat, q, k, v, {})
 
 
-@pytest.mark.parametrize("src,L,env", [
-    ("causal", 1024, {}),
-    ("full", 1000, {}),
-    ("full", 1024, {"SPATTN_WS_FWD": "0"}),
-    ("full", 1024, {"SPATTN_BLOCK_M": "64"}),
-    ("full", 1024, {"SPATTN_WS_FWD": "auto"}),
-], ids=["partial-tiles", "L1000", "setting-off", "tiles-fixed", "auto-little-work"])
+@pytest.mark.parametrize("src,L,env,dtype", [
+    ("causal", 1024, {}, torch.float32),
+    ("full", 1024, {"SPATTN_WS_FWD": "0"}, torch.bfloat16),
+    ("full", 1024, {"SPATTN_BLOCK_M": "64"}, torch.bfloat16),
+    ("full", 1024, {"SPATTN_WS_FWD": "auto"}, torch.bfloat16),
+], ids=["fp32", "setting-off", "tiles-fixed", "auto-little-work"])
 @hopper
-def test_left_to_the_generated_forward_gpu(src, L, env, monkeypatch):
+def test_left_to_the_generated_forward_gpu(src, L, env, dtype, monkeypatch):
     monkeypatch.setenv("SPATTN_WS_FWD", "1")
     for n, val in env.items():
         monkeypatch.setenv(n, val)
     g = torch.Generator(device="cuda").manual_seed(L)
-    q, k, v = (_rand((1, 2, L, 64), torch.bfloat16, g) for _ in range(3))
+    q, k, v = (_rand((1, 2, L, 64), dtype, g) for _ in range(3))
     pat = spattn.compile(src)
     plan = pat.plan(q, k, v)
     assert not getattr(plan.forward_stage, "gluon", False), plan
