@@ -644,7 +644,9 @@ def build_fwd(call, q, k, v, options: dict | None = None,
     caller's q ``[B, Hq, rows.n_q, D]``, k, v ``[B, Hk, rows.n_k, D]`` through the row
     tables (:class:`RowTables`), or a token layout's slots on the caller's q, k, v ``[B,
     heads, N, D]`` through 5-D TMA descriptors over its boxes (:class:`BoxRows`); o and lse
-    are in the caller's order."""
+    are in the caller's order. On Hopper the stage is the warp-specialised Gluon forward
+    (:class:`spattn.runtime.ws_fwd.WsFwdStage`) wherever that runs the call
+    (:func:`spattn.runtime.ws_fwd.build`)."""
     training = call.learnable or any(t.requires_grad for t in (q, k, v))
     if _upcast(call):
         q, k, v = q.float(), k.float(), v.float()

@@ -386,8 +386,7 @@ def why_not(call, q, k, v, options: dict | None, rows) -> str | None:
     from . import cache
     from .triton_backend import BoxRows, _upcast, tma_ok
     s = call.settings
-    ws = getattr(s, "ws_fwd", None)
-    if ws is False:
+    if s.ws_fwd is False:
         return "SPATTN_WS_FWD=0"
     if not GLUON:
         return "this Triton has no Gluon Hopper modules"
