@@ -18,10 +18,11 @@ FlashAttention-3's forward in it:
 The kernel evaluates no pattern: a key tile is FULL, or PARTIAL with its 128 x 128 mask
 materialised by the analysis at plan time (:func:`key_lists`, :func:`tile_masks`: the
 pattern's IR evaluated at the tile's positions) and read by the consumers. It suits the
-patterns whose PARTIAL tiles are few, such as dense attention, causal masks, documents,
-masks aligned to 128, and the strided neighbourhoods in their token layouts (every tile
-FULL: docs/layouts.md); a call with more than :data:`MAX_MASKS` PARTIAL tiles keeps the
-generated forward, which evaluates its mask in registers. Q, K, V and O are read and
+patterns whose PARTIAL tiles are few: dense attention, long causal masks, masks aligned to
+128 (block-diagonal, documents cut at multiples of 128), and the strided neighbourhoods in
+their token layouts (every tile FULL: docs/layouts.md). A call with more than
+:data:`MAX_MASKS` PARTIAL tiles keeps the generated forward, which evaluates its mask in
+registers. Q, K, V and O are read and
 written through 5-D TMA descriptors: a layout's boxes of the caller's tokens
 (:class:`~spattn.runtime.triton_backend.BoxRows`, no copies) or runs of 128 rows (any
 lengths: TMA fills the rows past the end with zeros and drops them on the store, and the
@@ -29,12 +30,15 @@ last key tile's mask stops at the keys' end). The lse is written in the caller's
 order, so the generated backward runs on it unchanged; rows with no allowed key give O = 0
 and lse = -inf. :func:`why_not` lists what the kernel does not run (the plan then builds
 the generated forward): other devices, dtypes and head dimensions, scores, options or
-``SPATTN_*`` settings that fix the generated forward's configuration. ``SPATTN_WS_FWD``
-(``auto`` / ``1`` / ``0``) chooses: ``auto`` takes it for calls of at least
-:data:`MIN_WORK` computed tiles (below them the call is bound by the host, where this
-kernel's launch through Triton's dispatcher, with four fresh descriptors, costs about
-20 us more than the generated forward's bound launch), ``1`` wherever it can run,
-``0`` never. docs/backends.md, "The warp-specialised forward".
+``SPATTN_*`` settings that fix the generated forward's configuration.
+
+``SPATTN_WS_FWD`` (``auto`` / ``1`` / ``0``) chooses: ``1`` wherever it can run, ``0``
+never, ``auto`` for calls of at least :data:`MIN_WORK` computed tiles, at most
+:data:`MAX_PARTIAL_SHARE` of them PARTIAL. Below that much work a call is bound by the
+host, and this kernel's launch through Triton's dispatcher, with four fresh descriptors,
+costs about 20 us more than the generated forward's bound launch; beyond that share the
+mask reads cost more than the kernel gains. docs/backends.md, "The warp-specialised
+forward".
 """
 from __future__ import annotations
 
@@ -483,7 +487,8 @@ def key_lists(call):
 #: The share of PARTIAL tiles up to which ``SPATTN_WS_FWD=auto`` takes the kernel. Timed on
 #: an H100 (benchmarks/RESULTS.md, "The warp-specialised forward in spattn"): causal at
 #: 16K and 64K (1.5% and 0.4% PARTIAL) 1.17x and 1.25x the generated forward's speed, at
-#: 4K (6%) 0.94x; documents at random cuts (most tiles PARTIAL) 0.88-0.97x.
+#: 4K (6%) 0.94x; documents at random cuts (42% and 99% of their tiles PARTIAL) 0.97x and
+#: 0.88x.
 MAX_PARTIAL_SHARE = 0.05
 #: PARTIAL tiles whose masks the kernel reads at most (16 KiB each: 64 MiB).
 MAX_MASKS = 4096

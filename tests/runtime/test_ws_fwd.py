@@ -1,12 +1,14 @@
 """The warp-specialised forward (``runtime/ws_fwd.py``, Gluon, Hopper).
 
 On the CPU: the key-tile lists it reads (every non-EMPTY 128 x 128 tile of each batch
-element, head and query tile, and why a call's tiles are refused) against the dense
-mask, and the kernel compiled for sm_90a (register split, a product in flight, 5-D TMA)
-for rows and for 2-D and 3-D boxes. On an sm_90 GPU (marker ``gpu``): the plans that
-take it, outputs, the lse and gradients (the generated backward on its lse) against the
-float64 reference on fresh random inputs, every element; and the calls it must leave to
-the generated forward.
+element, head and query tile; a PARTIAL tile's materialised mask; why a call's tiles are
+refused, and what ``SPATTN_WS_FWD=auto`` takes) against the dense mask, ragged lengths
+and Lq != Lk included, and the kernel compiled for sm_90a (register split, a product in
+flight, 5-D TMA) for rows, 2-D and 3-D boxes, with and without masks. On an sm_90 GPU
+(marker ``gpu``): the plans that take it, outputs, the lse and gradients (the generated
+backward on its lse) against the float64 reference on fresh random inputs, every
+element, rows without keys included; and the calls it must leave to the generated
+forward.
 """
 import ast
 import math
