@@ -1,7 +1,10 @@
 """FlashAttention-3's forward structure written in Gluon (Triton 3.6's explicit layer), on
 Hopper: how far a warp-specialised kernel takes the dense rate past Triton's (GPU).
 
-Not a spattn kernel. NOTES row 91 found Triton's automatic warp specialisation unusable in
+The forms this benchmark measured; spattn's own forward on Hopper is the one it found
+fastest (ping-pong with the overlap, two stages), generalised in ``runtime/ws_fwd.py``
+(masks, GQA, batches, any lengths: docs/backends.md, "The warp-specialised forward").
+NOTES row 91 found Triton's automatic warp specialisation unusable in
 Triton 3.6 and the generated forward at Triton's dense rate, 84% of cuDNN's. Gluon writes
 the partitions, barriers and asynchronous products by hand:
 
