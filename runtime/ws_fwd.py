@@ -386,9 +386,9 @@ class Grid5:
 def why_not(call, q, k, v, options: dict | None, rows) -> str | None:
     """Why the warp-specialised forward does not run this call (``rows``: None, the
     plan's :class:`~spattn.runtime.triton_backend.RowTables` or ``BoxRows``), or None
-    where it can, subject to its tiles (:func:`key_lists`)."""
+    where it can, subject to its tiles (:func:`key_lists`): the device's rules, then the
+    call's (:func:`call_why_not`)."""
     from . import cache
-    from .triton_backend import BoxRows, _upcast, tma_ok
     s = call.settings
     if s.ws_fwd is False:
         return "SPATTN_WS_FWD=0"
@@ -398,7 +398,16 @@ def why_not(call, q, k, v, options: dict | None, rows) -> str | None:
         return "not on a CUDA device"
     if (cache.capability(q.device) or (0, 0)) != (9, 0):
         return "not a Hopper GPU (sm_90)"
-    if q.dtype not in (torch.bfloat16, torch.float16) or _upcast(call):
+    return call_why_not(call, q, k, v, options, rows)
+
+
+def call_why_not(call, q, k, v, options: dict | None, rows) -> str | None:
+    """:func:`why_not`'s rules of the call itself (what a device does not change): the
+    dtype, head dimension, score, options and settings, integer width, how the rows are
+    reached, the lengths and the tensors' layout."""
+    from .triton_backend import BoxRows, tma_ok
+    s = call.settings
+    if q.dtype not in (torch.bfloat16, torch.float16):
         return f"{q.dtype} (it runs bfloat16 and float16)"
     D = q.shape[-1]
     if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:

@@ -104,6 +104,55 @@ def test_key_lists_auto_takes_enough_work(src, H, L):
     assert int(kl.count.sum()) * (H if kl.strides[1] == 0 else 1) >= ws_fwd.MIN_WORK
 
 
+def _rule_call(src="full", *, dtype=torch.bfloat16, D=128, Lq=1024, Lk=1024, offset=0,
+               score=None):
+    """q, k, v on the CPU (bf16, ``[1, 2, L, D]``; ``offset``: elements into their storage)
+    and the triton backend's call of ``src`` on them."""
+    pat = spattn.compile(src, score=score)
+
+    def t(L):
+        return torch.randn(2 * L * D + offset, dtype=dtype)[offset:].view(1, 2, L, D)
+    q, k, v = t(Lq), t(Lk), t(Lk)
+    return Call.of(pat, q, k, scale=D ** -0.5, q_offset=None, inputs={},
+                   settings=S.current(), backend="triton", v=v), q, k, v
+
+
+def test_call_rules(monkeypatch):
+    """What the kernel refuses whatever the device (``ws_fwd.call_why_not``), each rule on
+    its own, and a call it takes."""
+    from spattn.runtime.triton_backend import BoxRows, RowTables
+
+    def why(*a, options=None, rows=None, **kw):
+        call, q, k, v = _rule_call(*a, **kw)
+        return ws_fwd.call_why_not(call, q, k, v, options, rows)
+    assert why() is None
+    assert why(Lq=300, Lk=1100) is None
+    assert "float32" in why(dtype=torch.float32)
+    assert "head dimension 96" in why(D=96)
+    assert "a score" in why(score="30 * tanh(s / 30)")
+    assert "(block_m, num_warps)" in why(options={"block_m": 64, "num_warps": 4, "dq": "x"})
+    assert "fewer than 128" in why(Lq=100)
+    assert "TMA cannot read" in why(offset=1)
+    assert "rows through tables" in why(rows=RowTables.of(torch.arange(1024),
+                                                          torch.arange(1024), 1024, 1024))
+    assert why(rows=BoxRows((1, 32, 32), (1, 16, 8), False)) is None
+    assert "other than 128 cells" in why(rows=BoxRows((1, 32, 32), (1, 16, 16), False))
+    assert "do not divide" in why(rows=BoxRows((1, 36, 32), (1, 16, 8), False))
+    call, q, k, v = _rule_call()
+    call.int64 = True
+    assert "64-bit" in ws_fwd.call_why_not(call, q, k, v, None, None)
+    for name, val in (("SPATTN_BLOCK_M", "64"), ("SPATTN_TMA", "0"), ("SPATTN_STRATEGY", "table")):
+        with monkeypatch.context() as m:
+            m.setenv(name, val)
+            assert "SPATTN_* settings" in why(), name
+    monkeypatch.setenv("SPATTN_WS_FWD", "0")
+    call, q, k, v = _rule_call()
+    assert ws_fwd.why_not(call, q, k, v, None, None) == "SPATTN_WS_FWD=0"
+    monkeypatch.setenv("SPATTN_WS_FWD", "1")
+    call, q, k, v = _rule_call()
+    assert ws_fwd.why_not(call, q, k, v, None, None) == "not on a CUDA device"
+
+
 def test_setting_parses(monkeypatch):
     for raw, want in (("0", False), ("1", True), ("auto", None)):
         monkeypatch.setenv("SPATTN_WS_FWD", raw)
