@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dsl.errors import SpattnBackendError
+from . import tune as _tune
 from .settings import launch_guard
 
 try:
@@ -358,31 +359,6 @@ if GLUON:
 
 # ---------------------------------------------------------------- host side
 
-@dataclass(frozen=True)
-class Grid5:
-    """How the kernel views a ``[B, heads, N, D]`` tensor: its tokens a row-major grid of
-    three ``sides`` read in ``box``-es (both three axes; ``fold``: ``[B * heads, A0, A1,
-    A2, D]``, else ``A0`` is 1 and the view ``[B, heads, A1, A2, D]``), as
-    :class:`~spattn.runtime.triton_backend.BoxRows` describes a layout's; 128 rows are
-    the grid ``(1, 1, L)`` in boxes ``(1, 1, 128)``."""
-
-    sides: tuple
-    box: tuple
-    fold: bool
-
-    @property
-    def tiles(self) -> tuple:
-        return tuple(-(-a // b) for a, b in zip(self.sides, self.box))
-
-    def rows(self):
-        from .triton_backend import BoxRows
-        return BoxRows(self.sides, self.box, self.fold)
-
-    def half(self) -> tuple:
-        from ..ir.layout import sub_box
-        return sub_box(self.box, TILE // 2)
-
-
 def why_not(call, q, k, v, options: dict | None, rows) -> str | None:
     """Why the warp-specialised forward does not run this call (``rows``: None, the
     plan's :class:`~spattn.runtime.triton_backend.RowTables` or ``BoxRows``), or None
@@ -417,7 +393,7 @@ def call_why_not(call, q, k, v, options: dict | None, rows) -> str | None:
     fixed = sorted(n for n in (options or {}) if n in _FIXING)
     if fixed:
         return f"the options fix the generated forward ({', '.join(fixed)})"
-    if s.strategy or s.fwd or s.tma is False:
+    if s.strategy or s.tiles_set("fwd") or s.tma is False:
         return "SPATTN_* settings fix the generated forward"
     if call.int64:
         return "64-bit offsets"
@@ -436,8 +412,9 @@ def call_why_not(call, q, k, v, options: dict | None, rows) -> str | None:
     return None
 
 
-#: Options that fix the generated forward's configuration (the plan then builds it).
-_FIXING = ("block_m", "block_n", "num_warps", "num_stages", "strategy", "loop", "tma")
+#: Options that fix the generated forward's configuration (the plan then builds it): its
+#: tuned fields (``runtime.tune.FIELDS``), the strategy and TMA.
+_FIXING = _tune.FIELDS["fwd"] + ("strategy", "tma")
 
 
 @dataclass
@@ -468,19 +445,19 @@ def key_lists(call):
     cls = _demote_ragged(_pool(fine, fine_tile, (TILE, TILE), call.Lq, call.Lk), call.Lk,
                          TILE, 3)
     count = (cls != EMPTY).sum(-1, dtype=torch.int32)           # [B', H', n_q]
-    n_partial, least, tiles = torch.stack([(cls == PARTIAL).sum().float(),
-                                           count.min().float(),
-                                           count.sum().float()]).tolist()
+    n_partial, least, computed = torch.stack([(cls == PARTIAL).sum().float(),
+                                              count.min().float(),
+                                              count.sum().float()]).tolist()
     if least < 1:
         return "a query tile without keys"
     if n_partial > MAX_MASKS:
         return f"{int(n_partial)} PARTIAL tiles (their masks are kept up to {MAX_MASKS})"
     Bp, Hp, n_q = count.shape
-    tiles *= (call.B // Bp) * (call.H // Hp)
+    tiles = computed * (call.B // Bp) * (call.H // Hp)
     if call.settings.ws_fwd is None and tiles < MIN_WORK:
         return f"{int(tiles)} tiles in all (auto takes {MIN_WORK} or more)"
-    if call.settings.ws_fwd is None and n_partial > MAX_PARTIAL_SHARE * count.sum().item():
-        return (f"{int(n_partial)} of {int(count.sum())} tiles PARTIAL (auto takes a share "
+    if call.settings.ws_fwd is None and n_partial > MAX_PARTIAL_SHARE * computed:
+        return (f"{int(n_partial)} of {int(computed)} tiles PARTIAL (auto takes a share "
                 f"of {MAX_PARTIAL_SHARE:.0%} or less)")
     flat = count.reshape(-1)
     start = torch.cumsum(flat, 0, dtype=torch.int32) - flat
@@ -536,44 +513,45 @@ class WsFwdStage:
     kernel = attn_fwd_ws if GLUON else None
 
     def __init__(self, call, q, k, v, rows, lists):
-        from .triton_backend import _scale_log2
+        from .triton_backend import BoxRows, _scale_log2
         B, H, _, D = q.shape
         self.lists = lists
         (LB, LH), n_q = lists.strides, lists.n_q
+        # q's and k's views: a layout's boxes, or rows as the grid (1, 1, L) in boxes of 128
         if rows is None:
-            self.qg = Grid5((1, 1, call.Lq), (1, 1, TILE), False)
-            self.kg = Grid5((1, 1, call.Lk), (1, 1, TILE), False)
+            self.qg = BoxRows((1, 1, call.Lq), (1, 1, TILE), False)
+            self.kg = BoxRows((1, 1, call.Lk), (1, 1, TILE), False)
         else:
-            self.qg = self.kg = Grid5(rows.shape, rows.box, rows.fold)
+            self.qg = self.kg = rows
         self.box = rows
-        N = self.qg.sides[0] * self.qg.sides[1] * self.qg.sides[2]
+        self.half = self.qg.sub(TILE // 2)      # a consumer's query rows: the outer axis cut
+        N = self.qg.n
         self.out_shape = (B, H, N, D)
         self.n_q, self.n_tiles = n_q, int(lists.cols.numel())
         self.n_masks = int((lists.midx >= 0).sum())
         self.grid = (B * H * n_q,)
         gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
         self._layouts = {b: gl.NVMMASharedLayout.get_default_for([1, *b, D], gdt)
-                         for b in (self.qg.half(), self.kg.box)}
+                         for b in (self.half, self.kg.box)}
         qt, kt = self.qg.tiles, self.kg.tiles
         self.static = (lists.start, lists.count, lists.cols, lists.midx, lists.masks, H,
                        H // k.shape[1], n_q, LB, LH,
-                       int(self.qg.fold), qt[1], qt[2], kt[1], kt[2], self.qg.sides[1],
-                       self.qg.sides[2], N, _scale_log2(call.scale))
+                       int(self.qg.fold), qt[1], qt[2], kt[1], kt[2], self.qg.shape[1],
+                       self.qg.shape[2], N, _scale_log2(call.scale))
         self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
                          MASKED=self.n_masks > 0, num_warps=4, maxnreg=168)
         self.aligned = True
 
-    def _desc(self, t, grid: Grid5, block: tuple):
-        shape, strides, blk = grid.rows().view(t, block)
+    def _desc(self, t, grid, block: tuple):
+        shape, strides, blk = grid.view(t, block)
         blk = blk + [t.shape[-1]]
         return TensorDescriptor(t, shape, strides, blk, self._layouts[block])
 
     def args(self, q, k, v):
         o = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(self.out_shape[:3], dtype=torch.float32, device=q.device)
-        half = self.qg.half()
-        descs = (self._desc(q, self.qg, half), self._desc(k, self.kg, self.kg.box),
-                 self._desc(v, self.kg, self.kg.box), self._desc(o, self.qg, half))
+        descs = (self._desc(q, self.qg, self.half), self._desc(k, self.kg, self.kg.box),
+                 self._desc(v, self.kg, self.kg.box), self._desc(o, self.qg, self.half))
         return (*descs, lse, *self.static), o, lse
 
     def run(self, q, k, v, tables=None, out_dtype=None):
@@ -586,7 +564,7 @@ class WsFwdStage:
         return o, lse
 
     def __repr__(self) -> str:
-        how = (f"boxes {self.qg.box} of the grid {self.qg.sides} through 5-D TMA"
+        how = (f"boxes {self.qg.box} of the grid {self.qg.shape} through 5-D TMA"
                if self.box is not None else "rows through TMA")
         return (f"fwd attn_fwd_ws (Gluon, warp-specialised: a TMA loader and two consumer "
                 f"warp groups in ping-pong): tiles {TILE}x{TILE}, {self.n_tiles} key tiles "
