@@ -6,8 +6,9 @@ time includes gathering q, k, v into box order and o back): FLUX 256x256 with an
 window and with stride 16x16, Hunyuan 30x48x80 with an 18x24x24 window and with stride
 (16, 8, 8), each through ``spattn.neighborhood``; the FLUX window also written as a
 flattened expression (``examples/patterns/neighborhood_2d.spattn``), which the runtime
-recognises, and run in a caller's token order (``order=``: 16 x 8 boxes, the permutation a
-user would give; an ``OrderedPlan``, its gathers timed). ``--full`` adds 77 text tokens
+recognises, as it does both strides written that way (``neighborhood_2d_strided``,
+``video_neighborhood.spattn``'s ``video_strided_flat``: the ``-flat`` rows), and run in a
+caller's token order (``order=``: 16 x 8 boxes, the permutation a user would give; an ``OrderedPlan``, its gathers timed). ``--full`` adds 77 text tokens
 before the FLUX image with a cut 81 x 81 window (``grid (...) after 77``: a grid after
 extra tokens, docs/layouts.md), and the same with 20 more text tokens after the image
 (``grid (...) after 77 before 20``: the text after it reads causally). Against cuDNN dense (SDPA under
@@ -64,6 +65,8 @@ PROBLEMS = {
     "hunyuan-window-18x24x24": ("natten", ((30, 48, 80), (18, 24, 24)), 3.4),
     "hunyuan-stride-16x8x8": ("natten", ((30, 48, 80), (18, 24, 24), (16, 8, 8)), 9.7),
     "flux-window-80x80-flat": ("flat", (256, 80), 5.2),
+    "flux-stride-16x16-flat": ("flat", (256, 80, 16), 9.2),
+    "hunyuan-stride-16x8x8-flat": ("flat3", ((30, 48, 80), (18, 24, 24), (16, 8, 8)), 9.7),
     "flux-window-80x80-order": ("order", ((256, 256), (80, 80), (16, 8)), 5.2),
     "text77-flux-window-81x81": ("text", (77, 256, 40), None),
     "text77-flux-window-81x81-text20": ("around", (77, 256, 40, 20), None),
@@ -77,6 +80,8 @@ CPU_PROBLEMS = {
     "hunyuan-window-18x24x24": ("natten", ((4, 6, 8), (3, 3, 3)), None),
     "hunyuan-stride-16x8x8": ("natten", ((4, 6, 8), (3, 4, 4), (2, 2, 2)), None),
     "flux-window-80x80-flat": ("flat", (16, 5), None),
+    "flux-stride-16x16-flat": ("flat", (16, 8, 4), None),
+    "hunyuan-stride-16x8x8-flat": ("flat3", ((4, 6, 8), (3, 4, 4), (2, 2, 2)), None),
     "flux-window-80x80-order": ("order", ((16, 16), (5, 5), (4, 4)), None),
     "text77-flux-window-81x81": ("text", (5, 16, 2), None),
     "text77-flux-window-81x81-text20": ("around", (5, 16, 2, 7), None),
@@ -119,6 +124,18 @@ def make_pattern(kind, args, backend="auto"):
     if kind == "around":
         T, n, r, U = args
         return spattn.compile(TEXT_AROUND, T=T, n=n, r=r, U=U, backend=backend), T + n * n + U
+    if kind == "flat3":
+        grid, kernel, stride = args
+        pat = spattn.load(ROOT / "examples/patterns/video_neighborhood.spattn",
+                          pattern="video_strided_flat", grid=list(grid), kernel=list(kernel),
+                          stride=list(stride), backend=backend)
+        return pat, math.prod(grid)
+    if len(args) == 3:
+        W, size, s = args
+        pat = spattn.load(ROOT / "examples/patterns/neighborhood_2d.spattn",
+                          pattern="neighborhood_2d_strided", W=W, size=size, s=s,
+                          backend=backend)
+        return pat, W * W
     W, size = args
     pat = spattn.load(ROOT / "examples/patterns/neighborhood_2d.spattn",
                       pattern="neighborhood_2d_natten", W=W, size=size, backend=backend)
@@ -226,6 +243,8 @@ def run_problem(name, kind, args, target, *, H, D, dev, dtype, rounds, cpu, bwd=
     if not cpu:
         torch.cuda.synchronize()
     row["first_call_s"] = time.perf_counter() - t0
+    stage = getattr(getattr(plan, "inner", plan), "forward_stage", None)
+    row["forward"] = "warp-specialised" if getattr(stage, "gluon", False) else "generated"
     row["rel_err_sampled"] = err = sampled_error(pat, q, k, v, o, N)
     if not err < 2e-2:
         row["error"] = f"mismatch vs reference: {err:.3e}"
@@ -443,7 +462,7 @@ def analysis_rows():
     with the useful fraction of each."""
     from spattn.ir import layout as LY
     cases = [(name, *make_pattern(kind, args)) for name, (kind, args, _) in PROBLEMS.items()
-             if kind in ("natten", "flat")]
+             if kind in ("natten", "flat", "flat3")]
     cases += [(name, spattn.compile(src), 16384) for name, src in FLEX_SOURCES.items()]
     rows = []
     for name, pat, N in cases:
@@ -483,7 +502,8 @@ def table(rows, flex_rows):
               f"{100 * r['useful_fraction_layout']:.0f}%"
               if r.get("useful_fraction_layout") is not None else "")
         tgt = f"{r['target_vs_dense']}x" if r.get("target_vs_dense") else ""
-        how = f"{r.get('tables')}" + (f", {r['gather']}" if r.get("gather") else "")
+        how = f"{r.get('tables')}" + (f", {r['gather']}" if r.get("gather") else "") \
+            + (", warp-specialised" if r.get("forward") == "warp-specialised" else "")
         out.append(f"| {r['problem']} | {r['layout'] or 'sequence order'} ({how}) | {fr} | "
                    f"{r['fwd_ms']:.3f} | {r['dense_fwd_ms']:.3f} | "
                    f"{r['speedup_vs_dense']:.2f}x | {tgt} |")

@@ -8,10 +8,16 @@ alternating rounds of ``triton.testing.do_bench`` medians, each output checked a
 the other first. Problems: ``full`` at 1K to 16K tokens (B = 1 and 8, 16 heads, D = 64
 and 128), 128-aligned documents of 1024 tokens at 16K, block-diagonal attention with
 one key tile per query tile (``q // 128 == k // 128``), and patterns with PARTIAL tiles,
-whose masks the kernel reads: causal at 4K to 64K, causal documents at random cuts.
-bf16. ``us`` is the call's median, host time included where the GPU waits for it.
+whose masks the kernel reads: causal at 4K to 64K, causal documents at random cuts;
+and #21's strided neighbourhoods (FLUX 256x256, window 80x80, stride 16x16; Hunyuan
+30x48x80, window 18x24x24, stride 16x8x8; 24 heads), read through their boxes, against
+cuDNN's dense forward. Where every work item has as many key tiles as every other, the
+stage is also timed with the other grid, in the same rounds: a program per item (``grid
+= n_work``) where it runs persistent programs (one per SM, taking items in turn), else
+persistent programs (``ws_fwd.PERSISTENT_MAX_TILES``). bf16. ``us`` is the call's median, host time included where
+the GPU waits for it.
 
-    python benchmarks/ws_fwd.py [--rounds 3] [--out DIR]
+    python benchmarks/ws_fwd.py [--rounds 3] [--out DIR] [--only NAME ...]
 """
 from __future__ import annotations
 
@@ -48,6 +54,9 @@ PROBLEMS = [  # name, source, B, H, L, D, inputs(L)
      lambda L: {"doc": _docs(L, 20)}),
     ("1000 documents, causal, 64K", "causal & same(doc)", 1, 16, 65536, 128,
      lambda L: {"doc": _docs(L, 1000)}),
+    ("FLUX stride 16x16", ((256, 256), (80, 80), (16, 16)), 1, 24, 65536, 128, None),
+    ("Hunyuan stride 16x8x8", ((30, 48, 80), (18, 24, 24), (16, 8, 8)), 1, 24, 115200, 128,
+     None),
 ]
 
 
@@ -63,7 +72,7 @@ def _docs(L: int, n: int):
 def _plan(src, q, k, v, inputs, ws: str):
     os.environ["SPATTN_WS_FWD"] = ws
     try:
-        pat = spattn.compile(src)
+        pat = spattn.compile(src) if isinstance(src, str) else spattn.neighborhood(*src)
         return pat, pat.plan(q, k, v, **inputs)
     finally:
         os.environ.pop("SPATTN_WS_FWD")
@@ -73,10 +82,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", nargs="*", help="problem names")
     a = ap.parse_args(argv)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
     for name, src, B, H, L, D, mk in PROBLEMS:
+        if a.only and name not in a.only:
+            continue
         g = torch.Generator(device="cuda").manual_seed(L)
         q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
                    for _ in range(3))
@@ -86,15 +98,27 @@ def main(argv=None):
         took = getattr(ws.forward_stage, "gluon", False)
         fns = {"warp-specialised": lambda: pat(q, k, v, plan=ws),
                "generated": lambda: pat(q, k, v, plan=gen)}
-        if src == "full":
+        stage = ws.forward_stage
+        if took and stage.lists.each:
+            _, other = _plan(src, q, k, v, inputs, "1")
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+            other.forward_stage.grid = ((stage.n_work,) if stage.persistent
+                                        else (min(stage.n_work, sms),))
+            fns["the other grid"] = lambda: pat(q, k, v, plan=other)
+        if src == "full" or not isinstance(src, str):
             def cudnn():
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     return F.scaled_dot_product_attention(q, k, v)
             fns["cuDNN"] = cudnn
         err = float((fns["warp-specialised"]().float() - fns["generated"]().float()).abs().max())
-        print(f"{name}: warp-specialised stage {took}; max difference {err:.3g}", flush=True)
+        if "the other grid" in fns:
+            err = max(err, float((fns["the other grid"]().float()
+                                  - fns["generated"]().float()).abs().max()))
+        print(f"{name}: {ws.forward_stage!r}; max difference {err:.3g}", flush=True)
         t = alternate(fns, a.rounds)
         row = dict(problem=name, B=B, H=H, L=L, D=D, ws_stage=took, max_diff=err,
+                   persistent=getattr(stage, "persistent", None),
+                   tiles_each=stage.lists.each if took else None,
                    **{f"{n}_us": ms * 1e3 for n, ms in t.items()})
         rows.append(row)
     if a.out:
@@ -102,14 +126,18 @@ def main(argv=None):
         with open(os.path.join(a.out, "ws_fwd.json"), "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                            rows=rows), f, indent=1)
-    print("| problem | warp-specialised us | generated us | ws / gen | cuDNN us |")
-    print("|---|---|---|---|---|")
+    print("| problem | tiles an item | grid | warp-specialised us | generated us | gen / ws "
+          "| the other grid us | other / ws | cuDNN us | cuDNN / ws |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ws, gen = r["warp-specialised_us"], r["generated_us"]
-        cu = r.get("cuDNN_us")
-        print(f"| {r['problem']} | {ws:.1f} | {gen:.1f} | {gen / ws:.2f}x | "
-              f"{'' if cu is None else f'{cu:.1f}'} |")
-
+        ws = r["warp-specialised_us"]
+        cells = [r["problem"], str(r["tiles_each"] or "unequal"),
+                 "persistent" if r["persistent"] else "per item", f"{ws:.1f}",
+                 f"{r['generated_us']:.1f}", f"{r['generated_us'] / ws:.2f}x"]
+        for key in ("the other grid_us", "cuDNN_us"):
+            t = r.get(key)
+            cells += ["", ""] if t is None else [f"{t:.1f}", f"{t / ws:.3f}x"]
+        print("| " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()

@@ -68,6 +68,12 @@ TILE = 128
 #: forward in spattn"): ``full`` at 1K tokens and 16 heads (1024 tiles, host-bound) takes
 #: 1.7x the generated forward's time, at 2K (4096 tiles) 0.79x, at 16K 0.76x.
 MIN_WORK = 4096
+#: The most key tiles per work item with which equal items run in persistent programs (one
+#: per SM, taking items in turn: the next item's loads overlap this one's last tiles and
+#: its O store). Timed on an H100 against a program per item (benchmarks/RESULTS.md, "The
+#: warp-specialised forward in spattn"): ``full`` at 2K (16 tiles an item) 1.16x, FLUX
+#: stride (50) 1.01x, Hunyuan stride (81) 0.97x, ``full`` at 16K (128) 0.99x.
+PERSISTENT_MAX_TILES = 64
 #: K/V slots of the loader's ring, and the consumers' registers (``setmaxnreg``).
 STAGES = 2
 CONSUMER_REGS = 240
@@ -98,11 +104,10 @@ if GLUON:
         return [p0, p1 + o0, o1, o2, 0]
 
     @gluon.jit
-    def _work(geom):
-        """This program's ``(b * H + h, query tile, its list entry, q's and k's slice
+    def _work(geom, i_w):
+        """Work item ``i_w``'s ``(b * H + h, query tile, its list entry, q's and k's slice
         coordinates)``."""
         H, G, n_m, LB, LH, FOLD = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5]
-        i_w = gl.program_id(0)
         i_bh = i_w // n_m
         i_t = i_w % n_m
         i_b = i_bh // H
@@ -117,30 +122,42 @@ if GLUON:
     @gluon.jit
     def _load(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
               COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
-        """The loader partition: the program's two halves of Q, then its key tiles' K and V
-        into the ring of slots, each slot refilled once both consumers released it."""
-        b_q, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
+        """The loader partition: for each of the program's work items, the two halves of Q
+        into the item's Q buffer (of two, each half refilled once its consumer stored the
+        O it held), then the item's key tiles' K and V into the ring of slots, each slot
+        refilled once both consumers released it. The ring and the Q buffers run on from
+        one item to the next, so the next item's loads overlap this one's last tiles."""
+        b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
         STAGES: gl.constexpr = k_smem.type.shape[0]
-        QT1, QT2, KT1, KT2 = geom[6], geom[7], geom[8], geom[9]
-        i_bh, i_t, i_l, q_p, k_p = _work(geom)
-        for i_h in gl.static_range(2):
-            mbarrier.expect(b_q.index(i_h), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(
-                q_desc, _at(i_t, q_p[0], q_p[1], QT1, QT2, q_smem, k_smem, i_h),
-                b_q.index(i_h), q_smem.index(i_h))
-        o_list = gl.load(START + i_l)
-        n_n = gl.load(COUNT + i_l)
-        for j in range(n_n):
-            i_s = j % STAGES
-            phase = (j // STAGES) & 1
-            i_c = gl.load(COLS + o_list + j)
-            o_k = _at(i_c, k_p[0], k_p[1], KT1, KT2, q_smem, k_smem, 2)
-            mbarrier.wait(k_empty.index(i_s), phase ^ 1)
-            mbarrier.expect(k_ready.index(i_s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, o_k, k_ready.index(i_s), k_smem.index(i_s))
-            mbarrier.wait(v_empty.index(i_s), phase ^ 1)
-            mbarrier.expect(v_ready.index(i_s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, o_k, v_ready.index(i_s), v_smem.index(i_s))
+        QT1, QT2, KT1, KT2, N_WORK = geom[6], geom[7], geom[8], geom[9], geom[13]
+        it = 0
+        n = 0
+        for i_w in range(gl.program_id(0), N_WORK, gl.num_programs(0)):
+            i_bh, i_t, i_l, q_p, k_p = _work(geom, i_w)
+            for i_h in gl.static_range(2):
+                i_q = (n % 2) * 2 + i_h
+                mbarrier.wait(q_empty.index(i_q), ((n // 2) & 1) ^ 1)
+                mbarrier.expect(b_q.index(i_q), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(
+                    q_desc, _at(i_t, q_p[0], q_p[1], QT1, QT2, q_smem, k_smem, i_h),
+                    b_q.index(i_q), q_smem.index(i_q))
+            o_list = gl.load(START + i_l)
+            n_n = gl.load(COUNT + i_l)
+            for j in range(n_n):
+                i_s = it % STAGES
+                phase = (it // STAGES) & 1
+                i_c = gl.load(COLS + o_list + j)
+                o_k = _at(i_c, k_p[0], k_p[1], KT1, KT2, q_smem, k_smem, 2)
+                mbarrier.wait(k_empty.index(i_s), phase ^ 1)
+                mbarrier.expect(k_ready.index(i_s), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, o_k, k_ready.index(i_s),
+                                                k_smem.index(i_s))
+                mbarrier.wait(v_empty.index(i_s), phase ^ 1)
+                mbarrier.expect(v_ready.index(i_s), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, o_k, v_ready.index(i_s),
+                                                v_smem.index(i_s))
+                it += 1
+            n += 1
 
     @gluon.jit
     def _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED: gl.constexpr):
@@ -179,20 +196,21 @@ if GLUON:
     def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
                  COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, HALF: gl.constexpr,
                  MASKED: gl.constexpr):
-        """A consumer warp group: query rows ``[64 * HALF, +64)`` of the program's tile
-        against its key tiles; O stored through its Q slot, the lse in the caller's
-        order. ``MASKED``: some tiles are PARTIAL (their masks read, rows without an
-        allowed key guarded); else every tile is FULL and none of that is compiled."""
-        b_q, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
+        """A consumer warp group: for each of the program's work items, query rows
+        ``[64 * HALF, +64)`` of its tile against its key tiles; O stored through its Q
+        slot, the lse in the caller's order. ``MASKED``: some tiles are PARTIAL (their
+        masks read, rows without an allowed key guarded); else every tile is FULL and
+        none of that is compiled. The ring's slot (``it``) and the ping-pong's turn
+        (``tt``) count on across items, as the loader's and the other group's do."""
+        b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
         D: gl.constexpr = k_smem.type.shape[5]
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_M: gl.constexpr = 64
         BLOCK_N: gl.constexpr = k_smem.numel // (STAGES * D)
-        gl.static_assert(q_smem.numel == 2 * BLOCK_M * D)
+        gl.static_assert(q_smem.numel == 4 * BLOCK_M * D)       # two buffers of two halves
         gl.static_assert(BLOCK_N == 128)
-        i_bh, i_t, i_l, q_p, k_p = _work(geom)
         QT1, QT2, QA1, QA2, QN = geom[6], geom[7], geom[10], geom[11], geom[12]
-        n_n = gl.load(COUNT + i_l)
+        N_WORK = geom[13]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -201,88 +219,101 @@ if GLUON:
                                                      k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        q_half = q_smem.index(HALF)
-        q_s = q_half.reshape([BLOCK_M, D])
-        b_m = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-        b_l = gl.zeros([BLOCK_M], gl.float32, row_s)
-        b_o = warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, o_layout))
+        h1: gl.constexpr = q_smem.type.shape[3]
+        h2: gl.constexpr = q_smem.type.shape[4]
         b_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        mbarrier.wait(b_q.index(HALF), 0)
+        it = 0
+        tt = 0
+        n = 0
+        for i_w in range(gl.program_id(0), N_WORK, gl.num_programs(0)):
+            i_bh, i_t, i_l, q_p, k_p = _work(geom, i_w)
+            n_n = gl.load(COUNT + i_l)
+            i_q = (n % 2) * 2 + HALF
+            q_half = q_smem.index(i_q)
+            q_s = q_half.reshape([BLOCK_M, D])
+            b_m = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+            b_l = gl.zeros([BLOCK_M], gl.float32, row_s)
+            b_o = warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, o_layout))
+            mbarrier.wait(b_q.index(i_q), (n // 2) & 1)
 
-        # stage 1: the first key tile's S, in this group's first turn (each tile's mask
-        # index is loaded before the waits, its latency under them)
-        if MASKED:
-            o_list = gl.load(START + i_l)
-            i_m = gl.load(MIDX + o_list)
-        mbarrier.wait(k_ready.index(0), 0)
-        mbarrier.wait(pp_bar.index(HALF), HALF ^ 1)
-        b_s = warpgroup_mma(q_s, _tile(k_smem, 0).permute((1, 0)), b_zero, use_acc=False,
-                            is_async=True)
-        mbarrier.arrive(pp_bar.index(1 - HALF))
-        b_s = warpgroup_mma_wait(0, deps=(b_s,))
-        mbarrier.arrive(k_empty.index(0))
-        if MASKED:
-            if i_m >= 0:
-                b_s = _masked(b_s, MASKS, i_m, HALF)
-        b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
-        b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
-
-        # stage 2: turns of (S of tile j, P V of tile j - 1); the softmax of tile j overlaps
-        # the P V in flight and the other group's turn
-        for j in range(1, n_n):
-            i_s = j % STAGES
-            i_sp = (j - 1) % STAGES
+            # stage 1: the first key tile's S, in this group's first turn (each tile's mask
+            # index is loaded before the waits, its latency under them)
             if MASKED:
-                i_m = gl.load(MIDX + o_list + j)
-            mbarrier.wait(k_ready.index(i_s), (j // STAGES) & 1)
-            mbarrier.wait(v_ready.index(i_sp), ((j - 1) // STAGES) & 1)
-            mbarrier.wait(pp_bar.index(HALF), (j & 1) ^ HALF ^ 1)
+                o_list = gl.load(START + i_l)
+                i_m = gl.load(MIDX + o_list)
+            i_s = it % STAGES
+            mbarrier.wait(k_ready.index(i_s), (it // STAGES) & 1)
+            mbarrier.wait(pp_bar.index(HALF), (tt & 1) ^ HALF ^ 1)
             b_s = warpgroup_mma(q_s, _tile(k_smem, i_s).permute((1, 0)), b_zero,
                                 use_acc=False, is_async=True)
-            b_o = warpgroup_mma(b_pd, _tile(v_smem, i_sp), b_o, is_async=True)
             mbarrier.arrive(pp_bar.index(1 - HALF))
-            b_s = warpgroup_mma_wait(1, deps=(b_s,))
+            b_s = warpgroup_mma_wait(0, deps=(b_s,))
             mbarrier.arrive(k_empty.index(i_s))
             if MASKED:
                 if i_m >= 0:
                     b_s = _masked(b_s, MASKS, i_m, HALF)
             b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
-            b_o = warpgroup_mma_wait(0, deps=(b_o,))
-            mbarrier.arrive(v_empty.index(i_sp))
             b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
-            b_o = warpgroup_mma_init(b_o * gl.expand_dims(gl.convert_layout(b_alpha, row_o),
-                                                          1))
-        j = n_n - 1
-        mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
-        mbarrier.wait(pp_bar.index(HALF), (n_n & 1) ^ HALF ^ 1)
-        b_o = warpgroup_mma(b_pd, _tile(v_smem, j % STAGES), b_o, is_async=True)
-        mbarrier.arrive(pp_bar.index(1 - HALF))
-        b_o = warpgroup_mma_wait(0, deps=(b_o,))
-        mbarrier.arrive(v_empty.index(j % STAGES))
 
-        # stage 3: normalise, store O through the Q slot (no longer read) and the lse at
-        # the caller's token of each row
-        if MASKED:
-            b_l_safe = gl.where(b_l == 0.0, 1.0, b_l)      # (rows without keys: O = 0)
-        else:
-            b_l_safe = b_l
-        b_o = b_o / gl.expand_dims(gl.convert_layout(b_l_safe, row_o), 1)
-        q_s.store(b_o.to(o_desc.dtype))
-        fence_async_shared()
-        o_q = _at(i_t, q_p[0], q_p[1], QT1, QT2, q_smem, k_smem, HALF)
-        tma.async_copy_shared_to_global(o_desc, o_q, q_half)
-        h1: gl.constexpr = q_smem.type.shape[3]
-        h2: gl.constexpr = q_smem.type.shape[4]
-        o_r = gl.arange(0, BLOCK_M, layout=row_s)
-        a0 = o_q[1] - q_p[1] + o_r // (h1 * h2)
-        a1 = o_q[2] + (o_r // h2) % h1
-        a2 = o_q[3] + o_r % h2
-        p_lse = LSE + i_bh.to(gl.int64) * QN + (a0 * QA1 + a1) * QA2 + a2
-        b_lse = (b_m + gl.log2(b_l_safe)) * 0.6931471805599453
-        if MASKED:
-            b_lse = gl.where(b_l == 0.0, float("-inf"), b_lse)
-        gl.store(p_lse, b_lse, mask=a2 < QA2)       # (rows past a ragged end: none)
-        tma.store_wait(pendings=0)
+            # stage 2: turns of (S of tile j, P V of tile j - 1); the softmax of tile j
+            # overlaps the P V in flight and the other group's turn
+            for j in range(1, n_n):
+                i_s = (it + j) % STAGES
+                i_sp = (it + j - 1) % STAGES
+                if MASKED:
+                    i_m = gl.load(MIDX + o_list + j)
+                mbarrier.wait(k_ready.index(i_s), ((it + j) // STAGES) & 1)
+                mbarrier.wait(v_ready.index(i_sp), ((it + j - 1) // STAGES) & 1)
+                mbarrier.wait(pp_bar.index(HALF), ((tt + j) & 1) ^ HALF ^ 1)
+                b_s = warpgroup_mma(q_s, _tile(k_smem, i_s).permute((1, 0)), b_zero,
+                                    use_acc=False, is_async=True)
+                b_o = warpgroup_mma(b_pd, _tile(v_smem, i_sp), b_o, is_async=True)
+                mbarrier.arrive(pp_bar.index(1 - HALF))
+                b_s = warpgroup_mma_wait(1, deps=(b_s,))
+                mbarrier.arrive(k_empty.index(i_s))
+                if MASKED:
+                    if i_m >= 0:
+                        b_s = _masked(b_s, MASKS, i_m, HALF)
+                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
+                b_o = warpgroup_mma_wait(0, deps=(b_o,))
+                mbarrier.arrive(v_empty.index(i_sp))
+                b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
+                b_o = warpgroup_mma_init(
+                    b_o * gl.expand_dims(gl.convert_layout(b_alpha, row_o), 1))
+            i_s = (it + n_n - 1) % STAGES
+            mbarrier.wait(v_ready.index(i_s), ((it + n_n - 1) // STAGES) & 1)
+            mbarrier.wait(pp_bar.index(HALF), ((tt + n_n) & 1) ^ HALF ^ 1)
+            b_o = warpgroup_mma(b_pd, _tile(v_smem, i_s), b_o, is_async=True)
+            mbarrier.arrive(pp_bar.index(1 - HALF))
+            b_o = warpgroup_mma_wait(0, deps=(b_o,))
+            mbarrier.arrive(v_empty.index(i_s))
+
+            # stage 3: normalise, store O through the Q slot (no longer read) and the lse
+            # at the caller's token of each row; the slot goes back to the loader once
+            # the store has read it
+            if MASKED:
+                b_l_safe = gl.where(b_l == 0.0, 1.0, b_l)      # (rows without keys: O = 0)
+            else:
+                b_l_safe = b_l
+            b_o = b_o / gl.expand_dims(gl.convert_layout(b_l_safe, row_o), 1)
+            q_s.store(b_o.to(o_desc.dtype))
+            fence_async_shared()
+            o_q = _at(i_t, q_p[0], q_p[1], QT1, QT2, q_smem, k_smem, HALF)
+            tma.async_copy_shared_to_global(o_desc, o_q, q_half)
+            o_r = gl.arange(0, BLOCK_M, layout=row_s)
+            a0 = o_q[1] - q_p[1] + o_r // (h1 * h2)
+            a1 = o_q[2] + (o_r // h2) % h1
+            a2 = o_q[3] + o_r % h2
+            p_lse = LSE + i_bh.to(gl.int64) * QN + (a0 * QA1 + a1) * QA2 + a2
+            b_lse = (b_m + gl.log2(b_l_safe)) * 0.6931471805599453
+            if MASKED:
+                b_lse = gl.where(b_l == 0.0, float("-inf"), b_lse)
+            gl.store(p_lse, b_lse, mask=a2 < QA2)       # (rows past a ragged end: none)
+            tma.store_wait(pendings=0)
+            mbarrier.arrive(q_empty.index(i_q))
+            it += n_n
+            tt += n_n + 1
+            n += 1
 
     @gluon.jit
     def _consume0(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
@@ -312,11 +343,13 @@ if GLUON:
 
     @gluon.jit
     def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, START, COUNT, COLS, MIDX, MASKS,
-                    H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN,
+                    H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN, N_WORK,
                     sm_scale_log2, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     MASKED: gl.constexpr, num_warps: gl.constexpr):
-        """One program per 128 query rows (one box of a layout, or 128 rows) of one (batch,
-        head): Q, K, V, O through 5-D descriptors (``[B * heads, A0, A1, A2, D]`` views
+        """Work items of 128 query rows (one box of a layout, or 128 rows) of one (batch,
+        head), ``N_WORK`` of them, item ``i_w = b * H * n_m + h * n_m + t``, a program
+        taking the items ``program_id, + num_programs, ...`` (one each when the grid is
+        ``N_WORK``; persistent programs when it is the SM count): Q, K, V, O through 5-D descriptors (``[B * heads, A0, A1, A2, D]`` views
         when ``FOLD``, else ``[B, heads, 1, A1, A2, D]``) whose blocks are a box (K, V) or
         half of one (Q, O); the query grid's boxes ``QT1 x QT2`` per outer slice, sides
         ``QA1 x QA2``, ``QN`` tokens; the key grid's boxes ``KT1 x KT2``; ``H`` query heads,
@@ -325,28 +358,31 @@ if GLUON:
         (``MIDX`` -1) or PARTIAL with its uint8 mask ``MASKS[MIDX]`` ``[128, 128]``. The lse ``[B, H, QN]`` in the caller's order. The partitions read their tile
         shapes from the shared buffers' types (Triton 3.6 passes a partition's arguments as
         values, not constexprs)."""
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape,
                                            q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape,
                                            k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape,
                                            v_desc.layout)
-        b_q = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        b_q = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         pp_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
+        for i in gl.static_range(4):
             mbarrier.init(b_q.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=1)
+        for i in gl.static_range(2):
             mbarrier.init(pp_bar.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
-        bars = (b_q, k_ready, k_empty, v_ready, v_empty, pp_bar)
-        geom = (H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN)
+        bars = (b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar)
+        geom = (H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN, N_WORK)
         args = (q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2)
         if MASKED:
@@ -423,7 +459,9 @@ class KeyLists:
     element, head, query tile; ``LB``, ``LH`` 0 where every batch element or head has the
     same): key tiles ``cols[start[i] : start[i] + count[i]]``, ascending, each FULL
     (``midx`` -1) or PARTIAL with its mask ``masks[midx]`` (uint8 ``[128, 128]``: query
-    rows by key columns, 0 where the pair is not allowed or past the keys' end)."""
+    rows by key columns, 0 where the pair is not allowed or past the keys' end).
+    ``each``: the number of key tiles of every entry where all have the same (equal work
+    items, which persistent programs can take in turn and stay balanced), else 0."""
 
     start: torch.Tensor
     count: torch.Tensor
@@ -432,6 +470,7 @@ class KeyLists:
     masks: torch.Tensor
     strides: tuple
     n_q: int
+    each: int = 0
 
 
 def key_lists(call):
@@ -445,9 +484,9 @@ def key_lists(call):
     cls = _demote_ragged(_pool(fine, fine_tile, (TILE, TILE), call.Lq, call.Lk), call.Lk,
                          TILE, 3)
     count = (cls != EMPTY).sum(-1, dtype=torch.int32)           # [B', H', n_q]
-    n_partial, least, computed = torch.stack([(cls == PARTIAL).sum().float(),
-                                              count.min().float(),
-                                              count.sum().float()]).tolist()
+    n_partial, least, most, computed = torch.stack([(cls == PARTIAL).sum().float(),
+                                                    count.min().float(), count.max().float(),
+                                                    count.sum().float()]).tolist()
     if least < 1:
         return "a query tile without keys"
     if n_partial > MAX_MASKS:
@@ -467,7 +506,8 @@ def key_lists(call):
     midx[partial] = torch.arange(int(n_partial), dtype=torch.int32, device=cls.device)
     strides = ((Hp * n_q) if Bp > 1 else 0, n_q if Hp > 1 else 0)
     return KeyLists(start.contiguous(), flat.contiguous(), at[:, 3].to(torch.int32).contiguous(),
-                    midx, tile_masks(call, at[partial]), strides, n_q)
+                    midx, tile_masks(call, at[partial]), strides, n_q,
+                    int(least) if least == most else 0)
 
 
 #: The share of PARTIAL tiles up to which ``SPATTN_WS_FWD=auto`` takes the kernel. Timed on
@@ -529,7 +569,12 @@ class WsFwdStage:
         self.out_shape = (B, H, N, D)
         self.n_q, self.n_tiles = n_q, int(lists.cols.numel())
         self.n_masks = int((lists.midx >= 0).sum())
-        self.grid = (B * H * n_q,)
+        # short equal work items: persistent programs, one per SM, each taking items in
+        # turn; else a program per item, the hardware balancing unequal ones
+        self.n_work = B * H * n_q
+        self.persistent = 0 < lists.each <= PERSISTENT_MAX_TILES and q.device.type == "cuda"
+        self.grid = (min(self.n_work, torch.cuda.get_device_properties(
+            q.device).multi_processor_count) if self.persistent else self.n_work,)
         gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
         self._layouts = {b: gl.NVMMASharedLayout.get_default_for([1, *b, D], gdt)
                          for b in (self.half, self.kg.box)}
@@ -537,7 +582,7 @@ class WsFwdStage:
         self.static = (lists.start, lists.count, lists.cols, lists.midx, lists.masks, H,
                        H // k.shape[1], n_q, LB, LH,
                        int(self.qg.fold), qt[1], qt[2], kt[1], kt[2], self.qg.shape[1],
-                       self.qg.shape[2], N, _scale_log2(call.scale))
+                       self.qg.shape[2], N, self.n_work, _scale_log2(call.scale))
         self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
                          MASKED=self.n_masks > 0, num_warps=4, maxnreg=168)
         self.aligned = True
@@ -569,7 +614,8 @@ class WsFwdStage:
         return (f"fwd attn_fwd_ws (Gluon, warp-specialised: a TMA loader and two consumer "
                 f"warp groups in ping-pong): tiles {TILE}x{TILE}, {self.n_tiles} key tiles "
                 f"({self.n_masks} PARTIAL, their masks read) over "
-                f"{self.lists.count.numel()} query-tile lists, {how}, grid {self.grid}")
+                f"{self.lists.count.numel()} query-tile lists, {how}, grid {self.grid}"
+                + (" (persistent)" if self.persistent else ""))
 
 
 def build(call, q, k, v, options, rows):

@@ -42,6 +42,26 @@ def test_problems_are_the_briefs(layouts):
     assert N == 256 and pat.mask(N, N).equal(nb.mask(N, N))    # the flat form is NATTEN's
 
 
+@pytest.mark.parametrize("name", ["flux-stride-16x16-flat", "hunyuan-stride-16x8x8-flat"])
+def test_flattened_strides_are_the_builtins_and_find_its_boxes(layouts, name):
+    """The strided problems written over flattened positions (no grid declared, no
+    ``neighborhood``) are NATTEN's masks on the CPU's small grids, and at the GPU run's
+    sizes the layout analysis finds the same boxes as for ``spattn.neighborhood``, every
+    computed pair allowed."""
+    from spattn.ir import layout as LY
+    kind, args, target = layouts.CPU_PROBLEMS[name]
+    pat, N = layouts.make_pattern(kind, args)
+    nb, _ = layouts.make_pattern("natten", layouts.CPU_PROBLEMS[name[:-5]][1])
+    assert pat.mask(N, N).equal(nb.mask(N, N))
+    kind, args, target = layouts.PROBLEMS[name]
+    assert target == layouts.PROBLEMS[name[:-5]][2]
+    pat, N = layouts.make_pattern(kind, args)
+    nb, _ = layouts.make_pattern("natten", layouts.PROBLEMS[name[:-5]][1])
+    got, want = (LY.choose(p.ir, N, N, 0, force=True) for p in (pat, nb))
+    assert str(got.layout) == str(want.layout)
+    assert got.computed_layout == want.computed_layout == got.useful
+
+
 @pytest.mark.slow
 def test_cpu_run_of_a_callers_order_and_text_before_an_image(layouts, tmp_path, monkeypatch):
     """The rows of ``order=`` (an OrderedPlan from a box permutation) and of a declared grid

@@ -104,6 +104,17 @@ def test_key_lists_auto_takes_enough_work(src, H, L):
     assert int(kl.count.sum()) * (H if kl.strides[1] == 0 else 1) >= ws_fwd.MIN_WORK
 
 
+@pytest.mark.parametrize("src,L,each", [("full", 1000, 8), ("q // 256 == k // 256", 4096, 2),
+                                        ("causal", 4096, 0), ("window(256)", 4096, 0)],
+                         ids=["full-L1000", "blocks-L4096", "causal-L4096", "window-L4096"])
+def test_key_lists_say_when_work_is_equal(src, L, each, monkeypatch):
+    """Persistent programs take equal work items only: every query tile with as many key
+    tiles as every other (``each``), else 0."""
+    monkeypatch.setenv("SPATTN_WS_FWD", "1")
+    kl = ws_fwd.key_lists(_call(src, 1, 2, L)[1])
+    assert kl.each == each
+
+
 def _rule_call(src="full", *, dtype=torch.bfloat16, D=128, Lq=1024, Lk=1024, offset=0,
                score=None):
     """q, k, v on the CPU (bf16, ``[1, 2, L, D]``; ``offset``: elements into their storage)
@@ -197,11 +208,13 @@ def _rand(shape, dtype, g, bshd=False):
     return t.requires_grad_()
 
 
-def _check(pat, q, k, v, inputs, tol=1e-2):
+def _check(pat, q, k, v, inputs, tol=1e-2, plan=None):
     """o, lse and the gradients of a fresh dO against the float64 reference (a row with no
-    allowed key: o 0, lse -inf in both)."""
+    allowed key: o 0, lse -inf in both), through ``plan`` where given (it holds the
+    inputs)."""
     from spattn.runtime.reference import attention_reference
-    o, lse = pat(q, k, v, return_lse=True, **inputs)
+    o, lse = (pat(q, k, v, return_lse=True, **inputs) if plan is None
+              else pat(q, k, v, return_lse=True, plan=plan))
     B, H, L, _ = q.shape
     m = pat.mask(L, k.shape[2], num_heads=H, batch=B, q_offset=None, device="cuda", **inputs)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -259,6 +272,7 @@ LAYOUT_CASES = [  # shape, kernel, stride, heads
     ((32, 64), (16, 16), (16, 16), 2),
     ((64, 64), (48, 48), (16, 16), 2),
     ((16, 16, 32), (8, 8, 16), (8, 8, 8), 2),
+    ((64, 128), (48, 48), (16, 16), 24),        # 1536 items of 9 tiles: persistent
 ]
 
 
@@ -276,7 +290,33 @@ def test_layout_forward_gpu(shape, kernel, stride, H, monkeypatch):
     plan = pat.plan(q, k, v)
     stage = plan.forward_stage
     assert getattr(stage, "gluon", False) and stage.box is not None, plan
+    assert stage.persistent and stage.grid[0] == min(   # (every item 9 or fewer tiles)
+        stage.n_work, torch.cuda.get_device_properties(0).multi_processor_count)
     _check(pat, q, k, v, {})
+
+
+@pytest.mark.parametrize("src,B,H,L,grid", [
+    ("full", 2, 4, 1024, 1), ("full", 1, 3, 2048, 7), ("causal", 1, 2, 2000, 5),
+    ("causal & same(doc)", 2, 2, 1900, 3)],
+    ids=["B2-H4-L1024-full-grid1", "B1-H3-L2048-full-grid7", "B1-H2-L2000-causal-grid5",
+         "B2-H2-L1900-documents-grid3"])
+@hopper
+def test_programs_take_work_items_in_turn_gpu(src, B, H, L, grid, monkeypatch):
+    """Any grid gives the same answer: each program takes the items ``pid, pid + grid,
+    ...`` with its Q buffers, K/V ring and ping-pong turns running on from one item to
+    the next (FULL and PARTIAL items, unequal lists, rows past a ragged end)."""
+    monkeypatch.setenv("SPATTN_WS_FWD", "1")
+    g = torch.Generator(device="cuda").manual_seed(L + grid)
+    q, k, v = (_rand((B, H, L, 128), torch.bfloat16, g) for _ in range(3))
+    inputs = {}
+    if "doc" in src:
+        inputs = {"doc": (torch.rand(B, L, device="cuda", generator=g) < 0.004).cumsum(-1)}
+    pat = spattn.compile(src)
+    plan = pat.plan(q, k, v, **inputs)
+    stage = plan.forward_stage
+    assert getattr(stage, "gluon", False), plan
+    stage.grid = (grid,)
+    _check(pat, q, k, v, inputs, plan=plan)
 
 
 @pytest.mark.parametrize("src,L,env,dtype", [
