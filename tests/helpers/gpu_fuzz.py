@@ -16,6 +16,10 @@ Four kinds of case, each drawn from one integer seed (replayed with ``--case KIN
 * ``decode``: ``Pattern.decode`` (and the routed ``pat(q, k, v)``) with ``Lq <= 16``, caches
   up to 20000 keys, per-batch lengths, paged or contiguous caches, GQA and, in a third of
   the cases, a score.
+* ``ws``: a ``call`` case the warp-specialised forward can run (``SPATTN_WS_FWD=1``: bf16
+  or fp16, D 64 or 128, no score, at least 128 queries and keys), through a plan whose
+  forward stage, where it is that kernel, runs a random grid (1 to 200 programs or one
+  per work item), so that programs take several items of any kind in turn.
 * ``seq``: eight calls of one pattern in a row, each changing one thing a memo could hold
   on to (fresh tensors, tensors or the runtime input written in place, views at another
   offset, a key more), each against the reference.
@@ -31,6 +35,8 @@ context is lost) after printing its case. Run it on the device from the reposito
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 
 import torch
@@ -48,6 +54,20 @@ DEV = "cuda"
 DIMS = [16, 32, 40, 48, 64, 64, 72, 80, 96, 128, 128, 128, 160, 192, 256]
 DTYPES = [torch.bfloat16, torch.bfloat16, torch.float16, torch.float32]
 LAST = {"desc": ""}
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """``name`` set to ``value`` while the block runs (a plan reads its settings once)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
 
 
 def _sync():
@@ -102,26 +122,27 @@ def _tensor(r, g, B, H, L, D, dtype, layout):
     return t
 
 
-def call_case(seed: int) -> str:
+def call_case(seed: int, ws: bool = False) -> str:
     r = random.Random(seed)
     mask = rand_mask(r) if r.random() < 0.8 else r.choice(
         ["causal", "window(100)", "causal & same(doc)", "full", "dilated(64, 3)",
          "strided(37)", "global_tokens(5) | local(40, 60)", "prefix_lm(300)"])
-    score = rand_score(r, r.randint(1, 3)) if r.random() < 0.35 else None
+    score = rand_score(r, r.randint(1, 3)) if r.random() < 0.35 and not ws else None
     Hk = r.randint(1, 4)
     Hq = Hk * r.choice([1, 1, 2, 4])
     B = r.choice([1, 1, 2, 3])
-    Lq = _length(r)
-    Lk = Lq if r.random() < 0.5 else _length(r)
-    D = r.choice(DIMS)
-    dtype = r.choice(DTYPES)
+    Lq = max(_length(r), 128 if ws else 1)
+    Lk = Lq if r.random() < 0.5 else max(_length(r), 128 if ws else 1)
+    D = r.choice([64, 128] if ws else DIMS)
+    dtype = r.choice(DTYPES[:3] if ws else DTYPES)
     layout = r.choice(["bhsd", "bhsd", "bshd"])
     q_offset = r.choice([None, None, None, 0, r.randint(-50, 3000)])
     backward = r.random() < 0.7
-    Dv = D if r.random() < 0.8 else r.choice(DIMS)
-    desc = (f"call:{seed} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-Lk{Lk}-D{D}"
+    Dv = D if r.random() < 0.8 or ws else r.choice(DIMS)
+    grid = r.choice([1, 3, 7, 64, 200, None]) if ws else None
+    desc = (f"{'ws' if ws else 'call'}:{seed} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-Lk{Lk}-D{D}"
             f"{'' if Dv == D else f'-Dv{Dv}'} {str(dtype)[6:]} {layout} q_offset={q_offset} "
-            f"backward={backward}")
+            f"backward={backward}" + (f" grid={grid}" if ws else ""))
     LAST["desc"] = desc
     params = {} if score is None else score_params(score, Hq)
     try:
@@ -141,7 +162,19 @@ def call_case(seed: int) -> str:
             for n in getattr(p, "score_inputs", {})}
     kw = {"layout": "bshd"} if layout == "bshd" else {}
     try:
-        o, lse = p(q, k, v, q_offset=q_offset, return_lse=True, **kw, **ins, **tabs)
+        if ws:
+            with _env("SPATTN_WS_FWD", "1"):
+                plan = p.plan(q, k, v, q_offset=q_offset, **kw, **ins)
+            stage = plan.forward_stage
+            if getattr(stage, "gluon", False):
+                stage.grid = (grid or stage.n_work,)
+                desc += f" ({stage.n_masks} PARTIAL tiles)"
+            else:
+                desc += " (the generated forward)"
+            LAST["desc"] = desc
+            o, lse = p(q, k, v, return_lse=True, plan=plan)
+        else:
+            o, lse = p(q, k, v, q_offset=q_offset, return_lse=True, **kw, **ins, **tabs)
     except SpattnError as e:
         return desc + f" (refused at the call: {str(e).splitlines()[0][:80]})"
     _sync()
@@ -361,7 +394,12 @@ def seq_case(seed: int) -> str:
     return LAST["desc"]
 
 
-KINDS = {"call": call_case, "layout": layout_case, "decode": decode_case, "seq": seq_case}
+def ws_case(seed: int) -> str:
+    return call_case(seed, ws=True)
+
+
+KINDS = {"call": call_case, "layout": layout_case, "decode": decode_case, "seq": seq_case,
+         "ws": ws_case}
 
 
 def main():

@@ -239,12 +239,13 @@ def test_sign_and_step_of_s_differentiate_to_zero(backend):
     assert_matches(got, want, "sign and step")
 
 
-@pytest.mark.parametrize("case", ["call:3", "call:8", "layout:2", "decode:3", "seq:6"])
+@pytest.mark.parametrize("case", ["call:3", "call:8", "layout:2", "decode:3", "seq:6", "ws:6"])
 def test_gpu_search_cases_run_on_the_cpu(monkeypatch, case):
     """The GPU search's cases (``tests/helpers/gpu_fuzz.py``) on the CPU's default backend:
     the harness stays runnable, and these draws (bshd views at D = 192, a learned table
     at a q_offset, a flattened 2-D window with GQA, a paged decode step, a sequence of calls
-    that rewrites its tensors) match the float64 reference."""
+    that rewrites its tensors, a call through a plan as the warp-specialised forward's
+    cases make one) match the float64 reference."""
     import tests.helpers.gpu_fuzz as gf
     monkeypatch.setattr(gf, "DEV", "cpu")
     kind, seed = case.split(":")
