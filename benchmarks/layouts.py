@@ -8,10 +8,11 @@ window and with stride 16x16, Hunyuan 30x48x80 with an 18x24x24 window and with 
 flattened expression (``examples/patterns/neighborhood_2d.spattn``), which the runtime
 recognises, as it does both strides written that way (``neighborhood_2d_strided``,
 ``video_neighborhood.spattn``'s ``video_strided_flat``: the ``-flat`` rows), and run in a
-caller's token order (``order=``: 16 x 8 boxes, the permutation a user would give; an ``OrderedPlan``, its gathers timed). ``--full`` adds 77 text tokens
-before the FLUX image with a cut 81 x 81 window (``grid (...) after 77``: a grid after
-extra tokens, docs/layouts.md), and the same with 20 more text tokens after the image
-(``grid (...) after 77 before 20``: the text after it reads causally). Against cuDNN dense (SDPA under
+caller's token order (``order=``: 16 x 8 boxes, the permutation a user would give; an
+``OrderedPlan``, its gathers timed). ``--full`` adds 77 text tokens before the FLUX image
+with a cut 81 x 81 window (``grid (...) after 77``: a grid after extra tokens,
+docs/layouts.md), and the same with 20 more text tokens after the image (``grid (...)
+after 77 before 20``: the text after it reads causally). Against cuDNN dense (SDPA under
 ``SDPBackend.CUDNN_ATTENTION``), timed in alternating rounds in this process. Every output is checked against the float64 reference
 on sampled query rows before timing. ``--full`` adds the 16K patterns of
 ``benchmarks/bench.py`` against FlexAttention (``dilated(512,4)``, ``strided(128)``,

@@ -14,8 +14,8 @@ and #21's strided neighbourhoods (FLUX 256x256, window 80x80, stride 16x16; Huny
 cuDNN's dense forward. Where every work item has as many key tiles as every other, the
 stage is also timed with the other grid, in the same rounds: a program per item (``grid
 = n_work``) where it runs persistent programs (one per SM, taking items in turn), else
-persistent programs (``ws_fwd.PERSISTENT_MAX_TILES``). bf16. ``us`` is the call's median, host time included where
-the GPU waits for it.
+persistent programs (``ws_fwd.PERSISTENT_MAX_TILES``). bf16. ``us`` is the call's median,
+host time included where the GPU waits for it.
 
     python benchmarks/ws_fwd.py [--rounds 3] [--out DIR] [--only NAME ...]
 """

@@ -70,9 +70,10 @@ TILE = 128
 MIN_WORK = 4096
 #: The most key tiles per work item with which equal items run in persistent programs (one
 #: per SM, taking items in turn: the next item's loads overlap this one's last tiles and
-#: its O store). Timed on an H100 against a program per item (benchmarks/RESULTS.md, "The
-#: warp-specialised forward in spattn"): ``full`` at 2K (16 tiles an item) 1.16x, FLUX
-#: stride (50) 1.01x, Hunyuan stride (81) 0.97x, ``full`` at 16K (128) 0.99x.
+#: its O store). Timed on two H100s against a program per item (benchmarks/RESULTS.md,
+#: "persistent programs in the warp-specialised forward"): items of 8-32 key tiles
+#: 1.02-1.37x, FLUX stride (50) 1.01-1.03x, Hunyuan stride (81) 0.97-0.99x, ``full`` at
+#: 16K (128) 0.99x.
 PERSISTENT_MAX_TILES = 64
 #: K/V slots of the loader's ring, and the consumers' registers (``setmaxnreg``).
 STAGES = 2
@@ -346,18 +347,19 @@ if GLUON:
                     H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN, N_WORK,
                     sm_scale_log2, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     MASKED: gl.constexpr, num_warps: gl.constexpr):
-        """Work items of 128 query rows (one box of a layout, or 128 rows) of one (batch,
-        head), ``N_WORK`` of them, item ``i_w = b * H * n_m + h * n_m + t``, a program
-        taking the items ``program_id, + num_programs, ...`` (one each when the grid is
-        ``N_WORK``; persistent programs when it is the SM count): Q, K, V, O through 5-D descriptors (``[B * heads, A0, A1, A2, D]`` views
-        when ``FOLD``, else ``[B, heads, 1, A1, A2, D]``) whose blocks are a box (K, V) or
-        half of one (Q, O); the query grid's boxes ``QT1 x QT2`` per outer slice, sides
-        ``QA1 x QA2``, ``QN`` tokens; the key grid's boxes ``KT1 x KT2``; ``H`` query heads,
-        ``G`` of them per key head. The key tiles of the program's list entry ``i = b * LB
-        + h * LH + t``: ``COLS[START[i] : START[i] + COUNT[i]]`` (at least one), each FULL
-        (``MIDX`` -1) or PARTIAL with its uint8 mask ``MASKS[MIDX]`` ``[128, 128]``. The lse ``[B, H, QN]`` in the caller's order. The partitions read their tile
-        shapes from the shared buffers' types (Triton 3.6 passes a partition's arguments as
-        values, not constexprs)."""
+        """``N_WORK`` work items of 128 query rows (one box of a layout, or 128 rows) of one
+        (batch, head), item ``i_w = (b * H + h) * n_m + t``; a program takes the items
+        ``program_id, + num_programs, ...`` (one each when the grid is ``N_WORK``, several
+        when it is the SM count). Q, K, V, O through 5-D descriptors (``[B * heads, A0, A1,
+        A2, D]`` views when ``FOLD``, else ``[B, heads, 1, A1, A2, D]``) whose blocks are a
+        box (K, V) or half of one (Q, O); the query grid's boxes ``QT1 x QT2`` per outer
+        slice, sides ``QA1 x QA2``, ``QN`` tokens; the key grid's boxes ``KT1 x KT2``;
+        ``H`` query heads, ``G`` of them per key head. The key tiles of an item's list
+        entry ``i = b * LB + h * LH + t``: ``COLS[START[i] : START[i] + COUNT[i]]`` (at
+        least one), each FULL (``MIDX`` -1) or PARTIAL with its uint8 mask ``MASKS[MIDX]``
+        ``[128, 128]``. The lse ``[B, H, QN]`` in the caller's order. The partitions read
+        their tile shapes from the shared buffers' types (Triton 3.6 passes a partition's
+        arguments as values, not constexprs)."""
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape,
                                            q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape,

@@ -140,7 +140,8 @@ def call_case(seed: int, ws: bool = False) -> str:
     backward = r.random() < 0.7
     Dv = D if r.random() < 0.8 or ws else r.choice(DIMS)
     grid = r.choice([1, 3, 7, 64, 200, None]) if ws else None
-    desc = (f"{'ws' if ws else 'call'}:{seed} mask={mask!r} score={score!r} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-Lk{Lk}-D{D}"
+    desc = (f"{'ws' if ws else 'call'}:{seed} mask={mask!r} score={score!r} "
+            f"B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-Lk{Lk}-D{D}"
             f"{'' if Dv == D else f'-Dv{Dv}'} {str(dtype)[6:]} {layout} q_offset={q_offset} "
             f"backward={backward}" + (f" grid={grid}" if ws else ""))
     LAST["desc"] = desc
