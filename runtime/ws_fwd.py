@@ -17,7 +17,9 @@ FlashAttention-3's forward in it:
 
 The kernel evaluates no pattern: a key tile is FULL, or PARTIAL with its 128 x 128 mask
 materialised by the analysis at plan time (:func:`key_lists`, :func:`tile_masks`: the
-pattern's IR evaluated at the tile's positions) and read by the consumers. It suits the
+pattern's IR evaluated at the tile's positions) and read by the consumers, or, where every
+row of every PARTIAL tile allows one run of keys (causal, windows, documents, chunks), only
+each row's run (:func:`tile_runs`: 4 bytes a row instead of 128). It suits the
 patterns whose PARTIAL tiles are few: dense attention, long causal masks, masks aligned to
 128 (block-diagonal, documents cut at multiples of 128), and the strided neighbourhoods in
 their token layouts (every tile FULL: docs/layouts.md). A call with more than
@@ -175,15 +177,25 @@ if GLUON:
         return b_p, b_alpha, b_m_new, b_l
 
     @gluon.jit
-    def _masked(b_s, MASKS, i_m, HALF: gl.constexpr):
-        """S of a PARTIAL tile with its disallowed pairs at -inf: rows ``[64 * HALF, +64)``
-        of the tile's mask ``MASKS[i_m]`` (uint8 ``[128, 128]``, the analysis's)."""
+    def _masked(b_s, MASKS, i_m, HALF: gl.constexpr, MASKED: gl.constexpr):
+        """S of a PARTIAL tile with its disallowed pairs at -inf, rows ``[64 * HALF, +64)``
+        of the tile: ``MASKED`` 1, by the tile's mask ``MASKS[i_m]`` (uint8 ``[128,
+        128]``); 2, by each row's run of allowed keys ``MASKS[i_m, row] = (lo, hi)`` (int16
+        ``[128, 2]``: the keys ``lo <= c < hi`` of the tile)."""
         s_layout: gl.constexpr = b_s.type.layout
         o_r = gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout)) + HALF * 64
         o_c = gl.arange(0, 128, layout=gl.SliceLayout(0, s_layout))
-        p_m = MASKS + i_m.to(gl.int64) * 16384 + gl.expand_dims(o_r * 128, 1) \
-            + gl.expand_dims(o_c, 0)
-        return gl.where(gl.load(p_m) != 0, b_s, float("-inf"))
+        if MASKED == 1:
+            p_m = MASKS + i_m.to(gl.int64) * 16384 + gl.expand_dims(o_r * 128, 1) \
+                + gl.expand_dims(o_c, 0)
+            m_ok = gl.load(p_m) != 0
+        else:
+            p_r = MASKS + i_m.to(gl.int64) * 256 + o_r * 2
+            b_lo = gl.expand_dims(gl.load(p_r).to(gl.int32), 1)
+            b_hi = gl.expand_dims(gl.load(p_r + 1).to(gl.int32), 1)
+            o_c2 = gl.expand_dims(o_c, 0)
+            m_ok = (o_c2 >= b_lo) & (o_c2 < b_hi)
+        return gl.where(m_ok, b_s, float("-inf"))
 
     @gluon.jit
     def _tile(smem, i_s):
@@ -199,9 +211,9 @@ if GLUON:
                  MASKED: gl.constexpr):
         """A consumer warp group: for each of the program's work items, query rows
         ``[64 * HALF, +64)`` of its tile against its key tiles; O stored through its Q
-        slot, the lse in the caller's order. ``MASKED``: some tiles are PARTIAL (their
-        masks read, rows without an allowed key guarded); else every tile is FULL and
-        none of that is compiled. The ring's slot (``it``) and the ping-pong's turn
+        slot, the lse in the caller's order. ``MASKED`` (1: masks, 2: runs, :func:`_masked`):
+        some tiles are PARTIAL (read, rows without an allowed key guarded); 0: every tile
+        is FULL and none of that is compiled. The ring's slot (``it``) and the ping-pong's turn
         (``tt``) count on across items, as the loader's and the other group's do."""
         b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
         D: gl.constexpr = k_smem.type.shape[5]
@@ -252,7 +264,7 @@ if GLUON:
             mbarrier.arrive(k_empty.index(i_s))
             if MASKED:
                 if i_m >= 0:
-                    b_s = _masked(b_s, MASKS, i_m, HALF)
+                    b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
             b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
             b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
 
@@ -274,7 +286,7 @@ if GLUON:
                 mbarrier.arrive(k_empty.index(i_s))
                 if MASKED:
                     if i_m >= 0:
-                        b_s = _masked(b_s, MASKS, i_m, HALF)
+                        b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
                 b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
                 b_o = warpgroup_mma_wait(0, deps=(b_o,))
                 mbarrier.arrive(v_empty.index(i_sp))
@@ -320,27 +332,37 @@ if GLUON:
     def _consume0(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
                   START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
         _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 0, False)
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 0, 0)
 
     @gluon.jit
     def _consume0m(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
                   START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
         _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 0, True)
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 0, 1)
 
+    @gluon.jit
+    def _consume0r(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
+                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
+        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 0, 2)
 
     @gluon.jit
     def _consume1(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
                   START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
         _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 1, False)
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 1, 0)
 
     @gluon.jit
     def _consume1m(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
                   START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
         _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 1, True)
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 1, 1)
 
+    @gluon.jit
+    def _consume1r(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
+                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
+        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 1, 2)
 
     @gluon.jit
     def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, START, COUNT, COLS, MIDX, MASKS,
@@ -387,7 +409,12 @@ if GLUON:
         geom = (H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN, N_WORK)
         args = (q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2)
-        if MASKED:
+        # (a partition's constexpr flags come from its function: one pair of consumers per
+        # MASKED mode)
+        if MASKED == 2:
+            gl.warp_specialize([(_load, args), (_consume0r, args), (_consume1r, args)],
+                               [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        elif MASKED == 1:
             gl.warp_specialize([(_load, args), (_consume0m, args), (_consume1m, args)],
                                [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
         else:
@@ -463,7 +490,9 @@ class KeyLists:
     (``midx`` -1) or PARTIAL with its mask ``masks[midx]`` (uint8 ``[128, 128]``: query
     rows by key columns, 0 where the pair is not allowed or past the keys' end).
     ``each``: the number of key tiles of every entry where all have the same (equal work
-    items, which persistent programs can take in turn and stay balanced), else 0."""
+    items, which persistent programs can take in turn and stay balanced), else 0.
+    ``masks`` is int16 ``[n, 128, 2]`` instead where each row of each PARTIAL tile allows
+    one run of keys: the run ``[lo, hi)`` of the tile's columns (:func:`tile_runs`)."""
 
     start: torch.Tensor
     count: torch.Tensor
@@ -508,7 +537,7 @@ def key_lists(call):
     midx[partial] = torch.arange(int(n_partial), dtype=torch.int32, device=cls.device)
     strides = ((Hp * n_q) if Bp > 1 else 0, n_q if Hp > 1 else 0)
     return KeyLists(start.contiguous(), flat.contiguous(), at[:, 3].to(torch.int32).contiguous(),
-                    midx, tile_masks(call, at[partial]), strides, n_q,
+                    midx, tile_runs(tile_masks(call, at[partial])), strides, n_q,
                     int(least) if least == most else 0)
 
 
@@ -547,6 +576,21 @@ def tile_masks(call, at: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def tile_runs(masks: torch.Tensor) -> torch.Tensor:
+    """``masks`` (uint8 ``[n, 128, 128]``) as each row's run of allowed keys, int16 ``[n,
+    128, 2]`` (``lo``, ``hi``: the columns ``lo <= c < hi``; ``0, 0`` for a row with none),
+    where every row's allowed keys are one run; else ``masks`` itself."""
+    m = masks.bool()
+    cols = torch.arange(TILE, device=m.device, dtype=torch.int16)
+    lo = torch.where(m, cols, TILE).amin(-1)
+    hi = torch.where(m, cols + 1, 0).amax(-1)
+    n = m.sum(-1, dtype=torch.int16)
+    if not bool((n == (hi - lo).clamp(min=0)).all()):
+        return masks
+    lo = torch.where(n > 0, lo, 0)
+    return torch.stack([lo, torch.where(n > 0, hi, 0)], -1).to(torch.int16).contiguous()
+
+
 class WsFwdStage:
     """The forward stage of a call the warp-specialised kernel runs (:func:`build`):
     ``run(q, k, v) -> (o [B, H, N, D], lse fp32 [B, H, N])`` in the caller's order."""
@@ -571,6 +615,7 @@ class WsFwdStage:
         self.out_shape = (B, H, N, D)
         self.n_q, self.n_tiles = n_q, int(lists.cols.numel())
         self.n_masks = int((lists.midx >= 0).sum())
+        self.runs = lists.masks.dtype == torch.int16
         # short equal work items: persistent programs, one per SM, each taking items in
         # turn; else a program per item, the hardware balancing unequal ones
         self.n_work = B * H * n_q
@@ -586,7 +631,8 @@ class WsFwdStage:
                        int(self.qg.fold), qt[1], qt[2], kt[1], kt[2], self.qg.shape[1],
                        self.qg.shape[2], N, self.n_work, _scale_log2(call.scale))
         self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
-                         MASKED=self.n_masks > 0, num_warps=4, maxnreg=168)
+                         MASKED=(2 if self.runs else 1) if self.n_masks else 0, num_warps=4,
+                         maxnreg=168)
         self.aligned = True
 
     def _desc(self, t, grid, block: tuple):
@@ -615,7 +661,8 @@ class WsFwdStage:
                if self.box is not None else "rows through TMA")
         return (f"fwd attn_fwd_ws (Gluon, warp-specialised: a TMA loader and two consumer "
                 f"warp groups in ping-pong): tiles {TILE}x{TILE}, {self.n_tiles} key tiles "
-                f"({self.n_masks} PARTIAL, their masks read) over "
+                f"({self.n_masks} PARTIAL, their {'row runs' if self.runs else 'masks'} "
+                f"read) over "
                 f"{self.lists.count.numel()} query-tile lists, {how}, grid {self.grid}"
                 + (" (persistent)" if self.persistent else ""))
 

@@ -27,6 +27,7 @@ CASES = [  # label, B, H, HK, N, D, dtype, BoxRows or None
     ("box-4x8x4-of-16x16x32-D128-bf16", 1, 2, 2, 8192, 128, torch.bfloat16,
      BoxRows((16, 16, 32), (4, 8, 4), True)),
     ("rows-masked-B1-H2-L1000-D128-bf16", 1, 2, 2, 1000, 128, torch.bfloat16, None),
+    ("rows-runs-B2-H2-L700-D64-fp16", 2, 2, 1, 700, 64, torch.float16, None),
 ]
 
 
@@ -37,11 +38,14 @@ def main() -> None:
         n_t = -(-N // ws_fwd.TILE)
         count = torch.full((n_t,), n_t, dtype=torch.int32)
         midx = torch.full((n_t * n_t,), -1, dtype=torch.int32)
-        if "masked" in label:       # the diagonal tiles PARTIAL
+        masks = torch.zeros(n_t, 128, 128, dtype=torch.uint8)
+        if "masked" in label or "runs" in label:       # the diagonal tiles PARTIAL
             midx[::n_t + 1] = torch.arange(n_t, dtype=torch.int32)
+        if "runs" in label:                             # (each row's run of keys)
+            masks = ws_fwd.tile_runs(masks)
         lists = ws_fwd.KeyLists(torch.arange(n_t, dtype=torch.int32) * n_t, count,
                                 torch.arange(n_t, dtype=torch.int32).repeat(n_t), midx,
-                                torch.zeros(n_t, 128, 128, dtype=torch.uint8), (0, 0), n_t)
+                                masks, (0, 0), n_t)
         call = SimpleNamespace(Lq=N, Lk=N, scale=D ** -0.5)
         try:
             stage = ws_fwd.WsFwdStage(call, q, k, v, rows, lists)

@@ -30,10 +30,19 @@ def _call(src, B, H, Lq, inputs=None, Lk=None):
                         settings=S.current(), backend="torch")
 
 
+def _tile_mask(kl, mi):
+    """PARTIAL tile ``mi``'s mask as the kernel reads it: the mask, or each row's run."""
+    if kl.masks.dtype == torch.int16:
+        lo, hi = kl.masks[mi].long().unbind(-1)
+        c = torch.arange(ws_fwd.TILE)
+        return (c >= lo[:, None]) & (c < hi[:, None])
+    return kl.masks[mi].bool()
+
+
 def _lists_against_mask(pat, call, B, H, Lq, Lk, inputs):
     """Every (batch, head, query tile)'s list against the dense mask: every tile with an
-    allowed pair listed, in order; a FULL one allowed throughout, a PARTIAL one's mask
-    equal to the dense mask's tile (0 past the keys' end)."""
+    allowed pair listed, in order; a FULL one allowed throughout, a PARTIAL one's mask (or
+    its rows' runs) equal to the dense mask's tile (0 past the keys' end)."""
     kl = ws_fwd.key_lists(call)
     LB, LH = kl.strides
     T = ws_fwd.TILE
@@ -56,7 +65,7 @@ def _lists_against_mask(pat, call, B, H, Lq, Lk, inputs):
                     if mi < 0:
                         assert tile[rows].all() and (c + 1) * T <= Lk, (b, h, t, c)
                     else:
-                        assert torch.equal(kl.masks[mi][rows].bool(), tile[rows]), (b, h, t, c)
+                        assert torch.equal(_tile_mask(kl, mi)[rows], tile[rows]), (b, h, t, c)
     return LB, LH
 
 
@@ -70,6 +79,8 @@ LIST_CASES = [  # id, source, B, H, Lq, Lk, inputs
      {"doc": torch.stack([torch.arange(1024) // 384, torch.arange(1024) // 256])}),
     ("B2-H2-L777-documents", "causal & same(doc)", 2, 2, 777, 777,
      {"doc": torch.sort(torch.randint(0, 9, (2, 777)), dim=-1).values}),
+    ("B1-H2-L600-causal-holes", "causal & k % 3 != 1", 1, 2, 600, 600, {}),
+    ("B1-H1-L900-window", "window(200)", 1, 1, 900, 900, {}),
 ]
 
 
@@ -102,6 +113,43 @@ def test_key_lists_refuse(src, H, L, why):
 def test_key_lists_auto_takes_enough_work(src, H, L):
     kl = ws_fwd.key_lists(_call(src, 1, H, L)[1])
     assert int(kl.count.sum()) * (H if kl.strides[1] == 0 else 1) >= ws_fwd.MIN_WORK
+
+
+@pytest.mark.parametrize("src,runs", [("causal", True), ("causal & same(doc)", True),
+                                      ("window(200)", True), ("prefix_lm(300)", True),
+                                      ("causal & k % 3 != 1", False), ("dilated(64, 3)", False)],
+                         ids=["causal", "documents", "window", "prefix-lm", "holes", "dilated"])
+def test_partial_tiles_as_rows_runs(src, runs, monkeypatch):
+    """Where every row of every PARTIAL tile allows one run of keys the lists carry the
+    runs (int16 ``[n, 128, 2]``, 4 bytes a row), else the masks (uint8 ``[n, 128, 128]``)."""
+    monkeypatch.setenv("SPATTN_WS_FWD", "1")
+    L = 1000
+    inputs = {"doc": torch.sort(torch.randint(0, 6, (L,))).values} if "doc" in src else {}
+    pat, call = _call(src, 1, 2, L, inputs)
+    kl = ws_fwd.key_lists(call)
+    assert kl.masks.dtype == (torch.int16 if runs else torch.uint8)
+    assert kl.masks.shape[1:] == ((128, 2) if runs else (128, 128))
+    _lists_against_mask(pat, call, 1, 2, L, L, inputs)
+
+
+def test_tile_runs_round_trip():
+    """``tile_runs`` of random masks: rows of one run (or none) come back as runs that
+    rebuild the masks exactly; one row with a hole keeps the masks."""
+    g = torch.Generator().manual_seed(5)
+    n, T = 40, ws_fwd.TILE
+    lo = torch.randint(0, T + 1, (n, T), generator=g)
+    hi = torch.minimum(lo + torch.randint(0, T + 1, (n, T), generator=g), torch.tensor(T))
+    c = torch.arange(T)
+    masks = ((c >= lo[..., None]) & (c < hi[..., None])).to(torch.uint8)
+    runs = ws_fwd.tile_runs(masks)
+    assert runs.dtype == torch.int16 and runs.shape == (n, T, 2)
+    back = (c >= runs[..., :1].long()) & (c < runs[..., 1:].long())
+    assert torch.equal(back, masks.bool())
+    assert torch.equal(runs[..., 0] == runs[..., 1], masks.sum(-1) == 0)
+    holed = masks.clone()
+    holed[7, 9].zero_()
+    holed[7, 9, [3, 5]] = 1                      # keys 3 and 5, not 4
+    assert ws_fwd.tile_runs(holed) is holed
 
 
 @pytest.mark.parametrize("src,L,each", [("full", 1000, 8), ("q // 256 == k // 256", 4096, 2),
@@ -176,10 +224,12 @@ def test_setting_parses(monkeypatch):
 def test_kernel_compiles_for_sm90():
     """Every configuration of tests/helpers/compile_ws.py builds for sm_90a: consumers at
     240 registers and the loader at 24, one product kept in flight (a wait of 1), Q, K, V
-    read and O written through 5-D TMA."""
+    read and O written through 5-D TMA; PARTIAL tiles by masks in one, by rows' runs in
+    another."""
     r = run_script("tests/helpers/compile_ws.py")
     lines = r.stdout.splitlines()
-    assert len(lines) == 6 and sum("'masked': True" in ln for ln in lines) == 1, r.stdout
+    assert len(lines) == 7, r.stdout
+    assert [sum(f"'masked': {m}," in ln for ln in lines) for m in (0, 1, 2)] == [5, 1, 1]
     for ln in lines:
         label, ok, rest = ln.partition(" OK ")
         assert ok, ln
@@ -293,6 +343,24 @@ def test_layout_forward_gpu(shape, kernel, stride, H, monkeypatch):
     assert stage.persistent and stage.grid[0] == min(   # (every item 9 or fewer tiles)
         stage.n_work, torch.cuda.get_device_properties(0).multi_processor_count)
     _check(pat, q, k, v, {})
+
+
+@pytest.mark.parametrize("src,runs", [("causal & k % 3 != 1", False), ("window(300)", True),
+                                      ("prefix_lm(200)", True)],
+                         ids=["holes-masks", "window-runs", "prefix-lm-runs"])
+@hopper
+def test_partial_tiles_by_masks_and_runs_gpu(src, runs, monkeypatch):
+    """PARTIAL tiles read as 128 x 128 masks, or as each row's run of keys, give the
+    reference's answer (a ragged end, GQA)."""
+    monkeypatch.setenv("SPATTN_WS_FWD", "1")
+    g = torch.Generator(device="cuda").manual_seed(len(src))
+    q = _rand((1, 4, 1000, 128), torch.bfloat16, g)
+    k, v = (_rand((1, 2, 1000, 128), torch.bfloat16, g) for _ in range(2))
+    pat = spattn.compile(src)
+    plan = pat.plan(q, k, v)
+    stage = plan.forward_stage
+    assert getattr(stage, "gluon", False) and stage.n_masks > 0 and stage.runs is runs, plan
+    _check(pat, q, k, v, {}, plan=plan)
 
 
 @pytest.mark.parametrize("src,B,H,L,grid", [
