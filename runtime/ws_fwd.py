@@ -39,8 +39,9 @@ never, ``auto`` for calls of at least :data:`MIN_WORK` computed tiles, at most
 :data:`MAX_PARTIAL_SHARE` of them PARTIAL. Below that much work a call is bound by the
 host, and this kernel's launch through Triton's dispatcher, with four fresh descriptors,
 costs about 20 us more than the generated forward's bound launch; beyond that share the
-mask reads cost more than the kernel gains. docs/backends.md, "The warp-specialised
-forward".
+masks' reads cost more than the kernel gains (timed with 128 x 128 masks; the rows' runs
+bring documents at random cuts to 1.04x in one measurement, not enough to move the
+share). docs/backends.md, "The warp-specialised forward".
 """
 from __future__ import annotations
 
@@ -545,7 +546,9 @@ def key_lists(call):
 #: an H100 (benchmarks/RESULTS.md, "The warp-specialised forward in spattn"): causal at
 #: 16K and 64K (1.5% and 0.4% PARTIAL) 1.17x and 1.25x the generated forward's speed, at
 #: 4K (6%) 0.94x; documents at random cuts (42% and 99% of their tiles PARTIAL) 0.97x and
-#: 0.88x.
+#: 0.88x. With the rows' runs (:func:`tile_runs`, one measurement of two rounds, "persistent
+#: programs in the warp-specialised forward"): causal 4K 0.97x, 16K 1.24x, 20 documents
+#: at random cuts 1.04x.
 MAX_PARTIAL_SHARE = 0.05
 #: PARTIAL tiles whose masks the kernel reads at most (16 KiB each: 64 MiB).
 MAX_MASKS = 4096
