@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import spattn  # noqa: E402
+from spattn.runtime.triton_backend import _persistent_programs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from layout_cost import alternate  # noqa: E402
@@ -101,9 +102,9 @@ def main(argv=None):
         stage = ws.forward_stage
         if took and stage.lists.each:
             _, other = _plan(src, q, k, v, inputs, "1")
-            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            other.forward_stage.grid = ((stage.n_work,) if stage.persistent
-                                        else (min(stage.n_work, sms),))
+            other.forward_stage.grid = (
+                stage.n_work if stage.persistent
+                else _persistent_programs(None, stage.n_work, 1, q.device),)
             fns["the other grid"] = lambda: pat(q, k, v, plan=other)
         if src == "full" or not isinstance(src, str):
             def cudnn():

@@ -492,6 +492,7 @@ class KeyLists:
     rows by key columns, 0 where the pair is not allowed or past the keys' end).
     ``each``: the number of key tiles of every entry where all have the same (equal work
     items, which persistent programs can take in turn and stay balanced), else 0.
+    ``n_partial``: how many tiles are PARTIAL (``midx`` >= 0).
     ``masks`` is int16 ``[n, 128, 2]`` instead where each row of each PARTIAL tile allows
     one run of keys: the run ``[lo, hi)`` of the tile's columns (:func:`tile_runs`)."""
 
@@ -503,6 +504,7 @@ class KeyLists:
     strides: tuple
     n_q: int
     each: int = 0
+    n_partial: int = 0
 
 
 def key_lists(call):
@@ -539,7 +541,7 @@ def key_lists(call):
     strides = ((Hp * n_q) if Bp > 1 else 0, n_q if Hp > 1 else 0)
     return KeyLists(start.contiguous(), flat.contiguous(), at[:, 3].to(torch.int32).contiguous(),
                     midx, tile_runs(tile_masks(call, at[partial])), strides, n_q,
-                    int(least) if least == most else 0)
+                    int(least) if least == most else 0, int(n_partial))
 
 
 #: The share of PARTIAL tiles up to which ``SPATTN_WS_FWD=auto`` takes the kernel. Timed on
@@ -602,7 +604,7 @@ class WsFwdStage:
     kernel = attn_fwd_ws if GLUON else None
 
     def __init__(self, call, q, k, v, rows, lists):
-        from .triton_backend import BoxRows, _scale_log2
+        from .triton_backend import BoxRows, _persistent_programs, _scale_log2
         B, H, _, D = q.shape
         self.lists = lists
         (LB, LH), n_q = lists.strides, lists.n_q
@@ -617,14 +619,14 @@ class WsFwdStage:
         N = self.qg.n
         self.out_shape = (B, H, N, D)
         self.n_q, self.n_tiles = n_q, int(lists.cols.numel())
-        self.n_masks = int((lists.midx >= 0).sum())
+        self.n_masks = lists.n_partial
         self.runs = lists.masks.dtype == torch.int16
         # short equal work items: persistent programs, one per SM, each taking items in
         # turn; else a program per item, the hardware balancing unequal ones
         self.n_work = B * H * n_q
         self.persistent = 0 < lists.each <= PERSISTENT_MAX_TILES and q.device.type == "cuda"
-        self.grid = (min(self.n_work, torch.cuda.get_device_properties(
-            q.device).multi_processor_count) if self.persistent else self.n_work,)
+        self.grid = (_persistent_programs(call, self.n_work, 1, q.device) if self.persistent
+                     else self.n_work,)
         gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
         self._layouts = {b: gl.NVMMASharedLayout.get_default_for([1, *b, D], gdt)
                          for b in (self.half, self.kg.box)}

@@ -45,7 +45,7 @@ def main() -> None:
             masks = ws_fwd.tile_runs(masks)
         lists = ws_fwd.KeyLists(torch.arange(n_t, dtype=torch.int32) * n_t, count,
                                 torch.arange(n_t, dtype=torch.int32).repeat(n_t), midx,
-                                masks, (0, 0), n_t)
+                                masks, (0, 0), n_t, n_partial=int((midx >= 0).sum()))
         call = SimpleNamespace(Lq=N, Lk=N, scale=D ** -0.5)
         try:
             stage = ws_fwd.WsFwdStage(call, q, k, v, rows, lists)

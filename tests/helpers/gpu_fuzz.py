@@ -35,8 +35,6 @@ context is lost) after printing its case. Run it on the device from the reposito
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 
 import torch
@@ -47,6 +45,7 @@ from spattn.runtime.reference import attention_reference, pattern_reference
 
 from tests.helpers.adversarial import (DECODE_MASKS, TABLE_SHAPES, rand_bool,
                                        rand_mask, rand_score, score_params)
+from tests.helpers.adversarial2 import _env
 from tests.helpers.kernels import paged_cache
 from tests.helpers import search
 
@@ -54,20 +53,6 @@ DEV = "cuda"
 DIMS = [16, 32, 40, 48, 64, 64, 72, 80, 96, 128, 128, 128, 160, 192, 256]
 DTYPES = [torch.bfloat16, torch.bfloat16, torch.float16, torch.float32]
 LAST = {"desc": ""}
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """``name`` set to ``value`` while the block runs (a plan reads its settings once)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = old
 
 
 def _sync():
@@ -164,8 +149,11 @@ def call_case(seed: int, ws: bool = False) -> str:
     kw = {"layout": "bshd"} if layout == "bshd" else {}
     try:
         if ws:
-            with _env("SPATTN_WS_FWD", "1"):
+            old = _env({"SPATTN_WS_FWD": "1"})        # (a plan reads its settings once)
+            try:
                 plan = p.plan(q, k, v, q_offset=q_offset, **kw, **ins)
+            finally:
+                _env(old)
             stage = plan.forward_stage
             if getattr(stage, "gluon", False):
                 stage.grid = (grid or stage.n_work,)

@@ -50,7 +50,7 @@ def _lists_against_mask(pat, call, B, H, Lq, Lk, inputs):
     m = torch.as_tensor(pat.mask(Lq, Lk, num_heads=H, batch=B, **inputs)).expand(B, H, Lq, Lk)
     m = torch.nn.functional.pad(m, (0, n_k * T - Lk, 0, n_q * T - Lq))
     tiles = m.reshape(B, H, n_q, T, n_k, T).permute(0, 1, 2, 4, 3, 5)
-    assert kl.n_q == n_q
+    assert kl.n_q == n_q and kl.n_partial == int((kl.midx >= 0).sum())
     for b in range(B):
         for h in range(H):
             for t in range(n_q):
