@@ -989,9 +989,13 @@ class BwdStage:
     aligned: bool = True       # q, k, v of every call are 16-byte aligned (the plan's check)
     out_rows: tuple = None     # (rows of dq, rows of dk and dv): the caller's, with row tables
     scale: float = 1.0         # sm_scale (the atomic dQ accumulator's, applied after it)
+    ws: object = None          # runtime.ws_bwd.WsBwd: the dK/dV launch instead of dkdv_kernel
 
     def __repr__(self) -> str:
         c = self.config
+        if self.ws is not None:
+            return (f"bwd {self.dq_kernel.__name__}: dQ tiles {c.block_m2}x{c.block_n2}, "
+                    f"{c.num_warps} warps, {c.num_stages} stages; {self.ws!r}")
         what = c.strategy + (f" ({'/'.join(self.tables)})" if c.strategy == "table" else "")
         dq = (f"dQ atomic (row statistics {c.block_m2} rows per program)" if c.dq == "atomic"
               else f"dQ tiles {c.block_m2}x{c.block_n2}")
@@ -1027,9 +1031,16 @@ def build_bwd(call, q, k, v, o, do, options: dict | None = None,
         _build_bwd(call, q, k, v, o, do, t, warmup=True, rows=rows)
     opts = resolve_options(call, "bwd", dict(options or {}), (q, k, v, do, o), run,
                            compile_only, rows=rows)
-    return _fitted(call, "bwd", q, opts, explicit=dict(options or {}),
-                   build=lambda o_, warmup: _build_bwd(call, q, k, v, o, do, o_, warmup=warmup,
-                                                       rows=rows))
+    stage = _fitted(call, "bwd", q, opts, explicit=dict(options or {}),
+                    build=lambda o_, warmup: _build_bwd(call, q, k, v, o, do, o_,
+                                                        warmup=warmup, rows=rows))
+    if q.device.type == "cuda" and not call.settings.interpret:
+        from . import ws_bwd
+        stage.ws, why = ws_bwd.build(call, stage, q, k, v, o, do, options, rows)
+        if why is not None:
+            _tune.log.debug("spattn: the warp-specialised dK/dV kernel does not run this "
+                            "call: %s", why)
+    return stage
 
 
 def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:
@@ -1201,6 +1212,17 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
     args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads, partials)
     launch_q, launch_k, key = stage.launch_q, stage.launch_k, None
     meta_q = {**stage.meta_q, "DETERMINISTIC": True} if partials else stage.meta_q
+    if stage.ws is not None:
+        # the dQ kernel (which writes the rows' delta and lse2), then the Gluon dK/dV
+        if launch_q is None or not launch_q(*args_q):
+            aq = (*args_q, *stage.static_q)
+            with launch_guard(q.device.type):
+                cq = stage.dq_kernel[stage.grid_q](*aq, **meta_q)
+            launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, meta_q, q.device)
+            if _bindable(stage, q, k, v) and _bindable(stage, o, do, same=True):
+                stage.launch_q = launch_q
+        stage.ws.run(q, k, v, do, args_k[4], args_k[5], grads[1], grads[2])
+        return grads
     if stage.pattern is not None:      # per-call tables: bound launches by key (run_fwd)
         key = _bwd_launch_key(args_q[n_q:], q, k, v, o, lse, do) \
             if q.device.type == "cuda" else None

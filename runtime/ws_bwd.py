@@ -1,0 +1,491 @@
+"""The warp-specialised dK/dV kernel: FlashAttention-3's backward structure on Hopper, in Gluon.
+
+spattn's backward is the dQ kernel (which also writes each row's delta and log2-unit lse)
+and the dK/dV kernel, both generated in Triton's language (``codegen/templates``). On
+Hopper, where this module's kernel runs the call (:func:`why_not`, :func:`query_lists`),
+it replaces the generated dK/dV kernel, reading the rows' statistics the dQ kernel wrote:
+
+* a loader partition (one warp group, 24 registers a thread) brings the program's 128
+  keys of K and V once (two halves of 64), then, for each query head of the key head's
+  group and each of that head's query tiles of 64 rows, the tile's Q, dO, lse and delta
+  into a ring of ``STAGES`` shared-memory slots through TMA (a ready barrier for Q and
+  the lse, one for dO and delta, an empty barrier both consumers release);
+* two consumer warp groups, one per half of the keys (``setmaxnreg`` 240), each holding
+  its dK and dV ``[64, D]`` in registers. Per query tile: S^T = K Q^T and dP^T = V dO^T
+  issued together; P^T = exp2(S^T scale log2e - lse) while dP^T runs; dV += P^T dO from
+  registers; dS^T = P^T (dP^T - delta); dK += dS^T Q. A PARTIAL tile's pairs come from its
+  mask (uint8 ``[64, 128]``, evaluated from the pattern's IR at plan time, as the
+  warp-specialised forward's): P^T is 0 elsewhere. Each step waits for its own products
+  (the schedule that keeps ptxas from serialising them: ``benchmarks/gluon_bwd.py``).
+
+Measured on an H100 against the generated dK/dV kernel (benchmarks/RESULTS.md, "a
+warp-specialised dK/dV kernel"): 1.21-1.38x on ``full`` and ``causal`` at 4K and 16K.
+``SPATTN_WS_BWD`` (``auto`` / ``1`` / ``0``) chooses: ``1`` wherever it can run, ``0``
+never, ``auto`` for calls of at least :data:`MIN_WORK` computed tiles with at most
+:data:`MAX_PARTIAL_SHARE` of them PARTIAL (docs/backends.md, "The warp-specialised
+dK/dV kernel").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .settings import launch_guard
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
+        warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    GLUON = True
+except ImportError:             # a Triton without Gluon's Hopper modules: never chosen
+    GLUON = False
+
+#: Query rows a step (one ring slot) and keys a program (two warp groups of 64).
+BLOCK_M = 64
+BLOCK_N = 128
+#: The computed 64 x 128 tiles (over batch and heads) from which ``SPATTN_WS_BWD=auto``
+#: takes the kernel (below, a call is bound by the host).
+MIN_WORK = 8192
+#: The share of PARTIAL tiles up to which ``auto`` takes the kernel (their masks are read
+#: from memory, where the generated kernel evaluates its predicate in registers). Timed
+#: on an H100 against the generated backward (benchmarks/RESULTS.md): causal documents
+#: at random cuts with 10% of their tiles PARTIAL 1.03-1.11x, 36% 1.02x, 77% 0.94x.
+MAX_PARTIAL_SHARE = 0.2
+#: PARTIAL tiles whose masks the kernel reads at most (8 KiB each: 64 MiB).
+MAX_MASKS = 8192
+STAGES = 2
+CONSUMER_REGS = 240
+_MASK_CHUNK = 256
+
+
+if GLUON:
+    @gluon.jit
+    def _item(geom, i_w):
+        """Program ``i_w``'s key tile, batch element and key head."""
+        B, HK = geom[0], geom[1]
+        i_c = i_w // (B * HK)
+        i_bk = i_w % (B * HK)
+        return i_c, i_bk // HK, i_bk % HK
+
+    @gluon.jit
+    def _entry(geom, i_b, i_h, i_c):
+        """The query-tile list entry of (batch element, query head, key tile)."""
+        return i_b * geom[5] + i_h * geom[6] + i_c
+
+    @gluon.jit
+    def _load(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
+              q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
+              MIDX, MASKS, geom, sm_scale_log2, sm_scale):
+        """The loader partition: K and V of the program's keys, then for each query head of
+        its group each query tile's Q, lse, dO and delta into the ring, a slot refilled
+        once both consumers released it."""
+        kv_bar, q_ready, do_ready, empty = bars
+        STAGES: gl.constexpr = q_smem.type.shape[0]
+        H, G, LQS = geom[2], geom[3], geom[4]
+        i_c, i_b, i_hk = _item(geom, gl.program_id(0))
+        mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
+        for i_x in gl.static_range(2):
+            o_k = [i_b, i_hk, i_c * 128 + i_x * 64, 0]
+            tma.async_copy_global_to_shared(k_desc, o_k, kv_bar, k_smem.index(i_x))
+            tma.async_copy_global_to_shared(v_desc, o_k, kv_bar, v_smem.index(i_x))
+        it = 0
+        for g in range(G):
+            i_h = i_hk * G + g
+            e = _entry(geom, i_b, i_h, i_c)
+            o_list = gl.load(START + e)
+            n_n = gl.load(COUNT + e)
+            for j in range(n_n):
+                i_s = it % STAGES
+                phase = (it // STAGES) & 1
+                i_t = gl.load(ROWS + o_list + j)
+                o_q = [i_b, i_h, i_t * 64, 0]
+                o_r = (i_b * H + i_h) * LQS + i_t * 64
+                mbarrier.wait(empty.index(i_s), phase ^ 1)
+                mbarrier.expect(q_ready.index(i_s), q_desc.block_type.nbytes
+                                + lse_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, o_q, q_ready.index(i_s),
+                                                q_smem.index(i_s))
+                tma.async_copy_global_to_shared(lse_desc, [o_r], q_ready.index(i_s),
+                                                l_smem.index(i_s))
+                mbarrier.expect(do_ready.index(i_s), do_desc.block_type.nbytes
+                                + delta_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(do_desc, o_q, do_ready.index(i_s),
+                                                do_smem.index(i_s))
+                tma.async_copy_global_to_shared(delta_desc, [o_r], do_ready.index(i_s),
+                                                d_smem.index(i_s))
+                it += 1
+
+    @gluon.jit
+    def _rows(smem, i_s):
+        """Slot ``i_s`` of a ring of ``[1, 1, rows, D]`` blocks as a ``[rows, D]`` operand."""
+        t = smem.index(i_s)
+        D: gl.constexpr = smem.type.shape[4]
+        return t.reshape([t.numel // D, D])
+
+    @gluon.jit
+    def _consume(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
+                 q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
+                 MIDX, MASKS, geom, sm_scale_log2, sm_scale, HALF: gl.constexpr):
+        """A consumer warp group: keys ``[64 * HALF, +64)`` of the program's key tile
+        against every query tile of its lists; dK (scaled) and dV stored through its own
+        K and V halves."""
+        kv_bar, q_ready, do_ready, empty = bars
+        STAGES: gl.constexpr = q_smem.type.shape[0]
+        D: gl.constexpr = q_smem.type.shape[4]
+        gl.static_assert(q_smem.type.shape[3] == 64)
+        gl.static_assert(k_smem.type.shape[3] == 64)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+        a_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout,
+                                                      k_width=2)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        G = geom[3]
+        i_c, i_b, i_hk = _item(geom, gl.program_id(0))
+        k_s = _rows(k_smem, HALF)
+        v_s = _rows(v_smem, HALF)
+        b_zero = gl.zeros([64, 64], gl.float32, s_layout)
+        b_dk = warpgroup_mma_init(gl.zeros([64, D], gl.float32, a_layout))
+        b_dv = warpgroup_mma_init(gl.zeros([64, D], gl.float32, a_layout))
+        # a PARTIAL tile's mask [64 queries, 128 keys], read transposed (keys x queries)
+        o_mk = gl.expand_dims(HALF * 64 + gl.arange(0, 64, layout=row_s), 1) \
+            + gl.expand_dims(gl.arange(0, 64, layout=col_s) * 128, 0)
+        mbarrier.wait(kv_bar, 0)
+        it = 0
+        for g in range(G):
+            e = _entry(geom, i_b, i_hk * G + g, i_c)
+            o_list = gl.load(START + e)
+            n_n = gl.load(COUNT + e)
+            for j in range(n_n):
+                i_s = it % STAGES
+                phase = (it // STAGES) & 1
+                i_m = gl.load(MIDX + o_list + j)
+                q_s = _rows(q_smem, i_s)
+                do_s = _rows(do_smem, i_s)
+                # products: S^T = K Q^T and dP^T = V dO^T in flight together
+                mbarrier.wait(q_ready.index(i_s), phase)
+                b_st = warpgroup_mma(k_s, q_s.permute((1, 0)), b_zero, use_acc=False,
+                                     is_async=True)
+                mbarrier.wait(do_ready.index(i_s), phase)
+                b_dpt = warpgroup_mma(v_s, do_s.permute((1, 0)), b_zero, use_acc=False,
+                                      is_async=True)
+                b_st = warpgroup_mma_wait(1, deps=(b_st,))
+                # P^T (rows at lse = +inf, past the end or without keys: 0); a PARTIAL
+                # tile's pairs outside its mask: 0
+                b_lse = l_smem.index(i_s).load(col_s)
+                b_pt = gl.exp2(b_st * sm_scale_log2 - gl.expand_dims(b_lse, 0))
+                if i_m >= 0:
+                    m_ok = gl.load(MASKS + i_m.to(gl.int64) * 8192 + o_mk) != 0
+                    b_pt = gl.where(m_ok, b_pt, 0.0)
+                b_ptd = gl.convert_layout(b_pt.to(q_desc.dtype), op_layout)
+                b_dv = warpgroup_mma(b_ptd, do_s, b_dv, is_async=True)
+                b_dpt, b_dv = warpgroup_mma_wait(0, deps=(b_dpt, b_dv))
+                b_dv = warpgroup_mma_init(b_dv)
+                b_delta = d_smem.index(i_s).load(col_s)
+                b_dst = b_pt * (b_dpt - gl.expand_dims(b_delta, 0))
+                b_dstd = gl.convert_layout(b_dst.to(q_desc.dtype), op_layout)
+                b_dk = warpgroup_mma(b_dstd, q_s, b_dk, is_async=True)
+                b_dk = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(b_dk,)))
+                mbarrier.arrive(empty.index(i_s))
+                it += 1
+        # store dK (scaled) and dV through this group's K and V halves
+        b_dk, b_dv = warpgroup_mma_wait(0, deps=(b_dk, b_dv))
+        k_s.store((b_dk * sm_scale).to(dk_desc.dtype))
+        v_s.store(b_dv.to(dv_desc.dtype))
+        fence_async_shared()
+        o_k = [i_b, i_hk, i_c * 128 + HALF * 64, 0]
+        tma.async_copy_shared_to_global(dk_desc, o_k, k_smem.index(HALF))
+        tma.async_copy_shared_to_global(dv_desc, o_k, v_smem.index(HALF))
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _consume0(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
+                  q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
+                  MIDX, MASKS, geom, sm_scale_log2, sm_scale):
+        _consume(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
+                 q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
+                 MIDX, MASKS, geom, sm_scale_log2, sm_scale, 0)
+
+    @gluon.jit
+    def _consume1(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
+                  q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
+                  MIDX, MASKS, geom, sm_scale_log2, sm_scale):
+        _consume(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
+                 q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
+                 MIDX, MASKS, geom, sm_scale_log2, sm_scale, 1)
+
+    @gluon.jit
+    def attn_bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc,
+                         delta_desc, START, COUNT, ROWS, MIDX, MASKS, B, HK, H, G, LQS, LB,
+                         LH, sm_scale_log2, sm_scale, STAGES: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """dK and dV ``[B, HK, Lk, D]`` of one key tile (128 keys) of one (batch element,
+        key head): program ``(i_c * B + b) * HK + hk`` (key tile-major: the first key tiles,
+        which causal masks give the most query tiles, start first). Q, dO ``[B, H, Lq,
+        D]``, K, V, dK, dV through 4-D descriptors of 64-row blocks; the lse (log2 units)
+        and delta, fp32 rows of ``LQS`` (``Lq`` rounded up to 4) a head, through 1-D
+        descriptors of 64. The query tiles
+        (64 rows) of list entry ``i = b * LB + h * LH + key tile``: ``ROWS[START[i] :
+        START[i] + COUNT[i]]``, each FULL (``MIDX`` -1) or PARTIAL with its uint8 mask
+        ``MASKS[MIDX]`` ``[64, 128]``."""
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape,
+                                           q_desc.layout)
+        do_smem = gl.allocate_shared_memory(do_desc.dtype,
+                                            [STAGES] + do_desc.block_type.shape,
+                                            do_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape,
+                                           k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape,
+                                           v_desc.layout)
+        l_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape,
+                                           lse_desc.layout)
+        d_smem = gl.allocate_shared_memory(gl.float32,
+                                           [STAGES] + delta_desc.block_type.shape,
+                                           delta_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        bars = (kv_bar, q_ready, do_ready, empty)
+        geom = (B, HK, H, G, LQS, LB, LH)
+        args = (q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
+                q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
+                MIDX, MASKS, geom, sm_scale_log2, sm_scale)
+        gl.warp_specialize([(_load, args), (_consume0, args), (_consume1, args)],
+                           [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+# ---------------------------------------------------------------- host side
+
+def why_not(call, stage, q, k, v, o, do, options: dict | None, rows) -> str | None:
+    """Why the warp-specialised dK/dV kernel does not run this backward (``stage``: the
+    generated :class:`~spattn.runtime.triton_backend.BwdStage`, whose dQ kernel it
+    follows), or None where it can, subject to its tiles (:func:`query_lists`): the
+    device's rules, then the call's (:func:`call_why_not`)."""
+    from . import cache
+    s = call.settings
+    if s.ws_bwd is False:
+        return "SPATTN_WS_BWD=0"
+    if not GLUON:
+        return "this Triton has no Gluon Hopper modules"
+    if s.interpret or q.device.type != "cuda":
+        return "not on a CUDA device"
+    if (cache.capability(q.device) or (0, 0)) != (9, 0):
+        return "not a Hopper GPU (sm_90)"
+    return call_why_not(call, stage, q, k, v, do, options, rows)
+
+
+def call_why_not(call, stage, q, k, v, do, options: dict | None, rows) -> str | None:
+    """:func:`why_not`'s rules of the call itself: the dtype, head dimension, score, the
+    stage's dQ form, options and settings, integer width, how the rows are reached, the
+    lengths and the tensors' layout."""
+    from .triton_backend import tma_ok
+    s = call.settings
+    if q.dtype not in (torch.bfloat16, torch.float16) or stage.upcast:
+        return f"{q.dtype} (it runs bfloat16 and float16)"
+    D = q.shape[-1]
+    if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
+        return f"head dimension {D} (it runs 64 and 128)"
+    if stage.pattern is not None or getattr(call.pattern, "score", None) is not None:
+        return "a score (its kernel applies none)"
+    c = stage.config
+    if c.dq != "kernel" or c.lse_grad:
+        return "an atomic dQ or the lse's gradient (its kernel reads neither)"
+    fixed = sorted(n for n in (options or {}) if n in _FIXING)
+    if fixed:
+        return f"the options fix the generated backward ({', '.join(fixed)})"
+    if s.strategy or s.tiles_set("bwd"):
+        return "SPATTN_* settings fix the generated backward"
+    if call.int64:
+        return "64-bit offsets"
+    if rows is not None:
+        return "rows through tables or a layout's boxes"
+    if min(call.Lq, call.Lk) < BLOCK_N:
+        return f"fewer than {BLOCK_N} queries or keys"
+    if not tma_ok(q, k, v, do):
+        return "tensors TMA cannot read"
+    return None
+
+
+def _fixing():
+    from . import tune
+    return tune.FIELDS["bwd"] + ("strategy", "tma", "dq", "tables")
+
+
+_FIXING = _fixing()
+
+
+@dataclass
+class QueryLists:
+    """The tiles the kernel computes, per list entry ``i = b * LB + h * LH + c`` (batch
+    element, query head, key tile of 128; ``LB``, ``LH`` 0 where every batch element or
+    head has the same): query tiles of 64 rows ``rows[start[i] : start[i] + count[i]]``,
+    ascending, each FULL (``midx`` -1) or PARTIAL with its mask ``masks[midx]`` (uint8
+    ``[64, 128]``: query rows by key columns, 0 where the pair is not allowed or past
+    either end)."""
+
+    start: torch.Tensor
+    count: torch.Tensor
+    rows: torch.Tensor
+    midx: torch.Tensor
+    masks: torch.Tensor
+    strides: tuple
+    n_k: int
+    n_partial: int = 0
+
+
+def query_lists(call):
+    """The :class:`QueryLists` of the call's non-EMPTY 64 x 128 tiles, or a string saying
+    why the kernel does not run them: more than :data:`MAX_MASKS` PARTIAL tiles, or
+    (``SPATTN_WS_BWD=auto``) fewer than :data:`MIN_WORK` tiles in all or a share of
+    PARTIAL ones above :data:`MAX_PARTIAL_SHARE`."""
+    from .tables import EMPTY, PARTIAL, _demote_ragged, _pool
+    tile = (BLOCK_M, BLOCK_N)
+    ((fine_tile, fine),) = call.analysis.classes([tile])
+    cls = _pool(fine, fine_tile, tile, call.Lq, call.Lk)
+    cls = _demote_ragged(_demote_ragged(cls, call.Lq, BLOCK_M, 2), call.Lk, BLOCK_N, 3)
+    ct = cls.transpose(2, 3)                                    # [B', H', n_k, n_q]
+    count = (ct != EMPTY).sum(-1, dtype=torch.int32)
+    n_partial, computed = torch.stack([(ct == PARTIAL).sum().float(),
+                                       count.sum().float()]).tolist()
+    if n_partial > MAX_MASKS:
+        return f"{int(n_partial)} PARTIAL tiles (their masks are kept up to {MAX_MASKS})"
+    Bp, Hp, n_k = count.shape
+    tiles = computed * (call.B // Bp) * (call.H // Hp)
+    if call.settings.ws_bwd is None and tiles < MIN_WORK:
+        return f"{int(tiles)} tiles in all (auto takes {MIN_WORK} or more)"
+    if call.settings.ws_bwd is None and n_partial > MAX_PARTIAL_SHARE * max(computed, 1):
+        return (f"{int(n_partial)} of {int(computed)} tiles PARTIAL (auto takes a share "
+                f"of {MAX_PARTIAL_SHARE:.0%} or less)")
+    flat = count.reshape(-1)
+    start = torch.cumsum(flat, 0, dtype=torch.int32) - flat
+    at = (ct != EMPTY).nonzero()                                # [n, 4]: b', h', c, t
+    partial = ct[at.unbind(1)] == PARTIAL
+    midx = torch.full((at.shape[0],), -1, dtype=torch.int32, device=ct.device)
+    midx[partial] = torch.arange(int(n_partial), dtype=torch.int32, device=ct.device)
+    strides = ((Hp * n_k) if Bp > 1 else 0, n_k if Hp > 1 else 0)
+    return QueryLists(start.contiguous(), flat.contiguous(),
+                      at[:, 3].to(torch.int32).contiguous(), midx,
+                      tile_masks(call, at[partial][:, [0, 1, 3, 2]]), strides, n_k,
+                      int(n_partial))
+
+
+def tile_masks(call, at: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[n, 64, 128]``: the call's mask on each tile of ``at`` ``[n, 4]`` (batch
+    element, head, query tile of 64, key tile of 128; 0 for a batch element or head the
+    classes do not tell apart), evaluated from the pattern's IR at the tile's positions,
+    0 past either end. At least one tile, so that the kernel always has a pointer."""
+    from ..ir.evaluate import evaluate
+    dev = call.analysis.device
+    out = torch.zeros((max(1, at.shape[0]), BLOCK_M, BLOCK_N), dtype=torch.uint8,
+                      device=dev)
+    rm = torch.arange(BLOCK_M, device=dev, dtype=torch.int64)
+    rn = torch.arange(BLOCK_N, device=dev, dtype=torch.int64)
+    node = getattr(call.pattern, "ir", call.pattern)
+    for i in range(0, at.shape[0], _MASK_CHUNK):
+        a = at[i:i + _MASK_CHUNK].to(dev, torch.int64)
+        q = (a[:, 2, None] * BLOCK_M + rm)[:, :, None]
+        k = (a[:, 3, None] * BLOCK_N + rn)[:, None, :]
+        env = {"q": q.clamp(max=call.Lq - 1) + call.positions.q_offset,
+               "k": k.clamp(max=call.Lk - 1), "h": a[:, 1, None, None],
+               "b": a[:, 0, None, None], "Lq": call.Lq, "Lk": call.Lk, "H": call.H}
+        m = torch.as_tensor(evaluate(node, env, call.inputs), device=dev)
+        ok = m & (q < call.Lq) & (k < call.Lk)
+        out[i:i + a.shape[0]] = ok.expand(a.shape[0], BLOCK_M, BLOCK_N)
+    return out
+
+
+class WsBwd:
+    """The warp-specialised dK/dV launch of a backward stage (:func:`build`):
+    ``run(q, k, v, do, lse2, delta, dk, dv)`` fills ``dk`` and ``dv`` ``[B, HK, Lk, D]``
+    from the rows' statistics the stage's dQ kernel wrote."""
+
+    kernel = attn_bwd_dkdv_ws if GLUON else None
+
+    def __init__(self, call, q, k, lists: QueryLists):
+        from .triton_backend import _scale_log2
+        B, H, _, D = q.shape
+        HK = k.shape[1]
+        self.lists = lists
+        self.n_k = lists.n_k
+        self.grid = (lists.n_k * B * HK,)
+        gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+        self._layout = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, D], gdt)
+        self._row_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
+        LB, LH = lists.strides
+        self.lq_rows = -(-call.Lq // 4) * 4         # (a head's rows of the statistics)
+        self.static = (lists.start, lists.count, lists.rows, lists.midx, lists.masks, B, HK,
+                       H, H // HK, self.lq_rows, LB, LH, _scale_log2(call.scale), call.scale)
+        self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+                         maxnreg=168)
+
+    def _desc(self, t):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_M, t.shape[-1]],
+                                self._layout)
+
+    def _row_desc(self, t):
+        return TensorDescriptor(t, [t.numel()], [1], [BLOCK_M], self._row_layout)
+
+    def rows(self, lse2, delta):
+        """The rows' statistics ``[B, H, Lq]`` as the kernel's 1-D descriptors read them:
+        each head's rows from a multiple of 16 bytes (TMA's rule for a box's start), so
+        copied into rows of ``Lq`` rounded up to 4 where it is not one, zeros after."""
+        B, H, Lq = lse2.shape
+        if Lq == self.lq_rows and lse2.data_ptr() % 16 == 0 and delta.data_ptr() % 16 == 0:
+            return lse2.reshape(-1), delta.reshape(-1)
+        buf = torch.zeros((2, B * H, self.lq_rows), dtype=torch.float32, device=lse2.device)
+        buf[0, :, :Lq] = lse2.reshape(B * H, Lq)
+        buf[1, :, :Lq] = delta.reshape(B * H, Lq)
+        return buf[0].reshape(-1), buf[1].reshape(-1)
+
+    def args(self, q, k, v, do, lse2, delta, dk, dv):
+        lse2, delta = self.rows(lse2, delta)
+        return (*(self._desc(t) for t in (q, k, v, do, dk, dv)), self._row_desc(lse2),
+                self._row_desc(delta), *self.static)
+
+    def run(self, q, k, v, do, lse2, delta, dk, dv):
+        with launch_guard(q.device.type):
+            self.kernel[self.grid](*self.args(q, k, v, do, lse2, delta, dk, dv), **self.meta)
+
+    def __repr__(self) -> str:
+        return (f"dK/dV attn_bwd_dkdv_ws (Gluon, warp-specialised: a TMA loader and two "
+                f"consumer warp groups of 64 keys): tiles {BLOCK_M}x{BLOCK_N}, "
+                f"{int(self.lists.rows.numel())} query tiles ({self.lists.n_partial} "
+                f"PARTIAL, their masks read) over {self.lists.count.numel()} key-tile "
+                f"lists, grid {self.grid}")
+
+
+def build(call, stage, q, k, v, o, do, options, rows):
+    """The warp-specialised dK/dV launch for ``stage``, compiled, or ``(None, why)`` where
+    it does not run the call (:func:`why_not`, :func:`query_lists`) or Triton fails to
+    build it (the stage then keeps its generated dK/dV kernel)."""
+    why = why_not(call, stage, q, k, v, o, do, options, rows)
+    if why is not None:
+        return None, why
+    lists = query_lists(call)
+    if isinstance(lists, str):
+        return None, lists
+    try:
+        ws = WsBwd(call, q, k, lists)
+        B, H, Lq, D = q.shape
+        rows_ = torch.zeros((B, H, Lq), dtype=torch.float32, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        compiled = ws.kernel.warmup(*ws.args(q, k, v, do, rows_, rows_, dk, dk),
+                                    grid=ws.grid, **ws.meta)
+        init = getattr(compiled, "_init_handles", None)
+        if init is not None:
+            init()
+    except Exception as e:  # noqa: BLE001 -- any failure keeps the generated kernel
+        return None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return ws, None
