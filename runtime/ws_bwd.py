@@ -33,16 +33,11 @@ import torch
 
 from .settings import launch_guard
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
-        warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    GLUON = True
-except ImportError:             # a Triton without Gluon's Hopper modules: never chosen
-    GLUON = False
+from .ws_fwd import GLUON, tile_masks, warm
+
+if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
+    from .ws_fwd import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
+                         warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait)
 
 #: Query rows a step (one ring slot) and keys a program (two warp groups of 64).
 BLOCK_M = 64
@@ -59,7 +54,6 @@ MAX_PARTIAL_SHARE = 0.2
 MAX_MASKS = 8192
 STAGES = 2
 CONSUMER_REGS = 240
-_MASK_CHUNK = 256
 
 
 if GLUON:
@@ -272,18 +266,11 @@ def why_not(call, stage, q, k, v, o, do, options: dict | None, rows) -> str | No
     """Why the warp-specialised dK/dV kernel does not run this backward (``stage``: the
     generated :class:`~spattn.runtime.triton_backend.BwdStage`, whose dQ kernel it
     follows), or None where it can, subject to its tiles (:func:`query_lists`): the
-    device's rules, then the call's (:func:`call_why_not`)."""
-    from . import cache
-    s = call.settings
-    if s.ws_bwd is False:
-        return "SPATTN_WS_BWD=0"
-    if not GLUON:
-        return "this Triton has no Gluon Hopper modules"
-    if s.interpret or q.device.type != "cuda":
-        return "not on a CUDA device"
-    if (cache.capability(q.device) or (0, 0)) != (9, 0):
-        return "not a Hopper GPU (sm_90)"
-    return call_why_not(call, stage, q, k, v, do, options, rows)
+    device's rules (:func:`~spattn.runtime.ws_fwd.device_why_not`), then the call's
+    (:func:`call_why_not`)."""
+    from .ws_fwd import device_why_not
+    return (device_why_not(call, q, call.settings.ws_bwd, "SPATTN_WS_BWD")
+            or call_why_not(call, stage, q, k, v, do, options, rows))
 
 
 def call_why_not(call, stage, q, k, v, do, options: dict | None, rows) -> str | None:
@@ -333,7 +320,7 @@ class QueryLists:
     head has the same): query tiles of 64 rows ``rows[start[i] : start[i] + count[i]]``,
     ascending, each FULL (``midx`` -1) or PARTIAL with its mask ``masks[midx]`` (uint8
     ``[64, 128]``: query rows by key columns, 0 where the pair is not allowed or past
-    either end)."""
+    either end: :func:`~spattn.runtime.ws_fwd.tile_masks`)."""
 
     start: torch.Tensor
     count: torch.Tensor
@@ -377,33 +364,9 @@ def query_lists(call):
     strides = ((Hp * n_k) if Bp > 1 else 0, n_k if Hp > 1 else 0)
     return QueryLists(start.contiguous(), flat.contiguous(),
                       at[:, 3].to(torch.int32).contiguous(), midx,
-                      tile_masks(call, at[partial][:, [0, 1, 3, 2]]), strides, n_k,
+                      tile_masks(call, at[partial][:, [0, 1, 3, 2]], (BLOCK_M, BLOCK_N),
+                                 rows_end=True), strides, n_k,
                       int(n_partial))
-
-
-def tile_masks(call, at: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[n, 64, 128]``: the call's mask on each tile of ``at`` ``[n, 4]`` (batch
-    element, head, query tile of 64, key tile of 128; 0 for a batch element or head the
-    classes do not tell apart), evaluated from the pattern's IR at the tile's positions,
-    0 past either end. At least one tile, so that the kernel always has a pointer."""
-    from ..ir.evaluate import evaluate
-    dev = call.analysis.device
-    out = torch.zeros((max(1, at.shape[0]), BLOCK_M, BLOCK_N), dtype=torch.uint8,
-                      device=dev)
-    rm = torch.arange(BLOCK_M, device=dev, dtype=torch.int64)
-    rn = torch.arange(BLOCK_N, device=dev, dtype=torch.int64)
-    node = getattr(call.pattern, "ir", call.pattern)
-    for i in range(0, at.shape[0], _MASK_CHUNK):
-        a = at[i:i + _MASK_CHUNK].to(dev, torch.int64)
-        q = (a[:, 2, None] * BLOCK_M + rm)[:, :, None]
-        k = (a[:, 3, None] * BLOCK_N + rn)[:, None, :]
-        env = {"q": q.clamp(max=call.Lq - 1) + call.positions.q_offset,
-               "k": k.clamp(max=call.Lk - 1), "h": a[:, 1, None, None],
-               "b": a[:, 0, None, None], "Lq": call.Lq, "Lk": call.Lk, "H": call.H}
-        m = torch.as_tensor(evaluate(node, env, call.inputs), device=dev)
-        ok = m & (q < call.Lq) & (k < call.Lk)
-        out[i:i + a.shape[0]] = ok.expand(a.shape[0], BLOCK_M, BLOCK_N)
-    return out
 
 
 class WsBwd:
@@ -481,11 +444,7 @@ def build(call, stage, q, k, v, o, do, options, rows):
         B, H, Lq, D = q.shape
         rows_ = torch.zeros((B, H, Lq), dtype=torch.float32, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        compiled = ws.kernel.warmup(*ws.args(q, k, v, do, rows_, rows_, dk, dk),
-                                    grid=ws.grid, **ws.meta)
-        init = getattr(compiled, "_init_handles", None)
-        if init is not None:
-            init()
+        warm(ws.kernel, ws.args(q, k, v, do, rows_, rows_, dk, dk), ws.grid, ws.meta)
     except Exception as e:  # noqa: BLE001 -- any failure keeps the generated kernel
         return None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     return ws, None

@@ -428,19 +428,26 @@ if GLUON:
 def why_not(call, q, k, v, options: dict | None, rows) -> str | None:
     """Why the warp-specialised forward does not run this call (``rows``: None, the
     plan's :class:`~spattn.runtime.triton_backend.RowTables` or ``BoxRows``), or None
-    where it can, subject to its tiles (:func:`key_lists`): the device's rules, then the
-    call's (:func:`call_why_not`)."""
+    where it can, subject to its tiles (:func:`key_lists`): the device's rules
+    (:func:`device_why_not`), then the call's (:func:`call_why_not`)."""
+    return (device_why_not(call, q, call.settings.ws_fwd, "SPATTN_WS_FWD")
+            or call_why_not(call, q, k, v, options, rows))
+
+
+def device_why_not(call, q, flag: bool | None, name: str) -> str | None:
+    """The device's rules of a Gluon Hopper kernel (this module's, ``runtime.ws_bwd``'s):
+    its setting ``name`` not 0 (``flag``), Gluon's Hopper modules, a CUDA tensor outside
+    the interpreter, an sm_90 GPU."""
     from . import cache
-    s = call.settings
-    if s.ws_fwd is False:
-        return "SPATTN_WS_FWD=0"
+    if flag is False:
+        return f"{name}=0"
     if not GLUON:
         return "this Triton has no Gluon Hopper modules"
-    if s.interpret or q.device.type != "cuda":
+    if call.settings.interpret or q.device.type != "cuda":
         return "not on a CUDA device"
     if (cache.capability(q.device) or (0, 0)) != (9, 0):
         return "not a Hopper GPU (sm_90)"
-    return call_why_not(call, q, k, v, options, rows)
+    return None
 
 
 def call_why_not(call, q, k, v, options: dict | None, rows) -> str | None:
@@ -558,26 +565,32 @@ MAX_MASKS = 4096
 _MASK_CHUNK = 256
 
 
-def tile_masks(call, at: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[n, 128, 128]``: the call's mask on each tile of ``at`` ``[n, 4]`` (batch
-    element, head, query tile, key tile; 0 for a batch element or head the classes do not
-    tell apart), evaluated from the pattern's IR at the tile's positions, 0 past the keys'
-    end. At least one tile, so that the kernel always has a pointer."""
+def tile_masks(call, at: torch.Tensor, tile: tuple = (TILE, TILE),
+               rows_end: bool = False) -> torch.Tensor:
+    """uint8 ``[n, bm, bn]`` (``tile``): the call's mask on each tile of ``at`` ``[n, 4]``
+    (batch element, head, query tile, key tile; 0 for a batch element or head the classes
+    do not tell apart), evaluated from the pattern's IR at the tile's positions, 0 past
+    the keys' end (and past the queries' end with ``rows_end``; the forward never reads
+    those rows). At least one tile, so that the kernel always has a pointer."""
     from ..ir.evaluate import evaluate
+    bm, bn = tile
     dev = call.analysis.device
-    out = torch.zeros((max(1, at.shape[0]), TILE, TILE), dtype=torch.uint8, device=dev)
-    r = torch.arange(TILE, device=dev, dtype=torch.int64)
+    out = torch.zeros((max(1, at.shape[0]), bm, bn), dtype=torch.uint8, device=dev)
+    rm = torch.arange(bm, device=dev, dtype=torch.int64)
+    rn = torch.arange(bn, device=dev, dtype=torch.int64)
     node = getattr(call.pattern, "ir", call.pattern)
     for i in range(0, at.shape[0], _MASK_CHUNK):
         a = at[i:i + _MASK_CHUNK].to(dev, torch.int64)
-        # rows past a ragged end are evaluated at the last one (never stored, never read)
-        q = (a[:, 2, None] * TILE + r).clamp(max=call.Lq - 1) + call.positions.q_offset
-        k = (a[:, 3, None] * TILE + r)[:, None, :]
-        env = {"q": q[:, :, None], "k": k.clamp(max=call.Lk - 1),
-               "h": a[:, 1, None, None], "b": a[:, 0, None, None],
-               "Lq": call.Lq, "Lk": call.Lk, "H": call.H}
-        m = torch.as_tensor(evaluate(node, env, call.inputs), device=dev)
-        out[i:i + a.shape[0]] = (m & (k < call.Lk)).expand(a.shape[0], TILE, TILE)
+        # rows past a ragged end are evaluated at the last one
+        q = (a[:, 2, None] * bm + rm)[:, :, None]
+        k = (a[:, 3, None] * bn + rn)[:, None, :]
+        env = {"q": q.clamp(max=call.Lq - 1) + call.positions.q_offset,
+               "k": k.clamp(max=call.Lk - 1), "h": a[:, 1, None, None],
+               "b": a[:, 0, None, None], "Lq": call.Lq, "Lk": call.Lk, "H": call.H}
+        m = torch.as_tensor(evaluate(node, env, call.inputs), device=dev) & (k < call.Lk)
+        if rows_end:
+            m = m & (q < call.Lq)
+        out[i:i + a.shape[0]] = m.expand(a.shape[0], bm, bn)
     return out
 
 
@@ -685,10 +698,16 @@ def build(call, q, k, v, options, rows):
     try:
         stage = WsFwdStage(call, q, k, v, rows, lists)
         args, _, _ = stage.args(q, k, v)
-        compiled = stage.kernel.warmup(*args, grid=stage.grid, **stage.meta)
-        init = getattr(compiled, "_init_handles", None)
-        if init is not None:
-            init()
+        warm(stage.kernel, args, stage.grid, stage.meta)
     except Exception as e:  # noqa: BLE001 -- any failure leaves the generated forward
         return None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     return stage, None
+
+
+def warm(kernel, args, grid, meta) -> None:
+    """Compile a Gluon kernel for these arguments and load it onto the device, without
+    running it (a failure raises here, at plan time, not at the call)."""
+    compiled = kernel.warmup(*args, grid=grid, **meta)
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None:
+        init()

@@ -176,6 +176,28 @@ def test_kernel_compiles_for_sm90():
         assert facts["loads4d"] >= 4 and facts["loads1d"] >= 2 and facts["stores4d"] >= 2, ln
 
 
+@pytest.mark.parametrize("Lq,copied", [(1000, False), (333, True), (130, True)],
+                         ids=["Lq1000-in-place", "Lq333-copied", "Lq130-copied"])
+def test_rows_statistics_start_on_16_bytes(Lq, copied):
+    """A TMA box starts on 16 bytes: each head's lse and delta rows are read in place where
+    ``Lq`` is a multiple of 4, else copied into rows of ``Lq`` rounded up to 4 (zeros
+    after), the kernel's ``LQS``."""
+    from types import SimpleNamespace
+    B, H, D = 2, 3, 64
+    q = torch.empty(B, H, Lq, D, dtype=torch.bfloat16)
+    lists = ws_bwd.QueryLists(*(torch.zeros(1, dtype=torch.int32) for _ in range(4)),
+                              torch.zeros(1, 64, 128, dtype=torch.uint8), (0, 0), 1)
+    ws = ws_bwd.WsBwd(SimpleNamespace(Lq=Lq, Lk=Lq, scale=0.1), q, q, lists)
+    assert ws.lq_rows == -(-Lq // 4) * 4 and ws.static[9] == ws.lq_rows
+    delta, lse2 = torch.randn(2, B, H, Lq).unbind(0)
+    got_l, got_d = ws.rows(lse2, delta)
+    for got, want in ((got_l, lse2), (got_d, delta)):
+        rows = got.view(B * H, ws.lq_rows)
+        assert torch.equal(rows[:, :Lq], want.reshape(B * H, Lq))
+        assert not rows[:, Lq:].any() and got.data_ptr() % 16 == 0
+        assert (got.data_ptr() == want.data_ptr()) is not copied
+
+
 # ---------------------------------------------------------------- on the GPU
 
 def _ws_stages(plan):
