@@ -1212,7 +1212,9 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
     args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads, partials)
     launch_q, launch_k, key = stage.launch_q, stage.launch_k, None
     meta_q = {**stage.meta_q, "DETERMINISTIC": True} if partials else stage.meta_q
-    if stage.ws is not None:
+    if stage.ws is not None and not tma_ok(q, k, v, do):
+        launch_q = None     # (tensors TMA cannot read: both generated kernels, bound anew)
+    elif stage.ws is not None:
         # the dQ kernel (which writes the rows' delta and lse2), then the Gluon dK/dV
         if launch_q is None or not launch_q(*args_q):
             aq = (*args_q, *stage.static_q)

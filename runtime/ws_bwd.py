@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import tune as _tune
 from .settings import launch_guard
-
-from .ws_fwd import GLUON, tile_masks, warm
+from .ws_fwd import GLUON, device_why_not, tile_masks, warm
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
     from .ws_fwd import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
@@ -268,7 +268,6 @@ def why_not(call, stage, q, k, v, o, do, options: dict | None, rows) -> str | No
     follows), or None where it can, subject to its tiles (:func:`query_lists`): the
     device's rules (:func:`~spattn.runtime.ws_fwd.device_why_not`), then the call's
     (:func:`call_why_not`)."""
-    from .ws_fwd import device_why_not
     return (device_why_not(call, q, call.settings.ws_bwd, "SPATTN_WS_BWD")
             or call_why_not(call, stage, q, k, v, do, options, rows))
 
@@ -305,12 +304,10 @@ def call_why_not(call, stage, q, k, v, do, options: dict | None, rows) -> str | 
     return None
 
 
-def _fixing():
-    from . import tune
-    return tune.FIELDS["bwd"] + ("strategy", "tma", "dq", "tables")
-
-
-_FIXING = _fixing()
+#: Options that fix the generated backward's configuration (the stage then keeps its dK/dV
+#: kernel): its tuned fields (``runtime.tune.FIELDS``), the strategy, TMA, dQ's form and
+#: the tables.
+_FIXING = _tune.FIELDS["bwd"] + ("strategy", "tma", "dq", "tables")
 
 
 @dataclass
