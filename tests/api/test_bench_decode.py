@@ -1,19 +1,14 @@
 """The decode benchmark (``benchmarks/decode.py``): its tables and the CPU mode, tiny."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
+from tests.helpers.benchmarks import load
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("spattn_bench_decode", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("decode")
 
 
 def test_gpu_table_ratios_and_errors(bench):

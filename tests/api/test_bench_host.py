@@ -1,22 +1,18 @@
 """The host-path benchmark (``benchmarks/host_cpu.py``): a call's host time on the CPU
 with the launches stubbed, run tiny here so that it does not break on its first real run."""
-import importlib.util
 import os
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "host_cpu.py"
+from tests.helpers.benchmarks import load
+
 
 pytestmark = pytest.mark.interpreter
 
 
 @pytest.fixture(scope="module")
 def host_cpu():
-    spec = importlib.util.spec_from_file_location("spattn_host_cpu", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("host_cpu")
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])

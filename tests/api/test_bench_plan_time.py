@@ -1,19 +1,15 @@
 """The plan-time benchmark (``benchmarks/plan_time.py``): one small case run end to end
 (its own subprocess), so that the script does not break on its first real run."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "plan_time.py"
+from tests.helpers.benchmarks import load
 
 
 @pytest.mark.slow
 def test_runs_one_case_and_writes_json(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("spattn_plan_time", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load("plan_time")
     res = mod.main(["--case", "nbhd2d-choose", "--repeat", "1", "--out", str(tmp_path)])
     row = res["cases"]["nbhd2d-choose"]
     assert row["wall"] > 0 and row["cpu"] > 0 and "boxes" in row["what"]

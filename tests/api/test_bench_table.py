@@ -1,18 +1,13 @@
 """The benchmark's report (``benchmarks/bench.py``): its table and options, on the CPU."""
-import importlib.util
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+from tests.helpers.benchmarks import load
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("spattn_bench", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("bench")
 
 
 def _row(**kw):

@@ -1,27 +1,14 @@
 """The launch-configuration benchmarks (``benchmarks/tiles_ab.py``,
 ``benchmarks/decode_sweep.py``): their ``--cpu-check`` modes, which build, run and compare
 every configuration under the interpreter (no timing), so a GPU run does not fail on them."""
-import importlib.util
-import pathlib
 import sys
 
 import pytest
 import torch
 
-_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.helpers.benchmarks import load as _load
 
 pytestmark = pytest.mark.interpreter
-
-
-def _load(name):
-    sys.path.insert(0, str(_DIR))        # tiles_ab imports bench
-    try:
-        spec = importlib.util.spec_from_file_location(f"spattn_bench_{name}", _DIR / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(_DIR))
 
 
 @pytest.mark.slow

@@ -1,21 +1,16 @@
 """``benchmarks/documents.py``: the driver on the CPU (``--cpu --tiny``: fresh processes,
 checks against Flex's forward and SDPA's gradients, JSON and table), and its summary
 logic (ratios, spread across processes, the issue's bars) on fabricated rows."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "documents.py"
+from tests.helpers.benchmarks import load
 
 
 @pytest.fixture(scope="module")
 def documents():
-    spec = importlib.util.spec_from_file_location("spattn_documents_bench", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("documents")
 
 
 def test_must_show_set(documents):

@@ -1,19 +1,15 @@
 """``benchmarks/headorder.py`` on the CPU (``--cpu``: tiny lengths): both problems run in a
 per-head key order and in sequence order, match the float64 reference (outputs and
 gradients) and write their JSON and table."""
-import importlib.util
 import json
-import pathlib
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "headorder.py"
+from tests.helpers.benchmarks import load
 
 
 def test_cpu_run_writes_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPATTN_AUTOTUNE", "0")      # restored after the run sets it
     monkeypatch.delenv("SPATTN_LAYOUT", raising=False)
-    spec = importlib.util.spec_from_file_location("spattn_headorder_bench", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load("headorder")
     assert mod.main(["--out", str(tmp_path), "--cpu", "--rounds", "1"]) == 0
     rows = json.loads((tmp_path / "headorder.json").read_text())["rows"]
     assert [r["problem"] for r in rows] == ["per-head", "s2-stripes8"]

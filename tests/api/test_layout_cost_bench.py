@@ -1,22 +1,17 @@
 """``benchmarks/layout_cost.py --rows --dry`` on the CPU: the copy and row-table paths of a
 padded 2-D layout run, agree, and are written as JSON and a table; the GPU mode's patterns
 exist."""
-import importlib.util
 import json
 import os
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "layout_cost.py"
+from tests.helpers.benchmarks import load
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("spattn_layout_cost_bench", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("layout_cost")
 
 
 @pytest.mark.slow

@@ -1,23 +1,19 @@
 """``benchmarks/layout_gathers.py --dry`` on the CPU: every way a layout's rows reach the
 kernels (copies, row tables, the box forward with either backward, auto) runs, each plan
 takes the way it names, all agree, and the JSON and the table are written."""
-import importlib.util
 import json
 import os
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "layout_gathers.py"
+from tests.helpers.benchmarks import load
 
 
 @pytest.mark.slow
 @pytest.mark.interpreter
 def test_dry_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPATTN_LAYOUT_GATHER", "copy")
-    spec = importlib.util.spec_from_file_location("spattn_layout_gathers_bench", _PATH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load("layout_gathers")
     from spattn.ir.cost import COSTS
     before = {t: dict(c) for t, c in COSTS.items()}
     assert bench.main(["--dry", "--out", str(tmp_path)]) == 0

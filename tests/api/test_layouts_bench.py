@@ -1,21 +1,16 @@
 """``benchmarks/layouts.py`` on the CPU (``--cpu``: tiny grids, layouts forced): it runs its
 problems through the remapped plans, checks them against the reference and writes its
 JSON and table."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "layouts.py"
+from tests.helpers.benchmarks import load
 
 
 @pytest.fixture(scope="module")
 def layouts():
-    spec = importlib.util.spec_from_file_location("spattn_layouts_bench", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("layouts")
 
 
 @pytest.mark.slow

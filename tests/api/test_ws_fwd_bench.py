@@ -1,20 +1,15 @@
 """``benchmarks/ws_fwd.py`` without a GPU: its problems are the ones its docstring names,
 and its table reads its rows (a rival's time over the kernel's; the grid the stage ran;
 cells left empty where a rival was not timed)."""
-import importlib.util
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "ws_fwd.py"
+from tests.helpers.benchmarks import load
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("spattn_ws_fwd_bench", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("ws_fwd")
 
 
 def test_the_stride_problems_are_21s(bench):
