@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import spattn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import overrides  # noqa: E402
 from layout_cost import alternate  # noqa: E402
 from ws_fwd import _docs  # noqa: E402
 
@@ -43,14 +44,11 @@ PROBLEMS = [  # name, source, L, documents
 
 
 def _plan(pat, q, k, v, inputs, ws: str, do):
-    """A plan of ``pat`` whose backward stage is built with ``SPATTN_WS_BWD=ws``."""
-    os.environ["SPATTN_WS_BWD"] = ws
-    try:
+    """A plan of ``pat`` built with ``SPATTN_WS_BWD=ws``, its backward stage built."""
+    with overrides(["SPATTN_WS_BWD"], [ws]):
         plan = pat.plan(q, k, v, **inputs)
-        torch.autograd.grad(pat(q, k, v, plan=plan), (q, k, v), do)
-        return plan
-    finally:
-        os.environ.pop("SPATTN_WS_BWD")
+    torch.autograd.grad(pat(q, k, v, plan=plan), (q, k, v), do)
+    return plan
 
 
 def main(argv=None):
