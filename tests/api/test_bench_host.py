@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.helpers.benchmarks import load
+from tests.helpers.bench_scripts import load
 
 
 pytestmark = pytest.mark.interpreter

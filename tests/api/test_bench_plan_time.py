@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers.benchmarks import load
+from tests.helpers.bench_scripts import load
 
 
 @pytest.mark.slow

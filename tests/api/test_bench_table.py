@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.helpers.benchmarks import load
+from tests.helpers.bench_scripts import load
 
 
 @pytest.fixture(scope="module")

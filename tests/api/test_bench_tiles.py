@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers.benchmarks import load as _load
+from tests.helpers.bench_scripts import load as _load
 
 pytestmark = pytest.mark.interpreter
 

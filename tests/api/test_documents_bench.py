@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.helpers.benchmarks import load
+from tests.helpers.bench_scripts import load
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ per-head key order and in sequence order, match the float64 reference (outputs a
 gradients) and write their JSON and table."""
 import json
 
-from tests.helpers.benchmarks import load
+from tests.helpers.bench_scripts import load
 
 
 def test_cpu_run_writes_rows(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.helpers.benchmarks import load
+from tests.helpers.bench_scripts import load
 
 
 @pytest.fixture(scope="module")

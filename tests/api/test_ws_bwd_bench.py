@@ -4,7 +4,7 @@ the Gluon kernel's), and the second's table (the Gluon kernel against the genera
 kernel from the profiler's split)."""
 import pytest
 
-from tests.helpers.benchmarks import load
+from tests.helpers.bench_scripts import load
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ cells left empty where a rival was not timed)."""
 
 import pytest
 
-from tests.helpers.benchmarks import load
+from tests.helpers.bench_scripts import load
 
 
 @pytest.fixture(scope="module")
