@@ -33,7 +33,7 @@ import torch
 
 from . import tune as _tune
 from .settings import launch_guard
-from .ws_fwd import GLUON, device_why_not, tile_masks, warm
+from .ws_fwd import GLUON, device_why_not, tile_lists, tile_masks, warm
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
     from .ws_fwd import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
@@ -334,36 +334,19 @@ def query_lists(call):
     why the kernel does not run them: more than :data:`MAX_MASKS` PARTIAL tiles, or
     (``SPATTN_WS_BWD=auto``) fewer than :data:`MIN_WORK` tiles in all or a share of
     PARTIAL ones above :data:`MAX_PARTIAL_SHARE`."""
-    from .tables import EMPTY, PARTIAL, _demote_ragged, _pool
+    from .tables import _demote_ragged, _pool
     tile = (BLOCK_M, BLOCK_N)
     ((fine_tile, fine),) = call.analysis.classes([tile])
     cls = _pool(fine, fine_tile, tile, call.Lq, call.Lk)
     cls = _demote_ragged(_demote_ragged(cls, call.Lq, BLOCK_M, 2), call.Lk, BLOCK_N, 3)
     ct = cls.transpose(2, 3)                                    # [B', H', n_k, n_q]
-    count = (ct != EMPTY).sum(-1, dtype=torch.int32)
-    n_partial, computed = torch.stack([(ct == PARTIAL).sum().float(),
-                                       count.sum().float()]).tolist()
-    if n_partial > MAX_MASKS:
-        return f"{int(n_partial)} PARTIAL tiles (their masks are kept up to {MAX_MASKS})"
-    Bp, Hp, n_k = count.shape
-    tiles = computed * (call.B // Bp) * (call.H // Hp)
-    if call.settings.ws_bwd is None and tiles < MIN_WORK:
-        return f"{int(tiles)} tiles in all (auto takes {MIN_WORK} or more)"
-    if call.settings.ws_bwd is None and n_partial > MAX_PARTIAL_SHARE * max(computed, 1):
-        return (f"{int(n_partial)} of {int(computed)} tiles PARTIAL (auto takes a share "
-                f"of {MAX_PARTIAL_SHARE:.0%} or less)")
-    flat = count.reshape(-1)
-    start = torch.cumsum(flat, 0, dtype=torch.int32) - flat
-    at = (ct != EMPTY).nonzero()                                # [n, 4]: b', h', c, t
-    partial = ct[at.unbind(1)] == PARTIAL
-    midx = torch.full((at.shape[0],), -1, dtype=torch.int32, device=ct.device)
-    midx[partial] = torch.arange(int(n_partial), dtype=torch.int32, device=ct.device)
-    strides = ((Hp * n_k) if Bp > 1 else 0, n_k if Hp > 1 else 0)
-    return QueryLists(start.contiguous(), flat.contiguous(),
-                      at[:, 3].to(torch.int32).contiguous(), midx,
-                      tile_masks(call, at[partial][:, [0, 1, 3, 2]], (BLOCK_M, BLOCK_N),
-                                 rows_end=True), strides, n_k,
-                      int(n_partial))
+    got = tile_lists(ct, call, call.settings.ws_bwd, MAX_MASKS, MIN_WORK, MAX_PARTIAL_SHARE)
+    if isinstance(got, str):
+        return got
+    start, count, at, partial, midx, strides, _, _, n_partial = got
+    return QueryLists(start, count, at[:, 3].to(torch.int32).contiguous(), midx,
+                      tile_masks(call, at[partial][:, [0, 1, 3, 2]], tile, rows_end=True),
+                      strides, ct.shape[2], n_partial)
 
 
 class WsBwd:

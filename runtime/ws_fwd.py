@@ -520,35 +520,59 @@ def key_lists(call):
     :data:`MAX_MASKS` PARTIAL tiles, or (``SPATTN_WS_FWD=auto``) fewer than
     :data:`MIN_WORK` tiles in all or a share of PARTIAL ones above
     :data:`MAX_PARTIAL_SHARE`."""
-    from .tables import EMPTY, PARTIAL, _demote_ragged, _pool
+    from .tables import _demote_ragged, _pool
     ((fine_tile, fine),) = call.analysis.classes([(TILE, TILE)])
     cls = _demote_ragged(_pool(fine, fine_tile, (TILE, TILE), call.Lq, call.Lk), call.Lk,
                          TILE, 3)
-    count = (cls != EMPTY).sum(-1, dtype=torch.int32)           # [B', H', n_q]
+    got = tile_lists(cls, call, call.settings.ws_fwd, MAX_MASKS, MIN_WORK,
+                     MAX_PARTIAL_SHARE, empty_row="a query tile without keys")
+    if isinstance(got, str):
+        return got
+    start, count, at, partial, midx, strides, least, most, n_partial = got
+    return KeyLists(start, count, at[:, 3].to(torch.int32).contiguous(), midx,
+                    tile_runs(tile_masks(call, at[partial])), strides, cls.shape[2],
+                    least if least == most else 0, n_partial)
+
+
+def tile_lists(cls: torch.Tensor, call, setting: bool | None, max_masks: int,
+               min_work: int, max_share: float, empty_row: str | None = None):
+    """The lists of a Gluon kernel's tiles (this module's, ``runtime.ws_bwd``'s) from tile
+    classes ``cls`` ``[B', H', rows, cols]`` (a row: a list entry ``(b' * H' + h') * rows
+    + row``; its non-EMPTY cols, ascending), or a string saying why the kernel does not run
+    them: a row without a tile (where ``empty_row`` says so), more than ``max_masks``
+    PARTIAL tiles, or (``setting`` auto, None) fewer than ``min_work`` tiles over the
+    call's batch and heads or a share of PARTIAL ones above ``max_share``.
+
+    Returns ``(start, count, at, partial, midx, strides, least, most, n_partial)``: int32
+    list starts and lengths per entry; the tiles ``at`` ``[n, 4]`` (b', h', row, col) in
+    list order and which of them are ``partial``; ``midx`` (int32, -1 FULL, else the
+    PARTIAL tile's index); the entries' strides over ``(b, h)`` (0 where ``cls`` has one
+    batch element or head); the fewest and most tiles of an entry; the PARTIAL count."""
+    from .tables import EMPTY, PARTIAL
+    count = (cls != EMPTY).sum(-1, dtype=torch.int32)           # [B', H', rows]
     n_partial, least, most, computed = torch.stack([(cls == PARTIAL).sum().float(),
                                                     count.min().float(), count.max().float(),
                                                     count.sum().float()]).tolist()
-    if least < 1:
-        return "a query tile without keys"
-    if n_partial > MAX_MASKS:
-        return f"{int(n_partial)} PARTIAL tiles (their masks are kept up to {MAX_MASKS})"
-    Bp, Hp, n_q = count.shape
+    if empty_row is not None and least < 1:
+        return empty_row
+    if n_partial > max_masks:
+        return f"{int(n_partial)} PARTIAL tiles (their masks are kept up to {max_masks})"
+    Bp, Hp, n_rows = count.shape
     tiles = computed * (call.B // Bp) * (call.H // Hp)
-    if call.settings.ws_fwd is None and tiles < MIN_WORK:
-        return f"{int(tiles)} tiles in all (auto takes {MIN_WORK} or more)"
-    if call.settings.ws_fwd is None and n_partial > MAX_PARTIAL_SHARE * computed:
+    if setting is None and tiles < min_work:
+        return f"{int(tiles)} tiles in all (auto takes {min_work} or more)"
+    if setting is None and n_partial > max_share * computed:
         return (f"{int(n_partial)} of {int(computed)} tiles PARTIAL (auto takes a share "
-                f"of {MAX_PARTIAL_SHARE:.0%} or less)")
+                f"of {max_share:.0%} or less)")
     flat = count.reshape(-1)
     start = torch.cumsum(flat, 0, dtype=torch.int32) - flat
-    at = (cls != EMPTY).nonzero()                               # [n, 4]: b', h', t, c
+    at = (cls != EMPTY).nonzero()                               # [n, 4]: b', h', row, col
     partial = cls[at.unbind(1)] == PARTIAL
     midx = torch.full((at.shape[0],), -1, dtype=torch.int32, device=cls.device)
     midx[partial] = torch.arange(int(n_partial), dtype=torch.int32, device=cls.device)
-    strides = ((Hp * n_q) if Bp > 1 else 0, n_q if Hp > 1 else 0)
-    return KeyLists(start.contiguous(), flat.contiguous(), at[:, 3].to(torch.int32).contiguous(),
-                    midx, tile_runs(tile_masks(call, at[partial])), strides, n_q,
-                    int(least) if least == most else 0, int(n_partial))
+    strides = ((Hp * n_rows) if Bp > 1 else 0, n_rows if Hp > 1 else 0)
+    return (start.contiguous(), flat.contiguous(), at, partial, midx, strides, int(least),
+            int(most), int(n_partial))
 
 
 #: The share of PARTIAL tiles up to which ``SPATTN_WS_FWD=auto`` takes the kernel. Timed on
