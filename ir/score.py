@@ -33,7 +33,8 @@ from .nodes import (FAdd, FCall, FConst, FDiv, FMul, FSelect, FTable, Node, Scor
                     ToFloat, float_loads, free_vars, walk)
 from .visitor import Visitor, rule
 
-__all__ = ["LOG2E", "TILE_QUERY", "FloatRebuild", "ScoreGrads", "derivative", "emitted_form",
+__all__ = ["LOG2E", "TILE_QUERY", "Additive", "FloatRebuild", "ScoreGrads", "additive",
+           "derivative", "emitted_form",
            "grads", "outer_factor", "reciprocal", "row_terms", "score_values", "score_env",
            "split_tile_query"]
 
@@ -532,3 +533,90 @@ def outer_factor(form: Node) -> tuple[Node, float | None]:
         return form, None
     rest = [a for a in form.args if a is not consts[0]]
     return (build.fmul(*rest) if len(rest) > 1 else rest[0]), c
+
+
+@dataclass(frozen=True)
+class Additive:
+    """A score that adds to ``c * s`` terms of the pair's offset, the key and the query
+    alone (:func:`additive`), in log2 units: ``c * s * log2(e) + slope * float(k - q) +
+    cols + rows``. ``slope`` reads neither q nor k (ALiBi's per-head slope times log2(e));
+    ``cols`` reads the key and not the query (a bias per key); ``rows`` the query and not
+    the key (its value at ``q``). Each of the three is None where the score has none."""
+
+    c: float
+    slope: Node | None
+    cols: Node | None
+    rows: Node | None
+
+
+def _offset_factor(t: Node):
+    """``(F, ck, c0)`` where a term of an emitted score is ``F * float(ck * (k - qr) +
+    c0)`` with ``F`` a float of neither position (the split of a pair's offset at the tile's
+    first query, :func:`split_tile_query`), else None."""
+    if not isinstance(t, FMul):
+        return None
+    conv = [a for a in t.args if isinstance(a, ToFloat) and "k" in free_vars(a)]
+    if len(conv) != 1 or not isinstance(conv[0].a, Sum):
+        return None
+    x = conv[0].a
+    terms = dict(x.terms)
+    qr, k = build.var(TILE_QUERY), build.var("k")
+    if set(terms) != {k, qr} or terms[k] != -terms[qr]:
+        return None
+    others = [a for a in t.args if a is not conv[0]]
+    if any(free_vars(a) & {"q", "k", TILE_QUERY} or _has_score(a) for a in others):
+        return None
+    return build.fmul(*others) if others else build.fconst(1.0), terms[k], x.const
+
+
+def _has_score(n: Node) -> bool:
+    return any(isinstance(x, Score) for x in walk(n))
+
+
+@lru_cache(maxsize=256)
+def additive(score: Node) -> Additive | None:
+    """The score as :class:`Additive`, or None where it is not one: ``c * s`` (the sum of
+    its terms of ``s`` times constants, positive) plus terms each of which reads the
+    key alone, the query alone, or the pair's offset ``k - q`` times a factor of neither
+    (ALiBi's ``slope * (k - q)``). The warp-specialised kernels apply such a score with
+    one vector of the tile's keys (``runtime.ws_fwd``); the offset's factor, not its
+    product with the key, keeps long rows exact: ``slope * float(k - r)`` against the tile's
+    first query ``r``, never ``slope * k`` minus ``slope * q``. Scores that read float
+    runtime inputs are not additive here (their tables' gradients are the generated
+    kernels')."""
+    if float_loads(score):
+        return None
+    form = emitted_form(score, True)
+    terms = form.args if isinstance(form, FAdd) else (form,)
+    c, slopes, cols, rows = 0.0, [], [], []
+    for t in terms:
+        if _has_score(t):
+            if isinstance(t, Score):
+                c += 1.0
+                continue
+            if not (isinstance(t, FMul) and len(t.args) == 2):
+                return None
+            a, b = t.args
+            f = b if isinstance(a, Score) else a if isinstance(b, Score) else None
+            if not isinstance(f, FConst):
+                return None
+            c += float(f.value) / LOG2E
+        elif _of_row(t):
+            rows.append(t)
+        elif TILE_QUERY in free_vars(t):
+            got = _offset_factor(t)
+            if got is None:
+                return None
+            f, ck, c0 = got
+            slopes.append(build.fmul(f, build.fconst(float(ck))))
+            if c0:
+                rows.append(build.fmul(f, build.fconst(float(c0))))
+        elif "q" in free_vars(t):
+            return None
+        else:
+            cols.append(t)
+    if not 0.0 < c < math.inf:
+        return None
+    return Additive(c, build.fadd(*slopes) if slopes else None,
+                    build.fadd(*cols) if cols else None,
+                    build.fadd(*rows) if rows else None)

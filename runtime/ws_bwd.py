@@ -33,11 +33,12 @@ import torch
 
 from . import tune as _tune
 from .settings import launch_guard
-from .ws_fwd import GLUON, device_why_not, tile_lists, tile_masks, warm
+from .ws_fwd import (GLUON, ScoreVectors, device_why_not, score_vectors, score_why_not,
+                     tile_lists, tile_masks, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
-    from .ws_fwd import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
-                         warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait)
+    from .ws_fwd import (TensorDescriptor, _flags, fence_async_shared, gl, gluon, mbarrier,
+                         tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait)
 
 #: Query rows a step (one ring slot) and keys a program (two warp groups of 64).
 BLOCK_M = 64
@@ -73,7 +74,8 @@ if GLUON:
     @gluon.jit
     def _load(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
               q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
-              MIDX, MASKS, geom, sm_scale_log2, sm_scale):
+              MIDX, MASKS, geom, sm_scale_log2, sm_scale, SA, SC, sc_b, sc_h, q_offset,
+              flags):
         """The loader partition: K and V of the program's keys, then for each query head of
         its group each query tile's Q, lse, dO and delta into the ring, a slot refilled
         once both consumers released it."""
@@ -123,11 +125,15 @@ if GLUON:
     @gluon.jit
     def _consume(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
                  q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
-                 MIDX, MASKS, geom, sm_scale_log2, sm_scale, HALF: gl.constexpr):
+                 MIDX, MASKS, geom, sm_scale_log2, sm_scale, SA, SC, sc_b, sc_h, q_offset,
+                 flags, HALF: gl.constexpr):
         """A consumer warp group: keys ``[64 * HALF, +64)`` of the program's key tile
         against every query tile of its lists; dK (scaled) and dV stored through its own
-        K and V halves."""
+        K and V halves. ``SCORED`` (``flags``' shape, ``runtime.ws_fwd._flags``): an
+        additive score, whose terms of the key join S^T and whose terms of the query shift
+        the lse (its derivative in s is its factor ``c``, in ``sm_scale``)."""
         kv_bar, q_ready, do_ready, empty = bars
+        SCORED: gl.constexpr = flags.type.shape[1] >= 2
         STAGES: gl.constexpr = q_smem.type.shape[0]
         D: gl.constexpr = q_smem.type.shape[4]
         gl.static_assert(q_smem.type.shape[3] == 64)
@@ -140,8 +146,9 @@ if GLUON:
                                                       k_width=2)
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        G = geom[3]
+        G, H = geom[3], geom[2]
         i_c, i_b, i_hk = _item(geom, gl.program_id(0))
+        o_kr = i_c * 128 + HALF * 64 + gl.arange(0, 64, layout=row_s)   # this group's keys
         k_s = _rows(k_smem, HALF)
         v_s = _rows(v_smem, HALF)
         b_zero = gl.zeros([64, 64], gl.float32, s_layout)
@@ -153,13 +160,22 @@ if GLUON:
         mbarrier.wait(kv_bar, 0)
         it = 0
         for g in range(G):
-            e = _entry(geom, i_b, i_hk * G + g, i_c)
+            i_h = i_hk * G + g
+            e = _entry(geom, i_b, i_h, i_c)
             o_list = gl.load(START + e)
             n_n = gl.load(COUNT + e)
+            if SCORED:
+                b_a = gl.load(SA + i_b * H + i_h)
+                b_ck = gl.load(SC + i_b * sc_b + i_h * sc_h + o_kr)
             for j in range(n_n):
                 i_s = it % STAGES
                 phase = (it // STAGES) & 1
                 i_m = gl.load(MIDX + o_list + j)
+                if SCORED:
+                    # the key's terms and the slope times k - r (r: the tile's first
+                    # query; the rest of the row's terms are in the lse: WsBwd.rows)
+                    b_cv = b_a * (o_kr - (gl.load(ROWS + o_list + j) * 64 + q_offset)
+                                  ).to(gl.float32) + b_ck
                 q_s = _rows(q_smem, i_s)
                 do_s = _rows(do_smem, i_s)
                 # products: S^T = K Q^T and dP^T = V dO^T in flight together
@@ -173,7 +189,11 @@ if GLUON:
                 # P^T (rows at lse = +inf, past the end or without keys: 0); a PARTIAL
                 # tile's pairs outside its mask: 0
                 b_lse = l_smem.index(i_s).load(col_s)
-                b_pt = gl.exp2(b_st * sm_scale_log2 - gl.expand_dims(b_lse, 0))
+                if SCORED:
+                    b_pt = gl.exp2(b_st * sm_scale_log2 + gl.expand_dims(b_cv, 1)
+                                   - gl.expand_dims(b_lse, 0))
+                else:
+                    b_pt = gl.exp2(b_st * sm_scale_log2 - gl.expand_dims(b_lse, 0))
                 if i_m >= 0:
                     m_ok = gl.load(MASKS + i_m.to(gl.int64) * 8192 + o_mk) != 0
                     b_pt = gl.where(m_ok, b_pt, 0.0)
@@ -201,24 +221,29 @@ if GLUON:
     @gluon.jit
     def _consume0(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
                   q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
-                  MIDX, MASKS, geom, sm_scale_log2, sm_scale):
+                  MIDX, MASKS, geom, sm_scale_log2, sm_scale, SA, SC, sc_b, sc_h, q_offset,
+                  flags):
         _consume(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
                  q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
-                 MIDX, MASKS, geom, sm_scale_log2, sm_scale, 0)
+                 MIDX, MASKS, geom, sm_scale_log2, sm_scale, SA, SC, sc_b, sc_h, q_offset,
+                 flags, 0)
 
     @gluon.jit
     def _consume1(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
                   q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
-                  MIDX, MASKS, geom, sm_scale_log2, sm_scale):
+                  MIDX, MASKS, geom, sm_scale_log2, sm_scale, SA, SC, sc_b, sc_h, q_offset,
+                  flags):
         _consume(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
                  q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
-                 MIDX, MASKS, geom, sm_scale_log2, sm_scale, 1)
+                 MIDX, MASKS, geom, sm_scale_log2, sm_scale, SA, SC, sc_b, sc_h, q_offset,
+                 flags, 1)
 
     @gluon.jit
     def attn_bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc,
                          delta_desc, START, COUNT, ROWS, MIDX, MASKS, B, HK, H, G, LQS, LB,
-                         LH, sm_scale_log2, sm_scale, STAGES: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                         LH, sm_scale_log2, sm_scale, SA, SC, sc_b, sc_h, q_offset,
+                         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         SCORED: gl.constexpr, num_warps: gl.constexpr):
         """dK and dV ``[B, HK, Lk, D]`` of one key tile (128 keys) of one (batch element,
         key head): program ``(i_c * B + b) * HK + hk`` (key tile-major: the first key tiles,
         which causal masks give the most query tiles, start first). Q, dO ``[B, H, Lq,
@@ -227,7 +252,10 @@ if GLUON:
         descriptors of 64. The query tiles
         (64 rows) of list entry ``i = b * LB + h * LH + key tile``: ``ROWS[START[i] :
         START[i] + COUNT[i]]``, each FULL (``MIDX`` -1) or PARTIAL with its uint8 mask
-        ``MASKS[MIDX]`` ``[64, 128]``."""
+        ``MASKS[MIDX]`` ``[64, 128]``. ``SCORED``: an additive score, its slopes ``SA`` and
+        keys' terms ``SC`` (strides ``sc_b``, ``sc_h``) as the warp-specialised forward's,
+        ``q_offset`` the first query's position, its rows' terms taken out of the lse
+        (:meth:`WsBwd.rows`), ``sm_scale_log2`` and ``sm_scale`` times its factor of s."""
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape,
                                            q_desc.layout)
         do_smem = gl.allocate_shared_memory(do_desc.dtype,
@@ -255,7 +283,8 @@ if GLUON:
         geom = (B, HK, H, G, LQS, LB, LH)
         args = (q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
                 q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
-                MIDX, MASKS, geom, sm_scale_log2, sm_scale)
+                MIDX, MASKS, geom, sm_scale_log2, sm_scale, SA, SC, sc_b, sc_h, q_offset,
+                _flags(0, SCORED))
         gl.warp_specialize([(_load, args), (_consume0, args), (_consume1, args)],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
@@ -283,8 +312,11 @@ def call_why_not(call, stage, q, k, v, do, options: dict | None, rows) -> str | 
     D = q.shape[-1]
     if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
         return f"head dimension {D} (it runs 64 and 128)"
-    if stage.pattern is not None or getattr(call.pattern, "score", None) is not None:
-        return "a score (its kernel applies none)"
+    if stage.pattern is not None and stage.pattern.score_inputs:
+        return "a score that reads tables (their gradients are the generated kernels')"
+    why = score_why_not(call, rows)
+    if why is not None:
+        return why
     c = stage.config
     if c.dq != "kernel" or c.lse_grad:
         return "an atomic dQ or the lse's gradient (its kernel reads neither)"
@@ -356,7 +388,7 @@ class WsBwd:
 
     kernel = attn_bwd_dkdv_ws if GLUON else None
 
-    def __init__(self, call, q, k, lists: QueryLists):
+    def __init__(self, call, q, k, lists: QueryLists, score: ScoreVectors | None = None):
         from .triton_backend import _scale_log2
         B, H, _, D = q.shape
         HK = k.shape[1]
@@ -368,10 +400,24 @@ class WsBwd:
         self._row_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
         LB, LH = lists.strides
         self.lq_rows = -(-call.Lq // 4) * 4         # (a head's rows of the statistics)
+        self.score = score
+        c = 1.0 if score is None else score.c
+        if score is None:       # (pointers never read)
+            sc = (lists.count, lists.count, 0, 0)
+            self.row_terms = None
+        else:
+            sb, sh, _, _ = score.strides()
+            sc = (score.slopes, score.cols, sb, sh)
+            # the rows' terms the kernel leaves out of its pairs: the slope times r - q
+            # (r: the first query of the row's tile of 64) and the queries' terms
+            q = torch.arange(call.Lq, device=score.rows.device)
+            off = ((q // BLOCK_M) * BLOCK_M - q).to(torch.float32)
+            self.row_terms = (score.slopes[:, :, None] * off + score.rows).contiguous()
         self.static = (lists.start, lists.count, lists.rows, lists.midx, lists.masks, B, HK,
-                       H, H // HK, self.lq_rows, LB, LH, _scale_log2(call.scale), call.scale)
-        self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
-                         maxnreg=168)
+                       H, H // HK, self.lq_rows, LB, LH, _scale_log2(call.scale) * c,
+                       call.scale * c, *sc, call.positions.q_offset)
+        self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
+                         SCORED=int(score is not None), num_warps=4, maxnreg=168)
 
     def _desc(self, t):
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_M, t.shape[-1]],
@@ -383,8 +429,12 @@ class WsBwd:
     def rows(self, lse2, delta):
         """The rows' statistics ``[B, H, Lq]`` as the kernel's 1-D descriptors read them:
         each head's rows from a multiple of 16 bytes (TMA's rule for a box's start), so
-        copied into rows of ``Lq`` rounded up to 4 where it is not one, zeros after."""
+        copied into rows of ``Lq`` rounded up to 4 where it is not one, zeros after. With a
+        score, the lse less the rows' terms the kernel leaves out of its pairs (a row at
+        +inf stays there)."""
         B, H, Lq = lse2.shape
+        if self.row_terms is not None:
+            lse2 = lse2 - self.row_terms
         if Lq == self.lq_rows and lse2.data_ptr() % 16 == 0 and delta.data_ptr() % 16 == 0:
             return lse2.reshape(-1), delta.reshape(-1)
         buf = torch.zeros((2, B * H, self.lq_rows), dtype=torch.float32, device=lse2.device)
@@ -406,7 +456,8 @@ class WsBwd:
                 f"consumer warp groups of 64 keys): tiles {BLOCK_M}x{BLOCK_N}, "
                 f"{int(self.lists.rows.numel())} query tiles ({self.lists.n_partial} "
                 f"PARTIAL, their masks read) over {self.lists.count.numel()} key-tile "
-                f"lists, grid {self.grid}")
+                f"lists, grid {self.grid}"
+                + (", an additive score" if self.score is not None else ""))
 
 
 def build(call, stage, q, k, v, o, do, options, rows):
@@ -419,8 +470,13 @@ def build(call, stage, q, k, v, o, do, options, rows):
     lists = query_lists(call)
     if isinstance(lists, str):
         return None, lists
+    score = None
+    if getattr(call.pattern, "score", None) is not None:
+        score = score_vectors(call, q.device)
+        if isinstance(score, str):
+            return None, score
     try:
-        ws = WsBwd(call, q, k, lists)
+        ws = WsBwd(call, q, k, lists, score)
         B, H, Lq, D = q.shape
         rows_ = torch.zeros((B, H, Lq), dtype=torch.float32, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)

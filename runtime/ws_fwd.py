@@ -125,7 +125,7 @@ if GLUON:
 
     @gluon.jit
     def _load(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-              COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
+              COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, score, flags):
         """The loader partition: for each of the program's work items, the two halves of Q
         into the item's Q buffer (of two, each half refilled once its consumer stored the
         O it held), then the item's key tiles' K and V into the ring of slots, each slot
@@ -199,6 +199,28 @@ if GLUON:
         return gl.where(m_ok, b_s, float("-inf"))
 
     @gluon.jit
+    def _score_cols(p_sc, COLS, START, i_l, j, b_a, o_r0, col_s: gl.constexpr,
+                    KEYS: gl.constexpr):
+        """An additive score's terms of key tile ``j`` of list entry ``i_l`` (log2 units,
+        ``[128]``): the slope ``b_a`` times the offset ``k - r`` from the item's first query
+        ``r`` (exact in ints, small where the softmax is not 0), plus (``KEYS``) the keys'
+        terms, loaded."""
+        o_k = gl.load(COLS + gl.load(START + i_l) + j) * 128 + gl.arange(0, 128, layout=col_s)
+        b_c = b_a * (o_k - o_r0).to(gl.float32)
+        if KEYS:
+            b_c += gl.load(p_sc + o_k)
+        return b_c
+
+    @gluon.jit
+    def _score_rows(score, i_bh, H, o_r0, o_tok, m_tok, b_a):
+        """An additive score's terms of the query alone at the rows' tokens ``o_tok`` (log2
+        units): the slope's part ``b_a * (r - q)`` left out of the pairs, plus the rows'
+        terms; they shift the row's lse."""
+        o_q = o_tok + score[7]
+        p_sr = score[2] + (i_bh // H) * score[5] + (i_bh % H) * score[6] + o_tok
+        return b_a * (o_r0 - o_q).to(gl.float32) + gl.load(p_sr, mask=m_tok, other=0.0)
+
+    @gluon.jit
     def _tile(smem, i_s):
         """Slot ``i_s`` of a ring of boxes as a ``[cells, D]`` operand (the box's cells in
         row-major order are the tile's rows)."""
@@ -208,15 +230,20 @@ if GLUON:
 
     @gluon.jit
     def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, HALF: gl.constexpr,
-                 MASKED: gl.constexpr):
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, score, flags,
+                 HALF: gl.constexpr):
         """A consumer warp group: for each of the program's work items, query rows
         ``[64 * HALF, +64)`` of its tile against its key tiles; O stored through its Q
-        slot, the lse in the caller's order. ``MASKED`` (1: masks, 2: runs, :func:`_masked`):
-        some tiles are PARTIAL (read, rows without an allowed key guarded); 0: every tile
-        is FULL and none of that is compiled. The ring's slot (``it``) and the ping-pong's turn
-        (``tt``) count on across items, as the loader's and the other group's do."""
+        slot, the lse in the caller's order. The flags are ``flags``' shape (:func:`_flags`).
+        ``MASKED`` (1: masks, 2: runs, :func:`_masked`): some tiles are PARTIAL (read, rows
+        without an allowed key guarded); 0: every tile is FULL and none of that is compiled.
+        ``SCORED``: an additive score (:func:`_score_cols`, :func:`_score_rows`) on every
+        pair, 1 its slope alone (no loads per tile), 2 with terms of the key (loaded before
+        the tile's wait). The ring's slot (``it``) and the ping-pong's turn (``tt``) count on across
+        items, as the loader's and the other group's do."""
         b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
+        MASKED: gl.constexpr = (flags.type.shape[0] >= 2) + (flags.type.shape[0] >= 4)
+        SCORED: gl.constexpr = (flags.type.shape[1] >= 2) + (flags.type.shape[1] >= 4)
         D: gl.constexpr = k_smem.type.shape[5]
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_M: gl.constexpr = 64
@@ -233,6 +260,7 @@ if GLUON:
                                                      k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         h1: gl.constexpr = q_smem.type.shape[3]
         h2: gl.constexpr = q_smem.type.shape[4]
         b_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
@@ -248,6 +276,11 @@ if GLUON:
             b_m = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
             b_l = gl.zeros([BLOCK_M], gl.float32, row_s)
             b_o = warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, o_layout))
+            if SCORED:
+                i_b = i_bh // geom[0]
+                b_a = gl.load(score[0] + i_bh)
+                o_r0 = i_t * 128 + score[7]         # the item's first query position
+                p_sc = score[1] + i_b * score[3] + (i_bh % geom[0]) * score[4]
             mbarrier.wait(b_q.index(i_q), (n // 2) & 1)
 
             # stage 1: the first key tile's S, in this group's first turn (each tile's mask
@@ -256,6 +289,8 @@ if GLUON:
                 o_list = gl.load(START + i_l)
                 i_m = gl.load(MIDX + o_list)
             i_s = it % STAGES
+            if SCORED == 2:
+                b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, o_r0, col_s, True)
             mbarrier.wait(k_ready.index(i_s), (it // STAGES) & 1)
             mbarrier.wait(pp_bar.index(HALF), (tt & 1) ^ HALF ^ 1)
             b_s = warpgroup_mma(q_s, _tile(k_smem, i_s).permute((1, 0)), b_zero,
@@ -266,7 +301,13 @@ if GLUON:
             if MASKED:
                 if i_m >= 0:
                     b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
-            b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
+            if SCORED == 1:
+                b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, o_r0, col_s, False)
+            if SCORED:
+                b_s = b_s * score[8] + gl.expand_dims(b_c, 0)
+                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED)
+            else:
+                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
             b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
 
             # stage 2: turns of (S of tile j, P V of tile j - 1); the softmax of tile j
@@ -276,6 +317,8 @@ if GLUON:
                 i_sp = (it + j - 1) % STAGES
                 if MASKED:
                     i_m = gl.load(MIDX + o_list + j)
+                if SCORED == 2:
+                    b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, o_r0, col_s, True)
                 mbarrier.wait(k_ready.index(i_s), ((it + j) // STAGES) & 1)
                 mbarrier.wait(v_ready.index(i_sp), ((it + j - 1) // STAGES) & 1)
                 mbarrier.wait(pp_bar.index(HALF), ((tt + j) & 1) ^ HALF ^ 1)
@@ -288,7 +331,13 @@ if GLUON:
                 if MASKED:
                     if i_m >= 0:
                         b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
-                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
+                if SCORED == 1:
+                    b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, o_r0, col_s, False)
+                if SCORED:
+                    b_s = b_s * score[8] + gl.expand_dims(b_c, 0)
+                    b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED)
+                else:
+                    b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
                 b_o = warpgroup_mma_wait(0, deps=(b_o,))
                 mbarrier.arrive(v_empty.index(i_sp))
                 b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
@@ -319,6 +368,9 @@ if GLUON:
             a1 = o_q[2] + (o_r // h2) % h1
             a2 = o_q[3] + o_r % h2
             p_lse = LSE + i_bh.to(gl.int64) * QN + (a0 * QA1 + a1) * QA2 + a2
+            if SCORED:
+                b_m = b_m + _score_rows(score, i_bh, geom[0], o_r0,
+                                        (a0 * QA1 + a1) * QA2 + a2, a2 < QA2, b_a)
             b_lse = (b_m + gl.log2(b_l_safe)) * 0.6931471805599453
             if MASKED:
                 b_lse = gl.where(b_l == 0.0, float("-inf"), b_lse)
@@ -331,45 +383,30 @@ if GLUON:
 
     @gluon.jit
     def _consume0(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
-                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
+                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, score, flags):
         _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 0, 0)
-
-    @gluon.jit
-    def _consume0m(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
-                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
-        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 0, 1)
-
-    @gluon.jit
-    def _consume0r(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
-                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
-        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 0, 2)
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, score, flags, 0)
 
     @gluon.jit
     def _consume1(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
-                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
+                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, score, flags):
         _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 1, 0)
+                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, score, flags, 1)
 
     @gluon.jit
-    def _consume1m(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
-                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
-        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 1, 1)
-
-    @gluon.jit
-    def _consume1r(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE,
-                  START, COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2):
-        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                 COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, 1, 2)
+    def _flags(A: gl.constexpr, B: gl.constexpr):
+        """The partitions' constexpr flags ``A``, ``B`` (0-2) as the shape ``[2^A, 2^B]`` of an
+        unused buffer (Triton 3.6 passes a partition's arguments as values, constexprs
+        included; a buffer's type reaches it whole; its shapes are powers of 2)."""
+        return gl.allocate_shared_memory(gl.int8, [1 << A, 1 << B],
+                                         gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
 
     @gluon.jit
     def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, START, COUNT, COLS, MIDX, MASKS,
                     H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN, N_WORK,
-                    sm_scale_log2, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    MASKED: gl.constexpr, num_warps: gl.constexpr):
+                    sm_scale_log2, SA, SC, SR, sc_b, sc_h, sr_b, sr_h, q_offset, s_mult,
+                    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, MASKED: gl.constexpr,
+                    SCORED: gl.constexpr, num_warps: gl.constexpr):
         """``N_WORK`` work items of 128 query rows (one box of a layout, or 128 rows) of one
         (batch, head), item ``i_w = (b * H + h) * n_m + t``; a program takes the items
         ``program_id, + num_programs, ...`` (one each when the grid is ``N_WORK``, several
@@ -380,7 +417,11 @@ if GLUON:
         ``H`` query heads, ``G`` of them per key head. The key tiles of an item's list
         entry ``i = b * LB + h * LH + t``: ``COLS[START[i] : START[i] + COUNT[i]]`` (at
         least one), each FULL (``MIDX`` -1) or PARTIAL with its uint8 mask ``MASKS[MIDX]``
-        ``[128, 128]``. The lse ``[B, H, QN]`` in the caller's order. The partitions read
+        ``[128, 128]``. The lse ``[B, H, QN]`` in the caller's order. ``SCORED``: an additive
+        score (:class:`~spattn.ir.score.Additive`, :class:`ScoreVectors`) whose pair is
+        ``s_mult`` times q·k plus ``SA[b * H + h]`` times ``k - q`` plus ``SC[b, h, k]``
+        (strides ``sc_b``, ``sc_h``), its rows' terms ``SR[b, h, q]`` added to the lse;
+        ``q_offset``: the first query's position. The partitions read
         their tile shapes from the shared buffers' types (Triton 3.6 passes a partition's
         arguments as values, not constexprs)."""
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape,
@@ -408,19 +449,11 @@ if GLUON:
             mbarrier.init(v_empty.index(i), count=2)
         bars = (b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar)
         geom = (H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN, N_WORK)
+        score = (SA, SC, SR, sc_b, sc_h, sr_b, sr_h, q_offset, s_mult)
         args = (q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, LSE, START,
-                COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2)
-        # (a partition's constexpr flags come from its function: one pair of consumers per
-        # MASKED mode)
-        if MASKED == 2:
-            gl.warp_specialize([(_load, args), (_consume0r, args), (_consume1r, args)],
-                               [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
-        elif MASKED == 1:
-            gl.warp_specialize([(_load, args), (_consume0m, args), (_consume1m, args)],
-                               [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
-        else:
-            gl.warp_specialize([(_load, args), (_consume0, args), (_consume1, args)],
-                               [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+                COUNT, COLS, MIDX, MASKS, geom, sm_scale_log2, score, _flags(MASKED, SCORED))
+        gl.warp_specialize([(_load, args), (_consume0, args), (_consume1, args)],
+                           [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
 # ---------------------------------------------------------------- host side
@@ -461,8 +494,9 @@ def call_why_not(call, q, k, v, options: dict | None, rows) -> str | None:
     D = q.shape[-1]
     if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
         return f"head dimension {D} (it runs 64 and 128)"
-    if getattr(call.pattern, "score", None) is not None:
-        return "a score (its kernel applies none)"
+    why = score_why_not(call, rows)
+    if why is not None:
+        return why
     fixed = sorted(n for n in (options or {}) if n in _FIXING)
     if fixed:
         return f"the options fix the generated forward ({', '.join(fixed)})"
@@ -483,6 +517,80 @@ def call_why_not(call, q, k, v, options: dict | None, rows) -> str | None:
     if not tma_ok(q, k, v):
         return "tensors TMA cannot read"
     return None
+
+
+def score_why_not(call, rows) -> str | None:
+    """Why a Gluon kernel (this module's, ``runtime.ws_bwd``'s) does not apply the call's
+    score, or None where it has none or an additive one
+    (:func:`~spattn.ir.score.additive`) over rows in sequence order."""
+    from ..ir.score import additive
+    score = getattr(call.pattern, "score", None)
+    if score is None:
+        return None
+    if additive(score) is None:
+        return "a score that is not additive (its kernels add terms of k - q, k or q alone)"
+    if rows is not None:
+        return "a score in a layout's boxes or through row tables"
+    return None
+
+
+@dataclass
+class ScoreVectors:
+    """An additive score (:class:`~spattn.ir.score.Additive`) over a call, in log2 units, as
+    the Gluon kernels read it: ``slopes`` fp32 ``[B, H]`` (the factor of ``k - q``),
+    ``cols`` fp32 ``[B', H', Lk']`` (the keys' terms, zeros past ``Lk`` up to a multiple of
+    128) and ``rows`` fp32 ``[B', H', Lq]`` (the queries' terms), ``B'``, ``H'`` 1 where the
+    terms do not read ``b`` or ``h``; ``c`` the factor of ``s``. Zeros where the score has no
+    such terms (a call without a score: ``c`` 1)."""
+
+    slopes: torch.Tensor
+    cols: torch.Tensor
+    rows: torch.Tensor
+    c: float
+    keys: bool = True           # the score has terms of the key (else ``cols`` is 0)
+
+    def strides(self) -> tuple:
+        """``(sc_b, sc_h, sr_b, sr_h)``: the batch and head strides of ``cols`` and ``rows``
+        (0 along an axis of 1)."""
+        return tuple(t.stride(i) if t.shape[i] > 1 else 0
+                     for t in (self.cols, self.rows) for i in (0, 1))
+
+
+def score_vectors(call, device) -> ScoreVectors | str:
+    """The :class:`ScoreVectors` of the call's score (evaluated from its IR in float64), or
+    a string saying why the kernels do not take them: a term that is not finite somewhere
+    over the call (a row's ``-inf`` and the like stay with the generated kernels)."""
+    from ..ir.evaluate import evaluate
+    from ..ir.nodes import free_vars
+    from ..ir.score import TILE_QUERY, additive
+    B, H, Lq, Lk = call.B, call.H, call.Lq, call.Lk
+    score = getattr(call.pattern, "score", None)
+    form = additive(score) if score is not None else None
+    lkp = -(-Lk // TILE) * TILE
+    q = torch.arange(Lq, dtype=torch.int64).view(1, 1, Lq) + call.positions.q_offset
+    env = {"q": q, TILE_QUERY: q, "k": torch.arange(Lk, dtype=torch.int64).view(1, 1, Lk),
+           "h": torch.arange(H, dtype=torch.int64).view(1, H, 1),
+           "b": torch.arange(B, dtype=torch.int64).view(B, 1, 1), "Lq": Lq, "Lk": Lk, "H": H}
+
+    def values(node, n):
+        if node is None:
+            return torch.zeros((1, 1, n), dtype=torch.float64)
+        v = torch.as_tensor(evaluate(node, env, call.inputs), dtype=torch.float64).cpu()
+        fv = free_vars(node)
+        shape = (B if "b" in fv else 1, H if "h" in fv else 1, n)
+        return torch.broadcast_to(v.reshape((1,) * (3 - v.dim()) + tuple(v.shape)),
+                                  (B, H, n))[:shape[0], :shape[1]]
+    a = values(form and form.slope, 1)
+    c = values(form and form.cols, Lk)
+    r = values(form and form.rows, Lq)
+    if not all(bool(torch.isfinite(t).all()) for t in (a, c, r)):
+        return "a score whose terms are not finite over the call"
+    cols = torch.zeros((c.shape[0], c.shape[1], lkp), dtype=torch.float32)
+    cols[..., :Lk] = c
+    return ScoreVectors(torch.broadcast_to(a[..., 0], (B, H)).to(device, torch.float32)
+                        .contiguous(), cols.to(device), r.to(device, torch.float32)
+                        .contiguous(), 1.0 if form is None else form.c,
+                        form is not None and form.cols is not None)
 
 
 #: Options that fix the generated forward's configuration (the plan then builds it): its
@@ -640,7 +748,7 @@ class WsFwdStage:
     gluon = True
     kernel = attn_fwd_ws if GLUON else None
 
-    def __init__(self, call, q, k, v, rows, lists):
+    def __init__(self, call, q, k, v, rows, lists, score: ScoreVectors | None = None):
         from .triton_backend import BoxRows, _persistent_programs, _scale_log2
         B, H, _, D = q.shape
         self.lists = lists
@@ -668,13 +776,20 @@ class WsFwdStage:
         self._layouts = {b: gl.NVMMASharedLayout.get_default_for([1, *b, D], gdt)
                          for b in (self.half, self.kg.box)}
         qt, kt = self.qg.tiles, self.kg.tiles
+        self.score = score
+        if score is None:       # (pointers never read)
+            sc = (lists.count,) * 3 + (0,) * 5 + (1.0,)
+        else:
+            sc = (score.slopes, score.cols, score.rows, *score.strides(),
+                  call.positions.q_offset, _scale_log2(call.scale) * score.c)
         self.static = (lists.start, lists.count, lists.cols, lists.midx, lists.masks, H,
                        H // k.shape[1], n_q, LB, LH,
                        int(self.qg.fold), qt[1], qt[2], kt[1], kt[2], self.qg.shape[1],
-                       self.qg.shape[2], N, self.n_work, _scale_log2(call.scale))
+                       self.qg.shape[2], N, self.n_work, _scale_log2(call.scale), *sc)
         self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
-                         MASKED=(2 if self.runs else 1) if self.n_masks else 0, num_warps=4,
-                         maxnreg=168)
+                         MASKED=(2 if self.runs else 1) if self.n_masks else 0,
+                         SCORED=0 if score is None else 2 if score.keys else 1,
+                         num_warps=4, maxnreg=168)
         self.aligned = True
 
     def _desc(self, t, grid, block: tuple):
@@ -692,7 +807,7 @@ class WsFwdStage:
     def run(self, q, k, v, tables=None, out_dtype=None):
         if out_dtype not in (None, q.dtype) or tables:
             raise SpattnBackendError("the warp-specialised forward writes o in q's dtype and "
-                                     "applies no score (runtime.ws_fwd)")
+                                     "reads no score tables (runtime.ws_fwd)")
         args, o, lse = self.args(q, k, v)
         with launch_guard(q.device.type):
             self.kernel[self.grid](*args, **self.meta)
@@ -706,7 +821,8 @@ class WsFwdStage:
                 f"({self.n_masks} PARTIAL, their {'row runs' if self.runs else 'masks'} "
                 f"read) over "
                 f"{self.lists.count.numel()} query-tile lists, {how}, grid {self.grid}"
-                + (" (persistent)" if self.persistent else ""))
+                + (" (persistent)" if self.persistent else "")
+                + (", an additive score" if self.score is not None else ""))
 
 
 def build(call, q, k, v, options, rows):
@@ -719,8 +835,13 @@ def build(call, q, k, v, options, rows):
     lists = key_lists(call)
     if isinstance(lists, str):
         return None, lists
+    score = None
+    if getattr(call.pattern, "score", None) is not None:
+        score = score_vectors(call, q.device)
+        if isinstance(score, str):
+            return None, score
     try:
-        stage = WsFwdStage(call, q, k, v, rows, lists)
+        stage = WsFwdStage(call, q, k, v, rows, lists, score)
         args, _, _ = stage.args(q, k, v)
         warm(stage.kernel, args, stage.grid, stage.meta)
     except Exception as e:  # noqa: BLE001 -- any failure leaves the generated forward

@@ -28,6 +28,9 @@ CASES = [  # label, B, H, HK, N, D, dtype, BoxRows or None
      BoxRows((16, 16, 32), (4, 8, 4), True)),
     ("rows-masked-B1-H2-L1000-D128-bf16", 1, 2, 2, 1000, 128, torch.bfloat16, None),
     ("rows-runs-B2-H2-L700-D64-fp16", 2, 2, 1, 700, 64, torch.float16, None),
+    ("rows-B1-H2-L512-D128-bf16-scored", 1, 2, 2, 512, 128, torch.bfloat16, None),
+    ("rows-runs-B2-H2-L700-D64-fp16-scored", 2, 2, 1, 700, 64, torch.float16, None),
+    ("rows-masked-B1-H2-L1000-D128-bf16-scored", 1, 2, 2, 1000, 128, torch.bfloat16, None),
 ]
 
 
@@ -46,9 +49,12 @@ def main() -> None:
         lists = ws_fwd.KeyLists(torch.arange(n_t, dtype=torch.int32) * n_t, count,
                                 torch.arange(n_t, dtype=torch.int32).repeat(n_t), midx,
                                 masks, (0, 0), n_t, n_partial=int((midx >= 0).sum()))
-        call = SimpleNamespace(Lq=N, Lk=N, scale=D ** -0.5)
+        call = SimpleNamespace(Lq=N, Lk=N, scale=D ** -0.5,
+                               positions=SimpleNamespace(q_offset=0))
+        score = "scored" in label and ws_fwd.ScoreVectors(
+            torch.zeros(B, H), torch.zeros(1, H, n_t * 128), torch.zeros(1, H, N), 1.0)
         try:
-            stage = ws_fwd.WsFwdStage(call, q, k, v, rows, lists)
+            stage = ws_fwd.WsFwdStage(call, q, k, v, rows, lists, score or None)
             args, _, _ = stage.args(q, k, v)
             ptx = compile_sm90(stage.kernel, args, stage.meta).asm["ptx"]
         except Exception as e:  # noqa: BLE001 -- reported
@@ -56,6 +62,7 @@ def main() -> None:
             continue
         facts = dict(
             masked=stage.meta["MASKED"],
+            scored=stage.meta["SCORED"],
             setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
                                              ptx))),
             waits=sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))),

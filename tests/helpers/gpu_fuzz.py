@@ -17,7 +17,7 @@ Four kinds of case, each drawn from one integer seed (replayed with ``--case KIN
   up to 20000 keys, per-batch lengths, paged or contiguous caches, GQA and, in a third of
   the cases, a score.
 * ``ws``: a ``call`` case the warp-specialised forward can run (``SPATTN_WS_FWD=1``: bf16
-  or fp16, D 64 or 128, no score, at least 128 queries and keys), through a plan whose
+  or fp16, D 64 or 128, no score or an additive one, at least 128 queries and keys), through a plan whose
   forward stage, where it is that kernel, runs a random grid (1 to 200 programs or one
   per work item), so that programs take several items of any kind in turn; its backward
   takes the warp-specialised dK/dV kernel wherever that runs (``SPATTN_WS_BWD=1``).
@@ -108,12 +108,27 @@ def _tensor(r, g, B, H, L, D, dtype, layout):
     return t
 
 
+def rand_additive(r: random.Random) -> str:
+    """A random additive score (``spattn.ir.score.additive``: ``c * s`` plus terms of the
+    pair's offset, the key alone and the query alone), which the Gluon kernels apply."""
+    terms = [r.choice(["s", "2.0 * s", "0.5 * s"])]
+    for _ in range(r.randint(1, 3)):
+        n = r.randint(2, 300)
+        terms.append(r.choice([
+            "alibi(m[h]) - s", "alibi(alibi_slope) - s", f"0.01 * float(k - q + {n})",
+            f"-0.03 * float(q - k)", f"0.3 * float(k % {n})", f"0.5 * float((k + h) // {n})",
+            f"0.2 * float(q % {n})", "exp(-float(h))", f"0.1 * float(b * {n % 7})"]))
+    return " + ".join(terms)
+
+
 def call_case(seed: int, ws: bool = False) -> str:
     r = random.Random(seed)
     mask = rand_mask(r) if r.random() < 0.8 else r.choice(
         ["causal", "window(100)", "causal & same(doc)", "full", "dilated(64, 3)",
          "strided(37)", "global_tokens(5) | local(40, 60)", "prefix_lm(300)"])
     score = rand_score(r, r.randint(1, 3)) if r.random() < 0.35 and not ws else None
+    if ws and r.random() < 0.35:
+        score = rand_additive(r)
     Hk = r.randint(1, 4)
     Hq = Hk * r.choice([1, 1, 2, 4])
     B = r.choice([1, 1, 2, 3])

@@ -139,6 +139,7 @@ def test_call_own_rules(monkeypatch):
     assert "float16" in _rules(upcast=True, dtype=torch.float16)
     assert "head dimension 96" in _rules(D=96)
     assert "a score" in _rules(score="30 * tanh(s / 30)")
+    assert _rules(score="alibi(alibi_slope)") is None
     assert "atomic dQ" in _rules(dq="atomic") and "atomic dQ" in _rules(lse_grad=True)
     assert "(block_m1, num_warps)" in _rules(options={"block_m1": 32, "num_warps": 4,
                                                       "layout": "on"})
@@ -164,10 +165,11 @@ def test_setting_parses(monkeypatch):
 def test_kernel_compiles_for_sm90():
     """Every configuration of tests/helpers/compile_ws_bwd.py builds for sm_90a: consumers
     at 240 registers and the loader at 24, Q, dO, K, V read through 4-D TMA and the rows'
-    statistics through 1-D, dK and dV stored through 4-D."""
+    statistics through 1-D, dK and dV stored through 4-D; two with an additive score."""
     r = run_script("tests/helpers/compile_ws_bwd.py")
     lines = r.stdout.splitlines()
-    assert len(lines) == 3, r.stdout
+    assert len(lines) == 5, r.stdout
+    assert sum("'scored': 1," in ln for ln in lines) == 2
     for ln in lines:
         label, ok, rest = ln.partition(" OK ")
         assert ok, ln
@@ -187,7 +189,8 @@ def test_rows_statistics_start_on_16_bytes(Lq, copied):
     q = torch.empty(B, H, Lq, D, dtype=torch.bfloat16)
     lists = ws_bwd.QueryLists(*(torch.zeros(1, dtype=torch.int32) for _ in range(4)),
                               torch.zeros(1, 64, 128, dtype=torch.uint8), (0, 0), 1)
-    ws = ws_bwd.WsBwd(SimpleNamespace(Lq=Lq, Lk=Lq, scale=0.1), q, q, lists)
+    ws = ws_bwd.WsBwd(SimpleNamespace(Lq=Lq, Lk=Lq, scale=0.1,
+                                      positions=SimpleNamespace(q_offset=0)), q, q, lists)
     assert ws.lq_rows == -(-Lq // 4) * 4 and ws.static[9] == ws.lq_rows
     delta, lse2 = torch.randn(2, B, H, Lq).unbind(0)
     got_l, got_d = ws.rows(lse2, delta)

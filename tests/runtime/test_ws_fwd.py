@@ -189,6 +189,9 @@ def test_call_rules(monkeypatch):
     assert "float32" in why(dtype=torch.float32)
     assert "head dimension 96" in why(D=96)
     assert "a score" in why(score="30 * tanh(s / 30)")
+    assert why(score="alibi(alibi_slope)") is None
+    assert "a score in a layout" in why(score="alibi(alibi_slope)",
+                                        rows=BoxRows((1, 32, 32), (1, 16, 8), False))
     assert "(block_m, num_warps)" in why(options={"block_m": 64, "num_warps": 4, "dq": "x"})
     assert "fewer than 128" in why(Lq=100)
     assert "TMA cannot read" in why(offset=1)
@@ -225,11 +228,12 @@ def test_kernel_compiles_for_sm90():
     """Every configuration of tests/helpers/compile_ws.py builds for sm_90a: consumers at
     240 registers and the loader at 24, one product kept in flight (a wait of 1), Q, K, V
     read and O written through 5-D TMA; PARTIAL tiles by masks in one, by rows' runs in
-    another."""
+    another; an additive score (its slope alone, and with terms of the key) in three."""
     r = run_script("tests/helpers/compile_ws.py")
     lines = r.stdout.splitlines()
-    assert len(lines) == 7, r.stdout
-    assert [sum(f"'masked': {m}," in ln for ln in lines) for m in (0, 1, 2)] == [5, 1, 1]
+    assert len(lines) == 10, r.stdout
+    assert [sum(f"'masked': {m}," in ln for ln in lines) for m in (0, 1, 2)] == [6, 2, 2]
+    assert sum("'scored': 0," not in ln for ln in lines) == 3
     for ln in lines:
         label, ok, rest = ln.partition(" OK ")
         assert ok, ln

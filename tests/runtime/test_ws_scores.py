@@ -1,0 +1,168 @@
+"""Additive scores in the warp-specialised kernels (``runtime/ws_fwd.py``,
+``runtime/ws_bwd.py``).
+
+On the CPU: which scores are additive (:func:`spattn.ir.score.additive`), the vectors the
+kernels read (:func:`spattn.runtime.ws_fwd.score_vectors`: slope, keys' and queries'
+terms) recombined into every pair's score against the score evaluated densely in float64,
+the refusals, and the backward's lse less the rows' terms. On an sm_90 GPU (marker
+``gpu``): outputs, lse and gradients of calls both Gluon kernels run, against the float64
+reference.
+"""
+import pytest
+import torch
+
+import spattn
+from spattn.ir.score import LOG2E, additive, score_env, score_values
+from spattn.runtime import settings as S
+from spattn.runtime import ws_bwd, ws_fwd
+from spattn.runtime.plan import Call
+from tests.runtime.test_ws_bwd import _ws_stages
+from tests.runtime.test_ws_fwd import _rand, hopper
+
+SLOPES = [2.0 ** -(i + 1) for i in range(4)]
+
+ADDITIVE = [  # id, score, params
+    ("alibi-prelude", "alibi(alibi_slope)", {}),
+    ("alibi-param", "alibi(m[h])", {"m": SLOPES}),
+    ("offset-written-q-minus-k", "s - 0.25 * float(q - k + 3)", {}),
+    ("scaled-s-and-offset", "2.0 * s + 0.1 * float(k - q)", {}),
+    ("key-terms", "s + 0.3 * float(k % 7) - 0.5 * float(k // 100)", {}),
+    ("query-terms", "s + 0.2 * float(q % 5) + exp(-float(h))", {}),
+    ("all-three", "alibi(m[h]) + 0.3 * float((k + h) % 7) - 0.01 * float(q * b)",
+     {"m": SLOPES}),
+    ("plain-s", "s", {}),
+    ("several-s-terms", "2.0 * s + alibi(m[h]) - s", {"m": SLOPES}),
+]
+NOT_ADDITIVE = [  # id, score
+    ("softcap", "softcap(30.0)"),
+    ("square", "s * s"),
+    ("pair-product", "s + float(q * k) * 0.001"),
+    ("pair-modulo", "s + float((q - k) % 5)"),
+    ("negative-factor", "-1.0 * s"),
+    ("offset-times-key", "s + float(k - q) * float(k) * 0.001"),
+    ("table", "s + rel[h, clamp(q - k, 0, 7)]"),
+    ("s-cancelled", "s - s + 0.1 * float(k)"),
+]
+
+
+def _call(pat, B, H, Lq, Lk, q_offset=None, inputs=None):
+    q, k = torch.empty(B, H, Lq, 64), torch.empty(B, H, Lk, 64)
+    return Call.of(pat, q, k, scale=0.125, q_offset=q_offset, inputs=inputs or {},
+                   settings=S.current(), backend="torch")
+
+
+@pytest.mark.parametrize("src,params", [c[1:] for c in ADDITIVE], ids=[c[0] for c in ADDITIVE])
+@pytest.mark.parametrize("B,H,Lq,Lk,q_offset", [(2, 4, 50, 300, None), (1, 4, 260, 130, 7)],
+                         ids=["B2-H4-Lq50-Lk300", "B1-H4-Lq260-Lk130-offset7"])
+def test_vectors_recombine_to_the_score(src, params, B, H, Lq, Lk, q_offset):
+    """``c * s + slope * (k - q) + cols[k] + rows[q]`` (log2 units) from the vectors is the
+    score at every pair, on random ``s``; past ``Lk`` the keys' terms are 0."""
+    pat = spattn.compile("causal", score=src, **params)
+    assert additive(pat.score) is not None
+    call = _call(pat, B, H, Lq, Lk, q_offset)
+    sv = ws_fwd.score_vectors(call, "cpu")
+    off = call.positions.q_offset
+    s = torch.randn(B, H, Lq, Lk, dtype=torch.float64)
+    want = score_values(pat.score, s, score_env(Lq, Lk, num_heads=H, batch=B, q_offset=off),
+                        {}) * LOG2E
+    dk = (torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None] - off).double()
+    got = (sv.c * LOG2E * s + sv.slopes.double()[:, :, None, None] * dk
+           + sv.cols.double()[..., None, :Lk] + sv.rows.double()[..., None])
+    torch.testing.assert_close(got, want, atol=1e-4 * (1 + float(want.abs().max())), rtol=0)
+    assert sv.cols.shape[-1] % 128 == 0 and not sv.cols[..., Lk:].any()
+    assert sv.keys == bool(sv.cols.any())
+    sb, sh, rb, rh = sv.strides()
+    assert (sb == 0) == (sv.cols.shape[0] == 1) and (rh == 0) == (sv.rows.shape[1] == 1)
+
+
+@pytest.mark.parametrize("src", [c[1] for c in NOT_ADDITIVE], ids=[c[0] for c in NOT_ADDITIVE])
+def test_other_scores_are_not_additive(src):
+    pat = spattn.compile("causal", score=src)
+    assert additive(pat.score) is None
+    why = ws_fwd.score_why_not(_call(pat, 1, 2, 256, 256), None)
+    assert why is not None and "not additive" in why
+
+
+def test_terms_that_are_not_finite_stay_with_the_generated_kernels():
+    pat = spattn.compile("causal", score="s + log(float(q))")     # -inf at q = 0
+    assert additive(pat.score) is not None
+    assert "not finite" in ws_fwd.score_vectors(_call(pat, 1, 2, 256, 256), "cpu")
+
+
+def test_call_rules_take_additive_scores():
+    from spattn.runtime.triton_backend import BoxRows
+    pat = spattn.compile("causal", score="alibi(alibi_slope)")
+    call = _call(pat, 1, 2, 256, 256)
+    assert ws_fwd.score_why_not(call, None) is None
+    assert "layout" in ws_fwd.score_why_not(call, BoxRows((1, 16, 16), (1, 8, 16), False))
+    assert ws_fwd.score_why_not(_call(spattn.compile("causal"), 1, 2, 256, 256), None) is None
+
+
+def test_backward_rows_leave_out_the_row_terms():
+    """The dK/dV kernel's lse rows: the lse less the slope times ``r - q`` (``r`` the first
+    query of the row's tile of 64) and the queries' terms; a row at +inf stays there."""
+    pat = spattn.compile("causal", score="alibi(m[h]) + 0.2 * float(q % 5)", m=SLOPES)
+    B, H, Lq = 1, 4, 300
+    call = _call(pat, B, H, Lq, 300)
+    sv = ws_fwd.score_vectors(call, "cpu")
+    q = torch.empty(B, H, Lq, 64, dtype=torch.bfloat16)
+    lists = ws_bwd.QueryLists(*(torch.zeros(1, dtype=torch.int32) for _ in range(4)),
+                              torch.zeros(1, 64, 128, dtype=torch.uint8), (0, 0), 1)
+    ws = ws_bwd.WsBwd(call, q, q, lists, sv)
+    lse2, delta = torch.randn(2, B, H, Lq).unbind(0)
+    lse2[0, 1, 17] = float("inf")
+    got, _ = ws.rows(lse2, delta)
+    got = got.view(B, H, ws.lq_rows)[..., :Lq]
+    rq = torch.arange(Lq)
+    want = lse2 - (sv.slopes[:, :, None] * ((rq // 64) * 64 - rq) + sv.rows)
+    assert torch.equal(got, want) and got[0, 1, 17] == float("inf")
+    assert ws.static[12] == pytest.approx(0.125 * LOG2E * sv.c)
+
+
+# ---------------------------------------------------------------- on the GPU
+
+GPU_CASES = [  # mask, score, params, B, H, Hk, Lq, Lk, D, dtype
+    ("causal", "alibi(alibi_slope)", {}, 1, 4, 2, 2048, 2048, 128, torch.bfloat16),
+    ("causal", "alibi(m[h])", {"m": SLOPES}, 2, 4, 4, 1000, 1000, 64, torch.float16),
+    ("causal", "alibi(alibi_slope)", {}, 1, 2, 2, 333, 1500, 128, torch.bfloat16),
+    ("causal & same(doc)", "2.0 * s + 0.3 * float(k % 7) - 0.02 * float(q % 5)", {},
+     2, 2, 1, 1900, 1900, 128, torch.bfloat16),
+    ("full", "s - 0.01 * float(q - k) + 0.5 * float((k + h) % 3)", {}, 1, 2, 2, 1024, 1024,
+     64, torch.bfloat16),
+]
+GPU_IDS = [f"B{c[3]}-H{c[4]}-Hk{c[5]}-Lq{c[6]}-Lk{c[7]}-D{c[8]}-{str(c[9])[6:]}-{c[0].split(' ')[0]}"
+           f"-{c[1].split('(')[0].split(' ')[0]}" for c in GPU_CASES]
+
+
+@pytest.mark.parametrize("mask,score,params,B,H,Hk,Lq,Lk,D,dtype", GPU_CASES, ids=GPU_IDS)
+@hopper
+def test_scored_gluon_kernels_gpu(mask, score, params, B, H, Hk, Lq, Lk, D, dtype,
+                                  monkeypatch):
+    """An additive score through the warp-specialised forward and dK/dV kernel: o, lse
+    and the gradients to q, k, v of a fresh dO against the float64 reference."""
+    from spattn.runtime.reference import pattern_reference
+    monkeypatch.setenv("SPATTN_WS_FWD", "1")
+    monkeypatch.setenv("SPATTN_WS_BWD", "1")
+    g = torch.Generator(device="cuda").manual_seed(Lq + Lk + B + H + D)
+    q = _rand((B, H, Lq, D), dtype, g)
+    k, v = (_rand((B, Hk, Lk, D), dtype, g) for _ in range(2))
+    inputs = {}
+    if "doc" in mask:
+        inputs = {"doc": (torch.rand(B, Lq, device="cuda", generator=g) < 0.004).cumsum(-1)}
+    pat = spattn.compile(mask, score=score, **params)
+    plan = pat.plan(q, k, v, **inputs)
+    o, lse = pat(q, k, v, return_lse=True, plan=plan)
+    assert plan.forward_stage.gluon, plan.forward_stage
+    do = torch.randn_like(o)
+    (o.float() * do.float()).sum().backward()
+    assert _ws_stages(plan), plan._bwd
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = pattern_reference(pat, q64, k64, v64, **inputs)
+    (ro * do.double()).sum().backward()
+    keyless = rl == float("-inf")
+    assert torch.isfinite(o).all() and torch.equal(lse == float("-inf"), keyless)
+    assert float((o.detach().double() - ro).abs().max()) < 2e-2
+    assert float((lse.detach().double() - rl)[~keyless].abs().max()) < 2e-3
+    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        err = float((a.grad.double() - b.grad).norm() / b.grad.norm())
+        assert err < 1e-2, f"{name}: rel. error {err:.2e}"
