@@ -567,15 +567,19 @@ def score_vectors(call, device) -> ScoreVectors | str:
     score = getattr(call.pattern, "score", None)
     form = additive(score) if score is not None else None
     lkp = -(-Lk // TILE) * TILE
-    q = torch.arange(Lq, dtype=torch.int64).view(1, 1, Lq) + call.positions.q_offset
-    env = {"q": q, TILE_QUERY: q, "k": torch.arange(Lk, dtype=torch.int64).view(1, 1, Lk),
-           "h": torch.arange(H, dtype=torch.int64).view(1, H, 1),
-           "b": torch.arange(B, dtype=torch.int64).view(B, 1, 1), "Lq": Lq, "Lk": Lk, "H": H}
+    dev = call.analysis.device
+
+    def ar(n, shape):
+        return torch.arange(n, dtype=torch.int64, device=dev).view(shape)
+    q = ar(Lq, (1, 1, Lq)) + call.positions.q_offset
+    env = {"q": q, TILE_QUERY: q, "k": ar(Lk, (1, 1, Lk)), "h": ar(H, (1, H, 1)),
+           "b": ar(B, (B, 1, 1)), "Lq": Lq, "Lk": Lk, "H": H}
 
     def values(node, n):
         if node is None:
             return torch.zeros((1, 1, n), dtype=torch.float64)
-        v = torch.as_tensor(evaluate(node, env, call.inputs), dtype=torch.float64).cpu()
+        v = torch.as_tensor(evaluate(node, env, call.inputs), dtype=torch.float64,
+                            device=dev).cpu()
         fv = free_vars(node)
         shape = (B if "b" in fv else 1, H if "h" in fv else 1, n)
         return torch.broadcast_to(v.reshape((1,) * (3 - v.dim()) + tuple(v.shape)),

@@ -75,6 +75,19 @@ def test_vectors_recombine_to_the_score(src, params, B, H, Lq, Lk, q_offset):
     assert (sb == 0) == (sv.cols.shape[0] == 1) and (rh == 0) == (sv.rows.shape[1] == 1)
 
 
+def test_vectors_read_int_inputs():
+    """Terms of an int runtime input (the documents' ids of the key and of the query) are
+    evaluated at the call's values."""
+    pat = spattn.compile("causal & same(doc)",
+                         score="s + 0.1 * float(doc[k]) - 0.5 * float(doc[q])")
+    doc = torch.sort(torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(0)
+                                   )).values
+    sv = ws_fwd.score_vectors(_call(pat, 1, 2, 300, 300, inputs={"doc": doc}), "cpu")
+    torch.testing.assert_close(sv.cols[0, 0, :300], (0.1 * LOG2E * doc).float())
+    torch.testing.assert_close(sv.rows[0, 0], (-0.5 * LOG2E * doc).float())
+    assert sv.keys and not sv.slopes.any()
+
+
 @pytest.mark.parametrize("src", [c[1] for c in NOT_ADDITIVE], ids=[c[0] for c in NOT_ADDITIVE])
 def test_other_scores_are_not_additive(src):
     pat = spattn.compile("causal", score=src)
