@@ -591,8 +591,8 @@ def additive(score: Node) -> Additive | None:
     c, slopes, cols, rows = 0.0, [], [], []
     for t in terms:
         if _has_score(t):
-            if isinstance(t, Score):
-                c += 1.0
+            if isinstance(t, Score):        # (a factor of exactly 1 in log2 units)
+                c += 1.0 / LOG2E
                 continue
             if not (isinstance(t, FMul) and len(t.args) == 2):
                 return None

@@ -561,7 +561,6 @@ def score_vectors(call, device) -> ScoreVectors | str:
     a string saying why the kernels do not take them: a term that is not finite somewhere
     over the call (a row's ``-inf`` and the like stay with the generated kernels)."""
     from ..ir.evaluate import evaluate
-    from ..ir.nodes import free_vars
     from ..ir.score import TILE_QUERY, additive
     B, H, Lq, Lk = call.B, call.H, call.Lq, call.Lk
     score = getattr(call.pattern, "score", None)
@@ -580,10 +579,10 @@ def score_vectors(call, device) -> ScoreVectors | str:
             return torch.zeros((1, 1, n), dtype=torch.float64)
         v = torch.as_tensor(evaluate(node, env, call.inputs), dtype=torch.float64,
                             device=dev).cpu()
-        fv = free_vars(node)
-        shape = (B if "b" in fv else 1, H if "h" in fv else 1, n)
-        return torch.broadcast_to(v.reshape((1,) * (3 - v.dim()) + tuple(v.shape)),
-                                  (B, H, n))[:shape[0], :shape[1]]
+        v = v.reshape((1,) * (3 - v.dim()) + tuple(v.shape))
+        # (the batch and head axes the values vary along: a runtime input [B, L] varies
+        # with the batch element without the term naming b)
+        return torch.broadcast_to(v, (B, H, n))[:v.shape[0], :v.shape[1]]
     a = values(form and form.slope, 1)
     c = values(form and form.cols, Lk)
     r = values(form and form.rows, Lq)

@@ -52,7 +52,8 @@ def main() -> None:
         call = SimpleNamespace(Lq=N, Lk=N, scale=D ** -0.5,
                                positions=SimpleNamespace(q_offset=0))
         score = "scored" in label and ws_fwd.ScoreVectors(
-            torch.zeros(B, H), torch.zeros(1, H, n_t * 128), torch.zeros(1, H, N), 1.0)
+            torch.zeros(B, H), torch.zeros(1, H, n_t * 128), torch.zeros(1, H, N), 1.0,
+            keys="runs" not in label)
         try:
             stage = ws_fwd.WsFwdStage(call, q, k, v, rows, lists, score or None)
             args, _, _ = stage.args(q, k, v)

@@ -32,6 +32,8 @@ ADDITIVE = [  # id, score, params
      {"m": SLOPES}),
     ("plain-s", "s", {}),
     ("several-s-terms", "2.0 * s + alibi(m[h]) - s", {"m": SLOPES}),
+    ("s-times-ln2", "s * 0.6931471805599453 + s", {}),
+    ("s-over-log2e", "s / 1.4426950408889634 - 0.1 * float(q - k)", {}),
 ]
 NOT_ADDITIVE = [  # id, score
     ("softcap", "softcap(30.0)"),
@@ -86,6 +88,19 @@ def test_vectors_read_int_inputs():
     torch.testing.assert_close(sv.cols[0, 0, :300], (0.1 * LOG2E * doc).float())
     torch.testing.assert_close(sv.rows[0, 0], (-0.5 * LOG2E * doc).float())
     assert sv.keys and not sv.slopes.any()
+
+
+def test_vectors_of_per_batch_inputs():
+    """A runtime input with a batch axis (``[B, L]``) makes the terms vary with the batch
+    element though they do not name ``b``."""
+    pat = spattn.compile("causal & same(doc)",
+                         score="s + 0.1 * float(doc[k]) - 0.5 * float(doc[q])")
+    doc = torch.sort(torch.randint(0, 5, (3, 300), generator=torch.Generator().manual_seed(1)),
+                     dim=-1).values
+    sv = ws_fwd.score_vectors(_call(pat, 3, 2, 300, 300, inputs={"doc": doc}), "cpu")
+    assert sv.cols.shape[0] == 3 and sv.rows.shape[0] == 3
+    torch.testing.assert_close(sv.cols[:, 0, :300], (0.1 * LOG2E * doc).float())
+    torch.testing.assert_close(sv.rows[:, 0], (-0.5 * LOG2E * doc).float())
 
 
 @pytest.mark.parametrize("src", [c[1] for c in NOT_ADDITIVE], ids=[c[0] for c in NOT_ADDITIVE])
