@@ -199,16 +199,17 @@ if GLUON:
         return gl.where(m_ok, b_s, float("-inf"))
 
     @gluon.jit
-    def _score_cols(p_sc, COLS, START, i_l, j, b_a, o_r0, col_s: gl.constexpr,
+    def _score_cols(p_sc, COLS, START, i_l, j, b_a, b_ac, o_r0, col_s: gl.constexpr,
                     KEYS: gl.constexpr):
         """An additive score's terms of key tile ``j`` of list entry ``i_l`` (log2 units,
         ``[128]``): the slope ``b_a`` times the offset ``k - r`` from the item's first query
-        ``r`` (exact in ints, small where the softmax is not 0), plus (``KEYS``) the keys'
-        terms, loaded."""
-        o_k = gl.load(COLS + gl.load(START + i_l) + j) * 128 + gl.arange(0, 128, layout=col_s)
-        b_c = b_a * (o_k - o_r0).to(gl.float32)
+        ``r`` (exact in ints, small where the softmax is not 0; ``b_ac``: the slope times
+        the tile's columns, once per item, so the tile adds one scalar), plus (``KEYS``)
+        the keys' terms, loaded."""
+        o_k0 = gl.load(COLS + gl.load(START + i_l) + j) * 128
+        b_c = b_ac + b_a * (o_k0 - o_r0).to(gl.float32)
         if KEYS:
-            b_c += gl.load(p_sc + o_k)
+            b_c += gl.load(p_sc + o_k0 + gl.arange(0, 128, layout=col_s))
         return b_c
 
     @gluon.jit
@@ -280,6 +281,7 @@ if GLUON:
                 i_b = i_bh // geom[0]
                 b_a = gl.load(score[0] + i_bh)
                 o_r0 = i_t * 128 + score[7]         # the item's first query position
+                b_ac = b_a * gl.arange(0, 128, layout=col_s).to(gl.float32)
                 p_sc = score[1] + i_b * score[3] + (i_bh % geom[0]) * score[4]
             mbarrier.wait(b_q.index(i_q), (n // 2) & 1)
 
@@ -290,7 +292,7 @@ if GLUON:
                 i_m = gl.load(MIDX + o_list)
             i_s = it % STAGES
             if SCORED == 2:
-                b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, o_r0, col_s, True)
+                b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, b_ac, o_r0, col_s, True)
             mbarrier.wait(k_ready.index(i_s), (it // STAGES) & 1)
             mbarrier.wait(pp_bar.index(HALF), (tt & 1) ^ HALF ^ 1)
             b_s = warpgroup_mma(q_s, _tile(k_smem, i_s).permute((1, 0)), b_zero,
@@ -302,7 +304,7 @@ if GLUON:
                 if i_m >= 0:
                     b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
             if SCORED == 1:
-                b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, o_r0, col_s, False)
+                b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, b_ac, o_r0, col_s, False)
             if SCORED:
                 b_s = b_s * score[8] + gl.expand_dims(b_c, 0)
                 b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED)
@@ -318,7 +320,7 @@ if GLUON:
                 if MASKED:
                     i_m = gl.load(MIDX + o_list + j)
                 if SCORED == 2:
-                    b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, o_r0, col_s, True)
+                    b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, b_ac, o_r0, col_s, True)
                 mbarrier.wait(k_ready.index(i_s), ((it + j) // STAGES) & 1)
                 mbarrier.wait(v_ready.index(i_sp), ((it + j - 1) // STAGES) & 1)
                 mbarrier.wait(pp_bar.index(HALF), ((tt + j) & 1) ^ HALF ^ 1)
@@ -332,7 +334,7 @@ if GLUON:
                     if i_m >= 0:
                         b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
                 if SCORED == 1:
-                    b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, o_r0, col_s, False)
+                    b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, b_ac, o_r0, col_s, False)
                 if SCORED:
                     b_s = b_s * score[8] + gl.expand_dims(b_c, 0)
                     b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED)
