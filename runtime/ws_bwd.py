@@ -17,6 +17,9 @@ it replaces the generated dK/dV kernel, reading the rows' statistics the dQ kern
   mask (uint8 ``[64, 128]``, evaluated from the pattern's IR at plan time, as the
   warp-specialised forward's): P^T is 0 elsewhere. Each step waits for its own products
   (the schedule that keeps ptxas from serialising them: ``benchmarks/gluon_bwd.py``).
+  An additive score (as the forward's, ``ws_fwd.score_vectors``) adds its keys' vector to
+  S^T; its rows' terms are taken out of the lse before the kernel reads it
+  (:meth:`WsBwd.rows`).
 
 Measured on an H100 against the generated dK/dV kernel (benchmarks/RESULTS.md, "a
 warp-specialised dK/dV kernel"): 1.21-1.38x on ``full`` and ``causal`` at 4K and 16K.

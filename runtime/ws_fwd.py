@@ -30,8 +30,11 @@ written through 5-D TMA descriptors: a layout's boxes of the caller's tokens
 lengths: TMA fills the rows past the end with zeros and drops them on the store, and the
 last key tile's mask stops at the keys' end). The lse is written in the caller's token
 order, so the generated backward runs on it unchanged; rows with no allowed key give O = 0
-and lse = -inf. :func:`why_not` lists what the kernel does not run (the plan then builds
-the generated forward): other devices, dtypes and head dimensions, scores, options or
+and lse = -inf. An additive score (:func:`~spattn.ir.score.additive`: ALiBi, terms of the
+key or the query alone) is applied from vectors evaluated at plan time
+(:func:`score_vectors`): a ``[128]`` vector per key tile added to S, the rows' terms to the
+lse. :func:`why_not` lists what the kernel does not run (the plan then builds the
+generated forward): other devices, dtypes and head dimensions, other scores, options or
 ``SPATTN_*`` settings that fix the generated forward's configuration.
 
 ``SPATTN_WS_FWD`` (``auto`` / ``1`` / ``0``) chooses: ``1`` wherever it can run, ``0``
