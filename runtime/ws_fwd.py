@@ -243,8 +243,8 @@ if GLUON:
         without an allowed key guarded); 0: every tile is FULL and none of that is compiled.
         ``SCORED``: an additive score (:func:`_score_cols`, :func:`_score_rows`) on every
         pair, 1 its slope alone (no loads per tile), 2 with terms of the key (loaded before
-        the tile's wait). The ring's slot (``it``) and the ping-pong's turn (``tt``) count on across
-        items, as the loader's and the other group's do."""
+        the tile's wait). The ring's slot (``it``) and the ping-pong's turn (``tt``) count on
+        across items, as the loader's and the other group's do."""
         b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
         MASKED: gl.constexpr = (flags.type.shape[0] >= 2) + (flags.type.shape[0] >= 4)
         SCORED: gl.constexpr = (flags.type.shape[1] >= 2) + (flags.type.shape[1] >= 4)
@@ -545,7 +545,7 @@ class ScoreVectors:
     the Gluon kernels read it: ``slopes`` fp32 ``[B, H]`` (the factor of ``k - q``),
     ``cols`` fp32 ``[B', H', Lk']`` (the keys' terms, zeros past ``Lk`` up to a multiple of
     128) and ``rows`` fp32 ``[B', H', Lq]`` (the queries' terms), ``B'``, ``H'`` 1 where the
-    terms do not read ``b`` or ``h``; ``c`` the factor of ``s``. Zeros where the score has no
+    values do not vary with the batch element or the head; ``c`` the factor of ``s``. Zeros where the score has no
     such terms (a call without a score: ``c`` 1)."""
 
     slopes: torch.Tensor

@@ -17,8 +17,8 @@ Four kinds of case, each drawn from one integer seed (replayed with ``--case KIN
   up to 20000 keys, per-batch lengths, paged or contiguous caches, GQA and, in a third of
   the cases, a score.
 * ``ws``: a ``call`` case the warp-specialised forward can run (``SPATTN_WS_FWD=1``: bf16
-  or fp16, D 64 or 128, no score or an additive one, at least 128 queries and keys), through a plan whose
-  forward stage, where it is that kernel, runs a random grid (1 to 200 programs or one
+  or fp16, D 64 or 128, no score or an additive one, at least 128 queries and keys),
+  through a plan whose forward stage, where it is that kernel, runs a random grid (1 to 200 programs or one
   per work item), so that programs take several items of any kind in turn; its backward
   takes the warp-specialised dK/dV kernel wherever that runs (``SPATTN_WS_BWD=1``).
 * ``seq``: eight calls of one pattern in a row, each changing one thing a memo could hold

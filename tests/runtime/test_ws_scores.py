@@ -158,8 +158,8 @@ GPU_CASES = [  # mask, score, params, B, H, Hk, Lq, Lk, D, dtype
     ("full", "s - 0.01 * float(q - k) + 0.5 * float((k + h) % 3)", {}, 1, 2, 2, 1024, 1024,
      64, torch.bfloat16),
 ]
-GPU_IDS = [f"B{c[3]}-H{c[4]}-Hk{c[5]}-Lq{c[6]}-Lk{c[7]}-D{c[8]}-{str(c[9])[6:]}-{c[0].split(' ')[0]}"
-           f"-{c[1].split('(')[0].split(' ')[0]}" for c in GPU_CASES]
+GPU_IDS = [f"B{c[3]}-H{c[4]}-Hk{c[5]}-Lq{c[6]}-Lk{c[7]}-D{c[8]}-{str(c[9])[6:]}"
+           f"-{c[0].split(' ')[0]}-{c[1].split('(')[0].split(' ')[0]}" for c in GPU_CASES]
 
 
 @pytest.mark.parametrize("mask,score,params,B,H,Hk,Lq,Lk,D,dtype", GPU_CASES, ids=GPU_IDS)
