@@ -550,9 +550,10 @@ class Additive:
 
 
 def _offset_factor(t: Node):
-    """``(F, ck, c0)`` where a term of an emitted score is ``F * float(ck * (k - qr) +
-    c0)`` with ``F`` a float of neither position (the split of a pair's offset at the tile's
-    first query, :func:`split_tile_query`), else None."""
+    """``(F, ck, c0)`` where a term of an emitted score is ``F * float(ck * (k - x) + c0)``
+    with ``x`` the tile's first query (the split of a pair's offset, :func:`split_tile_query`)
+    or the query itself (an offset the split leaves whole: a factor too large for it) and
+    ``F`` a float of neither position, else None."""
     if not isinstance(t, FMul):
         return None
     conv = [a for a in t.args if isinstance(a, ToFloat) and "k" in free_vars(a)]
@@ -560,8 +561,10 @@ def _offset_factor(t: Node):
         return None
     x = conv[0].a
     terms = dict(x.terms)
-    qr, k = build.var(TILE_QUERY), build.var("k")
-    if set(terms) != {k, qr} or terms[k] != -terms[qr]:
+    k = build.var("k")
+    qs = [v for v in terms if v != k]
+    if (k not in terms or len(qs) != 1 or qs[0] not in (build.var(TILE_QUERY), build.var("q"))
+            or terms[k] != -terms[qs[0]]):
         return None
     others = [a for a in t.args if a is not conv[0]]
     if any(free_vars(a) & {"q", "k", TILE_QUERY} or _has_score(a) for a in others):
@@ -603,7 +606,7 @@ def additive(score: Node) -> Additive | None:
             c += float(f.value) / LOG2E
         elif _of_row(t):
             rows.append(t)
-        elif TILE_QUERY in free_vars(t):
+        elif free_vars(t) & {TILE_QUERY, "q"}:
             got = _offset_factor(t)
             if got is None:
                 return None
@@ -611,8 +614,6 @@ def additive(score: Node) -> Additive | None:
             slopes.append(build.fmul(f, build.fconst(float(ck))))
             if c0:
                 rows.append(build.fmul(f, build.fconst(float(c0))))
-        elif "q" in free_vars(t):
-            return None
         else:
             cols.append(t)
     if not 0.0 < c < math.inf:

@@ -10,6 +10,8 @@ reference.
 """
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import spattn
 from spattn.ir.score import LOG2E, additive, score_env, score_values
@@ -34,6 +36,7 @@ ADDITIVE = [  # id, score, params
     ("several-s-terms", "2.0 * s + alibi(m[h]) - s", {"m": SLOPES}),
     ("s-times-ln2", "s * 0.6931471805599453 + s", {}),
     ("s-over-log2e", "s / 1.4426950408889634 - 0.1 * float(q - k)", {}),
+    ("large-constant-slope", "s + 3.0 * float(k - q + 2)", {}),
 ]
 NOT_ADDITIVE = [  # id, score
     ("softcap", "softcap(30.0)"),
@@ -101,6 +104,40 @@ def test_vectors_of_per_batch_inputs():
     assert sv.cols.shape[0] == 3 and sv.rows.shape[0] == 3
     torch.testing.assert_close(sv.cols[:, 0, :300], (0.1 * LOG2E * doc).float())
     torch.testing.assert_close(sv.rows[:, 0], (-0.5 * LOG2E * doc).float())
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1))
+def test_additive_is_sound_on_random_scores(seed):
+    """Whatever random score ``additive`` accepts (random scores of the interpreter
+    searches, and random additive ones), its vectors recombine to the score at every pair:
+    a score is never taken for additive when it is not."""
+    import random
+    from tests.helpers.adversarial import rand_score, score_params
+    from tests.helpers.gpu_fuzz import rand_additive
+    r = random.Random(seed)
+    src = rand_additive(r) if r.random() < 0.3 else rand_score(r, r.randint(1, 3))
+    try:
+        pat = spattn.compile("causal", score=src, **score_params(src, 3))
+    except spattn.SpattnError:
+        return
+    if additive(pat.score) is None:
+        return
+    B, H, Lq, Lk = 2, 3, 21, 37
+    call = _call(pat, B, H, Lq, Lk, r.choice([None, 0, 9]))
+    sv = ws_fwd.score_vectors(call, "cpu")
+    if isinstance(sv, str):
+        return
+    off = call.positions.q_offset
+    s = torch.randn(B, H, Lq, Lk, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(seed))
+    want = score_values(pat.score, s, score_env(Lq, Lk, num_heads=H, batch=B, q_offset=off),
+                        {}) * LOG2E
+    dk = (torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None] - off).double()
+    got = (sv.c * LOG2E * s + sv.slopes.double()[:, :, None, None] * dk
+           + sv.cols.double()[..., None, :Lk] + sv.rows.double()[..., None])
+    torch.testing.assert_close(got, want, atol=1e-4 * (1 + float(want.abs().max())), rtol=0,
+                               msg=src)
 
 
 @pytest.mark.parametrize("src", [c[1] for c in NOT_ADDITIVE], ids=[c[0] for c in NOT_ADDITIVE])
