@@ -202,13 +202,21 @@ def call_case(seed: int, ws: bool = False) -> str:
         want += list(torch.autograd.grad(ro, rl + [t for t in rt.values() if t.requires_grad],
                                          do.double(), allow_unused=True))
     names = ["o", "lse", "dq", "dk", "dv", *(f"d{n}" for n, t in tabs.items() if t.requires_grad)]
+    # the backward recomputes each probability from the row's float32 lse: a row whose lse
+    # is large loses about an ulp of it in every probability (docs/backends.md, "Large
+    # scores"), so the gradients' tolerance grows with it
+    finite = rlse[torch.isfinite(rlse)]
+    big = float(finite.abs().max()) if finite.numel() else 0.0
+    if big > 1e4:
+        desc += f" (|lse| up to {big:.1e}: gradients within its float32 ulps)"
     for i, (n, a, b) in enumerate(zip(names, got, want)):
         if i >= 2:
             leaf = leaves[i - 2]
             a = torch.zeros_like(leaf) if a is None else a
             a = bh(a) if i < 5 else a
             b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
-        _check(f"{desc} {n}", a, b, _tol(dtype, grad=i >= 2) * (5 if i >= 5 else 1))
+        tol = _tol(dtype, grad=i >= 2) * (5 if i >= 5 else 1)
+        _check(f"{desc} {n}", a, b, tol + (4 * big * 2.0 ** -24 if i >= 2 else 0.0))
     return desc
 
 
