@@ -18,9 +18,10 @@ Four kinds of case, each drawn from one integer seed (replayed with ``--case KIN
   the cases, a score.
 * ``ws``: a ``call`` case the warp-specialised forward can run (``SPATTN_WS_FWD=1``: bf16
   or fp16, D 64 or 128, no score or an additive one, at least 128 queries and keys),
-  through a plan whose forward stage, where it is that kernel, runs a random grid (1 to 200 programs or one
-  per work item), so that programs take several items of any kind in turn; its backward
-  takes the warp-specialised dK/dV kernel wherever that runs (``SPATTN_WS_BWD=1``).
+  through a plan whose forward stage, where it is that kernel, runs a random grid (1 to
+  200 programs or one per work item), so that programs take several items of any kind in
+  turn; its backward takes the warp-specialised dK/dV kernel wherever that runs
+  (``SPATTN_WS_BWD=1``).
 * ``seq``: eight calls of one pattern in a row, each changing one thing a memo could hold
   on to (fresh tensors, tensors or the runtime input written in place, views at another
   offset, a key more), each against the reference.
@@ -116,7 +117,7 @@ def rand_additive(r: random.Random) -> str:
         n = r.randint(2, 300)
         terms.append(r.choice([
             "alibi(m[h]) - s", "alibi(alibi_slope) - s", f"0.01 * float(k - q + {n})",
-            f"-0.03 * float(q - k)", f"0.3 * float(k % {n})", f"0.5 * float((k + h) // {n})",
+            "-0.03 * float(q - k)", f"0.3 * float(k % {n})", f"0.5 * float((k + h) // {n})",
             f"0.2 * float(q % {n})", "exp(-float(h))", f"0.1 * float(b * {n % 7})"]))
     return " + ".join(terms)
 
