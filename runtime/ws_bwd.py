@@ -473,11 +473,9 @@ def build(call, stage, q, k, v, o, do, options, rows):
     lists = query_lists(call)
     if isinstance(lists, str):
         return None, lists
-    score = None
-    if getattr(call.pattern, "score", None) is not None:
-        score = score_vectors(call, q.device)
-        if isinstance(score, str):
-            return None, score
+    score = score_vectors(call, q.device)
+    if isinstance(score, str):
+        return None, score
     try:
         ws = WsBwd(call, q, k, lists, score)
         B, H, Lq, D = q.shape

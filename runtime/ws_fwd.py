@@ -545,8 +545,8 @@ class ScoreVectors:
     the Gluon kernels read it: ``slopes`` fp32 ``[B, H]`` (the factor of ``k - q``),
     ``cols`` fp32 ``[B', H', Lk']`` (the keys' terms, zeros past ``Lk`` up to a multiple of
     128) and ``rows`` fp32 ``[B', H', Lq]`` (the queries' terms), ``B'``, ``H'`` 1 where the
-    values do not vary with the batch element or the head; ``c`` the factor of ``s``. Zeros where the score has no
-    such terms (a call without a score: ``c`` 1)."""
+    values do not vary with the batch element or the head; ``c`` the factor of ``s``. Zeros
+    where the score has no such terms."""
 
     slopes: torch.Tensor
     cols: torch.Tensor
@@ -561,15 +561,18 @@ class ScoreVectors:
                      for t in (self.cols, self.rows) for i in (0, 1))
 
 
-def score_vectors(call, device) -> ScoreVectors | str:
-    """The :class:`ScoreVectors` of the call's score (evaluated from its IR in float64), or
-    a string saying why the kernels do not take them: a term that is not finite somewhere
-    over the call (a row's ``-inf`` and the like stay with the generated kernels)."""
+def score_vectors(call, device) -> ScoreVectors | str | None:
+    """The :class:`ScoreVectors` of the call's score (evaluated from its IR in float64),
+    None for a call without a score, or a string saying why the kernels do not take them:
+    a term that is not finite somewhere over the call (a row's ``-inf`` and the like stay
+    with the generated kernels)."""
     from ..ir.evaluate import evaluate
     from ..ir.score import TILE_QUERY, additive
     B, H, Lq, Lk = call.B, call.H, call.Lq, call.Lk
     score = getattr(call.pattern, "score", None)
-    form = additive(score) if score is not None else None
+    if score is None:
+        return None
+    form = additive(score)
     lkp = -(-Lk // TILE) * TILE
     dev = call.analysis.device
 
@@ -588,17 +591,16 @@ def score_vectors(call, device) -> ScoreVectors | str:
         # (the batch and head axes the values vary along: a runtime input [B, L] varies
         # with the batch element without the term naming b)
         return torch.broadcast_to(v, (B, H, n))[:v.shape[0], :v.shape[1]]
-    a = values(form and form.slope, 1)
-    c = values(form and form.cols, Lk)
-    r = values(form and form.rows, Lq)
+    a = values(form.slope, 1)
+    c = values(form.cols, Lk)
+    r = values(form.rows, Lq)
     if not all(bool(torch.isfinite(t).all()) for t in (a, c, r)):
         return "a score whose terms are not finite over the call"
     cols = torch.zeros((c.shape[0], c.shape[1], lkp), dtype=torch.float32)
     cols[..., :Lk] = c
     return ScoreVectors(torch.broadcast_to(a[..., 0], (B, H)).to(device, torch.float32)
                         .contiguous(), cols.to(device), r.to(device, torch.float32)
-                        .contiguous(), 1.0 if form is None else form.c,
-                        form is not None and form.cols is not None)
+                        .contiguous(), form.c, form.cols is not None)
 
 
 #: Options that fix the generated forward's configuration (the plan then builds it): its
@@ -843,11 +845,9 @@ def build(call, q, k, v, options, rows):
     lists = key_lists(call)
     if isinstance(lists, str):
         return None, lists
-    score = None
-    if getattr(call.pattern, "score", None) is not None:
-        score = score_vectors(call, q.device)
-        if isinstance(score, str):
-            return None, score
+    score = score_vectors(call, q.device)
+    if isinstance(score, str):
+        return None, score
     try:
         stage = WsFwdStage(call, q, k, v, rows, lists, score)
         args, _, _ = stage.args(q, k, v)
