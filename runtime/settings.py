@@ -56,6 +56,9 @@ plan (``pat.plan(...)``) reads nothing: the plan holds the settings it was built
 ``SPATTN_WS_BWD``           ``auto`` / ``1`` / ``0``: the warp-specialised Gluon dK/dV
                             kernel on Hopper (``auto``: calls with enough work and few
                             PARTIAL tiles; ``runtime.ws_bwd``)
+``SPATTN_WS_DQ``            ``auto`` / ``1`` / ``0``: the warp-specialised Gluon dQ kernel
+                            on Hopper, before the Gluon dK/dV kernel (``auto``: calls
+                            with enough work and few PARTIAL tiles; ``runtime.ws_dq``)
 ``SPATTN_PROGRESS``         ``auto`` / ``1`` / ``0``: show long plan builds and explain()
                             runs (:func:`progress`; not part of :class:`Settings`)
 ``TRITON_INTERPRET``        ``1``: run the Triton kernels on the CPU (Triton's variable)
@@ -89,7 +92,8 @@ VARIABLES = (
     "SPATTN_TMA", "SPATTN_TABLES", "SPATTN_AUTOTUNE", "SPATTN_TUNE_REPS",
     "SPATTN_TUNE_MARGIN", "SPATTN_CACHE_DIR",
     "SPATTN_LAYOUT", "SPATTN_LAYOUT_GATHER", "SPATTN_SCORE_LOAD", "SPATTN_SCORE_INDEX", "SPATTN_FAST_TANH",
-    "SPATTN_SCORE_COMPOSE", "SPATTN_WS_FWD", "SPATTN_WS_BWD", "TRITON_INTERPRET",
+    "SPATTN_SCORE_COMPOSE", "SPATTN_WS_FWD", "SPATTN_WS_BWD", "SPATTN_WS_DQ",
+    "TRITON_INTERPRET",
 )
 
 #: The autotuner's defaults: re-timing rounds of its finalists, and the fraction by which a
@@ -160,6 +164,7 @@ class Settings:
     score_compose: bool | None = None
     ws_fwd: bool | None = None
     ws_bwd: bool | None = None
+    ws_dq: bool | None = None
     bwd_dq: str | None = None
 
     def __hash__(self):
@@ -336,6 +341,7 @@ def parse(raw: tuple) -> Settings:
         score_compose=_flag("SPATTN_SCORE_COMPOSE", env["SPATTN_SCORE_COMPOSE"], auto=True),
         ws_fwd=_flag("SPATTN_WS_FWD", env["SPATTN_WS_FWD"], auto=True),
         ws_bwd=_flag("SPATTN_WS_BWD", env["SPATTN_WS_BWD"], auto=True),
+        ws_dq=_flag("SPATTN_WS_DQ", env["SPATTN_WS_DQ"], auto=True),
         bwd_dq=_choice("SPATTN_BWD_DQ", env["SPATTN_BWD_DQ"], _BWD_DQ),
     )
 

@@ -990,9 +990,12 @@ class BwdStage:
     out_rows: tuple = None     # (rows of dq, rows of dk and dv): the caller's, with row tables
     scale: float = 1.0         # sm_scale (the atomic dQ accumulator's, applied after it)
     ws: object = None          # runtime.ws_bwd.WsBwd: the dK/dV launch instead of dkdv_kernel
+    ws_dq: object = None       # runtime.ws_dq.WsDq: the dQ launch instead of dq_kernel (with ws)
 
     def __repr__(self) -> str:
         c = self.config
+        if self.ws_dq is not None:
+            return f"bwd {self.ws_dq!r}; {self.ws!r}"
         if self.ws is not None:
             return (f"bwd {self.dq_kernel.__name__}: dQ tiles {c.block_m2}x{c.block_n2}, "
                     f"{c.num_warps} warps, {c.num_stages} stages; {self.ws!r}")
@@ -1039,6 +1042,11 @@ def build_bwd(call, q, k, v, o, do, options: dict | None = None,
         stage.ws, why = ws_bwd.build(call, stage, q, k, v, o, do, options, rows)
         if why is not None:
             _tune.log.debug("spattn: the warp-specialised dK/dV kernel does not run this "
+                            "call: %s", why)
+        from . import ws_dq
+        stage.ws_dq, why = ws_dq.build(call, stage, q, k, v, o, do, rows)
+        if why is not None:
+            _tune.log.debug("spattn: the warp-specialised dQ kernel does not run this "
                             "call: %s", why)
     return stage
 
@@ -1216,7 +1224,10 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
         launch_q = None     # (tensors TMA cannot read: both generated kernels, bound anew)
     elif stage.ws is not None:
         # the dQ kernel (which writes the rows' delta and lse2), then the Gluon dK/dV
-        if launch_q is None or not launch_q(*args_q):
+        if stage.ws_dq is not None and o.stride(-1) == 1:
+            stage.ws_dq.run(q, k, v, o, lse.contiguous(), do, grads[0], args_k[4],
+                            args_k[5])
+        elif launch_q is None or not launch_q(*args_q):
             aq = (*args_q, *stage.static_q)
             with launch_guard(q.device.type):
                 cq = stage.dq_kernel[stage.grid_q](*aq, **meta_q)

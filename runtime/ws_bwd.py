@@ -36,8 +36,8 @@ import torch
 
 from . import tune as _tune
 from .settings import launch_guard
-from .ws_fwd import (GLUON, ScoreVectors, device_why_not, score_vectors, score_why_not,
-                     tile_lists, tile_masks, warm)
+from .ws_fwd import (GLUON, ScoreVectors, context_on_thread, device_why_not, score_vectors,
+                     score_why_not, tile_lists, tile_masks, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
     from .ws_fwd import (TensorDescriptor, _flags, fence_async_shared, gl, gluon, mbarrier,
@@ -451,6 +451,7 @@ class WsBwd:
                 self._row_desc(delta), *self.static)
 
     def run(self, q, k, v, do, lse2, delta, dk, dv):
+        context_on_thread(q.device)
         with launch_guard(q.device.type):
             self.kernel[self.grid](*self.args(q, k, v, do, lse2, delta, dk, dv), **self.meta)
 

@@ -48,6 +48,7 @@ share). docs/backends.md, "The warp-specialised forward".
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -632,18 +633,23 @@ class KeyLists:
     n_partial: int = 0
 
 
-def key_lists(call):
+def key_lists(call, setting: bool | None | str = "fwd", max_share: float = None,
+              empty_row: str | None = "a query tile without keys"):
     """The :class:`KeyLists` of the call's non-EMPTY 128 x 128 tiles, or a string saying
     why the kernel does not run them: a query tile without keys, more than
     :data:`MAX_MASKS` PARTIAL tiles, or (``SPATTN_WS_FWD=auto``) fewer than
     :data:`MIN_WORK` tiles in all or a share of PARTIAL ones above
-    :data:`MAX_PARTIAL_SHARE`."""
+    :data:`MAX_PARTIAL_SHARE`. ``setting``, ``max_share`` and ``empty_row`` (None: query
+    tiles without keys are listed, empty): another kernel's rules over the same lists
+    (``runtime.ws_dq``)."""
     from .tables import _demote_ragged, _pool
     ((fine_tile, fine),) = call.analysis.classes([(TILE, TILE)])
     cls = _demote_ragged(_pool(fine, fine_tile, (TILE, TILE), call.Lq, call.Lk), call.Lk,
                          TILE, 3)
-    got = tile_lists(cls, call, call.settings.ws_fwd, MAX_MASKS, MIN_WORK,
-                     MAX_PARTIAL_SHARE, empty_row="a query tile without keys")
+    got = tile_lists(cls, call, call.settings.ws_fwd if setting == "fwd" else setting,
+                     MAX_MASKS, MIN_WORK,
+                     MAX_PARTIAL_SHARE if max_share is None else max_share,
+                     empty_row=empty_row)
     if isinstance(got, str):
         return got
     start, count, at, partial, midx, strides, least, most, n_partial = got
@@ -819,6 +825,7 @@ class WsFwdStage:
             raise SpattnBackendError("the warp-specialised forward writes o in q's dtype and "
                                      "reads no score tables (runtime.ws_fwd)")
         args, o, lse = self.args(q, k, v)
+        context_on_thread(q.device)
         with launch_guard(q.device.type):
             self.kernel[self.grid](*args, **self.meta)
         return o, lse
@@ -855,6 +862,23 @@ def build(call, q, k, v, options, rows):
     except Exception as e:  # noqa: BLE001 -- any failure leaves the generated forward
         return None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     return stage, None
+
+
+_THREAD = threading.local()
+
+
+def context_on_thread(device) -> None:
+    """Make the device's CUDA context current on this thread, once per thread, before a
+    launch that encodes TMA descriptors: Triton encodes them before its launcher makes the
+    context current, and a thread whose first CUDA work is such a launch (autograd's
+    device thread, when the caching allocator needed no new memory) has none ("invalid
+    device context"). A stream query is a runtime call, which binds the context."""
+    done = getattr(_THREAD, "devices", None)
+    if done is None:
+        done = _THREAD.devices = set()
+    if device.index not in done:
+        torch.cuda.current_stream(device).query()
+        done.add(device.index)
 
 
 def warm(kernel, args, grid, meta) -> None:

@@ -20,8 +20,8 @@ Four kinds of case, each drawn from one integer seed (replayed with ``--case KIN
   or fp16, D 64 or 128, no score or an additive one, at least 128 queries and keys),
   through a plan whose forward stage, where it is that kernel, runs a random grid (1 to
   200 programs or one per work item), so that programs take several items of any kind in
-  turn; its backward takes the warp-specialised dK/dV kernel wherever that runs
-  (``SPATTN_WS_BWD=1``).
+  turn; its backward takes the warp-specialised dK/dV and dQ kernels wherever they run
+  (``SPATTN_WS_BWD=1``, ``SPATTN_WS_DQ=1``).
 * ``seq``: eight calls of one pattern in a row, each changing one thing a memo could hold
   on to (fresh tensors, tensors or the runtime input written in place, views at another
   offset, a key more), each against the reference.
@@ -166,7 +166,8 @@ def call_case(seed: int, ws: bool = False) -> str:
     kw = {"layout": "bshd"} if layout == "bshd" else {}
     try:
         if ws:
-            old = _env({"SPATTN_WS_FWD": "1", "SPATTN_WS_BWD": "1"})   # (read by the plan)
+            old = _env({"SPATTN_WS_FWD": "1", "SPATTN_WS_BWD": "1",    # (read by the plan)
+                        "SPATTN_WS_DQ": "1"})
             try:
                 plan = p.plan(q, k, v, q_offset=q_offset, **kw, **ins)
             finally:
