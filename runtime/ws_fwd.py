@@ -872,11 +872,12 @@ def context_on_thread(device) -> None:
     launch that encodes TMA descriptors: Triton encodes them before its launcher makes the
     context current, and a thread whose first CUDA work is such a launch (autograd's
     device thread, when the caching allocator needed no new memory) has none ("invalid
-    device context"). A stream query is a runtime call, which binds the context."""
+    device context"). A stream query is a runtime call, which binds the context; it is not
+    made while a CUDA graph is captured (a capture is begun where a context is current)."""
     done = getattr(_THREAD, "devices", None)
     if done is None:
         done = _THREAD.devices = set()
-    if device.index not in done:
+    if device.index not in done and not torch.cuda.is_current_stream_capturing():
         torch.cuda.current_stream(device).query()
         done.add(device.index)
 
