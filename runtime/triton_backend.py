@@ -1044,7 +1044,7 @@ def build_bwd(call, q, k, v, o, do, options: dict | None = None,
             _tune.log.debug("spattn: the warp-specialised dK/dV kernel does not run this "
                             "call: %s", why)
         from . import ws_dq
-        stage.ws_dq, why = ws_dq.build(call, stage, q, k, v, o, do, rows)
+        stage.ws_dq, why = ws_dq.build(call, stage, q, k, v, o, do)
         if why is not None:
             _tune.log.debug("spattn: the warp-specialised dQ kernel does not run this "
                             "call: %s", why)

@@ -279,12 +279,13 @@ if GLUON:
 
 # ---------------------------------------------------------------- host side
 
-def why_not(call, stage, q, k, v, o, do, rows) -> str | None:
+def why_not(call, stage, q, o) -> str | None:
     """Why the warp-specialised dQ kernel does not run this backward (``stage``: the
     generated :class:`~spattn.runtime.triton_backend.BwdStage`, with the warp-specialised
     dK/dV launch that must follow it), or None where it can, subject to its tiles
-    (:func:`build`): the dK/dV kernel's rules hold already (it runs), plus its own setting
-    and a forward output TMA-free rows can be read from (any strides, D contiguous)."""
+    (:func:`build`): the dK/dV kernel's rules hold already (it runs), plus the device's
+    rules under its own setting and a forward output ``o`` whose rows are contiguous (it
+    is read through pointers, any other strides)."""
     if stage.ws is None:
         return "the warp-specialised dK/dV kernel does not run this backward"
     why = device_why_not(call, q, call.settings.ws_dq, "SPATTN_WS_DQ")
@@ -337,12 +338,12 @@ class WsDq(WsFwdStage):
                 + (", an additive score" if self.score is not None else ""))
 
 
-def build(call, stage, q, k, v, o, do, rows):
+def build(call, stage, q, k, v, o, do):
     """The warp-specialised dQ launch for ``stage`` (whose ``ws``, the dK/dV launch, is
     set), compiled, or ``(None, why)`` where it does not run the call (:func:`why_not`, the
     forward's key lists under ``SPATTN_WS_DQ``'s thresholds) or Triton fails to build it
     (the stage then keeps its generated dQ kernel)."""
-    why = why_not(call, stage, q, k, v, o, do, rows)
+    why = why_not(call, stage, q, o)
     if why is not None:
         return None, why
     lists = key_lists(call, call.settings.ws_dq, MAX_PARTIAL_SHARE, empty_row=None)

@@ -38,14 +38,18 @@ def test_rules(monkeypatch):
     pat, call = _call("causal", 1, 2, 1024)
     q = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16)
     stage = SimpleNamespace(ws=None)
-    assert "dK/dV kernel does not run" in ws_dq.why_not(call, stage, q, q, q, q, q, None)
+    assert "dK/dV kernel does not run" in ws_dq.why_not(call, stage, q, q)
     stage.ws = object()
     monkeypatch.setenv("SPATTN_WS_DQ", "0")
     call = _call("causal", 1, 2, 1024)[1]
-    assert ws_dq.why_not(call, stage, q, q, q, q, q, None) == "SPATTN_WS_DQ=0"
+    assert ws_dq.why_not(call, stage, q, q) == "SPATTN_WS_DQ=0"
     monkeypatch.setenv("SPATTN_WS_DQ", "1")
     call = _call("causal", 1, 2, 1024)[1]
-    assert ws_dq.why_not(call, stage, q, q, q, q, q, None) == "not on a CUDA device"
+    assert ws_dq.why_not(call, stage, q, q) == "not on a CUDA device"
+    monkeypatch.setattr(ws_dq, "device_why_not", lambda *a: None)   # (past the device)
+    assert ws_dq.why_not(call, stage, q, q) is None
+    o = torch.empty(1, 2, 128, 1024, dtype=torch.bfloat16).transpose(-1, -2)
+    assert "rows are not contiguous" in ws_dq.why_not(call, stage, q, o)
 
 
 @pytest.mark.parametrize("src,H,L,why", [
