@@ -40,8 +40,9 @@ from .ws_fwd import (GLUON, ScoreVectors, context_on_thread, device_why_not, sco
                      score_why_not, tile_lists, tile_masks, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
-    from .ws_fwd import (TensorDescriptor, _flags, fence_async_shared, gl, gluon, mbarrier,
-                         tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait)
+    from .ws_fwd import (TensorDescriptor, _flags, _ring, fence_async_shared, gl,
+                         gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
+                         warpgroup_mma_wait)
 
 #: Query rows a step (one ring slot) and keys a program (two warp groups of 64).
 BLOCK_M = 64
@@ -259,20 +260,12 @@ if GLUON:
         keys' terms ``SC`` (strides ``sc_b``, ``sc_h``) as the warp-specialised forward's,
         ``q_offset`` the first query's position, its rows' terms taken out of the lse
         (:meth:`WsBwd.rows`), ``sm_scale_log2`` and ``sm_scale`` times its factor of s."""
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape,
-                                           q_desc.layout)
-        do_smem = gl.allocate_shared_memory(do_desc.dtype,
-                                            [STAGES] + do_desc.block_type.shape,
-                                            do_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape,
-                                           k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape,
-                                           v_desc.layout)
-        l_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape,
-                                           lse_desc.layout)
-        d_smem = gl.allocate_shared_memory(gl.float32,
-                                           [STAGES] + delta_desc.block_type.shape,
-                                           delta_desc.layout)
+        q_smem = _ring(q_desc, STAGES)
+        do_smem = _ring(do_desc, STAGES)
+        k_smem = _ring(k_desc, 2)           # the program's keys, two halves of 64
+        v_smem = _ring(v_desc, 2)
+        l_smem = _ring(lse_desc, STAGES)
+        d_smem = _ring(delta_desc, STAGES)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

@@ -35,7 +35,7 @@ from .ws_fwd import (GLUON, TILE, KeyLists, ScoreVectors, WsFwdStage, context_on
                      device_why_not, key_lists, score_vectors, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
-    from .ws_fwd import (_at, _flags, _masked, _score_rows, _tile, _work,
+    from .ws_fwd import (_at, _flags, _load_keys, _masked, _ring, _score_rows, _tile, _work,
                          fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
                          warpgroup_mma_init, warpgroup_mma_wait)
 
@@ -56,7 +56,6 @@ if GLUON:
         item's key tiles' K and V into the ring of slots, each slot's K refilled once both
         consumers used it for dQ, its V once both used it for dP."""
         b_q, q_empty, k_ready, k_empty, v_ready, v_empty = bars
-        STAGES: gl.constexpr = k_smem.type.shape[0]
         QT1, QT2, KT1, KT2, N_WORK = geom[6], geom[7], geom[8], geom[9], geom[13]
         it = 0
         n = 0
@@ -71,22 +70,8 @@ if GLUON:
                                                 q_smem.index(i_h))
                 tma.async_copy_global_to_shared(do_desc, o_q, b_q.index(i_h),
                                                 do_smem.index(i_h))
-            o_list = gl.load(START + i_l)
-            n_n = gl.load(COUNT + i_l)
-            for j in range(n_n):
-                i_s = it % STAGES
-                phase = (it // STAGES) & 1
-                i_c = gl.load(COLS + o_list + j)
-                o_k = _at(i_c, k_p[0], k_p[1], KT1, KT2, q_smem, k_smem, 2)
-                mbarrier.wait(k_empty.index(i_s), phase ^ 1)
-                mbarrier.expect(k_ready.index(i_s), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, o_k, k_ready.index(i_s),
-                                                k_smem.index(i_s))
-                mbarrier.wait(v_empty.index(i_s), phase ^ 1)
-                mbarrier.expect(v_ready.index(i_s), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, o_k, v_ready.index(i_s),
-                                                v_smem.index(i_s))
-                it += 1
+            it = _load_keys(k_desc, v_desc, q_smem, k_smem, v_smem, k_ready, k_empty,
+                            v_ready, v_empty, START, COUNT, COLS, i_l, k_p, KT1, KT2, it)
             n += 1
 
     @gluon.jit
@@ -184,12 +169,10 @@ if GLUON:
                     # (the slope times k - r from the tile's columns, not a vector kept
                     # across the loop: registers are short here, unlike the forward's)
                     o_kr = o_k0 - o_r0 + gl.arange(0, 128, layout=col_s)
-                if SCORED == 1:
-                    b_p = gl.exp2(b_s * score[8] + gl.expand_dims(b_a * o_kr.to(gl.float32), 0)
-                                  - gl.expand_dims(b_lse, 1))
-                elif SCORED == 2:
-                    b_p = gl.exp2(b_s * score[8]
-                                  + gl.expand_dims(b_a * o_kr.to(gl.float32) + b_ck, 0)
+                    b_c = b_a * o_kr.to(gl.float32)
+                    if SCORED == 2:
+                        b_c = b_c + b_ck
+                    b_p = gl.exp2(b_s * score[8] + gl.expand_dims(b_c, 0)
                                   - gl.expand_dims(b_lse, 1))
                 else:
                     b_p = gl.exp2(b_s * geom[14] - gl.expand_dims(b_lse, 1))
@@ -244,14 +227,10 @@ if GLUON:
         the last 1) for delta; LSE the forward's (natural log), LSE2 and DELTA ``[B, H,
         QN]`` fp32 written (the lse in log2 units, +inf for a row without keys; delta =
         rowsum(dO O)); ``dq_scale`` the softmax scale times the score's factor of s."""
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
-                                           q_desc.layout)
-        do_smem = gl.allocate_shared_memory(do_desc.dtype, [2] + do_desc.block_type.shape,
-                                            do_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape,
-                                           k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape,
-                                           v_desc.layout)
+        q_smem = _ring(q_desc, 2)           # one buffer of two halves
+        do_smem = _ring(do_desc, 2)
+        k_smem = _ring(k_desc, STAGES)
+        v_smem = _ring(v_desc, STAGES)
         b_q = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

@@ -136,7 +136,6 @@ if GLUON:
         refilled once both consumers released it. The ring and the Q buffers run on from
         one item to the next, so the next item's loads overlap this one's last tiles."""
         b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
-        STAGES: gl.constexpr = k_smem.type.shape[0]
         QT1, QT2, KT1, KT2, N_WORK = geom[6], geom[7], geom[8], geom[9], geom[13]
         it = 0
         n = 0
@@ -149,23 +148,34 @@ if GLUON:
                 tma.async_copy_global_to_shared(
                     q_desc, _at(i_t, q_p[0], q_p[1], QT1, QT2, q_smem, k_smem, i_h),
                     b_q.index(i_q), q_smem.index(i_q))
-            o_list = gl.load(START + i_l)
-            n_n = gl.load(COUNT + i_l)
-            for j in range(n_n):
-                i_s = it % STAGES
-                phase = (it // STAGES) & 1
-                i_c = gl.load(COLS + o_list + j)
-                o_k = _at(i_c, k_p[0], k_p[1], KT1, KT2, q_smem, k_smem, 2)
-                mbarrier.wait(k_empty.index(i_s), phase ^ 1)
-                mbarrier.expect(k_ready.index(i_s), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, o_k, k_ready.index(i_s),
-                                                k_smem.index(i_s))
-                mbarrier.wait(v_empty.index(i_s), phase ^ 1)
-                mbarrier.expect(v_ready.index(i_s), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, o_k, v_ready.index(i_s),
-                                                v_smem.index(i_s))
-                it += 1
+            it = _load_keys(k_desc, v_desc, q_smem, k_smem, v_smem, k_ready, k_empty,
+                            v_ready, v_empty, START, COUNT, COLS, i_l, k_p, KT1, KT2, it)
             n += 1
+
+    @gluon.jit
+    def _load_keys(k_desc, v_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
+                   v_empty, START, COUNT, COLS, i_l, k_p, KT1, KT2, it):
+        """A loader's key tiles of list entry ``i_l``: each tile's K, then its V, into the
+        ring's next slot (from ``it``, the ring's count so far, returned advanced), each
+        slot's K and V refilled once both consumers released them."""
+        STAGES: gl.constexpr = k_smem.type.shape[0]
+        o_list = gl.load(START + i_l)
+        n_n = gl.load(COUNT + i_l)
+        for j in range(n_n):
+            i_s = it % STAGES
+            phase = (it // STAGES) & 1
+            i_c = gl.load(COLS + o_list + j)
+            o_k = _at(i_c, k_p[0], k_p[1], KT1, KT2, q_smem, k_smem, 2)
+            mbarrier.wait(k_empty.index(i_s), phase ^ 1)
+            mbarrier.expect(k_ready.index(i_s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, o_k, k_ready.index(i_s),
+                                            k_smem.index(i_s))
+            mbarrier.wait(v_empty.index(i_s), phase ^ 1)
+            mbarrier.expect(v_ready.index(i_s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, o_k, v_ready.index(i_s),
+                                            v_smem.index(i_s))
+            it += 1
+        return it
 
     @gluon.jit
     def _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED: gl.constexpr):
@@ -408,6 +418,11 @@ if GLUON:
                                          gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
 
     @gluon.jit
+    def _ring(desc, n: gl.constexpr):
+        """``n`` shared-memory slots of ``desc``'s block."""
+        return gl.allocate_shared_memory(desc.dtype, [n] + desc.block_type.shape, desc.layout)
+
+    @gluon.jit
     def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, START, COUNT, COLS, MIDX, MASKS,
                     H, G, n_m, LB, LH, FOLD, QT1, QT2, KT1, KT2, QA1, QA2, QN, N_WORK,
                     sm_scale_log2, SA, SC, SR, sc_b, sc_h, sr_b, sr_h, q_offset, s_mult,
@@ -430,12 +445,9 @@ if GLUON:
         ``q_offset``: the first query's position. The partitions read
         their tile shapes from the shared buffers' types (Triton 3.6 passes a partition's
         arguments as values, not constexprs)."""
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape,
-                                           q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape,
-                                           k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape,
-                                           v_desc.layout)
+        q_smem = _ring(q_desc, 4)           # two buffers of two halves
+        k_smem = _ring(k_desc, STAGES)
+        v_smem = _ring(v_desc, STAGES)
         b_q = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

@@ -34,42 +34,58 @@ CASES = [  # label, B, H, HK, N, D, dtype, BoxRows or None
 ]
 
 
+def diagonal_lists(N: int, label: str) -> ws_fwd.KeyLists:
+    """Every 128 x 128 tile of an ``N`` x ``N`` call listed; with "masked" or "runs" in the
+    label the diagonal tiles PARTIAL (by masks, or by each row's run of keys)."""
+    n_t = -(-N // ws_fwd.TILE)
+    count = torch.full((n_t,), n_t, dtype=torch.int32)
+    midx = torch.full((n_t * n_t,), -1, dtype=torch.int32)
+    masks = torch.zeros(n_t, 128, 128, dtype=torch.uint8)
+    if "masked" in label or "runs" in label:
+        midx[::n_t + 1] = torch.arange(n_t, dtype=torch.int32)
+    if "runs" in label:
+        masks = ws_fwd.tile_runs(masks)
+    return ws_fwd.KeyLists(torch.arange(n_t, dtype=torch.int32) * n_t, count,
+                           torch.arange(n_t, dtype=torch.int32).repeat(n_t), midx, masks,
+                           (0, 0), n_t, n_partial=int((midx >= 0).sum()))
+
+
+def call_and_score(label: str, B: int, H: int, N: int, D: int):
+    """The call's stand-in (lengths, scale, offset) and, with "scored" in the label, an
+    additive score's vectors (terms of the key unless the label has "runs")."""
+    call = SimpleNamespace(Lq=N, Lk=N, scale=D ** -0.5, positions=SimpleNamespace(q_offset=0))
+    score = "scored" in label and ws_fwd.ScoreVectors(
+        torch.zeros(B, H), torch.zeros(1, H, -(-N // 128) * 128), torch.zeros(1, H, N), 1.0,
+        keys="runs" not in label)
+    return call, score or None
+
+
+def facts(ptx: str, meta: dict, dims: int = 5) -> dict:
+    """What the tests check in a kernel's PTX: its flags, the ``setmaxnreg`` counts, the
+    ``wgmma.wait_group`` arguments, the ``dims``-D TMA loads and stores."""
+    return dict(
+        masked=meta.get("MASKED"), scored=meta["SCORED"],
+        setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))),
+        waits=sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))),
+        **{f"loads{dims}d": len(re.findall(
+            rf"cp\.async\.bulk\.tensor\.{dims}d\.shared::cluster\.global", ptx)),
+           f"stores{dims}d": len(re.findall(
+               rf"cp\.async\.bulk\.tensor\.{dims}d\.global\.shared", ptx))})
+
+
 def main() -> None:
     for label, B, H, HK, N, D, dtype, rows in CASES:
         q = torch.empty(B, H, N, D, dtype=dtype)
         k, v = (torch.empty(B, HK, N, D, dtype=dtype) for _ in range(2))
-        n_t = -(-N // ws_fwd.TILE)
-        count = torch.full((n_t,), n_t, dtype=torch.int32)
-        midx = torch.full((n_t * n_t,), -1, dtype=torch.int32)
-        masks = torch.zeros(n_t, 128, 128, dtype=torch.uint8)
-        if "masked" in label or "runs" in label:       # the diagonal tiles PARTIAL
-            midx[::n_t + 1] = torch.arange(n_t, dtype=torch.int32)
-        if "runs" in label:                             # (each row's run of keys)
-            masks = ws_fwd.tile_runs(masks)
-        lists = ws_fwd.KeyLists(torch.arange(n_t, dtype=torch.int32) * n_t, count,
-                                torch.arange(n_t, dtype=torch.int32).repeat(n_t), midx,
-                                masks, (0, 0), n_t, n_partial=int((midx >= 0).sum()))
-        call = SimpleNamespace(Lq=N, Lk=N, scale=D ** -0.5,
-                               positions=SimpleNamespace(q_offset=0))
-        score = "scored" in label and ws_fwd.ScoreVectors(
-            torch.zeros(B, H), torch.zeros(1, H, n_t * 128), torch.zeros(1, H, N), 1.0,
-            keys="runs" not in label)
+        call, score = call_and_score(label, B, H, N, D)
         try:
-            stage = ws_fwd.WsFwdStage(call, q, k, v, rows, lists, score or None)
+            stage = ws_fwd.WsFwdStage(call, q, k, v, rows, diagonal_lists(N, label), score)
             args, _, _ = stage.args(q, k, v)
             ptx = compile_sm90(stage.kernel, args, stage.meta).asm["ptx"]
         except Exception as e:  # noqa: BLE001 -- reported
             print(f"{label} FAILED {type(e).__name__}: {' '.join(str(e).split())[-400:]}")
             continue
-        facts = dict(
-            masked=stage.meta["MASKED"],
-            scored=stage.meta["SCORED"],
-            setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
-                                             ptx))),
-            waits=sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))),
-            loads5d=len(re.findall(r"cp\.async\.bulk\.tensor\.5d\.shared::cluster\.global", ptx)),
-            stores5d=len(re.findall(r"cp\.async\.bulk\.tensor\.5d\.global\.shared", ptx)))
-        print(f"{label} OK {facts}")
+        print(f"{label} OK {facts(ptx, stage.meta)}")
 
 
 if __name__ == "__main__":
