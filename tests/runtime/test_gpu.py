@@ -217,6 +217,30 @@ def test_tma_and_pointers_bf16(monkeypatch, name, src, mk, tma):
             f"{float((a - b).abs().max()):.3e} (scale {float(b.abs().max()):.3e})"
 
 
+def graph_of(step):
+    """``step`` run twice on a side stream (its warm-up), then captured in a CUDA graph:
+    ``(graph, the step's static outputs)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    return graph, static
+
+
+def assert_replay_is_eager(graph, static, step):
+    """A replay of ``graph`` (on whatever values its inputs hold now) equals the eager
+    ``step`` bit for bit."""
+    graph.replay()
+    eager = step()
+    for a, b in zip(static, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("src,mk", [("causal & window(256)", None),
                                     ("causal & same(doc)", lambda N, g: {"doc": torch.sort(
                                         torch.randint(0, 5, (N,), generator=g,
@@ -241,24 +265,13 @@ def test_cuda_graph_training_step_with_a_plan(src, mk, explicit):
         o = pat(q, k, v, plan=plan) if explicit else pat(q, k, v, **inputs)
         return (o, *torch.autograd.grad((o.float() * w).sum(), (q, k, v)))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = graph_of(step)
     for seed in (1, 2):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         with torch.no_grad():
             for t in (q, k, v):
                 t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
-        graph.replay()
-        eager = step()
-        for a, b in zip(static, eager):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_replay_is_eager(graph, static, step)
 
 
 def test_cuda_graph_of_a_score_with_a_table_divisor():
@@ -278,24 +291,13 @@ def test_cuda_graph_of_a_score_with_a_table_divisor():
         o = pat(q, k, v, plan=plan, cap=cap)
         return (o, *torch.autograd.grad((o.float() * w).sum(), (q, k, v)))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = graph_of(step)
     gen = torch.Generator(device="cuda").manual_seed(1)
     with torch.no_grad():
         for t in (q, k, v):
             t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
         cap.copy_(torch.tensor([10.0, 40.0]))
-    graph.replay()
-    eager = step()
-    for a, b in zip(static, eager):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_replay_is_eager(graph, static, step)
 
 
 @pytest.mark.parametrize("dq", ["kernel", "atomic"])

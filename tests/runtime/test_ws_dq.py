@@ -17,6 +17,7 @@ import spattn
 from spattn.runtime import settings as S
 from spattn.runtime import ws_dq, ws_fwd
 from tests.helpers.uninterpreted import run_script
+from tests.runtime.test_gpu import assert_replay_is_eager, graph_of
 from tests.runtime.test_ws_bwd import GPU_CASES, GPU_IDS
 from tests.runtime.test_ws_fwd import _call, _check, _rand, hopper
 from tests.runtime.test_ws_scores import GPU_CASES as SCORED_CASES
@@ -239,22 +240,11 @@ def test_cuda_graph_training_step_gpu(monkeypatch):
         o = pat(q, k, v, plan=plan)
         return (o, *torch.autograd.grad((o.float() * w).sum(), (q, k, v)))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph, static = graph_of(step)
     assert plan.forward_stage.gluon and _dq_stages(plan), plan
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
     for seed in (1, 2):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         with torch.no_grad():
             for t in (q, k, v):
                 t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
-        graph.replay()
-        eager = step()
-        for a, b in zip(static, eager):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_replay_is_eager(graph, static, step)
