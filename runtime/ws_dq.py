@@ -32,7 +32,7 @@ import torch
 
 from .settings import launch_guard
 from .ws_fwd import (GLUON, TILE, KeyLists, ScoreVectors, WsFwdStage, context_on_thread,
-                     device_why_not, key_lists, score_vectors, warm)
+                     device_why_not, key_lists, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
     from .ws_fwd import (_at, _flags, _load_keys, _masked, _ring, _score_rows, _tile, _work,
@@ -328,11 +328,8 @@ def build(call, stage, q, k, v, o, do):
     lists = key_lists(call, call.settings.ws_dq, MAX_PARTIAL_SHARE, empty_row=None)
     if isinstance(lists, str):
         return None, lists
-    score = score_vectors(call, q.device)
-    if isinstance(score, str):
-        return None, score
     try:
-        ws = WsDq(call, q, k, v, lists, score)
+        ws = WsDq(call, q, k, v, lists, stage.ws.score)     # (the dK/dV launch's vectors)
         B, H, Lq, _ = q.shape
         lse = torch.zeros((B, H, Lq), dtype=torch.float32, device=q.device)
         warm(ws.kernel, ws.args(q, k, v, o, lse, do, torch.empty_like(q), lse, lse),
