@@ -4,8 +4,9 @@ On the CPU: its rules (after the dK/dV kernel's, its own setting), the work item
 (the longest key-tile lists first), the forward's lists under its thresholds, and the
 kernel compiled for sm_90a in each form (masks, rows' runs, additive scores, D = 64 and
 128, GQA). On an sm_90 GPU (marker ``gpu``): dQ, dK and dV against the float64 reference
-on fresh random inputs, with and without an additive score, and the calls it leaves to
-the generated dQ kernel.
+on fresh random inputs, with and without an additive score; a launch that is its thread's
+first CUDA work; a training step captured in a CUDA graph; and the calls it leaves to the
+generated dQ kernel.
 """
 import ast
 from types import SimpleNamespace
