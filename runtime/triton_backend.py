@@ -1135,15 +1135,23 @@ def _score_heads(stage, args_q, args_k, tables, grads, partials=None):
     return (*args_q, *sc, *_grad_args(stage.pattern, tables, grads, partials)), (*args_k, *sc)
 
 
+def _bwd_outputs(stage: BwdStage, q, k, v) -> tuple:
+    """``(delta, lse2, dk, dv)``: the rows' statistics the dQ kernel writes for the dK/dV
+    kernel (delta = rowsum(dO * O), the lse in log2 units; fp32 ``[B, H, Lq]``, per slot)
+    and the key side's gradients ``[B, HK, Nk, D]``."""
+    B, H, HK, Lq, Lk, D = stage.shapes
+    Nk = stage.out_rows[1] if stage.out_rows else Lk
+    delta, lse2 = torch.empty((2, B, H, Lq), dtype=torch.float32, device=q.device).unbind(0)
+    dk = torch.empty((B, HK, Nk, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, HK, Nk, D), dtype=v.dtype, device=q.device)
+    return delta, lse2, dk, dv
+
+
 def _bwd_tensors(stage: BwdStage, q, k, v, o, lse, do, dlse=None):
     B, H, HK, Lq, Lk, D = stage.shapes
-    Nq, Nk = stage.out_rows or (Lq, Lk)
+    Nq = stage.out_rows[0] if stage.out_rows else Lq
     dev = q.device
-    # written by the dQ kernel for the dK/dV kernel: delta = rowsum(dO * O), lse in log2
-    # units (per slot)
-    delta, lse2 = torch.empty((2, B, H, Lq), dtype=torch.float32, device=dev).unbind(0)
-    dk = torch.empty((B, HK, Nk, D), dtype=k.dtype, device=dev)
-    dv = torch.empty((B, HK, Nk, D), dtype=v.dtype, device=dev)
+    delta, lse2, dk, dv = _bwd_outputs(stage, q, k, v)
     cfg = stage.config
     # the lse output's gradient, read beside the lse (an lse_grad stage only), contiguous
     # and 16-byte aligned as the lse is (bound launches are specialised on alignment)
@@ -1215,6 +1223,14 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
             "the stage with dq='kernel' (plans do so while deterministic algorithms are on)")
     if stage.upcast:
         q, k, v, o, do = q.float(), k.float(), v.float(), o.float(), do.float()
+    if stage.ws_dq is not None and o.stride(-1) == 1 and tma_ok(q, k, v, do):
+        # the Gluon dQ kernel (which writes the rows' delta and lse2), then the Gluon
+        # dK/dV: no generated launch, so none of its arguments or descriptors
+        delta, lse2, dk, dv = _bwd_outputs(stage, q, k, v)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        stage.ws_dq.run(q, k, v, o, lse.contiguous(), do, dq, lse2, delta)
+        stage.ws.run(q, k, v, do, lse2, delta, dk, dv)
+        return dq, dk, dv
     args_q, args_k, grads = _bwd_tensors(stage, q, k, v, o, lse.contiguous(), do, dlse)
     n_q = len(args_q)
     args_q, args_k = _score_heads(stage, args_q, args_k, tables, table_grads, partials)
@@ -1224,10 +1240,7 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
         launch_q = None     # (tensors TMA cannot read: both generated kernels, bound anew)
     elif stage.ws is not None:
         # the dQ kernel (which writes the rows' delta and lse2), then the Gluon dK/dV
-        if stage.ws_dq is not None and o.stride(-1) == 1:
-            stage.ws_dq.run(q, k, v, o, lse.contiguous(), do, grads[0], args_k[4],
-                            args_k[5])
-        elif launch_q is None or not launch_q(*args_q):
+        if launch_q is None or not launch_q(*args_q):
             aq = (*args_q, *stage.static_q)
             with launch_guard(q.device.type):
                 cq = stage.dq_kernel[stage.grid_q](*aq, **meta_q)

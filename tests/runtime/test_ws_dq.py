@@ -104,6 +104,37 @@ def test_items_longest_first(B, H, LB, LH):
     assert ws.order.tolist() == want
 
 
+def test_backward_of_the_two_gluon_launches(monkeypatch):
+    """A backward stage with both Gluon launches runs the dQ launch, then the dK/dV launch
+    on the delta and lse2 buffers the first wrote, and returns what they wrote, without
+    the generated kernels' arguments (stand-in launches on CPU tensors)."""
+    from spattn.runtime import triton_backend as tb
+    B, H, HK, L, D = 1, 4, 2, 256, 64
+    q, o, do = (torch.randn(B, H, L, D) for _ in range(3))
+    k, v = (torch.randn(B, HK, L, D) for _ in range(2))
+    lse = torch.randn(B, H, L)
+    seen = {}
+
+    def dq_run(q_, k_, v_, o_, lse_, do_, dq, lse2, delta):
+        assert o_ is o and torch.equal(lse_, lse) and do_ is do
+        dq.fill_(1.0), lse2.fill_(2.0), delta.fill_(3.0)
+        seen["rows"] = (lse2, delta)
+
+    def dkdv_run(q_, k_, v_, do_, lse2, delta, dk, dv):
+        assert lse2 is seen["rows"][0] and delta is seen["rows"][1]
+        dk.fill_(4.0), dv.fill_(5.0)
+
+    def unused(*a, **kw):
+        raise AssertionError("the generated kernels' arguments were built")
+    monkeypatch.setattr(tb, "_bwd_tensors", unused)
+    stage = SimpleNamespace(config=SimpleNamespace(dq="kernel"), upcast=False,
+                            shapes=(B, H, HK, L, L, D), out_rows=(L, L),
+                            ws_dq=SimpleNamespace(run=dq_run), ws=SimpleNamespace(run=dkdv_run))
+    dq, dk, dv = tb.run_bwd(stage, q, k, v, o, lse, do)
+    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+    assert bool((dq == 1).all() and (dk == 4).all() and (dv == 5).all())
+
+
 def test_kernel_compiles_for_sm90():
     """Every configuration of tests/helpers/compile_ws_dq.py builds for sm_90a: consumers
     at 240 registers and the loader at 24, Q, dO, K and V read and dQ stored through 5-D
