@@ -73,19 +73,28 @@ def facts(ptx: str, meta: dict, dims: int = 5) -> dict:
                rf"cp\.async\.bulk\.tensor\.{dims}d\.global\.shared", ptx))})
 
 
+def report(label: str, build) -> None:
+    """``LABEL OK {facts}`` of the kernel ``build()`` gives as ``(kernel, args, meta)``,
+    compiled for sm_90a, or ``LABEL FAILED error``."""
+    try:
+        kernel, args, meta = build()
+        ptx = compile_sm90(kernel, args, meta).asm["ptx"]
+    except Exception as e:  # noqa: BLE001 -- reported
+        print(f"{label} FAILED {type(e).__name__}: {' '.join(str(e).split())[-400:]}")
+        return
+    print(f"{label} OK {facts(ptx, meta)}")
+
+
 def main() -> None:
     for label, B, H, HK, N, D, dtype, rows in CASES:
         q = torch.empty(B, H, N, D, dtype=dtype)
         k, v = (torch.empty(B, HK, N, D, dtype=dtype) for _ in range(2))
         call, score = call_and_score(label, B, H, N, D)
-        try:
+
+        def build():
             stage = ws_fwd.WsFwdStage(call, q, k, v, rows, diagonal_lists(N, label), score)
-            args, _, _ = stage.args(q, k, v)
-            ptx = compile_sm90(stage.kernel, args, stage.meta).asm["ptx"]
-        except Exception as e:  # noqa: BLE001 -- reported
-            print(f"{label} FAILED {type(e).__name__}: {' '.join(str(e).split())[-400:]}")
-            continue
-        print(f"{label} OK {facts(ptx, stage.meta)}")
+            return stage.kernel, stage.args(q, k, v)[0], stage.meta
+        report(label, build)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.gluon_fwd import compile_sm90  # noqa: E402
 from spattn.runtime import ws_dq  # noqa: E402
-from tests.helpers.compile_ws import call_and_score, diagonal_lists, facts  # noqa: E402
+from tests.helpers.compile_ws import call_and_score, diagonal_lists, report  # noqa: E402
 
 CASES = [  # label, B, H, HK, N, D, dtype
     ("B1-H2-L512-D128-bf16", 1, 2, 2, 512, 128, torch.bfloat16),
@@ -31,15 +30,13 @@ def main() -> None:
         q, o, do = (torch.empty(B, H, N, D, dtype=dtype) for _ in range(3))
         k, v = (torch.empty(B, HK, N, D, dtype=dtype) for _ in range(2))
         call, score = call_and_score(label, B, H, N, D)
-        try:
+
+        def build():
             ws = ws_dq.WsDq(call, q, k, v, diagonal_lists(N, label), score)
             rows = torch.empty(B, H, N)
-            args = ws.args(q, k, v, o, rows, do, torch.empty_like(q), rows, rows)
-            ptx = compile_sm90(ws.kernel, args, ws.meta).asm["ptx"]
-        except Exception as e:  # noqa: BLE001 -- reported
-            print(f"{label} FAILED {type(e).__name__}: {' '.join(str(e).split())[-400:]}")
-            continue
-        print(f"{label} OK {facts(ptx, ws.meta)}")
+            return ws.kernel, ws.args(q, k, v, o, rows, do, torch.empty_like(q), rows,
+                                      rows), ws.meta
+        report(label, build)
 
 
 if __name__ == "__main__":
