@@ -33,8 +33,8 @@ from .nodes import (FAdd, FCall, FConst, FDiv, FMul, FSelect, FTable, Node, Scor
                     ToFloat, float_loads, free_vars, walk)
 from .visitor import Visitor, rule
 
-__all__ = ["LOG2E", "TILE_QUERY", "Additive", "FloatRebuild", "ScoreGrads", "additive",
-           "derivative", "emitted_form",
+__all__ = ["LOG2E", "TILE_QUERY", "Additive", "Capped", "FloatRebuild", "ScoreGrads",
+           "additive", "capped", "derivative", "emitted_form",
            "grads", "outer_factor", "reciprocal", "row_terms", "score_values", "score_env",
            "split_tile_query"]
 
@@ -621,3 +621,39 @@ def additive(score: Node) -> Additive | None:
     return Additive(c, build.fadd(*slopes) if slopes else None,
                     build.fadd(*cols) if cols else None,
                     build.fadd(*rows) if rows else None)
+
+
+@dataclass(frozen=True)
+class Capped:
+    """A score that is ``cap * tanh(f * s)`` and nothing else (:func:`capped`): logit
+    softcapping (Gemma 2's ``softcap(50)``, Grok's ``softcap(30)``), ``cap`` in log2 units
+    (the natural cap times ``log2(e)``). The warp-specialised forward applies it as ``tanh``
+    of the pair's q·k times ``f`` and the call's scale, its softmax scale ``cap`` (the
+    softmax's one multiply-add per pair, as :func:`outer_factor` folds it)."""
+
+    cap: float
+    f: float
+
+
+@lru_cache(maxsize=256)
+def capped(score: Node) -> Capped | None:
+    """The score as :class:`Capped`, or None where it is not ``c * tanh(f * s)`` with
+    constants ``c > 0`` and ``f`` finite (any other term, a position, a param list or a
+    runtime table makes it None)."""
+    if float_loads(score):
+        return None
+    form = emitted_form(score, True)
+    rest, cap = outer_factor(form)
+    if cap is None and isinstance(form, FCall):
+        rest, cap = form, 1.0           # (a cap of exactly 1 in log2 units)
+    if cap is None or not (isinstance(rest, FCall) and rest.fn == "tanh"):
+        return None
+    (x,) = rest.args
+    if isinstance(x, Score):
+        return Capped(cap, 1.0)
+    if isinstance(x, FMul) and len(x.args) == 2:
+        a, b = x.args
+        f = b if isinstance(a, Score) else a if isinstance(b, Score) else None
+        if isinstance(f, FConst) and math.isfinite(f.value):
+            return Capped(cap, float(f.value))
+    return None

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dsl.errors import SpattnBackendError
+from ..ir.score import Capped
 from . import tune as _tune
 from .settings import launch_guard
 
@@ -227,6 +228,13 @@ if GLUON:
         return b_c
 
     @gluon.jit
+    def _tanh(x):
+        """tanh of fp32 ``x`` as one ``tanh.approx.f32`` (maximum relative error about
+        2**-10.7, as the generated kernels' ``fast_tanh``: for 16-bit inputs)."""
+        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x],
+                                         dtype=gl.float32, is_pure=True, pack=1)
+
+    @gluon.jit
     def _score_rows(score, i_bh, H, o_r0, o_tok, m_tok, b_a):
         """An additive score's terms of the query alone at the rows' tokens ``o_tok`` (log2
         units): the slope's part ``b_a * (r - q)`` left out of the pairs, plus the rows'
@@ -254,11 +262,16 @@ if GLUON:
         without an allowed key guarded); 0: every tile is FULL and none of that is compiled.
         ``SCORED``: an additive score (:func:`_score_cols`, :func:`_score_rows`) on every
         pair, 1 its slope alone (no loads per tile), 2 with terms of the key (loaded before
-        the tile's wait). The ring's slot (``it``) and the ping-pong's turn (``tt``) count on
+        the tile's wait); 3 a capped score (:class:`~spattn.ir.score.Capped`): ``tanh`` of
+        every pair's q·k times ``score[8]``, before the mask, the cap the softmax's scale
+        ``sm_scale_log2``. The ring's slot (``it``) and the ping-pong's turn (``tt``) count on
         across items, as the loader's and the other group's do."""
         b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
         MASKED: gl.constexpr = (flags.type.shape[0] >= 2) + (flags.type.shape[0] >= 4)
-        SCORED: gl.constexpr = (flags.type.shape[1] >= 2) + (flags.type.shape[1] >= 4)
+        SCORED: gl.constexpr = ((flags.type.shape[1] >= 2) + (flags.type.shape[1] >= 4)
+                                + (flags.type.shape[1] >= 8))
+        ADDED: gl.constexpr = (SCORED > 0) & (SCORED < 3)
+        CAPPED: gl.constexpr = SCORED == 3
         D: gl.constexpr = k_smem.type.shape[5]
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_M: gl.constexpr = 64
@@ -291,7 +304,7 @@ if GLUON:
             b_m = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
             b_l = gl.zeros([BLOCK_M], gl.float32, row_s)
             b_o = warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, o_layout))
-            if SCORED:
+            if ADDED:
                 i_b = i_bh // geom[0]
                 b_a = gl.load(score[0] + i_bh)
                 o_r0 = i_t * 128 + score[7]         # the item's first query position
@@ -314,12 +327,14 @@ if GLUON:
             mbarrier.arrive(pp_bar.index(1 - HALF))
             b_s = warpgroup_mma_wait(0, deps=(b_s,))
             mbarrier.arrive(k_empty.index(i_s))
+            if CAPPED:
+                b_s = _tanh(b_s * score[8])
             if MASKED:
                 if i_m >= 0:
                     b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
             if SCORED == 1:
                 b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, b_ac, o_r0, col_s, False)
-            if SCORED:
+            if ADDED:
                 b_s = b_s * score[8] + gl.expand_dims(b_c, 0)
                 b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED)
             else:
@@ -344,12 +359,14 @@ if GLUON:
                 mbarrier.arrive(pp_bar.index(1 - HALF))
                 b_s = warpgroup_mma_wait(1, deps=(b_s,))
                 mbarrier.arrive(k_empty.index(i_s))
+                if CAPPED:
+                    b_s = _tanh(b_s * score[8])
                 if MASKED:
                     if i_m >= 0:
                         b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
                 if SCORED == 1:
                     b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, b_ac, o_r0, col_s, False)
-                if SCORED:
+                if ADDED:
                     b_s = b_s * score[8] + gl.expand_dims(b_c, 0)
                     b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED)
                 else:
@@ -384,7 +401,7 @@ if GLUON:
             a1 = o_q[2] + (o_r // h2) % h1
             a2 = o_q[3] + o_r % h2
             p_lse = LSE + i_bh.to(gl.int64) * QN + (a0 * QA1 + a1) * QA2 + a2
-            if SCORED:
+            if ADDED:
                 b_m = b_m + _score_rows(score, i_bh, geom[0], o_r0,
                                         (a0 * QA1 + a1) * QA2 + a2, a2 < QA2, b_a)
             b_lse = (b_m + gl.log2(b_l_safe)) * 0.6931471805599453
@@ -442,7 +459,8 @@ if GLUON:
         score (:class:`~spattn.ir.score.Additive`, :class:`ScoreVectors`) whose pair is
         ``s_mult`` times q·k plus ``SA[b * H + h]`` times ``k - q`` plus ``SC[b, h, k]``
         (strides ``sc_b``, ``sc_h``), its rows' terms ``SR[b, h, q]`` added to the lse;
-        ``q_offset``: the first query's position. The partitions read
+        ``q_offset``: the first query's position. ``SCORED`` 3: a capped score, ``tanh``
+        of ``s_mult`` times q·k, its cap ``sm_scale_log2``. The partitions read
         their tile shapes from the shared buffers' types (Triton 3.6 passes a partition's
         arguments as values, not constexprs)."""
         q_smem = _ring(q_desc, 4)           # two buffers of two halves
@@ -512,7 +530,7 @@ def call_why_not(call, q, k, v, options: dict | None, rows) -> str | None:
     D = q.shape[-1]
     if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
         return f"head dimension {D} (it runs 64 and 128)"
-    why = score_why_not(call, rows)
+    why = score_why_not(call, rows, capped_ok=True)
     if why is not None:
         return why
     fixed = sorted(n for n in (options or {}) if n in _FIXING)
@@ -537,16 +555,20 @@ def call_why_not(call, q, k, v, options: dict | None, rows) -> str | None:
     return None
 
 
-def score_why_not(call, rows) -> str | None:
-    """Why a Gluon kernel (this module's, ``runtime.ws_bwd``'s) does not apply the call's
-    score, or None where it has none or an additive one
-    (:func:`~spattn.ir.score.additive`) over rows in sequence order."""
-    from ..ir.score import additive
+def score_why_not(call, rows, capped_ok: bool = False) -> str | None:
+    """Why a Gluon kernel (this module's, ``runtime.ws_bwd``'s, ``runtime.ws_dq``'s) does
+    not apply the call's score, or None where it has none or an additive one
+    (:func:`~spattn.ir.score.additive`) over rows in sequence order, or (``capped_ok``: the
+    forward) a capped one (:func:`~spattn.ir.score.capped`: softcapping, any rows)."""
+    from ..ir.score import additive, capped
     score = getattr(call.pattern, "score", None)
     if score is None:
         return None
+    if capped_ok and capped(score) is not None:
+        return None
     if additive(score) is None:
-        return "a score that is not additive (its kernels add terms of k - q, k or q alone)"
+        return ("a score that is not additive (its kernels add terms of k - q, k or q alone)"
+                + (" or capped (c * tanh(f * s))" if capped_ok else ""))
     if rows is not None:
         return "a score in a layout's boxes or through row tables"
     return None
@@ -614,6 +636,16 @@ def score_vectors(call, device) -> ScoreVectors | str | None:
     return ScoreVectors(torch.broadcast_to(a[..., 0], (B, H)).to(device, torch.float32)
                         .contiguous(), cols.to(device), r.to(device, torch.float32)
                         .contiguous(), form.c, form.cols is not None)
+
+
+def fwd_score(call, device) -> ScoreVectors | Capped | str | None:
+    """The forward's score of a call :func:`score_why_not` admits (``capped_ok``): its
+    :class:`~spattn.ir.score.Capped` form (its cap a normal float32: the lowering refuses
+    constants outside float32's range), else :func:`score_vectors`."""
+    from ..ir.score import capped
+    score = getattr(call.pattern, "score", None)
+    cap = None if score is None else capped(score)
+    return score_vectors(call, device) if cap is None else cap
 
 
 #: Options that fix the generated forward's configuration (the plan then builds it): its
@@ -805,18 +837,23 @@ class WsFwdStage:
                          for b in (self.half, self.kg.box)}
         qt, kt = self.qg.tiles, self.kg.tiles
         self.score = score
+        sm_scale_log2 = _scale_log2(call.scale)
         if score is None:       # (pointers never read)
             sc = (lists.count,) * 3 + (0,) * 5 + (1.0,)
+        elif isinstance(score, Capped):
+            sc = (lists.count,) * 3 + (0,) * 5 + (call.scale * score.f,)
+            sm_scale_log2 = score.cap
         else:
             sc = (score.slopes, score.cols, score.rows, *score.strides(),
-                  call.positions.q_offset, _scale_log2(call.scale) * score.c)
+                  call.positions.q_offset, sm_scale_log2 * score.c)
         self.static = (lists.start, lists.count, lists.cols, lists.midx, lists.masks, H,
                        H // k.shape[1], n_q, LB, LH,
                        int(self.qg.fold), qt[1], qt[2], kt[1], kt[2], self.qg.shape[1],
-                       self.qg.shape[2], N, self.n_work, _scale_log2(call.scale), *sc)
+                       self.qg.shape[2], N, self.n_work, sm_scale_log2, *sc)
         self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
                          MASKED=(2 if self.runs else 1) if self.n_masks else 0,
-                         SCORED=0 if score is None else 2 if score.keys else 1,
+                         SCORED=(0 if score is None else 3 if isinstance(score, Capped)
+                                 else 2 if score.keys else 1),
                          num_warps=4, maxnreg=168)
         self.aligned = True
 
@@ -851,7 +888,8 @@ class WsFwdStage:
                 f"read) over "
                 f"{self.lists.count.numel()} query-tile lists, {how}, grid {self.grid}"
                 + (" (persistent)" if self.persistent else "")
-                + (", an additive score" if self.score is not None else ""))
+                + ("" if self.score is None else ", a capped score (tanh per pair)"
+                   if isinstance(self.score, Capped) else ", an additive score"))
 
 
 def build(call, q, k, v, options, rows):
@@ -864,7 +902,7 @@ def build(call, q, k, v, options, rows):
     lists = key_lists(call)
     if isinstance(lists, str):
         return None, lists
-    score = score_vectors(call, q.device)
+    score = fwd_score(call, q.device)
     if isinstance(score, str):
         return None, score
     try:

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.gluon_fwd import compile_sm90  # noqa: E402
+from spattn.ir.score import LOG2E, Capped  # noqa: E402
 from spattn.runtime import ws_fwd  # noqa: E402
 from spattn.runtime.triton_backend import BoxRows  # noqa: E402
 
@@ -31,6 +32,10 @@ CASES = [  # label, B, H, HK, N, D, dtype, BoxRows or None
     ("rows-B1-H2-L512-D128-bf16-scored", 1, 2, 2, 512, 128, torch.bfloat16, None),
     ("rows-runs-B2-H2-L700-D64-fp16-scored", 2, 2, 1, 700, 64, torch.float16, None),
     ("rows-masked-B1-H2-L1000-D128-bf16-scored", 1, 2, 2, 1000, 128, torch.bfloat16, None),
+    ("rows-B1-H2-L512-D128-bf16-capped", 1, 2, 2, 512, 128, torch.bfloat16, None),
+    ("rows-runs-B2-H2-L700-D64-fp16-capped", 2, 2, 1, 700, 64, torch.float16, None),
+    ("box-16x8-of-64x32-D128-bf16-capped", 1, 2, 1, 2048, 128, torch.bfloat16,
+     BoxRows((1, 64, 32), (1, 16, 8), False)),
 ]
 
 
@@ -52,8 +57,11 @@ def diagonal_lists(N: int, label: str) -> ws_fwd.KeyLists:
 
 def call_and_score(label: str, B: int, H: int, N: int, D: int):
     """The call's stand-in (lengths, scale, offset) and, with "scored" in the label, an
-    additive score's vectors (terms of the key unless the label has "runs")."""
+    additive score's vectors (terms of the key unless the label has "runs"), with "capped"
+    softcap(30)'s form."""
     call = SimpleNamespace(Lq=N, Lk=N, scale=D ** -0.5, positions=SimpleNamespace(q_offset=0))
+    if "capped" in label:
+        return call, Capped(30.0 * LOG2E, 1.0 / 30.0)
     score = "scored" in label and ws_fwd.ScoreVectors(
         torch.zeros(B, H), torch.zeros(1, H, -(-N // 128) * 128), torch.zeros(1, H, N), 1.0,
         keys="runs" not in label)

@@ -17,7 +17,8 @@ Four kinds of case, each drawn from one integer seed (replayed with ``--case KIN
   up to 20000 keys, per-batch lengths, paged or contiguous caches, GQA and, in a third of
   the cases, a score.
 * ``ws``: a ``call`` case the warp-specialised forward can run (``SPATTN_WS_FWD=1``: bf16
-  or fp16, D 64 or 128, no score or an additive one, at least 128 queries and keys),
+  or fp16, D 64 or 128, no score, an additive one or a capped one, at least 128 queries
+  and keys),
   through a plan whose forward stage, where it is that kernel, runs a random grid (1 to
   200 programs or one per work item), so that programs take several items of any kind in
   turn; its backward takes the warp-specialised dK/dV and dQ kernels wherever they run
@@ -122,6 +123,14 @@ def rand_additive(r: random.Random) -> str:
     return " + ".join(terms)
 
 
+def rand_capped(r: random.Random) -> str:
+    """A random capped score (``spattn.ir.score.capped``: ``c * tanh(f * s)``), which the
+    Gluon forward applies (the generated backward runs)."""
+    if r.random() < 0.5:
+        return f"softcap({r.choice([1.0, 5.0, 20.0, 30.0, 50.0])})"
+    return f"{r.choice([0.5, 3.0, 40.0])} * tanh({r.choice([-2.0, 0.05, 1.0])} * s)"
+
+
 def call_case(seed: int, ws: bool = False) -> str:
     r = random.Random(seed)
     mask = rand_mask(r) if r.random() < 0.8 else r.choice(
@@ -129,7 +138,7 @@ def call_case(seed: int, ws: bool = False) -> str:
          "strided(37)", "global_tokens(5) | local(40, 60)", "prefix_lm(300)"])
     score = rand_score(r, r.randint(1, 3)) if r.random() < 0.35 and not ws else None
     if ws and r.random() < 0.35:
-        score = rand_additive(r)
+        score = rand_additive(r) if r.random() < 0.7 else rand_capped(r)
     Hk = r.randint(1, 4)
     Hq = Hk * r.choice([1, 1, 2, 4])
     B = r.choice([1, 1, 2, 3])

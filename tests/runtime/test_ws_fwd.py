@@ -188,7 +188,10 @@ def test_call_rules(monkeypatch):
     assert why(Lq=300, Lk=1100) is None
     assert "float32" in why(dtype=torch.float32)
     assert "head dimension 96" in why(D=96)
-    assert "a score" in why(score="30 * tanh(s / 30)")
+    assert "a score" in why(score="s * s")
+    assert "a score" in why(score="softcap(30.0) + 0.1 * float(k - q)")
+    assert why(score="30 * tanh(s / 30)") is None
+    assert why(score="softcap(30.0)", rows=BoxRows((1, 32, 32), (1, 16, 8), False)) is None
     assert why(score="alibi(alibi_slope)") is None
     assert "a score in a layout" in why(score="alibi(alibi_slope)",
                                         rows=BoxRows((1, 32, 32), (1, 16, 8), False))
@@ -228,12 +231,13 @@ def test_kernel_compiles_for_sm90():
     """Every configuration of tests/helpers/compile_ws.py builds for sm_90a: consumers at
     240 registers and the loader at 24, one product kept in flight (a wait of 1), Q, K, V
     read and O written through 5-D TMA; PARTIAL tiles by masks in one, by rows' runs in
-    another; an additive score (its slope alone, and with terms of the key) in three."""
+    another; an additive score (its slope alone, and with terms of the key) in three, a
+    capped one in three (rows, rows' runs, a layout's boxes)."""
     r = run_script("tests/helpers/compile_ws.py")
     lines = r.stdout.splitlines()
-    assert len(lines) == 10, r.stdout
-    assert [sum(f"'masked': {m}," in ln for ln in lines) for m in (0, 1, 2)] == [6, 2, 2]
-    assert sum("'scored': 0," not in ln for ln in lines) == 3
+    assert len(lines) == 13, r.stdout
+    assert [sum(f"'masked': {m}," in ln for ln in lines) for m in (0, 1, 2)] == [8, 2, 3]
+    assert [sum(f"'scored': {c}," in ln for ln in lines) for c in (0, 1, 2, 3)] == [7, 1, 2, 3]
     for ln in lines:
         label, ok, rest = ln.partition(" OK ")
         assert ok, ln

@@ -1,12 +1,13 @@
-"""Additive scores in the warp-specialised kernels (``runtime/ws_fwd.py``,
+"""Additive and capped scores in the warp-specialised kernels (``runtime/ws_fwd.py``,
 ``runtime/ws_bwd.py``).
 
 On the CPU: which scores are additive (:func:`spattn.ir.score.additive`), the vectors the
 kernels read (:func:`spattn.runtime.ws_fwd.score_vectors`: slope, keys' and queries'
 terms) recombined into every pair's score against the score evaluated densely in float64,
-the refusals, and the backward's lse less the rows' terms. On an sm_90 GPU (marker
-``gpu``): outputs, lse and gradients of calls both Gluon kernels run, against the float64
-reference.
+the refusals, and the backward's lse less the rows' terms; which scores are capped
+(:func:`spattn.ir.score.capped`, the forward's softcapping) and their kernel arguments. On
+an sm_90 GPU (marker ``gpu``): outputs, lse and gradients of calls both Gluon kernels run,
+and of capped scores through the Gluon forward, against the float64 reference.
 """
 import pytest
 import torch
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spattn
-from spattn.ir.score import LOG2E, additive, score_env, score_values
+from spattn.ir.score import LOG2E, Capped, additive, capped, score_env, score_values
 from spattn.runtime import settings as S
 from spattn.runtime import ws_bwd, ws_fwd
 from spattn.runtime.plan import Call
@@ -184,6 +185,72 @@ def test_backward_rows_leave_out_the_row_terms():
     assert ws.static[12] == pytest.approx(0.125 * LOG2E * sv.c)
 
 
+CAPPED = [  # id, score, natural cap, f
+    ("softcap-prelude", "softcap(30.0)", 30.0, 1 / 30),
+    ("softcap-times-two", "30 * tanh(s / 30) * 2", 60.0, 1 / 30),
+    ("plain-tanh", "tanh(s)", 1.0, 1.0),
+    ("negative-factor-inside", "3.0 * tanh(-0.5 * s)", 3.0, -0.5),
+    ("over-log2e", "tanh(2.0 * s) / 1.4426950408889634", 1 / LOG2E, 2.0),
+]
+NOT_CAPPED = [  # id, score
+    ("plus-s", "softcap(30.0) + s"),
+    ("plus-alibi", "softcap(30.0) + alibi(alibi_slope)"),
+    ("negative-cap", "-30.0 * tanh(s / 30.0)"),
+    ("position-inside", "tanh(s * float(q))"),
+    ("param-list-cap", "c[h] * tanh(s)"),
+    ("tanh-squared", "tanh(s) * tanh(s)"),
+    ("plain-s", "s"),
+    ("table", "tanh(s + rel[h, clamp(q - k, 0, 7)])"),
+]
+
+
+@pytest.mark.parametrize("src,cap,f", [c[1:] for c in CAPPED], ids=[c[0] for c in CAPPED])
+def test_capped_forms(src, cap, f):
+    """The form's cap (log2 units) and inner factor, and ``cap * tanh(f * s)`` against the
+    score evaluated in float64 at random scores (log2 units)."""
+    pat = spattn.compile("causal", score=src)
+    got = capped(pat.score)
+    assert got == Capped(pytest.approx(cap * LOG2E, rel=1e-12), pytest.approx(f, rel=1e-12))
+    s = torch.randn(2, 3, 40, 50, dtype=torch.float64) * 20
+    env = score_env(40, 50, num_heads=3, batch=2, q_offset=None)
+    want = score_values(pat.score, s, env, {}) * LOG2E
+    torch.testing.assert_close(got.cap * torch.tanh(got.f * s), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("src", [c[1] for c in NOT_CAPPED], ids=[c[0] for c in NOT_CAPPED])
+def test_other_scores_are_not_capped(src):
+    pat = spattn.compile("causal", score=src, **({"c": [1.0, 2.0]} if "c[h]" in src else {}))
+    assert capped(pat.score) is None
+
+
+def test_capped_scores_run_in_the_forward_alone():
+    """The forward takes a capped score (in sequence order and in a layout's boxes); the
+    dK/dV and dQ kernels do not (the generated backward runs)."""
+    from spattn.runtime.triton_backend import BoxRows
+    call = _call(spattn.compile("causal", score="softcap(30.0)"), 1, 2, 256, 256)
+    assert ws_fwd.score_why_not(call, None, capped_ok=True) is None
+    assert ws_fwd.score_why_not(call, BoxRows((1, 16, 16), (1, 8, 16), False),
+                                capped_ok=True) is None
+    assert "not additive" in ws_fwd.score_why_not(call, None)
+    assert ws_fwd.fwd_score(call, "cpu") == capped(call.pattern.score)
+
+
+def test_capped_stage_arguments():
+    """A capped score's launch: ``SCORED`` 3, the cap as the softmax's scale, the factor of
+    q·k inside tanh (the call's scale times ``f``), no score tables."""
+    from tests.helpers.compile_ws import diagonal_lists
+    pat = spattn.compile("causal", score="softcap(50.0)")
+    q = torch.empty(1, 2, 512, 64, dtype=torch.bfloat16)
+    call = Call.of(pat, q, q, scale=0.1, q_offset=None, inputs={}, settings=S.current(),
+                   backend="triton", v=q)
+    cap = ws_fwd.fwd_score(call, "cpu")
+    stage = ws_fwd.WsFwdStage(call, q, q, q, None, diagonal_lists(512, "full"), cap)
+    assert stage.meta["SCORED"] == 3 and "capped" in repr(stage)
+    sm_scale_log2, *sc = stage.static[19:]
+    assert sm_scale_log2 == pytest.approx(50.0 * LOG2E)
+    assert sc[-1] == pytest.approx(0.1 / 50.0) and sc[3:8] == [0] * 5
+
+
 # ---------------------------------------------------------------- on the GPU
 
 GPU_CASES = [  # mask, score, params, B, H, Hk, Lq, Lk, D, dtype
@@ -218,3 +285,48 @@ def test_scored_gluon_kernels_gpu(mask, score, params, B, H, Hk, Lq, Lk, D, dtyp
     _check(pat, q, k, v, inputs, plan=plan, lse_tol=2e-3)
     assert plan.forward_stage.gluon, plan.forward_stage
     assert _ws_stages(plan), plan._bwd
+
+
+CAPPED_GPU = [  # mask, score, B, H, Hk, Lq, Lk, D, dtype
+    ("causal", "softcap(30.0)", 1, 4, 2, 2048, 2048, 128, torch.bfloat16),
+    ("causal & same(doc)", "softcap(50.0)", 2, 2, 1, 1900, 1900, 64, torch.float16),
+    ("full", "3.0 * tanh(-0.5 * s)", 1, 2, 2, 333, 1500, 128, torch.bfloat16),
+    ("k + 100 < q", "softcap(5.0)", 1, 2, 2, 1024, 1024, 64, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("mask,score,B,H,Hk,Lq,Lk,D,dtype", CAPPED_GPU,
+                         ids=[f"B{c[2]}-H{c[3]}-Hk{c[4]}-Lq{c[5]}-Lk{c[6]}-D{c[7]}-"
+                              f"{str(c[8])[6:]}-{c[0].split(' ')[0]}" for c in CAPPED_GPU])
+@hopper
+def test_capped_gluon_forward_gpu(mask, score, B, H, Hk, Lq, Lk, D, dtype, monkeypatch):
+    """A capped score through the warp-specialised forward (the generated backward on its
+    lse): o, lse and the gradients of a fresh dO against the float64 reference; rows
+    without keys (``k + 100 < q``) give o 0 and lse -inf."""
+    monkeypatch.setenv("SPATTN_WS_FWD", "1")
+    g = torch.Generator(device="cuda").manual_seed(Lq + Lk + B + H + D + 1)
+    q = _rand((B, H, Lq, D), dtype, g)
+    k, v = (_rand((B, Hk, Lk, D), dtype, g) for _ in range(2))
+    inputs = {}
+    if "doc" in mask:
+        inputs = {"doc": (torch.rand(B, Lq, device="cuda", generator=g) < 0.004).cumsum(-1)}
+    pat = spattn.compile(mask, score=score)
+    plan = pat.plan(q, k, v, **inputs)
+    _check(pat, q, k, v, inputs, plan=plan, lse_tol=2e-3)
+    assert plan.forward_stage.gluon and plan.forward_stage.meta["SCORED"] == 3, plan
+    assert not _ws_stages(plan), plan._bwd
+
+
+@hopper
+def test_capped_gluon_forward_in_a_layout_gpu(monkeypatch):
+    """A capped score on a 2-D neighbourhood in its layout's boxes (the forward reads no
+    positions for it)."""
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    monkeypatch.setenv("SPATTN_WS_FWD", "1")
+    g = torch.Generator(device="cuda").manual_seed(2048)
+    q, k, v = (_rand((1, 2, 2048, 128), torch.bfloat16, g) for _ in range(3))
+    pat = (spattn.neighborhood((32, 64), (16, 16), stride=(16, 16))
+           & spattn.compile("true", score="softcap(20.0)"))
+    plan = pat.plan(q, k, v)
+    assert plan.forward_stage.gluon and plan.forward_stage.box is not None, plan
+    _check(pat, q, k, v, {}, plan=plan, lse_tol=2e-3)
