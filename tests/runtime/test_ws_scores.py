@@ -318,9 +318,10 @@ def test_capped_gluon_forward_gpu(mask, score, B, H, Hk, Lq, Lk, D, dtype, monke
 
 
 @hopper
-def test_capped_gluon_forward_in_a_layout_gpu(monkeypatch):
-    """A capped score on a 2-D neighbourhood in its layout's boxes (the forward reads no
-    positions for it)."""
+def test_capped_gluon_forward_on_a_neighbourhood_gpu(monkeypatch):
+    """A capped score on a 2-D neighbourhood: through a plan (rows in sequence order, the
+    Gluon forward reading the mask's PARTIAL tiles) and through the pattern's call (a
+    scored call runs in its layout's slot order, ``runtime.scores.LayoutRun``)."""
     monkeypatch.setenv("SPATTN_LAYOUT", "on")
     monkeypatch.setenv("SPATTN_WS_FWD", "1")
     g = torch.Generator(device="cuda").manual_seed(2048)
@@ -328,5 +329,8 @@ def test_capped_gluon_forward_in_a_layout_gpu(monkeypatch):
     pat = (spattn.neighborhood((32, 64), (16, 16), stride=(16, 16))
            & spattn.compile("true", score="softcap(20.0)"))
     plan = pat.plan(q, k, v)
-    assert plan.forward_stage.gluon and plan.forward_stage.box is not None, plan
+    assert plan.forward_stage.gluon and plan.forward_stage.meta["SCORED"] == 3, plan
     _check(pat, q, k, v, {}, plan=plan, lse_tol=2e-3)
+    for t in (q, k, v):
+        t.grad = None
+    _check(pat, q, k, v, {}, lse_tol=2e-3)
