@@ -33,7 +33,9 @@ order, so the generated backward runs on it unchanged; rows with no allowed key 
 and lse = -inf. An additive score (:func:`~spattn.ir.score.additive`: ALiBi, terms of the
 key or the query alone) is applied from vectors evaluated at plan time
 (:func:`score_vectors`): a ``[128]`` vector per key tile added to S, the rows' terms to the
-lse. :func:`why_not` lists what the kernel does not run (the plan then builds the
+lse; a capped one (:func:`~spattn.ir.score.capped`: softcapping) as ``tanh`` of every
+pair's scaled q·k before the mask, the cap folded into the softmax's scale (its backward is
+the generated kernels'). :func:`why_not` lists what the kernel does not run (the plan then builds the
 generated forward): other devices, dtypes and head dimensions, other scores, options or
 ``SPATTN_*`` settings that fix the generated forward's configuration.
 
@@ -428,7 +430,7 @@ if GLUON:
 
     @gluon.jit
     def _flags(A: gl.constexpr, B: gl.constexpr):
-        """The partitions' constexpr flags ``A``, ``B`` (0-2) as the shape ``[2^A, 2^B]`` of an
+        """The partitions' constexpr flags ``A``, ``B`` (0-3) as the shape ``[2^A, 2^B]`` of an
         unused buffer (Triton 3.6 passes a partition's arguments as values, constexprs
         included; a buffer's type reaches it whole; its shapes are powers of 2)."""
         return gl.allocate_shared_memory(gl.int8, [1 << A, 1 << B],
