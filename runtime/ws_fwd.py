@@ -35,8 +35,8 @@ key or the query alone) is applied from vectors evaluated at plan time
 (:func:`score_vectors`): a ``[128]`` vector per key tile added to S, the rows' terms to the
 lse; a capped one (:func:`~spattn.ir.score.capped`: softcapping) as ``tanh`` of every
 pair's scaled q·k before the mask, the cap folded into the softmax's scale (its backward is
-the generated kernels'). :func:`why_not` lists what the kernel does not run (the plan then builds the
-generated forward): other devices, dtypes and head dimensions, other scores, options or
+the generated kernels'). :func:`why_not` lists what the kernel does not run (the plan then
+builds the generated forward): other devices, dtypes and head dimensions, other scores, options or
 ``SPATTN_*`` settings that fix the generated forward's configuration.
 
 ``SPATTN_WS_FWD`` (``auto`` / ``1`` / ``0``) chooses: ``1`` wherever it can run, ``0``
@@ -181,7 +181,34 @@ if GLUON:
         return it
 
     @gluon.jit
-    def _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED: gl.constexpr):
+    def _exp2_fma(x):
+        """``2**x`` of fp32 ``x <= 0`` on the FMA units, not the special-function unit: ``x``
+        rounded to an integer ``j`` by adding and subtracting ``1.5 * 2**23``, a degree-3
+        polynomial for ``2**(x - j)`` (relative error below 7.5e-5), ``j`` added to its
+        exponent; 0 for ``x <= -127.5`` (``-inf`` included: its bits go negative and are
+        clamped)."""
+        x = gl.maximum(x, -128.0)
+        t = x + 12582912.0
+        f = x - (t - 12582912.0)
+        p = f * 0.05517108738422394 + 0.24261115491390228
+        p = p * f + 0.6932610869407654
+        p = p * f + 0.9999280571937561
+        bits = p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
+        return gl.maximum(bits, 0).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _exp2_split(x):
+        """``2**x`` of a ``[M, N]`` tile, one of each two neighbouring columns (held by one
+        thread) on the special-function unit and the other on the FMA units
+        (:func:`_exp2_fma`)."""
+        M: gl.constexpr = x.shape[0]
+        N: gl.constexpr = x.shape[1]
+        a, b = gl.split(gl.reshape(x, [M, N // 2, 2]))
+        y = gl.reshape(gl.join(gl.exp2(a), _exp2_fma(b)), [M, N])
+        return gl.convert_layout(y, x.type.layout, assert_trivial=True)   # (same registers)
+
+    @gluon.jit
+    def _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED: gl.constexpr, SPLIT: gl.constexpr):
         """One key tile of the online softmax in log2 units: P, the rescale of the running
         sums, the new row maxima and sums. ``MASKED``: a row with no allowed key so far
         keeps its maximum at -inf and its sum at 0 (its P and rescale 0, never NaN)."""
@@ -190,7 +217,10 @@ if GLUON:
         if MASKED:
             b_m_use = gl.where(b_m_new == float("-inf"), 0.0, b_m_new)
         b_alpha = gl.exp2(b_m - b_m_use)
-        b_p = gl.exp2(b_s * sm_scale_log2 - gl.expand_dims(b_m_use, 1))
+        if SPLIT:
+            b_p = _exp2_split(b_s * sm_scale_log2 - gl.expand_dims(b_m_use, 1))
+        else:
+            b_p = gl.exp2(b_s * sm_scale_log2 - gl.expand_dims(b_m_use, 1))
         b_l = b_l * b_alpha + gl.sum(b_p, 1)
         return b_p, b_alpha, b_m_new, b_l
 
@@ -266,14 +296,16 @@ if GLUON:
         pair, 1 its slope alone (no loads per tile), 2 with terms of the key (loaded before
         the tile's wait); 3 a capped score (:class:`~spattn.ir.score.Capped`): ``tanh`` of
         every pair's q·k times ``score[8]``, before the mask, the cap the softmax's scale
-        ``sm_scale_log2``. The ring's slot (``it``) and the ping-pong's turn (``tt``) count on
+        ``sm_scale_log2``; 4 the same with half of each tile's ``exp2`` on the FMA units
+        (:func:`_exp2_split`). The ring's slot (``it``) and the ping-pong's turn (``tt``) count on
         across items, as the loader's and the other group's do."""
         b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
         MASKED: gl.constexpr = (flags.type.shape[0] >= 2) + (flags.type.shape[0] >= 4)
         SCORED: gl.constexpr = ((flags.type.shape[1] >= 2) + (flags.type.shape[1] >= 4)
-                                + (flags.type.shape[1] >= 8))
+                                + (flags.type.shape[1] >= 8) + (flags.type.shape[1] >= 16))
         ADDED: gl.constexpr = (SCORED > 0) & (SCORED < 3)
-        CAPPED: gl.constexpr = SCORED == 3
+        CAPPED: gl.constexpr = SCORED >= 3
+        SPLIT: gl.constexpr = SCORED == 4
         D: gl.constexpr = k_smem.type.shape[5]
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_M: gl.constexpr = 64
@@ -338,9 +370,10 @@ if GLUON:
                 b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, b_ac, o_r0, col_s, False)
             if ADDED:
                 b_s = b_s * score[8] + gl.expand_dims(b_c, 0)
-                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED)
+                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED, SPLIT)
             else:
-                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
+                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED,
+                                                  SPLIT)
             b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
 
             # stage 2: turns of (S of tile j, P V of tile j - 1); the softmax of tile j
@@ -370,9 +403,10 @@ if GLUON:
                     b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, b_ac, o_r0, col_s, False)
                 if ADDED:
                     b_s = b_s * score[8] + gl.expand_dims(b_c, 0)
-                    b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED)
+                    b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED, SPLIT)
                 else:
-                    b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
+                    b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED,
+                                                      SPLIT)
                 b_o = warpgroup_mma_wait(0, deps=(b_o,))
                 mbarrier.arrive(v_empty.index(i_sp))
                 b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
