@@ -888,7 +888,7 @@ class WsFwdStage:
                        self.qg.shape[2], N, self.n_work, sm_scale_log2, *sc)
         self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
                          MASKED=(2 if self.runs else 1) if self.n_masks else 0,
-                         SCORED=(0 if score is None else 3 if isinstance(score, Capped)
+                         SCORED=(0 if score is None else 4 if isinstance(score, Capped)
                                  else 2 if score.keys else 1),
                          num_warps=4, maxnreg=168)
         self.aligned = True
