@@ -181,34 +181,7 @@ if GLUON:
         return it
 
     @gluon.jit
-    def _exp2_fma(x):
-        """``2**x`` of fp32 ``x <= 0`` on the FMA units, not the special-function unit: ``x``
-        rounded to an integer ``j`` by adding and subtracting ``1.5 * 2**23``, a degree-3
-        polynomial for ``2**(x - j)`` (relative error below 7.5e-5), ``j`` added to its
-        exponent; 0 for ``x <= -127.5`` (``-inf`` included: its bits go negative and are
-        clamped)."""
-        x = gl.maximum(x, -128.0)
-        t = x + 12582912.0
-        f = x - (t - 12582912.0)
-        p = f * 0.05517108738422394 + 0.24261115491390228
-        p = p * f + 0.6932610869407654
-        p = p * f + 0.9999280571937561
-        bits = p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
-        return gl.maximum(bits, 0).to(gl.float32, bitcast=True)
-
-    @gluon.jit
-    def _exp2_split(x):
-        """``2**x`` of a ``[M, N]`` tile, one of each two neighbouring columns (held by one
-        thread) on the special-function unit and the other on the FMA units
-        (:func:`_exp2_fma`)."""
-        M: gl.constexpr = x.shape[0]
-        N: gl.constexpr = x.shape[1]
-        a, b = gl.split(gl.reshape(x, [M, N // 2, 2]))
-        y = gl.reshape(gl.join(gl.exp2(a), _exp2_fma(b)), [M, N])
-        return gl.convert_layout(y, x.type.layout, assert_trivial=True)   # (same registers)
-
-    @gluon.jit
-    def _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED: gl.constexpr, SPLIT: gl.constexpr):
+    def _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED: gl.constexpr):
         """One key tile of the online softmax in log2 units: P, the rescale of the running
         sums, the new row maxima and sums. ``MASKED``: a row with no allowed key so far
         keeps its maximum at -inf and its sum at 0 (its P and rescale 0, never NaN)."""
@@ -217,10 +190,7 @@ if GLUON:
         if MASKED:
             b_m_use = gl.where(b_m_new == float("-inf"), 0.0, b_m_new)
         b_alpha = gl.exp2(b_m - b_m_use)
-        if SPLIT:
-            b_p = _exp2_split(b_s * sm_scale_log2 - gl.expand_dims(b_m_use, 1))
-        else:
-            b_p = gl.exp2(b_s * sm_scale_log2 - gl.expand_dims(b_m_use, 1))
+        b_p = gl.exp2(b_s * sm_scale_log2 - gl.expand_dims(b_m_use, 1))
         b_l = b_l * b_alpha + gl.sum(b_p, 1)
         return b_p, b_alpha, b_m_new, b_l
 
@@ -296,16 +266,14 @@ if GLUON:
         pair, 1 its slope alone (no loads per tile), 2 with terms of the key (loaded before
         the tile's wait); 3 a capped score (:class:`~spattn.ir.score.Capped`): ``tanh`` of
         every pair's q·k times ``score[8]``, before the mask, the cap the softmax's scale
-        ``sm_scale_log2``; 4 the same with half of each tile's ``exp2`` on the FMA units
-        (:func:`_exp2_split`). The ring's slot (``it``) and the ping-pong's turn (``tt``) count on
+        ``sm_scale_log2``. The ring's slot (``it``) and the ping-pong's turn (``tt``) count on
         across items, as the loader's and the other group's do."""
         b_q, q_empty, k_ready, k_empty, v_ready, v_empty, pp_bar = bars
         MASKED: gl.constexpr = (flags.type.shape[0] >= 2) + (flags.type.shape[0] >= 4)
         SCORED: gl.constexpr = ((flags.type.shape[1] >= 2) + (flags.type.shape[1] >= 4)
-                                + (flags.type.shape[1] >= 8) + (flags.type.shape[1] >= 16))
+                                + (flags.type.shape[1] >= 8))
         ADDED: gl.constexpr = (SCORED > 0) & (SCORED < 3)
-        CAPPED: gl.constexpr = SCORED >= 3
-        SPLIT: gl.constexpr = SCORED == 4
+        CAPPED: gl.constexpr = SCORED == 3
         D: gl.constexpr = k_smem.type.shape[5]
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_M: gl.constexpr = 64
@@ -370,10 +338,9 @@ if GLUON:
                 b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, b_ac, o_r0, col_s, False)
             if ADDED:
                 b_s = b_s * score[8] + gl.expand_dims(b_c, 0)
-                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED, SPLIT)
+                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED)
             else:
-                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED,
-                                                  SPLIT)
+                b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
             b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
 
             # stage 2: turns of (S of tile j, P V of tile j - 1); the softmax of tile j
@@ -403,10 +370,9 @@ if GLUON:
                     b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, b_ac, o_r0, col_s, False)
                 if ADDED:
                     b_s = b_s * score[8] + gl.expand_dims(b_c, 0)
-                    b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED, SPLIT)
+                    b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, 1.0, MASKED)
                 else:
-                    b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED,
-                                                      SPLIT)
+                    b_p, b_alpha, b_m, b_l = _softmax(b_s, b_m, b_l, sm_scale_log2, MASKED)
                 b_o = warpgroup_mma_wait(0, deps=(b_o,))
                 mbarrier.arrive(v_empty.index(i_sp))
                 b_pd = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
@@ -888,7 +854,7 @@ class WsFwdStage:
                        self.qg.shape[2], N, self.n_work, sm_scale_log2, *sc)
         self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
                          MASKED=(2 if self.runs else 1) if self.n_masks else 0,
-                         SCORED=(0 if score is None else 4 if isinstance(score, Capped)
+                         SCORED=(0 if score is None else 3 if isinstance(score, Capped)
                                  else 2 if score.keys else 1),
                          num_warps=4, maxnreg=168)
         self.aligned = True

@@ -236,9 +236,8 @@ def test_capped_scores_run_in_the_forward_alone():
 
 
 def test_capped_stage_arguments():
-    """A capped score's launch: ``SCORED`` 4 (half of each tile's ``exp2`` on the FMA
-    units), the cap as the softmax's scale, the factor of q·k inside tanh (the call's scale
-    times ``f``), no score tables."""
+    """A capped score's launch: ``SCORED`` 3, the cap as the softmax's scale, the factor of
+    q·k inside tanh (the call's scale times ``f``), no score tables."""
     from tests.helpers.compile_ws import diagonal_lists
     pat = spattn.compile("causal", score="softcap(50.0)")
     q = torch.empty(1, 2, 512, 64, dtype=torch.bfloat16)
@@ -246,7 +245,7 @@ def test_capped_stage_arguments():
                    backend="triton", v=q)
     cap = ws_fwd.fwd_score(call, "cpu")
     stage = ws_fwd.WsFwdStage(call, q, q, q, None, diagonal_lists(512, "full"), cap)
-    assert stage.meta["SCORED"] == 4 and "capped" in repr(stage)
+    assert stage.meta["SCORED"] == 3 and "capped" in repr(stage)
     sm_scale_log2, *sc = stage.static[19:]
     assert sm_scale_log2 == pytest.approx(50.0 * LOG2E)
     assert sc[-1] == pytest.approx(0.1 / 50.0) and sc[3:8] == [0] * 5
@@ -314,7 +313,7 @@ def test_capped_gluon_forward_gpu(mask, score, B, H, Hk, Lq, Lk, D, dtype, monke
     pat = spattn.compile(mask, score=score)
     plan = pat.plan(q, k, v, **inputs)
     _check(pat, q, k, v, inputs, plan=plan, lse_tol=2e-3)
-    assert plan.forward_stage.gluon and plan.forward_stage.meta["SCORED"] == 4, plan
+    assert plan.forward_stage.gluon and plan.forward_stage.meta["SCORED"] == 3, plan
     assert not _ws_stages(plan), plan._bwd
 
 
@@ -330,7 +329,7 @@ def test_capped_gluon_forward_on_a_neighbourhood_gpu(monkeypatch):
     pat = (spattn.neighborhood((32, 64), (16, 16), stride=(16, 16))
            & spattn.compile("true", score="softcap(20.0)"))
     plan = pat.plan(q, k, v)
-    assert plan.forward_stage.gluon and plan.forward_stage.meta["SCORED"] == 4, plan
+    assert plan.forward_stage.gluon and plan.forward_stage.meta["SCORED"] == 3, plan
     _check(pat, q, k, v, {}, plan=plan, lse_tol=2e-3)
     for t in (q, k, v):
         t.grad = None
