@@ -23,6 +23,7 @@ from tests.runtime.test_ws_bwd import GPU_CASES, GPU_IDS
 from tests.runtime.test_ws_fwd import _call, _check, _rand, hopper
 from tests.runtime.test_ws_scores import GPU_CASES as SCORED_CASES
 from tests.runtime.test_ws_scores import GPU_IDS as SCORED_IDS
+from tests.runtime.test_ws_scores import checked_plan
 
 
 def test_setting_parses(monkeypatch):
@@ -191,15 +192,7 @@ def test_scored_gradients_gpu(mask, score, params, B, H, Hk, Lq, Lk, D, dtype, m
     """An additive score (ALiBi, terms of the key, of the query, a factor of s) through
     the three Gluon kernels: o, lse and the gradients against the float64 reference."""
     _gluon_backward(monkeypatch)
-    g = torch.Generator(device="cuda").manual_seed(Lq + Lk + B + H + D + 2)
-    q = _rand((B, H, Lq, D), dtype, g)
-    k, v = (_rand((B, Hk, Lk, D), dtype, g) for _ in range(2))
-    inputs = {}
-    if "doc" in mask:
-        inputs = {"doc": (torch.rand(B, Lq, device="cuda", generator=g) < 0.004).cumsum(-1)}
-    pat = spattn.compile(mask, score=score, **params)
-    plan = pat.plan(q, k, v, **inputs)
-    _check(pat, q, k, v, inputs, plan=plan, lse_tol=2e-3)
+    plan = checked_plan(mask, score, params, B, H, Hk, Lq, Lk, D, dtype, Lq + Lk + B + H + D + 2)
     assert _dq_stages(plan), plan._bwd
 
 

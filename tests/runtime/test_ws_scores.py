@@ -266,15 +266,11 @@ GPU_IDS = [f"B{c[3]}-H{c[4]}-Hk{c[5]}-Lq{c[6]}-Lk{c[7]}-D{c[8]}-{str(c[9])[6:]}"
            f"-{c[0].split(' ')[0]}-{c[1].split('(')[0].split(' ')[0]}" for c in GPU_CASES]
 
 
-@pytest.mark.parametrize("mask,score,params,B,H,Hk,Lq,Lk,D,dtype", GPU_CASES, ids=GPU_IDS)
-@hopper
-def test_scored_gluon_kernels_gpu(mask, score, params, B, H, Hk, Lq, Lk, D, dtype,
-                                  monkeypatch):
-    """An additive score through the warp-specialised forward and dK/dV kernel: o, lse
-    and the gradients to q, k, v of a fresh dO against the float64 reference."""
-    monkeypatch.setenv("SPATTN_WS_FWD", "1")
-    monkeypatch.setenv("SPATTN_WS_BWD", "1")
-    g = torch.Generator(device="cuda").manual_seed(Lq + Lk + B + H + D)
+def checked_plan(mask, score, params, B, H, Hk, Lq, Lk, D, dtype, seed):
+    """The plan of ``mask`` with ``score`` on fresh random q ``[B, H, Lq, D]``, k and v
+    ``[B, Hk, Lk, D]`` (``doc`` in the mask: random documents), its o, lse and gradients
+    checked against the float64 reference (``test_ws_fwd._check``)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
     q = _rand((B, H, Lq, D), dtype, g)
     k, v = (_rand((B, Hk, Lk, D), dtype, g) for _ in range(2))
     inputs = {}
@@ -283,6 +279,18 @@ def test_scored_gluon_kernels_gpu(mask, score, params, B, H, Hk, Lq, Lk, D, dtyp
     pat = spattn.compile(mask, score=score, **params)
     plan = pat.plan(q, k, v, **inputs)
     _check(pat, q, k, v, inputs, plan=plan, lse_tol=2e-3)
+    return plan
+
+
+@pytest.mark.parametrize("mask,score,params,B,H,Hk,Lq,Lk,D,dtype", GPU_CASES, ids=GPU_IDS)
+@hopper
+def test_scored_gluon_kernels_gpu(mask, score, params, B, H, Hk, Lq, Lk, D, dtype,
+                                  monkeypatch):
+    """An additive score through the warp-specialised forward and dK/dV kernel: o, lse
+    and the gradients to q, k, v of a fresh dO against the float64 reference."""
+    monkeypatch.setenv("SPATTN_WS_FWD", "1")
+    monkeypatch.setenv("SPATTN_WS_BWD", "1")
+    plan = checked_plan(mask, score, params, B, H, Hk, Lq, Lk, D, dtype, Lq + Lk + B + H + D)
     assert plan.forward_stage.gluon, plan.forward_stage
     assert _ws_stages(plan), plan._bwd
 
@@ -304,15 +312,7 @@ def test_capped_gluon_forward_gpu(mask, score, B, H, Hk, Lq, Lk, D, dtype, monke
     lse): o, lse and the gradients of a fresh dO against the float64 reference; rows
     without keys (``k + 100 < q``) give o 0 and lse -inf."""
     monkeypatch.setenv("SPATTN_WS_FWD", "1")
-    g = torch.Generator(device="cuda").manual_seed(Lq + Lk + B + H + D + 1)
-    q = _rand((B, H, Lq, D), dtype, g)
-    k, v = (_rand((B, Hk, Lk, D), dtype, g) for _ in range(2))
-    inputs = {}
-    if "doc" in mask:
-        inputs = {"doc": (torch.rand(B, Lq, device="cuda", generator=g) < 0.004).cumsum(-1)}
-    pat = spattn.compile(mask, score=score)
-    plan = pat.plan(q, k, v, **inputs)
-    _check(pat, q, k, v, inputs, plan=plan, lse_tol=2e-3)
+    plan = checked_plan(mask, score, {}, B, H, Hk, Lq, Lk, D, dtype, Lq + Lk + B + H + D + 1)
     assert plan.forward_stage.gluon and plan.forward_stage.meta["SCORED"] == 3, plan
     assert not _ws_stages(plan), plan._bwd
 
