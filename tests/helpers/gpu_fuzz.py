@@ -138,7 +138,10 @@ def call_case(seed: int, ws: bool = False) -> str:
          "strided(37)", "global_tokens(5) | local(40, 60)", "prefix_lm(300)"])
     score = rand_score(r, r.randint(1, 3)) if r.random() < 0.35 and not ws else None
     if ws and r.random() < 0.35:
-        score = rand_additive(r) if r.random() < 0.7 else rand_capped(r)
+        score = rand_additive(r)
+        side = random.Random(-1 - seed)     # (its own draws: the case's others stay as they were)
+        if side.random() < 0.3:
+            score = rand_capped(side)
     Hk = r.randint(1, 4)
     Hq = Hk * r.choice([1, 1, 2, 4])
     B = r.choice([1, 1, 2, 3])
