@@ -93,8 +93,9 @@ def rand_score(r: random.Random, depth: int) -> str:
 
 
 def score_params(score: str, Hq: int) -> dict:
-    """The :data:`PARAMS` that ``score`` names, lists cut to ``Hq`` entries."""
-    return {n: v[:Hq] if isinstance(v, list) and len(v) > Hq else v
+    """The :data:`PARAMS` that ``score`` names, lists cut or repeated to ``Hq`` entries (a
+    list shorter than the heads would be refused, and the case would test nothing)."""
+    return {n: (v * -(-Hq // len(v)))[:Hq] if isinstance(v, list) else v
             for n, v in PARAMS.items() if re.search(rf"\b{n}\b", score)}
 
 
