@@ -18,7 +18,7 @@ import spattn
 from spattn.runtime import settings as S
 from spattn.runtime import ws_bwd
 from tests.helpers.uninterpreted import run_script
-from tests.runtime.test_ws_fwd import _call, _check, _rand, hopper
+from tests.runtime.test_ws_fwd import _call, _check, _rand, checked_plan, hopper
 
 
 def _lists_against_mask(pat, call, B, H, Lq, Lk, inputs):
@@ -232,15 +232,8 @@ def test_gradients_gpu(src, B, H, Hk, Lq, Lk, D, dtype, bshd, ins, monkeypatch):
     list), batches, ragged lengths, documents at random cuts (masks), rows without keys
     and key tiles without queries."""
     monkeypatch.setenv("SPATTN_WS_BWD", "1")       # (small calls: auto leaves them)
-    g = torch.Generator(device="cuda").manual_seed(Lq + Lk + B + H + D)
-    q = _rand((B, H, Lq, D), dtype, g, bshd)
-    k, v = (_rand((B, Hk, Lk, D), dtype, g, bshd) for _ in range(2))
-    inputs = {}
-    if ins == "random":
-        inputs = {"doc": (torch.rand(B, Lq, device="cuda", generator=g) < 0.004).cumsum(-1)}
-    pat = spattn.compile(src)
-    plan = pat.plan(q, k, v, **inputs)
-    _check(pat, q, k, v, inputs, plan=plan)
+    plan = checked_plan(src, None, {}, B, H, Hk, Lq, Lk, D, dtype, Lq + Lk + B + H + D,
+                        bshd=bshd)
     assert _ws_stages(plan), plan._bwd
 
 

@@ -287,6 +287,24 @@ def _check(pat, q, k, v, inputs, tol=1e-2, plan=None, lse_tol=1e-3):
         assert err < tol, f"{name}: rel. error {err:.2e}"
 
 
+def checked_plan(mask, score, params, B, H, Hk, Lq, Lk, D, dtype, seed, *, bshd=False,
+                 lse_tol=1e-3):
+    """The plan of ``mask`` with ``score`` (None: none) on fresh random q ``[B, H, Lq,
+    D]``, k and v ``[B, Hk, Lk, D]`` (``bshd``: in ``[B, L, H, D]`` memory; ``doc`` in the
+    mask: documents at random cuts), its o, lse and gradients checked against the float64
+    reference (:func:`_check`)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = _rand((B, H, Lq, D), dtype, g, bshd)
+    k, v = (_rand((B, Hk, Lk, D), dtype, g, bshd) for _ in range(2))
+    inputs = {}
+    if "doc" in mask:
+        inputs = {"doc": (torch.rand(B, Lq, device="cuda", generator=g) < 0.004).cumsum(-1)}
+    pat = spattn.compile(mask, score=score, **params)
+    plan = pat.plan(q, k, v, **inputs)
+    _check(pat, q, k, v, inputs, plan=plan, lse_tol=lse_tol)
+    return plan
+
+
 ROW_CASES = [  # source, B, H, Hk, Lq, Lk, D, dtype, [B, L, H, D] memory, inputs
     ("full", 2, 4, 2, 1024, 1024, 64, torch.float16, False, None),
     ("full", 1, 2, 2, 2048, 2048, 128, torch.bfloat16, True, None),

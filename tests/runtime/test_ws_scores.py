@@ -20,7 +20,7 @@ from spattn.runtime import settings as S
 from spattn.runtime import ws_bwd, ws_fwd
 from spattn.runtime.plan import Call
 from tests.runtime.test_ws_bwd import _ws_stages
-from tests.runtime.test_ws_fwd import _check, _rand, hopper
+from tests.runtime.test_ws_fwd import _check, _rand, checked_plan, hopper
 
 SLOPES = [2.0 ** -(i + 1) for i in range(4)]
 
@@ -266,22 +266,6 @@ GPU_IDS = [f"B{c[3]}-H{c[4]}-Hk{c[5]}-Lq{c[6]}-Lk{c[7]}-D{c[8]}-{str(c[9])[6:]}"
            f"-{c[0].split(' ')[0]}-{c[1].split('(')[0].split(' ')[0]}" for c in GPU_CASES]
 
 
-def checked_plan(mask, score, params, B, H, Hk, Lq, Lk, D, dtype, seed):
-    """The plan of ``mask`` with ``score`` on fresh random q ``[B, H, Lq, D]``, k and v
-    ``[B, Hk, Lk, D]`` (``doc`` in the mask: random documents), its o, lse and gradients
-    checked against the float64 reference (``test_ws_fwd._check``)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = _rand((B, H, Lq, D), dtype, g)
-    k, v = (_rand((B, Hk, Lk, D), dtype, g) for _ in range(2))
-    inputs = {}
-    if "doc" in mask:
-        inputs = {"doc": (torch.rand(B, Lq, device="cuda", generator=g) < 0.004).cumsum(-1)}
-    pat = spattn.compile(mask, score=score, **params)
-    plan = pat.plan(q, k, v, **inputs)
-    _check(pat, q, k, v, inputs, plan=plan, lse_tol=2e-3)
-    return plan
-
-
 @pytest.mark.parametrize("mask,score,params,B,H,Hk,Lq,Lk,D,dtype", GPU_CASES, ids=GPU_IDS)
 @hopper
 def test_scored_gluon_kernels_gpu(mask, score, params, B, H, Hk, Lq, Lk, D, dtype,
@@ -290,7 +274,8 @@ def test_scored_gluon_kernels_gpu(mask, score, params, B, H, Hk, Lq, Lk, D, dtyp
     and the gradients to q, k, v of a fresh dO against the float64 reference."""
     monkeypatch.setenv("SPATTN_WS_FWD", "1")
     monkeypatch.setenv("SPATTN_WS_BWD", "1")
-    plan = checked_plan(mask, score, params, B, H, Hk, Lq, Lk, D, dtype, Lq + Lk + B + H + D)
+    plan = checked_plan(mask, score, params, B, H, Hk, Lq, Lk, D, dtype, Lq + Lk + B + H + D,
+                        lse_tol=2e-3)
     assert plan.forward_stage.gluon, plan.forward_stage
     assert _ws_stages(plan), plan._bwd
 
@@ -312,7 +297,8 @@ def test_capped_gluon_forward_gpu(mask, score, B, H, Hk, Lq, Lk, D, dtype, monke
     lse): o, lse and the gradients of a fresh dO against the float64 reference; rows
     without keys (``k + 100 < q``) give o 0 and lse -inf."""
     monkeypatch.setenv("SPATTN_WS_FWD", "1")
-    plan = checked_plan(mask, score, {}, B, H, Hk, Lq, Lk, D, dtype, Lq + Lk + B + H + D + 1)
+    plan = checked_plan(mask, score, {}, B, H, Hk, Lq, Lk, D, dtype, Lq + Lk + B + H + D + 1,
+                        lse_tol=2e-3)
     assert plan.forward_stage.gluon and plan.forward_stage.meta["SCORED"] == 3, plan
     assert not _ws_stages(plan), plan._bwd
 
