@@ -78,6 +78,13 @@ def _bigbird_blocks(N, dev, bs=64, seed=0, r=3):
     return t.to(dev)
 
 
+def _documents(n: int) -> tuple:
+    """The PATTERNS entry of causal documents, ``n`` of them at sorted random cuts."""
+    return ("causal & same(doc)", {},
+            lambda N, H, I: (lambda b, h, q, k: (q >= k) & (I["doc"][q] == I["doc"][k])),
+            lambda N, dev: {"doc": _doc_ids(N, dev, ndocs=n)})
+
+
 PATTERNS = {
     "full": ("full", {}, lambda N, H, I: (lambda b, h, q, k: q >= 0), None),
     "causal": ("causal", {}, lambda N, H, I: (lambda b, h, q, k: q >= k), None),
@@ -87,15 +94,7 @@ PATTERNS = {
                     lambda N, H, I: (lambda b, h, q, k: (q >= k) & (q - k < 256)), None),
     "streaming": ("causal & (window(1024) | sink(64))", {},
                   lambda N, H, I: (lambda b, h, q, k: (q >= k) & ((q - k < 1024) | (k < 64))), None),
-    "documents": ("causal & same(doc)", {},
-                  lambda N, H, I: (lambda b, h, q, k: (q >= k) & (I["doc"][q] == I["doc"][k])),
-                  lambda N, dev: {"doc": _doc_ids(N, dev)}),
-    "documents1": ("causal & same(doc)", {},
-                   lambda N, H, I: (lambda b, h, q, k: (q >= k) & (I["doc"][q] == I["doc"][k])),
-                   lambda N, dev: {"doc": _doc_ids(N, dev, ndocs=1)}),
-    "documents4": ("causal & same(doc)", {},
-                   lambda N, H, I: (lambda b, h, q, k: (q >= k) & (I["doc"][q] == I["doc"][k])),
-                   lambda N, dev: {"doc": _doc_ids(N, dev, ndocs=4)}),
+    **{f"documents{'' if n == 12 else n}": _documents(n) for n in (12, 1, 4, 20, 100, 1000)},
     "prefix_lm(2048)": ("prefix_lm(2048)", {},
                         lambda N, H, I: (lambda b, h, q, k: (q >= k) | (k < 2048)), None),
     "chunked(4096)&causal": ("chunked(4096) & causal", {},
@@ -124,8 +123,8 @@ PATTERNS = {
     "per-head": ("causal & (q - k < 1024 | k % H == h)", {},
                  lambda N, H, I: (lambda b, h, q, k: (q >= k) & ((q - k < 1024) | (k % H == h))), None),
 }
-#: Patterns run only when named (``--patterns``): nearly causal packed documents.
-EXTRA = ("documents1", "documents4")
+#: Patterns run only when named (``--patterns``): packed documents of other counts than 12.
+EXTRA = ("documents1", "documents4", "documents20", "documents100", "documents1000")
 QUICK = ["causal", "window(1024)", "streaming", "documents", "longformer", "dilated(512,4)"]
 
 

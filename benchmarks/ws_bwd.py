@@ -10,7 +10,7 @@ and score), are timed forward+backward (one ``autograd.grad`` of a fresh forward
 backward alone (``autograd.grad`` of a kept forward) in alternating rounds of
 ``triton.testing.do_bench`` medians, the two plans' gradients compared first. Problems:
 ``full`` and ``causal`` at 4K to 64K, causal with ALiBi at 16K, causal documents at sorted
-random cuts (1 to 100 documents) at 16K and 64K. B = 1, 16 heads, D = 128, bf16.
+random cuts (1 to 1000 documents) at 16K and 64K. B = 1, 16 heads, D = 128, bf16.
 
     python benchmarks/ws_bwd.py [--rounds 3] [--out DIR] [--only NAME ...]
                                 [--setting SPATTN_WS_DQ]
@@ -45,6 +45,8 @@ PROBLEMS = [  # name, source, L, documents (, score)
     ("100 documents 16K", "causal & same(doc)", 16384, 100),
     ("4 documents 64K", "causal & same(doc)", 65536, 4),
     ("20 documents 64K", "causal & same(doc)", 65536, 20),
+    ("100 documents 64K", "causal & same(doc)", 65536, 100),
+    ("1000 documents 64K", "causal & same(doc)", 65536, 1000),
 ]
 
 

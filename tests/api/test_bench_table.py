@@ -89,14 +89,15 @@ def test_time_rounds_spattn_errors_propagate(bench):
         bench.time_rounds({}, clock.timed(), 3, bench=clock)
 
 
-@pytest.mark.parametrize("ndocs", [1, 4], ids=["documents1", "documents4"])
+@pytest.mark.parametrize("ndocs", [1, 4, 20, 100, 1000],
+                         ids=[f"documents{n}" for n in (1, 4, 20, 100, 1000)])
 def test_named_only_document_patterns(bench, ndocs):
-    """``documents1`` / ``documents4`` (run only when named) hold that many sorted
+    """``documents1`` to ``documents1000`` (run only when named) hold that many sorted
     documents, and the suite's default list leaves them out."""
     name = f"documents{ndocs}"
     assert name in bench.EXTRA and name in bench.PATTERNS
     src, _, mask_mod, inputs = bench.PATTERNS[name]
-    doc = inputs(64, "cpu")["doc"]
+    doc = inputs(4096, "cpu")["doc"]
     assert doc.unique().numel() == ndocs and bool((doc[1:] >= doc[:-1]).all())
     assert src == bench.PATTERNS["documents"][0]
     assert name not in bench.default_names() and name not in bench.default_names(quick=True)
