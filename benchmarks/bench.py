@@ -78,6 +78,10 @@ def _bigbird_blocks(N, dev, bs=64, seed=0, r=3):
     return t.to(dev)
 
 
+#: Document counts of the named-only ``documents{n}`` patterns (``documents`` holds 12).
+DOC_COUNTS = (1, 4, 20, 100, 1000)
+
+
 def _documents(n: int) -> tuple:
     """The PATTERNS entry of causal documents, ``n`` of them at sorted random cuts."""
     return ("causal & same(doc)", {},
@@ -94,7 +98,8 @@ PATTERNS = {
                     lambda N, H, I: (lambda b, h, q, k: (q >= k) & (q - k < 256)), None),
     "streaming": ("causal & (window(1024) | sink(64))", {},
                   lambda N, H, I: (lambda b, h, q, k: (q >= k) & ((q - k < 1024) | (k < 64))), None),
-    **{f"documents{'' if n == 12 else n}": _documents(n) for n in (12, 1, 4, 20, 100, 1000)},
+    "documents": _documents(12),
+    **{f"documents{n}": _documents(n) for n in DOC_COUNTS},
     "prefix_lm(2048)": ("prefix_lm(2048)", {},
                         lambda N, H, I: (lambda b, h, q, k: (q >= k) | (k < 2048)), None),
     "chunked(4096)&causal": ("chunked(4096) & causal", {},
@@ -124,7 +129,7 @@ PATTERNS = {
                  lambda N, H, I: (lambda b, h, q, k: (q >= k) & ((q - k < 1024) | (k % H == h))), None),
 }
 #: Patterns run only when named (``--patterns``): packed documents of other counts than 12.
-EXTRA = ("documents1", "documents4", "documents20", "documents100", "documents1000")
+EXTRA = tuple(f"documents{n}" for n in DOC_COUNTS)
 QUICK = ["causal", "window(1024)", "streaming", "documents", "longformer", "dilated(512,4)"]
 
 
