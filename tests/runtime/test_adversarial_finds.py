@@ -239,7 +239,7 @@ def test_sign_and_step_of_s_differentiate_to_zero(backend):
     assert_matches(got, want, "sign and step")
 
 
-@pytest.mark.parametrize("case", ["call:3", "call:8", "layout:2", "decode:3", "seq:6", "ws:6"])
+@pytest.mark.parametrize("case", ["call:3", "call:8", "layout:2", "decode:3", "seq:6", "ws:23"])
 def test_gpu_search_cases_run_on_the_cpu(monkeypatch, case):
     """The GPU search's cases (``tests/helpers/gpu_fuzz.py``) on the CPU's default backend:
     the harness stays runnable, and these draws (bshd views at D = 192, a learned table
