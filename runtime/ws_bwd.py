@@ -15,7 +15,9 @@ it replaces the generated dK/dV kernel, reading the rows' statistics the dQ kern
   issued together; P^T = exp2(S^T scale log2e - lse) while dP^T runs; dV += P^T dO from
   registers; dS^T = P^T (dP^T - delta); dK += dS^T Q. A PARTIAL tile's pairs come from its
   mask (uint8 ``[64, 128]``, evaluated from the pattern's IR at plan time, as the
-  warp-specialised forward's): P^T is 0 elsewhere. Each step waits for its own products
+  warp-specialised forward's), or where each key allows one run of the tile's queries
+  from the keys' runs (4 bytes a key, loaded ahead of the tile's products): P^T is 0
+  elsewhere. Each step waits for its own products
   (the schedule that keeps ptxas from serialising them: ``benchmarks/gluon_bwd.py``).
   An additive score (as the forward's, ``ws_fwd.score_vectors``) adds its keys' vector to
   S^T; its rows' terms are taken out of the lse before the kernel reads it
@@ -37,11 +39,11 @@ import torch
 from . import tune as _tune
 from .settings import launch_guard
 from .ws_fwd import (GLUON, ScoreVectors, context_on_thread, device_why_not, score_vectors,
-                     score_why_not, tile_lists, tile_masks, warm)
+                     score_why_not, tile_lists, tile_masks, tile_runs, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
-    from .ws_fwd import (TensorDescriptor, _flags, _ring, fence_async_shared, gl,
-                         gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
+    from .ws_fwd import (TensorDescriptor, _flags, _ring, _run_words, fence_async_shared,
+                         gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
                          warpgroup_mma_wait)
 
 #: Query rows a step (one ring slot) and keys a program (two warp groups of 64).
@@ -133,10 +135,13 @@ if GLUON:
                  flags, HALF: gl.constexpr):
         """A consumer warp group: keys ``[64 * HALF, +64)`` of the program's key tile
         against every query tile of its lists; dK (scaled) and dV stored through its own
-        K and V halves. ``SCORED`` (``flags``' shape, ``runtime.ws_fwd._flags``): an
-        additive score, whose terms of the key join S^T and whose terms of the query shift
-        the lse (its derivative in s is its factor ``c``, in ``sm_scale``)."""
+        K and V halves. ``MASKED`` and ``SCORED`` (``flags``' shape,
+        ``runtime.ws_fwd._flags``): some tiles are PARTIAL, 1 with their masks, 2 with
+        their keys' runs of queries (read ahead of the tile's products); an additive score,
+        whose terms of the key join S^T and whose terms of the query shift the lse (its
+        derivative in s is its factor ``c``, in ``sm_scale``)."""
         kv_bar, q_ready, do_ready, empty = bars
+        MASKED: gl.constexpr = (flags.type.shape[0] >= 2) + (flags.type.shape[0] >= 4)
         SCORED: gl.constexpr = flags.type.shape[1] >= 2
         STAGES: gl.constexpr = q_smem.type.shape[0]
         D: gl.constexpr = q_smem.type.shape[4]
@@ -158,9 +163,12 @@ if GLUON:
         b_zero = gl.zeros([64, 64], gl.float32, s_layout)
         b_dk = warpgroup_mma_init(gl.zeros([64, D], gl.float32, a_layout))
         b_dv = warpgroup_mma_init(gl.zeros([64, D], gl.float32, a_layout))
-        # a PARTIAL tile's mask [64 queries, 128 keys], read transposed (keys x queries)
-        o_mk = gl.expand_dims(HALF * 64 + gl.arange(0, 64, layout=row_s), 1) \
-            + gl.expand_dims(gl.arange(0, 64, layout=col_s) * 128, 0)
+        # a PARTIAL tile's mask [64 queries, 128 keys], read transposed (keys x queries),
+        # or its keys' runs of queries [128] (this group's: o_kh)
+        o_kh = HALF * 64 + gl.arange(0, 64, layout=row_s)
+        o_qc = gl.expand_dims(gl.arange(0, 64, layout=col_s), 0)
+        o_mk = gl.expand_dims(o_kh, 1) + o_qc * 128
+        b_w = gl.zeros([64], gl.int32, row_s)      # (MASKED 1: no runs)
         mbarrier.wait(kv_bar, 0)
         it = 0
         for g in range(G):
@@ -171,10 +179,16 @@ if GLUON:
             if SCORED:
                 b_a = gl.load(SA + i_b * H + i_h)
                 b_ck = gl.load(SC + i_b * sc_b + i_h * sc_h + o_kr)
+            if MASKED:      # (a key tile may have no query tiles)
+                i_mn = gl.load(MIDX + o_list, mask=n_n > 0, other=-1)
             for j in range(n_n):
                 i_s = it % STAGES
                 phase = (it // STAGES) & 1
-                i_m = gl.load(MIDX + o_list + j)
+                if MASKED:  # (this tile's runs, and the next tile's index, loaded ahead of
+                    i_m = i_mn  # the waits)
+                    if MASKED == 2:
+                        b_w = _run_words(MASKS, i_m, o_kh)
+                    i_mn = gl.load(MIDX + o_list + gl.minimum(j + 1, n_n - 1))
                 if SCORED:
                     # the key's terms and the slope times k - r (r: the tile's first
                     # query; the rest of the row's terms are in the lse: WsBwd.rows)
@@ -198,9 +212,14 @@ if GLUON:
                                    - gl.expand_dims(b_lse, 0))
                 else:
                     b_pt = gl.exp2(b_st * sm_scale_log2 - gl.expand_dims(b_lse, 0))
-                if i_m >= 0:
-                    m_ok = gl.load(MASKS + i_m.to(gl.int64) * 8192 + o_mk) != 0
-                    b_pt = gl.where(m_ok, b_pt, 0.0)
+                if MASKED:
+                    if i_m >= 0:
+                        if MASKED == 1:
+                            m_ok = gl.load(MASKS + i_m.to(gl.int64) * 8192 + o_mk) != 0
+                        else:
+                            m_ok = (o_qc >= gl.expand_dims(b_w & 0xFFFF, 1)) \
+                                & (o_qc < gl.expand_dims(b_w >> 16, 1))
+                        b_pt = gl.where(m_ok, b_pt, 0.0)
                 b_ptd = gl.convert_layout(b_pt.to(q_desc.dtype), op_layout)
                 b_dv = warpgroup_mma(b_ptd, do_s, b_dv, is_async=True)
                 b_dpt, b_dv = warpgroup_mma_wait(0, deps=(b_dpt, b_dv))
@@ -247,7 +266,8 @@ if GLUON:
                          delta_desc, START, COUNT, ROWS, MIDX, MASKS, B, HK, H, G, LQS, LB,
                          LH, sm_scale_log2, sm_scale, SA, SC, sc_b, sc_h, q_offset,
                          STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                         SCORED: gl.constexpr, num_warps: gl.constexpr):
+                         MASKED: gl.constexpr, SCORED: gl.constexpr,
+                         num_warps: gl.constexpr):
         """dK and dV ``[B, HK, Lk, D]`` of one key tile (128 keys) of one (batch element,
         key head): program ``(i_c * B + b) * HK + hk`` (key tile-major: the first key tiles,
         which causal masks give the most query tiles, start first). Q, dO ``[B, H, Lq,
@@ -255,8 +275,10 @@ if GLUON:
         and delta, fp32 rows of ``LQS`` (``Lq`` rounded up to 4) a head, through 1-D
         descriptors of 64. The query tiles
         (64 rows) of list entry ``i = b * LB + h * LH + key tile``: ``ROWS[START[i] :
-        START[i] + COUNT[i]]``, each FULL (``MIDX`` -1) or PARTIAL with its uint8 mask
-        ``MASKS[MIDX]`` ``[64, 128]``. ``SCORED``: an additive score, its slopes ``SA`` and
+        START[i] + COUNT[i]]``, each FULL (``MIDX`` -1) or PARTIAL: ``MASKED`` 1, with its
+        uint8 mask ``MASKS[MIDX]`` ``[64, 128]``; 2, with each key's run of queries
+        ``MASKS[MIDX, key] = (lo, hi)`` (int16 ``[128, 2]``: the tile's queries ``lo <= r <
+        hi``); 0, none PARTIAL. ``SCORED``: an additive score, its slopes ``SA`` and
         keys' terms ``SC`` (strides ``sc_b``, ``sc_h``) as the warp-specialised forward's,
         ``q_offset`` the first query's position, its rows' terms taken out of the lse
         (:meth:`WsBwd.rows`), ``sm_scale_log2`` and ``sm_scale`` times its factor of s."""
@@ -280,7 +302,7 @@ if GLUON:
         args = (q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
                 q_smem, k_smem, v_smem, do_smem, l_smem, d_smem, bars, START, COUNT, ROWS,
                 MIDX, MASKS, geom, sm_scale_log2, sm_scale, SA, SC, sc_b, sc_h, q_offset,
-                _flags(0, SCORED))
+                _flags(MASKED, SCORED))
         gl.warp_specialize([(_load, args), (_consume0, args), (_consume1, args)],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
@@ -345,7 +367,10 @@ class QueryLists:
     head has the same): query tiles of 64 rows ``rows[start[i] : start[i] + count[i]]``,
     ascending, each FULL (``midx`` -1) or PARTIAL with its mask ``masks[midx]`` (uint8
     ``[64, 128]``: query rows by key columns, 0 where the pair is not allowed or past
-    either end: :func:`~spattn.runtime.ws_fwd.tile_masks`)."""
+    either end: :func:`~spattn.runtime.ws_fwd.tile_masks`). ``masks`` is int16 ``[n,
+    128, 2]`` instead where each key of each PARTIAL tile allows one run of the tile's
+    queries, ``[lo, hi)`` (:func:`~spattn.runtime.ws_fwd.tile_runs` of the masks
+    transposed: causal, windows, documents)."""
 
     start: torch.Tensor
     count: torch.Tensor
@@ -372,9 +397,11 @@ def query_lists(call):
     if isinstance(got, str):
         return got
     start, count, at, partial, midx, strides, _, _, n_partial = got
+    masks = tile_masks(call, at[partial][:, [0, 1, 3, 2]], tile, rows_end=True)
+    runs = tile_runs(masks.transpose(1, 2))
     return QueryLists(start, count, at[:, 3].to(torch.int32).contiguous(), midx,
-                      tile_masks(call, at[partial][:, [0, 1, 3, 2]], tile, rows_end=True),
-                      strides, ct.shape[2], n_partial)
+                      runs if runs.dtype == torch.int16 else masks, strides, ct.shape[2],
+                      n_partial)
 
 
 class WsBwd:
@@ -412,7 +439,9 @@ class WsBwd:
         self.static = (lists.start, lists.count, lists.rows, lists.midx, lists.masks, B, HK,
                        H, H // HK, self.lq_rows, LB, LH, _scale_log2(call.scale) * c,
                        call.scale * c, *sc, call.positions.q_offset)
+        self.runs = lists.masks.dtype == torch.int16
         self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
+                         MASKED=(2 if self.runs else 1) if lists.n_partial else 0,
                          SCORED=int(score is not None), num_warps=4, maxnreg=168)
 
     def _desc(self, t):
@@ -449,10 +478,11 @@ class WsBwd:
             self.kernel[self.grid](*self.args(q, k, v, do, lse2, delta, dk, dv), **self.meta)
 
     def __repr__(self) -> str:
+        read = "keys' runs" if self.runs else "masks"
         return (f"dK/dV attn_bwd_dkdv_ws (Gluon, warp-specialised: a TMA loader and two "
                 f"consumer warp groups of 64 keys): tiles {BLOCK_M}x{BLOCK_N}, "
                 f"{int(self.lists.rows.numel())} query tiles ({self.lists.n_partial} "
-                f"PARTIAL, their masks read) over {self.lists.count.numel()} key-tile "
+                f"PARTIAL, their {read} read) over {self.lists.count.numel()} key-tile "
                 f"lists, grid {self.grid}"
                 + (", an additive score" if self.score is not None else ""))
 

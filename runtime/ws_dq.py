@@ -35,8 +35,8 @@ from .ws_fwd import (GLUON, TILE, KeyLists, ScoreVectors, WsFwdStage, context_on
                      device_why_not, key_lists, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
-    from .ws_fwd import (_at, _flags, _load_keys, _masked, _ring, _score_rows, _tile, _work,
-                         fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
+    from .ws_fwd import (_at, _flags, _load_keys, _masked, _ring, _run_words, _score_rows,
+                         _tile, _work, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
                          warpgroup_mma_init, warpgroup_mma_wait)
 
 #: The share of PARTIAL 128 x 128 tiles up to which ``SPATTN_WS_DQ=auto`` takes the kernel
@@ -107,6 +107,8 @@ if GLUON:
         q_s = q_smem.index(HALF).reshape([BLOCK_M, D])
         do_s = do_smem.index(HALF).reshape([BLOCK_M, D])
         o_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        o_rh = gl.arange(0, BLOCK_M, layout=row_s) + HALF * BLOCK_M     # the group's rows
+        b_w = gl.zeros([BLOCK_M], gl.int32, row_s)      # (MASKED 1: no runs)
         it = 0
         n = 0
         for i_p in range(gl.program_id(0), N_WORK, gl.num_programs(0)):
@@ -146,11 +148,16 @@ if GLUON:
 
             # stage 2: per key tile, S and dP in flight together, P while dP runs, then
             # dS K into dQ; V's slot released after dP, K's after dQ's product
+            if MASKED:      # (an entry may have no tiles here)
+                i_mn = gl.load(MIDX + o_list, mask=n_n > 0, other=-1)
             for j in range(n_n):
                 i_s = (it + j) % STAGES
                 phase = ((it + j) // STAGES) & 1
-                if MASKED:
-                    i_m = gl.load(MIDX + o_list + j)
+                if MASKED:      # (this tile's runs, and the next tile's index, loaded ahead
+                    i_m = i_mn  # of the waits)
+                    if MASKED == 2:
+                        b_w = _run_words(MASKS, i_m, o_rh)
+                    i_mn = gl.load(MIDX + o_list + gl.minimum(j + 1, n_n - 1))
                 if SCORED:
                     o_k0 = gl.load(COLS + o_list + j) * 128
                 if SCORED == 2:
@@ -164,7 +171,7 @@ if GLUON:
                 b_s = warpgroup_mma_wait(1, deps=(b_s,))
                 if MASKED:
                     if i_m >= 0:
-                        b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
+                        b_s = _masked(b_s, MASKS, i_m, b_w, HALF, MASKED)
                 if SCORED:
                     # (the slope times k - r from the tile's columns, not a vector kept
                     # across the loop: registers are short here, unlike the forward's)

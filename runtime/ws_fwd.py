@@ -195,24 +195,32 @@ if GLUON:
         return b_p, b_alpha, b_m_new, b_l
 
     @gluon.jit
-    def _masked(b_s, MASKS, i_m, HALF: gl.constexpr, MASKED: gl.constexpr):
+    def _run_words(MASKS, i_m, o_r):
+        """The rows' runs of PARTIAL tile ``i_m`` (any tile index where the tile is FULL:
+        the words are then not used) at rows ``o_r``, one int32 word a row (``lo | hi <<
+        16``, ``MASKS`` int16 ``[n, 128, 2]``): loaded before the tile's products, so that
+        their latency lies under the waits."""
+        p_w = MASKS.to(gl.pointer_type(gl.int32)) + gl.maximum(i_m, 0).to(gl.int64) * 128
+        return gl.load(p_w + o_r)
+
+    @gluon.jit
+    def _masked(b_s, MASKS, i_m, b_w, HALF: gl.constexpr, MASKED: gl.constexpr):
         """S of a PARTIAL tile with its disallowed pairs at -inf, rows ``[64 * HALF, +64)``
         of the tile: ``MASKED`` 1, by the tile's mask ``MASKS[i_m]`` (uint8 ``[128,
-        128]``); 2, by each row's run of allowed keys ``MASKS[i_m, row] = (lo, hi)`` (int16
-        ``[128, 2]``: the keys ``lo <= c < hi`` of the tile)."""
+        128]``); 2, by each row's run of allowed keys, the words ``b_w`` of
+        :func:`_run_words` (``MASKS[i_m, row] = (lo, hi)``, int16 ``[128, 2]``: the keys
+        ``lo <= c < hi`` of the tile)."""
         s_layout: gl.constexpr = b_s.type.layout
-        o_r = gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout)) + HALF * 64
         o_c = gl.arange(0, 128, layout=gl.SliceLayout(0, s_layout))
         if MASKED == 1:
+            o_r = gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout)) + HALF * 64
             p_m = MASKS + i_m.to(gl.int64) * 16384 + gl.expand_dims(o_r * 128, 1) \
                 + gl.expand_dims(o_c, 0)
             m_ok = gl.load(p_m) != 0
         else:
-            p_r = MASKS + i_m.to(gl.int64) * 256 + o_r * 2
-            b_lo = gl.expand_dims(gl.load(p_r).to(gl.int32), 1)
-            b_hi = gl.expand_dims(gl.load(p_r + 1).to(gl.int32), 1)
             o_c2 = gl.expand_dims(o_c, 0)
-            m_ok = (o_c2 >= b_lo) & (o_c2 < b_hi)
+            m_ok = (o_c2 >= gl.expand_dims(b_w & 0xFFFF, 1)) \
+                & (o_c2 < gl.expand_dims(b_w >> 16, 1))
         return gl.where(m_ok, b_s, float("-inf"))
 
     @gluon.jit
@@ -294,6 +302,8 @@ if GLUON:
         h1: gl.constexpr = q_smem.type.shape[3]
         h2: gl.constexpr = q_smem.type.shape[4]
         b_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        o_rh = gl.arange(0, BLOCK_M, layout=row_s) + HALF * BLOCK_M     # the group's rows
+        b_w = gl.zeros([BLOCK_M], gl.int32, row_s)      # (MASKED 1: no runs)
         it = 0
         tt = 0
         n = 0
@@ -319,6 +329,9 @@ if GLUON:
             if MASKED:
                 o_list = gl.load(START + i_l)
                 i_m = gl.load(MIDX + o_list)
+                if MASKED == 2:
+                    b_w = _run_words(MASKS, i_m, o_rh)
+                i_mn = gl.load(MIDX + o_list + gl.minimum(1, n_n - 1))
             i_s = it % STAGES
             if SCORED == 2:
                 b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, b_ac, o_r0, col_s, True)
@@ -333,7 +346,7 @@ if GLUON:
                 b_s = _tanh(b_s * score[8])
             if MASKED:
                 if i_m >= 0:
-                    b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
+                    b_s = _masked(b_s, MASKS, i_m, b_w, HALF, MASKED)
             if SCORED == 1:
                 b_c = _score_cols(p_sc, COLS, START, i_l, 0, b_a, b_ac, o_r0, col_s, False)
             if ADDED:
@@ -348,8 +361,11 @@ if GLUON:
             for j in range(1, n_n):
                 i_s = (it + j) % STAGES
                 i_sp = (it + j - 1) % STAGES
-                if MASKED:
-                    i_m = gl.load(MIDX + o_list + j)
+                if MASKED:      # (this tile's runs, and the next tile's index, loaded
+                    i_m = i_mn  # ahead of the waits)
+                    if MASKED == 2:
+                        b_w = _run_words(MASKS, i_m, o_rh)
+                    i_mn = gl.load(MIDX + o_list + gl.minimum(j + 1, n_n - 1))
                 if SCORED == 2:
                     b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, b_ac, o_r0, col_s, True)
                 mbarrier.wait(k_ready.index(i_s), ((it + j) // STAGES) & 1)
@@ -365,7 +381,7 @@ if GLUON:
                     b_s = _tanh(b_s * score[8])
                 if MASKED:
                     if i_m >= 0:
-                        b_s = _masked(b_s, MASKS, i_m, HALF, MASKED)
+                        b_s = _masked(b_s, MASKS, i_m, b_w, HALF, MASKED)
                 if SCORED == 1:
                     b_c = _score_cols(p_sc, COLS, START, i_l, j, b_a, b_ac, o_r0, col_s, False)
                 if ADDED:
@@ -789,12 +805,14 @@ def tile_masks(call, at: torch.Tensor, tile: tuple = (TILE, TILE),
 
 
 def tile_runs(masks: torch.Tensor) -> torch.Tensor:
-    """``masks`` (uint8 ``[n, 128, 128]``) as each row's run of allowed keys, int16 ``[n,
-    128, 2]`` (``lo``, ``hi``: the columns ``lo <= c < hi``; ``0, 0`` for a row with none),
-    where every row's allowed keys are one run; else ``masks`` itself."""
+    """``masks`` (uint8 ``[n, rows, cols]``, ``cols`` at most 128) as each row's run of
+    allowed columns, int16 ``[n, rows, 2]`` (``lo``, ``hi``: the columns ``lo <= c < hi``;
+    ``0, 0`` for a row with none), where every row's allowed columns are one run; else
+    ``masks`` itself. The kernels read a row's run as one int32 word, ``lo | hi << 16``."""
     m = masks.bool()
-    cols = torch.arange(TILE, device=m.device, dtype=torch.int16)
-    lo = torch.where(m, cols, TILE).amin(-1)
+    w = m.shape[-1]
+    cols = torch.arange(w, device=m.device, dtype=torch.int16)
+    lo = torch.where(m, cols, w).amin(-1)
     hi = torch.where(m, cols + 1, 0).amax(-1)
     n = m.sum(-1, dtype=torch.int16)
     if not bool((n == (hi - lo).clamp(min=0)).all()):

@@ -17,13 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.gluon_fwd import compile_sm90  # noqa: E402
 from spattn.runtime import ws_bwd  # noqa: E402
 
-CASES = [  # label, B, H, HK, Lq, Lk, D, dtype, PARTIAL tiles, an additive score
+CASES = [  # label, B, H, HK, Lq, Lk, D, dtype, PARTIAL tiles ("runs": keys' runs), a score
     ("B1-H2-L512-D128-bf16", 1, 2, 2, 512, 512, 128, torch.bfloat16, False, False),
     ("B2-H4-Hk2-L1000-D64-fp16-masked", 2, 4, 2, 1000, 1000, 64, torch.float16, True, False),
     ("B1-H2-Lq300-Lk700-D128-bf16-masked", 1, 2, 1, 300, 700, 128, torch.bfloat16, True,
      False),
     ("B1-H2-L512-D128-bf16-scored", 1, 2, 2, 512, 512, 128, torch.bfloat16, False, True),
     ("B2-H4-Hk2-L1000-D64-fp16-masked-scored", 2, 4, 2, 1000, 1000, 64, torch.float16, True,
+     True),
+    ("B1-H2-L1000-D128-bf16-runs", 1, 2, 2, 1000, 1000, 128, torch.bfloat16, "runs", False),
+    ("B2-H4-Hk2-L700-D64-fp16-runs-scored", 2, 4, 2, 700, 700, 64, torch.float16, "runs",
      True),
 ]
 
@@ -40,7 +43,9 @@ def main() -> None:
                                   torch.full((n_k,), n_q, dtype=torch.int32),
                                   torch.arange(n_q, dtype=torch.int32).repeat(n_k), midx,
                                   torch.zeros(max(1, int((midx >= 0).sum())), 64, 128,
-                                              dtype=torch.uint8), (0, 0), n_k,
+                                              dtype=torch.uint8) if masked != "runs" else
+                                  torch.zeros(max(1, int((midx >= 0).sum())), 128, 2,
+                                              dtype=torch.int16), (0, 0), n_k,
                                   int((midx >= 0).sum()))
         call = SimpleNamespace(Lq=Lq, Lk=Lk, scale=D ** -0.5,
                                positions=SimpleNamespace(q_offset=Lk - Lq))
@@ -55,7 +60,7 @@ def main() -> None:
             print(f"{label} FAILED {type(e).__name__}: {' '.join(str(e).split())[-400:]}")
             continue
         facts = dict(
-            scored=ws.meta["SCORED"],
+            masked=ws.meta["MASKED"], scored=ws.meta["SCORED"],
             setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
                                              ptx))),
             waits=sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))),

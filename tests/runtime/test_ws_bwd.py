@@ -47,8 +47,18 @@ def _lists_against_mask(pat, call, B, H, Lq, Lk, inputs):
                         assert tile.all() and (c + 1) * N <= Lk and (t + 1) * M <= Lq, \
                             (b, h, c, t)
                     else:
-                        assert torch.equal(ql.masks[mi].bool(), tile), (b, h, c, t)
+                        assert torch.equal(_tile_mask(ql, mi), tile), (b, h, c, t)
     return LB, LH
+
+
+def _tile_mask(ql, mi):
+    """PARTIAL tile ``mi``'s mask ``[64 queries, 128 keys]`` as the kernel reads it: the
+    mask, or each key's run of queries."""
+    if ql.masks.dtype == torch.int16:
+        lo, hi = ql.masks[mi].long().unbind(-1)
+        r = torch.arange(ws_bwd.BLOCK_M)
+        return ((r[:, None] >= lo[None, :]) & (r[:, None] < hi[None, :]))
+    return ql.masks[mi].bool()
 
 
 LIST_CASES = [  # id, source, B, H, Lq, Lk, inputs
@@ -71,6 +81,29 @@ def test_query_lists_hold_every_tile(src, B, H, Lq, Lk, inputs, monkeypatch):
     pat, call = _call(src, B, H, Lq, inputs, Lk)
     LB, LH = _lists_against_mask(pat, call, B, H, Lq, Lk, inputs)
     assert (LB > 0) == ("doc" in inputs) and (LH > 0) == ("h" in src)
+
+
+@pytest.mark.parametrize("src,runs", [("causal", True), ("causal & same(doc)", True),
+                                      ("causal & q - k < 300", True),
+                                      ("causal | (k < 100)", True),
+                                      ("causal & k % 3 != 1", True),
+                                      ("causal & q % 3 != 1", False),
+                                      ("(q // 7 + k // 5) % 2 == 0", False)],
+                         ids=["causal", "documents", "window", "prefix-lm", "keys-holes",
+                              "queries-holes", "checks"])
+def test_partial_tiles_as_keys_runs(src, runs, monkeypatch):
+    """Where every key of every PARTIAL tile allows one run of the tile's queries the lists
+    carry the runs (int16 ``[n, 128, 2]``), else the masks (uint8 ``[n, 64, 128]``), and
+    either reads as the dense mask's tile."""
+    monkeypatch.setenv("SPATTN_WS_BWD", "1")
+    L = 1000
+    inputs = {"doc": torch.sort(torch.randint(0, 6, (L,))).values} if "doc" in src else {}
+    pat, call = _call(src, 1, 2, L, inputs)
+    ql = ws_bwd.query_lists(call)
+    assert ql.n_partial > 0
+    assert ql.masks.dtype == (torch.int16 if runs else torch.uint8)
+    assert ql.masks.shape[1:] == ((128, 2) if runs else (64, 128))
+    _lists_against_mask(pat, call, 1, 2, L, L, inputs)
 
 
 @pytest.mark.parametrize("src,H,L,why", [
@@ -165,11 +198,13 @@ def test_setting_parses(monkeypatch):
 def test_kernel_compiles_for_sm90():
     """Every configuration of tests/helpers/compile_ws_bwd.py builds for sm_90a: consumers
     at 240 registers and the loader at 24, Q, dO, K, V read through 4-D TMA and the rows'
-    statistics through 1-D, dK and dV stored through 4-D; two with an additive score."""
+    statistics through 1-D, dK and dV stored through 4-D; three with an additive score;
+    PARTIAL tiles by masks and by keys' runs."""
     r = run_script("tests/helpers/compile_ws_bwd.py")
     lines = r.stdout.splitlines()
-    assert len(lines) == 5, r.stdout
-    assert sum("'scored': 1," in ln for ln in lines) == 2
+    assert len(lines) == 7, r.stdout
+    assert sum("'scored': 1," in ln for ln in lines) == 3
+    assert [sum(f"'masked': {m}," in ln for ln in lines) for m in (0, 1, 2)] == [2, 3, 2]
     for ln in lines:
         label, ok, rest = ln.partition(" OK ")
         assert ok, ln
