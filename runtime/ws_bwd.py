@@ -27,7 +27,8 @@ Measured on an H100 against the generated dK/dV kernel (benchmarks/RESULTS.md, "
 warp-specialised dK/dV kernel"): 1.21-1.38x on ``full`` and ``causal`` at 4K and 16K.
 ``SPATTN_WS_BWD`` (``auto`` / ``1`` / ``0``) chooses: ``1`` wherever it can run, ``0``
 never, ``auto`` for calls of at least :data:`MIN_WORK` computed tiles with at most
-:data:`MAX_PARTIAL_SHARE` of them PARTIAL (docs/backends.md, "The warp-specialised
+:data:`MAX_PARTIAL_SHARE` of them PARTIAL where their masks are read,
+:data:`MAX_RUNS_SHARE` where each key's run is (docs/backends.md, "The warp-specialised
 dK/dV kernel").
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from . import tune as _tune
 from .settings import launch_guard
 from .ws_fwd import (GLUON, ScoreVectors, context_on_thread, device_why_not, score_vectors,
-                     score_why_not, tile_lists, tile_masks, tile_runs, warm)
+                     score_why_not, share_refusal, tile_lists, tile_masks, tile_runs, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
     from .ws_fwd import (TensorDescriptor, _flags, _ring, _run_words, fence_async_shared,
@@ -57,6 +58,12 @@ MIN_WORK = 8192
 #: on an H100 against the generated backward (benchmarks/RESULTS.md): causal documents
 #: at random cuts with 10% of their tiles PARTIAL 1.03-1.11x, 36% 1.02x, 77% 0.94x.
 MAX_PARTIAL_SHARE = 0.2
+#: The share where every key of every PARTIAL tile allows one run of queries (the kernel
+#: reads the keys' runs, 4 bytes a key, ahead of the tile's products). Timed on an H100
+#: with the Gluon dQ kernel (benchmarks/RESULTS.md, "rows' runs loaded ahead"): the
+#: backward 1.26x, 1.11x and 1.08x the generated one's speed on causal documents at
+#: random cuts with 5.6%, 10% and 43% of their tiles PARTIAL; above 50%, not yet timed.
+MAX_RUNS_SHARE = 0.5
 #: PARTIAL tiles whose masks the kernel reads at most (8 KiB each: 64 MiB).
 MAX_MASKS = 8192
 STAGES = 2
@@ -386,19 +393,25 @@ def query_lists(call):
     """The :class:`QueryLists` of the call's non-EMPTY 64 x 128 tiles, or a string saying
     why the kernel does not run them: more than :data:`MAX_MASKS` PARTIAL tiles, or
     (``SPATTN_WS_BWD=auto``) fewer than :data:`MIN_WORK` tiles in all or a share of
-    PARTIAL ones above :data:`MAX_PARTIAL_SHARE`."""
+    PARTIAL ones above :data:`MAX_PARTIAL_SHARE` (their masks read) or
+    :data:`MAX_RUNS_SHARE` (their keys' runs)."""
     from .tables import _demote_ragged, _pool
     tile = (BLOCK_M, BLOCK_N)
     ((fine_tile, fine),) = call.analysis.classes([tile])
     cls = _pool(fine, fine_tile, tile, call.Lq, call.Lk)
     cls = _demote_ragged(_demote_ragged(cls, call.Lq, BLOCK_M, 2), call.Lk, BLOCK_N, 3)
     ct = cls.transpose(2, 3)                                    # [B', H', n_k, n_q]
-    got = tile_lists(ct, call, call.settings.ws_bwd, MAX_MASKS, MIN_WORK, MAX_PARTIAL_SHARE)
+    shares = (MAX_PARTIAL_SHARE, MAX_RUNS_SHARE)
+    got = tile_lists(ct, call, call.settings.ws_bwd, MAX_MASKS, MIN_WORK, shares)
     if isinstance(got, str):
         return got
     start, count, at, partial, midx, strides, _, _, n_partial = got
     masks = tile_masks(call, at[partial][:, [0, 1, 3, 2]], tile, rows_end=True)
     runs = tile_runs(masks.transpose(1, 2))
+    why = share_refusal(call.settings.ws_bwd, n_partial, at.shape[0],
+                        runs.dtype == torch.int16, shares)
+    if why is not None:
+        return why
     return QueryLists(start, count, at[:, 3].to(torch.int32).contiguous(), midx,
                       runs if runs.dtype == torch.int16 else masks, strides, ct.shape[2],
                       n_partial)

@@ -23,8 +23,9 @@ work items (one per program) start heaviest first: the lists' lengths sorted.
 
 ``SPATTN_WS_DQ`` (``auto`` / ``1`` / ``0``) chooses: ``1`` wherever it can run, ``0`` never,
 ``auto`` by the forward's rules (:data:`~spattn.runtime.ws_fwd.MIN_WORK` computed 128 x 128
-tiles, at most :data:`MAX_PARTIAL_SHARE` of them PARTIAL). docs/backends.md, "The
-warp-specialised dQ kernel".
+tiles, at most :data:`MAX_PARTIAL_SHARE` of them PARTIAL where their masks are read,
+:data:`MAX_RUNS_SHARE` where each row's run is). docs/backends.md, "The warp-specialised
+dQ kernel".
 """
 from __future__ import annotations
 
@@ -40,8 +41,11 @@ if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
                          warpgroup_mma_init, warpgroup_mma_wait)
 
 #: The share of PARTIAL 128 x 128 tiles up to which ``SPATTN_WS_DQ=auto`` takes the kernel
-#: (a PARTIAL tile's mask or runs are read in P's path, as in the forward).
+#: where it reads their masks (in P's path, as in the forward); :data:`MAX_RUNS_SHARE`
+#: where it reads each row's run (the dK/dV kernel's, timed with it:
+#: :data:`~spattn.runtime.ws_bwd.MAX_RUNS_SHARE`).
 MAX_PARTIAL_SHARE = 0.05
+MAX_RUNS_SHARE = 0.5
 STAGES = 2
 CONSUMER_REGS = 240
 
@@ -332,7 +336,8 @@ def build(call, stage, q, k, v, o, do):
     why = why_not(call, stage, q, o)
     if why is not None:
         return None, why
-    lists = key_lists(call, call.settings.ws_dq, MAX_PARTIAL_SHARE, empty_row=None)
+    lists = key_lists(call, call.settings.ws_dq, (MAX_PARTIAL_SHARE, MAX_RUNS_SHARE),
+                      empty_row=None)
     if isinstance(lists, str):
         return None, lists
     try:

@@ -46,7 +46,7 @@ host, and this kernel's launch through Triton's dispatcher, with four fresh desc
 costs about 20 us more than the generated forward's bound launch; beyond that share the
 masks' reads cost more than the kernel gains (timed with 128 x 128 masks; the rows' runs
 bring documents at random cuts to 1.04x in one measurement, not enough to move the
-share). docs/backends.md, "The warp-specialised forward".
+share, :data:`MAX_RUNS_SHARE`). docs/backends.md, "The warp-specialised forward".
 """
 from __future__ import annotations
 
@@ -695,39 +695,61 @@ class KeyLists:
     n_partial: int = 0
 
 
-def key_lists(call, setting: bool | None | str = "fwd", max_share: float = None,
+def key_lists(call, setting: bool | None | str = "fwd", max_share: tuple = None,
               empty_row: str | None = "a query tile without keys"):
     """The :class:`KeyLists` of the call's non-EMPTY 128 x 128 tiles, or a string saying
     why the kernel does not run them: a query tile without keys, more than
     :data:`MAX_MASKS` PARTIAL tiles, or (``SPATTN_WS_FWD=auto``) fewer than
     :data:`MIN_WORK` tiles in all or a share of PARTIAL ones above
-    :data:`MAX_PARTIAL_SHARE`. ``setting``, ``max_share`` and ``empty_row`` (None: query
-    tiles without keys are listed, empty): another kernel's rules over the same lists
+    :data:`MAX_PARTIAL_SHARE` (masks) or :data:`MAX_RUNS_SHARE` (rows' runs).
+    ``setting``, ``max_share`` (masks', runs' shares) and ``empty_row`` (None: query tiles
+    without keys are listed, empty): another kernel's rules over the same lists
     (``runtime.ws_dq``)."""
     from .tables import _demote_ragged, _pool
     ((fine_tile, fine),) = call.analysis.classes([(TILE, TILE)])
     cls = _demote_ragged(_pool(fine, fine_tile, (TILE, TILE), call.Lq, call.Lk), call.Lk,
                          TILE, 3)
-    got = tile_lists(cls, call, call.settings.ws_fwd if setting == "fwd" else setting,
-                     MAX_MASKS, MIN_WORK,
-                     MAX_PARTIAL_SHARE if max_share is None else max_share,
-                     empty_row=empty_row)
+    setting = call.settings.ws_fwd if setting == "fwd" else setting
+    shares = (MAX_PARTIAL_SHARE, MAX_RUNS_SHARE) if max_share is None else max_share
+    got = tile_lists(cls, call, setting, MAX_MASKS, MIN_WORK, shares, empty_row=empty_row)
     if isinstance(got, str):
         return got
     start, count, at, partial, midx, strides, least, most, n_partial = got
-    return KeyLists(start, count, at[:, 3].to(torch.int32).contiguous(), midx,
-                    tile_runs(tile_masks(call, at[partial])), strides, cls.shape[2],
-                    least if least == most else 0, n_partial)
+    runs = tile_runs(tile_masks(call, at[partial]))
+    why = share_refusal(setting, n_partial, at.shape[0], runs.dtype == torch.int16, shares)
+    if why is not None:
+        return why
+    return KeyLists(start, count, at[:, 3].to(torch.int32).contiguous(), midx, runs,
+                    strides, cls.shape[2], least if least == most else 0, n_partial)
+
+
+def share_refusal(setting: bool | None, n_partial: int, computed: int, runs: bool | None,
+                  shares: tuple) -> str | None:
+    """Why ``auto`` (``setting`` None) leaves a call of ``computed`` tiles, ``n_partial``
+    of them PARTIAL, to the generated kernel, or None: a share of PARTIAL tiles above
+    ``shares[1]`` where the kernel reads each row's run of a PARTIAL tile (``runs``), above
+    ``shares[0]`` where it reads their masks (128 bytes a row, not 4); ``runs`` None (not
+    yet known): above both."""
+    share = shares[0] if runs is False else shares[1]
+    if setting is not None or n_partial <= share * computed:
+        return None
+    read = "rows' runs" if runs else "masks"
+    what = (f"their {read} read: auto takes {share:.0%}" if runs is not None else
+            f"auto takes {share:.0%}" if shares[0] == shares[1] else
+            f"auto takes {shares[1]:.0%} where rows' runs are read, {shares[0]:.0%} masks")
+    return f"{int(n_partial)} of {int(computed)} tiles PARTIAL ({what})"
 
 
 def tile_lists(cls: torch.Tensor, call, setting: bool | None, max_masks: int,
-               min_work: int, max_share: float, empty_row: str | None = None):
+               min_work: int, max_share: tuple, empty_row: str | None = None):
     """The lists of a Gluon kernel's tiles (this module's, ``runtime.ws_bwd``'s) from tile
     classes ``cls`` ``[B', H', rows, cols]`` (a row: a list entry ``(b' * H' + h') * rows
     + row``; its non-EMPTY cols, ascending), or a string saying why the kernel does not run
     them: a row without a tile (where ``empty_row`` says so), more than ``max_masks``
     PARTIAL tiles, or (``setting`` auto, None) fewer than ``min_work`` tiles over the
-    call's batch and heads or a share of PARTIAL ones above ``max_share``.
+    call's batch and heads or a share of PARTIAL ones above ``max_share[1]`` (the runs'
+    share: the caller checks the masks' once it knows which the kernel reads,
+    :func:`share_refusal`).
 
     Returns ``(start, count, at, partial, midx, strides, least, most, n_partial)``: int32
     list starts and lengths per entry; the tiles ``at`` ``[n, 4]`` (b', h', row, col) in
@@ -747,9 +769,9 @@ def tile_lists(cls: torch.Tensor, call, setting: bool | None, max_masks: int,
     tiles = computed * (call.B // Bp) * (call.H // Hp)
     if setting is None and tiles < min_work:
         return f"{int(tiles)} tiles in all (auto takes {min_work} or more)"
-    if setting is None and n_partial > max_share * computed:
-        return (f"{int(n_partial)} of {int(computed)} tiles PARTIAL (auto takes a share "
-                f"of {max_share:.0%} or less)")
+    why = share_refusal(setting, n_partial, computed, None, max_share)
+    if why is not None:
+        return why
     flat = count.reshape(-1)
     start = torch.cumsum(flat, 0, dtype=torch.int32) - flat
     at = (cls != EMPTY).nonzero()                               # [n, 4]: b', h', row, col
@@ -769,6 +791,11 @@ def tile_lists(cls: torch.Tensor, call, setting: bool | None, max_masks: int,
 #: programs in the warp-specialised forward"): causal 4K 0.97x, 16K 1.24x, 20 documents
 #: at random cuts 1.04x.
 MAX_PARTIAL_SHARE = 0.05
+#: The share of PARTIAL tiles up to which ``auto`` takes the kernel where it reads each
+#: row's run of a PARTIAL tile (:func:`tile_runs`, loaded ahead of the tile's waits): the
+#: masks' share until this forward is timed alone against the generated one (the runs
+#: loaded ahead ran the forced forward 1.01-1.04x faster on documents at 16K, one A/B).
+MAX_RUNS_SHARE = 0.05
 #: PARTIAL tiles whose masks the kernel reads at most (16 KiB each: 64 MiB).
 MAX_MASKS = 4096
 #: Tiles whose masks are evaluated at once (their int64 intermediates: 128 KiB a tile).

@@ -18,7 +18,8 @@ import spattn
 from spattn.runtime import settings as S
 from spattn.runtime import ws_bwd
 from tests.helpers.uninterpreted import run_script
-from tests.runtime.test_ws_fwd import _call, _check, _rand, checked_plan, hopper
+from tests.runtime.test_ws_fwd import (SHARE_CASES, SHARE_IDS, _call, _check, _rand, checked_plan,
+                                      hopper, share_rule)
 
 
 def _lists_against_mask(pat, call, B, H, Lq, Lk, inputs):
@@ -109,11 +110,20 @@ def test_partial_tiles_as_keys_runs(src, runs, monkeypatch):
 @pytest.mark.parametrize("src,H,L,why", [
     ("full", 2, 4096, "tiles in all"),
     ("window(64)", 1, 8192 * 64, "PARTIAL tiles (their masks are kept up to 8192)"),
-    ("window(64)", 32, 16384, "tiles PARTIAL (auto takes a share of 20% or less)"),
-], ids=["full-H2-L4096", "many-partial-tiles", "window-H32-L16384"])
+    ("causal & q % 3 != 1", 16, 8192,
+     "tiles PARTIAL (auto takes 50% where rows' runs are read, 20% masks)"),
+], ids=["full-H2-L4096", "many-partial-tiles", "holes-H16-L8192"])
 def test_query_lists_refuse(src, H, L, why):
     got = ws_bwd.query_lists(_call(src, 1, H, L)[1])
     assert isinstance(got, str) and why in got, got
+
+
+@pytest.mark.parametrize("src,H,L,n_docs", SHARE_CASES, ids=SHARE_IDS)
+def test_auto_share_of_partial_tiles_by_what_is_read(src, H, L, n_docs, monkeypatch):
+    """``SPATTN_WS_BWD=auto`` over 64 x 128 tiles: rows' runs here are the keys' runs of
+    queries (every key of a PARTIAL tile allows one run of them)."""
+    share_rule(ws_bwd.query_lists, src, H, L, n_docs, "SPATTN_WS_BWD",
+               (ws_bwd.MAX_PARTIAL_SHARE, ws_bwd.MAX_RUNS_SHARE), monkeypatch)
 
 
 @pytest.mark.parametrize("src,H,L", [("full", 1, 8192), ("causal", 16, 16384)],

@@ -20,7 +20,8 @@ from spattn.runtime import ws_dq, ws_fwd
 from tests.helpers.uninterpreted import run_script
 from tests.runtime.test_gpu import assert_replay_is_eager, graph_of
 from tests.runtime.test_ws_bwd import GPU_CASES, GPU_IDS
-from tests.runtime.test_ws_fwd import _call, _check, _rand, checked_plan, hopper
+from tests.runtime.test_ws_fwd import (SHARE_CASES, SHARE_IDS, _call, _check, _rand, checked_plan,
+                                      hopper, share_rule)
 from tests.runtime.test_ws_scores import GPU_CASES as SCORED_CASES
 from tests.runtime.test_ws_scores import GPU_IDS as SCORED_IDS
 
@@ -55,15 +56,26 @@ def test_rules(monkeypatch):
 
 
 @pytest.mark.parametrize("src,H,L,why", [
-    ("causal & same(doc)", 16, 16384, "tiles PARTIAL (auto takes a share of 5% or less)"),
+    ("causal & k % 3 != 1", 16, 4096,
+     "tiles PARTIAL (auto takes 50% where rows' runs are read, 5% masks)"),
     ("full", 1, 2048, "tiles in all"),
-], ids=["documents-H16-L16384", "full-H1-L2048"])
+], ids=["holes-H16-L4096", "full-H1-L2048"])
 def test_lists_refuse(src, H, L, why):
-    inputs = {"doc": torch.arange(L)[None] * 97 // L} if "doc" in src else {}
-    call = _call(src, 1, H, L, inputs)[1]
-    got = ws_fwd.key_lists(call, call.settings.ws_dq, ws_dq.MAX_PARTIAL_SHARE,
-                           empty_row=None)
+    got = _dq_lists(_call(src, 1, H, L)[1])
     assert isinstance(got, str) and why in got, got
+
+
+def _dq_lists(call):
+    return ws_fwd.key_lists(call, call.settings.ws_dq,
+                            (ws_dq.MAX_PARTIAL_SHARE, ws_dq.MAX_RUNS_SHARE), empty_row=None)
+
+
+@pytest.mark.parametrize("src,H,L,n_docs", SHARE_CASES, ids=SHARE_IDS)
+def test_auto_share_of_partial_tiles_by_what_is_read(src, H, L, n_docs, monkeypatch):
+    """``SPATTN_WS_DQ=auto``: the forward's rule over the same lists, with this kernel's
+    shares."""
+    share_rule(_dq_lists, src, H, L, n_docs, "SPATTN_WS_DQ",
+               (ws_dq.MAX_PARTIAL_SHARE, ws_dq.MAX_RUNS_SHARE), monkeypatch)
 
 
 @pytest.mark.parametrize("src,empty,tiles", [("causal", 0, 128 * 129 // 2),
@@ -73,8 +85,7 @@ def test_lists_take_long_causal(src, empty, tiles):
     """Long causal calls, with or without a query tile that sees no key (its dQ is 0:
     listed, empty; the key tiles of tile t > 0 of ``k + 200 < q`` are 0 .. t - 1)."""
     call = _call(src, 1, 16, 16384)[1]
-    kl = ws_fwd.key_lists(call, call.settings.ws_dq, ws_dq.MAX_PARTIAL_SHARE,
-                          empty_row=None)
+    kl = _dq_lists(call)
     assert not isinstance(kl, str), kl
     assert int((kl.count == 0).sum()) == empty and kl.count.numel() == 128
     assert int(kl.count.sum()) == tiles

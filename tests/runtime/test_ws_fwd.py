@@ -99,9 +99,9 @@ def test_key_lists_hold_every_tile(src, B, H, Lq, Lk, inputs, monkeypatch):
     ("q // 256 == k // 256", 8, 16384, "2048 tiles in all"),
     ("window(64)", 1, 8192 * 64, "PARTIAL tiles (their masks are kept up to 4096)"),
     ("causal", 1, 4096 * 2, "tiles in all"),
-    ("causal", 8, 4096, "tiles PARTIAL (auto takes a share of 5% or less)"),
+    ("causal & k % 3 != 1", 8, 4096, "tiles PARTIAL (auto takes 5%)"),
 ], ids=["keyless-rows", "full-H2-L4096", "blocks-H8-L16384", "many-partial-tiles",
-        "causal-H1-L8192", "causal-H8-L4096"])
+        "causal-H1-L8192", "holes-H8-L4096"])
 def test_key_lists_refuse(src, H, L, why):
     got = ws_fwd.key_lists(_call(src, 1, H, L)[1])
     assert isinstance(got, str) and why in got, got
@@ -113,6 +113,56 @@ def test_key_lists_refuse(src, H, L, why):
 def test_key_lists_auto_takes_enough_work(src, H, L):
     kl = ws_fwd.key_lists(_call(src, 1, H, L)[1])
     assert int(kl.count.sum()) * (H if kl.strides[1] == 0 else 1) >= ws_fwd.MIN_WORK
+
+
+def _docs(L, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randperm(L - 1, generator=g)[:n - 1] + 1).values
+    return {"doc": torch.bucketize(torch.arange(L), cuts, right=True)[None]}
+
+
+#: calls around auto's PARTIAL shares: rows' runs (causal, windows, documents at random cuts)
+#: and masks (holes in the rows), B = 1
+SHARE_CASES = [("causal", 8, 4096, 0), ("causal", 16, 16384, 0), ("window(200)", 16, 16384, 0),
+               ("causal & same(doc)", 16, 16384, 4), ("causal & same(doc)", 16, 16384, 20),
+               ("causal & same(doc)", 16, 16384, 100), ("causal & same(doc)", 8, 65536, 1000),
+               ("causal & k % 3 != 1", 8, 4096, 0), ("causal & (k < 64 | k >= 70)", 8, 8192, 0)]
+SHARE_IDS = ["causal-H8-L4096", "causal-H16-L16384", "window-H16-L16384", "docs4-H16-L16384",
+             "docs20-H16-L16384", "docs100-H16-L16384", "docs1000-H8-L65536", "holes-H8-L4096",
+             "one-hole-H8-L8192"]
+
+
+def share_rule(lists_of, src, H, L, n_docs, setting, limits, monkeypatch):
+    """The lists ``lists_of(call)`` under ``setting=auto`` against the same call's forced
+    lists: refused for its share of PARTIAL tiles exactly where that share passes the limit
+    for what the kernel reads (``limits``: masks', runs')."""
+    inputs = _docs(L, n_docs) if n_docs else {}
+    monkeypatch.setenv(setting, "1")
+    forced = lists_of(_call(src, 1, H, L, inputs)[1])
+    runs = forced.masks.dtype == torch.int16
+    share = forced.n_partial / int(forced.count.sum())
+    monkeypatch.setenv(setting, "auto")
+    got = lists_of(_call(src, 1, H, L, inputs)[1])
+    limit = limits[1] if runs else limits[0]
+    if share > limit:
+        assert isinstance(got, str), (share, limit)
+        read = "rows' runs" if runs else "masks"
+        assert (f"their {read} read: auto takes {limit:.0%}" if share <= max(limits) else
+                f"auto takes {limits[1]:.0%}") in got, got
+    else:
+        assert not isinstance(got, str), got
+        assert got.n_partial == forced.n_partial and torch.equal(got.masks, forced.masks)
+    return runs
+
+
+@pytest.mark.parametrize("src,H,L,n_docs", SHARE_CASES, ids=SHARE_IDS)
+def test_auto_share_of_partial_tiles_by_what_is_read(src, H, L, n_docs, monkeypatch):
+    """``SPATTN_WS_FWD=auto`` takes a call whose PARTIAL tiles are read as rows' runs up to
+    :data:`MAX_RUNS_SHARE` of its tiles, one whose masks are read up to
+    :data:`MAX_PARTIAL_SHARE`."""
+    runs = share_rule(ws_fwd.key_lists, src, H, L, n_docs, "SPATTN_WS_FWD",
+                      (ws_fwd.MAX_PARTIAL_SHARE, ws_fwd.MAX_RUNS_SHARE), monkeypatch)
+    assert runs == ("%" not in src and "|" not in src)
 
 
 @pytest.mark.parametrize("src,runs", [("causal", True), ("causal & same(doc)", True),
