@@ -20,6 +20,7 @@ import spattn
 from spattn.runtime import settings as S
 from spattn.runtime import ws_fwd
 from spattn.runtime.plan import Call
+from tests.helpers.kernels import doc_ids
 from tests.helpers.uninterpreted import run_script
 
 
@@ -115,12 +116,6 @@ def test_key_lists_auto_takes_enough_work(src, H, L):
     assert int(kl.count.sum()) * (H if kl.strides[1] == 0 else 1) >= ws_fwd.MIN_WORK
 
 
-def _docs(L, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cuts = torch.sort(torch.randperm(L - 1, generator=g)[:n - 1] + 1).values
-    return {"doc": torch.bucketize(torch.arange(L), cuts, right=True)[None]}
-
-
 #: calls around auto's PARTIAL shares: rows' runs (causal, windows, documents at random cuts)
 #: and masks (holes in the rows), B = 1
 SHARE_CASES = [("causal", 8, 4096, 0), ("causal", 16, 16384, 0), ("window(200)", 16, 16384, 0),
@@ -136,7 +131,8 @@ def share_rule(lists_of, src, H, L, n_docs, setting, limits, monkeypatch):
     """The lists ``lists_of(call)`` under ``setting=auto`` against the same call's forced
     lists: refused for its share of PARTIAL tiles exactly where that share passes the limit
     for what the kernel reads (``limits``: masks', runs')."""
-    inputs = _docs(L, n_docs) if n_docs else {}
+    inputs = {"doc": doc_ids(L, n_docs, torch.Generator().manual_seed(0), batch=1)} \
+        if n_docs else {}
     monkeypatch.setenv(setting, "1")
     forced = lists_of(_call(src, 1, H, L, inputs)[1])
     runs = forced.masks.dtype == torch.int16
