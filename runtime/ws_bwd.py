@@ -38,8 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from . import tune as _tune
-from .settings import launch_guard
-from .ws_fwd import (GLUON, ScoreVectors, context_on_thread, device_why_not, score_vectors,
+from .ws_fwd import (GLUON, GluonLaunches, ScoreVectors, device_why_not, score_vectors,
                      score_why_not, share_refusal, tile_lists, tile_masks, tile_runs, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
@@ -456,6 +455,7 @@ class WsBwd:
         self.meta = dict(STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
                          MASKED=(2 if self.runs else 1) if lists.n_partial else 0,
                          SCORED=int(score is not None), num_warps=4, maxnreg=168)
+        self.launches = GluonLaunches(self.kernel, self.meta)
 
     def _desc(self, t):
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_M, t.shape[-1]],
@@ -480,15 +480,18 @@ class WsBwd:
         buf[1, :, :Lq] = delta.reshape(B * H, Lq)
         return buf[0].reshape(-1), buf[1].reshape(-1)
 
-    def args(self, q, k, v, do, lse2, delta, dk, dv):
+    def head(self, q, k, v, do, lse2, delta, dk, dv) -> tuple:
+        """The per-call arguments: the descriptors."""
         lse2, delta = self.rows(lse2, delta)
         return (*(self._desc(t) for t in (q, k, v, do, dk, dv)), self._row_desc(lse2),
-                self._row_desc(delta), *self.static)
+                self._row_desc(delta))
+
+    def args(self, q, k, v, do, lse2, delta, dk, dv):
+        return (*self.head(q, k, v, do, lse2, delta, dk, dv), *self.static)
 
     def run(self, q, k, v, do, lse2, delta, dk, dv):
-        context_on_thread(q.device)
-        with launch_guard(q.device.type):
-            self.kernel[self.grid](*self.args(q, k, v, do, lse2, delta, dk, dv), **self.meta)
+        self.launches(q.device, self.grid, self.head(q, k, v, do, lse2, delta, dk, dv),
+                      self.static)
 
     def __repr__(self) -> str:
         read = "keys' runs" if self.runs else "masks"

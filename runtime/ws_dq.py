@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .settings import launch_guard
-from .ws_fwd import (GLUON, TILE, KeyLists, ScoreVectors, WsFwdStage, context_on_thread,
+from .ws_fwd import (GLUON, TILE, GluonLaunches, KeyLists, ScoreVectors, WsFwdStage,
                      device_why_not, key_lists, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
@@ -306,19 +305,22 @@ class WsDq(WsFwdStage):
         self.persistent = False
         self.dq_scale = call.scale * (1.0 if score is None else score.c)
         self.meta = dict(self.meta, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS)
+        self.launches = GluonLaunches(self.kernel, self.meta)
+        self.tail = (self.order, *self.static, self.dq_scale)
 
-    def args(self, q, k, v, o, lse, do, dq, lse2, delta):
+    def head(self, q, k, v, o, lse, do, dq, lse2, delta) -> tuple:
+        """The per-call arguments (the descriptors, o and its strides, the rows' vectors)."""
         descs = (self._desc(q, self.qg, self.half), self._desc(k, self.kg, self.kg.box),
                  self._desc(v, self.kg, self.kg.box), self._desc(do, self.qg, self.half),
                  self._desc(dq, self.qg, self.half))
-        return (*descs, o, *o.stride()[:3], lse, lse2, delta, self.order, *self.static,
-                self.dq_scale)
+        return (*descs, o, *o.stride()[:3], lse, lse2, delta)
+
+    def args(self, q, k, v, o, lse, do, dq, lse2, delta):
+        return (*self.head(q, k, v, o, lse, do, dq, lse2, delta), *self.tail)
 
     def run(self, q, k, v, o, lse, do, dq, lse2, delta):
-        context_on_thread(q.device)
-        with launch_guard(q.device.type):
-            self.kernel[self.grid](*self.args(q, k, v, o, lse, do, dq, lse2, delta),
-                                   **self.meta)
+        self.launches(q.device, self.grid, self.head(q, k, v, o, lse, do, dq, lse2, delta),
+                      self.tail)
 
     def __repr__(self) -> str:
         return (f"dQ attn_bwd_dq_ws (Gluon, warp-specialised: a TMA loader and two consumer "

@@ -41,9 +41,10 @@ builds the generated forward): other devices, dtypes and head dimensions, other 
 
 ``SPATTN_WS_FWD`` (``auto`` / ``1`` / ``0``) chooses: ``1`` wherever it can run, ``0``
 never, ``auto`` for calls of at least :data:`MIN_WORK` computed tiles, at most
-:data:`MAX_PARTIAL_SHARE` of them PARTIAL. Below that much work a call is bound by the
-host, and this kernel's launch through Triton's dispatcher, with four fresh descriptors,
-costs about 20 us more than the generated forward's bound launch; beyond that share the
+:data:`MAX_PARTIAL_SHARE` of them PARTIAL. Below that much work the generated forward is
+faster (``full`` at 1K tokens: 26 us against 54, with both launches bound,
+:class:`GluonLaunches`; what remains is the kernel's start and its four descriptors
+encoded at every launch, not measured apart); beyond that share the
 masks' reads cost more than the kernel gains (timed with 128 x 128 masks; the rows' runs
 bring documents at random cuts to 1.04x in one measurement, not enough to move the
 share, :data:`MAX_RUNS_SHARE`). docs/backends.md, "The warp-specialised forward".
@@ -75,8 +76,10 @@ except ImportError:             # a Triton without Gluon's Hopper modules: never
 TILE = 128
 #: The computed 128 x 128 tiles (over batch and heads) from which ``SPATTN_WS_FWD=auto``
 #: takes the kernel. Timed on an H100 (benchmarks/RESULTS.md, "The warp-specialised
-#: forward in spattn"): ``full`` at 1K tokens and 16 heads (1024 tiles, host-bound) takes
-#: 1.7x the generated forward's time, at 2K (4096 tiles) 0.79x, at 16K 0.76x.
+#: forward in spattn"): ``full`` at 1K tokens and 16 heads (1024 tiles) takes 1.7x the
+#: generated forward's time, at 2K (4096 tiles) 0.79x, at 16K 0.76x; with its launches
+#: bound (:class:`GluonLaunches`, "bound launches of the Gluon kernels") 2.1x at 1K, 0.75x
+#: at 2K.
 MIN_WORK = 4096
 #: The most key tiles per work item with which equal items run in persistent programs (one
 #: per SM, taking items in turn: the next item's loads overlap this one's last tiles and
@@ -903,27 +906,32 @@ class WsFwdStage:
                                  else 2 if score.keys else 1),
                          num_warps=4, maxnreg=168)
         self.aligned = True
+        self.launches = GluonLaunches(self.kernel, self.meta)
 
     def _desc(self, t, grid, block: tuple):
         shape, strides, blk = grid.view(t, block)
         blk = blk + [t.shape[-1]]
         return TensorDescriptor(t, shape, strides, blk, self._layouts[block])
 
-    def args(self, q, k, v):
+    def head(self, q, k, v):
+        """The per-call arguments (the descriptors of q, k, v and a fresh o, then a fresh
+        lse), o and lse."""
         o = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(self.out_shape[:3], dtype=torch.float32, device=q.device)
         descs = (self._desc(q, self.qg, self.half), self._desc(k, self.kg, self.kg.box),
                  self._desc(v, self.kg, self.kg.box), self._desc(o, self.qg, self.half))
-        return (*descs, lse, *self.static), o, lse
+        return (*descs, lse), o, lse
+
+    def args(self, q, k, v):
+        head, o, lse = self.head(q, k, v)
+        return (*head, *self.static), o, lse
 
     def run(self, q, k, v, tables=None, out_dtype=None):
         if out_dtype not in (None, q.dtype) or tables:
             raise SpattnBackendError("the warp-specialised forward writes o in q's dtype and "
                                      "reads no score tables (runtime.ws_fwd)")
-        args, o, lse = self.args(q, k, v)
-        context_on_thread(q.device)
-        with launch_guard(q.device.type):
-            self.kernel[self.grid](*args, **self.meta)
+        head, o, lse = self.head(q, k, v)
+        self.launches(q.device, self.grid, head, self.static)
         return o, lse
 
     def __repr__(self) -> str:
@@ -959,6 +967,40 @@ def build(call, q, k, v, options, rows):
     except Exception as e:  # noqa: BLE001 -- any failure leaves the generated forward
         return None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     return stage, None
+
+
+class GluonLaunches:
+    """A Gluon kernel's launches for one stage: the first of each specialisation through
+    the JIT (``kernel[grid](...)``, which binds the ~20-40 arguments, specialises them and
+    looks the compiled kernel up: about 20 us of host time a launch), the later ones
+    through a :class:`~spattn.runtime.triton_backend.BoundLaunch` of that first one. The
+    arguments after ``head`` are the stage's own; a launch is keyed by its grid (which a
+    stage's caller may set) and by how the JIT specialises the per-call ``head``
+    (descriptors' dtypes and blocks, tensors' 16-byte alignment, ints' divisibility), so a
+    bound launch runs only calls its kernel was compiled for."""
+
+    __slots__ = ("kernel", "meta", "bound")
+
+    def __init__(self, kernel, meta: dict):
+        self.kernel, self.meta, self.bound = kernel, meta, {}
+
+    def __call__(self, device, grid: tuple, head: tuple, static: tuple) -> None:
+        from .triton_backend import SCORED_LAUNCHES, BoundLaunch, _launch_key
+        context_on_thread(device)
+        key = _launch_key(head) if device.type == "cuda" else None
+        key = None if key is None else (grid, key)
+        bound = None if key is None else self.bound.get(key)
+        if bound is not None and bound(*head):
+            return
+        args = (*head, *static)
+        with launch_guard(device.type):
+            compiled = self.kernel[grid](*args, **self.meta)
+        if key is not None:
+            bound = BoundLaunch.of(self.kernel, compiled, grid, args, self.meta, device)
+            if bound is not None:
+                if len(self.bound) >= SCORED_LAUNCHES:
+                    self.bound.pop(next(iter(self.bound)))
+                self.bound[key] = bound
 
 
 _THREAD = threading.local()

@@ -254,6 +254,29 @@ def test_first_cuda_work_of_a_thread_gpu(monkeypatch):
 
 
 @hopper
+def test_later_launches_bound_gpu(monkeypatch):
+    """After a plan's first call, the three Gluon kernels launch through bound launches
+    (Triton's dispatch skipped): later calls on fresh values, with the JIT functions taken
+    away from the stages, still match the float64 reference."""
+    _gluon_backward(monkeypatch)
+    g = torch.Generator(device="cuda").manual_seed(13)
+    q, k, v = (_rand((1, 2, 1024, 128), torch.bfloat16, g) for _ in range(3))
+    pat = spattn.compile("causal & window(300)")
+    plan = pat.plan(q, k, v)
+    _check(pat, q, k, v, {}, plan=plan)
+    stages = _dq_stages(plan)
+    launches = [plan.forward_stage.launches, *(s.ws_dq.launches for s in stages),
+                *(s.ws.launches for s in stages)]
+    assert plan.forward_stage.gluon and len(launches) == 3, plan
+    for one in launches:
+        assert len(one.bound) == 1, one.bound
+        one.kernel = None           # (a launch through the JIT now fails)
+    for _ in range(2):
+        q, k, v = (_rand((1, 2, 1024, 128), torch.bfloat16, g) for _ in range(3))
+        _check(pat, q, k, v, {}, plan=plan)
+
+
+@hopper
 def test_cuda_graph_training_step_gpu(monkeypatch):
     """A training step through the three Gluon kernels is captured in one CUDA graph;
     replays on new values match the eager step bit for bit (every kernel is
