@@ -971,9 +971,9 @@ def build(call, q, k, v, options, rows):
 
 class GluonLaunches:
     """A Gluon kernel's launches for one stage: the first of each specialisation through
-    the JIT (``kernel[grid](...)``, which binds the ~20-40 arguments, specialises them and
-    looks the compiled kernel up: about 20 us of host time a launch), the later ones
-    through a :class:`~spattn.runtime.triton_backend.BoundLaunch` of that first one. The
+    the JIT (``kernel[grid](...)``, which binds the 20-40 arguments, specialises each and
+    builds a cache key that holds the descriptors' layouts), the later ones through a
+    :class:`~spattn.runtime.triton_backend.BoundLaunch` of that first one. The
     arguments after ``head`` are the stage's own; a launch is keyed by its grid (which a
     stage's caller may set) and by how the JIT specialises the per-call ``head``
     (descriptors' dtypes and blocks, tensors' 16-byte alignment, ints' divisibility), so a
