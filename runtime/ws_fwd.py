@@ -985,22 +985,19 @@ class GluonLaunches:
         self.kernel, self.meta, self.bound = kernel, meta, {}
 
     def __call__(self, device, grid: tuple, head: tuple, static: tuple) -> None:
-        from .triton_backend import SCORED_LAUNCHES, BoundLaunch, _launch_key
+        from .triton_backend import BoundLaunch, _keep, _launch_key, _scored_launch
         context_on_thread(device)
         key = _launch_key(head) if device.type == "cuda" else None
         key = None if key is None else (grid, key)
-        bound = None if key is None else self.bound.get(key)
+        bound = _scored_launch(self.bound, key)
         if bound is not None and bound(*head):
             return
         args = (*head, *static)
         with launch_guard(device.type):
             compiled = self.kernel[grid](*args, **self.meta)
         if key is not None:
-            bound = BoundLaunch.of(self.kernel, compiled, grid, args, self.meta, device)
-            if bound is not None:
-                if len(self.bound) >= SCORED_LAUNCHES:
-                    self.bound.pop(next(iter(self.bound)))
-                self.bound[key] = bound
+            _keep(self.bound, key,
+                  BoundLaunch.of(self.kernel, compiled, grid, args, self.meta, device))
 
 
 _THREAD = threading.local()
