@@ -258,10 +258,20 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
             row["error"] = f"mismatch vs reference: {err:.3e}"
             return row
     _spattn_part(row, pat, q, k, v, do, inputs, bwd, timed)
+    row["stages"] = _stages(pat, q, k, v, inputs, bwd)
     time_rounds(row, timed, rounds)
     _time_sdpa(row, name, q, k, v)
     _rates(row, flops_f)
     return row
+
+
+def _stages(pat, q, k, v, inputs, bwd) -> str:
+    """Which kernels a call runs: the plan's forward stage and backward stage types
+    (``WsFwdStage``, ``WsBwd``: the Gluon kernels; the others: the generated ones)."""
+    plan = pat.plan(q, k, v, backward=bwd or None, **inputs)
+    names = [type(plan.forward_stage).__name__]
+    names += [type(s).__name__ for s in plan._bwd.values()][:1]
+    return "/".join(names)
 
 
 def chunked_check(pat, q, k, v, o, inputs):
@@ -415,7 +425,7 @@ def table(rows):
         if r.get("flex_error"):
             r = dict(r, strategy=f"{r.get('strategy', '-')} (Flex failed: {r['flex_error'][:60]})")
         lines.append(
-            f"| {r['pattern']} | {r.get('B', 1)} | {r['N']} | {_d(r)} | {r['density']:.3f} | {r.get('strategy', '-')} | "
+            f"| {r['pattern']} | {r.get('B', 1)} | {r['N']} | {_d(r)} | {r['density']:.3f} | {r.get('strategy', '-')} {r.get('stages', '')} | "
             f"{f('fwd_tflops')} | {f('flex_fwd_tflops')} | {ratio('fwd_tflops', 'flex_fwd_tflops')} | "
             f"{f('fwdbwd_tflops')} | {f('flex_fwdbwd_tflops')} | "
             f"{ratio('fwdbwd_tflops', 'flex_fwdbwd_tflops')} | {f('setup_ms', '{:.2f}')} / {f('setup_train_ms', '{:.2f}')} | "

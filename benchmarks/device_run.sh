@@ -51,11 +51,14 @@ if [ "${T_DOCUMENTS:-0}" != 0 ]; then
         --tune "${DOC_TUNE:-shared}" > "$OUT/documents.txt" 2> "$OUT/documents.log"
 fi
 # short calls against Flex (N = 1024-4096, B = 1 and 8, D = 64 and 128; causal, window(256),
-# documents), forward and forward+backward; e.g. T_SHORT=270
+# documents), forward and forward+backward; e.g. T_SHORT=270; SHORT_BATCH (default "1 8")
+# and SHORT_N (default "1024 2048 4096") choose the cells, T_SHORT shared by the batches
 touch "$OUT/short.txt"
 if [ "${T_SHORT:-0}" != 0 ]; then
-    for b in 1 8; do
-        timeout "$(( T_SHORT / 2 ))" python3 benchmarks/bench.py --n 1024 2048 4096 --d 64 128 \
+    batches=(${SHORT_BATCH:-1 8})
+    for b in "${batches[@]}"; do
+        timeout "$(( T_SHORT / ${#batches[@]} ))" python3 benchmarks/bench.py \
+            --n ${SHORT_N:-1024 2048 4096} --d 64 128 \
             --batch "$b" --patterns causal "window(256)" documents --rounds 2 \
             --json "$OUT/short_b$b.json" >> "$OUT/short.txt" 2> "$OUT/short_b$b.log"
     done
