@@ -237,10 +237,11 @@ def _check_options(options: dict) -> dict:
 
 
 def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile_only,
-                    rows=None) -> dict:
+                    rows=None, tune: bool = True) -> dict:
     """The options a ``kind`` stage is built with: the explicit ``options``, the TMA
     decision, the 64-bit decision and the autotuner's choice (``rows``: the stage's
-    :class:`RowTables`: kernels that address rows through them, never through TMA)."""
+    :class:`RowTables`: kernels that address rows through them, never through TMA;
+    ``tune`` False: the defaults, never the autotuner's)."""
     opts = _check_options(options)
     if isinstance(rows, BoxRows):
         opts["rows"] = "box"
@@ -281,6 +282,8 @@ def resolve_options(call, kind: str, options: dict, tensors: tuple, run, compile
         _score_options(call, opts, q.dtype)
     if kind == "fwd" and call.tile_prior:
         _layout_tiles(call, opts, q)
+    if not tune:
+        return opts
     return _tune.tuned_options(
         call.pattern, kind, head_dim=q.shape[-1], dtype=q.dtype, device=q.device,
         Lq=call.Lq, Lk=call.Lk, BH=q.shape[0] * q.shape[1], options=opts, run=run,
@@ -652,7 +655,7 @@ def build_fwd(call, q, k, v, options: dict | None = None,
         q, k, v = q.float(), k.float(), v.float()
     if training:
         call.analysis.expect(_step_tiles(call, q, options))
-    if q.device.type == "cuda" and not call.settings.interpret:
+    if _gluon_may_run(call, q):
         from . import ws_fwd
         stage, why = ws_fwd.build(call, q, k, v, options, rows)
         if stage is not None:
@@ -1025,7 +1028,25 @@ def build_bwd(call, q, k, v, o, do, options: dict | None = None,
     in the caller's order)."""
     if _upcast(call):
         q, k, v, o, do = q.float(), k.float(), v.float(), o.float(), do.float()
+    gluon = _gluon_may_run(call, q)
+    if gluon and _tune.enabled(q.device, call.settings):
+        # Where the Gluon dQ and dK/dV kernels both run, the generated ones run only for a
+        # later call whose tensors TMA cannot read: they keep their defaults, untuned.
+        stage = _bwd_stage(call, q, k, v, o, do, options, rows, gluon, tune=False)
+        if stage.ws is not None and stage.ws_dq is not None:
+            return stage
+    return _bwd_stage(call, q, k, v, o, do, options, rows, gluon, tune=True)
 
+
+def _gluon_may_run(call, q) -> bool:
+    """Whether a Gluon kernel may replace a generated one for this call (CUDA, not
+    interpreted; each kernel's ``build`` decides the rest)."""
+    return q.device.type == "cuda" and not call.settings.interpret
+
+
+def _bwd_stage(call, q, k, v, o, do, options, rows, gluon: bool, tune: bool) -> BwdStage:
+    """:func:`build_bwd`'s stage: the generated kernels with the autotuner's options
+    (``tune``) or the defaults, and (``gluon``) the Gluon kernels that take them over."""
     def run(t):
         lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
         return run_bwd(_build_bwd(call, q, k, v, o, do, t, rows=rows), q, k, v, o, lse, do)
@@ -1033,11 +1054,11 @@ def build_bwd(call, q, k, v, o, do, options: dict | None = None,
     def compile_only(t):
         _build_bwd(call, q, k, v, o, do, t, warmup=True, rows=rows)
     opts = resolve_options(call, "bwd", dict(options or {}), (q, k, v, do, o), run,
-                           compile_only, rows=rows)
+                           compile_only, rows=rows, tune=tune)
     stage = _fitted(call, "bwd", q, opts, explicit=dict(options or {}),
                     build=lambda o_, warmup: _build_bwd(call, q, k, v, o, do, o_,
                                                         warmup=warmup, rows=rows))
-    if q.device.type == "cuda" and not call.settings.interpret:
+    if gluon:
         from . import ws_bwd
         stage.ws, why = ws_bwd.build(call, stage, q, k, v, o, do, options, rows)
         if why is not None:

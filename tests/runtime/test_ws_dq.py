@@ -146,6 +146,34 @@ def test_backward_of_the_two_gluon_launches(monkeypatch):
     assert bool((dq == 1).all() and (dk == 4).all() and (dv == 5).all())
 
 
+@pytest.mark.parametrize("takes", [(True, True), (True, False), (False, False)],
+                         ids=["both-gluon", "gluon-dkdv-only", "no-gluon"])
+def test_generated_backward_tuned_only_where_it_runs(takes, monkeypatch):
+    """With autotuning on, a backward stage is first built with the generated kernels'
+    defaults; the autotuner times them only where the Gluon dQ and dK/dV kernels do not
+    both take the stage over (stand-ins for the device and the Gluon builds, CPU tensors)."""
+    from spattn.runtime import triton_backend as tb
+    from spattn.runtime import tune as T
+    from spattn.runtime import ws_bwd
+    pat, call = _call("causal", 1, 2, 256)
+    q, k, v, o, do = (torch.randn(1, 2, 256, 64) for _ in range(5))
+    tuned = []
+
+    def tuned_options(*a, options, **kw):
+        tuned.append(options)
+        return options
+    monkeypatch.setattr(tb, "_gluon_may_run", lambda call, q: True)
+    monkeypatch.setattr(T, "enabled", lambda device, settings=None: True)
+    monkeypatch.setattr(T, "tuned_options", tuned_options)
+    monkeypatch.setattr(ws_bwd, "build", lambda *a: (object(), None) if takes[0]
+                        else (None, "refused"))
+    monkeypatch.setattr(ws_dq, "build", lambda *a: (object(), None) if takes[1]
+                        else (None, "refused"))
+    stage = tb.build_bwd(call, q, k, v, o, do)
+    assert (stage.ws is not None, stage.ws_dq is not None) == takes
+    assert len(tuned) == (0 if all(takes) else 1)
+
+
 def test_kernel_compiles_for_sm90():
     """Every configuration of tests/helpers/compile_ws_dq.py builds for sm_90a: consumers
     at 240 registers and the loader at 24, Q, dO, K and V read and dQ stored through 5-D
