@@ -266,11 +266,14 @@ def run_one(name, N, D, *, H=H_DEFAULT, bwd=True, flex=True, dev="cuda", dtype=t
 
 
 def _stages(pat, q, k, v, inputs, bwd) -> str:
-    """Which kernels a call runs: the plan's forward stage and backward stage types
-    (``WsFwdStage``, ``WsBwd``: the Gluon kernels; the others: the generated ones)."""
+    """Which kernels a call runs: the plan's forward stage type (``WsFwdStage``: the Gluon
+    forward) and its backward stage's, with the Gluon kernels that run in it."""
     plan = pat.plan(q, k, v, backward=bwd or None, **inputs)
     names = [type(plan.forward_stage).__name__]
-    names += [type(s).__name__ for s in plan._bwd.values()][:1]
+    for s in list(plan._bwd.values())[:1]:
+        gluon = [n for n, a in (("dQ", "ws_dq"), ("dK/dV", "ws"))
+                 if getattr(s, a, None) is not None]
+        names.append(type(s).__name__ + (f"(Gluon {' '.join(gluon)})" if gluon else ""))
     return "/".join(names)
 
 

@@ -28,8 +28,8 @@ the autotuner's choices (``SPATTN_CACHE_DIR``):
 D = 16, fp32; Flex's forward runs eagerly there, and as Flex has no CPU backward its
 forward+backward stand-in is SDPA with the same boolean mask): a check of the logic, not
 a measurement. ``--budget`` (285 s) bounds the whole run: each process gets a share of
-what is left (the first, which tunes, the largest), and a process that runs out is
-stopped with the shapes it finished reported. Writes ``OUT/documents.json`` (and each process's ``documents-proc<i>.json``
+what is left (the first, which compiles the kernels and tunes, the largest), and a process
+that runs out is stopped with the shapes it finished reported. Writes ``OUT/documents.json`` (and each process's ``documents-proc<i>.json``
 and ``.log``); prints a markdown table last.
 """
 from __future__ import annotations
@@ -304,7 +304,7 @@ def driver(args) -> int:
             env.pop("TRITON_INTERPRET", None)
         left = args.budget - (time.perf_counter() - start)
         limit = max(10.0, left / (args.procs - i))
-        if i == 0 and args.tune == "shared":           # the first process tunes: more time
+        if i == 0 and args.tune != "fresh":   # the first process compiles (and tunes): more
             limit = max(10.0, left - (args.procs - 1) * args.budget / (2 * args.procs))
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", str(i),
                "--out", str(out), "--rounds", str(args.rounds), "--heads", str(args.heads),

@@ -26,7 +26,8 @@ it replaces the generated dK/dV kernel, reading the rows' statistics the dQ kern
 Measured on an H100 against the generated dK/dV kernel (benchmarks/RESULTS.md, "a
 warp-specialised dK/dV kernel"): 1.21-1.38x on ``full`` and ``causal`` at 4K and 16K.
 ``SPATTN_WS_BWD`` (``auto`` / ``1`` / ``0``) chooses: ``1`` wherever it can run, ``0``
-never, ``auto`` for calls of at least :data:`MIN_WORK` computed tiles with at most
+never, ``auto`` for calls of at least :data:`MIN_LENGTH` queries and keys and
+:data:`MIN_WORK` computed tiles with at most
 :data:`MAX_PARTIAL_SHARE` of them PARTIAL where their masks are read,
 :data:`MAX_RUNS_SHARE` where each key's run is (docs/backends.md, "The warp-specialised
 dK/dV kernel").
@@ -52,6 +53,13 @@ BLOCK_N = 128
 #: The computed 64 x 128 tiles (over batch and heads) from which ``SPATTN_WS_BWD=auto``
 #: takes the kernel (below, a call is bound by the host).
 MIN_WORK = 8192
+#: The fewest queries and keys with which ``auto`` takes the kernel (and so the Gluon dQ
+#: kernel, which follows it). Timed on an H100 (benchmarks/RESULTS.md, "documents in three
+#: processes, short calls at B = 8"; B = 8, 16 heads, bf16), forward+backward against the
+#: generated backward: at 1024 tokens causal 0.40x (D = 64) and 0.85x (D = 128), ``full``
+#: 0.59x and 0.74x; at 2048 causal 0.98x and 1.03x, at 4096 1.01x and 1.02x;
+#: ``window(1024)`` at 16384 (B = 1) 1.13x.
+MIN_LENGTH = 2048
 #: The share of PARTIAL tiles up to which ``auto`` takes the kernel (their masks are read
 #: from memory, where the generated kernel evaluates its predicate in registers). Timed
 #: on an H100 against the generated backward (benchmarks/RESULTS.md): causal documents
@@ -391,10 +399,14 @@ class QueryLists:
 def query_lists(call):
     """The :class:`QueryLists` of the call's non-EMPTY 64 x 128 tiles, or a string saying
     why the kernel does not run them: more than :data:`MAX_MASKS` PARTIAL tiles, or
-    (``SPATTN_WS_BWD=auto``) fewer than :data:`MIN_WORK` tiles in all or a share of
+    (``SPATTN_WS_BWD=auto``) fewer than :data:`MIN_LENGTH` queries or keys, fewer than
+    :data:`MIN_WORK` tiles in all or a share of
     PARTIAL ones above :data:`MAX_PARTIAL_SHARE` (their masks read) or
     :data:`MAX_RUNS_SHARE` (their keys' runs)."""
     from .tables import _demote_ragged, _pool
+    if call.settings.ws_bwd is None and min(call.Lq, call.Lk) < MIN_LENGTH:
+        return (f"{min(call.Lq, call.Lk)} queries or keys (auto takes {MIN_LENGTH} or "
+                "more)")
     tile = (BLOCK_M, BLOCK_N)
     ((fine_tile, fine),) = call.analysis.classes([tile])
     cls = _pool(fine, fine_tile, tile, call.Lq, call.Lk)

@@ -134,6 +134,19 @@ def test_query_lists_auto_takes_enough_work(src, H, L):
     assert int(ql.count.sum()) * (H if ql.strides[1] == 0 else 1) >= ws_bwd.MIN_WORK
 
 
+@pytest.mark.parametrize("B,Lq,Lk", [(64, 1024, 1024), (8, 4096, 1024), (8, 1024, 4096)],
+                         ids=["B64-L1024", "B8-Lq4096-Lk1024", "B8-Lq1024-Lk4096"])
+def test_auto_leaves_short_calls(B, Lq, Lk, monkeypatch):
+    """``auto`` leaves calls of fewer than ``MIN_LENGTH`` queries or keys to the generated
+    backward, however much work they hold in all; ``SPATTN_WS_BWD=1`` still lists them."""
+    call = _call("full", B, 16, Lq, Lk=Lk)[1]
+    why = ws_bwd.query_lists(call)
+    assert why == f"{min(Lq, Lk)} queries or keys (auto takes {ws_bwd.MIN_LENGTH} or more)"
+    monkeypatch.setenv("SPATTN_WS_BWD", "1")
+    ql = ws_bwd.query_lists(_call("full", B, 16, Lq, Lk=Lk)[1])
+    assert not isinstance(ql, str), ql
+
+
 def test_device_rules(monkeypatch):
     """On the CPU the kernel never runs; ``SPATTN_WS_BWD=0`` says so first."""
     from types import SimpleNamespace
