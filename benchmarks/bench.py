@@ -428,7 +428,8 @@ def table(rows):
         if r.get("flex_error"):
             r = dict(r, strategy=f"{r.get('strategy', '-')} (Flex failed: {r['flex_error'][:60]})")
         lines.append(
-            f"| {r['pattern']} | {r.get('B', 1)} | {r['N']} | {_d(r)} | {r['density']:.3f} | {r.get('strategy', '-')} {r.get('stages', '')} | "
+            f"| {r['pattern']} | {r.get('B', 1)} | {r['N']} | {_d(r)} | {r['density']:.3f} | "
+            f"{r.get('strategy', '-')} {r.get('stages', '')} | "
             f"{f('fwd_tflops')} | {f('flex_fwd_tflops')} | {ratio('fwd_tflops', 'flex_fwd_tflops')} | "
             f"{f('fwdbwd_tflops')} | {f('flex_fwdbwd_tflops')} | "
             f"{ratio('fwdbwd_tflops', 'flex_fwdbwd_tflops')} | {f('setup_ms', '{:.2f}')} / {f('setup_train_ms', '{:.2f}')} | "

@@ -29,8 +29,9 @@ D = 16, fp32; Flex's forward runs eagerly there, and as Flex has no CPU backward
 forward+backward stand-in is SDPA with the same boolean mask): a check of the logic, not
 a measurement. ``--budget`` (285 s) bounds the whole run: each process gets a share of
 what is left (the first, which compiles the kernels and tunes, the largest), and a process
-that runs out is stopped with the shapes it finished reported. Writes ``OUT/documents.json`` (and each process's ``documents-proc<i>.json``
-and ``.log``); prints a markdown table last.
+that runs out is stopped with the shapes it finished reported. Writes
+``OUT/documents.json`` (and each process's ``documents-proc<i>.json`` and ``.log``); prints a
+markdown table last.
 """
 from __future__ import annotations
 
