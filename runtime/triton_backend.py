@@ -1029,13 +1029,19 @@ def build_bwd(call, q, k, v, o, do, options: dict | None = None,
     if _upcast(call):
         q, k, v, o, do = q.float(), k.float(), v.float(), o.float(), do.float()
     gluon = _gluon_may_run(call, q)
-    if gluon and _tune.enabled(q.device, call.settings):
-        # Where the Gluon dQ and dK/dV kernels both run, the generated ones run only for a
-        # later call whose tensors TMA cannot read: they keep their defaults, untuned.
-        stage = _bwd_stage(call, q, k, v, o, do, options, rows, gluon, tune=False)
-        if stage.ws is not None and stage.ws_dq is not None:
-            return stage
-    return _bwd_stage(call, q, k, v, o, do, options, rows, gluon, tune=True)
+    # With the autotuner on, the generated kernels are first built with their defaults:
+    # where the Gluon dQ and dK/dV kernels both take the stage, the generated ones run only
+    # for a later call whose tensors TMA cannot read, and are not worth tuning.
+    tuning = gluon and _tune.enabled(q.device, call.settings)
+    stage = _bwd_stage(call, q, k, v, o, do, options, rows, tune=not tuning)
+    if gluon:
+        _attach_gluon(call, stage, q, k, v, o, do, options, rows)
+    if tuning and (stage.ws is None or stage.ws_dq is None):
+        # (the Gluon kernels' rules do not read the generated kernels' tiles: kept as built)
+        tuned = _bwd_stage(call, q, k, v, o, do, options, rows, tune=True)
+        tuned.ws, tuned.ws_dq = stage.ws, stage.ws_dq
+        stage = tuned
+    return stage
 
 
 def _gluon_may_run(call, q) -> bool:
@@ -1044,9 +1050,9 @@ def _gluon_may_run(call, q) -> bool:
     return q.device.type == "cuda" and not call.settings.interpret
 
 
-def _bwd_stage(call, q, k, v, o, do, options, rows, gluon: bool, tune: bool) -> BwdStage:
-    """:func:`build_bwd`'s stage: the generated kernels with the autotuner's options
-    (``tune``) or the defaults, and (``gluon``) the Gluon kernels that take them over."""
+def _bwd_stage(call, q, k, v, o, do, options, rows, tune: bool) -> BwdStage:
+    """:func:`build_bwd`'s generated kernels, with the autotuner's options (``tune``) or
+    the defaults."""
     def run(t):
         lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
         return run_bwd(_build_bwd(call, q, k, v, o, do, t, rows=rows), q, k, v, o, lse, do)
@@ -1055,21 +1061,24 @@ def _bwd_stage(call, q, k, v, o, do, options, rows, gluon: bool, tune: bool) -> 
         _build_bwd(call, q, k, v, o, do, t, warmup=True, rows=rows)
     opts = resolve_options(call, "bwd", dict(options or {}), (q, k, v, do, o), run,
                            compile_only, rows=rows, tune=tune)
-    stage = _fitted(call, "bwd", q, opts, explicit=dict(options or {}),
-                    build=lambda o_, warmup: _build_bwd(call, q, k, v, o, do, o_,
-                                                        warmup=warmup, rows=rows))
-    if gluon:
-        from . import ws_bwd
-        stage.ws, why = ws_bwd.build(call, stage, q, k, v, o, do, options, rows)
-        if why is not None:
-            _tune.log.debug("spattn: the warp-specialised dK/dV kernel does not run this "
-                            "call: %s", why)
-        from . import ws_dq
-        stage.ws_dq, why = ws_dq.build(call, stage, q, k, v, o, do)
-        if why is not None:
-            _tune.log.debug("spattn: the warp-specialised dQ kernel does not run this "
-                            "call: %s", why)
-    return stage
+    return _fitted(call, "bwd", q, opts, explicit=dict(options or {}),
+                   build=lambda o_, warmup: _build_bwd(call, q, k, v, o, do, o_,
+                                                       warmup=warmup, rows=rows))
+
+
+def _attach_gluon(call, stage, q, k, v, o, do, options, rows) -> None:
+    """The Gluon dK/dV and dQ launches that take ``stage`` over, where they run the call
+    (``stage.ws``, ``stage.ws_dq``; None with the reason in the debug log)."""
+    from . import ws_bwd
+    stage.ws, why = ws_bwd.build(call, stage, q, k, v, o, do, options, rows)
+    if why is not None:
+        _tune.log.debug("spattn: the warp-specialised dK/dV kernel does not run this "
+                        "call: %s", why)
+    from . import ws_dq
+    stage.ws_dq, why = ws_dq.build(call, stage, q, k, v, o, do)
+    if why is not None:
+        _tune.log.debug("spattn: the warp-specialised dQ kernel does not run this "
+                        "call: %s", why)
 
 
 def _build_bwd(call, q, k, v, o, do, opts, warmup=False, rows=None) -> BwdStage:

@@ -151,7 +151,8 @@ def test_backward_of_the_two_gluon_launches(monkeypatch):
 def test_generated_backward_tuned_only_where_it_runs(takes, monkeypatch):
     """With autotuning on, a backward stage is first built with the generated kernels'
     defaults; the autotuner times them only where the Gluon dQ and dK/dV kernels do not
-    both take the stage over (stand-ins for the device and the Gluon builds, CPU tensors)."""
+    both take the stage over, and the Gluon launches built once go with the tuned stage
+    (stand-ins for the device and the Gluon builds, CPU tensors)."""
     from spattn.runtime import triton_backend as tb
     from spattn.runtime import tune as T
     from spattn.runtime import ws_bwd
@@ -165,13 +166,19 @@ def test_generated_backward_tuned_only_where_it_runs(takes, monkeypatch):
     monkeypatch.setattr(tb, "_gluon_may_run", lambda call, q: True)
     monkeypatch.setattr(T, "enabled", lambda device, settings=None: True)
     monkeypatch.setattr(T, "tuned_options", tuned_options)
-    monkeypatch.setattr(ws_bwd, "build", lambda *a: (object(), None) if takes[0]
-                        else (None, "refused"))
-    monkeypatch.setattr(ws_dq, "build", lambda *a: (object(), None) if takes[1]
-                        else (None, "refused"))
+    built = []
+
+    def gluon_build(i):
+        def build(*a):
+            built.append(i)
+            return (object(), None) if takes[i] else (None, "refused")
+        return build
+    monkeypatch.setattr(ws_bwd, "build", gluon_build(0))
+    monkeypatch.setattr(ws_dq, "build", gluon_build(1))
     stage = tb.build_bwd(call, q, k, v, o, do)
     assert (stage.ws is not None, stage.ws_dq is not None) == takes
     assert len(tuned) == (0 if all(takes) else 1)
+    assert sorted(built) == [0, 1]          # each Gluon kernel's rules and build run once
 
 
 def test_kernel_compiles_for_sm90():
