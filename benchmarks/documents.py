@@ -7,11 +7,15 @@ Triton backend, its block mask of the same pattern built once outside the timed 
 as spattn's plan is), timed in alternating rounds in the same process
 (``bench.time_rounds``), each output and gradient checked against Flex's first.
 
-A driver runs the whole set in ``--procs`` (3) FRESH processes one after the other and
-reports, per shape, each process's times, the ratio Flex / spattn (above 1: spattn faster;
-the issue asks for >= 1.1 in every process) and spattn's spread across the processes,
-``(max - min) / min`` (the issue asks for <= 5%). ``--tune`` says where the processes keep
-the autotuner's choices (``SPATTN_CACHE_DIR``):
+A driver runs the whole set in ``--procs`` (3) FRESH processes and reports, per shape,
+each process's times, the ratio Flex / spattn (above 1: spattn faster; the issue asks for
+>= 1.1 in every process) and spattn's spread across the processes, ``(max - min) / min``
+(the issue asks for <= 5%). ``--schedule``: ``interleaved`` (default) keeps the processes
+alive together, taking turns round by round on each shape, so that the card's drift over
+the minutes of a run (clocks under the power limit, temperature) falls on every process
+alike rather than reading as a difference between processes; ``sequential`` runs one
+process after the other. Each round times at least ``MIN_RUNS`` calls. ``--tune`` says
+where the processes keep the autotuner's choices (``SPATTN_CACHE_DIR``):
 
 * ``shared`` (default): one cache, empty at the start: the first process tunes, the
   others read its choices (what a machine with a persisted cache does); < 5 min;
@@ -27,9 +31,10 @@ the autotuner's choices (``SPATTN_CACHE_DIR``):
 ``--cpu --tiny`` runs the same driver on the CPU with tiny shapes (N = 64 and 256, H = 2,
 D = 16, fp32; Flex's forward runs eagerly there, and as Flex has no CPU backward its
 forward+backward stand-in is SDPA with the same boolean mask): a check of the logic, not
-a measurement. ``--budget`` (285 s) bounds the whole run: each process gets a share of
-what is left (the first, which compiles the kernels and tunes, the largest), and a process
-that runs out is stopped with the shapes it finished reported. Writes
+a measurement. ``--budget`` (285 s) bounds the whole run: the processes are stopped when
+it runs out (in the sequential schedule each process gets a share of what is left, the
+first, which compiles the kernels and tunes, the largest), with the shapes they finished
+reported. Writes
 ``OUT/documents.json`` (and each process's ``documents-proc<i>.json`` and ``.log``); prints a
 markdown table last.
 """
@@ -53,6 +58,8 @@ TINY_DOCS = [1, 4, 20]
 #: The issue's bars: Flex / spattn at least this in every process, spread at most this.
 MIN_RATIO = 1.1
 MAX_SPREAD = 0.05
+#: The fewest timed runs per round (``gpu_timer``).
+MIN_RUNS = 10
 
 
 def log(*a):
@@ -95,11 +102,18 @@ def cpu_timer(fn, grad_to_none=None):
 
 
 def gpu_timer(fn, grad_to_none=None):
-    """Median ms of ``fn`` (``do_bench``, 10 ms warm-up, 50 ms of runs: the 65536-token
-    shapes run a few times either way, and 15 shapes x 3 processes must fit 5 minutes)."""
+    """Median ms of ``fn`` by ``do_bench`` (10 ms warm-up) over 50 ms of runs and at least
+    ``MIN_RUNS`` runs: 50 ms alone would time a 65536-token call once or twice."""
+    import torch
     import triton
-    return triton.testing.do_bench(fn, warmup=10, rep=50, grad_to_none=grad_to_none,
-                                   return_mode="median")
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est_ms = (time.perf_counter() - t0) * 1e3
+    return triton.testing.do_bench(fn, warmup=10, rep=max(50.0, MIN_RUNS * est_ms),
+                                   grad_to_none=grad_to_none, return_mode="median")
 
 
 def stage_name(stage) -> str | None:
@@ -117,6 +131,23 @@ def rel(a, b) -> float:
 
 def run_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, rounds: int, cpu: bool):
     """One shape in this process: checks, then spattn and Flex in alternating rounds."""
+    import bench
+    row, timed = prepare_shape(N, n, H=H, D=D, dtype=dtype, dev=dev, cpu=cpu)
+    if "error" not in row:
+        bench.time_rounds(row, timed, rounds, bench=cpu_timer if cpu else gpu_timer)
+        ratios(row)
+    return row
+
+
+def ratios(row: dict) -> None:
+    for kind in ("fwd", "fwdbwd"):
+        if f"flex_{kind}_ms" in row and row.get(f"{kind}_ms"):
+            row[f"{kind}_ratio"] = row[f"flex_{kind}_ms"] / row[f"{kind}_ms"]
+
+
+def prepare_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, cpu: bool):
+    """One shape's inputs, plan, Flex block mask and checks: the row so far and the timed
+    callables (``bench.time_rounds``'s ``timed``)."""
     import torch
     import spattn
     import bench
@@ -177,7 +208,7 @@ def run_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, rounds: int, c
     if not (row["rel_err_vs_flex"] < 2e-2 and row["grad_rel_err_vs_rival"] < 2e-2):
         row["error"] = (f"mismatch: output {row['rel_err_vs_flex']:.2e}, gradients "
                         f"{row['grad_rel_err_vs_rival']:.2e}")
-        return row
+        return row, timed
 
     def fb():
         pat(qg, kg, vg, plan=plan).backward(do)
@@ -186,11 +217,7 @@ def run_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, rounds: int, c
         rival().backward(do)
     timed["fwdbwd"] = fb, [qg, kg, vg]
     timed["flex_fwdbwd"] = fb_rival, [qf, kf, vf]
-    bench.time_rounds(row, timed, rounds, bench=cpu_timer if cpu else gpu_timer)
-    for kind in ("fwd", "fwdbwd"):
-        if f"flex_{kind}_ms" in row and row.get(f"{kind}_ms"):
-            row[f"{kind}_ratio"] = row[f"flex_{kind}_ms"] / row[f"{kind}_ms"]
-    return row
+    return row, timed
 
 
 def worker(args) -> None:
@@ -217,6 +244,60 @@ def worker(args) -> None:
             out.write_text(json.dumps(rows, indent=1))
             if not args.cpu:
                 torch.cuda.empty_cache()
+
+
+def serve(args) -> None:
+    """One process of the interleaved schedule: commands on stdin, one per line, each
+    answered by ``@@ok`` on stdout once done:
+
+    * ``shape N n``: inputs, plan, Flex's block mask and the checks of one shape;
+    * ``round r``: one alternating timing round of that shape (the order flipped when
+      ``r`` is odd);
+    * ``finish``: the medians of its rounds, the row appended to
+      ``documents-proc<i>.json``.
+    """
+    sys.path.insert(0, str(HERE))
+    import torch
+    import bench
+    out = pathlib.Path(args.out) / f"documents-proc{args.worker}.json"
+    dev = "cpu" if args.cpu else "cuda"
+    dtype = torch.float32 if args.cpu else torch.bfloat16
+    timer = cpu_timer if args.cpu else gpu_timer
+    rows, row, timed = [], None, None
+    for line in sys.stdin:
+        cmd, *val = line.split()
+        try:
+            if cmd == "shape":
+                N, n = map(int, val)
+                log(f"[proc {args.worker}] N={N} docs={n}")
+                row, timed = {"N": N, "docs": n}, None
+                row, timed = prepare_shape(N, n, H=args.heads, D=args.head_dim, dtype=dtype,
+                                           dev=dev, cpu=args.cpu)
+            elif cmd == "round" and timed is not None and "error" not in row:
+                groups = (("fwd", "flex_fwd"), ("fwdbwd", "flex_fwdbwd"))
+                if int(val[0]) % 2:
+                    groups = tuple(g[::-1] for g in groups)
+                got = {}
+                bench.time_rounds(got, timed, 1, bench=timer, groups=groups)
+                for k, x in got.items():
+                    if k.endswith("_ms_rounds"):
+                        row.setdefault(k, []).extend(x)
+                    elif k == "flex_error":
+                        row[k] = x
+            elif cmd == "finish":
+                for k in [k for k in row if k.endswith("_ms_rounds")]:
+                    row[k[: -len("_rounds")]] = statistics.median(row[k])
+                ratios(row)
+                row["proc"] = args.worker
+                rows.append(row)
+                out.write_text(json.dumps(rows, indent=1))
+                row, timed = None, None
+                if not args.cpu:
+                    torch.cuda.empty_cache()
+        except Exception as e:       # noqa: BLE001 -- reported in the row, next shape
+            if row is not None:
+                row["error"] = f"{type(e).__name__}: {e}"[:400]
+        print("@@ok", flush=True)
 
 
 # ------------------------------------------------------------------ driver
@@ -284,50 +365,135 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def driver(args) -> int:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    per_proc, runs = [], []
+def _proc_env(args, i: int) -> dict:
+    """Process ``i``'s environment: its tuning cache (emptied where it is to tune)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.tune == "off":
+        env["SPATTN_AUTOTUNE"] = "0"
+    else:
+        env.pop("SPATTN_AUTOTUNE", None)
+    root = pathlib.Path(args.cache_root) if args.cache_root else pathlib.Path(args.out)
+    cache = root / ("spattn-cache" + (f"-proc{i}" if args.tune == "fresh" else ""))
+    if i == 0 or args.tune == "fresh":
+        import shutil
+        shutil.rmtree(cache, ignore_errors=True)     # empty at the start: tuned here
+    env["SPATTN_CACHE_DIR"] = str(cache)
+    if args.cpu:
+        env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _worker_cmd(args, i: int) -> list[str]:
+    return [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", str(i),
+            "--out", str(args.out), "--rounds", str(args.rounds), "--heads", str(args.heads),
+            "--head-dim", str(args.head_dim), "--lengths", *map(str, args.lengths),
+            "--docs", *map(str, args.docs)] + (["--cpu"] if args.cpu else [])
+
+
+def run_sequential(args, start: float) -> list[dict]:
+    """Each process runs every shape, one process after the other."""
+    runs = []
     for i in range(args.procs):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if args.tune == "off":
-            env["SPATTN_AUTOTUNE"] = "0"
-        else:
-            env.pop("SPATTN_AUTOTUNE", None)
-        root = pathlib.Path(args.cache_root) if args.cache_root else out
-        cache = root / ("spattn-cache" + (f"-proc{i}" if args.tune == "fresh" else ""))
-        if i == 0 or args.tune == "fresh":
-            import shutil
-            shutil.rmtree(cache, ignore_errors=True)     # empty at the start: tuned here
-        env["SPATTN_CACHE_DIR"] = str(cache)
-        if args.cpu:
-            env.pop("TRITON_INTERPRET", None)
+        env = _proc_env(args, i)
         left = args.budget - (time.perf_counter() - start)
         limit = max(10.0, left / (args.procs - i))
         if i == 0 and args.tune != "fresh":   # the first process compiles (and tunes): more
             limit = max(10.0, left - (args.procs - 1) * args.budget / (2 * args.procs))
-        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", str(i),
-               "--out", str(out), "--rounds", str(args.rounds), "--heads", str(args.heads),
-               "--head-dim", str(args.head_dim), "--lengths", *map(str, args.lengths),
-               "--docs", *map(str, args.docs)] + (["--cpu"] if args.cpu else [])
         log(f"process {i}: {args.tune} tuning cache, limit {limit:.0f} s")
         t0 = time.perf_counter()
-        with open(out / f"documents-proc{i}.log", "w") as lf:
+        with open(pathlib.Path(args.out) / f"documents-proc{i}.log", "w") as lf:
             try:
-                rc = subprocess.run(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT,
-                                    timeout=limit, cwd=str(HERE.parent)).returncode
+                rc = subprocess.run(_worker_cmd(args, i), env=env, stdout=lf,
+                                    stderr=subprocess.STDOUT, timeout=limit,
+                                    cwd=str(HERE.parent)).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         runs.append({"proc": i, "rc": rc, "seconds": time.perf_counter() - t0})
+        log(f"process {i}: rc {rc}, {runs[-1]['seconds']:.0f} s")
+    return runs
+
+
+def run_interleaved(args, start: float) -> list[dict]:
+    """All processes alive at once, taking turns: per shape, each prepares it (process 0
+    first: it compiles, and tunes where the cache is shared), then round by round each
+    times one round (the processes' order flipped every round), so that the card's drift
+    over minutes (clocks, temperature) falls on every process alike, as the alternating
+    rounds make it fall on spattn and Flex alike. One process times at a time."""
+    import queue
+    import threading
+    procs, answers, logs = [], [], []
+    for i in range(args.procs):
+        lf = open(pathlib.Path(args.out) / f"documents-proc{i}.log", "w")
+        p = subprocess.Popen(_worker_cmd(args, i) + ["--serve"], env=_proc_env(args, i),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=lf,
+                             text=True, cwd=str(HERE.parent))
+        q = queue.Queue()
+
+        def pump(p=p, q=q, lf=lf):
+            for line in p.stdout:
+                if line.strip() == "@@ok":
+                    q.put(True)
+                else:
+                    lf.write(line)
+            q.put(False)
+        threading.Thread(target=pump, daemon=True).start()
+        procs.append(p)
+        answers.append(q)
+        logs.append(lf)
+
+    def ask(i: int, cmd: str) -> None:
+        procs[i].stdin.write(cmd + "\n")
+        procs[i].stdin.flush()
+        left = args.budget - (time.perf_counter() - start)
+        if left <= 0 or not answers[i].get(timeout=left):
+            raise TimeoutError(f"process {i} at {cmd!r}")
+
+    rc = 0
+    try:
+        for N in args.lengths:
+            for n in args.docs:
+                if n > N // 2:
+                    continue
+                log(f"N={N} docs={n}")
+                for i in range(args.procs):
+                    ask(i, f"shape {N} {n}")
+                for r in range(args.rounds):
+                    for i in (range(args.procs) if r % 2 == 0
+                              else reversed(range(args.procs))):
+                        ask(i, f"round {r}")
+                for i in range(args.procs):
+                    ask(i, "finish")
+    except (TimeoutError, queue.Empty, BrokenPipeError) as e:
+        log(f"stopped: {type(e).__name__} {e}")
+        rc = "timeout"
+    for p in procs:
+        try:
+            p.stdin.close()
+            p.wait(timeout=30)
+        except (subprocess.TimeoutExpired, BrokenPipeError):
+            p.kill()
+    for lf in logs:
+        lf.close()
+    return [{"proc": i, "rc": rc if rc else p.returncode,
+             "seconds": time.perf_counter() - start} for i, p in enumerate(procs)]
+
+
+def driver(args) -> int:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(args.procs):
+        (out / f"documents-proc{i}.json").unlink(missing_ok=True)
+    start = time.perf_counter()
+    runs = (run_interleaved if args.schedule == "interleaved" else run_sequential)(args, start)
+    per_proc = []
+    for i in range(args.procs):
         f = out / f"documents-proc{i}.json"
         per_proc.append(json.loads(f.read_text()) if f.exists() else [])
-        log(f"process {i}: rc {rc}, {len(per_proc[-1])} shapes, "
-            f"{runs[-1]['seconds']:.0f} s")
     summary = summarise(per_proc, args.procs)
     meta = {"source": SOURCE, "lengths": args.lengths, "docs": args.docs, "H": args.heads,
             "D": args.head_dim, "dtype": "fp32" if args.cpu else "bf16", "B": 1,
             "procs": args.procs, "tune": args.tune, "rounds": args.rounds,
+            "schedule": args.schedule, "min_runs": MIN_RUNS,
             "device": "cpu" if args.cpu else _gpu_name(), "runs": runs,
             "seconds": time.perf_counter() - start}
     (out / "documents.json").write_text(json.dumps(
@@ -361,7 +527,11 @@ def main(argv=None) -> int:
                     "(emptied first; default: --out)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (logic check)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (with --cpu)")
+    ap.add_argument("--schedule", choices=("interleaved", "sequential"),
+                    default="interleaved", help="processes alive together and taking "
+                    "turns round by round (default), or one after the other")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     tiny = args.tiny or args.cpu
     args.lengths = args.lengths or (TINY_LENGTHS if tiny else LENGTHS)
@@ -371,7 +541,7 @@ def main(argv=None) -> int:
     if args.procs < 1 or args.rounds < 1:
         ap.error("--procs and --rounds must be at least 1")
     if args.worker is not None:
-        worker(args)
+        (serve if args.serve else worker)(args)
         return 0
     return driver(args)
 

@@ -1,6 +1,7 @@
 """``benchmarks/documents.py``: the driver on the CPU (``--cpu --tiny``: fresh processes,
-checks against Flex's forward and SDPA's gradients, JSON and table), and its summary
-logic (ratios, spread across processes, the issue's bars) on fabricated rows."""
+interleaved or one after the other; checks against Flex's forward and SDPA's gradients,
+JSON and table), and its summary logic (ratios, spread across processes, the issue's bars)
+on fabricated rows."""
 import json
 
 import pytest
@@ -49,11 +50,14 @@ def test_summary_ratios_spread_and_bars(documents):
 
 
 @pytest.mark.slow
-def test_cpu_driver_runs_fresh_processes(documents, tmp_path, capsys):
+@pytest.mark.parametrize("schedule,rounds", [("interleaved", 2), ("sequential", 1)])
+def test_cpu_driver_runs_fresh_processes(documents, tmp_path, capsys, schedule, rounds):
     rc = documents.main(["--out", str(tmp_path), "--cpu", "--tiny", "--procs", "2",
-                         "--lengths", "64", "--docs", "1", "4", "--rounds", "1"])
+                         "--lengths", "64", "--docs", "1", "4", "--rounds", str(rounds),
+                         "--schedule", schedule])
     assert rc == 0
     data = json.loads((tmp_path / "documents.json").read_text())
+    assert data["meta"]["schedule"] == schedule
     assert [r["rc"] for r in data["meta"]["runs"]] == [0, 0]
     assert len(data["processes"]) == 2
     for rows in data["processes"]:
@@ -62,6 +66,8 @@ def test_cpu_driver_runs_fresh_processes(documents, tmp_path, capsys):
             assert "error" not in r, r
             assert r["rel_err_vs_flex"] < 1e-4 and r["grad_rel_err_vs_rival"] < 1e-4
             assert r["fwd_ms"] > 0 and r["flex_fwdbwd_ms"] > 0 and r["fwd_ratio"] > 0
+            for name in ("fwd", "flex_fwd", "fwdbwd", "flex_fwdbwd"):
+                assert len(r[name + "_ms_rounds"]) == rounds
     assert [(s["N"], s["docs"]) for s in data["summary"]] == [(64, 1), (64, 4)]
     assert all(s["fwd_spread"] is not None for s in data["summary"])
     out = capsys.readouterr().out
