@@ -102,8 +102,9 @@ def cpu_timer(fn, grad_to_none=None):
 
 
 def gpu_timer(fn, grad_to_none=None):
-    """Median ms of ``fn`` by ``do_bench`` (10 ms warm-up) over 50 ms of runs and at least
-    ``MIN_RUNS`` runs: 50 ms alone would time a 65536-token call once or twice."""
+    """Median ms of ``fn`` by ``do_bench`` over 50 ms of runs and at least ``MIN_RUNS``
+    runs (50 ms alone would time a 65536-token call once or twice), after 100 ms of
+    warm-up (the card's clocks come up after the pauses between processes' turns)."""
     import torch
     import triton
     fn()
@@ -112,7 +113,7 @@ def gpu_timer(fn, grad_to_none=None):
     fn()
     torch.cuda.synchronize()
     est_ms = (time.perf_counter() - t0) * 1e3
-    return triton.testing.do_bench(fn, warmup=10, rep=max(50.0, MIN_RUNS * est_ms),
+    return triton.testing.do_bench(fn, warmup=100, rep=max(50.0, MIN_RUNS * est_ms),
                                    grad_to_none=grad_to_none, return_mode="median")
 
 
@@ -292,11 +293,11 @@ def serve(args) -> None:
                 rows.append(row)
                 out.write_text(json.dumps(rows, indent=1))
                 row, timed = None, None
-                if not args.cpu:
-                    torch.cuda.empty_cache()
         except Exception as e:       # noqa: BLE001 -- reported in the row, next shape
             if row is not None:
                 row["error"] = f"{type(e).__name__}: {e}"[:400]
+        if not args.cpu:      # a step's cached blocks (up to 32 GiB at 65536 tokens) go
+            torch.cuda.empty_cache()      # back before another process's turn
         print("@@ok", flush=True)
 
 
