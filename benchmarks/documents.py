@@ -11,7 +11,7 @@ A driver runs the whole set in ``--procs`` (3) FRESH processes and reports, per 
 each process's times, the ratio Flex / spattn (above 1: spattn faster; the issue asks for
 >= 1.1 in every process) and spattn's spread across the processes, ``(max - min) / min``
 (the issue asks for <= 5%). ``--schedule``: ``interleaved`` (default) keeps the processes
-alive together, taking turns round by round on each shape, so that the card's drift over
+alive together, taking turns shape by shape, so that the card's drift over
 the minutes of a run (clocks under the power limit, temperature) falls on every process
 alike rather than reading as a difference between processes; ``sequential`` runs one
 process after the other. Each round times at least ``MIN_RUNS`` calls. ``--tune`` says
@@ -103,8 +103,8 @@ def cpu_timer(fn, grad_to_none=None):
 
 def gpu_timer(fn, grad_to_none=None):
     """Median ms of ``fn`` by ``do_bench`` over 50 ms of runs and at least ``MIN_RUNS``
-    runs (50 ms alone would time a 65536-token call once or twice), after 100 ms of
-    warm-up (the card's clocks come up after the pauses between processes' turns)."""
+    runs (50 ms alone would time a 65536-token call once or twice), after 25 ms of
+    warm-up."""
     import torch
     import triton
     fn()
@@ -113,7 +113,7 @@ def gpu_timer(fn, grad_to_none=None):
     fn()
     torch.cuda.synchronize()
     est_ms = (time.perf_counter() - t0) * 1e3
-    return triton.testing.do_bench(fn, warmup=100, rep=max(50.0, MIN_RUNS * est_ms),
+    return triton.testing.do_bench(fn, warmup=25, rep=max(50.0, MIN_RUNS * est_ms),
                                    grad_to_none=grad_to_none, return_mode="median")
 
 
@@ -293,11 +293,11 @@ def serve(args) -> None:
                 rows.append(row)
                 out.write_text(json.dumps(rows, indent=1))
                 row, timed = None, None
+                if not args.cpu:
+                    torch.cuda.empty_cache()
         except Exception as e:       # noqa: BLE001 -- reported in the row, next shape
             if row is not None:
                 row["error"] = f"{type(e).__name__}: {e}"[:400]
-        if not args.cpu:      # a step's cached blocks (up to 32 GiB at 65536 tokens) go
-            torch.cuda.empty_cache()      # back before another process's turn
         print("@@ok", flush=True)
 
 
@@ -415,11 +415,14 @@ def run_sequential(args, start: float) -> list[dict]:
 
 
 def run_interleaved(args, start: float) -> list[dict]:
-    """All processes alive at once, taking turns: per shape, each prepares it (process 0
-    first: it compiles, and tunes where the cache is shared), then round by round each
-    times one round (the processes' order flipped every round), so that the card's drift
-    over minutes (clocks, temperature) falls on every process alike, as the alternating
-    rounds make it fall on spattn and Flex alike. One process times at a time."""
+    """All processes alive at once, taking turns shape by shape: each runs a shape (its
+    setup, checks and timing rounds) and lets it go before the next process runs the
+    same shape, so that the card's drift over the minutes of a run (clocks, temperature)
+    falls on every process alike, as the alternating rounds make it fall on spattn and
+    Flex alike. One process holds a shape's tensors at a time (three processes each
+    holding a 65536-token shape's do not fit an 80 GB card). The first process to run a
+    shape is the next one each shape (process 0 always with ``--tune shared``: it tunes,
+    the others read its choices)."""
     import queue
     import threading
     procs, answers, logs = [], [], []
@@ -449,21 +452,20 @@ def run_interleaved(args, start: float) -> list[dict]:
         if left <= 0 or not answers[i].get(timeout=left):
             raise TimeoutError(f"process {i} at {cmd!r}")
 
-    rc = 0
+    rc, shape = 0, 0
     try:
         for N in args.lengths:
             for n in args.docs:
                 if n > N // 2:
                     continue
                 log(f"N={N} docs={n}")
-                for i in range(args.procs):
+                first = 0 if args.tune == "shared" else shape % args.procs
+                for i in [(first + j) % args.procs for j in range(args.procs)]:
                     ask(i, f"shape {N} {n}")
-                for r in range(args.rounds):
-                    for i in (range(args.procs) if r % 2 == 0
-                              else reversed(range(args.procs))):
+                    for r in range(args.rounds):
                         ask(i, f"round {r}")
-                for i in range(args.procs):
                     ask(i, "finish")
+                shape += 1
     except (TimeoutError, queue.Empty, BrokenPipeError) as e:
         log(f"stopped: {type(e).__name__} {e}")
         rc = "timeout"
@@ -530,7 +532,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (with --cpu)")
     ap.add_argument("--schedule", choices=("interleaved", "sequential"),
                     default="interleaved", help="processes alive together and taking "
-                    "turns round by round (default), or one after the other")
+                    "turns shape by shape (default), or one after the other")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
