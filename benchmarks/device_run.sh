@@ -65,7 +65,16 @@ if [ "${T_SHORT:-0}" != 0 ]; then
             --json "$OUT/short_b$b.json" >> "$OUT/short.txt" 2> "$OUT/short_b$b.log"
     done
 fi
+# the host's and the card's time per forward+backward apart (benchmarks/host_gpu_split.py),
+# with the Gluon backward as auto takes it and without; e.g. T_SPLIT=120
+touch "$OUT/split.txt"
+if [ "${T_SPLIT:-0}" != 0 ]; then
+    timeout "$(( T_SPLIT / 2 ))" python3 benchmarks/host_gpu_split.py >> "$OUT/split.txt" \
+        2> "$OUT/split.log"
+    SPATTN_WS_BWD=0 SPATTN_WS_DQ=0 timeout "$(( T_SPLIT / 2 ))" python3 \
+        benchmarks/host_gpu_split.py --patterns causal >> "$OUT/split.txt" 2>> "$OUT/split.log"
+fi
 touch "$OUT/gpu_tests.log" "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt"
 tar czf "$FINAL/run.tgz" -C /tmp run
 grep -E "passed|failed|error" "$OUT/gpu_tests.log"; cat "$OUT/layouts.txt" "$OUT/scores.txt" "$OUT/decode.txt" \
-    "$OUT/score_variants.txt" "$OUT/documents.txt" "$OUT/short.txt"
+    "$OUT/score_variants.txt" "$OUT/documents.txt" "$OUT/short.txt" "$OUT/split.txt"
