@@ -51,8 +51,14 @@ if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
 BLOCK_M = 64
 BLOCK_N = 128
 #: The computed 64 x 128 tiles (over batch and heads) from which ``SPATTN_WS_BWD=auto``
-#: takes the kernel (below, a call is bound by the host).
-MIN_WORK = 8192
+#: takes the kernel. Below, the Gluon backward's card time is shorter than the host's time
+#: to issue it: on an H100 (benchmarks/RESULTS.md, "the host's and the card's time of a
+#: short backward"), causal at 4096 tokens, B = 1, 16 heads, D = 64 (16896 tiles) took
+#: 361 us of the card's time with the Gluon dQ and dK/dV kernels and 388 us with the
+#: generated ones, but 775-975 us and 416-490 us of the host's to issue, so 0.70-0.89 ms
+#: and 0.39-0.40 ms a call; at 34816 tiles (causal, B = 8, 2048 tokens) the two backwards
+#: are level, and from 35136 (20 documents at 16K) on the Gluon one is faster.
+MIN_WORK = 32768
 #: The fewest queries and keys with which ``auto`` takes the kernel (and so the Gluon dQ
 #: kernel, which follows it). Timed on an H100 (benchmarks/RESULTS.md, "documents in three
 #: processes, short calls at B = 8"; B = 8, 16 heads, bf16), forward+backward against the

@@ -121,17 +121,32 @@ def test_query_lists_refuse(src, H, L, why):
 @pytest.mark.parametrize("src,H,L,n_docs", SHARE_CASES, ids=SHARE_IDS)
 def test_auto_share_of_partial_tiles_by_what_is_read(src, H, L, n_docs, monkeypatch):
     """``SPATTN_WS_BWD=auto`` over 64 x 128 tiles: rows' runs here are the keys' runs of
-    queries (every key of a PARTIAL tile allows one run of them)."""
+    queries (every key of a PARTIAL tile allows one run of them). (``MIN_WORK`` lowered: the
+    rule under test is the share's; some of the forward's cases hold fewer tiles.)"""
+    monkeypatch.setattr(ws_bwd, "MIN_WORK", 1)
     share_rule(ws_bwd.query_lists, src, H, L, n_docs, "SPATTN_WS_BWD",
                (ws_bwd.MAX_PARTIAL_SHARE, ws_bwd.MAX_RUNS_SHARE), monkeypatch)
 
 
-@pytest.mark.parametrize("src,H,L", [("full", 1, 8192), ("causal", 16, 16384)],
-                         ids=["full-H1-L8192", "causal-H16-L16384"])
+@pytest.mark.parametrize("src,H,L", [("full", 4, 8192), ("causal", 16, 16384)],
+                         ids=["full-H4-L8192", "causal-H16-L16384"])
 def test_query_lists_auto_takes_enough_work(src, H, L):
     ql = ws_bwd.query_lists(_call(src, 1, H, L)[1])
     assert not isinstance(ql, str), ql
     assert int(ql.count.sum()) * (H if ql.strides[1] == 0 else 1) >= ws_bwd.MIN_WORK
+
+
+@pytest.mark.parametrize("src,B,H,L", [("full", 1, 3, 8192), ("causal", 1, 16, 4096)],
+                         ids=["full-H3-L8192", "causal-H16-L4096"])
+def test_auto_leaves_calls_below_min_work(src, B, H, L, monkeypatch):
+    """Fewer than ``MIN_WORK`` computed tiles (24576 and 16896 here): ``auto`` leaves the
+    call to the generated backward, which the host issues in half the time;
+    ``SPATTN_WS_BWD=1`` still lists them."""
+    why = ws_bwd.query_lists(_call(src, B, H, L)[1])
+    assert isinstance(why, str) and f"auto takes {ws_bwd.MIN_WORK} or more" in why, why
+    monkeypatch.setenv("SPATTN_WS_BWD", "1")
+    ql = ws_bwd.query_lists(_call(src, B, H, L)[1])
+    assert not isinstance(ql, str), ql
 
 
 @pytest.mark.parametrize("B,Lq,Lk", [(64, 1024, 1024), (8, 4096, 1024), (8, 1024, 4096)],
