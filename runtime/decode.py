@@ -477,7 +477,6 @@ class DecodePlan:
         #: the configuration before any shrink, and ``tl.dot``'s precision when it is not
         #: the dtype's default (:meth:`_shrink`)
         self._config0, self.dot_prec = self.config, None
-        block_d = self.config.block_d
         self.module = load_module(self.pattern, self.config, self.closed_form, self.device)
         self.block_m = max(16, 1 << (self.pack * self.Lq - 1).bit_length())
         groups = self.B * self.Hq // self.pack
@@ -1744,7 +1743,8 @@ def _launch(bound: dict, kernel, grid, args: tuple, free: int, meta: dict) -> No
         with assembler_quiet():
             compiled = kernel[grid](*args, **meta)
         if len(bound) < BOUND_LAUNCHES:
-            bound[key] = BoundLaunch.of(kernel, compiled, grid, args, meta, args[0].device)
+            bound[key] = BoundLaunch.of(kernel, compiled, grid, args, meta, args[0].device,
+                                        len(args))
 
 
 def _launch_spec(args: tuple, free: int) -> tuple:

@@ -389,29 +389,35 @@ class BoundLaunch:
 
     Built after a first launch through the JIT function, from what that launch bound;
     valid for arguments laid out as those (the plan checks it), on the same device. Not
-    built under the interpreter or off CUDA (``of`` returns None there)."""
+    built under the interpreter or off CUDA (``of`` returns None there). The first
+    launch's ``n_head`` leading (per-call) arguments are not kept: every launch passes its
+    own, and kept they would hold that call's tensors (q, k, v, o, dO, the gradients) for
+    as long as the stage lives."""
 
-    __slots__ = ("compiled", "grid", "values", "device")
+    __slots__ = ("compiled", "grid", "values", "device", "n_head")
 
-    def __init__(self, compiled, grid, values, device):
+    def __init__(self, compiled, grid, values, device, n_head: int = 0):
         self.compiled, self.grid, self.values, self.device = compiled, grid, values, device
+        self.n_head = n_head
 
     @classmethod
-    def of(cls, kernel, compiled, grid, args, meta, device):
+    def of(cls, kernel, compiled, grid, args, meta, device, n_head: int = 0):
         """``None`` off CUDA, under the interpreter, or without Triton's launch API."""
         if device.type != "cuda" or compiled is None or not hasattr(compiled, "packed_metadata"):
             return None
         from triton.runtime import driver
         dev = driver.active.get_current_device()
         bound, _, _ = kernel.device_caches[dev][4](*args, **meta)    # the JIT's own binder
-        return cls(compiled, tuple(grid) + (1,) * (3 - len(grid)), tuple(bound.values()), dev)
+        return cls(compiled, tuple(grid) + (1,) * (3 - len(grid)),
+                   kept_values(tuple(bound.values()), n_head), dev, n_head)
 
     def __call__(self, *head) -> bool:
         """Launch with ``head`` as the leading (per-call) arguments; False (nothing done)
-        when the current device is not the one the kernel was launched on."""
+        when the current device is not the one the kernel was launched on, or ``head`` is
+        shorter than the leading arguments the launch did not keep."""
         runtime, driver = _TRITON_RUNTIME or _triton_runtime()
         active = driver.active
-        if active.get_current_device() != self.device:
+        if active.get_current_device() != self.device or len(head) < self.n_head:
             return False
         c = self.compiled
         stream = active.get_current_stream(self.device)
@@ -425,6 +431,12 @@ class BoundLaunch:
             c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, None, None, None,
                   *args)
         return True
+
+
+def kept_values(values: tuple, n_head: int) -> tuple:
+    """A first launch's bound arguments as a :class:`BoundLaunch` keeps them: the
+    ``n_head`` leading ones (each launch's own) as None."""
+    return (None,) * n_head + values[n_head:]
 
 
 #: ``(triton.knobs.runtime, triton.runtime.driver)``, imported at the first bound launch
@@ -929,10 +941,10 @@ def run_fwd(stage: FwdStage, q, k, v, tables: dict | None = None, out_dtype=None
             stage.grid = (_persistent_programs(None, stage.n_work, stage.occupancy, q.device),)
         elif stage.pattern is None and out_dtype == dtype and _bindable(stage, q, k, v):
             stage.launch = BoundLaunch.of(stage.kernel, compiled, stage.grid, args, meta,
-                                          q.device)
+                                          q.device, len(head))
         elif key is not None:
             _keep(stage.launches, key, BoundLaunch.of(stage.kernel, compiled, stage.grid, args,
-                                                      meta, q.device))
+                                                      meta, q.device, len(head)))
     return (o.to(out_dtype) if stage.upcast else o), lse
 
 
@@ -1274,7 +1286,8 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
             aq = (*args_q, *stage.static_q)
             with launch_guard(q.device.type):
                 cq = stage.dq_kernel[stage.grid_q](*aq, **meta_q)
-            launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, meta_q, q.device)
+            launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, meta_q, q.device,
+                                      len(args_q))
             if _bindable(stage, q, k, v) and _bindable(stage, o, do, same=True):
                 stage.launch_q = launch_q
         stage.ws.run(q, k, v, do, args_k[4], args_k[5], grads[1], grads[2])
@@ -1289,9 +1302,10 @@ def run_bwd(stage: BwdStage, q, k, v, o, lse, do, tables: dict | None = None,
         with launch_guard(q.device.type):
             cq = stage.dq_kernel[stage.grid_q](*aq, **meta_q)
             ck = stage.dkdv_kernel[stage.grid_k](*ak, **stage.meta_k)
-        launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, meta_q, q.device)
+        launch_q = BoundLaunch.of(stage.dq_kernel, cq, stage.grid_q, aq, meta_q, q.device,
+                                  len(args_q))
         launch_k = launch_q and BoundLaunch.of(stage.dkdv_kernel, ck, stage.grid_k, ak,
-                                               stage.meta_k, q.device)
+                                               stage.meta_k, q.device, len(args_k))
         if stage.pattern is None:
             # (o and do: the plan keeps a stage per "both aligned or not", so a mixed pair
             # binds nothing either)

@@ -997,7 +997,8 @@ class GluonLaunches:
             compiled = self.kernel[grid](*args, **self.meta)
         if key is not None:
             _keep(self.bound, key,
-                  BoundLaunch.of(self.kernel, compiled, grid, args, self.meta, device))
+                  BoundLaunch.of(self.kernel, compiled, grid, args, self.meta, device,
+                                 len(head)))
 
 
 _THREAD = threading.local()

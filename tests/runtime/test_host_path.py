@@ -355,3 +355,49 @@ def test_explain_prices_the_gathers_a_torch_call_would_use(monkeypatch):
     pat = spattn.compile("dilated(256, 4)", backend="torch")
     lay = pat.explain(4096).layout
     assert lay is not None and lay["gather"] == "copy"
+
+
+def test_a_bound_launch_keeps_no_tensor_of_its_first_call(monkeypatch):
+    """A bound launch (``triton_backend.BoundLaunch``) keeps the first launch's arguments
+    after its per-call head only: the first call's tensors go when the call does (kept,
+    a plan held on to every first call's q, k, v, o and gradients), and each later launch
+    passes its own head before the kept arguments. A head shorter than the first one's
+    launches nothing. The CUDA-only parts (the JIT's binder, the driver, the compiled
+    launcher) are stand-ins here."""
+    import types
+    import weakref
+
+    import triton.runtime
+    from spattn.runtime import triton_backend as tb
+
+    class Binder:
+        def __call__(self, *args, **meta):
+            return dict(zip(("q", "o", "n", "static", "BLOCK"), (*args, meta["BLOCK"]))), 0, 0
+
+    launched = []
+
+    class Compiled:
+        packed_metadata, function = object(), object()
+
+        def run(self, *a):
+            launched.append(a[9:])
+
+    fake_driver = types.SimpleNamespace(active=types.SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda dev: 0))
+    hooks = types.SimpleNamespace(calls=0)
+    monkeypatch.setattr(triton.runtime, "driver", fake_driver, raising=False)
+    monkeypatch.setattr(tb, "_TRITON_RUNTIME", (types.SimpleNamespace(
+        launch_enter_hook=hooks, launch_exit_hook=hooks), fake_driver))
+    kernel = types.SimpleNamespace(device_caches={0: (None,) * 4 + (Binder(),)})
+    q, o = torch.randn(4, 4), torch.empty(4, 4)
+    gone = weakref.ref(q), weakref.ref(o)
+    launch = tb.BoundLaunch.of(kernel, Compiled(), (3,), (q, o, 7, "static"), {"BLOCK": 16},
+                               torch.device("cuda"), 2)
+    assert launch.values == (None, None, 7, "static", 16)
+    del q, o
+    assert [r() for r in gone] == [None, None]
+    q2, o2 = torch.randn(4, 4), torch.empty(4, 4)
+    assert launch(q2, o2)
+    assert launched[-1][0] is q2 and launched[-1][1] is o2 and launched[-1][2:] == (7, "static", 16)
+    assert not launch(q2) and len(launched) == 1
+    assert tb.kept_values((1, 2, 3), 0) == (1, 2, 3)
