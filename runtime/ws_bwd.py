@@ -39,13 +39,13 @@ from dataclasses import dataclass
 import torch
 
 from . import tune as _tune
-from .ws_fwd import (GLUON, GluonLaunches, ScoreVectors, device_why_not, score_vectors,
-                     score_why_not, share_refusal, tile_lists, tile_masks, tile_runs, warm)
+from .ws_fwd import (GLUON, GluonLaunches, ScoreVectors, descriptor, device_why_not,
+                     score_vectors, score_why_not, share_refusal, tile_lists, tile_masks,
+                     tile_runs, warm)
 
 if GLUON:                       # (else never chosen: ws_fwd.device_why_not)
-    from .ws_fwd import (TensorDescriptor, _flags, _ring, _run_words, fence_async_shared,
-                         gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
-                         warpgroup_mma_wait)
+    from .ws_fwd import (_flags, _ring, _run_words, fence_async_shared, gl, gluon, mbarrier,
+                         tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait)
 
 #: Query rows a step (one ring slot) and keys a program (two warp groups of 64).
 BLOCK_M = 64
@@ -476,11 +476,11 @@ class WsBwd:
         self.launches = GluonLaunches(self.kernel, self.meta)
 
     def _desc(self, t):
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_M, t.shape[-1]],
-                                self._layout)
+        return descriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_M, t.shape[-1]],
+                          self._layout)
 
     def _row_desc(self, t):
-        return TensorDescriptor(t, [t.numel()], [1], [BLOCK_M], self._row_layout)
+        return descriptor(t, [t.numel()], [1], [BLOCK_M], self._row_layout)
 
     def rows(self, lse2, delta):
         """The rows' statistics ``[B, H, Lq]`` as the kernel's 1-D descriptors read them:

@@ -911,7 +911,7 @@ class WsFwdStage:
     def _desc(self, t, grid, block: tuple):
         shape, strides, blk = grid.view(t, block)
         blk = blk + [t.shape[-1]]
-        return TensorDescriptor(t, shape, strides, blk, self._layouts[block])
+        return descriptor(t, shape, strides, blk, self._layouts[block])
 
     def head(self, q, k, v):
         """The per-call arguments (the descriptors of q, k, v and a fresh o, then a fresh
@@ -969,6 +969,49 @@ def build(call, q, k, v, options, rows):
     return stage, None
 
 
+#: The fields of Gluon's ``TensorDescriptor`` that :func:`descriptor` fills, in order.
+DESCRIPTOR_FIELDS = ["base", "shape", "strides", "block_shape", "layout", "padding"]
+_FAST_DESCRIPTOR = None
+
+
+def descriptor(t, shape: list, strides: list, block: list, layout):
+    """A Gluon ``TensorDescriptor`` of ``t``, made without the descriptor's own checks
+    (rank, 16-byte base and strides, a power-of-two block, the layout's type: about 2 us of
+    host time each, 13 a Gluon backward call) where its class has the fields this fills:
+    the stages make descriptors only of tensors that pass those checks (``tma_ok``; the
+    rows' vectors copied to 16 bytes where they are not; outputs allocated fresh), with
+    their own blocks and layouts (`triton_backend._desc` does the same for the generated
+    kernels' descriptors)."""
+    global _FAST_DESCRIPTOR
+    if _FAST_DESCRIPTOR is None:
+        import dataclasses
+        _FAST_DESCRIPTOR = dataclasses.is_dataclass(TensorDescriptor) and not hasattr(
+            TensorDescriptor, "__slots__") and [f.name for f in dataclasses.fields(
+                TensorDescriptor)] == DESCRIPTOR_FIELDS
+    if not _FAST_DESCRIPTOR:
+        return TensorDescriptor(t, shape, strides, block, layout)
+    d = TensorDescriptor.__new__(TensorDescriptor)
+    d.__dict__.update(base=t, shape=shape, strides=strides, block_shape=block, layout=layout,
+                      padding="zero")
+    return d
+
+
+def launch_key(head: tuple):
+    """How Triton's JIT specialises a Gluon launch's per-call ``head``
+    (``triton_backend._launch_key``), a descriptor read from its fields (its base's dtype,
+    its block, layout and padding: what the JIT's key string holds) rather than through the
+    JIT's specialiser, which formats the layout into that string (~1.6 us a descriptor).
+    None where Triton does not expose its specialiser."""
+    from .triton_backend import _launch_key
+    if not any(type(a) is TensorDescriptor for a in head):
+        return _launch_key(head)
+    rest = _launch_key(tuple(a for a in head if type(a) is not TensorDescriptor))
+    if rest is None:
+        return None
+    return rest + (tuple((a.base.dtype, tuple(a.block_shape), a.layout, a.padding)
+                         for a in head if type(a) is TensorDescriptor),)
+
+
 class GluonLaunches:
     """A Gluon kernel's launches for one stage: the first of each specialisation through
     the JIT (``kernel[grid](...)``, which binds the 20-40 arguments, specialises each and
@@ -985,9 +1028,9 @@ class GluonLaunches:
         self.kernel, self.meta, self.bound = kernel, meta, {}
 
     def __call__(self, device, grid: tuple, head: tuple, static: tuple) -> None:
-        from .triton_backend import BoundLaunch, _keep, _launch_key, _scored_launch
+        from .triton_backend import BoundLaunch, _keep, _scored_launch
         context_on_thread(device)
-        key = _launch_key(head) if device.type == "cuda" else None
+        key = launch_key(head) if device.type == "cuda" else None
         key = None if key is None else (grid, key)
         bound = _scored_launch(self.bound, key)
         if bound is not None and bound(*head):

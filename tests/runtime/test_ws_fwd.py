@@ -484,3 +484,50 @@ def test_auto_takes_enough_work_gpu(monkeypatch):
     pat = spattn.compile("full")
     assert getattr(pat.plan(q, k, v).forward_stage, "gluon", False)
     _check(pat, q, k, v, {})
+
+
+@pytest.mark.skipif(not ws_fwd.GLUON, reason="a Triton without Gluon's Hopper modules")
+def test_descriptors_and_launch_keys_as_the_jit_makes_them():
+    """``ws_fwd.descriptor`` (made without the descriptor's checks) equals the checked
+    ``TensorDescriptor`` field for field, and ``ws_fwd.launch_key`` tells two heads apart
+    exactly where Triton's specialiser does: descriptors by dtype, block and layout (not
+    by base, shape or strides: runtime values), tensors by dtype and 16-byte alignment,
+    ints by Triton's classes of them."""
+    from triton.experimental.gluon import language as gl
+
+    from spattn.runtime.triton_backend import _launch_key
+    TD = ws_fwd.TensorDescriptor
+    lay = {b: gl.NVMMASharedLayout.get_default_for([1, 1, b, 64], gl.bfloat16)
+           for b in (64, 128)}
+    lay16 = gl.NVMMASharedLayout.get_default_for([1, 1, 64, 64], gl.float16)
+    g = torch.Generator().manual_seed(0)
+
+    def t(L=256, dtype=torch.bfloat16):
+        return torch.randn(1, 2, L, 64, generator=g).to(dtype)
+
+    def desc(x, b=64, layout=None):
+        args = (x, list(x.shape), list(x.stride()), [1, 1, b, 64], layout or lay[b])
+        fast = ws_fwd.descriptor(*args)
+        assert type(fast) is TD and fast == TD(*args)
+        return fast
+
+    base, lse = t(), torch.randn(2, 256, generator=g)
+    heads = {
+        "a": (desc(base), lse, 7),
+        "other tensors, same layout": (desc(t()), torch.randn(2, 256, generator=g), 7),
+        "another length": (desc(t(512)), lse, 7),
+        "another block": (desc(t(), 128), lse, 7),
+        "fp16": (desc(t(dtype=torch.float16), layout=lay16), lse, 7),
+        "unaligned tensor": (desc(base), lse.reshape(-1)[1:257], 7),
+        "int 1": (desc(base), lse, 1),
+        "int of 16": (desc(base), lse, 32),
+    }
+    jit = {k: _launch_key(h) for k, h in heads.items()}
+    ours = {k: ws_fwd.launch_key(h) for k, h in heads.items()}
+    if jit["a"] is None:
+        pytest.skip("Triton does not expose its specialiser")
+    for a in heads:
+        for b in heads:
+            assert (ours[a] == ours[b]) == (jit[a] == jit[b]), (a, b)
+    assert ours["a"] == ours["other tensors, same layout"] == ours["another length"]
+    assert len(set(ours.values())) == 6
