@@ -55,3 +55,16 @@ def test_the_stub_launches_nothing(host_cpu):
     assert ran == []
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.allclose(pat(q, k, v), ref, atol=1e-5)
+
+
+def test_host_gpu_split_loads_and_names_known_patterns():
+    """``benchmarks/host_gpu_split.py`` (GPU only) loads without a GPU, and its default
+    patterns are the benchmark suite's."""
+    split = load("host_gpu_split")
+    bench = load("bench")
+    import inspect
+    defaults = inspect.signature(split.main).parameters
+    assert "argv" in defaults
+    src = inspect.getsource(split.main)
+    for name in ("causal", "window(256)", "documents"):
+        assert f'"{name}"' in src and name in bench.PATTERNS
