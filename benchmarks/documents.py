@@ -184,7 +184,10 @@ def prepare_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, cpu: bool)
     global DOC_IDS
     DOC_IDS = ids
     t0 = time.perf_counter()
-    bm = create_block_mask(doc_mask, 1, None, N, N, device=dev)
+    # compiled on the GPU: evaluated eagerly, the mask's gathers take [N, N] int64 tensors
+    # (32 GiB at 65536 tokens, which three live processes' memory cannot spare)
+    bm = create_block_mask(doc_mask, 1, None, N, N, device=dev,
+                           **({} if cpu else {"_compile": True}))
     sync()
     row["flex_mask_ms"] = (time.perf_counter() - t0) * 1e3
     ref = flex_attention(q, k, v, block_mask=bm)
