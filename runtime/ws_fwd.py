@@ -980,7 +980,7 @@ def descriptor(t, shape: list, strides: list, block: list, layout):
     host time each, 13 a Gluon backward call) where its class has the fields this fills:
     the stages make descriptors only of tensors that pass those checks (``tma_ok``; the
     rows' vectors copied to 16 bytes where they are not; outputs allocated fresh), with
-    their own blocks and layouts (`triton_backend._desc` does the same for the generated
+    their own blocks and layouts (``triton_backend._desc`` does the same for the generated
     kernels' descriptors)."""
     global _FAST_DESCRIPTOR
     if _FAST_DESCRIPTOR is None:
