@@ -512,3 +512,41 @@ def test_analysis_of_cuda_inputs_runs_on_their_device():
     assert m.is_cuda and torch.equal(m.cpu(), pat.mask(700, 700, batch=2, blocks=ids))
     t = pat.tiles(700, 700, 64, 64, batch=2, blocks=ids.cuda())
     assert t.is_cuda and torch.equal(t.cpu(), pat.tiles(700, 700, 64, 64, batch=2, blocks=ids))
+
+
+@pytest.mark.parametrize("ws", ["0", "1"], ids=["generated", "gluon"])
+def test_a_plan_keeps_no_tensor_of_its_calls(monkeypatch, ws):
+    """After a plan's first forward+backward (whose launches are then bound), none of that
+    call's tensors outlives the call: q, k, v, o, dO and the gradients are freed while the
+    plan lives on; a second call on fresh values, through the bound launches, matches the
+    float64 reference. ``gluon``: the warp-specialised kernels forced (sm_90 only)."""
+    import gc
+    import weakref
+    if ws == "1" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels run on sm_90")
+    for name in ("SPATTN_WS_FWD", "SPATTN_WS_BWD", "SPATTN_WS_DQ"):
+        monkeypatch.setenv(name, ws)
+    pat = spattn.compile("causal")
+
+    def call(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q, k, v, do = (torch.randn(1, 2, 1024, 64, device="cuda", dtype=torch.bfloat16,
+                                   generator=g) for _ in range(4))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        return q, k, v, do
+
+    q, k, v, do = call(0)
+    plan = pat.plan(q, k, v, backward=True)
+    o = pat(q, k, v, plan=plan)
+    o.backward(do)
+    torch.cuda.synchronize()
+    refs = [weakref.ref(t) for t in (q, k, v, o, do, q.grad, k.grad, v.grad)]
+    del q, k, v, o, do
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
+    q, k, v, do = call(1)
+    o = pat(q, k, v, plan=plan)
+    o.backward(do)
+    ref = attention_reference_chunked(pat, q.detach().double(), k.detach().double(),
+                                      v.detach().double())
+    assert (o.double() - ref).abs().max() < 2e-2
