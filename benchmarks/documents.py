@@ -271,8 +271,9 @@ def serve(args) -> None:
 
     def release():
         """What the shape held goes back before another process's turn (the closures'
-        cycles, the plan cache's plans, the allocator's cached blocks): an idle process
-        kept 14-20 GiB, and a 65536-token shape's setup needs 32 GiB at once."""
+        cycles, the plan cache's plans, the allocator's cached blocks); what stays
+        reserved goes to the log (two idle processes kept 14-20 GiB each: benchmarks/
+        RESULTS.md, "documents in three interleaved processes")."""
         import gc
         from spattn.runtime.plan import PLANS
         gc.collect()
