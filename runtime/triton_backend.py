@@ -143,13 +143,18 @@ _DESCRIPTOR_FIELDS = ["base", "shape", "strides", "block_shape", "padding"]
 
 def _descriptor_class():
     global _TENSOR_DESCRIPTOR
-    import dataclasses
     from triton.tools.tensor_descriptor import TensorDescriptor
-    fast = dataclasses.is_dataclass(TensorDescriptor) and not hasattr(
-        TensorDescriptor, "__slots__") and [f.name for f in dataclasses.fields(
-            TensorDescriptor)] == _DESCRIPTOR_FIELDS
-    _TENSOR_DESCRIPTOR = (TensorDescriptor, fast)
+    _TENSOR_DESCRIPTOR = (TensorDescriptor, fillable(TensorDescriptor, _DESCRIPTOR_FIELDS))
     return _TENSOR_DESCRIPTOR
+
+
+def fillable(cls, fields: list[str]) -> bool:
+    """Whether a descriptor class is a dataclass without slots whose fields are ``fields``,
+    in order: one whose instances can be made by filling their ``__dict__``, without the
+    class's own checks (:func:`_desc`, ``ws_fwd.descriptor``)."""
+    import dataclasses
+    return dataclasses.is_dataclass(cls) and not hasattr(cls, "__slots__") and \
+        [f.name for f in dataclasses.fields(cls)] == fields
 
 
 def _scale_log2(scale: float) -> float:

@@ -984,10 +984,8 @@ def descriptor(t, shape: list, strides: list, block: list, layout):
     kernels' descriptors)."""
     global _FAST_DESCRIPTOR
     if _FAST_DESCRIPTOR is None:
-        import dataclasses
-        _FAST_DESCRIPTOR = dataclasses.is_dataclass(TensorDescriptor) and not hasattr(
-            TensorDescriptor, "__slots__") and [f.name for f in dataclasses.fields(
-                TensorDescriptor)] == DESCRIPTOR_FIELDS
+        from .triton_backend import fillable
+        _FAST_DESCRIPTOR = fillable(TensorDescriptor, DESCRIPTOR_FIELDS)
     if not _FAST_DESCRIPTOR:
         return TensorDescriptor(t, shape, strides, block, layout)
     d = TensorDescriptor.__new__(TensorDescriptor)
@@ -1003,8 +1001,6 @@ def launch_key(head: tuple):
     JIT's specialiser, which formats the layout into that string (~1.6 us a descriptor).
     None where Triton does not expose its specialiser."""
     from .triton_backend import _launch_key
-    if not any(type(a) is TensorDescriptor for a in head):
-        return _launch_key(head)
     rest = _launch_key(tuple(a for a in head if type(a) is not TensorDescriptor))
     if rest is None:
         return None
