@@ -12,7 +12,9 @@ runs ``--rounds`` rounds of both measures and of ``do_bench`` (median, 25 ms war
     python benchmarks/host_gpu_split.py [--n 4096] [--d 64 128] [--patterns causal ...]
 
 Run it once with ``SPATTN_WS_BWD=0 SPATTN_WS_DQ=0`` to see the generated backward where
-``auto`` takes the Gluon kernels. B = 1, H = 16, bf16, autotuning off.
+``auto`` takes the Gluon kernels. ``--fwd`` times forwards (under ``no_grad``) instead;
+``--raw-ab`` adds spattn with its bound launches through Triton's launcher object
+(``triton_backend.RAW_LAUNCH`` off) as a third rival. B = 1, H = 16, bf16, autotuning off.
 """
 from __future__ import annotations
 
@@ -58,11 +60,16 @@ def main(argv=None) -> None:
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--patterns", nargs="*", default=["causal", "window(256)", "documents"])
+    ap.add_argument("--fwd", action="store_true", help="forwards instead of forward+backward")
+    ap.add_argument("--raw-ab", action="store_true",
+                    help="also spattn with RAW_LAUNCH off (Triton's launcher object)")
     a = ap.parse_args(argv)
+    from spattn.runtime import triton_backend as tb
     create_block_mask, flex = _flex()
     B, H, N, dev = 1, 16, a.n, "cuda"
     ws = (os.environ.get("SPATTN_WS_BWD", "auto"), os.environ.get("SPATTN_WS_DQ", "auto"))
-    print(f"device: {torch.cuda.get_device_name(0)}; SPATTN_WS_BWD/WS_DQ = {ws}")
+    print(f"device: {torch.cuda.get_device_name(0)}; SPATTN_WS_BWD/WS_DQ = {ws}; "
+          f"{'forward' if a.fwd else 'forward+backward'}")
     print("| pattern | D | lib | host us | card us | do_bench us | round |")
     print("|---|---|---|---|---|---|---|")
     for D in a.d:
@@ -77,19 +84,32 @@ def main(argv=None) -> None:
             bm = create_block_mask(mm(N, H, ins), None, None, N, N, device=dev)
 
             def fb():
-                pat(q, k, v, plan=plan).backward(do)
+                if a.fwd:
+                    with torch.no_grad():
+                        pat(q, k, v, plan=plan)
+                else:
+                    pat(q, k, v, plan=plan).backward(do)
 
             def flex_fb():
-                flex(q, k, v, block_mask=bm).backward(do)
+                if a.fwd:
+                    with torch.no_grad():
+                        flex(q, k, v, block_mask=bm)
+                else:
+                    flex(q, k, v, block_mask=bm).backward(do)
+            libs = [("spattn", fb, True), ("flex", flex_fb, True)]
+            if a.raw_ab:
+                libs.insert(1, ("spattn, Triton's launcher", fb, False))
             fb(), flex_fb()
             torch.cuda.synchronize()
             for r in range(a.rounds):
-                for lib, fn in (("spattn", fb), ("flex", flex_fb))[:: 1 if r % 2 == 0 else -1]:
+                for lib, fn, raw in libs[:: 1 if r % 2 == 0 else -1]:
+                    tb.RAW_LAUNCH = raw
                     host, card = split_us(fn, a.calls, (q, k, v))
                     db = triton.testing.do_bench(fn, warmup=25, rep=50, grad_to_none=(q, k, v),
                                                  return_mode="median") * 1e3
                     print(f"| {name} | {D} | {lib} | {host:.1f} | {card:.1f} | {db:.1f} | {r} |",
                           flush=True)
+                tb.RAW_LAUNCH = True
 
 
 if __name__ == "__main__":

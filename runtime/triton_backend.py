@@ -397,13 +397,19 @@ class BoundLaunch:
     built under the interpreter or off CUDA (``of`` returns None there). The first
     launch's ``n_head`` leading (per-call) arguments are not kept: every launch passes its
     own, and kept they would hold that call's tensors (q, k, v, o, dO, the gradients) for
-    as long as the stage lives."""
+    as long as the stage lives.
 
-    __slots__ = ("compiled", "grid", "values", "device", "n_head")
+    Where Triton's launcher has the form :func:`raw_launcher` reads, a launch calls its C
+    launcher directly, each TMA descriptor argument expanded through a
+    :class:`TensorMaps` of its position (the encoded map reused while the tensor's address,
+    shape and strides repeat) instead of Triton's per-launch expansion, which encodes
+    every descriptor again (docs/backends.md, "Bound launches")."""
 
-    def __init__(self, compiled, grid, values, device, n_head: int = 0):
+    __slots__ = ("compiled", "grid", "values", "device", "n_head", "raw", "tails")
+
+    def __init__(self, compiled, grid, values, device, n_head: int = 0, raw=None):
         self.compiled, self.grid, self.values, self.device = compiled, grid, values, device
-        self.n_head = n_head
+        self.n_head, self.raw, self.tails = n_head, raw, {}
 
     @classmethod
     def of(cls, kernel, compiled, grid, args, meta, device, n_head: int = 0):
@@ -413,8 +419,9 @@ class BoundLaunch:
         from triton.runtime import driver
         dev = driver.active.get_current_device()
         bound, _, _ = kernel.device_caches[dev][4](*args, **meta)    # the JIT's own binder
-        return cls(compiled, tuple(grid) + (1,) * (3 - len(grid)),
-                   kept_values(tuple(bound.values()), n_head), dev, n_head)
+        values = kept_values(tuple(bound.values()), n_head)
+        return cls(compiled, tuple(grid) + (1,) * (3 - len(grid)), values, dev, n_head,
+                   raw_launcher(compiled.run, len(values)))
 
     def __call__(self, *head) -> bool:
         """Launch with ``head`` as the leading (per-call) arguments; False (nothing done)
@@ -426,9 +433,30 @@ class BoundLaunch:
             return False
         c = self.compiled
         stream = active.get_current_stream(self.device)
-        args = head + self.values[len(head):]
         g = self.grid
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        raw = self.raw
+        if raw is not None and RAW_LAUNCH and not (enter.calls or leave.calls):
+            launch, maps, coop, pdl = raw
+            out = []
+            for a, m in zip(head, maps):
+                if m is None:
+                    out.append(a)
+                else:
+                    out += m(a)
+            n = len(head)
+            tail = self.tails.get(n)
+            if tail is None:
+                tail = self.tails[n] = _tail(self.values, maps, n)
+            for a, m in tail:
+                if m is None:
+                    out += a
+                else:
+                    out += m(a)
+            launch(g[0], g[1], g[2], stream, c.function, coop, pdl, None, None,
+                   c.packed_metadata, None, None, None, *out)
+            return True
+        args = head + self.values[len(head):]
         if enter.calls or leave.calls:         # a profiler listens: what Triton's launch passes
             c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata,
                   c.launch_metadata(g, stream, *args), enter, leave, *args)
@@ -436,6 +464,89 @@ class BoundLaunch:
             c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, None, None, None,
                   *args)
         return True
+
+
+#: Bound launches call Triton's C launcher directly where they can (:func:`raw_launcher`);
+#: False sends every launch through Triton's launcher object (benchmarks time both).
+RAW_LAUNCH = True
+
+#: Encoded TMA maps a :class:`TensorMaps` keeps before it starts again.
+TENSOR_MAPS = 16
+
+
+class TensorMaps:
+    """The launcher's arguments for one TMA descriptor argument of a kernel (Triton's
+    ``make_tensordesc_arg``: the encoded ``CUtensorMap``, then the shape and strides),
+    kept by the descriptor's base address, shape, strides and padding, which with the
+    kernel's own descriptor metadata (block, swizzle, element type: fixed per compiled
+    kernel) are all the map encodes. A later launch on the same memory reuses the map (a
+    training loop's tensors come back at the caching allocator's addresses); any other
+    descriptor is encoded as Triton would. Keeps addresses, never tensors. Without
+    metadata (descriptors Triton passes unencoded) every launch expands afresh."""
+
+    __slots__ = ("make", "meta", "maps")
+
+    def __init__(self, make, meta):
+        self.make, self.meta, self.maps = make, meta, {}
+
+    def __call__(self, d) -> list:
+        if self.meta is None:
+            return self.make(d, None)
+        key = (d.base.data_ptr(), *d.shape, *d.strides, d.padding)
+        got = self.maps.get(key)
+        if got is None:
+            got = self.make(d, self.meta)
+            if len(self.maps) >= TENSOR_MAPS:
+                self.maps.clear()
+            self.maps[key] = got
+        return got
+
+
+def raw_launcher(run, n_args: int):
+    """``(C launcher, TensorMaps or None per argument, cooperative, pdl)`` of Triton's
+    launcher object ``run`` for a kernel of ``n_args`` arguments, or None where its form
+    is not the one this reads (triton 3.6's ``CudaLauncher``: no scratch memory to
+    allocate per launch, its ``launch`` the C function itself or the closure
+    ``wrap_handle_tensordesc`` makes around it), so that the launch takes Triton's path."""
+    try:
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None
+        launch, coop, pdl = run.launch, run.launch_cooperative_grid, run.launch_pdl
+    except (ImportError, AttributeError):
+        return None
+    maps = [None] * n_args
+    code = getattr(launch, "__code__", None)
+    if code is not None:
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in launch.__closure__ or ())))
+        try:
+            launch, at, meta = (cells["launcher"], sorted(cells["tensordesc_indices"]),
+                                list(cells["tensordesc_meta"]))
+        except KeyError:
+            return None
+        if len(meta) != len(at) or (at and at[-1] >= n_args) \
+                or getattr(launch, "__code__", None) is not None:
+            return None
+        for i, m in zip(at, meta):
+            maps[i] = TensorMaps(make_tensordesc_arg, m)
+    return launch, tuple(maps), coop, pdl
+
+
+def _tail(values: tuple, maps: tuple, n: int) -> tuple:
+    """The kept arguments after a head of ``n``, in runs for :meth:`BoundLaunch.__call__`:
+    ``(tuple of plain values, None)`` or ``(descriptor, TensorMaps)``."""
+    out, run = [], []
+    for a, m in zip(values[n:], maps[n:]):
+        if m is None:
+            run.append(a)
+            continue
+        if run:
+            out.append((tuple(run), None))
+            run = []
+        out.append((a, m))
+    if run:
+        out.append((tuple(run), None))
+    return tuple(out)
 
 
 def kept_values(values: tuple, n_head: int) -> tuple:

@@ -401,3 +401,107 @@ def test_a_bound_launch_keeps_no_tensor_of_its_first_call(monkeypatch):
     assert launched[-1][0] is q2 and launched[-1][1] is o2 and launched[-1][2:] == (7, "static", 16)
     assert not launch(q2) and len(launched) == 1
     assert tb.kept_values((1, 2, 3), 0) == (1, 2, 3)
+
+
+def test_a_bound_launch_calls_the_c_launcher_and_encodes_a_descriptor_once(monkeypatch):
+    """Where Triton's launcher has the form of triton 3.6's ``CudaLauncher`` (its
+    ``launch`` the closure ``wrap_handle_tensordesc`` makes around the C launcher), a bound
+    launch calls the C launcher itself with the arguments Triton's closure passes, a
+    descriptor's map encoded once per address, shape and strides and reused after that
+    (Triton encodes every descriptor at every launch); a listening profiler, or
+    ``RAW_LAUNCH`` off, takes Triton's path. The closure is Triton's own; the C launcher,
+    the encoder, the binder and the driver are stand-ins."""
+    import types
+
+    import triton.runtime
+    from triton.backends.nvidia import driver as nv
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    from spattn.runtime import triton_backend as tb
+
+    encoded = []
+
+    def fill(ptr, swizzle, elem_size, elem_type, block, shape, strides, padding):
+        encoded.append(ptr)
+        return ("map", ptr, swizzle, tuple(block), tuple(shape), tuple(strides), padding)
+
+    class CLaunch:                  # the compiled C launcher: not a Python function
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, *args):
+            self.calls.append(args)
+
+    class Launcher:                 # CudaLauncher's attributes and its __call__
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid, launch_pdl = False, True
+
+        def __init__(self, launch):
+            self.launch = launch
+
+        def __call__(self, gx, gy, gz, stream, function, *args):
+            self.launch(gx, gy, gz, stream, function, self.launch_cooperative_grid,
+                        self.launch_pdl, None, None, *args)
+
+    names = ("q_desc", "n", "t_desc", "BLOCK")
+    signature = {"q_desc": "tensordesc<bf16[1, 1, 64, 32]>", "n": "i32",
+                 "t_desc": "tensordesc<fp32[64]>", "BLOCK": "constexpr"}
+    meta = [dict(swizzle=128, elem_size=2, elem_type=5, block_size=[1, 1, 64, 32],
+                 fp4_padded=False),
+            dict(swizzle=0, elem_size=4, elem_type=7, block_size=[64], fp4_padded=False)]
+    c_launch = CLaunch()
+    compiled = types.SimpleNamespace(packed_metadata="packed", function="fn",
+                                     launch_metadata=lambda grid, stream, *args: None,
+                                     run=Launcher(nv.wrap_handle_tensordesc(c_launch,
+                                                                            signature, meta)))
+
+    class Binder:
+        def __call__(self, *args, **kw):
+            return dict(zip(names, (*args, kw["BLOCK"]))), 0, 0
+
+    fake_driver = types.SimpleNamespace(active=types.SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda dev: 9,
+        utils=types.SimpleNamespace(fill_tma_descriptor=fill)))
+    hooks = types.SimpleNamespace(calls=0)
+    monkeypatch.setattr(triton.runtime, "driver", fake_driver, raising=False)
+    monkeypatch.setattr(tb, "_TRITON_RUNTIME", (types.SimpleNamespace(
+        launch_enter_hook=hooks, launch_exit_hook=hooks), fake_driver))
+    kernel = types.SimpleNamespace(device_caches={0: (None,) * 4 + (Binder(),)})
+
+    def desc(t):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 64, 32])
+
+    table = torch.randn(128)
+    t_desc = TensorDescriptor(table, [128], [1], [64])
+    q1, q2 = (torch.randn(1, 2, 128, 32) for _ in range(2))
+    launch = tb.BoundLaunch.of(kernel, compiled, (4, 2), (desc(q1), 7, t_desc), {"BLOCK": 16},
+                               torch.device("cuda"), 1)
+    assert launch.raw is not None and launch.raw[2:] == (False, True)
+
+    def triton_args(d):             # what Triton's own path gives the C launcher
+        before = len(c_launch.calls)
+        with monkeypatch.context() as m:
+            m.setattr(tb, "RAW_LAUNCH", False)
+            assert launch(d)
+        assert len(c_launch.calls) == before + 1
+        return c_launch.calls.pop()
+
+    for d, new in ((desc(q1), 2), (desc(q1), 0), (desc(q2), 1), (desc(q1[:, :1]), 1)):
+        n = len(encoded)
+        assert launch(d)
+        assert len(encoded) == n + new
+        got = c_launch.calls.pop()
+        assert got[:13] == (4, 2, 1, 9, "fn", False, True, None, None, "packed", None, None, None)
+        assert got == triton_args(d)
+        assert got[13][:2] == ("map", d.base.data_ptr()) and got[13][4] == tuple(d.shape)
+        assert got[14:22] == (*d.shape, *d.strides) and got[22] == 7
+        assert got[23][:2] == ("map", table.data_ptr()) and got[24:] == (128, 1, 16)
+    hooks.calls = 1                 # a profiler listens: Triton's path, every map encoded
+    n = len(encoded)
+    assert launch(desc(q1)) and len(encoded) == n + 2
+    hooks.calls = 0
+    monkeypatch.setattr(tb, "TENSOR_MAPS", 2)
+    for t in (q1, q2, torch.randn(1, 2, 128, 32)):      # a full memo starts again
+        assert launch(desc(t))
+    assert len(launch.raw[1][0].maps) == 1
+    n = len(c_launch.calls)
+    assert not launch() and len(c_launch.calls) == n
