@@ -403,7 +403,7 @@ class BoundLaunch:
     launcher directly, each TMA descriptor argument expanded through a
     :class:`TensorMaps` of its position (the encoded map reused while the tensor's address,
     shape and strides repeat) instead of Triton's per-launch expansion, which encodes
-    every descriptor again (docs/backends.md, "Bound launches")."""
+    every descriptor again (docs/codegen.md, "TMA loads and stores")."""
 
     __slots__ = ("compiled", "grid", "values", "device", "n_head", "raw", "tails")
 

@@ -550,3 +550,51 @@ def test_a_plan_keeps_no_tensor_of_its_calls(monkeypatch, ws):
     ref = attention_reference_chunked(pat, q.detach().double(), k.detach().double(),
                                       v.detach().double())
     assert (o.double() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("ws", ["0", "1"], ids=["generated", "gluon"])
+def test_bound_launches_call_the_c_launcher(monkeypatch, ws):
+    """On this Triton every bound launch of a plan's forward and backward takes the C
+    launcher (``BoundLaunch.raw``: a Triton whose launcher has another form would fall
+    back to its own path without a word), and its calls on fresh tensors (new addresses:
+    maps encoded; the same ones again: maps reused) give outputs and gradients equal bit
+    for bit to Triton's own launch path (``RAW_LAUNCH`` off), the output within bf16's
+    error of the float64 reference. ``gluon``: the warp-specialised kernels forced (sm_90
+    only)."""
+    import gc
+    from spattn.runtime import triton_backend as tb
+    if ws == "1" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels run on sm_90")
+    for name in ("SPATTN_WS_FWD", "SPATTN_WS_BWD", "SPATTN_WS_DQ"):
+        monkeypatch.setenv(name, ws)
+    pat = spattn.compile("causal & same(doc)")
+    doc = torch.arange(2048, device="cuda") // 600
+
+    def inputs(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        return [torch.randn(1, 2, 2048, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+                for _ in range(4)]
+
+    def call(seed, raw):
+        monkeypatch.setattr(tb, "RAW_LAUNCH", raw)
+        q, k, v, do = inputs(seed)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        o = pat(q, k, v, plan=plan, doc=doc)
+        o.backward(do)
+        return [t.detach().clone() for t in (o, q.grad, k.grad, v.grad)]
+
+    def bound():
+        return {id(b): b for b in gc.get_objects() if type(b) is tb.BoundLaunch}
+
+    before = bound()
+    q = inputs(0)[0]
+    plan = pat.plan(q, q, q, backward=True, doc=doc)
+    first = call(0, True)
+    launches = [b for i, b in bound().items() if i not in before]
+    assert launches and all(b.raw is not None for b in launches)
+    for seed in (1, 2, 1):
+        got, want = call(seed, True), call(seed, False)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    q, k, v, _ = (t.double() for t in inputs(0))
+    ref = attention_reference_chunked(pat, q, k, v, doc=doc)
+    assert (first[0].double() - ref).abs().max() < 2e-2
