@@ -579,7 +579,7 @@ def test_bound_launches_call_the_c_launcher(monkeypatch, ws):
         monkeypatch.setattr(tb, "RAW_LAUNCH", raw)
         q, k, v, do = inputs(seed)
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        o = pat(q, k, v, plan=plan, doc=doc)
+        o = pat(q, k, v, plan=plan)
         o.backward(do)
         return [t.detach().clone() for t in (o, q.grad, k.grad, v.grad)]
 
