@@ -44,13 +44,15 @@ if [ "${T_SCORE_VARIANTS:-0}" != 0 ]; then
 fi
 # documents at 1..1000 documents in 3 fresh processes, tuned (its own empty tuning cache:
 # the first process tunes, the others read the choices); e.g. T_DOCUMENTS=300; DOC_ROUNDS
-# (default 2) and DOC_SCHEDULE (interleaved, the default, or sequential) pass through
+# (default 2) and DOC_SCHEDULE (interleaved, the default, or sequential) pass through;
+# DOC_GRAPHS=1 adds the calls replayed from CUDA graphs (--graphs)
 touch "$OUT/documents.txt"
 if [ "${T_DOCUMENTS:-0}" != 0 ]; then
     timeout "${T_DOCUMENTS}" python3 benchmarks/documents.py --out "$OUT/documents" \
         --cache-root /tmp/spattn-documents --budget "$(( T_DOCUMENTS - 10 ))" \
         --tune "${DOC_TUNE:-shared}" --rounds "${DOC_ROUNDS:-2}" \
-        --schedule "${DOC_SCHEDULE:-interleaved}" > "$OUT/documents.txt" 2> "$OUT/documents.log"
+        --schedule "${DOC_SCHEDULE:-interleaved}" ${DOC_GRAPHS:+--graphs} \
+        > "$OUT/documents.txt" 2> "$OUT/documents.log"
 fi
 # short calls against Flex (N = 1024-4096, B = 1 and 8, D = 64 and 128; causal, window(256),
 # documents), forward and forward+backward; e.g. T_SHORT=270; SHORT_BATCH (default "1 8")

@@ -28,6 +28,12 @@ where the processes keep the autotuner's choices (``SPATTN_CACHE_DIR``):
     python benchmarks/documents.py --out OUT --tune fresh --budget 560   # every process tunes
     python benchmarks/documents.py --out OUT --cpu --tiny    # the driver on the CPU
 
+``--graphs`` (GPU) also times each library's forward and forward+backward replayed from a
+CUDA graph captured after two warm-up calls (spattn through its plan), so that the host's
+time to issue a call, which bounds the short calls of both libraries on some machines, is
+taken out: a second table compares the kernels alone. A library whose capture fails is left
+out of it with the error in the row.
+
 ``--cpu --tiny`` runs the same driver on the CPU with tiny shapes (N = 64 and 256, H = 2,
 D = 16, fp32; Flex's forward runs eagerly there, and as Flex has no CPU backward its
 forward+backward stand-in is SDPA with the same boolean mask): a check of the logic, not
@@ -60,6 +66,10 @@ MIN_RATIO = 1.1
 MAX_SPREAD = 0.05
 #: The fewest timed runs per round (``gpu_timer``).
 MIN_RUNS = 10
+#: What a shape times: each kind's spattn and Flex callables are timed in alternation
+#: (``bench.time_rounds``'s groups); the ``graph_`` kinds only with ``--graphs``.
+KINDS = ("fwd", "fwdbwd", "graph_fwd", "graph_fwdbwd")
+GROUPS = tuple((k, f"flex_{k}") for k in KINDS)
 
 
 def log(*a):
@@ -130,25 +140,29 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, rounds: int, cpu: bool):
+def run_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, rounds: int, cpu: bool,
+              graphs: bool = False):
     """One shape in this process: checks, then spattn and Flex in alternating rounds."""
     import bench
-    row, timed = prepare_shape(N, n, H=H, D=D, dtype=dtype, dev=dev, cpu=cpu)
+    row, timed = prepare_shape(N, n, H=H, D=D, dtype=dtype, dev=dev, cpu=cpu, graphs=graphs)
     if "error" not in row:
-        bench.time_rounds(row, timed, rounds, bench=cpu_timer if cpu else gpu_timer)
+        bench.time_rounds(row, timed, rounds, bench=cpu_timer if cpu else gpu_timer,
+                          groups=GROUPS)
         ratios(row)
     return row
 
 
 def ratios(row: dict) -> None:
-    for kind in ("fwd", "fwdbwd"):
+    for kind in KINDS:
         if f"flex_{kind}_ms" in row and row.get(f"{kind}_ms"):
             row[f"{kind}_ratio"] = row[f"flex_{kind}_ms"] / row[f"{kind}_ms"]
 
 
-def prepare_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, cpu: bool):
+def prepare_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, cpu: bool,
+                  graphs: bool = False):
     """One shape's inputs, plan, Flex block mask and checks: the row so far and the timed
-    callables (``bench.time_rounds``'s ``timed``)."""
+    callables (``bench.time_rounds``'s ``timed``); with ``graphs``, also the replays of
+    CUDA graphs of the same calls (:func:`graph_of`)."""
     import torch
     import spattn
     import bench
@@ -221,7 +235,40 @@ def prepare_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, cpu: bool)
         rival().backward(do)
     timed["fwdbwd"] = fb, [qg, kg, vg]
     timed["flex_fwdbwd"] = fb_rival, [qf, kf, vf]
+    if graphs:
+        steps = {"graph_fwd": lambda: pat(q, k, v, plan=plan),
+                 "flex_graph_fwd": lambda: flex_attention(q, k, v, block_mask=bm),
+                 "graph_fwdbwd": lambda: torch.autograd.grad(
+                     pat(qg, kg, vg, plan=plan), (qg, kg, vg), do),
+                 "flex_graph_fwdbwd": lambda: torch.autograd.grad(rival(), (qf, kf, vf), do)}
+        for name, step in steps.items():
+            err = "flex_graph_error" if name.startswith("flex_") else "graph_error"
+            if err in row:
+                continue
+            try:
+                timed[name] = graph_of(step), None
+            except Exception as e:     # noqa: BLE001 -- reported in the row
+                row[err] = f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                lib = "flex_" if name.startswith("flex_") else ""
+                for kind in ("graph_fwd", "graph_fwdbwd"):
+                    timed.pop(lib + kind, None)
     return row, timed
+
+
+def graph_of(step):
+    """``step`` run twice on a side stream (its warm-up), then captured in a CUDA graph:
+    the graph's ``replay`` (what a training loop that captures its step calls)."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def worker(args) -> None:
@@ -240,7 +287,7 @@ def worker(args) -> None:
             log(f"[proc {args.worker}] N={N} docs={n}")
             try:
                 row = run_shape(N, n, H=args.heads, D=args.head_dim, dtype=dtype, dev=dev,
-                                rounds=args.rounds, cpu=args.cpu)
+                                rounds=args.rounds, cpu=args.cpu, graphs=args.graphs)
             except Exception as e:       # noqa: BLE001 -- reported in the row, next shape
                 row = {"N": N, "docs": n, "error": f"{type(e).__name__}: {e}"[:400]}
             row["proc"] = args.worker
@@ -290,9 +337,9 @@ def serve(args) -> None:
                 log(f"[proc {args.worker}] N={N} docs={n}")
                 row, timed = {"N": N, "docs": n}, None
                 row, timed = prepare_shape(N, n, H=args.heads, D=args.head_dim, dtype=dtype,
-                                           dev=dev, cpu=args.cpu)
+                                           dev=dev, cpu=args.cpu, graphs=args.graphs)
             elif cmd == "round" and timed is not None and "error" not in row:
-                groups = (("fwd", "flex_fwd"), ("fwdbwd", "flex_fwdbwd"))
+                groups = GROUPS
                 if int(val[0]) % 2:
                     groups = tuple(g[::-1] for g in groups)
                 got = {}
@@ -334,7 +381,9 @@ def summarise(per_proc: list[list[dict]], procs: int) -> list[dict]:
     for (N, n), rs in sorted(shapes.items()):
         s = {"N": N, "docs": n, "errors": [r.get("error") for r in rs if r and r.get("error")],
              "missing": sum(r is None for r in rs)}
-        for kind in ("fwd", "fwdbwd"):
+        for kind in KINDS:
+            if kind.startswith("graph_") and not any(r and f"{kind}_ms" in r for r in rs):
+                continue
             ours = [r.get(f"{kind}_ms") if r else None for r in rs]
             theirs = [r.get(f"flex_{kind}_ms") if r else None for r in rs]
             ratios = [r.get(f"{kind}_ratio") if r else None for r in rs]
@@ -353,27 +402,39 @@ def summarise(per_proc: list[list[dict]], procs: int) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
+    """The markdown table of the eager calls, and with ``--graphs`` a second one of the
+    calls replayed from CUDA graphs."""
+    out = _table(summary, ("fwd", "fwdbwd"))
+    if any("graph_fwd_ms" in s or "graph_fwdbwd_ms" in s for s in summary):
+        out += "\n\nReplayed from CUDA graphs (the host's time to issue a call taken out):\n\n" \
+            + _table(summary, ("graph_fwd", "graph_fwdbwd"))
+    return out
+
+
+def _table(summary: list[dict], kinds: tuple) -> str:
     def ms(xs):
-        return "/".join("-" if x is None else f"{x:.3f}" for x in xs)
+        return "/".join("-" if x is None else f"{x:.3f}" for x in xs or [])
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
     def ratio(x):
         return "-" if x is None else f"{x:.2f}x"
+    f, fb = kinds
     lines = ["| N | docs | fwd ms (per process) | spread | Flex fwd ms | min ratio | "
              "fwd+bwd ms (per process) | spread | Flex fwd+bwd ms | min ratio | bars | "
              "configs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         bars = "error" if s["errors"] else ("missing" if s["missing"] else
-               " ".join(f"{k}:{'ok' if s[k + '_ok'] else 'NO'}" for k in ("fwd", "fwdbwd")))
+               " ".join(f"{k}:{'ok' if s.get(k + '_ok') else 'NO'}" for k in kinds))
         nconf = f"{len(s['fwd_stages'])}/{len(s['bwd_stages'])}"
         lines.append(
-            f"| {s['N']} | {s['docs']} | {ms(s['fwd_ms'])} | {pct(s['fwd_spread'])} | "
-            f"{ms(s['flex_fwd_ms'])} | {ratio(s['fwd_min_ratio'])} | {ms(s['fwdbwd_ms'])} | "
-            f"{pct(s['fwdbwd_spread'])} | {ms(s['flex_fwdbwd_ms'])} | "
-            f"{ratio(s['fwdbwd_min_ratio'])} | {bars} | {nconf} |")
+            f"| {s['N']} | {s['docs']} | {ms(s.get(f + '_ms'))} | {pct(s.get(f + '_spread'))} | "
+            f"{ms(s.get('flex_' + f + '_ms'))} | {ratio(s.get(f + '_min_ratio'))} | "
+            f"{ms(s.get(fb + '_ms'))} | {pct(s.get(fb + '_spread'))} | "
+            f"{ms(s.get('flex_' + fb + '_ms'))} | {ratio(s.get(fb + '_min_ratio'))} | {bars} | "
+            f"{nconf} |")
     lines.append("")
     lines.append(f"ratio = Flex / spattn (bar >= {MIN_RATIO}x in every process); spread = "
                  f"(max - min) / min of spattn's times across processes (bar <= "
@@ -404,7 +465,8 @@ def _worker_cmd(args, i: int) -> list[str]:
     return [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", str(i),
             "--out", str(args.out), "--rounds", str(args.rounds), "--heads", str(args.heads),
             "--head-dim", str(args.head_dim), "--lengths", *map(str, args.lengths),
-            "--docs", *map(str, args.docs)] + (["--cpu"] if args.cpu else [])
+            "--docs", *map(str, args.docs)] + (["--cpu"] if args.cpu else []) \
+        + (["--graphs"] if args.graphs else [])
 
 
 def run_sequential(args, start: float) -> list[dict]:
@@ -512,7 +574,7 @@ def driver(args) -> int:
     meta = {"source": SOURCE, "lengths": args.lengths, "docs": args.docs, "H": args.heads,
             "D": args.head_dim, "dtype": "fp32" if args.cpu else "bf16", "B": 1,
             "procs": args.procs, "tune": args.tune, "rounds": args.rounds,
-            "schedule": args.schedule, "min_runs": MIN_RUNS,
+            "schedule": args.schedule, "min_runs": MIN_RUNS, "graphs": args.graphs,
             "device": "cpu" if args.cpu else _gpu_name(), "runs": runs,
             "seconds": time.perf_counter() - start}
     (out / "documents.json").write_text(json.dumps(
@@ -545,6 +607,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-root", help="where the processes' kernel and tuning caches go "
                     "(emptied first; default: --out)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (logic check)")
+    ap.add_argument("--graphs", action="store_true", help="also time each call replayed "
+                    "from a CUDA graph (GPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (with --cpu)")
     ap.add_argument("--schedule", choices=("interleaved", "sequential"),
                     default="interleaved", help="processes alive together and taking "
@@ -559,6 +623,8 @@ def main(argv=None) -> int:
     args.head_dim = args.head_dim or (16 if tiny else 128)
     if args.procs < 1 or args.rounds < 1:
         ap.error("--procs and --rounds must be at least 1")
+    if args.graphs and args.cpu:
+        ap.error("--graphs needs CUDA (CUDA graphs)")
     if args.worker is not None:
         (serve if args.serve else worker)(args)
         return 0

@@ -49,6 +49,32 @@ def test_summary_ratios_spread_and_bars(documents):
     assert "fwd:ok fwdbwd:NO" in table and "| missing |" in table
 
 
+def test_summary_of_calls_replayed_from_graphs(documents):
+    """With ``--graphs`` the rows also hold the replayed calls' times: they get their own
+    ratios, spreads and bars and a second table; without them there is one table."""
+    def row(proc, g, flex_g):
+        r = _row(4096, 4, proc, 1.0, 1.2, 3.0, 3.6)
+        r.update({"graph_fwd_ms": g, "flex_graph_fwd_ms": flex_g, "graph_fwdbwd_ms": 2 * g,
+                  "flex_graph_fwdbwd_ms": 2 * flex_g})
+        documents.ratios(r)
+        return r
+    s, = documents.summarise([[row(0, 0.50, 0.60)], [row(1, 0.51, 0.60)],
+                              [row(2, 0.60, 0.60)]], 3)
+    assert s["graph_fwd_ratio"] == [pytest.approx(1.2), pytest.approx(0.6 / 0.51), 1.0]
+    assert s["graph_fwd_spread"] == pytest.approx(0.2) and not s["graph_fwd_ok"]
+    assert s["fwd_ok"] and s["graph_fwdbwd_min_ratio"] == pytest.approx(1.0)
+    table = documents.table([s])
+    eager, replayed = table.split("Replayed from CUDA graphs")
+    assert "| 4096 | 4 | 1.000/1.000/1.000 |" in eager
+    assert "| 4096 | 4 | 0.500/0.510/0.600 | 20.0% | 0.600/0.600/0.600 | 1.00x |" in replayed
+    assert "graph_fwd:NO graph_fwdbwd:NO" in replayed
+    plain, = documents.summarise([[_row(4096, 4, 0, 1.0, 1.2, 3.0, 3.6)]], 1)
+    assert "graph_fwd_ms" not in plain
+    assert "Replayed" not in documents.table([plain])
+    with pytest.raises(SystemExit):
+        documents.main(["--out", "x", "--cpu", "--graphs"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule,rounds", [("interleaved", 2), ("sequential", 1)])
 def test_cpu_driver_runs_fresh_processes(documents, tmp_path, capsys, schedule, rounds):
