@@ -335,7 +335,7 @@ def _spattn_part(row, pat, q, k, v, do, inputs, bwd, timed):
 
 
 def time_rounds(row, timed, rounds, bench=None, groups=(("fwd", "flex_fwd"),
-                                                      ("fwdbwd", "flex_fwdbwd"))):
+                                                      ("fwdbwd", "flex_fwdbwd")), first=0):
     """Time spattn and FlexAttention in ``rounds`` alternating rounds; ``row[name + "_ms"]``
     is the median of a name's rounds, ``row[name + "_ms_rounds"]`` the rounds themselves.
 
@@ -346,13 +346,15 @@ def time_rounds(row, timed, rounds, bench=None, groups=(("fwd", "flex_fwd"),
     (a forward timed right after the other's forward+backward reads slower). Alternating gives the two
     the same conditions. A Flex timing that raises (out of memory) drops Flex from the row
     with ``flex_error``; spattn's own errors propagate. ``groups``: the names timed in
-    alternation with each other, group by group.
+    alternation with each other, group by group. ``first``: the number of the first round
+    (a caller timing one round at a time passes each round's number, so the order still
+    flips).
     """
     bench = bench or bench_ms
     for group in groups:
         names = [n for n in group if n in timed]
         times = {n: [] for n in names}
-        for r in range(rounds):
+        for r in range(first, first + rounds):
             for n in (names if r % 2 == 0 else names[::-1]):
                 if n not in timed:
                     continue

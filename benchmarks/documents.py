@@ -339,11 +339,8 @@ def serve(args) -> None:
                 row, timed = prepare_shape(N, n, H=args.heads, D=args.head_dim, dtype=dtype,
                                            dev=dev, cpu=args.cpu, graphs=args.graphs)
             elif cmd == "round" and timed is not None and "error" not in row:
-                groups = GROUPS
-                if int(val[0]) % 2:
-                    groups = tuple(g[::-1] for g in groups)
                 got = {}
-                bench.time_rounds(got, timed, 1, bench=timer, groups=groups)
+                bench.time_rounds(got, timed, 1, bench=timer, groups=GROUPS, first=int(val[0]))
                 for k, x in got.items():
                     if k.endswith("_ms_rounds"):
                         row.setdefault(k, []).extend(x)

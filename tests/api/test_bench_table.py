@@ -73,6 +73,16 @@ def test_time_rounds_alternate_and_take_medians(bench):
     assert row["fwdbwd_tflops"] == pytest.approx(3.5e12 / 3.1e-3 / 1e12)
 
 
+def test_time_rounds_one_at_a_time_keep_flipping(bench):
+    """A caller timing one round per call (``documents.py``'s interleaved processes) passes
+    each round's number as ``first``: round 1 times Flex first, as in one call of 2."""
+    clock = _Clock({"fwd": [1.0, 1.2], "flex_fwd": [2.0, 2.6]})
+    for r in range(2):
+        bench.time_rounds({}, clock.timed(), 1, bench=clock, groups=(("fwd", "flex_fwd"),),
+                          first=r)
+    assert clock.order == ["fwd", "flex_fwd", "flex_fwd", "fwd"]
+
+
 def test_time_rounds_drop_flex_when_it_fails(bench):
     clock = _Clock({"fwd": [1.0, 1.0, 1.0], "flex_fwd": [2.0, 2.0, 2.0],
                     "fwdbwd": [3.0, 3.0, 3.0], "flex_fwdbwd": [0.0]}, fail={"flex_fwdbwd"})
