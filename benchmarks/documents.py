@@ -29,7 +29,7 @@ where the processes keep the autotuner's choices (``SPATTN_CACHE_DIR``):
     python benchmarks/documents.py --out OUT --cpu --tiny    # the driver on the CPU
 
 ``--graphs`` (GPU) also times each library's forward and forward+backward replayed from a
-CUDA graph captured after two warm-up calls (spattn through its plan), so that the host's
+CUDA graph captured after three warm-up calls (spattn through its plan), so that the host's
 time to issue a call, which bounds the short calls of both libraries on some machines, is
 taken out: a second table compares the kernels alone. A library whose capture fails is left
 out of it with the error in the row.
@@ -162,7 +162,7 @@ def prepare_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, cpu: bool,
                   graphs: bool = False):
     """One shape's inputs, plan, Flex block mask and checks: the row so far and the timed
     callables (``bench.time_rounds``'s ``timed``); with ``graphs``, also the replays of
-    CUDA graphs of the same calls (:func:`graph_of`)."""
+    CUDA graphs of the same calls (``decode._graph``)."""
     import torch
     import spattn
     import bench
@@ -236,6 +236,7 @@ def prepare_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, cpu: bool,
     timed["fwdbwd"] = fb, [qg, kg, vg]
     timed["flex_fwdbwd"] = fb_rival, [qf, kf, vf]
     if graphs:
+        from decode import _graph as graph_of     # warm-up on a side stream, capture, replay
         steps = {"graph_fwd": lambda: pat(q, k, v, plan=plan),
                  "flex_graph_fwd": lambda: flex_attention(q, k, v, block_mask=bm),
                  "graph_fwdbwd": lambda: torch.autograd.grad(
@@ -253,22 +254,6 @@ def prepare_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, cpu: bool,
                 for kind in ("graph_fwd", "graph_fwdbwd"):
                     timed.pop(lib + kind, None)
     return row, timed
-
-
-def graph_of(step):
-    """``step`` run twice on a side stream (its warm-up), then captured in a CUDA graph:
-    the graph's ``replay`` (what a training loop that captures its step calls)."""
-    import torch
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def worker(args) -> None:

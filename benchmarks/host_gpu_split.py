@@ -83,19 +83,17 @@ def main(argv=None) -> None:
             plan = pat.plan(q, k, v, backward=True, **ins)
             bm = create_block_mask(mm(N, H, ins), None, None, N, N, device=dev)
 
-            def fb():
-                if a.fwd:
-                    with torch.no_grad():
-                        pat(q, k, v, plan=plan)
-                else:
-                    pat(q, k, v, plan=plan).backward(do)
-
-            def flex_fb():
-                if a.fwd:
-                    with torch.no_grad():
-                        flex(q, k, v, block_mask=bm)
-                else:
-                    flex(q, k, v, block_mask=bm).backward(do)
+            def timed(call):
+                """The forward under ``no_grad`` (``--fwd``), else forward and backward."""
+                def run():
+                    if a.fwd:
+                        with torch.no_grad():
+                            call()
+                    else:
+                        call().backward(do)
+                return run
+            fb = timed(lambda: pat(q, k, v, plan=plan))
+            flex_fb = timed(lambda: flex(q, k, v, block_mask=bm))
             libs = [("spattn", fb, True), ("flex", flex_fb, True)]
             if a.raw_ab:
                 libs.insert(1, ("spattn, Triton's launcher", fb, False))
