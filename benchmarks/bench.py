@@ -144,13 +144,13 @@ def log(*a):
 
 @contextlib.contextmanager
 def overrides(names, values):
-    """The environment variables ``names`` set to ``values`` (``None``: all of them unset)
-    inside the block, as they were after it: a plan built inside keeps the launch
-    configuration they select."""
+    """The environment variables ``names`` set to ``values`` (``None``: all of them unset;
+    a None value: that one unset) inside the block, as they were after it: a plan built
+    inside keeps the launch configuration they select."""
     saved = {n: os.environ.pop(n, None) for n in names}
     try:
         if values is not None:
-            os.environ.update({n: str(x) for n, x in zip(names, values)})
+            os.environ.update({n: str(x) for n, x in zip(names, values) if x is not None})
         yield
     finally:
         for n, x in saved.items():

@@ -237,11 +237,16 @@ def prepare_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, cpu: bool,
     timed["flex_fwdbwd"] = fb_rival, [qf, kf, vf]
     if graphs:
         from decode import _graph as graph_of     # warm-up on a side stream, capture, replay
+        # fresh leaves: a leaf whose AccumulateGrad node an eager call made on the default
+        # stream (kept alive by og's graph) would make the capture wait on that stream
+        qc, kc, vc, qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v) * 2)
         steps = {"graph_fwd": lambda: pat(q, k, v, plan=plan),
                  "flex_graph_fwd": lambda: flex_attention(q, k, v, block_mask=bm),
                  "graph_fwdbwd": lambda: torch.autograd.grad(
-                     pat(qg, kg, vg, plan=plan), (qg, kg, vg), do),
-                 "flex_graph_fwdbwd": lambda: torch.autograd.grad(rival(), (qf, kf, vf), do)}
+                     pat(qc, kc, vc, plan=plan), (qc, kc, vc), do),
+                 "flex_graph_fwdbwd": lambda: torch.autograd.grad(
+                     flex_attention(qd, kd, vd, block_mask=bm), (qd, kd, vd), do)}
+        del og
         for name, step in steps.items():
             err = "flex_graph_error" if name.startswith("flex_") else "graph_error"
             if err in row:
@@ -301,13 +306,16 @@ def serve(args) -> None:
     timer = cpu_timer if args.cpu else gpu_timer
     rows, row, timed = [], None, None
 
-    def release():
-        """What the shape held goes back before another process's turn (the closures'
-        cycles, the plan cache's plans, the allocator's cached blocks); what stays
-        reserved goes to the log (two idle processes kept 14-20 GiB each: benchmarks/
-        RESULTS.md, "documents in three interleaved processes")."""
+    def release(timed):
+        """What the shape held goes back before another process's turn (its CUDA graphs'
+        memory pools, the closures' cycles, the plan cache's plans, the allocator's cached
+        blocks); what stays reserved goes to the log (two idle processes kept 14-20 GiB
+        each: benchmarks/RESULTS.md, "documents in three interleaved processes")."""
         import gc
         from spattn.runtime.plan import PLANS
+        for fn, _ in (timed or {}).values():
+            if isinstance(getattr(fn, "__self__", None), torch.cuda.CUDAGraph):
+                fn.__self__.reset()         # a replay: its graph and pool go now
         gc.collect()
         PLANS.clear()
         if not args.cpu:
@@ -338,8 +346,8 @@ def serve(args) -> None:
                 row["proc"] = args.worker
                 rows.append(row)
                 out.write_text(json.dumps(rows, indent=1))
+                release(timed)
                 row, timed = None, None
-                release()
         except Exception as e:       # noqa: BLE001 -- reported in the row, next shape
             if row is not None:
                 row["error"] = f"{type(e).__name__}: {e}"[:400]

@@ -8,11 +8,16 @@ is built (the plan keeps its compiled kernels):
 
 * ``--kind fwd``: ``BLOCK_M,BLOCK_N,warps,stages``; the forwards ``pat(q, k, v, plan=plan)``
   are timed;
-* ``--kind bwd``: ``M1,N1,M2,N2,warps,stages[,loop[,dq]]`` (the backward's dK/dV and dQ
+* ``--kind bwd``: ``M1,N1,M2,N2,warps,stages[,loop[,dq[,tma]]]`` (the backward's dK/dV and dQ
   tiles, its loops, and ``dq``: ``kernel`` or ``atomic``, ``SPATTN_BWD_DQ``: dQ added
   atomically by the dK/dV kernel, whose M2 is then the row-statistics kernel's rows and N2
-  unused; the forward at its default); forward+backward through autograd is timed, and the
-  backward alone (``bwd ms``: gradients of one retained forward graph).
+  unused; the forward at its default), and ``tma``: ``SPATTN_TMA``, 1 for TMA loads in the
+  generated backward kernels too (on CUDA the default loads through TMA in the forward
+  only); forward+backward through autograd is timed, and the backward alone (``bwd ms``:
+  gradients of one retained forward graph).
+
+An empty field leaves its variable unset, at the library's choice: ``--kind bwd --configs
+",,,,,,,,1"`` is the default tiles with TMA in the backward.
 
 ``--dq-ab`` (bwd): the dQ modes A/B: the default tiles with the dQ kernel and atomic, and
 atomic at other dK/dV tiles (:data:`DQ_CONFIGS`), on :data:`DQ_CASES` (the ``--quick``
@@ -64,7 +69,7 @@ import spattn  # noqa: E402
 VARS = {"fwd": ("SPATTN_BLOCK_M", "SPATTN_BLOCK_N", "SPATTN_FWD_WARPS", "SPATTN_FWD_STAGES"),
         "bwd": ("SPATTN_BWD_BLOCK_M1", "SPATTN_BWD_BLOCK_N1", "SPATTN_BWD_BLOCK_M2",
                 "SPATTN_BWD_BLOCK_N2", "SPATTN_BWD_WARPS", "SPATTN_BWD_STAGES",
-                "SPATTN_BWD_LOOP", "SPATTN_BWD_DQ")}
+                "SPATTN_BWD_LOOP", "SPATTN_BWD_DQ", "SPATTN_TMA")}
 CASES = {
     "fwd": ([f"{p}:16384:1:128" for p in ("full", "causal", "window(1024)", "window(256)",
                                           "streaming", "documents", "prefix_lm(2048)",
@@ -147,7 +152,7 @@ def run_case(kind, case, configs, rounds, rep, check=False):
     row = {"case": case, "kind": kind, "configs": {}}
     fns, bwd_fns, ref = {}, {}, None
     for cfg in [None] + configs:
-        label = "default" if cfg is None else ",".join(map(str, cfg))
+        label = label_of(cfg)
         try:
             plan = build(kind, pat, q, k, v, inputs, cfg)
             if kind == "fwd":
@@ -204,7 +209,7 @@ def run_case(kind, case, configs, rounds, rep, check=False):
 def table(rows, configs) -> str:
     """Each configuration's time over the default's; for ``bwd`` two numbers per cell,
     forward+backward / backward alone."""
-    labels = [",".join(map(str, c)) for c in configs]
+    labels = [label_of(c) for c in configs]
     out = ["| case | default ms | " + " | ".join(labels) + " |",
            "|---|---|" + "---|" * len(labels)]
 
@@ -224,8 +229,13 @@ def table(rows, configs) -> str:
 
 
 def parse(text):
-    return [tuple(x if x.isalpha() else int(x) for x in c.split(",")) for c in text.split(";")
-            if c]
+    """``--configs`` as tuples; an empty field is None (its variable left unset)."""
+    return [tuple(None if x == "" else x if x.isalpha() else int(x) for x in c.split(","))
+            for c in text.split(";") if c]
+
+
+def label_of(cfg) -> str:
+    return "default" if cfg is None else ",".join("" if x is None else str(x) for x in cfg)
 
 
 def main(argv=None):
@@ -234,7 +244,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--cases", default=None, help="name:N:B:D;... (default: the kind's list)")
     ap.add_argument("--configs", default=None, help="fwd: BLOCK_M,BLOCK_N,warps,stages;... "
-                    "bwd: M1,N1,M2,N2,warps,stages[,loop];... (beside the default)")
+                    "bwd: M1,N1,M2,N2,warps,stages[,loop[,dq[,tma]]];... (beside the default; an "
+                    "empty field: the library's choice)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep", type=int, default=25)
     ap.add_argument("--cpu-check", action="store_true")

@@ -68,3 +68,22 @@ def test_tiles_ab_dq_ab(monkeypatch):
     assert c["dq"] == "atomic" and c["vs_default"] > 0 and c["bwd_vs_default"] > 0
     text = mod.table([row], configs)
     assert "| causal:48:1:16 |" in text and " / " in text
+
+
+@pytest.mark.slow
+def test_tiles_ab_empty_fields_keep_the_default(monkeypatch):
+    """An empty field of ``--configs`` leaves its variable unset: ``,,,,,,,,1`` is the
+    default tiles with ``SPATTN_TMA=1`` (TMA descriptors in the backward kernels too, which
+    the interpreter emulates); the result equals the default's."""
+    monkeypatch.setenv("SPATTN_BACKEND", "triton")
+    monkeypatch.delenv("SPATTN_TMA", raising=False)
+    mod = _load("tiles_ab")
+    assert mod.parse(",,,,,,,,1") == [(None,) * 8 + (1,)]
+    [row] = mod.main(["--kind", "bwd", "--cpu-check", "--cases", "causal:96:1:32",
+                      "--configs", ",,,,,,,,1"])
+    cfgs = row["configs"]
+    assert set(cfgs) == {"default", ",,,,,,,,1"}, row
+    assert all("error" not in c and c["err_vs_default"] < 1e-4 for c in cfgs.values()), row
+    assert "TMA" not in cfgs["default"]["plan"] and "TMA" in cfgs[",,,,,,,,1"]["plan"], row
+    default_tiles = cfgs["default"]["plan"].split("TMA")[0].split("tiles")[1][:12]
+    assert default_tiles in cfgs[",,,,,,,,1"]["plan"], row
