@@ -149,7 +149,18 @@ def run_shape(N: int, n: int, *, H: int, D: int, dtype, dev: str, rounds: int, c
         bench.time_rounds(row, timed, rounds, bench=cpu_timer if cpu else gpu_timer,
                           groups=GROUPS)
         ratios(row)
+    drop_graphs(timed)
     return row
+
+
+def drop_graphs(timed) -> None:
+    """Reset the CUDA graphs whose replays ``timed`` holds: each graph and its memory pool go
+    now, not when the last reference to the replay does (a run kept ~4 GiB of pools per
+    65536-token shape: benchmarks/RESULTS.md, "documents replayed from CUDA graphs")."""
+    import torch
+    for fn, _ in (timed or {}).values():
+        if isinstance(getattr(fn, "__self__", None), torch.cuda.CUDAGraph):
+            fn.__self__.reset()
 
 
 def ratios(row: dict) -> None:
@@ -313,9 +324,7 @@ def serve(args) -> None:
         each: benchmarks/RESULTS.md, "documents in three interleaved processes")."""
         import gc
         from spattn.runtime.plan import PLANS
-        for fn, _ in (timed or {}).values():
-            if isinstance(getattr(fn, "__self__", None), torch.cuda.CUDAGraph):
-                fn.__self__.reset()         # a replay: its graph and pool go now
+        drop_graphs(timed)
         gc.collect()
         PLANS.clear()
         if not args.cpu:
