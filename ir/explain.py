@@ -26,7 +26,7 @@ from .inputs import query_offset, validate_inputs
 from .ranges import closed_form, exact_intervals
 from .compose import COMPOSE_MIN_OPS, pattern_composition
 from .cost import COSTS, TARGETS, TILES, pick_strategy, predicted_speedup, tile_counts
-from .tiles import FULL, PARTIAL, classify
+from .tiles import FULL, PARTIAL, SLAB_TILES, classify
 
 
 @dataclass
@@ -160,20 +160,38 @@ def _count_closed_form(rows, Lq, Lk, *, num_heads, batch, q_offset, device,
     return total
 
 
-def _count_tiles(ir, tiles, Lq, Lk, bm, bn, *, q_offset, inputs, device, chunk_elems=1 << 22) -> int:
-    """Allowed pairs: FULL tiles by size, PARTIAL tiles evaluated (memory bounded)."""
+def _count_tiles(ir, tiles, Lq, Lk, bm, bn, *, q_offset, inputs, device, chunk_elems=1 << 22,
+                 slab_tiles=SLAB_TILES) -> int:
+    """Allowed pairs: FULL tiles by size, PARTIAL tiles evaluated, ``slab_tiles`` tiles of the
+    grid at a time (memory bounded)."""
     off = query_offset(Lq, Lk, q_offset)
     Bn, Hn, nq, nk = tiles.shape
     rows = torch.clamp(Lq - torch.arange(nq, device=device) * bm, max=bm)
     cols = torch.clamp(Lk - torch.arange(nk, device=device) * bn, max=bn)
-    size = rows.view(nq, 1) * cols.view(1, nk)
-    total = int((size.expand_as(tiles) * (tiles == FULL)).sum())
-    idx = (tiles == PARTIAL).nonzero()
     step = max(1, chunk_elems // (bm * bn))
     ar_m = torch.arange(bm, device=device)
     ar_n = torch.arange(bn, device=device)
+    total = 0
+    # slabs of query-tile rows: the FULL counts' int64 and the PARTIAL tiles' indices stay
+    # O(slab), not O(grid)
+    slab = max(1, slab_tiles // max(1, Bn * Hn * nk))
+    for r in range(0, nq, slab):
+        part = tiles[:, :, r:r + slab]
+        full = (part == FULL).sum((0, 1))                 # [rows of the slab, nk], int64
+        total += int((full * rows[r:r + slab, None] * cols[None, :]).sum())
+        total += _count_partial(ir, (part == PARTIAL).nonzero(), r, Lq, Lk, bm, bn, off, Hn,
+                                inputs, device, step, ar_m, ar_n)
+    return total
+
+
+def _count_partial(ir, idx, r, Lq, Lk, bm, bn, off, Hn, inputs, device, step, ar_m,
+                   ar_n) -> int:
+    """Allowed pairs of the PARTIAL tiles ``idx [n, 4]`` (batch, head, row - ``r``, column),
+    evaluated ``step`` tiles at a time."""
+    total = 0
     for s in range(0, idx.shape[0], step):
         bi, hi_, qi, ki = idx[s:s + step].unbind(1)
+        qi = qi + r
         qrow = qi.view(-1, 1, 1) * bm + ar_m.view(1, bm, 1)
         kcol = ki.view(-1, 1, 1) * bn + ar_n.view(1, 1, bn)
         valid = (qrow < Lq) & (kcol < Lk)
@@ -248,6 +266,7 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
         allowed = _count_tiles(ir, tiles, Lq, Lk, block_m, block_n, q_offset=q_offset,
                                inputs=ins, device=dev)
         method = "exact, full tiles + partial tiles evaluated"
+    del tiles           # (the cost model's grid below may be as large)
     total_pairs = batch * num_heads * Lq * Lk
     ntiles = counts["empty"] + counts["partial"] + counts["full"]
     per_pair = 4 * head_dim

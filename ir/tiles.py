@@ -68,6 +68,7 @@ from . import build as B
 from .bounds import Checked, Domain, analyse, bounds_of, check_call
 from .evaluate import evaluate
 from .inputs import check_lengths, query_offset, validate_inputs
+from .memory import check_room
 from .intervals import (IntervalEval, _consecutive, bool_atoms, check_input_bounds, combine,
                         interval_exact, lift)
 from .nodes import (And, BoolConst, Const, FloorDiv, Load, Node, Not, Or, Range, Var, distinct,
@@ -195,6 +196,10 @@ def classify(pattern, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads
     ins, dev, checked = validate_args(pattern, Lq, Lk, block_m, block_n, num_heads=num_heads,
                                       batch=batch, q_offset=q_offset, device=device,
                                       inputs=inputs)
+    nq, nk = -(-Lq // block_m), -(-Lk // block_n)
+    # the int8 grid and the tiles' bounds (two int64 per row and column), before any is made
+    check_room(batch * num_heads * (len(rows) if rows is not None else nq) * nk
+               + 16 * (nq + nk), dev, f"the tile grid [{batch}, {num_heads}, {nq}, {nk}]")
     env = grid_env(Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
                    q_offset=q_offset, device=dev, names=_free_vars(ir))
     if rows is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 import time
@@ -20,7 +19,8 @@ import warnings
 import torch
 
 from .codegen.config import next_pow2
-from .dsl.errors import SpattnError, SpattnValueError, short_repr
+from .dsl.errors import SpattnError, short_repr
+from .ir.memory import available_memory, check_room
 
 SYMBOLS = {0: ".", 1: "+", 2: "#"}
 
@@ -415,32 +415,10 @@ def _cmd_run(args, pat, out):
         print("check against reference: skipped (too large for a dense reference)", file=out)
 
 
-def available_memory(device) -> int | None:
-    """Bytes a new allocation may take on ``device`` now, or None where that is not known:
-    the kernel's MemAvailable on Linux (physical pages free otherwise), the free memory of a
-    CUDA device."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def _check_room(nbytes: int, device, what: str) -> None:
-    """A clear error before an allocation that cannot fit: on Linux a huge ``randn`` is
-    granted (memory is overcommitted) and the process is killed while it writes it."""
-    free = available_memory(device)
-    if free is not None and nbytes > free:
-        raise SpattnValueError(f"{what} needs {nbytes / 2 ** 30:.1f} GiB and {device} has "
-                               f"{free / 2 ** 30:.1f} GiB available: use smaller sizes")
+    """A clear error before an allocation that cannot fit (``ir.memory.check_room``, every
+    size checked; the free memory read through this module's :func:`available_memory`)."""
+    check_room(nbytes, device, what, available=available_memory, min_bytes=0)
 
 
 def _sync(device):

@@ -289,7 +289,8 @@ def test_run_refuses_inputs_larger_than_the_memory(monkeypatch, capsys):
     code, _ = run("run", "-e", "causal", "--lq", 64, "--lk", 4096, "--heads", 4, "--dim", 64)
     err = capsys.readouterr().err
     assert code == 1, err
-    assert "random q, k, v of 1 x 4 x 4096 x 64 needs" in err and "0.0 GiB available" in err
+    assert "random q, k, v of 1 x 4 x 4096 x 64 does not fit in memory: it needs" in err
+    assert "0.0 GiB available" in err
     monkeypatch.setattr(cli, "available_memory", lambda device: None)     # (not known)
     code, text = run("run", "-e", "causal", "--lq", 32, "--heads", 1, "--dim", 16,
                      "--repeat", 1)

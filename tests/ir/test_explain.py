@@ -152,3 +152,66 @@ def test_tile_counts_count_every_class(shape):
     want = [int((t == v).sum()) for v in range(3)]
     assert [c["empty"], c["partial"], c["full"]] == want
     assert c["rows"] == shape[0] * shape[1] * shape[2]
+
+
+@pytest.mark.parametrize("slab", [1, 7, 1 << 21], ids=["slab-1", "slab-7", "slab-default"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 50, 70), (1, 4, 129, 3)])
+def test_tile_counts_by_slabs(shape, slab, monkeypatch):
+    """Counted by slabs of rows (a slab smaller than one row, several rows, the whole grid):
+    every class's count as a dense count gives it."""
+    import spattn.ir.cost as cost
+    monkeypatch.setattr(cost, "COUNT_SLAB", slab)
+    t = torch.randint(0, 3, shape, dtype=torch.int8)
+    c = cost.tile_counts(t)
+    assert [c["empty"], c["partial"], c["full"]] == [int((t == v).sum()) for v in range(3)]
+
+
+@pytest.mark.parametrize("slab", [1, 40, 1 << 21], ids=["slab-1", "slab-40", "slab-default"])
+@pytest.mark.parametrize("batch,heads", [(1, 1), (2, 3)], ids=["B1-H1", "B2-H3"])
+def test_partial_tiles_counted_by_slabs(slab, batch, heads):
+    """Allowed pairs through tiles (no closed form: a runtime input), slab by slab of query
+    tiles, against the dense mask."""
+    from spattn.ir.explain import _count_tiles
+    from spattn.ir.inputs import validate_inputs
+    from spattn.ir.tiles import classify
+    doc = torch.sort(torch.randint(0, 6, (batch, 170)), dim=-1).values
+    ir = B.and_(causal, B.cmp("==", B.load("doc", [q]), B.load("doc", [k])))
+    p = Pattern(ir, inputs={"doc": 1})
+    t = classify(p, 150, 170, 16, 8, num_heads=heads, batch=batch, q_offset=20,
+                 inputs={"doc": doc})
+    ins = validate_inputs(p.inputs, {"doc": doc}, batch=batch, num_heads=heads,
+                          device=t.device)
+    got = _count_tiles(ir, t, 150, 170, 16, 8, q_offset=20, inputs=ins, device=t.device,
+                       slab_tiles=slab)
+    want = int(p.mask(150, 170, num_heads=heads, batch=batch, q_offset=20, doc=doc).sum())
+    assert got == want
+
+
+def test_explain_allocates_no_grid_sized_int64():
+    """explain's counts take no int64 copy of the tile grid (8 bytes a tile): with 4096 x
+    8192 tiles, no single allocation during the report reaches 4 bytes a tile."""
+    from torch.profiler import ProfilerActivity, profile
+    pat = Pattern(B.and_(causal, B.cmp("==", B.load("doc", [q]), B.load("doc", [k]))),
+                  inputs={"doc": 1})
+    L = 1 << 18
+    doc = torch.arange(L) // 4096
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        r = pat.explain(L, block_m=64, block_n=32, doc=doc)
+    assert r.tiles["total"] == (L // 64) * (L // 32)
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < biggest < 4 * r.tiles["total"], biggest
+
+
+def test_classify_refuses_a_grid_larger_than_the_memory(monkeypatch):
+    """The tile grid's room is checked before any of it is made: on Linux a large
+    allocation is granted and the process killed while the grid is written."""
+    import spattn.ir.memory as memory
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 30)
+    with pytest.raises(SpattnValueError, match=r"the tile grid \[1, 1, 32768, 65536\] does "
+                       r"not fit in memory: it needs 2\.0 GiB and cpu has 1\.0 GiB available"):
+        Pattern(causal).tiles(1 << 22, 1 << 22, 128, 64)
+    with pytest.raises(SpattnValueError, match="the tile grid"):
+        Pattern(causal).explain(1 << 22)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 20)
+    t = Pattern(causal).tiles(1 << 20, 1 << 20, 128, 64)      # 128 MiB: under the check
+    assert t.shape == (1, 1, 8192, 16384)
