@@ -327,8 +327,9 @@ def _cmd_show(args, pat, out):
               "('#' FULL, '+' PARTIAL, '.' EMPTY):", file=out)
         for row in t:
             print("  " + "".join(SYMBOLS[int(x)] for x in row.tolist()), file=out)
-    counts = [int((tiles == c).sum()) for c in (0, 1, 2)]
-    print(f"tiles: {counts[2]} full, {counts[1]} partial, {counts[0]} empty", file=out)
+    from .ir.cost import tile_counts
+    c = tile_counts(tiles)
+    print(f"tiles: {c['full']} full, {c['partial']} partial, {c['empty']} empty", file=out)
     if args.png is not None:
         from .plot import plot_pattern
         if not args.png.strip():
