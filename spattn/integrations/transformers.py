@@ -968,10 +968,16 @@ def _with_conjuncts(base: Pattern, keep: bool, seg: bool, first: bool = False) -
 def _check_sizes(mask: SpattnMask, Lq: int, Lk: int) -> None:
     """The layer's queries and keys are the ones transformers sized the mask for."""
     if (Lq, Lk) != (mask.q_length, mask.kv_length):
+        kind = mask.kind or ()
+        hint = ""
+        if len(kind) == 2 and kind[0] in ("sliding", "chunked") and kind[1] == 1:
+            hint = (f"; with {'sliding_window' if kind[0] == 'sliding' else 'attention_chunk_size'}"
+                    "=1, transformers' cache keeps every key while its mask announces one: "
+                    "use a window of 2 or more, or a static cache")
         raise SpattnInputError(
             f"queries ({Lq}) and keys ({Lk}) do not match the mask transformers sized for "
             f"Lq={mask.q_length}, Lk={mask.kv_length} (the cache returned more or fewer keys "
-            "than it announced)")
+            f"than it announced{hint})")
 
 
 def plan_call(base: Pattern, mask: SpattnMask, Lq: int, Lk: int, *, cu_seq_lens_q=None,

@@ -1244,3 +1244,23 @@ def test_override_that_needs_dropped_keys_is_refused():
         logits(model, ids, attention_mask=am)                  # no cache: every key present
         with pytest.raises(spattn.SpattnError, match="reaches keys this layer's cache has dropped"):
             model.generate(ids, **kw)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("mistral-w1", lambda: tiny("MistralConfig", sliding_window=1)),
+    ("llama4-chunk1", lambda: tiny("Llama4TextConfig", intermediate_size_mlp=128,
+                                   attention_chunk_size=1, no_rope_layer_interval=2,
+                                   num_local_experts=2, num_experts_per_tok=1, moe_layers=[])),
+], ids=["mistral-w1", "llama4-chunk1"])
+def test_a_window_of_one_with_a_dynamic_cache_is_refused_by_name(name, config):
+    """transformers' cache keeps every key at a window of 1 while its mask says one
+    (eager then broadcasts the one-key mask over all of them): the step is refused, and the
+    message names the window and what to use instead."""
+    model = use_spattn(model_of(config()))
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :8], use_cache=True)
+        key = "sliding_window" if name.startswith("mistral") else "attention_chunk_size"
+        with pytest.raises(SpattnInputError, match=rf"queries \(1\) and keys \(9\).*with "
+                           rf"{key}=1, transformers' cache keeps every key"):
+            model(input_ids=ids[:, 8:], past_key_values=out.past_key_values)
