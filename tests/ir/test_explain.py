@@ -215,3 +215,15 @@ def test_classify_refuses_a_grid_larger_than_the_memory(monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 20)
     t = Pattern(causal).tiles(1 << 20, 1 << 20, 128, 64)      # 128 MiB: under the check
     assert t.shape == (1, 1, 8192, 16384)
+
+
+def test_available_memory_reads_the_device(monkeypatch):
+    """A CUDA grid's room is the device's free memory (CUDA's count, read for the device
+    named), a CPU grid's the kernel's MemAvailable."""
+    import spattn.ir.memory as memory
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (asked.append(d), (123, 456))[1])
+    assert memory.available_memory("cuda:1") == 123
+    assert memory.available_memory(torch.device("cuda")) == 123
+    assert asked == [torch.device("cuda:1"), torch.device("cuda")]
+    assert memory.available_memory("cpu") > 0
