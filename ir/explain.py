@@ -206,8 +206,8 @@ def _count_tiles(ir, tiles, Lq, Lk, bm, bn, *, q_offset, inputs, device, chunk_e
     # the sampled tiles' share of allowed pairs, over every PARTIAL pair (a ratio: the
     # sample's own size does not enter)
     estimate = round(partial_pairs * sampled_allowed / max(1, sampled_pairs))
-    return total + estimate, (f"estimated, full tiles + a seeded sample of {sampled:,} "
-                                     f"of the {n_partial:,} partial tiles evaluated")
+    return total + estimate, (f"estimated, full tiles + a seeded sample of {sampled:,} of "
+                              f"the {n_partial:,} partial tiles evaluated")
 
 
 def _count_partial(ir, idx, r, Lq, Lk, bm, bn, off, Hn, inputs, device, step, ar_m,
