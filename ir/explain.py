@@ -160,6 +160,31 @@ def _count_closed_form(rows, Lq, Lk, *, num_heads, batch, q_offset, device,
     return total
 
 
+def allowed_pairs(ir, tiles, Lq: int, Lk: int, block_m: int, block_n: int, *, num_heads: int,
+                  batch: int, q_offset, inputs) -> tuple[int, str]:
+    """The pattern's allowed pairs and how they were counted: per row from the closed form
+    where there is one, else from its tile classes ``tiles`` (:func:`classify` at
+    ``block_m`` x ``block_n``; None: classified here) by :func:`_count_tiles`. Never a
+    dense mask: O(Lq) or O(tiles) memory."""
+    cf = closed_form(ir)
+    if cf is not None:
+        try:
+            rows = exact_intervals(cf, Lq, Lk, num_heads=num_heads, batch=batch,
+                                   q_offset=q_offset)
+        except SpattnValueError:    # a bound beyond int64 at this size: count the tiles
+            rows = None
+        if rows is not None:
+            dev = tiles.device if tiles is not None else None
+            return (_count_closed_form(rows, Lq, Lk, num_heads=num_heads, batch=batch,
+                                       q_offset=q_offset, device=dev),
+                    "exact, per-row closed form")
+    if tiles is None:
+        tiles = classify(ir, Lq, Lk, block_m, block_n, num_heads=num_heads, batch=batch,
+                         q_offset=q_offset, inputs=inputs)
+    return _count_tiles(ir, tiles, Lq, Lk, block_m, block_n, q_offset=q_offset, inputs=inputs,
+                        device=tiles.device)
+
+
 #: Pairs of PARTIAL tiles :func:`_count_tiles` evaluates at most (a few seconds on a CPU);
 #: beyond it, a seeded sample of the PARTIAL tiles of about this many pairs.
 EXACT_PAIRS = 1 << 28
@@ -276,21 +301,8 @@ def explain(pattern, Lq: int, Lk: Optional[int] = None, *, num_heads: int = 1,
     declared = getattr(pattern, "inputs", None) or {}
     ins = validate_inputs(declared, inputs, batch=batch, num_heads=num_heads,
                           device=dev) if declared else {}
-    cf = closed_form(ir)
-    rows = None
-    if cf is not None:
-        try:
-            rows = exact_intervals(cf, Lq, Lk, num_heads=num_heads, batch=batch,
-                                   q_offset=q_offset)
-        except SpattnValueError:    # a bound beyond int64 at this size: count the tiles
-            rows = None
-    if rows is not None:
-        allowed = _count_closed_form(rows, Lq, Lk, num_heads=num_heads, batch=batch,
-                                     q_offset=q_offset, device=dev)
-        method = "exact, per-row closed form"
-    else:
-        allowed, method = _count_tiles(ir, tiles, Lq, Lk, block_m, block_n,
-                                       q_offset=q_offset, inputs=ins, device=dev)
+    allowed, method = allowed_pairs(ir, tiles, Lq, Lk, block_m, block_n, num_heads=num_heads,
+                                    batch=batch, q_offset=q_offset, inputs=ins)
     del tiles           # (the cost model's grid below may be as large)
     total_pairs = batch * num_heads * Lq * Lk
     ntiles = counts["empty"] + counts["partial"] + counts["full"]

@@ -725,7 +725,7 @@ def computed_pairs(ir: Node, L: int, block_m: int, block_n: int, *, num_heads: i
     """Pairs the kernel computes: the in-range pairs of every non-EMPTY tile (``pad``:
     every tile counted whole)."""
     from .pattern import CompiledPattern
-    from .tiles import EMPTY, classify
+    from .tiles import EMPTY, SLAB_TILES, classify
     t = classify(CompiledPattern(ir), L, L, block_m, block_n, num_heads=num_heads,
                  q_offset=q_offset)
     rows = torch.full((t.shape[-2],), block_m, dtype=torch.int64)
@@ -733,8 +733,11 @@ def computed_pairs(ir: Node, L: int, block_m: int, block_n: int, *, num_heads: i
     if not pad:
         rows[-1] = L - block_m * (t.shape[-2] - 1)
         cols[-1] = L - block_n * (t.shape[-1] - 1)
-    live = (t != EMPTY).to(torch.int64)
-    return int((live * rows[:, None] * cols[None, :]).sum())
+    total, slab = 0, max(1, SLAB_TILES // max(1, t.shape[0] * t.shape[1] * t.shape[3]))
+    for r in range(0, t.shape[2], slab):     # by slabs: no int64 copy of the whole grid
+        live = (t[:, :, r:r + slab] != EMPTY).sum((0, 1))
+        total += int((live * rows[r:r + slab, None] * cols[None, :]).sum())
+    return total
 
 
 def sub_box(box: tuple[int, ...], tokens: int) -> tuple[int, ...]:
@@ -928,15 +931,19 @@ def resolve_gathers(r: Optional["Remap"], mode: str, target: str, force: bool = 
 
 
 def _product_allowed(groups: list[Node], grid: Grid) -> int:
-    """Allowed pairs of a product pattern: the product of each axis's allowed pairs."""
-    from .evaluate import mask
+    """Allowed pairs of a product pattern: the product of each axis's allowed pairs
+    (counted as ``explain`` counts them, from the closed form or the tiles: never a dense
+    mask of an axis, which is O(L^2) for a pattern over one long axis)."""
+    from .explain import allowed_pairs
     total = 1
     for a, g in enumerate(groups):
         sub = Layout(Grid((grid.shape[a],), (grid.splits[a],)), (1,) * (1 + (grid.splits[a] > 1)))
         js = [j for j, (axis, _, _) in enumerate(grid.virtual()) if axis == a]
         names = {f"{s}#{j}": c for s in "qk" for j, c in zip(js, sub.virtual_coords(Var(s)))}
         rir = B.and_(_simplify(g, {}, names), sub.valid(Var("q")), sub.valid(Var("k")))
-        total *= int(mask(rir, sub.padded_size, sub.padded_size).sum())
+        n = sub.padded_size
+        total *= allowed_pairs(rir, None, n, n, 64, 64, num_heads=1, batch=1, q_offset=0,
+                               inputs={})[0]
     return total
 
 
