@@ -249,3 +249,19 @@ def test_partial_tiles_sampled_beyond_the_budget(src):
     assert got != want and abs(got - want) < 0.03 * want, (got, want)
     exact, method = _count_tiles(p.ir, t, 1000, 1200, 16, 16, **dict(kw, exact_pairs=1 << 28))
     assert exact == want and method.startswith("exact")
+
+
+@pytest.mark.parametrize("src,how", [("(q - k) % 8 == 0", "tiles"), ("causal & window(37)",
+                                                                     "closed form")],
+                         ids=["modulo", "window"])
+def test_allowed_pairs_without_a_dense_mask(src, how):
+    """The count the layout choice prices each grid axis with (``allowed_pairs``: the
+    closed form per row, else the tiles), against the dense mask."""
+    import spattn
+    from spattn.ir.explain import allowed_pairs
+    ir = spattn.compile(src).ir
+    got, method = allowed_pairs(ir, None, 300, 300, 64, 64, num_heads=1, batch=1, q_offset=0,
+                                inputs={})
+    assert got == int(mask(ir, 300, 300).sum())
+    assert method == ("exact, per-row closed form" if how == "closed form"
+                      else "exact, full tiles + partial tiles evaluated")
