@@ -18,6 +18,7 @@ from .dsl.errors import (SpattnError, SpattnParamError, SpattnSyntaxError, Spatt
                          short_repr)
 from .ir.evaluate import mask as _mask
 from .ir.inputs import check_lengths, validate_inputs
+from .ir.memory import check_room
 from .ir.pattern import BACKENDS, CompiledPattern  # noqa: F401  (BACKENDS: public)
 from .runtime import api as _runtime_api
 from .runtime.autograd import register as _register
@@ -85,7 +86,11 @@ class Pattern(CompiledPattern):
         check_lengths(Lq, Lk, num_heads=num_heads, batch=batch)
         q_offset, device = _checked(self, Lq, Lk, q_offset, device, inputs)
         ins = validate_inputs(self.inputs, inputs, batch=batch, num_heads=num_heads, device=device)
-        with _fits(f"the dense mask [{batch}, {num_heads}, {Lq}, {Lk}]"):
+        what = f"the dense mask [{batch}, {num_heads}, {Lq}, {Lk}]"
+        # the bool result and at least one int64 broadcast of the pairs while it is evaluated
+        check_room(9 * batch * num_heads * Lq * Lk, device, f"{what} (9 bytes a pair or more "
+                   "while it is evaluated)")
+        with _fits(what):
             return _mask(self.ir, Lq, Lk, num_heads=num_heads, batch=batch, q_offset=q_offset,
                          inputs=ins, device=device)
 

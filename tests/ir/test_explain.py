@@ -265,3 +265,17 @@ def test_allowed_pairs_without_a_dense_mask(src, how):
     assert got == int(mask(ir, 300, 300).sum())
     assert method == ("exact, per-row closed form" if how == "closed form"
                       else "exact, full tiles + partial tiles evaluated")
+
+
+def test_dense_mask_refused_before_it_is_evaluated(monkeypatch):
+    """``Pattern.mask`` checks the room its evaluation takes (9 bytes a pair at least)
+    before making anything: a larger allocation would be granted on Linux and the process
+    killed while it is written."""
+    import spattn.ir.memory as memory
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 30)
+    with pytest.raises(SpattnValueError, match=r"the dense mask \[1, 2, 8192, 8192\] \(9 bytes "
+                       r"a pair or more while it is evaluated\) does not fit in memory: it "
+                       r"needs 1\.1 GiB and cpu has 1\.0 GiB available"):
+        Pattern(causal).mask(8192, 8192, num_heads=2)
+    m = Pattern(causal).mask(4096, 4096, num_heads=2)              # 288 MiB: fits
+    assert m.shape == (1, 2, 4096, 4096) and bool(m[0, 0, 5, 5]) and not bool(m[0, 0, 5, 6])
