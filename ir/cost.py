@@ -116,12 +116,11 @@ COUNT_SLAB = 1 << 24
 
 def tile_counts(tiles) -> dict:
     """``{"empty", "partial", "full", "rows"}`` of a tile-class tensor ``[B, H, nq, nk]``."""
+    from .tiles import row_slabs
     # counted by slabs of rows, without a sum (its int64 copy of a comparison is 8x the
     # grid: 10 GB at three million tokens), so that the count adds O(slab) to the grid
-    slab = max(1, COUNT_SLAB // max(1, tiles.shape[0] * tiles.shape[1] * tiles.shape[3]))
     full = partial = 0
-    for r in range(0, tiles.shape[2], slab):
-        part = tiles[:, :, r:r + slab]
+    for _, part in row_slabs(tiles, COUNT_SLAB):
         full += int((part == 2).count_nonzero())
         partial += int((part == 1).count_nonzero())
     n = (tiles.numel() - full - partial, partial, full)

@@ -26,7 +26,7 @@ from .inputs import query_offset, validate_inputs
 from .ranges import closed_form, exact_intervals
 from .compose import COMPOSE_MIN_OPS, pattern_composition
 from .cost import COSTS, TARGETS, TILES, pick_strategy, predicted_speedup, tile_counts
-from .tiles import FULL, PARTIAL, SLAB_TILES, classify
+from .tiles import FULL, PARTIAL, SLAB_TILES, classify, row_slabs
 
 
 @dataclass
@@ -205,21 +205,19 @@ def _count_tiles(ir, tiles, Lq, Lk, bm, bn, *, q_offset, inputs, device, chunk_e
     step = max(1, chunk_elems // (bm * bn))
     ar_m = torch.arange(bm, device=device)
     ar_n = torch.arange(bn, device=device)
-    # slabs of query-tile rows: the FULL counts' int64 and the PARTIAL tiles' indices stay
-    # O(slab), not O(grid)
-    slab = max(1, slab_tiles // max(1, Bn * Hn * nk))
-    n_partial = sum(int((tiles[:, :, r:r + slab] == PARTIAL).count_nonzero())
-                    for r in range(0, nq, slab))
+    n_partial = tile_counts(tiles)["partial"]
     rate = min(1.0, exact_pairs / max(1, n_partial * bm * bn))
     gen = torch.Generator(device="cpu").manual_seed(0)
     total, sampled, sampled_pairs, sampled_allowed, partial_pairs = 0, 0, 0, 0, 0
-    for r in range(0, nq, slab):
-        part = tiles[:, :, r:r + slab]
-        size = rows[r:r + slab, None] * cols[None, :]
+    # slabs of query-tile rows: the FULL counts' int64 and the PARTIAL tiles' indices stay
+    # O(slab), not O(grid)
+    for r, part in row_slabs(tiles, slab_tiles):
+        size = rows[r:r + part.shape[2], None] * cols[None, :]
         full = (part == FULL).sum((0, 1))                 # [rows of the slab, nk], int64
         total += int((full * size).sum())
-        partial_pairs += int(((part == PARTIAL).sum((0, 1)) * size).sum())
-        idx = (part == PARTIAL).nonzero()
+        is_partial = part == PARTIAL
+        partial_pairs += int((is_partial.sum((0, 1)) * size).sum())
+        idx = is_partial.nonzero()
         if rate < 1.0:
             idx = idx[(torch.rand(idx.shape[0], generator=gen) < rate).to(idx.device)]
         sampled += idx.shape[0]

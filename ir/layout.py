@@ -725,7 +725,7 @@ def computed_pairs(ir: Node, L: int, block_m: int, block_n: int, *, num_heads: i
     """Pairs the kernel computes: the in-range pairs of every non-EMPTY tile (``pad``:
     every tile counted whole)."""
     from .pattern import CompiledPattern
-    from .tiles import EMPTY, SLAB_TILES, classify
+    from .tiles import EMPTY, classify, row_slabs
     t = classify(CompiledPattern(ir), L, L, block_m, block_n, num_heads=num_heads,
                  q_offset=q_offset)
     rows = torch.full((t.shape[-2],), block_m, dtype=torch.int64)
@@ -733,10 +733,10 @@ def computed_pairs(ir: Node, L: int, block_m: int, block_n: int, *, num_heads: i
     if not pad:
         rows[-1] = L - block_m * (t.shape[-2] - 1)
         cols[-1] = L - block_n * (t.shape[-1] - 1)
-    total, slab = 0, max(1, SLAB_TILES // max(1, t.shape[0] * t.shape[1] * t.shape[3]))
-    for r in range(0, t.shape[2], slab):     # by slabs: no int64 copy of the whole grid
-        live = (t[:, :, r:r + slab] != EMPTY).sum((0, 1))
-        total += int((live * rows[r:r + slab, None] * cols[None, :]).sum())
+    total = 0
+    for r, part in row_slabs(t):             # by slabs: no int64 copy of the whole grid
+        live = (part != EMPTY).sum((0, 1))
+        total += int((live * rows[r:r + part.shape[2], None] * cols[None, :]).sum())
     return total
 
 

@@ -34,14 +34,12 @@ def available_memory(device) -> int | None:
         return None
 
 
-def check_room(nbytes: int, device, what: str, *, available=None,
-               min_bytes: int = CHECK_MIN_BYTES) -> None:
-    """A SpattnValueError where ``nbytes`` cannot fit on ``device`` now (``available``: how
-    the free memory is read, :func:`available_memory` by default). Sizes under
-    ``min_bytes`` pass unchecked."""
+def check_room(nbytes: int, device, what: str, *, min_bytes: int = CHECK_MIN_BYTES) -> None:
+    """A SpattnValueError where ``nbytes`` cannot fit on ``device`` now
+    (:func:`available_memory`). Sizes under ``min_bytes`` pass unchecked."""
     if nbytes < min_bytes:
         return
-    free = (available or available_memory)(device if device is not None else "cpu")
+    free = available_memory(device if device is not None else "cpu")
     if free is not None and nbytes > free:
         raise SpattnValueError(f"{what} does not fit in memory: it needs {_gib(nbytes)} and "
                                f"{device if device is not None else 'cpu'} has "

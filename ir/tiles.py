@@ -159,6 +159,16 @@ def grid_env(Lq, Lk, block_m, block_n, *, num_heads, batch, q_offset, device, na
     return env
 
 
+def row_slabs(tiles: torch.Tensor, slab_tiles: int = SLAB_TILES):
+    """``(r, tiles[:, :, r:r + n])`` over the query-tile rows of a grid ``[B, H, nq, nk]``,
+    ``n`` rows of about ``slab_tiles`` tiles at a time (at least one row): what a count
+    over the grid walks so that its intermediates stay O(slab), not O(grid)."""
+    B_, H_, nq, nk = tiles.shape
+    n = max(1, slab_tiles // max(1, B_ * H_ * nk))
+    for r in range(0, nq, n):
+        yield r, tiles[:, :, r:r + n]
+
+
 def _classes(ct, cf, device) -> torch.Tensor:
     """int8 classes ``ct + !cf`` from the three-valued pair: EMPTY (0) where it cannot be
     true, FULL (2) where it cannot be false, PARTIAL (1) otherwise (also for the impossible

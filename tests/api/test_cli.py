@@ -283,15 +283,15 @@ def test_lengths_near_the_64_bit_limit_classify(capsys):
 def test_run_refuses_inputs_larger_than_the_memory(monkeypatch, capsys):
     """``run`` checks the room for its random q, k, v before drawing them: on Linux a huge
     allocation is granted and the process killed while it writes it."""
-    import spattn.cli as cli
-    assert cli.available_memory("cpu") > 0
-    monkeypatch.setattr(cli, "available_memory", lambda device: 2 ** 20)
+    import spattn.ir.memory as memory
+    assert memory.available_memory("cpu") > 0
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2 ** 20)
     code, _ = run("run", "-e", "causal", "--lq", 64, "--lk", 4096, "--heads", 4, "--dim", 64)
     err = capsys.readouterr().err
     assert code == 1, err
     assert "random q, k, v of 1 x 4 x 4096 x 64 does not fit in memory: it needs" in err
     assert "0.0 GiB available" in err
-    monkeypatch.setattr(cli, "available_memory", lambda device: None)     # (not known)
+    monkeypatch.setattr(memory, "available_memory", lambda device: None)  # (not known)
     code, text = run("run", "-e", "causal", "--lq", 32, "--heads", 1, "--dim", 16,
                      "--repeat", 1)
     assert code == 0 and "(ok)" in text, text
