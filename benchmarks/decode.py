@@ -21,6 +21,7 @@ fails, against the float64 reference, ``runtime.reference.pattern_reference``).
     python benchmarks/decode.py --quick --out DIR   # 32K only
     python benchmarks/decode.py --cpu [--quick]     # the CPU decode step against dense SDPA
     python benchmarks/decode.py --cpu --quick --stripes --threads 1   # head stripes
+    python benchmarks/decode.py --cpu --quick --scattered --threads 1 # keys in many runs
 
 CPU mode (``--cpu``): float32, B in {1, 16}, L = 1024..32768 (``--quick``: 1024, 8192,
 32768), Lq = 1 and 4 (``--quick``: 1), Hq/Hk 8/8, 32/8 and 32/32 with D = 64 and 128
@@ -43,6 +44,10 @@ timed in alternating rounds in this process (medians of ``time.perf_counter`` pe
 ``--stripes`` runs two head-stripe patterns instead (``causal & (q - k < 1024 | k % H ==
 h)`` and S2-Attention's ``causal & (window(1024) | (k // 8) % H == h)``: each head sees a
 window and its own class of keys), each checked against the float64 reference.
+``--scattered`` runs patterns whose keys lie in many short runs (a dilation by 8, the first
+8 keys of every 64, every key but each third, every other key below the diagonal), against
+SDPA with the pattern's bool mask (built outside the timed calls), each checked against
+the float64 reference.
 
 Progress goes to stderr; the table is printed last; rows go to ``DIR/decode.json``
 (``DIR/decode_cpu.json`` with ``--cpu``), each with its per-round times.
@@ -304,6 +309,9 @@ def run_cpu(args):
     if args.stripes:        # head stripes: each head's keys gathered (docs/decode.md)
         pats = {"stripes": "causal & (q - k < 1024 | k % H == h)",
                 "s2-stripes": "causal & (window(1024) | (k // 8) % H == h)"}
+    if args.scattered:      # keys in many runs: gathered, or one span under a mask
+        pats = {"dilated-8": "(q - k) % 8 == 0", "8-of-64": "causal & k % 64 < 8",
+                "not-every-3rd": "k % 3 != 0", "every-other": "causal & (q - k) % 2 == 0"}
     compiled = {n: spattn.compile(src, backend="torch") for n, src in pats.items()}
     rows = []
     for threads, B, L, Lq, (Hq, Hk, D) in _cpu_grid(args):
@@ -337,6 +345,10 @@ def run_cpu(args):
                                                           / 1e3))))
         for name, pat in compiled.items():
             row = dict(base, pattern=name, reps=reps)
+            if args.scattered:      # SDPA with the pattern's own bool mask
+                pm = pat.mask(Lq, L, num_heads=Hq)
+                dense = {"sdpa": lambda pm=pm: F.scaled_dot_product_attention(  # noqa: E731
+                    q, kL, vL, attn_mask=pm, enable_gqa=G > 1)}
             # the same step again (the layers of a model at one step: the plan's memo serves
             # it) and a new length every call (a decode loop's first layer: the memo misses)
             views = [(k[:, :, :L - j], v[:, :, :L - j]) for j in range(DISTINCT)]
@@ -350,7 +362,7 @@ def run_cpu(args):
                    "read_kv": lambda: kL.sum() + vL.sum()}
             if name == "causal":
                 row["max_err_vs_sdpa"] = float((fns["spattn"]() - ref).abs().max())
-            elif args.stripes:      # against the float64 reference of the first batch element
+            elif args.stripes or args.scattered:    # the first batch element's reference
                 want = pattern_reference(pat, q[:1].double(), kL[:1].double(), vL[:1].double())[0]
                 row["max_err_vs_reference"] = float((fns["spattn"]()[:1] - want).abs().max())
             times = _rounds(fns, args.rounds, reps)
@@ -429,6 +441,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU: tiny lengths (tests)")
     p.add_argument("--stripes", action="store_true",
                    help="CPU: head-stripe patterns (per-head classes of keys) instead")
+    p.add_argument("--scattered", action="store_true",
+                   help="CPU: patterns whose keys lie in many short runs")
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--rep", type=int, default=40, help="GPU: ms per do_bench measurement")
     p.add_argument("--reps", type=int, default=0,

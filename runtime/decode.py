@@ -29,12 +29,14 @@ served before takes the plan's fast entry (:func:`fast_step`), without the check
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch.autograd import forward_ad as _fwad
 
@@ -65,6 +67,18 @@ MAX_CAPACITY = 1 << 30
 #: CPU: a key run of at least this many bytes of K and V gets its own kernel call (a view);
 #: shorter runs are copied together into one.
 VIEW_BYTES = 1 << 18
+#: CPU: a step whose allowed keys lie in more than this many short runs reads them through
+#: one index (a gather) instead of a copy per run, or, where they are at least
+#: :data:`SPAN_DENSITY` of the keys between the first and the last and the mask stays under
+#: :data:`SPAN_MASK_CELLS` cells, as one view of that span under an additive mask.
+COPY_RUNS = 8
+SPAN_DENSITY = 0.25
+SPAN_MASK_CELLS = 1 << 22
+#: CPU: the largest buffer for gathered K and V kept per thread (:class:`GatherBuffers`; a
+#: larger gather reads its keys as one masked span instead, where the mask fits), and the
+#: threads.
+GATHER_KEEP_BYTES = 1 << 28
+GATHER_THREADS = 4
 #: Bound launches a Triton plan keeps per kernel (one per specialisation of its arguments).
 BOUND_LAUNCHES = 8
 #: Streams a Triton plan keeps the split kernel's partial outputs for.
@@ -353,7 +367,7 @@ class DecodePlan:
     """
 
     def __init__(self, pattern, backend, *, B, Hq, Hk, Lq, D, dtype, device, bucket_len,
-                 paged, inputs, num_splits=None, tables=None):
+                 paged, inputs, num_splits=None, tables=None, gathers=None):
         from ..codegen.config import get_closed_form, ranges_ok
         from ..ir import bounds
         from ..ir.intervals import check_list_bounds
@@ -440,6 +454,8 @@ class DecodePlan:
                     "pattern (pat(q, k, v)) or use the torch backend")
             self._build_triton(num_splits)
         else:
+            #: Where a CPU step's gathered K and V are written (shared by a cache's plans).
+            self.gathers = GatherBuffers() if gathers is None else gathers
             self._init_torch()
 
     def __repr__(self):
@@ -775,6 +791,10 @@ class DecodePlan:
             if gather is not None:
                 out.append((b0, b1, gather))
                 continue
+            spread = self._span_segment(runs, part, m_part)
+            if spread is not None:
+                out.append((b0, b1, (spread,)))
+                continue
             segs = self._segments(runs)
             order = [r for seg in segs for r in seg]
             n = sum(z - a for a, z in order)
@@ -782,12 +802,8 @@ class DecodePlan:
             if m_part is not None:
                 mk = self._grouped_rows(m_part)
                 add = _fill((1, mk.shape[0], G * Lq, n), 0.0, self.dtype, dev)
-                vals = torch.where(mk, 0.0, float("-inf")).to(self.dtype)
-                at = 0
-                for a, z in part:           # the partial columns, run by run (slices)
-                    c = _column(order, a)
-                    add[0, :, :, c:c + z - a] = vals[:, :, at:at + z - a]
-                    at += z - a
+                add[0, :, :, _columns(order, part, dev)] = \
+                    torch.where(mk, 0.0, float("-inf")).to(self.dtype)
             pieces, c0 = [], 0
             for seg in segs:
                 w = sum(z - a for a, z in seg)
@@ -797,11 +813,13 @@ class DecodePlan:
                 if mask is not None and not full:
                     e = torch.isneginf(mask).all(-1)             # [1, Hk or 1, G * Lq]
                     empty = e if bool(e.any()) else None
-                gather = None
+                gather = index = None
                 if self.paged:
                     idx = _positions(seg, dev)
                     gather = (idx // page_size, idx % page_size)
-                pieces.append(_Segment(tuple(seg), w, mask, full, empty, gather))
+                elif len(seg) > COPY_RUNS:
+                    index = _positions(seg, dev)
+                pieces.append(_Segment(tuple(seg), w, mask, full, empty, gather, index))
                 c0 += w
             out.append((b0, b1, tuple(pieces)))
         one = None
@@ -822,6 +840,38 @@ class DecodePlan:
         big = [r for r in runs if len(runs) == 1 or (r[1] - r[0]) * per_key >= VIEW_BYTES]
         small = [r for r in runs if r not in big]
         return [[r] for r in big] + ([small] if small else [])
+
+    def _span_segment(self, runs, part, m_part):
+        """The one :class:`_Segment` of a contiguous cache's keys in more than
+        :data:`COPY_RUNS` runs that are at least :data:`SPAN_DENSITY` of the keys from the
+        first to the last (``(q - k) % 2 == 0``, ``k % 3 != 0``): a view of that span under an
+        additive mask (``[1, 1, 1, span]`` where every row sees the same keys), which reads
+        the keys between the runs rather than gathering the runs; else None."""
+        if self.paged or len(runs) <= COPY_RUNS:
+            return None
+        a0, z0, dev = runs[0][0], runs[-1][1], self.device
+        pos = _positions(runs, dev)
+        span, n = z0 - a0, pos.numel()
+        gathered = 2 * self.B * self.Hk * n * self.D * self.dtype.itemsize
+        if n < SPAN_DENSITY * span and gathered <= GATHER_KEEP_BYTES:
+            return None
+        if m_part is None:
+            allow = torch.zeros((1, 1, 1, span), dtype=torch.bool, device=dev)
+        else:
+            mk = self._grouped_rows(m_part)                   # [Hk or 1, G * Lq, n_part]
+            if mk.shape[0] * mk.shape[1] * span > SPAN_MASK_CELLS:
+                return None
+            allow = torch.zeros((1, *mk.shape[:2], span), dtype=torch.bool, device=dev)
+        allow[..., pos - a0] = True
+        if m_part is not None:
+            allow[0, :, :, _positions(part, dev) - a0] = mk
+        mask = torch.where(allow, 0.0, float("-inf")).to(self.dtype)
+        full = _overlap(runs, part) < n
+        empty = None
+        if not full:
+            e = ~allow.any(-1)                                  # [1, Hk or 1, G * Lq]
+            empty = e if bool(e.any()) else None
+        return _Segment(((a0, z0),), span, mask, full, empty, None)
 
     def _grouped_rows(self, m_part):
         """The pattern ``[1 or Hq, Lq, n]`` at a step's partial keys as the kernel's rows
@@ -850,29 +900,28 @@ class DecodePlan:
         B, Lq, Hk, G, dev = self.B, self.Lq, self.Hk, self.Hq // self.Hk, self.device
         if not union or B * width > BATCH_MERGE_RATIO * seen + (B - 1) * BATCH_MERGE_KEYS:
             return None
+        heads = Hk if any(m is not None and m.shape[0] > 1 for _, _, (_, _, m) in keyed) else 1
+        span = union[-1][1] - union[0][0]
+        if len(union) > COPY_RUNS and width >= SPAN_DENSITY * span \
+                and B * heads * G * Lq * span <= SPAN_MASK_CELLS:
+            union, width = [(union[0][0], union[-1][1])], span   # one view, the gaps masked
         segs = self._segments(union)
         order = [r for seg in segs for r in seg]
-        heads = Hk if any(m is not None and m.shape[0] > 1 for _, _, (_, _, m) in keyed) else 1
         allow = torch.zeros((B, heads, G * Lq, width), dtype=torch.bool, device=dev)
         for b, _, (runs, part, m_part) in keyed:
-            for a, z in runs:       # each run lies in one run of the union: contiguous columns
-                c = _column(order, a)
-                allow[b, :, :, c:c + z - a] = True
+            if runs:
+                allow[b, :, :, _columns(order, runs, dev)] = True
             if m_part is not None:
-                mk = self._grouped_rows(m_part)
-                at = 0
-                for a, z in part:
-                    c = _column(order, a)
-                    allow[b, :, :, c:c + z - a] = mk[:, :, at:at + z - a]
-                    at += z - a
+                allow[b, :, :, _columns(order, part, dev)] = self._grouped_rows(m_part)
         add = torch.where(allow, 0.0, float("-inf")).to(self.dtype)
         pieces, c0 = [], 0
         for seg in segs:
             w = sum(z - a for a, z in seg)
             e = ~allow[..., c0:c0 + w].any(-1)                  # [B, heads, G * Lq]
             empty = e if bool(e.any()) else None
+            index = _positions(seg, dev) if len(seg) > COPY_RUNS else None
             pieces.append(_Segment(tuple(seg), w, add[..., c0:c0 + w], empty is None, empty,
-                                   None))
+                                   None, index))
             c0 += w
         s = pieces[0]
         one = (*s.runs[0], s.mask) if (len(pieces) == 1 and len(s.runs) == 1
@@ -1108,7 +1157,7 @@ class DecodePlan:
             qb = (q if whole else q[b0:b1]).reshape(nb, Hk, M, D)
             pieces = []
             for s in segs:
-                kb, vb = _segment(k, v, s, b0, b1, whole, page_table)
+                kb, vb = _segment(k, v, s, b0, b1, whole, page_table, self.gathers.get)
                 pieces.append(_attend(qb, kb, vb, s, scale))
             ob, lb = pieces[0] if len(pieces) == 1 else \
                 _merge_pieces(pieces, finite=all(s.full for s in segs))
@@ -1594,8 +1643,10 @@ class _Segment(NamedTuple):
     """One kernel call of a CPU step: the key runs it reads, their number ``width``, the
     additive mask ``[1, Hk or 1, G * Lq, width]`` (None: every row sees every key), whether
     some key is seen by every row (``full``: no row is empty), the rows that see none
-    (bool ``[1, Hk or 1, G * Lq]``, None when there are none) and, for a paged cache, the
-    page index and slot of each key (``gather``)."""
+    (bool ``[1, Hk or 1, G * Lq]``, None when there are none), for a paged cache the page
+    index and slot of each key (``gather``), and for a contiguous cache's keys in more than
+    :data:`COPY_RUNS` runs their positions (``index``: one gather instead of a copy per
+    run)."""
 
     runs: tuple
     width: int
@@ -1603,11 +1654,13 @@ class _Segment(NamedTuple):
     full: bool
     empty: Optional[torch.Tensor]
     gather: Optional[tuple]
+    index: Optional[torch.Tensor] = None
 
 
-def _segment(k, v, s: _Segment, b0: int, b1: int, whole: bool, page_table):
+def _segment(k, v, s: _Segment, b0: int, b1: int, whole: bool, page_table, out=None):
     """K and V of the segment ``s`` ``[nb, Hk, width, D]``: a view of one run of a
-    contiguous cache, the runs copied (below the grain), or gathered from the pages."""
+    contiguous cache, the runs copied (below the grain) or gathered through their index
+    (into ``out(shape, dtype)``'s two tensors, if given), or gathered from the pages."""
     if s.gather is not None:
         pidx, slot = s.gather
         phys = page_table[b0].to(torch.int64)[pidx].clamp_(0, k.shape[0] - 1)
@@ -1619,6 +1672,10 @@ def _segment(k, v, s: _Segment, b0: int, b1: int, whole: bool, page_table):
             return k, v
         return k[b0:b1, :, a:z], v[b0:b1, :, a:z]
     shape = (b1 - b0, k.shape[1], s.width, k.shape[3])
+    if s.index is not None:
+        kb, vb = (None, None) if out is None or k.dtype != v.dtype or not k.is_cpu \
+            else out(shape, k.dtype)
+        return _gather_keys(k, s.index, b0, b1, kb), _gather_keys(v, s.index, b0, b1, vb)
     kb = torch.empty(shape, dtype=k.dtype, device=k.device)
     vb = torch.empty(shape, dtype=v.dtype, device=v.device)
     at = 0
@@ -1627,6 +1684,21 @@ def _segment(k, v, s: _Segment, b0: int, b1: int, whole: bool, page_table):
         _copy_(vb[:, :, at:at + z - a], v[b0:b1, :, a:z])
         at += z - a
     return kb, vb
+
+
+def _gather_keys(x, index, b0: int, b1: int, out=None):
+    """``x[b0:b1, :, index]`` ``[nb, Hk, n, D]`` (written to ``out`` if given): per batch
+    element and head one ``index_select`` of ``[L, D]`` rows (ATen's contiguous-row
+    gather)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return x[b0:b1].index_select(2, index)
+    if out is None:
+        out = torch.empty((b1 - b0, x.shape[1], index.numel(), x.shape[3]), dtype=x.dtype,
+                          device=x.device)
+    for b in range(b0, b1):
+        for h in range(x.shape[1]):
+            torch.index_select(x[b, h], 0, index, out=out[b - b0, h])
+    return out
 
 
 def _unit_last(q, k, v):
@@ -1659,33 +1731,64 @@ def _attend(qb, kb, vb, s: _Segment, scale: float):
 
 
 def _positions(runs, device) -> torch.Tensor:
-    return torch.cat([torch.arange(a, z, device=device) for a, z in runs])
+    """The key positions of ``runs`` in their order, int64 ``[n]`` (a few tensor operations
+    whatever the number of runs)."""
+    if len(runs) == 1:
+        return torch.arange(runs[0][0], runs[0][1], device=device)
+    if isinstance(runs, _RunList) and runs.pos is not None:
+        return runs.pos
+    flat = np.fromiter(itertools.chain.from_iterable(runs), dtype=np.int64,
+                       count=2 * len(runs))
+    t = torch.from_numpy(flat).to(device).view(-1, 2)
+    lens = t[:, 1] - t[:, 0]
+    shift = t[:, 0] - (torch.cumsum(lens, 0) - lens)
+    return torch.arange(int(lens.sum()), device=device) + torch.repeat_interleave(shift, lens)
 
 
-def _column(runs, p: int) -> int:
-    """The column of key position ``p`` among the gathered keys of ``runs``."""
-    at = 0
-    for a, z in runs:
-        if a <= p < z:
-            return at + p - a
-        at += z - a
-    raise AssertionError(p)
+def _columns(order, runs, device) -> torch.Tensor:
+    """The columns of the keys of ``runs`` (each within a run of ``order``) among the keys
+    of ``order`` laid side by side, int64 ``[n]``."""
+    if list(runs) == list(order):
+        return torch.arange(sum(z - a for a, z in runs), device=device)
+    at = _positions(order, device)
+    lo = min(a for a, _ in order)
+    col = torch.empty(max(z for _, z in order) - lo, dtype=torch.int64, device=device)
+    col[at - lo] = torch.arange(at.numel(), device=device)
+    return col[_positions(runs, device) - lo]
 
 
 def _subtract(runs, full):
-    """``runs`` minus the ``full`` runs, as runs."""
-    out = []
-    for a, z in runs:
-        cur = [(a, z)]
-        for fa, fz in full:
-            cur = [x for s, e in cur for x in ((s, min(e, fa)), (max(s, fz), e)) if x[0] < x[1]]
-        out += cur
+    """``runs`` minus the ``full`` runs, as runs (sorted; one sweep over both)."""
+    out, cut, j = [], _merge(full), 0
+    for a, z in sorted(runs):
+        while j < len(cut) and cut[j][1] <= a:
+            j += 1
+        i = j
+        while a < z:
+            if i == len(cut) or cut[i][0] >= z:
+                out.append((a, z))
+                break
+            if cut[i][0] > a:
+                out.append((a, cut[i][0]))
+            a = max(a, cut[i][1])
+            i += 1
     return out
 
 
 def _overlap(runs, other) -> int:
-    """The number of positions in both ``runs`` and ``other``."""
-    return sum(max(0, min(z, oz) - max(a, oa)) for a, z in runs for oa, oz in other)
+    """The number of positions in both ``runs`` and ``other`` (each disjoint; one sweep)."""
+    if not runs or not other:
+        return 0
+    xs, ys = sorted(runs), sorted(other)
+    i = j = n = 0
+    while i < len(xs) and j < len(ys):
+        (a, z), (oa, oz) = xs[i], ys[j]
+        n += max(0, min(z, oz) - max(a, oa))
+        if z <= oz:
+            i += 1
+        else:
+            j += 1
+    return n
 
 
 def _merge_pieces(pieces, finite: bool = False):
@@ -1777,13 +1880,21 @@ def _merge(runs):
     return out
 
 
+class _RunList(list):
+    """The runs of a bool tensor (:func:`_runs`), which keeps their positions
+    (``nonzero``: :func:`_positions` in one operation)."""
+
+    __slots__ = ("pos",)
+
+
 def _runs(flags: torch.Tensor):
     """Runs ``[a, z)`` of True in a 1-D bool tensor."""
     f = flags.to(torch.int8)
     d = torch.diff(f, prepend=f.new_zeros(1), append=f.new_zeros(1))
-    starts = torch.nonzero(d == 1).flatten().tolist()
-    ends = torch.nonzero(d == -1).flatten().tolist()
-    return list(zip(starts, ends))
+    edges = torch.nonzero(d).flatten().tolist()     # a start, its end, the next start...
+    out = _RunList(zip(edges[::2], edges[1::2]))
+    out.pos = torch.nonzero(flags).flatten() if len(out) > COPY_RUNS else None
+    return out
 
 
 def _kernel_closed_form(pattern):
@@ -1859,6 +1970,37 @@ def _tables_in_range(pattern, inputs: dict, tables: dict, Lq: int, Lk: int, q_of
     return True
 
 
+class GatherBuffers:
+    """The buffers CPU steps write gathered K and V to: one per thread (at most
+    :data:`GATHER_THREADS`), grown as needed up to :data:`GATHER_KEEP_BYTES`. A buffer fresh
+    from the allocator costs its page faults on every call (glibc maps and unmaps large
+    blocks), as much as the gather itself; a kept one is written in place. A step's
+    gathered keys are read by its kernel call before the call returns, so one buffer per
+    thread serves every plan."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple, dtype) -> tuple:
+        """Two ``shape`` CPU tensors of ``dtype`` (K's and V's), views of this thread's
+        buffer, or new ones past :data:`GATHER_KEEP_BYTES`."""
+        n = math.prod(shape)
+        if 2 * n * dtype.itemsize > GATHER_KEEP_BYTES:
+            return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        tid = threading.get_ident()
+        buf = self._bufs.get(tid)
+        if buf is None or buf.dtype != dtype or buf.numel() < 2 * n:
+            room = min(2 * n * 5 // 4, GATHER_KEEP_BYTES // dtype.itemsize)  # a growing cache
+            buf = torch.empty(max(room, 2 * n), dtype=dtype)
+            with self._lock:
+                self._bufs.pop(tid, None)
+                while len(self._bufs) >= GATHER_THREADS:
+                    self._bufs.pop(next(iter(self._bufs)))
+                self._bufs[tid] = buf
+        return buf[:n].view(shape), buf[n:2 * n].view(shape)
+
+
 class DecodePlanCache:
     """A bounded, thread-safe LRU of decode plans keyed by what a plan depends on: the
     pattern, the backend, B, Hq, Hk, Lq, D, dtype, device, the length bucket, paged or not,
@@ -1874,6 +2016,8 @@ class DecodePlanCache:
         self._last: dict = {}
         #: ``(id, version, device) -> (input, its int64 copy)``: :meth:`int64`'s copies.
         self._int64: OrderedDict = OrderedDict()
+        #: Where its plans' CPU steps gather K and V.
+        self.gathers = GatherBuffers()
         self._lock = threading.Lock()
 
     def __len__(self):
@@ -1885,6 +2029,7 @@ class DecodePlanCache:
             self._held.clear()
             self._last.clear()
             self._int64.clear()
+            self.gathers = GatherBuffers()
 
     def remember(self, pattern, plan) -> None:
         """Make ``plan`` the one :func:`fast_step` tries first for ``pattern`` (a plan of
@@ -1945,7 +2090,7 @@ class DecodePlanCache:
             return plan
         plan = DecodePlan(pattern, backend, B=B, Hq=Hq, Hk=Hk, Lq=Lq, D=D, dtype=q.dtype,
                           device=q.device, bucket_len=bucket_len, paged=paged, inputs=inputs,
-                          num_splits=num_splits, tables=tables)
+                          num_splits=num_splits, tables=tables, gathers=self.gathers)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return plan
         with self._lock:

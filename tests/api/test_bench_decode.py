@@ -44,6 +44,15 @@ def test_cpu_mode_stripes_checks_the_reference(bench, tmp_path, capsys):
     assert all(r["max_err_vs_reference"] < 1e-4 for r in data["rows"])
 
 
+def test_cpu_mode_scattered_checks_the_reference(bench, tmp_path, capsys):
+    assert bench.main(["--cpu", "--tiny", "--scattered", "--rounds", "1", "--reps", "1",
+                       "--threads", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "decode_cpu.json").read_text())
+    assert {r["pattern"] for r in data["rows"]} == {"dilated-8", "8-of-64", "not-every-3rd",
+                                                    "every-other"}
+    assert all(r["max_err_vs_reference"] < 1e-4 for r in data["rows"])
+
+
 def test_cpu_grid_skips_what_does_not_fit(bench):
     import argparse
     args = argparse.Namespace(tiny=False, quick=True, thread_list=[2, 1])

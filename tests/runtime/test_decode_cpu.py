@@ -410,6 +410,87 @@ def test_strided_cache_views():
         _close(name, pat(q, k, v), attention_reference(q, k, v, pat.mask(1, 300))[0])
 
 
+# ------------------------------------------------------------------ keys in many runs
+
+_SCATTERED = {
+    # name: (source, params, inputs(B, H, L, g), the step's one segment: "index" or "span")
+    "stride-8": ("(q - k) % 8 == 0", {}, None, "index"),
+    "stride-2": ("(q - k) % 2 == 0", {}, None, "span"),
+    "not-every-third": ("k % 3 != 0", {}, None, "span"),
+    "causal-stripes": ("causal & (k % 32 < 4 | k < 2)", {}, None, "index"),
+    "row-stripes": ("causal & (q + k) % 5 == 0", {}, None, "index"),
+    "head-stripes": ("causal & k % H != h", {}, None, "span"),
+    "holes": ("causal & keep[k]", {},
+              lambda B, H, L, g: {"keep": torch.rand(L, generator=g) < 0.1}, "index"),
+    "holes-per-batch": ("causal & keep[b, k]", {},
+                        lambda B, H, L, g: {"keep": torch.rand(B, L, generator=g) < 0.6},
+                        "span"),
+}
+
+
+@pytest.mark.parametrize("B,Hq,Hk,Lq", [(1, 4, 4, 1), (2, 8, 2, 1), (2, 4, 2, 4)],
+                         ids=["B1-H4-Lq1", "B2-H8/2-Lq1", "B2-H4/2-Lq4"])
+@pytest.mark.parametrize("name", sorted(_SCATTERED))
+def test_keys_in_many_runs(name, B, Hq, Hk, Lq):
+    """Allowed keys scattered over hundreds of runs are read through one gather of their
+    positions (sparse) or one view of their span under a mask (dense), never a copy per
+    run: the step's kernel calls are few whatever the runs, and every output element and
+    lse is the float64 reference's (rows without a key 0 and -inf), on the first call,
+    the repeated one (the plan's gather buffer reused) and a longer cache."""
+    dec.DECODE_PLANS.clear()
+    src, params, make, kind = _SCATTERED[name]
+    pat = spattn.compile(src, backend="torch", **params)
+    g = torch.Generator().manual_seed(hash(name) % 1000 + B * 10 + Lq)
+    L, D = 1500, 32
+    ins = make(B, Hq, L + 40, g) if make else {}
+    k, v = _rand(B, Hk, L + 40, D, g=g), _rand(B, Hk, L + 40, D, g=g)
+    for n in (L, L, L + 37):
+        q = _rand(B, Hq, Lq, D, g=g)
+        kn, vn = k[:, :, :n], v[:, :, :n]
+        cut = {a: t[..., :n] for a, t in ins.items()}
+        o, lse = pat(q, kn, vn, return_lse=True, **cut)
+        want_o, want_lse = _reference(pat, q, kn, vn, [n] * B, cut)
+        _close(f"o L{n}", o, want_o)
+        _close(f"lse L{n}", lse, want_lse)
+        step = _plan(pat).cpu_step((n,) * B, 0, 0, dec.DECODE_PLANS.int64(cut, q.device))
+        segs = [s for _, _, group in step.groups if group is not None for s in group]
+        assert 1 <= len(segs) <= 2 * B, [len(s.runs) for s in segs]
+        assert all(len(s.runs) <= dec.COPY_RUNS or s.index is not None for s in segs)
+        if Lq > 1:
+            continue                    # the rows' union decides: sparse or dense
+        if kind == "index":
+            assert any(s.index is not None for s in segs), [len(s.runs) for s in segs]
+        else:
+            assert all(len(s.runs) == 1 and s.mask is not None for s in segs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(runs=st.lists(st.tuples(st.integers(0, 80), st.integers(1, 6)), max_size=12),
+       other=st.lists(st.tuples(st.integers(0, 80), st.integers(1, 9)), max_size=8))
+def test_run_arithmetic_matches_sets(runs, other):
+    """The step's run arithmetic (``_subtract``, ``_overlap``, ``_positions``, ``_columns``,
+    ``_runs``) on disjoint sorted runs is the arithmetic of the sets of positions."""
+    runs = dec._merge([(a, a + n) for a, n in runs])
+    other = dec._merge([(a, a + n) for a, n in other])
+    mine = {x for a, z in runs for x in range(a, z)}
+    theirs = {x for a, z in other for x in range(a, z)}
+    left = dec._subtract(runs, other)
+    assert [x for a, z in left for x in range(a, z)] == sorted(mine - theirs)
+    assert dec._overlap(runs, other) == len(mine & theirs)
+    if runs:
+        assert dec._positions(runs, "cpu").tolist() == [x for a, z in runs for x in range(a, z)]
+        flags = torch.zeros(90, dtype=torch.bool)
+        flags[list(mine)] = True
+        found = dec._runs(flags)
+        assert list(found) == runs
+        assert dec._positions(found, "cpu").tolist() == sorted(mine)
+        order = runs[1::2] + runs[::2]                  # segments laid out in another order
+        laid = [x for a, z in order for x in range(a, z)]
+        sub = runs[::3]
+        assert dec._columns(order, sub, "cpu").tolist() == \
+            [laid.index(x) for a, z in sub for x in range(a, z)]
+
+
 # ------------------------------------------------------------------ the repeated step
 
 def _fast_ref(pat, q, k, v, lens=None, scale=None):
@@ -491,8 +572,9 @@ def test_fast_path_steps_aside_for_autocast_dual_levels_and_transforms():
                               "streaming-wide", "even"])
 def test_one_row_step_is_the_built_step(src):
     """``_row1_step`` (one query row, intervals exact at the row forming one run) gives the
-    step ``_build_step`` builds, or None where that is not one call (streaming past its
-    window: two runs; no closed form); a decode loop through the fast path at new lengths
+    step ``_build_step`` builds, or None where that is not one call without a mask
+    (streaming past its window: two runs; no closed form: even keys, one view under a
+    mask); a decode loop through the fast path at new lengths
     is right."""
     dec.DECODE_PLANS.clear()
     pat = spattn.compile(src, backend="torch")
@@ -506,8 +588,8 @@ def test_one_row_step_is_the_built_step(src):
     for L in (257, 300, 400, 512):
         quick = plan._row1_step(L)
         built = plan._build_step((L, L), 0, 0, {})
-        if quick is None:
-            assert built.one is None, (src, L)
+        if quick is None:       # not one call without a mask: two runs, or scattered keys
+            assert built.one is None or built.one[2] is not None, (src, L)
             continue
         assert src != "k % 2 == 0"
         assert quick.one == built.one
