@@ -58,6 +58,7 @@ from typing import Optional
 import torch
 
 from ..ir.evaluate import evaluate, query_offset
+from ..ir.memory import check_room
 from ..ir.nodes import Var, walk
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from . import cpu_ops
@@ -72,6 +73,10 @@ LEVELS = (1024, 256)
 BAND_ROWS = (64, 128, 256, 512, 1024)
 #: Mask elements a plan may hold (a strategy whose masks exceed it is not considered).
 MASK_BUDGET = 1 << 25
+#: Bytes a plan's analysis takes per tile of its grid at its peak (the tile classes, the
+#: bool grids of the strategies and their index temporaries; 27-30 measured), checked
+#: against the free memory before it starts.
+PLAN_TILE_BYTES = 32
 #: ATen's kernel splits the kv length into blocks of this size (its causal skip unit).
 KV_SPLIT = 512
 
@@ -335,6 +340,11 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
     """
     device = torch.device(device)
     off = query_offset(Lq, Lk, q_offset)
+    batch_dep, head_dep, _ = dependence(pattern, inputs)
+    check_room(((B if batch_dep or head_dep else 1) * -(-Lq // BLOCK) * -(-Lk // BLOCK)
+                * PLAN_TILE_BYTES), "cpu",
+               f"the CPU plan of [{B}, {Hq}, {Lq}, D] queries over {Lk} keys "
+               f"({PLAN_TILE_BYTES} bytes a {BLOCK}x{BLOCK} tile)")
     grid = _grid(pattern, B, Hq, Hk, Lq, Lk, off, inputs, device)
     ctx = _Ctx(pattern, grid, B, Hq, Hk, Lq, Lk, off, inputs, dtype, device)
     options = []
@@ -395,9 +405,8 @@ def _band_options(ctx: _Ctx, dense_only: bool = False) -> list:
         ne = torch.cat([rows_any, torch.zeros(pad, nk, dtype=torch.bool)]) if pad else rows_any
         blk = ne.view(ng, rt, nk).any(1)                                # [ng, nk]
         has = blk.any(1)
-        idx = torch.arange(nk)
-        lo = torch.where(blk, idx, nk).amin(1)
-        hi = torch.where(blk, idx, -1).amax(1)
+        lo = blk.to(torch.uint8).argmax(1)                      # first True (0 if none)
+        hi = nk - 1 - blk.flip(1).to(torch.uint8).argmax(1)     # last True
         shift = torch.arange(ng) * rt
         kt0 = int((lo - shift)[has].min())
         w = int((hi - shift)[has].max()) - kt0 + 1
@@ -567,8 +576,13 @@ def _tiles_option(ctx: _Ctx):
         specs = chunked
         copies += 2 * mask_elems                  # built again in every forward and backward
     est = cost(est_calls, lanes, G, copies)
+    # each call's row and key positions (int64) and a bool test over its keys
+    index_bytes = sum(s[3].numel() * (s[1] * BLOCK * 8 + s[5].shape[1] * BLOCK * 10)
+                      for s in specs)
 
     def make():
+        check_room(index_bytes, "cpu", f"the CPU plan's key lists for {ctx.Lq} queries over "
+                   f"{ctx.Lk} keys (every allowed key of every tile row, as int64)")
         return [_tiles_call(ctx, *s, lazy=lazy) for s in specs]
     return ("tiles", est, make)
 
@@ -611,10 +625,16 @@ def _buckets(widths: list, unit: float) -> list:
 
 
 def _first_true(sel: torch.Tensor, w: int) -> torch.Tensor:
-    """Indices of the True entries of each row of ``sel [n, nk]``, padded with -1 to ``w``."""
-    order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :w]
-    valid = torch.arange(w).view(1, -1) < sel.sum(1, keepdim=True)
-    return torch.where(valid, order, -1)
+    """Indices of the True entries of each row of ``sel [n, nk]``, padded with -1 to ``w``
+    (from the True entries alone: no int64 copy of ``sel``)."""
+    r, c = sel.nonzero(as_tuple=True)                       # row-major: each row's in order
+    counts = torch.bincount(r, minlength=sel.shape[0])
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(r.numel()) - start[r]
+    out = torch.full((sel.shape[0], w), -1, dtype=torch.int64)
+    keep = rank < w
+    out[r[keep], rank[keep]] = c[keep]
+    return out
 
 
 def _item_tiles(ctx, units, qt, kt) -> torch.Tensor:
@@ -634,8 +654,8 @@ def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t, *, lazy=False) -> 
     n, w = cols_t.shape
     R = rt * BLOCK if ctx.nq > 1 else ctx.Lq
     rows = (blocks * rt * BLOCK).view(n, 1) + torch.arange(R).view(1, R)
-    cols = torch.where((cols_t >= 0).unsqueeze(-1), (cols_t * BLOCK).unsqueeze(-1)
-                       + torch.arange(BLOCK), -1).view(n, w * BLOCK)
+    cols = ((cols_t * BLOCK).unsqueeze(-1) + torch.arange(BLOCK)) \
+        .masked_fill_((cols_t < 0).unsqueeze(-1), -1).view(n, w * BLOCK)
     qt = blocks.view(n, 1) * rt + torch.arange(rt).view(1, rt)
     if masked and bool(((cols >= 0) & (cols < ctx.Lk)).all()) and rt == 1 and \
             bool(ctx.grid.full[units.view(n, 1), blocks.view(n, 1), cols_t].all()):

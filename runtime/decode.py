@@ -79,6 +79,9 @@ SPAN_MASK_CELLS = 1 << 22
 #: threads.
 GATHER_KEEP_BYTES = 1 << 28
 GATHER_THREADS = 4
+#: CPU: a gather whose share per batch element and head is below this many elements is one
+#: ``index_select`` call for all of them (a call per head costs more than its rows).
+GATHER_ONE_CALL = 1 << 15
 #: Bound launches a Triton plan keeps per kernel (one per specialisation of its arguments).
 BOUND_LAUNCHES = 8
 #: Streams a Triton plan keeps the split kernel's partial outputs for.
@@ -1687,14 +1690,17 @@ def _segment(k, v, s: _Segment, b0: int, b1: int, whole: bool, page_table, out=N
 
 
 def _gather_keys(x, index, b0: int, b1: int, out=None):
-    """``x[b0:b1, :, index]`` ``[nb, Hk, n, D]`` (written to ``out`` if given): per batch
-    element and head one ``index_select`` of ``[L, D]`` rows (ATen's contiguous-row
-    gather)."""
+    """``x[b0:b1, :, index]`` ``[nb, Hk, n, D]`` (written to ``out`` if given): one
+    ``index_select`` where each head's share is small (its call costs more than its rows),
+    else one per batch element and head over ``[L, D]`` rows (ATen's contiguous-row gather,
+    faster on large shares)."""
     if x.requires_grad and torch.is_grad_enabled():
         return x[b0:b1].index_select(2, index)
     if out is None:
         out = torch.empty((b1 - b0, x.shape[1], index.numel(), x.shape[3]), dtype=x.dtype,
                           device=x.device)
+    if index.numel() * x.shape[3] < GATHER_ONE_CALL:
+        return torch.index_select(x[b0:b1], 2, index, out=out)
     for b in range(b0, b1):
         for h in range(x.shape[1]):
             torch.index_select(x[b, h], 0, index, out=out[b - b0, h])

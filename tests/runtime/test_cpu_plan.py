@@ -277,3 +277,42 @@ def test_repr_summarises_tensors_by_dtype_and_shape():
     text = repr(many)
     assert text.count("Call(slot=") == cpu_plan.MAX_REPR_CALLS and "... 3 more" in text
     assert f"{len(many.calls)} call(s)" in text and "tensor(" not in text
+
+
+# ------------------------------------------------------------ memory
+
+def test_plans_that_cannot_fit_say_so(monkeypatch):
+    """A plan's grid analysis (about ``PLAN_TILE_BYTES`` a tile) and the tiles strategy's key
+    lists (int64 per allowed key of every row of tiles: all-PARTIAL patterns) are checked
+    against the free memory before they are made: a SpattnValueError naming the plan, not
+    an allocator error or a kill while they are written."""
+    import spattn.ir.memory as memory
+    from spattn.dsl.errors import SpattnValueError
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 30)
+    pat = spattn.compile("causal & window(4096)", backend="torch")
+    L = 1 << 18                                          # 2^24 tiles: 512 MiB of analysis
+    q = torch.empty(1, 2, L, 8)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 28)
+    with pytest.raises(SpattnValueError, match=r"the CPU plan of \[1, 2, 262144, D\] queries "
+                       r"over 262144 keys \(32 bytes a 64x64 tile\) does not fit in memory: "
+                       r"it needs 0\.5 GiB and cpu has 0\.2 GiB available"):
+        pat(q, q, q)
+    pat = spattn.compile("(q - k) % 8 == 0", backend="torch")
+    q = torch.empty(1, 1, 1 << 16, 8)       # all PARTIAL: 1024 tile rows x 65536 int64 keys
+    with pytest.raises(SpattnValueError, match=r"the CPU plan's key lists for 65536 queries "
+                       r"over 65536 keys .* does not fit in memory: it needs 0\.6 GiB"):
+        torch_backend.make_plan(pat, q, q, q_offset=None, inputs={})   # (in sequence order)
+
+
+@pytest.mark.parametrize("n,nk,w", [(5, 9, 9), (7, 40, 12), (1, 1, 1), (64, 300, 100)],
+                         ids=lambda x: str(x))
+def test_first_true_lists_each_rows_trues(n, nk, w):
+    """``_first_true``: the indices of each row's True entries in order, -1 past them."""
+    g = torch.Generator().manual_seed(n * nk)
+    sel = torch.rand(n, nk, generator=g) < 0.3
+    sel[:, w:] &= sel[:, :nk - w].cumsum(1)[:, -1:] < 0       # at most w per row
+    sel[0] = False
+    got = cpu_plan._first_true(sel, w)
+    for r in range(n):
+        want = sel[r].nonzero().flatten().tolist()
+        assert got[r].tolist() == want + [-1] * (w - len(want))
