@@ -38,6 +38,12 @@ Strategies (the cheapest by :func:`cost` wins):
   a block as unmasked items; the remaining non-EMPTY tiles of each row tile become one
   masked item at the finest level; item widths are bucketed (padded, masked) to keep the
   calls few. Keys are gathered.
+* ``keys``: for patterns whose PARTIAL tiles hold few allowed keys (global or strided
+  columns beside a window, a keep mask over keys, the last keys of each block): per block
+  of 64 or 256 query rows only the keys some row of it may see (those of its FULL tiles,
+  and within its PARTIAL tiles those the predicate allows some row and head), gathered,
+  one masked item per block, widths bucketed. Proposed while the PARTIAL tiles hold at
+  most :data:`KEYS_BUDGET` pairs (they are evaluated to find the keys).
 
 Heads. Grouped-query heads are folded into the rows of an item (query head ``hk * G + g``
 reads key head ``hk``), so a key block is read once for its G query heads. When the
@@ -73,6 +79,15 @@ LEVELS = (1024, 256)
 BAND_ROWS = (64, 128, 256, 512, 1024)
 #: Mask elements a plan may hold (a strategy whose masks exceed it is not considered).
 MASK_BUDGET = 1 << 25
+#: The ``keys`` strategy is proposed while the PARTIAL tiles' pairs (times the heads the
+#: pattern depends on) are at most this many: each is evaluated once to find the keys.
+KEYS_BUDGET = 1 << 26
+#: Row blocks (in tiles) the ``keys`` strategy tries.
+KEYS_ROWS = (1, 4)
+#: The ``keys`` strategy wins only where its estimate is below the others' by this factor:
+#: at equal estimates it ran slower (scattered gathers; dilated in its layout, 39 against
+#: 31 ms at 4096 tokens), which the cost model does not count.
+KEYS_MARGIN = 1.1
 #: Bytes a plan's analysis takes per tile of its grid at its peak (the tile classes, the
 #: bool grids of the strategies and their index temporaries; 27-30 measured), checked
 #: against the free memory before it starts.
@@ -335,8 +350,8 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
                inputs: dict, dtype: torch.dtype, device, strategy: str | None = None) -> CpuPlan:
     """The plan of ``pattern`` for q ``[B, Hq, Lq, D]`` and k, v ``[B, Hk, Lk, D]``.
 
-    ``strategy`` forces ``"band"``, ``"dense"``, ``"segments"`` or ``"tiles"`` (default: the
-    cheapest).
+    ``strategy`` forces ``"band"``, ``"dense"``, ``"segments"``, ``"tiles"`` or ``"keys"``
+    (default: the cheapest).
     """
     device = torch.device(device)
     off = query_offset(Lq, Lk, q_offset)
@@ -355,10 +370,12 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
         options.append(_segments_option(ctx))
     if strategy in (None, "tiles"):
         options.append(_tiles_option(ctx))
+    if strategy in (None, "keys"):
+        options += _keys_options(ctx)
     options = [o for o in options if o is not None]
     if not options:
         raise ValueError(f"no {strategy} plan for these shapes")
-    name, est, make = min(options, key=lambda o: o[1])
+    name, est, make = min(options, key=lambda o: o[1] * (KEYS_MARGIN if o[0] == "keys" else 1))
     calls = make()
     covers = (len(calls) == 1 and (calls[0].n == 1 or calls[0].row_step == calls[0].R)
               and calls[0].row0 == 0 and calls[0].n * calls[0].R == Lq
@@ -683,6 +700,104 @@ def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t, *, lazy=False) -> 
     return Call(slot=slot, bidx=bidx.to(ctx.device), hidx=hidx.to(ctx.device),
                 rows=rows.to(ctx.device), cols=cols.to(ctx.device), row_step=row_step,
                 col_step=col_step, mask=mask, row_any=row_any, build_mask=build)
+
+
+# ---- keys
+
+def _keys_seen(ctx: _Ctx):
+    """The keys each row tile may see: bool ``[Bu, nq, Lk]`` (those of its FULL tiles, and
+    within its PARTIAL tiles those the predicate allows some row and head), or None where
+    the PARTIAL tiles hold more than :data:`KEYS_BUDGET` pairs."""
+    g = ctx.grid
+    Bu, Hc, nq, nk = g.cls.shape
+    pn, pv, pi, pj = (g.cls == PARTIAL).nonzero(as_tuple=True)
+    if pn.numel() * BLOCK * BLOCK > KEYS_BUDGET or Bu * nq * nk * BLOCK > KEYS_BUDGET * 4:
+        return None
+    seen = (g.cls == FULL).any(1).unsqueeze(-1).repeat(1, 1, 1, BLOCK).to(torch.uint8)
+    flat = seen.view(-1, BLOCK)                                       # [Bu * nq * nk, 64]
+    lane = torch.arange(BLOCK)
+    step = max(1, (1 << 22) // (BLOCK * BLOCK))
+    for s in range(0, pn.numel(), step):
+        u, h, i, j = (t[s:s + step] for t in (pn, pv, pi, pj))
+        rows = (i.view(-1, 1, 1) * BLOCK + lane.view(1, -1, 1)).clamp(max=ctx.Lq - 1)
+        keys = j.view(-1, 1, 1) * BLOCK + lane.view(1, 1, -1)
+        ok = _predicate(ctx, rows, keys.clamp(max=ctx.Lk - 1), u.view(-1, 1, 1),
+                        h.view(-1, 1, 1)) & (keys < ctx.Lk)              # [P, 64, 64]
+        flat.index_put_(((u * nq + i) * nk + j,), ok.any(1).to(torch.uint8), accumulate=True)
+    return seen.view(Bu, nq, nk * BLOCK)[..., :ctx.Lk] > 0
+
+
+def _keys_options(ctx: _Ctx) -> list:
+    """(name, cost, make) of the ``keys`` strategy for each row block of :data:`KEYS_ROWS`
+    tiles, or none where the PARTIAL tiles are too many to evaluate or hold nothing to
+    save (no key of theirs is outside what some row of the block sees)."""
+    g = ctx.grid
+    if not bool((g.cls == PARTIAL).any()):
+        return []
+    seen = _keys_seen(ctx)
+    if seen is None:
+        return []
+    Bu, nq = seen.shape[:2]
+    lanes, G = g.lanes, ctx.G
+    heads = ctx.Hq if g.head_dep else G
+    out = []
+    for rt in sorted({min(r, nq) for r in KEYS_ROWS}):
+        ng = -(-nq // rt)
+        sel = seen
+        if ng * rt > nq:
+            sel = torch.cat([sel, torch.zeros(Bu, ng * rt - nq, ctx.Lk, dtype=torch.bool)], 1)
+        sel = sel.view(Bu, ng, rt, ctx.Lk).any(2)                       # [Bu, ng, Lk]
+        width = sel.sum(-1)
+        u, b = width.nonzero(as_tuple=True)
+        if u.numel() == 0:
+            continue
+        R = rt * BLOCK if nq > 1 else ctx.Lq
+        w_items = width[u, b]
+        specs, est_calls, copies, mask_elems = [], [], 0, 0
+        for lo, hi, w in _buckets(w_items.tolist(), lanes * G * R / _eff(G * R)):
+            pick = ((w_items >= lo) & (w_items <= hi)).nonzero().flatten()
+            su, sb = u[pick], b[pick]
+            n = su.numel()
+            specs.append((rt, su, sb, w))
+            est_calls.append((n, R, w, False, True))
+            copies += n * lanes * (2 * w + 2 * G * R) * ctx.D
+            mask_elems += n * heads * R * w
+        if mask_elems > MASK_BUDGET:
+            continue
+        est = cost(est_calls, lanes, G, copies)
+
+        def make(specs=specs, sel=sel):
+            return [_keys_call(ctx, rt, su, sb, _first_true(sel[su, sb], w))
+                    for rt, su, sb, w in specs]
+        out.append(("keys", est, make))
+    return out
+
+
+def _keys_call(ctx, rt, units, blocks, cols) -> Call:
+    """One masked call of the ``keys`` strategy: items of ``rt`` row tiles of batch units
+    ``units`` and blocks ``blocks`` against key positions ``cols`` ``[n, w]`` (-1 padding)."""
+    n, w = cols.shape
+    R = rt * BLOCK if ctx.nq > 1 else ctx.Lq
+    rows = (blocks * rt * BLOCK).view(n, 1) + torch.arange(R).view(1, R)
+    Hc, G = ctx.grid.cls.shape[1], ctx.G
+    allowed = _predicate(ctx, rows.clamp(max=ctx.Lq - 1).view(n, 1, R, 1),
+                         cols.clamp(0, ctx.Lk - 1).view(n, 1, 1, w), units.view(n, 1, 1, 1),
+                         torch.arange(Hc).view(1, Hc, 1, 1)) & (cols >= 0).view(n, 1, 1, w)
+    m = torch.where(allowed, 0.0, NINF)                                   # [n, Hc, R, w]
+    if Hc == 1 and G > 1:
+        m = m.unsqueeze(2).expand(n, 1, G, R, w)
+    m = m.reshape(n, -1, G * R, w)
+    any_key = m.isfinite().any(-1)
+    bidx, hidx = ctx.lane_index(units)
+    same_b = ctx.grid.shared or ctx.B == 1
+    rsteps = (rows[1:, 0] - rows[:-1, 0]).unique() if n > 1 else torch.tensor([R])
+    row_step = int(rsteps[0]) if same_b and rsteps.numel() == 1 and int(rsteps[0]) >= 0 \
+        else None
+    dev = ctx.device
+    return Call(slot=0, bidx=bidx.to(dev), hidx=hidx.to(dev), rows=rows.to(dev),
+                cols=cols.to(dev), row_step=row_step, col_step=None,
+                mask=m.to(ctx.dtype).to(dev),
+                row_any=None if bool(any_key.all()) else any_key.to(dev))
 
 
 # ---- segments

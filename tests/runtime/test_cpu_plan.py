@@ -22,11 +22,11 @@ def _docs(L, n, g):
     return ids.cumsum(0)
 
 
-def _plan(src, L=1024, H=8, Hk=None, Lq=None, **ins):
+def _plan(src, L=1024, H=8, Hk=None, Lq=None, strategy=None, **ins):
     pat = spattn.compile(src, backend="torch")
     q = torch.empty(1, H, Lq or L, 64)
     k = torch.empty(1, Hk or H, L, 64)
-    return torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins)
+    return torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy=strategy)
 
 
 # ------------------------------------------------------------ strategies
@@ -56,10 +56,11 @@ def test_documents_are_segments_with_the_causal_flag():
     assert plan.pairs() < 0.3 * 8 * 2048 * 2048
 
 
-def test_sink_and_window_gathers_tiles():
+def test_sink_and_window_gathers_keys():
     plan = _plan("causal & (window(128) | sink(4))", L=4096)
-    assert plan.strategy == "tiles"
-    assert plan.pairs() < 0.15 * 8 * 4096 * 4096
+    assert plan.strategy == "keys"
+    assert plan.pairs() < 0.1 * 8 * 4096 * 4096
+    assert _plan("causal & (window(128) | sink(4))", L=4096, strategy="tiles").strategy == "tiles"
 
 
 def test_decode_reads_only_its_key_range():
@@ -158,6 +159,59 @@ def test_generic_primitive_matches_the_kernel(monkeypatch):
         got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.25)
         for a, b in zip(got, (qr.grad, kr.grad, vr.grad)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+_KEYS_CASES = {
+    # name: (source, B, Hq, Hk, Lq, Lk, inputs(B, L, g))
+    "columns-beside-window": ("causal & (window(40) | k % 64 == 0)", 1, 4, 4, 300, 300, None),
+    "keep-mask": ("causal & keep[k]", 2, 4, 2, 257, 257,
+                  lambda B, L, g: {"keep": torch.rand(L, generator=g) < 0.1}),
+    "keep-per-batch": ("keep[b, k] & q - k >= -5", 2, 2, 2, 130, 200,
+                       lambda B, L, g: {"keep": torch.rand(B, L, generator=g) < 0.2}),
+    "fixed-per-head": ("fixed(64, 4 + h)", 1, 4, 2, 333, 333, None),
+    "strided-decode": ("causal & k % 16 < 2", 2, 4, 1, 7, 500, None),
+    "rows-without-keys": ("k % 50 == 0 & q % 3 != 0", 1, 2, 2, 200, 200, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_KEYS_CASES))
+def test_keys_strategy_against_the_reference(name):
+    """The ``keys`` strategy (per row block only the keys some of its rows may see,
+    gathered) is exact in float64, forward and backward, over GQA, batches whose keys
+    differ, head-dependent patterns, bottom-right rows and rows that see no key."""
+    src, B, Hq, Hk, Lq, Lk, make = _KEYS_CASES[name]
+    g = torch.Generator().manual_seed(len(name))
+    pat = spattn.compile(src, backend="torch")
+    q = torch.randn(B, Hq, Lq, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hk, Lk, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    ins = make(B, Lk, g) if make else {}
+    plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy="keys")
+    assert plan.strategy == "keys"
+    o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=0.25)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    mask = pat.mask(Lq, Lk, num_heads=Hq, batch=B, **ins)
+    ro, rl = attention_reference(qr, kr, vr, mask, scale=0.25)
+    torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
+    seen = mask.expand(B, Hq, Lq, Lk).any(-1)
+    torch.testing.assert_close(lse[seen], rl.detach()[seen], rtol=1e-10, atol=1e-10)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    (ro * do).sum().backward()
+    got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.25)
+    for a, b in zip(got, (qr.grad, kr.grad, vr.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("src", ["causal & (window(64) | k % 64 == 0)", "causal & keep[k]",
+                                 "fixed(128, 8)"], ids=["columns", "keep", "fixed"])
+def test_keys_strategy_is_chosen_for_few_keys_in_partial_tiles(src):
+    """Where the PARTIAL tiles hold few allowed keys the cost model picks the ``keys``
+    strategy, which computes a small part of the pairs the tiles hold."""
+    L = 2048
+    ins = {"keep": torch.rand(L, generator=torch.Generator().manual_seed(0)) < 0.05} \
+        if "keep" in src else {}
+    plan = _plan(src, L=L, **ins)
+    assert plan.strategy == "keys", plan.strategy
+    assert plan.pairs() < 0.2 * 8 * L * L
 
 
 @pytest.mark.parametrize("Lq", [1, 5, 16])
