@@ -51,7 +51,15 @@ CASES = {
     "docs10": ("causal & same(doc)", {}, 10),
     "window64": ("window(64)", {}, None),
     "docs100": ("causal & same(doc)", {}, 100),
+    # few allowed keys in PARTIAL tiles (the plan's ``keys`` strategy)
+    "columns64": ("causal & (window(64) | k % 64 == 0)", {}, None),
+    "fixed128": ("fixed(128, 8)", {}, None),
+    "streaming128": ("causal & (window(128) | sink(4))", {}, None),
+    "keep5": ("causal & keep[k]", {}, None),
 }
+
+#: Runtime inputs of the cases that take one besides documents: name -> (L, generator) -> inputs
+INPUTS = {"keep5": lambda L, g: {"keep": torch.rand(L, generator=g) < 0.05}}
 
 
 def _time(fn, reps: int) -> float:
@@ -95,7 +103,7 @@ def bench_case(name: str, L: int, *, backward: bool, rounds: int, reps: int, see
     src, params, ndocs = CASES[name]
     g = torch.Generator().manual_seed(seed)
     pat = spattn.compile(src, backend="torch", **params)
-    ins = {"doc": _docs(L, ndocs, g)} if ndocs else {}
+    ins = {"doc": _docs(L, ndocs, g)} if ndocs else INPUTS.get(name, lambda L, g: {})(L, g)
     q, k, v = (torch.randn(B, H, L, D, generator=g).requires_grad_(backward) for _ in range(3))
     mask = pat.mask(L, L, num_heads=1, **ins)[0, 0]
     density = float(mask.float().mean())
