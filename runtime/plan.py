@@ -759,6 +759,14 @@ def choose_head_order(pattern, q, k, q_offset, inputs, settings):
                   inputs=ins, declared=pattern.inputs, batch=q.shape[0])
 
 
+#: The torch backend on the CPU runs a pattern in sequence order instead of the token layout
+#: the layout chooser picked where its own plan prices sequence order at most this fraction
+#: of the layout (plan and gathers): the two orders' estimates err by about that much
+#: (``strided(64)`` at 4096 tokens, priced 0.76 of its layout, ran 8% slower in sequence
+#: order; columns beside a window at 1024, priced 0.69, ran 1.6x faster).
+CPU_SEQUENCE_MARGIN = 0.75
+
+
 def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs,
                settings=None, options=None, layouts: bool = True, tables=None,
                order=None, tile_prior: bool = False) -> Plan:
@@ -795,9 +803,23 @@ def build_plan(pattern, backend: str, q, k, v, *, scale: float, q_offset, inputs
                                                     gather)
         if remap is not None:
             _check_lists(pattern, q, k, q_offset, inputs)
-            return RemappedPlan(pattern, backend, remap, q, k, v, scale=scale,
-                                settings=settings, options=options, gather=gather,
-                                backward=backward)
+            permuted = RemappedPlan(pattern, backend, remap, q, k, v, scale=scale,
+                                    settings=settings, options=options, gather=gather,
+                                    backward=backward)
+            if backend != "torch" or not q.is_cpu or settings.layout != "auto":
+                return permuted
+            from .cpu_plan import COPY_COST
+            # the CPU plan prices both orders with its own model (the layout chooser counts
+            # whole tiles; the CPU plan's keys strategy computes fewer pairs than that in
+            # sequence order); the layout pays its gathers on top
+            plain = build_plan(pattern, backend, q, k, v, scale=scale, q_offset=q_offset,
+                               inputs=inputs, settings=settings, options=options,
+                               layouts=False, tables=tables)
+            B, Hq, Lq = q.shape[:3]
+            moved = B * (2 * Hq * Lq + 2 * k.shape[1] * k.shape[2]) * 64    # q, o; k, v
+            priced = permuted.forward_stage.cost + COPY_COST * moved
+            return plain if plain.forward_stage.cost <= CPU_SEQUENCE_MARGIN * priced \
+                else permuted
         if layouts and getattr(pattern, "score", None) is None and _reads_head(pattern):
             head = choose_head_order(pattern, q, k, q_offset, inputs, settings)
             if head is not None:

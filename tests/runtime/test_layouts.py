@@ -82,6 +82,27 @@ def test_auto_uses_a_layout_only_when_it_pays(monkeypatch):
     assert not isinstance(_run(plain, N=1024, Hq=1, grads=False), RemappedPlan)
 
 
+@pytest.mark.parametrize("src,N,layout", [
+    ("causal & (window(64) | k % 64 == 0)", 1024, False),
+    ("strided(64)", 2048, False),
+    ("(q - k) % 8 == 0", 4096, True)], ids=["columns-1024", "strided-2048", "dilation-4096"])
+def test_cpu_plan_prices_the_layout_against_sequence_order(monkeypatch, src, N, layout):
+    """On the CPU the torch backend runs a layout the chooser picked (on whole tiles) only
+    where its own plan does not price sequence order at most ``CPU_SEQUENCE_MARGIN`` of it
+    (its ``keys`` strategy computes fewer pairs in sequence order than whole tiles count);
+    ``SPATTN_LAYOUT=on`` keeps the layout. Either way the reference's numbers."""
+    from spattn.runtime import plan as P, settings as S
+    monkeypatch.setenv("SPATTN_LAYOUT", "auto")
+    pat = spattn.compile(src, backend="torch")
+    q = torch.empty(1, 2, N, 16)
+    remap, _, _ = P.choose_layout(pat, q, q, None, {}, S.current(), "copy")
+    assert remap is not None and remap.pays          # the chooser's pick
+    plan = _run(pat, Hq=2, Hk=2, N=N, grads=N <= 2048)
+    assert isinstance(plan, RemappedPlan) == layout
+    monkeypatch.setenv("SPATTN_LAYOUT", "on")
+    assert isinstance(_run(pat, Hq=2, Hk=2, N=N, grads=False, seed=1), RemappedPlan)
+
+
 def test_q_offset_and_cross_attention_run_in_sequence_order(monkeypatch):
     monkeypatch.setenv("SPATTN_LAYOUT", "on")
     pat = spattn.compile("dilated(8, 4)", backend="torch")
