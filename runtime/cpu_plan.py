@@ -729,8 +729,8 @@ def _keys_seen(ctx: _Ctx):
 
 def _keys_options(ctx: _Ctx) -> list:
     """(name, cost, make) of the ``keys`` strategy for each row block of :data:`KEYS_ROWS`
-    tiles, or none where the PARTIAL tiles are too many to evaluate or hold nothing to
-    save (no key of theirs is outside what some row of the block sees)."""
+    tiles whose masks fit :data:`MASK_BUDGET`; none without PARTIAL tiles or where they
+    are too many to evaluate (:func:`_keys_seen`)."""
     g = ctx.grid
     if not bool((g.cls == PARTIAL).any()):
         return []
