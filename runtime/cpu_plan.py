@@ -287,8 +287,8 @@ def dependence(pattern, inputs: dict) -> tuple[bool, bool, bool]:
     return batch, head, "H" in names
 
 
-def _grid(pattern, B, Hq, Hk, Lq, Lk, off, inputs, device) -> _Grid:
-    batch_dep, head_dep, uses_H = dependence(pattern, inputs)
+def _grid(pattern, B, Hq, Hk, Lq, Lk, off, inputs, device, dep) -> _Grid:
+    batch_dep, head_dep, uses_H = dep                   # :func:`dependence`
     cls = pattern.tiles(Lq, Lk, BLOCK, BLOCK, num_heads=Hq if (head_dep or uses_H) else 1,
                         batch=B if batch_dep else 1, q_offset=off, device=device,
                         **inputs).cpu()
@@ -355,12 +355,12 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
     """
     device = torch.device(device)
     off = query_offset(Lq, Lk, q_offset)
-    batch_dep, head_dep, _ = dependence(pattern, inputs)
-    check_room(((B if batch_dep or head_dep else 1) * -(-Lq // BLOCK) * -(-Lk // BLOCK)
+    dep = dependence(pattern, inputs)
+    check_room(((B if dep[0] or dep[1] else 1) * -(-Lq // BLOCK) * -(-Lk // BLOCK)
                 * PLAN_TILE_BYTES), "cpu",
                f"the CPU plan of [{B}, {Hq}, {Lq}, D] queries over {Lk} keys "
                f"({PLAN_TILE_BYTES} bytes a {BLOCK}x{BLOCK} tile)")
-    grid = _grid(pattern, B, Hq, Hk, Lq, Lk, off, inputs, device)
+    grid = _grid(pattern, B, Hq, Hk, Lq, Lk, off, inputs, device, dep)
     ctx = _Ctx(pattern, grid, B, Hq, Hk, Lq, Lk, off, inputs, dtype, device)
     options = []
     if strategy in (None, "band", "dense"):
@@ -691,15 +691,37 @@ def _tiles_call(ctx, slot, rt, masked, units, blocks, cols_t, *, lazy=False) -> 
         bool((cols >= 0).all())
     same_b = ctx.grid.shared or ctx.B == 1
     steps = (starts[1:] - starts[:-1]).unique() if n > 1 else torch.tensor([0])
-    rsteps = (rows[1:, 0] - rows[:-1, 0]).unique() if n > 1 else torch.tensor([R])
     # (one step between consecutive items, never negative: views take no negative stride)
     col_step = int(steps[0]) if contiguous and same_b and steps.numel() == 1 \
         and int(steps[0]) >= 0 else None
-    row_step = int(rsteps[0]) if same_b and rsteps.numel() == 1 and int(rsteps[0]) >= 0 \
-        else None
     return Call(slot=slot, bidx=bidx.to(ctx.device), hidx=hidx.to(ctx.device),
-                rows=rows.to(ctx.device), cols=cols.to(ctx.device), row_step=row_step,
-                col_step=col_step, mask=mask, row_any=row_any, build_mask=build)
+                rows=rows.to(ctx.device), cols=cols.to(ctx.device),
+                row_step=_row_step(ctx, rows), col_step=col_step, mask=mask, row_any=row_any,
+                build_mask=build)
+
+
+def _row_step(ctx, rows) -> Optional[int]:
+    """The one step between consecutive items' first rows (``rows`` ``[n, R]``; R for one
+    item), or None where the steps differ, go back (views take no negative stride) or the
+    items belong to different batch elements."""
+    n, R = rows.shape
+    rsteps = (rows[1:, 0] - rows[:-1, 0]).unique() if n > 1 else torch.tensor([R])
+    same_b = ctx.grid.shared or ctx.B == 1
+    return int(rsteps[0]) if same_b and rsteps.numel() == 1 and int(rsteps[0]) >= 0 else None
+
+
+def _additive(ctx, allowed) -> tuple:
+    """``(mask, any_key)`` of items' allowed pairs ``allowed`` ``[n, Hc, R, W]``: the additive
+    mask ``[n, 1 or Hk, G * R, W]`` (0 / -inf) in the plan's dtype on its device (a
+    head-independent mask repeated for the G query heads folded into the rows), and
+    whether each of its rows has an allowed key (on the CPU)."""
+    n, Hc, R, W = allowed.shape
+    G = ctx.G
+    m = torch.where(allowed, 0.0, NINF)
+    if Hc == 1 and G > 1:
+        m = m.unsqueeze(2).expand(n, 1, G, R, W)
+    m = m.reshape(n, -1, G * R, W)
+    return m.to(ctx.dtype).to(ctx.device), m.isfinite().any(-1)
 
 
 # ---- keys
@@ -779,24 +801,15 @@ def _keys_call(ctx, rt, units, blocks, cols) -> Call:
     n, w = cols.shape
     R = rt * BLOCK if ctx.nq > 1 else ctx.Lq
     rows = (blocks * rt * BLOCK).view(n, 1) + torch.arange(R).view(1, R)
-    Hc, G = ctx.grid.cls.shape[1], ctx.G
+    Hc = ctx.grid.cls.shape[1]
     allowed = _predicate(ctx, rows.clamp(max=ctx.Lq - 1).view(n, 1, R, 1),
                          cols.clamp(0, ctx.Lk - 1).view(n, 1, 1, w), units.view(n, 1, 1, 1),
                          torch.arange(Hc).view(1, Hc, 1, 1)) & (cols >= 0).view(n, 1, 1, w)
-    m = torch.where(allowed, 0.0, NINF)                                   # [n, Hc, R, w]
-    if Hc == 1 and G > 1:
-        m = m.unsqueeze(2).expand(n, 1, G, R, w)
-    m = m.reshape(n, -1, G * R, w)
-    any_key = m.isfinite().any(-1)
+    mask, any_key = _additive(ctx, allowed)
     bidx, hidx = ctx.lane_index(units)
-    same_b = ctx.grid.shared or ctx.B == 1
-    rsteps = (rows[1:, 0] - rows[:-1, 0]).unique() if n > 1 else torch.tensor([R])
-    row_step = int(rsteps[0]) if same_b and rsteps.numel() == 1 and int(rsteps[0]) >= 0 \
-        else None
     dev = ctx.device
     return Call(slot=0, bidx=bidx.to(dev), hidx=hidx.to(dev), rows=rows.to(dev),
-                cols=cols.to(dev), row_step=row_step, col_step=None,
-                mask=m.to(ctx.dtype).to(dev),
+                cols=cols.to(dev), row_step=_row_step(ctx, rows), col_step=None, mask=mask,
                 row_any=None if bool(any_key.all()) else any_key.to(dev))
 
 
@@ -993,14 +1006,9 @@ def _segment_call(ctx, units, begin, length, Lb, *, exact: bool) -> Call:
     is_causal = G == 1 and not bool((allowed & ~below).any())
     mask = row_any = None
     if not (is_causal and bool((allowed == below.expand_as(allowed)).all())):
-        m = torch.where(allowed, 0.0, NINF)
-        if m.shape[1] == 1 and G > 1:
-            m = m.unsqueeze(2).expand(n, 1, G, Lb, Lb)
-        m = m.reshape(n, -1, G * Lb, Lb)
-        any_key = m.isfinite().any(-1)
+        mask, any_key = _additive(ctx, allowed)
         own_rows = own.view(n, 1, 1, Lb).expand(n, 1, G, Lb).reshape(n, 1, G * Lb)
         row_any = None if bool((any_key | ~own_rows).all()) else any_key.to(ctx.device)
-        mask = m.to(ctx.dtype).to(ctx.device)
     return Call(slot=0, bidx=bidx.to(dev), hidx=hidx.to(dev), rows=rows.to(dev),
                 cols=cols.to(dev), row_step=None, col_step=None, mask=mask, row_any=row_any,
                 is_causal=is_causal, row_valid=own.to(dev), col_valid=own.to(dev))

@@ -1676,8 +1676,7 @@ def _segment(k, v, s: _Segment, b0: int, b1: int, whole: bool, page_table, out=N
         return k[b0:b1, :, a:z], v[b0:b1, :, a:z]
     shape = (b1 - b0, k.shape[1], s.width, k.shape[3])
     if s.index is not None:
-        kb, vb = (None, None) if out is None or k.dtype != v.dtype or not k.is_cpu \
-            else out(shape, k.dtype)
+        kb, vb = out(shape, k.dtype) if out is not None and k.is_cpu else (None, None)
         return _gather_keys(k, s.index, b0, b1, kb), _gather_keys(v, s.index, b0, b1, vb)
     kb = torch.empty(shape, dtype=k.dtype, device=k.device)
     vb = torch.empty(shape, dtype=v.dtype, device=v.device)
@@ -1694,8 +1693,6 @@ def _gather_keys(x, index, b0: int, b1: int, out=None):
     ``index_select`` where each head's share is small (its call costs more than its rows),
     else one per batch element and head over ``[L, D]`` rows (ATen's contiguous-row gather,
     faster on large shares)."""
-    if x.requires_grad and torch.is_grad_enabled():
-        return x[b0:b1].index_select(2, index)
     if out is None:
         out = torch.empty((b1 - b0, x.shape[1], index.numel(), x.shape[3]), dtype=x.dtype,
                           device=x.device)
