@@ -903,6 +903,9 @@ class DecodePlan:
         B, Lq, Hk, G, dev = self.B, self.Lq, self.Hk, self.Hq // self.Hk, self.device
         if not union or B * width > BATCH_MERGE_RATIO * seen + (B - 1) * BATCH_MERGE_KEYS:
             return None
+        grown = self._grown_step(keyed, union)
+        if grown is not None:
+            return grown
         heads = Hk if any(m is not None and m.shape[0] > 1 for _, _, (_, _, m) in keyed) else 1
         span = union[-1][1] - union[0][0]
         if len(union) > COPY_RUNS and width >= SPAN_DENSITY * span \
@@ -930,6 +933,49 @@ class DecodePlan:
         one = (*s.runs[0], s.mask) if (len(pieces) == 1 and len(s.runs) == 1
                                        and s.empty is None) else None
         return _Step(((0, B, tuple(pieces)),), one)
+
+    def _grown_step(self, keyed, union):
+        """:meth:`_batched_step`'s step where its mask is a view of one a growing cache
+        keeps: the union of the elements' keys is one run, every element's last run ends
+        where it ends and all rows of an element see the same keys (a left padding under
+        one causal query row). The mask's columns are then fixed relative to the run's
+        start, and a cache one key longer adds a column every row sees, so the steps of a
+        generation take longer views of one buffer (:meth:`_mask_head`) instead of
+        building their masks; else None."""
+        if len(union) != 1 or len(keyed) != self.B:
+            return None
+        a0, z0 = union[0]
+        rel = [None] * self.B
+        for b, _, (runs, _, m_part) in keyed:
+            if m_part is not None or not runs or runs[-1][1] != z0:
+                return None
+            rel[b] = tuple((a - a0, z - a0) for a, z in runs[:-1]) + ((runs[-1][0] - a0,),)
+        cap = self.bucket - a0
+        if self.B * cap > SPAN_MASK_CELLS:
+            return None
+        mask = self._mask_head(tuple(rel), cap).narrow(-1, 0, z0 - a0)
+        seg = _Segment(((a0, z0),), z0 - a0, mask, True, None, None)
+        return _Step(((0, self.B, (seg,)),), (a0, z0, mask))
+
+    def _mask_head(self, rel: tuple, cap: int) -> torch.Tensor:
+        """The additive mask buffer ``[B, 1, 1, cap]`` (0 or -inf, the plan's dtype) in which
+        element ``b`` sees the columns of ``rel[b]``: runs ``(lo, hi)`` and, last, ``(lo,)``
+        open to the end; kept with :meth:`_mask_tail`'s buffers (:data:`MASK_BUFFERS`)."""
+        key = ("head", rel, cap)
+        buf = self._masks.get(key)
+        if buf is not None:
+            return buf
+        allow = torch.zeros((self.B, cap), dtype=torch.bool)
+        for b, runs in enumerate(rel):
+            for r in runs:
+                allow[b, r[0]:r[1] if len(r) == 2 else cap] = True
+        buf = torch.where(allow, 0.0, float("-inf")).to(self.dtype).to(self.device) \
+            .view(self.B, 1, 1, cap)
+        with self._steps_lock:
+            while len(self._masks) >= MASK_BUFFERS:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[key] = buf
+        return buf
 
     def _head_gather(self, runs, part, m_part):
         """The :class:`_HeadGather` of a one-row step whose keys differ per head and are

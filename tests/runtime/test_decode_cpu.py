@@ -177,6 +177,42 @@ def test_per_batch_inputs_batched_step(name, B, Hq, Hk, Lq):
     assert (len(step.groups) == 1) == merged(B), step.groups
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("src,first,B,Hq,Hk", [
+    ("causal & k >= first[b]", [0, 50, 200, 7], 4, 8, 8),
+    ("causal & k >= first[b]", [31, 2, 90], 3, 8, 2),
+    ("causal & (k >= first[b] | k < 3)", [0, 40, 9], 3, 4, 4),
+    ("causal & k >= first[b] & k != first[b] + 5", [1, 3], 2, 4, 1)],
+    ids=["left-padding-B4-H8/8", "left-padding-B3-H8/2", "sinks-B3-H4/4", "hole-B2-H4/1"])
+def test_growing_padded_batch_steps_view_one_mask(src, first, B, Hq, Hk, dtype):
+    """One query row per element of a left-padded batch over a growing cache (batched
+    generation): every element's last key run ends at the cache's end, so each longer
+    cache's step masks the union of the keys with a view of one kept buffer instead of a
+    mask of its own. Every output element and lse against the float64 reference at each
+    length, and the steps' masks share the buffer."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(sum(first) + B)
+    ins = {"first": torch.tensor(first)}
+    k, v = _rand(B, Hk, 512, 32, g=g, dtype=dtype), _rand(B, Hk, 512, 32, g=g, dtype=dtype)
+    rtol = 2e-3 if dtype == torch.float32 else 2e-2
+    for L in (300, 301, 302, 333, 511, 301):
+        q = _rand(B, Hq, 1, 32, g=g, dtype=dtype)
+        kL, vL = k[:, :, :L], v[:, :, :L]
+        want_o, want_lse = _reference(pat, q, kL, vL, [L] * B, ins)
+        _close(f"L{L}", pat(q, kL, vL, **ins), want_o, rtol)
+        o, lse = pat(q, kL, vL, return_lse=True, **ins)
+        _close(f"L{L} o (lse path)", o, want_o, rtol)
+        _close(f"L{L} lse", lse, want_lse, rtol)
+    plan = _plan(pat)
+    bufs = [m for key, m in plan._masks.items() if key[0] == "head"]
+    assert len(bufs) == 1, list(plan._masks)
+    for L in (302, 511):
+        a, z, mask = plan.cpu_step((L,) * B, 0, 0, dec.DECODE_PLANS.int64(ins, q.device)).one
+        assert z == L and mask.shape == (B, 1, 1, L - a)
+        assert mask.data_ptr() == bufs[0].data_ptr()
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(src=st.sampled_from(["causal & k >= first[b]", "k >= first[b] & q - k <= w[b]",
                             "causal & k >= first[b] + lim[h]", "q - k >= first[b] | k < 3"]),
