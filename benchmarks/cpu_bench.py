@@ -56,10 +56,15 @@ CASES = {
     "fixed128": ("fixed(128, 8)", {}, None),
     "streaming128": ("causal & (window(128) | sink(4))", {}, None),
     "keep5": ("causal & keep[k]", {}, None),
+    # a batch of four left-padded sequences (a batched prefill)
+    "padded4": ("causal & k >= first[b]", {}, None),
 }
 
 #: Runtime inputs of the cases that take one besides documents: name -> (L, generator) -> inputs
-INPUTS = {"keep5": lambda L, g: {"keep": torch.rand(L, generator=g) < 0.05}}
+INPUTS = {"keep5": lambda L, g: {"keep": torch.rand(L, generator=g) < 0.05},
+          "padded4": lambda L, g: {"first": torch.tensor([0, L // 12, L // 3, 7])}}
+#: Batch size of the cases whose batch is not :data:`B`.
+BATCH = {"padded4": 4}
 
 
 def _time(fn, reps: int) -> float:
@@ -104,10 +109,13 @@ def bench_case(name: str, L: int, *, backward: bool, rounds: int, reps: int, see
     g = torch.Generator().manual_seed(seed)
     pat = spattn.compile(src, backend="torch", **params)
     ins = {"doc": _docs(L, ndocs, g)} if ndocs else INPUTS.get(name, lambda L, g: {})(L, g)
-    q, k, v = (torch.randn(B, H, L, D, generator=g).requires_grad_(backward) for _ in range(3))
-    mask = pat.mask(L, L, num_heads=1, **ins)[0, 0]
+    nb = BATCH.get(name, B)
+    q, k, v = (torch.randn(nb, H, L, D, generator=g).requires_grad_(backward)
+               for _ in range(3))
+    mask = pat.mask(L, L, num_heads=1, batch=nb, **ins)[:, 0]
     density = float(mask.float().mean())
-    do = torch.randn(B, H, L, D, generator=g)
+    mask = mask[:, None] if nb > 1 else mask[0]
+    do = torch.randn(nb, H, L, D, generator=g)
     t0 = time.perf_counter()
     first = pat(q, k, v, **ins)
     if backward:

@@ -130,7 +130,10 @@ class Call:
     the rows and keys an item owns; the others belong to another item (padding of a
     segment) and are neither written back nor allowed to contribute. ``build_mask``: builds
     ``(mask, row_any)`` when called, for plans whose masks are too big to keep (use
-    :meth:`masks`).
+    :meth:`masks`). ``batch_items``: the items are the batch elements in order, each over
+    the same consecutive rows and keys (a pattern that depends on the batch, as a padding
+    mask does, in one item per element): the backend reads them as views ``[B, Hk, G * R,
+    *]`` of the caller's tensors, as it reads one item shared by the batch.
     """
 
     slot: int
@@ -146,6 +149,7 @@ class Call:
     row_valid: Optional[torch.Tensor] = None
     col_valid: Optional[torch.Tensor] = None
     build_mask: Optional[object] = None
+    batch_items: bool = False
 
     def masks(self):
         """``(mask, row_any)``: kept, or built now (``build_mask``: a plan whose masks are
@@ -169,7 +173,8 @@ class Call:
         what = "causal" if self.is_causal else "masked" if self.masked else "unmasked"
         if self.build_mask is not None:
             what += " (masks built per call)"
-        view = ", strided" if self.row_step is not None and self.col_step is not None else ""
+        view = ", strided" if self.row_step is not None and self.col_step is not None else \
+            ", one per batch element" if self.batch_items else ""
         tensors = ", ".join(f"{n}={_summary(getattr(self, n))}"
                             for n in ("bidx", "hidx", "rows", "cols", "mask", "row_any",
                                       "row_valid", "col_valid")
@@ -377,9 +382,10 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
         raise ValueError(f"no {strategy} plan for these shapes")
     name, est, make = min(options, key=lambda o: o[1] * (KEYS_MARGIN if o[0] == "keys" else 1))
     calls = make()
-    covers = (len(calls) == 1 and (calls[0].n == 1 or calls[0].row_step == calls[0].R)
-              and calls[0].row0 == 0 and calls[0].n * calls[0].R == Lq
-              and (grid.shared or B == 1))
+    c = calls[0] if len(calls) == 1 else None
+    covers = c is not None and c.row0 == 0 and (
+        (c.batch_items and c.R == Lq)
+        or ((c.n == 1 or c.row_step == c.R) and c.n * c.R == Lq and (grid.shared or B == 1)))
     return CpuPlan(B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, q_offset=off, dtype=dtype, device=device,
                    shared=grid.shared, lanes=grid.lanes,
                    slots=1 + max([c.slot for c in calls], default=-1), calls=tuple(calls),
@@ -445,7 +451,7 @@ def _band_options(ctx: _Ctx, dense_only: bool = False) -> list:
         if mask_elems > MASK_BUDGET and not (causal and causal[1]):
             continue
         copies = 0 if inside else 2 * ctx.B * ctx.Hk * (last - first) * ctx.D
-        if not g.shared and ctx.B > 1:
+        if not g.shared and ctx.B > 1 and ng > 1:     # (one item per element: views)
             copies += (2 * n_items * ctx.Hk * W + ctx.Hq * R * n_items) * ctx.D
         masked = not unmasked and not (causal and causal[1])
         est = cost([(n_items, R, W, bool(causal), masked)], g.lanes if g.shared else ctx.Hk,
@@ -529,7 +535,7 @@ def _band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked) -> Ca
                 rows=rows.to(ctx.device), cols=cols.to(ctx.device),
                 row_step=rt * BLOCK if same_b else None,
                 col_step=rt * BLOCK if same_b else None, mask=mask, row_any=row_any,
-                is_causal=is_causal)
+                is_causal=is_causal, batch_items=not same_b and ng == 1)
 
 
 # ---- tiles

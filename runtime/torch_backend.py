@@ -240,10 +240,11 @@ def _view(plan: CpuPlan, t: torch.Tensor, start: int, step: int, n: int, R: int,
 
 
 def _batched(plan: CpuPlan, c) -> bool:
-    """Whether ``c`` runs with batch elements as the kernel's batch dim (``[B, Hk, M, *]``)
-    instead of lanes (``[1, B * Hk, M, *]``): one item shared by several batch elements,
-    so that tensors whose batch and head strides do not merge need no copy."""
-    return c.n == 1 and plan.shared and plan.B > 1
+    """Whether ``c`` runs with batch elements as the kernel's batch dim (``[B, Hk, M, *]``):
+    one item shared by several batch elements (instead of lanes ``[1, B * Hk, M, *]``, so
+    that tensors whose batch and head strides do not merge need no copy), or one item per
+    batch element over the same rows and keys (``Call.batch_items``: views, not gathers)."""
+    return (c.n == 1 and plan.shared and plan.B > 1) or c.batch_items
 
 
 def _bview(plan: CpuPlan, t: torch.Tensor, start: int, R: int, G: int):
@@ -261,8 +262,8 @@ def _bview(plan: CpuPlan, t: torch.Tensor, start: int, R: int, G: int):
 
 def _unbatch(plan: CpuPlan, c, x: torch.Tensor) -> torch.Tensor:
     """A call's result in the lanes layout ``[n, lanes, ...]`` (a view, or a copy in pieces
-    when it is in the batched layout with unmergeable strides)."""
-    if not _batched(plan, c):
+    when it is in the batched layout with unmergeable strides; batch items are in it)."""
+    if not _batched(plan, c) or c.batch_items:
         return x
     if x.stride(0) == plan.Hk * x.stride(1):
         return x.unsqueeze(0).flatten(1, 2)
@@ -289,8 +290,9 @@ def _put_rows(plan: CpuPlan, c, dst: torch.Tensor, src: torch.Tensor, add: bool 
     """Write (or add) ``src [n, lanes, G * R, *rest]`` to the rows of ``c`` in
     ``dst [B, Hq, L, *rest]`` (token-major storage, or any strides on the view path)."""
     src = _unbatch(plan, c, src)
-    if c.row_step is not None:
-        v = _view(plan, dst, c.row0, c.row_step, c.n, c.R, plan.G)
+    if c.row_step is not None or c.batch_items:
+        v = _bview(plan, dst, c.row0, c.R, plan.G) if c.batch_items else \
+            _view(plan, dst, c.row0, c.row_step, c.n, c.R, plan.G)
         if v is not None:
             (_add_ if add else _copy_)(v, src)
             return dst
@@ -323,7 +325,10 @@ class _Inputs:
         calls: ``[B, Hk, G * R, *rest]``)."""
         if _batched(self.plan, c):
             v = _bview(self.plan, t, c.row0, c.R, self.plan.G)
-            return v if v is not None else self._rows(c, t)[0].unflatten(0, (self.plan.B, -1))
+            if v is not None:
+                return v
+            return self._rows(c, t) if c.batch_items else \
+                self._rows(c, t)[0].unflatten(0, (self.plan.B, -1))
         return self._rows(c, t)
 
     def keys(self, c, t: torch.Tensor) -> torch.Tensor:
@@ -331,8 +336,12 @@ class _Inputs:
         ``[B, Hk, W, *rest]``)."""
         if _batched(self.plan, c):
             start = c.col0
-            v = _bview(self.plan, t, start, c.W, 1) if c.col_step is not None else None
-            return v if v is not None else self._keys(c, t)[0].unflatten(0, (self.plan.B, -1))
+            v = _bview(self.plan, t, start, c.W, 1) \
+                if c.col_step is not None or c.batch_items else None
+            if v is not None:
+                return v
+            return self._keys(c, t) if c.batch_items else \
+                self._keys(c, t)[0].unflatten(0, (self.plan.B, -1))
         return self._keys(c, t)
 
     def _rows(self, c, t: torch.Tensor) -> torch.Tensor:
@@ -406,6 +415,11 @@ def _add_keys(plan: CpuPlan, c, dst: torch.Tensor, lo: int, src: torch.Tensor,
     when the items are arithmetic, else item by item; deterministic either way.
     ``first``: ``dst`` is uninitialised and the first phase fills it (``_tiles_buffer``)."""
     src = _unbatch(plan, c, src)
+    if c.batch_items:
+        v = _bview(plan, dst, c.col0 - lo, c.W, 1)
+        if v is not None:
+            (_copy_ if first else _add_)(v, src)
+            return
     if c.col_step is not None:
         start = c.col0 - lo
         phases = c.n if c.col_step == 0 else min(c.n, -(-c.W // c.col_step))
@@ -499,8 +513,8 @@ def _out_rows(plan: CpuPlan, c, x: torch.Tensor, xin, like) -> torch.Tensor:
             and xin.untyped_storage().data_ptr() == like.untyped_storage().data_ptr():
         # ``xin`` is a view of ``like`` covering it: the output mirrors ``like``'s layout
         return x.as_strided(like.shape, like.stride(), x.storage_offset())
-    if _batched(plan, c) and G == 1:
-        return x                                  # [B, Hk, R, *rest] is [B, Hq, Lq, *rest]
+    if _batched(plan, c) and (G == 1 or x.is_contiguous()):
+        return x.view((B, Hq, Lq) + rest)         # [B, Hk, G * R, *rest] is [B, Hq, Lq, *rest]
     if c.n == 1 and x.numel() < GRAIN:            # small (a decode step's lse): reshape
         return x.reshape((B, Hk, G, c.R) + rest).reshape((B, Hq, Lq) + rest)
     x = _unbatch(plan, c, x)
@@ -577,7 +591,7 @@ def bwd_planned(plan: CpuPlan, q, k, v, o, lse, do, *, scale: float, dlse=None):
                                     ins.rows(c, o), ins.rows(c, lse), c.masks()[0],
                                     scale, c.is_causal)
         dq = _cast(_out_rows(plan, c, dqc, None, None), q.dtype)
-        if c.n == 1 and c.col0 == 0 and c.W == Lk:
+        if (c.n == 1 or c.batch_items) and c.col0 == 0 and c.W == Lk:
             return dq, _cast(_keys_out(plan, dkc), k.dtype), _cast(_keys_out(plan, dvc), v.dtype)
         lo, hi = ins.span() if c.col_step is not None else (0, Lk)
         first = _tiles_buffer(c, lo, hi)             # no zero fill: the first phase covers it

@@ -214,6 +214,80 @@ def test_keys_strategy_is_chosen_for_few_keys_in_partial_tiles(src):
     assert plan.pairs() < 0.2 * 8 * L * L
 
 
+_BATCH_ITEMS = {
+    # name: (source, B, Hq, Hk, Lq, Lk, inputs(B, Hq, L, g), bshd)
+    "left-padding-B4-H4/4": ("causal & k >= first[b]", 4, 4, 4, 200, 200,
+                             lambda B, H, L, g: {"first": torch.tensor([0, 17, 150, 3])},
+                             False),
+    "left-padding-GQA-B3-H6/2-bshd": ("causal & k >= first[b]", 3, 6, 2, 200, 200,
+                                      lambda B, H, L, g: {"first": torch.tensor([40, 0, 9])},
+                                      True),
+    "all-padding-row-B2-H2/1": ("causal & k >= first[b]", 2, 2, 1, 130, 130,
+                                lambda B, H, L, g: {"first": torch.tensor([0, 131])}, False),
+    "keep-per-head-B2-H4/2": ("keep[b, h, k] & q - k >= -3", 2, 4, 2, 150, 160,
+                              lambda B, H, L, g: {"keep": torch.rand(B, H, L, generator=g)
+                                                  < 0.7}, True),
+    "bottom-right-B2-H2/2": ("causal & k >= first[b]", 2, 2, 2, 70, 190,
+                             lambda B, H, L, g: {"first": torch.tensor([5, 100])}, False),
+    "late-keys-B2-H4/2": ("causal & k >= first[b]", 2, 4, 2, 200, 200,
+                          lambda B, H, L, g: {"first": torch.tensor([70, 130])}, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BATCH_ITEMS))
+def test_one_item_per_batch_element_reads_views(name):
+    """A pattern that depends on the batch (a padding) in one dense item per batch
+    element: the call reads q, k and v as views (no gather), and is exact in float64,
+    forward and backward, over grouped heads, [B, L, H, D] storage, per-head masks, a
+    row of an element that sees no key and bottom-right rows."""
+    src, B, Hq, Hk, Lq, Lk, make, bshd = _BATCH_ITEMS[name]
+    g = torch.Generator().manual_seed(len(name))
+    pat = spattn.compile(src, backend="torch")
+
+    def rand(H, L):
+        if bshd:
+            return torch.randn(B, L, H, 16, generator=g, dtype=torch.float64).transpose(1, 2)
+        return torch.randn(B, H, L, 16, generator=g, dtype=torch.float64)
+    q, k, v = rand(Hq, Lq), rand(Hk, Lk), rand(Hk, Lk)
+    ins = make(B, Hq, Lk, g)
+    plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy="dense")
+    (c,) = plan.calls
+    assert c.batch_items and c.n == B and plan.covers, plan
+    assert c.col0 > 0 or "late" not in name
+    gathers = []
+    real = torch_backend._gather
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_backend, "_gather", lambda *a: gathers.append(1) or real(*a))
+        o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=0.25)
+        do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+        got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.25)
+    if Hq == Hk or not bshd:
+        assert not gathers                   # (grouped heads of [B, L, H, D] are gathered)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    mask = pat.mask(Lq, Lk, num_heads=Hq, batch=B, **ins)
+    ro, rl = attention_reference(qr, kr, vr, mask, scale=0.25)
+    torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
+    seen = mask.expand(B, Hq, Lq, Lk).any(-1)
+    torch.testing.assert_close(lse[seen], rl.detach()[seen], rtol=1e-10, atol=1e-10)
+    assert bool(torch.isneginf(lse[~seen]).all()) and not bool(o[~seen].any())
+    (ro * do).sum().backward()
+    for a, b in zip(got, (qr.grad, kr.grad, vr.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_padded_batch_is_one_dense_item_per_element():
+    """Causal attention over a left-padded batch: the cost model takes one dense item per
+    batch element, with the kernel's causal flag, read as views."""
+    B, L = 4, 1024
+    pat = spattn.compile("causal & k >= first[b]", backend="torch")
+    q = torch.empty(B, 8, L, 64)
+    plan = torch_backend.make_plan(pat, q, q, q_offset=None,
+                                   inputs={"first": torch.tensor([0, 85, 341, 7])})
+    assert plan.strategy == "dense" and plan.covers, plan
+    (c,) = plan.calls
+    assert c.batch_items and c.is_causal
+
+
 @pytest.mark.parametrize("Lq", [1, 5, 16])
 @pytest.mark.parametrize("src", ["causal", "causal & window(100)"], ids=["causal", "window"])
 def test_decode_gqa_against_the_reference(src, Lq):
