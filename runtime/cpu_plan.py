@@ -65,7 +65,7 @@ import torch
 
 from ..ir.evaluate import evaluate, query_offset
 from ..ir.memory import check_room
-from ..ir.nodes import Var, walk
+from ..ir.nodes import And, Range, Sum, Var, walk
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from . import cpu_ops
 
@@ -400,6 +400,7 @@ class _Ctx:
         self.nq, self.nk = grid.cls.shape[2], grid.cls.shape[3]
         self.D = 64                              # nominal head dim: copies and pairs both scale with D
         self.Bu = grid.cls.shape[0]
+        self.column = _column_part(pattern.ir)
 
     def lane_index(self, units: torch.Tensor):
         """``(bidx, hidx)`` for items of batch units ``units`` ``[n]``."""
@@ -447,7 +448,11 @@ def _band_options(ctx: _Ctx, dense_only: bool = False) -> list:
         blocks = torch.arange(ng).repeat(Bu)
         causal = ng == 1 and ctx.G == 1 and _causal_ok(ctx, first)
         unmasked = _band_all_full(ctx, blocks, units, kt0, rt, w, W)
-        mask_elems = 0 if unmasked else n_items * (ctx.Hq if g.head_dep else ctx.G) * R * W
+        # causal and a predicate of the keys alone: the kernel's flag and one mask row
+        column = (bool(causal) and not causal[1] and not unmasked and ctx.column is not None
+                  and ctx.off == 0 and first == 0)
+        mask_elems = 0 if unmasked else \
+            n_items * (ctx.Hq if g.head_dep else ctx.G) * (1 if column else R) * W
         if mask_elems > MASK_BUDGET and not (causal and causal[1]):
             continue
         copies = 0 if inside else 2 * ctx.B * ctx.Hk * (last - first) * ctx.D
@@ -459,8 +464,9 @@ def _band_options(ctx: _Ctx, dense_only: bool = False) -> list:
         name = "dense" if ng == 1 and W == ctx.Lk and first == 0 else "band"
 
         def make(rt=rt, ng=ng, kt0=kt0, w=w, R=R, W=W, units=units, blocks=blocks,
-                 causal=causal, unmasked=unmasked):
-            return [_band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked)]
+                 causal=causal, unmasked=unmasked, column=column):
+            return [_band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked,
+                               column)]
         out.append((name, est, make))
     return out
 
@@ -519,15 +525,19 @@ def _causal_ok(ctx, first: int):
     return True, exact
 
 
-def _band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked) -> Call:
+def _band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked,
+               column=False) -> Call:
     """The call of band items (batch units ``units``, row blocks ``blocks`` of ``rt`` tiles,
-    key tiles from ``kt0 + block * rt``, ``w`` of them)."""
+    key tiles from ``kt0 + block * rt``, ``w`` of them); ``column``: one item over every
+    row whose pattern is causal and ``ctx.column`` (:func:`_column_mask`)."""
     rows = (blocks * rt * BLOCK).view(-1, 1) + torch.arange(R).view(1, -1)
     cols = _band_keys(ctx, blocks, kt0, rt, w)[:, :W]
     bidx, hidx = ctx.lane_index(units)
     mask = row_any = None
     is_causal = bool(causal)
-    if not unmasked and not (causal and causal[1]):
+    if column:
+        mask, row_any = _column_mask(ctx, units, R, cols)
+    elif not unmasked and not (causal and causal[1]):
         tiles = _band_tiles(ctx, units, blocks, kt0, rt, w)
         mask, row_any = _mask(ctx, tiles, units, rows, cols)
     same_b = ctx.grid.shared or ctx.B == 1
@@ -536,6 +546,54 @@ def _band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked) -> Ca
                 row_step=rt * BLOCK if same_b else None,
                 col_step=rt * BLOCK if same_b else None, mask=mask, row_any=row_any,
                 is_causal=is_causal, batch_items=not same_b and ng == 1)
+
+
+def _column_part(ir) -> Optional[tuple]:
+    """The conjuncts of a pattern that read no query position, where the others are
+    exactly causal (``q - k >= 0``, at least one) and these at least one: a padding
+    ``causal & k >= first[b]``, a key mask ``causal & keep[b, h, k]``. Else None."""
+    parts = ir.args if isinstance(ir, And) else (ir,)
+    causal, column = [], []
+    for c in parts:
+        if any(isinstance(n, Var) and n.name == "q" for n in walk(c)):
+            causal.append(c)
+        else:
+            column.append(c)
+    if not causal or not column:
+        return None
+    for c in causal:
+        if not (isinstance(c, Range) and isinstance(c.x, Sum) and c.hi is None
+                and c.lo is not None and c.lo - c.x.const == 0):
+            return None
+        coeff = {t.name: a for t, a in c.x.terms if isinstance(t, Var)}
+        if len(c.x.terms) != 2 or coeff != {"q": 1, "k": -1}:
+            return None
+    return tuple(column)
+
+
+def _column_mask(ctx, units, R: int, cols):
+    """``(mask, row_any)`` of items over every row (from row 0, keys from 0, ``q`` at its
+    row) whose pattern is causal and the key predicate ``ctx.column``: the kernel's causal
+    flag does the first, and the mask ``[n, 1 or Hk, 1, W]`` (0 / -inf) the second, one row
+    the kernel broadcasts over the item's rows. Row ``r`` sees a key where its item allows
+    one at or before ``r``: ``row_any [n, 1 or Hk, R]`` (None when every row does)."""
+    g = ctx.grid
+    n, W = cols.shape
+    Hc = g.cls.shape[1]
+    dev = ctx.device
+    zero = torch.zeros((), dtype=I64)
+    env = {"q": zero.to(dev), "k": cols.clamp(0, ctx.Lk - 1).view(n, 1, 1, W).to(dev),
+           "h": (torch.arange(Hc).view(1, Hc, 1, 1) if g.head_dep else zero).to(dev),
+           "b": (units.view(n, 1, 1, 1) if g.batch_dep else zero).to(dev),
+           "Lq": ctx.Lq, "Lk": ctx.Lk, "H": ctx.Hq}
+    allowed = ((cols >= 0) & (cols < ctx.Lk)).view(n, 1, 1, W)
+    for c in ctx.column:
+        allowed = allowed & torch.as_tensor(evaluate(c, env, ctx.inputs)).to(torch.bool).cpu()
+    allowed = allowed.expand(n, Hc, 1, W)
+    mask = torch.where(allowed, 0.0, NINF).to(ctx.dtype).to(dev)
+    first = torch.where(allowed.any(-1), allowed.to(torch.uint8).argmax(-1), W)  # [n, Hc, 1]
+    row_any = torch.arange(R).view(1, 1, R) >= first
+    return mask, (None if bool(row_any.all()) else row_any.to(dev))
 
 
 # ---- tiles

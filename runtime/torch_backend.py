@@ -112,8 +112,8 @@ def _attend(q, k, v, mask, scale, is_causal):
 
 def _extra_mask(mask, is_causal, r, m, N, device, dtype):
     out = torch.zeros((), dtype=dtype, device=device)
-    if mask is not None:
-        out = out + mask[:, :, r:r + m].to(dtype)
+    if mask is not None:                  # (a mask of one row: the same for every row)
+        out = out + (mask if mask.shape[2] == 1 else mask[:, :, r:r + m]).to(dtype)
     if is_causal:
         i = torch.arange(r, r + m, device=device).view(-1, 1)
         out = out + torch.where(torch.arange(N, device=device).view(1, -1) > i, NINF, 0.0)

@@ -26,6 +26,10 @@ Kinds (each case drawn from one integer seed; replay with ``--case KIND:SEED``):
   indexed by coordinate offsets and sized exactly for the grid, soft-capping, position
   terms and selects, on either backend, through the call forms (the call runs in the
   mask's layout through ``runtime.scores.LayoutRun``; plans in sequence order).
+* ``pbatch``: patterns that depend on the batch element (paddings, per-element and
+  per-head key masks, documents, a per-element width, ``b``) on the torch backend, through
+  the call forms, or with one query row over a growing cache (the decode path's batched
+  steps).
 * ``urange``: two-sided ranges of position expressions (``lo <= q - k <= hi``, ``k + c``,
   ``q + k``, ``2 * q - k``) with bounds near ``+-2**31``, empty and reversed ranges,
   ``Lq != Lk`` bottom-right alignment and ``q_offset``s up to ``2**31``.
@@ -493,8 +497,96 @@ def urange_case(seed: int) -> str:
     return desc
 
 
+# ------------------------------------------------------------------ per-batch patterns
+
+def _batch_pattern(r: random.Random, B: int, Hq: int, Lk: int, g) -> tuple:
+    """(source, runtime inputs) of a random pattern that depends on the batch element."""
+    W = r.randint(1, 80)
+    first = torch.tensor([r.choice([0, 0, r.randint(0, Lk), Lk + r.randint(0, 3)])
+                          for _ in range(B)])
+    atom, ins = r.choice([
+        ("k >= first[b]", {"first": first}),
+        ("k >= first[b] & k != first[b] + 2", {"first": first}),
+        ("keep[b, k]", {"keep": torch.rand(B, Lk, generator=g) < r.choice([0.3, 0.9])}),
+        ("keep[b, h, k]", {"keep": torch.rand(B, Hq, Lk, generator=g) < 0.8}),
+        ("same(doc)", {"doc": (torch.rand(B, Lk, generator=g) < 0.05).cumsum(-1)}),
+        ("q - k <= w[b]", {"w": torch.randint(0, 60, (B,), generator=g)}),
+        ("b == 1 | k % 3 != 0", {}),
+    ])
+    base = r.choice(["causal", "causal", f"causal & window({W})", f"q - k >= -{W % 7}",
+                     "true", f"causal & (window({W}) | k < 3)", f"k % {r.randint(2, 5)} != 1"])
+    return f"{base} & {atom}", ins
+
+
+def pbatch_case(seed: int) -> str:
+    """A pattern that depends on the batch element (paddings, per-element key masks and
+    documents, a per-element width, ``b`` itself) on the torch backend: one call through a
+    random form (the CPU plan's one item per element where it chooses it), or, with one
+    query row, the steps of a growing cache (the decode path's batched steps and their
+    kept masks)."""
+    r = random.Random(seed)
+    B, Hk = r.choice([2, 2, 3, 4]), r.choice([1, 2, 3])
+    Hq = Hk * r.choice([1, 2, 4])
+    D = r.choice([16, 24])
+    dtype = r.choice(DTYPES)
+    grow = r.random() < 0.35
+    Lk = r.randint(256, 420) if grow else r.randint(1, 300)
+    g = torch.Generator().manual_seed(seed)
+    src, ins = _batch_pattern(r, B, Hq, Lk, g)
+    pat_desc = f"{src!r} inputs={ {n: tuple(t.shape) for n, t in ins.items()} }"
+    if grow:
+        desc = f"pbatch:{seed} grow {pat_desc} B{B}-Hq{Hq}-Hk{Hk}-Lk{Lk}-D{D} {dtype}"
+        LAST["desc"] = desc
+        pat = spattn.compile(src, backend="torch")
+        cap = Lk + 40
+        k, v = (torch.randn(B, Hk, cap, D, generator=g, dtype=torch.float64).to(dtype)
+                for _ in range(2))
+        full = {n: (t if t.dim() == 1 or t.shape[-1] != Lk else
+                    torch.cat([t, t[..., -1:].expand(*t.shape[:-1], 40)], -1))
+                for n, t in ins.items()}
+        for L in sorted({Lk, Lk + 1, Lk + 2, Lk + r.randint(3, 40), Lk + 1}):
+            q = torch.randn(B, Hq, 1, D, generator=g, dtype=torch.float64).to(dtype)
+            step = {n: (t[..., :L] if t.dim() > 1 and t.shape[-1] == cap else t)
+                    for n, t in full.items()}
+            try:
+                o, lse = pat(q, k[:, :, :L], v[:, :, :L], return_lse=True, **step)
+            except SpattnError as e:
+                return desc + f" (refused: {str(e).splitlines()[0][:100]})"
+            mask = pat.mask(1, L, num_heads=Hq, batch=B, **step)
+            from spattn.runtime.reference import attention_reference
+            ro, rl = attention_reference(q.double(), k[:, :, :L].double(),
+                                         v[:, :, :L].double(), mask)
+            _close(f"{desc} L={L} o", o, ro, atol=_tol(dtype))
+            seen = mask.expand(B, Hq, 1, L).any(-1)
+            _close(f"{desc} L={L} lse", lse[seen], rl[seen], atol=_tol(dtype))
+            assert bool(torch.isneginf(lse[~seen]).all()), f"{desc} L={L}: lse of empty rows"
+        return desc
+    shape = r.choice(["self", "self", "fewer", "offset"])
+    Lq, q_offset = Lk, None
+    if shape == "fewer":
+        Lq = r.randint(1, Lk)
+    elif shape == "offset":
+        Lq = r.randint(1, 80)
+        q_offset = r.randint(0, Lk + 10)
+    form = r.choice(FORMS)
+    strided = r.choice([None, None, "every_other", "packed"])
+    desc = (f"pbatch:{seed} {pat_desc} B{B}-Hq{Hq}-Hk{Hk}-Lq{Lq}-Lk{Lk}-D{D} "
+            f"q_offset={q_offset} {dtype} form={form} strided={strided}")
+    LAST["desc"] = desc
+    pat = spattn.compile(src, backend="torch")
+    (q, k, v), _ = _tensors(g, B, Hq, Hk, Lq, Lk, D, dtype, strided=strided)
+    try:
+        got, do, dlse = _run(form, pat, q, k, v, g, r.random() < 0.3, q_offset=q_offset,
+                             **ins)
+    except SpattnError as e:
+        return desc + f" (refused: {str(e).splitlines()[0][:100]})"
+    _check(desc, pat, q, k, v, got, do, dtype, q_offset=q_offset, inputs=ins, dlse=dlse)
+    return desc
+
+
 KINDS = {"horder": horder_case, "gmode": gmode_case, "box": box_case,
-         "rowscore": rowscore_case, "urange": urange_case, "slayout": slayout_case}
+         "rowscore": rowscore_case, "urange": urange_case, "slayout": slayout_case,
+         "pbatch": pbatch_case}
 
 
 def main():

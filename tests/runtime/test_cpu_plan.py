@@ -215,22 +215,32 @@ def test_keys_strategy_is_chosen_for_few_keys_in_partial_tiles(src):
 
 
 _BATCH_ITEMS = {
-    # name: (source, B, Hq, Hk, Lq, Lk, inputs(B, Hq, L, g), bshd)
+    # name: (source, B, Hq, Hk, Lq, Lk, inputs(B, Hq, L, g), bshd, one mask row)
     "left-padding-B4-H4/4": ("causal & k >= first[b]", 4, 4, 4, 200, 200,
                              lambda B, H, L, g: {"first": torch.tensor([0, 17, 150, 3])},
-                             False),
+                             False, True),
     "left-padding-GQA-B3-H6/2-bshd": ("causal & k >= first[b]", 3, 6, 2, 200, 200,
                                       lambda B, H, L, g: {"first": torch.tensor([40, 0, 9])},
-                                      True),
+                                      True, False),
     "all-padding-row-B2-H2/1": ("causal & k >= first[b]", 2, 2, 1, 130, 130,
-                                lambda B, H, L, g: {"first": torch.tensor([0, 131])}, False),
+                                lambda B, H, L, g: {"first": torch.tensor([0, 131])}, False,
+                                False),
     "keep-per-head-B2-H4/2": ("keep[b, h, k] & q - k >= -3", 2, 4, 2, 150, 160,
                               lambda B, H, L, g: {"keep": torch.rand(B, H, L, generator=g)
-                                                  < 0.7}, True),
+                                                  < 0.7}, True, False),
+    "causal-keep-per-head-B2-H3/3-bshd": (
+        "causal & keep[b, h, k] & k % 5 != 1", 2, 3, 3, 140, 140,
+        lambda B, H, L, g: {"keep": torch.rand(B, H, L, generator=g) < 0.6}, True, True),
     "bottom-right-B2-H2/2": ("causal & k >= first[b]", 2, 2, 2, 70, 190,
-                             lambda B, H, L, g: {"first": torch.tensor([5, 100])}, False),
+                             lambda B, H, L, g: {"first": torch.tensor([5, 100])}, False,
+                             False),
     "late-keys-B2-H4/2": ("causal & k >= first[b]", 2, 4, 2, 200, 200,
-                          lambda B, H, L, g: {"first": torch.tensor([70, 130])}, False),
+                          lambda B, H, L, g: {"first": torch.tensor([70, 130])}, False, False),
+    "late-keys-B2-H2/2": ("causal & (k >= first[b] | k < 2)", 2, 2, 2, 200, 200,
+                          lambda B, H, L, g: {"first": torch.tensor([70, 201])}, False, True),
+    "shared-keep-B3-H2/2": ("causal & keep[k]", 3, 2, 2, 150, 150,
+                            lambda B, H, L, g: {"keep": torch.rand(L, generator=g) < 0.5},
+                            False, True),
 }
 
 
@@ -239,8 +249,10 @@ def test_one_item_per_batch_element_reads_views(name):
     """A pattern that depends on the batch (a padding) in one dense item per batch
     element: the call reads q, k and v as views (no gather), and is exact in float64,
     forward and backward, over grouped heads, [B, L, H, D] storage, per-head masks, a
-    row of an element that sees no key and bottom-right rows."""
-    src, B, Hq, Hk, Lq, Lk, make, bshd = _BATCH_ITEMS[name]
+    row of an element that sees no key and bottom-right rows. Where the pattern is causal
+    and a predicate of the keys, the kernel's causal flag and one mask row per item and
+    head do (a batch that shares its items too)."""
+    src, B, Hq, Hk, Lq, Lk, make, bshd, column = _BATCH_ITEMS[name]
     g = torch.Generator().manual_seed(len(name))
     pat = spattn.compile(src, backend="torch")
 
@@ -252,8 +264,9 @@ def test_one_item_per_batch_element_reads_views(name):
     ins = make(B, Hq, Lk, g)
     plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy="dense")
     (c,) = plan.calls
-    assert c.batch_items and c.n == B and plan.covers, plan
-    assert c.col0 > 0 or "late" not in name
+    assert plan.covers and (c.batch_items and c.n == B) != ("shared" in name), plan
+    assert (c.is_causal and c.mask.shape[2] == 1) == column, plan
+    assert c.col0 > 0 or "late" not in name or column
     gathers = []
     real = torch_backend._gather
     with pytest.MonkeyPatch.context() as mp:
@@ -277,15 +290,16 @@ def test_one_item_per_batch_element_reads_views(name):
 
 def test_padded_batch_is_one_dense_item_per_element():
     """Causal attention over a left-padded batch: the cost model takes one dense item per
-    batch element, with the kernel's causal flag, read as views."""
-    B, L = 4, 1024
+    batch element, with the kernel's causal flag and one mask row per element, read as
+    views (at 4096 tokens a full mask would be 256 MiB)."""
+    B, L = 4, 4096
     pat = spattn.compile("causal & k >= first[b]", backend="torch")
     q = torch.empty(B, 8, L, 64)
     plan = torch_backend.make_plan(pat, q, q, q_offset=None,
                                    inputs={"first": torch.tensor([0, 85, 341, 7])})
     assert plan.strategy == "dense" and plan.covers, plan
     (c,) = plan.calls
-    assert c.batch_items and c.is_causal
+    assert c.batch_items and c.is_causal and c.mask.shape == (B, 1, 1, L)
 
 
 @pytest.mark.parametrize("Lq", [1, 5, 16])
