@@ -58,6 +58,8 @@ CASES = {
     "keep5": ("causal & keep[k]", {}, None),
     # a batch of four left-padded sequences (a batched prefill)
     "padded4": ("causal & k >= first[b]", {}, None),
+    # grouped-query heads: 32 query heads over 8 key heads
+    "causal-gqa4": ("causal", {}, None),
 }
 
 #: Runtime inputs of the cases that take one besides documents: name -> (L, generator) -> inputs
@@ -65,6 +67,9 @@ INPUTS = {"keep5": lambda L, g: {"keep": torch.rand(L, generator=g) < 0.05},
           "padded4": lambda L, g: {"first": torch.tensor([0, L // 12, L // 3, 7])}}
 #: Batch size of the cases whose batch is not :data:`B`.
 BATCH = {"padded4": 4}
+#: ``(query heads, key heads)`` of the cases whose heads are not :data:`H` (SDPA gets
+#: ``enable_gqa=True``).
+HEADS = {"causal-gqa4": (32, 8)}
 
 
 def _time(fn, reps: int) -> float:
@@ -110,19 +115,21 @@ def bench_case(name: str, L: int, *, backward: bool, rounds: int, reps: int, see
     pat = spattn.compile(src, backend="torch", **params)
     ins = {"doc": _docs(L, ndocs, g)} if ndocs else INPUTS.get(name, lambda L, g: {})(L, g)
     nb = BATCH.get(name, B)
-    q, k, v = (torch.randn(nb, H, L, D, generator=g).requires_grad_(backward)
-               for _ in range(3))
+    Hq, Hk = HEADS.get(name, (H, H))
+    q, k, v = (torch.randn(nb, h, L, D, generator=g).requires_grad_(backward)
+               for h in (Hq, Hk, Hk))
     mask = pat.mask(L, L, num_heads=1, batch=nb, **ins)[:, 0]
     density = float(mask.float().mean())
     mask = mask[:, None] if nb > 1 else mask[0]
-    do = torch.randn(nb, H, L, D, generator=g)
+    do = torch.randn(nb, Hq, L, D, generator=g)
     t0 = time.perf_counter()
     first = pat(q, k, v, **ins)
     if backward:
         first.backward(do)
     first_s = time.perf_counter() - t0
     sp = _runner(lambda: pat(q, k, v, **ins), backward, (q, k, v), do)
-    sd = _runner(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), backward,
+    sd = _runner(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                        enable_gqa=Hq != Hk), backward,
                  (q, k, v), do)
     ts, td = _alternate(sp, sd, rounds, reps)
     return _row(name, f"L={L}", "fwd+bwd" if backward else "fwd", density, ts, td, first_s)

@@ -26,9 +26,11 @@ Strategies (the cheapest by :func:`cost` wins):
   strided views, without copies (k and v are copied once into a padded token-major buffer
   when a window leaves ``[0, Lk)`` or their strides allow no view). Sliding windows, local
   bands, small documents, decode steps (one item: its own key range) are bands.
-* ``dense``: one item over every row and key. The kernel's own causal skipping
+* ``dense``: one item over every row and key (one per batch element where the pattern
+  depends on the batch: ``Call.batch_items``). The kernel's own causal skipping
   (``is_causal``) replaces the mask when the pattern allows nothing above the diagonal,
-  and the mask disappears when the pattern *is* causal there.
+  and the mask disappears when the pattern *is* causal there, or is one row per item when
+  the pattern is causal and a predicate of the keys (a padding: :func:`_column_mask`).
 * ``segments``: documents and chunks. Runs of positions whose queries see keys of their
   own run only (proposed where a position may not see its predecessor, proven from the
   tile classes) become one item each, bucketed by length; with the causal flag and no
@@ -58,13 +60,13 @@ operations would not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 from ..ir.evaluate import evaluate, query_offset
-from ..ir.memory import check_room
+from ..ir.memory import available_memory, check_room
 from ..ir.nodes import And, Range, Sum, Var, walk
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from . import cpu_ops
@@ -203,7 +205,11 @@ class CpuPlan:
     one call whose items cover every query row exactly once, in order (results need no
     scatter). ``partition``: every query row and every key is owned by exactly one item
     (results and gradients are written once, never accumulated). ``strategy``:
-    ``"band"``, ``"dense"``, ``"segments"`` or ``"tiles"``.
+    ``"band"``, ``"dense"``, ``"segments"``, ``"tiles"`` or ``"keys"``. ``expand``: the
+    caller's key heads are each repeated ``expand`` times before the calls (``Hk`` counts
+    the repeated heads; their gradients are summed back), so that grouped-query heads run
+    ungrouped: the kernel's causal flag needs a query head's rows in order, which grouped
+    heads folded into the rows are not.
     """
 
     B: int
@@ -222,6 +228,7 @@ class CpuPlan:
     strategy: str
     cost: float
     partition: bool = False
+    expand: int = 1
 
     @property
     def G(self) -> int:
@@ -245,7 +252,8 @@ class CpuPlan:
         more = len(self.calls) - MAX_REPR_CALLS
         if more > 0:
             shown += f", ... {more} more"
-        return (f"CpuPlan({self.strategy}: B={self.B}, Hq={self.Hq}, Hk={self.Hk}, "
+        hk = f"{self.Hk // self.expand} x {self.expand}" if self.expand > 1 else self.Hk
+        return (f"CpuPlan({self.strategy}: B={self.B}, Hq={self.Hq}, Hk={hk}, "
                 f"Lq={self.Lq}, Lk={self.Lk}, q_offset={self.q_offset}, "
                 f"{str(self.dtype).replace('torch.', '')} on {self.device}; lanes={self.lanes}, "
                 f"slots={self.slots}, pairs={self.pairs():,}{flags}; "
@@ -352,11 +360,13 @@ def _causal_pairs(rows: int, W: int) -> int:
 # ------------------------------------------------------------------ building
 
 def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset: int | None,
-               inputs: dict, dtype: torch.dtype, device, strategy: str | None = None) -> CpuPlan:
+               inputs: dict, dtype: torch.dtype, device, strategy: str | None = None,
+               head_dim: int = 64) -> CpuPlan:
     """The plan of ``pattern`` for q ``[B, Hq, Lq, D]`` and k, v ``[B, Hk, Lk, D]``.
 
     ``strategy`` forces ``"band"``, ``"dense"``, ``"segments"``, ``"tiles"`` or ``"keys"``
-    (default: the cheapest).
+    (default: the cheapest; then grouped heads may run repeated, ``CpuPlan.expand``, where
+    K and V so copied, ``head_dim`` wide, fit twice in the free memory).
     """
     device = torch.device(device)
     off = query_offset(Lq, Lk, q_offset)
@@ -381,6 +391,17 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
     if not options:
         raise ValueError(f"no {strategy} plan for these shapes")
     name, est, make = min(options, key=lambda o: o[1] * (KEYS_MARGIN if o[0] == "keys" else 1))
+    G = Hq // Hk
+    copy = 2 * B * Hq * Lk * head_dim * dtype.itemsize          # K and V with repeated heads
+    free = available_memory(device)
+    if G > 1 and strategy is None and Lq <= Lk and (free is None or 2 * copy < free) \
+            and _causal_ok(ctx, 0):
+        # grouped heads repeated: the causal flag, for the copy of K and V (and the sum of
+        # their gradients)
+        alt = build_plan(pattern, B, Hq, Hq, Lq, Lk, q_offset=q_offset, inputs=inputs,
+                         dtype=dtype, device=device)
+        if alt.cost + COPY_COST * 2 * B * Hq * Lk * ctx.D < est:
+            return replace(alt, expand=G, cost=alt.cost + COPY_COST * 2 * B * Hq * Lk * ctx.D)
     calls = make()
     c = calls[0] if len(calls) == 1 else None
     covers = c is not None and c.row0 == 0 and (

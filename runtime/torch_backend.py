@@ -40,6 +40,8 @@ view of it instead of being copied.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .cpu_ops import GRAIN, add_ as _add_, contiguous as _contiguous, copy_ as _copy_
@@ -454,9 +456,20 @@ def _add_keys(plan: CpuPlan, c, dst: torch.Tensor, lo: int, src: torch.Tensor,
 
 # ------------------------------------------------------------------ forward
 
+def _repeat_heads(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t [B, H, L, D]`` with each head repeated ``n`` times: ``[B, H * n, L, D]``."""
+    B, H = t.shape[:2]
+    out = torch.empty((B, H * n) + tuple(t.shape[2:]), dtype=t.dtype, device=t.device)
+    _copy_(out.view((B, H, n) + tuple(t.shape[2:])), t.unsqueeze(2).expand(
+        (B, H, n) + tuple(t.shape[2:])))
+    return out
+
+
 def fwd_planned(plan: CpuPlan, q, k, v, *, scale: float):
     """Forward of ``plan``: ``o [B, Hq, Lq, D]`` (q's dtype) and ``lse [B, Hq, Lq]``
     (float32; float64 for float64 inputs)."""
+    if plan.expand > 1:
+        k, v = _repeat_heads(k, plan.expand), _repeat_heads(v, plan.expand)
     Hq, Lq = plan.Hq, plan.Lq
     D = v.shape[-1]
     acc = _accum_dtype(q.dtype)
@@ -572,6 +585,11 @@ def bwd_planned(plan: CpuPlan, q, k, v, o, lse, do, *, scale: float, dlse=None):
 
     ``dlse`` (optional, ``[B, Hq, Lq]``) is the gradient flowing into the lse output.
     """
+    if plan.expand > 1:              # the repeated heads' gradients summed per key head
+        n = plan.expand
+        dq, dk, dv = bwd_planned(replace(plan, expand=1), q, _repeat_heads(k, n),
+                                 _repeat_heads(v, n), o, lse, do, scale=scale, dlse=dlse)
+        return dq, dk.unflatten(1, (-1, n)).sum(2), dv.unflatten(1, (-1, n)).sum(2)
     if dlse is not None and bool((dlse != 0).any()):
         return _bwd_with_dlse(plan, q, k, v, o, lse, do, dlse, scale=scale)
     Hq, Hk, Lq, Lk = plan.Hq, plan.Hk, plan.Lq, plan.Lk
@@ -677,4 +695,5 @@ def make_plan(pattern, q, k, *, q_offset: int | None, inputs, **kwargs) -> CpuPl
     """A fresh plan for these tensors (no memo): ``build_plan`` with their shapes."""
     B, Hq, Lq, _ = q.shape
     return build_plan(pattern, B, Hq, k.shape[1], Lq, k.shape[2], q_offset=q_offset,
-                      inputs=dict(inputs or {}), dtype=q.dtype, device=q.device, **kwargs)
+                      inputs=dict(inputs or {}), dtype=q.dtype, device=q.device,
+                      head_dim=k.shape[-1], **kwargs)

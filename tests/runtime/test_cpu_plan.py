@@ -288,6 +288,66 @@ def test_one_item_per_batch_element_reads_views(name):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("src,B,Hq,Hk,L,make", [
+    ("causal", 1, 8, 2, 1100, None),
+    ("causal", 2, 6, 3, 1030, None),
+    ("causal & k >= first[b]", 3, 4, 1, 1024, lambda B, L: {"first": torch.tensor([0, 60, 3])}),
+    ("causal & keep[k] & k % 4 != 2", 1, 4, 2, 1090,
+     lambda B, L: {"keep": torch.arange(L) % 7 != 3})],
+    ids=["causal-B1-H8/2-L1100", "causal-B2-H6/3-L1030", "padding-B3-H4/1-L1024",
+         "keep-B1-H4/2-L1090"])
+def test_grouped_heads_run_ungrouped_for_the_causal_flag(src, B, Hq, Hk, L, make):
+    """Causal attention with grouped-query heads: each key head repeated for its query
+    heads (``CpuPlan.expand``), one item with the kernel's causal flag instead of grouped
+    rows under a mask (from about a thousand keys on: below ATen's kv split of 512 the flag
+    skips nothing); exact in float64, forward and backward (with an lse gradient), the
+    repeated heads' gradients summed back."""
+    g = torch.Generator().manual_seed(L + Hq)
+    pat = spattn.compile(src, backend="torch")
+    q = torch.randn(B, Hq, L, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hk, L, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    ins = make(B, L) if make else {}
+    plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins)
+    assert plan.expand == Hq // Hk and plan.Hk == Hq, plan
+    assert all(c.is_causal for c in plan.calls), plan
+    o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=0.3)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.3, dlse=dlse)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    mask = pat.mask(L, L, num_heads=Hq, batch=B, **ins)
+    ro, rl = attention_reference(qr, kr, vr, mask, scale=0.3)
+    torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
+    seen = mask.expand(B, Hq, L, L).any(-1)
+    torch.testing.assert_close(lse[seen], rl.detach()[seen], rtol=1e-10, atol=1e-10)
+    ((ro * do).sum() + (rl.masked_fill(~seen, 0.0) * dlse).sum()).backward()
+    for name, a, b in zip("qkv", got, (qr.grad, kr.grad, vr.grad)):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_grouped_heads_keep_their_rows_where_the_flag_does_not_help():
+    """A window with grouped-query heads stays one band over grouped rows (no copy of K
+    and V): the repeated heads pay only where the causal flag saves the mask."""
+    q = torch.empty(1, 32, 2048, 64)
+    k = torch.empty(1, 8, 2048, 64)
+    plan = torch_backend.make_plan(spattn.compile("causal & window(256)", backend="torch"),
+                                   q, k, q_offset=None, inputs={})
+    assert plan.expand == 1 and plan.strategy == "band", plan
+
+
+def test_grouped_heads_are_repeated_only_where_the_copy_fits(monkeypatch):
+    """K and V with repeated heads must fit twice in the free memory; else the plan keeps
+    the grouped rows."""
+    q, k = torch.empty(1, 32, 2048, 64), torch.empty(1, 8, 2048, 64)
+    pat = spattn.compile("causal", backend="torch")
+    copy = 2 * 32 * 2048 * 64 * 4
+    monkeypatch.setattr(cpu_plan, "available_memory", lambda dev: 2 * copy + 1)
+    assert torch_backend.make_plan(pat, q, k, q_offset=None, inputs={}).expand == 4
+    monkeypatch.setattr(cpu_plan, "available_memory", lambda dev: 2 * copy - 1)
+    assert torch_backend.make_plan(pat, q, k, q_offset=None, inputs={}).expand == 1
+
+
 def test_padded_batch_is_one_dense_item_per_element():
     """Causal attention over a left-padded batch: the cost model takes one dense item per
     batch element, with the kernel's causal flag and one mask row per element, read as
