@@ -161,6 +161,36 @@ def test_generic_primitive_matches_the_kernel(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def _against_reference(pat, plan, q, k, v, ins, g, scale=0.25, dlse=False):
+    """Forward and backward of ``plan`` (float64) against the reference on the pattern's
+    mask: o, the lse of rows with a key (-inf and 0 for the others), and the gradients of
+    q, k, v (with an lse gradient where ``dlse``). Returns the gathers the calls made."""
+    gathers = []
+    real = torch_backend._gather
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_backend, "_gather", lambda *a: gathers.append(1) or real(*a))
+        o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=scale)
+        do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+        dl = torch.randn(lse.shape, generator=g, dtype=torch.float64) if dlse else None
+        got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=scale, dlse=dl)
+    B, Hq, Lq, _ = q.shape
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    mask = pat.mask(Lq, k.shape[2], num_heads=Hq, batch=B, **ins)
+    ro, rl = attention_reference(qr, kr, vr, mask, scale=scale)
+    torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
+    seen = mask.expand(B, Hq, Lq, k.shape[2]).any(-1)
+    torch.testing.assert_close(lse[seen], rl.detach()[seen], rtol=1e-10, atol=1e-10)
+    assert bool(torch.isneginf(lse[~seen]).all()) and not bool(o[~seen].any())
+    loss = (ro * do).sum()
+    if dlse:
+        loss = loss + (rl.masked_fill(~seen, 0.0) * dl).sum()
+    loss.backward()
+    for name, a, b in zip("qkv", got, (qr.grad, kr.grad, vr.grad)):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    return gathers
+
+
 _KEYS_CASES = {
     # name: (source, B, Hq, Hk, Lq, Lk, inputs(B, L, g))
     "columns-beside-window": ("causal & (window(40) | k % 64 == 0)", 1, 4, 4, 300, 300, None),
@@ -187,18 +217,7 @@ def test_keys_strategy_against_the_reference(name):
     ins = make(B, Lk, g) if make else {}
     plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy="keys")
     assert plan.strategy == "keys"
-    o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=0.25)
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    mask = pat.mask(Lq, Lk, num_heads=Hq, batch=B, **ins)
-    ro, rl = attention_reference(qr, kr, vr, mask, scale=0.25)
-    torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
-    seen = mask.expand(B, Hq, Lq, Lk).any(-1)
-    torch.testing.assert_close(lse[seen], rl.detach()[seen], rtol=1e-10, atol=1e-10)
-    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
-    (ro * do).sum().backward()
-    got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.25)
-    for a, b in zip(got, (qr.grad, kr.grad, vr.grad)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    _against_reference(pat, plan, q, k, v, ins, g)
 
 
 @pytest.mark.parametrize("src", ["causal & (window(64) | k % 64 == 0)", "causal & keep[k]",
@@ -267,25 +286,9 @@ def test_one_item_per_batch_element_reads_views(name):
     assert plan.covers and (c.batch_items and c.n == B) != ("shared" in name), plan
     assert (c.is_causal and c.mask.shape[2] == 1) == column, plan
     assert c.col0 > 0 or "late" not in name or column
-    gathers = []
-    real = torch_backend._gather
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch_backend, "_gather", lambda *a: gathers.append(1) or real(*a))
-        o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=0.25)
-        do = torch.randn(o.shape, generator=g, dtype=torch.float64)
-        got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.25)
+    gathers = _against_reference(pat, plan, q, k, v, ins, g)
     if Hq == Hk or not bshd:
         assert not gathers                   # (grouped heads of [B, L, H, D] are gathered)
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    mask = pat.mask(Lq, Lk, num_heads=Hq, batch=B, **ins)
-    ro, rl = attention_reference(qr, kr, vr, mask, scale=0.25)
-    torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
-    seen = mask.expand(B, Hq, Lq, Lk).any(-1)
-    torch.testing.assert_close(lse[seen], rl.detach()[seen], rtol=1e-10, atol=1e-10)
-    assert bool(torch.isneginf(lse[~seen]).all()) and not bool(o[~seen].any())
-    (ro * do).sum().backward()
-    for a, b in zip(got, (qr.grad, kr.grad, vr.grad)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("src,B,Hq,Hk,L,make", [
@@ -310,20 +313,7 @@ def test_grouped_heads_run_ungrouped_for_the_causal_flag(src, B, Hq, Hk, L, make
     plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins)
     assert plan.expand == Hq // Hk and plan.Hk == Hq, plan
     assert all(c.is_causal for c in plan.calls), plan
-    o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=0.3)
-    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
-    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
-    got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=0.3, dlse=dlse)
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    mask = pat.mask(L, L, num_heads=Hq, batch=B, **ins)
-    ro, rl = attention_reference(qr, kr, vr, mask, scale=0.3)
-    torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
-    seen = mask.expand(B, Hq, L, L).any(-1)
-    torch.testing.assert_close(lse[seen], rl.detach()[seen], rtol=1e-10, atol=1e-10)
-    ((ro * do).sum() + (rl.masked_fill(~seen, 0.0) * dlse).sum()).backward()
-    for name, a, b in zip("qkv", got, (qr.grad, kr.grad, vr.grad)):
-        assert a.shape == b.shape, name
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    _against_reference(pat, plan, q, k, v, ins, g, scale=0.3, dlse=True)
 
 
 def test_grouped_heads_keep_their_rows_where_the_flag_does_not_help():
