@@ -135,7 +135,10 @@ class Call:
     :meth:`masks`). ``batch_items``: the items are the batch elements in order, each over
     the same consecutive rows and keys (a pattern that depends on the batch, as a padding
     mask does, in one item per element): the backend reads them as views ``[B, Hk, G * R,
-    *]`` of the caller's tensors, as it reads one item shared by the batch.
+    *]`` of the caller's tensors, as it reads one item shared by the batch. ``batch0``:
+    every item belongs to batch element ``batch0`` (a call per element of a pattern that
+    depends on the batch), and ``row_step`` / ``col_step`` describe views of that
+    element alone.
     """
 
     slot: int
@@ -152,6 +155,7 @@ class Call:
     col_valid: Optional[torch.Tensor] = None
     build_mask: Optional[object] = None
     batch_items: bool = False
+    batch0: Optional[int] = None
 
     def masks(self):
         """``(mask, row_any)``: kept, or built now (``build_mask``: a plan whose masks are
@@ -489,6 +493,17 @@ def _band_options(ctx: _Ctx, dense_only: bool = False) -> list:
             return [_band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked,
                                column)]
         out.append((name, est, make))
+        if not g.shared and ctx.B > 1 and ng > 1:
+            # a call per batch element over strided views instead of the items gathered
+            own = 0 if inside else 2 * ctx.B * ctx.Hk * (last - first) * ctx.D
+            est = cost([(ng, R, W, False, masked)] * ctx.B, ctx.Hk, ctx.G, own)
+
+            def make(rt=rt, ng=ng, kt0=kt0, w=w, R=R, W=W, units=units, blocks=blocks,
+                     unmasked=unmasked):
+                return [_band_call(ctx, units[b * ng:(b + 1) * ng],
+                                   blocks[b * ng:(b + 1) * ng], rt, ng, kt0, w, R, W, False,
+                                   unmasked, batch0=b) for b in range(ctx.B)]
+            out.append(("band", est, make))
     return out
 
 
@@ -547,10 +562,11 @@ def _causal_ok(ctx, first: int):
 
 
 def _band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked,
-               column=False) -> Call:
+               column=False, batch0=None) -> Call:
     """The call of band items (batch units ``units``, row blocks ``blocks`` of ``rt`` tiles,
     key tiles from ``kt0 + block * rt``, ``w`` of them); ``column``: one item over every
-    row whose pattern is causal and ``ctx.column`` (:func:`_column_mask`)."""
+    row whose pattern is causal and ``ctx.column`` (:func:`_column_mask`); ``batch0``: the
+    items are those of batch element ``batch0`` alone (strided views of it)."""
     rows = (blocks * rt * BLOCK).view(-1, 1) + torch.arange(R).view(1, -1)
     cols = _band_keys(ctx, blocks, kt0, rt, w)[:, :W]
     bidx, hidx = ctx.lane_index(units)
@@ -562,11 +578,11 @@ def _band_call(ctx, units, blocks, rt, ng, kt0, w, R, W, causal, unmasked,
         tiles = _band_tiles(ctx, units, blocks, kt0, rt, w)
         mask, row_any = _mask(ctx, tiles, units, rows, cols)
     same_b = ctx.grid.shared or ctx.B == 1
+    step = rt * BLOCK if same_b or batch0 is not None else None
     return Call(slot=0, bidx=bidx.to(ctx.device), hidx=hidx.to(ctx.device),
-                rows=rows.to(ctx.device), cols=cols.to(ctx.device),
-                row_step=rt * BLOCK if same_b else None,
-                col_step=rt * BLOCK if same_b else None, mask=mask, row_any=row_any,
-                is_causal=is_causal, batch_items=not same_b and ng == 1)
+                rows=rows.to(ctx.device), cols=cols.to(ctx.device), row_step=step,
+                col_step=step, mask=mask, row_any=row_any, is_causal=is_causal,
+                batch_items=not same_b and ng == 1, batch0=batch0)
 
 
 def _column_part(ir) -> Optional[tuple]:

@@ -288,13 +288,19 @@ def _gather_rows(plan: CpuPlan, c, t: torch.Tensor) -> torch.Tensor:
     return _copy_(y, x.permute(*perm)).flatten(2, 3)
 
 
+def _own(c, t: torch.Tensor) -> torch.Tensor:
+    """``t [B, ...]`` as the call ``c`` views it: batch element ``c.batch0`` alone
+    (``[1, ...]``) where its items all belong to it, else the whole batch."""
+    return t if c.batch0 is None else t[c.batch0:c.batch0 + 1]
+
+
 def _put_rows(plan: CpuPlan, c, dst: torch.Tensor, src: torch.Tensor, add: bool = False):
     """Write (or add) ``src [n, lanes, G * R, *rest]`` to the rows of ``c`` in
     ``dst [B, Hq, L, *rest]`` (token-major storage, or any strides on the view path)."""
     src = _unbatch(plan, c, src)
     if c.row_step is not None or c.batch_items:
         v = _bview(plan, dst, c.row0, c.R, plan.G) if c.batch_items else \
-            _view(plan, dst, c.row0, c.row_step, c.n, c.R, plan.G)
+            _view(plan, _own(c, dst), c.row0, c.row_step, c.n, c.R, plan.G)
         if v is not None:
             (_add_ if add else _copy_)(v, src)
             return dst
@@ -350,11 +356,11 @@ class _Inputs:
         plan = self.plan
         if c.row_step is not None:
             start = c.row0
-            v = _view(plan, t, start, c.row_step, c.n, c.R, plan.G)
+            v = _view(plan, _own(c, t), start, c.row_step, c.n, c.R, plan.G)
             if v is None and plan.G == 1:
                 hi = max(t.shape[2], c.row_end)
                 buf = self.cached(("rows", id(t), hi), lambda: self.copy(t, 0, hi))
-                v = _view(plan, buf, start, c.row_step, c.n, c.R, 1)
+                v = _view(plan, _own(c, buf), start, c.row_step, c.n, c.R, 1)
             if v is not None:
                 return v
         return _gather_rows(plan, c, t)
@@ -363,12 +369,12 @@ class _Inputs:
         plan = self.plan
         if c.col_step is not None:
             start = c.col0
-            v = _view(plan, t, start, c.col_step, c.n, c.W, 1)
+            v = _view(plan, _own(c, t), start, c.col_step, c.n, c.W, 1)
             if v is not None:
                 return v
             lo, hi = self.span()
             buf = self.cached(("keys", id(t)), lambda: self.copy(t, lo, hi))
-            return _view(plan, buf, start - lo, c.col_step, c.n, c.W, 1)
+            return _view(plan, _own(c, buf), start - lo, c.col_step, c.n, c.W, 1)
         tm = self.cached(("tm", id(t)), lambda: _tm(plan, t))
         x = _gather(tm, _tm_rows(plan, c, c.cols, plan.Lk))
         return x.view((c.n, c.W, plan.lanes) + tuple(t.shape[3:])).transpose(1, 2)
@@ -425,7 +431,7 @@ def _add_keys(plan: CpuPlan, c, dst: torch.Tensor, lo: int, src: torch.Tensor,
     if c.col_step is not None:
         start = c.col0 - lo
         phases = c.n if c.col_step == 0 else min(c.n, -(-c.W // c.col_step))
-        parts = [(_view(plan, dst, start + p * c.col_step, phases * c.col_step,
+        parts = [(_view(plan, _own(c, dst), start + p * c.col_step, phases * c.col_step,
                         src[p::phases].shape[0], c.W, 1), src[p::phases])
                  for p in range(phases)]
         if all(v is not None for v, _ in parts):

@@ -291,6 +291,45 @@ def test_one_item_per_batch_element_reads_views(name):
         assert not gathers                   # (grouped heads of [B, L, H, D] are gathered)
 
 
+@pytest.mark.parametrize("src,B,Hq,Hk,Lq,Lk,bshd", [
+    ("causal & window(100) & k >= first[b]", 3, 4, 4, 700, 700, False),
+    ("causal & window(100) & k >= first[b]", 2, 6, 2, 700, 700, True),
+    ("q - k <= 70 & k - q <= 30 & k >= first[b]", 2, 2, 1, 650, 650, False),
+    ("causal & window(90) & k >= first[b]", 3, 4, 2, 500, 620, False)],
+    ids=["window-B3-H4/4", "window-GQA-B2-H6/2-bshd", "two-sided-B2-H2/1",
+         "bottom-right-B3-H4/2"])
+def test_band_per_batch_element_over_views(src, B, Hq, Hk, Lq, Lk, bshd):
+    """A band of a pattern that depends on the batch (a sliding window over a padded
+    batch) as a call per batch element over strided views of that element (``Call.batch0``),
+    windows reaching past either end of the keys included; exact in float64, forward and
+    backward."""
+    g = torch.Generator().manual_seed(Lq + Hq + B)
+    pat = spattn.compile(src, backend="torch")
+
+    def rand(H, L):
+        if bshd:
+            return torch.randn(B, L, H, 16, generator=g, dtype=torch.float64).transpose(1, 2)
+        return torch.randn(B, H, L, 16, generator=g, dtype=torch.float64)
+    q, k, v = rand(Hq, Lq), rand(Hk, Lk), rand(Hk, Lk)
+    ins = {"first": torch.tensor([0, 150, 9][:B])}
+    plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy="band")
+    assert [c.batch0 for c in plan.calls] == list(range(B)), plan
+    assert all(c.row_step is not None and c.col_step is not None for c in plan.calls)
+    gathers = _against_reference(pat, plan, q, k, v, ins, g)
+    assert bshd or Hq != Hk or not gathers     # (grouped rows of a band: gathered queries)
+
+
+def test_padded_window_is_a_band_call_per_element():
+    """A sliding window over a left-padded batch of four at 2048 tokens: a band call per
+    batch element over views, not the items gathered."""
+    pat = spattn.compile("causal & window(256) & k >= first[b]", backend="torch")
+    q = torch.empty(4, 8, 2048, 64)
+    plan = torch_backend.make_plan(pat, q, q, q_offset=None,
+                                   inputs={"first": torch.tensor([0, 170, 682, 7])})
+    assert plan.strategy == "band" and [c.batch0 for c in plan.calls] == [0, 1, 2, 3], plan
+    assert plan.pairs() < 0.2 * 4 * 8 * 2048 * 2048
+
+
 @pytest.mark.parametrize("src,B,Hq,Hk,L,make", [
     ("causal", 1, 8, 2, 1100, None),
     ("causal", 2, 6, 3, 1030, None),
