@@ -628,8 +628,8 @@ def _column_mask(ctx, units, R: int, cols):
         allowed = allowed & torch.as_tensor(evaluate(c, env, ctx.inputs)).to(torch.bool).cpu()
     allowed = allowed.expand(n, Hc, 1, W)
     mask = torch.where(allowed, 0.0, NINF).to(ctx.dtype).to(dev)
-    first = torch.where(allowed.any(-1), allowed.to(torch.uint8).argmax(-1), W)  # [n, Hc, 1]
-    row_any = torch.arange(R).view(1, 1, R) >= first
+    first = torch.where(allowed.any(-1), allowed.to(torch.uint8).argmax(-1), R)  # [n, Hc, 1]
+    row_any = torch.arange(R).view(1, 1, R) >= first          # (none where no key: R > all)
     return mask, (None if bool(row_any.all()) else row_any.to(dev))
 
 

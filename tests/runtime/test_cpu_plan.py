@@ -257,6 +257,13 @@ _BATCH_ITEMS = {
                           lambda B, H, L, g: {"first": torch.tensor([70, 130])}, False, False),
     "late-keys-B2-H2/2": ("causal & (k >= first[b] | k < 2)", 2, 2, 2, 200, 200,
                           lambda B, H, L, g: {"first": torch.tensor([70, 201])}, False, True),
+    "head-without-keys-B1-H2/2": ("causal & keep[h, k]", 1, 2, 2, 200, 200,
+                                  lambda B, H, L, g: {"keep": torch.arange(L).expand(H, L)
+                                                      < torch.tensor([[100], [0]])},
+                                  False, True),
+    "element-without-keys-B2-H2/2": ("causal & k < n[b]", 2, 2, 2, 300, 300,
+                                     lambda B, H, L, g: {"n": torch.tensor([100, 0])},
+                                     False, True),
     "shared-keep-B3-H2/2": ("causal & keep[k]", 3, 2, 2, 150, 150,
                             lambda B, H, L, g: {"keep": torch.rand(L, generator=g) < 0.5},
                             False, True),
@@ -283,7 +290,7 @@ def test_one_item_per_batch_element_reads_views(name):
     ins = make(B, Hq, Lk, g)
     plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy="dense")
     (c,) = plan.calls
-    assert plan.covers and (c.batch_items and c.n == B) != ("shared" in name), plan
+    assert plan.covers and (c.batch_items and c.n == B) == (B > 1 and "shared" not in name)
     assert (c.is_causal and c.mask.shape[2] == 1) == column, plan
     assert c.col0 > 0 or "late" not in name or column
     gathers = _against_reference(pat, plan, q, k, v, ins, g)
