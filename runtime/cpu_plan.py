@@ -171,7 +171,7 @@ class Call:
     def __post_init__(self):
         # first and last row and key of the items, as ints (no tensor reads per call)
         object.__setattr__(self, "row0", int(self.rows[0, 0]))
-        object.__setattr__(self, "row_end", int(self.rows[-1, -1]) + 1)
+        object.__setattr__(self, "row_end", int(self.rows.max()) + 1)   # (items by batch)
         object.__setattr__(self, "col0", int(self.cols[0, 0]))
         object.__setattr__(self, "col_end", int(self.cols[-1, -1]) + 1)
 

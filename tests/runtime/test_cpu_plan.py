@@ -201,6 +201,9 @@ _KEYS_CASES = {
     "fixed-per-head": ("fixed(64, 4 + h)", 1, 4, 2, 333, 333, None),
     "strided-decode": ("causal & k % 16 < 2", 2, 4, 1, 7, 500, None),
     "rows-without-keys": ("k % 50 == 0 & q % 3 != 0", 1, 2, 2, 200, 200, None),
+    # the last item's rows end before the first element's padded rows do
+    "padded-rows-per-batch": ("k - q <= 64 & q - k <= 10 & k < first[b]", 3, 1, 1, 646, 700,
+                              lambda B, L, g: {"first": torch.tensor([702, 699, 428])}),
 }
 
 
