@@ -404,8 +404,9 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
         # their gradients)
         alt = build_plan(pattern, B, Hq, Hq, Lq, Lk, q_offset=q_offset, inputs=inputs,
                          dtype=dtype, device=device)
-        if alt.cost + COPY_COST * 2 * B * Hq * Lk * ctx.D < est:
-            return replace(alt, expand=G, cost=alt.cost + COPY_COST * 2 * B * Hq * Lk * ctx.D)
+        repeated = alt.cost + COPY_COST * 2 * B * Hq * Lk * ctx.D
+        if repeated < est:
+            return replace(alt, expand=G, cost=repeated)
     calls = make()
     c = calls[0] if len(calls) == 1 else None
     covers = c is not None and c.row0 == 0 and (
@@ -480,7 +481,8 @@ def _band_options(ctx: _Ctx, dense_only: bool = False) -> list:
             n_items * (ctx.Hq if g.head_dep else ctx.G) * (1 if column else R) * W
         if mask_elems > MASK_BUDGET and not (causal and causal[1]):
             continue
-        copies = 0 if inside else 2 * ctx.B * ctx.Hk * (last - first) * ctx.D
+        padded = 0 if inside else 2 * ctx.B * ctx.Hk * (last - first) * ctx.D
+        copies = padded
         if not g.shared and ctx.B > 1 and ng > 1:     # (one item per element: views)
             copies += (2 * n_items * ctx.Hk * W + ctx.Hq * R * n_items) * ctx.D
         masked = not unmasked and not (causal and causal[1])
@@ -495,8 +497,7 @@ def _band_options(ctx: _Ctx, dense_only: bool = False) -> list:
         out.append((name, est, make))
         if not g.shared and ctx.B > 1 and ng > 1:
             # a call per batch element over strided views instead of the items gathered
-            own = 0 if inside else 2 * ctx.B * ctx.Hk * (last - first) * ctx.D
-            est = cost([(ng, R, W, False, masked)] * ctx.B, ctx.Hk, ctx.G, own)
+            est = cost([(ng, R, W, False, masked)] * ctx.B, ctx.Hk, ctx.G, padded)
 
             def make(rt=rt, ng=ng, kt0=kt0, w=w, R=R, W=W, units=units, blocks=blocks,
                      unmasked=unmasked):
@@ -614,19 +615,13 @@ def _column_mask(ctx, units, R: int, cols):
     flag does the first, and the mask ``[n, 1 or Hk, 1, W]`` (0 / -inf) the second, one row
     the kernel broadcasts over the item's rows. Row ``r`` sees a key where its item allows
     one at or before ``r``: ``row_any [n, 1 or Hk, R]`` (None when every row does)."""
-    g = ctx.grid
     n, W = cols.shape
-    Hc = g.cls.shape[1]
+    Hc = ctx.grid.cls.shape[1]
     dev = ctx.device
-    zero = torch.zeros((), dtype=I64)
-    env = {"q": zero.to(dev), "k": cols.clamp(0, ctx.Lk - 1).view(n, 1, 1, W).to(dev),
-           "h": (torch.arange(Hc).view(1, Hc, 1, 1) if g.head_dep else zero).to(dev),
-           "b": (units.view(n, 1, 1, 1) if g.batch_dep else zero).to(dev),
-           "Lq": ctx.Lq, "Lk": ctx.Lk, "H": ctx.Hq}
-    allowed = ((cols >= 0) & (cols < ctx.Lk)).view(n, 1, 1, W)
-    for c in ctx.column:
-        allowed = allowed & torch.as_tensor(evaluate(c, env, ctx.inputs)).to(torch.bool).cpu()
-    allowed = allowed.expand(n, Hc, 1, W)
+    allowed = _predicate(ctx, torch.zeros((1, 1, 1, 1), dtype=I64),
+                         cols.clamp(0, ctx.Lk - 1).view(n, 1, 1, W), units.view(n, 1, 1, 1),
+                         torch.arange(Hc).view(1, Hc, 1, 1), ctx.column)
+    allowed = allowed & ((cols >= 0) & (cols < ctx.Lk)).view(n, 1, 1, W)       # [n, Hc, 1, W]
     mask = torch.where(allowed, 0.0, NINF).to(ctx.dtype).to(dev)
     first = torch.where(allowed.any(-1), allowed.to(torch.uint8).argmax(-1), R)  # [n, Hc, 1]
     row_any = torch.arange(R).view(1, 1, R) >= first          # (none where no key: R > all)
@@ -1117,10 +1112,11 @@ def _segment_call(ctx, units, begin, length, Lb, *, exact: bool) -> Call:
 
 # ---- masks
 
-def _predicate(ctx, rows, keys, units, heads) -> torch.Tensor:
-    """The pattern at query rows ``rows`` and key positions ``keys`` (broadcastable int64),
-    for batch units ``units`` and heads ``heads`` (broadcastable, or None for all:
-    then the result gets leading ``[Bu, Hc]`` dims)."""
+def _predicate(ctx, rows, keys, units, heads, nodes=None) -> torch.Tensor:
+    """The pattern (or the conjunction of ``nodes``, bool IR nodes of it) at query rows
+    ``rows`` and key positions ``keys`` (broadcastable int64), for batch units ``units`` and
+    heads ``heads`` (broadcastable, or None for all: then the result gets leading
+    ``[Bu, Hc]`` dims)."""
     g = ctx.grid
     if units is None:
         Bu, Hc = g.cls.shape[0], g.cls.shape[1]
@@ -1133,9 +1129,12 @@ def _predicate(ctx, rows, keys, units, heads) -> torch.Tensor:
            "h": (heads if g.head_dep else zero).to(dev),
            "b": (units if g.batch_dep else zero).to(dev),
            "Lq": ctx.Lq, "Lk": ctx.Lk, "H": ctx.Hq}
-    out = torch.as_tensor(evaluate(ctx.pattern.ir, env, ctx.inputs), device=dev)
+    out = None
+    for node in nodes or (ctx.pattern.ir,):
+        x = torch.as_tensor(evaluate(node, env, ctx.inputs), device=dev).to(torch.bool)
+        out = x if out is None else out & x
     shape = torch.broadcast_shapes(rows.shape, keys.shape, units.shape, heads.shape)
-    return out.to(torch.bool).cpu().expand(shape)
+    return out.cpu().expand(shape)
 
 
 def _mask(ctx, tiles, units, rows, cols):

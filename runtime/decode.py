@@ -724,7 +724,7 @@ class DecodePlan:
 
     def _keep_step(self, key, step, memo: Optional[dict] = None, size: int = CPU_STEPS) -> None:
         """Put ``step`` in ``memo`` (the plan's memo of steps by default; a routed entry's
-        ``steps``) under ``key``, the oldest leaving past ``size``."""
+        ``steps``; the mask buffers) under ``key``, the oldest leaving past ``size``."""
         memo = self._steps if memo is None else memo
         with self._steps_lock:
             while len(memo) >= size:
@@ -971,10 +971,7 @@ class DecodePlan:
                 allow[b, r[0]:r[1] if len(r) == 2 else cap] = True
         buf = torch.where(allow, 0.0, float("-inf")).to(self.dtype).to(self.device) \
             .view(self.B, 1, 1, cap)
-        with self._steps_lock:
-            while len(self._masks) >= MASK_BUFFERS:
-                self._masks.pop(next(iter(self._masks)))
-            self._masks[key] = buf
+        self._keep_step(key, buf, self._masks, MASK_BUFFERS)
         return buf
 
     def _head_gather(self, runs, part, m_part):
@@ -1158,10 +1155,7 @@ class DecodePlan:
         buf = torch.zeros((1, 1, G * self.Lq, bk), dtype=self.dtype, device=self.device)
         buf[0, 0, :, bk - width:] = torch.tensor(block * G, dtype=self.dtype,
                                                  device=self.device)
-        with self._steps_lock:
-            while len(self._masks) >= MASK_BUFFERS:
-                self._masks.pop(next(iter(self._masks)))
-            self._masks[tail, width] = buf
+        self._keep_step((tail, width), buf, self._masks, MASK_BUFFERS)
         return buf
 
     def run_torch(self, q, k, v, lens: tuple, q_shift: int, page_table, page_size: int,

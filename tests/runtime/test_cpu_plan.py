@@ -236,6 +236,16 @@ def test_keys_strategy_is_chosen_for_few_keys_in_partial_tiles(src):
     assert plan.pairs() < 0.2 * 8 * L * L
 
 
+def _qkv(g, B, Hq, Hk, Lq, Lk, bshd):
+    """Fresh float64 q ``[B, Hq, Lq, 16]``, k and v ``[B, Hk, Lk, 16]``; ``bshd``: views of
+    ``[B, L, H, D]`` storage."""
+    def rand(H, L):
+        if bshd:
+            return torch.randn(B, L, H, 16, generator=g, dtype=torch.float64).transpose(1, 2)
+        return torch.randn(B, H, L, 16, generator=g, dtype=torch.float64)
+    return rand(Hq, Lq), rand(Hk, Lk), rand(Hk, Lk)
+
+
 _BATCH_ITEMS = {
     # name: (source, B, Hq, Hk, Lq, Lk, inputs(B, Hq, L, g), bshd, one mask row)
     "left-padding-B4-H4/4": ("causal & k >= first[b]", 4, 4, 4, 200, 200,
@@ -284,12 +294,7 @@ def test_one_item_per_batch_element_reads_views(name):
     src, B, Hq, Hk, Lq, Lk, make, bshd, column = _BATCH_ITEMS[name]
     g = torch.Generator().manual_seed(len(name))
     pat = spattn.compile(src, backend="torch")
-
-    def rand(H, L):
-        if bshd:
-            return torch.randn(B, L, H, 16, generator=g, dtype=torch.float64).transpose(1, 2)
-        return torch.randn(B, H, L, 16, generator=g, dtype=torch.float64)
-    q, k, v = rand(Hq, Lq), rand(Hk, Lk), rand(Hk, Lk)
+    q, k, v = _qkv(g, B, Hq, Hk, Lq, Lk, bshd)
     ins = make(B, Hq, Lk, g)
     plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy="dense")
     (c,) = plan.calls
@@ -315,12 +320,7 @@ def test_band_per_batch_element_over_views(src, B, Hq, Hk, Lq, Lk, bshd):
     backward."""
     g = torch.Generator().manual_seed(Lq + Hq + B)
     pat = spattn.compile(src, backend="torch")
-
-    def rand(H, L):
-        if bshd:
-            return torch.randn(B, L, H, 16, generator=g, dtype=torch.float64).transpose(1, 2)
-        return torch.randn(B, H, L, 16, generator=g, dtype=torch.float64)
-    q, k, v = rand(Hq, Lq), rand(Hk, Lk), rand(Hk, Lk)
+    q, k, v = _qkv(g, B, Hq, Hk, Lq, Lk, bshd)
     ins = {"first": torch.tensor([0, 150, 9][:B])}
     plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy="band")
     assert [c.batch0 for c in plan.calls] == list(range(B)), plan
