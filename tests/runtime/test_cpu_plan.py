@@ -170,15 +170,16 @@ def _against_reference(pat, plan, q, k, v, ins, g, scale=0.25, dlse=False):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch_backend, "_gather", lambda *a: gathers.append(1) or real(*a))
         o, lse = torch_backend.fwd_planned(plan, q, k, v, scale=scale)
-        do = torch.randn(o.shape, generator=g, dtype=torch.float64)
-        dl = torch.randn(lse.shape, generator=g, dtype=torch.float64) if dlse else None
+        do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)
+        dl = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(o.device) \
+            if dlse else None
         got = torch_backend.bwd_planned(plan, q, k, v, o, lse, do, scale=scale, dlse=dl)
     B, Hq, Lq, _ = q.shape
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     mask = pat.mask(Lq, k.shape[2], num_heads=Hq, batch=B, **ins)
     ro, rl = attention_reference(qr, kr, vr, mask, scale=scale)
     torch.testing.assert_close(o, ro.detach(), rtol=1e-10, atol=1e-10)
-    seen = mask.expand(B, Hq, Lq, k.shape[2]).any(-1)
+    seen = mask.to(o.device).expand(B, Hq, Lq, k.shape[2]).any(-1)
     torch.testing.assert_close(lse[seen], rl.detach()[seen], rtol=1e-10, atol=1e-10)
     assert bool(torch.isneginf(lse[~seen]).all()) and not bool(o[~seen].any())
     loss = (ro * do).sum()
@@ -363,6 +364,40 @@ def test_grouped_heads_run_ungrouped_for_the_causal_flag(src, B, Hq, Hk, L, make
     assert plan.expand == Hq // Hk and plan.Hk == Hq, plan
     assert all(c.is_causal for c in plan.calls), plan
     _against_reference(pat, plan, q, k, v, ins, g, scale=0.3, dlse=True)
+
+
+_CUDA_FORMS = {
+    # name: (source, B, Hq, Hk, Lq, Lk, inputs(B, L), strategy, the plan's form)
+    "batch-items-column-B4-H4/4": ("causal & k >= first[b]", 4, 4, 4, 200, 200,
+                                   lambda B, L: {"first": torch.tensor([0, 17, 150, 3])},
+                                   "dense", lambda p: p.calls[0].batch_items),
+    "batch-items-keep-B2-H4/2": ("keep[b, h, k] & q - k >= -3", 2, 4, 2, 150, 160,
+                                 lambda B, L: {"keep": torch.arange(B * 4 * L).view(B, 4, L)
+                                               % 7 != 2}, "dense",
+                                 lambda p: p.calls[0].batch_items),
+    "batch0-window-B3-H4/2": ("causal & window(90) & k >= first[b]", 3, 4, 2, 500, 620,
+                              lambda B, L: {"first": torch.tensor([0, 150, 9])}, "band",
+                              lambda p: [c.batch0 for c in p.calls] == [0, 1, 2]),
+    "expand-padding-B3-H4/1": ("causal & k >= first[b]", 3, 4, 1, 1024, 1024,
+                               lambda B, L: {"first": torch.tensor([0, 60, 3])}, None,
+                               lambda p: p.expand == 4),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(_CUDA_FORMS))
+def test_plan_forms_on_cuda_tensors(name):
+    """The torch backend runs the CPU plan's call forms on CUDA tensors too (one item per
+    batch element as views, one mask row per item, a band per batch element, K and V
+    repeated per query head): exact in float64 there, forward and backward."""
+    src, B, Hq, Hk, Lq, Lk, make, strategy, form = _CUDA_FORMS[name]
+    g = torch.Generator().manual_seed(Lq + Hq)
+    pat = spattn.compile(src, backend="torch")
+    q, k, v = (t.cuda() for t in _qkv(g, B, Hq, Hk, Lq, Lk, False))
+    ins = {n: t.cuda() for n, t in make(B, Lk).items()}
+    plan = torch_backend.make_plan(pat, q, k, q_offset=None, inputs=ins, strategy=strategy)
+    assert form(plan), plan
+    _against_reference(pat, plan, q, k, v, ins, g, dlse=True)
 
 
 def test_grouped_heads_keep_their_rows_where_the_flag_does_not_help():

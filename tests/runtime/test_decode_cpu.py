@@ -184,7 +184,8 @@ def test_per_batch_inputs_batched_step(name, B, Hq, Hk, Lq):
     ("causal & (k >= first[b] | k < 3)", [0, 40, 9], 3, 4, 4),
     ("causal & k >= first[b] & k != first[b] + 5", [1, 3], 2, 4, 1)],
     ids=["left-padding-B4-H8/8", "left-padding-B3-H8/2", "sinks-B3-H4/4", "hole-B2-H4/1"])
-def test_growing_padded_batch_steps_view_one_mask(src, first, B, Hq, Hk, dtype):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_growing_padded_batch_steps_view_one_mask(src, first, B, Hq, Hk, dtype, device):
     """One query row per element of a left-padded batch over a growing cache (batched
     generation): every element's last key run ends at the cache's end, so each longer
     cache's step masks the union of the keys with a view of one kept buffer instead of a
@@ -193,11 +194,11 @@ def test_growing_padded_batch_steps_view_one_mask(src, first, B, Hq, Hk, dtype):
     dec.DECODE_PLANS.clear()
     pat = spattn.compile(src, backend="torch")
     g = torch.Generator().manual_seed(sum(first) + B)
-    ins = {"first": torch.tensor(first)}
-    k, v = _rand(B, Hk, 512, 32, g=g, dtype=dtype), _rand(B, Hk, 512, 32, g=g, dtype=dtype)
+    ins = {"first": torch.tensor(first, device=device)}
+    k, v = (_rand(B, Hk, 512, 32, g=g, dtype=dtype).to(device) for _ in range(2))
     rtol = 2e-3 if dtype == torch.float32 else 2e-2
     for L in (300, 301, 302, 333, 511, 301):
-        q = _rand(B, Hq, 1, 32, g=g, dtype=dtype)
+        q = _rand(B, Hq, 1, 32, g=g, dtype=dtype).to(device)
         kL, vL = k[:, :, :L], v[:, :, :L]
         want_o, want_lse = _reference(pat, q, kL, vL, [L] * B, ins)
         _close(f"L{L}", pat(q, kL, vL, **ins), want_o, rtol)
