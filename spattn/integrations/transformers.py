@@ -1061,7 +1061,7 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
     if layer.mask_kind is not None and layer.mask_kind != mask.kind:
         module.__dict__.pop("_spattn_layer", None)      # the config may have changed
         layer = _layer_of(module)
-        if _direction_only(layer.mask_kind, mask.kind):
+        if _direction_only(layer.mask_kind, mask.kind) or _inferred(module.config, mask):
             layer = _as_masked(module, layer, mask.kind)
     if layer.mask_kind is not None and layer.mask_kind != mask.kind:
         at = _where(module)
@@ -1152,12 +1152,23 @@ def _dense(module, layer: LayerPattern, mask: SpattnMask, query, key, value, sca
                 kwargs)
 
 
+def _inferred(config, mask: SpattnMask) -> bool:
+    """The layer's type is spattn's guess of what transformers infers (the config lists no
+    ``layer_types``), and transformers' mask is a kind spattn reads: a config that carries a
+    ``sliding_window`` or ``attention_chunk_size`` its model does not read (a Llama-family
+    model whose config holds a ``sliding_window``) is masked causally, and that mask, not
+    the guess, is what the model computes."""
+    return getattr(config, "layer_types", None) is None and mask.kind is not None
+
+
 def _as_masked(module, layer: LayerPattern, kind: tuple) -> LayerPattern:
-    """A layer whose mask transformers builds in the other direction than its config and
-    module say (:func:`_direction_only`: CLIP's text model shares its attention module,
-    ``is_causal = False``, with the vision model and builds causal masks; a bidirectional
-    Gemma 3 is masked causally in ``generate``): the layer runs what the mask says, as SDPA
-    and eager attention do, and keeps that pattern (:func:`layer_patterns` reports it)."""
+    """A layer whose mask transformers builds otherwise than its config and module say:
+    in the other direction (:func:`_direction_only`: CLIP's text model shares its attention
+    module, ``is_causal = False``, with the vision model and builds causal masks; a
+    bidirectional Gemma 3 is masked causally in ``generate``), or another kind where the
+    layer's type was inferred (:func:`_inferred`). The layer runs what the mask says, as
+    SDPA and eager attention do, and keeps that pattern (:func:`layer_patterns` reports
+    it)."""
     layer = replace(layer, pattern=_pattern(_kind_source(kind), layer.pattern.backend),
                     detail="as transformers masks it", mask_kind=kind)
     module.__dict__["_spattn_layer"] = (module.config, layer)

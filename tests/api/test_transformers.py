@@ -660,6 +660,39 @@ def test_a_full_layer_follows_the_mask_transformers_builds():
         == [(0, "q >= k", ("causal",)), (1, "q >= k", ("causal",))]
 
 
+@pytest.mark.parametrize("field", ["sliding_window", "attention_chunk_size"])
+def test_a_config_field_the_model_does_not_read_follows_the_mask(field):
+    """A Llama config holding a ``sliding_window`` (or ``attention_chunk_size``) that Llama's
+    code never reads: without ``layer_types`` spattn infers a sliding (chunked) layer, as
+    transformers does for Mistral, but the model builds causal masks, and the layers run
+    those, as eager attention does (logits and greedy generation), and report it."""
+    model = model_of(tiny("LlamaConfig", **{field: 4}))
+    ids, am = left_padded([10, 7, 4], 10)
+    ref = logits(model, ids, attention_mask=am)
+    assert rel_err(logits(use_spattn(model), ids, attention_mask=am), ref, am.bool()) <= TOL
+    assert [(lp.pattern.source, lp.detail, lp.mask_kind) for lp in sphf.layer_patterns(model)] \
+        == [("q >= k", "as transformers masks it", ("causal",))] * 2
+    ref, out, _ = eager_then_decoded(use_eager(model), [9, 6, 3], 9, seed=2, new=5)
+    assert torch.equal(out, ref)
+
+
+def test_listed_layer_types_the_model_does_not_mask_are_refused():
+    """Where ``config.layer_types`` names a layer's type and the mask the layer gets is of
+    another kind, the call is refused naming both: the list is the model's own word, not
+    spattn's guess."""
+    model = use_spattn(model_of(tiny("Qwen2Config", use_sliding_window=True, sliding_window=4,
+                                     max_window_layers=0)))
+    module = model.model.layers[0].self_attn
+    assert sphf.layer_patterns(model)[0].mask_kind == ("sliding", 4)
+    mask = sphf.spattn_mask(batch_size=1, **queries(6, 0), kv_length=6,
+                            mask_function=mu.causal_mask_function)
+    q = torch.randn(1, 4, 6, 16)
+    k = torch.randn(1, 2, 6, 16)
+    with pytest.raises(spattn.SpattnError, match=r"layer 0 \(sliding_attention\): "
+                       r"transformers masks this layer as causal"):
+        sphf.spattn_attention_forward(module, q, k, k, mask)
+
+
 def t5_model(seed=0):
     torch.manual_seed(seed)
     config = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=64, num_layers=2,
