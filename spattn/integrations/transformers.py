@@ -1154,11 +1154,12 @@ def _dense(module, layer: LayerPattern, mask: SpattnMask, query, key, value, sca
 
 def _inferred(config, mask: SpattnMask) -> bool:
     """The layer's type is spattn's guess of what transformers infers (the config lists no
-    ``layer_types``), and transformers' mask is a kind spattn reads: a config that carries a
-    ``sliding_window`` or ``attention_chunk_size`` its model does not read (a Llama-family
-    model whose config holds a ``sliding_window``) is masked causally, and that mask, not
-    the guess, is what the model computes."""
-    return getattr(config, "layer_types", None) is None and mask.kind is not None
+    ``layer_types``), and transformers masks it causally or bidirectionally: a config that
+    carries a ``sliding_window`` or ``attention_chunk_size`` its model does not read (a
+    Llama-family model whose config holds a ``sliding_window``) gets causal masks, and that
+    mask, not the guess, is what the model computes. A window or chunk of another size
+    stays refused (docs/decisions.md, "A layer's kind from its mask")."""
+    return getattr(config, "layer_types", None) is None and mask.kind in _CAUSAL_OR_FULL
 
 
 def _as_masked(module, layer: LayerPattern, kind: tuple) -> LayerPattern:
