@@ -14,7 +14,11 @@ build, runs out of memory or time does not stop the others). One line per family
     SKIP  ...                not built from the generic config, or no attention backend
     LOST  ...                the process died (memory) or ran past --seconds
 
-    python -m tests.helpers.hf_families [--only llama,gemma2] [--seconds 150]
+    python -m tests.helpers.hf_families [--only llama,gemma2] [--seconds 150] [--stray]
+
+``--stray``: every field of the generic config is passed to every family, whether or not
+its config has it (``sliding_window`` on a Llama, as configs copied from another model
+carry): a field the model's code never reads must change nothing.
 
 ``--encoders``: the base-model families that are not causal LMs (``AutoModel``: encoders,
 embedding models; vision and audio models fail their reference without text inputs, and
@@ -35,7 +39,7 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_att
 TOL = 1e-4
 
 
-def _family(model_type: str, auto_class: str):
+def _family(model_type: str, auto_class: str, stray: bool = False):
     """``(model, reference attn_implementation)`` of one family built from the generic small
     config through ``transformers.<auto_class>`` (SDPA, or eager where the model has no SDPA
     path), in eval mode; or the line of a family that cannot be run, as a str."""
@@ -47,8 +51,9 @@ def _family(model_type: str, auto_class: str):
     auto, AutoConfig = getattr(transformers, auto_class), transformers.AutoConfig
     try:
         base = AutoConfig.for_model(model_type)
-        kw = {k: v for k, v in SMALL.items() if hasattr(base, k) or k == "pad_token_id"}
-        if getattr(base, "sliding_window", None) is None:
+        kw = {k: v for k, v in SMALL.items()
+              if stray or hasattr(base, k) or k == "pad_token_id"}
+        if getattr(base, "sliding_window", None) is None and not stray:
             kw.pop("sliding_window", None)
         cfg = AutoConfig.for_model(model_type, **kw)
         types = getattr(cfg, "layer_types", None)
@@ -103,10 +108,10 @@ def _rel_err(a, b, am) -> float:
     return float((a - b).abs().max() / a.abs().max())
 
 
-def one(model_type: str) -> str:
+def one(model_type: str, stray: bool = False) -> str:
     """The line of one family (run in this process)."""
     import torch
-    built = _family(model_type, "AutoModelForCausalLM")
+    built = _family(model_type, "AutoModelForCausalLM", stray)
     if isinstance(built, str):
         return built
     model, ref = built
@@ -122,11 +127,11 @@ def one(model_type: str) -> str:
     return f"{'OK  ' if ok else 'BAD '}  {ref} err={err:.2e} same_tokens={torch.equal(ta, tb)}"
 
 
-def one_encoder(model_type: str) -> str:
+def one_encoder(model_type: str, stray: bool = False) -> str:
     """The line of one base-model family (``AutoModel``, not a causal LM: encoders and
     embedding models), run in this process: the last hidden state at the real tokens of a
     right-padded batch, through its reference and through ``"spattn"``."""
-    built = _family(model_type, "AutoModel")
+    built = _family(model_type, "AutoModel", stray)
     if isinstance(built, str):
         return built
     model, ref = built
@@ -164,10 +169,12 @@ def main():
     ap.add_argument("--seconds", type=float, default=150.0, help="per family")
     ap.add_argument("--encoders", action="store_true",
                     help="the base-model families that are not causal LMs (AutoModel)")
+    ap.add_argument("--stray", action="store_true",
+                    help="every generic field on every config, read by the model or not")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print((one_encoder if args.encoders else one)(args.one), flush=True)
+        print((one_encoder if args.encoders else one)(args.one, args.stray), flush=True)
         return
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_MAPPING_NAMES)
@@ -184,7 +191,8 @@ def main():
             continue
         try:
             done = subprocess.run([sys.executable, "-m", "tests.helpers.hf_families", "--one",
-                                   name, *(["--encoders"] if args.encoders else [])],
+                                   name, *(["--encoders"] if args.encoders else []),
+                                   *(["--stray"] if args.stray else [])],
                                   capture_output=True, text=True, timeout=args.seconds)
             lines = [ln for ln in done.stdout.splitlines()
                      if ln.startswith(("OK", "BAD", "FAIL", "SKIP"))]
