@@ -396,17 +396,17 @@ def build_plan(pattern, B: int, Hq: int, Hk: int, Lq: int, Lk: int, *, q_offset:
         raise ValueError(f"no {strategy} plan for these shapes")
     name, est, make = min(options, key=lambda o: o[1] * (KEYS_MARGIN if o[0] == "keys" else 1))
     G = Hq // Hk
-    copy = 2 * B * Hq * Lk * head_dim * dtype.itemsize          # K and V with repeated heads
-    free = available_memory(device)
-    if G > 1 and strategy is None and Lq <= Lk and (free is None or 2 * copy < free) \
-            and _causal_ok(ctx, 0):
+    if G > 1 and strategy is None and Lq <= Lk and _causal_ok(ctx, 0):
         # grouped heads repeated: the causal flag, for the copy of K and V (and the sum of
-        # their gradients)
-        alt = build_plan(pattern, B, Hq, Hq, Lq, Lk, q_offset=q_offset, inputs=inputs,
-                         dtype=dtype, device=device)
-        repeated = alt.cost + COPY_COST * 2 * B * Hq * Lk * ctx.D
-        if repeated < est:
-            return replace(alt, expand=G, cost=repeated)
+        # their gradients), where that copy fits twice in the free memory
+        copy = 2 * B * Hq * Lk * head_dim * dtype.itemsize
+        free = available_memory(device)
+        if free is None or 2 * copy < free:
+            alt = build_plan(pattern, B, Hq, Hq, Lq, Lk, q_offset=q_offset, inputs=inputs,
+                             dtype=dtype, device=device)
+            repeated = alt.cost + COPY_COST * 2 * B * Hq * Lk * ctx.D
+            if repeated < est:
+                return replace(alt, expand=G, cost=repeated)
     calls = make()
     c = calls[0] if len(calls) == 1 else None
     covers = c is not None and c.row0 == 0 and (
