@@ -51,7 +51,8 @@ from .settings import launch_guard
 from .cpu_ops import copy_ as _copy_, fill as _fill
 from .usage import check_flags, overlapping as _overlapping
 
-__all__ = ["decode", "routes", "call_routed", "fast_step", "fast_routed", "DecodePlan",
+__all__ = ["decode", "routes", "call_routed", "fast_step", "fast_routed", "one_call",
+           "DecodePlan",
            "DecodeConfig",
            "DECODE_PLANS",
            "MAX_DECODE_Q", "ROUTE_MIN_LK", "bucket"]
@@ -2278,7 +2279,8 @@ def _remembered(pattern, q, k, v):
     return hit[1]
 
 
-def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
+def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True,
+              describe: bool = False):
     """The output of a CPU step of a plan that served a call like this one, or None.
 
     A call of a contiguous cache on the torch backend on the CPU (no runtime inputs, no
@@ -2299,7 +2301,10 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
 
     The checks are written out in this one frame: the previous step's kernel streams the
     whole cache through the caches, so this code runs from cold caches, and every function
-    call and attribute read costs a miss (docs/decode.md, "The fast entry")."""
+    call and attribute read costs a miss (docs/decode.md, "The fast entry").
+
+    ``describe``: run nothing; return the step's one kernel call as :func:`one_call`
+    describes it, or None where the step is not one call."""
     if _is_dynamo_compiling():      # first: torch.compile traces none of the rest
         return None
     hit = _LAST.get(id(pattern))
@@ -2355,10 +2360,14 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
         if step is None:
             return None
     if step.one is None:
+        if describe:
+            return None
         return plan.run_torch(q, k, v, (L,) * B if lens is None else lens, 0, None, 0,
                               1.0 / math.sqrt(ks[3]) if value is None else value, {},
                               False)[0]
     a, z, mask = step.one
+    if describe:
+        return a, z, mask, value
     if a or z != L:
         k, v = k[:, :, a:z], v[:, :, a:z]
     if grouped is None:
@@ -2368,7 +2377,8 @@ def fast_step(pattern, q, k, v, scale=None, seq_lens=None, routed: bool = True):
     return o.view(q.shape)
 
 
-def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
+def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None,
+                describe: bool = False):
     """The output of a routed decode step (``pat(q, k, v, **inputs)``) that repeats the
     call that made its plan's entry (``DecodePlan.fast_routed``: Triton plans, and torch
     plans of calls with runtime inputs or a score, which :func:`fast_step` does not take),
@@ -2385,7 +2395,8 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
     full path for the same reasons: the plan's step runs without them (on Triton its two
     launches). A call with a ``q_offset`` repeats one of the same ``q_offset`` and cache
     length (the layers of a token over a static cache). Anything else returns None (the
-    full path)."""
+    full path). ``describe``: run nothing; return the step's one kernel call as
+    :func:`one_call` describes it (torch plans without a score, CPU tensors), or None."""
     plan = _remembered(pattern, q, k, v)
     fast = None if plan is None else plan.fast_routed
     if fast is None:
@@ -2420,6 +2431,11 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
                 or (grad and x.requires_grad):
             return None             # (a score's table that requires grad: the score path)
     shift = 0 if at is None else at[1] - (L - Lq)
+    if describe:
+        if plan.backend != "torch" or plan.scored or not q.is_cpu:
+            return None
+        one = plan.cpu_step((L,) * ks[0], shift, 0, ins).one
+        return None if one is None else (*one, value)
     if plan.backend == "triton":
         return plan.run_triton(q, k, v, lk=L, q_shift=shift, seq_lens=None, page_table=None,
                                page_size=0, num_pages=0, scale=value, inputs=ins,
@@ -2456,6 +2472,25 @@ def fast_routed(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
         return plan.run_scored_torch(q, k, v, (L,) * ks[0], shift, None, 0, value, ins,
                                      tables, need_lse=False)[0]
     return plan.run_torch(q, k, v, (L,) * ks[0], shift, None, 0, value, ins, False)[0]
+
+
+def one_call(pattern, q, k, v, scale=None, inputs=None, q_offset=None):
+    """The one kernel call that a call ``pattern(q, k, v, scale=scale, q_offset=q_offset,
+    **inputs)`` like the last one its decode plan served makes on the CPU, or None: ``(a,
+    z, mask, scale)``, where the call's output is ``scaled_dot_product_attention(q', k[:, :,
+    a:z], v[:, :, a:z], attn_mask=mask, scale=scale)`` with ``q'`` q's query heads of a key
+    head folded into its rows (``[B, Hk, Hq // Hk * Lq, D]``; the output read back as
+    ``[B, Hq, Lq, D]``). The same checks as the call's fast entries (:func:`fast_step`,
+    :func:`fast_routed`) decide, so the description holds for a call that passes them with
+    tensors of the same shapes, dtype and device and the same inputs (identity and
+    version); ``mask`` (an additive mask or None) stays as it is. A caller that repeats
+    such calls (the layers of one forward of a transformers model,
+    ``spattn.integrations.transformers``) can make that call itself."""
+    if not inputs and q_offset is None:
+        one = fast_step(pattern, q, k, v, scale, describe=True)
+        if one is not None:
+            return one
+    return fast_routed(pattern, q, k, v, scale, inputs or {}, q_offset, describe=True)
 
 
 def _fast_build(plan, lens: tuple, L: int, Lq: int, whole: bool):

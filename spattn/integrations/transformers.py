@@ -35,6 +35,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad as _fwad
 
 try:
     import transformers
@@ -47,6 +48,7 @@ except ImportError as e:                      # the optional extra is not instal
 from ..dsl.errors import SpattnDenseMaskWarning, SpattnError, SpattnInputError, SpattnParamError
 from ..pattern import BACKENDS, Pattern, compile as _compile
 from ..runtime.api import MAX_HEAD_DIM as _MAX_D, MIN_HEAD_DIM as _MIN_D
+from ..runtime import decode as _decode
 
 if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"spattn.integrations.transformers needs transformers >= 5.0, found "
@@ -649,7 +651,7 @@ class SpattnMask:
 
     __slots__ = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "kind", "keep",
                  "first", "seg", "unreadable", "blockwise", "blocks", "dense", "_position_ids",
-                 "_left_padding", "_padding", "_device", "_pos", "_reach")
+                 "_left_padding", "_padding", "_device", "_pos", "_reach", "_repeats")
 
     #: transformers tells a prepared mask from a 2-D padding mask by ``ndim``: ``generate``
     #: with a static cache builds the masks before the forward, which passes them back to
@@ -673,7 +675,7 @@ class SpattnMask:
         self.blockwise, self.blocks, self.dense = blockwise, blocks, dense
         self._position_ids, self._left_padding, self._device = position_ids, left_padding, device
         self._padding = padding
-        self._pos = self._reach = None
+        self._pos = self._reach = self._repeats = None
 
     def positions(self) -> torch.Tensor:
         """int64 ``[B, kv_length]``: each key slot's position in its sequence.
@@ -1039,6 +1041,11 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
     :class:`SpattnMask` of the layer's type. Returns ``(attn_output [B, Lq, Hq, D], None)``
     as transformers' attention functions do (no attention weights are formed).
     """
+    if type(attention_mask) is SpattnMask and attention_mask._repeats is not None:
+        out = _repeated(module, query, key, value, attention_mask, dropout, scaling, softcap,
+                        kwargs)
+        if out is not None:
+            return out, None
     if dropout:
         raise SpattnError(
             f"attention dropout {dropout} (layer {_where(module)}): spattn "
@@ -1084,7 +1091,100 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
         raise type(e)(f"layer {_where(module)}: {e}") from None
     if q_offset == key.shape[2] - query.shape[2]:
         q_offset = None             # bottom-right, the default: the calls' fast entries take it
-    return _run(module, pat, score, query, key, value, scaling, q_offset, inputs, kwargs)
+    out = _run(module, pat, score, query, key, value, scaling, q_offset, inputs, kwargs)
+    if score is None and query.is_cpu and not mask.unreadable:
+        _remember(mask, layer, pat, query, key, value, scaling, q_offset, inputs, kwargs)
+    return out
+
+
+#: The keywords of a layer's call that the attention function reads (beside ``dropout``,
+#: ``scaling`` and ``softcap``): a call repeated from the forward's memo passes none.
+_READ_KWARGS = ("output_attentions", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k",
+                *SINK_KWARGS, *_UNSUPPORTED_KWARGS)
+
+
+def _remember(mask: SpattnMask, layer: LayerPattern, pat: Pattern, query, key, value,
+              scaling, q_offset, inputs: dict, kwargs) -> None:
+    """Keep in ``mask`` (one forward's, shared by the layers of its type) the one kernel
+    call that this layer's CPU decode step made (:func:`spattn.runtime.decode.one_call`),
+    for the layers after it: every input of that call is then fixed by the mask, the
+    layer's pattern and the tensors' shapes, so :func:`_repeated` checks those and makes
+    the call. A decode step's other layers otherwise pay the path from the mask to the
+    kernel again (about 60-130 us of Python on a 2-core VM after the previous layer has
+    evicted the caches, against a 700 us step; docs/integrations.md, "Decoding")."""
+    if any(kwargs.get(n) is not None and kwargs.get(n) is not False for n in _READ_KWARGS) \
+            or _runnable(pat, None, query, value) is not pat:
+        return
+    one = _decode.one_call(pat, query, key, value, scaling, inputs, q_offset)
+    if one is None:
+        return
+    a, z, m, scale = one
+    B, Hq, Lq, D = query.shape
+    Hk = key.shape[1]
+    rows = None if Hq == Hk else (B, Hk, Hq // Hk * Lq, D)
+    held = tuple((t, t._version) for t in inputs.values() if isinstance(t, torch.Tensor))
+    if mask._repeats is None:
+        mask._repeats = {}
+    mask._repeats[id(layer.pattern)] = (layer.pattern, layer.mask_kind, query.shape,
+                                        key.shape, query.dtype, scaling, held,
+                                        None if a == 0 and z == key.shape[2] else (a, z),
+                                        m, scale, rows)
+
+
+_TENSOR = torch.Tensor
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_any_autocast = torch._C._is_any_autocast_enabled
+_is_compiling = torch.compiler.is_dynamo_compiling
+_sdpa = F.scaled_dot_product_attention
+
+
+def _repeated(module, query, key, value, mask: SpattnMask, dropout, scaling, softcap,
+              kwargs) -> torch.Tensor | None:
+    """The output ``[B, Lq, Hq, D]`` of a layer whose call repeats one that
+    :func:`_remember` kept in this forward's ``mask``: the same pattern, the tensors'
+    shapes and dtype, CPU tensors of the exact type ``torch.Tensor`` with a unit last
+    stride, none requiring grad, no keyword the full path reads, autocast, forward-mode AD
+    and torch.func transforms off, not traced, the runtime inputs unchanged: the kernel call
+    the full path would make, made here. Else None (the full path). The checks sit in this
+    one frame: it runs from caches the previous layer evicted."""
+    if _is_compiling() or dropout or softcap is not None:
+        return None
+    kept = module.__dict__.get("_spattn_layer")
+    if kept is None or kept[0] is not module.config:
+        return None
+    layer = kept[1]
+    entry = mask._repeats.get(id(layer.pattern))
+    if entry is None:
+        return None
+    pattern, kind, qs, ks, dt, sc, held, run, m, scale, rows = entry
+    if pattern is not layer.pattern or kind != layer.mask_kind or scaling != sc:
+        return None
+    T = _TENSOR
+    if type(query) is not T or type(key) is not T or type(value) is not T or _any_autocast() \
+            or _fwad._current_level >= 0 or _wrapped(query) or _wrapped(key) \
+            or _wrapped(value):
+        return None
+    if query.shape != qs or key.shape != ks or value.shape != ks or query.dtype is not dt \
+            or key.dtype is not dt or value.dtype is not dt or not query.is_cpu \
+            or not key.is_cpu or not value.is_cpu or query.requires_grad \
+            or key.requires_grad or value.requires_grad or query.stride(-1) != 1 \
+            or key.stride(-1) != 1 or value.stride(-1) != 1 or not query.is_contiguous() \
+            or query.is_neg() or key.is_neg() or value.is_neg():
+        return None
+    for name in _READ_KWARGS:
+        x = kwargs.get(name)
+        if x is not None and x is not False:
+            return None
+    for t, version in held:
+        if t._version != version:
+            return None
+    if run is not None:
+        key, value = key[:, :, run[0]:run[1]], value[:, :, run[0]:run[1]]
+    if rows is None:
+        o = _sdpa(query, key, value, m, scale=scale)
+    else:
+        o = _sdpa(query.reshape(rows), key, value, m, scale=scale).view(qs)
+    return o.transpose(1, 2).contiguous()
 
 
 def _run(module, pat: Pattern, score: str | None, query, key, value, scaling, q_offset,

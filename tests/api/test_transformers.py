@@ -1111,6 +1111,108 @@ def test_left_padded_generation_keeps_one_decode_plan():
     assert len(plans) == 1 and "first[b]" in plans[0].pattern.source
 
 
+def _counting_repeats(monkeypatch) -> list:
+    """The results of the adapter's repeated calls (:func:`sphf._repeated`), None a miss."""
+    seen = []
+    real = sphf._repeated
+
+    def counted(*args):
+        out = real(*args)
+        seen.append(out)
+        return out
+    monkeypatch.setattr(sphf, "_repeated", counted)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-mha"])
+def test_the_layers_of_a_decode_step_repeat_the_first_layers_call(name, monkeypatch):
+    """A left-padded generation past 256 keys: the first layer of each token runs the full
+    path and keeps its kernel call in the forward's mask; the other layers make that call
+    (grouped heads folded into the rows, or not). Every generated token's logits equal those
+    of the same generation with the memo off, and the tokens eager's."""
+    config = CONFIGS["llama"]() if name == "llama" else tiny("LlamaConfig",
+                                                             num_key_value_heads=4)
+    config.num_hidden_layers = 3
+    model = model_of(config)
+    ids, am = left_padded([290, 262, 281], 290, seed=6)
+    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0,
+              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        use_spattn(model)
+        seen = _counting_repeats(monkeypatch)
+        out = model.generate(ids, **kw)
+        hits = sum(o is not None for o in seen)
+        monkeypatch.setattr(sphf, "_remember", lambda *args: None)
+        off = model.generate(ids, **kw)
+    assert hits == 3 * 2                    # 3 decode steps, layers 1 and 2
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.sequences,
+                                                                     off.sequences)
+    for a, b, e in zip(out.logits, off.logits, ref.logits):
+        assert torch.equal(a, b)
+        assert float((a - e).abs().max() / e.abs().max()) <= TOL
+
+
+def test_a_repeated_call_checks_what_the_call_depends_on(monkeypatch):
+    """The memo's call is made only where the full path would make the same call: another
+    scale, a query that requires grad, attention sinks, a runtime input changed in place,
+    another layer pattern, another cache length or autocast take the full path. Each output
+    is checked against the float64 reference of the call (with the sinks where given)."""
+    from spattn.runtime.reference import pattern_reference
+    model = use_spattn(model_of(CONFIGS["llama"]()))
+    first, second = (layer.self_attn for layer in model.model.layers)
+    B, Hq, Hk, D, L = 3, 4, 2, 16, 300
+    am = torch.ones(B, L, dtype=torch.long)
+    am[0, :40], am[2, :7] = 0, 0
+    mask = sphf.spattn_mask(batch_size=B, **queries(1, L - 1), kv_length=L,
+                            mask_function=mu.causal_mask_function, attention_mask=am)
+    mask.first = mask.first.clone()         # (equal paddings share one: changed below)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k, v = torch.randn(B, Hk, L, D, generator=g), torch.randn(B, Hk, L, D, generator=g)
+    seen = _counting_repeats(monkeypatch)
+
+    def call(module, q, k, v, m=mask, scaling=0.25, **kw):
+        seen.clear()
+        out = sphf.spattn_attention_forward(module, q, k, v, m, scaling=scaling, **kw)[0]
+        pat, inputs, q_offset = sphf.plan_call(sphf._layer_of(module).pattern, m, 1,
+                                               k.shape[2])
+        want, lse = pattern_reference(pat, q.double(), k.double(), v.double(), scale=scaling,
+                                      q_offset=q_offset, **inputs)
+        if "s_aux" in kw:
+            want = sphf.with_sinks(want, lse, kw["s_aux"].double())
+        assert (out.double() - want.transpose(1, 2)).abs().max() <= 1e-5
+        return out, [o is not None for o in seen]
+
+    with torch.no_grad():
+        kept, hits = call(first, q, k, v)
+        assert hits == [] and mask._repeats is not None     # the full path, remembered
+        again, hits = call(second, q, k, v)
+        assert hits == [True] and torch.equal(again, kept)
+        assert call(second, q, k, v, scaling=0.3)[1] == [False]
+        sinks = torch.randn(Hq, generator=g)
+        out, hits = call(second, q, k, v, s_aux=sinks)
+        assert hits == [False] and not torch.equal(out, kept)
+        seen.clear()
+        with pytest.raises(SpattnInputError, match="do not match the mask"):
+            sphf.spattn_attention_forward(second, q, k[:, :, 1:], v[:, :, 1:], mask,
+                                          scaling=0.25)
+        assert seen == [None]               # another cache length: the full path says why
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert call(second, q, k, v)[1] == [False]
+    qg = q.clone().requires_grad_()
+    out, hits = call(second, qg, k, v)
+    assert hits == [False] and out.requires_grad
+    with torch.no_grad():
+        sphf.set_patterns(model, {1: "causal & window(64)"}, backend="torch")
+        out, hits = call(second, q, k, v)
+        assert hits == [False] and not torch.equal(out, kept)
+        sphf.set_patterns(model, None, backend="torch")
+        mask.first[2] = 30                  # the padding changed in place: its version moved
+        out, hits = call(second, q, k, v)
+        assert hits == [False] and not torch.equal(out, kept)
+
+
 @pytest.mark.parametrize("name", ["llama", "mistral-w300"])
 def test_static_cache_generation_keeps_one_decode_plan(name):
     """A static cache hands every layer all its slots, those past the tokens so far marked

@@ -562,6 +562,43 @@ def test_repeated_step_takes_the_fast_path(src, B, Hq, Hk, Lq, L):
     assert dec.fast_step(pat, q, k, v, None, None, False) is not None
 
 
+@pytest.mark.parametrize("src, first, Hq, Hk, one", [
+    ("causal", False, 4, 4, True), ("causal & window(64)", False, 4, 2, True),
+    ("causal & k >= first[b]", True, 4, 2, True), ("causal & k >= first[b]", True, 2, 2, True),
+    ("causal & (k % 3 != 0)", False, 4, 2, True), ("causal & (k < 64 | q - k < 64)", False, 4, 2,
+                                                    False)],
+    ids=["causal-H4/4", "window-H4/2", "left-padded-H4/2", "left-padded-H2/2",
+         "every-third-masked-H4/2", "sinks-and-window-copied-H4/2"])
+def test_one_call_describes_the_step_it_repeats(src, first, Hq, Hk, one):
+    """``one_call`` after a routed call: ``(a, z, mask, scale)`` whose SDPA call on the
+    keys ``a:z`` (query heads of a key head folded into the rows) gives the call's output
+    for fresh tensors of the same shapes, exactly (keys in many runs: one span under a
+    mask); None before any call and where the step is not one call (two runs copied
+    together)."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(43 + Hq + Hk)
+    B, L, D = 3, 330, 32
+    inputs = {"first": torch.tensor([0, 40, 7])} if first else {}
+    q, k, v = (_rand(B, Hq, 1, D, g=g), _rand(B, Hk, L, D, g=g), _rand(B, Hk, L, D, g=g))
+    assert dec.one_call(pat, q, k, v, 0.2, inputs) is None         # nothing remembered yet
+    pat(q, k, v, scale=0.2, **inputs)
+    q, k, v = (_rand(B, Hq, 1, D, g=g), _rand(B, Hk, L, D, g=g), _rand(B, Hk, L, D, g=g))
+    got = dec.one_call(pat, q, k, v, 0.2, inputs)
+    assert (got is not None) == one
+    assert dec.one_call(pat, q, k, v, 0.3, inputs) is None        # another scale: no entry
+    if got is None:
+        return
+    a, z, mask, scale = got
+    rows = q.reshape(B, Hk, Hq // Hk, D)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        rows, k[:, :, a:z], v[:, :, a:z], attn_mask=mask, scale=scale).view(q.shape)
+    assert torch.equal(out, pat(q, k, v, scale=0.2, **inputs))
+    want = attention_reference(q, k, v, pat.mask(1, L, batch=B, num_heads=Hq, **inputs),
+                               scale=0.2)[0]
+    _close("one call", out, want)
+
+
 def test_fast_path_steps_aside_for_autocast_dual_levels_and_transforms():
     """With a step remembered, a call under CPU autocast, inside an open forward-AD level or
     under ``torch.vmap`` / ``torch.func.grad`` does not take ``fast_step`` (which runs
