@@ -702,6 +702,14 @@ class DecodePlan:
         #: cache of ``L`` keys (a step is a function of its key, so this copy of a memo
         #: entry stays right after the memo drops it).
         self._last_step = (-1, None, None)
+        #: One query row whose keys are one interval ``[lo, q + c]``, ``lo`` not moving
+        #: with the row (:func:`_grows_by_one`): the next position's grown step is the last
+        #: one's with one more key (:meth:`_next_grown`).
+        self._grows = self.Lq == 1 and not self.paged and "h" not in self.uses \
+            and _grows_by_one(self.closed_form)
+        #: ``(lens, q_shift, VIEW_BYTES, rel, cap, a0, z0)`` of the last grown step
+        #: :meth:`cpu_step` kept (one tuple, replaced whole: threads may share the plan).
+        self._last_grown = None
         self._masks: dict = {}
         self._steps_lock = threading.Lock()
         #: ``(signature, scale, grouped)``: the :func:`_signature` of the calls
@@ -719,9 +727,38 @@ class DecodePlan:
         key = (lens, q_shift, page_size, VIEW_BYTES)
         step = self._steps.get(key)
         if step is None:
-            step = self._build_step(lens, q_shift, page_size, inputs)
+            step = self._next_grown(lens, q_shift, page_size) if self._grows else None
+            if step is None:
+                step = self._build_step(lens, q_shift, page_size, inputs)
+            self._last_grown = None if step.grown is None else \
+                (lens, q_shift, VIEW_BYTES, *step.grown)
             self._keep_step(key, step)
         return step
+
+    def _next_grown(self, lens: tuple, q_shift: int, page_size: int):
+        """The grown step (:meth:`_grown_step`) of the position after the last one's, from
+        it: where the plan's row keys are one interval ``[lo, q + c]`` whose ``lo`` the row
+        does not move (:func:`_grows_by_one`, checked once per plan), the query one position
+        further on (every length one longer at the same ``q_shift``, or the same lengths
+        one ``q_shift`` later) sees the keys it saw and the next one, so the step reads one
+        more column of the same mask buffer. None where that does not hold (then
+        :meth:`_build_step` decides)."""
+        last = self._last_grown
+        if last is None or page_size:
+            return None
+        lens0, shift0, view, rel, cap, a0, z0 = last
+        if view != VIEW_BYTES or len(lens) != len(lens0) or len(set(lens)) != 1:
+            return None
+        L0, L = lens0[0], lens[0]
+        end0, end = L0 - 1 + shift0, L - 1 + q_shift             # the row's position
+        if end != end0 + 1 or (L, q_shift) not in ((L0 + 1, shift0), (L0, shift0 + 1)):
+            return None
+        c = z0 - 1 - end0                                         # keys up to q + c
+        if end + c > L - 1 or z0 + 1 - a0 > cap:
+            return None
+        mask = self._mask_head(rel, cap).narrow(-1, 0, z0 + 1 - a0)
+        seg = _Segment(((a0, z0 + 1),), z0 + 1 - a0, mask, True, None, None)
+        return _Step(((0, self.B, (seg,)),), (a0, z0 + 1, mask), (rel, cap, a0, z0 + 1))
 
     def _keep_step(self, key, step, memo: Optional[dict] = None, size: int = CPU_STEPS) -> None:
         """Put ``step`` in ``memo`` (the plan's memo of steps by default; a routed entry's
@@ -956,7 +993,7 @@ class DecodePlan:
             return None
         mask = self._mask_head(tuple(rel), cap).narrow(-1, 0, z0 - a0)
         seg = _Segment(((a0, z0),), z0 - a0, mask, True, None, None)
-        return _Step(((0, self.B, (seg,)),), (a0, z0, mask))
+        return _Step(((0, self.B, (seg,)),), (a0, z0, mask), (tuple(rel), cap, a0, z0))
 
     def _mask_head(self, rel: tuple, cap: int) -> torch.Tensor:
         """The additive mask buffer ``[B, 1, 1, cap]`` (0 or -inf, the plan's dtype) in which
@@ -1623,10 +1660,13 @@ class _Step(NamedTuple):
     ``(b0, b1, segments)`` per group of batch elements (``segments`` None: no row of the
     group sees a key), and ``one``, ``(a, z, mask)`` when the step is one kernel call on the
     keys ``[a, z)`` of every batch element of a contiguous cache and no row is empty (else
-    None)."""
+    None); ``grown``, ``(rel, cap, a0, z0)`` for a step that reads a kept mask buffer
+    (:meth:`DecodePlan._grown_step`), from which the next position's step follows
+    (:meth:`DecodePlan._next_grown`)."""
 
     groups: tuple
     one: Optional[tuple]
+    grown: Optional[tuple] = None
 
 
 class _HeadGather(NamedTuple):
@@ -1956,6 +1996,35 @@ def _kernel_closed_form(pattern):
         except Exception:       # the analysis failing leaves the scan strategy
             cf = None
     return cf if cf is not None and ranges_ok(cf) else None
+
+
+def _grows_by_one(cf) -> bool:
+    """Whether the closed form ``cf`` gives a query row the keys ``[lo, q + c]``, one
+    interval that is exact (its FULL part is itself) with a ``lo`` that reads none of the
+    row's position and the lengths (``first[b]``, a constant) and an end a constant away
+    from the row: then the row one position on sees the same keys and the next one."""
+    from ..ir.nodes import free_vars
+    if cf is None or len(cf.rows) != 1:
+        return False
+    iv = cf.rows[0]
+    if iv.lo is None or iv.hi is None or iv.flo != iv.lo or iv.fhi is None \
+            or free_vars(iv.lo) & {"qs", "qe", "Lq", "Lk"}:
+        return False
+    end = _row_end(iv.hi)
+    return end is not None and end == _row_end(iv.fhi)
+
+
+def _row_end(x) -> Optional[int]:
+    """``c`` where the expression ``x`` is the row's position plus ``c`` (``qs`` and ``qe``
+    are one position in a one-row step), else None."""
+    from ..ir.nodes import Sum, Var
+    if isinstance(x, Var):
+        return 0 if x.name in ("qs", "qe") else None
+    if isinstance(x, Sum) and len(x.terms) == 1:
+        (t, coeff), = x.terms
+        if isinstance(t, Var) and t.name in ("qs", "qe") and coeff == 1:
+            return x.const
+    return None
 
 
 def _closed_form_at(pattern, inputs: dict):

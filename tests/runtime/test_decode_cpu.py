@@ -214,6 +214,48 @@ def test_growing_padded_batch_steps_view_one_mask(src, first, B, Hq, Hk, dtype, 
         assert mask.data_ptr() == bufs[0].data_ptr()
 
 
+@pytest.mark.parametrize("src", [
+    "causal & k >= first[b]", "q - k >= 3 & k >= first[b]", "k <= q + 2 & k >= first[b]",
+    "causal & k >= first[b] + 4", "causal & k >= first[b] & k >= 2",
+    "causal & (k >= first[b] | k < 3)", "causal & window(80) & k >= first[b]"],
+    ids=["causal", "gap-3", "ahead-2", "first+4", "from-2", "sinks", "window"])
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=st.lists(st.integers(0, 120), min_size=2, max_size=4), L=st.integers(257, 300),
+       steps=st.integers(3, 6), seed=st.integers(0, 2**31 - 1))
+def test_next_grown_step_is_the_built_step(src, static, first, L, steps, seed):
+    """A left-padded batch's one query row moving on one position at a time, over a growing
+    cache (each length one longer) or a static one (the same length, the row one slot
+    later): where the plan's keys are one interval ``[lo, q + c]`` with ``lo`` fixed
+    (``DecodePlan._grows``) each step follows from the last (``_next_grown``); every step
+    equals the one ``_build_step`` builds (the same keys and mask values), and every output
+    element matches the float64 reference."""
+    dec.DECODE_PLANS.clear()
+    pat = spattn.compile(src, backend="torch")
+    g = torch.Generator().manual_seed(seed)
+    B = len(first)
+    ins = {"first": torch.tensor(first)}
+    k, v = _rand(B, 2, L + steps, 16, g=g), _rand(B, 2, L + steps, 16, g=g)
+    for i in range(steps):
+        n, off = (L, L - steps + i) if static else (L + i, None)
+        q = _rand(B, 4, 1, 16, g=g)
+        out = pat(q, k[:, :, :n], v[:, :, :n], q_offset=off, **ins)
+        m = pat.mask(1, n, batch=B, num_heads=4, q_offset=off, **ins)
+        _close(f"step {i}", out, attention_reference(q, k[:, :, :n], v[:, :, :n], m)[0])
+        plan = _plan(pat)
+        shift = 0 if off is None else off - (n - 1)
+        i64 = dec.DECODE_PLANS.int64(ins, q.device)
+        kept = plan.cpu_step((n,) * B, shift, 0, i64)
+        built = plan._build_step((n,) * B, shift, 0, i64)
+        assert (kept.one is None) == (built.one is None)
+        if kept.one is not None:
+            assert kept.one[:2] == built.one[:2]
+            assert (kept.one[2] is None) == (built.one[2] is None)
+            if kept.one[2] is not None:
+                assert torch.equal(kept.one[2], built.one[2])
+        event(f"grows {plan._grows}, last grown {plan._last_grown is not None}")
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(src=st.sampled_from(["causal & k >= first[b]", "k >= first[b] & q - k <= w[b]",
                             "causal & k >= first[b] + lim[h]", "q - k >= first[b] | k < 3"]),
