@@ -1111,7 +1111,8 @@ def _remember(mask: SpattnMask, layer: LayerPattern, pat: Pattern, query, key, v
     layer's pattern and the tensors' shapes, so :func:`_repeated` checks those and makes
     the call. A decode step's other layers otherwise pay the path from the mask to the
     kernel again (about 60-130 us of Python on a 2-core VM after the previous layer has
-    evicted the caches, against a 700 us step; docs/integrations.md, "Decoding")."""
+    evicted the caches, against a 700 us step; docs/integrations.md, "A forward's layers
+    repeat one kernel call")."""
     if any(kwargs.get(n) is not None and kwargs.get(n) is not False for n in _READ_KWARGS) \
             or _runnable(pat, None, query, value) is not pat:
         return
@@ -1134,6 +1135,7 @@ def _remember(mask: SpattnMask, layer: LayerPattern, pat: Pattern, query, key, v
 _TENSOR = torch.Tensor
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _any_autocast = torch._C._is_any_autocast_enabled
+_transforms_active = torch._C._are_functorch_transforms_active
 _is_compiling = torch.compiler.is_dynamo_compiling
 _sdpa = F.scaled_dot_product_attention
 
@@ -1161,8 +1163,8 @@ def _repeated(module, query, key, value, mask: SpattnMask, dropout, scaling, sof
         return None
     T = _TENSOR
     if type(query) is not T or type(key) is not T or type(value) is not T or _any_autocast() \
-            or _fwad._current_level >= 0 or _wrapped(query) or _wrapped(key) \
-            or _wrapped(value):
+            or _transforms_active() or _fwad._current_level >= 0 or _wrapped(query) \
+            or _wrapped(key) or _wrapped(value):
         return None
     if query.shape != qs or key.shape != ks or value.shape != ks or query.dtype is not dt \
             or key.dtype is not dt or value.dtype is not dt or not query.is_cpu \

@@ -15,10 +15,15 @@ build, runs out of memory or time does not stop the others). One line per family
     LOST  ...                the process died (memory) or ran past --seconds
 
     python -m tests.helpers.hf_families [--only llama,gemma2] [--seconds 150] [--stray]
+        [--long]
 
 ``--stray``: every field of the generic config is passed to every family, whether or not
 its config has it (``sliding_window`` on a Llama, as configs copied from another model
 carry): a field the model's code never reads must change nothing.
+
+``--long``: prompts of 300 tokens (rows 0 and 2 left-padded by 40 and 7) instead of 9, so
+that the generated tokens' attention takes the decode path (256 keys or more), where the
+layers after a forward's first repeat its kernel call (docs/integrations.md).
 
 ``--encoders``: the base-model families that are not causal LMs (``AutoModel``: encoders,
 embedding models; vision and audio models fail their reference without text inputs, and
@@ -89,12 +94,12 @@ def _outputs(model, ref: str, run):
     return res
 
 
-def _batch(padding: tuple[slice, slice]):
-    """``input_ids, attention_mask [3, 9]``: random tokens, rows 0 and 2 padded where
+def _batch(padding: tuple[slice, slice], length: int = 9):
+    """``input_ids, attention_mask [3, length]``: random tokens, rows 0 and 2 padded where
     ``padding`` says (left padding for generation, right padding for encoders)."""
     import torch
     torch.manual_seed(1)
-    ids = torch.randint(3, 128, (3, 9))
+    ids = torch.randint(3, 128, (3, length))
     am = torch.ones_like(ids)
     am[0, padding[0]] = 0
     am[2, padding[1]] = 0
@@ -108,14 +113,15 @@ def _rel_err(a, b, am) -> float:
     return float((a - b).abs().max() / a.abs().max())
 
 
-def one(model_type: str, stray: bool = False) -> str:
+def one(model_type: str, stray: bool = False, long: bool = False) -> str:
     """The line of one family (run in this process)."""
     import torch
     built = _family(model_type, "AutoModelForCausalLM", stray)
     if isinstance(built, str):
         return built
     model, ref = built
-    ids, am = _batch((slice(None, 4), slice(None, 1)))
+    ids, am = _batch((slice(None, 40), slice(None, 7)), 300) if long else \
+        _batch((slice(None, 4), slice(None, 1)))
     res = _outputs(model, ref, lambda m: (
         m(input_ids=ids, attention_mask=am).logits,
         m.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False)))
@@ -171,10 +177,13 @@ def main():
                     help="the base-model families that are not causal LMs (AutoModel)")
     ap.add_argument("--stray", action="store_true",
                     help="every generic field on every config, read by the model or not")
+    ap.add_argument("--long", action="store_true",
+                    help="prompts of 300 tokens: generation on the decode path")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print((one_encoder if args.encoders else one)(args.one, args.stray), flush=True)
+        print(one_encoder(args.one, args.stray) if args.encoders
+              else one(args.one, args.stray, args.long), flush=True)
         return
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_MAPPING_NAMES)
@@ -192,7 +201,8 @@ def main():
         try:
             done = subprocess.run([sys.executable, "-m", "tests.helpers.hf_families", "--one",
                                    name, *(["--encoders"] if args.encoders else []),
-                                   *(["--stray"] if args.stray else [])],
+                                   *(["--stray"] if args.stray else []),
+                                   *(["--long"] if args.long else [])],
                                   capture_output=True, text=True, timeout=args.seconds)
             lines = [ln for ln in done.stdout.splitlines()
                      if ln.startswith(("OK", "BAD", "FAIL", "SKIP"))]
