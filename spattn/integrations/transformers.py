@@ -1098,9 +1098,10 @@ def spattn_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
 
 
 #: The keywords of a layer's call that the attention function reads (beside ``dropout``,
-#: ``scaling`` and ``softcap``): a call repeated from the forward's memo passes none.
-_READ_KWARGS = ("output_attentions", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k",
-                *SINK_KWARGS, *_UNSUPPORTED_KWARGS)
+#: ``scaling``, ``softcap`` and ``output_attentions``): a call repeated from the forward's
+#: memo passes each as None (anything else, ``False`` too, is the full path's to judge).
+_READ_KWARGS = ("position_bias", "cu_seq_lens_q", "cu_seq_lens_k", *SINK_KWARGS,
+                *_UNSUPPORTED_KWARGS)
 
 
 def _remember(mask: SpattnMask, layer: LayerPattern, pat: Pattern, query, key, value,
@@ -1113,7 +1114,9 @@ def _remember(mask: SpattnMask, layer: LayerPattern, pat: Pattern, query, key, v
     kernel again (about 60-130 us of Python on a 2-core VM after the previous layer has
     evicted the caches, against a 700 us step; docs/integrations.md, "A forward's layers
     repeat one kernel call")."""
-    if any(kwargs.get(n) is not None and kwargs.get(n) is not False for n in _READ_KWARGS) \
+    shown = kwargs.get("output_attentions")
+    if any(kwargs.get(n) is not None for n in _READ_KWARGS) \
+            or (shown is not None and shown is not False) \
             or _runnable(pat, None, query, value) is not pat:
         return
     one = _decode.one_call(pat, query, key, value, scaling, inputs, q_offset)
@@ -1174,9 +1177,11 @@ def _repeated(module, query, key, value, mask: SpattnMask, dropout, scaling, sof
             or query.is_neg() or key.is_neg() or value.is_neg():
         return None
     for name in _READ_KWARGS:
-        x = kwargs.get(name)
-        if x is not None and x is not False:
+        if kwargs.get(name) is not None:
             return None
+    x = kwargs.get("output_attentions")
+    if x is not None and x is not False:
+        return None
     for t, version in held:
         if t._version != version:
             return None

@@ -1194,6 +1194,10 @@ def test_a_repeated_call_checks_what_the_call_depends_on(monkeypatch):
         out, hits = call(second, q, k, v, s_aux=sinks)
         assert hits == [False] and not torch.equal(out, kept)
         seen.clear()
+        with pytest.raises(SpattnInputError, match="attention sinks"):  # not read as none
+            sphf.spattn_attention_forward(second, q, k, v, mask, scaling=0.25, s_aux=False)
+        assert seen == [None]
+        seen.clear()
         with pytest.raises(SpattnInputError, match="do not match the mask"):
             sphf.spattn_attention_forward(second, q, k[:, :, 1:], v[:, :, 1:], mask,
                                           scaling=0.25)
