@@ -1104,6 +1104,16 @@ _READ_KWARGS = ("position_bias", "cu_seq_lens_q", "cu_seq_lens_k", *SINK_KWARGS,
                 *_UNSUPPORTED_KWARGS)
 
 
+def _reads_none(kwargs) -> bool:
+    """The call passes each keyword of :data:`_READ_KWARGS` as None (or not at all) and
+    ``output_attentions`` as None or False: the keywords change nothing the memo kept."""
+    for name in _READ_KWARGS:
+        if kwargs.get(name) is not None:
+            return False
+    shown = kwargs.get("output_attentions")
+    return shown is None or shown is False
+
+
 def _remember(mask: SpattnMask, layer: LayerPattern, pat: Pattern, query, key, value,
               scaling, q_offset, inputs: dict, kwargs) -> None:
     """Keep in ``mask`` (one forward's, shared by the layers of its type) the one kernel
@@ -1114,10 +1124,7 @@ def _remember(mask: SpattnMask, layer: LayerPattern, pat: Pattern, query, key, v
     kernel again (about 60-130 us of Python on a 2-core VM after the previous layer has
     evicted the caches, against a 700 us step; docs/integrations.md, "A forward's layers
     repeat one kernel call")."""
-    shown = kwargs.get("output_attentions")
-    if any(kwargs.get(n) is not None for n in _READ_KWARGS) \
-            or (shown is not None and shown is not False) \
-            or _runnable(pat, None, query, value) is not pat:
+    if not _reads_none(kwargs) or _runnable(pat, None, query, value) is not pat:
         return
     one = _decode.one_call(pat, query, key, value, scaling, inputs, q_offset)
     if one is None:
@@ -1176,11 +1183,7 @@ def _repeated(module, query, key, value, mask: SpattnMask, dropout, scaling, sof
             or key.stride(-1) != 1 or value.stride(-1) != 1 or not query.is_contiguous() \
             or query.is_neg() or key.is_neg() or value.is_neg():
         return None
-    for name in _READ_KWARGS:
-        if kwargs.get(name) is not None:
-            return None
-    x = kwargs.get("output_attentions")
-    if x is not None and x is not False:
+    if not _reads_none(kwargs):
         return None
     for t, version in held:
         if t._version != version:
